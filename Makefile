@@ -1,0 +1,61 @@
+# Veil: `make run` starts the mesh locally, `make test` runs every check.
+# Both set the project up first on a fresh machine (virtualenv, packages, codegen, npm tools).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+BUF := node_modules/.bin/buf
+STAMP_PY := $(VENV)/.installed
+STAMP_NPM := node_modules/.installed
+
+.PHONY: setup run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
+
+setup: $(STAMP_PY) $(STAMP_NPM)
+
+$(STAMP_PY): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip==25.3
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(STAMP_NPM): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+gen: $(STAMP_PY)
+	$(PY) scripts/gen_protos.py
+
+gen-check: $(STAMP_PY)
+	$(PY) scripts/gen_protos.py --check
+
+proto-lint: $(STAMP_NPM)
+	$(BUF) lint
+
+# FILE-level breaking check against the previous commit, where one exists.
+proto-breaking: $(STAMP_NPM)
+	@if git rev-parse --verify --quiet HEAD~1 >/dev/null; then \
+	  $(BUF) breaking --against '.git#ref=HEAD~1' && echo "buf breaking: no breaking change against HEAD~1"; \
+	else echo "buf breaking: no previous commit, skipped"; fi
+
+lint: $(STAMP_PY) proto-lint proto-breaking
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP_PY)
+	$(BIN)/mypy services enclave client scripts tests
+
+unit: $(STAMP_PY)
+	$(BIN)/pytest -m "not e2e"
+
+e2e: $(STAMP_PY)
+	$(BIN)/pytest -m e2e
+
+test: setup gen-check lint typecheck
+	$(BIN)/pytest
+
+run: setup
+	$(BIN)/veil up
+
+clean:
+	rm -rf $(VENV) node_modules .veil .pytest_cache .mypy_cache .ruff_cache

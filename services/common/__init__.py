@@ -1,0 +1,1 @@
+"""Host-side plumbing shared by all three services: config, mTLS, identity, server factory, errors."""

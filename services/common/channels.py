@@ -1,0 +1,104 @@
+"""Outbound calls: mTLS channels, deadlines on every call, retries only on UNAVAILABLE."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from services.common.config import TlsFiles
+from services.common.server import MAX_MESSAGE_BYTES
+from services.common.tls import channel_credentials
+from services.common.tracing import traced_channel
+
+DEFAULT_TIMEOUT = 10.0
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.enable_retries", 0),  # retries are explicit (tenacity), so they are visible and bounded
+]
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def secure_channel(target: str, tls: TlsFiles, tracer_provider: TracerProvider | None = None) -> grpc.Channel:
+    """An mTLS channel to another Veil service; calls on it carry W3C trace context."""
+    channel = grpc.secure_channel(target, channel_credentials(tls), options=_CHANNEL_OPTIONS)
+    return traced_channel(channel, tracer_provider)
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def call(
+    method: Callable[..., Resp],
+    request: Req,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    attempts: int = 4,
+    metadata: tuple[tuple[str, str], ...] | None = None,
+) -> Resp:
+    """Call `method` within an overall deadline of `timeout` seconds.
+
+    Only UNAVAILABLE is retried (with exponential backoff and jitter): any other
+    status may mean the server acted, so it is the caller's to decide.
+    """
+    deadline = time.monotonic() + timeout
+    for attempt in Retrying(
+        retry=retry_if_exception(_unavailable),
+        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        stop=stop_after_attempt(attempts) | stop_after_delay(timeout),
+        reraise=True,
+    ):
+        with attempt:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            return method(request, timeout=remaining, metadata=metadata)
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+def remaining_timeout(context: grpc.ServicerContext, ceiling: float = DEFAULT_TIMEOUT) -> float:
+    """The caller's remaining deadline (propagated downstream), capped at `ceiling`."""
+    left = context.time_remaining()
+    return ceiling if left is None else max(min(left, ceiling), 0.001)
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
+    """One plaintext health check against an admin port; raises grpc.RpcError when unreachable."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        response = stub.Check(  # type: ignore[attr-defined]  # stub methods are set in __init__
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+        return int(response.status)
+
+
+def wait_until_serving(
+    address: str, *, service: str = "", timeout: float = 60.0, interval: float = 0.2
+) -> None:
+    """Poll `address`'s health until SERVING; TimeoutError names what did not come up and why."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            status = health_status(address, service, timeout=min(2.0, timeout))
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            last = f"{exc.code().name}: {exc.details()}"
+        time.sleep(interval)
+    raise TimeoutError(f"{service or address} at {address} not SERVING after {timeout:.0f}s (last: {last})")

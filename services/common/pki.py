@@ -1,0 +1,245 @@
+"""Dev PKI: a CA, one mTLS certificate per service and for the admin, and the sim SGX PCK chain.
+
+`veil pki init` writes these under DATA_DIR/pki/. On Kubernetes cert-manager
+issues the same SPIFFE identities; the sim PCK chain exists only for the
+simulated quote provider and is never accepted by a production policy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from services.common.identity import ADMIN, SERVICE_IDENTITIES
+
+SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
+SIM_FMSPC = bytes.fromhex("00906ED50000")
+SIM_PCEID = bytes.fromhex("0000")
+SIM_PCESVN = 13
+SIM_CPUSVN = bytes(range(16))
+SIM_COMPONENT_SVNS = (2, 2, 2, 2, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+_SERVICE_DNS = ("localhost",)
+_VALIDITY = dt.timedelta(days=3650)
+_LEAF_VALIDITY = dt.timedelta(days=825)
+
+
+class PkiExistsError(FileExistsError):
+    """The PKI directory is already initialised and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Veil"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _issue(
+    subject: str,
+    issuer: Issued | None,
+    *,
+    ca: bool,
+    now: dt.datetime,
+    lifetime: dt.timedelta,
+    san: x509.SubjectAlternativeName | None = None,
+    usages: Iterable[x509.ObjectIdentifier] = (),
+    extra: Iterable[x509.UnrecognizedExtension] = (),
+) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name = issuer.cert.subject if issuer else _name(subject)
+    signing_key = issuer.key if issuer else key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+    if issuer:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
+    if san is not None:
+        builder = builder.add_extension(san, critical=False)
+    usages = list(usages)
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    for ext in extra:
+        builder = builder.add_extension(ext, critical=False)
+    return Issued(builder.sign(signing_key, hashes.SHA256()), key)
+
+
+def service_certificate(ca: Issued, spiffe_id: str, now: dt.datetime, dns: Iterable[str] = ()) -> Issued:
+    """An mTLS leaf for a SPIFFE identity, usable as server and client."""
+    san = x509.SubjectAlternativeName(
+        [
+            x509.UniformResourceIdentifier(spiffe_id),
+            *(x509.DNSName(name) for name in dns),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+    )
+    return _issue(
+        spiffe_id.rsplit("/", 1)[-1],
+        ca,
+        ca=False,
+        now=now,
+        lifetime=_LEAF_VALIDITY,
+        san=san,
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
+    )
+
+
+# Minimal DER for the SGX PCK extension (Intel PCK certificate profile, OID 1.2.840.113741.1.13.1).
+def _der(tag: int, body: bytes) -> bytes:
+    if len(body) < 0x80:
+        return bytes([tag, len(body)]) + body
+    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def _oid(dotted: str) -> bytes:
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytes([40 * parts[0] + parts[1]])
+    for part in parts[2:]:
+        rest = part >> 7
+        chunk = [part & 0x7F]
+        while rest:
+            chunk.append(0x80 | (rest & 0x7F))
+            rest >>= 7
+        body += bytes(reversed(chunk))
+    return _der(0x06, body)
+
+
+def _int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _entry(suffix: str, value: bytes) -> bytes:
+    return _der(0x30, _oid(f"{SGX_EXTENSION_OID.dotted_string}.{suffix}") + value)
+
+
+def sgx_pck_extension(
+    *,
+    fmspc: bytes = SIM_FMSPC,
+    pceid: bytes = SIM_PCEID,
+    pcesvn: int = SIM_PCESVN,
+    cpusvn: bytes = SIM_CPUSVN,
+    component_svns: tuple[int, ...] = SIM_COMPONENT_SVNS,
+    ppid: bytes = bytes(16),
+) -> x509.UnrecognizedExtension:
+    """The SGX extension a PCK leaf carries: PPID, TCB (16 component SVNs, PCESVN, CPUSVN), PCEID, FMSPC."""
+    tcb = b"".join(_entry(f"2.{i + 1}", _int(svn)) for i, svn in enumerate(component_svns))
+    tcb += _entry("2.17", _int(pcesvn)) + _entry("2.18", _der(0x04, cpusvn))
+    body = (
+        _entry("1", _der(0x04, ppid))
+        + _entry("2", _der(0x30, tcb))
+        + _entry("3", _der(0x04, pceid))
+        + _entry("4", _der(0x04, fmspc))
+        + _entry("5", _der(0x0A, b"\x00"))
+    )
+    return x509.UnrecognizedExtension(SGX_EXTENSION_OID, _der(0x30, body))
+
+
+@dataclass(frozen=True)
+class SimPckChain:
+    """The simulated SGX provisioning chain: root → PCK CA → PCK leaf (with its key)."""
+
+    root: Issued
+    ca: Issued
+    leaf: Issued
+
+
+def sim_pck_chain(now: dt.datetime | None = None) -> SimPckChain:
+    """A fresh dev SGX root, PCK processor CA and PCK leaf carrying the SGX extension."""
+    now = now or dt.datetime.now(dt.UTC)
+    root = _issue("Veil Dev SGX Root CA", None, ca=True, now=now, lifetime=_VALIDITY)
+    ca = _issue("Veil Dev SGX PCK Processor CA", root, ca=True, now=now, lifetime=_VALIDITY)
+    leaf = _issue(
+        "Veil Dev SGX PCK Certificate", ca, ca=False, now=now, lifetime=_VALIDITY, extra=[sgx_pck_extension()]
+    )
+    return SimPckChain(root, ca, leaf)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write(path: Path, data: bytes, secret: bool = False) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def init_pki(directory: Path, *, force: bool = False, now: dt.datetime | None = None) -> list[Path]:
+    """Write the dev PKI into `directory`; refuses to overwrite an existing one unless `force`."""
+    marker = directory / "ca.pem"
+    if marker.exists() and not force:
+        raise PkiExistsError(f"{directory} already holds a PKI; pass --force to replace it")
+    directory.mkdir(parents=True, exist_ok=True)
+    now = now or dt.datetime.now(dt.UTC)
+    files: dict[str, tuple[bytes, bool]] = {}
+    ca = _issue("Veil Dev CA", None, ca=True, now=now, lifetime=_VALIDITY)
+    files["ca.pem"] = (_pem(ca.cert), False)
+    files["ca-key.pem"] = (_key_pem(ca.key), True)
+    for service, spiffe_id in SERVICE_IDENTITIES.items():
+        leaf = service_certificate(ca, spiffe_id, now, dns=(*_SERVICE_DNS, service))
+        files[f"{service}.pem"] = (_pem(leaf.cert) + _pem(ca.cert), False)
+        files[f"{service}-key.pem"] = (_key_pem(leaf.key), True)
+    admin = service_certificate(ca, ADMIN, now)
+    files["admin.pem"] = (_pem(admin.cert), False)
+    files["admin-key.pem"] = (_key_pem(admin.key), True)
+    chain = sim_pck_chain(now)
+    files["sgx-root.pem"] = (_pem(chain.root.cert), False)
+    files["sgx-pck-ca.pem"] = (_pem(chain.ca.cert), False)
+    files["sgx-pck-leaf.pem"] = (_pem(chain.leaf.cert), False)
+    files["sgx-pck-leaf-key.pem"] = (_key_pem(chain.leaf.key), True)
+    written = []
+    for name, (data, secret) in files.items():
+        _write(directory / name, data, secret)
+        written.append(directory / name)
+    return written

@@ -1,0 +1,146 @@
+"""The server factory every Veil service uses, and graceful shutdown.
+
+A service's `create_server(config)` calls `build_server` with its servicers and its
+authorization table and gets back a `VeilServer`: the mTLS main server (health,
+reflection, tracing, authorization, error mapping) plus a plaintext admin server
+with only health and reflection, for Kubernetes gRPC probes and local debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+
+from services.common.config import ServiceConfig
+from services.common.errors import ErrorInterceptor
+from services.common.identity import AuthorizationInterceptor, AuthorizationTable
+from services.common.tls import server_credentials
+from services.common.tracing import server_tracing_interceptor
+
+_log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class VeilServer:
+    """A started-or-not pair of servers sharing one health servicer."""
+
+    main: grpc.Server
+    port: int
+    admin: grpc.Server
+    admin_port: int
+    health: health.HealthServicer
+    service_names: Sequence[str]
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.main.start()
+        self.admin.start()
+
+    def set_serving(self, serving: bool) -> None:
+        """Report SERVING (or NOT_SERVING) for the whole server and each of its services."""
+        status = SERVING if serving else NOT_SERVING
+        for name in ("", *self.service_names):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None) -> None:
+        """Refuse new calls, let in-flight ones finish within `grace` seconds, then stop."""
+        self.health.enter_graceful_shutdown()
+        self.main.stop(grace).wait()
+        self.admin.stop(0).wait()
+        for hook in self.on_stop:
+            hook()
+
+    def wait(self) -> None:
+        self.main.wait_for_termination()
+
+
+def _add_health_and_reflection(
+    server: grpc.Server, servicer: health.HealthServicer, names: Sequence[str]
+) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    port = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return port
+
+
+def build_server(
+    config: ServiceConfig,
+    *,
+    register: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    authorization: AuthorizationTable,
+    tracer_provider: TracerProvider | None = None,
+    max_workers: int = 32,
+) -> VeilServer:
+    """Assemble (not start) the main mTLS server and the plaintext admin server."""
+    main = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
+        interceptors=[
+            server_tracing_interceptor(tracer_provider),
+            ErrorInterceptor(),
+            AuthorizationInterceptor(authorization),
+        ],
+        options=_OPTIONS,
+    )
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+    )
+    register(main)
+    _add_health_and_reflection(main, health_servicer, service_names)
+    port = _bind(main, config.listen, server_credentials(config.tls))
+
+    admin = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"), options=_OPTIONS
+    )
+    _add_health_and_reflection(admin, health_servicer, service_names)
+    admin_port = _bind(admin, config.admin_listen, None)
+
+    bundle = VeilServer(main, port, admin, admin_port, health_servicer, service_names)
+    bundle.set_serving(False)
+    return bundle
+
+
+def run_until_signalled(server: VeilServer, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then report NOT_SERVING and drain within `grace`."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        _log.info("received %s: NOT_SERVING, draining for up to %.1fs", signal.Signals(signum).name, grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    server.stop(grace)
+    _log.info("stopped")

@@ -1,0 +1,1 @@
+"""The public gateway: client authentication, limits, routing to state shards."""

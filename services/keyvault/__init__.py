@@ -1,0 +1,1 @@
+"""The keyvault: attestation verification, key management, secure key release, freshness, audit."""

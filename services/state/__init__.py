@@ -1,0 +1,1 @@
+"""The state service: hosts the enclave, batches commands into it, persists and recovers."""
