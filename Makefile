@@ -9,9 +9,15 @@ BUF := node_modules/.bin/buf
 STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 
-.PHONY: setup run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
+.PHONY: setup system-packages run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
 
-setup: $(STAMP_PY) $(STAMP_NPM)
+setup: $(STAMP_PY) $(STAMP_NPM) system-packages
+
+# SoftHSM2 backs the real PKCS#11 KEK tests (Debian package; CI runs as root).
+system-packages:
+	@command -v softhsm2-util >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null; \
+	  else echo 'softhsm2 is missing: run `sudo apt-get install softhsm2`' >&2; exit 1; fi; }
 
 $(STAMP_PY): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -60,7 +60,7 @@ def call(
     deadline = time.monotonic() + timeout
     for attempt in Retrying(
         retry=retry_if_exception(_unavailable),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
         stop=stop_after_attempt(attempts) | stop_after_delay(timeout),
         reraise=True,
     ):
@@ -87,18 +87,31 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
 
 
 def wait_until_serving(
-    address: str, *, service: str = "", timeout: float = 60.0, interval: float = 0.2
+    address: str,
+    *,
+    label: str = "",
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    gave_up: Callable[[], str | None] | None = None,
 ) -> None:
-    """Poll `address`'s health until SERVING; TimeoutError names what did not come up and why."""
+    """Poll `address`'s overall health until SERVING; TimeoutError names what did not come up and why.
+
+    `gave_up` lets a supervisor stop waiting early (e.g. the process exited): it
+    returns a reason, or None to keep waiting.
+    """
+    name = label or address
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while time.monotonic() < deadline:
+        reason = gave_up() if gave_up else None
+        if reason:
+            raise TimeoutError(f"{name} at {address} did not come up: {reason}")
         try:
-            status = health_status(address, service, timeout=min(2.0, timeout))
+            status = health_status(address, timeout=min(2.0, timeout))
             if status == health_pb2.HealthCheckResponse.SERVING:
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
         except grpc.RpcError as exc:
             last = f"{exc.code().name}: {exc.details()}"
         time.sleep(interval)
-    raise TimeoutError(f"{service or address} at {address} not SERVING after {timeout:.0f}s (last: {last})")
+    raise TimeoutError(f"{name} at {address} not SERVING after {timeout:.0f}s (last: {last})")

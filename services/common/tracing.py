@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import client_interceptor, server_interceptor
+from opentelemetry.instrumentation.grpc import client_interceptor, grpcext, server_interceptor
 from opentelemetry.instrumentation.grpc.filters import health_check, negate
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -43,4 +43,5 @@ def traced_channel(channel: grpc.Channel, provider: TracerProvider | None) -> gr
     interceptor: Any = client_interceptor(  # type: ignore[no-untyped-call]  # package is unannotated
         tracer_provider=provider, filter_=negate(health_check())
     )
-    return grpc.intercept_channel(channel, interceptor)
+    traced: grpc.Channel = grpcext.intercept_channel(channel, interceptor)  # type: ignore[no-untyped-call]
+    return traced

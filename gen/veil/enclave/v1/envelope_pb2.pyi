@@ -98,6 +98,30 @@ APP_KIND_BALLOT: AppKind.ValueType  # 3
 """APP_KIND_BALLOT: secret ballots."""
 Global___AppKind: _TypeAlias = AppKind  # noqa: Y015
 
+class _ReceiptKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReceiptKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReceiptKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECEIPT_KIND_UNSPECIFIED: _ReceiptKind.ValueType  # 0
+    """RECEIPT_KIND_UNSPECIFIED is never signed."""
+    RECEIPT_KIND_COMMAND: _ReceiptKind.ValueType  # 1
+    """RECEIPT_KIND_COMMAND: the command is the log entry at `sequence`."""
+    RECEIPT_KIND_QUERY: _ReceiptKind.ValueType  # 2
+    """RECEIPT_KIND_QUERY: the query read the state at head `sequence`; nothing was logged."""
+
+class ReceiptKind(_ReceiptKind, metaclass=_ReceiptKindEnumTypeWrapper):
+    """ReceiptKind says whether a receipt is for a logged command or a read-only query."""
+
+RECEIPT_KIND_UNSPECIFIED: ReceiptKind.ValueType  # 0
+"""RECEIPT_KIND_UNSPECIFIED is never signed."""
+RECEIPT_KIND_COMMAND: ReceiptKind.ValueType  # 1
+"""RECEIPT_KIND_COMMAND: the command is the log entry at `sequence`."""
+RECEIPT_KIND_QUERY: ReceiptKind.ValueType  # 2
+"""RECEIPT_KIND_QUERY: the query read the state at head `sequence`; nothing was logged."""
+Global___ReceiptKind: _TypeAlias = ReceiptKind  # noqa: Y015
+
 @_typing.final
 class EnclavePublicKeys(_message.Message):
     """EnclavePublicKeys are the keys an enclave publishes and binds into its quotes."""
@@ -408,7 +432,9 @@ Global___InstanceConfig: _TypeAlias = InstanceConfig  # noqa: Y015
 
 @_typing.final
 class Receipt(_message.Message):
-    """Receipt proves the enclave executed a command at a position in the log."""
+    """Receipt proves the enclave executed a command at a position in the log.
+    The signed bytes are defined by enclave.wire.receipt_signing_bytes.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -417,16 +443,19 @@ class Receipt(_message.Message):
     COMMAND_HASH_FIELD_NUMBER: _builtins.int
     RESULT_HASH_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     sequence: _builtins.int
-    """sequence is the command's log sequence."""
+    """sequence is the command's log sequence (for a query: the head sequence it read)."""
     command_hash: _builtins.bytes
-    """command_hash is SHA-256 of the sealed command ciphertext."""
+    """command_hash is SHA-256(encapsulated_key || ciphertext) of the SealedCommand."""
     result_hash: _builtins.bytes
-    """result_hash is SHA-256 of the serialized result."""
+    """result_hash is SHA-256 of CommandResponse.result (the serialized CommandResult bytes)."""
     signature: _builtins.bytes
     """signature is the enclave's Ed25519 signature over the canonical encoding of the fields above."""
+    kind: Global___ReceiptKind.ValueType
+    """kind says whether sequence names a log entry or the head a query read; it is signed too."""
     def __init__(
         self,
         *,
@@ -435,10 +464,11 @@ class Receipt(_message.Message):
         command_hash: _builtins.bytes = ...,
         result_hash: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        kind: Global___ReceiptKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_hash", b"command_hash", "instance_id", b"instance_id", "result_hash", b"result_hash", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_hash", b"command_hash", "instance_id", b"instance_id", "kind", b"kind", "result_hash", b"result_hash", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/enclave/v1/error.proto\x12\x0fveil.enclave.v1\"L\n\nEcallError\x12-\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1f.veil.enclave.v1.EcallErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t*\xb5\x02\n\x0e\x45\x63\x61llErrorCode\x12 \n\x1c\x45\x43\x41LL_ERROR_CODE_UNSPECIFIED\x10\x00\x12%\n!ECALL_ERROR_CODE_INVALID_ARGUMENT\x10\x01\x12\"\n\x1e\x45\x43\x41LL_ERROR_CODE_UNIMPLEMENTED\x10\x02\x12(\n$ECALL_ERROR_CODE_FAILED_PRECONDITION\x10\x03\x12\x1e\n\x1a\x45\x43\x41LL_ERROR_CODE_NOT_FOUND\x10\x04\x12\'\n#ECALL_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x05\x12\x1e\n\x1a\x45\x43\x41LL_ERROR_CODE_DATA_LOSS\x10\x06\x12#\n\x1f\x45\x43\x41LL_ERROR_CODE_ALREADY_EXISTS\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/enclave/v1/error.proto\x12\x0fveil.enclave.v1\"L\n\nEcallError\x12-\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1f.veil.enclave.v1.EcallErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t*\xc0\x03\n\x0e\x45\x63\x61llErrorCode\x12 \n\x1c\x45\x43\x41LL_ERROR_CODE_UNSPECIFIED\x10\x00\x12%\n!ECALL_ERROR_CODE_INVALID_ARGUMENT\x10\x01\x12\"\n\x1e\x45\x43\x41LL_ERROR_CODE_UNIMPLEMENTED\x10\x02\x12(\n$ECALL_ERROR_CODE_FAILED_PRECONDITION\x10\x03\x12\x1e\n\x1a\x45\x43\x41LL_ERROR_CODE_NOT_FOUND\x10\x04\x12\'\n#ECALL_ERROR_CODE_RESOURCE_EXHAUSTED\x10\x05\x12\x1e\n\x1a\x45\x43\x41LL_ERROR_CODE_DATA_LOSS\x10\x06\x12#\n\x1f\x45\x43\x41LL_ERROR_CODE_ALREADY_EXISTS\x10\x07\x12&\n\"ECALL_ERROR_CODE_PERMISSION_DENIED\x10\x08\x12$\n ECALL_ERROR_CODE_UNAUTHENTICATED\x10\t\x12\x1c\n\x18\x45\x43\x41LL_ERROR_CODE_ABORTED\x10\n\x12\x1d\n\x19\x45\x43\x41LL_ERROR_CODE_INTERNAL\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veil.enclave.v1.error_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ECALLERRORCODE']._serialized_start=127
-  _globals['_ECALLERRORCODE']._serialized_end=436
+  _globals['_ECALLERRORCODE']._serialized_end=575
   _globals['_ECALLERROR']._serialized_start=48
   _globals['_ECALLERROR']._serialized_end=124
 # @@protoc_insertion_point(module_scope)

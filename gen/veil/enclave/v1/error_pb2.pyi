@@ -39,6 +39,14 @@ class _EcallErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EcallE
     """ECALL_ERROR_CODE_DATA_LOSS: a log entry, snapshot or sealed blob failed authentication."""
     ECALL_ERROR_CODE_ALREADY_EXISTS: _EcallErrorCode.ValueType  # 7
     """ECALL_ERROR_CODE_ALREADY_EXISTS: the instance already exists."""
+    ECALL_ERROR_CODE_PERMISSION_DENIED: _EcallErrorCode.ValueType  # 8
+    """ECALL_ERROR_CODE_PERMISSION_DENIED: the authenticated caller may not do this (app rule)."""
+    ECALL_ERROR_CODE_UNAUTHENTICATED: _EcallErrorCode.ValueType  # 9
+    """ECALL_ERROR_CODE_UNAUTHENTICATED: the command's identity proof is missing or invalid."""
+    ECALL_ERROR_CODE_ABORTED: _EcallErrorCode.ValueType  # 10
+    """ECALL_ERROR_CODE_ABORTED: the command's counter is not the account's next one (replay or reorder)."""
+    ECALL_ERROR_CODE_INTERNAL: _EcallErrorCode.ValueType  # 11
+    """ECALL_ERROR_CODE_INTERNAL: an enclave bug; the call was rolled back."""
 
 class EcallErrorCode(_EcallErrorCode, metaclass=_EcallErrorCodeEnumTypeWrapper):
     """EcallErrorCode classifies a refused call; the host maps it to a gRPC status."""
@@ -59,6 +67,14 @@ ECALL_ERROR_CODE_DATA_LOSS: EcallErrorCode.ValueType  # 6
 """ECALL_ERROR_CODE_DATA_LOSS: a log entry, snapshot or sealed blob failed authentication."""
 ECALL_ERROR_CODE_ALREADY_EXISTS: EcallErrorCode.ValueType  # 7
 """ECALL_ERROR_CODE_ALREADY_EXISTS: the instance already exists."""
+ECALL_ERROR_CODE_PERMISSION_DENIED: EcallErrorCode.ValueType  # 8
+"""ECALL_ERROR_CODE_PERMISSION_DENIED: the authenticated caller may not do this (app rule)."""
+ECALL_ERROR_CODE_UNAUTHENTICATED: EcallErrorCode.ValueType  # 9
+"""ECALL_ERROR_CODE_UNAUTHENTICATED: the command's identity proof is missing or invalid."""
+ECALL_ERROR_CODE_ABORTED: EcallErrorCode.ValueType  # 10
+"""ECALL_ERROR_CODE_ABORTED: the command's counter is not the account's next one (replay or reorder)."""
+ECALL_ERROR_CODE_INTERNAL: EcallErrorCode.ValueType  # 11
+"""ECALL_ERROR_CODE_INTERNAL: an enclave bug; the call was rolled back."""
 Global___EcallErrorCode: _TypeAlias = EcallErrorCode  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,50 @@
+"""One trace spans client → gateway → state: W3C trace context crosses every hop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.channels import secure_channel
+from services.common.config import ServiceConfig
+from services.common.tracing import make_tracer_provider
+from services.gateway.config import GatewayConfig
+from services.gateway.server import create_server as create_gateway
+from services.state.server import create_server as create_state
+from tests.conftest import tls_for
+
+
+def test_one_trace_id_spans_gateway_and_state(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = make_tracer_provider("test", exporter)
+    state, state_port = create_state(service_config("state"), tracer_provider=provider)
+    state.start()
+    gateway, gateway_port = create_gateway(
+        service_config("gateway"),
+        gateway=GatewayConfig((f"127.0.0.1:{state_port}",), "127.0.0.1:1"),
+        tracer_provider=provider,
+    )
+    gateway.start()
+    try:
+        channel = secure_channel(f"127.0.0.1:{gateway_port}", tls_for(pki_dir, "admin"), provider)
+        with channel:
+            reply = gateway_pb2_grpc.GatewayServiceStub(channel).GetStatus(
+                gateway_pb2.GetStatusRequest(), timeout=10
+            )
+        assert reply.serving
+    finally:
+        gateway.stop(0)
+        state.stop(0)
+
+    spans = exporter.get_finished_spans()
+    names = {span.name for span in spans}
+    assert "/veil.gateway.v1.GatewayService/GetStatus" in names
+    assert "/veil.state.v1.StateService/GetStatus" in names
+    assert len({span.context.trace_id for span in spans}) == 1, [(s.name, s.context.trace_id) for s in spans]
+    # Health checks are never traced.
+    assert not any("grpc.health" in name for name in names)
