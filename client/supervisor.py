@@ -1,0 +1,169 @@
+"""`veil up`: start keyvault → state → gateway as processes, each after the previous is SERVING.
+
+Like Kubernetes, the supervisor restarts a service that dies (with back-off) and
+stops everything, gateway first, on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from services.common.channels import health_status, wait_until_serving
+from services.common.config import DEFAULT_PORTS, ENV_DATA_DIR, ENV_GRACE_SECONDS
+
+DEPLOY_ORDER = ("keyvault", "state", "gateway")
+_log = logging.getLogger("veil.up")
+
+
+@dataclass
+class Supervised:
+    """One service process and its restart bookkeeping."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = field(default=0.0)
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{DEFAULT_PORTS[self.name][1]}"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603  # our own interpreter and module, no shell
+            [sys.executable, "-m", "client.cli", "serve", self.name],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        self.started_at = time.monotonic()
+
+    def exit_reason(self) -> str | None:
+        """Why the process is gone, or None while it runs."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return f"process exited with status {self.process.returncode}"
+
+    def stop(self, grace: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace + 5)
+        except subprocess.TimeoutExpired:
+            _log.warning("%s did not stop within %.0fs; killing it", self.name, grace + 5)
+            self.process.kill()
+            self.process.wait()
+
+
+def _answers(address: str) -> bool:
+    try:
+        health_status(address, timeout=0.5)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+class Mesh:
+    """The three services of a local mesh under one supervisor."""
+
+    def __init__(self, data_dir: Path, *, startup_timeout: float = 120.0, grace: float = 5.0):
+        self.data_dir = data_dir
+        self.startup_timeout = startup_timeout
+        self.grace = grace
+        self._stopping = threading.Event()
+        log_dir = data_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, ENV_DATA_DIR: str(data_dir), ENV_GRACE_SECONDS: str(grace)}
+        self.services = [Supervised(n, env, log_dir / f"{n}.log") for n in DEPLOY_ORDER]
+
+    def start(self) -> None:
+        """Start in deploy order; TimeoutError names the service that did not come up."""
+        for service in self.services:
+            if _answers(service.admin_address):
+                self.stop()
+                raise TimeoutError(
+                    f"{service.name} did not come up: {service.admin_address} is already in use "
+                    "(is another mesh running?)"
+                )
+            _log.info("starting %s", service.name)
+            service.start()
+            try:
+                wait_until_serving(
+                    service.admin_address,
+                    label=service.name,
+                    timeout=self.startup_timeout,
+                    gave_up=service.exit_reason,
+                )
+            except TimeoutError as exc:
+                self.stop()
+                raise TimeoutError(
+                    f"{service.name} did not become SERVING: {exc}; see {service.log_path}"
+                ) from exc
+            _log.info("%s is SERVING (admin %s)", service.name, service.admin_address)
+
+    def watch(self, poll: float = 0.5) -> None:
+        """Restart crashed services (back-off doubling to 30 s) until stop() is called."""
+        while not self._stopping.wait(poll):
+            for service in self.services:
+                process = service.process
+                if process is None or process.poll() is None:
+                    continue
+                backoff = min(30.0, 0.5 * 2**service.restarts)
+                if time.monotonic() - service.started_at < 60:
+                    service.restarts += 1
+                else:
+                    service.restarts = 0
+                _log.warning(
+                    "%s exited with %s; restarting in %.1fs (restart %d)",
+                    service.name,
+                    process.returncode,
+                    backoff,
+                    service.restarts,
+                )
+                if self._stopping.wait(backoff):
+                    return
+                service.start()
+
+    def stop(self) -> None:
+        """Stop every service, gateway first (reverse deploy order)."""
+        self._stopping.set()
+        for service in reversed(self.services):
+            service.stop(self.grace)
+
+
+def up(data_dir: Path) -> int:
+    """Run the mesh in the foreground until SIGINT/SIGTERM."""
+    mesh = Mesh(data_dir)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        _log.info("received %s; stopping the mesh", signal.Signals(signum).name)
+        mesh._stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        mesh.start()
+    except TimeoutError as exc:
+        _log.error("%s", exc)
+        return 1
+    print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", flush=True)
+    print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
+    mesh.watch()
+    mesh.stop()
+    _log.info("mesh stopped")
+    return 0

@@ -1,0 +1,28 @@
+"""The `veil serve SERVICE` entry point shared by the three services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from services.common.config import ServiceConfig
+from services.common.logs import configure_logging
+from services.common.server import VeilServer, run_until_signalled
+from services.common.tracing import install_global_provider, make_tracer_provider
+
+_log = logging.getLogger(__name__)
+
+ServerFactory = Callable[..., tuple[VeilServer, int]]
+
+
+def serve(service: str, create_server: ServerFactory) -> int:
+    """Configure logs and tracing, build the server from the environment, serve until signalled."""
+    config = ServiceConfig.from_env(service)
+    configure_logging(service, config.log_level)
+    provider = make_tracer_provider(service)
+    install_global_provider(provider)
+    server, port = create_server(config, tracer_provider=provider)
+    server.start()
+    _log.info("%s listening on %s (mTLS) and %s (admin)", service, port, server.admin_port)
+    run_until_signalled(server, config.grace_seconds)
+    return 0

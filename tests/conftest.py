@@ -1,0 +1,44 @@
+"""Fixtures shared by every test: a dev PKI and service configs bound to port 0."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.common.config import ServiceConfig, TlsFiles
+from services.common.pki import init_pki
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dev PKI (CA, service and admin certs, sim PCK chain) shared by the session."""
+    directory = tmp_path_factory.mktemp("data") / "pki"
+    init_pki(directory, now=dt.datetime.now(dt.UTC))
+    return directory
+
+
+def tls_for(pki_dir: Path, name: str) -> TlsFiles:
+    """The mTLS files of `name` (a service or "admin") in the dev PKI."""
+    return TlsFiles(cert=pki_dir / f"{name}.pem", key=pki_dir / f"{name}-key.pem", ca=pki_dir / "ca.pem")
+
+
+@pytest.fixture
+def service_config(pki_dir: Path, tmp_path: Path) -> Callable[[str], ServiceConfig]:
+    """Build the config of a service listening on free ports (port 0) with the dev PKI."""
+
+    def make(service: str) -> ServiceConfig:
+        return ServiceConfig(
+            service=service,
+            listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            tls=tls_for(pki_dir, service),
+            data_dir=tmp_path / service,
+            grace_seconds=2.0,
+        )
+
+    return make

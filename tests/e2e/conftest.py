@@ -1,0 +1,59 @@
+"""A real mesh: `veil up` as a subprocess in a temporary data dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from services.common.channels import wait_until_serving
+from services.common.config import DEFAULT_PORTS
+from tests.conftest import REPO_ROOT
+
+
+@dataclass
+class Mesh:
+    """A running `veil up` and where to find its files."""
+
+    process: subprocess.Popen[str]
+    data_dir: Path
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    data_dir = tmp_path_factory.mktemp("mesh") / ".veil"
+    veil = Path(sys.executable).with_name("veil")
+    with subprocess.Popen(
+        [str(veil), "up", "--data-dir", str(data_dir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as process:
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith("veil mesh is up"):
+                    break
+            else:
+                pytest.fail(f"veil up exited with {process.wait()} before the mesh came up")
+            wait_until_serving(f"127.0.0.1:{DEFAULT_PORTS['gateway'][1]}", label="gateway", timeout=30)
+            yield Mesh(process, data_dir)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
