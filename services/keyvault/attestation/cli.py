@@ -1,0 +1,101 @@
+"""``veil attest verify``: verify a DCAP quote file and print what it proves.
+
+    veil attest verify QUOTE [--collateral JSON] [--now ISO8601] [--root intel|dev|PEM]
+                             [--data-dir DIR]
+
+Prints one JSON object on stdout and exits 0 for a valid quote; exits 1 with
+``error: <reason>`` on stderr for an invalid one, and 2 for a usage or I/O problem.
+Also runnable as ``python -m services.keyvault.attestation.cli verify ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.keyvault.attestation.collateral import Collateral
+from services.keyvault.attestation.quote import QuoteError
+from services.keyvault.attestation.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
+from services.keyvault.attestation.verifier import verify_quote
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+class _UsageError(Exception):
+    """Bad arguments or unreadable inputs: not a verdict about the quote."""
+
+
+def _parse_now(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise _UsageError(f"--now {text!r} is not an ISO 8601 date/time") from None
+    # A bare date/time on the command line means UTC, not the machine's zone.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def build_parser(prog: str = "veil attest verify") -> argparse.ArgumentParser:
+    """Arguments of the verify command (everything after ``verify``)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Verify an Intel SGX DCAP quote v3 and print its identity."
+    )
+    parser.add_argument("quote", type=Path, help="raw quote file")
+    parser.add_argument("--collateral", type=Path, help="collateral JSON (dcap-qvl format)")
+    parser.add_argument("--now", help="verification time, ISO 8601 (default: now; naive = UTC)")
+    parser.add_argument("--root", default="intel", help="trusted root: intel (default), dev, or a PEM file")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="data dir holding the dev PKI (default: .veil)",
+    )
+    return parser
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def verify_main(argv: list[str]) -> int:
+    """Run ``veil attest verify`` with ``argv`` = the arguments after ``verify``."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has already printed usage or help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        now = _parse_now(args.now) if args.now is not None else None
+        root = resolve_root(args.root, dev_root_path(args.data_dir))
+        quote_bytes = _read(args.quote, "quote")
+        collateral_bytes = _read(args.collateral, "collateral") if args.collateral is not None else None
+    except (_UsageError, RootError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        collateral = Collateral.from_json(collateral_bytes) if collateral_bytes is not None else None
+        result = verify_quote(quote_bytes, root_public_key=root, collateral=collateral, now=now)
+    except QuoteError as exc:
+        print(f"error: {exc.reason}", file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(result.to_json_dict()))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.keyvault.attestation.cli verify ...``."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "verify":
+        print("usage: python -m services.keyvault.attestation.cli verify QUOTE [options]", file=sys.stderr)
+        return EXIT_USAGE
+    return verify_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tests of the SGX DCAP quote verifier (real Intel vectors and a throwaway fake PKI)."""
