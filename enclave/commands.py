@@ -1,0 +1,63 @@
+"""Client commands at the enclave boundary: open a SealedCommand, seal a CommandResponse.
+
+A command that cannot be opened (HPKE failure, not a Command, no usable response key, another
+instance, a bad request id) can only be answered in the clear, so that answer is one fixed
+message. Everything after opening is
+answered under the client's response key, which the host never sees.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+from veil.enclave.v1 import command_pb2, envelope_pb2
+
+from enclave import crypto, wire
+from enclave.errors import INVALID_ARGUMENT, DecryptionError, EnclaveError
+
+MAX_REQUEST_ID_SIZE = 64
+_UNOPENABLE = "command could not be opened"
+
+
+def open_command(
+    keys: crypto.HpkeKeyPairs, instance_id: str, sealed: envelope_pb2.SealedCommand
+) -> command_pb2.Command:
+    """Decrypt and decode a sealed command for `instance_id`, or raise the fixed refusal."""
+    try:
+        plaintext = keys.open(
+            sealed.suite,
+            sealed.encapsulated_key,
+            sealed.ciphertext,
+            info=wire.COMMAND_INFO,
+            aad=wire.command_aad(instance_id),
+        )
+        command = command_pb2.Command.FromString(plaintext)
+    except (DecryptionError, DecodeError):
+        raise EnclaveError(INVALID_ARGUMENT, _UNOPENABLE) from None
+    # Without a usable response key, instance and request id, no answer can be sealed.
+    if (
+        len(command.response_key) != crypto.KEY_SIZE
+        or command.instance_id != instance_id
+        or not 0 < len(command.request_id.encode("utf-8")) <= MAX_REQUEST_ID_SIZE
+    ):
+        raise EnclaveError(INVALID_ARGUMENT, _UNOPENABLE)
+    return command
+
+
+def seal_response(
+    command: command_pb2.Command, result: bytes, receipt: envelope_pb2.Receipt | None = None
+) -> bytes:
+    """AES-256-GCM seal a CommandResponse under the command's response key."""
+    response = command_pb2.CommandResponse(request_id=command.request_id, result=result, receipt=receipt)
+    return crypto.seal_blob(
+        command.response_key,
+        response.SerializeToString(deterministic=True),
+        wire.response_aad(command.instance_id, command.request_id),
+    )
+
+
+def open_response(
+    response_key: bytes, sealed: bytes, instance_id: str, request_id: str
+) -> command_pb2.CommandResponse:
+    """Client side: open a sealed response (raises DecryptionError)."""
+    plaintext = crypto.open_blob(response_key, sealed, wire.response_aad(instance_id, request_id))
+    return command_pb2.CommandResponse.FromString(plaintext)

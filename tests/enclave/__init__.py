@@ -1,0 +1,1 @@
+"""Tests of the enclave (the TCB), its providers, runner and host client."""

@@ -1,0 +1,102 @@
+"""Sim quotes are real DCAP v3 bytes: the keyvault's verifier accepts them with the dev root and
+refuses them with Intel's; a raw-offset parse (independent of any parser) finds the fields."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+import pytest
+
+from enclave.measurement import measure_source_tree, source_files
+from enclave.providers.sim_quote import DEV_MRSIGNER, INTEL_QE_MRSIGNER, SimQuoteProvider
+from enclave.runner import PCK_FILES, PCK_KEY_FILE
+from services.keyvault.attestation import QuoteError, verify_quote
+from services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
+from services.state.enclave_host import EnclaveCallError
+from tests.enclave.support import Harness
+
+REPORT_DATA = hashlib.sha256(b"runtime data || nonce").digest()
+
+
+def test_sim_quote_verifies_with_the_dev_root_and_has_the_expected_fields(
+    harness: Harness, pki_dir: Path, mrenclave: bytes
+) -> None:
+    quote = harness.host.get_quote(REPORT_DATA)
+    verified = verify_quote(quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+    assert verified.mrenclave == mrenclave == measure_source_tree()
+    assert verified.mrsigner == DEV_MRSIGNER
+    assert (verified.isv_prod_id, verified.isv_svn) == (7, 3)
+    assert verified.debug is False
+    assert verified.report_data == REPORT_DATA + bytes(32)  # zero padded to 64 bytes
+    assert verified.quote.signature_data.qe_report.mr_signer == INTEL_QE_MRSIGNER
+
+
+def test_sim_quote_is_refused_with_the_intel_root(harness: Harness) -> None:
+    with pytest.raises(QuoteError, match="pinned root"):
+        verify_quote(harness.host.get_quote(REPORT_DATA), root_public_key=intel_root_public_key())
+
+
+@pytest.mark.parametrize(
+    ("offset", "what"), [(112, "mrenclave"), (368, "report data"), (436, "ISV signature"), (600, "QE report")]
+)
+def test_tampered_sim_quote_is_refused(harness: Harness, pki_dir: Path, offset: int, what: str) -> None:
+    quote = bytearray(harness.host.get_quote(REPORT_DATA))
+    quote[offset] ^= 1
+    with pytest.raises(QuoteError):
+        verify_quote(bytes(quote), root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+
+
+def test_sim_quote_raw_layout(harness: Harness, mrenclave: bytes, pki_dir: Path) -> None:
+    quote = harness.host.get_quote(b"\x01" * 64)
+    version, key_type, tee_type, _qe_svn, _pce_svn = struct.unpack_from("<HHIHH", quote, 0)
+    assert (version, key_type, tee_type) == (3, 2, 0)
+    assert quote[12:28].hex() == "939a7233f79c4ca9940a0db3957f0607"
+    assert quote[112:144] == mrenclave
+    assert quote[176:208] == DEV_MRSIGNER
+    assert struct.unpack_from("<HH", quote, 304) == (7, 3)
+    assert quote[96] & 0x02 == 0  # DEBUG attribute clear
+    assert quote[368:432] == b"\x01" * 64
+    (sig_len,) = struct.unpack_from("<I", quote, 432)
+    assert sig_len == len(quote) - 436
+    auth_size = struct.unpack_from("<H", quote, 1012)[0]
+    assert auth_size == 32
+    cert_type, cert_size = struct.unpack_from("<HI", quote, 1014 + auth_size)
+    assert cert_type == 5
+    chain = quote[1020 + auth_size :]
+    assert len(chain) == cert_size
+    assert chain == b"".join((pki_dir / name).read_bytes() for name in PCK_FILES)
+
+
+def test_debug_quotes_say_so(pki_dir: Path, mrenclave: bytes) -> None:
+    provider = SimQuoteProvider(
+        mrenclave=mrenclave,
+        pck_chain_pem=b"".join((pki_dir / name).read_bytes() for name in PCK_FILES),
+        pck_leaf_key_pem=(pki_dir / PCK_KEY_FILE).read_bytes(),
+        debug=True,
+    )
+    verified = verify_quote(
+        provider.quote(bytes(64)), root_public_key=load_root_pem(pki_dir / "sgx-root.pem")
+    )
+    assert verified.debug is True
+
+
+def test_get_quote_refuses_oversized_report_data(harness: Harness) -> None:
+    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
+        harness.host.get_quote(bytes(65))
+
+
+def test_measurement_covers_exactly_the_enclave_sources(tmp_path: Path) -> None:
+    measured = source_files()
+    assert all(path.suffix == ".py" for path in measured)
+    assert {"runtime.py", "dispatcher.py", "sim_quote.py"} <= {path.name for path in measured}
+    package = tmp_path / "enclave"
+    (package / "tests").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    first = measure_source_tree(package)
+    (package / "tests" / "test_x.py").write_text("ignored\n")
+    (package / "README.md").write_text("ignored\n")
+    assert measure_source_tree(package) == first
+    (package / "a.py").write_text("x = 2\n")
+    assert measure_source_tree(package) != first
