@@ -1,10 +1,19 @@
-"""Keyvault server: attestation, key release, freshness and audit behind mTLS."""
+"""Keyvault server: attestation, key release, freshness and audit behind mTLS.
+
+Authorization (by the caller's SPIFFE identity; a method missing here is denied):
+
+=====================================================  ==============================
+Attest, ReleaseKey, GetCommitHead, AdvanceCommitHead    state
+GetJwks                                                 gateway, state
+CreateKey                                               admin, state
+RotateKey, ListKeys, GetKey, DestroyKey,
+ListAuditEvents                                         admin
+GetStatus                                               admin, state, gateway
+=====================================================  ==============================
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
@@ -12,34 +21,62 @@ from services.common import identity
 from services.common.config import ServiceConfig
 from services.common.main import serve
 from services.common.server import VeilServer, build_server
+from services.keyvault.app import Keyvault, open_keyvault
+from services.keyvault.clock import Clock, system_clock
+from services.keyvault.config import KeyvaultConfig
+from services.keyvault.service import KeyvaultServicer
 
 SERVICE_NAME = keyvault_pb2.DESCRIPTOR.services_by_name["KeyvaultService"].full_name
 
+_STATE = frozenset({identity.STATE})
+_ADMIN = frozenset({identity.ADMIN})
 AUTHORIZATION = identity.method_names(
     SERVICE_NAME,
-    {"GetStatus": frozenset({identity.ADMIN, identity.STATE, identity.GATEWAY})},
+    {
+        "Attest": _STATE,
+        "ReleaseKey": _STATE,
+        "GetCommitHead": _STATE,
+        "AdvanceCommitHead": _STATE,
+        "GetJwks": frozenset({identity.GATEWAY, identity.STATE}),
+        "CreateKey": frozenset({identity.ADMIN, identity.STATE}),
+        "RotateKey": _ADMIN,
+        "ListKeys": _ADMIN,
+        "GetKey": _ADMIN,
+        "DestroyKey": _ADMIN,
+        "ListAuditEvents": _ADMIN,
+        "GetStatus": frozenset({identity.ADMIN, identity.STATE, identity.GATEWAY}),
+    },
 )
 
 
-class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
-    """Keyvault RPCs (the key and attestation RPCs arrive with the keyvault issue)."""
-
-    def GetStatus(self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
-        return keyvault_pb2.GetStatusResponse(serving=True, detail="serving", kek_provider="file")
-
-
 def create_server(
-    config: ServiceConfig, *, tracer_provider: TracerProvider | None = None
+    config: ServiceConfig,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    keyvault_config: KeyvaultConfig | None = None,
+    clock: Clock = system_clock,
 ) -> tuple[VeilServer, int]:
-    """Build the keyvault server (not started); returns it and its bound port."""
-    servicer = KeyvaultServicer()  # type: ignore[abstract]  # other RPCs: UNIMPLEMENTED until issue 4
-    server = build_server(
-        config,
-        register=lambda s: keyvault_pb2_grpc.add_KeyvaultServiceServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
-        tracer_provider=tracer_provider,
-    )
+    """Build the keyvault server (not started); returns it and its bound mTLS port.
+
+    ``keyvault_config`` defaults to :meth:`KeyvaultConfig.from_env` under the service's data
+    directory. The store, KEK and attestation root are opened here, so a broken
+    configuration fails before the server reports SERVING; they are closed on stop.
+    """
+    kv_config = keyvault_config or KeyvaultConfig.from_env(config.data_dir)
+    keyvault: Keyvault = open_keyvault(kv_config, clock=clock)
+    try:
+        servicer = KeyvaultServicer(keyvault)
+        server = build_server(
+            config,
+            register=lambda s: keyvault_pb2_grpc.add_KeyvaultServiceServicer_to_server(servicer, s),
+            service_names=[SERVICE_NAME],
+            authorization=AUTHORIZATION,
+            tracer_provider=tracer_provider,
+        )
+    except BaseException:
+        keyvault.close()
+        raise
+    server.on_stop.append(keyvault.close)
     server.set_serving(True)
     return server, server.port
 

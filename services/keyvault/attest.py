@@ -1,0 +1,117 @@
+"""The Attest flow: verify a DCAP quote, check what it binds, issue an attestation token, audit it.
+
+1. Bounds: quote at most 64 KiB, runtime data 1..16 KiB, nonce 16..64 bytes.
+2. ``verify_quote`` against the configured root (Intel for production, the dev root for
+   sim), at the injected clock's time, with collateral when a provider supplies it.
+3. Binding: ``report_data[0:32] == SHA-256(runtime_data || nonce)`` and
+   ``report_data[32:64]`` all zero; otherwise refused (a quote cannot vouch for keys it
+   did not hash).
+4. The runtime data must be a canonical ``veil.enclave.v1.EnclavePublicKeys`` with an
+   X25519 HPKE key and an Ed25519 signing key (a token is only useful if it names them).
+5. Issue the token (claims in :mod:`services.keyvault.tokens`) and audit the outcome.
+
+Whether the enclave is *acceptable* (measurement, debug, TCB status) is not decided here:
+the token states facts, and each key's release policy decides at release time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from services.keyvault.attestation import QuoteError, verify_quote
+from services.keyvault.attestation.collateral import Collateral
+from services.keyvault.audit import (
+    ACTION_ATTEST,
+    OUTCOME_ALLOWED,
+    OUTCOME_REFUSED,
+    AuditLog,
+    DetailValue,
+    refusal_detail,
+)
+from services.keyvault.clock import Clock
+from services.keyvault.enclave_keys import parse_runtime_data
+from services.keyvault.errors import AttestationError, InvalidArgumentError
+from services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
+
+MAX_QUOTE_BYTES = 64 * 1024
+MAX_RUNTIME_DATA_BYTES = 16 * 1024
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+
+#: Supplies collateral for a quote (e.g. from a PCCS cache), or None to verify without it.
+CollateralProvider = Callable[[bytes], Collateral | None]
+
+
+class Attestor:
+    """Turns verified evidence into attestation tokens."""
+
+    def __init__(
+        self,
+        issuer: TokenIssuer,
+        audit: AuditLog,
+        clock: Clock,
+        *,
+        root_public_key: ec.EllipticCurvePublicKey,
+        collateral: CollateralProvider | None = None,
+    ) -> None:
+        self._issuer = issuer
+        self._audit = audit
+        self._clock = clock
+        self._root = root_public_key
+        self._collateral = collateral
+
+    def attest(self, quote: bytes, runtime_data: bytes, nonce: bytes, *, caller: str) -> IssuedToken:
+        """Verify the evidence and return a token; every outcome is audited."""
+        detail: dict[str, DetailValue] = {"quote_hash": hashlib.sha256(quote).hexdigest()}
+        try:
+            _check_sizes(quote, runtime_data, nonce)
+            collateral = self._collateral(quote) if self._collateral is not None else None
+            try:
+                verified = verify_quote(
+                    quote,
+                    root_public_key=self._root,
+                    collateral=collateral,
+                    now=datetime.fromtimestamp(self._clock(), UTC),
+                )
+            except QuoteError as exc:
+                raise AttestationError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
+            detail.update(
+                {
+                    "mrenclave": verified.mrenclave.hex(),
+                    "mrsigner": verified.mrsigner.hex(),
+                    "product_id": verified.isv_prod_id,
+                    "svn": verified.isv_svn,
+                    "debuggable": verified.debug,
+                    "tcb_status": verified.tcb_status,
+                    "advisory_ids": list(verified.advisory_ids),
+                }
+            )
+            check_report_data(verified.report_data, runtime_data, nonce)
+            parse_runtime_data(runtime_data)
+            issued = self._issuer.issue(
+                verified, runtime_data=runtime_data, nonce=nonce, quote_hash=hashlib.sha256(quote).digest()
+            )
+            detail.update({"jti": issued.jti, "kid": issued.kid, "expires_at": issued.expires_at})
+            self._audit.record(action=ACTION_ATTEST, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail)
+            return issued
+        except Exception as exc:
+            self._audit.record(
+                action=ACTION_ATTEST,
+                outcome=OUTCOME_REFUSED,
+                caller=caller,
+                detail={**detail, **refusal_detail(exc)},
+            )
+            raise
+
+
+def _check_sizes(quote: bytes, runtime_data: bytes, nonce: bytes) -> None:
+    if not 0 < len(quote) <= MAX_QUOTE_BYTES:
+        raise InvalidArgumentError(f"quote must be 1..{MAX_QUOTE_BYTES} bytes")
+    if not 0 < len(runtime_data) <= MAX_RUNTIME_DATA_BYTES:
+        raise InvalidArgumentError(f"runtime_data must be 1..{MAX_RUNTIME_DATA_BYTES} bytes")
+    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+        raise InvalidArgumentError(f"nonce must be {MIN_NONCE_BYTES}..{MAX_NONCE_BYTES} bytes")

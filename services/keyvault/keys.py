@@ -1,0 +1,407 @@
+"""Data-key lifecycle with envelope encryption, and secure key release to attested enclaves.
+
+Envelope encryption. Each key version is a random 32-byte data key that is stored only
+wrapped under the KEK (:mod:`services.keyvault.kek`, AES-256-GCM) with the AAD::
+
+    data_key_aad(name, version) = b"veil/data-key/v1" || u16be(len(name)) || name (UTF-8)
+                                  || u32be(version)
+
+so a wrapped blob cannot be moved to another key or version. Rotation adds version n+1;
+older versions still unwrap (data encrypted under them stays readable). Destroy
+crypto-shreds: every version's wrapped material is deleted and the metadata says
+``destroyed`` (the name stays reserved so it can never silently refer to a new key).
+Backups taken before a destroy still hold KEK-wrapped copies; shredding them needs the
+KEK retired as well.
+
+Secure key release (:meth:`KeyManager.release`): verify the attestation token, re-check
+that its report data binds its runtime data and nonce, evaluate the key's release policy
+on the token's claims, unwrap the data key, and HPKE-seal it (RFC 9180, base mode,
+DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM) to the enclave's X25519 key from
+the token's runtime data with::
+
+    info = release_info(name, version) = b"veil/key-release/v1" || u16be(len(name))
+           || name (UTF-8) || u32be(version)
+
+and empty AAD; ``encapsulated_key`` is the 32-byte HPKE ``enc`` and ``wrapped_key`` the
+48-byte ciphertext. The enclave opens it with the same suite and info
+(:func:`open_released_key` is the reference). A token's ``jti`` releases at most once,
+recorded atomically with the audit event. Every outcome -- release, refusal, create,
+rotate, destroy -- is audited with the caller's identity.
+
+Idempotency: create, rotate and destroy take an optional ``request_id``; a repeat returns
+the first result (even if the key changed since), and reusing an id for another operation
+or other parameters is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from services.keyvault.audit import (
+    ACTION_CREATE,
+    ACTION_DESTROY,
+    ACTION_RELEASE,
+    ACTION_ROTATE,
+    OUTCOME_ALLOWED,
+    OUTCOME_REFUSED,
+    AuditLog,
+    DetailValue,
+    canonical_json,
+    refusal_detail,
+)
+from services.keyvault.clock import Clock, to_micros
+from services.keyvault.enclave_keys import bound_enclave_keys
+from services.keyvault.errors import (
+    IdempotencyConflictError,
+    InvalidArgumentError,
+    KeyDestroyedError,
+    KeyExistsError,
+    KeyNotFoundError,
+    ReleaseRefusedError,
+    TokenReplayError,
+)
+from services.keyvault.kek import Kek
+from services.keyvault.policy import parse_policy
+from services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
+from services.keyvault.tokens import TokenVerifier, VerifiedToken, replay_horizon_us
+
+DATA_KEY_SIZE = 32
+DATA_KEY_AAD_LABEL = b"veil/data-key/v1"
+RELEASE_INFO_LABEL = b"veil/key-release/v1"
+HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+HPKE_ENC_SIZE = 32
+MAX_VERSION = 0xFFFFFFFF
+
+KEY_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,126}[a-z0-9])?$")
+REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def _context(label: bytes, name: str, version: int) -> bytes:
+    raw = name.encode("utf-8")
+    return label + struct.pack(">H", len(raw)) + raw + struct.pack(">I", version)
+
+
+def data_key_aad(name: str, version: int) -> bytes:
+    """The KEK AAD of a data key: binds the wrapped blob to its key name and version."""
+    return _context(DATA_KEY_AAD_LABEL, name, version)
+
+
+def release_info(name: str, version: int) -> bytes:
+    """The HPKE ``info`` of a release: binds the sealed key to its key name and version."""
+    return _context(RELEASE_INFO_LABEL, name, version)
+
+
+@dataclass(frozen=True)
+class KeyMetadata:
+    """What may be known about a key without holding it."""
+
+    name: str
+    latest_version: int
+    policy_json: str
+    created_us: int
+    updated_us: int
+    destroyed: bool
+
+    @classmethod
+    def from_record(cls, record: KeyRecord) -> KeyMetadata:
+        return cls(
+            name=record.name,
+            latest_version=record.latest_version,
+            policy_json=record.policy_json,
+            created_us=record.created_us,
+            updated_us=record.updated_us,
+            destroyed=record.destroyed,
+        )
+
+    def to_json(self) -> str:
+        return canonical_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyMetadata:
+        data = json.loads(text)
+        return cls(
+            name=str(data["name"]),
+            latest_version=int(data["latest_version"]),
+            policy_json=str(data["policy_json"]),
+            created_us=int(data["created_us"]),
+            updated_us=int(data["updated_us"]),
+            destroyed=bool(data["destroyed"]),
+        )
+
+
+@dataclass(frozen=True)
+class ReleasedKey:
+    """A data key HPKE-sealed to an attested enclave."""
+
+    name: str
+    version: int
+    encapsulated_key: bytes
+    wrapped_key: bytes
+
+
+def open_released_key(released: ReleasedKey, hpke_private_key: X25519PrivateKey) -> bytes:
+    """The enclave side of a release (reference implementation): HPKE-open the data key."""
+    return HPKE_SUITE.decrypt(
+        released.encapsulated_key + released.wrapped_key,
+        hpke_private_key,
+        info=release_info(released.name, released.version),
+    )
+
+
+def check_key_name(name: str) -> None:
+    """Key names: 1..128 of lower-case letters, digits, dots and dashes, alphanumeric at both ends."""
+    if not isinstance(name, str) or not KEY_NAME_RE.match(name):
+        raise InvalidArgumentError("key_name must be 1-128 lower-case letters, digits, dots or dashes")
+
+
+def _check_request_id(request_id: str) -> None:
+    if request_id and not REQUEST_ID_RE.match(request_id):
+        raise InvalidArgumentError("request_id must be 1-128 printable ASCII characters")
+
+
+def _token_facts(token: VerifiedToken) -> dict[str, DetailValue]:
+    return {
+        "jti": token.jti,
+        "kid": token.kid,
+        "mrenclave": token.mrenclave,
+        "mrsigner": token.mrsigner,
+        "debuggable": token.debuggable,
+        "tcb_status": token.tcb_status,
+    }
+
+
+class KeyManager:
+    """Creates, rotates, lists, destroys and releases data keys; audits every outcome."""
+
+    def __init__(
+        self, store: Store, kek: Kek, audit: AuditLog, verifier: TokenVerifier, clock: Clock
+    ) -> None:
+        self._store = store
+        self._kek = kek
+        self._audit = audit
+        self._verifier = verifier
+        self._clock = clock
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, name: str) -> KeyMetadata:
+        """One key's metadata."""
+        check_key_name(name)
+        with self._store.transaction() as tx:
+            record = tx.get_key(name)
+        if record is None:
+            raise KeyNotFoundError(f"no key named {name!r}")
+        return KeyMetadata.from_record(record)
+
+    def list_keys(self) -> list[KeyMetadata]:
+        """Every key's metadata (destroyed keys included), by name."""
+        with self._store.transaction() as tx:
+            records = tx.list_keys()
+        return [KeyMetadata.from_record(record) for record in records]
+
+    # -- mutations -------------------------------------------------------------------------
+    def create(self, name: str, policy_json: str, *, request_id: str = "", caller: str) -> KeyMetadata:
+        """Create a key with its first version and release policy."""
+
+        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+            record = KeyRecord(
+                name=name,
+                policy_json=policy.to_json(),
+                latest_version=1,
+                created_us=now_us,
+                updated_us=now_us,
+                destroyed=False,
+            )
+            if not tx.insert_key(record):
+                raise KeyExistsError(f"a key named {name!r} exists or existed")
+            self._insert_version(tx, name, 1, now_us)
+            self._audit.append(
+                tx,
+                action=ACTION_CREATE,
+                outcome=OUTCOME_ALLOWED,
+                caller=caller,
+                detail={"key": name, "version": 1, "request_id": request_id},
+            )
+            return KeyMetadata.from_record(record)
+
+        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
+        try:
+            check_key_name(name)
+            policy = parse_policy(policy_json)
+            params = {"name": name, "policy": policy.to_json()}
+            return self._mutate(ACTION_CREATE, request_id, params, effect)
+        except BaseException as exc:
+            self._refused(ACTION_CREATE, caller, detail, exc)
+            raise
+
+    def rotate(self, name: str, *, request_id: str = "", caller: str) -> KeyMetadata:
+        """Add a new version; it becomes the latest, older versions keep unwrapping."""
+
+        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+            current = self._live_key(tx, name, lock=True)
+            version = current.latest_version + 1
+            if version > MAX_VERSION:
+                raise InvalidArgumentError(f"key {name!r} has no versions left")
+            self._insert_version(tx, name, version, now_us)
+            record = KeyRecord(
+                name=name,
+                policy_json=current.policy_json,
+                latest_version=version,
+                created_us=current.created_us,
+                updated_us=now_us,
+                destroyed=False,
+            )
+            tx.update_key(record)
+            self._audit.append(
+                tx,
+                action=ACTION_ROTATE,
+                outcome=OUTCOME_ALLOWED,
+                caller=caller,
+                detail={"key": name, "version": version, "request_id": request_id},
+            )
+            return KeyMetadata.from_record(record)
+
+        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
+        try:
+            check_key_name(name)
+            return self._mutate(ACTION_ROTATE, request_id, {"name": name}, effect)
+        except BaseException as exc:
+            self._refused(ACTION_ROTATE, caller, detail, exc)
+            raise
+
+    def destroy(self, name: str, *, request_id: str = "", caller: str) -> KeyMetadata:
+        """Crypto-shred every version of a key; the metadata remains, marked destroyed."""
+
+        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+            current = self._live_key(tx, name, lock=True)
+            shredded = tx.delete_key_versions(name)
+            record = KeyRecord(
+                name=name,
+                policy_json=current.policy_json,
+                latest_version=current.latest_version,
+                created_us=current.created_us,
+                updated_us=now_us,
+                destroyed=True,
+            )
+            tx.update_key(record)
+            self._audit.append(
+                tx,
+                action=ACTION_DESTROY,
+                outcome=OUTCOME_ALLOWED,
+                caller=caller,
+                detail={"key": name, "versions_shredded": shredded, "request_id": request_id},
+            )
+            return KeyMetadata.from_record(record)
+
+        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
+        try:
+            check_key_name(name)
+            return self._mutate(ACTION_DESTROY, request_id, {"name": name}, effect)
+        except BaseException as exc:
+            self._refused(ACTION_DESTROY, caller, detail, exc)
+            raise
+
+    # -- release -----------------------------------------------------------------------------
+    def release(self, token: str, name: str, version: int = 0, *, caller: str) -> ReleasedKey:
+        """Release a data key (``version`` 0: the latest) HPKE-sealed to the token's enclave."""
+        detail: dict[str, DetailValue] = {"key": name, "requested_version": version}
+        try:
+            check_key_name(name)
+            if not 0 <= version <= MAX_VERSION:
+                raise InvalidArgumentError("version out of range")
+            verified = self._verifier.verify(token)
+            detail.update(_token_facts(verified))
+            enclave = bound_enclave_keys(verified)
+            with self._store.transaction() as tx:
+                key = self._live_key(tx, name, lock=False)
+                chosen = version or key.latest_version
+                wrapped = tx.get_key_version(name, chosen) if chosen <= key.latest_version else None
+            if wrapped is None:
+                raise KeyNotFoundError(f"key {name!r} has no version {chosen}")
+            detail["version"] = chosen
+            decision = parse_policy(key.policy_json).evaluate(verified.claims)
+            if not decision.allowed:
+                raise ReleaseRefusedError(decision.reason)
+            data_key = self._kek.unwrap(wrapped.wrapped, data_key_aad(name, chosen))
+            sealed = HPKE_SUITE.encrypt(data_key, enclave.hpke_public_key, info=release_info(name, chosen))
+            with self._store.transaction() as tx:
+                # Housekeeping in its own short transaction, so releases never contend on it.
+                tx.purge_jtis(to_micros(self._clock()))
+            with self._store.transaction() as tx:
+                # Re-read under lock: a destroy that committed meanwhile wins.
+                self._live_key(tx, name, lock=True)
+                if not tx.use_jti(verified.jti, replay_horizon_us(verified, self._verifier.leeway_s)):
+                    raise TokenReplayError("token was already used for a key release")
+                self._audit.append(
+                    tx, action=ACTION_RELEASE, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail
+                )
+            return ReleasedKey(
+                name=name,
+                version=chosen,
+                encapsulated_key=sealed[:HPKE_ENC_SIZE],
+                wrapped_key=sealed[HPKE_ENC_SIZE:],
+            )
+        except BaseException as exc:
+            self._refused(ACTION_RELEASE, caller, detail, exc)
+            raise
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _live_key(self, tx: StoreTx, name: str, *, lock: bool) -> KeyRecord:
+        record = tx.get_key(name, lock=lock)
+        if record is None:
+            raise KeyNotFoundError(f"no key named {name!r}")
+        if record.destroyed:
+            raise KeyDestroyedError(f"key {name!r} was destroyed")
+        return record
+
+    def _insert_version(self, tx: StoreTx, name: str, version: int, now_us: int) -> None:
+        data_key = secrets.token_bytes(DATA_KEY_SIZE)
+        wrapped = self._kek.wrap(data_key, data_key_aad(name, version))
+        inserted = tx.insert_key_version(
+            KeyVersionRecord(
+                name=name, version=version, kek_id=self._kek.key_id, wrapped=wrapped, created_us=now_us
+            )
+        )
+        if not inserted:
+            raise KeyExistsError(f"key {name!r} version {version} exists")
+
+    def _mutate(
+        self,
+        operation: str,
+        request_id: str,
+        params: Mapping[str, str],
+        effect: Callable[[StoreTx, int], KeyMetadata],
+    ) -> KeyMetadata:
+        _check_request_id(request_id)
+        fingerprint = hashlib.sha256(
+            canonical_json({"operation": operation, **params}).encode("ascii")
+        ).hexdigest()
+        now_us = to_micros(self._clock())
+        with self._store.transaction() as tx:
+            if request_id:
+                prior = tx.claim_request(request_id, operation, fingerprint, now_us)
+                if prior is not None:
+                    if prior.operation != operation or prior.fingerprint != fingerprint:
+                        raise IdempotencyConflictError("request_id was used for a different request")
+                    return KeyMetadata.from_json(prior.result_json)
+            result = effect(tx, now_us)
+            if request_id:
+                tx.complete_request(request_id, result.to_json())
+            return result
+
+    def _refused(
+        self, action: str, caller: str, detail: Mapping[str, DetailValue], exc: BaseException
+    ) -> None:
+        if not isinstance(exc, Exception):
+            return  # KeyboardInterrupt and friends are not refusals
+        self._audit.record(
+            action=action, outcome=OUTCOME_REFUSED, caller=caller, detail={**detail, **refusal_detail(exc)}
+        )

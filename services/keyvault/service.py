@@ -1,0 +1,205 @@
+"""The gRPC face of the keyvault: ``KeyvaultService`` over the libraries, errors mapped once.
+
+Each handler takes the caller's SPIFFE identity from its mTLS certificate (the
+authorization interceptor has already checked the method table in ``server.py``), calls
+one library operation, and converts the result to protobuf. Library errors become the
+shared domain errors of ``services/common/errors.py`` (status code + ``ErrorInfo`` reason);
+storage and KEK failures are reported without internal detail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+
+from services.common import errors as common
+from services.common.identity import peer_identity
+from services.keyvault import errors as kv
+from services.keyvault.app import Keyvault
+from services.keyvault.keys import KeyMetadata
+from services.keyvault.store import AuditRecord
+
+_log = logging.getLogger(__name__)
+
+# Library error -> shared error class. The first match in this order wins (subclasses first).
+_MAPPING: tuple[tuple[type[kv.KeyvaultError], type[common.VeilError]], ...] = (
+    (kv.PolicyError, common.InvalidArgument),
+    (kv.InvalidArgumentError, common.InvalidArgument),
+    (kv.TokenError, common.PermissionDenied),
+    (kv.AttestationError, common.PermissionDenied),
+    (kv.ReleaseRefusedError, common.PermissionDenied),
+    (kv.KeyNotFoundError, common.NotFound),
+    (kv.KeyExistsError, common.AlreadyExists),
+    (kv.KeyDestroyedError, common.FailedPrecondition),
+    (kv.IdempotencyConflictError, common.FailedPrecondition),
+    (kv.DecryptionError, common.DataLoss),
+    (kv.AuditChainError, common.DataLoss),
+)
+_HEAD_SIGNATURE_REASONS = {"COMMIT_HEAD_BAD_SIGNATURE", "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED"}
+
+
+def to_veil_error(exc: kv.KeyvaultError) -> common.VeilError:
+    """The shared error a library error is reported as."""
+    if isinstance(exc, kv.HeadRefusedError):
+        # A bad signature is about who asks; a rollback or fork is about the state.
+        if exc.reason in _HEAD_SIGNATURE_REASONS:
+            return common.PermissionDenied(exc.message, reason=exc.reason)
+        return common.FailedPrecondition(exc.message, reason=exc.reason)
+    if isinstance(exc, kv.StoreError):
+        return common.Unavailable("keyvault storage is unavailable", reason=exc.reason)
+    if isinstance(exc, kv.KekError):
+        return common.Unavailable("keyvault KEK is unavailable", reason=exc.reason)
+    for library_error, shared_error in _MAPPING:
+        if isinstance(exc, library_error):
+            return shared_error(exc.message, reason=exc.reason)
+    return common.FailedPrecondition(exc.message, reason=exc.reason)
+
+
+@contextmanager
+def _domain_errors() -> Iterator[None]:
+    try:
+        yield
+    except kv.KeyvaultError as exc:
+        if isinstance(exc, kv.StoreError | kv.KekError):
+            _log.error("keyvault dependency failure: %s", exc)
+        raise to_veil_error(exc) from exc
+
+
+def timestamp(micros: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(micros)
+    return stamp
+
+
+def key_message(meta: KeyMetadata) -> keyvault_pb2.KeyMetadata:
+    return keyvault_pb2.KeyMetadata(
+        key_name=meta.name,
+        latest_version=meta.latest_version,
+        release_policy_json=meta.policy_json,
+        create_time=timestamp(meta.created_us),
+        update_time=timestamp(meta.updated_us),
+        destroyed=meta.destroyed,
+    )
+
+
+def audit_message(event: AuditRecord) -> keyvault_pb2.AuditEvent:
+    return keyvault_pb2.AuditEvent(
+        sequence=event.sequence,
+        time=timestamp(event.time_us),
+        action=event.action,
+        outcome=event.outcome,
+        caller=event.caller,
+        detail_json=event.detail_json,
+        previous_hash=event.previous_hash,
+        hash=event.hash,
+    )
+
+
+class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
+    """Every KeyvaultService RPC."""
+
+    def __init__(self, keyvault: Keyvault) -> None:
+        self._kv = keyvault
+
+    def Attest(self, request: keyvault_pb2.AttestRequest, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            issued = self._kv.attestor.attest(
+                request.quote, request.runtime_data, request.nonce, caller=caller
+            )
+        return keyvault_pb2.AttestResponse(
+            token=issued.token, expire_time=Timestamp(seconds=issued.expires_at)
+        )
+
+    def GetJwks(self, request: keyvault_pb2.GetJwksRequest, context: grpc.ServicerContext) -> Any:
+        with _domain_errors():
+            jwks = self._kv.ring.jwks()
+        return keyvault_pb2.GetJwksResponse(jwks_json=json.dumps(jwks, sort_keys=True, separators=(",", ":")))
+
+    def ReleaseKey(self, request: keyvault_pb2.ReleaseKeyRequest, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            released = self._kv.keys.release(request.token, request.key_name, request.version, caller=caller)
+        return keyvault_pb2.ReleaseKeyResponse(
+            key_name=released.name,
+            version=released.version,
+            encapsulated_key=released.encapsulated_key,
+            wrapped_key=released.wrapped_key,
+        )
+
+    def CreateKey(self, request: keyvault_pb2.CreateKeyRequest, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            meta = self._kv.keys.create(
+                request.key_name, request.release_policy_json, request_id=request.request_id, caller=caller
+            )
+        return keyvault_pb2.CreateKeyResponse(key=key_message(meta))
+
+    def RotateKey(self, request: keyvault_pb2.RotateKeyRequest, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            meta = self._kv.keys.rotate(request.key_name, request_id=request.request_id, caller=caller)
+        return keyvault_pb2.RotateKeyResponse(key=key_message(meta))
+
+    def ListKeys(self, request: keyvault_pb2.ListKeysRequest, context: grpc.ServicerContext) -> Any:
+        with _domain_errors():
+            keys = self._kv.keys.list_keys()
+        return keyvault_pb2.ListKeysResponse(keys=[key_message(meta) for meta in keys])
+
+    def GetKey(self, request: keyvault_pb2.GetKeyRequest, context: grpc.ServicerContext) -> Any:
+        with _domain_errors():
+            meta = self._kv.keys.get(request.key_name)
+        return keyvault_pb2.GetKeyResponse(key=key_message(meta))
+
+    def DestroyKey(self, request: keyvault_pb2.DestroyKeyRequest, context: grpc.ServicerContext) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            meta = self._kv.keys.destroy(request.key_name, request_id=request.request_id, caller=caller)
+        return keyvault_pb2.DestroyKeyResponse(key=key_message(meta))
+
+    def GetCommitHead(self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext) -> Any:
+        with _domain_errors():
+            head = self._kv.heads.get(request.instance_id)
+        if head is None:
+            return keyvault_pb2.GetCommitHeadResponse()
+        return keyvault_pb2.GetCommitHeadResponse(
+            sequence=head.sequence, hash=head.hash, signing_public_key=head.signing_public_key
+        )
+
+    def AdvanceCommitHead(
+        self, request: keyvault_pb2.AdvanceCommitHeadRequest, context: grpc.ServicerContext
+    ) -> Any:
+        caller = peer_identity(context)
+        with _domain_errors():
+            head = self._kv.heads.advance(
+                request.instance_id,
+                request.sequence,
+                request.hash,
+                request.signature,
+                request.token,
+                caller=caller,
+            )
+        return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence)
+
+    def ListAuditEvents(
+        self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
+    ) -> Any:
+        with _domain_errors():
+            page = self._kv.audit.list_events(page_size=request.page_size, page_token=request.page_token)
+        return keyvault_pb2.ListAuditEventsResponse(
+            events=[audit_message(event) for event in page.events], next_page_token=page.next_page_token
+        )
+
+    def GetStatus(self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+        return keyvault_pb2.GetStatusResponse(
+            serving=True,
+            detail=f"serving ({self._kv.store.backend} store)",
+            kek_provider=self._kv.kek.provider,
+        )

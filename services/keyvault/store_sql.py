@@ -1,0 +1,311 @@
+"""The SQL shared by the SQLite and PostgreSQL stores: one :class:`SqlTx` over a DB-API connection.
+
+Both engines accept the same statements (``INSERT ... ON CONFLICT DO NOTHING RETURNING``,
+standard types); the dialect differs only in the parameter marker and in row locking.
+Statements are written with ``?`` markers and translated once per dialect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.keyvault.errors import StoreError
+from services.keyvault.store import (
+    AuditRecord,
+    CommitHeadRecord,
+    IdempotencyRecord,
+    KeyRecord,
+    KeyVersionRecord,
+    SigningKeyRecord,
+)
+
+
+class Cursor(Protocol):
+    """The part of a DB-API cursor the stores use."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """The part of a DB-API connection the stores use (sqlite3 and psycopg both fit)."""
+
+    def execute(self, query: Any, params: Sequence[Any] = ..., /) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the engines."""
+
+    name: str
+    param: str
+    #: Appended to a SELECT that must hold its rows until commit.
+    lock_suffix: str
+
+
+SQLITE = Dialect(name="sqlite", param="?", lock_suffix="")  # BEGIN IMMEDIATE already serialises
+POSTGRES = Dialect(name="postgres", param="%s", lock_suffix=" FOR UPDATE")
+
+_SELECT_KEY = (
+    "SELECT name, policy_json, latest_version, created_us, updated_us, destroyed FROM kv_keys WHERE name = ?"
+)
+
+
+class SqlTx:
+    """:class:`~services.keyvault.store.StoreTx` over one connection inside an open transaction."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self._conn = conn
+        self._dialect = dialect
+
+    def _run(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if self._dialect.param != "?":
+            sql = sql.replace("?", self._dialect.param)
+        cursor: Cursor = self._conn.execute(sql, tuple(params))
+        return cursor
+
+    # -- keys ----------------------------------------------------------------------------
+    def get_key(self, name: str, *, lock: bool = False) -> KeyRecord | None:
+        query = _SELECT_KEY + (self._dialect.lock_suffix if lock else "")
+        row = self._run(query, (name,)).fetchone()
+        return None if row is None else _key(row)
+
+    def list_keys(self) -> list[KeyRecord]:
+        rows = self._run(
+            "SELECT name, policy_json, latest_version, created_us, updated_us, destroyed "
+            "FROM kv_keys ORDER BY name"
+        ).fetchall()
+        return [_key(row) for row in rows]
+
+    def insert_key(self, key: KeyRecord) -> bool:
+        row = self._run(
+            "INSERT INTO kv_keys (name, policy_json, latest_version, created_us, updated_us, destroyed) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (name) DO NOTHING RETURNING name",
+            (key.name, key.policy_json, key.latest_version, key.created_us, key.updated_us, key.destroyed),
+        ).fetchone()
+        return row is not None
+
+    def update_key(self, key: KeyRecord) -> None:
+        cursor = self._run(
+            "UPDATE kv_keys SET policy_json = ?, latest_version = ?, updated_us = ?, destroyed = ? "
+            "WHERE name = ?",
+            (key.policy_json, key.latest_version, key.updated_us, key.destroyed, key.name),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"key {key.name!r} vanished during update")
+
+    def insert_key_version(self, version: KeyVersionRecord) -> bool:
+        row = self._run(
+            "INSERT INTO kv_key_versions (name, version, kek_id, wrapped, created_us) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name, version) DO NOTHING RETURNING version",
+            (version.name, version.version, version.kek_id, version.wrapped, version.created_us),
+        ).fetchone()
+        return row is not None
+
+    def get_key_version(self, name: str, version: int) -> KeyVersionRecord | None:
+        row = self._run(
+            "SELECT name, version, kek_id, wrapped, created_us FROM kv_key_versions "
+            "WHERE name = ? AND version = ?",
+            (name, version),
+        ).fetchone()
+        if row is None:
+            return None
+        return KeyVersionRecord(
+            name=row[0], version=int(row[1]), kek_id=row[2], wrapped=bytes(row[3]), created_us=int(row[4])
+        )
+
+    def delete_key_versions(self, name: str) -> int:
+        return self._run("DELETE FROM kv_key_versions WHERE name = ?", (name,)).rowcount
+
+    # -- signing keys --------------------------------------------------------------------
+    def insert_signing_key(self, key: SigningKeyRecord) -> None:
+        self._run(
+            "INSERT INTO kv_signing_keys (kid, wrapped_private, public_jwk_json, created_us, retired_us) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (key.kid, key.wrapped_private, key.public_jwk_json, key.created_us, key.retired_us),
+        )
+
+    def list_signing_keys(self) -> list[SigningKeyRecord]:
+        rows = self._run(
+            "SELECT kid, wrapped_private, public_jwk_json, created_us, retired_us "
+            "FROM kv_signing_keys ORDER BY created_us, kid"
+        ).fetchall()
+        return [
+            SigningKeyRecord(
+                kid=row[0],
+                wrapped_private=bytes(row[1]),
+                public_jwk_json=row[2],
+                created_us=int(row[3]),
+                retired_us=None if row[4] is None else int(row[4]),
+            )
+            for row in rows
+        ]
+
+    def retire_signing_keys(self, *, except_kid: str, retired_us: int) -> int:
+        return self._run(
+            "UPDATE kv_signing_keys SET retired_us = ? WHERE retired_us IS NULL AND kid <> ?",
+            (retired_us, except_kid),
+        ).rowcount
+
+    def delete_signing_keys_retired_before(self, cutoff_us: int) -> int:
+        return self._run("DELETE FROM kv_signing_keys WHERE retired_us < ?", (cutoff_us,)).rowcount
+
+    # -- token replay ----------------------------------------------------------------------
+    def use_jti(self, jti: str, expires_us: int) -> bool:
+        row = self._run(
+            "INSERT INTO kv_used_jtis (jti, expires_us) VALUES (?, ?) "
+            "ON CONFLICT (jti) DO NOTHING RETURNING jti",
+            (jti, expires_us),
+        ).fetchone()
+        return row is not None
+
+    def purge_jtis(self, now_us: int) -> int:
+        return self._run("DELETE FROM kv_used_jtis WHERE expires_us < ?", (now_us,)).rowcount
+
+    # -- commit heads ----------------------------------------------------------------------
+    def get_head(self, instance_id: str) -> CommitHeadRecord | None:
+        row = self._run(
+            "SELECT instance_id, sequence, hash, signing_public_key, updated_us FROM kv_commit_heads "
+            "WHERE instance_id = ?",
+            (instance_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return CommitHeadRecord(
+            instance_id=row[0],
+            sequence=int(row[1]),
+            hash=bytes(row[2]),
+            signing_public_key=bytes(row[3]),
+            updated_us=int(row[4]),
+        )
+
+    def insert_head(self, head: CommitHeadRecord) -> bool:
+        row = self._run(
+            "INSERT INTO kv_commit_heads (instance_id, sequence, hash, signing_public_key, updated_us) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id",
+            (head.instance_id, head.sequence, head.hash, head.signing_public_key, head.updated_us),
+        ).fetchone()
+        return row is not None
+
+    def replace_head(self, head: CommitHeadRecord, *, expected_sequence: int, expected_hash: bytes) -> bool:
+        cursor = self._run(
+            "UPDATE kv_commit_heads SET sequence = ?, hash = ?, signing_public_key = ?, updated_us = ? "
+            "WHERE instance_id = ? AND sequence = ? AND hash = ?",
+            (
+                head.sequence,
+                head.hash,
+                head.signing_public_key,
+                head.updated_us,
+                head.instance_id,
+                expected_sequence,
+                expected_hash,
+            ),
+        )
+        return cursor.rowcount == 1
+
+    # -- audit ---------------------------------------------------------------------------
+    def audit_tip(self) -> tuple[int, bytes]:
+        row = self._run(
+            # The suffix is a dialect constant, never input.
+            "SELECT sequence, hash FROM kv_audit_tip WHERE id = 1" + self._dialect.lock_suffix  # noqa: S608
+        ).fetchone()
+        if row is None:
+            raise StoreError("audit tip row is missing")
+        return int(row[0]), bytes(row[1])
+
+    def insert_audit(self, event: AuditRecord) -> None:
+        moved = self._run(
+            "UPDATE kv_audit_tip SET sequence = ?, hash = ? WHERE id = 1 AND sequence = ? AND hash = ?",
+            (event.sequence, event.hash, event.sequence - 1, event.previous_hash),
+        ).rowcount
+        if moved != 1:
+            raise StoreError("audit append does not extend the current tip")
+        self._run(
+            "INSERT INTO kv_audit_events "
+            "(sequence, time_us, action, outcome, caller, detail_json, previous_hash, hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event.sequence,
+                event.time_us,
+                event.action,
+                event.outcome,
+                event.caller,
+                event.detail_json,
+                event.previous_hash,
+                event.hash,
+            ),
+        )
+
+    def list_audit(self, *, after_sequence: int, limit: int) -> list[AuditRecord]:
+        rows = self._run(
+            "SELECT sequence, time_us, action, outcome, caller, detail_json, previous_hash, hash "
+            "FROM kv_audit_events "
+            "WHERE sequence > ? ORDER BY sequence LIMIT ?",
+            (after_sequence, limit),
+        ).fetchall()
+        return [
+            AuditRecord(
+                sequence=int(row[0]),
+                time_us=int(row[1]),
+                action=row[2],
+                outcome=row[3],
+                caller=row[4],
+                detail_json=row[5],
+                previous_hash=bytes(row[6]),
+                hash=bytes(row[7]),
+            )
+            for row in rows
+        ]
+
+    # -- idempotency -----------------------------------------------------------------------
+    def claim_request(
+        self, request_id: str, operation: str, fingerprint: str, now_us: int
+    ) -> IdempotencyRecord | None:
+        # Insert-first: a concurrent duplicate blocks on the unique key until this commits.
+        reserved = self._run(
+            "INSERT INTO kv_requests (request_id, operation, fingerprint, result_json, created_us) "
+            "VALUES (?, ?, ?, NULL, ?) ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            (request_id, operation, fingerprint, now_us),
+        ).fetchone()
+        if reserved is not None:
+            return None
+        row = self._run(
+            "SELECT request_id, operation, fingerprint, result_json, created_us FROM kv_requests "
+            "WHERE request_id = ?",
+            (request_id,),
+        ).fetchone()
+        if row is None or row[3] is None:
+            raise StoreError(f"request {request_id!r} has no recorded result")
+        return IdempotencyRecord(
+            request_id=row[0],
+            operation=row[1],
+            fingerprint=row[2],
+            result_json=row[3],
+            created_us=int(row[4]),
+        )
+
+    def complete_request(self, request_id: str, result_json: str) -> None:
+        cursor = self._run(
+            "UPDATE kv_requests SET result_json = ? WHERE request_id = ? AND result_json IS NULL",
+            (result_json, request_id),
+        )
+        if cursor.rowcount != 1:
+            raise StoreError(f"request {request_id!r} was not reserved in this transaction")
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        name=row[0],
+        policy_json=row[1],
+        latest_version=int(row[2]),
+        created_us=int(row[3]),
+        updated_us=int(row[4]),
+        destroyed=bool(row[5]),
+    )

@@ -1,0 +1,185 @@
+"""SQLite keyvault store: the embedded default (one file, WAL, ``synchronous=FULL``).
+
+Each thread gets its own connection (sqlite3 connections are not shareable across
+threads); every transaction starts with ``BEGIN IMMEDIATE``, which takes the database's
+write lock up front, so writers from any number of threads or processes run one at a
+time and the audit chain cannot fork. ``busy_timeout`` makes a writer wait for the lock
+instead of failing. ``secure_delete`` overwrites deleted rows, so crypto-shredded key
+material does not linger in free pages. Audit rows are protected by triggers that refuse
+UPDATE and DELETE (the hash chain still catches anyone who drops the triggers).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from services.keyvault.errors import StoreError
+from services.keyvault.store import GENESIS_HASH, StoreTx
+from services.keyvault.store_sql import SQLITE, SqlTx
+
+_SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS kv_keys (
+    name TEXT PRIMARY KEY,
+    policy_json TEXT NOT NULL,
+    latest_version INTEGER NOT NULL,
+    created_us INTEGER NOT NULL,
+    updated_us INTEGER NOT NULL,
+    destroyed INTEGER NOT NULL
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_key_versions (
+    name TEXT NOT NULL REFERENCES kv_keys (name),
+    version INTEGER NOT NULL,
+    kek_id TEXT NOT NULL,
+    wrapped BLOB NOT NULL,
+    created_us INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_signing_keys (
+    kid TEXT PRIMARY KEY,
+    wrapped_private BLOB NOT NULL,
+    public_jwk_json TEXT NOT NULL,
+    created_us INTEGER NOT NULL,
+    retired_us INTEGER
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_used_jtis (
+    jti TEXT PRIMARY KEY,
+    expires_us INTEGER NOT NULL
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_commit_heads (
+    instance_id TEXT PRIMARY KEY,
+    sequence INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    signing_public_key BLOB NOT NULL,
+    updated_us INTEGER NOT NULL
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_audit_events (
+    sequence INTEGER PRIMARY KEY,
+    time_us INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    caller TEXT NOT NULL,
+    detail_json TEXT NOT NULL,
+    previous_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_audit_tip (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    sequence INTEGER NOT NULL,
+    hash BLOB NOT NULL
+)
+    """,
+    """
+CREATE TABLE IF NOT EXISTS kv_requests (
+    request_id TEXT PRIMARY KEY,
+    operation TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result_json TEXT,
+    created_us INTEGER NOT NULL
+)
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_no_update BEFORE UPDATE ON kv_audit_events
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_no_delete BEFORE DELETE ON kv_audit_events
+BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END
+    """,
+)
+
+
+class SqliteStore:
+    """:class:`~services.keyvault.store.Store` in one SQLite file."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
+        self._path = path
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        try:
+            self._create_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    def _create_schema(self) -> None:
+        try:
+            conn = self._connection()
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
+                raise StoreError(f"SQLite database {self._path} cannot use WAL journaling")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?)",
+                    (GENESIS_HASH,),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {self._path}: {exc}") from exc
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[StoreTx]:
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield SqlTx(conn, SQLITE)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"SQLite error: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        self._local = threading.local()

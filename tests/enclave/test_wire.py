@@ -1,0 +1,151 @@
+"""Known-answer tests: HPKE (RFC 9180 A.1.1), AES-256-GCM, and every canonical byte encoding.
+
+The encodings are spelled out here byte by byte, independently of enclave.wire, so a change to
+any of them (which would break the SDK or the keyvault) fails a test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+
+import pytest
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+
+from enclave import crypto, wire
+from enclave.errors import DecryptionError
+from services.keyvault.heads import commit_head_message
+from services.keyvault.keys import release_info
+from tests.enclave.support import PQ, Harness, config, error_code, vault
+
+# RFC 9180 A.1.1: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, base mode, sequence 0.
+RFC_SKRM = "4612c550263fc8ad58375df3f557aac531d26850903e55a9f23f21d8534e8ac8"
+RFC_ENC = "37fda3567bdbd628e88668c3c8d7e97d1d1253b6d4ea6d44c150f741f1bf4431"
+RFC_INFO = "4f6465206f6e2061204772656369616e2055726e"
+RFC_AAD = "436f756e742d30"
+RFC_PT = "4265617574792069732074727574682c20747275746820626561757479"
+RFC_CT = "f938558b5d72f1a23810b4be2ab4f84331acc02fc97babc53a52ae8218a355a96d8770ac83d07bea87e13c512a"
+
+
+def test_hpke_with_aad_matches_rfc9180_vector() -> None:
+    key = x25519.X25519PrivateKey.from_private_bytes(bytes.fromhex(RFC_SKRM))
+    suite = crypto._SUITES[crypto.X25519_SUITE]
+    sealed = bytes.fromhex(RFC_ENC + RFC_CT)
+    opened = crypto._decrypt_with_aad(
+        suite, sealed, key, info=bytes.fromhex(RFC_INFO), aad=bytes.fromhex(RFC_AAD)
+    )
+    assert opened == bytes.fromhex(RFC_PT)
+
+
+def test_keyvault_wrapping_without_aad_opens_with_empty_aad() -> None:
+    keys = crypto.HpkeKeyPairs()
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
+    sealed = suite.encrypt(b"k" * 32, x25519.X25519PublicKey.from_public_bytes(keys.x25519_public), info=b"i")
+    assert keys.open(crypto.X25519_SUITE, sealed[:32], sealed[32:], info=b"i", aad=b"") == b"k" * 32
+
+
+@pytest.mark.parametrize("suite", [crypto.X25519_SUITE, crypto.MLKEM768X25519_SUITE])
+def test_hpke_round_trip_and_opaque_failures(suite: int) -> None:
+    keys = crypto.HpkeKeyPairs()
+    public = keys.x25519_public if suite == crypto.X25519_SUITE else keys.hybrid_public
+    enc, ciphertext = crypto.hpke_seal(suite, public, b"command", info=wire.COMMAND_INFO, aad=b"v")
+    assert keys.open(suite, enc, ciphertext, info=wire.COMMAND_INFO, aad=b"v") == b"command"
+    for bad in [
+        (suite, enc, ciphertext, wire.COMMAND_INFO, b"w"),
+        (suite, enc, ciphertext, b"veil/other/v1", b"v"),
+        (suite, enc[:-1], ciphertext, wire.COMMAND_INFO, b"v"),
+        (suite, enc, ciphertext[:-1] + bytes([ciphertext[-1] ^ 1]), wire.COMMAND_INFO, b"v"),
+        (0, enc, ciphertext, wire.COMMAND_INFO, b"v"),
+    ]:
+        with pytest.raises(DecryptionError, match=r"^decryption failed$"):
+            keys.open(bad[0], bad[1], bad[2], info=bad[3], aad=bad[4])
+
+
+def test_aes_256_gcm_known_answers() -> None:
+    # McGrew & Viega, GCM test cases 13 and 14 (AES-256, zero key and IV).
+    assert AESGCM(bytes(32)).encrypt(bytes(12), b"", None).hex() == "530f8afbc74536b9a963b4f1c4cb738b"
+    assert (
+        crypto.aead_open(bytes(32), bytes(12), bytes.fromhex("530f8afbc74536b9a963b4f1c4cb738b"), b"") == b""
+    )
+    ct = bytes.fromhex("cea7403d4d606b6e074ec5d3baf39d18d0d1c8a799996bf0265b98b5d48ab919")
+    assert crypto.aead_open(bytes(32), bytes(12), ct, b"") == bytes(16)
+    with pytest.raises(DecryptionError):
+        crypto.aead_open(bytes(32), bytes(12), ct, b"aad")
+    with pytest.raises(DecryptionError):
+        crypto.aead_open(bytes(31), bytes(12), ct, b"")
+
+
+def test_key_release_info_matches_the_keyvault() -> None:
+    expected = b"veil/key-release/v1" + b"\x00\x0a" + b"instance.v" + b"\x00\x00\x00\x07"
+    assert wire.key_release_info(wire.instance_key_name("v"), 7) == expected
+    assert release_info("instance.v", 7) == expected
+
+
+def test_commit_head_bytes_match_the_keyvault() -> None:
+    head_hash = hashlib.sha256(b"h").digest()
+    expected = b"veil/commit-head/v1" + b"\x00\x03abc" + struct.pack(">Q", 42) + head_hash
+    assert wire.commit_head_signing_bytes("abc", 42, head_hash) == expected
+    assert commit_head_message("abc", 42, head_hash) == expected
+
+
+def test_receipt_and_command_signing_bytes() -> None:
+    c, r = b"c" * 32, b"r" * 32
+    assert wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r) == (
+        b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
+    )
+    assert wire.command_signing_bytes(
+        instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
+    ) == (
+        b"veil/command-signature/v1\x00\x01v"
+        + struct.pack(">Q", 3)
+        + b"\x00\x02id\x00\x01K\x00\x00\x00\x04CALL"
+    )
+    with pytest.raises(ValueError, match="32 bytes"):
+        wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=b"short", result_hash=r)
+
+
+def test_entry_hash_and_aads() -> None:
+    previous = hashlib.sha256(b"p").digest()
+    entry = envelope_pb2.LogEntry(
+        instance_id="v", sequence=2, key_version=1, previous_hash=previous, nonce=b"n" * 12, ciphertext=b"ct"
+    )
+    encoded = (
+        b"veil/log-entry-hash/v1\x00\x01v"
+        + struct.pack(">QI", 2, 1)
+        + previous
+        + b"\x00\x0c"
+        + b"n" * 12
+        + b"\x00\x00\x00\x02ct"
+    )
+    assert wire.entry_hash(entry) == hashlib.sha256(encoded).digest()
+    assert (
+        wire.entry_aad("v", 2, 1, previous)
+        == b"veil/log-entry/v1\x00\x01v" + struct.pack(">QI", 2, 1) + previous
+    )
+    assert (
+        wire.snapshot_aad("v", 2, previous, 1)
+        == b"veil/snapshot/v1\x00\x01v" + struct.pack(">Q", 2) + previous + b"\x00\x00\x00\x01"
+    )
+    assert wire.response_aad("v", "id") == b"veil/response/v1\x00\x01v\x00\x02id"
+    assert wire.command_aad("v") == b"v"
+    assert wire.command_hash(b"E", b"C") == hashlib.sha256(b"EC").digest()
+
+
+def test_vote_commitment_encoding() -> None:
+    salt = secrets.token_bytes(16)
+    encoded = b"veil/ballot-vote/v1\x00\x02q1\x00\x03ann" + struct.pack(">I", 2) + b"\x00\x10" + salt
+    assert wire.vote_commitment("q1", "ann", 2, salt) == hashlib.sha256(encoded).digest()
+
+
+def test_post_quantum_sealed_commands_execute(harness: Harness) -> None:
+    harness.create("v", config())
+    client = harness.client("v")
+    sealed = client.seal(vault(put=apps_pb2.VaultPut(record_id="r", data=b"pq")), suite=PQ)
+    assert len(sealed.command.encapsulated_key) == 1120
+    (outcome,) = harness.run("v", sealed)
+    assert outcome.accepted
+    assert error_code(client.read(sealed, outcome)) == "OK"

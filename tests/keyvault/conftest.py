@@ -1,0 +1,147 @@
+"""Fixtures for the keyvault libraries: stores (SQLite and real PostgreSQL), KEKs, SoftHSM2.
+
+``store`` is parametrized over both backends, so every test that uses it (directly or via
+the key, head, token and audit fixtures) runs against SQLite and against the PostgreSQL
+server on 127.0.0.1:5432 (marked ``postgres``; each test gets its own schema, dropped
+afterwards, so parallel runs do not collide).
+
+``softhsm`` sets up a private SoftHSM2 token directory for the session and initialises a
+token with ``softhsm2-util``. It fails -- it does not skip -- when SoftHSM2 is missing: the
+project's set-up installs it (``apt-get install -y softhsm2``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.keyvault.audit import AuditLog
+from services.keyvault.heads import CommitHeads
+from services.keyvault.kek import FileKek
+from services.keyvault.keys import KeyManager
+from services.keyvault.store import Store
+from services.keyvault.store_postgres import PostgresStore
+from services.keyvault.store_sqlite import SqliteStore
+from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+
+from .support import ISSUER, POSTGRES_DSN, FakeClock, FakeEnclave, SoftHsm
+
+SOFTHSM_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def open_postgres_store() -> PostgresStore:
+    """A store in a fresh, uniquely named schema (drop it with ``drop_schema``)."""
+    return PostgresStore(POSTGRES_DSN, schema=f"kvtest_{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        sqlite = SqliteStore(tmp_path / "keyvault.db")
+        yield sqlite
+        sqlite.close()
+        return
+    postgres = open_postgres_store()
+    try:
+        yield postgres
+    finally:
+        postgres.drop_schema()
+        postgres.close()
+
+
+@pytest.fixture
+def replica(store: Store) -> Iterator[Store]:
+    """A second store over the same database: another keyvault replica."""
+    other: Store
+    if isinstance(store, SqliteStore):
+        other = SqliteStore(store.path)
+    else:
+        assert isinstance(store, PostgresStore)
+        other = PostgresStore(POSTGRES_DSN, schema=store.schema)
+    yield other
+    other.close()
+
+
+@pytest.fixture
+def kek(tmp_path: Path) -> FileKek:
+    return FileKek(tmp_path / "kek" / "kek.bin")
+
+
+@pytest.fixture
+def audit(store: Store, clock: FakeClock) -> AuditLog:
+    return AuditLog(store, clock)
+
+
+@pytest.fixture
+def ring(store: Store, kek: FileKek, clock: FakeClock, audit: AuditLog) -> SigningKeyRing:
+    return SigningKeyRing(store, kek, clock, audit)
+
+
+@pytest.fixture
+def issuer(ring: SigningKeyRing, clock: FakeClock) -> TokenIssuer:
+    return TokenIssuer(ring, issuer=ISSUER, clock=clock)
+
+
+@pytest.fixture
+def verifier(ring: SigningKeyRing, clock: FakeClock) -> TokenVerifier:
+    return TokenVerifier(ring, issuer=ISSUER, clock=clock)
+
+
+@pytest.fixture
+def keys(
+    store: Store, kek: FileKek, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock
+) -> KeyManager:
+    return KeyManager(store, kek, audit, verifier, clock)
+
+
+@pytest.fixture
+def heads(store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock) -> CommitHeads:
+    return CommitHeads(store, audit, verifier, clock)
+
+
+@pytest.fixture
+def enclave() -> FakeEnclave:
+    return FakeEnclave()
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    util = shutil.which("softhsm2-util")
+    module = next((path for path in SOFTHSM_MODULES if Path(path).is_file()), None)
+    if util is None or module is None:
+        pytest.fail(
+            "SoftHSM2 is not installed (softhsm2-util and libsofthsm2.so are required for the PKCS#11 "
+            "KEK tests); install it with `apt-get install -y softhsm2` (part of `make setup`)"
+        )
+    root = tmp_path_factory.mktemp("softhsm")
+    tokens = root / "tokens"
+    tokens.mkdir()
+    config = root / "softhsm2.conf"
+    config.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    label, pin = "veil-test", "1234"
+    with pytest.MonkeyPatch.context() as patch:
+        # SoftHSM reads SOFTHSM2_CONF when the module initialises, in this process too.
+        patch.setenv("SOFTHSM2_CONF", str(config))
+        subprocess.run(
+            [util, "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", "5678"],
+            check=True,
+            capture_output=True,
+            env=os.environ.copy(),
+        )
+        yield SoftHsm(module=module, token_label=label, pin=pin, config=config)

@@ -1,0 +1,193 @@
+"""Test helpers for the keyvault libraries: a settable clock, fake enclaves and their quotes.
+
+A :class:`FakeEnclave` holds real X25519/Ed25519 key pairs and produces what the real
+enclave would: runtime data (serialized ``EnclavePublicKeys``), a quote-like record whose
+report data binds that runtime data and a nonce, signed commit heads, and HPKE opening of
+released keys. Tokens are issued by the real :class:`TokenIssuer`, so only the quote
+verification step is faked here (it has its own tests under ``attestation/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from veil.enclave.v1 import envelope_pb2
+
+from enclave.providers.sim_quote import SimQuoteProvider
+from services.keyvault.heads import commit_head_message
+from services.keyvault.keys import ReleasedKey, open_released_key
+from services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
+
+T = TypeVar("T")
+
+POSTGRES_DSN = os.environ.get("VEIL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+START = 1_750_000_000.0
+ISSUER = "https://keyvault.veil.test"
+MRENCLAVE = bytes.fromhex("11" * 32)
+MRSIGNER = bytes.fromhex("22" * 32)
+CALLER = "spiffe://veil/state"
+SIM_MRENCLAVE = hashlib.sha256(b"veil keyvault test enclave").digest()
+ADMIN = "spiffe://veil/admin"
+
+
+@dataclass(frozen=True)
+class SoftHsm:
+    """A SoftHSM2 token initialised for this test session (see the ``softhsm`` fixture)."""
+
+    module: str
+    token_label: str
+    pin: str
+    config: Path
+
+
+def sim_provider(pki_dir: Path, *, debug: bool = False) -> SimQuoteProvider:
+    """The enclave's sim quote provider, certified by the dev PCK chain of ``veil pki init``."""
+    chain = b"".join(
+        (pki_dir / name).read_bytes() for name in ("sgx-pck-leaf.pem", "sgx-pck-ca.pem", "sgx-root.pem")
+    )
+    return SimQuoteProvider(
+        mrenclave=SIM_MRENCLAVE,
+        pck_chain_pem=chain,
+        pck_leaf_key_pem=(pki_dir / "sgx-pck-leaf-key.pem").read_bytes(),
+        debug=debug,
+    )
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class FakeQuote:
+    """The fields of a verified quote (the shape of ``attestation.VerifiedQuote``)."""
+
+    mrenclave: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    report_data: bytes
+    tcb_status: str | None
+    advisory_ids: Sequence[str] = ()
+
+
+@dataclass
+class FakeEnclave:
+    """An enclave's key pairs and the evidence it would present."""
+
+    mrenclave: bytes = MRENCLAVE
+    mrsigner: bytes = MRSIGNER
+    product_id: int = 1
+    svn: int = 3
+    debug: bool = False
+    tcb_status: str | None = "UpToDate"
+    hpke_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    signing_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+
+    @property
+    def runtime_data(self) -> bytes:
+        raw = serialization.Encoding.Raw
+        keys = envelope_pb2.EnclavePublicKeys(
+            hpke_x25519_public_key=self.hpke_key.public_key().public_bytes(
+                raw, serialization.PublicFormat.Raw
+            ),
+            signing_public_key=self.signing_key.public_key().public_bytes(
+                raw, serialization.PublicFormat.Raw
+            ),
+        )
+        return keys.SerializeToString(deterministic=True)
+
+    @property
+    def signing_public_bytes(self) -> bytes:
+        return self.signing_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def quote(self, nonce: bytes, *, runtime_data: bytes | None = None) -> FakeQuote:
+        data = self.runtime_data if runtime_data is None else runtime_data
+        return FakeQuote(
+            mrenclave=self.mrenclave,
+            mrsigner=self.mrsigner,
+            isv_prod_id=self.product_id,
+            isv_svn=self.svn,
+            debug=self.debug,
+            report_data=expected_report_data(data, nonce),
+            tcb_status=self.tcb_status,
+        )
+
+    def token(self, issuer: TokenIssuer, *, runtime_data: bytes | None = None) -> IssuedToken:
+        """Attest (as the keyvault would after verifying the quote) and get a token."""
+        nonce = os.urandom(16)
+        data = self.runtime_data if runtime_data is None else runtime_data
+        quote = self.quote(nonce, runtime_data=data)
+        return issuer.issue(
+            quote, runtime_data=data, nonce=nonce, quote_hash=hashlib.sha256(b"quote").digest()
+        )
+
+    def sign_head(self, instance_id: str, sequence: int, head_hash: bytes) -> bytes:
+        return self.signing_key.sign(commit_head_message(instance_id, sequence, head_hash))
+
+    def open(self, released: ReleasedKey) -> bytes:
+        return open_released_key(released, self.hpke_key)
+
+
+def run_concurrently(count: int, work: Callable[[int], T]) -> list[T]:
+    """Run ``work(0..count-1)`` on ``count`` threads released together by a barrier."""
+    barrier = threading.Barrier(count)
+
+    def start(index: int) -> T:
+        barrier.wait()
+        return work(index)
+
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(start, range(count)))
+
+
+def policy_json(
+    *conditions: dict[str, object],
+    authority: str = ISSUER,
+    mode: str = "allOf",
+    accepted_tcb: Sequence[str] | None = None,
+) -> str:
+    """A one-authority policy document."""
+    doc: dict[str, object] = {"version": "1.0.0", "anyOf": [{"authority": authority, mode: list(conditions)}]}
+    if accepted_tcb is not None:
+        doc["x-veil-accepted-tcb-statuses"] = list(accepted_tcb)
+    return json.dumps(doc)
+
+
+def measurement_policy(
+    enclave: FakeEnclave | None = None,
+    *,
+    extra: Sequence[dict[str, object]] = (),
+    accepted_tcb: Sequence[str] | None = None,
+) -> str:
+    """The usual policy: this MRENCLAVE and MRSIGNER, SVN at least 1 (plus ``extra``)."""
+    mrenclave = (enclave.mrenclave if enclave else MRENCLAVE).hex()
+    mrsigner = (enclave.mrsigner if enclave else MRSIGNER).hex()
+    conditions: list[dict[str, object]] = [
+        {"claim": "x-ms-sgx-mrenclave", "equals": mrenclave},
+        {"claim": "x-ms-sgx-mrsigner", "equals": mrsigner},
+        {"claim": "x-ms-sgx-svn", "greaterOrEquals": 1},
+    ]
+    return policy_json(*conditions, *extra, accepted_tcb=accepted_tcb)

@@ -1,0 +1,103 @@
+"""Keyvault configuration from the environment, and wiring it (SoftHSM2 KEK, PostgreSQL store)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.common.config import ConfigError
+from services.keyvault.app import open_keyvault
+from services.keyvault.attestation.roots import RootError
+from services.keyvault.config import KekConfig, KeyvaultConfig
+from services.keyvault.store_postgres import PostgresStore
+
+from .support import POSTGRES_DSN, SoftHsm
+
+
+def test_defaults_live_under_the_data_dir(tmp_path: Path) -> None:
+    config = KeyvaultConfig.from_env(tmp_path, env={})
+    assert config.sqlite_path == tmp_path / "keyvault" / "keyvault.db"
+    assert config.kek == KekConfig(provider="file", file=tmp_path / "keyvault" / "kek.bin")
+    assert config.attestation_root == "intel"  # sim quotes are refused unless dev is chosen
+    assert config.issuer == "spiffe://veil/keyvault"
+    assert config.token_ttl_s == 600
+    assert not config.uses_postgres
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    config = KeyvaultConfig.from_env(
+        tmp_path,
+        env={
+            "VEIL_KEYVAULT_DB": "postgresql://kv@db/keyvault",
+            "VEIL_KEYVAULT_DB_SCHEMA": "kv_prod",
+            "VEIL_ATTESTATION_ROOT": "dev",
+            "VEIL_KEK_PROVIDER": "pkcs11",
+            "VEIL_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
+            "VEIL_PKCS11_TOKEN_LABEL": "veil",
+            "VEIL_PKCS11_PIN": "secret-pin",
+            "VEIL_PKCS11_KEY_LABEL": "veil-kek",
+            "VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "120",
+        },
+    )
+    assert config.uses_postgres
+    assert config.db_schema == "kv_prod"
+    assert config.kek.provider == "pkcs11"
+    assert config.token_ttl_s == 120
+    assert "secret-pin" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VEIL_KEK_PROVIDER": "vault"}, "VEIL_KEK_PROVIDER"),
+        ({"VEIL_KEK_PROVIDER": "pkcs11", "VEIL_PKCS11_MODULE": "/x.so"}, "VEIL_PKCS11_PIN"),
+        ({"VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "ten"}, "whole number"),
+        ({"VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "0"}, "VEIL_KEYVAULT_TOKEN_TTL_SECONDS"),
+        ({"VEIL_ATTESTATION_ROOT": ""}, "VEIL_ATTESTATION_ROOT"),
+    ],
+)
+def test_broken_configuration_fails_fast(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        KeyvaultConfig.from_env(tmp_path, env=env)
+
+
+def test_missing_dev_root_fails_at_start(tmp_path: Path) -> None:
+    config = KeyvaultConfig.from_env(tmp_path, env={"VEIL_ATTESTATION_ROOT": "dev"})
+    with pytest.raises(RootError):
+        open_keyvault(config)
+
+
+@pytest.mark.postgres
+def test_open_with_pkcs11_kek_and_postgres(softhsm: SoftHsm, pki_dir: Path) -> None:
+    schema = f"kvtest_{uuid.uuid4().hex[:16]}"
+    config = KeyvaultConfig(
+        db=POSTGRES_DSN,
+        db_schema=schema,
+        kek=KekConfig(
+            provider="pkcs11",
+            pkcs11_module=softhsm.module,
+            pkcs11_token_label=softhsm.token_label,
+            pkcs11_pin=softhsm.pin,
+            pkcs11_key_label=f"kek-{uuid.uuid4().hex[:8]}",
+        ),
+        attestation_root=str(pki_dir / "sgx-root.pem"),
+    )
+    keyvault = open_keyvault(config)
+    try:
+        assert keyvault.kek.provider == "pkcs11"
+        assert keyvault.store.backend == "postgres"
+        assert len(keyvault.ring.jwks()["keys"]) == 1  # a signing key, wrapped inside the HSM
+        keyvault.keys.create(
+            "orders",
+            '{"version":"1.0.0","anyOf":[{"authority":"spiffe://veil/keyvault",'
+            '"allOf":[{"claim":"x-ms-sgx-svn","greaterOrEquals":1}]}]}',
+            caller="spiffe://veil/admin",
+        )
+        assert keyvault.keys.get("orders").latest_version == 1
+    finally:
+        keyvault.close()
+        cleanup = PostgresStore(POSTGRES_DSN, schema=schema)
+        cleanup.drop_schema()
+        cleanup.close()

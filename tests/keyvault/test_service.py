@@ -1,0 +1,240 @@
+"""KeyvaultService over real mTLS on port 0: the whole enclave flow, authorization, error mapping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+
+from services.common.config import ServiceConfig
+from services.common.errors import error_info
+from services.common.server import VeilServer
+from services.common.tls import channel_credentials
+from services.keyvault.config import KekConfig, KeyvaultConfig
+from services.keyvault.keys import ReleasedKey
+from services.keyvault.server import create_server
+from services.keyvault.tokens import expected_report_data, verify_token
+from tests.conftest import tls_for
+
+from .support import SIM_MRENCLAVE, FakeEnclave, policy_json, sim_provider
+
+ISSUER = "spiffe://veil/keyvault"
+INSTANCE = "inst-1"
+
+
+@pytest.fixture
+def keyvault_server(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+) -> Iterator[VeilServer]:
+    config = KeyvaultConfig(
+        db=str(tmp_path / "kv" / "keyvault.db"),
+        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
+        attestation_root=str(pki_dir / "sgx-root.pem"),
+    )
+    server, _ = create_server(service_config("keyvault"), keyvault_config=config)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+Stubs = Callable[[str], keyvault_pb2_grpc.KeyvaultServiceStub]
+
+
+@pytest.fixture
+def stub(keyvault_server: VeilServer, pki_dir: Path) -> Iterator[Stubs]:
+    channels: list[grpc.Channel] = []
+
+    def make(identity: str) -> keyvault_pb2_grpc.KeyvaultServiceStub:
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{keyvault_server.port}", channel_credentials(tls_for(pki_dir, identity))
+        )
+        channels.append(channel)
+        return keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        channel.close()
+
+
+def attest(state: keyvault_pb2_grpc.KeyvaultServiceStub, pki_dir: Path, enclave: FakeEnclave) -> str:
+    nonce = os.urandom(32)
+    quote = sim_provider(pki_dir).quote(expected_report_data(enclave.runtime_data, nonce))
+    response = state.Attest(
+        keyvault_pb2.AttestRequest(quote=quote, runtime_data=enclave.runtime_data, nonce=nonce), timeout=10
+    )
+    return response.token
+
+
+def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    info = error_info(caught.value)
+    return caught.value.code(), info.reason if info else ""
+
+
+def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
+    admin, state, gateway = stub("admin"), stub("state"), stub("gateway")
+    enclave = FakeEnclave()
+    policy = policy_json(
+        {"claim": "x-ms-sgx-mrenclave", "equals": SIM_MRENCLAVE.hex()},
+        authority=ISSUER,
+        accepted_tcb=["UpToDate", "Unevaluated"],
+    )
+    created = state.CreateKey(
+        keyvault_pb2.CreateKeyRequest(
+            key_name="instance.inst-1", release_policy_json=policy, request_id="r1"
+        ),
+        timeout=10,
+    )
+    assert created.key.latest_version == 1
+    assert created.key.create_time.seconds > 0
+
+    token = attest(state, pki_dir, enclave)
+    jwks = json.loads(gateway.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).jwks_json)
+    verified = verify_token(token, jwks, issuer=ISSUER, now=time.time())
+    assert verified.mrenclave == SIM_MRENCLAVE.hex()
+
+    released = state.ReleaseKey(
+        keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
+    )
+    data_key = enclave.open(
+        ReleasedKey(released.key_name, released.version, released.encapsulated_key, released.wrapped_key)
+    )
+    assert len(data_key) == 32
+    assert refusal(
+        lambda: state.ReleaseKey(
+            keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
+        )
+    ) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "TOKEN_REPLAYED",
+    )
+
+    head_hash = hashlib.sha256(b"entry 3").digest()
+    advanced = state.AdvanceCommitHead(
+        keyvault_pb2.AdvanceCommitHeadRequest(
+            instance_id=INSTANCE,
+            sequence=3,
+            hash=head_hash,
+            signature=enclave.sign_head(INSTANCE, 3, head_hash),
+            token=token,
+        ),
+        timeout=10,
+    )
+    assert advanced.sequence == 3
+    head = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10)
+    assert (head.sequence, head.hash, head.signing_public_key) == (3, head_hash, enclave.signing_public_bytes)
+    old_hash = hashlib.sha256(b"entry 2").digest()
+    rollback = keyvault_pb2.AdvanceCommitHeadRequest(
+        instance_id=INSTANCE,
+        sequence=2,
+        hash=old_hash,
+        signature=enclave.sign_head(INSTANCE, 2, old_hash),
+        token=token,
+    )
+    assert refusal(lambda: state.AdvanceCommitHead(rollback, timeout=10)) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "COMMIT_HEAD_ROLLBACK",
+    )
+    empty = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id="never"), timeout=10)
+    assert (empty.sequence, empty.hash) == (0, b"")
+
+    page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
+    actions = [(event.action, event.outcome) for event in page.events]
+    assert actions == [
+        ("create", "allowed"),
+        ("attest", "allowed"),
+        ("release", "allowed"),
+        ("release", "refused"),
+        ("advance_commit_head", "allowed"),
+        ("advance_commit_head", "refused"),
+    ]
+    assert {event.caller for event in page.events} == {"spiffe://veil/state"}
+    assert all(
+        later.previous_hash == earlier.hash
+        for earlier, later in zip(page.events, page.events[1:], strict=False)
+    )
+
+
+def test_admin_key_management(stub: Stubs) -> None:
+    admin = stub("admin")
+    policy = policy_json({"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority=ISSUER)
+    admin.CreateKey(keyvault_pb2.CreateKeyRequest(key_name="orders", release_policy_json=policy), timeout=10)
+    rotated = admin.RotateKey(
+        keyvault_pb2.RotateKeyRequest(key_name="orders", request_id="rot-1"), timeout=10
+    )
+    again = admin.RotateKey(keyvault_pb2.RotateKeyRequest(key_name="orders", request_id="rot-1"), timeout=10)
+    assert rotated.key.latest_version == again.key.latest_version == 2
+    assert [k.key_name for k in admin.ListKeys(keyvault_pb2.ListKeysRequest(), timeout=10).keys] == ["orders"]
+    destroyed = admin.DestroyKey(keyvault_pb2.DestroyKeyRequest(key_name="orders"), timeout=10)
+    assert destroyed.key.destroyed
+    assert admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="orders"), timeout=10).key.destroyed
+    assert refusal(lambda: admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="missing"), timeout=10)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "KEY_NOT_FOUND",
+    )
+    assert refusal(
+        lambda: admin.CreateKey(
+            keyvault_pb2.CreateKeyRequest(key_name="orders", release_policy_json=policy), timeout=10
+        )
+    ) == (grpc.StatusCode.ALREADY_EXISTS, "KEY_EXISTS")
+    assert refusal(
+        lambda: admin.CreateKey(
+            keyvault_pb2.CreateKeyRequest(key_name="x", release_policy_json="{}"), timeout=10
+        )
+    ) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_POLICY")
+    status = admin.GetStatus(keyvault_pb2.GetStatusRequest(), timeout=10)
+    assert (status.serving, status.kek_provider) == (True, "file")
+
+
+def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
+    admin, state = stub("admin"), stub("state")
+    other = policy_json(
+        {"claim": "x-ms-sgx-mrenclave", "equals": "44" * 32}, authority=ISSUER, accepted_tcb=["Unevaluated"]
+    )
+    admin.CreateKey(keyvault_pb2.CreateKeyRequest(key_name="other", release_policy_json=other), timeout=10)
+    token = attest(state, pki_dir, FakeEnclave())
+    assert refusal(
+        lambda: state.ReleaseKey(keyvault_pb2.ReleaseKeyRequest(token=token, key_name="other"), timeout=10)
+    ) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "RELEASE_POLICY_NOT_SATISFIED",
+    )
+    assert refusal(
+        lambda: state.ReleaseKey(keyvault_pb2.ReleaseKeyRequest(token="x.y.z", key_name="other"), timeout=10)
+    ) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "INVALID_TOKEN",
+    )
+    bad_nonce = keyvault_pb2.AttestRequest(quote=b"q", runtime_data=b"r", nonce=b"short")
+    assert refusal(lambda: state.Attest(bad_nonce, timeout=10)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+    )
+
+
+@pytest.mark.parametrize(
+    ("identity", "method", "request_message"),
+    [
+        ("gateway", "ReleaseKey", keyvault_pb2.ReleaseKeyRequest(key_name="k")),
+        ("admin", "Attest", keyvault_pb2.AttestRequest()),
+        ("state", "RotateKey", keyvault_pb2.RotateKeyRequest(key_name="k")),
+        ("state", "ListAuditEvents", keyvault_pb2.ListAuditEventsRequest()),
+        ("gateway", "CreateKey", keyvault_pb2.CreateKeyRequest()),
+        ("admin", "GetJwks", keyvault_pb2.GetJwksRequest()),
+        ("keyvault", "GetStatus", keyvault_pb2.GetStatusRequest()),
+    ],
+)
+def test_authorization(stub: Stubs, identity: str, method: str, request_message: object) -> None:
+    rpc = getattr(stub(identity), method)
+    assert refusal(lambda: rpc(request_message, timeout=10)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+    )

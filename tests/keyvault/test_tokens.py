@@ -1,0 +1,254 @@
+"""Attestation tokens: issuing, strict verification, and signing-key rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from services.keyvault.audit import AuditLog
+from services.keyvault.errors import AttestationError, TokenError
+from services.keyvault.kek import FileKek
+from services.keyvault.store import Store
+from services.keyvault.tokens import (
+    DEFAULT_LEEWAY_S,
+    DEFAULT_TOKEN_TTL_S,
+    SigningKeyRing,
+    TokenIssuer,
+    b64url_decode,
+    b64url_encode,
+    check_report_data,
+    expected_report_data,
+    public_jwk,
+    verify_token,
+)
+
+from .support import ISSUER, FakeClock, FakeEnclave
+
+
+def verify(token: str, ring: SigningKeyRing, clock: FakeClock, issuer: str = ISSUER) -> Any:
+    return verify_token(token, ring.jwks(), issuer=issuer, now=clock())
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    payload: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return payload
+
+
+def test_issued_token_has_maa_style_claims(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    issued = enclave.token(issuer)
+    header = jwt.get_unverified_header(issued.token)
+    assert header == {"alg": "ES256", "kid": issued.kid, "typ": "JWT"}
+    claims = claims_of(issued.token)
+    assert claims["iss"] == ISSUER
+    assert claims["exp"] - claims["iat"] == DEFAULT_TOKEN_TTL_S == 600
+    assert claims["nbf"] == claims["iat"] == int(clock())
+    assert claims["x-ms-ver"] == "1.0"
+    assert claims["x-ms-attestation-type"] == "sgx"
+    assert claims["x-ms-sgx-mrenclave"] == enclave.mrenclave.hex()
+    assert claims["x-ms-sgx-mrsigner"] == enclave.mrsigner.hex()
+    assert claims["x-ms-sgx-is-debuggable"] is False
+    assert claims["x-ms-sgx-product-id"] == 1
+    assert claims["x-ms-sgx-svn"] == 3
+    assert claims["x-ms-sgx-tcb-status"] == "UpToDate"
+    assert claims["x-ms-sgx-advisory-ids"] == []
+    assert len(claims["x-ms-sgx-collateral"]["quotehash"]) == 64
+    assert b64url_decode(claims["x-ms-sgx-ehd"]) == enclave.runtime_data
+    nonce = b64url_decode(claims["nonce"])
+    assert bytes.fromhex(claims["x-ms-sgx-report-data"]) == expected_report_data(enclave.runtime_data, nonce)
+
+    verified = verify(issued.token, ring, clock)
+    assert verified.jti == issued.jti == claims["jti"]
+    assert verified.kid == issued.kid
+    assert verified.runtime_data == enclave.runtime_data
+    assert verified.expires_at == claims["exp"]
+
+
+def test_unevaluated_tcb_status_without_collateral(issuer: TokenIssuer) -> None:
+    issued = FakeEnclave(tcb_status=None).token(issuer)
+    assert claims_of(issued.token)["x-ms-sgx-tcb-status"] == "Unevaluated"
+
+
+def test_lifetime_is_checked_with_the_injected_clock(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    token = enclave.token(issuer).token
+    clock.advance(DEFAULT_TOKEN_TTL_S + DEFAULT_LEEWAY_S - 1)
+    verify(token, ring, clock)  # within the skew allowance
+    clock.advance(1)
+    with pytest.raises(TokenError, match="expired"):
+        verify(token, ring, clock)
+    with pytest.raises(TokenError, match="not valid yet"):
+        verify_token(token, ring.jwks(), issuer=ISSUER, now=clock() - 10_000)
+
+
+def test_wrong_issuer(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    with pytest.raises(TokenError, match="issuer"):
+        verify(enclave.token(issuer).token, ring, clock, issuer="https://evil.example")
+
+
+def sign_with(claims: dict[str, Any], key: Any, *, alg: str = "ES256", headers: dict[str, Any]) -> str:
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+def test_forged_signature_and_unknown_kid(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    issued = enclave.token(issuer)
+    attacker = ec.generate_private_key(ec.SECP256R1())
+    forged = sign_with(dict(issued.claims), attacker, headers={"kid": issued.kid, "typ": "JWT"})
+    with pytest.raises(TokenError, match="signature does not verify"):
+        verify(forged, ring, clock)
+    unknown = sign_with(dict(issued.claims), attacker, headers={"kid": "attacker-kid", "typ": "JWT"})
+    with pytest.raises(TokenError, match="not a known signing key"):
+        verify(unknown, ring, clock)
+
+
+def test_tampered_payload(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    header, payload, signature = enclave.token(issuer).token.split(".")
+    claims = json.loads(b64url_decode(payload))
+    claims["x-ms-sgx-is-debuggable"] = False
+    claims["x-ms-sgx-mrenclave"] = "33" * 32
+    tampered = ".".join([header, b64url_encode(json.dumps(claims).encode()), signature])
+    with pytest.raises(TokenError, match="signature does not verify"):
+        verify(tampered, ring, clock)
+
+
+def test_algorithm_confusion_is_refused(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    issued = enclave.token(issuer)
+    claims = dict(issued.claims)
+    header = {"kid": issued.kid, "typ": "JWT"}
+    # 'none': an unsigned token.
+    none_header = b64url_encode(json.dumps({"alg": "none", **header}).encode())
+    unsigned = f"{none_header}.{b64url_encode(json.dumps(claims).encode())}."
+    with pytest.raises(TokenError, match="'none' is not ES256"):
+        verify(unsigned, ring, clock)
+    # HS256 keyed with the public JWK text: the classic confusion attack.
+    public_json = json.dumps(ring.jwks()["keys"][0]).encode()
+    signing_input = ".".join(
+        b64url_encode(json.dumps(part).encode()) for part in ({"alg": "HS256", **header}, claims)
+    )
+    mac = hmac.new(public_json, signing_input.encode(), hashlib.sha256).digest()
+    hmac_token = f"{signing_input}.{b64url_encode(mac)}"
+    with pytest.raises(TokenError, match="'HS256' is not ES256"):
+        verify(hmac_token, ring, clock)
+    es384 = sign_with(claims, ec.generate_private_key(ec.SECP384R1()), alg="ES384", headers=header)
+    with pytest.raises(TokenError, match="'ES384' is not ES256"):
+        verify(es384, ring, clock)
+
+
+def test_unexpected_header_fields_are_refused(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    issued = enclave.token(issuer)
+    _, private_key = ring.current()
+    for extra in ({"jku": "https://evil.example/jwks"}, {"crit": ["exp"]}, {"typ": "at+jwt"}):
+        token = sign_with(
+            dict(issued.claims), private_key, headers={"kid": issued.kid, "typ": "JWT", **extra}
+        )
+        with pytest.raises(TokenError):
+            verify(token, ring, clock)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"jti": None}, "lacks claims: jti"),
+        ({"x-ms-sgx-ehd": None}, "lacks claims: x-ms-sgx-ehd"),
+        ({"exp": "soon"}, "'exp' must be an integer"),
+        ({"x-ms-sgx-is-debuggable": "false"}, "must be a boolean"),
+        ({"x-ms-attestation-type": "sevsnpvm"}, "not an SGX attestation token"),
+        ({"x-ms-sgx-ehd": "not base64!"}, "malformed"),
+        ({"x-ms-sgx-mrenclave": "AB" * 32}, "malformed"),
+        ({"jti": "short"}, "jti is malformed"),
+        ({"exp": 2_000_000_000 + 90_000, "iat": 1_750_000_000}, "lifetime is invalid"),
+    ],
+)
+def test_claims_are_checked(
+    issuer: TokenIssuer,
+    ring: SigningKeyRing,
+    clock: FakeClock,
+    enclave: FakeEnclave,
+    change: dict[str, Any],
+    message: str,
+) -> None:
+    issued = enclave.token(issuer)
+    claims = {**issued.claims, **change}
+    claims = {name: value for name, value in claims.items() if value is not None}
+    _, private_key = ring.current()
+    token = sign_with(claims, private_key, headers={"kid": issued.kid, "typ": "JWT"})
+    with pytest.raises(TokenError, match=message):
+        verify(token, ring, clock)
+
+
+def test_garbage_tokens(ring: SigningKeyRing, clock: FakeClock) -> None:
+    for token in ("", "a.b", "not a token at all", "x" * 20_000):
+        with pytest.raises(TokenError):
+            verify(token, ring, clock)
+
+
+def test_rotation_keeps_old_keys_until_their_tokens_expire(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave, store: Store
+) -> None:
+    old = enclave.token(issuer)
+    new_kid = ring.rotate()
+    assert new_kid != old.kid
+    fresh = enclave.token(issuer)
+    assert fresh.kid == new_kid
+    assert {k["kid"] for k in ring.jwks()["keys"]} == {old.kid, new_kid}
+    verify(old.token, ring, clock)  # still valid after rotation
+    clock.advance(ring.retention_s + 1)
+    assert {k["kid"] for k in ring.jwks()["keys"]} == {new_kid}
+    assert ring.purge() == 1
+    with store.transaction() as tx:
+        assert [k.kid for k in tx.list_signing_keys()] == [new_kid]
+
+
+def test_signing_keys_are_stored_wrapped_and_shared_by_replicas(
+    ring: SigningKeyRing, store: Store, kek: FileKek, clock: FakeClock, audit: AuditLog
+) -> None:
+    kid, private_key = ring.current()
+    der = private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with store.transaction() as tx:
+        (record,) = tx.list_signing_keys()
+    assert record.kid == kid
+    assert der not in record.wrapped_private
+    assert json.loads(record.public_jwk_json) == public_jwk(private_key.public_key())
+    # Another replica (same store and KEK, cold cache) signs with the same key.
+    replica_ring = SigningKeyRing(store, kek, clock, audit)
+    replica_kid, replica_key = replica_ring.current()
+    assert replica_kid == kid
+    assert replica_key.private_numbers() == private_key.private_numbers()
+
+
+def test_report_data_binding() -> None:
+    good = expected_report_data(b"runtime", b"nonce")
+    check_report_data(good, b"runtime", b"nonce")
+    with pytest.raises(AttestationError, match="SHA-256"):
+        check_report_data(good, b"runtime", b"other nonce")
+    with pytest.raises(AttestationError, match="must be zero"):
+        check_report_data(good[:32] + b"\x01" + good[33:], b"runtime", b"nonce")
+    with pytest.raises(AttestationError):
+        check_report_data(good[:32], b"runtime", b"nonce")
+
+
+@pytest.mark.parametrize("text", ["AA==", "A+/B", "AB", "a b", "Zg=", "Zh"])
+def test_b64url_is_strict(text: str) -> None:
+    with pytest.raises(ValueError):
+        b64url_decode(text)
