@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
 from veil.enclave.v1 import command_pb2, ecall_pb2, envelope_pb2, storage_pb2
@@ -22,6 +23,7 @@ from enclave.errors import (
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
     NOT_FOUND,
+    PERMISSION_DENIED,
     RESOURCE_EXHAUSTED,
     DecryptionError,
     EnclaveError,
@@ -32,7 +34,8 @@ from enclave.store import Store
 
 DEFAULT_MEMORY_BUDGET = 96 * 1024 * 1024
 _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_SEALED_KEYS_AAD = b"veil/sealed-keys/v1"
+_ED25519_KEY_SIZE = 32
+_X25519_ENC_SIZE = 32
 
 
 def _data_loss(what: str) -> EnclaveError:
@@ -56,6 +59,8 @@ class Enclave:
         self._budget = default_memory_budget
         self._hpke: crypto.HpkeKeyPairs | None = None
         self._signing_key: ed25519.Ed25519PrivateKey | None = None
+        # The keyvault whose key releases we accept, pinned at Initialize (raw Ed25519 bytes).
+        self._release_key = b""
         self._instances: dict[str, Instance] = {}
         self._data_keys: dict[str, dict[int, bytes]] = {}
 
@@ -147,9 +152,13 @@ class Enclave:
     # --- ECALLs --------------------------------------------------------------------------
 
     def initialize(self, request: ecall_pb2.InitializeRequest) -> ecall_pb2.InitializeResponse:
-        """Generate the HPKE and signing key pairs and fix the memory budget."""
+        """Pin the keyvault release key, generate the key pairs and fix the memory budget."""
         if self._hpke is not None:
             raise EnclaveError(FAILED_PRECONDITION, "enclave already initialized")
+        if len(request.keyvault_release_public_key) != _ED25519_KEY_SIZE:
+            # Without a pinned keyvault, any host could provision keys it knows: fail closed.
+            raise EnclaveError(INVALID_ARGUMENT, "keyvault_release_public_key must be 32 bytes (Ed25519)")
+        self._release_key = request.keyvault_release_public_key
         self._hpke = crypto.HpkeKeyPairs()
         self._signing_key = ed25519.Ed25519PrivateKey.generate()
         if request.memory_budget_bytes:
@@ -163,6 +172,7 @@ class Enclave:
             hpke_x25519_public_key=hpke.x25519_public,
             hpke_mlkem768x25519_public_key=hpke.hybrid_public,
             signing_public_key=signing_key.public_key().public_bytes_raw(),
+            keyvault_release_public_key=self._release_key,
         )
 
     def get_quote(self, request: ecall_pb2.GetQuoteRequest) -> ecall_pb2.GetQuoteResponse:
@@ -174,14 +184,26 @@ class Enclave:
         return ecall_pb2.GetQuoteResponse(quote=self._quotes.quote(report_data))
 
     def provision_key(self, request: ecall_pb2.ProvisionKeyRequest) -> ecall_pb2.ProvisionKeyResponse:
-        """Install an instance data key HPKE-wrapped to this enclave by the keyvault."""
+        """Install an instance data key HPKE-wrapped to this enclave and signed by the keyvault."""
         hpke, _ = self._ready()
         if not _INSTANCE_ID.match(request.instance_id) or request.key_version < 1:
             raise EnclaveError(INVALID_ARGUMENT, "invalid instance id or key version")
         wrapped = request.wrapped_key
-        if wrapped.suite != crypto.X25519_SUITE:
-            raise EnclaveError(INVALID_ARGUMENT, "wrapped keys use the X25519 HPKE suite")
-        info = wire.key_release_info(wire.instance_key_name(request.instance_id), request.key_version)
+        if wrapped.suite != crypto.X25519_SUITE or len(wrapped.encapsulated_key) != _X25519_ENC_SIZE:
+            raise EnclaveError(INVALID_ARGUMENT, "wrapped keys use the X25519 HPKE suite (32-byte enc)")
+        key_name = wire.instance_key_name(request.instance_id)
+        # HPKE base mode does not authenticate the sender and our HPKE key is public, so only
+        # the pinned keyvault's signature (over name, version, recipient = us) proves the origin.
+        signed = wire.wrapped_key_signing_bytes(
+            key_name, request.key_version, hpke.x25519_public, wrapped.encapsulated_key, wrapped.ciphertext
+        )
+        try:
+            ed25519.Ed25519PublicKey.from_public_bytes(self._release_key).verify(wrapped.signature, signed)
+        except InvalidSignature:
+            raise EnclaveError(
+                PERMISSION_DENIED, "wrapped key is not signed by the pinned keyvault"
+            ) from None
+        info = wire.key_release_info(key_name, request.key_version)
         try:
             key = hpke.open(wrapped.suite, wrapped.encapsulated_key, wrapped.ciphertext, info=info, aad=b"")
         except DecryptionError:
@@ -418,7 +440,11 @@ class Enclave:
         for instance_id in sorted(self._data_keys):
             for version, key in sorted(self._data_keys[instance_id].items()):
                 keys.keys.add(instance_id=instance_id, key_version=version, key=key)
-        blob = self._sealing.seal(keys.SerializeToString(deterministic=True), _SEALED_KEYS_AAD)
+        # The aad binds the pinned keyvault: an enclave pinned to another key (say, the host's)
+        # cannot seal keys that this one would then unseal.
+        blob = self._sealing.seal(
+            keys.SerializeToString(deterministic=True), wire.sealed_keys_aad(self._release_key)
+        )
         return ecall_pb2.SealResponse(sealed_blob=blob)
 
     def unseal(self, request: ecall_pb2.UnsealRequest) -> ecall_pb2.UnsealResponse:
@@ -426,7 +452,7 @@ class Enclave:
         self._ready()
         try:
             keys = storage_pb2.SealedKeys.FromString(
-                self._sealing.unseal(request.sealed_blob, _SEALED_KEYS_AAD)
+                self._sealing.unseal(request.sealed_blob, wire.sealed_keys_aad(self._release_key))
             )
         except (DecryptionError, DecodeError):
             raise _data_loss("sealed blob") from None

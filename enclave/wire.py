@@ -12,6 +12,10 @@ HPKE (RFC 9180, base mode, single shot):
     command:      info = "veil/command/v1", aad = utf8(instance_id)
     key release:  info = key_release_info(key_name, version), no aad; key_name = "instance.<id>"
 
+Signed by the keyvault's Ed25519 release key (pinned in the enclave at Initialize):
+    wrapped key:  "veil/wrapped-key/v1" || str16(key_name) || u32(version)
+                  || bytes16(recipient_hpke_public_key) || bytes16(encapsulated_key)
+                  || bytes32(ciphertext)
 Signed by the enclave's Ed25519 key:
     commit head:  "veil/commit-head/v1" || str16(instance_id) || u64(sequence) || hash(32)
     receipt:      "veil/receipt/v1" || u8(kind) || str16(instance_id) || u64(sequence)
@@ -25,6 +29,7 @@ AES-256-GCM additional data:
     snapshot:     "veil/snapshot/v1" || str16(instance_id) || u64(head.sequence) || head.hash(32)
                   || u32(key_version)
     response:     "veil/response/v1" || str16(instance_id) || str16(request_id)
+    sealed keys:  "veil/sealed-keys/v2" || bytes16(keyvault_release_public_key)
 Hashes (SHA-256):
     command hash: SHA-256(encapsulated_key || ciphertext) of the SealedCommand
                   (the encapsulated key has a fixed length per suite, so this is unambiguous)
@@ -48,6 +53,8 @@ HASH_SIZE = 32
 ZERO_HASH = bytes(HASH_SIZE)
 
 _KEY_RELEASE = b"veil/key-release/v1"
+_WRAPPED_KEY = b"veil/wrapped-key/v1"
+_SEALED_KEYS = b"veil/sealed-keys/v2"  # v2: binds the pinned keyvault release key
 _COMMIT_HEAD = b"veil/commit-head/v1"
 _RECEIPT = b"veil/receipt/v1"
 _COMMAND_SIGNATURE = b"veil/command-signature/v1"
@@ -84,6 +91,33 @@ def instance_key_name(instance_id: str) -> str:
 def key_release_info(key_name: str, version: int) -> bytes:
     """HPKE info binding a released data key to its keyvault name and version."""
     return _KEY_RELEASE + _str16(key_name) + _u(version, 4)
+
+
+def wrapped_key_signing_bytes(
+    key_name: str,
+    version: int,
+    recipient_hpke_public_key: bytes,
+    encapsulated_key: bytes,
+    ciphertext: bytes,
+) -> bytes:
+    """What the keyvault signs for a released key: name, version, recipient and the HPKE output.
+
+    HPKE base mode does not authenticate the sender, so this signature is what tells the
+    enclave the key came from the keyvault and not from the host.
+    """
+    return (
+        _WRAPPED_KEY
+        + _str16(key_name)
+        + _u(version, 4)
+        + _prefixed(recipient_hpke_public_key, 2)
+        + _prefixed(encapsulated_key, 2)
+        + _prefixed(ciphertext, 4)
+    )
+
+
+def sealed_keys_aad(keyvault_release_public_key: bytes) -> bytes:
+    """Sealing aad of the key cache: it opens only in an enclave pinned to the same keyvault."""
+    return _SEALED_KEYS + _prefixed(keyvault_release_public_key, 2)
 
 
 def command_aad(instance_id: str) -> bytes:

@@ -2,7 +2,8 @@
 
 :func:`open_keyvault` builds everything from a :class:`KeyvaultConfig` and fails fast: the
 store schema is created, the KEK opened (file created 0600 or HSM key found/created), the
-attestation root loaded, and a token-signing key ensured, before any RPC is served.
+attestation root loaded, and a token-signing key and the release-signing key ensured (and
+shown to unwrap under this KEK), before any RPC is served.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from services.keyvault.heads import CommitHeads
 from services.keyvault.kek import FileKek, Kek, Pkcs11Kek
 from services.keyvault.keys import KeyManager
 from services.keyvault.policy import ReleasePolicy, parse_policy
+from services.keyvault.release_key import ReleaseSigner, load_or_create_release_signer
 from services.keyvault.store import Store
 from services.keyvault.store_postgres import PostgresStore
 from services.keyvault.store_sqlite import SqliteStore
@@ -32,6 +34,7 @@ class Keyvault:
     kek: Kek
     audit: AuditLog
     ring: SigningKeyRing
+    release_signer: ReleaseSigner
     issuer: TokenIssuer
     verifier: TokenVerifier
     keys: KeyManager
@@ -87,6 +90,8 @@ def open_keyvault(
         ring = SigningKeyRing(store, kek, clock, audit, token_ttl_s=config.token_ttl_s)
         ring.purge()
         ring.current()  # a signing key exists (and unwraps under this KEK) before we serve
+        # Created once per deployment (race-free across replicas), then only ever loaded.
+        release_signer = load_or_create_release_signer(store, kek, audit, clock)
         issuer = TokenIssuer(ring, issuer=config.issuer, clock=clock, token_ttl_s=config.token_ttl_s)
         verifier = TokenVerifier(ring, issuer=config.issuer, clock=clock)
         return Keyvault(
@@ -94,11 +99,19 @@ def open_keyvault(
             kek=kek,
             audit=audit,
             ring=ring,
+            release_signer=release_signer,
             issuer=issuer,
             verifier=verifier,
-            keys=KeyManager(store, kek, audit, verifier, clock),
+            keys=KeyManager(store, kek, audit, verifier, clock, release_signer=release_signer),
             heads=CommitHeads(store, audit, verifier, clock, attestation_policy=head_policy),
-            attestor=Attestor(issuer, audit, clock, root_public_key=root, collateral=collateral),
+            attestor=Attestor(
+                issuer,
+                audit,
+                clock,
+                root_public_key=root,
+                release_public_key=release_signer.public_key,
+                collateral=collateral,
+            ),
         )
     except BaseException:
         kek.close()

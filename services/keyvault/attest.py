@@ -8,7 +8,11 @@
    did not hash).
 4. The runtime data must be a canonical ``veil.enclave.v1.EnclavePublicKeys`` with an
    X25519 HPKE key and an Ed25519 signing key (a token is only useful if it names them).
-5. Issue the token (claims in :mod:`services.keyvault.tokens`) and audit the outcome.
+5. The enclave must pin *this* keyvault's release-signing key
+   (``keyvault_release_public_key``); otherwise it is refused with reason
+   ``RELEASE_KEY_MISMATCH``. An enclave pinned to another key accepts data keys from
+   whoever holds that key (say, the host), so no token may vouch for it.
+6. Issue the token (claims in :mod:`services.keyvault.tokens`) and audit the outcome.
 
 Whether the enclave is *acceptable* (measurement, debug, TCB status) is not decided here:
 the token states facts, and each key's release policy decides at release time.
@@ -33,7 +37,7 @@ from services.keyvault.audit import (
     refusal_detail,
 )
 from services.keyvault.clock import Clock
-from services.keyvault.enclave_keys import parse_runtime_data
+from services.keyvault.enclave_keys import ED25519_KEY_SIZE, parse_runtime_data
 from services.keyvault.errors import AttestationError, InvalidArgumentError
 from services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
 
@@ -56,9 +60,13 @@ class Attestor:
         clock: Clock,
         *,
         root_public_key: ec.EllipticCurvePublicKey,
+        release_public_key: bytes,
         collateral: CollateralProvider | None = None,
     ) -> None:
+        if len(release_public_key) != ED25519_KEY_SIZE:
+            raise ValueError("release_public_key must be a 32-byte Ed25519 public key")
         self._issuer = issuer
+        self._release_public_key = release_public_key
         self._audit = audit
         self._clock = clock
         self._root = root_public_key
@@ -91,7 +99,15 @@ class Attestor:
                 }
             )
             check_report_data(verified.report_data, runtime_data, nonce)
-            parse_runtime_data(runtime_data)
+            enclave = parse_runtime_data(runtime_data)
+            pinned = enclave.keyvault_release_public_bytes
+            detail["keyvault_release_public_key"] = pinned.hex()
+            if pinned != self._release_public_key:
+                raise AttestationError(
+                    "enclave pins another keyvault release key, so it would accept keys this "
+                    "keyvault did not release",
+                    reason="RELEASE_KEY_MISMATCH",
+                )
             issued = self._issuer.issue(
                 verified, runtime_data=runtime_data, nonce=nonce, quote_hash=hashlib.sha256(quote).digest()
             )

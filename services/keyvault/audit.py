@@ -38,6 +38,7 @@ ACTION_ROTATE = "rotate"
 ACTION_DESTROY = "destroy"
 ACTION_ADVANCE_HEAD = "advance_commit_head"
 ACTION_ROTATE_SIGNING_KEY = "rotate_signing_key"
+ACTION_CREATE_RELEASE_KEY = "create_release_key"
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -1,9 +1,11 @@
 """The enclave's public keys as carried in an attestation token's runtime data (``x-ms-sgx-ehd``).
 
 Runtime data is a serialized ``veil.enclave.v1.EnclavePublicKeys``: the X25519 HPKE key
-that receives released data keys and the Ed25519 key that signs commit heads. Only the
-canonical serialization is accepted (re-serializing must give the same bytes), so the
-keyvault and the enclave can never read one blob two ways (duplicate or unknown fields).
+that receives released data keys, the Ed25519 key that signs commit heads, and the
+keyvault release-signing key the enclave pinned at Initialize (the only keyvault whose
+releases it accepts). All three are required. Only the canonical serialization is
+accepted (re-serializing the known fields must give the same bytes), so the keyvault and
+the enclave can never read one blob two ways (duplicate, reordered or unknown fields).
 Keys are only trusted through :func:`bound_enclave_keys`, which first re-checks that the
 token's report data is SHA-256(runtime data || nonce) with 32 zero bytes after it.
 """
@@ -32,6 +34,7 @@ class EnclaveKeys:
     signing_public_key: Ed25519PublicKey
     hpke_public_bytes: bytes
     signing_public_bytes: bytes
+    keyvault_release_public_bytes: bytes
 
 
 def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
@@ -43,6 +46,7 @@ def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
         raise AttestationError(
             "runtime data is not EnclavePublicKeys", reason="RUNTIME_DATA_INVALID"
         ) from None
+    message.DiscardUnknownFields()  # protobuf re-serializes unknown fields; make them count
     if message.SerializeToString(deterministic=True) != runtime_data:
         raise AttestationError("runtime data is not canonically serialized", reason="RUNTIME_DATA_INVALID")
     if len(message.hpke_x25519_public_key) != X25519_KEY_SIZE:
@@ -50,6 +54,10 @@ def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
     if len(message.signing_public_key) != ED25519_KEY_SIZE:
         raise AttestationError(
             "runtime data lacks a 32-byte Ed25519 signing key", reason="RUNTIME_DATA_INVALID"
+        )
+    if len(message.keyvault_release_public_key) != ED25519_KEY_SIZE:
+        raise AttestationError(
+            "runtime data lacks a 32-byte keyvault release key", reason="RUNTIME_DATA_INVALID"
         )
     try:
         hpke_key = X25519PublicKey.from_public_bytes(message.hpke_x25519_public_key)
@@ -63,6 +71,7 @@ def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
         signing_public_key=signing_key,
         hpke_public_bytes=bytes(message.hpke_x25519_public_key),
         signing_public_bytes=bytes(message.signing_public_key),
+        keyvault_release_public_bytes=bytes(message.keyvault_release_public_key),
     )
 
 

@@ -24,7 +24,17 @@ the token's runtime data with::
 
 and empty AAD; ``encapsulated_key`` is the 32-byte HPKE ``enc`` and ``wrapped_key`` the
 48-byte ciphertext. The enclave opens it with the same suite and info
-(:func:`open_released_key` is the reference). A token's ``jti`` releases at most once,
+(:func:`open_released_key` is the reference). HPKE base mode does not authenticate the
+sender, so every release is also signed with the keyvault's Ed25519 release key
+(:mod:`services.keyvault.release_key`) over::
+
+    enclave.wire.wrapped_key_signing_bytes(name, version, enclave X25519 key, enc, ciphertext)
+      = b"veil/wrapped-key/v1" || u16be(len(name)) || name || u32be(version)
+        || u16be(32) || recipient key || u16be(32) || enc || u32be(48) || ciphertext
+
+and the enclave, which pinned that key at Initialize, refuses an unsigned release. A
+token whose enclave pins another release key is refused (``RELEASE_KEY_MISMATCH``; Attest
+never issues one). A token's ``jti`` releases at most once,
 recorded atomically with the audit event. Every outcome -- release, refusal, create,
 rotate, destroy -- is audited with the caller's identity.
 
@@ -46,6 +56,7 @@ from dataclasses import asdict, dataclass
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from enclave import wire
 from services.keyvault.audit import (
     ACTION_CREATE,
     ACTION_DESTROY,
@@ -71,6 +82,7 @@ from services.keyvault.errors import (
 )
 from services.keyvault.kek import Kek
 from services.keyvault.policy import parse_policy
+from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
 from services.keyvault.tokens import TokenVerifier, VerifiedToken, replay_horizon_us
 
@@ -140,12 +152,13 @@ class KeyMetadata:
 
 @dataclass(frozen=True)
 class ReleasedKey:
-    """A data key HPKE-sealed to an attested enclave."""
+    """A data key HPKE-sealed to an attested enclave and signed with the release key."""
 
     name: str
     version: int
     encapsulated_key: bytes
     wrapped_key: bytes
+    signature: bytes
 
 
 def open_released_key(released: ReleasedKey, hpke_private_key: X25519PrivateKey) -> bytes:
@@ -183,13 +196,21 @@ class KeyManager:
     """Creates, rotates, lists, destroys and releases data keys; audits every outcome."""
 
     def __init__(
-        self, store: Store, kek: Kek, audit: AuditLog, verifier: TokenVerifier, clock: Clock
+        self,
+        store: Store,
+        kek: Kek,
+        audit: AuditLog,
+        verifier: TokenVerifier,
+        clock: Clock,
+        *,
+        release_signer: ReleaseSigner,
     ) -> None:
         self._store = store
         self._kek = kek
         self._audit = audit
         self._verifier = verifier
         self._clock = clock
+        self._signer = release_signer
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, name: str) -> KeyMetadata:
@@ -320,6 +341,11 @@ class KeyManager:
             verified = self._verifier.verify(token)
             detail.update(_token_facts(verified))
             enclave = bound_enclave_keys(verified)
+            if enclave.keyvault_release_public_bytes != self._signer.public_key:
+                # Attest issues no such token; refuse anyway rather than sign for such an enclave.
+                raise ReleaseRefusedError(
+                    "the token's enclave pins another keyvault release key", reason="RELEASE_KEY_MISMATCH"
+                )
             with self._store.transaction() as tx:
                 key = self._live_key(tx, name, lock=False)
                 chosen = version or key.latest_version
@@ -332,6 +358,11 @@ class KeyManager:
                 raise ReleaseRefusedError(decision.reason)
             data_key = self._kek.unwrap(wrapped.wrapped, data_key_aad(name, chosen))
             sealed = HPKE_SUITE.encrypt(data_key, enclave.hpke_public_key, info=release_info(name, chosen))
+            enc, ciphertext = sealed[:HPKE_ENC_SIZE], sealed[HPKE_ENC_SIZE:]
+            # The signature is what lets the enclave tell our release from a host-made one.
+            signature = self._signer.sign(
+                wire.wrapped_key_signing_bytes(name, chosen, enclave.hpke_public_bytes, enc, ciphertext)
+            )
             with self._store.transaction() as tx:
                 # Housekeeping in its own short transaction, so releases never contend on it.
                 tx.purge_jtis(to_micros(self._clock()))
@@ -344,10 +375,7 @@ class KeyManager:
                     tx, action=ACTION_RELEASE, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail
                 )
             return ReleasedKey(
-                name=name,
-                version=chosen,
-                encapsulated_key=sealed[:HPKE_ENC_SIZE],
-                wrapped_key=sealed[HPKE_ENC_SIZE:],
+                name=name, version=chosen, encapsulated_key=enc, wrapped_key=ciphertext, signature=signature
             )
         except BaseException as exc:
             self._refused(ACTION_RELEASE, caller, detail, exc)

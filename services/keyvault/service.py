@@ -121,7 +121,10 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def GetJwks(self, request: keyvault_pb2.GetJwksRequest, context: grpc.ServicerContext) -> Any:
         with _domain_errors():
             jwks = self._kv.ring.jwks()
-        return keyvault_pb2.GetJwksResponse(jwks_json=json.dumps(jwks, sort_keys=True, separators=(",", ":")))
+        return keyvault_pb2.GetJwksResponse(
+            jwks_json=json.dumps(jwks, sort_keys=True, separators=(",", ":")),
+            release_public_key=self._kv.release_signer.public_key,
+        )
 
     def ReleaseKey(self, request: keyvault_pb2.ReleaseKeyRequest, context: grpc.ServicerContext) -> Any:
         caller = peer_identity(context)
@@ -132,6 +135,7 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             version=released.version,
             encapsulated_key=released.encapsulated_key,
             wrapped_key=released.wrapped_key,
+            signature=released.signature,
         )
 
     def CreateKey(self, request: keyvault_pb2.CreateKeyRequest, context: grpc.ServicerContext) -> Any:

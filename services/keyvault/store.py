@@ -1,8 +1,9 @@
 """The keyvault's persistence interface: every piece of state, behind one transactional Protocol.
 
 Keyvault replicas are stateless over the database: keys and their versions (material only
-ever KEK-wrapped), token-signing keys (private halves KEK-wrapped), used token ids, commit
-heads, the audit log and idempotency records all live here. Two implementations pass one
+ever KEK-wrapped), token-signing keys and the release-signing key (private halves
+KEK-wrapped), used token ids, commit heads, the audit log and idempotency records all live
+here. Two implementations pass one
 test suite: :mod:`services.keyvault.store_sqlite` (embedded default) and
 :mod:`services.keyvault.store_postgres` (production, shared by replicas).
 
@@ -12,15 +13,16 @@ Concurrency contract (what the libraries rely on):
   rolls back when it raises.
 * Writers are safe against each other across processes: ``insert_*`` methods that return
   ``bool`` are atomic insert-if-absent (``INSERT ... ON CONFLICT DO NOTHING``),
-  ``replace_head`` is an atomic compare-and-set, ``get_key(lock=True)`` holds the key row
+  ``replace_head`` is an atomic compare-and-set, ``insert_release_key`` sets the one
+  release-signing key only if none exists, ``get_key(lock=True)`` holds the key row
   until commit, and ``audit_tip()`` serialises audit appends so two replicas cannot fork
   the hash chain (``SELECT ... FOR UPDATE`` on a head row in PostgreSQL; ``BEGIN
   IMMEDIATE`` in SQLite, which serialises all writers anyway).
 * ``claim_request`` makes request ids idempotent: in the transaction that performs the
   effect, it either returns the committed record of an earlier request with the same id or
   reserves the id, so a concurrent duplicate waits for (and then sees) the first result.
-* Lock order is fixed -- idempotency record, key row, commit head, audit tip last -- so
-  transactions never deadlock one another.
+* Lock order is fixed -- idempotency record, release key, key row, commit head, audit tip
+  last -- so transactions never deadlock one another.
 
 All times are integer microseconds since the epoch (see :mod:`services.keyvault.clock`).
 """
@@ -67,6 +69,16 @@ class SigningKeyRecord:
     public_jwk_json: str
     created_us: int
     retired_us: int | None
+
+
+@dataclass(frozen=True)
+class ReleaseKeyRecord:
+    """The keyvault's one Ed25519 release-signing key: private half KEK-wrapped."""
+
+    public_key: bytes
+    kek_id: str
+    wrapped_private: bytes
+    created_us: int
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,15 @@ class StoreTx(Protocol):
 
     def delete_signing_keys_retired_before(self, cutoff_us: int) -> int:
         """Forget keys retired before ``cutoff_us`` (no unexpired token can name them)."""
+        ...
+
+    # -- the release-signing key --------------------------------------------------------
+    def get_release_key(self) -> ReleaseKeyRecord | None:
+        """The release-signing key, or None before the first keyvault start created it."""
+        ...
+
+    def insert_release_key(self, key: ReleaseKeyRecord) -> bool:
+        """Set the release-signing key if none exists (atomic); False (no change) otherwise."""
         ...
 
     # -- token replay --------------------------------------------------------------------

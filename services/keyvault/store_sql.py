@@ -18,6 +18,7 @@ from services.keyvault.store import (
     IdempotencyRecord,
     KeyRecord,
     KeyVersionRecord,
+    ReleaseKeyRecord,
     SigningKeyRecord,
 )
 
@@ -156,6 +157,27 @@ class SqlTx:
 
     def delete_signing_keys_retired_before(self, cutoff_us: int) -> int:
         return self._run("DELETE FROM kv_signing_keys WHERE retired_us < ?", (cutoff_us,)).rowcount
+
+    # -- the release-signing key ----------------------------------------------------------
+    def get_release_key(self) -> ReleaseKeyRecord | None:
+        row = self._run(
+            "SELECT public_key, kek_id, wrapped_private, created_us FROM kv_release_key WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return ReleaseKeyRecord(
+            public_key=bytes(row[0]), kek_id=row[1], wrapped_private=bytes(row[2]), created_us=int(row[3])
+        )
+
+    def insert_release_key(self, key: ReleaseKeyRecord) -> bool:
+        # One row (id = 1): a replica that loses the race waits for the winner's commit, then
+        # gets no row back and reads the winner's key.
+        row = self._run(
+            "INSERT INTO kv_release_key (id, public_key, kek_id, wrapped_private, created_us) "
+            "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+            (key.public_key, key.kek_id, key.wrapped_private, key.created_us),
+        ).fetchone()
+        return row is not None
 
     # -- token replay ----------------------------------------------------------------------
     def use_jti(self, jti: str, expires_us: int) -> bool:

@@ -52,6 +52,15 @@ CREATE TABLE IF NOT EXISTS kv_signing_keys (
 )
     """,
     """
+CREATE TABLE IF NOT EXISTS kv_release_key (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    public_key BLOB NOT NULL,
+    kek_id TEXT NOT NULL,
+    wrapped_private BLOB NOT NULL,
+    created_us INTEGER NOT NULL
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS kv_used_jtis (
     jti TEXT PRIMARY KEY,
     expires_us INTEGER NOT NULL

@@ -174,9 +174,18 @@ class EnclaveHost:
 
     # --- one method per ECALL ------------------------------------------------------------
 
-    def initialize(self, memory_budget_bytes: int = 0) -> ecall_pb2.InitializeResponse:
-        """Generate the enclave's keys; returns its public keys and measurement."""
-        request = ecall_pb2.InitializeRequest(memory_budget_bytes=memory_budget_bytes)
+    def initialize(
+        self, memory_budget_bytes: int = 0, *, keyvault_release_public_key: bytes
+    ) -> ecall_pb2.InitializeResponse:
+        """Pin the keyvault's release key and generate the enclave's keys.
+
+        `keyvault_release_public_key` (required, 32 bytes) is `GetJwks.release_public_key` of
+        the keyvault: the enclave then accepts only key releases that keyvault signed. Returns
+        the enclave's public keys (which echo the pinned key) and its measurement.
+        """
+        request = ecall_pb2.InitializeRequest(
+            memory_budget_bytes=memory_budget_bytes, keyvault_release_public_key=keyvault_release_public_key
+        )
         return self.call("Initialize", request, ecall_pb2.InitializeResponse)
 
     def get_quote(self, report_data: bytes) -> bytes:
@@ -185,7 +194,11 @@ class EnclaveHost:
         return self.call("GetQuote", request, ecall_pb2.GetQuoteResponse).quote
 
     def provision_key(self, instance_id: str, key_version: int, wrapped_key: envelope_pb2.WrappedKey) -> None:
-        """Install a data key released by the keyvault (wrapped to the enclave)."""
+        """Install a data key released by the keyvault: wrapped to the enclave, with its signature.
+
+        `wrapped_key.signature` must carry `ReleaseKeyResponse.signature`; without it the
+        enclave refuses the key (PERMISSION_DENIED).
+        """
         request = ecall_pb2.ProvisionKeyRequest(
             instance_id=instance_id, key_version=key_version, wrapped_key=wrapped_key
         )

@@ -19,18 +19,43 @@ from services.state.enclave_host import EnclaveHost
 X25519 = envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM
 PQ = envelope_pb2.HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM
 NOW_MS = 1_800_000_000_000
+#: The test keyvault's release-signing key: every harness enclave pins its public half.
+KEYVAULT_RELEASE_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"veil test keyvault release key").digest()
+)
+KEYVAULT_RELEASE_PUBLIC_KEY = KEYVAULT_RELEASE_KEY.public_key().public_bytes_raw()
 
 
 def wrap_key(
-    keys: envelope_pb2.EnclavePublicKeys, instance_id: str, version: int, key: bytes
+    keys: envelope_pb2.EnclavePublicKeys,
+    instance_id: str,
+    version: int,
+    key: bytes,
+    signer: ed25519.Ed25519PrivateKey | None = KEYVAULT_RELEASE_KEY,
 ) -> envelope_pb2.WrappedKey:
-    """Wrap a data key exactly as the keyvault does (public single-shot HPKE, info only)."""
+    """Wrap and sign a data key exactly as the keyvault does (`signer` None: unsigned)."""
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
     public = x25519.X25519PublicKey.from_public_bytes(keys.hpke_x25519_public_key)
-    sealed = suite.encrypt(
-        key, public, info=wire.key_release_info(wire.instance_key_name(instance_id), version)
+    key_name = wire.instance_key_name(instance_id)
+    sealed = suite.encrypt(key, public, info=wire.key_release_info(key_name, version))
+    wrapped = envelope_pb2.WrappedKey(suite=X25519, encapsulated_key=sealed[:32], ciphertext=sealed[32:])
+    if signer is not None:
+        wrapped.signature = release_signature(wrapped, key_name, version, keys.hpke_x25519_public_key, signer)
+    return wrapped
+
+
+def release_signature(
+    wrapped: envelope_pb2.WrappedKey,
+    key_name: str,
+    version: int,
+    recipient_hpke_public_key: bytes,
+    signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
+) -> bytes:
+    """A keyvault release signature over `wrapped` for any (name, version, recipient)."""
+    message = wire.wrapped_key_signing_bytes(
+        key_name, version, recipient_hpke_public_key, wrapped.encapsulated_key, wrapped.ciphertext
     )
-    return envelope_pb2.WrappedKey(suite=X25519, encapsulated_key=sealed[:32], ciphertext=sealed[32:])
+    return signer.sign(message)
 
 
 @dataclass
@@ -142,10 +167,17 @@ class Harness:
     log: dict[str, list[envelope_pb2.LogEntry]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, enclave: Enclave, memory_budget_bytes: int = 0) -> Harness:
-        """Initialize `enclave` behind an in-process host."""
+    def start(
+        cls,
+        enclave: Enclave,
+        memory_budget_bytes: int = 0,
+        keyvault_release_public_key: bytes = KEYVAULT_RELEASE_PUBLIC_KEY,
+    ) -> Harness:
+        """Initialize `enclave` behind an in-process host, pinned to the test keyvault."""
         host = EnclaveHost.from_dispatcher(Dispatcher(enclave))
-        keys = host.initialize(memory_budget_bytes).keys
+        keys = host.initialize(
+            memory_budget_bytes, keyvault_release_public_key=keyvault_release_public_key
+        ).keys
         return cls(enclave=enclave, host=host, keys=keys)
 
     def provision(self, instance_id: str, version: int = 1, key: bytes | None = None) -> bytes:

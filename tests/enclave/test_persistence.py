@@ -7,11 +7,12 @@ import secrets
 import pytest
 from veil.enclave.v1 import apps_pb2
 
+from enclave import wire
 from enclave.errors import DecryptionError
 from enclave.providers.sealing import SimSealingProvider
 from services.state.enclave_host import EnclaveCallError
 from tests.enclave.conftest import MakeEnclave
-from tests.enclave.support import Harness, config, error_code, vault
+from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, Harness, config, error_code, vault
 
 
 def _put(record_id: str, data: bytes) -> apps_pb2.AppCall:
@@ -76,9 +77,9 @@ def test_sealed_keys_open_only_on_the_same_platform_and_measurement(make_enclave
     # Same platform, another enclave build (measurement): refused too.
     other_build = SimSealingProvider(platform_a, secrets.token_bytes(32))
     with pytest.raises(DecryptionError):
-        other_build.unseal(blob, b"veil/sealed-keys/v1")
+        other_build.unseal(blob, wire.sealed_keys_aad(KEYVAULT_RELEASE_PUBLIC_KEY))
     same_build = SimSealingProvider(platform_a, a.enclave.mrenclave)
-    assert same_build.unseal(blob, b"veil/sealed-keys/v1")
+    assert same_build.unseal(blob, wire.sealed_keys_aad(KEYVAULT_RELEASE_PUBLIC_KEY))
 
 
 @pytest.mark.parametrize("bit", [0, 8, 8 * 13, -1])

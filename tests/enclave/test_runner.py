@@ -16,7 +16,7 @@ from enclave.runner import RunnerOptions, serve
 from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from tests.conftest import REPO_ROOT
 from tests.enclave.conftest import MakeEnclave
-from tests.enclave.support import Client, config, error_code, vault, wrap_key
+from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, Client, config, error_code, vault, wrap_key
 
 
 def _reply(dispatcher: Dispatcher, frame: bytes) -> ecall_pb2.EcallReply:
@@ -42,9 +42,9 @@ def test_unknown_and_malformed_calls_are_refused_and_change_nothing(make_enclave
     host = EnclaveHost.from_dispatcher(dispatcher)
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION: enclave not initialized"):
         host.get_quote(b"")
-    host.initialize()
+    host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION: enclave already initialized"):
-        host.initialize()
+        host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
     with pytest.raises(EnclaveCallError, match="NOT_FOUND"):
         host.snapshot("nope")
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
@@ -120,7 +120,7 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
         memory_mb=8,
     )
     with EnclaveHost.spawn(options) as host:
-        keys = host.initialize().keys
+        keys = host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY).keys
         assert host.get_status().memory_budget_bytes == 8 * 1024 * 1024
         assert (tmp_path / "node-a.secret").stat().st_mode & 0o777 == 0o600
         host.provision_key("v", 1, wrap_key(keys, "v", 1, b"k" * 32))
@@ -142,13 +142,13 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
 
     # A restarted runner on the same simulated node can unseal; another node cannot.
     with EnclaveHost.spawn(options) as again:
-        again.initialize()
+        again.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
         assert again.unseal(blob) == ["v"]
     other = RunnerOptions(
         quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=tmp_path / "node-b.secret"
     )
     with EnclaveHost.spawn(other) as elsewhere:
-        elsewhere.initialize()
+        elsewhere.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
         with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
             elsewhere.unseal(blob)
 
@@ -174,7 +174,7 @@ def test_in_process_mode_builds_the_same_enclave_as_the_runner(
         quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=tmp_path / "p"
     )
     host = EnclaveHost.in_process(options)
-    assert host.initialize().mrenclave == mrenclave
+    assert host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY).mrenclave == mrenclave
     assert host.get_status().memory_budget_bytes == 96 * 1024 * 1024
     with pytest.raises(ValueError, match="--pck-dir"):
         EnclaveHost.in_process(RunnerOptions(quote_provider="sim", seal_provider="sim"))

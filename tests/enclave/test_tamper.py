@@ -218,11 +218,11 @@ def test_snapshot_of_another_instance_is_refused(vault_harness: tuple[Harness, C
 
 
 def test_tampered_or_misdirected_wrapped_key_is_refused(harness: Harness) -> None:
-    from tests.enclave.support import wrap_key
+    from tests.enclave.support import release_signature, wrap_key
 
     before = harness.enclave.state_digest()
     wrapped = wrap_key(harness.keys, "v", 1, bytes(32))
-    for bad in (
+    tampered = [
         envelope_pb2.WrappedKey(
             suite=wrapped.suite,
             encapsulated_key=wrapped.encapsulated_key,
@@ -233,13 +233,24 @@ def test_tampered_or_misdirected_wrapped_key_is_refused(harness: Harness) -> Non
             encapsulated_key=_flip(wrapped.encapsulated_key, 1),
             ciphertext=wrapped.ciphertext,
         ),
-    ):
-        with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
+    ]
+    for bad in tampered:
+        bad.signature = wrapped.signature  # the signature covers enc and ciphertext
+        with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):
             harness.host.provision_key("v", 1, bad)
-    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):  # released for "v", installed as "w"
+        # Even a keyvault-signed blob must still open under HPKE (name, version and recipient).
+        bad.signature = release_signature(bad, "instance.v", 1, harness.keys.hpke_x25519_public_key)
+        with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT: wrapped key: decryption failed"):
+            harness.host.provision_key("v", 1, bad)
+    with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):  # released for "v", installed as "w"
         harness.host.provision_key("w", 1, wrapped)
-    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):  # released as version 1, installed as 2
+    with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):  # released as version 1, installed as 2
         harness.host.provision_key("v", 2, wrapped)
+    short_enc = envelope_pb2.WrappedKey()
+    short_enc.CopyFrom(wrapped)
+    short_enc.encapsulated_key = wrapped.encapsulated_key[:31]
+    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT: wrapped keys use the X25519"):
+        harness.host.provision_key("v", 1, short_enc)
     assert harness.enclave.state_digest() == before
     harness.host.provision_key("v", 1, wrapped)
     with pytest.raises(EnclaveCallError, match="ALREADY_EXISTS"):  # no silent key swap

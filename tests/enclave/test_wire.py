@@ -85,6 +85,27 @@ def test_key_release_info_matches_the_keyvault() -> None:
     assert release_info("instance.v", 7) == expected
 
 
+def test_wrapped_key_signing_bytes_and_sealed_keys_aad() -> None:
+    recipient, enc, ciphertext = b"R" * 32, b"E" * 32, b"C" * 48
+    assert wire.wrapped_key_signing_bytes("instance.v", 7, recipient, enc, ciphertext) == (
+        b"veil/wrapped-key/v1"
+        + b"\x00\x0ainstance.v"
+        + b"\x00\x00\x00\x07"
+        + b"\x00\x20"
+        + recipient
+        + b"\x00\x20"
+        + enc
+        + b"\x00\x00\x00\x30"
+        + ciphertext
+    )
+    # Lengths make the fields unambiguous: moving a byte between enc and ciphertext changes the bytes.
+    assert wire.wrapped_key_signing_bytes("instance.v", 7, recipient, enc + b"C", ciphertext[1:]) != (
+        wire.wrapped_key_signing_bytes("instance.v", 7, recipient, enc, ciphertext)
+    )
+    pinned = b"K" * 32
+    assert wire.sealed_keys_aad(pinned) == b"veil/sealed-keys/v2\x00\x20" + pinned
+
+
 def test_commit_head_bytes_match_the_keyvault() -> None:
     head_hash = hashlib.sha256(b"h").digest()
     expected = b"veil/commit-head/v1" + b"\x00\x03abc" + struct.pack(">Q", 42) + head_hash

@@ -25,12 +25,13 @@ from services.keyvault.audit import AuditLog
 from services.keyvault.heads import CommitHeads
 from services.keyvault.kek import FileKek
 from services.keyvault.keys import KeyManager
+from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.store import Store
 from services.keyvault.store_postgres import PostgresStore
 from services.keyvault.store_sqlite import SqliteStore
 from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
 
-from .support import ISSUER, POSTGRES_DSN, FakeClock, FakeEnclave, SoftHsm
+from .support import ISSUER, POSTGRES_DSN, FakeClock, FakeEnclave, SoftHsm, fixed_release_signer
 
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -104,10 +105,21 @@ def verifier(ring: SigningKeyRing, clock: FakeClock) -> TokenVerifier:
 
 
 @pytest.fixture
+def release_signer() -> ReleaseSigner:
+    """The fixed test release key, which FakeEnclave pins by default."""
+    return fixed_release_signer()
+
+
+@pytest.fixture
 def keys(
-    store: Store, kek: FileKek, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock
+    store: Store,
+    kek: FileKek,
+    audit: AuditLog,
+    verifier: TokenVerifier,
+    clock: FakeClock,
+    release_signer: ReleaseSigner,
 ) -> KeyManager:
-    return KeyManager(store, kek, audit, verifier, clock)
+    return KeyManager(store, kek, audit, verifier, clock, release_signer=release_signer)
 
 
 @pytest.fixture

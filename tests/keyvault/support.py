@@ -1,7 +1,8 @@
 """Test helpers for the keyvault libraries: a settable clock, fake enclaves and their quotes.
 
 A :class:`FakeEnclave` holds real X25519/Ed25519 key pairs and produces what the real
-enclave would: runtime data (serialized ``EnclavePublicKeys``), a quote-like record whose
+enclave would: runtime data (serialized ``EnclavePublicKeys``, pinning the test keyvault's
+release key :data:`RELEASE_PUBLIC_KEY` unless told otherwise), a quote-like record whose
 report data binds that runtime data and a nonce, signed commit heads, and HPKE opening of
 released keys. Tokens are issued by the real :class:`TokenIssuer`, so only the quote
 verification step is faked here (it has its own tests under ``attestation/``).
@@ -19,14 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from veil.enclave.v1 import envelope_pb2
 
+from enclave import wire
 from enclave.providers.sim_quote import SimQuoteProvider
 from services.keyvault.heads import commit_head_message
 from services.keyvault.keys import ReleasedKey, open_released_key
+from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
 
 T = TypeVar("T")
@@ -39,6 +43,32 @@ MRSIGNER = bytes.fromhex("22" * 32)
 CALLER = "spiffe://veil/state"
 SIM_MRENCLAVE = hashlib.sha256(b"veil keyvault test enclave").digest()
 ADMIN = "spiffe://veil/admin"
+#: The library tests' release-signing key (the real one is created by the keyvault at start).
+RELEASE_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"veil keyvault test release key").digest())
+RELEASE_PUBLIC_KEY = RELEASE_KEY.public_key().public_bytes_raw()
+
+
+def fixed_release_signer() -> ReleaseSigner:
+    """A signer over :data:`RELEASE_KEY` (no store, no audit event)."""
+    return ReleaseSigner(private_key=RELEASE_KEY, public_key=RELEASE_PUBLIC_KEY)
+
+
+def release_signature_verifies(
+    released: ReleasedKey, recipient_hpke_public_key: bytes, release_public_key: bytes
+) -> bool:
+    """Whether ``released`` carries a valid release signature, checked as the enclave does."""
+    message = wire.wrapped_key_signing_bytes(
+        released.name,
+        released.version,
+        recipient_hpke_public_key,
+        released.encapsulated_key,
+        released.wrapped_key,
+    )
+    try:
+        Ed25519PublicKey.from_public_bytes(release_public_key).verify(released.signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -103,19 +133,23 @@ class FakeEnclave:
     tcb_status: str | None = "UpToDate"
     hpke_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     signing_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    keyvault_release_public_key: bytes = RELEASE_PUBLIC_KEY
 
     @property
     def runtime_data(self) -> bytes:
         raw = serialization.Encoding.Raw
         keys = envelope_pb2.EnclavePublicKeys(
-            hpke_x25519_public_key=self.hpke_key.public_key().public_bytes(
-                raw, serialization.PublicFormat.Raw
-            ),
+            hpke_x25519_public_key=self.hpke_public_bytes,
             signing_public_key=self.signing_key.public_key().public_bytes(
                 raw, serialization.PublicFormat.Raw
             ),
+            keyvault_release_public_key=self.keyvault_release_public_key,
         )
         return keys.SerializeToString(deterministic=True)
+
+    @property
+    def hpke_public_bytes(self) -> bytes:
+        return self.hpke_key.public_key().public_bytes_raw()
 
     @property
     def signing_public_bytes(self) -> bytes:

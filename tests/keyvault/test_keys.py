@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
@@ -32,10 +34,19 @@ from services.keyvault.keys import (
     open_released_key,
     release_info,
 )
+from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.store import AuditRecord, Store
 from services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
 
-from .support import ADMIN, CALLER, FakeClock, FakeEnclave, measurement_policy, run_concurrently
+from .support import (
+    ADMIN,
+    CALLER,
+    FakeClock,
+    FakeEnclave,
+    measurement_policy,
+    release_signature_verifies,
+    run_concurrently,
+)
 
 
 def last_event(audit: AuditLog) -> AuditRecord:
@@ -171,10 +182,15 @@ def test_request_ids_make_mutations_idempotent(keys: KeyManager, audit: AuditLog
 
 
 def test_concurrent_duplicate_requests_from_two_replicas(
-    keys: KeyManager, replica: Store, kek: FileKek, clock: FakeClock, verifier: TokenVerifier
+    keys: KeyManager,
+    replica: Store,
+    kek: FileKek,
+    clock: FakeClock,
+    verifier: TokenVerifier,
+    release_signer: ReleaseSigner,
 ) -> None:
     keys.create("orders", measurement_policy(), caller=ADMIN)
-    other = KeyManager(replica, kek, AuditLog(replica, clock), verifier, clock)
+    other = KeyManager(replica, kek, AuditLog(replica, clock), verifier, clock, release_signer=release_signer)
     managers = [keys, other]
 
     def rotate(index: int) -> int:
@@ -208,7 +224,8 @@ def test_release_seals_to_the_enclave_hpke_key(
         open_released_key(released, X25519PrivateKey.generate())
     with pytest.raises(InvalidTag):  # info binds the key name
         open_released_key(
-            ReleasedKey("billing", 1, released.encapsulated_key, released.wrapped_key), enclave.hpke_key
+            ReleasedKey("billing", 1, released.encapsulated_key, released.wrapped_key, released.signature),
+            enclave.hpke_key,
         )
     event = last_event(audit)
     assert (event.action, event.outcome, event.caller) == ("release", "allowed", CALLER)
@@ -343,3 +360,49 @@ def test_audit_chain_holds_after_a_busy_session(
         keys.release(FakeEnclave(debug=True).token(issuer).token, "orders", caller=CALLER)
     keys.destroy("orders", caller=ADMIN)
     assert audit.verify_chain() == 5
+
+
+def test_every_release_is_signed_for_its_name_version_and_recipient(
+    keys: KeyManager, issuer: TokenIssuer, enclave: FakeEnclave, release_signer: ReleaseSigner
+) -> None:
+    keys.create("orders", measurement_policy(), caller=ADMIN)
+    keys.rotate("orders", caller=ADMIN)
+    for version in (1, 2, 0):
+        released = keys.release(enclave.token(issuer).token, "orders", version, caller=CALLER)
+        # Checked exactly as the enclave does, with the published key...
+        assert release_signature_verifies(released, enclave.hpke_public_bytes, release_signer.public_key)
+        # ...over the documented bytes.
+        message = (
+            b"veil/wrapped-key/v1\x00\x06orders"
+            + released.version.to_bytes(4, "big")
+            + b"\x00\x20"
+            + enclave.hpke_public_bytes
+            + b"\x00\x20"
+            + released.encapsulated_key
+            + b"\x00\x00\x00\x30"
+            + released.wrapped_key
+        )
+        Ed25519PublicKey.from_public_bytes(release_signer.public_key).verify(released.signature, message)
+        # It does not carry over to another recipient, name or version.
+        assert not release_signature_verifies(
+            released, FakeEnclave().hpke_public_bytes, release_signer.public_key
+        )
+        moved = dataclasses.replace(released, name="billing")
+        assert not release_signature_verifies(moved, enclave.hpke_public_bytes, release_signer.public_key)
+        bumped = dataclasses.replace(released, version=released.version + 1)
+        assert not release_signature_verifies(bumped, enclave.hpke_public_bytes, release_signer.public_key)
+        other_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+        assert not release_signature_verifies(released, enclave.hpke_public_bytes, other_key)
+
+
+def test_release_refused_to_an_enclave_pinned_to_another_keyvault(
+    keys: KeyManager, issuer: TokenIssuer, audit: AuditLog
+) -> None:
+    # Attest never issues such a token; the release path refuses it anyway.
+    keys.create("orders", measurement_policy(), caller=ADMIN)
+    rogue = FakeEnclave(
+        keyvault_release_public_key=Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    )
+    with pytest.raises(ReleaseRefusedError, match="pins another keyvault release key"):
+        keys.release(rogue.token(issuer).token, "orders", caller=CALLER)
+    assert_refusal_audited(audit, "release", "RELEASE_KEY_MISMATCH")

@@ -11,8 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
+from enclave.dispatcher import Dispatcher
+from enclave.providers.sealing import SimSealingProvider
+from enclave.runtime import Enclave
 from services.common.config import ServiceConfig
 from services.common.errors import error_info
 from services.common.server import VeilServer
@@ -21,9 +26,10 @@ from services.keyvault.config import KekConfig, KeyvaultConfig
 from services.keyvault.keys import ReleasedKey
 from services.keyvault.server import create_server
 from services.keyvault.tokens import expected_report_data, verify_token
+from services.state.enclave_host import EnclaveCallError, EnclaveHost
 from tests.conftest import tls_for
 
-from .support import SIM_MRENCLAVE, FakeEnclave, policy_json, sim_provider
+from .support import SIM_MRENCLAVE, FakeEnclave, policy_json, release_signature_verifies, sim_provider
 
 ISSUER = "spiffe://veil/keyvault"
 INSTANCE = "inst-1"
@@ -81,7 +87,9 @@ def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 
 def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     admin, state, gateway = stub("admin"), stub("state"), stub("gateway")
-    enclave = FakeEnclave()
+    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+    assert len(release_public_key) == 32
+    enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
     policy = policy_json(
         {"claim": "x-ms-sgx-mrenclave", "equals": SIM_MRENCLAVE.hex()},
         authority=ISSUER,
@@ -97,17 +105,26 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     assert created.key.create_time.seconds > 0
 
     token = attest(state, pki_dir, enclave)
-    jwks = json.loads(gateway.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).jwks_json)
+    published = gateway.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10)
+    assert published.release_public_key == release_public_key
+    jwks = json.loads(published.jwks_json)
     verified = verify_token(token, jwks, issuer=ISSUER, now=time.time())
     assert verified.mrenclave == SIM_MRENCLAVE.hex()
 
     released = state.ReleaseKey(
         keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
     )
-    data_key = enclave.open(
-        ReleasedKey(released.key_name, released.version, released.encapsulated_key, released.wrapped_key)
+    as_released = ReleasedKey(
+        name=released.key_name,
+        version=released.version,
+        encapsulated_key=released.encapsulated_key,
+        wrapped_key=released.wrapped_key,
+        signature=released.signature,
     )
-    assert len(data_key) == 32
+    assert len(enclave.open(as_released)) == 32
+    # The release signature verifies with the published key, for this enclave's HPKE key only.
+    assert release_signature_verifies(as_released, enclave.hpke_public_bytes, release_public_key)
+    assert not release_signature_verifies(as_released, FakeEnclave().hpke_public_bytes, release_public_key)
     assert refusal(
         lambda: state.ReleaseKey(
             keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
@@ -149,6 +166,7 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
     actions = [(event.action, event.outcome) for event in page.events]
     assert actions == [
+        ("create_release_key", "allowed"),  # at the first start over an empty store
         ("create", "allowed"),
         ("attest", "allowed"),
         ("release", "allowed"),
@@ -156,7 +174,8 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
         ("advance_commit_head", "allowed"),
         ("advance_commit_head", "refused"),
     ]
-    assert {event.caller for event in page.events} == {"spiffe://veil/state"}
+    assert {event.caller for event in page.events[1:]} == {"spiffe://veil/state"}
+    assert json.loads(page.events[0].detail_json)["release_public_key"] == release_public_key.hex()
     assert all(
         later.previous_hash == earlier.hash
         for earlier, later in zip(page.events, page.events[1:], strict=False)
@@ -200,7 +219,8 @@ def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
         {"claim": "x-ms-sgx-mrenclave", "equals": "44" * 32}, authority=ISSUER, accepted_tcb=["Unevaluated"]
     )
     admin.CreateKey(keyvault_pb2.CreateKeyRequest(key_name="other", release_policy_json=other), timeout=10)
-    token = attest(state, pki_dir, FakeEnclave())
+    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+    token = attest(state, pki_dir, FakeEnclave(keyvault_release_public_key=release_public_key))
     assert refusal(
         lambda: state.ReleaseKey(keyvault_pb2.ReleaseKeyRequest(token=token, key_name="other"), timeout=10)
     ) == (
@@ -238,3 +258,95 @@ def test_authorization(stub: Stubs, identity: str, method: str, request_message:
         grpc.StatusCode.PERMISSION_DENIED,
         "PERMISSION_DENIED",
     )
+
+
+def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: Stubs, pki_dir: Path) -> None:
+    state = stub("state")
+    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+    enclave = Enclave(
+        mrenclave=SIM_MRENCLAVE,
+        quote_provider=sim_provider(pki_dir),
+        sealing_provider=SimSealingProvider(os.urandom(32), SIM_MRENCLAVE),
+    )
+    host = EnclaveHost.from_dispatcher(Dispatcher(enclave))
+    keys = host.initialize(keyvault_release_public_key=release_public_key).keys
+    assert keys.keyvault_release_public_key == release_public_key
+    runtime_data = keys.SerializeToString(deterministic=True)
+
+    def fresh_token() -> str:
+        nonce = os.urandom(32)
+        quote = host.get_quote(expected_report_data(runtime_data, nonce))
+        request = keyvault_pb2.AttestRequest(quote=quote, runtime_data=runtime_data, nonce=nonce)
+        return state.Attest(request, timeout=10).token
+
+    policy = policy_json(
+        {"claim": "x-ms-sgx-mrenclave", "equals": SIM_MRENCLAVE.hex()},
+        authority=ISSUER,
+        accepted_tcb=["Unevaluated"],
+    )
+    state.CreateKey(
+        keyvault_pb2.CreateKeyRequest(key_name="instance.inst-1", release_policy_json=policy), timeout=10
+    )
+    released = state.ReleaseKey(
+        keyvault_pb2.ReleaseKeyRequest(token=fresh_token(), key_name="instance.inst-1"), timeout=10
+    )
+    wrapped = envelope_pb2.WrappedKey(
+        suite=envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM,
+        encapsulated_key=released.encapsulated_key,
+        ciphertext=released.wrapped_key,
+        signature=released.signature,
+    )
+    # The host cannot strip the signature or move the release to another instance.
+    unsigned = envelope_pb2.WrappedKey()
+    unsigned.CopyFrom(wrapped)
+    unsigned.ClearField("signature")
+    with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):
+        host.provision_key(INSTANCE, released.version, unsigned)
+    with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):
+        host.provision_key("inst-2", released.version, wrapped)
+    host.provision_key(INSTANCE, released.version, wrapped)
+    created = host.create_instance(
+        INSTANCE,
+        envelope_pb2.InstanceConfig(
+            app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_NONE
+        ),
+    )
+    assert created.head.head.sequence == 1
+
+
+def test_attest_refuses_an_enclave_pinned_to_another_keyvault(stub: Stubs, pki_dir: Path) -> None:
+    state, admin = stub("state"), stub("admin")
+    host_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    assert refusal(lambda: attest(state, pki_dir, FakeEnclave(keyvault_release_public_key=host_key))) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "RELEASE_KEY_MISMATCH",
+    )
+    events = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10).events
+    refused = events[-1]
+    assert (refused.action, refused.outcome) == ("attest", "refused")
+    facts = json.loads(refused.detail_json)
+    assert (facts["reason"], facts["keyvault_release_public_key"]) == ("RELEASE_KEY_MISMATCH", host_key.hex())
+
+
+def test_the_release_key_survives_a_keyvault_restart(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+) -> None:
+    config = KeyvaultConfig(
+        db=str(tmp_path / "kv" / "keyvault.db"),
+        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
+        attestation_root=str(pki_dir / "sgx-root.pem"),
+    )
+    published = []
+    for _ in range(2):
+        server, port = create_server(service_config("keyvault"), keyvault_config=config)
+        server.start()
+        try:
+            with grpc.secure_channel(
+                f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "gateway"))
+            ) as channel:
+                stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+                published.append(stub.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key)
+        finally:
+            server.stop(0)
+    assert len(published[0]) == 32
+    assert published[0] == published[1]

@@ -81,16 +81,23 @@ class InitializeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    KEYVAULT_RELEASE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     memory_budget_bytes: _builtins.int
     """memory_budget_bytes caps the enclave's state size; 0 means the default (96 MiB)."""
+    keyvault_release_public_key: _builtins.bytes
+    """keyvault_release_public_key is the Ed25519 public key (32 bytes, required) of the
+    keyvault whose key releases this enclave accepts: ProvisionKey refuses any WrappedKey
+    not signed by it. It is echoed in EnclavePublicKeys, so quotes and tokens bind it.
+    """
     def __init__(
         self,
         *,
         memory_budget_bytes: _builtins.int = ...,
+        keyvault_release_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_budget_bytes", b"memory_budget_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keyvault_release_public_key", b"keyvault_release_public_key", "memory_budget_bytes", b"memory_budget_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,7 +190,7 @@ class ProvisionKeyRequest(_message.Message):
     """key_version is the key's version at the keyvault."""
     @_builtins.property
     def wrapped_key(self) -> _envelope_pb2.WrappedKey:
-        """wrapped_key is the data key HPKE-sealed to the enclave's HPKE key by the keyvault."""
+        """wrapped_key is the data key HPKE-sealed to the enclave's HPKE key and signed by the keyvault."""
 
     def __init__(
         self,

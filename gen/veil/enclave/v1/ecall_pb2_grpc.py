@@ -117,7 +117,8 @@ class EnclaveServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ProvisionKey(self, request, context):
-        """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave.
+        """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
+        and signed by the keyvault release key pinned at Initialize.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

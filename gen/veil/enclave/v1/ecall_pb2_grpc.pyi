@@ -42,7 +42,9 @@ class EnclaveServiceStub:
     GetQuote: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.GetQuoteRequest, _ecall_pb2.GetQuoteResponse]
     """GetQuote returns a DCAP quote over caller-chosen report data."""
     ProvisionKey: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.ProvisionKeyRequest, _ecall_pb2.ProvisionKeyResponse]
-    """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave."""
+    """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
+    and signed by the keyvault release key pinned at Initialize.
+    """
     CreateInstance: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.CreateInstanceRequest, _ecall_pb2.CreateInstanceResponse]
     """CreateInstance starts a new app instance and returns its genesis log entry."""
     ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.ExecuteBatchRequest, _ecall_pb2.ExecuteBatchResponse]
@@ -74,7 +76,9 @@ class EnclaveServiceAsyncStub(EnclaveServiceStub):
     GetQuote: _aio.UnaryUnaryMultiCallable[_ecall_pb2.GetQuoteRequest, _ecall_pb2.GetQuoteResponse]  # type: ignore[assignment]
     """GetQuote returns a DCAP quote over caller-chosen report data."""
     ProvisionKey: _aio.UnaryUnaryMultiCallable[_ecall_pb2.ProvisionKeyRequest, _ecall_pb2.ProvisionKeyResponse]  # type: ignore[assignment]
-    """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave."""
+    """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
+    and signed by the keyvault release key pinned at Initialize.
+    """
     CreateInstance: _aio.UnaryUnaryMultiCallable[_ecall_pb2.CreateInstanceRequest, _ecall_pb2.CreateInstanceResponse]  # type: ignore[assignment]
     """CreateInstance starts a new app instance and returns its genesis log entry."""
     ExecuteBatch: _aio.UnaryUnaryMultiCallable[_ecall_pb2.ExecuteBatchRequest, _ecall_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
@@ -121,7 +125,9 @@ class EnclaveServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ecall_pb2.ProvisionKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ecall_pb2.ProvisionKeyResponse, _abc.Awaitable[_ecall_pb2.ProvisionKeyResponse]]:
-        """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave."""
+        """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
+        and signed by the keyvault release key pinned at Initialize.
+        """
 
     @_abc_1.abstractmethod
     def CreateInstance(

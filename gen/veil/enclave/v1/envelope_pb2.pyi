@@ -131,22 +131,29 @@ class EnclavePublicKeys(_message.Message):
     HPKE_X25519_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     HPKE_MLKEM768X25519_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    KEYVAULT_RELEASE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     hpke_x25519_public_key: _builtins.bytes
     """hpke_x25519_public_key receives sealed commands (32 bytes)."""
     hpke_mlkem768x25519_public_key: _builtins.bytes
     """hpke_mlkem768x25519_public_key receives post-quantum sealed commands."""
     signing_public_key: _builtins.bytes
     """signing_public_key verifies receipts and commit heads (Ed25519, 32 bytes)."""
+    keyvault_release_public_key: _builtins.bytes
+    """keyvault_release_public_key is the keyvault release-signing key pinned at Initialize
+    (Ed25519, 32 bytes): the only keyvault whose wrapped keys this enclave accepts.
+    Clients and the keyvault check it against the key they expect.
+    """
     def __init__(
         self,
         *,
         hpke_x25519_public_key: _builtins.bytes = ...,
         hpke_mlkem768x25519_public_key: _builtins.bytes = ...,
         signing_public_key: _builtins.bytes = ...,
+        keyvault_release_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hpke_mlkem768x25519_public_key", b"hpke_mlkem768x25519_public_key", "hpke_x25519_public_key", b"hpke_x25519_public_key", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hpke_mlkem768x25519_public_key", b"hpke_mlkem768x25519_public_key", "hpke_x25519_public_key", b"hpke_x25519_public_key", "keyvault_release_public_key", b"keyvault_release_public_key", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,22 +198,29 @@ class WrappedKey(_message.Message):
     SUITE_FIELD_NUMBER: _builtins.int
     ENCAPSULATED_KEY_FIELD_NUMBER: _builtins.int
     CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     suite: Global___HpkeSuite.ValueType
     """suite is the HPKE suite used."""
     encapsulated_key: _builtins.bytes
     """encapsulated_key is the HPKE encapsulated key (enc)."""
     ciphertext: _builtins.bytes
     """ciphertext is the sealed key material."""
+    signature: _builtins.bytes
+    """signature is the keyvault's Ed25519 release signature over
+    enclave.wire.wrapped_key_signing_bytes (key name, version, recipient HPKE key, enc,
+    ciphertext); the enclave refuses a wrapped key whose signature does not verify.
+    """
     def __init__(
         self,
         *,
         suite: Global___HpkeSuite.ValueType = ...,
         encapsulated_key: _builtins.bytes = ...,
         ciphertext: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "encapsulated_key", b"encapsulated_key", "suite", b"suite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "encapsulated_key", b"encapsulated_key", "signature", b"signature", "suite", b"suite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,7 +31,9 @@ class AttestRequest(_message.Message):
     quote: _builtins.bytes
     """quote is a DCAP ECDSA quote v3."""
     runtime_data: _builtins.bytes
-    """runtime_data is the enclave's serialized public keys."""
+    """runtime_data is the enclave's serialized public keys; its keyvault_release_public_key
+    must be this keyvault's release key.
+    """
     nonce: _builtins.bytes
     """nonce is caller-chosen freshness; report data must equal SHA-256(runtime_data || nonce)."""
     def __init__(
@@ -101,16 +103,23 @@ class GetJwksResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JWKS_JSON_FIELD_NUMBER: _builtins.int
+    RELEASE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     jwks_json: _builtins.str
     """jwks_json is a JSON Web Key Set (RFC 7517)."""
+    release_public_key: _builtins.bytes
+    """release_public_key is the keyvault's Ed25519 release-signing public key (32 bytes): it
+    signs every released WrappedKey. Enclaves pin it at Initialize; operators and clients
+    can pin it too. It never changes for a keyvault deployment.
+    """
     def __init__(
         self,
         *,
         jwks_json: _builtins.str = ...,
+        release_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwks_json", b"jwks_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jwks_json", b"jwks_json", "release_public_key", b"release_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +165,7 @@ class ReleaseKeyResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ENCAPSULATED_KEY_FIELD_NUMBER: _builtins.int
     WRAPPED_KEY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """key_name names the key."""
     version: _builtins.int
@@ -164,6 +174,11 @@ class ReleaseKeyResponse(_message.Message):
     """encapsulated_key is the HPKE encapsulated key to the enclave's HPKE key."""
     wrapped_key: _builtins.bytes
     """wrapped_key is the data key HPKE-sealed to the enclave's HPKE key."""
+    signature: _builtins.bytes
+    """signature is the keyvault's Ed25519 signature (by release_public_key of GetJwks) over
+    enclave.wire.wrapped_key_signing_bytes(key_name, version, enclave HPKE key,
+    encapsulated_key, wrapped_key); pass it to the enclave as WrappedKey.signature.
+    """
     def __init__(
         self,
         *,
@@ -171,10 +186,11 @@ class ReleaseKeyResponse(_message.Message):
         version: _builtins.int = ...,
         encapsulated_key: _builtins.bytes = ...,
         wrapped_key: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encapsulated_key", b"encapsulated_key", "key_name", b"key_name", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encapsulated_key", b"encapsulated_key", "key_name", b"key_name", "signature", b"signature", "version", b"version", "wrapped_key", b"wrapped_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
