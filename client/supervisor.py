@@ -20,7 +20,13 @@ from types import FrameType
 import grpc
 
 from services.common.channels import health_status, wait_until_serving
-from services.common.config import DEFAULT_PORTS, ENV_DATA_DIR, ENV_GRACE_SECONDS
+from services.common.config import (
+    DEFAULT_PORTS,
+    ENV_ATTESTATION_ROOT,
+    ENV_DATA_DIR,
+    ENV_ENCLAVE_MODE,
+    ENV_GRACE_SECONDS,
+)
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
 _log = logging.getLogger("veil.up")
@@ -88,7 +94,15 @@ class Mesh:
         self._stopping = threading.Event()
         log_dir = data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, ENV_DATA_DIR: str(data_dir), ENV_GRACE_SECONDS: str(grace)}
+        # A local mesh runs the simulated enclave, whose quotes chain to the dev SGX root.
+        # Both settings are explicit here: the services themselves default to failing closed.
+        env = {
+            ENV_ENCLAVE_MODE: "sim",
+            ENV_ATTESTATION_ROOT: "dev",
+            **os.environ,
+            ENV_DATA_DIR: str(data_dir),
+            ENV_GRACE_SECONDS: str(grace),
+        }
         self.services = [Supervised(n, env, log_dir / f"{n}.log") for n in DEPLOY_ORDER]
 
     def start(self) -> None:
