@@ -7,9 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from veil.state.v1 import state_pb2_grpc
 
 from services.common.config import ServiceConfig, TlsFiles
 from services.common.pki import init_pki
+from services.common.server import VeilServer, build_server
+from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
+from services.state.server import SERVICE_NAME as STATE_SERVICE_NAME
+from services.state.server import StateServicer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,3 +48,23 @@ def service_config(pki_dir: Path, tmp_path: Path) -> Callable[[str], ServiceConf
         )
 
     return make
+
+
+def ping_only_state_server(
+    config: ServiceConfig, tracer_provider: TracerProvider | None = None
+) -> VeilServer:
+    """A state server without an enclave host: it answers Ping and GetStatus only.
+
+    Transport-level tests (mTLS, authorization, tracing, errors) need the real server
+    factory and authorization table, not the enclave start-up.
+    """
+    servicer = StateServicer()
+    server = build_server(
+        config,
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
+        service_names=[STATE_SERVICE_NAME],
+        authorization=STATE_AUTHORIZATION,
+        tracer_provider=tracer_provider,
+    )
+    server.set_serving(True)
+    return server

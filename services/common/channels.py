@@ -28,6 +28,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.enable_retries", 0),  # retries are explicit (tenacity), so they are visible and bounded
+    # gRPC's default reconnect back-off grows to 120 s; a peer back from a restart should be
+    # reached within seconds.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5000),
 ]
 
 Req = TypeVar("Req")

@@ -30,6 +30,10 @@ from services.common.tracing import server_tracing_interceptor
 _log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+# Kubernetes liveness asks for this health name: SERVING for as long as the process runs,
+# even while the service is not ready (recovering, waiting for the keyvault, FAILED with a
+# reason), so a replica that is alive but not ready is not restarted in a loop.
+LIVENESS_SERVICE = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _OPTIONS = [
@@ -50,6 +54,7 @@ class VeilServer:
     health: health.HealthServicer
     service_names: Sequence[str]
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    public_port: int | None = None
 
     def start(self) -> None:
         self.main.start()
@@ -101,15 +106,23 @@ def build_server(
     authorization: AuthorizationTable,
     tracer_provider: TracerProvider | None = None,
     max_workers: int = 32,
+    authorizer: grpc.ServerInterceptor | None = None,
+    public_listen: str | None = None,
 ) -> VeilServer:
-    """Assemble (not start) the main mTLS server and the plaintext admin server."""
+    """Assemble (not start) the main mTLS server and the plaintext admin server.
+
+    The last two exist for the gateway alone. `public_listen` adds a second, TLS-only
+    listener for clients without a certificate, served by the same server; it requires an
+    `authorizer`, which then replaces the mTLS `AuthorizationInterceptor` and decides what a
+    caller without a certificate may do. Every other service passes neither and stays
+    strictly mTLS.
+    """
+    if public_listen and authorizer is None:
+        raise ValueError("a public listener needs an authorizer that handles callers without certificates")
+    authorizer = authorizer or AuthorizationInterceptor(authorization)
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
-        interceptors=[
-            server_tracing_interceptor(tracer_provider),
-            ErrorInterceptor(),
-            AuthorizationInterceptor(authorization),
-        ],
+        interceptors=[server_tracing_interceptor(tracer_provider), ErrorInterceptor(), authorizer],
         options=_OPTIONS,
     )
     health_servicer = health.HealthServicer(
@@ -119,6 +132,11 @@ def build_server(
     register(main)
     _add_health_and_reflection(main, health_servicer, service_names)
     port = _bind(main, config.listen, server_credentials(config.tls))
+    public_port = (
+        _bind(main, public_listen, server_credentials(config.tls, require_client_auth=False))
+        if public_listen
+        else None
+    )
 
     admin = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"), options=_OPTIONS
@@ -126,8 +144,11 @@ def build_server(
     _add_health_and_reflection(admin, health_servicer, service_names)
     admin_port = _bind(admin, config.admin_listen, None)
 
-    bundle = VeilServer(main, port, admin, admin_port, health_servicer, service_names)
+    bundle = VeilServer(
+        main, port, admin, admin_port, health_servicer, service_names, public_port=public_port
+    )
     bundle.set_serving(False)
+    health_servicer.set(LIVENESS_SERVICE, SERVING)
     return bundle
 
 

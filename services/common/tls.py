@@ -55,13 +55,20 @@ class _ReloadingServerConfig:
             return config
 
 
-def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
-    """mTLS server credentials: client certificates required, certificate reloaded on change."""
+def server_credentials(tls: TlsFiles, *, require_client_auth: bool = True) -> grpc.ServerCredentials:
+    """TLS server credentials, certificate reloaded on change; client certificates required by default.
+
+    `require_client_auth=False` is for the gateway's public port alone: gRPC Python then does
+    not even request a client certificate (it has no "optional" mode), so every caller on
+    that port is anonymous to the transport.
+    """
     tls.check()
     reloading = _ReloadingServerConfig(tls)
     # gRPC accepts None from the fetcher ("no change"); the stub's return type is too narrow.
     fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], reloading.fetch)
-    return grpc.dynamic_ssl_server_credentials(reloading.build(), fetch, require_client_authentication=True)
+    return grpc.dynamic_ssl_server_credentials(
+        reloading.build(), fetch, require_client_authentication=require_client_auth
+    )
 
 
 def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:

@@ -1,7 +1,13 @@
-"""State service server: hosts the enclave; only the gateway identity may call it."""
+"""State service server: hosts the enclave; only the gateway identity may call it.
+
+`create_server` opens the store (SQLite under the data dir, or PostgreSQL), the keyvault
+channel and the host, and starts the host's start-up in the background: health stays
+NOT_SERVING until recovery completes (GetStatus says which step it is in), then SERVING.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -9,11 +15,21 @@ from opentelemetry.sdk.trace import TracerProvider
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 from services.common import identity
+from services.common.channels import remaining_timeout
 from services.common.config import ServiceConfig
+from services.common.errors import InvalidArgument
 from services.common.main import serve
 from services.common.server import VeilServer, build_server
+from services.state.config import StateConfig
+from services.state.enclave_host import EnclaveHost
+from services.state.errors import NotServing
+from services.state.host import StateHost
+from services.state.keyvault_client import KeyvaultClient
+from services.state.runner import spawn_enclave
+from services.state.store import StateStore, open_store
 
 SERVICE_NAME = state_pb2.DESCRIPTOR.services_by_name["StateService"].full_name
+EXECUTE_CEILING_S = 30.0
 
 # Every state RPC is for the gateway alone: clients reach enclaves only through it.
 AUTHORIZATION = identity.method_names(
@@ -26,13 +42,44 @@ AUTHORIZATION = identity.method_names(
 
 
 class StateServicer(state_pb2_grpc.StateServiceServicer):
-    """The state host's RPCs (enclave-backed calls arrive with the state-service issue)."""
+    """The StateService RPCs over a `StateHost`. Without a host only Ping (the baseline) answers."""
 
-    def __init__(self) -> None:
-        self.step = state_pb2.LIFECYCLE_STEP_SERVING
+    def __init__(self, host: StateHost | None = None) -> None:
+        self._host = host
+
+    def _require_host(self) -> StateHost:
+        if self._host is None:
+            raise NotServing("this server hosts no enclave")
+        return self._host
+
+    def Execute(self, request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        host = self._require_host()
+        if not request.instance_id or not request.HasField("command"):
+            raise InvalidArgument("instance_id and command are required")
+        timeout = remaining_timeout(context, EXECUTE_CEILING_S)
+        return host.execute(request.instance_id, request.command, request.request_id, timeout)
+
+    def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
+        host = self._require_host()
+        if not request.instance_id or not request.HasField("command"):
+            raise InvalidArgument("instance_id and command are required")
+        return host.query(request.instance_id, request.command)
+
+    def CreateInstance(self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext) -> Any:
+        host = self._require_host()
+        if not request.HasField("config"):
+            raise InvalidArgument("config is required")
+        instance = host.create_instance(request.instance_id, request.config, request.request_id)
+        return state_pb2.CreateInstanceResponse(instance=instance)
+
+    def ListInstances(self, request: state_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> Any:
+        return state_pb2.ListInstancesResponse(instances=self._require_host().list_instances())
+
+    def GetAttestation(self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext) -> Any:
+        return state_pb2.GetAttestationResponse(bundle=self._require_host().attestation_bundle())
 
     def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
-        return state_pb2.GetStatusResponse(step=self.step, detail="serving")
+        return self._require_host().status()
 
     def Ping(self, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> Any:
         # The transport baseline: acknowledged by the host, no enclave, no storage.
@@ -40,18 +87,57 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
 
 
 def create_server(
-    config: ServiceConfig, *, tracer_provider: TracerProvider | None = None
+    config: ServiceConfig,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    state_config: StateConfig | None = None,
+    enclave_factory: Callable[[], EnclaveHost] | None = None,
+    store: StateStore | None = None,
 ) -> tuple[VeilServer, int]:
-    """Build the state server (not started); returns it and its bound mTLS port."""
-    servicer = StateServicer()  # type: ignore[abstract]  # other RPCs: UNIMPLEMENTED until issue 5
-    server = build_server(
-        config,
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
-        tracer_provider=tracer_provider,
+    """Build the state server (not started) and begin the host's start-up; returns it and its port.
+
+    `state_config` defaults to `StateConfig.from_env`; `enclave_factory` to spawning the
+    runner process; `store` to the configured database (closed with the server).
+    """
+    settings = state_config or StateConfig.from_env(config)
+    owned_store = store is None
+    store = store if store is not None else open_store(settings.database, schema=settings.database_schema)
+    keyvault = KeyvaultClient.connect(settings.keyvault_address, config.tls, tracer_provider=tracer_provider)
+    server_box: list[VeilServer] = []
+
+    def health(serving: bool) -> None:
+        if server_box:
+            server_box[0].set_serving(serving)
+
+    host = StateHost(
+        settings,
+        store=store,
+        keyvault=keyvault,
+        enclave_factory=enclave_factory or (lambda: spawn_enclave(settings)),
+        on_serving=health,
     )
-    server.set_serving(True)
+    servicer = StateServicer(host)
+    try:
+        server = build_server(
+            config,
+            register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
+            service_names=[SERVICE_NAME],
+            authorization=AUTHORIZATION,
+            tracer_provider=tracer_provider,
+            # An Execute handler waits for its batch's commit: enough threads to fill batches.
+            max_workers=max(64, 2 * settings.batch_max),
+        )
+    except BaseException:
+        keyvault.close()
+        if owned_store:
+            store.close()
+        raise
+    server_box.append(server)
+    server.on_stop.append(host.stop)
+    server.on_stop.append(keyvault.close)
+    if owned_store:
+        server.on_stop.append(store.close)
+    host.start()
     return server, server.port
 
 

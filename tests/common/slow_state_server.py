@@ -31,7 +31,7 @@ def main(pki: Path) -> None:
         data_dir=pki.parent,
         grace_seconds=5.0,
     )
-    servicer = _SlowState()  # type: ignore[abstract]  # only Ping is exercised
+    servicer = _SlowState()
     server = build_server(
         config,
         register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),

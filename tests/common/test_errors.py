@@ -29,7 +29,7 @@ class _FailingState(StateServicer):
 def stub(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path
 ) -> Iterator[state_pb2_grpc.StateServiceStub]:
-    servicer = _FailingState()  # type: ignore[abstract]  # only Ping is exercised
+    servicer = _FailingState()
     server = build_server(
         service_config("state"),
         register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),

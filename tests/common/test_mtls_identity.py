@@ -15,13 +15,12 @@ from services.common.errors import error_info
 from services.common.pki import init_pki
 from services.common.server import VeilServer
 from services.common.tls import channel_credentials
-from services.state.server import create_server
-from tests.conftest import tls_for
+from tests.conftest import ping_only_state_server, tls_for
 
 
 @pytest.fixture
 def state_server(service_config: Callable[[str], ServiceConfig]) -> Iterator[VeilServer]:
-    server, _ = create_server(service_config("state"))
+    server = ping_only_state_server(service_config("state"))
     server.start()
     yield server
     server.stop(0)

@@ -13,8 +13,7 @@ from services.common.config import ServiceConfig
 from services.common.tracing import make_tracer_provider
 from services.gateway.config import GatewayConfig
 from services.gateway.server import create_server as create_gateway
-from services.state.server import create_server as create_state
-from tests.conftest import tls_for
+from tests.conftest import ping_only_state_server, tls_for
 
 
 def test_one_trace_id_spans_gateway_and_state(
@@ -22,7 +21,8 @@ def test_one_trace_id_spans_gateway_and_state(
 ) -> None:
     exporter = InMemorySpanExporter()
     provider = make_tracer_provider("test", exporter)
-    state, state_port = create_state(service_config("state"), tracer_provider=provider)
+    state = ping_only_state_server(service_config("state"), tracer_provider=provider)
+    state_port = state.port
     state.start()
     gateway, gateway_port = create_gateway(
         service_config("gateway"),
@@ -36,7 +36,7 @@ def test_one_trace_id_spans_gateway_and_state(
             reply = gateway_pb2_grpc.GatewayServiceStub(channel).GetStatus(
                 gateway_pb2.GetStatusRequest(), timeout=10
             )
-        assert reply.serving
+        assert [s.address for s in reply.shards] == [f"127.0.0.1:{state_port}"]
     finally:
         gateway.stop(0)
         state.stop(0)

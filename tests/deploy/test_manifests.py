@@ -20,6 +20,7 @@ from client.cli import build_parser
 from services.common import config as contract
 from services.common.config import DEFAULT_PORTS
 from services.common.identity import SERVICE_IDENTITIES
+from services.common.server import LIVENESS_SERVICE
 
 from . import cert_manager
 from .kube import (
@@ -175,7 +176,10 @@ def test_main_containers_have_grpc_probes_on_the_admin_port(overlay: str) -> Non
             assert probe, f"{name}: no {kind}"
             assert "grpc" in probe, f"{name}: {kind} is not a gRPC probe"
             assert probe["grpc"]["port"] == svc["admin_port"], f"{name}: {kind} not on the admin port"
-            assert probe["grpc"].get("service", "") == "", "the services report overall health only"
+            # Readiness (and start-up) follow overall health; liveness asks for the health name
+            # that stays SERVING while the process runs (services.common.server.LIVENESS_SERVICE).
+            expected = LIVENESS_SERVICE if kind == "livenessProbe" else ""
+            assert probe["grpc"].get("service", "") == expected, f"{name}: {kind} asks for the wrong name"
         startup = c["startupProbe"]
         budget = startup.get("initialDelaySeconds", 0) + startup.get("periodSeconds", 10) * startup.get(
             "failureThreshold", 3

@@ -1,0 +1,136 @@
+"""The state host's typed client of the keyvault (over the shared mTLS channel helpers).
+
+Every call has a deadline and retries only UNAVAILABLE (`services.common.channels.call`).
+Failures become two domain errors: `KeyvaultUnavailable` (unreachable or too slow: retry
+later) and `KeyvaultRefused` (the keyvault answered no; carries its ErrorInfo reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+
+from services.common.channels import call, secure_channel
+from services.common.config import TlsFiles
+from services.common.errors import FailedPrecondition, Unavailable, error_info
+
+Resp = TypeVar("Resp")
+
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class KeyvaultUnavailable(Unavailable):
+    """The keyvault did not answer in time; the caller may retry with backoff."""
+
+    default_reason = "KEYVAULT_UNAVAILABLE"
+
+
+class KeyvaultRefused(FailedPrecondition):
+    """The keyvault answered with an error; `status` and `reason` are what it said."""
+
+    default_reason = "KEYVAULT_REFUSED"
+
+    def __init__(self, message: str, *, status: grpc.StatusCode, reason: str) -> None:
+        super().__init__(message, reason=reason, metadata={"keyvault_status": status.name})
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RemoteHead:
+    """An instance's commit head at the keyvault (sequence 0: none yet)."""
+
+    sequence: int
+    hash: bytes
+
+
+class KeyvaultClient:
+    """One channel to the keyvault; thread-safe (gRPC channels are)."""
+
+    def __init__(
+        self, address: str, channel: grpc.Channel, *, timeout: float = 5.0, attempts: int = 3
+    ) -> None:
+        self.address = address
+        self._channel = channel
+        self._stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+        self._timeout = timeout
+        self._attempts = attempts
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        tls: TlsFiles,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        timeout: float = 5.0,
+    ) -> KeyvaultClient:
+        """An mTLS client with the state service's identity."""
+        return cls(address, secure_channel(address, tls, tracer_provider), timeout=timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, name: str, method: Callable[..., Resp], request: object) -> Resp:
+        try:
+            return call(method, request, timeout=self._timeout, attempts=self._attempts)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in _UNREACHABLE:
+                raise KeyvaultUnavailable(
+                    f"keyvault at {self.address} unreachable ({code.name}: {exc.details()})"
+                ) from None
+            info = error_info(exc)
+            reason = info.reason if info is not None and info.reason else code.name
+            raise KeyvaultRefused(
+                f"keyvault refused {name}: {exc.details()}", status=code, reason=reason
+            ) from None
+
+    def attest(self, quote: bytes, runtime_data: bytes, nonce: bytes) -> keyvault_pb2.AttestResponse:
+        """Verify the enclave's quote; returns the attestation token and its expiry."""
+        request = keyvault_pb2.AttestRequest(quote=quote, runtime_data=runtime_data, nonce=nonce)
+        return self._call("Attest", self._stub.Attest, request)
+
+    def get_jwks(self) -> keyvault_pb2.GetJwksResponse:
+        """The JWKS that verifies attestation tokens, and the key that signs key releases."""
+        return self._call("GetJwks", self._stub.GetJwks, keyvault_pb2.GetJwksRequest())
+
+    def create_key(self, name: str, policy_json: str, request_id: str) -> bool:
+        """Create a data key; False (not an error) when it exists already."""
+        request = keyvault_pb2.CreateKeyRequest(
+            key_name=name, release_policy_json=policy_json, request_id=request_id
+        )
+        try:
+            self._call("CreateKey", self._stub.CreateKey, request)
+        except KeyvaultRefused as exc:
+            if exc.status == grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            raise
+        return True
+
+    def release_key(self, token: str, name: str, version: int = 0) -> keyvault_pb2.ReleaseKeyResponse:
+        """A data key wrapped to the token's enclave (version 0: the latest)."""
+        request = keyvault_pb2.ReleaseKeyRequest(token=token, key_name=name, version=version)
+        return self._call("ReleaseKey", self._stub.ReleaseKey, request)
+
+    def get_commit_head(self, instance_id: str) -> RemoteHead:
+        """The instance's committed head (sequence 0 when the keyvault knows none)."""
+        request = keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id)
+        response = self._call("GetCommitHead", self._stub.GetCommitHead, request)
+        return RemoteHead(sequence=response.sequence, hash=response.hash)
+
+    def advance_commit_head(self, head: envelope_pb2.SignedCommitHead, token: str) -> int:
+        """Move the instance's head forward to an enclave-signed head; returns the stored sequence."""
+        request = keyvault_pb2.AdvanceCommitHeadRequest(
+            instance_id=head.instance_id,
+            sequence=head.head.sequence,
+            hash=head.head.hash,
+            signature=head.signature,
+            token=token,
+        )
+        return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).sequence

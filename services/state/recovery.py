@@ -1,0 +1,190 @@
+"""Recovery of one instance: verify what the database holds, compare it with the keyvault, replay.
+
+Checks, in order; any failure refuses to serve with an error naming the instance and sequence:
+
+1. **Chain** (host side, before the enclave sees anything): every stored entry parses, sits at
+   its own position, hashes to the stored entry hash (a flipped byte shows here), continues
+   the previous entry's hash (a removed, reordered or substituted entry shows here), and the
+   first entry continues the snapshot's head (or is the genesis entry).
+2. **Freshness** against the keyvault's commit head K (the database head is D):
+   * D < K: the database is older than the committed log (a rollback): refused;
+   * D = K: the hashes must be equal (else a fork): refused otherwise;
+   * D > K: accepted only if the entry at K is on the verified chain with K's hash; the
+     entries after it have chained in step 1 and authenticate in step 3 (AES-GCM under the
+     instance key, which only an attested enclave holds, with the position and the previous
+     hash in the AAD). That is the window of a crash between commit and head advance;
+   * K = 0: the keyvault never saw a head (a crash before the genesis head advanced): accepted.
+3. **Replay** in the enclave (Restore): it decrypts and authenticates the snapshot and every
+   entry and re-executes them; a DATA_LOSS there is refused too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from google.protobuf.message import DecodeError
+from veil.enclave.v1 import envelope_pb2, error_pb2
+
+from enclave import wire
+from services.state.enclave_host import EnclaveCallError, EnclaveHost
+from services.state.errors import RecoveryRefused
+from services.state.keyvault_client import RemoteHead
+from services.state.store import LoadedLog, StateStore, StoredEntry
+
+_ENTRY_IN_MESSAGE = re.compile(r"log entry (\d+)")
+
+
+class MissingKey(Exception):
+    """The enclave lacks a key version the stored data was encrypted under."""
+
+
+@dataclass(frozen=True)
+class VerifiedLog:
+    """A log whose chain checked out on the host: what to hand to Restore, and where it ends."""
+
+    instance_id: str
+    snapshot: envelope_pb2.EncryptedSnapshot | None
+    entries: list[envelope_pb2.LogEntry]
+    head_sequence: int
+    head_hash: bytes
+    key_versions: set[int] = field(default_factory=set)
+
+    @property
+    def snapshot_sequence(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.head.sequence
+
+
+def _parse_entry(instance_id: str, stored: StoredEntry) -> envelope_pb2.LogEntry:
+    try:
+        entry = envelope_pb2.LogEntry.FromString(stored.blob)
+    except DecodeError:
+        raise RecoveryRefused(instance_id, stored.sequence, "log entry is unreadable (corrupted)") from None
+    if entry.instance_id != instance_id or entry.sequence != stored.sequence:
+        raise RecoveryRefused(
+            instance_id, stored.sequence, "log entry is stored at a position it does not name"
+        )
+    return entry
+
+
+def _chain(
+    instance_id: str, stored_entries: list[StoredEntry], sequence: int, head_hash: bytes
+) -> tuple[list[envelope_pb2.LogEntry], int, bytes]:
+    """Check that `stored_entries` continue (sequence, head_hash); returns them parsed and the end."""
+    entries = []
+    for stored in stored_entries:
+        if stored.sequence != sequence + 1:
+            raise RecoveryRefused(instance_id, sequence + 1, "log entry is missing (the chain has a gap)")
+        entry = _parse_entry(instance_id, stored)
+        if len(entry.previous_hash) != wire.HASH_SIZE or entry.previous_hash != head_hash:
+            raise RecoveryRefused(
+                instance_id,
+                stored.sequence,
+                f"log entry does not chain to entry {sequence} (broken chain: an entry was replaced)",
+            )
+        digest = wire.entry_hash(entry)
+        if digest != stored.entry_hash:
+            raise RecoveryRefused(
+                instance_id,
+                stored.sequence,
+                "log entry was altered (its hash does not match the stored hash)",
+            )
+        entries.append(entry)
+        sequence, head_hash = stored.sequence, digest
+    return entries, sequence, head_hash
+
+
+def verify_chain(instance_id: str, loaded: LoadedLog) -> VerifiedLog:
+    """Step 1: the stored snapshot and entries form one unbroken chain."""
+    snapshot = None
+    sequence, head_hash = 0, wire.ZERO_HASH
+    versions: set[int] = set()
+    if loaded.snapshot is not None:
+        try:
+            snapshot = envelope_pb2.EncryptedSnapshot.FromString(loaded.snapshot.blob)
+        except DecodeError:
+            raise RecoveryRefused(instance_id, loaded.snapshot.sequence, "snapshot is unreadable") from None
+        if (
+            snapshot.instance_id != instance_id
+            or snapshot.head.sequence != loaded.snapshot.sequence
+            or len(snapshot.head.hash) != wire.HASH_SIZE
+        ):
+            raise RecoveryRefused(
+                instance_id, loaded.snapshot.sequence, "snapshot does not match its position"
+            )
+        sequence, head_hash = snapshot.head.sequence, snapshot.head.hash
+        versions.add(snapshot.key_version)
+    entries, sequence, head_hash = _chain(instance_id, loaded.entries, sequence, head_hash)
+    if sequence == 0:
+        raise RecoveryRefused(
+            instance_id, 1, "the catalogue lists the instance but its genesis entry is missing"
+        )
+    versions.update(entry.key_version for entry in entries)
+    return VerifiedLog(instance_id, snapshot, entries, sequence, head_hash, versions)
+
+
+def _hash_at(log: VerifiedLog, store: StateStore, sequence: int) -> bytes:
+    """The chain's hash at `sequence` (<= the head), reading compacted-behind entries if needed."""
+    if sequence == log.head_sequence:
+        return log.head_hash
+    if sequence == log.snapshot_sequence:
+        return log.snapshot.head.hash if log.snapshot is not None else wire.ZERO_HASH
+    if sequence > log.snapshot_sequence:
+        return wire.entry_hash(log.entries[sequence - log.snapshot_sequence - 1])
+    # Before the snapshot: the entries from `sequence` up to the snapshot must still be stored
+    # (compaction keeps them until the keyvault head passes the snapshot) and chain into it.
+    behind = store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
+    if not behind or behind[0].sequence != sequence:
+        raise RecoveryRefused(
+            log.instance_id, sequence, "the entry at the keyvault's commit head is missing from the database"
+        )
+    first = _parse_entry(log.instance_id, behind[0])
+    first_hash = wire.entry_hash(first)
+    if first_hash != behind[0].entry_hash:
+        raise RecoveryRefused(log.instance_id, sequence, "log entry was altered (its hash does not match)")
+    _, end, end_hash = _chain(log.instance_id, behind[1:], sequence, first_hash)
+    if log.snapshot is None or (end, end_hash) != (log.snapshot_sequence, log.snapshot.head.hash):
+        raise RecoveryRefused(log.instance_id, end, "the stored entries do not chain into the snapshot")
+    return first_hash
+
+
+def check_freshness(log: VerifiedLog, remote: RemoteHead, store: StateStore) -> None:
+    """Step 2: the database is not older than, and does not fork from, the keyvault's head."""
+    if remote.sequence == 0:
+        return
+    if log.head_sequence < remote.sequence:
+        raise RecoveryRefused(
+            log.instance_id,
+            remote.sequence,
+            f"the database ends at sequence {log.head_sequence} but the keyvault's commit head is "
+            f"{remote.sequence}: the database is older than the committed log (rollback)",
+        )
+    if _hash_at(log, store, remote.sequence) != remote.hash:
+        raise RecoveryRefused(
+            log.instance_id,
+            remote.sequence,
+            "the stored entry differs from the keyvault's commit head (a fork or a tampered log)",
+        )
+
+
+def restore(enclave: EnclaveHost, log: VerifiedLog) -> envelope_pb2.CommitHead:
+    """Step 3: replay in the enclave; MissingKey when a key version must be released first."""
+    try:
+        head = enclave.restore(log.instance_id, log.entries, log.snapshot)
+    except EnclaveCallError as exc:
+        if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
+            raise MissingKey(exc.message) from None
+        if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
+            raise RecoveryRefused(
+                log.instance_id, log.head_sequence, "the enclave memory budget is too small to restore it"
+            ) from None
+        match = _ENTRY_IN_MESSAGE.search(exc.message)
+        sequence = int(match.group(1)) if match else log.snapshot_sequence
+        raise RecoveryRefused(
+            log.instance_id, sequence, f"the enclave refused the stored data ({exc.code_name}: {exc.message})"
+        ) from None
+    if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
+        raise RecoveryRefused(
+            log.instance_id, head.sequence, "the enclave restored a different head than the stored chain"
+        )
+    return head

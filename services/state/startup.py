@@ -1,0 +1,219 @@
+"""The start-up sequence of one enclave incarnation: runner, attestation, keys, recovery.
+
+`Startup.run()` builds a `Runtime` (everything that incarnation owns) step by step, reporting
+each step in the lifecycle; see host.py for the steps and what FAILED means. The keyvault
+being unreachable is retried with backoff here and said in the status detail.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from veil.enclave.v1 import envelope_pb2
+from veil.state.v1 import state_pb2
+
+from services.state import lifecycle, recovery
+from services.state.attestation import Attestor
+from services.state.config import StateConfig
+from services.state.enclave_host import EnclaveCallError, EnclaveHost
+from services.state.heads import Backoff, HeadAdvancer
+from services.state.keys import KeyProvisioner, SealedCache
+from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from services.state.metrics import StateMetrics
+from services.state.store import InstanceRecord, StateStore
+
+if TYPE_CHECKING:
+    from services.state.batcher import Batcher
+    from services.state.host import Command
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Stopping(Exception):
+    """The host is stopping; abandon start-up."""
+
+
+@dataclass
+class InstanceState:
+    """A served instance: its configuration, committed head and latest snapshot position."""
+
+    config: envelope_pb2.InstanceConfig
+    head: envelope_pb2.CommitHead
+    snapshot_sequence: int
+
+
+@dataclass
+class Runtime:
+    """What one enclave incarnation owns; replaced as a whole when the host recovers again."""
+
+    enclave: EnclaveHost
+    keys: envelope_pb2.EnclavePublicKeys
+    mrenclave: bytes
+    attestor: Attestor
+    provisioner: KeyProvisioner
+    advancer: HeadAdvancer
+    instances: dict[str, InstanceState] = field(default_factory=dict)
+    # Held from an ExecuteBatch ECALL until its commit, and by queries and snapshots: nobody
+    # reads enclave state that is not yet durable.
+    apply_lock: threading.Lock = field(default_factory=threading.Lock)
+    create_lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: Batcher[Command, state_pb2.ExecuteResponse] | None = None
+    broken: str | None = None  # set when the enclave got ahead of the database, or must not serve
+    jwks: str = ""
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.stop(drain=False, timeout=10)
+        # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away).
+        self.advancer.stop(flush_s=0 if self.broken else 2.0)
+        self.enclave.close()
+
+    def reseal(self) -> None:
+        """Refresh the sealed key cache; failing is not fatal (the keyvault releases them again)."""
+        try:
+            self.provisioner.reseal()
+        except (EnclaveCallError, OSError) as exc:
+            _log.warning("could not write the sealed key cache: %s", exc)
+
+
+class Startup:
+    """Runs the start-up steps for one incarnation."""
+
+    def __init__(
+        self,
+        config: StateConfig,
+        *,
+        store: StateStore,
+        keyvault: KeyvaultClient,
+        enclave_factory: Callable[[], EnclaveHost],
+        steps: lifecycle.Lifecycle,
+        metrics: StateMetrics,
+        backoff: Backoff,
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.keyvault = keyvault
+        self._enclave_factory = enclave_factory
+        self.lifecycle = steps
+        self.metrics = metrics
+        self._backoff = backoff
+        self._stop = stop
+        self._cache = SealedCache(config.sealed_cache)
+        self.booting: Runtime | None = None  # the incarnation being built (to retire it on failure)
+
+    def _with_keyvault(self, step: lifecycle.Step, what: str, action: Callable[[], T]) -> T:
+        """Run `action`, retrying with backoff while the keyvault is unreachable (said in status)."""
+        attempt = 0
+        while True:
+            try:
+                return action()
+            except KeyvaultUnavailable as exc:
+                attempt += 1
+                delay = self._backoff.delay(attempt)
+                self.lifecycle.set(step, f"{what}: {exc.message}; retry {attempt} in {delay:.1f}s")
+                if self._stop.wait(delay):
+                    raise Stopping from None
+
+    def run(self, on_refused: Callable[[Runtime, str], None]) -> Runtime:
+        """Build a serving incarnation (its batcher is the host's to add); raises on failure."""
+        config = self.config
+        self.lifecycle.set(lifecycle.STARTING, f"starting the enclave runner ({config.enclave_mode})")
+        enclave = self._enclave_factory()
+        try:
+            # The enclave pins the keyvault's release-signing key: it accepts keys from no other.
+            self.lifecycle.set(
+                lifecycle.ATTESTING, f"asking the keyvault at {self.keyvault.address} for its keys"
+            )
+            jwks = self._with_keyvault(lifecycle.ATTESTING, "reaching the keyvault", self.keyvault.get_jwks)
+            init = enclave.initialize(
+                config.enclave_memory_mb * 1024 * 1024, keyvault_release_public_key=jwks.release_public_key
+            )
+        except BaseException:
+            enclave.close()
+            raise
+        attestor = Attestor(enclave, self.keyvault, init.keys)
+        runtime = Runtime(
+            enclave=enclave,
+            keys=init.keys,
+            mrenclave=init.mrenclave,
+            attestor=attestor,
+            provisioner=KeyProvisioner(enclave, self.keyvault, attestor, self._cache),
+            advancer=HeadAdvancer(
+                self.keyvault,
+                lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
+                metrics=self.metrics,
+                on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
+                backoff=self._backoff,
+            ),
+        )
+        runtime.jwks = jwks.jwks_json
+        self.booting = runtime
+        self.lifecycle.set(lifecycle.ATTESTING, f"attesting at the keyvault at {self.keyvault.address}")
+        self._with_keyvault(lifecycle.ATTESTING, "attesting at the keyvault", attestor.fresh)
+        records = self.store.list_instances()
+        self.lifecycle.set(lifecycle.OBTAINING_KEYS, f"obtaining the data keys of {len(records)} instance(s)")
+        released = False
+        unsealed = runtime.provisioner.unseal_cache() if records else set()
+        for record in records:
+            if record.instance_id not in unsealed:
+                self._with_keyvault(
+                    lifecycle.OBTAINING_KEYS,
+                    f"releasing the key of {record.instance_id!r}",
+                    functools.partial(runtime.provisioner.release, record.instance_id),
+                )
+                released = True
+        for number, record in enumerate(records, 1):
+            released |= self._recover(runtime, record, number, len(records))
+        if released:
+            runtime.reseal()
+        return runtime
+
+    def _recover(self, runtime: Runtime, record: InstanceRecord, number: int, total: int) -> bool:
+        """Recover one instance; True when keys had to be released for it."""
+        iid = record.instance_id
+        self.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
+        started = time.monotonic()
+        log = recovery.verify_chain(iid, self.store.load(iid))
+        remote = self._with_keyvault(
+            lifecycle.RECOVERING,
+            f"reading the commit head of {iid!r}",
+            lambda: self.keyvault.get_commit_head(iid),
+        )
+        recovery.check_freshness(log, remote, self.store)
+        released = False
+        try:
+            head = recovery.restore(runtime.enclave, log)
+        except recovery.MissingKey:
+            # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
+            self._with_keyvault(
+                lifecycle.RECOVERING,
+                f"releasing older key versions of {iid!r}",
+                lambda: runtime.provisioner.release_versions(iid, log.key_versions),
+            )
+            released = True
+            head = recovery.restore(runtime.enclave, log)
+        if remote.sequence < head.sequence:
+            _log.warning(
+                "instance %r: database head %d is ahead of the keyvault head %d (the next commit catches up)",
+                iid,
+                head.sequence,
+                remote.sequence,
+            )
+        self.metrics.record_recovery(len(log.entries), time.monotonic() - started)
+        runtime.instances[iid] = InstanceState(
+            config=envelope_pb2.InstanceConfig.FromString(record.config),
+            head=head,
+            snapshot_sequence=log.snapshot_sequence,
+        )
+        runtime.advancer.confirm(iid, remote.sequence)
+        runtime.advancer.note_durable(iid, head.sequence)
+        return released

@@ -1,0 +1,1 @@
+"""Tests of the state service: store, batcher, host, servicer."""

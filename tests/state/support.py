@@ -1,0 +1,268 @@
+"""Test support for the state host: a real in-process keyvault that can go away and come back,
+a host factory over a persistent data dir, and a store wrapper that can hold commits."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
+
+from enclave import wire
+from services.common.channels import secure_channel
+from services.common.config import ServiceConfig
+from services.common.server import VeilServer
+from services.keyvault.config import KekConfig, KeyvaultConfig
+from services.keyvault.server import create_server as create_keyvault_server
+from services.state import lifecycle
+from services.state.config import StateConfig
+from services.state.enclave_host import EnclaveHost
+from services.state.errors import StoreError
+from services.state.heads import Backoff
+from services.state.host import StateHost
+from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from services.state.loadclient import Account, token_config
+from services.state.runner import in_process_enclave
+from services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
+from services.state.store_sqlite import SqliteStore
+from tests.conftest import tls_for
+
+READY = {lifecycle.SERVING, lifecycle.FAILED}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Keyvault:
+    """A real keyvault server, in-process, on a fixed port so it can be stopped and restarted."""
+
+    def __init__(self, base: ServiceConfig, pki_dir: Path, directory: Path) -> None:
+        self.port = free_port()
+        self._service = replace(base, listen=f"127.0.0.1:{self.port}", admin_listen="127.0.0.1:0")
+        self._config = KeyvaultConfig(
+            db=str(directory / "keyvault.db"),
+            kek=KekConfig(provider="file", file=directory / "kek.bin"),
+            attestation_root="dev",
+            dev_root_path=pki_dir / "sgx-root.pem",
+        )
+        self._server: VeilServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        server, _ = create_keyvault_server(self._service, keyvault_config=self._config)
+        server.start()
+        self._server = server
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0)
+            self._server = None
+
+
+class CountingKeyvault(KeyvaultClient):
+    """The real client, counting key releases (to see whether keys came from the sealed cache)."""
+
+    releases = 0
+
+    def release_key(self, token: str, name: str, version: int = 0) -> keyvault_pb2.ReleaseKeyResponse:
+        self.releases += 1
+        return super().release_key(token, name, version)
+
+
+class GatedStore(SqliteStore):
+    """The SQLite store whose commits can be held (a commit in progress) or fail (a disk error)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.commits = 0
+        self.failures = 0  # how many of the next commits (or catalogue reads) fail
+
+    def list_instances(self) -> list[InstanceRecord]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("PostgreSQL error: OperationalError: the database system is starting up")
+        return super().list_instances()
+
+    def append_batch(self, entries: Sequence[StoredEntry], responses: Sequence[IdempotencyRecord]) -> None:
+        self.entered.set()
+        self.gate.wait(10)
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("SQLite error: disk I/O error")
+        super().append_batch(entries, responses)
+        self.commits += 1
+
+
+@dataclass
+class Node:
+    """A state node's persistent files (database, sealed cache, platform) and its hosts over time."""
+
+    base: ServiceConfig
+    pki_dir: Path
+    directory: Path
+    keyvault: Keyvault
+    hosts: list[StateHost] = field(default_factory=list)
+    stores: list[StateStore] = field(default_factory=list)
+    clients: list[CountingKeyvault] = field(default_factory=list)
+
+    @property
+    def database(self) -> Path:
+        return self.directory / "state.db"
+
+    def config(self, platform: str = "a", **overrides: object) -> StateConfig:
+        settings = StateConfig(
+            service=self.base,
+            keyvault_address=self.keyvault.address,
+            database=str(self.database),
+            database_schema="unused",
+            enclave_mode="sim",
+            enclave_memory_mb=96,
+            seal_dir=self.directory / "sealed",
+            platform_secret=self.directory / f"platform-{platform}.key",
+            pck_dir=self.pki_dir,
+            snapshot_every=1000,
+            batch_max=256,
+            batch_linger_ms=2.0,
+        )
+        return replace(settings, **overrides)  # type: ignore[arg-type]
+
+    def host(
+        self,
+        platform: str = "a",
+        *,
+        store: StateStore | None = None,
+        enclave_factory: Callable[[StateConfig], EnclaveHost] = in_process_enclave,
+        **overrides: object,
+    ) -> StateHost:
+        """Start a host (not waiting for it); a restart is simply another call."""
+        settings = self.config(platform, **overrides)
+        if store is None:
+            store = SqliteStore(self.database)
+            self.stores.append(store)
+        channel = secure_channel(self.keyvault.address, tls_for(self.pki_dir, "state"))
+        client = CountingKeyvault(self.keyvault.address, channel, timeout=2.0)
+        self.clients.append(client)
+        host = StateHost(
+            settings,
+            store=store,
+            keyvault=client,
+            enclave_factory=lambda: enclave_factory(settings),
+            backoff=Backoff(initial_s=0.05, max_s=0.5),  # quick retries keep the tests short
+        )
+        host.start()
+        self.hosts.append(host)
+        return host
+
+    def serving(self, platform: str = "a", **kwargs: object) -> StateHost:
+        """Start a host and wait until it serves."""
+        host = self.host(platform, **kwargs)  # type: ignore[arg-type]
+        step = host.wait_until(READY, 30)
+        assert step == lifecycle.SERVING, host.lifecycle.current()
+        return host
+
+    def stop_all(self) -> None:
+        for host in self.hosts:
+            host.stop()
+        self.hosts.clear()
+        for store in self.stores:
+            store.close()
+        self.stores.clear()
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+@dataclass
+class TokenSetup:
+    """A token instance with an issuer and some accounts."""
+
+    instance_id: str
+    issuer: Account
+    accounts: list[Account]
+
+
+def token_instance(host: StateHost, instance_id: str = "tokens", accounts: int = 2) -> TokenSetup:
+    """Create a token instance on `host`; the issuer and `accounts` holders sign their commands."""
+    keys = host.attestation_bundle().keys
+    issuer_key = ed25519.Ed25519PrivateKey.generate()
+    host.create_instance(instance_id, token_config(issuer_key), request_id=f"create-{instance_id}")
+    issuer = Account(keys, instance_id, signer=issuer_key)
+    holders = [
+        Account(keys, instance_id, signer=ed25519.Ed25519PrivateKey.generate()) for _ in range(accounts)
+    ]
+    return TokenSetup(instance_id, issuer, holders)
+
+
+def rebind(account: Account, keys: envelope_pb2.EnclavePublicKeys) -> Account:
+    """The same account (key and counter) talking to a restarted enclave (new public keys)."""
+    account.keys = keys
+    return account
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent copy of a live WAL-mode SQLite database (an operator's backup)."""
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
+        src.backup(dst)
+
+
+def replace_database(node: Node, backup: Path) -> None:
+    """Put an older copy in place of the node's database (the rollback attack); hosts are stopped."""
+    for store in node.stores:
+        store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(node.database) + suffix).unlink(missing_ok=True)
+    copy_database(backup, node.database)
+
+
+def keyvault_head(node: Node, instance_id: str) -> int:
+    """The instance's commit head sequence at the keyvault, read as the state service."""
+    return node.clients[-1].get_commit_head(instance_id).sequence
+
+
+def wait_for_keyvault_head(node: Node, instance_id: str, sequence: int, timeout: float = 20.0) -> None:
+    """Poll the keyvault (which may still be reconnecting) until it holds `sequence`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if keyvault_head(node, instance_id) >= sequence:
+                return
+        except KeyvaultUnavailable:
+            pass  # the channel reconnects with gRPC's backoff after an outage
+        if time.monotonic() > deadline:
+            raise AssertionError(f"keyvault head of {instance_id} stuck below {sequence}")
+        time.sleep(0.05)
+
+
+def flip_byte(database: Path, instance_id: str, sequence: int, *, fix_hash: bool = False) -> None:
+    """Flip one ciphertext byte of one stored entry (optionally recomputing its stored hash too)."""
+    with closing(sqlite3.connect(database)) as conn, conn:
+        (blob,) = conn.execute(
+            "SELECT entry FROM st_entries WHERE instance_id = ? AND sequence = ?", (instance_id, sequence)
+        ).fetchone()
+        entry = envelope_pb2.LogEntry.FromString(blob)
+        ciphertext = bytearray(entry.ciphertext)
+        ciphertext[len(ciphertext) // 2] ^= 0x01
+        entry.ciphertext = bytes(ciphertext)
+        digest = wire.entry_hash(entry) if fix_hash else None
+        conn.execute(
+            "UPDATE st_entries SET entry = ?, entry_hash = coalesce(?, entry_hash) "
+            "WHERE instance_id = ? AND sequence = ?",
+            (entry.SerializeToString(), digest, instance_id, sequence),
+        )
