@@ -8,10 +8,11 @@ PY := $(BIN)/python
 BUF := node_modules/.bin/buf
 STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
+STAMP_NODE := client/node/node_modules/.installed
 
 .PHONY: setup system-packages run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
 
-setup: $(STAMP_PY) $(STAMP_NPM) system-packages
+setup: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE) system-packages
 
 # SoftHSM2 backs the real PKCS#11 KEK tests (Debian package; CI runs as root).
 system-packages:
@@ -27,6 +28,11 @@ $(STAMP_PY): pyproject.toml
 
 $(STAMP_NPM): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The Node.js client (any-language proof), pinned by its lock file.
+$(STAMP_NODE): client/node/package.json client/node/package-lock.json
+	npm ci --prefix client/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 gen: $(STAMP_PY)
@@ -64,4 +70,4 @@ run: setup
 	$(BIN)/veil up
 
 clean:
-	rm -rf $(VENV) node_modules .veil .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules client/node/node_modules .veil .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,9 @@
-"""The `veil` command line."""
+"""The `veil` command line.
+
+Mesh operations (`pki init`, `up`, `serve`, `wait`, `attest verify`) live here; the
+SDK-backed commands (`identity`, `instance`, `vault`, `token`, `ballot`, `attest show`) are in
+client.commands, imported only when the parser is built.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from services.common.channels import wait_until_serving
 from services.common.config import DEFAULT_DATA_DIR
@@ -29,11 +35,14 @@ def _pki_init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from client.policy import write_dev_policy
     from client.supervisor import up
 
     data_dir = Path(args.data_dir)
     if not (data_dir / "pki" / "ca.pem").exists():
         init_pki(data_dir / "pki")
+    # Clients pin the sim enclave built from this checkout (no trust on first use).
+    write_dev_policy(data_dir)
     return up(data_dir)
 
 
@@ -98,7 +107,155 @@ def build_parser() -> argparse.ArgumentParser:
     verify = attest_commands.add_parser("verify", help="verify a DCAP quote v3", add_help=False)
     verify.add_argument("rest", nargs=argparse.REMAINDER)
     verify.set_defaults(func=None)
+    show = attest_commands.add_parser("show", help="verify the enclave behind the gateway and explain it")
+    show.add_argument(
+        "--instance", default="", help="the instance whose enclave to show (default shard if empty)"
+    )
+    _sdk(show, commands_module().attest_show)
+
+    _add_sdk_commands(commands)
     return parser
+
+
+def commands_module() -> Any:
+    """client.commands, imported on first use (keeps `veil serve` light)."""
+    import client.commands
+
+    return client.commands
+
+
+def _sdk(parser: argparse.ArgumentParser, handler: Any, *, identity: bool = False) -> None:
+    """Give `parser` the connection options (and identity options) and bind `handler`."""
+    module = commands_module()
+    module.connection_options(parser)
+    if identity:
+        module.identity_option(parser)
+    parser.set_defaults(func=lambda args: module.run(handler, args))
+
+
+def _add_sdk_commands(commands: Any) -> None:
+    for add in (_identity_commands, _instance_commands, _vault_commands, _token_commands, _ballot_commands):
+        add(commands, commands_module())
+
+
+def _identity_commands(commands: Any, module: Any) -> None:
+    identity = commands.add_parser("identity", help="Ed25519 identities (DATA_DIR/identities/NAME.key)")
+    identity_commands = identity.add_subparsers(dest="identity_command", required=True)
+    new = identity_commands.add_parser("new", help="create an identity key pair")
+    new.add_argument("name")
+    new.add_argument("--force", action="store_true", help="replace an existing identity")
+    show = identity_commands.add_parser("show", help="print an identity's account")
+    show.add_argument("name")
+    listing = identity_commands.add_parser("list", help="list local identities")
+    for sub, handler in (
+        (new, module.identity_new),
+        (show, module.identity_show),
+        (listing, module.identity_list),
+    ):
+        sub.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+        sub.add_argument("--json", action="store_true", help="print one JSON document")
+        sub.set_defaults(func=lambda args, h=handler: module.run(h, args))
+
+
+def _instance_commands(commands: Any, module: Any) -> None:
+    instance = commands.add_parser("instance", help="create and list app instances (admin certificate)")
+    instance_commands = instance.add_subparsers(dest="instance_command", required=True)
+    create = instance_commands.add_parser("create", help="create an app instance")
+    create.add_argument("instance", help="instance id (lowercase letters, digits, dashes)")
+    create.add_argument("--app", required=True, choices=sorted(module.APPS))
+    create.add_argument("--auth", default="signature", choices=sorted(module.SCHEMES))
+    create.add_argument("--token-issuer", help="token app: the minting identity or account (default: --as)")
+    create.add_argument("--oauth2-issuer")
+    create.add_argument("--oauth2-audience")
+    create.add_argument("--oauth2-jwks", help="JWKS file of the OAuth2 issuer")
+    _sdk(create, module.instance_create, identity=True)
+    _sdk(instance_commands.add_parser("list", help="list instances across shards"), module.instance_list)
+
+
+def _vault_commands(commands: Any, module: Any) -> None:
+    vault = commands.add_parser("vault", help="personal-data records").add_subparsers(
+        dest="vault_command", required=True
+    )
+    put = vault.add_parser("put", help="create or replace one of your records")
+    put.add_argument("instance")
+    put.add_argument("record")
+    source = put.add_mutually_exclusive_group()
+    source.add_argument("--data", help="the content as text (default: stdin)")
+    source.add_argument("--file", help="read the content from a file")
+    _sdk(put, module.vault_put, identity=True)
+    get = vault.add_parser("get", help="read a record you own or that was shared with you")
+    get.add_argument("instance")
+    get.add_argument("record")
+    get.add_argument("--owner", help="the owner's identity name or account (default: you)")
+    get.add_argument("--out", help="write the content to a file")
+    _sdk(get, module.vault_get, identity=True)
+    for verb, handler in (("share", module.vault_share), ("revoke", module.vault_revoke)):
+        change = vault.add_parser(verb, help=f"{verb} read access to one of your records")
+        change.add_argument("instance")
+        change.add_argument("record")
+        change.add_argument("reader", help="identity name or account")
+        _sdk(change, handler, identity=True)
+    delete = vault.add_parser("delete", help="erase one of your records")
+    delete.add_argument("instance")
+    delete.add_argument("record")
+    _sdk(delete, module.vault_delete, identity=True)
+
+
+def _token_commands(commands: Any, module: Any) -> None:
+    token = commands.add_parser("token", help="confidential balances").add_subparsers(
+        dest="token_command", required=True
+    )
+    mint = token.add_parser("mint", help="create tokens (issuer identity)")
+    mint.add_argument("instance")
+    mint.add_argument("to", help="identity name or account")
+    mint.add_argument("amount", type=int)
+    _sdk(mint, module.token_mint, identity=True)
+    transfer = token.add_parser("transfer", help="send tokens (one, or many from a CSV of to,amount)")
+    transfer.add_argument("instance")
+    transfer.add_argument("to", nargs="?", help="identity name or account")
+    transfer.add_argument("amount", nargs="?", type=int)
+    transfer.add_argument("--from-csv", help="CSV file with rows to,amount; shows a progress bar")
+    _sdk(transfer, module.token_transfer, identity=True)
+    for verb, handler, text in (
+        ("balance", module.token_balance, "your balance"),
+        ("supply", module.token_supply, "the total supply"),
+    ):
+        read = token.add_parser(verb, help=text)
+        read.add_argument("instance")
+        _sdk(read, handler, identity=True)
+
+
+def _ballot_commands(commands: Any, module: Any) -> None:
+    ballot = commands.add_parser("ballot", help="secret ballots").add_subparsers(
+        dest="ballot_command", required=True
+    )
+    open_ballot = ballot.add_parser("create", help="open a ballot (you become its creator)")
+    open_ballot.add_argument("instance")
+    open_ballot.add_argument("ballot")
+    open_ballot.add_argument("--question", required=True)
+    open_ballot.add_argument("--option", action="append", required=True, help="a choice (repeat, 2 to 64)")
+    open_ballot.add_argument(
+        "--voter", action="append", default=[], help="eligible voter (repeat; default: all)"
+    )
+    _sdk(open_ballot, module.ballot_create, identity=True)
+    vote = ballot.add_parser("vote", help="cast or replace your vote; keeps a receipt to verify later")
+    vote.add_argument("instance")
+    vote.add_argument("ballot")
+    vote.add_argument("option", help="option index or label")
+    _sdk(vote, module.ballot_vote, identity=True)
+    for verb, handler, text in (
+        ("close", module.ballot_close, "end voting (creator) and print the tally"),
+        ("tally", module.ballot_tally, "print a closed ballot's tally"),
+    ):
+        sub = ballot.add_parser(verb, help=text)
+        sub.add_argument("instance")
+        sub.add_argument("ballot")
+        _sdk(sub, handler, identity=True)
+    verify = ballot.add_parser("verify-receipt", help="check that your vote is counted in the tally")
+    verify.add_argument("instance")
+    verify.add_argument("ballot")
+    verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
+    _sdk(verify, module.ballot_verify_receipt, identity=True)
 
 
 def main(argv: list[str] | None = None) -> int:

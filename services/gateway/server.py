@@ -1,34 +1,352 @@
-"""Gateway server: Veil's public gRPC API in front of the state shards."""
+"""Gateway server: Veil's public gRPC API in front of the state shards.
+
+Per request, in order: size limit and parsing (an oversize request is RESOURCE_EXHAUSTED, an
+undecodable one INVALID_ARGUMENT), per-method authorization by client certificate (optional
+on this port; admin only for CreateInstance/ListInstances), the instance's authentication
+plugin, the caller's rate limit, shape checks, then routing to the instance's state replica
+with the caller's remaining deadline. Mutations are deduplicated by request_id in front of
+the state service's own durable dedupe (services.gateway.idempotency).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from opentelemetry.sdk.trace import TracerProvider
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.gateway.v1 import gateway_pb2
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
+from enclave import wire
 from services.common import identity
 from services.common.channels import call, remaining_timeout, secure_channel
 from services.common.config import ServiceConfig
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VeilError,
+)
 from services.common.main import serve
 from services.common.server import VeilServer, build_server
+from services.gateway import validation
+from services.gateway.auth import ANONYMOUS, AuthPolicy, Credentials, Principal, load_policy
 from services.gateway.config import GatewayConfig
+from services.gateway.idempotency import Deduplicator
+from services.gateway.peers import AUTHENTICATED, PUBLIC, PublicAuthorizationInterceptor, certificate_identity
+from services.gateway.ratelimit import RateLimiter
+from services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
+from services.gateway.routing import Placement, ShardRouter
+from services.gateway.upstream import forward
 
-SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-_ANYONE = frozenset({identity.ADMIN, identity.GATEWAY, identity.STATE, identity.KEYVAULT})
+_log = logging.getLogger(__name__)
 
-AUTHORIZATION = identity.method_names(SERVICE_NAME, {"GetStatus": _ANYONE})
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
+SERVICE_NAME = SERVICE.full_name
+_OPEN_SERVICES = (
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
+    "grpc.reflection.v1.ServerReflection",
+)
+
+AUTHORIZATION = identity.method_names(
+    SERVICE_NAME,
+    {
+        # Anyone may try these; the instance's authentication plugin decides.
+        "GetAttestation": PUBLIC,
+        "Execute": PUBLIC,
+        "Query": PUBLIC,
+        "WatchReceipts": PUBLIC,
+        "CreateInstance": frozenset({identity.ADMIN}),
+        "ListInstances": frozenset({identity.ADMIN}),
+        "GetStatus": AUTHENTICATED,
+    },
+)
+_JWKS_TTL_S = 60.0
 
 
-class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """The public API (command routing arrives with the gateway issue)."""
+def _peer_host(context: grpc.ServicerContext) -> str:
+    peer = context.peer()  # "ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"
+    return peer.rsplit(":", 1)[0] if ":" in peer else peer
 
-    def __init__(self, shards: dict[str, state_pb2_grpc.StateServiceStub]):
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    return {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
+
+
+def _gateway_instance(instance: state_pb2.Instance, shard: str) -> gateway_pb2.Instance:
+    return gateway_pb2.Instance(
+        instance_id=instance.instance_id, config=instance.config, sequence=instance.head.sequence, shard=shard
+    )
+
+
+class GatewayServicer:
+    """The public API. Methods take parsed requests (see `generic_handler`)."""
+
+    def __init__(
+        self,
+        *,
+        router: ShardRouter,
+        shards: dict[str, state_pb2_grpc.StateServiceStub],
+        keyvault: keyvault_pb2_grpc.KeyvaultServiceStub | None,
+        policy: AuthPolicy,
+        limiter: RateLimiter,
+        upstream_timeout: float,
+        hub: ReceiptHub | None = None,
+    ) -> None:
+        self._router = router
         self._shards = shards
+        self._keyvault = keyvault
+        self._policy = policy
+        self._limiter = limiter
+        self._timeout = upstream_timeout
+        self.hub = hub or ReceiptHub()
+        self._executions: Deduplicator[gateway_pb2.ExecuteResponse] = Deduplicator()
+        self._creations: Deduplicator[gateway_pb2.CreateInstanceResponse] = Deduplicator()
+        self._jwks_lock = threading.Lock()
+        self._jwks: tuple[float, str] | None = None
+        self._fanout = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-fanout")
 
-    def GetStatus(self, request: gateway_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+    def close(self) -> None:
+        """Release the fan-out pool and end receipt streams."""
+        self.hub.close()
+        self._fanout.shutdown(wait=False, cancel_futures=True)
+
+    # --- admission ---------------------------------------------------------------------------
+
+    def _admit(self, instance_id: str, context: grpc.ServicerContext) -> Principal:
+        """Authenticate with the instance's plugin and take a rate-limit token; returns the principal."""
+        credentials = Credentials(certificate_identity(context), _metadata(context))
+        try:
+            principal = self._policy.authenticate(instance_id, credentials)
+        except Unauthenticated:
+            self._limiter.acquire(f"peer:{_peer_host(context)}")  # failed attempts are rate limited too
+            raise
+        client = f"peer:{_peer_host(context)}" if principal == ANONYMOUS else principal.key
+        self._limiter.acquire(client)
+        return principal
+
+    # --- routing -----------------------------------------------------------------------------
+
+    def _stub(self, shard: str) -> state_pb2_grpc.StateServiceStub:
+        return self._shards[shard]
+
+    def _list_all(self, timeout: float, *, name_failed_shard: bool = False) -> list[gateway_pb2.Instance]:
+        """Fan ListInstances out to every shard in parallel; the complete listing replaces the directory.
+
+        A replica that fails makes the whole listing UNAVAILABLE (a partial one would mislead);
+        only admin callers learn which replica it was.
+        """
+
+        def list_one(shard: str) -> list[gateway_pb2.Instance]:
+            reply = forward(
+                shard, self._stub(shard).ListInstances, state_pb2.ListInstancesRequest(), timeout=timeout
+            )
+            return [_gateway_instance(i, shard) for i in reply.instances]
+
+        jobs = {shard: self._fanout.submit(list_one, shard) for shard in self._router.shards}
+        instances: list[gateway_pb2.Instance] = []
+        for shard, job in jobs.items():
+            metadata = {"shard": shard} if name_failed_shard else None
+            try:
+                instances.extend(job.result(timeout=timeout + 1))
+            except futures.TimeoutError:
+                raise Unavailable(
+                    "a state replica did not answer in time", reason="SHARD_UNAVAILABLE", metadata=metadata
+                ) from None
+            except Unavailable as exc:
+                raise Unavailable(exc.message, reason=exc.reason, metadata=metadata) from None
+        self._router.replace(Placement(i.instance_id, i.shard, i.config) for i in instances)
+        return instances
+
+    def _locate(self, instance_id: str, timeout: float) -> Placement:
+        """The instance's placement; refreshes the directory once (rate bounded) before NOT_FOUND."""
+        known = self._router.known(instance_id)
+        if known is None and self._router.refresh_due():
+            self._list_all(timeout)
+            known = self._router.known(instance_id)
+        if known is None:
+            raise NotFound(f"instance {instance_id!r} not found", metadata={"instance_id": instance_id})
+        return known
+
+    def _routed(self, instance_id: str, timeout: float, send: Callable[[str], Any]) -> Any:
+        """Send to the instance's shard; on NOT_FOUND look for it on the others once."""
+        shard = self._router.route(instance_id)
+        try:
+            return send(shard)
+        except NotFound:
+            if len(self._router.shards) == 1 or not self._router.refresh_due():
+                raise
+            self._list_all(timeout)
+            known = self._router.known(instance_id)
+            if known is None or known.shard == shard:
+                raise
+            return send(known.shard)
+
+    # --- public methods ----------------------------------------------------------------------
+
+    def GetAttestation(
+        self, request: gateway_pb2.GetAttestationRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetAttestationResponse:
+        instance_id = validation.instance_id(request.instance_id, required=False)
+        self._admit(instance_id, context)
+        timeout = remaining_timeout(context, self._timeout)
+        placement = self._locate(instance_id, timeout) if instance_id else None
+        shard = placement.shard if placement else self._router.default_shard
+        reply = forward(
+            shard, self._stub(shard).GetAttestation, state_pb2.GetAttestationRequest(), timeout=timeout
+        )
+        bundle = reply.bundle
+        response = gateway_pb2.GetAttestationResponse(
+            quote=bundle.quote,
+            runtime_data=bundle.runtime_data,
+            nonce=bundle.nonce,
+            attestation_token=bundle.attestation_token,
+            keys=bundle.keys,
+            jwks_json=bundle.jwks_json or self._keyvault_jwks(timeout),
+        )
+        if placement is not None:
+            response.instance.CopyFrom(
+                gateway_pb2.Instance(instance_id=instance_id, config=placement.config, shard=placement.shard)
+            )
+        return response
+
+    def _keyvault_jwks(self, timeout: float) -> str:
+        """The keyvault's JWKS (cached briefly), for bundles that do not carry one."""
+        with self._jwks_lock:
+            if self._jwks is not None and time.monotonic() - self._jwks[0] < _JWKS_TTL_S:
+                return self._jwks[1]
+        unavailable = Unavailable("the keyvault's JWKS is unavailable", reason="JWKS_UNAVAILABLE")
+        if self._keyvault is None:
+            raise unavailable
+        try:
+            reply = forward(
+                "keyvault", self._keyvault.GetJwks, keyvault_pb2.GetJwksRequest(), timeout=timeout
+            )
+            json.loads(reply.jwks_json)  # refuse to pass on garbage
+        except (VeilError, ValueError):
+            raise unavailable from None
+        with self._jwks_lock:
+            self._jwks = (time.monotonic(), reply.jwks_json)
+        return reply.jwks_json
+
+    def Execute(
+        self, request: gateway_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ExecuteResponse:
+        instance_id = validation.instance_id(request.instance_id)
+        principal = self._admit(instance_id, context)
+        request_id = validation.request_id(request.request_id)
+        command = validation.sealed_command(request.command)
+        timeout = remaining_timeout(context, self._timeout)
+        key = (instance_id, request_id, wire.command_hash(command.encapsulated_key, command.ciphertext))
+        forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=request_id)
+
+        def execute() -> gateway_pb2.ExecuteResponse:
+            reply: state_pb2.ExecuteResponse = self._routed(
+                instance_id,
+                timeout,
+                lambda shard: forward(shard, self._stub(shard).Execute, forwarded, timeout=timeout),
+            )
+            if reply.outcome.accepted:
+                self.hub.publish(Committed(instance_id, request_id, principal.key, reply.outcome))
+            return gateway_pb2.ExecuteResponse(outcome=reply.outcome)
+
+        try:
+            return self._executions.run(key, execute, wait=timeout)
+        except futures.TimeoutError:
+            raise DeadlineExceeded(
+                "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
+            ) from None
+
+    def Query(
+        self, request: gateway_pb2.QueryRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.QueryResponse:
+        instance_id = validation.instance_id(request.instance_id)
+        self._admit(instance_id, context)
+        command = validation.sealed_command(request.command)
+        timeout = remaining_timeout(context, self._timeout)
+        forwarded = state_pb2.QueryRequest(instance_id=instance_id, command=command)
+        reply: state_pb2.QueryResponse = self._routed(
+            instance_id,
+            timeout,
+            lambda shard: forward(shard, self._stub(shard).Query, forwarded, timeout=timeout),
+        )
+        return gateway_pb2.QueryResponse(outcome=reply.outcome)
+
+    def CreateInstance(
+        self, request: gateway_pb2.CreateInstanceRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.CreateInstanceResponse:
+        instance_id = validation.instance_id(request.instance_id)
+        request_id = validation.request_id(request.request_id)
+        if not request.HasField("config"):
+            raise InvalidArgument("config is required", metadata={"field": "config"})
+        self._limiter.acquire(f"certificate:{certificate_identity(context)}")
+        timeout = remaining_timeout(context, self._timeout)
+        shard = self._router.route(instance_id)
+        forwarded = state_pb2.CreateInstanceRequest(
+            instance_id=instance_id, config=request.config, request_id=request_id
+        )
+        key = (instance_id, request_id, request.config.SerializeToString(deterministic=True))
+
+        def create() -> gateway_pb2.CreateInstanceResponse:
+            reply = forward(shard, self._stub(shard).CreateInstance, forwarded, timeout=timeout)
+            created = reply.instance
+            self._router.learn(Placement(created.instance_id, shard, created.config))
+            return gateway_pb2.CreateInstanceResponse(instance=_gateway_instance(created, shard))
+
+        try:
+            return self._creations.run(key, create, wait=timeout)
+        except futures.TimeoutError:
+            raise DeadlineExceeded(
+                "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
+            ) from None
+
+    def ListInstances(
+        self, request: gateway_pb2.ListInstancesRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.ListInstancesResponse:
+        instances = self._list_all(remaining_timeout(context, self._timeout), name_failed_shard=True)
+        instances.sort(key=lambda i: i.instance_id)
+        return gateway_pb2.ListInstancesResponse(instances=instances)
+
+    def WatchReceipts(
+        self, request: gateway_pb2.WatchReceiptsRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.WatchReceiptsResponse]:
+        instance_id = validation.instance_id(request.instance_id)
+        principal = self._admit(instance_id, context)
+        prefix = request.request_id_prefix
+        if not MIN_PREFIX <= len(prefix) <= MAX_PREFIX or not prefix.isprintable():
+            raise InvalidArgument(
+                f"request_id_prefix must be {MIN_PREFIX} to {MAX_PREFIX} printable characters",
+                metadata={"field": "request_id_prefix"},
+            )
+        self._locate(instance_id, remaining_timeout(context, self._timeout))
+        try:
+            stream = self.hub.subscribe(instance_id, prefix, principal.key, replay=request.replay_recent)
+            for item in stream:
+                if not context.is_active():
+                    return
+                if item is not None:
+                    yield gateway_pb2.WatchReceiptsResponse(request_id=item.request_id, outcome=item.outcome)
+        except TooManySubscribers:
+            raise ResourceExhausted("too many receipt subscribers", reason="TOO_MANY_SUBSCRIBERS") from None
+
+    def GetStatus(
+        self, request: gateway_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.GetStatusResponse:
         statuses = []
         for address, stub in self._shards.items():
             try:
@@ -44,6 +362,45 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return gateway_pb2.GetStatusResponse(serving=all_serving, detail=detail, shards=statuses)
 
 
+def _parser(message_class: type[Message], max_bytes: int) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        if len(raw) > max_bytes:
+            raise ResourceExhausted(
+                f"request of {len(raw)} bytes exceeds the limit of {max_bytes}",
+                reason="MESSAGE_TOO_LARGE",
+                metadata={"limit_bytes": str(max_bytes)},
+            )
+        try:
+            return message_class.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument(
+                "request is not a valid protobuf message", reason="MALFORMED_REQUEST"
+            ) from None
+
+    return parse
+
+
+def generic_handler(servicer: GatewayServicer, max_bytes: int) -> grpc.GenericRpcHandler:
+    """The service's handlers, parsing requests themselves: gRPC's own deserializer would answer
+    an undecodable request with INTERNAL and an oversize one without ErrorInfo."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        parse = _parser(message_factory.GetMessageClass(method.input_type), max_bytes)
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        behavior = getattr(servicer, method.name)
+
+        def handle(raw: bytes, context: grpc.ServicerContext, _b: Any = behavior, _p: Any = parse) -> Any:
+            return _b(_p(raw), context)
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = factory(handle, request_deserializer=None, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
 def create_server(
     config: ServiceConfig,
     *,
@@ -52,20 +409,32 @@ def create_server(
 ) -> tuple[VeilServer, int]:
     """Build the gateway server (not started); returns it and its bound port."""
     gateway = gateway or GatewayConfig.from_env()
+    policy = load_policy(gateway.auth_file)
     channels = {
         address: secure_channel(address, config.tls, tracer_provider) for address in gateway.state_addresses
     }
-    servicer = GatewayServicer(  # type: ignore[abstract]  # other RPCs: UNIMPLEMENTED until issue 6
-        {a: state_pb2_grpc.StateServiceStub(c) for a, c in channels.items()}
+    keyvault_channel = secure_channel(gateway.keyvault_address, config.tls, tracer_provider)
+    servicer = GatewayServicer(
+        router=ShardRouter(gateway.state_addresses, gateway.shard_map),
+        shards={a: state_pb2_grpc.StateServiceStub(c) for a, c in channels.items()},
+        keyvault=keyvault_pb2_grpc.KeyvaultServiceStub(keyvault_channel),
+        policy=policy,
+        limiter=RateLimiter(gateway.rate_per_second, gateway.burst),
+        upstream_timeout=gateway.upstream_timeout,
     )
     server = build_server(
         config,
-        register=lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
+        register=lambda s: s.add_generic_rpc_handlers(
+            (generic_handler(servicer, gateway.max_message_bytes),)
+        ),
         service_names=[SERVICE_NAME],
         authorization=AUTHORIZATION,
         tracer_provider=tracer_provider,
+        authorizer=PublicAuthorizationInterceptor(AUTHORIZATION, _OPEN_SERVICES),
+        public_listen=gateway.public_listen or None,
     )
-    server.on_stop.extend(channel.close for channel in channels.values())
+    server.on_stop.append(servicer.close)
+    server.on_stop.extend(channel.close for channel in (*channels.values(), keyvault_channel))
     server.set_serving(True)
     return server, server.port
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/gateway/v1/gateway.proto\x12\x0fveil.gateway.v1\x1a\x1eveil/enclave/v1/envelope.proto\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xac\x01\n\x16GetAttestationResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x19\n\x11\x61ttestation_token\x18\x04 \x01(\t\x12\x30\n\x04keys\x18\x05 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tjwks_json\x18\x06 \x01(\t\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"E\n\x16\x43reateInstanceResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.veil.gateway.v1.Instance\"q\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\"+\n\x14WatchReceiptsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"]\n\x15WatchReceiptsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07outcome\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"\x12\n\x10GetStatusRequest\"b\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12,\n\x06shards\x18\x03 \x03(\x0b\x32\x1c.veil.gateway.v1.ShardStatus\"/\n\x0bShardStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x32\x82\x05\n\x0eGatewayService\x12\x61\n\x0eGetAttestation\x12&.veil.gateway.v1.GetAttestationRequest\x1a\'.veil.gateway.v1.GetAttestationResponse\x12L\n\x07\x45xecute\x12\x1f.veil.gateway.v1.ExecuteRequest\x1a .veil.gateway.v1.ExecuteResponse\x12\x46\n\x05Query\x12\x1d.veil.gateway.v1.QueryRequest\x1a\x1e.veil.gateway.v1.QueryResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.gateway.v1.CreateInstanceRequest\x1a\'.veil.gateway.v1.CreateInstanceResponse\x12^\n\rListInstances\x12%.veil.gateway.v1.ListInstancesRequest\x1a&.veil.gateway.v1.ListInstancesResponse\x12`\n\rWatchReceipts\x12%.veil.gateway.v1.WatchReceiptsRequest\x1a&.veil.gateway.v1.WatchReceiptsResponse0\x01\x12R\n\tGetStatus\x12!.veil.gateway.v1.GetStatusRequest\x1a\".veil.gateway.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/gateway/v1/gateway.proto\x12\x0fveil.gateway.v1\x1a\x1eveil/enclave/v1/envelope.proto\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xd9\x01\n\x16GetAttestationResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x19\n\x11\x61ttestation_token\x18\x04 \x01(\t\x12\x30\n\x04keys\x18\x05 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tjwks_json\x18\x06 \x01(\t\x12+\n\x08instance\x18\x07 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"E\n\x16\x43reateInstanceResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.veil.gateway.v1.Instance\"q\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\"]\n\x14WatchReceiptsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x19\n\x11request_id_prefix\x18\x02 \x01(\t\x12\x15\n\rreplay_recent\x18\x03 \x01(\x08\"]\n\x15WatchReceiptsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07outcome\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"\x12\n\x10GetStatusRequest\"b\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12,\n\x06shards\x18\x03 \x03(\x0b\x32\x1c.veil.gateway.v1.ShardStatus\"/\n\x0bShardStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x32\x82\x05\n\x0eGatewayService\x12\x61\n\x0eGetAttestation\x12&.veil.gateway.v1.GetAttestationRequest\x1a\'.veil.gateway.v1.GetAttestationResponse\x12L\n\x07\x45xecute\x12\x1f.veil.gateway.v1.ExecuteRequest\x1a .veil.gateway.v1.ExecuteResponse\x12\x46\n\x05Query\x12\x1d.veil.gateway.v1.QueryRequest\x1a\x1e.veil.gateway.v1.QueryResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.gateway.v1.CreateInstanceRequest\x1a\'.veil.gateway.v1.CreateInstanceResponse\x12^\n\rListInstances\x12%.veil.gateway.v1.ListInstancesRequest\x1a&.veil.gateway.v1.ListInstancesResponse\x12`\n\rWatchReceipts\x12%.veil.gateway.v1.WatchReceiptsRequest\x1a&.veil.gateway.v1.WatchReceiptsResponse0\x01\x12R\n\tGetStatus\x12!.veil.gateway.v1.GetStatusRequest\x1a\".veil.gateway.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,35 +35,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETATTESTATIONREQUEST']._serialized_start=82
   _globals['_GETATTESTATIONREQUEST']._serialized_end=126
   _globals['_GETATTESTATIONRESPONSE']._serialized_start=129
-  _globals['_GETATTESTATIONRESPONSE']._serialized_end=301
-  _globals['_EXECUTEREQUEST']._serialized_start=303
-  _globals['_EXECUTEREQUEST']._serialized_end=409
-  _globals['_EXECUTERESPONSE']._serialized_start=411
-  _globals['_EXECUTERESPONSE']._serialized_end=478
-  _globals['_QUERYREQUEST']._serialized_start=480
-  _globals['_QUERYREQUEST']._serialized_end=564
-  _globals['_QUERYRESPONSE']._serialized_start=566
-  _globals['_QUERYRESPONSE']._serialized_end=631
-  _globals['_CREATEINSTANCEREQUEST']._serialized_start=633
-  _globals['_CREATEINSTANCEREQUEST']._serialized_end=746
-  _globals['_CREATEINSTANCERESPONSE']._serialized_start=748
-  _globals['_CREATEINSTANCERESPONSE']._serialized_end=817
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=819
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=841
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=843
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=912
-  _globals['_INSTANCE']._serialized_start=914
-  _globals['_INSTANCE']._serialized_end=1027
-  _globals['_WATCHRECEIPTSREQUEST']._serialized_start=1029
-  _globals['_WATCHRECEIPTSREQUEST']._serialized_end=1072
-  _globals['_WATCHRECEIPTSRESPONSE']._serialized_start=1074
-  _globals['_WATCHRECEIPTSRESPONSE']._serialized_end=1167
-  _globals['_GETSTATUSREQUEST']._serialized_start=1169
-  _globals['_GETSTATUSREQUEST']._serialized_end=1187
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1189
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1287
-  _globals['_SHARDSTATUS']._serialized_start=1289
-  _globals['_SHARDSTATUS']._serialized_end=1336
-  _globals['_GATEWAYSERVICE']._serialized_start=1339
-  _globals['_GATEWAYSERVICE']._serialized_end=1981
+  _globals['_GETATTESTATIONRESPONSE']._serialized_end=346
+  _globals['_EXECUTEREQUEST']._serialized_start=348
+  _globals['_EXECUTEREQUEST']._serialized_end=454
+  _globals['_EXECUTERESPONSE']._serialized_start=456
+  _globals['_EXECUTERESPONSE']._serialized_end=523
+  _globals['_QUERYREQUEST']._serialized_start=525
+  _globals['_QUERYREQUEST']._serialized_end=609
+  _globals['_QUERYRESPONSE']._serialized_start=611
+  _globals['_QUERYRESPONSE']._serialized_end=676
+  _globals['_CREATEINSTANCEREQUEST']._serialized_start=678
+  _globals['_CREATEINSTANCEREQUEST']._serialized_end=791
+  _globals['_CREATEINSTANCERESPONSE']._serialized_start=793
+  _globals['_CREATEINSTANCERESPONSE']._serialized_end=862
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=864
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=886
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=888
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=957
+  _globals['_INSTANCE']._serialized_start=959
+  _globals['_INSTANCE']._serialized_end=1072
+  _globals['_WATCHRECEIPTSREQUEST']._serialized_start=1074
+  _globals['_WATCHRECEIPTSREQUEST']._serialized_end=1167
+  _globals['_WATCHRECEIPTSRESPONSE']._serialized_start=1169
+  _globals['_WATCHRECEIPTSRESPONSE']._serialized_end=1262
+  _globals['_GETSTATUSREQUEST']._serialized_start=1264
+  _globals['_GETSTATUSREQUEST']._serialized_end=1282
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1284
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1382
+  _globals['_SHARDSTATUS']._serialized_start=1384
+  _globals['_SHARDSTATUS']._serialized_end=1431
+  _globals['_GATEWAYSERVICE']._serialized_start=1434
+  _globals['_GATEWAYSERVICE']._serialized_end=2076
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,7 @@ class GetAttestationResponse(_message.Message):
     ATTESTATION_TOKEN_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     JWKS_JSON_FIELD_NUMBER: _builtins.int
+    INSTANCE_FIELD_NUMBER: _builtins.int
     quote: _builtins.bytes
     """quote is the enclave's DCAP quote; its report data is SHA-256(runtime_data || nonce)."""
     runtime_data: _builtins.bytes
@@ -67,6 +68,12 @@ class GetAttestationResponse(_message.Message):
     def keys(self) -> _envelope_pb2.EnclavePublicKeys:
         """keys are the enclave's public keys (decoded runtime_data)."""
 
+    @_builtins.property
+    def instance(self) -> Global___Instance:
+        """instance is the named instance as the gateway knows it (app, auth scheme, shard); unset
+        for the default shard. Informational only: the enclave enforces the configuration it holds.
+        """
+
     def __init__(
         self,
         *,
@@ -76,10 +83,11 @@ class GetAttestationResponse(_message.Message):
         attestation_token: _builtins.str = ...,
         keys: _envelope_pb2.EnclavePublicKeys | None = ...,
         jwks_json: _builtins.str = ...,
+        instance: Global___Instance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "keys", b"keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_token", b"attestation_token", "jwks_json", b"jwks_json", "keys", b"keys", "nonce", b"nonce", "quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_token", b"attestation_token", "instance", b"instance", "jwks_json", b"jwks_json", "keys", b"keys", "nonce", b"nonce", "quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -333,16 +341,26 @@ class WatchReceiptsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    REPLAY_RECENT_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
+    request_id_prefix: _builtins.str
+    """request_id_prefix selects the subscriber's own requests: the SDK starts every request_id
+    with a random per-session prefix (16 to 48 characters) and subscribes with it.
+    """
+    replay_recent: _builtins.bool
+    """replay_recent first sends matching outcomes the gateway still holds from before the subscription."""
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        request_id_prefix: _builtins.str = ...,
+        replay_recent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "replay_recent", b"replay_recent", "request_id_prefix", b"request_id_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -116,7 +116,9 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchReceipts(self, request, context):
-        """WatchReceipts streams the caller's sealed outcomes for an instance as they commit.
+        """WatchReceipts streams the caller's sealed outcomes for an instance as they commit: those
+        executed through this gateway whose request_id starts with the subscriber's prefix and
+        that were submitted under the same authenticated principal as the subscription.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,10 @@ class GatewayServiceStub:
     ListInstances: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.ListInstancesRequest, _gateway_pb2.ListInstancesResponse]
     """ListInstances lists app instances. Admin identity only."""
     WatchReceipts: _grpc.UnaryStreamMultiCallable[_gateway_pb2.WatchReceiptsRequest, _gateway_pb2.WatchReceiptsResponse]
-    """WatchReceipts streams the caller's sealed outcomes for an instance as they commit."""
+    """WatchReceipts streams the caller's sealed outcomes for an instance as they commit: those
+    executed through this gateway whose request_id starts with the subscriber's prefix and
+    that were submitted under the same authenticated principal as the subscription.
+    """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetStatusRequest, _gateway_pb2.GetStatusResponse]
     """GetStatus reports the gateway's view of the mesh."""
 
@@ -70,7 +73,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     ListInstances: _aio.UnaryUnaryMultiCallable[_gateway_pb2.ListInstancesRequest, _gateway_pb2.ListInstancesResponse]  # type: ignore[assignment]
     """ListInstances lists app instances. Admin identity only."""
     WatchReceipts: _aio.UnaryStreamMultiCallable[_gateway_pb2.WatchReceiptsRequest, _gateway_pb2.WatchReceiptsResponse]  # type: ignore[assignment]
-    """WatchReceipts streams the caller's sealed outcomes for an instance as they commit."""
+    """WatchReceipts streams the caller's sealed outcomes for an instance as they commit: those
+    executed through this gateway whose request_id starts with the subscriber's prefix and
+    that were submitted under the same authenticated principal as the subscription.
+    """
     GetStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetStatusRequest, _gateway_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports the gateway's view of the mesh."""
 
@@ -126,7 +132,10 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_pb2.WatchReceiptsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_gateway_pb2.WatchReceiptsResponse], _abc.AsyncIterator[_gateway_pb2.WatchReceiptsResponse]]:
-        """WatchReceipts streams the caller's sealed outcomes for an instance as they commit."""
+        """WatchReceipts streams the caller's sealed outcomes for an instance as they commit: those
+        executed through this gateway whose request_id starts with the subscriber's prefix and
+        that were submitted under the same authenticated principal as the subscription.
+        """
 
     @_abc_1.abstractmethod
     def GetStatus(

@@ -1,0 +1,263 @@
+"""Typed helpers for the three apps (vault, token, ballot) over `VeilClient.execute/query`.
+
+Each helper acts as one identity on one instance. Methods return plain values; an enclave
+refusal (authorization, app rule) raises `CommandRefused`. The verified answer of the last
+call (result, receipt, log sequence) stays in `last` for callers that want the receipt.
+
+Ballot verifiability: `vote` returns a `VoteReceipt` (option, the voter's random salt, the
+commitment the enclave returned and its signed receipt). After close, `verify_vote` fetches
+the voter's inclusion proof and checks that the commitment recomputes from (ballot, voter,
+option, salt), that it is a leaf of the tally's RFC 6962 Merkle tree, and that the counts
+add up to the number of leaves.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+
+from client.errors import CommandRefused, IntegrityError
+from client.identity import Identity
+from client.sealing import Opened
+from enclave import wire
+from enclave.apps import merkle
+
+if TYPE_CHECKING:
+    from client.sdk import VeilClient
+
+SALT_BYTES = 32
+
+
+class _AppClient:
+    _field = ""
+
+    def __init__(self, client: VeilClient, instance_id: str, identity: Identity) -> None:
+        self.client = client
+        self.instance_id = instance_id
+        self.identity = identity
+        self.last: Opened | None = None
+
+    @property
+    def account(self) -> str:
+        """The account the enclave sees for this identity."""
+        return self.identity.account
+
+    def _result(self, opened: Opened, method: str) -> Any:
+        self.last = opened
+        if opened.result.HasField("error"):
+            error = opened.result.error
+            raise CommandRefused(error.code, error.message, opened.receipt)
+        app_result = getattr(opened.result.result, self._field)
+        if (
+            opened.result.result.WhichOneof("result") != self._field
+            or app_result.WhichOneof("method") != method
+        ):
+            raise IntegrityError(f"the enclave answered a {self._field}.{method} call with another result")
+        return getattr(app_result, method)
+
+    def _call(self, method: str, message: Any) -> apps_pb2.AppCall:
+        call = apps_pb2.AppCall()
+        getattr(getattr(call, self._field), method).CopyFrom(message)
+        return call
+
+    def _execute(self, method: str, message: Any) -> Any:
+        opened = self.client.execute(self.instance_id, self._call(method, message), self.identity)
+        return self._result(opened, method)
+
+    def _query(self, method: str, message: Any) -> Any:
+        opened = self.client.query(self.instance_id, self._call(method, message), self.identity)
+        return self._result(opened, method)
+
+
+@dataclass(frozen=True)
+class VaultRecord:
+    """A record as read: its content and, for the owner, who it is shared with."""
+
+    data: bytes
+    readers: tuple[str, ...]
+
+
+class VaultClient(_AppClient):
+    """Personal-data records owned by their subject."""
+
+    _field = "vault"
+
+    def put(self, record_id: str, data: bytes) -> bool:
+        """Create or replace one of this identity's records; True when it was new."""
+        result: apps_pb2.VaultPutResult = self._execute(
+            "put", apps_pb2.VaultPut(record_id=record_id, data=data)
+        )
+        return result.created
+
+    def get(self, record_id: str, owner: str | None = None) -> VaultRecord:
+        """Read a record this identity owns (default) or was shared by `owner`."""
+        message = apps_pb2.VaultGet(owner=owner or self.account, record_id=record_id)
+        result: apps_pb2.VaultGetResult = self._query("get", message)
+        return VaultRecord(result.data, tuple(result.readers))
+
+    def share(self, record_id: str, reader: str) -> None:
+        """Let `reader` (an account) read one of this identity's records."""
+        self._execute("share", apps_pb2.VaultShare(record_id=record_id, reader=reader))
+
+    def revoke(self, record_id: str, reader: str) -> None:
+        """Take `reader`'s access away."""
+        self._execute("revoke", apps_pb2.VaultRevoke(record_id=record_id, reader=reader))
+
+    def delete(self, record_id: str) -> None:
+        """Erase one of this identity's records."""
+        self._execute("delete", apps_pb2.VaultDelete(record_id=record_id))
+
+
+class TokenClient(_AppClient):
+    """Confidential balances."""
+
+    _field = "token"
+
+    def mint(self, to: str, amount: int) -> int:
+        """Create tokens for `to` (issuer only); returns the new total supply."""
+        result: apps_pb2.TokenAmount = self._execute("mint", apps_pb2.TokenMint(to=to, amount=amount))
+        return result.amount
+
+    def transfer(self, to: str, amount: int) -> int:
+        """Move tokens to `to`; returns this identity's balance afterwards."""
+        result: apps_pb2.TokenAmount = self._execute("transfer", apps_pb2.TokenTransfer(to=to, amount=amount))
+        return result.amount
+
+    def balance(self) -> int:
+        """This identity's balance."""
+        result: apps_pb2.TokenAmount = self._query("balance", apps_pb2.TokenBalance())
+        return result.amount
+
+    def total_supply(self) -> int:
+        """The total supply."""
+        result: apps_pb2.TokenAmount = self._query("total_supply", apps_pb2.TokenTotalSupply())
+        return result.amount
+
+
+@dataclass(frozen=True)
+class Tally:
+    """A closed ballot's result."""
+
+    counts: tuple[int, ...]
+    voters: int
+    merkle_root: bytes
+
+
+@dataclass(frozen=True)
+class VoteReceipt:
+    """What a voter keeps to check later that their vote was counted (keep the salt secret)."""
+
+    instance_id: str
+    ballot_id: str
+    voter: str
+    option: int
+    salt: bytes
+    commitment: bytes
+    receipt: envelope_pb2.Receipt
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "ballot_id": self.ballot_id,
+            "voter": self.voter,
+            "option": self.option,
+            "salt": self.salt.hex(),
+            "commitment": self.commitment.hex(),
+            "receipt": self.receipt.SerializeToString().hex(),
+        }
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> VoteReceipt:
+        return cls(
+            instance_id=str(document["instance_id"]),
+            ballot_id=str(document["ballot_id"]),
+            voter=str(document["voter"]),
+            option=int(document["option"]),
+            salt=bytes.fromhex(document["salt"]),
+            commitment=bytes.fromhex(document["commitment"]),
+            receipt=envelope_pb2.Receipt.FromString(bytes.fromhex(document["receipt"])),
+        )
+
+
+@dataclass(frozen=True)
+class InclusionCheck:
+    """A vote verified to be counted under the tally's Merkle root."""
+
+    leaf_index: int
+    tree_size: int
+    tally: Tally
+
+
+def _tally(result: apps_pb2.BallotTallyResult) -> Tally:
+    return Tally(tuple(result.counts), result.voters, result.merkle_root)
+
+
+class BallotClient(_AppClient):
+    """Secret ballots with voter-checkable tallies."""
+
+    _field = "ballot"
+
+    def create(
+        self, ballot_id: str, question: str, options: Sequence[str], eligible_voters: Sequence[str] = ()
+    ) -> None:
+        """Open a ballot; this identity becomes its creator (empty voters: open to everyone)."""
+        message = apps_pb2.BallotCreate(
+            ballot_id=ballot_id, question=question, options=options, eligible_voters=eligible_voters
+        )
+        self._execute("create", message)
+
+    def vote(self, ballot_id: str, option: int, *, salt: bytes | None = None) -> VoteReceipt:
+        """Cast (or replace) this identity's vote; returns what is needed to verify it later."""
+        salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
+        result: apps_pb2.BallotVoteResult = self._execute(
+            "vote", apps_pb2.BallotVote(ballot_id=ballot_id, option=option, salt=salt)
+        )
+        expected = wire.vote_commitment(ballot_id, self.account, option, salt)
+        if result.commitment != expected:
+            raise IntegrityError("the enclave committed to a different vote")
+        if self.last is None or self.last.receipt is None:
+            raise IntegrityError("the vote was not committed with a receipt")
+        return VoteReceipt(
+            self.instance_id, ballot_id, self.account, option, salt, result.commitment, self.last.receipt
+        )
+
+    def close(self, ballot_id: str) -> Tally:
+        """End voting (creator only); returns the tally."""
+        return _tally(self._execute("close", apps_pb2.BallotClose(ballot_id=ballot_id)))
+
+    def tally(self, ballot_id: str) -> Tally:
+        """The result of a closed ballot."""
+        return _tally(self._query("tally", apps_pb2.BallotTally(ballot_id=ballot_id)))
+
+    def info(self, ballot_id: str) -> apps_pb2.BallotInfoResult:
+        """Question, options, creator, whether closed, whether open to all."""
+        result: apps_pb2.BallotInfoResult = self._query("info", apps_pb2.BallotInfo(ballot_id=ballot_id))
+        return result
+
+    def verify_vote(self, vote: VoteReceipt) -> InclusionCheck:
+        """Check, after close, that `vote` is counted; IntegrityError names the failed check."""
+        if vote.voter != self.account:
+            raise IntegrityError("this vote receipt belongs to another voter")
+        if vote.commitment != wire.vote_commitment(vote.ballot_id, vote.voter, vote.option, vote.salt):
+            raise IntegrityError("the commitment does not recompute from the option and salt")
+        proof: apps_pb2.BallotProofResult = self._query(
+            "proof", apps_pb2.BallotProof(ballot_id=vote.ballot_id)
+        )
+        tally = self.tally(vote.ballot_id)
+        if proof.commitment != vote.commitment:
+            raise IntegrityError(
+                "the counted commitment is not the one returned when voting (vote replaced?)"
+            )
+        if proof.merkle_root != tally.merkle_root or proof.tree_size != tally.voters:
+            raise IntegrityError("the proof is for another tally")
+        if not merkle.verify_inclusion(
+            vote.commitment, proof.leaf_index, proof.tree_size, list(proof.path), tally.merkle_root
+        ):
+            raise IntegrityError("the vote is not a leaf of the tally's Merkle tree")
+        if sum(tally.counts) != tally.voters:
+            raise IntegrityError("the counts do not add up to the number of counted votes")
+        return InclusionCheck(proof.leaf_index, proof.tree_size, tally)

@@ -1,0 +1,230 @@
+"""Verify an enclave's attestation bundle against an expected-measurement policy.
+
+The bundle arrives through the gateway, which the client does not trust, so every piece is
+checked against something the client pins or against another piece:
+
+1. quote: DCAP v3 signatures and PCK chain to the pinned root (`intel`, or the dev root for
+   the sim enclave), with the keyvault's own verifier (services.keyvault.attestation);
+2. binding: the quote's report data is SHA-256(runtime_data || nonce) || 32 zero bytes;
+3. token: the keyvault's ES256 JWT verifies against the JWKS (pinned in the policy, or the
+   one in the bundle), is unexpired, names the pinned issuer if any, and its claims agree
+   with the quote (measurements, product, SVN, debug, report data) and the bundle (ehd =
+   runtime_data, nonce);
+4. policy: MRENCLAVE / MRSIGNER / product / minimum SVN / debug / TCB status;
+5. keys: the bundle's EnclavePublicKeys equal the decoded runtime_data.
+
+What each check anchors: the quote (1, 2, 4, 5) ties the keys to the measured code through
+the pinned root, whatever the gateway does. The token adds the keyvault's TCB evaluation; it
+is only as trustworthy as its JWKS, which the gateway could substitute unless the policy pins
+`jwks` (`VerifiedAttestation.jwks_pinned` says which case applied).
+
+Any failure raises `AttestationError` with the reason; nothing is returned to seal to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
+from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
+
+from client.errors import AttestationError
+from client.policy import ExpectedMeasurement
+from services.keyvault.attestation import QuoteError, VerifiedQuote, verify_quote
+from services.keyvault.errors import TokenError
+from services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, expected_report_data, verify_token
+
+X25519_KEY_SIZE = 32
+ED25519_KEY_SIZE = 32
+
+
+@dataclass(frozen=True)
+class VerifiedAttestation:
+    """An enclave the client decided to trust, and what was checked to decide it."""
+
+    keys: envelope_pb2.EnclavePublicKeys
+    mrenclave: bytes
+    mrsigner: bytes
+    product_id: int
+    svn: int
+    debug: bool
+    tcb_status: str
+    advisory_ids: tuple[str, ...]
+    issuer: str
+    token_issued_at: int
+    token_expires_at: int
+    jwks_pinned: bool
+    root: str
+    checks: tuple[str, ...]
+    instance: gateway_pb2.Instance | None
+
+    def expired(self, now: float | None = None) -> bool:
+        """True once the attestation token has expired (the SDK then attests again)."""
+        return (time.time() if now is None else now) >= self.token_expires_at
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-friendly summary (for `veil attest show --json`)."""
+        return {
+            "mrenclave": self.mrenclave.hex(),
+            "mrsigner": self.mrsigner.hex(),
+            "product_id": self.product_id,
+            "svn": self.svn,
+            "debug": self.debug,
+            "tcb_status": self.tcb_status,
+            "advisory_ids": list(self.advisory_ids),
+            "issuer": self.issuer,
+            "token_issued_at": self.token_issued_at,
+            "token_expires_at": self.token_expires_at,
+            "jwks_pinned": self.jwks_pinned,
+            "root": self.root,
+            "hpke_x25519_public_key": self.keys.hpke_x25519_public_key.hex(),
+            "signing_public_key": self.keys.signing_public_key.hex(),
+            "checks": list(self.checks),
+        }
+
+
+def _fail(reason: str) -> AttestationError:
+    return AttestationError(reason)
+
+
+def _check_quote(quote: bytes, root_public_key: ec.EllipticCurvePublicKey, now: float) -> VerifiedQuote:
+    try:
+        return verify_quote(
+            quote, root_public_key=root_public_key, now=dt.datetime.fromtimestamp(now, dt.UTC)
+        )
+    except QuoteError as exc:
+        raise _fail(f"quote: {exc.reason}") from None
+
+
+def _check_token(
+    bundle: gateway_pb2.GetAttestationResponse, policy: ExpectedMeasurement, now: float, leeway_s: float
+) -> VerifiedToken:
+    if policy.jwks is not None:
+        jwks = policy.jwks
+    else:
+        try:
+            jwks = json.loads(bundle.jwks_json)
+        except ValueError:
+            raise _fail("the bundle's JWKS is not valid JSON") from None
+        if not isinstance(jwks, dict):
+            raise _fail("the bundle's JWKS is not a JSON object")
+    issuer = policy.issuer
+    if issuer is None:  # not pinned: accept the token's own issuer, still checked for shape
+        try:
+            issuer = jwt.decode(bundle.attestation_token, options={"verify_signature": False}).get("iss")
+        except jwt.InvalidTokenError:
+            raise _fail("token: not a JWT") from None
+        if not isinstance(issuer, str):
+            raise _fail("token: no issuer")
+    try:
+        return verify_token(bundle.attestation_token, jwks, issuer=issuer, now=now, leeway_s=leeway_s)
+    except TokenError as exc:
+        raise _fail(f"token: {exc.message}") from None
+
+
+def _agree(token: VerifiedToken, quote: VerifiedQuote, bundle: gateway_pb2.GetAttestationResponse) -> None:
+    claims = token.claims
+    pairs = (
+        ("x-ms-sgx-mrenclave", claims["x-ms-sgx-mrenclave"], quote.mrenclave.hex()),
+        ("x-ms-sgx-mrsigner", claims["x-ms-sgx-mrsigner"], quote.mrsigner.hex()),
+        ("x-ms-sgx-product-id", claims["x-ms-sgx-product-id"], quote.isv_prod_id),
+        ("x-ms-sgx-svn", claims["x-ms-sgx-svn"], quote.isv_svn),
+        ("x-ms-sgx-is-debuggable", claims["x-ms-sgx-is-debuggable"], quote.debug),
+    )
+    for name, claimed, quoted in pairs:
+        if claimed != quoted:
+            raise _fail(f"token claim {name} disagrees with the quote")
+    if not hmac.compare_digest(token.report_data, quote.report_data):
+        raise _fail("token report data disagrees with the quote")
+    if not hmac.compare_digest(token.runtime_data, bundle.runtime_data):
+        raise _fail("token x-ms-sgx-ehd does not equal the bundle's runtime data")
+    if not hmac.compare_digest(token.nonce, bundle.nonce):
+        raise _fail("token nonce does not equal the bundle's nonce")
+
+
+def _check_policy(quote: VerifiedQuote, tcb_status: str, policy: ExpectedMeasurement) -> None:
+    if policy.mrenclaves and quote.mrenclave not in policy.mrenclaves:
+        raise _fail(f"MRENCLAVE {quote.mrenclave.hex()} is not an expected measurement")
+    if policy.mrsigner is not None and quote.mrsigner != policy.mrsigner:
+        raise _fail(f"MRSIGNER {quote.mrsigner.hex()} is not the expected signer")
+    if policy.product_id is not None and quote.isv_prod_id != policy.product_id:
+        raise _fail(f"product id {quote.isv_prod_id} is not {policy.product_id}")
+    if policy.min_svn is not None and quote.isv_svn < policy.min_svn:
+        raise _fail(f"SVN {quote.isv_svn} is below the minimum {policy.min_svn}")
+    if quote.debug and not policy.allow_debug:
+        raise _fail("the enclave is debuggable (its memory is readable by the host)")
+    if tcb_status not in policy.accepted_tcb_statuses:
+        raise _fail(f"TCB status {tcb_status!r} is not accepted")
+
+
+def _check_keys(bundle: gateway_pb2.GetAttestationResponse) -> envelope_pb2.EnclavePublicKeys:
+    try:
+        decoded = envelope_pb2.EnclavePublicKeys.FromString(bundle.runtime_data)
+    except DecodeError:
+        raise _fail("runtime data is not EnclavePublicKeys") from None
+    if decoded != bundle.keys:
+        raise _fail("the bundle's keys are not the attested runtime data")
+    if (
+        len(decoded.hpke_x25519_public_key) != X25519_KEY_SIZE
+        or len(decoded.signing_public_key) != ED25519_KEY_SIZE
+    ):
+        raise _fail("the attested keys have the wrong sizes")
+    return decoded
+
+
+def verify_bundle(
+    bundle: gateway_pb2.GetAttestationResponse,
+    policy: ExpectedMeasurement,
+    *,
+    root_public_key: ec.EllipticCurvePublicKey,
+    now: float | None = None,
+    leeway_s: float = DEFAULT_LEEWAY_S,
+) -> VerifiedAttestation:
+    """Verify `bundle` (see the module docstring); raise AttestationError with the reason."""
+    now = time.time() if now is None else now
+    quote = _check_quote(bundle.quote, root_public_key, now)
+    if not hmac.compare_digest(quote.report_data, expected_report_data(bundle.runtime_data, bundle.nonce)):
+        raise _fail("quote report data is not SHA-256(runtime data || nonce)")
+    token = _check_token(bundle, policy, now, leeway_s)
+    _agree(token, quote, bundle)
+    _check_policy(quote, token.tcb_status, policy)
+    keys = _check_keys(bundle)
+    advisories = token.claims.get("x-ms-sgx-advisory-ids") or []
+    checks = (
+        f"quote signatures and PCK chain verify to the pinned {policy.root!r} SGX root",
+        "quote report data = SHA-256(runtime data || nonce): the quote binds the enclave keys",
+        "attestation token (ES256) verifies against the "
+        + ("pinned JWKS" if policy.jwks is not None else "JWKS supplied with the bundle (not pinned)"),
+        f"token issuer {token.claims['iss']!r}"
+        + (" is the pinned issuer" if policy.issuer is not None else " (not pinned)"),
+        "token is within its lifetime",
+        "token claims (MRENCLAVE, MRSIGNER, product, SVN, debug, report data, ehd, nonce) match the quote",
+        "MRENCLAVE/MRSIGNER/product/SVN/debug satisfy the expected-measurement policy",
+        f"TCB status {token.tcb_status!r} is accepted",
+        "enclave keys = decoded runtime data",
+    )
+    return VerifiedAttestation(
+        keys=keys,
+        mrenclave=quote.mrenclave,
+        mrsigner=quote.mrsigner,
+        product_id=quote.isv_prod_id,
+        svn=quote.isv_svn,
+        debug=quote.debug,
+        tcb_status=token.tcb_status,
+        advisory_ids=tuple(str(a) for a in advisories) if isinstance(advisories, list) else (),
+        issuer=str(token.claims["iss"]),
+        token_issued_at=token.issued_at,
+        token_expires_at=token.expires_at,
+        jwks_pinned=policy.jwks is not None,
+        root=policy.root,
+        checks=checks,
+        instance=bundle.instance if bundle.HasField("instance") else None,
+    )

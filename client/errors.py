@@ -1,0 +1,69 @@
+"""What the SDK raises. Every failure is a `VeilClientError`; each subclass names one kind."""
+
+from __future__ import annotations
+
+import grpc
+from veil.enclave.v1 import envelope_pb2, error_pb2
+
+from services.common.errors import error_info
+
+
+class VeilClientError(Exception):
+    """Base of every SDK error."""
+
+
+class AttestationError(VeilClientError):
+    """The attestation bundle did not verify against the expected measurement; nothing was sent.
+
+    `reason` says which check failed, in plain words.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"attestation refused: {reason}")
+        self.reason = reason
+
+
+class PolicyError(VeilClientError):
+    """The expected-measurement policy itself is missing or malformed."""
+
+
+class IdentityError(VeilClientError):
+    """An identity key file is missing, unreadable or malformed."""
+
+
+class IntegrityError(VeilClientError):
+    """A response or receipt from the enclave does not authenticate: the host or gateway tampered."""
+
+
+class CommandRefused(VeilClientError):
+    """The enclave refused the command (authorization, counter, app rule) or could not open it.
+
+    `code` is the enclave's `EcallErrorCode`; `receipt` is set when the refusal was committed
+    (an app rule refusal consumes the account's counter and is logged).
+    """
+
+    def __init__(
+        self,
+        code: error_pb2.EcallErrorCode.ValueType,
+        message: str,
+        receipt: envelope_pb2.Receipt | None = None,
+    ) -> None:
+        self.code = code
+        self.code_name = error_pb2.EcallErrorCode.Name(code).removeprefix("ECALL_ERROR_CODE_")
+        self.message = message
+        self.receipt = receipt
+        super().__init__(f"{self.code_name}: {message}")
+
+
+class GatewayError(VeilClientError):
+    """The gateway (or the mesh behind it) refused or failed the call.
+
+    `code` is the gRPC status, `reason` the ErrorInfo reason when the server sent one.
+    """
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        self.code: grpc.StatusCode = error.code()
+        info = error_info(error)
+        self.reason = info.reason if info is not None else ""
+        self.details = error.details() or ""
+        super().__init__(f"{self.code.name}: {self.details}" + (f" ({self.reason})" if self.reason else ""))

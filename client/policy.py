@@ -1,0 +1,205 @@
+"""The expected-measurement policy a client pins before trusting an enclave, and its JSON file.
+
+File format (`<data_dir>/expected-measurement.json`, written by `veil up` in development)::
+
+    {
+      "mrenclave": ["<64 hex>", ...],        # accepted MRENCLAVEs (at least one of mrenclave/mrsigner)
+      "mrsigner": "<64 hex>" | null,         # accepted MRSIGNER (then product_id/min_svn apply)
+      "product_id": 1 | null,
+      "min_svn": 1 | null,
+      "allow_debug": false,
+      "accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"],
+      "root": "intel" | "dev" | "/path/root.pem",   # the pinned SGX root ("dev": <data_dir>/pki/sgx-root.pem)
+      "issuer": "https://..." | null,        # pin the keyvault's token issuer
+      "jwks": {"keys": [...]} | null         # pin the keyvault's token keys
+    }
+
+Fail closed: there is no trust-on-first-use. In development `write_dev_policy` computes the
+sim enclave's MRENCLAVE from the enclave source the client has (`enclave.measurement`), the
+dev signer's MRSIGNER, and pins the dev root; "Unevaluated" TCB status is accepted there
+because the sim mesh has no Intel collateral. A production policy pins "intel".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.errors import PolicyError
+from services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
+
+POLICY_FILE = "expected-measurement.json"
+DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
+DEV_TCB_STATUSES = (*DEFAULT_TCB_STATUSES, "Unevaluated")
+# The sim runner's defaults (enclave.runner.RunnerOptions): product 1, SVN 1, not debuggable.
+DEV_PRODUCT_ID = 1
+DEV_MIN_SVN = 1
+
+
+def _hex32(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise PolicyError(f"{what} must be a hex string")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise PolicyError(f"{what} is not hex") from None
+    if len(raw) != 32:
+        raise PolicyError(f"{what} must be 32 bytes (64 hex digits)")
+    return raw
+
+
+@dataclass(frozen=True)
+class ExpectedMeasurement:
+    """What the client accepts as "the enclave": measurements, debug, TCB status and trust roots."""
+
+    mrenclaves: tuple[bytes, ...] = ()
+    mrsigner: bytes | None = None
+    product_id: int | None = None
+    min_svn: int | None = None
+    allow_debug: bool = False
+    accepted_tcb_statuses: tuple[str, ...] = DEFAULT_TCB_STATUSES
+    root: str = "intel"
+    issuer: str | None = None
+    jwks: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.mrenclaves and self.mrsigner is None:
+            raise PolicyError("a policy must pin at least one MRENCLAVE or an MRSIGNER")
+        if any(len(m) != 32 for m in self.mrenclaves) or (
+            self.mrsigner is not None and len(self.mrsigner) != 32
+        ):
+            raise PolicyError("measurements are 32 bytes")
+        if not self.accepted_tcb_statuses:
+            raise PolicyError("accepted_tcb_statuses must not be empty")
+
+    @classmethod
+    def for_mrenclave(cls, mrenclave_hex: str, *, root: str = "intel", **options: Any) -> ExpectedMeasurement:
+        """A policy pinning one MRENCLAVE (e.g. from `--mrenclave HEX`)."""
+        return cls(mrenclaves=(_hex32(mrenclave_hex, "mrenclave"),), root=root, **options)
+
+    def root_public_key(self, data_dir: Path | None = None) -> ec.EllipticCurvePublicKey:
+        """The pinned SGX root key ("dev" resolves against `data_dir`)."""
+        dev = dev_root_path(data_dir) if data_dir is not None else None
+        try:
+            return resolve_root(self.root, dev)
+        except RootError as exc:
+            raise PolicyError(str(exc)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The policy file's object."""
+        return {
+            "mrenclave": [m.hex() for m in self.mrenclaves],
+            "mrsigner": self.mrsigner.hex() if self.mrsigner is not None else None,
+            "product_id": self.product_id,
+            "min_svn": self.min_svn,
+            "allow_debug": self.allow_debug,
+            "accepted_tcb_statuses": list(self.accepted_tcb_statuses),
+            "root": self.root,
+            "issuer": self.issuer,
+            "jwks": dict(self.jwks) if self.jwks is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, document: object) -> ExpectedMeasurement:
+        """Parse a policy file's object (PolicyError with the reason)."""
+        if not isinstance(document, Mapping):
+            raise PolicyError("policy must be a JSON object")
+        unknown = set(document) - {
+            "mrenclave", "mrsigner", "product_id", "min_svn", "allow_debug",
+            "accepted_tcb_statuses", "root", "issuer", "jwks",
+        }  # fmt: skip
+        if unknown:
+            raise PolicyError(f"unknown policy keys: {sorted(unknown)}")
+        mrenclave = document.get("mrenclave") or []
+        if isinstance(mrenclave, str):
+            mrenclave = [mrenclave]
+        if not isinstance(mrenclave, list):
+            raise PolicyError("mrenclave must be a hex string or a list of them")
+        mrsigner = document.get("mrsigner")
+        statuses = document.get("accepted_tcb_statuses", list(DEFAULT_TCB_STATUSES))
+        if not isinstance(statuses, list) or not all(isinstance(s, str) for s in statuses):
+            raise PolicyError("accepted_tcb_statuses must be a list of strings")
+        jwks = document.get("jwks")
+        if jwks is not None and not isinstance(jwks, Mapping):
+            raise PolicyError("jwks must be a JWKS object")
+        return cls(
+            mrenclaves=tuple(_hex32(m, "mrenclave") for m in mrenclave),
+            mrsigner=_hex32(mrsigner, "mrsigner") if mrsigner is not None else None,
+            product_id=_optional_int(document, "product_id"),
+            min_svn=_optional_int(document, "min_svn"),
+            allow_debug=_bool(document, "allow_debug"),
+            accepted_tcb_statuses=tuple(statuses),
+            root=str(document.get("root", "intel")),
+            issuer=_optional_str(document, "issuer"),
+            jwks=jwks,
+        )
+
+
+def _optional_int(document: Mapping[str, Any], name: str) -> int | None:
+    value = document.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PolicyError(f"{name} must be a non-negative integer")
+    return value
+
+
+def _optional_str(document: Mapping[str, Any], name: str) -> str | None:
+    value = document.get(name)
+    if value is not None and not isinstance(value, str):
+        raise PolicyError(f"{name} must be a string")
+    return value
+
+
+def _bool(document: Mapping[str, Any], name: str) -> bool:
+    value = document.get(name, False)
+    if not isinstance(value, bool):
+        raise PolicyError(f"{name} must be true or false")
+    return value
+
+
+def load_policy(path: Path) -> ExpectedMeasurement:
+    """Read a policy file."""
+    try:
+        document = json.loads(path.read_text())
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise PolicyError(f"policy {path} is not valid JSON: {exc}") from None
+    return ExpectedMeasurement.from_json(document)
+
+
+def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:
+    """Write a policy file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(policy.to_json(), indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def dev_policy(mrenclaves: Sequence[bytes] | None = None) -> ExpectedMeasurement:
+    """The development policy: the sim enclave built from this checkout, the dev signer and root."""
+    from enclave.measurement import measure_source_tree
+    from enclave.providers.sim_quote import DEV_MRSIGNER
+
+    return ExpectedMeasurement(
+        mrenclaves=tuple(mrenclaves) if mrenclaves is not None else (measure_source_tree(),),
+        mrsigner=DEV_MRSIGNER,
+        product_id=DEV_PRODUCT_ID,
+        min_svn=DEV_MIN_SVN,
+        allow_debug=False,
+        accepted_tcb_statuses=DEV_TCB_STATUSES,
+        root="dev",
+    )
+
+
+def write_dev_policy(data_dir: Path) -> Path:
+    """Write `<data_dir>/expected-measurement.json` for the local sim mesh (called by `veil up`)."""
+    return save_policy(dev_policy(), data_dir / POLICY_FILE)

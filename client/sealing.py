@@ -1,0 +1,166 @@
+"""Seal a command to an attested enclave and open its answer, checking the receipt.
+
+Every byte string here is built by the enclave's own wire helpers (enclave.wire,
+enclave.crypto, enclave.commands), so the client and the enclave cannot drift apart:
+HPKE info/AAD, the signed command bytes, the response AAD and the receipt bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
+
+from client.errors import CommandRefused, IntegrityError
+from client.identity import Identity
+from enclave import commands, crypto, wire
+from enclave.errors import DecryptionError
+
+X25519_SUITE = crypto.X25519_SUITE
+MLKEM768X25519_SUITE = crypto.MLKEM768X25519_SUITE
+
+
+@dataclass(frozen=True)
+class SealedRequest:
+    """A sealed command and what the client keeps to read its answer."""
+
+    instance_id: str
+    request_id: str
+    counter: int
+    account: str
+    response_key: bytes
+    command: envelope_pb2.SealedCommand
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A verified answer: the app's result (or refusal), the receipt and the log position."""
+
+    request_id: str
+    result: command_pb2.CommandResult
+    receipt: envelope_pb2.Receipt | None
+    accepted: bool
+    sequence: int
+
+
+def seal_command(
+    keys: envelope_pb2.EnclavePublicKeys,
+    *,
+    instance_id: str,
+    scheme: envelope_pb2.AuthScheme.ValueType,
+    identity: Identity,
+    call: apps_pb2.AppCall,
+    counter: int,
+    request_id: str,
+    suite: int = X25519_SUITE,
+) -> SealedRequest:
+    """Build, prove and HPKE-seal one command to the enclave's key."""
+    command = command_pb2.Command(
+        instance_id=instance_id,
+        counter=counter,
+        request_id=request_id,
+        response_key=secrets.token_bytes(crypto.KEY_SIZE),
+        call=call.SerializeToString(deterministic=True),
+    )
+    signing_bytes = wire.command_signing_bytes(
+        instance_id=instance_id,
+        counter=counter,
+        request_id=request_id,
+        response_key=command.response_key,
+        call=command.call,
+    )
+    command.auth.CopyFrom(identity.proof(scheme, signing_bytes))
+    public = keys.hpke_x25519_public_key if suite == X25519_SUITE else keys.hpke_mlkem768x25519_public_key
+    enc, ciphertext = crypto.hpke_seal(
+        suite,
+        public,
+        command.SerializeToString(deterministic=True),
+        info=wire.COMMAND_INFO,
+        aad=wire.command_aad(instance_id),
+    )
+    sealed = envelope_pb2.SealedCommand(
+        suite=suite,  # type: ignore[arg-type]  # one of the two HpkeSuite values above
+        encapsulated_key=enc,
+        ciphertext=ciphertext,
+    )
+    return SealedRequest(
+        instance_id=instance_id,
+        request_id=request_id,
+        counter=counter,
+        account=_account(identity),
+        response_key=command.response_key,
+        command=sealed,
+    )
+
+
+def _account(identity: Identity) -> str:
+    return identity.account
+
+
+def open_outcome(
+    request: SealedRequest,
+    outcome: envelope_pb2.CommandOutcome,
+    signing_public_key: bytes,
+    *,
+    query: bool,
+) -> Opened:
+    """Open and verify the enclave's answer; CommandRefused if it could not open the command."""
+    if not outcome.sealed_response:
+        if outcome.HasField("error"):
+            raise CommandRefused(outcome.error.code, outcome.error.message)
+        raise IntegrityError("the outcome carries no sealed response")
+    try:
+        response = commands.open_response(
+            request.response_key, outcome.sealed_response, request.instance_id, request.request_id
+        )
+        result = command_pb2.CommandResult.FromString(response.result)
+    except (DecryptionError, DecodeError):
+        raise IntegrityError("the response does not authenticate under this request's key") from None
+    if response.request_id != request.request_id:
+        raise IntegrityError("the response answers another request")
+    receipt = response.receipt if response.HasField("receipt") else None
+    if receipt is not None:
+        _check_receipt(receipt, request, response.result, outcome, signing_public_key, query=query)
+    elif outcome.accepted or (query and not result.HasField("error")):
+        raise IntegrityError("the enclave's answer lacks its signed receipt")
+    return Opened(
+        request_id=request.request_id,
+        result=result,
+        receipt=receipt,
+        accepted=outcome.accepted,
+        sequence=receipt.sequence if receipt is not None else 0,
+    )
+
+
+def _check_receipt(
+    receipt: envelope_pb2.Receipt,
+    request: SealedRequest,
+    result_bytes: bytes,
+    outcome: envelope_pb2.CommandOutcome,
+    signing_public_key: bytes,
+    *,
+    query: bool,
+) -> None:
+    if not wire.verify_receipt(receipt, signing_public_key):
+        raise IntegrityError("the receipt's signature is not the attested enclave's")
+    if receipt.instance_id != request.instance_id:
+        raise IntegrityError("the receipt is for another instance")
+    if receipt.command_hash != wire.command_hash(
+        request.command.encapsulated_key, request.command.ciphertext
+    ):
+        raise IntegrityError("the receipt is for another command")
+    if receipt.result_hash != hashlib.sha256(result_bytes).digest():
+        raise IntegrityError("the receipt is for another result")
+    expected_kind = envelope_pb2.RECEIPT_KIND_QUERY if query else envelope_pb2.RECEIPT_KIND_COMMAND
+    if receipt.kind != expected_kind:
+        raise IntegrityError("the receipt is of the wrong kind")
+    if not query and (not outcome.accepted or receipt.sequence != outcome.sequence):
+        raise IntegrityError("the receipt's sequence does not match the committed outcome")
+
+
+def verify_receipt(receipt: envelope_pb2.Receipt, signing_public_key: bytes) -> bool:
+    """True when a stored receipt carries the enclave's signature (for later audits)."""
+    return wire.verify_receipt(receipt, signing_public_key)

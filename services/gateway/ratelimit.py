@@ -1,0 +1,84 @@
+"""Per-client token buckets, and the RESOURCE_EXHAUSTED error that tells a client when to retry.
+
+Each client (see services.gateway.auth.Principal, or the peer address for anonymous callers)
+has a bucket of `burst` tokens refilled at `rate` per second; a request takes one. An empty
+bucket refuses with RESOURCE_EXHAUSTED carrying `google.rpc.RetryInfo` (when one token will
+be back) next to the usual ErrorInfo. The number of tracked clients is bounded: the least
+recently seen buckets are dropped first (a dropped bucket is full again, which only errs on
+the side of serving).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.common.errors import ResourceExhausted
+
+MAX_TRACKED_CLIENTS = 100_000
+
+
+class RateLimited(ResourceExhausted):
+    """A client exceeded its rate; `retry_after` seconds until a request would pass."""
+
+    default_reason = "RATE_LIMITED"
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(
+            f"rate limit exceeded; retry in {retry_after:.3f}s",
+            metadata={"retry_after_ms": str(math.ceil(retry_after * 1000))},
+        )
+        self.retry_after = retry_after
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        seconds = math.floor(self.retry_after)
+        delay = duration_pb2.Duration(seconds=seconds, nanos=int((self.retry_after - seconds) * 1e9))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
+        return status
+
+
+class RateLimiter:
+    """Thread-safe token buckets keyed by client."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = MAX_TRACKED_CLIENTS,
+    ) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self._rate = rate
+        self._burst = burst
+        self._clock = clock
+        self._max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, stamp)
+        self._lock = threading.Lock()
+
+    def acquire(self, client: str) -> None:
+        """Take one token for `client`, or raise RateLimited with the wait until the next one."""
+        with self._lock:
+            now = self._clock()
+            tokens, stamp = self._buckets.pop(client, (self._burst, now))
+            tokens = min(self._burst, tokens + (now - stamp) * self._rate)
+            if tokens >= 1:
+                self._buckets[client] = (tokens - 1, now)
+                admitted = True
+            else:
+                self._buckets[client] = (tokens, now)
+                admitted = False
+            while len(self._buckets) > self._max_clients:
+                self._buckets.popitem(last=False)
+        if not admitted:
+            raise RateLimited((1 - tokens) / self._rate)

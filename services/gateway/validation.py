@@ -1,0 +1,62 @@
+"""Shape checks on public requests, before anything reaches a state replica.
+
+The gateway cannot read a sealed command, but it can refuse what could never open: an
+unknown HPKE suite, an encapsulated key of the wrong length, a ciphertext shorter than an
+AEAD tag. Identifiers follow the state service's rules (instance ids as the enclave accepts
+them, request ids of 1 to 64 characters).
+"""
+
+from __future__ import annotations
+
+import re
+
+from cryptography.hazmat.primitives import hpke
+from veil.enclave.v1 import envelope_pb2
+
+from services.common.errors import InvalidArgument
+
+INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAX_REQUEST_ID = 64
+_AEAD_TAG = 16
+_ENC_LENGTHS = {
+    envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM: hpke.KEM.X25519.enc_length(),
+    envelope_pb2.HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM: hpke.KEM.MLKEM768_X25519.enc_length(),
+}
+
+
+def instance_id(value: str, *, required: bool = True) -> str:
+    """A valid instance id (or "" when not required and absent)."""
+    if not value and not required:
+        return value
+    if not INSTANCE_ID.match(value):
+        raise InvalidArgument(
+            "instance_id must be lowercase letters, digits and dashes (1 to 63 characters)",
+            metadata={"field": "instance_id"},
+        )
+    return value
+
+
+def request_id(value: str) -> str:
+    """A valid request id: 1 to 64 characters."""
+    if not 0 < len(value) <= MAX_REQUEST_ID or not value.isprintable():
+        raise InvalidArgument(
+            f"request_id must be 1 to {MAX_REQUEST_ID} printable characters", metadata={"field": "request_id"}
+        )
+    return value
+
+
+def sealed_command(command: envelope_pb2.SealedCommand) -> envelope_pb2.SealedCommand:
+    """A sealed command that could be opened by an enclave."""
+    expected = _ENC_LENGTHS.get(command.suite)
+    if expected is None:
+        raise InvalidArgument(
+            "command.suite is not a supported HPKE suite", metadata={"field": "command.suite"}
+        )
+    if len(command.encapsulated_key) != expected:
+        raise InvalidArgument(
+            f"command.encapsulated_key must be {expected} bytes for this suite",
+            metadata={"field": "command.encapsulated_key"},
+        )
+    if len(command.ciphertext) <= _AEAD_TAG:
+        raise InvalidArgument("command.ciphertext is too short", metadata={"field": "command.ciphertext"})
+    return command

@@ -1,0 +1,209 @@
+"""The SDK over an in-process mesh: typed apps, counters, identities and policy files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from veil.enclave.v1 import envelope_pb2, error_pb2
+
+from client import dev_policy, load_policy, write_dev_policy
+from client.apps import VoteReceipt
+from client.counters import FileCounters, MemoryCounters, expected_counter
+from client.errors import CommandRefused, IdentityError, IntegrityError, PolicyError
+from client.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
+from client.policy import ExpectedMeasurement
+from client.sdk import VeilClient
+from enclave.measurement import measure_source_tree
+from tests.gateway.support import InProcessMesh, token_config
+
+
+@pytest.fixture
+def admin(mesh: InProcessMesh) -> Iterator[VeilClient]:
+    with mesh.connect() as client:
+        yield client
+
+
+def _people(mesh: InProcessMesh) -> tuple[SigningIdentity, SigningIdentity, SigningIdentity]:
+    return tuple(new_identity(mesh.data_dir, name) for name in ("alice", "bob", "carol"))  # type: ignore[return-value]
+
+
+def _config(app: int, scheme: int = envelope_pb2.AUTH_SCHEME_SIGNATURE) -> envelope_pb2.InstanceConfig:
+    return envelope_pb2.InstanceConfig(app=app, auth_scheme=scheme)  # type: ignore[arg-type]
+
+
+def _refusal(error: pytest.ExceptionInfo[CommandRefused]) -> str:
+    return error.value.code_name
+
+
+def test_vault_records_are_owned_shared_revoked_and_deleted(mesh: InProcessMesh, admin: VeilClient) -> None:
+    alice, bob, _ = _people(mesh)
+    admin.create_instance("records", _config(envelope_pb2.APP_KIND_VAULT))
+    mine, theirs = admin.vault("records", alice), admin.vault("records", bob)
+    assert mine.put("health", b"blood type 0+") is True
+    assert mine.put("health", b"blood type 0-") is False
+    with pytest.raises(CommandRefused) as hidden:
+        theirs.get("health", owner=alice.account)
+    assert _refusal(hidden) in ("PERMISSION_DENIED", "NOT_FOUND")
+    mine.share("health", bob.account)
+    assert theirs.get("health", owner=alice.account).data == b"blood type 0-"
+    assert mine.get("health").readers == (bob.account,)
+    mine.revoke("health", bob.account)
+    with pytest.raises(CommandRefused):
+        theirs.get("health", owner=alice.account)
+    mine.delete("health")
+    with pytest.raises(CommandRefused) as gone:
+        mine.get("health")
+    assert _refusal(gone) == "NOT_FOUND"
+    assert gone.value.receipt is not None  # the enclave signs what it answered, refusals included
+    assert gone.value.receipt.kind == envelope_pb2.RECEIPT_KIND_QUERY
+
+
+def test_token_balances_and_refusals(mesh: InProcessMesh, admin: VeilClient) -> None:
+    alice, bob, carol = _people(mesh)
+    admin.create_instance("coins", token_config(alice.public_key))
+    issuer = admin.token("coins", alice)
+    assert issuer.mint(bob.account, 100) == 100
+    wallet = admin.token("coins", bob)
+    assert wallet.transfer(carol.account, 40) == 60
+    assert (wallet.balance(), admin.token("coins", carol).balance(), wallet.total_supply()) == (60, 40, 100)
+    with pytest.raises(CommandRefused) as overdraw:
+        wallet.transfer(carol.account, 61)
+    assert overdraw.value.receipt is not None  # an app refusal is committed (it consumed the counter)
+    with pytest.raises(CommandRefused) as not_issuer:
+        wallet.mint(bob.account, 1)
+    assert _refusal(not_issuer) == "PERMISSION_DENIED"
+    assert wallet.transfer(carol.account, 10) == 50  # counters stayed in step through refusals
+
+
+def test_ballot_votes_are_verifiably_counted(mesh: InProcessMesh, admin: VeilClient) -> None:
+    alice, bob, carol = _people(mesh)
+    admin.create_instance("polls", _config(envelope_pb2.APP_KIND_BALLOT))
+    chair = admin.ballot("polls", alice)
+    chair.create("lunch", "Where do we eat?", ["pizza", "sushi"], [bob.account, carol.account])
+    votes = {
+        "bob": admin.ballot("polls", bob).vote("lunch", 1),
+        "carol": admin.ballot("polls", carol).vote("lunch", 0),
+    }
+    with pytest.raises(CommandRefused) as ineligible:
+        admin.ballot("polls", alice).vote("lunch", 0)
+    assert _refusal(ineligible) == "PERMISSION_DENIED"
+    with pytest.raises(CommandRefused):
+        admin.ballot("polls", bob).tally("lunch")  # not before close
+    tally = chair.close("lunch")
+    assert (tally.counts, tally.voters) == ((1, 1), 2)
+    check = admin.ballot("polls", bob).verify_vote(votes["bob"])
+    assert (check.tree_size, check.tally) == (2, tally)
+    restored = VoteReceipt.from_json(json.loads(json.dumps(votes["carol"].to_json())))
+    assert admin.ballot("polls", carol).verify_vote(restored).tally == tally
+    lied = VoteReceipt.from_json({**votes["bob"].to_json(), "option": 0})
+    with pytest.raises(IntegrityError, match="recompute"):
+        admin.ballot("polls", bob).verify_vote(lied)
+
+
+def test_anonymous_scheme_accounts(mesh: InProcessMesh, admin: VeilClient) -> None:
+    admin.create_instance("notes", _config(envelope_pb2.APP_KIND_VAULT, envelope_pb2.AUTH_SCHEME_NONE))
+    with mesh.connect(admin=False) as client:
+        guest = client.vault("notes", AnonymousIdentity("guest"))
+        guest.put("todo", b"buy milk")
+        assert guest.get("todo").data == b"buy milk"
+        guest.share("todo", "friend")
+        assert (
+            client.vault("notes", AnonymousIdentity("friend")).get("todo", owner="guest").data == b"buy milk"
+        )
+        with pytest.raises(CommandRefused):
+            client.vault("notes", AnonymousIdentity("stranger")).get("todo", owner="guest")
+
+
+def test_signature_scheme_refuses_an_anonymous_identity(mesh: InProcessMesh, admin: VeilClient) -> None:
+    admin.create_instance("records", _config(envelope_pb2.APP_KIND_VAULT))
+    with pytest.raises(IdentityError):
+        admin.vault("records", AnonymousIdentity("guest")).put("x", b"y")
+    assert mesh.states[0].calls["Execute"] == 0
+
+
+def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh) -> None:
+    alice, bob, _ = _people(mesh)
+    with mesh.connect(counters=MemoryCounters()) as first:
+        first.create_instance("coins", token_config(alice.public_key))
+        for _ in range(3):
+            first.token("coins", alice).mint(bob.account, 1)
+    with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
+        assert second.token("coins", alice).mint(bob.account, 1) == 4
+        assert second.counters.last("coins", alice.account) == 4
+
+
+def test_counters_persist_in_the_data_dir(mesh: InProcessMesh) -> None:
+    alice, bob, _ = _people(mesh)
+    with mesh.connect() as client:  # data_dir given: counters.json
+        client.create_instance("coins", token_config(alice.public_key))
+        client.token("coins", alice).mint(bob.account, 1)
+    assert FileCounters(mesh.data_dir / "counters.json").last("coins", alice.account) == 1
+    with mesh.connect() as again:
+        again.token("coins", alice).mint(bob.account, 1)
+    assert mesh.states[0].calls["Execute"] == 2  # no resync round trip was needed
+
+
+def test_expected_counter_parsing() -> None:
+    assert expected_counter("counter must be 17") == 17
+    assert expected_counter("balance too low") is None
+
+
+def test_identity_files(tmp_path: Path) -> None:
+    alice = new_identity(tmp_path, "alice")
+    key_path = tmp_path / "identities" / "alice.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert (tmp_path / "identities" / "alice.pub").read_text().strip() == alice.account
+    assert load_identity(tmp_path, "alice").account == alice.account
+    assert load_identity(tmp_path, str(key_path)).account == alice.account
+    assert resolve_account(tmp_path, "alice") == alice.account
+    assert resolve_account(tmp_path, "ab" * 32) == "ab" * 32
+    with pytest.raises(IdentityError, match="already exists"):
+        new_identity(tmp_path, "alice")
+    os.chmod(key_path, 0o644)
+    with pytest.raises(IdentityError, match="readable by others"):
+        load_identity(tmp_path, "alice")
+    with pytest.raises(IdentityError, match="no identity"):
+        load_identity(tmp_path, "nobody")
+    with pytest.raises(IdentityError):
+        new_identity(tmp_path, "../escape")
+
+
+def test_policy_files(tmp_path: Path) -> None:
+    path = write_dev_policy(tmp_path)
+    policy = load_policy(path)
+    assert policy == dev_policy()
+    assert policy.mrenclaves == (measure_source_tree(),)
+    assert policy.root == "dev"
+    assert "Unevaluated" in policy.accepted_tcb_statuses
+    assert ExpectedMeasurement.for_mrenclave("aa" * 32).root == "intel"  # production default
+    bad = tmp_path / "bad.json"
+    for document, message in (
+        ({}, "at least one"),
+        ({"mrenclave": "xyz"}, "not hex"),
+        ({"mrenclave": "aa"}, "32 bytes"),
+        ({"mrenclave": "aa" * 32, "allow_debug": "yes"}, "true or false"),
+        ({"mrenclave": "aa" * 32, "surprise": 1}, "unknown"),
+    ):
+        bad.write_text(json.dumps(document))
+        with pytest.raises(PolicyError, match=message):
+            load_policy(bad)
+    with pytest.raises(PolicyError, match="cannot read"):
+        load_policy(tmp_path / "missing.json")
+
+
+def test_unopenable_command_error_is_reported(mesh: InProcessMesh, admin: VeilClient) -> None:
+    alice, _, _ = _people(mesh)
+    admin.create_instance("coins", token_config(alice.public_key))
+    attestation = admin.attest("coins")
+    # Pretend the enclave restarted with new keys: the cached attestation is stale.
+    stale = attestation.keys.__class__()
+    stale.CopyFrom(attestation.keys)
+    stale.hpke_x25519_public_key = bytes(range(32))
+    object.__setattr__(attestation, "keys", stale)
+    assert admin.token("coins", alice).mint(alice.account, 3) == 3  # re-attested and resealed once
+    assert error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT  # the refusal code the SDK recovers from

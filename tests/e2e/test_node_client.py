@@ -1,0 +1,116 @@
+"""The any-language proof: the Node.js client (client/node) against a real mesh.
+
+It connects over TLS without a client certificate (the gateway's public port), verifies the
+quote against the dev root and the keyvault token against its JWKS and the expected
+measurement, seals a token transfer with HPKE and an Ed25519 proof, and checks the receipt.
+Its npm packages are installed by `make setup` (`npm ci` in client/node); nothing is
+downloaded here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from veil.enclave.v1 import envelope_pb2
+
+from client import connect, load_policy
+from client.identity import new_identity
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import Mesh
+
+pytestmark = pytest.mark.e2e
+
+NODE_CLIENT = REPO_ROOT / "client" / "node"
+PUBLIC_GATEWAY = "127.0.0.1:50050"
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    assert node, "Node.js is required (the project's set-up installs Node 20)"
+    assert (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
+        "client/node/node_modules is missing: run `make setup` (npm ci --prefix client/node)"
+    )
+    return node
+
+
+def _transfer(
+    mesh: Mesh, *extra: str, to: str, key: Path, amount: int = 7
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        _node(), str(NODE_CLIENT / "transfer.mjs"),
+        "--gateway", PUBLIC_GATEWAY, "--server-name", "localhost",
+        "--data-dir", str(mesh.data_dir), "--key", str(key),
+        "--instance", "node-coins", "--to", to, "--amount", str(amount), *extra,
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module")
+def funded(mesh: Mesh) -> dict[str, Any]:
+    """A token instance where the Node client's identity holds 100 tokens."""
+    issuer = new_identity(mesh.data_dir, "node-issuer", force=True)
+    payee = new_identity(mesh.data_dir, "node-payee", force=True)
+    pki = mesh.data_dir / "pki"
+    with connect(
+        mesh.gateway,
+        policy=load_policy(mesh.data_dir / "expected-measurement.json"),
+        ca=pki / "ca.pem",
+        cert=pki / "admin.pem",
+        key=pki / "admin-key.pem",
+        data_dir=mesh.data_dir,
+    ) as client:
+        client.create_instance(
+            "node-coins",
+            envelope_pb2.InstanceConfig(
+                app=envelope_pb2.APP_KIND_TOKEN,
+                auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
+                token_issuer_public_key=issuer.public_key,
+            ),
+        )
+        client.token("node-coins", issuer).mint(issuer.account, 100)
+    return {"issuer": issuer, "payee": payee, "key": mesh.data_dir / "identities" / "node-issuer.key"}
+
+
+def _balance(mesh: Mesh, who: Any) -> int:
+    pki = mesh.data_dir / "pki"
+    with connect(  # no client certificate: the public port
+        PUBLIC_GATEWAY,
+        policy=load_policy(mesh.data_dir / "expected-measurement.json"),
+        ca=pki / "ca.pem",
+        data_dir=mesh.data_dir,
+    ) as client:
+        balance: int = client.token("node-coins", who).balance()
+        return balance
+
+
+def test_node_client_verifies_seals_a_transfer_and_checks_the_receipt(
+    mesh: Mesh, funded: dict[str, Any]
+) -> None:
+    result = _transfer(mesh, to=funded["payee"].account, key=funded["key"])
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    assert document["verified"]["mrenclave"] in policy["mrenclave"]
+    assert document["balance"] == "93"
+    assert len(document["receipt"]["signature"]) == 128
+    assert _balance(mesh, funded["payee"]) == 7
+
+
+def test_node_client_refuses_another_measurement_and_sends_nothing(
+    mesh: Mesh, funded: dict[str, Any], tmp_path: Path
+) -> None:
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    policy["mrenclave"] = ["00" * 32]
+    pinned = tmp_path / "other.json"
+    pinned.write_text(json.dumps(policy))
+    before = _balance(mesh, funded["payee"])
+    result = _transfer(mesh, "--policy", str(pinned), to=funded["payee"].account, key=funded["key"])
+    assert result.returncode == 1
+    assert "attestation refused" in result.stderr
+    assert "MRENCLAVE" in result.stderr
+    assert _balance(mesh, funded["payee"]) == before

@@ -1,0 +1,376 @@
+"""An in-process mesh for gateway and SDK tests: real gateway, real enclave, real tokens.
+
+`EnclaveState` is a StateService built from the generated servicer over a real in-process
+enclave (sim quote provider with the session's dev PCK chain), with the state contract the
+gateway relies on: durable-style request_id dedupe (a repeated id returns the first result),
+NOT_FOUND for unknown instances, the attestation bundle with a keyvault-style token issued by
+the keyvault's own TokenIssuer after the keyvault's own quote verifier passed. It also counts
+calls so tests can assert that refused requests never reached it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.state.v1 import state_pb2, state_pb2_grpc
+
+from client.policy import ExpectedMeasurement, dev_policy
+from client.sdk import VeilClient, connect
+from enclave import crypto, wire
+from enclave.runner import RunnerOptions
+from services.common.config import ServiceConfig
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    VeilError,
+    abort,
+)
+from services.common.server import VeilServer, build_server
+from services.gateway.config import GatewayConfig
+from services.gateway.server import create_server as create_gateway
+from services.keyvault.attestation import verify_quote
+from services.keyvault.attestation.roots import load_root_pem
+from services.keyvault.audit import AuditLog
+from services.keyvault.kek import FileKek
+from services.keyvault.store_sqlite import SqliteStore
+from services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
+from services.state.enclave_host import EnclaveCallError, EnclaveHost
+from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
+from services.state.server import SERVICE_NAME as STATE_SERVICE
+from tests.conftest import tls_for
+
+ISSUER = "https://keyvault.veil.test"
+
+
+class TokenAuthority:
+    """The keyvault's token issuing, on its real libraries (SQLite store, file KEK)."""
+
+    def __init__(self, directory: Path, *, ttl_s: int = 600) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteStore(directory / "keyvault.db")
+        clock = time.time
+        ring = SigningKeyRing(self.store, FileKek(directory / "kek.key"), clock, AuditLog(self.store, clock))
+        self.ring = ring
+        self.issuer = TokenIssuer(ring, issuer=ISSUER, clock=clock, token_ttl_s=ttl_s)
+
+    def jwks_json(self) -> str:
+        return json.dumps(self.ring.jwks())
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class EnclaveState(state_pb2_grpc.StateServiceServicer):
+    """A state replica over a real in-process enclave (no persistence: tests only)."""
+
+    def __init__(
+        self,
+        pki_dir: Path,
+        workdir: Path,
+        authority: TokenAuthority,
+        *,
+        jwks_in_bundle: bool = True,
+        debug: bool = False,
+    ):
+        workdir.mkdir(parents=True, exist_ok=True)
+        options = RunnerOptions(
+            quote_provider="sim",
+            seal_provider="sim",
+            pck_dir=pki_dir,
+            platform_secret=workdir / "cpu",
+            debug=debug,
+        )
+        self.host = EnclaveHost.in_process(options)
+        self._release_key = ed25519.Ed25519PrivateKey.generate()  # plays the keyvault's release key
+        keys = self.host.initialize(
+            keyvault_release_public_key=self._release_key.public_key().public_bytes_raw()
+        ).keys
+        runtime_data = keys.SerializeToString(deterministic=True)
+        nonce = secrets.token_bytes(32)
+        quote = self.host.get_quote(expected_report_data(runtime_data, nonce))
+        verified = verify_quote(quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+        token = authority.issuer.issue(
+            verified, runtime_data=runtime_data, nonce=nonce, quote_hash=hashlib.sha256(quote).digest()
+        )
+        self.bundle = state_pb2.AttestationBundle(
+            quote=quote,
+            runtime_data=runtime_data,
+            nonce=nonce,
+            attestation_token=token.token,
+            keys=keys,
+            jwks_json=authority.jwks_json() if jwks_in_bundle else "",
+        )
+        self.keys = keys
+        self.calls: Counter[str] = Counter()
+        self.delay = 0.0
+        self.deadlines: list[float | None] = []
+        self._lock = threading.Lock()
+        self._configs: dict[str, envelope_pb2.InstanceConfig] = {}
+        self._responses: dict[tuple[str, str], Any] = {}
+
+    def _count(self, method: str) -> None:
+        with self._lock:
+            self.calls[method] += 1
+
+    def _release(self, instance_id: str, version: int = 1) -> envelope_pb2.WrappedKey:
+        """A fresh data key wrapped to the enclave and signed, as the keyvault releases it."""
+        name = wire.instance_key_name(instance_id)
+        enc, ciphertext = crypto.hpke_seal(
+            crypto.X25519_SUITE,
+            self.keys.hpke_x25519_public_key,
+            secrets.token_bytes(32),
+            info=wire.key_release_info(name, version),
+            aad=b"",
+        )
+        signed = wire.wrapped_key_signing_bytes(
+            name, version, self.keys.hpke_x25519_public_key, enc, ciphertext
+        )
+        return envelope_pb2.WrappedKey(
+            suite=envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM,
+            encapsulated_key=enc,
+            ciphertext=ciphertext,
+            signature=self._release_key.sign(signed),
+        )
+
+    def GetAttestation(self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext) -> Any:
+        self._count("GetAttestation")
+        return state_pb2.GetAttestationResponse(bundle=self.bundle)
+
+    def CreateInstance(self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext) -> Any:
+        self._count("CreateInstance")
+        with self._lock:
+            done = self._responses.get((request.instance_id, request.request_id))
+            if done is not None:
+                return done
+            try:
+                self.host.provision_key(request.instance_id, 1, self._release(request.instance_id))
+                created = self.host.create_instance(request.instance_id, request.config)
+            except EnclaveCallError as error:
+                abort(context, from_ecall_error(error, method="CreateInstance"))
+                raise AssertionError("unreachable") from None
+            self._configs[request.instance_id] = request.config
+            response = state_pb2.CreateInstanceResponse(
+                instance=state_pb2.Instance(
+                    instance_id=request.instance_id, config=request.config, head=created.head.head
+                )
+            )
+            self._responses[(request.instance_id, request.request_id)] = response
+            return response
+
+    def ListInstances(self, request: state_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> Any:
+        self._count("ListInstances")
+        heads = {i.instance_id: i.head for i in self.host.get_status().instances}
+        with self._lock:
+            configs = dict(self._configs)
+        return state_pb2.ListInstancesResponse(
+            instances=[
+                state_pb2.Instance(instance_id=i, config=c, head=heads.get(i))
+                for i, c in sorted(configs.items())
+            ]
+        )
+
+    def Execute(self, request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        self._count("Execute")
+        self.deadlines.append(context.time_remaining())
+        if self.delay:
+            time.sleep(self.delay)
+        with self._lock:
+            done = self._responses.get((request.instance_id, request.request_id))
+            if done is not None:
+                return done
+            try:
+                batch = self.host.execute_batch(
+                    request.instance_id, [request.command], int(time.time() * 1000)
+                )
+            except EnclaveCallError as error:
+                abort(context, from_ecall_error(error, method="ExecuteBatch"))
+                raise AssertionError("unreachable") from None
+            response = state_pb2.ExecuteResponse(outcome=batch.outcomes[0])
+            self._responses[(request.instance_id, request.request_id)] = response
+            return response
+
+    def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
+        self._count("Query")
+        try:
+            outcome = self.host.query(request.instance_id, request.command, int(time.time() * 1000))
+        except EnclaveCallError as error:
+            abort(context, from_ecall_error(error, method="Query"))
+            raise AssertionError("unreachable") from None
+        return state_pb2.QueryResponse(outcome=outcome)
+
+    def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+        return state_pb2.GetStatusResponse(step=state_pb2.LIFECYCLE_STEP_SERVING, detail="serving")
+
+    def Ping(self, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> Any:
+        return state_pb2.PingResponse(payload=request.payload)
+
+    def head(self, instance_id: str) -> int:
+        """The instance's committed sequence inside the enclave."""
+        for instance in self.host.get_status().instances:
+            if instance.instance_id == instance_id:
+                return instance.head.sequence
+        return 0
+
+
+_ECALL_STATUS: dict[int, type[VeilError]] = {
+    error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT: InvalidArgument,
+    error_pb2.ECALL_ERROR_CODE_NOT_FOUND: NotFound,
+    error_pb2.ECALL_ERROR_CODE_ALREADY_EXISTS: AlreadyExists,
+    error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def from_ecall_error(error: EnclaveCallError, *, method: str) -> VeilError:
+    """The status a state replica answers for an enclave refusal (as services.state maps them)."""
+    return _ECALL_STATUS.get(error.code, Unavailable)(error.message, metadata={"ecall": method})
+
+
+@dataclass
+class InProcessMesh:
+    """State replicas and a gateway on port 0, with the dev PKI."""
+
+    pki_dir: Path
+    states: list[EnclaveState]
+    state_servers: list[VeilServer]
+    gateway: VeilServer
+    servers: list[VeilServer] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gateway.port}"
+
+    @property
+    def public_address(self) -> str:
+        """The TLS-only listener (no client certificate)."""
+        return f"127.0.0.1:{self.gateway.public_port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.pki_dir.parent
+
+    @property
+    def state_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{s.port}" for s in self.state_servers]
+
+    def policy(self) -> ExpectedMeasurement:
+        return dev_policy()
+
+    def connect(
+        self, *, admin: bool = True, policy: ExpectedMeasurement | None = None, **options: Any
+    ) -> VeilClient:
+        """An SDK client: admin certificate on the mTLS port, or (`admin=False`) none on the public port."""
+        pki = self.pki_dir
+        credentials: dict[str, Any] = (
+            {"cert": pki / "admin.pem", "key": pki / "admin-key.pem"} if admin else {}
+        )
+        return connect(
+            self.address if admin else self.public_address,
+            policy=policy or self.policy(),
+            ca=pki / "ca.pem",
+            data_dir=self.data_dir,
+            **credentials,
+            **options,
+        )
+
+    def stop(self) -> None:
+        self.gateway.stop(0)
+        for server in self.state_servers:
+            server.stop(0)
+
+
+def start_state(state_config: ServiceConfig, state: EnclaveState) -> VeilServer:
+    """Serve `state` with the state service's real mTLS server and authorization table."""
+    server = build_server(
+        state_config,
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(state, s),
+        service_names=[STATE_SERVICE],
+        authorization=STATE_AUTHORIZATION,
+    )
+    server.start()
+    server.set_serving(True)
+    return server
+
+
+def start_mesh(
+    pki_dir: Path,
+    workdir: Path,
+    authority: TokenAuthority,
+    *,
+    replicas: int = 1,
+    gateway_options: dict[str, Any] | None = None,
+    jwks_in_bundle: bool = True,
+    pin: dict[str, int] | None = None,
+) -> InProcessMesh:
+    """Start `replicas` enclave-backed state servers and a gateway in front of them.
+
+    `pin` places instances on replicas by index (the gateway's explicit shard map).
+    """
+    states, servers = [], []
+    for index in range(replicas):
+        state = EnclaveState(pki_dir, workdir / f"state-{index}", authority, jwks_in_bundle=jwks_in_bundle)
+        config = ServiceConfig(
+            service="state",
+            listen="127.0.0.1:0",
+            admin_listen="127.0.0.1:0",
+            tls=tls_for(pki_dir, "state"),
+            data_dir=workdir / f"state-{index}",
+            grace_seconds=0.5,
+        )
+        states.append(state)
+        servers.append(start_state(config, state))
+    addresses = tuple(f"127.0.0.1:{s.port}" for s in servers)
+    options = {
+        "keyvault_address": "127.0.0.1:1",
+        "public_listen": "127.0.0.1:0",
+        "shard_map": {instance: addresses[index] for instance, index in (pin or {}).items()},
+        **(gateway_options or {}),
+    }
+    gateway_config = GatewayConfig(state_addresses=addresses, **options)
+    gateway_service = ServiceConfig(
+        service="gateway",
+        listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        tls=tls_for(pki_dir, "gateway"),
+        data_dir=workdir / "gateway",
+        grace_seconds=0.5,
+    )
+    gateway, _ = create_gateway(gateway_service, gateway=gateway_config)
+    gateway.start()
+    return InProcessMesh(pki_dir, states, servers, gateway)
+
+
+def mesh_fixture(pki_dir: Path, tmp_path: Path, **options: Any) -> Iterator[InProcessMesh]:
+    """Start a mesh with its own data dir (a copy of the session's PKI) and stop it afterwards."""
+    own_pki = tmp_path / "data" / "pki"
+    shutil.copytree(pki_dir, own_pki)  # identities, counters and policies stay per test
+    authority = TokenAuthority(tmp_path / "keyvault")
+    mesh = start_mesh(own_pki, tmp_path, authority, **options)
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+        authority.close()
+
+
+def token_config(issuer_public_key: bytes) -> envelope_pb2.InstanceConfig:
+    return envelope_pb2.InstanceConfig(
+        app=envelope_pb2.APP_KIND_TOKEN,
+        auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=issuer_public_key,
+    )
