@@ -16,20 +16,15 @@ and backups; destroyed key material (KEK-wrapped) is gone from the live tables a
 
 from __future__ import annotations
 
-import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import psycopg
-from psycopg import sql
-
+from services.common.sql import POSTGRES, PostgresDatabase
 from services.keyvault.errors import StoreError
 from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import POSTGRES, SqlTx
+from services.keyvault.store_sql import SqlTx
 
 DEFAULT_SCHEMA = "veil_keyvault"
-_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # Arbitrary constant: the advisory lock that serialises schema creation across replicas.
 _SCHEMA_LOCK_ID = 0x7665696C6B76  # "veilkv"
 
@@ -135,74 +130,28 @@ class PostgresStore:
     backend = "postgres"
 
     def __init__(self, dsn: str, *, schema: str = DEFAULT_SCHEMA, connect_timeout_s: int = 10) -> None:
-        if not _SCHEMA_RE.match(schema):
-            raise StoreError(f"invalid PostgreSQL schema name {schema!r}")
-        self._dsn = dsn
-        self._schema = schema
-        self._connect_timeout_s = connect_timeout_s
-        self._local = threading.local()
-        self._connections: list[psycopg.Connection[tuple[object, ...]]] = []
-        self._lock = threading.Lock()
-        try:
-            self._create_schema()
-        except BaseException:
-            self.close()
-            raise
-
-    def _create_schema(self) -> None:
-        conn = self._connection()
-        try:
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_ID,))
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema)))
-                for statement in _TABLES:
-                    conn.execute(statement.encode("utf-8"))
-                conn.execute(
-                    "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, %s) "
-                    "ON CONFLICT (id) DO NOTHING",
-                    (GENESIS_HASH,),
-                )
-        except psycopg.Error as exc:
-            raise StoreError(f"cannot create the keyvault schema: {exc}") from exc
+        self._db = PostgresDatabase(dsn, schema=schema, connect_timeout_s=connect_timeout_s, error=StoreError)
+        with self._db.create_schema(_SCHEMA_LOCK_ID) as conn:
+            for statement in _TABLES:
+                conn.execute(statement.encode("utf-8"))
+            conn.execute(
+                "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, %s) ON CONFLICT (id) DO NOTHING",
+                (GENESIS_HASH,),
+            )
 
     @property
     def schema(self) -> str:
         """The schema holding the tables."""
-        return self._schema
-
-    def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
-        conn: psycopg.Connection[tuple[object, ...]] | None = getattr(self._local, "conn", None)
-        if conn is not None and (conn.closed or conn.broken):
-            conn = None  # a dropped connection is replaced, not reused
-        if conn is None:
-            try:
-                conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=self._connect_timeout_s)
-            except psycopg.OperationalError as exc:
-                raise StoreError(f"cannot connect to PostgreSQL: {exc}") from None
-            # Unqualified table names resolve to our schema only.
-            conn.execute("SELECT set_config('search_path', %s, false)", (self._schema,))
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        return self._db.schema
 
     @contextmanager
     def transaction(self) -> Iterator[StoreTx]:
-        conn = self._connection()
-        try:
-            with conn.transaction():
-                yield SqlTx(conn, POSTGRES)
-        except psycopg.Error as exc:
-            raise StoreError(f"PostgreSQL error: {type(exc).__name__}: {exc}") from exc
+        with self._db.transaction() as conn:
+            yield SqlTx(conn, POSTGRES)
 
     def drop_schema(self) -> None:
         """Drop the schema and everything in it (tests and teardown only)."""
-        conn = self._connection()
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self._schema)))
+        self._db.drop_schema()
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._db.close()

@@ -1,16 +1,16 @@
 """The SQL shared by the SQLite and PostgreSQL stores: one :class:`SqlTx` over a DB-API connection.
 
 Both engines accept the same statements (``INSERT ... ON CONFLICT DO NOTHING RETURNING``,
-standard types); the dialect differs only in the parameter marker and in row locking.
-Statements are written with ``?`` markers and translated once per dialect.
+standard types); the dialect (:mod:`services.common.sql`) differs only in the parameter
+marker and in row locking. Statements are written with ``?`` markers and translated.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from services.common.sql import Connection, Cursor, Dialect
 from services.keyvault.errors import StoreError
 from services.keyvault.store import (
     AuditRecord,
@@ -21,37 +21,6 @@ from services.keyvault.store import (
     ReleaseKeyRecord,
     SigningKeyRecord,
 )
-
-
-class Cursor(Protocol):
-    """The part of a DB-API cursor the stores use."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-class Connection(Protocol):
-    """The part of a DB-API connection the stores use (sqlite3 and psycopg both fit)."""
-
-    def execute(self, query: Any, params: Sequence[Any] = ..., /) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between the engines."""
-
-    name: str
-    param: str
-    #: Appended to a SELECT that must hold its rows until commit.
-    lock_suffix: str
-
-
-SQLITE = Dialect(name="sqlite", param="?", lock_suffix="")  # BEGIN IMMEDIATE already serialises
-POSTGRES = Dialect(name="postgres", param="%s", lock_suffix=" FOR UPDATE")
 
 _SELECT_KEY = (
     "SELECT name, policy_json, latest_version, created_us, updated_us, destroyed FROM kv_keys WHERE name = ?"
@@ -66,10 +35,12 @@ class SqlTx:
         self._dialect = dialect
 
     def _run(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        if self._dialect.param != "?":
-            sql = sql.replace("?", self._dialect.param)
-        cursor: Cursor = self._conn.execute(sql, tuple(params))
+        cursor: Cursor = self._conn.execute(self._dialect.sql(sql), tuple(params))
         return cursor
+
+    def _inserted(self, sql: str, params: Sequence[Any]) -> bool:
+        """Run an ``INSERT ... ON CONFLICT DO NOTHING RETURNING``: True if it inserted the row."""
+        return self._run(sql, params).fetchone() is not None
 
     # -- keys ----------------------------------------------------------------------------
     def get_key(self, name: str, *, lock: bool = False) -> KeyRecord | None:
@@ -85,13 +56,12 @@ class SqlTx:
         return [_key(row) for row in rows]
 
     def insert_key(self, key: KeyRecord) -> bool:
-        row = self._run(
+        return self._inserted(
             "INSERT INTO kv_keys (name, policy_json, latest_version, created_us, updated_us, destroyed) "
             "VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (name) DO NOTHING RETURNING name",
             (key.name, key.policy_json, key.latest_version, key.created_us, key.updated_us, key.destroyed),
-        ).fetchone()
-        return row is not None
+        )
 
     def update_key(self, key: KeyRecord) -> None:
         cursor = self._run(
@@ -103,12 +73,11 @@ class SqlTx:
             raise StoreError(f"key {key.name!r} vanished during update")
 
     def insert_key_version(self, version: KeyVersionRecord) -> bool:
-        row = self._run(
+        return self._inserted(
             "INSERT INTO kv_key_versions (name, version, kek_id, wrapped, created_us) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (name, version) DO NOTHING RETURNING version",
             (version.name, version.version, version.kek_id, version.wrapped, version.created_us),
-        ).fetchone()
-        return row is not None
+        )
 
     def get_key_version(self, name: str, version: int) -> KeyVersionRecord | None:
         row = self._run(
@@ -172,21 +141,19 @@ class SqlTx:
     def insert_release_key(self, key: ReleaseKeyRecord) -> bool:
         # One row (id = 1): a replica that loses the race waits for the winner's commit, then
         # gets no row back and reads the winner's key.
-        row = self._run(
+        return self._inserted(
             "INSERT INTO kv_release_key (id, public_key, kek_id, wrapped_private, created_us) "
             "VALUES (1, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
             (key.public_key, key.kek_id, key.wrapped_private, key.created_us),
-        ).fetchone()
-        return row is not None
+        )
 
     # -- token replay ----------------------------------------------------------------------
     def use_jti(self, jti: str, expires_us: int) -> bool:
-        row = self._run(
+        return self._inserted(
             "INSERT INTO kv_used_jtis (jti, expires_us) VALUES (?, ?) "
             "ON CONFLICT (jti) DO NOTHING RETURNING jti",
             (jti, expires_us),
-        ).fetchone()
-        return row is not None
+        )
 
     def purge_jtis(self, now_us: int) -> int:
         return self._run("DELETE FROM kv_used_jtis WHERE expires_us < ?", (now_us,)).rowcount
@@ -209,12 +176,11 @@ class SqlTx:
         )
 
     def insert_head(self, head: CommitHeadRecord) -> bool:
-        row = self._run(
+        return self._inserted(
             "INSERT INTO kv_commit_heads (instance_id, sequence, hash, signing_public_key, updated_us) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id",
             (head.instance_id, head.sequence, head.hash, head.signing_public_key, head.updated_us),
-        ).fetchone()
-        return row is not None
+        )
 
     def replace_head(self, head: CommitHeadRecord, *, expected_sequence: int, expected_hash: bytes) -> bool:
         cursor = self._run(
@@ -291,13 +257,12 @@ class SqlTx:
         self, request_id: str, operation: str, fingerprint: str, now_us: int
     ) -> IdempotencyRecord | None:
         # Insert-first: a concurrent duplicate blocks on the unique key until this commits.
-        reserved = self._run(
+        if self._inserted(
             "INSERT INTO kv_requests (request_id, operation, fingerprint, result_json, created_us) "
             "VALUES (?, ?, ?, NULL, ?) ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
             (request_id, operation, fingerprint, now_us),
-        ).fetchone()
-        if reserved is not None:
-            return None
+        ):
+            return None  # reserved
         row = self._run(
             "SELECT request_id, operation, fingerprint, result_json, created_us FROM kv_requests "
             "WHERE request_id = ?",

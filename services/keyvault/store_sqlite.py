@@ -11,15 +11,14 @@ UPDATE and DELETE (the hash chain still catches anyone who drops the triggers).
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from services.common.sql import SQLITE, SqliteDatabase
 from services.keyvault.errors import StoreError
 from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import SQLITE, SqlTx
+from services.keyvault.store_sql import SqlTx
 
 _SCHEMA = (
     """
@@ -120,75 +119,24 @@ class SqliteStore:
     backend = "sqlite"
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
-        self._path = path
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        try:
-            self._create_schema()
-        except BaseException:
-            self.close()
-            raise
-
-    def _create_schema(self) -> None:
-        try:
-            conn = self._connection()
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
-                raise StoreError(f"SQLite database {self._path} cannot use WAL journaling")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT OR IGNORE INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?)",
-                    (GENESIS_HASH,),
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite database {self._path}: {exc}") from exc
+        self._db = SqliteDatabase(path, busy_timeout_s=busy_timeout_s, secure_delete=True, error=StoreError)
+        with self._db.create_schema() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?)",
+                (GENESIS_HASH,),
+            )
 
     @property
     def path(self) -> Path:
         """The database file."""
-        return self._path
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA secure_delete=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        return self._db.path
 
     @contextmanager
     def transaction(self) -> Iterator[StoreTx]:
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield SqlTx(conn, SQLITE)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StoreError(f"SQLite error: {type(exc).__name__}: {exc}") from exc
+        with self._db.transaction("BEGIN IMMEDIATE") as conn:
+            yield SqlTx(conn, SQLITE)
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._db.close()

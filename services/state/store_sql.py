@@ -1,8 +1,9 @@
 """The SQL both state stores run: one implementation of `StateStore` over a DB-API connection.
 
 SQLite and PostgreSQL accept the same statements here; they differ in the parameter marker,
-the column types of the schema, and how a transaction is opened (see the two backends).
-Statements are written with ``?`` markers and translated once per dialect.
+the column types of the schema (the dialect, :mod:`services.common.sql`), and how a
+transaction is opened (see the two backends). Statements are written with ``?`` markers and
+translated.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from services.common.sql import Cursor, Dialect
 from services.state.errors import SequenceConflict
 from services.state.store import (
     IdempotencyRecord,
@@ -24,35 +25,9 @@ from services.state.store import (
 )
 
 
-class Cursor(Protocol):
-    """The part of a DB-API cursor the stores use (sqlite3 and psycopg both fit)."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, query: Any, params: Sequence[Any] = ..., /) -> Any: ...
-
-    def executemany(self, query: Any, params: Sequence[Sequence[Any]], /) -> Any: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """What differs between the engines' statements."""
-
-    name: str
-    param: str
-
-
-SQLITE = Dialect(name="sqlite", param="?")
-POSTGRES = Dialect(name="postgres", param="%s")
-
-
-def schema_statements(*, blob: str, integer: str) -> list[str]:
+def schema_statements(dialect: Dialect) -> list[str]:
     """The tables, with the engine's binary and 64-bit integer column types."""
+    blob, integer = dialect.blob, dialect.integer
     return [
         f"""CREATE TABLE IF NOT EXISTS st_instances (
             instance_id TEXT PRIMARY KEY,
@@ -92,16 +67,13 @@ class Tx:
         self._cursor = cursor
         self._dialect = dialect
 
-    def _sql(self, sql: str) -> str:
-        return sql if self._dialect.param == "?" else sql.replace("?", self._dialect.param)
-
     def run(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        self._cursor.execute(self._sql(sql), tuple(params))
+        self._cursor.execute(self._dialect.sql(sql), tuple(params))
         return self._cursor
 
     def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
-            self._cursor.executemany(self._sql(sql), rows)
+            self._cursor.executemany(self._dialect.sql(sql), rows)
 
     def head_sequence(self, instance_id: str) -> int | None:
         """max(last entry, snapshot) for a catalogued instance, else None."""

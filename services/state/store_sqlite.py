@@ -10,14 +10,13 @@ snapshot.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from services.common.sql import SQLITE, SqliteDatabase
 from services.state.errors import SequenceConflict, StoreError
-from services.state.store_sql import SQLITE, SqlStateStore, Tx, schema_statements
+from services.state.store_sql import SqlStateStore, Tx, schema_statements
 
 DEFAULT_FILE_NAME = "state.db"
 
@@ -31,51 +30,17 @@ class SqliteStore(SqlStateStore):
     def __init__(self, path: Path, *, busy_timeout_s: float = 30.0) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        conn = self._connection()
-        try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise StoreError(f"SQLite at {path} refused WAL mode (got {mode})")
-            with self._write() as tx:
-                for statement in schema_statements(blob="BLOB", integer="INTEGER"):
-                    tx.run(statement)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open SQLite state store at {path}: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            # isolation_level=None: transactions are opened and committed explicitly.
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+        self._db = SqliteDatabase(
+            path, busy_timeout_s=busy_timeout_s, error=StoreError, conflict=SequenceConflict
+        )
+        with self._db.create_schema() as conn:
+            for statement in schema_statements(SQLITE):
+                conn.execute(statement)
 
     @contextmanager
     def _transaction(self, begin: str) -> Iterator[Tx]:
-        conn = self._connection()
-        try:
-            conn.execute(begin)
-            try:
-                yield Tx(conn.cursor(), SQLITE)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.IntegrityError as exc:
-            raise SequenceConflict(f"SQLite constraint: {exc}") from exc
-        except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise StoreError(f"SQLite error: {type(exc).__name__}: {exc}") from exc
+        with self._db.transaction(begin) as conn:
+            yield Tx(conn.cursor(), SQLITE)
 
     def _write(self) -> AbstractContextManager[Tx]:
         return self._transaction("BEGIN IMMEDIATE")
@@ -84,8 +49,4 @@ class SqliteStore(SqlStateStore):
         return self._transaction("BEGIN")
 
     def close(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._db.close()

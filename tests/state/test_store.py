@@ -266,7 +266,7 @@ def test_reads_from_many_threads_while_appending(store: StateStore) -> None:
 def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path: os.PathLike[str]) -> None:
     store = open_store(os.path.join(tmp_path, "sub", "state.db"))
     assert isinstance(store, SqliteStore)
-    conn = store._connection()
+    conn = store._db.connection()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     store.close()
@@ -277,7 +277,7 @@ def test_postgres_is_selected_by_url_and_commits_synchronously() -> None:
     store = open_store(POSTGRES_URL, schema=f"veil_state_test_{os.getpid()}")
     assert isinstance(store, PostgresStore)
     try:
-        conn = store._connection()
+        conn = store._db.connection()
         row = conn.execute("SHOW synchronous_commit").fetchone()
         assert row is not None
         assert row[0] == "on"
