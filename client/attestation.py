@@ -165,7 +165,9 @@ def _check_policy(quote: VerifiedQuote, tcb_status: str, policy: ExpectedMeasure
         raise _fail(f"TCB status {tcb_status!r} is not accepted")
 
 
-def _check_keys(bundle: gateway_pb2.GetAttestationResponse) -> envelope_pb2.EnclavePublicKeys:
+def _check_keys(
+    bundle: gateway_pb2.GetAttestationResponse, policy: ExpectedMeasurement
+) -> envelope_pb2.EnclavePublicKeys:
     try:
         decoded = envelope_pb2.EnclavePublicKeys.FromString(bundle.runtime_data)
     except DecodeError:
@@ -177,6 +179,10 @@ def _check_keys(bundle: gateway_pb2.GetAttestationResponse) -> envelope_pb2.Encl
         or len(decoded.signing_public_key) != ED25519_KEY_SIZE
     ):
         raise _fail("the attested keys have the wrong sizes")
+    if policy.keyvault_release_key is None:
+        raise _fail("the policy pins no keyvault release key, so the enclave's data keys cannot be trusted")
+    if not hmac.compare_digest(decoded.keyvault_release_public_key, policy.keyvault_release_key):
+        raise _fail("the enclave accepts keys from another keyvault than the pinned one")
     return decoded
 
 
@@ -196,7 +202,7 @@ def verify_bundle(
     token = _check_token(bundle, policy, now, leeway_s)
     _agree(token, quote, bundle)
     _check_policy(quote, token.tcb_status, policy)
-    keys = _check_keys(bundle)
+    keys = _check_keys(bundle, policy)
     advisories = token.claims.get("x-ms-sgx-advisory-ids") or []
     checks = (
         f"quote signatures and PCK chain verify to the pinned {policy.root!r} SGX root",
@@ -210,6 +216,7 @@ def verify_bundle(
         "MRENCLAVE/MRSIGNER/product/SVN/debug satisfy the expected-measurement policy",
         f"TCB status {token.tcb_status!r} is accepted",
         "enclave keys = decoded runtime data",
+        "the enclave accepts data keys only from the pinned keyvault release key",
     )
     return VerifiedAttestation(
         keys=keys,

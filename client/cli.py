@@ -35,14 +35,11 @@ def _pki_init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from client.policy import write_dev_policy
     from client.supervisor import up
 
     data_dir = Path(args.data_dir)
     if not (data_dir / "pki" / "ca.pem").exists():
         init_pki(data_dir / "pki")
-    # Clients pin the sim enclave built from this checkout (no trust on first use).
-    write_dev_policy(data_dir)
     return up(data_dir)
 
 

@@ -11,8 +11,14 @@ File format (`<data_dir>/expected-measurement.json`, written by `veil up` in dev
       "accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"],
       "root": "intel" | "dev" | "/path/root.pem",   # the pinned SGX root ("dev": <data_dir>/pki/sgx-root.pem)
       "issuer": "https://..." | null,        # pin the keyvault's token issuer
-      "jwks": {"keys": [...]} | null         # pin the keyvault's token keys
+      "jwks": {"keys": [...]} | null,        # pin the keyvault's token keys
+      "keyvault_release_key": "<64 hex>"     # REQUIRED: the keyvault release-signing key (Ed25519)
     }
+
+`keyvault_release_key` is what makes the data keys trustworthy: an enclave only accepts
+instance keys signed by the keyvault key it was started with, and it binds that key into its
+quote. A client that did not pin it could be talking to a genuine enclave that a malicious
+host started against a keyvault of its own, holding keys the host knows.
 
 Fail closed: there is no trust-on-first-use. In development `write_dev_policy` computes the
 sim enclave's MRENCLAVE from the enclave source the client has (`enclave.measurement`), the
@@ -33,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.errors import PolicyError
 from services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
+from services.keyvault.config import DEFAULT_ISSUER
 
 POLICY_FILE = "expected-measurement.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
@@ -67,8 +74,11 @@ class ExpectedMeasurement:
     root: str = "intel"
     issuer: str | None = None
     jwks: Mapping[str, Any] | None = field(default=None, compare=False)
+    keyvault_release_key: bytes | None = None
 
     def __post_init__(self) -> None:
+        if self.keyvault_release_key is not None and len(self.keyvault_release_key) != 32:
+            raise PolicyError("keyvault_release_key must be 32 bytes (64 hex digits)")
         if not self.mrenclaves and self.mrsigner is None:
             raise PolicyError("a policy must pin at least one MRENCLAVE or an MRSIGNER")
         if any(len(m) != 32 for m in self.mrenclaves) or (
@@ -103,6 +113,7 @@ class ExpectedMeasurement:
             "root": self.root,
             "issuer": self.issuer,
             "jwks": dict(self.jwks) if self.jwks is not None else None,
+            "keyvault_release_key": self.keyvault_release_key.hex() if self.keyvault_release_key else None,
         }
 
     @classmethod
@@ -112,7 +123,7 @@ class ExpectedMeasurement:
             raise PolicyError("policy must be a JSON object")
         unknown = set(document) - {
             "mrenclave", "mrsigner", "product_id", "min_svn", "allow_debug",
-            "accepted_tcb_statuses", "root", "issuer", "jwks",
+            "accepted_tcb_statuses", "root", "issuer", "jwks", "keyvault_release_key",
         }  # fmt: skip
         if unknown:
             raise PolicyError(f"unknown policy keys: {sorted(unknown)}")
@@ -138,6 +149,11 @@ class ExpectedMeasurement:
             root=str(document.get("root", "intel")),
             issuer=_optional_str(document, "issuer"),
             jwks=jwks,
+            keyvault_release_key=(
+                _hex32(document["keyvault_release_key"], "keyvault_release_key")
+                if document.get("keyvault_release_key") is not None
+                else None
+            ),
         )
 
 
@@ -184,8 +200,11 @@ def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:
     return path
 
 
-def dev_policy(mrenclaves: Sequence[bytes] | None = None) -> ExpectedMeasurement:
-    """The development policy: the sim enclave built from this checkout, the dev signer and root."""
+def dev_policy(
+    mrenclaves: Sequence[bytes] | None = None, *, keyvault_release_key: bytes | None = None
+) -> ExpectedMeasurement:
+    """The development policy: the sim enclave built from this checkout, the dev signer and root,
+    and the local keyvault's release key (`veil up` reads it from the keyvault it started)."""
     from enclave.measurement import measure_source_tree
     from enclave.providers.sim_quote import DEV_MRSIGNER
 
@@ -197,9 +216,11 @@ def dev_policy(mrenclaves: Sequence[bytes] | None = None) -> ExpectedMeasurement
         allow_debug=False,
         accepted_tcb_statuses=DEV_TCB_STATUSES,
         root="dev",
+        issuer=DEFAULT_ISSUER,
+        keyvault_release_key=keyvault_release_key,
     )
 
 
-def write_dev_policy(data_dir: Path) -> Path:
+def write_dev_policy(data_dir: Path, keyvault_release_key: bytes) -> Path:
     """Write `<data_dir>/expected-measurement.json` for the local sim mesh (called by `veil up`)."""
-    return save_policy(dev_policy(), data_dir / POLICY_FILE)
+    return save_policy(dev_policy(keyvault_release_key=keyvault_release_key), data_dir / POLICY_FILE)

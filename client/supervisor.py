@@ -18,14 +18,17 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from services.common.channels import health_status, wait_until_serving
+from client.policy import write_dev_policy
+from services.common.channels import call, health_status, secure_channel, wait_until_serving
 from services.common.config import (
     DEFAULT_PORTS,
     ENV_ATTESTATION_ROOT,
     ENV_DATA_DIR,
     ENV_ENCLAVE_MODE,
     ENV_GRACE_SECONDS,
+    TlsFiles,
 )
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
@@ -160,6 +163,15 @@ class Mesh:
             service.stop(self.grace)
 
 
+def keyvault_release_key(data_dir: Path) -> bytes:
+    """The local keyvault's release-signing public key, asked for with the admin identity."""
+    pki = data_dir / "pki"
+    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+    with secure_channel(f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}", tls) as channel:
+        reply = call(keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetJwks, keyvault_pb2.GetJwksRequest())
+    return bytes(reply.release_public_key)
+
+
 def up(data_dir: Path) -> int:
     """Run the mesh in the foreground until SIGINT/SIGTERM."""
     mesh = Mesh(data_dir)
@@ -175,6 +187,9 @@ def up(data_dir: Path) -> int:
     except TimeoutError as exc:
         _log.error("%s", exc)
         return 1
+    # Clients pin the sim enclave built from this checkout and the keyvault that releases its
+    # keys (no trust on first use): the release key is read from the keyvault itself, over mTLS.
+    write_dev_policy(data_dir, keyvault_release_key(data_dir))
     print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
     mesh.watch()

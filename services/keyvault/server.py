@@ -4,7 +4,7 @@ Authorization (by the caller's SPIFFE identity; a method missing here is denied)
 
 =====================================================  ==============================
 Attest, ReleaseKey, GetCommitHead, AdvanceCommitHead    state
-GetJwks                                                 gateway, state
+GetJwks                                                 gateway, state, admin
 CreateKey                                               admin, state
 RotateKey, ListKeys, GetKey, DestroyKey,
 ListAuditEvents                                         admin
@@ -37,7 +37,7 @@ AUTHORIZATION = identity.method_names(
         "ReleaseKey": _STATE,
         "GetCommitHead": _STATE,
         "AdvanceCommitHead": _STATE,
-        "GetJwks": frozenset({identity.GATEWAY, identity.STATE}),
+        "GetJwks": frozenset({identity.GATEWAY, identity.STATE, identity.ADMIN}),
         "CreateKey": frozenset({identity.ADMIN, identity.STATE}),
         "RotateKey": _ADMIN,
         "ListKeys": _ADMIN,

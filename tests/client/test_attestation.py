@@ -20,10 +20,10 @@ from veil.gateway.v1 import gateway_pb2
 
 from client.attestation import verify_bundle
 from client.errors import AttestationError
-from client.policy import DEFAULT_TCB_STATUSES, ExpectedMeasurement, dev_policy
+from client.policy import DEFAULT_TCB_STATUSES, ExpectedMeasurement
 from services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
 from services.keyvault.tokens import public_jwk
-from tests.gateway.support import EnclaveState, TokenAuthority
+from tests.gateway.support import EnclaveState, TokenAuthority, fake_mesh_policy
 
 Bundle = gateway_pb2.GetAttestationResponse
 HEADER, BODY = 48, 384
@@ -37,7 +37,7 @@ def root(pki_dir: Path) -> ec.EllipticCurvePublicKey:
 def _verify(
     bundle: Bundle, root: ec.EllipticCurvePublicKey, policy: ExpectedMeasurement | None = None
 ) -> object:
-    return verify_bundle(bundle, policy or dev_policy(), root_public_key=root)
+    return verify_bundle(bundle, policy or fake_mesh_policy(), root_public_key=root)
 
 
 def _refused(
@@ -51,9 +51,9 @@ def _refused(
 def test_genuine_bundle_verifies_and_says_what_was_checked(
     bundle: Bundle, root: ec.EllipticCurvePublicKey, enclave_state: EnclaveState
 ) -> None:
-    verified = verify_bundle(bundle, dev_policy(), root_public_key=root)
+    verified = verify_bundle(bundle, fake_mesh_policy(), root_public_key=root)
     assert verified.keys == enclave_state.keys
-    assert verified.mrenclave == dev_policy().mrenclaves[0]
+    assert verified.mrenclave == fake_mesh_policy().mrenclaves[0]
     assert verified.tcb_status == "Unevaluated"
     assert not verified.debug
     assert verified.token_expires_at > time.time()
@@ -173,19 +173,19 @@ def test_token_for_other_runtime_data_is_refused(
 
 def test_pinned_jwks_and_issuer_must_match(bundle: Bundle, root: ec.EllipticCurvePublicKey) -> None:
     other = public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key())
-    pinned = dataclasses.replace(dev_policy(), jwks={"keys": [other]})
+    pinned = dataclasses.replace(fake_mesh_policy(), jwks={"keys": [other]})
     assert "not a known signing key" in _refused(bundle, root, pinned)
     genuine = json.loads(bundle.jwks_json)
     assert verify_bundle(
-        bundle, dataclasses.replace(dev_policy(), jwks=genuine), root_public_key=root
+        bundle, dataclasses.replace(fake_mesh_policy(), jwks=genuine), root_public_key=root
     ).jwks_pinned
-    wrong_issuer = dataclasses.replace(dev_policy(), issuer="https://other-keyvault")
+    wrong_issuer = dataclasses.replace(fake_mesh_policy(), issuer="https://other-keyvault")
     assert "issuer" in _refused(bundle, root, wrong_issuer)
 
 
 def test_expired_token_is_refused(bundle: Bundle, root: ec.EllipticCurvePublicKey) -> None:
     with pytest.raises(AttestationError, match="expired"):
-        verify_bundle(bundle, dev_policy(), root_public_key=root, now=time.time() + 3600)
+        verify_bundle(bundle, fake_mesh_policy(), root_public_key=root, now=time.time() + 3600)
 
 
 @pytest.mark.parametrize(
@@ -200,13 +200,13 @@ def test_expired_token_is_refused(bundle: Bundle, root: ec.EllipticCurvePublicKe
 def test_policy_fields_are_enforced(
     bundle: Bundle, root: ec.EllipticCurvePublicKey, change: dict[str, object], reason: str
 ) -> None:
-    assert reason in _refused(bundle, root, dataclasses.replace(dev_policy(), **change))  # type: ignore[arg-type]
+    assert reason in _refused(bundle, root, dataclasses.replace(fake_mesh_policy(), **change))  # type: ignore[arg-type]
 
 
 def test_mrsigner_policy_without_mrenclave_accepts_any_build_of_the_signer(
     bundle: Bundle, root: ec.EllipticCurvePublicKey
 ) -> None:
-    by_signer = dataclasses.replace(dev_policy(), mrenclaves=())
+    by_signer = dataclasses.replace(fake_mesh_policy(), mrenclaves=())
     assert verify_bundle(bundle, by_signer, root_public_key=root).product_id == 1
 
 
@@ -224,5 +224,19 @@ def test_debuggable_enclave_is_refused_unless_the_policy_allows_it(
     )
     assert "debuggable" in _refused(bundle, root)
     assert verify_bundle(
-        bundle, dataclasses.replace(dev_policy(), allow_debug=True), root_public_key=root
+        bundle, dataclasses.replace(fake_mesh_policy(), allow_debug=True), root_public_key=root
     ).debug
+
+
+def test_policy_without_a_keyvault_pin_refuses(bundle: Bundle, root: ec.EllipticCurvePublicKey) -> None:
+    unpinned = dataclasses.replace(fake_mesh_policy(), keyvault_release_key=None)
+    assert "pins no keyvault release key" in _refused(bundle, root, unpinned)
+
+
+def test_enclave_pinned_to_another_keyvault_is_refused(
+    bundle: Bundle, root: ec.EllipticCurvePublicKey
+) -> None:
+    # A genuine enclave started by the host against a keyvault of its own: the host could
+    # provision keys it knows, so the client must not send it anything.
+    other = dataclasses.replace(fake_mesh_policy(), keyvault_release_key=b"\x01" * 32)
+    assert "another keyvault" in _refused(bundle, root, other)

@@ -9,8 +9,7 @@ from typing import Any
 import pytest
 
 from client.cli import main
-from client.policy import write_dev_policy
-from tests.gateway.support import InProcessMesh
+from tests.gateway.support import InProcessMesh, write_fake_mesh_policy
 
 
 class Veil:
@@ -19,7 +18,7 @@ class Veil:
     def __init__(self, mesh: InProcessMesh, capsys: pytest.CaptureFixture[str]) -> None:
         self.mesh = mesh
         self.capsys = capsys
-        write_dev_policy(mesh.data_dir)
+        write_fake_mesh_policy(mesh.data_dir)
 
     def __call__(self, *argv: str, connect: bool = True) -> tuple[int, str, str]:
         args = list(argv)

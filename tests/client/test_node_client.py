@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 
 from client.identity import SigningIdentity, new_identity
-from client.policy import write_dev_policy
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.conftest import REPO_ROOT
-from tests.gateway.support import InProcessMesh, token_config
+from tests.gateway.support import InProcessMesh, token_config, write_fake_mesh_policy
 
 NODE_CLIENT = REPO_ROOT / "client" / "node"
 
@@ -28,7 +27,7 @@ NODE_CLIENT = REPO_ROOT / "client" / "node"
 @pytest.fixture
 def funded(mesh: InProcessMesh) -> tuple[SigningIdentity, SigningIdentity]:
     alice, bob = new_identity(mesh.data_dir, "alice"), new_identity(mesh.data_dir, "bob")
-    write_dev_policy(mesh.data_dir)
+    write_fake_mesh_policy(mesh.data_dir)
     with mesh.connect() as admin:
         admin.create_instance("coins", token_config(alice.public_key))
         admin.token("coins", alice).mint(alice.account, 100)

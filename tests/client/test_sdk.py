@@ -174,9 +174,9 @@ def test_identity_files(tmp_path: Path) -> None:
 
 
 def test_policy_files(tmp_path: Path) -> None:
-    path = write_dev_policy(tmp_path)
+    path = write_dev_policy(tmp_path, b"\x07" * 32)
     policy = load_policy(path)
-    assert policy == dev_policy()
+    assert policy == dev_policy(keyvault_release_key=b"\x07" * 32)
     assert policy.mrenclaves == (measure_source_tree(),)
     assert policy.root == "dev"
     assert "Unevaluated" in policy.accepted_tcb_statuses

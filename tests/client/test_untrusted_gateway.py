@@ -14,10 +14,10 @@ from veil.gateway.v1 import gateway_pb2
 
 from client.errors import AttestationError, IntegrityError
 from client.identity import new_identity
-from client.policy import ExpectedMeasurement, dev_policy
+from client.policy import ExpectedMeasurement
 from client.sdk import VeilClient, connect
 from tests.client.evil_gateway import EvilGateway, Tamper, evil_gateway
-from tests.gateway.support import InProcessMesh, token_config
+from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
 
 
 @pytest.fixture
@@ -26,7 +26,9 @@ def evil(mesh: InProcessMesh) -> Iterator[tuple[EvilGateway, str]]:
 
 
 def _connect(mesh: InProcessMesh, address: str, policy: ExpectedMeasurement | None = None) -> VeilClient:
-    return connect(address, policy=policy or dev_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir)
+    return connect(
+        address, policy=policy or fake_mesh_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir
+    )
 
 
 def _nothing_sent(mesh: InProcessMesh) -> None:

@@ -10,6 +10,7 @@ calls so tests can assert that refused requests never reached it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import secrets
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from client.policy import ExpectedMeasurement, dev_policy
+from client.policy import POLICY_FILE, ExpectedMeasurement, dev_policy, save_policy
 from client.sdk import VeilClient, connect
 from enclave import crypto, wire
 from enclave.runner import RunnerOptions
@@ -56,6 +57,23 @@ from services.state.server import SERVICE_NAME as STATE_SERVICE
 from tests.conftest import tls_for
 
 ISSUER = "https://keyvault.veil.test"
+
+
+# The release key the fake keyvault signs with; clients of these meshes pin its public half.
+FAKE_KEYVAULT_RELEASE_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"veil test keyvault release key").digest()
+)
+FAKE_KEYVAULT_RELEASE_PUBLIC = FAKE_KEYVAULT_RELEASE_KEY.public_key().public_bytes_raw()
+
+
+def write_fake_mesh_policy(data_dir: Path) -> Path:
+    """Write the policy file the CLI reads, pinning this fake mesh."""
+    return save_policy(fake_mesh_policy(), data_dir / POLICY_FILE)
+
+
+def fake_mesh_policy() -> ExpectedMeasurement:
+    """The dev policy, pinning the fake keyvault's release key and token issuer."""
+    return dataclasses.replace(dev_policy(keyvault_release_key=FAKE_KEYVAULT_RELEASE_PUBLIC), issuer=ISSUER)
 
 
 class TokenAuthority:
@@ -97,7 +115,7 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             debug=debug,
         )
         self.host = EnclaveHost.in_process(options)
-        self._release_key = ed25519.Ed25519PrivateKey.generate()  # plays the keyvault's release key
+        self._release_key = FAKE_KEYVAULT_RELEASE_KEY  # plays the keyvault's release key
         keys = self.host.initialize(
             keyvault_release_public_key=self._release_key.public_key().public_bytes_raw()
         ).keys
@@ -269,7 +287,7 @@ class InProcessMesh:
         return [f"127.0.0.1:{s.port}" for s in self.state_servers]
 
     def policy(self) -> ExpectedMeasurement:
-        return dev_policy()
+        return fake_mesh_policy()
 
     def connect(
         self, *, admin: bool = True, policy: ExpectedMeasurement | None = None, **options: Any
