@@ -9,7 +9,8 @@
 //      - report data = SHA-256(runtime_data || nonce) || 32 zero bytes;
 //      - the keyvault's ES256 attestation token (jose) against the JWKS, its lifetime, and its
 //        MAA-style claims against the quote, the bundle and the expected-measurement policy;
-//      - the bundle's keys = the decoded runtime data;
+//      - the bundle's keys = the decoded runtime data, and the keyvault release key it binds is
+//        the pinned one (policy.keyvault_release_key);
 //   2. seal a command (HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM,
 //      info "veil/command/v1", aad = instance id) with an Ed25519 signature proof;
 //   3. open the AES-256-GCM response and verify the enclave's Ed25519 receipt.
@@ -252,6 +253,13 @@ export async function verifyBundle(bundle, policy, rootPem, { now = new Date() }
   for (const field of ["hpke_x25519_public_key", "signing_public_key"]) {
     const camel = field.replace(/_([a-z0-9])/g, (_m, c) => c.toUpperCase());
     if (!Buffer.from(decoded[camel]).equals(Buffer.from(keys[field]))) throw new AttestationError("the bundle's keys are not the attested runtime data");
+  }
+  // The enclave accepts data keys only from the keyvault release key it binds here; a client
+  // that did not pin that key could be talking to an enclave fed keys the host knows.
+  if (!policy.keyvault_release_key) throw new AttestationError("the policy pins no keyvault release key");
+  const pinned = Buffer.from(policy.keyvault_release_key, "hex");
+  if (!Buffer.from(decoded.keyvaultReleasePublicKey ?? []).equals(pinned)) {
+    throw new AttestationError("the enclave accepts keys from another keyvault than the pinned one");
   }
   return {
     keys: { hpke: Buffer.from(keys.hpke_x25519_public_key), signing: Buffer.from(keys.signing_public_key) },

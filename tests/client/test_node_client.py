@@ -131,3 +131,16 @@ def test_node_client_refuses_another_measurement(
     assert result.returncode == 1
     assert "MRENCLAVE" in result.stderr
     assert mesh.states[0].calls["Execute"] == 1  # only the fixture's mint
+
+
+def test_node_client_refuses_an_enclave_pinned_to_another_keyvault(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], tmp_path: Path
+) -> None:
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    policy["keyvault_release_key"] = "22" * 32
+    other = tmp_path / "policy.json"
+    other.write_text(json.dumps(policy))
+    result = node_transfer(mesh, mesh.public_address, funded[1].account, "--policy", str(other))
+    assert result.returncode == 1
+    assert "another keyvault" in result.stderr
+    assert mesh.states[0].calls["Execute"] == 1  # only the fixture's mint
