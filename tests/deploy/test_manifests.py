@@ -162,7 +162,11 @@ def test_main_containers_serve_the_contract_ports(overlay: str) -> None:
         c = w.container(name)
         args = parser.parse_args(c["args"])
         assert (args.command, args.service) == ("serve", name)
-        assert w.named_ports() == {"grpc": svc["port"], "admin": svc["admin_port"]}
+        expected_ports = {"grpc": svc["port"], "admin": svc["admin_port"]}
+        if "public_port" in svc:
+            expected_ports["public"] = svc["public_port"]
+            assert env_value(c, "VEIL_GATEWAY_PUBLIC_LISTEN") == f"0.0.0.0:{svc['public_port']}"
+        assert w.named_ports() == expected_ports
         assert env_value(c, "VEIL_LISTEN") == f"0.0.0.0:{svc['port']}"
         assert env_value(c, "VEIL_ADMIN_LISTEN") == f"0.0.0.0:{svc['admin_port']}"
 
@@ -345,7 +349,9 @@ def test_gateway_autoscales_behind_a_load_balancer(overlay: str) -> None:
     _pdb_for(overlay, w)
     service = get(overlay, "Service", "gateway")
     assert service["spec"]["type"] == "LoadBalancer"
-    assert [p["port"] for p in service["spec"]["ports"]] == [SERVICES["gateway"]["port"]], "admin port public"
+    gateway = SERVICES["gateway"]
+    public = sorted(p["port"] for p in service["spec"]["ports"])
+    assert public == sorted([gateway["port"], gateway["public_port"]]), "admin port must stay private"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -580,14 +586,24 @@ def test_every_secret_read_is_created_by_the_documented_steps(overlay: str, sour
 # --- the network graph -------------------------------------------------------------------------
 
 
+def _call_ports(call: dict[str, Any]) -> list[int]:
+    target = SERVICES[call["to"]]
+    ports = [target["port"]]
+    if call["from"] == "client" and "public_port" in target:
+        ports.append(target["public_port"])
+    return ports
+
+
 def _expected_edges(clients: set[str]) -> set[Edge]:
     """The edges topology.yaml asks for; `clients` are the endpoints that count as "client"."""
     topo = topology()
     edges = {
-        (source, call["to"], SERVICES[call["to"]]["port"], "TCP")
+        (source, call["to"], port, "TCP")
         for call in topo["calls"]
         if call.get("network", True)
         for source in (clients if call["from"] == "client" else {call["from"]})
+        # Clients may also use the gateway's TLS-only public port.
+        for port in _call_ports(call)
     }
     for dependent, upstreams in topo["waits_for"].items():
         edges |= {(dependent, up, SERVICES[up]["admin_port"], "TCP") for up in upstreams}
