@@ -169,14 +169,14 @@ def test_a_client_pinned_to_another_measurement_refuses(mesh: Mesh) -> None:
 
 
 def _walkthrough(prefix: str) -> list[list[str]]:
-    text = (REPO_ROOT / "client" / "README.md").read_text()
+    text = (REPO_ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line.strip() for block in blocks for line in block.splitlines()]
     return [shlex.split(line) for line in lines if line.startswith(prefix)]
 
 
 def test_walkthrough_commands_run_as_documented(mesh: Mesh, tmp_path: Path) -> None:
-    """client/README.md's `veil` lines, in order, as a newcomer runs them: in a directory whose
+    """README.md's `veil` lines, in order, as a newcomer runs them: in a directory whose
     .veil holds the mesh's PKI and expected measurement, and no identities yet."""
     fresh = tmp_path / ".veil"
     shutil.copytree(mesh.data_dir / "pki", fresh / "pki")
