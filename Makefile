@@ -10,7 +10,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 STAMP_NODE := client/node/node_modules/.installed
 
-.PHONY: setup system-packages run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
+.PHONY: setup system-packages bench-state run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
 
 setup: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE) system-packages
 
@@ -65,6 +65,10 @@ e2e: $(STAMP_PY)
 
 test: setup gen-check lint typecheck
 	$(BIN)/pytest
+
+# The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate.
+bench-state: setup
+	$(PY) -m services.state.bench
 
 run: setup
 	$(BIN)/veil up
