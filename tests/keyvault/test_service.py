@@ -248,7 +248,7 @@ def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
         ("state", "RotateKey", keyvault_pb2.RotateKeyRequest(key_name="k")),
         ("state", "ListAuditEvents", keyvault_pb2.ListAuditEventsRequest()),
         ("gateway", "CreateKey", keyvault_pb2.CreateKeyRequest()),
-        ("admin", "GetJwks", keyvault_pb2.GetJwksRequest()),
+        ("keyvault", "GetJwks", keyvault_pb2.GetJwksRequest()),
         ("keyvault", "GetStatus", keyvault_pb2.GetStatusRequest()),
     ],
 )
@@ -350,3 +350,9 @@ def test_the_release_key_survives_a_keyvault_restart(
             server.stop(0)
     assert len(published[0]) == 32
     assert published[0] == published[1]
+
+
+def test_admin_reads_the_jwks_to_pin_the_release_key(stub: Stubs) -> None:
+    # Operators publish the release key to clients (`veil up` writes it into the dev policy).
+    published = stub("admin").GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10)
+    assert len(published.release_public_key) == 32
