@@ -28,8 +28,10 @@ from services.common.config import (
     ENV_DATA_DIR,
     ENV_ENCLAVE_MODE,
     ENV_GRACE_SECONDS,
+    ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
     TlsFiles,
 )
+from services.keyvault.enclave_policy import write_dev_enclave_policy
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
 _log = logging.getLogger("veil.up")
@@ -105,6 +107,10 @@ class Mesh:
             **os.environ,
             ENV_DATA_DIR: str(data_dir),
             ENV_GRACE_SECONDS: str(grace),
+            # The keyvault releases instance keys (and accepts commit heads) only for the sim
+            # enclave built from this checkout: the operator policy a production keyvault reads
+            # from its ConfigMap.
+            ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir)),
         }
         self.services = [Supervised(n, env, log_dir / f"{n}.log") for n in DEPLOY_ORDER]
 

@@ -30,7 +30,7 @@ class JwtError(Exception):
 
 
 def _b64url(segment: str) -> bytes:
-    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+    if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise JwtError("malformed base64url")
     try:
         return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
@@ -54,7 +54,7 @@ def _no_constants(name: str) -> Any:
 def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # deep nesting must not escape as a bug
         raise JwtError(f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise JwtError(f"{what} is not a JSON object")
@@ -128,7 +128,8 @@ class JwksVerifier:
         parts = token.split(".")
         if len(parts) != 3:
             raise JwtError("token is not a compact JWS")
-        header = _json_object(_b64url(parts[0]), "token header")
+        raw_header, raw_claims, signature = (_b64url(part) for part in parts)  # all ASCII from here
+        header = _json_object(raw_header, "token header")
         alg = header.get("alg")
         if alg not in ("RS256", "ES256"):
             raise JwtError("token algorithm not accepted")
@@ -137,10 +138,9 @@ class JwksVerifier:
         kid = header.get("kid")
         candidates = [k for k in self._keys if k.alg == alg and (kid is None or k.kid == kid)]
         signed = f"{parts[0]}.{parts[1]}".encode("ascii")
-        signature = _b64url(parts[2])
         if not any(_signature_ok(k, signature, signed) for k in candidates):
             raise JwtError("token signature invalid")
-        return self._check_claims(_json_object(_b64url(parts[1]), "token claims"), now_ms)
+        return self._check_claims(_json_object(raw_claims, "token claims"), now_ms)
 
     def _check_claims(self, claims: dict[str, Any], now_ms: int) -> str:
         if claims.get("iss") != self._issuer:

@@ -33,7 +33,7 @@ from enclave.providers import REPORT_DATA_SIZE, QuoteProvider, SealingProvider
 from enclave.store import Store
 
 DEFAULT_MEMORY_BUDGET = 96 * 1024 * 1024
-_INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches before a final "\n"
 _ED25519_KEY_SIZE = 32
 _X25519_ENC_SIZE = 32
 

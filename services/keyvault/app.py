@@ -1,29 +1,36 @@
 """The keyvault's object graph: store, KEK, audit, tokens, keys, heads and attestation, wired once.
 
 :func:`open_keyvault` builds everything from a :class:`KeyvaultConfig` and fails fast: the
-store schema is created, the KEK opened (file created 0600 or HSM key found/created), the
-attestation root loaded, and a token-signing key and the release-signing key ensured (and
-shown to unwrap under this KEK), before any RPC is served.
+config is checked (no start without an operator enclave policy unless the root is ``dev``),
+the attestation root and the operator enclave policy loaded, the store schema created, the KEK
+opened (file created 0600 or HSM key found/created), and a token-signing key and the
+release-signing key ensured (and shown to unwrap under this KEK), before any RPC is served.
+The one :class:`~services.keyvault.enclave_policy.EnclavePolicy` is shared by key release
+(``instance.*`` keys) and commit heads.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from services.keyvault.attest import Attestor, CollateralProvider
 from services.keyvault.attestation.roots import resolve_root
 from services.keyvault.audit import AuditLog
 from services.keyvault.clock import Clock, system_clock
 from services.keyvault.config import KeyvaultConfig
+from services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
 from services.keyvault.heads import CommitHeads
 from services.keyvault.kek import FileKek, Kek, Pkcs11Kek
 from services.keyvault.keys import KeyManager
-from services.keyvault.policy import ReleasePolicy, parse_policy
 from services.keyvault.release_key import ReleaseSigner, load_or_create_release_signer
 from services.keyvault.store import Store
 from services.keyvault.store_postgres import PostgresStore
 from services.keyvault.store_sqlite import SqliteStore
 from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Keyvault:
     release_signer: ReleaseSigner
     issuer: TokenIssuer
     verifier: TokenVerifier
+    enclave_policy: EnclavePolicy
     keys: KeyManager
     heads: CommitHeads
     attestor: Attestor
@@ -67,18 +75,31 @@ def open_kek(config: KeyvaultConfig) -> Kek:
     return FileKek(kek.file)
 
 
-def _head_policy(config: KeyvaultConfig) -> ReleasePolicy | None:
-    if config.head_policy_file is None:
-        return None
-    return parse_policy(config.head_policy_file.read_bytes())
+def load_operator_policy(config: KeyvaultConfig) -> EnclavePolicy:
+    """The operator enclave policy, or its absence where the config allows it (``dev`` root only).
+
+    Fails with :class:`ConfigError` naming ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` when the file is
+    unreadable, invalid, or has no rule for this keyvault's issuer (``config.check()`` refuses a
+    missing one where it is required).
+    """
+    if config.enclave_policy_file is None:
+        _log.warning(
+            "%s is not set (attestation root %r): instance-key releases and commit-head advances "
+            "are refused until an operator enclave policy is configured",
+            ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
+            config.attestation_root,
+        )
+        return EnclavePolicy.not_configured()
+    return load_enclave_policy(config.enclave_policy_file, issuer=config.issuer)
 
 
 def open_keyvault(
     config: KeyvaultConfig, *, clock: Clock = system_clock, collateral: CollateralProvider | None = None
 ) -> Keyvault:
     """Open the store and KEK and wire the libraries; the caller closes the result."""
+    config.check()  # also for configs built without from_env: no production start without a policy
+    enclave_policy = load_operator_policy(config)
     root = resolve_root(config.attestation_root, config.dev_root_path)
-    head_policy = _head_policy(config)
     store = open_store(config)
     try:
         kek = open_kek(config)
@@ -102,8 +123,17 @@ def open_keyvault(
             release_signer=release_signer,
             issuer=issuer,
             verifier=verifier,
-            keys=KeyManager(store, kek, audit, verifier, clock, release_signer=release_signer),
-            heads=CommitHeads(store, audit, verifier, clock, attestation_policy=head_policy),
+            enclave_policy=enclave_policy,
+            keys=KeyManager(
+                store,
+                kek,
+                audit,
+                verifier,
+                clock,
+                release_signer=release_signer,
+                enclave_policy=enclave_policy,
+            ),
+            heads=CommitHeads(store, audit, verifier, clock, enclave_policy=enclave_policy),
             attestor=Attestor(
                 issuer,
                 audit,

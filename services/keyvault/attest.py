@@ -15,7 +15,9 @@
 6. Issue the token (claims in :mod:`services.keyvault.tokens`) and audit the outcome.
 
 Whether the enclave is *acceptable* (measurement, debug, TCB status) is not decided here:
-the token states facts, and each key's release policy decides at release time.
+the token states facts, and each key's release policy decides at release time -- for
+instance keys together with the operator enclave policy, which also decides who may advance
+commit heads (:mod:`services.keyvault.enclave_policy`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,16 @@ refused unless the deployment opts into the dev root explicitly (fail closed).
 ``VEIL_PKCS11_MODULE`` etc.        module path, token label, user PIN and key label for ``pkcs11``
 ``VEIL_KEYVAULT_ISSUER``           token ``iss`` and policy ``authority`` (default ``spiffe://veil/keyvault``)
 ``VEIL_KEYVAULT_TOKEN_TTL_SECONDS`` token lifetime (default 600)
-``VEIL_KEYVAULT_HEAD_POLICY_FILE`` optional release-policy JSON restricting who may advance heads
+``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` the operator enclave policy (release-policy JSON): the state
+                                   enclave builds trusted with instance keys and commit heads
 =================================  =============================================================
+
+The operator enclave policy (:mod:`services.keyvault.enclave_policy`) is required unless the
+attestation root is ``dev``: with ``intel`` or a PEM root and no policy the keyvault refuses to
+start. With ``dev`` and no policy it starts, but refuses every instance-key release and every
+commit-head advance (``ENCLAVE_POLICY_NOT_CONFIGURED``), so ``veil up`` must write one.
+``VEIL_KEYVAULT_HEAD_POLICY_FILE`` (which restricted head advances only) was replaced by it;
+setting the old name is a start-up error, so nobody believes it still applies.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from services.common.config import (
     ENV_KEK_FILE,
     ENV_KEK_PROVIDER,
     ENV_KEYVAULT_DB,
+    ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
     ENV_PKCS11_KEY_LABEL,
     ENV_PKCS11_MODULE,
     ENV_PKCS11_PIN,
@@ -41,11 +50,14 @@ from services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, MAX_TOKEN_LIFETIME_S
 ENV_KEYVAULT_DB_SCHEMA = "VEIL_KEYVAULT_DB_SCHEMA"
 ENV_KEYVAULT_ISSUER = "VEIL_KEYVAULT_ISSUER"
 ENV_KEYVAULT_TOKEN_TTL = "VEIL_KEYVAULT_TOKEN_TTL_SECONDS"  # noqa: S105 - an env name, not a secret
-ENV_KEYVAULT_HEAD_POLICY_FILE = "VEIL_KEYVAULT_HEAD_POLICY_FILE"
+#: Replaced by ENV_KEYVAULT_ENCLAVE_POLICY_FILE; still recognised only to refuse it.
+REPLACED_HEAD_POLICY_FILE = "VEIL_KEYVAULT_HEAD_POLICY_FILE"
 
 DEFAULT_ISSUER = "spiffe://veil/keyvault"
 DEFAULT_DB_SCHEMA = "veil_keyvault"
 KEK_PROVIDERS = ("file", "pkcs11")
+#: The one attestation root under which the keyvault may start without an enclave policy.
+DEV_ROOT = "dev"
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,12 @@ class KeyvaultConfig:
     db_schema: str = DEFAULT_DB_SCHEMA
     issuer: str = DEFAULT_ISSUER
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
-    head_policy_file: Path | None = None
+    enclave_policy_file: Path | None = None
+
+    @property
+    def requires_enclave_policy(self) -> bool:
+        """Every root but the local ``dev`` one (Intel's, or a PEM path) needs an enclave policy."""
+        return self.attestation_root != DEV_ROOT
 
     @property
     def uses_postgres(self) -> bool:
@@ -118,7 +135,12 @@ class KeyvaultConfig:
             ttl = int(env.get(ENV_KEYVAULT_TOKEN_TTL, str(DEFAULT_TOKEN_TTL_S)))
         except ValueError:
             raise ConfigError(f"{ENV_KEYVAULT_TOKEN_TTL} must be a whole number of seconds") from None
-        head_policy = env.get(ENV_KEYVAULT_HEAD_POLICY_FILE, "")
+        if env.get(REPLACED_HEAD_POLICY_FILE):
+            raise ConfigError(
+                f"{REPLACED_HEAD_POLICY_FILE} was replaced by {ENV_KEYVAULT_ENCLAVE_POLICY_FILE}, which "
+                "also bounds instance-key releases; rename the variable"
+            )
+        enclave_policy = env.get(ENV_KEYVAULT_ENCLAVE_POLICY_FILE, "")
         config = cls(
             db=env.get(ENV_KEYVAULT_DB, str(home / "keyvault.db")),
             kek=kek,
@@ -127,7 +149,7 @@ class KeyvaultConfig:
             db_schema=env.get(ENV_KEYVAULT_DB_SCHEMA, DEFAULT_DB_SCHEMA),
             issuer=env.get(ENV_KEYVAULT_ISSUER, DEFAULT_ISSUER),
             token_ttl_s=ttl,
-            head_policy_file=Path(head_policy) if head_policy else None,
+            enclave_policy_file=Path(enclave_policy) if enclave_policy else None,
         )
         config.check()
         return config
@@ -143,3 +165,9 @@ class KeyvaultConfig:
             raise ConfigError(f"{ENV_KEYVAULT_TOKEN_TTL} must be 1..{MAX_TOKEN_LIFETIME_S}")
         if not self.attestation_root:
             raise ConfigError(f"{ENV_ATTESTATION_ROOT} must be intel, dev or a PEM path")
+        if self.enclave_policy_file is None and self.requires_enclave_policy:
+            raise ConfigError(
+                f"{ENV_KEYVAULT_ENCLAVE_POLICY_FILE} is required with the attestation root "
+                f"{self.attestation_root!r}: name the operator enclave policy (release-policy JSON "
+                "describing the state enclave builds trusted with instance keys and commit heads)"
+            )

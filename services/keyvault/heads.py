@@ -21,11 +21,13 @@ data (after the report-data binding is re-checked), never from the request. Rule
   keys; because its token is verified afresh, an advance signed by a newly attested key is
   accepted as long as it moves forward, and the head then names the new key.
 
-An optional ``attestation_policy`` (release-policy grammar, including Veil's debug and TCB
-gates) restricts which enclaves may move heads at all; deployments should set it to the
-measurement policy of their state enclave. The write is an atomic compare-and-set in the
-store, so two replicas cannot both move one head from the same base. Every outcome is
-audited. Sequences are limited to 1..2^63-1 (signed 64-bit in both databases).
+Only enclaves the operator trusts may move heads at all: the advancing token must satisfy the
+operator enclave policy (:mod:`services.keyvault.enclave_policy`; release-policy grammar with
+Veil's debug and TCB gates), else ``COMMIT_HEAD_ENCLAVE_NOT_ALLOWED``; with no policy
+configured every advance is refused (``ENCLAVE_POLICY_NOT_CONFIGURED``). The write is an
+atomic compare-and-set in the store, so two replicas cannot both move one head from the same
+base. Every outcome is audited. Sequences are limited to 1..2^63-1 (signed 64-bit in both
+databases).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from services.keyvault.audit import (
 )
 from services.keyvault.clock import Clock, to_micros
 from services.keyvault.enclave_keys import bound_enclave_keys
+from services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED, EnclavePolicy
 from services.keyvault.errors import HeadRefusedError, InvalidArgumentError, StoreError
-from services.keyvault.policy import ReleasePolicy
 from services.keyvault.store import CommitHeadRecord, Store
 from services.keyvault.tokens import TokenVerifier
 
@@ -100,13 +102,13 @@ class CommitHeads:
         verifier: TokenVerifier,
         clock: Clock,
         *,
-        attestation_policy: ReleasePolicy | None = None,
+        enclave_policy: EnclavePolicy,
     ) -> None:
         self._store = store
         self._audit = audit
         self._verifier = verifier
         self._clock = clock
-        self._policy = attestation_policy
+        self._enclave_policy = enclave_policy
 
     def get(self, instance_id: str) -> CommitHead | None:
         """The instance's head, or None if it never advanced."""
@@ -133,16 +135,26 @@ class CommitHeads:
                 raise InvalidArgumentError(f"sequence must be in 1..{MAX_SEQUENCE}")
             detail["hash"] = head_hash.hex()
             verified = self._verifier.verify(token)
-            detail.update({"jti": verified.jti, "mrenclave": verified.mrenclave})
+            detail.update(
+                {
+                    "jti": verified.jti,
+                    "mrenclave": verified.mrenclave,
+                    # What the operator enclave policy judges, so a refusal explains itself.
+                    "mrsigner": verified.mrsigner,
+                    "debuggable": verified.debuggable,
+                    "tcb_status": verified.tcb_status,
+                }
+            )
             enclave = bound_enclave_keys(verified)
             detail["signing_public_key"] = enclave.signing_public_bytes.hex()
-            if self._policy is not None:
-                decision = self._policy.evaluate(verified.claims)
-                if not decision.allowed:
-                    raise HeadRefusedError(
-                        f"enclave may not advance commit heads: {decision.reason}",
-                        reason="COMMIT_HEAD_ENCLAVE_NOT_ALLOWED",
-                    )
+            refusal = self._enclave_policy.refusal(verified.claims)
+            if refusal is not None:
+                reason = refusal.reason
+                if reason == REASON_ENCLAVE_NOT_ALLOWED:
+                    reason = "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED"
+                raise HeadRefusedError(
+                    f"enclave may not advance commit heads: {refusal.message}", reason=reason
+                )
             try:
                 enclave.signing_public_key.verify(signature, message)
             except InvalidSignature:

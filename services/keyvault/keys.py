@@ -15,9 +15,12 @@ KEK retired as well.
 
 Secure key release (:meth:`KeyManager.release`): verify the attestation token, re-check
 that its report data binds its runtime data and nonce, evaluate the key's release policy
-on the token's claims, unwrap the data key, and HPKE-seal it (RFC 9180, base mode,
-DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM) to the enclave's X25519 key from
-the token's runtime data with::
+on the token's claims -- and for an instance key (``instance.<id>``) also the operator
+enclave policy (:mod:`services.keyvault.enclave_policy`), because whoever created the key
+(the state identity may) wrote its policy; both must allow, and an unconfigured operator
+policy refuses (``ENCLAVE_POLICY_NOT_CONFIGURED``) -- unwrap the data key, and HPKE-seal
+it (RFC 9180, base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM) to the
+enclave's X25519 key from the token's runtime data with::
 
     info = release_info(name, version) = b"veil/key-release/v1" || u16be(len(name))
            || name (UTF-8) || u32be(version)
@@ -71,6 +74,7 @@ from services.keyvault.audit import (
 )
 from services.keyvault.clock import Clock, to_micros
 from services.keyvault.enclave_keys import bound_enclave_keys
+from services.keyvault.enclave_policy import EnclavePolicy, is_instance_key
 from services.keyvault.errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
@@ -93,8 +97,9 @@ HPKE_SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128
 HPKE_ENC_SIZE = 32
 MAX_VERSION = 0xFFFFFFFF
 
-KEY_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,126}[a-z0-9])?$")
-REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+# \Z, not $: "$" also matches before a final "\n", which would let "name\n" pass as a second name.
+KEY_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,126}[a-z0-9])?\Z")
+REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}\Z")
 
 
 def _context(label: bytes, name: str, version: int) -> bytes:
@@ -204,8 +209,10 @@ class KeyManager:
         clock: Clock,
         *,
         release_signer: ReleaseSigner,
+        enclave_policy: EnclavePolicy,
     ) -> None:
         self._store = store
+        self._enclave_policy = enclave_policy
         self._kek = kek
         self._audit = audit
         self._verifier = verifier
@@ -356,6 +363,13 @@ class KeyManager:
             decision = parse_policy(key.policy_json).evaluate(verified.claims)
             if not decision.allowed:
                 raise ReleaseRefusedError(decision.reason)
+            if is_instance_key(name):
+                # The key's policy was written by its creator (possibly the state host); the
+                # operator's enclave policy bounds every instance-key release regardless.
+                detail["enclave_policy_checked"] = True
+                refusal = self._enclave_policy.refusal(verified.claims)
+                if refusal is not None:
+                    raise ReleaseRefusedError(refusal.message, reason=refusal.reason)
             data_key = self._kek.unwrap(wrapped.wrapped, data_key_aad(name, chosen))
             sealed = HPKE_SUITE.encrypt(data_key, enclave.hpke_public_key, info=release_info(name, chosen))
             enc, ciphertext = sealed[:HPKE_ENC_SIZE], sealed[HPKE_ENC_SIZE:]

@@ -97,8 +97,9 @@ MAX_CLAIM_NAME = 256
 
 _HEX_CLAIMS = {CLAIM_MRENCLAVE: 64, CLAIM_MRSIGNER: 64, "x-ms-sgx-report-data": 128}
 _INT_CLAIMS = {CLAIM_PRODUCT_ID, CLAIM_SVN}
-_CLAIM_NAME_RE = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
-_HEX_RE = re.compile(r"^[0-9a-fA-F]*$")
+# \Z, not $: "$" also matches before a final "\n".
+_CLAIM_NAME_RE = re.compile(r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*\Z")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]*\Z")
 
 # The gated claims a satisfying path can pin (explicitly allow).
 _PIN_DEBUG = "debug"

@@ -23,6 +23,7 @@ from services.common import errors as common
 from services.common.identity import peer_identity
 from services.keyvault import errors as kv
 from services.keyvault.app import Keyvault
+from services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
 from services.keyvault.keys import KeyMetadata
 from services.keyvault.store import AuditRecord
 
@@ -47,8 +48,10 @@ _HEAD_SIGNATURE_REASONS = {"COMMIT_HEAD_BAD_SIGNATURE", "COMMIT_HEAD_ENCLAVE_NOT
 
 def to_veil_error(exc: kv.KeyvaultError) -> common.VeilError:
     """The shared error a library error is reported as."""
-    if isinstance(exc, kv.HeadRefusedError):
-        # A bad signature is about who asks; a rollback or fork is about the state.
+    if isinstance(exc, kv.HeadRefusedError) or exc.reason == REASON_NOT_CONFIGURED:
+        # A bad signature or an enclave outside the operator policy is about who asks; a
+        # rollback, a fork, or a keyvault that trusts no enclave until the operator names some
+        # (no enclave policy configured) is about the state.
         if exc.reason in _HEAD_SIGNATURE_REASONS:
             return common.PermissionDenied(exc.message, reason=exc.reason)
         return common.FailedPrecondition(exc.message, reason=exc.reason)

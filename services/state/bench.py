@@ -39,6 +39,7 @@ from services.common.channels import secure_channel
 from services.common.config import ServiceConfig, TlsFiles
 from services.common.pki import init_pki
 from services.keyvault.config import KekConfig, KeyvaultConfig
+from services.keyvault.enclave_policy import write_dev_enclave_policy
 from services.keyvault.server import create_server as create_keyvault
 from services.state import lifecycle
 from services.state.config import StateConfig
@@ -247,6 +248,7 @@ def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, proc
             kek=KekConfig(provider="file", file=kv_dir / "kek.bin"),
             attestation_root="dev",
             dev_root_path=pki / "sgx-root.pem",
+            enclave_policy_file=write_dev_enclave_policy(kv_dir),  # the sim enclave of this checkout
         ),
     )
     kv_server.start()

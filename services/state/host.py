@@ -63,7 +63,8 @@ _log = logging.getLogger(__name__)
 
 EnclaveFactory = Callable[[], EnclaveHost]
 
-INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches before a final "\n"
+INSTANCE_ID_RULE = "instance_id: lowercase letters, digits and dashes, at most 63 characters"
 MAX_REQUEST_ID = 128
 RESPONSE_TTL_S = 24 * 3600  # how long a request id keeps its first answer
 PRUNE_EVERY_S = 3600.0
@@ -260,6 +261,10 @@ class StateHost:
         return runtime
 
     def _instance(self, runtime: Runtime, instance_id: str) -> InstanceState:
+        if not INSTANCE_ID.match(instance_id):
+            # Checked before echoing it: an unbounded id in the message and ErrorInfo overflowed
+            # gRPC's 16 KiB metadata limit, so the caller saw RESOURCE_EXHAUSTED without ErrorInfo.
+            raise InvalidArgument(INSTANCE_ID_RULE)
         state = runtime.instances.get(instance_id)
         if state is None:
             raise NotFound(
@@ -477,7 +482,7 @@ class StateHost:
         """Create an instance: its key at the keyvault, its genesis entry durable, its head advanced."""
         runtime = self._serving()
         if not INSTANCE_ID.match(instance_id):
-            raise InvalidArgument("instance_id: lowercase letters, digits and dashes, at most 63 characters")
+            raise InvalidArgument(INSTANCE_ID_RULE)
         config_bytes = config.SerializeToString(deterministic=True)
         with runtime.create_lock:
             existing = self.store.get_instance(instance_id)

@@ -7,7 +7,10 @@ enclave's attested HPKE key and provisioned into it. The host never sees a key i
 
 Each instance's key is `instance.<instance_id>` at the keyvault, created with a release policy
 pinning this enclave's measurement (and refusing debug enclaves); in sim mode the policy also
-accepts the "Unevaluated" TCB status that quotes verified without collateral carry.
+accepts the "Unevaluated" TCB status that quotes verified without collateral carry. The host
+writes that policy, so it is not what protects the key: the keyvault releases `instance.*` keys
+(and accepts commit heads) only to enclaves that also satisfy the operator's enclave policy
+(`services.keyvault.enclave_policy`, VEIL_KEYVAULT_ENCLAVE_POLICY_FILE).
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ from veil.enclave.v1 import apps_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 from services.common.channels import secure_channel, wait_until_serving
+from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from services.common.pki import init_pki
+from services.keyvault.enclave_policy import write_dev_enclave_policy
 from services.state.loadclient import (
     Account,
     Sealed,
@@ -164,7 +166,9 @@ def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Servi
     schema = f"veil_state_e2e_{uuid.uuid4().hex[:12]}"
     if request.param == "postgres":
         env |= {"VEIL_STATE_DB": POSTGRES_URL, "VEIL_STATE_DB_SCHEMA": schema}
-    keyvault = Service("keyvault", env, tmp_path / "keyvault.log")
+    # The operator enclave policy `veil up` writes: the sim enclave of this checkout.
+    keyvault_env = {**env, ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir))}
+    keyvault = Service("keyvault", keyvault_env, tmp_path / "keyvault.log")
     keyvault.start()
     state = Service("state", env, tmp_path / "state.log")
     state.env = {**env, "VEIL_KEYVAULT_ADDR": keyvault.address}

@@ -58,24 +58,29 @@ def test_grpcurl_without_client_certificate_is_refused(mesh: Mesh) -> None:
     assert result.returncode != 0
 
 
-def _child_pid(service: str) -> int:
-    out = subprocess.run(
-        ["pgrep", "-f", f"client.cli serve {service}"], capture_output=True, text=True, check=False
-    )
-    pids = [int(p) for p in out.stdout.split()]
-    assert pids, f"no {service} process"
-    return pids[0]
+def _child_pid(mesh: Mesh, service: str) -> int:
+    """The pid of this fixture's `veil serve SERVICE` (a child of its `veil up`, never another
+    mesh's: a machine-wide pgrep once SIGKILLed other meshes' services)."""
+    tasks = Path(f"/proc/{mesh.process.pid}/task")
+    for pid in (int(p) for task in tasks.iterdir() for p in (task / "children").read_text().split()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited meanwhile
+        if argv[-3:-1] == [b"serve", service.encode()]:
+            return pid
+    raise AssertionError(f"no {service} process")
 
 
 def test_crashed_service_is_restarted(mesh: Mesh) -> None:
     admin = f"127.0.0.1:{DEFAULT_PORTS['state'][1]}"
-    before = _child_pid("state")
+    before = _child_pid(mesh, "state")
     os.kill(before, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             if (
-                _child_pid("state") != before
+                _child_pid(mesh, "state") != before
                 and health_status(admin) == health_pb2.HealthCheckResponse.SERVING
             ):
                 break
@@ -83,4 +88,4 @@ def test_crashed_service_is_restarted(mesh: Mesh) -> None:
             pass
         time.sleep(0.3)
     wait_until_serving(admin, label="state", timeout=5)
-    assert _child_pid("state") != before
+    assert _child_pid(mesh, "state") != before

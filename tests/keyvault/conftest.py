@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from services.keyvault.audit import AuditLog
+from services.keyvault.enclave_policy import EnclavePolicy
 from services.keyvault.heads import CommitHeads
 from services.keyvault.kek import FileKek
 from services.keyvault.keys import KeyManager
@@ -31,7 +32,15 @@ from services.keyvault.store_postgres import PostgresStore
 from services.keyvault.store_sqlite import SqliteStore
 from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
 
-from .support import ISSUER, POSTGRES_DSN, FakeClock, FakeEnclave, SoftHsm, fixed_release_signer
+from .support import (
+    ISSUER,
+    POSTGRES_DSN,
+    FakeClock,
+    FakeEnclave,
+    SoftHsm,
+    fixed_release_signer,
+    operator_policy,
+)
 
 SOFTHSM_MODULES = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -111,6 +120,12 @@ def release_signer() -> ReleaseSigner:
 
 
 @pytest.fixture
+def enclave_policy() -> EnclavePolicy:
+    """The operator enclave policy: the default FakeEnclave's build (MRENCLAVE, MRSIGNER, SVN >= 1)."""
+    return operator_policy()
+
+
+@pytest.fixture
 def keys(
     store: Store,
     kek: FileKek,
@@ -118,13 +133,18 @@ def keys(
     verifier: TokenVerifier,
     clock: FakeClock,
     release_signer: ReleaseSigner,
+    enclave_policy: EnclavePolicy,
 ) -> KeyManager:
-    return KeyManager(store, kek, audit, verifier, clock, release_signer=release_signer)
+    return KeyManager(
+        store, kek, audit, verifier, clock, release_signer=release_signer, enclave_policy=enclave_policy
+    )
 
 
 @pytest.fixture
-def heads(store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock) -> CommitHeads:
-    return CommitHeads(store, audit, verifier, clock)
+def heads(
+    store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, enclave_policy: EnclavePolicy
+) -> CommitHeads:
+    return CommitHeads(store, audit, verifier, clock, enclave_policy=enclave_policy)
 
 
 @pytest.fixture

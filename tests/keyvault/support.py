@@ -27,9 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from veil.enclave.v1 import envelope_pb2
 
 from enclave import wire
-from enclave.providers.sim_quote import SimQuoteProvider
+from enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
+from services.keyvault.config import DEFAULT_ISSUER
+from services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json
 from services.keyvault.heads import commit_head_message
 from services.keyvault.keys import ReleasedKey, open_released_key
+from services.keyvault.policy import parse_policy
 from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
 
@@ -225,3 +228,17 @@ def measurement_policy(
         {"claim": "x-ms-sgx-svn", "greaterOrEquals": 1},
     ]
     return policy_json(*conditions, *extra, accepted_tcb=accepted_tcb)
+
+
+def operator_policy(
+    enclave: FakeEnclave | None = None, *, accepted_tcb: Sequence[str] | None = None
+) -> EnclavePolicy:
+    """An operator enclave policy trusting ``enclave``'s build (default: the default FakeEnclave)."""
+    return EnclavePolicy(parse_policy(measurement_policy(enclave, accepted_tcb=accepted_tcb)))
+
+
+def write_sim_enclave_policy(path: Path, *, issuer: str = DEFAULT_ISSUER) -> Path:
+    """The operator enclave policy trusting the sim enclave of :func:`sim_provider`, written to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dev_enclave_policy_json(SIM_MRENCLAVE, DEV_MRSIGNER, issuer=issuer))
+    return path

@@ -8,13 +8,13 @@ import json
 import pytest
 
 from services.keyvault.audit import AuditLog
+from services.keyvault.enclave_policy import EnclavePolicy
 from services.keyvault.errors import AttestationError, HeadRefusedError, InvalidArgumentError, TokenError
 from services.keyvault.heads import CommitHead, CommitHeads, commit_head_message
-from services.keyvault.policy import parse_policy
 from services.keyvault.store import Store
 from services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
 
-from .support import CALLER, FakeClock, FakeEnclave, measurement_policy, run_concurrently
+from .support import CALLER, FakeClock, FakeEnclave, operator_policy, run_concurrently
 
 INSTANCE = "vault-7"
 
@@ -132,18 +132,19 @@ def test_restarted_enclave_with_new_keys_moves_forward(
     assert current.signing_public_key == restarted.signing_public_bytes
 
 
-def test_attestation_policy_restricts_who_may_advance(
+def test_operator_policy_restricts_who_may_advance(
     store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, issuer: TokenIssuer
 ) -> None:
-    guarded = CommitHeads(
-        store, audit, verifier, clock, attestation_policy=parse_policy(measurement_policy())
-    )
-    advance(guarded, issuer, FakeEnclave(), 1)
+    # More in test_enclave_policy.py; here: a policy other than the fixture's, and its debug gate.
+    other_build = FakeEnclave(mrenclave=b"\x99" * 32)
+    guarded = CommitHeads(store, audit, verifier, clock, enclave_policy=operator_policy(other_build))
+    advance(guarded, issuer, other_build, 1)
     with pytest.raises(HeadRefusedError) as other:
-        advance(guarded, issuer, FakeEnclave(mrenclave=b"\x99" * 32), 2)
+        advance(guarded, issuer, FakeEnclave(), 2)
     assert other.value.reason == "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED"
+    assert refusal_reason(audit) == "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED"
     with pytest.raises(HeadRefusedError, match="debuggable"):
-        advance(guarded, issuer, FakeEnclave(debug=True), 2)
+        advance(guarded, issuer, FakeEnclave(mrenclave=b"\x99" * 32, debug=True), 2)
 
 
 def test_sequence_bounds(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave) -> None:
@@ -161,8 +162,9 @@ def test_concurrent_advances_from_two_replicas(
     issuer: TokenIssuer,
     enclave: FakeEnclave,
     audit: AuditLog,
+    enclave_policy: EnclavePolicy,
 ) -> None:
-    other = CommitHeads(replica, AuditLog(replica, clock), verifier, clock)
+    other = CommitHeads(replica, AuditLog(replica, clock), verifier, clock, enclave_policy=enclave_policy)
     replicas = [heads, other]
     tokens = [enclave.token(issuer).token for _ in range(8)]
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from services.keyvault.audit import AuditLog
+from services.keyvault.enclave_policy import EnclavePolicy
 from services.keyvault.errors import (
     AttestationError,
     DecryptionError,
@@ -188,9 +189,18 @@ def test_concurrent_duplicate_requests_from_two_replicas(
     clock: FakeClock,
     verifier: TokenVerifier,
     release_signer: ReleaseSigner,
+    enclave_policy: EnclavePolicy,
 ) -> None:
     keys.create("orders", measurement_policy(), caller=ADMIN)
-    other = KeyManager(replica, kek, AuditLog(replica, clock), verifier, clock, release_signer=release_signer)
+    other = KeyManager(
+        replica,
+        kek,
+        AuditLog(replica, clock),
+        verifier,
+        clock,
+        release_signer=release_signer,
+        enclave_policy=enclave_policy,
+    )
     managers = [keys, other]
 
     def rotate(index: int) -> int:

@@ -28,7 +28,7 @@ from services.keyvault.store import ReleaseKeyRecord, Store, StoreTx
 from services.keyvault.store_postgres import PostgresStore
 from services.keyvault.store_sqlite import SqliteStore
 
-from .support import POSTGRES_DSN, FakeClock, run_concurrently
+from .support import POSTGRES_DSN, FakeClock, run_concurrently, write_sim_enclave_policy
 
 
 def reopen(store: Store) -> Store:
@@ -199,6 +199,7 @@ def test_open_keyvault_keeps_its_release_key_across_restarts(
         db_schema=schema,
         kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
         attestation_root=str(pki_dir / "sgx-root.pem"),
+        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
     )
     first = open_keyvault(config)
     try:

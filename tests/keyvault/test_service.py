@@ -29,7 +29,14 @@ from services.keyvault.tokens import expected_report_data, verify_token
 from services.state.enclave_host import EnclaveCallError, EnclaveHost
 from tests.conftest import tls_for
 
-from .support import SIM_MRENCLAVE, FakeEnclave, policy_json, release_signature_verifies, sim_provider
+from .support import (
+    SIM_MRENCLAVE,
+    FakeEnclave,
+    policy_json,
+    release_signature_verifies,
+    sim_provider,
+    write_sim_enclave_policy,
+)
 
 ISSUER = "spiffe://veil/keyvault"
 INSTANCE = "inst-1"
@@ -43,6 +50,7 @@ def keyvault_server(
         db=str(tmp_path / "kv" / "keyvault.db"),
         kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
         attestation_root=str(pki_dir / "sgx-root.pem"),
+        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
     )
     server, _ = create_server(service_config("keyvault"), keyvault_config=config)
     server.start()
@@ -69,9 +77,11 @@ def stub(keyvault_server: VeilServer, pki_dir: Path) -> Iterator[Stubs]:
         channel.close()
 
 
-def attest(state: keyvault_pb2_grpc.KeyvaultServiceStub, pki_dir: Path, enclave: FakeEnclave) -> str:
+def attest(
+    state: keyvault_pb2_grpc.KeyvaultServiceStub, pki_dir: Path, enclave: FakeEnclave, *, debug: bool = False
+) -> str:
     nonce = os.urandom(32)
-    quote = sim_provider(pki_dir).quote(expected_report_data(enclave.runtime_data, nonce))
+    quote = sim_provider(pki_dir, debug=debug).quote(expected_report_data(enclave.runtime_data, nonce))
     response = state.Attest(
         keyvault_pb2.AttestRequest(quote=quote, runtime_data=enclave.runtime_data, nonce=nonce), timeout=10
     )
@@ -335,6 +345,7 @@ def test_the_release_key_survives_a_keyvault_restart(
         db=str(tmp_path / "kv" / "keyvault.db"),
         kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
         attestation_root=str(pki_dir / "sgx-root.pem"),
+        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
     )
     published = []
     for _ in range(2):
@@ -356,3 +367,111 @@ def test_admin_reads_the_jwks_to_pin_the_release_key(stub: Stubs) -> None:
     # Operators publish the release key to clients (`veil up` writes it into the dev policy).
     published = stub("admin").GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10)
     assert len(published.release_public_key) == 32
+
+
+# --- the operator enclave policy ------------------------------------------------------------------
+
+#: What a malicious state host would write for its instance key: any build, debug ones welcome.
+LOOSE_POLICY = policy_json(
+    {"claim": "x-ms-sgx-svn", "greaterOrEquals": 0},
+    {"claim": "x-ms-sgx-is-debuggable", "equals": True},
+    mode="anyOf",
+    authority=ISSUER,
+    accepted_tcb=["Unevaluated"],
+)
+
+
+def head_request(enclave: FakeEnclave, token: str, sequence: int) -> keyvault_pb2.AdvanceCommitHeadRequest:
+    digest = hashlib.sha256(b"entry %d" % sequence).digest()
+    return keyvault_pb2.AdvanceCommitHeadRequest(
+        instance_id=INSTANCE,
+        sequence=sequence,
+        hash=digest,
+        signature=enclave.sign_head(INSTANCE, sequence, digest),
+        token=token,
+    )
+
+
+def test_a_debug_build_gets_no_instance_key_whatever_policy_the_state_wrote(
+    stub: Stubs, pki_dir: Path
+) -> None:
+    state, admin = stub("state"), stub("admin")
+    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+    enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
+    state.CreateKey(
+        keyvault_pb2.CreateKeyRequest(key_name="instance.inst-1", release_policy_json=LOOSE_POLICY),
+        timeout=10,
+    )
+    # A debug build of the very same enclave, pinned to this keyvault: attested, then refused.
+    debug_token = attest(state, pki_dir, enclave, debug=True)
+    release = keyvault_pb2.ReleaseKeyRequest(token=debug_token, key_name="instance.inst-1")
+    assert refusal(lambda: state.ReleaseKey(release, timeout=10)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "ENCLAVE_NOT_ALLOWED",
+    )
+    assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, debug_token, 1), timeout=10)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED",
+    )
+    # The production build (the operator policy's) gets the key and moves the head.
+    token = attest(state, pki_dir, enclave)
+    released = state.ReleaseKey(
+        keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
+    )
+    assert len(released.wrapped_key) == 48
+    assert state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10).sequence == 1
+    # A non-instance key with the same loose policy is the admin's business: the debug build gets it.
+    admin.CreateKey(
+        keyvault_pb2.CreateKeyRequest(key_name="scratch", release_policy_json=LOOSE_POLICY), timeout=10
+    )
+    scratch = keyvault_pb2.ReleaseKeyRequest(
+        token=attest(state, pki_dir, enclave, debug=True), key_name="scratch"
+    )
+    assert len(state.ReleaseKey(scratch, timeout=10).wrapped_key) == 48
+
+    page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
+    refused = [json.loads(e.detail_json) for e in page.events if e.outcome == "refused"]
+    assert [(r["reason"], r["debuggable"]) for r in refused] == [
+        ("ENCLAVE_NOT_ALLOWED", True),
+        ("COMMIT_HEAD_ENCLAVE_NOT_ALLOWED", True),
+    ]
+    assert "outside the operator enclave policy" in refused[0]["message"]
+
+
+def test_a_dev_keyvault_without_an_enclave_policy_refuses_with_a_clear_reason(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+) -> None:
+    config = KeyvaultConfig(
+        db=str(tmp_path / "kv" / "keyvault.db"),
+        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
+        attestation_root="dev",
+        dev_root_path=pki_dir / "sgx-root.pem",
+    )
+    server, port = create_server(service_config("keyvault"), keyvault_config=config)
+    server.start()
+    try:
+        with grpc.secure_channel(
+            f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "state"))
+        ) as channel:
+            state = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+            release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+            enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
+            state.CreateKey(
+                keyvault_pb2.CreateKeyRequest(key_name="instance.inst-1", release_policy_json=LOOSE_POLICY),
+                timeout=10,
+            )
+            token = attest(state, pki_dir, enclave)
+            release = keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1")
+            with pytest.raises(grpc.RpcError) as caught:
+                state.ReleaseKey(release, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "VEIL_KEYVAULT_ENCLAVE_POLICY_FILE" in str(caught.value.details())
+            info = error_info(caught.value)
+            assert info is not None
+            assert info.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"
+            assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10)) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ENCLAVE_POLICY_NOT_CONFIGURED",
+            )
+    finally:
+        server.stop(0)

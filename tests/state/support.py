@@ -21,6 +21,7 @@ from services.common.channels import secure_channel
 from services.common.config import ServiceConfig
 from services.common.server import VeilServer
 from services.keyvault.config import KekConfig, KeyvaultConfig
+from services.keyvault.enclave_policy import write_dev_enclave_policy
 from services.keyvault.server import create_server as create_keyvault_server
 from services.state import lifecycle
 from services.state.config import StateConfig
@@ -55,6 +56,8 @@ class Keyvault:
             kek=KekConfig(provider="file", file=directory / "kek.bin"),
             attestation_root="dev",
             dev_root_path=pki_dir / "sgx-root.pem",
+            # What `veil up` configures: the sim enclave of this checkout is the trusted build.
+            enclave_policy_file=write_dev_enclave_policy(directory),
         )
         self._server: VeilServer | None = None
 

@@ -85,12 +85,18 @@ def ecdsa_p256_verify(key: ec.EllipticCurvePublicKey, raw_signature: bytes, mess
 
 
 #: What ``cryptography`` raises for a structurally valid but semantically broken encoding.
+#: ``UserWarning`` covers its warnings about malformed fields (e.g. a negative serial number, a
+#: wrong-length country name) where warnings are errors (the tests): such a certificate is
+#: refused, never an escaping exception. Elsewhere they stay warnings and the chain checks
+#: refuse the certificate later.
 DECODE_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     TypeError,
     x509.DuplicateExtension,
     x509.UnsupportedGeneralNameType,
+    x509.InvalidVersion,
     UnsupportedAlgorithm,
+    UserWarning,
 )
 
 _SIGNATURE_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, InvalidSignature)

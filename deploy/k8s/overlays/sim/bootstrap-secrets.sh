@@ -7,10 +7,23 @@
 #   veil-kek         the keyvault's key-encryption key (sim uses the `file` KEK provider)
 #   veil-sim-pki     the dev SGX root and PCK chain from `veil pki init` (sim quotes)
 #
-# Needs: kubectl (pointed at the cluster), openssl, and the `veil` CLI (`pip install .`).
+# and the ConfigMap
+#
+#   keyvault-enclave-policy  the operator enclave policy: the sim enclave built from this
+#                            checkout (its MRENCLAVE hashes enclave/**/*.py, so it is specific
+#                            to the sources the image was built from), never a debug build
+#
+# The policy is always rewritten (it holds no secret and follows the code): re-run this script
+# after building the image from changed enclave sources, then
+# `kubectl -n veil-sim rollout restart deployment/keyvault` (the keyvault reads it at start).
+#
+# Needs: kubectl (pointed at the cluster), openssl, and the `veil` CLI (`pip install .`), run
+# from anywhere; the policy is computed from the checkout this script lives in, with
+# $PYTHON (default python3) where Veil is installed.
 set -euo pipefail
 
 namespace="${1:-veil-sim}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../.." && pwd)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -51,3 +64,11 @@ else
     --from-file="$work/pki/sgx-pck-leaf.pem" \
     --from-file="$work/pki/sgx-pck-leaf-key.pem"
 fi
+
+# The sim MRENCLAVE of this checkout and the dev MRSIGNER, as the sim enclave quotes them. From
+# the repository root, so the enclave/ package measured is the one `docker build .` copies.
+(cd "$repo" && "${PYTHON:-python3}" -c 'import sys; from enclave.measurement import measure_source_tree; from enclave.providers.sim_quote import DEV_MRSIGNER; from services.keyvault.enclave_policy import dev_enclave_policy_json; sys.stdout.write(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER))') \
+  >"$work/enclave-policy.json"
+kubectl -n "$namespace" create configmap keyvault-enclave-policy \
+  --from-file=enclave-policy.json="$work/enclave-policy.json" --dry-run=client -o yaml |
+  kubectl apply -f -

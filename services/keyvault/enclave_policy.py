@@ -1,0 +1,217 @@
+"""The operator enclave policy: which state-enclave builds the operator trusts, whatever a key says.
+
+A key's release policy is written by whoever creates the key, and the state identity creates
+the instance keys ``instance.<id>`` (on CreateInstance). A malicious state host could therefore
+create an instance key with a loose policy, have it released to an enclave it controls (say a
+debug build, which is pinned to the real keyvault and so passes the release-key check), learn
+the key, and later have the same key released to the honest enclave. The operator enclave
+policy closes that: one release-policy document (the grammar of :mod:`services.keyvault.policy`,
+Veil's debug and TCB gates included, so a debuggable enclave is refused unless the document
+explicitly requires ``x-ms-sgx-is-debuggable`` equals ``true``), configured by the operator
+with ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``, that bounds
+
+* every release of an ``instance.*`` key: the token must satisfy the key's own policy **and**
+  this policy (keys with other names keep their own policy only), and
+* every commit-head advance: the advancing token must satisfy this policy.
+
+It describes the state enclave builds (e.g. MRSIGNER + product id + minimum SVN, or a list of
+MRENCLAVEs). Unconfigured, it refuses everything it guards (reason
+``ENCLAVE_POLICY_NOT_CONFIGURED``); the keyvault refuses to start without one unless the
+attestation root is ``dev`` (see :mod:`services.keyvault.config`). It is read once at start-up:
+a changed file needs a restart.
+
+:func:`dev_enclave_policy_json` builds the policy of the local sim mesh, and
+:func:`write_dev_enclave_policy` writes it to ``<data dir>/keyvault-enclave-policy.json`` for
+``veil up``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from enclave import wire
+from enclave.measurement import measure_source_tree
+from enclave.providers.sim_quote import DEV_MRSIGNER
+from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
+from services.keyvault.config import DEFAULT_ISSUER
+from services.keyvault.errors import PolicyError
+from services.keyvault.policy import (
+    ACCEPTED_TCB_FIELD,
+    CLAIM_DEBUGGABLE,
+    CLAIM_MRENCLAVE,
+    CLAIM_MRSIGNER,
+    CLAIM_PRODUCT_ID,
+    CLAIM_SVN,
+    DEFAULT_ACCEPTED_TCB_STATUSES,
+    POLICY_VERSION,
+    TCB_UNEVALUATED,
+    ReleasePolicy,
+    parse_policy,
+)
+
+#: Keys named ``instance.<id>`` are instance data keys (the name :mod:`enclave.wire` gives them).
+INSTANCE_KEY_PREFIX = wire.instance_key_name("")
+#: Where ``veil up`` keeps the sim mesh's policy, under its data dir.
+DEV_ENCLAVE_POLICY_FILENAME = "keyvault-enclave-policy.json"
+#: The sim enclave's quotes are verified without collateral, so their TCB status is "Unevaluated".
+DEV_ACCEPTED_TCB_STATUSES: tuple[str, ...] = (*DEFAULT_ACCEPTED_TCB_STATUSES, TCB_UNEVALUATED)
+#: The sim enclave's ISV product id and SVN (``enclave.providers.sim_quote.SimQuoteProvider``).
+DEV_PRODUCT_ID = 1
+DEV_MIN_SVN = 1
+
+#: Refusal reasons (``ErrorInfo.reason``): outside the policy, and no policy configured.
+REASON_ENCLAVE_NOT_ALLOWED = "ENCLAVE_NOT_ALLOWED"
+REASON_NOT_CONFIGURED = "ENCLAVE_POLICY_NOT_CONFIGURED"
+
+
+def is_instance_key(name: str) -> bool:
+    """Whether ``name`` is an instance data key, whose releases the operator policy bounds."""
+    return name.startswith(INSTANCE_KEY_PREFIX)
+
+
+@dataclass(frozen=True)
+class EnclaveRefusal:
+    """Why an enclave was refused: a stable reason and a message for the caller and the audit log."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EnclavePolicy:
+    """The operator enclave policy, or its absence (which refuses every enclave)."""
+
+    policy: ReleasePolicy | None
+    source: str = ""
+
+    @classmethod
+    def not_configured(cls) -> EnclavePolicy:
+        return cls(policy=None)
+
+    @property
+    def configured(self) -> bool:
+        return self.policy is not None
+
+    def refusal(self, claims: Mapping[str, object]) -> EnclaveRefusal | None:
+        """None when a verified token's claims satisfy the policy, else why not. Never raises."""
+        if self.policy is None:
+            return EnclaveRefusal(
+                REASON_NOT_CONFIGURED,
+                f"no operator enclave policy is configured ({ENV_KEYVAULT_ENCLAVE_POLICY_FILE}), "
+                "so no enclave is trusted with instance keys or commit heads",
+            )
+        decision = self.policy.evaluate(claims)
+        if decision.allowed:
+            return None
+        return EnclaveRefusal(
+            REASON_ENCLAVE_NOT_ALLOWED, f"enclave is outside the operator enclave policy: {decision.reason}"
+        )
+
+
+def load_enclave_policy(path: Path, *, issuer: str) -> EnclavePolicy:
+    """Read and validate the policy file; :class:`ConfigError` naming the variable on any problem.
+
+    The policy must have a rule for ``issuer`` (this keyvault's token issuer): one without it
+    would refuse every token, which is a configuration mistake, not a policy.
+    """
+    where = f"{ENV_KEYVAULT_ENCLAVE_POLICY_FILE} ({path})"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    try:
+        policy = parse_policy(raw)
+    except PolicyError as exc:
+        raise ConfigError(f"{where} is not a valid release policy: {exc.message}") from None
+    if not any(rule.authority == issuer for rule in policy.rules):
+        raise ConfigError(f"{where} has no rule for this keyvault's token issuer {issuer!r}")
+    return EnclavePolicy(policy=policy, source=str(path))
+
+
+def enclave_policy_json(
+    *,
+    issuer: str = DEFAULT_ISSUER,
+    mrenclaves: Sequence[bytes] = (),
+    mrsigner: bytes | None = None,
+    product_id: int | None = None,
+    min_svn: int | None = None,
+    accepted_tcb_statuses: Sequence[str] | None = None,
+) -> str:
+    """A policy for the listed builds: any of ``mrenclaves`` and/or MRSIGNER + product id + SVN.
+
+    Never debuggable (the document pins ``x-ms-sgx-is-debuggable`` to ``false``). At least
+    ``mrenclaves`` or ``mrsigner`` must be given; the result is parsed before it is returned.
+    """
+    if not mrenclaves and mrsigner is None:
+        raise ValueError("an enclave policy needs MRENCLAVEs or an MRSIGNER")
+    conditions: list[dict[str, object]] = []
+    if mrenclaves:
+        pins: list[dict[str, object]] = [
+            {"claim": CLAIM_MRENCLAVE, "equals": _hex32(m, "mrenclave")} for m in mrenclaves
+        ]
+        conditions.append(pins[0] if len(pins) == 1 else {"anyOf": pins})
+    if mrsigner is not None:
+        conditions.append({"claim": CLAIM_MRSIGNER, "equals": _hex32(mrsigner, "mrsigner")})
+    if product_id is not None:
+        conditions.append({"claim": CLAIM_PRODUCT_ID, "equals": product_id})
+    if min_svn is not None:
+        conditions.append({"claim": CLAIM_SVN, "greaterOrEquals": min_svn})
+    conditions.append({"claim": CLAIM_DEBUGGABLE, "equals": False})
+    doc: dict[str, object] = {
+        "version": POLICY_VERSION,
+        "anyOf": [{"authority": issuer, "allOf": conditions}],
+    }
+    if accepted_tcb_statuses is not None:
+        doc[ACCEPTED_TCB_FIELD] = list(accepted_tcb_statuses)
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    parse_policy(text)  # what we hand out always loads
+    return text
+
+
+def dev_enclave_policy_json(
+    mrenclave: bytes,
+    mrsigner: bytes,
+    *,
+    issuer: str = DEFAULT_ISSUER,
+    product_id: int = DEV_PRODUCT_ID,
+    min_svn: int = DEV_MIN_SVN,
+    accepted_tcb_statuses: Sequence[str] = DEV_ACCEPTED_TCB_STATUSES,
+) -> str:
+    """The sim mesh's operator policy: this sim build (MRENCLAVE), its signer, never debuggable.
+
+    ``mrenclave`` is ``enclave.measurement.measure_source_tree()`` and ``mrsigner``
+    ``enclave.providers.sim_quote.DEV_MRSIGNER``. The sim TCB status "Unevaluated" is accepted,
+    as the state's sim instance-key policies accept it (:mod:`services.state.keys`).
+    """
+    return enclave_policy_json(
+        issuer=issuer,
+        mrenclaves=(mrenclave,),
+        mrsigner=mrsigner,
+        product_id=product_id,
+        min_svn=min_svn,
+        accepted_tcb_statuses=accepted_tcb_statuses,
+    )
+
+
+def write_dev_enclave_policy(data_dir: Path, *, issuer: str = DEFAULT_ISSUER) -> Path:
+    """Write the sim enclave of this checkout's policy to ``<data_dir>/keyvault-enclave-policy.json``.
+
+    Atomic (temporary file, then rename); returns the path, which is what
+    ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` of the local keyvault must name.
+    """
+    path = data_dir / DEV_ENCLAVE_POLICY_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER, issuer=issuer))
+    os.replace(temporary, path)
+    return path
+
+
+def _hex32(value: bytes, what: str) -> str:
+    if len(value) != 32:
+        raise ValueError(f"{what} must be 32 bytes")
+    return value.hex()
