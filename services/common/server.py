@@ -22,8 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.config import ServiceConfig
-from services.common.errors import ErrorInterceptor
+from services.common.errors import ErrorInterceptor, InvalidArgument
 from services.common.identity import AuthorizationInterceptor, AuthorizationTable
+from services.common.interceptors import DecodeInterceptor
 from services.common.tls import server_credentials
 from services.common.tracing import server_tracing_interceptor
 
@@ -122,7 +123,12 @@ def build_server(
     authorizer = authorizer or AuthorizationInterceptor(authorization)
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
-        interceptors=[server_tracing_interceptor(tracer_provider), ErrorInterceptor(), authorizer],
+        interceptors=[
+            server_tracing_interceptor(tracer_provider),
+            ErrorInterceptor(),
+            authorizer,
+            DecodeInterceptor(lambda message: InvalidArgument(message, reason="MALFORMED_REQUEST")),
+        ],
         options=_OPTIONS,
     )
     health_servicer = health.HealthServicer(

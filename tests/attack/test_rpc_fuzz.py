@@ -62,16 +62,6 @@ def test_random_and_mutated_requests_get_an_expected_status_and_change_nothing(
 UNDECODABLE = [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x0f\x00"]  # endless varint, short field, wire type 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "known bug (services/common/server.py): the keyvault and state servers let gRPC's "
-        "generated deserializer parse requests, and grpcio answers an undecodable request with "
-        "INTERNAL 'Exception deserializing request!'; the gateway parses requests itself and "
-        "answers INVALID_ARGUMENT MALFORMED_REQUEST"
-    ),
-)
 @pytest.mark.parametrize("target", SERVICE_TARGETS, ids=lambda t: t.name)
 def test_undecodable_requests_are_invalid_argument(lab: Lab, target: ServiceTarget) -> None:
     running = lab.get(target)
