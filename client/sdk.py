@@ -35,7 +35,7 @@ from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from client.apps import BallotClient, TokenClient, VaultClient
 from client.attestation import VerifiedAttestation, verify_bundle
 from client.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters, expected_counter
-from client.errors import CommandRefused, GatewayError, VeilClientError
+from client.errors import CommandRefused, GatewayError, IntegrityError, VeilClientError
 from client.identity import Identity
 from client.policy import ExpectedMeasurement
 from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
@@ -240,8 +240,10 @@ class VeilClient:
     ) -> Opened:
         """Run one command and return its verified answer (an app refusal is in `result.error`).
 
-        The account's counter comes from the counter store; a stale one is resynchronised
-        from the enclave's ABORTED answer (with a new request_id). An unopenable command
+        The account's counter comes from the counter store; a stale (lower) one is
+        resynchronised from the enclave's ABORTED answer (with a new request_id), while an
+        enclave asking for a counter at or below one it already accepted is a rolled-back log
+        and raises IntegrityError. An unopenable command
         (the enclave restarted with new keys) is attested and sealed again once.
         """
         account = identity.account
@@ -280,6 +282,14 @@ class VeilClient:
                 error = opened.result.error if opened.result.HasField("error") else None
                 if error is not None and error.code == error_pb2.ECALL_ERROR_CODE_ABORTED:
                     wanted = expected_counter(error.message)
+                    if wanted is not None and wanted <= self.counters.last(instance_id, account):
+                        # The enclave forgot commands it acknowledged to us: its log was rolled
+                        # back (a host restoring an old database). Never follow it there.
+                        raise IntegrityError(
+                            f"{instance_id}: the enclave asks for counter {wanted}, but counter "
+                            f"{self.counters.last(instance_id, account)} was already accepted: "
+                            "its log was rolled back"
+                        )
                     if wanted is not None and resync < _COUNTER_RESYNCS:
                         self.counters.record(instance_id, account, wanted - 1)
                         continue

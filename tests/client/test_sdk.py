@@ -137,6 +137,19 @@ def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh)
         assert second.counters.last("coins", alice.account) == 4
 
 
+def test_an_enclave_that_forgot_accepted_counters_is_a_rollback(mesh: InProcessMesh) -> None:
+    alice, bob, _ = _people(mesh)
+    counters = MemoryCounters()
+    with mesh.connect(counters=counters) as client:
+        client.create_instance("coins", token_config(alice.public_key))
+        client.token("coins", alice).mint(bob.account, 1)
+        # This client saw counter 5 accepted; an enclave now asking for 2 lost 2..5.
+        counters.record("coins", alice.account, 5)
+        with pytest.raises(IntegrityError, match="rolled back"):
+            client.token("coins", alice).mint(bob.account, 1)
+    assert counters.last("coins", alice.account) == 5
+
+
 def test_counters_persist_in_the_data_dir(mesh: InProcessMesh) -> None:
     alice, bob, _ = _people(mesh)
     with mesh.connect() as client:  # data_dir given: counters.json
