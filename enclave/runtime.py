@@ -42,6 +42,10 @@ def _data_loss(what: str) -> EnclaveError:
     return EnclaveError(DATA_LOSS, f"{what}: decryption failed")
 
 
+def _stale(what: str) -> EnclaveError:
+    return EnclaveError(FAILED_PRECONDITION, f"rollback refused: {what}")
+
+
 class Enclave:
     """The trusted state machine behind the ECALL table."""
 
@@ -362,23 +366,80 @@ class Enclave:
         )
 
     def restore(self, request: ecall_pb2.RestoreRequest) -> ecall_pb2.RestoreResponse:
-        """Rebuild an instance from an optional snapshot and the log entries after it."""
-        self._ready()
+        """Rebuild an instance from an optional snapshot and the log entries after it.
+
+        Freshness is checked here, not by the host: the pinned keyvault must have signed its
+        commit head K for this enclave's signing key, and the restored chain must contain K
+        (sequence and hash), else FAILED_PRECONDITION and nothing changes. K = 0: no head yet.
+        """
+        _, signing_key = self._ready()
         instance_id = request.instance_id
+        kv_head = request.keyvault_head
+        self._check_head_statement(instance_id, kv_head, request.keyvault_head_signature, signing_key)
         instance = None
+        entries = list(request.entries)
         if request.HasField("snapshot"):
             if request.snapshot.instance_id != instance_id:
                 raise EnclaveError(INVALID_ARGUMENT, "snapshot is for another instance")
             instance = self._load_snapshot(request.snapshot)
+            entries = self._bridge(instance, kv_head, entries)
         limit = self._limit_for(instance_id)
-        for entry in request.entries:
+        for entry in entries:
             instance = self._replay(instance_id, instance, entry, limit)
+            if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
+                raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
         if instance is None:
             raise EnclaveError(INVALID_ARGUMENT, "nothing to restore: no snapshot and no genesis entry")
+        if instance.sequence < kv_head.sequence:
+            raise _stale(f"the log ends at {instance.sequence}, before the keyvault head {kv_head.sequence}")
         if instance.store.size > limit:
             raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
         self._instances[instance_id] = instance
         return ecall_pb2.RestoreResponse(head=instance.head())
+
+    def _check_head_statement(
+        self,
+        instance_id: str,
+        head: envelope_pb2.CommitHead,
+        signature: bytes,
+        signing_key: ed25519.Ed25519PrivateKey,
+    ) -> None:
+        if head.sequence and len(head.hash) != wire.HASH_SIZE:
+            raise EnclaveError(INVALID_ARGUMENT, "keyvault_head.hash must be 32 bytes")
+        own_key = signing_key.public_key().public_bytes_raw()
+        signed = wire.head_freshness_bytes(instance_id, head.sequence, head.hash, own_key)
+        try:
+            ed25519.Ed25519PublicKey.from_public_bytes(self._release_key).verify(signature, signed)
+        except InvalidSignature:
+            raise _stale("keyvault_head is not signed by the pinned keyvault for this enclave") from None
+
+    @staticmethod
+    def _bridge(
+        instance: Instance, kv_head: envelope_pb2.CommitHead, entries: list[envelope_pb2.LogEntry]
+    ) -> list[envelope_pb2.LogEntry]:
+        """Check the snapshot against K; entries from K up to a snapshot beyond K must hash-chain."""
+        if kv_head.sequence == 0 or kv_head.sequence > instance.sequence:
+            return entries  # replay checks K
+        if kv_head.sequence == instance.sequence:
+            if instance.head_hash != kv_head.hash:
+                raise _stale(f"the snapshot at {instance.sequence} differs from the keyvault head (a fork)")
+            return entries
+        count = instance.sequence - kv_head.sequence + 1  # entries K..S, only hashed
+        bridge, rest = entries[:count], entries[count:]
+        digest = kv_head.hash
+        for offset, entry in enumerate(bridge):
+            sequence = kv_head.sequence + offset
+            if entry.instance_id != instance.instance_id or entry.sequence != sequence:
+                break
+            if offset and entry.previous_hash != digest:
+                break
+            digest = wire.entry_hash(entry)
+            if offset == 0 and digest != kv_head.hash:
+                break
+        else:
+            if len(bridge) == count and digest == instance.head_hash:
+                return rest
+        raise _stale(f"the snapshot at {instance.sequence} does not chain to the keyvault head")
 
     def _load_snapshot(self, snapshot: envelope_pb2.EncryptedSnapshot) -> Instance:
         key = self._key(snapshot.instance_id, snapshot.key_version)

@@ -16,6 +16,9 @@ Signed by the keyvault's Ed25519 release key (pinned in the enclave at Initializ
     wrapped key:  "veil/wrapped-key/v1" || str16(key_name) || u32(version)
                   || bytes16(recipient_hpke_public_key) || bytes16(encapsulated_key)
                   || bytes32(ciphertext)
+    head freshness: "veil/head-freshness/v1" || str16(instance_id) || u64(sequence)
+                  || bytes16(hash) || bytes16(enclave_signing_public_key)
+                  (GetCommitHead's statement, checked by Restore; sequence 0 = no head)
 Signed by the enclave's Ed25519 key:
     commit head:  "veil/commit-head/v1" || str16(instance_id) || u64(sequence) || hash(32)
     receipt:      "veil/receipt/v1" || u8(kind) || str16(instance_id) || u64(sequence)
@@ -56,6 +59,7 @@ _KEY_RELEASE = b"veil/key-release/v1"
 _WRAPPED_KEY = b"veil/wrapped-key/v1"
 _SEALED_KEYS = b"veil/sealed-keys/v2"  # v2: binds the pinned keyvault release key
 _COMMIT_HEAD = b"veil/commit-head/v1"
+_HEAD_FRESHNESS = b"veil/head-freshness/v1"
 _RECEIPT = b"veil/receipt/v1"
 _COMMAND_SIGNATURE = b"veil/command-signature/v1"
 _LOG_ENTRY = b"veil/log-entry/v1"
@@ -118,6 +122,23 @@ def wrapped_key_signing_bytes(
 def sealed_keys_aad(keyvault_release_public_key: bytes) -> bytes:
     """Sealing aad of the key cache: it opens only in an enclave pinned to the same keyvault."""
     return _SEALED_KEYS + _prefixed(keyvault_release_public_key, 2)
+
+
+def head_freshness_bytes(
+    instance_id: str, sequence: int, head_hash: bytes, enclave_signing_public_key: bytes
+) -> bytes:
+    """What the keyvault signs for GetCommitHead: this is the head, for this enclave boot only.
+
+    The enclave's signing key is fresh per Initialize, so a statement cannot be replayed to a
+    later enclave (which could then restore a log older than the head the keyvault has since).
+    """
+    return (
+        _HEAD_FRESHNESS
+        + _str16(instance_id)
+        + _u(sequence, 8)
+        + _prefixed(head_hash, 2)
+        + _prefixed(enclave_signing_public_key, 2)
+    )
 
 
 def command_aad(instance_id: str) -> bytes:

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
+from enclave import wire
 from services.common import errors as common
 from services.common.identity import peer_identity
 from services.keyvault import errors as kv
@@ -174,11 +175,23 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def GetCommitHead(self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext) -> Any:
         with _domain_errors():
             head = self._kv.heads.get(request.instance_id)
-        if head is None:
-            return keyvault_pb2.GetCommitHeadResponse()
-        return keyvault_pb2.GetCommitHeadResponse(
-            sequence=head.sequence, hash=head.hash, signing_public_key=head.signing_public_key
-        )
+            if request.enclave_signing_public_key and len(request.enclave_signing_public_key) != 32:
+                raise kv.InvalidArgumentError("enclave_signing_public_key must be 32 bytes (Ed25519)")
+        response = keyvault_pb2.GetCommitHeadResponse()
+        if head is not None:
+            response.sequence, response.hash = head.sequence, head.hash
+            response.signing_public_key = head.signing_public_key
+        if request.enclave_signing_public_key:
+            # A statement for that enclave boot only: its Restore refuses a log older than this.
+            response.freshness_signature = self._kv.release_signer.sign(
+                wire.head_freshness_bytes(
+                    request.instance_id,
+                    response.sequence,
+                    response.hash,
+                    request.enclave_signing_public_key,
+                )
+            )
+        return response
 
     def AdvanceCommitHead(
         self, request: keyvault_pb2.AdvanceCommitHeadRequest, context: grpc.ServicerContext

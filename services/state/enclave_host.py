@@ -239,9 +239,22 @@ class EnclaveHost:
         instance_id: str,
         entries: Sequence[envelope_pb2.LogEntry],
         snapshot: envelope_pb2.EncryptedSnapshot | None = None,
+        *,
+        keyvault_head: envelope_pb2.CommitHead | None = None,
+        keyvault_head_signature: bytes = b"",
     ) -> envelope_pb2.CommitHead:
-        """Load an instance from a snapshot (optional) and the entries after it."""
-        request = ecall_pb2.RestoreRequest(instance_id=instance_id, snapshot=snapshot, entries=entries)
+        """Load an instance from a snapshot (optional) and the entries after it.
+
+        `keyvault_head` and its signature are GetCommitHead's answer for this enclave's signing
+        key: the enclave refuses to restore without them, or a log that does not contain that head.
+        """
+        request = ecall_pb2.RestoreRequest(
+            instance_id=instance_id,
+            snapshot=snapshot,
+            entries=entries,
+            keyvault_head=keyvault_head,
+            keyvault_head_signature=keyvault_head_signature,
+        )
         return self.call("Restore", request, ecall_pb2.RestoreResponse).head
 
     def seal(self) -> bytes:

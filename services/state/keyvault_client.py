@@ -43,10 +43,15 @@ class KeyvaultRefused(FailedPrecondition):
 
 @dataclass(frozen=True)
 class RemoteHead:
-    """An instance's commit head at the keyvault (sequence 0: none yet)."""
+    """An instance's commit head at the keyvault (sequence 0: none yet).
+
+    `signature` is the keyvault's freshness statement over it for the enclave signing key that
+    asked (empty if none asked); the enclave's Restore requires it.
+    """
 
     sequence: int
     hash: bytes
+    signature: bytes = b""
 
 
 class KeyvaultClient:
@@ -118,11 +123,18 @@ class KeyvaultClient:
         request = keyvault_pb2.ReleaseKeyRequest(token=token, key_name=name, version=version)
         return self._call("ReleaseKey", self._stub.ReleaseKey, request)
 
-    def get_commit_head(self, instance_id: str) -> RemoteHead:
-        """The instance's committed head (sequence 0 when the keyvault knows none)."""
-        request = keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id)
+    def get_commit_head(self, instance_id: str, enclave_signing_public_key: bytes = b"") -> RemoteHead:
+        """The instance's committed head (sequence 0 when the keyvault knows none).
+
+        With `enclave_signing_public_key` the head comes signed for that enclave (for Restore).
+        """
+        request = keyvault_pb2.GetCommitHeadRequest(
+            instance_id=instance_id, enclave_signing_public_key=enclave_signing_public_key
+        )
         response = self._call("GetCommitHead", self._stub.GetCommitHead, request)
-        return RemoteHead(sequence=response.sequence, hash=response.hash)
+        return RemoteHead(
+            sequence=response.sequence, hash=response.hash, signature=response.freshness_signature
+        )
 
     def advance_commit_head(self, head: envelope_pb2.SignedCommitHead, token: str) -> int:
         """Move the instance's head forward to an enclave-signed head; returns the stored sequence."""

@@ -15,7 +15,11 @@ Checks, in order; any failure refuses to serve with an error naming the instance
      hash in the AAD). That is the window of a crash between commit and head advance;
    * K = 0: the keyvault never saw a head (a crash before the genesis head advanced): accepted.
 3. **Replay** in the enclave (Restore): it decrypts and authenticates the snapshot and every
-   entry and re-executes them; a DATA_LOSS there is refused too.
+   entry and re-executes them; a DATA_LOSS there is refused too. The enclave checks step 2
+   itself: Restore carries the keyvault head K signed by the keyvault for this enclave's signing
+   key (GetCommitHead), and the enclave refuses (FAILED_PRECONDITION "rollback refused") a log
+   that does not contain K. A snapshot beyond K is sent with the stored entries K..snapshot,
+   which the enclave only hash-chains. Step 2 here is the host's early, better-worded check.
 """
 
 from __future__ import annotations
@@ -167,10 +171,31 @@ def check_freshness(log: VerifiedLog, remote: RemoteHead, store: StateStore) -> 
         )
 
 
-def restore(enclave: EnclaveHost, log: VerifiedLog) -> envelope_pb2.CommitHead:
-    """Step 3: replay in the enclave; MissingKey when a key version must be released first."""
+def _bridge(log: VerifiedLog, store: StateStore, sequence: int) -> list[envelope_pb2.LogEntry]:
+    """The stored entries from `sequence` through a snapshot beyond it (checked by _hash_at)."""
+    if log.snapshot is None or not 0 < sequence < log.snapshot_sequence:
+        return []
+    stored = store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
+    return [_parse_entry(log.instance_id, entry) for entry in stored]
+
+
+def restore(
+    enclave: EnclaveHost, log: VerifiedLog, remote: RemoteHead, store: StateStore
+) -> envelope_pb2.CommitHead:
+    """Step 3: replay in the enclave; MissingKey when a key version must be released first.
+
+    `remote` is the keyvault's head signed for this enclave (after check_freshness passed).
+    """
+    kv_head = envelope_pb2.CommitHead(sequence=remote.sequence, hash=remote.hash)
+    entries = _bridge(log, store, remote.sequence) + log.entries
     try:
-        head = enclave.restore(log.instance_id, log.entries, log.snapshot)
+        head = enclave.restore(
+            log.instance_id,
+            entries,
+            log.snapshot,
+            keyvault_head=kv_head,
+            keyvault_head_signature=remote.signature,
+        )
     except EnclaveCallError as exc:
         if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
             raise MissingKey(exc.message) from None

@@ -186,12 +186,13 @@ class Startup:
         remote = self._with_keyvault(
             lifecycle.RECOVERING,
             f"reading the commit head of {iid!r}",
-            lambda: self.keyvault.get_commit_head(iid),
+            # Signed for this enclave's key: its Restore refuses a log that lacks this head.
+            lambda: self.keyvault.get_commit_head(iid, runtime.keys.signing_public_key),
         )
         recovery.check_freshness(log, remote, self.store)
         released = False
         try:
-            head = recovery.restore(runtime.enclave, log)
+            head = recovery.restore(runtime.enclave, log, remote, self.store)
         except recovery.MissingKey:
             # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
             self._with_keyvault(
@@ -200,7 +201,7 @@ class Startup:
                 lambda: runtime.provisioner.release_versions(iid, log.key_versions),
             )
             released = True
-            head = recovery.restore(runtime.enclave, log)
+            head = recovery.restore(runtime.enclave, log, remote, self.store)
         if remote.sequence < head.sequence:
             _log.warning(
                 "instance %r: database head %d is ahead of the keyvault head %d (the next commit catches up)",

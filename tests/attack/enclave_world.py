@@ -36,7 +36,15 @@ from enclave.providers.sealing import SimSealingProvider
 from enclave.providers.sim_quote import SimQuoteProvider
 from enclave.runner import PCK_FILES, PCK_KEY_FILE
 from enclave.runtime import Enclave
-from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, NOW_MS, Client, Harness, config, wrap_key
+from tests.enclave.support import (
+    KEYVAULT_RELEASE_PUBLIC_KEY,
+    NOW_MS,
+    Client,
+    Harness,
+    config,
+    head_statement,
+    wrap_key,
+)
 
 OAUTH_ISSUER, OAUTH_AUDIENCE = "https://login.attack.test", "veil"
 #: Small enough that a "huge field" command can hit the budget, large enough for the history.
@@ -181,6 +189,8 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
         apps_pb2.AppCall(vault=apps_pb2.VaultCall(get=apps_pb2.VaultGet(owner="alice", record_id="r"))),
         counter=0,
     )
+    last = harness.log["v"][-1]
+    v_head = envelope_pb2.CommitHead(sequence=last.sequence, hash=wire.entry_hash(last))
     requests: dict[str, list[Any]] = {
         "Initialize": [ecall_pb2.InitializeRequest(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)],
         "GetQuote": [ecall_pb2.GetQuoteRequest(report_data=bytes(range(64)))],
@@ -199,8 +209,18 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
         "Query": [ecall_pb2.QueryRequest(instance_id="v", command=query.command, host_time_unix_ms=NOW_MS)],
         "Snapshot": [ecall_pb2.SnapshotRequest(instance_id="v")],
         "Restore": [
-            ecall_pb2.RestoreRequest(instance_id="v", entries=harness.log["v"]),
-            ecall_pb2.RestoreRequest(instance_id="b", snapshot=harness.host.snapshot("b")),
+            ecall_pb2.RestoreRequest(
+                instance_id="v",
+                entries=harness.log["v"],
+                keyvault_head=v_head,
+                keyvault_head_signature=head_statement(keys, "v", v_head),
+            ),
+            ecall_pb2.RestoreRequest(
+                instance_id="b",
+                snapshot=harness.host.snapshot("b"),
+                keyvault_head=envelope_pb2.CommitHead(),
+                keyvault_head_signature=head_statement(keys, "b"),
+            ),
         ],
         "Seal": [ecall_pb2.SealRequest()],
         "Unseal": [ecall_pb2.UnsealRequest(sealed_blob=harness.host.seal())],

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.keyvault.v1 import keyvault_pb2
 
 from enclave.dispatcher import Dispatcher
@@ -22,7 +22,7 @@ from services.common.errors import error_info
 from services.common.pki import init_pki
 from services.keyvault.config import DEFAULT_ISSUER
 from services.keyvault.tokens import expected_report_data
-from services.state.enclave_host import EnclaveHost
+from services.state.enclave_host import EnclaveCallError, EnclaveHost
 from services.state.keys import release_policy
 from tests.attack.enclave_world import new_enclave
 from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
@@ -196,16 +196,24 @@ class _EnclaveAtTheKeyvault:
         )
         self.state.AdvanceCommitHead(request, timeout=TIMEOUT)
 
+    def commit_head(self, instance_id: str) -> keyvault_pb2.GetCommitHeadResponse:
+        """The keyvault's head of `instance_id`, signed for this enclave's signing key."""
+        request = keyvault_pb2.GetCommitHeadRequest(
+            instance_id=instance_id, enclave_signing_public_key=self.keys.signing_public_key
+        )
+        return self.state.GetCommitHead(request, timeout=TIMEOUT)
+
 
 def test_a_host_serving_a_rolled_back_log_can_never_advance_its_head(
     keyvault: RunningKeyvault, pki_dir: Path
 ) -> None:
-    """Documents a limit (docs/threat-model.md): freshness is enforced at the keyvault, not in the enclave.
+    """Row 49 (docs/security.md): a fresh enclave refuses to restore a rolled-back log.
 
-    A malicious host starts a fresh enclave, has the instance key released to it (the key's
-    policy is about the build, not the head), restores an old prefix of the log and serves it:
-    the enclave accepts new commands on the fork. What it can never do is move the keyvault's
-    commit head onto the fork, so an honest host's recovery and anyone reading the head see it.
+    A malicious host starts a fresh enclave and has the instance key released to it (the key's
+    policy is about the build, not the head). Restore requires the keyvault's commit head signed
+    for this enclave's signing key and a log that contains it, so an old prefix of the log is
+    refused (FAILED_PRECONDITION, nothing restored), as is a statement made for another enclave
+    (an earlier boot). A fork it starts anyway (a new genesis) can never move the keyvault head.
     """
     honest = _EnclaveAtTheKeyvault(keyvault, pki_dir)
     instance_id = "rolled-back"
@@ -230,17 +238,31 @@ def test_a_host_serving_a_rolled_back_log_can_never_advance_its_head(
 
     forked = _EnclaveAtTheKeyvault(keyvault, pki_dir)
     forked.provision(instance_id)
-    assert forked.host.restore(instance_id, log[:2]).sequence == 2  # an old, authentic prefix
-    mallory = Client(forked.keys, instance_id, account="mallory")
-    fork = forked.host.execute_batch(
-        instance_id, [mallory.seal(vault(put=apps_pb2.VaultPut(record_id="r", data=b"fork"))).command], NOW_MS
-    )
-    assert fork.outcomes[0].accepted  # the enclave alone cannot tell the log is stale
+    fresh = forked.commit_head(instance_id)
+    assert (fresh.sequence, fresh.hash) == (4, head.head.hash)
+    assert fresh.freshness_signature
+    earlier_boot = honest.commit_head(instance_id)  # a statement for another enclave key
+    kv_head = envelope_pb2.CommitHead(sequence=fresh.sequence, hash=fresh.hash)
+    for entries, signature in (
+        (log[:2], fresh.freshness_signature),  # an old, authentic prefix
+        (log, earlier_boot.freshness_signature),  # the whole log, but a replayed statement
+        (log, b""),  # no statement
+    ):
+        with pytest.raises(EnclaveCallError) as refused:
+            forked.host.restore(
+                instance_id, entries, keyvault_head=kv_head, keyvault_head_signature=signature
+            )
+        assert refused.value.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION, refused.value.message
+        assert "rollback refused" in refused.value.message
+        assert not forked.host.get_status().instances  # nothing restored: no fork to serve
+
+    # A fork the host starts anyway (a new genesis: CreateInstance is not Restore) stays off the head.
+    fork = forked.host.create_instance(instance_id, config())
     before = keyvault.snapshot()
-    with pytest.raises(grpc.RpcError) as refused:
+    with pytest.raises(grpc.RpcError) as advance_refused:
         forked.advance(fork.head)
-    info = error_info(refused.value)
-    assert (refused.value.code(), info.reason if info else "") == (
+    info = error_info(advance_refused.value)
+    assert (advance_refused.value.code(), info.reason if info else "") == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "COMMIT_HEAD_ROLLBACK",
     )
@@ -249,3 +271,12 @@ def test_a_host_serving_a_rolled_back_log_can_never_advance_its_head(
         keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id), timeout=TIMEOUT
     )
     assert (head_now.sequence, head_now.hash) == (4, head.head.hash)
+
+    # The honest path: a fresh enclave restores the whole log under a statement for its own key.
+    successor = _EnclaveAtTheKeyvault(keyvault, pki_dir)
+    successor.provision(instance_id)
+    statement = successor.commit_head(instance_id)
+    restored = successor.host.restore(
+        instance_id, log, keyvault_head=kv_head, keyvault_head_signature=statement.freshness_signature
+    )
+    assert (restored.sequence, restored.hash) == (4, head.head.hash)

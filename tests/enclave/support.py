@@ -58,6 +58,18 @@ def release_signature(
     return signer.sign(message)
 
 
+def head_statement(
+    keys: envelope_pb2.EnclavePublicKeys,
+    instance_id: str,
+    head: envelope_pb2.CommitHead | None = None,
+    signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
+) -> bytes:
+    """The keyvault's GetCommitHead freshness signature over `head` for the enclave of `keys`."""
+    head = head or envelope_pb2.CommitHead()
+    message = wire.head_freshness_bytes(instance_id, head.sequence, head.hash, keys.signing_public_key)
+    return signer.sign(message)
+
+
 @dataclass
 class Sealed:
     """A sealed command and what the client needs to read its answer."""
@@ -186,6 +198,23 @@ class Harness:
         self.host.provision_key(instance_id, version, wrap_key(self.keys, instance_id, version, key))
         self.data_keys[(instance_id, version)] = key
         return key
+
+    def restore(
+        self,
+        instance_id: str,
+        entries: list[envelope_pb2.LogEntry],
+        snapshot: envelope_pb2.EncryptedSnapshot | None = None,
+        keyvault_head: envelope_pb2.CommitHead | None = None,
+    ) -> envelope_pb2.CommitHead:
+        """Restore with the test keyvault's statement of `keyvault_head` (None: it knows no head)."""
+        head = keyvault_head or envelope_pb2.CommitHead()
+        return self.host.restore(
+            instance_id,
+            entries,
+            snapshot,
+            keyvault_head=head,
+            keyvault_head_signature=head_statement(self.keys, instance_id, head),
+        )
 
     def create(self, instance_id: str, config: envelope_pb2.InstanceConfig) -> None:
         """Provision a key (if none) and create the instance, recording its genesis entry."""

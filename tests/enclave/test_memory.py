@@ -52,5 +52,5 @@ def test_budget_counts_every_instance_and_bounds_restore(make_enclave: MakeEncla
     small.host.provision_key("v", 1, wrap_key(small.keys, "v", 1, harness.data_keys[("v", 1)]))
     before = small.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="RESOURCE_EXHAUSTED"):
-        small.host.restore("v", harness.log["v"])
+        small.restore("v", harness.log["v"])
     assert small.enclave.state_digest() == before

@@ -39,9 +39,9 @@ def test_a_new_enclave_restores_from_the_log_and_from_a_snapshot(make_enclave: M
         new = Harness.start(make_enclave(platform))  # a restarted runner: new keys, same platform
         assert new.host.unseal(sealed_keys) == ["v"]
         if use_snapshot:
-            restored = new.host.restore("v", old.log["v"][snapshot.head.sequence :], snapshot)
+            restored = new.restore("v", old.log["v"][snapshot.head.sequence :], snapshot)
         else:
-            restored = new.host.restore("v", old.log["v"])
+            restored = new.restore("v", old.log["v"])
         assert restored == head
         reader = new.client("v", counter=alice.counter)
         assert new.query(reader, _get("late")).result.vault.get.data == b"after the snapshot"
@@ -56,9 +56,9 @@ def test_restore_without_a_genesis_or_snapshot_is_refused(harness: Harness) -> N
     harness.create("v", config())
     harness.call(harness.client("v"), _put("a", b"1"))
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        harness.host.restore("v", [])
+        harness.restore("v", [])
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.host.restore("v", harness.log["v"][1:])
+        harness.restore("v", harness.log["v"][1:])
 
 
 def test_sealed_keys_open_only_on_the_same_platform_and_measurement(make_enclave: MakeEnclave) -> None:

@@ -151,7 +151,7 @@ def test_tampered_log_entry_is_refused_on_restore(
     ENTRY_TAMPERS[tamper](entries[position])
     before = harness.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.host.restore("v", entries)
+        harness.restore("v", entries)
     assert harness.enclave.state_digest() == before
 
 
@@ -162,13 +162,13 @@ def test_broken_chain_and_reordered_entries_are_refused(vault_harness: tuple[Har
     before = harness.enclave.state_digest()
     for bad in ([entries[0], entries[2], entries[1]], entries[1:], [entries[0], entries[2]]):
         with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-            harness.host.restore("v", bad)
+            harness.restore("v", bad)
     relabelled = envelope_pb2.LogEntry.FromString(entries[1].SerializeToString())
     relabelled.previous_hash = _flip(relabelled.previous_hash, 3)
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.host.restore("v", [entries[0], relabelled])
+        harness.restore("v", [entries[0], relabelled])
     assert harness.enclave.state_digest() == before
-    assert harness.host.restore("v", entries).sequence == 3  # the untouched log restores
+    assert harness.restore("v", entries).sequence == 3  # the untouched log restores
 
 
 def test_entry_under_an_unprovisioned_key_version_is_refused(vault_harness: tuple[Harness, Client]) -> None:
@@ -177,7 +177,7 @@ def test_entry_under_an_unprovisioned_key_version_is_refused(vault_harness: tupl
     entry.key_version = 9
     before = harness.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION"):
-        harness.host.restore("v", [entry])
+        harness.restore("v", [entry])
     assert harness.enclave.state_digest() == before
 
 
@@ -197,11 +197,11 @@ def test_tampered_snapshot_is_refused(vault_harness: tuple[Harness, Client], tam
     harness.provision("v", 2)
     snapshot = harness.host.snapshot("v")
     assert snapshot.key_version == 2  # snapshots use the newest key
-    harness.host.restore("v", [], snapshot)  # the untouched snapshot restores
+    harness.restore("v", [], snapshot)  # the untouched snapshot restores
     SNAPSHOT_TAMPERS[tamper](snapshot)
     before = harness.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.host.restore("v", [], snapshot)
+        harness.restore("v", [], snapshot)
     assert harness.enclave.state_digest() == before
 
 
@@ -211,7 +211,7 @@ def test_snapshot_of_another_instance_is_refused(vault_harness: tuple[Harness, C
     snapshot = harness.host.snapshot("w")
     snapshot.instance_id = "v"  # relabelled: the key and the AAD no longer match
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.host.restore("v", [], snapshot)
+        harness.restore("v", [], snapshot)
 
 
 # --- keys --------------------------------------------------------------------------------------

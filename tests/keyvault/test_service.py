@@ -11,10 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
+from enclave import wire
 from enclave.dispatcher import Dispatcher
 from enclave.providers.sealing import SimSealingProvider
 from enclave.runtime import Enclave
@@ -158,6 +160,27 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     assert advanced.sequence == 3
     head = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10)
     assert (head.sequence, head.hash, head.signing_public_key) == (3, head_hash, enclave.signing_public_bytes)
+    assert head.freshness_signature == b""  # no enclave key asked: no statement
+    # The freshness statement Restore requires: the head, for the asking enclave's key only.
+    fresh_enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
+    signed = state.GetCommitHead(
+        keyvault_pb2.GetCommitHeadRequest(
+            instance_id=INSTANCE, enclave_signing_public_key=fresh_enclave.signing_public_bytes
+        ),
+        timeout=10,
+    )
+    release_verifier = Ed25519PublicKey.from_public_bytes(release_public_key)
+    release_verifier.verify(
+        signed.freshness_signature,
+        wire.head_freshness_bytes(INSTANCE, 3, head_hash, fresh_enclave.signing_public_bytes),
+    )
+    with pytest.raises(InvalidSignature):  # not a statement for another enclave (an earlier boot)
+        release_verifier.verify(
+            signed.freshness_signature,
+            wire.head_freshness_bytes(INSTANCE, 3, head_hash, enclave.signing_public_bytes),
+        )
+    short_key = keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE, enclave_signing_public_key=b"k")
+    assert refusal(lambda: state.GetCommitHead(short_key, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
     old_hash = hashlib.sha256(b"entry 2").digest()
     rollback = keyvault_pb2.AdvanceCommitHeadRequest(
         instance_id=INSTANCE,
@@ -172,6 +195,16 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     )
     empty = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id="never"), timeout=10)
     assert (empty.sequence, empty.hash) == (0, b"")
+    unknown = state.GetCommitHead(
+        keyvault_pb2.GetCommitHeadRequest(
+            instance_id="never", enclave_signing_public_key=fresh_enclave.signing_public_bytes
+        ),
+        timeout=10,
+    )
+    release_verifier.verify(  # "no head" is a signed statement too (sequence 0)
+        unknown.freshness_signature,
+        wire.head_freshness_bytes("never", 0, b"", fresh_enclave.signing_public_bytes),
+    )
 
     page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
     actions = [(event.action, event.outcome) for event in page.events]

@@ -461,15 +461,30 @@ class RestoreRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    KEYVAULT_HEAD_FIELD_NUMBER: _builtins.int
+    KEYVAULT_HEAD_SIGNATURE_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
+    keyvault_head_signature: _builtins.bytes
+    """keyvault_head_signature is GetCommitHeadResponse.freshness_signature: the pinned keyvault
+    release key's signature over keyvault_head for this enclave's signing key. Required.
+    """
     @_builtins.property
     def snapshot(self) -> _envelope_pb2.EncryptedSnapshot:
         """snapshot is the latest snapshot, if any."""
 
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.LogEntry]:
-        """entries are the log entries after the snapshot, in sequence order."""
+        """entries are the log entries after the snapshot, in sequence order. When the snapshot is
+        beyond keyvault_head, they start instead at keyvault_head.sequence: the entries up to the
+        snapshot are only hash-chained (to prove the snapshot extends the keyvault head), not replayed.
+        """
+
+    @_builtins.property
+    def keyvault_head(self) -> _envelope_pb2.CommitHead:
+        """keyvault_head is the instance's commit head at the keyvault (GetCommitHead); sequence 0
+        means the keyvault knows no head. The restored log must contain it.
+        """
 
     def __init__(
         self,
@@ -477,10 +492,12 @@ class RestoreRequest(_message.Message):
         instance_id: _builtins.str = ...,
         snapshot: _envelope_pb2.EncryptedSnapshot | None = ...,
         entries: _abc.Iterable[_envelope_pb2.LogEntry] | None = ...,
+        keyvault_head: _envelope_pb2.CommitHead | None = ...,
+        keyvault_head_signature: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keyvault_head", b"keyvault_head", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "instance_id", b"instance_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "instance_id", b"instance_id", "keyvault_head", b"keyvault_head", "keyvault_head_signature", b"keyvault_head_signature", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -490,16 +490,22 @@ class GetCommitHeadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    ENCLAVE_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
+    enclave_signing_public_key: _builtins.bytes
+    """enclave_signing_public_key is the requesting enclave's Ed25519 signing key (from its
+    attested public keys); when set, the response carries a freshness_signature bound to it.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        enclave_signing_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave_signing_public_key", b"enclave_signing_public_key", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,22 +520,29 @@ class GetCommitHeadResponse(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     HASH_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    FRESHNESS_SIGNATURE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is the committed sequence (0 if none is known)."""
     hash: _builtins.bytes
     """hash is the committed entry hash (empty if none is known)."""
     signing_public_key: _builtins.bytes
     """signing_public_key is the enclave key that signed the head."""
+    freshness_signature: _builtins.bytes
+    """freshness_signature is the keyvault release key's Ed25519 signature over
+    head_freshness_bytes(instance_id, sequence, hash, enclave_signing_public_key) (see
+    enclave/wire.py); the enclave requires it in Restore. Empty if no enclave key was given.
+    """
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         hash: _builtins.bytes = ...,
         signing_public_key: _builtins.bytes = ...,
+        freshness_signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "sequence", b"sequence", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freshness_signature", b"freshness_signature", "hash", b"hash", "sequence", b"sequence", "signing_public_key", b"signing_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
