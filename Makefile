@@ -10,7 +10,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 STAMP_NODE := client/node/node_modules/.installed
 
-.PHONY: setup system-packages bench-state run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
+.PHONY: setup system-packages bench-state fuzz run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
 
 setup: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE) system-packages
 
@@ -55,7 +55,7 @@ lint: $(STAMP_PY) proto-lint proto-breaking
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP_PY)
-	$(BIN)/mypy services enclave client scripts tests
+	$(BIN)/mypy services enclave client scripts tests bench
 
 unit: $(STAMP_PY)
 	$(BIN)/pytest -m "not e2e"
@@ -69,6 +69,21 @@ test: setup gen-check lint typecheck
 # The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate.
 bench-state: setup
 	$(PY) -m services.state.bench
+
+# `veil bench` at 1, 4, 16 and 64 clients on a fresh mesh: table, JSON and plot in bench/results/.
+bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m bench.run
+
+# Minutes of load while the harness kill -9s the services (and, with PostgreSQL, their database
+# sessions); prints acknowledged, lost (must be 0) and recovery times. A short run is in `make test`.
+chaos: setup
+	$(PY) -m tests.chaos.run --minutes $(or $(CHAOS_MINUTES),3)
+	$(PY) -m tests.chaos.run --minutes $(or $(CHAOS_MINUTES),3) --postgres
+
+# Open-ended fuzzing of the quote parser, ECALL decoder, sealed commands and every RPC.
+fuzz: setup
+	$(PY) -m tests.attack.fuzz --seconds $(or $(FUZZ_SECONDS),300)
 
 run: setup
 	$(BIN)/veil up

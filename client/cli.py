@@ -40,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if not (data_dir / "pki" / "ca.pem").exists():
         init_pki(data_dir / "pki")
-    return up(data_dir)
+    return up(data_dir, args.port_offset)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start keyvault → state → gateway locally and supervise them")
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    up.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="shift every port by N (default 0: gateway 50051) to run beside another mesh",
+    )
     up.set_defaults(func=_up)
 
     serve = commands.add_parser("serve", help="run one service in the foreground (container entry point)")
@@ -111,7 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     _sdk(show, commands_module().attest_show)
 
     _add_sdk_commands(commands)
+
+    bench = commands.add_parser(
+        "bench", help="confidential transactions/s against the transport baseline, on a running mesh"
+    )
+    _bench(bench)
     return parser
+
+
+def _bench(parser: argparse.ArgumentParser) -> None:
+    from client import bench
+
+    bench.add_arguments(parser)
+    _sdk(parser, bench.bench_command)
 
 
 def commands_module() -> Any:

@@ -43,11 +43,14 @@ from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, se
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 15.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-_ATTEMPTS = 4
+_MAX_BACKOFF_S = 1.0
 _COUNTER_RESYNCS = 3
 _PENDING_LIMIT = 10_000
 _MAX_RETRY_HINT_S = 5.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# The state service's reason for a command sealed to keys its enclave no longer has (it
+# restarted): such a command was never executed, so it is sealed again to the new keys.
+_UNOPENABLE = "COMMAND_UNOPENABLE"
 
 Resp = TypeVar("Resp")
 
@@ -56,6 +59,10 @@ def _read(value: Path | bytes | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
     return value.read_bytes()
+
+
+def _unopenable(error: GatewayError) -> bool:
+    return error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == _UNOPENABLE
 
 
 def _retry_hint(error: grpc.RpcError) -> float | None:
@@ -147,20 +154,29 @@ class VeilClient:
     def _call(
         self, method: Callable[..., Resp], request: Any, metadata: Sequence[tuple[str, str]] = ()
     ) -> Resp:
-        """One RPC within `timeout`, the same request retried on transient failures."""
+        """One RPC within `timeout`, the same request retried on transient failures.
+
+        Retries run until the deadline, not for a fixed count: a restarting gateway or state
+        replica is back within seconds, and giving up earlier would leave the caller not
+        knowing whether its command committed.
+        """
         deadline = time.monotonic() + self.timeout
-        for attempt in range(_ATTEMPTS):
+        attempt = 0
+        while True:
             remaining = deadline - time.monotonic()
             try:
                 return method(request, timeout=max(remaining, 0.01), metadata=tuple(metadata))
             except grpc.RpcError as error:
                 hint = _retry_hint(error) if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
                 retryable = error.code() in _RETRYABLE or (hint is not None and hint <= _MAX_RETRY_HINT_S)
-                delay = hint if hint is not None else 0.1 * 2**attempt
-                if not retryable or attempt == _ATTEMPTS - 1 or time.monotonic() + delay >= deadline:
+                delay = hint if hint is not None else min(_MAX_BACKOFF_S, 0.1 * 2**attempt)
+                # No attempt without a fair slice of time left: the caller learns the real
+                # failure (with its reason), not a deadline cut short.
+                slice_s = min(_MAX_BACKOFF_S, self.timeout / 4)
+                if not retryable or time.monotonic() + delay + slice_s >= deadline:
                     raise GatewayError(error) from None
                 time.sleep(delay)
-        raise AssertionError("unreachable")
+                attempt += 1
 
     def new_request_id(self) -> str:
         """A request id under this session's prefix (what WatchReceipts subscribes to)."""
@@ -266,7 +282,14 @@ class VeilClient:
                 request = gateway_pb2.ExecuteRequest(
                     instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
                 )
-                reply = self._call(self._stub.Execute, request, self._metadata(identity))
+                try:
+                    reply = self._call(self._stub.Execute, request, self._metadata(identity))
+                except GatewayError as failure:
+                    if _unopenable(failure) and not reattested:
+                        reattested = True
+                        self.attest(instance_id, refresh=True)
+                        continue
+                    raise
                 try:
                     opened = open_outcome(
                         sealed, reply.outcome, attestation.keys.signing_public_key, query=False
@@ -314,11 +337,16 @@ class VeilClient:
                 request_id=self.new_request_id(),
                 suite=suite,
             )
-            reply = self._call(
-                self._stub.Query,
-                gateway_pb2.QueryRequest(instance_id=instance_id, command=sealed.command),
-                self._metadata(identity),
-            )
+            try:
+                reply = self._call(
+                    self._stub.Query,
+                    gateway_pb2.QueryRequest(instance_id=instance_id, command=sealed.command),
+                    self._metadata(identity),
+                )
+            except GatewayError as failure:
+                if _unopenable(failure) and attempt == 0:
+                    continue
+                raise
             try:
                 return open_outcome(sealed, reply.outcome, attestation.keys.signing_public_key, query=True)
             except CommandRefused as refusal:
@@ -390,6 +418,10 @@ def connect(
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.enable_retries", 0),  # the SDK retries itself, with the same request_id
+        # gRPC's reconnect back-off grows to 120 s by default; a restarted gateway is back
+        # within seconds and should be reached within the SDK's retry deadline.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,13 +25,19 @@ from client.policy import write_dev_policy
 from services.common.channels import call, health_status, secure_channel, wait_until_serving
 from services.common.config import (
     DEFAULT_PORTS,
+    ENV_ADMIN_LISTEN,
     ENV_ATTESTATION_ROOT,
     ENV_DATA_DIR,
     ENV_ENCLAVE_MODE,
+    ENV_GATEWAY_PUBLIC_LISTEN,
     ENV_GRACE_SECONDS,
+    ENV_KEYVAULT_ADDR,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
+    ENV_LISTEN,
+    ENV_STATE_ADDRS,
     TlsFiles,
 )
+from services.gateway.config import DEFAULT_PUBLIC_PORT
 from services.keyvault.enclave_policy import write_dev_enclave_policy
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
@@ -47,10 +54,11 @@ class Supervised:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
+    port_offset: int = 0
 
     @property
     def admin_address(self) -> str:
-        return f"127.0.0.1:{DEFAULT_PORTS[self.name][1]}"
+        return f"127.0.0.1:{DEFAULT_PORTS[self.name][1] + self.port_offset}"
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -92,8 +100,11 @@ def _answers(address: str) -> bool:
 class Mesh:
     """The three services of a local mesh under one supervisor."""
 
-    def __init__(self, data_dir: Path, *, startup_timeout: float = 120.0, grace: float = 5.0):
+    def __init__(
+        self, data_dir: Path, *, startup_timeout: float = 120.0, grace: float = 5.0, port_offset: int = 0
+    ):
         self.data_dir = data_dir
+        self.port_offset = port_offset
         self.startup_timeout = startup_timeout
         self.grace = grace
         self._stopping = threading.Event()
@@ -112,7 +123,10 @@ class Mesh:
             # from its ConfigMap.
             ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir)),
         }
-        self.services = [Supervised(n, env, log_dir / f"{n}.log") for n in DEPLOY_ORDER]
+        self.services = [
+            Supervised(n, {**env, **port_env(n, port_offset)}, log_dir / f"{n}.log", port_offset=port_offset)
+            for n in DEPLOY_ORDER
+        ]
 
     def start(self) -> None:
         """Start in deploy order; TimeoutError names the service that did not come up."""
@@ -169,18 +183,60 @@ class Mesh:
             service.stop(self.grace)
 
 
-def keyvault_release_key(data_dir: Path) -> bytes:
+def port_env(service: str, offset: int) -> dict[str, str]:
+    """Addresses for a mesh shifted by `offset` ports (none for the default ports), so a second
+    mesh (`make bench`, a test) can run beside `make run`."""
+    if not offset:
+        return {}
+
+    def address(name: str, admin: int = 0) -> str:
+        return f"127.0.0.1:{DEFAULT_PORTS[name][admin] + offset}"
+
+    env = {ENV_LISTEN: address(service), ENV_ADMIN_LISTEN: address(service, 1)}
+    if service in ("state", "gateway"):
+        env[ENV_KEYVAULT_ADDR] = address("keyvault")
+    if service == "gateway":
+        env[ENV_STATE_ADDRS] = address("state")
+        env[ENV_GATEWAY_PUBLIC_LISTEN] = f"127.0.0.1:{DEFAULT_PUBLIC_PORT + offset}"
+    return env
+
+
+def mesh_ports(offset: int) -> list[int]:
+    """Every port a mesh at `offset` listens on."""
+    ports = [port for pair in DEFAULT_PORTS.values() for port in pair] + [DEFAULT_PUBLIC_PORT]
+    return [port + offset for port in ports]
+
+
+def free_port_offset(candidates: range = range(100, 1000, 100)) -> int:
+    """An offset whose ports are all free now. Multiples of 100 below 1000 never overlap the
+    default ports (5005x, 5105x) or each other."""
+    for offset in candidates:
+        if all(_free(port) for port in mesh_ports(offset)):
+            return offset
+    raise OSError("no free port offset for a second mesh")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def keyvault_release_key(data_dir: Path, port_offset: int = 0) -> bytes:
     """The local keyvault's release-signing public key, asked for with the admin identity."""
     pki = data_dir / "pki"
     tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
-    with secure_channel(f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}", tls) as channel:
+    with secure_channel(f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0] + port_offset}", tls) as channel:
         reply = call(keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetJwks, keyvault_pb2.GetJwksRequest())
     return bytes(reply.release_public_key)
 
 
-def up(data_dir: Path) -> int:
+def up(data_dir: Path, port_offset: int = 0) -> int:
     """Run the mesh in the foreground until SIGINT/SIGTERM."""
-    mesh = Mesh(data_dir)
+    mesh = Mesh(data_dir, port_offset=port_offset)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         _log.info("received %s; stopping the mesh", signal.Signals(signum).name)
@@ -195,8 +251,8 @@ def up(data_dir: Path) -> int:
         return 1
     # Clients pin the sim enclave built from this checkout and the keyvault that releases its
     # keys (no trust on first use): the release key is read from the keyvault itself, over mTLS.
-    write_dev_policy(data_dir, keyvault_release_key(data_dir))
-    print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0]}", flush=True)
+    write_dev_policy(data_dir, keyvault_release_key(data_dir, port_offset))
+    print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
     mesh.watch()
     mesh.stop()

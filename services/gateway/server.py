@@ -74,9 +74,11 @@ AUTHORIZATION = identity.method_names(
         "CreateInstance": frozenset({identity.ADMIN}),
         "ListInstances": frozenset({identity.ADMIN}),
         "GetStatus": AUTHENTICATED,
+        "Ping": PUBLIC,
     },
 )
 _JWKS_TTL_S = 60.0
+GATEWAY_WORKERS = 256
 
 
 def _peer_host(context: grpc.ServicerContext) -> str:
@@ -118,6 +120,7 @@ class GatewayServicer:
         self._executions: Deduplicator[gateway_pb2.ExecuteResponse] = Deduplicator()
         self._creations: Deduplicator[gateway_pb2.CreateInstanceResponse] = Deduplicator()
         self._jwks_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._jwks: tuple[float, str] | None = None
         self._fanout = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-fanout")
 
@@ -176,9 +179,19 @@ class GatewayServicer:
     def _locate(self, instance_id: str, timeout: float) -> Placement:
         """The instance's placement; refreshes the directory once (rate bounded) before NOT_FOUND."""
         known = self._router.known(instance_id)
-        if known is None and self._router.refresh_due():
-            self._list_all(timeout)
-            known = self._router.known(instance_id)
+        if known is None:
+            # One refresh at a time, and a lookup waits for the one in flight: checking the
+            # rate bound alone answered NOT_FOUND for an existing instance to every lookup that
+            # arrived during a refresh (all of them, on a restarted gateway).
+            if not self._refresh_lock.acquire(timeout=timeout):
+                raise DeadlineExceeded("the instance directory is being refreshed", reason="DIRECTORY_BUSY")
+            try:
+                known = self._router.known(instance_id)
+                if known is None and self._router.refresh_due():
+                    self._list_all(timeout)
+                    known = self._router.known(instance_id)
+            finally:
+                self._refresh_lock.release()
         if known is None:
             raise NotFound(f"instance {instance_id!r} not found", metadata={"instance_id": instance_id})
         return known
@@ -353,13 +366,39 @@ class GatewayServicer:
                 reply = call(
                     stub.GetStatus, state_pb2.GetStatusRequest(), timeout=remaining_timeout(context, 5.0)
                 )
-                serving = reply.step == state_pb2.LIFECYCLE_STEP_SERVING
             except grpc.RpcError:
-                serving = False
-            statuses.append(gateway_pb2.ShardStatus(address=address, serving=serving))
+                statuses.append(gateway_pb2.ShardStatus(address=address, serving=False))
+                continue
+            # The counters let a client (`veil bench`) compute ECALLs per command and commands
+            # per commit without the gateway identity the state service requires.
+            statuses.append(
+                gateway_pb2.ShardStatus(
+                    address=address,
+                    serving=reply.step == state_pb2.LIFECYCLE_STEP_SERVING,
+                    ecalls=reply.ecalls,
+                    commands=reply.commands,
+                    commits=reply.commits,
+                )
+            )
         all_serving = all(s.serving for s in statuses)
         detail = "all shards serving" if all_serving else "some shards are not serving"
         return gateway_pb2.GetStatusResponse(serving=all_serving, detail=detail, shards=statuses)
+
+    def Ping(
+        self, request: gateway_pb2.PingRequest, context: grpc.ServicerContext
+    ) -> gateway_pb2.PingResponse:
+        # The transport baseline: Execute's admission, routing and deadline, then the state
+        # host's Ping (no enclave, no storage), so the difference to Execute is the enclave's work.
+        instance_id = validation.instance_id(request.instance_id)
+        self._admit(instance_id, context)
+        timeout = remaining_timeout(context, self._timeout)
+        forwarded = state_pb2.PingRequest(payload=request.payload)
+        reply: state_pb2.PingResponse = self._routed(
+            instance_id,
+            timeout,
+            lambda shard: forward(shard, self._stub(shard).Ping, forwarded, timeout=timeout),
+        )
+        return gateway_pb2.PingResponse(payload=reply.payload)
 
 
 def _parser(message_class: type[Message], max_bytes: int) -> Callable[[bytes], Any]:
@@ -432,6 +471,10 @@ def create_server(
         tracer_provider=tracer_provider,
         authorizer=PublicAuthorizationInterceptor(AUTHORIZATION, _OPEN_SERVICES),
         public_listen=gateway.public_listen or None,
+        # A handler mostly waits for its state replica (an Execute for its batch's commit):
+        # with too few threads, waiting handlers cap the requests in flight, and so the
+        # state's batches, below the number of clients.
+        max_workers=GATEWAY_WORKERS,
     )
     server.on_stop.append(servicer.close)
     server.on_stop.extend(channel.close for channel in (*channels.values(), keyvault_channel))

@@ -6,7 +6,10 @@ The rule (what an acknowledgement means):
   keyvault's commit head is advanced right after, asynchronously, by this thread: it is not on
   the acknowledgement path, so a slow or unreachable keyvault never stops the service.
 * Advances are coalesced: only the newest enclave-signed head per instance is sent, so a
-  keyvault that was away for a while is caught up with one call per instance.
+  keyvault that was away for a while is caught up with one call per instance. They are also
+  paced (at most one round per `pace_s`, default 20 ms): under load every batch would otherwise
+  cost the keyvault a token check, a signature check and a durable write (measured: a third of
+  a core at 250 commits/s); paced, the heads of the batches committed meanwhile coalesce.
 * While the keyvault is unreachable the head lags; the lag (entries committed but not yet
   covered by the keyvault head) is shown in GetStatus. An optional bound (VEIL_STATE_MAX_HEAD_LAG)
   makes the host refuse new commands (UNAVAILABLE) once an instance lags that far, which bounds
@@ -24,7 +27,7 @@ later roll its database back to anywhere at or after the keyvault head; only the
 keyvault head covers are rollback-protected. The lag bound is this host's discipline, not a
 TCB guarantee. Strict protection would acknowledge only after the advance (one keyvault round
 trip per batch, and no service while the keyvault is away): the trade-off chosen here is
-availability, with the window kept to one advance in normal operation.
+availability, with the window kept to one pace interval and one advance in normal operation.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, Keyv
 from services.state.metrics import StateMetrics
 
 _log = logging.getLogger(__name__)
+
+ADVANCE_PACE_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,11 @@ class HeadAdvancer:
         metrics: StateMetrics,
         on_refused: Callable[[str, str], None],
         backoff: Backoff | None = None,
+        pace_s: float = ADVANCE_PACE_S,
     ) -> None:
         """`token(fresh)` returns an attestation token (a new one when `fresh`)."""
         self._keyvault = keyvault
+        self._pace_s = pace_s
         self._token = token
         self._metrics = metrics
         self._on_refused = on_refused
@@ -176,6 +183,8 @@ class HeadAdvancer:
                 self._cond.notify_all()
             if not unreachable:
                 failures = 0
+                with self._cond:  # pace the keyvault; stop() still wakes us
+                    self._cond.wait_for(lambda: self._stopping, self._pace_s)
                 continue
             failures += 1
             with self._cond:

@@ -10,7 +10,7 @@ from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.channels import secure_channel
 from services.common.config import ServiceConfig
-from services.common.tracing import make_tracer_provider
+from services.common.tracing import make_tracer_provider, not_health_check
 from services.gateway.config import GatewayConfig
 from services.gateway.server import create_server as create_gateway
 from tests.conftest import ping_only_state_server, tls_for
@@ -48,3 +48,19 @@ def test_one_trace_id_spans_gateway_and_state(
     assert len({span.context.trace_id for span in spans}) == 1, [(s.name, s.context.trace_id) for s in spans]
     # Health checks are never traced.
     assert not any("grpc.health" in name for name in names)
+
+
+def test_health_checks_are_filtered_out_on_both_sides() -> None:
+    class Server:  # grpc.HandlerCallDetails: `method`
+        method = "/grpc.health.v1.Health/Check"
+
+    class Client:  # grpcext's client info: `full_method`, sometimes bytes
+        full_method = b"/grpc.health.v1.Health/Watch"
+        method = None
+
+    class Other:
+        method = "/veil.gateway.v1.GatewayService/Execute"
+
+    assert not not_health_check(Server())
+    assert not not_health_check(Client())
+    assert not_health_check(Other())

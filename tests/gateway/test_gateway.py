@@ -443,7 +443,7 @@ def test_jwks_comes_from_the_keyvault_when_the_bundle_lacks_it(
 ) -> None:
     for broken in mesh_fixture(pki_dir, tmp_path / "broken", jwks_in_bundle=False):
         with pytest.raises(GatewayError) as unavailable:
-            broken.connect()
+            broken.connect(timeout=3)  # the SDK retries UNAVAILABLE until its deadline
         assert (unavailable.value.code, unavailable.value.reason) == (
             grpc.StatusCode.UNAVAILABLE,
             "JWKS_UNAVAILABLE",
@@ -511,6 +511,6 @@ def test_upstream_request_errors_are_passed_on() -> None:
 
 def test_listing_is_unavailable_when_a_shard_is_down(sharded: InProcessMesh) -> None:
     sharded.state_servers[1].stop(0)
-    with sharded.connect() as admin, pytest.raises(GatewayError) as down:
-        admin.list_instances()
+    with sharded.connect(timeout=3) as admin, pytest.raises(GatewayError) as down:
+        admin.list_instances()  # retried until the deadline, then the last error
     assert (down.value.code, down.value.reason) == (grpc.StatusCode.UNAVAILABLE, "SHARD_UNAVAILABLE")

@@ -197,7 +197,7 @@ def test_the_enclave_mode_has_no_default(tmp_path: Path) -> None:
     assert config.seal_dir == tmp_path / "data" / "sealed"
     assert config.platform_secret == tmp_path / "data" / "sim-platform.key"
     assert config.pck_dir == tmp_path / "data" / "pki"
-    assert (config.snapshot_every, config.batch_max, config.batch_linger_ms) == (1000, 256, 2.0)
+    assert (config.snapshot_every, config.batch_max, config.batch_linger_ms) == (1000, 256, 20.0)
     custom = StateConfig.from_env(
         base,
         {

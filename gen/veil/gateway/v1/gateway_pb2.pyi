@@ -451,20 +451,80 @@ class ShardStatus(_message.Message):
 
     ADDRESS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    ECALLS_FIELD_NUMBER: _builtins.int
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """address is the replica's address."""
     serving: _builtins.bool
     """serving is true when the replica reports SERVING."""
+    ecalls: _builtins.int
+    """ecalls is the number of enclave calls the replica made since it started."""
+    commands: _builtins.int
+    """commands is the number of commands the replica executed since it started."""
+    commits: _builtins.int
+    """commits is the number of durable transactions the replica committed since it started."""
     def __init__(
         self,
         *,
         address: _builtins.str = ...,
         serving: _builtins.bool = ...,
+        ecalls: _builtins.int = ...,
+        commands: _builtins.int = ...,
+        commits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commands", b"commands", "commits", b"commits", "ecalls", b"ecalls", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShardStatus: _TypeAlias = ShardStatus  # noqa: Y015
+
+@_typing.final
+class PingRequest(_message.Message):
+    """PingRequest is routed like an ExecuteRequest for the same instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance whose state replica answers (and whose plugin authenticates)."""
+    payload: _builtins.bytes
+    """payload is echoed back (at most the gateway's message limit)."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PingRequest: _TypeAlias = PingRequest  # noqa: Y015
+
+@_typing.final
+class PingResponse(_message.Message):
+    """PingResponse echoes the payload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """payload is the request's payload."""
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PingResponse: _TypeAlias = PingResponse  # noqa: Y015

@@ -72,6 +72,11 @@ class GatewayServiceStub:
                 request_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Ping = channel.unary_unary(
+                '/veil.gateway.v1.GatewayService/Ping',
+                request_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.SerializeToString,
+                response_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -131,6 +136,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ping(self, request, context):
+        """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
+        rate limit, routing to the instance's state replica, deadline) but the state host
+        acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +182,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusRequest.FromString,
                     response_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Ping': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ping,
+                    request_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.FromString,
+                    response_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -362,6 +381,33 @@ class GatewayService:
             '/veil.gateway.v1.GatewayService/GetStatus',
             veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusRequest.SerializeToString,
             veil_dot_gateway_dot_v1_dot_gateway__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ping(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.gateway.v1.GatewayService/Ping',
+            veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.SerializeToString,
+            veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,11 @@ class GatewayServiceStub:
     """
     GetStatus: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetStatusRequest, _gateway_pb2.GetStatusResponse]
     """GetStatus reports the gateway's view of the mesh."""
+    Ping: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.PingRequest, _gateway_pb2.PingResponse]
+    """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
+    rate limit, routing to the instance's state replica, deadline) but the state host
+    acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -79,6 +84,11 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """
     GetStatus: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetStatusRequest, _gateway_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports the gateway's view of the mesh."""
+    Ping: _aio.UnaryUnaryMultiCallable[_gateway_pb2.PingRequest, _gateway_pb2.PingResponse]  # type: ignore[assignment]
+    """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
+    rate limit, routing to the instance's state replica, deadline) but the state host
+    acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+    """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is Veil's public API. Commands are sealed end to end to an
@@ -144,5 +154,16 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GetStatusResponse, _abc.Awaitable[_gateway_pb2.GetStatusResponse]]:
         """GetStatus reports the gateway's view of the mesh."""
+
+    @_abc_1.abstractmethod
+    def Ping(
+        self,
+        request: _gateway_pb2.PingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_pb2.PingResponse, _abc.Awaitable[_gateway_pb2.PingResponse]]:
+        """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
+        rate limit, routing to the instance's state replica, deadline) but the state host
+        acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+        """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

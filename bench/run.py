@@ -1,0 +1,275 @@
+"""`make bench`: `veil bench` at 1, 4, 16 and 64 clients on a fresh local mesh; results to bench/results/.
+
+    python -m bench.run [--clients 1,4,16,64] [--seconds 10] [--warmup 3] [--out bench/results]
+    python -m bench.run --reuse --gateway 127.0.0.1:50051 --data-dir .veil   # a running mesh
+
+By default a fresh mesh is started with `veil up` in a temporary data dir (sim enclave,
+SQLite), on a free port offset so it can run beside `make run`, with the gateway's per-client
+rate limit raised out of the way (every request still goes through the limiter). Each level
+is one `veil bench --json` process against it; the CPU use of every mesh process per window is
+measured from /proc. Writes `results.json` (every run's JSON object, the command, the machine),
+`results.md` (the table) and `bench.png` (throughput and p99 against clients, confidential vs
+baseline). A benchmark reports; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from client.supervisor import free_port_offset
+from services.common.channels import wait_until_serving
+from services.common.config import DEFAULT_PORTS
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results"
+# High enough never to refuse: the limiter still runs on every request, as in production.
+UNLIMITED = "1000000"
+
+
+@dataclass
+class LocalMesh:
+    """A `veil up` process and where it serves."""
+
+    process: subprocess.Popen[str]
+    data_dir: Path
+    offset: int
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{DEFAULT_PORTS['gateway'][0] + self.offset}"
+
+    def pids(self) -> dict[str, list[int]]:
+        """The mesh's processes by service (the enclave runner is the state's child)."""
+        found: dict[str, list[int]] = {}
+        for pid in _children(self.process.pid):
+            argv = _argv(pid)
+            if len(argv) >= 2 and argv[-2] == "serve":
+                found[argv[-1]] = [pid]
+                if argv[-1] == "state":
+                    found["enclave"] = _children(pid)
+        return found
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    with contextlib.suppress(OSError):
+        return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
+    return []
+
+
+def _argv(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    return []
+
+
+def _veil() -> str:
+    return str(Path(sys.executable).with_name("veil"))
+
+
+@contextlib.contextmanager
+def fresh_mesh(workdir: Path) -> Iterator[LocalMesh]:
+    """`veil up` in `workdir`, on a free port offset, until the block ends."""
+    data_dir = workdir / ".veil"
+    offset = free_port_offset()
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "VEIL_GATEWAY_RATE": UNLIMITED,
+        "VEIL_GATEWAY_BURST": UNLIMITED,
+    }
+    log = (workdir / "up.log").open("w")
+    process = subprocess.Popen(  # noqa: S603 - our own CLI
+        [_veil(), "up", "--data-dir", str(data_dir), "--port-offset", str(offset)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("veil mesh is up"):
+                break
+        else:
+            raise RuntimeError(f"veil up exited with {process.wait()}; see {workdir / 'up.log'}")
+        admin = f"127.0.0.1:{DEFAULT_PORTS['gateway'][1] + offset}"
+        wait_until_serving(admin, label="gateway", timeout=30)
+        yield LocalMesh(process, data_dir, offset)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def bench_once(
+    gateway: str, data_dir: Path, clients: int, timing: tuple[float, float], pids: dict[str, list[int]]
+) -> tuple[dict[str, Any], list[str]]:
+    """One `veil bench --json` run (`timing`: window and warm-up seconds); its JSON object and the
+    command line (without the pid options)."""
+    seconds, warmup = timing
+    argv = [
+        _veil(),
+        "bench",
+        "--json",
+        "--gateway",
+        gateway,
+        "--data-dir",
+        str(data_dir),
+        "--clients",
+        str(clients),
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(warmup),
+    ]
+    cpu = [f"--cpu-pid={name}={','.join(map(str, p))}" for name, p in sorted(pids.items()) if p]
+    print(f"bench.run: {clients} client(s)", file=sys.stderr, flush=True)
+    done = subprocess.run(  # noqa: S603 - our own CLI
+        [*argv, *cpu], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if done.returncode not in (0, 1) or not done.stdout.strip():
+        raise RuntimeError(f"veil bench failed ({done.returncode}):\n{done.stderr}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report, argv
+
+
+def markdown(runs: Sequence[dict[str, Any]], command: str, machine: dict[str, Any]) -> str:
+    """The results table, with the command and the machine."""
+    lines = [
+        "# `veil bench` results",
+        "",
+        f"Command: `{command}` (one `veil bench --json --clients N` per row; see results.json).",
+        f"Machine: {machine.get('cpu_count')} CPU ({machine.get('cpu_model')}), "
+        f"{machine.get('memory_gib')} GiB, {machine.get('platform')}, Python {machine.get('python')}; "
+        "sim enclave, SQLite (WAL, synchronous=FULL).",
+        "Commands are pre-sealed before each timed window (client-side cryptography is timed "
+        "separately: `seal`, `open` columns) and every answer is opened and its receipt verified.",
+        "",
+        "| clients | confidential tx/s | baseline (Ping) /s | ratio | p50 ms | p99 ms | "
+        "baseline p50 ms | baseline p99 ms | ECALLs/command | commands/commit | seal ms | open ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in runs:
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
+        cells = [
+            r["clients"],
+            f"{r['confidential_tps']:.0f}",
+            f"{r['baseline_tps']:.0f}",
+            f"{r['ratio']:.2f}",
+            *(f"{r[k]:.1f}" for k in ("p50_ms", "p99_ms", "baseline_p50_ms", "baseline_p99_ms")),
+            *(r[k] for k in ("ecalls_per_command", "commands_per_commit")),
+            *(r[k] for k in ("client_seal_ms", "client_open_ms")),
+            errors,
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "CPU (cores busy) per window, by process:", ""]
+    names = sorted({n for r in runs for n in r["cpu_cores"]["confidential"]})
+    lines.append("| clients | window | " + " | ".join(names) + " | total |")
+    lines.append("|---:|---|" + "---:|" * (len(names) + 1))
+    for r in runs:
+        for window in ("confidential", "baseline"):
+            cores = r["cpu_cores"][window]
+            used = " | ".join(f"{cores.get(n, 0):.2f}" for n in names)
+            lines.append(f"| {r['clients']} | {window} | {used} | {sum(cores.values()):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Throughput and p99 latency against clients, confidential vs baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    clients = [r["clients"] for r in runs]
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(11, 4.2))
+    throughput.plot(clients, [r["confidential_tps"] for r in runs], "o-", label="confidential (Execute)")
+    throughput.plot(clients, [r["baseline_tps"] for r in runs], "s--", label="baseline (Ping)")
+    throughput.set_ylabel("requests per second")
+    latency.plot(clients, [r["p99_ms"] for r in runs], "o-", label="confidential p99")
+    latency.plot(clients, [r["baseline_p99_ms"] for r in runs], "s--", label="baseline p99")
+    latency.set_ylabel("p99 latency (ms)")
+    for axis in (throughput, latency):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(clients, [str(c) for c in clients])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts")
+    parser.add_argument("--seconds", type=float, default=10.0, help="each timed window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up before each level")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--reuse", action="store_true", help="bench the running mesh at --gateway")
+    parser.add_argument("--gateway", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}")
+    parser.add_argument("--data-dir", type=Path, default=Path(".veil"))
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    runs: list[dict[str, Any]] = []
+    commands: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if args.reuse:
+            gateway, data_dir, pids = args.gateway, args.data_dir, {}
+            mesh_note = f"a running mesh at {gateway}"
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="veil-bench-")))
+            mesh = stack.enter_context(fresh_mesh(workdir))
+            gateway, data_dir = mesh.gateway, mesh.data_dir
+            mesh_note = "a fresh `veil up` (sim enclave, SQLite) in a temporary data dir"
+        for level in levels:
+            if not args.reuse:
+                pids = mesh.pids()  # again: a restarted service has a new pid
+            timing = (args.seconds, args.warmup)
+            report, bench_argv = bench_once(gateway, data_dir, level, timing, pids)
+            runs.append(report)
+            commands.append(shlex.join(["veil", *bench_argv[1:]]))
+            print(json.dumps(report, sort_keys=True), flush=True)
+    machine = runs[0]["machine"] if runs else {}
+    command = "make bench" if not args.reuse else "python -m bench.run --reuse"
+    args.out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "command": command,
+        "started": started,
+        "mesh": mesh_note,
+        "machine": machine,
+        "bench_commands": commands,
+        "runs": runs,
+    }
+    (args.out / "results.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    (args.out / "results.md").write_text(markdown(runs, command, machine))
+    title = f"veil bench on {machine.get('cpu_count')} CPU: confidential vs baseline"
+    plot(runs, args.out / "bench.png", title)
+    print(f"bench.run: wrote {args.out}/results.json, results.md, bench.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The SDK across restarts: transient failures retried (same request) until the deadline, and a
+command refused as unopenable by a restarted enclave sealed again to the new keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+
+from client.identity import new_identity
+from client.sdk import VeilClient, connect
+from services.common.errors import InvalidArgument, Unavailable, VeilError, abort
+from tests.client.evil_gateway import EvilGateway, evil_gateway
+from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
+
+
+@dataclass
+class FlakyGateway(EvilGateway):
+    """Fails the next Execute calls with the planned errors, then forwards again."""
+
+    failures: list[VeilError] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+
+    def Execute(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.request_ids.append(request.request_id)
+        if self.failures:
+            self.calls["Execute"] += 1
+            abort(context, self.failures.pop(0))
+        return super().Execute(request, context)
+
+
+@pytest.fixture
+def flaky(mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FlakyGateway, str]]:
+    # evil_gateway builds an EvilGateway; build ours in its place.
+    monkeypatch.setattr("tests.client.evil_gateway.EvilGateway", FlakyGateway)
+    yield from evil_gateway(mesh)  # type: ignore[misc]  # yields our subclass
+
+
+def _client(mesh: InProcessMesh, address: str) -> VeilClient:
+    return connect(address, policy=fake_mesh_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir)
+
+
+def _setup(mesh: InProcessMesh) -> Callable[[VeilClient], int]:
+    alice = new_identity(mesh.data_dir, "alice")
+    with mesh.connect() as admin:
+        admin.create_instance("coins", token_config(alice.public_key))
+    return lambda client: client.token("coins", alice).mint(alice.account, 5)
+
+
+def test_transient_failures_are_retried_past_a_few_attempts(
+    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
+) -> None:
+    gateway, address = flaky
+    mint = _setup(mesh)
+    gateway.failures = [Unavailable("the state replica is restarting")] * 5
+    with _client(mesh, address) as client:
+        assert mint(client) == 5
+    assert len(set(gateway.request_ids)) == 1  # the same request every time
+    assert mesh.states[0].calls["Execute"] == 1
+
+
+def test_unopenable_status_is_sealed_again_to_fresh_keys(
+    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
+) -> None:
+    gateway, address = flaky
+    mint = _setup(mesh)
+    gateway.failures = [InvalidArgument("sealed to old keys", reason="COMMAND_UNOPENABLE")]
+    with _client(mesh, address) as client:
+        before = gateway.calls["GetAttestation"]
+        assert mint(client) == 5
+        assert gateway.calls["GetAttestation"] == before + 2  # the instance's first use, then again
+    assert len(set(gateway.request_ids)) == 2  # sealed again: a new request
+    assert mesh.states[0].calls["Execute"] == 1
+
+
+def test_other_invalid_arguments_are_not_retried(
+    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
+) -> None:
+    gateway, address = flaky
+    mint = _setup(mesh)
+    gateway.failures = [InvalidArgument("bad request")]
+    with _client(mesh, address) as client, pytest.raises(Exception, match="bad request"):
+        mint(client)
+    assert mesh.states[0].calls["Execute"] == 0
