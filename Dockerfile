@@ -60,7 +60,7 @@ CMD ["serve", "gateway"]
 # The template and its variables belong to enclave/gramine/ (issue 3); the state service in
 # `gramine` mode runs the signed manifest from /opt/veil/gramine.
 FROM base AS sgx
-ARG GRAMINE_TEMPLATE=enclave/gramine/veil-runner.manifest.template
+ARG GRAMINE_TEMPLATE=enclave/gramine/veil-enclave.manifest.template
 USER root
 # Gramine's apt repository, authenticated by its published keyring. gramine-manifest and
 # gramine-sgx-sign come with the package; no compiler is installed.

@@ -145,3 +145,9 @@ def test_dockerignore_is_an_allow_list_without_keys() -> None:
                     src.rstrip("/").split("/")[0] for src in rest.split()[:-1] if not src.startswith("$")
                 }
     assert copied <= allowed, copied - allowed
+
+
+def test_the_gramine_manifest_template_the_image_signs_exists() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    (template,) = re.findall(r"^ARG GRAMINE_TEMPLATE=(\S+)$", text, flags=re.M)
+    assert (REPO / template).is_file(), template
