@@ -82,7 +82,7 @@ def test_a_lone_client_pays_no_linger(make_batcher: MakeBatcher, commit: FakeCom
         time.sleep(0.06)  # idle between requests
         started = time.monotonic()
         assert batcher.submit(i).result(5) == i * 10
-        assert time.monotonic() - started < 0.25
+        assert time.monotonic() - started < 0.45  # less than the 0.5 s linger it would pay
     assert all(len(b) == 1 for b in commit.batches)
 
 
