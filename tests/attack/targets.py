@@ -283,25 +283,8 @@ def build_command(client: Client, call: bytes) -> command_pb2.Command:
         response_key=secrets.token_bytes(32),
         call=call,
     )
-    _prove(client, command)
+    client.prove(command)
     return command
-
-
-def _prove(client: Client, command: command_pb2.Command) -> None:
-    if client.signer is not None:
-        message = wire.command_signing_bytes(
-            instance_id=command.instance_id,
-            counter=command.counter,
-            request_id=command.request_id,
-            response_key=command.response_key,
-            call=command.call,
-        )
-        command.auth.signature.public_key = client.signer.public_key().public_bytes_raw()
-        command.auth.signature.signature = client.signer.sign(message)
-    elif client.jwt is not None:
-        command.auth.oauth2.jwt = client.jwt
-    else:
-        command.auth.anonymous.account = client.account
 
 
 def seal_plaintext(
@@ -388,7 +371,7 @@ def bad_command(rng: random.Random, world: World, instance_id: str) -> BadComman
         plaintext = mutate(rng, command.SerializeToString())
     elif kind == "call":
         command.call = _hostile_call(rng, instance_id)
-        _prove(sender, command)  # correctly signed: the content is what is hostile
+        sender.prove(command)  # correctly signed: the content is what is hostile
         plaintext = command.SerializeToString()
     elif kind == "auth":
         _hostile_auth(rng, command)
@@ -397,7 +380,7 @@ def bad_command(rng: random.Random, world: World, instance_id: str) -> BadComman
         other = rng.choice([i for i in (*INSTANCES, "spare", "nope") if i != instance_id])
         if rng.random() < 0.5:
             command.instance_id = other
-            _prove(sender, command)
+            sender.prove(command)
         else:
             instance_aad = other
         plaintext = command.SerializeToString()

@@ -99,6 +99,23 @@ class Client:
             return self.signer.public_key().public_bytes_raw().hex()
         return self.account
 
+    def prove(self, command: command_pb2.Command) -> None:
+        """Attach this client's identity proof (signature, JWT or anonymous account) to `command`."""
+        if self.signer is not None:
+            message = wire.command_signing_bytes(
+                instance_id=command.instance_id,
+                counter=command.counter,
+                request_id=command.request_id,
+                response_key=command.response_key,
+                call=command.call,
+            )
+            command.auth.signature.public_key = self.signer.public_key().public_bytes_raw()
+            command.auth.signature.signature = self.signer.sign(message)
+        elif self.jwt is not None:
+            command.auth.oauth2.jwt = self.jwt
+        else:
+            command.auth.anonymous.account = self.account
+
     def seal(
         self,
         call: apps_pb2.AppCall,
@@ -119,20 +136,7 @@ class Client:
             response_key=secrets.token_bytes(32),
             call=call.SerializeToString(),
         )
-        if self.signer is not None:
-            message = wire.command_signing_bytes(
-                instance_id=command.instance_id,
-                counter=command.counter,
-                request_id=command.request_id,
-                response_key=command.response_key,
-                call=command.call,
-            )
-            command.auth.signature.public_key = self.signer.public_key().public_bytes_raw()
-            command.auth.signature.signature = self.signer.sign(message)
-        elif self.jwt is not None:
-            command.auth.oauth2.jwt = self.jwt
-        else:
-            command.auth.anonymous.account = self.account
+        self.prove(command)
         public = (
             self.keys.hpke_x25519_public_key if suite == X25519 else self.keys.hpke_mlkem768x25519_public_key
         )
