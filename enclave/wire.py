@@ -12,15 +12,25 @@ HPKE (RFC 9180, base mode, single shot):
     command:      info = "veil/command/v1", aad = utf8(instance_id)
     key release:  info = key_release_info(key_name, version), no aad; key_name = "instance.<id>"
 
+Quoted by the enclave (the host supplies only the nonce, exactly 32 bytes):
+    report data:  SHA-256("veil/report-data/v1" || bytes32(runtime_data) || bytes16(nonce))
+                  || 32 zero bytes; runtime_data = the enclave's own EnclavePublicKeys
 Signed by the keyvault's Ed25519 release key (pinned in the enclave at Initialize):
     wrapped key:  "veil/wrapped-key/v1" || str16(key_name) || u32(version)
                   || bytes16(recipient_hpke_public_key) || bytes16(encapsulated_key)
                   || bytes32(ciphertext)
-    head freshness: "veil/head-freshness/v1" || str16(instance_id) || u64(sequence)
-                  || bytes16(hash) || bytes16(enclave_signing_public_key)
-                  (GetCommitHead's statement, checked by Restore; sequence 0 = no head)
+    head statement: "veil/head-statement/v1" || str16(instance_id) || bytes16(challenge)
+                  || bytes16(enclave_signing_public_key) || u64(sequence) || bytes16(hash)
+                  || bytes16(genesis_hash) || bytes16(config_hash) || u64(not_after_unix_ms)
+                  (GetCommitHead for one enclave challenge; sequence 0 = no such instance)
+    head confirmation: "veil/head-confirmation/v1" || str16(instance_id) || u64(sequence)
+                  || hash(32)   (AdvanceCommitHead's answer; releases held answers)
 Signed by the enclave's Ed25519 key:
-    commit head:  "veil/commit-head/v1" || str16(instance_id) || u64(sequence) || hash(32)
+    commit link:  "veil/commit-link/v1" || str16(instance_id) || genesis_hash(32)
+                  || config_hash(32) || u64(base_sequence) || base_hash(32) || u64(sequence)
+                  || hash(32)   (base 0 with 32 zero bytes registers the instance)
+    instance descriptor: "veil/instance/v1" || str16(instance_id) || config_hash(32)
+                  || genesis_hash(32);   config_hash = SHA-256(serialized InstanceConfig)
     receipt:      "veil/receipt/v1" || u8(kind) || str16(instance_id) || u64(sequence)
                   || command_hash(32) || result_hash(32)
 Signed by a client (AUTH_SCHEME_SIGNATURE):
@@ -32,6 +42,7 @@ AES-256-GCM additional data:
     snapshot:     "veil/snapshot/v1" || str16(instance_id) || u64(head.sequence) || head.hash(32)
                   || u32(key_version)
     response:     "veil/response/v1" || str16(instance_id) || str16(request_id)
+    held answer:  "veil/held-response/v1" || str16(instance_id) || u64(held_until)
     sealed keys:  "veil/sealed-keys/v2" || bytes16(keyvault_release_public_key)
 Hashes (SHA-256):
     command hash: SHA-256(encapsulated_key || ciphertext) of the SealedCommand
@@ -57,9 +68,16 @@ ZERO_HASH = bytes(HASH_SIZE)
 
 _KEY_RELEASE = b"veil/key-release/v1"
 _WRAPPED_KEY = b"veil/wrapped-key/v1"
+REPORT_NONCE_SIZE = 32
+REPORT_DATA_SIZE = 64
+
+_REPORT_DATA = b"veil/report-data/v1"
 _SEALED_KEYS = b"veil/sealed-keys/v2"  # v2: binds the pinned keyvault release key
-_COMMIT_HEAD = b"veil/commit-head/v1"
-_HEAD_FRESHNESS = b"veil/head-freshness/v1"
+_HEAD_STATEMENT = b"veil/head-statement/v1"
+_HEAD_CONFIRMATION = b"veil/head-confirmation/v1"
+_COMMIT_LINK = b"veil/commit-link/v1"
+_INSTANCE = b"veil/instance/v1"
+_HELD_RESPONSE = b"veil/held-response/v1"
 _RECEIPT = b"veil/receipt/v1"
 _COMMAND_SIGNATURE = b"veil/command-signature/v1"
 _LOG_ENTRY = b"veil/log-entry/v1"
@@ -124,21 +142,74 @@ def sealed_keys_aad(keyvault_release_public_key: bytes) -> bytes:
     return _SEALED_KEYS + _prefixed(keyvault_release_public_key, 2)
 
 
-def head_freshness_bytes(
-    instance_id: str, sequence: int, head_hash: bytes, enclave_signing_public_key: bytes
-) -> bytes:
-    """What the keyvault signs for GetCommitHead: this is the head, for this enclave boot only.
+def report_data(runtime_data: bytes, nonce: bytes) -> bytes:
+    """The 64-byte report data of a quote: the enclave's keys and the verifier's nonce, nothing else.
 
-    The enclave's signing key is fresh per Initialize, so a statement cannot be replayed to a
-    later enclave (which could then restore a log older than the head the keyvault has since).
+    Only the enclave calls this to quote (GetQuote takes just the nonce); verifiers call it to
+    check a quote. Domain-separated and length-prefixed, so no other Veil hash can collide.
+    """
+    if len(nonce) != REPORT_NONCE_SIZE:
+        raise ValueError(f"nonce must be {REPORT_NONCE_SIZE} bytes")
+    digest = hashlib.sha256(_REPORT_DATA + _prefixed(runtime_data, 4) + _prefixed(nonce, 2)).digest()
+    return digest + bytes(REPORT_DATA_SIZE - HASH_SIZE)
+
+
+def head_statement_bytes(statement: envelope_pb2.HeadStatement) -> bytes:
+    """What the keyvault signs for GetCommitHead: the head, for one enclave boot and challenge.
+
+    The enclave's signing key is fresh per Initialize and the challenge is single-use, so a
+    statement can be used once, by the enclave that asked, shortly after the keyvault made it.
     """
     return (
-        _HEAD_FRESHNESS
-        + _str16(instance_id)
-        + _u(sequence, 8)
-        + _prefixed(head_hash, 2)
-        + _prefixed(enclave_signing_public_key, 2)
+        _HEAD_STATEMENT
+        + _str16(statement.instance_id)
+        + _prefixed(statement.challenge, 2)
+        + _prefixed(statement.enclave_signing_public_key, 2)
+        + _u(statement.head.sequence, 8)
+        + _prefixed(statement.head.hash, 2)
+        + _prefixed(statement.genesis_hash, 2)
+        + _prefixed(statement.config_hash, 2)
+        + _u(statement.not_after_unix_ms, 8)
     )
+
+
+def head_confirmation_bytes(instance_id: str, sequence: int, head_hash: bytes) -> bytes:
+    """What the keyvault signs when it holds head (sequence, hash) of an instance."""
+    return _HEAD_CONFIRMATION + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
+
+
+def commit_link_bytes(link: envelope_pb2.CommitLink) -> bytes:
+    """What the enclave signs to move the keyvault's head from `link.base` to `link.head`."""
+    return (
+        _COMMIT_LINK
+        + _str16(link.instance_id)
+        + _hash32(link.genesis_hash, "genesis hash")
+        + _hash32(link.config_hash, "config hash")
+        + _u(link.base.sequence, 8)
+        + _hash32(link.base.hash, "base hash")
+        + _u(link.head.sequence, 8)
+        + _hash32(link.head.hash, "head hash")
+    )
+
+
+def instance_descriptor_bytes(instance_id: str, config_hash: bytes, genesis_hash: bytes) -> bytes:
+    """What the enclave signs to describe an instance: its id, configuration and genesis."""
+    return (
+        _INSTANCE
+        + _str16(instance_id)
+        + _hash32(config_hash, "config hash")
+        + _hash32(genesis_hash, "genesis hash")
+    )
+
+
+def config_hash(config_bytes: bytes) -> bytes:
+    """The hash naming an instance configuration: SHA-256 of its serialized bytes."""
+    return hashlib.sha256(config_bytes).digest()
+
+
+def held_response_aad(instance_id: str, held_until: int) -> bytes:
+    """AES-GCM aad of an answer held until the keyvault confirms head `held_until`."""
+    return _HELD_RESPONSE + _str16(instance_id) + _u(held_until, 8)
 
 
 def command_aad(instance_id: str) -> bytes:
@@ -165,11 +236,6 @@ def command_signing_bytes(
     )
 
 
-def commit_head_signing_bytes(instance_id: str, sequence: int, head_hash: bytes) -> bytes:
-    """What the enclave signs for a commit head (the keyvault verifies exactly these bytes)."""
-    return _COMMIT_HEAD + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
-
-
 def receipt_signing_bytes(
     *, kind: int, instance_id: str, sequence: int, command_hash: bytes, result_hash: bytes
 ) -> bytes:
@@ -184,6 +250,15 @@ def receipt_signing_bytes(
     )
 
 
+def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
+    """True when `signature` by the raw Ed25519 `public_key` verifies over `message`."""
+    try:
+        ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+    except (ValueError, InvalidSignature):
+        return False
+    return True
+
+
 def verify_receipt(receipt: envelope_pb2.Receipt, signing_public_key: bytes) -> bool:
     """True when `receipt` carries a valid enclave signature (for the SDK and tests)."""
     try:
@@ -194,20 +269,33 @@ def verify_receipt(receipt: envelope_pb2.Receipt, signing_public_key: bytes) -> 
             command_hash=receipt.command_hash,
             result_hash=receipt.result_hash,
         )
-        ed25519.Ed25519PublicKey.from_public_bytes(signing_public_key).verify(receipt.signature, message)
-    except (ValueError, InvalidSignature):
+    except (ValueError, OverflowError):
         return False
-    return True
+    return verify_ed25519(signing_public_key, receipt.signature, message)
 
 
-def verify_commit_head(head: envelope_pb2.SignedCommitHead, signing_public_key: bytes) -> bool:
-    """True when `head` carries a valid enclave signature."""
+def verify_commit_link(link: envelope_pb2.CommitLink, signing_public_key: bytes) -> bool:
+    """True when `link` is well formed, moves forward and carries a valid enclave signature."""
     try:
-        message = commit_head_signing_bytes(head.instance_id, head.head.sequence, head.head.hash)
-        ed25519.Ed25519PublicKey.from_public_bytes(signing_public_key).verify(head.signature, message)
-    except (ValueError, InvalidSignature):
+        message = commit_link_bytes(link)
+    except (ValueError, OverflowError):
         return False
-    return True
+    if link.head.sequence <= link.base.sequence:
+        return False
+    return verify_ed25519(signing_public_key, link.signature, message)
+
+
+def verify_instance_descriptor(
+    descriptor: envelope_pb2.InstanceDescriptor, signing_public_key: bytes
+) -> bool:
+    """True when `descriptor` carries a valid enclave signature over its id, config and genesis."""
+    try:
+        message = instance_descriptor_bytes(
+            descriptor.instance_id, config_hash(descriptor.config), descriptor.genesis_hash
+        )
+    except (ValueError, OverflowError):
+        return False
+    return verify_ed25519(signing_public_key, descriptor.signature, message)
 
 
 def entry_aad(instance_id: str, sequence: int, key_version: int, previous_hash: bytes) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-REPORT_DATA_SIZE = 64
+from enclave.wire import REPORT_DATA_SIZE
 
 
 class QuoteProvider(Protocol):

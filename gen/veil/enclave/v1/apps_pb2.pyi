@@ -724,10 +724,15 @@ class BallotCreate(_message.Message):
     QUESTION_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     ELIGIBLE_VOTERS_FIELD_NUMBER: _builtins.int
+    MIN_VOTES_FIELD_NUMBER: _builtins.int
     ballot_id: _builtins.str
     """ballot_id names the ballot (1 to 256 bytes, unique in the instance)."""
     question: _builtins.str
     """question is the question asked."""
+    min_votes: _builtins.int
+    """min_votes raises the number of votes needed to close above the instance's
+    ballot_min_votes (never below it).
+    """
     @_builtins.property
     def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """options are the choices (2 to 64, distinct, non-empty)."""
@@ -743,10 +748,11 @@ class BallotCreate(_message.Message):
         question: _builtins.str = ...,
         options: _abc.Iterable[_builtins.str] | None = ...,
         eligible_voters: _abc.Iterable[_builtins.str] | None = ...,
+        min_votes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot_id", b"ballot_id", "eligible_voters", b"eligible_voters", "options", b"options", "question", b"question"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot_id", b"ballot_id", "eligible_voters", b"eligible_voters", "min_votes", b"min_votes", "options", b"options", "question", b"question"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -184,6 +184,7 @@ class CommandResult(_message.Message):
 
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    COUNTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def error(self) -> _error_pb2.EcallError:
         """error is set when the command was refused or the app rejected it."""
@@ -192,19 +193,62 @@ class CommandResult(_message.Message):
     def result(self) -> _apps_pb2.AppResult:
         """result is the app's typed result when error is unset."""
 
+    @_builtins.property
+    def counter(self) -> Global___CounterState:
+        """counter is the caller's counter state: set on every query answer and on a command refused
+        with ECALL_ERROR_CODE_ABORTED (wrong counter), so a client never parses error text.
+        """
+
     def __init__(
         self,
         *,
         error: _error_pb2.EcallError | None = ...,
         result: _apps_pb2.AppResult | None = ...,
+        counter: Global___CounterState | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "error", b"error", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "error", b"error", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
+
+@_typing.final
+class CounterState(_message.Message):
+    """CounterState is an account's command counter as the enclave holds it. After an ambiguous
+    failure a client compares last_command_hash with the hashes of its own sealed attempts:
+    equal means its command ran (at last_sequence); different, with next_counter = its counter
+    + 1, means another command used that counter and its own can never run.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_COUNTER_FIELD_NUMBER: _builtins.int
+    LAST_COMMAND_HASH_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    next_counter: _builtins.int
+    """next_counter is the counter the account's next command must carry."""
+    last_command_hash: _builtins.bytes
+    """last_command_hash is the command hash (see Receipt.command_hash) of the command that
+    consumed next_counter - 1; empty before the account's first command.
+    """
+    last_sequence: _builtins.int
+    """last_sequence is the log sequence of that command's entry."""
+    def __init__(
+        self,
+        *,
+        next_counter: _builtins.int = ...,
+        last_command_hash: _builtins.bytes = ...,
+        last_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_command_hash", b"last_command_hash", "last_sequence", b"last_sequence", "next_counter", b"next_counter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CounterState: _TypeAlias = CounterState  # noqa: Y015
 
 @_typing.final
 class CommandResponse(_message.Message):

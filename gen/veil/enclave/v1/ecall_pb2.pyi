@@ -137,17 +137,20 @@ class GetQuoteRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    REPORT_DATA_FIELD_NUMBER: _builtins.int
-    report_data: _builtins.bytes
-    """report_data is placed in the quote's 64-byte report data field (at most 64 bytes, zero-padded)."""
+    NONCE_FIELD_NUMBER: _builtins.int
+    nonce: _builtins.bytes
+    """nonce is the verifier's freshness value, exactly 32 bytes. The enclave quotes
+    report data = SHA-256("veil/report-data/v1" || u32-len runtime_data || u16-len nonce)
+    followed by 32 zero bytes, where runtime_data are its own serialized public keys.
+    """
     def __init__(
         self,
         *,
-        report_data: _builtins.bytes = ...,
+        nonce: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["report_data", b"report_data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nonce", b"nonce"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,20 +163,70 @@ class GetQuoteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     QUOTE_FIELD_NUMBER: _builtins.int
+    RUNTIME_DATA_FIELD_NUMBER: _builtins.int
     quote: _builtins.bytes
     """quote is a DCAP ECDSA quote v3."""
+    runtime_data: _builtins.bytes
+    """runtime_data is the serialized EnclavePublicKeys the report data covers."""
     def __init__(
         self,
         *,
         quote: _builtins.bytes = ...,
+        runtime_data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["quote", b"quote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQuoteResponse: _TypeAlias = GetQuoteResponse  # noqa: Y015
+
+@_typing.final
+class IssueChallengeRequest(_message.Message):
+    """IssueChallengeRequest asks for a challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance the challenge is for."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueChallengeRequest: _TypeAlias = IssueChallengeRequest  # noqa: Y015
+
+@_typing.final
+class IssueChallengeResponse(_message.Message):
+    """IssueChallengeResponse carries the challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    challenge: _builtins.bytes
+    """challenge is 32 random bytes, valid for one CreateInstance or Restore of the instance,
+    until the next IssueChallenge for it.
+    """
+    def __init__(
+        self,
+        *,
+        challenge: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IssueChallengeResponse: _TypeAlias = IssueChallengeResponse  # noqa: Y015
 
 @_typing.final
 class ProvisionKeyRequest(_message.Message):
@@ -232,21 +285,33 @@ class CreateInstanceRequest(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    HOST_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the new instance."""
+    host_time_unix_ms: _builtins.int
+    """host_time_unix_ms is the host's clock (the statement must not have expired)."""
     @_builtins.property
     def config(self) -> _envelope_pb2.InstanceConfig:
         """config fixes the app and the authorization scheme for the instance's lifetime."""
+
+    @_builtins.property
+    def statement(self) -> _envelope_pb2.HeadStatement:
+        """statement is the keyvault's HeadStatement for this instance, this enclave and its current
+        challenge, with head sequence 0 (the keyvault knows no such instance).
+        """
 
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         config: _envelope_pb2.InstanceConfig | None = ...,
+        statement: _envelope_pb2.HeadStatement | None = ...,
+        host_time_unix_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -259,24 +324,30 @@ class CreateInstanceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRY_FIELD_NUMBER: _builtins.int
-    HEAD_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entry(self) -> _envelope_pb2.LogEntry:
         """entry is the instance's first log entry (sequence 1)."""
 
     @_builtins.property
-    def head(self) -> _envelope_pb2.SignedCommitHead:
-        """head is the signed commit head after the genesis entry."""
+    def link(self) -> _envelope_pb2.CommitLink:
+        """link registers the instance at the keyvault (base sequence 0, head = the genesis entry)."""
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the instance's signed descriptor."""
 
     def __init__(
         self,
         *,
         entry: _envelope_pb2.LogEntry | None = ...,
-        head: _envelope_pb2.SignedCommitHead | None = ...,
+        link: _envelope_pb2.CommitLink | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "head", b"head"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "entry", b"entry", "link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "head", b"head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "entry", b"entry", "link", b"link"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,29 +393,39 @@ class ExecuteBatchResponse(_message.Message):
 
     OUTCOMES_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
-    HEAD_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    held_until: _builtins.int
+    """held_until is the head sequence whose confirmation releases the outcomes; 0: not held."""
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommandOutcome]:
-        """outcomes are in the order of the request's commands."""
+        """outcomes are in the order of the request's commands. When held_until is set, each
+        sealed_response is held: AES-256-GCM under a key the enclave releases once the keyvault
+        confirms head held_until (ConfirmHead), as nonce (12 bytes) || ciphertext with the held
+        response aad; the host cannot open it, only unwrap it then.
+        """
 
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.LogEntry]:
         """entries are the new encrypted log entries, in sequence order."""
 
     @_builtins.property
-    def head(self) -> _envelope_pb2.SignedCommitHead:
-        """head is the signed commit head after these entries (unset when entries is empty)."""
+    def link(self) -> _envelope_pb2.CommitLink:
+        """link moves the keyvault head from the previous head to the last entry (unset when entries
+        is empty).
+        """
 
     def __init__(
         self,
         *,
         outcomes: _abc.Iterable[_envelope_pb2.CommandOutcome] | None = ...,
         entries: _abc.Iterable[_envelope_pb2.LogEntry] | None = ...,
-        head: _envelope_pb2.SignedCommitHead | None = ...,
+        link: _envelope_pb2.CommitLink | None = ...,
+        held_until: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "head", b"head", "outcomes", b"outcomes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "held_until", b"held_until", "link", b"link", "outcomes", b"outcomes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,18 +470,24 @@ class QueryResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOME_FIELD_NUMBER: _builtins.int
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    held_until: _builtins.int
+    """held_until is the head sequence whose confirmation releases the outcome; 0: not held."""
     @_builtins.property
     def outcome(self) -> _envelope_pb2.CommandOutcome:
-        """outcome is the command's outcome; reads never produce log entries."""
+        """outcome is the command's outcome; reads never produce log entries. Held like
+        ExecuteBatchResponse.outcomes when held_until is set.
+        """
 
     def __init__(
         self,
         *,
         outcome: _envelope_pb2.CommandOutcome | None = ...,
+        held_until: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -461,14 +548,12 @@ class RestoreRequest(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
-    KEYVAULT_HEAD_FIELD_NUMBER: _builtins.int
-    KEYVAULT_HEAD_SIGNATURE_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    HOST_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
-    keyvault_head_signature: _builtins.bytes
-    """keyvault_head_signature is GetCommitHeadResponse.freshness_signature: the pinned keyvault
-    release key's signature over keyvault_head for this enclave's signing key. Required.
-    """
+    host_time_unix_ms: _builtins.int
+    """host_time_unix_ms is the host's clock (the statement must not have expired)."""
     @_builtins.property
     def snapshot(self) -> _envelope_pb2.EncryptedSnapshot:
         """snapshot is the latest snapshot, if any."""
@@ -476,14 +561,15 @@ class RestoreRequest(_message.Message):
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.LogEntry]:
         """entries are the log entries after the snapshot, in sequence order. When the snapshot is
-        beyond keyvault_head, they start instead at keyvault_head.sequence: the entries up to the
-        snapshot are only hash-chained (to prove the snapshot extends the keyvault head), not replayed.
+        beyond the statement's head, they start instead at that head's sequence: the entries up to
+        the snapshot are only hash-chained (to prove the snapshot extends the head), not replayed.
         """
 
     @_builtins.property
-    def keyvault_head(self) -> _envelope_pb2.CommitHead:
-        """keyvault_head is the instance's commit head at the keyvault (GetCommitHead); sequence 0
-        means the keyvault knows no head. The restored log must contain it.
+    def statement(self) -> _envelope_pb2.HeadStatement:
+        """statement is the keyvault's HeadStatement for this instance, this enclave and its current
+        challenge. The restored log must contain its head (and its genesis); sequence 0 means the
+        keyvault never registered the instance.
         """
 
     def __init__(
@@ -492,12 +578,12 @@ class RestoreRequest(_message.Message):
         instance_id: _builtins.str = ...,
         snapshot: _envelope_pb2.EncryptedSnapshot | None = ...,
         entries: _abc.Iterable[_envelope_pb2.LogEntry] | None = ...,
-        keyvault_head: _envelope_pb2.CommitHead | None = ...,
-        keyvault_head_signature: _builtins.bytes = ...,
+        statement: _envelope_pb2.HeadStatement | None = ...,
+        host_time_unix_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["keyvault_head", b"keyvault_head", "snapshot", b"snapshot"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "instance_id", b"instance_id", "keyvault_head", b"keyvault_head", "keyvault_head_signature", b"keyvault_head_signature", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,22 +596,108 @@ class RestoreResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEAD_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def head(self) -> _envelope_pb2.CommitHead:
         """head is the head reached after replay."""
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the instance's descriptor, signed by this enclave."""
+
+    @_builtins.property
+    def link(self) -> _envelope_pb2.CommitLink:
+        """link moves the keyvault head from the statement's head to `head`; unset when they are equal."""
 
     def __init__(
         self,
         *,
         head: _envelope_pb2.CommitHead | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
+        link: _envelope_pb2.CommitLink | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "head", b"head", "link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "head", b"head", "link", b"link"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RestoreResponse: _TypeAlias = RestoreResponse  # noqa: Y015
+
+@_typing.final
+class ConfirmHeadRequest(_message.Message):
+    """ConfirmHeadRequest carries a keyvault confirmation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def confirmation(self) -> _envelope_pb2.HeadConfirmation:
+        """confirmation is the keyvault's signed HeadConfirmation (AdvanceCommitHeadResponse)."""
+
+    def __init__(
+        self,
+        *,
+        confirmation: _envelope_pb2.HeadConfirmation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmHeadRequest: _TypeAlias = ConfirmHeadRequest  # noqa: Y015
+
+@_typing.final
+class ConfirmHeadResponse(_message.Message):
+    """ConfirmHeadResponse returns what the confirmation released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RELEASED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleasedHold]:
+        """released are the hold keys of every held head up to the confirmed one, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        released: _abc.Iterable[Global___ReleasedHold] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfirmHeadResponse: _TypeAlias = ConfirmHeadResponse  # noqa: Y015
+
+@_typing.final
+class ReleasedHold(_message.Message):
+    """ReleasedHold is the key that unwraps the answers held until one head."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    held_until: _builtins.int
+    """held_until is the head sequence the answers waited for."""
+    key: _builtins.bytes
+    """key is the 32-byte AES-256-GCM key of those held answers."""
+    def __init__(
+        self,
+        *,
+        held_until: _builtins.int = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleasedHold: _TypeAlias = ReleasedHold  # noqa: Y015
 
 @_typing.final
 class SealRequest(_message.Message):
@@ -673,21 +845,27 @@ class InstanceHead(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     HEAD_FIELD_NUMBER: _builtins.int
+    CONFIRMED_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     @_builtins.property
     def head(self) -> _envelope_pb2.CommitHead:
         """head is the instance's current commit head."""
 
+    @_builtins.property
+    def confirmed(self) -> _envelope_pb2.CommitHead:
+        """confirmed is the newest head the keyvault confirmed to this enclave (strict instances)."""
+
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         head: _envelope_pb2.CommitHead | None = ...,
+        confirmed: _envelope_pb2.CommitHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmed", b"confirmed", "head", b"head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed", b"confirmed", "head", b"head", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -48,6 +48,11 @@ class EnclaveServiceStub:
                 request_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteRequest.SerializeToString,
                 response_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteResponse.FromString,
                 _registered_method=True)
+        self.IssueChallenge = channel.unary_unary(
+                '/veil.enclave.v1.EnclaveService/IssueChallenge',
+                request_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeRequest.SerializeToString,
+                response_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeResponse.FromString,
+                _registered_method=True)
         self.ProvisionKey = channel.unary_unary(
                 '/veil.enclave.v1.EnclaveService/ProvisionKey',
                 request_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ProvisionKeyRequest.SerializeToString,
@@ -77,6 +82,11 @@ class EnclaveServiceStub:
                 '/veil.enclave.v1.EnclaveService/Restore',
                 request_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreResponse.FromString,
+                _registered_method=True)
+        self.ConfirmHead = channel.unary_unary(
+                '/veil.enclave.v1.EnclaveService/ConfirmHead',
+                request_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadRequest.SerializeToString,
+                response_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadResponse.FromString,
                 _registered_method=True)
         self.Seal = channel.unary_unary(
                 '/veil.enclave.v1.EnclaveService/Seal',
@@ -110,7 +120,16 @@ class EnclaveServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetQuote(self, request, context):
-        """GetQuote returns a DCAP quote over caller-chosen report data.
+        """GetQuote returns a DCAP quote whose report data the enclave computes itself from its own
+        public keys and the host's nonce: the host cannot choose what a quote covers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueChallenge(self, request, context):
+        """IssueChallenge returns a fresh single-use challenge for one instance; the keyvault binds
+        its HeadStatement to it, so CreateInstance and Restore take only a statement made now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +144,8 @@ class EnclaveServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateInstance(self, request, context):
-        """CreateInstance starts a new app instance and returns its genesis log entry.
+        """CreateInstance starts a new app instance and returns its genesis log entry. It needs the
+        keyvault's statement that the instance does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,7 +173,16 @@ class EnclaveServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Restore(self, request, context):
-        """Restore loads an instance from an optional snapshot plus the log entries after it.
+        """Restore loads an instance from an optional snapshot plus the log entries after it. It needs
+        the keyvault's statement of the instance's head, and never replaces a loaded instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmHead(self, request, context):
+        """ConfirmHead hands the enclave the keyvault's confirmation of a commit head; a strict
+        instance then releases the answers it held until that head.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,6 +222,11 @@ def add_EnclaveServiceServicer_to_server(servicer, server):
                     request_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteRequest.FromString,
                     response_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteResponse.SerializeToString,
             ),
+            'IssueChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueChallenge,
+                    request_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeRequest.FromString,
+                    response_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeResponse.SerializeToString,
+            ),
             'ProvisionKey': grpc.unary_unary_rpc_method_handler(
                     servicer.ProvisionKey,
                     request_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ProvisionKeyRequest.FromString,
@@ -222,6 +256,11 @@ def add_EnclaveServiceServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreRequest.FromString,
                     response_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreResponse.SerializeToString,
+            ),
+            'ConfirmHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmHead,
+                    request_deserializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadRequest.FromString,
+                    response_serializer=veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadResponse.SerializeToString,
             ),
             'Seal': grpc.unary_unary_rpc_method_handler(
                     servicer.Seal,
@@ -297,6 +336,33 @@ class EnclaveService:
             '/veil.enclave.v1.EnclaveService/GetQuote',
             veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteRequest.SerializeToString,
             veil_dot_enclave_dot_v1_dot_ecall__pb2.GetQuoteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.enclave.v1.EnclaveService/IssueChallenge',
+            veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeRequest.SerializeToString,
+            veil_dot_enclave_dot_v1_dot_ecall__pb2.IssueChallengeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -459,6 +525,33 @@ class EnclaveService:
             '/veil.enclave.v1.EnclaveService/Restore',
             veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreRequest.SerializeToString,
             veil_dot_enclave_dot_v1_dot_ecall__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.enclave.v1.EnclaveService/ConfirmHead',
+            veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadRequest.SerializeToString,
+            veil_dot_enclave_dot_v1_dot_ecall__pb2.ConfirmHeadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,13 +40,21 @@ class EnclaveServiceStub:
     Initialize: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.InitializeRequest, _ecall_pb2.InitializeResponse]
     """Initialize generates the enclave's key pairs and fixes its memory budget."""
     GetQuote: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.GetQuoteRequest, _ecall_pb2.GetQuoteResponse]
-    """GetQuote returns a DCAP quote over caller-chosen report data."""
+    """GetQuote returns a DCAP quote whose report data the enclave computes itself from its own
+    public keys and the host's nonce: the host cannot choose what a quote covers.
+    """
+    IssueChallenge: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.IssueChallengeRequest, _ecall_pb2.IssueChallengeResponse]
+    """IssueChallenge returns a fresh single-use challenge for one instance; the keyvault binds
+    its HeadStatement to it, so CreateInstance and Restore take only a statement made now.
+    """
     ProvisionKey: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.ProvisionKeyRequest, _ecall_pb2.ProvisionKeyResponse]
     """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
     and signed by the keyvault release key pinned at Initialize.
     """
     CreateInstance: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.CreateInstanceRequest, _ecall_pb2.CreateInstanceResponse]
-    """CreateInstance starts a new app instance and returns its genesis log entry."""
+    """CreateInstance starts a new app instance and returns its genesis log entry. It needs the
+    keyvault's statement that the instance does not exist.
+    """
     ExecuteBatch: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.ExecuteBatchRequest, _ecall_pb2.ExecuteBatchResponse]
     """ExecuteBatch runs a batch of sealed commands against one instance in one transition."""
     Query: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.QueryRequest, _ecall_pb2.QueryResponse]
@@ -54,7 +62,13 @@ class EnclaveServiceStub:
     Snapshot: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.SnapshotRequest, _ecall_pb2.SnapshotResponse]
     """Snapshot returns the encrypted state of one instance at its current head."""
     Restore: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.RestoreRequest, _ecall_pb2.RestoreResponse]
-    """Restore loads an instance from an optional snapshot plus the log entries after it."""
+    """Restore loads an instance from an optional snapshot plus the log entries after it. It needs
+    the keyvault's statement of the instance's head, and never replaces a loaded instance.
+    """
+    ConfirmHead: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.ConfirmHeadRequest, _ecall_pb2.ConfirmHeadResponse]
+    """ConfirmHead hands the enclave the keyvault's confirmation of a commit head; a strict
+    instance then releases the answers it held until that head.
+    """
     Seal: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.SealRequest, _ecall_pb2.SealResponse]
     """Seal encrypts the enclave's provisioned keys to this platform and measurement."""
     Unseal: _grpc.UnaryUnaryMultiCallable[_ecall_pb2.UnsealRequest, _ecall_pb2.UnsealResponse]
@@ -74,13 +88,21 @@ class EnclaveServiceAsyncStub(EnclaveServiceStub):
     Initialize: _aio.UnaryUnaryMultiCallable[_ecall_pb2.InitializeRequest, _ecall_pb2.InitializeResponse]  # type: ignore[assignment]
     """Initialize generates the enclave's key pairs and fixes its memory budget."""
     GetQuote: _aio.UnaryUnaryMultiCallable[_ecall_pb2.GetQuoteRequest, _ecall_pb2.GetQuoteResponse]  # type: ignore[assignment]
-    """GetQuote returns a DCAP quote over caller-chosen report data."""
+    """GetQuote returns a DCAP quote whose report data the enclave computes itself from its own
+    public keys and the host's nonce: the host cannot choose what a quote covers.
+    """
+    IssueChallenge: _aio.UnaryUnaryMultiCallable[_ecall_pb2.IssueChallengeRequest, _ecall_pb2.IssueChallengeResponse]  # type: ignore[assignment]
+    """IssueChallenge returns a fresh single-use challenge for one instance; the keyvault binds
+    its HeadStatement to it, so CreateInstance and Restore take only a statement made now.
+    """
     ProvisionKey: _aio.UnaryUnaryMultiCallable[_ecall_pb2.ProvisionKeyRequest, _ecall_pb2.ProvisionKeyResponse]  # type: ignore[assignment]
     """ProvisionKey installs an instance data key released by the keyvault, wrapped to the enclave
     and signed by the keyvault release key pinned at Initialize.
     """
     CreateInstance: _aio.UnaryUnaryMultiCallable[_ecall_pb2.CreateInstanceRequest, _ecall_pb2.CreateInstanceResponse]  # type: ignore[assignment]
-    """CreateInstance starts a new app instance and returns its genesis log entry."""
+    """CreateInstance starts a new app instance and returns its genesis log entry. It needs the
+    keyvault's statement that the instance does not exist.
+    """
     ExecuteBatch: _aio.UnaryUnaryMultiCallable[_ecall_pb2.ExecuteBatchRequest, _ecall_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
     """ExecuteBatch runs a batch of sealed commands against one instance in one transition."""
     Query: _aio.UnaryUnaryMultiCallable[_ecall_pb2.QueryRequest, _ecall_pb2.QueryResponse]  # type: ignore[assignment]
@@ -88,7 +110,13 @@ class EnclaveServiceAsyncStub(EnclaveServiceStub):
     Snapshot: _aio.UnaryUnaryMultiCallable[_ecall_pb2.SnapshotRequest, _ecall_pb2.SnapshotResponse]  # type: ignore[assignment]
     """Snapshot returns the encrypted state of one instance at its current head."""
     Restore: _aio.UnaryUnaryMultiCallable[_ecall_pb2.RestoreRequest, _ecall_pb2.RestoreResponse]  # type: ignore[assignment]
-    """Restore loads an instance from an optional snapshot plus the log entries after it."""
+    """Restore loads an instance from an optional snapshot plus the log entries after it. It needs
+    the keyvault's statement of the instance's head, and never replaces a loaded instance.
+    """
+    ConfirmHead: _aio.UnaryUnaryMultiCallable[_ecall_pb2.ConfirmHeadRequest, _ecall_pb2.ConfirmHeadResponse]  # type: ignore[assignment]
+    """ConfirmHead hands the enclave the keyvault's confirmation of a commit head; a strict
+    instance then releases the answers it held until that head.
+    """
     Seal: _aio.UnaryUnaryMultiCallable[_ecall_pb2.SealRequest, _ecall_pb2.SealResponse]  # type: ignore[assignment]
     """Seal encrypts the enclave's provisioned keys to this platform and measurement."""
     Unseal: _aio.UnaryUnaryMultiCallable[_ecall_pb2.UnsealRequest, _ecall_pb2.UnsealResponse]  # type: ignore[assignment]
@@ -117,7 +145,19 @@ class EnclaveServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ecall_pb2.GetQuoteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ecall_pb2.GetQuoteResponse, _abc.Awaitable[_ecall_pb2.GetQuoteResponse]]:
-        """GetQuote returns a DCAP quote over caller-chosen report data."""
+        """GetQuote returns a DCAP quote whose report data the enclave computes itself from its own
+        public keys and the host's nonce: the host cannot choose what a quote covers.
+        """
+
+    @_abc_1.abstractmethod
+    def IssueChallenge(
+        self,
+        request: _ecall_pb2.IssueChallengeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ecall_pb2.IssueChallengeResponse, _abc.Awaitable[_ecall_pb2.IssueChallengeResponse]]:
+        """IssueChallenge returns a fresh single-use challenge for one instance; the keyvault binds
+        its HeadStatement to it, so CreateInstance and Restore take only a statement made now.
+        """
 
     @_abc_1.abstractmethod
     def ProvisionKey(
@@ -135,7 +175,9 @@ class EnclaveServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ecall_pb2.CreateInstanceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ecall_pb2.CreateInstanceResponse, _abc.Awaitable[_ecall_pb2.CreateInstanceResponse]]:
-        """CreateInstance starts a new app instance and returns its genesis log entry."""
+        """CreateInstance starts a new app instance and returns its genesis log entry. It needs the
+        keyvault's statement that the instance does not exist.
+        """
 
     @_abc_1.abstractmethod
     def ExecuteBatch(
@@ -167,7 +209,19 @@ class EnclaveServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ecall_pb2.RestoreRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ecall_pb2.RestoreResponse, _abc.Awaitable[_ecall_pb2.RestoreResponse]]:
-        """Restore loads an instance from an optional snapshot plus the log entries after it."""
+        """Restore loads an instance from an optional snapshot plus the log entries after it. It needs
+        the keyvault's statement of the instance's head, and never replaces a loaded instance.
+        """
+
+    @_abc_1.abstractmethod
+    def ConfirmHead(
+        self,
+        request: _ecall_pb2.ConfirmHeadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ecall_pb2.ConfirmHeadResponse, _abc.Awaitable[_ecall_pb2.ConfirmHeadResponse]]:
+        """ConfirmHead hands the enclave the keyvault's confirmation of a commit head; a strict
+        instance then releases the answers it held until that head.
+        """
 
     @_abc_1.abstractmethod
     def Seal(

@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from veil.enclave.v1 import error_pb2 as veil_dot_enclave_dot_v1_dot_error__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eveil/enclave/v1/envelope.proto\x12\x0fveil.enclave.v1\x1a\x1bveil/enclave/v1/error.proto\"\x9c\x01\n\x11\x45nclavePublicKeys\x12\x1e\n\x16hpke_x25519_public_key\x18\x01 \x01(\x0c\x12&\n\x1ehpke_mlkem768x25519_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12#\n\x1bkeyvault_release_public_key\x18\x04 \x01(\x0c\"h\n\rSealedCommand\x12)\n\x05suite\x18\x01 \x01(\x0e\x32\x1a.veil.enclave.v1.HpkeSuite\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"x\n\nWrappedKey\x12)\n\x05suite\x18\x01 \x01(\x0e\x32\x1a.veil.enclave.v1.HpkeSuite\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"y\n\x0e\x43ommandOutcome\x12\x17\n\x0fsealed_response\x18\x01 \x01(\x0c\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\"\x80\x01\n\x08LogEntry\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x15\n\rprevious_hash\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"\x8b\x01\n\x11\x45ncryptedSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\",\n\nCommitHead\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\"e\n\x10SignedCommitHead\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xd4\x01\n\x0eInstanceConfig\x12%\n\x03\x61pp\x18\x01 \x01(\x0e\x32\x18.veil.enclave.v1.AppKind\x12\x30\n\x0b\x61uth_scheme\x18\x02 \x01(\x0e\x32\x1b.veil.enclave.v1.AuthScheme\x12\x15\n\roauth2_issuer\x18\x03 \x01(\t\x12\x17\n\x0foauth2_audience\x18\x04 \x01(\t\x12\x18\n\x10oauth2_jwks_json\x18\x05 \x01(\t\x12\x1f\n\x17token_issuer_public_key\x18\x06 \x01(\x0c\"\x9a\x01\n\x07Receipt\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ommand_hash\x18\x03 \x01(\x0c\x12\x13\n\x0bresult_hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12*\n\x04kind\x18\x06 \x01(\x0e\x32\x1c.veil.enclave.v1.ReceiptKind*\x7f\n\tHpkeSuite\x12\x1a\n\x16HPKE_SUITE_UNSPECIFIED\x10\x00\x12&\n\"HPKE_SUITE_X25519_SHA256_AES128GCM\x10\x01\x12.\n*HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM\x10\x02*r\n\nAuthScheme\x12\x1b\n\x17\x41UTH_SCHEME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UTH_SCHEME_NONE\x10\x01\x12\x19\n\x15\x41UTH_SCHEME_SIGNATURE\x10\x02\x12\x16\n\x12\x41UTH_SCHEME_OAUTH2\x10\x03*`\n\x07\x41ppKind\x12\x18\n\x14\x41PP_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41PP_KIND_VAULT\x10\x01\x12\x12\n\x0e\x41PP_KIND_TOKEN\x10\x02\x12\x13\n\x0f\x41PP_KIND_BALLOT\x10\x03*]\n\x0bReceiptKind\x12\x1c\n\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECEIPT_KIND_COMMAND\x10\x01\x12\x16\n\x12RECEIPT_KIND_QUERY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eveil/enclave/v1/envelope.proto\x12\x0fveil.enclave.v1\x1a\x1bveil/enclave/v1/error.proto\"\x9c\x01\n\x11\x45nclavePublicKeys\x12\x1e\n\x16hpke_x25519_public_key\x18\x01 \x01(\x0c\x12&\n\x1ehpke_mlkem768x25519_public_key\x18\x02 \x01(\x0c\x12\x1a\n\x12signing_public_key\x18\x03 \x01(\x0c\x12#\n\x1bkeyvault_release_public_key\x18\x04 \x01(\x0c\"h\n\rSealedCommand\x12)\n\x05suite\x18\x01 \x01(\x0e\x32\x1a.veil.enclave.v1.HpkeSuite\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"x\n\nWrappedKey\x12)\n\x05suite\x18\x01 \x01(\x0e\x32\x1a.veil.enclave.v1.HpkeSuite\x12\x18\n\x10\x65ncapsulated_key\x18\x02 \x01(\x0c\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"y\n\x0e\x43ommandOutcome\x12\x17\n\x0fsealed_response\x18\x01 \x01(\x0c\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\"\x80\x01\n\x08LogEntry\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x15\n\rprevious_hash\x18\x04 \x01(\x0c\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\x12\n\nciphertext\x18\x06 \x01(\x0c\"\x8b\x01\n\x11\x45ncryptedSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\r\n\x05nonce\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\",\n\nCommitHead\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\x0c\"e\n\x10SignedCommitHead\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\xa7\x02\n\x0eInstanceConfig\x12%\n\x03\x61pp\x18\x01 \x01(\x0e\x32\x18.veil.enclave.v1.AppKind\x12\x30\n\x0b\x61uth_scheme\x18\x02 \x01(\x0e\x32\x1b.veil.enclave.v1.AuthScheme\x12\x15\n\roauth2_issuer\x18\x03 \x01(\t\x12\x17\n\x0foauth2_audience\x18\x04 \x01(\t\x12\x18\n\x10oauth2_jwks_json\x18\x05 \x01(\t\x12\x1f\n\x17token_issuer_public_key\x18\x06 \x01(\x0c\x12\x37\n\x0e\x61\x63knowledgment\x18\x07 \x01(\x0e\x32\x1f.veil.enclave.v1.Acknowledgment\x12\x18\n\x10\x62\x61llot_min_votes\x18\x08 \x01(\r\"b\n\x12InstanceDescriptor\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63onfig\x18\x02 \x01(\x0c\x12\x14\n\x0cgenesis_hash\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"\xb5\x01\n\nCommitLink\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgenesis_hash\x18\x02 \x01(\x0c\x12\x13\n\x0b\x63onfig_hash\x18\x03 \x01(\x0c\x12)\n\x04\x62\x61se\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12)\n\x04head\x18\x05 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xdf\x01\n\rHeadStatement\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x11\n\tchallenge\x18\x02 \x01(\x0c\x12\"\n\x1a\x65nclave_signing_public_key\x18\x03 \x01(\x0c\x12)\n\x04head\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x14\n\x0cgenesis_hash\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63onfig_hash\x18\x06 \x01(\x0c\x12\x19\n\x11not_after_unix_ms\x18\x07 \x01(\x03\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"e\n\x10HeadConfirmation\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"\x9a\x01\n\x07Receipt\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0c\x63ommand_hash\x18\x03 \x01(\x0c\x12\x13\n\x0bresult_hash\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12*\n\x04kind\x18\x06 \x01(\x0e\x32\x1c.veil.enclave.v1.ReceiptKind*\x7f\n\tHpkeSuite\x12\x1a\n\x16HPKE_SUITE_UNSPECIFIED\x10\x00\x12&\n\"HPKE_SUITE_X25519_SHA256_AES128GCM\x10\x01\x12.\n*HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM\x10\x02*r\n\nAuthScheme\x12\x1b\n\x17\x41UTH_SCHEME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UTH_SCHEME_NONE\x10\x01\x12\x19\n\x15\x41UTH_SCHEME_SIGNATURE\x10\x02\x12\x16\n\x12\x41UTH_SCHEME_OAUTH2\x10\x03*`\n\x07\x41ppKind\x12\x18\n\x14\x41PP_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41PP_KIND_VAULT\x10\x01\x12\x12\n\x0e\x41PP_KIND_TOKEN\x10\x02\x12\x13\n\x0f\x41PP_KIND_BALLOT\x10\x03*d\n\x0e\x41\x63knowledgment\x12\x1e\n\x1a\x41\x43KNOWLEDGMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41\x43KNOWLEDGMENT_STRICT\x10\x01\x12\x17\n\x13\x41\x43KNOWLEDGMENT_FAST\x10\x02*]\n\x0bReceiptKind\x12\x1c\n\x18RECEIPT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14RECEIPT_KIND_COMMAND\x10\x01\x12\x16\n\x12RECEIPT_KIND_QUERY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veil.enclave.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HPKESUITE']._serialized_start=1384
-  _globals['_HPKESUITE']._serialized_end=1511
-  _globals['_AUTHSCHEME']._serialized_start=1513
-  _globals['_AUTHSCHEME']._serialized_end=1627
-  _globals['_APPKIND']._serialized_start=1629
-  _globals['_APPKIND']._serialized_end=1725
-  _globals['_RECEIPTKIND']._serialized_start=1727
-  _globals['_RECEIPTKIND']._serialized_end=1820
+  _globals['_HPKESUITE']._serialized_start=2080
+  _globals['_HPKESUITE']._serialized_end=2207
+  _globals['_AUTHSCHEME']._serialized_start=2209
+  _globals['_AUTHSCHEME']._serialized_end=2323
+  _globals['_APPKIND']._serialized_start=2325
+  _globals['_APPKIND']._serialized_end=2421
+  _globals['_ACKNOWLEDGMENT']._serialized_start=2423
+  _globals['_ACKNOWLEDGMENT']._serialized_end=2523
+  _globals['_RECEIPTKIND']._serialized_start=2525
+  _globals['_RECEIPTKIND']._serialized_end=2618
   _globals['_ENCLAVEPUBLICKEYS']._serialized_start=81
   _globals['_ENCLAVEPUBLICKEYS']._serialized_end=237
   _globals['_SEALEDCOMMAND']._serialized_start=239
@@ -57,7 +59,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDCOMMITHEAD']._serialized_start=909
   _globals['_SIGNEDCOMMITHEAD']._serialized_end=1010
   _globals['_INSTANCECONFIG']._serialized_start=1013
-  _globals['_INSTANCECONFIG']._serialized_end=1225
-  _globals['_RECEIPT']._serialized_start=1228
-  _globals['_RECEIPT']._serialized_end=1382
+  _globals['_INSTANCECONFIG']._serialized_end=1308
+  _globals['_INSTANCEDESCRIPTOR']._serialized_start=1310
+  _globals['_INSTANCEDESCRIPTOR']._serialized_end=1408
+  _globals['_COMMITLINK']._serialized_start=1411
+  _globals['_COMMITLINK']._serialized_end=1592
+  _globals['_HEADSTATEMENT']._serialized_start=1595
+  _globals['_HEADSTATEMENT']._serialized_end=1818
+  _globals['_HEADCONFIRMATION']._serialized_start=1820
+  _globals['_HEADCONFIRMATION']._serialized_end=1921
+  _globals['_RECEIPT']._serialized_start=1924
+  _globals['_RECEIPT']._serialized_end=2078
 # @@protoc_insertion_point(module_scope)

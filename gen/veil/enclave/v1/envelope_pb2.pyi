@@ -98,6 +98,44 @@ APP_KIND_BALLOT: AppKind.ValueType  # 3
 """APP_KIND_BALLOT: secret ballots."""
 Global___AppKind: _TypeAlias = AppKind  # noqa: Y015
 
+class _Acknowledgment:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AcknowledgmentEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Acknowledgment.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACKNOWLEDGMENT_UNSPECIFIED: _Acknowledgment.ValueType  # 0
+    """ACKNOWLEDGMENT_UNSPECIFIED means ACKNOWLEDGMENT_STRICT."""
+    ACKNOWLEDGMENT_STRICT: _Acknowledgment.ValueType  # 1
+    """ACKNOWLEDGMENT_STRICT: the enclave releases a command's or query's answer only once the
+    keyvault's commit head covers every log entry the answer depends on, so nothing a client
+    was told can be rolled back or forked away by the host. Costs one keyvault round trip per
+    batch (pipelined with the next batch).
+    """
+    ACKNOWLEDGMENT_FAST: _Acknowledgment.ValueType  # 2
+    """ACKNOWLEDGMENT_FAST: answers are released as soon as the batch is durable in the host's
+    database. A host that withholds commit-head advances can later roll the instance back to
+    the keyvault's head, losing acknowledged commands and replaying them in another order.
+    """
+
+class Acknowledgment(_Acknowledgment, metaclass=_AcknowledgmentEnumTypeWrapper):
+    """Acknowledgment is when an instance's enclave releases answers that depend on its state."""
+
+ACKNOWLEDGMENT_UNSPECIFIED: Acknowledgment.ValueType  # 0
+"""ACKNOWLEDGMENT_UNSPECIFIED means ACKNOWLEDGMENT_STRICT."""
+ACKNOWLEDGMENT_STRICT: Acknowledgment.ValueType  # 1
+"""ACKNOWLEDGMENT_STRICT: the enclave releases a command's or query's answer only once the
+keyvault's commit head covers every log entry the answer depends on, so nothing a client
+was told can be rolled back or forked away by the host. Costs one keyvault round trip per
+batch (pipelined with the next batch).
+"""
+ACKNOWLEDGMENT_FAST: Acknowledgment.ValueType  # 2
+"""ACKNOWLEDGMENT_FAST: answers are released as soon as the batch is durable in the host's
+database. A host that withholds commit-head advances can later roll the instance back to
+the keyvault's head, losing acknowledged commands and replaying them in another order.
+"""
+Global___Acknowledgment: _TypeAlias = Acknowledgment  # noqa: Y015
+
 class _ReceiptKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -372,7 +410,10 @@ Global___CommitHead: _TypeAlias = CommitHead  # noqa: Y015
 
 @_typing.final
 class SignedCommitHead(_message.Message):
-    """SignedCommitHead is a commit head signed by the enclave's signing key."""
+    """SignedCommitHead is a commit head signed by the enclave's signing key. Deprecated: heads
+    now move only by CommitLink (compare and set from the stored head); nothing signs or
+    accepts this message any more.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -414,6 +455,8 @@ class InstanceConfig(_message.Message):
     OAUTH2_AUDIENCE_FIELD_NUMBER: _builtins.int
     OAUTH2_JWKS_JSON_FIELD_NUMBER: _builtins.int
     TOKEN_ISSUER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGMENT_FIELD_NUMBER: _builtins.int
+    BALLOT_MIN_VOTES_FIELD_NUMBER: _builtins.int
     app: Global___AppKind.ValueType
     """app is the app the instance runs."""
     auth_scheme: Global___AuthScheme.ValueType
@@ -426,6 +469,14 @@ class InstanceConfig(_message.Message):
     """oauth2_jwks_json is the JWKS that verifies tokens (AUTH_SCHEME_OAUTH2 only)."""
     token_issuer_public_key: _builtins.bytes
     """token_issuer_public_key is the Ed25519 key allowed to mint (token app only)."""
+    acknowledgment: Global___Acknowledgment.ValueType
+    """acknowledgment says when the enclave releases an answer (see Acknowledgment); the
+    default (unspecified) is strict.
+    """
+    ballot_min_votes: _builtins.int
+    """ballot_min_votes is the smallest number of votes a ballot of this instance may be closed
+    with (its anonymity set); 0 means the enclave's default of 3 (ballot app only).
+    """
     def __init__(
         self,
         *,
@@ -435,14 +486,197 @@ class InstanceConfig(_message.Message):
         oauth2_audience: _builtins.str = ...,
         oauth2_jwks_json: _builtins.str = ...,
         token_issuer_public_key: _builtins.bytes = ...,
+        acknowledgment: Global___Acknowledgment.ValueType = ...,
+        ballot_min_votes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "auth_scheme", b"auth_scheme", "oauth2_audience", b"oauth2_audience", "oauth2_issuer", b"oauth2_issuer", "oauth2_jwks_json", b"oauth2_jwks_json", "token_issuer_public_key", b"token_issuer_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledgment", b"acknowledgment", "app", b"app", "auth_scheme", b"auth_scheme", "ballot_min_votes", b"ballot_min_votes", "oauth2_audience", b"oauth2_audience", "oauth2_issuer", b"oauth2_issuer", "oauth2_jwks_json", b"oauth2_jwks_json", "token_issuer_public_key", b"token_issuer_public_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceConfig: _TypeAlias = InstanceConfig  # noqa: Y015
+
+@_typing.final
+class InstanceDescriptor(_message.Message):
+    """InstanceDescriptor is an instance's identity as its enclave states it: signed by the
+    enclave's signing key (which the quote binds), so a client can check the configuration it
+    seals to (auth scheme, issuers, keys) instead of trusting the gateway's description.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    config: _builtins.bytes
+    """config is the serialized InstanceConfig exactly as the enclave holds it; config_hash =
+    SHA-256(config). Parse these bytes to read the configuration.
+    """
+    genesis_hash: _builtins.bytes
+    """genesis_hash is the hash of the instance's first log entry: unique per creation, so a
+    client that pins it notices an instance deleted and created again under the same id.
+    """
+    signature: _builtins.bytes
+    """signature is the enclave's Ed25519 signature over the instance descriptor bytes of the
+    protocol specification (instance id, config hash, genesis hash).
+    """
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        config: _builtins.bytes = ...,
+        genesis_hash: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "genesis_hash", b"genesis_hash", "instance_id", b"instance_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstanceDescriptor: _TypeAlias = InstanceDescriptor  # noqa: Y015
+
+@_typing.final
+class CommitLink(_message.Message):
+    """CommitLink moves an instance's commit head at the keyvault: from `base` (the head the
+    keyvault must hold) to `head`, signed by the enclave that produced both. The keyvault
+    compares and sets, so only an extension of the stored chain is ever accepted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    CONFIG_HASH_FIELD_NUMBER: _builtins.int
+    BASE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    genesis_hash: _builtins.bytes
+    """genesis_hash is the hash of the instance's first entry (registered at the first link)."""
+    config_hash: _builtins.bytes
+    """config_hash is SHA-256 of the instance's serialized configuration."""
+    signature: _builtins.bytes
+    """signature is the enclave's Ed25519 signature over the commit link bytes."""
+    @_builtins.property
+    def base(self) -> Global___CommitHead:
+        """base is the head this link extends; sequence 0 (hash 32 zero bytes) registers a new instance."""
+
+    @_builtins.property
+    def head(self) -> Global___CommitHead:
+        """head is the new head; its sequence is greater than base's."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        genesis_hash: _builtins.bytes = ...,
+        config_hash: _builtins.bytes = ...,
+        base: Global___CommitHead | None = ...,
+        head: Global___CommitHead | None = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base", b"base", "config_hash", b"config_hash", "genesis_hash", b"genesis_hash", "head", b"head", "instance_id", b"instance_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitLink: _TypeAlias = CommitLink  # noqa: Y015
+
+@_typing.final
+class HeadStatement(_message.Message):
+    """HeadStatement is the keyvault's answer to "what is this instance's commit head?", signed by
+    its release key for one enclave boot and one enclave-issued challenge. The enclave requires
+    one to create (head sequence 0: the instance does not exist) or to restore an instance.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    ENCLAVE_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    CONFIG_HASH_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    challenge: _builtins.bytes
+    """challenge is the enclave's IssueChallenge value (32 bytes); it is used once."""
+    enclave_signing_public_key: _builtins.bytes
+    """enclave_signing_public_key is the requesting enclave's Ed25519 signing key."""
+    genesis_hash: _builtins.bytes
+    """genesis_hash is the registered genesis entry hash (empty when head.sequence is 0)."""
+    config_hash: _builtins.bytes
+    """config_hash is the registered configuration hash (empty when head.sequence is 0)."""
+    not_after_unix_ms: _builtins.int
+    """not_after_unix_ms is when the statement expires (keyvault clock)."""
+    signature: _builtins.bytes
+    """signature is the keyvault release key's Ed25519 signature over the head statement bytes."""
+    @_builtins.property
+    def head(self) -> Global___CommitHead:
+        """head is the stored commit head; sequence 0 means the keyvault knows no such instance."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        challenge: _builtins.bytes = ...,
+        enclave_signing_public_key: _builtins.bytes = ...,
+        head: Global___CommitHead | None = ...,
+        genesis_hash: _builtins.bytes = ...,
+        config_hash: _builtins.bytes = ...,
+        not_after_unix_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "config_hash", b"config_hash", "enclave_signing_public_key", b"enclave_signing_public_key", "genesis_hash", b"genesis_hash", "head", b"head", "instance_id", b"instance_id", "not_after_unix_ms", b"not_after_unix_ms", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadStatement: _TypeAlias = HeadStatement  # noqa: Y015
+
+@_typing.final
+class HeadConfirmation(_message.Message):
+    """HeadConfirmation is the keyvault's statement that it now holds `head` for an instance,
+    signed by its release key. It lets a strict-acknowledgment enclave release held answers.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    signature: _builtins.bytes
+    """signature is the keyvault release key's Ed25519 signature over the head confirmation bytes."""
+    @_builtins.property
+    def head(self) -> Global___CommitHead:
+        """head is the commit head the keyvault holds."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        head: Global___CommitHead | None = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "instance_id", b"instance_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeadConfirmation: _TypeAlias = HeadConfirmation  # noqa: Y015
 
 @_typing.final
 class Receipt(_message.Message):

@@ -131,8 +131,11 @@ class InstanceSnapshot(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     ENTRIES_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
+    genesis_hash: _builtins.bytes
+    """genesis_hash is the hash of the instance's first log entry."""
     @_builtins.property
     def config(self) -> _envelope_pb2.InstanceConfig:
         """config is the instance configuration."""
@@ -147,14 +150,45 @@ class InstanceSnapshot(_message.Message):
         instance_id: _builtins.str = ...,
         config: _envelope_pb2.InstanceConfig | None = ...,
         entries: _abc.Iterable[Global___StoreEntry] | None = ...,
+        genesis_hash: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "entries", b"entries", "genesis_hash", b"genesis_hash", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceSnapshot: _TypeAlias = InstanceSnapshot  # noqa: Y015
+
+@_typing.final
+class AccountCounter(_message.Message):
+    """AccountCounter is an account's counter state (stored under ["counter", account])."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTER_FIELD_NUMBER: _builtins.int
+    COMMAND_HASH_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    counter: _builtins.int
+    """counter is the last counter the account's commands consumed."""
+    command_hash: _builtins.bytes
+    """command_hash is the hash of the command that consumed it."""
+    sequence: _builtins.int
+    """sequence is that command's log sequence."""
+    def __init__(
+        self,
+        *,
+        counter: _builtins.int = ...,
+        command_hash: _builtins.bytes = ...,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_hash", b"command_hash", "counter", b"counter", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountCounter: _TypeAlias = AccountCounter  # noqa: Y015
 
 @_typing.final
 class StoreEntry(_message.Message):

@@ -54,8 +54,11 @@ class GetAttestationResponse(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     JWKS_JSON_FIELD_NUMBER: _builtins.int
     INSTANCE_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
     quote: _builtins.bytes
-    """quote is the enclave's DCAP quote; its report data is SHA-256(runtime_data || nonce)."""
+    """quote is the enclave's DCAP quote; its report data is
+    SHA-256("veil/report-data/v1" || u32-len runtime_data || u16-len nonce) || 32 zero bytes.
+    """
     runtime_data: _builtins.bytes
     """runtime_data is the serialized veil.enclave.v1.EnclavePublicKeys the quote binds."""
     nonce: _builtins.bytes
@@ -71,7 +74,13 @@ class GetAttestationResponse(_message.Message):
     @_builtins.property
     def instance(self) -> Global___Instance:
         """instance is the named instance as the gateway knows it (app, auth scheme, shard); unset
-        for the default shard. Informational only: the enclave enforces the configuration it holds.
+        for the default shard. Informational only: clients read the configuration from descriptor.
+        """
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the named instance's descriptor signed by the enclave's signing key (which
+        the quote binds): the configuration a client seals under. Unset for the default shard.
         """
 
     def __init__(
@@ -84,10 +93,11 @@ class GetAttestationResponse(_message.Message):
         keys: _envelope_pb2.EnclavePublicKeys | None = ...,
         jwks_json: _builtins.str = ...,
         instance: Global___Instance | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "keys", b"keys"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "instance", b"instance", "keys", b"keys"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_token", b"attestation_token", "instance", b"instance", "jwks_json", b"jwks_json", "keys", b"keys", "nonce", b"nonce", "quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_token", b"attestation_token", "descriptor", b"descriptor", "instance", b"instance", "jwks_json", b"jwks_json", "keys", b"keys", "nonce", b"nonce", "quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from veil.enclave.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -491,21 +492,25 @@ class GetCommitHeadRequest(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     ENCLAVE_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     enclave_signing_public_key: _builtins.bytes
     """enclave_signing_public_key is the requesting enclave's Ed25519 signing key (from its
-    attested public keys); when set, the response carries a freshness_signature bound to it.
+    attested public keys); with challenge, the response carries a statement bound to both.
     """
+    challenge: _builtins.bytes
+    """challenge is the enclave's IssueChallenge value (32 bytes)."""
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         enclave_signing_public_key: _builtins.bytes = ...,
+        challenge: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave_signing_public_key", b"enclave_signing_public_key", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "enclave_signing_public_key", b"enclave_signing_public_key", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -521,6 +526,9 @@ class GetCommitHeadResponse(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     FRESHNESS_SIGNATURE_FIELD_NUMBER: _builtins.int
+    GENESIS_HASH_FIELD_NUMBER: _builtins.int
+    CONFIG_HASH_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is the committed sequence (0 if none is known)."""
     hash: _builtins.bytes
@@ -528,10 +536,17 @@ class GetCommitHeadResponse(_message.Message):
     signing_public_key: _builtins.bytes
     """signing_public_key is the enclave key that signed the head."""
     freshness_signature: _builtins.bytes
-    """freshness_signature is the keyvault release key's Ed25519 signature over
-    head_freshness_bytes(instance_id, sequence, hash, enclave_signing_public_key) (see
-    enclave/wire.py); the enclave requires it in Restore. Empty if no enclave key was given.
-    """
+    """freshness_signature is never set any more (deprecated): use statement."""
+    genesis_hash: _builtins.bytes
+    """genesis_hash is the instance's registered genesis entry hash (empty if none is known)."""
+    config_hash: _builtins.bytes
+    """config_hash is the instance's registered configuration hash (empty if none is known)."""
+    @_builtins.property
+    def statement(self) -> _envelope_pb2.HeadStatement:
+        """statement is the signed head statement for the request's enclave key and challenge
+        (unset unless both were given); the enclave requires it in CreateInstance and Restore.
+        """
+
     def __init__(
         self,
         *,
@@ -539,10 +554,13 @@ class GetCommitHeadResponse(_message.Message):
         hash: _builtins.bytes = ...,
         signing_public_key: _builtins.bytes = ...,
         freshness_signature: _builtins.bytes = ...,
+        genesis_hash: _builtins.bytes = ...,
+        config_hash: _builtins.bytes = ...,
+        statement: _envelope_pb2.HeadStatement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["freshness_signature", b"freshness_signature", "hash", b"hash", "sequence", b"sequence", "signing_public_key", b"signing_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_hash", b"config_hash", "freshness_signature", b"freshness_signature", "genesis_hash", b"genesis_hash", "hash", b"hash", "sequence", b"sequence", "signing_public_key", b"signing_public_key", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -559,16 +577,24 @@ class AdvanceCommitHeadRequest(_message.Message):
     HASH_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    LINKS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     sequence: _builtins.int
-    """sequence is the new head sequence; it must be greater than the stored one."""
+    """sequence is ignored (deprecated: heads move only by links)."""
     hash: _builtins.bytes
-    """hash is the new head hash."""
+    """hash is ignored (deprecated)."""
     signature: _builtins.bytes
-    """signature is the enclave's Ed25519 signature over the head."""
+    """signature is ignored (deprecated)."""
     token: _builtins.str
     """token is the enclave's attestation token, which names its signing key."""
+    @_builtins.property
+    def links(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommitLink]:
+        """links are consecutive enclave-signed links, each extending the previous one; one of them
+        must start at the stored head (links before it are skipped), and the last one's head
+        becomes the stored head. A first link with base sequence 0 registers a new instance.
+        """
+
     def __init__(
         self,
         *,
@@ -577,10 +603,11 @@ class AdvanceCommitHeadRequest(_message.Message):
         hash: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         token: _builtins.str = ...,
+        links: _abc.Iterable[_envelope_pb2.CommitLink] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "instance_id", b"instance_id", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "instance_id", b"instance_id", "links", b"links", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,16 +620,22 @@ class AdvanceCommitHeadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    CONFIRMATION_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is the stored head sequence."""
+    @_builtins.property
+    def confirmation(self) -> _envelope_pb2.HeadConfirmation:
+        """confirmation is the keyvault's signed confirmation of the stored head."""
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
+        confirmation: _envelope_pb2.HeadConfirmation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -740,22 +773,28 @@ class GetStatusResponse(_message.Message):
     SERVING_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     KEK_PROVIDER_FIELD_NUMBER: _builtins.int
+    COLLATERAL_SOURCE_FIELD_NUMBER: _builtins.int
     serving: _builtins.bool
     """serving is true when the service serves."""
     detail: _builtins.str
     """detail explains the status."""
     kek_provider: _builtins.str
     """kek_provider names the KEK provider in use ("file" or "pkcs11")."""
+    collateral_source: _builtins.str
+    """collateral_source says where quote collateral comes from (e.g. "files:/path"), or "none"
+    when quotes are verified without it (TCB status "Unevaluated").
+    """
     def __init__(
         self,
         *,
         serving: _builtins.bool = ...,
         detail: _builtins.str = ...,
         kek_provider: _builtins.str = ...,
+        collateral_source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "kek_provider", b"kek_provider", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collateral_source", b"collateral_source", "detail", b"detail", "kek_provider", b"kek_provider", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -162,14 +162,16 @@ class KeyvaultServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCommitHead(self, request, context):
-        """GetCommitHead returns an instance's commit head. State identity only.
+        """GetCommitHead returns an instance's commit head and, for an enclave's challenge, the signed
+        HeadStatement it needs to create or restore the instance. State identity only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AdvanceCommitHead(self, request, context):
-        """AdvanceCommitHead moves an instance's commit head forward, signed by its enclave. State identity only.
+        """AdvanceCommitHead moves an instance's commit head forward along enclave-signed links from
+        the stored head (compare and set) and returns the signed confirmation. State identity only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,9 +53,13 @@ class KeyvaultServiceStub:
     DestroyKey: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.DestroyKeyRequest, _keyvault_pb2.DestroyKeyResponse]
     """DestroyKey crypto-shreds every version of a key. Admin identity only."""
     GetCommitHead: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.GetCommitHeadRequest, _keyvault_pb2.GetCommitHeadResponse]
-    """GetCommitHead returns an instance's commit head. State identity only."""
+    """GetCommitHead returns an instance's commit head and, for an enclave's challenge, the signed
+    HeadStatement it needs to create or restore the instance. State identity only.
+    """
     AdvanceCommitHead: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.AdvanceCommitHeadRequest, _keyvault_pb2.AdvanceCommitHeadResponse]
-    """AdvanceCommitHead moves an instance's commit head forward, signed by its enclave. State identity only."""
+    """AdvanceCommitHead moves an instance's commit head forward along enclave-signed links from
+    the stored head (compare and set) and returns the signed confirmation. State identity only.
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.ListAuditEventsRequest, _keyvault_pb2.ListAuditEventsResponse]
     """ListAuditEvents pages through the audit log. Admin identity only."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.GetStatusRequest, _keyvault_pb2.GetStatusResponse]
@@ -86,9 +90,13 @@ class KeyvaultServiceAsyncStub(KeyvaultServiceStub):
     DestroyKey: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.DestroyKeyRequest, _keyvault_pb2.DestroyKeyResponse]  # type: ignore[assignment]
     """DestroyKey crypto-shreds every version of a key. Admin identity only."""
     GetCommitHead: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.GetCommitHeadRequest, _keyvault_pb2.GetCommitHeadResponse]  # type: ignore[assignment]
-    """GetCommitHead returns an instance's commit head. State identity only."""
+    """GetCommitHead returns an instance's commit head and, for an enclave's challenge, the signed
+    HeadStatement it needs to create or restore the instance. State identity only.
+    """
     AdvanceCommitHead: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.AdvanceCommitHeadRequest, _keyvault_pb2.AdvanceCommitHeadResponse]  # type: ignore[assignment]
-    """AdvanceCommitHead moves an instance's commit head forward, signed by its enclave. State identity only."""
+    """AdvanceCommitHead moves an instance's commit head forward along enclave-signed links from
+    the stored head (compare and set) and returns the signed confirmation. State identity only.
+    """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.ListAuditEventsRequest, _keyvault_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """ListAuditEvents pages through the audit log. Admin identity only."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.GetStatusRequest, _keyvault_pb2.GetStatusResponse]  # type: ignore[assignment]
@@ -170,7 +178,9 @@ class KeyvaultServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyvault_pb2.GetCommitHeadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.GetCommitHeadResponse, _abc.Awaitable[_keyvault_pb2.GetCommitHeadResponse]]:
-        """GetCommitHead returns an instance's commit head. State identity only."""
+        """GetCommitHead returns an instance's commit head and, for an enclave's challenge, the signed
+        HeadStatement it needs to create or restore the instance. State identity only.
+        """
 
     @_abc_1.abstractmethod
     def AdvanceCommitHead(
@@ -178,7 +188,9 @@ class KeyvaultServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyvault_pb2.AdvanceCommitHeadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.AdvanceCommitHeadResponse, _abc.Awaitable[_keyvault_pb2.AdvanceCommitHeadResponse]]:
-        """AdvanceCommitHead moves an instance's commit head forward, signed by its enclave. State identity only."""
+        """AdvanceCommitHead moves an instance's commit head forward along enclave-signed links from
+        the stored head (compare and set) and returns the signed confirmation. State identity only.
+        """
 
     @_abc_1.abstractmethod
     def ListAuditEvents(

@@ -309,12 +309,17 @@ class GetAttestationRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names an instance whose signed descriptor to include; empty for none."""
     def __init__(
         self,
+        *,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,18 +332,26 @@ class GetAttestationResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BUNDLE_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def bundle(self) -> Global___AttestationBundle:
         """bundle lets a client verify the enclave before sealing anything to it."""
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the named instance's descriptor signed by the enclave (unset when no
+        instance was named).
+        """
 
     def __init__(
         self,
         *,
         bundle: Global___AttestationBundle | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "descriptor", b"descriptor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,7 +370,9 @@ class AttestationBundle(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     JWKS_JSON_FIELD_NUMBER: _builtins.int
     quote: _builtins.bytes
-    """quote is the enclave's DCAP quote; report data binds runtime_data and nonce."""
+    """quote is the enclave's DCAP quote; its report data is the enclave's own binding of
+    runtime_data and nonce (see the protocol specification).
+    """
     runtime_data: _builtins.bytes
     """runtime_data is the serialized veil.enclave.v1.EnclavePublicKeys the quote binds."""
     nonce: _builtins.bytes
