@@ -61,3 +61,8 @@ def open_response(
     """Client side: open a sealed response (raises DecryptionError)."""
     plaintext = crypto.open_blob(response_key, sealed, wire.response_aad(instance_id, request_id))
     return command_pb2.CommandResponse.FromString(plaintext)
+
+
+def open_held(key: bytes, blob: bytes, instance_id: str, held_until: int) -> bytes:
+    """Host side: unwrap an answer held until head `held_until` (raises DecryptionError)."""
+    return crypto.open_blob(key, blob, wire.held_response_aad(instance_id, held_until))

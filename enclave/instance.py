@@ -1,9 +1,14 @@
 """One app instance inside the enclave: configuration, state, head, and command execution.
 
 `apply` is the whole state transition of one authorized command, shared by live execution
-and log replay so both produce the same state: check and advance the caller's counter, run
-the app in a nested transaction (an app refusal keeps only the counter advance, so a refused
-command can never be replayed later), then check the memory budget before committing.
+and log replay so both produce the same state: check and advance the caller's counter (noting
+which command consumed it, so a client can tell its own command from another), run the app in
+a nested transaction (an app refusal keeps only the counter advance, so a refused command can
+never be replayed later), then check the memory budget before committing.
+
+Besides its state an instance knows its genesis (which the keyvault registers), the newest
+head the keyvault confirmed, and, under strict acknowledgment, the keys of answers held until
+the keyvault confirms the heads they depend on (`holds`, oldest first).
 """
 
 from __future__ import annotations
@@ -26,6 +31,23 @@ def _counter_key(account: str) -> tuple[str, ...]:
     return ("counter", account)
 
 
+class CounterMismatch(EnclaveError):
+    """A command's counter is not the account's next one; carries the account's counter state."""
+
+    def __init__(self, state: command_pb2.CounterState) -> None:
+        super().__init__(ABORTED, f"counter must be {state.next_counter}")
+        self.state = state
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Answers held until the keyvault confirms head (sequence, hash), and the key that opens them."""
+
+    sequence: int
+    hash: bytes
+    key: bytes
+
+
 @dataclass
 class Instance:
     """A loaded instance. `sequence`/`head_hash` name its last log entry."""
@@ -37,6 +59,9 @@ class Instance:
     store: Store = field(default_factory=Store)
     sequence: int = 0
     head_hash: bytes = wire.ZERO_HASH
+    genesis_hash: bytes = wire.ZERO_HASH
+    confirmed: envelope_pb2.CommitHead = field(default_factory=envelope_pb2.CommitHead)
+    holds: list[Hold] = field(default_factory=list)
 
     @classmethod
     def create(
@@ -54,6 +79,16 @@ class Instance:
         """The current commit head."""
         return envelope_pb2.CommitHead(sequence=self.sequence, hash=self.head_hash)
 
+    @property
+    def strict(self) -> bool:
+        """Whether answers wait for the keyvault to confirm the head they depend on."""
+        return self.config.acknowledgment != envelope_pb2.ACKNOWLEDGMENT_FAST
+
+    @property
+    def config_bytes(self) -> bytes:
+        """The configuration as the descriptor and the keyvault name it (deterministic bytes)."""
+        return self.config.SerializeToString(deterministic=True)
+
     def parse_call(self, call: bytes, *, read_only: bool) -> apps_pb2.AppCall:
         """Decode a command's call and check it names a method of this instance's app."""
         try:
@@ -65,22 +100,35 @@ class Instance:
             raise EnclaveError(INVALID_ARGUMENT, "not a read-only method; send it as a command")
         return parsed
 
-    def counter(self, account: str) -> int:
-        """The account's last accepted counter (0 before its first command)."""
+    def counter_state(self, account: str) -> command_pb2.CounterState:
+        """The account's next counter and the command that consumed the last one."""
         raw = self.store.get(_counter_key(account))
-        return 0 if raw is None else int.from_bytes(raw, "big")
+        last = storage_pb2.AccountCounter.FromString(raw) if raw is not None else storage_pb2.AccountCounter()
+        return command_pb2.CounterState(
+            next_counter=last.counter + 1, last_command_hash=last.command_hash, last_sequence=last.sequence
+        )
 
     def apply(
-        self, caller: Caller, counter: int, call: apps_pb2.AppCall, limit: int
+        self,
+        caller: Caller,
+        counter: int,
+        call: apps_pb2.AppCall,
+        limit: int,
+        *,
+        command_hash: bytes,
+        sequence: int,
     ) -> command_pb2.CommandResult:
         """Run one authorized command; raises EnclaveError (nothing changed) to refuse it."""
         store = self.store
         store.begin()
         try:
-            expected = self.counter(caller.account) + 1
-            if counter != expected:
-                raise EnclaveError(ABORTED, f"counter must be {expected}")
-            store.put(_counter_key(caller.account), counter.to_bytes(8, "big"))
+            state = self.counter_state(caller.account)
+            if counter != state.next_counter:
+                raise CounterMismatch(state)
+            consumed = storage_pb2.AccountCounter(
+                counter=counter, command_hash=command_hash, sequence=sequence
+            )
+            store.put(_counter_key(caller.account), consumed.SerializeToString(deterministic=True))
             result = self._run(caller, call)
             if store.size > limit:
                 raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
@@ -113,7 +161,9 @@ class Instance:
 
     def snapshot_plaintext(self) -> bytes:
         """The deterministic serialization of the whole instance state."""
-        snapshot = storage_pb2.InstanceSnapshot(instance_id=self.instance_id, config=self.config)
+        snapshot = storage_pb2.InstanceSnapshot(
+            instance_id=self.instance_id, config=self.config, genesis_hash=self.genesis_hash
+        )
         for key, value in self.store.items():
             snapshot.entries.add(key=key, value=value)
         return snapshot.SerializeToString(deterministic=True)

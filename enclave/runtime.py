@@ -2,15 +2,23 @@
 
 Each method takes and returns the ECALL's protobuf messages and either succeeds or raises
 `EnclaveError` having changed nothing: all checks come first, and a batch runs inside a store
-transaction that is rolled back if anything unexpected happens.
+transaction that is rolled back if anything unexpected happens. (One deliberate exception: a
+challenge is used up by the CreateInstance or Restore that presents it, even a refused one.)
+
+Against a hostile host: quotes cover only the enclave's own keys and the host's nonce;
+creating or restoring an instance needs the keyvault's statement of its head for a challenge
+this enclave issued; a loaded instance is never replaced, so within one boot it only moves
+forward; heads reach the keyvault only as links this enclave signed from the previous head;
+and a strict instance releases no answer until the keyvault confirms the head it depends on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
+import secrets
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
 from veil.enclave.v1 import command_pb2, ecall_pb2, envelope_pb2, storage_pb2
@@ -28,14 +36,16 @@ from enclave.errors import (
     DecryptionError,
     EnclaveError,
 )
-from enclave.instance import Instance
-from enclave.providers import REPORT_DATA_SIZE, QuoteProvider, SealingProvider
+from enclave.instance import CounterMismatch, Hold, Instance
+from enclave.providers import QuoteProvider, SealingProvider
 from enclave.store import Store
 
 DEFAULT_MEMORY_BUDGET = 96 * 1024 * 1024
 _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches before a final "\n"
 _ED25519_KEY_SIZE = 32
 _X25519_ENC_SIZE = 32
+MAX_CHALLENGES = 1024  # outstanding challenges; the oldest is dropped beyond this
+MAX_HOLDS = 4096  # per strict instance: heads awaiting keyvault confirmation
 
 
 def _data_loss(what: str) -> EnclaveError:
@@ -67,6 +77,7 @@ class Enclave:
         self._release_key = b""
         self._instances: dict[str, Instance] = {}
         self._data_keys: dict[str, dict[int, bytes]] = {}
+        self._challenges: dict[str, bytes] = {}  # instance id -> its one outstanding challenge
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -106,11 +117,74 @@ class Enclave:
         others = sum(i.store.size for iid, i in self._instances.items() if iid != instance_id)
         return self._budget - others
 
-    def _sign_head(self, instance_id: str, sequence: int, head_hash: bytes) -> envelope_pb2.SignedCommitHead:
+    def _link(self, instance: Instance, base: envelope_pb2.CommitHead) -> envelope_pb2.CommitLink:
+        """A signed link from `base` to the instance's head, for the keyvault's compare and set."""
         _, signing_key = self._ready()
-        signature = signing_key.sign(wire.commit_head_signing_bytes(instance_id, sequence, head_hash))
-        head = envelope_pb2.CommitHead(sequence=sequence, hash=head_hash)
-        return envelope_pb2.SignedCommitHead(instance_id=instance_id, head=head, signature=signature)
+        link = envelope_pb2.CommitLink(
+            instance_id=instance.instance_id,
+            genesis_hash=instance.genesis_hash,
+            config_hash=wire.config_hash(instance.config_bytes),
+            base=envelope_pb2.CommitHead(sequence=base.sequence, hash=base.hash or wire.ZERO_HASH),
+            head=instance.head(),
+        )
+        link.signature = signing_key.sign(wire.commit_link_bytes(link))
+        return link
+
+    def _descriptor(self, instance: Instance) -> envelope_pb2.InstanceDescriptor:
+        """The instance's identity (id, configuration, genesis) signed by this enclave."""
+        _, signing_key = self._ready()
+        config = instance.config_bytes
+        message = wire.instance_descriptor_bytes(
+            instance.instance_id, wire.config_hash(config), instance.genesis_hash
+        )
+        return envelope_pb2.InstanceDescriptor(
+            instance_id=instance.instance_id,
+            config=config,
+            genesis_hash=instance.genesis_hash,
+            signature=signing_key.sign(message),
+        )
+
+    @staticmethod
+    def _hold(instance: Instance) -> None:
+        """A strict instance's new head: answers that depend on it wait for its confirmation."""
+        if instance.strict:
+            instance.holds.append(
+                Hold(instance.sequence, instance.head_hash, secrets.token_bytes(crypto.KEY_SIZE))
+            )
+
+    @staticmethod
+    def _wrap_held(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
+        """Seal answers under the newest unconfirmed head's hold key; the head sequence, or 0."""
+        if not instance.strict or not instance.holds:
+            return 0
+        hold = instance.holds[-1]
+        aad = wire.held_response_aad(instance.instance_id, hold.sequence)
+        for outcome in outcomes:
+            if outcome.sealed_response:
+                outcome.sealed_response = crypto.seal_blob(hold.key, outcome.sealed_response, aad)
+        return hold.sequence
+
+    def _check_statement(self, instance_id: str, statement: envelope_pb2.HeadStatement, now_ms: int) -> None:
+        """Accept the keyvault's head statement only for this enclave and its current challenge."""
+        _, signing_key = self._ready()
+        # Used up whatever happens next: one statement, one attempt, made after the challenge.
+        challenge = self._challenges.pop(instance_id, None)
+        head = statement.head
+        sizes = (len(head.hash), len(statement.genesis_hash), len(statement.config_hash))
+        if statement.instance_id != instance_id or sizes != (
+            (wire.HASH_SIZE,) * 3 if head.sequence else (0,) * 3
+        ):
+            raise EnclaveError(INVALID_ARGUMENT, "malformed head statement")
+        if challenge is None or not hmac.compare_digest(statement.challenge, challenge):
+            raise _stale("the head statement does not answer this enclave's current challenge")
+        if statement.enclave_signing_public_key != signing_key.public_key().public_bytes_raw():
+            raise _stale("the head statement is for another enclave")
+        if statement.not_after_unix_ms < now_ms:
+            raise _stale("the head statement has expired")
+        if not wire.verify_ed25519(
+            self._release_key, statement.signature, wire.head_statement_bytes(statement)
+        ):
+            raise _stale("the head statement is not signed by the pinned keyvault")
 
     def _receipt(
         self,
@@ -180,12 +254,25 @@ class Enclave:
         )
 
     def get_quote(self, request: ecall_pb2.GetQuoteRequest) -> ecall_pb2.GetQuoteResponse:
-        """Quote over caller-chosen report data (at most 64 bytes, zero padded)."""
+        """Quote over our own public keys and the host's nonce (the host chooses nothing else)."""
         self._ready()
-        if len(request.report_data) > REPORT_DATA_SIZE:
-            raise EnclaveError(INVALID_ARGUMENT, "report_data is at most 64 bytes")
-        report_data = request.report_data.ljust(REPORT_DATA_SIZE, b"\0")
-        return ecall_pb2.GetQuoteResponse(quote=self._quotes.quote(report_data))
+        if len(request.nonce) != wire.REPORT_NONCE_SIZE:
+            raise EnclaveError(INVALID_ARGUMENT, f"nonce must be {wire.REPORT_NONCE_SIZE} bytes")
+        runtime_data = self.public_keys().SerializeToString(deterministic=True)
+        quote = self._quotes.quote(wire.report_data(runtime_data, request.nonce))
+        return ecall_pb2.GetQuoteResponse(quote=quote, runtime_data=runtime_data)
+
+    def issue_challenge(self, request: ecall_pb2.IssueChallengeRequest) -> ecall_pb2.IssueChallengeResponse:
+        """A fresh challenge for one instance; it replaces any earlier one for that instance."""
+        self._ready()
+        if not _INSTANCE_ID.match(request.instance_id):
+            raise EnclaveError(INVALID_ARGUMENT, "invalid instance id")
+        challenge = secrets.token_bytes(wire.HASH_SIZE)
+        self._challenges.pop(request.instance_id, None)
+        self._challenges[request.instance_id] = challenge
+        while len(self._challenges) > MAX_CHALLENGES:
+            del self._challenges[next(iter(self._challenges))]
+        return ecall_pb2.IssueChallengeResponse(challenge=challenge)
 
     def provision_key(self, request: ecall_pb2.ProvisionKeyRequest) -> ecall_pb2.ProvisionKeyResponse:
         """Install an instance data key HPKE-wrapped to this enclave and signed by the keyvault."""
@@ -201,12 +288,8 @@ class Enclave:
         signed = wire.wrapped_key_signing_bytes(
             key_name, request.key_version, hpke.x25519_public, wrapped.encapsulated_key, wrapped.ciphertext
         )
-        try:
-            ed25519.Ed25519PublicKey.from_public_bytes(self._release_key).verify(wrapped.signature, signed)
-        except InvalidSignature:
-            raise EnclaveError(
-                PERMISSION_DENIED, "wrapped key is not signed by the pinned keyvault"
-            ) from None
+        if not wire.verify_ed25519(self._release_key, wrapped.signature, signed):
+            raise EnclaveError(PERMISSION_DENIED, "wrapped key is not signed by the pinned keyvault")
         info = wire.key_release_info(key_name, request.key_version)
         try:
             key = hpke.open(wrapped.suite, wrapped.encapsulated_key, wrapped.ciphertext, info=info, aad=b"")
@@ -220,7 +303,7 @@ class Enclave:
         return ecall_pb2.ProvisionKeyResponse()
 
     def create_instance(self, request: ecall_pb2.CreateInstanceRequest) -> ecall_pb2.CreateInstanceResponse:
-        """Start an instance and return its genesis entry and signed head."""
+        """Start an instance the keyvault does not know; return its genesis entry, link, descriptor."""
         self._ready()
         instance_id = request.instance_id
         if not _INSTANCE_ID.match(instance_id):
@@ -229,19 +312,29 @@ class Enclave:
             )
         if instance_id in self._instances:
             raise EnclaveError(ALREADY_EXISTS, "instance exists")
-        instance = Instance.create(instance_id, request.config)
-        body = storage_pb2.EntryBody(genesis=storage_pb2.Genesis(config=request.config))
+        self._check_statement(instance_id, request.statement, request.host_time_unix_ms)
+        if request.statement.head.sequence:
+            # Creating it again here would fork the registered log (and its configuration).
+            raise EnclaveError(ALREADY_EXISTS, "the keyvault holds this instance; restore it instead")
+        config = envelope_pb2.InstanceConfig()
+        config.CopyFrom(request.config)
+        config.DiscardUnknownFields()  # the descriptor's bytes must say all the enclave enforces
+        instance = Instance.create(instance_id, config)
+        body = storage_pb2.EntryBody(genesis=storage_pb2.Genesis(config=config))
         entry = self._encrypt_entry(instance_id, 1, wire.ZERO_HASH, body)
         instance.sequence, instance.head_hash = 1, wire.entry_hash(entry)
+        instance.genesis_hash = instance.head_hash
+        link = self._link(instance, envelope_pb2.CommitHead())
+        self._hold(instance)
         self._instances[instance_id] = instance
-        return ecall_pb2.CreateInstanceResponse(
-            entry=entry, head=self._sign_head(instance_id, 1, instance.head_hash)
-        )
+        return ecall_pb2.CreateInstanceResponse(entry=entry, link=link, descriptor=self._descriptor(instance))
 
     def execute_batch(self, request: ecall_pb2.ExecuteBatchRequest) -> ecall_pb2.ExecuteBatchResponse:
         """Run a batch of sealed commands: one outcome each, one log entry per accepted command."""
         instance = self._instance(request.instance_id)
         self._current_key(instance.instance_id)
+        if len(instance.holds) >= MAX_HOLDS:
+            raise EnclaveError(FAILED_PRECONDITION, "too many heads await keyvault confirmation")
         response = ecall_pb2.ExecuteBatchResponse()
         sequence, previous = instance.sequence, instance.head_hash
         limit = self._limit_for(instance.instance_id)
@@ -260,13 +353,16 @@ class Enclave:
                 if entry is not None:
                     sequence, previous = entry.sequence, wire.entry_hash(entry)
                     response.entries.append(entry)
-            if response.entries:
-                response.head.CopyFrom(self._sign_head(instance.instance_id, sequence, previous))
         except BaseException:
             instance.store.rollback()
             raise
         instance.store.commit()
+        base = instance.head()
         instance.sequence, instance.head_hash = sequence, previous
+        if response.entries:
+            response.link.CopyFrom(self._link(instance, base))
+            self._hold(instance)
+        response.held_until = self._wrap_held(instance, list(response.outcomes))
         return response
 
     def _execute_one(
@@ -284,19 +380,23 @@ class Enclave:
             command = commands.open_command(hpke, instance.instance_id, sealed)
         except EnclaveError as refusal:
             return envelope_pb2.CommandOutcome(error=refusal.to_proto()), None
+        command_hash = wire.command_hash(sealed.encapsulated_key, sealed.ciphertext)
         try:
             call = instance.parse_call(command.call, read_only=False)
             caller = instance.authorizer.authorize(command, now_ms)
-            result = instance.apply(caller, command.counter, call, limit)
+            result = instance.apply(
+                caller, command.counter, call, limit, command_hash=command_hash, sequence=sequence
+            )
         except EnclaveError as refusal:
             refused = command_pb2.CommandResult(error=refusal.to_proto())
+            if isinstance(refusal, CounterMismatch):
+                refused.counter.CopyFrom(refusal.state)
             outcome = envelope_pb2.CommandOutcome(
                 sealed_response=commands.seal_response(command, refused.SerializeToString(deterministic=True))
             )
             if refusal.code == RESOURCE_EXHAUSTED:  # the host must know: it is its budget
                 outcome.error.CopyFrom(refusal.to_proto())
             return outcome, None
-        command_hash = wire.command_hash(sealed.encapsulated_key, sealed.ciphertext)
         executed = storage_pb2.ExecutedCommand(
             account=caller.account,
             signer_public_key=caller.signer_public_key,
@@ -333,6 +433,7 @@ class Enclave:
             call = instance.parse_call(command.call, read_only=True)
             caller = instance.authorizer.authorize(command, request.host_time_unix_ms)
             result = instance.query(caller, call)
+            result.counter.CopyFrom(instance.counter_state(caller.account))
         except EnclaveError as refusal:
             result = command_pb2.CommandResult(error=refusal.to_proto())
         else:
@@ -347,7 +448,8 @@ class Enclave:
         sealed_response = commands.seal_response(
             command, result.SerializeToString(deterministic=True), receipt
         )
-        return ecall_pb2.QueryResponse(outcome=envelope_pb2.CommandOutcome(sealed_response=sealed_response))
+        outcome = envelope_pb2.CommandOutcome(sealed_response=sealed_response)
+        return ecall_pb2.QueryResponse(outcome=outcome, held_until=self._wrap_held(instance, [outcome]))
 
     def snapshot(self, request: ecall_pb2.SnapshotRequest) -> ecall_pb2.SnapshotResponse:
         """The instance's whole state at its head, encrypted under its current key."""
@@ -368,14 +470,20 @@ class Enclave:
     def restore(self, request: ecall_pb2.RestoreRequest) -> ecall_pb2.RestoreResponse:
         """Rebuild an instance from an optional snapshot and the log entries after it.
 
-        Freshness is checked here, not by the host: the pinned keyvault must have signed its
-        commit head K for this enclave's signing key, and the restored chain must contain K
-        (sequence and hash), else FAILED_PRECONDITION and nothing changes. K = 0: no head yet.
+        Freshness is checked here, not by the host: the pinned keyvault must have stated its
+        commit head K for this enclave and its current challenge, and the restored chain must
+        contain K (sequence and hash) and the genesis the keyvault registered, else
+        FAILED_PRECONDITION and nothing changes. K = 0: the keyvault never registered it. A
+        loaded instance is never replaced: within one boot an instance only moves forward.
         """
-        _, signing_key = self._ready()
+        self._ready()
         instance_id = request.instance_id
-        kv_head = request.keyvault_head
-        self._check_head_statement(instance_id, kv_head, request.keyvault_head_signature, signing_key)
+        if instance_id in self._instances:
+            raise EnclaveError(
+                ALREADY_EXISTS, "instance is loaded; within one enclave boot it only moves forward"
+            )
+        self._check_statement(instance_id, request.statement, request.host_time_unix_ms)
+        kv_head = request.statement.head
         instance = None
         entries = list(request.entries)
         if request.HasField("snapshot"):
@@ -394,24 +502,48 @@ class Enclave:
             raise _stale(f"the log ends at {instance.sequence}, before the keyvault head {kv_head.sequence}")
         if instance.store.size > limit:
             raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
+        statement = request.statement
+        if kv_head.sequence and (
+            instance.genesis_hash != statement.genesis_hash
+            or wire.config_hash(instance.config_bytes) != statement.config_hash
+        ):
+            raise _stale("the log's genesis is not the one the keyvault registered (a fork)")
+        instance.confirmed = envelope_pb2.CommitHead(
+            sequence=kv_head.sequence, hash=kv_head.hash or wire.ZERO_HASH
+        )
+        response = ecall_pb2.RestoreResponse(head=instance.head())
+        if instance.sequence > kv_head.sequence:  # entries the keyvault has not seen yet
+            response.link.CopyFrom(self._link(instance, instance.confirmed))
+            self._hold(instance)
         self._instances[instance_id] = instance
-        return ecall_pb2.RestoreResponse(head=instance.head())
+        response.descriptor.CopyFrom(self._descriptor(instance))
+        return response
 
-    def _check_head_statement(
-        self,
-        instance_id: str,
-        head: envelope_pb2.CommitHead,
-        signature: bytes,
-        signing_key: ed25519.Ed25519PrivateKey,
-    ) -> None:
-        if head.sequence and len(head.hash) != wire.HASH_SIZE:
-            raise EnclaveError(INVALID_ARGUMENT, "keyvault_head.hash must be 32 bytes")
-        own_key = signing_key.public_key().public_bytes_raw()
-        signed = wire.head_freshness_bytes(instance_id, head.sequence, head.hash, own_key)
-        try:
-            ed25519.Ed25519PublicKey.from_public_bytes(self._release_key).verify(signature, signed)
-        except InvalidSignature:
-            raise _stale("keyvault_head is not signed by the pinned keyvault for this enclave") from None
+    def confirm_head(self, request: ecall_pb2.ConfirmHeadRequest) -> ecall_pb2.ConfirmHeadResponse:
+        """Take the keyvault's confirmation of a head; release the answers held until it."""
+        confirmation = request.confirmation
+        instance = self._instance(confirmation.instance_id)
+        head = confirmation.head
+        if len(head.hash) != wire.HASH_SIZE:
+            raise EnclaveError(INVALID_ARGUMENT, "confirmation hash must be 32 bytes")
+        message = wire.head_confirmation_bytes(instance.instance_id, head.sequence, head.hash)
+        if not wire.verify_ed25519(self._release_key, confirmation.signature, message):
+            raise EnclaveError(PERMISSION_DENIED, "confirmation is not signed by the pinned keyvault")
+        if head.sequence <= instance.confirmed.sequence:
+            if head.sequence == instance.confirmed.sequence and head.hash != instance.confirmed.hash:
+                raise _stale("the keyvault confirms another chain (a fork)")
+            return ecall_pb2.ConfirmHeadResponse()  # an older confirmation: nothing new
+        released = [hold for hold in instance.holds if hold.sequence <= head.sequence]
+        known = {hold.sequence: hold.hash for hold in instance.holds}
+        if head.sequence > instance.sequence or (instance.strict and known.get(head.sequence) != head.hash):
+            raise _stale("the confirmed head is not on this enclave's chain (a fork)")
+        if head.sequence == instance.sequence and head.hash != instance.head_hash:
+            raise _stale("the confirmed head is not on this enclave's chain (a fork)")
+        instance.holds = instance.holds[len(released) :]
+        instance.confirmed = envelope_pb2.CommitHead(sequence=head.sequence, hash=head.hash)
+        return ecall_pb2.ConfirmHeadResponse(
+            released=[ecall_pb2.ReleasedHold(held_until=h.sequence, key=h.key) for h in released]
+        )
 
     @staticmethod
     def _bridge(
@@ -456,9 +588,12 @@ class Enclave:
             raise _data_loss("snapshot") from None
         if plain.instance_id != snapshot.instance_id:
             raise _data_loss("snapshot")
+        if len(plain.genesis_hash) != wire.HASH_SIZE:
+            raise _data_loss("snapshot")
         store = Store((tuple(entry.key), entry.value) for entry in plain.entries)
         instance = Instance.create(plain.instance_id, plain.config, store)
         instance.sequence, instance.head_hash = snapshot.head.sequence, snapshot.head.hash
+        instance.genesis_hash = plain.genesis_hash
         return instance
 
     def _replay(
@@ -484,7 +619,14 @@ class Enclave:
             caller = Caller(account=executed.account, signer_public_key=executed.signer_public_key)
             try:
                 call = instance.parse_call(executed.call, read_only=False)
-                instance.apply(caller, executed.counter, call, limit)
+                instance.apply(
+                    caller,
+                    executed.counter,
+                    call,
+                    limit,
+                    command_hash=executed.command_hash,
+                    sequence=entry.sequence,
+                )
             except EnclaveError as refusal:
                 if refusal.code == RESOURCE_EXHAUSTED:
                     raise
@@ -492,6 +634,8 @@ class Enclave:
         else:
             raise EnclaveError(DATA_LOSS, f"log entry {entry.sequence} is out of place")
         instance.sequence, instance.head_hash = entry.sequence, wire.entry_hash(entry)
+        if kind == "genesis":
+            instance.genesis_hash = instance.head_hash
         return instance
 
     def seal(self, request: ecall_pb2.SealRequest) -> ecall_pb2.SealResponse:
@@ -531,8 +675,8 @@ class Enclave:
             memory_used_bytes=self.memory_used(),
             memory_budget_bytes=self._budget,
             instances=[
-                ecall_pb2.InstanceHead(instance_id=iid, head=self._instances[iid].head())
-                for iid in sorted(self._instances)
+                ecall_pb2.InstanceHead(instance_id=iid, head=i.head(), confirmed=i.confirmed)
+                for iid, i in sorted(self._instances.items())
             ],
         )
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from enclave.wire import REPORT_DATA_SIZE
-
 
 class QuoteProvider(Protocol):
     """Produces DCAP quotes of this enclave."""

@@ -1,11 +1,11 @@
 """The Attest flow: verify a DCAP quote, check what it binds, issue an attestation token, audit it.
 
-1. Bounds: quote at most 64 KiB, runtime data 1..16 KiB, nonce 16..64 bytes.
+1. Bounds: quote at most 64 KiB, runtime data 1..16 KiB, nonce exactly 32 bytes.
 2. ``verify_quote`` against the configured root (Intel for production, the dev root for
    sim), at the injected clock's time, with collateral when a provider supplies it.
-3. Binding: ``report_data[0:32] == SHA-256(runtime_data || nonce)`` and
-   ``report_data[32:64]`` all zero; otherwise refused (a quote cannot vouch for keys it
-   did not hash).
+3. Binding: ``report_data == wire.report_data(runtime_data, nonce)`` (a domain-separated
+   hash of both, then 32 zero bytes), which only the enclave computes: GetQuote takes just
+   the nonce, so a quote vouches only for the enclave's own keys.
 4. The runtime data must be a canonical ``veil.enclave.v1.EnclavePublicKeys`` with an
    X25519 HPKE key and an Ed25519 signing key (a token is only useful if it names them).
 5. The enclave must pin *this* keyvault's release-signing key
@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from enclave import wire
 from services.keyvault.attestation import QuoteError, verify_quote
 from services.keyvault.attestation.collateral import Collateral
 from services.keyvault.audit import (
@@ -45,8 +46,7 @@ from services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
 
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_RUNTIME_DATA_BYTES = 16 * 1024
-MIN_NONCE_BYTES = 16
-MAX_NONCE_BYTES = 64
+NONCE_BYTES = wire.REPORT_NONCE_SIZE
 
 #: Supplies collateral for a quote (e.g. from a PCCS cache), or None to verify without it.
 CollateralProvider = Callable[[bytes], Collateral | None]
@@ -131,5 +131,5 @@ def _check_sizes(quote: bytes, runtime_data: bytes, nonce: bytes) -> None:
         raise InvalidArgumentError(f"quote must be 1..{MAX_QUOTE_BYTES} bytes")
     if not 0 < len(runtime_data) <= MAX_RUNTIME_DATA_BYTES:
         raise InvalidArgumentError(f"runtime_data must be 1..{MAX_RUNTIME_DATA_BYTES} bytes")
-    if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
-        raise InvalidArgumentError(f"nonce must be {MIN_NONCE_BYTES}..{MAX_NONCE_BYTES} bytes")
+    if len(nonce) != NONCE_BYTES:
+        raise InvalidArgumentError(f"nonce must be {NONCE_BYTES} bytes")

@@ -1,42 +1,43 @@
-"""Freshness: each instance's commit head, advanced only forwards and only by its attested enclave.
+"""Freshness: each instance's commit head and genesis, moved only along its enclave's own links.
 
-A commit head is (sequence, 32-byte hash of the entry at that sequence). The state host
-reads it back at recovery; a host that replays an older database shows a sequence behind
-the keyvault's head and is caught (rollback protection).
+A commit head is (sequence, 32-byte hash of the entry at that sequence). Besides it the
+keyvault keeps the instance's *genesis*: the hash of its first entry and of its configuration,
+registered when the instance is created, so one instance id names one log forever.
 
-An advance carries an Ed25519 signature by the enclave's signing key over::
+Two operations, both against a hostile state host:
 
-    commit_head_message(instance_id, sequence, hash) =
-        b"veil/commit-head/v1" || u16be(len(instance_id_utf8)) || instance_id_utf8
-        || u64be(sequence) || hash (32 bytes)
+* **Statements** (GetCommitHead with an enclave key and challenge): the keyvault signs
+  ``wire.head_statement_bytes`` -- the head (sequence 0: no such instance), the genesis, the
+  enclave's signing key and the challenge it issued, and a short expiry -- with its release
+  key. The enclave needs one to create an instance (it must not exist yet) or to restore one
+  (the log must contain the head and the genesis); the challenge is single-use, so a statement
+  cannot be kept for later or handed to another enclave boot.
+* **Advances** (AdvanceCommitHead): the request carries consecutive ``CommitLink`` s, each
+  signed by the enclave (its key taken from the attestation token, never from the request)
+  over (instance, genesis, config, base head, new head). Compare and set: one link must start
+  at the stored head, the genesis must be the registered one, and the last link's head
+  becomes the stored head. A link from sequence 0 registers a new instance (only if the
+  keyvault holds none). The same head again is an idempotent success. Anything else --
+  a path that does not extend the stored head (a fork, a rollback), another genesis, a bad
+  signature -- is refused. The answer is a ``HeadConfirmation`` signed by the release key,
+  which lets a strict-acknowledgment enclave release the answers it held.
 
-and the enclave's attestation token; the signing key is taken from the token's runtime
-data (after the report-data binding is re-checked), never from the request. Rules:
-
-* no head yet: any sequence >= 1 is accepted and becomes the head;
-* same sequence and same hash: idempotent success (nothing changes);
-* same sequence, other hash: refused (``COMMIT_HEAD_FORK``);
-* lower sequence: refused (``COMMIT_HEAD_ROLLBACK``);
-* higher sequence: accepted, and the signing key is recorded. A restarted enclave has new
-  keys; because its token is verified afresh, an advance signed by a newly attested key is
-  accepted as long as it moves forward, and the head then names the new key.
-
-Only enclaves the operator trusts may move heads at all: the advancing token must satisfy the
-operator enclave policy (:mod:`services.keyvault.enclave_policy`; release-policy grammar with
-Veil's debug and TCB gates), else ``COMMIT_HEAD_ENCLAVE_NOT_ALLOWED``; with no policy
-configured every advance is refused (``ENCLAVE_POLICY_NOT_CONFIGURED``). The write is an
-atomic compare-and-set in the store, so two replicas cannot both move one head from the same
-base. Every outcome is audited. Sequences are limited to 1..2^63-1 (signed 64-bit in both
-databases).
+Only enclaves the operator trusts may move heads at all: the token must satisfy the operator
+enclave policy (:mod:`services.keyvault.enclave_policy`), else
+``COMMIT_HEAD_ENCLAVE_NOT_ALLOWED``; with no policy configured every advance is refused. The
+write is an atomic compare-and-set in the store, so two replicas cannot both move one head
+from the same base. Every advance outcome is audited. Sequences are limited to 1..2^63-1
+(signed 64-bit in both databases).
 """
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from veil.enclave.v1 import envelope_pb2
 
+from enclave import wire
 from services.keyvault.audit import (
     ACTION_ADVANCE_HEAD,
     OUTCOME_ALLOWED,
@@ -49,35 +50,29 @@ from services.keyvault.clock import Clock, to_micros
 from services.keyvault.enclave_keys import bound_enclave_keys
 from services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED, EnclavePolicy
 from services.keyvault.errors import HeadRefusedError, InvalidArgumentError, StoreError
+from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.store import CommitHeadRecord, Store
 from services.keyvault.tokens import TokenVerifier
 
-COMMIT_HEAD_LABEL = b"veil/commit-head/v1"
-HASH_SIZE = 32
+HASH_SIZE = wire.HASH_SIZE
 MAX_SEQUENCE = 2**63 - 1
 MAX_INSTANCE_ID_BYTES = 256
+MAX_LINKS = 1024  # per advance; a host that fell further behind sends several
+CHALLENGE_SIZE = 32
+ED25519_KEY_SIZE = 32
+STATEMENT_TTL_S = 30.0
 _CAS_ATTEMPTS = 8
-
-
-def commit_head_message(instance_id: str, sequence: int, head_hash: bytes) -> bytes:
-    """The exact bytes the enclave signs for a commit head."""
-    raw = instance_id.encode("utf-8")
-    if not 0 < len(raw) <= MAX_INSTANCE_ID_BYTES:
-        raise InvalidArgumentError(f"instance_id must be 1..{MAX_INSTANCE_ID_BYTES} bytes of UTF-8")
-    if not 0 <= sequence <= 0xFFFFFFFFFFFFFFFF:
-        raise InvalidArgumentError("sequence must fit in 64 bits")
-    if len(head_hash) != HASH_SIZE:
-        raise InvalidArgumentError(f"hash must be {HASH_SIZE} bytes")
-    return COMMIT_HEAD_LABEL + struct.pack(">H", len(raw)) + raw + struct.pack(">Q", sequence) + head_hash
 
 
 @dataclass(frozen=True)
 class CommitHead:
-    """An instance's committed head and the enclave key that signed it."""
+    """An instance's committed head, its registered genesis, and the enclave key that moved it."""
 
     instance_id: str
     sequence: int
     hash: bytes
+    genesis_hash: bytes
+    config_hash: bytes
     signing_public_key: bytes
     updated_us: int
 
@@ -87,13 +82,18 @@ class CommitHead:
             instance_id=record.instance_id,
             sequence=record.sequence,
             hash=record.hash,
+            genesis_hash=record.genesis_hash,
+            config_hash=record.config_hash,
             signing_public_key=record.signing_public_key,
             updated_us=record.updated_us,
         )
 
+    def proto(self) -> envelope_pb2.CommitHead:
+        return envelope_pb2.CommitHead(sequence=self.sequence, hash=self.hash)
+
 
 class CommitHeads:
-    """Reads and advances commit heads."""
+    """Reads, states and advances commit heads."""
 
     def __init__(
         self,
@@ -103,37 +103,68 @@ class CommitHeads:
         clock: Clock,
         *,
         enclave_policy: EnclavePolicy,
+        release_signer: ReleaseSigner,
+        statement_ttl_s: float = STATEMENT_TTL_S,
     ) -> None:
         self._store = store
         self._audit = audit
         self._verifier = verifier
         self._clock = clock
         self._enclave_policy = enclave_policy
+        self._signer = release_signer
+        self._ttl_s = statement_ttl_s
 
     def get(self, instance_id: str) -> CommitHead | None:
-        """The instance's head, or None if it never advanced."""
+        """The instance's head, or None if it was never registered."""
         _check_instance_id(instance_id)
         with self._store.transaction() as tx:
             record = tx.get_head(instance_id)
         return None if record is None else CommitHead.from_record(record)
 
+    def statement(
+        self, instance_id: str, enclave_signing_public_key: bytes, challenge: bytes
+    ) -> envelope_pb2.HeadStatement:
+        """The signed head statement for one enclave boot and its challenge (see the module doc)."""
+        if len(enclave_signing_public_key) != ED25519_KEY_SIZE:
+            raise InvalidArgumentError("enclave_signing_public_key must be 32 bytes (Ed25519)")
+        if len(challenge) != CHALLENGE_SIZE:
+            raise InvalidArgumentError(f"challenge must be {CHALLENGE_SIZE} bytes")
+        head = self.get(instance_id)
+        statement = envelope_pb2.HeadStatement(
+            instance_id=instance_id,
+            challenge=challenge,
+            enclave_signing_public_key=enclave_signing_public_key,
+            not_after_unix_ms=int((self._clock() + self._ttl_s) * 1000),
+        )
+        if head is not None:
+            statement.head.CopyFrom(head.proto())
+            statement.genesis_hash, statement.config_hash = head.genesis_hash, head.config_hash
+        statement.signature = self._signer.sign(wire.head_statement_bytes(statement))
+        return statement
+
+    def confirmation(self, head: CommitHead) -> envelope_pb2.HeadConfirmation:
+        """The release key's confirmation that the keyvault holds `head`."""
+        message = wire.head_confirmation_bytes(head.instance_id, head.sequence, head.hash)
+        return envelope_pb2.HeadConfirmation(
+            instance_id=head.instance_id, head=head.proto(), signature=self._signer.sign(message)
+        )
+
     def advance(
-        self,
-        instance_id: str,
-        sequence: int,
-        head_hash: bytes,
-        signature: bytes,
-        token: str,
-        *,
-        caller: str,
+        self, instance_id: str, links: Sequence[envelope_pb2.CommitLink], token: str, *, caller: str
     ) -> CommitHead:
-        """Move the head forward if the attested enclave signed it; see the module rules."""
-        detail: dict[str, DetailValue] = {"instance_id": instance_id, "sequence": sequence}
+        """Move the head along `links` if the attested enclave signed them; see the module rules."""
+        detail: dict[str, DetailValue] = {"instance_id": instance_id, "links": len(links)}
         try:
-            message = commit_head_message(instance_id, sequence, head_hash)
-            if not 1 <= sequence <= MAX_SEQUENCE:
-                raise InvalidArgumentError(f"sequence must be in 1..{MAX_SEQUENCE}")
-            detail["hash"] = head_hash.hex()
+            _check_instance_id(instance_id)
+            _check_path(instance_id, links)
+            detail.update(
+                {
+                    "base_sequence": links[0].base.sequence,
+                    "sequence": links[-1].head.sequence,
+                    "hash": links[-1].head.hash.hex(),
+                    "genesis_hash": links[0].genesis_hash.hex(),
+                }
+            )
             verified = self._verifier.verify(token)
             detail.update(
                 {
@@ -155,21 +186,13 @@ class CommitHeads:
                 raise HeadRefusedError(
                     f"enclave may not advance commit heads: {refusal.message}", reason=reason
                 )
-            try:
-                enclave.signing_public_key.verify(signature, message)
-            except InvalidSignature:
-                raise HeadRefusedError(
-                    "signature does not verify with the attested enclave signing key",
-                    reason="COMMIT_HEAD_BAD_SIGNATURE",
-                ) from None
-            candidate = CommitHeadRecord(
-                instance_id=instance_id,
-                sequence=sequence,
-                hash=head_hash,
-                signing_public_key=enclave.signing_public_bytes,
-                updated_us=to_micros(self._clock()),
-            )
-            return self._compare_and_set(candidate, caller, detail)
+            for link in links:
+                if not wire.verify_commit_link(link, enclave.signing_public_bytes):
+                    raise HeadRefusedError(
+                        "a link does not verify with the attested enclave signing key",
+                        reason="COMMIT_HEAD_BAD_SIGNATURE",
+                    )
+            return self._compare_and_set(links, enclave.signing_public_bytes, caller, detail)
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self._audit.record(
@@ -181,20 +204,40 @@ class CommitHeads:
             raise
 
     def _compare_and_set(
-        self, candidate: CommitHeadRecord, caller: str, detail: dict[str, DetailValue]
+        self,
+        links: Sequence[envelope_pb2.CommitLink],
+        signing_key: bytes,
+        caller: str,
+        detail: dict[str, DetailValue],
     ) -> CommitHead:
+        first, last = links[0], links[-1]
         for _ in range(_CAS_ATTEMPTS):
             with self._store.transaction() as tx:
-                current = tx.get_head(candidate.instance_id)
-                if current is not None:
-                    _check_forward(current, candidate)
-                    if current.sequence == candidate.sequence:
-                        return CommitHead.from_record(current)  # idempotent repeat
+                current = tx.get_head(first.instance_id)
+                candidate = CommitHeadRecord(
+                    instance_id=first.instance_id,
+                    sequence=last.head.sequence,
+                    hash=last.head.hash,
+                    genesis_hash=first.genesis_hash,
+                    config_hash=first.config_hash,
+                    signing_public_key=signing_key,
+                    updated_us=to_micros(self._clock()),
+                )
+                if current is None:
+                    if first.base.sequence != 0:
+                        raise HeadRefusedError(
+                            "the keyvault holds no head for this instance; the first link must register it",
+                            reason="COMMIT_HEAD_UNKNOWN_INSTANCE",
+                        )
+                    moved = tx.insert_head(candidate)
+                else:
+                    if (current.sequence, current.hash) == (last.head.sequence, last.head.hash):
+                        _check_genesis(current, first)
+                        return CommitHead.from_record(current)  # an idempotent repeat
+                    _check_extends(current, links)
                     moved = tx.replace_head(
                         candidate, expected_sequence=current.sequence, expected_hash=current.hash
                     )
-                else:
-                    moved = tx.insert_head(candidate)
                 if moved:
                     detail["previous_sequence"] = 0 if current is None else current.sequence
                     self._audit.append(
@@ -205,17 +248,48 @@ class CommitHeads:
         raise StoreError("commit head is contended; retry")
 
 
-def _check_forward(current: CommitHeadRecord, candidate: CommitHeadRecord) -> None:
-    if candidate.sequence < current.sequence:
+def _check_path(instance_id: str, links: Sequence[envelope_pb2.CommitLink]) -> None:
+    """The links are well formed and consecutive, for one instance and one genesis."""
+    if not 1 <= len(links) <= MAX_LINKS:
+        raise InvalidArgumentError(f"links: 1 to {MAX_LINKS} commit links are required")
+    first = links[0]
+    for index, link in enumerate(links):
+        if link.instance_id != instance_id:
+            raise InvalidArgumentError("every link must name the request's instance")
+        if (link.genesis_hash, link.config_hash) != (first.genesis_hash, first.config_hash):
+            raise InvalidArgumentError("every link must carry the same genesis")
+        sizes = {len(link.genesis_hash), len(link.config_hash), len(link.base.hash), len(link.head.hash)}
+        if sizes != {HASH_SIZE}:
+            raise InvalidArgumentError(f"link hashes must be {HASH_SIZE} bytes")
+        if not link.base.sequence < link.head.sequence <= MAX_SEQUENCE:
+            raise InvalidArgumentError(f"a link moves forward, to a sequence in 1..{MAX_SEQUENCE}")
+        if index and link.base != links[index - 1].head:
+            raise InvalidArgumentError("links must be consecutive (each starts where the previous ends)")
+
+
+def _check_genesis(current: CommitHeadRecord, link: envelope_pb2.CommitLink) -> None:
+    if (current.genesis_hash, current.config_hash) != (link.genesis_hash, link.config_hash):
         raise HeadRefusedError(
-            f"rollback: sequence {candidate.sequence} is behind the stored head {current.sequence}",
-            reason="COMMIT_HEAD_ROLLBACK",
-        )
-    if candidate.sequence == current.sequence and candidate.hash != current.hash:
-        raise HeadRefusedError(
-            f"fork: sequence {candidate.sequence} is stored with a different hash",
+            "the links are for another instance created under this id (its genesis differs)",
             reason="COMMIT_HEAD_FORK",
         )
+
+
+def _check_extends(current: CommitHeadRecord, links: Sequence[envelope_pb2.CommitLink]) -> None:
+    """One link must start at the stored head; otherwise say whether it is a rollback or a fork."""
+    _check_genesis(current, links[0])
+    stored = envelope_pb2.CommitHead(sequence=current.sequence, hash=current.hash)
+    if any(link.base == stored for link in links):
+        return
+    last = links[-1].head.sequence
+    if last < current.sequence:
+        raise HeadRefusedError(
+            f"rollback: sequence {last} is behind the stored head {current.sequence}",
+            reason="COMMIT_HEAD_ROLLBACK",
+        )
+    raise HeadRefusedError(
+        f"fork: no link extends the stored head {current.sequence}", reason="COMMIT_HEAD_FORK"
+    )
 
 
 def _check_instance_id(instance_id: str) -> None:

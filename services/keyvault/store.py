@@ -83,11 +83,14 @@ class ReleaseKeyRecord:
 
 @dataclass(frozen=True)
 class CommitHeadRecord:
-    """An instance's latest committed (sequence, hash) and the enclave key that signed it."""
+    """An instance's latest committed (sequence, hash), its registered genesis, and the enclave
+    key that signed the last link."""
 
     instance_id: str
     sequence: int
     hash: bytes
+    genesis_hash: bytes
+    config_hash: bytes
     signing_public_key: bytes
     updated_us: int
 

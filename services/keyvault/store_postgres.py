@@ -19,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
+
 from services.common.sql import POSTGRES, PostgresDatabase
 from services.keyvault.errors import StoreError
 from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import SqlTx
+from services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
 
 DEFAULT_SCHEMA = "veil_keyvault"
 # Arbitrary constant: the advisory lock that serialises schema creation across replicas.
@@ -78,6 +80,8 @@ CREATE TABLE IF NOT EXISTS kv_commit_heads (
     instance_id TEXT PRIMARY KEY,
     sequence BIGINT NOT NULL,
     hash BYTEA NOT NULL,
+    genesis_hash BYTEA NOT NULL,
+    config_hash BYTEA NOT NULL,
     signing_public_key BYTEA NOT NULL,
     updated_us BIGINT NOT NULL
 )
@@ -138,6 +142,10 @@ class PostgresStore:
                 "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, %s) ON CONFLICT (id) DO NOTHING",
                 (GENESIS_HASH,),
             )
+            try:
+                conn.execute(SCHEMA_PROBE)
+            except psycopg.errors.UndefinedColumn:
+                raise StoreError(OUTDATED_SCHEMA) from None
 
     @property
     def schema(self) -> str:

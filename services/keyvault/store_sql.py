@@ -27,6 +27,15 @@ _SELECT_KEY = (
 )
 
 
+# Stores made before commit heads registered their genesis lack its columns: refuse them
+# plainly rather than fail on the first head (no deployment predates it; recreate dev stores).
+SCHEMA_PROBE = "SELECT genesis_hash, config_hash FROM kv_commit_heads WHERE 1 = 0"
+OUTDATED_SCHEMA = (
+    "the keyvault store predates genesis registration of commit heads (kv_commit_heads has no "
+    "genesis_hash column); recreate it"
+)
+
+
 class SqlTx:
     """:class:`~services.keyvault.store.StoreTx` over one connection inside an open transaction."""
 
@@ -161,8 +170,8 @@ class SqlTx:
     # -- commit heads ----------------------------------------------------------------------
     def get_head(self, instance_id: str) -> CommitHeadRecord | None:
         row = self._run(
-            "SELECT instance_id, sequence, hash, signing_public_key, updated_us FROM kv_commit_heads "
-            "WHERE instance_id = ?",
+            "SELECT instance_id, sequence, hash, genesis_hash, config_hash, signing_public_key, updated_us "
+            "FROM kv_commit_heads WHERE instance_id = ?",
             (instance_id,),
         ).fetchone()
         if row is None:
@@ -171,21 +180,33 @@ class SqlTx:
             instance_id=row[0],
             sequence=int(row[1]),
             hash=bytes(row[2]),
-            signing_public_key=bytes(row[3]),
-            updated_us=int(row[4]),
+            genesis_hash=bytes(row[3]),
+            config_hash=bytes(row[4]),
+            signing_public_key=bytes(row[5]),
+            updated_us=int(row[6]),
         )
 
     def insert_head(self, head: CommitHeadRecord) -> bool:
         return self._inserted(
-            "INSERT INTO kv_commit_heads (instance_id, sequence, hash, signing_public_key, updated_us) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id",
-            (head.instance_id, head.sequence, head.hash, head.signing_public_key, head.updated_us),
+            "INSERT INTO kv_commit_heads "
+            "(instance_id, sequence, hash, genesis_hash, config_hash, signing_public_key, updated_us) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id",
+            (
+                head.instance_id,
+                head.sequence,
+                head.hash,
+                head.genesis_hash,
+                head.config_hash,
+                head.signing_public_key,
+                head.updated_us,
+            ),
         )
 
     def replace_head(self, head: CommitHeadRecord, *, expected_sequence: int, expected_hash: bytes) -> bool:
+        # The genesis never changes: it is part of the compare, not of the set.
         cursor = self._run(
             "UPDATE kv_commit_heads SET sequence = ?, hash = ?, signing_public_key = ?, updated_us = ? "
-            "WHERE instance_id = ? AND sequence = ? AND hash = ?",
+            "WHERE instance_id = ? AND sequence = ? AND hash = ? AND genesis_hash = ? AND config_hash = ?",
             (
                 head.sequence,
                 head.hash,
@@ -194,6 +215,8 @@ class SqlTx:
                 head.instance_id,
                 expected_sequence,
                 expected_hash,
+                head.genesis_hash,
+                head.config_hash,
             ),
         )
         return cursor.rowcount == 1

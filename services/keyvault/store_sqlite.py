@@ -11,6 +11,7 @@ UPDATE and DELETE (the hash chain still catches anyone who drops the triggers).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 from services.common.sql import SQLITE, SqliteDatabase
 from services.keyvault.errors import StoreError
 from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import SqlTx
+from services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
 
 _SCHEMA = (
     """
@@ -70,6 +71,8 @@ CREATE TABLE IF NOT EXISTS kv_commit_heads (
     instance_id TEXT PRIMARY KEY,
     sequence INTEGER NOT NULL,
     hash BLOB NOT NULL,
+    genesis_hash BLOB NOT NULL,
+    config_hash BLOB NOT NULL,
     signing_public_key BLOB NOT NULL,
     updated_us INTEGER NOT NULL
 )
@@ -127,6 +130,10 @@ class SqliteStore:
                 "INSERT OR IGNORE INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?)",
                 (GENESIS_HASH,),
             )
+            try:
+                conn.execute(SCHEMA_PROBE)
+            except sqlite3.OperationalError:
+                raise StoreError(OUTDATED_SCHEMA) from None
 
     @property
     def path(self) -> Path:

@@ -52,6 +52,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from enclave import wire
 from services.keyvault.audit import ACTION_ROTATE_SIGNING_KEY, OUTCOME_ALLOWED, AuditLog
 from services.keyvault.clock import Clock, to_micros
 from services.keyvault.errors import AttestationError, DecryptionError, StoreError, TokenError
@@ -132,15 +133,18 @@ def b64url_decode(text: str) -> bytes:
 
 
 def expected_report_data(runtime_data: bytes, nonce: bytes) -> bytes:
-    """The report data that binds runtime data and nonce: SHA-256(runtime || nonce) || 32 zeros."""
-    return hashlib.sha256(runtime_data + nonce).digest() + bytes(32)
+    """The report data an enclave quotes for its runtime data and a 32-byte nonce (wire.report_data)."""
+    try:
+        return wire.report_data(runtime_data, nonce)
+    except ValueError as exc:
+        raise AttestationError(str(exc)) from None
 
 
 def check_report_data(report_data: bytes, runtime_data: bytes, nonce: bytes) -> None:
     """Raise :class:`AttestationError` unless ``report_data`` binds ``runtime_data`` and ``nonce``."""
     expected = expected_report_data(runtime_data, nonce)
     if len(report_data) != 64 or not secrets.compare_digest(report_data[:32], expected[:32]):
-        raise AttestationError("report data is not SHA-256(runtime data || nonce)")
+        raise AttestationError("report data does not bind the runtime data and nonce")
     if report_data[32:] != bytes(32):
         raise AttestationError("report data bytes 32..63 must be zero")
 

@@ -188,10 +188,14 @@ class EnclaveHost:
         )
         return self.call("Initialize", request, ecall_pb2.InitializeResponse)
 
-    def get_quote(self, report_data: bytes) -> bytes:
-        """A DCAP quote over `report_data` (at most 64 bytes)."""
-        request = ecall_pb2.GetQuoteRequest(report_data=report_data)
-        return self.call("GetQuote", request, ecall_pb2.GetQuoteResponse).quote
+    def get_quote(self, nonce: bytes) -> ecall_pb2.GetQuoteResponse:
+        """A DCAP quote over the enclave's own keys and `nonce` (32 bytes), with those keys."""
+        return self.call("GetQuote", ecall_pb2.GetQuoteRequest(nonce=nonce), ecall_pb2.GetQuoteResponse)
+
+    def issue_challenge(self, instance_id: str) -> bytes:
+        """A single-use challenge for the keyvault's head statement about `instance_id`."""
+        request = ecall_pb2.IssueChallengeRequest(instance_id=instance_id)
+        return self.call("IssueChallenge", request, ecall_pb2.IssueChallengeResponse).challenge
 
     def provision_key(self, instance_id: str, key_version: int, wrapped_key: envelope_pb2.WrappedKey) -> None:
         """Install a data key released by the keyvault: wrapped to the enclave, with its signature.
@@ -205,10 +209,17 @@ class EnclaveHost:
         self.call("ProvisionKey", request, ecall_pb2.ProvisionKeyResponse)
 
     def create_instance(
-        self, instance_id: str, config: envelope_pb2.InstanceConfig
+        self,
+        instance_id: str,
+        config: envelope_pb2.InstanceConfig,
+        statement: envelope_pb2.HeadStatement,
+        host_time_unix_ms: int,
     ) -> ecall_pb2.CreateInstanceResponse:
-        """Create an instance; persist the returned genesis entry before acknowledging."""
-        request = ecall_pb2.CreateInstanceRequest(instance_id=instance_id, config=config)
+        """Create an instance the keyvault's `statement` says does not exist; persist the genesis
+        entry and register it (the returned link) before acknowledging."""
+        request = ecall_pb2.CreateInstanceRequest(
+            instance_id=instance_id, config=config, statement=statement, host_time_unix_ms=host_time_unix_ms
+        )
         return self.call("CreateInstance", request, ecall_pb2.CreateInstanceResponse)
 
     def execute_batch(
@@ -222,12 +233,12 @@ class EnclaveHost:
 
     def query(
         self, instance_id: str, command: envelope_pb2.SealedCommand, host_time_unix_ms: int
-    ) -> envelope_pb2.CommandOutcome:
-        """Run a read-only command."""
+    ) -> ecall_pb2.QueryResponse:
+        """Run a read-only command (its outcome may be held until a head is confirmed)."""
         request = ecall_pb2.QueryRequest(
             instance_id=instance_id, command=command, host_time_unix_ms=host_time_unix_ms
         )
-        return self.call("Query", request, ecall_pb2.QueryResponse).outcome
+        return self.call("Query", request, ecall_pb2.QueryResponse)
 
     def snapshot(self, instance_id: str) -> envelope_pb2.EncryptedSnapshot:
         """The instance's encrypted state at its head."""
@@ -240,22 +251,27 @@ class EnclaveHost:
         entries: Sequence[envelope_pb2.LogEntry],
         snapshot: envelope_pb2.EncryptedSnapshot | None = None,
         *,
-        keyvault_head: envelope_pb2.CommitHead | None = None,
-        keyvault_head_signature: bytes = b"",
-    ) -> envelope_pb2.CommitHead:
+        statement: envelope_pb2.HeadStatement,
+        host_time_unix_ms: int,
+    ) -> ecall_pb2.RestoreResponse:
         """Load an instance from a snapshot (optional) and the entries after it.
 
-        `keyvault_head` and its signature are GetCommitHead's answer for this enclave's signing
-        key: the enclave refuses to restore without them, or a log that does not contain that head.
+        `statement` is GetCommitHead's answer for this enclave's key and its current challenge:
+        the enclave refuses to restore without it, or a log that does not contain its head.
         """
         request = ecall_pb2.RestoreRequest(
             instance_id=instance_id,
             snapshot=snapshot,
             entries=entries,
-            keyvault_head=keyvault_head,
-            keyvault_head_signature=keyvault_head_signature,
+            statement=statement,
+            host_time_unix_ms=host_time_unix_ms,
         )
-        return self.call("Restore", request, ecall_pb2.RestoreResponse).head
+        return self.call("Restore", request, ecall_pb2.RestoreResponse)
+
+    def confirm_head(self, confirmation: envelope_pb2.HeadConfirmation) -> list[ecall_pb2.ReleasedHold]:
+        """Hand over the keyvault's confirmation; returns the keys of the answers it releases."""
+        request = ecall_pb2.ConfirmHeadRequest(confirmation=confirmation)
+        return list(self.call("ConfirmHead", request, ecall_pb2.ConfirmHeadResponse).released)
 
     def seal(self) -> bytes:
         """The provisioned data keys sealed to this platform and measurement."""

@@ -55,4 +55,6 @@ def make_enclave(sim_quotes: SimQuoteProvider, mrenclave: bytes) -> MakeEnclave:
 @pytest.fixture
 def harness(make_enclave: MakeEnclave) -> Harness:
     """An initialized enclave behind the in-process host client."""
-    return Harness.start(make_enclave())
+    harness = Harness.start(make_enclave())
+    harness.factory = make_enclave
+    return harness

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
 
 from enclave import commands, crypto, wire
 from enclave.dispatcher import Dispatcher
@@ -61,13 +62,43 @@ def release_signature(
 def head_statement(
     keys: envelope_pb2.EnclavePublicKeys,
     instance_id: str,
+    challenge: bytes,
     head: envelope_pb2.CommitHead | None = None,
+    *,
+    genesis_hash: bytes = b"",
+    config_hash: bytes = b"",
+    not_after_unix_ms: int = NOW_MS + 60_000,
     signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
-) -> bytes:
-    """The keyvault's GetCommitHead freshness signature over `head` for the enclave of `keys`."""
-    head = head or envelope_pb2.CommitHead()
-    message = wire.head_freshness_bytes(instance_id, head.sequence, head.hash, keys.signing_public_key)
-    return signer.sign(message)
+) -> envelope_pb2.HeadStatement:
+    """The keyvault's GetCommitHead statement of `head` for the enclave of `keys` and `challenge`."""
+    statement = envelope_pb2.HeadStatement(
+        instance_id=instance_id,
+        challenge=challenge,
+        enclave_signing_public_key=keys.signing_public_key,
+        head=head or envelope_pb2.CommitHead(),
+        genesis_hash=genesis_hash,
+        config_hash=config_hash,
+        not_after_unix_ms=not_after_unix_ms,
+    )
+    statement.signature = signer.sign(wire.head_statement_bytes(statement))
+    return statement
+
+
+def head_confirmation(
+    instance_id: str, head: envelope_pb2.CommitHead, signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY
+) -> envelope_pb2.HeadConfirmation:
+    """The keyvault's AdvanceCommitHead confirmation that it holds `head`."""
+    signature = signer.sign(wire.head_confirmation_bytes(instance_id, head.sequence, head.hash))
+    return envelope_pb2.HeadConfirmation(instance_id=instance_id, head=head, signature=signature)
+
+
+@dataclass
+class KeyvaultView:
+    """What the test keyvault holds for one instance: its registered genesis and its head."""
+
+    genesis_hash: bytes
+    config_hash: bytes
+    head: envelope_pb2.CommitHead
 
 
 @dataclass
@@ -181,6 +212,12 @@ class Harness:
     keys: envelope_pb2.EnclavePublicKeys
     data_keys: dict[tuple[str, int], bytes] = field(default_factory=dict)
     log: dict[str, list[envelope_pb2.LogEntry]] = field(default_factory=dict)
+    keyvault: dict[str, KeyvaultView] = field(default_factory=dict)
+    descriptors: dict[str, envelope_pb2.InstanceDescriptor] = field(default_factory=dict)
+    #: False: heads are not advanced and confirmed after each batch (held answers stay held).
+    auto_confirm: bool = True
+    released: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    factory: Callable[[], Enclave] | None = None
 
     @classmethod
     def start(
@@ -196,12 +233,40 @@ class Harness:
         ).keys
         return cls(enclave=enclave, host=host, keys=keys)
 
+    def restarted(self) -> Harness:
+        """The next enclave boot of this host: same keyvault and log, keys released again."""
+        assert self.factory is not None, "Harness.start(..., factory) to restart"
+        new = Harness.start(self.factory())
+        new.factory, new.keyvault, new.log = self.factory, self.keyvault, self.log
+        for (instance_id, version), key in self.data_keys.items():
+            new.provision(instance_id, version, key)
+        return new
+
     def provision(self, instance_id: str, version: int = 1, key: bytes | None = None) -> bytes:
         """Release a data key to the enclave as the keyvault would."""
         key = key or secrets.token_bytes(32)
         self.host.provision_key(instance_id, version, wrap_key(self.keys, instance_id, version, key))
         self.data_keys[(instance_id, version)] = key
         return key
+
+    def statement(
+        self, instance_id: str, keyvault_head: envelope_pb2.CommitHead | None = None
+    ) -> envelope_pb2.HeadStatement:
+        """The test keyvault's statement for a fresh challenge: `keyvault_head`, else what it holds."""
+        challenge = self.host.issue_challenge(instance_id)
+        view = self.keyvault.get(instance_id)
+        head = keyvault_head if keyvault_head is not None else (view.head if view else None)
+        if head is None or head.sequence == 0:
+            return head_statement(self.keys, instance_id, challenge)
+        assert view is not None, "a head statement needs a registered genesis"
+        return head_statement(
+            self.keys,
+            instance_id,
+            challenge,
+            head,
+            genesis_hash=view.genesis_hash,
+            config_hash=view.config_hash,
+        )
 
     def restore(
         self,
@@ -210,28 +275,73 @@ class Harness:
         snapshot: envelope_pb2.EncryptedSnapshot | None = None,
         keyvault_head: envelope_pb2.CommitHead | None = None,
     ) -> envelope_pb2.CommitHead:
-        """Restore with the test keyvault's statement of `keyvault_head` (None: it knows no head)."""
-        head = keyvault_head or envelope_pb2.CommitHead()
-        return self.host.restore(
+        """Restore with the test keyvault's statement (of `keyvault_head`, else of what it holds)."""
+        restored = self.host.restore(
             instance_id,
             entries,
             snapshot,
-            keyvault_head=head,
-            keyvault_head_signature=head_statement(self.keys, instance_id, head),
+            statement=self.statement(instance_id, keyvault_head),
+            host_time_unix_ms=NOW_MS,
         )
+        self.descriptors[instance_id] = restored.descriptor
+        if restored.HasField("link"):
+            self.advance(restored.link)
+        return restored.head
+
+    def advance(self, link: envelope_pb2.CommitLink) -> None:
+        """Play the keyvault: take an enclave-signed link from the held head, then confirm it."""
+        assert wire.verify_commit_link(link, self.keys.signing_public_key)
+        view = self.keyvault.get(link.instance_id)
+        if view is None:
+            assert link.base.sequence == 0
+            view = self.keyvault[link.instance_id] = KeyvaultView(
+                link.genesis_hash, link.config_hash, envelope_pb2.CommitHead()
+            )
+        if link.head != view.head:  # the same head again is an idempotent repeat
+            assert link.base == view.head or link.base.sequence == view.head.sequence == 0
+            view.head = link.head
+        if self.auto_confirm:
+            self.confirm(link.instance_id)
+
+    def confirm(self, instance_id: str) -> list[ecall_pb2.ReleasedHold]:
+        """Confirm the test keyvault's head to the enclave; returns the released hold keys."""
+        released = self.host.confirm_head(head_confirmation(instance_id, self.keyvault[instance_id].head))
+        for hold in released:
+            self.released[(instance_id, hold.held_until)] = hold.key
+        return released
+
+    def unwrap(self, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
+        """Open a held answer in place with its released hold key (as the honest host does)."""
+        if held_until and outcome.sealed_response:
+            key = self.released[(instance_id, held_until)]
+            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, instance_id, held_until)
+
+    def create_raw(
+        self, instance_id: str, config: envelope_pb2.InstanceConfig
+    ) -> ecall_pb2.CreateInstanceResponse:
+        """The CreateInstance ECALL with a fresh "no such instance" statement, nothing else."""
+        return self.host.create_instance(instance_id, config, self.statement(instance_id), NOW_MS)
 
     def create(self, instance_id: str, config: envelope_pb2.InstanceConfig) -> None:
         """Provision a key (if none) and create the instance, recording its genesis entry."""
         if not any(iid == instance_id for iid, _ in self.data_keys):
             self.provision(instance_id)
-        created = self.host.create_instance(instance_id, config)
+        created = self.host.create_instance(instance_id, config, self.statement(instance_id), NOW_MS)
         self.log[instance_id] = [created.entry]
+        self.descriptors[instance_id] = created.descriptor
+        self.advance(created.link)
 
     def run(self, instance_id: str, *sealed: Sealed) -> list[envelope_pb2.CommandOutcome]:
-        """Execute a batch and record its entries."""
+        """Execute a batch and record its entries (answers unwrapped once confirmed)."""
         response = self.host.execute_batch(instance_id, [s.command for s in sealed], NOW_MS)
         self.log[instance_id].extend(response.entries)
-        return list(response.outcomes)
+        if response.HasField("link"):
+            self.advance(response.link)
+        outcomes = list(response.outcomes)
+        if self.auto_confirm:
+            for outcome in outcomes:
+                self.unwrap(instance_id, response.held_until, outcome)
+        return outcomes
 
     def call(self, client: Client, call: apps_pb2.AppCall) -> command_pb2.CommandResult:
         """One command in its own batch; returns the opened result."""
@@ -242,7 +352,9 @@ class Harness:
     def query(self, client: Client, call: apps_pb2.AppCall) -> command_pb2.CommandResult:
         """One read-only query."""
         sealed = client.seal(call, counter=0)
-        return client.read(sealed, self.host.query(client.instance_id, sealed.command, NOW_MS))
+        response = self.host.query(client.instance_id, sealed.command, NOW_MS)
+        self.unwrap(client.instance_id, response.held_until, response.outcome)
+        return client.read(sealed, response.outcome)
 
     def client(self, instance_id: str, **kwargs: object) -> Client:
         """A client for `instance_id`."""

@@ -126,7 +126,7 @@ def test_oauth2_instance_refuses_a_bad_jwks(harness: Harness) -> None:
             oauth2_jwks_json=jwks,
         )
         with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-            harness.host.create_instance("o2", bad)
+            harness.create_raw("o2", bad)
 
 
 def test_signature_scheme_account_is_the_key_and_other_keys_are_refused(harness: Harness) -> None:

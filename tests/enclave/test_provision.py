@@ -35,7 +35,7 @@ def _refused_without_change(harness: Harness, instance_id: str, wrapped: envelop
         harness.host.provision_key(instance_id, 1, wrapped)
     assert harness.enclave.state_digest() == before
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION"):  # still no key: no instance
-        harness.host.create_instance(instance_id, config())
+        harness.create_raw(instance_id, config())
 
 
 def test_a_key_signed_by_the_pinned_keyvault_is_accepted(harness: Harness) -> None:

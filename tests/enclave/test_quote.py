@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from enclave import wire
 from enclave.measurement import measure_source_tree, source_files
 from enclave.providers.sim_quote import DEV_MRSIGNER, INTEL_QE_MRSIGNER, SimQuoteProvider
 from enclave.runner import PCK_FILES, PCK_KEY_FILE
@@ -17,39 +18,43 @@ from services.keyvault.attestation.roots import intel_root_public_key, load_root
 from services.state.enclave_host import EnclaveCallError
 from tests.enclave.support import Harness
 
-REPORT_DATA = hashlib.sha256(b"runtime data || nonce").digest()
+NONCE = hashlib.sha256(b"a verifier's nonce").digest()
 
 
 def test_sim_quote_verifies_with_the_dev_root_and_has_the_expected_fields(
     harness: Harness, pki_dir: Path, mrenclave: bytes
 ) -> None:
-    quote = harness.host.get_quote(REPORT_DATA)
-    verified = verify_quote(quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+    quoted = harness.host.get_quote(NONCE)
+    verified = verify_quote(quoted.quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
     assert verified.mrenclave == mrenclave == measure_source_tree()
     assert verified.mrsigner == DEV_MRSIGNER
     assert (verified.isv_prod_id, verified.isv_svn) == (7, 3)
     assert verified.debug is False
-    assert verified.report_data == REPORT_DATA + bytes(32)  # zero padded to 64 bytes
+    # The enclave quotes its own keys: the runtime data it returns are its public keys.
+    assert quoted.runtime_data == harness.keys.SerializeToString(deterministic=True)
+    assert verified.report_data == wire.report_data(quoted.runtime_data, NONCE)
+    assert verified.report_data[32:] == bytes(32)
     assert verified.quote.signature_data.qe_report.mr_signer == INTEL_QE_MRSIGNER
 
 
 def test_sim_quote_is_refused_with_the_intel_root(harness: Harness) -> None:
     with pytest.raises(QuoteError, match="pinned root"):
-        verify_quote(harness.host.get_quote(REPORT_DATA), root_public_key=intel_root_public_key())
+        verify_quote(harness.host.get_quote(NONCE).quote, root_public_key=intel_root_public_key())
 
 
 @pytest.mark.parametrize(
     ("offset", "what"), [(112, "mrenclave"), (368, "report data"), (436, "ISV signature"), (600, "QE report")]
 )
 def test_tampered_sim_quote_is_refused(harness: Harness, pki_dir: Path, offset: int, what: str) -> None:
-    quote = bytearray(harness.host.get_quote(REPORT_DATA))
+    quote = bytearray(harness.host.get_quote(NONCE).quote)
     quote[offset] ^= 1
     with pytest.raises(QuoteError):
         verify_quote(bytes(quote), root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
 
 
 def test_sim_quote_raw_layout(harness: Harness, mrenclave: bytes, pki_dir: Path) -> None:
-    quote = harness.host.get_quote(b"\x01" * 64)
+    quoted = harness.host.get_quote(b"\x01" * 32)
+    quote = quoted.quote
     version, key_type, tee_type, _qe_svn, _pce_svn = struct.unpack_from("<HHIHH", quote, 0)
     assert (version, key_type, tee_type) == (3, 2, 0)
     assert quote[12:28].hex() == "939a7233f79c4ca9940a0db3957f0607"
@@ -57,7 +62,7 @@ def test_sim_quote_raw_layout(harness: Harness, mrenclave: bytes, pki_dir: Path)
     assert quote[176:208] == DEV_MRSIGNER
     assert struct.unpack_from("<HH", quote, 304) == (7, 3)
     assert quote[96] & 0x02 == 0  # DEBUG attribute clear
-    assert quote[368:432] == b"\x01" * 64
+    assert quote[368:432] == wire.report_data(quoted.runtime_data, b"\x01" * 32)
     (sig_len,) = struct.unpack_from("<I", quote, 432)
     assert sig_len == len(quote) - 436
     auth_size = struct.unpack_from("<H", quote, 1012)[0]
@@ -82,9 +87,10 @@ def test_debug_quotes_say_so(pki_dir: Path, mrenclave: bytes) -> None:
     assert verified.debug is True
 
 
-def test_get_quote_refuses_oversized_report_data(harness: Harness) -> None:
-    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        harness.host.get_quote(bytes(65))
+@pytest.mark.parametrize("size", [0, 16, 31, 33, 64])
+def test_get_quote_takes_only_a_32_byte_nonce(harness: Harness, size: int) -> None:
+    with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT: nonce must be 32 bytes"):
+        harness.host.get_quote(bytes(size))
 
 
 def test_measurement_covers_exactly_the_enclave_sources(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from veil.enclave.v1 import apps_pb2, ecall_pb2, error_pb2
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 
 from enclave import framing
 from enclave.dispatcher import Dispatcher
@@ -16,7 +16,16 @@ from enclave.runner import RunnerOptions, serve
 from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from tests.conftest import REPO_ROOT
 from tests.enclave.conftest import MakeEnclave
-from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, Client, config, error_code, vault, wrap_key
+from tests.enclave.support import (
+    KEYVAULT_RELEASE_PUBLIC_KEY,
+    NOW_MS,
+    Client,
+    config,
+    error_code,
+    head_statement,
+    vault,
+    wrap_key,
+)
 
 
 def _reply(dispatcher: Dispatcher, frame: bytes) -> ecall_pb2.EcallReply:
@@ -41,14 +50,14 @@ def test_unknown_and_malformed_calls_are_refused_and_change_nothing(make_enclave
 
     host = EnclaveHost.from_dispatcher(dispatcher)
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION: enclave not initialized"):
-        host.get_quote(b"")
+        host.get_quote(bytes(32))
     host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION: enclave already initialized"):
         host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
     with pytest.raises(EnclaveCallError, match="NOT_FOUND"):
         host.snapshot("nope")
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        host.create_instance("Not_Valid", config())
+        host.create_instance("Not_Valid", config(), envelope_pb2.HeadStatement(), NOW_MS)
     assert host.ecalls == 5
 
 
@@ -124,15 +133,17 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
         assert host.get_status().memory_budget_bytes == 8 * 1024 * 1024
         assert (tmp_path / "node-a.secret").stat().st_mode & 0o777 == 0o600
         host.provision_key("v", 1, wrap_key(keys, "v", 1, b"k" * 32))
-        host.create_instance("v", config())
+        # Fast acknowledgment: answers come back at once (no keyvault here to confirm heads).
+        fast = config(acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST)
+        host.create_instance("v", fast, head_statement(keys, "v", host.issue_challenge("v")), NOW_MS)
         client = Client(keys, "v")
         sealed = client.seal(vault(put=apps_pb2.VaultPut(record_id="r", data=b"hello")))
         (outcome,) = host.execute_batch("v", [sealed.command], 0).outcomes
         assert outcome.accepted
         assert error_code(client.read(sealed, outcome)) == "OK"
         query = client.seal(vault(get=apps_pb2.VaultGet(owner="alice", record_id="r")), counter=0)
-        assert client.read(query, host.query("v", query.command, 0)).result.vault.get.data == b"hello"
-        assert len(host.get_quote(b"\x01" * 32)) > 1000
+        assert client.read(query, host.query("v", query.command, 0).outcome).result.vault.get.data == b"hello"
+        assert len(host.get_quote(b"\x01" * 32).quote) > 1000
         blob = host.seal()
         with pytest.raises(EnclaveCallError, match="UNIMPLEMENTED"):
             host.call("Nope", ecall_pb2.GetStatusRequest(), ecall_pb2.GetStatusResponse)

@@ -149,36 +149,39 @@ def test_tampered_log_entry_is_refused_on_restore(
     harness.provision("v", 2)  # a second key version exists, so "wrong version" is a real key
     entries = [envelope_pb2.LogEntry.FromString(e.SerializeToString()) for e in harness.log["v"]]
     ENTRY_TAMPERS[tamper](entries[position])
-    before = harness.enclave.state_digest()
+    fresh = harness.restarted()
+    before = fresh.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.restore("v", entries)
-    assert harness.enclave.state_digest() == before
+        fresh.restore("v", entries)
+    assert fresh.enclave.state_digest() == before
 
 
 def test_broken_chain_and_reordered_entries_are_refused(vault_harness: tuple[Harness, Client]) -> None:
     harness, client = vault_harness
     harness.call(client, PUT)
     entries = harness.log["v"]
-    before = harness.enclave.state_digest()
+    fresh = harness.restarted()
+    before = fresh.enclave.state_digest()
     for bad in ([entries[0], entries[2], entries[1]], entries[1:], [entries[0], entries[2]]):
         with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-            harness.restore("v", bad)
+            fresh.restore("v", bad)
     relabelled = envelope_pb2.LogEntry.FromString(entries[1].SerializeToString())
     relabelled.previous_hash = _flip(relabelled.previous_hash, 3)
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.restore("v", [entries[0], relabelled])
-    assert harness.enclave.state_digest() == before
-    assert harness.restore("v", entries).sequence == 3  # the untouched log restores
+        fresh.restore("v", [entries[0], relabelled])
+    assert fresh.enclave.state_digest() == before
+    assert fresh.restore("v", entries).sequence == 3  # the untouched log restores
 
 
 def test_entry_under_an_unprovisioned_key_version_is_refused(vault_harness: tuple[Harness, Client]) -> None:
     harness, _ = vault_harness
     entry = envelope_pb2.LogEntry.FromString(harness.log["v"][0].SerializeToString())
     entry.key_version = 9
-    before = harness.enclave.state_digest()
+    fresh = harness.restarted()
+    before = fresh.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION"):
-        harness.restore("v", [entry])
-    assert harness.enclave.state_digest() == before
+        fresh.restore("v", [entry])
+    assert fresh.enclave.state_digest() == before
 
 
 SnapshotTamper = Callable[[envelope_pb2.EncryptedSnapshot], None]
@@ -197,12 +200,13 @@ def test_tampered_snapshot_is_refused(vault_harness: tuple[Harness, Client], tam
     harness.provision("v", 2)
     snapshot = harness.host.snapshot("v")
     assert snapshot.key_version == 2  # snapshots use the newest key
-    harness.restore("v", [], snapshot)  # the untouched snapshot restores
+    harness.restarted().restore("v", [], snapshot)  # the untouched snapshot restores
     SNAPSHOT_TAMPERS[tamper](snapshot)
-    before = harness.enclave.state_digest()
+    fresh = harness.restarted()
+    before = fresh.enclave.state_digest()
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.restore("v", [], snapshot)
-    assert harness.enclave.state_digest() == before
+        fresh.restore("v", [], snapshot)
+    assert fresh.enclave.state_digest() == before
 
 
 def test_snapshot_of_another_instance_is_refused(vault_harness: tuple[Harness, Client]) -> None:
@@ -211,7 +215,7 @@ def test_snapshot_of_another_instance_is_refused(vault_harness: tuple[Harness, C
     snapshot = harness.host.snapshot("w")
     snapshot.instance_id = "v"  # relabelled: the key and the AAD no longer match
     with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
-        harness.restore("v", [], snapshot)
+        harness.restarted().restore("v", [], snapshot)
 
 
 # --- keys --------------------------------------------------------------------------------------
@@ -259,5 +263,5 @@ def test_tampered_or_misdirected_wrapped_key_is_refused(harness: Harness) -> Non
 
 def test_no_key_no_instance_and_no_batch(harness: Harness) -> None:
     with pytest.raises(EnclaveCallError, match="FAILED_PRECONDITION"):
-        harness.host.create_instance("v", config())
+        harness.create_raw("v", config())
     assert bytes(32) == wire.ZERO_HASH

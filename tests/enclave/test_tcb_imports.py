@@ -26,6 +26,7 @@ STDLIB_CORE = {
     "collections.abc",
     "dataclasses",
     "hashlib",
+    "hmac",
     "json",
     "logging",
     "math",
@@ -54,7 +55,8 @@ NEVER = (
     "ctypes",
     "importlib",
 )
-TCB_BUDGET_LINES = 2400  # non-blank, non-comment lines of enclave/**/*.py
+TCB_BUDGET_LINES = 2700  # non-blank, non-comment lines of enclave/**/*.py (2,400 before the
+# hostile-host fixes: challenges, links, held answers, descriptors, counter state)
 
 
 def _modules() -> list[Path]:

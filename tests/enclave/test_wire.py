@@ -18,7 +18,6 @@ from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 from enclave import crypto, wire
 from enclave.errors import DecryptionError
-from services.keyvault.heads import commit_head_message
 from services.keyvault.keys import release_info
 from tests.enclave.support import PQ, Harness, config, error_code, vault
 
@@ -106,11 +105,66 @@ def test_wrapped_key_signing_bytes_and_sealed_keys_aad() -> None:
     assert wire.sealed_keys_aad(pinned) == b"veil/sealed-keys/v2\x00\x20" + pinned
 
 
-def test_commit_head_bytes_match_the_keyvault() -> None:
-    head_hash = hashlib.sha256(b"h").digest()
-    expected = b"veil/commit-head/v1" + b"\x00\x03abc" + struct.pack(">Q", 42) + head_hash
-    assert wire.commit_head_signing_bytes("abc", 42, head_hash) == expected
-    assert commit_head_message("abc", 42, head_hash) == expected
+def test_report_data_binds_only_the_runtime_data_and_a_32_byte_nonce() -> None:
+    runtime, nonce = b"keys", b"n" * 32
+    expected = hashlib.sha256(b"veil/report-data/v1" + b"\x00\x00\x00\x04keys" + b"\x00\x20" + nonce).digest()
+    assert wire.report_data(runtime, nonce) == expected + bytes(32)
+    for bad in (b"", b"n" * 31, b"n" * 33, b"n" * 64):
+        with pytest.raises(ValueError, match="nonce must be 32 bytes"):
+            wire.report_data(runtime, bad)
+
+
+def test_head_statement_and_confirmation_bytes() -> None:
+    h, g, c = b"h" * 32, b"g" * 32, b"c" * 32
+    statement = envelope_pb2.HeadStatement(
+        instance_id="abc",
+        challenge=b"x" * 32,
+        enclave_signing_public_key=b"k" * 32,
+        head=envelope_pb2.CommitHead(sequence=42, hash=h),
+        genesis_hash=g,
+        config_hash=c,
+        not_after_unix_ms=7,
+    )
+    assert wire.head_statement_bytes(statement) == (
+        b"veil/head-statement/v1\x00\x03abc"
+        + b"\x00\x20" + b"x" * 32
+        + b"\x00\x20" + b"k" * 32
+        + struct.pack(">Q", 42)
+        + b"\x00\x20" + h
+        + b"\x00\x20" + g
+        + b"\x00\x20" + c
+        + struct.pack(">Q", 7)
+    )  # fmt: skip
+    absent = envelope_pb2.HeadStatement(
+        instance_id="abc", challenge=b"x" * 32, enclave_signing_public_key=b"k" * 32
+    )
+    assert wire.head_statement_bytes(absent) == (
+        b"veil/head-statement/v1\x00\x03abc\x00\x20" + b"x" * 32 + b"\x00\x20" + b"k" * 32
+        + bytes(8) + b"\x00\x00" * 3 + bytes(8)
+    )  # fmt: skip
+    assert wire.head_confirmation_bytes("abc", 42, h) == (
+        b"veil/head-confirmation/v1\x00\x03abc" + struct.pack(">Q", 42) + h
+    )
+
+
+def test_commit_link_descriptor_and_held_answer_bytes() -> None:
+    g, c, b, h = b"g" * 32, b"c" * 32, b"b" * 32, b"h" * 32
+    link = envelope_pb2.CommitLink(
+        instance_id="abc",
+        genesis_hash=g,
+        config_hash=c,
+        base=envelope_pb2.CommitHead(sequence=3, hash=b),
+        head=envelope_pb2.CommitHead(sequence=9, hash=h),
+    )
+    assert wire.commit_link_bytes(link) == (
+        b"veil/commit-link/v1\x00\x03abc" + g + c + struct.pack(">Q", 3) + b + struct.pack(">Q", 9) + h
+    )
+    assert wire.instance_descriptor_bytes("abc", c, g) == b"veil/instance/v1\x00\x03abc" + c + g
+    assert wire.config_hash(b"cfg") == hashlib.sha256(b"cfg").digest()
+    assert wire.held_response_aad("abc", 9) == b"veil/held-response/v1\x00\x03abc" + struct.pack(">Q", 9)
+    link.base.hash = b"short"
+    with pytest.raises(ValueError, match="base hash"):
+        wire.commit_link_bytes(link)
 
 
 def test_receipt_and_command_signing_bytes() -> None:

@@ -144,7 +144,9 @@ def keys(
 def heads(
     store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, enclave_policy: EnclavePolicy
 ) -> CommitHeads:
-    return CommitHeads(store, audit, verifier, clock, enclave_policy=enclave_policy)
+    return CommitHeads(
+        store, audit, verifier, clock, enclave_policy=enclave_policy, release_signer=fixed_release_signer()
+    )
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from enclave import wire
 from enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
 from services.keyvault.config import DEFAULT_ISSUER
 from services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json
-from services.keyvault.heads import commit_head_message
 from services.keyvault.keys import ReleasedKey, open_released_key
 from services.keyvault.policy import parse_policy
 from services.keyvault.release_key import ReleaseSigner
@@ -49,6 +48,9 @@ ADMIN = "spiffe://veil/admin"
 #: The library tests' release-signing key (the real one is created by the keyvault at start).
 RELEASE_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"veil keyvault test release key").digest())
 RELEASE_PUBLIC_KEY = RELEASE_KEY.public_key().public_bytes_raw()
+#: The genesis and configuration hashes of the test instances' commit links.
+GENESIS = hashlib.sha256(b"test genesis").digest()
+CONFIG = hashlib.sha256(b"test config").digest()
 
 
 def fixed_release_signer() -> ReleaseSigner:
@@ -174,15 +176,32 @@ class FakeEnclave:
 
     def token(self, issuer: TokenIssuer, *, runtime_data: bytes | None = None) -> IssuedToken:
         """Attest (as the keyvault would after verifying the quote) and get a token."""
-        nonce = os.urandom(16)
+        nonce = os.urandom(32)
         data = self.runtime_data if runtime_data is None else runtime_data
         quote = self.quote(nonce, runtime_data=data)
         return issuer.issue(
             quote, runtime_data=data, nonce=nonce, quote_hash=hashlib.sha256(b"quote").digest()
         )
 
-    def sign_head(self, instance_id: str, sequence: int, head_hash: bytes) -> bytes:
-        return self.signing_key.sign(commit_head_message(instance_id, sequence, head_hash))
+    def link(
+        self,
+        instance_id: str,
+        base: tuple[int, bytes],
+        head: tuple[int, bytes],
+        *,
+        genesis_hash: bytes = GENESIS,
+        config_hash: bytes = CONFIG,
+    ) -> envelope_pb2.CommitLink:
+        """A commit link from `base` to `head` (sequence, hash) signed by this enclave."""
+        link = envelope_pb2.CommitLink(
+            instance_id=instance_id,
+            genesis_hash=genesis_hash,
+            config_hash=config_hash,
+            base=envelope_pb2.CommitHead(sequence=base[0], hash=base[1]),
+            head=envelope_pb2.CommitHead(sequence=head[0], hash=head[1]),
+        )
+        link.signature = self.signing_key.sign(wire.commit_link_bytes(link))
+        return link
 
     def open(self, released: ReleasedKey) -> bytes:
         return open_released_key(released, self.hpke_key)

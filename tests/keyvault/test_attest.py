@@ -63,7 +63,7 @@ def test_sim_quote_gives_a_token(
 def test_debug_sim_quote_is_reported_as_debuggable(
     attestor: Attestor, pki_dir: Path, enclave: FakeEnclave
 ) -> None:
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     quote = evidence(sim_provider(pki_dir, debug=True), enclave, nonce)
     assert attestor.attest(quote, enclave.runtime_data, nonce, caller=CALLER).claims["x-ms-sgx-is-debuggable"]
 
@@ -71,10 +71,10 @@ def test_debug_sim_quote_is_reported_as_debuggable(
 def test_report_data_must_bind_runtime_data_and_nonce(
     attestor: Attestor, pki_dir: Path, enclave: FakeEnclave, audit: AuditLog
 ) -> None:
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     quote = evidence(sim_provider(pki_dir), enclave, nonce)
     with pytest.raises(AttestationError, match="report data"):
-        attestor.attest(quote, enclave.runtime_data, os.urandom(16), caller=CALLER)
+        attestor.attest(quote, enclave.runtime_data, os.urandom(32), caller=CALLER)
     with pytest.raises(AttestationError, match="report data"):
         attestor.attest(quote, FakeEnclave().runtime_data, nonce, caller=CALLER)
     event = audit.list_events().events[-1]
@@ -83,7 +83,7 @@ def test_report_data_must_bind_runtime_data_and_nonce(
 
 
 def test_runtime_data_must_be_enclave_public_keys(attestor: Attestor, pki_dir: Path) -> None:
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     runtime_data = b"\x0a\x03abc"  # a protobuf, but no usable keys
     quote = sim_provider(pki_dir).quote(expected_report_data(runtime_data, nonce))
     with pytest.raises(AttestationError) as caught:
@@ -97,7 +97,7 @@ def test_sim_quote_is_refused_under_the_intel_root(
     production = Attestor(
         issuer, audit, clock, root_public_key=intel_root_public_key(), release_public_key=RELEASE_PUBLIC_KEY
     )
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     with pytest.raises(AttestationError) as caught:
         production.attest(
             evidence(sim_provider(pki_dir), enclave, nonce), enclave.runtime_data, nonce, caller=CALLER
@@ -107,7 +107,7 @@ def test_sim_quote_is_refused_under_the_intel_root(
 
 
 def test_tampered_quote_is_refused(attestor: Attestor, pki_dir: Path, enclave: FakeEnclave) -> None:
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     quote = bytearray(evidence(sim_provider(pki_dir), enclave, nonce))
     quote[112] ^= 0x01  # inside the report body (MRENCLAVE)
     with pytest.raises(AttestationError) as caught:
@@ -130,7 +130,7 @@ def test_enclave_pinned_to_another_keyvault_is_refused_and_audited(
     # A host that pins its own release key could provision keys it knows: no token for it.
     host_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
     rogue = FakeEnclave(keyvault_release_public_key=host_key)
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     quote = evidence(sim_provider(pki_dir), rogue, nonce)
     with pytest.raises(AttestationError, match="pins another keyvault release key") as caught:
         attestor.attest(quote, rogue.runtime_data, nonce, caller=CALLER)
@@ -184,7 +184,7 @@ def test_runtime_data_must_carry_the_pin_canonically(
     attestor: Attestor, pki_dir: Path, enclave: FakeEnclave, variant: str
 ) -> None:
     runtime_data = _runtime_variants(enclave)[variant]
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     quote = sim_provider(pki_dir).quote(expected_report_data(runtime_data, nonce))
     with pytest.raises(AttestationError) as caught:
         attestor.attest(quote, runtime_data, nonce, caller=CALLER)

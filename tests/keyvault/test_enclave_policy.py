@@ -37,7 +37,7 @@ from services.keyvault.release_key import ReleaseSigner
 from services.keyvault.store import AuditRecord, Store
 from services.keyvault.tokens import TokenIssuer, TokenVerifier
 
-from .support import ADMIN, CALLER, ISSUER, FakeClock, FakeEnclave, policy_json
+from .support import ADMIN, CALLER, ISSUER, FakeClock, FakeEnclave, fixed_release_signer, policy_json
 
 STATE = CALLER
 INSTANCE_KEY = "instance.vault-7"
@@ -62,10 +62,10 @@ def head_hash(sequence: int) -> bytes:
 
 
 def advance(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, sequence: int) -> int:
-    digest = head_hash(sequence)
-    signature = enclave.sign_head(INSTANCE, sequence, digest)
+    base = (sequence - 1, head_hash(sequence - 1) if sequence > 1 else bytes(32))
+    link = enclave.link(INSTANCE, base, (sequence, head_hash(sequence)))
     token = enclave.token(issuer).token
-    return heads.advance(INSTANCE, sequence, digest, signature, token, caller=STATE).sequence
+    return heads.advance(INSTANCE, [link], token, caller=STATE).sequence
 
 
 @pytest.fixture
@@ -202,7 +202,14 @@ def test_only_enclaves_in_the_operator_policy_advance_heads(
 def test_an_unconfigured_operator_policy_refuses_every_head_advance(
     store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, issuer: TokenIssuer
 ) -> None:
-    unguarded = CommitHeads(store, audit, verifier, clock, enclave_policy=EnclavePolicy.not_configured())
+    unguarded = CommitHeads(
+        store,
+        audit,
+        verifier,
+        clock,
+        enclave_policy=EnclavePolicy.not_configured(),
+        release_signer=fixed_release_signer(),
+    )
     with pytest.raises(HeadRefusedError, match="VEIL_KEYVAULT_ENCLAVE_POLICY_FILE") as caught:
         advance(unguarded, issuer, FakeEnclave(), 1)
     assert caught.value.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"

@@ -319,7 +319,7 @@ def test_token_for_other_runtime_data_is_refused(
 ) -> None:
     keys.create("orders", measurement_policy(), caller=ADMIN)
     # A token whose runtime data (ehd) is not what the quote's report data binds.
-    nonce = os.urandom(16)
+    nonce = os.urandom(32)
     attacker = FakeEnclave()
     mismatched = issuer.issue(
         enclave.quote(nonce), runtime_data=attacker.runtime_data, nonce=nonce, quote_hash=b"\x00" * 32

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -147,64 +146,73 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     )
 
     head_hash = hashlib.sha256(b"entry 3").digest()
+    link = enclave.link(INSTANCE, (0, bytes(32)), (3, head_hash))
     advanced = state.AdvanceCommitHead(
-        keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=INSTANCE,
-            sequence=3,
-            hash=head_hash,
-            signature=enclave.sign_head(INSTANCE, 3, head_hash),
-            token=token,
-        ),
-        timeout=10,
+        keyvault_pb2.AdvanceCommitHeadRequest(instance_id=INSTANCE, links=[link], token=token), timeout=10
     )
     assert advanced.sequence == 3
+    # The answer is the release key's confirmation of the stored head (a strict enclave needs it).
+    release_verifier = Ed25519PublicKey.from_public_bytes(release_public_key)
+    confirmation = advanced.confirmation
+    assert (confirmation.head.sequence, confirmation.head.hash) == (3, head_hash)
+    release_verifier.verify(confirmation.signature, wire.head_confirmation_bytes(INSTANCE, 3, head_hash))
     head = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10)
     assert (head.sequence, head.hash, head.signing_public_key) == (3, head_hash, enclave.signing_public_bytes)
-    assert head.freshness_signature == b""  # no enclave key asked: no statement
-    # The freshness statement Restore requires: the head, for the asking enclave's key only.
+    assert (head.genesis_hash, head.config_hash) == (link.genesis_hash, link.config_hash)
+    assert not head.HasField("statement")  # no enclave key and challenge asked: no statement
+    # The statement Create/Restore require: the head, for the asking enclave key and challenge only.
     fresh_enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
+    challenge = os.urandom(32)
     signed = state.GetCommitHead(
+        keyvault_pb2.GetCommitHeadRequest(
+            instance_id=INSTANCE,
+            enclave_signing_public_key=fresh_enclave.signing_public_bytes,
+            challenge=challenge,
+        ),
+        timeout=10,
+    ).statement
+    assert (signed.head.sequence, signed.head.hash, signed.challenge) == (3, head_hash, challenge)
+    assert signed.enclave_signing_public_key == fresh_enclave.signing_public_bytes
+    release_verifier.verify(signed.signature, wire.head_statement_bytes(signed))
+    for bad in (
+        keyvault_pb2.GetCommitHeadRequest(
+            instance_id=INSTANCE, enclave_signing_public_key=b"k", challenge=challenge
+        ),
         keyvault_pb2.GetCommitHeadRequest(
             instance_id=INSTANCE, enclave_signing_public_key=fresh_enclave.signing_public_bytes
         ),
-        timeout=10,
-    )
-    release_verifier = Ed25519PublicKey.from_public_bytes(release_public_key)
-    release_verifier.verify(
-        signed.freshness_signature,
-        wire.head_freshness_bytes(INSTANCE, 3, head_hash, fresh_enclave.signing_public_bytes),
-    )
-    with pytest.raises(InvalidSignature):  # not a statement for another enclave (an earlier boot)
-        release_verifier.verify(
-            signed.freshness_signature,
-            wire.head_freshness_bytes(INSTANCE, 3, head_hash, enclave.signing_public_bytes),
+    ):
+        assert (
+            refusal(lambda bad=bad: state.GetCommitHead(bad, timeout=10))[0]
+            == grpc.StatusCode.INVALID_ARGUMENT
         )
-    short_key = keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE, enclave_signing_public_key=b"k")
-    assert refusal(lambda: state.GetCommitHead(short_key, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
     old_hash = hashlib.sha256(b"entry 2").digest()
     rollback = keyvault_pb2.AdvanceCommitHeadRequest(
-        instance_id=INSTANCE,
-        sequence=2,
-        hash=old_hash,
-        signature=enclave.sign_head(INSTANCE, 2, old_hash),
-        token=token,
+        instance_id=INSTANCE, links=[enclave.link(INSTANCE, (1, old_hash), (2, old_hash))], token=token
     )
     assert refusal(lambda: state.AdvanceCommitHead(rollback, timeout=10)) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "COMMIT_HEAD_ROLLBACK",
     )
+    unlinked = keyvault_pb2.AdvanceCommitHeadRequest(
+        instance_id=INSTANCE, sequence=4, hash=old_hash, token=token
+    )
+    assert (
+        refusal(lambda: state.AdvanceCommitHead(unlinked, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    )
     empty = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id="never"), timeout=10)
     assert (empty.sequence, empty.hash) == (0, b"")
     unknown = state.GetCommitHead(
         keyvault_pb2.GetCommitHeadRequest(
-            instance_id="never", enclave_signing_public_key=fresh_enclave.signing_public_bytes
+            instance_id="never",
+            enclave_signing_public_key=fresh_enclave.signing_public_bytes,
+            challenge=challenge,
         ),
         timeout=10,
-    )
-    release_verifier.verify(  # "no head" is a signed statement too (sequence 0)
-        unknown.freshness_signature,
-        wire.head_freshness_bytes("never", 0, b"", fresh_enclave.signing_public_bytes),
-    )
+    ).statement
+    # "No such instance" is a signed statement too (sequence 0, no genesis).
+    assert (unknown.head.sequence, unknown.genesis_hash) == (0, b"")
+    release_verifier.verify(unknown.signature, wire.head_statement_bytes(unknown))
 
     page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
     actions = [(event.action, event.outcome) for event in page.events]
@@ -215,6 +223,7 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
         ("release", "allowed"),
         ("release", "refused"),
         ("advance_commit_head", "allowed"),
+        ("advance_commit_head", "refused"),
         ("advance_commit_head", "refused"),
     ]
     assert {event.caller for event in page.events[1:]} == {"spiffe://veil/state"}
@@ -318,8 +327,9 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
 
     def fresh_token() -> str:
         nonce = os.urandom(32)
-        quote = host.get_quote(expected_report_data(runtime_data, nonce))
-        request = keyvault_pb2.AttestRequest(quote=quote, runtime_data=runtime_data, nonce=nonce)
+        quoted = host.get_quote(nonce)
+        assert quoted.runtime_data == runtime_data
+        request = keyvault_pb2.AttestRequest(quote=quoted.quote, runtime_data=runtime_data, nonce=nonce)
         return state.Attest(request, timeout=10).token
 
     policy = policy_json(
@@ -348,13 +358,40 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
     with pytest.raises(EnclaveCallError, match="PERMISSION_DENIED"):
         host.provision_key("inst-2", released.version, wrapped)
     host.provision_key(INSTANCE, released.version, wrapped)
-    created = host.create_instance(
-        INSTANCE,
-        envelope_pb2.InstanceConfig(
-            app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_NONE
-        ),
+
+    # The real keyvault's statement lets the enclave create the instance; its link registers the
+    # genesis; the keyvault's confirmation is accepted by the enclave (it pins the release key).
+    def statement() -> envelope_pb2.HeadStatement:
+        request = keyvault_pb2.GetCommitHeadRequest(
+            instance_id=INSTANCE,
+            enclave_signing_public_key=keys.signing_public_key,
+            challenge=host.issue_challenge(INSTANCE),
+        )
+        return state.GetCommitHead(request, timeout=10).statement
+
+    config = envelope_pb2.InstanceConfig(
+        app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_NONE
     )
-    assert created.head.head.sequence == 1
+    created = host.create_instance(INSTANCE, config, statement(), int(time.time() * 1000))
+    assert created.link.head.sequence == 1
+    advanced = state.AdvanceCommitHead(
+        keyvault_pb2.AdvanceCommitHeadRequest(
+            instance_id=INSTANCE, links=[created.link], token=fresh_token()
+        ),
+        timeout=10,
+    )
+    assert [hold.held_until for hold in host.confirm_head(advanced.confirmation)] == [1]
+    # A second creation of the id, by this or any enclave, now needs a statement the keyvault
+    # will never give: it holds the instance.
+    other = Enclave(
+        mrenclave=SIM_MRENCLAVE,
+        quote_provider=sim_provider(pki_dir),
+        sealing_provider=SimSealingProvider(os.urandom(32), SIM_MRENCLAVE),
+    )
+    host = EnclaveHost.from_dispatcher(Dispatcher(other))
+    keys = host.initialize(keyvault_release_public_key=release_public_key).keys
+    with pytest.raises(EnclaveCallError, match="ALREADY_EXISTS: the keyvault holds this instance"):
+        host.create_instance(INSTANCE, config, statement(), int(time.time() * 1000))
 
 
 def test_attest_refuses_an_enclave_pinned_to_another_keyvault(stub: Stubs, pki_dir: Path) -> None:
@@ -415,14 +452,9 @@ LOOSE_POLICY = policy_json(
 
 
 def head_request(enclave: FakeEnclave, token: str, sequence: int) -> keyvault_pb2.AdvanceCommitHeadRequest:
-    digest = hashlib.sha256(b"entry %d" % sequence).digest()
-    return keyvault_pb2.AdvanceCommitHeadRequest(
-        instance_id=INSTANCE,
-        sequence=sequence,
-        hash=digest,
-        signature=enclave.sign_head(INSTANCE, sequence, digest),
-        token=token,
-    )
+    """Register the instance with a link from 0 to `sequence`."""
+    link = enclave.link(INSTANCE, (0, bytes(32)), (sequence, hashlib.sha256(b"entry %d" % sequence).digest()))
+    return keyvault_pb2.AdvanceCommitHeadRequest(instance_id=INSTANCE, links=[link], token=token)
 
 
 def test_a_debug_build_gets_no_instance_key_whatever_policy_the_state_wrote(

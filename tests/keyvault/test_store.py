@@ -30,6 +30,8 @@ def head(sequence: int, fill: int = 1, instance: str = "inst-1") -> CommitHeadRe
         instance_id=instance,
         sequence=sequence,
         hash=bytes([fill]) * 32,
+        genesis_hash=b"g" * 32,
+        config_hash=b"c" * 32,
         signing_public_key=b"k" * 32,
         updated_us=sequence,
     )

@@ -238,14 +238,19 @@ def test_signing_keys_are_stored_wrapped_and_shared_by_replicas(
 
 
 def test_report_data_binding() -> None:
-    good = expected_report_data(b"runtime", b"nonce")
-    check_report_data(good, b"runtime", b"nonce")
-    with pytest.raises(AttestationError, match="SHA-256"):
-        check_report_data(good, b"runtime", b"other nonce")
+    nonce = b"n" * 32
+    good = expected_report_data(b"runtime", nonce)
+    check_report_data(good, b"runtime", nonce)
+    with pytest.raises(AttestationError, match="does not bind"):
+        check_report_data(good, b"runtime", b"o" * 32)
+    with pytest.raises(AttestationError, match="does not bind"):
+        check_report_data(good, b"runtime!", nonce)
     with pytest.raises(AttestationError, match="must be zero"):
-        check_report_data(good[:32] + b"\x01" + good[33:], b"runtime", b"nonce")
+        check_report_data(good[:32] + b"\x01" + good[33:], b"runtime", nonce)
     with pytest.raises(AttestationError):
-        check_report_data(good[:32], b"runtime", b"nonce")
+        check_report_data(good[:32], b"runtime", nonce)
+    with pytest.raises(AttestationError, match="nonce must be 32 bytes"):
+        check_report_data(good, b"runtime", b"short")
 
 
 @pytest.mark.parametrize("text", ["AA==", "A+/B", "AB", "a b", "Zg=", "Zh"])
