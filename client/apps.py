@@ -158,6 +158,7 @@ class VoteReceipt:
     salt: bytes
     commitment: bytes
     receipt: envelope_pb2.Receipt
+    replaced: bool = False  # this vote replaced the voter's earlier one (not kept in to_json)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -202,11 +203,25 @@ class BallotClient(_AppClient):
     _field = "ballot"
 
     def create(
-        self, ballot_id: str, question: str, options: Sequence[str], eligible_voters: Sequence[str] = ()
+        self,
+        ballot_id: str,
+        question: str,
+        options: Sequence[str],
+        eligible_voters: Sequence[str] = (),
+        *,
+        min_votes: int = 0,
     ) -> None:
-        """Open a ballot; this identity becomes its creator (empty voters: open to everyone)."""
+        """Open a ballot; this identity becomes its creator (empty voters: open to everyone).
+
+        `min_votes` raises the number of votes needed to close above the instance's minimum
+        (default 3); it cannot lower it.
+        """
         message = apps_pb2.BallotCreate(
-            ballot_id=ballot_id, question=question, options=options, eligible_voters=eligible_voters
+            ballot_id=ballot_id,
+            question=question,
+            options=options,
+            eligible_voters=eligible_voters,
+            min_votes=min_votes,
         )
         self._execute("create", message)
 
@@ -222,7 +237,14 @@ class BallotClient(_AppClient):
         if self.last is None or self.last.receipt is None:
             raise IntegrityError("the vote was not committed with a receipt")
         return VoteReceipt(
-            self.instance_id, ballot_id, self.account, option, salt, result.commitment, self.last.receipt
+            self.instance_id,
+            ballot_id,
+            self.account,
+            option,
+            salt,
+            result.commitment,
+            self.last.receipt,
+            replaced=result.replaced,
         )
 
     def close(self, ballot_id: str) -> Tally:

@@ -252,6 +252,12 @@ def _ballot_commands(commands: Any, module: Any) -> None:
     open_ballot.add_argument(
         "--voter", action="append", default=[], help="eligible voter (repeat; default: all)"
     )
+    open_ballot.add_argument(
+        "--min-votes",
+        type=int,
+        default=0,
+        help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
+    )
     _sdk(open_ballot, module.ballot_create, identity=True)
     vote = ballot.add_parser("vote", help="cast or replace your vote; keeps a receipt to verify later")
     vote.add_argument("instance")

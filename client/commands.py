@@ -447,7 +447,7 @@ def ballot_create(args: argparse.Namespace) -> int:
     voters = [_account(args, v) for v in args.voter]
     with open_client(args) as veil:
         ballot = veil.ballot(args.instance, _identity(args))
-        ballot.create(args.ballot, args.question, args.option, voters)
+        ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
     document = {
         "ballot_id": args.ballot,
         "options": args.option,
@@ -479,6 +479,7 @@ def ballot_vote(args: argparse.Namespace) -> int:
     document = {
         "ballot_id": args.ballot,
         "commitment": vote.commitment.hex(),
+        "replaced": vote.replaced,
         "saved": str(path),
         "receipt": _receipt_json(ballot.last),
     }
@@ -486,7 +487,8 @@ def ballot_vote(args: argparse.Namespace) -> int:
         args,
         document,
         lambda: print(
-            f"vote cast; commitment {vote.commitment.hex()}; {_receipt_line(ballot.last)}\n"
+            f"vote cast{' (replaced your earlier vote)' if vote.replaced else ''}; "
+            f"commitment {vote.commitment.hex()}; {_receipt_line(ballot.last)}\n"
             f"vote receipt saved to {path} (keep it: it proves your vote later)"
         ),
     )

@@ -15,11 +15,15 @@ recompute from their option and salt) is a leaf under the tally's root, and that
 sum to the number of leaves. Commitments hide votes (salted hashes), so publishing the root
 reveals nothing. At close each stored vote is reduced to its commitment: option and salt are
 erased from the state.
+
+Anonymity set: `close` needs the ballot's minimum number of votes (the larger of the instance's
+`ballot_min_votes`, default 3, and the ballot's `min_votes`). Bounds: at most MAX_VOTERS voters;
+keys under ("ballot", id): "eligible"/voter, "vote"/voter, "voter"/i (the distinct voters in
+order, so close reads this ballot's votes only; erased at close), "tree"/h (Merkle level h).
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping
 
 from veil.enclave.v1 import apps_pb2, envelope_pb2
@@ -39,19 +43,17 @@ from enclave.errors import (
 MAX_OPTIONS = 64
 MAX_QUESTION_SIZE = 4096
 MIN_SALT, MAX_SALT = 16, 64
+DEFAULT_MIN_VOTES = 3  # the anonymity set when the instance sets no ballot_min_votes
+MAX_VOTERS = 65_536  # bounds close (O(voters)) and the state a ballot can hold
 
 
-def _ballot_key(ballot_id: str) -> tuple[str, ...]:
-    return ("ballot", ballot_id)
-
-
-def _vote_key(ballot_id: str, voter: str) -> tuple[str, ...]:
-    return ("ballot", ballot_id, "vote", voter)
+def _key(ballot_id: str, *parts: str) -> tuple[str, ...]:
+    return ("ballot", ballot_id, *parts)
 
 
 def _ballot(context: CallContext, ballot_id: str) -> apps_pb2.BallotRecord:
     check_name(ballot_id, "ballot_id")
-    record: apps_pb2.BallotRecord | None = load(context.store, _ballot_key(ballot_id), apps_pb2.BallotRecord)
+    record: apps_pb2.BallotRecord | None = load(context.store, _key(ballot_id), apps_pb2.BallotRecord)
     if record is None:
         raise EnclaveError(NOT_FOUND, "ballot not found")
     return record
@@ -69,6 +71,11 @@ class BallotApp(App):
     field = "ballot"
     read_only = frozenset({"tally", "proof", "info"})
 
+    def validate_config(self, config: envelope_pb2.InstanceConfig) -> None:
+        """Refuse a minimum no ballot could reach."""
+        if config.ballot_min_votes > MAX_VOTERS:
+            raise EnclaveError(INVALID_ARGUMENT, f"ballot_min_votes above the {MAX_VOTERS}-voter cap")
+
     def methods(self) -> Mapping[str, Handler]:
         return {
             "create": self.create,
@@ -82,7 +89,7 @@ class BallotApp(App):
     def create(self, context: CallContext, request: apps_pb2.BallotCreate) -> apps_pb2.BallotCreateResult:
         """Open a ballot; the caller is its creator."""
         check_name(request.ballot_id, "ballot_id")
-        if context.store.get(_ballot_key(request.ballot_id)) is not None:
+        if context.store.get(_key(request.ballot_id)) is not None:
             raise EnclaveError(ALREADY_EXISTS, "ballot exists")
         if len(request.question.encode("utf-8")) > MAX_QUESTION_SIZE:
             raise EnclaveError(INVALID_ARGUMENT, "question too long")
@@ -90,57 +97,90 @@ class BallotApp(App):
             raise EnclaveError(INVALID_ARGUMENT, f"2 to {MAX_OPTIONS} distinct options")
         for option in request.options:
             check_name(option, "option")
-        for voter in request.eligible_voters:
+        eligible = sorted(set(request.eligible_voters))
+        if len(eligible) > MAX_VOTERS:
+            raise EnclaveError(INVALID_ARGUMENT, f"at most {MAX_VOTERS} eligible voters")
+        min_votes = max(context.config.ballot_min_votes or DEFAULT_MIN_VOTES, request.min_votes)
+        reachable = len(eligible) or MAX_VOTERS
+        if min_votes > reachable:  # it could never close
+            raise EnclaveError(
+                INVALID_ARGUMENT, f"the ballot needs {min_votes} votes to close but only {reachable} may vote"
+            )
+        for voter in eligible:
             check_name(voter, "eligible voter")
+            context.store.put(_key(request.ballot_id, "eligible", voter), b"")
         record = apps_pb2.BallotRecord(
             question=request.question,
             options=request.options,
             creator=context.caller.account,
-            eligible_voters=sorted(set(request.eligible_voters)),
+            open_to_all=not eligible,
+            min_votes=min_votes,
         )
-        save(context.store, _ballot_key(request.ballot_id), record)
+        save(context.store, _key(request.ballot_id), record)
         return apps_pb2.BallotCreateResult()
 
     def vote(self, context: CallContext, request: apps_pb2.BallotVote) -> apps_pb2.BallotVoteResult:
         """Cast or replace the caller's vote; returns its commitment."""
-        record = _ballot(context, request.ballot_id)
+        ballot_id, voter = request.ballot_id, context.caller.account
+        record = _ballot(context, ballot_id)
         if record.closed:
             raise EnclaveError(FAILED_PRECONDITION, "ballot is closed")
-        voter = context.caller.account
-        voters = record.eligible_voters  # sorted at create
-        index = bisect.bisect_left(voters, voter)
-        if voters and (index == len(voters) or voters[index] != voter):
+        if not record.open_to_all and context.store.get(_key(ballot_id, "eligible", voter)) is None:
             raise EnclaveError(PERMISSION_DENIED, "not an eligible voter")
         if request.option >= len(record.options):
             raise EnclaveError(INVALID_ARGUMENT, "no such option")
         if not MIN_SALT <= len(request.salt) <= MAX_SALT:
             raise EnclaveError(INVALID_ARGUMENT, f"salt must be {MIN_SALT} to {MAX_SALT} bytes")
-        commitment = wire.vote_commitment(request.ballot_id, voter, request.option, request.salt)
+        replaced = context.store.get(_key(ballot_id, "vote", voter)) is not None
+        if not replaced:  # a new voter joins the voter list
+            if record.voters >= MAX_VOTERS:
+                raise EnclaveError(FAILED_PRECONDITION, f"ballot is full: at most {MAX_VOTERS} voters")
+            context.store.put(_key(ballot_id, "voter", str(record.voters)), voter.encode("utf-8"))
+            record.voters += 1
+            save(context.store, _key(ballot_id), record)
+        commitment = wire.vote_commitment(ballot_id, voter, request.option, request.salt)
         stored = apps_pb2.BallotStoredVote(option=request.option, salt=request.salt, commitment=commitment)
-        save(context.store, _vote_key(request.ballot_id, voter), stored)
-        return apps_pb2.BallotVoteResult(commitment=commitment)
+        save(context.store, _key(ballot_id, "vote", voter), stored)
+        return apps_pb2.BallotVoteResult(commitment=commitment, replaced=replaced)
 
     def close(self, context: CallContext, request: apps_pb2.BallotClose) -> apps_pb2.BallotTallyResult:
         """End voting (creator only): count, commit to the sorted commitments, erase the votes."""
-        record = _ballot(context, request.ballot_id)
+        ballot_id = request.ballot_id
+        record = _ballot(context, ballot_id)
         if context.caller.account != record.creator:
             raise EnclaveError(PERMISSION_DENIED, "only the creator closes a ballot")
         if record.closed:
             raise EnclaveError(FAILED_PRECONDITION, "ballot is closed")
+        if record.voters < record.min_votes:  # the anonymity set: see the module docstring
+            raise EnclaveError(
+                FAILED_PRECONDITION, f"a ballot closes only with at least {record.min_votes} votes"
+            )
         counts = [0] * len(record.options)
-        leaves: list[bytes] = []
-        for key, raw in list(context.store.scan(("ballot", request.ballot_id, "vote"))):
-            vote = apps_pb2.BallotStoredVote.FromString(raw)
+        counted: list[tuple[bytes, str]] = []
+        for index in range(record.voters):  # this ballot's voters only, never a store scan
+            index_key = _key(ballot_id, "voter", str(index))
+            voter = (context.store.get(index_key) or b"").decode("utf-8")
+            context.store.delete(index_key)
+            vote: apps_pb2.BallotStoredVote = load(
+                context.store, _key(ballot_id, "vote", voter), apps_pb2.BallotStoredVote
+            )
             counts[vote.option] += 1
-            leaves.append(vote.commitment)
-            save(context.store, key, apps_pb2.BallotStoredVote(commitment=vote.commitment))
-        leaves.sort()
+            counted.append((vote.commitment, voter))
+        counted.sort()
+        for leaf_index, (commitment, voter) in enumerate(counted):  # erases option and salt
+            save(
+                context.store,
+                _key(ballot_id, "vote", voter),
+                apps_pb2.BallotStoredVote(commitment=commitment, leaf_index=leaf_index),
+            )
+        tree = merkle.levels([commitment for commitment, _ in counted])
+        for height, level in enumerate(tree):
+            context.store.put(_key(ballot_id, "tree", str(height)), level)
         record.closed = True
         record.tally.CopyFrom(
-            apps_pb2.BallotTallyResult(counts=counts, voters=len(leaves), merkle_root=merkle.root(leaves))
+            apps_pb2.BallotTallyResult(counts=counts, voters=len(counted), merkle_root=tree[-1])
         )
-        record.leaves.extend(leaves)
-        save(context.store, _ballot_key(request.ballot_id), record)
+        save(context.store, _key(ballot_id), record)
         return record.tally
 
     def tally(self, context: CallContext, request: apps_pb2.BallotTally) -> apps_pb2.BallotTallyResult:
@@ -150,31 +190,35 @@ class BallotApp(App):
         return record.tally
 
     def proof(self, context: CallContext, request: apps_pb2.BallotProof) -> apps_pb2.BallotProofResult:
-        """The caller's inclusion proof (after close)."""
+        """The caller's inclusion proof (after close), one stored node per tree level."""
         record = _ballot(context, request.ballot_id)
         _closed(record)
         stored: apps_pb2.BallotStoredVote | None = load(
-            context.store, _vote_key(request.ballot_id, context.caller.account), apps_pb2.BallotStoredVote
+            context.store, _key(request.ballot_id, "vote", context.caller.account), apps_pb2.BallotStoredVote
         )
         if stored is None:
             raise EnclaveError(NOT_FOUND, "no vote from this caller")
-        leaves = list(record.leaves)
-        index = bisect.bisect_left(leaves, stored.commitment)
+        size = record.tally.voters
+        tree = [
+            context.store.get(_key(request.ballot_id, "tree", str(h))) or b""
+            for h in range((size - 1).bit_length())
+        ]
         return apps_pb2.BallotProofResult(
             commitment=stored.commitment,
-            leaf_index=index,
-            tree_size=len(leaves),
-            path=merkle.inclusion_path(index, leaves),
+            leaf_index=stored.leaf_index,
+            tree_size=size,
+            path=merkle.audit_path(stored.leaf_index, tree),
             merkle_root=record.tally.merkle_root,
         )
 
     def info(self, context: CallContext, request: apps_pb2.BallotInfo) -> apps_pb2.BallotInfoResult:
-        """The question, options, creator and whether voting has ended."""
+        """The question, options, creator, minimum votes and whether voting has ended."""
         record = _ballot(context, request.ballot_id)
         return apps_pb2.BallotInfoResult(
             question=record.question,
             options=record.options,
             creator=record.creator,
             closed=record.closed,
-            open_to_all=not record.eligible_voters,
+            open_to_all=record.open_to_all,
+            min_votes=record.min_votes,
         )

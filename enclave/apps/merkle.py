@@ -5,7 +5,8 @@
     MTH([])    = SHA-256(b"")
     MTH(D[n])  = node(MTH(D[:k]), MTH(D[k:])), k = the largest power of two < n
 
-`verify_inclusion` is what a voter runs on a BallotProofResult; it needs nothing from the
+`levels` is what the ballot stores at close, so that `audit_path` answers each proof in
+O(log n). `verify_inclusion` is what a voter runs on a BallotProofResult; it needs nothing from the
 enclave but the proof and the root.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+
+HASH_SIZE = 32
 
 
 def leaf_hash(leaf: bytes) -> bytes:
@@ -24,38 +27,41 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _split(n: int) -> int:
-    return 1 << ((n - 1).bit_length() - 1)
-
-
-def _root_of_hashes(hashes: Sequence[bytes]) -> bytes:
-    if len(hashes) == 1:
-        return hashes[0]
-    k = _split(len(hashes))
-    return _node(_root_of_hashes(hashes[:k]), _root_of_hashes(hashes[k:]))
+def levels(leaves: Sequence[bytes]) -> list[bytes]:
+    """The tree's levels, leaf hashes first and the root last, each its 32-byte nodes concatenated."""
+    # Pairing bottom-up and moving an unpaired last node up unhashed builds exactly the RFC 6962
+    # tree (its left subtrees are the complete ones), so a path is one node per level.
+    level = [leaf_hash(leaf) for leaf in leaves]
+    tree = [b"".join(level)]
+    while len(level) > 1:
+        level = [
+            _node(level[i], level[i + 1]) if i + 1 < len(level) else level[i] for i in range(0, len(level), 2)
+        ]
+        tree.append(b"".join(level))
+    return tree
 
 
 def root(leaves: Sequence[bytes]) -> bytes:
     """The Merkle tree hash of `leaves`."""
-    if not leaves:
-        return hashlib.sha256(b"").digest()
-    return _root_of_hashes([leaf_hash(leaf) for leaf in leaves])
+    return levels(leaves)[-1] if leaves else hashlib.sha256(b"").digest()
 
 
-def _path(index: int, hashes: Sequence[bytes]) -> list[bytes]:
-    if len(hashes) <= 1:
-        return []
-    k = _split(len(hashes))
-    if index < k:
-        return [*_path(index, hashes[:k]), _root_of_hashes(hashes[k:])]
-    return [*_path(index - k, hashes[k:]), _root_of_hashes(hashes[:k])]
+def audit_path(index: int, tree: Sequence[bytes]) -> list[bytes]:
+    """The audit path of leaf `index`, from the leaf up, read from `levels` output in O(log n)."""
+    path = []
+    for level in tree:
+        sibling = (index ^ 1) * HASH_SIZE
+        if sibling < len(level):  # no sibling: the node moves up unhashed
+            path.append(level[sibling : sibling + HASH_SIZE])
+        index >>= 1
+    return path
 
 
 def inclusion_path(index: int, leaves: Sequence[bytes]) -> list[bytes]:
     """The audit path of leaf `index`, from the leaf up."""
     if not 0 <= index < len(leaves):
         raise IndexError("leaf index out of range")
-    return _path(index, [leaf_hash(leaf) for leaf in leaves])
+    return audit_path(index, levels(leaves))
 
 
 def verify_inclusion(leaf: bytes, index: int, size: int, path: Sequence[bytes], expected_root: bytes) -> bool:

@@ -10,7 +10,8 @@ counts); it raises AssertionError, with the input's story, when the verdict brea
   authentic older log: freshness is the keyvault's job);
 * sealed command: a bad command in a batch between two good ones is refused alone (the good
   ones are accepted, in sequence, with verifying receipts), and the instance state changes
-  only in the good callers' keys, unless the bad command was in fact a valid one.
+  only in the good callers' keys (and, for the ballot, its voter list), unless the bad command
+  was in fact a valid one.
 """
 
 from __future__ import annotations
@@ -432,9 +433,15 @@ def check_batch(rng: random.Random, world: World, instance_id: str, bad: BadComm
     label = _refusal_label(bad, bad_outcome, instance_id)
     assert [o.sequence for o in outcomes] == [before_head + 1, before_head + 2], f"{bad.kind}: sequence gap"
     assert len(response.entries) == 2, f"{bad.kind}: a refused command was logged"
-    changed = _changed(before, world.state_of(instance_id))
+    after = world.state_of(instance_id)
+    changed = _changed(before, after)
     callers = {client.identity for client in good}
     stray = {key for key in changed if not callers & set(key)}
+    if instance_id == "b":  # each good first vote also appends its voter to the poll's voter list
+        listed = {key for key in stray if key[2:3] == ("voter",) and after[key].decode() in callers}
+        grew = [apps_pb2.BallotRecord.FromString(s[("ballot", "poll")]).voters for s in (before, after)]
+        assert len(listed) == grew[1] - grew[0] == len(callers), f"{bad.kind}: the voter list moved"
+        stray -= listed | {("ballot", "poll")}
     assert not stray, f"{bad.kind}: a refused command changed {sorted(stray)}"
     assert {("counter", identity) for identity in callers} <= changed
     assert {i: world.head(i) for i in others} == others, f"{bad.kind}: another instance moved"

@@ -129,6 +129,14 @@ def test_ballot_walkthrough(veil: Veil) -> None:
         status, out, err = veil("ballot", "vote", "polls", "budget", choice, "--as", voter)
         assert status == 0, err
         assert "vote receipt saved" in out
+    status, out, err = veil("ballot", "vote", "polls", "budget", "yes", "--as", "v3")  # same choice again
+    assert status == 0, err
+    assert "replaced your earlier vote" in out
+    status, _, err = veil(
+        "ballot", "create", "polls", "quorum", *question, *voters, "--min-votes", "4", "--as", "chair"
+    )
+    assert status == 1
+    assert "needs 4 votes" in err
     status, _, err = veil("ballot", "tally", "polls", "budget", "--as", "v1")
     assert status == 1
     assert "still open" in err

@@ -82,7 +82,10 @@ def test_token_balances_and_refusals(mesh: InProcessMesh, admin: VeilClient) -> 
 
 def test_ballot_votes_are_verifiably_counted(mesh: InProcessMesh, admin: VeilClient) -> None:
     alice, bob, carol = _people(mesh)
-    admin.create_instance("polls", _config(envelope_pb2.APP_KIND_BALLOT))
+    polls = envelope_pb2.InstanceConfig(
+        app=envelope_pb2.APP_KIND_BALLOT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE, ballot_min_votes=2
+    )
+    admin.create_instance("polls", polls)  # two voters: below the default anonymity set of 3
     chair = admin.ballot("polls", alice)
     chair.create("lunch", "Where do we eat?", ["pizza", "sushi"], [bob.account, carol.account])
     votes = {

@@ -177,6 +177,7 @@ def test_ballot_secret_vote_replace_close_tally_and_inclusion_proofs(harness: Ha
             voters[name], ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=option, salt=salts[name]))
         )
         receipts[name] = result.result.ballot.vote.commitment
+        assert result.result.ballot.vote.replaced == (name == "ann")
         assert receipts[name] == wire.vote_commitment("q1", name, option, salts[name])
 
     outsider = harness.client("b", account="mallory")
@@ -231,7 +232,13 @@ def test_ballot_votes_are_erased_at_close(harness: Harness) -> None:
         harness.client("b", account="ann"),
         ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=1, salt=salt)),
     )
-    harness.call(chair, ballot(close=apps_pb2.BallotClose(ballot_id="q1")))
+    for name in ("ben", "cat"):  # the default anonymity set is 3 votes
+        harness.call(
+            harness.client("b", account=name),
+            ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=0, salt=secrets.token_bytes(32))),
+        )
+    closed = harness.call(chair, ballot(close=apps_pb2.BallotClose(ballot_id="q1")))
+    assert error_code(closed) == "OK"
     snapshot = harness.host.snapshot("b")
     from enclave import crypto
 
@@ -248,6 +255,7 @@ def test_ballot_info_and_validation(harness: Harness) -> None:
     assert info.open_to_all
     assert not info.closed
     assert info.creator == "chair"
+    assert info.min_votes == 3  # the enclave's default anonymity set
     dup = harness.call(
         chair, ballot(create=apps_pb2.BallotCreate(ballot_id="q1", question="?", options=["a", "b"]))
     )

@@ -956,16 +956,20 @@ class BallotVoteResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMITMENT_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
     commitment: _builtins.bytes
     """commitment is enclave.apps.ballot.vote_commitment(ballot_id, voter, option, salt)."""
+    replaced: _builtins.bool
+    """replaced is true when this vote replaced the caller's earlier vote."""
     def __init__(
         self,
         *,
         commitment: _builtins.bytes = ...,
+        replaced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "replaced", b"replaced"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1054,6 +1058,7 @@ class BallotInfoResult(_message.Message):
     CREATOR_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
     OPEN_TO_ALL_FIELD_NUMBER: _builtins.int
+    MIN_VOTES_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     """question is the question asked."""
     creator: _builtins.str
@@ -1062,6 +1067,10 @@ class BallotInfoResult(_message.Message):
     """closed is true once voting has ended."""
     open_to_all: _builtins.bool
     """open_to_all is true when every caller may vote."""
+    min_votes: _builtins.int
+    """min_votes is the number of votes needed to close: the larger of the instance's
+    ballot_min_votes (default 3) and the ballot's own min_votes.
+    """
     @_builtins.property
     def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """options are the choices."""
@@ -1074,10 +1083,11 @@ class BallotInfoResult(_message.Message):
         creator: _builtins.str = ...,
         closed: _builtins.bool = ...,
         open_to_all: _builtins.bool = ...,
+        min_votes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "creator", b"creator", "open_to_all", b"open_to_all", "options", b"options", "question", b"question"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "creator", b"creator", "min_votes", b"min_votes", "open_to_all", b"open_to_all", "options", b"options", "question", b"question"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1096,19 +1106,30 @@ class BallotRecord(_message.Message):
     CLOSED_FIELD_NUMBER: _builtins.int
     TALLY_FIELD_NUMBER: _builtins.int
     LEAVES_FIELD_NUMBER: _builtins.int
+    OPEN_TO_ALL_FIELD_NUMBER: _builtins.int
+    MIN_VOTES_FIELD_NUMBER: _builtins.int
+    VOTERS_FIELD_NUMBER: _builtins.int
     question: _builtins.str
     """question is the question asked."""
     creator: _builtins.str
     """creator is the creator's account."""
     closed: _builtins.bool
     """closed is true once voting has ended."""
+    open_to_all: _builtins.bool
+    """open_to_all is true when every caller may vote."""
+    min_votes: _builtins.int
+    """min_votes is the number of votes needed to close."""
+    voters: _builtins.int
+    """voters is the number of distinct voters so far (while open: the length of the voter list)."""
     @_builtins.property
     def options(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """options are the choices."""
 
     @_builtins.property
     def eligible_voters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """eligible_voters are the allowed voters, sorted; empty means open."""
+        """eligible_voters is no longer written: each eligible voter is its own state key, so a
+        vote costs O(1) however long the list.
+        """
 
     @_builtins.property
     def tally(self) -> Global___BallotTallyResult:
@@ -1116,7 +1137,9 @@ class BallotRecord(_message.Message):
 
     @_builtins.property
     def leaves(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """leaves are the counted commitments sorted bytewise, set at close."""
+        """leaves is no longer written: the Merkle tree's levels are state keys of their own, so a
+        proof costs O(log n).
+        """
 
     def __init__(
         self,
@@ -1128,10 +1151,13 @@ class BallotRecord(_message.Message):
         closed: _builtins.bool = ...,
         tally: Global___BallotTallyResult | None = ...,
         leaves: _abc.Iterable[_builtins.bytes] | None = ...,
+        open_to_all: _builtins.bool = ...,
+        min_votes: _builtins.int = ...,
+        voters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tally", b"tally"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "creator", b"creator", "eligible_voters", b"eligible_voters", "leaves", b"leaves", "options", b"options", "question", b"question", "tally", b"tally"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "creator", b"creator", "eligible_voters", b"eligible_voters", "leaves", b"leaves", "min_votes", b"min_votes", "open_to_all", b"open_to_all", "options", b"options", "question", b"question", "tally", b"tally", "voters", b"voters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1146,22 +1172,26 @@ class BallotStoredVote(_message.Message):
     OPTION_FIELD_NUMBER: _builtins.int
     SALT_FIELD_NUMBER: _builtins.int
     COMMITMENT_FIELD_NUMBER: _builtins.int
+    LEAF_INDEX_FIELD_NUMBER: _builtins.int
     option: _builtins.int
     """option is the chosen option (cleared at close)."""
     salt: _builtins.bytes
     """salt is the voter's salt (cleared at close)."""
     commitment: _builtins.bytes
     """commitment is the vote's commitment."""
+    leaf_index: _builtins.int
+    """leaf_index is the commitment's position among the sorted commitments (set at close)."""
     def __init__(
         self,
         *,
         option: _builtins.int = ...,
         salt: _builtins.bytes = ...,
         commitment: _builtins.bytes = ...,
+        leaf_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "option", b"option", "salt", b"salt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "leaf_index", b"leaf_index", "option", b"option", "salt", b"salt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
