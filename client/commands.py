@@ -36,8 +36,8 @@ from client.identity import (
     resolve_account,
 )
 from client.policy import (
+    ANY_TCB_STATUS,
     DEFAULT_TCB_STATUSES,
-    DEV_TCB_STATUSES,
     POLICY_FILE,
     ExpectedMeasurement,
     load_policy,
@@ -75,6 +75,13 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mrenclave", action="append", default=[], metavar="HEX", help="expected MRENCLAVE")
     group.add_argument("--root", default=None, help="SGX root for --mrenclave: intel (default), dev or a PEM")
     group.add_argument(
+        "--jwks",
+        type=Path,
+        metavar="FILE",
+        help="the keyvault's token JWKS for --mrenclave; only with it is the TCB status restricted "
+        "(UpToDate, SWHardeningNeeded), since the gateway could sign its own token otherwise",
+    )
+    group.add_argument(
         "--policy", type=Path, help="expected-measurement file (default DATA_DIR/" + POLICY_FILE + ")"
     )
     group.add_argument(
@@ -101,12 +108,18 @@ def identity_option(parser: argparse.ArgumentParser) -> None:
 
 def _policy(args: argparse.Namespace) -> ExpectedMeasurement:
     if args.mrenclave:
-        root = args.root or "intel"
-        statuses = DEV_TCB_STATUSES if root == "dev" else DEFAULT_TCB_STATUSES
+        # The TCB verdict is only in the keyvault's token: a policy restricts it only when the
+        # token's key is pinned, or a hostile gateway could sign its own "UpToDate".
+        jwks = _jwks_file(args.jwks) if args.jwks else None
+        statuses = DEFAULT_TCB_STATUSES if jwks is not None else (ANY_TCB_STATUS,)
         return ExpectedMeasurement(
-            mrenclaves=tuple(ExpectedMeasurement.for_mrenclave(h).mrenclaves[0] for h in args.mrenclave),
-            root=root,
+            mrenclaves=tuple(
+                ExpectedMeasurement.for_mrenclave(h, accepted_tcb_statuses=statuses, jwks=jwks).mrenclaves[0]
+                for h in args.mrenclave
+            ),
+            root=args.root or "intel",
             accepted_tcb_statuses=statuses,
+            jwks=jwks,
         )
     path = args.policy or Path(args.data_dir) / POLICY_FILE
     if not path.exists():
@@ -115,6 +128,16 @@ def _policy(args: argparse.Namespace) -> ExpectedMeasurement:
             "`veil up` writes it for the local mesh)"
         )
     return load_policy(path)
+
+
+def _jwks_file(path: Path) -> dict[str, Any]:
+    try:
+        jwks = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VeilClientError(f"cannot read JWKS {path}: {exc}") from None
+    if not isinstance(jwks, dict):
+        raise VeilClientError(f"JWKS {path} is not a JSON object")
+    return jwks
 
 
 def open_client(args: argparse.Namespace) -> VeilClient:

@@ -8,10 +8,10 @@ File format (`<data_dir>/expected-measurement.json`, written by `veil up` in dev
       "product_id": 1 | null,
       "min_svn": 1 | null,
       "allow_debug": false,
-      "accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"],
+      "accepted_tcb_statuses": ["UpToDate", "SWHardeningNeeded"] | ["*"],
       "root": "intel" | "dev" | "/path/root.pem",   # the pinned SGX root ("dev": <data_dir>/pki/sgx-root.pem)
       "issuer": "https://..." | null,        # pin the keyvault's token issuer
-      "jwks": {"keys": [...]} | null,        # pin the keyvault's token keys
+      "jwks": {"keys": [...]} | null,        # pin the keyvault's token keys; REQUIRED unless ["*"]
       "keyvault_release_key": "<64 hex>"     # REQUIRED: the keyvault release-signing key (Ed25519)
     }
 
@@ -20,10 +20,24 @@ instance keys signed by the keyvault key it was started with, and it binds that 
 quote. A client that did not pin it could be talking to a genuine enclave that a malicious
 host started against a keyvault of its own, holding keys the host knows.
 
+`accepted_tcb_statuses` lists the Intel TCB statuses (``UpToDate``, ``SWHardeningNeeded``,
+``ConfigurationNeeded``, ``ConfigurationAndSWHardeningNeeded``, ``OutOfDate``,
+``OutOfDateConfigurationNeeded``, ``Revoked``, and ``Unevaluated`` from a keyvault without
+collateral) the client accepts; ``["*"]`` accepts every one of them (an unknown status is
+refused at load). Only the keyvault's token states the TCB status, computed from collateral
+the quote does not carry, so the verdict is only as trustworthy as the key that signed the
+token: **a policy that restricts the TCB status must pin `jwks`**, or a hostile gateway could
+sign a token of its own, copy every claim the quote binds and set "UpToDate". A policy with
+``["*"]`` may leave `jwks` unpinned (then the bundle's JWKS verifies the token, and the quote
+binding is what holds).
+
 Fail closed: there is no trust-on-first-use. In development `write_dev_policy` computes the
 sim enclave's MRENCLAVE from the enclave source the client has (`enclave.measurement`), the
-dev signer's MRSIGNER, and pins the dev root; "Unevaluated" TCB status is accepted there
-because the sim mesh has no Intel collateral. A production policy pins "intel".
+dev signer's MRSIGNER, pins the dev root, and pins the local keyvault's JWKS and release key
+(`veil up` reads them from the keyvault it started). The sim mesh's keyvault evaluates quotes
+against dev collateral, so the dev policy accepts the production default statuses. A
+production policy pins "intel" and the production keyvault's JWKS; when the keyvault rotates
+its token-signing key, the new public key must be pinned before it signs.
 """
 
 from __future__ import annotations
@@ -38,12 +52,19 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.errors import PolicyError
+from services.keyvault.attestation.collateral import TCB_STATUSES
 from services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
 from services.keyvault.config import DEFAULT_ISSUER
+from services.keyvault.tokens import TCB_UNEVALUATED
 
 POLICY_FILE = "expected-measurement.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
-DEV_TCB_STATUSES = (*DEFAULT_TCB_STATUSES, "Unevaluated")
+#: The sim mesh's tokens are evaluated against the dev collateral, as production's are.
+DEV_TCB_STATUSES = DEFAULT_TCB_STATUSES
+#: Spells "accept every TCB status" in `accepted_tcb_statuses` (alone in the list).
+ANY_TCB_STATUS = "*"
+#: Every status a token can state; a policy accepting all of them restricts nothing.
+ALL_TCB_STATUSES = tuple(sorted(TCB_STATUSES | {TCB_UNEVALUATED}))
 # The sim runner's defaults (enclave.runner.RunnerOptions): product 1, SVN 1, not debuggable.
 DEV_PRODUCT_ID = 1
 DEV_MIN_SVN = 1
@@ -85,8 +106,35 @@ class ExpectedMeasurement:
             self.mrsigner is not None and len(self.mrsigner) != 32
         ):
             raise PolicyError("measurements are 32 bytes")
-        if not self.accepted_tcb_statuses:
+        self._check_tcb_statuses()
+        if self.jwks is not None:
+            _check_jwks(self.jwks)
+        elif not self.accepts_every_tcb_status:
+            raise PolicyError(
+                "a policy that restricts accepted_tcb_statuses must pin jwks: the token's TCB status "
+                "is only as trustworthy as the key that signed it, and without a pinned JWKS that key "
+                "comes from the gateway with the bundle (pin the keyvault's JWKS, or accept every "
+                f'status with ["{ANY_TCB_STATUS}"])'
+            )
+
+    def _check_tcb_statuses(self) -> None:
+        statuses = tuple(self.accepted_tcb_statuses)
+        if not statuses:
             raise PolicyError("accepted_tcb_statuses must not be empty")
+        if ANY_TCB_STATUS in statuses:
+            if statuses != (ANY_TCB_STATUS,):
+                raise PolicyError(f'"{ANY_TCB_STATUS}" accepts every TCB status and must stand alone')
+            # Expanded, so that membership tests (`status in accepted_tcb_statuses`) hold.
+            statuses = ALL_TCB_STATUSES
+        unknown = sorted(set(statuses) - set(ALL_TCB_STATUSES))
+        if unknown:
+            raise PolicyError(f"unknown TCB status(es) {unknown}; known: {list(ALL_TCB_STATUSES)}")
+        object.__setattr__(self, "accepted_tcb_statuses", statuses)
+
+    @property
+    def accepts_every_tcb_status(self) -> bool:
+        """True when no TCB status is refused (`["*"]`): then the policy need not pin `jwks`."""
+        return set(self.accepted_tcb_statuses) >= set(ALL_TCB_STATUSES)
 
     @classmethod
     def for_mrenclave(cls, mrenclave_hex: str, *, root: str = "intel", **options: Any) -> ExpectedMeasurement:
@@ -109,7 +157,9 @@ class ExpectedMeasurement:
             "product_id": self.product_id,
             "min_svn": self.min_svn,
             "allow_debug": self.allow_debug,
-            "accepted_tcb_statuses": list(self.accepted_tcb_statuses),
+            "accepted_tcb_statuses": (
+                [ANY_TCB_STATUS] if self.accepts_every_tcb_status else list(self.accepted_tcb_statuses)
+            ),
             "root": self.root,
             "issuer": self.issuer,
             "jwks": dict(self.jwks) if self.jwks is not None else None,
@@ -157,6 +207,13 @@ class ExpectedMeasurement:
         )
 
 
+def _check_jwks(jwks: Mapping[str, Any]) -> None:
+    """A pinned JWKS must name at least one key: an empty set would pin nothing checkable."""
+    keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(key, Mapping) for key in keys):
+        raise PolicyError('jwks must be a JWKS object with a non-empty "keys" list of JWKs')
+
+
 def _optional_int(document: Mapping[str, Any], name: str) -> int | None:
     value = document.get(name)
     if value is None:
@@ -201,10 +258,14 @@ def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:
 
 
 def dev_policy(
-    mrenclaves: Sequence[bytes] | None = None, *, keyvault_release_key: bytes | None = None
+    mrenclaves: Sequence[bytes] | None = None,
+    *,
+    keyvault_release_key: bytes | None = None,
+    jwks: Mapping[str, Any],
 ) -> ExpectedMeasurement:
     """The development policy: the sim enclave built from this checkout, the dev signer and root,
-    and the local keyvault's release key (`veil up` reads it from the keyvault it started)."""
+    and the local keyvault's release key and token JWKS (`veil up` reads both from the keyvault
+    it started)."""
     from enclave.measurement import measure_source_tree
     from enclave.providers.sim_quote import DEV_MRSIGNER
 
@@ -217,10 +278,12 @@ def dev_policy(
         accepted_tcb_statuses=DEV_TCB_STATUSES,
         root="dev",
         issuer=DEFAULT_ISSUER,
+        jwks=jwks,
         keyvault_release_key=keyvault_release_key,
     )
 
 
-def write_dev_policy(data_dir: Path, keyvault_release_key: bytes) -> Path:
+def write_dev_policy(data_dir: Path, keyvault_release_key: bytes, jwks: Mapping[str, Any]) -> Path:
     """Write `<data_dir>/expected-measurement.json` for the local sim mesh (called by `veil up`)."""
-    return save_policy(dev_policy(keyvault_release_key=keyvault_release_key), data_dir / POLICY_FILE)
+    policy = dev_policy(keyvault_release_key=keyvault_release_key, jwks=jwks)
+    return save_policy(policy, data_dir / POLICY_FILE)

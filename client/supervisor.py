@@ -6,6 +6,7 @@ stops everything, gateway first, on SIGINT or SIGTERM.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -37,7 +39,9 @@ from services.common.config import (
     ENV_STATE_ADDRS,
     TlsFiles,
 )
+from services.common.pki import collateral_dir, ensure_sim_collateral
 from services.gateway.config import DEFAULT_PUBLIC_PORT
+from services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
 from services.keyvault.enclave_policy import write_dev_enclave_policy
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
@@ -110,11 +114,13 @@ class Mesh:
         self._stopping = threading.Event()
         log_dir = data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        # A local mesh runs the simulated enclave, whose quotes chain to the dev SGX root.
-        # Both settings are explicit here: the services themselves default to failing closed.
+        # A local mesh runs the simulated enclave, whose quotes chain to the dev SGX root and
+        # whose TCB the keyvault evaluates against the dev PKI's collateral for the sim platform.
+        # These settings are explicit here: the services themselves default to failing closed.
         env = {
             ENV_ENCLAVE_MODE: "sim",
             ENV_ATTESTATION_ROOT: "dev",
+            ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(data_dir / "pki")),
             **os.environ,
             ENV_DATA_DIR: str(data_dir),
             ENV_GRACE_SECONDS: str(grace),
@@ -225,17 +231,36 @@ def _free(port: int) -> bool:
     return True
 
 
-def keyvault_release_key(data_dir: Path, port_offset: int = 0) -> bytes:
-    """The local keyvault's release-signing public key, asked for with the admin identity."""
+@dataclass(frozen=True)
+class KeyvaultPins:
+    """What clients of the local mesh pin of its keyvault: the release key and the token JWKS."""
+
+    release_key: bytes
+    jwks: dict[str, Any]
+
+
+def keyvault_pins(data_dir: Path, port_offset: int = 0) -> KeyvaultPins:
+    """The local keyvault's release-signing public key and JWKS, asked for with the admin identity."""
     pki = data_dir / "pki"
     tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
     with secure_channel(f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0] + port_offset}", tls) as channel:
         reply = call(keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetJwks, keyvault_pb2.GetJwksRequest())
-    return bytes(reply.release_public_key)
+    jwks = json.loads(reply.jwks_json)
+    if not isinstance(jwks, dict):
+        raise ValueError("the keyvault's GetJwks answer is not a JWKS object")
+    return KeyvaultPins(release_key=bytes(reply.release_public_key), jwks=jwks)
+
+
+def keyvault_release_key(data_dir: Path, port_offset: int = 0) -> bytes:
+    """The local keyvault's release-signing public key, asked for with the admin identity."""
+    return keyvault_pins(data_dir, port_offset).release_key
 
 
 def up(data_dir: Path, port_offset: int = 0) -> int:
     """Run the mesh in the foreground until SIGINT/SIGTERM."""
+    if ensure_sim_collateral(data_dir / "pki"):
+        # A dev PKI from before dev collateral: the keyvault would refuse every sim quote.
+        _log.info("the dev PKI had no sim collateral: wrote a new sim SGX chain with its collateral")
     mesh = Mesh(data_dir, port_offset=port_offset)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -250,8 +275,11 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
         _log.error("%s", exc)
         return 1
     # Clients pin the sim enclave built from this checkout and the keyvault that releases its
-    # keys (no trust on first use): the release key is read from the keyvault itself, over mTLS.
-    write_dev_policy(data_dir, keyvault_release_key(data_dir, port_offset))
+    # keys and signs its tokens (no trust on first use): the release key and the JWKS are read
+    # from the keyvault itself, over mTLS. The pinned JWKS is what makes the token's TCB status
+    # trustworthy: without it the gateway would deliver the key that verifies the token.
+    pins = keyvault_pins(data_dir, port_offset)
+    write_dev_policy(data_dir, pins.release_key, pins.jwks)
     print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
     mesh.watch()

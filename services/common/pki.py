@@ -1,14 +1,23 @@
-"""Dev PKI: a CA, one mTLS certificate per service and for the admin, and the sim SGX PCK chain.
+"""Dev PKI: a CA, one mTLS certificate per service and for the admin, the sim SGX PCK chain and
+its collateral.
 
 `veil pki init` writes these under DATA_DIR/pki/. On Kubernetes cert-manager
 issues the same SPIFFE identities; the sim PCK chain exists only for the
 simulated quote provider and is never accepted by a production policy.
+
+The sim platform's collateral (`collateral/<fmspc>.json`, what `VEIL_KEYVAULT_COLLATERAL_DIR`
+names) is TCB info v3 and Intel's QE3 identity v2 signed by a dev "SGX TCB Signing" certificate
+under the dev SGX root, with the root CA and PCK CRLs, all valid as long as the root (ten
+years). Its one TCB level is the sim PCK certificate's and its QE level the sim quoting
+enclave's, both UpToDate, so the sim mesh's tokens carry an evaluated TCB status. This module
+is dev tooling: it builds the collateral with the attestation library's `dev_collateral`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from services.common.identity import ADMIN, SERVICE_IDENTITIES
+from services.keyvault.attestation import dev_collateral
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 SIM_FMSPC = bytes.fromhex("00906ED50000")
@@ -27,6 +37,9 @@ SIM_PCEID = bytes.fromhex("0000")
 SIM_PCESVN = 13
 SIM_CPUSVN = bytes(range(16))
 SIM_COMPONENT_SVNS = (2, 2, 2, 2, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+#: The sim quoting enclave's ISVSVN (`SimQuoteProvider`'s default `qe_svn`).
+SIM_QE_ISV_SVN = 8
+COLLATERAL_DIR = "collateral"
 
 _SERVICE_DNS = ("localhost",)
 _VALIDITY = dt.timedelta(days=3650)
@@ -181,22 +194,73 @@ def sgx_pck_extension(
 
 @dataclass(frozen=True)
 class SimPckChain:
-    """The simulated SGX provisioning chain: root → PCK CA → PCK leaf (with its key)."""
+    """The simulated SGX provisioning chain: root → PCK CA → PCK leaf (with its key), and
+    root → TCB Signing, which signs the sim platform's collateral."""
 
     root: Issued
     ca: Issued
     leaf: Issued
+    tcb_signer: Issued
 
 
 def sim_pck_chain(now: dt.datetime | None = None) -> SimPckChain:
-    """A fresh dev SGX root, PCK processor CA and PCK leaf carrying the SGX extension."""
+    """A fresh dev SGX root, PCK processor CA, PCK leaf carrying the SGX extension, and TCB signer."""
     now = now or dt.datetime.now(dt.UTC)
     root = _issue("Veil Dev SGX Root CA", None, ca=True, now=now, lifetime=_VALIDITY)
     ca = _issue("Veil Dev SGX PCK Processor CA", root, ca=True, now=now, lifetime=_VALIDITY)
     leaf = _issue(
         "Veil Dev SGX PCK Certificate", ca, ca=False, now=now, lifetime=_VALIDITY, extra=[sgx_pck_extension()]
     )
-    return SimPckChain(root, ca, leaf)
+    tcb_signer = _issue("Veil Dev SGX TCB Signing", root, ca=False, now=now, lifetime=_VALIDITY)
+    return SimPckChain(root, ca, leaf, tcb_signer)
+
+
+def collateral_dir(pki_dir: Path) -> Path:
+    """Where the dev PKI keeps collateral, one `<fmspc>.json` per platform."""
+    return pki_dir / COLLATERAL_DIR
+
+
+def sim_collateral(chain: SimPckChain, now: dt.datetime) -> dict[str, str]:
+    """The sim platform's collateral (dcap-qvl JSON layout), fresh from `now` for the root's lifetime."""
+    # Issued with the certificates (5 minutes back, for clock skew); next update when the root expires.
+    issued = now - dt.timedelta(minutes=5)
+    next_update = now + _VALIDITY
+    tcb_date = dev_collateral.iso(issued)
+    tcb_info = dev_collateral.tcb_info_json(
+        levels=[
+            dev_collateral.tcb_level(
+                "UpToDate", components=SIM_COMPONENT_SVNS, pce_svn=SIM_PCESVN, tcb_date=tcb_date
+            )
+        ],
+        fmspc=SIM_FMSPC,
+        pce_id=SIM_PCEID,
+        issued=issued,
+        next_update=next_update,
+    )
+    qe_identity = dev_collateral.qe_identity_json(
+        levels=[dev_collateral.qe_level(SIM_QE_ISV_SVN, "UpToDate", tcb_date=tcb_date)],
+        issued=issued,
+        next_update=next_update,
+    )
+    return dev_collateral.collateral_json(
+        root=chain.root.cert,
+        pck_ca=chain.ca.cert,
+        signer=chain.tcb_signer.cert,
+        signer_key=chain.tcb_signer.key,
+        tcb_info=tcb_info,
+        qe_identity=qe_identity,
+        root_crl=dev_collateral.make_crl(
+            chain.root.cert, chain.root.key, last_update=issued, next_update=next_update
+        ),
+        pck_crl=dev_collateral.make_crl(
+            chain.ca.cert, chain.ca.key, last_update=issued, next_update=next_update
+        ),
+    )
+
+
+def sim_collateral_path(pki_dir: Path) -> Path:
+    """The sim platform's collateral file: `collateral/<sim fmspc>.json`."""
+    return collateral_dir(pki_dir) / f"{SIM_FMSPC.hex()}.json"
 
 
 def _pem(cert: x509.Certificate) -> bytes:
@@ -220,26 +284,48 @@ def init_pki(directory: Path, *, force: bool = False, now: dt.datetime | None = 
     marker = directory / "ca.pem"
     if marker.exists() and not force:
         raise PkiExistsError(f"{directory} already holds a PKI; pass --force to replace it")
-    directory.mkdir(parents=True, exist_ok=True)
     now = now or dt.datetime.now(dt.UTC)
-    files: dict[str, tuple[bytes, bool]] = {}
+    files: dict[Path, tuple[bytes, bool]] = {}
     ca = _issue("Veil Dev CA", None, ca=True, now=now, lifetime=_VALIDITY)
-    files["ca.pem"] = (_pem(ca.cert), False)
-    files["ca-key.pem"] = (_key_pem(ca.key), True)
+    files[directory / "ca.pem"] = (_pem(ca.cert), False)
+    files[directory / "ca-key.pem"] = (_key_pem(ca.key), True)
     for service, spiffe_id in SERVICE_IDENTITIES.items():
         leaf = service_certificate(ca, spiffe_id, now, dns=(*_SERVICE_DNS, service))
-        files[f"{service}.pem"] = (_pem(leaf.cert) + _pem(ca.cert), False)
-        files[f"{service}-key.pem"] = (_key_pem(leaf.key), True)
+        files[directory / f"{service}.pem"] = (_pem(leaf.cert) + _pem(ca.cert), False)
+        files[directory / f"{service}-key.pem"] = (_key_pem(leaf.key), True)
     admin = service_certificate(ca, ADMIN, now)
-    files["admin.pem"] = (_pem(admin.cert), False)
-    files["admin-key.pem"] = (_key_pem(admin.key), True)
+    files[directory / "admin.pem"] = (_pem(admin.cert), False)
+    files[directory / "admin-key.pem"] = (_key_pem(admin.key), True)
+    return _write_all(directory, {**files, **_sim_sgx_files(directory, now)})
+
+
+def ensure_sim_collateral(directory: Path, *, now: dt.datetime | None = None) -> list[Path]:
+    """Give a dev PKI written before dev collateral existed a sim SGX chain with collateral.
+
+    Nothing happens when the sim platform's collateral is there. Otherwise the sim SGX root,
+    PCK chain and collateral are replaced together (their keys were not kept, so collateral
+    cannot be signed for the old chain); the mTLS CA and certificates are left alone.
+    """
+    if sim_collateral_path(directory).exists():
+        return []
+    return _write_all(directory, _sim_sgx_files(directory, now or dt.datetime.now(dt.UTC)))
+
+
+def _sim_sgx_files(directory: Path, now: dt.datetime) -> dict[Path, tuple[bytes, bool]]:
     chain = sim_pck_chain(now)
-    files["sgx-root.pem"] = (_pem(chain.root.cert), False)
-    files["sgx-pck-ca.pem"] = (_pem(chain.ca.cert), False)
-    files["sgx-pck-leaf.pem"] = (_pem(chain.leaf.cert), False)
-    files["sgx-pck-leaf-key.pem"] = (_key_pem(chain.leaf.key), True)
-    written = []
-    for name, (data, secret) in files.items():
-        _write(directory / name, data, secret)
-        written.append(directory / name)
-    return written
+    collateral = json.dumps(sim_collateral(chain, now), indent=2) + "\n"
+    return {
+        directory / "sgx-root.pem": (_pem(chain.root.cert), False),
+        directory / "sgx-pck-ca.pem": (_pem(chain.ca.cert), False),
+        directory / "sgx-pck-leaf.pem": (_pem(chain.leaf.cert), False),
+        directory / "sgx-pck-leaf-key.pem": (_key_pem(chain.leaf.key), True),
+        sim_collateral_path(directory): (collateral.encode(), False),
+    }
+
+
+def _write_all(directory: Path, files: dict[Path, tuple[bytes, bool]]) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    collateral_dir(directory).mkdir(exist_ok=True)
+    for path, (data, secret) in files.items():
+        _write(path, data, secret)
+    return list(files)

@@ -19,6 +19,7 @@ from services.keyvault.attest import Attestor, CollateralProvider
 from services.keyvault.attestation.roots import resolve_root
 from services.keyvault.audit import AuditLog
 from services.keyvault.clock import Clock, system_clock
+from services.keyvault.collateral_files import CollateralFiles
 from services.keyvault.config import KeyvaultConfig
 from services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
 from services.keyvault.heads import CommitHeads
@@ -48,6 +49,8 @@ class Keyvault:
     keys: KeyManager
     heads: CommitHeads
     attestor: Attestor
+    #: Where quote collateral comes from (``GetStatus.collateral_source``): ``files:DIR``, ``none``.
+    collateral_source: str = "none"
 
     def close(self) -> None:
         self.kek.close()
@@ -100,6 +103,12 @@ def open_keyvault(
     config.check()  # also for configs built without from_env: no production start without a policy
     enclave_policy = load_operator_policy(config)
     root = resolve_root(config.attestation_root, config.dev_root_path)
+    collateral_source = "none" if collateral is None else "custom"
+    if collateral is None and config.collateral_dir is not None:
+        files = CollateralFiles(config.collateral_dir)  # every file is read now: fail fast
+        collateral, collateral_source = files, files.source
+    if collateral is None:
+        _log.warning("no quote collateral configured: tokens say TCB status Unevaluated")
     store = open_store(config)
     try:
         kek = open_kek(config)
@@ -133,7 +142,9 @@ def open_keyvault(
                 release_signer=release_signer,
                 enclave_policy=enclave_policy,
             ),
-            heads=CommitHeads(store, audit, verifier, clock, enclave_policy=enclave_policy),
+            heads=CommitHeads(
+                store, audit, verifier, clock, enclave_policy=enclave_policy, release_signer=release_signer
+            ),
             attestor=Attestor(
                 issuer,
                 audit,
@@ -142,6 +153,7 @@ def open_keyvault(
                 release_public_key=release_signer.public_key,
                 collateral=collateral,
             ),
+            collateral_source=collateral_source,
         )
     except BaseException:
         kek.close()

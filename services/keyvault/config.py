@@ -16,6 +16,9 @@ refused unless the deployment opts into the dev root explicitly (fail closed).
 ``VEIL_KEYVAULT_TOKEN_TTL_SECONDS`` token lifetime (default 600)
 ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` the operator enclave policy (release-policy JSON): the state
                                    enclave builds trusted with instance keys and commit heads
+``VEIL_KEYVAULT_COLLATERAL_DIR``   quote collateral, one ``<fmspc>.json`` per platform
+                                   (:mod:`services.keyvault.collateral_files`); unset: none, and
+                                   tokens say TCB status ``Unevaluated``
 =================================  =============================================================
 
 The operator enclave policy (:mod:`services.keyvault.enclave_policy`) is required unless the
@@ -50,6 +53,7 @@ from services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, MAX_TOKEN_LIFETIME_S
 ENV_KEYVAULT_DB_SCHEMA = "VEIL_KEYVAULT_DB_SCHEMA"
 ENV_KEYVAULT_ISSUER = "VEIL_KEYVAULT_ISSUER"
 ENV_KEYVAULT_TOKEN_TTL = "VEIL_KEYVAULT_TOKEN_TTL_SECONDS"  # noqa: S105 - an env name, not a secret
+ENV_KEYVAULT_COLLATERAL_DIR = "VEIL_KEYVAULT_COLLATERAL_DIR"
 #: Replaced by ENV_KEYVAULT_ENCLAVE_POLICY_FILE; still recognised only to refuse it.
 REPLACED_HEAD_POLICY_FILE = "VEIL_KEYVAULT_HEAD_POLICY_FILE"
 
@@ -104,6 +108,7 @@ class KeyvaultConfig:
     issuer: str = DEFAULT_ISSUER
     token_ttl_s: int = DEFAULT_TOKEN_TTL_S
     enclave_policy_file: Path | None = None
+    collateral_dir: Path | None = None
 
     @property
     def requires_enclave_policy(self) -> bool:
@@ -141,6 +146,7 @@ class KeyvaultConfig:
                 "also bounds instance-key releases; rename the variable"
             )
         enclave_policy = env.get(ENV_KEYVAULT_ENCLAVE_POLICY_FILE, "")
+        collateral_dir = env.get(ENV_KEYVAULT_COLLATERAL_DIR, "")
         config = cls(
             db=env.get(ENV_KEYVAULT_DB, str(home / "keyvault.db")),
             kek=kek,
@@ -150,6 +156,7 @@ class KeyvaultConfig:
             issuer=env.get(ENV_KEYVAULT_ISSUER, DEFAULT_ISSUER),
             token_ttl_s=ttl,
             enclave_policy_file=Path(enclave_policy) if enclave_policy else None,
+            collateral_dir=Path(collateral_dir) if collateral_dir else None,
         )
         config.check()
         return config

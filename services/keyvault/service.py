@@ -222,4 +222,5 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             serving=True,
             detail=f"serving ({self._kv.store.backend} store)",
             kek_provider=self._kv.kek.provider,
+            collateral_source=self._kv.collateral_source,
         )

@@ -47,7 +47,7 @@ from client.errors import GatewayError
 from client.identity import AnonymousIdentity, Identity, SigningIdentity
 from client.policy import POLICY_FILE, load_policy, write_dev_policy
 from client.sdk import VeilClient, connect
-from client.supervisor import Mesh, Supervised, free_port_offset, keyvault_release_key
+from client.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
 from services.common.channels import wait_until_serving
 from services.common.config import (
     DEFAULT_PORTS,
@@ -118,7 +118,8 @@ class ChaosMesh:
     def start(self) -> None:
         self.mesh.start()
         # As `veil up` does: clients pin this checkout's sim enclave and this keyvault.
-        write_dev_policy(self.data_dir, keyvault_release_key(self.data_dir, self.offset))
+        pins = keyvault_pins(self.data_dir, self.offset)
+        write_dev_policy(self.data_dir, pins.release_key, pins.jwks)
 
     def stop(self) -> None:
         self.mesh.stop()

@@ -62,7 +62,7 @@ def test_genuine_bundle_verifies_and_says_what_was_checked(
 
 
 def test_pinned_to_another_measurement_is_refused(bundle: Bundle, root: ec.EllipticCurvePublicKey) -> None:
-    other = ExpectedMeasurement.for_mrenclave("ab" * 32, root="dev", accepted_tcb_statuses=("Unevaluated",))
+    other = ExpectedMeasurement.for_mrenclave("ab" * 32, root="dev", accepted_tcb_statuses=("*",))
     assert "is not an expected measurement" in _refused(bundle, root, other)
 
 
@@ -200,7 +200,9 @@ def test_expired_token_is_refused(bundle: Bundle, root: ec.EllipticCurvePublicKe
 def test_policy_fields_are_enforced(
     bundle: Bundle, root: ec.EllipticCurvePublicKey, change: dict[str, object], reason: str
 ) -> None:
-    assert reason in _refused(bundle, root, dataclasses.replace(fake_mesh_policy(), **change))  # type: ignore[arg-type]
+    # Restricting the TCB status needs the keyvault's JWKS pinned (client/policy.py).
+    policy = dataclasses.replace(fake_mesh_policy(), jwks=json.loads(bundle.jwks_json), **change)  # type: ignore[arg-type]
+    assert reason in _refused(bundle, root, policy)
 
 
 def test_mrsigner_policy_without_mrenclave_accepts_any_build_of_the_signer(

@@ -190,13 +190,15 @@ def test_identity_files(tmp_path: Path) -> None:
 
 
 def test_policy_files(tmp_path: Path) -> None:
-    path = write_dev_policy(tmp_path, b"\x07" * 32)
+    jwks = {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}
+    path = write_dev_policy(tmp_path, b"\x07" * 32, jwks)
     policy = load_policy(path)
-    assert policy == dev_policy(keyvault_release_key=b"\x07" * 32)
+    assert policy == dev_policy(keyvault_release_key=b"\x07" * 32, jwks=jwks)
     assert policy.mrenclaves == (measure_source_tree(),)
     assert policy.root == "dev"
-    assert "Unevaluated" in policy.accepted_tcb_statuses
-    assert ExpectedMeasurement.for_mrenclave("aa" * 32).root == "intel"  # production default
+    assert policy.jwks == jwks  # the sim mesh is evaluated against dev collateral: no "Unevaluated"
+    assert "Unevaluated" not in policy.accepted_tcb_statuses
+    assert ExpectedMeasurement.for_mrenclave("aa" * 32, jwks=jwks).root == "intel"  # production default
     bad = tmp_path / "bad.json"
     for document, message in (
         ({}, "at least one"),

@@ -145,7 +145,10 @@ def test_wrong_instance_is_not_found(client: VeilClient) -> None:
 def test_client_pinned_to_another_measurement_refuses(mesh: Mesh, tmp_path: Path) -> None:
     genuine = load_policy(mesh.data_dir / "expected-measurement.json")
     other = ExpectedMeasurement(
-        mrenclaves=(bytes(32),), root="dev", accepted_tcb_statuses=genuine.accepted_tcb_statuses
+        mrenclaves=(bytes(32),),
+        root="dev",
+        accepted_tcb_statuses=genuine.accepted_tcb_statuses,
+        jwks=genuine.jwks,
     )
     with pytest.raises(AttestationError, match="MRENCLAVE"):
         _connect(mesh, other)

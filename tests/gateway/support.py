@@ -10,7 +10,6 @@ calls so tests can assert that refused requests never reached it.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import secrets
@@ -28,9 +27,18 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from client.policy import POLICY_FILE, ExpectedMeasurement, dev_policy, save_policy
+from client.policy import (
+    ANY_TCB_STATUS,
+    DEV_MIN_SVN,
+    DEV_PRODUCT_ID,
+    POLICY_FILE,
+    ExpectedMeasurement,
+    save_policy,
+)
 from client.sdk import VeilClient, connect
 from enclave import crypto, wire
+from enclave.measurement import measure_source_tree
+from enclave.providers.sim_quote import DEV_MRSIGNER
 from enclave.runner import RunnerOptions
 from services.common.config import ServiceConfig
 from services.common.errors import (
@@ -72,8 +80,22 @@ def write_fake_mesh_policy(data_dir: Path) -> Path:
 
 
 def fake_mesh_policy() -> ExpectedMeasurement:
-    """The dev policy, pinning the fake keyvault's release key and token issuer."""
-    return dataclasses.replace(dev_policy(keyvault_release_key=FAKE_KEYVAULT_RELEASE_PUBLIC), issuer=ISSUER)
+    """The dev policy for this mesh: the fake keyvault's release key and token issuer, any TCB status.
+
+    The fake keyvault verifies quotes without collateral ("Unevaluated") and makes a new token
+    key per module, so the policy accepts every TCB status and leaves the JWKS unpinned (the
+    only unpinned form a policy may take); tests that restrict the status pin the bundle's JWKS.
+    """
+    return ExpectedMeasurement(
+        mrenclaves=(measure_source_tree(),),
+        mrsigner=DEV_MRSIGNER,
+        product_id=DEV_PRODUCT_ID,
+        min_svn=DEV_MIN_SVN,
+        accepted_tcb_statuses=(ANY_TCB_STATUS,),
+        root="dev",
+        issuer=ISSUER,
+        keyvault_release_key=FAKE_KEYVAULT_RELEASE_PUBLIC,
+    )
 
 
 class TokenAuthority:

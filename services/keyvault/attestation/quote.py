@@ -45,6 +45,10 @@ class QuoteSignatureError(QuoteError):
     """A signature or a hash binding inside the quote does not verify."""
 
 
+class QeIdentityError(QuoteError):
+    """The QE report is not that of Intel's production Quoting Enclave (MRSIGNER, ISVPRODID, DEBUG)."""
+
+
 class CollateralError(QuoteError):
     """Collateral (TCB info, QE identity, CRLs) is malformed, unsigned or does not match."""
 

@@ -6,8 +6,9 @@
 3. QE report signature by the PCK key (4.1.2.4.12).
 4. QE report_data = SHA-256(attestation key ‖ QE auth data) ‖ 32 zero bytes (4.1.2.4.13).
 5. With collateral: QE report against the QE identity (4.1.2.4.14-4.1.2.4.15).
-6. ISV signature over header ‖ report body by the attestation key (4.1.2.4.16).
-7. With collateral: platform TCB level, merged with the QE's TCB status (4.1.2.4.17).
+6. Always: QE report against Intel's baseline QE identity (MRSIGNER, ISVPRODID 1, not debug).
+7. ISV signature over header ‖ report body by the attestation key (4.1.2.4.16).
+8. With collateral: platform TCB level, merged with the QE's TCB status (4.1.2.4.17).
 
 The result says what the enclave is; whether that is acceptable (MRENCLAVE, debug, TCB
 status) is the release policy's decision, not this module's.
@@ -36,7 +37,19 @@ from services.keyvault.attestation.pck import (
     p256_key_from_raw,
     verify_pck_chain,
 )
-from services.keyvault.attestation.quote import Quote, QuoteSignatureError, parse_quote
+from services.keyvault.attestation.quote import (
+    QeIdentityError,
+    Quote,
+    QuoteSignatureError,
+    ReportBody,
+    parse_quote,
+)
+
+#: Intel's Quoting Enclave (QE3) as Intel's QE identity collateral names it. The PCK key signs
+#: the report of any enclave the platform lets request provisioning, so only this identity says
+#: the attestation key belongs to Intel's QE; it is checked on every quote, collateral or not.
+INTEL_QE_MRSIGNER = bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff")
+INTEL_QE_ISV_PROD_ID = 1
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,27 @@ class VerifiedQuote:
         return result
 
 
+def check_intel_qe(qe_report: ReportBody) -> None:
+    """Refuse a QE report that is not Intel's production Quoting Enclave (QE3).
+
+    The baseline of Intel's QE identity, held without collateral: collateral adds MISCSELECT,
+    the masked ATTRIBUTES and the QE's TCB level (:func:`collateral.check_qe_identity`).
+    """
+    if qe_report.mr_signer != INTEL_QE_MRSIGNER:
+        raise QeIdentityError(
+            f"QE report is not Intel's Quoting Enclave: MRSIGNER {qe_report.mr_signer.hex()} is not "
+            f"Intel's {INTEL_QE_MRSIGNER.hex()}"
+        )
+    if qe_report.isv_prod_id != INTEL_QE_ISV_PROD_ID:
+        raise QeIdentityError(
+            f"QE report is not Intel's Quoting Enclave: ISVPRODID {qe_report.isv_prod_id} is not "
+            f"{INTEL_QE_ISV_PROD_ID} (QE3)"
+        )
+    # A debug QE's memory, and so its attestation key, is readable by the host.
+    if qe_report.debug:
+        raise QeIdentityError("QE report is from a debug Quoting Enclave (DEBUG attribute set)")
+
+
 def verify_quote(
     quote_bytes: bytes,
     *,
@@ -81,8 +115,8 @@ def verify_quote(
     """Verify ``quote_bytes`` against a root pinned by public key; raise ``QuoteError`` if not.
 
     ``now`` (timezone-aware, default: the current time) is when certificates, CRLs and
-    collateral must be valid. Without ``collateral`` the quote's signatures and PCK chain are
-    verified but revocation and TCB status are not known.
+    collateral must be valid. Without ``collateral`` the quote's signatures, PCK chain and
+    Intel QE identity are verified but revocation and TCB status are not known.
     """
     if now is None:
         now = datetime.now(UTC)
@@ -109,6 +143,7 @@ def verify_quote(
         raise QuoteSignatureError("QE report data is not zero after the key binding")
 
     qe_level = check_qe_identity(verified.qe_identity, sig.qe_report) if verified else None
+    check_intel_qe(sig.qe_report)
 
     attestation_key = p256_key_from_raw(sig.attestation_key)
     if not ecdsa_p256_verify(attestation_key, sig.isv_signature, quote.signed_bytes):

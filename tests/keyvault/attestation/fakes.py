@@ -9,18 +9,18 @@ from Intel's except by the root key it pins.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from services.keyvault.attestation import dev_collateral
 from services.keyvault.attestation.quote import INTEL_QE_VENDOR_ID
+from services.keyvault.attestation.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
 CERT_NOT_BEFORE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -28,7 +28,6 @@ CERT_NOT_AFTER = datetime(2030, 1, 1, tzinfo=UTC)
 COLLATERAL_ISSUED = datetime(2025, 6, 15, tzinfo=UTC)
 COLLATERAL_NEXT_UPDATE = datetime(2025, 7, 15, tzinfo=UTC)
 
-INTEL_QE_MRSIGNER = bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff")
 FMSPC = bytes.fromhex("00906ea10000")
 PCE_ID = bytes.fromhex("0000")
 COMPONENT_SVNS = (11, 11, 2, 2, 255, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -103,6 +102,9 @@ def sgx_extension_der(
 
 # --- keys and certificates ---------------------------------------------------------------
 
+pem = dev_collateral.pem
+sign_raw = dev_collateral.sign_raw
+
 
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
@@ -114,12 +116,6 @@ def raw_public(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
     return point[1:]
-
-
-def sign_raw(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
-    """ECDSA-P256-SHA256 as raw big-endian ``r ‖ s`` (Intel's signature format)."""
-    r, s = decode_dss_signature(key.sign(message, ec.ECDSA(hashes.SHA256())))
-    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def _name(cn: str) -> x509.Name:
@@ -156,10 +152,6 @@ def make_cert(
     for extension in extensions:
         builder = builder.add_extension(extension, False)
     return builder.sign(issuer_key, hashes.SHA256())
-
-
-def pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
 
 
 @dataclass
@@ -302,6 +294,8 @@ def quote_parts(
     body: bytes | None = None,
     qe_isv_svn: int = QE_ISV_SVN,
     qe_mrsigner: bytes = INTEL_QE_MRSIGNER,
+    qe_isv_prod_id: int = INTEL_QE_ISV_PROD_ID,
+    qe_attributes: bytes = QE_ATTRIBUTES,
     qe_auth_data: bytes = b"\x11" * 32,
     cert_data: bytes | None = None,
 ) -> QuoteParts:
@@ -310,10 +304,10 @@ def quote_parts(
     raw_key = raw_public(attestation_key)
     binding = hashlib.sha256(raw_key + qe_auth_data).digest() + bytes(32)
     qe_report = report_body(
-        attributes=QE_ATTRIBUTES,
+        attributes=qe_attributes,
         mrenclave=b"\x9e" * 32,
         mrsigner=qe_mrsigner,
-        isv_prod_id=1,
+        isv_prod_id=qe_isv_prod_id,
         isv_svn=qe_isv_svn,
         report_data=binding,
     )
@@ -361,11 +355,9 @@ def replace_cert_data(quote: bytes, cert_data: bytes) -> bytes:
     return quote[:432] + len(sig_data).to_bytes(4, "little") + sig_data
 
 
-# --- collateral --------------------------------------------------------------------------
+# --- collateral (the product's dev_collateral, with this module's defaults) -------------
 
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+TCB_DATE = "2024-03-13T00:00:00Z"
 
 
 def tcb_level(
@@ -375,25 +367,13 @@ def tcb_level(
     pce_svn: int = PCE_SVN,
     advisories: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    level: dict[str, Any] = {
-        "tcb": {"sgxtcbcomponents": [{"svn": svn} for svn in components], "pcesvn": pce_svn},
-        "tcbDate": "2024-03-13T00:00:00Z",
-        "tcbStatus": status,
-    }
-    if advisories:
-        level["advisoryIDs"] = list(advisories)
-    return level
+    return dev_collateral.tcb_level(
+        status, components=components, pce_svn=pce_svn, tcb_date=TCB_DATE, advisories=advisories
+    )
 
 
 def qe_level(isv_svn: int, status: str, advisories: tuple[str, ...] = ()) -> dict[str, Any]:
-    level: dict[str, Any] = {
-        "tcb": {"isvsvn": isv_svn},
-        "tcbDate": "2024-03-13T00:00:00Z",
-        "tcbStatus": status,
-    }
-    if advisories:
-        level["advisoryIDs"] = list(advisories)
-    return level
+    return dev_collateral.qe_level(isv_svn, status, tcb_date=TCB_DATE, advisories=advisories)
 
 
 def tcb_info_json(
@@ -406,19 +386,14 @@ def tcb_info_json(
     version: int = 3,
     tcb_id: str = "SGX",
 ) -> str:
-    return json.dumps(
-        {
-            "id": tcb_id,
-            "version": version,
-            "issueDate": _iso(issued),
-            "nextUpdate": _iso(next_update),
-            "fmspc": fmspc.hex().upper(),
-            "pceId": pce_id.hex().upper(),
-            "tcbType": 0,
-            "tcbEvaluationDataNumber": 17,
-            "tcbLevels": levels if levels is not None else [tcb_level("UpToDate")],
-        },
-        separators=(",", ":"),
+    return dev_collateral.tcb_info_json(
+        levels=levels if levels is not None else [tcb_level("UpToDate")],
+        fmspc=fmspc,
+        pce_id=pce_id,
+        issued=issued,
+        next_update=next_update,
+        version=version,
+        tcb_id=tcb_id,
     )
 
 
@@ -426,26 +401,16 @@ def qe_identity_json(
     *,
     levels: list[dict[str, Any]] | None = None,
     mrsigner: bytes = INTEL_QE_MRSIGNER,
-    isv_prod_id: int = 1,
+    isv_prod_id: int = INTEL_QE_ISV_PROD_ID,
     issued: datetime = COLLATERAL_ISSUED,
     next_update: datetime = COLLATERAL_NEXT_UPDATE,
 ) -> str:
-    return json.dumps(
-        {
-            "id": "QE",
-            "version": 2,
-            "issueDate": _iso(issued),
-            "nextUpdate": _iso(next_update),
-            "tcbEvaluationDataNumber": 17,
-            "miscselect": "00000000",
-            "miscselectMask": "FFFFFFFF",
-            "attributes": "11000000000000000000000000000000",
-            "attributesMask": "FBFFFFFFFFFFFFFF0000000000000000",
-            "mrsigner": mrsigner.hex().upper(),
-            "isvprodid": isv_prod_id,
-            "tcbLevels": levels if levels is not None else [qe_level(QE_ISV_SVN, "UpToDate")],
-        },
-        separators=(",", ":"),
+    return dev_collateral.qe_identity_json(
+        levels=levels if levels is not None else [qe_level(QE_ISV_SVN, "UpToDate")],
+        issued=issued,
+        next_update=next_update,
+        mrsigner=mrsigner,
+        isv_prod_id=isv_prod_id,
     )
 
 
@@ -457,20 +422,9 @@ def make_crl(
     last_update: datetime = COLLATERAL_ISSUED,
     next_update: datetime = COLLATERAL_NEXT_UPDATE,
 ) -> bytes:
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(issuer.subject)
-        .last_update(last_update)
-        .next_update(next_update)
+    return dev_collateral.make_crl(
+        issuer, issuer_key, last_update=last_update, next_update=next_update, revoked=revoked
     )
-    for cert in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(cert.serial_number)
-            .revocation_date(last_update - timedelta(days=1))
-            .build()
-        )
-    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def build_collateral(
@@ -483,18 +437,14 @@ def build_collateral(
     tcb_signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
 ) -> dict[str, str]:
     """Collateral in the dcap-qvl JSON layout, every document signed under ``pki``."""
-    tcb_text = tcb_info if tcb_info is not None else tcb_info_json()
-    qe_text = qe_identity if qe_identity is not None else qe_identity_json()
     signer_cert, signer_key = tcb_signer if tcb_signer is not None else (pki.tcb_signer, pki.tcb_key)
-    signing_chain = pem(signer_cert, pki.root).decode()
-    return {
-        "pck_crl_issuer_chain": pem(pki.ca, pki.root).decode(),
-        "root_ca_crl": (root_crl if root_crl is not None else make_crl(pki.root, pki.root_key)).hex(),
-        "pck_crl": (pck_crl if pck_crl is not None else make_crl(pki.ca, pki.ca_key)).hex(),
-        "tcb_info_issuer_chain": signing_chain,
-        "tcb_info": tcb_text,
-        "tcb_info_signature": sign_raw(signer_key, tcb_text.encode()).hex(),
-        "qe_identity_issuer_chain": signing_chain,
-        "qe_identity": qe_text,
-        "qe_identity_signature": sign_raw(signer_key, qe_text.encode()).hex(),
-    }
+    return dev_collateral.collateral_json(
+        root=pki.root,
+        pck_ca=pki.ca,
+        signer=signer_cert,
+        signer_key=signer_key,
+        tcb_info=tcb_info if tcb_info is not None else tcb_info_json(),
+        qe_identity=qe_identity if qe_identity is not None else qe_identity_json(),
+        root_crl=root_crl if root_crl is not None else make_crl(pki.root, pki.root_key),
+        pck_crl=pck_crl if pck_crl is not None else make_crl(pki.ca, pki.ca_key),
+    )
