@@ -1,8 +1,9 @@
 """Attesting the enclave at the keyvault and keeping its attestation token fresh.
 
-The enclave quotes over ``report_data = SHA-256(runtime_data || nonce)``, where runtime_data
-is its public keys (EnclavePublicKeys, serialized deterministically) and the nonce is fresh
-randomness; the keyvault checks that binding and returns a short-lived token naming the keys.
+The host hands the enclave only a fresh 32-byte nonce; the enclave quotes
+``wire.report_data(runtime_data, nonce)`` over its own public keys (EnclavePublicKeys,
+serialized deterministically, returned as runtime_data), so the host cannot choose what a
+quote covers. The keyvault checks that binding and returns a short-lived token naming the keys.
 Tokens serve two uses with different rules at the keyvault: a key release consumes its
 token (one release per token, so `fresh()` attests anew each time), while commit-head
 advances may reuse one until it nears expiry (`current()`).
@@ -10,7 +11,6 @@ advances may reuse one until it nears expiry (`current()`).
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import threading
 import time
@@ -25,11 +25,6 @@ from services.state.keyvault_client import KeyvaultClient
 
 NONCE_SIZE = 32
 REFRESH_MARGIN_S = 60.0
-
-
-def report_data(runtime_data: bytes, nonce: bytes) -> bytes:
-    """What the quote's report data must start with (the keyvault zero-pads to 64 bytes)."""
-    return hashlib.sha256(runtime_data + nonce).digest()
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,10 @@ class Attestor:
     def fresh(self) -> Attestation:
         """A new attestation (new nonce, new quote, new token); it becomes the current one."""
         nonce = secrets.token_bytes(NONCE_SIZE)
-        quote = self._enclave.get_quote(report_data(self._runtime_data, nonce))
+        quoted = self._enclave.get_quote(nonce)
+        if quoted.runtime_data != self._runtime_data:
+            raise RuntimeError("the enclave quoted other keys than it published at Initialize")
+        quote = quoted.quote
         response = self._keyvault.attest(quote, self._runtime_data, nonce)
         expires_at = response.expire_time.seconds + response.expire_time.nanos / 1e9
         if not response.HasField("expire_time"):

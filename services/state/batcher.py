@@ -21,11 +21,13 @@ Batching policy (adaptive, bounded):
   even without lingering.
 
 A submitter's future completes only when the process function returns, which for the host
-is after the batch's durable commit: nothing is acknowledged before it is on disk.
+is after the batch's durable commit: nothing is acknowledged before it is on disk. A result
+may be deferred (a future): a strict instance's answers wait for the keyvault's confirmation.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -33,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, Union
 
 from services.state.errors import NotServing
 from services.state.metrics import StateMetrics
@@ -41,10 +43,30 @@ from services.state.metrics import StateMetrics
 T = TypeVar("T")
 R = TypeVar("R")
 
-ProcessFn = Callable[[Sequence[T]], Sequence["R | BaseException"]]
-"""Processes one batch; returns one result or exception per item, in order (raising fails all)."""
+Result = Union[R, BaseException, "Future[R]"]
+ProcessFn = Callable[[Sequence[T]], Sequence[Result[R]]]
+"""Processes one batch; returns one result, exception or deferred result (a future that the
+submitter's future then follows) per item, in order (raising fails all)."""
 
 _log = logging.getLogger(__name__)
+
+
+def _deliver(result: Result[R], target: Future[R]) -> None:
+    """Complete `target` with a result, an exception, or (later) as a deferred result completes."""
+    if isinstance(result, Future):
+        result.add_done_callback(functools.partial(_follow, target=target))
+    elif isinstance(result, BaseException):
+        target.set_exception(result)
+    else:
+        target.set_result(result)
+
+
+def _follow(done: Future[R], target: Future[R]) -> None:
+    error = done.exception()
+    if error is not None:
+        target.set_exception(error)
+    else:
+        target.set_result(done.result())
 
 
 @dataclass(frozen=True)
@@ -71,7 +93,7 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        process: Callable[[Sequence[T]], Sequence[R | BaseException]],
+        process: ProcessFn[T, R],
         *,
         policy: BatchPolicy | None = None,
         metrics: StateMetrics | None = None,
@@ -178,10 +200,7 @@ class Batcher(Generic[T, R]):
                     pending.future.set_exception(exc)
             else:
                 for pending, result in zip(live, results, strict=True):
-                    if isinstance(result, BaseException):
-                        pending.future.set_exception(result)
-                    else:
-                        pending.future.set_result(result)
+                    _deliver(result, pending.future)
             if self._after_batch is not None:
                 try:
                     self._after_batch()

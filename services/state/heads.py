@@ -1,33 +1,28 @@
 """Advancing commit heads at the keyvault, in the background, coalesced, retried until caught up.
 
-The rule (what an acknowledgement means):
+What the keyvault is sent: the enclave signs a `CommitLink` per batch, from the previous head
+to the new one. This thread keeps each instance's links since the last head the keyvault
+confirmed and sends them as one path (coalesced: a keyvault that was away is caught up with
+one call per instance). The keyvault compares and sets: one link must start at its stored
+head. It answers with a signed `HeadConfirmation`, which goes to `on_confirmed` (the host
+hands it to the enclave, which then releases the answers of a strict instance).
 
-* An Execute is acknowledged once its batch is **durably committed** to the database. The
-  keyvault's commit head is advanced right after, asynchronously, by this thread: it is not on
-  the acknowledgement path, so a slow or unreachable keyvault never stops the service.
-* Advances are coalesced: only the newest enclave-signed head per instance is sent, so a
-  keyvault that was away for a while is caught up with one call per instance. They are also
-  paced (at most one round per `pace_s`, default 20 ms): under load every batch would otherwise
-  cost the keyvault a token check, a signature check and a durable write (measured: a third of
-  a core at 250 commits/s); paced, the heads of the batches committed meanwhile coalesce.
-* While the keyvault is unreachable the head lags; the lag (entries committed but not yet
-  covered by the keyvault head) is shown in GetStatus. An optional bound (VEIL_STATE_MAX_HEAD_LAG)
-  makes the host refuse new commands (UNAVAILABLE) once an instance lags that far, which bounds
-  how much acknowledged work a rollback of the database could hide.
-* A refusal by the keyvault (after one retry with a fresh attestation) means it considers our
-  log a fork or a rollback, or this enclave not allowed: the host stops serving (FAILED).
+What an acknowledgement means:
 
-Recovery accepts a database head *ahead* of the keyvault head exactly when the keyvault head
-is on the stored chain and every entry after it chains and authenticates in the enclave (see
-recovery.py): that is the lag of a crash between commit and advance. It is caught up by the
-next commit's signed head (a restored enclave has no signed head to send until then).
+* **strict** instances (the default): the enclave itself holds every answer until the keyvault
+  confirms a head that covers it, so an answer a client holds can never be rolled back by a
+  host that replays an old database. The cost is one keyvault round trip per round of
+  advances, pipelined with the next batches (rounds are not paced: one is always in flight
+  while there is something to send).
+* **fast** instances: answers go out once the batch is durable in the database; heads are
+  advanced after (optionally paced by `pace_s`, so that more batches coalesce per round). The
+  entries committed but not yet covered by the keyvault head (the lag, in GetStatus) are what
+  a host that rolled its database back could lose. An optional bound
+  (VEIL_STATE_MAX_HEAD_LAG) makes the host refuse new commands (UNAVAILABLE) once an instance
+  lags that far.
 
-What this does not do: the host is outside the TCB. A malicious host can withhold advances and
-later roll its database back to anywhere at or after the keyvault head; only the entries the
-keyvault head covers are rollback-protected. The lag bound is this host's discipline, not a
-TCB guarantee. Strict protection would acknowledge only after the advance (one keyvault round
-trip per batch, and no service while the keyvault is away): the trade-off chosen here is
-availability, with the window kept to one pace interval and one advance in normal operation.
+A refusal by the keyvault (after one retry with a fresh attestation) means it considers our
+log a fork or a rollback, or this enclave not allowed: the host stops serving (FAILED).
 """
 
 from __future__ import annotations
@@ -44,7 +39,10 @@ from services.state.metrics import StateMetrics
 
 _log = logging.getLogger(__name__)
 
-ADVANCE_PACE_S = 0.02
+# Rounds coalesce by themselves (one is in flight while the next links gather); a pause between
+# rounds trades head lag (and strict answers' latency) for keyvault CPU. Off by default.
+ADVANCE_PACE_S = 0.0
+MAX_LINKS = 1024  # per AdvanceCommitHead (the keyvault's bound); a longer path takes more rounds
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class Backoff:
 
 
 class HeadAdvancer:
-    """One background thread pushing the newest committed head of each instance to the keyvault."""
+    """One background thread pushing each instance's unconfirmed links to the keyvault."""
 
     def __init__(
         self,
@@ -68,6 +66,7 @@ class HeadAdvancer:
         *,
         metrics: StateMetrics,
         on_refused: Callable[[str, str], None],
+        on_confirmed: Callable[[envelope_pb2.HeadConfirmation], None],
         backoff: Backoff | None = None,
         pace_s: float = ADVANCE_PACE_S,
     ) -> None:
@@ -77,13 +76,14 @@ class HeadAdvancer:
         self._token = token
         self._metrics = metrics
         self._on_refused = on_refused
+        self._on_confirmed = on_confirmed
         self._backoff = backoff or Backoff()
         self._cond = threading.Condition()
-        self._pending: dict[str, envelope_pb2.SignedCommitHead] = {}
+        self._paths: dict[str, list[envelope_pb2.CommitLink]] = {}
         self._confirmed: dict[str, int] = {}
         self._committed: dict[str, int] = {}
         self._problem: str | None = None
-        self._busy = False  # heads taken from `_pending` and not yet settled
+        self._busy = False  # a round is being sent
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="head-advancer", daemon=True)
 
@@ -92,10 +92,10 @@ class HeadAdvancer:
         self._thread.start()
 
     def stop(self, timeout: float | None = 5.0, *, flush_s: float = 0.0) -> None:
-        """Stop the thread, first giving pending heads up to `flush_s` to reach the keyvault."""
+        """Stop the thread, first giving pending links up to `flush_s` to reach the keyvault."""
         with self._cond:
             if flush_s > 0:
-                self._cond.wait_for(lambda: not self._pending and not self._busy, flush_s)
+                self._cond.wait_for(lambda: not self._paths and not self._busy, flush_s)
             self._stopping = True
             self._cond.notify_all()
         if self._thread.is_alive():
@@ -107,19 +107,25 @@ class HeadAdvancer:
             self._confirmed[instance_id] = max(self._confirmed.get(instance_id, 0), sequence)
             self._committed[instance_id] = max(self._committed.get(instance_id, 0), sequence)
 
-    def committed(self, head: envelope_pb2.SignedCommitHead) -> None:
-        """A signed head whose entries are durably committed; it replaces any older pending one."""
+    def push(self, link: envelope_pb2.CommitLink) -> None:
+        """A link whose entries are durably committed; it extends the instance's path."""
         with self._cond:
-            instance_id = head.instance_id
-            sequence = head.head.sequence
+            instance_id, sequence = link.instance_id, link.head.sequence
             self._committed[instance_id] = max(self._committed.get(instance_id, 0), sequence)
-            pending = self._pending.get(instance_id)
-            if pending is None or pending.head.sequence < sequence:
-                self._pending[instance_id] = head
-                self._cond.notify_all()
+            path = self._paths.setdefault(instance_id, [])
+            if path and path[-1].head != link.base:
+                broken = (
+                    f"instance {instance_id!r}: the link to {sequence} does not extend "
+                    f"the link to {path[-1].head.sequence}"
+                )
+                _log.error("%s (a host bug)", broken)
+                self._on_refused(instance_id, broken)
+                return
+            path.append(link)
+            self._cond.notify_all()
 
     def note_durable(self, instance_id: str, sequence: int) -> None:
-        """Entries up to `sequence` are in the database even though no signed head covers them yet."""
+        """Entries up to `sequence` are in the database even though no link covers them yet."""
         with self._cond:
             self._committed[instance_id] = max(self._committed.get(instance_id, 0), sequence)
 
@@ -129,6 +135,11 @@ class HeadAdvancer:
         with self._cond:
             return self._confirmed.get(instance_id, 0)
 
+    def wait_confirmed(self, instance_id: str, sequence: int, timeout: float) -> bool:
+        """Wait up to `timeout` for the keyvault to hold `sequence` (or beyond); False if not."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._confirmed.get(instance_id, 0) >= sequence, timeout)
+
     def lag(self, instance_id: str) -> int:
         """Committed entries not yet covered by the keyvault head."""
         with self._cond:
@@ -136,7 +147,7 @@ class HeadAdvancer:
 
     def total_lag(self) -> int:
         with self._cond:
-            return sum(seq - self._confirmed.get(iid, 0) for iid, seq in self._committed.items())
+            return self._lag_locked()
 
     def problem(self) -> str | None:
         """Why heads are not advancing right now (e.g. the keyvault is unreachable), or None."""
@@ -144,58 +155,61 @@ class HeadAdvancer:
             return self._problem
 
     # -- the thread ----------------------------------------------------------------------------
-    def _next(self) -> list[envelope_pb2.SignedCommitHead] | None:
+    def _next(self) -> dict[str, list[envelope_pb2.CommitLink]] | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._stopping or bool(self._pending))
+            self._cond.wait_for(lambda: self._stopping or bool(self._paths))
             if self._stopping:
                 return None
-            heads = list(self._pending.values())
-            self._pending.clear()
             self._busy = True
-            return heads
+            return {iid: path[:MAX_LINKS] for iid, path in self._paths.items()}
 
-    def _requeue(self, head: envelope_pb2.SignedCommitHead) -> None:
+    def _settle(self, instance_id: str, sequence: int) -> None:
+        """The keyvault holds `sequence`: drop the links it covers."""
         with self._cond:
-            newer = self._pending.get(head.instance_id)
-            if newer is None or newer.head.sequence < head.head.sequence:
-                self._pending[head.instance_id] = head
+            self._confirmed[instance_id] = max(self._confirmed.get(instance_id, 0), sequence)
+            path = [link for link in self._paths.get(instance_id, []) if link.head.sequence > sequence]
+            if path:
+                self._paths[instance_id] = path
+            else:
+                self._paths.pop(instance_id, None)
+            self._problem = None
+            self._cond.notify_all()
 
     def _run(self) -> None:
         failures = 0
         while True:
-            heads = self._next()
-            if heads is None:
+            paths = self._next()
+            if paths is None:
                 return
             unreachable = False
-            for head in heads:
+            for instance_id, links in paths.items():
                 try:
-                    outcome = self._advance(head)
+                    outcome = self._advance(instance_id, links)
                 except Exception as exc:  # e.g. re-attesting failed in the enclave: retry later
                     _log.warning(
-                        "commit head %s@%d not advanced: %s", head.instance_id, head.head.sequence, exc
+                        "commit head %s@%d not advanced: %s", instance_id, links[-1].head.sequence, exc
                     )
                     outcome = "unreachable"
-                if outcome == "unreachable":
-                    unreachable = True
-                    self._requeue(head)
+                unreachable |= outcome == "unreachable"
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
             if not unreachable:
                 failures = 0
-                with self._cond:  # pace the keyvault; stop() still wakes us
-                    self._cond.wait_for(lambda: self._stopping, self._pace_s)
+                if self._pace_s > 0:
+                    with self._cond:  # pace the keyvault; stop() still wakes us
+                        self._cond.wait_for(lambda: self._stopping, self._pace_s)
                 continue
             failures += 1
             with self._cond:
-                # Sleep, but wake for stop(); new heads just coalesce meanwhile.
+                # Sleep, but wake for stop(); new links just join their paths meanwhile.
                 self._cond.wait_for(lambda: self._stopping, self._backoff.delay(failures))
 
-    def _advance(self, head: envelope_pb2.SignedCommitHead) -> str:
-        instance_id, sequence = head.instance_id, head.head.sequence
+    def _advance(self, instance_id: str, links: list[envelope_pb2.CommitLink]) -> str:
+        sequence = links[-1].head.sequence
         for fresh in (False, True):
             try:
-                stored = self._keyvault.advance_commit_head(head, self._token(fresh))
+                confirmation = self._keyvault.advance_commit_head(links, self._token(fresh))
             except KeyvaultUnavailable as exc:
                 self._metrics.record_head_advance(ok=False)
                 with self._cond:
@@ -207,12 +221,12 @@ class HeadAdvancer:
                     continue  # maybe an expired token: once more with a fresh attestation
                 _log.error("keyvault refused commit head %s@%d: %s", instance_id, sequence, exc.message)
                 self._on_refused(instance_id, f"keyvault refused commit head {sequence}: {exc.message}")
+                with self._cond:
+                    self._paths.pop(instance_id, None)
                 return "refused"
             self._metrics.record_head_advance(ok=True)
-            with self._cond:
-                self._confirmed[instance_id] = max(self._confirmed.get(instance_id, 0), stored, sequence)
-                self._problem = None
-                self._cond.notify_all()
+            self._settle(instance_id, confirmation.head.sequence)
+            self._on_confirmed(confirmation)
             return "ok"
         return "refused"
 

@@ -19,7 +19,10 @@ so. Once SERVING, the keyvault is needed only to create instances and to advance
 
 One command: Execute -> (idempotency check) -> batcher -> ExecuteBatch ECALL (one per instance
 in the batch) -> append_batch (entries + idempotency records, ONE durable transaction) ->
-futures completed (the acknowledgement) -> commit heads advanced in the background.
+the batch's commit link goes to the head advancer -> futures completed (the acknowledgement).
+For a strict instance (the default) the enclave's answers are held: they complete only once
+the keyvault confirmed the batch's head and the enclave released them (holds.py), and their
+idempotency records are written then.
 If the enclave runner dies or a commit fails after the enclave moved on, the enclave is ahead
 of the database: the host stops taking commands and reruns the start-up recovery in-process.
 """
@@ -27,6 +30,7 @@ of the database: the host stops taking commands and reruns the start-up recovery
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import re
 import threading
@@ -38,6 +42,7 @@ from veil.enclave.v1 import envelope_pb2
 from veil.state.v1 import state_pb2
 
 from enclave import wire
+from enclave.errors import DecryptionError
 from services.common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from services.state import lifecycle
 from services.state.attestation import Attestation
@@ -53,6 +58,7 @@ from services.state.errors import (
     from_outcome_error,
 )
 from services.state.heads import Backoff
+from services.state.holds import unwrap
 from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from services.state.metrics import StateMetrics
 from services.state.snapshots import take_snapshot
@@ -87,7 +93,10 @@ class _BatchOutput:
 
     entries: list[StoredEntry] = field(default_factory=list)
     records: list[IdempotencyRecord] = field(default_factory=list)
-    heads: list[envelope_pb2.SignedCommitHead] = field(default_factory=list)
+    links: list[envelope_pb2.CommitLink] = field(default_factory=list)
+
+
+Answer = state_pb2.ExecuteResponse | BaseException | concurrent.futures.Future[state_pb2.ExecuteResponse]
 
 
 class StateHost:
@@ -195,7 +204,7 @@ class StateHost:
         self._shutdown()
 
     def _boot(self) -> Runtime:
-        runtime = self._startup.run(self._refuse_to_serve)
+        runtime = self._startup.run(self._refuse_to_serve, self._request_recovery)
         runtime.batcher = Batcher(
             lambda batch: self._process(runtime, batch),
             policy=BatchPolicy(
@@ -334,16 +343,14 @@ class StateHost:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
 
-    def _process(
-        self, runtime: Runtime, batch: Sequence[Command]
-    ) -> list[state_pb2.ExecuteResponse | BaseException]:
-        """The batcher's process function: ECALL per instance, one commit, then answers."""
+    def _process(self, runtime: Runtime, batch: Sequence[Command]) -> list[Answer]:
+        """The batcher's process function: ECALL per instance, one commit, links, then answers."""
         if runtime.broken is not None:
             return [NotServing(f"the state service is recovering: {runtime.broken}")] * len(batch)
         groups: dict[str, list[int]] = {}
         for index, item in enumerate(batch):
             groups.setdefault(item.instance_id, []).append(index)
-        results: list[state_pb2.ExecuteResponse | BaseException] = [Unavailable("not executed")] * len(batch)
+        results: list[Answer] = [Unavailable("not executed")] * len(batch)
         batch_out = _BatchOutput()
         now_ms = self._now_ms()
         with runtime.apply_lock:
@@ -355,15 +362,16 @@ class StateHost:
                     results[i] = answer
             if batch_out.entries or batch_out.records:
                 self._commit(runtime, batch_out.entries, batch_out.records)
-            for head in batch_out.heads:
-                runtime.instances[head.instance_id].head = head.head
-        for head in batch_out.heads:
-            runtime.advancer.committed(head)
+            for link in batch_out.links:
+                runtime.instances[link.instance_id].head = link.head
+        # Durable now: the keyvault may learn of it (held answers wait for its confirmation).
+        for link in batch_out.links:
+            runtime.advancer.push(link)
         return results
 
     def _execute_group(
         self, runtime: Runtime, instance_id: str, items: list[Command], now_ms: int, out: _BatchOutput
-    ) -> list[state_pb2.ExecuteResponse | BaseException]:
+    ) -> list[Answer]:
         """One ExecuteBatch ECALL for one instance's commands; collects what must be committed."""
         try:
             response = runtime.enclave.execute_batch(instance_id, [item.command for item in items], now_ms)
@@ -376,23 +384,69 @@ class StateHost:
         if len(response.outcomes) != len(items):
             self._request_recovery(runtime, "the enclave answered a batch with the wrong outcome count")
             raise NotServing("the enclave misbehaved; recovering")
-        answers: list[state_pb2.ExecuteResponse | BaseException] = []
+        answers: list[Answer] = []
+        held: list[
+            tuple[concurrent.futures.Future[state_pb2.ExecuteResponse], Command, state_pb2.ExecuteResponse]
+        ]
+        held = []
         for item, outcome in zip(items, response.outcomes, strict=True):
             if outcome.HasField("error"):
                 # Not executed (unopenable, or over the memory budget): the code goes out as is.
                 answers.append(from_outcome_error(outcome.error.code, outcome.error.message))
                 continue
             answer = state_pb2.ExecuteResponse(outcome=outcome)
+            if response.held_until:
+                future: concurrent.futures.Future[state_pb2.ExecuteResponse] = concurrent.futures.Future()
+                answers.append(future)
+                held.append((future, item, answer))
+                continue
             answers.append(answer)
             if outcome.accepted and item.request_id:
-                serialized = answer.SerializeToString(deterministic=True)
-                out.records.append(IdempotencyRecord(instance_id, item.request_id, serialized, now_ms * 1000))
+                out.records.append(_record(instance_id, item, answer, now_ms))
         for entry in response.entries:
             serialized = entry.SerializeToString(deterministic=True)
             out.entries.append(StoredEntry(instance_id, entry.sequence, wire.entry_hash(entry), serialized))
         if response.entries:
-            out.heads.append(response.head)
+            out.links.append(response.link)
+        if held:
+            runtime.holds.key(instance_id, response.held_until).add_done_callback(
+                functools.partial(self._release_held, instance_id, response.held_until, held, now_ms)
+            )
         return answers
+
+    def _release_held(
+        self,
+        instance_id: str,
+        held_until: int,
+        held: list[
+            tuple[concurrent.futures.Future[state_pb2.ExecuteResponse], Command, state_pb2.ExecuteResponse]
+        ],
+        now_ms: int,
+        key: concurrent.futures.Future[bytes],
+    ) -> None:
+        """The keyvault confirmed `held_until`: open the held answers, record them, answer."""
+        error = key.exception()
+        if error is None:
+            records = []
+            try:
+                for _, item, answer in held:
+                    unwrap(key.result(), instance_id, held_until, answer.outcome)
+                    if answer.outcome.accepted and item.request_id:
+                        records.append(_record(instance_id, item, answer, now_ms))
+            except DecryptionError:
+                error = NotServing(
+                    "a held answer did not open under its released key; the service is recovering"
+                )
+            else:
+                try:  # a retry with the same request id gets this answer from now on
+                    self.store.append_batch([], records)
+                except StoreError as exc:
+                    _log.warning("idempotency records of %s@%d not stored: %s", instance_id, held_until, exc)
+        for future, _, answer in held:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(answer)
 
     def _commit(self, runtime: Runtime, entries: list[StoredEntry], records: list[IdempotencyRecord]) -> None:
         """One durable transaction, retried on transient errors; failing means recovering again."""
@@ -451,20 +505,35 @@ class StateHost:
             state.snapshot_sequence = result.sequence
             self.metrics.record_snapshot(result.compacted)
 
-    def query(self, instance_id: str, command: envelope_pb2.SealedCommand) -> state_pb2.QueryResponse:
-        """Run a read-only sealed command against committed state."""
+    def query(
+        self, instance_id: str, command: envelope_pb2.SealedCommand, timeout: float
+    ) -> state_pb2.QueryResponse:
+        """Run a read-only sealed command against committed state (held until it is confirmed)."""
         runtime = self._serving()
         self._instance(runtime, instance_id)
         try:
             with runtime.apply_lock:
-                outcome = runtime.enclave.query(instance_id, command, self._now_ms())
+                response = runtime.enclave.query(instance_id, command, self._now_ms())
         except EnclaveCallError as exc:
             raise from_ecall(exc.code, exc.message, method="Query") from None
         except EnclaveUnavailableError as exc:
             self._request_recovery(runtime, f"the enclave runner failed: {exc}")
             raise NotServing("the enclave runner failed; recovering") from exc
+        outcome = response.outcome
         if outcome.HasField("error"):
             raise from_outcome_error(outcome.error.code, outcome.error.message)
+        if response.held_until:
+            try:
+                key = runtime.holds.key(instance_id, response.held_until).result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise DeadlineExceeded(
+                    "the answer waits for the keyvault to confirm the state it read; retry"
+                ) from None
+            try:
+                unwrap(key, instance_id, response.held_until, outcome)
+            except DecryptionError:
+                self._request_recovery(runtime, "a held answer did not open under its released key")
+                raise NotServing("the enclave misbehaved; recovering") from None
         return state_pb2.QueryResponse(outcome=outcome)
 
     # == instances ============================================================================
@@ -472,14 +541,22 @@ class StateHost:
         state = self._instance(runtime, instance_id)
         return state_pb2.Instance(instance_id=instance_id, config=state.config, head=state.head)
 
+    def descriptor(self, instance_id: str) -> envelope_pb2.InstanceDescriptor:
+        """The instance's descriptor as its enclave signed it."""
+        return self._instance(self._serving(), instance_id).descriptor
+
     def list_instances(self) -> list[state_pb2.Instance]:
         runtime = self._serving()
         return [self._instance_proto(runtime, iid) for iid in sorted(runtime.instances)]
 
     def create_instance(
-        self, instance_id: str, config: envelope_pb2.InstanceConfig, request_id: str
-    ) -> state_pb2.Instance:
-        """Create an instance: its key at the keyvault, its genesis entry durable, its head advanced."""
+        self, instance_id: str, config: envelope_pb2.InstanceConfig, request_id: str, timeout: float
+    ) -> tuple[state_pb2.Instance, envelope_pb2.InstanceDescriptor]:
+        """Create an instance: its key at the keyvault, its genesis durable and registered there.
+
+        Answers once the keyvault registered the genesis (so no other enclave can create the
+        id again), with the descriptor the enclave signed.
+        """
         runtime = self._serving()
         if not INSTANCE_ID.match(instance_id):
             raise InvalidArgument(INSTANCE_ID_RULE)
@@ -489,44 +566,60 @@ class StateHost:
             if existing is not None:
                 if existing.config != config_bytes:
                     raise AlreadyExists(f"instance {instance_id!r} exists with another configuration")
-                return self._instance_proto(runtime, instance_id)  # a retried creation
-            runtime.provisioner.create_key(
-                instance_id, runtime.mrenclave, sim=self.config.enclave_mode == "sim"
+            else:
+                self._create(runtime, instance_id, config, config_bytes)
+        if not runtime.advancer.wait_confirmed(instance_id, 1, timeout):
+            raise Unavailable(
+                f"instance {instance_id!r} is created but the keyvault has not registered it yet "
+                f"({runtime.advancer.problem() or 'advancing'}); retry the same request"
             )
-            remote = self.keyvault.get_commit_head(instance_id)
-            if remote.sequence:
-                raise AlreadyExists(
-                    f"the keyvault holds commit head {remote.sequence} of {instance_id!r} but this database "
-                    "has no such instance; refusing to start a fork of it",
-                    metadata={"instance_id": instance_id, "sequence": str(remote.sequence)},
-                )
-            runtime.provisioner.release(instance_id)
-            try:
-                created = runtime.enclave.create_instance(instance_id, config)
-            except EnclaveCallError as exc:
-                raise from_ecall(exc.code, exc.message, method="CreateInstance") from None
-            genesis = created.entry
-            stored = StoredEntry(
-                instance_id,
-                genesis.sequence,
-                wire.entry_hash(genesis),
-                genesis.SerializeToString(deterministic=True),
+        return self._instance_proto(runtime, instance_id), self.descriptor(instance_id)
+
+    def _create(
+        self, runtime: Runtime, instance_id: str, config: envelope_pb2.InstanceConfig, config_bytes: bytes
+    ) -> None:
+        runtime.provisioner.create_key(instance_id, runtime.mrenclave, sim=self.config.enclave_mode == "sim")
+        runtime.provisioner.release(instance_id)
+        # The keyvault states, for this enclave and its challenge, that no such instance exists.
+        remote = self.keyvault.get_commit_head(
+            instance_id, runtime.keys.signing_public_key, runtime.enclave.issue_challenge(instance_id)
+        )
+        if remote.sequence or remote.statement is None:
+            raise AlreadyExists(
+                f"the keyvault holds commit head {remote.sequence} of {instance_id!r} but this database "
+                "has no such instance; refusing to start a fork of it",
+                metadata={"instance_id": instance_id, "sequence": str(remote.sequence)},
             )
-            try:
-                created_here = self.store.create_instance(
-                    InstanceRecord(instance_id, config_bytes, int(self._clock() * 1e6)), stored
-                )
-            except StoreError:
-                self._request_recovery(runtime, f"persisting the genesis entry of {instance_id!r} failed")
-                raise
-            if not created_here:  # another replica created it meanwhile (a shared PostgreSQL)
-                self._request_recovery(runtime, f"instance {instance_id!r} was created elsewhere")
-                raise AlreadyExists(f"instance {instance_id!r} was created by another replica")
-            runtime.instances[instance_id] = InstanceState(config, created.head.head, 0)
-            runtime.advancer.committed(created.head)
-            runtime.reseal()
+        try:
+            created = runtime.enclave.create_instance(instance_id, config, remote.statement, self._now_ms())
+        except EnclaveCallError as exc:
+            raise from_ecall(exc.code, exc.message, method="CreateInstance") from None
+        genesis = created.entry
+        stored = StoredEntry(
+            instance_id,
+            genesis.sequence,
+            wire.entry_hash(genesis),
+            genesis.SerializeToString(deterministic=True),
+        )
+        try:
+            created_here = self.store.create_instance(
+                InstanceRecord(instance_id, config_bytes, int(self._clock() * 1e6)), stored
+            )
+        except StoreError:
+            self._request_recovery(runtime, f"persisting the genesis entry of {instance_id!r} failed")
+            raise
+        if not created_here:  # another replica created it meanwhile (a shared PostgreSQL)
+            self._request_recovery(runtime, f"instance {instance_id!r} was created elsewhere")
+            raise AlreadyExists(f"instance {instance_id!r} was created by another replica")
+        runtime.instances[instance_id] = InstanceState(
+            envelope_pb2.InstanceConfig.FromString(created.descriptor.config),
+            created.link.head,
+            0,
+            created.descriptor,
+        )
+        runtime.advancer.push(created.link)
+        runtime.reseal()
         _log.info("created instance %r (app %s)", instance_id, envelope_pb2.AppKind.Name(config.app))
-        return self._instance_proto(runtime, instance_id)
 
     # == attestation and status ===============================================================
     def attestation_bundle(self) -> state_pb2.AttestationBundle:
@@ -577,3 +670,12 @@ class StateHost:
         response.memory_used_bytes = enclave_status.memory_used_bytes
         response.memory_budget_bytes = enclave_status.memory_budget_bytes
         return response
+
+
+def _record(
+    instance_id: str, item: Command, answer: state_pb2.ExecuteResponse, now_ms: int
+) -> IdempotencyRecord:
+    """The idempotency record that gives a retried request id its first answer."""
+    return IdempotencyRecord(
+        instance_id, item.request_id, answer.SerializeToString(deterministic=True), now_ms * 1000
+    )

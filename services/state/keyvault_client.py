@@ -7,7 +7,7 @@ later) and `KeyvaultRefused` (the keyvault answered no; carries its ErrorInfo re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -43,15 +43,15 @@ class KeyvaultRefused(FailedPrecondition):
 
 @dataclass(frozen=True)
 class RemoteHead:
-    """An instance's commit head at the keyvault (sequence 0: none yet).
+    """An instance's commit head at the keyvault (sequence 0: the keyvault knows no such instance).
 
-    `signature` is the keyvault's freshness statement over it for the enclave signing key that
-    asked (empty if none asked); the enclave's Restore requires it.
+    `statement` is the keyvault's signed HeadStatement for the enclave key and challenge that
+    asked (None if none asked); the enclave's CreateInstance and Restore require it.
     """
 
     sequence: int
     hash: bytes
-    signature: bytes = b""
+    statement: envelope_pb2.HeadStatement | None = None
 
 
 class KeyvaultClient:
@@ -123,26 +123,28 @@ class KeyvaultClient:
         request = keyvault_pb2.ReleaseKeyRequest(token=token, key_name=name, version=version)
         return self._call("ReleaseKey", self._stub.ReleaseKey, request)
 
-    def get_commit_head(self, instance_id: str, enclave_signing_public_key: bytes = b"") -> RemoteHead:
+    def get_commit_head(
+        self, instance_id: str, enclave_signing_public_key: bytes = b"", challenge: bytes = b""
+    ) -> RemoteHead:
         """The instance's committed head (sequence 0 when the keyvault knows none).
 
-        With `enclave_signing_public_key` the head comes signed for that enclave (for Restore).
+        With an enclave key and its challenge (IssueChallenge) the answer carries the signed
+        statement that enclave needs to create or restore the instance.
         """
         request = keyvault_pb2.GetCommitHeadRequest(
-            instance_id=instance_id, enclave_signing_public_key=enclave_signing_public_key
+            instance_id=instance_id,
+            enclave_signing_public_key=enclave_signing_public_key,
+            challenge=challenge,
         )
         response = self._call("GetCommitHead", self._stub.GetCommitHead, request)
-        return RemoteHead(
-            sequence=response.sequence, hash=response.hash, signature=response.freshness_signature
-        )
+        statement = response.statement if response.HasField("statement") else None
+        return RemoteHead(sequence=response.sequence, hash=response.hash, statement=statement)
 
-    def advance_commit_head(self, head: envelope_pb2.SignedCommitHead, token: str) -> int:
-        """Move the instance's head forward to an enclave-signed head; returns the stored sequence."""
+    def advance_commit_head(
+        self, links: Sequence[envelope_pb2.CommitLink], token: str
+    ) -> envelope_pb2.HeadConfirmation:
+        """Move the instance's head along enclave-signed links; returns the keyvault's confirmation."""
         request = keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=head.instance_id,
-            sequence=head.head.sequence,
-            hash=head.head.hash,
-            signature=head.signature,
-            token=token,
+            instance_id=links[0].instance_id, links=links, token=token
         )
-        return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).sequence
+        return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).confirmation

@@ -16,10 +16,12 @@ Checks, in order; any failure refuses to serve with an error naming the instance
    * K = 0: the keyvault never saw a head (a crash before the genesis head advanced): accepted.
 3. **Replay** in the enclave (Restore): it decrypts and authenticates the snapshot and every
    entry and re-executes them; a DATA_LOSS there is refused too. The enclave checks step 2
-   itself: Restore carries the keyvault head K signed by the keyvault for this enclave's signing
-   key (GetCommitHead), and the enclave refuses (FAILED_PRECONDITION "rollback refused") a log
-   that does not contain K. A snapshot beyond K is sent with the stored entries K..snapshot,
-   which the enclave only hash-chains. Step 2 here is the host's early, better-worded check.
+   itself: Restore carries the keyvault's statement of head K and the registered genesis, made
+   for this enclave's signing key and a challenge it issued just before (GetCommitHead), and the
+   enclave refuses (FAILED_PRECONDITION "rollback refused") a log that does not contain K or
+   starts from another genesis. A snapshot beyond K is sent with the stored entries
+   K..snapshot, which the enclave only hash-chains. Step 2 here is the host's early,
+   better-worded check.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 
 from enclave import wire
 from services.state.enclave_host import EnclaveCallError, EnclaveHost
@@ -180,21 +182,19 @@ def _bridge(log: VerifiedLog, store: StateStore, sequence: int) -> list[envelope
 
 
 def restore(
-    enclave: EnclaveHost, log: VerifiedLog, remote: RemoteHead, store: StateStore
-) -> envelope_pb2.CommitHead:
+    enclave: EnclaveHost, log: VerifiedLog, remote: RemoteHead, store: StateStore, *, now_ms: int
+) -> ecall_pb2.RestoreResponse:
     """Step 3: replay in the enclave; MissingKey when a key version must be released first.
 
-    `remote` is the keyvault's head signed for this enclave (after check_freshness passed).
+    `remote` carries the keyvault's statement for this enclave and its current challenge (after
+    check_freshness passed); the challenge is used up whatever the outcome.
     """
-    kv_head = envelope_pb2.CommitHead(sequence=remote.sequence, hash=remote.hash)
+    if remote.statement is None:
+        raise ValueError("restore needs the keyvault's head statement for this enclave")
     entries = _bridge(log, store, remote.sequence) + log.entries
     try:
-        head = enclave.restore(
-            log.instance_id,
-            entries,
-            log.snapshot,
-            keyvault_head=kv_head,
-            keyvault_head_signature=remote.signature,
+        restored = enclave.restore(
+            log.instance_id, entries, log.snapshot, statement=remote.statement, host_time_unix_ms=now_ms
         )
     except EnclaveCallError as exc:
         if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
@@ -208,8 +208,9 @@ def restore(
         raise RecoveryRefused(
             log.instance_id, sequence, f"the enclave refused the stored data ({exc.code_name}: {exc.message})"
         ) from None
+    head = restored.head
     if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
         raise RecoveryRefused(
             log.instance_id, head.sequence, "the enclave restored a different head than the stored chain"
         )
-    return head
+    return restored

@@ -63,20 +63,25 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         host = self._require_host()
         if not request.instance_id or not request.HasField("command"):
             raise InvalidArgument("instance_id and command are required")
-        return host.query(request.instance_id, request.command)
+        return host.query(request.instance_id, request.command, remaining_timeout(context, EXECUTE_CEILING_S))
 
     def CreateInstance(self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext) -> Any:
         host = self._require_host()
         if not request.HasField("config"):
             raise InvalidArgument("config is required")
-        instance = host.create_instance(request.instance_id, request.config, request.request_id)
-        return state_pb2.CreateInstanceResponse(instance=instance)
+        timeout = remaining_timeout(context, EXECUTE_CEILING_S)
+        instance, descriptor = host.create_instance(
+            request.instance_id, request.config, request.request_id, timeout
+        )
+        return state_pb2.CreateInstanceResponse(instance=instance, descriptor=descriptor)
 
     def ListInstances(self, request: state_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> Any:
         return state_pb2.ListInstancesResponse(instances=self._require_host().list_instances())
 
     def GetAttestation(self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext) -> Any:
-        return state_pb2.GetAttestationResponse(bundle=self._require_host().attestation_bundle())
+        host = self._require_host()
+        descriptor = host.descriptor(request.instance_id) if request.instance_id else None
+        return state_pb2.GetAttestationResponse(bundle=host.attestation_bundle(), descriptor=descriptor)
 
     def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
         return self._require_host().status()

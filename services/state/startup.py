@@ -21,8 +21,10 @@ from veil.state.v1 import state_pb2
 from services.state import lifecycle, recovery
 from services.state.attestation import Attestor
 from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
+from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
+from services.state.errors import NotServing
 from services.state.heads import Backoff, HeadAdvancer
+from services.state.holds import HeldAnswers
 from services.state.keys import KeyProvisioner, SealedCache
 from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from services.state.metrics import StateMetrics
@@ -43,11 +45,18 @@ class Stopping(Exception):
 
 @dataclass
 class InstanceState:
-    """A served instance: its configuration, committed head and latest snapshot position."""
+    """A served instance: its configuration, committed head, latest snapshot position, and the
+    descriptor the enclave signed for it (what clients verify)."""
 
     config: envelope_pb2.InstanceConfig
     head: envelope_pb2.CommitHead
     snapshot_sequence: int
+    descriptor: envelope_pb2.InstanceDescriptor
+
+    @property
+    def strict(self) -> bool:
+        """Whether the enclave holds this instance's answers until the keyvault confirms."""
+        return self.config.acknowledgment != envelope_pb2.ACKNOWLEDGMENT_FAST
 
 
 @dataclass
@@ -68,10 +77,13 @@ class Runtime:
     batcher: Batcher[Command, state_pb2.ExecuteResponse] | None = None
     broken: str | None = None  # set when the enclave got ahead of the database, or must not serve
     jwks: str = ""
+    holds: HeldAnswers = field(default_factory=HeldAnswers)
 
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop(drain=False, timeout=10)
+        # Answers still held were never released by the enclave: they will not be now.
+        self.holds.fail(NotServing("the state service is recovering; retry with the same request_id"))
         # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away).
         self.advancer.stop(flush_s=0 if self.broken else 2.0)
         self.enclave.close()
@@ -123,7 +135,9 @@ class Startup:
                 if self._stop.wait(delay):
                     raise Stopping from None
 
-    def run(self, on_refused: Callable[[Runtime, str], None]) -> Runtime:
+    def run(
+        self, on_refused: Callable[[Runtime, str], None], on_broken: Callable[[Runtime, str], None]
+    ) -> Runtime:
         """Build a serving incarnation (its batcher is the host's to add); raises on failure."""
         config = self.config
         self.lifecycle.set(lifecycle.STARTING, f"starting the enclave runner ({config.enclave_mode})")
@@ -152,6 +166,9 @@ class Startup:
                 lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
                 metrics=self.metrics,
                 on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
+                on_confirmed=lambda confirmation: _take_confirmation(
+                    runtime, confirmation, on_refused, on_broken
+                ),
                 backoff=self._backoff,
             ),
         )
@@ -183,25 +200,33 @@ class Startup:
         self.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
         started = time.monotonic()
         log = recovery.verify_chain(iid, self.store.load(iid))
-        remote = self._with_keyvault(
-            lifecycle.RECOVERING,
-            f"reading the commit head of {iid!r}",
-            # Signed for this enclave's key: its Restore refuses a log that lacks this head.
-            lambda: self.keyvault.get_commit_head(iid, runtime.keys.signing_public_key),
-        )
-        recovery.check_freshness(log, remote, self.store)
         released = False
-        try:
-            head = recovery.restore(runtime.enclave, log, remote, self.store)
-        except recovery.MissingKey:
-            # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
-            self._with_keyvault(
+        for attempt in (1, 2):
+            remote = self._with_keyvault(
                 lifecycle.RECOVERING,
-                f"releasing older key versions of {iid!r}",
-                lambda: runtime.provisioner.release_versions(iid, log.key_versions),
+                f"reading the commit head of {iid!r}",
+                # For this enclave and a challenge it just issued: Restore takes nothing older.
+                lambda: self.keyvault.get_commit_head(
+                    iid, runtime.keys.signing_public_key, runtime.enclave.issue_challenge(iid)
+                ),
             )
-            released = True
-            head = recovery.restore(runtime.enclave, log, remote, self.store)
+            recovery.check_freshness(log, remote, self.store)
+            try:
+                restored = recovery.restore(
+                    runtime.enclave, log, remote, self.store, now_ms=int(time.time() * 1000)
+                )
+                break
+            except recovery.MissingKey:
+                if attempt == 2:
+                    raise
+                # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
+                self._with_keyvault(
+                    lifecycle.RECOVERING,
+                    f"releasing older key versions of {iid!r}",
+                    lambda: runtime.provisioner.release_versions(iid, log.key_versions),
+                )
+                released = True
+        head = restored.head
         if remote.sequence < head.sequence:
             _log.warning(
                 "instance %r: database head %d is ahead of the keyvault head %d (the next commit catches up)",
@@ -211,10 +236,34 @@ class Startup:
             )
         self.metrics.record_recovery(len(log.entries), time.monotonic() - started)
         runtime.instances[iid] = InstanceState(
-            config=envelope_pb2.InstanceConfig.FromString(record.config),
+            config=envelope_pb2.InstanceConfig.FromString(restored.descriptor.config),
             head=head,
             snapshot_sequence=log.snapshot_sequence,
+            descriptor=restored.descriptor,
         )
         runtime.advancer.confirm(iid, remote.sequence)
         runtime.advancer.note_durable(iid, head.sequence)
+        if restored.HasField("link"):  # entries the keyvault has not seen: its head catches up now
+            runtime.advancer.push(restored.link)
         return released
+
+
+def _take_confirmation(
+    runtime: Runtime,
+    confirmation: envelope_pb2.HeadConfirmation,
+    on_refused: Callable[[Runtime, str], None],
+    on_broken: Callable[[Runtime, str], None],
+) -> None:
+    """Hand the keyvault's confirmation to the enclave and release the answers it frees."""
+    instance_id = confirmation.instance_id
+    try:
+        released = runtime.enclave.confirm_head(confirmation)
+    except EnclaveCallError as exc:  # the keyvault holds another chain than this enclave's
+        on_refused(
+            runtime, f"instance {instance_id!r}: the enclave refused the keyvault's head: {exc.message}"
+        )
+        return
+    except EnclaveUnavailableError as exc:
+        on_broken(runtime, f"the enclave runner failed: {exc}")
+        return
+    runtime.holds.release(instance_id, released)

@@ -201,11 +201,19 @@ class TokenSetup:
     accounts: list[Account]
 
 
-def token_instance(host: StateHost, instance_id: str = "tokens", accounts: int = 2) -> TokenSetup:
-    """Create a token instance on `host`; the issuer and `accounts` holders sign their commands."""
+def token_instance(
+    host: StateHost, instance_id: str = "tokens", accounts: int = 2, *, fast: bool = False
+) -> TokenSetup:
+    """Create a token instance on `host`; the issuer and `accounts` holders sign their commands.
+
+    `fast`: answers leave once durable, without waiting for the keyvault (ACKNOWLEDGMENT_FAST).
+    """
     keys = host.attestation_bundle().keys
     issuer_key = ed25519.Ed25519PrivateKey.generate()
-    host.create_instance(instance_id, token_config(issuer_key), request_id=f"create-{instance_id}")
+    config = token_config(issuer_key)
+    if fast:
+        config.acknowledgment = envelope_pb2.ACKNOWLEDGMENT_FAST
+    host.create_instance(instance_id, config, request_id=f"create-{instance_id}", timeout=10)
     issuer = Account(keys, instance_id, signer=issuer_key)
     holders = [
         Account(keys, instance_id, signer=ed25519.Ed25519PrivateKey.generate()) for _ in range(accounts)

@@ -34,7 +34,7 @@ def run(
 def read(host: StateHost, account: Account, call: apps_pb2.AppCall) -> int:
     """A token amount read by a query."""
     sealed = account.seal(call, counter=0)
-    response = host.query(account.instance_id, sealed.command)
+    response = host.query(account.instance_id, sealed.command, 10)
     result = account.open(sealed, response.outcome)
     assert not result.HasField("error"), result.error
     token = result.result.token
@@ -67,7 +67,7 @@ def test_a_host_starts_serves_and_counts(node: Node) -> None:
 def vault(host: StateHost, instance_id: str = "vault", users: int = 1) -> list[Account]:
     """A vault instance (anonymous accounts) and `users` accounts on it."""
     keys = host.attestation_bundle().keys
-    host.create_instance(instance_id, vault_config(), request_id=f"create-{instance_id}")
+    host.create_instance(instance_id, vault_config(), request_id=f"create-{instance_id}", timeout=10)
     return [Account(keys, instance_id, name=f"user-{i}") for i in range(users)]
 
 
@@ -159,14 +159,15 @@ def test_a_refused_command_is_not_remembered(node: Node) -> None:
 def test_creating_an_instance_is_idempotent_and_checked(node: Node) -> None:
     host = node.serving()
     vault(host)
-    again = host.create_instance("vault", vault_config(), request_id="retry")
+    again, descriptor = host.create_instance("vault", vault_config(), request_id="retry", timeout=10)
     assert again.head.sequence == 1
+    assert descriptor.config == vault_config().SerializeToString(deterministic=True)
     other = vault_config()
     other.auth_scheme = envelope_pb2.AUTH_SCHEME_SIGNATURE
     with pytest.raises(AlreadyExists):
-        host.create_instance("vault", other, request_id="other")
+        host.create_instance("vault", other, request_id="other", timeout=10)
     with pytest.raises(InvalidArgument):
-        host.create_instance("Not_Valid", vault_config(), request_id="bad")
+        host.create_instance("Not_Valid", vault_config(), request_id="bad", timeout=10)
     account = Account(host.attestation_bundle().keys, "missing", name="u")
     sealed = account.seal(vault_put("a", b"b"))
     with pytest.raises(NotFound):
@@ -183,7 +184,7 @@ def test_an_instance_the_keyvault_knows_is_not_created_again_on_an_empty_databas
     try:
         host = fresh.serving()
         with pytest.raises(AlreadyExists, match="commit head"):
-            host.create_instance("vault", vault_config(), request_id="again")
+            host.create_instance("vault", vault_config(), request_id="again", timeout=10)
     finally:
         fresh.stop_all()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from veil.enclave.v1 import envelope_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
+from enclave import wire
 from services.common.channels import secure_channel
 from services.common.config import ConfigError, ServiceConfig
 from services.common.errors import error_info
@@ -102,7 +102,7 @@ def test_the_gateway_runs_commands_and_verifies_the_attestation(running: Running
     bundle = stub.GetAttestation(state_pb2.GetAttestationRequest(), timeout=5).bundle
     # The quote binds the keys and the nonce; the token is signed by the keyvault's JWKS.
     report_data = parse_quote(bundle.quote).report_body.report_data
-    assert report_data[:32] == hashlib.sha256(bundle.runtime_data + bundle.nonce).digest()
+    assert report_data == wire.report_data(bundle.runtime_data, bundle.nonce)
     assert envelope_pb2.EnclavePublicKeys.FromString(bundle.runtime_data) == bundle.keys
     header = jwt.get_unverified_header(bundle.attestation_token)
     key = jwt.PyJWKSet.from_json(bundle.jwks_json)[header["kid"]]

@@ -211,18 +211,26 @@ class CreateInstanceResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def instance(self) -> Global___Instance:
         """instance is the created instance."""
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the instance's descriptor signed by the enclave that created it: the
+        administrator checks its configuration is the one asked for and may pin its genesis.
+        """
 
     def __init__(
         self,
         *,
         instance: Global___Instance | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "instance", b"instance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "instance", b"instance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

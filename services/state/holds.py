@@ -1,0 +1,75 @@
+"""Answers a strict enclave holds until the keyvault confirms a head, and their release.
+
+The enclave seals every answer of a strict instance under a hold key of the newest head it
+depends on, and gives the key out (ConfirmHead) only once the keyvault confirms that head. The
+host keeps one future per (instance, head): batches and queries wait on it, the confirmation
+path sets it with the key, and a failed incarnation fails them all. Keys released a moment
+before anyone asked (a query racing the confirmation) are kept briefly, so a late waiter does
+not wait for a confirmation that already came.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+
+from veil.enclave.v1 import ecall_pb2, envelope_pb2
+
+from enclave import commands
+
+RECENT_RELEASES = 4096
+
+
+class HeldAnswers:
+    """Futures of hold keys per (instance, held-until sequence); thread-safe."""
+
+    def __init__(self, recent: int = RECENT_RELEASES) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple[str, int], Future[bytes]] = {}
+        self._released: OrderedDict[tuple[str, int], Future[bytes]] = OrderedDict()
+        self._recent = recent
+        self._failure: BaseException | None = None
+
+    def key(self, instance_id: str, held_until: int) -> Future[bytes]:
+        """The future hold key of the answers held until `held_until`."""
+        slot = (instance_id, held_until)
+        with self._lock:
+            future = self._released.get(slot) or self._waiting.get(slot)
+            if future is None:
+                future = Future()
+                if self._failure is not None:
+                    future.set_exception(self._failure)
+                else:
+                    self._waiting[slot] = future
+            return future
+
+    def release(self, instance_id: str, released: list[ecall_pb2.ReleasedHold]) -> None:
+        """Hand out the keys the enclave released (waiters run in this thread)."""
+        ready = []
+        with self._lock:
+            for hold in released:
+                slot = (instance_id, hold.held_until)
+                future = self._waiting.pop(slot, None) or Future()
+                self._released[slot] = future
+                ready.append((future, bytes(hold.key)))
+            while len(self._released) > self._recent:
+                self._released.popitem(last=False)
+        for future, key in ready:
+            if not future.done():
+                future.set_result(key)
+
+    def fail(self, error: BaseException) -> None:
+        """This incarnation ends: every waiter fails with `error`, and so do later ones."""
+        with self._lock:
+            self._failure = error
+            waiting, self._waiting = list(self._waiting.values()), {}
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
+
+def unwrap(key: bytes, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
+    """Replace a held outcome's sealed response by the client-sealed one inside it."""
+    if outcome.sealed_response:
+        outcome.sealed_response = commands.open_held(key, outcome.sealed_response, instance_id, held_until)
