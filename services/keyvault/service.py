@@ -19,7 +19,6 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from enclave import wire
 from services.common import errors as common
 from services.common.identity import peer_identity
 from services.keyvault import errors as kv
@@ -175,22 +174,19 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def GetCommitHead(self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext) -> Any:
         with _domain_errors():
             head = self._kv.heads.get(request.instance_id)
-            if request.enclave_signing_public_key and len(request.enclave_signing_public_key) != 32:
-                raise kv.InvalidArgumentError("enclave_signing_public_key must be 32 bytes (Ed25519)")
-        response = keyvault_pb2.GetCommitHeadResponse()
+            statement = (
+                # For that enclave boot and challenge only: its Create/Restore takes nothing older.
+                self._kv.heads.statement(
+                    request.instance_id, request.enclave_signing_public_key, request.challenge
+                )
+                if request.enclave_signing_public_key or request.challenge
+                else None
+            )
+        response = keyvault_pb2.GetCommitHeadResponse(statement=statement)
         if head is not None:
             response.sequence, response.hash = head.sequence, head.hash
+            response.genesis_hash, response.config_hash = head.genesis_hash, head.config_hash
             response.signing_public_key = head.signing_public_key
-        if request.enclave_signing_public_key:
-            # A statement for that enclave boot only: its Restore refuses a log older than this.
-            response.freshness_signature = self._kv.release_signer.sign(
-                wire.head_freshness_bytes(
-                    request.instance_id,
-                    response.sequence,
-                    response.hash,
-                    request.enclave_signing_public_key,
-                )
-            )
         return response
 
     def AdvanceCommitHead(
@@ -198,15 +194,9 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     ) -> Any:
         caller = peer_identity(context)
         with _domain_errors():
-            head = self._kv.heads.advance(
-                request.instance_id,
-                request.sequence,
-                request.hash,
-                request.signature,
-                request.token,
-                caller=caller,
-            )
-        return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence)
+            head = self._kv.heads.advance(request.instance_id, request.links, request.token, caller=caller)
+            confirmation = self._kv.heads.confirmation(head)
+        return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence, confirmation=confirmation)
 
     def ListAuditEvents(
         self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext

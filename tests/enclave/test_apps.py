@@ -131,11 +131,11 @@ def test_token_app_requires_signature_scheme_and_issuer_key(harness: Harness) ->
 
     harness.provision("t2")
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        harness.host.create_instance(
+        harness.create_raw(
             "t2", config(envelope_pb2.APP_KIND_TOKEN, envelope_pb2.AUTH_SCHEME_SIGNATURE)
         )
     with pytest.raises(EnclaveCallError, match="AUTH_SCHEME_SIGNATURE"):
-        harness.host.create_instance(
+        harness.create_raw(
             "t2",
             config(
                 envelope_pb2.APP_KIND_TOKEN, envelope_pb2.AUTH_SCHEME_NONE, token_issuer_public_key=bytes(32)
