@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from client.errors import CommandRefused, IntegrityError
+from client.errors import CommandRefused, IntegrityError, ResultLost
 from client.identity import Identity
 from client.sealing import Opened
 from enclave import wire
@@ -48,6 +48,8 @@ class _AppClient:
 
     def _result(self, opened: Opened, method: str) -> Any:
         self.last = opened
+        if opened.result_lost:
+            raise ResultLost(self.instance_id, opened.sequence)
         if opened.result.HasField("error"):
             error = opened.result.error
             raise CommandRefused(error.code, error.message, opened.receipt)

@@ -5,13 +5,17 @@ checked against something the client pins or against another piece:
 
 1. quote: DCAP v3 signatures and PCK chain to the pinned root (`intel`, or the dev root for
    the sim enclave), with the keyvault's own verifier (services.keyvault.attestation);
-2. binding: the quote's report data is SHA-256(runtime_data || nonce) || 32 zero bytes;
+2. binding: the quote's report data is `wire.report_data(runtime_data, nonce)` (a
+   domain-separated hash the enclave computes over its own keys; the host picks only the nonce);
 3. token: the keyvault's ES256 JWT verifies against the JWKS (pinned in the policy, or the
    one in the bundle), is unexpired, names the pinned issuer if any, and its claims agree
    with the quote (measurements, product, SVN, debug, report data) and the bundle (ehd =
    runtime_data, nonce);
 4. policy: MRENCLAVE / MRSIGNER / product / minimum SVN / debug / TCB status;
-5. keys: the bundle's EnclavePublicKeys equal the decoded runtime_data.
+5. keys: the bundle's EnclavePublicKeys equal the decoded runtime_data;
+6. instance (when one is named): the enclave-signed descriptor verifies with the attested
+   signing key, names the instance, and its configuration parses. That configuration (auth
+   scheme, issuers, keys), not the gateway's description, is what the client seals under.
 
 What each check anchors: the quote (1, 2, 4, 5) ties the keys to the measured code through
 the pinned root, whatever the gateway does. The token adds the keyvault's TCB evaluation; it
@@ -38,12 +42,51 @@ from veil.gateway.v1 import gateway_pb2
 
 from client.errors import AttestationError
 from client.policy import ExpectedMeasurement
+from enclave import wire
 from services.keyvault.attestation import QuoteError, VerifiedQuote, verify_quote
 from services.keyvault.errors import TokenError
-from services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, expected_report_data, verify_token
+from services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, verify_token
 
 X25519_KEY_SIZE = 32
 ED25519_KEY_SIZE = 32
+
+
+@dataclass(frozen=True)
+class VerifiedDescriptor:
+    """An instance as its attested enclave describes it (signature checked)."""
+
+    instance_id: str
+    config: envelope_pb2.InstanceConfig
+    config_hash: bytes
+    genesis_hash: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance_id": self.instance_id,
+            "config_hash": self.config_hash.hex(),
+            "genesis_hash": self.genesis_hash.hex(),
+        }
+
+
+def verify_descriptor(
+    descriptor: envelope_pb2.InstanceDescriptor, signing_public_key: bytes, instance_id: str
+) -> VerifiedDescriptor:
+    """Check an enclave-signed instance descriptor; AttestationError with the reason."""
+    if descriptor.instance_id != instance_id:
+        raise _fail(f"the instance descriptor names {descriptor.instance_id[:64]!r}, not {instance_id!r}")
+    if not wire.verify_instance_descriptor(descriptor, signing_public_key):
+        raise _fail("the instance descriptor is not signed by the attested enclave")
+    config = envelope_pb2.InstanceConfig()
+    try:
+        config.ParseFromString(descriptor.config)
+    except DecodeError:
+        raise _fail("the instance descriptor's configuration does not parse") from None
+    return VerifiedDescriptor(
+        instance_id=instance_id,
+        config=config,
+        config_hash=wire.config_hash(descriptor.config),
+        genesis_hash=bytes(descriptor.genesis_hash),
+    )
 
 
 @dataclass(frozen=True)
@@ -64,7 +107,7 @@ class VerifiedAttestation:
     jwks_pinned: bool
     root: str
     checks: tuple[str, ...]
-    instance: gateway_pb2.Instance | None
+    descriptor: VerifiedDescriptor | None
 
     def expired(self, now: float | None = None) -> bool:
         """True once the attestation token has expired (the SDK then attests again)."""
@@ -88,6 +131,7 @@ class VerifiedAttestation:
             "hpke_x25519_public_key": self.keys.hpke_x25519_public_key.hex(),
             "signing_public_key": self.keys.signing_public_key.hex(),
             "checks": list(self.checks),
+            "instance": self.descriptor.to_json() if self.descriptor is not None else None,
         }
 
 
@@ -193,20 +237,31 @@ def verify_bundle(
     root_public_key: ec.EllipticCurvePublicKey,
     now: float | None = None,
     leeway_s: float = DEFAULT_LEEWAY_S,
+    instance_id: str = "",
 ) -> VerifiedAttestation:
-    """Verify `bundle` (see the module docstring); raise AttestationError with the reason."""
+    """Verify `bundle` (see the module docstring), and `instance_id`'s descriptor when one is
+    named; raise AttestationError with the reason."""
     now = time.time() if now is None else now
     quote = _check_quote(bundle.quote, root_public_key, now)
-    if not hmac.compare_digest(quote.report_data, expected_report_data(bundle.runtime_data, bundle.nonce)):
-        raise _fail("quote report data is not SHA-256(runtime data || nonce)")
+    try:
+        expected = wire.report_data(bundle.runtime_data, bundle.nonce)
+    except ValueError as exc:
+        raise _fail(f"bundle: {exc}") from None
+    if not hmac.compare_digest(quote.report_data, expected):
+        raise _fail("quote report data does not bind the runtime data and nonce")
     token = _check_token(bundle, policy, now, leeway_s)
     _agree(token, quote, bundle)
     _check_policy(quote, token.tcb_status, policy)
     keys = _check_keys(bundle, policy)
+    descriptor = None
+    if instance_id:
+        if not bundle.HasField("descriptor"):
+            raise _fail(f"the bundle carries no descriptor of instance {instance_id!r}")
+        descriptor = verify_descriptor(bundle.descriptor, keys.signing_public_key, instance_id)
     advisories = token.claims.get("x-ms-sgx-advisory-ids") or []
     checks = (
         f"quote signatures and PCK chain verify to the pinned {policy.root!r} SGX root",
-        "quote report data = SHA-256(runtime data || nonce): the quote binds the enclave keys",
+        "quote report data = the enclave's binding of its runtime data and the nonce",
         "attestation token (ES256) verifies against the "
         + ("pinned JWKS" if policy.jwks is not None else "JWKS supplied with the bundle (not pinned)"),
         f"token issuer {token.claims['iss']!r}"
@@ -217,6 +272,10 @@ def verify_bundle(
         f"TCB status {token.tcb_status!r} is accepted",
         "enclave keys = decoded runtime data",
         "the enclave accepts data keys only from the pinned keyvault release key",
+    ) + (
+        (f"instance {instance_id!r}: its configuration is the one the attested enclave signed",)
+        if descriptor is not None
+        else ()
     )
     return VerifiedAttestation(
         keys=keys,
@@ -233,5 +292,5 @@ def verify_bundle(
         jwks_pinned=policy.jwks is not None,
         root=policy.root,
         checks=checks,
-        instance=bundle.instance if bundle.HasField("instance") else None,
+        descriptor=descriptor,
     )

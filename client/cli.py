@@ -185,6 +185,12 @@ def _instance_commands(commands: Any, module: Any) -> None:
     create.add_argument("--oauth2-jwks", help="JWKS file of the OAuth2 issuer")
     _sdk(create, module.instance_create, identity=True)
     _sdk(instance_commands.add_parser("list", help="list instances across shards"), module.instance_list)
+    pin = instance_commands.add_parser(
+        "pin", help="pin an instance's genesis: later commands refuse any other instance under its id"
+    )
+    pin.add_argument("instance")
+    pin.add_argument("--genesis", help="the genesis hash (hex) you expect, e.g. from its creator")
+    _sdk(pin, module.instance_pin)
 
 
 def _vault_commands(commands: Any, module: Any) -> None:

@@ -258,12 +258,33 @@ def instance_create(args: argparse.Namespace) -> int:
         except ValueError:
             raise VeilClientError("--token-issuer must be an identity name or an account (hex key)") from None
     with open_client(args) as veil:
-        instance = veil.create_instance(args.instance, config)
-    document = _instance_json(instance)
+        # The SDK checks the enclave-signed descriptor carries exactly this configuration, then pins it.
+        instance, descriptor = veil.create_instance(args.instance, config)
+    document = {**_instance_json(instance), **descriptor.to_json()}
     return _report(
         args,
         document,
-        lambda: print(f"created {args.app} instance {instance.instance_id!r} on {instance.shard}"),
+        lambda: print(
+            f"created {args.app} instance {instance.instance_id!r} on {instance.shard}; "
+            f"genesis {descriptor.genesis_hash.hex()[:16]}… pinned"
+        ),
+    )
+
+
+def instance_pin(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        descriptor = veil.attest(args.instance, refresh=True).descriptor
+        if descriptor is None:
+            raise VeilClientError(f"the enclave did not describe instance {args.instance!r}")
+        if args.genesis and args.genesis.lower() != descriptor.genesis_hash.hex():
+            raise VeilClientError(
+                f"instance {args.instance!r} has genesis {descriptor.genesis_hash.hex()}, not --genesis"
+            )
+        veil.pins.pin(descriptor)
+    return _report(
+        args,
+        descriptor.to_json(),
+        lambda: print(f"pinned instance {args.instance!r}: genesis {descriptor.genesis_hash.hex()}"),
     )
 
 

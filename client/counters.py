@@ -8,9 +8,10 @@ opened, bad proof, wrong counter) does not.
 The SDK keeps the last accepted counter per (instance, account), in memory or in a JSON file
 under the data dir so separate `veil` invocations continue where the last one stopped. The
 store is only a cache: when it is stale (another device, a lost file, a concurrent process)
-the enclave refuses with ABORTED "counter must be N", sealed to the client, and the SDK
-resumes from N with a fresh request_id (`expected_counter` reads N). Commands of one account
-are sent one at a time per SDK client, since counters must arrive in order.
+the enclave refuses with ABORTED and the account's `CounterState` (next counter, and the hash
+of the command that used the last one), sealed to the client; the SDK resumes from there
+(client/sdk.py says when that is safe). Commands of one account are sent one at a time per SDK
+client, since counters must arrive in order.
 """
 
 from __future__ import annotations
@@ -19,20 +20,12 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 COUNTERS_FILE = "counters.json"
-_EXPECTED = re.compile(r"counter must be (\d+)")
-
-
-def expected_counter(message: str) -> int | None:
-    """The counter the enclave asked for in an ABORTED refusal, if it said."""
-    match = _EXPECTED.search(message)
-    return int(match.group(1)) if match else None
 
 
 class CounterStore(Protocol):

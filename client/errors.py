@@ -55,6 +55,30 @@ class CommandRefused(VeilClientError):
         super().__init__(f"{self.code_name}: {message}")
 
 
+class OutcomeUnknown(VeilClientError):
+    """A command may or may not have run, and the SDK cannot prove which, so it stopped.
+
+    After an ambiguous failure (the answer was lost, or the gateway claimed the enclave could
+    not open the command) the enclave said the account's counter moved on by more than this
+    command, and the command that used the counter was not this one's last. Sending it again
+    could run it twice; check the state (e.g. the balance) before deciding.
+    """
+
+
+class ResultLost(VeilClientError):
+    """The command ran, exactly once (the enclave says so), but its answer was lost.
+
+    `sequence` is its log entry. Do not send it again: it would run a second time.
+    """
+
+    def __init__(self, instance_id: str, sequence: int) -> None:
+        super().__init__(
+            f"{instance_id}: the command ran (log sequence {sequence}) but its answer was lost; "
+            "it must not be sent again"
+        )
+        self.sequence = sequence
+
+
 class GatewayError(VeilClientError):
     """The gateway (or the mesh behind it) refused or failed the call.
 

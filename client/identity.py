@@ -5,7 +5,8 @@ by openssl and Node) with `NAME.pub` beside it holding the account: the lowercas
 raw public key, which is what the enclave calls the account under AUTH_SCHEME_SIGNATURE.
 
 Proofs by instance scheme:
-    NONE       anonymous proof naming the account (an Ed25519 identity names its hex key)
+    NONE       anonymous proof naming the account (AnonymousIdentity only: an Ed25519 identity
+               refuses, since on such an instance anyone can act as its account)
     SIGNATURE  Ed25519 signature over enclave.wire.command_signing_bytes
     OAUTH2     the bearer JWT itself (the same one the gateway's oauth2 plugin checks)
 """
@@ -62,7 +63,11 @@ class SigningIdentity:
                 )
             )
         if scheme == envelope_pb2.AUTH_SCHEME_NONE:
-            return command_pb2.AuthProof(anonymous=command_pb2.AnonymousProof(account=self.account))
+            # Never downgrade: on an instance that checks no proof, anyone can claim this account.
+            raise IdentityError(
+                "this instance authenticates nobody (auth scheme none): anyone may act as any "
+                "account there, so an Ed25519 identity is not used; act as an anonymous account instead"
+            )
         raise IdentityError(f"an Ed25519 identity cannot prove a {_scheme_name(scheme)} identity")
 
 

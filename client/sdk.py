@@ -14,6 +14,18 @@ keys; an attestation is reused until its token expires.
 Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED with a RetryInfo hint)
 are retried with the *same* request (same request_id, same sealed bytes), which the gateway
 and the state service deduplicate, so a retried command executes once.
+
+Counters, and never running a command twice: a command carries the account's next counter,
+and the enclave runs at most one command per counter. A *definitive* answer (one sealed to
+this command's response key) that says "counter must be N" with another command as the user
+of the counter is safe to follow: this command can never run under its own counter any more,
+so it is sealed again under N. After an *ambiguous* attempt (the answer was lost, or the
+gateway claimed the enclave could not open it, which the host could forge) the SDK re-seals
+only under the same counter, and when the enclave says that counter is used it compares the
+hash of the command that used it (typed, in the sealed answer) with every sealing of this
+call: equal means the command ran (its recorded answer is fetched, or `ResultLost`); the
+counter used by another command means this one never will (it is sent again under the next);
+anything it cannot prove raises `OutcomeUnknown` instead of guessing.
 """
 
 from __future__ import annotations
@@ -29,22 +41,31 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from client.apps import BallotClient, TokenClient, VaultClient
-from client.attestation import VerifiedAttestation, verify_bundle
-from client.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters, expected_counter
-from client.errors import CommandRefused, GatewayError, IntegrityError, VeilClientError
+from client.attestation import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
+from client.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
+from client.errors import (
+    AttestationError,
+    CommandRefused,
+    GatewayError,
+    IntegrityError,
+    OutcomeUnknown,
+    VeilClientError,
+)
 from client.identity import Identity
+from client.pins import PINS_FILE, InstancePins
 from client.policy import ExpectedMeasurement
 from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
+from enclave import wire
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 15.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _MAX_BACKOFF_S = 1.0
-_COUNTER_RESYNCS = 3
+_MAX_ROUNDS = 6  # sealings of one call: re-attestations and counter resynchronisations
 _PENDING_LIMIT = 10_000
 _MAX_RETRY_HINT_S = 5.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -113,6 +134,7 @@ class VeilClient:
         api_key: str | None = None,
         bearer: str | None = None,
         counters: CounterStore | None = None,
+        pins: InstancePins | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -123,6 +145,7 @@ class VeilClient:
         self._api_key = api_key
         self._bearer = bearer
         self.counters = counters or MemoryCounters()
+        self.pins = pins or InstancePins()
         self.timeout = timeout
         self._clock = clock
         self.session_prefix = secrets.token_hex(12)
@@ -195,7 +218,11 @@ class VeilClient:
             gateway_pb2.GetAttestationRequest(instance_id=instance_id),
             self._metadata(),
         )
-        verified = verify_bundle(bundle, self.policy, root_public_key=self._root, now=self._clock())
+        verified = verify_bundle(
+            bundle, self.policy, root_public_key=self._root, now=self._clock(), instance_id=instance_id
+        )
+        if verified.descriptor is not None:
+            self.pins.check(verified.descriptor)
         with self._lock:
             self._attestations[instance_id] = verified
         return verified
@@ -205,24 +232,38 @@ class VeilClient:
         """The default shard's verified attestation."""
         return self.attest()
 
-    def _scheme(
-        self, attestation: VerifiedAttestation, instance_id: str
-    ) -> envelope_pb2.AuthScheme.ValueType:
-        if attestation.instance is None or attestation.instance.instance_id != instance_id:
-            raise VeilClientError(f"the gateway did not describe instance {instance_id!r}")
-        return attestation.instance.config.auth_scheme
+    @staticmethod
+    def _scheme(attestation: VerifiedAttestation, instance_id: str) -> envelope_pb2.AuthScheme.ValueType:
+        """The auth scheme the enclave signed for the instance (never the gateway's word)."""
+        descriptor = attestation.descriptor
+        if descriptor is None or descriptor.instance_id != instance_id:
+            raise VeilClientError(f"the enclave did not describe instance {instance_id!r}")
+        return descriptor.config.auth_scheme
 
     # --- administration (admin certificate) --------------------------------------------------
 
     def create_instance(
         self, instance_id: str, config: envelope_pb2.InstanceConfig, *, request_id: str | None = None
-    ) -> gateway_pb2.Instance:
-        """Create an app instance (the gateway requires the admin client certificate)."""
+    ) -> tuple[gateway_pb2.Instance, VerifiedDescriptor]:
+        """Create an app instance (the gateway requires the admin client certificate).
+
+        The answer's descriptor must be signed by the attested enclave of the instance and carry
+        exactly the configuration asked for; the instance is then pinned (genesis and config).
+        """
         request = gateway_pb2.CreateInstanceRequest(
             instance_id=instance_id, config=config, request_id=request_id or self.new_request_id()
         )
         reply = self._call(self._stub.CreateInstance, request, self._metadata())
-        return reply.instance
+        attestation = self.attest(instance_id, refresh=True)
+        descriptor = verify_descriptor(reply.descriptor, attestation.keys.signing_public_key, instance_id)
+        if descriptor.config != config:
+            raise AttestationError(
+                f"instance {instance_id!r} was created with another configuration than asked for"
+            )
+        if attestation.descriptor is None or attestation.descriptor.genesis_hash != descriptor.genesis_hash:
+            raise AttestationError(f"the enclave serving {instance_id!r} describes another instance")
+        self.pins.pin(descriptor)
+        return reply.instance, descriptor
 
     def list_instances(self) -> list[gateway_pb2.Instance]:
         """Every instance across shards (admin certificate)."""
@@ -256,69 +297,153 @@ class VeilClient:
     ) -> Opened:
         """Run one command and return its verified answer (an app refusal is in `result.error`).
 
-        The account's counter comes from the counter store; a stale (lower) one is
-        resynchronised from the enclave's ABORTED answer (with a new request_id), while an
-        enclave asking for a counter at or below one it already accepted is a rolled-back log
-        and raises IntegrityError. An unopenable command
-        (the enclave restarted with new keys) is attested and sealed again once.
+        Runs the command at most once whatever the gateway or the host does (see the module
+        docstring). `request_id` (optional) names the first attempt: a caller retrying after
+        an error passes the same one. Raises IntegrityError when the enclave asks for a counter
+        at or below one it already accepted (a rolled-back log), OutcomeUnknown when it cannot
+        prove whether an ambiguous attempt ran.
         """
         account = identity.account
         with self._account_lock(instance_id, account):
-            reattested = False
-            for resync in range(_COUNTER_RESYNCS + 1):
-                attestation = self.attest(instance_id)
-                counter = self.counters.last(instance_id, account) + 1
-                sealed = seal_command(
-                    attestation.keys,
-                    instance_id=instance_id,
-                    scheme=self._scheme(attestation, instance_id),
-                    identity=identity,
-                    call=call,
-                    counter=counter,
-                    request_id=request_id if (request_id and resync == 0) else self.new_request_id(),
-                    suite=suite,
-                )
-                self._remember(sealed, attestation.keys.signing_public_key)
-                request = gateway_pb2.ExecuteRequest(
-                    instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
-                )
-                try:
-                    reply = self._call(self._stub.Execute, request, self._metadata(identity))
-                except GatewayError as failure:
-                    if _unopenable(failure) and not reattested:
-                        reattested = True
-                        self.attest(instance_id, refresh=True)
-                        continue
-                    raise
-                try:
-                    opened = open_outcome(
-                        sealed, reply.outcome, attestation.keys.signing_public_key, query=False
+            counter = self.counters.last(instance_id, account) + 1
+            attempts: list[tuple[SealedRequest, bytes]] = []  # sealings of this call under `counter`
+            with self._lock:
+                earlier = self._pending.get(request_id) if request_id else None
+            # A retry of a request id this client sent before (its answer never came) resends
+            # the very same bytes: the mesh answers it from its records, or the enclave names it.
+            resend = earlier is not None and (earlier[0].instance_id, earlier[0].counter) == (
+                instance_id,
+                counter,
+            )
+            ambiguous = resend
+            for round_ in range(_MAX_ROUNDS):
+                if resend and earlier is not None and not attempts:
+                    sealed, signing_key = earlier
+                else:
+                    attestation = self.attest(instance_id, refresh=round_ > 0 and ambiguous)
+                    sealed = seal_command(
+                        attestation.keys,
+                        instance_id=instance_id,
+                        scheme=self._scheme(attestation, instance_id),
+                        identity=identity,
+                        call=call,
+                        counter=counter,
+                        request_id=request_id if (request_id and not attempts) else self.new_request_id(),
+                        suite=suite,
                     )
-                except CommandRefused as refusal:
-                    if refusal.code == error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT and not reattested:
-                        reattested = True
-                        self.attest(instance_id, refresh=True)
-                        continue
-                    raise
+                    signing_key = attestation.keys.signing_public_key
+                    self._remember(sealed, signing_key)
+                attempts.append((sealed, signing_key))
+                opened = self._send(instance_id, sealed, signing_key, identity)
+                if opened is None:
+                    ambiguous = True  # the host may say so of a command that ran: same counter only
+                    continue
                 if opened.accepted:
                     self.counters.record(instance_id, account, counter)
+                    return opened
                 error = opened.result.error if opened.result.HasField("error") else None
-                if error is not None and error.code == error_pb2.ECALL_ERROR_CODE_ABORTED:
-                    wanted = expected_counter(error.message)
-                    if wanted is not None and wanted <= self.counters.last(instance_id, account):
-                        # The enclave forgot commands it acknowledged to us: its log was rolled
-                        # back (a host restoring an old database). Never follow it there.
-                        raise IntegrityError(
-                            f"{instance_id}: the enclave asks for counter {wanted}, but counter "
-                            f"{self.counters.last(instance_id, account)} was already accepted: "
-                            "its log was rolled back"
-                        )
-                    if wanted is not None and resync < _COUNTER_RESYNCS:
-                        self.counters.record(instance_id, account, wanted - 1)
-                        continue
-                return opened
+                if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
+                    return opened
+                state = self._counter_state(
+                    instance_id, account, opened, counter=counter, attempts=attempts, ambiguous=ambiguous
+                )
+                if state.last_command_hash and state.next_counter == counter + 1:
+                    # An earlier sealing of this call used the counter: it ran. Never again.
+                    self.counters.record(instance_id, account, counter)
+                    return self._recorded_answer(instance_id, attempts, state.last_sequence, identity)
+                # The counter is used by another command (or was never ours to use): this call can
+                # never run under it, so it is sealed again under the enclave's next counter.
+                self.counters.record(instance_id, account, state.next_counter - 1)
+                counter, attempts, ambiguous = state.next_counter, [], False
         raise CommandRefused(
             error_pb2.ECALL_ERROR_CODE_ABORTED, "could not agree on a counter with the enclave"
+        )
+
+    def _send(
+        self, instance_id: str, sealed: SealedRequest, signing_key: bytes, identity: Identity
+    ) -> Opened | None:
+        """The enclave's verified answer to one sealing; None when "it could not open it"."""
+        request = gateway_pb2.ExecuteRequest(
+            instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
+        )
+        try:
+            reply = self._call(self._stub.Execute, request, self._metadata(identity))
+            return open_outcome(sealed, reply.outcome, signing_key, query=False)
+        except GatewayError as failure:
+            if _unopenable(failure):
+                return None
+            raise
+        except CommandRefused as refusal:
+            if refusal.code == error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT:
+                return None
+            raise
+
+    def _counter_state(
+        self,
+        instance_id: str,
+        account: str,
+        opened: Opened,
+        *,
+        counter: int,
+        attempts: list[tuple[SealedRequest, bytes]],
+        ambiguous: bool,
+    ) -> command_pb2.CounterState:
+        """Judge a "wrong counter" answer: whether this call ran, may have, or never can.
+
+        Returns the state with `last_command_hash` kept only when it names one of `attempts`
+        (this call ran); raises when following it could roll back or run the call twice.
+        """
+        if not opened.result.HasField("counter") or opened.result.counter.next_counter < 1:
+            raise IntegrityError(f"{instance_id}: the enclave refused the counter without its state")
+        state = command_pb2.CounterState()
+        state.CopyFrom(opened.result.counter)
+        used = state.next_counter - 1
+        hashes = {wire.command_hash(a.command.encapsulated_key, a.command.ciphertext) for a, _ in attempts}
+        if used == counter and state.last_command_hash in hashes:
+            return state
+        state.ClearField("last_command_hash")
+        last = self.counters.last(instance_id, account)
+        if used < last:
+            # The enclave forgot commands it acknowledged to us: its log was rolled back
+            # (a host restoring an old database). Never follow it there.
+            raise IntegrityError(
+                f"{instance_id}: the enclave asks for counter {state.next_counter}, but counter {last} "
+                "was already accepted: its log was rolled back"
+            )
+        if ambiguous and used > counter:
+            raise OutcomeUnknown(
+                f"{instance_id}: an attempt of this command may have run; the account's counter moved "
+                f"from {counter} to {used} since, so the SDK cannot prove whether it did and does not "
+                "send it again"
+            )
+        return state
+
+    def _recorded_answer(
+        self,
+        instance_id: str,
+        attempts: list[tuple[SealedRequest, bytes]],
+        sequence: int,
+        identity: Identity,
+    ) -> Opened:
+        """The answer of the attempt that ran, from the mesh's idempotency records if it kept it."""
+        for sealed, signing_key in reversed(attempts[:-1]):
+            request = gateway_pb2.ExecuteRequest(
+                instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
+            )
+            try:
+                reply = self._call(self._stub.Execute, request, self._metadata(identity))
+                opened = open_outcome(sealed, reply.outcome, signing_key, query=False)
+            except VeilClientError:
+                continue
+            if opened.accepted and opened.sequence == sequence:
+                return opened
+        return Opened(
+            request_id=attempts[0][0].request_id,
+            result=command_pb2.CommandResult(),
+            receipt=None,
+            accepted=True,
+            sequence=sequence,
+            result_lost=True,
         )
 
     def query(
@@ -399,6 +524,7 @@ def connect(
     api_key: str | None = None,
     bearer: str | None = None,
     counters: CounterStore | None = None,
+    pins: InstancePins | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     server_name: str | None = None,
     clock: Callable[[], float] = time.time,
@@ -407,7 +533,8 @@ def connect(
 
     `ca` verifies the gateway's certificate (None: the system roots); `cert`/`key` present a
     client certificate (the admin's, for CreateInstance/ListInstances). `data_dir` resolves a
-    "dev" root in the policy and keeps counters in `<data_dir>/counters.json`.
+    "dev" root in the policy and keeps counters in `<data_dir>/counters.json` and instance pins
+    in `<data_dir>/instances.json`.
     """
     if (cert is None) != (key is None):
         raise VeilClientError("a client certificate needs both cert and key")
@@ -428,6 +555,8 @@ def connect(
     channel = grpc.secure_channel(address, credentials, options=options)
     if counters is None and data_dir is not None:
         counters = FileCounters(data_dir / COUNTERS_FILE)
+    if pins is None and data_dir is not None:
+        pins = InstancePins(data_dir / PINS_FILE)
     client = VeilClient(
         channel,
         policy=policy,
@@ -435,6 +564,7 @@ def connect(
         api_key=api_key,
         bearer=bearer,
         counters=counters,
+        pins=pins,
         timeout=timeout,
         clock=clock,
     )

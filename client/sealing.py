@@ -44,6 +44,9 @@ class Opened:
     receipt: envelope_pb2.Receipt | None
     accepted: bool
     sequence: int
+    #: The enclave proved the command ran (its counter names this command) but the answer was
+    #: lost (a host restart, or a host that withheld it): `result` is empty.
+    result_lost: bool = False
 
 
 def seal_command(

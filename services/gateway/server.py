@@ -221,7 +221,10 @@ class GatewayServicer:
         placement = self._locate(instance_id, timeout) if instance_id else None
         shard = placement.shard if placement else self._router.default_shard
         reply = forward(
-            shard, self._stub(shard).GetAttestation, state_pb2.GetAttestationRequest(), timeout=timeout
+            shard,
+            self._stub(shard).GetAttestation,
+            state_pb2.GetAttestationRequest(instance_id=instance_id),
+            timeout=timeout,
         )
         bundle = reply.bundle
         response = gateway_pb2.GetAttestationResponse(
@@ -231,6 +234,7 @@ class GatewayServicer:
             attestation_token=bundle.attestation_token,
             keys=bundle.keys,
             jwks_json=bundle.jwks_json or self._keyvault_jwks(timeout),
+            descriptor=reply.descriptor if reply.HasField("descriptor") else None,
         )
         if placement is not None:
             response.instance.CopyFrom(
@@ -319,7 +323,9 @@ class GatewayServicer:
             reply = forward(shard, self._stub(shard).CreateInstance, forwarded, timeout=timeout)
             created = reply.instance
             self._router.learn(Placement(created.instance_id, shard, created.config))
-            return gateway_pb2.CreateInstanceResponse(instance=_gateway_instance(created, shard))
+            return gateway_pb2.CreateInstanceResponse(
+                instance=_gateway_instance(created, shard), descriptor=reply.descriptor
+            )
 
         try:
             return self._creations.run(key, create, wait=timeout)

@@ -13,7 +13,7 @@ from veil.enclave.v1 import envelope_pb2, error_pb2
 
 from client import dev_policy, load_policy, write_dev_policy
 from client.apps import VoteReceipt
-from client.counters import FileCounters, MemoryCounters, expected_counter
+from client.counters import FileCounters, MemoryCounters
 from client.errors import CommandRefused, IdentityError, IntegrityError, PolicyError
 from client.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
 from client.policy import ExpectedMeasurement
@@ -162,11 +162,6 @@ def test_counters_persist_in_the_data_dir(mesh: InProcessMesh) -> None:
     with mesh.connect() as again:
         again.token("coins", alice).mint(bob.account, 1)
     assert mesh.states[0].calls["Execute"] == 2  # no resync round trip was needed
-
-
-def test_expected_counter_parsing() -> None:
-    assert expected_counter("counter must be 17") == 17
-    assert expected_counter("balance too low") is None
 
 
 def test_identity_files(tmp_path: Path) -> None:

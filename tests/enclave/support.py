@@ -314,7 +314,9 @@ class Harness:
         """Open a held answer in place with its released hold key (as the honest host does)."""
         if held_until and outcome.sealed_response:
             key = self.released[(instance_id, held_until)]
-            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, instance_id, held_until)
+            outcome.sealed_response = commands.open_held(
+                key, outcome.sealed_response, instance_id, held_until
+            )
 
     def create_raw(
         self, instance_id: str, config: envelope_pb2.InstanceConfig
@@ -333,7 +335,13 @@ class Harness:
 
     def run(self, instance_id: str, *sealed: Sealed) -> list[envelope_pb2.CommandOutcome]:
         """Execute a batch and record its entries (answers unwrapped once confirmed)."""
-        response = self.host.execute_batch(instance_id, [s.command for s in sealed], NOW_MS)
+        return self.execute(instance_id, [s.command for s in sealed])
+
+    def execute(
+        self, instance_id: str, commands: list[envelope_pb2.SealedCommand], now_ms: int = NOW_MS
+    ) -> list[envelope_pb2.CommandOutcome]:
+        """`run` for sealed commands as they arrive from elsewhere (a gateway, an attacker)."""
+        response = self.host.execute_batch(instance_id, commands, now_ms)
         self.log[instance_id].extend(response.entries)
         if response.HasField("link"):
             self.advance(response.link)

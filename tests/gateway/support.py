@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.enclave.v1 import envelope_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 from client.policy import (
@@ -36,18 +35,11 @@ from client.policy import (
     save_policy,
 )
 from client.sdk import VeilClient, connect
-from enclave import crypto, wire
 from enclave.measurement import measure_source_tree
 from enclave.providers.sim_quote import DEV_MRSIGNER
-from enclave.runner import RunnerOptions
+from enclave.runner import RunnerOptions, build_enclave
 from services.common.config import ServiceConfig
 from services.common.errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-    VeilError,
     abort,
 )
 from services.common.server import VeilServer, build_server
@@ -58,19 +50,19 @@ from services.keyvault.attestation.roots import load_root_pem
 from services.keyvault.audit import AuditLog
 from services.keyvault.kek import FileKek
 from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
+from services.keyvault.tokens import SigningKeyRing, TokenIssuer
+from services.state.enclave_host import EnclaveCallError
+from services.state.errors import from_ecall, from_outcome_error
 from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
 from services.state.server import SERVICE_NAME as STATE_SERVICE
 from tests.conftest import tls_for
+from tests.enclave.support import KEYVAULT_RELEASE_KEY, Harness
 
 ISSUER = "https://keyvault.veil.test"
 
 
-# The release key the fake keyvault signs with; clients of these meshes pin its public half.
-FAKE_KEYVAULT_RELEASE_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(
-    hashlib.sha256(b"veil test keyvault release key").digest()
-)
+# The release key the fake keyvault signs with (the enclave harness's); clients pin its public half.
+FAKE_KEYVAULT_RELEASE_KEY = KEYVAULT_RELEASE_KEY
 FAKE_KEYVAULT_RELEASE_PUBLIC = FAKE_KEYVAULT_RELEASE_KEY.public_key().public_bytes_raw()
 
 
@@ -117,7 +109,8 @@ class TokenAuthority:
 
 
 class EnclaveState(state_pb2_grpc.StateServiceServicer):
-    """A state replica over a real in-process enclave (no persistence: tests only)."""
+    """A state replica over a real in-process enclave, as an honest host with the test keyvault
+    (tests.enclave.support.Harness: statements, links, confirmations); no persistence."""
 
     def __init__(
         self,
@@ -136,21 +129,23 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             platform_secret=workdir / "cpu",
             debug=debug,
         )
-        self.host = EnclaveHost.in_process(options)
-        self._release_key = FAKE_KEYVAULT_RELEASE_KEY  # plays the keyvault's release key
-        keys = self.host.initialize(
-            keyvault_release_public_key=self._release_key.public_key().public_bytes_raw()
-        ).keys
-        runtime_data = keys.SerializeToString(deterministic=True)
+        self.harness = Harness.start(
+            build_enclave(options), keyvault_release_public_key=FAKE_KEYVAULT_RELEASE_PUBLIC
+        )
+        self.host = self.harness.host
+        keys = self.harness.keys
         nonce = secrets.token_bytes(32)
-        quote = self.host.get_quote(expected_report_data(runtime_data, nonce))
-        verified = verify_quote(quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+        quoted = self.host.get_quote(nonce)
+        verified = verify_quote(quoted.quote, root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
         token = authority.issuer.issue(
-            verified, runtime_data=runtime_data, nonce=nonce, quote_hash=hashlib.sha256(quote).digest()
+            verified,
+            runtime_data=quoted.runtime_data,
+            nonce=nonce,
+            quote_hash=hashlib.sha256(quoted.quote).digest(),
         )
         self.bundle = state_pb2.AttestationBundle(
-            quote=quote,
-            runtime_data=runtime_data,
+            quote=quoted.quote,
+            runtime_data=quoted.runtime_data,
             nonce=nonce,
             attestation_token=token.token,
             keys=keys,
@@ -168,29 +163,10 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
         with self._lock:
             self.calls[method] += 1
 
-    def _release(self, instance_id: str, version: int = 1) -> envelope_pb2.WrappedKey:
-        """A fresh data key wrapped to the enclave and signed, as the keyvault releases it."""
-        name = wire.instance_key_name(instance_id)
-        enc, ciphertext = crypto.hpke_seal(
-            crypto.X25519_SUITE,
-            self.keys.hpke_x25519_public_key,
-            secrets.token_bytes(32),
-            info=wire.key_release_info(name, version),
-            aad=b"",
-        )
-        signed = wire.wrapped_key_signing_bytes(
-            name, version, self.keys.hpke_x25519_public_key, enc, ciphertext
-        )
-        return envelope_pb2.WrappedKey(
-            suite=envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM,
-            encapsulated_key=enc,
-            ciphertext=ciphertext,
-            signature=self._release_key.sign(signed),
-        )
-
     def GetAttestation(self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext) -> Any:
         self._count("GetAttestation")
-        return state_pb2.GetAttestationResponse(bundle=self.bundle)
+        descriptor = self.harness.descriptors.get(request.instance_id) if request.instance_id else None
+        return state_pb2.GetAttestationResponse(bundle=self.bundle, descriptor=descriptor)
 
     def CreateInstance(self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext) -> Any:
         self._count("CreateInstance")
@@ -199,16 +175,19 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             if done is not None:
                 return done
             try:
-                self.host.provision_key(request.instance_id, 1, self._release(request.instance_id))
-                created = self.host.create_instance(request.instance_id, request.config)
+                self.harness.create(request.instance_id, request.config)
             except EnclaveCallError as error:
-                abort(context, from_ecall_error(error, method="CreateInstance"))
+                abort(context, from_ecall(error.code, error.message, method="CreateInstance"))
                 raise AssertionError("unreachable") from None
-            self._configs[request.instance_id] = request.config
+            descriptor = self.harness.descriptors[request.instance_id]
+            self._configs[request.instance_id] = envelope_pb2.InstanceConfig.FromString(descriptor.config)
             response = state_pb2.CreateInstanceResponse(
                 instance=state_pb2.Instance(
-                    instance_id=request.instance_id, config=request.config, head=created.head.head
-                )
+                    instance_id=request.instance_id,
+                    config=self._configs[request.instance_id],
+                    head=envelope_pb2.CommitHead(sequence=1, hash=descriptor.genesis_hash),
+                ),
+                descriptor=descriptor,
             )
             self._responses[(request.instance_id, request.request_id)] = response
             return response
@@ -235,23 +214,28 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             if done is not None:
                 return done
             try:
-                batch = self.host.execute_batch(
-                    request.instance_id, [request.command], int(time.time() * 1000)
-                )
+                (outcome,) = self.harness.execute(request.instance_id, [request.command])
             except EnclaveCallError as error:
-                abort(context, from_ecall_error(error, method="ExecuteBatch"))
+                abort(context, from_ecall(error.code, error.message, method="ExecuteBatch"))
                 raise AssertionError("unreachable") from None
-            response = state_pb2.ExecuteResponse(outcome=batch.outcomes[0])
-            self._responses[(request.instance_id, request.request_id)] = response
+            if outcome.HasField("error"):
+                abort(context, from_outcome_error(outcome.error.code, outcome.error.message))
+            response = state_pb2.ExecuteResponse(outcome=outcome)
+            if outcome.accepted:
+                self._responses[(request.instance_id, request.request_id)] = response
             return response
 
     def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
         self._count("Query")
         try:
-            outcome = self.host.query(request.instance_id, request.command, int(time.time() * 1000))
+            response = self.host.query(request.instance_id, request.command, int(time.time() * 1000))
         except EnclaveCallError as error:
-            abort(context, from_ecall_error(error, method="Query"))
+            abort(context, from_ecall(error.code, error.message, method="Query"))
             raise AssertionError("unreachable") from None
+        outcome = response.outcome
+        if outcome.HasField("error"):
+            abort(context, from_outcome_error(outcome.error.code, outcome.error.message))
+        self.harness.unwrap(request.instance_id, response.held_until, outcome)
         return state_pb2.QueryResponse(outcome=outcome)
 
     def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
@@ -266,19 +250,6 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             if instance.instance_id == instance_id:
                 return instance.head.sequence
         return 0
-
-
-_ECALL_STATUS: dict[int, type[VeilError]] = {
-    error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT: InvalidArgument,
-    error_pb2.ECALL_ERROR_CODE_NOT_FOUND: NotFound,
-    error_pb2.ECALL_ERROR_CODE_ALREADY_EXISTS: AlreadyExists,
-    error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED: ResourceExhausted,
-}
-
-
-def from_ecall_error(error: EnclaveCallError, *, method: str) -> VeilError:
-    """The status a state replica answers for an enclave refusal (as services.state maps them)."""
-    return _ECALL_STATUS.get(error.code, Unavailable)(error.message, metadata={"ecall": method})
 
 
 @dataclass

@@ -364,7 +364,9 @@ def test_instances_spread_over_shards_and_list_fans_out(sharded: InProcessMesh) 
     alice = new_identity(sharded.data_dir, "alice")
     names = [f"ledger-{i}" for i in range(8)]
     with sharded.connect() as admin:
-        created = {name: admin.create_instance(name, token_config(alice.public_key)).shard for name in names}
+        created = {
+            name: admin.create_instance(name, token_config(alice.public_key))[0].shard for name in names
+        }
         assert set(created.values()) == set(sharded.state_addresses)
         for name in names:  # each instance answers from its own shard's enclave (own keys)
             assert admin.token(name, alice).mint(alice.account, 5) == 5
@@ -379,11 +381,11 @@ def test_explicit_shard_map_places_an_instance(pki_dir: Path, tmp_path: Path) ->
         alice = new_identity(mesh.data_dir, "alice")
         with mesh.connect() as admin:
             assert (
-                admin.create_instance("pinned", token_config(alice.public_key)).shard
+                admin.create_instance("pinned", token_config(alice.public_key))[0].shard
                 == mesh.state_addresses[1]
             )
             assert (
-                admin.create_instance("other", token_config(alice.public_key)).shard
+                admin.create_instance("other", token_config(alice.public_key))[0].shard
                 == mesh.state_addresses[0]
             )
         assert [state.calls["CreateInstance"] for state in mesh.states] == [1, 1]
