@@ -90,4 +90,6 @@ class GatewayError(VeilClientError):
         info = error_info(error)
         self.reason = info.reason if info is not None else ""
         self.details = error.details() or ""
+        #: For `VeilClient.execute`: the call's request id; pass it again to resume the call.
+        self.request_id: str | None = None
         super().__init__(f"{self.code.name}: {self.details}" + (f" ({self.reason})" if self.reason else ""))

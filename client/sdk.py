@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,6 +123,24 @@ class ReceiptStream:
         self._call.cancel()
 
 
+@dataclass
+class _Call:
+    """One `execute` call: its sealings under one counter, and whether any may have run unseen."""
+
+    instance_id: str
+    request_id: str
+    counter: int
+    sealings: list[tuple[SealedRequest, bytes]] = field(default_factory=list)
+    ambiguous: bool = False
+
+    def hashes(self) -> set[bytes]:
+        return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
+
+    def restart(self, counter: int) -> None:
+        """The counter was used by another command: none of the sealings can ever run."""
+        self.counter, self.sealings, self.ambiguous = counter, [], False
+
+
 class VeilClient:
     """A verified connection to a Veil gateway. Thread-safe; one account's commands run in order."""
 
@@ -153,6 +172,7 @@ class VeilClient:
         self._attestations: dict[str, VerifiedAttestation] = {}
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
+        self._unresolved: OrderedDict[str, _Call] = OrderedDict()  # calls without a definitive answer
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -298,63 +318,80 @@ class VeilClient:
         """Run one command and return its verified answer (an app refusal is in `result.error`).
 
         Runs the command at most once whatever the gateway or the host does (see the module
-        docstring). `request_id` (optional) names the first attempt: a caller retrying after
-        an error passes the same one. Raises IntegrityError when the enclave asks for a counter
-        at or below one it already accepted (a rolled-back log), OutcomeUnknown when it cannot
-        prove whether an ambiguous attempt ran.
+        docstring). When it fails without a definitive answer (GatewayError), the error's
+        `request_id` names the call: passing it again resumes the same call (same counter, same
+        sealed bytes first) instead of starting a second one. Raises IntegrityError when the
+        enclave asks for a counter at or below one it already accepted (a rolled-back log),
+        OutcomeUnknown when it cannot prove whether an earlier attempt ran.
         """
         account = identity.account
         with self._account_lock(instance_id, account):
-            counter = self.counters.last(instance_id, account) + 1
-            attempts: list[tuple[SealedRequest, bytes]] = []  # sealings of this call under `counter`
             with self._lock:
-                earlier = self._pending.get(request_id) if request_id else None
-            # A retry of a request id this client sent before (its answer never came) resends
-            # the very same bytes: the mesh answers it from its records, or the enclave names it.
-            resend = earlier is not None and (earlier[0].instance_id, earlier[0].counter) == (
-                instance_id,
-                counter,
-            )
-            ambiguous = resend
-            for round_ in range(_MAX_ROUNDS):
-                if resend and earlier is not None and not attempts:
-                    sealed, signing_key = earlier
-                else:
-                    attestation = self.attest(instance_id, refresh=round_ > 0 and ambiguous)
-                    sealed = seal_command(
-                        attestation.keys,
-                        instance_id=instance_id,
-                        scheme=self._scheme(attestation, instance_id),
-                        identity=identity,
-                        call=call,
-                        counter=counter,
-                        request_id=request_id if (request_id and not attempts) else self.new_request_id(),
-                        suite=suite,
-                    )
-                    signing_key = attestation.keys.signing_public_key
-                    self._remember(sealed, signing_key)
-                attempts.append((sealed, signing_key))
-                opened = self._send(instance_id, sealed, signing_key, identity)
-                if opened is None:
-                    ambiguous = True  # the host may say so of a command that ran: same counter only
-                    continue
-                if opened.accepted:
-                    self.counters.record(instance_id, account, counter)
-                    return opened
-                error = opened.result.error if opened.result.HasField("error") else None
-                if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
-                    return opened
-                state = self._counter_state(
-                    instance_id, account, opened, counter=counter, attempts=attempts, ambiguous=ambiguous
+                resumed = self._unresolved.pop(request_id, None) if request_id else None
+            if resumed is not None and resumed.instance_id == instance_id:
+                state = resumed
+            else:
+                state = _Call(
+                    instance_id,
+                    request_id or self.new_request_id(),
+                    self.counters.last(instance_id, account) + 1,
                 )
-                if state.last_command_hash and state.next_counter == counter + 1:
-                    # An earlier sealing of this call used the counter: it ran. Never again.
-                    self.counters.record(instance_id, account, counter)
-                    return self._recorded_answer(instance_id, attempts, state.last_sequence, identity)
-                # The counter is used by another command (or was never ours to use): this call can
-                # never run under it, so it is sealed again under the enclave's next counter.
-                self.counters.record(instance_id, account, state.next_counter - 1)
-                counter, attempts, ambiguous = state.next_counter, [], False
+            try:
+                return self._run(state, call, identity, suite)
+            except GatewayError as failure:
+                # No definitive answer: the command may or may not have run. Keep the call so a
+                # retry under its request id resumes it rather than sealing a second command.
+                with self._lock:
+                    self._unresolved[state.request_id] = state
+                    while len(self._unresolved) > _PENDING_LIMIT:
+                        self._unresolved.popitem(last=False)
+                failure.request_id = state.request_id
+                raise
+
+    def _run(self, state: _Call, call: apps_pb2.AppCall, identity: Identity, suite: int) -> Opened:
+        instance_id, account = state.instance_id, identity.account
+        for round_ in range(_MAX_ROUNDS):
+            if state.sealings and round_ == 0:
+                # Resuming: the very same bytes first (the mesh may hold their answer), and the
+                # call counts as possibly run.
+                sealed, signing_key = state.sealings[0]
+                state.ambiguous = True
+            else:
+                attestation = self.attest(instance_id, refresh=state.ambiguous and round_ > 0)
+                sealed = seal_command(
+                    attestation.keys,
+                    instance_id=instance_id,
+                    scheme=self._scheme(attestation, instance_id),
+                    identity=identity,
+                    call=call,
+                    counter=state.counter,
+                    request_id=self.new_request_id() if state.sealings else state.request_id,
+                    suite=suite,
+                )
+                signing_key = attestation.keys.signing_public_key
+                self._remember(sealed, signing_key)
+                state.sealings.append((sealed, signing_key))
+            opened = self._send(instance_id, sealed, signing_key, identity)
+            if opened is None:
+                state.ambiguous = True  # the host may say so of a command that ran: same counter only
+                continue
+            if opened.accepted:
+                self.counters.record(instance_id, account, state.counter)
+                return opened
+            error = opened.result.error if opened.result.HasField("error") else None
+            if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
+                return opened
+            counter_state = self._counter_state(instance_id, account, opened, state)
+            if counter_state.last_command_hash:
+                # A sealing of this call used the counter: it ran. Never again.
+                self.counters.record(instance_id, account, state.counter)
+                return self._recorded_answer(
+                    instance_id, state.sealings, counter_state.last_sequence, identity
+                )
+            # The counter is used by another command (or was never ours to use): this call can
+            # never run under it, so it is sealed again under the enclave's next counter.
+            self.counters.record(instance_id, account, counter_state.next_counter - 1)
+            state.restart(counter_state.next_counter)
         raise CommandRefused(
             error_pb2.ECALL_ERROR_CODE_ABORTED, "could not agree on a counter with the enclave"
         )
@@ -379,44 +416,37 @@ class VeilClient:
             raise
 
     def _counter_state(
-        self,
-        instance_id: str,
-        account: str,
-        opened: Opened,
-        *,
-        counter: int,
-        attempts: list[tuple[SealedRequest, bytes]],
-        ambiguous: bool,
+        self, instance_id: str, account: str, opened: Opened, state: _Call
     ) -> command_pb2.CounterState:
         """Judge a "wrong counter" answer: whether this call ran, may have, or never can.
 
-        Returns the state with `last_command_hash` kept only when it names one of `attempts`
-        (this call ran); raises when following it could roll back or run the call twice.
+        Returns the enclave's counter state with `last_command_hash` kept only when it names one
+        of the call's sealings (it ran); raises when following it could roll back or run the
+        call twice.
         """
         if not opened.result.HasField("counter") or opened.result.counter.next_counter < 1:
             raise IntegrityError(f"{instance_id}: the enclave refused the counter without its state")
-        state = command_pb2.CounterState()
-        state.CopyFrom(opened.result.counter)
-        used = state.next_counter - 1
-        hashes = {wire.command_hash(a.command.encapsulated_key, a.command.ciphertext) for a, _ in attempts}
-        if used == counter and state.last_command_hash in hashes:
-            return state
-        state.ClearField("last_command_hash")
+        counter_state = command_pb2.CounterState()
+        counter_state.CopyFrom(opened.result.counter)
+        used = counter_state.next_counter - 1
+        if used == state.counter and counter_state.last_command_hash in state.hashes():
+            return counter_state
+        counter_state.ClearField("last_command_hash")
         last = self.counters.last(instance_id, account)
         if used < last:
             # The enclave forgot commands it acknowledged to us: its log was rolled back
             # (a host restoring an old database). Never follow it there.
             raise IntegrityError(
-                f"{instance_id}: the enclave asks for counter {state.next_counter}, but counter {last} "
-                "was already accepted: its log was rolled back"
+                f"{instance_id}: the enclave asks for counter {counter_state.next_counter}, but counter "
+                f"{last} was already accepted: its log was rolled back"
             )
-        if ambiguous and used > counter:
+        if state.ambiguous and used > state.counter:
             raise OutcomeUnknown(
                 f"{instance_id}: an attempt of this command may have run; the account's counter moved "
-                f"from {counter} to {used} since, so the SDK cannot prove whether it did and does not "
-                "send it again"
+                f"from {state.counter} to {used} since, so the SDK cannot prove whether it did and does "
+                "not send it again"
             )
-        return state
+        return counter_state
 
     def _recorded_answer(
         self,
@@ -426,7 +456,7 @@ class VeilClient:
         identity: Identity,
     ) -> Opened:
         """The answer of the attempt that ran, from the mesh's idempotency records if it kept it."""
-        for sealed, signing_key in reversed(attempts[:-1]):
+        for sealed, signing_key in reversed(attempts):
             request = gateway_pb2.ExecuteRequest(
                 instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
             )

@@ -170,6 +170,11 @@ class Instance:
 
     def digest(self) -> bytes:
         """A hash of the instance's state and head (for tests and diagnostics)."""
+        held = b"".join(hold.sequence.to_bytes(8, "big") for hold in self.holds)
         return hashlib.sha256(
-            self.snapshot_plaintext() + self.sequence.to_bytes(8, "big") + self.head_hash
+            self.snapshot_plaintext()
+            + self.sequence.to_bytes(8, "big")
+            + self.head_hash
+            + self.confirmed.SerializeToString(deterministic=True)
+            + held
         ).digest()

@@ -42,7 +42,7 @@ from tests.enclave.support import (
     Client,
     Harness,
     config,
-    head_statement,
+    head_confirmation,
     wrap_key,
 )
 
@@ -193,15 +193,24 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
     v_head = envelope_pb2.CommitHead(sequence=last.sequence, hash=wire.entry_hash(last))
     requests: dict[str, list[Any]] = {
         "Initialize": [ecall_pb2.InitializeRequest(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)],
-        "GetQuote": [ecall_pb2.GetQuoteRequest(report_data=bytes(range(64)))],
+        "GetQuote": [ecall_pb2.GetQuoteRequest(nonce=bytes(range(32)))],
+        "IssueChallenge": [ecall_pb2.IssueChallengeRequest(instance_id="spare")],
         "ProvisionKey": [
             ecall_pb2.ProvisionKeyRequest(
                 instance_id="v", key_version=1, wrapped_key=wrap_key(keys, "v", 1, data_key)
             )
         ],
         "CreateInstance": [
-            ecall_pb2.CreateInstanceRequest(instance_id="v", config=config()),
-            ecall_pb2.CreateInstanceRequest(instance_id="spare", config=config()),
+            ecall_pb2.CreateInstanceRequest(
+                instance_id="v", config=config(), statement=harness.statement("v"), host_time_unix_ms=NOW_MS
+            ),
+            # A valid statement, but its challenge is replaced before any replay can use it.
+            ecall_pb2.CreateInstanceRequest(
+                instance_id="spare",
+                config=config(),
+                statement=harness.statement("spare"),
+                host_time_unix_ms=NOW_MS,
+            ),
         ],
         "ExecuteBatch": [
             ecall_pb2.ExecuteBatchRequest(instance_id="v", commands=[executed], host_time_unix_ms=NOW_MS)
@@ -212,16 +221,17 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
             ecall_pb2.RestoreRequest(
                 instance_id="v",
                 entries=harness.log["v"],
-                keyvault_head=v_head,
-                keyvault_head_signature=head_statement(keys, "v", v_head),
+                statement=harness.statement("v", v_head),
+                host_time_unix_ms=NOW_MS,
             ),
             ecall_pb2.RestoreRequest(
                 instance_id="b",
                 snapshot=harness.host.snapshot("b"),
-                keyvault_head=envelope_pb2.CommitHead(),
-                keyvault_head_signature=head_statement(keys, "b"),
+                statement=harness.statement("b"),
+                host_time_unix_ms=NOW_MS,
             ),
         ],
+        "ConfirmHead": [ecall_pb2.ConfirmHeadRequest(confirmation=head_confirmation("v", v_head))],
         "Seal": [ecall_pb2.SealRequest()],
         "Unseal": [ecall_pb2.UnsealRequest(sealed_blob=harness.host.seal())],
         "GetStatus": [ecall_pb2.GetStatusRequest()],

@@ -240,13 +240,9 @@ class RunningKeyvault(_Channels):
         )
         destroy = keyvault_pb2.DestroyKeyRequest(key_name="doomed", request_id="d-1")
         release = keyvault_pb2.ReleaseKeyRequest(token=spent, key_name=self.FUZZ_KEY)
-        head_hash = bytes(range(32))
+        link = enclave.link(self.HEAD_INSTANCE, (0, bytes(32)), (1, bytes(range(32))))
         advance = keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=self.HEAD_INSTANCE,
-            sequence=1,
-            hash=head_hash,
-            signature=enclave.sign_head(self.HEAD_INSTANCE, 1, head_hash),
-            token=token,
+            instance_id=self.HEAD_INSTANCE, links=[link], token=token
         )
         admin.CreateKey(create, timeout=TIMEOUT)
         admin.RotateKey(rotate, timeout=TIMEOUT)
@@ -264,7 +260,14 @@ class RunningKeyvault(_Channels):
             "ListKeys": [keyvault_pb2.ListKeysRequest()],
             "GetKey": [keyvault_pb2.GetKeyRequest(key_name=self.FUZZ_KEY)],
             "DestroyKey": [destroy],
-            "GetCommitHead": [keyvault_pb2.GetCommitHeadRequest(instance_id=self.HEAD_INSTANCE)],
+            "GetCommitHead": [
+                keyvault_pb2.GetCommitHeadRequest(instance_id=self.HEAD_INSTANCE),
+                keyvault_pb2.GetCommitHeadRequest(
+                    instance_id=self.HEAD_INSTANCE,
+                    enclave_signing_public_key=enclave.signing_public_bytes,
+                    challenge=bytes(32),
+                ),
+            ],
             "AdvanceCommitHead": [advance],
             "ListAuditEvents": [
                 keyvault_pb2.ListAuditEventsRequest(page_size=5, page_token=page.next_page_token)

@@ -48,7 +48,7 @@ from tests.attack.mutations import (
     random_message,
     random_string,
 )
-from tests.enclave.support import NOW_MS, Client
+from tests.enclave.support import Client
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SGX_QUOTES = REPO_ROOT.parent / "shared" / "testdata" / "sgx-quotes"
@@ -67,7 +67,7 @@ ECALL_OK_CODES = frozenset(error_pb2.EcallErrorCode.values()) - {
     error_pb2.ECALL_ERROR_CODE_INTERNAL,
 }
 #: ECALLs whose success may legitimately change the enclave (see the module docstring).
-ECALL_MAY_CHANGE = frozenset({"CreateInstance", "Restore"})
+ECALL_MAY_CHANGE = frozenset({"CreateInstance", "Restore", "ConfirmHead"})
 
 
 # --- quotes ------------------------------------------------------------------------------------
@@ -250,12 +250,14 @@ def check_ecall(world: World, frame: bytes) -> tuple[str, bool]:
 RESPONSE_TYPES: dict[str, type[Message]] = {
     "Initialize": ecall_pb2.InitializeResponse,
     "GetQuote": ecall_pb2.GetQuoteResponse,
+    "IssueChallenge": ecall_pb2.IssueChallengeResponse,
     "ProvisionKey": ecall_pb2.ProvisionKeyResponse,
     "CreateInstance": ecall_pb2.CreateInstanceResponse,
     "ExecuteBatch": ecall_pb2.ExecuteBatchResponse,
     "Query": ecall_pb2.QueryResponse,
     "Snapshot": ecall_pb2.SnapshotResponse,
     "Restore": ecall_pb2.RestoreResponse,
+    "ConfirmHead": ecall_pb2.ConfirmHeadResponse,
     "Seal": ecall_pb2.SealResponse,
     "Unseal": ecall_pb2.UnsealResponse,
     "GetStatus": ecall_pb2.GetStatusResponse,
@@ -419,7 +421,7 @@ def check_batch(rng: random.Random, world: World, instance_id: str, bad: BadComm
     others = {i: world.head(i) for i in INSTANCES if i != instance_id}
     before, before_head = world.state_of(instance_id), world.head(instance_id)
     try:
-        response = world.harness.host.execute_batch(instance_id, batch, NOW_MS)
+        response = world.harness.execute(instance_id, batch)
     except EnclaveCallError as failure:  # one bad command must never sink the whole batch
         raise AssertionError(f"{bad.kind}: the whole batch failed: {failure}") from None
     outcomes = list(response.outcomes)

@@ -3,7 +3,7 @@
 In process, every frame goes through the real `Dispatcher` of an initialized enclave with four
 instances and some history. The rule: a decodable `EcallReply` every time; a refusal carries a
 known code (never INTERNAL) and leaves the enclave's state digest unchanged; a success changes
-state only for CreateInstance or Restore (checked in `targets.check_ecall`).
+state only for CreateInstance, Restore or ConfirmHead (checked in `targets.check_ecall`).
 
 Over the runner process (`python -m enclave.runner`, 4-byte length-prefixed frames on
 stdin/stdout): garbage frames are refused and the runner keeps serving, an oversized frame is
@@ -23,14 +23,22 @@ import pytest
 from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
-from veil.enclave.v1 import apps_pb2, ecall_pb2, error_pb2
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 
 from enclave import framing
 from enclave.runner import RunnerOptions
 from tests.attack.conftest import WorldBox
 from tests.attack.profile import attack_settings
 from tests.attack.targets import ECALL_OK_CODES, check_ecall, ecall_input
-from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, Client, config, vault, wrap_key
+from tests.enclave.support import (
+    KEYVAULT_RELEASE_PUBLIC_KEY,
+    NOW_MS,
+    Client,
+    config,
+    head_statement,
+    vault,
+    wrap_key,
+)
 
 #: The ECALL table as the contract defines it (the world's seeds cover the same set).
 METHODS = sorted(ecall_pb2.DESCRIPTOR.services_by_name["EnclaveService"].methods_by_name)
@@ -121,7 +129,14 @@ def runner(pki_dir: Path, tmp_path: Path) -> Iterator[Runner]:
     runner.call(
         "ProvisionKey", ecall_pb2.ProvisionKeyRequest(instance_id="v", key_version=1, wrapped_key=wrapped)
     )
-    runner.call("CreateInstance", ecall_pb2.CreateInstanceRequest(instance_id="v", config=config()))
+    challenge = ecall_pb2.IssueChallengeResponse.FromString(
+        runner.call("IssueChallenge", ecall_pb2.IssueChallengeRequest(instance_id="v"))
+    ).challenge
+    fast = config(acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST)  # no keyvault here to confirm
+    create = ecall_pb2.CreateInstanceRequest(
+        instance_id="v", config=fast, statement=head_statement(keys, "v", challenge), host_time_unix_ms=NOW_MS
+    )
+    runner.call("CreateInstance", create)
     put = Client(keys, "v").seal(vault(put=apps_pb2.VaultPut(record_id="r", data=b"hello")))
     executed = ecall_pb2.ExecuteBatchResponse.FromString(
         runner.call("ExecuteBatch", ecall_pb2.ExecuteBatchRequest(instance_id="v", commands=[put.command]))

@@ -8,7 +8,6 @@ the refusal is audited as a refusal (checked by `RunningKeyvault.check_invariant
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,17 +16,13 @@ import pytest
 from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.keyvault.v1 import keyvault_pb2
 
-from enclave.dispatcher import Dispatcher
 from services.common.errors import error_info
 from services.common.pki import init_pki
-from services.keyvault.config import DEFAULT_ISSUER
-from services.keyvault.tokens import expected_report_data
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
-from services.state.keys import release_policy
-from tests.attack.enclave_world import new_enclave
+from services.state.enclave_host import EnclaveCallError
+from tests.attack.hostile_host import EnclaveBoot, now_ms
 from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
 from tests.attack.mutations import HOSTILE_TOKENS
-from tests.enclave.support import NOW_MS, Client, config, vault
+from tests.enclave.support import Client, config, vault
 from tests.keyvault.support import FakeEnclave
 
 
@@ -142,13 +137,10 @@ def test_a_hostile_attestation_token_is_refused(keyvault: RunningKeyvault, name:
     state = keyvault.stub("state")
     token = HOSTILE_TOKENS[name]
     release = keyvault_pb2.ReleaseKeyRequest(token=token, key_name=RunningKeyvault.FUZZ_KEY)
-    head_hash = bytes(32)
+    # A well-formed link (signed by some enclave): only the token is hostile.
+    link = FakeEnclave().link(RunningKeyvault.HEAD_INSTANCE, (1, bytes(range(32))), (9, bytes(32)))
     advance = keyvault_pb2.AdvanceCommitHeadRequest(
-        instance_id=RunningKeyvault.HEAD_INSTANCE,
-        sequence=9,
-        hash=head_hash,
-        signature=bytes(64),
-        token=token,
+        instance_id=RunningKeyvault.HEAD_INSTANCE, links=[link], token=token
     )
     for call in (
         lambda: state.ReleaseKey(release, timeout=TIMEOUT),
@@ -157,126 +149,55 @@ def test_a_hostile_attestation_token_is_refused(keyvault: RunningKeyvault, name:
         assert _refusal(keyvault, call) == (grpc.StatusCode.PERMISSION_DENIED, "INVALID_TOKEN")
 
 
-class _EnclaveAtTheKeyvault:
-    """A real in-process enclave that attests at the keyvault and gets instance keys released."""
-
-    def __init__(self, keyvault: RunningKeyvault, pki_dir: Path) -> None:
-        self.keyvault, self.state = keyvault, keyvault.stub("state")
-        release_key = self.state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=TIMEOUT).release_public_key
-        self.host = EnclaveHost.from_dispatcher(Dispatcher(new_enclave(pki_dir)))
-        self.keys = self.host.initialize(keyvault_release_public_key=release_key).keys
-
-    def token(self) -> str:
-        runtime_data = self.keys.SerializeToString(deterministic=True)
-        nonce = os.urandom(32)
-        quote = self.host.get_quote(expected_report_data(runtime_data, nonce))
-        request = keyvault_pb2.AttestRequest(quote=quote, runtime_data=runtime_data, nonce=nonce)
-        return self.state.Attest(request, timeout=TIMEOUT).token
-
-    def provision(self, instance_id: str) -> None:
-        released = self.state.ReleaseKey(
-            keyvault_pb2.ReleaseKeyRequest(token=self.token(), key_name=f"instance.{instance_id}"),
-            timeout=TIMEOUT,
-        )
-        wrapped = envelope_pb2.WrappedKey(
-            suite=envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM,
-            encapsulated_key=released.encapsulated_key,
-            ciphertext=released.wrapped_key,
-            signature=released.signature,
-        )
-        self.host.provision_key(instance_id, released.version, wrapped)
-
-    def advance(self, head: envelope_pb2.SignedCommitHead) -> None:
-        request = keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=head.instance_id,
-            sequence=head.head.sequence,
-            hash=head.head.hash,
-            signature=head.signature,
-            token=self.token(),
-        )
-        self.state.AdvanceCommitHead(request, timeout=TIMEOUT)
-
-    def commit_head(self, instance_id: str) -> keyvault_pb2.GetCommitHeadResponse:
-        """The keyvault's head of `instance_id`, signed for this enclave's signing key."""
-        request = keyvault_pb2.GetCommitHeadRequest(
-            instance_id=instance_id, enclave_signing_public_key=self.keys.signing_public_key
-        )
-        return self.state.GetCommitHead(request, timeout=TIMEOUT)
-
-
 def test_a_host_serving_a_rolled_back_log_can_never_advance_its_head(
     keyvault: RunningKeyvault, pki_dir: Path
 ) -> None:
     """Row 49 (docs/security.md): a fresh enclave refuses to restore a rolled-back log.
 
     A malicious host starts a fresh enclave and has the instance key released to it (the key's
-    policy is about the build, not the head). Restore requires the keyvault's commit head signed
-    for this enclave's signing key and a log that contains it, so an old prefix of the log is
-    refused (FAILED_PRECONDITION, nothing restored), as is a statement made for another enclave
-    (an earlier boot). A fork it starts anyway (a new genesis) can never move the keyvault head.
+    policy is about the build, not the head). Restore requires the keyvault's statement of the
+    head for this enclave and a challenge it just issued, and a log that contains the head, so
+    an old prefix of the log is refused (FAILED_PRECONDITION, nothing restored), as is a
+    statement made for another enclave (an earlier boot) or for an earlier challenge.
     """
-    honest = _EnclaveAtTheKeyvault(keyvault, pki_dir)
+    honest = EnclaveBoot(keyvault, pki_dir)
     instance_id = "rolled-back"
-    policy = release_policy(DEFAULT_ISSUER, honest.host.get_status().mrenclave, sim=True)
-    honest.state.CreateKey(
-        keyvault_pb2.CreateKeyRequest(key_name=f"instance.{instance_id}", release_policy_json=policy),
-        timeout=TIMEOUT,
-    )
-    honest.provision(instance_id)
-    created = honest.host.create_instance(instance_id, config())
-    log, head = [created.entry], created.head
+    created = honest.create(instance_id, config())
+    log = [created.entry]
     client = Client(honest.keys, instance_id)
     for i in range(3):
-        batch = honest.host.execute_batch(
-            instance_id,
-            [client.seal(vault(put=apps_pb2.VaultPut(record_id=f"r{i}", data=b"x"))).command],
-            NOW_MS,
+        batch = honest.execute(
+            instance_id, client.seal(vault(put=apps_pb2.VaultPut(record_id=f"r{i}", data=b"x"))).command
         )
         log.extend(batch.entries)
-        head = batch.head
-    honest.advance(head)  # the keyvault now holds sequence 4
+        honest.confirm(honest.advance(batch.link))  # the keyvault now holds each new head
+    stored = honest.stored_head(instance_id)
+    assert stored.sequence == 4
 
-    forked = _EnclaveAtTheKeyvault(keyvault, pki_dir)
+    forked = EnclaveBoot(keyvault, pki_dir)
     forked.provision(instance_id)
-    fresh = forked.commit_head(instance_id)
-    assert (fresh.sequence, fresh.hash) == (4, head.head.hash)
-    assert fresh.freshness_signature
-    earlier_boot = honest.commit_head(instance_id)  # a statement for another enclave key
-    kv_head = envelope_pb2.CommitHead(sequence=fresh.sequence, hash=fresh.hash)
-    for entries, signature in (
-        (log[:2], fresh.freshness_signature),  # an old, authentic prefix
-        (log, earlier_boot.freshness_signature),  # the whole log, but a replayed statement
-        (log, b""),  # no statement
+    earlier_boot = honest.statement(instance_id)  # made for another enclave key
+    stale = forked.statement(instance_id)
+    forked.host.issue_challenge(instance_id)  # ...and this one's challenge has since been replaced
+    for entries, statement in (
+        (log[:2], forked.statement(instance_id)),  # an old, authentic prefix
+        (log, earlier_boot),  # the whole log, but a statement for another boot
+        (log, stale),  # the whole log, but a statement for an earlier challenge
+        (log, envelope_pb2.HeadStatement(instance_id=instance_id)),  # no statement
     ):
         with pytest.raises(EnclaveCallError) as refused:
-            forked.host.restore(
-                instance_id, entries, keyvault_head=kv_head, keyvault_head_signature=signature
-            )
-        assert refused.value.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION, refused.value.message
-        assert "rollback refused" in refused.value.message
+            forked.host.restore(instance_id, entries, statement=statement, host_time_unix_ms=now_ms())
+        assert refused.value.code in {
+            error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION,
+            error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT,
+        }, refused.value.message
         assert not forked.host.get_status().instances  # nothing restored: no fork to serve
-
-    # A fork the host starts anyway (a new genesis: CreateInstance is not Restore) stays off the head.
-    fork = forked.host.create_instance(instance_id, config())
-    before = keyvault.snapshot()
-    with pytest.raises(grpc.RpcError) as advance_refused:
-        forked.advance(fork.head)
-    info = error_info(advance_refused.value)
-    assert (advance_refused.value.code(), info.reason if info else "") == (
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "COMMIT_HEAD_ROLLBACK",
-    )
-    assert keyvault.snapshot() == before
-    head_now = honest.state.GetCommitHead(
-        keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id), timeout=TIMEOUT
-    )
-    assert (head_now.sequence, head_now.hash) == (4, head.head.hash)
+    assert honest.stored_head(instance_id).sequence == 4
 
     # The honest path: a fresh enclave restores the whole log under a statement for its own key.
-    successor = _EnclaveAtTheKeyvault(keyvault, pki_dir)
+    successor = EnclaveBoot(keyvault, pki_dir)
     successor.provision(instance_id)
-    statement = successor.commit_head(instance_id)
     restored = successor.host.restore(
-        instance_id, log, keyvault_head=kv_head, keyvault_head_signature=statement.freshness_signature
+        instance_id, log, statement=successor.statement(instance_id), host_time_unix_ms=now_ms()
     )
-    assert (restored.sequence, restored.hash) == (4, head.head.hash)
+    assert (restored.head.sequence, restored.head.hash) == (4, stored.hash)

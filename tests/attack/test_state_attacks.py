@@ -189,7 +189,7 @@ def test_names_with_a_trailing_newline_are_refused(state: RunningState) -> None:
     before = state.snapshot()
     enclave = EnclaveHost.from_dispatcher(Dispatcher(state.enclave))
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        enclave.create_instance("v\n", vault_config())
+        enclave.create_instance("v\n", vault_config(), envelope_pb2.HeadStatement(), 0)
     create = state_pb2.CreateInstanceRequest(instance_id="v\n", config=vault_config(), request_id="nl")
     execute = state_pb2.ExecuteRequest(instance_id="v\n", command=state.seeds["Execute"][0].command)  # type: ignore[attr-defined]
     for call in (

@@ -26,6 +26,10 @@ class EvilGateway(gateway_pb2_grpc.GatewayServiceServicer):
     calls: Counter[str] = field(default_factory=Counter)
     on_attestation: Tamper | None = None
     on_execute: Callable[[gateway_pb2.ExecuteResponse], gateway_pb2.ExecuteResponse] | None = None
+    #: Replaces forwarding an Execute entirely: (request, context, upstream stub) -> answer.
+    intercept_execute: Callable[[Any, grpc.ServicerContext, Any], Any] | None = None
+    #: Rewrites a CreateInstance request before it is forwarded (a host choosing the config).
+    on_create: Tamper | None = None
 
     def GetAttestation(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.calls["GetAttestation"] += 1
@@ -36,12 +40,20 @@ class EvilGateway(gateway_pb2_grpc.GatewayServiceServicer):
 
     def Execute(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.calls["Execute"] += 1
+        if self.intercept_execute is not None:
+            return self.intercept_execute(request, context, self.upstream)
         reply = self.upstream.Execute(request, timeout=10)
         return self.on_execute(reply) if self.on_execute is not None else reply
 
     def Query(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.calls["Query"] += 1
         return self.upstream.Query(request, timeout=10)
+
+    def CreateInstance(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.calls["CreateInstance"] += 1
+        if self.on_create is not None:
+            self.on_create(request)
+        return self.upstream.CreateInstance(request, timeout=30)
 
 
 def evil_gateway(mesh: InProcessMesh) -> Iterator[tuple[EvilGateway, str]]:

@@ -1,0 +1,128 @@
+"""A host as the adversary: real enclaves it starts and drives ECALL by ECALL, and the real keyvault
+it reaches over mTLS with the state identity.
+
+`EnclaveBoot` is one enclave incarnation on that host (an in-process runner behind the real
+dispatcher, pinned to the keyvault's release key). It offers what an honest host does
+(attest, release keys, create, execute, advance, confirm, restore) as separate steps, so a test
+can do what a hostile host would instead: skip a step, repeat it, reorder it, or feed the
+enclave something it made up. Nothing here reaches into the enclave's memory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from veil.enclave.v1 import ecall_pb2, envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
+
+from enclave import commands, wire
+from enclave.dispatcher import Dispatcher
+from services.keyvault.config import DEFAULT_ISSUER
+from services.state.enclave_host import EnclaveHost
+from services.state.keys import release_policy
+from tests.attack.enclave_world import new_enclave
+from tests.attack.mesh import TIMEOUT, RunningKeyvault
+from tests.enclave.support import Client
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class EnclaveBoot:
+    """One enclave boot on the hostile host, attested and pinned to the real keyvault."""
+
+    def __init__(
+        self, keyvault: RunningKeyvault, pki_dir: Path, platform_secret: bytes | None = None
+    ) -> None:
+        self.keyvault, self.state = keyvault, keyvault.stub("state")
+        release_key = self.state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=TIMEOUT).release_public_key
+        self.host = EnclaveHost.from_dispatcher(Dispatcher(new_enclave(pki_dir, platform_secret)))
+        self.keys = self.host.initialize(keyvault_release_public_key=release_key).keys
+        self.released: dict[tuple[str, int], bytes] = {}
+
+    # -- attestation and keys -----------------------------------------------------------------
+    def token(self) -> str:
+        """Attest at the keyvault (a fresh nonce; the enclave quotes its own keys)."""
+        nonce = os.urandom(32)
+        quoted = self.host.get_quote(nonce)
+        request = keyvault_pb2.AttestRequest(
+            quote=quoted.quote, runtime_data=quoted.runtime_data, nonce=nonce
+        )
+        return self.state.Attest(request, timeout=TIMEOUT).token
+
+    def create_key(self, instance_id: str) -> None:
+        """The instance key with the state host's usual release policy (what a host may write)."""
+        policy = release_policy(DEFAULT_ISSUER, self.host.get_status().mrenclave, sim=True)
+        request = keyvault_pb2.CreateKeyRequest(
+            key_name=wire.instance_key_name(instance_id), release_policy_json=policy
+        )
+        self.state.CreateKey(request, timeout=TIMEOUT)
+
+    def provision(self, instance_id: str) -> None:
+        """Have the instance key released to this enclave (any admitted build may ask)."""
+        released = self.state.ReleaseKey(
+            keyvault_pb2.ReleaseKeyRequest(token=self.token(), key_name=wire.instance_key_name(instance_id)),
+            timeout=TIMEOUT,
+        )
+        wrapped = envelope_pb2.WrappedKey(
+            suite=envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM,
+            encapsulated_key=released.encapsulated_key,
+            ciphertext=released.wrapped_key,
+            signature=released.signature,
+        )
+        self.host.provision_key(instance_id, released.version, wrapped)
+
+    # -- freshness ------------------------------------------------------------------------------
+    def statement(self, instance_id: str) -> envelope_pb2.HeadStatement:
+        """The keyvault's statement for a challenge this enclave just issued."""
+        request = keyvault_pb2.GetCommitHeadRequest(
+            instance_id=instance_id,
+            enclave_signing_public_key=self.keys.signing_public_key,
+            challenge=self.host.issue_challenge(instance_id),
+        )
+        return self.state.GetCommitHead(request, timeout=TIMEOUT).statement
+
+    def stored_head(self, instance_id: str) -> keyvault_pb2.GetCommitHeadResponse:
+        request = keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id)
+        return self.state.GetCommitHead(request, timeout=TIMEOUT)
+
+    def advance(self, *links: envelope_pb2.CommitLink) -> envelope_pb2.HeadConfirmation:
+        request = keyvault_pb2.AdvanceCommitHeadRequest(
+            instance_id=links[0].instance_id, links=links, token=self.token()
+        )
+        return self.state.AdvanceCommitHead(request, timeout=TIMEOUT).confirmation
+
+    def confirm(self, confirmation: envelope_pb2.HeadConfirmation) -> None:
+        """Hand the enclave the keyvault's confirmation; keep the hold keys it releases."""
+        for hold in self.host.confirm_head(confirmation):
+            self.released[(confirmation.instance_id, hold.held_until)] = hold.key
+
+    # -- the honest steps, one by one ---------------------------------------------------------
+    def create(
+        self, instance_id: str, config: envelope_pb2.InstanceConfig, *, new_key: bool = True
+    ) -> ecall_pb2.CreateInstanceResponse:
+        """Key (unless it exists), statement, CreateInstance, then register and confirm it."""
+        if new_key:
+            self.create_key(instance_id)
+        self.provision(instance_id)
+        created = self.host.create_instance(instance_id, config, self.statement(instance_id), now_ms())
+        self.confirm(self.advance(created.link))
+        return created
+
+    def execute(
+        self, instance_id: str, *sealed: envelope_pb2.SealedCommand
+    ) -> ecall_pb2.ExecuteBatchResponse:
+        return self.host.execute_batch(instance_id, list(sealed), now_ms())
+
+    def open_held(self, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
+        """Unwrap a held answer in place with a key the enclave released (KeyError: none yet)."""
+        if held_until:
+            key = self.released[(instance_id, held_until)]
+            sealed = outcome.sealed_response
+            outcome.sealed_response = commands.open_held(key, sealed, instance_id, held_until)
+
+    def client(self, instance_id: str, **kwargs: object) -> Client:
+        return Client(self.keys, instance_id, **kwargs)  # type: ignore[arg-type]

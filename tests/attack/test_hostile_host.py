@@ -1,0 +1,552 @@
+"""The host as the adversary (issue 11): one test per break an outside review found, each driving
+the real enclave and the real keyvault (or the real SDK through a hostile gateway) the way a host
+that controls the state process, its database, the runner pipe and the gateway would.
+
+Each test performs the attack and checks both that it is refused and that the attacker learned
+nothing from trying: no data key, no vote, no second execution. docs/security.md names these
+tests row by row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.keyvault.v1 import keyvault_pb2
+
+from client.attestation import verify_bundle
+from client.errors import AttestationError, GatewayError, IdentityError, OutcomeUnknown, ResultLost
+from client.identity import SigningIdentity, new_identity
+from client.pins import InstancePins
+from client.sdk import VeilClient, connect
+from enclave import wire
+from enclave.errors import DecryptionError
+from services.common.errors import InvalidArgument, Unavailable, abort, error_info
+from services.keyvault.attestation.roots import load_root_pem
+from services.state.enclave_host import EnclaveCallError
+from tests.attack.hostile_host import EnclaveBoot, now_ms
+from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
+from tests.client.evil_gateway import EvilGateway, evil_gateway
+from tests.enclave.support import KEYVAULT_RELEASE_KEY, ballot, config, error_code, head_statement, token
+from tests.gateway.support import InProcessMesh, fake_mesh_policy, mesh_fixture, token_config
+
+
+@pytest.fixture(scope="module")
+def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    started = Lab(pki_dir, tmp_path_factory.mktemp("hostile-host"))
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def keyvault(lab: Lab) -> RunningKeyvault:
+    running = lab.get(KEYVAULT)
+    assert isinstance(running, RunningKeyvault)
+    return running
+
+
+def _refused_code(call: Any) -> tuple[int, str]:
+    with pytest.raises(EnclaveCallError) as refused:
+        call()
+    return refused.value.code, refused.value.message
+
+
+def _rpc_refusal(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    info = error_info(refused.value)
+    return refused.value.code(), info.reason if info else ""
+
+
+# --- break 1: the enclave quoted host-chosen report data ---------------------------------------
+
+
+def test_no_ecall_lets_the_host_choose_what_a_quote_covers(keyvault: RunningKeyvault, pki_dir: Path) -> None:
+    """The host builds keys of its own (with the real keyvault pin) and wants a genuine quote
+    over them, to get a token and instance keys for itself and to have clients seal to it."""
+    boot = EnclaveBoot(keyvault, pki_dir)
+    own_hpke = os.urandom(32)
+    forged = envelope_pb2.EnclavePublicKeys(
+        hpke_x25519_public_key=own_hpke,
+        hpke_mlkem768x25519_public_key=boot.keys.hpke_mlkem768x25519_public_key,
+        signing_public_key=ed25519.Ed25519PrivateKey.generate().public_key().public_bytes_raw(),
+        keyvault_release_public_key=boot.keys.keyvault_release_public_key,
+    ).SerializeToString(deterministic=True)
+    nonce = os.urandom(32)
+    # The old attack: ask for a quote over the forged keys' binding. GetQuote takes a nonce only.
+    for chosen in (wire.report_data(forged, nonce), wire.report_data(forged, nonce)[:33], b""):
+        code, message = _refused_code(lambda chosen=chosen: boot.host.get_quote(chosen))
+        assert (code, message) == (error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT, "nonce must be 32 bytes")
+    # Whatever nonce it passes (even one derived from its forged keys), the quote covers the
+    # enclave's own keys.
+    for chosen_nonce in (nonce, wire.report_data(forged, nonce)[:32]):
+        quoted = boot.host.get_quote(chosen_nonce)
+        assert quoted.runtime_data == boot.keys.SerializeToString(deterministic=True)
+        attest = keyvault_pb2.AttestRequest(quote=quoted.quote, runtime_data=forged, nonce=chosen_nonce)
+        status, _ = _rpc_refusal(lambda attest=attest: boot.state.Attest(attest, timeout=TIMEOUT))
+        assert status == grpc.StatusCode.PERMISSION_DENIED
+    # No request of the ECALL table has any other field that reaches a quote.
+    assert [f.name for f in ecall_pb2.GetQuoteRequest.DESCRIPTOR.fields] == ["nonce"]
+
+
+def test_a_client_refuses_a_bundle_that_names_keys_the_quote_does_not_cover(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    boot = EnclaveBoot(keyvault, pki_dir)
+    nonce = os.urandom(32)
+    quoted = boot.host.get_quote(nonce)
+    token_jwt = boot.state.Attest(
+        keyvault_pb2.AttestRequest(quote=quoted.quote, runtime_data=quoted.runtime_data, nonce=nonce),
+        timeout=TIMEOUT,
+    ).token
+    host_keys = envelope_pb2.EnclavePublicKeys()
+    host_keys.CopyFrom(boot.keys)
+    host_keys.hpke_x25519_public_key = os.urandom(32)
+    bundle = gateway_pb2.GetAttestationResponse(
+        quote=quoted.quote,
+        runtime_data=host_keys.SerializeToString(deterministic=True),
+        nonce=nonce,
+        attestation_token=token_jwt,
+        keys=host_keys,
+    )
+    bundle.jwks_json = boot.state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=TIMEOUT).jwks_json
+    with pytest.raises(AttestationError, match="report data"):
+        verify_bundle(bundle, fake_mesh_policy(), root_public_key=load_root_pem(pki_dir / "sgx-root.pem"))
+
+
+# --- break 2: rewinding an instance within one boot (and across boots) --------------------------
+
+
+def _ballot_world(keyvault: RunningKeyvault, pki_dir: Path) -> dict[str, Any]:
+    """A strict, registered ballot instance with three votes cast and confirmed."""
+    boot = EnclaveBoot(keyvault, pki_dir)
+    instance_id = f"vote-{os.urandom(4).hex()}"
+    people = {
+        name: ed25519.Ed25519PrivateKey.generate()
+        for name in ("clerk", "alice", "bob", "carol", "dave", "eve")
+    }
+    accounts = {name: key.public_key().public_bytes_raw().hex() for name, key in people.items()}
+    created = boot.create(
+        instance_id, config(envelope_pb2.APP_KIND_BALLOT, envelope_pb2.AUTH_SCHEME_SIGNATURE)
+    )
+    log = [created.entry]
+    clients = {name: boot.client(instance_id, signer=key) for name, key in people.items()}
+
+    def honest(*sealed: Any) -> None:
+        response = boot.execute(instance_id, *(s.command for s in sealed))
+        log.extend(response.entries)
+        boot.confirm(boot.advance(response.link))
+
+    create = apps_pb2.BallotCreate(
+        ballot_id="chair",
+        question="?",
+        options=["alice", "bob"],
+        eligible_voters=[accounts[n] for n in ("alice", "bob", "carol", "dave")],
+    )
+    honest(clients["clerk"].seal(ballot(create=create)))
+    for name in ("bob", "carol", "dave"):
+        vote = apps_pb2.BallotVote(ballot_id="chair", option=1, salt=os.urandom(16))
+        honest(clients[name].seal(ballot(vote=vote)))
+    return {"boot": boot, "instance": instance_id, "clients": clients, "log": log}
+
+
+def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault, pki_dir: Path) -> None:
+    """The rewind oracle: capture alice's vote and the clerk's close, run them, read the tally,
+    rewind, repeat. Within one boot a loaded instance is never restored again; across boots
+    the host only gets a tally by letting the keyvault confirm it, which makes it final."""
+    world = _ballot_world(keyvault, pki_dir)
+    boot, instance_id, clients, log = world["boot"], world["instance"], world["clients"], world["log"]
+    head_k = boot.stored_head(instance_id)
+    alice_vote = clients["alice"].seal(
+        ballot(vote=apps_pb2.BallotVote(ballot_id="chair", option=0, salt=os.urandom(16)))
+    )
+    close = clients["clerk"].seal(ballot(close=apps_pb2.BallotClose(ballot_id="chair")))
+    # Run them without letting the keyvault hear of it: every answer stays sealed under a key
+    # the enclave has not released, and so does a tally read by the host's own identity.
+    response = boot.execute(instance_id, alice_vote.command, close.command)
+    assert response.held_until == head_k.sequence + 2
+    eve_tally = clients["eve"].seal(ballot(tally=apps_pb2.BallotTally(ballot_id="chair")), counter=0)
+    query = boot.host.query(instance_id, eve_tally.command, now_ms())
+    assert query.held_until == response.held_until
+    for outcome in [*response.outcomes, query.outcome]:
+        with pytest.raises(DecryptionError):  # the host cannot open it as a client answer either
+            clients["eve"].read(eve_tally, outcome)
+        with pytest.raises(KeyError):
+            boot.open_held(instance_id, response.held_until, outcome)
+    # Rewind within this boot: refused, whatever statement it presents.
+    for entries in (log, log[:-1]):
+        code, message = _refused_code(
+            lambda entries=entries: boot.host.restore(
+                instance_id, entries, statement=boot.statement(instance_id), host_time_unix_ms=now_ms()
+            )
+        )
+        assert code == error_pb2.ECALL_ERROR_CODE_ALREADY_EXISTS, message
+    # Rewind across boots: possible only while the keyvault head is still K, i.e. while the tally
+    # was never released. To read it the host must advance, and then no boot restores K again.
+    boot.confirm(boot.advance(response.link))
+    boot.open_held(instance_id, query.held_until, query.outcome)
+    tally = clients["eve"].read(eve_tally, query.outcome).result.ballot.tally
+    assert list(tally.counts) == [1, 3]  # the one final history, as the honest clients see it
+    later = EnclaveBoot(keyvault, pki_dir)
+    later.provision(instance_id)
+    code, message = _refused_code(
+        lambda: later.host.restore(
+            instance_id, log, statement=later.statement(instance_id), host_time_unix_ms=now_ms()
+        )
+    )
+    assert code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION
+    assert "before the keyvault head" in message
+    assert not later.host.get_status().instances
+
+
+def test_captured_commands_do_not_open_in_another_boot(keyvault: RunningKeyvault, pki_dir: Path) -> None:
+    """The host restarts the enclave, restores the head K the keyvault still holds and replays
+    captured [alice's vote, close] in another order: commands are sealed to one boot's keys, so
+    the new boot cannot even open them (clients seal anew to it, after attesting it)."""
+    world = _ballot_world(keyvault, pki_dir)
+    boot, instance_id, clients, log = world["boot"], world["instance"], world["clients"], world["log"]
+    vote = clients["alice"].seal(
+        ballot(vote=apps_pb2.BallotVote(ballot_id="chair", option=0, salt=os.urandom(16)))
+    )
+    close = clients["clerk"].seal(ballot(close=apps_pb2.BallotClose(ballot_id="chair")))
+    assert boot.execute(instance_id, vote.command, close.command).held_until
+    second_boot = EnclaveBoot(keyvault, pki_dir)
+    second_boot.provision(instance_id)
+    restored = second_boot.host.restore(
+        instance_id, log, statement=second_boot.statement(instance_id), host_time_unix_ms=now_ms()
+    )
+    assert restored.head.sequence == len(log)
+    again = second_boot.execute(instance_id, close.command, vote.command)
+    assert not again.entries
+    assert [o.error.message for o in again.outcomes] == ["command could not be opened"] * 2
+
+
+def test_ballot_close_needs_the_anonymity_set(keyvault: RunningKeyvault, pki_dir: Path) -> None:
+    """A host that censors all but one vote cannot have the ballot closed on it."""
+    boot = EnclaveBoot(keyvault, pki_dir)
+    instance_id = f"vote-{os.urandom(4).hex()}"
+    boot.create(instance_id, config(envelope_pb2.APP_KIND_BALLOT, envelope_pb2.AUTH_SCHEME_SIGNATURE))
+    clerk = boot.client(instance_id, signer=ed25519.Ed25519PrivateKey.generate())
+    alice = boot.client(instance_id, signer=ed25519.Ed25519PrivateKey.generate())
+    for sealed in (
+        clerk.seal(ballot(create=apps_pb2.BallotCreate(ballot_id="p", question="?", options=["a", "b"]))),
+        alice.seal(ballot(vote=apps_pb2.BallotVote(ballot_id="p", option=0, salt=os.urandom(16)))),
+    ):
+        response = boot.execute(instance_id, sealed.command)
+        boot.confirm(boot.advance(response.link))
+    close = clerk.seal(ballot(close=apps_pb2.BallotClose(ballot_id="p")))
+    response = boot.execute(instance_id, close.command)
+    boot.confirm(boot.advance(response.link))
+    (outcome,) = response.outcomes
+    boot.open_held(instance_id, response.held_until, outcome)
+    result = clerk.read(close, outcome)
+    assert error_code(result) == "FAILED_PRECONDITION"
+    assert "at least 3 votes" in result.error.message
+
+
+# --- break 3: a fork taking over an instance -------------------------------------------------------
+
+
+def test_a_second_enclave_with_the_real_key_cannot_take_over_an_instance(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    honest = EnclaveBoot(keyvault, pki_dir)
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    genuine = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+    )
+    created = honest.create(instance_id, genuine)
+    mint = honest.client(instance_id, signer=issuer).seal(token(mint=apps_pb2.TokenMint(to="x", amount=5)))
+    response = honest.execute(instance_id, mint.command)
+    honest.confirm(honest.advance(response.link))
+    stored = honest.stored_head(instance_id)
+    assert stored.sequence == 2
+
+    # The host starts a second genuine enclave: the keyvault releases it the real key (its build
+    # is admitted), and the host wants "its" instance there, with itself as the token issuer.
+    host_issuer = ed25519.Ed25519PrivateKey.generate()
+    takeover = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=host_issuer.public_key().public_bytes_raw(),
+    )
+    rogue = EnclaveBoot(keyvault, pki_dir)
+    rogue.provision(instance_id)
+    code, message = _refused_code(
+        lambda: rogue.host.create_instance(instance_id, takeover, rogue.statement(instance_id), now_ms())
+    )
+    assert (code, message) == (
+        error_pb2.ECALL_ERROR_CODE_ALREADY_EXISTS,
+        "the keyvault holds this instance; restore it instead",
+    )
+    # A statement of "no such instance" the host signs itself, or one made for another
+    # challenge, or before it registered and kept for later: all refused.
+    forged = head_statement(
+        rogue.keys,
+        instance_id,
+        rogue.host.issue_challenge(instance_id),
+        signer=ed25519.Ed25519PrivateKey.generate(),
+    )
+    code, message = _refused_code(lambda: rogue.host.create_instance(instance_id, takeover, forged, now_ms()))
+    assert "not signed by the pinned keyvault" in message
+    assert not rogue.host.get_status().instances
+
+    # The race: a statement taken before the honest creation registered is still fresh enough
+    # to create a fork locally, but the fork can never move the keyvault head, however far it
+    # is padded, so none of its (held) answers is ever released.
+    raced_id = f"race-{os.urandom(4).hex()}"
+    honest.create_key(raced_id)
+    rogue.provision(raced_id)
+    early = rogue.statement(raced_id)  # "no such instance", for the rogue's challenge
+    honest.create(raced_id, genuine, new_key=False)  # registers the genuine genesis
+    fork = rogue.host.create_instance(raced_id, takeover, early, now_ms())
+    padding = rogue.client(raced_id, signer=host_issuer)
+    links = [fork.link]
+    for _ in range(4):
+        batch = rogue.execute(
+            raced_id, padding.seal(token(mint=apps_pb2.TokenMint(to="h", amount=1))).command
+        )
+        links.append(batch.link)
+    code_rpc, reason = _rpc_refusal(lambda: rogue.advance(*links))
+    assert (code_rpc, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_HEAD_FORK")
+    code_rpc, reason = _rpc_refusal(lambda: rogue.advance(*links[1:]))  # skipping the genesis link
+    assert code_rpc == grpc.StatusCode.FAILED_PRECONDITION
+    assert rogue.stored_head(raced_id).genesis_hash != fork.descriptor.genesis_hash
+    # The honest head is untouched and the honest log still restores elsewhere.
+    assert honest.stored_head(instance_id).sequence == stored.sequence
+    successor = EnclaveBoot(keyvault, pki_dir)
+    successor.provision(instance_id)
+    restored = successor.host.restore(
+        instance_id,
+        [created.entry, *response.entries],
+        statement=successor.statement(instance_id),
+        host_time_unix_ms=now_ms(),
+    )
+    assert restored.head.sequence == 2
+    assert envelope_pb2.InstanceConfig.FromString(restored.descriptor.config) == genuine
+
+
+# --- break 4: the SDK executing one command several times -----------------------------------------
+
+
+@pytest.fixture
+def mesh(pki_dir: Path, tmp_path: Path) -> Iterator[InProcessMesh]:
+    yield from mesh_fixture(pki_dir, tmp_path)
+
+
+@pytest.fixture
+def evil(mesh: InProcessMesh) -> Iterator[tuple[EvilGateway, str]]:
+    yield from evil_gateway(mesh)
+
+
+def _through(mesh: InProcessMesh, address: str, **kwargs: Any) -> VeilClient:
+    return connect(
+        address, policy=fake_mesh_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir, **kwargs
+    )
+
+
+def _coins(mesh: InProcessMesh) -> tuple[SigningIdentity, SigningIdentity]:
+    alice, bob = new_identity(mesh.data_dir, "alice"), new_identity(mesh.data_dir, "bob")
+    with mesh.connect() as admin:
+        admin.create_instance("coins", token_config(alice.public_key))
+        admin.token("coins", alice).mint(alice.account, 100)
+    return alice, bob
+
+
+def _balance(mesh: InProcessMesh, identity: SigningIdentity) -> int:
+    with mesh.connect() as client:
+        return client.token("coins", identity).balance()
+
+
+def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    """The host executes the transfer, drops the answer (UNAVAILABLE), then, on the SDK's retry,
+    submits the same sealed command again under another request id so the state replica's
+    deduplication does not catch it. The enclave refuses the replay and names the command
+    that used the counter: the SDK sees it is its own and never re-seals under the next one."""
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+    seen: list[int] = []
+
+    def lose_then_replay(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        seen.append(1)
+        if len(seen) == 1:
+            upstream.Execute(request, timeout=10)  # it runs...
+            abort(context, Unavailable("connection reset"))  # ...and the answer is "lost"
+        replayed = gateway_pb2.ExecuteRequest()
+        replayed.CopyFrom(request)
+        replayed.request_id = f"host-{len(seen)}-{request.request_id}"[:64]
+        return upstream.Execute(replayed, timeout=10)
+
+    servicer.intercept_execute = lose_then_replay
+    with _through(mesh, address) as client, pytest.raises(ResultLost):
+        client.token("coins", alice).transfer(bob.account, 10)
+    assert _balance(mesh, bob) == 10  # once, not twice or four times
+    assert _balance(mesh, alice) == 90
+
+
+def test_an_answer_lost_by_an_honest_mesh_is_fetched_again_not_rerun(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+    seen: list[int] = []
+
+    def lose_once(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        seen.append(1)
+        reply = upstream.Execute(request, timeout=10)
+        if len(seen) == 1:
+            abort(context, Unavailable("connection reset"))
+        return reply  # the retry (same request id) gets the replica's recorded answer
+
+    servicer.intercept_execute = lose_once
+    with _through(mesh, address) as client:
+        assert client.token("coins", alice).transfer(bob.account, 10) == 90
+    assert _balance(mesh, bob) == 10
+
+
+def test_a_forged_unopenable_answer_does_not_make_the_sdk_run_the_command_again(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    """The host runs the transfer, then claims the enclave "could not open" it (an answer the
+    gateway can forge). The SDK seals it again under the same counter only; the enclave says
+    the counter was used by its first sealing, and the recorded answer is fetched."""
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+    calls: list[int] = []
+
+    def forge_unopenable(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        calls.append(1)
+        reply = upstream.Execute(request, timeout=10)
+        if len(calls) == 1:
+            abort(context, InvalidArgument("command could not be opened", reason="COMMAND_UNOPENABLE"))
+        return reply
+
+    servicer.intercept_execute = forge_unopenable
+    with _through(mesh, address) as client:
+        assert client.token("coins", alice).transfer(bob.account, 10) == 90
+    assert _balance(mesh, bob) == 10
+
+
+def test_an_ambiguous_attempt_and_a_counter_moved_on_is_outcome_unknown_not_a_resend(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+
+    def blackhole(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        abort(context, Unavailable("gateway overloaded"))
+
+    servicer.intercept_execute = blackhole
+    pay = token(transfer=apps_pb2.TokenTransfer(to=bob.account, amount=10))
+    with _through(mesh, address, timeout=1.5) as client:
+        with pytest.raises(GatewayError):  # the answer never came: the outcome is unknown
+            client.execute("coins", pay, alice, request_id="pay-bob-once")
+        with mesh.connect() as other_device:  # the same account moves on elsewhere
+            other_device.token("coins", alice).transfer(bob.account, 1)
+            other_device.token("coins", alice).transfer(bob.account, 1)
+        servicer.intercept_execute = None
+        with pytest.raises(OutcomeUnknown):  # the retry of the same request cannot prove anything
+            client.execute("coins", pay, alice, request_id="pay-bob-once")
+    assert _balance(mesh, bob) == 2  # the blackholed transfer never ran, and was not re-sent
+
+
+# --- break 5: an unauthenticated instance configuration ------------------------------------------------
+
+
+def test_a_host_that_creates_another_configuration_is_caught_at_creation(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    servicer, address = evil
+    alice = new_identity(mesh.data_dir, "alice")
+
+    def downgrade(request: Any) -> None:
+        request.config.auth_scheme = envelope_pb2.AUTH_SCHEME_NONE  # the host's choice, not the admin's
+
+    servicer.on_create = downgrade
+    asked = config(envelope_pb2.APP_KIND_VAULT, envelope_pb2.AUTH_SCHEME_SIGNATURE)
+    with _through(mesh, address) as admin, pytest.raises(AttestationError, match="another configuration"):
+        admin.create_instance("records", asked)
+    # A signing identity never falls back to an anonymous claim of its account there.
+    with mesh.connect() as client, pytest.raises(IdentityError, match="authenticates nobody"):
+        client.vault("records", alice).put("r", b"secret")
+    assert mesh.states[0].calls["Execute"] == 0
+
+
+def test_the_client_seals_under_the_enclave_signed_configuration_not_the_gateways(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+
+    def claim_none(reply: Any) -> None:
+        reply.instance.config.auth_scheme = envelope_pb2.AUTH_SCHEME_NONE  # informational only now
+
+    servicer.on_attestation = claim_none
+    with _through(mesh, address) as client:
+        assert client.token("coins", alice).transfer(bob.account, 1) == 99  # a signature proof
+
+    def relabel(reply: Any) -> None:
+        reply.descriptor.config = token_config(bob.public_key).SerializeToString(deterministic=True)
+
+    servicer.on_attestation = relabel
+    with pytest.raises(AttestationError, match="not signed by the attested enclave"):
+        _through(mesh, address).attest("coins")
+
+
+def test_a_pinned_instance_created_again_is_refused(mesh: InProcessMesh) -> None:
+    _coins(mesh)
+    pins = InstancePins(mesh.data_dir / "instances.json")
+    pin = pins.get("coins")
+    assert pin is not None  # `create_instance` pinned it
+    pins._pins["coins"] = type(pin)(
+        genesis_hash=b"\x07" * 32, config_hash=pin.config_hash
+    )  # another creation
+    with mesh.connect(pins=pins) as client, pytest.raises(AttestationError, match="genesis differs"):
+        client.attest("coins")
+
+
+# --- strict acknowledgment: answers are released only by the keyvault's confirmation -------------
+
+
+def test_a_held_answer_opens_only_with_the_key_the_confirmation_releases(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    boot = EnclaveBoot(keyvault, pki_dir)
+    instance_id = f"notes-{os.urandom(4).hex()}"
+    boot.create(instance_id, config())
+    writer = boot.client(instance_id, account="alice")
+    put = writer.seal(
+        apps_pb2.AppCall(vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id="r", data=b"x")))
+    )
+    response = boot.execute(instance_id, put.command)
+    (outcome,) = response.outcomes
+    with pytest.raises(DecryptionError):
+        writer.read(put, outcome)
+    # A confirmation the host makes up (not the keyvault's release key) releases nothing.
+    fake = envelope_pb2.HeadConfirmation(instance_id=instance_id, head=response.link.head)
+    fake.signature = ed25519.Ed25519PrivateKey.generate().sign(
+        wire.head_confirmation_bytes(instance_id, response.link.head.sequence, response.link.head.hash)
+    )
+    code, _ = _refused_code(lambda: boot.host.confirm_head(fake))
+    assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED
+    # The test keyvault's key is not the pinned one either.
+    fake.signature = KEYVAULT_RELEASE_KEY.sign(
+        wire.head_confirmation_bytes(instance_id, response.link.head.sequence, response.link.head.hash)
+    )
+    code, _ = _refused_code(lambda: boot.host.confirm_head(fake))
+    assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED
+    boot.confirm(boot.advance(response.link))
+    boot.open_held(instance_id, response.held_until, outcome)
+    assert error_code(writer.read(put, outcome)) == "OK"
