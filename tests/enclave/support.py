@@ -335,21 +335,21 @@ class Harness:
 
     def run(self, instance_id: str, *sealed: Sealed) -> list[envelope_pb2.CommandOutcome]:
         """Execute a batch and record its entries (answers unwrapped once confirmed)."""
-        return self.execute(instance_id, [s.command for s in sealed])
+        return list(self.execute(instance_id, [s.command for s in sealed]).outcomes)
 
     def execute(
         self, instance_id: str, commands: list[envelope_pb2.SealedCommand], now_ms: int = NOW_MS
-    ) -> list[envelope_pb2.CommandOutcome]:
-        """`run` for sealed commands as they arrive from elsewhere (a gateway, an attacker)."""
+    ) -> ecall_pb2.ExecuteBatchResponse:
+        """`run` for sealed commands as they arrive from elsewhere (a gateway, an attacker): the
+        whole response, its outcomes unwrapped in place once the test keyvault confirmed."""
         response = self.host.execute_batch(instance_id, commands, now_ms)
         self.log[instance_id].extend(response.entries)
         if response.HasField("link"):
             self.advance(response.link)
-        outcomes = list(response.outcomes)
         if self.auto_confirm:
-            for outcome in outcomes:
+            for outcome in response.outcomes:
                 self.unwrap(instance_id, response.held_until, outcome)
-        return outcomes
+        return response
 
     def call(self, client: Client, call: apps_pb2.AppCall) -> command_pb2.CommandResult:
         """One command in its own batch; returns the opened result."""

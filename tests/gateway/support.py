@@ -214,7 +214,7 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             if done is not None:
                 return done
             try:
-                (outcome,) = self.harness.execute(request.instance_id, [request.command])
+                (outcome,) = self.harness.execute(request.instance_id, [request.command]).outcomes
             except EnclaveCallError as error:
                 abort(context, from_ecall(error.code, error.message, method="ExecuteBatch"))
                 raise AssertionError("unreachable") from None
