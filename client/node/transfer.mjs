@@ -1,78 +1,139 @@
 #!/usr/bin/env node
 // Transfer tokens through a Veil gateway from Node.js, verifying the enclave first.
-//
-//   node transfer.mjs --gateway 127.0.0.1:50050 --data-dir ../../.veil \
-//       --key ../../.veil/identities/alice.key --instance coins --to <account hex> --amount 5 \
-//       [--server-name localhost] [--counter N] [--policy FILE]
-//
-// Reads the CA (<data-dir>/pki/ca.pem), the pinned SGX root (<data-dir>/pki/sgx-root.pem when
-// the policy's root is "dev") and the expected measurement (<data-dir>/expected-measurement.json).
-// Prints one JSON object: what was verified, the result and the verified receipt. Exit 0 on a
-// committed transfer, 1 on any refusal (attestation, integrity, enclave) with the reason on stderr.
 
 import { readFileSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 
-import { CommandRefused, VeilNodeClient, loadIdentity } from "./veil-client.mjs";
+import {
+  CommandRefused,
+  FileCounters,
+  InstancePins,
+  IntegrityError,
+  OutcomeUnknown,
+  VeilNodeClient,
+  loadIdentity,
+  loadPolicy,
+  messages,
+} from "./veil-client.mjs";
 
-const { values } = parseArgs({
-  options: {
-    gateway: { type: "string", default: "127.0.0.1:50050" },
-    "data-dir": { type: "string", default: ".veil" },
-    policy: { type: "string" },
-    key: { type: "string" },
-    instance: { type: "string" },
-    to: { type: "string" },
-    amount: { type: "string" },
-    counter: { type: "string", default: "0" },
-    "server-name": { type: "string" },
-  },
-});
+const USAGE = `usage: node transfer.mjs --key FILE --instance ID --to ACCOUNT --amount N
+                        [--gateway HOST:PORT] [--data-dir DIR] [--policy FILE]
+                        [--server-name NAME] [--counters FILE]
 
-function fail(message) {
+Transfer N tokens from the key's account to ACCOUNT (hex) on a token instance, through a Veil
+gateway, after verifying the enclave: DCAP quote to the pinned SGX root (Intel's QE), report
+data binding its keys, the keyvault token (against the pinned JWKS), the expected measurement
+and keyvault, and the instance's enclave-signed descriptor. The command is sealed to the
+enclave and its answer and signed receipt are verified.
+
+  --gateway HOST:PORT   gateway address (default 127.0.0.1:50050, TLS without client certificate)
+  --data-dir DIR        Veil data directory (default .veil): pki/ca.pem, pki/sgx-root.pem for the
+                        "dev" root, expected-measurement.json, counters.json, instances.json
+  --policy FILE         expected-measurement policy (default DIR/expected-measurement.json); a
+                        policy restricting accepted_tcb_statuses must pin jwks
+  --key FILE            Ed25519 identity key (PKCS#8 PEM, mode 0600)
+  --instance ID         token instance
+  --to ACCOUNT          receiving account
+  --amount N            number of tokens
+  --server-name NAME    name expected in the gateway's certificate (e.g. localhost)
+  --counters FILE       the accounts' last accepted counters (default DIR/counters.json, shared
+                        with the Python SDK)
+  -h, --help            print this help
+
+Prints one JSON object: what was verified, the result and the verified receipt.
+Exit status: 0 committed (answer and receipt verified); 1 refused or failed, with the reason on
+stderr; 2 usage error; 3 the transfer ran but its answer was lost, or may have run (outcome
+unknown): do not send it again before checking the balance.
+`;
+
+function fail(message, status = 1) {
   process.stderr.write(`error: ${message}\n`);
-  process.exit(1);
+  if (status === 2) process.stderr.write(`${USAGE.split("\n\n")[0]}\n(--help for more)\n`);
+  process.exit(status);
 }
 
-for (const required of ["key", "instance", "to", "amount"]) {
-  if (!values[required]) fail(`--${required} is required`);
+let values;
+try {
+  ({ values } = parseArgs({
+    options: {
+      gateway: { type: "string", default: "127.0.0.1:50050" },
+      "data-dir": { type: "string", default: ".veil" },
+      policy: { type: "string" },
+      key: { type: "string" },
+      instance: { type: "string" },
+      to: { type: "string" },
+      amount: { type: "string" },
+      "server-name": { type: "string" },
+      counters: { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  }));
+} catch (error) {
+  fail(error.message, 2);
 }
+if (values.help) {
+  process.stdout.write(USAGE);
+  process.exit(0);
+}
+for (const required of ["key", "instance", "to", "amount"]) {
+  if (!values[required]) fail(`--${required} is required`, 2);
+}
+if (!/^[1-9][0-9]*$/.test(values.amount)) fail("--amount must be a positive integer", 2);
 
 const dataDir = values["data-dir"];
-const policy = JSON.parse(readFileSync(values.policy ?? path.join(dataDir, "expected-measurement.json"), "utf8"));
-if (policy.root !== "dev" && !String(policy.root).endsWith(".pem")) fail("this client pins a PEM root or the dev root");
-const rootPem = readFileSync(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root);
-const ca = readFileSync(path.join(dataDir, "pki", "ca.pem"));
-const identity = loadIdentity(values.key);
-
-const client = new VeilNodeClient(values.gateway, ca, { serverName: values["server-name"] });
+let client;
+let status = 1;
 try {
-  const attestation = await client.attest(values.instance, policy, rootPem);
-  const call = { token: { transfer: { to: values.to, amount: values.amount } } };
-  // The counter is the account's last accepted one + 1; resynchronise from an ABORTED refusal.
-  let counter = Number(values.counter) || 1;
-  let outcome;
-  for (let attempt = 0; attempt < 4; attempt += 1) {
-    outcome = await client.execute(attestation, values.instance, call, identity, counter);
-    const error = outcome.result.error;
-    const wanted = error?.code === "ECALL_ERROR_CODE_ABORTED" && /counter must be (\d+)/.exec(error.message ?? "");
-    if (!wanted) break;
-    counter = Number(wanted[1]);
+  const policy = loadPolicy(values.policy ?? path.join(dataDir, "expected-measurement.json"));
+  if (policy.root !== "dev" && !policy.root.endsWith(".pem")) fail("this client pins a PEM root or the dev root");
+  const rootPem = readFileSync(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root);
+  const ca = readFileSync(path.join(dataDir, "pki", "ca.pem"));
+  const identity = loadIdentity(values.key);
+  client = new VeilNodeClient(values.gateway, ca, {
+    serverName: values["server-name"],
+    policy,
+    rootPem,
+    counters: new FileCounters(values.counters ?? path.join(dataDir, "counters.json")),
+    pins: new InstancePins(path.join(dataDir, "instances.json")),
+  });
+  const attestation = await client.attest(values.instance);
+  const opened = await client.execute(values.instance, { token: { transfer: { to: values.to, amount: values.amount } } }, identity);
+  if (opened.resultLost) {
+    status = 3;
+    throw new Error(`the transfer ran (log sequence ${opened.sequence}, the enclave says so) but its answer was lost; do not send it again`);
   }
-  if (outcome.result.error) throw new CommandRefused(outcome.result.error.code, outcome.result.error.message);
+  const { error, result } = opened.result;
+  if (error) throw new CommandRefused(error.code, error.message ?? "");
+  const balance = result?.token?.transfer?.amount;
+  if (balance === undefined) throw new IntegrityError("the enclave answered a token.transfer call with another result");
+  const descriptor = attestation.descriptor;
   process.stdout.write(
     `${JSON.stringify({
-      verified: { mrenclave: attestation.mrenclave, tcb_status: attestation.tcbStatus, token_expires: attestation.expires },
+      verified: {
+        mrenclave: attestation.mrenclave,
+        tcb_status: attestation.tcbStatus,
+        token_expires: attestation.expires,
+        jwks_pinned: attestation.jwksPinned,
+        instance: {
+          instance_id: descriptor.instanceId,
+          config_hash: descriptor.configHash.toString("hex"),
+          genesis_hash: descriptor.genesisHash.toString("hex"),
+          auth_scheme: messages.AuthScheme.valuesById[descriptor.config.authScheme],
+        },
+      },
       account: identity.account,
-      counter,
-      balance: outcome.result.result.token.transfer.amount,
-      receipt: outcome.receipt,
+      counter: opened.counter,
+      balance,
+      receipt: opened.receipt,
     })}\n`,
   );
+  status = 0;
 } catch (error) {
   if (process.env.VEIL_DEBUG) console.error(error); // the stack, for debugging
-  fail(error.message ?? String(error));
+  if (error instanceof OutcomeUnknown) status = 3;
+  process.stderr.write(`error: ${error?.message ?? String(error)}\n`);
 } finally {
-  client.close();
+  client?.close();
 }
+process.exit(status);

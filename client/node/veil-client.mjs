@@ -1,24 +1,51 @@
 // A small Veil client for Node.js: the any-language proof of the public API.
 //
-// It speaks the gateway's gRPC API (@grpc/grpc-js + @grpc/proto-loader over ../../protos) and
-// re-implements, from the documented byte formats in enclave/wire.py, what a client must do:
+// It speaks the gateway's gRPC API (@grpc/grpc-js + @grpc/proto-loader, and protobufjs for the
+// enclave's messages, both loading the .proto files of ../../protos at run time) and
+// re-implements, byte for byte, what the Python SDK does (enclave/wire.py is the reference for
+// every byte string; client/attestation.py, client/sdk.py and client/sealing.py for the rules):
 //
-//   1. verify the enclave before sending anything:
+//   1. the policy (expected-measurement.json): a policy that restricts accepted_tcb_statuses
+//      (anything but ["*"], including the default UpToDate + SWHardeningNeeded) must pin `jwks`,
+//      since only the keyvault's token states the TCB status and a JWKS the gateway supplies
+//      proves nothing; such a policy is refused before anything is fetched;
+//   2. verify the enclave before sending anything:
 //      - the DCAP v3 quote: PCK chain to the pinned SGX root, QE report signed by the PCK key,
-//        QE report data binding the attestation key, ISV signature over header || body;
-//      - report data = SHA-256(runtime_data || nonce) || 32 zero bytes;
-//      - the keyvault's ES256 attestation token (jose) against the JWKS, its lifetime, and its
-//        MAA-style claims against the quote, the bundle and the expected-measurement policy;
-//      - the bundle's keys = the decoded runtime data, and the keyvault release key it binds is
-//        the pinned one (policy.keyvault_release_key);
-//   2. seal a command (HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM,
-//      info "veil/command/v1", aad = instance id) with an Ed25519 signature proof;
-//   3. open the AES-256-GCM response and verify the enclave's Ed25519 receipt.
+//        QE report data = SHA-256(attestation key || QE auth data) || 32 zero bytes, the QE is
+//        Intel's (MRSIGNER, ISVPRODID 1, not debug: checked on every quote), ISV signature over
+//        header || body by the attestation key;
+//      - all 64 bytes of report data = SHA-256("veil/report-data/v1" || bytes32(runtime_data)
+//        || bytes16(nonce)) || 32 zero bytes, with a 32-byte nonce;
+//      - the keyvault's ES256 attestation token (jose) against the pinned JWKS (or, only for a
+//        policy accepting every TCB status, the bundle's), its lifetime, and its MAA-style
+//        claims against the quote, the bundle and the policy;
+//      - the bundle's keys = the decoded runtime data, whose keyvault release key is the pinned one;
+//      - the instance descriptor: names the instance, Ed25519-signed by the attested signing key
+//        over "veil/instance/v1" || str16(id) || SHA-256(config) || genesis_hash; its config is
+//        what the client seals under (auth scheme included), never the gateway's `instance`;
+//   3. seal a command (HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM,
+//      info "veil/command/v1", aad = instance id) with an Ed25519 signature proof, and never
+//      send an Ed25519 identity's command to an instance that authenticates nobody;
+//   4. open the AES-256-GCM response and verify the enclave's receipt whenever there is one,
+//      whatever the host's unauthenticated `accepted` flag says;
+//   5. counters: the enclave's typed CounterState decides whether a call ran; after an
+//      ambiguous attempt the call is only ever sealed again under the same counter.
 //
-// Any verification failure throws an AttestationError / IntegrityError and nothing is sent.
+// Failures throw PolicyError / AttestationError (nothing sent), IntegrityError,
+// CommandRefused, OutcomeUnknown, ResultLost or GatewayError.
 
-import { createHash, createPrivateKey, createPublicKey, randomBytes, sign, verify, X509Certificate, createDecipheriv } from "node:crypto";
-import { readFileSync } from "node:fs";
+import {
+  createDecipheriv,
+  createHash,
+  createPrivateKey,
+  createPublicKey,
+  randomBytes,
+  sign,
+  timingSafeEqual,
+  verify,
+  X509Certificate,
+} from "node:crypto";
+import { readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -26,28 +53,79 @@ import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 import { Aes128Gcm, CipherSuite, HkdfSha256 } from "@hpke/core";
 import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
-import { createLocalJWKSet, jwtVerify } from "jose";
+import { decodeProtectedHeader, importJWK, jwtVerify } from "jose";
 import protobuf from "protobufjs";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const PROTO_ROOT = path.resolve(HERE, "../../protos");
 
-export class AttestationError extends Error {
+// --- errors ---------------------------------------------------------------------------------
+
+export class VeilError extends Error {
+  get name() {
+    return this.constructor.name;
+  }
+}
+
+// The policy file itself is malformed or unsafe; nothing was fetched.
+export class PolicyError extends VeilError {
+  constructor(reason) {
+    super(`policy refused: ${reason}`);
+    this.reason = reason;
+  }
+}
+
+// The attestation bundle did not verify; nothing was sent.
+export class AttestationError extends VeilError {
   constructor(reason) {
     super(`attestation refused: ${reason}`);
     this.reason = reason;
   }
 }
 
-export class IntegrityError extends Error {}
+// An identity cannot (or must not) prove itself to this instance; nothing was sent.
+export class IdentityError extends VeilError {}
 
-export class CommandRefused extends Error {
-  constructor(code, message) {
+// An answer or receipt does not authenticate: the host or the gateway tampered.
+export class IntegrityError extends VeilError {}
+
+// The enclave refused the command; `code` is the EcallErrorCode name.
+export class CommandRefused extends VeilError {
+  constructor(code, message, receipt = null) {
     super(`${code}: ${message}`);
     this.code = code;
     this.reason = message;
+    this.receipt = receipt;
   }
 }
+
+// A command may or may not have run, and the client cannot prove which: it stopped.
+export class OutcomeUnknown extends VeilError {}
+
+// The command ran, exactly once (the enclave says so), but its answer was lost.
+export class ResultLost extends VeilError {
+  constructor(instanceId, sequence) {
+    super(`${instanceId}: the command ran (log sequence ${sequence}) but its answer was lost; it must not be sent again`);
+    this.instanceId = instanceId;
+    this.sequence = sequence;
+  }
+}
+
+// The gateway (or the mesh behind it) failed the call; `reason` is its ErrorInfo reason.
+export class GatewayError extends VeilError {
+  constructor(error) {
+    const codeName = STATUS_NAMES[error.code] ?? String(error.code);
+    const info = statusDetails(error);
+    super(`${codeName}: ${error.details ?? ""}` + (info.reason ? ` (${info.reason})` : ""));
+    this.code = error.code;
+    this.codeName = codeName;
+    this.reason = info.reason;
+    this.retryDelayMs = info.retryDelayMs;
+    this.details = error.details ?? "";
+  }
+}
+
+const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
 
 // --- protos ---------------------------------------------------------------------------------
 
@@ -62,11 +140,69 @@ function loadMessages() {
     CommandResponse: type("CommandResponse"),
     CommandResult: type("CommandResult"),
     EnclavePublicKeys: type("EnclavePublicKeys"),
+    InstanceConfig: type("InstanceConfig"),
+    AuthScheme: root.lookupEnum("veil.enclave.v1.AuthScheme"),
+    ReceiptKind: root.lookupEnum("veil.enclave.v1.ReceiptKind"),
     EcallErrorCode: root.lookupEnum("veil.enclave.v1.EcallErrorCode"),
   };
 }
 
 export const messages = loadMessages();
+
+// google.rpc.Status in the `grpc-status-details-bin` trailer: ErrorInfo (reason) and RetryInfo.
+const rpc = protobuf.Root.fromJSON({
+  nested: {
+    google: {
+      nested: {
+        protobuf: {
+          nested: {
+            Any: { fields: { typeUrl: { type: "string", id: 1 }, value: { type: "bytes", id: 2 } } },
+            Duration: { fields: { seconds: { type: "int64", id: 1 }, nanos: { type: "int32", id: 2 } } },
+          },
+        },
+        rpc: {
+          nested: {
+            Status: {
+              fields: {
+                code: { type: "int32", id: 1 },
+                message: { type: "string", id: 2 },
+                details: { rule: "repeated", type: "google.protobuf.Any", id: 3 },
+              },
+            },
+            ErrorInfo: {
+              fields: {
+                reason: { type: "string", id: 1 },
+                domain: { type: "string", id: 2 },
+                metadata: { keyType: "string", type: "string", id: 3 },
+              },
+            },
+            RetryInfo: { fields: { retryDelay: { type: "google.protobuf.Duration", id: 1 } } },
+          },
+        },
+      },
+    },
+  },
+});
+
+function statusDetails(error) {
+  const found = { reason: "", retryDelayMs: null };
+  const raw = error?.metadata?.get?.("grpc-status-details-bin")?.[0];
+  if (!raw) return found;
+  try {
+    const status = rpc.lookupType("google.rpc.Status").decode(Buffer.from(raw));
+    for (const detail of status.details) {
+      if (detail.typeUrl.endsWith("/google.rpc.ErrorInfo")) {
+        found.reason = rpc.lookupType("google.rpc.ErrorInfo").decode(detail.value).reason;
+      } else if (detail.typeUrl.endsWith("/google.rpc.RetryInfo")) {
+        const delay = rpc.lookupType("google.rpc.RetryInfo").decode(detail.value).retryDelay;
+        if (delay) found.retryDelayMs = Number(delay.seconds) * 1000 + delay.nanos / 1e6;
+      }
+    }
+  } catch {
+    // Unparseable details carry no reason: the error is still reported by its status.
+  }
+  return found;
+}
 
 function gatewayService() {
   const definition = protoLoader.loadSync("veil/gateway/v1/gateway.proto", {
@@ -84,8 +220,9 @@ function gatewayService() {
 // --- canonical bytes (enclave/wire.py) ----------------------------------------------------------
 
 const u = (value, size) => {
-  const out = Buffer.alloc(size);
   let v = BigInt(value);
+  if (v < 0n || v >= 1n << BigInt(8 * size)) throw new RangeError(`${value} does not fit in ${size} bytes`);
+  const out = Buffer.alloc(size);
   for (let i = size - 1; i >= 0; i -= 1) {
     out[i] = Number(v & 0xffn);
     v >>= 8n;
@@ -95,8 +232,26 @@ const u = (value, size) => {
 const prefixed = (data, size) => Buffer.concat([u(data.length, size), Buffer.from(data)]);
 const str16 = (text) => prefixed(Buffer.from(text, "utf8"), 2);
 const sha256 = (...parts) => createHash("sha256").update(Buffer.concat(parts.map((p) => Buffer.from(p)))).digest();
+const hash32 = (value, what) => {
+  const bytes = Buffer.from(value ?? []);
+  if (bytes.length !== 32) throw new RangeError(`${what} must be 32 bytes`);
+  return bytes;
+};
+const same = (a, b) => {
+  const x = Buffer.from(a ?? []);
+  const y = Buffer.from(b ?? []);
+  return x.length === y.length && timingSafeEqual(x, y);
+};
 
 export const COMMAND_INFO = Buffer.from("veil/command/v1");
+export const REPORT_NONCE_SIZE = 32;
+
+// wire.report_data: the quote's 64 bytes of report data over the enclave's keys and the nonce.
+export function reportData(runtimeData, nonce) {
+  if (Buffer.from(nonce ?? []).length !== REPORT_NONCE_SIZE) throw new RangeError(`nonce must be ${REPORT_NONCE_SIZE} bytes`);
+  const digest = sha256(Buffer.from("veil/report-data/v1"), prefixed(Buffer.from(runtimeData ?? []), 4), prefixed(Buffer.from(nonce), 2));
+  return Buffer.concat([digest, Buffer.alloc(32)]);
+}
 
 export function commandSigningBytes({ instanceId, counter, requestId, responseKey, call }) {
   return Buffer.concat([
@@ -115,8 +270,17 @@ export function receiptSigningBytes({ kind, instanceId, sequence, commandHash, r
     u(kind, 1),
     str16(instanceId),
     u(sequence, 8),
-    Buffer.from(commandHash),
-    Buffer.from(resultHash),
+    hash32(commandHash, "command hash"),
+    hash32(resultHash, "result hash"),
+  ]);
+}
+
+export function instanceDescriptorBytes(instanceId, configHash, genesisHash) {
+  return Buffer.concat([
+    Buffer.from("veil/instance/v1"),
+    str16(instanceId),
+    hash32(configHash, "config hash"),
+    hash32(genesisHash, "genesis hash"),
   ]);
 }
 
@@ -124,13 +288,151 @@ export function responseAad(instanceId, requestId) {
   return Buffer.concat([Buffer.from("veil/response/v1"), str16(instanceId), str16(requestId)]);
 }
 
+// wire.command_hash: names a sealed command in receipts and in the enclave's counter state.
+export function commandHash(encapsulatedKey, ciphertext) {
+  return sha256(encapsulatedKey, ciphertext);
+}
+
+export function verifyEd25519(publicKey, signature, message) {
+  try {
+    const raw = Buffer.from(publicKey ?? []);
+    if (raw.length !== 32) return false;
+    const key = createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: raw.toString("base64url") }, format: "jwk" });
+    return verify(null, message, key, Buffer.from(signature ?? []));
+  } catch {
+    return false;
+  }
+}
+
+// --- policy (client/policy.py) ------------------------------------------------------------------
+
+export const ANY_TCB_STATUS = "*";
+export const DEFAULT_TCB_STATUSES = Object.freeze(["UpToDate", "SWHardeningNeeded"]);
+// Every status a token can state (Intel's, and Unevaluated from a keyvault without collateral).
+export const ALL_TCB_STATUSES = Object.freeze([
+  "ConfigurationAndSWHardeningNeeded",
+  "ConfigurationNeeded",
+  "OutOfDate",
+  "OutOfDateConfigurationNeeded",
+  "Revoked",
+  "SWHardeningNeeded",
+  "Unevaluated",
+  "UpToDate",
+]);
+const POLICY_KEYS = new Set([
+  "mrenclave",
+  "mrsigner",
+  "product_id",
+  "min_svn",
+  "allow_debug",
+  "accepted_tcb_statuses",
+  "root",
+  "issuer",
+  "jwks",
+  "keyvault_release_key",
+]);
+
+function hex32(value, what) {
+  if (typeof value !== "string" || !/^[0-9a-fA-F]{64}$/.test(value)) throw new PolicyError(`${what} must be 32 bytes of hex (64 digits)`);
+  return value.toLowerCase();
+}
+
+function optionalInt(document, name) {
+  const value = document[name];
+  if (value === undefined || value === null) return null;
+  if (!Number.isSafeInteger(value) || value < 0) throw new PolicyError(`${name} must be a non-negative integer`);
+  return value;
+}
+
+// A checked, normalised expected-measurement policy (see client/policy.py for the file format).
+export class Policy {
+  constructor(document) {
+    if (document === null || typeof document !== "object" || Array.isArray(document)) throw new PolicyError("the policy must be a JSON object");
+    const unknown = Object.keys(document).filter((key) => !POLICY_KEYS.has(key));
+    if (unknown.length) throw new PolicyError(`unknown policy keys: ${unknown.sort().join(", ")}`);
+    let mrenclave = document.mrenclave ?? [];
+    if (typeof mrenclave === "string") mrenclave = [mrenclave];
+    if (!Array.isArray(mrenclave)) throw new PolicyError("mrenclave must be a hex string or a list of them");
+    this.mrenclaves = Object.freeze(mrenclave.map((m) => hex32(m, "mrenclave")));
+    this.mrsigner = document.mrsigner == null ? null : hex32(document.mrsigner, "mrsigner");
+    if (!this.mrenclaves.length && this.mrsigner === null) throw new PolicyError("a policy must pin at least one MRENCLAVE or an MRSIGNER");
+    this.productId = optionalInt(document, "product_id");
+    this.minSvn = optionalInt(document, "min_svn");
+    const allowDebug = document.allow_debug ?? false;
+    if (typeof allowDebug !== "boolean") throw new PolicyError("allow_debug must be true or false");
+    this.allowDebug = allowDebug;
+    this.root = String(document.root ?? "intel");
+    if (document.issuer != null && typeof document.issuer !== "string") throw new PolicyError("issuer must be a string");
+    this.issuer = document.issuer ?? null;
+    this.keyvaultReleaseKey = document.keyvault_release_key == null ? null : Buffer.from(hex32(document.keyvault_release_key, "keyvault_release_key"), "hex");
+
+    const statuses = document.accepted_tcb_statuses ?? [...DEFAULT_TCB_STATUSES];
+    if (!Array.isArray(statuses) || !statuses.every((s) => typeof s === "string")) throw new PolicyError("accepted_tcb_statuses must be a list of strings");
+    if (!statuses.length) throw new PolicyError("accepted_tcb_statuses must not be empty");
+    let expanded = statuses;
+    if (statuses.includes(ANY_TCB_STATUS)) {
+      if (statuses.length !== 1) throw new PolicyError(`"${ANY_TCB_STATUS}" accepts every TCB status and must stand alone`);
+      expanded = [...ALL_TCB_STATUSES];
+    }
+    const unknownStatuses = expanded.filter((s) => !ALL_TCB_STATUSES.includes(s));
+    if (unknownStatuses.length) throw new PolicyError(`unknown TCB status(es) ${unknownStatuses.join(", ")}; known: ${ALL_TCB_STATUSES.join(", ")}`);
+    this.acceptedTcbStatuses = Object.freeze([...new Set(expanded)]);
+    this.acceptsEveryTcbStatus = ALL_TCB_STATUSES.every((s) => this.acceptedTcbStatuses.includes(s));
+
+    const jwks = document.jwks ?? null;
+    if (jwks !== null) {
+      const keys = typeof jwks === "object" && !Array.isArray(jwks) ? jwks.keys : undefined;
+      if (!Array.isArray(keys) || !keys.length || !keys.every((k) => k !== null && typeof k === "object" && !Array.isArray(k))) {
+        throw new PolicyError('jwks must be a JWKS object with a non-empty "keys" list of JWKs');
+      }
+    } else if (!this.acceptsEveryTcbStatus) {
+      throw new PolicyError(
+        "a policy that restricts accepted_tcb_statuses must pin jwks: the token's TCB status is only as " +
+          "trustworthy as the key that signed it, and without a pinned JWKS that key comes from the gateway " +
+          `with the bundle (pin the keyvault's JWKS, or accept every status with ["${ANY_TCB_STATUS}"])`,
+      );
+    }
+    this.jwks = jwks;
+    Object.freeze(this);
+  }
+
+  static from(policy) {
+    return policy instanceof Policy ? policy : new Policy(policy);
+  }
+}
+
+export function loadPolicy(file) {
+  let text;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (error) {
+    throw new PolicyError(`cannot read ${file}: ${error.code ?? error.message}`);
+  }
+  let document;
+  try {
+    document = JSON.parse(text);
+  } catch (error) {
+    throw new PolicyError(`${file} is not valid JSON: ${error.message}`);
+  }
+  return new Policy(document);
+}
+
 // --- DCAP v3 quote ----------------------------------------------------------------------------
 
 const HEADER = 48;
 const BODY = 384;
+const DEBUG_ATTRIBUTE = 0x02;
+const INTEL_QE_VENDOR_ID = Buffer.from("939a7233f79c4ca9940a0db3957f0607", "hex");
+// Intel's Quoting Enclave (QE3) as Intel's QE identity names it (services/keyvault/attestation/verifier.py).
+export const INTEL_QE_MRSIGNER = Buffer.from("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff", "hex");
+export const INTEL_QE_ISV_PROD_ID = 1;
 
 function p1363Verify(publicKey, data, signature) {
-  return verify("sha256", data, { key: publicKey, dsaEncoding: "ieee-p1363" }, signature);
+  try {
+    return verify("sha256", data, { key: publicKey, dsaEncoding: "ieee-p1363" }, signature);
+  } catch {
+    return false;
+  }
 }
 
 function rawP256Key(raw) {
@@ -140,10 +442,29 @@ function rawP256Key(raw) {
   });
 }
 
+// An SGX report body (sgx_report_body_t offsets).
+export function parseReportBody(raw) {
+  const body = Buffer.from(raw);
+  if (body.length !== BODY) throw new AttestationError("quote: a report body is 384 bytes");
+  return {
+    raw: body,
+    attributes: body.subarray(48, 64),
+    mrenclave: body.subarray(64, 96),
+    mrsigner: body.subarray(128, 160),
+    isvProdId: body.readUInt16LE(256),
+    isvSvn: body.readUInt16LE(258),
+    reportData: body.subarray(320, 384),
+    debug: (body[48] & DEBUG_ATTRIBUTE) !== 0,
+  };
+}
+
 export function parseQuote(quote) {
-  const q = Buffer.from(quote);
-  if (q.length < HEADER + BODY + 4 || q.readUInt16LE(0) !== 3) throw new AttestationError("quote: not a DCAP v3 quote");
-  const body = q.subarray(HEADER, HEADER + BODY);
+  const q = Buffer.from(quote ?? []);
+  if (q.length < HEADER + BODY + 4) throw new AttestationError("quote: not a DCAP v3 quote (truncated)");
+  if (q.readUInt16LE(0) !== 3) throw new AttestationError(`quote: unsupported version ${q.readUInt16LE(0)} (only 3)`);
+  if (q.readUInt16LE(2) !== 2) throw new AttestationError("quote: unsupported attestation key type (only 2, ECDSA-P256)");
+  if (q.readUInt32LE(4) !== 0) throw new AttestationError("quote: unsupported TEE type (only SGX)");
+  if (!q.subarray(12, 28).equals(INTEL_QE_VENDOR_ID)) throw new AttestationError("quote: unknown QE vendor id");
   const sigLength = q.readUInt32LE(HEADER + BODY);
   const sig = q.subarray(HEADER + BODY + 4);
   if (sig.length !== sigLength) throw new AttestationError("quote: signature data length mismatch");
@@ -156,20 +477,16 @@ export function parseQuote(quote) {
   };
   const isvSignature = take(64);
   const attestationKey = take(64);
-  const qeReport = take(BODY);
+  const qeReport = parseReportBody(take(BODY));
   const qeReportSignature = take(64);
   const qeAuthData = take(take(2).readUInt16LE(0));
   const certType = take(2).readUInt16LE(0);
   const certData = take(take(4).readUInt32LE(0));
-  if (offset !== sig.length || certType !== 5) throw new AttestationError("quote: unexpected certification data");
+  if (certType !== 5) throw new AttestationError(`quote: unsupported certification data type ${certType} (only 5, PEM PCK chain)`);
+  if (offset !== sig.length) throw new AttestationError("quote: trailing bytes after the certification data");
   return {
     signed: q.subarray(0, HEADER + BODY),
-    attributes: body.subarray(48, 64),
-    mrenclave: body.subarray(64, 96),
-    mrsigner: body.subarray(128, 160),
-    isvProdId: body.readUInt16LE(256),
-    isvSvn: body.readUInt16LE(258),
-    reportData: body.subarray(320, 384),
+    ...parseReportBody(q.subarray(HEADER, HEADER + BODY)),
     isvSignature,
     attestationKey,
     qeReport,
@@ -179,57 +496,206 @@ export function parseQuote(quote) {
   };
 }
 
+// The baseline of Intel's QE identity, held on every quote (no collateral needed): the PCK key
+// signs the report of any enclave the platform lets request provisioning, so only this says the
+// attestation key is Intel's Quoting Enclave's.
+export function checkIntelQe(qeReport) {
+  if (!Buffer.from(qeReport.mrsigner).equals(INTEL_QE_MRSIGNER)) {
+    throw new AttestationError(
+      `quote: QE report is not Intel's Quoting Enclave: MRSIGNER ${Buffer.from(qeReport.mrsigner).toString("hex")} is not Intel's ${INTEL_QE_MRSIGNER.toString("hex")}`,
+    );
+  }
+  if (qeReport.isvProdId !== INTEL_QE_ISV_PROD_ID) {
+    throw new AttestationError(`quote: QE report is not Intel's Quoting Enclave: ISVPRODID ${qeReport.isvProdId} is not ${INTEL_QE_ISV_PROD_ID} (QE3)`);
+  }
+  // A debug QE's memory, and so its attestation key, is readable by the host.
+  if (qeReport.debug) throw new AttestationError("quote: QE report is from a debug Quoting Enclave (DEBUG attribute set)");
+}
+
 function pemCertificates(pem) {
   return (pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) || []).map((c) => new X509Certificate(c));
 }
 
 export function verifyQuote(quoteBytes, rootPem, now = new Date()) {
   const quote = parseQuote(quoteBytes);
-  const chain = pemCertificates(quote.pckChain);
+  let chain;
+  try {
+    chain = pemCertificates(quote.pckChain);
+  } catch {
+    throw new AttestationError("quote: the PCK chain does not parse");
+  }
   if (chain.length !== 3) throw new AttestationError("quote: the PCK chain must be leaf, CA and root");
   const [leaf, ca, root] = chain;
-  const pinned = createPublicKey(new X509Certificate(rootPem).publicKey.export({ format: "pem", type: "spki" }));
-  const samePinned = root.publicKey.export({ format: "der", type: "spki" }).equals(pinned.export({ format: "der", type: "spki" }));
-  if (!samePinned) throw new AttestationError("quote: the PCK chain does not end at the pinned root");
-  for (const [child, parent] of [[leaf, ca], [ca, root], [root, root]]) {
+  const spki = (key) => key.export({ format: "der", type: "spki" });
+  if (!spki(root.publicKey).equals(spki(new X509Certificate(rootPem).publicKey))) {
+    throw new AttestationError("quote: the PCK chain does not end at the pinned root");
+  }
+  for (const [child, parent] of [
+    [leaf, ca],
+    [ca, root],
+    [root, root],
+  ]) {
     if (!child.checkIssued(parent) || !child.verify(parent.publicKey)) throw new AttestationError("quote: PCK chain signature invalid");
     if (now < new Date(child.validFrom) || now > new Date(child.validTo)) throw new AttestationError("quote: PCK certificate not valid now");
   }
-  if (!p1363Verify(leaf.publicKey, quote.qeReport, quote.qeReportSignature)) throw new AttestationError("quote: QE report signature invalid");
-  const binding = sha256(quote.attestationKey, quote.qeAuthData);
-  if (!quote.qeReport.subarray(320, 352).equals(binding)) throw new AttestationError("quote: QE report does not bind the attestation key");
-  if (!p1363Verify(rawP256Key(quote.attestationKey), quote.signed, quote.isvSignature)) throw new AttestationError("quote: ISV signature invalid");
+  if (!p1363Verify(leaf.publicKey, quote.qeReport.raw, quote.qeReportSignature)) throw new AttestationError("quote: QE report signature invalid");
+  // The QE vouches for the attestation key by hashing it into its own signed report.
+  if (!same(quote.qeReport.reportData.subarray(0, 32), sha256(quote.attestationKey, quote.qeAuthData))) {
+    throw new AttestationError("quote: QE report does not bind the attestation key and QE auth data");
+  }
+  if (!quote.qeReport.reportData.subarray(32).equals(Buffer.alloc(32))) {
+    throw new AttestationError("quote: QE report data is not zero after the key binding");
+  }
+  checkIntelQe(quote.qeReport);
+  let attestationKey;
+  try {
+    attestationKey = rawP256Key(quote.attestationKey);
+  } catch {
+    throw new AttestationError("quote: the attestation key is not a P-256 point");
+  }
+  if (!p1363Verify(attestationKey, quote.signed, quote.isvSignature)) throw new AttestationError("quote: ISV signature invalid");
   return quote;
+}
+
+// --- attestation token (services/keyvault/tokens.py) -------------------------------------------
+
+const LEEWAY_S = 30;
+const MAX_TOKEN_LIFETIME_S = 24 * 3600;
+const MAX_TOKEN_CHARS = 16 * 1024;
+const REQUIRED_CLAIMS = [
+  "iss",
+  "iat",
+  "nbf",
+  "exp",
+  "jti",
+  "nonce",
+  "x-ms-ver",
+  "x-ms-attestation-type",
+  "x-ms-sgx-is-debuggable",
+  "x-ms-sgx-product-id",
+  "x-ms-sgx-svn",
+  "x-ms-sgx-mrenclave",
+  "x-ms-sgx-mrsigner",
+  "x-ms-sgx-report-data",
+  "x-ms-sgx-ehd",
+  "x-ms-sgx-tcb-status",
+];
+
+export async function verifyToken(token, jwks, { issuer = null, now = new Date(), pinned = false } = {}) {
+  const fail = (reason) => new AttestationError(`token: ${reason}`);
+  if (typeof token !== "string" || !token || token.length > MAX_TOKEN_CHARS) throw fail("empty or too long");
+  let header;
+  try {
+    header = decodeProtectedHeader(token);
+  } catch {
+    throw fail("not a JWS");
+  }
+  // Checked first and explicitly: 'none' and HMAC confusion never reach a key.
+  if (header.alg !== "ES256") throw fail(`algorithm ${JSON.stringify(header.alg)} is not ES256`);
+  if (Object.keys(header).some((k) => !["alg", "kid", "typ"].includes(k)) || (header.typ ?? "JWT") !== "JWT") throw fail("header has unexpected fields");
+  if (typeof header.kid !== "string" || !header.kid) throw fail("header has no kid");
+  const keys = Array.isArray(jwks?.keys) ? jwks.keys : [];
+  const matches = keys.filter((key) => key && typeof key === "object" && key.kid === header.kid);
+  if (matches.length !== 1) throw fail(`kid ${JSON.stringify(header.kid)} is not a known signing key of the ${pinned ? "pinned" : "bundle's"} JWKS`);
+  const { kty, crv, x, y } = matches[0];
+  let key;
+  try {
+    if (kty !== "EC" || crv !== "P-256") throw new Error("not P-256");
+    key = await importJWK({ kty, crv, x, y }, "ES256");
+  } catch {
+    throw fail(`the JWKS key ${JSON.stringify(header.kid)} is not a P-256 public key`);
+  }
+  let claims;
+  try {
+    ({ payload: claims } = await jwtVerify(token, key, {
+      algorithms: ["ES256"],
+      issuer: issuer ?? undefined,
+      currentDate: now,
+      clockTolerance: LEEWAY_S,
+      requiredClaims: REQUIRED_CLAIMS,
+    }));
+  } catch (error) {
+    throw fail(error.code === "ERR_JWS_SIGNATURE_VERIFICATION_FAILED" ? "signature does not verify" : error.message);
+  }
+  if (typeof claims.iss !== "string") throw fail("no issuer");
+  const nowS = now.getTime() / 1000;
+  const { iat, exp } = claims;
+  if (!Number.isSafeInteger(iat) || !Number.isSafeInteger(exp)) throw fail("iat and exp must be integers");
+  if (iat > nowS + LEEWAY_S) throw fail("is not valid yet");
+  if (!(iat <= exp) || exp - iat > MAX_TOKEN_LIFETIME_S) throw fail("lifetime is invalid");
+  if (typeof claims.jti !== "string" || claims.jti.length < 16 || claims.jti.length > 128) throw fail("jti is malformed");
+  if (claims["x-ms-attestation-type"] !== "sgx") throw fail("not an SGX attestation token");
+  if (typeof claims["x-ms-sgx-tcb-status"] !== "string") throw fail("claim 'x-ms-sgx-tcb-status' must be a string");
+  return claims;
 }
 
 // --- attestation --------------------------------------------------------------------------------
 
-const DEBUG_ATTRIBUTE = 0x02;
-
-export async function verifyBundle(bundle, policy, rootPem, { now = new Date() } = {}) {
-  const quote = verifyQuote(bundle.quote, rootPem, now);
-  const expected = Buffer.concat([sha256(bundle.runtime_data, bundle.nonce), Buffer.alloc(32)]);
-  if (!quote.reportData.equals(expected)) throw new AttestationError("quote report data is not SHA-256(runtime data || nonce)");
-
-  const jwks = policy.jwks ?? JSON.parse(bundle.jwks_json);
-  let claims;
+// Check an enclave-signed instance descriptor (a GetAttestationResponse.descriptor, as loaded by
+// proto-loader) against the attested signing key; its configuration is what the client seals under.
+export function verifyDescriptor(descriptor, signingKey, instanceId) {
+  if (!descriptor) throw new AttestationError(`the bundle carries no descriptor of instance ${JSON.stringify(instanceId)}`);
+  const named = String(descriptor.instance_id ?? "");
+  if (named !== instanceId) throw new AttestationError(`the instance descriptor names ${JSON.stringify(named.slice(0, 64))}, not ${JSON.stringify(instanceId)}`);
+  const configBytes = Buffer.from(descriptor.config ?? []);
+  const configHash = sha256(configBytes);
+  const genesisHash = Buffer.from(descriptor.genesis_hash ?? []);
+  let message;
   try {
-    ({ payload: claims } = await jwtVerify(bundle.attestation_token, createLocalJWKSet(jwks), {
-      algorithms: ["ES256"],
-      issuer: policy.issuer ?? undefined,
-      currentDate: now,
-      clockTolerance: 30,
-      requiredClaims: ["exp", "iat", "iss", "nonce", "x-ms-sgx-ehd", "x-ms-sgx-mrenclave", "x-ms-sgx-tcb-status"],
-    }));
-  } catch (error) {
-    throw new AttestationError(`token: ${error.message}`);
+    message = instanceDescriptorBytes(named, configHash, genesisHash);
+  } catch {
+    message = null;
   }
+  if (message === null || !verifyEd25519(signingKey, descriptor.signature, message)) {
+    throw new AttestationError("the instance descriptor is not signed by the attested enclave");
+  }
+  let config;
+  try {
+    config = messages.InstanceConfig.decode(configBytes);
+  } catch {
+    throw new AttestationError("the instance descriptor's configuration does not parse");
+  }
+  return { instanceId: named, config, configHash, genesisHash };
+}
+
+const KEY_FIELDS = [
+  ["hpke_x25519_public_key", "hpkeX25519PublicKey"],
+  ["hpke_mlkem768x25519_public_key", "hpkeMlkem768x25519PublicKey"],
+  ["signing_public_key", "signingPublicKey"],
+  ["keyvault_release_public_key", "keyvaultReleasePublicKey"],
+];
+
+// Verify a GetAttestationResponse (as loaded by proto-loader) against `policy`, and the named
+// instance's descriptor when `instanceId` is given; AttestationError with the reason.
+export async function verifyBundle(bundle, policy, rootPem, { now = new Date(), instanceId = "" } = {}) {
+  const checked = Policy.from(policy);
+  const quote = verifyQuote(bundle.quote, rootPem, now);
+  let expected;
+  try {
+    expected = reportData(bundle.runtime_data, bundle.nonce);
+  } catch (error) {
+    throw new AttestationError(`bundle: ${error.message}`);
+  }
+  if (!same(quote.reportData, expected)) throw new AttestationError("quote report data does not bind the runtime data and nonce");
+
+  // Only a pinned JWKS makes the token's TCB status mean anything (Policy refuses a policy
+  // that restricts the status without one); the bundle's JWKS is used only under ["*"].
+  let jwks = checked.jwks;
+  if (jwks === null) {
+    try {
+      jwks = JSON.parse(bundle.jwks_json);
+    } catch {
+      throw new AttestationError("the bundle's JWKS is not valid JSON");
+    }
+    if (jwks === null || typeof jwks !== "object" || Array.isArray(jwks)) throw new AttestationError("the bundle's JWKS is not a JSON object");
+  }
+  const claims = await verifyToken(bundle.attestation_token, jwks, { issuer: checked.issuer, now, pinned: checked.jwks !== null });
   const agree = [
     ["x-ms-sgx-mrenclave", quote.mrenclave.toString("hex")],
     ["x-ms-sgx-mrsigner", quote.mrsigner.toString("hex")],
     ["x-ms-sgx-product-id", quote.isvProdId],
     ["x-ms-sgx-svn", quote.isvSvn],
-    ["x-ms-sgx-is-debuggable", (quote.attributes[0] & DEBUG_ATTRIBUTE) !== 0],
+    ["x-ms-sgx-is-debuggable", quote.debug],
     ["x-ms-sgx-report-data", quote.reportData.toString("hex")],
     ["x-ms-sgx-ehd", Buffer.from(bundle.runtime_data).toString("base64url")],
     ["nonce", Buffer.from(bundle.nonce).toString("base64url")],
@@ -237,148 +703,485 @@ export async function verifyBundle(bundle, policy, rootPem, { now = new Date() }
   for (const [claim, value] of agree) {
     if (claims[claim] !== value) throw new AttestationError(`token claim ${claim} disagrees with the quote or bundle`);
   }
-  const mrenclave = claims["x-ms-sgx-mrenclave"];
-  if ((policy.mrenclave ?? []).length && !policy.mrenclave.includes(mrenclave)) {
-    throw new AttestationError(`MRENCLAVE ${mrenclave} is not an expected measurement`);
-  }
-  if (policy.mrsigner && claims["x-ms-sgx-mrsigner"] !== policy.mrsigner) throw new AttestationError("MRSIGNER is not the expected signer");
-  if (policy.product_id != null && claims["x-ms-sgx-product-id"] !== policy.product_id) throw new AttestationError("product id mismatch");
-  if (policy.min_svn != null && claims["x-ms-sgx-svn"] < policy.min_svn) throw new AttestationError("SVN below the minimum");
-  if (claims["x-ms-sgx-is-debuggable"] && !policy.allow_debug) throw new AttestationError("the enclave is debuggable");
-  const accepted = policy.accepted_tcb_statuses ?? ["UpToDate", "SWHardeningNeeded"];
-  if (!accepted.includes(claims["x-ms-sgx-tcb-status"])) throw new AttestationError(`TCB status ${claims["x-ms-sgx-tcb-status"]} is not accepted`);
 
-  const decoded = messages.EnclavePublicKeys.decode(bundle.runtime_data);
-  const keys = bundle.keys;
-  for (const field of ["hpke_x25519_public_key", "signing_public_key"]) {
-    const camel = field.replace(/_([a-z0-9])/g, (_m, c) => c.toUpperCase());
-    if (!Buffer.from(decoded[camel]).equals(Buffer.from(keys[field]))) throw new AttestationError("the bundle's keys are not the attested runtime data");
+  const mrenclave = quote.mrenclave.toString("hex");
+  const mrsigner = quote.mrsigner.toString("hex");
+  if (checked.mrenclaves.length && !checked.mrenclaves.includes(mrenclave)) throw new AttestationError(`MRENCLAVE ${mrenclave} is not an expected measurement`);
+  if (checked.mrsigner !== null && mrsigner !== checked.mrsigner) throw new AttestationError(`MRSIGNER ${mrsigner} is not the expected signer`);
+  if (checked.productId !== null && quote.isvProdId !== checked.productId) throw new AttestationError(`product id ${quote.isvProdId} is not ${checked.productId}`);
+  if (checked.minSvn !== null && quote.isvSvn < checked.minSvn) throw new AttestationError(`SVN ${quote.isvSvn} is below the minimum ${checked.minSvn}`);
+  if (quote.debug && !checked.allowDebug) throw new AttestationError("the enclave is debuggable (its memory is readable by the host)");
+  const tcbStatus = claims["x-ms-sgx-tcb-status"];
+  if (!checked.acceptedTcbStatuses.includes(tcbStatus)) throw new AttestationError(`TCB status ${JSON.stringify(tcbStatus)} is not accepted`);
+
+  let decoded;
+  try {
+    decoded = messages.EnclavePublicKeys.decode(Buffer.from(bundle.runtime_data));
+  } catch {
+    throw new AttestationError("runtime data is not EnclavePublicKeys");
   }
+  const keys = bundle.keys ?? {};
+  for (const [snake, camel] of KEY_FIELDS) {
+    if (!Buffer.from(decoded[camel] ?? []).equals(Buffer.from(keys[snake] ?? []))) throw new AttestationError("the bundle's keys are not the attested runtime data");
+  }
+  const hpke = Buffer.from(decoded.hpkeX25519PublicKey ?? []);
+  const signing = Buffer.from(decoded.signingPublicKey ?? []);
+  if (hpke.length !== 32 || signing.length !== 32) throw new AttestationError("the attested keys have the wrong sizes");
   // The enclave accepts data keys only from the keyvault release key it binds here; a client
   // that did not pin that key could be talking to an enclave fed keys the host knows.
-  if (!policy.keyvault_release_key) throw new AttestationError("the policy pins no keyvault release key");
-  const pinned = Buffer.from(policy.keyvault_release_key, "hex");
-  if (!Buffer.from(decoded.keyvaultReleasePublicKey ?? []).equals(pinned)) {
+  if (checked.keyvaultReleaseKey === null) throw new AttestationError("the policy pins no keyvault release key, so the enclave's data keys cannot be trusted");
+  if (!same(decoded.keyvaultReleasePublicKey, checked.keyvaultReleaseKey)) {
     throw new AttestationError("the enclave accepts keys from another keyvault than the pinned one");
   }
+  const descriptor = instanceId ? verifyDescriptor(bundle.descriptor, signing, instanceId) : null;
   return {
-    keys: { hpke: Buffer.from(keys.hpke_x25519_public_key), signing: Buffer.from(keys.signing_public_key) },
+    keys: { hpke, signing },
     mrenclave,
-    tcbStatus: claims["x-ms-sgx-tcb-status"],
+    mrsigner,
+    tcbStatus,
+    issuer: claims.iss,
     expires: claims.exp,
-    instance: bundle.instance,
+    jwksPinned: checked.jwks !== null,
+    descriptor,
   };
 }
 
-// --- client -----------------------------------------------------------------------------------
+// --- local state: counters and instance pins (the Python SDK's files) ------------------------------
+
+// The last accepted counter of each (instance, account), in memory.
+export class MemoryCounters {
+  constructor() {
+    this.values = new Map();
+  }
+
+  last(instanceId, account) {
+    return this.values.get(`${instanceId}\u0000${account}`) ?? 0;
+  }
+
+  record(instanceId, account, counter) {
+    this.values.set(`${instanceId}\u0000${account}`, counter);
+  }
+}
+
+// The same, in the Python SDK's JSON file (<data_dir>/counters.json: {instance: {account: last}}),
+// so both clients continue where the other stopped. A missing or broken file only costs a resync.
+export class FileCounters {
+  constructor(file) {
+    this.file = file;
+  }
+
+  read() {
+    try {
+      const document = JSON.parse(readFileSync(this.file, "utf8"));
+      return document !== null && typeof document === "object" && !Array.isArray(document) ? document : {};
+    } catch {
+      return {};
+    }
+  }
+
+  last(instanceId, account) {
+    const value = this.read()[instanceId]?.[account];
+    return Number.isSafeInteger(value) && value > 0 ? value : 0;
+  }
+
+  record(instanceId, account, counter) {
+    const document = this.read();
+    const accounts = document[instanceId] !== null && typeof document[instanceId] === "object" ? document[instanceId] : {};
+    document[instanceId] = { ...accounts, [account]: counter };
+    const temporary = `${this.file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
+    writeFileSync(temporary, JSON.stringify(document, null, 1));
+    renameSync(temporary, this.file);
+  }
+}
+
+// Instance pins (<data_dir>/instances.json, written by the Python `veil instance create/pin`):
+// the genesis and configuration an instance id must name. Read only; unpinned ids pass.
+export class InstancePins {
+  constructor(file = null) {
+    this.pins = {};
+    if (file === null) return;
+    let text;
+    try {
+      text = readFileSync(file, "utf8");
+    } catch (error) {
+      if (error.code === "ENOENT") return;
+      throw new PolicyError(`cannot read instance pins ${file}: ${error.code ?? error.message}`);
+    }
+    try {
+      const document = JSON.parse(text);
+      for (const [id, pin] of Object.entries(document)) {
+        this.pins[id] = { genesisHash: hex32(pin.genesis_hash, "genesis_hash"), configHash: hex32(pin.config_hash, "config_hash") };
+      }
+    } catch {
+      throw new PolicyError(`instance pins ${file} are malformed`);
+    }
+  }
+
+  check(descriptor) {
+    const pin = this.pins[descriptor.instanceId];
+    if (!pin) return;
+    if (descriptor.genesisHash.toString("hex") !== pin.genesisHash) {
+      throw new AttestationError(`instance ${JSON.stringify(descriptor.instanceId)} is not the pinned one: its genesis differs (it was created again, possibly by the host)`);
+    }
+    if (descriptor.configHash.toString("hex") !== pin.configHash) {
+      throw new AttestationError(`instance ${JSON.stringify(descriptor.instanceId)} has another configuration than pinned`);
+    }
+  }
+}
+
+// --- identity -----------------------------------------------------------------------------------
+
+export function loadIdentity(keyFile) {
+  let mode;
+  try {
+    ({ mode } = statSync(keyFile));
+  } catch (error) {
+    throw new IdentityError(`cannot read identity ${keyFile}: ${error.code ?? error.message}`);
+  }
+  if (mode & 0o077) throw new IdentityError(`${keyFile} is readable by others; chmod 600 it`);
+  let privateKey;
+  try {
+    privateKey = createPrivateKey(readFileSync(keyFile));
+  } catch {
+    throw new IdentityError(`${keyFile} is not a PEM private key`);
+  }
+  if (privateKey.asymmetricKeyType !== "ed25519") throw new IdentityError(`${keyFile} is not an Ed25519 key`);
+  const publicKey = Buffer.from(createPublicKey(privateKey).export({ format: "jwk" }).x, "base64url");
+  return { privateKey, publicKey, account: publicKey.toString("hex") };
+}
+
+// The AuthProof of an Ed25519 identity under the scheme the enclave signed for the instance.
+export function signatureProof(scheme, identity, signingBytes) {
+  const name = messages.AuthScheme.valuesById[scheme] ?? String(scheme);
+  if (name === "AUTH_SCHEME_SIGNATURE") {
+    return { signature: { publicKey: identity.publicKey, signature: sign(null, signingBytes, identity.privateKey) } };
+  }
+  if (name === "AUTH_SCHEME_NONE") {
+    // Never downgrade: on an instance that checks no proof, anyone can claim this account.
+    throw new IdentityError(
+      "this instance authenticates nobody (auth scheme none, as its enclave describes it): anyone may act as any " +
+        "account there, so an Ed25519 identity is not used and nothing was sent",
+    );
+  }
+  throw new IdentityError(`an Ed25519 identity cannot prove a ${name.replace(/^AUTH_SCHEME_/, "").toLowerCase()} identity`);
+}
+
+// --- sealing and opening ------------------------------------------------------------------------
 
 const HPKE = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes128Gcm() });
 const X25519_SUITE = 1;
-const RECEIPT_KIND_COMMAND = 1;
 
-function unary(client, method, request, metadata = new grpc.Metadata(), timeoutMs = 15000) {
-  return new Promise((resolve, reject) => {
-    client[method](request, metadata, { deadline: new Date(Date.now() + timeoutMs) }, (error, reply) => (error ? reject(error) : resolve(reply)));
-  });
+// Build, prove and HPKE-seal one command to the attested enclave (sealing.seal_command).
+export async function sealCommand(attestation, { instanceId, identity, call, counter, requestId }) {
+  const descriptor = attestation.descriptor;
+  if (!descriptor || descriptor.instanceId !== instanceId) throw new AttestationError(`the enclave did not describe instance ${JSON.stringify(instanceId)}`);
+  const responseKey = randomBytes(32);
+  const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
+  const signingBytes = commandSigningBytes({ instanceId, counter, requestId, responseKey, call: callBytes });
+  const auth = signatureProof(descriptor.config.authScheme, identity, signingBytes);
+  const command = messages.Command.encode(
+    messages.Command.fromObject({ instanceId, counter: String(counter), requestId, responseKey, call: callBytes, auth }),
+  ).finish();
+  const recipientPublicKey = await HPKE.kem.deserializePublicKey(attestation.keys.hpke);
+  const sealed = await HPKE.seal({ recipientPublicKey, info: COMMAND_INFO }, command, Buffer.from(instanceId, "utf8"));
+  const enc = Buffer.from(sealed.enc);
+  const ciphertext = Buffer.from(sealed.ct);
+  return {
+    instanceId,
+    requestId,
+    counter,
+    responseKey,
+    signingKey: attestation.keys.signing,
+    command: { suite: X25519_SUITE, encapsulated_key: enc, ciphertext },
+    commandHash: commandHash(enc, ciphertext),
+  };
 }
 
-export class VeilNodeClient {
-  // `serverName` overrides the name checked in the gateway's certificate (and sent as SNI),
-  // e.g. "localhost" when dialling 127.0.0.1.
-  constructor(address, caPem, { serverName } = {}) {
-    const GatewayService = gatewayService();
-    const options = serverName ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName } : {};
-    this.stub = new GatewayService(address, grpc.credentials.createSsl(caPem), options);
-    this.prefix = randomBytes(12).toString("hex");
-  }
+const codeName = (code) => messages.EcallErrorCode.valuesById[code] ?? `ECALL_ERROR_CODE_${code}`;
 
-  close() {
-    this.stub.close();
-  }
-
-  async attest(instanceId, policy, rootPem) {
-    const bundle = await unary(this.stub, "GetAttestation", { instance_id: instanceId });
-    return verifyBundle(bundle, policy, rootPem);
-  }
-
-  // Seal `call` (an AppCall object) as `identity` ({privateKey, publicKey}) and run it.
-  async execute(attestation, instanceId, call, identity, counter) {
-    const requestId = `${this.prefix}-${randomBytes(12).toString("hex")}`;
-    const responseKey = randomBytes(32);
-    const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
-    const signature = sign(null, commandSigningBytes({ instanceId, counter, requestId, responseKey, call: callBytes }), identity.privateKey);
-    const command = messages.Command.encode(
-      messages.Command.fromObject({
-        instanceId,
-        counter: String(counter),
-        requestId,
-        responseKey,
-        call: callBytes,
-        auth: { signature: { publicKey: identity.publicKey, signature } },
-      }),
-    ).finish();
-    const recipientPublicKey = await HPKE.kem.deserializePublicKey(attestation.keys.hpke);
-    const sealed = await HPKE.seal({ recipientPublicKey, info: COMMAND_INFO }, command, Buffer.from(instanceId, "utf8"));
-    const enc = Buffer.from(sealed.enc);
-    const ciphertext = Buffer.from(sealed.ct);
-    const reply = await unary(this.stub, "Execute", {
-      instance_id: instanceId,
-      request_id: requestId,
-      command: { suite: X25519_SUITE, encapsulated_key: enc, ciphertext },
-    });
-    return openOutcome(reply.outcome, { instanceId, requestId, responseKey, commandHash: sha256(enc, ciphertext) }, attestation.keys.signing);
-  }
+function toResult(message) {
+  return messages.CommandResult.toObject(message, { longs: String, enums: String, defaults: false });
 }
 
-export function openOutcome(outcome, request, signingKey) {
-  if (!outcome.sealed_response || outcome.sealed_response.length === 0) {
-    const code = outcome.error ? messages.EcallErrorCode.valuesById[outcome.error.code] : "UNKNOWN";
-    throw new CommandRefused(code, outcome.error?.message ?? "no sealed response");
+// Open and verify the enclave's answer to `request` (sealing.open_outcome): the receipt is
+// checked whenever the answer carries one, and `accepted` (host-controlled) must agree with it.
+export function openOutcome(outcome, request, { query = false } = {}) {
+  if (!outcome || !outcome.sealed_response || outcome.sealed_response.length === 0) {
+    if (outcome?.error) throw new CommandRefused(codeName(outcome.error.code), outcome.error.message ?? "");
+    throw new IntegrityError("the outcome carries no sealed response");
   }
   const blob = Buffer.from(outcome.sealed_response);
-  let plaintext;
+  let response;
+  let result;
   try {
+    if (blob.length < 28) throw new Error("short");
     const decipher = createDecipheriv("aes-256-gcm", request.responseKey, blob.subarray(0, 12));
     decipher.setAAD(responseAad(request.instanceId, request.requestId));
     decipher.setAuthTag(blob.subarray(blob.length - 16));
-    plaintext = Buffer.concat([decipher.update(blob.subarray(12, blob.length - 16)), decipher.final()]);
+    const plaintext = Buffer.concat([decipher.update(blob.subarray(12, blob.length - 16)), decipher.final()]);
+    response = messages.CommandResponse.decode(plaintext);
+    result = messages.CommandResult.decode(response.result);
   } catch {
     throw new IntegrityError("the response does not authenticate under this request's key");
   }
-  const response = messages.CommandResponse.decode(plaintext);
   if (response.requestId !== request.requestId) throw new IntegrityError("the response answers another request");
-  const result = messages.CommandResult.toObject(messages.CommandResult.decode(response.result), { longs: String, enums: String, defaults: false });
-  const receipt = response.receipt;
-  if (outcome.accepted) {
-    if (!receipt) throw new IntegrityError("the committed answer lacks its receipt");
-    const signed = receiptSigningBytes({
-      kind: receipt.kind,
-      instanceId: receipt.instanceId,
-      sequence: receipt.sequence.toString(),
-      commandHash: receipt.commandHash,
-      resultHash: receipt.resultHash,
-    });
-    const publicKey = createPublicKey({ key: { kty: "OKP", crv: "Ed25519", x: signingKey.toString("base64url") }, format: "jwk" });
-    if (!verify(null, signed, publicKey, Buffer.from(receipt.signature))) throw new IntegrityError("the receipt's signature is not the attested enclave's");
-    if (receipt.kind !== RECEIPT_KIND_COMMAND || receipt.instanceId !== request.instanceId) throw new IntegrityError("the receipt is for something else");
-    if (!Buffer.from(receipt.commandHash).equals(request.commandHash)) throw new IntegrityError("the receipt is for another command");
-    if (!Buffer.from(receipt.resultHash).equals(sha256(response.result))) throw new IntegrityError("the receipt is for another result");
-    if (receipt.sequence.toString() !== String(outcome.sequence)) throw new IntegrityError("the receipt's sequence does not match the outcome");
+  const receipt = response.receipt ?? null;
+  const accepted = outcome.accepted === true;
+  if (receipt !== null) {
+    checkReceipt(receipt, request, response.result, outcome, { query });
+  } else if (accepted || (query && result.error == null)) {
+    throw new IntegrityError("the enclave's answer lacks its signed receipt, yet the host says it was accepted");
   }
   return {
-    accepted: outcome.accepted,
-    result,
+    requestId: request.requestId,
+    counter: request.counter,
+    accepted,
+    sequence: receipt !== null ? receipt.sequence.toString() : "0",
+    message: result,
+    result: toResult(result),
     receipt: receipt && {
       sequence: receipt.sequence.toString(),
       signature: Buffer.from(receipt.signature).toString("hex"),
       commandHash: Buffer.from(receipt.commandHash).toString("hex"),
       resultHash: Buffer.from(receipt.resultHash).toString("hex"),
     },
+    resultLost: false,
   };
 }
 
-export function loadIdentity(keyFile) {
-  const privateKey = createPrivateKey(readFileSync(keyFile));
-  const publicKey = Buffer.from(createPublicKey(privateKey).export({ format: "jwk" }).x, "base64url");
-  return { privateKey, publicKey, account: publicKey.toString("hex") };
+function checkReceipt(receipt, request, resultBytes, outcome, { query }) {
+  let signed;
+  try {
+    signed = receiptSigningBytes({
+      kind: receipt.kind,
+      instanceId: receipt.instanceId,
+      sequence: receipt.sequence.toString(),
+      commandHash: receipt.commandHash,
+      resultHash: receipt.resultHash,
+    });
+  } catch {
+    signed = null;
+  }
+  if (signed === null || !verifyEd25519(request.signingKey, receipt.signature, signed)) throw new IntegrityError("the receipt's signature is not the attested enclave's");
+  if (receipt.instanceId !== request.instanceId) throw new IntegrityError("the receipt is for another instance");
+  if (!same(receipt.commandHash, request.commandHash)) throw new IntegrityError("the receipt is for another command");
+  if (!same(receipt.resultHash, sha256(resultBytes))) throw new IntegrityError("the receipt is for another result");
+  const kind = messages.ReceiptKind.values[query ? "RECEIPT_KIND_QUERY" : "RECEIPT_KIND_COMMAND"];
+  if (receipt.kind !== kind) throw new IntegrityError("the receipt is of the wrong kind");
+  if (query) return;
+  if (outcome.accepted !== true) throw new IntegrityError("the enclave signed a receipt for this command, yet the host says it was not accepted");
+  if (receipt.sequence.toString() !== String(outcome.sequence)) throw new IntegrityError("the receipt's sequence does not match the committed outcome");
+}
+
+// --- client -----------------------------------------------------------------------------------
+
+const MAX_ROUNDS = 6; // sealings of one call: re-attestations and counter resynchronisations
+const MAX_BACKOFF_MS = 1000;
+const MAX_RETRY_HINT_MS = 5000;
+const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDED]);
+// The state service's reason for a command its enclave could not open (sealed to keys it no
+// longer has). The host can claim it of a command that ran, so it makes an attempt ambiguous.
+const UNOPENABLE = "COMMAND_UNOPENABLE";
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class VeilNodeClient {
+  // `serverName` overrides the name checked in the gateway's certificate (and sent as SNI),
+  // e.g. "localhost" when dialling 127.0.0.1. `policy` is a Policy or its JSON object,
+  // `rootPem` the pinned SGX root; `counters`/`pins` default to memory-only / none.
+  constructor(address, caPem, { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), timeoutMs = 15000, clock = () => new Date() } = {}) {
+    const GatewayService = gatewayService();
+    const options = serverName ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName } : {};
+    this.stub = new GatewayService(address, grpc.credentials.createSsl(caPem), options);
+    this.policy = Policy.from(policy);
+    this.rootPem = rootPem;
+    this.counters = counters;
+    this.pins = pins;
+    this.timeoutMs = timeoutMs;
+    this.clock = clock;
+    this.prefix = randomBytes(12).toString("hex");
+    this.attestations = new Map();
+    this.described = new Map();
+  }
+
+  close() {
+    this.stub.close();
+  }
+
+  newRequestId() {
+    return `${this.prefix}-${randomBytes(12).toString("hex")}`;
+  }
+
+  unaryOnce(method, request, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      this.stub[method](request, new grpc.Metadata(), { deadline: new Date(Date.now() + timeoutMs) }, (error, reply) => (error ? reject(error) : resolve(reply)));
+    });
+  }
+
+  // One RPC within the timeout, the same request retried on transient failures (the gateway
+  // and the state host deduplicate a repeated request_id); GatewayError otherwise.
+  async call(method, request) {
+    const deadline = Date.now() + this.timeoutMs;
+    for (let attempt = 0; ; attempt += 1) {
+      try {
+        return await this.unaryOnce(method, request, Math.max(deadline - Date.now(), 10));
+      } catch (error) {
+        if (error?.code === undefined) throw error;
+        const failure = new GatewayError(error);
+        const hint = failure.code === grpc.status.RESOURCE_EXHAUSTED ? failure.retryDelayMs : null;
+        const retryable = RETRYABLE.has(failure.code) || (hint !== null && hint <= MAX_RETRY_HINT_MS);
+        const delay = hint ?? Math.min(MAX_BACKOFF_MS, 100 * 2 ** attempt);
+        const slice = Math.min(MAX_BACKOFF_MS, this.timeoutMs / 4);
+        if (!retryable || Date.now() + delay + slice >= deadline) throw failure;
+        await sleep(delay);
+      }
+    }
+  }
+
+  // The verified attestation of the enclave hosting `instanceId`, with its descriptor.
+  async attest(instanceId, { refresh = false } = {}) {
+    const cached = this.attestations.get(instanceId);
+    if (cached && !refresh && this.clock().getTime() / 1000 < cached.expires) return cached;
+    const bundle = await this.call("GetAttestation", { instance_id: instanceId });
+    const verified = await verifyBundle(bundle, this.policy, this.rootPem, { now: this.clock(), instanceId });
+    if (verified.descriptor) {
+      this.pins.check(verified.descriptor);
+      // Within one client an instance id keeps naming the same instance.
+      const before = this.described.get(instanceId);
+      const now = `${verified.descriptor.genesisHash.toString("hex")}/${verified.descriptor.configHash.toString("hex")}`;
+      if (before !== undefined && before !== now) throw new AttestationError(`instance ${JSON.stringify(instanceId)} is not the one attested before (its genesis or configuration changed)`);
+      this.described.set(instanceId, now);
+    }
+    this.attestations.set(instanceId, verified);
+    return verified;
+  }
+
+  // The enclave's verified answer to one sealing; null when the attempt is ambiguous (the host
+  // says the enclave could not open it, which it could say of a command that ran).
+  async send(sealed) {
+    let reply;
+    try {
+      reply = await this.call("Execute", { instance_id: sealed.instanceId, request_id: sealed.requestId, command: sealed.command });
+    } catch (error) {
+      if (error instanceof GatewayError && error.code === grpc.status.INVALID_ARGUMENT && error.reason === UNOPENABLE) return null;
+      if (error instanceof GatewayError && RETRYABLE.has(error.code)) {
+        throw new OutcomeUnknown(
+          `${sealed.instanceId}: no answer to the command (${error.message}); it may have run: check the state before sending it again`,
+        );
+      }
+      throw error;
+    }
+    try {
+      return openOutcome(reply.outcome, sealed);
+    } catch (error) {
+      if (error instanceof CommandRefused && error.code === "ECALL_ERROR_CODE_INVALID_ARGUMENT") return null;
+      throw error;
+    }
+  }
+
+  // Run one command (an AppCall object) as `identity` and return its verified answer (an app
+  // refusal is in `result.error`). Runs it at most once whatever the gateway or the host does
+  // (client/sdk.py `execute`): after an ambiguous attempt the call is sealed again only under
+  // the same counter, and the enclave's typed counter state says whether a sealing of it ran.
+  async execute(instanceId, call, identity) {
+    const account = identity.account;
+    let counter = this.counters.last(instanceId, account) + 1;
+    let attempts = []; // sealings of this call under `counter`
+    let ambiguous = false;
+    for (let round = 0; round < MAX_ROUNDS; round += 1) {
+      const attestation = await this.attest(instanceId, { refresh: round > 0 && ambiguous });
+      const sealed = await sealCommand(attestation, { instanceId, identity, call, counter, requestId: this.newRequestId() });
+      attempts.push(sealed);
+      const opened = await this.send(sealed);
+      if (opened === null) {
+        ambiguous = true; // the host may say so of a command that ran: same counter only
+        continue;
+      }
+      if (opened.accepted) {
+        this.counters.record(instanceId, account, counter);
+        return opened;
+      }
+      const error = opened.message.error;
+      if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
+      const state = this.counterState(instanceId, account, opened, { counter, attempts, ambiguous });
+      if (state.ran) {
+        // An earlier sealing of this call used the counter: it ran. Never again.
+        this.counters.record(instanceId, account, counter);
+        return this.recordedAnswer(instanceId, attempts, state.lastSequence);
+      }
+      // The counter is used by another command: this call can never run under it, so it is
+      // sealed again under the enclave's next counter.
+      this.counters.record(instanceId, account, state.nextCounter - 1);
+      counter = state.nextCounter;
+      attempts = [];
+      ambiguous = false;
+    }
+    if (ambiguous) {
+      // Every answer since the last definitive one was ambiguous: any of those sealings (all
+      // under `counter`) may have run, or may still run if the host holds one.
+      throw new OutcomeUnknown(
+        `${instanceId}: ${attempts.length} attempts under counter ${counter} got no definitive answer (the gateway says ` +
+          "the enclave could not open them); one may have run: check the state before sending it again",
+      );
+    }
+    throw new CommandRefused("ECALL_ERROR_CODE_ABORTED", "could not agree on a counter with the enclave");
+  }
+
+  // Judge a "wrong counter" answer (client/sdk.py `_counter_state`): whether this call ran,
+  // may have, or never can; throws when following it could roll back or run the call twice.
+  counterState(instanceId, account, opened, { counter, attempts, ambiguous }) {
+    const state = opened.message.counter;
+    const next = state ? Number(state.nextCounter.toString()) : 0;
+    if (!state || !Number.isSafeInteger(next) || next < 1) throw new IntegrityError(`${instanceId}: the enclave refused the counter without its state`);
+    const used = next - 1;
+    const lastCommandHash = Buffer.from(state.lastCommandHash ?? []);
+    const lastSequence = state.lastSequence.toString();
+    if (used === counter && attempts.some((a) => same(a.commandHash, lastCommandHash))) return { ran: true, nextCounter: next, lastSequence };
+    const last = this.counters.last(instanceId, account);
+    if (used < last) {
+      // The enclave forgot commands it acknowledged to us: its log was rolled back (a host
+      // restoring an old database). Never follow it there.
+      throw new IntegrityError(
+        `${instanceId}: the enclave asks for counter ${next}, but counter ${last} was already accepted: its log was rolled back`,
+      );
+    }
+    if (ambiguous && used > counter) {
+      throw new OutcomeUnknown(
+        `${instanceId}: an attempt of this command may have run; the account's counter moved from ${counter} to ${used} ` +
+          "since, so the client cannot prove whether it did and does not send it again",
+      );
+    }
+    if (used < counter) {
+      // It refuses our counter while asking for it (or one below): an earlier sealing under
+      // `counter` could still run later, so nothing is sealed under a lower one.
+      throw new IntegrityError(`${instanceId}: the enclave refused counter ${counter} but asks for ${next}`);
+    }
+    return { ran: false, nextCounter: next, lastSequence };
+  }
+
+  // The answer of the attempt that ran, from the mesh's idempotency records if it kept it:
+  // the earlier sealings are sent again, byte for byte, under their request ids.
+  async recordedAnswer(instanceId, attempts, sequence) {
+    for (const sealed of attempts.slice(0, -1).reverse()) {
+      let opened;
+      try {
+        const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
+        opened = openOutcome(reply.outcome, sealed);
+      } catch (error) {
+        if (error instanceof VeilError) continue;
+        throw error;
+      }
+      if (opened.accepted && opened.sequence === String(sequence)) return opened;
+    }
+    return {
+      requestId: attempts[0].requestId,
+      counter: attempts[0].counter,
+      accepted: true,
+      sequence: String(sequence),
+      message: messages.CommandResult.create(),
+      result: {},
+      receipt: null,
+      resultLost: true,
+    };
+  }
 }

@@ -1,10 +1,11 @@
 """The any-language proof: the Node.js client (client/node) against a real mesh.
 
 It connects over TLS without a client certificate (the gateway's public port), verifies the
-quote against the dev root and the keyvault token against its JWKS and the expected
-measurement, seals a token transfer with HPKE and an Ed25519 proof, and checks the receipt.
-Its npm packages are installed by `make setup` (`npm ci` in client/node); nothing is
-downloaded here.
+quote against the dev root (Intel's QE identity, the report data binding the enclave's keys),
+the keyvault token against the JWKS the dev policy pins, the expected measurement and the
+instance's enclave-signed descriptor, seals a token transfer with HPKE and an Ed25519 proof
+under the descriptor's auth scheme, and checks the receipt. Its npm packages are installed by
+`make setup` (`npm ci` in client/node); nothing is downloaded here.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def funded(mesh: Mesh) -> dict[str, Any]:
         key=pki / "admin-key.pem",
         data_dir=mesh.data_dir,
     ) as client:
-        client.create_instance(
+        _, descriptor = client.create_instance(
             "node-coins",
             envelope_pb2.InstanceConfig(
                 app=envelope_pb2.APP_KIND_TOKEN,
@@ -73,7 +74,12 @@ def funded(mesh: Mesh) -> dict[str, Any]:
             ),
         )
         client.token("node-coins", issuer).mint(issuer.account, 100)
-    return {"issuer": issuer, "payee": payee, "key": mesh.data_dir / "identities" / "node-issuer.key"}
+    return {
+        "issuer": issuer,
+        "payee": payee,
+        "key": mesh.data_dir / "identities" / "node-issuer.key",
+        "descriptor": descriptor,
+    }
 
 
 def _balance(mesh: Mesh, who: Any) -> int:
@@ -95,7 +101,17 @@ def test_node_client_verifies_seals_a_transfer_and_checks_the_receipt(
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
-    assert document["verified"]["mrenclave"] in policy["mrenclave"]
+    verified = document["verified"]
+    assert verified["mrenclave"] in policy["mrenclave"]
+    # The dev policy restricts the TCB status, so it pins the keyvault's JWKS, which verified the token.
+    assert verified["jwks_pinned"] is True
+    assert verified["tcb_status"] in policy["accepted_tcb_statuses"]
+    assert verified["instance"] == {
+        "instance_id": "node-coins",
+        "config_hash": funded["descriptor"].config_hash.hex(),
+        "genesis_hash": funded["descriptor"].genesis_hash.hex(),
+        "auth_scheme": "AUTH_SCHEME_SIGNATURE",
+    }
     assert document["balance"] == "93"
     assert len(document["receipt"]["signature"]) == 128
     assert _balance(mesh, funded["payee"]) == 7
@@ -113,4 +129,19 @@ def test_node_client_refuses_another_measurement_and_sends_nothing(
     assert result.returncode == 1
     assert "attestation refused" in result.stderr
     assert "MRENCLAVE" in result.stderr
+    assert _balance(mesh, funded["payee"]) == before
+
+
+def test_node_client_refuses_a_restricting_policy_without_a_pinned_jwks(
+    mesh: Mesh, funded: dict[str, Any], tmp_path: Path
+) -> None:
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    del policy["jwks"]  # the token's TCB status would then rest on the gateway's JWKS
+    unpinned = tmp_path / "unpinned.json"
+    unpinned.write_text(json.dumps(policy))
+    before = _balance(mesh, funded["payee"])
+    result = _transfer(mesh, "--policy", str(unpinned), to=funded["payee"].account, key=funded["key"])
+    assert result.returncode == 1
+    assert "policy refused" in result.stderr
+    assert "must pin jwks" in result.stderr
     assert _balance(mesh, funded["payee"]) == before
