@@ -30,6 +30,7 @@ anything it cannot prove raises `OutcomeUnknown` instead of guessing.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
@@ -98,6 +100,30 @@ def _retry_hint(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None
+
+
+def _kept_answer(
+    instance_id: str, state: command_pb2.CounterState, signing_key: bytes, request_id: str
+) -> Opened | None:
+    """The answer the enclave kept for the command that used the counter, if it verifies."""
+    receipt = state.last_receipt
+    if not state.HasField("last_receipt") or not wire.verify_receipt(receipt, signing_key):
+        return None
+    if (
+        receipt.kind != envelope_pb2.RECEIPT_KIND_COMMAND
+        or receipt.instance_id != instance_id
+        or receipt.sequence != state.last_sequence
+        or receipt.command_hash != state.last_command_hash
+        or receipt.result_hash != hashlib.sha256(state.last_result).digest()
+    ):
+        return None
+    try:
+        result = command_pb2.CommandResult.FromString(state.last_result)
+    except DecodeError:
+        return None
+    return Opened(
+        request_id=request_id, result=result, receipt=receipt, accepted=True, sequence=receipt.sequence
+    )
 
 
 class ReceiptStream:
@@ -383,8 +409,12 @@ class VeilClient:
                 return opened
             counter_state = self._counter_state(instance_id, account, opened, state)
             if counter_state.last_command_hash:
-                # A sealing of this call used the counter: it ran. Never again.
+                # A sealing of this call used the counter: it ran. Never again; its answer is
+                # the one the enclave kept with the counter (or, failing that, the mesh's record).
                 self.counters.record(instance_id, account, state.counter)
+                kept = _kept_answer(instance_id, counter_state, signing_key, sealed.request_id)
+                if kept is not None:
+                    return kept
                 return self._recorded_answer(
                     instance_id, state.sealings, counter_state.last_sequence, identity
                 )
@@ -392,6 +422,11 @@ class VeilClient:
             # never run under it, so it is sealed again under the enclave's next counter.
             self.counters.record(instance_id, account, counter_state.next_counter - 1)
             state.restart(counter_state.next_counter)
+        if state.ambiguous:
+            raise OutcomeUnknown(
+                f"{instance_id}: no definitive answer after {_MAX_ROUNDS} sealings under counter "
+                f"{state.counter}; one of them may have run, so the command is not sent again"
+            )
         raise CommandRefused(
             error_pb2.ECALL_ERROR_CODE_ABORTED, "could not agree on a counter with the enclave"
         )

@@ -100,13 +100,16 @@ class Instance:
             raise EnclaveError(INVALID_ARGUMENT, "not a read-only method; send it as a command")
         return parsed
 
-    def counter_state(self, account: str) -> command_pb2.CounterState:
-        """The account's next counter and the command that consumed the last one."""
+    def counter_state(self, account: str, *, with_result: bool = False) -> command_pb2.CounterState:
+        """The account's next counter and the command that consumed the last one (its answer too)."""
         raw = self.store.get(_counter_key(account))
         last = storage_pb2.AccountCounter.FromString(raw) if raw is not None else storage_pb2.AccountCounter()
-        return command_pb2.CounterState(
+        state = command_pb2.CounterState(
             next_counter=last.counter + 1, last_command_hash=last.command_hash, last_sequence=last.sequence
         )
+        if with_result:
+            state.last_result = last.result
+        return state
 
     def apply(
         self,
@@ -122,14 +125,18 @@ class Instance:
         store = self.store
         store.begin()
         try:
-            state = self.counter_state(caller.account)
+            state = self.counter_state(caller.account, with_result=True)
             if counter != state.next_counter:
                 raise CounterMismatch(state)
+            result = self._run(caller, call)
+            # Kept with the counter, so a client whose answer was lost can be given it again.
             consumed = storage_pb2.AccountCounter(
-                counter=counter, command_hash=command_hash, sequence=sequence
+                counter=counter,
+                command_hash=command_hash,
+                sequence=sequence,
+                result=result.SerializeToString(deterministic=True),
             )
             store.put(_counter_key(caller.account), consumed.SerializeToString(deterministic=True))
-            result = self._run(caller, call)
             if store.size > limit:
                 raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
         except BaseException:

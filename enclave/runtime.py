@@ -391,6 +391,16 @@ class Enclave:
             refused = command_pb2.CommandResult(error=refusal.to_proto())
             if isinstance(refusal, CounterMismatch):
                 refused.counter.CopyFrom(refusal.state)
+                if refusal.state.last_command_hash:  # the receipt of the command that used it
+                    refused.counter.last_receipt.CopyFrom(
+                        self._receipt(
+                            envelope_pb2.RECEIPT_KIND_COMMAND,
+                            instance.instance_id,
+                            refusal.state.last_sequence,
+                            refusal.state.last_command_hash,
+                            refusal.state.last_result,
+                        )
+                    )
             outcome = envelope_pb2.CommandOutcome(
                 sealed_response=commands.seal_response(command, refused.SerializeToString(deterministic=True))
             )

@@ -22,7 +22,7 @@ from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2
 
 from client.attestation import verify_bundle
-from client.errors import AttestationError, GatewayError, IdentityError, OutcomeUnknown, ResultLost
+from client.errors import AttestationError, GatewayError, IdentityError, OutcomeUnknown
 from client.identity import SigningIdentity, new_identity
 from client.pins import InstancePins
 from client.sdk import VeilClient, connect
@@ -374,7 +374,8 @@ def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
     """The host executes the transfer, drops the answer (UNAVAILABLE), then, on the SDK's retry,
     submits the same sealed command again under another request id so the state replica's
     deduplication does not catch it. The enclave refuses the replay and names the command
-    that used the counter: the SDK sees it is its own and never re-seals under the next one."""
+    that used the counter, with the answer it kept: the SDK sees it is its own, returns that
+    answer and never re-seals under the next counter."""
     alice, bob = _coins(mesh)
     servicer, address = evil
     seen: list[int] = []
@@ -390,8 +391,12 @@ def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
         return upstream.Execute(replayed, timeout=10)
 
     servicer.intercept_execute = lose_then_replay
-    with _through(mesh, address) as client, pytest.raises(ResultLost):
-        client.token("coins", alice).transfer(bob.account, 10)
+    with _through(mesh, address) as client:
+        coins = client.token("coins", alice)
+        # The answer comes from the enclave's counter record (with its receipt, re-signed).
+        assert coins.transfer(bob.account, 10) == 90
+        assert coins.last is not None
+        assert coins.last.receipt is not None
     assert _balance(mesh, bob) == 10  # once, not twice or four times
     assert _balance(mesh, alice) == 90
 

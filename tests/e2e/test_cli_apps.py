@@ -151,8 +151,16 @@ def test_public_port_needs_no_client_certificate_but_admin_calls_do(mesh: Mesh) 
     identity(mesh, "walker")
     veil(mesh, "instance", "create", "cli-open", "--app", "vault", "--auth", "none")
     public = ["--gateway", PUBLIC_GATEWAY, "--no-client-cert"]
-    veil(mesh, "vault", "put", "cli-open", "note", "--data", "hello", "--as", "walker", *public)
-    assert veil(mesh, "vault", "get", "cli-open", "note", "--as", "walker", *public).stdout.strip() == "hello"
+    # An Ed25519 identity is never downgraded to an anonymous claim on an unauthenticated instance...
+    downgrade = veil(
+        mesh, "vault", "put", "cli-open", "note", "--data", "x", "--as", "walker", *public, check=False
+    )
+    assert downgrade.returncode == 1
+    assert "authenticates nobody" in downgrade.stderr
+    # ...acting as a self-declared account there is explicit.
+    veil(mesh, "vault", "put", "cli-open", "note", "--data", "hello", "--anonymous", "walker", *public)
+    got = veil(mesh, "vault", "get", "cli-open", "note", "--anonymous", "walker", *public)
+    assert got.stdout.strip() == "hello"
     refused = veil(mesh, "instance", "list", *public, check=False)
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr

@@ -35,16 +35,16 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
+from enclave import wire
 from services.common.channels import secure_channel, wait_until_serving
 from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from services.common.pki import init_pki
 from services.keyvault.enclave_policy import write_dev_enclave_policy
 from services.state.loadclient import (
     Account,
-    Sealed,
     balance,
     ballot_close,
     ballot_config,
@@ -194,6 +194,7 @@ class Holder:
     sent: dict[str, int] = field(default_factory=dict)  # receiver -> acknowledged amount moved
     acknowledged: int = 0
     resealed: int = 0
+    recovered: int = 0  # ran before a crash; the answer came from the enclave's counter record
 
 
 class Load:
@@ -222,27 +223,41 @@ class Load:
                     raise
                 time.sleep(0.1)
 
-    def execute(self, holder: Holder, call: apps_pb2.AppCall) -> tuple[Sealed, state_pb2.ExecuteResponse]:
+    def execute(self, holder: Holder, call: apps_pb2.AppCall) -> command_pb2.CommandResult:
         """Run `call` to a known fate (acknowledged), resealing after an enclave restart."""
         account = holder.account
         sealed = account.seal(call)
+        counter = account.counter
+        hashes = {wire.command_hash(sealed.command.encapsulated_key, sealed.command.ciphertext)}
         while True:
             request = state_pb2.ExecuteRequest(
                 instance_id=account.instance_id, command=sealed.command, request_id=sealed.request_id
             )
             try:
-                return sealed, self._stub.Execute(request, timeout=5)
+                response = self._stub.Execute(request, timeout=5)
             except grpc.RpcError as exc:
                 if exc.code() in _RETRY:
                     time.sleep(0.05)
                     continue
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
-            # Unopenable: sealed to an enclave that no longer exists, and never committed
-            # (else its recorded answer would have come back). Same counter, new enclave.
-            account.keys = self.keys().keys
-            holder.resealed += 1
-            sealed = account.seal(call, counter=account.counter)
+                # Unopenable: sealed to an enclave that no longer exists. It may still have run
+                # before the crash (its answer then held and lost), so: same counter, new enclave.
+                account.keys = self.keys().keys
+                holder.resealed += 1
+                sealed = account.seal(call, counter=counter)
+                hashes.add(wire.command_hash(sealed.command.encapsulated_key, sealed.command.ciphertext))
+                continue
+            result = account.open(sealed, response.outcome)
+            if response.outcome.accepted:
+                return result
+            state = result.counter
+            # The counter was used by one of this call's own sealings: it ran; the enclave kept
+            # its answer with the counter. Anything else is a failure of the test.
+            assert state.next_counter == counter + 1, result
+            assert state.last_command_hash in hashes, result
+            holder.recovered += 1
+            return command_pb2.CommandResult.FromString(state.last_result)
 
     def _run(self, holder: Holder) -> None:
         rng = random.Random(holder.account.account)
@@ -250,9 +265,7 @@ class Load:
         try:
             while not self._stop.is_set():
                 to, amount = rng.choice(others), rng.randint(1, 40)
-                sealed, response = self.execute(holder, transfer(to, amount))
-                assert response.outcome.accepted
-                result = holder.account.open(sealed, response.outcome)
+                result = self.execute(holder, transfer(to, amount))
                 holder.acknowledged += 1
                 if not result.HasField("error"):  # an overdraft is refused (and acknowledged)
                     holder.sent[to] = holder.sent.get(to, 0) + amount
@@ -266,8 +279,7 @@ class Load:
                     return
                 option = len(voter.account.name) % len(OPTIONS)
                 call = ballot_vote(BALLOT, option, salt=secrets.token_bytes(16))
-                sealed, response = self.execute(voter, call)
-                result = voter.account.open(sealed, response.outcome)
+                result = self.execute(voter, call)
                 assert not result.HasField("error"), result.error
                 with self._lock:
                     self.votes[option] += 1

@@ -218,8 +218,9 @@ Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 class CounterState(_message.Message):
     """CounterState is an account's command counter as the enclave holds it. After an ambiguous
     failure a client compares last_command_hash with the hashes of its own sealed attempts:
-    equal means its command ran (at last_sequence); different, with next_counter = its counter
-    + 1, means another command used that counter and its own can never run.
+    equal means its command ran (at last_sequence, with last_result as its answer); different,
+    with next_counter = its counter + 1, means another command used that counter and its own
+    can never run.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -227,6 +228,8 @@ class CounterState(_message.Message):
     NEXT_COUNTER_FIELD_NUMBER: _builtins.int
     LAST_COMMAND_HASH_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    LAST_RESULT_FIELD_NUMBER: _builtins.int
+    LAST_RECEIPT_FIELD_NUMBER: _builtins.int
     next_counter: _builtins.int
     """next_counter is the counter the account's next command must carry."""
     last_command_hash: _builtins.bytes
@@ -235,16 +238,27 @@ class CounterState(_message.Message):
     """
     last_sequence: _builtins.int
     """last_sequence is the log sequence of that command's entry."""
+    last_result: _builtins.bytes
+    """last_result is that command's serialized CommandResult, and last_receipt its receipt
+    (re-signed by the current enclave key). Set only on an ABORTED refusal, so a client whose
+    command ran but whose answer was lost gets the very answer back.
+    """
+    @_builtins.property
+    def last_receipt(self) -> _envelope_pb2.Receipt:
+        """last_receipt is the receipt of the command that consumed next_counter - 1 (see last_result)."""
+
     def __init__(
         self,
         *,
         next_counter: _builtins.int = ...,
         last_command_hash: _builtins.bytes = ...,
         last_sequence: _builtins.int = ...,
+        last_result: _builtins.bytes = ...,
+        last_receipt: _envelope_pb2.Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_receipt", b"last_receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_command_hash", b"last_command_hash", "last_sequence", b"last_sequence", "next_counter", b"next_counter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_command_hash", b"last_command_hash", "last_receipt", b"last_receipt", "last_result", b"last_result", "last_sequence", b"last_sequence", "next_counter", b"next_counter"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -169,22 +169,26 @@ class AccountCounter(_message.Message):
     COUNTER_FIELD_NUMBER: _builtins.int
     COMMAND_HASH_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
     counter: _builtins.int
     """counter is the last counter the account's commands consumed."""
     command_hash: _builtins.bytes
     """command_hash is the hash of the command that consumed it."""
     sequence: _builtins.int
     """sequence is that command's log sequence."""
+    result: _builtins.bytes
+    """result is that command's serialized CommandResult (deterministic: replay recomputes it)."""
     def __init__(
         self,
         *,
         counter: _builtins.int = ...,
         command_hash: _builtins.bytes = ...,
         sequence: _builtins.int = ...,
+        result: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_hash", b"command_hash", "counter", b"counter", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_hash", b"command_hash", "counter", b"counter", "result", b"result", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""Counter state is typed and names the command that used a counter, with the answer it got.
+
+This is what lets a client tell "my command ran, here is its answer" from "another command used
+my counter, mine can never run" without parsing error text (break 4 of issue 11).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from veil.enclave.v1 import apps_pb2, command_pb2
+
+from enclave import commands, wire
+from tests.enclave.support import Harness, Sealed, config, error_code, vault
+
+PUT = vault(put=apps_pb2.VaultPut(record_id="r", data=b"secret"))
+
+
+def _response(harness: Harness, sealed: Sealed) -> command_pb2.CommandResponse:
+    (outcome,) = harness.run("v", sealed)
+    return commands.open_response(sealed.response_key, outcome.sealed_response, "v", sealed.request_id)
+
+
+def test_a_used_counter_names_its_command_and_keeps_its_answer(harness: Harness) -> None:
+    harness.create("v", config())
+    alice = harness.client("v")
+    first = alice.seal(PUT)
+    answered = _response(harness, first)
+    assert answered.HasField("receipt")
+    first_hash = wire.command_hash(first.command.encapsulated_key, first.command.ciphertext)
+    # The very same bytes again (a host replaying them): refused, naming them, with their answer.
+    replayed = command_pb2.CommandResult.FromString(_response(harness, first).result)
+    assert error_code(replayed) == "ABORTED"
+    state = replayed.counter
+    assert (state.next_counter, state.last_command_hash, state.last_sequence) == (2, first_hash, 2)
+    assert state.last_result == answered.result
+    receipt = state.last_receipt
+    assert wire.verify_receipt(receipt, harness.keys.signing_public_key)
+    assert (receipt.sequence, receipt.command_hash) == (answered.receipt.sequence, first_hash)
+    assert receipt.result_hash == hashlib.sha256(answered.result).digest()
+    # Another sealing under the same counter: refused, naming the first (not this one).
+    other = alice.seal(PUT, counter=1)
+    result = command_pb2.CommandResult.FromString(_response(harness, other).result)
+    assert error_code(result) == "ABORTED"
+    assert result.counter.last_command_hash == first_hash
+    assert result.counter.last_command_hash != wire.command_hash(
+        other.command.encapsulated_key, other.command.ciphertext
+    )
+
+
+def test_queries_carry_the_next_counter_without_the_last_answer(harness: Harness) -> None:
+    harness.create("v", config())
+    alice = harness.client("v")
+    fresh = harness.query(alice, vault(get=apps_pb2.VaultGet(owner="alice", record_id="r")))
+    assert (fresh.counter.next_counter, fresh.counter.last_command_hash) == (1, b"")
+    harness.call(alice, PUT)
+    after = harness.query(alice, vault(get=apps_pb2.VaultGet(owner="alice", record_id="r")))
+    assert after.counter.next_counter == 2
+    assert after.counter.last_result == b""
+    assert not after.counter.HasField("last_receipt")
