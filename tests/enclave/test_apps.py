@@ -131,9 +131,7 @@ def test_token_app_requires_signature_scheme_and_issuer_key(harness: Harness) ->
 
     harness.provision("t2")
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
-        harness.create_raw(
-            "t2", config(envelope_pb2.APP_KIND_TOKEN, envelope_pb2.AUTH_SCHEME_SIGNATURE)
-        )
+        harness.create_raw("t2", config(envelope_pb2.APP_KIND_TOKEN, envelope_pb2.AUTH_SCHEME_SIGNATURE))
     with pytest.raises(EnclaveCallError, match="AUTH_SCHEME_SIGNATURE"):
         harness.create_raw(
             "t2",

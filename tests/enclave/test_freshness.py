@@ -43,7 +43,7 @@ def _statement(
         if name == "signer":
             continue
         setattr(statement, name, value)
-    signer = changes.get("signer", None)
+    signer = changes.get("signer")
     key = signer if isinstance(signer, ed25519.Ed25519PrivateKey) else None
     if changes:
         from tests.enclave.support import KEYVAULT_RELEASE_KEY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -182,9 +183,8 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
             instance_id=INSTANCE, enclave_signing_public_key=fresh_enclave.signing_public_bytes
         ),
     ):
-        assert (
-            refusal(lambda bad=bad: state.GetCommitHead(bad, timeout=10))[0]
-            == grpc.StatusCode.INVALID_ARGUMENT
+        assert refusal(functools.partial(state.GetCommitHead, bad, timeout=10))[0] == (
+            grpc.StatusCode.INVALID_ARGUMENT
         )
     old_hash = hashlib.sha256(b"entry 2").digest()
     rollback = keyvault_pb2.AdvanceCommitHeadRequest(
