@@ -446,13 +446,18 @@ class BenchOptions:
     processes: int = 2
     inline: bool = False
     cpu_pids: dict[str, list[int]] = field(default_factory=dict)
+    ack: str = "strict"
 
 
-def _token_config(issuer: SigningIdentity) -> envelope_pb2.InstanceConfig:
+ACK_MODES = {"strict": envelope_pb2.ACKNOWLEDGMENT_STRICT, "fast": envelope_pb2.ACKNOWLEDGMENT_FAST}
+
+
+def _token_config(issuer: SigningIdentity, ack: str) -> envelope_pb2.InstanceConfig:
     return envelope_pb2.InstanceConfig(
         app=envelope_pb2.APP_KIND_TOKEN,
         auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
         token_issuer_public_key=issuer.public_key,
+        acknowledgment=ACK_MODES[ack],
     )
 
 
@@ -460,11 +465,13 @@ def _log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def setup(client: VeilClient, clients: int) -> tuple[str, list[ClientSpec], envelope_pb2.EnclavePublicKeys]:
+def setup(
+    client: VeilClient, clients: int, ack: str = "strict"
+) -> tuple[str, list[ClientSpec], envelope_pb2.EnclavePublicKeys]:
     """A fresh token instance and one funded account per client (a ring: each pays the next)."""
     instance_id = f"bench-{secrets.token_hex(4)}"
     issuer = SigningIdentity(ed25519.Ed25519PrivateKey.generate(), "bench-issuer")
-    client.create_instance(instance_id, _token_config(issuer))
+    client.create_instance(instance_id, _token_config(issuer, ack))
     accounts = [ed25519.Ed25519PrivateKey.generate() for _ in range(clients)]
     public = [key.public_key().public_bytes_raw().hex() for key in accounts]
     token = client.token(instance_id, issuer)
@@ -483,7 +490,7 @@ def _tps(result: RunResult, seconds: float) -> float:
 def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) -> dict[str, Any]:
     """Set up, warm up, measure confidential then baseline; one JSON-ready report."""
     _log(f"setting up {options.clients} accounts")
-    instance_id, specs, keys = setup(client, options.clients)
+    instance_id, specs, keys = setup(client, options.clients, options.ack)
     probe = seal_command(
         keys,
         instance_id=instance_id,
@@ -584,6 +591,7 @@ def _measure(
         "commands": len(confidential.latencies),
         "baseline_calls": len(baseline.latencies),
         "presealed": not options.inline,
+        "acknowledgment": options.ack,
         "sealed_in_window": confidential.sealed_in_window,
         "client_seal_ms": round(1000 * presealed.seconds / presealed.count, 3) if presealed.count else None,
         "client_open_ms": round(1000 * verified.seconds / verified.count, 3) if verified.count else None,
@@ -611,6 +619,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed window")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before the windows")
     parser.add_argument("--processes", type=int, default=2, help="worker processes the client threads run in")
+    parser.add_argument(
+        "--ack",
+        choices=sorted(ACK_MODES),
+        default="strict",
+        help="acknowledgment of the bench instance: strict (the default: answers wait for the "
+        "keyvault's head) or fast (answers once durable)",
+    )
     parser.add_argument(
         "--seal-inline",
         action="store_true",
@@ -662,6 +677,7 @@ def bench_command(args: argparse.Namespace) -> int:
         processes=args.processes,
         inline=args.seal_inline,
         cpu_pids=_cpu_pids(args.cpu_pid),
+        ack=args.ack,
     )
     with client:
         report = run(client, connection, options)

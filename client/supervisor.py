@@ -282,6 +282,12 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     write_dev_policy(data_dir, pins.release_key, pins.jwks)
     print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
+    # Say it where people look: a sim mesh is a development tool, not a confidential one.
+    print(
+        "  the enclave is SIMULATED: this machine holds its platform secret and the dev SGX root's "
+        "keys, so nothing here is hidden from whoever runs it (deploy/k8s/overlays/aks runs on SGX)",
+        flush=True,
+    )
     mesh.watch()
     mesh.stop()
     _log.info("mesh stopped")
