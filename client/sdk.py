@@ -199,6 +199,7 @@ class VeilClient:
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
         self._unresolved: OrderedDict[str, _Call] = OrderedDict()  # calls without a definitive answer
+        self._heads: dict[str, int] = {}  # per instance: the newest head this client saw acknowledged
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -268,7 +269,11 @@ class VeilClient:
             bundle, self.policy, root_public_key=self._root, now=self._clock(), instance_id=instance_id
         )
         if verified.descriptor is not None:
+            # Trust on first use: an id names the instance first seen under it (the enclave gives
+            # out a descriptor only once the keyvault registered it), and no other after.
             self.pins.check(verified.descriptor)
+            if self.pins.get(instance_id) is None:
+                self.pins.pin(verified.descriptor)
         with self._lock:
             self._attestations[instance_id] = verified
         return verified
@@ -403,6 +408,7 @@ class VeilClient:
                 continue
             if opened.accepted:
                 self.counters.record(instance_id, account, state.counter)
+                self._saw(instance_id, opened.sequence)
                 return opened
             error = opened.result.error if opened.result.HasField("error") else None
             if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
@@ -514,7 +520,13 @@ class VeilClient:
     def query(
         self, instance_id: str, call: apps_pb2.AppCall, identity: Identity, *, suite: int = X25519_SUITE
     ) -> Opened:
-        """Run one read-only call (no counter, nothing logged) and return its verified answer."""
+        """Run one read-only call (no counter, nothing logged) and return its verified answer.
+
+        The answer must read a head at or after every head this client saw acknowledged before
+        the call (monotonic reads): an older one is a host serving a stale or rolled-back boot.
+        """
+        with self._lock:
+            floor = self._heads.get(instance_id, 0)
         for attempt in range(2):
             attestation = self.attest(instance_id, refresh=attempt > 0)
             sealed = seal_command(
@@ -538,11 +550,24 @@ class VeilClient:
                     continue
                 raise
             try:
-                return open_outcome(sealed, reply.outcome, attestation.keys.signing_public_key, query=True)
+                opened = open_outcome(sealed, reply.outcome, attestation.keys.signing_public_key, query=True)
             except CommandRefused as refusal:
                 if refusal.code != error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT or attempt > 0:
                     raise
+                continue
+            if opened.receipt is not None:
+                if opened.receipt.sequence < floor:
+                    raise IntegrityError(
+                        f"{instance_id}: the answer reads head {opened.receipt.sequence}, but this client "
+                        f"already saw head {floor} acknowledged: a stale or rolled-back enclave"
+                    )
+                self._saw(instance_id, opened.receipt.sequence)
+            return opened
         raise AssertionError("unreachable")
+
+    def _saw(self, instance_id: str, sequence: int) -> None:
+        with self._lock:
+            self._heads[instance_id] = max(self._heads.get(instance_id, 0), sequence)
 
     def watch_receipts(
         self, instance_id: str, *, identity: Identity | None = None, replay_recent: bool = True

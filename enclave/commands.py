@@ -63,6 +63,7 @@ def open_response(
     return command_pb2.CommandResponse.FromString(plaintext)
 
 
-def open_held(key: bytes, blob: bytes, instance_id: str, held_until: int) -> bytes:
-    """Host side: unwrap an answer held until head `held_until` (raises DecryptionError)."""
-    return crypto.open_blob(key, blob, wire.held_response_aad(instance_id, held_until))
+def open_held(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    """Host side: unwrap a held answer (aad: `wire.held_response_aad` or `held_read_aad`);
+    raises DecryptionError."""
+    return crypto.open_blob(key, blob, aad)

@@ -7,8 +7,9 @@ a nested transaction (an app refusal keeps only the counter advance, so a refuse
 never be replayed later), then check the memory budget before committing.
 
 Besides its state an instance knows its genesis (which the keyvault registers), the newest
-head the keyvault confirmed, and, under strict acknowledgment, the keys of answers held until
-the keyvault confirms the heads they depend on (`holds`, oldest first).
+head the keyvault confirmed, whether the keyvault has vouched for it to this boot at all
+(`live`), the keys of answers held until the keyvault confirms the heads they depend on
+(`holds`, oldest first), and the read rounds of queries held until a read fence.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ class Hold:
 
 
 @dataclass
+class ReadRound:
+    """Query answers held until a keyvault statement, asked for after they were read, covers
+    `sequence` (the newest head they read): a read fence."""
+
+    number: int
+    sequence: int
+    key: bytes
+    closed: bool = False
+
+
+@dataclass
 class Instance:
     """A loaded instance. `sequence`/`head_hash` name its last log entry."""
 
@@ -62,6 +74,10 @@ class Instance:
     genesis_hash: bytes = wire.ZERO_HASH
     confirmed: envelope_pb2.CommitHead = field(default_factory=envelope_pb2.CommitHead)
     holds: list[Hold] = field(default_factory=list)
+    live: bool = False  # the keyvault vouched for this instance to this boot
+    reads: list[ReadRound] = field(default_factory=list)
+    read_challenge: bytes = b""
+    read_rounds: int = 0  # rounds opened so far: numbers are never reused within a boot
 
     @classmethod
     def create(
@@ -83,6 +99,11 @@ class Instance:
     def strict(self) -> bool:
         """Whether answers wait for the keyvault to confirm the head they depend on."""
         return self.config.acknowledgment != envelope_pb2.ACKNOWLEDGMENT_FAST
+
+    @property
+    def holding(self) -> bool:
+        """Whether answers are held: always when strict, and for any instance until it is live."""
+        return self.strict or not self.live
 
     @property
     def config_bytes(self) -> bytes:

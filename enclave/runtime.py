@@ -36,7 +36,7 @@ from enclave.errors import (
     DecryptionError,
     EnclaveError,
 )
-from enclave.instance import CounterMismatch, Hold, Instance
+from enclave.instance import CounterMismatch, Hold, Instance, ReadRound
 from enclave.providers import QuoteProvider, SealingProvider
 from enclave.store import Store
 
@@ -45,7 +45,8 @@ _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches
 _ED25519_KEY_SIZE = 32
 _X25519_ENC_SIZE = 32
 MAX_CHALLENGES = 1024  # outstanding challenges; the oldest is dropped beyond this
-MAX_HOLDS = 4096  # per strict instance: heads awaiting keyvault confirmation
+MAX_HOLDS = 4096  # per instance: heads awaiting keyvault confirmation
+MAX_READ_ROUNDS = 256  # per instance: query rounds awaiting a read fence
 
 
 def _data_loss(what: str) -> EnclaveError:
@@ -146,8 +147,8 @@ class Enclave:
 
     @staticmethod
     def _hold(instance: Instance) -> None:
-        """A strict instance's new head: answers that depend on it wait for its confirmation."""
-        if instance.strict:
+        """A new head of a holding instance: answers that depend on it wait for its confirmation."""
+        if instance.holding:
             instance.holds.append(
                 Hold(instance.sequence, instance.head_hash, secrets.token_bytes(crypto.KEY_SIZE))
             )
@@ -155,7 +156,7 @@ class Enclave:
     @staticmethod
     def _wrap_held(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
         """Seal answers under the newest unconfirmed head's hold key; the head sequence, or 0."""
-        if not instance.strict or not instance.holds:
+        if not instance.holds:
             return 0
         hold = instance.holds[-1]
         aad = wire.held_response_aad(instance.instance_id, hold.sequence)
@@ -163,6 +164,22 @@ class Enclave:
             if outcome.sealed_response:
                 outcome.sealed_response = crypto.seal_blob(hold.key, outcome.sealed_response, aad)
         return hold.sequence
+
+    @staticmethod
+    def _wrap_read(instance: Instance, outcome: envelope_pb2.CommandOutcome) -> int:
+        """Seal a query answer under the open read round's key; the round number, or 0."""
+        if not instance.holding or not outcome.sealed_response:
+            return 0
+        if not instance.reads or instance.reads[-1].closed:
+            if len(instance.reads) >= MAX_READ_ROUNDS:
+                raise EnclaveError(FAILED_PRECONDITION, "too many reads await a keyvault read fence")
+            instance.read_rounds += 1
+            instance.reads.append(ReadRound(instance.read_rounds, 0, secrets.token_bytes(crypto.KEY_SIZE)))
+        read = instance.reads[-1]
+        read.sequence = max(read.sequence, instance.sequence)
+        aad = wire.held_read_aad(instance.instance_id, read.number)
+        outcome.sealed_response = crypto.seal_blob(read.key, outcome.sealed_response, aad)
+        return read.number
 
     def _check_statement(self, instance_id: str, statement: envelope_pb2.HeadStatement, now_ms: int) -> None:
         """Accept the keyvault's head statement only for this enclave and its current challenge."""
@@ -263,11 +280,21 @@ class Enclave:
         return ecall_pb2.GetQuoteResponse(quote=quote, runtime_data=runtime_data)
 
     def issue_challenge(self, request: ecall_pb2.IssueChallengeRequest) -> ecall_pb2.IssueChallengeResponse:
-        """A fresh challenge for one instance; it replaces any earlier one for that instance."""
+        """A fresh challenge for one instance; it replaces any earlier one for that instance.
+
+        With `reads`, the challenge is the read fence of a loaded instance: it closes the open
+        read round, so the keyvault's statement for it is made after every read it covers.
+        """
         self._ready()
         if not _INSTANCE_ID.match(request.instance_id):
             raise EnclaveError(INVALID_ARGUMENT, "invalid instance id")
         challenge = secrets.token_bytes(wire.HASH_SIZE)
+        if request.reads:
+            instance = self._instance(request.instance_id)
+            for read in instance.reads:
+                read.closed = True
+            instance.read_challenge = challenge
+            return ecall_pb2.IssueChallengeResponse(challenge=challenge)
         self._challenges.pop(request.instance_id, None)
         self._challenges[request.instance_id] = challenge
         while len(self._challenges) > MAX_CHALLENGES:
@@ -325,9 +352,9 @@ class Enclave:
         instance.sequence, instance.head_hash = 1, wire.entry_hash(entry)
         instance.genesis_hash = instance.head_hash
         link = self._link(instance, envelope_pb2.CommitHead())
-        self._hold(instance)
+        self._hold(instance)  # not live: even a fast instance answers nothing before registration
         self._instances[instance_id] = instance
-        return ecall_pb2.CreateInstanceResponse(entry=entry, link=link, descriptor=self._descriptor(instance))
+        return ecall_pb2.CreateInstanceResponse(entry=entry, link=link)
 
     def execute_batch(self, request: ecall_pb2.ExecuteBatchRequest) -> ecall_pb2.ExecuteBatchResponse:
         """Run a batch of sealed commands: one outcome each, one log entry per accepted command."""
@@ -459,7 +486,7 @@ class Enclave:
             command, result.SerializeToString(deterministic=True), receipt
         )
         outcome = envelope_pb2.CommandOutcome(sealed_response=sealed_response)
-        return ecall_pb2.QueryResponse(outcome=outcome, held_until=self._wrap_held(instance, [outcome]))
+        return ecall_pb2.QueryResponse(outcome=outcome, read_round=self._wrap_read(instance, outcome))
 
     def snapshot(self, request: ecall_pb2.SnapshotRequest) -> ecall_pb2.SnapshotResponse:
         """The instance's whole state at its head, encrypted under its current key."""
@@ -521,39 +548,94 @@ class Enclave:
         instance.confirmed = envelope_pb2.CommitHead(
             sequence=kv_head.sequence, hash=kv_head.hash or wire.ZERO_HASH
         )
+        # Live at once only when the keyvault stated this very head for this boot; otherwise
+        # (entries it has not seen, or an instance it never registered) only once it confirms.
+        instance.live = bool(kv_head.sequence) and instance.sequence == kv_head.sequence
         response = ecall_pb2.RestoreResponse(head=instance.head())
-        if instance.sequence > kv_head.sequence:  # entries the keyvault has not seen yet
+        if not instance.live:
             response.link.CopyFrom(self._link(instance, instance.confirmed))
             self._hold(instance)
         self._instances[instance_id] = instance
-        response.descriptor.CopyFrom(self._descriptor(instance))
+        if instance.live:
+            response.descriptor.CopyFrom(self._descriptor(instance))
         return response
 
     def confirm_head(self, request: ecall_pb2.ConfirmHeadRequest) -> ecall_pb2.ConfirmHeadResponse:
-        """Take the keyvault's confirmation of a head; release the answers held until it."""
+        """Take the keyvault's word on a head for this boot; release what it covers.
+
+        A `confirmation` (AdvanceCommitHead's answer) releases the answers held until heads up
+        to it. A `statement` for the instance's read challenge is a read fence: made after the
+        reads it closed, it releases those whose head it covers, and confirms that head too. A
+        head that is not on this boot's chain means another boot moved on: refused.
+        """
+        _, signing_key = self._ready()
+        own_key = signing_key.public_key().public_bytes_raw()
+        if request.HasField("statement"):
+            return self._read_fence(request.statement, own_key)
         confirmation = request.confirmation
         instance = self._instance(confirmation.instance_id)
         head = confirmation.head
         if len(head.hash) != wire.HASH_SIZE:
             raise EnclaveError(INVALID_ARGUMENT, "confirmation hash must be 32 bytes")
-        message = wire.head_confirmation_bytes(instance.instance_id, head.sequence, head.hash)
-        if not wire.verify_ed25519(self._release_key, confirmation.signature, message):
-            raise EnclaveError(PERMISSION_DENIED, "confirmation is not signed by the pinned keyvault")
-        if head.sequence <= instance.confirmed.sequence:
-            if head.sequence == instance.confirmed.sequence and head.hash != instance.confirmed.hash:
-                raise _stale("the keyvault confirms another chain (a fork)")
-            return ecall_pb2.ConfirmHeadResponse()  # an older confirmation: nothing new
+        message = wire.head_confirmation_bytes(instance.instance_id, head.sequence, head.hash, own_key)
+        if confirmation.enclave_signing_public_key != own_key or not wire.verify_ed25519(
+            self._release_key, confirmation.signature, message
+        ):
+            raise EnclaveError(
+                PERMISSION_DENIED, "not a confirmation by the pinned keyvault for this enclave"
+            )
+        response = ecall_pb2.ConfirmHeadResponse()
+        self._confirm(instance, head, response)
+        return response
+
+    def _read_fence(
+        self, statement: envelope_pb2.HeadStatement, own_key: bytes
+    ) -> ecall_pb2.ConfirmHeadResponse:
+        instance = self._instance(statement.instance_id)
+        challenge, instance.read_challenge = instance.read_challenge, b""  # used up either way
+        head = statement.head
+        if not challenge or not hmac.compare_digest(statement.challenge, challenge):
+            raise _stale("the statement does not answer this instance's read challenge")
+        if statement.enclave_signing_public_key != own_key or not wire.verify_ed25519(
+            self._release_key, statement.signature, wire.head_statement_bytes(statement)
+        ):
+            raise EnclaveError(PERMISSION_DENIED, "not a statement by the pinned keyvault for this enclave")
+        response = ecall_pb2.ConfirmHeadResponse()
+        if head.sequence:
+            if (statement.genesis_hash, statement.config_hash) != (
+                instance.genesis_hash,
+                wire.config_hash(instance.config_bytes),
+            ):
+                raise _stale("the keyvault holds another instance under this id (a fork)")
+            self._confirm(instance, head, response)
+            covered = [r for r in instance.reads if r.closed and r.sequence <= head.sequence]
+            instance.reads = [r for r in instance.reads if r not in covered]
+            response.released.extend(ecall_pb2.ReleasedHold(read_round=r.number, key=r.key) for r in covered)
+        response.reads_waiting = sum(1 for r in instance.reads if r.closed)
+        return response
+
+    def _confirm(
+        self, instance: Instance, head: envelope_pb2.CommitHead, response: ecall_pb2.ConfirmHeadResponse
+    ) -> None:
+        """The keyvault holds `head`: it must be on this boot's chain; release the holds it covers."""
+        on_chain = (
+            (head.sequence, head.hash) == (instance.sequence, instance.head_hash)
+            or (head.sequence, head.hash) == (instance.confirmed.sequence, instance.confirmed.hash)
+            or any((h.sequence, h.hash) == (head.sequence, head.hash) for h in instance.holds)
+            # A fast instance keeps no holds once live: its older heads cannot be told apart.
+            or (not instance.holding and head.sequence < instance.sequence)
+        )
+        if not on_chain:
+            raise _stale("the keyvault holds a head not on this enclave's chain (a fork, or a stale boot)")
+        if head.sequence < instance.confirmed.sequence:
+            return  # an older confirmation: nothing new
         released = [hold for hold in instance.holds if hold.sequence <= head.sequence]
-        known = {hold.sequence: hold.hash for hold in instance.holds}
-        if head.sequence > instance.sequence or (instance.strict and known.get(head.sequence) != head.hash):
-            raise _stale("the confirmed head is not on this enclave's chain (a fork)")
-        if head.sequence == instance.sequence and head.hash != instance.head_hash:
-            raise _stale("the confirmed head is not on this enclave's chain (a fork)")
         instance.holds = instance.holds[len(released) :]
         instance.confirmed = envelope_pb2.CommitHead(sequence=head.sequence, hash=head.hash)
-        return ecall_pb2.ConfirmHeadResponse(
-            released=[ecall_pb2.ReleasedHold(held_until=h.sequence, key=h.key) for h in released]
-        )
+        response.released.extend(ecall_pb2.ReleasedHold(held_until=h.sequence, key=h.key) for h in released)
+        if not instance.live:
+            instance.live = True
+            response.descriptor.CopyFrom(self._descriptor(instance))
 
     @staticmethod
     def _bridge(

@@ -24,7 +24,8 @@ Signed by the keyvault's Ed25519 release key (pinned in the enclave at Initializ
                   || bytes16(genesis_hash) || bytes16(config_hash) || u64(not_after_unix_ms)
                   (GetCommitHead for one enclave challenge; sequence 0 = no such instance)
     head confirmation: "veil/head-confirmation/v1" || str16(instance_id) || u64(sequence)
-                  || hash(32)   (AdvanceCommitHead's answer; releases held answers)
+                  || hash(32) || bytes16(enclave_signing_public_key)
+                  (AdvanceCommitHead's answer, to the boot whose links got there)
 Signed by the enclave's Ed25519 key:
     commit link:  "veil/commit-link/v1" || str16(instance_id) || genesis_hash(32)
                   || config_hash(32) || u64(base_sequence) || base_hash(32) || u64(sequence)
@@ -43,6 +44,7 @@ AES-256-GCM additional data:
                   || u32(key_version)
     response:     "veil/response/v1" || str16(instance_id) || str16(request_id)
     held answer:  "veil/held-response/v1" || str16(instance_id) || u64(held_until)
+    held read:    "veil/held-read/v1" || str16(instance_id) || u64(read_round)
     sealed keys:  "veil/sealed-keys/v2" || bytes16(keyvault_release_public_key)
 Hashes (SHA-256):
     command hash: SHA-256(encapsulated_key || ciphertext) of the SealedCommand
@@ -78,6 +80,7 @@ _HEAD_CONFIRMATION = b"veil/head-confirmation/v1"
 _COMMIT_LINK = b"veil/commit-link/v1"
 _INSTANCE = b"veil/instance/v1"
 _HELD_RESPONSE = b"veil/held-response/v1"
+_HELD_READ = b"veil/held-read/v1"
 _RECEIPT = b"veil/receipt/v1"
 _COMMAND_SIGNATURE = b"veil/command-signature/v1"
 _LOG_ENTRY = b"veil/log-entry/v1"
@@ -173,9 +176,20 @@ def head_statement_bytes(statement: envelope_pb2.HeadStatement) -> bytes:
     )
 
 
-def head_confirmation_bytes(instance_id: str, sequence: int, head_hash: bytes) -> bytes:
-    """What the keyvault signs when it holds head (sequence, hash) of an instance."""
-    return _HEAD_CONFIRMATION + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
+def head_confirmation_bytes(
+    instance_id: str, sequence: int, head_hash: bytes, enclave_signing_public_key: bytes
+) -> bytes:
+    """What the keyvault signs when it holds head (sequence, hash), for the boot that got it there.
+
+    Bound to that boot's key: an old confirmation cannot be replayed into another boot.
+    """
+    return (
+        _HEAD_CONFIRMATION
+        + _str16(instance_id)
+        + _u(sequence, 8)
+        + _hash32(head_hash, "head hash")
+        + _prefixed(enclave_signing_public_key, 2)
+    )
 
 
 def commit_link_bytes(link: envelope_pb2.CommitLink) -> bytes:
@@ -210,6 +224,11 @@ def config_hash(config_bytes: bytes) -> bytes:
 def held_response_aad(instance_id: str, held_until: int) -> bytes:
     """AES-GCM aad of an answer held until the keyvault confirms head `held_until`."""
     return _HELD_RESPONSE + _str16(instance_id) + _u(held_until, 8)
+
+
+def held_read_aad(instance_id: str, read_round: int) -> bytes:
+    """AES-GCM aad of a query answer held until the read fence of round `read_round`."""
+    return _HELD_READ + _str16(instance_id) + _u(read_round, 8)
 
 
 def command_aad(instance_id: str) -> bytes:

@@ -20,7 +20,7 @@ Two operations, both against a hostile state host:
   keyvault holds none). The same head again is an idempotent success. Anything else --
   a path that does not extend the stored head (a fork, a rollback), another genesis, a bad
   signature -- is refused. The answer is a ``HeadConfirmation`` signed by the release key,
-  which lets a strict-acknowledgment enclave release the answers it held.
+  made to that enclave boot (its signing key), which lets it release the answers it held.
 
 Only enclaves the operator trusts may move heads at all: the token must satisfy the operator
 enclave policy (:mod:`services.keyvault.enclave_policy`), else
@@ -142,17 +142,29 @@ class CommitHeads:
         statement.signature = self._signer.sign(wire.head_statement_bytes(statement))
         return statement
 
-    def confirmation(self, head: CommitHead) -> envelope_pb2.HeadConfirmation:
-        """The release key's confirmation that the keyvault holds `head`."""
-        message = wire.head_confirmation_bytes(head.instance_id, head.sequence, head.hash)
+    def confirmation(
+        self, head: CommitHead, enclave_signing_public_key: bytes
+    ) -> envelope_pb2.HeadConfirmation:
+        """The release key's confirmation that the keyvault holds `head`, for the enclave boot whose
+        links reached it (an old confirmation replayed into another boot is refused there)."""
+        message = wire.head_confirmation_bytes(
+            head.instance_id, head.sequence, head.hash, enclave_signing_public_key
+        )
         return envelope_pb2.HeadConfirmation(
-            instance_id=head.instance_id, head=head.proto(), signature=self._signer.sign(message)
+            instance_id=head.instance_id,
+            head=head.proto(),
+            signature=self._signer.sign(message),
+            enclave_signing_public_key=enclave_signing_public_key,
         )
 
     def advance(
         self, instance_id: str, links: Sequence[envelope_pb2.CommitLink], token: str, *, caller: str
-    ) -> CommitHead:
-        """Move the head along `links` if the attested enclave signed them; see the module rules."""
+    ) -> tuple[CommitHead, bytes]:
+        """Move the head along `links` if the attested enclave signed them; see the module rules.
+
+        Returns the stored head and the signing key of the enclave that asked (whose links reach
+        that head), which its confirmation is made for.
+        """
         detail: dict[str, DetailValue] = {"instance_id": instance_id, "links": len(links)}
         try:
             _check_instance_id(instance_id)
@@ -192,7 +204,8 @@ class CommitHeads:
                         "a link does not verify with the attested enclave signing key",
                         reason="COMMIT_HEAD_BAD_SIGNATURE",
                     )
-            return self._compare_and_set(links, enclave.signing_public_bytes, caller, detail)
+            head = self._compare_and_set(links, enclave.signing_public_bytes, caller, detail)
+            return head, enclave.signing_public_bytes
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self._audit.record(

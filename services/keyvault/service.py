@@ -194,8 +194,10 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     ) -> Any:
         caller = peer_identity(context)
         with _domain_errors():
-            head = self._kv.heads.advance(request.instance_id, request.links, request.token, caller=caller)
-            confirmation = self._kv.heads.confirmation(head)
+            head, enclave_key = self._kv.heads.advance(
+                request.instance_id, request.links, request.token, caller=caller
+            )
+            confirmation = self._kv.heads.confirmation(head, enclave_key)
         return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence, confirmation=confirmation)
 
     def ListAuditEvents(

@@ -192,9 +192,10 @@ class EnclaveHost:
         """A DCAP quote over the enclave's own keys and `nonce` (32 bytes), with those keys."""
         return self.call("GetQuote", ecall_pb2.GetQuoteRequest(nonce=nonce), ecall_pb2.GetQuoteResponse)
 
-    def issue_challenge(self, instance_id: str) -> bytes:
-        """A single-use challenge for the keyvault's head statement about `instance_id`."""
-        request = ecall_pb2.IssueChallengeRequest(instance_id=instance_id)
+    def issue_challenge(self, instance_id: str, *, reads: bool = False) -> bytes:
+        """A single-use challenge for the keyvault's head statement about `instance_id` (with
+        `reads`: the read fence of a loaded instance, closing its open read round)."""
+        request = ecall_pb2.IssueChallengeRequest(instance_id=instance_id, reads=reads)
         return self.call("IssueChallenge", request, ecall_pb2.IssueChallengeResponse).challenge
 
     def provision_key(self, instance_id: str, key_version: int, wrapped_key: envelope_pb2.WrappedKey) -> None:
@@ -268,10 +269,16 @@ class EnclaveHost:
         )
         return self.call("Restore", request, ecall_pb2.RestoreResponse)
 
-    def confirm_head(self, confirmation: envelope_pb2.HeadConfirmation) -> list[ecall_pb2.ReleasedHold]:
-        """Hand over the keyvault's confirmation; returns the keys of the answers it releases."""
-        request = ecall_pb2.ConfirmHeadRequest(confirmation=confirmation)
-        return list(self.call("ConfirmHead", request, ecall_pb2.ConfirmHeadResponse).released)
+    def confirm_head(
+        self,
+        confirmation: envelope_pb2.HeadConfirmation | None = None,
+        *,
+        statement: envelope_pb2.HeadStatement | None = None,
+    ) -> ecall_pb2.ConfirmHeadResponse:
+        """Hand over the keyvault's word on a head (a confirmation, or a read fence statement);
+        returns the keys it releases and, once registered, the instance's descriptor."""
+        request = ecall_pb2.ConfirmHeadRequest(confirmation=confirmation, statement=statement)
+        return self.call("ConfirmHead", request, ecall_pb2.ConfirmHeadResponse)
 
     def seal(self) -> bytes:
         """The provisioned data keys sealed to this platform and measurement."""

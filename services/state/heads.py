@@ -66,17 +66,23 @@ class HeadAdvancer:
         *,
         metrics: StateMetrics,
         on_refused: Callable[[str, str], None],
-        on_confirmed: Callable[[envelope_pb2.HeadConfirmation], None],
+        on_confirmed: Callable[[envelope_pb2.HeadConfirmation], object],
+        read_fence: Callable[[str], int] | None = None,
         backoff: Backoff | None = None,
         pace_s: float = ADVANCE_PACE_S,
     ) -> None:
-        """`token(fresh)` returns an attestation token (a new one when `fresh`)."""
+        """`token(fresh)` returns an attestation token (a new one when `fresh`); `read_fence(id)`
+        runs one read fence for an instance and returns the read rounds still waiting."""
         self._keyvault = keyvault
         self._pace_s = pace_s
         self._token = token
         self._metrics = metrics
         self._on_refused = on_refused
         self._on_confirmed = on_confirmed
+        self._read_fence = read_fence
+        # Instances whose queries wait for a read fence; True: worth a fence now (asked for, or
+        # a head was just confirmed), False: waiting for their heads' confirmation.
+        self._reads: dict[str, bool] = {}
         self._backoff = backoff or Backoff()
         self._cond = threading.Condition()
         self._paths: dict[str, list[envelope_pb2.CommitLink]] = {}
@@ -124,6 +130,12 @@ class HeadAdvancer:
             path.append(link)
             self._cond.notify_all()
 
+    def request_read(self, instance_id: str) -> None:
+        """Queries of the instance wait for a read fence: run one soon (rounds coalesce)."""
+        with self._cond:
+            self._reads[instance_id] = True
+            self._cond.notify_all()
+
     def note_durable(self, instance_id: str, sequence: int) -> None:
         """Entries up to `sequence` are in the database even though no link covers them yet."""
         with self._cond:
@@ -155,13 +167,14 @@ class HeadAdvancer:
             return self._problem
 
     # -- the thread ----------------------------------------------------------------------------
-    def _next(self) -> dict[str, list[envelope_pb2.CommitLink]] | None:
+    def _next(self) -> tuple[dict[str, list[envelope_pb2.CommitLink]], list[str]] | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._stopping or bool(self._paths))
+            self._cond.wait_for(lambda: self._stopping or bool(self._paths) or any(self._reads.values()))
             if self._stopping:
                 return None
             self._busy = True
-            return {iid: path[:MAX_LINKS] for iid, path in self._paths.items()}
+            reads = [iid for iid, ready in self._reads.items() if ready]
+            return {iid: path[:MAX_LINKS] for iid, path in self._paths.items()}, reads
 
     def _settle(self, instance_id: str, sequence: int) -> None:
         """The keyvault holds `sequence`: drop the links it covers."""
@@ -172,16 +185,21 @@ class HeadAdvancer:
                 self._paths[instance_id] = path
             else:
                 self._paths.pop(instance_id, None)
+            if instance_id in self._reads:
+                self._reads[instance_id] = True  # reads that waited for this head may pass now
             self._problem = None
             self._cond.notify_all()
 
     def _run(self) -> None:
         failures = 0
         while True:
-            paths = self._next()
-            if paths is None:
+            work = self._next()
+            if work is None:
                 return
+            paths, reads = work
             unreachable = False
+            for instance_id in reads:
+                unreachable |= self._fence(instance_id) == "unreachable"
             for instance_id, links in paths.items():
                 try:
                     outcome = self._advance(instance_id, links)
@@ -204,6 +222,29 @@ class HeadAdvancer:
             with self._cond:
                 # Sleep, but wake for stop(); new links just join their paths meanwhile.
                 self._cond.wait_for(lambda: self._stopping, self._backoff.delay(failures))
+
+    def _fence(self, instance_id: str) -> str:
+        """One read fence for the instance; its reads stay pending while some wait for heads."""
+        with self._cond:
+            self._reads[instance_id] = False
+        if self._read_fence is None:
+            return "ok"
+        try:
+            waiting = self._read_fence(instance_id)
+        except KeyvaultUnavailable as exc:
+            with self._cond:
+                self._reads[instance_id] = True
+                self._problem = f"{exc.message}; reads wait for a read fence"
+            return "unreachable"
+        except Exception as exc:
+            _log.warning("read fence of %s failed (retried): %s", instance_id, exc)
+            with self._cond:
+                self._reads[instance_id] = True
+            return "unreachable"
+        with self._cond:
+            if waiting <= 0 and not self._reads.get(instance_id):
+                self._reads.pop(instance_id, None)  # (-1: refused; the incarnation is ending)
+        return "ok"
 
     def _advance(self, instance_id: str, links: list[envelope_pb2.CommitLink]) -> str:
         sequence = links[-1].head.sequence

@@ -1,11 +1,13 @@
-"""Answers a strict enclave holds until the keyvault confirms a head, and their release.
+"""Answers the enclave holds until the keyvault vouches for what they depend on, and their release.
 
-The enclave seals every answer of a strict instance under a hold key of the newest head it
-depends on, and gives the key out (ConfirmHead) only once the keyvault confirms that head. The
-host keeps one future per (instance, head): batches and queries wait on it, the confirmation
-path sets it with the key, and a failed incarnation fails them all. Keys released a moment
-before anyone asked (a query racing the confirmation) are kept briefly, so a late waiter does
-not wait for a confirmation that already came.
+The enclave seals every answer of a strict instance (and of any instance not yet registered
+for this boot) under a hold key: a command's under the key of the newest head it depends on,
+released (ConfirmHead) once the keyvault confirms that head to this boot; a query's under the
+key of its read round, released by a read fence (the keyvault's statement, asked for after the
+read). The host keeps one future per (instance, head) or (instance, read round): batches and
+queries wait on it, the confirmation path sets it with the key, and a failed incarnation fails
+them all. Keys released a moment before anyone asked are kept briefly, so a late waiter does not
+wait for a confirmation that already came.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from concurrent.futures import Future
 
 from veil.enclave.v1 import ecall_pb2, envelope_pb2
 
-from enclave import commands
+from enclave import commands, wire
 
 RECENT_RELEASES = 4096
 
@@ -32,8 +34,14 @@ class HeldAnswers:
         self._failure: BaseException | None = None
 
     def key(self, instance_id: str, held_until: int) -> Future[bytes]:
-        """The future hold key of the answers held until `held_until`."""
-        slot = (instance_id, held_until)
+        """The future hold key of the answers held until head `held_until`."""
+        return self._future((instance_id, held_until))
+
+    def read_key(self, instance_id: str, read_round: int) -> Future[bytes]:
+        """The future hold key of the query answers of read round `read_round`."""
+        return self._future((instance_id, -read_round))
+
+    def _future(self, slot: tuple[str, int]) -> Future[bytes]:
         with self._lock:
             future = self._released.get(slot) or self._waiting.get(slot)
             if future is None:
@@ -49,7 +57,7 @@ class HeldAnswers:
         ready = []
         with self._lock:
             for hold in released:
-                slot = (instance_id, hold.held_until)
+                slot = (instance_id, -hold.read_round if hold.read_round else hold.held_until)
                 future = self._waiting.pop(slot, None) or Future()
                 self._released[slot] = future
                 ready.append((future, bytes(hold.key)))
@@ -70,6 +78,14 @@ class HeldAnswers:
 
 
 def unwrap(key: bytes, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
-    """Replace a held outcome's sealed response by the client-sealed one inside it."""
+    """Replace a held command outcome's sealed response by the client-sealed one inside it."""
     if outcome.sealed_response:
-        outcome.sealed_response = commands.open_held(key, outcome.sealed_response, instance_id, held_until)
+        aad = wire.held_response_aad(instance_id, held_until)
+        outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)
+
+
+def unwrap_read(key: bytes, instance_id: str, read_round: int, outcome: envelope_pb2.CommandOutcome) -> None:
+    """Replace a held query outcome's sealed response by the client-sealed one inside it."""
+    if outcome.sealed_response:
+        aad = wire.held_read_aad(instance_id, read_round)
+        outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)

@@ -58,7 +58,7 @@ from services.state.errors import (
     from_outcome_error,
 )
 from services.state.heads import Backoff
-from services.state.holds import unwrap
+from services.state.holds import unwrap, unwrap_read
 from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from services.state.metrics import StateMetrics
 from services.state.snapshots import take_snapshot
@@ -508,7 +508,8 @@ class StateHost:
     def query(
         self, instance_id: str, command: envelope_pb2.SealedCommand, timeout: float
     ) -> state_pb2.QueryResponse:
-        """Run a read-only sealed command against committed state (held until it is confirmed)."""
+        """Run a read-only sealed command; a strict instance's answer waits for a read fence (the
+        keyvault's word, asked for after the read, that the state read is its head or behind it)."""
         runtime = self._serving()
         self._instance(runtime, instance_id)
         try:
@@ -522,15 +523,16 @@ class StateHost:
         outcome = response.outcome
         if outcome.HasField("error"):
             raise from_outcome_error(outcome.error.code, outcome.error.message)
-        if response.held_until:
+        if response.read_round:
+            runtime.advancer.request_read(instance_id)
             try:
-                key = runtime.holds.key(instance_id, response.held_until).result(timeout)
+                key = runtime.holds.read_key(instance_id, response.read_round).result(timeout)
             except concurrent.futures.TimeoutError:
                 raise DeadlineExceeded(
                     "the answer waits for the keyvault to confirm the state it read; retry"
                 ) from None
             try:
-                unwrap(key, instance_id, response.held_until, outcome)
+                unwrap_read(key, instance_id, response.read_round, outcome)
             except DecryptionError:
                 self._request_recovery(runtime, "a held answer did not open under its released key")
                 raise NotServing("the enclave misbehaved; recovering") from None
@@ -542,8 +544,14 @@ class StateHost:
         return state_pb2.Instance(instance_id=instance_id, config=state.config, head=state.head)
 
     def descriptor(self, instance_id: str) -> envelope_pb2.InstanceDescriptor:
-        """The instance's descriptor as its enclave signed it."""
-        return self._instance(self._serving(), instance_id).descriptor
+        """The instance's descriptor as its enclave signed it (once registered for this boot)."""
+        descriptor = self._instance(self._serving(), instance_id).descriptor
+        if descriptor is None:
+            raise Unavailable(
+                f"instance {instance_id!r} is not registered at the keyvault for this enclave yet; retry",
+                reason="INSTANCE_NOT_REGISTERED",
+            )
+        return descriptor
 
     def list_instances(self) -> list[state_pb2.Instance]:
         runtime = self._serving()
@@ -568,11 +576,15 @@ class StateHost:
                     raise AlreadyExists(f"instance {instance_id!r} exists with another configuration")
             else:
                 self._create(runtime, instance_id, config, config_bytes)
-        if not runtime.advancer.wait_confirmed(instance_id, 1, timeout):
-            raise Unavailable(
-                f"instance {instance_id!r} is created but the keyvault has not registered it yet "
-                f"({runtime.advancer.problem() or 'advancing'}); retry the same request"
-            )
+        state = self._instance(runtime, instance_id)
+        if state.descriptor is None:  # the genesis is held until the keyvault registers it
+            try:
+                runtime.holds.key(instance_id, 1).result(timeout)
+            except concurrent.futures.TimeoutError:
+                raise Unavailable(
+                    f"instance {instance_id!r} is created but the keyvault has not registered it yet "
+                    f"({runtime.advancer.problem() or 'advancing'}); retry the same request"
+                ) from None
         return self._instance_proto(runtime, instance_id), self.descriptor(instance_id)
 
     def _create(
@@ -611,12 +623,7 @@ class StateHost:
         if not created_here:  # another replica created it meanwhile (a shared PostgreSQL)
             self._request_recovery(runtime, f"instance {instance_id!r} was created elsewhere")
             raise AlreadyExists(f"instance {instance_id!r} was created by another replica")
-        runtime.instances[instance_id] = InstanceState(
-            envelope_pb2.InstanceConfig.FromString(created.descriptor.config),
-            created.link.head,
-            0,
-            created.descriptor,
-        )
+        runtime.instances[instance_id] = InstanceState(config, created.link.head, 0)
         runtime.advancer.push(created.link)
         runtime.reseal()
         _log.info("created instance %r (app %s)", instance_id, envelope_pb2.AppKind.Name(config.app))

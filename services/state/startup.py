@@ -46,12 +46,13 @@ class Stopping(Exception):
 @dataclass
 class InstanceState:
     """A served instance: its configuration, committed head, latest snapshot position, and the
-    descriptor the enclave signed for it (what clients verify)."""
+    descriptor the enclave signed for it (what clients verify), which it gives out only once the
+    keyvault has registered the instance for this boot (None until then)."""
 
     config: envelope_pb2.InstanceConfig
     head: envelope_pb2.CommitHead
     snapshot_sequence: int
-    descriptor: envelope_pb2.InstanceDescriptor
+    descriptor: envelope_pb2.InstanceDescriptor | None = None
 
     @property
     def strict(self) -> bool:
@@ -82,10 +83,11 @@ class Runtime:
     def close(self) -> None:
         if self.batcher is not None:
             self.batcher.stop(drain=False, timeout=10)
+        # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away);
+        # their confirmations still release held answers while the enclave is open.
+        self.advancer.stop(flush_s=0 if self.broken else 2.0)
         # Answers still held were never released by the enclave: they will not be now.
         self.holds.fail(NotServing("the state service is recovering; retry with the same request_id"))
-        # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away).
-        self.advancer.stop(flush_s=0 if self.broken else 2.0)
         self.enclave.close()
 
     def reseal(self) -> None:
@@ -166,9 +168,14 @@ class Startup:
                 lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
                 metrics=self.metrics,
                 on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
-                on_confirmed=lambda confirmation: _take_confirmation(
-                    runtime, confirmation, on_refused, on_broken
+                on_confirmed=lambda confirmation: _take(
+                    runtime,
+                    instance_id=confirmation.instance_id,
+                    on_refused=on_refused,
+                    on_broken=on_broken,
+                    confirmation=confirmation,
                 ),
+                read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
                 backoff=self._backoff,
             ),
         )
@@ -193,6 +200,29 @@ class Startup:
         if released:
             runtime.reseal()
         return runtime
+
+    def _read_fence(
+        self,
+        runtime: Runtime,
+        instance_id: str,
+        on_refused: Callable[[Runtime, str], None],
+        on_broken: Callable[[Runtime, str], None],
+    ) -> int:
+        """A read fence: the keyvault's statement for a read challenge issued after the reads it
+        covers; returns the read rounds still waiting for their heads (-1: refused)."""
+        try:
+            challenge = runtime.enclave.issue_challenge(instance_id, reads=True)
+        except EnclaveUnavailableError as exc:
+            on_broken(runtime, f"the enclave runner failed: {exc}")
+            return -1
+        remote = self.keyvault.get_commit_head(instance_id, runtime.keys.signing_public_key, challenge)
+        return _take(
+            runtime,
+            instance_id=instance_id,
+            on_refused=on_refused,
+            on_broken=on_broken,
+            statement=remote.statement,
+        )
 
     def _recover(self, runtime: Runtime, record: InstanceRecord, number: int, total: int) -> bool:
         """Recover one instance; True when keys had to be released for it."""
@@ -236,10 +266,10 @@ class Startup:
             )
         self.metrics.record_recovery(len(log.entries), time.monotonic() - started)
         runtime.instances[iid] = InstanceState(
-            config=envelope_pb2.InstanceConfig.FromString(restored.descriptor.config),
+            config=envelope_pb2.InstanceConfig.FromString(record.config),
             head=head,
             snapshot_sequence=log.snapshot_sequence,
-            descriptor=restored.descriptor,
+            descriptor=restored.descriptor if restored.HasField("descriptor") else None,
         )
         runtime.advancer.confirm(iid, remote.sequence)
         runtime.advancer.note_durable(iid, head.sequence)
@@ -248,25 +278,31 @@ class Startup:
         return released
 
 
-def _take_confirmation(
+def _take(
     runtime: Runtime,
-    confirmation: envelope_pb2.HeadConfirmation,
+    *,
+    instance_id: str,
     on_refused: Callable[[Runtime, str], None],
     on_broken: Callable[[Runtime, str], None],
-) -> None:
-    """Hand the keyvault's confirmation to the enclave and release the answers it frees."""
-    instance_id = confirmation.instance_id
+    confirmation: envelope_pb2.HeadConfirmation | None = None,
+    statement: envelope_pb2.HeadStatement | None = None,
+) -> int:
+    """Hand the keyvault's word on a head to the enclave and release what it frees; returns the
+    read rounds still waiting (-1 when the enclave refused it: this incarnation stops)."""
     state = runtime.instances.get(instance_id)
-    if state is not None and not state.strict:
-        return  # a fast instance holds nothing: no ECALL to spend
+    if confirmation is not None and state is not None and not state.strict and state.descriptor is not None:
+        return 0  # a fast instance registered for this boot holds nothing: no ECALL to spend
     try:
-        released = runtime.enclave.confirm_head(confirmation)
-    except EnclaveCallError as exc:  # the keyvault holds another chain than this enclave's
+        response = runtime.enclave.confirm_head(confirmation, statement=statement)
+    except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
         on_refused(
             runtime, f"instance {instance_id!r}: the enclave refused the keyvault's head: {exc.message}"
         )
-        return
+        return -1
     except EnclaveUnavailableError as exc:
         on_broken(runtime, f"the enclave runner failed: {exc}")
-        return
-    runtime.holds.release(instance_id, released)
+        return -1
+    if response.HasField("descriptor") and state is not None:
+        state.descriptor = response.descriptor  # registered for this boot: before any waiter wakes
+    runtime.holds.release(instance_id, list(response.released))
+    return response.reads_waiting

@@ -231,7 +231,13 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
                 host_time_unix_ms=NOW_MS,
             ),
         ],
-        "ConfirmHead": [ecall_pb2.ConfirmHeadRequest(confirmation=head_confirmation("v", v_head))],
+        "ConfirmHead": [
+            ecall_pb2.ConfirmHeadRequest(
+                confirmation=head_confirmation("v", v_head, keys.signing_public_key)
+            ),
+            # A read fence for a challenge that is never current when the seed is replayed.
+            ecall_pb2.ConfirmHeadRequest(statement=harness.statement("v", v_head)),
+        ],
         "Seal": [ecall_pb2.SealRequest()],
         "Unseal": [ecall_pb2.UnsealRequest(sealed_blob=harness.host.seal())],
         "GetStatus": [ecall_pb2.GetStatusRequest()],

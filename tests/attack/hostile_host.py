@@ -95,10 +95,27 @@ class EnclaveBoot:
         )
         return self.state.AdvanceCommitHead(request, timeout=TIMEOUT).confirmation
 
-    def confirm(self, confirmation: envelope_pb2.HeadConfirmation) -> None:
+    def confirm(self, confirmation: envelope_pb2.HeadConfirmation) -> ecall_pb2.ConfirmHeadResponse:
         """Hand the enclave the keyvault's confirmation; keep the hold keys it releases."""
-        for hold in self.host.confirm_head(confirmation):
-            self.released[(confirmation.instance_id, hold.held_until)] = hold.key
+        return self._keep(confirmation.instance_id, self.host.confirm_head(confirmation))
+
+    def read_fence(self, instance_id: str) -> ecall_pb2.ConfirmHeadResponse:
+        """The honest read fence: a read challenge, the keyvault's statement for it, ConfirmHead."""
+        request = keyvault_pb2.GetCommitHeadRequest(
+            instance_id=instance_id,
+            enclave_signing_public_key=self.keys.signing_public_key,
+            challenge=self.host.issue_challenge(instance_id, reads=True),
+        )
+        statement = self.state.GetCommitHead(request, timeout=TIMEOUT).statement
+        return self._keep(instance_id, self.host.confirm_head(statement=statement))
+
+    def _keep(
+        self, instance_id: str, response: ecall_pb2.ConfirmHeadResponse
+    ) -> ecall_pb2.ConfirmHeadResponse:
+        for hold in response.released:
+            slot = (instance_id, -hold.read_round if hold.read_round else hold.held_until)
+            self.released[slot] = hold.key
+        return response
 
     # -- the honest steps, one by one ---------------------------------------------------------
     def create(
@@ -118,11 +135,18 @@ class EnclaveBoot:
         return self.host.execute_batch(instance_id, list(sealed), now_ms())
 
     def open_held(self, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
-        """Unwrap a held answer in place with a key the enclave released (KeyError: none yet)."""
+        """Unwrap a held command answer in place with a key the enclave released (KeyError: none yet)."""
         if held_until:
             key = self.released[(instance_id, held_until)]
-            sealed = outcome.sealed_response
-            outcome.sealed_response = commands.open_held(key, sealed, instance_id, held_until)
+            aad = wire.held_response_aad(instance_id, held_until)
+            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)
+
+    def open_read(self, instance_id: str, read_round: int, outcome: envelope_pb2.CommandOutcome) -> None:
+        """Unwrap a held query answer in place (KeyError: its read round was not released)."""
+        if read_round:
+            key = self.released[(instance_id, -read_round)]
+            aad = wire.held_read_aad(instance_id, read_round)
+            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)
 
     def client(self, instance_id: str, **kwargs: object) -> Client:
         return Client(self.keys, instance_id, **kwargs)  # type: ignore[arg-type]

@@ -174,7 +174,11 @@ def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault,
     assert response.held_until == head_k.sequence + 2
     eve_tally = clients["eve"].seal(ballot(tally=apps_pb2.BallotTally(ballot_id="chair")), counter=0)
     query = boot.host.query(instance_id, eve_tally.command, now_ms())
-    assert query.held_until == response.held_until
+    assert query.read_round
+    # A read fence now: the keyvault still holds K, so the round (which read K+2) stays held.
+    assert boot.read_fence(instance_id).reads_waiting == 1
+    with pytest.raises(KeyError):
+        boot.open_read(instance_id, query.read_round, query.outcome)
     for outcome in [*response.outcomes, query.outcome]:
         with pytest.raises(DecryptionError):  # the host cannot open it as a client answer either
             clients["eve"].read(eve_tally, outcome)
@@ -191,7 +195,8 @@ def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault,
     # Rewind across boots: possible only while the keyvault head is still K, i.e. while the tally
     # was never released. To read it the host must advance, and then no boot restores K again.
     boot.confirm(boot.advance(response.link))
-    boot.open_held(instance_id, query.held_until, query.outcome)
+    boot.read_fence(instance_id)
+    boot.open_read(instance_id, query.read_round, query.outcome)
     tally = clients["eve"].read(eve_tally, query.outcome).result.ballot.tally
     assert list(tally.counts) == [1, 3]  # the one final history, as the honest clients see it
     later = EnclaveBoot(keyvault, pki_dir)
@@ -540,18 +545,180 @@ def test_a_held_answer_opens_only_with_the_key_the_confirmation_releases(
     with pytest.raises(DecryptionError):
         writer.read(put, outcome)
     # A confirmation the host makes up (not the keyvault's release key) releases nothing.
-    fake = envelope_pb2.HeadConfirmation(instance_id=instance_id, head=response.link.head)
-    fake.signature = ed25519.Ed25519PrivateKey.generate().sign(
-        wire.head_confirmation_bytes(instance_id, response.link.head.sequence, response.link.head.hash)
-    )
-    code, _ = _refused_code(lambda: boot.host.confirm_head(fake))
-    assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED
-    # The test keyvault's key is not the pinned one either.
-    fake.signature = KEYVAULT_RELEASE_KEY.sign(
-        wire.head_confirmation_bytes(instance_id, response.link.head.sequence, response.link.head.hash)
-    )
-    code, _ = _refused_code(lambda: boot.host.confirm_head(fake))
-    assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED
+    key = boot.keys.signing_public_key
+    head = response.link.head
+    fake = envelope_pb2.HeadConfirmation(instance_id=instance_id, head=head, enclave_signing_public_key=key)
+    for signer in (ed25519.Ed25519PrivateKey.generate(), KEYVAULT_RELEASE_KEY):  # the test key is not pinned
+        fake.signature = signer.sign(wire.head_confirmation_bytes(instance_id, head.sequence, head.hash, key))
+        code, _ = _refused_code(lambda: boot.host.confirm_head(fake))
+        assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED
     boot.confirm(boot.advance(response.link))
     boot.open_held(instance_id, response.held_until, outcome)
     assert error_code(writer.read(put, outcome)) == "OK"
+
+
+# --- what the second review found (a fork kept for later, replayed confirmations, stale boots) ----
+
+
+def _kept_statement_setup(
+    keyvault: RunningKeyvault, pki_dir: Path, instance_id: str, genuine: envelope_pb2.InstanceConfig
+) -> tuple[EnclaveBoot, EnclaveBoot, envelope_pb2.HeadStatement, ecall_pb2.CreateInstanceResponse]:
+    """Boot R takes the keyvault's "no such instance" statement before the honest creation."""
+    honest, rogue = EnclaveBoot(keyvault, pki_dir), EnclaveBoot(keyvault, pki_dir)
+    honest.create_key(instance_id)
+    rogue.provision(instance_id)
+    early = rogue.statement(instance_id)
+    assert early.head.sequence == 0
+    created = honest.create(instance_id, genuine, new_key=False)  # registered at the keyvault
+    return honest, rogue, early, created
+
+
+def test_a_fork_made_with_a_statement_kept_from_before_creation_answers_nothing(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    """The host keeps a "no such instance" statement from before the honest creation, then has
+    its boot create the id as a FAST instance with itself as token issuer (the host's clock says
+    the statement is fresh). Nothing of that fork is ever given out: no descriptor, no answer,
+    held or not, because the keyvault never registers it for that boot."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    host_key = ed25519.Ed25519PrivateKey.generate()
+    genuine = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=os.urandom(32),
+    )
+    forked = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=host_key.public_key().public_bytes_raw(),
+        acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST,
+    )
+    honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, genuine)
+    fork = rogue.host.create_instance(instance_id, forked, early, early.not_after_unix_ms)
+    assert not fork.HasField("descriptor")  # no descriptor before registration
+    minter = rogue.client(instance_id, signer=host_key)
+    minted = rogue.execute(
+        instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="victim", amount=10**6))).command
+    )
+    assert minted.held_until  # a fast instance holds everything until it is registered
+    query = minter.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
+    read = rogue.host.query(instance_id, query.command, now_ms())
+    assert read.read_round
+    # The keyvault never registers it: its links do not extend the registered genesis...
+    status, reason = _rpc_refusal(lambda: rogue.advance(fork.link, minted.link))
+    assert (status, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_HEAD_FORK")
+    # ...and a read fence tells the fork the keyvault holds another instance under its id.
+    with pytest.raises(EnclaveCallError, match="another instance under this id"):
+        rogue.read_fence(instance_id)
+    with pytest.raises(KeyError):  # no hold key was ever released for the mint...
+        rogue.open_held(instance_id, minted.held_until, minted.outcomes[0])
+    with pytest.raises(KeyError):  # ...nor for the read
+        rogue.open_read(instance_id, read.read_round, read.outcome)
+    assert honest.stored_head(instance_id).genesis_hash == wire.entry_hash(created.entry)
+
+
+def test_a_kept_statement_cannot_restore_an_old_prefix_of_a_fast_instance(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    """With a "no such instance" statement from before creation, the host restores only the
+    genesis of a genuine FAST instance whose keyvault head is 4 (a rollback far below the head):
+    it is restored, but never registered for that boot, so it answers nothing."""
+    instance_id = f"fast-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    fast = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST,
+    )
+    honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, fast)
+    minter = honest.client(instance_id, signer=issuer)
+    for _ in range(3):
+        batch = honest.execute(
+            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="v", amount=10))).command
+        )
+        assert batch.held_until == 0  # registered: a fast instance answers at once
+        honest.confirm(honest.advance(batch.link))
+    assert honest.stored_head(instance_id).sequence == 4
+    restored = rogue.host.restore(instance_id, [created.entry], statement=early, host_time_unix_ms=0)
+    assert restored.head.sequence == 1
+    assert not restored.HasField("descriptor")
+    reader = rogue.client(instance_id, signer=issuer)
+    query = reader.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
+    assert rogue.host.query(instance_id, query.command, now_ms()).read_round  # held
+    status, reason = _rpc_refusal(lambda: rogue.advance(restored.link))
+    assert (status, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_HEAD_ROLLBACK")
+    with pytest.raises(EnclaveCallError, match="not on this enclave's chain"):
+        rogue.read_fence(instance_id)
+
+
+def test_an_old_confirmation_replayed_into_another_boot_releases_nothing(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    strict = config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+    )
+    honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, strict)
+    log, confirmations = [created.entry], {}
+    minter = honest.client(instance_id, signer=issuer)
+    for amount in (100, 200, 300):
+        batch = honest.execute(
+            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="a", amount=amount))).command
+        )
+        log += batch.entries
+        confirmation = honest.advance(batch.link)
+        confirmations[confirmation.head.sequence] = confirmation  # the host keeps them
+        honest.confirm(confirmation)
+    restored = rogue.host.restore(instance_id, log[:2], statement=early, host_time_unix_ms=0)
+    assert restored.head.sequence == 2
+    code, message = _refused_code(lambda: rogue.host.confirm_head(confirmations[2]))
+    assert code == error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED, message
+    assert rogue.host.get_status().instances[0].confirmed.sequence == 0
+
+
+def test_a_boot_left_behind_gives_no_stale_strict_read(keyvault: RunningKeyvault, pki_dir: Path) -> None:
+    """Boot A is restored honestly at head 1 and left running; another boot moves the instance
+    on. A's strict query answers wait for a read fence, and the fence tells A it is behind:
+    refused, so the host stops serving from it instead of showing a state before acknowledged
+    commands."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    first = EnclaveBoot(keyvault, pki_dir)
+    created = first.create(
+        instance_id,
+        config(
+            envelope_pb2.APP_KIND_TOKEN,
+            envelope_pb2.AUTH_SCHEME_SIGNATURE,
+            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        ),
+    )
+    behind = EnclaveBoot(keyvault, pki_dir)
+    behind.provision(instance_id)
+    restored = behind.host.restore(
+        instance_id, [created.entry], statement=behind.statement(instance_id), host_time_unix_ms=0
+    )
+    assert restored.HasField("descriptor")  # the keyvault stated this very head to this boot
+    minter = first.client(instance_id, signer=issuer)
+    for _ in range(2):
+        batch = first.execute(
+            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command
+        )
+        first.confirm(first.advance(batch.link))
+    reader = behind.client(instance_id, signer=issuer)
+    query = reader.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
+    answer = behind.host.query(instance_id, query.command, now_ms())
+    assert answer.read_round
+    with pytest.raises(EnclaveCallError, match="not on this enclave's chain"):
+        behind.read_fence(instance_id)
+    with pytest.raises(KeyError):
+        behind.open_read(instance_id, answer.read_round, answer.outcome)
+    # The boot that moved on reads the current head through its own fence.
+    fresh = minter.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
+    current = first.host.query(instance_id, fresh.command, now_ms())
+    first.read_fence(instance_id)
+    first.open_read(instance_id, current.read_round, current.outcome)
+    assert minter.read(fresh, current.outcome).result.token.total_supply.amount == 10

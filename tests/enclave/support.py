@@ -85,11 +85,19 @@ def head_statement(
 
 
 def head_confirmation(
-    instance_id: str, head: envelope_pb2.CommitHead, signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY
+    instance_id: str,
+    head: envelope_pb2.CommitHead,
+    enclave_signing_public_key: bytes,
+    signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
 ) -> envelope_pb2.HeadConfirmation:
-    """The keyvault's AdvanceCommitHead confirmation that it holds `head`."""
-    signature = signer.sign(wire.head_confirmation_bytes(instance_id, head.sequence, head.hash))
-    return envelope_pb2.HeadConfirmation(instance_id=instance_id, head=head, signature=signature)
+    """The keyvault's AdvanceCommitHead confirmation that it holds `head`, for that enclave boot."""
+    message = wire.head_confirmation_bytes(instance_id, head.sequence, head.hash, enclave_signing_public_key)
+    return envelope_pb2.HeadConfirmation(
+        instance_id=instance_id,
+        head=head,
+        signature=signer.sign(message),
+        enclave_signing_public_key=enclave_signing_public_key,
+    )
 
 
 @dataclass
@@ -283,7 +291,8 @@ class Harness:
             statement=self.statement(instance_id, keyvault_head),
             host_time_unix_ms=NOW_MS,
         )
-        self.descriptors[instance_id] = restored.descriptor
+        if restored.HasField("descriptor"):
+            self.descriptors[instance_id] = restored.descriptor
         if restored.HasField("link"):
             self.advance(restored.link)
         return restored.head
@@ -305,18 +314,51 @@ class Harness:
 
     def confirm(self, instance_id: str) -> list[ecall_pb2.ReleasedHold]:
         """Confirm the test keyvault's head to the enclave; returns the released hold keys."""
-        released = self.host.confirm_head(head_confirmation(instance_id, self.keyvault[instance_id].head))
-        for hold in released:
-            self.released[(instance_id, hold.held_until)] = hold.key
-        return released
+        head = self.keyvault[instance_id].head
+        return self._took(
+            instance_id,
+            self.host.confirm_head(head_confirmation(instance_id, head, self.keys.signing_public_key)),
+        )
+
+    def read_fence(self, instance_id: str) -> ecall_pb2.ConfirmHeadResponse:
+        """Play the keyvault for a read fence: its statement for the instance's read challenge."""
+        challenge = self.host.issue_challenge(instance_id, reads=True)
+        view = self.keyvault[instance_id]
+        statement = head_statement(
+            self.keys,
+            instance_id,
+            challenge,
+            view.head,
+            genesis_hash=view.genesis_hash,
+            config_hash=view.config_hash,
+        )
+        response = self.host.confirm_head(statement=statement)
+        self._took(instance_id, response)
+        return response
+
+    def _took(
+        self, instance_id: str, response: ecall_pb2.ConfirmHeadResponse
+    ) -> list[ecall_pb2.ReleasedHold]:
+        for hold in response.released:
+            slot = (instance_id, -hold.read_round if hold.read_round else hold.held_until)
+            self.released[slot] = hold.key
+        if response.HasField("descriptor"):
+            self.descriptors[instance_id] = response.descriptor
+        return list(response.released)
 
     def unwrap(self, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:
         """Open a held answer in place with its released hold key (as the honest host does)."""
         if held_until and outcome.sealed_response:
             key = self.released[(instance_id, held_until)]
-            outcome.sealed_response = commands.open_held(
-                key, outcome.sealed_response, instance_id, held_until
-            )
+            aad = wire.held_response_aad(instance_id, held_until)
+            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)
+
+    def unwrap_read(self, instance_id: str, read_round: int, outcome: envelope_pb2.CommandOutcome) -> None:
+        """Open a query answer held by a read round (after `read_fence` released it)."""
+        if read_round and outcome.sealed_response:
+            key = self.released[(instance_id, -read_round)]
+            aad = wire.held_read_aad(instance_id, read_round)
+            outcome.sealed_response = commands.open_held(key, outcome.sealed_response, aad)
 
     def create_raw(
         self, instance_id: str, config: envelope_pb2.InstanceConfig
@@ -330,8 +372,7 @@ class Harness:
             self.provision(instance_id)
         created = self.host.create_instance(instance_id, config, self.statement(instance_id), NOW_MS)
         self.log[instance_id] = [created.entry]
-        self.descriptors[instance_id] = created.descriptor
-        self.advance(created.link)
+        self.advance(created.link)  # the confirmation registers it and brings its descriptor
 
     def run(self, instance_id: str, *sealed: Sealed) -> list[envelope_pb2.CommandOutcome]:
         """Execute a batch and record its entries (answers unwrapped once confirmed)."""
@@ -361,7 +402,9 @@ class Harness:
         """One read-only query."""
         sealed = client.seal(call, counter=0)
         response = self.host.query(client.instance_id, sealed.command, NOW_MS)
-        self.unwrap(client.instance_id, response.held_until, response.outcome)
+        if response.read_round and self.auto_confirm:
+            self.read_fence(client.instance_id)
+            self.unwrap_read(client.instance_id, response.read_round, response.outcome)
         return client.read(sealed, response.outcome)
 
     def client(self, instance_id: str, **kwargs: object) -> Client:

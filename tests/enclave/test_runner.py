@@ -22,6 +22,7 @@ from tests.enclave.support import (
     Client,
     config,
     error_code,
+    head_confirmation,
     head_statement,
     vault,
     wrap_key,
@@ -135,7 +136,12 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
         host.provision_key("v", 1, wrap_key(keys, "v", 1, b"k" * 32))
         # Fast acknowledgment: answers come back at once (no keyvault here to confirm heads).
         fast = config(acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST)
-        host.create_instance("v", fast, head_statement(keys, "v", host.issue_challenge("v")), NOW_MS)
+        created = host.create_instance(
+            "v", fast, head_statement(keys, "v", host.issue_challenge("v")), NOW_MS
+        )
+        # Registered (the test keyvault confirms the genesis to this boot): a fast instance answers now.
+        confirmed = host.confirm_head(head_confirmation("v", created.link.head, keys.signing_public_key))
+        assert confirmed.descriptor.instance_id == "v"
         client = Client(keys, "v")
         sealed = client.seal(vault(put=apps_pb2.VaultPut(record_id="r", data=b"hello")))
         (outcome,) = host.execute_batch("v", [sealed.command], 0).outcomes

@@ -142,8 +142,8 @@ def test_head_statement_and_confirmation_bytes() -> None:
         b"veil/head-statement/v1\x00\x03abc\x00\x20" + b"x" * 32 + b"\x00\x20" + b"k" * 32
         + bytes(8) + b"\x00\x00" * 3 + bytes(8)
     )  # fmt: skip
-    assert wire.head_confirmation_bytes("abc", 42, h) == (
-        b"veil/head-confirmation/v1\x00\x03abc" + struct.pack(">Q", 42) + h
+    assert wire.head_confirmation_bytes("abc", 42, h, b"k" * 32) == (
+        b"veil/head-confirmation/v1\x00\x03abc" + struct.pack(">Q", 42) + h + b"\x00\x20" + b"k" * 32
     )
 
 
@@ -162,6 +162,7 @@ def test_commit_link_descriptor_and_held_answer_bytes() -> None:
     assert wire.instance_descriptor_bytes("abc", c, g) == b"veil/instance/v1\x00\x03abc" + c + g
     assert wire.config_hash(b"cfg") == hashlib.sha256(b"cfg").digest()
     assert wire.held_response_aad("abc", 9) == b"veil/held-response/v1\x00\x03abc" + struct.pack(">Q", 9)
+    assert wire.held_read_aad("abc", 9) == b"veil/held-read/v1\x00\x03abc" + struct.pack(">Q", 9)
     link.base.hash = b"short"
     with pytest.raises(ValueError, match="base hash"):
         wire.commit_link_bytes(link)

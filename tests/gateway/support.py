@@ -235,7 +235,10 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
         outcome = response.outcome
         if outcome.HasField("error"):
             abort(context, from_outcome_error(outcome.error.code, outcome.error.message))
-        self.harness.unwrap(request.instance_id, response.held_until, outcome)
+        if response.read_round:  # the honest host's read fence with the test keyvault
+            with self._lock:
+                self.harness.read_fence(request.instance_id)
+            self.harness.unwrap_read(request.instance_id, response.read_round, outcome)
         return state_pb2.QueryResponse(outcome=outcome)
 
     def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:

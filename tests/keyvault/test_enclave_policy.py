@@ -65,7 +65,7 @@ def advance(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, seque
     base = (sequence - 1, head_hash(sequence - 1) if sequence > 1 else bytes(32))
     link = enclave.link(INSTANCE, base, (sequence, head_hash(sequence)))
     token = enclave.token(issuer).token
-    return heads.advance(INSTANCE, [link], token, caller=STATE).sequence
+    return heads.advance(INSTANCE, [link], token, caller=STATE)[0].sequence
 
 
 @pytest.fixture

@@ -45,7 +45,9 @@ def advance(
 ) -> CommitHead:
     """Advance along `path` (base, head1, head2, ...) with links signed by `enclave`."""
     links = [enclave.link(INSTANCE, path[i], path[i + 1], **link) for i in range(len(path) - 1)]
-    return heads.advance(INSTANCE, links, enclave.token(issuer).token, caller=CALLER)
+    head, enclave_key = heads.advance(INSTANCE, links, enclave.token(issuer).token, caller=CALLER)
+    assert enclave_key == enclave.signing_public_bytes
+    return head
 
 
 def refusal_reason(audit: AuditLog) -> str:
@@ -166,7 +168,7 @@ def test_one_token_serves_many_advances(
     heads.advance(INSTANCE, [enclave.link(INSTANCE, ZERO, at(1))], token, caller=CALLER)
     for sequence in (2, 3):
         link = enclave.link(INSTANCE, at(sequence - 1), at(sequence))
-        assert heads.advance(INSTANCE, [link], token, caller=CALLER).sequence == sequence
+        assert heads.advance(INSTANCE, [link], token, caller=CALLER)[0].sequence == sequence
 
 
 def test_restarted_enclave_with_new_keys_moves_forward(
@@ -198,13 +200,21 @@ def test_statements_bind_the_enclave_challenge_and_expire(
             heads.statement(INSTANCE, bad_key, bad_challenge)
 
 
-def test_confirmations_are_signed_by_the_release_key(
+def test_confirmations_are_signed_by_the_release_key_for_the_asking_boot(
     heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave
 ) -> None:
     head = advance(heads, issuer, enclave, ZERO, at(3))
-    confirmation = heads.confirmation(head)
-    message = wire.head_confirmation_bytes(INSTANCE, 3, h(3))
+    key = enclave.signing_public_bytes
+    confirmation = heads.confirmation(head, key)
+    assert confirmation.enclave_signing_public_key == key
+    message = wire.head_confirmation_bytes(INSTANCE, 3, h(3), key)
     assert wire.verify_ed25519(RELEASE_PUBLIC_KEY, confirmation.signature, message)
+    # An idempotent repeat by another boot is confirmed to that boot, not to the first one.
+    later = FakeEnclave()
+    repeat, later_key = heads.advance(
+        INSTANCE, [later.link(INSTANCE, at(1), at(3))], later.token(issuer).token, caller=CALLER
+    )
+    assert (repeat.sequence, later_key) == (3, later.signing_public_bytes)
 
 
 def test_operator_policy_restricts_who_may_advance(

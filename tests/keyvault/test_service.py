@@ -156,7 +156,11 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     release_verifier = Ed25519PublicKey.from_public_bytes(release_public_key)
     confirmation = advanced.confirmation
     assert (confirmation.head.sequence, confirmation.head.hash) == (3, head_hash)
-    release_verifier.verify(confirmation.signature, wire.head_confirmation_bytes(INSTANCE, 3, head_hash))
+    assert confirmation.enclave_signing_public_key == enclave.signing_public_bytes  # for this boot
+    release_verifier.verify(
+        confirmation.signature,
+        wire.head_confirmation_bytes(INSTANCE, 3, head_hash, enclave.signing_public_bytes),
+    )
     head = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10)
     assert (head.sequence, head.hash, head.signing_public_key) == (3, head_hash, enclave.signing_public_bytes)
     assert (head.genesis_hash, head.config_hash) == (link.genesis_hash, link.config_hash)
@@ -380,7 +384,9 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
         ),
         timeout=10,
     )
-    assert [hold.held_until for hold in host.confirm_head(advanced.confirmation)] == [1]
+    confirmed = host.confirm_head(advanced.confirmation)
+    assert [hold.held_until for hold in confirmed.released] == [1]
+    assert confirmed.descriptor.instance_id == INSTANCE  # registered: the descriptor is given out
     # A second creation of the id, by this or any enclave, now needs a statement the keyvault
     # will never give: it holds the instance.
     other = Enclave(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from veil.enclave.v1 import apps_pb2
+from veil.state.v1 import state_pb2
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.state import lifecycle
@@ -15,6 +19,7 @@ from services.state.host import StateHost
 from services.state.loadclient import Account, balance, mint, total_supply, transfer
 from services.state.store_postgres import PostgresStore
 from services.state.store_sqlite import SqliteStore
+from tests.state import support
 from tests.state.conftest import POSTGRES_URL
 from tests.state.support import (
     READY,
@@ -344,3 +349,45 @@ def test_a_bounded_head_lag_stops_acknowledging_until_the_keyvault_is_back(node:
         except Unavailable:
             host.wait_until({lifecycle.FAILED}, 0.05)
     assert amount(host, bob, balance()) == 1 + 3 + 1
+
+
+def test_a_graceful_stop_delivers_strict_answers_the_keyvault_confirms_during_it(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draining flushes the head advancer first, so a strict answer whose head the keyvault
+    confirms during the stop is delivered, not failed (found by the second review)."""
+    slow = threading.Event()
+
+    class SlowKeyvault(support.CountingKeyvault):
+        def advance_commit_head(self, links: Any, token: str) -> Any:
+            if slow.is_set():
+                time.sleep(0.8)  # a keyvault round trip slower than the drain, within the 2 s flush
+            return super().advance_commit_head(links, token)
+
+    monkeypatch.setattr(support, "CountingKeyvault", SlowKeyvault)
+    host = node.serving()
+    setup = token_instance(host)
+    slow.set()
+    sealed = setup.issuer.seal(mint(setup.accounts[0].account, 5))
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(host.execute(setup.instance_id, sealed.command, sealed.request_id, TIMEOUT))
+        except Exception as exc:  # the assertion below says which
+            outcome.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # until the command's batch is committed
+        head = host.store.head(setup.instance_id)
+        if head is not None and head.sequence >= 2:
+            break
+        time.sleep(0.01)
+    host.stop()
+    caller.join(10)
+    assert keyvault_head(node, setup.instance_id) == 2
+    (answer,) = outcome
+    assert isinstance(answer, state_pb2.ExecuteResponse), answer
+    assert answer.outcome.accepted

@@ -189,16 +189,23 @@ class IssueChallengeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    READS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance the challenge is for."""
+    reads: _builtins.bool
+    """reads asks for the read fence of a loaded instance instead: the challenge closes the
+    instance's open read round, and the keyvault's statement for it (ConfirmHead) releases
+    the reads of every closed round that the stated head covers.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        reads: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "reads", b"reads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -212,8 +219,8 @@ class IssueChallengeResponse(_message.Message):
 
     CHALLENGE_FIELD_NUMBER: _builtins.int
     challenge: _builtins.bytes
-    """challenge is 32 random bytes, valid for one CreateInstance or Restore of the instance,
-    until the next IssueChallenge for it.
+    """challenge is 32 random bytes, valid for one CreateInstance or Restore of the instance (or,
+    with reads, one read fence), until the next such IssueChallenge for it.
     """
     def __init__(
         self,
@@ -336,7 +343,7 @@ class CreateInstanceResponse(_message.Message):
 
     @_builtins.property
     def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
-        """descriptor is the instance's signed descriptor."""
+        """descriptor is never set here: it comes with the ConfirmHead that registers the instance."""
 
     def __init__(
         self,
@@ -470,24 +477,26 @@ class QueryResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTCOME_FIELD_NUMBER: _builtins.int
-    HELD_UNTIL_FIELD_NUMBER: _builtins.int
-    held_until: _builtins.int
-    """held_until is the head sequence whose confirmation releases the outcome; 0: not held."""
+    READ_ROUND_FIELD_NUMBER: _builtins.int
+    read_round: _builtins.int
+    """read_round names the read round whose fence releases the outcome; 0: not held (a fast
+    instance already registered for this boot).
+    """
     @_builtins.property
     def outcome(self) -> _envelope_pb2.CommandOutcome:
-        """outcome is the command's outcome; reads never produce log entries. Held like
-        ExecuteBatchResponse.outcomes when held_until is set.
+        """outcome is the command's outcome; reads never produce log entries. When read_round is set,
+        its sealed_response is held like ExecuteBatchResponse.outcomes (under the read aad).
         """
 
     def __init__(
         self,
         *,
         outcome: _envelope_pb2.CommandOutcome | None = ...,
-        held_until: _builtins.int = ...,
+        read_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "read_round", b"read_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -604,7 +613,9 @@ class RestoreResponse(_message.Message):
 
     @_builtins.property
     def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
-        """descriptor is the instance's descriptor, signed by this enclave."""
+        """descriptor is the instance's descriptor, signed by this enclave; set only when the restored
+        head is the keyvault's (else it comes with the ConfirmHead of the restore link).
+        """
 
     @_builtins.property
     def link(self) -> _envelope_pb2.CommitLink:
@@ -632,18 +643,28 @@ class ConfirmHeadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONFIRMATION_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def confirmation(self) -> _envelope_pb2.HeadConfirmation:
-        """confirmation is the keyvault's signed HeadConfirmation (AdvanceCommitHeadResponse)."""
+        """confirmation is the keyvault's signed HeadConfirmation (AdvanceCommitHeadResponse) for
+        this enclave boot. Exactly one of confirmation and statement is set.
+        """
+
+    @_builtins.property
+    def statement(self) -> _envelope_pb2.HeadStatement:
+        """statement is the keyvault's HeadStatement for the instance's read challenge
+        (IssueChallenge with reads): a fresh read fence, which also confirms the stated head.
+        """
 
     def __init__(
         self,
         *,
         confirmation: _envelope_pb2.HeadConfirmation | None = ...,
+        statement: _envelope_pb2.HeadStatement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,18 +677,30 @@ class ConfirmHeadResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RELEASED_FIELD_NUMBER: _builtins.int
+    DESCRIPTOR_FIELD_NUMBER: _builtins.int
+    READS_WAITING_FIELD_NUMBER: _builtins.int
+    reads_waiting: _builtins.int
+    """reads_waiting counts the closed read rounds the stated head did not cover yet."""
     @_builtins.property
     def released(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReleasedHold]:
-        """released are the hold keys of every held head up to the confirmed one, oldest first."""
+        """released are the hold keys of every held head (and read round) the keyvault's word covers."""
+
+    @_builtins.property
+    def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
+        """descriptor is the instance's signed descriptor, set when this confirmation registered the
+        instance for this boot (before that, none is given out).
+        """
 
     def __init__(
         self,
         *,
         released: _abc.Iterable[Global___ReleasedHold] | None = ...,
+        descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
+        reads_waiting: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["released", b"released"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "reads_waiting", b"reads_waiting", "released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -675,25 +708,29 @@ Global___ConfirmHeadResponse: _TypeAlias = ConfirmHeadResponse  # noqa: Y015
 
 @_typing.final
 class ReleasedHold(_message.Message):
-    """ReleasedHold is the key that unwraps the answers held until one head."""
+    """ReleasedHold is the key that unwraps the answers held until one head, or one read round."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HELD_UNTIL_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    READ_ROUND_FIELD_NUMBER: _builtins.int
     held_until: _builtins.int
-    """held_until is the head sequence the answers waited for."""
+    """held_until is the head sequence the answers waited for (0 for a read round)."""
     key: _builtins.bytes
     """key is the 32-byte AES-256-GCM key of those held answers."""
+    read_round: _builtins.int
+    """read_round names the read round released (0 for a head)."""
     def __init__(
         self,
         *,
         held_until: _builtins.int = ...,
         key: _builtins.bytes = ...,
+        read_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_until", b"held_until", "key", b"key", "read_round", b"read_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -646,8 +646,9 @@ Global___HeadStatement: _TypeAlias = HeadStatement  # noqa: Y015
 
 @_typing.final
 class HeadConfirmation(_message.Message):
-    """HeadConfirmation is the keyvault's statement that it now holds `head` for an instance,
-    signed by its release key. It lets a strict-acknowledgment enclave release held answers.
+    """HeadConfirmation is the keyvault's statement that it now holds `head` for an instance, made to
+    the enclave boot whose links reached it (its signing key), signed by the release key. It lets
+    that enclave release held answers; no other boot accepts it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -655,10 +656,13 @@ class HeadConfirmation(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     HEAD_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    ENCLAVE_SIGNING_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     signature: _builtins.bytes
     """signature is the keyvault release key's Ed25519 signature over the head confirmation bytes."""
+    enclave_signing_public_key: _builtins.bytes
+    """enclave_signing_public_key is the signing key of the enclave whose links advanced to head."""
     @_builtins.property
     def head(self) -> Global___CommitHead:
         """head is the commit head the keyvault holds."""
@@ -669,10 +673,11 @@ class HeadConfirmation(_message.Message):
         instance_id: _builtins.str = ...,
         head: Global___CommitHead | None = ...,
         signature: _builtins.bytes = ...,
+        enclave_signing_public_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "instance_id", b"instance_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enclave_signing_public_key", b"enclave_signing_public_key", "head", b"head", "instance_id", b"instance_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
