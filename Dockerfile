@@ -25,7 +25,7 @@ RUN apt-get update \
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps keys, venvs and caches out anyway).
 COPY pyproject.toml README.md ./
-COPY gen/ gen/
+COPY veil/ veil/
 COPY services/ services/
 COPY enclave/ enclave/
 COPY client/ client/

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from client.supervisor import free_port_offset
-from services.common.channels import wait_until_serving
-from services.common.config import DEFAULT_PORTS
+from veil.services.common.channels import wait_until_serving
+from veil.services.common.config import DEFAULT_PORTS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"

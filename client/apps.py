@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from veil.enclave.v1 import apps_pb2, envelope_pb2
-
 from client.errors import CommandRefused, IntegrityError, ResultLost
 from client.identity import Identity
 from client.sealing import Opened
-from enclave import wire
-from enclave.apps import merkle
+from veil.enclave import wire
+from veil.enclave.apps import merkle
+from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 if TYPE_CHECKING:
     from client.sdk import VeilClient

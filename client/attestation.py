@@ -37,15 +37,15 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import envelope_pb2
-from veil.gateway.v1 import gateway_pb2
 
 from client.errors import AttestationError
 from client.policy import ExpectedMeasurement
-from enclave import wire
-from services.keyvault.attestation import QuoteError, VerifiedQuote, verify_quote
-from services.keyvault.errors import TokenError
-from services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, verify_token
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.services.keyvault.attestation import QuoteError, VerifiedQuote, verify_quote
+from veil.services.keyvault.errors import TokenError
+from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, verify_token
 
 X25519_KEY_SIZE = 32
 ED25519_KEY_SIZE = 32

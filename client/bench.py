@@ -49,13 +49,13 @@ from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, envelope_pb2
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from client.counters import MemoryCounters
 from client.identity import SigningIdentity
 from client.sdk import MAX_MESSAGE_BYTES, VeilClient
 from client.sealing import SealedRequest, open_outcome, seal_command
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 INITIAL_BALANCE = 10**12
 _CALL_TIMEOUT_S = 30.0

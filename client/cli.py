@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.common.channels import wait_until_serving
-from services.common.config import DEFAULT_DATA_DIR
-from services.common.pki import PkiExistsError, init_pki
+from veil.services.common.channels import wait_until_serving
+from veil.services.common.config import DEFAULT_DATA_DIR
+from veil.services.common.pki import PkiExistsError, init_pki
 
 SERVICES = ("keyvault", "state", "gateway")
 
@@ -45,11 +45,11 @@ def _up(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.service == "keyvault":
-        from services.keyvault.server import main
+        from veil.services.keyvault.server import main
     elif args.service == "state":
-        from services.state.server import main
+        from veil.services.state.server import main
     else:
-        from services.gateway.server import main
+        from veil.services.gateway.server import main
     return main()
 
 
@@ -65,7 +65,7 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _attest_verify(argv: list[str]) -> int:
-    from services.keyvault.attestation.cli import verify_main
+    from veil.services.keyvault.attestation.cli import verify_main
 
     return verify_main(argv)
 

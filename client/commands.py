@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from veil.enclave.v1 import envelope_pb2
-
 from client import output
 from client.apps import VoteReceipt
 from client.attestation import VerifiedAttestation
@@ -44,7 +42,8 @@ from client.policy import (
 )
 from client.sdk import DEFAULT_GATEWAY, VeilClient, connect
 from client.sealing import Opened, verify_receipt
-from services.common.config import DEFAULT_DATA_DIR
+from veil.enclave.v1 import envelope_pb2
+from veil.services.common.config import DEFAULT_DATA_DIR
 
 ENV_GATEWAY = "VEIL_GATEWAY"
 ENV_API_KEY = "VEIL_API_KEY"

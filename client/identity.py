@@ -22,9 +22,9 @@ from typing import TypeAlias
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import command_pb2, envelope_pb2
 
 from client.errors import IdentityError
+from veil.enclave.v1 import command_pb2, envelope_pb2
 
 IDENTITIES_DIR = "identities"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

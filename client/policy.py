@@ -52,10 +52,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.errors import PolicyError
-from services.keyvault.attestation.collateral import TCB_STATUSES
-from services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
-from services.keyvault.config import DEFAULT_ISSUER
-from services.keyvault.tokens import TCB_UNEVALUATED
+from veil.services.keyvault.attestation.collateral import TCB_STATUSES
+from veil.services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
+from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.services.keyvault.tokens import TCB_UNEVALUATED
 
 POLICY_FILE = "expected-measurement.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
@@ -266,8 +266,8 @@ def dev_policy(
     """The development policy: the sim enclave built from this checkout, the dev signer and root,
     and the local keyvault's release key and token JWKS (`veil up` reads both from the keyvault
     it started)."""
-    from enclave.measurement import measure_source_tree
-    from enclave.providers.sim_quote import DEV_MRSIGNER
+    from veil.enclave.measurement import measure_source_tree
+    from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 
     return ExpectedMeasurement(
         mrenclaves=tuple(mrenclaves) if mrenclaves is not None else (measure_source_tree(),),

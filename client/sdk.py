@@ -44,8 +44,6 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from client.apps import BallotClient, TokenClient, VaultClient
 from client.attestation import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
@@ -62,7 +60,9 @@ from client.identity import Identity
 from client.pins import PINS_FILE, InstancePins
 from client.policy import ExpectedMeasurement
 from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
-from enclave import wire
+from veil.enclave import wire
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 15.0

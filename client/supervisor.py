@@ -21,11 +21,11 @@ from types import FrameType
 from typing import Any
 
 import grpc
-from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
 from client.policy import write_dev_policy
-from services.common.channels import call, health_status, secure_channel, wait_until_serving
-from services.common.config import (
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
+from veil.services.common.config import (
     DEFAULT_PORTS,
     ENV_ADMIN_LISTEN,
     ENV_ATTESTATION_ROOT,
@@ -39,10 +39,10 @@ from services.common.config import (
     ENV_STATE_ADDRS,
     TlsFiles,
 )
-from services.common.pki import collateral_dir, ensure_sim_collateral
-from services.gateway.config import DEFAULT_PUBLIC_PORT
-from services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
-from services.keyvault.enclave_policy import write_dev_enclave_policy
+from veil.services.common.pki import collateral_dir, ensure_sim_collateral
+from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
+from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
+from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
 _log = logging.getLogger("veil.up")

@@ -16,11 +16,11 @@ from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import command_pb2, envelope_pb2
 
-from enclave import wire
-from enclave.errors import INVALID_ARGUMENT, UNAUTHENTICATED, EnclaveError
-from enclave.jwt import JwksVerifier, JwtError
+from veil.enclave import wire
+from veil.enclave.errors import INVALID_ARGUMENT, UNAUTHENTICATED, EnclaveError
+from veil.enclave.jwt import JwksVerifier, JwtError
+from veil.enclave.v1 import command_pb2, envelope_pb2
 
 MAX_ACCOUNT_SIZE = 256
 

@@ -9,10 +9,10 @@ answered under the client's response key, which the host never sees.
 from __future__ import annotations
 
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import command_pb2, envelope_pb2
 
-from enclave import crypto, wire
-from enclave.errors import INVALID_ARGUMENT, DecryptionError, EnclaveError
+from veil.enclave import crypto, wire
+from veil.enclave.errors import INVALID_ARGUMENT, DecryptionError, EnclaveError
+from veil.enclave.v1 import command_pb2, envelope_pb2
 
 MAX_REQUEST_ID_SIZE = 64
 _UNOPENABLE = "command could not be opened"

@@ -13,9 +13,9 @@ from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from veil.enclave.v1 import envelope_pb2
 
-from enclave.errors import DecryptionError
+from veil.enclave.errors import DecryptionError
+from veil.enclave.v1 import envelope_pb2
 
 KEY_SIZE = 32
 NONCE_SIZE = 12

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
-from veil.enclave.v1 import ecall_pb2, error_pb2
 
-from enclave.errors import INTERNAL, INVALID_ARGUMENT, UNIMPLEMENTED, EnclaveError
-from enclave.runtime import Enclave
+from veil.enclave.errors import INTERNAL, INVALID_ARGUMENT, UNIMPLEMENTED, EnclaveError
+from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import ecall_pb2, error_pb2
 
 _log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ import hashlib
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, storage_pb2
 
-from enclave import wire
-from enclave.apps import APPS, App
-from enclave.apps.base import CallContext
-from enclave.auth import Authorizer, Caller, make_authorizer
-from enclave.errors import ABORTED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, EnclaveError
-from enclave.store import Store
+from veil.enclave import wire
+from veil.enclave.apps import APPS, App
+from veil.enclave.apps.base import CallContext
+from veil.enclave.auth import Authorizer, Caller, make_authorizer
+from veil.enclave.errors import ABORTED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, EnclaveError
+from veil.enclave.store import Store
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, storage_pb2
 
 
 def _counter_key(account: str) -> tuple[str, ...]:

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from enclave import framing
-from enclave.dispatcher import Dispatcher, error_reply
-from enclave.errors import RESOURCE_EXHAUSTED
-from enclave.measurement import measure_source_tree
-from enclave.providers import QuoteProvider, SealingProvider
-from enclave.providers.gramine import DEFAULT_ROOT, GramineQuoteProvider, GramineSealingProvider
-from enclave.providers.sealing import SimSealingProvider
-from enclave.providers.sim_quote import SimQuoteProvider
-from enclave.runtime import DEFAULT_MEMORY_BUDGET, Enclave
+from veil.enclave import framing
+from veil.enclave.dispatcher import Dispatcher, error_reply
+from veil.enclave.errors import RESOURCE_EXHAUSTED
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers import QuoteProvider, SealingProvider
+from veil.enclave.providers.gramine import DEFAULT_ROOT, GramineQuoteProvider, GramineSealingProvider
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.runtime import DEFAULT_MEMORY_BUDGET, Enclave
 
 _log = logging.getLogger("enclave.runner")
 

@@ -21,11 +21,10 @@ import secrets
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import command_pb2, ecall_pb2, envelope_pb2, storage_pb2
 
-from enclave import commands, crypto, wire
-from enclave.auth import Caller
-from enclave.errors import (
+from veil.enclave import commands, crypto, wire
+from veil.enclave.auth import Caller
+from veil.enclave.errors import (
     ALREADY_EXISTS,
     DATA_LOSS,
     FAILED_PRECONDITION,
@@ -36,9 +35,10 @@ from enclave.errors import (
     DecryptionError,
     EnclaveError,
 )
-from enclave.instance import CounterMismatch, Hold, Instance, ReadRound
-from enclave.providers import QuoteProvider, SealingProvider
-from enclave.store import Store
+from veil.enclave.instance import CounterMismatch, Hold, Instance, ReadRound
+from veil.enclave.providers import QuoteProvider, SealingProvider
+from veil.enclave.store import Store
+from veil.enclave.v1 import command_pb2, ecall_pb2, envelope_pb2, storage_pb2
 
 DEFAULT_MEMORY_BUDGET = 96 * 1024 * 1024
 _INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches before a final "\n"

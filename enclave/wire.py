@@ -62,6 +62,7 @@ import hashlib
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from veil.enclave.v1 import envelope_pb2
 
 COMMAND_INFO = b"veil/command/v1"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from veil.state.v1 import state_pb2_grpc
 
-from services.common.config import ServiceConfig, TlsFiles
-from services.common.pki import init_pki
-from services.common.server import VeilServer, build_server
-from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from services.state.server import SERVICE_NAME as STATE_SERVICE_NAME
-from services.state.server import StateServicer
+from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.pki import init_pki
+from veil.services.common.server import VeilServer, build_server
+from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
+from veil.services.state.server import SERVICE_NAME as STATE_SERVICE_NAME
+from veil.services.state.server import StateServicer
+from veil.state.v1 import state_pb2_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enclave.apps.ballot import BallotApp
-from enclave.apps.base import App
-from enclave.apps.token import TokenApp
-from enclave.apps.vault import VaultApp
+from veil.enclave.apps.ballot import BallotApp
+from veil.enclave.apps.base import App
+from veil.enclave.apps.token import TokenApp
+from veil.enclave.apps.vault import VaultApp
 
 APPS: dict[int, App] = {app.kind: app for app in (VaultApp(), TokenApp(), BallotApp())}
 

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from veil.enclave.v1 import apps_pb2, envelope_pb2
-
-from enclave import wire
-from enclave.apps import merkle
-from enclave.apps.base import App, CallContext, Handler, check_name, load, save
-from enclave.errors import (
+from veil.enclave import wire
+from veil.enclave.apps import merkle
+from veil.enclave.apps.base import App, CallContext, Handler, check_name, load, save
+from veil.enclave.errors import (
     ALREADY_EXISTS,
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
@@ -39,6 +37,7 @@ from enclave.errors import (
     PERMISSION_DENIED,
     EnclaveError,
 )
+from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 MAX_OPTIONS = 64
 MAX_QUESTION_SIZE = 4096

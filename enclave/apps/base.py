@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from google.protobuf.message import Message
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from enclave.auth import Caller
-from enclave.errors import INVALID_ARGUMENT, EnclaveError
-from enclave.store import Store
+from veil.enclave.auth import Caller
+from veil.enclave.errors import INVALID_ARGUMENT, EnclaveError
+from veil.enclave.store import Store
+from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 MAX_NAME_SIZE = 256
 

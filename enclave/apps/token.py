@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from veil.enclave.apps.base import App, CallContext, Handler, check_name
+from veil.enclave.errors import FAILED_PRECONDITION, INVALID_ARGUMENT, PERMISSION_DENIED, EnclaveError
+from veil.enclave.store import Store
 from veil.enclave.v1 import apps_pb2, envelope_pb2
-
-from enclave.apps.base import App, CallContext, Handler, check_name
-from enclave.errors import FAILED_PRECONDITION, INVALID_ARGUMENT, PERMISSION_DENIED, EnclaveError
-from enclave.store import Store
 
 _MAX = 2**64 - 1
 _SUPPLY = ("token", "supply")

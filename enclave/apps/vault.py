@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from veil.enclave.apps.base import App, CallContext, Handler, check_name, load, save
+from veil.enclave.errors import NOT_FOUND, EnclaveError
 from veil.enclave.v1 import apps_pb2, envelope_pb2
-
-from enclave.apps.base import App, CallContext, Handler, check_name, load, save
-from enclave.errors import NOT_FOUND, EnclaveError
 
 
 def _key(owner: str, record_id: str) -> tuple[str, ...]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enclave.providers.sealing import KeySealer, derive_key
-from enclave.wire import REPORT_DATA_SIZE
+from veil.enclave.providers.sealing import KeySealer, derive_key
+from veil.enclave.wire import REPORT_DATA_SIZE
 
 DEFAULT_ROOT = Path("/dev/attestation")
 _SEAL_INFO = b"veil/seal/v1/gramine"

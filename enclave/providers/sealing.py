@@ -12,8 +12,8 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave import crypto
-from enclave.errors import DecryptionError
+from veil.enclave import crypto
+from veil.enclave.errors import DecryptionError
 
 _VERSION = b"\x01"
 SEAL_INFO = b"veil/seal/v1"

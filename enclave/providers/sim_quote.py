@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from enclave.wire import REPORT_DATA_SIZE
+from veil.enclave.wire import REPORT_DATA_SIZE
 
 QE_VENDOR_ID_INTEL = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 #: MRSIGNER of Intel's quoting enclave, as in Intel's QE identity collateral. A copy of

@@ -17,10 +17,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from services.common.config import TlsFiles
-from services.common.server import MAX_MESSAGE_BYTES
-from services.common.tls import channel_credentials
-from services.common.tracing import traced_channel
+from veil.services.common.config import TlsFiles
+from veil.services.common.server import MAX_MESSAGE_BYTES
+from veil.services.common.tls import channel_credentials
+from veil.services.common.tracing import traced_channel
 
 DEFAULT_TIMEOUT = 10.0
 _CHANNEL_OPTIONS = [

@@ -17,8 +17,8 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from services.common.errors import PermissionDenied, Unauthenticated, VeilError, abort
-from services.common.interceptors import Behavior, wrap_handler
+from veil.services.common.errors import PermissionDenied, Unauthenticated, VeilError, abort
+from veil.services.common.interceptors import Behavior, wrap_handler
 
 SPIFFE_TRUST_DOMAIN = "veil"
 KEYVAULT = "spiffe://veil/keyvault"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from services.common.config import ServiceConfig
-from services.common.logs import configure_logging
-from services.common.server import VeilServer, run_until_signalled
-from services.common.tracing import install_global_provider, make_tracer_provider
+from veil.services.common.config import ServiceConfig
+from veil.services.common.logs import configure_logging
+from veil.services.common.server import VeilServer, run_until_signalled
+from veil.services.common.tracing import install_global_provider, make_tracer_provider
 
 _log = logging.getLogger(__name__)
 

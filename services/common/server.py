@@ -21,12 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from services.common.config import ServiceConfig
-from services.common.errors import ErrorInterceptor, InvalidArgument
-from services.common.identity import AuthorizationInterceptor, AuthorizationTable
-from services.common.interceptors import DecodeInterceptor
-from services.common.tls import server_credentials
-from services.common.tracing import server_tracing_interceptor
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import ErrorInterceptor, InvalidArgument
+from veil.services.common.identity import AuthorizationInterceptor, AuthorizationTable
+from veil.services.common.interceptors import DecodeInterceptor
+from veil.services.common.tls import server_credentials
+from veil.services.common.tracing import server_tracing_interceptor
 
 _log = logging.getLogger(__name__)
 

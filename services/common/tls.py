@@ -14,7 +14,7 @@ from typing import cast
 
 import grpc
 
-from services.common.config import TlsFiles
+from veil.services.common.config import TlsFiles
 
 _log = logging.getLogger(__name__)
 

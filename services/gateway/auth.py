@@ -38,8 +38,8 @@ from typing import Any, Protocol
 
 import jwt
 
-from services.common.config import ConfigError
-from services.common.errors import Unauthenticated
+from veil.services.common.config import ConfigError
+from veil.services.common.errors import Unauthenticated
 
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"

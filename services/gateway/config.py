@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import (
+from veil.services.common.config import (
     DEFAULT_PORTS,
     ENV_GATEWAY_AUTH,
     ENV_GATEWAY_BURST,

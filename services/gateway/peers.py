@@ -15,9 +15,9 @@ from typing import Any, cast
 
 import grpc
 
-from services.common.errors import PermissionDenied, Unauthenticated, VeilError, abort
-from services.common.identity import spiffe_id_from_pem
-from services.common.interceptors import Behavior, wrap_handler
+from veil.services.common.errors import PermissionDenied, Unauthenticated, VeilError, abort
+from veil.services.common.identity import spiffe_id_from_pem
+from veil.services.common.interceptors import Behavior, wrap_handler
 
 _log = logging.getLogger(__name__)
 

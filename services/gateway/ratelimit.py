@@ -19,7 +19,7 @@ from collections.abc import Callable
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from services.common.errors import ResourceExhausted
+from veil.services.common.errors import ResourceExhausted
 
 MAX_TRACKED_CLIENTS = 100_000
 

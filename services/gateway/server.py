@@ -24,15 +24,14 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from opentelemetry.sdk.trace import TracerProvider
+
+from veil.enclave import wire
 from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-from veil.state.v1 import state_pb2, state_pb2_grpc
-
-from enclave import wire
-from services.common import identity
-from services.common.channels import call, remaining_timeout, secure_channel
-from services.common.config import ServiceConfig
-from services.common.errors import (
+from veil.services.common import identity
+from veil.services.common.channels import call, remaining_timeout, secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
     NotFound,
@@ -41,17 +40,23 @@ from services.common.errors import (
     Unavailable,
     VeilError,
 )
-from services.common.main import serve
-from services.common.server import VeilServer, build_server
-from services.gateway import validation
-from services.gateway.auth import ANONYMOUS, AuthPolicy, Credentials, Principal, load_policy
-from services.gateway.config import GatewayConfig
-from services.gateway.idempotency import Deduplicator
-from services.gateway.peers import AUTHENTICATED, PUBLIC, PublicAuthorizationInterceptor, certificate_identity
-from services.gateway.ratelimit import RateLimiter
-from services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
-from services.gateway.routing import Placement, ShardRouter
-from services.gateway.upstream import forward
+from veil.services.common.main import serve
+from veil.services.common.server import VeilServer, build_server
+from veil.services.gateway import validation
+from veil.services.gateway.auth import ANONYMOUS, AuthPolicy, Credentials, Principal, load_policy
+from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.idempotency import Deduplicator
+from veil.services.gateway.peers import (
+    AUTHENTICATED,
+    PUBLIC,
+    PublicAuthorizationInterceptor,
+    certificate_identity,
+)
+from veil.services.gateway.ratelimit import RateLimiter
+from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
+from veil.services.gateway.routing import Placement, ShardRouter
+from veil.services.gateway.upstream import forward
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 _log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import TypeVar
 
 import grpc
 
-from services.common.channels import call
-from services.common.errors import (
+from veil.services.common.channels import call
+from veil.services.common.errors import (
     Aborted,
     AlreadyExists,
     DeadlineExceeded,

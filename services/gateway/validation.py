@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 
 from cryptography.hazmat.primitives import hpke
-from veil.enclave.v1 import envelope_pb2
 
-from services.common.errors import InvalidArgument
+from veil.enclave.v1 import envelope_pb2
+from veil.services.common.errors import InvalidArgument
 
 INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_REQUEST_ID = 64

@@ -14,22 +14,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
-from services.keyvault.attest import Attestor, CollateralProvider
-from services.keyvault.attestation.roots import resolve_root
-from services.keyvault.audit import AuditLog
-from services.keyvault.clock import Clock, system_clock
-from services.keyvault.collateral_files import CollateralFiles
-from services.keyvault.config import KeyvaultConfig
-from services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
-from services.keyvault.heads import CommitHeads
-from services.keyvault.kek import FileKek, Kek, Pkcs11Kek
-from services.keyvault.keys import KeyManager
-from services.keyvault.release_key import ReleaseSigner, load_or_create_release_signer
-from services.keyvault.store import Store
-from services.keyvault.store_postgres import PostgresStore
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
+from veil.services.keyvault.attest import Attestor, CollateralProvider
+from veil.services.keyvault.attestation.roots import resolve_root
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.clock import Clock, system_clock
+from veil.services.keyvault.collateral_files import CollateralFiles
+from veil.services.keyvault.config import KeyvaultConfig
+from veil.services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
+from veil.services.keyvault.heads import CommitHeads
+from veil.services.keyvault.kek import FileKek, Kek, Pkcs11Kek
+from veil.services.keyvault.keys import KeyManager
+from veil.services.keyvault.release_key import ReleaseSigner, load_or_create_release_signer
+from veil.services.keyvault.store import Store
+from veil.services.keyvault.store_postgres import PostgresStore
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
 
 _log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from enclave import wire
-from services.keyvault.attestation import QuoteError, verify_quote
-from services.keyvault.attestation.collateral import Collateral
-from services.keyvault.audit import (
+from veil.enclave import wire
+from veil.services.keyvault.attestation import QuoteError, verify_quote
+from veil.services.keyvault.attestation.collateral import Collateral
+from veil.services.keyvault.audit import (
     ACTION_ATTEST,
     OUTCOME_ALLOWED,
     OUTCOME_REFUSED,
@@ -39,10 +39,10 @@ from services.keyvault.audit import (
     DetailValue,
     refusal_detail,
 )
-from services.keyvault.clock import Clock
-from services.keyvault.enclave_keys import ED25519_KEY_SIZE, parse_runtime_data
-from services.keyvault.errors import AttestationError, InvalidArgumentError
-from services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
+from veil.services.keyvault.clock import Clock
+from veil.services.keyvault.enclave_keys import ED25519_KEY_SIZE, parse_runtime_data
+from veil.services.keyvault.errors import AttestationError, InvalidArgumentError
+from veil.services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
 
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_RUNTIME_DATA_BYTES = 16 * 1024

@@ -24,9 +24,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.keyvault.clock import Clock, to_micros
-from services.keyvault.errors import AuditChainError, InvalidArgumentError, KeyvaultError
-from services.keyvault.store import GENESIS_HASH, AuditRecord, Store, StoreTx
+from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.errors import AuditChainError, InvalidArgumentError, KeyvaultError
+from veil.services.keyvault.store import GENESIS_HASH, AuditRecord, Store, StoreTx
 
 OUTCOME_ALLOWED = "allowed"
 OUTCOME_REFUSED = "refused"

@@ -26,12 +26,12 @@ import re
 import threading
 from pathlib import Path
 
-from services.common.config import ConfigError
-from services.keyvault.attestation.collateral import Collateral, parse_qe_identity, parse_tcb_info
-from services.keyvault.attestation.pck import parse_pem_chain, parse_sgx_extension
-from services.keyvault.attestation.quote import CollateralError, QuoteError, parse_quote
-from services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
-from services.keyvault.errors import AttestationError
+from veil.services.common.config import ConfigError
+from veil.services.keyvault.attestation.collateral import Collateral, parse_qe_identity, parse_tcb_info
+from veil.services.keyvault.attestation.pck import parse_pem_chain, parse_sgx_extension
+from veil.services.keyvault.attestation.quote import CollateralError, QuoteError, parse_quote
+from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
+from veil.services.keyvault.errors import AttestationError
 
 _FILE_NAME = re.compile(r"[0-9a-f]{12}\.json\Z")
 

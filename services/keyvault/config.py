@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.config import (
+from veil.services.common.config import (
     ENV_ATTESTATION_ROOT,
     ENV_KEK_FILE,
     ENV_KEK_PROVIDER,
@@ -48,7 +48,7 @@ from services.common.config import (
     ENV_PKCS11_TOKEN_LABEL,
     ConfigError,
 )
-from services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, MAX_TOKEN_LIFETIME_S
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, MAX_TOKEN_LIFETIME_S
 
 ENV_KEYVAULT_DB_SCHEMA = "VEIL_KEYVAULT_DB_SCHEMA"
 ENV_KEYVAULT_ISSUER = "VEIL_KEYVAULT_ISSUER"

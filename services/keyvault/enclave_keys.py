@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import envelope_pb2
 
-from services.keyvault.errors import AttestationError
-from services.keyvault.tokens import VerifiedToken, check_report_data
+from veil.enclave.v1 import envelope_pb2
+from veil.services.keyvault.errors import AttestationError
+from veil.services.keyvault.tokens import VerifiedToken, check_report_data
 
 X25519_KEY_SIZE = 32
 ED25519_KEY_SIZE = 32

@@ -33,13 +33,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave import wire
-from enclave.measurement import measure_source_tree
-from enclave.providers.sim_quote import DEV_MRSIGNER
-from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
-from services.keyvault.config import DEFAULT_ISSUER
-from services.keyvault.errors import PolicyError
-from services.keyvault.policy import (
+from veil.enclave import wire
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER
+from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
+from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.services.keyvault.errors import PolicyError
+from veil.services.keyvault.policy import (
     ACCEPTED_TCB_FIELD,
     CLAIM_DEBUGGABLE,
     CLAIM_MRENCLAVE,

@@ -35,10 +35,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
-
-from enclave import wire
-from services.keyvault.audit import (
+from veil.services.keyvault.audit import (
     ACTION_ADVANCE_HEAD,
     OUTCOME_ALLOWED,
     OUTCOME_REFUSED,
@@ -46,13 +45,13 @@ from services.keyvault.audit import (
     DetailValue,
     refusal_detail,
 )
-from services.keyvault.clock import Clock, to_micros
-from services.keyvault.enclave_keys import bound_enclave_keys
-from services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED, EnclavePolicy
-from services.keyvault.errors import HeadRefusedError, InvalidArgumentError, StoreError
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.store import CommitHeadRecord, Store
-from services.keyvault.tokens import TokenVerifier
+from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.enclave_keys import bound_enclave_keys
+from veil.services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED, EnclavePolicy
+from veil.services.keyvault.errors import HeadRefusedError, InvalidArgumentError, StoreError
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.store import CommitHeadRecord, Store
+from veil.services.keyvault.tokens import TokenVerifier
 
 HASH_SIZE = wire.HASH_SIZE
 MAX_SEQUENCE = 2**63 - 1

@@ -43,7 +43,7 @@ from pkcs11 import Attribute, GCMParams, KeyType, Mechanism, MechanismFlag, Obje
 from pkcs11 import exceptions as p11err
 from pkcs11.types import DecryptMixin, EncryptMixin
 
-from services.keyvault.errors import DecryptionError, KekError
+from veil.services.keyvault.errors import DecryptionError, KekError
 
 FORMAT_VERSION = 1
 NONCE_SIZE = 12

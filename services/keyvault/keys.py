@@ -59,8 +59,8 @@ from dataclasses import asdict, dataclass
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from enclave import wire
-from services.keyvault.audit import (
+from veil.enclave import wire
+from veil.services.keyvault.audit import (
     ACTION_CREATE,
     ACTION_DESTROY,
     ACTION_RELEASE,
@@ -72,10 +72,10 @@ from services.keyvault.audit import (
     canonical_json,
     refusal_detail,
 )
-from services.keyvault.clock import Clock, to_micros
-from services.keyvault.enclave_keys import bound_enclave_keys
-from services.keyvault.enclave_policy import EnclavePolicy, is_instance_key
-from services.keyvault.errors import (
+from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.enclave_keys import bound_enclave_keys
+from veil.services.keyvault.enclave_policy import EnclavePolicy, is_instance_key
+from veil.services.keyvault.errors import (
     IdempotencyConflictError,
     InvalidArgumentError,
     KeyDestroyedError,
@@ -84,11 +84,11 @@ from services.keyvault.errors import (
     ReleaseRefusedError,
     TokenReplayError,
 )
-from services.keyvault.kek import Kek
-from services.keyvault.policy import parse_policy
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
-from services.keyvault.tokens import TokenVerifier, VerifiedToken, replay_horizon_us
+from veil.services.keyvault.kek import Kek
+from veil.services.keyvault.policy import parse_policy
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
+from veil.services.keyvault.tokens import TokenVerifier, VerifiedToken, replay_horizon_us
 
 DATA_KEY_SIZE = 32
 DATA_KEY_AAD_LABEL = b"veil/data-key/v1"

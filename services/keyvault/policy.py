@@ -57,7 +57,7 @@ from enum import StrEnum
 from operator import ge, gt, le, lt
 from typing import Literal
 
-from services.keyvault.errors import PolicyError
+from veil.services.keyvault.errors import PolicyError
 
 POLICY_VERSION = "1.0.0"
 #: The Veil extension field that replaces the default accepted TCB statuses.

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from services.keyvault.audit import ACTION_CREATE_RELEASE_KEY, OUTCOME_ALLOWED, AuditLog
-from services.keyvault.clock import Clock, to_micros
-from services.keyvault.errors import DecryptionError, StoreError
-from services.keyvault.kek import Kek
-from services.keyvault.store import ReleaseKeyRecord, Store
+from veil.services.keyvault.audit import ACTION_CREATE_RELEASE_KEY, OUTCOME_ALLOWED, AuditLog
+from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.errors import DecryptionError, StoreError
+from veil.services.keyvault.kek import Kek
+from veil.services.keyvault.store import ReleaseKeyRecord, Store
 
 RELEASE_KEY_AAD_LABEL = b"veil/release-signing-key/v1"
 ED25519_KEY_SIZE = 32

@@ -15,16 +15,16 @@ GetStatus                                               admin, state, gateway
 from __future__ import annotations
 
 from opentelemetry.sdk.trace import TracerProvider
-from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from services.common import identity
-from services.common.config import ServiceConfig
-from services.common.main import serve
-from services.common.server import VeilServer, build_server
-from services.keyvault.app import Keyvault, open_keyvault
-from services.keyvault.clock import Clock, system_clock
-from services.keyvault.config import KeyvaultConfig
-from services.keyvault.service import KeyvaultServicer
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common import identity
+from veil.services.common.config import ServiceConfig
+from veil.services.common.main import serve
+from veil.services.common.server import VeilServer, build_server
+from veil.services.keyvault.app import Keyvault, open_keyvault
+from veil.services.keyvault.clock import Clock, system_clock
+from veil.services.keyvault.config import KeyvaultConfig
+from veil.services.keyvault.service import KeyvaultServicer
 
 SERVICE_NAME = keyvault_pb2.DESCRIPTOR.services_by_name["KeyvaultService"].full_name
 

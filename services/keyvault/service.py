@@ -17,15 +17,15 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from services.common import errors as common
-from services.common.identity import peer_identity
-from services.keyvault import errors as kv
-from services.keyvault.app import Keyvault
-from services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
-from services.keyvault.keys import KeyMetadata
-from services.keyvault.store import AuditRecord
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common import errors as common
+from veil.services.common.identity import peer_identity
+from veil.services.keyvault import errors as kv
+from veil.services.keyvault.app import Keyvault
+from veil.services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
+from veil.services.keyvault.keys import KeyMetadata
+from veil.services.keyvault.store import AuditRecord
 
 _log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 
 import psycopg
 
-from services.common.sql import POSTGRES, PostgresDatabase
-from services.keyvault.errors import StoreError
-from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
+from veil.services.common.sql import POSTGRES, PostgresDatabase
+from veil.services.keyvault.errors import StoreError
+from veil.services.keyvault.store import GENESIS_HASH, StoreTx
+from veil.services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
 
 DEFAULT_SCHEMA = "veil_keyvault"
 # Arbitrary constant: the advisory lock that serialises schema creation across replicas.

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.common.sql import Connection, Cursor, Dialect
-from services.keyvault.errors import StoreError
-from services.keyvault.store import (
+from veil.services.common.sql import Connection, Cursor, Dialect
+from veil.services.keyvault.errors import StoreError
+from veil.services.keyvault.store import (
     AuditRecord,
     CommitHeadRecord,
     IdempotencyRecord,

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.common.sql import SQLITE, SqliteDatabase
-from services.keyvault.errors import StoreError
-from services.keyvault.store import GENESIS_HASH, StoreTx
-from services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
+from veil.services.common.sql import SQLITE, SqliteDatabase
+from veil.services.keyvault.errors import StoreError
+from veil.services.keyvault.store import GENESIS_HASH, StoreTx
+from veil.services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
 
 _SCHEMA = (
     """

@@ -52,12 +52,12 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from enclave import wire
-from services.keyvault.audit import ACTION_ROTATE_SIGNING_KEY, OUTCOME_ALLOWED, AuditLog
-from services.keyvault.clock import Clock, to_micros
-from services.keyvault.errors import AttestationError, DecryptionError, StoreError, TokenError
-from services.keyvault.kek import Kek
-from services.keyvault.store import SigningKeyRecord, Store
+from veil.enclave import wire
+from veil.services.keyvault.audit import ACTION_ROTATE_SIGNING_KEY, OUTCOME_ALLOWED, AuditLog
+from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.errors import AttestationError, DecryptionError, StoreError, TokenError
+from veil.services.keyvault.kek import Kek
+from veil.services.keyvault.store import SigningKeyRecord, Store
 
 ALGORITHM = "ES256"
 DEFAULT_TOKEN_TTL_S = 600

@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
-from veil.enclave.v1 import envelope_pb2
 
-from services.state.enclave_host import EnclaveHost
-from services.state.keyvault_client import KeyvaultClient
+from veil.enclave.v1 import envelope_pb2
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.keyvault_client import KeyvaultClient
 
 NONCE_SIZE = 32
 REFRESH_MARGIN_S = 60.0

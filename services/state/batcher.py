@@ -37,8 +37,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, TypeVar, Union
 
-from services.state.errors import NotServing
-from services.state.metrics import StateMetrics
+from veil.services.state.errors import NotServing
+from veil.services.state.metrics import StateMetrics
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -33,22 +33,22 @@ from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common.channels import secure_channel
-from services.common.config import ServiceConfig, TlsFiles
-from services.common.pki import init_pki
-from services.keyvault.config import KekConfig, KeyvaultConfig
-from services.keyvault.enclave_policy import write_dev_enclave_policy
-from services.keyvault.server import create_server as create_keyvault
-from services.state import lifecycle
-from services.state.config import StateConfig
-from services.state.host import StateHost
-from services.state.keyvault_client import KeyvaultClient
-from services.state.loadclient import Account, mint, token_config, transfer
-from services.state.runner import spawn_enclave
-from services.state.server import create_server
-from services.state.store_sqlite import SqliteStore
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.pki import init_pki
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
+from veil.services.keyvault.server import create_server as create_keyvault
+from veil.services.state import lifecycle
+from veil.services.state.config import StateConfig
+from veil.services.state.host import StateHost
+from veil.services.state.keyvault_client import KeyvaultClient
+from veil.services.state.loadclient import Account, mint, token_config, transfer
+from veil.services.state.runner import spawn_enclave
+from veil.services.state.server import create_server
+from veil.services.state.store_sqlite import SqliteStore
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 INSTANCE = "bench"
 INITIAL = 10**12

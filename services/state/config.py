@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.config import (
+from veil.services.common.config import (
     DEFAULT_PORTS,
     ENV_ENCLAVE_MEMORY_MB,
     ENV_ENCLAVE_MODE,
@@ -27,8 +27,8 @@ from services.common.config import (
     ConfigError,
     ServiceConfig,
 )
-from services.state.store_postgres import DEFAULT_SCHEMA
-from services.state.store_sqlite import DEFAULT_FILE_NAME
+from veil.services.state.store_postgres import DEFAULT_SCHEMA
+from veil.services.state.store_sqlite import DEFAULT_FILE_NAME
 
 ENCLAVE_MODES = ("sim", "gramine")
 DEFAULT_MEMORY_MB = 96  # the SGXv1 EPC scale

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import framing
-from enclave.dispatcher import Dispatcher
-from enclave.runner import RunnerOptions, build_enclave
+from veil.enclave import framing
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.runner import RunnerOptions, build_enclave
+from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 
@@ -131,7 +131,7 @@ class EnclaveHost:
         cwd: Path | None = _REPO_ROOT,
     ) -> EnclaveHost:
         """Spawn `python -m enclave.runner` with `options` and talk to it over pipes."""
-        return cls.spawn_argv([python, "-m", "enclave.runner", *options.to_argv()], env=env, cwd=cwd)
+        return cls.spawn_argv([python, "-m", "veil.enclave.runner", *options.to_argv()], env=env, cwd=cwd)
 
     @classmethod
     def spawn_argv(

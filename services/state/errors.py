@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from veil.enclave.v1 import error_pb2
-
-from services.common.errors import (
+from veil.services.common.errors import (
     Aborted,
     AlreadyExists,
     DataLoss,

@@ -33,9 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from veil.enclave.v1 import envelope_pb2
-
-from services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
-from services.state.metrics import StateMetrics
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
+from veil.services.state.metrics import StateMetrics
 
 _log = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
+from veil.enclave import commands, wire
 from veil.enclave.v1 import ecall_pb2, envelope_pb2
-
-from enclave import commands, wire
 
 RECENT_RELEASES = 4096
 

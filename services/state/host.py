@@ -38,18 +38,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from veil.enclave import wire
+from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import envelope_pb2
-from veil.state.v1 import state_pb2
-
-from enclave import wire
-from enclave.errors import DecryptionError
-from services.common.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from services.state import lifecycle
-from services.state.attestation import Attestation
-from services.state.batcher import Batcher, BatchPolicy
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
-from services.state.errors import (
+from veil.services.common.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from veil.services.state import lifecycle
+from veil.services.state.attestation import Attestation
+from veil.services.state.batcher import Batcher, BatchPolicy
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
+from veil.services.state.errors import (
     NotServing,
     RecoveryRefused,
     SequenceConflict,
@@ -57,13 +61,14 @@ from services.state.errors import (
     from_ecall,
     from_outcome_error,
 )
-from services.state.heads import Backoff
-from services.state.holds import unwrap, unwrap_read
-from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
-from services.state.metrics import StateMetrics
-from services.state.snapshots import take_snapshot
-from services.state.startup import InstanceState, Runtime, Startup, Stopping
-from services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
+from veil.services.state.heads import Backoff
+from veil.services.state.holds import unwrap, unwrap_read
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from veil.services.state.metrics import StateMetrics
+from veil.services.state.snapshots import take_snapshot
+from veil.services.state.startup import InstanceState, Runtime, Startup, Stopping
+from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
+from veil.state.v1 import state_pb2
 
 _log = logging.getLogger(__name__)
 

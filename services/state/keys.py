@@ -21,12 +21,11 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
-
-from enclave import wire
-from services.state.attestation import Attestor
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
-from services.state.keyvault_client import KeyvaultClient
+from veil.services.state.attestation import Attestor
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
+from veil.services.state.keyvault_client import KeyvaultClient
 
 _log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ from typing import TypeVar
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
+
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-
-from services.common.channels import call, secure_channel
-from services.common.config import TlsFiles
-from services.common.errors import FailedPrecondition, Unavailable, error_info
+from veil.services.common.channels import call, secure_channel
+from veil.services.common.config import TlsFiles
+from veil.services.common.errors import FailedPrecondition, Unavailable, error_info
 
 Resp = TypeVar("Resp")
 

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
 
-from enclave import commands, crypto, wire
+from veil.enclave import commands, crypto, wire
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
 
 
 @dataclass

@@ -30,13 +30,13 @@ import re
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
-from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import wire
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
-from services.state.errors import RecoveryRefused
-from services.state.keyvault_client import RemoteHead
-from services.state.store import LoadedLog, StateStore, StoredEntry
+from veil.enclave import wire
+from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
+from veil.services.state.errors import RecoveryRefused
+from veil.services.state.keyvault_client import RemoteHead
+from veil.services.state.store import LoadedLog, StateStore, StoredEntry
 
 _ENTRY_IN_MESSAGE = re.compile(r"log entry (\d+)")
 

@@ -8,9 +8,9 @@ platform secret file (created on first start); in ``gramine`` mode both come fro
 
 from __future__ import annotations
 
-from enclave.runner import RunnerOptions
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveHost
+from veil.enclave.runner import RunnerOptions
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveHost
 
 
 def runner_options(config: StateConfig) -> RunnerOptions:

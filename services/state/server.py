@@ -12,21 +12,21 @@ from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common import identity
-from services.common.channels import remaining_timeout
-from services.common.config import ServiceConfig
-from services.common.errors import InvalidArgument
-from services.common.main import serve
-from services.common.server import VeilServer, build_server
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveHost
-from services.state.errors import NotServing
-from services.state.host import StateHost
-from services.state.keyvault_client import KeyvaultClient
-from services.state.runner import spawn_enclave
-from services.state.store import StateStore, open_store
+from veil.services.common import identity
+from veil.services.common.channels import remaining_timeout
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import InvalidArgument
+from veil.services.common.main import serve
+from veil.services.common.server import VeilServer, build_server
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.errors import NotServing
+from veil.services.state.host import StateHost
+from veil.services.state.keyvault_client import KeyvaultClient
+from veil.services.state.runner import spawn_enclave
+from veil.services.state.store import StateStore, open_store
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 SERVICE_NAME = state_pb2.DESCRIPTOR.services_by_name["StateService"].full_name
 EXECUTE_CEILING_S = 30.0

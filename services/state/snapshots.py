@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.state.enclave_host import EnclaveHost
-from services.state.store import StateStore, StoredSnapshot
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.store import StateStore, StoredSnapshot
 
 
 @dataclass(frozen=True)

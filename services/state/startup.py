@@ -16,23 +16,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from veil.enclave.v1 import envelope_pb2
+from veil.services.state import lifecycle, recovery
+from veil.services.state.attestation import Attestor
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
+from veil.services.state.errors import NotServing
+from veil.services.state.heads import Backoff, HeadAdvancer
+from veil.services.state.holds import HeldAnswers
+from veil.services.state.keys import KeyProvisioner, SealedCache
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from veil.services.state.metrics import StateMetrics
+from veil.services.state.store import InstanceRecord, StateStore
 from veil.state.v1 import state_pb2
 
-from services.state import lifecycle, recovery
-from services.state.attestation import Attestor
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
-from services.state.errors import NotServing
-from services.state.heads import Backoff, HeadAdvancer
-from services.state.holds import HeldAnswers
-from services.state.keys import KeyProvisioner, SealedCache
-from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
-from services.state.metrics import StateMetrics
-from services.state.store import InstanceRecord, StateStore
-
 if TYPE_CHECKING:
-    from services.state.batcher import Batcher
-    from services.state.host import Command
+    from veil.services.state.batcher import Batcher
+    from veil.services.state.host import Command
 
 _log = logging.getLogger(__name__)
 

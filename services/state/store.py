@@ -137,9 +137,9 @@ def open_store(url_or_path: str | Path, *, schema: str | None = None) -> StateSt
     """A PostgreSQL store for a ``postgresql://`` URL, else a SQLite store at the path."""
     target = str(url_or_path)
     if target.startswith(POSTGRES_SCHEMES):
-        from services.state.store_postgres import DEFAULT_SCHEMA, PostgresStore
+        from veil.services.state.store_postgres import DEFAULT_SCHEMA, PostgresStore
 
         return PostgresStore(target, schema=schema or DEFAULT_SCHEMA)
-    from services.state.store_sqlite import SqliteStore
+    from veil.services.state.store_sqlite import SqliteStore
 
     return SqliteStore(Path(target))

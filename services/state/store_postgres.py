@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
-from services.common.sql import POSTGRES, PostgresDatabase
-from services.state.errors import SequenceConflict, StoreError
-from services.state.store_sql import SqlStateStore, Tx, schema_statements
+from veil.services.common.sql import POSTGRES, PostgresDatabase
+from veil.services.state.errors import SequenceConflict, StoreError
+from veil.services.state.store_sql import SqlStateStore, Tx, schema_statements
 
 DEFAULT_SCHEMA = "veil_state"
 # Arbitrary constant: the advisory lock that serialises schema creation across replicas.

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
-from services.common.sql import Cursor, Dialect
-from services.state.errors import SequenceConflict
-from services.state.store import (
+from veil.services.common.sql import Cursor, Dialect
+from veil.services.state.errors import SequenceConflict
+from veil.services.state.store import (
     IdempotencyRecord,
     InstanceRecord,
     LoadedLog,

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from services.common.sql import SQLITE, SqliteDatabase
-from services.state.errors import SequenceConflict, StoreError
-from services.state.store_sql import SqlStateStore, Tx, schema_statements
+from veil.services.common.sql import SQLITE, SqliteDatabase
+from veil.services.state.errors import SequenceConflict, StoreError
+from veil.services.state.store_sql import SqlStateStore, Tx, schema_statements
 
 DEFAULT_FILE_NAME = "state.db"
 

@@ -27,15 +27,7 @@ from typing import Any
 import jwt as pyjwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, storage_pb2
 
-from enclave import crypto, wire
-from enclave.dispatcher import Dispatcher, ecall_table
-from enclave.measurement import measure_source_tree
-from enclave.providers.sealing import SimSealingProvider
-from enclave.providers.sim_quote import SimQuoteProvider
-from enclave.runner import PCK_FILES, PCK_KEY_FILE
-from enclave.runtime import Enclave
 from tests.enclave.support import (
     KEYVAULT_RELEASE_PUBLIC_KEY,
     NOW_MS,
@@ -45,6 +37,14 @@ from tests.enclave.support import (
     head_confirmation,
     wrap_key,
 )
+from veil.enclave import crypto, wire
+from veil.enclave.dispatcher import Dispatcher, ecall_table
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.runner import PCK_FILES, PCK_KEY_FILE
+from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, storage_pb2
 
 OAUTH_ISSUER, OAUTH_AUDIENCE = "https://login.attack.test", "veil"
 #: Small enough that a "huge field" command can hit the budget, large enough for the history.

@@ -34,7 +34,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.pki import init_pki
 from tests.attack.enclave_world import INSTANCES, World, build_world, sim_quotes
 from tests.attack.mesh import SERVICE_TARGETS, Lab
 from tests.attack.rpc import check_rpc, rpc_input
@@ -48,6 +47,7 @@ from tests.attack.targets import (
     quote_corpus,
     quote_input,
 )
+from veil.services.common.pki import init_pki
 
 TARGETS = ("quote", "ecall", "command", "rpc")
 SLICE_S = 1.0  # targets take turns in slices this long, so every one runs in a short run

@@ -14,17 +14,16 @@ import os
 import time
 from pathlib import Path
 
-from veil.enclave.v1 import ecall_pb2, envelope_pb2
-from veil.keyvault.v1 import keyvault_pb2
-
-from enclave import commands, wire
-from enclave.dispatcher import Dispatcher
-from services.keyvault.config import DEFAULT_ISSUER
-from services.state.enclave_host import EnclaveHost
-from services.state.keys import release_policy
 from tests.attack.enclave_world import new_enclave
 from tests.attack.mesh import TIMEOUT, RunningKeyvault
 from tests.enclave.support import Client
+from veil.enclave import commands, wire
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.v1 import ecall_pb2, envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
+from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.keys import release_policy
 
 
 def now_ms() -> int:

@@ -25,35 +25,35 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
-from veil.enclave.v1 import apps_pb2, ecall_pb2
-from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from enclave.dispatcher import Dispatcher
-from enclave.measurement import measure_source_tree
-from enclave.runner import build_enclave
-from enclave.runtime import Enclave
-from services.common import identity
-from services.common.config import ServiceConfig
-from services.common.server import VeilServer
-from services.common.tls import channel_credentials
-from services.keyvault.audit import AuditLog
-from services.keyvault.config import DEFAULT_ISSUER, KekConfig, KeyvaultConfig
-from services.keyvault.server import AUTHORIZATION as KEYVAULT_AUTHORIZATION
-from services.keyvault.server import SERVICE_NAME as KEYVAULT_SERVICE
-from services.keyvault.server import create_server as create_keyvault_server
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import expected_report_data
-from services.state import lifecycle
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveHost
-from services.state.loadclient import Account, mint, token_config, vault_config, vault_put
-from services.state.runner import runner_options
-from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from services.state.server import SERVICE_NAME as STATE_SERVICE
-from services.state.server import create_server as create_state_server
 from tests.conftest import tls_for
 from tests.keyvault.support import SIM_MRENCLAVE, FakeEnclave, policy_json, sim_provider
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.runner import build_enclave
+from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import apps_pb2, ecall_pb2
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common import identity
+from veil.services.common.config import ServiceConfig
+from veil.services.common.server import VeilServer
+from veil.services.common.tls import channel_credentials
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.config import DEFAULT_ISSUER, KekConfig, KeyvaultConfig
+from veil.services.keyvault.server import AUTHORIZATION as KEYVAULT_AUTHORIZATION
+from veil.services.keyvault.server import SERVICE_NAME as KEYVAULT_SERVICE
+from veil.services.keyvault.server import create_server as create_keyvault_server
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import expected_report_data
+from veil.services.state import lifecycle
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.loadclient import Account, mint, token_config, vault_config, vault_put
+from veil.services.state.runner import runner_options
+from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
+from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
+from veil.services.state.server import create_server as create_state_server
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 IDENTITIES = {
     "admin": identity.ADMIN,

@@ -28,15 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from google.protobuf.message import DecodeError, Message
-from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import commands, crypto, wire
-from enclave.dispatcher import ecall_table
-from enclave.errors import DecryptionError
-from services.keyvault.attestation import QuoteError, VerifiedQuote, parse_quote, verify_quote
-from services.keyvault.attestation.collateral import Collateral
-from services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
-from services.state.enclave_host import EnclaveCallError
 from tests.attack.enclave_world import INSTANCES, World, good_call
 from tests.attack.mutations import (
     HOSTILE_STRINGS,
@@ -49,6 +41,14 @@ from tests.attack.mutations import (
     random_string,
 )
 from tests.enclave.support import Client
+from veil.enclave import commands, crypto, wire
+from veil.enclave.dispatcher import ecall_table
+from veil.enclave.errors import DecryptionError
+from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.services.keyvault.attestation import QuoteError, VerifiedQuote, parse_quote, verify_quote
+from veil.services.keyvault.attestation.collateral import Collateral
+from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
+from veil.services.state.enclave_host import EnclaveCallError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SGX_QUOTES = REPO_ROOT.parent / "shared" / "testdata" / "sgx-quotes"

@@ -23,10 +23,7 @@ import pytest
 from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import framing
-from enclave.runner import RunnerOptions
 from tests.attack.conftest import WorldBox
 from tests.attack.profile import attack_settings
 from tests.attack.targets import ECALL_OK_CODES, check_ecall, ecall_input
@@ -39,6 +36,9 @@ from tests.enclave.support import (
     vault,
     wrap_key,
 )
+from veil.enclave import framing
+from veil.enclave.runner import RunnerOptions
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 
 #: The ECALL table as the contract defines it (the world's seeds cover the same set).
 METHODS = sorted(ecall_pb2.DESCRIPTOR.services_by_name["EnclaveService"].methods_by_name)
@@ -75,7 +75,7 @@ class Runner:
     def __init__(self, options: RunnerOptions) -> None:
         repo = Path(__file__).resolve().parents[2]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "enclave.runner", *options.to_argv()],
+            [sys.executable, "-m", "veil.enclave.runner", *options.to_argv()],
             cwd=repo,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -17,25 +17,25 @@ from typing import Any
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
-from veil.gateway.v1 import gateway_pb2
-from veil.keyvault.v1 import keyvault_pb2
 
 from client.attestation import verify_bundle
 from client.errors import AttestationError, GatewayError, IdentityError, OutcomeUnknown
 from client.identity import SigningIdentity, new_identity
 from client.pins import InstancePins
 from client.sdk import VeilClient, connect
-from enclave import wire
-from enclave.errors import DecryptionError
-from services.common.errors import InvalidArgument, Unavailable, abort, error_info
-from services.keyvault.attestation.roots import load_root_pem
-from services.state.enclave_host import EnclaveCallError
 from tests.attack.hostile_host import EnclaveBoot, now_ms
 from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.enclave.support import KEYVAULT_RELEASE_KEY, ballot, config, error_code, head_statement, token
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, mesh_fixture, token_config
+from veil.enclave import wire
+from veil.enclave.errors import DecryptionError
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.keyvault.v1 import keyvault_pb2
+from veil.services.common.errors import InvalidArgument, Unavailable, abort, error_info
+from veil.services.keyvault.attestation.roots import load_root_pem
+from veil.services.state.enclave_host import EnclaveCallError
 
 
 @pytest.fixture(scope="module")

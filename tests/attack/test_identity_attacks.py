@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.common.errors import error_info
-from services.common.pki import init_pki
 from tests.attack.mesh import IDENTITIES, SERVICE_TARGETS, TIMEOUT, Lab, ServiceTarget
 from tests.attack.rpc import call_raw
+from veil.services.common.errors import error_info
+from veil.services.common.pki import init_pki
 
 
 @pytest.fixture(scope="module")

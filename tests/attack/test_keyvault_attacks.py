@@ -13,17 +13,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
-from veil.keyvault.v1 import keyvault_pb2
 
-from services.common.errors import error_info
-from services.common.pki import init_pki
-from services.state.enclave_host import EnclaveCallError
 from tests.attack.hostile_host import EnclaveBoot, now_ms
 from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
 from tests.attack.mutations import HOSTILE_TOKENS
 from tests.enclave.support import Client, config, vault
 from tests.keyvault.support import FakeEnclave
+from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
+from veil.keyvault.v1 import keyvault_pb2
+from veil.services.common.errors import error_info
+from veil.services.common.pki import init_pki
+from veil.services.state.enclave_host import EnclaveCallError
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.attack.mesh import SERVICE_TARGETS, STATE, TIMEOUT, Lab, RunningState, ServiceTarget
+from tests.attack.rpc import call_raw
+from tests.enclave.support import error_code
+from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2
-from veil.state.v1 import state_pb2
-
-from enclave.dispatcher import Dispatcher
-from services.common.errors import error_info
-from services.common.server import MAX_MESSAGE_BYTES
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
-from services.state.loadclient import (
+from veil.services.common.errors import error_info
+from veil.services.common.server import MAX_MESSAGE_BYTES
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
+from veil.services.state.loadclient import (
     Account,
     Sealed,
     balance,
@@ -32,9 +34,7 @@ from services.state.loadclient import (
     vault_config,
     vault_put,
 )
-from tests.attack.mesh import SERVICE_TARGETS, STATE, TIMEOUT, Lab, RunningState, ServiceTarget
-from tests.attack.rpc import call_raw
-from tests.enclave.support import error_code
+from veil.state.v1 import state_pb2
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ import grpc
 import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 from client.counters import MemoryCounters
 from client.errors import GatewayError
@@ -48,8 +47,9 @@ from client.identity import AnonymousIdentity, Identity, SigningIdentity
 from client.policy import POLICY_FILE, load_policy, write_dev_policy
 from client.sdk import VeilClient, connect
 from client.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
-from services.common.channels import wait_until_serving
-from services.common.config import (
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.services.common.channels import wait_until_serving
+from veil.services.common.config import (
     DEFAULT_PORTS,
     ENV_GATEWAY_BURST,
     ENV_GATEWAY_RATE,
@@ -57,8 +57,8 @@ from services.common.config import (
     ENV_STATE_DB,
     ENV_STATE_DB_SCHEMA,
 )
-from services.common.pki import init_pki
-from services.keyvault.config import ENV_KEYVAULT_DB_SCHEMA
+from veil.services.common.pki import init_pki
+from veil.services.keyvault.config import ENV_KEYVAULT_DB_SCHEMA
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TOKENS = "chaos-tokens"

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from veil.gateway.v1 import gateway_pb2
 
 from tests.gateway.support import EnclaveState, InProcessMesh, TokenAuthority, mesh_fixture
+from veil.gateway.v1 import gateway_pb2
 
 
 @pytest.fixture(scope="module")

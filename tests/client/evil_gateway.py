@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.common.channels import secure_channel
 from tests.conftest import tls_for
 from tests.gateway.support import InProcessMesh
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common.channels import secure_channel
 
 Tamper = Callable[[Any], None]
 

@@ -25,16 +25,16 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from veil.enclave.v1 import envelope_pb2, error_pb2
-from veil.gateway.v1 import gateway_pb2
 
 from client.identity import SigningIdentity, new_identity
-from enclave import wire
-from services.common.errors import InvalidArgument, abort
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh, token_config, write_fake_mesh_policy
 from tests.keyvault.attestation import fakes
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.services.common.errors import InvalidArgument, abort
 
 NODE_CLIENT = REPO_ROOT / "client" / "node"
 OTHER_SIGNER = b"\xaa" * 32

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from veil.enclave.v1 import envelope_pb2
-from veil.gateway.v1 import gateway_pb2
 
 from client import commands
 from client.attestation import verify_bundle
@@ -35,16 +33,18 @@ from client.policy import (
     save_policy,
     write_dev_policy,
 )
-from enclave.providers.sim_quote import DEV_MRSIGNER
-from services.common.pki import sim_collateral_path
-from services.keyvault.attestation import VerifiedQuote, verify_quote
-from services.keyvault.attestation.collateral import load_collateral
-from services.keyvault.attestation.roots import load_root_pem
-from services.keyvault.audit import AuditLog
-from services.keyvault.kek import FileKek
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
 from tests.keyvault.support import RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeEnclave, sim_provider
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER
+from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.services.common.pki import sim_collateral_path
+from veil.services.keyvault.attestation import VerifiedQuote, verify_quote
+from veil.services.keyvault.attestation.collateral import load_collateral
+from veil.services.keyvault.attestation.roots import load_root_pem
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
 
 ISSUER = "spiffe://veil/keyvault"
 JWKS: dict[str, Any] = {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "kid": "k"}]}

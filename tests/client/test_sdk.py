@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from veil.enclave.v1 import envelope_pb2, error_pb2
 
 from client import dev_policy, load_policy, write_dev_policy
 from client.apps import VoteReceipt
@@ -18,8 +17,9 @@ from client.errors import CommandRefused, IdentityError, IntegrityError, PolicyE
 from client.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
 from client.policy import ExpectedMeasurement
 from client.sdk import VeilClient
-from enclave.measurement import measure_source_tree
 from tests.gateway.support import InProcessMesh, token_config
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.v1 import envelope_pb2, error_pb2
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 
 from client.identity import new_identity
 from client.sdk import VeilClient, connect
-from services.common.errors import InvalidArgument, Unavailable, VeilError, abort
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
+from veil.services.common.errors import InvalidArgument, Unavailable, VeilError, abort
 
 
 @dataclass

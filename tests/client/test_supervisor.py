@@ -14,12 +14,12 @@ import pytest
 
 from client.policy import POLICY_FILE, load_policy, write_dev_policy
 from client.supervisor import Mesh, free_port_offset, keyvault_pins, keyvault_release_key
-from services.common.config import DEFAULT_PORTS, ServiceConfig
-from services.common.pki import collateral_dir
-from services.common.server import VeilServer
-from services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
-from services.keyvault.server import create_server
 from tests.conftest import tls_for
+from veil.services.common.config import DEFAULT_PORTS, ServiceConfig
+from veil.services.common.pki import collateral_dir
+from veil.services.common.server import VeilServer
+from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
+from veil.services.keyvault.server import create_server
 
 
 def test_the_mesh_starts_the_keyvault_with_the_dev_collateral(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from veil.gateway.v1 import gateway_pb2
 
 from client.errors import AttestationError, IntegrityError
 from client.identity import new_identity
@@ -18,6 +17,7 @@ from client.policy import ExpectedMeasurement
 from client.sdk import VeilClient, connect
 from tests.client.evil_gateway import EvilGateway, Tamper, evil_gateway
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
+from veil.gateway.v1 import gateway_pb2
 
 
 @pytest.fixture

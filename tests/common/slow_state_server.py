@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common.config import ServiceConfig, TlsFiles
-from services.common.server import build_server, run_until_signalled
-from services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
+from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.server import build_server, run_until_signalled
+from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 
 class _SlowState(StateServicer):

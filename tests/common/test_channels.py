@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import pytest
 
-from services.common.channels import call
+from veil.services.common.channels import call
 
 
 class _Failure(grpc.RpcError):

@@ -8,14 +8,14 @@ from typing import Any
 
 import grpc
 import pytest
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common.channels import secure_channel
-from services.common.config import ServiceConfig
-from services.common.errors import ResourceExhausted, error_info
-from services.common.server import build_server
-from services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
 from tests.conftest import tls_for
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import ResourceExhausted, error_info
+from veil.services.common.server import build_server
+from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 
 class _FailingState(StateServicer):

@@ -12,10 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common.channels import secure_channel
 from tests.conftest import REPO_ROOT, tls_for
+from veil.services.common.channels import secure_channel
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 
 def test_sigterm_drains_an_in_flight_call(pki_dir: Path) -> None:

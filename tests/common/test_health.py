@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from grpc_health.v1 import health_pb2
 
-from services.common.channels import health_status
-from services.common.config import ServiceConfig
-from services.common.server import LIVENESS_SERVICE
 from tests.conftest import ping_only_state_server
+from veil.services.common.channels import health_status
+from veil.services.common.config import ServiceConfig
+from veil.services.common.server import LIVENESS_SERVICE
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

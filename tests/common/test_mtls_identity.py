@@ -8,14 +8,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from services.common.config import ServiceConfig, TlsFiles
-from services.common.errors import error_info
-from services.common.pki import init_pki
-from services.common.server import VeilServer
-from services.common.tls import channel_credentials
 from tests.conftest import ping_only_state_server, tls_for
+from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.errors import error_info
+from veil.services.common.pki import init_pki
+from veil.services.common.server import VeilServer
+from veil.services.common.tls import channel_credentials
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 
 @pytest.fixture

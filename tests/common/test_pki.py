@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from enclave.providers.sim_quote import SimQuoteProvider
-from enclave.runner import PCK_FILES
-from services.common.identity import spiffe_id_from_pem
-from services.common.pki import (
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.runner import PCK_FILES
+from veil.services.common.identity import spiffe_id_from_pem
+from veil.services.common.pki import (
     SGX_EXTENSION_OID,
     SIM_FMSPC,
     SIM_QE_ISV_SVN,
@@ -23,10 +23,10 @@ from services.common.pki import (
     init_pki,
     sim_collateral_path,
 )
-from services.keyvault.attestation import CollateralError, verify_quote
-from services.keyvault.attestation.collateral import load_collateral, parse_qe_identity, parse_tcb_info
-from services.keyvault.attestation.roots import load_root_pem
-from services.keyvault.collateral_files import CollateralFiles, collateral_file_name
+from veil.services.keyvault.attestation import CollateralError, verify_quote
+from veil.services.keyvault.attestation.collateral import load_collateral, parse_qe_identity, parse_tcb_info
+from veil.services.keyvault.attestation.roots import load_root_pem
+from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name
 
 
 def test_each_service_certificate_carries_its_spiffe_id(pki_dir: Path) -> None:

@@ -6,14 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
-from services.common.channels import secure_channel
-from services.common.config import ServiceConfig
-from services.common.tracing import make_tracer_provider, not_health_check
-from services.gateway.config import GatewayConfig
-from services.gateway.server import create_server as create_gateway
 from tests.conftest import ping_only_state_server, tls_for
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.common.tracing import make_tracer_provider, not_health_check
+from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.server import create_server as create_gateway
 
 
 def test_one_trace_id_spans_gateway_and_state(

@@ -17,10 +17,10 @@ import kubernetes_validate
 import pytest
 
 from client.cli import build_parser
-from services.common import config as contract
-from services.common.config import DEFAULT_PORTS
-from services.common.identity import SERVICE_IDENTITIES
-from services.common.server import LIVENESS_SERVICE
+from veil.services.common import config as contract
+from veil.services.common.config import DEFAULT_PORTS
+from veil.services.common.identity import SERVICE_IDENTITIES
+from veil.services.common.server import LIVENESS_SERVICE
 
 from . import cert_manager
 from .kube import (

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.channels import wait_until_serving
-from services.common.config import DEFAULT_PORTS
 from tests.conftest import REPO_ROOT
+from veil.services.common.channels import wait_until_serving
+from veil.services.common.config import DEFAULT_PORTS
 
 
 @dataclass

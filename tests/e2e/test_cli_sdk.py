@@ -12,15 +12,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from veil.enclave.v1 import apps_pb2, envelope_pb2
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from client import AttestationError, CommandRefused, ExpectedMeasurement, VeilClient, connect, load_policy
 from client.identity import SigningIdentity, new_identity
 from client.sealing import open_outcome, seal_command
-from services.common.channels import secure_channel
-from services.common.config import TlsFiles
 from tests.e2e.conftest import Mesh
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import TlsFiles
 
 pytestmark = pytest.mark.e2e
 

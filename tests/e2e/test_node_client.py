@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from veil.enclave.v1 import envelope_pb2
 
 from client import connect, load_policy
 from client.identity import new_identity
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Mesh
+from veil.enclave.v1 import envelope_pb2
 
 pytestmark = pytest.mark.e2e
 

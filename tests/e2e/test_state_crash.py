@@ -35,15 +35,17 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, command_pb2
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from enclave import wire
-from services.common.channels import secure_channel, wait_until_serving
-from services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
-from services.common.pki import init_pki
-from services.keyvault.enclave_policy import write_dev_enclave_policy
-from services.state.loadclient import (
+from tests.conftest import REPO_ROOT, tls_for
+from tests.state.conftest import POSTGRES_URL
+from tests.state.support import free_port
+from veil.enclave import wire
+from veil.enclave.v1 import apps_pb2, command_pb2
+from veil.services.common.channels import secure_channel, wait_until_serving
+from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
+from veil.services.common.pki import init_pki
+from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
+from veil.services.state.loadclient import (
     Account,
     balance,
     ballot_close,
@@ -55,10 +57,8 @@ from services.state.loadclient import (
     total_supply,
     transfer,
 )
-from services.state.store_postgres import PostgresStore
-from tests.conftest import REPO_ROOT, tls_for
-from tests.state.conftest import POSTGRES_URL
-from tests.state.support import free_port
+from veil.services.state.store_postgres import PostgresStore
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 pytestmark = pytest.mark.e2e
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.common.channels import health_status, wait_until_serving
-from services.common.config import DEFAULT_PORTS
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Mesh
+from veil.services.common.channels import health_status, wait_until_serving
+from veil.services.common.config import DEFAULT_PORTS
 
 pytestmark = pytest.mark.e2e
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from enclave.measurement import measure_source_tree
-from enclave.providers.sealing import SimSealingProvider
-from enclave.providers.sim_quote import SimQuoteProvider
-from enclave.runner import PCK_FILES, PCK_KEY_FILE
-from enclave.runtime import Enclave
 from tests.enclave.support import Harness
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.runner import PCK_FILES, PCK_KEY_FILE
+from veil.enclave.runtime import Enclave
 
 MakeEnclave = Callable[..., Enclave]
 

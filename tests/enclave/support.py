@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import commands, crypto, wire
-from enclave.dispatcher import Dispatcher
-from enclave.runtime import Enclave
-from services.state.enclave_host import EnclaveHost
+from veil.enclave import commands, crypto, wire
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.services.state.enclave_host import EnclaveHost
 
 X25519 = envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM
 PQ = envelope_pb2.HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM

@@ -6,11 +6,11 @@ import secrets
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from enclave import wire
-from enclave.apps import merkle
 from tests.enclave.support import Harness, ballot, config, error_code, token, vault
+from veil.enclave import wire
+from veil.enclave.apps import merkle
+from veil.enclave.v1 import apps_pb2, envelope_pb2
 
 VAULT = config(envelope_pb2.APP_KIND_VAULT)
 BALLOT = config(envelope_pb2.APP_KIND_BALLOT)
@@ -66,7 +66,7 @@ def test_vault_delete_erases_from_later_snapshots(harness: Harness) -> None:
     harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="r", data=secret)))
     harness.call(alice, vault(delete=apps_pb2.VaultDelete(record_id="r")))
     snapshot = harness.host.snapshot("v")
-    from enclave import crypto
+    from veil.enclave import crypto
 
     aad = wire.snapshot_aad("v", snapshot.head.sequence, snapshot.head.hash, snapshot.key_version)
     plaintext = crypto.aead_open(harness.data_keys[("v", 1)], snapshot.nonce, snapshot.ciphertext, aad)
@@ -127,7 +127,7 @@ def test_token_mint_transfer_balance_supply(token_harness: tuple[Harness, ed2551
 
 
 def test_token_app_requires_signature_scheme_and_issuer_key(harness: Harness) -> None:
-    from services.state.enclave_host import EnclaveCallError
+    from veil.services.state.enclave_host import EnclaveCallError
 
     harness.provision("t2")
     with pytest.raises(EnclaveCallError, match="INVALID_ARGUMENT"):
@@ -238,7 +238,7 @@ def test_ballot_votes_are_erased_at_close(harness: Harness) -> None:
     closed = harness.call(chair, ballot(close=apps_pb2.BallotClose(ballot_id="q1")))
     assert error_code(closed) == "OK"
     snapshot = harness.host.snapshot("b")
-    from enclave import crypto
+    from veil.enclave import crypto
 
     aad = wire.snapshot_aad("b", snapshot.head.sequence, snapshot.head.hash, snapshot.key_version)
     plaintext = crypto.aead_open(harness.data_keys[("b", 1)], snapshot.nonce, snapshot.ciphertext, aad)

@@ -11,10 +11,10 @@ import jwt as pyjwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.support import NOW_MS, Harness, config, error_code, vault
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.services.state.enclave_host import EnclaveCallError
 
 ISSUER, AUDIENCE = "https://login.example", "veil"
 PUT = vault(put=apps_pb2.VaultPut(record_id="r", data=b"d"))
@@ -141,9 +141,8 @@ def test_signature_scheme_account_is_the_key_and_other_keys_are_refused(harness:
     forger = harness.client("s", signer=ed25519.Ed25519PrivateKey.generate(), counter=client.counter)
     sealed = forger.seal(PUT)
     # Claim the victim's public key, sign with another key.
+    from veil.enclave import crypto, wire
     from veil.enclave.v1 import command_pb2
-
-    from enclave import crypto, wire
 
     command = command_pb2.Command(
         instance_id="s",

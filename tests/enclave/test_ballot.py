@@ -13,14 +13,14 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 from google.protobuf.message import Message
-from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 
-from enclave import wire
-from enclave.apps import ballot, merkle
-from enclave.apps.base import CallContext
-from enclave.auth import Caller
-from enclave.errors import EnclaveError
-from enclave.store import Key, Store
+from veil.enclave import wire
+from veil.enclave.apps import ballot, merkle
+from veil.enclave.apps.base import CallContext
+from veil.enclave.auth import Caller
+from veil.enclave.errors import EnclaveError
+from veil.enclave.store import Key, Store
+from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 
 
 class CountingStore(Store):

@@ -7,12 +7,12 @@ import secrets
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, storage_pb2
 
-from enclave import crypto, wire
-from enclave.providers.sealing import SimSealingProvider
-from enclave.runtime import Enclave
 from tests.enclave.support import NOW_MS, Harness, Sealed, config, error_code, token, vault
+from veil.enclave import crypto, wire
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, storage_pb2
 
 
 class _NoQuotes:

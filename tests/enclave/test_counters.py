@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 
-from veil.enclave.v1 import apps_pb2, command_pb2
-
-from enclave import commands, wire
 from tests.enclave.support import Harness, Sealed, config, error_code, vault
+from veil.enclave import commands, wire
+from veil.enclave.v1 import apps_pb2, command_pb2
 
 PUT = vault(put=apps_pb2.VaultPut(record_id="r", data=b"secret"))
 

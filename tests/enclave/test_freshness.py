@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 
-from enclave import wire
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.support import NOW_MS, Harness, config, head_statement, vault
+from veil.enclave import wire
+from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
+from veil.services.state.enclave_host import EnclaveCallError
 
 
 def _head(entry: envelope_pb2.LogEntry) -> envelope_pb2.CommitHead:

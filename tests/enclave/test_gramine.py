@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from enclave.errors import DecryptionError
-from enclave.providers.gramine import GramineQuoteProvider, GramineSealingProvider
-from enclave.runner import RunnerOptions, build_enclave
+from veil.enclave.errors import DecryptionError
+from veil.enclave.providers.gramine import GramineQuoteProvider, GramineSealingProvider
+from veil.enclave.runner import RunnerOptions, build_enclave
 
 
 class FakeAttestation:
@@ -75,5 +75,5 @@ def test_manifest_template_and_readme_exist() -> None:
     gramine_dir = Path(__file__).resolve().parents[2] / "enclave" / "gramine"
     manifest = (gramine_dir / "veil-enclave.manifest.template").read_text()
     assert 'sgx.remote_attestation = "dcap"' in manifest
-    assert "enclave.runner" in manifest
+    assert '"-m", "veil.enclave.runner"' in manifest
     assert "not run on sgx hardware" in (gramine_dir / "README.md").read_text().lower()

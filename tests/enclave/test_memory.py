@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from veil.enclave.v1 import apps_pb2, error_pb2
 
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.conftest import MakeEnclave
 from tests.enclave.support import Harness, config, error_code, vault, wrap_key
+from veil.enclave.v1 import apps_pb2, error_pb2
+from veil.services.state.enclave_host import EnclaveCallError
 
 BUDGET = 4096
 

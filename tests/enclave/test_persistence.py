@@ -5,14 +5,14 @@ from __future__ import annotations
 import secrets
 
 import pytest
-from veil.enclave.v1 import apps_pb2
 
-from enclave import wire
-from enclave.errors import DecryptionError
-from enclave.providers.sealing import SimSealingProvider
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.conftest import MakeEnclave
 from tests.enclave.support import KEYVAULT_RELEASE_PUBLIC_KEY, Harness, config, error_code, vault
+from veil.enclave import wire
+from veil.enclave.errors import DecryptionError
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.v1 import apps_pb2
+from veil.services.state.enclave_host import EnclaveCallError
 
 
 def _put(record_id: str, data: bytes) -> apps_pb2.AppCall:

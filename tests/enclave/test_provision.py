@@ -12,11 +12,7 @@ import secrets
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2
 
-from enclave import crypto, wire
-from enclave.dispatcher import Dispatcher
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
 from tests.enclave.conftest import MakeEnclave
 from tests.enclave.support import (
     KEYVAULT_RELEASE_PUBLIC_KEY,
@@ -27,6 +23,10 @@ from tests.enclave.support import (
     vault,
     wrap_key,
 )
+from veil.enclave import crypto, wire
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 
 
 def _refused_without_change(harness: Harness, instance_id: str, wrapped: envelope_pb2.WrappedKey) -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from enclave import wire
-from enclave.measurement import measure_source_tree, source_files
-from enclave.providers.sim_quote import DEV_MRSIGNER, INTEL_QE_MRSIGNER, SimQuoteProvider
-from enclave.runner import PCK_FILES, PCK_KEY_FILE
-from services.keyvault.attestation import QuoteError, verify_quote
-from services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.support import Harness
+from veil.enclave import wire
+from veil.enclave.measurement import measure_source_tree, source_files
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER, INTEL_QE_MRSIGNER, SimQuoteProvider
+from veil.enclave.runner import PCK_FILES, PCK_KEY_FILE
+from veil.services.keyvault.attestation import QuoteError, verify_quote
+from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
+from veil.services.state.enclave_host import EnclaveCallError
 
 NONCE = hashlib.sha256(b"a verifier's nonce").digest()
 

@@ -8,12 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 
-from enclave import framing
-from enclave.dispatcher import Dispatcher
-from enclave.runner import RunnerOptions, serve
-from services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from tests.conftest import REPO_ROOT
 from tests.enclave.conftest import MakeEnclave
 from tests.enclave.support import (
@@ -27,6 +22,11 @@ from tests.enclave.support import (
     vault,
     wrap_key,
 )
+from veil.enclave import framing
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.runner import RunnerOptions, serve
+from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 
 
 def _reply(dispatcher: Dispatcher, frame: bytes) -> ecall_pb2.EcallReply:
@@ -98,7 +98,7 @@ def test_truncated_stream_is_a_framing_error() -> None:
 
 def test_runner_refuses_to_start_without_explicit_providers() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "enclave.runner"],
+        [sys.executable, "-m", "veil.enclave.runner"],
         cwd=REPO_ROOT,
         capture_output=True,
         timeout=60,
@@ -109,7 +109,7 @@ def test_runner_refuses_to_start_without_explicit_providers() -> None:
     assert done.stdout == b""
     assert b"--quote-provider" in done.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "enclave.runner", "--quote-provider", "sim", "--seal-provider", "sim"],
+        [sys.executable, "-m", "veil.enclave.runner", "--quote-provider", "sim", "--seal-provider", "sim"],
         cwd=REPO_ROOT,
         capture_output=True,
         timeout=60,

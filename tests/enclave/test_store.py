@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave.store import Store
+from veil.enclave.store import Store
 
 
 def test_nested_transactions_commit_and_roll_back_with_exact_sizes() -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from enclave import commands, wire
-from enclave.errors import DecryptionError
-from services.state.enclave_host import EnclaveCallError
 from tests.enclave.support import Client, Harness, Sealed, config, error_code, vault
+from veil.enclave import commands, wire
+from veil.enclave.errors import DecryptionError
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.services.state.enclave_host import EnclaveCallError
 
 PUT = vault(put=apps_pb2.VaultPut(record_id="r", data=b"secret"))
 

@@ -14,12 +14,12 @@ import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from veil.enclave.v1 import apps_pb2, envelope_pb2
 
-from enclave import crypto, wire
-from enclave.errors import DecryptionError
-from services.keyvault.keys import release_info
 from tests.enclave.support import PQ, Harness, config, error_code, vault
+from veil.enclave import crypto, wire
+from veil.enclave.errors import DecryptionError
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.services.keyvault.keys import release_info
 
 # RFC 9180 A.1.1: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, base mode, sequence 0.
 RFC_SKRM = "4612c550263fc8ad58375df3f557aac531d26850903e55a9f23f21d8534e8ac8"

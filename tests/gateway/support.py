@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from veil.enclave.v1 import envelope_pb2
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
 from client.policy import (
     ANY_TCB_STATUS,
@@ -35,28 +33,30 @@ from client.policy import (
     save_policy,
 )
 from client.sdk import VeilClient, connect
-from enclave.measurement import measure_source_tree
-from enclave.providers.sim_quote import DEV_MRSIGNER
-from enclave.runner import RunnerOptions, build_enclave
-from services.common.config import ServiceConfig
-from services.common.errors import (
-    abort,
-)
-from services.common.server import VeilServer, build_server
-from services.gateway.config import GatewayConfig
-from services.gateway.server import create_server as create_gateway
-from services.keyvault.attestation import verify_quote
-from services.keyvault.attestation.roots import load_root_pem
-from services.keyvault.audit import AuditLog
-from services.keyvault.kek import FileKek
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer
-from services.state.enclave_host import EnclaveCallError
-from services.state.errors import from_ecall, from_outcome_error
-from services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from services.state.server import SERVICE_NAME as STATE_SERVICE
 from tests.conftest import tls_for
 from tests.enclave.support import KEYVAULT_RELEASE_KEY, Harness
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER
+from veil.enclave.runner import RunnerOptions, build_enclave
+from veil.enclave.v1 import envelope_pb2
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import (
+    abort,
+)
+from veil.services.common.server import VeilServer, build_server
+from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.server import create_server as create_gateway
+from veil.services.keyvault.attestation import verify_quote
+from veil.services.keyvault.attestation.roots import load_root_pem
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer
+from veil.services.state.enclave_host import EnclaveCallError
+from veil.services.state.errors import from_ecall, from_outcome_error
+from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
+from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 ISSUER = "https://keyvault.veil.test"
 

@@ -12,9 +12,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from services.common.config import ConfigError
-from services.common.errors import Unauthenticated
-from services.gateway.auth import ANONYMOUS, Credentials, Principal, load_policy, parse_policy
+from veil.services.common.config import ConfigError
+from veil.services.common.errors import Unauthenticated
+from veil.services.gateway.auth import ANONYMOUS, Credentials, Principal, load_policy, parse_policy
 
 ISSUER = "https://idp.example"
 AUDIENCE = "veil"

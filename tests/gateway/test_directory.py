@@ -16,16 +16,16 @@ from typing import Any
 
 import grpc
 import pytest
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from veil.state.v1 import state_pb2
 
 from client.identity import new_identity
-from services.common.channels import secure_channel
-from services.common.config import ServiceConfig
-from services.gateway.config import GatewayConfig
-from services.gateway.server import create_server as create_gateway
 from tests.conftest import tls_for
 from tests.gateway.support import EnclaveState, InProcessMesh, mesh_fixture, token_config
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.server import create_server as create_gateway
+from veil.state.v1 import state_pb2
 
 _slow_listing = EnclaveState.ListInstances
 

@@ -7,11 +7,11 @@ import time
 
 import pytest
 from google.rpc import error_details_pb2
-from veil.enclave.v1 import envelope_pb2
 
-from services.gateway.idempotency import Deduplicator
-from services.gateway.ratelimit import RateLimited, RateLimiter
-from services.gateway.receipts import Committed, ReceiptHub
+from veil.enclave.v1 import envelope_pb2
+from veil.services.gateway.idempotency import Deduplicator
+from veil.services.gateway.ratelimit import RateLimited, RateLimiter
+from veil.services.gateway.receipts import Committed, ReceiptHub
 
 
 class Clock:

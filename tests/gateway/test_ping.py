@@ -15,13 +15,13 @@ from typing import Any
 
 import grpc
 import pytest
-from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from veil.state.v1 import state_pb2
 
 from client.identity import new_identity
-from services.common.channels import secure_channel
 from tests.conftest import tls_for
 from tests.gateway.support import EnclaveState, InProcessMesh, mesh_fixture, token_config
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common.channels import secure_channel
+from veil.state.v1 import state_pb2
 
 
 def _counting_ping(self: EnclaveState, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> Any:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from veil.enclave.v1 import envelope_pb2
 
-from services.common.config import ConfigError
-from services.gateway.config import GatewayConfig, parse_shard_map
-from services.gateway.routing import Placement, ShardRouter, rendezvous
+from veil.enclave.v1 import envelope_pb2
+from veil.services.common.config import ConfigError
+from veil.services.gateway.config import GatewayConfig, parse_shard_map
+from veil.services.gateway.routing import Placement, ShardRouter, rendezvous
 
 SHARDS = ("10.0.0.1:50053", "10.0.0.2:50053", "10.0.0.3:50053")
 

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from services.keyvault.audit import AuditLog
-from services.keyvault.enclave_policy import EnclavePolicy
-from services.keyvault.heads import CommitHeads
-from services.keyvault.kek import FileKek
-from services.keyvault.keys import KeyManager
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.store import Store
-from services.keyvault.store_postgres import PostgresStore
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.enclave_policy import EnclavePolicy
+from veil.services.keyvault.heads import CommitHeads
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.keys import KeyManager
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.store import Store
+from veil.services.keyvault.store_postgres import PostgresStore
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
 
 from .support import (
     ISSUER,

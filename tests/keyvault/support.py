@@ -24,16 +24,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from veil.enclave.v1 import envelope_pb2
 
-from enclave import wire
-from enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
-from services.keyvault.config import DEFAULT_ISSUER
-from services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json
-from services.keyvault.keys import ReleasedKey, open_released_key
-from services.keyvault.policy import parse_policy
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
+from veil.enclave import wire
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
+from veil.enclave.v1 import envelope_pb2
+from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json
+from veil.services.keyvault.keys import ReleasedKey, open_released_key
+from veil.services.keyvault.policy import parse_policy
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
 
 T = TypeVar("T")
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from veil.enclave.v1 import envelope_pb2
 
-from enclave.providers.sim_quote import SimQuoteProvider
-from services.keyvault.attest import Attestor
-from services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
-from services.keyvault.audit import AuditLog
-from services.keyvault.errors import AttestationError, InvalidArgumentError
-from services.keyvault.tokens import TokenIssuer, TokenVerifier, b64url_decode, expected_report_data
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.v1 import envelope_pb2
+from veil.services.keyvault.attest import Attestor
+from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.errors import AttestationError, InvalidArgumentError
+from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier, b64url_decode, expected_report_data
 
 from .support import CALLER, RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeClock, FakeEnclave, sim_provider
 

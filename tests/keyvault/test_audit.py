@@ -6,10 +6,10 @@ import hashlib
 
 import pytest
 
-from services.keyvault.audit import AuditLog, canonical_json, event_hash
-from services.keyvault.errors import AuditChainError, InvalidArgumentError
-from services.keyvault.store import GENESIS_HASH, Store
-from services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.audit import AuditLog, canonical_json, event_hash
+from veil.services.keyvault.errors import AuditChainError, InvalidArgumentError
+from veil.services.keyvault.store import GENESIS_HASH, Store
+from veil.services.keyvault.store_sqlite import SqliteStore
 
 from .support import FakeClock
 

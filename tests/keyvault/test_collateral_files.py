@@ -14,24 +14,24 @@ from pathlib import Path
 
 import grpc
 import pytest
-from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from services.common.config import ConfigError, ServiceConfig
-from services.common.pki import collateral_dir
-from services.common.tls import channel_credentials
-from services.keyvault.attest import Attestor
-from services.keyvault.attestation import verify_quote
-from services.keyvault.attestation.collateral import parse_tcb_info
-from services.keyvault.attestation.roots import load_root_pem
-from services.keyvault.audit import AuditLog
-from services.keyvault.collateral_files import CollateralFiles, collateral_file_name, quote_fmspc
-from services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
-from services.keyvault.errors import AttestationError
-from services.keyvault.kek import FileKek
-from services.keyvault.server import create_server
-from services.keyvault.store_sqlite import SqliteStore
-from services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
 from tests.conftest import tls_for
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common.config import ConfigError, ServiceConfig
+from veil.services.common.pki import collateral_dir
+from veil.services.common.tls import channel_credentials
+from veil.services.keyvault.attest import Attestor
+from veil.services.keyvault.attestation import verify_quote
+from veil.services.keyvault.attestation.collateral import parse_tcb_info
+from veil.services.keyvault.attestation.roots import load_root_pem
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name, quote_fmspc
+from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
+from veil.services.keyvault.errors import AttestationError
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.server import create_server
+from veil.services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
 
 from .attestation import fakes
 from .support import CALLER, RELEASE_PUBLIC_KEY, FakeClock, FakeEnclave, sim_provider

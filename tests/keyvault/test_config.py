@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ConfigError
-from services.keyvault.app import open_keyvault
-from services.keyvault.attestation.roots import RootError
-from services.keyvault.config import KekConfig, KeyvaultConfig
-from services.keyvault.store_postgres import PostgresStore
+from veil.services.common.config import ConfigError
+from veil.services.keyvault.app import open_keyvault
+from veil.services.keyvault.attestation.roots import RootError
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.store_postgres import PostgresStore
 
 from .support import POSTGRES_DSN, SoftHsm, write_sim_enclave_policy
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from enclave.measurement import measure_source_tree
-from enclave.providers.sim_quote import DEV_MRSIGNER
-from services.common.config import ConfigError
-from services.keyvault.audit import AuditLog
-from services.keyvault.enclave_policy import (
+from veil.enclave.measurement import measure_source_tree
+from veil.enclave.providers.sim_quote import DEV_MRSIGNER
+from veil.services.common.config import ConfigError
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.enclave_policy import (
     DEV_ENCLAVE_POLICY_FILENAME,
     INSTANCE_KEY_PREFIX,
     EnclavePolicy,
@@ -28,14 +28,14 @@ from services.keyvault.enclave_policy import (
     load_enclave_policy,
     write_dev_enclave_policy,
 )
-from services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
-from services.keyvault.heads import CommitHeads
-from services.keyvault.kek import FileKek
-from services.keyvault.keys import KeyManager
-from services.keyvault.policy import parse_policy
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.store import AuditRecord, Store
-from services.keyvault.tokens import TokenIssuer, TokenVerifier
+from veil.services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
+from veil.services.keyvault.heads import CommitHeads
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.keys import KeyManager
+from veil.services.keyvault.policy import parse_policy
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.store import AuditRecord, Store
+from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier
 
 from .support import ADMIN, CALLER, ISSUER, FakeClock, FakeEnclave, fixed_release_signer, policy_json
 

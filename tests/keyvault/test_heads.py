@@ -7,15 +7,15 @@ import hashlib
 import json
 
 import pytest
-from veil.enclave.v1 import envelope_pb2
 
-from enclave import wire
-from services.keyvault.audit import AuditLog
-from services.keyvault.enclave_policy import EnclavePolicy
-from services.keyvault.errors import AttestationError, HeadRefusedError, InvalidArgumentError, TokenError
-from services.keyvault.heads import CommitHead, CommitHeads
-from services.keyvault.store import Store
-from services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.enclave_policy import EnclavePolicy
+from veil.services.keyvault.errors import AttestationError, HeadRefusedError, InvalidArgumentError, TokenError
+from veil.services.keyvault.heads import CommitHead, CommitHeads
+from veil.services.keyvault.store import Store
+from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
 
 from .support import (
     CALLER,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.keyvault.errors import DecryptionError, KekError
-from services.keyvault.kek import FileKek, blob_key_id
+from veil.services.keyvault.errors import DecryptionError, KekError
+from veil.services.keyvault.kek import FileKek, blob_key_id
 
 KAT_KEY = bytes(range(32))
 KAT_NONCE = bytes.fromhex("000102030405060708090a0b")

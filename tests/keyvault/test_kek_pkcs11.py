@@ -12,8 +12,8 @@ import pytest
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.exceptions import UserAlreadyLoggedIn
 
-from services.keyvault.errors import DecryptionError, KekError
-from services.keyvault.kek import Pkcs11Kek
+from veil.services.keyvault.errors import DecryptionError, KekError
+from veil.services.keyvault.kek import Pkcs11Kek
 
 from .support import SoftHsm
 

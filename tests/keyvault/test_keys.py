@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
-from services.keyvault.audit import AuditLog
-from services.keyvault.enclave_policy import EnclavePolicy
-from services.keyvault.errors import (
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.enclave_policy import EnclavePolicy
+from veil.services.keyvault.errors import (
     AttestationError,
     DecryptionError,
     IdempotencyConflictError,
@@ -27,17 +27,17 @@ from services.keyvault.errors import (
     TokenError,
     TokenReplayError,
 )
-from services.keyvault.kek import FileKek
-from services.keyvault.keys import (
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.keys import (
     KeyManager,
     ReleasedKey,
     data_key_aad,
     open_released_key,
     release_info,
 )
-from services.keyvault.release_key import ReleaseSigner
-from services.keyvault.store import AuditRecord, Store
-from services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.store import AuditRecord, Store
+from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
 
 from .support import (
     ADMIN,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.keyvault.errors import PolicyError
-from services.keyvault.policy import (
+from veil.services.keyvault.errors import PolicyError
+from veil.services.keyvault.policy import (
     MAX_CONDITIONS,
     MAX_DEPTH,
     MAX_POLICY_BYTES,

@@ -14,19 +14,19 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from services.keyvault.app import open_keyvault
-from services.keyvault.audit import AuditLog
-from services.keyvault.config import KekConfig, KeyvaultConfig
-from services.keyvault.errors import StoreError
-from services.keyvault.kek import FileKek
-from services.keyvault.release_key import (
+from veil.services.keyvault.app import open_keyvault
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.errors import StoreError
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.release_key import (
     ReleaseSigner,
     load_or_create_release_signer,
     release_key_aad,
 )
-from services.keyvault.store import ReleaseKeyRecord, Store, StoreTx
-from services.keyvault.store_postgres import PostgresStore
-from services.keyvault.store_sqlite import SqliteStore
+from veil.services.keyvault.store import ReleaseKeyRecord, Store, StoreTx
+from veil.services.keyvault.store_postgres import PostgresStore
+from veil.services.keyvault.store_sqlite import SqliteStore
 
 from .support import POSTGRES_DSN, FakeClock, run_concurrently, write_sim_enclave_policy
 

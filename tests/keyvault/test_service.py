@@ -13,23 +13,23 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from tests.conftest import tls_for
+from veil.enclave import wire
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.providers.sealing import SimSealingProvider
+from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-
-from enclave import wire
-from enclave.dispatcher import Dispatcher
-from enclave.providers.sealing import SimSealingProvider
-from enclave.runtime import Enclave
-from services.common.config import ServiceConfig
-from services.common.errors import error_info
-from services.common.server import VeilServer
-from services.common.tls import channel_credentials
-from services.keyvault.config import KekConfig, KeyvaultConfig
-from services.keyvault.keys import ReleasedKey
-from services.keyvault.server import create_server
-from services.keyvault.tokens import expected_report_data, verify_token
-from services.state.enclave_host import EnclaveCallError, EnclaveHost
-from tests.conftest import tls_for
+from veil.services.common.config import ServiceConfig
+from veil.services.common.errors import error_info
+from veil.services.common.server import VeilServer
+from veil.services.common.tls import channel_credentials
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.keys import ReleasedKey
+from veil.services.keyvault.server import create_server
+from veil.services.keyvault.tokens import expected_report_data, verify_token
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 
 from .support import (
     SIM_MRENCLAVE,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.keyvault.audit import AuditLog
-from services.keyvault.errors import StoreError
-from services.keyvault.store import (
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.errors import StoreError
+from veil.services.keyvault.store import (
     GENESIS_HASH,
     AuditRecord,
     CommitHeadRecord,

@@ -12,11 +12,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.keyvault.audit import AuditLog
-from services.keyvault.errors import AttestationError, TokenError
-from services.keyvault.kek import FileKek
-from services.keyvault.store import Store
-from services.keyvault.tokens import (
+from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.errors import AttestationError, TokenError
+from veil.services.keyvault.kek import FileKek
+from veil.services.keyvault.store import Store
+from veil.services.keyvault.tokens import (
     DEFAULT_LEEWAY_S,
     DEFAULT_TOKEN_TTL_S,
     SigningKeyRing,

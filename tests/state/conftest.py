@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ServiceConfig
-from services.state.store import StateStore
-from services.state.store_postgres import PostgresStore
-from services.state.store_sqlite import SqliteStore
 from tests.state.support import Keyvault, Node
+from veil.services.common.config import ServiceConfig
+from veil.services.state.store import StateStore
+from veil.services.state.store_postgres import PostgresStore
+from veil.services.state.store_sqlite import SqliteStore
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -13,28 +13,28 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.conftest import tls_for
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2
-
-from enclave import wire
-from services.common.channels import secure_channel
-from services.common.config import ServiceConfig
-from services.common.server import VeilServer
-from services.keyvault.config import KekConfig, KeyvaultConfig
-from services.keyvault.enclave_policy import write_dev_enclave_policy
-from services.keyvault.server import create_server as create_keyvault_server
-from services.state import lifecycle
-from services.state.config import StateConfig
-from services.state.enclave_host import EnclaveHost
-from services.state.errors import StoreError
-from services.state.heads import Backoff
-from services.state.host import StateHost
-from services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
-from services.state.loadclient import Account, token_config
-from services.state.runner import in_process_enclave
-from services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
-from services.state.store_sqlite import SqliteStore
-from tests.conftest import tls_for
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.common.server import VeilServer
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
+from veil.services.keyvault.server import create_server as create_keyvault_server
+from veil.services.state import lifecycle
+from veil.services.state.config import StateConfig
+from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.errors import StoreError
+from veil.services.state.heads import Backoff
+from veil.services.state.host import StateHost
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from veil.services.state.loadclient import Account, token_config
+from veil.services.state.runner import in_process_enclave
+from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
+from veil.services.state.store_sqlite import SqliteStore
 
 READY = {lifecycle.SERVING, lifecycle.FAILED}
 

@@ -10,8 +10,8 @@ from typing import Protocol
 
 import pytest
 
-from services.state.batcher import Batcher, BatchPolicy
-from services.state.errors import NotServing
+from veil.services.state.batcher import Batcher, BatchPolicy
+from veil.services.state.errors import NotServing
 
 
 class FakeCommit:

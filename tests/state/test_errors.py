@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from veil.enclave.v1 import error_pb2
 
-from services.state.errors import RecoveryRefused, from_ecall, from_outcome_error
+from veil.enclave.v1 import error_pb2
+from veil.services.state.errors import RecoveryRefused, from_ecall, from_outcome_error
 
 
 @pytest.mark.parametrize(

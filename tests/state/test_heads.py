@@ -10,11 +10,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
-
-from enclave import wire
-from services.state.heads import HeadAdvancer
-from services.state.metrics import StateMetrics
+from veil.services.state.heads import HeadAdvancer
+from veil.services.state.metrics import StateMetrics
 
 
 class PathKeyvault:

@@ -9,16 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from veil.enclave.v1 import apps_pb2
-from veil.state.v1 import state_pb2
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.state import lifecycle
-from services.state.errors import NotServing
-from services.state.host import StateHost
-from services.state.loadclient import Account, balance, mint, total_supply, transfer
-from services.state.store_postgres import PostgresStore
-from services.state.store_sqlite import SqliteStore
 from tests.state import support
 from tests.state.conftest import POSTGRES_URL
 from tests.state.support import (
@@ -32,6 +23,15 @@ from tests.state.support import (
     token_instance,
     wait_for_keyvault_head,
 )
+from veil.enclave.v1 import apps_pb2
+from veil.services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from veil.services.state import lifecycle
+from veil.services.state.errors import NotServing
+from veil.services.state.host import StateHost
+from veil.services.state.loadclient import Account, balance, mint, total_supply, transfer
+from veil.services.state.store_postgres import PostgresStore
+from veil.services.state.store_sqlite import SqliteStore
+from veil.state.v1 import state_pb2
 
 TIMEOUT = 10.0
 

@@ -12,21 +12,21 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from veil.enclave.v1 import envelope_pb2
-from veil.state.v1 import state_pb2, state_pb2_grpc
 
-from enclave import wire
-from services.common.channels import secure_channel
-from services.common.config import ConfigError, ServiceConfig
-from services.common.errors import error_info
-from services.keyvault.attestation.quote import parse_quote
-from services.state import lifecycle
-from services.state.config import StateConfig
-from services.state.loadclient import Account, mint, token_config, total_supply, vault_config, vault_put
-from services.state.runner import in_process_enclave
-from services.state.server import create_server
 from tests.conftest import tls_for
 from tests.state.support import Node
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ConfigError, ServiceConfig
+from veil.services.common.errors import error_info
+from veil.services.keyvault.attestation.quote import parse_quote
+from veil.services.state import lifecycle
+from veil.services.state.config import StateConfig
+from veil.services.state.loadclient import Account, mint, token_config, total_supply, vault_config, vault_put
+from veil.services.state.runner import in_process_enclave
+from veil.services.state.server import create_server
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

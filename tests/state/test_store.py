@@ -7,11 +7,12 @@ import threading
 import time
 
 import pytest
-from veil.enclave.v1 import envelope_pb2
 
-from enclave import wire
-from services.state.errors import SequenceConflict, StoreError
-from services.state.store import (
+from tests.state.conftest import POSTGRES_URL, StoreFactory
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+from veil.services.state.errors import SequenceConflict, StoreError
+from veil.services.state.store import (
     IdempotencyRecord,
     InstanceRecord,
     StateStore,
@@ -19,9 +20,8 @@ from services.state.store import (
     StoredSnapshot,
     open_store,
 )
-from services.state.store_postgres import PostgresStore
-from services.state.store_sqlite import SqliteStore
-from tests.state.conftest import POSTGRES_URL, StoreFactory
+from veil.services.state.store_postgres import PostgresStore
+from veil.services.state.store_sqlite import SqliteStore
 
 CONFIG = envelope_pb2.InstanceConfig(
     app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_NONE

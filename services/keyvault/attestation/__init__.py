@@ -8,7 +8,7 @@ of them. ``roots`` knows the Intel root and the dev root; ``cli`` is ``veil atte
 
 from __future__ import annotations
 
-from services.keyvault.attestation.quote import (
+from veil.services.keyvault.attestation.quote import (
     CertificateChainError,
     CollateralError,
     CollateralExpiredError,
@@ -21,7 +21,7 @@ from services.keyvault.attestation.quote import (
     RevokedError,
     parse_quote,
 )
-from services.keyvault.attestation.verifier import VerifiedQuote, verify_quote
+from veil.services.keyvault.attestation.verifier import VerifiedQuote, verify_quote
 
 __all__ = [
     "CertificateChainError",

@@ -16,10 +16,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.keyvault.attestation.collateral import Collateral
-from services.keyvault.attestation.quote import QuoteError
-from services.keyvault.attestation.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
-from services.keyvault.attestation.verifier import verify_quote
+from veil.services.keyvault.attestation.collateral import Collateral
+from veil.services.keyvault.attestation.quote import QuoteError
+from veil.services.keyvault.attestation.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
+from veil.services.keyvault.attestation.verifier import verify_quote
 
 EXIT_OK = 0
 EXIT_INVALID = 1

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.keyvault.attestation.pck import (
+from veil.services.keyvault.attestation.pck import (
     DECODE_ERRORS,
     PckChain,
     common_name,
@@ -39,7 +39,7 @@ from services.keyvault.attestation.pck import (
     same_public_key,
     verify_chain_to_root,
 )
-from services.keyvault.attestation.quote import (
+from veil.services.keyvault.attestation.quote import (
     CertificateChainError,
     CollateralError,
     CollateralExpiredError,

@@ -24,20 +24,20 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from services.keyvault.attestation.collateral import (
+from veil.services.keyvault.attestation.collateral import (
     Collateral,
     TcbResult,
     check_qe_identity,
     evaluate_tcb,
     verify_collateral,
 )
-from services.keyvault.attestation.pck import (
+from veil.services.keyvault.attestation.pck import (
     PckChain,
     ecdsa_p256_verify,
     p256_key_from_raw,
     verify_pck_chain,
 )
-from services.keyvault.attestation.quote import (
+from veil.services.keyvault.attestation.quote import (
     QeIdentityError,
     Quote,
     QuoteSignatureError,

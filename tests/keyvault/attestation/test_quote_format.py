@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.keyvault.attestation.quote import QuoteFormatError, parse_quote
+from veil.services.keyvault.attestation.quote import QuoteFormatError, parse_quote
 
 from .vectors import QUOTE_A, QUOTE_B, QUOTE_C, QUOTE_D
 

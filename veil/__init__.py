@@ -1,0 +1,1 @@
+"""Veil: a confidential-computing gRPC mesh. The one import root of everything installed."""
