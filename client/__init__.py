@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 from client.apps import BallotClient, TokenClient, VaultClient, VoteReceipt
-from client.attestation import VerifiedAttestation, verify_bundle
 from client.errors import (
-    AttestationError,
     CommandRefused,
     GatewayError,
     IdentityError,
@@ -21,6 +19,8 @@ from client.errors import (
 from client.identity import AnonymousIdentity, OAuth2Identity, SigningIdentity, load_identity, new_identity
 from client.policy import ExpectedMeasurement, dev_policy, load_policy, write_dev_policy
 from client.sdk import VeilClient, connect
+from veil.verify.bundle import VerifiedAttestation, verify_bundle
+from veil.verify.errors import AttestationError
 
 __all__ = [
     "AnonymousIdentity",

@@ -65,7 +65,7 @@ def _wait(args: argparse.Namespace) -> int:
 
 
 def _attest_verify(argv: list[str]) -> int:
-    from veil.services.keyvault.attestation.cli import verify_main
+    from veil.cli.attest import verify_main
 
     return verify_main(argv)
 

@@ -22,7 +22,6 @@ from typing import Any
 
 from client import output
 from client.apps import VoteReceipt
-from client.attestation import VerifiedAttestation
 from client.errors import CommandRefused, VeilClientError
 from client.identity import (
     AnonymousIdentity,
@@ -44,6 +43,8 @@ from client.sdk import DEFAULT_GATEWAY, VeilClient, connect
 from client.sealing import Opened, verify_receipt
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.config import DEFAULT_DATA_DIR
+from veil.verify.bundle import VerifiedAttestation
+from veil.verify.errors import AttestationError
 
 ENV_GATEWAY = "VEIL_GATEWAY"
 ENV_API_KEY = "VEIL_API_KEY"
@@ -647,9 +648,10 @@ def attest_show(args: argparse.Namespace) -> int:
 
 
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Run a handler, turning SDK errors into `error: ...` on stderr and exit status 1."""
+    """Run a handler, turning SDK errors and refused evidence into `error: ...` on stderr and exit
+    status 1."""
     try:
         return handler(args)
-    except VeilClientError as exc:
+    except (VeilClientError, AttestationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,6 @@
-"""What the SDK raises. Every failure is a `VeilClientError`; each subclass names one kind."""
+"""What the SDK raises: every failure is a `VeilClientError` (each subclass names one kind),
+except refused evidence, which is the verification library's `AttestationError`
+(`veil.verify.errors`): nothing was sent to an enclave that did not verify."""
 
 from __future__ import annotations
 
@@ -10,17 +12,6 @@ from veil.services.common.errors import error_info
 
 class VeilClientError(Exception):
     """Base of every SDK error."""
-
-
-class AttestationError(VeilClientError):
-    """The attestation bundle did not verify against the expected measurement; nothing was sent.
-
-    `reason` says which check failed, in plain words.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"attestation refused: {reason}")
-        self.reason = reason
 
 
 class PolicyError(VeilClientError):

@@ -19,8 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.attestation import VerifiedDescriptor
-from client.errors import AttestationError, PolicyError
+from client.errors import PolicyError
+from veil.verify.bundle import VerifiedDescriptor
+from veil.verify.errors import AttestationError
 
 PINS_FILE = "instances.json"
 

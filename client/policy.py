@@ -52,10 +52,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.errors import PolicyError
-from veil.services.keyvault.attestation.collateral import TCB_STATUSES
-from veil.services.keyvault.attestation.roots import RootError, dev_root_path, resolve_root
 from veil.services.keyvault.config import DEFAULT_ISSUER
-from veil.services.keyvault.tokens import TCB_UNEVALUATED
+from veil.verify.collateral import TCB_STATUSES
+from veil.verify.roots import RootError, dev_root_path, resolve_root
+from veil.verify.tokens import TCB_UNEVALUATED
 
 POLICY_FILE = "expected-measurement.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")

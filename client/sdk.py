@@ -46,10 +46,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from client.apps import BallotClient, TokenClient, VaultClient
-from client.attestation import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
 from client.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
 from client.errors import (
-    AttestationError,
     CommandRefused,
     GatewayError,
     IntegrityError,
@@ -63,6 +61,8 @@ from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, se
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.verify.bundle import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
+from veil.verify.errors import AttestationError
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 15.0

@@ -28,8 +28,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from veil.dev import collateral as dev_collateral
 from veil.services.common.identity import ADMIN, SERVICE_IDENTITIES
-from veil.services.keyvault.attestation import dev_collateral
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 SIM_FMSPC = bytes.fromhex("00906ED50000")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from veil.services.keyvault.attest import Attestor, CollateralProvider
-from veil.services.keyvault.attestation.roots import resolve_root
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.clock import Clock, system_clock
 from veil.services.keyvault.collateral_files import CollateralFiles
@@ -30,6 +29,7 @@ from veil.services.keyvault.store import Store
 from veil.services.keyvault.store_postgres import PostgresStore
 from veil.services.keyvault.store_sqlite import SqliteStore
 from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, TokenVerifier
+from veil.verify.roots import resolve_root
 
 _log = logging.getLogger(__name__)
 

@@ -29,8 +29,6 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.enclave import wire
-from veil.services.keyvault.attestation import QuoteError, verify_quote
-from veil.services.keyvault.attestation.collateral import Collateral
 from veil.services.keyvault.audit import (
     ACTION_ATTEST,
     OUTCOME_ALLOWED,
@@ -40,9 +38,11 @@ from veil.services.keyvault.audit import (
     refusal_detail,
 )
 from veil.services.keyvault.clock import Clock
-from veil.services.keyvault.enclave_keys import ED25519_KEY_SIZE, parse_runtime_data
-from veil.services.keyvault.errors import AttestationError, InvalidArgumentError
-from veil.services.keyvault.tokens import IssuedToken, TokenIssuer, check_report_data
+from veil.services.keyvault.enclave_keys import ED25519_KEY_SIZE, check_report_data, parse_runtime_data
+from veil.services.keyvault.errors import AttestationRefusedError, InvalidArgumentError
+from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
+from veil.verify import QuoteError, verify_quote
+from veil.verify.collateral import Collateral
 
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_RUNTIME_DATA_BYTES = 16 * 1024
@@ -88,7 +88,9 @@ class Attestor:
                     now=datetime.fromtimestamp(self._clock(), UTC),
                 )
             except QuoteError as exc:
-                raise AttestationError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
+                raise AttestationRefusedError(
+                    f"quote refused: {exc.reason}", reason="QUOTE_INVALID"
+                ) from None
             detail.update(
                 {
                     "mrenclave": verified.mrenclave.hex(),
@@ -105,7 +107,7 @@ class Attestor:
             pinned = enclave.keyvault_release_public_bytes
             detail["keyvault_release_public_key"] = pinned.hex()
             if pinned != self._release_public_key:
-                raise AttestationError(
+                raise AttestationRefusedError(
                     "enclave pins another keyvault release key, so it would accept keys this "
                     "keyvault did not release",
                     reason="RELEASE_KEY_MISMATCH",

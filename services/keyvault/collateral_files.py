@@ -14,7 +14,7 @@ files need no protection beyond availability.
   collateral expects every token's TCB status to be evaluated, and an "Unevaluated" token for
   a platform nobody provisioned would pass any policy that accepts "Unevaluated".
 
-A refusal is the Attestor's own: ``AttestationError`` ``QUOTE_INVALID`` "quote refused: ...".
+A refusal is the Attestor's own: ``AttestationRefusedError`` ``QUOTE_INVALID`` "quote refused: ...".
 
 Without a directory, quotes are verified without collateral and tokens say "Unevaluated".
 """
@@ -27,11 +27,12 @@ import threading
 from pathlib import Path
 
 from veil.services.common.config import ConfigError
-from veil.services.keyvault.attestation.collateral import Collateral, parse_qe_identity, parse_tcb_info
-from veil.services.keyvault.attestation.pck import parse_pem_chain, parse_sgx_extension
-from veil.services.keyvault.attestation.quote import CollateralError, QuoteError, parse_quote
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
-from veil.services.keyvault.errors import AttestationError
+from veil.services.keyvault.errors import AttestationRefusedError
+from veil.verify.collateral import Collateral, parse_qe_identity, parse_tcb_info
+from veil.verify.errors import CollateralError, QuoteError
+from veil.verify.pck import parse_pem_chain, parse_sgx_extension
+from veil.verify.quote import parse_quote
 
 _FILE_NAME = re.compile(r"[0-9a-f]{12}\.json\Z")
 
@@ -108,16 +109,16 @@ class CollateralFiles:
             return tuple(sorted(self._cache))
 
     def __call__(self, quote: bytes) -> Collateral:
-        """The collateral for the quote's platform; AttestationError if there is none or it is invalid."""
+        """The collateral for the quote's platform; AttestationRefusedError if none or invalid."""
         try:
             fmspc = quote_fmspc(quote)
         except QuoteError as exc:
-            raise AttestationError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
+            raise AttestationRefusedError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
         try:
             return self._load(fmspc)
         except CollateralError as exc:
             _log.error("collateral for FMSPC %s: %s", fmspc.hex(), exc.reason)
-            raise AttestationError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
+            raise AttestationRefusedError(f"quote refused: {exc.reason}", reason="QUOTE_INVALID") from None
 
     def _load(self, fmspc: bytes) -> Collateral:
         path = self._directory / collateral_file_name(fmspc)

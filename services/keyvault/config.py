@@ -48,7 +48,8 @@ from veil.services.common.config import (
     ENV_PKCS11_TOKEN_LABEL,
     ConfigError,
 )
-from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, MAX_TOKEN_LIFETIME_S
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S
+from veil.verify.tokens import MAX_TOKEN_LIFETIME_S
 
 ENV_KEYVAULT_DB_SCHEMA = "VEIL_KEYVAULT_DB_SCHEMA"
 ENV_KEYVAULT_ISSUER = "VEIL_KEYVAULT_ISSUER"

@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from google.protobuf.message import DecodeError
 
 from veil.enclave.v1 import envelope_pb2
-from veil.services.keyvault.errors import AttestationError
-from veil.services.keyvault.tokens import VerifiedToken, check_report_data
+from veil.services.keyvault.errors import AttestationRefusedError
+from veil.verify import binding
+from veil.verify.errors import BindingError
+from veil.verify.tokens import VerifiedToken
 
 X25519_KEY_SIZE = 32
 ED25519_KEY_SIZE = 32
@@ -38,32 +40,36 @@ class EnclaveKeys:
 
 
 def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
-    """Parse ``EnclavePublicKeys``; raise :class:`AttestationError` unless canonical and complete."""
+    """Parse ``EnclavePublicKeys``; raise :class:`AttestationRefusedError` unless canonical and complete."""
     message = envelope_pb2.EnclavePublicKeys()
     try:
         message.ParseFromString(runtime_data)
     except DecodeError:
-        raise AttestationError(
+        raise AttestationRefusedError(
             "runtime data is not EnclavePublicKeys", reason="RUNTIME_DATA_INVALID"
         ) from None
     message.DiscardUnknownFields()  # protobuf re-serializes unknown fields; make them count
     if message.SerializeToString(deterministic=True) != runtime_data:
-        raise AttestationError("runtime data is not canonically serialized", reason="RUNTIME_DATA_INVALID")
+        raise AttestationRefusedError(
+            "runtime data is not canonically serialized", reason="RUNTIME_DATA_INVALID"
+        )
     if len(message.hpke_x25519_public_key) != X25519_KEY_SIZE:
-        raise AttestationError("runtime data lacks a 32-byte X25519 HPKE key", reason="RUNTIME_DATA_INVALID")
+        raise AttestationRefusedError(
+            "runtime data lacks a 32-byte X25519 HPKE key", reason="RUNTIME_DATA_INVALID"
+        )
     if len(message.signing_public_key) != ED25519_KEY_SIZE:
-        raise AttestationError(
+        raise AttestationRefusedError(
             "runtime data lacks a 32-byte Ed25519 signing key", reason="RUNTIME_DATA_INVALID"
         )
     if len(message.keyvault_release_public_key) != ED25519_KEY_SIZE:
-        raise AttestationError(
+        raise AttestationRefusedError(
             "runtime data lacks a 32-byte keyvault release key", reason="RUNTIME_DATA_INVALID"
         )
     try:
         hpke_key = X25519PublicKey.from_public_bytes(message.hpke_x25519_public_key)
         signing_key = Ed25519PublicKey.from_public_bytes(message.signing_public_key)
     except ValueError:
-        raise AttestationError(
+        raise AttestationRefusedError(
             "runtime data holds an invalid public key", reason="RUNTIME_DATA_INVALID"
         ) from None
     return EnclaveKeys(
@@ -73,6 +79,14 @@ def parse_runtime_data(runtime_data: bytes) -> EnclaveKeys:
         signing_public_bytes=bytes(message.signing_public_key),
         keyvault_release_public_bytes=bytes(message.keyvault_release_public_key),
     )
+
+
+def check_report_data(report_data: bytes, runtime_data: bytes, nonce: bytes) -> None:
+    """:func:`veil.verify.binding.check_report_data`, refused as :class:`AttestationRefusedError`."""
+    try:
+        binding.check_report_data(report_data, runtime_data, nonce)
+    except BindingError as exc:
+        raise AttestationRefusedError(exc.reason) from None
 
 
 def bound_enclave_keys(token: VerifiedToken) -> EnclaveKeys:

@@ -38,7 +38,7 @@ from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
 from veil.services.keyvault.config import DEFAULT_ISSUER
-from veil.services.keyvault.errors import PolicyError
+from veil.services.keyvault.errors import ReleasePolicyError
 from veil.services.keyvault.policy import (
     ACCEPTED_TCB_FIELD,
     CLAIM_DEBUGGABLE,
@@ -125,7 +125,7 @@ def load_enclave_policy(path: Path, *, issuer: str) -> EnclavePolicy:
         raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
     try:
         policy = parse_policy(raw)
-    except PolicyError as exc:
+    except ReleasePolicyError as exc:
         raise ConfigError(f"{where} is not a valid release policy: {exc.message}") from None
     if not any(rule.authority == issuer for rule in policy.rules):
         raise ConfigError(f"{where} has no rule for this keyvault's token issuer {issuer!r}")

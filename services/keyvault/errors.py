@@ -28,26 +28,33 @@ class InvalidArgumentError(KeyvaultError):
     default_reason = "INVALID_ARGUMENT"
 
 
-class PolicyError(InvalidArgumentError):
+class ReleasePolicyError(InvalidArgumentError):
     """A release policy does not parse under the strict grammar."""
 
     default_reason = "INVALID_POLICY"
 
 
-class TokenError(KeyvaultError):
-    """An attestation token is invalid: signature, algorithm, kid, issuer, lifetime or claims."""
+class TokenRefusedError(KeyvaultError):
+    """An attestation token is invalid: signature, algorithm, kid, issuer, lifetime or claims.
+
+    The keyvault's report of a :class:`veil.verify.errors.TokenError`, with a status reason.
+    """
 
     default_reason = "INVALID_TOKEN"
 
 
-class TokenReplayError(TokenError):
+class TokenReplayError(TokenRefusedError):
     """The token's ``jti`` was already used for a key release."""
 
     default_reason = "TOKEN_REPLAYED"
 
 
-class AttestationError(KeyvaultError):
-    """Evidence does not bind what it claims (report data vs runtime data and nonce)."""
+class AttestationRefusedError(KeyvaultError):
+    """Evidence was refused: a quote that does not verify, report data that does not bind the
+    runtime data and nonce, or runtime data that is not the enclave's keys.
+
+    The keyvault's report of a :class:`veil.verify.errors.AttestationError`, with a status reason.
+    """
 
     default_reason = "ATTESTATION_REFUSED"
 

@@ -88,7 +88,8 @@ from veil.services.keyvault.kek import Kek
 from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
-from veil.services.keyvault.tokens import TokenVerifier, VerifiedToken, replay_horizon_us
+from veil.services.keyvault.tokens import TokenVerifier, replay_horizon_us
+from veil.verify.tokens import VerifiedToken
 
 DATA_KEY_SIZE = 32
 DATA_KEY_AAD_LABEL = b"veil/data-key/v1"

@@ -18,7 +18,7 @@ condition, for every operator except ``{"exists": false}``, which holds exactly 
 claim is missing. Comparisons are type-strict (``true`` never equals ``1``); the ordering
 operators compare numbers only; ``exists`` takes ``true`` or ``false``.
 
-Parsing is strict and fails with a :class:`~services.keyvault.errors.PolicyError` naming
+Parsing is strict and fails with a :class:`~services.keyvault.errors.ReleasePolicyError` naming
 the offending place: unknown keys or operators, a node with two operators or both
 ``allOf`` and ``anyOf``, empty condition lists, duplicate JSON keys, NaN/Infinity, values
 of the wrong type for well-known claims (MRENCLAVE/MRSIGNER must be 32-byte hex and are
@@ -57,7 +57,7 @@ from enum import StrEnum
 from operator import ge, gt, le, lt
 from typing import Literal
 
-from veil.services.keyvault.errors import PolicyError
+from veil.services.keyvault.errors import ReleasePolicyError
 
 POLICY_VERSION = "1.0.0"
 #: The Veil extension field that replaces the default accepted TCB statuses.
@@ -241,16 +241,16 @@ class ReleasePolicy:
 
 
 def parse_policy(text: str | bytes) -> ReleasePolicy:
-    """Parse and validate a policy document; raise :class:`PolicyError` on any deviation."""
+    """Parse and validate a policy document; raise :class:`ReleasePolicyError` on any deviation."""
     raw = text.encode("utf-8") if isinstance(text, str) else text
     if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes")
+        raise ReleasePolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes")
     try:
         doc = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except PolicyError:
+    except ReleasePolicyError:
         raise
     except (ValueError, RecursionError) as exc:
-        raise PolicyError(f"policy is not valid JSON: {exc}") from None
+        raise ReleasePolicyError(f"policy is not valid JSON: {exc}") from None
     return _Parser().policy(doc)
 
 
@@ -258,13 +258,13 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
-            raise PolicyError(f"duplicate key {key!r}")
+            raise ReleasePolicyError(f"duplicate key {key!r}")
         out[key] = value
     return out
 
 
 def _reject_constant(name: str) -> object:
-    raise PolicyError(f"{name} is not a valid policy value")
+    raise ReleasePolicyError(f"{name} is not a valid policy value")
 
 
 class _Parser:
@@ -276,10 +276,10 @@ class _Parser:
     def policy(self, doc: object) -> ReleasePolicy:
         obj = _object(doc, "policy")
         if "allOf" in obj:
-            raise PolicyError("policy: the top level takes 'anyOf' of authorities only")
+            raise ReleasePolicyError("policy: the top level takes 'anyOf' of authorities only")
         _only_keys(obj, {"version", "anyOf", ACCEPTED_TCB_FIELD}, "policy")
         if obj.get("version") != POLICY_VERSION:
-            raise PolicyError(f"policy: 'version' must be {POLICY_VERSION!r}")
+            raise ReleasePolicyError(f"policy: 'version' must be {POLICY_VERSION!r}")
         rules = tuple(
             self.authority(item, f"anyOf[{i}]")
             for i, item in enumerate(_nonempty_list(obj.get("anyOf"), "policy.anyOf"))
@@ -294,16 +294,16 @@ class _Parser:
         _only_keys(obj, {"authority", *_GROUP_KEYS}, where)
         issuer = obj.get("authority")
         if not isinstance(issuer, str) or not issuer:
-            raise PolicyError(f"{where}: 'authority' must be a non-empty string (the token issuer)")
+            raise ReleasePolicyError(f"{where}: 'authority' must be a non-empty string (the token issuer)")
         return AuthorityRule(authority=issuer, group=self.group(obj, where, depth=1))
 
     def group(self, obj: Mapping[str, object], where: str, depth: int) -> ConditionGroup:
         modes = [key for key in _GROUP_KEYS if key in obj]
         if len(modes) != 1:
-            raise PolicyError(f"{where}: needs exactly one of 'allOf' or 'anyOf'")
+            raise ReleasePolicyError(f"{where}: needs exactly one of 'allOf' or 'anyOf'")
         mode: GroupMode = "allOf" if modes[0] == "allOf" else "anyOf"
         if depth > MAX_DEPTH:
-            raise PolicyError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+            raise ReleasePolicyError(f"{where}: nested deeper than {MAX_DEPTH} levels")
         items = _nonempty_list(obj[mode], f"{where}.{mode}")
         conditions = tuple(
             self.condition(item, f"{where}.{mode}[{i}]", depth) for i, item in enumerate(items)
@@ -317,37 +317,37 @@ class _Parser:
             return self.group(obj, where, depth + 1)
         self.count += 1
         if self.count > MAX_CONDITIONS:
-            raise PolicyError(f"policy has more than {MAX_CONDITIONS} claim conditions")
+            raise ReleasePolicyError(f"policy has more than {MAX_CONDITIONS} claim conditions")
         claim = obj["claim"]
         if not isinstance(claim, str) or len(claim) > MAX_CLAIM_NAME or not _CLAIM_NAME_RE.match(claim):
-            raise PolicyError(f"{where}: 'claim' must be a dotted claim name")
+            raise ReleasePolicyError(f"{where}: 'claim' must be a dotted claim name")
         operators = [key for key in obj if key != "claim"]
         if len(operators) != 1:
-            raise PolicyError(f"{where}: a claim condition needs exactly one operator")
+            raise ReleasePolicyError(f"{where}: a claim condition needs exactly one operator")
         try:
             operator = Operator(operators[0])
         except ValueError:
             known = ", ".join(op.value for op in Operator)
-            raise PolicyError(f"{where}: unknown operator {operators[0]!r} (known: {known})") from None
+            raise ReleasePolicyError(f"{where}: unknown operator {operators[0]!r} (known: {known})") from None
         value = _check_value(claim, operator, obj[operators[0]], where)
         return ClaimCondition(claim=claim, operator=operator, value=value)
 
 
 def _object(node: object, where: str) -> Mapping[str, object]:
     if not isinstance(node, dict):
-        raise PolicyError(f"{where}: expected a JSON object")
+        raise ReleasePolicyError(f"{where}: expected a JSON object")
     return node
 
 
 def _only_keys(obj: Mapping[str, object], allowed: set[str], where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}")
+        raise ReleasePolicyError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}")
 
 
 def _nonempty_list(node: object, where: str) -> list[object]:
     if not isinstance(node, list) or not node:
-        raise PolicyError(f"{where}: expected a non-empty list")
+        raise ReleasePolicyError(f"{where}: expected a non-empty list")
     return node
 
 
@@ -364,54 +364,54 @@ def _tcb_list(node: object) -> tuple[str, ...]:
 def _tcb_status(value: object, where: str) -> str:
     if not isinstance(value, str) or value not in KNOWN_TCB_STATUSES:
         known = ", ".join(sorted(KNOWN_TCB_STATUSES))
-        raise PolicyError(f"{where}: unknown TCB status {value!r} (known: {known})")
+        raise ReleasePolicyError(f"{where}: unknown TCB status {value!r} (known: {known})")
     if value == TCB_REVOKED:
-        raise PolicyError(f"{where}: TCB status 'Revoked' can never be accepted")
+        raise ReleasePolicyError(f"{where}: TCB status 'Revoked' can never be accepted")
     return value
 
 
 def _check_value(claim: str, operator: Operator, value: object, where: str) -> Scalar:
     if operator is Operator.EXISTS:
         if not isinstance(value, bool):
-            raise PolicyError(f"{where}: 'exists' takes true or false")
+            raise ReleasePolicyError(f"{where}: 'exists' takes true or false")
         return value
     if value is None or isinstance(value, (list, dict)):
-        raise PolicyError(f"{where}: the value must be a string, number or boolean")
+        raise ReleasePolicyError(f"{where}: the value must be a string, number or boolean")
     assert isinstance(value, (str, int, float, bool))  # JSON leaves nothing else
     if operator in _ORDERING and _number(value) is None:
-        raise PolicyError(f"{where}: {operator.value!r} compares finite numbers only")
+        raise ReleasePolicyError(f"{where}: {operator.value!r} compares finite numbers only")
     if claim in _HEX_CLAIMS:
         return _check_hex(claim, operator, value, where)
     if claim in _INT_CLAIMS and (
         isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0xFFFF
     ):
-        raise PolicyError(f"{where}: {claim} must be an integer in 0..65535")
+        raise ReleasePolicyError(f"{where}: {claim} must be an integer in 0..65535")
     if claim == CLAIM_DEBUGGABLE and (operator in _ORDERING or not isinstance(value, bool)):
-        raise PolicyError(f"{where}: {claim} is compared with equals/notEquals to true or false")
+        raise ReleasePolicyError(f"{where}: {claim} is compared with equals/notEquals to true or false")
     if claim == CLAIM_TCB_STATUS:
         return _check_tcb_condition(operator, value, where)
     if isinstance(value, float) and not math.isfinite(value):
-        raise PolicyError(f"{where}: numbers must be finite")
+        raise ReleasePolicyError(f"{where}: numbers must be finite")
     return value
 
 
 def _check_hex(claim: str, operator: Operator, value: Scalar, where: str) -> str:
     length = _HEX_CLAIMS[claim]
     if operator in _ORDERING or not isinstance(value, str):
-        raise PolicyError(f"{where}: {claim} is compared with equals/notEquals to a hex string")
+        raise ReleasePolicyError(f"{where}: {claim} is compared with equals/notEquals to a hex string")
     if len(value) != length or not _HEX_RE.match(value):
-        raise PolicyError(f"{where}: {claim} must be {length} hex digits")
+        raise ReleasePolicyError(f"{where}: {claim} must be {length} hex digits")
     return value.lower()
 
 
 def _check_tcb_condition(operator: Operator, value: Scalar, where: str) -> str:
     if operator in _ORDERING:
-        raise PolicyError(f"{where}: {CLAIM_TCB_STATUS} is compared with equals/notEquals")
+        raise ReleasePolicyError(f"{where}: {CLAIM_TCB_STATUS} is compared with equals/notEquals")
     if operator is Operator.EQUALS:
         # equals pins (explicitly accepts) a status, so 'Revoked' is refused here.
         return _tcb_status(value, where)
     if not isinstance(value, str) or value not in KNOWN_TCB_STATUSES:
-        raise PolicyError(f"{where}: unknown TCB status {value!r}")
+        raise ReleasePolicyError(f"{where}: unknown TCB status {value!r}")
     return value
 
 

@@ -31,10 +31,10 @@ _log = logging.getLogger(__name__)
 
 # Library error -> shared error class. The first match in this order wins (subclasses first).
 _MAPPING: tuple[tuple[type[kv.KeyvaultError], type[common.VeilError]], ...] = (
-    (kv.PolicyError, common.InvalidArgument),
+    (kv.ReleasePolicyError, common.InvalidArgument),
     (kv.InvalidArgumentError, common.InvalidArgument),
-    (kv.TokenError, common.PermissionDenied),
-    (kv.AttestationError, common.PermissionDenied),
+    (kv.TokenRefusedError, common.PermissionDenied),
+    (kv.AttestationRefusedError, common.PermissionDenied),
     (kv.ReleaseRefusedError, common.PermissionDenied),
     (kv.KeyNotFoundError, common.NotFound),
     (kv.KeyExistsError, common.AlreadyExists),

@@ -44,7 +44,6 @@ from veil.services.keyvault.server import AUTHORIZATION as KEYVAULT_AUTHORIZATIO
 from veil.services.keyvault.server import SERVICE_NAME as KEYVAULT_SERVICE
 from veil.services.keyvault.server import create_server as create_keyvault_server
 from veil.services.keyvault.store_sqlite import SqliteStore
-from veil.services.keyvault.tokens import expected_report_data
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveHost
@@ -54,6 +53,7 @@ from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
 from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
 from veil.services.state.server import create_server as create_state_server
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.verify.binding import expected_report_data
 
 IDENTITIES = {
     "admin": identity.ADMIN,

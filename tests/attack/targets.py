@@ -45,10 +45,10 @@ from veil.enclave import commands, crypto, wire
 from veil.enclave.dispatcher import ecall_table
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
-from veil.services.keyvault.attestation import QuoteError, VerifiedQuote, parse_quote, verify_quote
-from veil.services.keyvault.attestation.collateral import Collateral
-from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
 from veil.services.state.enclave_host import EnclaveCallError
+from veil.verify import QuoteError, VerifiedQuote, parse_quote, verify_quote
+from veil.verify.collateral import Collateral
+from veil.verify.roots import intel_root_public_key, load_root_pem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SGX_QUOTES = REPO_ROOT.parent / "shared" / "testdata" / "sgx-quotes"

@@ -18,8 +18,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from client.attestation import verify_bundle
-from client.errors import AttestationError, GatewayError, IdentityError, OutcomeUnknown
+from client.errors import GatewayError, IdentityError, OutcomeUnknown
 from client.identity import SigningIdentity, new_identity
 from client.pins import InstancePins
 from client.sdk import VeilClient, connect
@@ -34,8 +33,10 @@ from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2
 from veil.services.common.errors import InvalidArgument, Unavailable, abort, error_info
-from veil.services.keyvault.attestation.roots import load_root_pem
 from veil.services.state.enclave_host import EnclaveCallError
+from veil.verify.bundle import verify_bundle
+from veil.verify.errors import AttestationError
+from veil.verify.roots import load_root_pem
 
 
 @pytest.fixture(scope="module")

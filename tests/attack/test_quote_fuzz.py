@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tests.attack.enclave_world import sim_quotes
 from tests.attack.profile import attack_settings
 from tests.attack.targets import QuoteCase, check_quote, fix_lengths, quote_corpus, quote_input
-from veil.services.keyvault.attestation import QuoteError
+from veil.verify import QuoteError
 
 # Region boundaries shared by every v3 quote: header | report body | sig length | sig data.
 HEADER, BODY, SIG_LEN = (0, 48), (48, 432), (432, 436)

@@ -17,13 +17,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.attestation import verify_bundle
-from client.errors import AttestationError
 from client.policy import DEFAULT_TCB_STATUSES, ExpectedMeasurement
 from tests.gateway.support import EnclaveState, TokenAuthority, fake_mesh_policy
 from veil.gateway.v1 import gateway_pb2
-from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
-from veil.services.keyvault.tokens import public_jwk
+from veil.verify.bundle import verify_bundle
+from veil.verify.errors import AttestationError
+from veil.verify.roots import intel_root_public_key, load_root_pem
+from veil.verify.tokens import public_jwk
 
 Bundle = gateway_pb2.GetAttestationResponse
 HEADER, BODY = 48, 384

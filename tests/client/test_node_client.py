@@ -30,7 +30,7 @@ from client.identity import SigningIdentity, new_identity
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh, token_config, write_fake_mesh_policy
-from tests.keyvault.attestation import fakes
+from tests.verify import fakes
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from client import commands
-from client.attestation import verify_bundle
-from client.errors import AttestationError, PolicyError, VeilClientError
+from client.errors import PolicyError, VeilClientError
 from client.policy import (
     ALL_TCB_STATUSES,
     DEFAULT_TCB_STATUSES,
@@ -38,13 +37,16 @@ from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.services.common.pki import sim_collateral_path
-from veil.services.keyvault.attestation import VerifiedQuote, verify_quote
-from veil.services.keyvault.attestation.collateral import load_collateral
-from veil.services.keyvault.attestation.roots import load_root_pem
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.store_sqlite import SqliteStore
-from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer
+from veil.verify import VerifiedQuote, verify_quote
+from veil.verify.binding import expected_report_data
+from veil.verify.bundle import verify_bundle
+from veil.verify.collateral import load_collateral
+from veil.verify.errors import AttestationError
+from veil.verify.roots import load_root_pem
 
 ISSUER = "spiffe://veil/keyvault"
 JWKS: dict[str, Any] = {"keys": [{"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA", "kid": "k"}]}

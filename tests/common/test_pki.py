@@ -23,10 +23,10 @@ from veil.services.common.pki import (
     init_pki,
     sim_collateral_path,
 )
-from veil.services.keyvault.attestation import CollateralError, verify_quote
-from veil.services.keyvault.attestation.collateral import load_collateral, parse_qe_identity, parse_tcb_info
-from veil.services.keyvault.attestation.roots import load_root_pem
 from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name
+from veil.verify import CollateralError, verify_quote
+from veil.verify.collateral import load_collateral, parse_qe_identity, parse_tcb_info
+from veil.verify.roots import load_root_pem
 
 
 def test_each_service_certificate_carries_its_spiffe_id(pki_dir: Path) -> None:

@@ -14,9 +14,9 @@ from veil.enclave import wire
 from veil.enclave.measurement import measure_source_tree, source_files
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER, INTEL_QE_MRSIGNER, SimQuoteProvider
 from veil.enclave.runner import PCK_FILES, PCK_KEY_FILE
-from veil.services.keyvault.attestation import QuoteError, verify_quote
-from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
 from veil.services.state.enclave_host import EnclaveCallError
+from veil.verify import QuoteError, verify_quote
+from veil.verify.roots import intel_root_public_key, load_root_pem
 
 NONCE = hashlib.sha256(b"a verifier's nonce").digest()
 

@@ -46,8 +46,6 @@ from veil.services.common.errors import (
 from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.server import create_server as create_gateway
-from veil.services.keyvault.attestation import verify_quote
-from veil.services.keyvault.attestation.roots import load_root_pem
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.store_sqlite import SqliteStore
@@ -57,6 +55,8 @@ from veil.services.state.errors import from_ecall, from_outcome_error
 from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
 from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.verify import verify_quote
+from veil.verify.roots import load_root_pem
 
 ISSUER = "https://keyvault.veil.test"
 

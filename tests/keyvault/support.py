@@ -33,7 +33,8 @@ from veil.services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_pol
 from veil.services.keyvault.keys import ReleasedKey, open_released_key
 from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner
-from veil.services.keyvault.tokens import IssuedToken, TokenIssuer, expected_report_data
+from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
+from veil.verify.binding import expected_report_data
 
 T = TypeVar("T")
 

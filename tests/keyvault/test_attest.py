@@ -14,10 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from veil.enclave.providers.sim_quote import SimQuoteProvider
 from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault.attest import Attestor
-from veil.services.keyvault.attestation.roots import intel_root_public_key, load_root_pem
 from veil.services.keyvault.audit import AuditLog
-from veil.services.keyvault.errors import AttestationError, InvalidArgumentError
-from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier, b64url_decode, expected_report_data
+from veil.services.keyvault.errors import AttestationRefusedError, InvalidArgumentError
+from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier
+from veil.verify.binding import expected_report_data
+from veil.verify.roots import intel_root_public_key, load_root_pem
+from veil.verify.tokens import b64url_decode
 
 from .support import CALLER, RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeClock, FakeEnclave, sim_provider
 
@@ -73,9 +75,9 @@ def test_report_data_must_bind_runtime_data_and_nonce(
 ) -> None:
     nonce = os.urandom(32)
     quote = evidence(sim_provider(pki_dir), enclave, nonce)
-    with pytest.raises(AttestationError, match="report data"):
+    with pytest.raises(AttestationRefusedError, match="report data"):
         attestor.attest(quote, enclave.runtime_data, os.urandom(32), caller=CALLER)
-    with pytest.raises(AttestationError, match="report data"):
+    with pytest.raises(AttestationRefusedError, match="report data"):
         attestor.attest(quote, FakeEnclave().runtime_data, nonce, caller=CALLER)
     event = audit.list_events().events[-1]
     assert (event.action, event.outcome) == ("attest", "refused")
@@ -86,7 +88,7 @@ def test_runtime_data_must_be_enclave_public_keys(attestor: Attestor, pki_dir: P
     nonce = os.urandom(32)
     runtime_data = b"\x0a\x03abc"  # a protobuf, but no usable keys
     quote = sim_provider(pki_dir).quote(expected_report_data(runtime_data, nonce))
-    with pytest.raises(AttestationError) as caught:
+    with pytest.raises(AttestationRefusedError) as caught:
         attestor.attest(quote, runtime_data, nonce, caller=CALLER)
     assert caught.value.reason == "RUNTIME_DATA_INVALID"
 
@@ -98,7 +100,7 @@ def test_sim_quote_is_refused_under_the_intel_root(
         issuer, audit, clock, root_public_key=intel_root_public_key(), release_public_key=RELEASE_PUBLIC_KEY
     )
     nonce = os.urandom(32)
-    with pytest.raises(AttestationError) as caught:
+    with pytest.raises(AttestationRefusedError) as caught:
         production.attest(
             evidence(sim_provider(pki_dir), enclave, nonce), enclave.runtime_data, nonce, caller=CALLER
         )
@@ -110,7 +112,7 @@ def test_tampered_quote_is_refused(attestor: Attestor, pki_dir: Path, enclave: F
     nonce = os.urandom(32)
     quote = bytearray(evidence(sim_provider(pki_dir), enclave, nonce))
     quote[112] ^= 0x01  # inside the report body (MRENCLAVE)
-    with pytest.raises(AttestationError) as caught:
+    with pytest.raises(AttestationRefusedError) as caught:
         attestor.attest(bytes(quote), enclave.runtime_data, nonce, caller=CALLER)
     assert caught.value.reason == "QUOTE_INVALID"
 
@@ -132,7 +134,7 @@ def test_enclave_pinned_to_another_keyvault_is_refused_and_audited(
     rogue = FakeEnclave(keyvault_release_public_key=host_key)
     nonce = os.urandom(32)
     quote = evidence(sim_provider(pki_dir), rogue, nonce)
-    with pytest.raises(AttestationError, match="pins another keyvault release key") as caught:
+    with pytest.raises(AttestationRefusedError, match="pins another keyvault release key") as caught:
         attestor.attest(quote, rogue.runtime_data, nonce, caller=CALLER)
     assert caught.value.reason == "RELEASE_KEY_MISMATCH"
     event = audit.list_events().events[-1]
@@ -186,7 +188,7 @@ def test_runtime_data_must_carry_the_pin_canonically(
     runtime_data = _runtime_variants(enclave)[variant]
     nonce = os.urandom(32)
     quote = sim_provider(pki_dir).quote(expected_report_data(runtime_data, nonce))
-    with pytest.raises(AttestationError) as caught:
+    with pytest.raises(AttestationRefusedError) as caught:
         attestor.attest(quote, runtime_data, nonce, caller=CALLER)
     assert caught.value.reason == "RUNTIME_DATA_INVALID"
 

@@ -1,6 +1,6 @@
 """Collateral from ``VEIL_KEYVAULT_COLLATERAL_DIR``: one file per FMSPC, refused when missing.
 
-Fake platforms (tests/keyvault/attestation/fakes.py) give quotes of two FMSPCs, each with its
+Fake platforms (tests/verify/fakes.py) give quotes of two FMSPCs, each with its
 collateral; the dev PKI's sim collateral shows the keyvault evaluating a sim quote.
 """
 
@@ -16,24 +16,25 @@ import grpc
 import pytest
 
 from tests.conftest import tls_for
+from tests.verify import fakes
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ConfigError, ServiceConfig
 from veil.services.common.pki import collateral_dir
 from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.attest import Attestor
-from veil.services.keyvault.attestation import verify_quote
-from veil.services.keyvault.attestation.collateral import parse_tcb_info
-from veil.services.keyvault.attestation.roots import load_root_pem
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name, quote_fmspc
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
-from veil.services.keyvault.errors import AttestationError
+from veil.services.keyvault.errors import AttestationRefusedError
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.server import create_server
 from veil.services.keyvault.store_sqlite import SqliteStore
-from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer, expected_report_data
+from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer
+from veil.verify import verify_quote
+from veil.verify.binding import expected_report_data
+from veil.verify.collateral import parse_tcb_info
+from veil.verify.roots import load_root_pem
 
-from .attestation import fakes
 from .support import CALLER, RELEASE_PUBLIC_KEY, FakeClock, FakeEnclave, sim_provider
 
 FMSPC_A = fakes.FMSPC
@@ -92,11 +93,11 @@ def test_a_platform_without_a_file_is_refused(platforms: tuple[Platform, Platfor
     _write(tmp_path, a)
     files = CollateralFiles(tmp_path)
     with pytest.raises(
-        AttestationError, match=f"no collateral for this platform \\(FMSPC {FMSPC_B.hex()}\\)"
+        AttestationRefusedError, match=f"no collateral for this platform \\(FMSPC {FMSPC_B.hex()}\\)"
     ) as refused:
         files(b.quote)
     assert refused.value.reason == "QUOTE_INVALID"
-    with pytest.raises(AttestationError, match="quote refused") as garbage:
+    with pytest.raises(AttestationRefusedError, match="quote refused") as garbage:
         files(b"not a quote")
     assert garbage.value.reason == "QUOTE_INVALID"
     assert _status(files, a) == "UpToDate"
@@ -146,7 +147,7 @@ def test_a_changed_file_is_reloaded_and_a_broken_one_refuses(
     rewrite(a.collateral("SWHardeningNeeded"))
     assert _status(files, a) == "SWHardeningNeeded"
     rewrite("{broken")
-    with pytest.raises(AttestationError, match="is invalid") as refused:
+    with pytest.raises(AttestationRefusedError, match="is invalid") as refused:
         files(a.quote)
     assert refused.value.reason == "QUOTE_INVALID"
     rewrite(a.collateral("UpToDate"))
@@ -201,7 +202,7 @@ def test_the_keyvault_evaluates_sim_quotes_against_the_dev_collateral(
     empty = tmp_path / "no-collateral"
     empty.mkdir()
     refusing, audit = attestor_for(CollateralFiles(empty))
-    with pytest.raises(AttestationError, match="no collateral for this platform") as refused:
+    with pytest.raises(AttestationRefusedError, match="no collateral for this platform") as refused:
         refusing.attest(quote, enclave.runtime_data, nonce, caller=CALLER)
     assert refused.value.reason == "QUOTE_INVALID"
     event = audit.list_events().events[-1]

@@ -10,9 +10,9 @@ import pytest
 
 from veil.services.common.config import ConfigError
 from veil.services.keyvault.app import open_keyvault
-from veil.services.keyvault.attestation.roots import RootError
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.store_postgres import PostgresStore
+from veil.verify.roots import RootError
 
 from .support import POSTGRES_DSN, SoftHsm, write_sim_enclave_policy
 

@@ -12,10 +12,16 @@ from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.enclave_policy import EnclavePolicy
-from veil.services.keyvault.errors import AttestationError, HeadRefusedError, InvalidArgumentError, TokenError
+from veil.services.keyvault.errors import (
+    AttestationRefusedError,
+    HeadRefusedError,
+    InvalidArgumentError,
+    TokenRefusedError,
+)
 from veil.services.keyvault.heads import CommitHead, CommitHeads
 from veil.services.keyvault.store import Store
-from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.verify.tokens import DEFAULT_LEEWAY_S
 
 from .support import (
     CALLER,
@@ -143,19 +149,19 @@ def test_token_is_required_and_checked(
     heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, audit: AuditLog, clock: FakeClock
 ) -> None:
     link = enclave.link(INSTANCE, ZERO, at(1))
-    with pytest.raises(TokenError):
+    with pytest.raises(TokenRefusedError):
         heads.advance(INSTANCE, [link], "not-a-token", caller=CALLER)
     assert refusal_reason(audit) == "INVALID_TOKEN"
     token = enclave.token(issuer).token
     clock.advance(DEFAULT_TOKEN_TTL_S + DEFAULT_LEEWAY_S + 1)
-    with pytest.raises(TokenError, match="expired"):
+    with pytest.raises(TokenRefusedError, match="expired"):
         heads.advance(INSTANCE, [link], token, caller=CALLER)
     # Runtime data not bound by the report data is refused before the key is trusted.
     nonce = b"n" * 32
     mismatched = issuer.issue(
         enclave.quote(nonce), runtime_data=FakeEnclave().runtime_data, nonce=nonce, quote_hash=bytes(32)
     )
-    with pytest.raises(AttestationError):
+    with pytest.raises(AttestationRefusedError):
         heads.advance(INSTANCE, [link], mismatched.token, caller=CALLER)
     assert heads.get(INSTANCE) is None
 

@@ -15,16 +15,16 @@ from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.errors import (
-    AttestationError,
+    AttestationRefusedError,
     DecryptionError,
     IdempotencyConflictError,
     InvalidArgumentError,
     KeyDestroyedError,
     KeyExistsError,
     KeyNotFoundError,
-    PolicyError,
+    ReleasePolicyError,
     ReleaseRefusedError,
-    TokenError,
+    TokenRefusedError,
     TokenReplayError,
 )
 from veil.services.keyvault.kek import FileKek
@@ -37,7 +37,8 @@ from veil.services.keyvault.keys import (
 )
 from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.store import AuditRecord, Store
-from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.verify.tokens import DEFAULT_LEEWAY_S
 
 from .support import (
     ADMIN,
@@ -97,7 +98,7 @@ def test_create_refusals_are_audited(keys: KeyManager, audit: AuditLog) -> None:
     with pytest.raises(InvalidArgumentError):
         keys.create("Not A Name", measurement_policy(), caller=ADMIN)
     assert_refusal_audited(audit, "create", "INVALID_ARGUMENT")
-    with pytest.raises(PolicyError):
+    with pytest.raises(ReleasePolicyError):
         keys.create("other", '{"version": "1.0.0"}', caller=ADMIN)
     assert_refusal_audited(audit, "create", "INVALID_POLICY")
     with pytest.raises(KeyNotFoundError):
@@ -309,7 +310,7 @@ def test_expired_token_is_refused(
     keys.create("orders", measurement_policy(), caller=ADMIN)
     token = enclave.token(issuer).token
     clock.advance(DEFAULT_TOKEN_TTL_S + DEFAULT_LEEWAY_S + 1)
-    with pytest.raises(TokenError, match="expired"):
+    with pytest.raises(TokenRefusedError, match="expired"):
         keys.release(token, "orders", caller=CALLER)
     assert_refusal_audited(audit, "release", "INVALID_TOKEN")
 
@@ -324,19 +325,19 @@ def test_token_for_other_runtime_data_is_refused(
     mismatched = issuer.issue(
         enclave.quote(nonce), runtime_data=attacker.runtime_data, nonce=nonce, quote_hash=b"\x00" * 32
     )
-    with pytest.raises(AttestationError, match="report data"):
+    with pytest.raises(AttestationRefusedError, match="report data"):
         keys.release(mismatched.token, "orders", caller=CALLER)
     assert_refusal_audited(audit, "release", "ATTESTATION_REFUSED")
     # Runtime data that is bound but is not an EnclavePublicKeys message.
     garbage = enclave.token(issuer, runtime_data=b"\xff\xfe not protobuf")
-    with pytest.raises(AttestationError):
+    with pytest.raises(AttestationRefusedError):
         keys.release(garbage.token, "orders", caller=CALLER)
     assert_refusal_audited(audit, "release", "RUNTIME_DATA_INVALID")
 
 
 def test_forged_token_is_refused_and_audited(keys: KeyManager, audit: AuditLog) -> None:
     keys.create("orders", measurement_policy(), caller=ADMIN)
-    with pytest.raises(TokenError):
+    with pytest.raises(TokenRefusedError):
         keys.release("eyJhbGciOiJub25lIn0.e30.", "orders", caller=CALLER)
     assert_refusal_audited(audit, "release", "INVALID_TOKEN")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from veil.services.keyvault.errors import PolicyError
+from veil.services.keyvault.errors import ReleasePolicyError
 from veil.services.keyvault.policy import (
     MAX_CONDITIONS,
     MAX_DEPTH,
@@ -328,22 +328,22 @@ def condition_doc(condition: Any) -> str:
     ],
 )
 def test_parse_errors_are_clear(text: str, message: str) -> None:
-    with pytest.raises(PolicyError) as caught:
+    with pytest.raises(ReleasePolicyError) as caught:
         parse_policy(text)
     assert message in str(caught.value)
     assert caught.value.reason == "INVALID_POLICY"
 
 
 def test_size_depth_and_count_limits() -> None:
-    with pytest.raises(PolicyError, match="larger than"):
+    with pytest.raises(ReleasePolicyError, match="larger than"):
         parse_policy(" " * (MAX_POLICY_BYTES + 1))
     node: dict[str, Any] = {"claim": "a", "equals": 1}
     for _ in range(MAX_DEPTH + 1):
         node = {"allOf": [node]}
-    with pytest.raises(PolicyError, match="nested deeper"):
+    with pytest.raises(ReleasePolicyError, match="nested deeper"):
         parse_policy(condition_doc(node))
     many = [{"claim": "a", "equals": i} for i in range(MAX_CONDITIONS + 1)]
-    with pytest.raises(PolicyError, match="more than"):
+    with pytest.raises(ReleasePolicyError, match="more than"):
         parse_policy(json.dumps(base_doc(anyOf=[{"authority": ISSUER, "anyOf": many}])))
 
 

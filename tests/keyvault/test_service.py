@@ -28,8 +28,9 @@ from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.keys import ReleasedKey
 from veil.services.keyvault.server import create_server
-from veil.services.keyvault.tokens import expected_report_data, verify_token
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
+from veil.verify.binding import expected_report_data
+from veil.verify.tokens import verify_token
 
 from .support import (
     SIM_MRENCLAVE,

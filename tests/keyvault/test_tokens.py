@@ -13,21 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.services.keyvault.audit import AuditLog
-from veil.services.keyvault.errors import AttestationError, TokenError
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.store import Store
-from veil.services.keyvault.tokens import (
-    DEFAULT_LEEWAY_S,
-    DEFAULT_TOKEN_TTL_S,
-    SigningKeyRing,
-    TokenIssuer,
-    b64url_decode,
-    b64url_encode,
-    check_report_data,
-    expected_report_data,
-    public_jwk,
-    verify_token,
-)
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, SigningKeyRing, TokenIssuer
+from veil.verify.binding import check_report_data, expected_report_data
+from veil.verify.errors import AttestationError, TokenError
+from veil.verify.tokens import DEFAULT_LEEWAY_S, b64url_decode, b64url_encode, public_jwk, verify_token
 
 from .support import ISSUER, FakeClock, FakeEnclave
 

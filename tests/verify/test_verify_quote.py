@@ -13,15 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veil.services.keyvault.attestation.pck import parse_pem_chain
-from veil.services.keyvault.attestation.quote import (
-    CertificateChainError,
-    QuoteError,
-    QuoteFormatError,
-    QuoteSignatureError,
-    parse_quote,
-)
-from veil.services.keyvault.attestation.verifier import VerifiedQuote, verify_quote
+from veil.verify.errors import CertificateChainError, QuoteError, QuoteFormatError, QuoteSignatureError
+from veil.verify.pck import parse_pem_chain
+from veil.verify.quote import parse_quote
+from veil.verify.verifier import VerifiedQuote, verify_quote
 
 from . import fakes
 from .vectors import NOW, QUOTE_A, QUOTE_B, QUOTE_C, QUOTE_D, RUNTIME_DATA_C, vector_path

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.services.keyvault.attestation.pck import parse_pem_chain, parse_sgx_extension, verify_pck_chain
-from veil.services.keyvault.attestation.quote import CertificateChainError, parse_quote
+from veil.verify.errors import CertificateChainError
+from veil.verify.pck import parse_pem_chain, parse_sgx_extension, verify_pck_chain
+from veil.verify.quote import parse_quote
 
 from . import fakes
 from .vectors import NOW, QUOTE_A, QUOTE_B, QUOTE_C, QUOTE_D

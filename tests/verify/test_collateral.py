@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from veil.services.keyvault.attestation.collateral import (
+from veil.verify.collateral import (
     CONFIGURATION_AND_SW_HARDENING_NEEDED,
     CONFIGURATION_NEEDED,
     OUT_OF_DATE,
@@ -23,13 +23,8 @@ from veil.services.keyvault.attestation.collateral import (
     Collateral,
     merge_tcb_status,
 )
-from veil.services.keyvault.attestation.quote import (
-    CollateralError,
-    CollateralExpiredError,
-    QuoteError,
-    RevokedError,
-)
-from veil.services.keyvault.attestation.verifier import VerifiedQuote, verify_quote
+from veil.verify.errors import CollateralError, CollateralExpiredError, QuoteError, RevokedError
+from veil.verify.verifier import VerifiedQuote, verify_quote
 
 from . import fakes
 from .vectors import AFTER_COLLATERAL, NOW

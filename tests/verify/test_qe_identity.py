@@ -13,9 +13,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from veil.enclave.providers import sim_quote
-from veil.services.keyvault.attestation import QeIdentityError, verify_quote
-from veil.services.keyvault.attestation.collateral import Collateral
-from veil.services.keyvault.attestation.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
+from veil.verify import QeIdentityError, verify_quote
+from veil.verify.collateral import Collateral
+from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
 
 from . import fakes
 from .vectors import ALL_QUOTES, NOW

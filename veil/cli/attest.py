@@ -5,7 +5,7 @@
 
 Prints one JSON object on stdout and exits 0 for a valid quote; exits 1 with
 ``error: <reason>`` on stderr for an invalid one, and 2 for a usage or I/O problem.
-Also runnable as ``python -m services.keyvault.attestation.cli verify ...``.
+Also runnable as ``python -m veil.cli.attest verify ...``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from veil.services.keyvault.attestation.collateral import Collateral
-from veil.services.keyvault.attestation.quote import QuoteError
-from veil.services.keyvault.attestation.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
-from veil.services.keyvault.attestation.verifier import verify_quote
+from veil.verify.collateral import Collateral
+from veil.verify.errors import QuoteError
+from veil.verify.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
+from veil.verify.verifier import verify_quote
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -89,10 +89,10 @@ def verify_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m services.keyvault.attestation.cli verify ...``."""
+    """``python -m veil.cli.attest verify ...``."""
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] != "verify":
-        print("usage: python -m services.keyvault.attestation.cli verify QUOTE [options]", file=sys.stderr)
+        print("usage: python -m veil.cli.attest verify QUOTE [options]", file=sys.stderr)
         return EXIT_USAGE
     return verify_main(args[1:])
 

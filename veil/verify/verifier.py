@@ -24,26 +24,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.services.keyvault.attestation.collateral import (
-    Collateral,
-    TcbResult,
-    check_qe_identity,
-    evaluate_tcb,
-    verify_collateral,
-)
-from veil.services.keyvault.attestation.pck import (
-    PckChain,
-    ecdsa_p256_verify,
-    p256_key_from_raw,
-    verify_pck_chain,
-)
-from veil.services.keyvault.attestation.quote import (
-    QeIdentityError,
-    Quote,
-    QuoteSignatureError,
-    ReportBody,
-    parse_quote,
-)
+from veil.verify.collateral import Collateral, TcbResult, check_qe_identity, evaluate_tcb, verify_collateral
+from veil.verify.errors import QeIdentityError, QuoteSignatureError
+from veil.verify.pck import PckChain, ecdsa_p256_verify, p256_key_from_raw, verify_pck_chain
+from veil.verify.quote import Quote, ReportBody, parse_quote
 
 #: Intel's Quoting Enclave (QE3) as Intel's QE identity collateral names it. The PCK key signs
 #: the report of any enclave the platform lets request provisioning, so only this identity says

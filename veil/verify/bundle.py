@@ -1,10 +1,10 @@
-"""Verify an enclave's attestation bundle against an expected-measurement policy.
+"""Verify an enclave's attestation bundle against a client's trust policy.
 
 The bundle arrives through the gateway, which the client does not trust, so every piece is
 checked against something the client pins or against another piece:
 
 1. quote: DCAP v3 signatures and PCK chain to the pinned root (`intel`, or the dev root for
-   the sim enclave), with the keyvault's own verifier (services.keyvault.attestation);
+   the sim enclave), with the verifier the keyvault uses too (veil.verify.verifier);
 2. binding: the quote's report data is `wire.report_data(runtime_data, nonce)` (a
    domain-separated hash the enclave computes over its own keys; the host picks only the nonce);
 3. token: the keyvault's ES256 JWT verifies against the JWKS (pinned in the policy, or the
@@ -31,24 +31,53 @@ import datetime as dt
 import hmac
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
-from client.errors import AttestationError
-from client.policy import ExpectedMeasurement
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
-from veil.services.keyvault.attestation import QuoteError, VerifiedQuote, verify_quote
-from veil.services.keyvault.errors import TokenError
-from veil.services.keyvault.tokens import DEFAULT_LEEWAY_S, VerifiedToken, verify_token
+from veil.verify.errors import AttestationError, QuoteError, TokenError
+from veil.verify.tokens import DEFAULT_LEEWAY_S, VerifiedToken, verify_token
+from veil.verify.verifier import VerifiedQuote, verify_quote
 
 X25519_KEY_SIZE = 32
 ED25519_KEY_SIZE = 32
+
+
+class TrustPolicy(Protocol):
+    """What a client pins before trusting an enclave (the SDK's `ExpectedMeasurement` is one).
+
+    Empty `mrenclaves` and None fields pin nothing; `accepted_tcb_statuses` lists every status
+    accepted (already expanded from any wildcard); `root` names the pinned SGX root whose key
+    `verify_bundle` is given (for its report only).
+    """
+
+    @property
+    def mrenclaves(self) -> tuple[bytes, ...]: ...
+    @property
+    def mrsigner(self) -> bytes | None: ...
+    @property
+    def product_id(self) -> int | None: ...
+    @property
+    def min_svn(self) -> int | None: ...
+    @property
+    def allow_debug(self) -> bool: ...
+    @property
+    def accepted_tcb_statuses(self) -> tuple[str, ...]: ...
+    @property
+    def root(self) -> str: ...
+    @property
+    def issuer(self) -> str | None: ...
+    @property
+    def jwks(self) -> Mapping[str, Any] | None: ...
+    @property
+    def keyvault_release_key(self) -> bytes | None: ...
 
 
 @dataclass(frozen=True)
@@ -149,7 +178,7 @@ def _check_quote(quote: bytes, root_public_key: ec.EllipticCurvePublicKey, now: 
 
 
 def _check_token(
-    bundle: gateway_pb2.GetAttestationResponse, policy: ExpectedMeasurement, now: float, leeway_s: float
+    bundle: gateway_pb2.GetAttestationResponse, policy: TrustPolicy, now: float, leeway_s: float
 ) -> VerifiedToken:
     if policy.jwks is not None:
         jwks = policy.jwks
@@ -171,7 +200,7 @@ def _check_token(
     try:
         return verify_token(bundle.attestation_token, jwks, issuer=issuer, now=now, leeway_s=leeway_s)
     except TokenError as exc:
-        raise _fail(f"token: {exc.message}") from None
+        raise _fail(f"token: {exc.reason}") from None
 
 
 def _agree(token: VerifiedToken, quote: VerifiedQuote, bundle: gateway_pb2.GetAttestationResponse) -> None:
@@ -194,7 +223,7 @@ def _agree(token: VerifiedToken, quote: VerifiedQuote, bundle: gateway_pb2.GetAt
         raise _fail("token nonce does not equal the bundle's nonce")
 
 
-def _check_policy(quote: VerifiedQuote, tcb_status: str, policy: ExpectedMeasurement) -> None:
+def _check_policy(quote: VerifiedQuote, tcb_status: str, policy: TrustPolicy) -> None:
     if policy.mrenclaves and quote.mrenclave not in policy.mrenclaves:
         raise _fail(f"MRENCLAVE {quote.mrenclave.hex()} is not an expected measurement")
     if policy.mrsigner is not None and quote.mrsigner != policy.mrsigner:
@@ -210,7 +239,7 @@ def _check_policy(quote: VerifiedQuote, tcb_status: str, policy: ExpectedMeasure
 
 
 def _check_keys(
-    bundle: gateway_pb2.GetAttestationResponse, policy: ExpectedMeasurement
+    bundle: gateway_pb2.GetAttestationResponse, policy: TrustPolicy
 ) -> envelope_pb2.EnclavePublicKeys:
     try:
         decoded = envelope_pb2.EnclavePublicKeys.FromString(bundle.runtime_data)
@@ -232,7 +261,7 @@ def _check_keys(
 
 def verify_bundle(
     bundle: gateway_pb2.GetAttestationResponse,
-    policy: ExpectedMeasurement,
+    policy: TrustPolicy,
     *,
     root_public_key: ec.EllipticCurvePublicKey,
     now: float | None = None,

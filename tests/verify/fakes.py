@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from veil.services.keyvault.attestation import dev_collateral
-from veil.services.keyvault.attestation.quote import INTEL_QE_VENDOR_ID
-from veil.services.keyvault.attestation.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
+from veil.dev import collateral as dev_collateral
+from veil.verify.quote import INTEL_QE_VENDOR_ID
+from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
 CERT_NOT_BEFORE = datetime(2025, 1, 1, tzinfo=UTC)

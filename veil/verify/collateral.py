@@ -29,7 +29,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.services.keyvault.attestation.pck import (
+from veil.verify.errors import CertificateChainError, CollateralError, CollateralExpiredError, RevokedError
+from veil.verify.pck import (
     DECODE_ERRORS,
     PckChain,
     common_name,
@@ -39,13 +40,7 @@ from veil.services.keyvault.attestation.pck import (
     same_public_key,
     verify_chain_to_root,
 )
-from veil.services.keyvault.attestation.quote import (
-    CertificateChainError,
-    CollateralError,
-    CollateralExpiredError,
-    ReportBody,
-    RevokedError,
-)
+from veil.verify.quote import ReportBody
 
 TCB_SIGNING_CN_PHRASE = "SGX TCB Signing"
 TCB_INFO_ID_SGX = "SGX"

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from veil.services.keyvault.attestation.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
+from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
 
 #: What Intel's QE identity demands of the QE report: MISCSELECT 0, and of ATTRIBUTES (under a
 #: mask that ignores MODE64BIT) INIT and PROVISIONKEY with DEBUG clear.

@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.services.keyvault.attestation.cli import main, verify_main
-from veil.services.keyvault.attestation.roots import (
+from veil.cli.attest import main, verify_main
+from veil.verify.roots import (
     INTEL_SGX_ROOT_PUBLIC_KEY_HEX,
     RootError,
     dev_root_path,
@@ -215,7 +215,7 @@ def _python_m(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-m", "veil.services.keyvault.attestation.cli", "verify", *args],
+        [sys.executable, "-m", "veil.cli.attest", "verify", *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -13,8 +13,7 @@ Only what Veil verifies is accepted: version 3, ECDSA-P256 attestation key, SGX 
 Intel's QE vendor id and certification data type 5. Every length is bounds-checked and
 trailing bytes are refused, so one byte string has exactly one reading.
 
-This module also defines the error hierarchy shared by the whole attestation package: every
-refusal is a :class:`QuoteError` carrying a human-readable ``reason``.
+Every refusal is a :class:`~veil.verify.errors.QuoteError` carrying a human-readable ``reason``.
 """
 
 from __future__ import annotations
@@ -22,44 +21,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-# --- errors ------------------------------------------------------------------------------
-
-
-class QuoteError(Exception):
-    """A quote (or its collateral) was refused; ``reason`` says why in plain words."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class QuoteFormatError(QuoteError):
-    """The bytes are not a well-formed, supported DCAP v3 quote."""
-
-
-class CertificateChainError(QuoteError):
-    """A certificate chain does not lead to the pinned root, or a certificate is unusable."""
-
-
-class QuoteSignatureError(QuoteError):
-    """A signature or a hash binding inside the quote does not verify."""
-
-
-class QeIdentityError(QuoteError):
-    """The QE report is not that of Intel's production Quoting Enclave (MRSIGNER, ISVPRODID, DEBUG)."""
-
-
-class CollateralError(QuoteError):
-    """Collateral (TCB info, QE identity, CRLs) is malformed, unsigned or does not match."""
-
-
-class CollateralExpiredError(CollateralError):
-    """Collateral or a CRL is outside its issueDate..nextUpdate window at the given time."""
-
-
-class RevokedError(QuoteError):
-    """A certificate is revoked by a CRL, or the platform/QE TCB level is Revoked."""
-
+from veil.verify.errors import QuoteFormatError
 
 # --- layout constants --------------------------------------------------------------------
 

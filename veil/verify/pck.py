@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from veil.services.keyvault.attestation.quote import CertificateChainError, QuoteError, QuoteFormatError
+from veil.verify.errors import CertificateChainError, QuoteError, QuoteFormatError
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
 _SGX = SGX_EXTENSION_OID.dotted_string

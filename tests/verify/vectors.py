@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SGX_TESTDATA = REPO_ROOT.parent / "shared" / "testdata" / "sgx-quotes"
 
 QUOTE_A = "dcap-qvl_sgx_quote.bin"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from veil.services.keyvault.attestation.collateral import Collateral
-from veil.services.keyvault.attestation.roots import intel_root_public_key
+from veil.verify.collateral import Collateral
+from veil.verify.roots import intel_root_public_key
 
 from . import fakes
 from .vectors import ALL_QUOTES, COLLATERAL_A, QUOTE_A, vector_path

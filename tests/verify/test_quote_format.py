@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from veil.services.keyvault.attestation.quote import QuoteFormatError, parse_quote
+from veil.verify.errors import QuoteFormatError
+from veil.verify.quote import parse_quote
 
 from .vectors import QUOTE_A, QUOTE_B, QUOTE_C, QUOTE_D
 

@@ -1,0 +1,1 @@
+"""The `veil` command: one module per noun; `main` builds the parser."""
