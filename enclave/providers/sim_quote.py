@@ -31,9 +31,8 @@ from veil.enclave.wire import REPORT_DATA_SIZE
 
 QE_VENDOR_ID_INTEL = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 #: MRSIGNER of Intel's quoting enclave, as in Intel's QE identity collateral. A copy of
-#: services.keyvault.attestation.verifier.INTEL_QE_MRSIGNER, which checks every quote's QE against
-#: it (the enclave may not import services): tests/verify/test_qe_identity.py
-#: asserts the two are equal.
+#: veil.verify.verifier.INTEL_QE_MRSIGNER, which checks every quote's QE against it (the enclave
+#: imports no verifier): tests/verify/test_qe_identity.py asserts the two are equal.
 INTEL_QE_MRSIGNER = bytes.fromhex("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff")
 SIM_QE_MRENCLAVE = hashlib.sha256(b"veil sim quoting enclave").digest()
 CERT_DATA_PCK_CHAIN = 5
