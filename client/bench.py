@@ -50,12 +50,12 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from client.counters import MemoryCounters
-from client.identity import SigningIdentity
-from client.sdk import MAX_MESSAGE_BYTES, VeilClient
-from client.sealing import SealedRequest, open_outcome, seal_command
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
+from veil.sdk.counters import MemoryCounters
+from veil.sdk.identity import SigningIdentity
+from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 
 INITIAL_BALANCE = 10**12
 _CALL_TIMEOUT_S = 30.0

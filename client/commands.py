@@ -20,10 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from client import output
-from client.apps import VoteReceipt
-from client.errors import CommandRefused, VeilClientError
-from client.identity import (
+from veil.cli import output
+from veil.enclave.v1 import envelope_pb2
+from veil.sdk.apps import VoteReceipt
+from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
+from veil.sdk.errors import CommandRefused, VeilClientError
+from veil.sdk.identity import (
     AnonymousIdentity,
     Identity,
     OAuth2Identity,
@@ -32,16 +34,14 @@ from client.identity import (
     new_identity,
     resolve_account,
 )
-from client.policy import (
+from veil.sdk.sealing import Opened, verify_receipt
+from veil.sdk.trust_policy import (
     ANY_TCB_STATUS,
     DEFAULT_TCB_STATUSES,
     POLICY_FILE,
     ExpectedMeasurement,
     load_policy,
 )
-from client.sdk import DEFAULT_GATEWAY, VeilClient, connect
-from client.sealing import Opened, verify_receipt
-from veil.enclave.v1 import envelope_pb2
 from veil.services.common.config import DEFAULT_DATA_DIR
 from veil.verify.bundle import VerifiedAttestation
 from veil.verify.errors import AttestationError

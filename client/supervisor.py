@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from client.policy import write_dev_policy
+from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
 from veil.services.common.config import (
@@ -42,7 +42,6 @@ from veil.services.common.config import (
 from veil.services.common.pki import collateral_dir, ensure_sim_collateral
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
-from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
 _log = logging.getLogger("veil.up")

@@ -19,8 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from veil.services.common.interceptors import Behavior, wrap_handler
-
-ERROR_DOMAIN = "veil.dev"
+from veil.status import ERROR_DOMAIN
 
 _log = logging.getLogger(__name__)
 
@@ -123,19 +122,6 @@ class DeadlineExceeded(VeilError):
 
 
 _INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-
-
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo a Veil server attached to a failed call, if any (client side)."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # RpcError raised by a call is also a Call
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:

@@ -26,8 +26,8 @@ from veil.services.common.errors import (
     ResourceExhausted,
     Unavailable,
     VeilError,
-    error_info,
 )
+from veil.status import error_info
 
 _log = logging.getLogger(__name__)
 

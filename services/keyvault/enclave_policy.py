@@ -20,22 +20,19 @@ MRENCLAVEs). Unconfigured, it refuses everything it guards (reason
 attestation root is ``dev`` (see :mod:`services.keyvault.config`). It is read once at start-up:
 a changed file needs a restart.
 
-:func:`dev_enclave_policy_json` builds the policy of the local sim mesh, and
-:func:`write_dev_enclave_policy` writes it to ``<data dir>/keyvault-enclave-policy.json`` for
-``veil up``.
+This module holds no build of its own: the operator's file names the trusted builds.
+:func:`enclave_policy_json` writes such a document; the dev tooling
+(:mod:`veil.dev.policies`) uses it for the local sim mesh's policy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from veil.enclave import wire
-from veil.enclave.measurement import measure_source_tree
-from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
 from veil.services.keyvault.config import DEFAULT_ISSUER
 from veil.services.keyvault.errors import ReleasePolicyError
@@ -46,22 +43,13 @@ from veil.services.keyvault.policy import (
     CLAIM_MRSIGNER,
     CLAIM_PRODUCT_ID,
     CLAIM_SVN,
-    DEFAULT_ACCEPTED_TCB_STATUSES,
     POLICY_VERSION,
-    TCB_UNEVALUATED,
     ReleasePolicy,
     parse_policy,
 )
 
 #: Keys named ``instance.<id>`` are instance data keys (the name :mod:`enclave.wire` gives them).
 INSTANCE_KEY_PREFIX = wire.instance_key_name("")
-#: Where ``veil up`` keeps the sim mesh's policy, under its data dir.
-DEV_ENCLAVE_POLICY_FILENAME = "keyvault-enclave-policy.json"
-#: The sim enclave's quotes are verified without collateral, so their TCB status is "Unevaluated".
-DEV_ACCEPTED_TCB_STATUSES: tuple[str, ...] = (*DEFAULT_ACCEPTED_TCB_STATUSES, TCB_UNEVALUATED)
-#: The sim enclave's ISV product id and SVN (``enclave.providers.sim_quote.SimQuoteProvider``).
-DEV_PRODUCT_ID = 1
-DEV_MIN_SVN = 1
 
 #: Refusal reasons (``ErrorInfo.reason``): outside the policy, and no policy configured.
 REASON_ENCLAVE_NOT_ALLOWED = "ENCLAVE_NOT_ALLOWED"
@@ -170,45 +158,6 @@ def enclave_policy_json(
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     parse_policy(text)  # what we hand out always loads
     return text
-
-
-def dev_enclave_policy_json(
-    mrenclave: bytes,
-    mrsigner: bytes,
-    *,
-    issuer: str = DEFAULT_ISSUER,
-    product_id: int = DEV_PRODUCT_ID,
-    min_svn: int = DEV_MIN_SVN,
-    accepted_tcb_statuses: Sequence[str] = DEV_ACCEPTED_TCB_STATUSES,
-) -> str:
-    """The sim mesh's operator policy: this sim build (MRENCLAVE), its signer, never debuggable.
-
-    ``mrenclave`` is ``enclave.measurement.measure_source_tree()`` and ``mrsigner``
-    ``enclave.providers.sim_quote.DEV_MRSIGNER``. The sim TCB status "Unevaluated" is accepted,
-    as the state's sim instance-key policies accept it (:mod:`services.state.keys`).
-    """
-    return enclave_policy_json(
-        issuer=issuer,
-        mrenclaves=(mrenclave,),
-        mrsigner=mrsigner,
-        product_id=product_id,
-        min_svn=min_svn,
-        accepted_tcb_statuses=accepted_tcb_statuses,
-    )
-
-
-def write_dev_enclave_policy(data_dir: Path, *, issuer: str = DEFAULT_ISSUER) -> Path:
-    """Write the sim enclave of this checkout's policy to ``<data_dir>/keyvault-enclave-policy.json``.
-
-    Atomic (temporary file, then rename); returns the path, which is what
-    ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` of the local keyvault must name.
-    """
-    path = data_dir / DEV_ENCLAVE_POLICY_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER, issuer=issuer))
-    os.replace(temporary, path)
-    return path
 
 
 def _hex32(value: bytes, what: str) -> str:

@@ -34,11 +34,11 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from veil.dev.policies import write_dev_enclave_policy
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig, TlsFiles
 from veil.services.common.pki import init_pki
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
-from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
 from veil.services.keyvault.server import create_server as create_keyvault
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig

@@ -18,7 +18,8 @@ from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, secure_channel
 from veil.services.common.config import TlsFiles
-from veil.services.common.errors import FailedPrecondition, Unavailable, error_info
+from veil.services.common.errors import FailedPrecondition, Unavailable
+from veil.status import error_info
 
 Resp = TypeVar("Resp")
 

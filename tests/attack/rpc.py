@@ -21,7 +21,7 @@ from google.protobuf.descriptor import MethodDescriptor
 
 from tests.attack.mesh import EXPECTED_REFUSALS, TIMEOUT, Running
 from tests.attack.mutations import decodes_as, message_class, mutate, mutate_message, random_message
-from veil.services.common.errors import ERROR_DOMAIN, error_info
+from veil.status import ERROR_DOMAIN, error_info
 
 
 def method_of(running: Running, name: str) -> MethodDescriptor:

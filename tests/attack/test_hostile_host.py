@@ -18,10 +18,6 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from client.errors import GatewayError, IdentityError, OutcomeUnknown
-from client.identity import SigningIdentity, new_identity
-from client.pins import InstancePins
-from client.sdk import VeilClient, connect
 from tests.attack.hostile_host import EnclaveBoot, now_ms
 from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
 from tests.client.evil_gateway import EvilGateway, evil_gateway
@@ -32,8 +28,13 @@ from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2
-from veil.services.common.errors import InvalidArgument, Unavailable, abort, error_info
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.errors import GatewayError, IdentityError, OutcomeUnknown
+from veil.sdk.identity import SigningIdentity, new_identity
+from veil.sdk.pins import InstancePins
+from veil.services.common.errors import InvalidArgument, Unavailable, abort
 from veil.services.state.enclave_host import EnclaveCallError
+from veil.status import error_info
 from veil.verify.bundle import verify_bundle
 from veil.verify.errors import AttestationError
 from veil.verify.roots import load_root_pem

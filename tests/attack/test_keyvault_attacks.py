@@ -21,9 +21,9 @@ from tests.enclave.support import Client, config, vault
 from tests.keyvault.support import FakeEnclave
 from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.keyvault.v1 import keyvault_pb2
-from veil.services.common.errors import error_info
 from veil.services.common.pki import init_pki
 from veil.services.state.enclave_host import EnclaveCallError
+from veil.status import error_info
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from tests.enclave.support import error_code
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2
-from veil.services.common.errors import error_info
 from veil.services.common.server import MAX_MESSAGE_BYTES
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 from veil.services.state.loadclient import (
@@ -35,6 +34,7 @@ from veil.services.state.loadclient import (
     vault_put,
 )
 from veil.state.v1 import state_pb2
+from veil.status import error_info
 
 
 @pytest.fixture(scope="module")

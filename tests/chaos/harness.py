@@ -41,13 +41,14 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
-from client.counters import MemoryCounters
-from client.errors import GatewayError
-from client.identity import AnonymousIdentity, Identity, SigningIdentity
-from client.policy import POLICY_FILE, load_policy, write_dev_policy
-from client.sdk import VeilClient, connect
 from client.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
+from veil.dev.policies import write_dev_policy
 from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.counters import MemoryCounters
+from veil.sdk.errors import GatewayError
+from veil.sdk.identity import AnonymousIdentity, Identity, SigningIdentity
+from veil.sdk.trust_policy import POLICY_FILE, load_policy
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     DEFAULT_PORTS,

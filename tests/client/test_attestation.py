@@ -17,9 +17,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.policy import DEFAULT_TCB_STATUSES, ExpectedMeasurement
 from tests.gateway.support import EnclaveState, TokenAuthority, fake_mesh_policy
 from veil.gateway.v1 import gateway_pb2
+from veil.sdk.trust_policy import DEFAULT_TCB_STATUSES, ExpectedMeasurement
 from veil.verify.bundle import verify_bundle
 from veil.verify.errors import AttestationError
 from veil.verify.roots import intel_root_public_key, load_root_pem

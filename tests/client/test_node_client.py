@@ -26,7 +26,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.identity import SigningIdentity, new_identity
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh, token_config, write_fake_mesh_policy
@@ -34,6 +33,7 @@ from tests.verify import fakes
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
+from veil.sdk.identity import SigningIdentity, new_identity
 from veil.services.common.errors import InvalidArgument, abort
 
 NODE_CLIENT = REPO_ROOT / "client" / "node"

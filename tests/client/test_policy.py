@@ -20,22 +20,20 @@ from typing import Any
 import pytest
 
 from client import commands
-from client.errors import PolicyError, VeilClientError
-from client.policy import (
-    ALL_TCB_STATUSES,
-    DEFAULT_TCB_STATUSES,
-    DEV_TCB_STATUSES,
-    POLICY_FILE,
-    ExpectedMeasurement,
-    dev_policy,
-    load_policy,
-    save_policy,
-    write_dev_policy,
-)
 from tests.keyvault.support import RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeEnclave, sim_provider
+from veil.dev.policies import DEV_TCB_STATUSES, dev_policy, write_dev_policy
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
+from veil.sdk.errors import PolicyError, VeilClientError
+from veil.sdk.trust_policy import (
+    ALL_TCB_STATUSES,
+    DEFAULT_TCB_STATUSES,
+    POLICY_FILE,
+    ExpectedMeasurement,
+    load_policy,
+    save_policy,
+)
 from veil.services.common.pki import sim_collateral_path
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek

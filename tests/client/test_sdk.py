@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from client import dev_policy, load_policy, write_dev_policy
-from client.apps import VoteReceipt
-from client.counters import FileCounters, MemoryCounters
-from client.errors import CommandRefused, IdentityError, IntegrityError, PolicyError
-from client.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
-from client.policy import ExpectedMeasurement
-from client.sdk import VeilClient
 from tests.gateway.support import InProcessMesh, token_config
+from veil import load_policy
+from veil.dev.policies import dev_policy, write_dev_policy
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.sdk.apps import VoteReceipt
+from veil.sdk.client import VeilClient
+from veil.sdk.counters import FileCounters, MemoryCounters
+from veil.sdk.errors import CommandRefused, IdentityError, IntegrityError, PolicyError
+from veil.sdk.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
+from veil.sdk.trust_policy import ExpectedMeasurement
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 import pytest
 
-from client.identity import new_identity
-from client.sdk import VeilClient, connect
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.identity import new_identity
 from veil.services.common.errors import InvalidArgument, Unavailable, VeilError, abort
 
 

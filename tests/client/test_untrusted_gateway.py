@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from client.errors import IntegrityError
-from client.identity import new_identity
-from client.policy import ExpectedMeasurement
-from client.sdk import VeilClient, connect
 from tests.client.evil_gateway import EvilGateway, Tamper, evil_gateway
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
 from veil.gateway.v1 import gateway_pb2
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.errors import IntegrityError
+from veil.sdk.identity import new_identity
+from veil.sdk.trust_policy import ExpectedMeasurement
 from veil.verify.errors import AttestationError
 
 

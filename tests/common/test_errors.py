@@ -12,10 +12,11 @@ import pytest
 from tests.conftest import tls_for
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import ResourceExhausted, error_info
+from veil.services.common.errors import ResourceExhausted
 from veil.services.common.server import build_server
 from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.status import error_info
 
 
 class _FailingState(StateServicer):

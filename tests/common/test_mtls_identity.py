@@ -11,11 +11,11 @@ import pytest
 
 from tests.conftest import ping_only_state_server, tls_for
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.errors import error_info
 from veil.services.common.pki import init_pki
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.status import error_info
 
 
 @pytest.fixture

@@ -15,11 +15,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from veil.dev.policies import dev_enclave_policy_json
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
 from veil.services.keyvault.config import DEFAULT_ISSUER, ENV_KEYVAULT_ISSUER
-from veil.services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json, load_enclave_policy
+from veil.services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
 
 from .kube import K8S, REPO, Obj, Workload, env, env_value, objects, overlays, workloads
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import AttestationError, CommandRefused, ExpectedMeasurement, VeilClient, connect, load_policy
-from client.identity import SigningIdentity, new_identity
-from client.sealing import open_outcome, seal_command
 from tests.e2e.conftest import Mesh
+from veil import AttestationError, CommandRefused, ExpectedMeasurement, VeilClient, connect, load_policy
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.sdk.identity import SigningIdentity, new_identity
+from veil.sdk.sealing import open_outcome, seal_command
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import TlsFiles
 

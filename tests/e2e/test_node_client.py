@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from client import connect, load_policy
-from client.identity import new_identity
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Mesh
+from veil import connect, load_policy
 from veil.enclave.v1 import envelope_pb2
+from veil.sdk.identity import new_identity
 
 pytestmark = pytest.mark.e2e
 

@@ -39,12 +39,12 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.conftest import REPO_ROOT, tls_for
 from tests.state.conftest import POSTGRES_URL
 from tests.state.support import free_port
+from veil.dev.policies import write_dev_enclave_policy
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2
 from veil.services.common.channels import secure_channel, wait_until_serving
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from veil.services.common.pki import init_pki
-from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
 from veil.services.state.loadclient import (
     Account,
     balance,

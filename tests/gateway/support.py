@@ -24,25 +24,17 @@ from typing import Any
 
 import grpc
 
-from client.policy import (
-    ANY_TCB_STATUS,
-    DEV_MIN_SVN,
-    DEV_PRODUCT_ID,
-    POLICY_FILE,
-    ExpectedMeasurement,
-    save_policy,
-)
-from client.sdk import VeilClient, connect
 from tests.conftest import tls_for
 from tests.enclave.support import KEYVAULT_RELEASE_KEY, Harness
+from veil.dev.policies import DEV_MIN_SVN, DEV_PRODUCT_ID
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.enclave.runner import RunnerOptions, build_enclave
 from veil.enclave.v1 import envelope_pb2
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.trust_policy import ANY_TCB_STATUS, POLICY_FILE, ExpectedMeasurement, save_policy
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import (
-    abort,
-)
+from veil.services.common.errors import abort
 from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.server import create_server as create_gateway

@@ -21,20 +21,20 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from client.errors import GatewayError
-from client.identity import SigningIdentity, new_identity
-from client.sdk import VeilClient
-from client.sealing import SealedRequest, open_outcome, seal_command
 from tests.conftest import tls_for
 from tests.gateway.support import InProcessMesh, TokenAuthority, mesh_fixture, start_mesh, token_config
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.sdk.client import VeilClient
+from veil.sdk.errors import GatewayError
+from veil.sdk.identity import SigningIdentity, new_identity
+from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 from veil.services.common import identity as ids
 from veil.services.common.channels import secure_channel
-from veil.services.common.errors import error_info
 from veil.services.common.server import build_server
 from veil.services.gateway.upstream import translate
+from veil.status import error_info
 
 Stub = gateway_pb2_grpc.GatewayServiceStub
 

@@ -16,10 +16,10 @@ from typing import Any
 import grpc
 import pytest
 
-from client.identity import new_identity
 from tests.conftest import tls_for
 from tests.gateway.support import EnclaveState, InProcessMesh, mesh_fixture, token_config
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.sdk.identity import new_identity
 from veil.services.common.channels import secure_channel
 from veil.state.v1 import state_pb2
 

@@ -25,11 +25,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from veil.dev.policies import dev_enclave_policy_json
 from veil.enclave import wire
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
 from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault.config import DEFAULT_ISSUER
-from veil.services.keyvault.enclave_policy import EnclavePolicy, dev_enclave_policy_json
+from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.keys import ReleasedKey, open_released_key
 from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner

@@ -14,19 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from veil.dev.policies import DEV_ENCLAVE_POLICY_FILENAME, dev_enclave_policy_json, write_dev_enclave_policy
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import ConfigError
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.enclave_policy import (
-    DEV_ENCLAVE_POLICY_FILENAME,
     INSTANCE_KEY_PREFIX,
     EnclavePolicy,
-    dev_enclave_policy_json,
     enclave_policy_json,
     is_instance_key,
     load_enclave_policy,
-    write_dev_enclave_policy,
 )
 from veil.services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
 from veil.services.keyvault.heads import CommitHeads

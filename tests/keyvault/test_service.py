@@ -22,13 +22,13 @@ from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import error_info
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.keys import ReleasedKey
 from veil.services.keyvault.server import create_server
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
+from veil.status import error_info
 from veil.verify.binding import expected_report_data
 from veil.verify.tokens import verify_token
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.conftest import tls_for
+from veil.dev.policies import write_dev_enclave_policy
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2
@@ -22,7 +23,6 @@ from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
 from veil.services.common.server import VeilServer
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
-from veil.services.keyvault.enclave_policy import write_dev_enclave_policy
 from veil.services.keyvault.server import create_server as create_keyvault_server
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig

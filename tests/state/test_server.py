@@ -19,13 +19,13 @@ from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ConfigError, ServiceConfig
-from veil.services.common.errors import error_info
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig
 from veil.services.state.loadclient import Account, mint, token_config, total_supply, vault_config, vault_put
 from veil.services.state.runner import in_process_enclave
 from veil.services.state.server import create_server
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.status import error_info
 from veil.verify.quote import parse_quote
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

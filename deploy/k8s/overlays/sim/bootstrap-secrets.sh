@@ -67,7 +67,7 @@ fi
 
 # The sim MRENCLAVE of this checkout and the dev MRSIGNER, as the sim enclave quotes them. From
 # the repository root, so the enclave/ package measured is the one `docker build .` copies.
-(cd "$repo" && "${PYTHON:-python3}" -c 'import sys; from enclave.measurement import measure_source_tree; from enclave.providers.sim_quote import DEV_MRSIGNER; from services.keyvault.enclave_policy import dev_enclave_policy_json; sys.stdout.write(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER))') \
+(cd "$repo" && "${PYTHON:-python3}" -c 'import sys; from veil.enclave.measurement import measure_source_tree; from veil.enclave.providers.sim_quote import DEV_MRSIGNER; from veil.dev.policies import dev_enclave_policy_json; sys.stdout.write(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER))') \
   >"$work/enclave-policy.json"
 kubectl -n "$namespace" create configmap keyvault-enclave-policy \
   --from-file=enclave-policy.json="$work/enclave-policy.json" --dry-run=client -o yaml |

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.errors import PolicyError
+from veil.sdk.errors import PolicyError
 from veil.verify.bundle import VerifiedDescriptor
 from veil.verify.errors import AttestationError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 
 from veil.enclave.v1 import envelope_pb2, error_pb2
-from veil.services.common.errors import error_info
+from veil.status import error_info
 
 
 class VeilClientError(Exception):

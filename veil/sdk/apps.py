@@ -18,15 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from client.errors import CommandRefused, IntegrityError, ResultLost
-from client.identity import Identity
-from client.sealing import Opened
 from veil.enclave import wire
 from veil.enclave.apps import merkle
 from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.sdk.errors import CommandRefused, IntegrityError, ResultLost
+from veil.sdk.identity import Identity
+from veil.sdk.sealing import Opened
 
 if TYPE_CHECKING:
-    from client.sdk import VeilClient
+    from veil.sdk.client import VeilClient
 
 SALT_BYTES = 32
 

@@ -1,6 +1,6 @@
 """The Python SDK: `connect()` to a gateway, verify the enclave, then seal, send and verify.
 
-    from client import connect, ExpectedMeasurement, load_identity
+    from veil import connect, ExpectedMeasurement, load_identity
     veil = connect("127.0.0.1:50051", policy=load_policy(Path(".veil/expected-measurement.json")),
                    ca=Path(".veil/pki/ca.pem"), data_dir=Path(".veil"))
     alice = load_identity(Path(".veil"), "alice")
@@ -45,22 +45,16 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from client.apps import BallotClient, TokenClient, VaultClient
-from client.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
-from client.errors import (
-    CommandRefused,
-    GatewayError,
-    IntegrityError,
-    OutcomeUnknown,
-    VeilClientError,
-)
-from client.identity import Identity
-from client.pins import PINS_FILE, InstancePins
-from client.policy import ExpectedMeasurement
-from client.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.sdk.apps import BallotClient, TokenClient, VaultClient
+from veil.sdk.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
+from veil.sdk.errors import CommandRefused, GatewayError, IntegrityError, OutcomeUnknown, VeilClientError
+from veil.sdk.identity import Identity
+from veil.sdk.pins import PINS_FILE, InstancePins
+from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
+from veil.sdk.trust_policy import ExpectedMeasurement
 from veil.verify.bundle import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
 from veil.verify.errors import AttestationError
 

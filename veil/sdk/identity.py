@@ -23,8 +23,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from client.errors import IdentityError
 from veil.enclave.v1 import command_pb2, envelope_pb2
+from veil.sdk.errors import IdentityError
 
 IDENTITIES_DIR = "identities"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from client.errors import CommandRefused, IntegrityError
-from client.identity import Identity
 from veil.enclave import commands, crypto, wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
+from veil.sdk.errors import CommandRefused, IntegrityError
+from veil.sdk.identity import Identity
 
 X25519_SUITE = crypto.X25519_SUITE
 MLKEM768X25519_SUITE = crypto.MLKEM768X25519_SUITE

@@ -31,10 +31,10 @@ sign a token of its own, copy every claim the quote binds and set "UpToDate". A 
 ``["*"]`` may leave `jwks` unpinned (then the bundle's JWKS verifies the token, and the quote
 binding is what holds).
 
-Fail closed: there is no trust-on-first-use. In development `write_dev_policy` computes the
-sim enclave's MRENCLAVE from the enclave source the client has (`enclave.measurement`), the
-dev signer's MRSIGNER, pins the dev root, and pins the local keyvault's JWKS and release key
-(`veil up` reads them from the keyvault it started). The sim mesh's keyvault evaluates quotes
+Fail closed: there is no trust-on-first-use. In development `veil up` writes the policy with
+`veil.dev.policies.write_dev_policy`: the sim enclave's MRENCLAVE computed from the enclave
+source (`veil.enclave.measurement`), the dev signer's MRSIGNER, the dev root, and the local
+keyvault's JWKS and release key (read from the keyvault it started). The sim mesh's keyvault evaluates quotes
 against dev collateral, so the dev policy accepts the production default statuses. A
 production policy pins "intel" and the production keyvault's JWKS; when the keyvault rotates
 its token-signing key, the new public key must be pinned before it signs.
@@ -44,30 +44,24 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.errors import PolicyError
-from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.sdk.errors import PolicyError
 from veil.verify.collateral import TCB_STATUSES
 from veil.verify.roots import RootError, dev_root_path, resolve_root
 from veil.verify.tokens import TCB_UNEVALUATED
 
 POLICY_FILE = "expected-measurement.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
-#: The sim mesh's tokens are evaluated against the dev collateral, as production's are.
-DEV_TCB_STATUSES = DEFAULT_TCB_STATUSES
 #: Spells "accept every TCB status" in `accepted_tcb_statuses` (alone in the list).
 ANY_TCB_STATUS = "*"
 #: Every status a token can state; a policy accepting all of them restricts nothing.
 ALL_TCB_STATUSES = tuple(sorted(TCB_STATUSES | {TCB_UNEVALUATED}))
-# The sim runner's defaults (enclave.runner.RunnerOptions): product 1, SVN 1, not debuggable.
-DEV_PRODUCT_ID = 1
-DEV_MIN_SVN = 1
 
 
 def _hex32(value: object, what: str) -> bytes:
@@ -255,35 +249,3 @@ def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:
     temporary.write_text(json.dumps(policy.to_json(), indent=2) + "\n")
     os.replace(temporary, path)
     return path
-
-
-def dev_policy(
-    mrenclaves: Sequence[bytes] | None = None,
-    *,
-    keyvault_release_key: bytes | None = None,
-    jwks: Mapping[str, Any],
-) -> ExpectedMeasurement:
-    """The development policy: the sim enclave built from this checkout, the dev signer and root,
-    and the local keyvault's release key and token JWKS (`veil up` reads both from the keyvault
-    it started)."""
-    from veil.enclave.measurement import measure_source_tree
-    from veil.enclave.providers.sim_quote import DEV_MRSIGNER
-
-    return ExpectedMeasurement(
-        mrenclaves=tuple(mrenclaves) if mrenclaves is not None else (measure_source_tree(),),
-        mrsigner=DEV_MRSIGNER,
-        product_id=DEV_PRODUCT_ID,
-        min_svn=DEV_MIN_SVN,
-        allow_debug=False,
-        accepted_tcb_statuses=DEV_TCB_STATUSES,
-        root="dev",
-        issuer=DEFAULT_ISSUER,
-        jwks=jwks,
-        keyvault_release_key=keyvault_release_key,
-    )
-
-
-def write_dev_policy(data_dir: Path, keyvault_release_key: bytes, jwks: Mapping[str, Any]) -> Path:
-    """Write `<data_dir>/expected-measurement.json` for the local sim mesh (called by `veil up`)."""
-    policy = dev_policy(keyvault_release_key=keyvault_release_key, jwks=jwks)
-    return save_policy(policy, data_dir / POLICY_FILE)

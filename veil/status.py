@@ -1,0 +1,29 @@
+"""The mesh's error contract as a caller reads it: the `google.rpc` details on a failed call.
+
+Every Veil server ends a refused call with a `google.rpc.Status` carrying `ErrorInfo` (a stable
+`reason` in the `ERROR_DOMAIN` domain) and, when retrying later helps, `RetryInfo`
+(`veil.services.common.errors` writes them). The SDK and the services' own clients read them
+here. Imports only grpc and the `google.rpc` messages.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+#: `ErrorInfo.domain` of every Veil error.
+ERROR_DOMAIN = "veil.dev"
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a Veil server attached to a failed call, if any."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # RpcError raised by a call is also a Call
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
