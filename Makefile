@@ -68,7 +68,7 @@ test: setup gen-check lint typecheck
 
 # The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate.
 bench-state: setup
-	$(PY) -m services.state.bench
+	$(PY) -m veil.dev.state_bench
 
 # `veil bench` at 1, 4, 16 and 64 clients on a fresh mesh: table, JSON and plot in bench/results/.
 bench: setup

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.supervisor import free_port_offset
+from veil.dev.supervisor import free_port_offset
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import DEFAULT_PORTS
 

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from veil.dev.pki import PkiExistsError, init_pki
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import DEFAULT_DATA_DIR
-from veil.services.common.pki import PkiExistsError, init_pki
 
 SERVICES = ("keyvault", "state", "gateway")
 
@@ -35,7 +35,7 @@ def _pki_init(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from client.supervisor import up
+    from veil.dev.supervisor import up
 
     data_dir = Path(args.data_dir)
     if not (data_dir / "pki" / "ca.pem").exists():
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(parser: argparse.ArgumentParser) -> None:
-    from client import bench
+    from veil.dev import bench
 
     bench.add_arguments(parser)
     _sdk(parser, bench.bench_command)

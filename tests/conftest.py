@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from veil.dev.pki import init_pki
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.pki import init_pki
 from veil.services.common.server import VeilServer, build_server
 from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
 from veil.services.state.server import SERVICE_NAME as STATE_SERVICE_NAME

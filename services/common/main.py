@@ -1,4 +1,4 @@
-"""The `veil serve SERVICE` entry point shared by the three services."""
+"""The entry point shared by the three services (`python -m veil.services.<name>`)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ from tests.attack.targets import (
     quote_corpus,
     quote_input,
 )
-from veil.services.common.pki import init_pki
+from veil.dev.pki import init_pki
 
 TARGETS = ("quote", "ecall", "command", "rpc")
 SLICE_S = 1.0  # targets take turns in slices this long, so every one runs in a short run

@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from tests.conftest import tls_for
 from tests.keyvault.support import SIM_MRENCLAVE, FakeEnclave, policy_json, sim_provider
+from veil.dev.loadclient import Account, mint, token_config, vault_config, vault_put
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.runner import build_enclave
@@ -47,7 +48,6 @@ from veil.services.keyvault.store_sqlite import SqliteStore
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveHost
-from veil.services.state.loadclient import Account, mint, token_config, vault_config, vault_put
 from veil.services.state.runner import runner_options
 from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
 from veil.services.state.server import SERVICE_NAME as STATE_SERVICE

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.attack.mesh import IDENTITIES, SERVICE_TARGETS, TIMEOUT, Lab, ServiceTarget
 from tests.attack.rpc import call_raw
-from veil.services.common.pki import init_pki
+from veil.dev.pki import init_pki
 from veil.status import error_info
 
 

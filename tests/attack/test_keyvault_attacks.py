@@ -19,9 +19,9 @@ from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
 from tests.attack.mutations import HOSTILE_TOKENS
 from tests.enclave.support import Client, config, vault
 from tests.keyvault.support import FakeEnclave
+from veil.dev.pki import init_pki
 from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.keyvault.v1 import keyvault_pb2
-from veil.services.common.pki import init_pki
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.status import error_info
 

@@ -18,12 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.attack.mesh import SERVICE_TARGETS, STATE, TIMEOUT, Lab, RunningState, ServiceTarget
 from tests.attack.rpc import call_raw
 from tests.enclave.support import error_code
-from veil.enclave.dispatcher import Dispatcher
-from veil.enclave.v1 import apps_pb2, envelope_pb2
-from veil.keyvault.v1 import keyvault_pb2
-from veil.services.common.server import MAX_MESSAGE_BYTES
-from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
-from veil.services.state.loadclient import (
+from veil.dev.loadclient import (
     Account,
     Sealed,
     balance,
@@ -33,6 +28,11 @@ from veil.services.state.loadclient import (
     vault_config,
     vault_put,
 )
+from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
+from veil.services.common.server import MAX_MESSAGE_BYTES
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 from veil.state.v1 import state_pb2
 from veil.status import error_info
 

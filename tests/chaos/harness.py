@@ -41,8 +41,9 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
-from client.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
+from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_policy
+from veil.dev.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.sdk.client import VeilClient, connect
 from veil.sdk.counters import MemoryCounters
@@ -58,7 +59,6 @@ from veil.services.common.config import (
     ENV_STATE_DB,
     ENV_STATE_DB_SCHEMA,
 )
-from veil.services.common.pki import init_pki
 from veil.services.keyvault.config import ENV_KEYVAULT_DB_SCHEMA
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"

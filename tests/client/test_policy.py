@@ -21,6 +21,7 @@ import pytest
 
 from client import commands
 from tests.keyvault.support import RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeEnclave, sim_provider
+from veil.dev.pki import sim_collateral_path
 from veil.dev.policies import DEV_TCB_STATUSES, dev_policy, write_dev_policy
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.enclave.v1 import envelope_pb2
@@ -34,7 +35,6 @@ from veil.sdk.trust_policy import (
     load_policy,
     save_policy,
 )
-from veil.services.common.pki import sim_collateral_path
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.store_sqlite import SqliteStore

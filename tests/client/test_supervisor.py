@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from client.supervisor import Mesh, free_port_offset, keyvault_pins, keyvault_release_key
 from tests.conftest import tls_for
+from veil.dev.pki import collateral_dir
 from veil.dev.policies import write_dev_policy
+from veil.dev.supervisor import Mesh, free_port_offset, keyvault_pins, keyvault_release_key
 from veil.sdk.trust_policy import POLICY_FILE, load_policy
 from veil.services.common.config import DEFAULT_PORTS, ServiceConfig
-from veil.services.common.pki import collateral_dir
 from veil.services.common.server import VeilServer
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
 from veil.services.keyvault.server import create_server

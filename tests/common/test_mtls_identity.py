@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from tests.conftest import ping_only_state_server, tls_for
+from veil.dev.pki import init_pki
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.pki import init_pki
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
 from veil.state.v1 import state_pb2, state_pb2_grpc

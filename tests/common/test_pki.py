@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from veil.enclave.providers.sim_quote import SimQuoteProvider
-from veil.enclave.runner import PCK_FILES
-from veil.services.common.identity import spiffe_id_from_pem
-from veil.services.common.pki import (
+from veil.dev.pki import (
     SGX_EXTENSION_OID,
     SIM_FMSPC,
     SIM_QE_ISV_SVN,
@@ -23,6 +20,9 @@ from veil.services.common.pki import (
     init_pki,
     sim_collateral_path,
 )
+from veil.enclave.providers.sim_quote import SimQuoteProvider
+from veil.enclave.runner import PCK_FILES
+from veil.services.common.identity import spiffe_id_from_pem
 from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name
 from veil.verify import CollateralError, verify_quote
 from veil.verify.collateral import load_collateral, parse_qe_identity, parse_tcb_info

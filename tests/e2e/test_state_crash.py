@@ -39,13 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.conftest import REPO_ROOT, tls_for
 from tests.state.conftest import POSTGRES_URL
 from tests.state.support import free_port
-from veil.dev.policies import write_dev_enclave_policy
-from veil.enclave import wire
-from veil.enclave.v1 import apps_pb2, command_pb2
-from veil.services.common.channels import secure_channel, wait_until_serving
-from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
-from veil.services.common.pki import init_pki
-from veil.services.state.loadclient import (
+from veil.dev.loadclient import (
     Account,
     balance,
     ballot_close,
@@ -57,6 +51,12 @@ from veil.services.state.loadclient import (
     total_supply,
     transfer,
 )
+from veil.dev.pki import init_pki
+from veil.dev.policies import write_dev_enclave_policy
+from veil.enclave import wire
+from veil.enclave.v1 import apps_pb2, command_pb2
+from veil.services.common.channels import secure_channel, wait_until_serving
+from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from veil.services.state.store_postgres import PostgresStore
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
@@ -96,7 +96,7 @@ class Service:
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "client.cli", "serve", self.name],
+                [sys.executable, "-m", f"veil.services.{self.name}"],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,

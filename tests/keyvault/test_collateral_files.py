@@ -17,9 +17,9 @@ import pytest
 
 from tests.conftest import tls_for
 from tests.verify import fakes
+from veil.dev.pki import collateral_dir
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ConfigError, ServiceConfig
-from veil.services.common.pki import collateral_dir
 from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.attest import Attestor
 from veil.services.keyvault.audit import AuditLog

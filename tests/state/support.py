@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.conftest import tls_for
+from veil.dev.loadclient import Account, token_config
 from veil.dev.policies import write_dev_enclave_policy
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
@@ -31,7 +32,6 @@ from veil.services.state.errors import StoreError
 from veil.services.state.heads import Backoff
 from veil.services.state.host import StateHost
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
-from veil.services.state.loadclient import Account, token_config
 from veil.services.state.runner import in_process_enclave
 from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
 from veil.services.state.store_sqlite import SqliteStore

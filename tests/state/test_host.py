@@ -10,20 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.state.support import GatedStore, Node, token_instance
+from veil.dev.loadclient import Account, balance, mint, total_supply, transfer, vault_config, vault_put
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
 from veil.services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from veil.services.state import lifecycle
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
-from veil.services.state.loadclient import (
-    Account,
-    balance,
-    mint,
-    total_supply,
-    transfer,
-    vault_config,
-    vault_put,
-)
 from veil.services.state.store_sqlite import SqliteStore
 from veil.state.v1 import state_pb2
 

@@ -23,12 +23,12 @@ from tests.state.support import (
     token_instance,
     wait_for_keyvault_head,
 )
+from veil.dev.loadclient import Account, balance, mint, total_supply, transfer
 from veil.enclave.v1 import apps_pb2
 from veil.services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from veil.services.state import lifecycle
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
-from veil.services.state.loadclient import Account, balance, mint, total_supply, transfer
 from veil.services.state.store_postgres import PostgresStore
 from veil.services.state.store_sqlite import SqliteStore
 from veil.state.v1 import state_pb2

@@ -15,13 +15,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import tls_for
 from tests.state.support import Node
+from veil.dev.loadclient import Account, mint, token_config, total_supply, vault_config, vault_put
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ConfigError, ServiceConfig
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig
-from veil.services.state.loadclient import Account, mint, token_config, total_supply, vault_config, vault_put
 from veil.services.state.runner import in_process_enclave
 from veil.services.state.server import create_server
 from veil.state.v1 import state_pb2, state_pb2_grpc

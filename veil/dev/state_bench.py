@@ -12,7 +12,7 @@ Clients act as the gateway identity and send signed token transfers.
 4. Recovery, snapshots on (every 1000): the same database with a snapshot at its head and then
    999 more entries (the worst case a host that snapshots every 1000 entries replays).
 
-    python -m services.state.bench [--entries 100000] [--seconds 5] [--clients 1,16,64]
+    python -m veil.dev.state_bench [--entries 100000] [--seconds 5] [--clients 1,16,64]
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from veil.dev.loadclient import Account, mint, token_config, transfer
+from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_enclave_policy
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.pki import init_pki
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.server import create_server as create_keyvault
 from veil.services.state import lifecycle
 from veil.services.state.config import StateConfig
 from veil.services.state.host import StateHost
 from veil.services.state.keyvault_client import KeyvaultClient
-from veil.services.state.loadclient import Account, mint, token_config, transfer
 from veil.services.state.runner import spawn_enclave
 from veil.services.state.server import create_server
 from veil.services.state.store_sqlite import SqliteStore
@@ -317,7 +317,7 @@ def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, proc
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m services.state.bench", description=__doc__.splitlines()[0]
+        prog="python -m veil.dev.state_bench", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--entries", type=int, default=100_000, help="log size for the recovery runs")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each batching level")

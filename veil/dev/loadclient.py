@@ -1,13 +1,15 @@
-"""A small command-sealing client for the state benchmark and tests (a stand-in for the SDK).
+"""Accounts that seal commands straight to a state service: the state benchmark's and tests' client.
 
-It HPKE-seals a Command to the enclave's attested key, signs it (AUTH_SCHEME_SIGNATURE) or
-names an anonymous account (AUTH_SCHEME_NONE), and opens the sealed response, checking the
-enclave's receipt signature. It speaks to the state service directly, as the gateway would.
+It speaks to the state service directly, as the gateway would, with the SDK's own sealer
+(`veil.sdk.sealing`): an Ed25519 identity signs (AUTH_SCHEME_SIGNATURE) or an anonymous
+account is named (AUTH_SCHEME_NONE), the command is HPKE-sealed to the enclave's attested key,
+and the sealed answer is opened and its receipt checked against the enclave it was sealed to.
+What it adds is the state host's view: one account per identity with its own counter, and no
+gateway, attestation or retries in between. Counter 0 is a read-only query.
 """
 
 from __future__ import annotations
 
-import secrets
 import threading
 import uuid
 from collections.abc import Sequence
@@ -15,18 +17,29 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from veil.enclave import commands, crypto, wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
+from veil.sdk.identity import AnonymousIdentity, Identity, SigningIdentity
+from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sealed:
     """A sealed command and what its sender needs to read the answer."""
 
-    command: envelope_pb2.SealedCommand
-    response_key: bytes
-    request_id: str
+    request: SealedRequest
     signing_public_key: bytes  # of the enclave it was sealed to: its receipt must verify under it
+
+    @property
+    def command(self) -> envelope_pb2.SealedCommand:
+        return self.request.command
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def response_key(self) -> bytes:
+        return self.request.response_key
 
 
 @dataclass
@@ -41,11 +54,16 @@ class Account:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
+    def identity(self) -> Identity:
+        """Who the commands say they are: the signer, or the anonymous account name."""
+        if self.signer is not None:
+            return SigningIdentity(self.signer, self.name)
+        return AnonymousIdentity(self.name)
+
+    @property
     def account(self) -> str:
         """The account the enclave sees: the public key's hex, or the anonymous name."""
-        if self.signer is not None:
-            return self.signer.public_key().public_bytes_raw().hex()
-        return self.name
+        return self.identity.account
 
     def next_counter(self) -> int:
         with self._lock:
@@ -56,50 +74,26 @@ class Account:
         self, call: apps_pb2.AppCall, *, counter: int | None = None, request_id: str | None = None
     ) -> Sealed:
         """Seal `call` (by default with the next counter and a fresh request id)."""
-        request_id = request_id or uuid.uuid4().hex
-        response_key = secrets.token_bytes(32)
-        call_bytes = call.SerializeToString()
-        command = command_pb2.Command(
+        scheme = (
+            envelope_pb2.AUTH_SCHEME_SIGNATURE if self.signer is not None else envelope_pb2.AUTH_SCHEME_NONE
+        )
+        request = seal_command(
+            self.keys,
             instance_id=self.instance_id,
+            scheme=scheme,
+            identity=self.identity,
+            call=call,
             counter=self.next_counter() if counter is None else counter,
-            request_id=request_id,
-            response_key=response_key,
-            call=call_bytes,
+            request_id=request_id or uuid.uuid4().hex,
         )
-        if self.signer is not None:
-            message = wire.command_signing_bytes(
-                instance_id=self.instance_id,
-                counter=command.counter,
-                request_id=request_id,
-                response_key=response_key,
-                call=call_bytes,
-            )
-            command.auth.signature.public_key = self.signer.public_key().public_bytes_raw()
-            command.auth.signature.signature = self.signer.sign(message)
-        else:
-            command.auth.anonymous.account = self.name
-        enc, ciphertext = crypto.hpke_seal(
-            crypto.X25519_SUITE,
-            self.keys.hpke_x25519_public_key,
-            command.SerializeToString(),
-            info=wire.COMMAND_INFO,
-            aad=wire.command_aad(self.instance_id),
-        )
-        sealed = envelope_pb2.SealedCommand(
-            suite=crypto.X25519_SUITE, encapsulated_key=enc, ciphertext=ciphertext
-        )
-        return Sealed(sealed, response_key, request_id, self.keys.signing_public_key)
+        return Sealed(request, self.keys.signing_public_key)
 
     def open(self, sealed: Sealed, outcome: envelope_pb2.CommandOutcome) -> command_pb2.CommandResult:
-        """Open the sealed response; checks the receipt against the enclave the command was sealed to."""
-        response = commands.open_response(
-            sealed.response_key, outcome.sealed_response, self.instance_id, sealed.request_id
+        """Open the sealed response and check its receipt against the enclave it was sealed to."""
+        opened = open_outcome(
+            sealed.request, outcome, sealed.signing_public_key, query=sealed.request.counter == 0
         )
-        if response.HasField("receipt") and not wire.verify_receipt(
-            response.receipt, sealed.signing_public_key
-        ):
-            raise ValueError("the receipt is not signed by the attested enclave")
-        return command_pb2.CommandResult.FromString(response.result)
+        return opened.result
 
 
 def token_config(issuer: ed25519.Ed25519PrivateKey) -> envelope_pb2.InstanceConfig:

@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 
+from veil.dev.pki import collateral_dir, ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
@@ -39,7 +40,6 @@ from veil.services.common.config import (
     ENV_STATE_ADDRS,
     TlsFiles,
 )
-from veil.services.common.pki import collateral_dir, ensure_sim_collateral
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
 
@@ -66,7 +66,7 @@ class Supervised:
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(  # noqa: S603  # our own interpreter and module, no shell
-            [sys.executable, "-m", "client.cli", "serve", self.name],
+            [sys.executable, "-m", f"veil.services.{self.name}"],
             env=self.env,
             stdout=log,
             stderr=log,
