@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# One image for keyvault, state and gateway; `veil serve <service>` picks the service, so the
-# Kubernetes manifests only override CMD.
+# One image for keyvault, state and gateway; the entrypoint is `python -m` and CMD names the
+# module (`veil.services.<service>`, or `veil.services.common.wait` in init containers), so the
+# Kubernetes manifests only override CMD. Services start directly, not through the `veil` CLI.
 #
 #   docker build -t veil:0.1.0 .
 #       `runtime` (the default target): sim enclave, and keyvault/gateway anywhere.
@@ -29,13 +30,15 @@ COPY veil/ veil/
 COPY services/ services/
 COPY enclave/ enclave/
 COPY client/ client/
-# Build our wheel, then install it with its exactly pinned dependencies into a self-contained
-# virtualenv; pip compiles the bytecode now, because the root filesystem is read-only later.
+# Build our wheel, then install it with the servers' extra and its exactly pinned dependencies
+# into a self-contained virtualenv; pip compiles the bytecode now, because the root filesystem
+# is read-only later. veil/enclave and veil/services are links to enclave/ and services/: the
+# wheel holds their files.
 RUN python -m venv /opt/veil \
  && /opt/veil/bin/python -m pip install pip==25.3 \
  && /opt/veil/bin/python -m pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/veil/bin/python -m pip install /wheels/veil-*.whl \
- && /opt/veil/bin/veil --help >/dev/null
+ && /opt/veil/bin/python -m pip install "$(ls /wheels/veil-*.whl)[server]" \
+ && /opt/veil/bin/python -c "import veil.services.gateway.server, veil.services.keyvault.server, veil.services.state.server"
 
 # ---------------------------------------------------------------------------------------------
 # base: what every runtime variant shares. No compilers, no build tools, no source tree.
@@ -50,8 +53,8 @@ RUN groupadd --system --gid 10001 veil \
 COPY --from=builder /opt/veil /opt/veil
 # Main (mTLS) ports 5005x and plaintext health/reflection admin ports 5105x.
 EXPOSE 50051 50052 50053 51051 51052 51053
-ENTRYPOINT ["veil"]
-CMD ["serve", "gateway"]
+ENTRYPOINT ["python", "-m"]
+CMD ["veil.services.gateway"]
 
 # ---------------------------------------------------------------------------------------------
 # sgx: adds Gramine and the enclave manifest signed with the project's enclave signing key,

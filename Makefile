@@ -55,7 +55,7 @@ lint: $(STAMP_PY) proto-lint proto-breaking
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP_PY)
-	$(BIN)/mypy veil client scripts tests bench
+	$(BIN)/mypy veil scripts tests bench
 
 unit: $(STAMP_PY)
 	$(BIN)/pytest -m "not e2e"

@@ -56,11 +56,17 @@ class LocalMesh:
         found: dict[str, list[int]] = {}
         for pid in _children(self.process.pid):
             argv = _argv(pid)
-            if len(argv) >= 2 and argv[-2] == "serve":
-                found[argv[-1]] = [pid]
-                if argv[-1] == "state":
+            module = argv[-1] if len(argv) >= 3 and argv[-2] == "-m" else ""
+            if module.startswith(SERVICE_MODULE):
+                service = module.removeprefix(SERVICE_MODULE)
+                found[service] = [pid]
+                if service == "state":
                     found["enclave"] = _children(pid)
         return found
+
+
+#: `veil up` starts each service as `python -m veil.services.<service>`.
+SERVICE_MODULE = "veil.services."
 
 
 def _children(pid: int) -> list[int]:

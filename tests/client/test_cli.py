@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from client.cli import main
 from tests.gateway.support import InProcessMesh, write_fake_mesh_policy
+from veil.cli.main import main
 
 
 class Veil:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from client import commands
 from tests.keyvault.support import RELEASE_PUBLIC_KEY, SIM_MRENCLAVE, FakeEnclave, sim_provider
+from veil.cli import common
 from veil.dev.pki import sim_collateral_path
 from veil.dev.policies import DEV_TCB_STATUSES, dev_policy, write_dev_policy
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
@@ -127,14 +127,14 @@ def test_the_dev_policy_pins_the_keyvaults_jwks(tmp_path: Path) -> None:
 
 def test_the_cli_restricts_the_tcb_status_only_with_a_pinned_jwks(tmp_path: Path) -> None:
     args = argparse.Namespace(mrenclave=["aa" * 32], root="dev", jwks=None, policy=None, data_dir=tmp_path)
-    unpinned = commands._policy(args)
+    unpinned = common.trust_policy(args)
     assert (unpinned.jwks, unpinned.accepts_every_tcb_status, unpinned.root) == (None, True, "dev")
     (tmp_path / "jwks.json").write_text(json.dumps(JWKS))
-    pinned = commands._policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
+    pinned = common.trust_policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
     assert (pinned.jwks, pinned.accepted_tcb_statuses) == (JWKS, DEFAULT_TCB_STATUSES)
     (tmp_path / "jwks.json").write_text("[]")
     with pytest.raises(VeilClientError, match="not a JSON object"):
-        commands._policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
+        common.trust_policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
 
 
 # --- the attack ----------------------------------------------------------------------------

@@ -111,15 +111,15 @@ def test_runtime_stages_run_veil(name: str) -> None:
     stages = parse()
     entrypoint, cmd = effective(stages, name, "ENTRYPOINT"), effective(stages, name, "CMD")
     assert entrypoint is not None
-    assert json.loads(entrypoint) == ["veil"], "exec form, so signals reach veil"
+    assert json.loads(entrypoint) == ["python", "-m"], "exec form, so signals reach the service"
     assert cmd is not None
-    assert json.loads(cmd) == ["serve", "gateway"]
+    assert json.loads(cmd) == ["veil.services.gateway"]
 
 
 def test_builder_installs_the_wheel_into_a_virtualenv() -> None:
     runs = " ".join(rest for kw, rest in parse()["builder"].instructions if kw == "RUN")
     assert "pip wheel --no-deps --wheel-dir /wheels ." in runs
-    assert "pip install /wheels/veil-" in runs
+    assert 'pip install "$(ls /wheels/veil-*.whl)[server]"' in runs, "the servers need the server extra"
     assert "python -m venv /opt/veil" in runs
 
 

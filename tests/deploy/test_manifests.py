@@ -6,6 +6,7 @@ kubernetes-validate (strict) and checked against tests/deploy/topology.yaml.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -16,8 +17,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
-from client.cli import build_parser
 from veil.services.common import config as contract
+from veil.services.common import wait
 from veil.services.common.config import DEFAULT_PORTS
 from veil.services.common.identity import SERVICE_IDENTITIES
 from veil.services.common.server import LIVENESS_SERVICE
@@ -137,13 +138,14 @@ def _resolve(overlay: str, host: str, port: int) -> tuple[str, int]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_init_containers_wait_for_upstream_admin_ports(overlay: str) -> None:
-    parser = build_parser()
+    parser = wait.build_parser()
     for name, upstreams in topology()["waits_for"].items():
         waited = set()
         for init in workload(overlay, name).init_containers:
-            assert "command" not in init, "init containers run the image's ENTRYPOINT (veil)"
-            args = parser.parse_args(init["args"])  # the real CLI accepts exactly these flags
-            assert args.command == "wait", f"{name}/{init['name']}: not a `veil wait`"
+            assert "command" not in init, "init containers run the image's ENTRYPOINT (python -m)"
+            module, *rest = init["args"]
+            assert module == "veil.services.common.wait", f"{name}/{init['name']}: not the wait module"
+            args = parser.parse_args(rest)  # the real module accepts exactly these flags
             host, port = args.address.rsplit(":", 1)
             target, container_port = _resolve(overlay, host, int(port))
             assert container_port == SERVICES[target]["admin_port"], f"{name} waits on a non-admin port"
@@ -155,13 +157,13 @@ def test_init_containers_wait_for_upstream_admin_ports(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_main_containers_serve_the_contract_ports(overlay: str) -> None:
-    parser = build_parser()
     for name, svc in SERVICES.items():
         w = workload(overlay, name)
         assert len(w.containers) == 1
         c = w.container(name)
-        args = parser.parse_args(c["args"])
-        assert (args.command, args.service) == ("serve", name)
+        assert "command" not in c, "services run the image's ENTRYPOINT (python -m)"
+        assert c["args"] == [f"veil.services.{name}"], f"{name}: not started as its own module"
+        assert importlib.util.find_spec(f"veil.services.{name}.__main__") is not None
         expected_ports = {"grpc": svc["port"], "admin": svc["admin_port"]}
         if "public_port" in svc:
             expected_ports["public"] = svc["public_port"]

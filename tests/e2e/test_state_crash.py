@@ -1,9 +1,9 @@
 """kill -9 the state service under concurrent load, again and again: nothing acknowledged is lost.
 
-Real processes: `veil serve keyvault` and `veil serve state` (which spawns the enclave runner),
-on free ports, in a temporary data dir. Client threads act as the gateway identity; each owns
-one token account and transfers to the others, retrying a command with its request id until
-it learns its fate:
+Real processes: `python -m veil.services.keyvault` and `python -m veil.services.state` (which
+spawns the enclave runner), on free ports, in a temporary data dir. Client threads act as the
+gateway identity; each owns one token account and transfers to the others, retrying a command
+with its request id until it learns its fate:
 
 * acknowledged (first answer, or the recorded answer of a retried request id), or
 * refused as unopenable by a *restarted* enclave: the command was sealed to the old enclave's
@@ -75,7 +75,7 @@ _RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 @dataclass
 class Service:
-    """One `veil serve NAME` process and its ports."""
+    """One `python -m veil.services.NAME` process and its ports."""
 
     name: str
     env: dict[str, str]

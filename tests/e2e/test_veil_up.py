@@ -59,15 +59,15 @@ def test_grpcurl_without_client_certificate_is_refused(mesh: Mesh) -> None:
 
 
 def _child_pid(mesh: Mesh, service: str) -> int:
-    """The pid of this fixture's `veil serve SERVICE` (a child of its `veil up`, never another
-    mesh's: a machine-wide pgrep once SIGKILLed other meshes' services)."""
+    """The pid of this fixture's `python -m veil.services.SERVICE` (a child of its `veil up`, never
+    another mesh's: a machine-wide pgrep once SIGKILLed other meshes' services)."""
     tasks = Path(f"/proc/{mesh.process.pid}/task")
     for pid in (int(p) for task in tasks.iterdir() for p in (task / "children").read_text().split()):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue  # exited meanwhile
-        if argv[-3:-1] == [b"serve", service.encode()]:
+        if argv[-3:-1] == [b"-m", f"veil.services.{service}".encode()]:
             return pid
     raise AssertionError(f"no {service} process")
 

@@ -1,25 +1,38 @@
-"""``veil attest verify``: verify a DCAP quote file and print what it proves.
+"""`veil attest`: verify a quote file offline (`verify`), or the enclave behind a gateway (`show`).
 
     veil attest verify QUOTE [--collateral JSON] [--now ISO8601] [--root intel|dev|PEM]
                              [--data-dir DIR]
 
-Prints one JSON object on stdout and exits 0 for a valid quote; exits 1 with
-``error: <reason>`` on stderr for an invalid one, and 2 for a usage or I/O problem.
-Also runnable as ``python -m veil.cli.attest verify ...``.
+prints one JSON object on stdout and exits 0 for a valid quote; exits 1 with
+``error: <reason>`` on stderr for an invalid one, and 2 for a usage or I/O problem (its own
+parser, so that these exit codes hold). Also runnable as ``python -m veil.cli.attest verify ...``.
+
+    veil attest show [--instance ID] [connection options]
+
+verifies the attestation bundle of the enclave behind the gateway (through the SDK) and
+explains every check.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from veil.cli import output
+from veil.cli.common import bind_sdk, open_client, report
+from veil.verify.bundle import VerifiedAttestation
 from veil.verify.collateral import Collateral
 from veil.verify.errors import QuoteError
 from veil.verify.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
 from veil.verify.verifier import verify_quote
+
+if TYPE_CHECKING:
+    from veil.cli.common import Subcommands
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -95,6 +108,64 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m veil.cli.attest verify QUOTE [options]", file=sys.stderr)
         return EXIT_USAGE
     return verify_main(args[1:])
+
+
+# --- show ---------------------------------------------------------------------------------
+
+
+def _when(seconds: int) -> str:
+    moment = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    left = seconds - dt.datetime.now(dt.UTC).timestamp()
+    return f"{moment.isoformat(timespec='seconds')} (in {int(left // 60)} min {int(left % 60)} s)"
+
+
+def attest_show(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        attestation: VerifiedAttestation = veil.attest(args.instance or "")
+    document = {"gateway": args.gateway, "instance": args.instance, "verified": True, **attestation.to_json()}
+
+    def human() -> None:
+        print(
+            f"enclave behind {args.gateway}"
+            + (f" hosting {args.instance!r}" if args.instance else "")
+            + ": TRUSTED"
+        )
+        output.fields(
+            {
+                "MRENCLAVE": attestation.mrenclave.hex(),
+                "MRSIGNER": attestation.mrsigner.hex(),
+                "product / SVN": f"{attestation.product_id} / {attestation.svn}",
+                "debuggable": "yes" if attestation.debug else "no",
+                "TCB status": attestation.tcb_status
+                + (
+                    f" (advisories: {', '.join(attestation.advisory_ids)})"
+                    if attestation.advisory_ids
+                    else ""
+                ),
+                "token issuer": attestation.issuer,
+                "token expires": _when(attestation.token_expires_at),
+                "HPKE key": attestation.keys.hpke_x25519_public_key.hex(),
+                "receipt key": attestation.keys.signing_public_key.hex(),
+            }
+        )
+        print("checked:")
+        for check in attestation.checks:
+            print(f"  ✓ {check}")
+
+    return report(args, document, human)
+
+
+def register(commands: Subcommands) -> None:
+    attest = commands.add_parser("attest", help="attestation tools")
+    attest_commands = attest.add_subparsers(dest="attest_command", required=True)
+    # `veil attest verify` runs its own parser (veil.cli.main hands it the rest of the line);
+    # this entry only lists it in the help.
+    attest_commands.add_parser("verify", help="verify a DCAP quote v3", add_help=False)
+    show = attest_commands.add_parser("show", help="verify the enclave behind the gateway and explain it")
+    show.add_argument(
+        "--instance", default="", help="the instance whose enclave to show (default shard if empty)"
+    )
+    bind_sdk(show, attest_show)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from veil.cli.common import open_client
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
@@ -614,7 +615,7 @@ def _errors(errors: dict[str, int]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`veil bench` options (the connection options come from client.commands)."""
+    """`veil bench` options (the connection options come from veil.cli.common)."""
     parser.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed window")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before the windows")
@@ -650,8 +651,6 @@ def _cpu_pids(values: Sequence[str]) -> dict[str, list[int]]:
 
 def bench_command(args: argparse.Namespace) -> int:
     """`veil bench`: prints a summary, or with --json one JSON object on stdout."""
-    from client.commands import open_client
-
     if args.clients < 1 or args.seconds <= 0 or args.warmup <= 0:
         raise SystemExit("error: --clients, --seconds and --warmup must be positive")
     client = open_client(args)

@@ -1,0 +1,184 @@
+"""`veil ballot`: secret ballots: create, vote (keeping a receipt), close, tally, verify-receipt."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from veil.cli import output
+from veil.cli.common import (
+    account,
+    acting_identity,
+    bind_sdk,
+    open_client,
+    receipt_json,
+    receipt_line,
+    report,
+)
+from veil.sdk.apps import VoteReceipt
+from veil.sdk.errors import VeilClientError
+from veil.sdk.sealing import verify_receipt
+
+if TYPE_CHECKING:
+    from veil.cli.common import Subcommands
+
+
+def register(commands: Subcommands) -> None:
+    ballot = commands.add_parser("ballot", help="secret ballots").add_subparsers(
+        dest="ballot_command", required=True
+    )
+    open_ballot = ballot.add_parser("create", help="open a ballot (you become its creator)")
+    open_ballot.add_argument("instance")
+    open_ballot.add_argument("ballot")
+    open_ballot.add_argument("--question", required=True)
+    open_ballot.add_argument("--option", action="append", required=True, help="a choice (repeat, 2 to 64)")
+    open_ballot.add_argument(
+        "--voter", action="append", default=[], help="eligible voter (repeat; default: all)"
+    )
+    open_ballot.add_argument(
+        "--min-votes",
+        type=int,
+        default=0,
+        help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
+    )
+    bind_sdk(open_ballot, ballot_create, identity=True)
+    vote = ballot.add_parser("vote", help="cast or replace your vote; keeps a receipt to verify later")
+    vote.add_argument("instance")
+    vote.add_argument("ballot")
+    vote.add_argument("option", help="option index or label")
+    bind_sdk(vote, ballot_vote, identity=True)
+    for verb, handler, text in (
+        ("close", ballot_close, "end voting (creator) and print the tally"),
+        ("tally", ballot_tally, "print a closed ballot's tally"),
+    ):
+        sub = ballot.add_parser(verb, help=text)
+        sub.add_argument("instance")
+        sub.add_argument("ballot")
+        bind_sdk(sub, handler, identity=True)
+    verify = ballot.add_parser("verify-receipt", help="check that your vote is counted in the tally")
+    verify.add_argument("instance")
+    verify.add_argument("ballot")
+    verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
+    bind_sdk(verify, ballot_verify_receipt, identity=True)
+
+
+def _vote_path(args: argparse.Namespace, ballot: str, voter: str) -> Path:
+    return Path(args.data_dir) / "ballots" / str(args.instance) / f"{ballot}.{voter[:16]}.json"
+
+
+def ballot_create(args: argparse.Namespace) -> int:
+    voters = [account(args, v) for v in args.voter]
+    with open_client(args) as veil:
+        ballot = veil.ballot(args.instance, acting_identity(args))
+        ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
+    document = {
+        "ballot_id": args.ballot,
+        "options": args.option,
+        "voters": voters,
+        "receipt": receipt_json(ballot.last),
+    }
+    who = f"{len(voters)} eligible voters" if voters else "open to everyone"
+    return report(
+        args, document, lambda: print(f"ballot {args.ballot!r} is open ({who}); {receipt_line(ballot.last)}")
+    )
+
+
+def ballot_vote(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        ballot = veil.ballot(args.instance, acting_identity(args))
+        if args.option.isdigit():
+            option = int(args.option)
+        else:
+            options = list(ballot.info(args.ballot).options)
+            if args.option not in options:
+                raise VeilClientError(f"no option {args.option!r}; options are {options}")
+            option = options.index(args.option)
+        vote = ballot.vote(args.ballot, option)
+    path = _vote_path(args, args.ballot, vote.voter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the salt reveals the vote
+    with os.fdopen(fd, "w") as file:
+        json.dump(vote.to_json(), file, indent=2)
+    document = {
+        "ballot_id": args.ballot,
+        "commitment": vote.commitment.hex(),
+        "replaced": vote.replaced,
+        "saved": str(path),
+        "receipt": receipt_json(ballot.last),
+    }
+    return report(
+        args,
+        document,
+        lambda: print(
+            f"vote cast{' (replaced your earlier vote)' if vote.replaced else ''}; "
+            f"commitment {vote.commitment.hex()}; {receipt_line(ballot.last)}\n"
+            f"vote receipt saved to {path} (keep it: it proves your vote later)"
+        ),
+    )
+
+
+def _tally_table(options: list[str], counts: tuple[int, ...]) -> None:
+    output.table(["OPTION", "VOTES"], [[o, c] for o, c in zip(options, counts, strict=True)])
+
+
+def _tally(args: argparse.Namespace, close: bool) -> int:
+    with open_client(args) as veil:
+        ballot = veil.ballot(args.instance, acting_identity(args))
+        tally = ballot.close(args.ballot) if close else ballot.tally(args.ballot)
+        info = ballot.info(args.ballot)
+    options = list(info.options)
+    document = {
+        "ballot_id": args.ballot,
+        "question": info.question,
+        "counts": dict(zip(options, tally.counts, strict=True)),
+        "voters": tally.voters,
+        "merkle_root": tally.merkle_root.hex(),
+    }
+
+    def human() -> None:
+        print(info.question)
+        _tally_table(options, tally.counts)
+        print(f"{tally.voters} votes counted; Merkle root {tally.merkle_root.hex()}")
+
+    return report(args, document, human)
+
+
+def ballot_close(args: argparse.Namespace) -> int:
+    return _tally(args, close=True)
+
+
+def ballot_tally(args: argparse.Namespace) -> int:
+    return _tally(args, close=False)
+
+
+def ballot_verify_receipt(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        identity = acting_identity(args)
+        path = Path(args.receipt) if args.receipt else _vote_path(args, args.ballot, identity.account)
+        try:
+            vote = VoteReceipt.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise VeilClientError(f"cannot read vote receipt {path}: {exc}") from None
+        ballot = veil.ballot(args.instance, identity)
+        signature_ok = verify_receipt(vote.receipt, veil.attest(args.instance).keys.signing_public_key)
+        check = ballot.verify_vote(vote)
+    document = {
+        "ballot_id": vote.ballot_id,
+        "counted": True,
+        "leaf_index": check.leaf_index,
+        "tree_size": check.tree_size,
+        "merkle_root": check.tally.merkle_root.hex(),
+        "vote_receipt_signature": "valid" if signature_ok else "signed by an earlier enclave key",
+    }
+
+    def human() -> None:
+        root = check.tally.merkle_root.hex()
+        print(f"your vote is counted: leaf {check.leaf_index} of {check.tree_size} under Merkle root {root}")
+        print("checked: the commitment recomputes from your option and salt; the inclusion proof")
+        print(f"         verifies against the tally's root; the counts sum to {check.tree_size}")
+        print(f"vote receipt signature: {document['vote_receipt_signature']}")
+
+    return report(args, document, human)

@@ -1,0 +1,114 @@
+"""`veil instance`: create, list and pin app instances (creating needs the admin certificate)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from veil.cli import output
+from veil.cli.common import account, acting_identity, bind_sdk, open_client, report
+from veil.enclave.v1 import envelope_pb2
+from veil.sdk.errors import VeilClientError
+
+if TYPE_CHECKING:
+    from veil.cli.common import Subcommands
+
+APPS = {
+    "vault": envelope_pb2.APP_KIND_VAULT,
+    "token": envelope_pb2.APP_KIND_TOKEN,
+    "ballot": envelope_pb2.APP_KIND_BALLOT,
+}
+SCHEMES = {
+    "none": envelope_pb2.AUTH_SCHEME_NONE,
+    "signature": envelope_pb2.AUTH_SCHEME_SIGNATURE,
+    "oauth2": envelope_pb2.AUTH_SCHEME_OAUTH2,
+}
+
+
+def register(commands: Subcommands) -> None:
+    instance = commands.add_parser("instance", help="create and list app instances (admin certificate)")
+    instance_commands = instance.add_subparsers(dest="instance_command", required=True)
+    create = instance_commands.add_parser("create", help="create an app instance")
+    create.add_argument("instance", help="instance id (lowercase letters, digits, dashes)")
+    create.add_argument("--app", required=True, choices=sorted(APPS))
+    create.add_argument("--auth", default="signature", choices=sorted(SCHEMES))
+    create.add_argument("--token-issuer", help="token app: the minting identity or account (default: --as)")
+    create.add_argument("--oauth2-issuer")
+    create.add_argument("--oauth2-audience")
+    create.add_argument("--oauth2-jwks", help="JWKS file of the OAuth2 issuer")
+    bind_sdk(create, instance_create, identity=True)
+    bind_sdk(instance_commands.add_parser("list", help="list instances across shards"), instance_list)
+    pin = instance_commands.add_parser(
+        "pin", help="pin an instance's genesis: later commands refuse any other instance under its id"
+    )
+    pin.add_argument("instance")
+    pin.add_argument("--genesis", help="the genesis hash (hex) you expect, e.g. from its creator")
+    bind_sdk(pin, instance_pin)
+
+
+def _instance_json(instance: Any) -> dict[str, Any]:
+    config = instance.config
+    return {
+        "instance_id": instance.instance_id,
+        "app": envelope_pb2.AppKind.Name(config.app).removeprefix("APP_KIND_").lower(),
+        "auth": envelope_pb2.AuthScheme.Name(config.auth_scheme).removeprefix("AUTH_SCHEME_").lower(),
+        "sequence": instance.sequence,
+        "shard": instance.shard,
+    }
+
+
+def instance_create(args: argparse.Namespace) -> int:
+    config = envelope_pb2.InstanceConfig(app=APPS[args.app], auth_scheme=SCHEMES[args.auth])
+    if args.auth == "oauth2":
+        if not (args.oauth2_issuer and args.oauth2_audience and args.oauth2_jwks):
+            raise VeilClientError("--auth oauth2 needs --oauth2-issuer, --oauth2-audience and --oauth2-jwks")
+        config.oauth2_issuer = args.oauth2_issuer
+        config.oauth2_audience = args.oauth2_audience
+        config.oauth2_jwks_json = Path(args.oauth2_jwks).read_text()
+    if args.app == "token":
+        issuer = account(args, args.token_issuer) if args.token_issuer else acting_identity(args).account
+        try:
+            config.token_issuer_public_key = bytes.fromhex(issuer)
+        except ValueError:
+            raise VeilClientError("--token-issuer must be an identity name or an account (hex key)") from None
+    with open_client(args) as veil:
+        # The SDK checks the enclave-signed descriptor carries exactly this configuration, then pins it.
+        instance, descriptor = veil.create_instance(args.instance, config)
+    document = {**_instance_json(instance), **descriptor.to_json()}
+    return report(
+        args,
+        document,
+        lambda: print(
+            f"created {args.app} instance {instance.instance_id!r} on {instance.shard}; "
+            f"genesis {descriptor.genesis_hash.hex()[:16]}… pinned"
+        ),
+    )
+
+
+def instance_pin(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        descriptor = veil.attest(args.instance, refresh=True).descriptor
+        if descriptor is None:
+            raise VeilClientError(f"the enclave did not describe instance {args.instance!r}")
+        if args.genesis and args.genesis.lower() != descriptor.genesis_hash.hex():
+            raise VeilClientError(
+                f"instance {args.instance!r} has genesis {descriptor.genesis_hash.hex()}, not --genesis"
+            )
+        veil.pins.pin(descriptor)
+    return report(
+        args,
+        descriptor.to_json(),
+        lambda: print(f"pinned instance {args.instance!r}: genesis {descriptor.genesis_hash.hex()}"),
+    )
+
+
+def instance_list(args: argparse.Namespace) -> int:
+    with open_client(args) as veil:
+        instances = [_instance_json(i) for i in veil.list_instances()]
+    rows = [[i["instance_id"], i["app"], i["auth"], i["sequence"], i["shard"]] for i in instances]
+    return report(
+        args,
+        {"instances": instances},
+        lambda: output.table(["INSTANCE", "APP", "AUTH", "SEQUENCE", "SHARD"], rows),
+    )

@@ -1,0 +1,96 @@
+"""The operator nouns of the `veil` command: `pki init`, `up` and `bench`.
+
+Registered by `veil.cli.main`; building their parsers imports nothing of the servers, and
+their handlers import what they run on first use. With only the SDK installed (no
+`veil[server]` extra) a noun whose code needs the servers' packages stops with one line
+saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk
+from veil.dev import bench
+
+if TYPE_CHECKING:
+    from veil.cli.common import Subcommands
+
+SERVER_EXTRA = "pip install 'veil[server]'"
+
+
+def needs_server(noun: str, handler: Handler) -> Handler:
+    """`handler`, failing with one clear line when a package of the server extra is missing."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except ModuleNotFoundError as missing:
+            if (missing.name or "").startswith("veil."):
+                raise
+            print(
+                f"error: `veil {noun}` is operator tooling and needs the servers' packages "
+                f"(no module {missing.name!r}): {SERVER_EXTRA}",
+                file=sys.stderr,
+            )
+            return 1
+
+    return run
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    from veil.dev.pki import PkiExistsError, init_pki
+
+    directory = Path(args.data_dir) / "pki"
+    try:
+        written = init_pki(directory, force=args.force)
+    except PkiExistsError as exc:
+        if args.if_missing:
+            print(f"pki: {directory} already initialised; kept")
+            return 0
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"pki: wrote {len(written)} files to {directory}")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from veil.dev.pki import init_pki
+    from veil.dev.supervisor import up
+
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "pki" / "ca.pem").exists():
+        init_pki(data_dir / "pki")
+    return up(data_dir, args.port_offset)
+
+
+def register(commands: Subcommands) -> None:
+    pki = commands.add_parser("pki", help="manage the dev PKI").add_subparsers(
+        dest="pki_command", required=True
+    )
+    init = pki.add_parser(
+        "init", help="write a CA, service and admin certificates, and the sim SGX PCK chain"
+    )
+    init.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    init.add_argument("--force", action="store_true", help="replace an existing PKI")
+    init.add_argument("--if-missing", action="store_true", help="succeed without change if one exists")
+    bind(init, needs_server("pki init", _pki_init))
+
+    up = commands.add_parser("up", help="start keyvault → state → gateway locally and supervise them")
+    up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    up.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="shift every port by N (default 0: gateway 50051) to run beside another mesh",
+    )
+    bind(up, needs_server("up", _up))
+
+    benchmark = commands.add_parser(
+        "bench", help="confidential transactions/s against the transport baseline, on a running mesh"
+    )
+    bench.add_arguments(benchmark)
+    bind_sdk(benchmark, needs_server("bench", bench.bench_command))
