@@ -8,7 +8,7 @@ PY := $(BIN)/python
 BUF := node_modules/.bin/buf
 STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
-STAMP_NODE := client/node/node_modules/.installed
+STAMP_NODE := clients/node/node_modules/.installed
 
 .PHONY: setup system-packages bench-state fuzz run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
 
@@ -31,8 +31,8 @@ $(STAMP_NPM): package.json package-lock.json
 	touch $@
 
 # The Node.js client (any-language proof), pinned by its lock file.
-$(STAMP_NODE): client/node/package.json client/node/package-lock.json
-	npm ci --prefix client/node --no-audit --no-fund --loglevel=error
+$(STAMP_NODE): clients/node/package.json clients/node/package-lock.json
+	npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 gen: $(STAMP_PY)
@@ -89,4 +89,4 @@ run: setup
 	$(BIN)/veil up
 
 clean:
-	rm -rf $(VENV) node_modules client/node/node_modules .veil .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules clients/node/node_modules .veil .pytest_cache .mypy_cache .ruff_cache

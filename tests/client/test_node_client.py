@@ -4,7 +4,7 @@ The same in-process mesh as the SDK tests, reached over the gateway's public por
 certificate) directly or through a hostile gateway: a proxy that forwards to the real gateway
 and lies the way a host can (forged instance descriptions, flipped `accepted` flags, quotes of
 its own making under the dev PCK key, tokens signed by its own key, lost answers). The byte
-formats are checked against enclave.wire with known answers. client/node/node_modules comes
+formats are checked against enclave.wire with known answers. clients/node/node_modules comes
 from `make setup` (npm ci); the tests fail, not skip, without it.
 """
 
@@ -36,7 +36,7 @@ from veil.gateway.v1 import gateway_pb2
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.services.common.errors import InvalidArgument, abort
 
-NODE_CLIENT = REPO_ROOT / "client" / "node"
+NODE_CLIENT = REPO_ROOT / "clients" / "node"
 OTHER_SIGNER = b"\xaa" * 32
 
 # --- harness ------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def evil(mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
 def _node() -> str:
     node = shutil.which("node")
     assert node, "Node.js is required"
-    assert (NODE_CLIENT / "node_modules" / "jose").is_dir(), "run `make setup` (npm ci --prefix client/node)"
+    assert (NODE_CLIENT / "node_modules" / "jose").is_dir(), "run `make setup` (npm ci --prefix clients/node)"
     return node
 
 

@@ -1,11 +1,11 @@
-"""The any-language proof: the Node.js client (client/node) against a real mesh.
+"""The any-language proof: the Node.js client (clients/node) against a real mesh.
 
 It connects over TLS without a client certificate (the gateway's public port), verifies the
 quote against the dev root (Intel's QE identity, the report data binding the enclave's keys),
 the keyvault token against the JWKS the dev policy pins, the expected measurement and the
 instance's enclave-signed descriptor, seals a token transfer with HPKE and an Ed25519 proof
 under the descriptor's auth scheme, and checks the receipt. Its npm packages are installed by
-`make setup` (`npm ci` in client/node); nothing is downloaded here.
+`make setup` (`npm ci` in clients/node); nothing is downloaded here.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from veil.sdk.identity import new_identity
 
 pytestmark = pytest.mark.e2e
 
-NODE_CLIENT = REPO_ROOT / "client" / "node"
+NODE_CLIENT = REPO_ROOT / "clients" / "node"
 PUBLIC_GATEWAY = "127.0.0.1:50050"
 
 
@@ -34,7 +34,7 @@ def _node() -> str:
     node = shutil.which("node")
     assert node, "Node.js is required (the project's set-up installs Node 20)"
     assert (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
-        "client/node/node_modules is missing: run `make setup` (npm ci --prefix client/node)"
+        "clients/node/node_modules is missing: run `make setup` (npm ci --prefix clients/node)"
     )
     return node
 

@@ -3,7 +3,7 @@
 // It speaks the gateway's gRPC API (@grpc/grpc-js + @grpc/proto-loader, and protobufjs for the
 // enclave's messages, both loading the .proto files of ../../protos at run time) and
 // re-implements, byte for byte, what the Python SDK does (enclave/wire.py is the reference for
-// every byte string; client/attestation.py, client/sdk.py and client/sealing.py for the rules):
+// every byte string; veil/verify/bundle.py, veil/sdk/client.py and veil/sdk/sealing.py for the rules):
 //
 //   1. the policy (expected-measurement.json): a policy that restricts accepted_tcb_statuses
 //      (anything but ["*"], including the default UpToDate + SWHardeningNeeded) must pin `jwks`,
@@ -304,7 +304,7 @@ export function verifyEd25519(publicKey, signature, message) {
   }
 }
 
-// --- policy (client/policy.py) ------------------------------------------------------------------
+// --- policy (veil/sdk/trust_policy.py) ------------------------------------------------------------------
 
 export const ANY_TCB_STATUS = "*";
 export const DEFAULT_TCB_STATUSES = Object.freeze(["UpToDate", "SWHardeningNeeded"]);
@@ -344,7 +344,7 @@ function optionalInt(document, name) {
   return value;
 }
 
-// A checked, normalised expected-measurement policy (see client/policy.py for the file format).
+// A checked, normalised expected-measurement policy (see veil/sdk/trust_policy.py for the file format).
 export class Policy {
   constructor(document) {
     if (document === null || typeof document !== "object" || Array.isArray(document)) throw new PolicyError("the policy must be a JSON object");
@@ -423,7 +423,7 @@ const HEADER = 48;
 const BODY = 384;
 const DEBUG_ATTRIBUTE = 0x02;
 const INTEL_QE_VENDOR_ID = Buffer.from("939a7233f79c4ca9940a0db3957f0607", "hex");
-// Intel's Quoting Enclave (QE3) as Intel's QE identity names it (services/keyvault/attestation/verifier.py).
+// Intel's Quoting Enclave (QE3) as Intel's QE identity names it (veil/verify/verifier.py).
 export const INTEL_QE_MRSIGNER = Buffer.from("8c4f5775d796503e96137f77c68a829a0056ac8ded70140b081b094490c57bff", "hex");
 export const INTEL_QE_ISV_PROD_ID = 1;
 
@@ -557,7 +557,7 @@ export function verifyQuote(quoteBytes, rootPem, now = new Date()) {
   return quote;
 }
 
-// --- attestation token (services/keyvault/tokens.py) -------------------------------------------
+// --- attestation token (veil/verify/tokens.py) -------------------------------------------
 
 const LEEWAY_S = 30;
 const MAX_TOKEN_LIFETIME_S = 24 * 3600;
@@ -1081,7 +1081,7 @@ export class VeilNodeClient {
 
   // Run one command (an AppCall object) as `identity` and return its verified answer (an app
   // refusal is in `result.error`). Runs it at most once whatever the gateway or the host does
-  // (client/sdk.py `execute`): after an ambiguous attempt the call is sealed again only under
+  // (veil/sdk/client.py `execute`): after an ambiguous attempt the call is sealed again only under
   // the same counter, and the enclave's typed counter state says whether a sealing of it ran.
   async execute(instanceId, call, identity) {
     const account = identity.account;
@@ -1127,7 +1127,7 @@ export class VeilNodeClient {
     throw new CommandRefused("ECALL_ERROR_CODE_ABORTED", "could not agree on a counter with the enclave");
   }
 
-  // Judge a "wrong counter" answer (client/sdk.py `_counter_state`): whether this call ran,
+  // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
   counterState(instanceId, account, opened, { counter, attempts, ambiguous }) {
     const state = opened.message.counter;
