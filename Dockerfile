@@ -29,7 +29,6 @@ COPY pyproject.toml README.md ./
 COPY veil/ veil/
 COPY services/ services/
 COPY enclave/ enclave/
-COPY client/ client/
 # Build our wheel, then install it with the servers' extra and its exactly pinned dependencies
 # into a self-contained virtualenv; pip compiles the bytecode now, because the root filesystem
 # is read-only later. veil/enclave and veil/services are links to enclave/ and services/: the

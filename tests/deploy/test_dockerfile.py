@@ -134,7 +134,7 @@ def test_dockerignore_is_an_allow_list_without_keys() -> None:
     lines = [line for line in DOCKERIGNORE.read_text().splitlines() if line and not line.startswith("#")]
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "veil", "services", "enclave", "client"}
+    assert allowed == {"pyproject.toml", "README.md", "veil", "services", "enclave"}
     assert "**/*-key.pem" in lines
     # Everything the Dockerfile copies must be in the allow-list.
     copied = set()
