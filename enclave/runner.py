@@ -1,4 +1,4 @@
-"""The enclave runner process: `python -m enclave.runner --quote-provider P --seal-provider S ...`.
+"""The enclave runner process: `python -m veil.enclave.runner --quote-provider P --seal-provider S ...`.
 
 Reads length-prefixed EcallFrames from stdin and writes one length-prefixed EcallReply per
 frame to stdout; nothing else ever goes to stdout (logs go to stderr). Exits 0 at end of input.
@@ -32,7 +32,7 @@ from veil.enclave.providers.sealing import SimSealingProvider
 from veil.enclave.providers.sim_quote import SimQuoteProvider
 from veil.enclave.runtime import DEFAULT_MEMORY_BUDGET, Enclave
 
-_log = logging.getLogger("enclave.runner")
+_log = logging.getLogger("veil.enclave.runner")
 
 PCK_FILES = ("sgx-pck-leaf.pem", "sgx-pck-ca.pem", "sgx-root.pem")
 PCK_KEY_FILE = "sgx-pck-leaf-key.pem"
@@ -134,7 +134,7 @@ def serve(
 def parse_args(argv: Sequence[str] | None) -> RunnerOptions:
     """Parse the command line (exits 2 on a missing provider choice)."""
     parser = argparse.ArgumentParser(
-        prog="python -m enclave.runner", description="Run the Veil enclave over stdin/stdout."
+        prog="python -m veil.enclave.runner", description="Run the Veil enclave over stdin/stdout."
     )
     parser.add_argument("--quote-provider", choices=PROVIDERS, required=True)
     parser.add_argument("--seal-provider", choices=PROVIDERS, required=True)

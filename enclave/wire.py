@@ -53,7 +53,7 @@ Hashes (SHA-256):
                   || u32(key_version) || previous_hash(32) || bytes16(nonce) || bytes32(ciphertext))
     result hash:  SHA-256(CommandResponse.result)
     ballot vote:  SHA-256("veil/ballot-vote/v1" || str16(ballot_id) || str16(voter) || u32(option)
-                  || bytes16(salt))   (the tally's Merkle leaves; see enclave.apps.merkle)
+                  || bytes16(salt))   (the tally's Merkle leaves; see veil.enclave.apps.merkle)
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Verifiability: every vote returns the voter's commitment
 random secret, inside an enclave-signed receipt. At close the enclave sorts the final
 commitments bytewise, counts the options, and publishes the counts with the RFC 6962 Merkle
 root over the sorted commitments (and their number). After close a voter asks for `proof`
-and checks, with `enclave.apps.merkle.verify_inclusion`, that their own commitment (which they
+and checks, with `veil.enclave.apps.merkle.verify_inclusion`, that their own commitment (which they
 recompute from their option and salt) is a leaf under the tally's root, and that the counts
 sum to the number of leaves. Commitments hide votes (salted hashes), so publishing the root
 reveals nothing. At close each stored vote is reduced to its commitment: option and salt are

@@ -1,6 +1,6 @@
 """Gateway configuration: state shards, the keyvault, client authentication and limits.
 
-Environment (gateway only; the shared names live in services.common.config):
+Environment (gateway only; the shared names live in veil.services.common.config):
 
     VEIL_GATEWAY_PUBLIC_LISTEN     TLS-only listener for clients without a certificate
                                    (default 127.0.0.1:50050; empty disables it)
@@ -41,7 +41,7 @@ DEFAULT_RATE = 200.0
 DEFAULT_BURST = 400.0
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
-# The transport's own cap (services.common.server) is 4 MiB; a larger gateway limit could never apply.
+# The transport's own cap (veil.services.common.server) is 4 MiB; a larger gateway limit could never apply.
 TRANSPORT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 

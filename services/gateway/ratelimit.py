@@ -1,6 +1,6 @@
 """Per-client token buckets, and the RESOURCE_EXHAUSTED error that tells a client when to retry.
 
-Each client (see services.gateway.auth.Principal, or the peer address for anonymous callers)
+Each client (see veil.services.gateway.auth.Principal, or the peer address for anonymous callers)
 has a bucket of `burst` tokens refilled at `rate` per second; a request takes one. An empty
 bucket refuses with RESOURCE_EXHAUSTED carrying `google.rpc.RetryInfo` (when one token will
 be back) next to the usual ErrorInfo. The number of tracked clients is bounded: the least

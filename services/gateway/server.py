@@ -5,7 +5,7 @@ undecodable one INVALID_ARGUMENT), per-method authorization by client certificat
 on this port; admin only for CreateInstance/ListInstances), the instance's authentication
 plugin, the caller's rate limit, shape checks, then routing to the instance's state replica
 with the caller's remaining deadline. Mutations are deduplicated by request_id in front of
-the state service's own durable dedupe (services.gateway.idempotency).
+the state service's own durable dedupe (veil.services.gateway.idempotency).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ config is checked (no start without an operator enclave policy unless the root i
 the attestation root and the operator enclave policy loaded, the store schema created, the KEK
 opened (file created 0600 or HSM key found/created), and a token-signing key and the
 release-signing key ensured (and shown to unwrap under this KEK), before any RPC is served.
-The one :class:`~services.keyvault.enclave_policy.EnclavePolicy` is shared by key release
+The one :class:`~veil.services.keyvault.enclave_policy.EnclavePolicy` is shared by key release
 (``instance.*`` keys) and commit heads.
 """
 

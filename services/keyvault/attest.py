@@ -12,12 +12,12 @@
    (``keyvault_release_public_key``); otherwise it is refused with reason
    ``RELEASE_KEY_MISMATCH``. An enclave pinned to another key accepts data keys from
    whoever holds that key (say, the host), so no token may vouch for it.
-6. Issue the token (claims in :mod:`services.keyvault.tokens`) and audit the outcome.
+6. Issue the token (claims in :mod:`veil.services.keyvault.tokens`) and audit the outcome.
 
 Whether the enclave is *acceptable* (measurement, debug, TCB status) is not decided here:
 the token states facts, and each key's release policy decides at release time -- for
 instance keys together with the operator enclave policy, which also decides who may advance
-commit heads (:mod:`services.keyvault.enclave_policy`).
+commit heads (:mod:`veil.services.keyvault.enclave_policy`).
 """
 
 from __future__ import annotations

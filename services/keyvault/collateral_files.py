@@ -74,7 +74,7 @@ def read_collateral_file(path: Path, fmspc: bytes) -> Collateral:
 
 
 class CollateralFiles:
-    """A :data:`~services.keyvault.attest.CollateralProvider` over ``<dir>/<fmspc>.json``."""
+    """A :data:`~veil.services.keyvault.attest.CollateralProvider` over ``<dir>/<fmspc>.json``."""
 
     def __init__(self, directory: Path) -> None:
         if not directory.is_dir():

@@ -1,6 +1,6 @@
 """Keyvault configuration: a frozen dataclass built from the environment, failing fast.
 
-Shared names come from :mod:`services.common.config`; the keyvault-only ones are defined
+Shared names come from :mod:`veil.services.common.config`; the keyvault-only ones are defined
 here. Defaults suit ``veil up`` on one machine (SQLite and a KEK file under
 ``<data dir>/keyvault/``); the attestation root defaults to Intel's, so a sim enclave is
 refused unless the deployment opts into the dev root explicitly (fail closed).
@@ -17,11 +17,11 @@ refused unless the deployment opts into the dev root explicitly (fail closed).
 ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` the operator enclave policy (release-policy JSON): the state
                                    enclave builds trusted with instance keys and commit heads
 ``VEIL_KEYVAULT_COLLATERAL_DIR``   quote collateral, one ``<fmspc>.json`` per platform
-                                   (:mod:`services.keyvault.collateral_files`); unset: none, and
+                                   (:mod:`veil.services.keyvault.collateral_files`); unset: none, and
                                    tokens say TCB status ``Unevaluated``
 =================================  =============================================================
 
-The operator enclave policy (:mod:`services.keyvault.enclave_policy`) is required unless the
+The operator enclave policy (:mod:`veil.services.keyvault.enclave_policy`) is required unless the
 attestation root is ``dev``: with ``intel`` or a PEM root and no policy the keyvault refuses to
 start. With ``dev`` and no policy it starts, but refuses every instance-key release and every
 commit-head advance (``ENCLAVE_POLICY_NOT_CONFIGURED``), so ``veil up`` must write one.

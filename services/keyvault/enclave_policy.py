@@ -5,7 +5,7 @@ the instance keys ``instance.<id>`` (on CreateInstance). A malicious state host 
 create an instance key with a loose policy, have it released to an enclave it controls (say a
 debug build, which is pinned to the real keyvault and so passes the release-key check), learn
 the key, and later have the same key released to the honest enclave. The operator enclave
-policy closes that: one release-policy document (the grammar of :mod:`services.keyvault.policy`,
+policy closes that: one release-policy document (the grammar of :mod:`veil.services.keyvault.policy`,
 Veil's debug and TCB gates included, so a debuggable enclave is refused unless the document
 explicitly requires ``x-ms-sgx-is-debuggable`` equals ``true``), configured by the operator
 with ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``, that bounds
@@ -17,7 +17,7 @@ with ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``, that bounds
 It describes the state enclave builds (e.g. MRSIGNER + product id + minimum SVN, or a list of
 MRENCLAVEs). Unconfigured, it refuses everything it guards (reason
 ``ENCLAVE_POLICY_NOT_CONFIGURED``); the keyvault refuses to start without one unless the
-attestation root is ``dev`` (see :mod:`services.keyvault.config`). It is read once at start-up:
+attestation root is ``dev`` (see :mod:`veil.services.keyvault.config`). It is read once at start-up:
 a changed file needs a restart.
 
 This module holds no build of its own: the operator's file names the trusted builds.
@@ -48,7 +48,7 @@ from veil.services.keyvault.policy import (
     parse_policy,
 )
 
-#: Keys named ``instance.<id>`` are instance data keys (the name :mod:`enclave.wire` gives them).
+#: Keys named ``instance.<id>`` are instance data keys (the name :mod:`veil.enclave.wire` gives them).
 INSTANCE_KEY_PREFIX = wire.instance_key_name("")
 
 #: Refusal reasons (``ErrorInfo.reason``): outside the policy, and no policy configured.

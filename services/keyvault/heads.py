@@ -23,7 +23,7 @@ Two operations, both against a hostile state host:
   made to that enclave boot (its signing key), which lets it release the answers it held.
 
 Only enclaves the operator trusts may move heads at all: the token must satisfy the operator
-enclave policy (:mod:`services.keyvault.enclave_policy`), else
+enclave policy (:mod:`veil.services.keyvault.enclave_policy`), else
 ``COMMIT_HEAD_ENCLAVE_NOT_ALLOWED``; with no policy configured every advance is refused. The
 write is an atomic compare-and-set in the store, so two replicas cannot both move one head
 from the same base. Every advance outcome is audited. Sequences are limited to 1..2^63-1

@@ -15,7 +15,7 @@ The GCM additional data is ``blob[0 : 2+L] || aad``: the header (self-delimiting
 its length byte) is authenticated, so a blob cannot be re-labelled, and the caller's AAD
 binds the blob to its context (for data keys: key name and version). Every unwrap failure
 -- malformed blob, other key id, flipped bit, wrong AAD -- raises the same opaque
-:class:`~services.keyvault.errors.DecryptionError`.
+:class:`~veil.services.keyvault.errors.DecryptionError`.
 
 * :class:`FileKek` (development): a 32-byte key file, created with mode 0600 when missing
   and refused when group- or world-accessible; AES-256-GCM in process.

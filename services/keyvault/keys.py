@@ -1,7 +1,7 @@
 """Data-key lifecycle with envelope encryption, and secure key release to attested enclaves.
 
 Envelope encryption. Each key version is a random 32-byte data key that is stored only
-wrapped under the KEK (:mod:`services.keyvault.kek`, AES-256-GCM) with the AAD::
+wrapped under the KEK (:mod:`veil.services.keyvault.kek`, AES-256-GCM) with the AAD::
 
     data_key_aad(name, version) = b"veil/data-key/v1" || u16be(len(name)) || name (UTF-8)
                                   || u32be(version)
@@ -16,7 +16,7 @@ KEK retired as well.
 Secure key release (:meth:`KeyManager.release`): verify the attestation token, re-check
 that its report data binds its runtime data and nonce, evaluate the key's release policy
 on the token's claims -- and for an instance key (``instance.<id>``) also the operator
-enclave policy (:mod:`services.keyvault.enclave_policy`), because whoever created the key
+enclave policy (:mod:`veil.services.keyvault.enclave_policy`), because whoever created the key
 (the state identity may) wrote its policy; both must allow, and an unconfigured operator
 policy refuses (``ENCLAVE_POLICY_NOT_CONFIGURED``) -- unwrap the data key, and HPKE-seal
 it (RFC 9180, base mode, DHKEM(X25519, HKDF-SHA256) / HKDF-SHA256 / AES-128-GCM) to the
@@ -29,9 +29,9 @@ and empty AAD; ``encapsulated_key`` is the 32-byte HPKE ``enc`` and ``wrapped_ke
 48-byte ciphertext. The enclave opens it with the same suite and info
 (:func:`open_released_key` is the reference). HPKE base mode does not authenticate the
 sender, so every release is also signed with the keyvault's Ed25519 release key
-(:mod:`services.keyvault.release_key`) over::
+(:mod:`veil.services.keyvault.release_key`) over::
 
-    enclave.wire.wrapped_key_signing_bytes(name, version, enclave X25519 key, enc, ciphertext)
+    veil.enclave.wire.wrapped_key_signing_bytes(name, version, enclave X25519 key, enc, ciphertext)
       = b"veil/wrapped-key/v1" || u16be(len(name)) || name || u32be(version)
         || u16be(32) || recipient key || u16be(32) || enc || u32be(48) || ciphertext
 

@@ -18,7 +18,7 @@ condition, for every operator except ``{"exists": false}``, which holds exactly 
 claim is missing. Comparisons are type-strict (``true`` never equals ``1``); the ordering
 operators compare numbers only; ``exists`` takes ``true`` or ``false``.
 
-Parsing is strict and fails with a :class:`~services.keyvault.errors.ReleasePolicyError` naming
+Parsing is strict and fails with a :class:`~veil.services.keyvault.errors.ReleasePolicyError` naming
 the offending place: unknown keys or operators, a node with two operators or both
 ``allOf`` and ``anyOf``, empty condition lists, duplicate JSON keys, NaN/Infinity, values
 of the wrong type for well-known claims (MRENCLAVE/MRSIGNER must be 32-byte hex and are

@@ -5,7 +5,7 @@ without a signature an enclave cannot tell a key released by the keyvault from o
 host wrapped itself. Enclaves pin this key's public half at Initialize (the state host
 takes it from ``GetJwks.release_public_key``) and echo it in their runtime data, so quotes
 and attestation tokens bind it; Attest refuses enclaves that pin any other key, and
-ReleaseKey signs ``enclave.wire.wrapped_key_signing_bytes`` with it.
+ReleaseKey signs ``veil.enclave.wire.wrapped_key_signing_bytes`` with it.
 
 There is exactly one release key per keyvault deployment, created by the first replica
 that starts on an empty store and never rotated (rotating it would strand every running

@@ -4,8 +4,8 @@ Keyvault replicas are stateless over the database: keys and their versions (mate
 ever KEK-wrapped), token-signing keys and the release-signing key (private halves
 KEK-wrapped), used token ids, commit heads, the audit log and idempotency records all live
 here. Two implementations pass one
-test suite: :mod:`services.keyvault.store_sqlite` (embedded default) and
-:mod:`services.keyvault.store_postgres` (production, shared by replicas).
+test suite: :mod:`veil.services.keyvault.store_sqlite` (embedded default) and
+:mod:`veil.services.keyvault.store_postgres` (production, shared by replicas).
 
 Concurrency contract (what the libraries rely on):
 
@@ -24,7 +24,7 @@ Concurrency contract (what the libraries rely on):
 * Lock order is fixed -- idempotency record, release key, key row, commit head, audit tip
   last -- so transactions never deadlock one another.
 
-All times are integer microseconds since the epoch (see :mod:`services.keyvault.clock`).
+All times are integer microseconds since the epoch (see :mod:`veil.services.keyvault.clock`).
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ CREATE OR REPLACE TRIGGER kv_audit_no_change BEFORE UPDATE OR DELETE ON kv_audit
 
 
 class PostgresStore:
-    """:class:`~services.keyvault.store.Store` in a PostgreSQL schema."""
+    """:class:`~veil.services.keyvault.store.Store` in a PostgreSQL schema."""
 
     backend = "postgres"
 

@@ -1,7 +1,7 @@
 """The SQL shared by the SQLite and PostgreSQL stores: one :class:`SqlTx` over a DB-API connection.
 
 Both engines accept the same statements (``INSERT ... ON CONFLICT DO NOTHING RETURNING``,
-standard types); the dialect (:mod:`services.common.sql`) differs only in the parameter
+standard types); the dialect (:mod:`veil.services.common.sql`) differs only in the parameter
 marker and in row locking. Statements are written with ``?`` markers and translated.
 """
 
@@ -37,7 +37,7 @@ OUTDATED_SCHEMA = (
 
 
 class SqlTx:
-    """:class:`~services.keyvault.store.StoreTx` over one connection inside an open transaction."""
+    """:class:`~veil.services.keyvault.store.StoreTx` over one connection inside an open transaction."""
 
     def __init__(self, conn: Connection, dialect: Dialect) -> None:
         self._conn = conn

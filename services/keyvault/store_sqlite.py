@@ -117,7 +117,7 @@ BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END
 
 
 class SqliteStore:
-    """:class:`~services.keyvault.store.Store` in one SQLite file."""
+    """:class:`~veil.services.keyvault.store.Store` in one SQLite file."""
 
     backend = "sqlite"
 

@@ -2,7 +2,7 @@
 
 Two transports carry the same serialized EcallFrame/EcallReply bytes:
 
-* `EnclaveHost.spawn(options)` spawns `python -m enclave.runner` and talks length-prefixed
+* `EnclaveHost.spawn(options)` spawns `python -m veil.enclave.runner` and talks length-prefixed
   frames over its stdin/stdout (the production shape: the host holds no reference to enclave
   memory; under SGX the runner runs inside Gramine);
 * `EnclaveHost.in_process(options)` / `EnclaveHost.from_dispatcher(d)` call the dispatcher
@@ -130,7 +130,7 @@ class EnclaveHost:
         env: Mapping[str, str] | None = None,
         cwd: Path | None = _REPO_ROOT,
     ) -> EnclaveHost:
-        """Spawn `python -m enclave.runner` with `options` and talk to it over pipes."""
+        """Spawn `python -m veil.enclave.runner` with `options` and talk to it over pipes."""
         return cls.spawn_argv([python, "-m", "veil.enclave.runner", *options.to_argv()], env=env, cwd=cwd)
 
     @classmethod

@@ -10,7 +10,7 @@ pinning this enclave's measurement (and refusing debug enclaves); in sim mode th
 accepts the "Unevaluated" TCB status that quotes verified without collateral carry. The host
 writes that policy, so it is not what protects the key: the keyvault releases `instance.*` keys
 (and accepts commit heads) only to enclaves that also satisfy the operator's enclave policy
-(`services.keyvault.enclave_policy`, VEIL_KEYVAULT_ENCLAVE_POLICY_FILE).
+(`veil.services.keyvault.enclave_policy`, VEIL_KEYVAULT_ENCLAVE_POLICY_FILE).
 """
 
 from __future__ import annotations

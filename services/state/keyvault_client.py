@@ -1,6 +1,6 @@
 """The state host's typed client of the keyvault (over the shared mTLS channel helpers).
 
-Every call has a deadline and retries only UNAVAILABLE (`services.common.channels.call`).
+Every call has a deadline and retries only UNAVAILABLE (`veil.services.common.channels.call`).
 Failures become two domain errors: `KeyvaultUnavailable` (unreachable or too slow: retry
 later) and `KeyvaultRefused` (the keyvault answered no; carries its ErrorInfo reason).
 """

@@ -1,6 +1,6 @@
 """How the state host starts its enclave: the runner process with the configured providers.
 
-The runner is `python -m enclave.runner` behind a pipe (services/state/enclave_host.py); in
+The runner is `python -m veil.enclave.runner` behind a pipe (services/state/enclave_host.py); in
 ``sim`` mode it quotes with the dev PCK chain next to the CA and seals with the simulated
 platform secret file (created on first start); in ``gramine`` mode both come from
 ``/dev/attestation`` inside Gramine-SGX.

@@ -77,7 +77,7 @@ class StoredHead:
 class StateStore(Protocol):
     """Durable, append-only storage for the state host. Methods are safe to call from any thread.
 
-    Raises `services.state.errors.StoreError` when the database fails and `SequenceConflict`
+    Raises `veil.services.state.errors.StoreError` when the database fails and `SequenceConflict`
     when an append does not continue an instance's log exactly.
     """
 

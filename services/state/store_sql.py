@@ -1,7 +1,7 @@
 """The SQL both state stores run: one implementation of `StateStore` over a DB-API connection.
 
 SQLite and PostgreSQL accept the same statements here; they differ in the parameter marker,
-the column types of the schema (the dialect, :mod:`services.common.sql`), and how a
+the column types of the schema (the dialect, :mod:`veil.services.common.sql`), and how a
 transaction is opened (see the two backends). Statements are written with ``?`` markers and
 translated.
 """

@@ -5,7 +5,7 @@ instances and some history. The rule: a decodable `EcallReply` every time; a ref
 known code (never INTERNAL) and leaves the enclave's state digest unchanged; a success changes
 state only for CreateInstance, Restore or ConfirmHead (checked in `targets.check_ecall`).
 
-Over the runner process (`python -m enclave.runner`, 4-byte length-prefixed frames on
+Over the runner process (`python -m veil.enclave.runner`, 4-byte length-prefixed frames on
 stdin/stdout): garbage frames are refused and the runner keeps serving, an oversized frame is
 skipped with RESOURCE_EXHAUSTED, and a truncated stream ends the runner cleanly (exit 1, no
 partial reply, no traceback).
@@ -70,7 +70,7 @@ def test_every_method_refuses_bad_requests_cleanly(
 
 
 class Runner:
-    """`python -m enclave.runner` over pipes, driven frame by frame (stderr captured)."""
+    """`python -m veil.enclave.runner` over pipes, driven frame by frame (stderr captured)."""
 
     def __init__(self, options: RunnerOptions) -> None:
         repo = Path(__file__).resolve().parents[2]

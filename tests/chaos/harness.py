@@ -1,6 +1,6 @@
 """Chaos: kill -9 the services of a real mesh under load, then prove nothing acknowledged was lost.
 
-The mesh is `veil up`'s own (client.supervisor.Mesh: keyvault -> state -> gateway as real
+The mesh is `veil up`'s own (veil.dev.supervisor.Mesh: keyvault -> state -> gateway as real
 processes, sim enclave) on a free port offset, so it runs beside any other mesh. The harness
 does the supervising itself: it SIGKILLs one service at a time (state, keyvault, gateway in
 turn; in the PostgreSQL run also every database session of the state and the keyvault, with

@@ -200,7 +200,7 @@ def test_expired_token_is_refused(bundle: Bundle, root: ec.EllipticCurvePublicKe
 def test_policy_fields_are_enforced(
     bundle: Bundle, root: ec.EllipticCurvePublicKey, change: dict[str, object], reason: str
 ) -> None:
-    # Restricting the TCB status needs the keyvault's JWKS pinned (client/policy.py).
+    # Restricting the TCB status needs the keyvault's JWKS pinned (veil/sdk/trust_policy.py).
     policy = dataclasses.replace(fake_mesh_policy(), jwks=json.loads(bundle.jwks_json), **change)  # type: ignore[arg-type]
     assert reason in _refused(bundle, root, policy)
 

@@ -4,7 +4,7 @@ The same in-process mesh as the SDK tests, reached over the gateway's public por
 certificate) directly or through a hostile gateway: a proxy that forwards to the real gateway
 and lies the way a host can (forged instance descriptions, flipped `accepted` flags, quotes of
 its own making under the dev PCK key, tokens signed by its own key, lost answers). The byte
-formats are checked against enclave.wire with known answers. clients/node/node_modules comes
+formats are checked against veil.enclave.wire with known answers. clients/node/node_modules comes
 from `make setup` (npm ci); the tests fail, not skip, without it.
 """
 
@@ -714,7 +714,7 @@ def test_a_rolled_back_counter_is_refused(
     assert _balance(mesh, funded[1]) == 0
 
 
-# --- byte formats and checks, against enclave.wire ------------------------------------------------------
+# --- byte formats and checks, against veil.enclave.wire -----------------------------------------------------
 
 
 def test_report_data_and_descriptor_bytes_match_enclave_wire() -> None:

@@ -183,7 +183,7 @@ def test_main_containers_have_grpc_probes_on_the_admin_port(overlay: str) -> Non
             assert "grpc" in probe, f"{name}: {kind} is not a gRPC probe"
             assert probe["grpc"]["port"] == svc["admin_port"], f"{name}: {kind} not on the admin port"
             # Readiness (and start-up) follow overall health; liveness asks for the health name
-            # that stays SERVING while the process runs (services.common.server.LIVENESS_SERVICE).
+            # that stays SERVING while the process runs (veil.services.common.server.LIVENESS_SERVICE).
             expected = LIVENESS_SERVICE if kind == "livenessProbe" else ""
             assert probe["grpc"].get("service", "") == expected, f"{name}: {kind} asks for the wrong name"
         startup = c["startupProbe"]

@@ -1,6 +1,6 @@
 """Known-answer tests: HPKE (RFC 9180 A.1.1), AES-256-GCM, and every canonical byte encoding.
 
-The encodings are spelled out here byte by byte, independently of enclave.wire, so a change to
+The encodings are spelled out here byte by byte, independently of veil.enclave.wire, so a change to
 any of them (which would break the SDK or the keyvault) fails a test.
 """
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from veil.cli import output
 from veil.cli.common import account, acting_identity, bind_sdk, open_client, report
 from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
 from veil.sdk.errors import VeilClientError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def register(commands: Subcommands) -> None:
     bind_sdk(pin, instance_pin)
 
 
-def _instance_json(instance: Any) -> dict[str, Any]:
+def _instance_json(instance: gateway_pb2.Instance) -> dict[str, Any]:
     config = instance.config
     return {
         "instance_id": instance.instance_id,

@@ -6,7 +6,7 @@
     alice = load_identity(Path(".veil"), "alice")
     veil.token("coins", alice).transfer(bob_account, 10)
 
-`connect` fetches the default shard's attestation bundle and verifies it (client.attestation)
+`connect` fetches the default shard's attestation bundle and verifies it (veil.verify.bundle)
 before returning: a mismatch raises `AttestationError` and nothing is ever sent. Each instance
 is attested again on first use, because each state replica runs its own enclave with its own
 keys; an attestation is reused until its token expires.

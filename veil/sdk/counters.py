@@ -10,7 +10,7 @@ under the data dir so separate `veil` invocations continue where the last one st
 store is only a cache: when it is stale (another device, a lost file, a concurrent process)
 the enclave refuses with ABORTED and the account's `CounterState` (next counter, and the hash
 of the command that used the last one), sealed to the client; the SDK resumes from there
-(client/sdk.py says when that is safe). Commands of one account are sent one at a time per SDK
+(veil/sdk/client.py says when that is safe). Commands of one account are sent one at a time per SDK
 client, since counters must arrive in order.
 """
 

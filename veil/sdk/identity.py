@@ -7,7 +7,7 @@ raw public key, which is what the enclave calls the account under AUTH_SCHEME_SI
 Proofs by instance scheme:
     NONE       anonymous proof naming the account (AnonymousIdentity only: an Ed25519 identity
                refuses, since on such an instance anyone can act as its account)
-    SIGNATURE  Ed25519 signature over enclave.wire.command_signing_bytes
+    SIGNATURE  Ed25519 signature over veil.enclave.wire.command_signing_bytes
     OAUTH2     the bearer JWT itself (the same one the gateway's oauth2 plugin checks)
 """
 

@@ -1,7 +1,7 @@
 """Seal a command to an attested enclave and open its answer, checking the receipt.
 
-Every byte string here is built by the enclave's own wire helpers (enclave.wire,
-enclave.crypto, enclave.commands), so the client and the enclave cannot drift apart:
+Every byte string here is built by the enclave's own wire helpers (veil.enclave.wire,
+veil.enclave.crypto, veil.enclave.commands), so the client and the enclave cannot drift apart:
 HPKE info/AAD, the signed command bytes, the response AAD and the receipt bytes.
 """
 
