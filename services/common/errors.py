@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, cast
 
 import grpc
@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from veil.services.common.interceptors import Behavior, wrap_handler
+from veil.services.common.interceptors import Behavior, HandlerInterceptor
 from veil.status import ERROR_DOMAIN
 
 _log = logging.getLogger(__name__)
@@ -168,15 +168,8 @@ def _handle(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     _abort(context, _INTERNAL)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+class ErrorInterceptor(HandlerInterceptor):
     """Maps domain errors to statuses with ErrorInfo; hides unexpected errors as INTERNAL."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        return wrap_handler(handler, handler_call_details.method, _guard)
+    def wrap(self, behavior: Behavior, method: str) -> Behavior:
+        return _guard(behavior, method)

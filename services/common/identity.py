@@ -1,16 +1,19 @@
 """Service identity from the peer certificate's SPIFFE URI SAN, and per-method authorization.
 
-mTLS (with client certificates required) proves a caller holds a certificate from
-our CA; this module decides what that caller may do. Every method must appear in
-the service's table: a method missing from it is denied (fail closed).
+mTLS proves a caller holds a certificate from our CA; this module decides what that caller may
+do. Every method must appear in the service's table: a method missing from it is denied (fail
+closed). The one interceptor serves every port: on a strict mTLS port every caller has a
+certificate; on the gateway's TLS-only public port (where gRPC Python cannot even request one)
+only methods marked `PUBLIC` admit a caller without one. A certificate appears in a call's auth
+context only when gRPC verified it, so its SPIFFE ID can be believed.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import grpc
 from cryptography import x509
@@ -18,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from veil.services.common.errors import PermissionDenied, Unauthenticated, VeilError, abort
-from veil.services.common.interceptors import Behavior, wrap_handler
+from veil.services.common.interceptors import Behavior, HandlerInterceptor
 
 SPIFFE_TRUST_DOMAIN = "veil"
 KEYVAULT = "spiffe://veil/keyvault"
@@ -28,7 +31,7 @@ ADMIN = "spiffe://veil/admin"
 SERVICE_IDENTITIES: Mapping[str, str] = {"keyvault": KEYVAULT, "state": STATE, "gateway": GATEWAY}
 
 # Health and reflection are open to every authenticated peer (operators use grpcurl).
-_OPEN_SERVICES = (
+OPEN_SERVICES = (
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
     "grpc.reflection.v1.ServerReflection",
@@ -36,8 +39,15 @@ _OPEN_SERVICES = (
 
 _log = logging.getLogger(__name__)
 
+PUBLIC = frozenset({"*"})
+"""Table value: any caller, with or without a client certificate."""
+
+AUTHENTICATED = frozenset({"**"})
+"""Table value: any caller holding a (gRPC-verified) client certificate."""
+
 AuthorizationTable = Mapping[str, frozenset[str]]
-"""Full method name ("/pkg.Service/Method") → SPIFFE IDs allowed to call it."""
+"""Full method name ("/pkg.Service/Method") → SPIFFE IDs allowed to call it, `PUBLIC` or
+`AUTHENTICATED`."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -54,12 +64,19 @@ def spiffe_id_from_pem(pem: bytes) -> str:
     return uris[0]
 
 
+def certificate_identity(context: grpc.ServicerContext) -> str | None:
+    """The caller's SPIFFE ID, or None for a caller without a certificate (public port)."""
+    # The stub says Mapping[str, bytes]; gRPC really maps each property to a list of values.
+    pems = cast(Mapping[str, list[bytes]], context.auth_context()).get("x509_pem_cert")
+    return spiffe_id_from_pem(pems[0]) if pems else None
+
+
 def peer_identity(context: grpc.ServicerContext) -> str:
     """The caller's SPIFFE ID, taken from the certificate its TLS session proved."""
-    pems = context.auth_context().get("x509_pem_cert")
-    if not pems:
+    caller = certificate_identity(context)
+    if caller is None:
         raise Unauthenticated("no client certificate")
-    return spiffe_id_from_pem(pems[0])
+    return caller
 
 
 def method_names(service_full_name: str, methods: Mapping[str, frozenset[str]]) -> dict[str, frozenset[str]]:
@@ -67,40 +84,41 @@ def method_names(service_full_name: str, methods: Mapping[str, frozenset[str]]) 
     return {f"/{service_full_name}/{name}": ids for name, ids in methods.items()}
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):
-    """Checks the caller's SPIFFE ID against the table before the handler runs."""
+class AuthorizationInterceptor(HandlerInterceptor):
+    """Checks the caller's SPIFFE ID against the table before the handler runs.
+
+    Services named in `OPEN_SERVICES` (health, reflection) count as `AUTHENTICATED`.
+    """
 
     def __init__(self, table: AuthorizationTable):
         self._table = dict(table)
+        self._open_prefixes = tuple(f"/{name}/" for name in OPEN_SERVICES)
 
-    def _allowed(self, method: str) -> frozenset[str] | None:
-        if method.startswith(tuple(f"/{name}/" for name in _OPEN_SERVICES)):
-            return None  # any authenticated identity
+    def _allowed(self, method: str) -> frozenset[str]:
+        if method.startswith(self._open_prefixes):
+            return AUTHENTICATED
         return self._table.get(method, frozenset())
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        allowed = self._allowed(handler_call_details.method)
+    def wrap(self, behavior: Behavior, method: str) -> Behavior:
+        allowed = self._allowed(method)
+        if allowed == PUBLIC:
+            return behavior
 
-        def check(behavior: Behavior, method: str) -> Behavior:
-            def checked(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    caller = peer_identity(context)
-                    if allowed is not None and caller not in allowed:
-                        _log.warning("denied %s to %s", method, caller)
-                        raise PermissionDenied(
-                            f"{caller} may not call {method}", metadata={"caller": caller, "method": method}
-                        )
-                except VeilError as exc:
-                    abort(context, exc)
-                return behavior(request, context)
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                _authorize(certificate_identity(context), allowed, method)
+            except VeilError as exc:
+                abort(context, exc)
+            return behavior(request, context)
 
-            return checked
+        return checked
 
-        return wrap_handler(handler, handler_call_details.method, check)
+
+def _authorize(caller: str | None, allowed: frozenset[str], method: str) -> None:
+    if caller is None:
+        raise Unauthenticated(f"{method} requires a client certificate (use the mTLS port)")
+    if allowed != AUTHENTICATED and caller not in allowed:
+        _log.warning("denied %s to %s", method, caller)
+        raise PermissionDenied(
+            f"{caller} may not call {method}", metadata={"caller": caller, "method": method}
+        )

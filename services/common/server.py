@@ -22,9 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import ErrorInterceptor, InvalidArgument
+from veil.services.common.decoding import DecodeInterceptor
+from veil.services.common.errors import ErrorInterceptor
 from veil.services.common.identity import AuthorizationInterceptor, AuthorizationTable
-from veil.services.common.interceptors import DecodeInterceptor
 from veil.services.common.tls import server_credentials
 from veil.services.common.tracing import server_tracing_interceptor
 
@@ -107,27 +107,22 @@ def build_server(
     authorization: AuthorizationTable,
     tracer_provider: TracerProvider | None = None,
     max_workers: int = 32,
-    authorizer: grpc.ServerInterceptor | None = None,
+    max_request_bytes: int = MAX_MESSAGE_BYTES,
     public_listen: str | None = None,
 ) -> VeilServer:
     """Assemble (not start) the main mTLS server and the plaintext admin server.
 
-    The last two exist for the gateway alone. `public_listen` adds a second, TLS-only
-    listener for clients without a certificate, served by the same server; it requires an
-    `authorizer`, which then replaces the mTLS `AuthorizationInterceptor` and decides what a
-    caller without a certificate may do. Every other service passes neither and stays
-    strictly mTLS.
+    `public_listen` (the gateway's alone) adds a second, TLS-only listener for clients without
+    a certificate, served by the same server: only methods the `authorization` table marks
+    `PUBLIC` admit them. Every other service passes none and stays strictly mTLS.
     """
-    if public_listen and authorizer is None:
-        raise ValueError("a public listener needs an authorizer that handles callers without certificates")
-    authorizer = authorizer or AuthorizationInterceptor(authorization)
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
         interceptors=[
             server_tracing_interceptor(tracer_provider),
             ErrorInterceptor(),
-            authorizer,
-            DecodeInterceptor(lambda message: InvalidArgument(message, reason="MALFORMED_REQUEST")),
+            AuthorizationInterceptor(authorization),
+            DecodeInterceptor(max_request_bytes),
         ],
         options=_OPTIONS,
     )

@@ -1,11 +1,11 @@
 """Gateway server: Veil's public gRPC API in front of the state shards.
 
-Per request, in order: size limit and parsing (an oversize request is RESOURCE_EXHAUSTED, an
-undecodable one INVALID_ARGUMENT), per-method authorization by client certificate (optional
-on this port; admin only for CreateInstance/ListInstances), the instance's authentication
-plugin, the caller's rate limit, shape checks, then routing to the instance's state replica
-with the caller's remaining deadline. Mutations are deduplicated by request_id in front of
-the state service's own durable dedupe (veil.services.gateway.idempotency).
+Per request, in order: per-method authorization by client certificate (optional on the public
+port; admin only for CreateInstance/ListInstances), size limit and parsing (an oversize request
+is RESOURCE_EXHAUSTED, an undecodable one INVALID_ARGUMENT: veil.services.common.decoding),
+the instance's authentication plugin, the caller's rate limit, shape checks, then routing to the
+instance's state replica with the caller's remaining deadline. Mutations are deduplicated by
+request_id in front of the state service's own durable dedupe (veil.services.gateway.idempotency).
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError, Message
-from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.enclave import wire
-from veil.gateway.v1 import gateway_pb2
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common import identity
 from veil.services.common.channels import call, remaining_timeout, secure_channel
@@ -40,18 +36,13 @@ from veil.services.common.errors import (
     Unavailable,
     VeilError,
 )
+from veil.services.common.identity import AUTHENTICATED, PUBLIC, certificate_identity
 from veil.services.common.main import serve
 from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway import validation
 from veil.services.gateway.auth import ANONYMOUS, AuthPolicy, Credentials, Principal, load_policy
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.idempotency import Deduplicator
-from veil.services.gateway.peers import (
-    AUTHENTICATED,
-    PUBLIC,
-    PublicAuthorizationInterceptor,
-    certificate_identity,
-)
 from veil.services.gateway.ratelimit import RateLimiter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
@@ -62,11 +53,6 @@ _log = logging.getLogger(__name__)
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
 SERVICE_NAME = SERVICE.full_name
-_OPEN_SERVICES = (
-    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-    reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name,
-    "grpc.reflection.v1.ServerReflection",
-)
 
 AUTHORIZATION = identity.method_names(
     SERVICE_NAME,
@@ -101,8 +87,8 @@ def _gateway_instance(instance: state_pb2.Instance, shard: str) -> gateway_pb2.I
     )
 
 
-class GatewayServicer:
-    """The public API. Methods take parsed requests (see `generic_handler`)."""
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """The public API."""
 
     def __init__(
         self,
@@ -412,45 +398,6 @@ class GatewayServicer:
         return gateway_pb2.PingResponse(payload=reply.payload)
 
 
-def _parser(message_class: type[Message], max_bytes: int) -> Callable[[bytes], Any]:
-    def parse(raw: bytes) -> Any:
-        if len(raw) > max_bytes:
-            raise ResourceExhausted(
-                f"request of {len(raw)} bytes exceeds the limit of {max_bytes}",
-                reason="MESSAGE_TOO_LARGE",
-                metadata={"limit_bytes": str(max_bytes)},
-            )
-        try:
-            return message_class.FromString(raw)
-        except DecodeError:
-            raise InvalidArgument(
-                "request is not a valid protobuf message", reason="MALFORMED_REQUEST"
-            ) from None
-
-    return parse
-
-
-def generic_handler(servicer: GatewayServicer, max_bytes: int) -> grpc.GenericRpcHandler:
-    """The service's handlers, parsing requests themselves: gRPC's own deserializer would answer
-    an undecodable request with INTERNAL and an oversize one without ErrorInfo."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in SERVICE.methods:
-        parse = _parser(message_factory.GetMessageClass(method.input_type), max_bytes)
-        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        behavior = getattr(servicer, method.name)
-
-        def handle(raw: bytes, context: grpc.ServicerContext, _b: Any = behavior, _p: Any = parse) -> Any:
-            return _b(_p(raw), context)
-
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = factory(handle, request_deserializer=None, response_serializer=serialize)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
-
-
 def create_server(
     config: ServiceConfig,
     *,
@@ -474,13 +421,11 @@ def create_server(
     )
     server = build_server(
         config,
-        register=lambda s: s.add_generic_rpc_handlers(
-            (generic_handler(servicer, gateway.max_message_bytes),)
-        ),
+        register=lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
         service_names=[SERVICE_NAME],
         authorization=AUTHORIZATION,
         tracer_provider=tracer_provider,
-        authorizer=PublicAuthorizationInterceptor(AUTHORIZATION, _OPEN_SERVICES),
+        max_request_bytes=gateway.max_message_bytes,
         public_listen=gateway.public_listen or None,
         # A handler mostly waits for its state replica (an Execute for its batch's commit):
         # with too few threads, waiting handlers cap the requests in flight, and so the
