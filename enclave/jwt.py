@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from veil.enclave import wire
 
 MAX_TOKEN_SIZE = 16 * 1024
 _B64URL = re.compile(r"^[A-Za-z0-9_-]*$")
@@ -38,27 +39,8 @@ def _b64url(segment: str) -> bytes:
         raise JwtError("malformed base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise JwtError(f"duplicate JSON member {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constants(name: str) -> Any:
-    raise JwtError(f"JSON constant {name} not accepted")  # NaN/Infinity would defeat expiry checks
-
-
 def _json_object(data: bytes | str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (ValueError, RecursionError):  # deep nesting must not escape as a bug
-        raise JwtError(f"{what} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise JwtError(f"{what} is not a JSON object")
-    return value
+    return wire.strict_json_object(data, what, JwtError)
 
 
 def _b64_int(value: object, what: str) -> int:

@@ -54,11 +54,16 @@ Hashes (SHA-256):
     result hash:  SHA-256(CommandResponse.result)
     ballot vote:  SHA-256("veil/ballot-vote/v1" || str16(ballot_id) || str16(voter) || u32(option)
                   || bytes16(salt))   (the tally's Merkle leaves; see veil.enclave.apps.merkle)
+JSON that a signature or a pin covers (JWT parts, collateral, release policies) has one reading:
+    strict_json_object refuses duplicate members and NaN/Infinity, and wants an object.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -363,3 +368,33 @@ def vote_commitment(ballot_id: str, voter: str, option: int, salt: bytes) -> byt
     """A vote's commitment: hides the option behind the voter's salt, binds voter and ballot."""
     encoded = _BALLOT_VOTE + _str16(ballot_id) + _str16(voter) + _u(option, 4) + _prefixed(salt, 2)
     return hashlib.sha256(encoded).digest()
+
+
+class _JsonRefused(Exception):
+    pass
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _JsonRefused(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise _JsonRefused(f"{name} is not allowed")  # NaN/Infinity would defeat every comparison
+
+
+def strict_json_object(data: bytes | str, what: str, error: Callable[[str], Exception]) -> dict[str, Any]:
+    """Parse a JSON object with one reading; anything else raises `error("<what>: <why>")`."""
+    try:
+        value = json.loads(data, object_pairs_hook=_unique_members, parse_constant=_no_constant)
+    except _JsonRefused as exc:
+        raise error(f"{what}: {exc}") from None
+    except (ValueError, RecursionError):  # bad UTF-8 too; deep nesting must not escape as a bug
+        raise error(f"{what}: not valid JSON") from None
+    if not isinstance(value, dict):
+        raise error(f"{what}: expected a JSON object")
+    return value

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 
 import jwt
 
+from veil.enclave import wire
 from veil.services.common.config import ConfigError
 from veil.services.common.errors import Unauthenticated
 
@@ -223,9 +223,10 @@ def _plugin(spec: object, where: str, base: Path) -> AuthPlugin:
         if "jwks_file" in spec:
             path = base / str(spec["jwks_file"])
             try:
-                jwks = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
+                text = path.read_bytes()
+            except OSError as exc:
                 raise ConfigError(f"{where}: cannot read JWKS {path}: {exc}") from None
+            jwks = wire.strict_json_object(text, f"{where}: JWKS {path}", ConfigError)
         if not isinstance(jwks, Mapping):
             raise ConfigError(f"{where}: oauth2 needs 'jwks' or 'jwks_file'")
         algorithms = spec.get("algorithms", ["RS256", "ES256"])
@@ -265,10 +266,7 @@ def load_policy(path: Path | None) -> AuthPolicy:
         raise ConfigError(f"cannot read gateway auth configuration {path}: {exc}") from None
     if path.suffix in (".yaml", ".yml"):
         return parse_policy(_yaml(text, path), path.parent)
-    try:
-        document = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"gateway auth configuration {path} is not valid JSON: {exc}") from None
+    document = wire.strict_json_object(text, f"gateway auth configuration {path}", ConfigError)
     return parse_policy(document, path.parent)
 
 

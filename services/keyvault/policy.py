@@ -57,6 +57,7 @@ from enum import StrEnum
 from operator import ge, gt, le, lt
 from typing import Literal
 
+from veil.enclave import wire
 from veil.services.keyvault.errors import ReleasePolicyError
 
 POLICY_VERSION = "1.0.0"
@@ -245,26 +246,7 @@ def parse_policy(text: str | bytes) -> ReleasePolicy:
     raw = text.encode("utf-8") if isinstance(text, str) else text
     if len(raw) > MAX_POLICY_BYTES:
         raise ReleasePolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes")
-    try:
-        doc = json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
-    except ReleasePolicyError:
-        raise
-    except (ValueError, RecursionError) as exc:
-        raise ReleasePolicyError(f"policy is not valid JSON: {exc}") from None
-    return _Parser().policy(doc)
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ReleasePolicyError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> object:
-    raise ReleasePolicyError(f"{name} is not a valid policy value")
+    return _Parser().policy(wire.strict_json_object(raw, "policy", ReleasePolicyError))
 
 
 class _Parser:

@@ -133,7 +133,7 @@ def test_the_cli_restricts_the_tcb_status_only_with_a_pinned_jwks(tmp_path: Path
     pinned = common.trust_policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
     assert (pinned.jwks, pinned.accepted_tcb_statuses) == (JWKS, DEFAULT_TCB_STATUSES)
     (tmp_path / "jwks.json").write_text("[]")
-    with pytest.raises(VeilClientError, match="not a JSON object"):
+    with pytest.raises(VeilClientError, match="expected a JSON object"):
         common.trust_policy(argparse.Namespace(**{**vars(args), "jwks": tmp_path / "jwks.json"}))
 
 

@@ -324,7 +324,7 @@ def condition_doc(condition: Any) -> str:
         (json.dumps(base_doc(**{"x-veil-accepted-tcb-statuses": ["Great"]})), "unknown TCB status"),
         (json.dumps(base_doc(**{"x-veil-accepted-tcb-statuses": []})), "non-empty list"),
         ('{"version": "1.0.0", "version": "1.0.0", "anyOf": []}', "duplicate key 'version'"),
-        (condition_doc({"claim": "a", "equals": 1}).replace("1}]", "NaN}]"), "NaN is not a valid"),
+        (condition_doc({"claim": "a", "equals": 1}).replace("1}]", "NaN}]"), "NaN is not allowed"),
     ],
 )
 def test_parse_errors_are_clear(text: str, message: str) -> None:

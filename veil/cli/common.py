@@ -11,7 +11,6 @@ to stderr as `error: ...` with exit status 1.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from veil.cli import output
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
 from veil.sdk.errors import VeilClientError
@@ -150,12 +150,10 @@ def trust_policy(args: argparse.Namespace) -> ExpectedMeasurement:
 
 def _jwks_file(path: Path) -> dict[str, Any]:
     try:
-        jwks = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        text = path.read_bytes()
+    except OSError as exc:
         raise VeilClientError(f"cannot read JWKS {path}: {exc}") from None
-    if not isinstance(jwks, dict):
-        raise VeilClientError(f"JWKS {path} is not a JSON object")
-    return jwks
+    return wire.strict_json_object(text, f"JWKS {path}", VeilClientError)
 
 
 def open_client(args: argparse.Namespace) -> VeilClient:

@@ -51,6 +51,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from veil.enclave import wire
 from veil.sdk.errors import PolicyError
 from veil.verify.collateral import TCB_STATUSES
 from veil.verify.roots import RootError, dev_root_path, resolve_root
@@ -234,12 +235,10 @@ def _bool(document: Mapping[str, Any], name: str) -> bool:
 def load_policy(path: Path) -> ExpectedMeasurement:
     """Read a policy file."""
     try:
-        document = json.loads(path.read_text())
+        text = path.read_bytes()
     except OSError as exc:
         raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise PolicyError(f"policy {path} is not valid JSON: {exc}") from None
-    return ExpectedMeasurement.from_json(document)
+    return ExpectedMeasurement.from_json(wire.strict_json_object(text, f"policy {path}", PolicyError))
 
 
 def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -183,12 +182,7 @@ def _check_token(
     if policy.jwks is not None:
         jwks = policy.jwks
     else:
-        try:
-            jwks = json.loads(bundle.jwks_json)
-        except ValueError:
-            raise _fail("the bundle's JWKS is not valid JSON") from None
-        if not isinstance(jwks, dict):
-            raise _fail("the bundle's JWKS is not a JSON object")
+        jwks = wire.strict_json_object(bundle.jwks_json, "the bundle's JWKS", _fail)
     issuer = policy.issuer
     if issuer is None:  # not pinned: accept the token's own issuer, still checked for shape
         try:

@@ -20,7 +20,6 @@ belongs to the quote's platform; :func:`check_qe_identity`, :func:`select_tcb_le
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from veil.enclave import wire
 from veil.verify.errors import CertificateChainError, CollateralError, CollateralExpiredError, RevokedError
 from veil.verify.pck import (
     DECODE_ERRORS,
@@ -87,25 +87,7 @@ _COLLATERAL_FIELDS = (
 
 def _load_json(text: bytes, what: str) -> dict[str, Any]:
     """Parse JSON refusing duplicate keys and NaN/Infinity: one document, one meaning."""
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in result:
-                raise CollateralError(f"{what}: duplicate key {key!r}")
-            result[key] = value
-        return result
-
-    def no_constants(name: str) -> Any:
-        raise CollateralError(f"{what}: {name} is not allowed")
-
-    try:
-        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError):
-        raise CollateralError(f"{what}: not valid JSON") from None
-    if not isinstance(value, dict):
-        raise CollateralError(f"{what}: expected a JSON object")
-    return value
+    return wire.strict_json_object(text, what, CollateralError)
 
 
 def _field(obj: dict[str, Any], key: str, kind: type, what: str) -> Any:
