@@ -1,28 +1,30 @@
-# syntax=docker/dockerfile:1.7
 # One image for keyvault, state and gateway; the entrypoint is `python -m` and CMD names the
 # module (`veil.services.<service>`, or `veil.services.common.wait` in init containers), so the
 # Kubernetes manifests only override CMD. Services start directly, not through the `veil` CLI.
 #
-#   docker build -t veil:0.1.0 .
+#   make image                      (scripts/image.sh: engine, base image, then this build)
+#   DOCKER_BUILDKIT=1 docker build --network host --build-arg BASE_IMAGE=<base> -t veil:0.1.0 .
 #       `runtime` (the default target): sim enclave, and keyvault/gateway anywhere.
-#   docker build --target sgx --secret id=enclave-signing-key,src=enclave-key.pem -t veil:0.1.0-sgx .
+#   ... --target sgx --secret id=enclave-signing-key,src=enclave-key.pem -t veil:0.1.0-sgx .
 #       `runtime` + Gramine and the signed enclave manifest, for the AKS overlay.
 #
-# Not built on the machine this was written on (no Docker engine); tests/deploy checks the
-# stages statically.
+# Built and run in `make test` (tests/image/). Written for the BuildKit that Debian's docker.io
+# ships: no `# syntax=` line (that builder cannot fetch frontends) and no `ADD --chmod`.
 
-# Both stages must share one base: the virtualenv copied from `builder` links to its Python.
-# Bookworm because Gramine publishes packages for it. Pin by digest in CI (`@sha256:...`).
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# Both stages share one base: the virtualenv copied from `builder` links to its Python. The
+# base is Debian bookworm with Debian's python3 (3.11) and python3-venv: bookworm because
+# Gramine publishes packages for it, Debian's Python because the sgx stage's Gramine measures
+# the interpreter and standard library it finds there. `scripts/image.sh base` builds this
+# default with debootstrap (no registry needed) and labels it; any bookworm image with python3
+# and python3-venv will do (pin it by digest in CI).
+ARG BASE_IMAGE=veil-base:bookworm-minbase-python3-v1
 
 # ---------------------------------------------------------------------------------------------
-# builder: compilers live here only, for any dependency without a wheel for this platform.
-FROM ${PYTHON_IMAGE} AS builder
+# builder: build tools live here only. Every dependency ships a wheel for this platform
+# (--only-binary), so no compiler is installed at all.
+FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN apt-get update \
- && apt-get install -y --no-install-recommends build-essential \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the wheel is built from (.dockerignore keeps keys, venvs and caches out anyway).
 COPY pyproject.toml README.md ./
@@ -32,23 +34,31 @@ COPY enclave/ enclave/
 # Build our wheel, then install it with the servers' extra and its exactly pinned dependencies
 # into a self-contained virtualenv; pip compiles the bytecode now, because the root filesystem
 # is read-only later. veil/enclave and veil/services are links to enclave/ and services/: the
-# wheel holds their files.
-RUN python -m venv /opt/veil \
+# wheel holds their files. pip trusts what the building machine's pip trusts: its CA bundle and
+# index settings arrive as BuildKit secrets (scripts/image.sh), mounted for this step only.
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+ && python3 -m venv /opt/veil \
  && /opt/veil/bin/python -m pip install pip==25.3 \
  && /opt/veil/bin/python -m pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/veil/bin/python -m pip install "$(ls /wheels/veil-*.whl)[server]" \
+ && /opt/veil/bin/python -m pip install --only-binary=:all: "$(ls /wheels/veil-*.whl)[server]" \
  && /opt/veil/bin/python -c "import veil.services.gateway.server, veil.services.keyvault.server, veil.services.state.server"
 
 # ---------------------------------------------------------------------------------------------
 # base: what every runtime variant shares. No compilers, no build tools, no source tree.
-FROM ${PYTHON_IMAGE} AS base
+FROM ${BASE_IMAGE} AS base
 ENV PATH=/opt/veil/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# A fixed numeric UID/GID, so Kubernetes' runAsNonRoot can verify it and fsGroup matches.
+# A fixed numeric UID/GID, so Kubernetes' runAsNonRoot can verify it and fsGroup matches. It
+# owns the data dir and seal cache the manifests mount, so a named volume there (docker run -v
+# name:/var/lib/veil) starts out writable for it under a read-only root filesystem.
 RUN groupadd --system --gid 10001 veil \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin veil
+      --shell /usr/sbin/nologin veil \
+ && mkdir -p /var/lib/veil /var/lib/veil-seal \
+ && chown 10001:10001 /var/lib/veil /var/lib/veil-seal
 COPY --from=builder /opt/veil /opt/veil
 # Main (mTLS) ports 5005x and plaintext health/reflection admin ports 5105x.
 EXPOSE 50051 50052 50053 51051 51052 51053
@@ -59,27 +69,38 @@ CMD ["veil.services.gateway"]
 # sgx: adds Gramine and the enclave manifest signed with the project's enclave signing key,
 # passed as a BuildKit secret so it never lands in a layer. Signing happens here, in the image
 # that runs, because MRENCLAVE covers the hashes of the trusted files in this filesystem.
-# The template and its variables belong to enclave/gramine/ (issue 3); the state service in
-# `gramine` mode runs the signed manifest from /opt/veil/gramine.
+# The template and its variables belong to enclave/gramine/ (its README); the signed manifest,
+# its signature and the measurement (mrenclave.json) are in /opt/veil/gramine.
 FROM base AS sgx
 ARG GRAMINE_TEMPLATE=enclave/gramine/veil-enclave.manifest.template
 USER root
-# Gramine's apt repository, authenticated by its published keyring. gramine-manifest and
-# gramine-sgx-sign come with the package; no compiler is installed.
-ADD --chmod=644 https://packages.gramineproject.io/gramine-keyring.gpg /usr/share/keyrings/gramine-keyring.gpg
-RUN echo "deb [arch=amd64 signed-by=/usr/share/keyrings/gramine-keyring.gpg] https://packages.gramineproject.io/ bookworm main" \
+# Gramine's apt repository, authenticated by its published keyring (ADD leaves it 0600: apt
+# reads it as another user). gramine-manifest and gramine-sgx-sign come with the package; no
+# compiler is installed.
+ADD https://packages.gramineproject.io/gramine-keyring.gpg /usr/share/keyrings/gramine-keyring.gpg
+RUN chmod 644 /usr/share/keyrings/gramine-keyring.gpg \
+ && echo "deb [arch=amd64 signed-by=/usr/share/keyrings/gramine-keyring.gpg] https://packages.gramineproject.io/ bookworm main" \
       > /etc/apt/sources.list.d/gramine.list \
  && apt-get update \
  && apt-get install -y --no-install-recommends gramine \
  && rm -rf /var/lib/apt/lists/*
-COPY ${GRAMINE_TEMPLATE} /opt/veil/gramine/veil-runner.manifest.template
+COPY ${GRAMINE_TEMPLATE} /opt/veil/gramine/veil-enclave.manifest.template
+# The template's `veil_root` holds veil/__init__.py and enclave/ side by side (the checkout's
+# layout): copies of the installed package's files, so what is measured is what is installed.
+# The interpreter and standard library are Debian's, which gramine-manifest's `python.*` name.
 RUN --mount=type=secret,id=enclave-signing-key,required=true \
     cd /opt/veil/gramine \
- && gramine-manifest -Dvenv=/opt/veil -Darch_libdir=/lib/x86_64-linux-gnu \
-      veil-runner.manifest.template veil-runner.manifest \
+ && site=/opt/veil/lib/python3.11/site-packages \
+ && mkdir -p root/veil \
+ && cp "$site/veil/__init__.py" root/veil/ \
+ && cp -r "$site/veil/enclave" root/enclave \
+ && gramine-manifest -Dentrypoint=/usr/bin/python3.11 -Darch_libdir=/lib/x86_64-linux-gnu \
+      -Dveil_root=/opt/veil/gramine/root -Dsite_packages=/opt/veil/lib/python3.11/site-packages \
+      -Dmemory_mb=96 -Disv_prod_id=1 -Disv_svn=1 -Denclave_size=2G -Dlog_level=error \
+      veil-enclave.manifest.template veil-enclave.manifest \
  && gramine-sgx-sign --key /run/secrets/enclave-signing-key \
-      --manifest veil-runner.manifest --output veil-runner.manifest.sgx \
- && gramine-sgx-sigstruct-view --output-format json veil-runner.sig > mrenclave.json \
+      --manifest veil-enclave.manifest --output veil-enclave.manifest.sgx \
+ && gramine-sgx-sigstruct-view --output-format json veil-enclave.sig > mrenclave.json \
  && cat mrenclave.json
 USER 10001:10001
 

@@ -10,7 +10,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 STAMP_NODE := clients/node/node_modules/.installed
 
-.PHONY: setup system-packages bench-state fuzz run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean
+.PHONY: setup system-packages bench-state fuzz run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean image
 
 setup: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE) system-packages
 
@@ -65,6 +65,11 @@ e2e: $(STAMP_PY)
 
 test: setup gen-check lint typecheck
 	$(BIN)/pytest
+
+# The container image (the Dockerfile's runtime target; VEIL_IMAGE, default veil:0.1.0): installs Docker and
+# debootstrap when missing (root, apt), starts the daemon, builds or reuses the cached base image.
+image:
+	scripts/image.sh build
 
 # The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate.
 bench-state: setup

@@ -1,4 +1,4 @@
-"""Static checks of the Dockerfile (no Docker engine here): stages, user, tools, entry point.
+"""Static checks of the Dockerfile: stages, user, tools, entry point (tests/image/ builds and runs it).
 
 A deliberately small parser: it understands the instructions our Dockerfile uses and fails
 loudly on a FROM it cannot follow, rather than guessing.
@@ -88,7 +88,7 @@ def test_default_target_is_the_plain_runtime() -> None:
 def test_runtime_stages_are_slim_python_as_a_non_root_user(name: str) -> None:
     stages = parse()
     root_image = chain(stages, name)[-1].base
-    assert root_image.startswith("python:3.11-slim"), root_image
+    assert "bookworm" in root_image and "python3" in root_image, root_image
     assert stages["builder"].base == root_image, "the virtualenv must run on the Python it was built with"
     user = effective(stages, name, "USER")
     assert user is not None
@@ -119,8 +119,8 @@ def test_runtime_stages_run_veil(name: str) -> None:
 def test_builder_installs_the_wheel_into_a_virtualenv() -> None:
     runs = " ".join(rest for kw, rest in parse()["builder"].instructions if kw == "RUN")
     assert "pip wheel --no-deps --wheel-dir /wheels ." in runs
-    assert 'pip install "$(ls /wheels/veil-*.whl)[server]"' in runs, "the servers need the server extra"
-    assert "python -m venv /opt/veil" in runs
+    assert 'pip install --only-binary=:all: "$(ls /wheels/veil-*.whl)[server]"' in runs, "the server extra"
+    assert "python3 -m venv /opt/veil" in runs
 
 
 def test_sgx_signing_key_is_a_build_secret() -> None:
