@@ -166,9 +166,9 @@ class Enclave:
         return hold.sequence
 
     @staticmethod
-    def _wrap_read(instance: Instance, outcome: envelope_pb2.CommandOutcome) -> int:
-        """Seal a query answer under the open read round's key; the round number, or 0."""
-        if not instance.holding or not outcome.sealed_response:
+    def _wrap_read(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
+        """Seal answers that read the head under the open read round's key; the round, or 0."""
+        if not instance.holding or not any(outcome.sealed_response for outcome in outcomes):
             return 0
         if not instance.reads or instance.reads[-1].closed:
             if len(instance.reads) >= MAX_READ_ROUNDS:
@@ -178,19 +178,26 @@ class Enclave:
         read = instance.reads[-1]
         read.sequence = max(read.sequence, instance.sequence)
         aad = wire.held_read_aad(instance.instance_id, read.number)
-        outcome.sealed_response = crypto.seal_blob(read.key, outcome.sealed_response, aad)
+        for outcome in outcomes:
+            if outcome.sealed_response:
+                outcome.sealed_response = crypto.seal_blob(read.key, outcome.sealed_response, aad)
         return read.number
+
+    @staticmethod
+    def _check_shape(statement: envelope_pb2.HeadStatement) -> None:
+        """Sizes and times the signed bytes can hold, checked before anything is built from them."""
+        head = statement.head
+        sizes = (len(head.hash), len(statement.genesis_hash), len(statement.config_hash))
+        if sizes != ((wire.HASH_SIZE,) * 3 if head.sequence else (0,) * 3) or statement.not_after_unix_ms < 0:
+            raise EnclaveError(INVALID_ARGUMENT, "malformed head statement")
 
     def _check_statement(self, instance_id: str, statement: envelope_pb2.HeadStatement, now_ms: int) -> None:
         """Accept the keyvault's head statement only for this enclave and its current challenge."""
         _, signing_key = self._ready()
         # Used up whatever happens next: one statement, one attempt, made after the challenge.
         challenge = self._challenges.pop(instance_id, None)
-        head = statement.head
-        sizes = (len(head.hash), len(statement.genesis_hash), len(statement.config_hash))
-        if statement.instance_id != instance_id or sizes != (
-            (wire.HASH_SIZE,) * 3 if head.sequence else (0,) * 3
-        ):
+        self._check_shape(statement)
+        if statement.instance_id != instance_id:
             raise EnclaveError(INVALID_ARGUMENT, "malformed head statement")
         if challenge is None or not hmac.compare_digest(statement.challenge, challenge):
             raise _stale("the head statement does not answer this enclave's current challenge")
@@ -390,6 +397,10 @@ class Enclave:
             response.link.CopyFrom(self._link(instance, base))
             self._hold(instance)
         response.held_until = self._wrap_held(instance, list(response.outcomes))
+        if not response.held_until:
+            # Nothing held: refusals still carry the account's counter state (its last answer),
+            # which a boot left behind must not show either. They wait for a read fence.
+            response.read_round = self._wrap_read(instance, list(response.outcomes))
         return response
 
     def _execute_one(
@@ -486,7 +497,7 @@ class Enclave:
             command, result.SerializeToString(deterministic=True), receipt
         )
         outcome = envelope_pb2.CommandOutcome(sealed_response=sealed_response)
-        return ecall_pb2.QueryResponse(outcome=outcome, read_round=self._wrap_read(instance, outcome))
+        return ecall_pb2.QueryResponse(outcome=outcome, read_round=self._wrap_read(instance, [outcome]))
 
     def snapshot(self, request: ecall_pb2.SnapshotRequest) -> ecall_pb2.SnapshotResponse:
         """The instance's whole state at its head, encrypted under its current key."""
@@ -593,6 +604,7 @@ class Enclave:
     ) -> ecall_pb2.ConfirmHeadResponse:
         instance = self._instance(statement.instance_id)
         challenge, instance.read_challenge = instance.read_challenge, b""  # used up either way
+        self._check_shape(statement)
         head = statement.head
         if not challenge or not hmac.compare_digest(statement.challenge, challenge):
             raise _stale("the statement does not answer this instance's read challenge")

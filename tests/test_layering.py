@@ -248,8 +248,9 @@ NEVER = (
     "ctypes",
     "importlib",
 )
-TCB_BUDGET_LINES = 2700  # non-blank, non-comment lines of enclave/**/*.py (2,400 before the
-# hostile-host fixes: challenges, links, held answers, descriptors, counter state)
+TCB_BUDGET_LINES = 2710  # non-blank, non-comment lines of enclave/**/*.py (2,400 before the
+# hostile-host fixes: challenges, links, held answers, descriptors, counter state; +10 for
+# refusals held for read fences and statement shapes checked before their bytes are built)
 
 
 def _tcb_modules(*, generated: bool = True) -> list[Path]:

@@ -26,7 +26,7 @@ from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope
 from veil.enclave.v1 import error_pb2 as veil_dot_enclave_dot_v1_dot_error__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/enclave/v1/ecall.proto\x12\x0fveil.enclave.v1\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1bveil/enclave/v1/error.proto\"-\n\nEcallFrame\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"I\n\nEcallReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\"U\n\x11InitializeRequest\x12\x1b\n\x13memory_budget_bytes\x18\x01 \x01(\x04\x12#\n\x1bkeyvault_release_public_key\x18\x02 \x01(\x0c\"Y\n\x12InitializeResponse\x12\x30\n\x04keys\x18\x01 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tmrenclave\x18\x02 \x01(\x0c\"3\n\x0fGetQuoteRequest\x12\r\n\x05nonce\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0breport_data\"7\n\x10GetQuoteResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\";\n\x15IssueChallengeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05reads\x18\x02 \x01(\x08\"+\n\x16IssueChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"q\n\x13ProvisionKeyRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x30\n\x0bwrapped_key\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.WrappedKey\"\x16\n\x14ProvisionKeyResponse\"\xab\x01\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x31\n\tstatement\x18\x03 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\x12\x19\n\x11host_time_unix_ms\x18\x04 \x01(\x03\"\xb2\x01\n\x16\x43reateInstanceResponse\x12(\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12)\n\x04link\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\x12\x37\n\ndescriptor\x18\x04 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptorJ\x04\x08\x02\x10\x03R\x04head\"w\n\x13\x45xecuteBatchRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x30\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x19\n\x11host_time_unix_ms\x18\x03 \x01(\x03\"\xc0\x01\n\x14\x45xecuteBatchResponse\x12\x31\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\x12*\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12)\n\x04link\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\x12\x12\n\nheld_until\x18\x05 \x01(\x04J\x04\x08\x03\x10\x04R\x04head\"o\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x19\n\x11host_time_unix_ms\x18\x03 \x01(\x03\"g\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\x12\x12\n\nread_round\x18\x03 \x01(\x04J\x04\x08\x02\x10\x03R\nheld_until\"&\n\x0fSnapshotRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"H\n\x10SnapshotResponse\x12\x34\n\x08snapshot\x18\x01 \x01(\x0b\x32\".veil.enclave.v1.EncryptedSnapshot\"\x89\x02\n\x0eRestoreRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x34\n\x08snapshot\x18\x02 \x01(\x0b\x32\".veil.enclave.v1.EncryptedSnapshot\x12*\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12\x31\n\tstatement\x18\x06 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\x12\x19\n\x11host_time_unix_ms\x18\x07 \x01(\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\rkeyvault_headR\x17keyvault_head_signature\"\xa0\x01\n\x0fRestoreResponse\x12)\n\x04head\x18\x01 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\x12)\n\x04link\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\"\x80\x01\n\x12\x43onfirmHeadRequest\x12\x37\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32!.veil.enclave.v1.HeadConfirmation\x12\x31\n\tstatement\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\"\x96\x01\n\x13\x43onfirmHeadResponse\x12/\n\x08released\x18\x01 \x03(\x0b\x32\x1d.veil.enclave.v1.ReleasedHold\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\x12\x15\n\rreads_waiting\x18\x03 \x01(\r\"C\n\x0cReleasedHold\x12\x12\n\nheld_until\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\nread_round\x18\x03 \x01(\x04\"\r\n\x0bSealRequest\"#\n\x0cSealResponse\x12\x13\n\x0bsealed_blob\x18\x01 \x01(\x0c\"$\n\rUnsealRequest\x12\x13\n\x0bsealed_blob\x18\x01 \x01(\x0c\"&\n\x0eUnsealResponse\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"\x12\n\x10GetStatusRequest\"\x90\x01\n\x11GetStatusResponse\x12\x11\n\tmrenclave\x18\x01 \x01(\x0c\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x04\x12\x30\n\tinstances\x18\x04 \x03(\x0b\x32\x1d.veil.enclave.v1.InstanceHead\"~\n\x0cInstanceHead\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12.\n\tconfirmed\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead2\xdd\x08\n\x0e\x45nclaveService\x12U\n\nInitialize\x12\".veil.enclave.v1.InitializeRequest\x1a#.veil.enclave.v1.InitializeResponse\x12O\n\x08GetQuote\x12 .veil.enclave.v1.GetQuoteRequest\x1a!.veil.enclave.v1.GetQuoteResponse\x12\x61\n\x0eIssueChallenge\x12&.veil.enclave.v1.IssueChallengeRequest\x1a\'.veil.enclave.v1.IssueChallengeResponse\x12[\n\x0cProvisionKey\x12$.veil.enclave.v1.ProvisionKeyRequest\x1a%.veil.enclave.v1.ProvisionKeyResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.enclave.v1.CreateInstanceRequest\x1a\'.veil.enclave.v1.CreateInstanceResponse\x12[\n\x0c\x45xecuteBatch\x12$.veil.enclave.v1.ExecuteBatchRequest\x1a%.veil.enclave.v1.ExecuteBatchResponse\x12\x46\n\x05Query\x12\x1d.veil.enclave.v1.QueryRequest\x1a\x1e.veil.enclave.v1.QueryResponse\x12O\n\x08Snapshot\x12 .veil.enclave.v1.SnapshotRequest\x1a!.veil.enclave.v1.SnapshotResponse\x12L\n\x07Restore\x12\x1f.veil.enclave.v1.RestoreRequest\x1a .veil.enclave.v1.RestoreResponse\x12X\n\x0b\x43onfirmHead\x12#.veil.enclave.v1.ConfirmHeadRequest\x1a$.veil.enclave.v1.ConfirmHeadResponse\x12\x43\n\x04Seal\x12\x1c.veil.enclave.v1.SealRequest\x1a\x1d.veil.enclave.v1.SealResponse\x12I\n\x06Unseal\x12\x1e.veil.enclave.v1.UnsealRequest\x1a\x1f.veil.enclave.v1.UnsealResponse\x12R\n\tGetStatus\x12!.veil.enclave.v1.GetStatusRequest\x1a\".veil.enclave.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bveil/enclave/v1/ecall.proto\x12\x0fveil.enclave.v1\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1bveil/enclave/v1/error.proto\"-\n\nEcallFrame\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"I\n\nEcallReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\"U\n\x11InitializeRequest\x12\x1b\n\x13memory_budget_bytes\x18\x01 \x01(\x04\x12#\n\x1bkeyvault_release_public_key\x18\x02 \x01(\x0c\"Y\n\x12InitializeResponse\x12\x30\n\x04keys\x18\x01 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tmrenclave\x18\x02 \x01(\x0c\"3\n\x0fGetQuoteRequest\x12\r\n\x05nonce\x18\x02 \x01(\x0cJ\x04\x08\x01\x10\x02R\x0breport_data\"7\n\x10GetQuoteResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\";\n\x15IssueChallengeRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05reads\x18\x02 \x01(\x08\"+\n\x16IssueChallengeResponse\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"q\n\x13ProvisionKeyRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x30\n\x0bwrapped_key\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.WrappedKey\"\x16\n\x14ProvisionKeyResponse\"\xab\x01\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x31\n\tstatement\x18\x03 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\x12\x19\n\x11host_time_unix_ms\x18\x04 \x01(\x03\"\xb2\x01\n\x16\x43reateInstanceResponse\x12(\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12)\n\x04link\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\x12\x37\n\ndescriptor\x18\x04 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptorJ\x04\x08\x02\x10\x03R\x04head\"w\n\x13\x45xecuteBatchRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x30\n\x08\x63ommands\x18\x02 \x03(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x19\n\x11host_time_unix_ms\x18\x03 \x01(\x03\"\xd4\x01\n\x14\x45xecuteBatchResponse\x12\x31\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\x12*\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12)\n\x04link\x18\x04 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\x12\x12\n\nheld_until\x18\x05 \x01(\x04\x12\x12\n\nread_round\x18\x06 \x01(\x04J\x04\x08\x03\x10\x04R\x04head\"o\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x19\n\x11host_time_unix_ms\x18\x03 \x01(\x03\"g\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\x12\x12\n\nread_round\x18\x03 \x01(\x04J\x04\x08\x02\x10\x03R\nheld_until\"&\n\x0fSnapshotRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"H\n\x10SnapshotResponse\x12\x34\n\x08snapshot\x18\x01 \x01(\x0b\x32\".veil.enclave.v1.EncryptedSnapshot\"\x89\x02\n\x0eRestoreRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x34\n\x08snapshot\x18\x02 \x01(\x0b\x32\".veil.enclave.v1.EncryptedSnapshot\x12*\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x19.veil.enclave.v1.LogEntry\x12\x31\n\tstatement\x18\x06 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\x12\x19\n\x11host_time_unix_ms\x18\x07 \x01(\x03J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\rkeyvault_headR\x17keyvault_head_signature\"\xa0\x01\n\x0fRestoreResponse\x12)\n\x04head\x18\x01 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\x12)\n\x04link\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitLink\"\x80\x01\n\x12\x43onfirmHeadRequest\x12\x37\n\x0c\x63onfirmation\x18\x01 \x01(\x0b\x32!.veil.enclave.v1.HeadConfirmation\x12\x31\n\tstatement\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.HeadStatement\"\x96\x01\n\x13\x43onfirmHeadResponse\x12/\n\x08released\x18\x01 \x03(\x0b\x32\x1d.veil.enclave.v1.ReleasedHold\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\x12\x15\n\rreads_waiting\x18\x03 \x01(\r\"C\n\x0cReleasedHold\x12\x12\n\nheld_until\x18\x01 \x01(\x04\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x12\n\nread_round\x18\x03 \x01(\x04\"\r\n\x0bSealRequest\"#\n\x0cSealResponse\x12\x13\n\x0bsealed_blob\x18\x01 \x01(\x0c\"$\n\rUnsealRequest\x12\x13\n\x0bsealed_blob\x18\x01 \x01(\x0c\"&\n\x0eUnsealResponse\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"\x12\n\x10GetStatusRequest\"\x90\x01\n\x11GetStatusResponse\x12\x11\n\tmrenclave\x18\x01 \x01(\x0c\x12\x19\n\x11memory_used_bytes\x18\x02 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x03 \x01(\x04\x12\x30\n\tinstances\x18\x04 \x03(\x0b\x32\x1d.veil.enclave.v1.InstanceHead\"~\n\x0cInstanceHead\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x04head\x18\x02 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\x12.\n\tconfirmed\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead2\xdd\x08\n\x0e\x45nclaveService\x12U\n\nInitialize\x12\".veil.enclave.v1.InitializeRequest\x1a#.veil.enclave.v1.InitializeResponse\x12O\n\x08GetQuote\x12 .veil.enclave.v1.GetQuoteRequest\x1a!.veil.enclave.v1.GetQuoteResponse\x12\x61\n\x0eIssueChallenge\x12&.veil.enclave.v1.IssueChallengeRequest\x1a\'.veil.enclave.v1.IssueChallengeResponse\x12[\n\x0cProvisionKey\x12$.veil.enclave.v1.ProvisionKeyRequest\x1a%.veil.enclave.v1.ProvisionKeyResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.enclave.v1.CreateInstanceRequest\x1a\'.veil.enclave.v1.CreateInstanceResponse\x12[\n\x0c\x45xecuteBatch\x12$.veil.enclave.v1.ExecuteBatchRequest\x1a%.veil.enclave.v1.ExecuteBatchResponse\x12\x46\n\x05Query\x12\x1d.veil.enclave.v1.QueryRequest\x1a\x1e.veil.enclave.v1.QueryResponse\x12O\n\x08Snapshot\x12 .veil.enclave.v1.SnapshotRequest\x1a!.veil.enclave.v1.SnapshotResponse\x12L\n\x07Restore\x12\x1f.veil.enclave.v1.RestoreRequest\x1a .veil.enclave.v1.RestoreResponse\x12X\n\x0b\x43onfirmHead\x12#.veil.enclave.v1.ConfirmHeadRequest\x1a$.veil.enclave.v1.ConfirmHeadResponse\x12\x43\n\x04Seal\x12\x1c.veil.enclave.v1.SealRequest\x1a\x1d.veil.enclave.v1.SealResponse\x12I\n\x06Unseal\x12\x1e.veil.enclave.v1.UnsealRequest\x1a\x1f.veil.enclave.v1.UnsealResponse\x12R\n\tGetStatus\x12!.veil.enclave.v1.GetStatusRequest\x1a\".veil.enclave.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -60,39 +60,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEBATCHREQUEST']._serialized_start=1119
   _globals['_EXECUTEBATCHREQUEST']._serialized_end=1238
   _globals['_EXECUTEBATCHRESPONSE']._serialized_start=1241
-  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=1433
-  _globals['_QUERYREQUEST']._serialized_start=1435
-  _globals['_QUERYREQUEST']._serialized_end=1546
-  _globals['_QUERYRESPONSE']._serialized_start=1548
-  _globals['_QUERYRESPONSE']._serialized_end=1651
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1653
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1691
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1693
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1765
-  _globals['_RESTOREREQUEST']._serialized_start=1768
-  _globals['_RESTOREREQUEST']._serialized_end=2033
-  _globals['_RESTORERESPONSE']._serialized_start=2036
-  _globals['_RESTORERESPONSE']._serialized_end=2196
-  _globals['_CONFIRMHEADREQUEST']._serialized_start=2199
-  _globals['_CONFIRMHEADREQUEST']._serialized_end=2327
-  _globals['_CONFIRMHEADRESPONSE']._serialized_start=2330
-  _globals['_CONFIRMHEADRESPONSE']._serialized_end=2480
-  _globals['_RELEASEDHOLD']._serialized_start=2482
-  _globals['_RELEASEDHOLD']._serialized_end=2549
-  _globals['_SEALREQUEST']._serialized_start=2551
-  _globals['_SEALREQUEST']._serialized_end=2564
-  _globals['_SEALRESPONSE']._serialized_start=2566
-  _globals['_SEALRESPONSE']._serialized_end=2601
-  _globals['_UNSEALREQUEST']._serialized_start=2603
-  _globals['_UNSEALREQUEST']._serialized_end=2639
-  _globals['_UNSEALRESPONSE']._serialized_start=2641
-  _globals['_UNSEALRESPONSE']._serialized_end=2679
-  _globals['_GETSTATUSREQUEST']._serialized_start=2681
-  _globals['_GETSTATUSREQUEST']._serialized_end=2699
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2702
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2846
-  _globals['_INSTANCEHEAD']._serialized_start=2848
-  _globals['_INSTANCEHEAD']._serialized_end=2974
-  _globals['_ENCLAVESERVICE']._serialized_start=2977
-  _globals['_ENCLAVESERVICE']._serialized_end=4094
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=1453
+  _globals['_QUERYREQUEST']._serialized_start=1455
+  _globals['_QUERYREQUEST']._serialized_end=1566
+  _globals['_QUERYRESPONSE']._serialized_start=1568
+  _globals['_QUERYRESPONSE']._serialized_end=1671
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1673
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1711
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1713
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1785
+  _globals['_RESTOREREQUEST']._serialized_start=1788
+  _globals['_RESTOREREQUEST']._serialized_end=2053
+  _globals['_RESTORERESPONSE']._serialized_start=2056
+  _globals['_RESTORERESPONSE']._serialized_end=2216
+  _globals['_CONFIRMHEADREQUEST']._serialized_start=2219
+  _globals['_CONFIRMHEADREQUEST']._serialized_end=2347
+  _globals['_CONFIRMHEADRESPONSE']._serialized_start=2350
+  _globals['_CONFIRMHEADRESPONSE']._serialized_end=2500
+  _globals['_RELEASEDHOLD']._serialized_start=2502
+  _globals['_RELEASEDHOLD']._serialized_end=2569
+  _globals['_SEALREQUEST']._serialized_start=2571
+  _globals['_SEALREQUEST']._serialized_end=2584
+  _globals['_SEALRESPONSE']._serialized_start=2586
+  _globals['_SEALRESPONSE']._serialized_end=2621
+  _globals['_UNSEALREQUEST']._serialized_start=2623
+  _globals['_UNSEALREQUEST']._serialized_end=2659
+  _globals['_UNSEALRESPONSE']._serialized_start=2661
+  _globals['_UNSEALRESPONSE']._serialized_end=2699
+  _globals['_GETSTATUSREQUEST']._serialized_start=2701
+  _globals['_GETSTATUSREQUEST']._serialized_end=2719
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2722
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2866
+  _globals['_INSTANCEHEAD']._serialized_start=2868
+  _globals['_INSTANCEHEAD']._serialized_end=2994
+  _globals['_ENCLAVESERVICE']._serialized_start=2997
+  _globals['_ENCLAVESERVICE']._serialized_end=4114
 # @@protoc_insertion_point(module_scope)

@@ -402,8 +402,14 @@ class ExecuteBatchResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     LINK_FIELD_NUMBER: _builtins.int
     HELD_UNTIL_FIELD_NUMBER: _builtins.int
+    READ_ROUND_FIELD_NUMBER: _builtins.int
     held_until: _builtins.int
     """held_until is the head sequence whose confirmation releases the outcomes; 0: not held."""
+    read_round: _builtins.int
+    """read_round, when held_until is 0, names the read round whose read fence releases the
+    outcomes (refusals of an instance that holds answers: they carry the account's counter
+    state); 0: not held.
+    """
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommandOutcome]:
         """outcomes are in the order of the request's commands. When held_until is set, each
@@ -429,10 +435,11 @@ class ExecuteBatchResponse(_message.Message):
         entries: _abc.Iterable[_envelope_pb2.LogEntry] | None = ...,
         link: _envelope_pb2.CommitLink | None = ...,
         held_until: _builtins.int = ...,
+        read_round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "held_until", b"held_until", "link", b"link", "outcomes", b"outcomes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "held_until", b"held_until", "link", b"link", "outcomes", b"outcomes", "read_round", b"read_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

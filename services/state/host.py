@@ -400,7 +400,7 @@ class StateHost:
                 answers.append(from_outcome_error(outcome.error.code, outcome.error.message))
                 continue
             answer = state_pb2.ExecuteResponse(outcome=outcome)
-            if response.held_until:
+            if response.held_until or response.read_round:
                 future: concurrent.futures.Future[state_pb2.ExecuteResponse] = concurrent.futures.Future()
                 answers.append(future)
                 held.append((future, item, answer))
@@ -414,28 +414,38 @@ class StateHost:
         if response.entries:
             out.links.append(response.link)
         if held:
-            runtime.holds.key(instance_id, response.held_until).add_done_callback(
-                functools.partial(self._release_held, instance_id, response.held_until, held, now_ms)
+            opener: Callable[[bytes, str, int, envelope_pb2.CommandOutcome], None]
+            if response.held_until:
+                key = runtime.holds.key(instance_id, response.held_until)
+                opener, number = unwrap, response.held_until
+            else:  # refusals that read the account's counter state wait for a read fence
+                runtime.advancer.request_read(instance_id)
+                key = runtime.holds.read_key(instance_id, response.read_round)
+                opener, number = unwrap_read, response.read_round
+            key.add_done_callback(
+                functools.partial(self._release_held, instance_id, opener, held, now_ms, number=number)
             )
         return answers
 
     def _release_held(
         self,
         instance_id: str,
-        held_until: int,
+        opener: Callable[[bytes, str, int, envelope_pb2.CommandOutcome], None],
         held: list[
             tuple[concurrent.futures.Future[state_pb2.ExecuteResponse], Command, state_pb2.ExecuteResponse]
         ],
         now_ms: int,
         key: concurrent.futures.Future[bytes],
+        *,
+        number: int,
     ) -> None:
-        """The keyvault confirmed `held_until`: open the held answers, record them, answer."""
+        """The keyvault vouched for what the answers read: open them, record them, answer."""
         error = key.exception()
         if error is None:
             records = []
             try:
                 for _, item, answer in held:
-                    unwrap(key.result(), instance_id, held_until, answer.outcome)
+                    opener(key.result(), instance_id, number, answer.outcome)
                     if answer.outcome.accepted and item.request_id:
                         records.append(_record(instance_id, item, answer, now_ms))
             except DecryptionError:
@@ -446,7 +456,7 @@ class StateHost:
                 try:  # a retry with the same request id gets this answer from now on
                     self.store.append_batch([], records)
                 except StoreError as exc:
-                    _log.warning("idempotency records of %s@%d not stored: %s", instance_id, held_until, exc)
+                    _log.warning("idempotency records of %s@%d not stored: %s", instance_id, number, exc)
         for future, _, answer in held:
             if error is not None:
                 future.set_exception(error)

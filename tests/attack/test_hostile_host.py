@@ -404,6 +404,8 @@ def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
         assert coins.transfer(bob.account, 10) == 90
         assert coins.last is not None
         assert coins.last.receipt is not None
+        # The kept answer's head counts as seen: later reads must not be older (monotonic reads).
+        assert client._heads["coins"] == coins.last.receipt.sequence
     assert _balance(mesh, bob) == 10  # once, not twice or four times
     assert _balance(mesh, alice) == 90
 
@@ -724,3 +726,87 @@ def test_a_boot_left_behind_gives_no_stale_strict_read(keyvault: RunningKeyvault
     first.read_fence(instance_id)
     first.open_read(instance_id, current.read_round, current.outcome)
     assert minter.read(fresh, current.outcome).result.token.total_supply.amount == 10
+
+
+def _boot_left_behind(keyvault: RunningKeyvault, pki_dir: Path) -> tuple[EnclaveBoot, EnclaveBoot, str, Any]:
+    """Boot `first` creates a strict token instance and mints twice; boot `behind` was restored
+    honestly at head 1 and left running. Returns both boots, the instance and the issuer."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    first = EnclaveBoot(keyvault, pki_dir)
+    created = first.create(
+        instance_id,
+        config(
+            envelope_pb2.APP_KIND_TOKEN,
+            envelope_pb2.AUTH_SCHEME_SIGNATURE,
+            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        ),
+    )
+    behind = EnclaveBoot(keyvault, pki_dir)
+    behind.provision(instance_id)
+    behind.host.restore(
+        instance_id, [created.entry], statement=behind.statement(instance_id), host_time_unix_ms=0
+    )
+    minter = first.client(instance_id, signer=issuer)
+    for _ in range(2):
+        batch = first.execute(
+            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command
+        )
+        first.confirm(first.advance(batch.link))
+    return first, behind, instance_id, issuer
+
+
+def test_a_boot_left_behind_shows_no_stale_counter_state_in_a_refusal(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    """A wrong-counter refusal carries the account's counter state (its last answer and
+    receipt). From a boot left behind that state is stale, so a strict instance's refusals wait
+    for a read fence like its query answers: the fence tells the old boot it is behind, and the
+    refusal never opens. The boot that moved on answers the same refusal once fenced."""
+    first, behind, instance_id, issuer = _boot_left_behind(keyvault, pki_dir)
+    stale = behind.client(instance_id, signer=issuer)
+    wrong = stale.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=7)
+    refused = behind.execute(instance_id, wrong.command)
+    assert (refused.held_until, len(refused.entries)) == (0, 0)
+    assert refused.read_round  # held, not released with the batch
+    (outcome,) = refused.outcomes
+    with pytest.raises(DecryptionError):  # the client cannot read it before the fence either
+        stale.read(wrong, outcome)
+    with pytest.raises(EnclaveCallError, match="not on this enclave's chain"):
+        behind.read_fence(instance_id)
+    with pytest.raises(KeyError):
+        behind.open_read(instance_id, refused.read_round, outcome)
+
+    current = first.client(instance_id, signer=issuer)
+    wrong = current.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=7)
+    refused = first.execute(instance_id, wrong.command)
+    first.read_fence(instance_id)
+    (outcome,) = refused.outcomes
+    first.open_read(instance_id, refused.read_round, outcome)
+    result = current.read(wrong, outcome)
+    assert result.error.code == error_pb2.ECALL_ERROR_CODE_ABORTED
+    assert result.counter.next_counter == 3  # the head the keyvault holds, not the stale one
+
+
+@pytest.mark.parametrize(
+    "malform",
+    [
+        pytest.param(lambda s: setattr(s, "not_after_unix_ms", -1), id="negative-expiry"),
+        pytest.param(lambda s: setattr(s, "genesis_hash", b"g" * 70_000), id="oversized-genesis-hash"),
+        pytest.param(lambda s: setattr(s.head, "hash", b"h" * 70_000), id="oversized-head-hash"),
+    ],
+)
+def test_a_malformed_read_fence_is_invalid_argument_not_an_internal_error(
+    keyvault: RunningKeyvault, pki_dir: Path, malform: Any
+) -> None:
+    first, _, instance_id, _ = _boot_left_behind(keyvault, pki_dir)
+    request = keyvault_pb2.GetCommitHeadRequest(
+        instance_id=instance_id,
+        enclave_signing_public_key=first.keys.signing_public_key,
+        challenge=first.host.issue_challenge(instance_id, reads=True),
+    )
+    statement = first.state.GetCommitHead(request, timeout=TIMEOUT).statement
+    malform(statement)
+    code, message = _refused_code(lambda: first.host.confirm_head(statement=statement))
+    assert code == error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT, message
+    assert "malformed head statement" in message

@@ -384,12 +384,16 @@ class Harness:
         """`run` for sealed commands as they arrive from elsewhere (a gateway, an attacker): the
         whole response, its outcomes unwrapped in place once the test keyvault confirmed."""
         response = self.host.execute_batch(instance_id, commands, now_ms)
-        self.log[instance_id].extend(response.entries)
+        if response.entries:
+            self.log[instance_id].extend(response.entries)
         if response.HasField("link"):
             self.advance(response.link)
         if self.auto_confirm:
+            if response.read_round:
+                self.read_fence(instance_id)
             for outcome in response.outcomes:
                 self.unwrap(instance_id, response.held_until, outcome)
+                self.unwrap_read(instance_id, response.read_round, outcome)
         return response
 
     def call(self, client: Client, call: apps_pb2.AppCall) -> command_pb2.CommandResult:

@@ -49,7 +49,7 @@ def test_a_new_enclave_restores_from_the_log_and_from_a_snapshot(make_enclave: M
         assert new.query(reader, _get("r2")).result.vault.get.data == b"\x02"
         # Counters survive recovery: a replay of an old command is still refused.
         stale = reader.seal(_put("x", b"x"), counter=alice.counter)
-        (outcome,) = new.host.execute_batch("v", [stale.command], 0).outcomes
+        (outcome,) = new.execute("v", [stale.command], 0).outcomes
         assert error_code(reader.read(stale, outcome)) == "ABORTED"
 
 

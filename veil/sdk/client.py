@@ -413,11 +413,12 @@ class VeilClient:
                 # the one the enclave kept with the counter (or, failing that, the mesh's record).
                 self.counters.record(instance_id, account, state.counter)
                 kept = _kept_answer(instance_id, counter_state, signing_key, sealed.request_id)
-                if kept is not None:
-                    return kept
-                return self._recorded_answer(
+                answer = kept or self._recorded_answer(
                     instance_id, state.sealings, counter_state.last_sequence, identity
                 )
+                # Its head is one this client has now seen acknowledged: later reads must not be older.
+                self._saw(instance_id, answer.sequence)
+                return answer
             # The counter is used by another command (or was never ours to use): this call can
             # never run under it, so it is sealed again under the enclave's next counter.
             self.counters.record(instance_id, account, counter_state.next_counter - 1)
