@@ -85,10 +85,10 @@ base() {
     echo "$VEIL_BASE_IMAGE"
     return
   fi
-  local cached
-  cached="$("$DOCKER" images -q --filter "label=$BASE_LABEL=$BASE_VERSION" | head -n 1)"
-  if [ -n "$cached" ]; then
-    "$DOCKER" tag "$cached" "$BASE_TAG"
+  # By name and label: images built on the base inherit its label, so the label alone is not enough.
+  local label
+  label="$("$DOCKER" image inspect --format "{{ index .Config.Labels \"$BASE_LABEL\" }}" "$BASE_TAG" 2>/dev/null || true)"
+  if [ "$label" = "$BASE_VERSION" ]; then
     echo "$BASE_TAG"
     return
   fi
