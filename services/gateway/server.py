@@ -217,16 +217,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             state_pb2.GetAttestationRequest(instance_id=instance_id),
             timeout=timeout,
         )
-        bundle = reply.bundle
-        response = gateway_pb2.GetAttestationResponse(
-            quote=bundle.quote,
-            runtime_data=bundle.runtime_data,
-            nonce=bundle.nonce,
-            attestation_token=bundle.attestation_token,
-            keys=bundle.keys,
-            jwks_json=bundle.jwks_json or self._keyvault_jwks(timeout),
-            descriptor=reply.descriptor if reply.HasField("descriptor") else None,
-        )
+        response = reply.bundle  # the state host's evidence, passed on as it is
+        for unset_by_state in ("instance", "descriptor"):
+            response.ClearField(unset_by_state)
+        if not response.jwks_json:
+            response.jwks_json = self._keyvault_jwks(timeout)
+        if reply.HasField("descriptor"):
+            response.descriptor.CopyFrom(reply.descriptor)
         if placement is not None:
             response.instance.CopyFrom(
                 gateway_pb2.Instance(instance_id=instance_id, config=placement.config, shard=placement.shard)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from veil.enclave import wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
 from veil.services.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -644,7 +645,7 @@ class StateHost:
         _log.info("created instance %r (app %s)", instance_id, envelope_pb2.AppKind.Name(config.app))
 
     # == attestation and status ===============================================================
-    def attestation_bundle(self) -> state_pb2.AttestationBundle:
+    def attestation_bundle(self) -> gateway_pb2.GetAttestationResponse:
         """The evidence a client verifies before sealing anything to this enclave."""
         runtime = self._serving()
         attestation: Attestation
@@ -655,7 +656,7 @@ class StateHost:
             if not runtime.jwks:
                 raise
             attestation = runtime.attestor.last()  # still valid for a while: serve it
-        return state_pb2.AttestationBundle(
+        return gateway_pb2.GetAttestationResponse(
             quote=attestation.quote,
             runtime_data=attestation.runtime_data,
             nonce=attestation.nonce,

@@ -55,6 +55,7 @@ from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_enclave_policy
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2
+from veil.gateway.v1 import gateway_pb2
 from veil.services.common.channels import secure_channel, wait_until_serving
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from veil.services.state.store_postgres import PostgresStore
@@ -214,7 +215,7 @@ class Load:
         self.votes = [0] * len(OPTIONS)
         self._lock = threading.Lock()
 
-    def keys(self) -> state_pb2.AttestationBundle:
+    def keys(self) -> gateway_pb2.GetAttestationResponse:
         while True:
             try:
                 return self._stub.GetAttestation(state_pb2.GetAttestationRequest(), timeout=5).bundle

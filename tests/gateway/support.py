@@ -31,6 +31,7 @@ from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.enclave.runner import RunnerOptions, build_enclave
 from veil.enclave.v1 import envelope_pb2
+from veil.gateway.v1 import gateway_pb2
 from veil.sdk.client import VeilClient, connect
 from veil.sdk.trust_policy import ANY_TCB_STATUS, POLICY_FILE, ExpectedMeasurement, save_policy
 from veil.services.common.config import ServiceConfig
@@ -135,7 +136,7 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             nonce=nonce,
             quote_hash=hashlib.sha256(quoted.quote).digest(),
         )
-        self.bundle = state_pb2.AttestationBundle(
+        self.bundle = gateway_pb2.GetAttestationResponse(
             quote=quoted.quote,
             runtime_data=quoted.runtime_data,
             nonce=nonce,

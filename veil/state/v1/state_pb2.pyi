@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from veil.enclave.v1 import envelope_pb2 as _envelope_pb2
+from veil.gateway.v1 import gateway_pb2 as _gateway_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -342,8 +343,12 @@ class GetAttestationResponse(_message.Message):
     BUNDLE_FIELD_NUMBER: _builtins.int
     DESCRIPTOR_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def bundle(self) -> Global___AttestationBundle:
-        """bundle lets a client verify the enclave before sealing anything to it."""
+    def bundle(self) -> _gateway_pb2.GetAttestationResponse:
+        """bundle is the evidence a client verifies before sealing anything to the enclave: the
+        gateway's public response, defined once in veil.gateway.v1, which the gateway passes on
+        (adding the instance's placement, and the keyvault's JWKS when jwks_json is empty). Its
+        instance and descriptor fields are left unset here.
+        """
 
     @_builtins.property
     def descriptor(self) -> _envelope_pb2.InstanceDescriptor:
@@ -354,7 +359,7 @@ class GetAttestationResponse(_message.Message):
     def __init__(
         self,
         *,
-        bundle: Global___AttestationBundle | None = ...,
+        bundle: _gateway_pb2.GetAttestationResponse | None = ...,
         descriptor: _envelope_pb2.InstanceDescriptor | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "descriptor", b"descriptor"]  # noqa: Y015
@@ -364,52 +369,6 @@ class GetAttestationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAttestationResponse: _TypeAlias = GetAttestationResponse  # noqa: Y015
-
-@_typing.final
-class AttestationBundle(_message.Message):
-    """AttestationBundle is everything a client needs to trust the enclave."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    QUOTE_FIELD_NUMBER: _builtins.int
-    RUNTIME_DATA_FIELD_NUMBER: _builtins.int
-    NONCE_FIELD_NUMBER: _builtins.int
-    ATTESTATION_TOKEN_FIELD_NUMBER: _builtins.int
-    KEYS_FIELD_NUMBER: _builtins.int
-    JWKS_JSON_FIELD_NUMBER: _builtins.int
-    quote: _builtins.bytes
-    """quote is the enclave's DCAP quote; its report data is the enclave's own binding of
-    runtime_data and nonce (see the protocol specification).
-    """
-    runtime_data: _builtins.bytes
-    """runtime_data is the serialized veil.enclave.v1.EnclavePublicKeys the quote binds."""
-    nonce: _builtins.bytes
-    """nonce is the keyvault's attestation nonce."""
-    attestation_token: _builtins.str
-    """attestation_token is the keyvault-signed ES256 JWT over the quote's claims."""
-    jwks_json: _builtins.str
-    """jwks_json is the keyvault JWKS that verifies attestation_token."""
-    @_builtins.property
-    def keys(self) -> _envelope_pb2.EnclavePublicKeys:
-        """keys are the enclave's public keys (decoded runtime_data)."""
-
-    def __init__(
-        self,
-        *,
-        quote: _builtins.bytes = ...,
-        runtime_data: _builtins.bytes = ...,
-        nonce: _builtins.bytes = ...,
-        attestation_token: _builtins.str = ...,
-        keys: _envelope_pb2.EnclavePublicKeys | None = ...,
-        jwks_json: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_token", b"attestation_token", "jwks_json", b"jwks_json", "keys", b"keys", "nonce", b"nonce", "quote", b"quote", "runtime_data", b"runtime_data"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AttestationBundle: _TypeAlias = AttestationBundle  # noqa: Y015
 
 @_typing.final
 class GetStatusRequest(_message.Message):
