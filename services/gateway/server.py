@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import TypeVar
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -50,6 +50,8 @@ from veil.services.gateway.upstream import forward
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 _log = logging.getLogger(__name__)
+
+_Reply = TypeVar("_Reply")
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"]
 SERVICE_NAME = SERVICE.full_name
@@ -187,7 +189,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise NotFound(f"instance {instance_id!r} not found", metadata={"instance_id": instance_id})
         return known
 
-    def _routed(self, instance_id: str, timeout: float, send: Callable[[str], Any]) -> Any:
+    def _routed(self, instance_id: str, timeout: float, send: Callable[[str], _Reply]) -> _Reply:
         """Send to the instance's shard; on NOT_FOUND look for it on the others once."""
         shard = self._router.route(instance_id)
         try:
@@ -261,7 +263,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=request_id)
 
         def execute() -> gateway_pb2.ExecuteResponse:
-            reply: state_pb2.ExecuteResponse = self._routed(
+            reply = self._routed(
                 instance_id,
                 timeout,
                 lambda shard: forward(shard, self._stub(shard).Execute, forwarded, timeout=timeout),
@@ -285,7 +287,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         command = validation.sealed_command(request.command)
         timeout = remaining_timeout(context, self._timeout)
         forwarded = state_pb2.QueryRequest(instance_id=instance_id, command=command)
-        reply: state_pb2.QueryResponse = self._routed(
+        reply = self._routed(
             instance_id,
             timeout,
             lambda shard: forward(shard, self._stub(shard).Query, forwarded, timeout=timeout),
@@ -387,7 +389,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._admit(instance_id, context)
         timeout = remaining_timeout(context, self._timeout)
         forwarded = state_pb2.PingRequest(payload=request.payload)
-        reply: state_pb2.PingResponse = self._routed(
+        reply = self._routed(
             instance_id,
             timeout,
             lambda shard: forward(shard, self._stub(shard).Ping, forwarded, timeout=timeout),

@@ -13,7 +13,6 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -111,7 +110,9 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def __init__(self, keyvault: Keyvault) -> None:
         self._kv = keyvault
 
-    def Attest(self, request: keyvault_pb2.AttestRequest, context: grpc.ServicerContext) -> Any:
+    def Attest(
+        self, request: keyvault_pb2.AttestRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.AttestResponse:
         caller = peer_identity(context)
         with _domain_errors():
             issued = self._kv.attestor.attest(
@@ -121,7 +122,9 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             token=issued.token, expire_time=Timestamp(seconds=issued.expires_at)
         )
 
-    def GetJwks(self, request: keyvault_pb2.GetJwksRequest, context: grpc.ServicerContext) -> Any:
+    def GetJwks(
+        self, request: keyvault_pb2.GetJwksRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.GetJwksResponse:
         with _domain_errors():
             jwks = self._kv.ring.jwks()
         return keyvault_pb2.GetJwksResponse(
@@ -129,7 +132,9 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             release_public_key=self._kv.release_signer.public_key,
         )
 
-    def ReleaseKey(self, request: keyvault_pb2.ReleaseKeyRequest, context: grpc.ServicerContext) -> Any:
+    def ReleaseKey(
+        self, request: keyvault_pb2.ReleaseKeyRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.ReleaseKeyResponse:
         caller = peer_identity(context)
         with _domain_errors():
             released = self._kv.keys.release(request.token, request.key_name, request.version, caller=caller)
@@ -141,7 +146,9 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             signature=released.signature,
         )
 
-    def CreateKey(self, request: keyvault_pb2.CreateKeyRequest, context: grpc.ServicerContext) -> Any:
+    def CreateKey(
+        self, request: keyvault_pb2.CreateKeyRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.CreateKeyResponse:
         caller = peer_identity(context)
         with _domain_errors():
             meta = self._kv.keys.create(
@@ -149,29 +156,39 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             )
         return keyvault_pb2.CreateKeyResponse(key=key_message(meta))
 
-    def RotateKey(self, request: keyvault_pb2.RotateKeyRequest, context: grpc.ServicerContext) -> Any:
+    def RotateKey(
+        self, request: keyvault_pb2.RotateKeyRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.RotateKeyResponse:
         caller = peer_identity(context)
         with _domain_errors():
             meta = self._kv.keys.rotate(request.key_name, request_id=request.request_id, caller=caller)
         return keyvault_pb2.RotateKeyResponse(key=key_message(meta))
 
-    def ListKeys(self, request: keyvault_pb2.ListKeysRequest, context: grpc.ServicerContext) -> Any:
+    def ListKeys(
+        self, request: keyvault_pb2.ListKeysRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.ListKeysResponse:
         with _domain_errors():
             keys = self._kv.keys.list_keys()
         return keyvault_pb2.ListKeysResponse(keys=[key_message(meta) for meta in keys])
 
-    def GetKey(self, request: keyvault_pb2.GetKeyRequest, context: grpc.ServicerContext) -> Any:
+    def GetKey(
+        self, request: keyvault_pb2.GetKeyRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.GetKeyResponse:
         with _domain_errors():
             meta = self._kv.keys.get(request.key_name)
         return keyvault_pb2.GetKeyResponse(key=key_message(meta))
 
-    def DestroyKey(self, request: keyvault_pb2.DestroyKeyRequest, context: grpc.ServicerContext) -> Any:
+    def DestroyKey(
+        self, request: keyvault_pb2.DestroyKeyRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.DestroyKeyResponse:
         caller = peer_identity(context)
         with _domain_errors():
             meta = self._kv.keys.destroy(request.key_name, request_id=request.request_id, caller=caller)
         return keyvault_pb2.DestroyKeyResponse(key=key_message(meta))
 
-    def GetCommitHead(self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext) -> Any:
+    def GetCommitHead(
+        self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.GetCommitHeadResponse:
         with _domain_errors():
             head = self._kv.heads.get(request.instance_id)
             statement = (
@@ -191,7 +208,7 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
 
     def AdvanceCommitHead(
         self, request: keyvault_pb2.AdvanceCommitHeadRequest, context: grpc.ServicerContext
-    ) -> Any:
+    ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         caller = peer_identity(context)
         with _domain_errors():
             head, enclave_key = self._kv.heads.advance(
@@ -202,14 +219,16 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
 
     def ListAuditEvents(
         self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
-    ) -> Any:
+    ) -> keyvault_pb2.ListAuditEventsResponse:
         with _domain_errors():
             page = self._kv.audit.list_events(page_size=request.page_size, page_token=request.page_token)
         return keyvault_pb2.ListAuditEventsResponse(
             events=[audit_message(event) for event in page.events], next_page_token=page.next_page_token
         )
 
-    def GetStatus(self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+    def GetStatus(
+        self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.GetStatusResponse:
         return keyvault_pb2.GetStatusResponse(
             serving=True,
             detail=f"serving ({self._kv.store.backend} store)",

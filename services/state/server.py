@@ -8,7 +8,6 @@ NOT_SERVING until recovery completes (GetStatus says which step it is in), then 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -52,20 +51,26 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
             raise NotServing("this server hosts no enclave")
         return self._host
 
-    def Execute(self, request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+    def Execute(
+        self, request: state_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> state_pb2.ExecuteResponse:
         host = self._require_host()
         if not request.instance_id or not request.HasField("command"):
             raise InvalidArgument("instance_id and command are required")
         timeout = remaining_timeout(context, EXECUTE_CEILING_S)
         return host.execute(request.instance_id, request.command, request.request_id, timeout)
 
-    def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
+    def Query(
+        self, request: state_pb2.QueryRequest, context: grpc.ServicerContext
+    ) -> state_pb2.QueryResponse:
         host = self._require_host()
         if not request.instance_id or not request.HasField("command"):
             raise InvalidArgument("instance_id and command are required")
         return host.query(request.instance_id, request.command, remaining_timeout(context, EXECUTE_CEILING_S))
 
-    def CreateInstance(self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext) -> Any:
+    def CreateInstance(
+        self, request: state_pb2.CreateInstanceRequest, context: grpc.ServicerContext
+    ) -> state_pb2.CreateInstanceResponse:
         host = self._require_host()
         if not request.HasField("config"):
             raise InvalidArgument("config is required")
@@ -75,18 +80,24 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         )
         return state_pb2.CreateInstanceResponse(instance=instance, descriptor=descriptor)
 
-    def ListInstances(self, request: state_pb2.ListInstancesRequest, context: grpc.ServicerContext) -> Any:
+    def ListInstances(
+        self, request: state_pb2.ListInstancesRequest, context: grpc.ServicerContext
+    ) -> state_pb2.ListInstancesResponse:
         return state_pb2.ListInstancesResponse(instances=self._require_host().list_instances())
 
-    def GetAttestation(self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext) -> Any:
+    def GetAttestation(
+        self, request: state_pb2.GetAttestationRequest, context: grpc.ServicerContext
+    ) -> state_pb2.GetAttestationResponse:
         host = self._require_host()
         descriptor = host.descriptor(request.instance_id) if request.instance_id else None
         return state_pb2.GetAttestationResponse(bundle=host.attestation_bundle(), descriptor=descriptor)
 
-    def GetStatus(self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext) -> Any:
+    def GetStatus(
+        self, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext
+    ) -> state_pb2.GetStatusResponse:
         return self._require_host().status()
 
-    def Ping(self, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> Any:
+    def Ping(self, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> state_pb2.PingResponse:
         # The transport baseline: acknowledged by the host, no enclave, no storage.
         return state_pb2.PingResponse(payload=request.payload)
 
