@@ -163,7 +163,8 @@ class OAuth2Auth:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("bearer token has no subject", reason="BEARER_INVALID")
-        return Principal("oauth2", subject)
+        # Subjects are unique only per issuer: scope them so two issuers' "alice" stay apart.
+        return Principal("oauth2", f"{self._issuer}:{subject}")
 
     def _key(self, kid: object) -> Any:
         candidates = [k for k in self._keys.keys if kid is None or k.key_id == kid]
@@ -191,8 +192,16 @@ class AuthPolicy:
         return self.instances.get(instance_id, self.default)
 
     def authenticate(self, instance_id: str, credentials: Credentials) -> Principal:
-        """Authenticate a request for `instance_id` (raises Unauthenticated)."""
-        return self.plugin(instance_id).authenticate(credentials)
+        """Authenticate a request for `instance_id` (raises Unauthenticated).
+
+        API-key names are chosen per instance, so they are scoped by it (`api-key:<instance>:<name>`,
+        `*` for the default plugin's keys): two tenants' "alice" never share a bucket or a stream.
+        """
+        principal = self.plugin(instance_id).authenticate(credentials)
+        if principal.kind == "api-key":
+            scope = instance_id if instance_id in self.instances else "*"
+            return Principal(principal.kind, f"{scope}:{principal.name}")
+        return principal
 
 
 def _key_hash(name: str, value: object) -> bytes:

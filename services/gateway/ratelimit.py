@@ -6,10 +6,16 @@ bucket refuses with RESOURCE_EXHAUSTED carrying `google.rpc.RetryInfo` (when one
 be back) next to the usual ErrorInfo. The number of tracked clients is bounded: the least
 recently seen buckets are dropped first (a dropped bucket is full again, which only errs on
 the side of serving).
+
+Keys are scoped so tenants never share a bucket: `api-key:<instance>:<name>` and
+`oauth2:<issuer>:<sub>` (built by veil.services.gateway.auth), `peer:<address>` for anonymous
+callers. An IPv6 peer is bucketed by its /64: one host is routinely given a whole /64, so a
+bucket per /128 would let it mint fresh buckets at will.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import threading
 import time
@@ -22,6 +28,25 @@ from google.rpc import error_details_pb2, status_pb2
 from veil.services.common.errors import ResourceExhausted
 
 MAX_TRACKED_CLIENTS = 100_000
+PEER_PREFIX = "peer:"
+IPV6_BUCKET_PREFIX_LENGTH = 64
+
+
+def bucket_key(client: str) -> str:
+    """The bucket of `client`: itself, except that an IPv6 peer maps to its /64 network."""
+    if not client.startswith(PEER_PREFIX):
+        return client
+    host = client.removeprefix(PEER_PREFIX).removeprefix("ipv4:").removeprefix("ipv6:").strip("[]")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # drop a zone id ("fe80::1%eth0")
+    except ValueError:
+        return client  # not an address (a unix socket path, "ipv4:..."): keep it as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"{PEER_PREFIX}{address.ipv4_mapped}"
+        network = ipaddress.IPv6Network((address, IPV6_BUCKET_PREFIX_LENGTH), strict=False)
+        return f"{PEER_PREFIX}{network}"
+    return f"{PEER_PREFIX}{address}"
 
 
 class RateLimited(ResourceExhausted):
@@ -68,6 +93,7 @@ class RateLimiter:
 
     def acquire(self, client: str) -> None:
         """Take one token for `client`, or raise RateLimited with the wait until the next one."""
+        client = bucket_key(client)
         with self._lock:
             now = self._clock()
             tokens, stamp = self._buckets.pop(client, (self._burst, now))

@@ -63,10 +63,11 @@ def test_none_names_the_certificate_or_anonymous() -> None:
 def test_api_key_plugin() -> None:
     policy = _policy(_rsa_jwks()[1])
     assert policy.authenticate("payroll", Credentials(None, {"x-api-key": "s3cret"})) == Principal(
-        "api-key", "hr-bot"
+        "api-key", "payroll:hr-bot"
     )
     assert (
-        policy.authenticate("payroll", Credentials(None, {"authorization": "ApiKey s3cret"})).name == "hr-bot"
+        policy.authenticate("payroll", Credentials(None, {"authorization": "ApiKey s3cret"})).name
+        == "payroll:hr-bot"
     )
     with pytest.raises(Unauthenticated) as missing:
         policy.authenticate("payroll", Credentials("spiffe://veil/admin"))
@@ -78,7 +79,9 @@ def test_api_key_plugin() -> None:
 
 def test_oauth2_plugin_accepts_a_good_token_and_names_its_subject() -> None:
     key, jwks = _rsa_jwks()
-    assert _policy(jwks).authenticate("ballots", _bearer(_token(key))) == Principal("oauth2", "alice")
+    assert _policy(jwks).authenticate("ballots", _bearer(_token(key))) == Principal(
+        "oauth2", f"{ISSUER}:alice"
+    )
 
 
 def test_oauth2_plugin_accepts_es256() -> None:
@@ -86,7 +89,10 @@ def test_oauth2_plugin_accepts_es256() -> None:
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk["kid"] = "ec-1"
     policy = _policy({"keys": [jwk]})
-    assert policy.authenticate("ballots", _bearer(_token(key, kid="ec-1", algorithm="ES256"))).name == "alice"
+    assert (
+        policy.authenticate("ballots", _bearer(_token(key, kid="ec-1", algorithm="ES256"))).name
+        == f"{ISSUER}:alice"
+    )
 
 
 @pytest.mark.parametrize(
@@ -148,7 +154,7 @@ def test_yaml_file_with_a_relative_jwks_file(tmp_path: Path) -> None:
         "default:\n  type: none\ninstances:\n  ballots:\n    type: oauth2\n"
         f"    issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks_file: idp.json\n"
     )
-    assert load_policy(path).authenticate("ballots", _bearer(_token(key))).name == "alice"
+    assert load_policy(path).authenticate("ballots", _bearer(_token(key))).name == f"{ISSUER}:alice"
 
 
 @pytest.mark.parametrize(
