@@ -24,6 +24,7 @@ from veil.verify.collateral import (
     merge_tcb_status,
 )
 from veil.verify.errors import CollateralError, CollateralExpiredError, QuoteError, RevokedError
+from veil.verify.pck import _signed_by
 from veil.verify.verifier import VerifiedQuote, verify_quote
 
 from . import fakes
@@ -456,3 +457,32 @@ def test_random_collateral_mutation_is_refused_or_harmless(
     if key.endswith("_signature"):
         assert bytes.fromhex(forged[key]) == bytes.fromhex(text)
     assert outcome.tcb_status == "ConfigurationAndSWHardeningNeeded"
+
+
+def test_a_repeat_verification_reuses_the_checks_but_not_the_verdicts_on_time_or_tampering(
+    quote_a: bytes,
+    collateral_a: Collateral,
+    collateral_a_json: dict[str, Any],
+    intel_root: ec.EllipticCurvePublicKey,
+) -> None:
+    """Parsing and signature checks are memoized by their exact bytes; validity windows are
+    judged on every call, and a document changed after a cached success is checked anew."""
+    first = verify_quote(quote_a, root_public_key=intel_root, collateral=collateral_a, now=NOW)
+    hits = _signed_by.cache_info().hits
+    again = verify_quote(quote_a, root_public_key=intel_root, collateral=collateral_a, now=NOW)
+    assert _signed_by.cache_info().hits > hits  # the chains were not verified again
+    assert (again.tcb_status, again.advisory_ids) == (first.tcb_status, first.advisory_ids)
+    with pytest.raises(CollateralExpiredError):  # the same cached documents, a later time
+        verify_quote(quote_a, root_public_key=intel_root, collateral=collateral_a, now=AFTER_COLLATERAL)
+    forged = dict(
+        collateral_a_json,
+        tcb_info=collateral_a_json["tcb_info"].replace(
+            '"tcbStatus":"OutOfDate"', '"tcbStatus":"UpToDate"', 1
+        ),
+    )
+    with pytest.raises(CollateralError, match="TCB info signature"):
+        verify_quote(quote_a, root_public_key=intel_root, collateral=_collateral(forged), now=NOW)
+    flipped = bytearray(quote_a)
+    flipped[-700] ^= 0x01  # inside the PCK leaf certificate
+    with pytest.raises(QuoteError):
+        verify_quote(bytes(flipped), root_public_key=intel_root, collateral=collateral_a, now=NOW)

@@ -35,6 +35,7 @@ from veil.verify.pck import (
     PckChain,
     common_name,
     ecdsa_p256_verify,
+    memoized,
     p256_public_key,
     parse_pem_chain,
     same_public_key,
@@ -192,6 +193,7 @@ def _crl_bytes(text: str, key: str) -> bytes:
         raise CollateralError(f"collateral: {key!r} is neither hex DER nor PEM") from None
 
 
+@memoized
 def _load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
     try:
         if data.lstrip().startswith(b"-----BEGIN"):
@@ -264,6 +266,7 @@ class QeIdentity:
     levels: tuple[QeTcbLevel, ...]
 
 
+@memoized
 def parse_tcb_info(data: bytes) -> TcbInfo:
     """Parse signed TCB info JSON (the ``tcbInfo`` object); accepts only SGX v3."""
     what = "TCB info"
@@ -321,6 +324,7 @@ def _parse_tcb_level(obj: dict[str, Any]) -> TcbLevel:
     )
 
 
+@memoized
 def parse_qe_identity(data: bytes) -> QeIdentity:
     """Parse signed QE identity JSON (the ``enclaveIdentity`` object); accepts only QE v2."""
     what = "QE identity"

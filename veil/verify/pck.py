@@ -12,6 +12,7 @@ The PCK leaf's SGX extension (OID 1.2.840.113741.1.13.1) is opaque to ``cryptogr
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +102,13 @@ DECODE_ERRORS: tuple[type[Exception], ...] = (
 
 _SIGNATURE_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, InvalidSignature)
 
+# Parsing and signature checks are pure functions of the exact bytes, and a verifier sees the
+# same PCK chains and collateral again and again (every attestation of a platform): they are
+# memoized, bounded. Validity times and revocation are still checked on every call.
+memoized = functools.lru_cache(maxsize=512)
 
+
+@memoized
 def _load_certificate(pem_block: bytes) -> x509.Certificate:
     cert = x509.load_pem_x509_certificate(pem_block)
     # cryptography decodes names, extensions and keys lazily: decode them now so a broken
@@ -137,6 +144,16 @@ def parse_pem_chain(
     if not certs:
         raise error(f"{what}: no certificates")
     return certs
+
+
+@memoized
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer`'s key signed `cert` (certificates compare and hash by their DER)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except _SIGNATURE_ERRORS:
+        return False
+    return True
 
 
 def common_name(name: x509.Name) -> str:
@@ -189,10 +206,8 @@ def verify_chain_to_root(
         label = f"{what} {labels[index]} ({common_name(cert.subject) or 'no CN'})"
         _check_validity(cert, now, label, error)
         issuer = certs[index + 1] if index + 1 < len(certs) else root
-        try:
-            cert.verify_directly_issued_by(issuer)
-        except _SIGNATURE_ERRORS:
-            raise error(f"{label} is not signed by its issuer") from None
+        if not _signed_by(cert, issuer):
+            raise error(f"{label} is not signed by its issuer")
         constraints = _basic_constraints(cert)
         is_ca = constraints is not None and constraints.ca
         if index == 0 and not leaf_is_ca:
@@ -335,6 +350,7 @@ class SgxExtension:
     sgx_type: int | None
 
 
+@memoized
 def parse_sgx_extension(cert: x509.Certificate) -> SgxExtension:
     """Decode the SGX extension of a PCK certificate."""
     try:
