@@ -105,6 +105,21 @@ def test_forged_signature_and_unknown_kid(
         verify(unknown, ring, clock)
 
 
+def test_a_verified_token_is_remembered_only_with_its_exact_key(
+    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+) -> None:
+    """The signature check is memoized by token and exact JWK: a JWKS that later maps the kid to
+    another key (a rotation gone wrong, an attacker's JWKS) does not inherit the earlier verdict,
+    and a caller changing the claims it got changes nothing for the next verification."""
+    issued = enclave.token(issuer)
+    first = verify(issued.token, ring, clock)
+    first.claims["x-ms-sgx-is-debuggable"] = True  # a careless caller
+    assert verify(issued.token, ring, clock).claims["x-ms-sgx-is-debuggable"] is False
+    other = dict(public_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()), kid=issued.kid)
+    with pytest.raises(TokenError, match="signature does not verify"):
+        verify_token(issued.token, {"keys": [other]}, issuer=ISSUER, now=clock())
+
+
 def test_tampered_payload(
     issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
 ) -> None:

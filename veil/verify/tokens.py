@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -170,7 +172,17 @@ def verify_token(
     matches = [key for key in keys if isinstance(key, Mapping) and key.get("kid") == kid]
     if len(matches) != 1:
         raise TokenError(f"token kid {kid!r} is not a known signing key")
-    public_key = _jwk_public_key(matches[0])
+    # The exact key (not only its kid) is part of the memo's key: a token is never taken as
+    # verified by a key the JWKS no longer holds.
+    claims = copy.deepcopy(_signed_claims(token, json.dumps(matches[0], sort_keys=True)))
+    return _check_claims(claims, kid=kid, issuer=issuer, now=now, leeway_s=leeway_s)
+
+
+@functools.lru_cache(maxsize=1024)
+def _signed_claims(token: str, jwk_json: str) -> dict[str, Any]:
+    """The claims of `token` if the JWK signed it (memoized: a verifier sees the same token on
+    every head advance of its enclave; times and claims are checked by the caller each time)."""
+    public_key = _jwk_public_key(json.loads(jwk_json))
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -190,7 +202,7 @@ def verify_token(
         )
     except jwt.InvalidTokenError:
         raise TokenError("token signature does not verify") from None
-    return _check_claims(claims, kid=kid, issuer=issuer, now=now, leeway_s=leeway_s)
+    return claims
 
 
 def _int_claim(claims: Mapping[str, Any], name: str) -> int:
