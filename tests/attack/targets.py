@@ -45,6 +45,7 @@ from veil.enclave import commands, crypto, wire
 from veil.enclave.dispatcher import ecall_table
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.sdk.sealing import seal_plaintext
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.verify import QuoteError, VerifiedQuote, parse_quote, verify_quote
 from veil.verify.collateral import Collateral
@@ -290,20 +291,6 @@ def build_command(client: Client, call: bytes) -> command_pb2.Command:
     return command
 
 
-def seal_plaintext(
-    world: World, plaintext: bytes, instance_id: str, suite: int = crypto.X25519_SUITE
-) -> envelope_pb2.SealedCommand:
-    """HPKE-seal arbitrary plaintext to the enclave exactly as a client seals a Command."""
-    keys = world.harness.keys
-    public = (
-        keys.hpke_x25519_public_key if suite == crypto.X25519_SUITE else keys.hpke_mlkem768x25519_public_key
-    )
-    enc, ciphertext = crypto.hpke_seal(
-        suite, public, plaintext, info=wire.COMMAND_INFO, aad=wire.command_aad(instance_id)
-    )
-    return envelope_pb2.SealedCommand(suite=suite, encapsulated_key=enc, ciphertext=ciphertext)  # type: ignore[arg-type]
-
-
 def _hostile_call(rng: random.Random, instance_id: str) -> bytes:
     kind = rng.randrange(5)
     if kind == 0:
@@ -354,7 +341,7 @@ def bad_command(rng: random.Random, world: World, instance_id: str) -> BadComman
     suite = crypto.X25519_SUITE
     instance_aad = instance_id
     if kind in ("sealed-field", "sealed-suite"):
-        sealed = seal_plaintext(world, command.SerializeToString(), instance_id)
+        sealed = seal_plaintext(world.harness.keys, command.SerializeToString(), instance_id=instance_id)
         mutated = envelope_pb2.SealedCommand()
         mutated.CopyFrom(sealed)
         if kind == "sealed-suite":
@@ -401,7 +388,7 @@ def bad_command(rng: random.Random, world: World, instance_id: str) -> BadComman
     else:  # a valid command, but under the post-quantum suite with a mutated plaintext
         suite = crypto.MLKEM768X25519_SUITE
         plaintext = mutate(rng, command.SerializeToString())
-    sealed = seal_plaintext(world, plaintext, instance_aad, suite)
+    sealed = seal_plaintext(world.harness.keys, plaintext, instance_id=instance_aad, suite=suite)
     return BadCommand(kind, sealed, command.response_key, command.request_id)
 
 

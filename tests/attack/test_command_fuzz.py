@@ -24,7 +24,8 @@ from tests.attack.conftest import WorldBox
 from tests.attack.enclave_world import INSTANCES, good_call
 from tests.attack.mutations import HOSTILE_TOKENS
 from tests.attack.profile import attack_settings
-from tests.attack.targets import BadCommand, bad_command, build_command, check_batch, seal_plaintext
+from tests.attack.targets import BadCommand, bad_command, build_command, check_batch
+from veil.sdk.sealing import seal_plaintext
 
 
 @pytest.mark.parametrize("instance_id", INSTANCES)
@@ -45,7 +46,7 @@ def test_a_hostile_oauth2_token_is_unauthenticated_and_fails_alone(world_box: Wo
     sender = world.client("o")
     command = build_command(sender, good_call("o").SerializeToString())
     command.auth.oauth2.jwt = HOSTILE_TOKENS[name]
-    sealed = seal_plaintext(world, command.SerializeToString(), "o")
+    sealed = seal_plaintext(world.harness.keys, command.SerializeToString(), instance_id="o")
     bad = BadCommand("hostile-jwt", sealed, command.response_key, command.request_id)
     label, accepted = check_batch(random.Random(0), world, "o", bad)
     assert not accepted

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
-from veil.enclave import commands, crypto, wire
+from veil.enclave import commands, wire
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.sdk.sealing import SealedRequest, open_outcome, seal_plaintext, signing_bytes
 from veil.services.state.enclave_host import EnclaveHost
 
 X25519 = envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM
@@ -109,14 +110,8 @@ class KeyvaultView:
     head: envelope_pb2.CommitHead
 
 
-@dataclass
-class Sealed:
-    """A sealed command and what the client needs to read its answer."""
-
-    command: envelope_pb2.SealedCommand
-    response_key: bytes
-    instance_id: str
-    request_id: str
+#: A sealed command and what the client needs to read its answer: the SDK's.
+Sealed = SealedRequest
 
 
 @dataclass
@@ -141,15 +136,8 @@ class Client:
     def prove(self, command: command_pb2.Command) -> None:
         """Attach this client's identity proof (signature, JWT or anonymous account) to `command`."""
         if self.signer is not None:
-            message = wire.command_signing_bytes(
-                instance_id=command.instance_id,
-                counter=command.counter,
-                request_id=command.request_id,
-                response_key=command.response_key,
-                call=command.call,
-            )
             command.auth.signature.public_key = self.signer.public_key().public_bytes_raw()
-            command.auth.signature.signature = self.signer.sign(message)
+            command.auth.signature.signature = self.signer.sign(signing_bytes(command))
         elif self.jwt is not None:
             command.auth.oauth2.jwt = self.jwt
         else:
@@ -176,39 +164,18 @@ class Client:
             call=call.SerializeToString(),
         )
         self.prove(command)
-        public = (
-            self.keys.hpke_x25519_public_key if suite == X25519 else self.keys.hpke_mlkem768x25519_public_key
+        aad_instance = aad_instance or self.instance_id
+        sealed = seal_plaintext(self.keys, command.SerializeToString(), instance_id=aad_instance, suite=suite)
+        return Sealed(
+            command.instance_id, command.request_id, counter, self.identity, command.response_key, sealed
         )
-        enc, ciphertext = crypto.hpke_seal(
-            suite,
-            public,
-            command.SerializeToString(),
-            info=wire.COMMAND_INFO,
-            aad=wire.command_aad(aad_instance or self.instance_id),
-        )
-        sealed = envelope_pb2.SealedCommand(suite=suite, encapsulated_key=enc, ciphertext=ciphertext)  # type: ignore[arg-type]
-        return Sealed(sealed, command.response_key, command.instance_id, command.request_id)
 
     def read(self, sealed: Sealed, outcome: envelope_pb2.CommandOutcome) -> command_pb2.CommandResult:
-        """Open the sealed response and check its receipt; returns the command result."""
-        assert outcome.sealed_response, f"no sealed response: {outcome.error}"
-        response = commands.open_response(
-            sealed.response_key, outcome.sealed_response, sealed.instance_id, sealed.request_id
-        )
-        assert response.request_id == sealed.request_id
-        if response.HasField("receipt"):
-            receipt = response.receipt
-            assert wire.verify_receipt(receipt, self.keys.signing_public_key)
-            assert receipt.result_hash == hashlib.sha256(response.result).digest()
-            assert receipt.command_hash == wire.command_hash(
-                sealed.command.encapsulated_key, sealed.command.ciphertext
-            )
-            assert receipt.instance_id == sealed.instance_id
-            if outcome.accepted:
-                assert receipt.kind == envelope_pb2.RECEIPT_KIND_COMMAND
-                assert receipt.sequence == outcome.sequence
-            self.receipts.append(receipt)
-        return command_pb2.CommandResult.FromString(response.result)
+        """Open the sealed response and check its receipt (the SDK's checks); returns the result."""
+        opened = open_outcome(sealed, outcome, self.keys.signing_public_key, query=sealed.counter == 0)
+        if opened.receipt is not None:
+            self.receipts.append(opened.receipt)
+        return opened.result
 
 
 @dataclass

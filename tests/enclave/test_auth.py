@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from tests.enclave.support import NOW_MS, Harness, config, error_code, vault
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
+from veil.sdk.sealing import SealedRequest, seal_plaintext, signing_bytes
 from veil.services.state.enclave_host import EnclaveCallError
 
 ISSUER, AUDIENCE = "https://login.example", "veil"
@@ -138,12 +139,7 @@ def test_signature_scheme_account_is_the_key_and_other_keys_are_refused(harness:
     assert got.result.vault.get.data == b"d"
 
     before = harness.enclave.state_digest()
-    forger = harness.client("s", signer=ed25519.Ed25519PrivateKey.generate(), counter=client.counter)
-    sealed = forger.seal(PUT)
     # Claim the victim's public key, sign with another key.
-    from veil.enclave import crypto, wire
-    from veil.enclave.v1 import command_pb2
-
     command = command_pb2.Command(
         instance_id="s",
         counter=client.counter + 1,
@@ -151,22 +147,16 @@ def test_signature_scheme_account_is_the_key_and_other_keys_are_refused(harness:
         response_key=bytes(32),
         call=PUT.SerializeToString(),
     )
-    message = wire.command_signing_bytes(
-        instance_id="s", counter=command.counter, request_id="r-1", response_key=bytes(32), call=command.call
-    )
     command.auth.signature.public_key = key.public_key().public_bytes_raw()
-    command.auth.signature.signature = ed25519.Ed25519PrivateKey.generate().sign(message)
-    enc, ciphertext = crypto.hpke_seal(
-        crypto.X25519_SUITE,
-        harness.keys.hpke_x25519_public_key,
-        command.SerializeToString(),
-        wire.COMMAND_INFO,
-        b"s",
+    command.auth.signature.signature = ed25519.Ed25519PrivateKey.generate().sign(signing_bytes(command))
+    sealed = SealedRequest(
+        "s",
+        "r-1",
+        command.counter,
+        client.identity,
+        bytes(32),
+        seal_plaintext(harness.keys, command.SerializeToString(), instance_id="s"),
     )
-    sealed.command.CopyFrom(
-        envelope_pb2.SealedCommand(suite=crypto.X25519_SUITE, encapsulated_key=enc, ciphertext=ciphertext)
-    )
-    sealed.response_key, sealed.request_id = bytes(32), "r-1"
     (outcome,) = harness.run("s", sealed)
     assert error_code(client.read(sealed, outcome)) == "UNAUTHENTICATED"
     assert harness.enclave.state_digest() == before

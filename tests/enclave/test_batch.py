@@ -13,6 +13,7 @@ from veil.enclave import crypto, wire
 from veil.enclave.providers.sealing import SimSealingProvider
 from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, storage_pb2
+from veil.sdk.sealing import seal_plaintext, signing_bytes
 
 
 class _NoQuotes:
@@ -136,30 +137,16 @@ def _seal_for(
             blob = envelope_pb2.SealedCommand(
                 suite=crypto.X25519_SUITE, encapsulated_key=bytes(32), ciphertext=b"junk"
             )
-            sealed.append(Sealed(blob, bytes(32), instance_id, "-"))
+            sealed.append(Sealed(instance_id, "-", 0, "", bytes(32), blob))
             continue
         command = command_pb2.Command.FromString(template.SerializeToString())
         command.instance_id = instance_id
-        message = wire.command_signing_bytes(
-            instance_id=instance_id,
-            counter=command.counter,
-            request_id=command.request_id,
-            response_key=command.response_key,
-            call=command.call,
-        )
         command.auth.signature.public_key = keys[who].public_key().public_bytes_raw()
-        command.auth.signature.signature = keys[who].sign(message)
-        enc, ciphertext = crypto.hpke_seal(
-            crypto.X25519_SUITE,
-            harness.keys.hpke_x25519_public_key,
-            command.SerializeToString(),
-            wire.COMMAND_INFO,
-            instance_id.encode(),
+        command.auth.signature.signature = keys[who].sign(signing_bytes(command))
+        blob = seal_plaintext(harness.keys, command.SerializeToString(), instance_id=instance_id)
+        sealed.append(
+            Sealed(instance_id, command.request_id, command.counter, "", command.response_key, blob)
         )
-        blob = envelope_pb2.SealedCommand(
-            suite=crypto.X25519_SUITE, encapsulated_key=enc, ciphertext=ciphertext
-        )
-        sealed.append(Sealed(blob, command.response_key, instance_id, command.request_id))
     return sealed
 
 

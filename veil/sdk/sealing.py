@@ -68,26 +68,9 @@ def seal_command(
         response_key=secrets.token_bytes(crypto.KEY_SIZE),
         call=call.SerializeToString(deterministic=True),
     )
-    signing_bytes = wire.command_signing_bytes(
-        instance_id=instance_id,
-        counter=counter,
-        request_id=request_id,
-        response_key=command.response_key,
-        call=command.call,
-    )
-    command.auth.CopyFrom(identity.proof(scheme, signing_bytes))
-    public = keys.hpke_x25519_public_key if suite == X25519_SUITE else keys.hpke_mlkem768x25519_public_key
-    enc, ciphertext = crypto.hpke_seal(
-        suite,
-        public,
-        command.SerializeToString(deterministic=True),
-        info=wire.COMMAND_INFO,
-        aad=wire.command_aad(instance_id),
-    )
-    sealed = envelope_pb2.SealedCommand(
-        suite=suite,  # type: ignore[arg-type]  # one of the two HpkeSuite values above
-        encapsulated_key=enc,
-        ciphertext=ciphertext,
+    command.auth.CopyFrom(identity.proof(scheme, signing_bytes(command)))
+    sealed = seal_plaintext(
+        keys, command.SerializeToString(deterministic=True), instance_id=instance_id, suite=suite
     )
     return SealedRequest(
         instance_id=instance_id,
@@ -96,6 +79,32 @@ def seal_command(
         account=_account(identity),
         response_key=command.response_key,
         command=sealed,
+    )
+
+
+def signing_bytes(command: command_pb2.Command) -> bytes:
+    """What a signature proof covers: the command's instance, counter, request, response key and call."""
+    return wire.command_signing_bytes(
+        instance_id=command.instance_id,
+        counter=command.counter,
+        request_id=command.request_id,
+        response_key=command.response_key,
+        call=command.call,
+    )
+
+
+def seal_plaintext(
+    keys: envelope_pb2.EnclavePublicKeys, plaintext: bytes, *, instance_id: str, suite: int = X25519_SUITE
+) -> envelope_pb2.SealedCommand:
+    """HPKE-seal a serialized Command to the enclave's key of `suite`, bound to `instance_id`."""
+    public = keys.hpke_x25519_public_key if suite == X25519_SUITE else keys.hpke_mlkem768x25519_public_key
+    enc, ciphertext = crypto.hpke_seal(
+        suite, public, plaintext, info=wire.COMMAND_INFO, aad=wire.command_aad(instance_id)
+    )
+    return envelope_pb2.SealedCommand(
+        suite=suite,  # type: ignore[arg-type]  # one of the two HpkeSuite values
+        encapsulated_key=enc,
+        ciphertext=ciphertext,
     )
 
 
