@@ -6,22 +6,22 @@ import path from "node:path";
 import { parseArgs } from "node:util";
 
 import {
-  CommandRefused,
   FileCounters,
   InstancePins,
-  IntegrityError,
   OutcomeUnknown,
+  ResultLost,
   VeilNodeClient,
   loadIdentity,
   loadPolicy,
   messages,
+  resolveRecipient,
 } from "./veil-client.mjs";
 
-const USAGE = `usage: node transfer.mjs --key FILE --instance ID --to ACCOUNT --amount N
+const USAGE = `usage: node transfer.mjs --key FILE --instance ID --to RECIPIENT --amount N
                         [--gateway HOST:PORT] [--data-dir DIR] [--policy FILE]
                         [--server-name NAME] [--counters FILE]
 
-Transfer N tokens from the key's account to ACCOUNT (hex) on a token instance, through a Veil
+Transfer N tokens from the key's account to RECIPIENT on a token instance, through a Veil
 gateway, after verifying the enclave: DCAP quote to the pinned SGX root (Intel's QE), report
 data binding its keys, the keyvault token (against the pinned JWKS), the expected measurement
 and keyvault, and the instance's enclave-signed descriptor. The command is sealed to the
@@ -34,7 +34,9 @@ enclave and its answer and signed receipt are verified.
                         policy restricting accepted_tcb_statuses must pin jwks
   --key FILE            Ed25519 identity key (PKCS#8 PEM, mode 0600)
   --instance ID         token instance
-  --to ACCOUNT          receiving account
+  --to RECIPIENT        who receives: a local identity's name (DIR/identities/NAME.pub), a
+                        contact's name (\`veil contact add NAME ACCOUNT\`) or an account (64
+                        lowercase hex characters); anything else is refused before sealing
   --amount N            number of tokens
   --server-name NAME    name expected in the gateway's certificate (e.g. localhost)
   --counters FILE       the accounts' last accepted counters (default DIR/counters.json, shared
@@ -85,6 +87,7 @@ const dataDir = values["data-dir"];
 let client;
 let status = 1;
 try {
+  const recipient = resolveRecipient(dataDir, values.to); // a mistyped name never becomes an account
   const policy = loadPolicy(values.policy ?? path.join(dataDir, "expected-measurement.json"));
   if (policy.root !== "dev" && !policy.root.endsWith(".pem")) fail("this client pins a PEM root or the dev root");
   const rootPem = readFileSync(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root);
@@ -98,15 +101,18 @@ try {
     pins: new InstancePins(path.join(dataDir, "instances.json")),
   });
   const attestation = await client.attest(values.instance);
-  const opened = await client.execute(values.instance, { token: { transfer: { to: values.to, amount: values.amount } } }, identity);
-  if (opened.resultLost) {
-    status = 3;
-    throw new Error(`the transfer ran (log sequence ${opened.sequence}, the enclave says so) but its answer was lost; do not send it again`);
+  const tokens = client.token(values.instance, identity);
+  let balance;
+  try {
+    balance = await tokens.transfer(recipient.account, values.amount);
+  } catch (error) {
+    if (error instanceof ResultLost) {
+      status = 3;
+      throw new Error(`the transfer ran (log sequence ${error.sequence}, the enclave says so) but its answer was lost; do not send it again`);
+    }
+    throw error;
   }
-  const { error, result } = opened.result;
-  if (error) throw new CommandRefused(error.code, error.message ?? "");
-  const balance = result?.token?.transfer?.amount;
-  if (balance === undefined) throw new IntegrityError("the enclave answered a token.transfer call with another result");
+  const opened = tokens.last;
   const descriptor = attestation.descriptor;
   process.stdout.write(
     `${JSON.stringify({
@@ -123,8 +129,9 @@ try {
         },
       },
       account: identity.account,
+      to: recipient,
       counter: opened.counter,
-      balance,
+      balance: balance.toString(),
       receipt: opened.receipt,
     })}\n`,
   );

@@ -31,8 +31,11 @@
 //   5. counters: the enclave's typed CounterState decides whether a call ran; after an
 //      ambiguous attempt the call is only ever sealed again under the same counter.
 //
-// Failures throw PolicyError / AttestationError (nothing sent), IntegrityError,
-// CommandRefused, OutcomeUnknown, ResultLost or GatewayError.
+//   6. recipients: a transfer names a local identity, a contact (the Python SDK's files) or a
+//      canonical account, never a free-form string the enclave would take as a new account.
+//
+// Failures throw PolicyError / AttestationError / IdentityError / InputError (nothing sent),
+// IntegrityError, CommandRefused, OutcomeUnknown, ResultLost or GatewayError.
 
 import {
   createDecipheriv,
@@ -45,7 +48,7 @@ import {
   verify,
   X509Certificate,
 } from "node:crypto";
-import { readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -85,6 +88,13 @@ export class AttestationError extends VeilError {
 
 // An identity cannot (or must not) prove itself to this instance; nothing was sent.
 export class IdentityError extends VeilError {}
+
+// A recipient that is neither a known identity or contact nor an account in canonical form.
+export class UnknownRecipient extends IdentityError {}
+
+// An argument the enclave could never accept as meant (an amount out of range, a malformed
+// request id); nothing was sent.
+export class InputError extends VeilError {}
 
 // An answer or receipt does not authenticate: the host or the gateway tampered.
 export class IntegrityError extends VeilError {}
@@ -866,6 +876,114 @@ export function signatureProof(scheme, identity, signingBytes) {
   throw new IdentityError(`an Ed25519 identity cannot prove a ${name.replace(/^AUTH_SCHEME_/, "").toLowerCase()} identity`);
 }
 
+// --- recipients (veil/sdk/contacts.py) ---------------------------------------------------------------
+
+export const IDENTITIES_DIR = "identities";
+export const CONTACTS_FILE = "contacts.json"; // <data_dir>/identities/contacts.json: {name: account}
+export const ACCOUNT_HEX_CHARS = 64;
+const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const CANONICAL_ACCOUNT = /^[0-9a-f]{64}$/;
+const MAX_ACCOUNT_CHARS = 256;
+
+// 64 lowercase hex characters: the account of an Ed25519 key.
+export function isCanonicalAccount(value) {
+  return typeof value === "string" && CANONICAL_ACCOUNT.test(value);
+}
+
+// Every contact (name -> account), as `veil contact add` writes them; none without the file.
+export function loadContacts(dataDir) {
+  const file = path.join(dataDir, IDENTITIES_DIR, CONTACTS_FILE);
+  let document;
+  try {
+    document = JSON.parse(readFileSync(file, "utf8"));
+  } catch (error) {
+    if (error.code === "ENOENT") return {};
+    throw new IdentityError(`cannot read contacts ${file}: ${error.code ?? error.message}`);
+  }
+  const valid =
+    document !== null && typeof document === "object" && !Array.isArray(document) && Object.values(document).every((v) => typeof v === "string");
+  if (!valid) throw new IdentityError(`${file} is not a JSON object of name -> account`);
+  return document;
+}
+
+function identityAccount(dataDir, name) {
+  try {
+    return readFileSync(path.join(dataDir, IDENTITIES_DIR, `${name}.pub`), "utf8").trim();
+  } catch {
+    return null;
+  }
+}
+
+// The account `value` names, and the name it is known by: a local identity, then a contact,
+// then an account in canonical form; UnknownRecipient for anything else (nothing is sent).
+export function resolveRecipient(dataDir, value) {
+  const text = String(value ?? "");
+  if (NAME.test(text)) {
+    const own = identityAccount(dataDir, text);
+    if (own !== null) return { name: text, account: own };
+    const contacts = loadContacts(dataDir);
+    if (Object.hasOwn(contacts, text)) return { name: text, account: contacts[text] };
+  }
+  if (isCanonicalAccount(text)) return { name: accountName(dataDir, text), account: text };
+  throw new UnknownRecipient(
+    `${JSON.stringify(text.slice(0, 80))} is not a known identity or contact, nor an account (${ACCOUNT_HEX_CHARS} lowercase ` +
+      `hex characters); nothing was sent (add it with \`veil contact add NAME ACCOUNT\`)`,
+  );
+}
+
+// The name an account is known by (identities before contacts), or null.
+export function accountName(dataDir, account) {
+  let names = [];
+  try {
+    names = readdirSync(path.join(dataDir, IDENTITIES_DIR)).filter((f) => f.endsWith(".pub")).sort();
+  } catch {
+    // No identities directory: no names.
+  }
+  for (const file of names) {
+    const name = file.slice(0, -4);
+    if (identityAccount(dataDir, name) === account) return name;
+  }
+  let contacts = {};
+  try {
+    contacts = loadContacts(dataDir);
+  } catch {
+    // An unreadable address book only costs the name.
+  }
+  return Object.keys(contacts).sort().find((name) => contacts[name] === account) ?? null;
+}
+
+// An account a command of an instance under `scheme` may name: under signatures only an Ed25519
+// key can ever act, so anything else would take the tokens for good.
+export function checkRecipient(scheme, account) {
+  const name = messages.AuthScheme.valuesById[scheme] ?? String(scheme);
+  if (name === "AUTH_SCHEME_SIGNATURE") {
+    if (!isCanonicalAccount(account)) {
+      throw new UnknownRecipient(
+        `${JSON.stringify(String(account).slice(0, 80))} is not an account of this instance (it authenticates Ed25519 keys: ` +
+          `${ACCOUNT_HEX_CHARS} lowercase hex characters); nothing was sent`,
+      );
+    }
+  } else if (typeof account !== "string" || !account || account.length > MAX_ACCOUNT_CHARS || /[\u0000-\u001f\u007f]/.test(account)) {
+    throw new UnknownRecipient(`an account is 1 to ${MAX_ACCOUNT_CHARS} printable characters; nothing was sent`);
+  }
+  return account;
+}
+
+export const MAX_UINT64 = (1n << 64n) - 1n;
+
+// A token amount: a positive integer the enclave's uint64 holds exactly (never wrapped), as a
+// decimal string; a number, bigint or decimal string in.
+export function checkAmount(value) {
+  let amount = null;
+  if (typeof value === "bigint") amount = value;
+  else if (typeof value === "number" && Number.isSafeInteger(value)) amount = BigInt(value);
+  else if (typeof value === "string" && /^[0-9]{1,30}$/.test(value)) amount = BigInt(value);
+  if (amount === null || amount < 1n || amount > MAX_UINT64) {
+    throw new InputError(`the amount must be a whole number from 1 to ${MAX_UINT64}; nothing was sent`);
+  }
+  return amount.toString();
+}
+
 // --- sealing and opening ------------------------------------------------------------------------
 
 const HPKE = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes128Gcm() });
@@ -1006,6 +1124,11 @@ export class VeilNodeClient {
 
   close() {
     this.stub.close();
+  }
+
+  // Token calls on `instanceId` as `identity` (see TokenClient).
+  token(instanceId, identity) {
+    return new TokenClient(this, instanceId, identity);
   }
 
   newRequestId() {
@@ -1183,5 +1306,51 @@ export class VeilNodeClient {
       receipt: null,
       resultLost: true,
     };
+  }
+}
+
+// --- apps (veil/sdk/apps.py) --------------------------------------------------------------------
+
+// Token calls as one identity on one instance. The amount and the recipient are checked before
+// anything is sealed (the recipient against the auth scheme the enclave signed for the
+// instance); an enclave refusal throws CommandRefused, an answer lost after the command ran
+// ResultLost. `last` keeps the verified answer (counter, log sequence, receipt).
+export class TokenClient {
+  constructor(client, instanceId, identity) {
+    this.client = client;
+    this.instanceId = instanceId;
+    this.identity = identity;
+    this.last = null;
+  }
+
+  get account() {
+    return this.identity.account;
+  }
+
+  // Create tokens for `to` (issuer only); resolves to the new total supply (a bigint).
+  mint(to, amount) {
+    return this.run("mint", to, amount);
+  }
+
+  // Move tokens to `to`; resolves to this identity's balance afterwards (a bigint).
+  transfer(to, amount) {
+    return this.run("transfer", to, amount);
+  }
+
+  async run(method, to, amount) {
+    const value = checkAmount(amount);
+    const attestation = await this.client.attest(this.instanceId);
+    if (!attestation.descriptor) throw new AttestationError(`the enclave did not describe instance ${JSON.stringify(this.instanceId)}`);
+    checkRecipient(attestation.descriptor.config.authScheme, to);
+    const opened = await this.client.execute(this.instanceId, { token: { [method]: { to, amount: value } } }, this.identity);
+    this.last = opened;
+    if (opened.resultLost) throw new ResultLost(this.instanceId, opened.sequence);
+    const { error, result } = opened.message;
+    if (error) throw new CommandRefused(codeName(error.code), error.message ?? "", opened.receipt);
+    // A decoded oneof names its member; a zero amount is absent on the wire, so read the message.
+    if (result?.result !== "token" || result.token.method !== method) {
+      throw new IntegrityError(`the enclave answered a token.${method} call with another result`);
+    }
+    return BigInt(result.token[method].amount.toString());
   }
 }
