@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import bind_sdk, open_client, report
+from veil.cli.common import VeilParser, bind_sdk, open_client, report
 from veil.verify.bundle import VerifiedAttestation
 from veil.verify.collateral import Collateral
 from veil.verify.errors import QuoteError
@@ -54,9 +54,7 @@ def _parse_now(text: str) -> datetime:
 
 def build_parser(prog: str = "veil attest verify") -> argparse.ArgumentParser:
     """Arguments of the verify command (everything after ``verify``)."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Verify an Intel SGX DCAP quote v3 and print its identity."
-    )
+    parser = VeilParser(prog=prog, description="Verify an Intel SGX DCAP quote v3 and print its identity.")
     parser.add_argument("quote", type=Path, help="raw quote file")
     parser.add_argument("--collateral", type=Path, help="collateral JSON (dcap-qvl format)")
     parser.add_argument("--now", help="verification time, ISO 8601 (default: now; naive = UTC)")
@@ -95,8 +93,14 @@ def verify_main(argv: list[str]) -> int:
         collateral = Collateral.from_json(collateral_bytes) if collateral_bytes is not None else None
         result = verify_quote(quote_bytes, root_public_key=root, collateral=collateral, now=now)
     except QuoteError as exc:
-        print(f"error: {exc.reason}", file=sys.stderr)
+        hint = ""
+        if args.root == "intel" and dev_root_path(args.data_dir).exists():
+            hint = " (a quote from the local sim mesh chains to the dev root: add --root dev)"
+        print(f"error: {exc.reason}{hint}", file=sys.stderr)
         return EXIT_INVALID
+    except (ValueError, KeyError) as exc:  # collateral that is not what it claims to be
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     print(json.dumps(result.to_json_dict()))
     return EXIT_OK
 

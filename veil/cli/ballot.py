@@ -8,16 +8,21 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
+
 from veil.cli import output
 from veil.cli.common import (
-    account,
     acting_identity,
     bind_sdk,
+    count,
+    example,
     open_client,
     receipt_json,
     receipt_line,
+    recipient,
     report,
 )
+from veil.enclave.v1 import envelope_pb2
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
 from veil.sdk.sealing import verify_receipt
@@ -30,22 +35,36 @@ def register(commands: Subcommands) -> None:
     ballot = commands.add_parser("ballot", help="secret ballots").add_subparsers(
         dest="ballot_command", required=True
     )
-    open_ballot = ballot.add_parser("create", help="open a ballot (you become its creator)")
+    open_ballot = ballot.add_parser(
+        "create",
+        help="open a ballot (you become its creator)",
+        epilog=example(
+            'veil ballot create ballots chair --question "Who chairs?" --option alice --option bob '
+            "--voter alice --voter bob --voter carol --as clerk"
+        ),
+    )
     open_ballot.add_argument("instance")
     open_ballot.add_argument("ballot")
     open_ballot.add_argument("--question", required=True)
     open_ballot.add_argument("--option", action="append", required=True, help="a choice (repeat, 2 to 64)")
     open_ballot.add_argument(
-        "--voter", action="append", default=[], help="eligible voter (repeat; default: all)"
+        "--voter",
+        action="append",
+        default=[],
+        help="eligible voter: identity or contact name, or 64-hex account (repeat; default: all)",
     )
     open_ballot.add_argument(
         "--min-votes",
-        type=int,
+        type=count(2**32 - 1),
         default=0,
         help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
     )
     bind_sdk(open_ballot, ballot_create, identity=True)
-    vote = ballot.add_parser("vote", help="cast or replace your vote; keeps a receipt to verify later")
+    vote = ballot.add_parser(
+        "vote",
+        help="cast or replace your vote; keeps a receipt to verify later",
+        epilog=example("veil ballot vote ballots chair bob --as alice"),
+    )
     vote.add_argument("instance")
     vote.add_argument("ballot")
     vote.add_argument("option", help="option index or label")
@@ -54,11 +73,17 @@ def register(commands: Subcommands) -> None:
         ("close", ballot_close, "end voting (creator) and print the tally"),
         ("tally", ballot_tally, "print a closed ballot's tally"),
     ):
-        sub = ballot.add_parser(verb, help=text)
+        sub = ballot.add_parser(
+            verb, help=text, epilog=example(f"veil ballot {verb} ballots chair --as clerk")
+        )
         sub.add_argument("instance")
         sub.add_argument("ballot")
         bind_sdk(sub, handler, identity=True)
-    verify = ballot.add_parser("verify-receipt", help="check that your vote is counted in the tally")
+    verify = ballot.add_parser(
+        "verify-receipt",
+        help="check that your vote is counted in the tally and its receipt is the enclave's",
+        epilog=example("veil ballot verify-receipt ballots chair --as carol"),
+    )
     verify.add_argument("instance")
     verify.add_argument("ballot")
     verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
@@ -70,7 +95,9 @@ def _vote_path(args: argparse.Namespace, ballot: str, voter: str) -> Path:
 
 
 def ballot_create(args: argparse.Namespace) -> int:
-    voters = [account(args, v) for v in args.voter]
+    voters = [recipient(args, v) for v in args.voter]
+    if len(set(voters)) != len(voters):
+        raise VeilClientError("a voter is named twice (two names for one account?)")
     with open_client(args) as veil:
         ballot = veil.ballot(args.instance, acting_identity(args))
         ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
@@ -89,13 +116,14 @@ def ballot_create(args: argparse.Namespace) -> int:
 def ballot_vote(args: argparse.Namespace) -> int:
     with open_client(args) as veil:
         ballot = veil.ballot(args.instance, acting_identity(args))
-        if args.option.isdigit():
+        options = list(ballot.info(args.ballot).options)
+        if args.option in options:
+            option = options.index(args.option)
+        elif args.option.isdigit() and int(args.option) < len(options):
             option = int(args.option)
         else:
-            options = list(ballot.info(args.ballot).options)
-            if args.option not in options:
-                raise VeilClientError(f"no option {args.option!r}; options are {options}")
-            option = options.index(args.option)
+            choices = ", ".join(f"{i}: {o}" for i, o in enumerate(options))
+            raise VeilClientError(f"no option {args.option!r}; the options are {choices}")
         vote = ballot.vote(args.ballot, option)
     path = _vote_path(args, args.ballot, vote.voter)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +141,12 @@ def ballot_vote(args: argparse.Namespace) -> int:
         args,
         document,
         lambda: print(
-            f"vote cast{' (replaced your earlier vote)' if vote.replaced else ''}; "
-            f"commitment {vote.commitment.hex()}; {receipt_line(ballot.last)}\n"
+            (
+                f"this vote replaced your earlier vote (which no longer counts): now {options[option]!r}; "
+                if vote.replaced
+                else f"vote cast for {options[option]!r}; "
+            )
+            + f"commitment {vote.commitment.hex()}; {receipt_line(ballot.last)}\n"
             f"vote receipt saved to {path} (keep it: it proves your vote later)"
         ),
     )
@@ -155,30 +187,51 @@ def ballot_tally(args: argparse.Namespace) -> int:
 
 
 def ballot_verify_receipt(args: argparse.Namespace) -> int:
+    """Counted (inclusion proof) and signed (the receipt verifies under the attested enclave key).
+
+    A receipt the current enclave key does not verify is not called valid, nor "earlier": its
+    key is not proven, so the command says it could not be verified and exits 1.
+    """
+    identity = acting_identity(args)
+    path = Path(args.receipt) if args.receipt else _vote_path(args, args.ballot, identity.account)
+    try:
+        vote = VoteReceipt.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, DecodeError) as exc:
+        raise VeilClientError(f"cannot read vote receipt {path}: {exc}") from None
+    if vote.instance_id != args.instance or vote.ballot_id != args.ballot:
+        raise VeilClientError(
+            f"{path} is a receipt for ballot {vote.ballot_id!r} on {vote.instance_id!r}, "
+            f"not {args.ballot!r} on {args.instance!r}"
+        )
     with open_client(args) as veil:
-        identity = acting_identity(args)
-        path = Path(args.receipt) if args.receipt else _vote_path(args, args.ballot, identity.account)
-        try:
-            vote = VoteReceipt.from_json(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise VeilClientError(f"cannot read vote receipt {path}: {exc}") from None
         ballot = veil.ballot(args.instance, identity)
-        signature_ok = verify_receipt(vote.receipt, veil.attest(args.instance).keys.signing_public_key)
+        signing_key = veil.attest(args.instance).keys.signing_public_key
         check = ballot.verify_vote(vote)
+    root = check.tally.merkle_root.hex()
+    signed = (
+        verify_receipt(vote.receipt, signing_key)
+        and vote.receipt.instance_id == vote.instance_id
+        and vote.receipt.kind == envelope_pb2.RECEIPT_KIND_COMMAND
+    )
+    if not signed:
+        raise VeilClientError(
+            f"your vote's commitment is leaf {check.leaf_index} of {check.tree_size} under Merkle root "
+            f"{root}, but its receipt could NOT be verified: the attested enclave key does not verify "
+            "its signature (altered, or signed by an earlier enclave boot whose key is not proven)"
+        )
     document = {
         "ballot_id": vote.ballot_id,
         "counted": True,
         "leaf_index": check.leaf_index,
         "tree_size": check.tree_size,
-        "merkle_root": check.tally.merkle_root.hex(),
-        "vote_receipt_signature": "valid" if signature_ok else "signed by an earlier enclave key",
+        "merkle_root": root,
+        "vote_receipt_signature": "valid",
     }
 
     def human() -> None:
-        root = check.tally.merkle_root.hex()
         print(f"your vote is counted: leaf {check.leaf_index} of {check.tree_size} under Merkle root {root}")
         print("checked: the commitment recomputes from your option and salt; the inclusion proof")
-        print(f"         verifies against the tally's root; the counts sum to {check.tree_size}")
-        print(f"vote receipt signature: {document['vote_receipt_signature']}")
+        print(f"         verifies against the tally's root; the counts sum to {check.tree_size}; the vote")
+        print("         receipt's signature verifies under the attested enclave key")
 
     return report(args, document, human)

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import socket
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+
+import grpc
 
 from veil.cli import output
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
+from veil.sdk.contacts import names_by_account, resolve_recipient
 from veil.sdk.errors import VeilClientError
-from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, load_identity, resolve_account
+from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, load_identity
 from veil.sdk.sealing import Opened
 from veil.sdk.trust_policy import (
     ANY_TCB_STATUS,
@@ -35,8 +41,8 @@ from veil.verify import roots
 from veil.verify.errors import AttestationError
 
 if TYPE_CHECKING:
-    #: What `ArgumentParser.add_subparsers` returns: where a noun adds its parser.
-    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+    #: What `VeilParser.add_subparsers` returns: where a noun adds its parser.
+    Subcommands: TypeAlias = "argparse._SubParsersAction[VeilParser]"
 
 #: A command: the parsed arguments in, the exit status out.
 Handler = Callable[[argparse.Namespace], int]
@@ -46,8 +52,73 @@ DEFAULT_DATA_DIR = roots.DEFAULT_DATA_DIR
 ENV_GATEWAY = "VEIL_GATEWAY"
 ENV_API_KEY = "VEIL_API_KEY"
 ENV_BEARER = "VEIL_BEARER_TOKEN"
+ENV_DEBUG = "VEIL_DEBUG"
 DEFAULT_IDENTITY = "default"
 _HANDLER = "handler"
+#: How long a command waits for the gateway's TCP and TLS handshake before saying it is down.
+CONNECT_WAIT_S = 3.0
+MAX_AMOUNT = 2**64 - 1  # the apps' uint64
+_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))$")
+
+
+class VeilParser(argparse.ArgumentParser):
+    """argparse with one-line errors (and `--help` epilogs kept as written)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def example(*lines: str) -> str:
+    """A `--help` epilog showing how the command is used."""
+    return "example:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# --- argument types (argparse turns their ValueError/ArgumentTypeError into one line) ------
+
+
+def address(text: str) -> str:
+    """HOST:PORT with a non-empty host and a port in 1..65535 (IPv6 hosts in brackets)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:50051)")
+    if not _HOST.match(host):
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not a host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be a number from 1 to 65535")
+    return f"{host}:{int(port)}"
+
+
+def amount(text: str) -> int:
+    """A positive whole number of tokens that fits the apps' uint64."""
+    if not text.strip().isdigit() or not 0 < int(text) <= MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount (a whole number from 1 to {MAX_AMOUNT})")
+    return int(text)
+
+
+def count(limit: int) -> Callable[[str], int]:
+    """A whole number from 0 to `limit`."""
+
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or int(text) > limit:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {limit}")
+        return int(text)
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """A positive number of seconds (at most a day)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be above 0 and at most 86400")
+    return value
 
 
 # --- registration -------------------------------------------------------------------------
@@ -73,13 +144,33 @@ def handler_of(args: argparse.Namespace) -> Handler:
 
 
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Run a handler, turning SDK errors and refused evidence into `error: ...` on stderr and exit
-    status 1."""
+    """Run a handler; whatever goes wrong becomes one `error: ...` line on stderr and exit 1.
+
+    No input may produce a traceback: SDK errors and refused evidence say what failed, files and
+    values name the bad one, and anything unexpected is one line too (`VEIL_DEBUG=1` shows the
+    traceback).
+    """
     try:
         return handler(args)
     except (VeilClientError, AttestationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc))
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        return fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
+    except (ValueError, KeyError, grpc.RpcError) as exc:
+        return fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        return fail("interrupted", status=130)
+    except Exception as exc:  # the last line of defence: still one line
+        if os.environ.get(ENV_DEBUG):
+            traceback.print_exc()
+        return fail(f"unexpected {type(exc).__name__}: {exc} (run with {ENV_DEBUG}=1 for details)")
+
+
+def fail(message: str, status: int = 1) -> int:
+    """Print one `error:` line (newlines folded) and return the exit status."""
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return status
 
 
 # --- connection ---------------------------------------------------------------------------
@@ -88,7 +179,9 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 def connection_options(parser: argparse.ArgumentParser) -> None:
     """The options every mesh-facing command shares."""
     group = parser.add_argument_group("connection")
-    group.add_argument("--gateway", default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY), help="HOST:PORT")
+    group.add_argument(
+        "--gateway", type=address, default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY), help="HOST:PORT"
+    )
     group.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="PKI, identities, counters (.veil)")
     group.add_argument("--mrenclave", action="append", default=[], metavar="HEX", help="expected MRENCLAVE")
     group.add_argument("--root", default=None, help="SGX root for --mrenclave: intel (default), dev or a PEM")
@@ -112,7 +205,7 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-client-cert", action="store_true", help="connect without a client certificate")
     group.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help="gateway API key")
     group.add_argument("--bearer", default=os.environ.get(ENV_BEARER), help="OAuth2 bearer JWT")
-    group.add_argument("--timeout", type=float, default=15.0, help="seconds per call")
+    group.add_argument("--timeout", type=seconds, default=15.0, help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -157,7 +250,8 @@ def _jwks_file(path: Path) -> dict[str, Any]:
 
 
 def open_client(args: argparse.Namespace) -> VeilClient:
-    """Connect and verify the enclave, per the command line."""
+    """Connect and verify the enclave, per the command line; a gateway that is down or is not
+    a TLS gateway is named within a few seconds."""
     data_dir = Path(args.data_dir)
     pki = data_dir / "pki"
     ca = args.ca or pki / "ca.pem"
@@ -166,10 +260,13 @@ def open_client(args: argparse.Namespace) -> VeilClient:
         cert, key = pki / "admin.pem", pki / "admin-key.pem"
     if args.no_client_cert:
         cert = key = None
+    policy = trust_policy(args)
+    ca_path = ca if ca.exists() else None
+    wait_for_gateway(args.gateway, ca_path, cert, key)
     return connect(
         args.gateway,
-        policy=trust_policy(args),
-        ca=ca if ca.exists() else None,
+        policy=policy,
+        ca=ca_path,
         cert=cert,
         key=key,
         data_dir=data_dir,
@@ -177,6 +274,39 @@ def open_client(args: argparse.Namespace) -> VeilClient:
         bearer=args.bearer,
         timeout=args.timeout,
     )
+
+
+def wait_for_gateway(
+    gateway: str, ca: Path | None, cert: Path | None, key: Path | None, wait_s: float = CONNECT_WAIT_S
+) -> None:
+    """Fail fast: a TCP connection, then a TLS handshake, each within `wait_s` seconds."""
+    host, _, port = gateway.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=wait_s):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise VeilClientError(
+            f"cannot reach the gateway at {gateway} ({reason}); is the mesh running? start it with `make run`"
+        ) from None
+    if (cert is None) != (key is None):
+        raise VeilClientError("a client certificate needs both --cert and --key")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
+    channel = grpc.secure_channel(gateway, credentials)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=wait_s)
+    except grpc.FutureTimeoutError:
+        raise VeilClientError(
+            f"{gateway} accepts connections but completed no TLS handshake with this CA in "
+            f"{wait_s:.0f} s: is it a gateway port? (the local mesh's gateway is {DEFAULT_GATEWAY}; "
+            "start it with `make run`)"
+        ) from None
+    finally:
+        channel.close()
 
 
 def acting_identity(args: argparse.Namespace) -> Identity:
@@ -187,8 +317,16 @@ def acting_identity(args: argparse.Namespace) -> Identity:
     return load_identity(Path(args.data_dir), args.identity or DEFAULT_IDENTITY)
 
 
-def account(args: argparse.Namespace, value: str) -> str:
-    return resolve_account(Path(args.data_dir), value)
+def recipient(args: argparse.Namespace, value: str) -> str:
+    """The account a recipient names: a local identity, a contact or a 64-hex account; anything
+    else is refused before anything is sealed."""
+    return resolve_recipient(Path(args.data_dir), value)
+
+
+def namer(args: argparse.Namespace) -> Callable[[str], str]:
+    """Shows an account as its identity's or contact's name when one is known."""
+    names = names_by_account(Path(args.data_dir))
+    return lambda account: names.get(account, account)
 
 
 # --- output -------------------------------------------------------------------------------

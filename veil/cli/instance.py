@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from veil.cli import output
-from veil.cli.common import account, acting_identity, bind_sdk, open_client, report
+from veil.cli.common import acting_identity, bind_sdk, example, open_client, recipient, report
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.sdk.errors import VeilClientError
@@ -30,7 +30,11 @@ SCHEMES = {
 def register(commands: Subcommands) -> None:
     instance = commands.add_parser("instance", help="create and list app instances (admin certificate)")
     instance_commands = instance.add_subparsers(dest="instance_command", required=True)
-    create = instance_commands.add_parser("create", help="create an app instance")
+    create = instance_commands.add_parser(
+        "create",
+        help="create an app instance (an existing one with the same configuration is kept)",
+        epilog=example("veil instance create coins --app token --as treasury"),
+    )
     create.add_argument("instance", help="instance id (lowercase letters, digits, dashes)")
     create.add_argument("--app", required=True, choices=sorted(APPS))
     create.add_argument("--auth", default="signature", choices=sorted(SCHEMES))
@@ -39,9 +43,16 @@ def register(commands: Subcommands) -> None:
     create.add_argument("--oauth2-audience")
     create.add_argument("--oauth2-jwks", help="JWKS file of the OAuth2 issuer")
     bind_sdk(create, instance_create, identity=True)
-    bind_sdk(instance_commands.add_parser("list", help="list instances across shards"), instance_list)
+    bind_sdk(
+        instance_commands.add_parser(
+            "list", help="list instances across shards", epilog=example("veil instance list")
+        ),
+        instance_list,
+    )
     pin = instance_commands.add_parser(
-        "pin", help="pin an instance's genesis: later commands refuse any other instance under its id"
+        "pin",
+        help="pin an instance's genesis: later commands refuse any other instance under its id",
+        epilog=example("veil instance pin coins --genesis 9c41…(64 hex)"),
     )
     pin.add_argument("instance")
     pin.add_argument("--genesis", help="the genesis hash (hex) you expect, e.g. from its creator")
@@ -68,23 +79,24 @@ def instance_create(args: argparse.Namespace) -> int:
         config.oauth2_audience = args.oauth2_audience
         config.oauth2_jwks_json = Path(args.oauth2_jwks).read_text()
     if args.app == "token":
-        issuer = account(args, args.token_issuer) if args.token_issuer else acting_identity(args).account
+        issuer = recipient(args, args.token_issuer) if args.token_issuer else acting_identity(args).account
         try:
             config.token_issuer_public_key = bytes.fromhex(issuer)
         except ValueError:
-            raise VeilClientError("--token-issuer must be an identity name or an account (hex key)") from None
+            raise VeilClientError("--token-issuer must name an Ed25519 identity or account") from None
     with open_client(args) as veil:
+        existed = any(i.instance_id == args.instance for i in veil.list_instances())
         # The SDK checks the enclave-signed descriptor carries exactly this configuration, then pins it.
         instance, descriptor = veil.create_instance(args.instance, config)
-    document = {**_instance_json(instance), **descriptor.to_json()}
-    return report(
-        args,
-        document,
-        lambda: print(
-            f"created {args.app} instance {instance.instance_id!r} on {instance.shard}; "
-            f"genesis {descriptor.genesis_hash.hex()[:16]}… pinned"
-        ),
+    document = {**_instance_json(instance), **descriptor.to_json(), "existed": existed}
+    genesis = f"genesis {descriptor.genesis_hash.hex()[:16]}… pinned"
+    said = (
+        f"{args.app} instance {instance.instance_id!r} already exists on {instance.shard} with this "
+        f"configuration: kept, nothing created; {genesis}"
+        if existed
+        else f"created {args.app} instance {instance.instance_id!r} on {instance.shard}; {genesis}"
     )
+    return report(args, document, lambda: print(said))
 
 
 def instance_pin(args: argparse.Namespace) -> int:

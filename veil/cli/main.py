@@ -1,6 +1,6 @@
 """The `veil` command: the parser, built from one module per noun, and the entry point.
 
-    veil identity | instance | vault | token | ballot | attest ...   (the SDK's commands)
+    veil identity | contact | instance | vault | token | ballot | attest ...   (the SDK's commands)
     veil pki | up | bench ...                                          (operator tooling, veil.dev)
 
 Each noun module has `register(commands)`, binding every leaf command to a typed `Handler`
@@ -17,13 +17,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from veil.cli import attest, ballot, identity, instance, token, vault
-from veil.cli.common import handler_of, run
+from veil.cli import attest, ballot, contact, identity, instance, token, vault
+from veil.cli.common import VeilParser, handler_of, run
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
 
-NOUNS = (identity, instance, vault, token, ballot, attest)
+NOUNS = (identity, contact, instance, vault, token, ballot, attest)
 
 
 def register_dev_nouns(commands: Subcommands) -> None:
@@ -34,7 +34,7 @@ def register_dev_nouns(commands: Subcommands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="veil", description="Veil: a confidential-computing gRPC mesh.")
+    parser = VeilParser(prog="veil", description="Veil: a confidential-computing gRPC mesh.")
     commands = parser.add_subparsers(dest="command", required=True)
     for noun in NOUNS:
         noun.register(commands)
@@ -43,11 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `veil` command; the exit status out (2: bad arguments, 1: the command failed)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if arguments[:2] == ["attest", "verify"]:
         return attest.verify_main(arguments[2:])
-    args = build_parser().parse_args(arguments)
+    try:
+        args = build_parser().parse_args(arguments)
+    except SystemExit as exit_:  # argparse printed the help, or one line about the arguments
+        return exit_.code if isinstance(exit_.code, int) else 2
     return run(handler_of(args), args)
 
 

@@ -1,8 +1,11 @@
 """Typed helpers for the three apps (vault, token, ballot) over `VeilClient.execute/query`.
 
 Each helper acts as one identity on one instance. Methods return plain values; an enclave
-refusal (authorization, app rule) raises `CommandRefused`. The verified answer of the last
-call (result, receipt, log sequence) stays in `last` for callers that want the receipt.
+refusal (authorization, app rule) raises `CommandRefused`. Every method that changes state
+takes an optional `request_id`: after a `GatewayError` (the command may or may not have run),
+calling again with the error's `request_id` resumes the same call, so it runs at most once.
+The verified answer of the last call (result, receipt, log sequence) stays in `last` for
+callers that want the receipt.
 
 Ballot verifiability: `vote` returns a `VoteReceipt` (option, the voter's random salt, the
 commitment the enclave returned and its signed receipt). After close, `verify_vote` fetches
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from veil.enclave import wire
 from veil.enclave.apps import merkle
 from veil.enclave.v1 import apps_pb2, envelope_pb2
-from veil.sdk.errors import CommandRefused, IntegrityError, ResultLost
+from veil.sdk.errors import CommandRefused, IntegrityError, ResultLost, VeilClientError
 from veil.sdk.identity import Identity
 from veil.sdk.sealing import Opened
 
@@ -29,6 +32,14 @@ if TYPE_CHECKING:
     from veil.sdk.client import VeilClient
 
 SALT_BYTES = 32
+_MAX_AMOUNT = 2**64 - 1
+
+
+def _amount(value: int) -> int:
+    """An amount the apps accept (positive uint64), refused here rather than by protobuf."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_AMOUNT:
+        raise VeilClientError(f"an amount is a whole number from 1 to {_MAX_AMOUNT}, not {value!r}")
+    return value
 
 
 class _AppClient:
@@ -65,8 +76,10 @@ class _AppClient:
         getattr(getattr(call, self._field), method).CopyFrom(message)
         return call
 
-    def _execute(self, method: str, message: Any) -> Any:
-        opened = self.client.execute(self.instance_id, self._call(method, message), self.identity)
+    def _execute(self, method: str, message: Any, request_id: str | None) -> Any:
+        opened = self.client.execute(
+            self.instance_id, self._call(method, message), self.identity, request_id=request_id
+        )
         return self._result(opened, method)
 
     def _query(self, method: str, message: Any) -> Any:
@@ -87,10 +100,10 @@ class VaultClient(_AppClient):
 
     _field = "vault"
 
-    def put(self, record_id: str, data: bytes) -> bool:
+    def put(self, record_id: str, data: bytes, *, request_id: str | None = None) -> bool:
         """Create or replace one of this identity's records; True when it was new."""
         result: apps_pb2.VaultPutResult = self._execute(
-            "put", apps_pb2.VaultPut(record_id=record_id, data=data)
+            "put", apps_pb2.VaultPut(record_id=record_id, data=data), request_id
         )
         return result.created
 
@@ -100,17 +113,17 @@ class VaultClient(_AppClient):
         result: apps_pb2.VaultGetResult = self._query("get", message)
         return VaultRecord(result.data, tuple(result.readers))
 
-    def share(self, record_id: str, reader: str) -> None:
+    def share(self, record_id: str, reader: str, *, request_id: str | None = None) -> None:
         """Let `reader` (an account) read one of this identity's records."""
-        self._execute("share", apps_pb2.VaultShare(record_id=record_id, reader=reader))
+        self._execute("share", apps_pb2.VaultShare(record_id=record_id, reader=reader), request_id)
 
-    def revoke(self, record_id: str, reader: str) -> None:
+    def revoke(self, record_id: str, reader: str, *, request_id: str | None = None) -> None:
         """Take `reader`'s access away."""
-        self._execute("revoke", apps_pb2.VaultRevoke(record_id=record_id, reader=reader))
+        self._execute("revoke", apps_pb2.VaultRevoke(record_id=record_id, reader=reader), request_id)
 
-    def delete(self, record_id: str) -> None:
+    def delete(self, record_id: str, *, request_id: str | None = None) -> None:
         """Erase one of this identity's records."""
-        self._execute("delete", apps_pb2.VaultDelete(record_id=record_id))
+        self._execute("delete", apps_pb2.VaultDelete(record_id=record_id), request_id)
 
 
 class TokenClient(_AppClient):
@@ -118,14 +131,18 @@ class TokenClient(_AppClient):
 
     _field = "token"
 
-    def mint(self, to: str, amount: int) -> int:
+    def mint(self, to: str, amount: int, *, request_id: str | None = None) -> int:
         """Create tokens for `to` (issuer only); returns the new total supply."""
-        result: apps_pb2.TokenAmount = self._execute("mint", apps_pb2.TokenMint(to=to, amount=amount))
+        result: apps_pb2.TokenAmount = self._execute(
+            "mint", apps_pb2.TokenMint(to=to, amount=_amount(amount)), request_id
+        )
         return result.amount
 
-    def transfer(self, to: str, amount: int) -> int:
+    def transfer(self, to: str, amount: int, *, request_id: str | None = None) -> int:
         """Move tokens to `to`; returns this identity's balance afterwards."""
-        result: apps_pb2.TokenAmount = self._execute("transfer", apps_pb2.TokenTransfer(to=to, amount=amount))
+        result: apps_pb2.TokenAmount = self._execute(
+            "transfer", apps_pb2.TokenTransfer(to=to, amount=_amount(amount)), request_id
+        )
         return result.amount
 
     def balance(self) -> int:
@@ -211,6 +228,7 @@ class BallotClient(_AppClient):
         eligible_voters: Sequence[str] = (),
         *,
         min_votes: int = 0,
+        request_id: str | None = None,
     ) -> None:
         """Open a ballot; this identity becomes its creator (empty voters: open to everyone).
 
@@ -224,13 +242,19 @@ class BallotClient(_AppClient):
             eligible_voters=eligible_voters,
             min_votes=min_votes,
         )
-        self._execute("create", message)
+        self._execute("create", message, request_id)
 
-    def vote(self, ballot_id: str, option: int, *, salt: bytes | None = None) -> VoteReceipt:
-        """Cast (or replace) this identity's vote; returns what is needed to verify it later."""
+    def vote(
+        self, ballot_id: str, option: int, *, salt: bytes | None = None, request_id: str | None = None
+    ) -> VoteReceipt:
+        """Cast (or replace) this identity's vote; returns what is needed to verify it later.
+
+        Retrying with the same `request_id` should pass the same `salt` too: the vote is sealed
+        again only when the first sealing provably never ran.
+        """
         salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
         result: apps_pb2.BallotVoteResult = self._execute(
-            "vote", apps_pb2.BallotVote(ballot_id=ballot_id, option=option, salt=salt)
+            "vote", apps_pb2.BallotVote(ballot_id=ballot_id, option=option, salt=salt), request_id
         )
         expected = wire.vote_commitment(ballot_id, self.account, option, salt)
         if result.commitment != expected:
@@ -248,9 +272,9 @@ class BallotClient(_AppClient):
             replaced=result.replaced,
         )
 
-    def close(self, ballot_id: str) -> Tally:
+    def close(self, ballot_id: str, *, request_id: str | None = None) -> Tally:
         """End voting (creator only); returns the tally."""
-        return _tally(self._execute("close", apps_pb2.BallotClose(ballot_id=ballot_id)))
+        return _tally(self._execute("close", apps_pb2.BallotClose(ballot_id=ballot_id), request_id))
 
     def tally(self, ballot_id: str) -> Tally:
         """The result of a closed ballot."""

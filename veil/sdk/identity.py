@@ -116,7 +116,8 @@ class OAuth2Identity:
 Identity = SigningIdentity | AnonymousIdentity | OAuth2Identity
 
 
-def _check_name(name: str) -> str:
+def check_name(name: str) -> str:
+    """`name` when it is a valid identity or contact name; IdentityError otherwise."""
     if not _NAME.match(name):
         raise IdentityError("identity names are 1 to 64 letters, digits, dots, dashes or underscores")
     return name
@@ -125,7 +126,7 @@ def _check_name(name: str) -> str:
 def identity_paths(data_dir: Path, name: str) -> tuple[Path, Path]:
     """The key and public files of identity `name`."""
     directory = data_dir / IDENTITIES_DIR
-    return directory / f"{_check_name(name)}.key", directory / f"{name}.pub"
+    return directory / f"{check_name(name)}.key", directory / f"{name}.pub"
 
 
 def new_identity(data_dir: Path, name: str, *, force: bool = False) -> SigningIdentity:
@@ -176,9 +177,8 @@ def load_identity(data_dir: Path, name_or_path: str) -> SigningIdentity:
 
 
 def resolve_account(data_dir: Path, value: str) -> str:
-    """An account given directly, or the account of a local identity's name."""
-    if _NAME.match(value):
-        _, pub_path = identity_paths(data_dir, value)
-        if pub_path.exists():
-            return pub_path.read_text().strip()
-    return value
+    """The account a local identity's name, a contact's name or a canonical account names;
+    IdentityError for anything else (a mistyped name never becomes an account)."""
+    from veil.sdk.contacts import resolve_recipient  # contacts builds on this module
+
+    return resolve_recipient(data_dir, value)
