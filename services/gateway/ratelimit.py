@@ -91,6 +91,12 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, stamp)
         self._lock = threading.Lock()
 
+    @property
+    def tracked_clients(self) -> int:
+        """How many buckets are kept (at most `max_clients`)."""
+        with self._lock:
+            return len(self._buckets)
+
     def acquire(self, client: str) -> None:
         """Take one token for `client`, or raise RateLimited with the wait until the next one."""
         client = bucket_key(client)

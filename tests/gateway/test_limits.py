@@ -50,12 +50,23 @@ def test_rate_limited_status_carries_retry_info_and_error_info() -> None:
     assert info.reason == "RATE_LIMITED"
 
 
-def test_tracked_clients_are_bounded() -> None:
-    limiter = RateLimiter(rate=1.0, burst=1, clock=Clock(), max_clients=2)
+def test_tracked_clients_are_bounded_and_the_least_recently_seen_go_first() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=Clock(), max_clients=2)  # the clock stands still
     limiter.acquire("a")
     limiter.acquire("b")
-    limiter.acquire("c")  # evicts a's (empty) bucket
-    limiter.acquire("a")  # a starts again with a full bucket
+    with pytest.raises(RateLimited):
+        limiter.acquire("a")  # tracked and empty; seen last now, so b is the oldest
+    limiter.acquire("c")  # a third client: b's bucket is dropped, a's kept
+    assert limiter.tracked_clients == 2
+    with pytest.raises(RateLimited):
+        limiter.acquire("a")  # a was not dropped: still empty
+    limiter.acquire("b")  # b was dropped: it starts again with a full bucket
+    assert limiter.tracked_clients == 2
+    with pytest.raises(RateLimited):
+        limiter.acquire("b")
+    for n in range(100):  # a flood of fresh clients never grows the table past the bound
+        limiter.acquire(f"flood-{n}")
+    assert limiter.tracked_clients == 2
 
 
 def test_concurrent_duplicates_run_once_and_share_the_answer() -> None:

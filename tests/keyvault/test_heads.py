@@ -17,19 +17,23 @@ from veil.services.keyvault.errors import (
     HeadRefusedError,
     InvalidArgumentError,
     TokenRefusedError,
+    TokenReplayError,
 )
 from veil.services.keyvault.heads import CommitHead, CommitHeads
+from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.store import Store
 from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
 from veil.verify.tokens import DEFAULT_LEEWAY_S
 
 from .support import (
+    ADMIN,
     CALLER,
     GENESIS,
     RELEASE_PUBLIC_KEY,
     FakeClock,
     FakeEnclave,
     fixed_release_signer,
+    measurement_policy,
     operator_policy,
     run_concurrently,
 )
@@ -166,15 +170,28 @@ def test_token_is_required_and_checked(
     assert heads.get(INSTANCE) is None
 
 
-def test_one_token_serves_many_advances(
-    heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave
+def test_one_token_serves_many_advances_and_still_one_key_release(
+    heads: CommitHeads, keys: KeyManager, issuer: TokenIssuer, enclave: FakeEnclave
 ) -> None:
-    """Advances verify the token but do not consume it (key releases do)."""
+    """Advances verify the token but do not consume it; a key release consumes it, once."""
     token = enclave.token(issuer).token
     heads.advance(INSTANCE, [enclave.link(INSTANCE, ZERO, at(1))], token, caller=CALLER)
     for sequence in (2, 3):
         link = enclave.link(INSTANCE, at(sequence - 1), at(sequence))
         assert heads.advance(INSTANCE, [link], token, caller=CALLER)[0].sequence == sequence
+    stored = heads.get(INSTANCE)
+    assert stored is not None
+    assert (stored.sequence, stored.hash, stored.signing_public_key) == (
+        3,
+        h(3),
+        enclave.signing_public_bytes,
+    )
+    keys.create("orders", measurement_policy(), caller=ADMIN)
+    assert keys.release(token, "orders", caller=CALLER).version == 1  # three advances later: unused
+    with pytest.raises(TokenReplayError):
+        keys.release(token, "orders", caller=CALLER)
+    link = enclave.link(INSTANCE, at(3), at(4))  # spent for releases, still good for heads
+    assert heads.advance(INSTANCE, [link], token, caller=CALLER)[0].sequence == 4
 
 
 def test_restarted_enclave_with_new_keys_moves_forward(
