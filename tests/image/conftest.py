@@ -229,9 +229,10 @@ class ContainerMesh:
             docker("volume", "rm", "--force", self.volume(service), check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def container_mesh(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ContainerMesh]:
-    """keyvault → state → gateway from the image, each SERVING before the next starts."""
+    """keyvault → state → gateway from the image, each SERVING before the next starts (one per
+    session: the tests share it, and the walk-through's restart leaves it serving)."""
     root = tmp_path_factory.mktemp("image-mesh")
     data_dir = root / ".veil"
     subprocess.run(  # the host's own CLI
