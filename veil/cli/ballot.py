@@ -16,6 +16,7 @@ from veil.cli.common import (
     bind_sdk,
     count,
     example,
+    instance_id,
     open_client,
     receipt_json,
     receipt_line,
@@ -43,7 +44,7 @@ def register(commands: Subcommands) -> None:
             "--voter alice --voter bob --voter carol --as clerk"
         ),
     )
-    open_ballot.add_argument("instance")
+    open_ballot.add_argument("instance", type=instance_id)
     open_ballot.add_argument("ballot")
     open_ballot.add_argument("--question", required=True)
     open_ballot.add_argument("--option", action="append", required=True, help="a choice (repeat, 2 to 64)")
@@ -65,7 +66,7 @@ def register(commands: Subcommands) -> None:
         help="cast or replace your vote; keeps a receipt to verify later",
         epilog=example("veil ballot vote ballots chair bob --as alice"),
     )
-    vote.add_argument("instance")
+    vote.add_argument("instance", type=instance_id)
     vote.add_argument("ballot")
     vote.add_argument("option", help="option index or label")
     bind_sdk(vote, ballot_vote, identity=True)
@@ -76,7 +77,7 @@ def register(commands: Subcommands) -> None:
         sub = ballot.add_parser(
             verb, help=text, epilog=example(f"veil ballot {verb} ballots chair --as clerk")
         )
-        sub.add_argument("instance")
+        sub.add_argument("instance", type=instance_id)
         sub.add_argument("ballot")
         bind_sdk(sub, handler, identity=True)
     verify = ballot.add_parser(
@@ -84,7 +85,7 @@ def register(commands: Subcommands) -> None:
         help="check that your vote is counted in the tally and its receipt is the enclave's",
         epilog=example("veil ballot verify-receipt ballots chair --as carol"),
     )
-    verify.add_argument("instance")
+    verify.add_argument("instance", type=instance_id)
     verify.add_argument("ballot")
     verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
     bind_sdk(verify, ballot_verify_receipt, identity=True)

@@ -58,6 +58,7 @@ _HANDLER = "handler"
 #: How long a command waits for the gateway's TCP and TLS handshake before saying it is down.
 CONNECT_WAIT_S = 3.0
 MAX_AMOUNT = 2**64 - 1  # the apps' uint64
+_INSTANCE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))$")
 
 
@@ -92,6 +93,15 @@ def address(text: str) -> str:
     return f"{host}:{int(port)}"
 
 
+def instance_id(text: str) -> str:
+    """An instance id as the mesh names them: lowercase letters, digits and dashes, 1 to 63."""
+    if not _INSTANCE.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an instance id (lowercase letters, digits and dashes, 1 to 63)"
+        )
+    return text
+
+
 def amount(text: str) -> int:
     """A positive whole number of tokens that fits the apps' uint64."""
     if not text.strip().isdigit() or not 0 < int(text) <= MAX_AMOUNT:
@@ -105,6 +115,17 @@ def count(limit: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         if not text.strip().isdigit() or int(text) > limit:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {limit}")
+        return int(text)
+
+    return parse
+
+
+def positive(limit: int) -> Callable[[str], int]:
+    """A whole number from 1 to `limit`."""
+
+    def parse(text: str) -> int:
+        if not text.strip().isdigit() or not 0 < int(text) <= limit:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {limit}")
         return int(text)
 
     return parse
@@ -254,6 +275,9 @@ def open_client(args: argparse.Namespace) -> VeilClient:
     a TLS gateway is named within a few seconds."""
     data_dir = Path(args.data_dir)
     pki = data_dir / "pki"
+    for given in (args.ca, args.cert, args.key):
+        if given is not None and not given.is_file():
+            raise VeilClientError(f"cannot read {given}: no such file")
     ca = args.ca or pki / "ca.pem"
     cert, key = args.cert, args.key
     if not args.no_client_cert and cert is None and (pki / "admin.pem").exists():

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from veil.cli import output
-from veil.cli.common import acting_identity, bind_sdk, example, open_client, recipient, report
+from veil.cli.common import acting_identity, bind_sdk, example, instance_id, open_client, recipient, report
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.sdk.errors import VeilClientError
@@ -35,7 +35,7 @@ def register(commands: Subcommands) -> None:
         help="create an app instance (an existing one with the same configuration is kept)",
         epilog=example("veil instance create coins --app token --as treasury"),
     )
-    create.add_argument("instance", help="instance id (lowercase letters, digits, dashes)")
+    create.add_argument("instance", type=instance_id, help="instance id (lowercase letters, digits, dashes)")
     create.add_argument("--app", required=True, choices=sorted(APPS))
     create.add_argument("--auth", default="signature", choices=sorted(SCHEMES))
     create.add_argument("--token-issuer", help="token app: the minting identity or account (default: --as)")
@@ -54,7 +54,7 @@ def register(commands: Subcommands) -> None:
         help="pin an instance's genesis: later commands refuse any other instance under its id",
         epilog=example("veil instance pin coins --genesis 9c41…(64 hex)"),
     )
-    pin.add_argument("instance")
+    pin.add_argument("instance", type=instance_id)
     pin.add_argument("--genesis", help="the genesis hash (hex) you expect, e.g. from its creator")
     bind_sdk(pin, instance_pin)
 

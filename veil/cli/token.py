@@ -19,6 +19,7 @@ from veil.cli.common import (
     amount,
     bind_sdk,
     example,
+    instance_id,
     namer,
     open_client,
     receipt_json,
@@ -45,7 +46,7 @@ def register(commands: Subcommands) -> None:
         help="create tokens (issuer identity)",
         epilog=example("veil token mint coins alice 100 --as treasury"),
     )
-    mint.add_argument("instance")
+    mint.add_argument("instance", type=instance_id)
     mint.add_argument("to", nargs="?", help="identity or contact name")
     mint.add_argument("amount", nargs="?", type=amount)
     mint.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
@@ -59,7 +60,7 @@ def register(commands: Subcommands) -> None:
             "veil token transfer coins --from-csv payroll.csv --as alice   # rerun to resume",
         ),
     )
-    transfer.add_argument("instance")
+    transfer.add_argument("instance", type=instance_id)
     transfer.add_argument("to", nargs="?", help="identity or contact name")
     transfer.add_argument("amount", nargs="?", type=amount)
     transfer.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
@@ -74,7 +75,7 @@ def register(commands: Subcommands) -> None:
         ("supply", token_supply, "the total supply"),
     ):
         read = token.add_parser(verb, help=text, epilog=example(f"veil token {verb} coins --as bob"))
-        read.add_argument("instance")
+        read.add_argument("instance", type=instance_id)
         bind_sdk(read, handler, identity=True)
 
 

@@ -12,6 +12,7 @@ from veil.cli.common import (
     acting_identity,
     bind_sdk,
     example,
+    instance_id,
     namer,
     open_client,
     receipt_json,
@@ -33,7 +34,7 @@ def register(commands: Subcommands) -> None:
         help="create or replace one of your records",
         epilog=example("veil vault put records passport --data P1234567 --as alice"),
     )
-    put.add_argument("instance")
+    put.add_argument("instance", type=instance_id)
     put.add_argument("record")
     source = put.add_mutually_exclusive_group()
     source.add_argument("--data", help="the content as text (default: stdin)")
@@ -44,7 +45,7 @@ def register(commands: Subcommands) -> None:
         help="read a record you own or that was shared with you",
         epilog=example("veil vault get records passport --owner alice --as bob"),
     )
-    get.add_argument("instance")
+    get.add_argument("instance", type=instance_id)
     get.add_argument("record")
     get.add_argument("--owner", help="the owner's identity or contact name, or account (default: you)")
     get.add_argument("--out", help="write the content to a file")
@@ -55,7 +56,7 @@ def register(commands: Subcommands) -> None:
             help=f"{verb} read access to one of your records",
             epilog=example(f"veil vault {verb} records passport bob --as alice"),
         )
-        change.add_argument("instance")
+        change.add_argument("instance", type=instance_id)
         change.add_argument("record")
         change.add_argument("reader", help="identity or contact name, or a 64-hex account")
         bind_sdk(change, handler, identity=True)
@@ -64,7 +65,7 @@ def register(commands: Subcommands) -> None:
         help="erase one of your records",
         epilog=example("veil vault delete records passport --as alice"),
     )
-    delete.add_argument("instance")
+    delete.add_argument("instance", type=instance_id)
     delete.add_argument("record")
     bind_sdk(delete, vault_delete, identity=True)
 

@@ -50,11 +50,12 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from veil.cli.common import open_client
+from veil.cli.common import open_client, positive, seconds
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
 from veil.sdk.counters import MemoryCounters
+from veil.sdk.errors import VeilClientError
 from veil.sdk.identity import SigningIdentity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 
@@ -616,10 +617,12 @@ def _errors(errors: dict[str, int]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`veil bench` options (the connection options come from veil.cli.common)."""
-    parser.add_argument("--clients", type=int, default=16, help="concurrent closed-loop clients")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each timed window")
-    parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds before the windows")
-    parser.add_argument("--processes", type=int, default=2, help="worker processes the client threads run in")
+    parser.add_argument("--clients", type=positive(4096), default=16, help="concurrent closed-loop clients")
+    parser.add_argument("--seconds", type=seconds, default=10.0, help="length of each timed window")
+    parser.add_argument("--warmup", type=seconds, default=3.0, help="warm-up seconds before the windows")
+    parser.add_argument(
+        "--processes", type=positive(256), default=2, help="worker processes the client threads run in"
+    )
     parser.add_argument(
         "--ack",
         choices=sorted(ACK_MODES),
@@ -645,14 +648,15 @@ def _cpu_pids(values: Sequence[str]) -> dict[str, list[int]]:
     pids: dict[str, list[int]] = {}
     for value in values:
         name, _, numbers = value.partition("=")
-        pids[name] = [int(n) for n in numbers.split(",") if n]
+        if not name or not all(n.isdigit() for n in numbers.split(",")):
+            raise VeilClientError(f"--cpu-pid {value!r} is not NAME=PID[,PID]")
+        pids[name] = [int(n) for n in numbers.split(",")]
     return pids
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """`veil bench`: prints a summary, or with --json one JSON object on stdout."""
-    if args.clients < 1 or args.seconds <= 0 or args.warmup <= 0:
-        raise SystemExit("error: --clients, --seconds and --warmup must be positive")
+    cpu_pids = _cpu_pids(args.cpu_pid)
     client = open_client(args)
     client.counters = MemoryCounters()  # ephemeral accounts: keep them out of counters.json
     data_dir = Path(args.data_dir)
@@ -675,7 +679,7 @@ def bench_command(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         processes=args.processes,
         inline=args.seal_inline,
-        cpu_pids=_cpu_pids(args.cpu_pid),
+        cpu_pids=cpu_pids,
         ack=args.ack,
     )
     with client:

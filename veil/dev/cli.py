@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk
+from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count
 from veil.dev import bench
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def register(commands: Subcommands) -> None:
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     up.add_argument(
         "--port-offset",
-        type=int,
+        type=count(10000),
         default=0,
         help="shift every port by N (default 0: gateway 50051) to run beside another mesh",
     )
