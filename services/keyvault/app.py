@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
 from veil.services.keyvault.attest import Attestor, CollateralProvider
-from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.audit import AuditLog, AuditVerifier
 from veil.services.keyvault.clock import Clock, system_clock
 from veil.services.keyvault.collateral_files import CollateralFiles
 from veil.services.keyvault.config import KeyvaultConfig
@@ -51,8 +51,12 @@ class Keyvault:
     attestor: Attestor
     #: Where quote collateral comes from (``GetStatus.collateral_source``): ``files:DIR``, ``none``.
     collateral_source: str = "none"
+    #: Re-verifies the audit chain periodically (None when not started).
+    audit_verifier: AuditVerifier | None = None
 
     def close(self) -> None:
+        if self.audit_verifier is not None:
+            self.audit_verifier.stop()
         self.kek.close()
         self.store.close()
 
@@ -117,14 +121,17 @@ def open_keyvault(
         raise
     try:
         audit = AuditLog(store, clock)
+        # Created once per deployment (race-free across replicas), then only ever loaded; first,
+        # since it signs every audit tip: a rewritten or unsigned log refuses to start.
+        release_signer = load_or_create_release_signer(store, kek, audit, clock)
+        audit.verify_chain()
+        audit_verifier = AuditVerifier(audit)
         ring = SigningKeyRing(store, kek, clock, audit, token_ttl_s=config.token_ttl_s)
         ring.purge()
         ring.current()  # a signing key exists (and unwraps under this KEK) before we serve
-        # Created once per deployment (race-free across replicas), then only ever loaded.
-        release_signer = load_or_create_release_signer(store, kek, audit, clock)
         issuer = TokenIssuer(ring, issuer=config.issuer, clock=clock, token_ttl_s=config.token_ttl_s)
         verifier = TokenVerifier(ring, issuer=config.issuer, clock=clock)
-        return Keyvault(
+        keyvault = Keyvault(
             store=store,
             kek=kek,
             audit=audit,
@@ -154,7 +161,10 @@ def open_keyvault(
                 collateral=collateral,
             ),
             collateral_source=collateral_source,
+            audit_verifier=audit_verifier,
         )
+        audit_verifier.start()
+        return keyvault
     except BaseException:
         kek.close()
         store.close()

@@ -15,7 +15,9 @@ enclave pinned to it). It lives in the store with its private half wrapped under
 
 so a wrapped blob cannot be paired with another public key. Creation is race-free across
 replicas: ``insert_release_key`` is insert-if-absent on a single row, and whoever loses
-the race reads and uses the winner's key. The creation is audited.
+the race reads and uses the winner's key. The creation is audited. The loaded key is attached
+to the audit log, which signs every tip with it (see :mod:`veil.services.keyvault.audit`):
+load it before anything else is audited.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class ReleaseSigner:
 def load_or_create_release_signer(
     store: Store, kek: Kek, audit: AuditLog, clock: Clock, *, caller: str = "system"
 ) -> ReleaseSigner:
-    """The stored release key, created (once, race-free, audited) when the store has none."""
+    """The stored release key, created (once, race-free, audited) when the store has none; attached
+    to ``audit`` as its tip signer."""
     with store.transaction() as tx:
         record = tx.get_release_key()
         if record is None:
@@ -67,6 +70,8 @@ def load_or_create_release_signer(
                 created_us=to_micros(clock()),
             )
             if tx.insert_release_key(candidate):
+                signer = ReleaseSigner(private_key=private_key, public_key=public_key)
+                audit.attach_signer(signer)  # its own creation is the first signed audit tip
                 audit.append(
                     tx,
                     action=ACTION_CREATE_RELEASE_KEY,
@@ -74,11 +79,13 @@ def load_or_create_release_signer(
                     caller=caller,
                     detail={"release_public_key": public_key.hex(), "kek_id": kek.key_id},
                 )
-                return ReleaseSigner(private_key=private_key, public_key=public_key)
+                return signer
             record = tx.get_release_key()  # another replica created it first: use theirs
     if record is None:
         raise StoreError("the release-signing key vanished while it was being created")
-    return _unwrap(record, kek)
+    signer = _unwrap(record, kek)
+    audit.attach_signer(signer)
+    return signer
 
 
 def _unwrap(record: ReleaseKeyRecord, kek: Kek) -> ReleaseSigner:

@@ -97,7 +97,8 @@ class CommitHeadRecord:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One hash-chained audit event as stored."""
+    """One hash-chained audit event as stored, with the release key's signature of the tip it made
+    (empty for events appended before the signer was loaded; a later signed tip covers them)."""
 
     sequence: int
     time_us: int
@@ -107,6 +108,7 @@ class AuditRecord:
     detail_json: str
     previous_hash: bytes
     hash: bytes
+    tip_signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -206,11 +208,19 @@ class StoreTx(Protocol):
         ...
 
     def insert_audit(self, event: AuditRecord) -> None:
-        """Append an event (its sequence must be tip + 1) and move the tip."""
+        """Append an event (its sequence must be tip + 1) and its tip signature, and move the tip."""
+        ...
+
+    def insert_audit_signature(self, sequence: int, signature: bytes) -> bool:
+        """Sign an existing event's tip after the fact; False if it already has a signature."""
         ...
 
     def list_audit(self, *, after_sequence: int, limit: int) -> list[AuditRecord]:
-        """Events with sequence > ``after_sequence``, in order, at most ``limit``."""
+        """Events with sequence > ``after_sequence``, in order, at most ``limit`` (with signatures)."""
+        ...
+
+    def latest_signed_audit(self) -> AuditRecord | None:
+        """The newest event that carries a tip signature, or None."""
         ...
 
     # -- idempotency ---------------------------------------------------------------------

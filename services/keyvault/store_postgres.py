@@ -7,8 +7,13 @@ from the statements themselves: ``INSERT ... ON CONFLICT DO NOTHING`` for insert
 ``UPDATE ... WHERE sequence = expected`` for the commit-head compare-and-set,
 ``SELECT ... FOR UPDATE`` on key rows and on the single audit-tip row (which serialises
 audit appends, so the hash chain cannot fork). Schema creation is guarded by a
-transaction-scoped advisory lock so replicas starting together do not race. Audit rows
-are protected by a trigger that refuses UPDATE and DELETE.
+transaction-scoped advisory lock so replicas starting together do not race. Audit rows and
+their tip signatures are protected by triggers that refuse UPDATE, DELETE and TRUNCATE; the
+tip only moves forward by one onto an event that links to it. A table's owner can drop its
+triggers, so :mod:`veil.services.keyvault.audit_owner` hands the audit tables (and the schema)
+to a separate role, leaving the service role SELECT and INSERT (and the trigger-checked tip
+UPDATE). None of this stops the database superuser: the signed tips do (see
+:mod:`veil.services.keyvault.audit`).
 
 Crypto-shredding note: PostgreSQL keeps deleted tuples until VACUUM and in WAL archives
 and backups; destroyed key material (KEK-wrapped) is gone from the live tables at once.
@@ -87,6 +92,23 @@ CREATE TABLE IF NOT EXISTS kv_commit_heads (
 )
     """,
     """
+CREATE TABLE IF NOT EXISTS kv_requests (
+    request_id TEXT PRIMARY KEY,
+    operation TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    result_json TEXT,
+    created_us BIGINT NOT NULL
+)
+    """,
+)
+
+#: The audit tables: created by the service on a fresh schema, or by the audit owner's migration
+#: (:mod:`veil.services.keyvault.audit_owner`), after which the service may only read and append.
+AUDIT_TABLES = ("kv_audit_events", "kv_audit_signatures", "kv_audit_tip")
+AUDIT_FUNCTIONS = ("kv_audit_append_only()", "kv_audit_append_at_tip()", "kv_audit_tip_forward()")
+
+AUDIT_DDL = (
+    """
 CREATE TABLE IF NOT EXISTS kv_audit_events (
     sequence BIGINT PRIMARY KEY,
     time_us BIGINT NOT NULL,
@@ -106,18 +128,48 @@ CREATE TABLE IF NOT EXISTS kv_audit_tip (
 )
     """,
     """
-CREATE TABLE IF NOT EXISTS kv_requests (
-    request_id TEXT PRIMARY KEY,
-    operation TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    result_json TEXT,
-    created_us BIGINT NOT NULL
+CREATE TABLE IF NOT EXISTS kv_audit_signatures (
+    sequence BIGINT PRIMARY KEY,
+    signature BYTEA NOT NULL
 )
     """,
+    # The functions pin the search_path they were created with: a caller cannot point them at
+    # look-alike tables in another schema.
     """
-CREATE OR REPLACE FUNCTION kv_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION kv_audit_append_only() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
 BEGIN
-    RAISE EXCEPTION 'audit log is append-only';
+    RAISE EXCEPTION 'audit log is append-only (% on %)', TG_OP, TG_TABLE_NAME;
+END
+$$
+    """,
+    """
+CREATE OR REPLACE FUNCTION kv_audit_append_at_tip() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM kv_audit_tip WHERE id = 1 AND sequence + 1 = NEW.sequence AND hash = NEW.previous_hash
+    ) THEN
+        RAISE EXCEPTION 'an audit event must extend the tip';
+    END IF;
+    RETURN NEW;
+END
+$$
+    """,
+    """
+CREATE OR REPLACE FUNCTION kv_audit_tip_forward() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        RAISE EXCEPTION 'the audit tip cannot be deleted';
+    END IF;
+    IF NEW.id <> OLD.id OR NEW.sequence <> OLD.sequence + 1 OR NOT EXISTS (
+        SELECT 1 FROM kv_audit_events
+        WHERE sequence = NEW.sequence AND hash = NEW.hash AND previous_hash = OLD.hash
+    ) THEN
+        RAISE EXCEPTION 'the audit tip only moves forward onto the newest event';
+    END IF;
+    RETURN NEW;
 END
 $$
     """,
@@ -125,6 +177,33 @@ $$
 CREATE OR REPLACE TRIGGER kv_audit_no_change BEFORE UPDATE OR DELETE ON kv_audit_events
     FOR EACH ROW EXECUTE FUNCTION kv_audit_append_only()
     """,
+    """
+CREATE OR REPLACE TRIGGER kv_audit_extends_tip BEFORE INSERT ON kv_audit_events
+    FOR EACH ROW EXECUTE FUNCTION kv_audit_append_at_tip()
+    """,
+    """
+CREATE OR REPLACE TRIGGER kv_audit_signature_no_change BEFORE UPDATE OR DELETE ON kv_audit_signatures
+    FOR EACH ROW EXECUTE FUNCTION kv_audit_append_only()
+    """,
+    """
+CREATE OR REPLACE TRIGGER kv_audit_tip_moves_forward BEFORE UPDATE OR DELETE ON kv_audit_tip
+    FOR EACH ROW EXECUTE FUNCTION kv_audit_tip_forward()
+    """,
+    # TRUNCATE skips row triggers: statement triggers refuse it on every audit table.
+    *(
+        f"""
+CREATE OR REPLACE TRIGGER kv_audit_no_truncate BEFORE TRUNCATE ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION kv_audit_append_only()
+    """
+        for table in AUDIT_TABLES
+    ),
+)
+
+# Whether the connected role owns the audit tables (or they do not exist yet): only then does the
+# service (re)create their guards; after the migration they belong to the audit owner.
+_OWNS_AUDIT = (
+    "SELECT coalesce(bool_and(pg_has_role(current_user, c.relowner, 'USAGE')), true) FROM pg_class c "
+    "WHERE c.oid = to_regclass('kv_audit_events')"
 )
 
 
@@ -138,6 +217,10 @@ class PostgresStore:
         with self._db.create_schema(_SCHEMA_LOCK_ID) as conn:
             for statement in _TABLES:
                 conn.execute(statement.encode("utf-8"))
+            owns_audit = conn.execute(_OWNS_AUDIT).fetchone()
+            if owns_audit is not None and owns_audit[0]:
+                for statement in AUDIT_DDL:
+                    conn.execute(statement.encode("utf-8"))
             conn.execute(
                 "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, %s) ON CONFLICT (id) DO NOTHING",
                 (GENESIS_HASH,),

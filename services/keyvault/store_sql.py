@@ -26,6 +26,11 @@ _SELECT_KEY = (
     "SELECT name, policy_json, latest_version, created_us, updated_us, destroyed FROM kv_keys WHERE name = ?"
 )
 
+_SELECT_AUDIT = (
+    "SELECT e.sequence, e.time_us, e.action, e.outcome, e.caller, e.detail_json, e.previous_hash, e.hash, "
+    "s.signature FROM kv_audit_events e LEFT JOIN kv_audit_signatures s ON s.sequence = e.sequence "
+)
+
 
 # Stores made before commit heads registered their genesis lack its columns: refuse them
 # plainly rather than fail on the first head (no deployment predates it; recreate dev stores).
@@ -232,12 +237,10 @@ class SqlTx:
         return int(row[0]), bytes(row[1])
 
     def insert_audit(self, event: AuditRecord) -> None:
-        moved = self._run(
-            "UPDATE kv_audit_tip SET sequence = ?, hash = ? WHERE id = 1 AND sequence = ? AND hash = ?",
-            (event.sequence, event.hash, event.sequence - 1, event.previous_hash),
-        ).rowcount
-        if moved != 1:
+        tip = self._run("SELECT sequence, hash FROM kv_audit_tip WHERE id = 1").fetchone()
+        if tip is None or (int(tip[0]) + 1, bytes(tip[1])) != (event.sequence, event.previous_hash):
             raise StoreError("audit append does not extend the current tip")
+        # The event first: the tip's trigger lets the tip move only onto an event that exists.
         self._run(
             "INSERT INTO kv_audit_events "
             "(sequence, time_us, action, outcome, caller, detail_json, previous_hash, hash) "
@@ -253,27 +256,34 @@ class SqlTx:
                 event.hash,
             ),
         )
+        if event.tip_signature:
+            self.insert_audit_signature(event.sequence, event.tip_signature)
+        moved = self._run(
+            "UPDATE kv_audit_tip SET sequence = ?, hash = ? WHERE id = 1 AND sequence = ? AND hash = ?",
+            (event.sequence, event.hash, event.sequence - 1, event.previous_hash),
+        ).rowcount
+        if moved != 1:
+            raise StoreError("audit append does not extend the current tip")
+
+    def insert_audit_signature(self, sequence: int, signature: bytes) -> bool:
+        return self._inserted(
+            "INSERT INTO kv_audit_signatures (sequence, signature) VALUES (?, ?) "
+            "ON CONFLICT (sequence) DO NOTHING RETURNING sequence",
+            (sequence, signature),
+        )
 
     def list_audit(self, *, after_sequence: int, limit: int) -> list[AuditRecord]:
         rows = self._run(
-            "SELECT sequence, time_us, action, outcome, caller, detail_json, previous_hash, hash "
-            "FROM kv_audit_events "
-            "WHERE sequence > ? ORDER BY sequence LIMIT ?",
+            _SELECT_AUDIT + "WHERE e.sequence > ? ORDER BY e.sequence LIMIT ?",
             (after_sequence, limit),
         ).fetchall()
-        return [
-            AuditRecord(
-                sequence=int(row[0]),
-                time_us=int(row[1]),
-                action=row[2],
-                outcome=row[3],
-                caller=row[4],
-                detail_json=row[5],
-                previous_hash=bytes(row[6]),
-                hash=bytes(row[7]),
-            )
-            for row in rows
-        ]
+        return [_audit(row) for row in rows]
+
+    def latest_signed_audit(self) -> AuditRecord | None:
+        row = self._run(
+            _SELECT_AUDIT + "WHERE s.signature IS NOT NULL ORDER BY e.sequence DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else _audit(row)
 
     # -- idempotency -----------------------------------------------------------------------
     def claim_request(
@@ -308,6 +318,20 @@ class SqlTx:
         )
         if cursor.rowcount != 1:
             raise StoreError(f"request {request_id!r} was not reserved in this transaction")
+
+
+def _audit(row: Sequence[Any]) -> AuditRecord:
+    return AuditRecord(
+        sequence=int(row[0]),
+        time_us=int(row[1]),
+        action=row[2],
+        outcome=row[3],
+        caller=row[4],
+        detail_json=row[5],
+        previous_hash=bytes(row[6]),
+        hash=bytes(row[7]),
+        tip_signature=b"" if row[8] is None else bytes(row[8]),
+    )
 
 
 def _key(row: Sequence[Any]) -> KeyRecord:

@@ -106,12 +106,45 @@ CREATE TABLE IF NOT EXISTS kv_requests (
 )
     """,
     """
+CREATE TABLE IF NOT EXISTS kv_audit_signatures (
+    sequence INTEGER PRIMARY KEY,
+    signature BLOB NOT NULL
+)
+    """,
+    """
 CREATE TRIGGER IF NOT EXISTS kv_audit_no_update BEFORE UPDATE ON kv_audit_events
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END
     """,
     """
 CREATE TRIGGER IF NOT EXISTS kv_audit_no_delete BEFORE DELETE ON kv_audit_events
 BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_append_at_tip BEFORE INSERT ON kv_audit_events
+WHEN NOT EXISTS (
+    SELECT 1 FROM kv_audit_tip WHERE id = 1 AND sequence + 1 = NEW.sequence AND hash = NEW.previous_hash
+)
+BEGIN SELECT RAISE(ABORT, 'an audit event must extend the tip'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_signature_no_update BEFORE UPDATE ON kv_audit_signatures
+BEGIN SELECT RAISE(ABORT, 'audit signatures are append-only'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_signature_no_delete BEFORE DELETE ON kv_audit_signatures
+BEGIN SELECT RAISE(ABORT, 'audit signatures are append-only'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_tip_forward BEFORE UPDATE ON kv_audit_tip
+WHEN NEW.id <> OLD.id OR NEW.sequence <> OLD.sequence + 1 OR NOT EXISTS (
+    SELECT 1 FROM kv_audit_events
+    WHERE sequence = NEW.sequence AND hash = NEW.hash AND previous_hash = OLD.hash
+)
+BEGIN SELECT RAISE(ABORT, 'the audit tip only moves forward onto the newest event'); END
+    """,
+    """
+CREATE TRIGGER IF NOT EXISTS kv_audit_tip_no_delete BEFORE DELETE ON kv_audit_tip
+BEGIN SELECT RAISE(ABORT, 'the audit tip cannot be deleted'); END
     """,
 )
 
