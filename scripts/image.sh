@@ -173,6 +173,8 @@ build() {
   DOCKER_BUILDKIT=1 "$DOCKER" build --network host --progress plain \
     --build-arg "BASE_IMAGE=$base_image" --target "$TARGET" "${args[@]}" ${VEIL_BUILD_ARGS:-} \
     -t "$IMAGE" "$REPO" >&2
+  # The image this tag named before is now dangling: drop it (the build cache keeps its layers).
+  "$DOCKER" image prune --force --filter "label=$BASE_LABEL" >/dev/null
   rm -rf "$secrets"
   trap - EXIT
   echo "$IMAGE"
