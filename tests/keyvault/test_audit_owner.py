@@ -80,7 +80,8 @@ SERVICE_ROLE_ATTACKS = (
     "ALTER TABLE kv_audit_tip DISABLE TRIGGER kv_audit_tip_moves_forward",
     "DROP TABLE kv_audit_events CASCADE",
     "DROP FUNCTION kv_audit_append_only() CASCADE",
-    "CREATE OR REPLACE FUNCTION kv_audit_tip_forward() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$",
+    "CREATE OR REPLACE FUNCTION kv_audit_tip_forward() RETURNS trigger LANGUAGE plpgsql "
+    "AS $$BEGIN RETURN NEW; END$$",
     "ALTER TABLE kv_audit_events OWNER TO CURRENT_USER",
     "SET session_replication_role = replica",
 )
@@ -110,7 +111,8 @@ def test_the_service_role_can_only_read_and_append(roles: Roles, migrate_first: 
         log = append(store, clock, 2)
         assert log.verify_chain() == 5
         owners = roles.admin.execute(
-            "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = %s AND tablename LIKE 'kv_audit%%'",
+            "SELECT tablename, tableowner FROM pg_tables "
+            "WHERE schemaname = %s AND tablename LIKE 'kv_audit%%'",
             (roles.schema,),
         ).fetchall()
         assert dict(owners) == dict.fromkeys(
