@@ -85,9 +85,24 @@ def instance_create(args: argparse.Namespace) -> int:
         except ValueError:
             raise VeilClientError("--token-issuer must name an Ed25519 identity or account") from None
     with open_client(args) as veil:
-        existed = any(i.instance_id == args.instance for i in veil.list_instances())
-        # The SDK checks the enclave-signed descriptor carries exactly this configuration, then pins it.
-        instance, descriptor = veil.create_instance(args.instance, config)
+        listed = {i.instance_id: i for i in veil.list_instances()}
+        existed = args.instance in listed
+        if existed:
+            # Nothing to create: say so, and what the enclave signed for the instance.
+            instance = listed[args.instance]
+            descriptor = veil.attest(args.instance, refresh=True).descriptor
+            if descriptor is None:
+                raise VeilClientError(f"the enclave did not describe instance {args.instance!r}")
+            if descriptor.config != config:
+                have = _instance_json(instance)
+                raise VeilClientError(
+                    f"instance {args.instance!r} already exists with another configuration "
+                    f"({have['app']}, auth {have['auth']}); nothing created"
+                )
+        else:
+            # The SDK checks the enclave-signed descriptor carries exactly this configuration,
+            # then pins it.
+            instance, descriptor = veil.create_instance(args.instance, config)
     document = {**_instance_json(instance), **descriptor.to_json(), "existed": existed}
     genesis = f"genesis {descriptor.genesis_hash.hex()[:16]}… pinned"
     said = (

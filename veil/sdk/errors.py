@@ -83,4 +83,6 @@ class GatewayError(VeilClientError):
         self.details = error.details() or ""
         #: For `VeilClient.execute`: the call's request id; pass it again to resume the call.
         self.request_id: str | None = None
-        super().__init__(f"{self.code.name}: {self.details}" + (f" ({self.reason})" if self.reason else ""))
+        # The reason adds to the message only when it says something the code and text do not.
+        extra = self.reason and self.reason != self.code.name and self.reason not in self.details
+        super().__init__(f"{self.code.name}: {self.details}" + (f" ({self.reason})" if extra else ""))
