@@ -222,9 +222,14 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     ) -> keyvault_pb2.ListAuditEventsResponse:
         with _domain_errors():
             page = self._kv.audit.list_events(page_size=request.page_size, page_token=request.page_token)
-        return keyvault_pb2.ListAuditEventsResponse(
+            tip = self._kv.audit.signed_tip()
+        response = keyvault_pb2.ListAuditEventsResponse(
             events=[audit_message(event) for event in page.events], next_page_token=page.next_page_token
         )
+        if tip is not None:  # what to publish outside the database (see veil.services.keyvault.audit)
+            response.tip.sequence, response.tip.hash = tip.sequence, tip.hash
+            response.tip.signature, response.tip.release_public_key = tip.signature, tip.public_key
+        return response
 
     def GetStatus(
         self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext

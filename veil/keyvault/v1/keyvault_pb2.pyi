@@ -675,25 +675,69 @@ class ListAuditEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TIP_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """next_page_token fetches the next page; empty at the end."""
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
         """events are in log order."""
 
+    @_builtins.property
+    def tip(self) -> Global___SignedAuditTip:
+        """tip is the newest signed audit tip, verified with the chain before this page was served.
+        Publish it outside the keyvault's database: a later log that lacks it was cut back.
+        """
+
     def __init__(
         self,
         *,
         events: _abc.Iterable[Global___AuditEvent] | None = ...,
         next_page_token: _builtins.str = ...,
+        tip: Global___SignedAuditTip | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tip", b"tip"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token", "tip", b"tip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class SignedAuditTip(_message.Message):
+    """SignedAuditTip is the audit chain's (sequence, hash) signed by the keyvault's release key:
+    Ed25519 over "veil/audit-tip/v1" || u64 big-endian sequence || hash (32 bytes).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    RELEASE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """sequence is the tip event's position in the log."""
+    hash: _builtins.bytes
+    """hash is the chain hash of that event (AuditEvent.hash)."""
+    signature: _builtins.bytes
+    """signature is the release key's Ed25519 signature of the tip."""
+    release_public_key: _builtins.bytes
+    """release_public_key is the signing key (GetJwks.release_public_key), raw 32 bytes."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        hash: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+        release_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "release_public_key", b"release_public_key", "sequence", b"sequence", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedAuditTip: _TypeAlias = SignedAuditTip  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):

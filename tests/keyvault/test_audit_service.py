@@ -1,0 +1,95 @@
+"""ListAuditEvents over real mTLS: it returns a signed tip to publish, and refuses a rewritten log."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.conftest import tls_for
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.common.config import ServiceConfig
+from veil.services.common.tls import channel_credentials
+from veil.services.keyvault.audit import event_hash, verify_tip
+from veil.services.keyvault.config import KekConfig, KeyvaultConfig
+from veil.services.keyvault.errors import AuditChainError
+from veil.services.keyvault.server import create_server
+
+from .support import policy_json, write_sim_enclave_policy
+
+
+def _rewrite_without_event(db: Path, victim: int) -> None:
+    """Delete event ``victim`` and recompute the chain, as anyone with write access to the file can."""
+    with sqlite3.connect(db) as conn:
+        conn.executescript(
+            "DROP TRIGGER kv_audit_no_delete; DROP TRIGGER kv_audit_append_at_tip; "
+            "DROP TRIGGER kv_audit_tip_forward; DROP TRIGGER kv_audit_signature_no_delete;"
+        )
+        rows = conn.execute(
+            "SELECT sequence, time_us, action, outcome, caller, detail_json, hash FROM kv_audit_events "
+            "ORDER BY sequence"
+        ).fetchall()
+        conn.execute("DELETE FROM kv_audit_events WHERE sequence >= ?", (victim,))
+        conn.execute("DELETE FROM kv_audit_signatures WHERE sequence >= ?", (victim,))
+        previous = rows[victim - 2][6]
+        sequence = victim
+        for _, time_us, action, outcome, caller, detail_json, _ in rows[victim:]:
+            digest = event_hash(
+                previous,
+                sequence=sequence,
+                time_us=time_us,
+                action=action,
+                outcome=outcome,
+                caller=caller,
+                detail_json=detail_json,
+            )
+            conn.execute(
+                "INSERT INTO kv_audit_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sequence, time_us, action, outcome, caller, detail_json, previous, digest),
+            )
+            previous, sequence = digest, sequence + 1
+        conn.execute("UPDATE kv_audit_tip SET sequence = ?, hash = ?", (sequence - 1, previous))
+
+
+def test_list_audit_events_publishes_a_signed_tip_and_refuses_a_rewrite(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "kv" / "keyvault.db"
+    config = KeyvaultConfig(
+        db=str(db),
+        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
+        attestation_root=str(pki_dir / "sgx-root.pem"),
+        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
+    )
+    server, port = create_server(service_config("keyvault"), keyvault_config=config)
+    server.start()
+    try:
+        with grpc.secure_channel(
+            f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "admin"))
+        ) as channel:
+            admin = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+            policy = policy_json(
+                {"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority="spiffe://veil/keyvault"
+            )
+            for name in ("orders", "payroll", "ledger"):
+                request = keyvault_pb2.CreateKeyRequest(key_name=name, release_policy_json=policy)
+                admin.CreateKey(request, timeout=10)
+            release_key = admin.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+            page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
+            tip = page.tip
+            assert tip.sequence == page.events[-1].sequence == len(page.events)
+            assert tip.hash == page.events[-1].hash
+            assert tip.release_public_key == release_key
+            assert verify_tip(release_key, tip.sequence, tip.hash, tip.signature)
+
+            _rewrite_without_event(db, 2)  # "orders" was never created, says the forged log
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+    finally:
+        server.stop(0)
+    with pytest.raises(AuditChainError):
+        create_server(service_config("keyvault"), keyvault_config=config)  # no start over a forged log
