@@ -1,0 +1,87 @@
+"""Item 6 of issue 14: `token transfer --from-csv` is resumable. Each row has a deterministic
+request id (file hash, sender, row); a rerun skips the rows already applied and says so, and a
+row the mesh already answered in a run that died before its journal is not paid twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.support import Veil
+
+
+def _balances(veil: Veil, *names: str) -> dict[str, int]:
+    return {n: veil.json("token", "balance", "coins", "--as", n)["balance"] for n in names}
+
+
+def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
+    veil.identities("treasury", "alice", "bob", "carol", "dave")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "treasury")
+    veil.ok("token", "mint", "coins", "alice", "100", "--as", "treasury")
+    payroll = tmp_path / "payroll.csv"
+    payroll.write_text("to,amount\nbob,10\ncarol,20\ndave,500\n")  # dave's row overdraws
+
+    status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 1
+    assert "2 transfers committed (30 tokens), 1 refused, 0 skipped" in out
+    assert "refused row 4: 500 to dave" in out
+    assert _balances(veil, "alice", "bob", "carol", "dave") == {
+        "alice": 70,
+        "bob": 10,
+        "carol": 20,
+        "dave": 0,
+    }
+
+    # Running the same file again: the applied rows are skipped, the refused one tried again.
+    status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 1
+    assert "0 transfers committed (0 tokens), 1 refused, 2 skipped" in out
+    assert "skipped row 2: 10 to bob (applied by an earlier run)" in out
+    assert _balances(veil, "alice", "bob", "carol") == {"alice": 70, "bob": 10, "carol": 20}
+
+    # Dave's row is fixed by funding alice; the rerun applies only it.
+    veil.ok("token", "mint", "coins", "alice", "500", "--as", "treasury")
+    document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert (document["applied"], document["refused"], document["skipped"]) == (1, 0, 2)
+    assert _balances(veil, "alice", "dave") == {"alice": 70, "dave": 500}
+
+    # A run that died before writing its journal: the mesh holds the rows' answers under their
+    # request ids, so none of them is sent to the enclave again.
+    journal = Path(document["journal"])
+    journal.unlink()
+    executed = veil.executed()
+    status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 0, out
+    assert "0 transfers committed (0 tokens), 0 refused, 3 skipped" in out
+    assert "the mesh already answered this row in an earlier run; not sent again" in out
+    assert _balances(veil, "alice", "bob", "carol", "dave") == {
+        "alice": 70,
+        "bob": 10,
+        "carol": 20,
+        "dave": 500,
+    }
+    assert json.loads(journal.read_text())["rows"]["2"]["state"] == "answered-earlier"
+    assert veil.executed() - executed == 3  # one attempt per row, answered from the mesh's record
+
+
+def test_a_bad_row_stops_the_file_before_anything_is_sent(veil: Veil, tmp_path: Path) -> None:
+    veil.identities("treasury", "alice", "bob")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "treasury")
+    before = veil.executed()
+    for content, expected in (
+        ("bob,5\nbobb,5\n", "payroll.csv:2: 'bobb' is not a known identity"),
+        ("bob,5\nbob,-1\n", "payroll.csv:2: amount '-1' is not a whole number"),
+        ("bob,5\nbob\n", "payroll.csv:2: expected two columns"),
+        ("", "no transfers in the file"),
+    ):
+        payroll = tmp_path / "payroll.csv"
+        payroll.write_text(content)
+        status, out, err = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+        assert status == 1
+        assert out == ""
+        assert expected in err
+    payroll.write_bytes(b"\xff\xfe,\x00\n")
+    status, _, err = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 1
+    assert "not a UTF-8 CSV file" in err
+    assert veil.executed() == before
