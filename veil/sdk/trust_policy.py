@@ -31,6 +31,11 @@ sign a token of its own, copy every claim the quote binds and set "UpToDate". A 
 ``["*"]`` may leave `jwks` unpinned (then the bundle's JWKS verifies the token, and the quote
 binding is what holds).
 
+The file's JSON Schema is `veil/sdk/policy.schema.json` (shipped with the package; the Node
+client validates against the same file): `load_policy` checks it first, so a bad policy is
+refused with the field and the rule it breaks, then the rules a schema cannot say (hex that
+decodes, a "dev" root that resolves) are checked here. docs/protocol.md describes every field.
+
 Fail closed: there is no trust-on-first-use. In development `veil up` writes the policy with
 `veil.dev.policies.write_dev_policy`: the sim enclave's MRENCLAVE computed from the enclave
 source (`veil.enclave.measurement`), the dev signer's MRSIGNER, the dev root, and the local
@@ -42,14 +47,18 @@ its token-signing key, the new public key must be pinned before it signs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 from cryptography.hazmat.primitives.asymmetric import ec
+from jsonschema.exceptions import ValidationError, relevance
 
 from veil.enclave import wire
 from veil.sdk.errors import PolicyError
@@ -58,6 +67,8 @@ from veil.verify.roots import RootError, dev_root_path, resolve_root
 from veil.verify.tokens import TCB_UNEVALUATED
 
 POLICY_FILE = "expected-measurement.json"
+#: The policy file's JSON Schema, package data next to this module.
+POLICY_SCHEMA = "policy.schema.json"
 DEFAULT_TCB_STATUSES = ("UpToDate", "SWHardeningNeeded")
 #: Spells "accept every TCB status" in `accepted_tcb_statuses` (alone in the list).
 ANY_TCB_STATUS = "*"
@@ -232,13 +243,66 @@ def _bool(document: Mapping[str, Any], name: str) -> bool:
     return value
 
 
+@functools.cache
+def policy_schema() -> dict[str, Any]:
+    """The policy file's JSON Schema (draft 2020-12)."""
+    text = resources.files("veil.sdk").joinpath(POLICY_SCHEMA).read_text(encoding="utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = policy_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _describe(error: ValidationError) -> str:
+    """One refusal in the file's own terms: where, what, and the rule (the schema's description)."""
+    where = "/".join(str(part) for part in error.absolute_path)
+    if not where and error.validator == "anyOf":
+        return "a policy must pin at least one MRENCLAVE or an MRSIGNER"
+    if not where and error.validator == "type":
+        return "the policy must be a JSON object"
+    message = (
+        f"{_short(error.instance)} is not valid" if error.validator in ("oneOf", "anyOf") else error.message
+    )
+    description = error.schema.get("description") if isinstance(error.schema, Mapping) else None
+    if description and error.schema is not policy_schema():
+        message += f": {description}"
+    return f"{where}: {message}" if where else message
+
+
+def check_policy_document(document: object, what: str = "policy") -> None:
+    """Refuse a policy document the schema does not admit (PolicyError naming the field and rule)."""
+    errors = list(_validator().iter_errors(document))
+    if errors:
+        # The most relevant error at the shallowest level: the field the author got wrong.
+        first = min(errors, key=relevance)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise PolicyError(f"{what}: {_describe(first)}{more}")
+
+
+def policy_from_document(document: object, what: str = "policy") -> ExpectedMeasurement:
+    """A policy from its parsed JSON: the schema first, then the checks a schema cannot make."""
+    check_policy_document(document, what)
+    return ExpectedMeasurement.from_json(document)
+
+
 def load_policy(path: Path) -> ExpectedMeasurement:
-    """Read a policy file."""
+    """Read a policy file (strict JSON, schema-valid, then checked)."""
     try:
         text = path.read_bytes()
     except OSError as exc:
         raise PolicyError(f"cannot read policy {path}: {exc.strerror or exc}") from None
-    return ExpectedMeasurement.from_json(wire.strict_json_object(text, f"policy {path}", PolicyError))
+    what = f"policy {path}"
+    return policy_from_document(wire.strict_json_object(text, what, PolicyError), what)
 
 
 def save_policy(policy: ExpectedMeasurement, path: Path) -> Path:
