@@ -7,6 +7,8 @@ certificate when the files change (cert-manager rotation needs no restart).
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,21 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _read_key(path: Path) -> bytes:
+    """A private key file, refused when others may read it or anyone but its owner may write it.
+
+    Group read stays allowed: Kubernetes mounts Secrets 0440 for the pod's fsGroup.
+    """
+    with path.open("rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if mode & 0o027:
+            raise PermissionError(
+                f"TLS private key {path} has mode {stat.S_IMODE(mode):04o}: other users may read or change "
+                f"it; chmod 600 it (`veil pki init --force` rewrites the dev PKI)"
+            )
+        return handle.read()
+
+
 class _ReloadingServerConfig:
     """Fetches a new server certificate configuration whenever a TLS file's mtime changes."""
 
@@ -36,7 +53,7 @@ class _ReloadingServerConfig:
 
     def build(self) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration(
-            [(_read(self._tls.key), _read(self._tls.cert))], root_certificates=_read(self._tls.ca)
+            [(_read_key(self._tls.key), _read(self._tls.cert))], root_certificates=_read(self._tls.ca)
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -75,5 +92,5 @@ def channel_credentials(tls: TlsFiles) -> grpc.ChannelCredentials:
     """mTLS channel credentials presenting this service's certificate."""
     tls.check()
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca), private_key=_read(tls.key), certificate_chain=_read(tls.cert)
+        root_certificates=_read(tls.ca), private_key=_read_key(tls.key), certificate_chain=_read(tls.cert)
     )

@@ -24,7 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.attack.mesh import IDENTITIES, SERVICE_TARGETS, TIMEOUT, Lab, ServiceTarget
 from tests.attack.rpc import call_raw
-from veil.dev.pki import init_pki
+from veil.dev.pki import ca_key_dir, init_pki
 from veil.status import error_info
 
 
@@ -96,7 +96,9 @@ def test_no_certificate_or_one_from_another_ca_never_gets_in(
 def _certificate(pki_dir: Path, uris: list[str]) -> tuple[bytes, bytes]:
     """A client certificate signed by the dev CA itself, with the given URI SANs."""
     ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki_dir / "ca-key.pem").read_bytes(), password=None)
+    ca_key = serialization.load_pem_private_key(
+        (ca_key_dir(pki_dir) / "ca-key.pem").read_bytes(), password=None
+    )
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)

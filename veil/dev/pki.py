@@ -1,7 +1,10 @@
 """Dev PKI: a CA, one mTLS certificate per service and for the admin, the sim SGX PCK chain and
 its collateral.
 
-`veil pki init` writes these under DATA_DIR/pki/. On Kubernetes cert-manager
+`veil pki init` writes these under DATA_DIR/pki/ (directory 0700, private keys 0600, modes
+set on the open file so `--force` narrows an older, wider file) and the CA's private key apart,
+in DATA_DIR/pki-ca/ (0700): the services' pki directory holds nothing that can issue an
+identity. Files are opened without following symlinks. On Kubernetes cert-manager
 issues the same SPIFFE identities; the sim PCK chain exists only for the
 simulated quote provider and is never accepted by a production policy.
 
@@ -273,9 +276,27 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+_DIR_MODE = 0o700
+_SECRET_MODE = 0o600
+_PUBLIC_MODE = 0o644
+
+
+def ca_key_dir(pki_dir: Path) -> Path:
+    """Where the dev CA's private key lives: beside the pki directory, not in it."""
+    return pki_dir.with_name(pki_dir.name + "-ca")
+
+
+def _private_dir(directory: Path) -> None:
+    directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+    directory.chmod(_DIR_MODE)  # an existing directory keeps its mode through mkdir
+
+
 def _write(path: Path, data: bytes, secret: bool = False) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    mode = _SECRET_MODE if secret else _PUBLIC_MODE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as handle:
+        # O_CREAT's mode applies only to a new file: a rewritten one keeps its old (wider) mode.
+        os.fchmod(handle.fileno(), mode)
         handle.write(data)
 
 
@@ -288,7 +309,7 @@ def init_pki(directory: Path, *, force: bool = False, now: dt.datetime | None = 
     files: dict[Path, tuple[bytes, bool]] = {}
     ca = _issue("Veil Dev CA", None, ca=True, now=now, lifetime=_VALIDITY)
     files[directory / "ca.pem"] = (_pem(ca.cert), False)
-    files[directory / "ca-key.pem"] = (_key_pem(ca.key), True)
+    files[ca_key_dir(directory) / "ca-key.pem"] = (_key_pem(ca.key), True)
     for service, spiffe_id in SERVICE_IDENTITIES.items():
         leaf = service_certificate(ca, spiffe_id, now, dns=(*_SERVICE_DNS, service))
         files[directory / f"{service}.pem"] = (_pem(leaf.cert) + _pem(ca.cert), False)
@@ -296,7 +317,9 @@ def init_pki(directory: Path, *, force: bool = False, now: dt.datetime | None = 
     admin = service_certificate(ca, ADMIN, now)
     files[directory / "admin.pem"] = (_pem(admin.cert), False)
     files[directory / "admin-key.pem"] = (_key_pem(admin.key), True)
-    return _write_all(directory, {**files, **_sim_sgx_files(directory, now)})
+    written = _write_all(directory, {**files, **_sim_sgx_files(directory, now)})
+    (directory / "ca-key.pem").unlink(missing_ok=True)  # where an older init left the CA key
+    return written
 
 
 def ensure_sim_collateral(directory: Path, *, now: dt.datetime | None = None) -> list[Path]:
@@ -324,8 +347,8 @@ def _sim_sgx_files(directory: Path, now: dt.datetime) -> dict[Path, tuple[bytes,
 
 
 def _write_all(directory: Path, files: dict[Path, tuple[bytes, bool]]) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    collateral_dir(directory).mkdir(exist_ok=True)
+    for folder in sorted({path.parent for path in files} | {directory}):
+        _private_dir(folder)
     for path, (data, secret) in files.items():
         _write(path, data, secret)
     return list(files)
