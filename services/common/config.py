@@ -12,43 +12,86 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Environment variable names (the deployment contract; deploy/k8s sets these).
-ENV_DATA_DIR = "VEIL_DATA_DIR"
-ENV_LISTEN = "VEIL_LISTEN"
-ENV_ADMIN_LISTEN = "VEIL_ADMIN_LISTEN"
-ENV_TLS_CERT = "VEIL_TLS_CERT"
-ENV_TLS_KEY = "VEIL_TLS_KEY"
-ENV_TLS_CA = "VEIL_TLS_CA"
-ENV_GRACE_SECONDS = "VEIL_GRACE_SECONDS"
-ENV_LOG_LEVEL = "VEIL_LOG_LEVEL"
-ENV_KEYVAULT_ADDR = "VEIL_KEYVAULT_ADDR"
-ENV_STATE_ADDRS = "VEIL_STATE_ADDRS"
-ENV_STATE_DB = "VEIL_STATE_DB"
+# Environment variable names (the deployment contract; deploy/k8s sets these). A service reads
+# only variables named after it, VEIL_<SERVICE>_*: one environment (a shell, `veil up`, a test)
+# that starts several services never configures one through a variable meant for another.
+
+# Settings every server has, each read under its own service's name (`env_name`).
+LISTEN = "LISTEN"
+ADMIN_LISTEN = "ADMIN_LISTEN"
+TLS_CERT = "TLS_CERT"
+TLS_KEY = "TLS_KEY"
+TLS_CA = "TLS_CA"
+DATA_DIR = "DATA_DIR"
+GRACE_SECONDS = "GRACE_SECONDS"
+LOG_LEVEL = "LOG_LEVEL"
+SERVER_SETTINGS = (LISTEN, ADMIN_LISTEN, TLS_CERT, TLS_KEY, TLS_CA, DATA_DIR, GRACE_SECONDS, LOG_LEVEL)
+
+# The keyvault's.
 ENV_KEYVAULT_DB = "VEIL_KEYVAULT_DB"
 ENV_KEYVAULT_ENCLAVE_POLICY_FILE = "VEIL_KEYVAULT_ENCLAVE_POLICY_FILE"
-ENV_ENCLAVE_MODE = "VEIL_ENCLAVE_MODE"
-ENV_ENCLAVE_MEMORY_MB = "VEIL_ENCLAVE_MEMORY_MB"
-ENV_SEAL_DIR = "VEIL_SEAL_DIR"
-ENV_PLATFORM_SECRET = "VEIL_PLATFORM_SECRET"
+ENV_KEYVAULT_ATTESTATION_ROOT = "VEIL_KEYVAULT_ATTESTATION_ROOT"
+ENV_KEYVAULT_KEK_PROVIDER = "VEIL_KEYVAULT_KEK_PROVIDER"
+ENV_KEYVAULT_KEK_FILE = "VEIL_KEYVAULT_KEK_FILE"
+ENV_KEYVAULT_PKCS11_MODULE = "VEIL_KEYVAULT_PKCS11_MODULE"
+ENV_KEYVAULT_PKCS11_TOKEN_LABEL = "VEIL_KEYVAULT_PKCS11_TOKEN_LABEL"
+ENV_KEYVAULT_PKCS11_PIN = "VEIL_KEYVAULT_PKCS11_PIN"
+ENV_KEYVAULT_PKCS11_KEY_LABEL = "VEIL_KEYVAULT_PKCS11_KEY_LABEL"
+# The state host's.
+ENV_STATE_KEYVAULT_ADDR = "VEIL_STATE_KEYVAULT_ADDR"
+ENV_STATE_DB = "VEIL_STATE_DB"
 ENV_STATE_DB_SCHEMA = "VEIL_STATE_DB_SCHEMA"
-ENV_SNAPSHOT_EVERY = "VEIL_SNAPSHOT_EVERY"
+ENV_STATE_ENCLAVE_MODE = "VEIL_STATE_ENCLAVE_MODE"
+ENV_STATE_ENCLAVE_MEMORY_MB = "VEIL_STATE_ENCLAVE_MEMORY_MB"
+ENV_STATE_SEAL_DIR = "VEIL_STATE_SEAL_DIR"
+ENV_STATE_PLATFORM_SECRET = "VEIL_STATE_PLATFORM_SECRET"
+ENV_STATE_SNAPSHOT_EVERY = "VEIL_STATE_SNAPSHOT_EVERY"
 ENV_STATE_BATCH_MAX = "VEIL_STATE_BATCH_MAX"
 ENV_STATE_BATCH_LINGER_MS = "VEIL_STATE_BATCH_LINGER_MS"
 ENV_STATE_MAX_HEAD_LAG = "VEIL_STATE_MAX_HEAD_LAG"
-ENV_ATTESTATION_ROOT = "VEIL_ATTESTATION_ROOT"
+# The gateway's.
+ENV_GATEWAY_KEYVAULT_ADDR = "VEIL_GATEWAY_KEYVAULT_ADDR"
+ENV_GATEWAY_STATE_ADDRS = "VEIL_GATEWAY_STATE_ADDRS"
+ENV_GATEWAY_SHARD_MAP = "VEIL_GATEWAY_SHARD_MAP"
 ENV_GATEWAY_PUBLIC_LISTEN = "VEIL_GATEWAY_PUBLIC_LISTEN"
-ENV_SHARD_MAP = "VEIL_SHARD_MAP"
 ENV_GATEWAY_AUTH = "VEIL_GATEWAY_AUTH"
 ENV_GATEWAY_RATE = "VEIL_GATEWAY_RATE"
 ENV_GATEWAY_BURST = "VEIL_GATEWAY_BURST"
 ENV_GATEWAY_MAX_MESSAGE_BYTES = "VEIL_GATEWAY_MAX_MESSAGE_BYTES"
 ENV_GATEWAY_TIMEOUT_SECONDS = "VEIL_GATEWAY_TIMEOUT_SECONDS"
-ENV_KEK_PROVIDER = "VEIL_KEK_PROVIDER"
-ENV_KEK_FILE = "VEIL_KEK_FILE"
-ENV_PKCS11_MODULE = "VEIL_PKCS11_MODULE"
-ENV_PKCS11_TOKEN_LABEL = "VEIL_PKCS11_TOKEN_LABEL"
-ENV_PKCS11_PIN = "VEIL_PKCS11_PIN"
-ENV_PKCS11_KEY_LABEL = "VEIL_PKCS11_KEY_LABEL"
+
+
+#: Names read before each service had its own. Setting one is a start-up error naming its
+#: replacement: silently ignored, `VEIL_KEK_PROVIDER=pkcs11` would leave the KEK in a file.
+RETIRED_NAMES: Mapping[str, str] = {
+    **{f"VEIL_{setting}": f"VEIL_<SERVICE>_{setting}" for setting in SERVER_SETTINGS},
+    "VEIL_KEYVAULT_ADDR": f"{ENV_STATE_KEYVAULT_ADDR} and {ENV_GATEWAY_KEYVAULT_ADDR}",
+    "VEIL_STATE_ADDRS": ENV_GATEWAY_STATE_ADDRS,
+    "VEIL_SHARD_MAP": ENV_GATEWAY_SHARD_MAP,
+    "VEIL_ENCLAVE_MODE": ENV_STATE_ENCLAVE_MODE,
+    "VEIL_ENCLAVE_MEMORY_MB": ENV_STATE_ENCLAVE_MEMORY_MB,
+    "VEIL_SEAL_DIR": ENV_STATE_SEAL_DIR,
+    "VEIL_PLATFORM_SECRET": ENV_STATE_PLATFORM_SECRET,
+    "VEIL_SNAPSHOT_EVERY": ENV_STATE_SNAPSHOT_EVERY,
+    "VEIL_ATTESTATION_ROOT": ENV_KEYVAULT_ATTESTATION_ROOT,
+    "VEIL_KEK_PROVIDER": ENV_KEYVAULT_KEK_PROVIDER,
+    "VEIL_KEK_FILE": ENV_KEYVAULT_KEK_FILE,
+    "VEIL_PKCS11_MODULE": ENV_KEYVAULT_PKCS11_MODULE,
+    "VEIL_PKCS11_TOKEN_LABEL": ENV_KEYVAULT_PKCS11_TOKEN_LABEL,
+    "VEIL_PKCS11_PIN": ENV_KEYVAULT_PKCS11_PIN,
+    "VEIL_PKCS11_KEY_LABEL": ENV_KEYVAULT_PKCS11_KEY_LABEL,
+}
+
+
+def env_name(service: str, setting: str) -> str:
+    """The variable of one of `service`'s server settings: VEIL_<SERVICE>_<SETTING>."""
+    return f"VEIL_{service.upper()}_{setting}"
+
+
+def server_env(service: str, settings: Mapping[str, str]) -> dict[str, str]:
+    """`settings` ({LISTEN: "0.0.0.0:50051", ...}) as `service`'s environment variables."""
+    return {env_name(service, setting): value for setting, value in settings.items()}
+
 
 # Default addresses of `veil up` (deploy order: keyvault, state, gateway).
 # Each service serves mTLS on its main port and plaintext health/reflection on its admin port.
@@ -98,24 +141,32 @@ class ServiceConfig:
         env = os.environ if env is None else env
         if service not in DEFAULT_PORTS:
             raise ConfigError(f"unknown service {service!r}; expected one of {sorted(DEFAULT_PORTS)}")
+        retired = sorted(name for name in RETIRED_NAMES if name in env)
+        if retired:
+            replaced = "; ".join(f"{name} is now {RETIRED_NAMES[name]}" for name in retired)
+            raise ConfigError(f"renamed environment variables are set: {replaced}")
         port, admin_port = DEFAULT_PORTS[service]
-        data_dir = Path(env.get(ENV_DATA_DIR, str(DEFAULT_DATA_DIR)))
+
+        def setting(name: str, default: str) -> str:
+            return env.get(env_name(service, name), default)
+
+        data_dir = Path(setting(DATA_DIR, str(DEFAULT_DATA_DIR)))
         pki = data_dir / "pki"
         tls = TlsFiles(
-            cert=Path(env.get(ENV_TLS_CERT, str(pki / f"{service}.pem"))),
-            key=Path(env.get(ENV_TLS_KEY, str(pki / f"{service}-key.pem"))),
-            ca=Path(env.get(ENV_TLS_CA, str(pki / "ca.pem"))),
+            cert=Path(setting(TLS_CERT, str(pki / f"{service}.pem"))),
+            key=Path(setting(TLS_KEY, str(pki / f"{service}-key.pem"))),
+            ca=Path(setting(TLS_CA, str(pki / "ca.pem"))),
         )
         try:
-            grace = float(env.get(ENV_GRACE_SECONDS, str(DEFAULT_GRACE_SECONDS)))
+            grace = float(setting(GRACE_SECONDS, str(DEFAULT_GRACE_SECONDS)))
         except ValueError as exc:
-            raise ConfigError(f"{ENV_GRACE_SECONDS} must be a number of seconds") from exc
+            raise ConfigError(f"{env_name(service, GRACE_SECONDS)} must be a number of seconds") from exc
         return cls(
             service=service,
-            listen=env.get(ENV_LISTEN, f"127.0.0.1:{port}"),
-            admin_listen=env.get(ENV_ADMIN_LISTEN, f"127.0.0.1:{admin_port}"),
+            listen=setting(LISTEN, f"127.0.0.1:{port}"),
+            admin_listen=setting(ADMIN_LISTEN, f"127.0.0.1:{admin_port}"),
             tls=tls,
             data_dir=data_dir,
             grace_seconds=grace,
-            log_level=env.get(ENV_LOG_LEVEL, "INFO").upper(),
+            log_level=setting(LOG_LEVEL, "INFO").upper(),
         )

@@ -1,12 +1,13 @@
 """Gateway configuration: state shards, the keyvault, client authentication and limits.
 
-Environment (gateway only; the shared names live in veil.services.common.config):
+Environment (the gateway reads VEIL_GATEWAY_* only; the names live in veil.services.common.config,
+next to the server settings every service has: VEIL_GATEWAY_LISTEN, ..._TLS_CERT and so on):
 
     VEIL_GATEWAY_PUBLIC_LISTEN     TLS-only listener for clients without a certificate
                                    (default 127.0.0.1:50050; empty disables it)
-    VEIL_STATE_ADDRS               comma-separated state replicas (default: the local one)
-    VEIL_SHARD_MAP                 explicit placements "instance=host:port,..." (override hashing)
-    VEIL_KEYVAULT_ADDR             the keyvault (JWKS when a state bundle lacks it)
+    VEIL_GATEWAY_STATE_ADDRS       comma-separated state replicas (default: the local one)
+    VEIL_GATEWAY_SHARD_MAP         explicit placements "instance=host:port,..." (override hashing)
+    VEIL_GATEWAY_KEYVAULT_ADDR     the keyvault (JWKS when a state bundle lacks it)
     VEIL_GATEWAY_AUTH              JSON or YAML file of per-instance authentication plugins
     VEIL_GATEWAY_RATE              sustained requests per second per client (default 200)
     VEIL_GATEWAY_BURST             bucket size per client (default 400)
@@ -25,13 +26,13 @@ from veil.services.common.config import (
     DEFAULT_PORTS,
     ENV_GATEWAY_AUTH,
     ENV_GATEWAY_BURST,
+    ENV_GATEWAY_KEYVAULT_ADDR,
     ENV_GATEWAY_MAX_MESSAGE_BYTES,
     ENV_GATEWAY_PUBLIC_LISTEN,
     ENV_GATEWAY_RATE,
+    ENV_GATEWAY_SHARD_MAP,
+    ENV_GATEWAY_STATE_ADDRS,
     ENV_GATEWAY_TIMEOUT_SECONDS,
-    ENV_KEYVAULT_ADDR,
-    ENV_SHARD_MAP,
-    ENV_STATE_ADDRS,
     ConfigError,
 )
 
@@ -67,9 +68,11 @@ def parse_shard_map(raw: str, shards: tuple[str, ...]) -> dict[str, str]:
         instance, sep, address = item.partition("=")
         instance, address = instance.strip(), address.strip()
         if not sep or not instance or not address:
-            raise ConfigError(f"{ENV_SHARD_MAP}: {item!r} is not instance=host:port")
+            raise ConfigError(f"{ENV_GATEWAY_SHARD_MAP}: {item!r} is not instance=host:port")
         if address not in shards:
-            raise ConfigError(f"{ENV_SHARD_MAP}: {address} is not listed in {ENV_STATE_ADDRS}")
+            raise ConfigError(
+                f"{ENV_GATEWAY_SHARD_MAP}: {address} is not listed in {ENV_GATEWAY_STATE_ADDRS}"
+            )
         placements[instance] = address
     return placements
 
@@ -90,9 +93,9 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         if not self.state_addresses:
-            raise ConfigError(f"{ENV_STATE_ADDRS} must list at least one state address")
+            raise ConfigError(f"{ENV_GATEWAY_STATE_ADDRS} must list at least one state address")
         if len(set(self.state_addresses)) != len(self.state_addresses):
-            raise ConfigError(f"{ENV_STATE_ADDRS} lists an address twice")
+            raise ConfigError(f"{ENV_GATEWAY_STATE_ADDRS} lists an address twice")
         if not 0 < self.max_message_bytes <= TRANSPORT_MAX_MESSAGE_BYTES:
             raise ConfigError(
                 f"{ENV_GATEWAY_MAX_MESSAGE_BYTES} must be 1 to {TRANSPORT_MAX_MESSAGE_BYTES} bytes"
@@ -103,10 +106,10 @@ class GatewayConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
         env = os.environ if env is None else env
-        raw = env.get(ENV_STATE_ADDRS, f"127.0.0.1:{DEFAULT_PORTS['state'][0]}")
+        raw = env.get(ENV_GATEWAY_STATE_ADDRS, f"127.0.0.1:{DEFAULT_PORTS['state'][0]}")
         shards = tuple(a.strip() for a in raw.split(",") if a.strip())
         if not shards:
-            raise ConfigError(f"{ENV_STATE_ADDRS} must list at least one state address")
+            raise ConfigError(f"{ENV_GATEWAY_STATE_ADDRS} must list at least one state address")
         auth = env.get(ENV_GATEWAY_AUTH, "").strip()
         auth_file = Path(auth) if auth else None
         if auth_file is not None and not auth_file.is_file():
@@ -114,8 +117,8 @@ class GatewayConfig:
             raise ConfigError(f"{ENV_GATEWAY_AUTH} file {auth_file} does not exist")
         return cls(
             state_addresses=shards,
-            keyvault_address=env.get(ENV_KEYVAULT_ADDR, f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}"),
-            shard_map=parse_shard_map(env.get(ENV_SHARD_MAP, ""), shards),
+            keyvault_address=env.get(ENV_GATEWAY_KEYVAULT_ADDR, f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}"),
+            shard_map=parse_shard_map(env.get(ENV_GATEWAY_SHARD_MAP, ""), shards),
             public_listen=env.get(ENV_GATEWAY_PUBLIC_LISTEN, f"127.0.0.1:{DEFAULT_PUBLIC_PORT}").strip(),
             auth_file=auth_file,
             rate_per_second=_number(env, ENV_GATEWAY_RATE, DEFAULT_RATE),

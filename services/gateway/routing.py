@@ -2,7 +2,7 @@
 
 Lookup order for an instance:
 
-1. the explicit shard map (`VEIL_SHARD_MAP`), fixed by the operator;
+1. the explicit shard map (`VEIL_GATEWAY_SHARD_MAP`), fixed by the operator;
 2. the directory the gateway learned from CreateInstance answers and ListInstances fan-outs
    (so an instance created before a replica was added is still found where it lives);
 3. rendezvous (highest-random-weight) hashing over the replica list: a stable choice that

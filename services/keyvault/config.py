@@ -5,21 +5,21 @@ here. Defaults suit ``veil up`` on one machine (SQLite and a KEK file under
 ``<data dir>/keyvault/``); the attestation root defaults to Intel's, so a sim enclave is
 refused unless the deployment opts into the dev root explicitly (fail closed).
 
-=================================  =============================================================
-``VEIL_KEYVAULT_DB``               SQLite file path (or ``sqlite:PATH``), or a ``postgresql://`` DSN
-``VEIL_KEYVAULT_DB_SCHEMA``        PostgreSQL schema (default ``veil_keyvault``)
-``VEIL_ATTESTATION_ROOT``          ``intel`` (default), ``dev`` (``<data dir>/pki/sgx-root.pem``), PEM path
-``VEIL_KEK_PROVIDER``              ``file`` (default) or ``pkcs11``
-``VEIL_KEK_FILE``                  key file for ``file`` (default ``<data dir>/keyvault/kek.bin``)
-``VEIL_PKCS11_MODULE`` etc.        module path, token label, user PIN and key label for ``pkcs11``
-``VEIL_KEYVAULT_ISSUER``           token ``iss`` and policy ``authority`` (default ``spiffe://veil/keyvault``)
-``VEIL_KEYVAULT_TOKEN_TTL_SECONDS`` token lifetime (default 600)
-``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE`` the operator enclave policy (release-policy JSON): the state
-                                   enclave builds trusted with instance keys and commit heads
-``VEIL_KEYVAULT_COLLATERAL_DIR``   quote collateral, one ``<fmspc>.json`` per platform
-                                   (:mod:`veil.services.keyvault.collateral_files`); unset: none, and
-                                   tokens say TCB status ``Unevaluated``
-=================================  =============================================================
+=====================================  ======================================================================
+``VEIL_KEYVAULT_DB``                   SQLite file path (or ``sqlite:PATH``), or a ``postgresql://`` DSN
+``VEIL_KEYVAULT_DB_SCHEMA``            PostgreSQL schema (default ``veil_keyvault``)
+``VEIL_KEYVAULT_ATTESTATION_ROOT``     ``intel`` (default), ``dev`` (``<data dir>/pki/sgx-root.pem``), a PEM
+``VEIL_KEYVAULT_KEK_PROVIDER``         ``file`` (default) or ``pkcs11``
+``VEIL_KEYVAULT_KEK_FILE``             key file for ``file`` (default ``<data dir>/keyvault/kek.bin``)
+``VEIL_KEYVAULT_PKCS11_MODULE`` etc.   module path, token label, user PIN and key label for ``pkcs11``
+``VEIL_KEYVAULT_ISSUER``               token ``iss`` and policy ``authority`` (default ``spiffe://veil/keyvault``)
+``VEIL_KEYVAULT_TOKEN_TTL_SECONDS``    token lifetime (default 600)
+``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``  the operator enclave policy (release-policy JSON): the state
+                                       enclave builds trusted with instance keys and commit heads
+``VEIL_KEYVAULT_COLLATERAL_DIR``       quote collateral, one ``<fmspc>.json`` per platform
+                                       (:mod:`veil.services.keyvault.collateral_files`); unset: none, and
+                                       tokens say TCB status ``Unevaluated``
+=====================================  ======================================================================
 
 The operator enclave policy (:mod:`veil.services.keyvault.enclave_policy`) is required unless the
 attestation root is ``dev``: with ``intel`` or a PEM root and no policy the keyvault refuses to
@@ -37,15 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from veil.services.common.config import (
-    ENV_ATTESTATION_ROOT,
-    ENV_KEK_FILE,
-    ENV_KEK_PROVIDER,
+    ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_DB,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
-    ENV_PKCS11_KEY_LABEL,
-    ENV_PKCS11_MODULE,
-    ENV_PKCS11_PIN,
-    ENV_PKCS11_TOKEN_LABEL,
+    ENV_KEYVAULT_KEK_FILE,
+    ENV_KEYVAULT_KEK_PROVIDER,
+    ENV_KEYVAULT_PKCS11_KEY_LABEL,
+    ENV_KEYVAULT_PKCS11_MODULE,
+    ENV_KEYVAULT_PKCS11_PIN,
+    ENV_KEYVAULT_PKCS11_TOKEN_LABEL,
     ConfigError,
 )
 from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S
@@ -79,17 +79,17 @@ class KekConfig:
     def check(self) -> None:
         """Fail fast on an incomplete KEK configuration."""
         if self.provider not in KEK_PROVIDERS:
-            raise ConfigError(f"{ENV_KEK_PROVIDER} must be one of {', '.join(KEK_PROVIDERS)}")
+            raise ConfigError(f"{ENV_KEYVAULT_KEK_PROVIDER} must be one of {', '.join(KEK_PROVIDERS)}")
         if self.provider == "file" and self.file is None:
-            raise ConfigError(f"{ENV_KEK_FILE} is required for the file KEK")
+            raise ConfigError(f"{ENV_KEYVAULT_KEK_FILE} is required for the file KEK")
         if self.provider == "pkcs11":
             missing = [
                 name
                 for name, value in (
-                    (ENV_PKCS11_MODULE, self.pkcs11_module),
-                    (ENV_PKCS11_TOKEN_LABEL, self.pkcs11_token_label),
-                    (ENV_PKCS11_PIN, self.pkcs11_pin),
-                    (ENV_PKCS11_KEY_LABEL, self.pkcs11_key_label),
+                    (ENV_KEYVAULT_PKCS11_MODULE, self.pkcs11_module),
+                    (ENV_KEYVAULT_PKCS11_TOKEN_LABEL, self.pkcs11_token_label),
+                    (ENV_KEYVAULT_PKCS11_PIN, self.pkcs11_pin),
+                    (ENV_KEYVAULT_PKCS11_KEY_LABEL, self.pkcs11_key_label),
                 )
                 if not value
             ]
@@ -130,12 +130,12 @@ class KeyvaultConfig:
         env = os.environ if env is None else env
         home = data_dir / "keyvault"
         kek = KekConfig(
-            provider=env.get(ENV_KEK_PROVIDER, "file"),
-            file=Path(env.get(ENV_KEK_FILE, str(home / "kek.bin"))),
-            pkcs11_module=env.get(ENV_PKCS11_MODULE, ""),
-            pkcs11_token_label=env.get(ENV_PKCS11_TOKEN_LABEL, ""),
-            pkcs11_pin=env.get(ENV_PKCS11_PIN, ""),
-            pkcs11_key_label=env.get(ENV_PKCS11_KEY_LABEL, ""),
+            provider=env.get(ENV_KEYVAULT_KEK_PROVIDER, "file"),
+            file=Path(env.get(ENV_KEYVAULT_KEK_FILE, str(home / "kek.bin"))),
+            pkcs11_module=env.get(ENV_KEYVAULT_PKCS11_MODULE, ""),
+            pkcs11_token_label=env.get(ENV_KEYVAULT_PKCS11_TOKEN_LABEL, ""),
+            pkcs11_pin=env.get(ENV_KEYVAULT_PKCS11_PIN, ""),
+            pkcs11_key_label=env.get(ENV_KEYVAULT_PKCS11_KEY_LABEL, ""),
         )
         try:
             ttl = int(env.get(ENV_KEYVAULT_TOKEN_TTL, str(DEFAULT_TOKEN_TTL_S)))
@@ -151,7 +151,7 @@ class KeyvaultConfig:
         config = cls(
             db=env.get(ENV_KEYVAULT_DB, str(home / "keyvault.db")),
             kek=kek,
-            attestation_root=env.get(ENV_ATTESTATION_ROOT, "intel"),
+            attestation_root=env.get(ENV_KEYVAULT_ATTESTATION_ROOT, "intel"),
             dev_root_path=data_dir / "pki" / "sgx-root.pem",
             db_schema=env.get(ENV_KEYVAULT_DB_SCHEMA, DEFAULT_DB_SCHEMA),
             issuer=env.get(ENV_KEYVAULT_ISSUER, DEFAULT_ISSUER),
@@ -172,7 +172,7 @@ class KeyvaultConfig:
         if not 0 < self.token_ttl_s <= MAX_TOKEN_LIFETIME_S:
             raise ConfigError(f"{ENV_KEYVAULT_TOKEN_TTL} must be 1..{MAX_TOKEN_LIFETIME_S}")
         if not self.attestation_root:
-            raise ConfigError(f"{ENV_ATTESTATION_ROOT} must be intel, dev or a PEM path")
+            raise ConfigError(f"{ENV_KEYVAULT_ATTESTATION_ROOT} must be intel, dev or a PEM path")
         if self.enclave_policy_file is None and self.requires_enclave_policy:
             raise ConfigError(
                 f"{ENV_KEYVAULT_ENCLAVE_POLICY_FILE} is required with the attestation root "

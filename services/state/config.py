@@ -1,6 +1,6 @@
 """State-service configuration from the environment (names in services/common/config.py).
 
-Fail-closed rules: VEIL_ENCLAVE_MODE has no default. A production deployment that forgets it
+Fail-closed rules: VEIL_STATE_ENCLAVE_MODE has no default. A production deployment that forgets it
 refuses to start instead of silently running a simulated enclave; `veil up` sets ``sim``.
 """
 
@@ -13,17 +13,17 @@ from pathlib import Path
 
 from veil.services.common.config import (
     DEFAULT_PORTS,
-    ENV_ENCLAVE_MEMORY_MB,
-    ENV_ENCLAVE_MODE,
-    ENV_KEYVAULT_ADDR,
-    ENV_PLATFORM_SECRET,
-    ENV_SEAL_DIR,
-    ENV_SNAPSHOT_EVERY,
     ENV_STATE_BATCH_LINGER_MS,
     ENV_STATE_BATCH_MAX,
     ENV_STATE_DB,
     ENV_STATE_DB_SCHEMA,
+    ENV_STATE_ENCLAVE_MEMORY_MB,
+    ENV_STATE_ENCLAVE_MODE,
+    ENV_STATE_KEYVAULT_ADDR,
     ENV_STATE_MAX_HEAD_LAG,
+    ENV_STATE_PLATFORM_SECRET,
+    ENV_STATE_SEAL_DIR,
+    ENV_STATE_SNAPSHOT_EVERY,
     ConfigError,
     ServiceConfig,
 )
@@ -92,23 +92,25 @@ class StateConfig:
         """Read the environment; ConfigError names the variable at fault."""
         env = os.environ if env is None else env
         data_dir = service.data_dir
-        mode = env.get(ENV_ENCLAVE_MODE, "")
+        mode = env.get(ENV_STATE_ENCLAVE_MODE, "")
         if mode not in ENCLAVE_MODES:
             raise ConfigError(
-                f"{ENV_ENCLAVE_MODE} must be one of {', '.join(ENCLAVE_MODES)} (got {mode!r}); there is "
-                "no default, so a production node never falls back to a simulated enclave"
+                f"{ENV_STATE_ENCLAVE_MODE} must be one of {', '.join(ENCLAVE_MODES)} (got {mode!r}); "
+                "there is no default, so a production node never falls back to a simulated enclave"
             )
         return cls(
             service=service,
-            keyvault_address=env.get(ENV_KEYVAULT_ADDR, f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}"),
+            keyvault_address=env.get(ENV_STATE_KEYVAULT_ADDR, f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}"),
             database=env.get(ENV_STATE_DB, "") or str(data_dir / DEFAULT_FILE_NAME),
             database_schema=env.get(ENV_STATE_DB_SCHEMA, "") or DEFAULT_SCHEMA,
             enclave_mode=mode,
-            enclave_memory_mb=_int(env, ENV_ENCLAVE_MEMORY_MB, DEFAULT_MEMORY_MB, 1),
-            seal_dir=Path(env.get(ENV_SEAL_DIR, "") or data_dir / "sealed"),
-            platform_secret=Path(env.get(ENV_PLATFORM_SECRET, "") or data_dir / SIM_PLATFORM_SECRET_FILE),
+            enclave_memory_mb=_int(env, ENV_STATE_ENCLAVE_MEMORY_MB, DEFAULT_MEMORY_MB, 1),
+            seal_dir=Path(env.get(ENV_STATE_SEAL_DIR, "") or data_dir / "sealed"),
+            platform_secret=Path(
+                env.get(ENV_STATE_PLATFORM_SECRET, "") or data_dir / SIM_PLATFORM_SECRET_FILE
+            ),
             pck_dir=data_dir / "pki",  # sim only: the dev PCK chain `veil pki init` writes
-            snapshot_every=_int(env, ENV_SNAPSHOT_EVERY, DEFAULT_SNAPSHOT_EVERY, 0),
+            snapshot_every=_int(env, ENV_STATE_SNAPSHOT_EVERY, DEFAULT_SNAPSHOT_EVERY, 0),
             batch_max=_int(env, ENV_STATE_BATCH_MAX, DEFAULT_BATCH_MAX, 1),
             batch_linger_ms=_float(env, ENV_STATE_BATCH_LINGER_MS, DEFAULT_BATCH_LINGER_MS),
             max_head_lag=_int(env, ENV_STATE_MAX_HEAD_LAG, 0, 0),

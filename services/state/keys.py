@@ -1,6 +1,6 @@
 """Instance data keys: the sealed cache on this platform first, else a release from the keyvault.
 
-The sealed cache is the enclave's Seal blob in one file under VEIL_SEAL_DIR. It opens only on
+The sealed cache is the enclave's Seal blob in one file under VEIL_STATE_SEAL_DIR. It opens only on
 the same platform and the same enclave measurement; on any other node (or after an enclave
 upgrade) Unseal fails and every key comes from the keyvault instead, released to this
 enclave's attested HPKE key and provisioned into it. The host never sees a key in the clear.

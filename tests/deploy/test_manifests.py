@@ -6,6 +6,7 @@ kubernetes-validate (strict) and checked against tests/deploy/topology.yaml.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from pathlib import PurePosixPath
@@ -17,7 +18,18 @@ import pytest
 
 from veil.services.common import config as contract
 from veil.services.common import wait
-from veil.services.common.config import DEFAULT_PORTS
+from veil.services.common.config import (
+    ADMIN_LISTEN,
+    DATA_DIR,
+    DEFAULT_PORTS,
+    GRACE_SECONDS,
+    LISTEN,
+    SERVER_SETTINGS,
+    TLS_CA,
+    TLS_CERT,
+    TLS_KEY,
+    env_name,
+)
 from veil.services.common.identity import SERVICE_IDENTITIES
 from veil.services.common.server import LIVENESS_SERVICE
 
@@ -167,8 +179,8 @@ def test_main_containers_serve_the_contract_ports(overlay: str) -> None:
             expected_ports["public"] = svc["public_port"]
             assert env_value(c, "VEIL_GATEWAY_PUBLIC_LISTEN") == f"0.0.0.0:{svc['public_port']}"
         assert w.named_ports() == expected_ports
-        assert env_value(c, "VEIL_LISTEN") == f"0.0.0.0:{svc['port']}"
-        assert env_value(c, "VEIL_ADMIN_LISTEN") == f"0.0.0.0:{svc['admin_port']}"
+        assert env_value(c, env_name(name, LISTEN)) == f"0.0.0.0:{svc['port']}"
+        assert env_value(c, env_name(name, ADMIN_LISTEN)) == f"0.0.0.0:{svc['admin_port']}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -269,11 +281,11 @@ def test_writable_paths_are_emptydir_mounts(overlay: str) -> None:
         c = workload(overlay, name).container(name)
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         variables = env(c)
-        writable = [env_value(c, "VEIL_DATA_DIR"), "/tmp"]
-        if "VEIL_SEAL_DIR" in variables:
-            writable.append(env_value(c, "VEIL_SEAL_DIR"))
-        if "VEIL_PLATFORM_SECRET" in variables:
-            writable.append(str(PurePosixPath(env_value(c, "VEIL_PLATFORM_SECRET")).parent))
+        writable = [env_value(c, env_name(name, DATA_DIR)), "/tmp"]
+        if "VEIL_STATE_SEAL_DIR" in variables:
+            writable.append(env_value(c, "VEIL_STATE_SEAL_DIR"))
+        if "VEIL_STATE_PLATFORM_SECRET" in variables:
+            writable.append(str(PurePosixPath(env_value(c, "VEIL_STATE_PLATFORM_SECRET")).parent))
         for path in writable:
             assert path in mounts, f"{name}: {path} is not a volume mount"
             assert not mounts[path].get("readOnly"), f"{name}: {path} is mounted read-only"
@@ -282,11 +294,16 @@ def test_writable_paths_are_emptydir_mounts(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_veil_environment_names_are_the_contract(overlay: str) -> None:
-    known = {value for key, value in vars(contract).items() if key.startswith("ENV_")}
+    """Each service is configured only through names the contract defines, all its own."""
     for name in SERVICES:
+        own = vars(contract) | vars(importlib.import_module(f"veil.services.{name}.config"))
+        known = {value for key, value in own.items() if key.startswith("ENV_")}
+        known |= {env_name(name, setting) for setting in SERVER_SETTINGS}
         for c in workload(overlay, name).containers:
-            unknown = {n for n in env(c) if n.startswith("VEIL_")} - known
-            assert not unknown, f"{name}: variables no service reads: {sorted(unknown)}"
+            variables = {n for n in env(c) if n.startswith("VEIL_")}
+            assert not variables - known, f"{name}: variables no service reads: {sorted(variables - known)}"
+            foreign = {n for n in variables if not n.startswith(f"VEIL_{name.upper()}_")}
+            assert not foreign, f"{name}: configured through names of another service: {sorted(foreign)}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -295,7 +312,7 @@ def test_termination_grace_outlasts_the_drain(overlay: str) -> None:
         w = workload(overlay, name)
         c = w.container(name)
         pre_stop = ((c.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0)
-        drain = float(env_value(c, "VEIL_GRACE_SECONDS"))
+        drain = float(env_value(c, env_name(name, GRACE_SECONDS)))
         assert w.pod_spec["terminationGracePeriodSeconds"] > pre_stop + drain, name
 
 
@@ -368,7 +385,7 @@ def test_state_is_a_statefulset_with_stable_names(overlay: str) -> None:
 def test_shard_map_matches_replicas_and_certificate(overlay: str) -> None:
     state = workload(overlay, "state")
     gateway = workload(overlay, "gateway").container("gateway")
-    addresses = env_value(gateway, "VEIL_STATE_ADDRS").split(",")
+    addresses = env_value(gateway, "VEIL_GATEWAY_STATE_ADDRS").split(",")
     assert len(addresses) == state.obj["spec"]["replicas"], "one address per shard"
     service = state.obj["spec"]["serviceName"]
     expected = [f"{state.name}-{i}.{service}:{SERVICES['state']['port']}" for i in range(len(addresses))]
@@ -377,7 +394,8 @@ def test_shard_map_matches_replicas_and_certificate(overlay: str) -> None:
     assert {a.rsplit(":", 1)[0] for a in addresses} <= state_names, "gRPC checks the dialled name"
     keyvault_names = set(_certificate_for(overlay, "keyvault")["spec"]["dnsNames"])
     for name in ("state", "gateway"):
-        host, port = env_value(workload(overlay, name).container(name), "VEIL_KEYVAULT_ADDR").rsplit(":", 1)
+        address = env_value(workload(overlay, name).container(name), env_name(name, "KEYVAULT_ADDR"))
+        host, port = address.rsplit(":", 1)
         assert host in keyvault_names, f"{name} dials {host}, which the keyvault certificate lacks"
         assert _resolve(overlay, host, int(port)) == ("keyvault", SERVICES["keyvault"]["port"])
 
@@ -409,13 +427,13 @@ def test_state_requests_sgx_on_aks() -> None:
     sgx = _sgx_resources(c)
     epc = sgx["limits.sgx.intel.com/epc"]
     assert sgx["requests.sgx.intel.com/epc"] == epc, "extended resources cannot be overcommitted"
-    budget = int(env_value(c, "VEIL_ENCLAVE_MEMORY_MB"))
+    budget = int(env_value(c, "VEIL_STATE_ENCLAVE_MEMORY_MB"))
     epc_mib = _mebibytes(epc)
     assert epc_mib >= budget + EPC_HEADROOM_MIB, f"EPC {epc} does not cover the {budget} MiB budget"
     assert epc_mib & (epc_mib - 1) == 0, "enclave sizes are powers of two"
     for device in ("enclave", "provision"):
         assert sgx[f"limits.sgx.intel.com/{device}"] == sgx[f"requests.sgx.intel.com/{device}"] == 1
-    assert env_value(c, "VEIL_ENCLAVE_MODE") == "gramine"
+    assert env_value(c, "VEIL_STATE_ENCLAVE_MODE") == "gramine"
     assert env_value(c, "SGX_AESM_ADDR") == "1"
     tolerations = w.pod_spec["tolerations"]
     assert {"key": "sgx.intel.com/epc", "operator": "Exists", "effect": "NoSchedule"} in tolerations
@@ -446,8 +464,8 @@ def test_only_state_on_aks_touches_sgx(overlay: str) -> None:
 
 def test_sim_runs_the_simulated_enclave() -> None:
     c = workload("sim", "state").container("state")
-    assert env_value(c, "VEIL_ENCLAVE_MODE") == "sim"
-    assert "VEIL_PLATFORM_SECRET" in env(c)
+    assert env_value(c, "VEIL_STATE_ENCLAVE_MODE") == "sim"
+    assert "VEIL_STATE_PLATFORM_SECRET" in env(c)
     assert "SGX_AESM_ADDR" not in env(c)
 
 
@@ -467,18 +485,18 @@ def test_credentials_come_from_secrets(overlay: str) -> None:
 
 def test_aks_keyvault_trusts_intel_and_keeps_the_kek_in_an_hsm() -> None:
     c = workload("aks", "keyvault").container("keyvault")
-    assert env_value(c, "VEIL_ATTESTATION_ROOT") == "intel"
-    assert env_value(c, "VEIL_KEK_PROVIDER") == "pkcs11"
+    assert env_value(c, "VEIL_KEYVAULT_ATTESTATION_ROOT") == "intel"
+    assert env_value(c, "VEIL_KEYVAULT_KEK_PROVIDER") == "pkcs11"
     for name in ("MODULE", "TOKEN_LABEL", "PIN", "KEY_LABEL"):
-        assert "secretKeyRef" in env(c)[f"VEIL_PKCS11_{name}"]["valueFrom"]
-    assert "VEIL_KEK_FILE" not in env(c)
+        assert "secretKeyRef" in env(c)[f"VEIL_KEYVAULT_PKCS11_{name}"]["valueFrom"]
+    assert "VEIL_KEYVAULT_KEK_FILE" not in env(c)
 
 
 def _certificate_for(overlay: str, service: str) -> Obj:
-    """The Certificate whose Secret the service mounts for VEIL_TLS_*."""
+    """The Certificate whose Secret the service mounts for VEIL_<SERVICE>_TLS_*."""
     w = workload(overlay, service)
     c = w.container(service)
-    paths = [PurePosixPath(env_value(c, n)) for n in ("VEIL_TLS_CERT", "VEIL_TLS_KEY", "VEIL_TLS_CA")]
+    paths = [PurePosixPath(env_value(c, env_name(service, n))) for n in (TLS_CERT, TLS_KEY, TLS_CA)]
     assert [p.name for p in paths] == ["tls.crt", "tls.key", "ca.crt"], "cert-manager's Secret layout"
     assert len({p.parent for p in paths}) == 1
     (mount,) = [m for m in c["volumeMounts"] if PurePosixPath(m["mountPath"]) == paths[0].parent]

@@ -57,7 +57,17 @@ from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.services.common.channels import secure_channel, wait_until_serving
-from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE
+from veil.services.common.config import (
+    ADMIN_LISTEN,
+    DATA_DIR,
+    ENV_KEYVAULT_ATTESTATION_ROOT,
+    ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
+    ENV_STATE_ENCLAVE_MODE,
+    ENV_STATE_KEYVAULT_ADDR,
+    GRACE_SECONDS,
+    LISTEN,
+    server_env,
+)
 from veil.services.state.store_postgres import PostgresStore
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
@@ -92,8 +102,7 @@ class Service:
     def start(self) -> None:
         env = {
             **self.env,
-            "VEIL_LISTEN": self.address,
-            "VEIL_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
+            **server_env(self.name, {LISTEN: self.address, ADMIN_LISTEN: f"127.0.0.1:{self.admin_port}"}),
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -158,10 +167,10 @@ def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Servi
     init_pki(data_dir / "pki")
     env = {
         **os.environ,
-        "VEIL_DATA_DIR": str(data_dir),
-        "VEIL_ATTESTATION_ROOT": "dev",
-        "VEIL_ENCLAVE_MODE": "sim",
-        "VEIL_GRACE_SECONDS": "2",
+        **server_env("keyvault", {DATA_DIR: str(data_dir), GRACE_SECONDS: "2"}),
+        **server_env("state", {DATA_DIR: str(data_dir), GRACE_SECONDS: "2"}),
+        ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
+        ENV_STATE_ENCLAVE_MODE: "sim",
         "PYTHONUNBUFFERED": "1",
     }
     schema = f"veil_state_e2e_{uuid.uuid4().hex[:12]}"
@@ -172,7 +181,7 @@ def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Servi
     keyvault = Service("keyvault", keyvault_env, tmp_path / "keyvault.log")
     keyvault.start()
     state = Service("state", env, tmp_path / "state.log")
-    state.env = {**env, "VEIL_KEYVAULT_ADDR": keyvault.address}
+    state.env = {**env, ENV_STATE_KEYVAULT_ADDR: keyvault.address}
     try:
         keyvault.wait_serving()
         state.start()

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.e2e
 
 def test_up_fails_clearly_when_a_service_cannot_start(tmp_path: Path) -> None:
     data_dir = tmp_path / ".veil"
-    env = {**os.environ, "VEIL_TLS_CERT": str(tmp_path / "missing.pem")}  # every service refuses to start
+    env = {
+        **os.environ,
+        "VEIL_KEYVAULT_TLS_CERT": str(tmp_path / "missing.pem"),
+    }  # the first refuses to start
     veil = Path(sys.executable).with_name("veil")
     result = subprocess.run(
         [str(veil), "up", "--data-dir", str(data_dir)],

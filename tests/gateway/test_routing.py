@@ -71,8 +71,8 @@ def test_shard_map_parsing() -> None:
 def test_gateway_config_from_env() -> None:
     config = GatewayConfig.from_env(
         {
-            "VEIL_STATE_ADDRS": ",".join(SHARDS),
-            "VEIL_SHARD_MAP": f"payroll={SHARDS[1]}",
+            "VEIL_GATEWAY_STATE_ADDRS": ",".join(SHARDS),
+            "VEIL_GATEWAY_SHARD_MAP": f"payroll={SHARDS[1]}",
             "VEIL_GATEWAY_RATE": "5",
             "VEIL_GATEWAY_BURST": "10",
             "VEIL_GATEWAY_MAX_MESSAGE_BYTES": "65536",
@@ -87,7 +87,7 @@ def test_gateway_config_from_env() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"VEIL_STATE_ADDRS": " , "}, "at least one"),
+        ({"VEIL_GATEWAY_STATE_ADDRS": " , "}, "at least one"),
         ({"VEIL_GATEWAY_RATE": "fast"}, "must be a number"),
         ({"VEIL_GATEWAY_MAX_MESSAGE_BYTES": str(64 * 1024 * 1024)}, "1 to"),
         ({"VEIL_GATEWAY_AUTH": "/nonexistent/auth.json"}, "does not exist"),

@@ -155,7 +155,7 @@ def test_a_changed_file_is_reloaded_and_a_broken_one_refuses(
 
 
 def test_the_config_names_the_directory(tmp_path: Path) -> None:
-    env = {"VEIL_ATTESTATION_ROOT": "dev"}
+    env = {"VEIL_KEYVAULT_ATTESTATION_ROOT": "dev"}
     assert KeyvaultConfig.from_env(tmp_path, env).collateral_dir is None
     configured = KeyvaultConfig.from_env(tmp_path, {**env, ENV_KEYVAULT_COLLATERAL_DIR: "/srv/collateral"})
     assert configured.collateral_dir == Path("/srv/collateral")

@@ -31,7 +31,7 @@ def test_defaults_live_under_the_data_dir(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("root", ["intel", "/etc/veil/sgx-root.pem"])
 def test_a_production_root_without_an_enclave_policy_refuses_to_start(tmp_path: Path, root: str) -> None:
-    env = {} if root == "intel" else {"VEIL_ATTESTATION_ROOT": root}
+    env = {} if root == "intel" else {"VEIL_KEYVAULT_ATTESTATION_ROOT": root}
     with pytest.raises(ConfigError, match="VEIL_KEYVAULT_ENCLAVE_POLICY_FILE is required"):
         KeyvaultConfig.from_env(tmp_path, env=env)
     # A config built without from_env is checked when the keyvault opens, before anything else.
@@ -93,12 +93,12 @@ def test_environment_overrides(tmp_path: Path) -> None:
         env={
             "VEIL_KEYVAULT_DB": "postgresql://kv@db/keyvault",
             "VEIL_KEYVAULT_DB_SCHEMA": "kv_prod",
-            "VEIL_ATTESTATION_ROOT": "dev",
-            "VEIL_KEK_PROVIDER": "pkcs11",
-            "VEIL_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
-            "VEIL_PKCS11_TOKEN_LABEL": "veil",
-            "VEIL_PKCS11_PIN": "secret-pin",
-            "VEIL_PKCS11_KEY_LABEL": "veil-kek",
+            "VEIL_KEYVAULT_ATTESTATION_ROOT": "dev",
+            "VEIL_KEYVAULT_KEK_PROVIDER": "pkcs11",
+            "VEIL_KEYVAULT_PKCS11_MODULE": "/usr/lib/softhsm/libsofthsm2.so",
+            "VEIL_KEYVAULT_PKCS11_TOKEN_LABEL": "veil",
+            "VEIL_KEYVAULT_PKCS11_PIN": "secret-pin",
+            "VEIL_KEYVAULT_PKCS11_KEY_LABEL": "veil-kek",
             "VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "120",
         },
     )
@@ -112,11 +112,14 @@ def test_environment_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"VEIL_KEK_PROVIDER": "vault"}, "VEIL_KEK_PROVIDER"),
-        ({"VEIL_KEK_PROVIDER": "pkcs11", "VEIL_PKCS11_MODULE": "/x.so"}, "VEIL_PKCS11_PIN"),
+        ({"VEIL_KEYVAULT_KEK_PROVIDER": "vault"}, "VEIL_KEYVAULT_KEK_PROVIDER"),
+        (
+            {"VEIL_KEYVAULT_KEK_PROVIDER": "pkcs11", "VEIL_KEYVAULT_PKCS11_MODULE": "/x.so"},
+            "VEIL_KEYVAULT_PKCS11_PIN",
+        ),
         ({"VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "ten"}, "whole number"),
         ({"VEIL_KEYVAULT_TOKEN_TTL_SECONDS": "0"}, "VEIL_KEYVAULT_TOKEN_TTL_SECONDS"),
-        ({"VEIL_ATTESTATION_ROOT": ""}, "VEIL_ATTESTATION_ROOT"),
+        ({"VEIL_KEYVAULT_ATTESTATION_ROOT": ""}, "VEIL_KEYVAULT_ATTESTATION_ROOT"),
         ({"VEIL_KEYVAULT_HEAD_POLICY_FILE": "/x.json"}, "replaced by VEIL_KEYVAULT_ENCLAVE_POLICY_FILE"),
     ],
 )
@@ -126,7 +129,7 @@ def test_broken_configuration_fails_fast(tmp_path: Path, env: dict[str, str], me
 
 
 def test_missing_dev_root_fails_at_start(tmp_path: Path) -> None:
-    config = KeyvaultConfig.from_env(tmp_path, env={"VEIL_ATTESTATION_ROOT": "dev"})
+    config = KeyvaultConfig.from_env(tmp_path, env={"VEIL_KEYVAULT_ATTESTATION_ROOT": "dev"})
     with pytest.raises(RootError):
         open_keyvault(config)
 

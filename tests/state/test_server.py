@@ -190,9 +190,9 @@ def test_the_enclave_mode_has_no_default(tmp_path: Path) -> None:
     base = ServiceConfig(
         "state", "127.0.0.1:0", "127.0.0.1:0", tls_for(tmp_path, "state"), data_dir=tmp_path / "data"
     )
-    with pytest.raises(ConfigError, match="VEIL_ENCLAVE_MODE"):
+    with pytest.raises(ConfigError, match="VEIL_STATE_ENCLAVE_MODE"):
         StateConfig.from_env(base, {})
-    config = StateConfig.from_env(base, {"VEIL_ENCLAVE_MODE": "sim"})
+    config = StateConfig.from_env(base, {"VEIL_STATE_ENCLAVE_MODE": "sim"})
     assert config.database == str(tmp_path / "data" / "state.db")
     assert config.seal_dir == tmp_path / "data" / "sealed"
     assert config.platform_secret == tmp_path / "data" / "sim-platform.key"
@@ -201,16 +201,16 @@ def test_the_enclave_mode_has_no_default(tmp_path: Path) -> None:
     custom = StateConfig.from_env(
         base,
         {
-            "VEIL_ENCLAVE_MODE": "gramine",
+            "VEIL_STATE_ENCLAVE_MODE": "gramine",
             "VEIL_STATE_DB": "postgresql://db/state",
-            "VEIL_SNAPSHOT_EVERY": "0",
+            "VEIL_STATE_SNAPSHOT_EVERY": "0",
             "VEIL_STATE_BATCH_MAX": "64",
-            "VEIL_ENCLAVE_MEMORY_MB": "128",
+            "VEIL_STATE_ENCLAVE_MEMORY_MB": "128",
         },
     )
     assert (custom.database, custom.snapshot_every, custom.batch_max) == ("postgresql://db/state", 0, 64)
     assert custom.enclave_memory_mb == 128
     with pytest.raises(ConfigError, match="VEIL_STATE_BATCH_MAX"):
-        StateConfig.from_env(base, {"VEIL_ENCLAVE_MODE": "sim", "VEIL_STATE_BATCH_MAX": "0"})
-    with pytest.raises(ConfigError, match="VEIL_SNAPSHOT_EVERY"):
-        StateConfig.from_env(base, {"VEIL_ENCLAVE_MODE": "sim", "VEIL_SNAPSHOT_EVERY": "often"})
+        StateConfig.from_env(base, {"VEIL_STATE_ENCLAVE_MODE": "sim", "VEIL_STATE_BATCH_MAX": "0"})
+    with pytest.raises(ConfigError, match="VEIL_STATE_SNAPSHOT_EVERY"):
+        StateConfig.from_env(base, {"VEIL_STATE_ENCLAVE_MODE": "sim", "VEIL_STATE_SNAPSHOT_EVERY": "often"})

@@ -38,7 +38,13 @@ from veil.dev.loadclient import Account, mint, token_config, transfer
 from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_enclave_policy
 from veil.services.common.channels import secure_channel
-from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.config import (
+    ENV_STATE_ENCLAVE_MODE,
+    ENV_STATE_KEYVAULT_ADDR,
+    ENV_STATE_SNAPSHOT_EVERY,
+    ServiceConfig,
+    TlsFiles,
+)
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.server import create_server as create_keyvault
 from veil.services.state import lifecycle
@@ -254,9 +260,9 @@ def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, proc
     kv_server.start()
     service = _service("state", pki, workdir)  # the data dir whose pki/ holds the sim PCK chain
     env = {
-        "VEIL_ENCLAVE_MODE": "sim",
-        "VEIL_KEYVAULT_ADDR": f"127.0.0.1:{kv_port}",
-        "VEIL_SNAPSHOT_EVERY": "0",
+        ENV_STATE_ENCLAVE_MODE: "sim",
+        ENV_STATE_KEYVAULT_ADDR: f"127.0.0.1:{kv_port}",
+        ENV_STATE_SNAPSHOT_EVERY: "0",
     }
     config = StateConfig.from_env(service, env)
     server, port = create_server(service, state_config=config)

@@ -27,18 +27,20 @@ from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
 from veil.services.common.config import (
+    ADMIN_LISTEN,
+    DATA_DIR,
     DEFAULT_PORTS,
-    ENV_ADMIN_LISTEN,
-    ENV_ATTESTATION_ROOT,
-    ENV_DATA_DIR,
-    ENV_ENCLAVE_MODE,
+    ENV_GATEWAY_KEYVAULT_ADDR,
     ENV_GATEWAY_PUBLIC_LISTEN,
-    ENV_GRACE_SECONDS,
-    ENV_KEYVAULT_ADDR,
+    ENV_GATEWAY_STATE_ADDRS,
+    ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
-    ENV_LISTEN,
-    ENV_STATE_ADDRS,
+    ENV_STATE_ENCLAVE_MODE,
+    ENV_STATE_KEYVAULT_ADDR,
+    GRACE_SECONDS,
+    LISTEN,
     TlsFiles,
+    server_env,
 )
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
@@ -117,19 +119,26 @@ class Mesh:
         # whose TCB the keyvault evaluates against the dev PKI's collateral for the sim platform.
         # These settings are explicit here: the services themselves default to failing closed.
         env = {
-            ENV_ENCLAVE_MODE: "sim",
-            ENV_ATTESTATION_ROOT: "dev",
+            ENV_STATE_ENCLAVE_MODE: "sim",
+            ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
             ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(data_dir / "pki")),
             **os.environ,
-            ENV_DATA_DIR: str(data_dir),
-            ENV_GRACE_SECONDS: str(grace),
             # The keyvault releases instance keys (and accepts commit heads) only for the sim
             # enclave built from this checkout: the operator policy a production keyvault reads
             # from its ConfigMap.
             ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir)),
         }
         self.services = [
-            Supervised(n, {**env, **port_env(n, port_offset)}, log_dir / f"{n}.log", port_offset=port_offset)
+            Supervised(
+                n,
+                {
+                    **env,
+                    **server_env(n, {DATA_DIR: str(data_dir), GRACE_SECONDS: str(grace)}),
+                    **port_env(n, port_offset),
+                },
+                log_dir / f"{n}.log",
+                port_offset=port_offset,
+            )
             for n in DEPLOY_ORDER
         ]
 
@@ -197,11 +206,12 @@ def port_env(service: str, offset: int) -> dict[str, str]:
     def address(name: str, admin: int = 0) -> str:
         return f"127.0.0.1:{DEFAULT_PORTS[name][admin] + offset}"
 
-    env = {ENV_LISTEN: address(service), ENV_ADMIN_LISTEN: address(service, 1)}
-    if service in ("state", "gateway"):
-        env[ENV_KEYVAULT_ADDR] = address("keyvault")
+    env = server_env(service, {LISTEN: address(service), ADMIN_LISTEN: address(service, 1)})
+    if service == "state":
+        env[ENV_STATE_KEYVAULT_ADDR] = address("keyvault")
     if service == "gateway":
-        env[ENV_STATE_ADDRS] = address("state")
+        env[ENV_GATEWAY_KEYVAULT_ADDR] = address("keyvault")
+        env[ENV_GATEWAY_STATE_ADDRS] = address("state")
         env[ENV_GATEWAY_PUBLIC_LISTEN] = f"127.0.0.1:{DEFAULT_PUBLIC_PORT + offset}"
     return env
 
