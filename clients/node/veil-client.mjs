@@ -59,6 +59,8 @@ import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
 import { decodeProtectedHeader, importJWK, jwtVerify } from "jose";
 import protobuf from "protobufjs";
 
+import { policySchemaError } from "./policy-schema.mjs";
+
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const PROTO_ROOT = path.resolve(HERE, "../../protos");
 
@@ -424,6 +426,10 @@ export function loadPolicy(file) {
   } catch (error) {
     throw new PolicyError(`${file} is not valid JSON: ${error.message}`);
   }
+  // The schema first (veil/sdk/policy.schema.json, shared with the Python SDK): the field and
+  // the rule a bad policy breaks; then the checks a schema cannot make (Policy).
+  const refused = policySchemaError(document);
+  if (refused !== null) throw new PolicyError(`${file}: ${refused}`);
   return new Policy(document);
 }
 
