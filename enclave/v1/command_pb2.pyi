@@ -23,7 +23,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 class Command(_message.Message):
     """Command is the plaintext a client HPKE-seals (RFC 9180, base mode) to the enclave's
     HPKE key with info "veil/command/v1" and aad = instance_id (UTF-8); the result is a
-    SealedCommand. Only the enclave can read it.
+    SealedCommand. Only the enclave can read it. docs/protocol.md is the client's contract.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -139,7 +139,9 @@ class SignatureProof(_message.Message):
     public_key: _builtins.bytes
     """public_key is the caller's Ed25519 public key (32 bytes); the account is its lowercase hex."""
     signature: _builtins.bytes
-    """signature is over enclave.wire.command_signing_bytes of this command (64 bytes)."""
+    """signature is over the command-signature bytes of this command (64 bytes; docs/protocol.md,
+    Authentication).
+    """
     def __init__(
         self,
         *,
@@ -220,7 +222,7 @@ class CounterState(_message.Message):
     failure a client compares last_command_hash with the hashes of its own sealed attempts:
     equal means its command ran (at last_sequence, with last_result as its answer); different,
     with next_counter = its counter + 1, means another command used that counter and its own
-    can never run.
+    can never run (docs/protocol.md, Counters: the full rule).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -267,8 +269,8 @@ Global___CounterState: _TypeAlias = CounterState  # noqa: Y015
 @_typing.final
 class CommandResponse(_message.Message):
     """CommandResponse is the plaintext of CommandOutcome.sealed_response: AES-256-GCM under the
-    command's response_key, sealed as nonce (12 bytes) || ciphertext, with the AAD defined by
-    enclave.wire.response_aad(instance_id, request_id).
+    command's response_key, sealed as nonce (12 bytes) || ciphertext, with the AAD
+    "veil/response/v1" || str16(instance_id) || str16(request_id) (docs/protocol.md, Byte formats).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

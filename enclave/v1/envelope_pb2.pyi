@@ -244,9 +244,9 @@ class WrappedKey(_message.Message):
     ciphertext: _builtins.bytes
     """ciphertext is the sealed key material."""
     signature: _builtins.bytes
-    """signature is the keyvault's Ed25519 release signature over
-    enclave.wire.wrapped_key_signing_bytes (key name, version, recipient HPKE key, enc,
-    ciphertext); the enclave refuses a wrapped key whose signature does not verify.
+    """signature is the keyvault's Ed25519 release signature over the "wrapped key" bytes
+    (key name, version, recipient HPKE key, enc, ciphertext; docs/protocol.md, Byte formats);
+    the enclave refuses a wrapped key whose signature does not verify.
     """
     def __init__(
         self,
@@ -686,7 +686,7 @@ Global___HeadConfirmation: _TypeAlias = HeadConfirmation  # noqa: Y015
 @_typing.final
 class Receipt(_message.Message):
     """Receipt proves the enclave executed a command at a position in the log.
-    The signed bytes are defined by enclave.wire.receipt_signing_bytes.
+    The signed bytes and the checks a client makes are in docs/protocol.md (Receipts, Byte formats).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

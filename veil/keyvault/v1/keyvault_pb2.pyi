@@ -177,8 +177,8 @@ class ReleaseKeyResponse(_message.Message):
     """wrapped_key is the data key HPKE-sealed to the enclave's HPKE key."""
     signature: _builtins.bytes
     """signature is the keyvault's Ed25519 signature (by release_public_key of GetJwks) over
-    enclave.wire.wrapped_key_signing_bytes(key_name, version, enclave HPKE key,
-    encapsulated_key, wrapped_key); pass it to the enclave as WrappedKey.signature.
+    the "wrapped key" bytes of (key_name, version, enclave HPKE key, encapsulated_key,
+    wrapped_key) (docs/protocol.md, Byte formats); pass it to the enclave as WrappedKey.signature.
     """
     def __init__(
         self,
