@@ -80,6 +80,8 @@ HOSTILE: dict[str, list[str]] = {
     "mrenclave": ["zz"],
     "root": ["bogus"],
     "cpu_pid": ["x=abc"],
+    "keyvault": ["127.0.0.1:99999", "nohost"],
+    "shell": ["fish", ""],
 }
 #: Options whose hostile value only bites together with another (they are judged with it).
 NEEDS = {

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import VeilParser, bind_sdk, open_client, report
+from veil.cli.common import VeilParser, bind_sdk, example, open_client, report
 from veil.verify.bundle import VerifiedAttestation
 from veil.verify.collateral import Collateral
 from veil.verify.errors import QuoteError
@@ -164,8 +164,17 @@ def register(commands: Subcommands) -> None:
     attest_commands = attest.add_subparsers(dest="attest_command", required=True)
     # `veil attest verify` runs its own parser (veil.cli.main hands it the rest of the line);
     # this entry only lists it in the help.
-    attest_commands.add_parser("verify", help="verify a DCAP quote v3", add_help=False)
-    show = attest_commands.add_parser("show", help="verify the enclave behind the gateway and explain it")
+    attest_commands.add_parser(
+        "verify",
+        help="verify a DCAP quote v3",
+        add_help=False,
+        epilog=example("veil attest verify quote.bin --root dev   # a quote from the local sim mesh"),
+    )
+    show = attest_commands.add_parser(
+        "show",
+        help="verify the enclave behind the gateway and explain it",
+        epilog=example("veil attest show --instance coins"),
+    )
     show.add_argument(
         "--instance", default="", help="the instance whose enclave to show (default shard if empty)"
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import DEFAULT_DATA_DIR, bind, report
+from veil.cli.common import DEFAULT_DATA_DIR, bind, example, report
 from veil.sdk.identity import identity_paths, load_identity, new_identity
 
 if TYPE_CHECKING:
@@ -17,12 +17,18 @@ if TYPE_CHECKING:
 def register(commands: Subcommands) -> None:
     identity = commands.add_parser("identity", help="Ed25519 identities (DATA_DIR/identities/NAME.key)")
     identity_commands = identity.add_subparsers(dest="identity_command", required=True)
-    new = identity_commands.add_parser("new", help="create an identity key pair")
+    new = identity_commands.add_parser(
+        "new", help="create an identity key pair", epilog=example("veil identity new alice")
+    )
     new.add_argument("name")
     new.add_argument("--force", action="store_true", help="replace an existing identity")
-    show = identity_commands.add_parser("show", help="print an identity's account")
+    show = identity_commands.add_parser(
+        "show", help="print an identity's account", epilog=example("veil identity show alice")
+    )
     show.add_argument("name")
-    listing = identity_commands.add_parser("list", help="list local identities")
+    listing = identity_commands.add_parser(
+        "list", help="list local identities", epilog=example("veil identity list")
+    )
     for sub, handler in ((new, identity_new), (show, identity_show), (listing, identity_list)):
         sub.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
         sub.add_argument("--json", action="store_true", help="print one JSON document")

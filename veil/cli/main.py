@@ -1,7 +1,8 @@
 """The `veil` command: the parser, built from one module per noun, and the entry point.
 
-    veil identity | contact | instance | vault | token | ballot | attest ...   (the SDK's commands)
-    veil pki | up | bench ...                                          (operator tooling, veil.dev)
+    veil status | identity | contact | instance | vault | token | ballot | attest | completion
+                                                                (the SDK's commands)
+    veil pki | up | bench ...                                   (operator tooling, veil.dev)
 
 Each noun module has `register(commands)`, binding every leaf command to a typed `Handler`
 (`veil.cli.common`). The operator nouns are registered from `veil.dev.cli`, the one place the
@@ -17,13 +18,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from veil.cli import attest, ballot, contact, identity, instance, token, vault
+from veil.cli import attest, ballot, completion, contact, identity, instance, status, token, vault
 from veil.cli.common import VeilParser, handler_of, run
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
 
-NOUNS = (identity, contact, instance, vault, token, ballot, attest)
+NOUNS = (status, identity, contact, instance, vault, token, ballot, attest, completion)
 
 
 def register_dev_nouns(commands: Subcommands) -> None:

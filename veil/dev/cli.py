@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count
+from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count, example
 from veil.dev import bench
 
 if TYPE_CHECKING:
@@ -72,14 +72,20 @@ def register(commands: Subcommands) -> None:
         dest="pki_command", required=True
     )
     init = pki.add_parser(
-        "init", help="write a CA, service and admin certificates, and the sim SGX PCK chain"
+        "init",
+        help="write a CA, service and admin certificates, and the sim SGX PCK chain",
+        epilog=example("veil pki init --if-missing"),
     )
     init.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     init.add_argument("--force", action="store_true", help="replace an existing PKI")
     init.add_argument("--if-missing", action="store_true", help="succeed without change if one exists")
     bind(init, needs_server("pki init", _pki_init))
 
-    up = commands.add_parser("up", help="start keyvault → state → gateway locally and supervise them")
+    up = commands.add_parser(
+        "up",
+        help="start keyvault → state → gateway locally and supervise them",
+        epilog=example("veil up", "veil up --port-offset 100   # beside another mesh"),
+    )
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     up.add_argument(
         "--port-offset",
@@ -90,7 +96,9 @@ def register(commands: Subcommands) -> None:
     bind(up, needs_server("up", _up))
 
     benchmark = commands.add_parser(
-        "bench", help="confidential transactions/s against the transport baseline, on a running mesh"
+        "bench",
+        help="confidential transactions/s against the transport baseline, on a running mesh",
+        epilog=example("veil bench --clients 16 --seconds 10 --json"),
     )
     bench.add_arguments(benchmark)
     bind_sdk(benchmark, needs_server("bench", bench.bench_command))
