@@ -31,7 +31,9 @@ from tests.e2e.conftest import Mesh
 pytestmark = pytest.mark.e2e
 
 #: What the SDK, the CLI and the verification library need; nothing else.
-BASE = {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos", "cryptography", "pyjwt"}
+BASE = {
+    "grpcio", "grpcio-status", "protobuf", "googleapis-common-protos", "cryptography", "pyjwt", "jsonschema",
+}  # fmt: skip
 #: Modules only the servers need (psycopg, python-pkcs11, opentelemetry-sdk, ...).
 SERVER_ONLY = ("psycopg", "pkcs11", "opentelemetry", "grpc_health", "grpc_reflection", "tenacity", "yaml")
 SOURCES = ("pyproject.toml", "README.md", "veil", "enclave", "services")
