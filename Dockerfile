@@ -26,22 +26,36 @@ FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# Only what the wheel is built from (.dockerignore keeps keys, venvs and caches out anyway).
-COPY pyproject.toml README.md ./
-COPY veil/ veil/
-COPY services/ services/
-COPY enclave/ enclave/
-# Build our wheel, then install it with the servers' extra and its exactly pinned dependencies
-# into a self-contained virtualenv; pip compiles the bytecode now, because the root filesystem
-# is read-only later. veil/enclave and veil/services are links to enclave/ and services/: the
-# wheel holds their files. pip trusts what the building machine's pip trusts: its CA bundle and
-# index settings arrive as BuildKit secrets (scripts/image.sh), mounted for this step only.
+# The pinned dependencies first, in a layer of their own, and the pinned build backend in a
+# virtualenv of its own (/opt/build, never copied out): a change to Veil's sources rebuilds
+# only the layers below (seconds), not this one. pip trusts what the building machine's pip
+# trusts: its CA bundle and index settings arrive as BuildKit secrets (scripts/image.sh),
+# mounted for the step only. pip compiles the bytecode now: the root filesystem is read-only
+# later.
+COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
  && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
  && python3 -m venv /opt/veil \
  && /opt/veil/bin/python -m pip install pip==25.3 \
- && /opt/veil/bin/python -m pip wheel --no-deps --wheel-dir /wheels . \
+ && python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' \
+      > /tmp/requirements.txt \
+ && /opt/veil/bin/python -m pip install --only-binary=:all: -r /tmp/requirements.txt \
+ && python3 -m venv /opt/build \
+ && /opt/build/bin/python -m pip install pip==25.3 \
+      "$(python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"])')"
+# Only what the wheel is built from (.dockerignore keeps keys, venvs and caches out anyway).
+COPY README.md ./
+COPY veil/ veil/
+COPY services/ services/
+COPY enclave/ enclave/
+# Build our wheel and install it with the servers' extra (already satisfied above, so this
+# checks that the requirements layer is complete) into the virtualenv. veil/enclave and
+# veil/services are links to enclave/ and services/: the wheel holds their files.
+RUN --mount=type=secret,id=pip_ca --mount=type=secret,id=pip_conf \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+ && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
+ && /opt/build/bin/python -m pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
  && /opt/veil/bin/python -m pip install --only-binary=:all: "$(ls /wheels/veil-*.whl)[server]" \
  && /opt/veil/bin/python -c "import veil.services.gateway.server, veil.services.keyvault.server, veil.services.state.server"
 
