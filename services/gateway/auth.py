@@ -181,7 +181,7 @@ class Refuse:
 
 
 @dataclass(frozen=True)
-class AuthPolicy:
+class Authenticators:
     """The plugin of each instance, and the default for the others."""
 
     instances: Mapping[str, AuthPlugin] = field(default_factory=dict)
@@ -250,8 +250,9 @@ def _plugin(spec: object, where: str, base: Path) -> AuthPlugin:
     raise ConfigError(f"{where}: unknown plugin type {kind!r} (none, api_key, oauth2)")
 
 
-def parse_policy(document: object, base: Path = Path()) -> AuthPolicy:
-    """Build the policy from a parsed configuration document (relative paths resolve against `base`)."""
+def parse_authenticators(document: object, base: Path = Path()) -> Authenticators:
+    """Build the authenticators from a parsed configuration document (relative paths resolve
+    against `base`)."""
     if not isinstance(document, Mapping):
         raise ConfigError("gateway auth configuration must be an object")
     unknown = set(document) - {"default", "instances"}
@@ -262,21 +263,21 @@ def parse_policy(document: object, base: Path = Path()) -> AuthPolicy:
         raise ConfigError("'instances' must map instance ids to plugins")
     plugins = {str(i): _plugin(spec, f"instances.{i}", base) for i, spec in instances.items()}
     default = _plugin(document["default"], "default", base) if "default" in document else Refuse()
-    return AuthPolicy(plugins, default)
+    return Authenticators(plugins, default)
 
 
-def load_policy(path: Path | None) -> AuthPolicy:
-    """The policy in `path` (JSON, or YAML by extension); no file means "none" everywhere."""
+def load_authenticators(path: Path | None) -> Authenticators:
+    """The authenticators in `path` (JSON, or YAML by extension); no file means "none" everywhere."""
     if path is None:
-        return AuthPolicy()
+        return Authenticators()
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read gateway auth configuration {path}: {exc}") from None
     if path.suffix in (".yaml", ".yml"):
-        return parse_policy(_yaml(text, path), path.parent)
+        return parse_authenticators(_yaml(text, path), path.parent)
     document = wire.strict_json_object(text, f"gateway auth configuration {path}", ConfigError)
-    return parse_policy(document, path.parent)
+    return parse_authenticators(document, path.parent)
 
 
 def _yaml(text: str, path: Path) -> object:

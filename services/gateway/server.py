@@ -40,7 +40,7 @@ from veil.services.common.identity import AUTHENTICATED, PUBLIC, certificate_ide
 from veil.services.common.main import serve
 from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway import validation
-from veil.services.gateway.auth import ANONYMOUS, AuthPolicy, Credentials, Principal, load_policy
+from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.idempotency import Deduplicator
 from veil.services.gateway.ratelimit import RateLimiter
@@ -98,7 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         router: ShardRouter,
         shards: dict[str, state_pb2_grpc.StateServiceStub],
         keyvault: keyvault_pb2_grpc.KeyvaultServiceStub | None,
-        policy: AuthPolicy,
+        authenticators: Authenticators,
         limiter: RateLimiter,
         upstream_timeout: float,
         hub: ReceiptHub | None = None,
@@ -106,7 +106,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._router = router
         self._shards = shards
         self._keyvault = keyvault
-        self._policy = policy
+        self._authenticators = authenticators
         self._limiter = limiter
         self._timeout = upstream_timeout
         self.hub = hub or ReceiptHub()
@@ -128,7 +128,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         """Authenticate with the instance's plugin and take a rate-limit token; returns the principal."""
         credentials = Credentials(certificate_identity(context), _metadata(context))
         try:
-            principal = self._policy.authenticate(instance_id, credentials)
+            principal = self._authenticators.authenticate(instance_id, credentials)
         except Unauthenticated:
             self._limiter.acquire(f"peer:{_peer_host(context)}")  # failed attempts are rate limited too
             raise
@@ -405,7 +405,7 @@ def create_server(
 ) -> tuple[VeilServer, int]:
     """Build the gateway server (not started); returns it and its bound port."""
     gateway = gateway or GatewayConfig.from_env()
-    policy = load_policy(gateway.auth_file)
+    authenticators = load_authenticators(gateway.auth_file)
     channels = {
         address: secure_channel(address, config.tls, tracer_provider) for address in gateway.state_addresses
     }
@@ -414,7 +414,7 @@ def create_server(
         router=ShardRouter(gateway.state_addresses, gateway.shard_map),
         shards={a: state_pb2_grpc.StateServiceStub(c) for a, c in channels.items()},
         keyvault=keyvault_pb2_grpc.KeyvaultServiceStub(keyvault_channel),
-        policy=policy,
+        authenticators=authenticators,
         limiter=RateLimiter(gateway.rate_per_second, gateway.burst),
         upstream_timeout=gateway.upstream_timeout,
     )

@@ -5,7 +5,7 @@ the instance keys ``instance.<id>`` (on CreateInstance). A malicious state host 
 create an instance key with a loose policy, have it released to an enclave it controls (say a
 debug build, which is pinned to the real keyvault and so passes the release-key check), learn
 the key, and later have the same key released to the honest enclave. The operator enclave
-policy closes that: one release-policy document (the grammar of :mod:`veil.services.keyvault.policy`,
+policy closes that: one release-policy document (the grammar of :mod:`veil.services.keyvault.release_policy`,
 Veil's debug and TCB gates included, so a debuggable enclave is refused unless the document
 explicitly requires ``x-ms-sgx-is-debuggable`` equals ``true``), configured by the operator
 with ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``, that bounds
@@ -36,7 +36,7 @@ from veil.enclave import wire
 from veil.services.common.config import ENV_KEYVAULT_ENCLAVE_POLICY_FILE, ConfigError
 from veil.services.keyvault.config import DEFAULT_ISSUER
 from veil.services.keyvault.errors import ReleasePolicyError
-from veil.services.keyvault.policy import (
+from veil.services.keyvault.release_policy import (
     ACCEPTED_TCB_FIELD,
     CLAIM_DEBUGGABLE,
     CLAIM_MRENCLAVE,
@@ -45,7 +45,7 @@ from veil.services.keyvault.policy import (
     CLAIM_SVN,
     POLICY_VERSION,
     ReleasePolicy,
-    parse_policy,
+    parse_release_policy,
 )
 
 #: Keys named ``instance.<id>`` are instance data keys (the name :mod:`veil.enclave.wire` gives them).
@@ -112,7 +112,7 @@ def load_enclave_policy(path: Path, *, issuer: str) -> EnclavePolicy:
     except OSError as exc:
         raise ConfigError(f"{where} cannot be read: {exc.strerror or exc}") from None
     try:
-        policy = parse_policy(raw)
+        policy = parse_release_policy(raw)
     except ReleasePolicyError as exc:
         raise ConfigError(f"{where} is not a valid release policy: {exc.message}") from None
     if not any(rule.authority == issuer for rule in policy.rules):
@@ -156,7 +156,7 @@ def enclave_policy_json(
     if accepted_tcb_statuses is not None:
         doc[ACCEPTED_TCB_FIELD] = list(accepted_tcb_statuses)
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-    parse_policy(text)  # what we hand out always loads
+    parse_release_policy(text)  # what we hand out always loads
     return text
 
 

@@ -85,8 +85,8 @@ from veil.services.keyvault.errors import (
     TokenReplayError,
 )
 from veil.services.keyvault.kek import Kek
-from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
 from veil.services.keyvault.tokens import TokenVerifier, replay_horizon_us
 from veil.verify.tokens import VerifiedToken
@@ -264,7 +264,7 @@ class KeyManager:
         detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
         try:
             check_key_name(name)
-            policy = parse_policy(policy_json)
+            policy = parse_release_policy(policy_json)
             params = {"name": name, "policy": policy.to_json()}
             return self._mutate(ACTION_CREATE, request_id, params, effect)
         except BaseException as exc:
@@ -361,7 +361,7 @@ class KeyManager:
             if wrapped is None:
                 raise KeyNotFoundError(f"key {name!r} has no version {chosen}")
             detail["version"] = chosen
-            decision = parse_policy(key.policy_json).evaluate(verified.claims)
+            decision = parse_release_policy(key.policy_json).evaluate(verified.claims)
             if not decision.allowed:
                 raise ReleaseRefusedError(decision.reason)
             if is_instance_key(name):

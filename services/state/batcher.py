@@ -8,7 +8,7 @@ the batch (group commit across instances), and it keeps the order of ECALLs and 
 trivially consistent. The process function groups a batch by instance: one ExecuteBatch ECALL
 per instance present, one durable transaction for the whole batch.
 
-Batching policy (adaptive, bounded):
+Batching (adaptive, bounded by BatchLimits):
 
 * a batch holds at most `max_batch` commands;
 * the worker never waits for a fuller batch when the host was idle: after `idle_reset_s`
@@ -70,7 +70,7 @@ def _follow(done: Future[R], target: Future[R]) -> None:
 
 
 @dataclass(frozen=True)
-class BatchPolicy:
+class BatchLimits:
     """The batcher's bounds."""
 
     max_batch: int = 256
@@ -95,7 +95,7 @@ class Batcher(Generic[T, R]):
         self,
         process: ProcessFn[T, R],
         *,
-        policy: BatchPolicy | None = None,
+        limits: BatchLimits | None = None,
         metrics: StateMetrics | None = None,
         name: str = "batcher",
         clock: Callable[[], float] = time.monotonic,
@@ -105,7 +105,7 @@ class Batcher(Generic[T, R]):
         such as snapshots, kept off the acknowledgement path)."""
         self._process = process
         self._after_batch = after_batch
-        self.policy = policy or BatchPolicy()
+        self.limits = limits or BatchLimits()
         self.metrics = metrics or StateMetrics()
         self._clock = clock
         self._queue: deque[_Pending[T, R]] = deque()
@@ -158,7 +158,7 @@ class Batcher(Generic[T, R]):
 
     # -- the worker ----------------------------------------------------------------------------
     def _next_batch(self) -> list[_Pending[T, R]] | None:
-        policy = self.policy
+        limits = self.limits
         with self._cond:
             waited_from = self._clock()
             while not self._queue and not self._stopping:
@@ -166,16 +166,16 @@ class Batcher(Generic[T, R]):
             if not self._queue:
                 return None  # stopping and drained
             now = self._clock()
-            if now - waited_from >= policy.idle_reset_s:
+            if now - waited_from >= limits.idle_reset_s:
                 self._target = 1  # idle: the first command goes in alone, without linger
-            target = min(self._target, policy.max_batch)
-            deadline = now + policy.max_linger_s
+            target = min(self._target, limits.max_batch)
+            deadline = now + limits.max_linger_s
             while len(self._queue) < target and not self._stopping:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break  # linger over: go with what arrived
                 self._cond.wait(remaining)
-            size = min(len(self._queue), policy.max_batch)
+            size = min(len(self._queue), limits.max_batch)
             # Next target: the clients answered together now will likely return together
             # (it grows with a fuller queue, and shrinks to what arrived after a timeout).
             self._target = size

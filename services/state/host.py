@@ -51,7 +51,7 @@ from veil.services.common.errors import (
 )
 from veil.services.state import lifecycle
 from veil.services.state.attestation import Attestation
-from veil.services.state.batcher import Batcher, BatchPolicy
+from veil.services.state.batcher import Batcher, BatchLimits
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from veil.services.state.errors import (
@@ -213,7 +213,7 @@ class StateHost:
         runtime = self._startup.run(self._refuse_to_serve, self._request_recovery)
         runtime.batcher = Batcher(
             lambda batch: self._process(runtime, batch),
-            policy=BatchPolicy(
+            limits=BatchLimits(
                 max_batch=self.config.batch_max, max_linger_s=self.config.batch_linger_ms / 1000
             ),
             metrics=self.metrics,

@@ -14,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from veil.services.common.config import ConfigError
 from veil.services.common.errors import Unauthenticated
-from veil.services.gateway.auth import ANONYMOUS, Credentials, Principal, load_policy, parse_policy
+from veil.services.gateway.auth import (
+    ANONYMOUS,
+    Credentials,
+    Principal,
+    load_authenticators,
+    parse_authenticators,
+)
 
 ISSUER = "https://idp.example"
 AUDIENCE = "veil"
@@ -38,7 +44,7 @@ def _bearer(token: str) -> Credentials:
 
 
 def _policy(jwks: dict[str, Any]) -> Any:
-    return parse_policy(
+    return parse_authenticators(
         {
             "default": {"type": "none"},
             "instances": {
@@ -53,7 +59,7 @@ def _policy(jwks: dict[str, Any]) -> Any:
 
 
 def test_none_names_the_certificate_or_anonymous() -> None:
-    policy = parse_policy({"default": {"type": "none"}})
+    policy = parse_authenticators({"default": {"type": "none"}})
     assert policy.authenticate("x", Credentials(None)) == ANONYMOUS
     assert policy.authenticate("x", Credentials("spiffe://veil/admin")) == Principal(
         "certificate", "spiffe://veil/admin"
@@ -135,7 +141,7 @@ def test_oauth2_plugin_refuses_other_keys_hmac_and_missing_tokens() -> None:
 def test_file_without_default_fails_closed_for_unlisted_instances(tmp_path: Path) -> None:
     path = tmp_path / "auth.json"
     path.write_text(json.dumps({"instances": {"open": {"type": "none"}}}))
-    policy = load_policy(path)
+    policy = load_authenticators(path)
     assert policy.authenticate("open", Credentials(None)) == ANONYMOUS
     with pytest.raises(Unauthenticated) as refused:
         policy.authenticate("anything-else", Credentials("spiffe://veil/admin"))
@@ -143,7 +149,7 @@ def test_file_without_default_fails_closed_for_unlisted_instances(tmp_path: Path
 
 
 def test_no_file_means_none_everywhere() -> None:
-    assert load_policy(None).authenticate("anything", Credentials(None)) == ANONYMOUS
+    assert load_authenticators(None).authenticate("anything", Credentials(None)) == ANONYMOUS
 
 
 def test_yaml_file_with_a_relative_jwks_file(tmp_path: Path) -> None:
@@ -154,7 +160,7 @@ def test_yaml_file_with_a_relative_jwks_file(tmp_path: Path) -> None:
         "default:\n  type: none\ninstances:\n  ballots:\n    type: oauth2\n"
         f"    issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks_file: idp.json\n"
     )
-    assert load_policy(path).authenticate("ballots", _bearer(_token(key))).name == f"{ISSUER}:alice"
+    assert load_authenticators(path).authenticate("ballots", _bearer(_token(key))).name == f"{ISSUER}:alice"
 
 
 @pytest.mark.parametrize(
@@ -173,4 +179,4 @@ def test_yaml_file_with_a_relative_jwks_file(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_bad_configuration_fails_at_start(document: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_policy(document)
+        parse_authenticators(document)

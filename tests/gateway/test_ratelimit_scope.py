@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from veil.services.gateway.auth import Credentials, parse_policy
+from veil.services.gateway.auth import Credentials, parse_authenticators
 from veil.services.gateway.ratelimit import RateLimited, RateLimiter, bucket_key
 
 
@@ -16,7 +16,7 @@ def _key(secret: str) -> str:
 
 def test_same_api_key_name_on_two_instances_has_two_buckets() -> None:
     # Two tenants each call their key "alice"; mallory holds tenant B's and floods.
-    policy = parse_policy(
+    policy = parse_authenticators(
         {
             "default": {"type": "api_key", "keys": {"alice": _key("default-secret")}},
             "instances": {

@@ -32,8 +32,8 @@ from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault.config import DEFAULT_ISSUER
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.keys import ReleasedKey, open_released_key
-from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
 from veil.verify.binding import expected_report_data
 
@@ -255,7 +255,7 @@ def operator_policy(
     enclave: FakeEnclave | None = None, *, accepted_tcb: Sequence[str] | None = None
 ) -> EnclavePolicy:
     """An operator enclave policy trusting ``enclave``'s build (default: the default FakeEnclave)."""
-    return EnclavePolicy(parse_policy(measurement_policy(enclave, accepted_tcb=accepted_tcb)))
+    return EnclavePolicy(parse_release_policy(measurement_policy(enclave, accepted_tcb=accepted_tcb)))
 
 
 def write_sim_enclave_policy(path: Path, *, issuer: str = DEFAULT_ISSUER) -> Path:

@@ -30,8 +30,8 @@ from veil.services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.keys import KeyManager
-from veil.services.keyvault.policy import parse_policy
 from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.store import AuditRecord, Store
 from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier
 
@@ -253,13 +253,15 @@ def test_the_dev_policy_trusts_exactly_the_sim_enclave_of_this_checkout(tmp_path
 
 def test_policy_builder_covers_mrsigner_and_mrenclave_lists() -> None:
     first, second = b"\x0a" * 32, b"\x0b" * 32
-    by_list = EnclavePolicy(parse_policy(enclave_policy_json(issuer=ISSUER, mrenclaves=(first, second))))
+    by_list = EnclavePolicy(
+        parse_release_policy(enclave_policy_json(issuer=ISSUER, mrenclaves=(first, second)))
+    )
     claims = {"iss": ISSUER, "x-ms-sgx-is-debuggable": False, "x-ms-sgx-tcb-status": "UpToDate"}
     for mrenclave in (first, second):
         assert by_list.refusal({**claims, "x-ms-sgx-mrenclave": mrenclave.hex()}) is None
     assert by_list.refusal({**claims, "x-ms-sgx-mrenclave": (b"\x0c" * 32).hex()}) is not None
     by_signer = EnclavePolicy(
-        parse_policy(enclave_policy_json(issuer=ISSUER, mrsigner=second, product_id=3, min_svn=4))
+        parse_release_policy(enclave_policy_json(issuer=ISSUER, mrsigner=second, product_id=3, min_svn=4))
     )
     signed = {**claims, "x-ms-sgx-mrsigner": second.hex(), "x-ms-sgx-product-id": 3}
     assert by_signer.refusal({**signed, "x-ms-sgx-svn": 4}) is None

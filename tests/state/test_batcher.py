@@ -10,7 +10,7 @@ from typing import Protocol
 
 import pytest
 
-from veil.services.state.batcher import Batcher, BatchPolicy
+from veil.services.state.batcher import Batcher, BatchLimits
 from veil.services.state.errors import NotServing
 
 
@@ -41,15 +41,15 @@ def commit() -> FakeCommit:
 
 
 class MakeBatcher(Protocol):
-    def __call__(self, policy: BatchPolicy | None = None) -> Batcher[int, int]: ...
+    def __call__(self, limits: BatchLimits | None = None) -> Batcher[int, int]: ...
 
 
 @pytest.fixture
 def make_batcher(commit: FakeCommit) -> Iterator[MakeBatcher]:
     started: list[Batcher[int, int]] = []
 
-    def make(policy: BatchPolicy | None = None) -> Batcher[int, int]:
-        batcher: Batcher[int, int] = Batcher(commit, policy=policy)
+    def make(limits: BatchLimits | None = None) -> Batcher[int, int]:
+        batcher: Batcher[int, int] = Batcher(commit, limits=limits)
         batcher.start()
         started.append(batcher)
         return batcher
@@ -77,7 +77,7 @@ def test_a_future_completes_only_after_its_batch_is_committed(
 
 def test_a_lone_client_pays_no_linger(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     # A huge linger would show in every latency if the worker waited for company.
-    batcher = make_batcher(BatchPolicy(max_batch=64, max_linger_s=0.5, idle_reset_s=0.05))
+    batcher = make_batcher(BatchLimits(max_batch=64, max_linger_s=0.5, idle_reset_s=0.05))
     for i in range(5):
         time.sleep(0.06)  # idle between requests
         started = time.monotonic()
@@ -88,7 +88,7 @@ def test_a_lone_client_pays_no_linger(make_batcher: MakeBatcher, commit: FakeCom
 
 def test_concurrent_clients_are_grouped_into_few_batches(commit: FakeCommit) -> None:
     commit.seconds = 0.003  # each commit costs like an fsync
-    batcher: Batcher[int, int] = Batcher(commit, policy=BatchPolicy(max_batch=256, max_linger_s=0.005))
+    batcher: Batcher[int, int] = Batcher(commit, limits=BatchLimits(max_batch=256, max_linger_s=0.005))
     batcher.start()
     clients, rounds = 32, 10
 
@@ -110,7 +110,7 @@ def test_concurrent_clients_are_grouped_into_few_batches(commit: FakeCommit) -> 
 
 
 def test_batches_never_exceed_the_maximum(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
-    batcher = make_batcher(BatchPolicy(max_batch=50, max_linger_s=0.001))
+    batcher = make_batcher(BatchLimits(max_batch=50, max_linger_s=0.001))
     commit.gate.clear()
     first = batcher.submit(0)
     assert commit.entered.wait(5)
@@ -124,7 +124,7 @@ def test_batches_never_exceed_the_maximum(make_batcher: MakeBatcher, commit: Fak
 
 def test_the_target_follows_the_previous_batch(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     # After a batch of 8, the worker waits (up to the linger) for 8 again, even if they trickle in.
-    batcher = make_batcher(BatchPolicy(max_batch=64, max_linger_s=1.0, idle_reset_s=5.0))
+    batcher = make_batcher(BatchLimits(max_batch=64, max_linger_s=1.0, idle_reset_s=5.0))
     commit.gate.clear()
     first = batcher.submit(100)
     assert commit.entered.wait(5)
@@ -210,7 +210,7 @@ def test_submitting_before_start_is_refused(commit: FakeCommit) -> None:
 
 
 def test_the_histogram_counts_batch_sizes(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
-    batcher = make_batcher(BatchPolicy(max_batch=256, max_linger_s=0.0))
+    batcher = make_batcher(BatchLimits(max_batch=256, max_linger_s=0.0))
     commit.gate.clear()
     first = batcher.submit(0)
     assert commit.entered.wait(5)
@@ -222,6 +222,6 @@ def test_the_histogram_counts_batch_sizes(make_batcher: MakeBatcher, commit: Fak
     assert snapshot["commands"] == 6
 
 
-def test_a_bad_policy_is_refused() -> None:
+def test_bad_limits_are_refused() -> None:
     with pytest.raises(ValueError):
-        BatchPolicy(max_batch=0)
+        BatchLimits(max_batch=0)

@@ -24,7 +24,7 @@ from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.sdk.trust_policy import DEFAULT_TCB_STATUSES, POLICY_FILE, ExpectedMeasurement, save_policy
 from veil.services.keyvault.config import DEFAULT_ISSUER
 from veil.services.keyvault.enclave_policy import enclave_policy_json
-from veil.services.keyvault.policy import DEFAULT_ACCEPTED_TCB_STATUSES, TCB_UNEVALUATED
+from veil.services.keyvault.release_policy import DEFAULT_ACCEPTED_TCB_STATUSES, TCB_UNEVALUATED
 
 #: The sim enclave's ISV product id and SVN (`veil.enclave.runner.RunnerOptions` defaults).
 DEV_PRODUCT_ID = 1

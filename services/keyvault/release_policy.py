@@ -175,7 +175,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class ReleasePolicy:
-    """A parsed, validated release policy. Build with :func:`parse_policy`."""
+    """A parsed, validated release policy. Build with :func:`parse_release_policy`."""
 
     rules: tuple[AuthorityRule, ...]
     accepted_tcb_statuses: tuple[str, ...] | None = None
@@ -241,7 +241,7 @@ class ReleasePolicy:
 # --- parsing -------------------------------------------------------------------------------
 
 
-def parse_policy(text: str | bytes) -> ReleasePolicy:
+def parse_release_policy(text: str | bytes) -> ReleasePolicy:
     """Parse and validate a policy document; raise :class:`ReleasePolicyError` on any deviation."""
     raw = text.encode("utf-8") if isinstance(text, str) else text
     if len(raw) > MAX_POLICY_BYTES:

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 
 from veil.services.keyvault.errors import ReleasePolicyError
-from veil.services.keyvault.policy import (
+from veil.services.keyvault.release_policy import (
     MAX_CONDITIONS,
     MAX_DEPTH,
     MAX_POLICY_BYTES,
     ReleasePolicy,
-    parse_policy,
+    parse_release_policy,
 )
 
 from .support import ISSUER, MRENCLAVE, MRSIGNER, policy_json
@@ -48,7 +48,7 @@ _DROP = object()
 
 
 def one(condition: dict[str, Any], **kwargs: Any) -> ReleasePolicy:
-    return parse_policy(policy_json(condition, **kwargs))
+    return parse_release_policy(policy_json(condition, **kwargs))
 
 
 def allowed(policy: ReleasePolicy, token_claims: dict[str, Any]) -> bool:
@@ -138,8 +138,8 @@ def test_all_of_needs_every_condition_any_of_needs_one() -> None:
         {"claim": "label", "equals": "blue"},
         {"claim": "x-ms-sgx-svn", "equals": 99},
     ]
-    assert not allowed(parse_policy(policy_json(*conditions, mode="allOf")), claims())
-    assert allowed(parse_policy(policy_json(*conditions, mode="anyOf")), claims())
+    assert not allowed(parse_release_policy(policy_json(*conditions, mode="allOf")), claims())
+    assert allowed(parse_release_policy(policy_json(*conditions, mode="anyOf")), claims())
 
 
 def test_issuer_must_match_an_authority() -> None:
@@ -158,7 +158,7 @@ def test_several_authorities() -> None:
             {"authority": ISSUER, "allOf": [{"claim": "label", "equals": "red"}]},
         ],
     }
-    policy = parse_policy(json.dumps(doc))
+    policy = parse_release_policy(json.dumps(doc))
     assert allowed(policy, claims(label="red"))
     assert not allowed(policy, claims(label="blue"))  # blue is only accepted from the other issuer
 
@@ -177,7 +177,7 @@ def test_debug_enclave_refused_by_default() -> None:
 
 
 def test_debug_enclave_allowed_only_when_the_policy_requires_it() -> None:
-    debug_ok = parse_policy(
+    debug_ok = parse_release_policy(
         policy_json(
             {"claim": "x-ms-sgx-mrenclave", "equals": MRE},
             {"claim": "x-ms-sgx-is-debuggable", "equals": True},
@@ -186,7 +186,7 @@ def test_debug_enclave_allowed_only_when_the_policy_requires_it() -> None:
     assert allowed(debug_ok, claims(x_ms_sgx_is_debuggable=True))
     assert not allowed(debug_ok, claims())  # and that policy then needs a debug build
     # notEquals false is not an explicit allowance.
-    loose = parse_policy(
+    loose = parse_release_policy(
         policy_json(
             {"claim": "x-ms-sgx-mrenclave", "equals": MRE},
             {"claim": "x-ms-sgx-is-debuggable", "notEquals": False},
@@ -197,7 +197,7 @@ def test_debug_enclave_allowed_only_when_the_policy_requires_it() -> None:
 
 def test_debug_allowance_does_not_leak_across_any_of_branches() -> None:
     other = "33" * 32
-    policy = parse_policy(
+    policy = parse_release_policy(
         policy_json(
             {"claim": "x-ms-sgx-mrenclave", "equals": MRE},
             {
@@ -247,7 +247,7 @@ def test_tcb_status_list_replaced_by_the_policy() -> None:
 
 
 def test_tcb_status_pinned_by_an_equals_condition() -> None:
-    policy = parse_policy(
+    policy = parse_release_policy(
         policy_json(
             {"claim": "x-ms-sgx-mrenclave", "equals": MRE},
             {"claim": "x-ms-sgx-tcb-status", "equals": "OutOfDate"},
@@ -329,22 +329,22 @@ def condition_doc(condition: Any) -> str:
 )
 def test_parse_errors_are_clear(text: str, message: str) -> None:
     with pytest.raises(ReleasePolicyError) as caught:
-        parse_policy(text)
+        parse_release_policy(text)
     assert message in str(caught.value)
     assert caught.value.reason == "INVALID_POLICY"
 
 
 def test_size_depth_and_count_limits() -> None:
     with pytest.raises(ReleasePolicyError, match="larger than"):
-        parse_policy(" " * (MAX_POLICY_BYTES + 1))
+        parse_release_policy(" " * (MAX_POLICY_BYTES + 1))
     node: dict[str, Any] = {"claim": "a", "equals": 1}
     for _ in range(MAX_DEPTH + 1):
         node = {"allOf": [node]}
     with pytest.raises(ReleasePolicyError, match="nested deeper"):
-        parse_policy(condition_doc(node))
+        parse_release_policy(condition_doc(node))
     many = [{"claim": "a", "equals": i} for i in range(MAX_CONDITIONS + 1)]
     with pytest.raises(ReleasePolicyError, match="more than"):
-        parse_policy(json.dumps(base_doc(anyOf=[{"authority": ISSUER, "anyOf": many}])))
+        parse_release_policy(json.dumps(base_doc(anyOf=[{"authority": ISSUER, "anyOf": many}])))
 
 
 def test_normalised_json_round_trips() -> None:
@@ -353,8 +353,8 @@ def test_normalised_json_round_trips() -> None:
         {"anyOf": [{"claim": "x-ms-sgx-svn", "greaterOrEquals": 2}, {"claim": "label", "exists": True}]},
         accepted_tcb=["UpToDate"],
     )
-    policy = parse_policy(text)
+    policy = parse_release_policy(text)
     normalised = policy.to_json()
     assert MRE in normalised  # hex lower-cased
-    assert parse_policy(normalised) == policy
-    assert parse_policy(normalised).to_json() == normalised
+    assert parse_release_policy(normalised) == policy
+    assert parse_release_policy(normalised).to_json() == normalised
