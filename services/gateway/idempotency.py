@@ -11,10 +11,17 @@ shard, and adds two things in front:
   bytes is never answered from the cache: it goes to the state service, which decides.
 
 Failures are never cached: a retry after an error reaches the state service again.
+
+The cache is bounded by bytes as well as entries, since a caller chooses how big an answer is
+(a vault `get` answers ~1 MiB): at most `max_bytes` in all (default 32 MiB, sized so the
+gateway's caches stay well inside its 512 MiB pod limit) and no answer over `max_entry_bytes`
+(256 KiB) is kept at all. An answer not kept costs only a round trip on retry: the state
+service still answers a repeated request_id from its durable record.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -27,6 +34,16 @@ Key = tuple[str, str, bytes]
 
 DEFAULT_CAPACITY = 10_000
 DEFAULT_TTL_S = 600.0
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
+#: What an entry costs besides its answer: the key, the timestamp, the dict slot (an estimate).
+ENTRY_OVERHEAD = 256
+
+
+def answer_size(value: object) -> int:
+    """The bytes an answer holds: its serialized size for a protobuf message."""
+    byte_size = getattr(value, "ByteSize", None)
+    return int(byte_size()) if callable(byte_size) else sys.getsizeof(value)
 
 
 class Deduplicator(Generic[T]):
@@ -37,14 +54,33 @@ class Deduplicator(Generic[T]):
         *,
         capacity: int = DEFAULT_CAPACITY,
         ttl_s: float = DEFAULT_TTL_S,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        sizer: Callable[[T], int] = answer_size,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._capacity = capacity
         self._ttl = ttl_s
+        self._max_bytes = max_bytes
+        self._max_entry_bytes = min(max_entry_bytes, max_bytes)
+        self._sizer = sizer
         self._clock = clock
         self._lock = threading.Lock()
-        self._done: OrderedDict[Key, tuple[float, T]] = OrderedDict()
+        self._done: OrderedDict[Key, tuple[float, T, int]] = OrderedDict()
+        self._bytes = 0
         self._inflight: dict[Key, Future[T]] = {}
+
+    @property
+    def cached_bytes(self) -> int:
+        """The bytes the cached answers hold now (with their per-entry overhead)."""
+        with self._lock:
+            return self._bytes
+
+    @property
+    def cached_entries(self) -> int:
+        """How many answers are cached now."""
+        with self._lock:
+            return len(self._done)
 
     def run(self, key: Key, work: Callable[[], T], *, wait: float | None = None) -> T:
         """The cached or in-flight answer for `key`, else the result of `work()` (cached on success).
@@ -70,10 +106,16 @@ class Deduplicator(Generic[T]):
                 del self._inflight[key]
             pending.set_exception(exc)
             raise
+        size = self._sizer(result) + len(key[0]) + len(key[1]) + len(key[2]) + ENTRY_OVERHEAD
         with self._lock:
             del self._inflight[key]
-            self._done[key] = (self._clock(), result)
-            while len(self._done) > self._capacity:
-                self._done.popitem(last=False)
+            if size <= self._max_entry_bytes:  # a bigger answer is not kept: a retry asks the state
+                previous = self._done.pop(key, None)
+                if previous is not None:
+                    self._bytes -= previous[2]
+                self._done[key] = (self._clock(), result, size)
+                self._bytes += size
+            while self._done and (len(self._done) > self._capacity or self._bytes > self._max_bytes):
+                self._bytes -= self._done.popitem(last=False)[1][2]
         pending.set_result(result)
         return result
