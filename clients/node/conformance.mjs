@@ -10,7 +10,7 @@
 // exits 1 when a vector's verdict (or refusal class) differs from the expected one.
 
 import { createPrivateKey, sign } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 

@@ -1,23 +1,29 @@
 #!/usr/bin/env node
 // Transfer tokens through a Veil gateway from Node.js, verifying the enclave first.
 
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 
 import {
   FileCounters,
+  IDENTITIES_DIR,
+  IDENTITY_NAME,
+  INSTANCE_ID,
+  InputError,
   InstancePins,
   OutcomeUnknown,
   ResultLost,
   VeilNodeClient,
+  checkAmount,
   loadIdentity,
   loadPolicy,
   messages,
+  parseAddress,
   resolveRecipient,
 } from "./veil-client.mjs";
 
-const USAGE = `usage: node transfer.mjs --key FILE --instance ID --to RECIPIENT --amount N
+const USAGE = `usage: node transfer.mjs (--as NAME | --key FILE) --instance ID --to RECIPIENT --amount N
                         [--gateway HOST:PORT] [--data-dir DIR] [--policy FILE]
                         [--server-name NAME] [--counters FILE]
 
@@ -27,17 +33,19 @@ data binding its keys, the keyvault token (against the pinned JWKS), the expecte
 and keyvault, and the instance's enclave-signed descriptor. The command is sealed to the
 enclave and its answer and signed receipt are verified.
 
-  --gateway HOST:PORT   gateway address (default 127.0.0.1:50050, TLS without client certificate)
+  --gateway HOST:PORT   gateway address (default 127.0.0.1:50050, TLS without client certificate);
+                        a gateway that does not answer within 3 s fails the command
   --data-dir DIR        Veil data directory (default .veil): pki/ca.pem, pki/sgx-root.pem for the
                         "dev" root, expected-measurement.json, counters.json, instances.json
   --policy FILE         expected-measurement policy (default DIR/expected-measurement.json); a
                         policy restricting accepted_tcb_statuses must pin jwks
-  --key FILE            Ed25519 identity key (PKCS#8 PEM, mode 0600)
+  --as NAME             the sender: identity NAME of the data directory (DIR/identities/NAME.key)
+  --key FILE            the sender's Ed25519 key file instead (PKCS#8 PEM, mode 0600)
   --instance ID         token instance
   --to RECIPIENT        who receives: a local identity's name (DIR/identities/NAME.pub), a
                         contact's name (\`veil contact add NAME ACCOUNT\`) or an account (64
                         lowercase hex characters); anything else is refused before sealing
-  --amount N            number of tokens
+  --amount N            number of tokens: a whole number from 1 to 18446744073709551615
   --server-name NAME    name expected in the gateway's certificate (e.g. localhost)
   --counters FILE       the accounts' last accepted counters (default DIR/counters.json, shared
                         with the Python SDK)
@@ -50,9 +58,18 @@ unknown): do not send it again before checking the balance.
 `;
 
 function fail(message, status = 1) {
-  process.stderr.write(`error: ${message}\n`);
-  if (status === 2) process.stderr.write(`${USAGE.split("\n\n")[0]}\n(--help for more)\n`);
+  const line = String(message).replace(/\s*\n\s*/g, " "); // one line, whatever the reason
+  process.stderr.write(`error: ${line}${status === 2 ? " (usage: node transfer.mjs --help)" : ""}\n`);
   process.exit(status);
+}
+
+// A file the command needs, or a one-line reason naming it.
+function readNeeded(file, what) {
+  try {
+    return readFileSync(file);
+  } catch (error) {
+    throw new InputError(`cannot read ${what} ${file} (${error.code ?? error.message})`);
+  }
 }
 
 let values;
@@ -63,6 +80,7 @@ try {
       "data-dir": { type: "string", default: ".veil" },
       policy: { type: "string" },
       key: { type: "string" },
+      as: { type: "string" },
       instance: { type: "string" },
       to: { type: "string" },
       amount: { type: "string" },
@@ -78,33 +96,50 @@ if (values.help) {
   process.stdout.write(USAGE);
   process.exit(0);
 }
-for (const required of ["key", "instance", "to", "amount"]) {
+if (Boolean(values.key) === Boolean(values.as)) fail("give the sender as --as NAME or --key FILE (one of them)", 2);
+if (values.as && !IDENTITY_NAME.test(values.as)) fail("--as names an identity: 1 to 64 letters, digits, dots, dashes or underscores", 2);
+for (const required of ["instance", "to", "amount"]) {
   if (!values[required]) fail(`--${required} is required`, 2);
 }
-if (!/^[1-9][0-9]*$/.test(values.amount)) fail("--amount must be a positive integer", 2);
+if (!INSTANCE_ID.test(values.instance)) fail("--instance must be lowercase letters, digits and dashes (1 to 63 characters)", 2);
+let amount;
+try {
+  amount = checkAmount(values.amount);
+  parseAddress(values.gateway);
+} catch (error) {
+  fail(error.message.replace(/^the amount/, "--amount").replace(/; nothing was sent$/, ""), 2);
+}
 
 const dataDir = values["data-dir"];
 let client;
 let status = 1;
 try {
+  if (!statSync(dataDir, { throwIfNoEntry: false })?.isDirectory()) {
+    throw new InputError(`no Veil data directory at ${dataDir}: \`make run\` creates .veil, or pass --data-dir`);
+  }
   const recipient = resolveRecipient(dataDir, values.to); // a mistyped name never becomes an account
+  const countersFile = values.counters ?? path.join(dataDir, "counters.json");
+  if (!statSync(path.dirname(countersFile), { throwIfNoEntry: false })?.isDirectory()) {
+    throw new InputError(`--counters ${countersFile}: its directory does not exist`);
+  }
   const policy = loadPolicy(values.policy ?? path.join(dataDir, "expected-measurement.json"));
-  if (policy.root !== "dev" && !policy.root.endsWith(".pem")) fail("this client pins a PEM root or the dev root");
-  const rootPem = readFileSync(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root);
-  const ca = readFileSync(path.join(dataDir, "pki", "ca.pem"));
-  const identity = loadIdentity(values.key);
+  if (policy.root !== "dev" && !policy.root.endsWith(".pem")) throw new InputError("this client pins a PEM root or the dev root");
+  const rootPem = readNeeded(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root, "the SGX root");
+  const ca = readNeeded(path.join(dataDir, "pki", "ca.pem"), "the mesh's CA");
+  const identity = values.as ? loadIdentity(path.join(dataDir, IDENTITIES_DIR, `${values.as}.key`)) : loadIdentity(values.key);
   client = new VeilNodeClient(values.gateway, ca, {
     serverName: values["server-name"],
     policy,
     rootPem,
-    counters: new FileCounters(values.counters ?? path.join(dataDir, "counters.json")),
+    counters: new FileCounters(countersFile),
     pins: new InstancePins(path.join(dataDir, "instances.json")),
   });
+  await client.ready(); // a mesh that is down fails in seconds, naming the address
   const attestation = await client.attest(values.instance);
   const tokens = client.token(values.instance, identity);
   let balance;
   try {
-    balance = await tokens.transfer(recipient.account, values.amount);
+    balance = await tokens.transfer(recipient.account, amount);
   } catch (error) {
     if (error instanceof ResultLost) {
       status = 3;
@@ -139,7 +174,7 @@ try {
 } catch (error) {
   if (process.env.VEIL_DEBUG) console.error(error); // the stack, for debugging
   if (error instanceof OutcomeUnknown) status = 3;
-  process.stderr.write(`error: ${error?.message ?? String(error)}\n`);
+  process.stderr.write(`error: ${String(error?.message ?? error).replace(/\s*\n\s*/g, " ")}\n`);
 } finally {
   client?.close();
 }

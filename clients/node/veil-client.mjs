@@ -137,6 +137,18 @@ export class GatewayError extends VeilError {
   }
 }
 
+// No TLS connection to the gateway came up in time: the mesh is down, or the address is wrong.
+export class GatewayUnreachable extends VeilError {
+  constructor(address, timeoutMs, reason) {
+    super(
+      `cannot reach the gateway at ${address} within ${timeoutMs / 1000} s` + (reason ? ` (${reason})` : "") +
+        "; is the mesh running? Start it with `make run`, or pass the right --gateway",
+    );
+    this.address = address;
+    this.reason = reason;
+  }
+}
+
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
 
 // --- protos ---------------------------------------------------------------------------------
@@ -227,6 +239,17 @@ function gatewayService() {
     oneofs: true,
   });
   return grpc.loadPackageDefinition(definition).veil.gateway.v1.GatewayService;
+}
+
+// HOST:PORT (a name, an IPv4 address or a bracketed IPv6 address; port 1-65535, decimal),
+// checked before dialling: grpc-js would otherwise take port 99999 or a URL and fail obscurely.
+export function parseAddress(text) {
+  const match = /^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):([0-9]{1,5})$/.exec(String(text ?? ""));
+  const port = match ? Number(match[2]) : 0;
+  if (!match || port < 1 || port > 65535) {
+    throw new InputError(`${JSON.stringify(String(text ?? "").slice(0, 80))} is not a gateway address: HOST:PORT with a port from 1 to 65535`);
+  }
+  return { host: match[1], port };
 }
 
 // --- canonical bytes (enclave/wire.py) ----------------------------------------------------------
@@ -887,7 +910,8 @@ export function signatureProof(scheme, identity, signingBytes) {
 export const IDENTITIES_DIR = "identities";
 export const CONTACTS_FILE = "contacts.json"; // <data_dir>/identities/contacts.json: {name: account}
 export const ACCOUNT_HEX_CHARS = 64;
-const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export const IDENTITY_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+export const INSTANCE_ID = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const CANONICAL_ACCOUNT = /^[0-9a-f]{64}$/;
 const MAX_ACCOUNT_CHARS = 256;
 
@@ -924,7 +948,7 @@ function identityAccount(dataDir, name) {
 // then an account in canonical form; UnknownRecipient for anything else (nothing is sent).
 export function resolveRecipient(dataDir, value) {
   const text = String(value ?? "");
-  if (NAME.test(text)) {
+  if (IDENTITY_NAME.test(text)) {
     const own = identityAccount(dataDir, text);
     if (own !== null) return { name: text, account: own };
     const contacts = loadContacts(dataDir);
@@ -1116,6 +1140,8 @@ export class VeilNodeClient {
   constructor(address, caPem, { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), timeoutMs = 15000, clock = () => new Date() } = {}) {
     const GatewayService = gatewayService();
     const options = serverName ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName } : {};
+    parseAddress(address);
+    this.address = address;
     this.stub = new GatewayService(address, grpc.credentials.createSsl(caPem), options);
     this.policy = Policy.from(policy);
     this.rootPem = rootPem;
@@ -1130,6 +1156,26 @@ export class VeilNodeClient {
 
   close() {
     this.stub.close();
+  }
+
+  // Resolves once a TLS connection to the gateway is up; GatewayUnreachable, naming the address
+  // and the last connection error, after `timeoutMs`: a mesh that is down fails fast.
+  async ready(timeoutMs = 3000) {
+    const deadline = new Date(Date.now() + timeoutMs);
+    const failed = await new Promise((resolve) => this.stub.waitForReady(deadline, (error) => resolve(error ?? null)));
+    if (!failed) return;
+    // The channel keeps why it failed; an RPC on it reports that at once.
+    let reason = "";
+    try {
+      await this.unaryOnce("GetAttestation", { instance_id: "" }, 500);
+      return;
+    } catch (error) {
+      reason = String(error?.details ?? "")
+        .replace(/^No connection established\. Last error: (\w*Error( \[\w+\])?: )?/, "")
+        .replace(/\.? ?Resolution note:.*$/, "")
+        .trim();
+    }
+    throw new GatewayUnreachable(this.address, timeoutMs, reason);
   }
 
   // Token calls on `instanceId` as `identity` (see TokenClient).
@@ -1359,4 +1405,13 @@ export class TokenClient {
     }
     return BigInt(result.token[method].amount.toString());
   }
+}
+
+// Run directly, the library says what it is: the command is transfer.mjs.
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  const help = process.argv.slice(2).every((arg) => arg === "-h" || arg === "--help");
+  (help ? process.stdout : process.stderr).write(
+    `${help ? "" : "error: "}veil-client.mjs is the Veil Node.js client library (import it); the command is transfer.mjs: node transfer.mjs --help\n`,
+  );
+  process.exit(help ? 0 : 2);
 }

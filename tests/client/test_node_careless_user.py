@@ -9,12 +9,17 @@ port, directly or through a gateway that loses answers.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.client import test_node_client as node_tests
-from tests.client.test_node_client import node_eval, node_transfer
+from tests.client.test_node_client import NODE_CLIENT, _node, node_eval, node_transfer
 from tests.gateway.support import InProcessMesh
 from veil.sdk.identity import SigningIdentity, new_identity
 
@@ -139,3 +144,138 @@ def test_the_library_refuses_a_recipient_the_instance_can_never_authenticate(
     assert "it authenticates Ed25519 keys" in out["bob"]
     assert _calls(mesh, "Execute") == before
     assert _balance(mesh, funded[1]) == 0
+
+
+# --- 2. no traceback for any input -----------------------------------------------------------------
+
+MODULES = sorted(NODE_CLIENT.glob("*.mjs"))
+SCRIPTS = [m for m in MODULES if m.read_text().startswith("#!")]  # the commands (a shebang)
+
+
+def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_node(), *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd)
+
+
+@pytest.mark.parametrize("script", [m.name for m in SCRIPTS])
+def test_every_node_command_answers_help_and_refuses_nonsense_in_one_line(script: str) -> None:
+    for flag in ("--help", "-h"):
+        result = _run(str(NODE_CLIENT / script), flag)
+        assert (result.returncode, result.stderr) == (0, ""), (script, result.stderr)
+        assert result.stdout.startswith("usage: "), script
+    _one_line_refusal(_run(str(NODE_CLIENT / script), "--no-such-option"), status=2)
+
+
+@pytest.mark.parametrize("module", [m.name for m in MODULES if m not in SCRIPTS])
+def test_a_library_module_run_as_a_command_says_so_without_a_trace(module: str) -> None:
+    result = _run(str(NODE_CLIENT / module), "--help")
+    assert result.returncode == 0
+    assert "    at " not in result.stderr
+    assert "Error" not in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# (what to change in a valid transfer's arguments, the exit status, words of the one-line reason)
+HOSTILE: list[tuple[dict[str, str | None], int, str]] = [
+    *[
+        ({"--amount": amount}, 2, "--amount must be a whole number from 1 to 18446744073709551615")
+        for amount in ["0", "1.5", "1e3", "0x10", " 5", "NaN", "18446744073709551616", "9" * 40]
+    ],
+    ({"--amount": "-5"}, 2, "argument is ambiguous"),  # read as an option by the parser
+    ({"--amount=-5": ""}, 2, "--amount must be a whole number"),
+    ({"--amount": ""}, 2, "--amount is required"),
+    *[
+        ({"--gateway": gateway}, 2, "is not a gateway address: HOST:PORT with a port from 1 to 65535")
+        for gateway in ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "http://127.0.0.1:50050", "a b:1"]
+    ],
+    *[
+        ({"--instance": instance}, 2, "--instance must be lowercase letters")
+        for instance in ["Coins", "a" * 64, "../coins"]
+    ],
+    ({"--to": "bobb"}, 1, "is not a known identity or contact"),
+    ({"--to": None}, 2, "--to is required"),
+    ({"--as": "../alice"}, 2, "--as names an identity"),
+    ({"--as": "nobody"}, 1, "cannot read identity"),
+    ({"--as": None}, 2, "give the sender as --as NAME or --key FILE"),
+    ({"--key": "{data}/identities/alice.key"}, 2, "give the sender as --as NAME or --key FILE"),  # and --as
+    (
+        {"--as": None, "--key": "/nonexistent/alice.key"},
+        1,
+        "cannot read identity /nonexistent/alice.key: ENOENT",
+    ),
+    ({"--as": None, "--key": "{data}/key-dir"}, 1, "is not a PEM private key"),
+    ({"--as": None, "--key": "{data}/not-a.key"}, 1, "is not a PEM private key"),
+    ({"--as": None, "--key": "{data}/loose.key"}, 1, "is readable by others; chmod 600 it"),
+    ({"--data-dir": "/nonexistent/.veil"}, 1, "no Veil data directory at /nonexistent/.veil"),
+    ({"--data-dir": "{data}/counters.json"}, 1, "no Veil data directory"),
+    ({"--policy": "/nonexistent/policy.json"}, 1, "policy refused: cannot read /nonexistent/policy.json"),
+    ({"--policy": "{data}/pki/ca.pem"}, 1, "is not valid JSON"),
+    ({"--counters": "/nonexistent/dir/counters.json"}, 1, "its directory does not exist"),
+    ({"stray": ""}, 2, "does not take positional arguments"),
+    ({"--no-such-option": ""}, 2, "Unknown option '--no-such-option'"),
+    ({"--server-name": "elsewhere.example"}, 1, "cannot reach the gateway at"),  # TLS name mismatch
+]
+
+
+def _arguments(mesh: InProcessMesh, changes: dict[str, str | None]) -> list[str]:
+    """A valid transfer's arguments with `changes`: None drops an option, a new key is added
+    alone (or with its value when there is one), "{data}" is the data directory."""
+    options: dict[str, str | None] = {
+        "--gateway": mesh.public_address,
+        "--server-name": "localhost",
+        "--data-dir": str(mesh.data_dir),
+        "--as": "alice",
+        "--instance": "coins",
+        "--to": "bob",
+        "--amount": "5",
+    }
+    arguments: list[str] = []
+    for option, value in {**options, **changes}.items():
+        if value is None:
+            continue
+        arguments.append(option)
+        if option in options or value:
+            arguments.append(value.replace("{data}", str(mesh.data_dir)))
+    return arguments
+
+
+def test_hostile_arguments_get_one_line_and_a_nonzero_exit_and_send_nothing(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    loose = mesh.data_dir / "loose.key"
+    loose.write_bytes((mesh.data_dir / "identities" / "alice.key").read_bytes())
+    loose.chmod(0o644)
+    (mesh.data_dir / "key-dir").mkdir(mode=0o700)
+    (mesh.data_dir / "not-a.key").write_text("-----BEGIN PRIVATE KEY-----\nnonsense\n")
+    (mesh.data_dir / "not-a.key").chmod(0o600)
+    before = _calls(mesh, "GetAttestation"), _calls(mesh, "Execute")
+
+    def attempt(case: tuple[dict[str, str | None], int, str]) -> str | None:
+        changes, status, reason = case
+        result = _run(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, changes))
+        try:
+            _one_line_refusal(result, reason, status=status)
+        except AssertionError as failure:
+            return f"{changes}: {failure}\n{result.stderr}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        failures = [f for f in pool.map(attempt, HOSTILE) if f is not None]
+    assert failures == [], "\n".join(failures)
+    assert _calls(mesh, "Execute") == before[1]  # nothing sent
+    assert _balance(mesh, funded[1]) == 0
+
+
+def test_a_mesh_that_is_down_fails_in_seconds_naming_the_address(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    started = time.monotonic()
+    result = _run(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, {"--gateway": address}))
+    elapsed = time.monotonic() - started
+    _one_line_refusal(result, f"cannot reach the gateway at {address} within 3 s", "ECONNREFUSED", "make run")
+    assert elapsed < 8, elapsed  # 3 s to connect, and Node's start-up
