@@ -35,7 +35,22 @@ import {
 } from "./veil-client.mjs";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const DIRECTORY = path.resolve(process.argv[2] ?? path.join(HERE, "../../testdata/conformance"));
+const USAGE = "usage: node conformance.mjs [DIR]   run the conformance vectors of DIR (default ../../testdata/conformance)\n";
+// Arguments: help, or one directory of vectors; anything else is one line, never a stack.
+const [argument, ...extra] = process.argv.slice(2);
+if (argument === "-h" || argument === "--help") {
+  process.stdout.write(USAGE);
+  process.exit(0);
+}
+if (argument?.startsWith("-") || extra.length) {
+  process.stderr.write(`error: unexpected argument ${JSON.stringify(argument?.startsWith("-") ? argument : extra[0])} (usage: node conformance.mjs --help)\n`);
+  process.exit(2);
+}
+const DIRECTORY = path.resolve(argument ?? path.join(HERE, "../../testdata/conformance"));
+if (!existsSync(path.join(DIRECTORY, "attestation.json"))) {
+  process.stderr.write(`error: no conformance vectors in ${DIRECTORY} (attestation.json is missing)\n`);
+  process.exit(1);
+}
 const X25519_SUITE = 1;
 const HPKE = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSha256(), aead: new Aes128Gcm() });
 
