@@ -2,8 +2,10 @@
 
 Against a running mesh, with the admin certificate:
 
-1. set-up: a fresh token instance (signature auth, an ephemeral issuer key) and one funded
-   account per client, each minted by the issuer through the SDK;
+1. set-up: the token instance `bench-<ack>` (signature auth), created by the first run and
+   reused by every later one, so runs leave no instances behind (the mesh has no way to delete
+   one); its issuer key is the `bench-issuer` identity in the data dir. One fresh account per
+   client, funded by the issuer through the SDK;
 2. warm-up: every client runs closed-loop token transfers the way the SDK does (seal, send,
    open and verify the answer) for `--warmup` seconds; its rate sizes the pool of step 3;
 3. pre-sealing (default): each client seals a pool of transfers *before* the timed window.
@@ -56,10 +58,11 @@ from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
 from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import VeilClientError
-from veil.sdk.identity import SigningIdentity
+from veil.sdk.identity import SigningIdentity, identity_paths, load_identity, new_identity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 
 INITIAL_BALANCE = 10**12
+BENCH_ISSUER = "bench-issuer"
 _CALL_TIMEOUT_S = 30.0
 _START_DELAY_S = 0.3  # lets every worker thread reach the start line before the window opens
 _POOL_HEADROOM = 3.0  # pre-sealed commands per client: 3x the warm-up rate (pre-sealed is faster)
@@ -449,6 +452,7 @@ class BenchOptions:
     inline: bool = False
     cpu_pids: dict[str, list[int]] = field(default_factory=dict)
     ack: str = "strict"
+    data_dir: Path | None = None  # keeps the bench issuer, so its instance is reused
 
 
 ACK_MODES = {"strict": envelope_pb2.ACKNOWLEDGMENT_STRICT, "fast": envelope_pb2.ACKNOWLEDGMENT_FAST}
@@ -467,13 +471,37 @@ def _log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+def _issuer(data_dir: Path | None) -> SigningIdentity:
+    """The bench instances' issuer: kept in the data dir, so every run reuses its instance."""
+    if data_dir is None:
+        return SigningIdentity(ed25519.Ed25519PrivateKey.generate(), BENCH_ISSUER)
+    key_path, _ = identity_paths(data_dir, BENCH_ISSUER)
+    if not key_path.exists():
+        return new_identity(data_dir, BENCH_ISSUER)
+    return load_identity(data_dir, BENCH_ISSUER)
+
+
+def _bench_instance(client: VeilClient, issuer: SigningIdentity, ack: str) -> tuple[str, bool]:
+    """(instance id, reused): `bench-<ack>` when it is this issuer's, else a new one (said so)."""
+    config = _token_config(issuer, ack)
+    instance_id = f"bench-{ack}"
+    if any(i.instance_id == instance_id for i in client.list_instances()):
+        descriptor = client.attest(instance_id, refresh=True).descriptor
+        if descriptor is not None and descriptor.config == config:
+            return instance_id, True
+        instance_id = f"bench-{ack}-{secrets.token_hex(4)}"
+        _log(f"bench-{ack} has another issuer (another data dir?); creating {instance_id}, which stays")
+    client.create_instance(instance_id, config)
+    return instance_id, False
+
+
 def setup(
-    client: VeilClient, clients: int, ack: str = "strict"
+    client: VeilClient, clients: int, ack: str = "strict", data_dir: Path | None = None
 ) -> tuple[str, list[ClientSpec], envelope_pb2.EnclavePublicKeys]:
-    """A fresh token instance and one funded account per client (a ring: each pays the next)."""
-    instance_id = f"bench-{secrets.token_hex(4)}"
-    issuer = SigningIdentity(ed25519.Ed25519PrivateKey.generate(), "bench-issuer")
-    client.create_instance(instance_id, _token_config(issuer, ack))
+    """The bench instance and one fresh funded account per client (a ring: each pays the next)."""
+    issuer = _issuer(data_dir)
+    instance_id, reused = _bench_instance(client, issuer, ack)
+    _log(f"{'reusing' if reused else 'created'} instance {instance_id}")
     accounts = [ed25519.Ed25519PrivateKey.generate() for _ in range(clients)]
     public = [key.public_key().public_bytes_raw().hex() for key in accounts]
     token = client.token(instance_id, issuer)
@@ -492,7 +520,7 @@ def _tps(result: RunResult, seconds: float) -> float:
 def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) -> dict[str, Any]:
     """Set up, warm up, measure confidential then baseline; one JSON-ready report."""
     _log(f"setting up {options.clients} accounts")
-    instance_id, specs, keys = setup(client, options.clients, options.ack)
+    instance_id, specs, keys = setup(client, options.clients, options.ack, options.data_dir)
     probe = seal_command(
         keys,
         instance_id=instance_id,
@@ -681,6 +709,7 @@ def bench_command(args: argparse.Namespace) -> int:
         inline=args.seal_inline,
         cpu_pids=cpu_pids,
         ack=args.ack,
+        data_dir=data_dir,
     )
     with client:
         report = run(client, connection, options)

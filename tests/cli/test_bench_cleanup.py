@@ -1,0 +1,26 @@
+"""Item 10 of issue 14: `veil bench` runs leave no instance behind. The mesh cannot delete an
+instance, so the bench reuses one (`bench-<ack>`, its issuer kept in the data dir): two runs,
+one instance."""
+
+from __future__ import annotations
+
+import json
+
+from tests.cli.support import Veil
+
+TINY = ("--clients", "1", "--processes", "1", "--seconds", "0.3", "--warmup", "0.2")
+
+
+def _instances(veil: Veil) -> list[str]:
+    return sorted(i["instance_id"] for i in veil.json("instance", "list")["instances"])
+
+
+def test_two_bench_runs_leave_one_instance(veil: Veil) -> None:
+    assert _instances(veil) == []
+    first = json.loads(veil.ok("bench", *TINY, "--json"))
+    second = json.loads(veil.ok("bench", *TINY, "--json"))
+    assert first["instance"] == second["instance"] == "bench-strict"
+    assert first["confidential_tps"] > 0
+    assert second["confidential_tps"] > 0
+    assert _instances(veil) == ["bench-strict"]
+    assert (veil.mesh.data_dir / "identities" / "bench-issuer.key").stat().st_mode & 0o077 == 0
