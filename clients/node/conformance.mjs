@@ -57,11 +57,12 @@ const HPKE = new CipherSuite({ kem: new DhkemX25519HkdfSha256(), kdf: new HkdfSh
 const hex = (text) => Buffer.from(text ?? "", "hex");
 const load = (name) => JSON.parse(readFileSync(path.join(DIRECTORY, name), "utf8")).vectors;
 
-// A policy document as this client loads a policy file: the schema, then Policy's own checks.
+// A policy document as this client loads a policy file (loadPolicy): Policy's checks, then the schema.
 function policyFrom(document) {
+  const policy = new Policy(document);
   const refused = policySchemaError(document);
   if (refused !== null) throw new PolicyError(refused);
-  return new Policy(document);
+  return policy;
 }
 
 // --- one runner per file: resolve with nothing for "valid", throw for "refused" ------------------

@@ -449,11 +449,13 @@ export function loadPolicy(file) {
   } catch (error) {
     throw new PolicyError(`${file} is not valid JSON: ${error.message}`);
   }
-  // The schema first (veil/sdk/policy.schema.json, shared with the Python SDK): the field and
-  // the rule a bad policy breaks; then the checks a schema cannot make (Policy).
+  // Policy's own checks (their messages name the rule), then the schema the Python SDK ships
+  // (veil/sdk/policy.schema.json): a document must satisfy both, and the schema names the field
+  // and the rule for whatever Policy does not look at.
+  const policy = new Policy(document);
   const refused = policySchemaError(document);
   if (refused !== null) throw new PolicyError(`${file}: ${refused}`);
-  return new Policy(document);
+  return policy;
 }
 
 // --- DCAP v3 quote ----------------------------------------------------------------------------

@@ -32,9 +32,9 @@ sign a token of its own, copy every claim the quote binds and set "UpToDate". A 
 binding is what holds).
 
 The file's JSON Schema is `veil/sdk/policy.schema.json` (shipped with the package; the Node
-client validates against the same file): `load_policy` checks it first, so a bad policy is
-refused with the field and the rule it breaks, then the rules a schema cannot say (hex that
-decodes, a "dev" root that resolves) are checked here. docs/protocol.md describes every field.
+client validates against the same file): `load_policy` admits a file only when it passes both
+the checks here and the schema, and a refusal names the field and the rule it breaks.
+docs/protocol.md (section 2) describes every field.
 
 Fail closed: there is no trust-on-first-use. In development `veil up` writes the policy with
 `veil.dev.policies.write_dev_policy`: the sim enclave's MRENCLAVE computed from the enclave
@@ -290,9 +290,11 @@ def check_policy_document(document: object, what: str = "policy") -> None:
 
 
 def policy_from_document(document: object, what: str = "policy") -> ExpectedMeasurement:
-    """A policy from its parsed JSON: the schema first, then the checks a schema cannot make."""
+    """A policy from its parsed JSON: the policy's own checks (whose messages name the rule),
+    then the schema, which names the field and rule of anything those do not look at."""
+    policy = ExpectedMeasurement.from_json(document)
     check_policy_document(document, what)
-    return ExpectedMeasurement.from_json(document)
+    return policy
 
 
 def load_policy(path: Path) -> ExpectedMeasurement:
