@@ -396,10 +396,12 @@ class Enclave:
         if response.entries:
             response.link.CopyFrom(self._link(instance, base))
             self._hold(instance)
-        response.held_until = self._wrap_held(instance, list(response.outcomes))
-        if not response.held_until:
-            # Nothing held: refusals still carry the account's counter state (its last answer),
-            # which a boot left behind must not show either. They wait for a read fence.
+        if response.entries:
+            response.held_until = self._wrap_held(instance, list(response.outcomes))
+        else:
+            # Refusals only: they carry the account's counter state (its last answer), which a
+            # boot left behind must not show. A hold's confirmation may predate this read, so
+            # they wait for a read fence (a challenge issued after it), like query answers.
             response.read_round = self._wrap_read(instance, list(response.outcomes))
         return response
 
@@ -667,6 +669,8 @@ class Enclave:
             sequence = kv_head.sequence + offset
             if entry.instance_id != instance.instance_id or entry.sequence != sequence:
                 break
+            if len(entry.previous_hash) != wire.HASH_SIZE or len(entry.nonce) != crypto.NONCE_SIZE:
+                break  # not an entry this enclave wrote: nothing to hash
             if offset and entry.previous_hash != digest:
                 break
             digest = wire.entry_hash(entry)

@@ -248,9 +248,10 @@ NEVER = (
     "ctypes",
     "importlib",
 )
-TCB_BUDGET_LINES = 2710  # non-blank, non-comment lines of enclave/**/*.py (2,400 before the
+TCB_BUDGET_LINES = 2725  # non-blank, non-comment lines of enclave/**/*.py (2,400 before the
 # hostile-host fixes: challenges, links, held answers, descriptors, counter state; +10 for
-# refusals held for read fences and statement shapes checked before their bytes are built)
+# refusals held for read fences and shapes checked before signed bytes are built; +15 for the
+# one strict-JSON loader in wire.py, which the enclave's JWT parsing and the verifier share)
 
 
 def _tcb_modules(*, generated: bool = True) -> list[Path]:

@@ -10,6 +10,8 @@ tests row by row.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,11 @@ from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.enclave.support import KEYVAULT_RELEASE_KEY, ballot, config, error_code, head_statement, token
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, mesh_fixture, token_config
 from veil.enclave import wire
-from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2
 from veil.sdk.client import VeilClient, connect
-from veil.sdk.errors import GatewayError, IdentityError, OutcomeUnknown
+from veil.sdk.errors import GatewayError, IdentityError, IntegrityError, OutcomeUnknown
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.sdk.pins import InstancePins
 from veil.services.common.errors import InvalidArgument, Unavailable, abort
@@ -182,7 +183,7 @@ def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault,
     with pytest.raises(KeyError):
         boot.open_read(instance_id, query.read_round, query.outcome)
     for outcome in [*response.outcomes, query.outcome]:
-        with pytest.raises(DecryptionError):  # the host cannot open it as a client answer either
+        with pytest.raises(IntegrityError):  # the host cannot open it as a client answer either
             clients["eve"].read(eve_tally, outcome)
         with pytest.raises(KeyError):
             boot.open_held(instance_id, response.held_until, outcome)
@@ -546,7 +547,7 @@ def test_a_held_answer_opens_only_with_the_key_the_confirmation_releases(
     )
     response = boot.execute(instance_id, put.command)
     (outcome,) = response.outcomes
-    with pytest.raises(DecryptionError):
+    with pytest.raises(IntegrityError):
         writer.read(put, outcome)
     # A confirmation the host makes up (not the keyvault's release key) releases nothing.
     key = boot.keys.signing_public_key
@@ -770,7 +771,7 @@ def test_a_boot_left_behind_shows_no_stale_counter_state_in_a_refusal(
     assert (refused.held_until, len(refused.entries)) == (0, 0)
     assert refused.read_round  # held, not released with the batch
     (outcome,) = refused.outcomes
-    with pytest.raises(DecryptionError):  # the client cannot read it before the fence either
+    with pytest.raises(IntegrityError):  # the client cannot read it before the fence either
         stale.read(wrong, outcome)
     with pytest.raises(EnclaveCallError, match="not on this enclave's chain"):
         behind.read_fence(instance_id)
@@ -810,3 +811,123 @@ def test_a_malformed_read_fence_is_invalid_argument_not_an_internal_error(
     code, message = _refused_code(lambda: first.host.confirm_head(statement=statement))
     assert code == error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT, message
     assert "malformed head statement" in message
+
+
+def test_a_confirmation_kept_from_before_a_refusal_does_not_release_it(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> None:
+    """Fourth review: boot A holds head 2; the host advances the keyvault with A's link but keeps
+    the confirmation, lets boot B move the instance on to head 3 (acknowledged), then asks A for
+    a wrong-counter refusal and feeds it the kept confirmation. A batch without entries never
+    uses a hold key: its refusal waits for a read fence, which A fails."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    a = EnclaveBoot(keyvault, pki_dir)
+    created = a.create(
+        instance_id,
+        config(
+            envelope_pb2.APP_KIND_TOKEN,
+            envelope_pb2.AUTH_SCHEME_SIGNATURE,
+            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        ),
+    )
+    minter = a.client(instance_id, signer=issuer)
+    batch2 = a.execute(instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command)
+    kept = a.advance(batch2.link)  # the keyvault holds head 2; A never hears of it
+    assert batch2.held_until == 2
+    b = EnclaveBoot(keyvault, pki_dir)
+    b.provision(instance_id)
+    b.host.restore(
+        instance_id, [created.entry, *batch2.entries], statement=b.statement(instance_id), host_time_unix_ms=0
+    )
+    mover = b.client(instance_id, signer=issuer)
+    batch3 = b.execute(
+        instance_id, mover.seal(token(mint=apps_pb2.TokenMint(to="b", amount=7)), counter=2).command
+    )
+    b.confirm(b.advance(batch3.link))
+
+    stale = a.client(instance_id, signer=issuer)
+    wrong = stale.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=9)
+    refused = a.execute(instance_id, wrong.command)
+    assert (refused.held_until, bool(refused.read_round)) == (0, True)
+    a.confirm(kept)  # releases hold 2 (A's own mint answer), not the refusal's read round
+    with pytest.raises(EnclaveCallError, match="not on this enclave's chain"):
+        a.read_fence(instance_id)
+    with pytest.raises(KeyError):
+        a.open_read(instance_id, refused.read_round, refused.outcomes[0])
+
+
+@pytest.mark.parametrize(
+    "malform",
+    [
+        pytest.param(lambda e: setattr(e, "previous_hash", b"x" * 5), id="short-previous-hash"),
+        pytest.param(lambda e: setattr(e, "nonce", b"n" * 70_000), id="oversized-nonce"),
+    ],
+)
+def test_a_malformed_entry_bridging_a_snapshot_to_the_keyvault_head_is_refused_cleanly(
+    keyvault: RunningKeyvault, pki_dir: Path, malform: Any
+) -> None:
+    """A snapshot beyond the keyvault's head must hash-chain to it through stored entries; an
+    entry of the wrong shape there is a stale or forged store (FAILED_PRECONDITION), never an
+    internal error."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    a = EnclaveBoot(keyvault, pki_dir)
+    created = a.create(
+        instance_id,
+        config(
+            envelope_pb2.APP_KIND_TOKEN,
+            envelope_pb2.AUTH_SCHEME_SIGNATURE,
+            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        ),
+    )
+    minter = a.client(instance_id, signer=issuer)
+    batch = a.execute(instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command)
+    snapshot = a.host.snapshot(instance_id)  # at head 2; the keyvault holds 1 (never advanced)
+    b = EnclaveBoot(keyvault, pki_dir)
+    b.provision(instance_id)
+    bogus = envelope_pb2.LogEntry()
+    bogus.CopyFrom(created.entry)
+    malform(bogus)
+    code, message = _refused_code(
+        lambda: b.host.restore(
+            instance_id,
+            [bogus, *batch.entries],
+            snapshot,
+            statement=b.statement(instance_id),
+            host_time_unix_ms=0,
+        )
+    )
+    assert code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION, message
+    assert "does not chain to the keyvault head" in message
+
+
+def test_an_outcome_seen_on_the_receipt_stream_raises_the_read_floor(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str]
+) -> None:
+    """Fourth review: the host runs the transfer and drops its answer; the client learns of the
+    commit on its WatchReceipts stream. That head counts as seen: later reads must not be older."""
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+
+    def run_then_drop(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        upstream.Execute(request, timeout=10)
+        abort(context, InvalidArgument("bogus", reason="HOST_SAYS_NO"))
+
+    servicer.intercept_execute = run_then_drop
+    with _through(mesh, address) as client:
+        stream = client.watch_receipts("coins", identity=alice, replay_recent=True)
+        received: list[Any] = []
+        reader = threading.Thread(target=lambda: received.extend(stream), daemon=True)
+        reader.start()
+        with pytest.raises(GatewayError):
+            client.token("coins", alice).transfer(bob.account, 10)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stream.cancel()
+        reader.join(5)
+        (opened,) = received
+        assert opened.accepted
+        assert opened.receipt is not None
+        assert client._heads["coins"] == opened.receipt.sequence

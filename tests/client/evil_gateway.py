@@ -49,6 +49,9 @@ class EvilGateway(gateway_pb2_grpc.GatewayServiceServicer):
         self.calls["Query"] += 1
         return self.upstream.Query(request, timeout=10)
 
+    def WatchReceipts(self, request: Any, context: grpc.ServicerContext) -> Any:
+        yield from self.upstream.WatchReceipts(request, timeout=10, metadata=context.invocation_metadata())
+
     def CreateInstance(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.calls["CreateInstance"] += 1
         if self.on_create is not None:

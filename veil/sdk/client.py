@@ -579,7 +579,10 @@ class VeilClient:
             if pending is None:
                 return None  # another session of the same principal
             sealed, signing_key = pending
-            return open_outcome(sealed, item.outcome, signing_key, query=False)
+            opened = open_outcome(sealed, item.outcome, signing_key, query=False)
+            if opened.accepted:  # a head this client saw acknowledged: later reads must not be older
+                self._saw(instance_id, opened.sequence)
+            return opened
 
         return ReceiptStream(call, opener)
 
