@@ -54,7 +54,7 @@ import re
 import secrets
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -239,11 +239,12 @@ class KeyManager:
     # -- mutations -------------------------------------------------------------------------
     def create(self, name: str, policy_json: str, *, request_id: str = "", caller: str) -> KeyMetadata:
         """Create a key with its first version and release policy."""
+        canonical_policy = ""  # set by params(): parsed inside the audited attempt
 
-        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+        def change(tx: StoreTx, now_us: int) -> tuple[KeyRecord, dict[str, DetailValue]]:
             record = KeyRecord(
                 name=name,
-                policy_json=policy.to_json(),
+                policy_json=canonical_policy,
                 latest_version=1,
                 created_us=now_us,
                 updated_us=now_us,
@@ -252,90 +253,73 @@ class KeyManager:
             if not tx.insert_key(record):
                 raise KeyExistsError(f"a key named {name!r} exists or existed")
             self._insert_version(tx, name, 1, now_us)
-            self._audit.append(
-                tx,
-                action=ACTION_CREATE,
-                outcome=OUTCOME_ALLOWED,
-                caller=caller,
-                detail={"key": name, "version": 1, "request_id": request_id},
-            )
-            return KeyMetadata.from_record(record)
+            return record, {"version": 1}
 
-        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
-        try:
-            check_key_name(name)
-            policy = parse_release_policy(policy_json)
-            params = {"name": name, "policy": policy.to_json()}
-            return self._mutate(ACTION_CREATE, request_id, params, effect)
-        except BaseException as exc:
-            self._refused(ACTION_CREATE, caller, detail, exc)
-            raise
+        def params() -> dict[str, str]:
+            nonlocal canonical_policy
+            canonical_policy = parse_release_policy(policy_json).to_json()
+            return {"name": name, "policy": canonical_policy}
+
+        return self._change_key(
+            ACTION_CREATE, name, request_id=request_id, caller=caller, change=change, params=params
+        )
 
     def rotate(self, name: str, *, request_id: str = "", caller: str) -> KeyMetadata:
         """Add a new version; it becomes the latest, older versions keep unwrapping."""
 
-        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+        def change(tx: StoreTx, now_us: int) -> tuple[KeyRecord, dict[str, DetailValue]]:
             current = self._live_key(tx, name, lock=True)
             version = current.latest_version + 1
             if version > MAX_VERSION:
                 raise InvalidArgumentError(f"key {name!r} has no versions left")
             self._insert_version(tx, name, version, now_us)
-            record = KeyRecord(
-                name=name,
-                policy_json=current.policy_json,
-                latest_version=version,
-                created_us=current.created_us,
-                updated_us=now_us,
-                destroyed=False,
-            )
+            record = replace(current, latest_version=version, updated_us=now_us)
             tx.update_key(record)
-            self._audit.append(
-                tx,
-                action=ACTION_ROTATE,
-                outcome=OUTCOME_ALLOWED,
-                caller=caller,
-                detail={"key": name, "version": version, "request_id": request_id},
-            )
-            return KeyMetadata.from_record(record)
+            return record, {"version": version}
 
-        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
-        try:
-            check_key_name(name)
-            return self._mutate(ACTION_ROTATE, request_id, {"name": name}, effect)
-        except BaseException as exc:
-            self._refused(ACTION_ROTATE, caller, detail, exc)
-            raise
+        return self._change_key(ACTION_ROTATE, name, request_id=request_id, caller=caller, change=change)
 
     def destroy(self, name: str, *, request_id: str = "", caller: str) -> KeyMetadata:
         """Crypto-shred every version of a key; the metadata remains, marked destroyed."""
 
-        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+        def change(tx: StoreTx, now_us: int) -> tuple[KeyRecord, dict[str, DetailValue]]:
             current = self._live_key(tx, name, lock=True)
             shredded = tx.delete_key_versions(name)
-            record = KeyRecord(
-                name=name,
-                policy_json=current.policy_json,
-                latest_version=current.latest_version,
-                created_us=current.created_us,
-                updated_us=now_us,
-                destroyed=True,
-            )
+            record = replace(current, updated_us=now_us, destroyed=True)
             tx.update_key(record)
+            return record, {"versions_shredded": shredded}
+
+        return self._change_key(ACTION_DESTROY, name, request_id=request_id, caller=caller, change=change)
+
+    def _change_key(
+        self,
+        action: str,
+        name: str,
+        *,
+        request_id: str,
+        caller: str,
+        change: Callable[[StoreTx, int], tuple[KeyRecord, dict[str, DetailValue]]],
+        params: Callable[[], dict[str, str]] | None = None,
+    ) -> KeyMetadata:
+        """One audited, idempotent key mutation: `change` writes the key and says what to audit;
+        a refusal (a bad name or policy, a conflict) is audited as one."""
+
+        def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
+            record, detail = change(tx, now_us)
             self._audit.append(
                 tx,
-                action=ACTION_DESTROY,
+                action=action,
                 outcome=OUTCOME_ALLOWED,
                 caller=caller,
-                detail={"key": name, "versions_shredded": shredded, "request_id": request_id},
+                detail={"key": name, **detail, "request_id": request_id},
             )
             return KeyMetadata.from_record(record)
 
-        detail: dict[str, DetailValue] = {"key": name, "request_id": request_id}
         try:
             check_key_name(name)
-            return self._mutate(ACTION_DESTROY, request_id, {"name": name}, effect)
+            return self._mutate(action, request_id, params() if params else {"name": name}, effect)
         except BaseException as exc:
-            self._refused(ACTION_DESTROY, caller, detail, exc)
+            self._refused(action, caller, {"key": name, "request_id": request_id}, exc)
             raise
 
     # -- release -----------------------------------------------------------------------------
