@@ -42,7 +42,7 @@ from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway import validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GatewayConfig
-from veil.services.gateway.idempotency import Deduplicator
+from veil.services.gateway.idempotency import Deduplicator, Key
 from veil.services.gateway.ratelimit import RateLimiter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
@@ -203,6 +203,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise
             return send(known.shard)
 
+    def _send(
+        self,
+        instance_id: str,
+        timeout: float,
+        rpc: Callable[[state_pb2_grpc.StateServiceStub], Callable[..., _Reply]],
+        request: object,
+    ) -> _Reply:
+        """Call `rpc` of the instance's state replica with `request` (see `_routed`)."""
+        return self._routed(
+            instance_id,
+            timeout,
+            lambda shard: forward(shard, rpc(self._stub(shard)), request, timeout=timeout),
+        )
+
     # --- public methods ----------------------------------------------------------------------
 
     def GetAttestation(
@@ -263,21 +277,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=request_id)
 
         def execute() -> gateway_pb2.ExecuteResponse:
-            reply = self._routed(
-                instance_id,
-                timeout,
-                lambda shard: forward(shard, self._stub(shard).Execute, forwarded, timeout=timeout),
-            )
+            reply = self._send(instance_id, timeout, lambda stub: stub.Execute, forwarded)
             if reply.outcome.accepted:
                 self.hub.publish(Committed(instance_id, request_id, principal.key, reply.outcome))
             return gateway_pb2.ExecuteResponse(outcome=reply.outcome)
 
-        try:
-            return self._executions.run(key, execute, wait=timeout)
-        except futures.TimeoutError:
-            raise DeadlineExceeded(
-                "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
-            ) from None
+        return _once(self._executions, key, execute, timeout)
 
     def Query(
         self, request: gateway_pb2.QueryRequest, context: grpc.ServicerContext
@@ -287,11 +292,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         command = validation.sealed_command(request.command)
         timeout = remaining_timeout(context, self._timeout)
         forwarded = state_pb2.QueryRequest(instance_id=instance_id, command=command)
-        reply = self._routed(
-            instance_id,
-            timeout,
-            lambda shard: forward(shard, self._stub(shard).Query, forwarded, timeout=timeout),
-        )
+        reply = self._send(instance_id, timeout, lambda stub: stub.Query, forwarded)
         return gateway_pb2.QueryResponse(outcome=reply.outcome)
 
     def CreateInstance(
@@ -317,12 +318,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 instance=_gateway_instance(created, shard), descriptor=reply.descriptor
             )
 
-        try:
-            return self._creations.run(key, create, wait=timeout)
-        except futures.TimeoutError:
-            raise DeadlineExceeded(
-                "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
-            ) from None
+        return _once(self._creations, key, create, timeout)
 
     def ListInstances(
         self, request: gateway_pb2.ListInstancesRequest, context: grpc.ServicerContext
@@ -389,12 +385,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._admit(instance_id, context)
         timeout = remaining_timeout(context, self._timeout)
         forwarded = state_pb2.PingRequest(payload=request.payload)
-        reply = self._routed(
-            instance_id,
-            timeout,
-            lambda shard: forward(shard, self._stub(shard).Ping, forwarded, timeout=timeout),
-        )
+        reply = self._send(instance_id, timeout, lambda stub: stub.Ping, forwarded)
         return gateway_pb2.PingResponse(payload=reply.payload)
+
+
+def _once(dedupe: Deduplicator[_Reply], key: Key, work: Callable[[], _Reply], timeout: float) -> _Reply:
+    """Run `work` once for identical requests; one that waited out its twin in flight for its
+    whole deadline is DEADLINE_EXCEEDED."""
+    try:
+        return dedupe.run(key, work, wait=timeout)
+    except futures.TimeoutError:
+        raise DeadlineExceeded(
+            "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
+        ) from None
 
 
 def create_server(
