@@ -3,6 +3,8 @@ identities, contacts or 64-hex accounts; anything else is refused before anythin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.cli.support import Veil
@@ -107,3 +109,16 @@ def test_outputs_say_what_happened(veil: Veil) -> None:
     assert status == 1
     code = err.split(":")[1].strip()
     assert err.count(code) == 1, err  # the error code once
+
+
+def test_attest_verify_of_a_local_quote_hints_at_the_dev_root(veil: Veil, tmp_path: Path) -> None:
+    quote = tmp_path / "quote.bin"
+    quote.write_bytes(veil.mesh.states[0].bundle.quote)
+    status, out, err = veil("attest", "verify", str(quote), connect=False)
+    assert status == 1
+    assert out == ""
+    assert "add --root dev" in err
+    assert len(err.strip().splitlines()) == 1
+    status, out, _ = veil("attest", "verify", str(quote), "--root", "dev", connect=False)
+    assert status == 0
+    assert "mrenclave" in out
