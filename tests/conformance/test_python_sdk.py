@@ -60,6 +60,7 @@ REASONS = {
     "response-authentication": r"^the response does not authenticate under this request's key",
     "response-request-id": r"^the response answers another request",
     "receipt-signature": r"^the receipt's signature is not the attested enclave's",
+    "receipt-instance": r"^the receipt is for another instance",
     "receipt-command": r"^the receipt is for another command",
     "receipt-result": r"^the receipt is for another result",
     "receipt-kind": r"^the receipt is of the wrong kind",

@@ -61,6 +61,7 @@ NOW = int(dt.datetime(2026, 6, 1, tzinfo=dt.UTC).timestamp())
 TOKEN_TTL_S = 600
 ISSUER = "https://keyvault.conformance.veil.dev"
 INSTANCE = "coins"
+OTHER_INSTANCE = "payroll"
 DEV_ROOT_FILE = "dev-root.pem"
 OTHER_ROOT_FILE = "other-root.pem"
 ALL_STATUSES = ["UpToDate", "SWHardeningNeeded", "Unevaluated"]
@@ -119,10 +120,10 @@ class World:
         self.keys = self.host.initialize(keyvault_release_public_key=RELEASE_PUBLIC).keys
         self.debug_host = self._enclave(directory / "cpu-debug", debug=True)
         self.debug_keys = self.debug_host.initialize(keyvault_release_public_key=RELEASE_PUBLIC).keys
-        self.head = envelope_pb2.CommitHead()
-        self.genesis = b""
-        self.config_hash = b""
-        self.descriptor = self._create_instance()
+        #: What the keyvault holds per instance: genesis hash, config hash and head.
+        self.registered: dict[str, tuple[bytes, bytes, envelope_pb2.CommitHead]] = {}
+        self.descriptor = self._create_instance(INSTANCE)
+        self._create_instance(OTHER_INSTANCE)
 
     def _enclave(self, secret: Path, *, debug: bool) -> EnclaveHost:
         options = RunnerOptions(
@@ -167,14 +168,17 @@ class World:
 
     # --- the instance, through the keyvault's protocol --------------------------------------------
 
-    def _statement(self, challenge: bytes, *, head: envelope_pb2.CommitHead | None = None) -> Any:
+    def _statement(
+        self, instance_id: str, challenge: bytes, *, head: envelope_pb2.CommitHead | None = None
+    ) -> envelope_pb2.HeadStatement:
+        genesis, config_hash, _ = self.registered.get(instance_id, (b"", b"", None))
         statement = envelope_pb2.HeadStatement(
-            instance_id=INSTANCE,
+            instance_id=instance_id,
             challenge=challenge,
             enclave_signing_public_key=self.keys.signing_public_key,
             head=head or envelope_pb2.CommitHead(),
-            genesis_hash=self.genesis if head is not None else b"",
-            config_hash=self.config_hash if head is not None else b"",
+            genesis_hash=genesis if head is not None else b"",
+            config_hash=config_hash if head is not None else b"",
             not_after_unix_ms=NOW * 1000 + 60_000,
         )
         statement.signature = RELEASE_KEY.sign(wire.head_statement_bytes(statement))
@@ -184,29 +188,30 @@ class World:
         """Play the keyvault: take the enclave's link and confirm the head to this boot."""
         if not wire.verify_commit_link(link, self.keys.signing_public_key):
             raise RuntimeError("the enclave's commit link does not verify")
-        if not self.genesis:
-            self.genesis, self.config_hash = bytes(link.genesis_hash), bytes(link.config_hash)
-        self.head = link.head
+        instance_id = link.instance_id
+        self.registered[instance_id] = (bytes(link.genesis_hash), bytes(link.config_hash), link.head)
         message = wire.head_confirmation_bytes(
-            INSTANCE, link.head.sequence, link.head.hash, self.keys.signing_public_key
+            instance_id, link.head.sequence, link.head.hash, self.keys.signing_public_key
         )
         confirmation = envelope_pb2.HeadConfirmation(
-            instance_id=INSTANCE,
+            instance_id=instance_id,
             head=link.head,
             signature=RELEASE_KEY.sign(message),
             enclave_signing_public_key=self.keys.signing_public_key,
         )
         return self.host.confirm_head(confirmation)
 
-    def _read_fence(self) -> ecall_pb2.ConfirmHeadResponse:
-        challenge = self.host.issue_challenge(INSTANCE, reads=True)
-        return self.host.confirm_head(statement=self._statement(challenge, head=self.head))
+    def _read_fence(self, instance_id: str) -> ecall_pb2.ConfirmHeadResponse:
+        challenge = self.host.issue_challenge(instance_id, reads=True)
+        head = self.registered[instance_id][2]
+        return self.host.confirm_head(statement=self._statement(instance_id, challenge, head=head))
 
-    def _create_instance(self) -> envelope_pb2.InstanceDescriptor:
-        key_name = wire.instance_key_name(INSTANCE)
+    def _create_instance(self, instance_id: str) -> envelope_pb2.InstanceDescriptor:
+        key_name = wire.instance_key_name(instance_id)
         suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
         recipient = x25519.X25519PublicKey.from_public_bytes(self.keys.hpke_x25519_public_key)
-        sealed = suite.encrypt(_seed("instance data key"), recipient, info=wire.key_release_info(key_name, 1))
+        key = _seed(f"data key {instance_id}")
+        sealed = suite.encrypt(key, recipient, info=wire.key_release_info(key_name, 1))
         wrapped = envelope_pb2.WrappedKey(
             suite=X25519_SUITE, encapsulated_key=sealed[:32], ciphertext=sealed[32:]
         )
@@ -215,14 +220,14 @@ class World:
                 key_name, 1, self.keys.hpke_x25519_public_key, wrapped.encapsulated_key, wrapped.ciphertext
             )
         )
-        self.host.provision_key(INSTANCE, 1, wrapped)
+        self.host.provision_key(instance_id, 1, wrapped)
         config = envelope_pb2.InstanceConfig(
             app=envelope_pb2.APP_KIND_TOKEN,
             auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
             token_issuer_public_key=ALICE.public_key,
         )
-        statement = self._statement(self.host.issue_challenge(INSTANCE))
-        created = self.host.create_instance(INSTANCE, config, statement, NOW * 1000)
+        statement = self._statement(instance_id, self.host.issue_challenge(instance_id))
+        created = self.host.create_instance(instance_id, config, statement, NOW * 1000)
         confirmed = self._confirm(created.link)
         if not confirmed.HasField("descriptor"):
             raise RuntimeError("the enclave gave out no descriptor after its registration")
@@ -230,39 +235,42 @@ class World:
 
     def execute(self, sealed: SealedRequest) -> envelope_pb2.CommandOutcome:
         """One command in its own batch, its answer released as the honest host does."""
-        response = self.host.execute_batch(INSTANCE, [sealed.command], NOW * 1000)
+        instance_id = sealed.instance_id
+        response = self.host.execute_batch(instance_id, [sealed.command], NOW * 1000)
         released: dict[tuple[str, int], bytes] = {}
         if response.HasField("link"):
             for hold in self._confirm(response.link).released:
                 released[("held", hold.held_until)] = hold.key
         if response.read_round:
-            for hold in self._read_fence().released:
+            for hold in self._read_fence(instance_id).released:
                 released[("read", hold.read_round)] = hold.key
         (outcome,) = response.outcomes
-        return self._unwrap(outcome, response.held_until, response.read_round, released)
+        return self._unwrap(instance_id, outcome, response.held_until, response.read_round, released)
 
     def query(self, sealed: SealedRequest) -> envelope_pb2.CommandOutcome:
-        response = self.host.query(INSTANCE, sealed.command, NOW * 1000)
+        instance_id = sealed.instance_id
+        response = self.host.query(instance_id, sealed.command, NOW * 1000)
         released = {}
         if response.read_round:
-            for hold in self._read_fence().released:
+            for hold in self._read_fence(instance_id).released:
                 released[("read", hold.read_round)] = hold.key
-        return self._unwrap(response.outcome, 0, response.read_round, released)
+        return self._unwrap(instance_id, response.outcome, 0, response.read_round, released)
 
     @staticmethod
     def _unwrap(
+        instance_id: str,
         outcome: envelope_pb2.CommandOutcome,
         held_until: int,
         read_round: int,
         released: dict[tuple[str, int], bytes],
     ) -> envelope_pb2.CommandOutcome:
         if held_until and outcome.sealed_response:
-            aad = wire.held_response_aad(INSTANCE, held_until)
+            aad = wire.held_response_aad(instance_id, held_until)
             outcome.sealed_response = commands.open_held(
                 released[("held", held_until)], outcome.sealed_response, aad
             )
         elif read_round and outcome.sealed_response:
-            aad = wire.held_read_aad(INSTANCE, read_round)
+            aad = wire.held_read_aad(instance_id, read_round)
             outcome.sealed_response = commands.open_held(
                 released[("read", read_round)], outcome.sealed_response, aad
             )
@@ -645,7 +653,7 @@ def _token_call(**method: Any) -> apps_pb2.AppCall:
 
 
 def _sealed(request_label: str, call: apps_pb2.AppCall, counter: int, keys: envelope_pb2.EnclavePublicKeys,
-            *, suite: int = X25519_SUITE) -> SealedRequest:  # fmt: skip
+            *, suite: int = X25519_SUITE, instance_id: str = INSTANCE) -> SealedRequest:  # fmt: skip
     """The SDK's seal_command with a fixed response key (the SDK draws it at random)."""
     response_key = _seed(f"response key {request_label}")
     original = secrets.token_bytes
@@ -653,7 +661,7 @@ def _sealed(request_label: str, call: apps_pb2.AppCall, counter: int, keys: enve
         secrets.token_bytes = lambda n=None: response_key  # type: ignore[assignment]
         return seal_command(
             keys,
-            instance_id=INSTANCE,
+            instance_id=instance_id,
             scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
             identity=ALICE,
             call=call,
@@ -814,6 +822,21 @@ def answer_vectors(world: World) -> tuple[list[dict[str, Any]], list[dict[str, A
         signing_key=_hex(world.debug_keys.signing_public_key))  # fmt: skip
 
     mint_receipt = result_of(mint, mint_outcome).receipt
+    other = _sealed(
+        "payroll-mint", _token_call(mint=apps_pb2.TokenMint(to=ALICE.account, amount=5)), 1, keys,
+        instance_id=OTHER_INSTANCE,
+    )  # fmt: skip
+    other_outcome = world.execute(other)
+    payroll_receipt = commands.open_response(
+        other.response_key, other_outcome.sealed_response, OTHER_INSTANCE, other.request_id
+    ).receipt
+
+    def other_instance(response: command_pb2.CommandResponse) -> None:
+        response.receipt.CopyFrom(payroll_receipt)
+
+    add("receipt-of-another-instance", "the transfer's answer carries a valid receipt of another instance "
+        "of the same enclave", transfer, _reseal(transfer, transfer_outcome, other_instance),
+        "receipt-instance")  # fmt: skip
 
     def other_receipt(response: command_pb2.CommandResponse) -> None:
         response.receipt.CopyFrom(mint_receipt)
