@@ -53,7 +53,7 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert status == 0, out
     assert "0 transfers committed (0 tokens), 0 refused, 3 skipped" in out
-    assert "the mesh already answered this row in an earlier run; not sent again" in out
+    assert "the mesh already answered this row in an earlier run, applied or refused: not sent again" in out
     assert _balances(veil, "alice", "bob", "carol", "dave") == {
         "alice": 70,
         "bob": 10,

@@ -375,3 +375,13 @@ def test_json_output_is_untouched_by_errors(data_dir: Path, capsys: pytest.Captu
     )
     assert status == 0, err
     assert json.loads(out)["account"] == "cd" * 32
+
+
+def test_incomplete_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every noun without its verb (and `veil` alone): one line, exit 2."""
+    nouns = sorted({leaf.path[:-1] for leaf in LEAVES if len(leaf.path) > 1})
+    for path in [(), *nouns]:
+        status, out, err = run(list(path), capsys)
+        assert status == 2, path
+        assert_one_line_error(status, out, err, " ".join(path) or "veil")
+    assert len(nouns) >= 8

@@ -272,7 +272,8 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
             why = (
                 "applied by an earlier run"
                 if r["reason"] == "applied"
-                else "the mesh already answered this row in an earlier run; not sent again"
+                else "the mesh already answered this row in an earlier run, applied or refused: "
+                "not sent again; check the balance"
             )
             print(f"  skipped row {r['row']}: {r['amount']} to {name(r['to'])} ({why})")
         for r in refused:
