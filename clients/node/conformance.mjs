@@ -17,7 +17,7 @@ import { fileURLToPath } from "node:url";
 import { Aes128Gcm, CipherSuite, HkdfSha256 } from "@hpke/core";
 import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
 
-import { policySchemaError } from "./policy-schema.mjs";
+import { duplicateMember, policySchemaError } from "./policy-schema.mjs";
 import {
   AttestationError,
   COMMAND_INFO,
@@ -181,7 +181,11 @@ async function command(vector) {
 }
 
 async function policy(vector) {
-  policyFrom(vector.document);
+  if (vector.text === null) return void policyFrom(vector.document);
+  // A file's text, read as loadPolicy reads it: one reading (no duplicate members), then checked.
+  const duplicate = duplicateMember(vector.text);
+  if (duplicate !== null) throw new PolicyError(`duplicate key ${JSON.stringify(duplicate)}`);
+  policyFrom(JSON.parse(vector.text));
 }
 
 const RUNNERS = {

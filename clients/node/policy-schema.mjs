@@ -34,6 +34,39 @@ function describe(error) {
   return where ? `${where}: ${message}` : message;
 }
 
+// JSON.parse keeps the last of duplicate members; a pinned policy must have one reading
+// (docs/protocol.md section 10, as the Python SDK's strict_json_object): refuse duplicates.
+// Returns the first duplicated member name, or null. `text` must already parse as JSON.
+export function duplicateMember(text) {
+  const objects = []; // one Set of member names per open object; null for an open array
+  let expectKey = false;
+  for (let i = 0; i < text.length; i += 1) {
+    const c = text[i];
+    if (c === '"') {
+      let j = i + 1;
+      while (text[j] !== '"') j += text[j] === "\\" ? 2 : 1;
+      if (expectKey) {
+        const name = JSON.parse(text.slice(i, j + 1));
+        const members = objects[objects.length - 1];
+        if (members.has(name)) return name;
+        members.add(name);
+        expectKey = false;
+      }
+      i = j;
+    } else if (c === "{") {
+      objects.push(new Set());
+      expectKey = true;
+    } else if (c === "[") {
+      objects.push(null);
+    } else if (c === "}" || c === "]") {
+      objects.pop();
+    } else if (c === ",") {
+      expectKey = objects[objects.length - 1] instanceof Set;
+    }
+  }
+  return null;
+}
+
 // Returns null for a document the schema admits, else the reason it is refused.
 export function policySchemaError(document) {
   if (validate(document)) return null;

@@ -59,7 +59,7 @@ import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
 import { decodeProtectedHeader, importJWK, jwtVerify } from "jose";
 import protobuf from "protobufjs";
 
-import { policySchemaError } from "./policy-schema.mjs";
+import { duplicateMember, policySchemaError } from "./policy-schema.mjs";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const PROTO_ROOT = path.resolve(HERE, "../../protos");
@@ -449,6 +449,8 @@ export function loadPolicy(file) {
   } catch (error) {
     throw new PolicyError(`${file} is not valid JSON: ${error.message}`);
   }
+  const duplicate = duplicateMember(text);
+  if (duplicate !== null) throw new PolicyError(`${file}: duplicate key ${JSON.stringify(duplicate)} (a policy must have one reading)`);
   // Policy's own checks (their messages name the rule), then the schema the Python SDK ships
   // (veil/sdk/policy.schema.json): a document must satisfy both, and the schema names the field
   // and the rule for whatever Policy does not look at.

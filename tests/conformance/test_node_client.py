@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conformance.vectors import FILES, VECTORS, vectors
+from tests.conformance.vectors import FILES, VECTORS, by_id, vectors
 from tests.conftest import REPO_ROOT
 
 NODE_CLIENT = REPO_ROOT / "clients" / "node"
@@ -73,6 +73,8 @@ def test_the_node_client_loads_a_policy_file_through_the_schema(tmp_path: Path) 
     bad = tmp_path / "policy.json"
     # Policy's own checks admit an empty root; the schema does not.
     bad.write_text(json.dumps({"mrenclave": ["ab" * 32], "accepted_tcb_statuses": ["*"], "root": ""}))
+    twice = tmp_path / "twice.json"
+    twice.write_text(by_id("policies.json", "policy-duplicate-key")["text"])
     good = tmp_path / "good.json"
     good.write_text(json.dumps(vectors("policies.json")[0]["document"]))
     script = (
@@ -81,7 +83,10 @@ def test_the_node_client_loads_a_policy_file_through_the_schema(tmp_path: Path) 
         f"let refused = null;\n"
         f"try {{ loadPolicy({json.dumps(str(bad))}); }}\n"
         "catch (error) { refused = `${error.name}: ${error.message}`; }\n"
-        "console.log(JSON.stringify({ jwksPinned: policy.jwks !== null, refused }));\n"
+        f"let twice = null;\n"
+        f"try {{ loadPolicy({json.dumps(str(twice))}); }}\n"
+        "catch (error) { twice = `${error.name}: ${error.message}`; }\n"
+        "console.log(JSON.stringify({ jwksPinned: policy.jwks !== null, refused, twice }));\n"
     )
     result = subprocess.run(
         [_node(), "--input-type=module", "-e", script],
@@ -95,3 +100,4 @@ def test_the_node_client_loads_a_policy_file_through_the_schema(tmp_path: Path) 
     assert answer["jwksPinned"] is True
     assert answer["refused"].startswith("PolicyError: policy refused: ")
     assert "root: must NOT have fewer than 1 characters: the pinned SGX root" in answer["refused"]
+    assert 'duplicate key "mrenclave"' in answer["twice"]

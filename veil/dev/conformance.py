@@ -1027,15 +1027,27 @@ def policy_vectors() -> list[dict[str, Any]]:
         ("policy-release-key-short", "a 16-byte release key",
          dict(good, keyvault_release_key=_hex(bytes(16))), False),
     ]  # fmt: skip
-    return [
+    vectors: list[dict[str, Any]] = [
         {
             "id": name,
             "description": description,
+            "text": None,
             "document": document,
             "expect": {"verdict": "valid"} if ok else {"verdict": "refused", "refusal": "policy-invalid"},
         }
         for name, description, document, ok in cases
     ]
+    # A file with two readings: JSON parsers that keep the first or the last member disagree.
+    minimal = '"accepted_tcb_statuses": ["*"], "keyvault_release_key": "' + _hex(RELEASE_PUBLIC) + '"'
+    duplicated = f'{{"mrenclave": "{_hex(_seed("m"))}", "mrenclave": "{_hex(_seed("n"))}", {minimal}}}'
+    vectors.append({
+        "id": "policy-duplicate-key",
+        "description": "a policy file (text) naming mrenclave twice",
+        "text": duplicated,
+        "document": None,
+        "expect": {"verdict": "refused", "refusal": "policy-invalid"},
+    })  # fmt: skip
+    return vectors
 
 
 # --- output -------------------------------------------------------------------------------------------
