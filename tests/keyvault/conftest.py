@@ -16,7 +16,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,18 +126,27 @@ def enclave_policy() -> EnclavePolicy:
 
 
 @pytest.fixture
-def keys(
+def make_keys(
     store: Store,
     kek: FileKek,
     audit: AuditLog,
     verifier: TokenVerifier,
     clock: FakeClock,
     release_signer: ReleaseSigner,
-    enclave_policy: EnclavePolicy,
-) -> KeyManager:
-    return KeyManager(
-        store, kek, audit, verifier, clock, release_signer=release_signer, enclave_policy=enclave_policy
-    )
+) -> Callable[[EnclavePolicy], KeyManager]:
+    """A key manager under the given operator enclave policy."""
+
+    def make(enclave_policy: EnclavePolicy) -> KeyManager:
+        return KeyManager(
+            store, kek, audit, verifier, clock, release_signer=release_signer, enclave_policy=enclave_policy
+        )
+
+    return make
+
+
+@pytest.fixture
+def keys(make_keys: Callable[[EnclavePolicy], KeyManager], enclave_policy: EnclavePolicy) -> KeyManager:
+    return make_keys(enclave_policy)
 
 
 @pytest.fixture

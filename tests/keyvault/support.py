@@ -29,7 +29,7 @@ from veil.dev.policies import dev_enclave_policy_json
 from veil.enclave import wire
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
 from veil.enclave.v1 import envelope_pb2
-from veil.services.keyvault.config import DEFAULT_ISSUER
+from veil.services.keyvault.config import DEFAULT_ISSUER, KekConfig, KeyvaultConfig
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.keys import ReleasedKey, open_released_key
 from veil.services.keyvault.release_key import ReleaseSigner
@@ -263,3 +263,15 @@ def write_sim_enclave_policy(path: Path, *, issuer: str = DEFAULT_ISSUER) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dev_enclave_policy_json(SIM_MRENCLAVE, DEV_MRSIGNER, issuer=issuer))
     return path
+
+
+def dev_keyvault_config(data_dir: Path, pki_dir: Path, collateral: Path | None = None) -> KeyvaultConfig:
+    """A keyvault on the dev SGX root with SQLite and a file KEK under `data_dir`, without an
+    operator enclave policy (and without collateral unless given)."""
+    return KeyvaultConfig(
+        db=str(data_dir / "keyvault.db"),
+        kek=KekConfig(provider="file", file=data_dir / "kek.bin"),
+        attestation_root="dev",
+        dev_root_path=pki_dir / "sgx-root.pem",
+        collateral_dir=collateral,
+    )

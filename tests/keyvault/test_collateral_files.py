@@ -24,7 +24,7 @@ from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.attest import Attestor
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.collateral_files import CollateralFiles, collateral_file_name, quote_fmspc
-from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KekConfig, KeyvaultConfig
+from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, KeyvaultConfig
 from veil.services.keyvault.errors import AttestationRefusedError
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.server import create_server
@@ -35,7 +35,7 @@ from veil.verify.binding import expected_report_data
 from veil.verify.collateral import parse_tcb_info
 from veil.verify.roots import load_root_pem
 
-from .support import CALLER, RELEASE_PUBLIC_KEY, FakeClock, FakeEnclave, sim_provider
+from .support import CALLER, RELEASE_PUBLIC_KEY, FakeClock, FakeEnclave, dev_keyvault_config, sim_provider
 
 FMSPC_A = fakes.FMSPC
 FMSPC_B = bytes.fromhex("00a067110000")
@@ -213,13 +213,7 @@ def test_the_keyvault_evaluates_sim_quotes_against_the_dev_collateral(
 def test_get_status_says_where_collateral_comes_from(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path, configured: bool
 ) -> None:
-    config = KeyvaultConfig(
-        db=str(tmp_path / "kv" / "keyvault.db"),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root="dev",
-        dev_root_path=pki_dir / "sgx-root.pem",
-        collateral_dir=collateral_dir(pki_dir) if configured else None,
-    )
+    config = dev_keyvault_config(tmp_path / "kv", pki_dir, collateral_dir(pki_dir) if configured else None)
     server, port = create_server(service_config("keyvault"), keyvault_config=config)
     server.start()
     try:

@@ -14,7 +14,7 @@ from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.store_postgres import PostgresStore
 from veil.verify.roots import RootError
 
-from .support import POSTGRES_DSN, SoftHsm, write_sim_enclave_policy
+from .support import POSTGRES_DSN, SoftHsm, dev_keyvault_config, write_sim_enclave_policy
 
 
 def test_defaults_live_under_the_data_dir(tmp_path: Path) -> None:
@@ -65,12 +65,7 @@ def test_an_invalid_enclave_policy_file_refuses_to_start(tmp_path: Path, pki_dir
 def test_a_dev_keyvault_starts_without_an_enclave_policy_and_trusts_no_enclave(
     tmp_path: Path, pki_dir: Path
 ) -> None:
-    config = KeyvaultConfig(
-        db=str(tmp_path / "kv" / "keyvault.db"),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root="dev",
-        dev_root_path=pki_dir / "sgx-root.pem",
-    )
+    config = dev_keyvault_config(tmp_path / "kv", pki_dir)
     keyvault = open_keyvault(config)
     try:
         assert not keyvault.enclave_policy.configured

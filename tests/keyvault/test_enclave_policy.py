@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,7 @@ from veil.services.keyvault.enclave_policy import (
 )
 from veil.services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
 from veil.services.keyvault.heads import CommitHeads
-from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.keys import KeyManager
-from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.store import AuditRecord, Store
 from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier
@@ -67,24 +66,9 @@ def advance(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, seque
 
 
 @pytest.fixture
-def unguarded_keys(
-    store: Store,
-    kek: FileKek,
-    audit: AuditLog,
-    verifier: TokenVerifier,
-    clock: FakeClock,
-    release_signer: ReleaseSigner,
-) -> KeyManager:
+def unguarded_keys(make_keys: Callable[[EnclavePolicy], KeyManager]) -> KeyManager:
     """A key manager of a dev keyvault started without VEIL_KEYVAULT_ENCLAVE_POLICY_FILE."""
-    return KeyManager(
-        store,
-        kek,
-        audit,
-        verifier,
-        clock,
-        release_signer=release_signer,
-        enclave_policy=EnclavePolicy.not_configured(),
-    )
+    return make_keys(EnclavePolicy.not_configured())
 
 
 # --- releases of instance keys ------------------------------------------------------------------

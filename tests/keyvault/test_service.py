@@ -35,6 +35,7 @@ from veil.verify.tokens import verify_token
 from .support import (
     SIM_MRENCLAVE,
     FakeEnclave,
+    dev_keyvault_config,
     policy_json,
     release_signature_verifies,
     sim_provider,
@@ -513,12 +514,7 @@ def test_a_debug_build_gets_no_instance_key_whatever_policy_the_state_wrote(
 def test_a_dev_keyvault_without_an_enclave_policy_refuses_with_a_clear_reason(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
 ) -> None:
-    config = KeyvaultConfig(
-        db=str(tmp_path / "kv" / "keyvault.db"),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root="dev",
-        dev_root_path=pki_dir / "sgx-root.pem",
-    )
+    config = dev_keyvault_config(tmp_path / "kv", pki_dir)
     server, port = create_server(service_config("keyvault"), keyvault_config=config)
     server.start()
     try:
