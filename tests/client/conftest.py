@@ -29,15 +29,9 @@ def enclave_state(
 @pytest.fixture
 def bundle(enclave_state: EnclaveState) -> gateway_pb2.GetAttestationResponse:
     """A fresh copy of the genuine bundle, as the gateway would return it (tests tamper with it)."""
-    source = enclave_state.bundle
-    return gateway_pb2.GetAttestationResponse(
-        quote=source.quote,
-        runtime_data=source.runtime_data,
-        nonce=source.nonce,
-        attestation_token=source.attestation_token,
-        keys=source.keys,
-        jwks_json=source.jwks_json,
-    )
+    bundle = gateway_pb2.GetAttestationResponse()
+    bundle.CopyFrom(enclave_state.bundle)
+    return bundle
 
 
 @pytest.fixture

@@ -215,15 +215,7 @@ def test_mrsigner_policy_without_mrenclave_accepts_any_build_of_the_signer(
 def test_debuggable_enclave_is_refused_unless_the_policy_allows_it(
     pki_dir: Path, tmp_path: Path, authority: TokenAuthority, root: ec.EllipticCurvePublicKey
 ) -> None:
-    debug = EnclaveState(pki_dir, tmp_path, authority, debug=True).bundle
-    bundle = gateway_pb2.GetAttestationResponse(
-        quote=debug.quote,
-        runtime_data=debug.runtime_data,
-        nonce=debug.nonce,
-        attestation_token=debug.attestation_token,
-        keys=debug.keys,
-        jwks_json=debug.jwks_json,
-    )
+    bundle = EnclaveState(pki_dir, tmp_path, authority, debug=True).bundle
     assert "debuggable" in _refused(bundle, root)
     assert verify_bundle(
         bundle, dataclasses.replace(fake_mesh_policy(), allow_debug=True), root_public_key=root
