@@ -1135,7 +1135,18 @@ const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDE
 // longer has). The host can claim it of a command that ran, so it makes an attempt ambiguous.
 const UNOPENABLE = "COMMAND_UNOPENABLE";
 
+const MAX_REMEMBERED_CALLS = 1024;
+const REQUEST_ID = /^[\x20-\x7e]{1,64}$/; // the gateway takes 1 to 64 printable characters
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// A request id the gateway accepts, or InputError.
+export function checkRequestId(requestId) {
+  if (typeof requestId !== "string" || !REQUEST_ID.test(requestId)) {
+    throw new InputError("a request id is 1 to 64 printable ASCII characters; nothing was sent");
+  }
+  return requestId;
+}
 
 export class VeilNodeClient {
   // `serverName` overrides the name checked in the gateway's certificate (and sent as SNI),
@@ -1156,6 +1167,7 @@ export class VeilNodeClient {
     this.prefix = randomBytes(12).toString("hex");
     this.attestations = new Map();
     this.described = new Map();
+    this.calls = new Map(); // request id -> a call without a definitive answer, or one named by the caller
   }
 
   close() {
@@ -1237,7 +1249,7 @@ export class VeilNodeClient {
 
   // The enclave's verified answer to one sealing; null when the attempt is ambiguous (the host
   // says the enclave could not open it, which it could say of a command that ran).
-  async send(sealed) {
+  async send(sealed, callId = sealed.requestId) {
     let reply;
     try {
       reply = await this.call("Execute", { instance_id: sealed.instanceId, request_id: sealed.requestId, command: sealed.command });
@@ -1245,7 +1257,8 @@ export class VeilNodeClient {
       if (error instanceof GatewayError && error.code === grpc.status.INVALID_ARGUMENT && error.reason === UNOPENABLE) return null;
       if (error instanceof GatewayError && RETRYABLE.has(error.code)) {
         throw new OutcomeUnknown(
-          `${sealed.instanceId}: no answer to the command (${error.message}); it may have run: check the state before sending it again`,
+          `${sealed.instanceId}: no answer to the command (${error.message}); it may have run: retry with the same request id ` +
+            `(${callId}) to resume it, never as a new call`,
         );
       }
       throw error;
@@ -1262,44 +1275,104 @@ export class VeilNodeClient {
   // refusal is in `result.error`). Runs it at most once whatever the gateway or the host does
   // (veil/sdk/client.py `execute`): after an ambiguous attempt the call is sealed again only under
   // the same counter, and the enclave's typed counter state says whether a sealing of it ran.
-  async execute(instanceId, call, identity) {
+  //
+  // `requestId` names the call (1 to 64 printable ASCII characters; a fresh one by default).
+  // When a call fails without a definitive answer (OutcomeUnknown after UNAVAILABLE, a
+  // GatewayError), the error's `requestId` names it: calling again with that id resumes the
+  // same call (its very same sealed bytes first, then only its counter) instead of sealing a
+  // second one, so a retry can never pay twice. Called again after an answer, the same id gets
+  // the same answer without sending anything. Calls are remembered by this client object.
+  async execute(instanceId, call, identity, { requestId } = {}) {
     const account = identity.account;
-    let counter = this.counters.last(instanceId, account) + 1;
-    let attempts = []; // sealings of this call under `counter`
-    let ambiguous = false;
+    if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
+    const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
+    let state = requestId ? this.calls.get(requestId) : undefined;
+    if (state !== undefined) {
+      if (state.instanceId !== instanceId || state.account !== account || !state.callBytes.equals(callBytes)) {
+        throw new InputError(`request id ${JSON.stringify(requestId)} already names another call; nothing was sent`);
+      }
+      if (state.answer !== null) return state.answer;
+    } else {
+      state = {
+        requestId: requestId || this.newRequestId(),
+        explicit: Boolean(requestId),
+        instanceId,
+        account,
+        callBytes,
+        counter: this.counters.last(instanceId, account) + 1,
+        attempts: [], // sealings of this call under `counter`
+        ambiguous: false,
+        answer: null,
+      };
+    }
+    try {
+      const opened = await this.run(state, call, identity);
+      state.answer = opened;
+      if (state.explicit) this.remember(state); // the same id gets the same answer
+      else this.calls.delete(state.requestId);
+      return opened;
+    } catch (error) {
+      if (state.attempts.length) {
+        // Something was sent without a definitive answer: a retry under this id resumes it.
+        this.remember(state);
+        if (error instanceof VeilError) error.requestId = state.requestId;
+      } else {
+        this.calls.delete(state.requestId); // nothing sent: a retry starts afresh
+      }
+      throw error;
+    }
+  }
+
+  remember(state) {
+    this.calls.delete(state.requestId);
+    this.calls.set(state.requestId, state);
+    while (this.calls.size > MAX_REMEMBERED_CALLS) this.calls.delete(this.calls.keys().next().value);
+  }
+
+  async run(state, call, identity) {
+    const { instanceId, account } = state;
     for (let round = 0; round < MAX_ROUNDS; round += 1) {
-      const attestation = await this.attest(instanceId, { refresh: round > 0 && ambiguous });
-      const sealed = await sealCommand(attestation, { instanceId, identity, call, counter, requestId: this.newRequestId() });
-      attempts.push(sealed);
-      const opened = await this.send(sealed);
+      let sealed;
+      if (round === 0 && state.attempts.length) {
+        // Resuming: the very same bytes first (the mesh may hold their answer), and the call
+        // counts as possibly run.
+        sealed = state.attempts[0];
+        state.ambiguous = true;
+      } else {
+        const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
+        const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
+        sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
+        state.attempts.push(sealed);
+      }
+      const opened = await this.send(sealed, state.requestId);
       if (opened === null) {
-        ambiguous = true; // the host may say so of a command that ran: same counter only
+        state.ambiguous = true; // the host may say so of a command that ran: same counter only
         continue;
       }
       if (opened.accepted) {
-        this.counters.record(instanceId, account, counter);
+        this.counters.record(instanceId, account, state.counter);
         return opened;
       }
       const error = opened.message.error;
       if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
-      const state = this.counterState(instanceId, account, opened, { counter, attempts, ambiguous });
-      if (state.ran) {
+      const counterState = this.counterState(instanceId, account, opened, state);
+      if (counterState.ran) {
         // An earlier sealing of this call used the counter: it ran. Never again.
-        this.counters.record(instanceId, account, counter);
-        return this.recordedAnswer(instanceId, attempts, state.lastSequence);
+        this.counters.record(instanceId, account, state.counter);
+        return this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
       }
       // The counter is used by another command: this call can never run under it, so it is
       // sealed again under the enclave's next counter.
-      this.counters.record(instanceId, account, state.nextCounter - 1);
-      counter = state.nextCounter;
-      attempts = [];
-      ambiguous = false;
+      this.counters.record(instanceId, account, counterState.nextCounter - 1);
+      state.counter = counterState.nextCounter;
+      state.attempts = [];
+      state.ambiguous = false;
     }
-    if (ambiguous) {
+    if (state.ambiguous) {
       // Every answer since the last definitive one was ambiguous: any of those sealings (all
       // under `counter`) may have run, or may still run if the host holds one.
       throw new OutcomeUnknown(
-        `${instanceId}: ${attempts.length} attempts under counter ${counter} got no definitive answer (the gateway says ` +
+        `${instanceId}: ${state.attempts.length} attempts under counter ${state.counter} got no definitive answer (the gateway says ` +
           "the enclave could not open them); one may have run: check the state before sending it again",
       );
     }
@@ -1384,21 +1457,24 @@ export class TokenClient {
   }
 
   // Create tokens for `to` (issuer only); resolves to the new total supply (a bigint).
-  mint(to, amount) {
-    return this.run("mint", to, amount);
+  // `requestId`: see VeilNodeClient.execute (the same id again never mints twice).
+  mint(to, amount, { requestId } = {}) {
+    return this.run("mint", to, amount, requestId);
   }
 
   // Move tokens to `to`; resolves to this identity's balance afterwards (a bigint).
-  transfer(to, amount) {
-    return this.run("transfer", to, amount);
+  // `requestId`: see VeilNodeClient.execute (the same id again never pays twice).
+  transfer(to, amount, { requestId } = {}) {
+    return this.run("transfer", to, amount, requestId);
   }
 
-  async run(method, to, amount) {
+  async run(method, to, amount, requestId) {
     const value = checkAmount(amount);
     const attestation = await this.client.attest(this.instanceId);
     if (!attestation.descriptor) throw new AttestationError(`the enclave did not describe instance ${JSON.stringify(this.instanceId)}`);
     checkRecipient(attestation.descriptor.config.authScheme, to);
-    const opened = await this.client.execute(this.instanceId, { token: { [method]: { to, amount: value } } }, this.identity);
+    if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
+    const opened = await this.client.execute(this.instanceId, { token: { [method]: { to, amount: value } } }, this.identity, { requestId });
     this.last = opened;
     if (opened.resultLost) throw new ResultLost(this.instanceId, opened.sequence);
     const { error, result } = opened.message;

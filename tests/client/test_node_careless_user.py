@@ -12,16 +12,19 @@ import json
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.client import test_node_client as node_tests
 from tests.client.test_node_client import NODE_CLIENT, _node, node_eval, node_transfer
 from tests.gateway.support import InProcessMesh
 from veil.sdk.identity import SigningIdentity, new_identity
+from veil.services.common.errors import Unavailable, abort
 
 funded = node_tests.funded  # alice (100 coins on "coins") and bob, as the Node client tests fund them
 
@@ -179,21 +182,25 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _set(option: str, value: str | None) -> dict[str, str | None]:
+    return {option: value}
+
+
 # (what to change in a valid transfer's arguments, the exit status, words of the one-line reason)
 HOSTILE: list[tuple[dict[str, str | None], int, str]] = [
     *[
-        ({"--amount": amount}, 2, "--amount must be a whole number from 1 to 18446744073709551615")
+        (_set("--amount", amount), 2, "--amount must be a whole number from 1 to 18446744073709551615")
         for amount in ["0", "1.5", "1e3", "0x10", " 5", "NaN", "18446744073709551616", "9" * 40]
     ],
     ({"--amount": "-5"}, 2, "argument is ambiguous"),  # read as an option by the parser
     ({"--amount=-5": ""}, 2, "--amount must be a whole number"),
     ({"--amount": ""}, 2, "--amount is required"),
     *[
-        ({"--gateway": gateway}, 2, "is not a gateway address: HOST:PORT with a port from 1 to 65535")
+        (_set("--gateway", gateway), 2, "is not a gateway address: HOST:PORT with a port from 1 to 65535")
         for gateway in ["127.0.0.1:99999", "127.0.0.1:0", "127.0.0.1", "http://127.0.0.1:50050", "a b:1"]
     ],
     *[
-        ({"--instance": instance}, 2, "--instance must be lowercase letters")
+        (_set("--instance", instance), 2, "--instance must be lowercase letters")
         for instance in ["Coins", "a" * 64, "../coins"]
     ],
     ({"--to": "bobb"}, 1, "is not a known identity or contact"),
@@ -279,3 +286,71 @@ def test_a_mesh_that_is_down_fails_in_seconds_naming_the_address(
     elapsed = time.monotonic() - started
     _one_line_refusal(result, f"cannot reach the gateway at {address} within 3 s", "ECONNREFUSED", "make run")
     assert elapsed < 8, elapsed  # 3 s to connect, and Node's start-up
+
+
+# --- 3. safe retries: one request id, one transfer ------------------------------------------------
+
+evil = node_tests.evil  # a gateway in front of the mesh whose Execute a test decides
+
+
+def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_once(
+    mesh: InProcessMesh,
+    funded: tuple[SigningIdentity, SigningIdentity],
+    evil: tuple[node_tests.HostileGateway, str],
+    tmp_path: Path,
+) -> None:
+    servicer, address = evil
+    retrying = tmp_path / "retrying"  # the application's retry begins when it exists
+    seen: list[tuple[str, bytes, bool]] = []  # request id, ciphertext, accepted
+    after_retry = []
+
+    def lose_answers(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        reply = forward()  # the command runs; until the retry its answer is lost
+        seen.append((request.request_id, request.command.ciphertext, reply.outcome.accepted))
+        if not retrying.exists():
+            abort(context, Unavailable("connection reset by peer"))
+        after_retry.append(request.request_id)
+        return reply
+
+    servicer.execute_hook = lose_answers
+    body = f"""
+  const tokens = client.token("coins", alice);
+  const bob = readFileSync(path.join(dir, "identities", "bob.pub"), "utf8").trim();
+  const requestId = "order-1234";
+  try {{
+    await tokens.transfer(bob, 10, {{ requestId }});
+    out.first = "answered";
+  }} catch (error) {{
+    out.first = `${{error.name}} ${{error.requestId}}`;
+  }}
+  (await import("node:fs")).writeFileSync({json.dumps(str(retrying))}, "");
+  out.balance = String(await tokens.transfer(bob, 10, {{ requestId }}));  // the retry
+  out.counter = tokens.last.counter;
+  out.again = String(await tokens.transfer(bob, 10, {{ requestId }}));  // answered, nothing sent
+  for (const [what, retry] of [
+    ["another call", () => tokens.transfer(bob, 11, {{ requestId }})],
+    ["a bad id", () => tokens.transfer(bob, 10, {{ requestId: "x".repeat(65) }})],
+  ]) {{
+    try {{
+      await retry();
+    }} catch (error) {{
+      out[what] = `${{error.name}}: ${{error.message}}`;
+    }}
+  }}
+"""
+    out = node_eval(_client_script(mesh, address, body, timeout_ms=1500))
+    assert out["first"] == "OutcomeUnknown order-1234"  # UNAVAILABLE for 1.5 s: no answer
+    assert (out["balance"], out["again"], out["counter"]) == ("90", "90", 2)
+    assert _balance(mesh, funded[1]) == 10  # once
+    # Every attempt, the client's own and the application's retry, sent the same sealed bytes
+    # under the same request id; the mesh ran the first and answered the others from its record.
+    assert len(seen) >= 2
+    assert {(request_id, ciphertext) for request_id, ciphertext, _ in seen} == {("order-1234", seen[0][1])}
+    assert all(accepted for *_, accepted in seen)
+    assert out["another call"] == (
+        'InputError: request id "order-1234" already names another call; nothing was sent'
+    )
+    assert (
+        out["a bad id"] == "InputError: a request id is 1 to 64 printable ASCII characters; nothing was sent"
+    )
+    assert after_retry == ["order-1234"]  # one send for the retry; the repeats sent nothing
