@@ -24,17 +24,18 @@ from veil.dev.supervisor import DEPLOY_ORDER, free_port_offset, keyvault_pins, p
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import (
+    DATA_DIR,
     DEFAULT_PORTS,
-    ENV_ATTESTATION_ROOT,
-    ENV_DATA_DIR,
-    ENV_ENCLAVE_MODE,
-    ENV_GRACE_SECONDS,
-    ENV_KEK_FILE,
-    ENV_KEK_PROVIDER,
+    ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
-    ENV_TLS_CA,
-    ENV_TLS_CERT,
-    ENV_TLS_KEY,
+    ENV_KEYVAULT_KEK_FILE,
+    ENV_KEYVAULT_KEK_PROVIDER,
+    ENV_STATE_ENCLAVE_MODE,
+    GRACE_SECONDS,
+    TLS_CA,
+    TLS_CERT,
+    TLS_KEY,
+    server_env,
 )
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
@@ -150,11 +151,16 @@ class ContainerMesh:
         )
         mounts = ["-v", f"{self.volume(service)}:{DATA}", "-v", f"{tls}:{TLS}:ro"]
         env = {
-            ENV_DATA_DIR: DATA,
-            ENV_TLS_CERT: f"{TLS}/tls.crt",
-            ENV_TLS_KEY: f"{TLS}/tls.key",
-            ENV_TLS_CA: f"{TLS}/ca.crt",
-            ENV_GRACE_SECONDS: "5",
+            **server_env(
+                service,
+                {
+                    DATA_DIR: DATA,
+                    TLS_CERT: f"{TLS}/tls.crt",
+                    TLS_KEY: f"{TLS}/tls.key",
+                    TLS_CA: f"{TLS}/ca.crt",
+                    GRACE_SECONDS: "5",
+                },
+            ),
             **port_env(service, self.offset),
         }
         if service == "keyvault":
@@ -174,9 +180,9 @@ class ContainerMesh:
             mounts += ["-v", f"{policy_dir}:/etc/veil/enclave-policy:ro"]
             mounts += ["-v", f"{collateral}:/etc/veil/collateral:ro"]
             env |= {
-                ENV_ATTESTATION_ROOT: "/etc/veil/sim-pki/sgx-root.pem",
-                ENV_KEK_PROVIDER: "file",
-                ENV_KEK_FILE: "/etc/veil/kek/kek",
+                ENV_KEYVAULT_ATTESTATION_ROOT: "/etc/veil/sim-pki/sgx-root.pem",
+                ENV_KEYVAULT_KEK_PROVIDER: "file",
+                ENV_KEYVAULT_KEK_FILE: "/etc/veil/kek/kek",
                 ENV_KEYVAULT_ENCLAVE_POLICY_FILE: "/etc/veil/enclave-policy/enclave-policy.json",
                 ENV_KEYVAULT_COLLATERAL_DIR: "/etc/veil/collateral",
             }
@@ -185,7 +191,7 @@ class ContainerMesh:
             names = ("sgx-root.pem", "sgx-pck-ca.pem", "sgx-pck-leaf.pem", "sgx-pck-leaf-key.pem")
             sim_pki = self._secret_dir(service, "sim-pki", {n: pki / n for n in names})
             mounts += ["-v", f"{sim_pki}:{DATA}/pki:ro"]
-            env[ENV_ENCLAVE_MODE] = "sim"
+            env[ENV_STATE_ENCLAVE_MODE] = "sim"
         return mounts, env
 
     def volume(self, service: str) -> str:
