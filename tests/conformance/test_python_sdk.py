@@ -10,6 +10,7 @@ the vector's reason: each refusal id maps to what the SDK says when it refuses f
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.conformance.vectors import VECTORS, by_id, checklist, ids, refusals, vectors
 from veil.dev import conformance
@@ -347,3 +349,54 @@ def test_the_committed_vectors_are_the_generators(tmp_path: Path) -> None:
         assert [(i, e.get("verdict"), e.get("refusal")) for i, e in fresh] == [
             (i, e.get("verdict"), e.get("refusal")) for i, e in committed
         ], f"{path.name} is stale: run `python -m veil.dev.conformance`"
+
+
+# --- the post-quantum suite, by hand --------------------------------------------------------------------
+
+XWING_LABEL = b"\\.//^\\"  # draft-connolly-cfrg-xwing-kem: the combiner's label
+XWING_KEM_ID = 0x647A
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt or bytes(32), ikm, hashlib.sha256).digest()
+
+
+def _hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out, counter = out + block, counter + 1
+    return out[:length]
+
+
+def test_the_post_quantum_suite_is_x_wing_with_its_hpke_kem_id() -> None:
+    """What docs/protocol.md names, checked from first principles: the hybrid vector opens with
+    X-Wing decapsulation (ML-KEM-768 ‖ X25519 ciphertext, SHA3-256 combiner over ss_M ‖ ss_X ‖
+    ct_X ‖ pk_X ‖ label) and RFC 9180's base-mode key schedule under KEM id 0x647A, HKDF-SHA256
+    and AES-128-GCM, with no HPKE library involved."""
+    vector = by_id("commands.json", "command-xwing")
+    private = vector["hpke"]["recipient_private_key"]
+    pq = mlkem.MLKEM768PrivateKey.from_seed_bytes(_b(private["mlkem768_seed"]))
+    classic = x25519.X25519PrivateKey.from_private_bytes(_b(private["x25519"]))
+    enc = _b(vector["command"]["encapsulated_key"])
+    ct_m, ct_x = enc[:1088], enc[1088:]
+    shared = hashlib.sha3_256(
+        pq.decapsulate(ct_m)
+        + classic.exchange(x25519.X25519PublicKey.from_public_bytes(ct_x))
+        + ct_x
+        + classic.public_key().public_bytes_raw()
+        + XWING_LABEL
+    ).digest()
+    suite_id = b"HPKE" + XWING_KEM_ID.to_bytes(2, "big") + (1).to_bytes(2, "big") + (1).to_bytes(2, "big")
+
+    def extract(salt: bytes, label: bytes, ikm: bytes) -> bytes:
+        return _hkdf_extract(salt, b"HPKE-v1" + suite_id + label + ikm)
+
+    def expand(prk: bytes, label: bytes, info: bytes, length: int) -> bytes:
+        return _hkdf_expand(prk, length.to_bytes(2, "big") + b"HPKE-v1" + suite_id + label + info, length)
+
+    context = b"\x00" + extract(b"", b"psk_id_hash", b"") + extract(b"", b"info_hash", wire.COMMAND_INFO)
+    secret = extract(shared, b"secret", b"")
+    key, nonce = expand(secret, b"key", context, 16), expand(secret, b"base_nonce", context, 12)
+    plaintext = AESGCM(key).decrypt(nonce, _b(vector["command"]["ciphertext"]), _b(vector["hpke"]["aad"]))
+    assert plaintext == _b(vector["plaintext"])
