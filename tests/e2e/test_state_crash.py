@@ -56,18 +56,8 @@ from veil.dev.policies import write_dev_enclave_policy
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2
 from veil.gateway.v1 import gateway_pb2
+from veil.services.common import config
 from veil.services.common.channels import secure_channel, wait_until_serving
-from veil.services.common.config import (
-    ADMIN_LISTEN,
-    DATA_DIR,
-    ENV_KEYVAULT_ATTESTATION_ROOT,
-    ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
-    ENV_STATE_ENCLAVE_MODE,
-    ENV_STATE_KEYVAULT_ADDR,
-    GRACE_SECONDS,
-    LISTEN,
-    server_env,
-)
 from veil.services.state.store_postgres import PostgresStore
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
@@ -102,7 +92,9 @@ class Service:
     def start(self) -> None:
         env = {
             **self.env,
-            **server_env(self.name, {LISTEN: self.address, ADMIN_LISTEN: f"127.0.0.1:{self.admin_port}"}),
+            **config.server_env(
+                self.name, {config.LISTEN: self.address, config.ADMIN_LISTEN: f"127.0.0.1:{self.admin_port}"}
+            ),
         }
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
@@ -167,21 +159,21 @@ def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Servi
     init_pki(data_dir / "pki")
     env = {
         **os.environ,
-        **server_env("keyvault", {DATA_DIR: str(data_dir), GRACE_SECONDS: "2"}),
-        **server_env("state", {DATA_DIR: str(data_dir), GRACE_SECONDS: "2"}),
-        ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
-        ENV_STATE_ENCLAVE_MODE: "sim",
+        **config.server_env("keyvault", {config.DATA_DIR: str(data_dir), config.GRACE_SECONDS: "2"}),
+        **config.server_env("state", {config.DATA_DIR: str(data_dir), config.GRACE_SECONDS: "2"}),
+        config.ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
+        config.ENV_STATE_ENCLAVE_MODE: "sim",
         "PYTHONUNBUFFERED": "1",
     }
     schema = f"veil_state_e2e_{uuid.uuid4().hex[:12]}"
     if request.param == "postgres":
         env |= {"VEIL_STATE_DB": POSTGRES_URL, "VEIL_STATE_DB_SCHEMA": schema}
     # The operator enclave policy `veil up` writes: the sim enclave of this checkout.
-    keyvault_env = {**env, ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir))}
+    keyvault_env = {**env, config.ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(data_dir))}
     keyvault = Service("keyvault", keyvault_env, tmp_path / "keyvault.log")
     keyvault.start()
     state = Service("state", env, tmp_path / "state.log")
-    state.env = {**env, ENV_STATE_KEYVAULT_ADDR: keyvault.address}
+    state.env = {**env, config.ENV_STATE_KEYVAULT_ADDR: keyvault.address}
     try:
         keyvault.wait_serving()
         state.start()
