@@ -18,7 +18,11 @@ binds the blob to its context (for data keys: key name and version). Every unwra
 :class:`~veil.services.keyvault.errors.DecryptionError`.
 
 * :class:`FileKek` (development): a 32-byte key file, created with mode 0600 when missing
-  and refused when group- or world-accessible; AES-256-GCM in process.
+  and refused when group- or world-accessible or a symlink; AES-256-GCM in process. A
+  Kubernetes Secret cannot be mounted that way (its files are symlinks into ``..data`` and
+  group-readable for the pod's fsGroup), so the sim overlay copies it first with
+  ``python -m veil.services.keyvault.kek SECRET_FILE TARGET`` (:func:`install_key_file`, in an
+  init container) into a memory ``emptyDir``: a regular 0600 file the check accepts as it is.
 * :class:`Pkcs11Kek` (production): an AES-256 key inside a PKCS#11 token (HSM), found by
   label and created there when missing with ``CKA_SENSITIVE=true``,
   ``CKA_EXTRACTABLE=false``; AES-GCM runs inside the token, so the KEK never enters
@@ -31,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -301,3 +306,43 @@ class Pkcs11Kek(_GcmKek):
     def close(self) -> None:
         with self._lock:
             self._session.close()
+
+
+def install_key_file(source: Path, target: Path) -> None:
+    """Copy a mounted key (a Secret's symlinked, group-readable file) to ``target``, 0600, new.
+
+    ``source`` is read through the kubelet's symlinks: the Secret volume is the kubelet's, not
+    an attacker's. ``target`` must not exist (``O_EXCL | O_NOFOLLOW``): nothing is overwritten
+    and no link is followed where the key is written.
+    """
+    key = source.read_bytes()
+    if len(key) != KEY_SIZE:
+        raise KekError(f"KEK file {source} must hold exactly {KEY_SIZE} bytes")
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise KekError(f"KEK file {target} cannot be created: {exc.strerror}") from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m veil.services.keyvault.kek SOURCE TARGET``: :func:`install_key_file`."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m veil.services.keyvault.kek SOURCE TARGET", file=sys.stderr)
+        return 2
+    try:
+        install_key_file(Path(args[0]), Path(args[1]))
+    except (OSError, KekError) as exc:
+        print(f"kek: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -133,7 +133,72 @@ CERTIFICATE = _closed(
     ["apiVersion", "kind", "metadata", "spec"],
 )
 
-SCHEMAS = {"Issuer": ISSUER, "Certificate": CERTIFICATE}
+_VALUES = _closed(
+    {
+        "values": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "required": {"type": "boolean"},
+    },
+    ["values"],
+)
+
+# approver-policy's CertificateRequestPolicy (policy.cert-manager.io/v1alpha1), the fields we use.
+# It is cluster-scoped: kustomize still stamps the overlay's namespace on it (it cannot know the
+# CRD's scope), which the API server clears for cluster-scoped kinds.
+CERTIFICATE_REQUEST_POLICY = _closed(
+    {
+        "apiVersion": {"const": "policy.cert-manager.io/v1alpha1"},
+        "kind": {"const": "CertificateRequestPolicy"},
+        "metadata": _METADATA,
+        "spec": _closed(
+            {
+                "selector": _closed(
+                    {
+                        "issuerRef": _closed(
+                            {
+                                "name": {"type": "string"},
+                                "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                                "group": {"type": "string"},
+                            }
+                        )
+                    },
+                    ["issuerRef"],
+                ),
+                "allowed": _closed(
+                    {
+                        "isCA": {"type": "boolean"},
+                        "commonName": _closed(
+                            {"value": {"type": "string"}, "required": {"type": "boolean"}}, ["value"]
+                        ),
+                        "uris": _VALUES,
+                        "dnsNames": _VALUES,
+                        "usages": {"type": "array", "items": {"enum": KEY_USAGES}, "uniqueItems": True},
+                    }
+                ),
+                "constraints": _closed(
+                    {
+                        "maxDuration": {"type": "string", "pattern": GO_DURATION},
+                        "minDuration": {"type": "string", "pattern": GO_DURATION},
+                        "privateKey": _closed(
+                            {
+                                "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                                "minSize": {"type": "integer"},
+                                "maxSize": {"type": "integer"},
+                            }
+                        ),
+                    }
+                ),
+            },
+            ["selector", "allowed"],
+        ),
+    },
+    ["apiVersion", "kind", "metadata", "spec"],
+)
+
+SCHEMAS = {
+    "Issuer": ISSUER,
+    "Certificate": CERTIFICATE,
+    "CertificateRequestPolicy": CERTIFICATE_REQUEST_POLICY,
+}
 
 
 def validate(obj: dict[str, Any]) -> None:
