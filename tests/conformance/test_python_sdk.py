@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.conformance.vectors import VECTORS, by_id, checklist, ids, refusals, vectors
+from veil.cli.main import main
 from veil.dev import conformance
 from veil.enclave import crypto, wire
 from veil.enclave.v1 import command_pb2, envelope_pb2
@@ -400,3 +401,15 @@ def test_the_post_quantum_suite_is_x_wing_with_its_hpke_kem_id() -> None:
     key, nonce = expand(secret, b"key", context, 16), expand(secret, b"base_nonce", context, 12)
     plaintext = AESGCM(key).decrypt(nonce, _b(vector["command"]["ciphertext"]), _b(vector["hpke"]["aad"]))
     assert plaintext == _b(vector["plaintext"])
+
+
+def test_the_cli_refuses_a_bad_policy_file_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`veil --policy FILE` loads through the SDK: schema and rules, before any connection."""
+    document = dict(by_id("policies.json", "policy-minimal")["document"], product_id=70_000)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(document))
+    status = main(["attest", "show", "--policy", str(policy), "--data-dir", str(tmp_path)])
+    assert status == 1
+    assert f"policy {policy}: product_id: 70000 is not valid" in capsys.readouterr().err
