@@ -5,7 +5,9 @@
 #                               with one line saying why where that cannot be done
 #   scripts/image.sh base       the base image (VEIL_BASE_IMAGE, or a cached debootstrap one)
 #   scripts/image.sh build      all of the above, then the Dockerfile's $VEIL_IMAGE_TARGET
-#                               (default runtime) as $VEIL_IMAGE (default veil:0.1.0)
+#                               (default runtime) as $VEIL_IMAGE (default veil:0.1.0), with
+#                               $VEIL_BUILD_ARGS added to `docker build` (e.g. the sgx target's
+#                               --secret id=enclave-signing-key,src=/path/enclave-key.pem)
 #
 # No image registry is assumed reachable: the base is Debian bookworm (minbase, python3,
 # python3-venv, ca-certificates) from debootstrap, imported once and found again by its label.
