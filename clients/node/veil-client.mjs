@@ -35,7 +35,8 @@
 //      canonical account, never a free-form string the enclave would take as a new account.
 //
 // Failures throw PolicyError / AttestationError / IdentityError / InputError (nothing sent),
-// IntegrityError, CommandRefused, OutcomeUnknown, ResultLost or GatewayError.
+// IntegrityError, CommandRefused, OutcomeUnknown (NoAnswer: retry under the same request id),
+// ResultLost, GatewayError or GatewayUnreachable.
 
 import {
   createDecipheriv,
@@ -113,6 +114,10 @@ export class CommandRefused extends VeilError {
 
 // A command may or may not have run, and the client cannot prove which: it stopped.
 export class OutcomeUnknown extends VeilError {}
+
+// No answer came before the deadline (UNAVAILABLE, DEADLINE_EXCEEDED): the command may have run.
+// Calling again with the error's `requestId` resumes the same call, so it runs at most once.
+export class NoAnswer extends OutcomeUnknown {}
 
 // The command ran, exactly once (the enclave says so), but its answer was lost.
 export class ResultLost extends VeilError {
@@ -1256,7 +1261,7 @@ export class VeilNodeClient {
     } catch (error) {
       if (error instanceof GatewayError && error.code === grpc.status.INVALID_ARGUMENT && error.reason === UNOPENABLE) return null;
       if (error instanceof GatewayError && RETRYABLE.has(error.code)) {
-        throw new OutcomeUnknown(
+        throw new NoAnswer(
           `${sealed.instanceId}: no answer to the command (${error.message}); it may have run: retry with the same request id ` +
             `(${callId}) to resume it, never as a new call`,
         );
@@ -1277,10 +1282,10 @@ export class VeilNodeClient {
   // the same counter, and the enclave's typed counter state says whether a sealing of it ran.
   //
   // `requestId` names the call (1 to 64 printable ASCII characters; a fresh one by default).
-  // When a call fails without a definitive answer (OutcomeUnknown after UNAVAILABLE, a
-  // GatewayError), the error's `requestId` names it: calling again with that id resumes the
-  // same call (its very same sealed bytes first, then only its counter) instead of sealing a
-  // second one, so a retry can never pay twice. Called again after an answer, the same id gets
+  // When a call fails without a definitive answer (NoAnswer after UNAVAILABLE, or any error
+  // thrown once something was sent), the error's `requestId` names it: calling again with that
+  // id resumes the same call (its very same sealed bytes first, then only its counter) instead
+  // of sealing a second one, so a retry can never pay twice. Called again after an answer, the same id gets
   // the same answer without sending anything. Calls are remembered by this client object.
   async execute(instanceId, call, identity, { requestId } = {}) {
     const account = identity.account;

@@ -9,6 +9,7 @@ port, directly or through a gateway that loses answers.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from tests.client import test_node_client as node_tests
 from tests.client.test_node_client import NODE_CLIENT, _node, node_eval, node_transfer
+from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.services.common.errors import Unavailable, abort
@@ -339,7 +341,7 @@ def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_o
   }}
 """
     out = node_eval(_client_script(mesh, address, body, timeout_ms=1500))
-    assert out["first"] == "OutcomeUnknown order-1234"  # UNAVAILABLE for 1.5 s: no answer
+    assert out["first"] == "NoAnswer order-1234"  # UNAVAILABLE for 1.5 s: no answer
     assert (out["balance"], out["again"], out["counter"]) == ("90", "90", 2)
     assert _balance(mesh, funded[1]) == 10  # once
     # Every attempt, the client's own and the application's retry, sent the same sealed bytes
@@ -354,3 +356,43 @@ def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_o
         out["a bad id"] == "InputError: a request id is 1 to 64 printable ASCII characters; nothing was sent"
     )
     assert after_retry == ["order-1234"]  # one send for the retry; the repeats sent nothing
+
+
+# --- 4. the Node README, as written ---------------------------------------------------------------
+
+README = NODE_CLIENT / "README.md"
+EXPECTED = re.compile(r"#\s*exit (\d+): (.+)$")  # a command's comment: its exit status and reason
+
+
+def test_every_command_of_the_node_readme_runs_as_written(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], tmp_path: Path
+) -> None:
+    """Each fenced block, from a directory laid out like the repository root after `make run`
+    (`.veil` is the mesh's data directory); only the gateway's port differs."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / ".veil").symlink_to(mesh.data_dir)
+    (work / "clients").symlink_to(REPO_ROOT / "clients")
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", README.read_text(), flags=re.MULTILINE | re.DOTALL)
+    assert {language for language, _ in blocks} == {"sh", "js"}  # a block of another kind needs a runner here
+    ran = 0
+    for language, text in blocks:
+        source = text.replace("127.0.0.1:50050", mesh.public_address)
+        if language == "js":
+            result = _run("--input-type=module", "-e", source, cwd=work)
+            assert result.returncode == 0, (text, result.stderr)
+            assert "sent 5 to bob under " in result.stdout
+        else:
+            command = source.replace("\\\n", " ").strip()
+            expected = EXPECTED.search(command)
+            result = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=60, check=False, cwd=work
+            )
+            if expected is None:
+                assert result.returncode == 0, (text, result.stderr)
+                assert "    at " not in result.stderr
+            else:
+                _one_line_refusal(result, expected[2].strip(), status=int(expected[1]))
+        ran += 1
+    assert ran == len(blocks) >= 6
+    assert _balance(mesh, funded[1]) == 5 + 1 + 5  # the transfer by name, by account, and the library's
