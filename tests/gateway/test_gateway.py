@@ -37,6 +37,8 @@ from veil.services.gateway.upstream import translate
 from veil.status import error_info
 
 Stub = gateway_pb2_grpc.GatewayServiceStub
+# Accounts of a signature instance are Ed25519 keys (the SDK refuses anything else).
+BOB, CAROL = "b0" * 32, "c0" * 32
 
 
 @pytest.fixture
@@ -101,7 +103,7 @@ def _code(error: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, 
 
 def test_commands_flow_through_the_gateway(admin: VeilClient, coins: str, alice: SigningIdentity) -> None:
     token = admin.token(coins, alice)
-    assert token.transfer("bob", 250) == 750
+    assert token.transfer(BOB, 250) == 750
     assert token.balance() == 750
     assert token.last is not None
     assert token.last.receipt is not None
@@ -112,7 +114,7 @@ def test_public_port_serves_clients_without_a_certificate(
     mesh: InProcessMesh, coins: str, alice: SigningIdentity
 ) -> None:
     with mesh.connect(admin=False) as anonymous:
-        assert anonymous.token(coins, alice).transfer("carol", 5) == 995
+        assert anonymous.token(coins, alice).transfer(CAROL, 5) == 995
         with pytest.raises(GatewayError) as refused:
             anonymous.create_instance("mine", token_config(alice.public_key))
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
@@ -122,6 +124,29 @@ def test_public_port_serves_clients_without_a_certificate(
     with _public(mesh) as channel, pytest.raises(grpc.RpcError) as health:
         health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)  # type: ignore[attr-defined]
     assert health.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_gateway_passes_on_only_the_states_evidence(mesh: InProcessMesh, coins: str) -> None:
+    """The state host answers with the public message itself; what only the gateway may fill
+    (placement) or only the named descriptor field carries is never taken from the bundle."""
+    state = mesh.states[0]
+    genuine = gateway_pb2.GetAttestationResponse()
+    genuine.CopyFrom(state.bundle)
+    state.bundle.instance.CopyFrom(gateway_pb2.Instance(instance_id=coins, shard="evil:1"))
+    state.bundle.descriptor.instance_id = "forged"
+    try:
+        channel, stub = _stub(mesh)
+        with channel:
+            default = stub.GetAttestation(gateway_pb2.GetAttestationRequest(), timeout=5)
+            named = stub.GetAttestation(gateway_pb2.GetAttestationRequest(instance_id=coins), timeout=5)
+    finally:
+        state.bundle.CopyFrom(genuine)
+    assert not default.HasField("instance")
+    assert not default.HasField("descriptor")
+    assert default.quote == genuine.quote
+    assert default.jwks_json  # the keyvault's, when the state sends none
+    assert named.instance.shard != "evil:1"
+    assert named.descriptor.instance_id == coins  # the descriptor the enclave signed
 
 
 def test_only_the_admin_identity_creates_instances(mesh: InProcessMesh, alice: SigningIdentity) -> None:
@@ -399,8 +424,8 @@ def test_watch_receipts_streams_only_the_callers_own_outcomes(
     reader = threading.Thread(target=lambda: received.extend(stream), daemon=True)
     reader.start()
     token = admin.token(coins, alice)
-    token.transfer("bob", 1)
-    token.transfer("bob", 2)
+    token.transfer(BOB, 1)
+    token.transfer(BOB, 2)
     with mesh.connect() as other:  # another session: another request_id prefix
         other_stream = other.watch_receipts(coins, replay_recent=True)
         other_received: list[Any] = []
