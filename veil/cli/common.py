@@ -27,7 +27,7 @@ from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
 from veil.sdk.contacts import names_by_account, resolve_recipient
-from veil.sdk.errors import VeilClientError
+from veil.sdk.errors import GatewayError, VeilClientError
 from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, load_identity
 from veil.sdk.sealing import Opened
 from veil.sdk.trust_policy import (
@@ -174,7 +174,7 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except (VeilClientError, AttestationError) as exc:
-        return fail(str(exc))
+        return fail(f"{exc}{_hint(exc, args)}")
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         return fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
@@ -186,6 +186,17 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
         if os.environ.get(ENV_DEBUG):
             traceback.print_exc()
         return fail(f"unexpected {type(exc).__name__}: {exc} (run with {ENV_DEBUG}=1 for details)")
+
+
+def _hint(exc: Exception, args: argparse.Namespace) -> str:
+    """What to do about a mesh that answered but is not serving."""
+    if isinstance(exc, GatewayError) and exc.code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
+        gateway = getattr(args, "gateway", "the gateway")
+        return f" (the mesh behind {gateway} is not serving: `veil status` shows which part)"
+    return ""
 
 
 def fail(message: str, status: int = 1) -> int:

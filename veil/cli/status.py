@@ -38,14 +38,22 @@ def register(commands: Subcommands) -> None:
     status.add_argument(
         "--keyvault",
         type=address,
-        default=DEFAULT_KEYVAULT,
-        help="the keyvault's HOST:PORT (admin certificate)",
+        help="the keyvault's HOST:PORT (admin certificate; default: the gateway's host and port + 1, "
+        "as `veil up` lays them out)",
     )
     bind_sdk(status, mesh_status)
 
 
+def _keyvault_address(args: argparse.Namespace) -> str:
+    if args.keyvault:
+        return str(args.keyvault)
+    host, _, port = str(args.gateway).rpartition(":")
+    return f"{host}:{int(port) + 1}" if int(port) < 65535 else DEFAULT_KEYVAULT
+
+
 def _keyvault_row(args: argparse.Namespace) -> dict[str, Any]:
-    row: dict[str, Any] = {"service": "keyvault", "address": args.keyvault, "measurement": "-", "tcb": "-"}
+    target = _keyvault_address(args)
+    row: dict[str, Any] = {"service": "keyvault", "address": target, "measurement": "-", "tcb": "-"}
     pki = Path(args.data_dir) / "pki"
     ca, cert, key = (
         args.ca or pki / "ca.pem",
@@ -55,7 +63,7 @@ def _keyvault_row(args: argparse.Namespace) -> dict[str, Any]:
     if not (ca.is_file() and cert.is_file() and key.is_file()):
         return {**row, "health": "UNKNOWN", "detail": "needs the admin certificate (--cert/--key)"}
     credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
-    with grpc.secure_channel(args.keyvault, credentials) as channel:
+    with grpc.secure_channel(target, credentials) as channel:
         try:
             answer = keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetStatus(
                 keyvault_pb2.GetStatusRequest(), timeout=3

@@ -16,6 +16,7 @@ add up to the number of leaves.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from veil.sdk.client import VeilClient
 
 SALT_BYTES = 32
+_ACCOUNT = re.compile(r"^[0-9a-f]{64}\Z")
 _MAX_AMOUNT = 2**64 - 1
 
 
@@ -71,6 +73,23 @@ class _AppClient:
             raise IntegrityError(f"the enclave answered a {self._field}.{method} call with another result")
         return getattr(app_result, method)
 
+    def _recipient(self, account: str) -> str:
+        """`account`, checked before sealing: on an instance whose accounts are Ed25519 keys
+        (signature auth, as its enclave describes it), anything but 64 lowercase hex characters
+        names nobody, and what is sent there is lost."""
+        if not account:
+            raise VeilClientError("the recipient account is empty")
+        descriptor = self.client.attest(self.instance_id).descriptor
+        signature = (
+            descriptor is not None and descriptor.config.auth_scheme == envelope_pb2.AUTH_SCHEME_SIGNATURE
+        )
+        if signature and not _ACCOUNT.match(account):
+            raise VeilClientError(
+                f"{account!r} is not an account of {self.instance_id!r}: its accounts are Ed25519 public "
+                "keys, 64 lowercase hex characters; nothing was sent"
+            )
+        return account
+
     def _call(self, method: str, message: Any) -> apps_pb2.AppCall:
         call = apps_pb2.AppCall()
         getattr(getattr(call, self._field), method).CopyFrom(message)
@@ -109,17 +128,21 @@ class VaultClient(_AppClient):
 
     def get(self, record_id: str, owner: str | None = None) -> VaultRecord:
         """Read a record this identity owns (default) or was shared by `owner`."""
-        message = apps_pb2.VaultGet(owner=owner or self.account, record_id=record_id)
+        message = apps_pb2.VaultGet(
+            owner=self._recipient(owner) if owner else self.account, record_id=record_id
+        )
         result: apps_pb2.VaultGetResult = self._query("get", message)
         return VaultRecord(result.data, tuple(result.readers))
 
     def share(self, record_id: str, reader: str, *, request_id: str | None = None) -> None:
         """Let `reader` (an account) read one of this identity's records."""
-        self._execute("share", apps_pb2.VaultShare(record_id=record_id, reader=reader), request_id)
+        message = apps_pb2.VaultShare(record_id=record_id, reader=self._recipient(reader))
+        self._execute("share", message, request_id)
 
     def revoke(self, record_id: str, reader: str, *, request_id: str | None = None) -> None:
         """Take `reader`'s access away."""
-        self._execute("revoke", apps_pb2.VaultRevoke(record_id=record_id, reader=reader), request_id)
+        message = apps_pb2.VaultRevoke(record_id=record_id, reader=self._recipient(reader))
+        self._execute("revoke", message, request_id)
 
     def delete(self, record_id: str, *, request_id: str | None = None) -> None:
         """Erase one of this identity's records."""
@@ -134,14 +157,14 @@ class TokenClient(_AppClient):
     def mint(self, to: str, amount: int, *, request_id: str | None = None) -> int:
         """Create tokens for `to` (issuer only); returns the new total supply."""
         result: apps_pb2.TokenAmount = self._execute(
-            "mint", apps_pb2.TokenMint(to=to, amount=_amount(amount)), request_id
+            "mint", apps_pb2.TokenMint(to=self._recipient(to), amount=_amount(amount)), request_id
         )
         return result.amount
 
     def transfer(self, to: str, amount: int, *, request_id: str | None = None) -> int:
         """Move tokens to `to`; returns this identity's balance afterwards."""
         result: apps_pb2.TokenAmount = self._execute(
-            "transfer", apps_pb2.TokenTransfer(to=to, amount=_amount(amount)), request_id
+            "transfer", apps_pb2.TokenTransfer(to=self._recipient(to), amount=_amount(amount)), request_id
         )
         return result.amount
 
@@ -239,7 +262,7 @@ class BallotClient(_AppClient):
             ballot_id=ballot_id,
             question=question,
             options=options,
-            eligible_voters=eligible_voters,
+            eligible_voters=[self._recipient(v) for v in eligible_voters],
             min_votes=min_votes,
         )
         self._execute("create", message, request_id)
