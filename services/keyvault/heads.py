@@ -64,28 +64,13 @@ _CAS_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
-class CommitHead:
-    """An instance's committed head, its registered genesis, and the enclave key that moved it."""
-
-    instance_id: str
-    sequence: int
-    hash: bytes
-    genesis_hash: bytes
-    config_hash: bytes
-    signing_public_key: bytes
-    updated_us: int
+class CommitHead(CommitHeadRecord):
+    """An instance's committed head, its registered genesis, and the enclave key that moved it:
+    the stored record, with its wire form."""
 
     @classmethod
     def from_record(cls, record: CommitHeadRecord) -> CommitHead:
-        return cls(
-            instance_id=record.instance_id,
-            sequence=record.sequence,
-            hash=record.hash,
-            genesis_hash=record.genesis_hash,
-            config_hash=record.config_hash,
-            signing_public_key=record.signing_public_key,
-            updated_us=record.updated_us,
-        )
+        return cls(**vars(record))
 
     def proto(self) -> envelope_pb2.CommitHead:
         return envelope_pb2.CommitHead(sequence=self.sequence, hash=self.hash)

@@ -119,26 +119,12 @@ def release_info(name: str, version: int) -> bytes:
 
 
 @dataclass(frozen=True)
-class KeyMetadata:
-    """What may be known about a key without holding it."""
-
-    name: str
-    latest_version: int
-    policy_json: str
-    created_us: int
-    updated_us: int
-    destroyed: bool
+class KeyMetadata(KeyRecord):
+    """What may be known about a key without holding it: its stored record (never material)."""
 
     @classmethod
     def from_record(cls, record: KeyRecord) -> KeyMetadata:
-        return cls(
-            name=record.name,
-            latest_version=record.latest_version,
-            policy_json=record.policy_json,
-            created_us=record.created_us,
-            updated_us=record.updated_us,
-            destroyed=record.destroyed,
-        )
+        return cls(**vars(record))
 
     def to_json(self) -> str:
         return canonical_json(asdict(self))
