@@ -438,6 +438,11 @@ def _check_event(row: AuditRecord, expected_sequence: int, previous: bytes) -> N
         raise AuditChainError(f"event {row.sequence} was altered", sequence=row.sequence)
 
 
+def page_token_after(sequence: int) -> str:
+    """The ListAuditEvents page token whose page starts at event ``sequence + 1``."""
+    return _encode_page_token(sequence)
+
+
 def _encode_page_token(sequence: int) -> str:
     raw = f"{_PAGE_TOKEN_PREFIX}{sequence}".encode("ascii")
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
