@@ -199,16 +199,29 @@ def test_the_keyvault_down_at_start_up_is_retried_and_said(node: Node) -> None:
     assert host.list_instances()[0].head.sequence == head
 
 
-def test_fast_instances_serve_on_while_the_keyvault_is_away_and_heads_catch_up(node: Node) -> None:
+def _keyvault_away_after_traffic(node: Node, *, fast: bool) -> tuple[StateHost, TokenSetup, int]:
+    """A serving host with a token instance whose traffic the keyvault confirmed, then the
+    keyvault stops; returns the confirmed head."""
     host = node.serving()
-    setup = token_instance(host, fast=True)
+    setup = token_instance(host, fast=fast)
     head = traffic(host, setup, transfers=1)
     wait_for_keyvault_head(node, "tokens", head)
     node.keyvault.stop()
+    return host, setup, head
 
+
+def _transfers(host: StateHost, setup: TokenSetup, count: int) -> int:
+    """`count` transfers of 1 from the first account to the second; returns the head."""
     alice, bob = setup.accounts
-    for _ in range(3):
+    head = 0
+    for _ in range(count):
         head = run(host, alice, transfer(bob.account, 1))
+    return head
+
+
+def test_fast_instances_serve_on_while_the_keyvault_is_away_and_heads_catch_up(node: Node) -> None:
+    host, setup, _ = _keyvault_away_after_traffic(node, fast=True)
+    head = _transfers(host, setup, 3)
     for _ in range(50):
         if "unreachable" in host.status().detail:
             break
@@ -224,11 +237,7 @@ def test_fast_instances_serve_on_while_the_keyvault_is_away_and_heads_catch_up(n
 def test_strict_instances_answer_nothing_the_keyvault_has_not_confirmed(node: Node) -> None:
     """With the keyvault away a strict command is durable but unanswered; a retry with the same
     request id, once it is back, gets the one answer (the command ran once)."""
-    host = node.serving()
-    setup = token_instance(host)
-    head = traffic(host, setup, transfers=1)
-    wait_for_keyvault_head(node, "tokens", head)
-    node.keyvault.stop()
+    host, setup, head = _keyvault_away_after_traffic(node, fast=False)
     alice, bob = setup.accounts
     sealed = alice.seal(transfer(bob.account, 1))
     with pytest.raises(DeadlineExceeded):
@@ -247,14 +256,9 @@ def test_strict_instances_answer_nothing_the_keyvault_has_not_confirmed(node: No
 
 
 def test_a_database_ahead_of_the_keyvault_is_accepted_and_caught_up(node: Node) -> None:
-    host = node.serving()
-    setup = token_instance(host, fast=True)
-    confirmed = traffic(host, setup, transfers=1)
-    wait_for_keyvault_head(node, "tokens", confirmed)
-    node.keyvault.stop()
+    host, setup, _ = _keyvault_away_after_traffic(node, fast=True)
     alice, bob = setup.accounts
-    for _ in range(3):
-        head = run(host, alice, transfer(bob.account, 1))
+    head = _transfers(host, setup, 3)
     host.stop()  # committed and acknowledged, but the keyvault never heard of it
 
     node.keyvault.start()
