@@ -236,6 +236,7 @@ def test_every_command_with_hostile_arguments(
 ) -> None:
     """Against a live mesh: whatever gets through argparse is refused before it executes."""
     executed = module_mesh.states[0].calls["Execute"]
+    created = module_mesh.states[0].calls["CreateInstance"]
     for case, leaf, argv in CASES:
         extra = ["--gateway", module_mesh.address] if leaf.has("gateway") and "--gateway" not in argv else []
         if argv[0] in ("up", "pki") and "--data-dir" not in argv:
@@ -245,6 +246,7 @@ def test_every_command_with_hostile_arguments(
         status, out, err = run(_before_dashes(argv, extra), capsys)
         assert_one_line_error(status, out, err, case)
     assert module_mesh.states[0].calls["Execute"] == executed  # nothing ran
+    assert module_mesh.states[0].calls["CreateInstance"] == created
 
 
 def _before_dashes(argv: list[str], extra: list[str]) -> list[str]:
