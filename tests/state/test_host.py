@@ -93,13 +93,19 @@ def test_concurrent_commands_share_few_ecalls_and_commits(node: Node) -> None:
     assert len(SqliteStore(node.database).load("vault").entries) == 65
 
 
-def test_an_execute_is_answered_only_after_its_commit(node: Node) -> None:
+def _gated_vault(node: Node) -> tuple[StateHost, GatedStore, SqliteStore, Account]:
+    """A host committing through a store the test can hold, a second view of the same database,
+    and one vault account."""
     gated = GatedStore(node.database)
-    node.stores.append(gated)
     inner = SqliteStore(node.database)
-    node.stores.append(inner)
+    node.stores += [gated, inner]
     host = node.serving(store=gated)
     [account] = vault(host)
+    return host, gated, inner, account
+
+
+def test_an_execute_is_answered_only_after_its_commit(node: Node) -> None:
+    host, gated, inner, account = _gated_vault(node)
     gated.gate.clear()
     gated.entered.clear()
     with ThreadPoolExecutor(1) as pool:
@@ -126,12 +132,7 @@ def test_a_retried_request_id_gets_the_first_answer(node: Node) -> None:
 
 
 def test_concurrent_duplicates_of_a_request_run_once(node: Node) -> None:
-    gated = GatedStore(node.database)
-    node.stores.append(gated)
-    inner = SqliteStore(node.database)
-    node.stores.append(inner)
-    host = node.serving(store=gated)
-    [account] = vault(host)
+    host, gated, inner, account = _gated_vault(node)
     sealed = account.seal(vault_put("note", b"once"))
     gated.gate.clear()
     with ThreadPoolExecutor(5) as pool:
