@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.gateway.support import InProcessMesh, write_fake_mesh_policy
-from veil.cli.main import main
-
-
-class Veil:
-    """Runs `veil ...` in process against one mesh, returning (status, stdout, stderr)."""
-
-    def __init__(self, mesh: InProcessMesh, capsys: pytest.CaptureFixture[str]) -> None:
-        self.mesh = mesh
-        self.capsys = capsys
-        write_fake_mesh_policy(mesh.data_dir)
-
-    def __call__(self, *argv: str, connect: bool = True) -> tuple[int, str, str]:
-        args = list(argv)
-        if connect:
-            args += ["--gateway", self.mesh.address]
-        args += ["--data-dir", str(self.mesh.data_dir)]
-        self.capsys.readouterr()
-        status = main(args)
-        out, err = self.capsys.readouterr()
-        return status, out, err
-
-    def json(self, *argv: str) -> Any:
-        status, out, err = self(*argv, "--json")
-        assert status == 0, err
-        return json.loads(out)
+from tests.cli.support import Veil
+from tests.gateway.support import InProcessMesh
 
 
 @pytest.fixture
