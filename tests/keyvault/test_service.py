@@ -318,16 +318,23 @@ def test_authorization(stub: Stubs, identity: str, method: str, request_message:
     )
 
 
-def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: Stubs, pki_dir: Path) -> None:
-    state = stub("state")
-    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+def _sim_enclave(
+    pki_dir: Path, release_public_key: bytes
+) -> tuple[EnclaveHost, envelope_pb2.EnclavePublicKeys]:
+    """A fresh sim enclave (its own platform) that pins `release_public_key`, and its keys."""
     enclave = Enclave(
         mrenclave=SIM_MRENCLAVE,
         quote_provider=sim_provider(pki_dir),
         sealing_provider=SimSealingProvider(os.urandom(32), SIM_MRENCLAVE),
     )
     host = EnclaveHost.from_dispatcher(Dispatcher(enclave))
-    keys = host.initialize(keyvault_release_public_key=release_public_key).keys
+    return host, host.initialize(keyvault_release_public_key=release_public_key).keys
+
+
+def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: Stubs, pki_dir: Path) -> None:
+    state = stub("state")
+    release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+    host, keys = _sim_enclave(pki_dir, release_public_key)
     assert keys.keyvault_release_public_key == release_public_key
     runtime_data = keys.SerializeToString(deterministic=True)
 
@@ -391,13 +398,7 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
     assert confirmed.descriptor.instance_id == INSTANCE  # registered: the descriptor is given out
     # A second creation of the id, by this or any enclave, now needs a statement the keyvault
     # will never give: it holds the instance.
-    other = Enclave(
-        mrenclave=SIM_MRENCLAVE,
-        quote_provider=sim_provider(pki_dir),
-        sealing_provider=SimSealingProvider(os.urandom(32), SIM_MRENCLAVE),
-    )
-    host = EnclaveHost.from_dispatcher(Dispatcher(other))
-    keys = host.initialize(keyvault_release_public_key=release_public_key).keys
+    host, keys = _sim_enclave(pki_dir, release_public_key)
     with pytest.raises(EnclaveCallError, match="ALREADY_EXISTS: the keyvault holds this instance"):
         host.create_instance(INSTANCE, config, statement(), int(time.time() * 1000))
 
