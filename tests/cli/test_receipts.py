@@ -54,6 +54,8 @@ ALTERATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "vote: option": _set("option", lambda o: 1 - o),
     "not a receipt": _set("receipt", lambda r: "zz"),
 }
+#: A genuine, enclave-signed receipt of another vote in place of this one's.
+SWAPPED = "another vote's genuine receipt"
 
 
 def test_each_altered_byte_class_is_refused(veil: Veil, tmp_path: Path) -> None:
@@ -83,7 +85,9 @@ def test_each_altered_byte_class_is_refused(veil: Veil, tmp_path: Path) -> None:
     assert (
         veil.json("ballot", "verify-receipt", "polls", "b", "--as", "v1")["vote_receipt_signature"] == "valid"
     )
-    for name, alter in ALTERATIONS.items():
+    other = json.loads(Path(saved["v2"]).read_text())["receipt"]
+    cases = {**ALTERATIONS, SWAPPED: _set("receipt", lambda _: other)}
+    for name, alter in cases.items():
         document = json.loads(json.dumps(genuine))
         alter(document)
         path = tmp_path / f"{name.replace(' ', '_').replace(':', '')}.json"

@@ -23,7 +23,6 @@ from veil.cli.common import (
     recipient,
     report,
 )
-from veil.enclave.v1 import envelope_pb2
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
 from veil.sdk.sealing import verify_receipt
@@ -209,12 +208,12 @@ def ballot_verify_receipt(args: argparse.Namespace) -> int:
         signing_key = veil.attest(args.instance).keys.signing_public_key
         check = ballot.verify_vote(vote)
     root = check.tally.merkle_root.hex()
-    signed = (
-        verify_receipt(vote.receipt, signing_key)
-        and vote.receipt.instance_id == vote.instance_id
-        and vote.receipt.kind == envelope_pb2.RECEIPT_KIND_COMMAND
-    )
-    if not signed:
+    if not vote.receipt_binds_vote():
+        raise VeilClientError(
+            f"your vote's commitment is leaf {check.leaf_index} of {check.tree_size} under Merkle root "
+            f"{root}, but the receipt in {path} is NOT this vote's (it commits to another answer)"
+        )
+    if not verify_receipt(vote.receipt, signing_key):
         raise VeilClientError(
             f"your vote's commitment is leaf {check.leaf_index} of {check.tree_size} under Merkle root "
             f"{root}, but its receipt could NOT be verified: the attested enclave key does not verify "

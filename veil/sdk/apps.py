@@ -16,6 +16,7 @@ add up to the number of leaves.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from veil.enclave import wire
 from veil.enclave.apps import merkle
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
 from veil.sdk.errors import CommandRefused, IntegrityError, ResultLost, VeilClientError
 from veil.sdk.identity import Identity
 from veil.sdk.sealing import Opened
@@ -211,6 +212,26 @@ class VoteReceipt:
             "commitment": self.commitment.hex(),
             "receipt": self.receipt.SerializeToString().hex(),
         }
+
+    def receipt_binds_vote(self) -> bool:
+        """Whether the signed receipt is this vote's: a command receipt of this instance whose
+        result hash is that of the enclave's answer carrying this commitment (signature not
+        checked here: `sealing.verify_receipt` with the enclave's key)."""
+        if (
+            self.receipt.kind != envelope_pb2.RECEIPT_KIND_COMMAND
+            or self.receipt.instance_id != self.instance_id
+        ):
+            return False
+        for replaced in (False, True):  # the answer says whether it replaced an earlier vote
+            result = command_pb2.CommandResult()
+            result.result.ballot.vote.commitment = self.commitment
+            result.result.ballot.vote.replaced = replaced
+            if (
+                hashlib.sha256(result.SerializeToString(deterministic=True)).digest()
+                == self.receipt.result_hash
+            ):
+                return True
+        return False
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> VoteReceipt:
