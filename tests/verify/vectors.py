@@ -21,6 +21,15 @@ QUOTE_D = "occlum-sgx-quote_quote.raw"
 COLLATERAL_A = "dcap-qvl_sgx_quote_collateral.json"
 RUNTIME_DATA_C = "azure-sdk_runtime_data.bin"
 ALL_QUOTES = (QUOTE_A, QUOTE_B, QUOTE_C, QUOTE_D)
+#: What quote A proves, as `veil attest verify` prints it (VerifiedQuote.to_json_dict).
+QUOTE_A_FACTS = {
+    "mrenclave": "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb",
+    "mrsigner": "815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6",
+    "isv_prod_id": 0,
+    "isv_svn": 0,
+    "debug": False,
+    "report_data": (b"Hello, world!" + bytes(51)).hex(),
+}
 
 #: Inside every vector's PCK chain validity (latest notBefore 2023-09-20, earliest notAfter
 #: 2028-04-21) and inside quote A's collateral window (2025-06-19T10:56:11Z to
