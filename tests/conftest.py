@@ -11,11 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from veil.dev.pki import init_pki
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.server import VeilServer, build_server
-from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from veil.services.state.server import SERVICE_NAME as STATE_SERVICE_NAME
-from veil.services.state.server import StateServicer
-from veil.state.v1 import state_pb2_grpc
+from veil.services.common.server import VeilServer
+from veil.services.state.server import StateServicer, build_state_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,12 +56,6 @@ def ping_only_state_server(
     factory and authorization table, not the enclave start-up.
     """
     servicer = StateServicer()
-    server = build_server(
-        config,
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
-        service_names=[STATE_SERVICE_NAME],
-        authorization=STATE_AUTHORIZATION,
-        tracer_provider=tracer_provider,
-    )
+    server = build_state_server(config, servicer, tracer_provider=tracer_provider)
     server.set_serving(True)
     return server

@@ -102,6 +102,25 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         return state_pb2.PingResponse(payload=request.payload)
 
 
+def build_state_server(
+    config: ServiceConfig,
+    servicer: state_pb2_grpc.StateServiceServicer,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    max_workers: int = 32,
+) -> VeilServer:
+    """The StateService's server (not started) around `servicer`: the state's authorization
+    table, health and reflection for its service name."""
+    return build_server(
+        config,
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
+        service_names=[SERVICE_NAME],
+        authorization=AUTHORIZATION,
+        tracer_provider=tracer_provider,
+        max_workers=max_workers,
+    )
+
+
 def create_server(
     config: ServiceConfig,
     *,
@@ -134,11 +153,9 @@ def create_server(
     )
     servicer = StateServicer(host)
     try:
-        server = build_server(
+        server = build_state_server(
             config,
-            register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
-            service_names=[SERVICE_NAME],
-            authorization=AUTHORIZATION,
+            servicer,
             tracer_provider=tracer_provider,
             # An Execute handler waits for its batch's commit: enough threads to fill batches.
             max_workers=max(64, 2 * settings.batch_max),

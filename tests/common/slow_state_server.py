@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 
 from veil.services.common.config import ServiceConfig, TlsFiles
-from veil.services.common.server import build_server, run_until_signalled
-from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
-from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.services.common.server import run_until_signalled
+from veil.services.state.server import StateServicer, build_state_server
+from veil.state.v1 import state_pb2
 
 
 class _SlowState(StateServicer):
@@ -32,12 +32,7 @@ def main(pki: Path) -> None:
         grace_seconds=5.0,
     )
     servicer = _SlowState()
-    server = build_server(
-        config,
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
-    )
+    server = build_state_server(config, servicer)
     server.start()
     server.set_serving(True)
     print(server.port, server.admin_port, flush=True)

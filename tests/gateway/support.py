@@ -36,7 +36,7 @@ from veil.sdk.client import VeilClient, connect
 from veil.sdk.trust_policy import ANY_TCB_STATUS, POLICY_FILE, ExpectedMeasurement, save_policy
 from veil.services.common.config import ServiceConfig
 from veil.services.common.errors import abort
-from veil.services.common.server import VeilServer, build_server
+from veil.services.common.server import VeilServer
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.server import create_server as create_gateway
 from veil.services.keyvault.audit import AuditLog
@@ -45,8 +45,7 @@ from veil.services.keyvault.store_sqlite import SqliteStore
 from veil.services.keyvault.tokens import SigningKeyRing, TokenIssuer
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.services.state.errors import from_ecall, from_outcome_error
-from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
+from veil.services.state.server import build_state_server
 from veil.state.v1 import state_pb2, state_pb2_grpc
 from veil.verify import verify_quote
 from veil.verify.roots import load_root_pem
@@ -303,12 +302,7 @@ class InProcessMesh:
 
 def start_state(state_config: ServiceConfig, state: EnclaveState) -> VeilServer:
     """Serve `state` with the state service's real mTLS server and authorization table."""
-    server = build_server(
-        state_config,
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(state, s),
-        service_names=[STATE_SERVICE],
-        authorization=STATE_AUTHORIZATION,
-    )
+    server = build_state_server(state_config, state)
     server.start()
     server.set_serving(True)
     return server
