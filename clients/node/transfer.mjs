@@ -6,6 +6,7 @@ import path from "node:path";
 import { parseArgs } from "node:util";
 
 import {
+  FileCalls,
   FileCounters,
   IDENTITIES_DIR,
   IDENTITY_NAME,
@@ -16,6 +17,7 @@ import {
   ResultLost,
   VeilNodeClient,
   checkAmount,
+  checkRequestId,
   loadIdentity,
   loadPolicy,
   messages,
@@ -23,9 +25,12 @@ import {
   resolveRecipient,
 } from "./veil-client.mjs";
 
+const CALLS_DIR = "node-calls"; // calls without a definitive answer, and those named by --request-id
+
 const USAGE = `usage: node transfer.mjs (--as NAME | --key FILE) --instance ID --to RECIPIENT --amount N
                         [--gateway HOST:PORT] [--data-dir DIR] [--policy FILE]
-                        [--server-name NAME] [--counters FILE]
+                        [--server-name NAME] [--counters FILE] [--request-id ID]
+                        [--timeout SECONDS]
 
 Transfer N tokens from the key's account to RECIPIENT on a token instance, through a Veil
 gateway, after verifying the enclave: DCAP quote to the pinned SGX root (Intel's QE), report
@@ -49,12 +54,17 @@ enclave and its answer and signed receipt are verified.
   --server-name NAME    name expected in the gateway's certificate (e.g. localhost)
   --counters FILE       the accounts' last accepted counters (default DIR/counters.json, shared
                         with the Python SDK)
+  --request-id ID       names this transfer (1 to 64 printable characters): running the command
+                        again with the same id resumes it or prints its answer again, and never
+                        transfers twice (the call is kept in DIR/node-calls, mode 0600)
+  --timeout SECONDS     how long a call is retried while the mesh does not answer (default 15)
   -h, --help            print this help
 
 Prints one JSON object: what was verified, the result and the verified receipt.
 Exit status: 0 committed (answer and receipt verified); 1 refused or failed, with the reason on
 stderr; 2 usage error; 3 the transfer ran but its answer was lost, or may have run (outcome
-unknown): do not send it again before checking the balance.
+unknown): do not send it again as a new transfer; when the message names a request id, the
+same command with --request-id ID resumes it safely.
 `;
 
 function fail(message, status = 1) {
@@ -86,6 +96,8 @@ try {
       amount: { type: "string" },
       "server-name": { type: "string" },
       counters: { type: "string" },
+      "request-id": { type: "string" },
+      timeout: { type: "string", default: "15" },
       help: { type: "boolean", short: "h" },
     },
   }));
@@ -106,6 +118,10 @@ let amount;
 try {
   amount = checkAmount(values.amount);
   parseAddress(values.gateway);
+  if (values["request-id"] !== undefined) checkRequestId(values["request-id"]);
+  if (!/^[0-9]{1,3}$/.test(values.timeout) || Number(values.timeout) < 1 || Number(values.timeout) > 300) {
+    throw new InputError("--timeout must be a whole number of seconds from 1 to 300");
+  }
 } catch (error) {
   fail(error.message.replace(/^the amount/, "--amount").replace(/; nothing was sent$/, ""), 2);
 }
@@ -133,13 +149,15 @@ try {
     rootPem,
     counters: new FileCounters(countersFile),
     pins: new InstancePins(path.join(dataDir, "instances.json")),
+    calls: new FileCalls(path.join(dataDir, CALLS_DIR)),
+    timeoutMs: Number(values.timeout) * 1000,
   });
   await client.ready(); // a mesh that is down fails in seconds, naming the address
   const attestation = await client.attest(values.instance);
   const tokens = client.token(values.instance, identity);
   let balance;
   try {
-    balance = await tokens.transfer(recipient.account, amount);
+    balance = await tokens.transfer(recipient.account, amount, { requestId: values["request-id"] });
   } catch (error) {
     if (error instanceof ResultLost) {
       status = 3;
@@ -173,8 +191,13 @@ try {
   status = 0;
 } catch (error) {
   if (process.env.VEIL_DEBUG) console.error(error); // the stack, for debugging
-  if (error instanceof OutcomeUnknown) status = 3;
-  process.stderr.write(`error: ${String(error?.message ?? error).replace(/\s*\n\s*/g, " ")}\n`);
+  let message = String(error?.message ?? error);
+  if (error instanceof OutcomeUnknown) {
+    status = 3;
+    // The call is in DIR/node-calls: the same command under its id resumes it, never a second one.
+    if (error.requestId) message = `${message.replace(/: retry with the same request id.*$/, "")}; run the same command with --request-id ${error.requestId} to resume it (it runs at most once)`;
+  }
+  process.stderr.write(`error: ${message.replace(/\s*\n\s*/g, " ")}\n`);
 } finally {
   client?.close();
 }

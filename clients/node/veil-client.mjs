@@ -49,7 +49,7 @@ import {
   verify,
   X509Certificate,
 } from "node:crypto";
-import { readdirSync, readFileSync, renameSync, statSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -1130,6 +1130,143 @@ function checkReceipt(receipt, request, resultBytes, outcome, { query }) {
   if (receipt.sequence.toString() !== String(outcome.sequence)) throw new IntegrityError("the receipt's sequence does not match the committed outcome");
 }
 
+// --- calls a request id may resume ------------------------------------------------------------------
+
+// In memory, for this client object (the newest MAX_REMEMBERED_CALLS).
+export class MemoryCalls {
+  constructor() {
+    this.states = new Map();
+  }
+
+  get(requestId) {
+    return this.states.get(requestId);
+  }
+
+  put(state) {
+    this.states.delete(state.requestId);
+    this.states.set(state.requestId, state);
+    while (this.states.size > MAX_REMEMBERED_CALLS) this.states.delete(this.states.keys().next().value);
+  }
+
+  delete(requestId) {
+    this.states.delete(requestId);
+  }
+}
+
+const hexOf = (bytes) => Buffer.from(bytes ?? []).toString("hex");
+const bytesOf = (text) => Buffer.from(String(text ?? ""), "hex");
+
+// One file per call in `directory` (mode 0600: a call keeps its response key, which opens the
+// enclave's answer), so another process can resume it: `transfer.mjs --request-id`.
+export class FileCalls {
+  constructor(directory) {
+    this.directory = directory;
+  }
+
+  file(requestId) {
+    return path.join(this.directory, `${sha256(Buffer.from(requestId, "utf8")).toString("hex")}.json`);
+  }
+
+  get(requestId) {
+    let document;
+    try {
+      document = JSON.parse(readFileSync(this.file(requestId), "utf8"));
+    } catch (error) {
+      if (error.code === "ENOENT") return undefined;
+      throw new InputError(`the call journal ${this.file(requestId)} is unreadable (${error.code ?? error.message}); nothing was sent`);
+    }
+    try {
+      return FileCalls.parse(document, requestId);
+    } catch {
+      throw new InputError(`the call journal ${this.file(requestId)} is malformed; nothing was sent`);
+    }
+  }
+
+  put(state) {
+    mkdirSync(this.directory, { recursive: true, mode: 0o700 });
+    const temporary = `${this.file(state.requestId)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
+    writeFileSync(temporary, JSON.stringify(FileCalls.render(state)), { mode: 0o600 });
+    renameSync(temporary, this.file(state.requestId));
+  }
+
+  delete(requestId) {
+    rmSync(this.file(requestId), { force: true });
+  }
+
+  static render(state) {
+    const answer = state.answer;
+    return {
+      request_id: state.requestId,
+      explicit: state.explicit,
+      instance_id: state.instanceId,
+      account: state.account,
+      call: hexOf(state.callBytes),
+      counter: state.counter,
+      ambiguous: state.ambiguous,
+      attempts: state.attempts.map((a) => ({
+        request_id: a.requestId,
+        counter: a.counter,
+        response_key: hexOf(a.responseKey),
+        signing_key: hexOf(a.signingKey),
+        suite: a.command.suite,
+        encapsulated_key: hexOf(a.command.encapsulated_key),
+        ciphertext: hexOf(a.command.ciphertext),
+      })),
+      answer: answer && {
+        request_id: answer.requestId,
+        counter: answer.counter,
+        accepted: answer.accepted,
+        sequence: answer.sequence,
+        result: hexOf(messages.CommandResult.encode(answer.message).finish()),
+        receipt: answer.receipt,
+        result_lost: answer.resultLost,
+      },
+    };
+  }
+
+  static parse(document, requestId) {
+    if (document.request_id !== requestId) throw new Error("another call");
+    const attempts = document.attempts.map((a) => {
+      const command = { suite: a.suite, encapsulated_key: bytesOf(a.encapsulated_key), ciphertext: bytesOf(a.ciphertext) };
+      return {
+        instanceId: document.instance_id,
+        requestId: String(a.request_id),
+        counter: Number(a.counter),
+        responseKey: bytesOf(a.response_key),
+        signingKey: bytesOf(a.signing_key),
+        command,
+        commandHash: commandHash(command.encapsulated_key, command.ciphertext),
+      };
+    });
+    const saved = document.answer;
+    let answer = null;
+    if (saved) {
+      const message = messages.CommandResult.decode(bytesOf(saved.result));
+      answer = {
+        requestId: String(saved.request_id),
+        counter: Number(saved.counter),
+        accepted: saved.accepted === true,
+        sequence: String(saved.sequence),
+        message,
+        result: toResult(message),
+        receipt: saved.receipt ?? null,
+        resultLost: saved.result_lost === true,
+      };
+    }
+    return {
+      requestId,
+      explicit: document.explicit === true,
+      instanceId: String(document.instance_id),
+      account: String(document.account),
+      callBytes: bytesOf(document.call),
+      counter: Number(document.counter),
+      ambiguous: document.ambiguous === true,
+      attempts,
+      answer,
+    };
+  }
+}
+
 // --- client -----------------------------------------------------------------------------------
 
 const MAX_ROUNDS = 6; // sealings of one call: re-attestations and counter resynchronisations
@@ -1157,7 +1294,13 @@ export class VeilNodeClient {
   // `serverName` overrides the name checked in the gateway's certificate (and sent as SNI),
   // e.g. "localhost" when dialling 127.0.0.1. `policy` is a Policy or its JSON object,
   // `rootPem` the pinned SGX root; `counters`/`pins` default to memory-only / none.
-  constructor(address, caPem, { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), timeoutMs = 15000, clock = () => new Date() } = {}) {
+  // `calls` keeps the calls a request id may resume (MemoryCalls by default; FileCalls lets
+  // another process resume them).
+  constructor(
+    address,
+    caPem,
+    { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), calls = new MemoryCalls(), timeoutMs = 15000, clock = () => new Date() } = {},
+  ) {
     const GatewayService = gatewayService();
     const options = serverName ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName } : {};
     parseAddress(address);
@@ -1172,7 +1315,7 @@ export class VeilNodeClient {
     this.prefix = randomBytes(12).toString("hex");
     this.attestations = new Map();
     this.described = new Map();
-    this.calls = new Map(); // request id -> a call without a definitive answer, or one named by the caller
+    this.calls = calls; // request id -> a call without a definitive answer, or one named by the caller
   }
 
   close() {
@@ -1297,6 +1440,7 @@ export class VeilNodeClient {
         throw new InputError(`request id ${JSON.stringify(requestId)} already names another call; nothing was sent`);
       }
       if (state.answer !== null) return state.answer;
+      state.explicit = true; // named by the caller now: its answer is kept for the next retry
     } else {
       state = {
         requestId: requestId || this.newRequestId(),
@@ -1313,25 +1457,19 @@ export class VeilNodeClient {
     try {
       const opened = await this.run(state, call, identity);
       state.answer = opened;
-      if (state.explicit) this.remember(state); // the same id gets the same answer
+      if (state.explicit) this.calls.put(state); // the same id gets the same answer
       else this.calls.delete(state.requestId);
       return opened;
     } catch (error) {
       if (state.attempts.length) {
         // Something was sent without a definitive answer: a retry under this id resumes it.
-        this.remember(state);
+        this.calls.put(state);
         if (error instanceof VeilError) error.requestId = state.requestId;
       } else {
         this.calls.delete(state.requestId); // nothing sent: a retry starts afresh
       }
       throw error;
     }
-  }
-
-  remember(state) {
-    this.calls.delete(state.requestId);
-    this.calls.set(state.requestId, state);
-    while (this.calls.size > MAX_REMEMBERED_CALLS) this.calls.delete(this.calls.keys().next().value);
   }
 
   async run(state, call, identity) {
@@ -1348,6 +1486,7 @@ export class VeilNodeClient {
         const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
         state.attempts.push(sealed);
+        this.calls.put(state); // kept before it is sent: a process that dies now can still resume it
       }
       const opened = await this.send(sealed, state.requestId);
       if (opened === null) {

@@ -358,6 +358,51 @@ def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_o
     assert after_retry == ["order-1234"]  # one send for the retry; the repeats sent nothing
 
 
+def test_the_command_resumes_a_transfer_by_its_request_id_in_another_process(
+    mesh: InProcessMesh,
+    funded: tuple[SigningIdentity, SigningIdentity],
+    evil: tuple[node_tests.HostileGateway, str],
+    tmp_path: Path,
+) -> None:
+    servicer, address = evil
+    answering = tmp_path / "answering"
+    sent: list[str] = []
+
+    def lose_answers(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        reply = forward()  # it runs; the answer is lost until `answering` exists
+        sent.append(request.request_id)
+        if not answering.exists():
+            abort(context, Unavailable("connection reset by peer"))
+        return reply
+
+    servicer.execute_hook = lose_answers
+    lost = node_transfer(mesh, address, "bob", "--timeout", "1")  # alice sends bob 10
+    assert lost.returncode == 3, lost.stderr
+    resume = re.search(
+        r"run the same command with --request-id (\S+) to resume it \(it runs at most once\)", lost.stderr
+    )
+    assert resume is not None, lost.stderr
+    request_id = resume[1]
+    journal = list((mesh.data_dir / "node-calls").iterdir())
+    assert len(journal) == 1
+    assert journal[0].stat().st_mode & 0o777 == 0o600  # it holds the call's response key
+    answering.touch()
+
+    resumed = node_transfer(mesh, address, "bob", "--request-id", request_id)
+    assert resumed.returncode == 0, resumed.stderr
+    answer = json.loads(resumed.stdout)
+    assert (answer["balance"], answer["counter"]) == ("90", 2)
+    count = len(sent)
+    again = node_transfer(mesh, address, "bob", "--request-id", request_id)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["receipt"] == answer["receipt"]  # its answer, kept
+    assert len(sent) == count  # and nothing sent
+    other = node_transfer(mesh, address, "bob", "--request-id", request_id, amount=11)
+    _one_line_refusal(other, f'request id "{request_id}" already names another call')
+    assert set(sent) == {request_id}  # one sealing, sent again byte for byte, never a second
+    assert _balance(mesh, funded[1]) == 10  # once
+
+
 # --- 4. the Node README, as written ---------------------------------------------------------------
 
 README = NODE_CLIENT / "README.md"
@@ -394,5 +439,6 @@ def test_every_command_of_the_node_readme_runs_as_written(
             else:
                 _one_line_refusal(result, expected[2].strip(), status=int(expected[1]))
         ran += 1
-    assert ran == len(blocks) >= 6
-    assert _balance(mesh, funded[1]) == 5 + 1 + 5  # the transfer by name, by account, and the library's
+    assert ran == len(blocks) >= 7
+    # The transfers by name, by account, under a request id (run twice: once), the library's.
+    assert _balance(mesh, funded[1]) == 5 + 1 + 2 + 5
