@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,13 @@ from veil.cli.common import (
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
 from veil.sdk.sealing import verify_receipt
+from veil.verify.bundle import VerifiedAttestation
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
+
+#: The receipt keys this client proved by attestation when voting (DATA_DIR/attested-keys.json).
+ATTESTED_KEYS_FILE = "attested-keys.json"
 
 
 def register(commands: Subcommands) -> None:
@@ -94,6 +99,49 @@ def _vote_path(args: argparse.Namespace, ballot: str, voter: str) -> Path:
     return Path(args.data_dir) / "ballots" / str(args.instance) / f"{ballot}.{voter[:16]}.json"
 
 
+def _keys_path(args: argparse.Namespace) -> Path:
+    return Path(args.data_dir) / ATTESTED_KEYS_FILE
+
+
+def _attested_keys(args: argparse.Namespace, instance_id: str) -> list[dict[str, str]]:
+    """The receipt keys this client verified by attestation for `instance_id`, oldest first."""
+    try:
+        document = json.loads(_keys_path(args).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise VeilClientError(f"cannot read {_keys_path(args)}: {exc}") from None
+    entries = document.get(instance_id, []) if isinstance(document, dict) else []
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("signing_key"), str)]
+
+
+def _remember_key(args: argparse.Namespace, instance_id: str, attestation: VerifiedAttestation) -> None:
+    """Keep the attested receipt key a vote was sealed under: after the enclave restarts (new
+    keys), its receipts still verify under a key this client itself proved by attestation."""
+    key = attestation.keys.signing_public_key.hex()
+    path = _keys_path(args)
+    try:
+        document = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        document = {}
+    if not isinstance(document, dict):
+        document = {}
+    entries = document.setdefault(instance_id, [])
+    if any(e.get("signing_key") == key for e in entries if isinstance(e, dict)):
+        return
+    entries.append(
+        {
+            "signing_key": key,
+            "mrenclave": attestation.mrenclave.hex(),
+            "attested_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
 def ballot_create(args: argparse.Namespace) -> int:
     voters = [recipient(args, v) for v in args.voter]
     if len(set(voters)) != len(voters):
@@ -125,6 +173,7 @@ def ballot_vote(args: argparse.Namespace) -> int:
             choices = ", ".join(f"{i}: {o}" for i, o in enumerate(options))
             raise VeilClientError(f"no option {args.option!r}; the options are {choices}")
         vote = ballot.vote(args.ballot, option)
+        _remember_key(args, args.instance, veil.attest(args.instance))  # the attestation it was sealed to
     path = _vote_path(args, args.ballot, vote.voter)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the salt reveals the vote
@@ -187,10 +236,10 @@ def ballot_tally(args: argparse.Namespace) -> int:
 
 
 def ballot_verify_receipt(args: argparse.Namespace) -> int:
-    """Counted (inclusion proof) and signed (the receipt verifies under the attested enclave key).
-
-    A receipt the current enclave key does not verify is not called valid, nor "earlier": its
-    key is not proven, so the command says it could not be verified and exits 1.
+    """Counted (inclusion proof), this vote's (the receipt's result hash) and signed: under the
+    enclave key attested now, or under the key of an earlier boot that this client attested
+    itself when voting (DATA_DIR/attested-keys.json). Any other receipt is not called valid: the
+    command says it could not be verified and exits 1.
     """
     identity = acting_identity(args)
     path = Path(args.receipt) if args.receipt else _vote_path(args, args.ballot, identity.account)
@@ -213,11 +262,23 @@ def ballot_verify_receipt(args: argparse.Namespace) -> int:
             f"your vote's commitment is leaf {check.leaf_index} of {check.tree_size} under Merkle root "
             f"{root}, but the receipt in {path} is NOT this vote's (it commits to another answer)"
         )
-    if not verify_receipt(vote.receipt, signing_key):
+    current = verify_receipt(vote.receipt, signing_key)
+    earlier = None
+    if not current:
+        earlier = next(
+            (
+                entry
+                for entry in _attested_keys(args, args.instance)
+                if verify_receipt(vote.receipt, bytes.fromhex(entry["signing_key"]))
+            ),
+            None,
+        )
+    if not current and earlier is None:
         raise VeilClientError(
             f"your vote's commitment is leaf {check.leaf_index} of {check.tree_size} under Merkle root "
             f"{root}, but its receipt could NOT be verified: the attested enclave key does not verify "
-            "its signature (altered, or signed by an earlier enclave boot whose key is not proven)"
+            "its signature, nor does any key this client attested earlier (altered, or signed by an "
+            "enclave boot this client never attested)"
         )
     document = {
         "ballot_id": vote.ballot_id,
@@ -225,13 +286,22 @@ def ballot_verify_receipt(args: argparse.Namespace) -> int:
         "leaf_index": check.leaf_index,
         "tree_size": check.tree_size,
         "merkle_root": root,
-        "vote_receipt_signature": "valid",
+        "vote_receipt_signature": "valid" if earlier is None else "valid under an earlier attested key",
+        "vote_receipt_key": signing_key.hex() if earlier is None else earlier["signing_key"],
     }
+    if earlier is not None:
+        document["vote_receipt_key_attested_at"] = earlier["attested_at"]
+    signer = (
+        "the attested enclave key"
+        if earlier is None
+        else f"the key of an earlier boot of the enclave, which this client attested on "
+        f"{earlier['attested_at']} (MRENCLAVE {earlier.get('mrenclave', '?')[:16]}…)"
+    )
 
     def human() -> None:
         print(f"your vote is counted: leaf {check.leaf_index} of {check.tree_size} under Merkle root {root}")
         print("checked: the commitment recomputes from your option and salt; the inclusion proof")
         print(f"         verifies against the tally's root; the counts sum to {check.tree_size}; the vote")
-        print("         receipt's signature verifies under the attested enclave key")
+        print(f"         receipt's signature verifies under {signer}")
 
     return report(args, document, human)
