@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
@@ -109,12 +109,19 @@ def test_concurrent_clients_are_grouped_into_few_batches(commit: FakeCommit) -> 
     assert snapshot["mean_batch_size"] >= 8
 
 
+def _queued_behind_a_held_commit(
+    batcher: Batcher[int, int], commit: FakeCommit, first: int, queued: Iterable[int]
+) -> tuple[Future[int], list[Future[int]]]:
+    """Submit `first` and hold its commit (the gate stays shut), then queue `queued` behind it."""
+    commit.gate.clear()
+    running = batcher.submit(first)
+    assert commit.entered.wait(5)
+    return running, [batcher.submit(i) for i in queued]
+
+
 def test_batches_never_exceed_the_maximum(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     batcher = make_batcher(BatchLimits(max_batch=50, max_linger_s=0.001))
-    commit.gate.clear()
-    first = batcher.submit(0)
-    assert commit.entered.wait(5)
-    futures = [batcher.submit(i) for i in range(1, 181)]
+    first, futures = _queued_behind_a_held_commit(batcher, commit, 0, range(1, 181))
     assert batcher.queued == 180
     commit.gate.set()
     assert [f.result(5) for f in [first, *futures]] == [i * 10 for i in range(181)]
@@ -125,10 +132,7 @@ def test_batches_never_exceed_the_maximum(make_batcher: MakeBatcher, commit: Fak
 def test_the_target_follows_the_previous_batch(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     # After a batch of 8, the worker waits (up to the linger) for 8 again, even if they trickle in.
     batcher = make_batcher(BatchLimits(max_batch=64, max_linger_s=1.0, idle_reset_s=5.0))
-    commit.gate.clear()
-    first = batcher.submit(100)
-    assert commit.entered.wait(5)
-    burst = [batcher.submit(i) for i in range(8)]
+    first, burst = _queued_behind_a_held_commit(batcher, commit, 100, range(8))
     commit.gate.set()
     [f.result(5) for f in [first, *burst]]
     trickle: list[Future[int]] = []
@@ -188,10 +192,7 @@ def test_stop_drains_what_was_queued_and_refuses_more(make_batcher: MakeBatcher,
 
 def test_stop_without_drain_fails_queued_commands(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     batcher = make_batcher()
-    commit.gate.clear()
-    running = batcher.submit(0)
-    assert commit.entered.wait(5)
-    queued = [batcher.submit(i) for i in range(1, 5)]
+    running, queued = _queued_behind_a_held_commit(batcher, commit, 0, range(1, 5))
     stopper = threading.Thread(target=lambda: batcher.stop(drain=False))
     stopper.start()
     time.sleep(0.02)
@@ -211,10 +212,7 @@ def test_submitting_before_start_is_refused(commit: FakeCommit) -> None:
 
 def test_the_histogram_counts_batch_sizes(make_batcher: MakeBatcher, commit: FakeCommit) -> None:
     batcher = make_batcher(BatchLimits(max_batch=256, max_linger_s=0.0))
-    commit.gate.clear()
-    first = batcher.submit(0)
-    assert commit.entered.wait(5)
-    rest = [batcher.submit(i) for i in range(1, 6)]
+    first, rest = _queued_behind_a_held_commit(batcher, commit, 0, range(1, 6))
     commit.gate.set()
     [f.result(5) for f in [first, *rest]]
     snapshot = batcher.metrics.snapshot()
