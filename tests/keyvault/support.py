@@ -14,26 +14,33 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from tests.conftest import tls_for
 from veil.dev.policies import dev_enclave_policy_json
 from veil.enclave import wire
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER, SimQuoteProvider
 from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2_grpc
+from veil.services.common.config import ServiceConfig
+from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.config import DEFAULT_ISSUER, KekConfig, KeyvaultConfig
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.keys import ReleasedKey, open_released_key
 from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.release_policy import parse_release_policy
+from veil.services.keyvault.server import create_server
 from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
 from veil.verify.binding import expected_report_data
 
@@ -275,3 +282,28 @@ def dev_keyvault_config(data_dir: Path, pki_dir: Path, collateral: Path | None =
         dev_root_path=pki_dir / "sgx-root.pem",
         collateral_dir=collateral,
     )
+
+
+def sim_keyvault_config(data_dir: Path, pki_dir: Path, policy_dir: Path) -> KeyvaultConfig:
+    """A keyvault as production runs one (the root as a PEM, so the operator enclave policy is
+    required) trusting the sim enclave of this checkout, with SQLite and a file KEK."""
+    return replace(
+        dev_keyvault_config(data_dir, pki_dir),
+        attestation_root=str(pki_dir / "sgx-root.pem"),
+        enclave_policy_file=write_sim_enclave_policy(policy_dir / "enclave-policy.json"),
+    )
+
+
+@contextmanager
+def keyvault_stub(
+    service: ServiceConfig, config: KeyvaultConfig, pki_dir: Path, identity: str
+) -> Iterator[keyvault_pb2_grpc.KeyvaultServiceStub]:
+    """A started keyvault server for `config`, called as `identity` (mTLS); stopped after."""
+    server, port = create_server(service, keyvault_config=config)
+    server.start()
+    try:
+        credentials = channel_credentials(tls_for(pki_dir, identity))
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            yield keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+    finally:
+        server.stop(0)

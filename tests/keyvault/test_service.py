@@ -24,7 +24,6 @@ from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ServiceConfig
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
-from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.keys import ReleasedKey
 from veil.services.keyvault.server import create_server
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
@@ -36,10 +35,11 @@ from .support import (
     SIM_MRENCLAVE,
     FakeEnclave,
     dev_keyvault_config,
+    keyvault_stub,
     policy_json,
     release_signature_verifies,
+    sim_keyvault_config,
     sim_provider,
-    write_sim_enclave_policy,
 )
 
 ISSUER = "spiffe://veil/keyvault"
@@ -50,12 +50,7 @@ INSTANCE = "inst-1"
 def keyvault_server(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
 ) -> Iterator[VeilServer]:
-    config = KeyvaultConfig(
-        db=str(tmp_path / "kv" / "keyvault.db"),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root=str(pki_dir / "sgx-root.pem"),
-        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
-    )
+    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
     server, _ = create_server(service_config("keyvault"), keyvault_config=config)
     server.start()
     yield server
@@ -420,24 +415,11 @@ def test_attest_refuses_an_enclave_pinned_to_another_keyvault(stub: Stubs, pki_d
 def test_the_release_key_survives_a_keyvault_restart(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
 ) -> None:
-    config = KeyvaultConfig(
-        db=str(tmp_path / "kv" / "keyvault.db"),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root=str(pki_dir / "sgx-root.pem"),
-        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
-    )
+    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
     published = []
     for _ in range(2):
-        server, port = create_server(service_config("keyvault"), keyvault_config=config)
-        server.start()
-        try:
-            with grpc.secure_channel(
-                f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "gateway"))
-            ) as channel:
-                stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-                published.append(stub.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key)
-        finally:
-            server.stop(0)
+        with keyvault_stub(service_config("keyvault"), config, pki_dir, "gateway") as stub:
+            published.append(stub.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key)
     assert len(published[0]) == 32
     assert published[0] == published[1]
 
@@ -516,31 +498,23 @@ def test_a_dev_keyvault_without_an_enclave_policy_refuses_with_a_clear_reason(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
 ) -> None:
     config = dev_keyvault_config(tmp_path / "kv", pki_dir)
-    server, port = create_server(service_config("keyvault"), keyvault_config=config)
-    server.start()
-    try:
-        with grpc.secure_channel(
-            f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "state"))
-        ) as channel:
-            state = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-            release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
-            enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
-            state.CreateKey(
-                keyvault_pb2.CreateKeyRequest(key_name="instance.inst-1", release_policy_json=LOOSE_POLICY),
-                timeout=10,
-            )
-            token = attest(state, pki_dir, enclave)
-            release = keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1")
-            with pytest.raises(grpc.RpcError) as caught:
-                state.ReleaseKey(release, timeout=10)
-            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert "VEIL_KEYVAULT_ENCLAVE_POLICY_FILE" in str(caught.value.details())
-            info = error_info(caught.value)
-            assert info is not None
-            assert info.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"
-            assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10)) == (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "ENCLAVE_POLICY_NOT_CONFIGURED",
-            )
-    finally:
-        server.stop(0)
+    with keyvault_stub(service_config("keyvault"), config, pki_dir, "state") as state:
+        release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+        enclave = FakeEnclave(keyvault_release_public_key=release_public_key)
+        state.CreateKey(
+            keyvault_pb2.CreateKeyRequest(key_name="instance.inst-1", release_policy_json=LOOSE_POLICY),
+            timeout=10,
+        )
+        token = attest(state, pki_dir, enclave)
+        release = keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1")
+        with pytest.raises(grpc.RpcError) as caught:
+            state.ReleaseKey(release, timeout=10)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "VEIL_KEYVAULT_ENCLAVE_POLICY_FILE" in str(caught.value.details())
+        info = error_info(caught.value)
+        assert info is not None
+        assert info.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"
+        assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10)) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ENCLAVE_POLICY_NOT_CONFIGURED",
+        )
