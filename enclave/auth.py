@@ -63,13 +63,7 @@ class _SignatureAuth:
     def authorize(self, command: command_pb2.Command, now_ms: int) -> Caller:
         _proof(command, "signature")
         proof = command.auth.signature
-        message = wire.command_signing_bytes(
-            instance_id=command.instance_id,
-            counter=command.counter,
-            request_id=command.request_id,
-            response_key=command.response_key,
-            call=command.call,
-        )
+        message = wire.command_proof_bytes(command)
         try:
             ed25519.Ed25519PublicKey.from_public_bytes(proof.public_key).verify(proof.signature, message)
         except (ValueError, InvalidSignature):

@@ -68,7 +68,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from veil.enclave.v1 import envelope_pb2
+from veil.enclave.v1 import command_pb2, envelope_pb2
 
 COMMAND_INFO = b"veil/command/v1"
 HASH_SIZE = 32
@@ -258,6 +258,17 @@ def command_signing_bytes(
         + _str16(request_id)
         + _prefixed(response_key, 2)
         + _prefixed(call, 4)
+    )
+
+
+def command_proof_bytes(command: command_pb2.Command) -> bytes:
+    """`command_signing_bytes` of a Command: what its signature proof covers (client and enclave)."""
+    return command_signing_bytes(
+        instance_id=command.instance_id,
+        counter=command.counter,
+        request_id=command.request_id,
+        response_key=command.response_key,
+        call=command.call,
     )
 
 

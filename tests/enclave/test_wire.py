@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tests.enclave.support import PQ, Harness, config, error_code, vault
 from veil.enclave import crypto, wire
 from veil.enclave.errors import DecryptionError
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
 from veil.services.keyvault.keys import release_info
 
 # RFC 9180 A.1.1: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, base mode, sequence 0.
@@ -179,6 +179,13 @@ def test_receipt_and_command_signing_bytes() -> None:
         b"veil/command-signature/v1\x00\x01v"
         + struct.pack(">Q", 3)
         + b"\x00\x02id\x00\x01K\x00\x00\x00\x04CALL"
+    )
+    command = command_pb2.Command(
+        instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
+    )
+    command.auth.signature.signature = b"not covered"  # the proof never signs itself
+    assert wire.command_proof_bytes(command) == wire.command_signing_bytes(
+        instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
     )
     with pytest.raises(ValueError, match="32 bytes"):
         wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=b"short", result_hash=r)

@@ -83,14 +83,9 @@ def seal_command(
 
 
 def signing_bytes(command: command_pb2.Command) -> bytes:
-    """What a signature proof covers: the command's instance, counter, request, response key and call."""
-    return wire.command_signing_bytes(
-        instance_id=command.instance_id,
-        counter=command.counter,
-        request_id=command.request_id,
-        response_key=command.response_key,
-        call=command.call,
-    )
+    """What a signature proof covers: the command's instance, counter, request, response key and
+    call, exactly as the enclave checks it (veil.enclave.wire.command_proof_bytes)."""
+    return wire.command_proof_bytes(command)
 
 
 def seal_plaintext(
