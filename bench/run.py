@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from veil.dev.supervisor import free_port_offset
-from veil.services.common.channels import wait_until_serving
+from veil.dev.supervisor import await_mesh_up, free_port_offset
 from veil.services.common.config import DEFAULT_PORTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,14 +106,10 @@ def fresh_mesh(workdir: Path) -> Iterator[LocalMesh]:
         text=True,
     )
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if line.startswith("veil mesh is up"):
-                break
-        else:
-            raise RuntimeError(f"veil up exited with {process.wait()}; see {workdir / 'up.log'}")
-        admin = f"127.0.0.1:{DEFAULT_PORTS['gateway'][1] + offset}"
-        wait_until_serving(admin, label="gateway", timeout=30)
+        try:
+            await_mesh_up(process, offset)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; see {workdir / 'up.log'}") from None
         yield LocalMesh(process, data_dir, offset)
     finally:
         process.send_signal(signal.SIGTERM)

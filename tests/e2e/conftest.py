@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from veil.services.common.channels import wait_until_serving
+from veil.dev.supervisor import await_mesh_up
 from veil.services.common.config import DEFAULT_PORTS
 
 
@@ -42,13 +42,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     ) as process:
         try:
-            assert process.stdout is not None
-            for line in process.stdout:
-                if line.startswith("veil mesh is up"):
-                    break
-            else:
-                pytest.fail(f"veil up exited with {process.wait()} before the mesh came up")
-            wait_until_serving(f"127.0.0.1:{DEFAULT_PORTS['gateway'][1]}", label="gateway", timeout=30)
+            await_mesh_up(process)
             yield Mesh(process, data_dir)
         finally:
             process.send_signal(signal.SIGTERM)

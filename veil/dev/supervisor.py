@@ -46,6 +46,8 @@ from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
+#: How `veil up` says, on stdout, that every service is SERVING and the client policy written.
+MESH_UP = "veil mesh is up"
 _log = logging.getLogger("veil.up")
 
 
@@ -289,7 +291,7 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     # trustworthy: without it the gateway would deliver the key that verifies the token.
     pins = keyvault_pins(data_dir, port_offset)
     write_dev_policy(data_dir, pins.release_key, pins.jwks)
-    print(f"veil mesh is up: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
+    print(f"{MESH_UP}: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
     # Say it where people look: a sim mesh is a development tool, not a confidential one.
     print(
@@ -301,3 +303,16 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     mesh.stop()
     _log.info("mesh stopped")
     return 0
+
+
+def await_mesh_up(process: subprocess.Popen[str], port_offset: int = 0, timeout: float = 30.0) -> None:
+    """Block until a `veil up` started with stdout piped says the mesh is up and its gateway
+    reports SERVING; RuntimeError when it exits before."""
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith(MESH_UP):
+            break
+    else:
+        raise RuntimeError(f"veil up exited with {process.wait()} before the mesh came up")
+    admin = f"127.0.0.1:{DEFAULT_PORTS['gateway'][1] + port_offset}"
+    wait_until_serving(admin, label="gateway", timeout=timeout)
