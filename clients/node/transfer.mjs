@@ -5,25 +5,8 @@ import { readFileSync, statSync } from "node:fs";
 import path from "node:path";
 import { parseArgs } from "node:util";
 
-import {
-  FileCalls,
-  FileCounters,
-  IDENTITIES_DIR,
-  IDENTITY_NAME,
-  INSTANCE_ID,
-  InputError,
-  InstancePins,
-  OutcomeUnknown,
-  ResultLost,
-  VeilNodeClient,
-  checkAmount,
-  checkRequestId,
-  loadIdentity,
-  loadPolicy,
-  messages,
-  parseAddress,
-  resolveRecipient,
-} from "./veil-client.mjs";
+// Only the argument checks load at start: a usage error never waits for gRPC and the protos.
+import { IDENTITIES_DIR, IDENTITY_NAME, INSTANCE_ID, InputError, checkAmount, checkRequestId, parseAddress, resolveRecipient } from "./inputs.mjs";
 
 const CALLS_DIR = "node-calls"; // calls without a definitive answer, and those named by --request-id
 
@@ -127,6 +110,7 @@ try {
 }
 
 const dataDir = values["data-dir"];
+let veil; // the client library
 let client;
 let status = 1;
 try {
@@ -138,6 +122,8 @@ try {
   if (!statSync(path.dirname(countersFile), { throwIfNoEntry: false })?.isDirectory()) {
     throw new InputError(`--counters ${countersFile}: its directory does not exist`);
   }
+  veil = await import("./veil-client.mjs");
+  const { FileCalls, FileCounters, InstancePins, ResultLost, VeilNodeClient, loadIdentity, loadPolicy, messages } = veil;
   const policy = loadPolicy(values.policy ?? path.join(dataDir, "expected-measurement.json"));
   if (policy.root !== "dev" && !policy.root.endsWith(".pem")) throw new InputError("this client pins a PEM root or the dev root");
   const rootPem = readNeeded(policy.root === "dev" ? path.join(dataDir, "pki", "sgx-root.pem") : policy.root, "the SGX root");
@@ -192,7 +178,7 @@ try {
 } catch (error) {
   if (process.env.VEIL_DEBUG) console.error(error); // the stack, for debugging
   let message = String(error?.message ?? error);
-  if (error instanceof OutcomeUnknown) {
+  if (veil !== undefined && error instanceof veil.OutcomeUnknown) {
     status = 3;
     // The call is in DIR/node-calls: the same command under its id resumes it, never a second one.
     if (error.requestId) message = `${message.replace(/: retry with the same request id.*$/, "")}; run the same command with --request-id ${error.requestId} to resume it (it runs at most once)`;

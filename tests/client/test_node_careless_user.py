@@ -206,6 +206,9 @@ HOSTILE: list[tuple[dict[str, str | None], int, str]] = [
         for instance in ["Coins", "a" * 64, "../coins"]
     ],
     ({"--to": "bobb"}, 1, "is not a known identity or contact"),
+    ({"--request-id": "x" * 65}, 2, "a request id is 1 to 64 printable ASCII characters"),
+    ({"--request-id": "caf\u00e9"}, 2, "a request id is 1 to 64 printable ASCII characters"),
+    *[(_set("--timeout", timeout), 2, "--timeout must be a whole number") for timeout in ["0", "1.5", "301"]],
     ({"--to": None}, 2, "--to is required"),
     ({"--as": "../alice"}, 2, "--as names an identity"),
     ({"--as": "nobody"}, 1, "cannot read identity"),
