@@ -25,6 +25,7 @@ from tests.client import test_node_client as node_tests
 from tests.client.test_node_client import NODE_CLIENT, _node, node_eval, node_transfer
 from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh
+from veil.sdk.contacts import add_contact
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.services.common.errors import Unavailable, abort
 
@@ -110,8 +111,7 @@ def test_identities_contacts_and_accounts_name_the_recipient(
 ) -> None:
     alice, bob = funded
     carol = new_identity(mesh.data_dir, "carol-device")
-    # A contact as `veil contact add carol ACCOUNT` writes it.
-    (mesh.data_dir / "identities" / "contacts.json").write_text(json.dumps({"carol": carol.account}))
+    add_contact(mesh.data_dir, "carol", carol.account)  # as `veil contact add carol ACCOUNT` does
     (mesh.data_dir / "identities" / "carol-device.pub").unlink()  # only the contact names her
     sent = {"bob": (bob, "bob"), "carol": (carol, "carol"), bob.account: (bob, "bob")}
     for to, (who, name) in sent.items():
