@@ -19,10 +19,11 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from veil.dev.pki import collateral_dir
-from veil.dev.policies import dev_enclave_policy_json, write_dev_policy
+from veil.dev.policies import dev_enclave_policy_json, dev_policy
 from veil.dev.supervisor import DEPLOY_ORDER, free_port_offset, keyvault_pins, port_env
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
+from veil.sdk.trust_policy import POLICY_FILE, save_policy
 from veil.services.common.config import (
     DATA_DIR,
     DEFAULT_PORTS,
@@ -63,10 +64,12 @@ def docker(*argv: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 @dataclass(frozen=True)
 class Image:
-    """A built image and the base it was built on."""
+    """A built image, the base it was built on, and the sim MRENCLAVE `veil up` computes for the
+    sources it was built from."""
 
     tag: str
     base: str
+    mrenclave: bytes
 
 
 @pytest.fixture(scope="session")
@@ -80,16 +83,24 @@ def image() -> Iterator[Image]:
     assert engine.returncode == 0, engine.stderr
     tag = f"veil:test-{uuid.uuid4().hex[:10]}"
     env = {**os.environ, "VEIL_IMAGE": tag}
-    built = subprocess.run(  # our own script
-        [str(IMAGE_SH), "build"], capture_output=True, text=True, timeout=900, check=False, env=env
-    )
-    assert built.returncode == 0, built.stderr[-4000:]
-    assert built.stdout.strip() == tag
+    # The checkout's measurement, the same before and after the build: the image holds those
+    # sources (a shared working tree can change under a build; then build again).
+    for _ in range(3):
+        mrenclave = measure_source_tree()
+        built = subprocess.run(  # our own script
+            [str(IMAGE_SH), "build"], capture_output=True, text=True, timeout=900, check=False, env=env
+        )
+        assert built.returncode == 0, built.stderr[-4000:]
+        assert built.stdout.strip() == tag
+        if measure_source_tree() == mrenclave:
+            break
+    else:
+        pytest.fail("the enclave sources changed during every build")
     base = subprocess.run(
         [str(IMAGE_SH), "base"], capture_output=True, text=True, timeout=900, check=True, env=env
     ).stdout.strip()
     try:
-        yield Image(tag=tag, base=base)
+        yield Image(tag=tag, base=base, mrenclave=mrenclave)
     finally:
         docker("rmi", tag, check=False)
 
@@ -108,6 +119,7 @@ class ContainerMesh:
     """keyvault, state and gateway containers from one image, and the host side's data dir."""
 
     image: str
+    mrenclave: bytes
     data_dir: Path
     secrets: Path
     offset: int
@@ -171,7 +183,7 @@ class ContainerMesh:
             kek.write_bytes(os.urandom(32))
             kek_dir = self._secret_dir(service, "kek", {"kek": kek})
             policy = self.secrets / "enclave-policy.json"
-            policy.write_text(dev_enclave_policy_json(measure_source_tree(), DEV_MRSIGNER))
+            policy.write_text(dev_enclave_policy_json(self.mrenclave, DEV_MRSIGNER))
             policy_dir = self._secret_dir(service, "enclave-policy", {"enclave-policy.json": policy})
             collateral = self._secret_dir(
                 service, "collateral", {p.name: p for p in collateral_dir(pki).iterdir()}
@@ -244,14 +256,16 @@ def container_mesh(image: Image, tmp_path_factory: pytest.TempPathFactory) -> It
     subprocess.run(  # the host's own CLI
         [str(VEIL), "pki", "init", "--data-dir", str(data_dir)], capture_output=True, check=True, timeout=60
     )
-    mesh = ContainerMesh(image.tag, data_dir, root / "secrets", free_port_offset())
+    mesh = ContainerMesh(image.tag, image.mrenclave, data_dir, root / "secrets", free_port_offset())
     try:
         for service in DEPLOY_ORDER:
             mesh.run(service)
             mesh.wait(service)
-        # What `veil up` does once the mesh is up: pin the keyvault's release key and JWKS.
+        # What `veil up` does once the mesh is up: pin the keyvault's release key and JWKS (and
+        # the sim enclave of the sources the image holds).
         pins = keyvault_pins(data_dir, mesh.offset)
-        write_dev_policy(data_dir, pins.release_key, pins.jwks)
+        policy = dev_policy([image.mrenclave], keyvault_release_key=pins.release_key, jwks=pins.jwks)
+        save_policy(policy, data_dir / POLICY_FILE)
         yield mesh
     finally:
         mesh.remove()

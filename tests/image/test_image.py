@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from tests.image.conftest import DATA, DOCKER, UID, VEIL, ContainerMesh, Image, docker, run_python
+from veil.dev.policies import dev_enclave_policy_json
 from veil.dev.supervisor import DEPLOY_ORDER
-from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.keyvault.config import DEFAULT_ISSUER
 from veil.services.keyvault.enclave_policy import load_enclave_policy
@@ -87,19 +87,11 @@ def test_no_layer_holds_the_build_secrets(image: Image) -> None:
 
 def test_the_images_sim_mrenclave_is_the_checkouts(image: Image) -> None:
     """Measured inside the image (as an operator reads it, deploy/k8s/README.md) = `veil up`'s."""
-    assert run_python(image.tag, MEASURE).strip() == measure_source_tree().hex()
+    assert run_python(image.tag, MEASURE).strip() == image.mrenclave.hex()
     # The sim overlay's operator policy, computed by bootstrap-secrets.sh's own program inside the
-    # image, is the one computed from the checkout.
+    # image, is the one it computes from the checkout (tests/deploy runs it there).
     (program,) = re.findall(r"-c '([^']+)'", BOOTSTRAP.read_text())
-    inside = run_python(image.tag, program)
-    outside = subprocess.run(  # our interpreter, the script's program
-        [str(VEIL.with_name("python")), "-c", program],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert inside == outside
+    assert run_python(image.tag, program) == dev_enclave_policy_json(image.mrenclave, DEV_MRSIGNER)
 
 
 def test_image_runs_as_non_root_with_owned_data_dirs(image: Image) -> None:
@@ -155,7 +147,7 @@ def test_attestation_of_the_containerized_enclave(container_mesh: ContainerMesh)
     aks overlay's operator policy accepts once its MRSIGNER is filled in (the sim signer here)."""
     shown = cli_json(container_mesh, "attest", "show")
     assert shown["verified"] is True
-    assert shown["mrenclave"] == measure_source_tree().hex()
+    assert shown["mrenclave"] == container_mesh.mrenclave.hex()
     template = AKS_POLICY.read_text()
     filled = re.sub(r'"EDIT: [^"]*"', f'"{DEV_MRSIGNER.hex()}"', template)
     policy_file = container_mesh.secrets / "aks-enclave-policy.json"

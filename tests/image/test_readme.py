@@ -14,7 +14,6 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.image.conftest import VEIL, ContainerMesh, Image
 from veil.dev.policies import dev_enclave_policy_json
-from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -51,10 +50,9 @@ def run(block: str, cwd: Path, **variables: str) -> str:
 
 def test_reading_the_sim_measurement_from_the_image(image: Image, tmp_path: Path) -> None:
     out = run(marked_blocks()[0], tmp_path, IMAGE=image.tag)
-    assert out.split() == [measure_source_tree().hex()]
-    assert (tmp_path / "enclave-policy.json").read_text() == dev_enclave_policy_json(
-        measure_source_tree(), DEV_MRSIGNER
-    )
+    assert out.split() == [image.mrenclave.hex()]
+    policy = dev_enclave_policy_json(image.mrenclave, DEV_MRSIGNER)
+    assert (tmp_path / "enclave-policy.json").read_text() == policy
 
 
 def client_dir(mesh: ContainerMesh, tmp_path: Path) -> Path:
@@ -70,7 +68,7 @@ def client_dir(mesh: ContainerMesh, tmp_path: Path) -> Path:
 def test_verifying_attestation_from_outside(container_mesh: ContainerMesh, tmp_path: Path) -> None:
     cwd = client_dir(container_mesh, tmp_path)
     out = run(marked_blocks()[1], cwd, GW=container_mesh.public_gateway, ROOT='"dev --data-dir .veil"')
-    assert f'"mrenclave": "{measure_source_tree().hex()}"' in out.replace('":"', '": "')
+    assert f'"mrenclave": "{container_mesh.mrenclave.hex()}"' in out.replace('":"', '": "')
     assert out.rstrip().endswith("report data binds runtime_data and the nonce")
 
 
