@@ -146,8 +146,9 @@ def ballot_create(args: argparse.Namespace) -> int:
     voters = [recipient(args, v) for v in args.voter]
     if len(set(voters)) != len(voters):
         raise VeilClientError("a voter is named twice (two names for one account?)")
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        ballot = veil.ballot(args.instance, acting_identity(args))
+        ballot = veil.ballot(args.instance, identity)
         ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
     document = {
         "ballot_id": args.ballot,
@@ -162,8 +163,9 @@ def ballot_create(args: argparse.Namespace) -> int:
 
 
 def ballot_vote(args: argparse.Namespace) -> int:
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        ballot = veil.ballot(args.instance, acting_identity(args))
+        ballot = veil.ballot(args.instance, identity)
         options = list(ballot.info(args.ballot).options)
         if args.option in options:
             option = options.index(args.option)
@@ -206,8 +208,9 @@ def _tally_table(options: list[str], counts: tuple[int, ...]) -> None:
 
 
 def _tally(args: argparse.Namespace, close: bool) -> int:
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        ballot = veil.ballot(args.instance, acting_identity(args))
+        ballot = veil.ballot(args.instance, identity)
         tally = ballot.close(args.ballot) if close else ballot.tally(args.ballot)
         info = ballot.info(args.ballot)
     options = list(info.options)

@@ -296,6 +296,7 @@ def open_client(args: argparse.Namespace) -> VeilClient:
     if args.no_client_cert:
         cert = key = None
     policy = trust_policy(args)
+    policy.root_public_key(data_dir)  # an unusable --root is refused before connecting
     ca_path = ca if ca.exists() else None
     wait_for_gateway(args.gateway, ca_path, cert, key)
     return connect(

@@ -99,8 +99,9 @@ def _single(args: argparse.Namespace) -> tuple[str, int]:
 
 def token_mint(args: argparse.Namespace) -> int:
     to, count = _single(args)
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        token = veil.token(args.instance, acting_identity(args))
+        token = veil.token(args.instance, identity)
         supply = token.mint(to, count)
     name = namer(args)(to)
     document = {"to": to, "amount": count, "total_supply": supply, "receipt": receipt_json(token.last)}
@@ -117,8 +118,9 @@ def token_transfer(args: argparse.Namespace) -> int:
             raise VeilClientError("--from-csv takes its recipients from the file: give no TO or AMOUNT")
         return _bulk_transfer(args)
     to, count = _single(args)
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        token = veil.token(args.instance, acting_identity(args))
+        token = veil.token(args.instance, identity)
         balance = token.transfer(to, count)
     name = namer(args)(to)
     document = {"to": to, "amount": count, "balance": balance, "receipt": receipt_json(token.last)}
@@ -212,8 +214,8 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
     file_hash = hashlib.sha256(content).hexdigest()
     name = namer(args)
     results: list[dict[str, Any]] = []
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        identity = acting_identity(args)
         token = veil.token(args.instance, identity)
         journal = Journal(
             Path(args.data_dir) / BULK_DIR / f"{args.instance}.{file_hash[:16]}.{identity.account[:12]}.json",
@@ -289,16 +291,18 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
 
 
 def token_balance(args: argparse.Namespace) -> int:
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        token = veil.token(args.instance, acting_identity(args))
+        token = veil.token(args.instance, identity)
         balance = token.balance()
     document = {"account": token.account, "balance": balance, "receipt": receipt_json(token.last)}
     return report(args, document, lambda: print(f"{balance}  {receipt_line(token.last)}"))
 
 
 def token_supply(args: argparse.Namespace) -> int:
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        token = veil.token(args.instance, acting_identity(args))
+        token = veil.token(args.instance, identity)
         supply = token.total_supply()
     document = {"total_supply": supply, "receipt": receipt_json(token.last)}
     return report(args, document, lambda: print(f"{supply}  {receipt_line(token.last)}"))

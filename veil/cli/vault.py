@@ -77,8 +77,9 @@ def vault_put(args: argparse.Namespace) -> int:
         data = args.data.encode("utf-8")
     else:
         data = sys.stdin.buffer.read()
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        vault = veil.vault(args.instance, acting_identity(args))
+        vault = veil.vault(args.instance, identity)
         created = vault.put(args.record, data)
     document = {
         "record_id": args.record,
@@ -96,8 +97,9 @@ def vault_put(args: argparse.Namespace) -> int:
 
 def vault_get(args: argparse.Namespace) -> int:
     owner = recipient(args, args.owner) if args.owner else None
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        vault = veil.vault(args.instance, acting_identity(args))
+        vault = veil.vault(args.instance, identity)
         record = vault.get(args.record, owner)
     if args.out:
         Path(args.out).write_bytes(record.data)
@@ -123,8 +125,9 @@ def vault_get(args: argparse.Namespace) -> int:
 
 def _vault_change(args: argparse.Namespace, verb: str) -> int:
     reader = recipient(args, args.reader) if verb != "delete" else ""  # refused before connecting
+    identity = acting_identity(args)  # refused before connecting
     with open_client(args) as veil:
-        vault = veil.vault(args.instance, acting_identity(args))
+        vault = veil.vault(args.instance, identity)
         if verb == "delete":
             vault.delete(args.record)
             done = f"deleted record {args.record!r}"
