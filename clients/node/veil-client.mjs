@@ -51,6 +51,7 @@ import {
 } from "node:crypto";
 import { mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import path from "node:path";
+import { connect } from "node:net";
 import { fileURLToPath } from "node:url";
 
 import grpc from "@grpc/grpc-js";
@@ -162,14 +163,34 @@ export class GatewayError extends VeilError {
 
 // No TLS connection to the gateway came up in time: the mesh is down, or the address is wrong.
 export class GatewayUnreachable extends VeilError {
-  constructor(address, timeoutMs, reason) {
+  // `listening`: whether a TCP connection to the address works (then TLS or HTTP/2 failed).
+  constructor(address, timeoutMs, reason, { listening = false } = {}) {
+    const why = reason ? ` (${reason})` : "";
     super(
-      `cannot reach the gateway at ${address} within ${timeoutMs / 1000} s` + (reason ? ` (${reason})` : "") +
-        "; is the mesh running? Start it with `make run`, or pass the right --gateway",
+      `cannot reach the gateway at ${address} within ${timeoutMs / 1000} s` +
+        (listening
+          ? `: it accepts connections, but no TLS session came up${why}; is it the gateway's public port (the admin ` +
+            "port wants a client certificate), and do --server-name and the mesh's CA match it?"
+          : `${why}; is the mesh running? Start it with \`make run\`, or pass the right --gateway`),
     );
     this.address = address;
     this.reason = reason;
+    this.listening = listening;
   }
+}
+
+// Whether a TCP connection to host:port opens within `timeoutMs`: null, or the error code.
+function tcpProbe(host, port, timeoutMs) {
+  return new Promise((resolve) => {
+    const socket = connect({ host: host.replace(/^\[|\]$/g, ""), port });
+    const done = (result) => {
+      socket.destroy();
+      resolve(result);
+    };
+    socket.setTimeout(timeoutMs, () => done("ETIMEDOUT"));
+    socket.once("connect", () => done(null));
+    socket.once("error", (error) => done(error.code ?? error.message));
+  });
 }
 
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
@@ -1244,7 +1265,12 @@ export class VeilNodeClient {
         .replace(/\.? ?Resolution note:.*$/, "")
         .trim();
     }
-    throw new GatewayUnreachable(this.address, timeoutMs, reason);
+    // The channel's reason can be vague ("Failed to connect"): a bare TCP connection tells a
+    // mesh that is down from a port that is not the gateway's public one.
+    const { host, port } = parseAddress(this.address);
+    const tcp = await tcpProbe(host, port, 1000);
+    if (!reason || /^Failed to connect/.test(reason)) reason = tcp ?? ""; // the timestamped generic one says nothing
+    throw new GatewayUnreachable(this.address, timeoutMs, reason, { listening: tcp === null });
   }
 
   // Token calls on `instanceId` as `identity` (see TokenClient).

@@ -229,13 +229,15 @@ HOSTILE: list[tuple[dict[str, str | None], int, str]] = [
     ({"--counters": "/nonexistent/dir/counters.json"}, 1, "its directory does not exist"),
     ({"stray": ""}, 2, "does not take positional arguments"),
     ({"--no-such-option": ""}, 2, "Unknown option '--no-such-option'"),
-    ({"--server-name": "elsewhere.example"}, 1, "cannot reach the gateway at"),  # TLS name mismatch
+    ({"--server-name": "elsewhere.example"}, 1, "it accepts connections, but no TLS session came up"),
+    ({"--gateway": "{admin}"}, 1, "the admin port wants a client certificate"),  # mTLS, and no certificate
 ]
 
 
 def _arguments(mesh: InProcessMesh, changes: dict[str, str | None]) -> list[str]:
     """A valid transfer's arguments with `changes`: None drops an option, a new key is added
-    alone (or with its value when there is one), "{data}" is the data directory."""
+    alone (or with its value when there is one), "{data}" is the data directory, "{admin}" the
+    gateway's mTLS port."""
     options: dict[str, str | None] = {
         "--gateway": mesh.public_address,
         "--server-name": "localhost",
@@ -251,7 +253,7 @@ def _arguments(mesh: InProcessMesh, changes: dict[str, str | None]) -> list[str]
             continue
         arguments.append(option)
         if option in options or value:
-            arguments.append(value.replace("{data}", str(mesh.data_dir)))
+            arguments.append(value.replace("{data}", str(mesh.data_dir)).replace("{admin}", mesh.address))
     return arguments
 
 
