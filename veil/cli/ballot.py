@@ -26,6 +26,7 @@ from veil.cli.common import (
 )
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
+from veil.sdk.files import write_json
 from veil.sdk.sealing import verify_receipt
 from veil.verify.bundle import VerifiedAttestation
 
@@ -136,10 +137,7 @@ def _remember_key(args: argparse.Namespace, instance_id: str, attestation: Verif
             "attested_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+    write_json(path, document)
 
 
 def ballot_create(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from veil.cli.common import (
 )
 from veil.sdk.contacts import canonical_account
 from veil.sdk.errors import CommandRefused, IntegrityError, VeilClientError
+from veil.sdk.files import write_json
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
@@ -201,10 +201,7 @@ class Journal:
 
     def record(self, row: Row, **fields: Any) -> None:
         self.rows[str(row.number)] = {**self.entry(row), **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"rows": self.rows}, indent=1, sort_keys=True))
-        os.replace(temporary, self.path)
+        write_json(self.path, {"rows": self.rows})
 
 
 def _bulk_transfer(args: argparse.Namespace) -> int:

@@ -14,11 +14,11 @@ any string as an account and the tokens sent there would be gone. Accounts that 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from veil.sdk.errors import IdentityError
+from veil.sdk.files import write_json
 from veil.sdk.identity import IDENTITIES_DIR, check_name
 
 CONTACTS_FILE = "contacts.json"
@@ -67,11 +67,7 @@ def load_contacts(data_dir: Path) -> dict[str, str]:
 
 
 def _save(data_dir: Path, contacts: dict[str, str]) -> None:
-    path = _contacts_path(data_dir)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(contacts, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)  # never a half-written address book
+    write_json(_contacts_path(data_dir), contacts)
 
 
 def _identity_account(data_dir: Path, name: str) -> str | None:

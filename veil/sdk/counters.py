@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+
+from veil.sdk.files import write_json
 
 COUNTERS_FILE = "counters.json"
 
@@ -89,6 +90,4 @@ class FileCounters:
         with self._locked():
             document = self._read()
             document.setdefault(instance_id, {})[account] = counter
-            temporary = self._path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(document, indent=1, sort_keys=True))
-            os.replace(temporary, self._path)
+            write_json(self._path, document)

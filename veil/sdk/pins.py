@@ -15,11 +15,11 @@ File format (`<data_dir>/instances.json`, written by `veil instance create` and
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from veil.sdk.errors import PolicyError
+from veil.sdk.files import write_json
 from veil.verify.bundle import VerifiedDescriptor
 from veil.verify.errors import AttestationError
 
@@ -90,7 +90,4 @@ class InstancePins:
             instance_id: {"genesis_hash": pin.genesis_hash.hex(), "config_hash": pin.config_hash.hex()}
             for instance_id, pin in sorted(self._pins.items())
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(temporary, self.path)
+        write_json(self.path, document)
