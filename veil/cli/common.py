@@ -4,8 +4,11 @@ connecting (the enclave is verified first), output, and turning errors into one 
 Every command that talks to the mesh first connects with `veil.sdk.client.connect`, i.e.
 verifies the enclave against the expected-measurement policy (fail closed: `--mrenclave HEX`
 or a policy file, by default `<data-dir>/expected-measurement.json` as written by `veil up`).
-Output is a table or key/value block for humans, or one JSON document with `--json`. Errors go
-to stderr as `error: ...` with exit status 1.
+Before that, everything local is checked (arguments, the acting identity, recipients, files)
+and the gateway must answer a TCP and a TLS handshake within a few seconds, so a typo or a mesh
+that is down costs nothing and says so in one line. Output is a table or key/value block for
+humans, or one JSON document with `--json`. Every error is one `error: ...` line on stderr:
+exit status 2 for bad arguments, 1 for everything else, never a traceback.
 """
 
 from __future__ import annotations
