@@ -5,6 +5,7 @@ row the mesh already answered in a run that died before its journal is not paid 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 from tests.cli.support import Veil
@@ -35,8 +36,8 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     # Running the same file again: the applied rows are skipped, the refused one tried again.
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert status == 1
-    assert "0 transfers committed (0 tokens), 1 refused, 2 skipped" in out
-    assert "skipped row 2: 10 to bob (applied by an earlier run)" in out
+    assert "0 transfers committed (0 tokens), 1 refused, 2 skipped, 0 outcome unknown" in out
+    assert "skipped row 2: 10 to bob: applied by an earlier run" in out
     assert _balances(veil, "alice", "bob", "carol") == {"alice": 70, "bob": 10, "carol": 20}
 
     # Dave's row is fixed by funding alice; the rerun applies only it.
@@ -51,17 +52,22 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     journal.unlink()
     executed = veil.executed()
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
-    assert status == 0, out
-    assert "0 transfers committed (0 tokens), 0 refused, 3 skipped" in out
-    assert "the mesh already answered this row in an earlier run, applied or refused: not sent again" in out
+    assert status == 1, out  # the outcome of those rows is for the user to check
+    assert "0 transfers committed (0 tokens), 0 refused, 0 skipped, 3 outcome unknown" in out
+    assert "unknown row 2: 10 to bob: the mesh's answer did not authenticate" in out
+    assert "check the balance of the rows whose outcome is unknown" in out
     assert _balances(veil, "alice", "bob", "carol", "dave") == {
         "alice": 70,
         "bob": 10,
         "carol": 20,
         "dave": 500,
     }
-    assert json.loads(journal.read_text())["rows"]["2"]["state"] == "answered-earlier"
+    assert json.loads(journal.read_text())["rows"]["2"]["state"] == "unknown"
     assert veil.executed() - executed == 3  # one attempt per row, answered from the mesh's record
+    status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 1
+    assert "unknown row 2: 10 to bob: its outcome was unknown in an earlier run; never sent again" in out
+    assert veil.executed() - executed == 3  # not even tried again
 
 
 def test_a_bad_row_stops_the_file_before_anything_is_sent(veil: Veil, tmp_path: Path) -> None:
@@ -85,3 +91,22 @@ def test_a_bad_row_stops_the_file_before_anything_is_sent(veil: Veil, tmp_path: 
     assert status == 1
     assert "not a UTF-8 CSV file" in err
     assert veil.executed() == before
+
+
+def test_a_row_answered_too_late_is_resumed_not_repaid(veil: Veil, tmp_path: Path) -> None:
+    """The mesh commits a row after the caller's deadline: the same run sends the same call
+    again, reads the first attempt's answer, and pays once."""
+    veil.identities("treasury", "alice", "bob")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "treasury")
+    veil.ok("token", "mint", "coins", "alice", "100", "--as", "treasury")
+    payroll = tmp_path / "payroll.csv"
+    payroll.write_text("bob,10\n")
+    state = veil.mesh.states[0]
+    state.delay = 1.5  # longer than --timeout: the first attempt gets no answer, but commits
+    threading.Timer(1.2, lambda: setattr(state, "delay", 0.0)).start()
+    status, out, err = veil(
+        "token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice", "--timeout", "1"
+    )
+    assert status == 0, out + err
+    assert "1 transfers committed (10 tokens)" in out
+    assert _balances(veil, "alice", "bob") == {"alice": 90, "bob": 10}

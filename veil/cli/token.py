@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,11 +28,19 @@ from veil.cli.common import (
     report,
 )
 from veil.sdk.contacts import canonical_account
-from veil.sdk.errors import CommandRefused, IntegrityError, VeilClientError
+from veil.sdk.errors import (
+    CommandRefused,
+    GatewayError,
+    IntegrityError,
+    OutcomeUnknown,
+    ResultLost,
+    VeilClientError,
+)
 from veil.sdk.files import write_json
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
+    from veil.sdk.apps import TokenClient
 
 #: Where bulk transfers remember, per file, which rows were applied (DATA_DIR/bulk/...).
 BULK_DIR = "bulk"
@@ -221,67 +230,100 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
         )
         progress = output.Progress(len(rows), "transfers")
         for row in rows:
-            base = {"row": row.number, "to": row.to, "amount": row.amount}
-            earlier = journal.entry(row).get("state")
-            if earlier in ("applied", "answered-earlier"):
-                results.append({**base, "status": "skipped", "reason": earlier})
-                progress.advance()
-                continue
-            request_id = journal.request_id(row)
-            try:
-                balance = token.transfer(row.to, row.amount, request_id=request_id)
-            except CommandRefused as refusal:
-                journal.record(row, state="refused", attempt=int(journal.entry(row).get("attempt", 0)) + 1)
-                results.append({**base, "status": "refused", "error": str(refusal)})
-            except IntegrityError:
-                # The mesh answered this row's request id before, to a sealing of an earlier run
-                # that stopped before its journal: the row ran (or was refused) then. Not again.
-                journal.record(row, state="answered-earlier")
-                results.append({**base, "status": "skipped", "reason": "answered-earlier"})
-            else:
-                receipt = receipt_json(token.last)
-                journal.record(row, state="applied", sequence=receipt and receipt["sequence"])
-                results.append(
-                    {
-                        **base,
-                        "status": "applied",
-                        "balance": balance,
-                        "sequence": receipt and receipt["sequence"],
-                    }
-                )
+            result = _bulk_row(token, journal, row)
+            results.append(result)
             progress.advance()
+            if result["status"] == "stopped":
+                break
         progress.finish()
-    applied = [r for r in results if r["status"] == "applied"]
-    refused = [r for r in results if r["status"] == "refused"]
-    skipped = [r for r in results if r["status"] == "skipped"]
-    sent = sum(r["amount"] for r in applied)
+    by_status = {s: [r for r in results if r["status"] == s] for s in _STATUSES}
+    sent = sum(r["amount"] for r in by_status["applied"])
     document = {
         "transfers": results,
         "sent": sent,
-        "applied": len(applied),
-        "refused": len(refused),
-        "skipped": len(skipped),
+        **{s: len(rows_) for s, rows_ in by_status.items()},
         "journal": str(journal.path),
     }
 
     def human() -> None:
-        tally = f"{len(refused)} refused, {len(skipped)} skipped"
-        print(f"{len(applied)} transfers committed ({sent} tokens), {tally}")
-        for r in skipped:
-            why = (
-                "applied by an earlier run"
-                if r["reason"] == "applied"
-                else "the mesh already answered this row in an earlier run, applied or refused: "
-                "not sent again; check the balance"
+        counts = by_status
+        applied, refused, skipped = (len(counts[s]) for s in ("applied", "refused", "skipped"))
+        print(
+            f"{applied} transfers committed ({sent} tokens), {refused} refused, {skipped} skipped, "
+            f"{len(counts['unknown'])} outcome unknown"
+        )
+        for r in results:
+            if r["detail"]:
+                print(f"  {r['status']} row {r['row']}: {r['amount']} to {name(r['to'])}: {r['detail']}")
+        if counts["refused"] or counts["stopped"]:
+            print(
+                "fix the cause and run the same command again: applied rows are skipped, none is paid twice"
             )
-            print(f"  skipped row {r['row']}: {r['amount']} to {name(r['to'])} ({why})")
-        for r in refused:
-            print(f"  refused row {r['row']}: {r['amount']} to {name(r['to'])}: {r['error']}")
-        if refused:
-            print("fix the refused rows' cause and run the same command again: applied rows are skipped")
+        if counts["unknown"]:
+            print("check the balance of the rows whose outcome is unknown: this file never sends them again")
 
     report(args, document, human)
-    return 1 if refused else 0
+    return 0 if len(by_status["applied"]) + len(by_status["skipped"]) == len(rows) else 1
+
+
+_STATUSES = ("applied", "refused", "skipped", "unknown", "stopped")
+#: Pauses before a row without an answer is sent again in the same run (then the run stops).
+_RESUME_PAUSES_S = (1.0, 2.0)
+
+
+_EARLIER = {
+    "applied": "applied by an earlier run",
+    "unknown": "its outcome was unknown in an earlier run; never sent again",
+}
+_NO_ANSWER = (
+    "the mesh's answer did not authenticate (an earlier run's answer under this row's request id, "
+    "or tampering): it may have run, so it is never sent again"
+)
+
+
+def _transfer_resuming(token: TokenClient, row: Row, request_id: str) -> int:
+    """The row's transfer; after a failure without an answer, the same call again (same request
+    id, same sealed bytes first), so an attempt that ran is answered, not run twice."""
+    for pause in _RESUME_PAUSES_S:
+        try:
+            return token.transfer(row.to, row.amount, request_id=request_id)
+        except GatewayError:
+            time.sleep(pause)
+    return token.transfer(row.to, row.amount, request_id=request_id)
+
+
+def _bulk_row(token: TokenClient, journal: Journal, row: Row) -> dict[str, Any]:
+    """Send one row unless an earlier run settled it; what happened (`detail` for people)."""
+    result: dict[str, Any] = {"row": row.number, "to": row.to, "amount": row.amount, "detail": ""}
+    earlier = journal.entry(row).get("state")
+    if earlier in _EARLIER:  # settled by an earlier run: never sent again
+        return {
+            **result,
+            "status": "skipped" if earlier == "applied" else "unknown",
+            "detail": _EARLIER[earlier],
+        }
+    try:
+        result["balance"] = _transfer_resuming(token, row, journal.request_id(row))
+        receipt = receipt_json(token.last)
+        result.update(status="applied", sequence=receipt and receipt["sequence"])
+    except CommandRefused as refusal:
+        # A refusal moved nothing: the next run tries again, under the next request id.
+        journal.record(row, state="refused", attempt=int(journal.entry(row).get("attempt", 0)) + 1)
+        result.update(status="refused", detail=str(refusal))
+    except ResultLost as lost:
+        result.update(status="applied", sequence=lost.sequence, detail=str(lost))
+    except (IntegrityError, OutcomeUnknown) as unknown:
+        journal.record(row, state="unknown")
+        result.update(
+            status="unknown", detail=_NO_ANSWER if isinstance(unknown, IntegrityError) else str(unknown)
+        )
+    except VeilClientError as failure:
+        # No answer at all (the mesh went away): the row may have run. The next run sends it
+        # under the same request id, which the mesh answers once, never twice.
+        result.update(status="stopped", detail=f"stopped here: {failure}")
+    if result["status"] == "applied":
+        journal.record(row, state="applied", sequence=result["sequence"])
+    return result
 
 
 # --- reads ----------------------------------------------------------------------------------
