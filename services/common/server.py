@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from veil.services.common.config import ServiceConfig
 from veil.services.common.decoding import DecodeInterceptor
 from veil.services.common.errors import ErrorInterceptor
+from veil.services.common.health import ListingHealthServicer
 from veil.services.common.identity import AuthorizationInterceptor, AuthorizationTable
 from veil.services.common.tls import server_credentials
 from veil.services.common.tracing import server_tracing_interceptor
@@ -37,6 +38,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 LIVENESS_SERVICE = "liveness"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+CONCURRENT_RPCS_PER_WORKER = 4
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -109,12 +111,17 @@ def build_server(
     max_workers: int = 32,
     max_request_bytes: int = MAX_MESSAGE_BYTES,
     public_listen: str | None = None,
+    maximum_concurrent_rpcs: int | None = None,
 ) -> VeilServer:
     """Assemble (not start) the main mTLS server and the plaintext admin server.
 
     `public_listen` (the gateway's alone) adds a second, TLS-only listener for clients without
     a certificate, served by the same server: only methods the `authorization` table marks
     `PUBLIC` admit them. Every other service passes none and stays strictly mTLS.
+
+    Calls in flight (running or waiting for one of the `max_workers` threads) are bounded by
+    `maximum_concurrent_rpcs` (default four per thread): past it gRPC refuses a new call with
+    RESOURCE_EXHAUSTED at once, instead of queueing it beyond any deadline.
     """
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
@@ -125,8 +132,9 @@ def build_server(
             DecodeInterceptor(max_request_bytes),
         ],
         options=_OPTIONS,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs or CONCURRENT_RPCS_PER_WORKER * max_workers,
     )
-    health_servicer = health.HealthServicer(
+    health_servicer = ListingHealthServicer(
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
     )

@@ -13,6 +13,14 @@ next to the server settings every service has: VEIL_GATEWAY_LISTEN, ..._TLS_CERT
     VEIL_GATEWAY_BURST             bucket size per client (default 400)
     VEIL_GATEWAY_MAX_MESSAGE_BYTES largest request accepted (default 1 MiB)
     VEIL_GATEWAY_TIMEOUT_SECONDS   ceiling on the deadline given to the state service (default 30)
+    VEIL_GATEWAY_MAX_STREAMS       WatchReceipts streams open at once, in all (default 64; at most
+                                   half the 256 worker threads, so unary calls always have threads)
+    VEIL_GATEWAY_STREAMS_PER_CLIENT  streams per source address (IPv6: per /64) and per
+                                   authenticated principal (default 8)
+    VEIL_GATEWAY_STREAM_LIFETIME_SECONDS  a stream then ends UNAVAILABLE STREAM_LIFETIME_REACHED
+                                   and the client subscribes again (default 300)
+    VEIL_GATEWAY_MAX_CONCURRENT_RPCS  calls running or queued for a thread; beyond it a call is
+                                   refused RESOURCE_EXHAUSTED at once (default 1024)
 """
 
 from __future__ import annotations
@@ -27,13 +35,23 @@ from veil.services.common.config import (
     ENV_GATEWAY_AUTH,
     ENV_GATEWAY_BURST,
     ENV_GATEWAY_KEYVAULT_ADDR,
+    ENV_GATEWAY_MAX_CONCURRENT_RPCS,
     ENV_GATEWAY_MAX_MESSAGE_BYTES,
+    ENV_GATEWAY_MAX_STREAMS,
     ENV_GATEWAY_PUBLIC_LISTEN,
     ENV_GATEWAY_RATE,
     ENV_GATEWAY_SHARD_MAP,
     ENV_GATEWAY_STATE_ADDRS,
+    ENV_GATEWAY_STREAM_LIFETIME_SECONDS,
+    ENV_GATEWAY_STREAMS_PER_CLIENT,
     ENV_GATEWAY_TIMEOUT_SECONDS,
     ConfigError,
+)
+from veil.services.gateway.streams import (
+    DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_LIFETIME_S,
+    DEFAULT_STREAMS_PER_CLIENT,
+    StreamLimits,
 )
 
 # Beside the mTLS main port (DEFAULT_PORTS["gateway"]): the public port, TLS without client certificates.
@@ -44,6 +62,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
 # The transport's own cap (veil.services.common.server) is 4 MiB; a larger gateway limit could never apply.
 TRANSPORT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A handler mostly waits for its state replica (an Execute for its batch's commit): with too few
+# threads, waiting handlers cap the requests in flight, and so the state's batches.
+GATEWAY_WORKERS = 256
+DEFAULT_MAX_CONCURRENT_RPCS = 4 * GATEWAY_WORKERS
 
 
 def _number(env: Mapping[str, str], name: str, default: float) -> float:
@@ -57,6 +79,13 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise ConfigError(f"{name} must be positive")
     return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number")
+    return int(value)
 
 
 def parse_shard_map(raw: str, shards: tuple[str, ...]) -> dict[str, str]:
@@ -90,6 +119,19 @@ class GatewayConfig:
     burst: float = DEFAULT_BURST
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+    max_streams: int = DEFAULT_MAX_STREAMS
+    streams_per_client: int = DEFAULT_STREAMS_PER_CLIENT
+    stream_lifetime: float = DEFAULT_STREAM_LIFETIME_S
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            max_streams=self.max_streams,
+            per_peer=self.streams_per_client,
+            per_principal=self.streams_per_client,
+            lifetime=self.stream_lifetime,
+        )
 
     def __post_init__(self) -> None:
         if not self.state_addresses:
@@ -102,6 +144,13 @@ class GatewayConfig:
             )
         if self.burst < 1:
             raise ConfigError(f"{ENV_GATEWAY_BURST} must be at least 1")
+        if not 1 <= self.max_streams <= GATEWAY_WORKERS // 2:
+            # Each stream holds a worker thread: the other half stays for unary calls.
+            raise ConfigError(f"{ENV_GATEWAY_MAX_STREAMS} must be 1 to {GATEWAY_WORKERS // 2}")
+        if not 1 <= self.streams_per_client <= self.max_streams:
+            raise ConfigError(f"{ENV_GATEWAY_STREAMS_PER_CLIENT} must be 1 to {ENV_GATEWAY_MAX_STREAMS}")
+        if self.max_concurrent_rpcs < GATEWAY_WORKERS:
+            raise ConfigError(f"{ENV_GATEWAY_MAX_CONCURRENT_RPCS} must be at least {GATEWAY_WORKERS}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -125,4 +174,8 @@ class GatewayConfig:
             burst=_number(env, ENV_GATEWAY_BURST, DEFAULT_BURST),
             max_message_bytes=int(_number(env, ENV_GATEWAY_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES)),
             upstream_timeout=_number(env, ENV_GATEWAY_TIMEOUT_SECONDS, DEFAULT_UPSTREAM_TIMEOUT),
+            max_streams=_integer(env, ENV_GATEWAY_MAX_STREAMS, DEFAULT_MAX_STREAMS),
+            streams_per_client=_integer(env, ENV_GATEWAY_STREAMS_PER_CLIENT, DEFAULT_STREAMS_PER_CLIENT),
+            stream_lifetime=_number(env, ENV_GATEWAY_STREAM_LIFETIME_SECONDS, DEFAULT_STREAM_LIFETIME_S),
+            max_concurrent_rpcs=_integer(env, ENV_GATEWAY_MAX_CONCURRENT_RPCS, DEFAULT_MAX_CONCURRENT_RPCS),
         )

@@ -41,11 +41,12 @@ from veil.services.common.main import serve
 from veil.services.common.server import VeilServer, build_server
 from veil.services.gateway import validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
-from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.config import GATEWAY_WORKERS, GatewayConfig
 from veil.services.gateway.idempotency import Deduplicator, Key
 from veil.services.gateway.ratelimit import RateLimiter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
+from veil.services.gateway.streams import StreamLimits, StreamSlots
 from veil.services.gateway.upstream import forward
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
@@ -71,7 +72,6 @@ AUTHORIZATION = identity.method_names(
     },
 )
 _JWKS_TTL_S = 60.0
-GATEWAY_WORKERS = 256
 
 
 def _peer_host(context: grpc.ServicerContext) -> str:
@@ -102,6 +102,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         limiter: RateLimiter,
         upstream_timeout: float,
         hub: ReceiptHub | None = None,
+        stream_limits: StreamLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._router = router
         self._shards = shards
@@ -110,6 +112,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._limiter = limiter
         self._timeout = upstream_timeout
         self.hub = hub or ReceiptHub()
+        self.streams = StreamSlots(stream_limits or StreamLimits())
+        self._clock = clock
         self._executions: Deduplicator[gateway_pb2.ExecuteResponse] = Deduplicator()
         self._creations: Deduplicator[gateway_pb2.CreateInstanceResponse] = Deduplicator()
         self._jwks_lock = threading.Lock()
@@ -330,6 +334,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def WatchReceipts(
         self, request: gateway_pb2.WatchReceiptsRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.WatchReceiptsResponse]:
+        # Admission happens here, before the stream starts: a refusal is the call's status at
+        # once (raised while iterating, gRPC sometimes reported a refusal as CANCELLED).
         instance_id = validation.instance_id(request.instance_id)
         principal = self._admit(instance_id, context)
         prefix = request.request_id_prefix
@@ -339,15 +345,41 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 metadata={"field": "request_id_prefix"},
             )
         self._locate(instance_id, remaining_timeout(context, self._timeout))
+        # A stream holds a worker thread for its whole life: capped per caller and in all,
+        # and ended after a lifetime (see veil.services.gateway.streams).
+        owner = None if principal == ANONYMOUS else principal.key
+        release = self.streams.acquire(_peer_host(context), owner)
+        if not context.add_callback(release):  # the call ended already
+            release()
         try:
             stream = self.hub.subscribe(instance_id, prefix, principal.key, replay=request.replay_recent)
+        except BaseException:
+            release()
+            raise
+        return self._stream(stream, context, release)
+
+    def _stream(
+        self, stream: Iterator[Committed | None], context: grpc.ServicerContext, release: Callable[[], None]
+    ) -> Iterator[gateway_pb2.WatchReceiptsResponse]:
+        lifetime = self.streams.limits.lifetime
+        ends = self._clock() + lifetime
+        try:
             for item in stream:
                 if not context.is_active():
                     return
                 if item is not None:
                     yield gateway_pb2.WatchReceiptsResponse(request_id=item.request_id, outcome=item.outcome)
+                if self._clock() >= ends:
+                    raise Unavailable(
+                        f"receipt streams last at most {lifetime:g} s; subscribe again "
+                        "(with replay_recent to receive what committed meanwhile)",
+                        reason="STREAM_LIFETIME_REACHED",
+                        metadata={"lifetime_s": f"{lifetime:g}"},
+                    )
         except TooManySubscribers:
             raise ResourceExhausted("too many receipt subscribers", reason="TOO_MANY_SUBSCRIBERS") from None
+        finally:
+            release()
 
     def GetStatus(
         self, request: gateway_pb2.GetStatusRequest, context: grpc.ServicerContext
@@ -420,6 +452,7 @@ def create_server(
         authenticators=authenticators,
         limiter=RateLimiter(gateway.rate_per_second, gateway.burst),
         upstream_timeout=gateway.upstream_timeout,
+        stream_limits=gateway.stream_limits,
     )
     server = build_server(
         config,
@@ -433,6 +466,9 @@ def create_server(
         # with too few threads, waiting handlers cap the requests in flight, and so the
         # state's batches, below the number of clients.
         max_workers=GATEWAY_WORKERS,
+        # Beyond this many calls in flight (running or queued for a thread), new ones are
+        # refused RESOURCE_EXHAUSTED at once instead of queueing past their deadlines.
+        maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
     )
     server.on_stop.append(servicer.close)
     server.on_stop.extend(channel.close for channel in (*channels.values(), keyvault_channel))
