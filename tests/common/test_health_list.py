@@ -1,0 +1,48 @@
+"""Health List answers on both ports of every service (grpcurl ... grpc.health.v1.Health/List)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.conftest import tls_for
+from veil.services.common.channels import secure_channel
+from veil.services.common.config import ServiceConfig
+from veil.services.common.server import LIVENESS_SERVICE, build_server
+from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
+from veil.state.v1 import state_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _list(channel: grpc.Channel) -> dict[str, int]:
+    response = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest(), timeout=5)  # type: ignore[attr-defined]
+    return {name: status.status for name, status in response.statuses.items()}
+
+
+def test_list_names_every_service_on_the_admin_and_main_ports(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = build_server(
+        service_config("state"),
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
+        service_names=[SERVICE_NAME],
+        authorization=AUTHORIZATION,
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.admin_port}") as admin:
+            assert _list(admin) == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING, LIVENESS_SERVICE: SERVING}
+            server.set_serving(True)
+            assert _list(admin) == {"": SERVING, SERVICE_NAME: SERVING, LIVENESS_SERVICE: SERVING}
+        with secure_channel(f"127.0.0.1:{server.port}", tls_for(pki_dir, "gateway")) as main:
+            assert _list(main)[SERVICE_NAME] == SERVING
+    finally:
+        server.stop(0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
