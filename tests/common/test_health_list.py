@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,3 +48,33 @@ def test_list_names_every_service_on_the_admin_and_main_ports(
     finally:
         server.stop(0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_grpcurl_reflection_and_health_list_leave_no_error_in_the_logs(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What an operator debugging with grpcurl does: list, describe (a reflection stream the
+    client closes) and Health/List, on the admin and the mTLS port."""
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    server = build_server(
+        service_config("state"),
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
+        service_names=[SERVICE_NAME],
+        authorization=AUTHORIZATION,
+    )
+    server.start()
+    server.set_serving(True)
+    tls = ["-cacert", str(pki_dir / "ca.pem"), "-cert", str(pki_dir / "gateway.pem")]
+    tls += ["-key", str(pki_dir / "gateway-key.pem"), "-servername", "state"]
+    ports = [["-plaintext", f"127.0.0.1:{server.admin_port}"], [*tls, f"127.0.0.1:{server.port}"]]
+    try:
+        for port in ports:
+            for args in (["list"], ["describe", SERVICE_NAME], ["grpc.health.v1.Health/List"]):
+                done = subprocess.run(
+                    [str(grpcurl), *port, *args], check=False, capture_output=True, text=True, timeout=30
+                )
+                assert done.returncode == 0, done.stderr
+            assert SERVICE_NAME in done.stdout
+    finally:
+        server.stop(0)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
