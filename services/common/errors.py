@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Mapping
+import secrets
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, cast
 
 import grpc
@@ -30,11 +31,21 @@ class VeilError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
     default_reason: ClassVar[str] = "UNKNOWN"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        internal: bool = False,
+    ):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
+        # The message and metadata came from another service of the mesh: they may name its
+        # internals, so a server facing the public (the gateway) shows them to mesh callers only.
+        self.internal = internal
 
     def to_status(self) -> status_pb2.Status:
         """The `google.rpc.Status` sent to the caller."""
@@ -121,7 +132,27 @@ class DeadlineExceeded(VeilError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
-_INTERNAL = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
+CORRELATION_ID = "correlation_id"
+Presenter = Callable[[VeilError, grpc.ServicerContext], VeilError]
+"""What a server shows a caller of an error (the gateway hides internal detail from the public)."""
+
+
+def new_correlation_id() -> str:
+    """An id naming one failure in the logs and in the caller's ErrorInfo."""
+    return secrets.token_hex(8)
+
+
+def _internal(correlation_id: str) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={CORRELATION_ID: correlation_id}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error (correlation id {correlation_id})",
+        details=[detail],
+    )
 
 
 def _aborted(context: grpc.ServicerContext) -> bool:
@@ -138,38 +169,46 @@ def _abort(context: grpc.ServicerContext, status: status_pb2.Status) -> None:
     context.abort_with_status(rpc_status.to_status(status))
 
 
-def _guard(behavior: Behavior, method: str) -> Behavior:
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            result = behavior(request, context)
-            if inspect.isgenerator(result):  # server streaming: errors surface while iterating
-                return _guard_iteration(result, context, method)
-            return result
-        except Exception as exc:
-            _handle(exc, context, method)
-        return None  # unreachable: _handle always raises
-
-    return guarded
-
-
-def _guard_iteration(items: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
-    try:
-        yield from items
-    except Exception as exc:
-        _handle(exc, context, method)
-
-
-def _handle(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
-    if isinstance(exc, VeilError):
-        _abort(context, exc.to_status())
-    if _aborted(context):  # the handler already aborted the call with its own status
-        raise exc
-    _log.exception("unhandled error in %s", method, exc_info=exc)
-    _abort(context, _INTERNAL)
+def _shown(error: VeilError, context: grpc.ServicerContext) -> VeilError:
+    return error
 
 
 class ErrorInterceptor(HandlerInterceptor):
-    """Maps domain errors to statuses with ErrorInfo; hides unexpected errors as INTERNAL."""
+    """Maps domain errors to statuses with ErrorInfo; hides unexpected errors as INTERNAL.
+
+    `present` picks what a caller sees of a domain error (default: the error itself).
+    Unexpected errors are logged with a correlation id, which the caller gets in ErrorInfo.
+    """
+
+    def __init__(self, present: Presenter | None = None) -> None:
+        self._present = present or _shown
 
     def wrap(self, behavior: Behavior, method: str) -> Behavior:
-        return _guard(behavior, method)
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                result = behavior(request, context)
+                if inspect.isgenerator(result):  # server streaming: errors surface while iterating
+                    return self._guard_iteration(result, context, method)
+                return result
+            except Exception as exc:
+                self._handle(exc, context, method)
+            return None  # unreachable: _handle always raises
+
+        return guarded
+
+    def _guard_iteration(
+        self, items: Iterator[Any], context: grpc.ServicerContext, method: str
+    ) -> Iterator[Any]:
+        try:
+            yield from items
+        except Exception as exc:
+            self._handle(exc, context, method)
+
+    def _handle(self, exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+        if isinstance(exc, VeilError):
+            _abort(context, self._present(exc, context).to_status())
+        if _aborted(context):  # the handler already aborted the call with its own status
+            raise exc
+        correlation_id = new_correlation_id()
+        _log.exception("unhandled error in %s (correlation id %s)", method, correlation_id, exc_info=exc)
+        _abort(context, _internal(correlation_id))

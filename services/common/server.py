@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from veil.services.common.config import ServiceConfig
 from veil.services.common.decoding import DecodeInterceptor
-from veil.services.common.errors import ErrorInterceptor
+from veil.services.common.errors import ErrorInterceptor, Presenter
 from veil.services.common.health import ListingHealthServicer
 from veil.services.common.identity import AuthorizationInterceptor, AuthorizationTable
 from veil.services.common.tls import server_credentials
@@ -112,6 +112,7 @@ def build_server(
     max_request_bytes: int = MAX_MESSAGE_BYTES,
     public_listen: str | None = None,
     maximum_concurrent_rpcs: int | None = None,
+    present_error: Presenter | None = None,
 ) -> VeilServer:
     """Assemble (not start) the main mTLS server and the plaintext admin server.
 
@@ -122,12 +123,14 @@ def build_server(
     Calls in flight (running or waiting for one of the `max_workers` threads) are bounded by
     `maximum_concurrent_rpcs` (default four per thread): past it gRPC refuses a new call with
     RESOURCE_EXHAUSTED at once, instead of queueing it beyond any deadline.
+
+    `present_error` decides what a caller sees of a domain error (the gateway's public face).
     """
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
         interceptors=[
             server_tracing_interceptor(tracer_provider),
-            ErrorInterceptor(),
+            ErrorInterceptor(present_error),
             AuthorizationInterceptor(authorization),
             DecodeInterceptor(max_request_bytes),
         ],

@@ -39,7 +39,7 @@ from veil.services.common.errors import (
 from veil.services.common.identity import AUTHENTICATED, PUBLIC, certificate_identity
 from veil.services.common.main import serve
 from veil.services.common.server import VeilServer, build_server
-from veil.services.gateway import validation
+from veil.services.gateway import public_errors, validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GATEWAY_WORKERS, GatewayConfig
 from veil.services.gateway.idempotency import Deduplicator, Key
@@ -166,10 +166,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 instances.extend(job.result(timeout=timeout + 1))
             except futures.TimeoutError:
                 raise Unavailable(
-                    "a state replica did not answer in time", reason="SHARD_UNAVAILABLE", metadata=metadata
+                    "a state replica did not answer in time",
+                    reason="SHARD_UNAVAILABLE",
+                    metadata=metadata,
+                    internal=True,
                 ) from None
             except Unavailable as exc:
-                raise Unavailable(exc.message, reason=exc.reason, metadata=metadata) from None
+                raise Unavailable(exc.message, reason=exc.reason, metadata=metadata, internal=True) from None
         self._router.replace(Placement(i.instance_id, i.shard, i.config) for i in instances)
         return instances
 
@@ -469,6 +472,7 @@ def create_server(
         # Beyond this many calls in flight (running or queued for a thread), new ones are
         # refused RESOURCE_EXHAUSTED at once instead of queueing past their deadlines.
         maximum_concurrent_rpcs=gateway.max_concurrent_rpcs,
+        present_error=public_errors.present,
     )
     server.on_stop.append(servicer.close)
     server.on_stop.extend(channel.close for channel in (*channels.values(), keyvault_channel))

@@ -52,13 +52,18 @@ def translate(error: grpc.RpcError, shard: str) -> VeilError:
     cls = _PASSED_ON.get(code)
     if cls is None:
         _log.error("state replica %s failed with %s: %s", shard, code.name, error.details())
-        return Unavailable("the state service could not serve the request", reason="UPSTREAM_ERROR")
+        return Unavailable(
+            "the state service could not serve the request", reason="UPSTREAM_ERROR", internal=True
+        )
     info = error_info(error)
     reason = info.reason if info is not None and info.reason else None
     if code == grpc.StatusCode.UNAVAILABLE and reason is None:
         # A transport failure (no ErrorInfo): say so without naming addresses.
-        return Unavailable("the state replica for this instance is unreachable", reason="SHARD_UNAVAILABLE")
-    return cls(error.details() or code.name.lower(), reason=reason)
+        return Unavailable(
+            "the state replica for this instance is unreachable", reason="SHARD_UNAVAILABLE", internal=True
+        )
+    # Its text and reason are another service's: shown only to mesh callers (public_errors).
+    return cls(error.details() or code.name.lower(), reason=reason, internal=True)
 
 
 def forward(shard: str, method: Callable[..., Resp], request: Req, *, timeout: float) -> Resp:

@@ -57,9 +57,17 @@ def test_domain_error_maps_to_status_with_error_info(stub: state_pb2_grpc.StateS
     )
 
 
-def test_unexpected_error_is_internal_and_leaks_nothing(stub: state_pb2_grpc.StateServiceStub) -> None:
+def test_unexpected_error_is_internal_and_leaks_nothing(
+    stub: state_pb2_grpc.StateServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
     with pytest.raises(grpc.RpcError) as excinfo:
         stub.Ping(state_pb2.PingRequest(payload=b"boom"), timeout=5)
     assert excinfo.value.code() == grpc.StatusCode.INTERNAL
-    assert excinfo.value.details() == "internal error"
+    info = error_info(excinfo.value)
+    assert info is not None
+    assert info.reason == "INTERNAL"
+    correlation_id = info.metadata["correlation_id"]
+    assert excinfo.value.details() == f"internal error (correlation id {correlation_id})"
     assert "secret" not in str(excinfo.value)
+    # The log names the same id next to the real exception, so an operator finds it.
+    assert any(correlation_id in r.getMessage() and r.exc_info for r in caplog.records)
