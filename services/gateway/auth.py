@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from veil.enclave import wire
 from veil.services.common.config import ConfigError
@@ -43,7 +44,10 @@ from veil.services.common.errors import Unauthenticated
 
 API_KEY_HEADER = "x-api-key"
 AUTHORIZATION_HEADER = "authorization"
-_ALLOWED_JWT_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
+_ALLOWED_JWT_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "EdDSA"})
+_RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256"})
+# An EC key signs with exactly one algorithm, fixed by its curve (RFC 7518 section 3.4).
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _LEEWAY_S = 30
 
 
@@ -138,28 +142,39 @@ class OAuth2Auth:
             self._keys = jwt.PyJWKSet.from_dict(dict(jwks))
         except (jwt.PyJWKSetError, jwt.InvalidKeyError) as exc:
             raise ConfigError(f"oauth2 JWKS is unusable: {exc}") from None
+        for key in self._keys.keys:
+            if not _key_algorithms(key.key):
+                raise ConfigError(f"oauth2 JWKS key {key.key_id!r}: only RSA, EC and Ed25519 public keys")
         self._issuer = issuer
         self._audience = audience
-        self._algorithms = list(algorithms)
+        self._algorithms = frozenset(algorithms)
 
     def authenticate(self, credentials: Credentials) -> Principal:
         token = credentials.authorization("Bearer")
         if not token:
             raise Unauthenticated("this instance requires a bearer token", reason="BEARER_MISSING")
         try:
-            kid = jwt.get_unverified_header(token).get("kid")
-            key = self._key(kid)
+            header = jwt.get_unverified_header(token)
+            key = self._key(header.get("kid"))
+            algorithm = header.get("alg")
+            # The header names the algorithm; it must be allowed and fit the key's type (an RS256
+            # header over an EC key made PyJWT raise TypeError, an answer of INTERNAL).
+            if not isinstance(algorithm, str) or algorithm not in self._algorithms & _key_algorithms(key):
+                raise jwt.InvalidAlgorithmError(f"algorithm {algorithm!r} does not fit the signing key")
             claims = jwt.decode(
                 token,
                 key=key,
-                algorithms=self._algorithms,
+                algorithms=[algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
                 leeway=_LEEWAY_S,
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise Unauthenticated(f"bearer token not accepted: {exc}", reason="BEARER_INVALID") from None
+        except (TypeError, ValueError):
+            # Whatever else a hostile token makes the JWT or crypto library throw is a refusal.
+            raise Unauthenticated("bearer token not accepted", reason="BEARER_INVALID") from None
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("bearer token has no subject", reason="BEARER_INVALID")
@@ -171,6 +186,17 @@ class OAuth2Auth:
         if len(candidates) != 1:
             raise jwt.InvalidTokenError("signing key not found in the JWKS")
         return candidates[0].key
+
+
+def _key_algorithms(key: object) -> frozenset[str]:
+    """The JWS algorithms a public key of this type can verify (none for any other key)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return _RSA_ALGORITHMS
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in _EC_ALGORITHMS:
+        return frozenset({_EC_ALGORITHMS[key.curve.name]})
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return frozenset({"EdDSA"})
+    return frozenset()
 
 
 class Refuse:

@@ -32,7 +32,6 @@ from veil.services.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    Unauthenticated,
     Unavailable,
     VeilError,
 )
@@ -131,14 +130,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def _admit(self, instance_id: str, context: grpc.ServicerContext) -> Principal:
         """Authenticate with the instance's plugin and take a rate-limit token; returns the principal."""
         credentials = Credentials(certificate_identity(context), _metadata(context))
+        principal: Principal | None = None
         try:
             principal = self._authenticators.authenticate(instance_id, credentials)
-        except Unauthenticated:
-            self._limiter.acquire(f"peer:{_peer_host(context)}")  # failed attempts are rate limited too
-            raise
-        client = f"peer:{_peer_host(context)}" if principal == ANONYMOUS else principal.key
-        self._limiter.acquire(client)
-        return principal
+            return principal
+        finally:
+            # Every attempt is charged, whatever the plugin raised: a failed one to the address.
+            client = f"peer:{_peer_host(context)}"
+            if principal is not None and principal != ANONYMOUS:
+                client = principal.key
+            self._limiter.acquire(client)
 
     # --- routing -----------------------------------------------------------------------------
 
