@@ -1345,7 +1345,9 @@ export class VeilNodeClient {
     try {
       return openOutcome(reply.outcome, sealed);
     } catch (error) {
-      if (error instanceof CommandRefused && error.code === "ECALL_ERROR_CODE_INVALID_ARGUMENT") return null;
+      // An unsealed refusal ("could not open it", "over the memory budget") is the host's word,
+      // which it can give for a command that ran: ambiguous, so only the same counter again.
+      if (error instanceof CommandRefused) return null;
       throw error;
     }
   }

@@ -931,3 +931,35 @@ def test_an_outcome_seen_on_the_receipt_stream_raises_the_read_floor(
         assert opened.accepted
         assert opened.receipt is not None
         assert client._heads["coins"] == opened.receipt.sequence
+
+
+@pytest.mark.parametrize(
+    "code", [error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED, error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED]
+)
+def test_a_forged_unsealed_refusal_of_a_command_that_ran_is_not_taken_as_final(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str], code: int
+) -> None:
+    """Fifth review: the host runs the transfer, then answers with an unsealed outcome error
+    ("over the memory budget"), which only the host vouches for. Taken as final, the caller
+    would send the transfer again as a new call and pay twice. The SDK treats it like a lost
+    answer: the same counter again, and the enclave's kept answer says it ran."""
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+    calls: list[int] = []
+
+    def forge_refusal(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        calls.append(1)
+        reply = upstream.Execute(request, timeout=10)
+        if len(calls) == 1:
+            forged = gateway_pb2.ExecuteResponse()
+            forged.outcome.error.code = code
+            forged.outcome.error.message = "enclave memory budget exhausted"
+            return forged
+        return reply
+
+    servicer.intercept_execute = forge_refusal
+    with _through(mesh, address) as client:
+        assert client.token("coins", alice).transfer(bob.account, 10) == 90
+    assert len(calls) >= 2
+    assert _balance(mesh, bob) == 10
+    assert _balance(mesh, alice) == 90

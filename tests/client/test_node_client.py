@@ -606,10 +606,16 @@ def _unopenable_outcome(context: grpc.ServicerContext) -> Any:
     return gateway_pb2.ExecuteResponse(outcome=envelope_pb2.CommandOutcome(error=error))
 
 
-LIES = [_unopenable_status, _unopenable_outcome]
+def _over_budget_outcome(context: grpc.ServicerContext) -> Any:
+    # Unsealed, so only the host vouches for it: a command that ran must not look refused.
+    error = error_pb2.EcallError(code=error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED, message="over budget")
+    return gateway_pb2.ExecuteResponse(outcome=envelope_pb2.CommandOutcome(error=error))
 
 
-@pytest.mark.parametrize("lie", LIES, ids=["status", "outcome"])
+LIES = [_unopenable_status, _unopenable_outcome, _over_budget_outcome]
+
+
+@pytest.mark.parametrize("lie", LIES, ids=["status", "outcome", "over-budget"])
 def test_a_command_that_ran_behind_an_unopenable_claim_is_answered_from_the_record(
     mesh: InProcessMesh,
     funded: tuple[SigningIdentity, SigningIdentity],

@@ -435,7 +435,8 @@ class VeilClient:
     def _send(
         self, instance_id: str, sealed: SealedRequest, signing_key: bytes, identity: Identity
     ) -> Opened | None:
-        """The enclave's verified answer to one sealing; None when "it could not open it"."""
+        """The enclave's verified answer to one sealing; None when the answer is the host's word
+        (an unsealed refusal), which proves nothing either way."""
         request = gateway_pb2.ExecuteRequest(
             instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
         )
@@ -446,10 +447,11 @@ class VeilClient:
             if _unopenable(failure):
                 return None
             raise
-        except CommandRefused as refusal:
-            if refusal.code == error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT:
-                return None
-            raise
+        except CommandRefused:
+            # An unsealed refusal ("could not open it", "over the memory budget") is not
+            # authenticated: the host can say so of a command that ran. Ambiguous, like a lost
+            # answer: only the same counter again, where the enclave names the sealing that used it.
+            return None
 
     def _counter_state(
         self, instance_id: str, account: str, opened: Opened, state: _Call
