@@ -99,6 +99,12 @@ class ReleaseRefusedError(KeyvaultError):
     default_reason = "RELEASE_POLICY_NOT_SATISFIED"
 
 
+class CallerNotAllowedError(KeyvaultError):
+    """The caller's identity may not name this key (the state host creates instance keys only)."""
+
+    default_reason = "KEY_NAME_NOT_ALLOWED"
+
+
 class IdempotencyConflictError(KeyvaultError):
     """A request_id was reused for a different operation or different parameters."""
 

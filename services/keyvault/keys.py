@@ -9,9 +9,13 @@ wrapped under the KEK (:mod:`veil.services.keyvault.kek`, AES-256-GCM) with the 
 so a wrapped blob cannot be moved to another key or version. Rotation adds version n+1;
 older versions still unwrap (data encrypted under them stays readable). Destroy
 crypto-shreds: every version's wrapped material is deleted and the metadata says
-``destroyed`` (the name stays reserved so it can never silently refer to a new key).
-Backups taken before a destroy still hold KEK-wrapped copies; shredding them needs the
-KEK retired as well.
+``destroyed``. A destroyed name is never created again, by anyone (the admin included): data
+and logs encrypted under it, and a host's old database, must never meet a new key by that name;
+a replacement key takes a new name. Backups taken before a destroy still hold KEK-wrapped
+copies; shredding them needs the KEK retired as well.
+
+Who may name what: the admin may create any key; the state host (``spiffe://veil/state``) only
+instance keys, ``instance.<instance id>``, so it cannot squat a name the operator means to use.
 
 Secure key release (:meth:`KeyManager.release`): verify the attestation token, re-check
 that its report data binds its runtime data and nonce, evaluate the key's release policy
@@ -43,7 +47,8 @@ rotate, destroy -- is audited with the caller's identity.
 
 Idempotency: create, rotate and destroy take an optional ``request_id``; a repeat returns
 the first result (even if the key changed since), and reusing an id for another operation
-or other parameters is refused.
+or other parameters is refused. Ids are scoped by caller identity (stored as
+``<caller>#<request_id>``): the state host and the admin never see or block each other's.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from veil.enclave import wire
+from veil.services.common import identity
 from veil.services.keyvault.audit import (
     ACTION_CREATE,
     ACTION_DESTROY,
@@ -74,8 +80,9 @@ from veil.services.keyvault.audit import (
 )
 from veil.services.keyvault.clock import Clock, to_micros
 from veil.services.keyvault.enclave_keys import bound_enclave_keys
-from veil.services.keyvault.enclave_policy import EnclavePolicy, is_instance_key
+from veil.services.keyvault.enclave_policy import INSTANCE_KEY_PREFIX, EnclavePolicy, is_instance_key
 from veil.services.keyvault.errors import (
+    CallerNotAllowedError,
     IdempotencyConflictError,
     InvalidArgumentError,
     KeyDestroyedError,
@@ -243,6 +250,10 @@ class KeyManager:
 
         def params() -> dict[str, str]:
             nonlocal canonical_policy
+            if caller == identity.STATE and not is_instance_key(name):  # (the name is checked first)
+                raise CallerNotAllowedError(
+                    f"{caller} creates instance keys only ({INSTANCE_KEY_PREFIX}<instance id>), not {name!r}"
+                )
             canonical_policy = parse_release_policy(policy_json).to_json()
             return {"name": name, "policy": canonical_policy}
 
@@ -303,7 +314,7 @@ class KeyManager:
 
         try:
             check_key_name(name)
-            return self._mutate(action, request_id, params() if params else {"name": name}, effect)
+            return self._mutate(action, caller, request_id, params() if params else {"name": name}, effect)
         except BaseException as exc:
             self._refused(action, caller, {"key": name, "request_id": request_id}, exc)
             raise
@@ -389,6 +400,7 @@ class KeyManager:
     def _mutate(
         self,
         operation: str,
+        caller: str,
         request_id: str,
         params: Mapping[str, str],
         effect: Callable[[StoreTx, int], KeyMetadata],
@@ -398,16 +410,17 @@ class KeyManager:
             canonical_json({"operation": operation, **params}).encode("ascii")
         ).hexdigest()
         now_us = to_micros(self._clock())
+        scoped_id = f"{caller}#{request_id}"  # a SPIFFE ID has no '#': callers never share an id
         with self._store.transaction() as tx:
             if request_id:
-                prior = tx.claim_request(request_id, operation, fingerprint, now_us)
+                prior = tx.claim_request(scoped_id, operation, fingerprint, now_us)
                 if prior is not None:
                     if prior.operation != operation or prior.fingerprint != fingerprint:
                         raise IdempotencyConflictError("request_id was used for a different request")
                     return KeyMetadata.from_json(prior.result_json)
             result = effect(tx, now_us)
             if request_id:
-                tx.complete_request(request_id, result.to_json())
+                tx.complete_request(scoped_id, result.to_json())
             return result
 
     def _refused(

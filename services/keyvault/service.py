@@ -38,6 +38,7 @@ _MAPPING: tuple[tuple[type[kv.KeyvaultError], type[common.VeilError]], ...] = (
     (kv.KeyNotFoundError, common.NotFound),
     (kv.KeyExistsError, common.AlreadyExists),
     (kv.KeyDestroyedError, common.FailedPrecondition),
+    (kv.CallerNotAllowedError, common.PermissionDenied),
     (kv.IdempotencyConflictError, common.FailedPrecondition),
     (kv.DecryptionError, common.DataLoss),
     (kv.AuditChainError, common.DataLoss),
