@@ -134,7 +134,9 @@ class ExpectedMeasurement:
             statuses = ALL_TCB_STATUSES
         unknown = sorted(set(statuses) - set(ALL_TCB_STATUSES))
         if unknown:
-            raise PolicyError(f"unknown TCB status(es) {unknown}; known: {list(ALL_TCB_STATUSES)}")
+            raise PolicyError(
+                f"unknown TCB status(es) {', '.join(unknown)}; known: {', '.join(ALL_TCB_STATUSES)}"
+            )
         object.__setattr__(self, "accepted_tcb_statuses", statuses)
 
     @property
@@ -182,7 +184,7 @@ class ExpectedMeasurement:
             "accepted_tcb_statuses", "root", "issuer", "jwks", "keyvault_release_key",
         }  # fmt: skip
         if unknown:
-            raise PolicyError(f"unknown policy keys: {sorted(unknown)}")
+            raise PolicyError(f"unknown policy keys: {', '.join(sorted(unknown))}")
         mrenclave = document.get("mrenclave") or []
         if isinstance(mrenclave, str):
             mrenclave = [mrenclave]
