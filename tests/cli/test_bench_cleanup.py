@@ -22,5 +22,8 @@ def test_two_bench_runs_leave_one_instance(veil: Veil) -> None:
     assert first["instance"] == second["instance"] == "bench-strict"
     assert first["confidential_tps"] > 0
     assert second["confidential_tps"] > 0
+    assert second["errors"] == {}
+    assert second["relay_tps"] > 0
+    assert second["ratio_to_relay"] is not None
     assert _instances(veil) == ["bench-strict"]
     assert (veil.mesh.data_dir / "identities" / "bench-issuer.key").stat().st_mode & 0o077 == 0

@@ -19,15 +19,20 @@ Against a running mesh, with the admin certificate:
    verified after the window (a failure is an error, never ignored);
 5. baseline window, same length and client count: `Ping` through the same gateway path
    (authentication plugin, rate limit, routing, deadline) to the state host, which answers
-   without the enclave or storage, carrying a payload as large as a sealed transfer.
+   without the enclave or storage, carrying a payload as large as a sealed transfer;
+6. relay window, same length and client count: the same payload through a bare two-hop relay
+   (veil.dev.relay: client -> proxy -> backend, each its own process, grpc.aio, raw bytes, no
+   TLS, no interceptors), started for the run and stopped after it.
 
-`ratio` = confidential / baseline throughput. ECALLs per command and commands per commit are
+`ratio` = confidential / baseline throughput, `ratio_to_relay` = confidential / relay
+throughput; a ratio is null when either of its windows had an error (a window cut short by
+errors measures the errors, not the path). ECALLs per command and commands per commit are
 the state shards' counter deltas over the confidential window (gateway GetStatus). Clients
 run as threads in `--processes` worker processes (spawned; gRPC releases the GIL during I/O).
 
-The gateway rate-limits per principal (default 200/s): benchmark a mesh started with
-VEIL_GATEWAY_RATE/VEIL_GATEWAY_BURST raised (`make bench` does), else the run reports
-RESOURCE_EXHAUSTED errors.
+The gateway rate-limits per principal (default 200/s); the local mesh `veil up` starts has dev
+limits that fit a benchmark (veil.dev.supervisor.DEV_GATEWAY_RATE). Against a gateway with
+production limits the run reports RESOURCE_EXHAUSTED errors and no ratio, and exits 1.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from veil.cli.common import open_client, positive, seconds
+from veil.dev.relay import METHOD as RELAY_METHOD
+from veil.dev.relay import running_relay
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
@@ -235,19 +242,24 @@ class _Client:
     def run_ping(
         self, stub: gateway_pb2_grpc.GatewayServiceStub, start: float, end: float, payload: bytes
     ) -> RunResult:
-        result = RunResult()
         request = gateway_pb2.PingRequest(instance_id=self.instance_id, payload=payload)
-        _sleep_until(start)
-        while time.time() < end:
-            began = time.perf_counter()
-            try:
-                stub.Ping(request, timeout=_CALL_TIMEOUT_S)
-            except grpc.RpcError as error:
-                result.errors[error.code().name] = result.errors.get(error.code().name, 0) + 1
-                break
-            if time.time() <= end:
-                result.latencies.append(time.perf_counter() - began)
-        return result
+        return _closed_loop(lambda: stub.Ping(request, timeout=_CALL_TIMEOUT_S), start, end)
+
+
+def _closed_loop(call: Callable[[], object], start: float, end: float) -> RunResult:
+    """Call `call` back to back from `start` to `end`; the first error stops this client."""
+    result = RunResult()
+    _sleep_until(start)
+    while time.time() < end:
+        began = time.perf_counter()
+        try:
+            call()
+        except grpc.RpcError as error:
+            result.errors[error.code().name] = result.errors.get(error.code().name, 0) + 1
+            break
+        if time.time() <= end:
+            result.latencies.append(time.perf_counter() - began)
+    return result
 
 
 def _sleep_until(moment: float) -> None:
@@ -270,6 +282,18 @@ def _in_threads(clients: Sequence[_Client], work: Callable[[_Client], Any]) -> l
     return results
 
 
+def _relay(clients: Sequence[_Client], target: str, start: float, end: float, payload: bytes) -> RunResult:
+    """The relay window: the same clients, plain channel, raw bytes."""
+    run = RunResult()
+    with grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)]) as channel:
+        echo: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(RELAY_METHOD)
+        for one in _in_threads(
+            clients, lambda c: _closed_loop(lambda: echo(payload, timeout=_CALL_TIMEOUT_S), start, end)
+        ):
+            run.merge(one)
+    return run
+
+
 def _do(
     order: tuple[Any, ...],
     clients: Sequence[_Client],
@@ -278,6 +302,9 @@ def _do(
 ) -> RunResult | CryptoResult:
     """Carry out one order from the parent over this worker's clients."""
     kind = order[0]
+    if kind == "relay":
+        _, target, start, end = order
+        return _relay(clients, target, start, end, payload)
     if kind == "execute":
         _, start, end, inline = order
         run = RunResult()
@@ -350,6 +377,13 @@ class Workers:
         start = time.time() + _START_DELAY_S
         merged = RunResult()
         for one in self._all(("ping", start, start + seconds)):
+            merged.merge(one)
+        return merged
+
+    def relay(self, target: str, seconds: float) -> RunResult:
+        start = time.time() + _START_DELAY_S
+        merged = RunResult()
+        for one in self._all(("relay", target, start, start + seconds)):
             merged.merge(one)
         return merged
 
@@ -545,11 +579,18 @@ def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) ->
             for p in range(processes)
         ]
     )
-    meter = CpuMeter(
-        {**options.cpu_pids, "bench": [os.getpid(), *(p.pid for p in workers.processes if p.pid)]}
-    )
     try:
-        report = _measure(client, workers, meter, options, instance_id)
+        with running_relay() as (relay_target, relay_pids):
+            meter = CpuMeter(
+                {
+                    **options.cpu_pids,
+                    "bench": [os.getpid(), *(p.pid for p in workers.processes if p.pid)],
+                    "relay": relay_pids,
+                }
+            )
+            report = _measure(
+                client, workers, meter, options, instance_id=instance_id, relay_target=relay_target
+            )
     finally:
         workers.close()
     report.update(
@@ -566,8 +607,21 @@ def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) ->
     return report
 
 
+def _ratio(numerator: RunResult, denominator: RunResult) -> float | None:
+    """numerator / denominator throughput (same window length), None when either window erred."""
+    if numerator.errors or denominator.errors or not denominator.latencies:
+        return None
+    return round(len(numerator.latencies) / len(denominator.latencies), 3)
+
+
 def _measure(
-    client: VeilClient, workers: Workers, meter: CpuMeter, options: BenchOptions, instance_id: str
+    client: VeilClient,
+    workers: Workers,
+    meter: CpuMeter,
+    options: BenchOptions,
+    *,
+    instance_id: str,
+    relay_target: str,
 ) -> dict[str, Any]:
     seconds = options.seconds
     _log(f"warm-up {options.warmup:.0f}s (SDK-style: seal, send, open and verify inline)")
@@ -596,6 +650,13 @@ def _measure(
     baseline = workers.ping(seconds)
     cpu_baseline = CpuMeter.cores(cpu_before, meter.sample(), time.time() - baseline_started)
 
+    _log(f"relay window {seconds:.0f}s (bare two-hop gRPC relay), {options.clients} clients")
+    workers.relay(relay_target, min(options.warmup, 2.0))
+    cpu_before = meter.sample()
+    relay_started = time.time()
+    relay = workers.relay(relay_target, seconds)
+    cpu_relay = CpuMeter.cores(cpu_before, meter.sample(), time.time() - relay_started)
+
     # The first GetStatus costs one ECALL (the enclave's memory figures); the second's own
     # ECALL is counted after its reply is built.
     ecalls = after.ecalls - before.ecalls - 1
@@ -606,16 +667,24 @@ def _measure(
     errors = dict(confidential.errors)
     for code, count in baseline.errors.items():
         errors[f"baseline:{code}"] = count
+    for code, count in relay.errors.items():
+        errors[f"relay:{code}"] = count
     if verified.failures:
         errors["NOT_VERIFIED"] = verified.failures
     return {
         "confidential_tps": round(confidential_tps, 1),
         "baseline_tps": round(baseline_tps, 1),
-        "ratio": round(confidential_tps / baseline_tps, 3) if baseline_tps else 0.0,
+        "relay_tps": round(_tps(relay, seconds), 1),
+        # A failed verification makes the confidential window erroneous too.
+        "ratio": None if verified.failures else _ratio(confidential, baseline),
+        "ratio_to_relay": None if verified.failures else _ratio(confidential, relay),
         "p50_ms": round(1000 * percentile(confidential.latencies, 0.50), 2),
         "p99_ms": round(1000 * percentile(confidential.latencies, 0.99), 2),
         "baseline_p50_ms": round(1000 * percentile(baseline.latencies, 0.50), 2),
         "baseline_p99_ms": round(1000 * percentile(baseline.latencies, 0.99), 2),
+        "relay_p50_ms": round(1000 * percentile(relay.latencies, 0.50), 2),
+        "relay_p99_ms": round(1000 * percentile(relay.latencies, 0.99), 2),
+        "relay_calls": len(relay.latencies),
         "ecalls_per_command": round(ecalls / commands, 4) if commands else None,
         "commands_per_commit": round(commands / commits, 2) if commits else None,
         "commands": len(confidential.latencies),
@@ -628,7 +697,7 @@ def _measure(
         # Inline, every answer was verified inside the window (a failure stops its client).
         "verified": len(confidential.latencies) if options.inline else verified.count - verified.failures,
         "errors": errors,
-        "cpu_cores": {"confidential": cpu_confidential, "baseline": cpu_baseline},
+        "cpu_cores": {"confidential": cpu_confidential, "baseline": cpu_baseline, "relay": cpu_relay},
         "instance_id": instance_id,
     }
 
@@ -636,7 +705,10 @@ def _measure(
 def _errors(errors: dict[str, int]) -> str:
     text = ", ".join(f"{code} x{count}" for code, count in sorted(errors.items()))
     if any("RESOURCE_EXHAUSTED" in code for code in errors):
-        text += " (the gateway's rate limit: start the mesh with VEIL_GATEWAY_RATE/VEIL_GATEWAY_BURST raised)"
+        text += (
+            " (the gateway's rate limit: bench the mesh `veil up` starts, or one started with"
+            " VEIL_GATEWAY_RATE/VEIL_GATEWAY_BURST raised)"
+        )
     return text
 
 
@@ -733,9 +805,16 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"p99 {report['p99_ms']:.2f} ms",
         f"baseline      {report['baseline_tps']:>9.1f} /s     p50 {report['baseline_p50_ms']:.2f} ms   "
         f"p99 {report['baseline_p99_ms']:.2f} ms",
-        f"ratio         {report['ratio']:.3f}",
+        f"relay         {report['relay_tps']:>9.1f} /s     p50 {report['relay_p50_ms']:.2f} ms   "
+        f"p99 {report['relay_p99_ms']:.2f} ms",
+        f"ratio         {_shown(report['ratio'])} to the baseline, {_shown(report['ratio_to_relay'])} "
+        "to the relay",
         f"ECALLs/command {report['ecalls_per_command']}   commands/commit {report['commands_per_commit']}",
         f"client crypto: seal {report['client_seal_ms']} ms, open+verify {report['client_open_ms']} ms "
         "per command",
     ]
     print("\n".join(lines))
+
+
+def _shown(ratio: float | None) -> str:
+    return "n/a (a window had errors)" if ratio is None else f"{ratio:.3f}"

@@ -30,8 +30,10 @@ from veil.services.common.config import (
     ADMIN_LISTEN,
     DATA_DIR,
     DEFAULT_PORTS,
+    ENV_GATEWAY_BURST,
     ENV_GATEWAY_KEYVAULT_ADDR,
     ENV_GATEWAY_PUBLIC_LISTEN,
+    ENV_GATEWAY_RATE,
     ENV_GATEWAY_STATE_ADDRS,
     ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
@@ -46,6 +48,11 @@ from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR
 
 DEPLOY_ORDER = ("keyvault", "state", "gateway")
+#: The local mesh's per-client rate limit (production default: 200/s, burst 400). A dev mesh
+#: listens on loopback only and is what `veil bench` measures: the limiter still runs on every
+#: request, at a rate no benchmark of two cores reaches. VEIL_GATEWAY_RATE/BURST still override.
+DEV_GATEWAY_RATE = "20000"
+DEV_GATEWAY_BURST = "20000"
 #: How `veil up` says, on stdout, that every service is SERVING and the client policy written.
 MESH_UP = "veil mesh is up"
 _log = logging.getLogger("veil.up")
@@ -124,6 +131,8 @@ class Mesh:
             ENV_STATE_ENCLAVE_MODE: "sim",
             ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
             ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(data_dir / "pki")),
+            ENV_GATEWAY_RATE: DEV_GATEWAY_RATE,
+            ENV_GATEWAY_BURST: DEV_GATEWAY_BURST,
             **os.environ,
             # The keyvault releases instance keys (and accepts commit heads) only for the sim
             # enclave built from this checkout: the operator policy a production keyvault reads
