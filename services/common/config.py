@@ -8,6 +8,7 @@ start-up, not on the first request.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,14 @@ ENV_KEYVAULT_PKCS11_MODULE = "VEIL_KEYVAULT_PKCS11_MODULE"
 ENV_KEYVAULT_PKCS11_TOKEN_LABEL = "VEIL_KEYVAULT_PKCS11_TOKEN_LABEL"
 ENV_KEYVAULT_PKCS11_PIN = "VEIL_KEYVAULT_PKCS11_PIN"
 ENV_KEYVAULT_PKCS11_KEY_LABEL = "VEIL_KEYVAULT_PKCS11_KEY_LABEL"
+# Secrets may come from files instead (secret_setting): what the manifests use.
+ENV_KEYVAULT_DB_FILE = "VEIL_KEYVAULT_DB_FILE"
+ENV_KEYVAULT_PKCS11_PIN_FILE = "VEIL_KEYVAULT_PKCS11_PIN_FILE"
 # The state host's.
 ENV_STATE_KEYVAULT_ADDR = "VEIL_STATE_KEYVAULT_ADDR"
 ENV_STATE_DB = "VEIL_STATE_DB"
 ENV_STATE_DB_SCHEMA = "VEIL_STATE_DB_SCHEMA"
+ENV_STATE_DB_FILE = "VEIL_STATE_DB_FILE"
 ENV_STATE_ENCLAVE_MODE = "VEIL_STATE_ENCLAVE_MODE"
 ENV_STATE_ENCLAVE_MEMORY_MB = "VEIL_STATE_ENCLAVE_MEMORY_MB"
 ENV_STATE_SEAL_DIR = "VEIL_STATE_SEAL_DIR"
@@ -110,6 +115,50 @@ DEFAULT_GRACE_SECONDS = 10.0
 
 class ConfigError(ValueError):
     """A configuration value is missing or breaks an invariant."""
+
+
+#: A secret setting NAME may instead name a file in NAME_FILE (a mounted Secret), so the secret
+#: is not in the process environment (`/proc/<pid>/environ`, `kubectl describe`, crash dumps).
+SECRET_FILE_SUFFIX = "_FILE"
+
+
+def secret_setting(env: Mapping[str, str], name: str, default: str = "") -> str:
+    """The secret `name`: read once from the file NAME_FILE names, else the variable itself
+    (kept for development; the manifests mount files). Setting both is refused."""
+    file_variable = name + SECRET_FILE_SUFFIX
+    path = env.get(file_variable, "").strip()
+    if not path:
+        return env.get(name, default)
+    if env.get(name):
+        raise ConfigError(f"set {name} or {file_variable}, not both")
+    return read_secret_file(Path(path), file_variable)
+
+
+def read_secret_file(path: Path, variable: str) -> str:
+    """A secret file's text (one trailing newline dropped), refused when other users may read it
+    or anyone but its owner may change it (group read stays allowed: Kubernetes mounts Secrets
+    0440 for the pod's fsGroup), when it is not a regular file, or when it is empty."""
+    try:
+        with path.open("rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise ConfigError(f"{variable}: {path} is not a regular file")
+            if status.st_mode & 0o027:
+                raise ConfigError(
+                    f"{variable}: {path} has mode {stat.S_IMODE(status.st_mode):04o}: other users may read "
+                    "or change it; chmod 600 it (or mount the Secret with defaultMode 0440)"
+                )
+            raw = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"{variable}: cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}: {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if not text:
+        raise ConfigError(f"{variable}: {path} is empty")
+    return text
 
 
 @dataclass(frozen=True)

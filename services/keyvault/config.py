@@ -8,10 +8,13 @@ refused unless the deployment opts into the dev root explicitly (fail closed).
 =====================================  ======================================================================
 ``VEIL_KEYVAULT_DB``                   SQLite file path (or ``sqlite:PATH``), or a ``postgresql://`` DSN
 ``VEIL_KEYVAULT_DB_SCHEMA``            PostgreSQL schema (default ``veil_keyvault``)
+``VEIL_KEYVAULT_DB_FILE``              a file holding that value (a DSN with a password): read once at
+                                       start, refused when other users may read it; the manifests use it
 ``VEIL_KEYVAULT_ATTESTATION_ROOT``     ``intel`` (default), ``dev`` (``<data dir>/pki/sgx-root.pem``), a PEM
 ``VEIL_KEYVAULT_KEK_PROVIDER``         ``file`` (default) or ``pkcs11``
 ``VEIL_KEYVAULT_KEK_FILE``             key file for ``file`` (default ``<data dir>/keyvault/kek.bin``)
 ``VEIL_KEYVAULT_PKCS11_MODULE`` etc.   module path, token label, user PIN and key label for ``pkcs11``
+``VEIL_KEYVAULT_PKCS11_PIN_FILE``      the user PIN from a file instead (read once, permission-checked)
 ``VEIL_KEYVAULT_ISSUER``               token ``iss`` and policy ``authority`` (default ``spiffe://veil/keyvault``)
 ``VEIL_KEYVAULT_TOKEN_TTL_SECONDS``    token lifetime (default 600)
 ``VEIL_KEYVAULT_ENCLAVE_POLICY_FILE``  the operator enclave policy (release-policy JSON): the state
@@ -47,6 +50,7 @@ from veil.services.common.config import (
     ENV_KEYVAULT_PKCS11_PIN,
     ENV_KEYVAULT_PKCS11_TOKEN_LABEL,
     ConfigError,
+    secret_setting,
 )
 from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S
 from veil.verify.tokens import MAX_TOKEN_LIFETIME_S
@@ -134,7 +138,7 @@ class KeyvaultConfig:
             file=Path(env.get(ENV_KEYVAULT_KEK_FILE, str(home / "kek.bin"))),
             pkcs11_module=env.get(ENV_KEYVAULT_PKCS11_MODULE, ""),
             pkcs11_token_label=env.get(ENV_KEYVAULT_PKCS11_TOKEN_LABEL, ""),
-            pkcs11_pin=env.get(ENV_KEYVAULT_PKCS11_PIN, ""),
+            pkcs11_pin=secret_setting(env, ENV_KEYVAULT_PKCS11_PIN),
             pkcs11_key_label=env.get(ENV_KEYVAULT_PKCS11_KEY_LABEL, ""),
         )
         try:
@@ -149,7 +153,7 @@ class KeyvaultConfig:
         enclave_policy = env.get(ENV_KEYVAULT_ENCLAVE_POLICY_FILE, "")
         collateral_dir = env.get(ENV_KEYVAULT_COLLATERAL_DIR, "")
         config = cls(
-            db=env.get(ENV_KEYVAULT_DB, str(home / "keyvault.db")),
+            db=secret_setting(env, ENV_KEYVAULT_DB, str(home / "keyvault.db")),
             kek=kek,
             attestation_root=env.get(ENV_KEYVAULT_ATTESTATION_ROOT, "intel"),
             dev_root_path=data_dir / "pki" / "sgx-root.pem",

@@ -2,6 +2,10 @@
 
 Fail-closed rules: VEIL_STATE_ENCLAVE_MODE has no default. A production deployment that forgets it
 refuses to start instead of silently running a simulated enclave; `veil up` sets ``sim``.
+
+VEIL_STATE_DB (a SQLite path or a PostgreSQL URL, which may hold a password) may instead be
+read from the file VEIL_STATE_DB_FILE names: once, at start, refused when other users may read
+it (veil.services.common.config.secret_setting). The manifests mount it that way.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from veil.services.common.config import (
     ENV_STATE_SNAPSHOT_EVERY,
     ConfigError,
     ServiceConfig,
+    secret_setting,
 )
 from veil.services.state.store_postgres import DEFAULT_SCHEMA
 from veil.services.state.store_sqlite import DEFAULT_FILE_NAME
@@ -101,7 +106,7 @@ class StateConfig:
         return cls(
             service=service,
             keyvault_address=env.get(ENV_STATE_KEYVAULT_ADDR, f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0]}"),
-            database=env.get(ENV_STATE_DB, "") or str(data_dir / DEFAULT_FILE_NAME),
+            database=secret_setting(env, ENV_STATE_DB) or str(data_dir / DEFAULT_FILE_NAME),
             database_schema=env.get(ENV_STATE_DB_SCHEMA, "") or DEFAULT_SCHEMA,
             enclave_mode=mode,
             enclave_memory_mb=_int(env, ENV_STATE_ENCLAVE_MEMORY_MB, DEFAULT_MEMORY_MB, 1),

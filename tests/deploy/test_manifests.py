@@ -477,6 +477,20 @@ def test_sim_runs_the_simulated_enclave() -> None:
 # --- secrets and trust -------------------------------------------------------------------------
 
 
+# Settings holding a password or PIN: read by our services from a mounted file (NAME_FILE).
+SECRET_SETTINGS = ("VEIL_KEYVAULT_DB", "VEIL_STATE_DB", "VEIL_KEYVAULT_PKCS11_PIN")
+
+
+def _secret_file_source(w: Workload, c: Obj, path: str) -> Obj:
+    """The Secret volume (and its mode) that mounts the file at `path` in container `c`."""
+    file = PurePosixPath(path)
+    (mount,) = [m for m in c["volumeMounts"] if PurePosixPath(m["mountPath"]) == file.parent]
+    assert mount.get("readOnly"), f"{w.name}: {file.parent} is writable"
+    secret: Obj = w.volume(mount["name"])["secret"]
+    assert [item["path"] for item in secret.get("items", [])] == [file.name]
+    return secret
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_credentials_come_from_secrets(overlay: str) -> None:
     for w in workloads(overlay):
@@ -484,16 +498,34 @@ def test_credentials_come_from_secrets(overlay: str) -> None:
             for name, entry in env(c).items():
                 value = str(entry.get("value", ""))
                 assert not re.search(r"://[^/\s]*@", value), f"{w.name}: credentials inline in {name}"
-                if name in ("VEIL_KEYVAULT_DB", "VEIL_STATE_DB") or "PIN" in name or "PASSWORD" in name:
+                # Our own secrets are files now; the plain variable stays for development only.
+                assert name not in SECRET_SETTINGS, f"{w.name}: {name} in the environment; use {name}_FILE"
+                if name.removesuffix("_FILE") in SECRET_SETTINGS:
+                    secret = _secret_file_source(w, c, value)
+                    assert secret["defaultMode"] & 0o027 == 0, f"{w.name}: {name} readable by others"
+                elif "PIN" in name or "PASSWORD" in name:  # other images' (PostgreSQL's) settings
                     assert "secretKeyRef" in entry.get("valueFrom", {}), f"{w.name}: {name} not from a Secret"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_database_urls_are_mounted_from_the_shared_secret(overlay: str) -> None:
+    for service in ("keyvault", "state"):
+        w = workload(overlay, service)
+        c = w.container(service)
+        secret = _secret_file_source(w, c, env_value(c, f"VEIL_{service.upper()}_DB_FILE"))
+        assert secret["secretName"] == "veil-postgresql"
+        assert [item["key"] for item in secret["items"]] == [f"{service}-url"]
+
+
 def test_aks_keyvault_trusts_intel_and_keeps_the_kek_in_an_hsm() -> None:
-    c = workload("aks", "keyvault").container("keyvault")
+    w = workload("aks", "keyvault")
+    c = w.container("keyvault")
     assert env_value(c, "VEIL_KEYVAULT_ATTESTATION_ROOT") == "intel"
     assert env_value(c, "VEIL_KEYVAULT_KEK_PROVIDER") == "pkcs11"
-    for name in ("MODULE", "TOKEN_LABEL", "PIN", "KEY_LABEL"):
+    for name in ("MODULE", "TOKEN_LABEL", "KEY_LABEL"):
         assert "secretKeyRef" in env(c)[f"VEIL_KEYVAULT_PKCS11_{name}"]["valueFrom"]
+    pin = _secret_file_source(w, c, env_value(c, "VEIL_KEYVAULT_PKCS11_PIN_FILE"))
+    assert (pin["secretName"], [item["key"] for item in pin["items"]]) == ("veil-kek-pkcs11", ["pin"])
     assert "VEIL_KEYVAULT_KEK_FILE" not in env(c)
 
 
