@@ -1,6 +1,7 @@
 """`veil up`: start keyvault → state → gateway as processes, each after the previous is SERVING.
 
-Like Kubernetes, the supervisor restarts a service that dies (with back-off) and
+Like Kubernetes, the supervisor restarts a service that dies (at once after a healthy run,
+with back-off only in a crash loop) and
 stops everything, gateway first, on SIGINT or SIGTERM.
 """
 
@@ -179,25 +180,24 @@ class Mesh:
             _log.info("%s is SERVING (admin %s)", service.name, service.admin_address)
 
     def watch(self, poll: float = 0.5) -> None:
-        """Restart crashed services (back-off doubling to 30 s) until stop() is called."""
+        """Restart exited services (at once after a healthy run, with back-off only in a crash
+        loop: see restart_delay) until stop() is called."""
         while not self._stopping.wait(poll):
             for service in self.services:
                 process = service.process
                 if process is None or process.poll() is None:
                     continue
-                backoff = min(30.0, 0.5 * 2**service.restarts)
-                if time.monotonic() - service.started_at < 60:
-                    service.restarts += 1
-                else:
-                    service.restarts = 0
+                delay, service.restarts = restart_delay(
+                    service.restarts, time.monotonic() - service.started_at
+                )
                 _log.warning(
-                    "%s exited with %s; restarting in %.1fs (restart %d)",
+                    "%s exited with %s; restarting in %.1fs (restart %d of this crash loop)",
                     service.name,
                     process.returncode,
-                    backoff,
+                    delay,
                     service.restarts,
                 )
-                if self._stopping.wait(backoff):
+                if self._stopping.wait(delay):
                     return
                 service.start()
 
@@ -206,6 +206,30 @@ class Mesh:
         self._stopping.set()
         for service in reversed(self.services):
             service.stop(self.grace)
+
+
+#: A run at least this long was healthy: its exit starts no crash loop (Kubernetes resets its
+#: CrashLoopBackOff after 10 minutes of running; a dev mesh's services start in seconds).
+HEALTHY_RUN_S = 60.0
+RESTART_BACKOFF_INITIAL_S = 0.5
+RESTART_BACKOFF_MAX_S = 30.0
+
+
+def restart_delay(restarts: int, ran_s: float) -> tuple[float, int]:
+    """How long to wait before restarting a service that exited after running `ran_s` seconds,
+    `restarts` being the quick exits before this one: (delay, the new count).
+
+    The healthy-run reset comes first: a service killed after a healthy run restarts at once
+    (the old order computed the delay from the previous loop's count, so a gateway killed after
+    a healthy hour still waited up to 30 s). Only exits in quick succession back off, doubling
+    from 0.5 s to 30 s.
+    """
+    if ran_s >= HEALTHY_RUN_S:
+        return 0.0, 0
+    delay = (
+        0.0 if restarts == 0 else min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_INITIAL_S * 2 ** (restarts - 1))
+    )
+    return delay, restarts + 1
 
 
 def port_env(service: str, offset: int) -> dict[str, str]:
