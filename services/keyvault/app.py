@@ -24,6 +24,7 @@ from veil.services.keyvault.enclave_policy import EnclavePolicy, load_enclave_po
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.kek import FileKek, Kek, Pkcs11Kek
 from veil.services.keyvault.keys import KeyManager
+from veil.services.keyvault.leases import Leases
 from veil.services.keyvault.release_key import ReleaseSigner, load_or_create_release_signer
 from veil.services.keyvault.store import Store
 from veil.services.keyvault.store_postgres import PostgresStore
@@ -49,6 +50,7 @@ class Keyvault:
     keys: KeyManager
     heads: CommitHeads
     attestor: Attestor
+    leases: Leases
     #: Where quote collateral comes from (``GetStatus.collateral_source``): ``files:DIR``, ``none``.
     collateral_source: str = "none"
     #: Re-verifies the audit chain periodically (None when not started).
@@ -160,6 +162,7 @@ def open_keyvault(
                 release_public_key=release_signer.public_key,
                 collateral=collateral,
             ),
+            leases=Leases(store, audit, clock),
             collateral_source=collateral_source,
             audit_verifier=audit_verifier,
         )

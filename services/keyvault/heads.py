@@ -21,6 +21,8 @@ Two operations, both against a hostile state host:
   a path that does not extend the stored head (a fork, a rollback), another genesis, a bad
   signature -- is refused. The answer is a ``HeadConfirmation`` signed by the release key,
   made to that enclave boot (its signing key), which lets it release the answers it held.
+Once an instance has a lease (leases.py), only its current fencing token moves its head
+(``LEASE_LOST`` otherwise), checked in the compare-and-set's own transaction.
 
 Only enclaves the operator trusts may move heads at all: the token must satisfy the operator
 enclave policy (:mod:`veil.services.keyvault.enclave_policy`), else
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
+from veil.services.keyvault import leases
 from veil.services.keyvault.audit import (
     ACTION_ADVANCE_HEAD,
     OUTCOME_ALLOWED,
@@ -142,9 +145,16 @@ class CommitHeads:
         )
 
     def advance(
-        self, instance_id: str, links: Sequence[envelope_pb2.CommitLink], token: str, *, caller: str
+        self,
+        instance_id: str,
+        links: Sequence[envelope_pb2.CommitLink],
+        token: str,
+        *,
+        caller: str,
+        fencing_token: int = 0,
     ) -> tuple[CommitHead, bytes]:
         """Move the head along `links` if the attested enclave signed them; see the module rules.
+        Once the instance has a lease, only its current `fencing_token` moves it (leases.py).
 
         Returns the stored head and the signing key of the enclave that asked (whose links reach
         that head), which its confirmation is made for.
@@ -188,7 +198,9 @@ class CommitHeads:
                         "a link does not verify with the attested enclave signing key",
                         reason="COMMIT_HEAD_BAD_SIGNATURE",
                     )
-            head = self._compare_and_set(links, enclave.signing_public_bytes, caller, detail)
+            if fencing_token:
+                detail["fencing_token"] = fencing_token
+            head = self._compare_and_set(links, enclave.signing_public_bytes, caller, detail, fencing_token)
             return head, enclave.signing_public_bytes
         except BaseException as exc:
             if isinstance(exc, Exception):
@@ -206,10 +218,13 @@ class CommitHeads:
         signing_key: bytes,
         caller: str,
         detail: dict[str, DetailValue],
+        fencing_token: int,
     ) -> CommitHead:
         first, last = links[0], links[-1]
         for _ in range(_CAS_ATTEMPTS):
             with self._store.transaction() as tx:
+                # The fence commits with the move: a lease taken meanwhile waits for, or refuses, it.
+                leases.check(tx, first.instance_id, fencing_token)
                 current = tx.get_head(first.instance_id)
                 candidate = CommitHeadRecord(
                     instance_id=first.instance_id,

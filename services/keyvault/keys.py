@@ -66,6 +66,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from veil.enclave import wire
 from veil.services.common import identity
+from veil.services.keyvault import leases
 from veil.services.keyvault.audit import (
     ACTION_CREATE,
     ACTION_DESTROY,
@@ -320,9 +321,14 @@ class KeyManager:
             raise
 
     # -- release -----------------------------------------------------------------------------
-    def release(self, token: str, name: str, version: int = 0, *, caller: str) -> ReleasedKey:
-        """Release a data key (``version`` 0: the latest) HPKE-sealed to the token's enclave."""
+    def release(
+        self, token: str, name: str, version: int = 0, *, caller: str, fencing_token: int = 0
+    ) -> ReleasedKey:
+        """Release a data key (``version`` 0: the latest) HPKE-sealed to the token's enclave; an
+        instance key with a lease only for its current `fencing_token` (leases.py)."""
         detail: dict[str, DetailValue] = {"key": name, "requested_version": version}
+        if fencing_token:
+            detail["fencing_token"] = fencing_token
         try:
             check_key_name(name)
             if not 0 <= version <= MAX_VERSION:
@@ -365,6 +371,9 @@ class KeyManager:
             with self._store.transaction() as tx:
                 # Re-read under lock: a destroy that committed meanwhile wins.
                 self._live_key(tx, name, lock=True)
+                instance_id = leases.instance_of_key(name)
+                if instance_id is not None:  # a host that lost the instance gets its key no more
+                    leases.check(tx, instance_id, fencing_token)
                 if not tx.use_jti(verified.jti, replay_horizon_us(verified, self._verifier.leeway_s)):
                     raise TokenReplayError("token was already used for a key release")
                 self._audit.append(

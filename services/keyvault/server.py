@@ -3,7 +3,9 @@
 Authorization (by the caller's SPIFFE identity; a method missing here is denied):
 
 =====================================================  ==============================
-Attest, ReleaseKey, GetCommitHead, AdvanceCommitHead    state
+Attest, ReleaseKey, GetCommitHead, AdvanceCommitHead,
+AcquireLease                                            state
+ListLeases                                              gateway, state, admin
 GetJwks                                                 gateway, state, admin
 CreateKey                                               admin, state
 RotateKey, ListKeys, GetKey, DestroyKey,
@@ -37,6 +39,8 @@ AUTHORIZATION = identity.method_names(
         "ReleaseKey": _STATE,
         "GetCommitHead": _STATE,
         "AdvanceCommitHead": _STATE,
+        "AcquireLease": _STATE,
+        "ListLeases": frozenset({identity.GATEWAY, identity.STATE, identity.ADMIN}),
         "GetJwks": frozenset({identity.GATEWAY, identity.STATE, identity.ADMIN}),
         "CreateKey": frozenset({identity.ADMIN, identity.STATE}),
         "RotateKey": _ADMIN,

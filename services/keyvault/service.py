@@ -24,7 +24,7 @@ from veil.services.keyvault import errors as kv
 from veil.services.keyvault.app import Keyvault
 from veil.services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
 from veil.services.keyvault.keys import KeyMetadata
-from veil.services.keyvault.store import AuditRecord
+from veil.services.keyvault.store import AuditRecord, LeaseRecord
 
 _log = logging.getLogger(__name__)
 
@@ -105,6 +105,15 @@ def audit_message(event: AuditRecord) -> keyvault_pb2.AuditEvent:
     )
 
 
+def lease_message(lease: LeaseRecord) -> keyvault_pb2.Lease:
+    return keyvault_pb2.Lease(
+        instance_id=lease.instance_id,
+        holder=lease.holder,
+        fencing_token=lease.token,
+        expire_time=timestamp(lease.expires_us),
+    )
+
+
 class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     """Every KeyvaultService RPC."""
 
@@ -138,7 +147,13 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     ) -> keyvault_pb2.ReleaseKeyResponse:
         caller = peer_identity(context)
         with _domain_errors():
-            released = self._kv.keys.release(request.token, request.key_name, request.version, caller=caller)
+            released = self._kv.keys.release(
+                request.token,
+                request.key_name,
+                request.version,
+                caller=caller,
+                fencing_token=request.fencing_token,
+            )
         return keyvault_pb2.ReleaseKeyResponse(
             key_name=released.name,
             version=released.version,
@@ -213,7 +228,11 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
         caller = peer_identity(context)
         with _domain_errors():
             head, enclave_key = self._kv.heads.advance(
-                request.instance_id, request.links, request.token, caller=caller
+                request.instance_id,
+                request.links,
+                request.token,
+                caller=caller,
+                fencing_token=request.fencing_token,
             )
             confirmation = self._kv.heads.confirmation(head, enclave_key)
         return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence, confirmation=confirmation)
@@ -231,6 +250,23 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             response.tip.sequence, response.tip.hash = tip.sequence, tip.hash
             response.tip.signature, response.tip.release_public_key = tip.signature, tip.public_key
         return response
+
+    def AcquireLease(
+        self, request: keyvault_pb2.AcquireLeaseRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.AcquireLeaseResponse:
+        caller = peer_identity(context)
+        with _domain_errors():
+            lease = self._kv.leases.acquire(
+                request.instance_id, request.holder, request.ttl_ms, request.fencing_token, caller=caller
+            )
+        return keyvault_pb2.AcquireLeaseResponse(lease=lease_message(lease))
+
+    def ListLeases(
+        self, request: keyvault_pb2.ListLeasesRequest, context: grpc.ServicerContext
+    ) -> keyvault_pb2.ListLeasesResponse:
+        with _domain_errors():
+            leases = self._kv.leases.list()
+        return keyvault_pb2.ListLeasesResponse(leases=[lease_message(lease) for lease in leases])
 
     def GetStatus(
         self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext

@@ -21,8 +21,8 @@ Concurrency contract (what the libraries rely on):
 * ``claim_request`` makes request ids idempotent: in the transaction that performs the
   effect, it either returns the committed record of an earlier request with the same id or
   reserves the id, so a concurrent duplicate waits for (and then sees) the first result.
-* Lock order is fixed -- idempotency record, release key, key row, commit head, audit tip
-  last -- so transactions never deadlock one another.
+* Lock order is fixed -- idempotency record, release key, key row, instance lease, commit
+  head, audit tip last -- so transactions never deadlock one another.
 
 All times are integer microseconds since the epoch (see :mod:`veil.services.keyvault.clock`).
 """
@@ -92,6 +92,18 @@ class CommitHeadRecord:
     genesis_hash: bytes
     config_hash: bytes
     signing_public_key: bytes
+    updated_us: int
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """Which state host owns an instance until when, and the fencing token of that ownership
+    (one more with every acquisition; the row is never deleted, so a token is never reused)."""
+
+    instance_id: str
+    holder: str
+    token: int
+    expires_us: int
     updated_us: int
 
 
@@ -200,6 +212,20 @@ class StoreTx(Protocol):
 
     def replace_head(self, head: CommitHeadRecord, *, expected_sequence: int, expected_hash: bytes) -> bool:
         """Compare-and-set: replace the head only if it still is (expected_sequence, expected_hash)."""
+        ...
+
+    # -- instance leases ----------------------------------------------------------------
+    def get_lease(self, instance_id: str, *, lock: bool = False) -> LeaseRecord | None:
+        """An instance's lease; ``lock`` holds its row until commit (PostgreSQL ``FOR UPDATE``)."""
+        ...
+
+    def list_leases(self) -> list[LeaseRecord]:
+        """Every lease, ordered by instance id."""
+        ...
+
+    def put_lease(self, lease: LeaseRecord, *, expected_token: int) -> bool:
+        """Compare-and-set: write the lease only if the stored token is ``expected_token`` (0: no
+        lease yet, an insert-if-absent); False (no change) otherwise."""
         ...
 
     # -- audit -------------------------------------------------------------------------

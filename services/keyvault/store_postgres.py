@@ -81,6 +81,15 @@ CREATE TABLE IF NOT EXISTS kv_used_jtis (
 )
     """,
     """
+CREATE TABLE IF NOT EXISTS kv_leases (
+    instance_id TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token BIGINT NOT NULL,
+    expires_us BIGINT NOT NULL,
+    updated_us BIGINT NOT NULL
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS kv_commit_heads (
     instance_id TEXT PRIMARY KEY,
     sequence BIGINT NOT NULL,

@@ -18,6 +18,7 @@ from veil.services.keyvault.store import (
     IdempotencyRecord,
     KeyRecord,
     KeyVersionRecord,
+    LeaseRecord,
     ReleaseKeyRecord,
     SigningKeyRecord,
 )
@@ -226,6 +227,30 @@ class SqlTx:
         )
         return cursor.rowcount == 1
 
+    # -- instance leases --------------------------------------------------------------------
+    def get_lease(self, instance_id: str, *, lock: bool = False) -> LeaseRecord | None:
+        query = _SELECT_LEASE + " WHERE instance_id = ?" + (self._dialect.lock_suffix if lock else "")
+        row = self._run(query, (instance_id,)).fetchone()
+        return None if row is None else _lease(row)
+
+    def list_leases(self) -> list[LeaseRecord]:
+        return [_lease(row) for row in self._run(_SELECT_LEASE + " ORDER BY instance_id").fetchall()]
+
+    def put_lease(self, lease: LeaseRecord, *, expected_token: int) -> bool:
+        values = (lease.holder, lease.token, lease.expires_us, lease.updated_us)
+        if expected_token == 0:
+            return self._inserted(
+                "INSERT INTO kv_leases (holder, token, expires_us, updated_us, instance_id) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING RETURNING instance_id",
+                (*values, lease.instance_id),
+            )
+        cursor = self._run(
+            "UPDATE kv_leases SET holder = ?, token = ?, expires_us = ?, updated_us = ? "
+            "WHERE instance_id = ? AND token = ?",
+            (*values, lease.instance_id, expected_token),
+        )
+        return cursor.rowcount == 1
+
     # -- audit ---------------------------------------------------------------------------
     def audit_tip(self) -> tuple[int, bytes]:
         row = self._run(
@@ -318,6 +343,15 @@ class SqlTx:
         )
         if cursor.rowcount != 1:
             raise StoreError(f"request {request_id!r} was not reserved in this transaction")
+
+
+_SELECT_LEASE = "SELECT instance_id, holder, token, expires_us, updated_us FROM kv_leases"
+
+
+def _lease(row: Sequence[Any]) -> LeaseRecord:
+    return LeaseRecord(
+        instance_id=row[0], holder=row[1], token=int(row[2]), expires_us=int(row[3]), updated_us=int(row[4])
+    )
 
 
 def _audit(row: Sequence[Any]) -> AuditRecord:

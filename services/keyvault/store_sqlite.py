@@ -67,6 +67,15 @@ CREATE TABLE IF NOT EXISTS kv_used_jtis (
 )
     """,
     """
+CREATE TABLE IF NOT EXISTS kv_leases (
+    instance_id TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    expires_us INTEGER NOT NULL,
+    updated_us INTEGER NOT NULL
+)
+    """,
+    """
 CREATE TABLE IF NOT EXISTS kv_commit_heads (
     instance_id TEXT PRIMARY KEY,
     sequence INTEGER NOT NULL,

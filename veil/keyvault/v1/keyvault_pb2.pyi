@@ -135,22 +135,28 @@ class ReleaseKeyRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     KEY_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """token is an attestation token issued by Attest."""
     key_name: _builtins.str
     """key_name names the key."""
     version: _builtins.int
     """version is the key version; 0 means the latest."""
+    fencing_token: _builtins.int
+    """fencing_token is the caller's lease on the instance an instance key belongs to
+    (AcquireLease); a superseded token is refused with FAILED_PRECONDITION LEASE_LOST.
+    """
     def __init__(
         self,
         *,
         token: _builtins.str = ...,
         key_name: _builtins.str = ...,
         version: _builtins.int = ...,
+        fencing_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "token", b"token", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "key_name", b"key_name", "token", b"token", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,6 +584,7 @@ class AdvanceCommitHeadRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     LINKS_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     sequence: _builtins.int
@@ -588,6 +595,10 @@ class AdvanceCommitHeadRequest(_message.Message):
     """signature is ignored (deprecated)."""
     token: _builtins.str
     """token is the enclave's attestation token, which names its signing key."""
+    fencing_token: _builtins.int
+    """fencing_token is the caller's lease on the instance (AcquireLease); once the instance has
+    a lease, any other token is refused with FAILED_PRECONDITION LEASE_LOST.
+    """
     @_builtins.property
     def links(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommitLink]:
         """links are consecutive enclave-signed links, each extending the previous one; one of them
@@ -604,10 +615,11 @@ class AdvanceCommitHeadRequest(_message.Message):
         signature: _builtins.bytes = ...,
         token: _builtins.str = ...,
         links: _abc.Iterable[_envelope_pb2.CommitLink] | None = ...,
+        fencing_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "instance_id", b"instance_id", "links", b"links", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "hash", b"hash", "instance_id", b"instance_id", "links", b"links", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -843,3 +855,138 @@ class GetStatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class AcquireLeaseRequest(_message.Message):
+    """AcquireLeaseRequest takes (fencing_token 0) or renews (the token held) an instance's lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    holder: _builtins.str
+    """holder names the state host (its node name), stable across its restarts."""
+    ttl_ms: _builtins.int
+    """ttl_ms is how long the lease lasts without renewal (1000..60000)."""
+    fencing_token: _builtins.int
+    """fencing_token is 0 to acquire, or the token held to renew it."""
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        ttl_ms: _builtins.int = ...,
+        fencing_token: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "holder", b"holder", "instance_id", b"instance_id", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireLeaseRequest: _TypeAlias = AcquireLeaseRequest  # noqa: Y015
+
+@_typing.final
+class AcquireLeaseResponse(_message.Message):
+    """AcquireLeaseResponse is the lease held."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lease(self) -> Global___Lease:
+        """lease is the caller's lease."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___Lease | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcquireLeaseResponse: _TypeAlias = AcquireLeaseResponse  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    """Lease is one instance's ownership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """instance_id names the instance."""
+    holder: _builtins.str
+    """holder names the state host that owns it."""
+    fencing_token: _builtins.int
+    """fencing_token grows by one with every acquisition, never reused."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """expire_time is when another holder may take it unless renewed."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "fencing_token", b"fencing_token", "holder", b"holder", "instance_id", b"instance_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class ListLeasesRequest(_message.Message):
+    """ListLeasesRequest asks for every instance's lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLeasesRequest: _TypeAlias = ListLeasesRequest  # noqa: Y015
+
+@_typing.final
+class ListLeasesResponse(_message.Message):
+    """ListLeasesResponse lists leases by instance id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
+        """leases holds one lease per instance that ever had one."""
+
+    def __init__(
+        self,
+        *,
+        leases: _abc.Iterable[Global___Lease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListLeasesResponse: _TypeAlias = ListLeasesResponse  # noqa: Y015

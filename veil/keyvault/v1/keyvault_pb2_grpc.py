@@ -97,6 +97,16 @@ class KeyvaultServiceStub:
                 request_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.AcquireLease = channel.unary_unary(
+                '/veil.keyvault.v1.KeyvaultService/AcquireLease',
+                request_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseRequest.SerializeToString,
+                response_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseResponse.FromString,
+                _registered_method=True)
+        self.ListLeases = channel.unary_unary(
+                '/veil.keyvault.v1.KeyvaultService/ListLeases',
+                request_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesRequest.SerializeToString,
+                response_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesResponse.FromString,
+                _registered_method=True)
 
 
 class KeyvaultServiceServicer:
@@ -191,6 +201,21 @@ class KeyvaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLease(self, request, context):
+        """AcquireLease takes or renews a state host's ownership of an instance: the fencing token the
+        keyvault then requires on the instance's head advances and key releases. State identity only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLeases(self, request, context):
+        """ListLeases lists instance ownership (who serves what, until when). Gateway, state and admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyvaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -253,6 +278,16 @@ def add_KeyvaultServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusRequest.FromString,
                     response_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'AcquireLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLease,
+                    request_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseRequest.FromString,
+                    response_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseResponse.SerializeToString,
+            ),
+            'ListLeases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLeases,
+                    request_deserializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesRequest.FromString,
+                    response_serializer=veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -582,6 +617,60 @@ class KeyvaultService:
             '/veil.keyvault.v1.KeyvaultService/GetStatus',
             veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusRequest.SerializeToString,
             veil_dot_keyvault_dot_v1_dot_keyvault__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.keyvault.v1.KeyvaultService/AcquireLease',
+            veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseRequest.SerializeToString,
+            veil_dot_keyvault_dot_v1_dot_keyvault__pb2.AcquireLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLeases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/veil.keyvault.v1.KeyvaultService/ListLeases',
+            veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesRequest.SerializeToString,
+            veil_dot_keyvault_dot_v1_dot_keyvault__pb2.ListLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,12 @@ class KeyvaultServiceStub:
     """ListAuditEvents pages through the audit log. Admin identity only."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.GetStatusRequest, _keyvault_pb2.GetStatusResponse]
     """GetStatus reports the service's health detail."""
+    AcquireLease: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.AcquireLeaseRequest, _keyvault_pb2.AcquireLeaseResponse]
+    """AcquireLease takes or renews a state host's ownership of an instance: the fencing token the
+    keyvault then requires on the instance's head advances and key releases. State identity only.
+    """
+    ListLeases: _grpc.UnaryUnaryMultiCallable[_keyvault_pb2.ListLeasesRequest, _keyvault_pb2.ListLeasesResponse]
+    """ListLeases lists instance ownership (who serves what, until when). Gateway, state and admin."""
 
 @_typing.type_check_only
 class KeyvaultServiceAsyncStub(KeyvaultServiceStub):
@@ -101,6 +107,12 @@ class KeyvaultServiceAsyncStub(KeyvaultServiceStub):
     """ListAuditEvents pages through the audit log. Admin identity only."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.GetStatusRequest, _keyvault_pb2.GetStatusResponse]  # type: ignore[assignment]
     """GetStatus reports the service's health detail."""
+    AcquireLease: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.AcquireLeaseRequest, _keyvault_pb2.AcquireLeaseResponse]  # type: ignore[assignment]
+    """AcquireLease takes or renews a state host's ownership of an instance: the fencing token the
+    keyvault then requires on the instance's head advances and key releases. State identity only.
+    """
+    ListLeases: _aio.UnaryUnaryMultiCallable[_keyvault_pb2.ListLeasesRequest, _keyvault_pb2.ListLeasesResponse]  # type: ignore[assignment]
+    """ListLeases lists instance ownership (who serves what, until when). Gateway, state and admin."""
 
 class KeyvaultServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyvaultService verifies enclave attestation, keeps data keys wrapped under a
@@ -207,5 +219,23 @@ class KeyvaultServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keyvault_pb2.GetStatusResponse, _abc.Awaitable[_keyvault_pb2.GetStatusResponse]]:
         """GetStatus reports the service's health detail."""
+
+    @_abc_1.abstractmethod
+    def AcquireLease(
+        self,
+        request: _keyvault_pb2.AcquireLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.AcquireLeaseResponse, _abc.Awaitable[_keyvault_pb2.AcquireLeaseResponse]]:
+        """AcquireLease takes or renews a state host's ownership of an instance: the fencing token the
+        keyvault then requires on the instance's head advances and key releases. State identity only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListLeases(
+        self,
+        request: _keyvault_pb2.ListLeasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyvault_pb2.ListLeasesResponse, _abc.Awaitable[_keyvault_pb2.ListLeasesResponse]]:
+        """ListLeases lists instance ownership (who serves what, until when). Gateway, state and admin."""
 
 def add_KeyvaultServiceServicer_to_server(servicer: KeyvaultServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
