@@ -1,12 +1,15 @@
-"""Fixtures of the attack suite: an enclave world that resets itself after a legitimate change."""
+"""Fixtures of the attack suite: an enclave world that resets itself after a legitimate change, and
+the real services (a `Lab`) each attack module drives."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.attack.enclave_world import World, build_world
+from tests.attack.mesh import KEYVAULT, STATE, Lab, RunningKeyvault, RunningState
 
 
 class WorldBox:
@@ -30,3 +33,27 @@ class WorldBox:
 def world_box(pki_dir: Path) -> WorldBox:
     """One world per module (building one takes a few milliseconds; examples share it)."""
     return WorldBox(pki_dir, build_world(pki_dir))
+
+
+@pytest.fixture(scope="module")
+def lab(
+    pki_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Lab]:
+    """The real services, started on first use and shared by one module's tests."""
+    started = Lab(pki_dir, tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def keyvault(lab: Lab) -> RunningKeyvault:
+    running = lab.get(KEYVAULT)
+    assert isinstance(running, RunningKeyvault)
+    return running
+
+
+@pytest.fixture(scope="module")
+def state(lab: Lab) -> RunningState:
+    running = lab.get(STATE)
+    assert isinstance(running, RunningState)
+    return running

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.attack.enclave_world import new_enclave
@@ -127,6 +128,20 @@ class EnclaveBoot:
         created = self.host.create_instance(instance_id, config, self.statement(instance_id), now_ms())
         self.confirm(self.advance(created.link))
         return created
+
+    def restore(
+        self,
+        instance_id: str,
+        entries: Sequence[envelope_pb2.LogEntry],
+        snapshot: envelope_pb2.EncryptedSnapshot | None = None,
+        *,
+        host_time_unix_ms: int = 0,
+    ) -> ecall_pb2.RestoreResponse:
+        """Restore with the keyvault's statement for a challenge this enclave just issued."""
+        statement = self.statement(instance_id)
+        return self.host.restore(
+            instance_id, entries, snapshot, statement=statement, host_time_unix_ms=host_time_unix_ms
+        )
 
     def execute(
         self, instance_id: str, *sealed: envelope_pb2.SealedCommand

@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.attack.hostile_host import EnclaveBoot, now_ms
-from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
+from tests.attack.mesh import TIMEOUT, RunningKeyvault
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.enclave.support import KEYVAULT_RELEASE_KEY, ballot, config, error_code, head_statement, token
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, mesh_fixture, token_config
@@ -41,20 +41,6 @@ from veil.verify.errors import AttestationError
 from veil.verify.roots import load_root_pem
 
 
-@pytest.fixture(scope="module")
-def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    started = Lab(pki_dir, tmp_path_factory.mktemp("hostile-host"))
-    yield started
-    started.close()
-
-
-@pytest.fixture(scope="module")
-def keyvault(lab: Lab) -> RunningKeyvault:
-    running = lab.get(KEYVAULT)
-    assert isinstance(running, RunningKeyvault)
-    return running
-
-
 def _refused_code(call: Any) -> tuple[int, str]:
     with pytest.raises(EnclaveCallError) as refused:
         call()
@@ -66,6 +52,37 @@ def _rpc_refusal(call: Any) -> tuple[grpc.StatusCode, str]:
         call()
     info = error_info(refused.value)
     return refused.value.code(), info.reason if info else ""
+
+
+def _token_config(issuer: ed25519.Ed25519PrivateKey, **kwargs: object) -> envelope_pb2.InstanceConfig:
+    """A token instance's configuration with `issuer` as its minter (strict unless told)."""
+    return config(
+        envelope_pb2.APP_KIND_TOKEN,
+        envelope_pb2.AUTH_SCHEME_SIGNATURE,
+        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        **kwargs,
+    )
+
+
+def _mint(to: str, amount: int) -> apps_pb2.AppCall:
+    return token(mint=apps_pb2.TokenMint(to=to, amount=amount))
+
+
+def _strict_coins(
+    keyvault: RunningKeyvault, pki_dir: Path
+) -> tuple[EnclaveBoot, str, ed25519.Ed25519PrivateKey, ecall_pb2.CreateInstanceResponse]:
+    """A new boot that created (and registered) a strict token instance; its id and its issuer."""
+    instance_id = f"coins-{os.urandom(4).hex()}"
+    issuer = ed25519.Ed25519PrivateKey.generate()
+    boot = EnclaveBoot(keyvault, pki_dir)
+    return boot, instance_id, issuer, boot.create(instance_id, _token_config(issuer))
+
+
+def _provisioned(keyvault: RunningKeyvault, pki_dir: Path, instance_id: str) -> EnclaveBoot:
+    """Another boot on the host, with the instance key released to it."""
+    boot = EnclaveBoot(keyvault, pki_dir)
+    boot.provision(instance_id)
+    return boot
 
 
 # --- break 1: the enclave quoted host-chosen report data ---------------------------------------
@@ -190,9 +207,7 @@ def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault,
     # Rewind within this boot: refused, whatever statement it presents.
     for entries in (log, log[:-1]):
         code, message = _refused_code(
-            lambda entries=entries: boot.host.restore(
-                instance_id, entries, statement=boot.statement(instance_id), host_time_unix_ms=now_ms()
-            )
+            lambda entries=entries: boot.restore(instance_id, entries, host_time_unix_ms=now_ms())
         )
         assert code == error_pb2.ECALL_ERROR_CODE_ALREADY_EXISTS, message
     # Rewind across boots: possible only while the keyvault head is still K, i.e. while the tally
@@ -202,13 +217,8 @@ def test_a_host_cannot_rewind_a_ballot_to_read_a_vote(keyvault: RunningKeyvault,
     boot.open_read(instance_id, query.read_round, query.outcome)
     tally = clients["eve"].read(eve_tally, query.outcome).result.ballot.tally
     assert list(tally.counts) == [1, 3]  # the one final history, as the honest clients see it
-    later = EnclaveBoot(keyvault, pki_dir)
-    later.provision(instance_id)
-    code, message = _refused_code(
-        lambda: later.host.restore(
-            instance_id, log, statement=later.statement(instance_id), host_time_unix_ms=now_ms()
-        )
-    )
+    later = _provisioned(keyvault, pki_dir, instance_id)
+    code, message = _refused_code(lambda: later.restore(instance_id, log, host_time_unix_ms=now_ms()))
     assert code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION
     assert "before the keyvault head" in message
     assert not later.host.get_status().instances
@@ -225,11 +235,8 @@ def test_captured_commands_do_not_open_in_another_boot(keyvault: RunningKeyvault
     )
     close = clients["clerk"].seal(ballot(close=apps_pb2.BallotClose(ballot_id="chair")))
     assert boot.execute(instance_id, vote.command, close.command).held_until
-    second_boot = EnclaveBoot(keyvault, pki_dir)
-    second_boot.provision(instance_id)
-    restored = second_boot.host.restore(
-        instance_id, log, statement=second_boot.statement(instance_id), host_time_unix_ms=now_ms()
-    )
+    second_boot = _provisioned(keyvault, pki_dir, instance_id)
+    restored = second_boot.restore(instance_id, log, host_time_unix_ms=now_ms())
     assert restored.head.sequence == len(log)
     again = second_boot.execute(instance_id, close.command, vote.command)
     assert not again.entries
@@ -268,13 +275,9 @@ def test_a_second_enclave_with_the_real_key_cannot_take_over_an_instance(
     honest = EnclaveBoot(keyvault, pki_dir)
     instance_id = f"coins-{os.urandom(4).hex()}"
     issuer = ed25519.Ed25519PrivateKey.generate()
-    genuine = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-    )
+    genuine = _token_config(issuer)
     created = honest.create(instance_id, genuine)
-    mint = honest.client(instance_id, signer=issuer).seal(token(mint=apps_pb2.TokenMint(to="x", amount=5)))
+    mint = honest.client(instance_id, signer=issuer).seal(_mint("x", 5))
     response = honest.execute(instance_id, mint.command)
     honest.confirm(honest.advance(response.link))
     stored = honest.stored_head(instance_id)
@@ -283,13 +286,8 @@ def test_a_second_enclave_with_the_real_key_cannot_take_over_an_instance(
     # The host starts a second genuine enclave: the keyvault releases it the real key (its build
     # is admitted), and the host wants "its" instance there, with itself as the token issuer.
     host_issuer = ed25519.Ed25519PrivateKey.generate()
-    takeover = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=host_issuer.public_key().public_bytes_raw(),
-    )
-    rogue = EnclaveBoot(keyvault, pki_dir)
-    rogue.provision(instance_id)
+    takeover = _token_config(host_issuer)
+    rogue = _provisioned(keyvault, pki_dir, instance_id)
     code, message = _refused_code(
         lambda: rogue.host.create_instance(instance_id, takeover, rogue.statement(instance_id), now_ms())
     )
@@ -321,9 +319,7 @@ def test_a_second_enclave_with_the_real_key_cannot_take_over_an_instance(
     padding = rogue.client(raced_id, signer=host_issuer)
     links = [fork.link]
     for _ in range(4):
-        batch = rogue.execute(
-            raced_id, padding.seal(token(mint=apps_pb2.TokenMint(to="h", amount=1))).command
-        )
+        batch = rogue.execute(raced_id, padding.seal(_mint("h", 1)).command)
         links.append(batch.link)
     code_rpc, reason = _rpc_refusal(lambda: rogue.advance(*links))
     assert (code_rpc, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_HEAD_FORK")
@@ -332,14 +328,8 @@ def test_a_second_enclave_with_the_real_key_cannot_take_over_an_instance(
     assert rogue.stored_head(raced_id).genesis_hash != fork.descriptor.genesis_hash
     # The honest head is untouched and the honest log still restores elsewhere.
     assert honest.stored_head(instance_id).sequence == stored.sequence
-    successor = EnclaveBoot(keyvault, pki_dir)
-    successor.provision(instance_id)
-    restored = successor.host.restore(
-        instance_id,
-        [created.entry, *response.entries],
-        statement=successor.statement(instance_id),
-        host_time_unix_ms=now_ms(),
-    )
+    successor = _provisioned(keyvault, pki_dir, instance_id)
+    restored = successor.restore(instance_id, [created.entry, *response.entries], host_time_unix_ms=now_ms())
     assert restored.head.sequence == 2
     assert envelope_pb2.InstanceConfig.FromString(restored.descriptor.config) == genuine
 
@@ -587,24 +577,13 @@ def test_a_fork_made_with_a_statement_kept_from_before_creation_answers_nothing(
     held or not, because the keyvault never registers it for that boot."""
     instance_id = f"coins-{os.urandom(4).hex()}"
     host_key = ed25519.Ed25519PrivateKey.generate()
-    genuine = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=os.urandom(32),
-    )
-    forked = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=host_key.public_key().public_bytes_raw(),
-        acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST,
-    )
+    genuine = _token_config(ed25519.Ed25519PrivateKey.generate())  # an issuer the host lacks
+    forked = _token_config(host_key, acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST)
     honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, genuine)
     fork = rogue.host.create_instance(instance_id, forked, early, early.not_after_unix_ms)
     assert not fork.HasField("descriptor")  # no descriptor before registration
     minter = rogue.client(instance_id, signer=host_key)
-    minted = rogue.execute(
-        instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="victim", amount=10**6))).command
-    )
+    minted = rogue.execute(instance_id, minter.seal(_mint("victim", 10**6)).command)
     assert minted.held_until  # a fast instance holds everything until it is registered
     query = minter.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
     read = rogue.host.query(instance_id, query.command, now_ms())
@@ -630,18 +609,11 @@ def test_a_kept_statement_cannot_restore_an_old_prefix_of_a_fast_instance(
     it is restored, but never registered for that boot, so it answers nothing."""
     instance_id = f"fast-{os.urandom(4).hex()}"
     issuer = ed25519.Ed25519PrivateKey.generate()
-    fast = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-        acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST,
-    )
+    fast = _token_config(issuer, acknowledgment=envelope_pb2.ACKNOWLEDGMENT_FAST)
     honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, fast)
     minter = honest.client(instance_id, signer=issuer)
     for _ in range(3):
-        batch = honest.execute(
-            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="v", amount=10))).command
-        )
+        batch = honest.execute(instance_id, minter.seal(_mint("v", 10)).command)
         assert batch.held_until == 0  # registered: a fast instance answers at once
         honest.confirm(honest.advance(batch.link))
     assert honest.stored_head(instance_id).sequence == 4
@@ -662,18 +634,12 @@ def test_an_old_confirmation_replayed_into_another_boot_releases_nothing(
 ) -> None:
     instance_id = f"coins-{os.urandom(4).hex()}"
     issuer = ed25519.Ed25519PrivateKey.generate()
-    strict = config(
-        envelope_pb2.APP_KIND_TOKEN,
-        envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-    )
+    strict = _token_config(issuer)
     honest, rogue, early, created = _kept_statement_setup(keyvault, pki_dir, instance_id, strict)
     log, confirmations = [created.entry], {}
     minter = honest.client(instance_id, signer=issuer)
     for amount in (100, 200, 300):
-        batch = honest.execute(
-            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="a", amount=amount))).command
-        )
+        batch = honest.execute(instance_id, minter.seal(_mint("a", amount)).command)
         log += batch.entries
         confirmation = honest.advance(batch.link)
         confirmations[confirmation.head.sequence] = confirmation  # the host keeps them
@@ -685,34 +651,26 @@ def test_an_old_confirmation_replayed_into_another_boot_releases_nothing(
     assert rogue.host.get_status().instances[0].confirmed.sequence == 0
 
 
+def _boot_left_behind(keyvault: RunningKeyvault, pki_dir: Path) -> tuple[EnclaveBoot, EnclaveBoot, str, Any]:
+    """Boot `first` creates a strict token instance and mints twice; boot `behind` was restored
+    honestly at head 1 and left running. Returns both boots, the instance and the issuer."""
+    first, instance_id, issuer, created = _strict_coins(keyvault, pki_dir)
+    behind = _provisioned(keyvault, pki_dir, instance_id)
+    restored = behind.restore(instance_id, [created.entry])
+    assert restored.HasField("descriptor")  # the keyvault stated this very head to this boot
+    minter = first.client(instance_id, signer=issuer)
+    for _ in range(2):
+        batch = first.execute(instance_id, minter.seal(_mint("b", 5)).command)
+        first.confirm(first.advance(batch.link))
+    return first, behind, instance_id, issuer
+
+
 def test_a_boot_left_behind_gives_no_stale_strict_read(keyvault: RunningKeyvault, pki_dir: Path) -> None:
     """Boot A is restored honestly at head 1 and left running; another boot moves the instance
     on. A's strict query answers wait for a read fence, and the fence tells A it is behind:
     refused, so the host stops serving from it instead of showing a state before acknowledged
     commands."""
-    instance_id = f"coins-{os.urandom(4).hex()}"
-    issuer = ed25519.Ed25519PrivateKey.generate()
-    first = EnclaveBoot(keyvault, pki_dir)
-    created = first.create(
-        instance_id,
-        config(
-            envelope_pb2.APP_KIND_TOKEN,
-            envelope_pb2.AUTH_SCHEME_SIGNATURE,
-            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-        ),
-    )
-    behind = EnclaveBoot(keyvault, pki_dir)
-    behind.provision(instance_id)
-    restored = behind.host.restore(
-        instance_id, [created.entry], statement=behind.statement(instance_id), host_time_unix_ms=0
-    )
-    assert restored.HasField("descriptor")  # the keyvault stated this very head to this boot
-    minter = first.client(instance_id, signer=issuer)
-    for _ in range(2):
-        batch = first.execute(
-            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command
-        )
-        first.confirm(first.advance(batch.link))
+    first, behind, instance_id, issuer = _boot_left_behind(keyvault, pki_dir)
     reader = behind.client(instance_id, signer=issuer)
     query = reader.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
     answer = behind.host.query(instance_id, query.command, now_ms())
@@ -722,39 +680,12 @@ def test_a_boot_left_behind_gives_no_stale_strict_read(keyvault: RunningKeyvault
     with pytest.raises(KeyError):
         behind.open_read(instance_id, answer.read_round, answer.outcome)
     # The boot that moved on reads the current head through its own fence.
+    minter = first.client(instance_id, signer=issuer)
     fresh = minter.seal(token(total_supply=apps_pb2.TokenTotalSupply()), counter=0)
     current = first.host.query(instance_id, fresh.command, now_ms())
     first.read_fence(instance_id)
     first.open_read(instance_id, current.read_round, current.outcome)
     assert minter.read(fresh, current.outcome).result.token.total_supply.amount == 10
-
-
-def _boot_left_behind(keyvault: RunningKeyvault, pki_dir: Path) -> tuple[EnclaveBoot, EnclaveBoot, str, Any]:
-    """Boot `first` creates a strict token instance and mints twice; boot `behind` was restored
-    honestly at head 1 and left running. Returns both boots, the instance and the issuer."""
-    instance_id = f"coins-{os.urandom(4).hex()}"
-    issuer = ed25519.Ed25519PrivateKey.generate()
-    first = EnclaveBoot(keyvault, pki_dir)
-    created = first.create(
-        instance_id,
-        config(
-            envelope_pb2.APP_KIND_TOKEN,
-            envelope_pb2.AUTH_SCHEME_SIGNATURE,
-            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-        ),
-    )
-    behind = EnclaveBoot(keyvault, pki_dir)
-    behind.provision(instance_id)
-    behind.host.restore(
-        instance_id, [created.entry], statement=behind.statement(instance_id), host_time_unix_ms=0
-    )
-    minter = first.client(instance_id, signer=issuer)
-    for _ in range(2):
-        batch = first.execute(
-            instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command
-        )
-        first.confirm(first.advance(batch.link))
-    return first, behind, instance_id, issuer
 
 
 def test_a_boot_left_behind_shows_no_stale_counter_state_in_a_refusal(
@@ -766,7 +697,7 @@ def test_a_boot_left_behind_shows_no_stale_counter_state_in_a_refusal(
     refusal never opens. The boot that moved on answers the same refusal once fenced."""
     first, behind, instance_id, issuer = _boot_left_behind(keyvault, pki_dir)
     stale = behind.client(instance_id, signer=issuer)
-    wrong = stale.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=7)
+    wrong = stale.seal(_mint("b", 1), counter=7)
     refused = behind.execute(instance_id, wrong.command)
     assert (refused.held_until, len(refused.entries)) == (0, 0)
     assert refused.read_round  # held, not released with the batch
@@ -779,7 +710,7 @@ def test_a_boot_left_behind_shows_no_stale_counter_state_in_a_refusal(
         behind.open_read(instance_id, refused.read_round, outcome)
 
     current = first.client(instance_id, signer=issuer)
-    wrong = current.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=7)
+    wrong = current.seal(_mint("b", 1), counter=7)
     refused = first.execute(instance_id, wrong.command)
     first.read_fence(instance_id)
     (outcome,) = refused.outcomes
@@ -820,34 +751,19 @@ def test_a_confirmation_kept_from_before_a_refusal_does_not_release_it(
     the confirmation, lets boot B move the instance on to head 3 (acknowledged), then asks A for
     a wrong-counter refusal and feeds it the kept confirmation. A batch without entries never
     uses a hold key: its refusal waits for a read fence, which A fails."""
-    instance_id = f"coins-{os.urandom(4).hex()}"
-    issuer = ed25519.Ed25519PrivateKey.generate()
-    a = EnclaveBoot(keyvault, pki_dir)
-    created = a.create(
-        instance_id,
-        config(
-            envelope_pb2.APP_KIND_TOKEN,
-            envelope_pb2.AUTH_SCHEME_SIGNATURE,
-            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-        ),
-    )
+    a, instance_id, issuer, created = _strict_coins(keyvault, pki_dir)
     minter = a.client(instance_id, signer=issuer)
-    batch2 = a.execute(instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command)
+    batch2 = a.execute(instance_id, minter.seal(_mint("b", 5)).command)
     kept = a.advance(batch2.link)  # the keyvault holds head 2; A never hears of it
     assert batch2.held_until == 2
-    b = EnclaveBoot(keyvault, pki_dir)
-    b.provision(instance_id)
-    b.host.restore(
-        instance_id, [created.entry, *batch2.entries], statement=b.statement(instance_id), host_time_unix_ms=0
-    )
+    b = _provisioned(keyvault, pki_dir, instance_id)
+    b.restore(instance_id, [created.entry, *batch2.entries])
     mover = b.client(instance_id, signer=issuer)
-    batch3 = b.execute(
-        instance_id, mover.seal(token(mint=apps_pb2.TokenMint(to="b", amount=7)), counter=2).command
-    )
+    batch3 = b.execute(instance_id, mover.seal(_mint("b", 7), counter=2).command)
     b.confirm(b.advance(batch3.link))
 
     stale = a.client(instance_id, signer=issuer)
-    wrong = stale.seal(token(mint=apps_pb2.TokenMint(to="b", amount=1)), counter=9)
+    wrong = stale.seal(_mint("b", 1), counter=9)
     refused = a.execute(instance_id, wrong.command)
     assert (refused.held_until, bool(refused.read_round)) == (0, True)
     a.confirm(kept)  # releases hold 2 (A's own mint answer), not the refusal's read round
@@ -870,34 +786,15 @@ def test_a_malformed_entry_bridging_a_snapshot_to_the_keyvault_head_is_refused_c
     """A snapshot beyond the keyvault's head must hash-chain to it through stored entries; an
     entry of the wrong shape there is a stale or forged store (FAILED_PRECONDITION), never an
     internal error."""
-    instance_id = f"coins-{os.urandom(4).hex()}"
-    issuer = ed25519.Ed25519PrivateKey.generate()
-    a = EnclaveBoot(keyvault, pki_dir)
-    created = a.create(
-        instance_id,
-        config(
-            envelope_pb2.APP_KIND_TOKEN,
-            envelope_pb2.AUTH_SCHEME_SIGNATURE,
-            token_issuer_public_key=issuer.public_key().public_bytes_raw(),
-        ),
-    )
+    a, instance_id, issuer, created = _strict_coins(keyvault, pki_dir)
     minter = a.client(instance_id, signer=issuer)
-    batch = a.execute(instance_id, minter.seal(token(mint=apps_pb2.TokenMint(to="b", amount=5))).command)
+    batch = a.execute(instance_id, minter.seal(_mint("b", 5)).command)
     snapshot = a.host.snapshot(instance_id)  # at head 2; the keyvault holds 1 (never advanced)
-    b = EnclaveBoot(keyvault, pki_dir)
-    b.provision(instance_id)
+    b = _provisioned(keyvault, pki_dir, instance_id)
     bogus = envelope_pb2.LogEntry()
     bogus.CopyFrom(created.entry)
     malform(bogus)
-    code, message = _refused_code(
-        lambda: b.host.restore(
-            instance_id,
-            [bogus, *batch.entries],
-            snapshot,
-            statement=b.statement(instance_id),
-            host_time_unix_ms=0,
-        )
-    )
+    code, message = _refused_code(lambda: b.restore(instance_id, [bogus, *batch.entries], snapshot))
     assert code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION, message
     assert "does not chain to the keyvault head" in message
 
@@ -937,7 +834,7 @@ def test_an_outcome_seen_on_the_receipt_stream_raises_the_read_floor(
     "code", [error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED, error_pb2.ECALL_ERROR_CODE_PERMISSION_DENIED]
 )
 def test_a_forged_unsealed_refusal_of_a_command_that_ran_is_not_taken_as_final(
-    mesh: InProcessMesh, evil: tuple[EvilGateway, str], code: int
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str], code: error_pb2.EcallErrorCode.ValueType
 ) -> None:
     """Fifth review: the host runs the transfer, then answers with an unsealed outcome error
     ("over the memory budget"), which only the host vouches for. Taken as final, the caller

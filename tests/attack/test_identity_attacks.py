@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -26,14 +25,6 @@ from tests.attack.mesh import IDENTITIES, SERVICE_TARGETS, TIMEOUT, Lab, Service
 from tests.attack.rpc import call_raw
 from veil.dev.pki import ca_key_dir, init_pki
 from veil.status import error_info
-
-
-@pytest.fixture(scope="module")
-def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    started = Lab(pki_dir, tmp_path_factory.mktemp("identity-attacks"))
-    yield started
-    started.close()
-
 
 FORBIDDEN = [
     pytest.param(target, method.name, name, id=f"{target.name}.{method.name}-as-{name}")

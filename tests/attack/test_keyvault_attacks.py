@@ -8,14 +8,14 @@ the refusal is audited as a refusal (checked by `RunningKeyvault.check_invariant
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from tests.attack.hostile_host import EnclaveBoot, now_ms
-from tests.attack.mesh import KEYVAULT, TIMEOUT, Lab, RunningKeyvault
+from tests.attack.mesh import TIMEOUT, RunningKeyvault
 from tests.attack.mutations import HOSTILE_TOKENS
 from tests.enclave.support import Client, config, vault
 from tests.keyvault.support import FakeEnclave
@@ -24,20 +24,6 @@ from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.keyvault.v1 import keyvault_pb2
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.status import error_info
-
-
-@pytest.fixture(scope="module")
-def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    started = Lab(pki_dir, tmp_path_factory.mktemp("keyvault-attacks"))
-    yield started
-    started.close()
-
-
-@pytest.fixture(scope="module")
-def keyvault(lab: Lab) -> RunningKeyvault:
-    running = lab.get(KEYVAULT)
-    assert isinstance(running, RunningKeyvault)
-    return running
 
 
 @pytest.fixture

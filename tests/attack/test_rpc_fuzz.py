@@ -11,8 +11,6 @@ The service list is `mesh.SERVICE_TARGETS`: the gateway joins with one entry the
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,13 +28,6 @@ RPCS = [
     for target in SERVICE_TARGETS
     for method in target.methods
 ]
-
-
-@pytest.fixture(scope="module")
-def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    started = Lab(pki_dir, tmp_path_factory.mktemp("attack-lab"))
-    yield started
-    started.close()
 
 
 @pytest.mark.parametrize(("target", "method"), RPCS)

@@ -8,14 +8,11 @@ token balances).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.attack.mesh import SERVICE_TARGETS, STATE, TIMEOUT, Lab, RunningState, ServiceTarget
+from tests.attack.mesh import SERVICE_TARGETS, TIMEOUT, Lab, RunningState, ServiceTarget
 from tests.attack.rpc import call_raw
 from tests.enclave.support import error_code
 from veil.dev.loadclient import (
@@ -35,20 +32,6 @@ from veil.services.common.server import MAX_MESSAGE_BYTES
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 from veil.state.v1 import state_pb2
 from veil.status import error_info
-
-
-@pytest.fixture(scope="module")
-def lab(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    started = Lab(pki_dir, tmp_path_factory.mktemp("state-attacks"))
-    yield started
-    started.close()
-
-
-@pytest.fixture(scope="module")
-def state(lab: Lab) -> RunningState:
-    running = lab.get(STATE)
-    assert isinstance(running, RunningState)
-    return running
 
 
 def _code(raised: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
