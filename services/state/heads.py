@@ -22,7 +22,9 @@ What an acknowledgement means:
   lags that far.
 
 A refusal by the keyvault (after one retry with a fresh attestation) means it considers our
-log a fork or a rollback, or this enclave not allowed: the host stops serving (FAILED).
+log a fork or a rollback, or this enclave not allowed: the host stops serving (FAILED). A
+LEASE_LOST refusal means another host took the instance over (this one was paused or cut off):
+the host stops serving that instance only, and its held answers are never released.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ _log = logging.getLogger(__name__)
 # Rounds coalesce by themselves (one is in flight while the next links gather); a pause between
 # rounds trades head lag (and strict answers' latency) for keyvault CPU. Off by default.
 ADVANCE_PACE_S = 0.0
+#: The keyvault's refusals that mean another host owns the instance now (leases, ownership.py).
+LEASE_REFUSALS = frozenset({"LEASE_LOST", "LEASE_UNKNOWN"})
 MAX_LINKS = 1024  # per AdvanceCommitHead (the keyvault's bound); a longer path takes more rounds
 
 
@@ -67,11 +71,14 @@ class HeadAdvancer:
         on_refused: Callable[[str, str], None],
         on_confirmed: Callable[[envelope_pb2.HeadConfirmation], object],
         read_fence: Callable[[str], int] | None = None,
+        on_lost: Callable[[str, str], None] | None = None,
         backoff: Backoff | None = None,
         pace_s: float = ADVANCE_PACE_S,
     ) -> None:
         """`token(fresh)` returns an attestation token (a new one when `fresh`); `read_fence(id)`
-        runs one read fence for an instance and returns the read rounds still waiting."""
+        runs one read fence for an instance and returns the read rounds still waiting;
+        `on_lost(id, why)` is told when the keyvault refused an advance because another host
+        owns the instance now (LEASE_LOST: this host stops serving that instance only)."""
         self._keyvault = keyvault
         self._pace_s = pace_s
         self._token = token
@@ -79,6 +86,7 @@ class HeadAdvancer:
         self._on_refused = on_refused
         self._on_confirmed = on_confirmed
         self._read_fence = read_fence
+        self._on_lost = on_lost
         # Instances whose queries wait for a read fence; True: worth a fence now (asked for, or
         # a head was just confirmed), False: waiting for their heads' confirmation.
         self._reads: dict[str, bool] = {}
@@ -257,6 +265,15 @@ class HeadAdvancer:
                 return "unreachable"
             except KeyvaultRefused as exc:
                 self._metrics.record_head_advance(ok=False)
+                if exc.reason in LEASE_REFUSALS and self._on_lost is not None:
+                    # Another host owns the instance: these links are never confirmed, so the
+                    # answers the enclave holds for them are never released by this host.
+                    _log.warning("instance %s@%d fenced off: %s", instance_id, sequence, exc.message)
+                    with self._cond:
+                        self._paths.pop(instance_id, None)
+                        self._reads.pop(instance_id, None)
+                    self._on_lost(instance_id, exc.message)
+                    return "lost"
                 if not fresh:
                     continue  # maybe an expired token: once more with a fresh attestation
                 _log.error("keyvault refused commit head %s@%d: %s", instance_id, sequence, exc.message)

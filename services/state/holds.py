@@ -66,6 +66,15 @@ class HeldAnswers:
             if not future.done():
                 future.set_result(key)
 
+    def fail_instance(self, instance_id: str, error: BaseException) -> None:
+        """The instance is no longer served here (another host owns it): its waiters fail."""
+        with self._lock:
+            slots = [slot for slot in self._waiting if slot[0] == instance_id]
+            waiting = [self._waiting.pop(slot) for slot in slots]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+
     def fail(self, error: BaseException) -> None:
         """This incarnation ends: every waiter fails with `error`, and so do later ones."""
         with self._lock:

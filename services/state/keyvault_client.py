@@ -14,6 +14,7 @@ from typing import TypeVar
 import grpc
 from opentelemetry.sdk.trace import TracerProvider
 
+from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, secure_channel
@@ -23,6 +24,7 @@ from veil.status import error_info
 
 Resp = TypeVar("Resp")
 
+INSTANCE_KEY_PREFIX = wire.instance_key_name("")  # "instance.": instance keys are fenced
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -66,6 +68,10 @@ class KeyvaultClient:
         self._stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         self._timeout = timeout
         self._attempts = attempts
+        #: The fencing token held for an instance (0: none); set by the host's Ownership.
+        self.fencing: Callable[[str], int] = lambda _instance_id: 0
+        #: The same for an instance-key release (may take the lease first: a creation).
+        self.fencing_for_release: Callable[[str], int] = lambda _instance_id: 0
 
     @classmethod
     def connect(
@@ -122,6 +128,8 @@ class KeyvaultClient:
     def release_key(self, token: str, name: str, version: int = 0) -> keyvault_pb2.ReleaseKeyResponse:
         """A data key wrapped to the token's enclave (version 0: the latest)."""
         request = keyvault_pb2.ReleaseKeyRequest(token=token, key_name=name, version=version)
+        if name.startswith(INSTANCE_KEY_PREFIX):  # the keyvault releases it to the lease holder only
+            request.fencing_token = self.fencing_for_release(name[len(INSTANCE_KEY_PREFIX) :])
         return self._call("ReleaseKey", self._stub.ReleaseKey, request)
 
     def get_commit_head(
@@ -145,7 +153,20 @@ class KeyvaultClient:
         self, links: Sequence[envelope_pb2.CommitLink], token: str
     ) -> envelope_pb2.HeadConfirmation:
         """Move the instance's head along enclave-signed links; returns the keyvault's confirmation."""
+        instance_id = links[0].instance_id
         request = keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=links[0].instance_id, links=links, token=token
+            instance_id=instance_id, links=links, token=token, fencing_token=self.fencing(instance_id)
         )
         return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).confirmation
+
+    def acquire_lease(self, instance_id: str, holder: str, ttl_ms: int, token: int) -> keyvault_pb2.Lease:
+        """Take (token 0) or renew the instance's lease for `holder`; KeyvaultRefused LEASE_HELD
+        or LEASE_LOST when another host owns it."""
+        request = keyvault_pb2.AcquireLeaseRequest(
+            instance_id=instance_id, holder=holder, ttl_ms=ttl_ms, fencing_token=token
+        )
+        return self._call("AcquireLease", self._stub.AcquireLease, request).lease
+
+    def list_leases(self) -> list[keyvault_pb2.Lease]:
+        """Every instance's lease (who serves what)."""
+        return list(self._call("ListLeases", self._stub.ListLeases, keyvault_pb2.ListLeasesRequest()).leases)

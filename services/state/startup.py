@@ -3,6 +3,13 @@
 `Startup.run()` builds a `Runtime` (everything that incarnation owns) step by step, reporting
 each step in the lifecycle; see host.py for the steps and what FAILED means. The keyvault
 being unreachable is retried with backoff here and said in the status detail.
+
+Ownership (ownership.py): start-up recovers only the instances whose lease this host obtains;
+those another live host owns are served there. While serving, the runtime's adopter takes over
+instances whose owner stopped renewing (a host gone for good, paused, cut off): lease, key
+release under the new fencing token, verify, replay, serve -- without leaving SERVING. An
+instance whose lease is lost is dropped from this runtime at once; its held answers fail
+(the client retries with the same request id, at the new owner).
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from veil.services.state import lifecycle, recovery
 from veil.services.state.attestation import Attestor
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
-from veil.services.state.errors import NotServing
+from veil.services.state.errors import NotServing, RecoveryRefused
 from veil.services.state.heads import Backoff, HeadAdvancer
 from veil.services.state.holds import HeldAnswers
 from veil.services.state.keys import KeyProvisioner, SealedCache
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
+from veil.services.state.ownership import LeaseHeld, Ownership, OwnershipConfig
 from veil.services.state.store import InstanceRecord, StateStore
 from veil.state.v1 import state_pb2
 
@@ -36,6 +44,9 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: How often a serving host looks for instances whose owner stopped renewing its lease.
+ADOPT_EVERY_S = 0.5
 
 
 class Stopping(Exception):
@@ -78,8 +89,25 @@ class Runtime:
     broken: str | None = None  # set when the enclave got ahead of the database, or must not serve
     jwks: str = ""
     holds: HeldAnswers = field(default_factory=HeldAnswers)
+    closing: threading.Event = field(default_factory=threading.Event)
+    adopter: threading.Thread | None = None
+    unadoptable: set[str] = field(default_factory=set)  # refused at recovery: an operator's to see
+
+    def drop(self, instance_id: str, why: str) -> None:
+        """Stop serving an instance another host owns now; answers still held never release."""
+        with self.apply_lock:
+            dropped = self.instances.pop(instance_id, None)
+        if dropped is not None:
+            _log.warning("no longer serving instance %r: %s", instance_id, why)
+        self.holds.fail_instance(
+            instance_id,
+            NotServing(f"instance {instance_id!r} moved to another replica; retry with the same request_id"),
+        )
 
     def close(self) -> None:
+        self.closing.set()
+        if self.adopter is not None and self.adopter is not threading.current_thread():
+            self.adopter.join(10)
         if self.batcher is not None:
             self.batcher.stop(drain=False, timeout=10)
         # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away);
@@ -122,6 +150,12 @@ class Startup:
         self._stop = stop
         self._cache = SealedCache(config.sealed_cache)
         self.booting: Runtime | None = None  # the incarnation being built (to retire it on failure)
+        self.ownership = Ownership(keyvault, OwnershipConfig.from_env(), stop=stop)
+        # Every advance and instance-key release carries this host's fencing token; a release
+        # for an instance without one (a creation) takes the lease first.
+        keyvault.fencing = self.ownership.token
+        keyvault.fencing_for_release = self.ownership.token_or_acquire
+        self.adopt_every_s = ADOPT_EVERY_S
 
     def _with_keyvault(self, step: lifecycle.Step, what: str, action: Callable[[], T]) -> T:
         """Run `action`, retrying with backoff while the keyvault is unreachable (said in status)."""
@@ -175,14 +209,16 @@ class Startup:
                     confirmation=confirmation,
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
+                on_lost=self.ownership.lose,
                 backoff=self._backoff,
             ),
         )
+        self.ownership.on_lost = runtime.drop
         runtime.jwks = jwks.jwks_json
         self.booting = runtime
         self.lifecycle.set(lifecycle.ATTESTING, f"attesting at the keyvault at {self.keyvault.address}")
         self._with_keyvault(lifecycle.ATTESTING, "attesting at the keyvault", attestor.fresh)
-        records = self.store.list_instances()
+        records = self._owned(self.store.list_instances())
         self.lifecycle.set(lifecycle.OBTAINING_KEYS, f"obtaining the data keys of {len(records)} instance(s)")
         released = False
         unsealed = runtime.provisioner.unseal_cache() if records else set()
@@ -198,7 +234,87 @@ class Startup:
             released |= self._recover(runtime, record, number, len(records))
         if released:
             runtime.reseal()
+        self.ownership.start()
+        runtime.adopter = threading.Thread(
+            target=self._adopt_loop, args=(runtime,), name="adopter", daemon=True
+        )
+        runtime.adopter.start()
         return runtime
+
+    def _owned(self, records: list[InstanceRecord]) -> list[InstanceRecord]:
+        """The instances whose lease this host obtains (others are served by their owners)."""
+        owned = []
+        for record in records:
+            iid = record.instance_id
+            try:
+                self._with_keyvault(
+                    lifecycle.OBTAINING_KEYS,
+                    f"taking the lease of {iid!r}",
+                    functools.partial(self.ownership.acquire, iid),
+                )
+            except LeaseHeld as exc:
+                _log.info("not serving instance %r: %s", iid, exc)
+                continue
+            owned.append(record)
+        return owned
+
+    # -- taking over instances of hosts that are gone ---------------------------------------
+    def _adopt_loop(self, runtime: Runtime) -> None:
+        while not runtime.closing.wait(self.adopt_every_s) and not self._stop.is_set():
+            if runtime.broken is not None:
+                return
+            try:
+                self.adopt_orphans(runtime)
+            except Exception:  # the keyvault or the database away: next round
+                _log.warning("taking over instances failed; retrying", exc_info=True)
+
+    def adopt_orphans(self, runtime: Runtime) -> list[str]:
+        """One round: take over every stored instance whose lease expired; returns their ids."""
+        served = set(runtime.instances) | runtime.unadoptable
+        candidates = [r for r in self.store.list_instances() if r.instance_id not in served]
+        if not candidates:
+            return []
+        now = time.time()
+        leases = {lease.instance_id: lease for lease in self.keyvault.list_leases()}
+        adopted = []
+        for record in candidates:
+            lease = leases.get(record.instance_id)
+            if lease is not None and lease.expire_time.ToMicroseconds() / 1e6 > now:
+                continue  # its owner renews it (the keyvault decides; this only saves calls)
+            try:
+                self.ownership.acquire(record.instance_id)
+            except LeaseHeld:
+                continue
+            if self._adopt(runtime, record):
+                adopted.append(record.instance_id)
+        return adopted
+
+    def _adopt(self, runtime: Runtime, record: InstanceRecord) -> bool:
+        """Release the key under our token, verify and replay the log, serve the instance."""
+        iid = record.instance_id
+        started = time.monotonic()
+        try:
+            with runtime.create_lock, runtime.apply_lock:
+                if runtime.closing.is_set() or runtime.broken is not None:
+                    return False
+                runtime.provisioner.release(iid)
+                self._recover(runtime, record, 0, 0, quiet=True)
+        except RecoveryRefused as exc:
+            _log.error("instance %r cannot be taken over: %s", iid, exc.message)
+            runtime.unadoptable.add(iid)
+            self.ownership.lose(iid, exc.message)
+            return False
+        except LeaseHeld:
+            return False
+        except Exception as exc:
+            # e.g. the keyvault refused the release (the lease moved again): give it back.
+            _log.warning("taking over instance %r failed: %s", iid, exc)
+            runtime.instances.pop(iid, None)
+            self.ownership.lose(iid, f"take-over failed: {exc}")
+            return False
+        runtime.reseal()
+        _log.info("took over instance %r in %.2fs", iid, time.monotonic() - started)
+        return True
 
     def _read_fence(
         self,
@@ -223,15 +339,20 @@ class Startup:
             statement=remote.statement,
         )
 
-    def _recover(self, runtime: Runtime, record: InstanceRecord, number: int, total: int) -> bool:
-        """Recover one instance; True when keys had to be released for it."""
+    def _recover(
+        self, runtime: Runtime, record: InstanceRecord, number: int, total: int, *, quiet: bool = False
+    ) -> bool:
+        """Recover one instance; True when keys had to be released for it. `quiet`: a take-over
+        while serving (no lifecycle step, no keyvault retries: the adopter's next round retries)."""
         iid = record.instance_id
-        self.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
+        if not quiet:
+            self.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
+        retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
         log = recovery.verify_chain(iid, self.store.load(iid))
         released = False
         for attempt in (1, 2):
-            remote = self._with_keyvault(
+            remote = retrying(
                 lifecycle.RECOVERING,
                 f"reading the commit head of {iid!r}",
                 # For this enclave and a challenge it just issued: Restore takes nothing older.
@@ -249,7 +370,7 @@ class Startup:
                 if attempt == 2:
                     raise
                 # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
-                self._with_keyvault(
+                retrying(
                     lifecycle.RECOVERING,
                     f"releasing older key versions of {iid!r}",
                     lambda: runtime.provisioner.release_versions(iid, log.key_versions),
@@ -275,6 +396,10 @@ class Startup:
         if restored.HasField("link"):  # entries the keyvault has not seen: its head catches up now
             runtime.advancer.push(restored.link)
         return released
+
+
+def _at_once(_step: lifecycle.Step, _what: str, action: Callable[[], T]) -> T:
+    return action()
 
 
 def _take(

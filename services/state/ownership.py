@@ -1,0 +1,175 @@
+"""Instance ownership on the state side: the leases this host holds at the keyvault, renewed.
+
+The keyvault gives at most one state host a lease per instance, with a fencing token it then
+requires on that instance's commit-head advances and key releases
+(:mod:`veil.services.keyvault.leases`). This host:
+
+* acquires the lease of an instance before it obtains the instance's key, recovers it or
+  creates it (start-up skips instances another live host owns: they are served there);
+* renews every lease it holds every ``ttl / 4``; a renewal the keyvault refuses (another host
+  took over while this one was paused or cut off) loses the instance at once (`on_lost`);
+* gives up serving an instance whose lease it could not renew for a whole ttl (the keyvault
+  unreachable): whoever took it meanwhile serves it, and this host's late advances would be
+  refused anyway;
+* sends the token with every advance and release (:class:`KeyvaultClient` asks `token`).
+
+The holder name is the host's stable node name (``VEIL_STATE_NODE_NAME``, default the host
+name; a StatefulSet pod keeps its name across restarts), so a restarted host takes its own
+instances back at once instead of waiting for its previous lease to expire.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
+
+_log = logging.getLogger(__name__)
+
+#: Settings of the state host (read here; listed with the others in the state config's table).
+ENV_STATE_NODE_NAME = "VEIL_STATE_NODE_NAME"
+ENV_STATE_LEASE_TTL_MS = "VEIL_STATE_LEASE_TTL_MS"
+DEFAULT_LEASE_TTL_MS = 4_000
+MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS = 1_000, 60_000
+LEASE_HELD = "LEASE_HELD"
+LEASE_LOST = "LEASE_LOST"
+
+
+@dataclass(frozen=True)
+class OwnershipConfig:
+    """Who this host is to the keyvault, and how long its leases last unrenewed."""
+
+    node_name: str
+    ttl_ms: int = DEFAULT_LEASE_TTL_MS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OwnershipConfig:
+        env = os.environ if env is None else env
+        name = env.get(ENV_STATE_NODE_NAME, "").strip() or socket.gethostname()
+        raw = env.get(ENV_STATE_LEASE_TTL_MS, "").strip()
+        try:
+            ttl = int(raw) if raw else DEFAULT_LEASE_TTL_MS
+        except ValueError:
+            raise ValueError(f"{ENV_STATE_LEASE_TTL_MS} must be an integer number of milliseconds") from None
+        if not MIN_LEASE_TTL_MS <= ttl <= MAX_LEASE_TTL_MS:
+            raise ValueError(f"{ENV_STATE_LEASE_TTL_MS} must be {MIN_LEASE_TTL_MS}..{MAX_LEASE_TTL_MS}")
+        return cls(node_name=name, ttl_ms=ttl)
+
+
+class LeaseHeld(Exception):
+    """Another live host owns the instance."""
+
+
+@dataclass
+class _Held:
+    token: int
+    renewed_at: float  # monotonic time the last granted (re)acquisition was sent
+
+
+class Ownership:
+    """The leases this host holds; thread-safe. `on_lost(instance_id, why)` runs (in the renewal
+    thread or the caller's) when one is lost."""
+
+    def __init__(
+        self,
+        keyvault: KeyvaultClient,
+        config: OwnershipConfig,
+        *,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keyvault = keyvault
+        self.config = config
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._held: dict[str, _Held] = {}
+        self.on_lost: Callable[[str, str], None] = lambda _iid, _why: None
+        self._stop = stop or threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def holder(self) -> str:
+        return self.config.node_name
+
+    # -- acquiring ------------------------------------------------------------------------
+    def acquire(self, instance_id: str) -> int:
+        """Take the instance's lease (a new fencing token); LeaseHeld when another host owns it,
+        KeyvaultUnavailable when the keyvault does not answer."""
+        sent = self._clock()
+        try:
+            lease = self._keyvault.acquire_lease(instance_id, self.holder, self.config.ttl_ms, 0)
+        except KeyvaultRefused as exc:
+            if exc.reason == LEASE_HELD:
+                raise LeaseHeld(exc.message) from None
+            raise
+        with self._lock:
+            self._held[instance_id] = _Held(lease.fencing_token, sent)
+        _log.info("owning instance %r (fencing token %d)", instance_id, lease.fencing_token)
+        return lease.fencing_token
+
+    def token(self, instance_id: str) -> int:
+        """The fencing token held for the instance, or 0 (the keyvault then refuses a leased one)."""
+        with self._lock:
+            held = self._held.get(instance_id)
+            return 0 if held is None else held.token
+
+    def token_or_acquire(self, instance_id: str) -> int:
+        """The token held, else a new lease's (a creation: the instance has no owner yet)."""
+        return self.token(instance_id) or self.acquire(instance_id)
+
+    def owned(self) -> set[str]:
+        with self._lock:
+            return set(self._held)
+
+    def lose(self, instance_id: str, why: str) -> None:
+        """Forget the instance's lease (the keyvault refused its token) and tell `on_lost`, once."""
+        with self._lock:
+            held = self._held.pop(instance_id, None)
+        if held is not None:
+            _log.warning("lost instance %r (fencing token %d): %s", instance_id, held.token, why)
+            self.on_lost(instance_id, why)
+
+    # -- renewing -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start renewing (once; it runs until the host's stop event)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._renew_loop, name="lease-renewal", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def renew_all(self) -> None:
+        """One renewal round (the thread runs it every ttl/4)."""
+        with self._lock:
+            held = dict(self._held)
+        for instance_id, lease in held.items():
+            sent = self._clock()
+            try:
+                self._keyvault.acquire_lease(instance_id, self.holder, self.config.ttl_ms, lease.token)
+            except KeyvaultRefused as exc:
+                self.lose(instance_id, f"the keyvault refused the lease renewal: {exc.message}")
+                continue
+            except KeyvaultUnavailable as exc:
+                if sent - lease.renewed_at >= self.config.ttl_ms / 1000:
+                    self.lose(instance_id, f"the lease could not be renewed for a whole ttl ({exc.message})")
+                continue
+            with self._lock:
+                current = self._held.get(instance_id)
+                if current is not None and current.token == lease.token:
+                    current.renewed_at = sent
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.config.ttl_ms / 4000):
+            try:
+                self.renew_all()
+            except Exception:
+                _log.exception("lease renewal round failed")
