@@ -13,16 +13,17 @@ from google.protobuf.message import DecodeError
 
 from veil.cli import output
 from veil.cli.common import (
+    acting_client,
     acting_identity,
-    bind_sdk,
+    app_commands,
+    app_verb,
     count,
-    example,
-    instance_id,
     open_client,
     receipt_json,
     receipt_line,
     recipient,
     report,
+    report_receipt,
 )
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
@@ -38,62 +39,56 @@ ATTESTED_KEYS_FILE = "attested-keys.json"
 
 
 def register(commands: Subcommands) -> None:
-    ballot = commands.add_parser("ballot", help="secret ballots").add_subparsers(
-        dest="ballot_command", required=True
-    )
-    open_ballot = ballot.add_parser(
+    ballot = app_commands(commands, "ballot", "secret ballots")
+    with app_verb(
+        ballot,
         "create",
-        help="open a ballot (you become its creator)",
-        epilog=example(
-            'veil ballot create ballots chair --question "Who chairs?" --option alice --option bob '
-            "--voter alice --voter bob --voter carol --as clerk"
-        ),
-    )
-    open_ballot.add_argument("instance", type=instance_id)
-    open_ballot.add_argument("ballot")
-    open_ballot.add_argument("--question", required=True)
-    open_ballot.add_argument("--option", action="append", required=True, help="a choice (repeat, 2 to 64)")
-    open_ballot.add_argument(
-        "--voter",
-        action="append",
-        default=[],
-        help="eligible voter: identity or contact name, or 64-hex account (repeat; default: all)",
-    )
-    open_ballot.add_argument(
-        "--min-votes",
-        type=count(2**32 - 1),
-        default=0,
-        help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
-    )
-    bind_sdk(open_ballot, ballot_create, identity=True)
-    vote = ballot.add_parser(
+        ballot_create,
+        "open a ballot (you become its creator)",
+        'veil ballot create ballots chair --question "Who chairs?" --option alice --option bob '
+        "--voter alice --voter bob --voter carol --as clerk",
+    ) as open_ballot:
+        open_ballot.add_argument("ballot")
+        open_ballot.add_argument("--question", required=True)
+        open_ballot.add_argument(
+            "--option", action="append", required=True, help="a choice (repeat, 2 to 64)"
+        )
+        open_ballot.add_argument(
+            "--voter",
+            action="append",
+            default=[],
+            help="eligible voter: identity or contact name, or 64-hex account (repeat; default: all)",
+        )
+        open_ballot.add_argument(
+            "--min-votes",
+            type=count(2**32 - 1),
+            default=0,
+            help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
+        )
+    with app_verb(
+        ballot,
         "vote",
-        help="cast or replace your vote; keeps a receipt to verify later",
-        epilog=example("veil ballot vote ballots chair bob --as alice"),
-    )
-    vote.add_argument("instance", type=instance_id)
-    vote.add_argument("ballot")
-    vote.add_argument("option", help="option index or label")
-    bind_sdk(vote, ballot_vote, identity=True)
+        ballot_vote,
+        "cast or replace your vote; keeps a receipt to verify later",
+        "veil ballot vote ballots chair bob --as alice",
+    ) as vote:
+        vote.add_argument("ballot")
+        vote.add_argument("option", help="option index or label")
     for verb, handler, text in (
         ("close", ballot_close, "end voting (creator) and print the tally"),
         ("tally", ballot_tally, "print a closed ballot's tally"),
     ):
-        sub = ballot.add_parser(
-            verb, help=text, epilog=example(f"veil ballot {verb} ballots chair --as clerk")
-        )
-        sub.add_argument("instance", type=instance_id)
-        sub.add_argument("ballot")
-        bind_sdk(sub, handler, identity=True)
-    verify = ballot.add_parser(
+        with app_verb(ballot, verb, handler, text, f"veil ballot {verb} ballots chair --as clerk") as sub:
+            sub.add_argument("ballot")
+    with app_verb(
+        ballot,
         "verify-receipt",
-        help="check that your vote is counted in the tally and its receipt is the enclave's",
-        epilog=example("veil ballot verify-receipt ballots chair --as carol"),
-    )
-    verify.add_argument("instance", type=instance_id)
-    verify.add_argument("ballot")
-    verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
-    bind_sdk(verify, ballot_verify_receipt, identity=True)
+        ballot_verify_receipt,
+        "check that your vote is counted in the tally and its receipt is the enclave's",
+        "veil ballot verify-receipt ballots chair --as carol",
+    ) as verify:
+        verify.add_argument("ballot")
+        verify.add_argument("--receipt", help="vote receipt file (default: the one `vote` saved)")
 
 
 def _vote_path(args: argparse.Namespace, ballot: str, voter: str) -> Path:
@@ -144,25 +139,16 @@ def ballot_create(args: argparse.Namespace) -> int:
     voters = [recipient(args, v) for v in args.voter]
     if len(set(voters)) != len(voters):
         raise VeilClientError("a voter is named twice (two names for one account?)")
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
         ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
-    document = {
-        "ballot_id": args.ballot,
-        "options": args.option,
-        "voters": voters,
-        "receipt": receipt_json(ballot.last),
-    }
+    document = {"ballot_id": args.ballot, "options": args.option, "voters": voters}
     who = f"{len(voters)} eligible voters" if voters else "open to everyone"
-    return report(
-        args, document, lambda: print(f"ballot {args.ballot!r} is open ({who}); {receipt_line(ballot.last)}")
-    )
+    return report_receipt(args, document, ballot.last, f"ballot {args.ballot!r} is open ({who})")
 
 
 def ballot_vote(args: argparse.Namespace) -> int:
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
         options = list(ballot.info(args.ballot).options)
         if args.option in options:
@@ -206,8 +192,7 @@ def _tally_table(options: list[str], counts: tuple[int, ...]) -> None:
 
 
 def _tally(args: argparse.Namespace, close: bool) -> int:
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
         tally = ballot.close(args.ballot) if close else ballot.tally(args.ballot)
         info = ballot.info(args.ballot)

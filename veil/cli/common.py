@@ -19,7 +19,8 @@ import re
 import socket
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
@@ -159,6 +160,23 @@ def bind_sdk(parser: argparse.ArgumentParser, handler: Handler, *, identity: boo
     if identity:
         identity_option(parser)
     bind(parser, handler)
+
+
+def app_commands(commands: Subcommands, app: str, summary: str) -> Subcommands:
+    """`veil <app>`: an app's noun, whose verbs (`app_verb`) act on one of its instances."""
+    return commands.add_parser(app, help=summary).add_subparsers(dest=f"{app}_command", required=True)
+
+
+@contextmanager
+def app_verb(
+    verbs: Subcommands, verb: str, handler: Handler, summary: str, *examples: str
+) -> Iterator[argparse.ArgumentParser]:
+    """`veil <app> <verb> INSTANCE ...` as an identity: the verb's own arguments are added in the
+    `with` block (after INSTANCE, before the connection and identity options); then it is bound."""
+    parser = verbs.add_parser(verb, help=summary, epilog=example(*examples))
+    parser.add_argument("instance", type=instance_id)
+    yield parser
+    bind_sdk(parser, handler, identity=True)
 
 
 def handler_of(args: argparse.Namespace) -> Handler:
@@ -356,6 +374,14 @@ def acting_identity(args: argparse.Namespace) -> Identity:
     return load_identity(Path(args.data_dir), args.identity or DEFAULT_IDENTITY)
 
 
+@contextmanager
+def acting_client(args: argparse.Namespace) -> Iterator[tuple[VeilClient, Identity]]:
+    """A verified client and the identity the command acts as (refused before connecting)."""
+    identity = acting_identity(args)
+    with open_client(args) as veil:
+        yield veil, identity
+
+
 def recipient(args: argparse.Namespace, value: str) -> str:
     """The account a recipient names: a local identity, a contact or a 64-hex account; anything
     else is refused before anything is sealed."""
@@ -391,6 +417,15 @@ def report(args: argparse.Namespace, document: dict[str, Any], human: Callable[[
     else:
         human()
     return 0
+
+
+def report_receipt(
+    args: argparse.Namespace, document: dict[str, Any], opened: Opened | None, done: str
+) -> int:
+    """`report` for a command with a receipt: the JSON document carries it as "receipt", and
+    people read `done` followed by the receipt line."""
+    document = {**document, "receipt": receipt_json(opened)}
+    return report(args, document, lambda: print(f"{done}; {receipt_line(opened)}"))
 
 
 def receipt_line(opened: Opened | None) -> str:

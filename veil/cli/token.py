@@ -15,17 +15,16 @@ from typing import TYPE_CHECKING, Any
 from veil.cli import output
 from veil.cli.common import (
     MAX_AMOUNT,
-    acting_identity,
+    acting_client,
     amount,
-    bind_sdk,
-    example,
-    instance_id,
+    app_commands,
+    app_verb,
     namer,
-    open_client,
     receipt_json,
     receipt_line,
     recipient,
     report,
+    report_receipt,
 )
 from veil.sdk.contacts import canonical_account
 from veil.sdk.errors import (
@@ -47,45 +46,43 @@ BULK_DIR = "bulk"
 
 
 def register(commands: Subcommands) -> None:
-    token = commands.add_parser("token", help="confidential balances").add_subparsers(
-        dest="token_command", required=True
-    )
-    mint = token.add_parser(
+    token = app_commands(commands, "token", "confidential balances")
+    with app_verb(
+        token,
         "mint",
-        help="create tokens (issuer identity)",
-        epilog=example("veil token mint coins alice 100 --as treasury"),
-    )
-    mint.add_argument("instance", type=instance_id)
-    mint.add_argument("to", nargs="?", help="identity or contact name")
-    mint.add_argument("amount", nargs="?", type=amount)
-    mint.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
-    bind_sdk(mint, token_mint, identity=True)
-    transfer = token.add_parser(
+        token_mint,
+        "create tokens (issuer identity)",
+        "veil token mint coins alice 100 --as treasury",
+    ) as mint:
+        _recipient_arguments(mint)
+    with app_verb(
+        token,
         "transfer",
-        help="send tokens (one, or many from a CSV of to,amount)",
-        epilog=example(
-            "veil token transfer coins bob 25 --as alice",
-            "veil token transfer coins 25 --to-account 3f…(64 hex) --as alice",
-            "veil token transfer coins --from-csv payroll.csv --as alice   # rerun to resume",
-        ),
-    )
-    transfer.add_argument("instance", type=instance_id)
-    transfer.add_argument("to", nargs="?", help="identity or contact name")
-    transfer.add_argument("amount", nargs="?", type=amount)
-    transfer.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
-    transfer.add_argument(
-        "--from-csv",
-        help="CSV file with rows to,amount; shows a progress bar; running it again skips the rows "
-        "already applied",
-    )
-    bind_sdk(transfer, token_transfer, identity=True)
+        token_transfer,
+        "send tokens (one, or many from a CSV of to,amount)",
+        "veil token transfer coins bob 25 --as alice",
+        "veil token transfer coins 25 --to-account 3f…(64 hex) --as alice",
+        "veil token transfer coins --from-csv payroll.csv --as alice   # rerun to resume",
+    ) as transfer:
+        _recipient_arguments(transfer)
+        transfer.add_argument(
+            "--from-csv",
+            help="CSV file with rows to,amount; shows a progress bar; running it again skips the rows "
+            "already applied",
+        )
     for verb, handler, text in (
         ("balance", token_balance, "your balance"),
         ("supply", token_supply, "the total supply"),
     ):
-        read = token.add_parser(verb, help=text, epilog=example(f"veil token {verb} coins --as bob"))
-        read.add_argument("instance", type=instance_id)
-        bind_sdk(read, handler, identity=True)
+        with app_verb(token, verb, handler, text, f"veil token {verb} coins --as bob"):
+            pass  # INSTANCE is its only argument
+
+
+def _recipient_arguments(parser: argparse.ArgumentParser) -> None:
+    """`TO AMOUNT` or `AMOUNT --to-account HEX` (see `_single`)."""
+    parser.add_argument("to", nargs="?", help="identity or contact name")
+    parser.add_argument("amount", nargs="?", type=amount)
+    parser.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
 
 
 def _single(args: argparse.Namespace) -> tuple[str, int]:
@@ -107,18 +104,7 @@ def _single(args: argparse.Namespace) -> tuple[str, int]:
 
 
 def token_mint(args: argparse.Namespace) -> int:
-    to, count = _single(args)
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
-        token = veil.token(args.instance, identity)
-        supply = token.mint(to, count)
-    name = namer(args)(to)
-    document = {"to": to, "amount": count, "total_supply": supply, "receipt": receipt_json(token.last)}
-    return report(
-        args,
-        document,
-        lambda: print(f"minted {count} to {name}; total supply {supply}; {receipt_line(token.last)}"),
-    )
+    return _to_one(args, "mint")
 
 
 def token_transfer(args: argparse.Namespace) -> int:
@@ -126,18 +112,21 @@ def token_transfer(args: argparse.Namespace) -> int:
         if args.to is not None or args.amount is not None or args.to_account is not None:
             raise VeilClientError("--from-csv takes its recipients from the file: give no TO or AMOUNT")
         return _bulk_transfer(args)
+    return _to_one(args, "transfer")
+
+
+def _to_one(args: argparse.Namespace, verb: str) -> int:
+    """A mint (answers the total supply) or a transfer (the sender's balance) to one recipient."""
     to, count = _single(args)
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         token = veil.token(args.instance, identity)
-        balance = token.transfer(to, count)
+        after = token.mint(to, count) if verb == "mint" else token.transfer(to, count)
     name = namer(args)(to)
-    document = {"to": to, "amount": count, "balance": balance, "receipt": receipt_json(token.last)}
-    return report(
-        args,
-        document,
-        lambda: print(f"sent {count} to {name}; balance {balance}; {receipt_line(token.last)}"),
-    )
+    if verb == "mint":
+        key, done = "total_supply", f"minted {count} to {name}; total supply {after}"
+    else:
+        key, done = "balance", f"sent {count} to {name}; balance {after}"
+    return report_receipt(args, {"to": to, "amount": count, key: after}, token.last, done)
 
 
 # --- bulk transfers -------------------------------------------------------------------------
@@ -220,8 +209,7 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
     file_hash = hashlib.sha256(content).hexdigest()
     name = namer(args)
     results: list[dict[str, Any]] = []
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         token = veil.token(args.instance, identity)
         journal = Journal(
             Path(args.data_dir) / BULK_DIR / f"{args.instance}.{file_hash[:16]}.{identity.account[:12]}.json",
@@ -330,18 +318,17 @@ def _bulk_row(token: TokenClient, journal: Journal, row: Row) -> dict[str, Any]:
 
 
 def token_balance(args: argparse.Namespace) -> int:
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
-        token = veil.token(args.instance, identity)
-        balance = token.balance()
-    document = {"account": token.account, "balance": balance, "receipt": receipt_json(token.last)}
-    return report(args, document, lambda: print(f"{balance}  {receipt_line(token.last)}"))
+    return _read(args, "balance")
 
 
 def token_supply(args: argparse.Namespace) -> int:
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    return _read(args, "total_supply")
+
+
+def _read(args: argparse.Namespace, key: str) -> int:
+    with acting_client(args) as (veil, identity):
         token = veil.token(args.instance, identity)
-        supply = token.total_supply()
-    document = {"total_supply": supply, "receipt": receipt_json(token.last)}
-    return report(args, document, lambda: print(f"{supply}  {receipt_line(token.last)}"))
+        value = token.balance() if key == "balance" else token.total_supply()
+    document: dict[str, Any] = {"account": token.account} if key == "balance" else {}
+    document.update({key: value, "receipt": receipt_json(token.last)})
+    return report(args, document, lambda: print(f"{value}  {receipt_line(token.last)}"))

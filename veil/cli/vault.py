@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli.common import (
-    acting_identity,
-    bind_sdk,
-    example,
-    instance_id,
+    acting_client,
+    app_commands,
+    app_verb,
     namer,
-    open_client,
     receipt_json,
-    receipt_line,
     recipient,
     report,
+    report_receipt,
 )
 
 if TYPE_CHECKING:
@@ -26,48 +24,46 @@ if TYPE_CHECKING:
 
 
 def register(commands: Subcommands) -> None:
-    vault = commands.add_parser("vault", help="personal-data records").add_subparsers(
-        dest="vault_command", required=True
-    )
-    put = vault.add_parser(
+    vault = app_commands(commands, "vault", "personal-data records")
+    with app_verb(
+        vault,
         "put",
-        help="create or replace one of your records",
-        epilog=example("veil vault put records passport --data P1234567 --as alice"),
-    )
-    put.add_argument("instance", type=instance_id)
-    put.add_argument("record")
-    source = put.add_mutually_exclusive_group()
-    source.add_argument("--data", help="the content as text (default: stdin)")
-    source.add_argument("--file", help="read the content from a file")
-    bind_sdk(put, vault_put, identity=True)
-    get = vault.add_parser(
+        vault_put,
+        "create or replace one of your records",
+        "veil vault put records passport --data P1234567 --as alice",
+    ) as put:
+        put.add_argument("record")
+        source = put.add_mutually_exclusive_group()
+        source.add_argument("--data", help="the content as text (default: stdin)")
+        source.add_argument("--file", help="read the content from a file")
+    with app_verb(
+        vault,
         "get",
-        help="read a record you own or that was shared with you",
-        epilog=example("veil vault get records passport --owner alice --as bob"),
-    )
-    get.add_argument("instance", type=instance_id)
-    get.add_argument("record")
-    get.add_argument("--owner", help="the owner's identity or contact name, or account (default: you)")
-    get.add_argument("--out", help="write the content to a file")
-    bind_sdk(get, vault_get, identity=True)
+        vault_get,
+        "read a record you own or that was shared with you",
+        "veil vault get records passport --owner alice --as bob",
+    ) as get:
+        get.add_argument("record")
+        get.add_argument("--owner", help="the owner's identity or contact name, or account (default: you)")
+        get.add_argument("--out", help="write the content to a file")
     for verb, handler in (("share", vault_share), ("revoke", vault_revoke)):
-        change = vault.add_parser(
+        with app_verb(
+            vault,
             verb,
-            help=f"{verb} read access to one of your records",
-            epilog=example(f"veil vault {verb} records passport bob --as alice"),
-        )
-        change.add_argument("instance", type=instance_id)
-        change.add_argument("record")
-        change.add_argument("reader", help="identity or contact name, or a 64-hex account")
-        bind_sdk(change, handler, identity=True)
-    delete = vault.add_parser(
+            handler,
+            f"{verb} read access to one of your records",
+            f"veil vault {verb} records passport bob --as alice",
+        ) as change:
+            change.add_argument("record")
+            change.add_argument("reader", help="identity or contact name, or a 64-hex account")
+    with app_verb(
+        vault,
         "delete",
-        help="erase one of your records",
-        epilog=example("veil vault delete records passport --as alice"),
-    )
-    delete.add_argument("instance", type=instance_id)
-    delete.add_argument("record")
-    bind_sdk(delete, vault_delete, identity=True)
+        vault_delete,
+        "erase one of your records",
+        "veil vault delete records passport --as alice",
+    ) as delete:
+        delete.add_argument("record")
 
 
 def vault_put(args: argparse.Namespace) -> int:
@@ -77,28 +73,17 @@ def vault_put(args: argparse.Namespace) -> int:
         data = args.data.encode("utf-8")
     else:
         data = sys.stdin.buffer.read()
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         vault = veil.vault(args.instance, identity)
         created = vault.put(args.record, data)
-    document = {
-        "record_id": args.record,
-        "created": created,
-        "bytes": len(data),
-        "receipt": receipt_json(vault.last),
-    }
+    document = {"record_id": args.record, "created": created, "bytes": len(data)}
     verb = "created" if created else "replaced"
-    return report(
-        args,
-        document,
-        lambda: print(f"{verb} record {args.record!r} ({len(data)} bytes); {receipt_line(vault.last)}"),
-    )
+    return report_receipt(args, document, vault.last, f"{verb} record {args.record!r} ({len(data)} bytes)")
 
 
 def vault_get(args: argparse.Namespace) -> int:
     owner = recipient(args, args.owner) if args.owner else None
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         vault = veil.vault(args.instance, identity)
         record = vault.get(args.record, owner)
     if args.out:
@@ -125,8 +110,7 @@ def vault_get(args: argparse.Namespace) -> int:
 
 def _vault_change(args: argparse.Namespace, verb: str) -> int:
     reader = recipient(args, args.reader) if verb != "delete" else ""  # refused before connecting
-    identity = acting_identity(args)  # refused before connecting
-    with open_client(args) as veil:
+    with acting_client(args) as (veil, identity):
         vault = veil.vault(args.instance, identity)
         if verb == "delete":
             vault.delete(args.record)
@@ -135,10 +119,8 @@ def _vault_change(args: argparse.Namespace, verb: str) -> int:
             getattr(vault, verb)(args.record, reader)
             who = namer(args)(reader)
             done = f"{verb}d record {args.record!r} {'with' if verb == 'share' else 'from'} {who}"
-    document = {"record_id": args.record, "action": verb, "receipt": receipt_json(vault.last)}
-    if reader:
-        document["reader"] = reader
-    return report(args, document, lambda: print(f"{done}; {receipt_line(vault.last)}"))
+    document = {"record_id": args.record, "action": verb, **({"reader": reader} if reader else {})}
+    return report_receipt(args, document, vault.last, done)
 
 
 def vault_share(args: argparse.Namespace) -> int:
