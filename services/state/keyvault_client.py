@@ -1,6 +1,9 @@
 """The state host's typed client of the keyvault (over the shared mTLS channel helpers).
 
 Every call has a deadline and retries only UNAVAILABLE (`veil.services.common.channels.call`).
+The address may list several keyvault replicas (comma-separated; they share one database, so
+any of them answers any call): a replica that is unreachable or too slow costs a retry on the
+next one, not an error, and the client stays with the one that answered.
 Failures become two domain errors: `KeyvaultUnavailable` (unreachable or too slow: retry
 later) and `KeyvaultRefused` (the keyvault answered no; carries its ErrorInfo reason).
 """
@@ -58,14 +61,24 @@ class RemoteHead:
 
 
 class KeyvaultClient:
-    """One channel to the keyvault; thread-safe (gRPC channels are)."""
+    """A channel per keyvault replica; thread-safe (gRPC channels are)."""
 
     def __init__(
-        self, address: str, channel: grpc.Channel, *, timeout: float = 5.0, attempts: int = 3
+        self,
+        address: str,
+        channel: grpc.Channel,
+        *,
+        timeout: float = 5.0,
+        attempts: int = 3,
+        replicas: Sequence[tuple[str, grpc.Channel]] = (),
     ) -> None:
+        """`channel` reaches `address`; `replicas` are further (address, channel) pairs."""
         self.address = address
+        self._replicas = [(address, channel), *replicas]
+        self._stubs = [keyvault_pb2_grpc.KeyvaultServiceStub(c) for _, c in self._replicas]
+        self._preferred = 0
         self._channel = channel
-        self._stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+        self._stub = self._stubs[0]
         self._timeout = timeout
         self._attempts = attempts
         #: The fencing token held for an instance (0: none); set by the host's Ownership.
@@ -82,20 +95,40 @@ class KeyvaultClient:
         tracer_provider: TracerProvider | None = None,
         timeout: float = 5.0,
     ) -> KeyvaultClient:
-        """An mTLS client with the state service's identity."""
-        return cls(address, secure_channel(address, tls, tracer_provider), timeout=timeout)
+        """An mTLS client with the state service's identity; `address` may list replicas."""
+        addresses = [part.strip() for part in address.split(",") if part.strip()]
+        channels = [(a, secure_channel(a, tls, tracer_provider)) for a in addresses]
+        (first, channel), *others = channels
+        return cls(first, channel, timeout=timeout, replicas=others)
 
     def close(self) -> None:
-        self._channel.close()
+        for _, channel in self._replicas:
+            channel.close()
 
     def _call(self, name: str, method: Callable[..., Resp], request: object) -> Resp:
+        """Call `name` on the preferred replica, then on each other one while unreachable."""
+        start = self._preferred
+        failures = []
+        for step in range(len(self._replicas)):
+            index = (start + step) % len(self._replicas)
+            bound: Callable[..., Resp] = getattr(self._stubs[index], name) if index else method
+            try:
+                answer = self._call_one(name, bound, request, self._replicas[index][0])
+            except KeyvaultUnavailable as exc:
+                failures.append(exc.message)
+                continue
+            self._preferred = index
+            return answer
+        raise KeyvaultUnavailable("; ".join(failures))
+
+    def _call_one(self, name: str, method: Callable[..., Resp], request: object, address: str) -> Resp:
         try:
             return call(method, request, timeout=self._timeout, attempts=self._attempts)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _UNREACHABLE:
                 raise KeyvaultUnavailable(
-                    f"keyvault at {self.address} unreachable ({code.name}: {exc.details()})"
+                    f"keyvault at {address} unreachable ({code.name}: {exc.details()})"
                 ) from None
             info = error_info(exc)
             reason = info.reason if info is not None and info.reason else code.name
