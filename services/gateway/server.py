@@ -46,7 +46,7 @@ from veil.services.gateway.ratelimit import RateLimiter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
 from veil.services.gateway.streams import StreamLimits, StreamSlots
-from veil.services.gateway.upstream import forward
+from veil.services.gateway.upstream import coalescing_stub, forward
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -451,7 +451,7 @@ def create_server(
     keyvault_channel = secure_channel(gateway.keyvault_address, config.tls, tracer_provider)
     servicer = GatewayServicer(
         router=ShardRouter(gateway.state_addresses, gateway.shard_map),
-        shards={a: state_pb2_grpc.StateServiceStub(c) for a, c in channels.items()},
+        shards={a: coalescing_stub(c) for a, c in channels.items()},
         keyvault=keyvault_pb2_grpc.KeyvaultServiceStub(keyvault_channel),
         authenticators=authenticators,
         limiter=RateLimiter(gateway.rate_per_second, gateway.burst),

@@ -1,5 +1,16 @@
 """Calls to the state replicas, and what their failures become for the gateway's caller.
 
+Execute calls ride on ExecuteBatch messages (`coalescing_stub`): a call is sent at once while
+fewer than `MAX_IN_FLIGHT` messages to its replica are unanswered; the calls that arrive
+meanwhile wait and leave together in the next message, so under load one upstream RPC carries
+many commands (the state host feeds them to its batcher together), and an idle gateway adds no
+delay. The replica streams each command's answer back as soon as it is ready. Each command
+keeps its own deadline (its caller stops waiting at it, as for a unary call; a message's
+deadline is the latest of its commands'), its own request id and its own status; a failed
+message fails its unanswered commands with the message's status, which `call` retries as it
+retries a unary UNAVAILABLE. Back-pressure: at most MAX_IN_FLIGHT messages of MAX_BATCH
+commands per replica; further calls wait in the gateway (bounded by its concurrent-RPC limit).
+
 A state replica's status is passed on when it describes the caller's request (not found,
 invalid, exhausted, deadline, retry later), with its message and ErrorInfo reason: those
 were already sanitized by the state service's own error interceptor. Anything that says
@@ -10,10 +21,17 @@ unimplemented method) becomes UNAVAILABLE with a fixed message, so nothing inter
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from veil.services.common.channels import call
 from veil.services.common.errors import (
@@ -27,7 +45,8 @@ from veil.services.common.errors import (
     Unavailable,
     VeilError,
 )
-from veil.status import error_info
+from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.status import ERROR_DOMAIN, error_info
 
 _log = logging.getLogger(__name__)
 
@@ -72,3 +91,142 @@ def forward(shard: str, method: Callable[..., Resp], request: Req, *, timeout: f
         return call(method, request, timeout=timeout)
     except grpc.RpcError as error:
         raise translate(error, shard) from None
+
+
+# --- Execute over ExecuteBatch ----------------------------------------------------------------
+
+#: Commands per ExecuteBatch message (the state service accepts up to 1024).
+MAX_BATCH = 256
+#: Unanswered ExecuteBatch messages per replica before calls wait to be coalesced.
+MAX_IN_FLIGHT = 4
+_STATUS_DETAILS = "grpc-status-details-bin"
+
+
+class BatchedCallError(grpc.RpcError):
+    """One command's failure inside an ExecuteBatch answer, shaped as a failed unary call's error
+    (code, details, and the google.rpc.Status in its trailing metadata), so `call` and
+    `translate` treat it exactly as they treat a failed Execute."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self._status = status
+
+    def code(self) -> grpc.StatusCode:
+        return _CODES.get(self._status.code, grpc.StatusCode.UNKNOWN)
+
+    def details(self) -> str:
+        return str(self._status.message)
+
+    def trailing_metadata(self) -> Any:  # what `grpc_status.rpc_status.from_call` reads
+        return ((_STATUS_DETAILS, self._status.SerializeToString()),)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _deadline_exceeded() -> BatchedCallError:
+    info = error_details_pb2.ErrorInfo(reason="DEADLINE_EXCEEDED", domain=ERROR_DOMAIN)
+    status = status_pb2.Status(
+        code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
+        message="the command was not committed within the deadline; retry with the same request_id",
+    )
+    status.details.add().Pack(info)
+    return BatchedCallError(status)
+
+
+@dataclass
+class _Waiting:
+    request: state_pb2.ExecuteRequest
+    deadline: float
+    answer: Future[state_pb2.ExecuteResponse] = field(default_factory=Future)
+
+
+class ExecuteCoalescer:
+    """Execute for one replica, sent as ExecuteBatch messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        send: grpc.UnaryStreamMultiCallable[state_pb2.ExecuteBatchRequest, state_pb2.ExecuteBatchResponse],
+        *,
+        max_batch: int = MAX_BATCH,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._queue: deque[_Waiting] = deque()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        # Reading a stream blocks: one thread per message in flight.
+        self._readers = ThreadPoolExecutor(max_in_flight, thread_name_prefix="execute-batch")
+
+    def __call__(
+        self,
+        request: state_pb2.ExecuteRequest,
+        *,
+        timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> state_pb2.ExecuteResponse:
+        """Execute `request` within `timeout` seconds; raises grpc.RpcError as a unary call would."""
+        waiting = _Waiting(request, time.monotonic() + timeout)
+        with self._lock:
+            self._queue.append(waiting)
+            if self._in_flight < self._max_in_flight:
+                self._in_flight += 1
+                self._readers.submit(self._carry)
+        try:
+            return waiting.answer.result(timeout)
+        except FutureTimeout:
+            raise _deadline_exceeded() from None
+
+    def _carry(self) -> None:
+        """One in-flight slot: send what waits, read its answers, repeat while calls wait."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                batch: list[_Waiting] = []
+                while self._queue and len(batch) < self._max_batch:
+                    waiting = self._queue.popleft()
+                    if waiting.deadline > now:  # its caller has not given up yet
+                        batch.append(waiting)
+                if not batch:
+                    self._in_flight -= 1
+                    return
+            try:
+                self._exchange(batch, max(w.deadline for w in batch) - now)
+            except Exception:  # never lose the slot: fail what is left of this batch
+                _log.exception("ExecuteBatch to a state replica failed")
+            for waiting in batch:  # a command the replica did not answer fails, never hangs
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(BatchedCallError(_missing().to_status()))
+
+    def _exchange(self, batch: list[_Waiting], timeout: float) -> None:
+        request = state_pb2.ExecuteBatchRequest(commands=[w.request for w in batch])
+        try:
+            for result in self._send(request, timeout=timeout):
+                if result.index >= len(batch) or batch[result.index].answer.done():
+                    _log.error("ExecuteBatch answered index %d twice or out of range", result.index)
+                    continue
+                answer = batch[result.index].answer
+                if result.HasField("response"):
+                    answer.set_result(result.response)
+                else:
+                    answer.set_exception(BatchedCallError(status_pb2.Status.FromString(result.status)))
+        except grpc.RpcError as error:  # the message failed: its unanswered commands fail with it
+            for waiting in batch:
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(error)
+
+
+def _missing() -> Unavailable:
+    return Unavailable(
+        "the state service could not serve the request", reason="UPSTREAM_ERROR", internal=True
+    )
+
+
+def coalescing_stub(channel: grpc.Channel, **options: int) -> state_pb2_grpc.StateServiceStub:
+    """A state replica's stub whose Execute is carried by ExecuteBatch (ExecuteCoalescer)."""
+    stub = state_pb2_grpc.StateServiceStub(channel)
+    # Called as `forward` and `call` call a unary method: (request, timeout=, metadata=).
+    stub.Execute = ExecuteCoalescer(stub.ExecuteBatch, **options)  # type: ignore[assignment]
+    return stub

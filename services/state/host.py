@@ -105,6 +105,13 @@ class _BatchOutput:
 Answer = state_pb2.ExecuteResponse | BaseException | concurrent.futures.Future[state_pb2.ExecuteResponse]
 
 
+def not_committed_in_time() -> DeadlineExceeded:
+    """The error of a command whose deadline passed before its commit (it may still commit)."""
+    return DeadlineExceeded(
+        "the command was not committed within the deadline; retry with the same request_id"
+    )
+
+
 class StateHost:
     """The enclave host behind the StateService RPCs."""
 
@@ -294,6 +301,26 @@ class StateHost:
         self, instance_id: str, command: envelope_pb2.SealedCommand, request_id: str, timeout: float
     ) -> state_pb2.ExecuteResponse:
         """Run one sealed command; returns once its log entry is durably committed."""
+        return self.wait_for(self.enqueue(instance_id, command, request_id), timeout)
+
+    @staticmethod
+    def wait_for(
+        answer: state_pb2.ExecuteResponse | concurrent.futures.Future[state_pb2.ExecuteResponse],
+        timeout: float,
+    ) -> state_pb2.ExecuteResponse:
+        """The answer `enqueue` promised, once committed, or DEADLINE_EXCEEDED after `timeout`."""
+        if isinstance(answer, state_pb2.ExecuteResponse):
+            return answer
+        try:
+            return answer.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise not_committed_in_time() from None
+
+    def enqueue(
+        self, instance_id: str, command: envelope_pb2.SealedCommand, request_id: str
+    ) -> state_pb2.ExecuteResponse | concurrent.futures.Future[state_pb2.ExecuteResponse]:
+        """Check and queue one sealed command without waiting: its stored answer (a repeated
+        request id) or the future of its commit (see `wait_for`)."""
         runtime = self._serving()
         self._instance(runtime, instance_id)
         if len(request_id) > MAX_REQUEST_ID:
@@ -305,16 +332,7 @@ class StateHost:
                 f"({runtime.advancer.problem() or 'advancing'}); refusing new commands until it catches up",
                 reason="COMMIT_HEAD_LAG",
             )
-        item = Command(instance_id, request_id, command)
-        answer = self._submit(runtime, item)
-        if isinstance(answer, state_pb2.ExecuteResponse):
-            return answer
-        try:
-            return answer.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise DeadlineExceeded(
-                "the command was not committed within the deadline; retry with the same request_id"
-            ) from None
+        return self._submit(runtime, Command(instance_id, request_id, command))
 
     def _submit(
         self, runtime: Runtime, item: Command

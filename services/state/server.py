@@ -7,28 +7,45 @@ NOT_SERVING until recovery completes (GetStatus says which step it is in), then 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import concurrent.futures
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.services.common import identity
 from veil.services.common.channels import remaining_timeout
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import InvalidArgument
+from veil.services.common.errors import (
+    CORRELATION_ID,
+    InvalidArgument,
+    VeilError,
+    new_correlation_id,
+)
 from veil.services.common.main import serve
 from veil.services.common.server import VeilServer, build_server
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveHost
 from veil.services.state.errors import NotServing
-from veil.services.state.host import StateHost
+from veil.services.state.host import StateHost, not_committed_in_time
 from veil.services.state.keyvault_client import KeyvaultClient
 from veil.services.state.runner import spawn_enclave
 from veil.services.state.store import StateStore, open_store
 from veil.state.v1 import state_pb2, state_pb2_grpc
+from veil.status import ERROR_DOMAIN
 
 SERVICE_NAME = state_pb2.DESCRIPTOR.services_by_name["StateService"].full_name
 EXECUTE_CEILING_S = 30.0
+#: Commands one ExecuteBatch may carry (the gateway sends at most its own cap).
+MAX_BATCH_COMMANDS = 1024
+Answer = state_pb2.ExecuteResponse | Future[state_pb2.ExecuteResponse]
+_log = logging.getLogger(__name__)
 
 # Every state RPC is for the gateway alone: clients reach enclaves only through it.
 AUTHORIZATION = identity.method_names(
@@ -97,9 +114,76 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
     ) -> state_pb2.GetStatusResponse:
         return self._require_host().status()
 
+    def ExecuteBatch(
+        self, request: state_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[state_pb2.ExecuteBatchResponse]:
+        host = self._require_host()
+        if len(request.commands) > MAX_BATCH_COMMANDS:
+            raise InvalidArgument(f"a batch carries at most {MAX_BATCH_COMMANDS} commands")
+        # Every command is queued before any is waited for, so they share the host's batches;
+        # each answer leaves as soon as it is ready, all within the call's one deadline.
+        deadline = time.monotonic() + remaining_timeout(context, EXECUTE_CEILING_S)
+        # A request id repeated inside the batch shares its first command's future.
+        pending: dict[Future[state_pb2.ExecuteResponse], list[int]] = {}
+        for index, command in enumerate(request.commands):
+            answer = _attempt(index, functools.partial(_enqueue, host, command))
+            if isinstance(answer, Future):
+                pending.setdefault(answer, []).append(index)
+            else:
+                yield answer
+        try:
+            for done in concurrent.futures.as_completed(pending, max(deadline - time.monotonic(), 0.0)):
+                for index in pending.pop(done):
+                    result = _attempt(index, functools.partial(host.wait_for, done, 0.0))
+                    assert not isinstance(result, Future)  # a done future's answer or failure
+                    yield result
+        except concurrent.futures.TimeoutError:
+            for late in pending.values():  # the commands may still commit: a retry finds out
+                yield from (_result(index, not_committed_in_time()) for index in late)
+
     def Ping(self, request: state_pb2.PingRequest, context: grpc.ServicerContext) -> state_pb2.PingResponse:
         # The transport baseline: acknowledged by the host, no enclave, no storage.
         return state_pb2.PingResponse(payload=request.payload)
+
+
+def _enqueue(host: StateHost, request: state_pb2.ExecuteRequest) -> Answer:
+    if not request.instance_id or not request.HasField("command"):
+        raise InvalidArgument("instance_id and command are required")
+    return host.enqueue(request.instance_id, request.command, request.request_id)
+
+
+def _attempt(
+    index: int, step: Callable[[], Answer]
+) -> state_pb2.ExecuteBatchResponse | Future[state_pb2.ExecuteResponse]:
+    """`step()` as command `index`'s result (a future passes through), or the status its failure
+    maps to, as the error interceptor maps a unary call's: unexpected errors are INTERNAL, logged."""
+    try:
+        answer = step()
+    except VeilError as exc:
+        return _result(index, exc)
+    except Exception:
+        correlation_id = new_correlation_id()
+        _log.exception("a batched command failed (correlation id %s)", correlation_id)
+        return state_pb2.ExecuteBatchResponse(
+            index=index, status=_internal(correlation_id).SerializeToString()
+        )
+    if isinstance(answer, state_pb2.ExecuteResponse):
+        return state_pb2.ExecuteBatchResponse(index=index, response=answer)
+    return answer
+
+
+def _result(index: int, error: VeilError) -> state_pb2.ExecuteBatchResponse:
+    return state_pb2.ExecuteBatchResponse(index=index, status=error.to_status().SerializeToString())
+
+
+def _internal(correlation_id: str) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={CORRELATION_ID: correlation_id}
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    message = f"internal error (correlation id {correlation_id})"
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=message, details=[detail])
 
 
 def build_state_server(

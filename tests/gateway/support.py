@@ -100,6 +100,41 @@ class TokenAuthority:
         self.store.close()
 
 
+class _ItemAborted(Exception):
+    def __init__(self, status: bytes) -> None:
+        super().__init__("aborted")
+        self.status = status
+
+
+class _ItemContext:
+    """One batched command's context: its abort becomes that command's status."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+
+    def abort_with_status(self, status: grpc.Status) -> None:
+        details = dict(status.trailing_metadata or ())["grpc-status-details-bin"]
+        assert isinstance(details, bytes)
+        raise _ItemAborted(details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def execute_batch_over(
+    execute: Any, request: state_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
+) -> Iterator[state_pb2.ExecuteBatchResponse]:
+    """A fake state's ExecuteBatch from its Execute, one command after another (the real
+    service's is veil.services.state.server)."""
+    for index, command in enumerate(request.commands):
+        try:
+            response = execute(command, _ItemContext(context))
+        except _ItemAborted as aborted:
+            yield state_pb2.ExecuteBatchResponse(index=index, status=aborted.status)
+        else:
+            yield state_pb2.ExecuteBatchResponse(index=index, response=response)
+
+
 class EnclaveState(state_pb2_grpc.StateServiceServicer):
     """A state replica over a real in-process enclave, as an honest host with the test keyvault
     (tests.enclave.support.Harness: statements, links, confirmations); no persistence."""
@@ -216,6 +251,11 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
             if outcome.accepted:
                 self._responses[(request.instance_id, request.request_id)] = response
             return response
+
+    def ExecuteBatch(
+        self, request: state_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[state_pb2.ExecuteBatchResponse]:
+        return execute_batch_over(self.Execute, request, context)
 
     def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:
         self._count("Query")

@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from tests.conftest import tls_for
+from tests.gateway.support import execute_batch_over
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.services.common.channels import secure_channel
@@ -47,6 +48,9 @@ class BigAnswers(state_pb2_grpc.StateServiceServicer):
             sealed_response=os.urandom(ANSWER_BYTES), accepted=True, sequence=next(self._sequence)
         )
         return state_pb2.ExecuteResponse(outcome=outcome)
+
+    def ExecuteBatch(self, request: state_pb2.ExecuteBatchRequest, context: grpc.ServicerContext) -> Any:
+        return execute_batch_over(self.Execute, request, context)
 
 
 def _config(pki_dir: Path, tmp_path: Path, service: str) -> ServiceConfig:

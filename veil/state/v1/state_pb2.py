@@ -26,45 +26,49 @@ from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope
 from veil.gateway.v1 import gateway_pb2 as veil_dot_gateway_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19veil/state/v1/state.proto\x12\rveil.state.v1\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1dveil/gateway/v1/gateway.proto\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"|\n\x16\x43reateInstanceResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.veil.state.v1.Instance\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x16\n\x14ListInstancesRequest\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.veil.state.v1.Instance\"{\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12)\n\x04head\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x8a\x01\n\x16GetAttestationResponse\x12\x37\n\x06\x62undle\x18\x01 \x01(\x0b\x32\'.veil.gateway.v1.GetAttestationResponse\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x12\n\x10GetStatusRequest\"\xba\x01\n\x11GetStatusResponse\x12*\n\x04step\x18\x01 \x01(\x0e\x32\x1c.veil.state.v1.LifecycleStep\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x65\x63\x61lls\x18\x05 \x01(\x04\x12\x10\n\x08\x63ommands\x18\x06 \x01(\x04\x12\x0f\n\x07\x63ommits\x18\x07 \x01(\x04\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*\x80\x02\n\rLifecycleStep\x12\x1e\n\x1aLIFECYCLE_STEP_UNSPECIFIED\x10\x00\x12\x1b\n\x17LIFECYCLE_STEP_STARTING\x10\x01\x12\x1c\n\x18LIFECYCLE_STEP_ATTESTING\x10\x02\x12!\n\x1dLIFECYCLE_STEP_OBTAINING_KEYS\x10\x03\x12\x1d\n\x19LIFECYCLE_STEP_RECOVERING\x10\x04\x12\x1a\n\x16LIFECYCLE_STEP_SERVING\x10\x05\x12\x19\n\x15LIFECYCLE_STEP_FAILED\x10\x06\x12\x1b\n\x17LIFECYCLE_STEP_DRAINING\x10\x07\x32\xc7\x04\n\x0cStateService\x12H\n\x07\x45xecute\x12\x1d.veil.state.v1.ExecuteRequest\x1a\x1e.veil.state.v1.ExecuteResponse\x12\x42\n\x05Query\x12\x1b.veil.state.v1.QueryRequest\x1a\x1c.veil.state.v1.QueryResponse\x12]\n\x0e\x43reateInstance\x12$.veil.state.v1.CreateInstanceRequest\x1a%.veil.state.v1.CreateInstanceResponse\x12Z\n\rListInstances\x12#.veil.state.v1.ListInstancesRequest\x1a$.veil.state.v1.ListInstancesResponse\x12]\n\x0eGetAttestation\x12$.veil.state.v1.GetAttestationRequest\x1a%.veil.state.v1.GetAttestationResponse\x12N\n\tGetStatus\x12\x1f.veil.state.v1.GetStatusRequest\x1a .veil.state.v1.GetStatusResponse\x12?\n\x04Ping\x12\x1a.veil.state.v1.PingRequest\x1a\x1b.veil.state.v1.PingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19veil/state/v1/state.proto\x12\rveil.state.v1\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1dveil/gateway/v1/gateway.proto\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"F\n\x13\x45xecuteBatchRequest\x12/\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1d.veil.state.v1.ExecuteRequest\"u\n\x14\x45xecuteBatchResponse\x12\r\n\x05index\x18\x03 \x01(\r\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.veil.state.v1.ExecuteResponseH\x00\x12\x10\n\x06status\x18\x02 \x01(\x0cH\x00\x42\x08\n\x06result\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"|\n\x16\x43reateInstanceResponse\x12)\n\x08instance\x18\x01 \x01(\x0b\x32\x17.veil.state.v1.Instance\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x16\n\x14ListInstancesRequest\"C\n\x15ListInstancesResponse\x12*\n\tinstances\x18\x01 \x03(\x0b\x32\x17.veil.state.v1.Instance\"{\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12)\n\x04head\x18\x03 \x01(\x0b\x32\x1b.veil.enclave.v1.CommitHead\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x8a\x01\n\x16GetAttestationResponse\x12\x37\n\x06\x62undle\x18\x01 \x01(\x0b\x32\'.veil.gateway.v1.GetAttestationResponse\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x12\n\x10GetStatusRequest\"\xba\x01\n\x11GetStatusResponse\x12*\n\x04step\x18\x01 \x01(\x0e\x32\x1c.veil.state.v1.LifecycleStep\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x19\n\x11memory_used_bytes\x18\x03 \x01(\x04\x12\x1b\n\x13memory_budget_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x65\x63\x61lls\x18\x05 \x01(\x04\x12\x10\n\x08\x63ommands\x18\x06 \x01(\x04\x12\x0f\n\x07\x63ommits\x18\x07 \x01(\x04\"\x1e\n\x0bPingRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c*\x80\x02\n\rLifecycleStep\x12\x1e\n\x1aLIFECYCLE_STEP_UNSPECIFIED\x10\x00\x12\x1b\n\x17LIFECYCLE_STEP_STARTING\x10\x01\x12\x1c\n\x18LIFECYCLE_STEP_ATTESTING\x10\x02\x12!\n\x1dLIFECYCLE_STEP_OBTAINING_KEYS\x10\x03\x12\x1d\n\x19LIFECYCLE_STEP_RECOVERING\x10\x04\x12\x1a\n\x16LIFECYCLE_STEP_SERVING\x10\x05\x12\x19\n\x15LIFECYCLE_STEP_FAILED\x10\x06\x12\x1b\n\x17LIFECYCLE_STEP_DRAINING\x10\x07\x32\xa2\x05\n\x0cStateService\x12H\n\x07\x45xecute\x12\x1d.veil.state.v1.ExecuteRequest\x1a\x1e.veil.state.v1.ExecuteResponse\x12\x42\n\x05Query\x12\x1b.veil.state.v1.QueryRequest\x1a\x1c.veil.state.v1.QueryResponse\x12]\n\x0e\x43reateInstance\x12$.veil.state.v1.CreateInstanceRequest\x1a%.veil.state.v1.CreateInstanceResponse\x12Z\n\rListInstances\x12#.veil.state.v1.ListInstancesRequest\x1a$.veil.state.v1.ListInstancesResponse\x12]\n\x0eGetAttestation\x12$.veil.state.v1.GetAttestationRequest\x1a%.veil.state.v1.GetAttestationResponse\x12N\n\tGetStatus\x12\x1f.veil.state.v1.GetStatusRequest\x1a .veil.state.v1.GetStatusResponse\x12?\n\x04Ping\x12\x1a.veil.state.v1.PingRequest\x1a\x1b.veil.state.v1.PingResponse\x12Y\n\x0c\x45xecuteBatch\x12\".veil.state.v1.ExecuteBatchRequest\x1a#.veil.state.v1.ExecuteBatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'veil.state.v1.state_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LIFECYCLESTEP']._serialized_start=1358
-  _globals['_LIFECYCLESTEP']._serialized_end=1614
+  _globals['_LIFECYCLESTEP']._serialized_start=1549
+  _globals['_LIFECYCLESTEP']._serialized_end=1805
   _globals['_EXECUTEREQUEST']._serialized_start=107
   _globals['_EXECUTEREQUEST']._serialized_end=213
   _globals['_EXECUTERESPONSE']._serialized_start=215
   _globals['_EXECUTERESPONSE']._serialized_end=282
-  _globals['_QUERYREQUEST']._serialized_start=284
-  _globals['_QUERYREQUEST']._serialized_end=368
-  _globals['_QUERYRESPONSE']._serialized_start=370
-  _globals['_QUERYRESPONSE']._serialized_end=435
-  _globals['_CREATEINSTANCEREQUEST']._serialized_start=437
-  _globals['_CREATEINSTANCEREQUEST']._serialized_end=550
-  _globals['_CREATEINSTANCERESPONSE']._serialized_start=552
-  _globals['_CREATEINSTANCERESPONSE']._serialized_end=676
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=678
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=700
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=702
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=769
-  _globals['_INSTANCE']._serialized_start=771
-  _globals['_INSTANCE']._serialized_end=894
-  _globals['_GETATTESTATIONREQUEST']._serialized_start=896
-  _globals['_GETATTESTATIONREQUEST']._serialized_end=940
-  _globals['_GETATTESTATIONRESPONSE']._serialized_start=943
-  _globals['_GETATTESTATIONRESPONSE']._serialized_end=1081
-  _globals['_GETSTATUSREQUEST']._serialized_start=1083
-  _globals['_GETSTATUSREQUEST']._serialized_end=1101
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1104
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1290
-  _globals['_PINGREQUEST']._serialized_start=1292
-  _globals['_PINGREQUEST']._serialized_end=1322
-  _globals['_PINGRESPONSE']._serialized_start=1324
-  _globals['_PINGRESPONSE']._serialized_end=1355
-  _globals['_STATESERVICE']._serialized_start=1617
-  _globals['_STATESERVICE']._serialized_end=2200
+  _globals['_EXECUTEBATCHREQUEST']._serialized_start=284
+  _globals['_EXECUTEBATCHREQUEST']._serialized_end=354
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_start=356
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=473
+  _globals['_QUERYREQUEST']._serialized_start=475
+  _globals['_QUERYREQUEST']._serialized_end=559
+  _globals['_QUERYRESPONSE']._serialized_start=561
+  _globals['_QUERYRESPONSE']._serialized_end=626
+  _globals['_CREATEINSTANCEREQUEST']._serialized_start=628
+  _globals['_CREATEINSTANCEREQUEST']._serialized_end=741
+  _globals['_CREATEINSTANCERESPONSE']._serialized_start=743
+  _globals['_CREATEINSTANCERESPONSE']._serialized_end=867
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=869
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=891
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=893
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=960
+  _globals['_INSTANCE']._serialized_start=962
+  _globals['_INSTANCE']._serialized_end=1085
+  _globals['_GETATTESTATIONREQUEST']._serialized_start=1087
+  _globals['_GETATTESTATIONREQUEST']._serialized_end=1131
+  _globals['_GETATTESTATIONRESPONSE']._serialized_start=1134
+  _globals['_GETATTESTATIONRESPONSE']._serialized_end=1272
+  _globals['_GETSTATUSREQUEST']._serialized_start=1274
+  _globals['_GETSTATUSREQUEST']._serialized_end=1292
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1295
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1481
+  _globals['_PINGREQUEST']._serialized_start=1483
+  _globals['_PINGREQUEST']._serialized_end=1513
+  _globals['_PINGRESPONSE']._serialized_start=1515
+  _globals['_PINGRESPONSE']._serialized_end=1546
+  _globals['_STATESERVICE']._serialized_start=1808
+  _globals['_STATESERVICE']._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

@@ -71,6 +71,11 @@ class StateServiceStub:
                 request_serializer=veil_dot_state_dot_v1_dot_state__pb2.PingRequest.SerializeToString,
                 response_deserializer=veil_dot_state_dot_v1_dot_state__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.ExecuteBatch = channel.unary_stream(
+                '/veil.state.v1.StateService/ExecuteBatch',
+                request_serializer=veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchRequest.SerializeToString,
+                response_deserializer=veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -127,6 +132,16 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteBatch(self, request, context):
+        """ExecuteBatch runs many sealed commands, each exactly as its own Execute would (request id,
+        deadline, answer after its durable commit), in one message: the gateway coalesces its
+        concurrent Execute calls per replica. Each command's result is streamed back as soon as it
+        is ready (in any order, tagged with its index); one command's failure fails only that command.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +179,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=veil_dot_state_dot_v1_dot_state__pb2.PingRequest.FromString,
                     response_serializer=veil_dot_state_dot_v1_dot_state__pb2.PingResponse.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchRequest.FromString,
+                    response_serializer=veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +377,33 @@ class StateService:
             '/veil.state.v1.StateService/Ping',
             veil_dot_state_dot_v1_dot_state__pb2.PingRequest.SerializeToString,
             veil_dot_state_dot_v1_dot_state__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/veil.state.v1.StateService/ExecuteBatch',
+            veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchRequest.SerializeToString,
+            veil_dot_state_dot_v1_dot_state__pb2.ExecuteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

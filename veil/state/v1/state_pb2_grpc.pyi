@@ -49,6 +49,12 @@ class StateServiceStub:
     """GetStatus reports the service's lifecycle step and enclave metrics."""
     Ping: _grpc.UnaryUnaryMultiCallable[_state_pb2.PingRequest, _state_pb2.PingResponse]
     """Ping is acknowledged by the host without touching the enclave or storage (transport baseline)."""
+    ExecuteBatch: _grpc.UnaryStreamMultiCallable[_state_pb2.ExecuteBatchRequest, _state_pb2.ExecuteBatchResponse]
+    """ExecuteBatch runs many sealed commands, each exactly as its own Execute would (request id,
+    deadline, answer after its durable commit), in one message: the gateway coalesces its
+    concurrent Execute calls per replica. Each command's result is streamed back as soon as it
+    is ready (in any order, tagged with its index); one command's failure fails only that command.
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -71,6 +77,12 @@ class StateServiceAsyncStub(StateServiceStub):
     """GetStatus reports the service's lifecycle step and enclave metrics."""
     Ping: _aio.UnaryUnaryMultiCallable[_state_pb2.PingRequest, _state_pb2.PingResponse]  # type: ignore[assignment]
     """Ping is acknowledged by the host without touching the enclave or storage (transport baseline)."""
+    ExecuteBatch: _aio.UnaryStreamMultiCallable[_state_pb2.ExecuteBatchRequest, _state_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
+    """ExecuteBatch runs many sealed commands, each exactly as its own Execute would (request id,
+    deadline, answer after its durable commit), in one message: the gateway coalesces its
+    concurrent Execute calls per replica. Each command's result is streamed back as soon as it
+    is ready (in any order, tagged with its index); one command's failure fails only that command.
+    """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     """StateService hosts the enclave: it queues and batches commands into it,
@@ -132,5 +144,17 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_state_pb2.PingResponse, _abc.Awaitable[_state_pb2.PingResponse]]:
         """Ping is acknowledged by the host without touching the enclave or storage (transport baseline)."""
+
+    @_abc_1.abstractmethod
+    def ExecuteBatch(
+        self,
+        request: _state_pb2.ExecuteBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_state_pb2.ExecuteBatchResponse], _abc.AsyncIterator[_state_pb2.ExecuteBatchResponse]]:
+        """ExecuteBatch runs many sealed commands, each exactly as its own Execute would (request id,
+        deadline, answer after its durable commit), in one message: the gateway coalesces its
+        concurrent Execute calls per replica. Each command's result is streamed back as soon as it
+        is ready (in any order, tagged with its index); one command's failure fails only that command.
+        """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,107 @@
+"""Issue 13: the gateway coalesces concurrent Execute calls to a replica into ExecuteBatch
+messages; each caller keeps its own answer, status and deadline, and a failed message fails
+only the commands it had not answered yet."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from veil.services.common.errors import NotFound
+from veil.services.gateway.upstream import ExecuteCoalescer, translate
+from veil.state.v1 import state_pb2
+
+
+class _Failed(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset"
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+
+class FakeReplica:
+    """ExecuteBatch as a stream: answers each command with its own request id after `delay`."""
+
+    def __init__(self, delay: float = 0.05, *, fail_after: int | None = None) -> None:
+        self.delay = delay
+        self.fail_after = fail_after
+        self.messages: list[list[str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, request: state_pb2.ExecuteBatchRequest, *, timeout: float) -> Iterator[Any]:
+        with self._lock:
+            self.messages.append([c.request_id for c in request.commands])
+        time.sleep(self.delay)
+        for index, command in reversed(list(enumerate(request.commands))):  # any order
+            if self.fail_after is not None and len(request.commands) - index > self.fail_after:
+                raise _Failed()
+            if command.request_id.startswith("missing"):
+                status = NotFound(f"instance {command.instance_id!r} not found").to_status()
+                yield state_pb2.ExecuteBatchResponse(index=index, status=status.SerializeToString())
+            else:
+                response = state_pb2.ExecuteResponse()
+                response.outcome.sealed_response = command.request_id.encode()
+                yield state_pb2.ExecuteBatchResponse(index=index, response=response)
+
+
+def _call(coalescer: ExecuteCoalescer, request_id: str, timeout: float = 5.0) -> bytes | str:
+    try:
+        reply = coalescer(state_pb2.ExecuteRequest(instance_id="i", request_id=request_id), timeout=timeout)
+    except grpc.RpcError as error:
+        return translate(error, "shard").reason
+    return reply.outcome.sealed_response
+
+
+def test_concurrent_calls_share_messages_and_keep_their_answers() -> None:
+    replica = FakeReplica()
+    coalescer = ExecuteCoalescer(replica, max_in_flight=2)  # type: ignore[arg-type]
+    names = [f"r{i}" for i in range(40)] + ["missing-1"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = dict(zip(names, pool.map(lambda n: _call(coalescer, n), names), strict=True))
+    assert answers == {**{f"r{i}": f"r{i}".encode() for i in range(40)}, "missing-1": "NOT_FOUND"}
+    assert sorted(n for message in replica.messages for n in message) == sorted(names)  # each sent once
+    assert len(replica.messages) < len(names) / 2  # coalesced
+
+
+def test_a_lone_call_is_sent_at_once() -> None:
+    replica = FakeReplica(delay=0)
+    coalescer = ExecuteCoalescer(replica)  # type: ignore[arg-type]
+    began = time.monotonic()
+    assert _call(coalescer, "alone") == b"alone"
+    assert time.monotonic() - began < 1.0
+    assert replica.messages == [["alone"]]
+
+
+def test_a_caller_stops_waiting_at_its_own_deadline() -> None:
+    coalescer = ExecuteCoalescer(FakeReplica(delay=1.0))  # type: ignore[arg-type]
+    began = time.monotonic()
+    assert _call(coalescer, "impatient", timeout=0.2) == "DEADLINE_EXCEEDED"
+    assert time.monotonic() - began < 0.9
+
+
+@pytest.mark.parametrize("answered_first", [0, 2])
+def test_a_failed_message_fails_its_unanswered_commands(answered_first: int) -> None:
+    replica = FakeReplica(delay=0.2, fail_after=answered_first)
+    coalescer = ExecuteCoalescer(replica, max_in_flight=1)  # type: ignore[arg-type]
+    names = ["first", *(f"r{i}" for i in range(5))]
+    with ThreadPoolExecutor(len(names)) as pool:
+        first = pool.submit(_call, coalescer, "first")
+        time.sleep(0.05)  # the rest queue behind the first message, then leave together
+        rest = list(pool.map(lambda n: _call(coalescer, n), names[1:]))
+    assert first.result() == (b"first" if answered_first else "SHARD_UNAVAILABLE")
+    assert replica.messages == [["first"], names[1:]]
+    # The replica answers from the end: the last `answered_first` got through, the others failed.
+    expected = ["SHARD_UNAVAILABLE"] * (5 - answered_first) + [
+        n.encode() for n in names[6 - answered_first :]
+    ]
+    assert rest == expected
