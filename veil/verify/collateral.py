@@ -20,10 +20,11 @@ belongs to the quote's platform; :func:`check_qe_identity`, :func:`select_tcb_le
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -213,50 +214,54 @@ def _load_crl(data: bytes, what: str) -> x509.CertificateRevocationList:
 
 
 @dataclass(frozen=True)
-class TcbLevel:
+class _Level:
+    """What every TCB level of Intel's signed documents states."""
+
+    tcb_date: str
+    status: str
+    advisory_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TcbLevel(_Level):
     """One platform TCB level of TCB info v3."""
 
     component_svns: tuple[int, ...]
     pce_svn: int
-    tcb_date: str
-    status: str
-    advisory_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class TcbInfo:
-    """Intel TCB info v3 for one FMSPC (SGX)."""
+class QeTcbLevel(_Level):
+    """One TCB level of the QE identity, keyed by the QE's ISVSVN."""
+
+    isv_svn: int
+
+
+@dataclass(frozen=True)
+class _Document:
+    """What both of Intel's signed TCB documents state about themselves."""
 
     id: str
     version: int
     issue_date: datetime
     next_update: datetime
+    tcb_evaluation_data_number: int
+
+
+@dataclass(frozen=True)
+class TcbInfo(_Document):
+    """Intel TCB info v3 for one FMSPC (SGX)."""
+
     fmspc: bytes
     pce_id: bytes
     tcb_type: int
-    tcb_evaluation_data_number: int
     levels: tuple[TcbLevel, ...]
 
 
 @dataclass(frozen=True)
-class QeTcbLevel:
-    """One TCB level of the QE identity, keyed by the QE's ISVSVN."""
-
-    isv_svn: int
-    tcb_date: str
-    status: str
-    advisory_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class QeIdentity:
+class QeIdentity(_Document):
     """Intel QE identity v2: what a genuine Quoting Enclave's report looks like."""
 
-    id: str
-    version: int
-    issue_date: datetime
-    next_update: datetime
-    tcb_evaluation_data_number: int
     miscselect: bytes
     miscselect_mask: bytes
     attributes: bytes
@@ -266,37 +271,71 @@ class QeIdentity:
     levels: tuple[QeTcbLevel, ...]
 
 
-@memoized
-def parse_tcb_info(data: bytes) -> TcbInfo:
-    """Parse signed TCB info JSON (the ``tcbInfo`` object); accepts only SGX v3."""
-    what = "TCB info"
+def _document(
+    data: bytes, what: str, kind: str, expected_id: str, expected_version: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A signed TCB document's JSON object (only `kind` of the expected id and version) and its
+    `_Document` fields."""
     obj = _load_json(data, what)
-    info_id: str = _field(obj, "id", str, what)
+    document_id: str = _field(obj, "id", str, what)
     version: int = _field(obj, "version", int, what)
-    if info_id != TCB_INFO_ID_SGX or version != TCB_INFO_VERSION:
-        raise CollateralError(f"{what}: id {info_id!r} version {version} is not SGX TCB info version 3")
-    tcb_type: int = _field(obj, "tcbType", int, what)
-    if tcb_type != 0:
-        raise CollateralError(f"{what}: unsupported tcbType {tcb_type}")
+    if document_id != expected_id or version != expected_version:
+        raise CollateralError(
+            f"{what}: id {document_id!r} version {version} is not {kind} version {expected_version}"
+        )
+    return obj, {
+        "id": document_id,
+        "version": version,
+        "issue_date": _date_field(obj, "issueDate", what),
+        "next_update": _date_field(obj, "nextUpdate", what),
+        "tcb_evaluation_data_number": _field(obj, "tcbEvaluationDataNumber", int, what),
+    }
+
+
+_L = TypeVar("_L", bound=_Level)
+
+
+def _levels(obj: dict[str, Any], what: str, parse: Callable[[dict[str, Any]], _L]) -> list[_L]:
+    """Every entry of a document's ``tcbLevels``, parsed; refused when there is none."""
     levels = []
     for raw in _field(obj, "tcbLevels", list, what):
         if not isinstance(raw, dict):
             raise CollateralError(f"{what}: tcbLevels entry is not an object")
-        levels.append(_parse_tcb_level(raw))
+        levels.append(parse(raw))
     if not levels:
         raise CollateralError(f"{what}: no tcbLevels")
+    return levels
+
+
+def _level(obj: dict[str, Any], statuses: Collection[str], what: str) -> dict[str, Any]:
+    """The `_Level` fields of one TCB level; an unknown status is refused."""
+    status: str = _field(obj, "tcbStatus", str, what)
+    if status not in statuses:
+        raise CollateralError(f"{what}: unknown tcbStatus {status!r}")
+    return {
+        "tcb_date": _field(obj, "tcbDate", str, what),
+        "status": status,
+        "advisory_ids": _advisories(obj, what),
+    }
+
+
+@memoized
+def parse_tcb_info(data: bytes) -> TcbInfo:
+    """Parse signed TCB info JSON (the ``tcbInfo`` object); accepts only SGX v3."""
+    what = "TCB info"
+    obj, document = _document(data, what, "SGX TCB info", TCB_INFO_ID_SGX, TCB_INFO_VERSION)
+    tcb_type: int = _field(obj, "tcbType", int, what)
+    if tcb_type != 0:
+        raise CollateralError(f"{what}: unsupported tcbType {tcb_type}")
+    levels = _levels(obj, what, _parse_tcb_level)
     # QVL evaluates levels in descending TCB order; Intel already lists them that way, and
     # the stable sort keeps its order among equal levels.
     levels.sort(key=lambda level: (level.component_svns, level.pce_svn), reverse=True)
     return TcbInfo(
-        id=info_id,
-        version=version,
-        issue_date=_date_field(obj, "issueDate", what),
-        next_update=_date_field(obj, "nextUpdate", what),
+        **document,
         fmspc=_hex_field(obj, "fmspc", 6, what),
         pce_id=_hex_field(obj, "pceId", 2, what),
         tcb_type=tcb_type,
-        tcb_evaluation_data_number=_field(obj, "tcbEvaluationDataNumber", int, what),
         levels=tuple(levels),
     )
 
@@ -312,52 +351,28 @@ def _parse_tcb_level(obj: dict[str, Any]) -> TcbLevel:
         if not isinstance(component, dict):
             raise CollateralError(f"{what}: sgxtcbcomponents entry is not an object")
         svns.append(_field(component, "svn", int, what))
-    status: str = _field(obj, "tcbStatus", str, what)
-    if status not in TCB_STATUSES:
-        raise CollateralError(f"{what}: unknown tcbStatus {status!r}")
     return TcbLevel(
+        **_level(obj, TCB_STATUSES, what),
         component_svns=tuple(svns),
         pce_svn=_field(tcb, "pcesvn", int, what),
-        tcb_date=_field(obj, "tcbDate", str, what),
-        status=status,
-        advisory_ids=_advisories(obj, what),
     )
+
+
+def _parse_qe_level(obj: dict[str, Any]) -> QeTcbLevel:
+    what = "QE identity level"
+    isv_svn = _field(_field(obj, "tcb", dict, what), "isvsvn", int, what)
+    return QeTcbLevel(**_level(obj, QE_TCB_STATUSES, what), isv_svn=isv_svn)
 
 
 @memoized
 def parse_qe_identity(data: bytes) -> QeIdentity:
     """Parse signed QE identity JSON (the ``enclaveIdentity`` object); accepts only QE v2."""
     what = "QE identity"
-    obj = _load_json(data, what)
-    identity_id: str = _field(obj, "id", str, what)
-    version: int = _field(obj, "version", int, what)
-    if identity_id != QE_IDENTITY_ID or version != QE_IDENTITY_VERSION:
-        raise CollateralError(f"{what}: id {identity_id!r} version {version} is not QE identity version 2")
-    levels = []
-    for raw in _field(obj, "tcbLevels", list, what):
-        if not isinstance(raw, dict):
-            raise CollateralError(f"{what}: tcbLevels entry is not an object")
-        level_what = "QE identity level"
-        status: str = _field(raw, "tcbStatus", str, level_what)
-        if status not in QE_TCB_STATUSES:
-            raise CollateralError(f"{level_what}: unknown tcbStatus {status!r}")
-        levels.append(
-            QeTcbLevel(
-                isv_svn=_field(_field(raw, "tcb", dict, level_what), "isvsvn", int, level_what),
-                tcb_date=_field(raw, "tcbDate", str, level_what),
-                status=status,
-                advisory_ids=_advisories(raw, level_what),
-            )
-        )
-    if not levels:
-        raise CollateralError(f"{what}: no tcbLevels")
+    obj, document = _document(data, what, "QE identity", QE_IDENTITY_ID, QE_IDENTITY_VERSION)
+    levels = _levels(obj, what, _parse_qe_level)
     levels.sort(key=lambda level: level.isv_svn, reverse=True)
     return QeIdentity(
-        id=identity_id,
-        version=version,
-        issue_date=_date_field(obj, "issueDate", what),
-        next_update=_date_field(obj, "nextUpdate", what),
-        tcb_evaluation_data_number=_field(obj, "tcbEvaluationDataNumber", int, what),
+        **document,
         miscselect=_hex_field(obj, "miscselect", 4, what),
         miscselect_mask=_hex_field(obj, "miscselectMask", 4, what),
         attributes=_hex_field(obj, "attributes", 16, what),
