@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,31 +118,34 @@ def test_node_client_verifies_seals_a_transfer_and_checks_the_receipt(
     assert _balance(mesh, funded["payee"]) == 7
 
 
+def _refused_under_policy(
+    mesh: Mesh, funded: dict[str, Any], tmp_path: Path, change: Callable[[dict[str, Any]], object]
+) -> str:
+    """A transfer under the local policy with `change` made to it: refused (exit 1) before
+    anything moved. Returns what the client said on stderr."""
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    change(policy)
+    changed = tmp_path / "changed-policy.json"
+    changed.write_text(json.dumps(policy))
+    before = _balance(mesh, funded["payee"])
+    result = _transfer(mesh, "--policy", str(changed), to=funded["payee"].account, key=funded["key"])
+    assert result.returncode == 1
+    assert _balance(mesh, funded["payee"]) == before
+    return result.stderr
+
+
 def test_node_client_refuses_another_measurement_and_sends_nothing(
     mesh: Mesh, funded: dict[str, Any], tmp_path: Path
 ) -> None:
-    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
-    policy["mrenclave"] = ["00" * 32]
-    pinned = tmp_path / "other.json"
-    pinned.write_text(json.dumps(policy))
-    before = _balance(mesh, funded["payee"])
-    result = _transfer(mesh, "--policy", str(pinned), to=funded["payee"].account, key=funded["key"])
-    assert result.returncode == 1
-    assert "attestation refused" in result.stderr
-    assert "MRENCLAVE" in result.stderr
-    assert _balance(mesh, funded["payee"]) == before
+    said = _refused_under_policy(mesh, funded, tmp_path, lambda policy: policy.update(mrenclave=["00" * 32]))
+    assert "attestation refused" in said
+    assert "MRENCLAVE" in said
 
 
 def test_node_client_refuses_a_restricting_policy_without_a_pinned_jwks(
     mesh: Mesh, funded: dict[str, Any], tmp_path: Path
 ) -> None:
-    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
-    del policy["jwks"]  # the token's TCB status would then rest on the gateway's JWKS
-    unpinned = tmp_path / "unpinned.json"
-    unpinned.write_text(json.dumps(policy))
-    before = _balance(mesh, funded["payee"])
-    result = _transfer(mesh, "--policy", str(unpinned), to=funded["payee"].account, key=funded["key"])
-    assert result.returncode == 1
-    assert "policy refused" in result.stderr
-    assert "must pin jwks" in result.stderr
-    assert _balance(mesh, funded["payee"]) == before
+    # Without it, the token's TCB status would rest on the gateway's JWKS.
+    said = _refused_under_policy(mesh, funded, tmp_path, lambda policy: policy.pop("jwks"))
+    assert "policy refused" in said
+    assert "must pin jwks" in said

@@ -9,6 +9,7 @@ from Intel's except by the root key it pins.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -19,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from veil.dev import collateral as dev_collateral
+from veil.verify.errors import QuoteError
 from veil.verify.quote import INTEL_QE_VENDOR_ID
-from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER
+from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER, VerifiedQuote
 
 NOW = datetime(2025, 7, 1, tzinfo=UTC)
 CERT_NOT_BEFORE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -448,3 +450,11 @@ def build_collateral(
         root_crl=root_crl if root_crl is not None else make_crl(pki.root, pki.root_key),
         pck_crl=pck_crl if pck_crl is not None else make_crl(pki.ca, pki.ca_key),
     )
+
+
+def outcome(verify: Callable[[], VerifiedQuote]) -> VerifiedQuote | QuoteError:
+    """The verdict as a value: the verified quote or the refusal (anything else propagates)."""
+    try:
+        return verify()
+    except QuoteError as exc:
+        return exc

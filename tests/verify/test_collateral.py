@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -422,14 +421,6 @@ def test_every_refusal_is_a_quote_error() -> None:
     assert error("why").reason == "why"
 
 
-def _outcome(verify: Callable[[], VerifiedQuote]) -> VerifiedQuote | QuoteError:
-    """The verdict as a value: the verified quote or the refusal (anything else propagates)."""
-    try:
-        return verify()
-    except QuoteError as exc:
-        return exc
-
-
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_random_collateral_mutation_is_refused_or_harmless(
@@ -445,7 +436,7 @@ def test_random_collateral_mutation_is_refused_or_harmless(
     if char == text[index]:
         return
     forged = dict(collateral_a_json, **{key: text[:index] + char + text[index + 1 :]})
-    outcome = _outcome(
+    outcome = fakes.outcome(
         lambda: verify_quote(quote_a, root_public_key=intel_root, collateral=_collateral(forged), now=NOW)
     )
     if isinstance(outcome, QuoteError):
