@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -56,43 +57,55 @@ def _rewrite_without_event(db: Path, victim: int) -> None:
         conn.execute("UPDATE kv_audit_tip SET sequence = ?, hash = ?", (sequence - 1, previous))
 
 
-def test_list_audit_events_publishes_a_signed_tip_and_refuses_a_rewrite(
-    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
-) -> None:
-    db = tmp_path / "kv" / "keyvault.db"
-    config = KeyvaultConfig(
-        db=str(db),
+#: A release policy any admitted sim enclave meets (these tests never release a key).
+_POLICY = policy_json({"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority="spiffe://veil/keyvault")
+
+
+@pytest.fixture
+def config(pki_dir: Path, tmp_path: Path) -> KeyvaultConfig:
+    """A keyvault on SQLite (tmp_path/kv/keyvault.db), a file KEK and the sim enclave policy."""
+    return KeyvaultConfig(
+        db=str(tmp_path / "kv" / "keyvault.db"),
         kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
         attestation_root=str(pki_dir / "sgx-root.pem"),
         enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
     )
+
+
+@contextmanager
+def _serving(
+    service_config: Callable[[str], ServiceConfig], config: KeyvaultConfig, pki_dir: Path
+) -> Iterator[keyvault_pb2_grpc.KeyvaultServiceStub]:
+    """The keyvault started on `config`, reached as the admin; stopped on leaving."""
     server, port = create_server(service_config("keyvault"), keyvault_config=config)
     server.start()
     try:
-        with grpc.secure_channel(
-            f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "admin"))
-        ) as channel:
-            admin = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-            policy = policy_json(
-                {"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority="spiffe://veil/keyvault"
-            )
-            for name in ("orders", "payroll", "ledger"):
-                request = keyvault_pb2.CreateKeyRequest(key_name=name, release_policy_json=policy)
-                admin.CreateKey(request, timeout=10)
-            release_key = admin.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
-            page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
-            tip = page.tip
-            assert tip.sequence == page.events[-1].sequence == len(page.events)
-            assert tip.hash == page.events[-1].hash
-            assert tip.release_public_key == release_key
-            assert verify_tip(release_key, tip.sequence, tip.hash, tip.signature)
-
-            _rewrite_without_event(db, 2)  # "orders" was never created, says the forged log
-            with pytest.raises(grpc.RpcError) as refused:
-                admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
-            assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+        credentials = channel_credentials(tls_for(pki_dir, "admin"))
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            yield keyvault_pb2_grpc.KeyvaultServiceStub(channel)
     finally:
         server.stop(0)
+
+
+def test_list_audit_events_publishes_a_signed_tip_and_refuses_a_rewrite(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, config: KeyvaultConfig
+) -> None:
+    with _serving(service_config, config, pki_dir) as admin:
+        for name in ("orders", "payroll", "ledger"):
+            request = keyvault_pb2.CreateKeyRequest(key_name=name, release_policy_json=_POLICY)
+            admin.CreateKey(request, timeout=10)
+        release_key = admin.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
+        page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
+        tip = page.tip
+        assert tip.sequence == page.events[-1].sequence == len(page.events)
+        assert tip.hash == page.events[-1].hash
+        assert tip.release_public_key == release_key
+        assert verify_tip(release_key, tip.sequence, tip.hash, tip.signature)
+
+        _rewrite_without_event(Path(config.db), 2)  # "orders" was never created, says the forged log
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.DATA_LOSS
     with pytest.raises(AuditChainError):
         create_server(service_config("keyvault"), keyvault_config=config)  # no start over a forged log
 
@@ -111,56 +124,29 @@ def _cut_back(db: Path, keep: int) -> None:
 
 
 def test_published_tips_catch_a_log_cut_back_across_a_restart(
-    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path, config: KeyvaultConfig
 ) -> None:
-    db = tmp_path / "kv" / "keyvault.db"
-    config = KeyvaultConfig(
-        db=str(db),
-        kek=KekConfig(provider="file", file=tmp_path / "kv" / "kek.bin"),
-        attestation_root=str(pki_dir / "sgx-root.pem"),
-        enclave_policy_file=write_sim_enclave_policy(tmp_path / "enclave-policy.json"),
-    )
     published = tmp_path / "elsewhere" / "audit-tips.jsonl"
     published.parent.mkdir()
-    policy = policy_json({"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority="spiffe://veil/keyvault")
-
-    def serve(then: Callable[[keyvault_pb2_grpc.KeyvaultServiceStub], None]) -> None:
-        server, port = create_server(service_config("keyvault"), keyvault_config=config)
-        server.start()
-        try:
-            with grpc.secure_channel(
-                f"127.0.0.1:{port}", channel_credentials(tls_for(pki_dir, "admin"))
-            ) as channel:
-                then(keyvault_pb2_grpc.KeyvaultServiceStub(channel))
-        finally:
-            server.stop(0)
-
-    release_key = b""
-
-    def create_and_publish(stub: keyvault_pb2_grpc.KeyvaultServiceStub) -> None:
-        nonlocal release_key
+    with _serving(service_config, config, pki_dir) as stub:
         release_key = stub.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
         for name in ("orders", "payroll"):
             stub.CreateKey(
-                keyvault_pb2.CreateKeyRequest(key_name=name, release_policy_json=policy), timeout=10
+                keyvault_pb2.CreateKeyRequest(key_name=name, release_policy_json=_POLICY), timeout=10
             )
             publish(stub, release_key=release_key, log=published)
         stub.DestroyKey(keyvault_pb2.DestroyKeyRequest(key_name="orders"), timeout=10)
         publish(stub, release_key=release_key, log=published)
-
-    serve(create_and_publish)
     tips = [json.loads(line) for line in published.read_text().splitlines()]
     assert [t["sequence"] for t in tips] == [2, 3, 4]
     # The destroy never happened, says the database: the older tip is validly signed, so a
     # restarted keyvault accepts it; the published tip does not.
-    _cut_back(db, 3)
+    _cut_back(Path(config.db), 3)
 
-    def check(stub: keyvault_pb2_grpc.KeyvaultServiceStub) -> None:
+    with _serving(service_config, config, pki_dir) as stub:
         assert stub.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10).tip.sequence == 3
         with pytest.raises(PublishError, match="before the published tip 4"):
             publish(stub, release_key=release_key, log=published)
         with pytest.raises(PublishError, match="not signed by the pinned release key"):
             publish(stub, release_key=bytes(32), log=published)
-
-    serve(check)
     assert len(published.read_text().splitlines()) == 3  # nothing appended on an alarm
