@@ -446,6 +446,32 @@ def _verify_signing_chain(
         raise CollateralError(exc.reason) from None
 
 
+_D = TypeVar("_D", bound=_Document)
+
+
+def _signed_document(
+    data: bytes,
+    signature: bytes,
+    issuer_chain: bytes,
+    parse: Callable[[bytes], _D],
+    root_crl: x509.CertificateRevocationList,
+    *,
+    root_public_key: ec.EllipticCurvePublicKey,
+    now: datetime,
+    what: str,
+) -> _D:
+    """One of Intel's signed TCB documents: its issuer chain verified (to the pinned root, not
+    revoked), its signature over `data` verified, then parsed and checked fresh."""
+    key = _verify_signing_chain(
+        issuer_chain, root_crl, root_public_key=root_public_key, now=now, what=f"{what} issuer chain"
+    )
+    if not ecdsa_p256_verify(key, signature, data):
+        raise CollateralError(f"{what} signature does not verify")
+    document = parse(data)
+    _check_fresh(document.issue_date, document.next_update, now, what)
+    return document
+
+
 def verify_collateral(
     collateral: Collateral,
     *,
@@ -486,17 +512,16 @@ def verify_collateral(
     _check_crl(pck_crl, pck.intermediate, pck_ca_key, now, "PCK CRL")
     _check_not_revoked(pck_crl, pck.leaf, "PCK certificate")
 
-    tcb_key = _verify_signing_chain(
+    tcb_info = _signed_document(
+        collateral.tcb_info,
+        collateral.tcb_info_signature,
         collateral.tcb_info_issuer_chain,
+        parse_tcb_info,
         root_crl,
         root_public_key=root_public_key,
         now=now,
-        what="TCB info issuer chain",
+        what="TCB info",
     )
-    if not ecdsa_p256_verify(tcb_key, collateral.tcb_info_signature, collateral.tcb_info):
-        raise CollateralError("TCB info signature does not verify")
-    tcb_info = parse_tcb_info(collateral.tcb_info)
-    _check_fresh(tcb_info.issue_date, tcb_info.next_update, now, "TCB info")
     # 4.1.2.4.10: the TCB info must describe this very platform.
     if tcb_info.fmspc != pck.sgx.fmspc:
         raise CollateralError(
@@ -509,17 +534,16 @@ def verify_collateral(
             f"{pck.sgx.pce_id.hex()}"
         )
 
-    qe_key = _verify_signing_chain(
+    qe_identity = _signed_document(
+        collateral.qe_identity,
+        collateral.qe_identity_signature,
         collateral.qe_identity_issuer_chain,
+        parse_qe_identity,
         root_crl,
         root_public_key=root_public_key,
         now=now,
-        what="QE identity issuer chain",
+        what="QE identity",
     )
-    if not ecdsa_p256_verify(qe_key, collateral.qe_identity_signature, collateral.qe_identity):
-        raise CollateralError("QE identity signature does not verify")
-    qe_identity = parse_qe_identity(collateral.qe_identity)
-    _check_fresh(qe_identity.issue_date, qe_identity.next_update, now, "QE identity")
     return VerifiedCollateral(tcb_info=tcb_info, qe_identity=qe_identity)
 
 
