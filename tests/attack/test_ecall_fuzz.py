@@ -33,6 +33,7 @@ from tests.enclave.support import (
     Client,
     config,
     head_statement,
+    sim_runner,
     vault,
     wrap_key,
 )
@@ -112,13 +113,7 @@ class Runner:
 
 @pytest.fixture
 def runner(pki_dir: Path, tmp_path: Path) -> Iterator[Runner]:
-    options = RunnerOptions(
-        quote_provider="sim",
-        seal_provider="sim",
-        pck_dir=pki_dir,
-        platform_secret=tmp_path / "p",
-        memory_mb=8,
-    )
+    options = sim_runner(pki_dir, tmp_path / "p", memory_mb=8)
     runner = Runner(options)
     keys = ecall_pb2.InitializeResponse.FromString(
         runner.call(

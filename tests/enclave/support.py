@@ -6,13 +6,15 @@ import hashlib
 import secrets
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from veil.enclave import commands, wire
 from veil.enclave.dispatcher import Dispatcher
+from veil.enclave.runner import RunnerOptions
 from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_plaintext, signing_bytes
@@ -413,3 +415,12 @@ def error_code(result: command_pb2.CommandResult) -> str:
     if not result.HasField("error"):
         return "OK"
     return error_pb2.EcallErrorCode.Name(result.error.code).removeprefix("ECALL_ERROR_CODE_")
+
+
+def sim_runner(pki_dir: Path, platform_secret: Path, *, memory_mb: int | None = None) -> RunnerOptions:
+    """A runner on the simulated quote and sealing providers, quoting with the dev PKI's PCK chain;
+    `platform_secret` is the simulated node (runners sharing it can unseal each other's blobs)."""
+    options = RunnerOptions(
+        quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=platform_secret
+    )
+    return options if memory_mb is None else replace(options, memory_mb=memory_mb)

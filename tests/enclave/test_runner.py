@@ -19,6 +19,7 @@ from tests.enclave.support import (
     error_code,
     head_confirmation,
     head_statement,
+    sim_runner,
     vault,
     wrap_key,
 )
@@ -120,13 +121,7 @@ def test_runner_refuses_to_start_without_explicit_providers(
 
 
 def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
-    options = RunnerOptions(
-        quote_provider="sim",
-        seal_provider="sim",
-        pck_dir=pki_dir,
-        platform_secret=tmp_path / "node-a.secret",
-        memory_mb=8,
-    )
+    options = sim_runner(pki_dir, tmp_path / "node-a.secret", memory_mb=8)
     with EnclaveHost.spawn(options) as host:
         keys = host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY).keys
         assert host.get_status().memory_budget_bytes == 8 * 1024 * 1024
@@ -159,9 +154,7 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
     with EnclaveHost.spawn(options) as again:
         again.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
         assert again.unseal(blob) == ["v"]
-    other = RunnerOptions(
-        quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=tmp_path / "node-b.secret"
-    )
+    other = sim_runner(pki_dir, tmp_path / "node-b.secret")
     with EnclaveHost.spawn(other) as elsewhere:
         elsewhere.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY)
         with pytest.raises(EnclaveCallError, match="DATA_LOSS"):
@@ -169,9 +162,7 @@ def test_runner_subprocess_round_trip(pki_dir: Path, tmp_path: Path) -> None:
 
 
 def test_dead_runner_is_reported(pki_dir: Path, tmp_path: Path) -> None:
-    options = RunnerOptions(
-        quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=tmp_path / "s"
-    )
+    options = sim_runner(pki_dir, tmp_path / "s")
     host = EnclaveHost.spawn(options)
     process = host.process
     assert process is not None
@@ -185,9 +176,7 @@ def test_dead_runner_is_reported(pki_dir: Path, tmp_path: Path) -> None:
 def test_in_process_mode_builds_the_same_enclave_as_the_runner(
     pki_dir: Path, tmp_path: Path, mrenclave: bytes
 ) -> None:
-    options = RunnerOptions(
-        quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=tmp_path / "p"
-    )
+    options = sim_runner(pki_dir, tmp_path / "p")
     host = EnclaveHost.in_process(options)
     assert host.initialize(keyvault_release_public_key=KEYVAULT_RELEASE_PUBLIC_KEY).mrenclave == mrenclave
     assert host.get_status().memory_budget_bytes == 96 * 1024 * 1024
