@@ -15,47 +15,15 @@ from tests.conftest import tls_for
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ServiceConfig
 from veil.services.common.tls import channel_credentials
-from veil.services.keyvault.audit import event_hash, verify_tip
+from veil.services.keyvault.audit import verify_tip
 from veil.services.keyvault.audit_publish import PublishError, publish
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.errors import AuditChainError
 from veil.services.keyvault.server import create_server
+from veil.services.keyvault.store_sqlite import SqliteStore
 
 from .support import policy_json, write_sim_enclave_policy
-
-
-def _rewrite_without_event(db: Path, victim: int) -> None:
-    """Delete event ``victim`` and recompute the chain, as anyone with write access to the file can."""
-    with sqlite3.connect(db) as conn:
-        conn.executescript(
-            "DROP TRIGGER kv_audit_no_delete; DROP TRIGGER kv_audit_append_at_tip; "
-            "DROP TRIGGER kv_audit_tip_forward; DROP TRIGGER kv_audit_signature_no_delete;"
-        )
-        rows = conn.execute(
-            "SELECT sequence, time_us, action, outcome, caller, detail_json, hash FROM kv_audit_events "
-            "ORDER BY sequence"
-        ).fetchall()
-        conn.execute("DELETE FROM kv_audit_events WHERE sequence >= ?", (victim,))
-        conn.execute("DELETE FROM kv_audit_signatures WHERE sequence >= ?", (victim,))
-        previous = rows[victim - 2][6]
-        sequence = victim
-        for _, time_us, action, outcome, caller, detail_json, _ in rows[victim:]:
-            digest = event_hash(
-                previous,
-                sequence=sequence,
-                time_us=time_us,
-                action=action,
-                outcome=outcome,
-                caller=caller,
-                detail_json=detail_json,
-            )
-            conn.execute(
-                "INSERT INTO kv_audit_events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sequence, time_us, action, outcome, caller, detail_json, previous, digest),
-            )
-            previous, sequence = digest, sequence + 1
-        conn.execute("UPDATE kv_audit_tip SET sequence = ?, hash = ?", (sequence - 1, previous))
-
+from .test_audit_signed import delete_and_recompute
 
 #: A release policy any admitted sim enclave meets (these tests never release a key).
 _POLICY = policy_json({"claim": "x-ms-sgx-svn", "greaterOrEquals": 1}, authority="spiffe://veil/keyvault")
@@ -102,7 +70,11 @@ def test_list_audit_events_publishes_a_signed_tip_and_refuses_a_rewrite(
         assert tip.release_public_key == release_key
         assert verify_tip(release_key, tip.sequence, tip.hash, tip.signature)
 
-        _rewrite_without_event(Path(config.db), 2)  # "orders" was never created, says the forged log
+        owner = SqliteStore(Path(config.db))  # the database's owner, beside the running keyvault
+        try:
+            delete_and_recompute(owner, 2, keep_signatures=False)  # "orders" was never created, says the log
+        finally:
+            owner.close()
         with pytest.raises(grpc.RpcError) as refused:
             admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(), timeout=10)
         assert refused.value.code() == grpc.StatusCode.DATA_LOSS
