@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,28 @@ def _balance(mesh: InProcessMesh, identity: SigningIdentity) -> int:
         return client.token("coins", identity).balance()
 
 
+def _pay_bob_once(
+    mesh: InProcessMesh, evil: tuple[EvilGateway, str], first_answer: Callable[[grpc.ServicerContext], Any]
+) -> tuple[SigningIdentity, int]:
+    """Alice pays bob 10 through a gateway that runs every call but answers the first with
+    `first_answer(context)` (an abort or a forged reply): the SDK ends with the answer of the one
+    transfer, and bob is paid once. Returns alice and how many calls the gateway forwarded."""
+    alice, bob = _coins(mesh)
+    servicer, address = evil
+    calls: list[int] = []
+
+    def replace_first(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
+        calls.append(1)
+        reply = upstream.Execute(request, timeout=10)
+        return first_answer(context) if len(calls) == 1 else reply
+
+    servicer.intercept_execute = replace_first
+    with _through(mesh, address) as client:
+        assert client.token("coins", alice).transfer(bob.account, 10) == 90
+    assert _balance(mesh, bob) == 10
+    return alice, len(calls)
+
+
 def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
     mesh: InProcessMesh, evil: tuple[EvilGateway, str]
 ) -> None:
@@ -404,21 +426,8 @@ def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
 def test_an_answer_lost_by_an_honest_mesh_is_fetched_again_not_rerun(
     mesh: InProcessMesh, evil: tuple[EvilGateway, str]
 ) -> None:
-    alice, bob = _coins(mesh)
-    servicer, address = evil
-    seen: list[int] = []
-
-    def lose_once(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
-        seen.append(1)
-        reply = upstream.Execute(request, timeout=10)
-        if len(seen) == 1:
-            abort(context, Unavailable("connection reset"))
-        return reply  # the retry (same request id) gets the replica's recorded answer
-
-    servicer.intercept_execute = lose_once
-    with _through(mesh, address) as client:
-        assert client.token("coins", alice).transfer(bob.account, 10) == 90
-    assert _balance(mesh, bob) == 10
+    # The retry (same request id) gets the replica's recorded answer.
+    _pay_bob_once(mesh, evil, lambda context: abort(context, Unavailable("connection reset")))
 
 
 def test_a_forged_unopenable_answer_does_not_make_the_sdk_run_the_command_again(
@@ -427,21 +436,13 @@ def test_a_forged_unopenable_answer_does_not_make_the_sdk_run_the_command_again(
     """The host runs the transfer, then claims the enclave "could not open" it (an answer the
     gateway can forge). The SDK seals it again under the same counter only; the enclave says
     the counter was used by its first sealing, and the recorded answer is fetched."""
-    alice, bob = _coins(mesh)
-    servicer, address = evil
-    calls: list[int] = []
-
-    def forge_unopenable(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
-        calls.append(1)
-        reply = upstream.Execute(request, timeout=10)
-        if len(calls) == 1:
-            abort(context, InvalidArgument("command could not be opened", reason="COMMAND_UNOPENABLE"))
-        return reply
-
-    servicer.intercept_execute = forge_unopenable
-    with _through(mesh, address) as client:
-        assert client.token("coins", alice).transfer(bob.account, 10) == 90
-    assert _balance(mesh, bob) == 10
+    _pay_bob_once(
+        mesh,
+        evil,
+        lambda context: abort(
+            context, InvalidArgument("command could not be opened", reason="COMMAND_UNOPENABLE")
+        ),
+    )
 
 
 def test_an_ambiguous_attempt_and_a_counter_moved_on_is_outcome_unknown_not_a_resend(
@@ -840,23 +841,13 @@ def test_a_forged_unsealed_refusal_of_a_command_that_ran_is_not_taken_as_final(
     ("over the memory budget"), which only the host vouches for. Taken as final, the caller
     would send the transfer again as a new call and pay twice. The SDK treats it like a lost
     answer: the same counter again, and the enclave's kept answer says it ran."""
-    alice, bob = _coins(mesh)
-    servicer, address = evil
-    calls: list[int] = []
 
-    def forge_refusal(request: Any, context: grpc.ServicerContext, upstream: Any) -> Any:
-        calls.append(1)
-        reply = upstream.Execute(request, timeout=10)
-        if len(calls) == 1:
-            forged = gateway_pb2.ExecuteResponse()
-            forged.outcome.error.code = code
-            forged.outcome.error.message = "enclave memory budget exhausted"
-            return forged
-        return reply
+    def forge_refusal(context: grpc.ServicerContext) -> gateway_pb2.ExecuteResponse:
+        forged = gateway_pb2.ExecuteResponse()
+        forged.outcome.error.code = code
+        forged.outcome.error.message = "enclave memory budget exhausted"
+        return forged
 
-    servicer.intercept_execute = forge_refusal
-    with _through(mesh, address) as client:
-        assert client.token("coins", alice).transfer(bob.account, 10) == 90
-    assert len(calls) >= 2
-    assert _balance(mesh, bob) == 10
+    alice, calls = _pay_bob_once(mesh, evil, forge_refusal)
+    assert calls >= 2
     assert _balance(mesh, alice) == 90
