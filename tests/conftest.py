@@ -27,7 +27,12 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tls_for(pki_dir: Path, name: str) -> TlsFiles:
     """The mTLS files of `name` (a service or "admin") in the dev PKI."""
-    return TlsFiles(cert=pki_dir / f"{name}.pem", key=pki_dir / f"{name}-key.pem", ca=pki_dir / "ca.pem")
+    return TlsFiles(
+        cert=pki_dir / f"{name}.pem",
+        key=pki_dir / f"{name}-key.pem",
+        ca=pki_dir / "ca.pem",
+        admin_ca=pki_dir / "admin-ca.pem",  # what a server accepts spiffe://veil/admin from
+    )
 
 
 @pytest.fixture

@@ -26,7 +26,19 @@ TLS_CA = "TLS_CA"
 DATA_DIR = "DATA_DIR"
 GRACE_SECONDS = "GRACE_SECONDS"
 LOG_LEVEL = "LOG_LEVEL"
-SERVER_SETTINGS = (LISTEN, ADMIN_LISTEN, TLS_CERT, TLS_KEY, TLS_CA, DATA_DIR, GRACE_SECONDS, LOG_LEVEL)
+# The CA whose leaves alone may be spiffe://veil/admin (default: the dev PKI's admin-ca.pem).
+ADMIN_CA = "ADMIN_CA"
+SERVER_SETTINGS = (
+    LISTEN,
+    ADMIN_LISTEN,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CA,
+    ADMIN_CA,
+    DATA_DIR,
+    GRACE_SECONDS,
+    LOG_LEVEL,
+)
 
 # The keyvault's.
 ENV_KEYVAULT_DB = "VEIL_KEYVAULT_DB"
@@ -163,17 +175,22 @@ def read_secret_file(path: Path, variable: str) -> str:
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """PEM files for mutual TLS: this service's certificate and key, and the CA that signs peers."""
+    """PEM files for mutual TLS: this service's certificate and key, the CA that signs peers, and
+    (servers) the admin CA, the one issuer of spiffe://veil/admin certificates. A server without
+    an admin CA accepts no admin at all."""
 
     cert: Path
     key: Path
     ca: Path
+    admin_ca: Path | None = None
 
     def check(self) -> None:
         """Fail fast if any file is missing: no service ever falls back to plaintext."""
         for label, path in (("certificate", self.cert), ("key", self.key), ("CA", self.ca)):
             if not path.is_file():
                 raise ConfigError(f"TLS {label} file {path} does not exist; run `veil pki init`")
+        if self.admin_ca is not None and not self.admin_ca.is_file():
+            raise ConfigError(f"admin CA file {self.admin_ca} does not exist; run `veil pki init --force`")
 
 
 @dataclass(frozen=True)
@@ -205,10 +222,13 @@ class ServiceConfig:
 
         data_dir = Path(setting(DATA_DIR, str(DEFAULT_DATA_DIR)))
         pki = data_dir / "pki"
+        admin_ca = setting(ADMIN_CA, "").strip()
+        dev_admin_ca = pki / "admin-ca.pem"  # veil.dev.pki.ADMIN_CA_FILE
         tls = TlsFiles(
             cert=Path(setting(TLS_CERT, str(pki / f"{service}.pem"))),
             key=Path(setting(TLS_KEY, str(pki / f"{service}-key.pem"))),
             ca=Path(setting(TLS_CA, str(pki / "ca.pem"))),
+            admin_ca=Path(admin_ca) if admin_ca else (dev_admin_ca if dev_admin_ca.is_file() else None),
         )
         try:
             grace = float(setting(GRACE_SECONDS, str(DEFAULT_GRACE_SECONDS)))

@@ -1,11 +1,14 @@
 """Service identity from the peer certificate's SPIFFE URI SAN, and per-method authorization.
 
-mTLS proves a caller holds a certificate from our CA; this module decides what that caller may
-do. Every method must appear in the service's table: a method missing from it is denied (fail
-closed). The one interceptor serves every port: on a strict mTLS port every caller has a
-certificate; on the gateway's TLS-only public port (where gRPC Python cannot even request one)
-only methods marked `PUBLIC` admit a caller without one. A certificate appears in a call's auth
-context only when gRPC verified it, so its SPIFFE ID can be believed.
+mTLS proves a caller holds a certificate from one of our CAs; this module decides what that
+caller may do. `spiffe://veil/admin` is believed only from a leaf the admin CA issued directly,
+and the admin CA's leaves are believed for nothing else: the CA that issues service identities
+(cert-manager's, in a cluster) cannot make an admin, nor the admin CA a service. Every method
+must appear in the service's table: a method missing from it is denied (fail closed). The one
+interceptor serves every port: on a strict mTLS port every caller has a certificate; on the
+gateway's TLS-only public port (where gRPC Python cannot even request one) only methods marked
+`PUBLIC` admit a caller without one. A certificate appears in a call's auth context only when
+gRPC verified it, so its SPIFFE ID can be believed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -84,15 +89,57 @@ def method_names(service_full_name: str, methods: Mapping[str, frozenset[str]]) 
     return {f"/{service_full_name}/{name}": ids for name, ids in methods.items()}
 
 
+class AdminIssuer:
+    """Tells whether a client certificate was issued directly by the admin CA."""
+
+    def __init__(self, admin_ca: Path | None, variable: str = "the service's ADMIN_CA") -> None:
+        # Read once at start: the admin CA is long-lived; a new one needs a rollout.
+        self._cas = x509.load_pem_x509_certificates(admin_ca.read_bytes()) if admin_ca is not None else []
+        self.variable = variable
+        self.issued = functools.lru_cache(maxsize=256)(self._issued)
+
+    def _issued(self, pem: bytes) -> bool:
+        leaf = x509.load_pem_x509_certificate(pem)
+        for ca in self._cas:
+            try:
+                leaf.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+        return False
+
+    def identity(self, context: grpc.ServicerContext) -> str | None:
+        """The caller's SPIFFE ID once its issuer fits it; None without a certificate."""
+        pems = cast(Mapping[str, list[bytes]], context.auth_context()).get("x509_pem_cert")
+        if not pems:
+            return None
+        caller = spiffe_id_from_pem(pems[0])
+        from_admin_ca = self.issued(pems[0])
+        if caller == ADMIN and not from_admin_ca:
+            _log.warning("refused an admin certificate not issued by the admin CA")
+            raise Unauthenticated(
+                f"{ADMIN} is accepted only from a certificate of the admin CA ({self.variable})",
+                reason="ADMIN_CA_REQUIRED",
+            )
+        if caller != ADMIN and from_admin_ca:
+            _log.warning("refused %s from a certificate of the admin CA", caller)
+            raise Unauthenticated(
+                f"the admin CA issues {ADMIN} only, not {caller}", reason="NOT_ADMIN_IDENTITY"
+            )
+        return caller
+
+
 class AuthorizationInterceptor(HandlerInterceptor):
-    """Checks the caller's SPIFFE ID against the table before the handler runs.
+    """Checks the caller's SPIFFE ID (and that its issuer fits it) against the table before the
+    handler runs.
 
     Services named in `OPEN_SERVICES` (health, reflection) count as `AUTHENTICATED`.
     """
 
-    def __init__(self, table: AuthorizationTable):
+    def __init__(self, table: AuthorizationTable, admin_issuer: AdminIssuer | None = None):
         self._table = dict(table)
         self._open_prefixes = tuple(f"/{name}/" for name in OPEN_SERVICES)
+        self._admin = admin_issuer or AdminIssuer(None)
 
     def _allowed(self, method: str) -> frozenset[str]:
         if method.startswith(self._open_prefixes):
@@ -101,12 +148,12 @@ class AuthorizationInterceptor(HandlerInterceptor):
 
     def wrap(self, behavior: Behavior, method: str) -> Behavior:
         allowed = self._allowed(method)
-        if allowed == PUBLIC:
-            return behavior
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                _authorize(certificate_identity(context), allowed, method)
+                caller = self._admin.identity(context)
+                if allowed != PUBLIC:
+                    _authorize(caller, allowed, method)
             except VeilError as exc:
                 abort(context, exc)
             return behavior(request, context)

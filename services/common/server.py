@@ -21,11 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
-from veil.services.common.config import ServiceConfig
+from veil.services.common.config import ADMIN_CA, ServiceConfig, env_name
 from veil.services.common.decoding import DecodeInterceptor
 from veil.services.common.errors import ErrorInterceptor, Presenter
 from veil.services.common.health import ListingHealthServicer
-from veil.services.common.identity import AuthorizationInterceptor, AuthorizationTable
+from veil.services.common.identity import AdminIssuer, AuthorizationInterceptor, AuthorizationTable
 from veil.services.common.tls import server_credentials
 from veil.services.common.tracing import server_tracing_interceptor
 
@@ -131,7 +131,9 @@ def build_server(
         interceptors=[
             server_tracing_interceptor(tracer_provider),
             ErrorInterceptor(present_error),
-            AuthorizationInterceptor(authorization),
+            AuthorizationInterceptor(
+                authorization, AdminIssuer(config.tls.admin_ca, env_name(config.service, ADMIN_CA))
+            ),
             DecodeInterceptor(max_request_bytes),
         ],
         options=_OPTIONS,

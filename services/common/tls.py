@@ -48,12 +48,21 @@ class _ReloadingServerConfig:
         self._lock = threading.Lock()
         self._stamp = self._mtimes()
 
+    def _files(self) -> tuple[Path, ...]:
+        tls = self._tls
+        return (tls.cert, tls.key, tls.ca) + ((tls.admin_ca,) if tls.admin_ca is not None else ())
+
     def _mtimes(self) -> tuple[float, ...]:
-        return tuple(p.stat().st_mtime_ns for p in (self._tls.cert, self._tls.key, self._tls.ca))
+        return tuple(p.stat().st_mtime_ns for p in self._files())
 
     def build(self) -> grpc.ServerCertificateConfiguration:
+        # Clients may chain to the service CA or to the admin CA: a bundle of both. Which
+        # identity a leaf of either may carry is the authorization interceptor's check.
+        roots = _read(self._tls.ca)
+        if self._tls.admin_ca is not None:
+            roots = roots.rstrip(b"\n") + b"\n" + _read(self._tls.admin_ca)
         return grpc.ssl_server_certificate_configuration(
-            [(_read_key(self._tls.key), _read(self._tls.cert))], root_certificates=_read(self._tls.ca)
+            [(_read_key(self._tls.key), _read(self._tls.cert))], root_certificates=roots
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:

@@ -179,7 +179,7 @@ def test_the_ca_refuses_any_identity_but_the_three_services(overlay: str) -> Non
         assert approves(overlay, request) is False, f"{overlay}: the in-cluster CA would issue {what}"
 
 
-def test_admin_is_refused_on_aks_and_client_only_for_a_day_in_the_sim() -> None:
+def test_admin_comes_only_from_the_sim_admin_ca_client_only_for_a_day() -> None:
     admin = Request(
         "veil-ca",
         _namespace("aks"),
@@ -187,9 +187,16 @@ def test_admin_is_refused_on_aks_and_client_only_for_a_day_in_the_sim() -> None:
         usages=("digital signature", "client auth"),
         duration_h=24,
     )
+    sim = _namespace("sim")
+    # The services' CA never issues the admin (the services would refuse it anyway: issue 17).
     assert approves("aks", admin) is False
-    assert approves("sim", replace(admin, namespace=_namespace("sim"))) is True
-    assert approves("sim", replace(admin, namespace=_namespace("sim"), usages=MTLS_USAGES)) is False
+    assert approves("sim", replace(admin, namespace=sim)) is False
+    # The sim's separate admin CA issues it, client-only, for a day; the aks overlay has none.
+    from_admin_ca = replace(admin, issuer="veil-admin-ca", namespace=sim)
+    assert approves("sim", from_admin_ca) is True
+    assert approves("sim", replace(from_admin_ca, usages=MTLS_USAGES)) is False
+    assert approves("sim", replace(from_admin_ca, uris=("spiffe://veil/keyvault",))) is False
+    assert approves("aks", replace(from_admin_ca, namespace=_namespace("aks"))) is None  # no such issuer
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

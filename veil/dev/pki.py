@@ -1,12 +1,15 @@
-"""Dev PKI: a CA, one mTLS certificate per service and for the admin, the sim SGX PCK chain and
-its collateral.
+"""Dev PKI: a CA, one mTLS certificate per service, an admin CA and the admin's certificate, the
+sim SGX PCK chain and its collateral.
 
 `veil pki init` writes these under DATA_DIR/pki/ (directory 0700, private keys 0600, modes
-set on the open file so `--force` narrows an older, wider file) and the CA's private key apart,
+set on the open file so `--force` narrows an older, wider file) and the CAs' private keys apart,
 in DATA_DIR/pki-ca/ (0700): the services' pki directory holds nothing that can issue an
-identity. Files are opened without following symlinks. On Kubernetes cert-manager
-issues the same SPIFFE identities; the sim PCK chain exists only for the
-simulated quote provider and is never accepted by a production policy.
+identity. The admin's certificate comes from its own CA (`admin-ca.pem`), which the services
+accept `spiffe://veil/admin` from and nothing else (VEIL_<SERVICE>_ADMIN_CA), so the CA that
+issues service identities (cert-manager's, in a cluster) cannot make an admin. Files are opened
+without following symlinks. On Kubernetes cert-manager issues the same service identities; the
+sim PCK chain exists only for the simulated quote provider and is never accepted by a
+production policy.
 
 The sim platform's collateral (`collateral/<fmspc>.json`, what `VEIL_KEYVAULT_COLLATERAL_DIR`
 names) is TCB info v3 and Intel's QE3 identity v2 signed by a dev "SGX TCB Signing" certificate
@@ -43,6 +46,8 @@ SIM_COMPONENT_SVNS = (2, 2, 2, 2, 255, 255, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 #: The sim quoting enclave's ISVSVN (`SimQuoteProvider`'s default `qe_svn`).
 SIM_QE_ISV_SVN = 8
 COLLATERAL_DIR = "collateral"
+#: The admin CA's certificate in the pki directory (what VEIL_<SERVICE>_ADMIN_CA defaults to).
+ADMIN_CA_FILE = "admin-ca.pem"
 
 _SERVICE_DNS = ("localhost",)
 _VALIDITY = dt.timedelta(days=3650)
@@ -314,12 +319,33 @@ def init_pki(directory: Path, *, force: bool = False, now: dt.datetime | None = 
         leaf = service_certificate(ca, spiffe_id, now, dns=(*_SERVICE_DNS, service))
         files[directory / f"{service}.pem"] = (_pem(leaf.cert) + _pem(ca.cert), False)
         files[directory / f"{service}-key.pem"] = (_key_pem(leaf.key), True)
-    admin = service_certificate(ca, ADMIN, now)
-    files[directory / "admin.pem"] = (_pem(admin.cert), False)
-    files[directory / "admin-key.pem"] = (_key_pem(admin.key), True)
+    files |= _admin_files(directory, now)
     written = _write_all(directory, {**files, **_sim_sgx_files(directory, now)})
     (directory / "ca-key.pem").unlink(missing_ok=True)  # where an older init left the CA key
     return written
+
+
+def _admin_files(directory: Path, now: dt.datetime) -> dict[Path, tuple[bytes, bool]]:
+    """The admin CA (its key beside the service CA's) and the admin certificate it issues."""
+    admin_ca = _issue("Veil Dev Admin CA", None, ca=True, now=now, lifetime=_VALIDITY)
+    admin = service_certificate(admin_ca, ADMIN, now)
+    return {
+        directory / ADMIN_CA_FILE: (_pem(admin_ca.cert), False),
+        ca_key_dir(directory) / "admin-ca-key.pem": (_key_pem(admin_ca.key), True),
+        directory / "admin.pem": (_pem(admin.cert), False),
+        directory / "admin-key.pem": (_key_pem(admin.key), True),
+    }
+
+
+def ensure_admin_ca(directory: Path, *, now: dt.datetime | None = None) -> list[Path]:
+    """Give a dev PKI written before the admin CA one, and an admin certificate from it.
+
+    Nothing happens when `admin-ca.pem` is there; otherwise the old admin certificate (from the
+    service CA, which services no longer accept as admin) is replaced.
+    """
+    if (directory / ADMIN_CA_FILE).exists() or not (directory / "ca.pem").exists():
+        return []
+    return _write_all(directory, _admin_files(directory, now or dt.datetime.now(dt.UTC)))
 
 
 def ensure_sim_collateral(directory: Path, *, now: dt.datetime | None = None) -> list[Path]:

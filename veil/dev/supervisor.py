@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from veil.dev.pki import collateral_dir, ensure_sim_collateral
+from veil.dev.pki import collateral_dir, ensure_admin_ca, ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
@@ -302,6 +302,8 @@ def keyvault_release_key(data_dir: Path, port_offset: int = 0) -> bytes:
 
 def up(data_dir: Path, port_offset: int = 0) -> int:
     """Run the mesh in the foreground until SIGINT/SIGTERM."""
+    if ensure_admin_ca(data_dir / "pki"):
+        _log.info("the dev PKI had no admin CA: wrote one and a new admin certificate from it")
     if ensure_sim_collateral(data_dir / "pki"):
         # A dev PKI from before dev collateral: the keyvault would refuse every sim quote.
         _log.info("the dev PKI had no sim collateral: wrote a new sim SGX chain with its collateral")
