@@ -1,15 +1,16 @@
 """Calls to the state replicas, and what their failures become for the gateway's caller.
 
-Execute calls ride on ExecuteBatch messages (`coalescing_stub`): a call is sent at once while
-fewer than `MAX_IN_FLIGHT` messages to its replica are unanswered; the calls that arrive
-meanwhile wait and leave together in the next message, so under load one upstream RPC carries
-many commands (the state host feeds them to its batcher together), and an idle gateway adds no
-delay. The replica streams each command's answer back as soon as it is ready. Each command
-keeps its own deadline (its caller stops waiting at it, as for a unary call; a message's
-deadline is the latest of its commands'), its own request id and its own status; a failed
-message fails its unanswered commands with the message's status, which `call` retries as it
-retries a unary UNAVAILABLE. Back-pressure: at most MAX_IN_FLIGHT messages of MAX_BATCH
-commands per replica; further calls wait in the gateway (bounded by its concurrent-RPC limit).
+Execute calls ride on ExecuteBatch messages (`coalescing_stub`): a call is sent at once, as a
+plain Execute, while fewer than `MAX_IN_FLIGHT` calls or messages to its replica are unanswered;
+the calls that arrive meanwhile wait and leave together in the next ExecuteBatch message, so
+under load one upstream RPC carries many commands (the state host feeds them to its batcher
+together), and an idle gateway adds no delay. The replica streams each command's answer back as
+soon as it is ready. Each command keeps its own deadline (its caller stops waiting at it, as for
+a unary call; a message's deadline is the latest of its commands'), its own request id and its
+own status; a failed message fails its unanswered commands with the message's status, which
+`call` retries as it retries a unary UNAVAILABLE. Back-pressure: at most MAX_IN_FLIGHT messages
+of MAX_BATCH commands per replica; further calls wait in the gateway (bounded by its
+concurrent-RPC limit).
 
 A state replica's status is passed on when it describes the caller's request (not found,
 invalid, exhausted, deadline, retry later), with its message and ErrorInfo reason: those
@@ -147,11 +148,13 @@ class ExecuteCoalescer:
     def __init__(
         self,
         send: grpc.UnaryStreamMultiCallable[state_pb2.ExecuteBatchRequest, state_pb2.ExecuteBatchResponse],
+        single: grpc.UnaryUnaryMultiCallable[state_pb2.ExecuteRequest, state_pb2.ExecuteResponse],
         *,
         max_batch: int = MAX_BATCH,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._send = send
+        self._single = single
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._queue: deque[_Waiting] = deque()
@@ -170,14 +173,31 @@ class ExecuteCoalescer:
         """Execute `request` within `timeout` seconds; raises grpc.RpcError as a unary call would."""
         waiting = _Waiting(request, time.monotonic() + timeout)
         with self._lock:
-            self._queue.append(waiting)
-            if self._in_flight < self._max_in_flight:
+            free = self._in_flight < self._max_in_flight
+            alone = free and not self._queue
+            if free:
                 self._in_flight += 1
-                self._readers.submit(self._carry)
+            if not alone:
+                self._queue.append(waiting)
+        if alone:  # nothing to coalesce with: a plain Execute from this thread, no hand-over
+            try:
+                return self._single(request, timeout=timeout, metadata=metadata)
+            finally:
+                self._release()
+        if free:
+            self._readers.submit(self._carry)
         try:
             return waiting.answer.result(timeout)
         except FutureTimeout:
             raise _deadline_exceeded() from None
+
+    def _release(self) -> None:
+        """A plain Execute ended: its slot carries what queued meanwhile, or is freed."""
+        with self._lock:
+            if not self._queue:
+                self._in_flight -= 1
+                return
+        self._readers.submit(self._carry)
 
     def _carry(self) -> None:
         """One in-flight slot: send what waits, read its answers, repeat while calls wait."""
@@ -228,5 +248,5 @@ def coalescing_stub(channel: grpc.Channel, **options: int) -> state_pb2_grpc.Sta
     """A state replica's stub whose Execute is carried by ExecuteBatch (ExecuteCoalescer)."""
     stub = state_pb2_grpc.StateServiceStub(channel)
     # Called as `forward` and `call` call a unary method: (request, timeout=, metadata=).
-    stub.Execute = ExecuteCoalescer(stub.ExecuteBatch, **options)  # type: ignore[assignment]
+    stub.Execute = ExecuteCoalescer(stub.ExecuteBatch, stub.Execute, **options)  # type: ignore[assignment]
     return stub

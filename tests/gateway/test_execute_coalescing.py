@@ -1,6 +1,6 @@
 """Issue 13: the gateway coalesces concurrent Execute calls to a replica into ExecuteBatch
-messages; each caller keeps its own answer, status and deadline, and a failed message fails
-only the commands it had not answered yet."""
+messages (a lone call goes as a plain Execute); each caller keeps its own answer, status and
+deadline, and a failed message fails only the commands it had not answered yet."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import status_pb2
 
 from veil.services.common.errors import NotFound
-from veil.services.gateway.upstream import ExecuteCoalescer, translate
+from veil.services.gateway.upstream import BatchedCallError, ExecuteCoalescer, translate
 from veil.state.v1 import state_pb2
 
 
@@ -53,6 +54,20 @@ class FakeReplica:
                 response.outcome.sealed_response = command.request_id.encode()
                 yield state_pb2.ExecuteBatchResponse(index=index, response=response)
 
+    def single(
+        self, request: state_pb2.ExecuteRequest, *, timeout: float, metadata: object = None
+    ) -> state_pb2.ExecuteResponse:
+        """The unary Execute a lone call takes: a message of one, answered the same way."""
+        (reply,) = self(state_pb2.ExecuteBatchRequest(commands=[request]), timeout=timeout)
+        if reply.HasField("status"):
+            raise BatchedCallError(status_pb2.Status.FromString(reply.status))
+        response: state_pb2.ExecuteResponse = reply.response
+        return response
+
+
+def _coalescer(replica: FakeReplica, **options: int) -> ExecuteCoalescer:
+    return ExecuteCoalescer(replica, replica.single, **options)  # type: ignore[arg-type]
+
 
 def _call(coalescer: ExecuteCoalescer, request_id: str, timeout: float = 5.0) -> bytes | str:
     try:
@@ -64,7 +79,7 @@ def _call(coalescer: ExecuteCoalescer, request_id: str, timeout: float = 5.0) ->
 
 def test_concurrent_calls_share_messages_and_keep_their_answers() -> None:
     replica = FakeReplica()
-    coalescer = ExecuteCoalescer(replica, max_in_flight=2)  # type: ignore[arg-type]
+    coalescer = _coalescer(replica, max_in_flight=2)
     names = [f"r{i}" for i in range(40)] + ["missing-1"]
     with ThreadPoolExecutor(len(names)) as pool:
         answers = dict(zip(names, pool.map(lambda n: _call(coalescer, n), names), strict=True))
@@ -75,7 +90,7 @@ def test_concurrent_calls_share_messages_and_keep_their_answers() -> None:
 
 def test_a_lone_call_is_sent_at_once() -> None:
     replica = FakeReplica(delay=0)
-    coalescer = ExecuteCoalescer(replica)  # type: ignore[arg-type]
+    coalescer = _coalescer(replica)
     began = time.monotonic()
     assert _call(coalescer, "alone") == b"alone"
     assert time.monotonic() - began < 1.0
@@ -83,16 +98,20 @@ def test_a_lone_call_is_sent_at_once() -> None:
 
 
 def test_a_caller_stops_waiting_at_its_own_deadline() -> None:
-    coalescer = ExecuteCoalescer(FakeReplica(delay=1.0))  # type: ignore[arg-type]
-    began = time.monotonic()
-    assert _call(coalescer, "impatient", timeout=0.2) == "DEADLINE_EXCEEDED"
-    assert time.monotonic() - began < 0.9
+    coalescer = _coalescer(FakeReplica(delay=1.0), max_in_flight=1)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_call, coalescer, "slow")  # holds the only slot for a second
+        time.sleep(0.05)
+        began = time.monotonic()
+        assert _call(coalescer, "impatient", timeout=0.2) == "DEADLINE_EXCEEDED"  # queued behind it
+        assert time.monotonic() - began < 0.9
+        assert slow.result() == b"slow"
 
 
 @pytest.mark.parametrize("answered_first", [0, 2])
 def test_a_failed_message_fails_its_unanswered_commands(answered_first: int) -> None:
     replica = FakeReplica(delay=0.2, fail_after=answered_first)
-    coalescer = ExecuteCoalescer(replica, max_in_flight=1)  # type: ignore[arg-type]
+    coalescer = _coalescer(replica, max_in_flight=1)
     names = ["first", *(f"r{i}" for i in range(5))]
     with ThreadPoolExecutor(len(names)) as pool:
         first = pool.submit(_call, coalescer, "first")
