@@ -10,7 +10,7 @@ STAMP_PY := $(VENV)/.installed
 STAMP_NPM := node_modules/.installed
 STAMP_NODE := clients/node/node_modules/.installed
 
-.PHONY: setup system-packages bench-state fuzz run test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean image
+.PHONY: setup system-packages bench-state fuzz run cluster test lint typecheck gen gen-check proto-lint proto-breaking unit e2e bench chaos clean image
 
 setup: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE) system-packages
 
@@ -92,6 +92,11 @@ fuzz: setup
 
 run: setup
 	$(BIN)/veil up
+
+# A local multi-node mesh: 2 keyvault replicas on the PostgreSQL at 127.0.0.1:5432, NODES state
+# hosts (each its own platform secret and seal directory), 2 gateways; Ctrl-C drops its schemas.
+cluster: setup
+	$(BIN)/veil up --nodes $(or $(NODES),3)
 
 clean:
 	rm -rf $(VENV) node_modules clients/node/node_modules .veil .pytest_cache .mypy_cache .ruff_cache

@@ -210,6 +210,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if known is None or known.shard == shard:
                 raise
             return send(known.shard)
+        except Unavailable:
+            # The replica is unreachable: if another host took the instance over (its lease at
+            # the keyvault names that host), go there; otherwise the caller retries.
+            owner = self._lease_holder(instance_id, timeout)
+            if owner is None or owner == shard:
+                raise
+            return send(owner)
+
+    def _lease_holder(self, instance_id: str, timeout: float) -> str | None:
+        """The state replica the keyvault's lease says serves the instance (its holder is that
+        replica's address), learned into the directory; None when unknown or not a replica."""
+        if self._keyvault is None:
+            return None
+        try:
+            reply = forward(
+                "keyvault", self._keyvault.ListLeases, keyvault_pb2.ListLeasesRequest(), timeout=timeout
+            )
+        except VeilError:
+            return None
+        holder = next((lease.holder for lease in reply.leases if lease.instance_id == instance_id), None)
+        if holder is None or holder not in self._router.shards:
+            return None
+        known = self._router.known(instance_id)
+        if known is not None:
+            self._router.learn(Placement(instance_id, holder, known.config))
+        return holder
 
     def _send(
         self,
@@ -235,12 +261,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         timeout = remaining_timeout(context, self._timeout)
         placement = self._locate(instance_id, timeout) if instance_id else None
         shard = placement.shard if placement else self._router.default_shard
-        reply = forward(
-            shard,
-            self._stub(shard).GetAttestation,
-            state_pb2.GetAttestationRequest(instance_id=instance_id),
-            timeout=timeout,
-        )
+        request_ = state_pb2.GetAttestationRequest(instance_id=instance_id)
+        if placement is None:
+            reply = forward(shard, self._stub(shard).GetAttestation, request_, timeout=timeout)
+        else:  # where the instance is served, even when its host was lost (see _routed)
+            reply = self._routed(
+                instance_id,
+                timeout,
+                lambda at: forward(at, self._stub(at).GetAttestation, request_, timeout=timeout),
+            )
+            placement = self._router.known(instance_id) or placement
         response = reply.bundle  # the state host's evidence, passed on as it is
         for unset_by_state in ("instance", "descriptor"):
             response.ClearField(unset_by_state)

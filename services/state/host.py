@@ -288,6 +288,12 @@ class StateHost:
             # gRPC's 16 KiB metadata limit, so the caller saw RESOURCE_EXHAUSTED without ErrorInfo.
             raise InvalidArgument(INSTANCE_ID_RULE)
         state = runtime.instances.get(instance_id)
+        if state is None and instance_id in self._startup.ownership.owned():
+            # Its lease is ours but its replay has not finished (a take-over): retry, not absent.
+            raise Unavailable(
+                f"instance {instance_id!r} is being taken over by this replica; retry",
+                reason="INSTANCE_TAKING_OVER",
+            )
         if state is None:
             raise NotFound(
                 f"no instance {instance_id!r} on this replica", metadata={"instance_id": instance_id}

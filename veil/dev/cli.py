@@ -64,6 +64,10 @@ def _up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if not (data_dir / "pki" / "ca.pem").exists():
         init_pki(data_dir / "pki")
+    if args.nodes:
+        from veil.dev.cluster import up_cluster
+
+        return up_cluster(data_dir, args.nodes, args.port_offset)
     return up(data_dir, args.port_offset)
 
 
@@ -84,7 +88,11 @@ def register(commands: Subcommands) -> None:
     up = commands.add_parser(
         "up",
         help="start keyvault → state → gateway locally and supervise them",
-        epilog=example("veil up", "veil up --port-offset 100   # beside another mesh"),
+        epilog=example(
+            "veil up",
+            "veil up --port-offset 100   # beside another mesh",
+            "veil up --nodes 3           # 2 keyvaults on PostgreSQL, 3 state hosts, 2 gateways",
+        ),
     )
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     up.add_argument(
@@ -92,6 +100,13 @@ def register(commands: Subcommands) -> None:
         type=count(10000),
         default=0,
         help="shift every port by N (default 0: gateway 50051) to run beside another mesh",
+    )
+    up.add_argument(
+        "--nodes",
+        type=count(16),
+        default=0,
+        help="a local multi-node mesh instead: N state hosts (each its own machine), 2 keyvault "
+        "replicas on the PostgreSQL at 127.0.0.1:5432 (database test, new schemas), 2 gateways",
     )
     bind(up, needs_server("up", _up))
 

@@ -1,0 +1,169 @@
+"""A local cluster (veil.dev.cluster) with SDK clients working through its gateways, and what
+they saw: acknowledged transfers per instance, and when each instance answered again after a fault."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from psycopg import sql
+
+from veil.dev.cluster import Cluster
+from veil.dev.pki import init_pki
+from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.sdk.client import VeilClient, connect
+from veil.sdk.counters import MemoryCounters
+from veil.sdk.identity import SigningIdentity
+from veil.sdk.trust_policy import POLICY_FILE, load_policy
+from veil.services.common.channels import call, secure_channel
+from veil.services.common.config import TlsFiles
+
+INITIAL = 1_000
+CLIENT_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def running_cluster(workdir: Path, **options: int) -> Iterator[Cluster]:
+    data_dir = workdir / ".veil"
+    init_pki(data_dir / "pki")
+    cluster = Cluster(data_dir, **options)  # type: ignore[arg-type]
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        cluster.drop_schemas()
+
+
+def client(cluster: Cluster, gateway: int = 0) -> VeilClient:
+    """An SDK client with the admin certificate, through one of the gateways."""
+    pki = cluster.data_dir / "pki"
+    return connect(
+        cluster.addresses("gateway")[gateway],
+        policy=load_policy(cluster.data_dir / POLICY_FILE),
+        ca=pki / "ca.pem",
+        cert=pki / "admin.pem",
+        key=pki / "admin-key.pem",
+        data_dir=cluster.data_dir,
+        counters=MemoryCounters(),
+        timeout=CLIENT_TIMEOUT_S,
+    )
+
+
+def owners(cluster: Cluster) -> dict[str, str]:
+    """instance id -> the state host (address) holding its lease, as the keyvault says."""
+    pki = cluster.data_dir / "pki"
+    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+    with secure_channel(cluster.addresses("keyvault")[0], tls) as channel:
+        stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+        reply = call(stub.ListLeases, keyvault_pb2.ListLeasesRequest())
+    return {lease.instance_id: lease.holder for lease in reply.leases}
+
+
+@dataclass
+class Ledger:
+    """One token instance, two holders moving 1 back and forth, and what was acknowledged."""
+
+    instance_id: str
+    issuer: SigningIdentity
+    holders: tuple[SigningIdentity, SigningIdentity]
+    acknowledged: int = 0
+    acks: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def create_ledgers(admin: VeilClient, count: int) -> list[Ledger]:
+    ledgers = []
+    for number in range(count):
+        issuer = SigningIdentity(ed25519.Ed25519PrivateKey.generate(), "issuer")
+        instance_id = f"ledger-{number}"
+        admin.create_instance(
+            instance_id,
+            envelope_pb2.InstanceConfig(
+                app=envelope_pb2.APP_KIND_TOKEN,
+                auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
+                token_issuer_public_key=issuer.public_key,
+            ),
+        )
+        holders = (
+            SigningIdentity(ed25519.Ed25519PrivateKey.generate()),
+            SigningIdentity(ed25519.Ed25519PrivateKey.generate()),
+        )
+        token = admin.token(instance_id, issuer)
+        for holder in holders:
+            token.mint(holder.account, INITIAL)
+        ledgers.append(Ledger(instance_id, issuer, holders))
+    return ledgers
+
+
+class Workload:
+    """One SDK client thread per ledger, moving 1 between its holders until stopped."""
+
+    def __init__(self, cluster: Cluster, ledgers: list[Ledger]) -> None:
+        self._cluster = cluster
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(ledger, n % cluster.gateways), name=ledger.instance_id)
+            for n, ledger in enumerate(ledgers)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(CLIENT_TIMEOUT_S + 30)
+
+    def _run(self, ledger: Ledger, gateway: int) -> None:
+        try:
+            with client(self._cluster, gateway) as sdk:
+                turn = 0
+                while not self._stop.is_set():
+                    sender, receiver = ledger.holders[turn % 2], ledger.holders[(turn + 1) % 2]
+                    opened = sdk.execute(ledger.instance_id, transfer(receiver.account, 1), sender)
+                    if not opened.accepted or opened.result.HasField("error"):
+                        raise RuntimeError(f"transfer refused: {opened.result}")
+                    ledger.acknowledged += 1
+                    ledger.acks.append(time.monotonic())
+                    turn += 1
+        except Exception as exc:  # the SDK's GatewayError included: recorded, the test reports it
+            ledger.errors.append(f"{type(exc).__name__}: {exc}")
+
+
+def transfer(to: str, amount: int) -> apps_pb2.AppCall:
+    return apps_pb2.AppCall(token=apps_pb2.TokenCall(transfer=apps_pb2.TokenTransfer(to=to, amount=amount)))
+
+
+def first_ack_after(ledger: Ledger, moment: float) -> float | None:
+    return next((t for t in ledger.acks if t > moment), None)
+
+
+def log_head(cluster: Cluster, instance_id: str) -> int:
+    """The last sequence of the instance's shared log (read from the database: with a host down,
+    the gateways' ListInstances fan-out is UNAVAILABLE by design)."""
+    query = sql.SQL("SELECT max(sequence) FROM {}.st_entries WHERE instance_id = %s").format(
+        sql.Identifier(cluster.schemas["state"])
+    )
+    with psycopg.connect(cluster.postgres_url) as conn:
+        row = conn.execute(query, (instance_id,)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def lost_and_duplicated(cluster: Cluster, ledger: Ledger) -> tuple[int, int]:
+    """Acknowledged transfers missing from the instance's log, and log entries beyond them."""
+    expected = 1 + 2 + ledger.acknowledged  # genesis, two mints, the acknowledged transfers
+    head = log_head(cluster, ledger.instance_id)
+    return max(0, expected - head), max(0, head - expected)
+
+
+def balances(admin: VeilClient, ledger: Ledger) -> list[int]:
+    return [admin.token(ledger.instance_id, holder).balance() for holder in ledger.holders]
