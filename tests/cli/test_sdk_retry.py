@@ -47,3 +47,22 @@ def test_a_retry_with_the_same_request_id_pays_once(mesh: InProcessMesh) -> None
         assert coins.transfer(bob.account, 5, request_id=request_id) == 95  # its answer, not a second run
         assert veil.token("coins", bob).balance() == 5
         assert coins.balance() == 95
+
+
+def test_a_request_id_that_was_answered_gives_its_answer_again_and_names_one_call(
+    mesh: InProcessMesh,
+) -> None:
+    """Calling again with the request id of a call that succeeded returns that answer and sends
+    nothing; the same id for another call is refused before anything is sealed."""
+    treasury = new_identity(mesh.data_dir, "treasury")
+    bob = new_identity(mesh.data_dir, "bob")
+    with mesh.connect() as veil:
+        veil.create_instance("coins", token_config(treasury.public_key))
+        coins = veil.token("coins", treasury)
+        coins.mint(treasury.account, 100)
+        request_id = veil.new_request_id()
+        assert coins.transfer(bob.account, 5, request_id=request_id) == 95
+        assert coins.transfer(bob.account, 5, request_id=request_id) == 95  # the first answer
+        with pytest.raises(ValueError, match="already names another call"):
+            coins.transfer(bob.account, 6, request_id=request_id)
+        assert veil.token("coins", bob).balance() == 5

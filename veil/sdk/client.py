@@ -150,6 +150,7 @@ class _Call:
     instance_id: str
     request_id: str
     counter: int
+    call: bytes = b""  # the AppCall, serialized: a request id names one call only
     sealings: list[tuple[SealedRequest, bytes]] = field(default_factory=list)
     ambiguous: bool = False
 
@@ -193,6 +194,7 @@ class VeilClient:
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
         self._unresolved: OrderedDict[str, _Call] = OrderedDict()  # calls without a definitive answer
+        self._answered: OrderedDict[str, tuple[_Call, Opened]] = OrderedDict()  # by request id
         self._heads: dict[str, int] = {}  # per instance: the newest head this client saw acknowledged
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -350,19 +352,28 @@ class VeilClient:
         OutcomeUnknown when it cannot prove whether an earlier attempt ran.
         """
         account = identity.account
+        call_bytes = call.SerializeToString(deterministic=True)
         with self._account_lock(instance_id, account):
             with self._lock:
-                resumed = self._unresolved.pop(request_id, None) if request_id else None
-            if resumed is not None and resumed.instance_id == instance_id:
-                state = resumed
-            else:
-                state = _Call(
-                    instance_id,
-                    request_id or self.new_request_id(),
-                    self.counters.last(instance_id, account) + 1,
-                )
+                answered = self._answered.get(request_id) if request_id else None
+                resumed = self._unresolved.get(request_id) if request_id else None
+                earlier = answered[0] if answered else resumed
+                if earlier is not None and (earlier.instance_id, earlier.call) != (instance_id, call_bytes):
+                    raise ValueError(
+                        f"request id {request_id!r} already names another call; nothing was sent"
+                    )
+                if resumed is not None:
+                    del self._unresolved[resumed.request_id]
+            if answered is not None:
+                return answered[1]  # the call ran: its answer again, nothing sent
+            state = resumed or _Call(
+                instance_id,
+                request_id or self.new_request_id(),
+                self.counters.last(instance_id, account) + 1,
+                call_bytes,
+            )
             try:
-                return self._run(state, call, identity, suite)
+                opened = self._run(state, call, identity, suite)
             except GatewayError as failure:
                 # No definitive answer: the command may or may not have run. Keep the call so a
                 # retry under its request id resumes it rather than sealing a second command.
@@ -372,6 +383,11 @@ class VeilClient:
                         self._unresolved.popitem(last=False)
                 failure.request_id = state.request_id
                 raise
+            with self._lock:
+                self._answered[state.request_id] = (state, opened)
+                while len(self._answered) > _PENDING_LIMIT:
+                    self._answered.popitem(last=False)
+            return opened
 
     def _run(self, state: _Call, call: apps_pb2.AppCall, identity: Identity, suite: int) -> Opened:
         instance_id, account = state.instance_id, identity.account
