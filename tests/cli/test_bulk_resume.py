@@ -78,6 +78,8 @@ def test_a_bad_row_stops_the_file_before_anything_is_sent(veil: Veil, tmp_path: 
         ("bob,5\nbobb,5\n", "payroll.csv:2: 'bobb' is not a known identity"),
         ("bob,5\nbob,-1\n", "payroll.csv:2: amount '-1' is not a whole number"),
         ("bob,5\nbob\n", "payroll.csv:2: expected two columns"),
+        ("bob,-2\nbob,1\n", "payroll.csv:1: amount '-2' is not a whole number"),  # not a header
+        ("to,amount\nbob,x\n", "payroll.csv:2: amount 'x' is not a whole number"),
         ("", "no transfers in the file"),
     ):
         payroll = tmp_path / "payroll.csv"

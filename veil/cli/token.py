@@ -153,8 +153,8 @@ def _read_transfers(args: argparse.Namespace, path: Path, content: bytes) -> lis
             if len(cells) != 2:
                 raise VeilClientError(f"{path}:{number}: expected two columns: to,amount")
             to, value = cells[0].strip(), cells[1].strip()
-            if number == 1 and not value.isdigit():
-                continue  # a header line
+            if number == 1 and (to.lower(), value.lower()) == ("to", "amount"):
+                continue  # the header line (anything else on line 1 is a row, checked as one)
             if not value.isdigit() or not 0 < int(value) <= MAX_AMOUNT:
                 raise VeilClientError(
                     f"{path}:{number}: amount {value!r} is not a whole number from 1 to {MAX_AMOUNT}"
