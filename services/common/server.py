@@ -155,7 +155,7 @@ def build_server(
     admin = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="admin"), options=_OPTIONS
     )
-    _add_health_and_reflection(admin, health_servicer, service_names)
+    _add_health_and_reflection(admin, health_servicer, ())  # it serves health only: reflect only that
     admin_port = _bind(admin, config.admin_listen, None)
 
     bundle = VeilServer(

@@ -69,7 +69,12 @@ def test_grpcurl_reflection_and_health_list_leave_no_error_in_the_logs(
     ports = [["-plaintext", f"127.0.0.1:{server.admin_port}"], [*tls, f"127.0.0.1:{server.port}"]]
     try:
         for port in ports:
-            for args in (["list"], ["describe", SERVICE_NAME], ["grpc.health.v1.Health/List"]):
+            listed = subprocess.run(
+                [str(grpcurl), *port, "list"], check=False, capture_output=True, text=True, timeout=30
+            )
+            # The admin port serves health and reflection only, and reflects only those.
+            assert (SERVICE_NAME in listed.stdout) == (port is ports[1]), listed.stdout
+            for args in (["describe", "grpc.health.v1.Health"], ["grpc.health.v1.Health/List"]):
                 done = subprocess.run(
                     [str(grpcurl), *port, *args], check=False, capture_output=True, text=True, timeout=30
                 )
