@@ -70,6 +70,8 @@ AUTHORIZATION = identity.method_names(
         "Ping": PUBLIC,
     },
 )
+#: How long a gateway asks the keyvault where an instance moved after its replica hung.
+LEASE_LOOKUP_TIMEOUT_S = 2.0
 _JWKS_TTL_S = 60.0
 
 
@@ -217,6 +219,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if owner is None or owner == shard:
                 raise
             return send(owner)
+        except DeadlineExceeded:
+            # A replica that hangs (paused, cut off) used up this call's time: learn where the
+            # instance is served now, so that the caller's retry goes there.
+            self._lease_holder(instance_id, LEASE_LOOKUP_TIMEOUT_S)
+            raise
 
     def _lease_holder(self, instance_id: str, timeout: float) -> str | None:
         """The state replica the keyvault's lease says serves the instance (its holder is that

@@ -3,6 +3,8 @@ they saw: acknowledged transfers per instance, and when each instance answered a
 
 from __future__ import annotations
 
+import itertools
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +57,80 @@ def client(cluster: Cluster, gateway: int = 0) -> VeilClient:
         counters=MemoryCounters(),
         timeout=CLIENT_TIMEOUT_S,
     )
+
+
+def audit_events(cluster: Cluster) -> list[tuple[str, str, dict[str, object]]]:
+    """Every keyvault audit event as (action, outcome, detail), read as the admin."""
+    pki = cluster.data_dir / "pki"
+    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+    events: list[tuple[str, str, dict[str, object]]] = []
+    with secure_channel(cluster.addresses("keyvault")[-1], tls) as channel:
+        stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+        token = ""
+        while True:
+            page = call(
+                stub.ListAuditEvents, keyvault_pb2.ListAuditEventsRequest(page_size=1000, page_token=token)
+            )
+            events += [(e.action, e.outcome, json.loads(e.detail_json)) for e in page.events]
+            token = page.next_page_token
+            if not token:
+                return events
+
+
+def audit_events_raw(cluster: Cluster) -> list[keyvault_pb2.AuditEvent]:
+    """Every keyvault audit event as served, read as the admin from the surviving last replica."""
+    pki = cluster.data_dir / "pki"
+    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+    events: list[keyvault_pb2.AuditEvent] = []
+    with secure_channel(cluster.addresses("keyvault")[-1], tls) as channel:
+        stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+        token = ""
+        while True:
+            request = keyvault_pb2.ListAuditEventsRequest(page_size=1000, page_token=token)
+            page = call(stub.ListAuditEvents, request)
+            events += list(page.events)
+            token = page.next_page_token
+            if not token:
+                return events
+
+
+def audit_chain_breaks(events: list[keyvault_pb2.AuditEvent]) -> list[int]:
+    """Sequences where the chain is not linear (a gap, or a previous hash that is not the last)."""
+    breaks = []
+    for previous, event in itertools.pairwise(events):
+        if event.sequence != previous.sequence + 1 or event.previous_hash != previous.hash:
+            breaks.append(event.sequence)
+    return breaks
+
+
+def head_breaks(events: list[keyvault_pb2.AuditEvent]) -> list[str]:
+    """Allowed head advances that do not start where the instance's previous one ended."""
+    ends: dict[str, int] = {}
+    breaks = []
+    for event in events:
+        if (event.action, event.outcome) != ("advance_commit_head", "allowed"):
+            continue
+        detail = json.loads(event.detail_json)
+        instance = detail["instance_id"]
+        if detail["previous_sequence"] != ends.get(instance, 0):
+            breaks.append(f"{instance}: {detail['previous_sequence']} after {ends.get(instance, 0)}")
+        ends[instance] = detail["sequence"]
+    return breaks
+
+
+def stale_advances(events: list[tuple[str, str, dict[str, object]]]) -> list[dict[str, object]]:
+    """Head advances the keyvault allowed under a fencing token older than one it had already
+    granted for that instance (must be none: a fenced-off owner moves nothing)."""
+    granted: dict[str, int] = {}
+    stale = []
+    for action, outcome, detail in events:
+        instance = str(detail.get("instance_id", ""))
+        token = int(str(detail.get("fencing_token", 0)))
+        if action == "acquire_lease" and outcome == "allowed":
+            granted[instance] = max(granted.get(instance, 0), token)
+        elif action == "advance_commit_head" and outcome == "allowed" and token < granted.get(instance, 0):
+            stale.append(detail)
+    return stale
 
 
 def owners(cluster: Cluster) -> dict[str, str]:

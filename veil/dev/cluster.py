@@ -43,6 +43,7 @@ from veil.services.common.config import (
     ENV_GATEWAY_PUBLIC_LISTEN,
     ENV_GATEWAY_RATE,
     ENV_GATEWAY_STATE_ADDRS,
+    ENV_GATEWAY_TIMEOUT_SECONDS,
     ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_DB,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
@@ -64,6 +65,7 @@ from veil.services.state.ownership import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: A short lease: a host gone for good is taken over within about this long (plus the replay).
 CLUSTER_LEASE_TTL_MS = 2_000
+CLUSTER_UPSTREAM_TIMEOUT_S = 5
 _ROLE_STEP = 10
 _log = logging.getLogger("veil.cluster")
 
@@ -138,7 +140,9 @@ class Cluster:
                 )
 
     def _role_env(self, role: str, index: int) -> dict[str, str]:
-        keyvaults = ",".join(m for m in self.addresses("keyvault"))
+        # Each host prefers another replica first (rotated): every replica writes concurrently.
+        replicas = self.addresses("keyvault")
+        keyvaults = ",".join(replicas[index % len(replicas) :] + replicas[: index % len(replicas)])
         url = self.postgres_url
         if role == "keyvault":
             return {
@@ -158,9 +162,13 @@ class Cluster:
                 ENV_STATE_LEASE_TTL_MS: str(self.lease_ttl_ms),
             }
         return {
-            ENV_GATEWAY_KEYVAULT_ADDR: self.addresses("keyvault")[0],
+            # One address only (the gateway's client has no replica list yet): the last replica.
+            ENV_GATEWAY_KEYVAULT_ADDR: self.addresses("keyvault")[-1],
             ENV_GATEWAY_STATE_ADDRS: ",".join(self.addresses("state")),
             ENV_GATEWAY_PUBLIC_LISTEN: f"127.0.0.1:{DEFAULT_PUBLIC_PORT + self.base + _ROLE_STEP * index}",
+            # A state host that hangs (paused, cut off) holds a call this long before the
+            # gateway looks up where its instances went (the client retries there).
+            ENV_GATEWAY_TIMEOUT_SECONDS: str(CLUSTER_UPSTREAM_TIMEOUT_S),
         }
 
     def addresses(self, role: str) -> list[str]:
@@ -193,7 +201,7 @@ class Cluster:
             for member in members:
                 self.wait_serving(member, timeout)
             _log.info("%s: %d SERVING", role, len(self.role(role)))
-        pins = keyvault_pins(self.data_dir, self.base)
+        pins = keyvault_pins(self.data_dir, self.base)  # (replica 0: the base's keyvault port)
         write_dev_policy(self.data_dir, pins.release_key, pins.jwks)
 
     def wait_serving(self, member: Member, timeout: float = 60.0) -> None:
