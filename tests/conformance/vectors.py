@@ -12,7 +12,7 @@ from tests.conftest import REPO_ROOT
 
 VECTORS = REPO_ROOT / "testdata" / "conformance"
 SPEC = REPO_ROOT / "docs" / "protocol.md"
-CHECKLIST_HEADING = "## What a client must refuse"
+CHECKLIST_HEADING = "## 11. What a client must refuse"
 FILES = ("attestation.json", "answers.json", "receipts.json", "commands.json", "policies.json")
 
 
