@@ -1,0 +1,157 @@
+"""`make chaos-cluster`: node losses and split brains in a loop on a local cluster under load.
+
+Each episode picks a state host that owns instances and either kills it (-9, with its enclave
+runner: a machine lost; it is started again as a fresh standby once its instances answer
+elsewhere) or pauses it (SIGSTOP) until its instances answer elsewhere and then resumes it
+(SIGCONT: the split brain, its late work refused by its fencing token). Failover time is from
+the fault to the first acknowledged command of each of its instances at the new owner. At the
+end: acknowledged, lost (acknowledged but not in the log) and duplicated (in the log but never
+acknowledged), which must both be 0, balances conserved, and no head advance under a superseded
+fencing token in the keyvault's audit.
+
+    python -m tests.cluster.chaos --episodes 25 --split-every 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster.harness import (
+    INITIAL,
+    Ledger,
+    Workload,
+    audit_events,
+    balances,
+    client,
+    create_ledgers,
+    first_ack_after,
+    lost_and_duplicated,
+    owners,
+    running_cluster,
+    stale_advances,
+)
+from veil.dev.cluster import Cluster
+
+EPISODE_TIMEOUT_S = 60.0
+
+
+@dataclass
+class ChaosResult:
+    node_losses: int = 0
+    split_brains: int = 0
+    failovers: list[float] = field(default_factory=list)
+    acknowledged: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and self.lost == 0 and self.duplicated == 0
+
+    def summary(self) -> str:
+        p50 = statistics.median(self.failovers) if self.failovers else float("nan")
+        top = max(self.failovers, default=float("nan"))
+        return (
+            f"node losses {self.node_losses}, split brains {self.split_brains}: acknowledged "
+            f"{self.acknowledged}, lost {self.lost}, duplicated {self.duplicated}; failover of "
+            f"{len(self.failovers)} instance(s) p50 {p50:.2f}s max {top:.2f}s; "
+            f"{'OK' if self.ok else 'FAILED: ' + '; '.join(self.errors[:5])}"
+        )
+
+
+def _episode(
+    cluster: Cluster, ledgers: list[Ledger], rng: random.Random, split: bool, result: ChaosResult
+) -> None:
+    placed = owners(cluster)
+    busy = [m for m in cluster.role("state") if m.address in placed.values() and m.process is not None]
+    victim = rng.choice(busy)
+    moved = [ledger for ledger in ledgers if placed[ledger.instance_id] == victim.address]
+    start = time.monotonic()
+    pids = cluster.pause(victim) if split else None
+    if not split:
+        cluster.kill9(victim)
+    try:
+        while any(first_ack_after(ledger, start) is None for ledger in moved):
+            if time.monotonic() - start > EPISODE_TIMEOUT_S:
+                result.errors.append(f"{victim.label}: instances not taken over in {EPISODE_TIMEOUT_S:.0f}s")
+                return
+            time.sleep(0.05)
+    finally:
+        if pids is not None:
+            cluster.resume(pids)
+    result.failovers += [first_ack_after(ledger, start) - start for ledger in moved]  # type: ignore[operator]
+    if split:
+        result.split_brains += 1
+    else:
+        result.node_losses += 1
+        victim.start()  # a replacement machine: same name, its instances now served elsewhere
+        cluster.wait_serving(victim)
+    time.sleep(1.0)
+
+
+def run(episodes: int, split_every: int, ledgers_count: int, seed: int, log: bool = True) -> ChaosResult:
+    result = ChaosResult()
+    rng = random.Random(seed)
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        running_cluster(Path(workdir), nodes=3, keyvaults=2, gateways=2) as cluster,
+        client(cluster) as admin,
+    ):
+        ledgers = create_ledgers(admin, ledgers_count)
+        workload = Workload(cluster, ledgers)
+        workload.start()
+        time.sleep(1.0)
+        try:
+            for number in range(1, episodes + 1):
+                split = split_every > 0 and number % split_every == 0
+                _episode(cluster, ledgers, rng, split, result)
+                if log:
+                    kind = "split brain" if split else "node loss"
+                    print(
+                        f"episode {number}: {kind}, failover so far max {max(result.failovers):.2f}s",
+                        flush=True,
+                    )
+                if result.errors or any(ledger.errors for ledger in ledgers):
+                    break
+        finally:
+            workload.stop()
+        for ledger in ledgers:
+            result.errors += [f"{ledger.instance_id}: {error}" for error in ledger.errors]
+            lost, duplicated = lost_and_duplicated(cluster, ledger)
+            result.lost += lost
+            result.duplicated += duplicated
+            result.acknowledged += ledger.acknowledged
+            if sum(balances(admin, ledger)) != 2 * INITIAL:
+                result.errors.append(f"{ledger.instance_id}: supply not conserved")
+        stale = stale_advances(audit_events(cluster))
+        if stale:
+            result.errors.append(f"{len(stale)} head advance(s) under a superseded fencing token")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--episodes", type=int, default=25)
+    parser.add_argument(
+        "--split-every", type=int, default=5, help="every Nth episode is a SIGSTOP split brain"
+    )
+    parser.add_argument("--ledgers", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    result = run(args.episodes, args.split_every, args.ledgers, args.seed)
+    print(result.summary(), flush=True)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
