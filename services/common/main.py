@@ -21,7 +21,11 @@ def serve(service: str, create_server: ServerFactory) -> int:
     configure_logging(service, config.log_level)
     provider = make_tracer_provider(service)
     install_global_provider(provider)
-    server, port = create_server(config, tracer_provider=provider)
+    try:
+        server, port = create_server(config, tracer_provider=provider)
+    except OSError as exc:  # one line, not a traceback: the usual cause is a port in use
+        _log.error("%s cannot start: %s", service, exc)
+        return 1
     server.start()
     _log.info("%s listening on %s (mTLS) and %s (admin)", service, port, server.admin_port)
     run_until_signalled(server, config.grace_seconds)

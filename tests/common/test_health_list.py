@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -83,3 +85,17 @@ def test_grpcurl_reflection_and_health_list_leave_no_error_in_the_logs(
     finally:
         server.stop(0)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_port_in_use_is_one_clear_error(service_config: Callable[[str], ServiceConfig]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"cannot listen on {address}: the port is in use"):
+            build_server(
+                dataclasses.replace(service_config("state"), listen=address),
+                register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
+                service_names=[SERVICE_NAME],
+                authorization=AUTHORIZATION,
+            )

@@ -233,7 +233,10 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     """The options every mesh-facing command shares."""
     group = parser.add_argument_group("connection")
     group.add_argument(
-        "--gateway", type=address, default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY), help="HOST:PORT"
+        "--gateway",
+        type=address,
+        default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY),
+        help=f"HOST:PORT of the gateway (default: ${ENV_GATEWAY}, else {DEFAULT_GATEWAY})",
     )
     group.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="PKI, identities, counters (.veil)")
     group.add_argument("--mrenclave", action="append", default=[], metavar="HEX", help="expected MRENCLAVE")

@@ -61,7 +61,7 @@ def _up(args: argparse.Namespace) -> int:
     from veil.dev.pki import init_pki
     from veil.dev.supervisor import up
 
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir).resolve()  # the services run in other working directories
     if not (data_dir / "pki" / "ca.pem").exists():
         init_pki(data_dir / "pki")
     if args.nodes:

@@ -328,6 +328,12 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     write_dev_policy(data_dir, pins.release_key, pins.jwks)
     print(f"{MESH_UP}: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
+    if port_offset:
+        gateway = f"127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}"
+        print(
+            f"  point the veil command at it: export VEIL_GATEWAY={gateway} (or --gateway {gateway})",
+            flush=True,
+        )
     # Say it where people look: a sim mesh is a development tool, not a confidential one.
     print(
         "  the enclave is SIMULATED: this machine holds its platform secret and the dev SGX root's "
