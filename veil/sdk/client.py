@@ -55,6 +55,7 @@ from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
 from veil.sdk.trust_policy import ExpectedMeasurement
+from veil.status import error_info
 from veil.verify.bundle import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
 from veil.verify.errors import AttestationError
 
@@ -69,6 +70,7 @@ _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 # The state service's reason for a command sealed to keys its enclave no longer has (it
 # restarted): such a command was never executed, so it is sealed again to the new keys.
 _UNOPENABLE = "COMMAND_UNOPENABLE"
+_STREAM_LIFETIME_REACHED = "STREAM_LIFETIME_REACHED"
 
 Resp = TypeVar("Resp")
 
@@ -121,25 +123,44 @@ def _kept_answer(
 
 
 class ReceiptStream:
-    """Verified outcomes of this client's own commands, as they commit; `cancel()` ends it."""
+    """Verified outcomes of this client's own commands, as they commit; `cancel()` ends it.
+
+    The gateway ends a stream after its maximum lifetime (STREAM_LIFETIME_REACHED): the stream
+    subscribes again, replaying recent outcomes, and yields each request id once.
+    """
 
     def __init__(
-        self, call: Any, opener: Callable[[gateway_pb2.WatchReceiptsResponse], Opened | None]
+        self,
+        subscribe: Callable[[bool], Any],
+        opener: Callable[[gateway_pb2.WatchReceiptsResponse], Opened | None],
+        *,
+        replay_recent: bool,
     ) -> None:
-        self._call = call
+        self._subscribe = subscribe
         self._opener = opener
+        self._cancelled = False
+        self._call = subscribe(replay_recent)
 
     def __iter__(self) -> Iterator[Opened]:
-        try:
-            for item in self._call:
-                opened = self._opener(item)
-                if opened is not None:
-                    yield opened
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.CANCELLED:
-                raise GatewayError(error) from None
+        seen: set[str] = set()
+        while True:
+            try:
+                for item in self._call:
+                    opened = self._opener(item)
+                    if opened is not None and opened.request_id not in seen:
+                        seen.add(opened.request_id)
+                        yield opened
+                return
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.CANCELLED or self._cancelled:
+                    return
+                info = error_info(error)
+                if info is None or info.reason != _STREAM_LIFETIME_REACHED:
+                    raise GatewayError(error) from None
+            self._call = self._subscribe(True)
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
 
@@ -589,7 +610,10 @@ class VeilClient:
         request = gateway_pb2.WatchReceiptsRequest(
             instance_id=instance_id, request_id_prefix=self.session_prefix, replay_recent=replay_recent
         )
-        call = self._stub.WatchReceipts(request, metadata=self._metadata(identity))
+
+        def subscribe(replay: bool) -> Any:
+            request.replay_recent = replay
+            return self._stub.WatchReceipts(request, metadata=self._metadata(identity))
 
         def opener(item: gateway_pb2.WatchReceiptsResponse) -> Opened | None:
             with self._lock:
@@ -602,7 +626,7 @@ class VeilClient:
                 self._saw(instance_id, opened.sequence)
             return opened
 
-        return ReceiptStream(call, opener)
+        return ReceiptStream(subscribe, opener, replay_recent=replay_recent)
 
     # --- typed apps ----------------------------------------------------------------------------
 
