@@ -205,7 +205,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             return send(shard)
         except NotFound:
-            if len(self._router.shards) == 1 or not self._router.refresh_due():
+            if len(self._router.shards) == 1:
+                raise
+            # Moved by a take-over since the directory was filled: its lease names the host.
+            owner = self._lease_holder(instance_id, timeout)
+            if owner is not None and owner != shard:
+                return send(owner)
+            if not self._router.refresh_due():
                 raise
             self._list_all(timeout)
             known = self._router.known(instance_id)

@@ -28,13 +28,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from veil.services.common.config import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_NAME
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
 
 _log = logging.getLogger(__name__)
 
-#: Settings of the state host (read here; listed with the others in the state config's table).
-ENV_STATE_NODE_NAME = "VEIL_STATE_NODE_NAME"
-ENV_STATE_LEASE_TTL_MS = "VEIL_STATE_LEASE_TTL_MS"
 DEFAULT_LEASE_TTL_MS = 4_000
 MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS = 1_000, 60_000
 LEASE_HELD = "LEASE_HELD"

@@ -10,11 +10,11 @@ import pytest
 from tests.state.support import Node, keyvault_head, rebind, token_instance, wait_for_keyvault_head
 from tests.state.test_host import TIMEOUT, read, run
 from veil.dev.loadclient import balance, mint
+from veil.services.common.config import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_NAME
 from veil.services.common.errors import NotFound
 from veil.services.state import lifecycle
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
-from veil.services.state.ownership import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_NAME
 
 TTL_MS = 1000
 

@@ -52,6 +52,8 @@ from veil.services.common.config import (
     ENV_STATE_DB_SCHEMA,
     ENV_STATE_ENCLAVE_MODE,
     ENV_STATE_KEYVAULT_ADDR,
+    ENV_STATE_LEASE_TTL_MS,
+    ENV_STATE_NODE_NAME,
     ENV_STATE_PLATFORM_SECRET,
     ENV_STATE_SEAL_DIR,
     GRACE_SECONDS,
@@ -60,7 +62,6 @@ from veil.services.common.config import (
 )
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
 from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, ENV_KEYVAULT_DB_SCHEMA
-from veil.services.state.ownership import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_NAME
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: A short lease: a host gone for good is taken over within about this long (plus the replay).
