@@ -1,16 +1,16 @@
 """Calls to the state replicas, and what their failures become for the gateway's caller.
 
-Execute calls ride on ExecuteBatch messages (`coalescing_stub`): a call is sent at once, as a
-plain Execute, while fewer than `MAX_IN_FLIGHT` calls or messages to its replica are unanswered;
-the calls that arrive meanwhile wait and leave together in the next ExecuteBatch message, so
-under load one upstream RPC carries many commands (the state host feeds them to its batcher
-together), and an idle gateway adds no delay. The replica streams each command's answer back as
-soon as it is ready. Each command keeps its own deadline (its caller stops waiting at it, as for
-a unary call; a message's deadline is the latest of its commands'), its own request id and its
-own status; a failed message fails its unanswered commands with the message's status, which
-`call` retries as it retries a unary UNAVAILABLE. Back-pressure: at most MAX_IN_FLIGHT messages
-of MAX_BATCH commands per replica; further calls wait in the gateway (bounded by its
-concurrent-RPC limit).
+Execute calls ride on ExecuteBatch messages (`coalescing_stub`). A call to an idle replica
+(nothing in flight) goes at once as a plain Execute, so a lone client pays nothing extra; else
+it is sent at once as a message while fewer than `MAX_IN_FLIGHT` are unanswered, and the calls
+that arrive meanwhile wait and leave together in the next message, so under load one upstream
+RPC carries many commands (the state host feeds them to its batcher together). The replica
+streams each command's answer back as soon as it is ready. Each command keeps its own deadline
+(its caller stops waiting at it, as for a unary call; a message's deadline is the latest of its
+commands'), its own request id and its own status; a failed message fails its unanswered
+commands with the message's status, which `call` retries as it retries a unary UNAVAILABLE.
+Back-pressure: at most MAX_IN_FLIGHT messages of MAX_BATCH commands per replica; further calls
+wait in the gateway (bounded by its concurrent-RPC limit).
 
 A state replica's status is passed on when it describes the caller's request (not found,
 invalid, exhausted, deadline, retry later), with its message and ErrorInfo reason: those
@@ -174,7 +174,7 @@ class ExecuteCoalescer:
         waiting = _Waiting(request, time.monotonic() + timeout)
         with self._lock:
             free = self._in_flight < self._max_in_flight
-            alone = free and not self._queue
+            alone = self._in_flight == 0  # idle: nothing to wait for or coalesce with
             if free:
                 self._in_flight += 1
             if not alone:
