@@ -92,11 +92,16 @@ class Runtime:
     closing: threading.Event = field(default_factory=threading.Event)
     adopter: threading.Thread | None = None
     unadoptable: set[str] = field(default_factory=set)  # refused at recovery: an operator's to see
+    # Dropped from this boot (lease lost): the enclave still holds an old copy, which it never
+    # replaces, so taking such an instance back needs a new enclave boot (recover_again).
+    stale: set[str] = field(default_factory=set)
+    recover_again: Callable[[str], None] = lambda _why: None
 
     def drop(self, instance_id: str, why: str) -> None:
         """Stop serving an instance another host owns now; answers still held never release."""
         with self.apply_lock:
             dropped = self.instances.pop(instance_id, None)
+            self.stale.add(instance_id)
         if dropped is not None:
             _log.warning("no longer serving instance %r: %s", instance_id, why)
         self.holds.fail_instance(
@@ -214,6 +219,7 @@ class Startup:
             ),
         )
         self.ownership.on_lost = runtime.drop
+        runtime.recover_again = functools.partial(on_broken, runtime)
         runtime.jwks = jwks.jwks_json
         self.booting = runtime
         self.lifecycle.set(lifecycle.ATTESTING, f"attesting at the keyvault at {self.keyvault.address}")
@@ -276,11 +282,18 @@ class Startup:
             return []
         now = time.time()
         leases = {lease.instance_id: lease for lease in self.keyvault.list_leases()}
-        adopted = []
+        adopted: list[str] = []
         for record in candidates:
             lease = leases.get(record.instance_id)
             if lease is not None and lease.expire_time.ToMicroseconds() / 1e6 > now:
                 continue  # its owner renews it (the keyvault decides; this only saves calls)
+            if record.instance_id in runtime.stale:
+                # This enclave holds an old copy it will not replace: boot a new one, whose
+                # start-up takes the expired lease like any other (its instances move on meanwhile).
+                runtime.recover_again(
+                    f"instance {record.instance_id!r} is orphaned and this enclave holds an old copy"
+                )
+                return adopted
             try:
                 self.ownership.acquire(record.instance_id)
             except LeaseHeld:

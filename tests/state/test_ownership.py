@@ -55,6 +55,7 @@ def test_the_fenced_off_owner_acknowledges_nothing_and_the_new_owner_takes_over(
     assert keyvault_head(node, "tokens") == head
     with pytest.raises(NotFound):
         run(old, setup.issuer, mint(bob.account, 5))
+    setup.issuer.counter -= 1  # that command never reached an enclave: its counter is free
     assert old.lifecycle.current()[0] == lifecycle.SERVING  # its other instances (none) stay served
     # The client retries the same sealed command at the new owner, until it is answered.
     for account in (setup.issuer, alice, bob):
@@ -84,3 +85,21 @@ def test_the_fenced_off_owner_acknowledges_nothing_and_the_new_owner_takes_over(
     assert read(new, bob, balance()) == 5
     wait_for_keyvault_head(node, "tokens", head + 1)
     print(f"take-over {took_over:.2f}s after the last renewal (lease ttl {TTL_MS} ms)")
+    # Now node-b stops renewing and node-a, renewing again, takes the instance back: its enclave
+    # still holds the old copy (never replaced within a boot), so it boots a new enclave first.
+    del old._startup.ownership.renew_all
+    new._startup.ownership.renew_all = lambda: None  # type: ignore[method-assign]
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if served(old) == ["tokens"]:
+                break
+        except NotServing:
+            pass  # booting the new enclave
+        assert time.monotonic() < deadline, "node-a did not take the instance back"
+        time.sleep(0.05)
+    for account in (setup.issuer, alice, bob):
+        rebind(account, old.attestation_bundle().keys)
+    _, minted = run(old, setup.issuer, mint(bob.account, 1))
+    assert not minted.HasField("error"), minted.error
+    assert read(old, bob, balance()) == 6
