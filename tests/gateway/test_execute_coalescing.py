@@ -124,3 +124,43 @@ def test_a_failed_message_fails_its_unanswered_commands(answered_first: int) -> 
         n.encode() for n in names[6 - answered_first :]
     ]
     assert rest == expected
+
+
+class HostileReplica(FakeReplica):
+    """A replica (the host) that answers a command twice, names an index that was never sent,
+    and leaves the rest unanswered."""
+
+    def __call__(self, request: state_pb2.ExecuteBatchRequest, *, timeout: float) -> Iterator[Any]:
+        self.messages.append([c.request_id for c in request.commands])
+        time.sleep(self.delay)
+        first = state_pb2.ExecuteResponse()
+        first.outcome.sealed_response = b"first"
+        yield state_pb2.ExecuteBatchResponse(index=0, response=first)
+        forged = state_pb2.ExecuteResponse()
+        forged.outcome.sealed_response = b"forged"
+        yield state_pb2.ExecuteBatchResponse(index=0, response=forged)
+        yield state_pb2.ExecuteBatchResponse(index=len(request.commands) + 7, response=forged)
+
+    def single(
+        self, request: state_pb2.ExecuteRequest, *, timeout: float, metadata: object = None
+    ) -> state_pb2.ExecuteResponse:
+        self.messages.append([request.request_id])
+        time.sleep(self.delay)
+        response = state_pb2.ExecuteResponse()
+        response.outcome.sealed_response = request.request_id.encode()
+        return response
+
+
+def test_a_hostile_replica_answers_each_command_once_and_never_hangs_the_rest() -> None:
+    replica = HostileReplica(delay=0.2)
+    coalescer = _coalescer(replica, max_in_flight=1)
+    names = ["lone", "a", "b", "c"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        lone = pool.submit(_call, coalescer, "lone")
+        time.sleep(0.05)  # a, b and c queue behind it and leave as one message
+        began = time.monotonic()
+        rest = list(pool.map(lambda n: _call(coalescer, n, timeout=10.0), names[1:]))
+    assert lone.result() == b"lone"
+    assert replica.messages == [["lone"], ["a", "b", "c"]]
+    assert rest == [b"first", "UPSTREAM_ERROR", "UPSTREAM_ERROR"]  # the first answer stands
+    assert time.monotonic() - began < 5.0  # failed when the stream ended, not at the deadline
