@@ -627,7 +627,7 @@ def _measure(
     _log(f"warm-up {options.warmup:.0f}s (SDK-style: seal, send, open and verify inline)")
     warm, _, _ = workers.execute(options.warmup, inline=True)
     if warm.errors:
-        raise RuntimeError(f"warm-up failed: {_errors(warm.errors)}")
+        raise VeilClientError(f"the warm-up failed, nothing measured: {_errors(warm.errors)}")
     presealed = CryptoResult()
     if not options.inline:
         per_client = _tps(warm, options.warmup) / options.clients
