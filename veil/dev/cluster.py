@@ -19,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -67,6 +70,8 @@ POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: A short lease: a host gone for good is taken over within about this long (plus the replay).
 CLUSTER_LEASE_TTL_MS = 2_000
 CLUSTER_UPSTREAM_TIMEOUT_S = 5
+#: Where cgroup v2 is mounted (alone, or beside v1 as here); partitions match sockets by it.
+CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
 _ROLE_STEP = 10
 _log = logging.getLogger("veil.cluster")
 
@@ -77,10 +82,30 @@ def _port(role: str, base: int, index: int, admin: int = 0) -> int:
 
 @dataclass
 class Member(Supervised):
-    """One process of the cluster: its role (`name`), its index among that role, its label."""
+    """One process of the cluster: its role (`name`), its index among that role, its label, and
+    the cgroup (v2) it runs in when the cluster can partition it (None: it cannot)."""
 
     index: int = 0
     label: str = ""
+    cgroup: str | None = None
+
+    def start(self) -> None:
+        if self.cgroup is None:
+            super().start()
+            return
+        procs = CGROUP2_ROOT / self.cgroup / "cgroup.procs"
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(  # noqa: S603  # our own interpreter and module, no shell
+            [sys.executable, "-m", f"veil.services.{self.name}"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            # In its cgroup from the first instruction: every socket it (and its enclave runner)
+            # opens is matched by the partition rule (a socket keeps the cgroup it was made in).
+            preexec_fn=lambda: procs.write_text(str(os.getpid())),  # noqa: PLW1509
+        )
+        log.close()
+        self.started_at = time.monotonic()
 
     @property
     def address(self) -> str:
@@ -100,6 +125,7 @@ class Cluster:
     lease_ttl_ms: int = CLUSTER_LEASE_TTL_MS
     grace: float = 2.0
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    partitions: bool = False
     members: list[Member] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -136,9 +162,13 @@ class Cluster:
                     ),
                     **self._role_env(role, index),
                 }
-                self.members.append(
-                    Member(role, env, logs / f"{label}.log", port_offset=offset, index=index, label=label)
+                member = Member(
+                    role, env, logs / f"{label}.log", port_offset=offset, index=index, label=label
                 )
+                if self.partitions and role == "state":
+                    member.cgroup = f"veil-{self.tag}-{label}"
+                    (CGROUP2_ROOT / member.cgroup).mkdir()
+                self.members.append(member)
 
     def _role_env(self, role: str, index: int) -> dict[str, str]:
         # Each host prefers another replica first (rotated): every replica writes concurrently.
@@ -240,6 +270,19 @@ class Cluster:
         for pid in pids:
             _kill_quietly(pid, signal.SIGCONT)
 
+    def cut(self, member: Member) -> None:
+        """Partition a state host: every packet it sends (to the keyvaults, the database, its
+        answers to the gateways) is dropped, while it keeps running and believing it serves."""
+        self._iptables("-I", member)
+
+    def heal(self, member: Member) -> None:
+        self._iptables("-D", member)
+
+    def _iptables(self, action: str, member: Member) -> None:
+        assert member.cgroup is not None, "start the cluster with partitions=True"
+        rule = ["OUTPUT", "-m", "cgroup", "--path", member.cgroup, "-j", "DROP"]
+        subprocess.run(["iptables", action, *rule], check=True, capture_output=True)  # noqa: S603, S607
+
     def watch(self, poll: float = 0.5) -> None:
         """Restart members that exit (`veil up --nodes`): at once, as the single mesh does."""
         while not self._stopping.wait(poll):
@@ -252,12 +295,32 @@ class Cluster:
         self._stopping.set()
         for role in ("gateway", "state", "keyvault"):
             for member in self.role(role):
+                if member.cgroup is not None:
+                    with contextlib.suppress(subprocess.CalledProcessError):
+                        while True:  # every cut of it (a test may have cut it twice)
+                            self.heal(member)
                 member.stop(self.grace)
+        for member in self.members:
+            if member.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    (CGROUP2_ROOT / member.cgroup).rmdir()
 
     def drop_schemas(self) -> None:
         with psycopg.connect(self.postgres_url, autocommit=True) as conn:
             for schema in self.schemas.values():
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def partitions_unavailable() -> str | None:
+    """Why this machine cannot partition a process (None: it can): cgroup v2 and iptables'
+    cgroup match are needed, as root."""
+    if os.geteuid() != 0:
+        return "partitions need root (iptables)"
+    if not (CGROUP2_ROOT / "cgroup.procs").exists():
+        return f"no cgroup v2 at {CGROUP2_ROOT}"
+    if shutil.which("iptables") is None:
+        return "iptables is not installed"
+    return None
 
 
 def free_cluster_base(
