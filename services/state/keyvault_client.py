@@ -105,15 +105,18 @@ class KeyvaultClient:
         for _, channel in self._replicas:
             channel.close()
 
-    def _call(self, name: str, method: Callable[..., Resp], request: object) -> Resp:
-        """Call `name` on the preferred replica, then on each other one while unreachable."""
+    def _call(
+        self, name: str, method: Callable[..., Resp], request: object, timeout: float | None = None
+    ) -> Resp:
+        """Call `name` on the preferred replica, then on each other one while unreachable
+        (`timeout`: per replica, default the client's)."""
         start = self._preferred
         failures = []
         for step in range(len(self._replicas)):
             index = (start + step) % len(self._replicas)
             bound: Callable[..., Resp] = getattr(self._stubs[index], name) if index else method
             try:
-                answer = self._call_one(name, bound, request, self._replicas[index][0])
+                answer = self._call_one(name, bound, request, self._replicas[index][0], timeout)
             except KeyvaultUnavailable as exc:
                 failures.append(exc.message)
                 continue
@@ -121,9 +124,11 @@ class KeyvaultClient:
             return answer
         raise KeyvaultUnavailable("; ".join(failures))
 
-    def _call_one(self, name: str, method: Callable[..., Resp], request: object, address: str) -> Resp:
+    def _call_one(
+        self, name: str, method: Callable[..., Resp], request: object, address: str, timeout: float | None
+    ) -> Resp:
         try:
-            return call(method, request, timeout=self._timeout, attempts=self._attempts)
+            return call(method, request, timeout=timeout or self._timeout, attempts=self._attempts)
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _UNREACHABLE:
@@ -192,13 +197,15 @@ class KeyvaultClient:
         )
         return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).confirmation
 
-    def acquire_lease(self, instance_id: str, holder: str, ttl_ms: int, token: int) -> keyvault_pb2.Lease:
+    def acquire_lease(
+        self, instance_id: str, holder: str, ttl_ms: int, token: int, *, timeout: float | None = None
+    ) -> keyvault_pb2.Lease:
         """Take (token 0) or renew the instance's lease for `holder`; KeyvaultRefused LEASE_HELD
         or LEASE_LOST when another host owns it."""
         request = keyvault_pb2.AcquireLeaseRequest(
             instance_id=instance_id, holder=holder, ttl_ms=ttl_ms, fencing_token=token
         )
-        return self._call("AcquireLease", self._stub.AcquireLease, request).lease
+        return self._call("AcquireLease", self._stub.AcquireLease, request, timeout).lease
 
     def list_leases(self) -> list[keyvault_pb2.Lease]:
         """Every instance's lease (who serves what)."""

@@ -149,15 +149,22 @@ class Ownership:
         """One renewal round (the thread runs it every ttl/4)."""
         with self._lock:
             held = dict(self._held)
+        ttl_s = self.config.ttl_ms / 1000
         for instance_id, lease in held.items():
             sent = self._clock()
+            if sent - lease.renewed_at >= ttl_s:  # e.g. the previous calls hung (a partition)
+                self.lose(instance_id, "the lease was not renewed for a whole ttl")
+                continue
             try:
-                self._keyvault.acquire_lease(instance_id, self.holder, self.config.ttl_ms, lease.token)
+                # A short deadline: a host cut off notices within about a ttl, not a call timeout.
+                self._keyvault.acquire_lease(
+                    instance_id, self.holder, self.config.ttl_ms, lease.token, timeout=ttl_s / 4
+                )
             except KeyvaultRefused as exc:
                 self.lose(instance_id, f"the keyvault refused the lease renewal: {exc.message}")
                 continue
             except KeyvaultUnavailable as exc:
-                if sent - lease.renewed_at >= self.config.ttl_ms / 1000:
+                if self._clock() - lease.renewed_at >= ttl_s:
                     self.lose(instance_id, f"the lease could not be renewed for a whole ttl ({exc.message})")
                 continue
             with self._lock:

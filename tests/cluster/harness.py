@@ -219,6 +219,25 @@ def transfer(to: str, amount: int) -> apps_pb2.AppCall:
     return apps_pb2.AppCall(token=apps_pb2.TokenCall(transfer=apps_pb2.TokenTransfer(to=to, amount=amount)))
 
 
+def wait_taken_over(
+    cluster: Cluster, moved: list[Ledger], old: str, fault: float, timeout: float, ledgers: list[Ledger]
+) -> float:
+    """Wait until another host holds every moved instance's lease and then acknowledged a
+    command of each; returns the longest time from the fault to such an acknowledgement. (An
+    acknowledgement that merely arrives after the fault may be the old owner's, sent before.)"""
+    deadline = fault + timeout
+    while any(owners(cluster).get(ledger.instance_id) == old for ledger in moved):
+        assert time.monotonic() < deadline, f"the instances of {old} were not taken over"
+        assert not any(ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
+        time.sleep(0.05)
+    moved_at = time.monotonic()
+    while any(first_ack_after(ledger, moved_at) is None for ledger in moved):
+        assert time.monotonic() < deadline, f"the instances of {old} did not answer at their new owner"
+        assert not any(ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
+        time.sleep(0.05)
+    return max(first_ack_after(ledger, moved_at) - fault for ledger in moved)  # type: ignore[operator]
+
+
 def first_ack_after(ledger: Ledger, moment: float) -> float | None:
     return next((t for t in ledger.acks if t > moment), None)
 

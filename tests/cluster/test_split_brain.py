@@ -17,11 +17,11 @@ from tests.cluster.harness import (
     balances,
     client,
     create_ledgers,
-    first_ack_after,
     lost_and_duplicated,
     owners,
     running_cluster,
     stale_advances,
+    wait_taken_over,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
@@ -44,12 +44,7 @@ def test_a_paused_owner_is_fenced_off_and_acknowledges_nothing_after_resuming(tm
         paused_at = time.monotonic()
         pids = cluster.pause(old)
         try:
-            deadline = paused_at + 40
-            while any(first_ack_after(ledger, paused_at) is None for ledger in moved):
-                assert time.monotonic() < deadline, "the paused owner's instances were not taken over"
-                assert not any(ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
-                time.sleep(0.1)
-            took_over = max(first_ack_after(ledger, paused_at) - paused_at for ledger in moved)  # type: ignore[operator]
+            took_over = wait_taken_over(cluster, moved, old.address, paused_at, 40, ledgers)
         finally:
             cluster.resume(pids)  # the old owner wakes up, still believing it owns them
         resumed = time.monotonic()

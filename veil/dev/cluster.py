@@ -95,14 +95,23 @@ class Member(Supervised):
             return
         procs = CGROUP2_ROOT / self.cgroup / "cgroup.procs"
         log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603  # our own interpreter and module, no shell
-            [sys.executable, "-m", f"veil.services.{self.name}"],
+        # In its cgroup before it runs anything: every socket it (and its enclave runner) opens
+        # is matched by the partition rule (a socket keeps the cgroup it was made in). A shell
+        # moves itself, then execs the service: no Python runs between fork and exec (a
+        # preexec_fn there aborts the child when gRPC threads are running in this process).
+        self.process = subprocess.Popen(  # noqa: S603  # a fixed script; our interpreter and module
+            [
+                "/bin/sh",
+                "-c",
+                'echo $$ > "$0" && exec "$@"',
+                str(procs),
+                sys.executable,
+                "-m",
+                f"veil.services.{self.name}",
+            ],
             env=self.env,
             stdout=log,
             stderr=log,
-            # In its cgroup from the first instruction: every socket it (and its enclave runner)
-            # opens is matched by the partition rule (a socket keeps the cgroup it was made in).
-            preexec_fn=lambda: procs.write_text(str(os.getpid())),  # noqa: PLW1509
         )
         log.close()
         self.started_at = time.monotonic()
