@@ -88,7 +88,8 @@ def test_default_target_is_the_plain_runtime() -> None:
 def test_runtime_stages_are_slim_python_as_a_non_root_user(name: str) -> None:
     stages = parse()
     root_image = chain(stages, name)[-1].base
-    assert "bookworm" in root_image and "python3" in root_image, root_image
+    assert "bookworm" in root_image, root_image
+    assert "python3" in root_image, root_image
     assert stages["builder"].base == root_image, "the virtualenv must run on the Python it was built with"
     user = effective(stages, name, "USER")
     assert user is not None
