@@ -178,6 +178,7 @@ class RunningKeyvault(_Channels):
 
     FUZZ_KEY = "instance.fuzz"
     HEAD_INSTANCE = "inst-1"
+    LEASE_INSTANCE = "inst-leased"
 
     def __init__(self, lab: Lab, target: ServiceTarget | None = None) -> None:
         self.target = target or KEYVAULT
@@ -251,6 +252,21 @@ class RunningKeyvault(_Channels):
         state.ReleaseKey(release, timeout=TIMEOUT)  # the seed replays a spent token
         state.AdvanceCommitHead(advance, timeout=TIMEOUT)  # the seed replays an applied head
         page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=2), timeout=TIMEOUT)
+        taken = state.AcquireLease(
+            keyvault_pb2.AcquireLeaseRequest(
+                instance_id=self.LEASE_INSTANCE, holder="fuzz-host", ttl_ms=60_000
+            ),
+            timeout=TIMEOUT,
+        ).lease
+        renew = keyvault_pb2.AcquireLeaseRequest(
+            instance_id=self.LEASE_INSTANCE,
+            holder="fuzz-host",
+            ttl_ms=60_000,
+            fencing_token=taken.fencing_token,
+        )
+        rival = keyvault_pb2.AcquireLeaseRequest(  # refused: the lease is held by fuzz-host
+            instance_id=self.LEASE_INSTANCE, holder="rival-host", ttl_ms=1_000
+        )
         seeds: dict[str, list[Message]] = {
             "Attest": [attest],
             "GetJwks": [keyvault_pb2.GetJwksRequest()],
@@ -273,6 +289,8 @@ class RunningKeyvault(_Channels):
                 keyvault_pb2.ListAuditEventsRequest(page_size=5, page_token=page.next_page_token)
             ],
             "GetStatus": [keyvault_pb2.GetStatusRequest()],
+            "AcquireLease": [renew, rival],
+            "ListLeases": [keyvault_pb2.ListLeasesRequest()],
         }
         return seeds
 
@@ -281,13 +299,16 @@ class RunningKeyvault(_Channels):
         head = self.stub("state").GetCommitHead(
             keyvault_pb2.GetCommitHeadRequest(instance_id=self.HEAD_INSTANCE), timeout=TIMEOUT
         )
+        leases = self.stub("state").ListLeases(keyvault_pb2.ListLeasesRequest(), timeout=TIMEOUT).leases
         return (
             tuple((k.key_name, k.latest_version, k.release_policy_json, k.destroyed) for k in keys),
             (head.sequence, head.hash, head.signing_public_key),
+            # Who holds what under which token (a renewal moves only the expiry).
+            tuple((lease.instance_id, lease.holder, lease.fencing_token) for lease in leases),
         )
 
     def may_change(self, method: str, response: bytes) -> bool:
-        return method in {"CreateKey", "RotateKey", "DestroyKey", "AdvanceCommitHead"}
+        return method in {"CreateKey", "RotateKey", "DestroyKey", "AdvanceCommitHead", "AcquireLease"}
 
     def check_invariants(self, refused: bool) -> None:
         # The audit chain verifies end to end, and a refusal is recorded only as a refusal.
@@ -394,6 +415,8 @@ class RunningState(_Channels):
             "GetAttestation": [state_pb2.GetAttestationRequest()],
             "GetStatus": [state_pb2.GetStatusRequest()],
             "Ping": [state_pb2.PingRequest(payload=b"ping")],
+            # A replay of the executed command: the first answer again, nothing re-applied.
+            "ExecuteBatch": [state_pb2.ExecuteBatchRequest(commands=[executed])],
         }
 
     @property
@@ -415,6 +438,9 @@ class RunningState(_Channels):
     def may_change(self, method: str, response: bytes) -> bool:
         if method == "Execute":
             return state_pb2.ExecuteResponse.FromString(response).outcome.accepted
+        if method == "ExecuteBatch":
+            first = state_pb2.ExecuteBatchResponse.FromString(response)
+            return first.HasField("response") and first.response.outcome.accepted
         return method == "CreateInstance"
 
     def check_invariants(self, refused: bool) -> None:
