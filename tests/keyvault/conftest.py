@@ -5,6 +5,9 @@ the key, head, token and audit fixtures) runs against SQLite and against the Pos
 server on 127.0.0.1:5432 (marked ``postgres``; each test gets its own schema, dropped
 afterwards, so parallel runs do not collide).
 
+``keyvault_server`` serves the simulated keyvault over mTLS on port 0; ``stub`` makes stubs to
+it called as any identity of the dev PKI.
+
 ``softhsm`` sets up a private SoftHSM2 token directory for the session and initialises a
 token with ``softhsm2-util``. It fails -- it does not skip -- when SoftHSM2 is missing: the
 project's set-up installs it (``apt-get install -y softhsm2``).
@@ -19,14 +22,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from tests.conftest import tls_for
+from veil.keyvault.v1 import keyvault_pb2_grpc
+from veil.services.common.config import ServiceConfig
+from veil.services.common.server import VeilServer
+from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.release_key import ReleaseSigner
+from veil.services.keyvault.server import create_server
 from veil.services.keyvault.store import Store
 from veil.services.keyvault.store_postgres import PostgresStore
 from veil.services.keyvault.store_sqlite import SqliteStore
@@ -38,8 +48,10 @@ from .support import (
     FakeClock,
     FakeEnclave,
     SoftHsm,
+    Stubs,
     fixed_release_signer,
     operator_policy,
+    sim_keyvault_config,
 )
 
 SOFTHSM_MODULES = (
@@ -161,6 +173,34 @@ def heads(
 @pytest.fixture
 def enclave() -> FakeEnclave:
     return FakeEnclave()
+
+
+@pytest.fixture
+def keyvault_server(
+    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
+) -> Iterator[VeilServer]:
+    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
+    server, _ = create_server(service_config("keyvault"), keyvault_config=config)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+@pytest.fixture
+def stub(keyvault_server: VeilServer, pki_dir: Path) -> Iterator[Stubs]:
+    """Stubs to the served keyvault, each called as the given identity (a channel each, closed after)."""
+    channels: list[grpc.Channel] = []
+
+    def make(identity: str) -> keyvault_pb2_grpc.KeyvaultServiceStub:
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{keyvault_server.port}", channel_credentials(tls_for(pki_dir, identity))
+        )
+        channels.append(channel)
+        return keyvault_pb2_grpc.KeyvaultServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        channel.close()
 
 
 @pytest.fixture(scope="session")

@@ -8,45 +8,15 @@ replay nor block an id the admin uses.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.conftest import tls_for
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-from veil.services.common.config import ServiceConfig
-from veil.services.common.server import VeilServer
-from veil.services.common.tls import channel_credentials
-from veil.services.keyvault.server import create_server
-from veil.status import error_info
 
-from .support import policy_json, sim_keyvault_config
+from .support import Stubs, policy_json, refused
 
 POLICY = policy_json({"claim": "x-ms-sgx-is-debuggable", "equals": False})
-Stubs = Callable[[str], keyvault_pb2_grpc.KeyvaultServiceStub]
-
-
-@pytest.fixture
-def stub(service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path) -> Iterator[Stubs]:
-    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
-    server: VeilServer
-    server, _ = create_server(service_config("keyvault"), keyvault_config=config)
-    server.start()
-    channels: list[grpc.Channel] = []
-
-    def make(identity: str) -> keyvault_pb2_grpc.KeyvaultServiceStub:
-        channel = grpc.secure_channel(
-            f"127.0.0.1:{server.port}", channel_credentials(tls_for(pki_dir, identity))
-        )
-        channels.append(channel)
-        return keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
-    server.stop(0)
 
 
 def _create(
@@ -59,17 +29,10 @@ def _create(
     return reply.key
 
 
-def _refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as refused:
-        call()
-    info = error_info(refused.value)
-    return refused.value.code(), info.reason if info is not None else ""
-
-
 @pytest.mark.parametrize("name", ["payroll", "orders.v2", "instancex.coins", "release-key"])
 def test_the_state_host_cannot_create_other_names(stub: Stubs, name: str) -> None:
     state, admin = stub("state"), stub("admin")
-    assert _refused(lambda: _create(state, name)) == (
+    assert refused(lambda: _create(state, name)) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "KEY_NAME_NOT_ALLOWED",
     )
@@ -86,7 +49,7 @@ def test_a_destroyed_name_is_never_created_again(stub: Stubs) -> None:
     admin.DestroyKey(keyvault_pb2.DestroyKeyRequest(key_name="instance.coins"), timeout=10)
     for who in (state, admin):
         recreate = functools.partial(_create, who, "instance.coins")
-        assert _refused(recreate) == (grpc.StatusCode.ALREADY_EXISTS, "KEY_EXISTS")
+        assert refused(recreate) == (grpc.StatusCode.ALREADY_EXISTS, "KEY_EXISTS")
     key = admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="instance.coins"), timeout=10).key
     assert key.destroyed
 

@@ -4,44 +4,13 @@ when it is refused (FAILED_PRECONDITION with an ErrorInfo reason), and hostile a
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.conftest import tls_for
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-from veil.services.common.config import ServiceConfig
-from veil.services.common.server import VeilServer
-from veil.services.common.tls import channel_credentials
-from veil.services.keyvault.server import create_server
-from veil.status import error_info
 
-from .support import sim_keyvault_config
-
-Stubs = Callable[[str], keyvault_pb2_grpc.KeyvaultServiceStub]
-
-
-@pytest.fixture
-def stub(service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path) -> Iterator[Stubs]:
-    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
-    server: VeilServer
-    server, _ = create_server(service_config("keyvault"), keyvault_config=config)
-    server.start()
-    channels: list[grpc.Channel] = []
-
-    def make(identity: str) -> keyvault_pb2_grpc.KeyvaultServiceStub:
-        channel = grpc.secure_channel(
-            f"127.0.0.1:{server.port}", channel_credentials(tls_for(pki_dir, identity))
-        )
-        channels.append(channel)
-        return keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
-    server.stop(0)
+from .support import Stubs, refused
 
 
 def _acquire(
@@ -58,19 +27,12 @@ def _acquire(
     return stub.AcquireLease(request, timeout=10).lease
 
 
-def _refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as refused:
-        call()
-    info = error_info(refused.value)
-    return refused.value.code(), info.reason if info is not None else ""
-
-
 def test_only_the_state_identity_takes_leases_and_the_mesh_reads_them(stub: Stubs) -> None:
     state = stub("state")
     lease = _acquire(state, "node-a")
     assert (lease.holder, lease.fencing_token) == ("node-a", 1)
     for other in ("gateway", "admin"):
-        code, _ = _refused(functools.partial(_acquire, stub(other), "node-x"))
+        code, _ = refused(functools.partial(_acquire, stub(other), "node-x"))
         assert code == grpc.StatusCode.PERMISSION_DENIED
         listed = stub(other).ListLeases(keyvault_pb2.ListLeasesRequest(), timeout=10).leases
         assert [(item.instance_id, item.holder, item.fencing_token) for item in listed] == [
@@ -81,16 +43,16 @@ def test_only_the_state_identity_takes_leases_and_the_mesh_reads_them(stub: Stub
 def test_refusals_carry_their_reason(stub: Stubs) -> None:
     state = stub("state")
     _acquire(state, "node-a")
-    assert _refused(functools.partial(_acquire, state, "node-b")) == (
+    assert refused(functools.partial(_acquire, state, "node-b")) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "LEASE_HELD",
     )
     # A renewal with a token the keyvault did not give, or under another holder's name.
-    assert _refused(functools.partial(_acquire, state, "node-a", 2)) == (
+    assert refused(functools.partial(_acquire, state, "node-a", 2)) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "LEASE_LOST",
     )
-    assert _refused(functools.partial(_acquire, state, "node-b", 1)) == (
+    assert refused(functools.partial(_acquire, state, "node-b", 1)) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "LEASE_LOST",
     )
@@ -112,4 +74,4 @@ def test_hostile_arguments_are_invalid_not_internal(
     stub: Stubs, instance: str, holder: str, ttl: int
 ) -> None:
     call = functools.partial(_acquire, stub("state"), holder, instance=instance, ttl=ttl)
-    assert _refused(call)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(call)[0] == grpc.StatusCode.INVALID_ARGUMENT

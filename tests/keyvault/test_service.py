@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from tests.conftest import tls_for
 from veil.enclave import wire
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.providers.sealing import SimSealingProvider
@@ -22,10 +21,7 @@ from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ServiceConfig
-from veil.services.common.server import VeilServer
-from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.keys import ReleasedKey
-from veil.services.keyvault.server import create_server
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 from veil.status import error_info
 from veil.verify.binding import expected_report_data
@@ -34,6 +30,7 @@ from veil.verify.tokens import verify_token
 from .support import (
     SIM_MRENCLAVE,
     FakeEnclave,
+    Stubs,
     dev_keyvault_config,
     keyvault_stub,
     policy_json,
@@ -44,36 +41,6 @@ from .support import (
 
 ISSUER = "spiffe://veil/keyvault"
 INSTANCE = "inst-1"
-
-
-@pytest.fixture
-def keyvault_server(
-    service_config: Callable[[str], ServiceConfig], pki_dir: Path, tmp_path: Path
-) -> Iterator[VeilServer]:
-    config = sim_keyvault_config(tmp_path / "kv", pki_dir, tmp_path)
-    server, _ = create_server(service_config("keyvault"), keyvault_config=config)
-    server.start()
-    yield server
-    server.stop(0)
-
-
-Stubs = Callable[[str], keyvault_pb2_grpc.KeyvaultServiceStub]
-
-
-@pytest.fixture
-def stub(keyvault_server: VeilServer, pki_dir: Path) -> Iterator[Stubs]:
-    channels: list[grpc.Channel] = []
-
-    def make(identity: str) -> keyvault_pb2_grpc.KeyvaultServiceStub:
-        channel = grpc.secure_channel(
-            f"127.0.0.1:{keyvault_server.port}", channel_credentials(tls_for(pki_dir, identity))
-        )
-        channels.append(channel)
-        return keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-
-    yield make
-    for channel in channels:
-        channel.close()
 
 
 def attest(
