@@ -35,21 +35,24 @@ def tls_for(pki_dir: Path, name: str) -> TlsFiles:
     )
 
 
+def config_on_free_ports(
+    pki_dir: Path, service: str, data_dir: Path, grace_seconds: float = 2.0
+) -> ServiceConfig:
+    """The config of `service` listening on free ports (port 0) with the dev PKI."""
+    return ServiceConfig(
+        service=service,
+        listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        tls=tls_for(pki_dir, service),
+        data_dir=data_dir,
+        grace_seconds=grace_seconds,
+    )
+
+
 @pytest.fixture
 def service_config(pki_dir: Path, tmp_path: Path) -> Callable[[str], ServiceConfig]:
     """Build the config of a service listening on free ports (port 0) with the dev PKI."""
-
-    def make(service: str) -> ServiceConfig:
-        return ServiceConfig(
-            service=service,
-            listen="127.0.0.1:0",
-            admin_listen="127.0.0.1:0",
-            tls=tls_for(pki_dir, service),
-            data_dir=tmp_path / service,
-            grace_seconds=2.0,
-        )
-
-    return make
+    return lambda service: config_on_free_ports(pki_dir, service, tmp_path / service)
 
 
 def ping_only_state_server(

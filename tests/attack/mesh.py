@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
-from tests.conftest import tls_for
+from tests.conftest import config_on_free_ports, tls_for
 from tests.keyvault.support import SIM_MRENCLAVE, FakeEnclave, policy_json, sim_provider
 from veil.dev.loadclient import Account, mint, token_config, vault_config, vault_put
 from veil.enclave.dispatcher import Dispatcher
@@ -160,14 +160,7 @@ class _Channels:
 
 def service_config(pki_dir: Path, service: str, directory: Path) -> ServiceConfig:
     """A service config on free ports (port 0) with the dev PKI."""
-    return ServiceConfig(
-        service=service,
-        listen="127.0.0.1:0",
-        admin_listen="127.0.0.1:0",
-        tls=tls_for(pki_dir, service),
-        data_dir=directory,
-        grace_seconds=1.0,
-    )
+    return config_on_free_ports(pki_dir, service, directory, grace_seconds=1.0)
 
 
 # --- keyvault ----------------------------------------------------------------------------------

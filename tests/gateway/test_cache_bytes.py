@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import tls_for
+from tests.conftest import config_on_free_ports, tls_for
 from tests.gateway.support import execute_batch_over
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -54,14 +54,7 @@ class BigAnswers(state_pb2_grpc.StateServiceServicer):
 
 
 def _config(pki_dir: Path, tmp_path: Path, service: str) -> ServiceConfig:
-    return ServiceConfig(
-        service=service,
-        listen="127.0.0.1:0",
-        admin_listen="127.0.0.1:0",
-        tls=tls_for(pki_dir, service),
-        data_dir=tmp_path / service,
-        grace_seconds=0.5,
-    )
+    return config_on_free_ports(pki_dir, service, tmp_path / service, grace_seconds=0.5)
 
 
 @pytest.fixture

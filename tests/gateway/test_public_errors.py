@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.conftest import tls_for
+from tests.conftest import config_on_free_ports, tls_for
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
@@ -61,14 +61,7 @@ class _LeakyState(StateServicer):
 @pytest.fixture
 def gateway(pki_dir: Path, tmp_path: Path) -> Iterator[VeilServer]:
     def config(service: str) -> ServiceConfig:
-        return ServiceConfig(
-            service=service,
-            listen="127.0.0.1:0",
-            admin_listen="127.0.0.1:0",
-            tls=tls_for(pki_dir, service),
-            data_dir=tmp_path / service,
-            grace_seconds=0.5,
-        )
+        return config_on_free_ports(pki_dir, service, tmp_path / service, grace_seconds=0.5)
 
     state = build_state_server(config("state"), _LeakyState())
     state.start()
