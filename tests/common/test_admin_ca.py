@@ -101,17 +101,17 @@ def test_an_admin_certificate_from_the_service_ca_is_refused(keyvault: int, pki_
     )
 
 
-def test_a_service_identity_from_the_admin_ca_is_refused(pki_dir: Path, state: VeilServer) -> None:
+def test_a_service_identity_from_the_admin_ca_is_refused(pki_dir: Path, state_server: VeilServer) -> None:
     forged = _minted(pki_dir, "admin", GATEWAY)  # the one identity the state's Ping admits
-    with grpc.secure_channel(f"127.0.0.1:{state.port}", forged) as channel:
+    with grpc.secure_channel(f"127.0.0.1:{state_server.port}", forged) as channel:
         stub = state_pb2_grpc.StateServiceStub(channel)
         refusal = _refusal(lambda: stub.Ping(state_pb2.PingRequest(payload=b"x"), timeout=10))
     assert refusal == (grpc.StatusCode.UNAUTHENTICATED, "NOT_ADMIN_IDENTITY")
 
 
-def test_the_forged_admin_is_refused_even_a_health_check(pki_dir: Path, state: VeilServer) -> None:
+def test_the_forged_admin_is_refused_even_a_health_check(pki_dir: Path, state_server: VeilServer) -> None:
     forged = _minted(pki_dir, "service", ADMIN)
-    with grpc.secure_channel(f"127.0.0.1:{state.port}", forged) as channel:
+    with grpc.secure_channel(f"127.0.0.1:{state_server.port}", forged) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         refusal = _refusal(
             lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # type: ignore[attr-defined]
@@ -135,14 +135,6 @@ def test_a_server_without_an_admin_ca_accepts_no_admin(
         server.stop(0)
     # The admin CA is not even in the server's trust bundle: the handshake fails.
     assert refusal[0] == grpc.StatusCode.UNAVAILABLE
-
-
-@pytest.fixture
-def state(service_config: Callable[[str], ServiceConfig]) -> Iterator[VeilServer]:
-    server = ping_only_state_server(service_config("state"))
-    server.start()
-    yield server
-    server.stop(0)
 
 
 def test_services_default_to_the_dev_admin_ca_or_the_variable(tmp_path: Path) -> None:

@@ -17,12 +17,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import tls_for
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
-from veil.services.common.server import LIVENESS_SERVICE, build_server
+from veil.services.common.server import LIVENESS_SERVICE, VeilServer, build_server
 from veil.services.state.server import AUTHORIZATION, SERVICE_NAME, StateServicer
 from veil.state.v1 import state_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _state_server(config: ServiceConfig) -> VeilServer:
+    """The state service's server with its real authorization table, and no enclave behind it."""
+    return build_server(
+        config,
+        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
+        service_names=[SERVICE_NAME],
+        authorization=AUTHORIZATION,
+    )
 
 
 def _list(channel: grpc.Channel) -> dict[str, int]:
@@ -33,12 +43,7 @@ def _list(channel: grpc.Channel) -> dict[str, int]:
 def test_list_names_every_service_on_the_admin_and_main_ports(
     service_config: Callable[[str], ServiceConfig], pki_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = build_server(
-        service_config("state"),
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
-    )
+    server = _state_server(service_config("state"))
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.admin_port}") as admin:
@@ -58,12 +63,7 @@ def test_grpcurl_reflection_and_health_list_leave_no_error_in_the_logs(
     """What an operator debugging with grpcurl does: list, describe (a reflection stream the
     client closes) and Health/List, on the admin and the mTLS port."""
     grpcurl = Path(sys.executable).with_name("grpcurl")
-    server = build_server(
-        service_config("state"),
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
-    )
+    server = _state_server(service_config("state"))
     server.start()
     server.set_serving(True)
     tls = ["-cacert", str(pki_dir / "ca.pem"), "-cert", str(pki_dir / "gateway.pem")]
@@ -93,9 +93,4 @@ def test_a_port_in_use_is_one_clear_error(service_config: Callable[[str], Servic
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
         with pytest.raises(OSError, match=f"cannot listen on {address}: the port is in use"):
-            build_server(
-                dataclasses.replace(service_config("state"), listen=address),
-                register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(StateServicer(), s),
-                service_names=[SERVICE_NAME],
-                authorization=AUTHORIZATION,
-            )
+            _state_server(dataclasses.replace(service_config("state"), listen=address))

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.conftest import ping_only_state_server, tls_for
+from tests.conftest import tls_for
 from veil.dev.pki import init_pki
-from veil.services.common.config import ServiceConfig, TlsFiles
+from veil.services.common.config import TlsFiles
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
 from veil.state.v1 import state_pb2, state_pb2_grpc
 from veil.status import error_info
-
-
-@pytest.fixture
-def state_server(service_config: Callable[[str], ServiceConfig]) -> Iterator[VeilServer]:
-    server = ping_only_state_server(service_config("state"))
-    server.start()
-    yield server
-    server.stop(0)
 
 
 def _ping(port: int, credentials: grpc.ChannelCredentials) -> state_pb2.PingResponse:

@@ -51,12 +51,18 @@ def test_init_does_not_follow_a_planted_symlink(tmp_path: Path) -> None:
     assert victim.read_text() == "untouched"
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o666])
-def test_a_key_others_can_read_or_change_is_refused_when_loaded(tmp_path: Path, mode: int) -> None:
+def _state_tls_with_key_mode(tmp_path: Path, mode: int) -> TlsFiles:
+    """The state's mTLS files from a fresh dev PKI, its key chmod-ed to `mode`."""
     pki = tmp_path / "pki"
     init_pki(pki, now=dt.datetime.now(dt.UTC))
     tls = TlsFiles(cert=pki / "state.pem", key=pki / "state-key.pem", ca=pki / "ca.pem")
     os.chmod(tls.key, mode)
+    return tls
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o666])
+def test_a_key_others_can_read_or_change_is_refused_when_loaded(tmp_path: Path, mode: int) -> None:
+    tls = _state_tls_with_key_mode(tmp_path, mode)
     with pytest.raises(PermissionError, match="chmod 600"):
         channel_credentials(tls)
     with pytest.raises(PermissionError, match="chmod 600"):
@@ -66,9 +72,6 @@ def test_a_key_others_can_read_or_change_is_refused_when_loaded(tmp_path: Path, 
 @pytest.mark.parametrize("mode", [0o600, 0o400, 0o440, 0o640])
 def test_owner_and_group_read_keys_load(tmp_path: Path, mode: int) -> None:
     # 0440 is how Kubernetes mounts a Secret for the pod's fsGroup.
-    pki = tmp_path / "pki"
-    init_pki(pki, now=dt.datetime.now(dt.UTC))
-    tls = TlsFiles(cert=pki / "state.pem", key=pki / "state-key.pem", ca=pki / "ca.pem")
-    os.chmod(tls.key, mode)
+    tls = _state_tls_with_key_mode(tmp_path, mode)
     channel_credentials(tls)
     server_credentials(tls)
