@@ -233,6 +233,8 @@ def test_the_namespace_enforces_restricted(overlay: str) -> None:
     labels = namespace["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert labels["pod-security.kubernetes.io/enforce-version"] == "latest"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
     for w in workloads(overlay):
         assert not [v for v in w.pod_spec.get("volumes") or [] if "hostPath" in v], w.name
 

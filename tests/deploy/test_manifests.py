@@ -267,17 +267,6 @@ def test_volumes_are_restricted_types_except_the_aesm_socket(overlay: str) -> No
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pod_security_admission_labels(overlay: str) -> None:
-    (namespace,) = objects(overlay, "Namespace")
-    labels = namespace["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
-    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
-    # Enforcing is possible exactly where no hostPath is needed.
-    enforce = labels.get("pod-security.kubernetes.io/enforce")
-    assert enforce == (None if ALLOWED_HOST_PATHS.get(overlay) else "restricted")
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_writable_paths_are_emptydir_mounts(overlay: str) -> None:
     # The root filesystem is read-only: every directory a service writes must be a volume.
     for name in SERVICES:
