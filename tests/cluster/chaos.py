@@ -33,7 +33,9 @@ from tests.cluster.harness import (
     balances,
     client,
     create_ledgers,
+    ledger_errors,
     lost_and_duplicated,
+    owned_by,
     owners,
     running_cluster,
     stale_advances,
@@ -82,7 +84,7 @@ def _episode(
     placed = owners(cluster)
     busy = [m for m in cluster.role("state") if m.address in placed.values() and m.process is not None]
     victim = rng.choice(busy)
-    moved = [ledger for ledger in ledgers if placed[ledger.instance_id] == victim.address]
+    moved = owned_by(ledgers, placed, victim.address)
     start = time.monotonic()
     pids = cluster.pause(victim) if split and not cut else None
     if cut:
@@ -134,12 +136,12 @@ def run(episodes: int, split_every: int, ledgers_count: int, seed: int, log: boo
                         f"episode {number}: {kind}, failover so far max {max(result.failovers):.2f}s",
                         flush=True,
                     )
-                if result.errors or any(ledger.errors for ledger in ledgers):
+                if result.errors or ledger_errors(ledgers):
                     break
         finally:
             workload.stop()
+        result.errors += ledger_errors(ledgers)
         for ledger in ledgers:
-            result.errors += [f"{ledger.instance_id}: {error}" for error in ledger.errors]
             lost, duplicated = lost_and_duplicated(cluster, ledger)
             result.lost += lost
             result.duplicated += duplicated

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
-from veil.dev.cluster import Cluster
+from tests.workers import Workers
+from veil.dev.cluster import Cluster, Member
 from veil.dev.pki import init_pki
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -59,30 +59,20 @@ def client(cluster: Cluster, gateway: int = 0) -> VeilClient:
     )
 
 
+def _admin_tls(cluster: Cluster) -> TlsFiles:
+    pki = cluster.data_dir / "pki"
+    return TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+
+
 def audit_events(cluster: Cluster) -> list[tuple[str, str, dict[str, object]]]:
     """Every keyvault audit event as (action, outcome, detail), read as the admin."""
-    pki = cluster.data_dir / "pki"
-    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
-    events: list[tuple[str, str, dict[str, object]]] = []
-    with secure_channel(cluster.addresses("keyvault")[-1], tls) as channel:
-        stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
-        token = ""
-        while True:
-            page = call(
-                stub.ListAuditEvents, keyvault_pb2.ListAuditEventsRequest(page_size=1000, page_token=token)
-            )
-            events += [(e.action, e.outcome, json.loads(e.detail_json)) for e in page.events]
-            token = page.next_page_token
-            if not token:
-                return events
+    return [(e.action, e.outcome, json.loads(e.detail_json)) for e in audit_events_raw(cluster)]
 
 
 def audit_events_raw(cluster: Cluster) -> list[keyvault_pb2.AuditEvent]:
     """Every keyvault audit event as served, read as the admin from the surviving last replica."""
-    pki = cluster.data_dir / "pki"
-    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
     events: list[keyvault_pb2.AuditEvent] = []
-    with secure_channel(cluster.addresses("keyvault")[-1], tls) as channel:
+    with secure_channel(cluster.addresses("keyvault")[-1], _admin_tls(cluster)) as channel:
         stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         token = ""
         while True:
@@ -135,12 +125,15 @@ def stale_advances(events: list[tuple[str, str, dict[str, object]]]) -> list[dic
 
 def owners(cluster: Cluster) -> dict[str, str]:
     """instance id -> the state host (address) holding its lease, as the keyvault says."""
-    pki = cluster.data_dir / "pki"
-    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
-    with secure_channel(cluster.addresses("keyvault")[0], tls) as channel:
+    with secure_channel(cluster.addresses("keyvault")[0], _admin_tls(cluster)) as channel:
         stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         reply = call(stub.ListLeases, keyvault_pb2.ListLeasesRequest())
     return {lease.instance_id: lease.holder for lease in reply.leases}
+
+
+def owned_by(ledgers: list[Ledger], placed: dict[str, str], address: str) -> list[Ledger]:
+    """The ledgers whose instance the host at `address` holds, in `placed` (see `owners`)."""
+    return [ledger for ledger in ledgers if placed[ledger.instance_id] == address]
 
 
 @dataclass
@@ -153,6 +146,23 @@ class Ledger:
     acknowledged: int = 0
     acks: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+
+def ledger_errors(ledgers: list[Ledger]) -> list[str]:
+    """What the workload's clients failed with, each after its instance id (none, when all is well)."""
+    return [f"{ledger.instance_id}: {error}" for ledger in ledgers for error in ledger.errors]
+
+
+def create_ledgers_on(cluster: Cluster, admin: VeilClient, host: Member) -> tuple[list[Ledger], list[Ledger]]:
+    """Four ledgers, four more if rendezvous put none on `host`: all of them, and those on it."""
+    ledgers = create_ledgers(admin, 4)
+    moved = owned_by(ledgers, owners(cluster), host.address)
+    if not moved:  # rendezvous put nothing there: create until something lands on it
+        ledgers += create_ledgers(admin, 4)
+        placed = owners(cluster)
+        moved = owned_by(ledgers, placed, host.address)
+        assert moved, placed
+    return ledgers, moved
 
 
 def create_ledgers(admin: VeilClient, count: int) -> list[Ledger]:
@@ -179,25 +189,14 @@ def create_ledgers(admin: VeilClient, count: int) -> list[Ledger]:
     return ledgers
 
 
-class Workload:
+class Workload(Workers):
     """One SDK client thread per ledger, moving 1 between its holders until stopped."""
 
     def __init__(self, cluster: Cluster, ledgers: list[Ledger]) -> None:
+        super().__init__(join_timeout=CLIENT_TIMEOUT_S + 30)
         self._cluster = cluster
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(ledger, n % cluster.gateways), name=ledger.instance_id)
-            for n, ledger in enumerate(ledgers)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(CLIENT_TIMEOUT_S + 30)
+        for n, ledger in enumerate(ledgers):
+            self.spawn(self._run, ledger, n % cluster.gateways, name=ledger.instance_id)
 
     def _run(self, ledger: Ledger, gateway: int) -> None:
         try:
@@ -228,12 +227,12 @@ def wait_taken_over(
     deadline = fault + timeout
     while any(owners(cluster).get(ledger.instance_id) == old for ledger in moved):
         assert time.monotonic() < deadline, f"the instances of {old} were not taken over"
-        assert not any(ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
+        assert not ledger_errors(ledgers)
         time.sleep(0.05)
     moved_at = time.monotonic()
     while any(first_ack_after(ledger, moved_at) is None for ledger in moved):
         assert time.monotonic() < deadline, f"the instances of {old} did not answer at their new owner"
-        assert not any(ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
+        assert not ledger_errors(ledgers)
         time.sleep(0.05)
     return max(first_ack_after(ledger, moved_at) - fault for ledger in moved)  # type: ignore[operator]
 
@@ -262,3 +261,61 @@ def lost_and_duplicated(cluster: Cluster, ledger: Ledger) -> tuple[int, int]:
 
 def balances(admin: VeilClient, ledger: Ledger) -> list[int]:
     return [admin.token(ledger.instance_id, holder).balance() for holder in ledger.holders]
+
+
+def assert_nothing_lost(cluster: Cluster, admin: VeilClient, ledgers: list[Ledger]) -> None:
+    """Every acknowledged transfer is in its instance's log once, and every supply is conserved."""
+    for ledger in ledgers:
+        assert lost_and_duplicated(cluster, ledger) == (0, 0), ledger.instance_id
+        assert sum(balances(admin, ledger)) == 2 * INITIAL
+
+
+#: Undoes a fault (resumes a paused member, heals a partitioned one).
+Undo = Callable[[], None]
+#: Cuts a member off (pauses it, partitions it) and returns how to undo that.
+Fault = Callable[[Member], Undo]
+
+
+@dataclass
+class SplitBrain:
+    """A split brain survived: every ledger, those the fenced-off owner held, how long from the
+    fault until each answered at its new owner (the slowest), and when the fault was undone."""
+
+    ledgers: list[Ledger]
+    moved: list[Ledger]
+    took_over: float
+    undone_at: float
+
+
+def split_brain(cluster: Cluster, admin: VeilClient, fault: Fault) -> SplitBrain:
+    """Under load, `fault` cuts off a state host that owns instances; once another host answers
+    for them, the fault is undone and the old owner, still running and still believing it owns
+    them, is heard from again. Then what must hold after any split brain: no client saw an
+    error, the old owner learnt it lost its leases and holds none of them, the keyvault allowed
+    no head advance under a superseded fencing token, and nothing acknowledged was lost or
+    applied twice."""
+    old = cluster.role("state")[1]  # not the default shard (see test_failover)
+    ledgers, moved = create_ledgers_on(cluster, admin, old)
+    workload = Workload(cluster, ledgers)
+    workload.start()
+    time.sleep(1.5)
+    fault_at = time.monotonic()
+    undo = fault(old)
+    try:
+        took_over = wait_taken_over(cluster, moved, old.address, fault_at, 40, ledgers)
+    finally:
+        undo()  # the old owner is heard from again, still believing it owns them
+    undone_at = time.monotonic()
+    time.sleep(3.0)  # its late renewals and held advances reach the keyvault and are refused
+    workload.stop()
+    assert not ledger_errors(ledgers)
+    assert old.process is not None
+    assert old.process.poll() is None
+    deadline = time.monotonic() + 10
+    while "lost instance" not in old.log_path.read_text():
+        assert time.monotonic() < deadline, "the old owner never learnt it lost its leases"
+        time.sleep(0.2)
+    assert all(owners(cluster)[ledger.instance_id] != old.address for ledger in moved)
+    assert stale_advances(audit_events(cluster)) == []
+    assert_nothing_lost(cluster, admin, ledgers)
+    return SplitBrain(ledgers, moved, took_over, undone_at)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.harness import (
-    INITIAL,
     Workload,
-    balances,
+    assert_nothing_lost,
     client,
     create_ledgers,
-    lost_and_duplicated,
+    ledger_errors,
+    owned_by,
     owners,
     running_cluster,
     wait_taken_over,
@@ -38,7 +38,7 @@ def test_a_state_host_killed_for_good_is_taken_over_with_nothing_lost(tmp_path: 
         candidates = set(placed.values()) - {cluster.addresses("state")[0]}
         victim_address = max(candidates, key=list(placed.values()).count)
         victim = next(m for m in cluster.role("state") if m.address == victim_address)
-        moved = [ledger for ledger in ledgers if placed[ledger.instance_id] == victim_address]
+        moved = owned_by(ledgers, placed, victim_address)
         workload = Workload(cluster, ledgers)
         workload.start()
         time.sleep(2.0)
@@ -51,10 +51,8 @@ def test_a_state_host_killed_for_good_is_taken_over_with_nothing_lost(tmp_path: 
         print(f"workload stopped in {time.monotonic() - stopping:.1f}s")
         after = owners(cluster)
         assert all(after[ledger.instance_id] != victim_address for ledger in moved)
-        for ledger in ledgers:
-            assert not ledger.errors, (ledger.instance_id, ledger.errors)
-            assert lost_and_duplicated(cluster, ledger) == (0, 0), ledger.instance_id
-            assert sum(balances(admin, ledger)) == 2 * INITIAL
+        assert not ledger_errors(ledgers)
+        assert_nothing_lost(cluster, admin, ledgers)
         with client(cluster, gateway=1) as other:  # the other gateway routes there too
             for ledger in moved:
                 assert other.token(ledger.instance_id, ledger.holders[0]).balance() >= 0

@@ -18,6 +18,7 @@ from tests.cluster.harness import (
     client,
     create_ledgers,
     head_breaks,
+    ledger_errors,
     lost_and_duplicated,
     running_cluster,
 )
@@ -37,7 +38,7 @@ def test_killing_a_keyvault_replica_costs_retries_not_errors(tmp_path: Path) -> 
         time.sleep(4.0)
         workload.stop()
         after = sum(len([t for t in ledger.acks if t > killed]) for ledger in ledgers)
-        assert all(not ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
+        assert not ledger_errors(ledgers)
         assert after > 0, "nothing was acknowledged after the replica died"
         for ledger in ledgers:
             assert lost_and_duplicated(cluster, ledger) == (0, 0), ledger.instance_id

@@ -6,25 +6,12 @@ reason, where the machine cannot partition a process (root, cgroup v2, iptables)
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.cluster.harness import (
-    INITIAL,
-    Workload,
-    audit_events,
-    balances,
-    client,
-    create_ledgers,
-    lost_and_duplicated,
-    owners,
-    running_cluster,
-    stale_advances,
-    wait_taken_over,
-)
-from veil.dev.cluster import partitions_unavailable
+from tests.cluster.harness import Undo, client, running_cluster, split_brain
+from veil.dev.cluster import Member, partitions_unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
@@ -38,39 +25,14 @@ def test_a_partitioned_owner_is_fenced_off_and_acknowledges_nothing_after_healin
         running_cluster(tmp_path, nodes=2, keyvaults=2, gateways=1, partitions=True) as cluster,
         client(cluster) as admin,
     ):
-        ledgers = create_ledgers(admin, 4)
-        placed = owners(cluster)
-        old = cluster.role("state")[1]  # not the default shard (see test_failover)
-        moved = [ledger for ledger in ledgers if placed[ledger.instance_id] == old.address]
-        if not moved:
-            ledgers += create_ledgers(admin, 4)
-            placed = owners(cluster)
-            moved = [ledger for ledger in ledgers if placed[ledger.instance_id] == old.address]
-        assert moved, placed
-        workload = Workload(cluster, ledgers)
-        workload.start()
-        time.sleep(1.5)
-        cut_at = time.monotonic()
-        cluster.cut(old)
-        try:
-            took_over = wait_taken_over(cluster, moved, old.address, cut_at, 40, ledgers)
-        finally:
-            cluster.heal(old)
-        time.sleep(3.0)  # the healed owner's late renewals and advances reach the keyvault
-        workload.stop()
-        assert all(not ledger.errors for ledger in ledgers), [ledger.errors for ledger in ledgers]
-        assert old.process is not None
-        assert old.process.poll() is None
-        deadline = time.monotonic() + 10
-        while "lost instance" not in old.log_path.read_text():
-            assert time.monotonic() < deadline, "the old owner never stopped serving them"
-            time.sleep(0.2)
-        assert all(owners(cluster)[ledger.instance_id] != old.address for ledger in moved)
-        assert stale_advances(audit_events(cluster)) == []
-        for ledger in ledgers:
-            assert lost_and_duplicated(cluster, ledger) == (0, 0), ledger.instance_id
-            assert sum(balances(admin, ledger)) == 2 * INITIAL
+
+        def cut(member: Member) -> Undo:
+            cluster.cut(member)
+            return lambda: cluster.heal(member)
+
+        outcome = split_brain(cluster, admin, cut)
+        acknowledged = sum(ledger.acknowledged for ledger in outcome.ledgers)
         print(
-            f"\npartition: {len(moved)} instance(s) answered at the new owner {took_over:.2f}s after the "
-            f"cut; acknowledged {sum(ledger.acknowledged for ledger in ledgers)}, lost 0, duplicated 0"
+            f"\npartition: {len(outcome.moved)} instance(s) answered at the new owner "
+            f"{outcome.took_over:.2f}s after the cut; acknowledged {acknowledged}, lost 0, duplicated 0"
         )

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.conftest import REPO_ROOT, tls_for
 from tests.state.conftest import POSTGRES_URL
 from tests.state.support import free_port
+from tests.workers import Workers
 from veil.dev.loadclient import (
     Account,
     balance,
@@ -199,20 +200,19 @@ class Holder:
     recovered: int = 0  # ran before a crash; the answer came from the enclave's counter record
 
 
-class Load:
+class Load(Workers):
     """Client threads transferring tokens until told to stop."""
 
     def __init__(self, state: Service, pki: Path, holders: list[Holder], voters: list[Holder]) -> None:
+        super().__init__(join_timeout=60)
         self._channel = secure_channel(state.address, tls_for(pki, "gateway"))
         self._stub = state_pb2_grpc.StateServiceStub(self._channel)
         self._holders = holders
-        self._stop = threading.Event()
         self._errors: list[BaseException] = []
-        self._threads = [threading.Thread(target=self._run, args=(h,)) for h in holders]
-        self._threads += [
-            threading.Thread(target=self._vote, args=(voters[i::VOTER_THREADS],))
-            for i in range(VOTER_THREADS)
-        ]
+        for holder in holders:
+            self.spawn(self._run, holder)
+        for i in range(VOTER_THREADS):
+            self.spawn(self._vote, voters[i::VOTER_THREADS])
         self.votes = [0] * len(OPTIONS)
         self._lock = threading.Lock()
 
@@ -289,14 +289,8 @@ class Load:
         except BaseException as exc:
             self._errors.append(exc)
 
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
+        super().stop()
         self._channel.close()
         if self._errors:
             raise self._errors[0]
