@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
+from tests.workers import Workers
 from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_policy
 from veil.dev.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
@@ -249,31 +250,18 @@ def _vote(option: int) -> apps_pb2.AppCall:
     return apps_pb2.AppCall(ballot=apps_pb2.BallotCall(vote=vote))
 
 
-class Workload:
+class Workload(Workers):
     """Token holders and voters, one SDK client (own channel) per thread, until stopped."""
 
     def __init__(self, mesh: ChaosMesh, holders: list[Holder], voter_threads: int) -> None:
+        super().__init__(join_timeout=CLIENT_TIMEOUT_S + 30)
         self.holders = holders
         self.tally = Tally()
-        self._stop = threading.Event()
         self._mesh = mesh
-        self._threads = [
-            threading.Thread(target=self._holder, args=(h,), name=f"holder-{i}")
-            for i, h in enumerate(holders)
-        ]
-        self._threads += [
-            threading.Thread(target=self._voter, args=(t,), name=f"voter-{t}") for t in range(voter_threads)
-        ]
-
-    def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
-
-    def stop(self) -> None:
-        """Stop sending; every command in flight runs to its fate first."""
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(CLIENT_TIMEOUT_S + 30)
+        for i, holder in enumerate(holders):
+            self.spawn(self._holder, holder, name=f"holder-{i}")
+        for thread in range(voter_threads):
+            self.spawn(self._voter, thread, name=f"voter-{thread}")
 
     def _holder(self, holder: Holder) -> None:
         rng = random.Random(holder.identity.account)
@@ -381,24 +369,8 @@ class ChaosReport:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "seconds": self.seconds,
-            "acknowledged": self.acknowledged,
-            "transfers": self.transfers,
-            "votes": self.votes,
-            "lost": self.lost,
-            "extra": self.extra,
-            "balance_mismatches": self.balance_mismatches,
-            "supply": self.supply,
-            "expected_supply": self.expected_supply,
-            "tally": self.tally,
-            "acknowledged_votes": self.acknowledged_votes,
-            "unresolved": self.unresolved,
-            "errors": self.errors,
-            "events": [vars(e) for e in self.events],
-            "ok": self.ok,
-        }
+        """Every field (each event as an object), the acknowledged total and the verdict."""
+        return {**asdict(self), "acknowledged": self.acknowledged, "ok": self.ok}
 
     def summary(self) -> str:
         lines = [
