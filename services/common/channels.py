@@ -39,9 +39,10 @@ Resp = TypeVar("Resp")
 
 
 def secure_channel(target: str, tls: TlsFiles, tracer_provider: TracerProvider | None = None) -> grpc.Channel:
-    """An mTLS channel to another Veil service; calls on it carry W3C trace context."""
+    """An mTLS channel to another Veil service; with a `tracer_provider`, calls on it open client
+    spans and carry W3C trace context (without one, no interceptor and no trace context)."""
     channel = grpc.secure_channel(target, channel_credentials(tls), options=_CHANNEL_OPTIONS)
-    return traced_channel(channel, tracer_provider)
+    return channel if tracer_provider is None else traced_channel(channel, tracer_provider)
 
 
 def _unavailable(exc: BaseException) -> bool:

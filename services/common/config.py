@@ -84,6 +84,16 @@ ENV_GATEWAY_STREAMS_PER_CLIENT = "VEIL_GATEWAY_STREAMS_PER_CLIENT"
 ENV_GATEWAY_STREAM_LIFETIME_SECONDS = "VEIL_GATEWAY_STREAM_LIFETIME_SECONDS"
 ENV_GATEWAY_MAX_CONCURRENT_RPCS = "VEIL_GATEWAY_MAX_CONCURRENT_RPCS"
 
+# Telemetry (veil.services.common.telemetry): OpenTelemetry's own variable names, the same for
+# every service (each names itself in service.name). Unset: no traces, no metrics, and no tracing
+# interceptors at all. The OTLP exporter reads its own OTEL_EXPORTER_OTLP_* (endpoint, headers,
+# certificates), and the periodic metric reader OTEL_METRIC_EXPORT_INTERVAL.
+ENV_OTEL_SDK_DISABLED = "OTEL_SDK_DISABLED"
+ENV_OTEL_TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+ENV_OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
+ENV_OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
+ENV_OTEL_METRICS_EXPORTER = "OTEL_METRICS_EXPORTER"
+
 
 #: Names read before each service had its own. Setting one is a start-up error naming its
 #: replacement: silently ignored, `VEIL_KEK_PROVIDER=pkcs11` would leave the KEK in a file.

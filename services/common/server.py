@@ -19,8 +19,10 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
+from veil.services.common.call_metrics import CallMetricsInterceptor
 from veil.services.common.config import ADMIN_CA, ServiceConfig, env_name
 from veil.services.common.decoding import DecodeInterceptor
 from veil.services.common.errors import ErrorInterceptor, Presenter
@@ -111,6 +113,7 @@ def build_server(
     service_names: Sequence[str],
     authorization: AuthorizationTable,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     max_workers: int = 32,
     max_request_bytes: int = MAX_MESSAGE_BYTES,
     public_listen: str | None = None,
@@ -128,11 +131,17 @@ def build_server(
     RESOURCE_EXHAUSTED at once, instead of queueing it beyond any deadline.
 
     `present_error` decides what a caller sees of a domain error (the gateway's public face).
+
+    Calls are traced only with a `tracer_provider`, and measured (duration and status by
+    method) only with a `meter_provider` (veil.services.common.telemetry): without them no
+    tracing or metrics interceptor is installed at all.
     """
     main = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{config.service}-rpc"),
         interceptors=[
-            server_tracing_interceptor(tracer_provider),
+            # Tracing only with a provider (an exporter is configured): otherwise no interceptor.
+            *([server_tracing_interceptor(tracer_provider)] if tracer_provider is not None else []),
+            *([CallMetricsInterceptor(meter_provider)] if meter_provider is not None else []),
             ErrorInterceptor(present_error),
             AuthorizationInterceptor(
                 authorization, AdminIssuer(config.tls.admin_ca, env_name(config.service, ADMIN_CA))

@@ -1,7 +1,9 @@
 """OpenTelemetry tracing: one provider per process, W3C trace context on every hop.
 
 Server and client interceptors come from opentelemetry-instrumentation-grpc; health
-checks are not traced (Kubernetes probes would drown the real traffic).
+checks are not traced (Kubernetes probes would drown the real traffic). They are installed only
+with a provider: a service without a trace exporter (veil.services.common.telemetry) gets none,
+so its calls pay nothing for tracing and carry no trace context at all.
 
 Only mesh callers (a verified client certificate) continue their trace: a caller without one
 (the gateway's public port) could otherwise pick the trace ids internal services log under and
@@ -23,7 +25,8 @@ from opentelemetry.instrumentation.grpc import client_interceptor, grpcext
 from opentelemetry.instrumentation.grpc._server import OpenTelemetryServerInterceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _HEALTH_SERVICE = "grpc.health.v1.Health"
@@ -40,17 +43,21 @@ def not_health_check(details: Any) -> bool:
     return not str(name).lstrip("/").startswith(_HEALTH_SERVICE)
 
 
-def make_tracer_provider(service: str, exporter: SpanExporter | None = None) -> TracerProvider:
-    """A provider naming `service`; spans go to `exporter` when one is given (tests, collectors)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": f"veil-{service}"}))
-    if exporter is not None:
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
+def service_resource(service: str) -> Resource:
+    """What every span and metric of `service` is attributed to."""
+    return Resource.create({"service.name": f"veil-{service}"})
+
+
+def make_tracer_provider(
+    service: str, *exporters: SpanExporter, sampler: Sampler | None = None, batch: bool = False
+) -> TracerProvider:
+    """A provider naming `service`; spans go to each of `exporters` (tests, collectors): at once,
+    or (`batch`, a service's own) from a background thread off the call path. `sampler` defaults
+    to parent-based always-on (every root sampled, a parent's decision followed)."""
+    provider = TracerProvider(resource=service_resource(service), sampler=sampler or ParentBased(ALWAYS_ON))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
     return provider
-
-
-def install_global_provider(provider: TracerProvider) -> None:
-    """Make `provider` the process-wide default (service main only, never in tests)."""
-    trace.set_tracer_provider(provider)
 
 
 # The trace a public caller named, while its call's span starts (linked, not continued).
@@ -102,7 +109,7 @@ class _ServerInterceptor(OpenTelemetryServerInterceptor):
             yield span
 
 
-def server_tracing_interceptor(provider: TracerProvider | None) -> grpc.ServerInterceptor:
+def server_tracing_interceptor(provider: TracerProvider) -> grpc.ServerInterceptor:
     """Opens a server span (health checks excluded), in the caller's trace for mesh callers."""
     tracer = trace.get_tracer(
         "opentelemetry.instrumentation.grpc", tracer_provider=provider, schema_url=_SCHEMA_URL
@@ -113,7 +120,7 @@ def server_tracing_interceptor(provider: TracerProvider | None) -> grpc.ServerIn
     return interceptor
 
 
-def traced_channel(channel: grpc.Channel, provider: TracerProvider | None) -> grpc.Channel:
+def traced_channel(channel: grpc.Channel, provider: TracerProvider) -> grpc.Channel:
     """Wrap `channel` so every call opens a client span and injects traceparent."""
     interceptor: Any = client_interceptor(  # type: ignore[no-untyped-call]  # package is unannotated
         tracer_provider=provider, filter_=not_health_check

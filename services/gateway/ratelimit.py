@@ -11,6 +11,10 @@ Keys are scoped so tenants never share a bucket: `api-key:<instance>:<name>` and
 `oauth2:<issuer>:<sub>` (built by veil.services.gateway.auth), `peer:<address>` for anonymous
 callers. An IPv6 peer is bucketed by its /64: one host is routinely given a whole /64, so a
 bucket per /128 would let it mint fresh buckets at will.
+
+With metrics exported (veil.services.common.telemetry), `refusal_counter` counts the refused
+calls in `veil.gateway.rate_limited`, by the kind of client (`peer`, `api-key`, `oauth2`,
+`certificate`): never by client, which would be unbounded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Callable
 
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.metrics import MeterProvider
 
 from veil.services.common.errors import ResourceExhausted
 
@@ -81,7 +86,9 @@ class RateLimiter:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_clients: int = MAX_TRACKED_CLIENTS,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_refused(bucket)` is told of every refusal (`refusal_counter`)."""
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be positive and burst at least 1")
         self._rate = rate
@@ -90,6 +97,7 @@ class RateLimiter:
         self._max_clients = max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, stamp)
         self._lock = threading.Lock()
+        self._on_refused = on_refused
 
     @property
     def tracked_clients(self) -> int:
@@ -113,4 +121,20 @@ class RateLimiter:
             while len(self._buckets) > self._max_clients:
                 self._buckets.popitem(last=False)
         if not admitted:
+            if self._on_refused is not None:
+                self._on_refused(client)
             raise RateLimited((1 - tokens) / self._rate)
+
+
+def refusal_counter(meter_provider: MeterProvider) -> Callable[[str], None]:
+    """An `on_refused` counting refusals in `veil.gateway.rate_limited` by kind of client."""
+    counter = meter_provider.get_meter("veil.services.gateway").create_counter(
+        "veil.gateway.rate_limited",
+        unit="{call}",
+        description="Calls refused RESOURCE_EXHAUSTED by the per-client rate limit, by kind of client",
+    )
+
+    def count(bucket: str) -> None:
+        counter.add(1, {"veil.client.kind": bucket.split(":", 1)[0]})
+
+    return count

@@ -19,6 +19,7 @@ from concurrent import futures
 from typing import TypeVar
 
 import grpc
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.enclave import wire
@@ -42,7 +43,7 @@ from veil.services.gateway import public_errors, validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GATEWAY_WORKERS, GatewayConfig
 from veil.services.gateway.idempotency import Deduplicator, Key
-from veil.services.gateway.ratelimit import RateLimiter
+from veil.services.gateway.ratelimit import RateLimiter, refusal_counter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
 from veil.services.gateway.streams import StreamLimits, StreamSlots
@@ -484,6 +485,7 @@ def create_server(
     *,
     gateway: GatewayConfig | None = None,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> tuple[VeilServer, int]:
     """Build the gateway server (not started); returns it and its bound port."""
     gateway = gateway or GatewayConfig.from_env()
@@ -497,7 +499,11 @@ def create_server(
         shards={a: coalescing_stub(c) for a, c in channels.items()},
         keyvault=keyvault_pb2_grpc.KeyvaultServiceStub(keyvault_channel),
         authenticators=authenticators,
-        limiter=RateLimiter(gateway.rate_per_second, gateway.burst),
+        limiter=RateLimiter(
+            gateway.rate_per_second,
+            gateway.burst,
+            on_refused=refusal_counter(meter_provider) if meter_provider is not None else None,
+        ),
         upstream_timeout=gateway.upstream_timeout,
         stream_limits=gateway.stream_limits,
     )
@@ -507,6 +513,7 @@ def create_server(
         service_names=[SERVICE_NAME],
         authorization=AUTHORIZATION,
         tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
         max_request_bytes=gateway.max_message_bytes,
         public_listen=gateway.public_listen or None,
         # A handler mostly waits for its state replica (an Execute for its batch's commit):

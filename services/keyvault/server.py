@@ -16,6 +16,7 @@ GetStatus                                               admin, state, gateway
 
 from __future__ import annotations
 
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -57,6 +58,7 @@ def create_server(
     config: ServiceConfig,
     *,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     keyvault_config: KeyvaultConfig | None = None,
     clock: Clock = system_clock,
 ) -> tuple[VeilServer, int]:
@@ -76,6 +78,7 @@ def create_server(
             service_names=[SERVICE_NAME],
             authorization=AUTHORIZATION,
             tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
         )
     except BaseException:
         keyvault.close()

@@ -168,6 +168,17 @@ class StateHost:
         self._wake.set()
         self._thread.join(30)
 
+    def queue_depth(self) -> int:
+        """Commands waiting for the batcher (0 while not serving)."""
+        runtime = self._runtime
+        batcher = runtime.batcher if runtime is not None else None
+        return batcher.queued if batcher is not None else 0
+
+    def head_lag(self) -> int:
+        """Committed entries the keyvault's commit heads do not cover yet (0 while not serving)."""
+        runtime = self._runtime
+        return runtime.advancer.total_lag() if runtime is not None else 0
+
     def wait_until(self, steps: set[lifecycle.Step], timeout: float) -> lifecycle.Step | None:
         """Block until the lifecycle reaches one of `steps` (tests, `veil up`-style waits)."""
         return self.lifecycle.wait_for(steps, timeout)
@@ -403,6 +414,7 @@ class StateHost:
         self, runtime: Runtime, instance_id: str, items: list[Command], now_ms: int, out: _BatchOutput
     ) -> list[Answer]:
         """One ExecuteBatch ECALL for one instance's commands; collects what must be committed."""
+        started = time.monotonic()
         try:
             response = runtime.enclave.execute_batch(instance_id, [item.command for item in items], now_ms)
         except EnclaveCallError as exc:
@@ -410,7 +422,7 @@ class StateHost:
         except EnclaveUnavailableError as exc:
             self._request_recovery(runtime, f"the enclave runner failed: {exc}")
             raise NotServing("the enclave runner failed; recovering") from exc
-        self.metrics.record_execute_ecall()
+        self.metrics.record_execute_ecall(time.monotonic() - started)
         if len(response.outcomes) != len(items):
             self._request_recovery(runtime, "the enclave answered a batch with the wrong outcome count")
             raise NotServing("the enclave misbehaved; recovering")

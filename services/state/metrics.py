@@ -2,18 +2,78 @@
 
 One thread-safe object shared by the batcher (batch sizes) and the host (ECALLs, commits,
 commit-head advances); `snapshot()` is what GetStatus and the benchmark report.
+
+`export_to(meter_provider, ...)` (only when metrics are exported, veil.services.common.telemetry)
+makes the same `record_*` calls feed OpenTelemetry instruments too: `veil.state.batch.size`,
+`veil.state.ecall.duration`, `veil.state.commit.duration` (histograms), `veil.state.head.advances`
+(a counter by outcome), and the gauges `veil.state.head.lag` and `veil.state.batcher.queue_depth`.
+Without it, a `record_*` call pays one `None` check for them.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
 # Batch-size histogram buckets: a batch of n counts in the first bucket >= n.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _LATENCY_SAMPLES = 2048
+#: Boundaries (seconds) of the ECALL and commit duration histograms: a batch's ECALL or durable
+#: commit takes from well under a millisecond (in-process enclave, SQLite) to seconds.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _Instruments:
+    """The OpenTelemetry instruments StateMetrics feeds when metrics are exported."""
+
+    def __init__(
+        self, meter_provider: MeterProvider, *, queue_depth: Callable[[], int], head_lag: Callable[[], int]
+    ) -> None:
+        meter = meter_provider.get_meter("veil.services.state")
+        self.batch_size = meter.create_histogram(
+            "veil.state.batch.size",
+            unit="{command}",
+            description="Commands per batch handed to the enclave",
+            explicit_bucket_boundaries_advisory=BATCH_BUCKETS,
+        )
+        self.ecall_duration, self.commit_duration = (
+            meter.create_histogram(
+                name, unit="s", description=description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+            )
+            for name, description in (
+                ("veil.state.ecall.duration", "Duration of one ExecuteBatch ECALL (one instance's batch)"),
+                ("veil.state.commit.duration", "Duration of one batch's durable commit of its log entries"),
+            )
+        )
+        self.head_advances = meter.create_counter(
+            "veil.state.head.advances",
+            unit="{call}",
+            description="AdvanceCommitHead calls to the keyvault, by outcome (ok, failed)",
+        )
+        meter.create_observable_gauge(
+            "veil.state.head.lag",
+            callbacks=[_observe(head_lag)],
+            unit="{entry}",
+            description="Committed log entries the keyvault's commit heads do not cover yet",
+        )
+        meter.create_observable_gauge(
+            "veil.state.batcher.queue_depth",
+            callbacks=[_observe(queue_depth)],
+            unit="{command}",
+            description="Commands waiting for the batcher",
+        )
+
+
+def _observe(read: Callable[[], int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def callback(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(read())]
+
+    return callback
 
 
 def _percentile(samples: list[float], fraction: float) -> float:
@@ -42,8 +102,17 @@ class StateMetrics:
     start_up_seconds: float = 0.0
     commit_seconds_total: float = 0.0
     commit_seconds_max: float = 0.0
+    ecall_seconds_total: float = 0.0
     _recent_commits: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES))
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _otel: _Instruments | None = None
+
+    def export_to(
+        self, meter_provider: MeterProvider, *, queue_depth: Callable[[], int], head_lag: Callable[[], int]
+    ) -> None:
+        """Feed OpenTelemetry instruments from now on; the gauges read `queue_depth()` and
+        `head_lag()` when the meter provider collects."""
+        self._otel = _Instruments(meter_provider, queue_depth=queue_depth, head_lag=head_lag)
 
     def record_batch(self, size: int) -> None:
         """A batch of `size` commands left the queue."""
@@ -52,11 +121,16 @@ class StateMetrics:
             self.batches += 1
             self.commands += size
             self.batch_sizes[bucket] += 1
+        if self._otel is not None:
+            self._otel.batch_size.record(size)
 
-    def record_execute_ecall(self) -> None:
-        """One ExecuteBatch crossing into the enclave."""
+    def record_execute_ecall(self, seconds: float) -> None:
+        """One ExecuteBatch crossing into the enclave took `seconds`."""
         with self._lock:
             self.execute_ecalls += 1
+            self.ecall_seconds_total += seconds
+        if self._otel is not None:
+            self._otel.ecall_duration.record(seconds)
 
     def record_commit(self, seconds: float, entries: int) -> None:
         """One durable transaction of `entries` log entries took `seconds`."""
@@ -66,6 +140,8 @@ class StateMetrics:
             self.commit_seconds_total += seconds
             self.commit_seconds_max = max(self.commit_seconds_max, seconds)
             self._recent_commits.append(seconds)
+        if self._otel is not None:
+            self._otel.commit_duration.record(seconds)
 
     def record_head_advance(self, ok: bool) -> None:
         """One AdvanceCommitHead attempt at the keyvault."""
@@ -74,6 +150,8 @@ class StateMetrics:
                 self.head_advances += 1
             else:
                 self.head_advance_failures += 1
+        if self._otel is not None:
+            self._otel.head_advances.add(1, {"outcome": "ok" if ok else "failed"})
 
     def record_snapshot(self, compacted: int) -> None:
         """A snapshot was stored and `compacted` entries deleted behind it."""
@@ -114,6 +192,9 @@ class StateMetrics:
                 "commit_ms_p50": 1000 * _percentile(recent, 0.50),
                 "commit_ms_p99": 1000 * _percentile(recent, 0.99),
                 "commit_ms_max": 1000 * self.commit_seconds_max,
+                "ecall_ms_mean": (
+                    1000 * self.ecall_seconds_total / self.execute_ecalls if self.execute_ecalls else 0.0
+                ),
                 "recovered_entries": self.recovered_entries,
                 "recovery_seconds": self.recovery_seconds,
                 "start_up_seconds": self.start_up_seconds,

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
 from veil.services.common import identity
@@ -191,6 +192,7 @@ def build_state_server(
     servicer: state_pb2_grpc.StateServiceServicer,
     *,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     max_workers: int = 32,
 ) -> VeilServer:
     """The StateService's server (not started) around `servicer`: the state's authorization
@@ -201,6 +203,7 @@ def build_state_server(
         service_names=[SERVICE_NAME],
         authorization=AUTHORIZATION,
         tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
         max_workers=max_workers,
     )
 
@@ -209,6 +212,7 @@ def create_server(
     config: ServiceConfig,
     *,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     state_config: StateConfig | None = None,
     enclave_factory: Callable[[], EnclaveHost] | None = None,
     store: StateStore | None = None,
@@ -235,12 +239,15 @@ def create_server(
         enclave_factory=enclave_factory or (lambda: spawn_enclave(settings)),
         on_serving=health,
     )
+    if meter_provider is not None:
+        host.metrics.export_to(meter_provider, queue_depth=host.queue_depth, head_lag=host.head_lag)
     servicer = StateServicer(host)
     try:
         server = build_state_server(
             config,
             servicer,
             tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
             # An Execute handler waits for its batch's commit: enough threads to fill batches.
             max_workers=max(64, 2 * settings.batch_max),
         )

@@ -4,6 +4,9 @@ Over the gateway's public port an anonymous caller sends a traceparent naming a 
 choosing and baggage. The state replica behind the gateway must see neither: the gateway starts
 a new trace (its span links to the caller's) and passes no baggage on. A mesh caller (mTLS,
 with a certificate) still continues its trace.
+
+That is with tracing on. With tracing off (no exporter configured, the default) no tracing
+interceptor exists anywhere: nothing of any caller's trace context reaches the state replica.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from tests.conftest import tls_for
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.services.common import channels as channels_module
+from veil.services.common import server as server_module
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
 from veil.services.common.server import VeilServer
@@ -43,12 +49,9 @@ class _RecordingState(StateServicer):
         return state_pb2.PingResponse(payload=request.payload)
 
 
-@pytest.fixture
-def mesh(
-    service_config: Callable[[str], ServiceConfig],
-) -> Iterator[tuple[VeilServer, _RecordingState, InMemorySpanExporter]]:
-    exporter = InMemorySpanExporter()
-    provider = make_tracer_provider("test", exporter)
+def _start(
+    service_config: Callable[[str], ServiceConfig], provider: TracerProvider | None
+) -> Iterator[tuple[VeilServer, _RecordingState]]:
     recorder = _RecordingState()
     state = build_state_server(service_config("state"), recorder, tracer_provider=provider)
     state.start()
@@ -59,9 +62,32 @@ def mesh(
         tracer_provider=provider,
     )
     gateway.start()
-    yield gateway, recorder, exporter
+    yield gateway, recorder
     gateway.stop(0)
     state.stop(0)
+
+
+@pytest.fixture
+def mesh(
+    service_config: Callable[[str], ServiceConfig],
+) -> Iterator[tuple[VeilServer, _RecordingState, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    for gateway, recorder in _start(service_config, make_tracer_provider("test", exporter)):
+        yield gateway, recorder, exporter
+
+
+@pytest.fixture
+def untraced(
+    service_config: Callable[[str], ServiceConfig], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[VeilServer, _RecordingState]]:
+    """The same mesh with tracing off; building a tracing interceptor fails the test."""
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("a tracing interceptor was installed with tracing off")
+
+    monkeypatch.setattr(server_module, "server_tracing_interceptor", refuse)
+    monkeypatch.setattr(channels_module, "traced_channel", refuse)
+    yield from _start(service_config, None)
 
 
 def _ping(channel: grpc.Channel) -> None:
@@ -104,3 +130,20 @@ def test_a_mesh_caller_continues_its_trace(
         _ping(channel)
     (seen,) = recorder.seen
     assert CALLER_TRACE in seen["traceparent"]
+
+
+def test_without_tracing_no_caller_s_trace_context_reaches_the_state(
+    untraced: tuple[VeilServer, _RecordingState], pki_dir: Path
+) -> None:
+    gateway, recorder = untraced
+    public = grpc.ssl_channel_credentials(root_certificates=(pki_dir / "ca.pem").read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{gateway.public_port}", public) as channel:
+        _ping(channel)
+    with secure_channel(f"127.0.0.1:{gateway.port}", tls_for(pki_dir, "admin")) as channel:
+        _ping(channel)
+    assert len(recorder.seen) == 2
+    for seen in recorder.seen:  # neither the public caller's nor a mesh caller's
+        assert "traceparent" not in seen
+        assert "baggage" not in seen
+        assert CALLER_TRACE not in str(seen)
+        assert BAGGAGE not in str(seen)
