@@ -1,7 +1,10 @@
 """Split brain with real processes: the owner of instances is SIGSTOPped (its enclave runner too),
-another host takes them over, the old owner is SIGCONTed and still believes it owns them. It is
-refused at the keyvault (LEASE_LOST) and acknowledges nothing more; no acknowledged command is
-lost or applied twice; the audit shows no head advance under a superseded fencing token."""
+another host takes them over, the old owner is SIGCONTed and still believes it owns them. It
+acknowledges nothing more: whichever comes first after SIGCONT, its lease clock (not renewed for
+a ttl: it stands down without asking) or a head advance under its old token (refused at the
+keyvault, LEASE_LOST). No acknowledged command is lost or applied twice; the audit shows no head
+advance under a superseded fencing token. (The keyvault's refusal itself is pinned down without
+the race in tests/state/test_ownership.py and tests/keyvault/test_leases.py.)"""
 
 from __future__ import annotations
 
@@ -24,14 +27,15 @@ def test_a_paused_owner_is_fenced_off_and_acknowledges_nothing_after_resuming(tm
 
         outcome = split_brain(cluster, admin, pause)
         events = audit_events(cluster)
+        # The harness checked that the old owner logged "lost instance" and that nothing was
+        # acknowledged twice or advanced under a superseded token; the refusals are counted only.
         refused = [d for a, o, d in events if o == "refused" and d.get("reason") == "LEASE_LOST"]
-        assert refused, "no LEASE_LOST refusal was audited"
         ledgers = outcome.ledgers
         after_resume = sum(1 for ledger in ledgers for t in ledger.acks if t > outcome.undone_at)
         print(
             f"\nsplit brain: {len(outcome.moved)} instance(s) answered at the new owner "
-            f"{outcome.took_over:.2f}s after SIGSTOP; after SIGCONT the old owner was refused "
-            f"{len(refused)} time(s) (LEASE_LOST); acknowledged "
+            f"{outcome.took_over:.2f}s after SIGSTOP; after SIGCONT the old owner stood down "
+            f"(refused {len(refused)} time(s) with LEASE_LOST on the way); acknowledged "
             f"{sum(ledger.acknowledged for ledger in ledgers)} ({after_resume} after SIGCONT, all "
             "at the new owners), lost 0, duplicated 0"
         )
