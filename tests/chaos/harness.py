@@ -41,16 +41,15 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
+from tests.admin_client import admin_client
 from tests.workers import Workers
 from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_policy
 from veil.dev.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
 from veil.enclave.v1 import apps_pb2, envelope_pb2
-from veil.sdk.client import VeilClient, connect
-from veil.sdk.counters import MemoryCounters
+from veil.sdk.client import VeilClient
 from veil.sdk.errors import GatewayError
 from veil.sdk.identity import AnonymousIdentity, Identity, SigningIdentity
-from veil.sdk.trust_policy import POLICY_FILE, load_policy
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     DEFAULT_PORTS,
@@ -164,17 +163,7 @@ class ChaosMesh:
 
     def connect(self) -> VeilClient:
         """An SDK client with the admin certificate (verifies the enclave first)."""
-        pki = self.data_dir / "pki"
-        return connect(
-            self.gateway,
-            policy=load_policy(self.data_dir / POLICY_FILE),
-            ca=pki / "ca.pem",
-            cert=pki / "admin.pem",
-            key=pki / "admin-key.pem",
-            data_dir=self.data_dir,
-            counters=MemoryCounters(),
-            timeout=CLIENT_TIMEOUT_S,
-        )
+        return admin_client(self.gateway, self.data_dir, CLIENT_TIMEOUT_S)
 
 
 def _children(pid: int) -> list[int]:

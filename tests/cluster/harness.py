@@ -15,17 +15,15 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from psycopg import sql
 
+from tests.admin_client import admin_client
 from tests.workers import Workers
 from veil.dev.cluster import Cluster, Member
-from veil.dev.pki import init_pki
+from veil.dev.pki import admin_tls, init_pki
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
-from veil.sdk.client import VeilClient, connect
-from veil.sdk.counters import MemoryCounters
+from veil.sdk.client import VeilClient
 from veil.sdk.identity import SigningIdentity
-from veil.sdk.trust_policy import POLICY_FILE, load_policy
 from veil.services.common.channels import call, secure_channel
-from veil.services.common.config import TlsFiles
 
 INITIAL = 1_000
 CLIENT_TIMEOUT_S = 60.0
@@ -46,22 +44,7 @@ def running_cluster(workdir: Path, **options: int) -> Iterator[Cluster]:
 
 def client(cluster: Cluster, gateway: int = 0) -> VeilClient:
     """An SDK client with the admin certificate, through one of the gateways."""
-    pki = cluster.data_dir / "pki"
-    return connect(
-        cluster.addresses("gateway")[gateway],
-        policy=load_policy(cluster.data_dir / POLICY_FILE),
-        ca=pki / "ca.pem",
-        cert=pki / "admin.pem",
-        key=pki / "admin-key.pem",
-        data_dir=cluster.data_dir,
-        counters=MemoryCounters(),
-        timeout=CLIENT_TIMEOUT_S,
-    )
-
-
-def _admin_tls(cluster: Cluster) -> TlsFiles:
-    pki = cluster.data_dir / "pki"
-    return TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
+    return admin_client(cluster.addresses("gateway")[gateway], cluster.data_dir, CLIENT_TIMEOUT_S)
 
 
 def audit_events(cluster: Cluster) -> list[tuple[str, str, dict[str, object]]]:
@@ -72,7 +55,7 @@ def audit_events(cluster: Cluster) -> list[tuple[str, str, dict[str, object]]]:
 def audit_events_raw(cluster: Cluster) -> list[keyvault_pb2.AuditEvent]:
     """Every keyvault audit event as served, read as the admin from the surviving last replica."""
     events: list[keyvault_pb2.AuditEvent] = []
-    with secure_channel(cluster.addresses("keyvault")[-1], _admin_tls(cluster)) as channel:
+    with secure_channel(cluster.addresses("keyvault")[-1], admin_tls(cluster.data_dir / "pki")) as channel:
         stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         token = ""
         while True:
@@ -125,7 +108,7 @@ def stale_advances(events: list[tuple[str, str, dict[str, object]]]) -> list[dic
 
 def owners(cluster: Cluster) -> dict[str, str]:
     """instance id -> the state host (address) holding its lease, as the keyvault says."""
-    with secure_channel(cluster.addresses("keyvault")[0], _admin_tls(cluster)) as channel:
+    with secure_channel(cluster.addresses("keyvault")[0], admin_tls(cluster.data_dir / "pki")) as channel:
         stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         reply = call(stub.ListLeases, keyvault_pb2.ListLeasesRequest())
     return {lease.instance_id: lease.holder for lease in reply.leases}

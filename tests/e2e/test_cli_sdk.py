@@ -15,12 +15,12 @@ import pytest
 
 from tests.e2e.conftest import Mesh
 from veil import AttestationError, CommandRefused, ExpectedMeasurement, VeilClient, connect, load_policy
+from veil.dev.pki import admin_tls
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.sdk.sealing import open_outcome, seal_command
 from veil.services.common.channels import secure_channel
-from veil.services.common.config import TlsFiles
 
 pytestmark = pytest.mark.e2e
 
@@ -125,9 +125,7 @@ def test_replayed_request_id_executes_once(mesh: Mesh, client: VeilClient) -> No
         instance_id="sdk-replay", command=sealed.command, request_id=sealed.request_id
     )
     before = _sequence(client, "sdk-replay")
-    pki = mesh.data_dir / "pki"
-    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
-    with secure_channel(mesh.gateway, tls) as channel:
+    with secure_channel(mesh.gateway, admin_tls(mesh.data_dir / "pki")) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         replies = [stub.Execute(request, timeout=30) for _ in range(3)]
     assert all(reply == replies[0] for reply in replies)

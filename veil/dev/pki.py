@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from veil.dev import collateral as dev_collateral
+from veil.services.common.config import TlsFiles
 from veil.services.common.identity import ADMIN, SERVICE_IDENTITIES
 
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
@@ -335,6 +336,11 @@ def _admin_files(directory: Path, now: dt.datetime) -> dict[Path, tuple[bytes, b
         directory / "admin.pem": (_pem(admin.cert), False),
         directory / "admin-key.pem": (_key_pem(admin.key), True),
     }
+
+
+def admin_tls(directory: Path) -> TlsFiles:
+    """The admin's mTLS files in the dev PKI at `directory`: what the dev tools call the mesh with."""
+    return TlsFiles(cert=directory / "admin.pem", key=directory / "admin-key.pem", ca=directory / "ca.pem")
 
 
 def ensure_admin_ca(directory: Path, *, now: dt.datetime | None = None) -> list[Path]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from veil.dev.pki import collateral_dir, ensure_admin_ca, ensure_sim_collateral
+from veil.dev.pki import admin_tls, collateral_dir, ensure_admin_ca, ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.channels import call, health_status, secure_channel, wait_until_serving
@@ -42,7 +42,6 @@ from veil.services.common.config import (
     ENV_STATE_KEYVAULT_ADDR,
     GRACE_SECONDS,
     LISTEN,
-    TlsFiles,
     server_env,
 )
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
@@ -285,9 +284,8 @@ class KeyvaultPins:
 
 def keyvault_pins(data_dir: Path, port_offset: int = 0) -> KeyvaultPins:
     """The local keyvault's release-signing public key and JWKS, asked for with the admin identity."""
-    pki = data_dir / "pki"
-    tls = TlsFiles(cert=pki / "admin.pem", key=pki / "admin-key.pem", ca=pki / "ca.pem")
-    with secure_channel(f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0] + port_offset}", tls) as channel:
+    address = f"127.0.0.1:{DEFAULT_PORTS['keyvault'][0] + port_offset}"
+    with secure_channel(address, admin_tls(data_dir / "pki")) as channel:
         reply = call(keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetJwks, keyvault_pb2.GetJwksRequest())
     jwks = json.loads(reply.jwks_json)
     if not isinstance(jwks, dict):
