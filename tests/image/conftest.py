@@ -18,13 +18,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from veil.dev.pki import collateral_dir
+from veil.dev.pki import ADMIN_CA_FILE, collateral_dir
 from veil.dev.policies import dev_enclave_policy_json, dev_policy
 from veil.dev.supervisor import DEPLOY_ORDER, free_port_offset, keyvault_pins, port_env
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.sdk.trust_policy import POLICY_FILE, save_policy
 from veil.services.common.config import (
+    ADMIN_CA,
     DATA_DIR,
     DEFAULT_PORTS,
     ENV_KEYVAULT_ATTESTATION_ROOT,
@@ -161,7 +162,10 @@ class ContainerMesh:
                 "ca.crt": pki / "ca.pem",
             },
         )
+        # As the manifests do: admin calls are accepted only from a leaf of the separate admin CA.
+        admin_ca = self._secret_dir(service, "admin-ca", {"ca.crt": pki / ADMIN_CA_FILE})
         mounts = ["-v", f"{self.volume(service)}:{DATA}", "-v", f"{tls}:{TLS}:ro"]
+        mounts += ["-v", f"{admin_ca}:/etc/veil/admin-ca:ro"]
         env = {
             **server_env(
                 service,
@@ -170,6 +174,7 @@ class ContainerMesh:
                     TLS_CERT: f"{TLS}/tls.crt",
                     TLS_KEY: f"{TLS}/tls.key",
                     TLS_CA: f"{TLS}/ca.crt",
+                    ADMIN_CA: "/etc/veil/admin-ca/ca.crt",
                     GRACE_SECONDS: "5",
                 },
             ),
