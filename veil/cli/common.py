@@ -305,20 +305,27 @@ def _jwks_file(path: Path) -> dict[str, Any]:
     return wire.strict_json_object(text, f"JWKS {path}", VeilClientError)
 
 
-def open_client(args: argparse.Namespace) -> VeilClient:
-    """Connect and verify the enclave, per the command line; a gateway that is down or is not
-    a TLS gateway is named within a few seconds."""
-    data_dir = Path(args.data_dir)
-    pki = data_dir / "pki"
-    for given in (args.ca, args.cert, args.key):
-        if given is not None and not given.is_file():
-            raise VeilClientError(f"cannot read {given}: no such file")
+def client_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
+    """The CA, client certificate and key per the command line: --ca, --cert and --key, else the
+    data directory's dev PKI (its admin certificate where there is one); none with --no-client-cert."""
+    pki = Path(args.data_dir) / "pki"
     ca = args.ca or pki / "ca.pem"
     cert, key = args.cert, args.key
     if not args.no_client_cert and cert is None and (pki / "admin.pem").exists():
         cert, key = pki / "admin.pem", pki / "admin-key.pem"
     if args.no_client_cert:
         cert = key = None
+    return ca, cert, key
+
+
+def open_client(args: argparse.Namespace) -> VeilClient:
+    """Connect and verify the enclave, per the command line; a gateway that is down or is not
+    a TLS gateway is named within a few seconds."""
+    data_dir = Path(args.data_dir)
+    for given in (args.ca, args.cert, args.key):
+        if given is not None and not given.is_file():
+            raise VeilClientError(f"cannot read {given}: no such file")
+    ca, cert, key = client_files(args)
     policy = trust_policy(args)
     policy.root_public_key(data_dir)  # an unusable --root is refused before connecting
     ca_path = ca if ca.exists() else None

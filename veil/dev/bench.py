@@ -57,7 +57,7 @@ from typing import Any
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from veil.cli.common import open_client, positive, seconds
+from veil.cli.common import client_files, open_client, positive, seconds
 from veil.dev.relay import METHOD as RELAY_METHOD
 from veil.dev.relay import running_relay
 from veil.enclave.v1 import apps_pb2, envelope_pb2
@@ -760,13 +760,7 @@ def bench_command(args: argparse.Namespace) -> int:
     client = open_client(args)
     client.counters = MemoryCounters()  # ephemeral accounts: keep them out of counters.json
     data_dir = Path(args.data_dir)
-    pki = data_dir / "pki"
-    cert, key = args.cert, args.key
-    if not args.no_client_cert and cert is None and (pki / "admin.pem").exists():
-        cert, key = pki / "admin.pem", pki / "admin-key.pem"
-    if args.no_client_cert:
-        cert = key = None
-    ca = args.ca or pki / "ca.pem"
+    ca, cert, key = client_files(args)
     connection = GatewayTarget(
         args.gateway,
         ca.read_bytes() if ca.exists() else None,
