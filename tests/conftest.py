@@ -6,6 +6,7 @@ import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -13,6 +14,7 @@ from veil.dev.pki import init_pki
 from veil.services.common.config import ServiceConfig, TlsFiles
 from veil.services.common.server import VeilServer
 from veil.services.state.server import StateServicer, build_state_server
+from veil.status import error_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +55,14 @@ def config_on_free_ports(
 def service_config(pki_dir: Path, tmp_path: Path) -> Callable[[str], ServiceConfig]:
     """Build the config of a service listening on free ports (port 0) with the dev PKI."""
     return lambda service: config_on_free_ports(pki_dir, service, tmp_path / service)
+
+
+def refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """The status code and ErrorInfo reason ("" without one) of a call that must fail."""
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    info = error_info(raised.value)
+    return raised.value.code(), info.reason if info is not None else ""
 
 
 def ping_only_state_server(

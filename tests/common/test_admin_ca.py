@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ping_only_state_server, tls_for
+from tests.conftest import ping_only_state_server, refused, tls_for
 from veil.dev.pki import ADMIN_CA_FILE, Issued, ca_key_dir, ensure_admin_ca, init_pki, service_certificate
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common.config import ServiceConfig
@@ -26,7 +26,6 @@ from veil.services.common.identity import ADMIN, GATEWAY
 from veil.services.common.server import VeilServer
 from veil.services.keyvault.server import create_server as create_keyvault
 from veil.state.v1 import state_pb2, state_pb2_grpc
-from veil.status import error_info
 
 from ..keyvault.support import sim_keyvault_config
 
@@ -82,20 +81,13 @@ def _list_keys(port: int, credentials: grpc.ChannelCredentials) -> keyvault_pb2.
         return reply
 
 
-def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as refused:
-        call()
-    info = error_info(refused.value)
-    return refused.value.code(), info.reason if info is not None else ""
-
-
 def test_the_genuine_admin_manages_keys(keyvault: int, pki_dir: Path) -> None:
     assert list(_list_keys(keyvault, _genuine_admin(pki_dir)).keys) == []
 
 
 def test_an_admin_certificate_from_the_service_ca_is_refused(keyvault: int, pki_dir: Path) -> None:
     forged = _minted(pki_dir, "service", ADMIN)  # what the in-cluster CA could be asked to sign
-    assert _refusal(lambda: _list_keys(keyvault, forged)) == (
+    assert refused(lambda: _list_keys(keyvault, forged)) == (
         grpc.StatusCode.UNAUTHENTICATED,
         "ADMIN_CA_REQUIRED",
     )
@@ -105,7 +97,7 @@ def test_a_service_identity_from_the_admin_ca_is_refused(pki_dir: Path, state_se
     forged = _minted(pki_dir, "admin", GATEWAY)  # the one identity the state's Ping admits
     with grpc.secure_channel(f"127.0.0.1:{state_server.port}", forged) as channel:
         stub = state_pb2_grpc.StateServiceStub(channel)
-        refusal = _refusal(lambda: stub.Ping(state_pb2.PingRequest(payload=b"x"), timeout=10))
+        refusal = refused(lambda: stub.Ping(state_pb2.PingRequest(payload=b"x"), timeout=10))
     assert refusal == (grpc.StatusCode.UNAUTHENTICATED, "NOT_ADMIN_IDENTITY")
 
 
@@ -113,7 +105,7 @@ def test_the_forged_admin_is_refused_even_a_health_check(pki_dir: Path, state_se
     forged = _minted(pki_dir, "service", ADMIN)
     with grpc.secure_channel(f"127.0.0.1:{state_server.port}", forged) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        refusal = _refusal(
+        refusal = refused(
             lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # type: ignore[attr-defined]
         )
     assert refusal == (grpc.StatusCode.UNAUTHENTICATED, "ADMIN_CA_REQUIRED")
@@ -128,7 +120,7 @@ def test_a_server_without_an_admin_ca_accepts_no_admin(
     try:
         with grpc.secure_channel(f"127.0.0.1:{server.port}", _minted(pki_dir, "admin", ADMIN)) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            refusal = _refusal(
+            refusal = refused(
                 lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # type: ignore[attr-defined]
             )
     finally:

@@ -5,6 +5,7 @@ the gateway answered INTERNAL with an ERROR traceback per request and no rate-li
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -20,11 +21,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tests.conftest import refused
 from tests.gateway.support import InProcessMesh, mesh_fixture
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.services.common.config import ConfigError
 from veil.services.gateway.auth import OAuth2Auth
-from veil.status import error_info
 
 ISSUER = "https://idp.example"
 AUDIENCE = "veil"
@@ -119,19 +120,14 @@ def _ping(mesh: InProcessMesh, token: str) -> gateway_pb2.PingResponse:
         return reply
 
 
-def _refusal(mesh: InProcessMesh, token: str) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as refused:
-        _ping(mesh, token)
-    info = error_info(refused.value)
-    return refused.value.code(), info.reason if info is not None else ""
-
-
 def test_mismatched_algorithms_are_unauthenticated_without_a_traceback(
     pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     for mesh in _mesh(pki_dir, tmp_path, burst=100):
-        answers = {name: _refusal(mesh, attack()) for name, attack in ATTACKS.items()}
+        answers = {
+            name: refused(functools.partial(_ping, mesh, attack())) for name, attack in ATTACKS.items()
+        }
         wrong = {n: a for n, a in answers.items() if a != (grpc.StatusCode.UNAUTHENTICATED, "BEARER_INVALID")}
         assert not wrong
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -143,7 +139,7 @@ def test_mismatched_algorithms_are_unauthenticated_without_a_traceback(
 def test_every_failed_attempt_is_charged(pki_dir: Path, tmp_path: Path) -> None:
     for mesh in _mesh(pki_dir, tmp_path, burst=3):
         attack = ATTACKS["RS256 header over the EC key"]
-        answers = [_refusal(mesh, attack()) for _ in range(4)]
+        answers = [refused(functools.partial(_ping, mesh, attack())) for _ in range(4)]
         assert answers[:3] == [(grpc.StatusCode.UNAUTHENTICATED, "BEARER_INVALID")] * 3
         assert answers[3] == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
 

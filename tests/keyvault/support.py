@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -43,7 +42,6 @@ from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.server import create_server
 from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
-from veil.status import error_info
 from veil.verify.binding import expected_report_data
 
 T = TypeVar("T")
@@ -298,14 +296,6 @@ def sim_keyvault_config(data_dir: Path, pki_dir: Path, policy_dir: Path) -> Keyv
 
 Stubs = Callable[[str], keyvault_pb2_grpc.KeyvaultServiceStub]
 """Stubs to a served keyvault, each called as the given identity (see the ``stub`` fixture)."""
-
-
-def refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    """The status code and ErrorInfo reason ("" without one) of a call that must fail."""
-    with pytest.raises(grpc.RpcError) as raised:
-        call()
-    info = error_info(raised.value)
-    return raised.value.code(), info.reason if info is not None else ""
 
 
 @contextmanager

@@ -12,9 +12,10 @@ import functools
 import grpc
 import pytest
 
+from tests.conftest import refused
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from .support import Stubs, policy_json, refused
+from .support import Stubs, policy_json
 
 POLICY = policy_json({"claim": "x-ms-sgx-is-debuggable", "equals": False})
 

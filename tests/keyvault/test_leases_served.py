@@ -8,9 +8,10 @@ import functools
 import grpc
 import pytest
 
+from tests.conftest import refused
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 
-from .support import Stubs, refused
+from .support import Stubs
 
 
 def _acquire(

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from tests.conftest import refused
 from veil.enclave import wire
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.providers.sealing import SimSealingProvider
@@ -52,13 +53,6 @@ def attest(
         keyvault_pb2.AttestRequest(quote=quote, runtime_data=enclave.runtime_data, nonce=nonce), timeout=10
     )
     return response.token
-
-
-def refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as caught:
-        call()
-    info = error_info(caught.value)
-    return caught.value.code(), info.reason if info else ""
 
 
 def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
@@ -101,7 +95,7 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     # The release signature verifies with the published key, for this enclave's HPKE key only.
     assert release_signature_verifies(as_released, enclave.hpke_public_bytes, release_public_key)
     assert not release_signature_verifies(as_released, FakeEnclave().hpke_public_bytes, release_public_key)
-    assert refusal(
+    assert refused(
         lambda: state.ReleaseKey(
             keyvault_pb2.ReleaseKeyRequest(token=token, key_name="instance.inst-1"), timeout=10
         )
@@ -151,14 +145,14 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
             instance_id=INSTANCE, enclave_signing_public_key=fresh_enclave.signing_public_bytes
         ),
     ):
-        assert refusal(functools.partial(state.GetCommitHead, bad, timeout=10))[0] == (
+        assert refused(functools.partial(state.GetCommitHead, bad, timeout=10))[0] == (
             grpc.StatusCode.INVALID_ARGUMENT
         )
     old_hash = hashlib.sha256(b"entry 2").digest()
     rollback = keyvault_pb2.AdvanceCommitHeadRequest(
         instance_id=INSTANCE, links=[enclave.link(INSTANCE, (1, old_hash), (2, old_hash))], token=token
     )
-    assert refusal(lambda: state.AdvanceCommitHead(rollback, timeout=10)) == (
+    assert refused(lambda: state.AdvanceCommitHead(rollback, timeout=10)) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "COMMIT_HEAD_ROLLBACK",
     )
@@ -166,7 +160,7 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
         instance_id=INSTANCE, sequence=4, hash=old_hash, token=token
     )
     assert (
-        refusal(lambda: state.AdvanceCommitHead(unlinked, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
+        refused(lambda: state.AdvanceCommitHead(unlinked, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
     )
     empty = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id="never"), timeout=10)
     assert (empty.sequence, empty.hash) == (0, b"")
@@ -215,16 +209,16 @@ def test_admin_key_management(stub: Stubs) -> None:
     destroyed = admin.DestroyKey(keyvault_pb2.DestroyKeyRequest(key_name="orders"), timeout=10)
     assert destroyed.key.destroyed
     assert admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="orders"), timeout=10).key.destroyed
-    assert refusal(lambda: admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="missing"), timeout=10)) == (
+    assert refused(lambda: admin.GetKey(keyvault_pb2.GetKeyRequest(key_name="missing"), timeout=10)) == (
         grpc.StatusCode.NOT_FOUND,
         "KEY_NOT_FOUND",
     )
-    assert refusal(
+    assert refused(
         lambda: admin.CreateKey(
             keyvault_pb2.CreateKeyRequest(key_name="orders", release_policy_json=policy), timeout=10
         )
     ) == (grpc.StatusCode.ALREADY_EXISTS, "KEY_EXISTS")
-    assert refusal(
+    assert refused(
         lambda: admin.CreateKey(
             keyvault_pb2.CreateKeyRequest(key_name="x", release_policy_json="{}"), timeout=10
         )
@@ -241,20 +235,20 @@ def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
     admin.CreateKey(keyvault_pb2.CreateKeyRequest(key_name="other", release_policy_json=other), timeout=10)
     release_public_key = state.GetJwks(keyvault_pb2.GetJwksRequest(), timeout=10).release_public_key
     token = attest(state, pki_dir, FakeEnclave(keyvault_release_public_key=release_public_key))
-    assert refusal(
+    assert refused(
         lambda: state.ReleaseKey(keyvault_pb2.ReleaseKeyRequest(token=token, key_name="other"), timeout=10)
     ) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "RELEASE_POLICY_NOT_SATISFIED",
     )
-    assert refusal(
+    assert refused(
         lambda: state.ReleaseKey(keyvault_pb2.ReleaseKeyRequest(token="x.y.z", key_name="other"), timeout=10)
     ) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "INVALID_TOKEN",
     )
     bad_nonce = keyvault_pb2.AttestRequest(quote=b"q", runtime_data=b"r", nonce=b"short")
-    assert refusal(lambda: state.Attest(bad_nonce, timeout=10)) == (
+    assert refused(lambda: state.Attest(bad_nonce, timeout=10)) == (
         grpc.StatusCode.INVALID_ARGUMENT,
         "INVALID_ARGUMENT",
     )
@@ -274,7 +268,7 @@ def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
 )
 def test_authorization(stub: Stubs, identity: str, method: str, request_message: object) -> None:
     rpc = getattr(stub(identity), method)
-    assert refusal(lambda: rpc(request_message, timeout=10)) == (
+    assert refused(lambda: rpc(request_message, timeout=10)) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "PERMISSION_DENIED",
     )
@@ -368,14 +362,14 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
 def test_attest_refuses_an_enclave_pinned_to_another_keyvault(stub: Stubs, pki_dir: Path) -> None:
     state, admin = stub("state"), stub("admin")
     host_key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-    assert refusal(lambda: attest(state, pki_dir, FakeEnclave(keyvault_release_public_key=host_key))) == (
+    assert refused(lambda: attest(state, pki_dir, FakeEnclave(keyvault_release_public_key=host_key))) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "RELEASE_KEY_MISMATCH",
     )
     events = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10).events
-    refused = events[-1]
-    assert (refused.action, refused.outcome) == ("attest", "refused")
-    facts = json.loads(refused.detail_json)
+    refusal = events[-1]
+    assert (refusal.action, refusal.outcome) == ("attest", "refused")
+    facts = json.loads(refusal.detail_json)
     assert (facts["reason"], facts["keyvault_release_public_key"]) == ("RELEASE_KEY_MISMATCH", host_key.hex())
 
 
@@ -428,11 +422,11 @@ def test_a_debug_build_gets_no_instance_key_whatever_policy_the_state_wrote(
     # A debug build of the very same enclave, pinned to this keyvault: attested, then refused.
     debug_token = attest(state, pki_dir, enclave, debug=True)
     release = keyvault_pb2.ReleaseKeyRequest(token=debug_token, key_name="instance.inst-1")
-    assert refusal(lambda: state.ReleaseKey(release, timeout=10)) == (
+    assert refused(lambda: state.ReleaseKey(release, timeout=10)) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "ENCLAVE_NOT_ALLOWED",
     )
-    assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, debug_token, 1), timeout=10)) == (
+    assert refused(lambda: state.AdvanceCommitHead(head_request(enclave, debug_token, 1), timeout=10)) == (
         grpc.StatusCode.PERMISSION_DENIED,
         "COMMIT_HEAD_ENCLAVE_NOT_ALLOWED",
     )
@@ -453,12 +447,12 @@ def test_a_debug_build_gets_no_instance_key_whatever_policy_the_state_wrote(
     assert len(state.ReleaseKey(scratch, timeout=10).wrapped_key) == 48
 
     page = admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=100), timeout=10)
-    refused = [json.loads(e.detail_json) for e in page.events if e.outcome == "refused"]
-    assert [(r["reason"], r["debuggable"]) for r in refused] == [
+    refusals = [json.loads(e.detail_json) for e in page.events if e.outcome == "refused"]
+    assert [(r["reason"], r["debuggable"]) for r in refusals] == [
         ("ENCLAVE_NOT_ALLOWED", True),
         ("COMMIT_HEAD_ENCLAVE_NOT_ALLOWED", True),
     ]
-    assert "outside the operator enclave policy" in refused[0]["message"]
+    assert "outside the operator enclave policy" in refusals[0]["message"]
 
 
 def test_a_dev_keyvault_without_an_enclave_policy_refuses_with_a_clear_reason(
@@ -481,7 +475,7 @@ def test_a_dev_keyvault_without_an_enclave_policy_refuses_with_a_clear_reason(
         info = error_info(caught.value)
         assert info is not None
         assert info.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"
-        assert refusal(lambda: state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10)) == (
+        assert refused(lambda: state.AdvanceCommitHead(head_request(enclave, token, 1), timeout=10)) == (
             grpc.StatusCode.FAILED_PRECONDITION,
             "ENCLAVE_POLICY_NOT_CONFIGURED",
         )
