@@ -3,13 +3,16 @@
 Every Veil server ends a refused call with a `google.rpc.Status` carrying `ErrorInfo` (a stable
 `reason` in the `ERROR_DOMAIN` domain) and, when retrying later helps, `RetryInfo`
 (`veil.services.common.errors` writes them). The SDK and the services' own clients read them
-here. Imports only grpc and the `google.rpc` messages.
+here; `StatusError` carries one command's status out of an ExecuteBatch answer as a failed
+call's error. Imports only grpc and the `google.rpc` messages.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 #: `ErrorInfo.domain` of every Veil error.
@@ -27,3 +30,26 @@ def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
             detail.Unpack(info)
             return info
     return None
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class StatusError(grpc.RpcError):
+    """A `google.rpc.Status` (one command's, inside an ExecuteBatch answer) shaped as a failed
+    unary call's error: code, details, and the status in its trailing metadata, which
+    `error_info` and `grpc_status` read. Whoever handles a failed call handles it unchanged."""
+
+    def __init__(self, status: status_pb2.Status) -> None:
+        super().__init__(status.message)
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return _CODES.get(self.status.code, grpc.StatusCode.UNKNOWN)
+
+    def details(self) -> str:
+        return str(self.status.message)
+
+    def trailing_metadata(self) -> Any:
+        return ((_DETAILS_KEY, self.status.SerializeToString()),)

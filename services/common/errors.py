@@ -142,7 +142,8 @@ def new_correlation_id() -> str:
     return secrets.token_hex(8)
 
 
-def _internal(correlation_id: str) -> status_pb2.Status:
+def internal_status(correlation_id: str) -> status_pb2.Status:
+    """INTERNAL with a fixed message and the correlation id the log shares (nothing else leaks)."""
     info = error_details_pb2.ErrorInfo(
         reason="INTERNAL", domain=ERROR_DOMAIN, metadata={CORRELATION_ID: correlation_id}
     )
@@ -211,4 +212,4 @@ class ErrorInterceptor(HandlerInterceptor):
             raise exc
         correlation_id = new_correlation_id()
         _log.exception("unhandled error in %s (correlation id %s)", method, correlation_id, exc_info=exc)
-        _abort(context, _internal(correlation_id))
+        _abort(context, internal_status(correlation_id))

@@ -87,28 +87,51 @@ class Deduplicator(Generic[T]):
 
         A duplicate waits at most `wait` seconds for the request in flight (TimeoutError after).
         """
-        with self._lock:
-            cached = self._done.get(key)
-            if cached is not None and self._clock() - cached[0] < self._ttl:
-                self._done.move_to_end(key)
-                return cached[1]
-            pending = self._inflight.get(key)
-            leader = pending is None
-            if pending is None:
-                pending = Future()
-                self._inflight[key] = pending
+        pending, leader = self.begin(key)
         if not leader:
             return pending.result(timeout=wait)  # re-raises the leader's error: the caller may retry
         try:
             result = work()
         except BaseException as exc:
-            with self._lock:
-                del self._inflight[key]
-            pending.set_exception(exc)
+            self.fail(key, pending, exc)
             raise
+        self.finish(key, pending, result)
+        return result
+
+    def begin(self, key: Key) -> tuple[Future[T], bool]:
+        """The answer for `key` as a future, and whether the caller leads it.
+
+        A cached answer is a done future, a request in flight its leader's future (the caller
+        follows: False); otherwise the caller leads (True) and must end it with `finish` or `fail`.
+        This is `run` without blocking, for callers that send many requests at once (ExecuteBatch).
+        """
+        with self._lock:
+            cached = self._done.get(key)
+            if cached is not None and self._clock() - cached[0] < self._ttl:
+                self._done.move_to_end(key)
+                done: Future[T] = Future()
+                done.set_result(cached[1])
+                return done, False
+            pending = self._inflight.get(key)
+            if pending is not None:
+                return pending, False
+            pending = Future()
+            self._inflight[key] = pending
+            return pending, True
+
+    def fail(self, key: Key, pending: Future[T], error: BaseException) -> None:
+        """End a request led through `begin` with an error (never cached: a retry goes upstream)."""
+        with self._lock:
+            if self._inflight.get(key) is pending:
+                del self._inflight[key]
+        pending.set_exception(error)
+
+    def finish(self, key: Key, pending: Future[T], result: T) -> None:
+        """End a request led through `begin` with its answer, cached for identical retries."""
         size = self._sizer(result) + len(key[0]) + len(key[1]) + len(key[2]) + ENTRY_OVERHEAD
         with self._lock:
-            del self._inflight[key]
+            if self._inflight.get(key) is pending:
+                del self._inflight[key]
             if size <= self._max_entry_bytes:  # a bigger answer is not kept: a retry asks the state
                 previous = self._done.pop(key, None)
                 if previous is not None:
@@ -118,4 +141,3 @@ class Deduplicator(Generic[T]):
             while self._done and (len(self._done) > self._capacity or self._bytes > self._max_bytes):
                 self._bytes -= self._done.popitem(last=False)[1][2]
         pending.set_result(result)
-        return result

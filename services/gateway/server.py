@@ -6,16 +6,23 @@ is RESOURCE_EXHAUSTED, an undecodable one INVALID_ARGUMENT: veil.services.common
 the instance's authentication plugin, the caller's rate limit, shape checks, then routing to the
 instance's state replica with the caller's remaining deadline. Mutations are deduplicated by
 request_id in front of the state service's own durable dedupe (veil.services.gateway.idempotency).
+
+ExecuteBatch runs each of its commands through Execute's steps (plugin, one rate-limit token,
+shape checks, request_id dedupe, routing and its fall-backs), concurrently; the commands that
+go upstream are handed to each replica's coalescer as one ordered group
+(veil.services.gateway.upstream), so an account's consecutive counters arrive in order.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -35,6 +42,8 @@ from veil.services.common.errors import (
     ResourceExhausted,
     Unavailable,
     VeilError,
+    internal_status,
+    new_correlation_id,
 )
 from veil.services.common.identity import AUTHENTICATED, PUBLIC, certificate_identity
 from veil.services.common.main import serve
@@ -47,7 +56,7 @@ from veil.services.gateway.ratelimit import RateLimiter, refusal_counter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
 from veil.services.gateway.streams import StreamLimits, StreamSlots
-from veil.services.gateway.upstream import coalescing_stub, forward
+from veil.services.gateway.upstream import MAX_BATCH, coalescing_stub, forward, translate
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -69,8 +78,11 @@ AUTHORIZATION = identity.method_names(
         "ListInstances": frozenset({identity.ADMIN}),
         "GetStatus": AUTHENTICATED,
         "Ping": PUBLIC,
+        "ExecuteBatch": PUBLIC,
     },
 )
+#: Commands one public ExecuteBatch may carry: one coalesced message to a replica at most.
+MAX_BATCH_COMMANDS = MAX_BATCH
 #: How long a gateway asks the keyvault where an instance moved after its replica hung.
 LEASE_LOOKUP_TIMEOUT_S = 2.0
 _JWKS_TTL_S = 60.0
@@ -89,6 +101,18 @@ def _gateway_instance(instance: state_pb2.Instance, shard: str) -> gateway_pb2.I
     return gateway_pb2.Instance(
         instance_id=instance.instance_id, config=instance.config, sequence=instance.head.sequence, shard=shard
     )
+
+
+@dataclass(frozen=True)
+class _Batched:
+    """One command of an ExecuteBatch that this call sends upstream (it leads its request_id)."""
+
+    instance_id: str
+    request_id: str
+    principal: Principal
+    key: Key
+    forwarded: state_pb2.ExecuteRequest
+    answer: futures.Future[gateway_pb2.ExecuteResponse]
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -336,6 +360,112 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         return _once(self._executions, key, execute, timeout)
 
+    def ExecuteBatch(
+        self, request: gateway_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.ExecuteBatchResponse]:
+        # Refused as a whole before the stream starts (as WatchReceipts refuses).
+        if not 0 < len(request.commands) <= MAX_BATCH_COMMANDS:
+            raise InvalidArgument(
+                f"a batch carries 1 to {MAX_BATCH_COMMANDS} commands", metadata={"field": "commands"}
+            )
+        timeout = remaining_timeout(context, self._timeout)
+        deadline = time.monotonic() + timeout
+        refused: list[gateway_pb2.ExecuteBatchResponse] = []
+        answers: dict[futures.Future[gateway_pb2.ExecuteResponse], list[int]] = {}
+        upstream: dict[str, list[_Batched]] = {}  # per replica, in the batch's order
+        for index, command in enumerate(request.commands):
+            try:  # Execute's admission, one command at a time: each is authenticated and charged
+                instance_id = validation.instance_id(command.instance_id)
+                principal = self._admit(instance_id, context)
+                request_id = validation.request_id(command.request_id)
+                sealed = validation.sealed_command(command.command)
+            except VeilError as exc:
+                refused.append(_batch_failure(index, exc, context))
+                continue
+            key = (instance_id, request_id, wire.command_hash(sealed.encapsulated_key, sealed.ciphertext))
+            answer, leader = self._executions.begin(key)
+            answers.setdefault(answer, []).append(index)  # a repeated request shares its answer
+            if leader:
+                forwarded = state_pb2.ExecuteRequest(
+                    instance_id=instance_id, command=sealed, request_id=request_id
+                )
+                batched = _Batched(instance_id, request_id, principal, key, forwarded, answer)
+                upstream.setdefault(self._router.route(instance_id), []).append(batched)
+        for shard, group in upstream.items():
+            self._send_group(shard, group, deadline)
+        yield from refused
+        try:
+            for done in futures.as_completed(list(answers), max(deadline - time.monotonic(), 0.0)):
+                for index in answers.pop(done):
+                    yield _batch_answer(index, done, context)
+        except futures.TimeoutError:
+            late = DeadlineExceeded(
+                "the command was not committed within the deadline; retry with the same request_id",
+                reason="DEADLINE_EXCEEDED",
+            )
+            for indexes in answers.values():  # they may still commit: a retry finds out
+                yield from (_batch_failure(index, late, context) for index in indexes)
+
+    def _send_group(self, shard: str, group: list[_Batched], deadline: float) -> None:
+        """Hand a replica's commands of one batch to its coalescer as one ordered group; each
+        answer settles its request (a failure is retried off the reader thread as Execute would)."""
+        submit = getattr(self._stub(shard).Execute, "submit_group", None)
+        if submit is None:  # a plain stub (tests): one after another, in order, off this thread
+
+            def one_by_one() -> None:
+                for batched in group:
+                    self._retry_batched(shard, batched, None, deadline)
+
+            self._fanout.submit(one_by_one)
+            return
+        sent = submit([b.forwarded for b in group], timeout=max(deadline - time.monotonic(), 0.001))
+        for batched, future in zip(group, sent, strict=True):
+            future.add_done_callback(functools.partial(self._landed, shard, batched, deadline))
+
+    def _landed(
+        self,
+        shard: str,
+        batched: _Batched,
+        deadline: float,
+        future: futures.Future[state_pb2.ExecuteResponse],
+    ) -> None:
+        error = future.exception()
+        if error is None:
+            self._settle(batched, future.result())
+        else:  # routing's fall-backs may wait (lease look-up, another replica): not on this thread
+            self._fanout.submit(self._retry_batched, shard, batched, error, deadline)
+
+    def _retry_batched(
+        self, shard: str, batched: _Batched, error: BaseException | None, deadline: float
+    ) -> None:
+        """Finish a batched command as Execute's `_send` would, its first attempt's `error` included."""
+        first = [error] if error is not None else []
+        timeout = max(deadline - time.monotonic(), 0.001)
+
+        def send(at: str) -> state_pb2.ExecuteResponse:
+            if first and at == shard:
+                failed = first.pop()
+                if not isinstance(failed, grpc.RpcError):
+                    raise failed
+                if failed.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise translate(failed, at)
+                # UNAVAILABLE: sent again as a plain call, as `forward` retries a unary one.
+            return forward(at, self._stub(at).Execute, batched.forwarded, timeout=timeout)
+
+        try:
+            reply = self._routed(batched.instance_id, timeout, send)
+        except BaseException as exc:  # it becomes this command's status
+            self._executions.fail(batched.key, batched.answer, exc)
+            return
+        self._settle(batched, reply)
+
+    def _settle(self, batched: _Batched, reply: state_pb2.ExecuteResponse) -> None:
+        outcome = reply.outcome
+        if outcome.accepted:
+            principal = batched.principal.key
+            self.hub.publish(Committed(batched.instance_id, batched.request_id, principal, outcome))
+        self._executions.finish(batched.key, batched.answer, gateway_pb2.ExecuteResponse(outcome=outcome))
+
     def Query(
         self, request: gateway_pb2.QueryRequest, context: grpc.ServicerContext
     ) -> gateway_pb2.QueryResponse:
@@ -478,6 +608,28 @@ def _once(dedupe: Deduplicator[_Reply], key: Key, work: Callable[[], _Reply], ti
         raise DeadlineExceeded(
             "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
         ) from None
+
+
+def _batch_answer(
+    index: int, done: futures.Future[gateway_pb2.ExecuteResponse], context: grpc.ServicerContext
+) -> gateway_pb2.ExecuteBatchResponse:
+    error = done.exception()
+    if error is None:
+        return gateway_pb2.ExecuteBatchResponse(index=index, response=done.result())
+    return _batch_failure(index, error, context)
+
+
+def _batch_failure(
+    index: int, error: BaseException, context: grpc.ServicerContext
+) -> gateway_pb2.ExecuteBatchResponse:
+    """The status Execute would have ended with, as the error interceptor would present it."""
+    if isinstance(error, VeilError):
+        status = public_errors.present(error, context).to_status()
+    else:
+        correlation_id = new_correlation_id()
+        _log.error("a batched command failed (correlation id %s)", correlation_id, exc_info=error)
+        status = internal_status(correlation_id)
+    return gateway_pb2.ExecuteBatchResponse(index=index, status=status.SerializeToString())
 
 
 def create_server(

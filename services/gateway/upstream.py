@@ -12,6 +12,12 @@ commands with the message's status, which `call` retries as it retries a unary U
 Back-pressure: at most MAX_IN_FLIGHT messages of MAX_BATCH commands per replica; further calls
 wait in the gateway (bounded by its concurrent-RPC limit).
 
+A public ExecuteBatch hands its commands for one replica over as a *group* (`submit_group`):
+queued together, in their order, and never split across messages or interleaved with other
+calls, so one account's consecutive counters reach the replica, its batcher and the enclave in
+the order the client sealed them (the enclave runs a command only under the account's next
+counter). A group is at most MAX_BATCH commands, the public batch cap.
+
 A state replica's status is passed on when it describes the caller's request (not found,
 invalid, exhausted, deadline, retry later), with its message and ErrorInfo reason: those
 were already sanitized by the state service's own error interceptor. Anything that says
@@ -29,7 +35,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -47,7 +53,7 @@ from veil.services.common.errors import (
     VeilError,
 )
 from veil.state.v1 import state_pb2, state_pb2_grpc
-from veil.status import ERROR_DOMAIN, error_info
+from veil.status import ERROR_DOMAIN, StatusError, error_info
 
 _log = logging.getLogger(__name__)
 
@@ -100,29 +106,11 @@ def forward(shard: str, method: Callable[..., Resp], request: Req, *, timeout: f
 MAX_BATCH = 256
 #: Unanswered ExecuteBatch messages per replica before calls wait to be coalesced.
 MAX_IN_FLIGHT = 4
-_STATUS_DETAILS = "grpc-status-details-bin"
 
 
-class BatchedCallError(grpc.RpcError):
-    """One command's failure inside an ExecuteBatch answer, shaped as a failed unary call's error
-    (code, details, and the google.rpc.Status in its trailing metadata), so `call` and
-    `translate` treat it exactly as they treat a failed Execute."""
-
-    def __init__(self, status: status_pb2.Status) -> None:
-        super().__init__(status.message)
-        self._status = status
-
-    def code(self) -> grpc.StatusCode:
-        return _CODES.get(self._status.code, grpc.StatusCode.UNKNOWN)
-
-    def details(self) -> str:
-        return str(self._status.message)
-
-    def trailing_metadata(self) -> Any:  # what `grpc_status.rpc_status.from_call` reads
-        return ((_STATUS_DETAILS, self._status.SerializeToString()),)
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: One command's failure inside an ExecuteBatch answer, shaped as a failed unary call's error,
+#: so `call` and `translate` treat it exactly as they treat a failed Execute.
+BatchedCallError = StatusError
 
 
 def _deadline_exceeded() -> BatchedCallError:
@@ -157,7 +145,7 @@ class ExecuteCoalescer:
         self._single = single
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._queue: deque[_Waiting] = deque()
+        self._queue: deque[list[_Waiting]] = deque()  # groups: a lone Execute is a group of one
         self._lock = threading.Lock()
         self._in_flight = 0
         # Reading a stream blocks: one thread per message in flight.
@@ -178,7 +166,7 @@ class ExecuteCoalescer:
             if free:
                 self._in_flight += 1
             if not alone:
-                self._queue.append(waiting)
+                self._queue.append([waiting])
         if alone:  # nothing to coalesce with: a plain Execute from this thread, no hand-over
             try:
                 return self._single(request, timeout=timeout, metadata=metadata)
@@ -190,6 +178,24 @@ class ExecuteCoalescer:
             return waiting.answer.result(timeout)
         except FutureTimeout:
             raise _deadline_exceeded() from None
+
+    def submit_group(
+        self, requests: list[state_pb2.ExecuteRequest], *, timeout: float
+    ) -> list[Future[state_pb2.ExecuteResponse]]:
+        """Queue `requests` to leave together, in order, in one ExecuteBatch message; one future
+        each (its failure is a grpc.RpcError, as `__call__` raises)."""
+        if not 0 < len(requests) <= self._max_batch:
+            raise ValueError(f"a group holds 1 to {self._max_batch} commands")
+        deadline = time.monotonic() + timeout
+        group = [_Waiting(request, deadline) for request in requests]
+        with self._lock:
+            free = self._in_flight < self._max_in_flight
+            if free:
+                self._in_flight += 1
+            self._queue.append(group)
+        if free:
+            self._readers.submit(self._carry)
+        return [waiting.answer for waiting in group]
 
     def _release(self) -> None:
         """A plain Execute ended: its slot carries what queued meanwhile, or is freed."""
@@ -205,13 +211,19 @@ class ExecuteCoalescer:
             with self._lock:
                 now = time.monotonic()
                 batch: list[_Waiting] = []
-                while self._queue and len(batch) < self._max_batch:
-                    waiting = self._queue.popleft()
-                    if waiting.deadline > now:  # its caller has not given up yet
-                        batch.append(waiting)
+                expired: list[_Waiting] = []
+                # Whole groups only, in their order: a group never shares its place with others.
+                while self._queue and len(batch) + len(self._queue[0]) <= self._max_batch:
+                    for waiting in self._queue.popleft():
+                        # Sent only while its caller has not given up yet.
+                        (batch if waiting.deadline > now else expired).append(waiting)
                 if not batch:
                     self._in_flight -= 1
-                    return
+            for waiting in expired:  # outside the lock: a future's callbacks run here
+                if not waiting.answer.done():
+                    waiting.answer.set_exception(_deadline_exceeded())
+            if not batch:
+                return
             try:
                 self._exchange(batch, max(w.deadline for w in batch) - now)
             except Exception:  # never lose the slot: fail what is left of this batch

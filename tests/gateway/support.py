@@ -255,6 +255,7 @@ class EnclaveState(state_pb2_grpc.StateServiceServicer):
     def ExecuteBatch(
         self, request: state_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
     ) -> Iterator[state_pb2.ExecuteBatchResponse]:
+        self._count("ExecuteBatch")
         return execute_batch_over(self.Execute, request, context)
 
     def Query(self, request: state_pb2.QueryRequest, context: grpc.ServicerContext) -> Any:

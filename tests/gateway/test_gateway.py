@@ -41,24 +41,6 @@ Stub = gateway_pb2_grpc.GatewayServiceStub
 BOB, CAROL = "b0" * 32, "c0" * 32
 
 
-@pytest.fixture
-def alice(mesh: InProcessMesh) -> SigningIdentity:
-    return new_identity(mesh.data_dir, "alice")
-
-
-@pytest.fixture
-def admin(mesh: InProcessMesh) -> Iterator[VeilClient]:
-    with mesh.connect() as client:
-        yield client
-
-
-@pytest.fixture
-def coins(admin: VeilClient, alice: SigningIdentity) -> str:
-    admin.create_instance("coins", token_config(alice.public_key))
-    admin.token("coins", alice).mint(alice.account, 1000)
-    return "coins"
-
-
 def _stub(mesh: InProcessMesh, who: str = "admin") -> tuple[grpc.Channel, Stub]:
     channel = secure_channel(mesh.address, tls_for(mesh.pki_dir, who))
     return channel, gateway_pb2_grpc.GatewayServiceStub(channel)

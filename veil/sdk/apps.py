@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,20 @@ def _amount(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_AMOUNT:
         raise VeilClientError(f"an amount is a whole number from 1 to {_MAX_AMOUNT}, not {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One call of a batch (`TokenClient.transfer_many`): its value, or the error the single
+    call would have raised; `opened` is the verified answer (result, receipt) when there is one."""
+
+    value: Any = None
+    error: VeilClientError | None = None
+    opened: Opened | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 class _AppClient:
@@ -101,6 +115,28 @@ class _AppClient:
             self.instance_id, self._call(method, message), self.identity, request_id=request_id
         )
         return self._result(opened, method)
+
+    def _execute_many(
+        self,
+        method: str,
+        messages: Sequence[Any],
+        request_ids: Sequence[str | None] | None,
+        value: Callable[[Any], Any] = lambda result: result,
+    ) -> list[BatchResult]:
+        """Many calls of one method in one ExecuteBatch (`VeilClient.execute_many`), each judged
+        as `_execute` judges its own."""
+        calls = [self._call(method, message) for message in messages]
+        answers = self.client.execute_many(self.instance_id, calls, self.identity, request_ids=request_ids)
+        results = []
+        for answer in answers:
+            if isinstance(answer, VeilClientError):
+                results.append(BatchResult(error=answer))
+                continue
+            try:
+                results.append(BatchResult(value=value(self._result(answer, method)), opened=answer))
+            except VeilClientError as refused:
+                results.append(BatchResult(error=refused, opened=answer))
+        return results
 
     def _query(self, method: str, message: Any) -> Any:
         opened = self.client.query(self.instance_id, self._call(method, message), self.identity)
@@ -168,6 +204,16 @@ class TokenClient(_AppClient):
             "transfer", apps_pb2.TokenTransfer(to=self._recipient(to), amount=_amount(amount)), request_id
         )
         return result.amount
+
+    def transfer_many(
+        self, transfers: Sequence[tuple[str, int]], *, request_ids: Sequence[str | None] | None = None
+    ) -> list[BatchResult]:
+        """Many transfers (to, amount) in one ExecuteBatch (at most `client.MAX_BATCH`), run in
+        order; each result's value is the balance after it, or its error is what `transfer`
+        would have raised (a GatewayError's `request_id` resumes that transfer). Every recipient
+        and amount is checked before anything is sent."""
+        messages = [apps_pb2.TokenTransfer(to=self._recipient(to), amount=_amount(n)) for to, n in transfers]
+        return self._execute_many("transfer", messages, request_ids, lambda result: result.amount)
 
     def balance(self) -> int:
         """This identity's balance."""

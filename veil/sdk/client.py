@@ -26,6 +26,18 @@ hash of the command that used it (typed, in the sealed answer) with every sealin
 call: equal means the command ran (its recorded answer is fetched, or `ResultLost`); the
 counter used by another command means this one never will (it is sent again under the next);
 anything it cannot prove raises `OutcomeUnknown` instead of guessing.
+
+Batches (`execute_many`): one ExecuteBatch RPC carries up to MAX_BATCH commands of one
+identity on one instance, sealed under the account's consecutive counters; the gateway hands
+them to the state replica in that order, and the enclave runs them in it. Every answer is
+verified exactly as `execute` verifies its own. What the batch did not settle is settled one
+command at a time, in counter order, through `execute`'s own recovery: the same bytes under
+the same request id first, re-sealed only under the same counter; a command is sealed under
+a new counter only when the enclave's answer to it proves its counter was used by another
+command, and then after the rest of the batch. A "wrong counter" answer that asks for a
+*lower* counter (an earlier command of the batch was refused, or is still held) leaves the
+sealing valid under its own counter, so such a command is never re-sealed under another one:
+it is `OutcomeUnknown` when the counter before it cannot be filled.
 """
 
 from __future__ import annotations
@@ -42,7 +54,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from veil.enclave import wire
@@ -55,7 +67,7 @@ from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
 from veil.sdk.trust_policy import ExpectedMeasurement
-from veil.status import error_info
+from veil.status import StatusError, error_info
 from veil.verify.bundle import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
 from veil.verify.errors import AttestationError
 
@@ -71,6 +83,8 @@ _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EX
 # restarted): such a command was never executed, so it is sealed again to the new keys.
 _UNOPENABLE = "COMMAND_UNOPENABLE"
 _STREAM_LIFETIME_REACHED = "STREAM_LIFETIME_REACHED"
+#: Commands per ExecuteBatch (the gateway's cap).
+MAX_BATCH = 256
 
 Resp = TypeVar("Resp")
 
@@ -96,6 +110,67 @@ def _retry_hint(error: grpc.RpcError) -> float | None:
             detail.Unpack(info)
             return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One `execute_many` call: whose, where, and its calls' states by index."""
+
+    instance_id: str
+    identity: Identity
+    suite: int
+    calls: Sequence[apps_pb2.AppCall]
+    states: dict[int, _Call]
+
+
+class _Restart(Exception):
+    """A batched call's counter was used by another command: sealed again after the batch."""
+
+
+def _batch_answer(
+    item: gateway_pb2.ExecuteBatchResponse | None, sealed: SealedRequest, signing_key: bytes
+) -> Opened | VeilClientError | float | None:
+    """One ExecuteBatch answer judged as `execute` judges its own: the verified answer; None
+    when it proves nothing (an unsealed refusal, or COMMAND_UNOPENABLE: ambiguous); the error
+    `execute` would raise; or, for a missing or transient one, the delay before sending it again."""
+    if item is None:
+        return 0.0
+    if item.WhichOneof("result") == "response":
+        try:
+            return open_outcome(sealed, item.response.outcome, signing_key, query=False)
+        except CommandRefused:
+            return None  # the host's word: ambiguous
+        except IntegrityError as error:
+            return error
+    failed = StatusError(status_pb2.Status.FromString(item.status))
+    hint = _retry_hint(failed) if failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if failed.code() in _RETRYABLE or (hint is not None and hint <= _MAX_RETRY_HINT_S):
+        return hint or 0.0
+    refused = GatewayError(failed)
+    return None if _unopenable(refused) else refused
+
+
+def _too_early(state: _Call, next_counter: int, *, fresh: bool) -> None:
+    """The enclave asks for a lower counter: the one before this call's is not used yet (an
+    earlier command of its batch was refused before running, or is held). The sealing stays
+    valid under its counter and may still run, so the call never takes another counter; a
+    fresh sealing sent in order that is still early waits for a counter nothing will fill."""
+    state.ambiguous = True
+    if fresh:
+        raise OutcomeUnknown(
+            f"{state.instance_id}: not run so far: the enclave waits for counter {next_counter} "
+            f"before this command's {state.counter}, which an earlier command of its batch did not "
+            "use; it may still run if that counter is used, so the SDK does not send it again"
+        )
+
+
+def _unsettled_status(earlier: GatewayError) -> status_pb2.Status:
+    """The status of a batched call left unsent behind an earlier one without a definitive answer."""
+    code = earlier.code if earlier.code in _RETRYABLE else grpc.StatusCode.UNAVAILABLE
+    return status_pb2.Status(
+        code=code.value[0],
+        message=f"not settled: an earlier command of the batch has no definitive answer ({earlier})",
+    )
 
 
 def _kept_answer(
@@ -375,18 +450,9 @@ class VeilClient:
         account = identity.account
         call_bytes = call.SerializeToString(deterministic=True)
         with self._account_lock(instance_id, account):
-            with self._lock:
-                answered = self._answered.get(request_id) if request_id else None
-                resumed = self._unresolved.get(request_id) if request_id else None
-                earlier = answered[0] if answered else resumed
-                if earlier is not None and (earlier.instance_id, earlier.call) != (instance_id, call_bytes):
-                    raise ValueError(
-                        f"request id {request_id!r} already names another call; nothing was sent"
-                    )
-                if resumed is not None:
-                    del self._unresolved[resumed.request_id]
+            answered, resumed = self._claim(instance_id, [(call_bytes, request_id)])[0]
             if answered is not None:
-                return answered[1]  # the call ran: its answer again, nothing sent
+                return answered  # the call ran: its answer again, nothing sent
             state = resumed or _Call(
                 instance_id,
                 request_id or self.new_request_id(),
@@ -396,24 +462,250 @@ class VeilClient:
             try:
                 opened = self._run(state, call, identity, suite)
             except GatewayError as failure:
-                # No definitive answer: the command may or may not have run. Keep the call so a
-                # retry under its request id resumes it rather than sealing a second command.
-                with self._lock:
-                    self._unresolved[state.request_id] = state
-                    while len(self._unresolved) > _PENDING_LIMIT:
-                        self._unresolved.popitem(last=False)
-                failure.request_id = state.request_id
+                self._keep_unresolved(state, failure)
                 raise
-            with self._lock:
-                self._answered[state.request_id] = (state, opened)
-                while len(self._answered) > _PENDING_LIMIT:
-                    self._answered.popitem(last=False)
+            self._keep_answered(state, opened)
             return opened
 
-    def _run(self, state: _Call, call: apps_pb2.AppCall, identity: Identity, suite: int) -> Opened:
+    def _claim(
+        self, instance_id: str, calls: Sequence[tuple[bytes, str | None]]
+    ) -> list[tuple[Opened | None, _Call | None]]:
+        """For each (call, request id): its earlier answer, or the unresolved call it resumes.
+
+        Refuses (ValueError, nothing sent, nothing taken) a request id that names another call.
+        """
+        with self._lock:
+            found = []
+            for call_bytes, request_id in calls:
+                answered = self._answered.get(request_id) if request_id else None
+                resumed = self._unresolved.get(request_id) if request_id else None
+                earlier = answered[0] if answered else resumed
+                if earlier is not None and (earlier.instance_id, earlier.call) != (instance_id, call_bytes):
+                    raise ValueError(
+                        f"request id {request_id!r} already names another call; nothing was sent"
+                    )
+                found.append((answered[1] if answered else None, resumed))
+            for _, resumed in found:
+                if resumed is not None:
+                    self._unresolved.pop(resumed.request_id, None)
+        return found
+
+    def _keep_unresolved(self, state: _Call, failure: GatewayError) -> None:
+        """No definitive answer: the command may or may not have run. Keep the call so a retry
+        under its request id resumes it rather than sealing a second command."""
+        with self._lock:
+            self._unresolved[state.request_id] = state
+            while len(self._unresolved) > _PENDING_LIMIT:
+                self._unresolved.popitem(last=False)
+        failure.request_id = state.request_id
+
+    def _keep_answered(self, state: _Call, opened: Opened) -> None:
+        with self._lock:
+            self._answered[state.request_id] = (state, opened)
+            while len(self._answered) > _PENDING_LIMIT:
+                self._answered.popitem(last=False)
+
+    def execute_many(
+        self,
+        instance_id: str,
+        calls: Sequence[apps_pb2.AppCall],
+        identity: Identity,
+        *,
+        request_ids: Sequence[str | None] | None = None,
+        suite: int = X25519_SUITE,
+    ) -> list[Opened | VeilClientError]:
+        """Run up to MAX_BATCH commands of `identity` on one instance in one ExecuteBatch call.
+
+        One result per call, in order: the verified answer `execute` would return, or the error
+        it would raise (a `GatewayError` carries the call's `request_id`: passing it again, to
+        `execute` or here, resumes that call). The commands take the account's next counters
+        in the order given and run in that order; each runs at most once whatever the gateway
+        or the host does (see the module docstring). `request_ids` names the calls as
+        `execute`'s `request_id` does (None: fresh ids).
+        """
+        if not 0 < len(calls) <= MAX_BATCH:
+            raise ValueError(f"a batch holds 1 to {MAX_BATCH} calls")
+        ids = list(request_ids) if request_ids is not None else [None] * len(calls)
+        named = [i for i in ids if i]
+        if len(ids) != len(calls) or len(set(named)) != len(named):
+            raise ValueError("request_ids must name each call once")
+        account = identity.account
+        wanted = [
+            (call.SerializeToString(deterministic=True), rid) for call, rid in zip(calls, ids, strict=True)
+        ]
+        results: list[Opened | VeilClientError | None] = [None] * len(calls)
+        with self._account_lock(instance_id, account):
+            claimed = self._claim(instance_id, wanted)
+            states: dict[int, _Call] = {}
+            for index, (answered, resumed) in enumerate(claimed):
+                if answered is not None:
+                    results[index] = answered
+                elif resumed is not None:
+                    resumed.ambiguous = True  # its earlier attempt may have run: same counter only
+                    states[index] = resumed
+            counter = (
+                max([self.counters.last(instance_id, account), *(s.counter for s in states.values())]) + 1
+            )
+            for index, (call_bytes, request_id) in enumerate(wanted):
+                if results[index] is None and index not in states:
+                    states[index] = _Call(
+                        instance_id, request_id or self.new_request_id(), counter, call_bytes
+                    )
+                    counter += 1
+            order = sorted(states, key=lambda i: states[i].counter)
+            batch = _Batch(instance_id, identity, suite, calls, states)
+            self._settle_batch(batch, order, self._send_batch(batch, order), results)
+        return [r if r is not None else VeilClientError("a call was not settled") for r in results]
+
+    def _send_batch(self, batch: _Batch, order: list[int]) -> list[Opened | VeilClientError | None]:
+        """Seal what is new, send everything in one ExecuteBatch in counter order (its unanswered
+        part again on transient failures, same bytes, as `_call` retries), judge each answer.
+
+        Per call (in `order`): the verified answer; None when there is none to judge (lost, or
+        the host's word: ambiguous, for `_run` to resend); or the error `execute` would raise.
+        """
+        instance_id, identity = batch.instance_id, batch.identity
+        states = [batch.states[i] for i in order]
+        calls = [batch.calls[i] for i in order]
+        if not states:
+            return []
+        attestation = self.attest(instance_id)
+        scheme = self._scheme(attestation, instance_id)
+        for state, call in zip(states, calls, strict=True):
+            if not state.sealings:
+                sealed = seal_command(
+                    attestation.keys,
+                    instance_id=instance_id,
+                    scheme=scheme,
+                    identity=identity,
+                    call=call,
+                    counter=state.counter,
+                    request_id=state.request_id,
+                    suite=batch.suite,
+                )
+                self._remember(sealed, attestation.keys.signing_public_key)
+                state.sealings.append((sealed, attestation.keys.signing_public_key))
+        answers: list[Opened | VeilClientError | None] = [None] * len(states)
+        todo = list(range(len(states)))
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while todo:
+            request = gateway_pb2.ExecuteBatchRequest(
+                commands=[
+                    gateway_pb2.ExecuteRequest(
+                        instance_id=instance_id,
+                        command=states[k].sealings[0][0].command,
+                        request_id=states[k].sealings[0][0].request_id,
+                    )
+                    for k in todo
+                ]
+            )
+            got: dict[int, gateway_pb2.ExecuteBatchResponse] = {}
+            whole: grpc.RpcError | None = None
+            try:
+                stream = self._stub.ExecuteBatch(
+                    request, timeout=max(deadline - time.monotonic(), 0.01), metadata=self._metadata(identity)
+                )
+                for item in stream:
+                    got.setdefault(item.index, item)  # an index answered twice: the first counts
+            except grpc.RpcError as error:
+                whole = error  # what it did not answer stays unanswered
+            again: list[int] = []
+            delay = min(_MAX_BACKOFF_S, 0.1 * 2**attempt)
+            for position, k in enumerate(todo):
+                judged = _batch_answer(got.get(position), *states[k].sealings[0])
+                if isinstance(judged, float):  # transient: sent again (after its RetryInfo delay)
+                    again.append(k)
+                    delay = max(delay, judged)
+                else:
+                    answers[k] = judged
+            retry_whole = whole is None or whole.code() in _RETRYABLE
+            slice_s = min(_MAX_BACKOFF_S, self.timeout / 4)
+            if not again or not retry_whole or time.monotonic() + delay + slice_s >= deadline:
+                break  # what is left is resent one by one by `_run`, which retries on its own
+            time.sleep(delay)
+            attempt += 1
+            todo = again
+        return answers
+
+    def _settle_batch(
+        self,
+        batch: _Batch,
+        order: list[int],
+        firsts: list[Opened | VeilClientError | None],
+        results: list[Opened | VeilClientError | None],
+    ) -> None:
+        """Settle each batched call in counter order through `_run`; calls whose counter another
+        command used are sealed again afterwards, under counters past the batch's."""
+        instance_id, identity, states = batch.instance_id, batch.identity, batch.states
+        stopped: GatewayError | None = None
+        restarts: list[int] = []
+
+        def siblings(index: int) -> frozenset[bytes]:
+            return frozenset().union(*(s.hashes() for i, s in states.items() if i != index))
+
+        def settle(index: int, first: Opened | VeilClientError | None, *, batched: bool) -> None:
+            nonlocal stopped
+            state = states[index]
+            try:
+                if stopped is not None and not (isinstance(first, Opened) and first.accepted):
+                    # An earlier call has no definitive answer: this one waits for it (resume both).
+                    raise GatewayError(StatusError(_unsettled_status(stopped)))
+                if isinstance(first, VeilClientError):
+                    raise first
+                opened = self._run(
+                    state,
+                    batch.calls[index],
+                    identity,
+                    batch.suite,
+                    first=first,
+                    siblings=siblings(index),
+                    batched=batched,
+                )
+            except _Restart:
+                restarts.append(index)
+            except GatewayError as failure:
+                self._keep_unresolved(state, failure)
+                results[index] = failure
+                stopped = stopped or failure
+            except VeilClientError as failure:
+                results[index] = failure
+            else:
+                self._keep_answered(state, opened)
+                results[index] = opened
+
+        for position, index in enumerate(order):
+            settle(index, firsts[position], batched=True)
+        account = identity.account
+        for index in restarts:
+            past = max([self.counters.last(instance_id, account), *(s.counter for s in states.values())])
+            states[index].restart(past + 1)
+            settle(index, None, batched=False)
+
+    def _run(
+        self,
+        state: _Call,
+        call: apps_pb2.AppCall,
+        identity: Identity,
+        suite: int,
+        *,
+        first: Opened | None = None,
+        siblings: frozenset[bytes] = frozenset(),
+        batched: bool = False,
+    ) -> Opened:
+        """Run one call to a definitive answer (see the module docstring).
+
+        For a batched call: `first` is the batch's verified answer to its sealing (judged without
+        sending anything), `siblings` the hashes of the batch's other sealings, and a call whose
+        counter another command used raises `_Restart` instead of taking the enclave's next one.
+        """
         instance_id, account = state.instance_id, identity.account
         for round_ in range(_MAX_ROUNDS):
-            if state.sealings and round_ == 0:
+            fresh = False
+            if first is not None and round_ == 0:
+                sealed, signing_key = state.sealings[-1]
+                opened: Opened | None = first
+            elif state.sealings and round_ == 0:
                 # Resuming: the very same bytes first (the mesh may hold their answer), and the
                 # call counts as possibly run.
                 sealed, signing_key = state.sealings[0]
@@ -433,22 +725,24 @@ class VeilClient:
                 signing_key = attestation.keys.signing_public_key
                 self._remember(sealed, signing_key)
                 state.sealings.append((sealed, signing_key))
-            opened = self._send(instance_id, sealed, signing_key, identity)
+                fresh = True
+            if not (first is not None and round_ == 0):
+                opened = self._send(instance_id, sealed, signing_key, identity)
             if opened is None:
                 state.ambiguous = True  # the host may say so of a command that ran: same counter only
                 continue
             if opened.accepted:
-                self.counters.record(instance_id, account, state.counter)
+                self._record(instance_id, account, state.counter)
                 self._saw(instance_id, opened.sequence)
                 return opened
             error = opened.result.error if opened.result.HasField("error") else None
             if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
                 return opened
-            counter_state = self._counter_state(instance_id, account, opened, state)
+            counter_state = self._counter_state(instance_id, account, opened, state, siblings)
             if counter_state.last_command_hash:
                 # A sealing of this call used the counter: it ran. Never again; its answer is
                 # the one the enclave kept with the counter (or, failing that, the mesh's record).
-                self.counters.record(instance_id, account, state.counter)
+                self._record(instance_id, account, state.counter)
                 kept = _kept_answer(instance_id, counter_state, signing_key, sealed.request_id)
                 answer = kept or self._recorded_answer(
                     instance_id, state.sealings, counter_state.last_sequence, identity
@@ -456,9 +750,14 @@ class VeilClient:
                 # Its head is one this client has now seen acknowledged: later reads must not be older.
                 self._saw(instance_id, answer.sequence)
                 return answer
+            if counter_state.next_counter <= state.counter:
+                _too_early(state, counter_state.next_counter, fresh=fresh)
+                continue  # an answer from before the counter moved (reordered, or cached)
             # The counter is used by another command (or was never ours to use): this call can
             # never run under it, so it is sealed again under the enclave's next counter.
-            self.counters.record(instance_id, account, counter_state.next_counter - 1)
+            self._record(instance_id, account, counter_state.next_counter - 1)
+            if batched:
+                raise _Restart
             state.restart(counter_state.next_counter)
         if state.ambiguous:
             raise OutcomeUnknown(
@@ -490,8 +789,18 @@ class VeilClient:
             # answer: only the same counter again, where the enclave names the sealing that used it.
             return None
 
+    def _record(self, instance_id: str, account: str, counter: int) -> None:
+        """Remember `counter` as used, never moving the cache back (a batch settles out of order)."""
+        if counter > self.counters.last(instance_id, account):
+            self.counters.record(instance_id, account, counter)
+
     def _counter_state(
-        self, instance_id: str, account: str, opened: Opened, state: _Call
+        self,
+        instance_id: str,
+        account: str,
+        opened: Opened,
+        state: _Call,
+        siblings: frozenset[bytes] = frozenset(),
     ) -> command_pb2.CounterState:
         """Judge a "wrong counter" answer: whether this call ran, may have, or never can.
 
@@ -506,6 +815,7 @@ class VeilClient:
         used = counter_state.next_counter - 1
         if used == state.counter and counter_state.last_command_hash in state.hashes():
             return counter_state
+        by_sibling = counter_state.last_command_hash in siblings
         counter_state.ClearField("last_command_hash")
         last = self.counters.last(instance_id, account)
         if used < last:
@@ -514,6 +824,14 @@ class VeilClient:
             raise IntegrityError(
                 f"{instance_id}: the enclave asks for counter {counter_state.next_counter}, but counter "
                 f"{last} was already accepted: its log was rolled back"
+            )
+        if by_sibling and used > state.counter:
+            # Moved on by this client's own commands of the batch, which could run only after
+            # this call's counter was used: perhaps by this call, and the enclave names only the last.
+            raise OutcomeUnknown(
+                f"{instance_id}: the account's counter moved from {state.counter} to {used} by later "
+                "commands of the same batch; the SDK cannot prove whether this one ran and does not "
+                "send it again"
             )
         if state.ambiguous and used > state.counter:
             raise OutcomeUnknown(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/gateway/v1/gateway.proto\x12\x0fveil.gateway.v1\x1a\x1eveil/enclave/v1/envelope.proto\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x92\x02\n\x16GetAttestationResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x19\n\x11\x61ttestation_token\x18\x04 \x01(\t\x12\x30\n\x04keys\x18\x05 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tjwks_json\x18\x06 \x01(\t\x12+\n\x08instance\x18\x07 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\x12\x37\n\ndescriptor\x18\x08 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"~\n\x16\x43reateInstanceResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.veil.gateway.v1.Instance\"q\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\"]\n\x14WatchReceiptsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x19\n\x11request_id_prefix\x18\x02 \x01(\t\x12\x15\n\rreplay_recent\x18\x03 \x01(\x08\"]\n\x15WatchReceiptsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07outcome\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"\x12\n\x10GetStatusRequest\"b\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12,\n\x06shards\x18\x03 \x03(\x0b\x32\x1c.veil.gateway.v1.ShardStatus\"b\n\x0bShardStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0e\n\x06\x65\x63\x61lls\x18\x03 \x01(\x04\x12\x10\n\x08\x63ommands\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ommits\x18\x05 \x01(\x04\"3\n\x0bPingRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xc7\x05\n\x0eGatewayService\x12\x61\n\x0eGetAttestation\x12&.veil.gateway.v1.GetAttestationRequest\x1a\'.veil.gateway.v1.GetAttestationResponse\x12L\n\x07\x45xecute\x12\x1f.veil.gateway.v1.ExecuteRequest\x1a .veil.gateway.v1.ExecuteResponse\x12\x46\n\x05Query\x12\x1d.veil.gateway.v1.QueryRequest\x1a\x1e.veil.gateway.v1.QueryResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.gateway.v1.CreateInstanceRequest\x1a\'.veil.gateway.v1.CreateInstanceResponse\x12^\n\rListInstances\x12%.veil.gateway.v1.ListInstancesRequest\x1a&.veil.gateway.v1.ListInstancesResponse\x12`\n\rWatchReceipts\x12%.veil.gateway.v1.WatchReceiptsRequest\x1a&.veil.gateway.v1.WatchReceiptsResponse0\x01\x12R\n\tGetStatus\x12!.veil.gateway.v1.GetStatusRequest\x1a\".veil.gateway.v1.GetStatusResponse\x12\x43\n\x04Ping\x12\x1c.veil.gateway.v1.PingRequest\x1a\x1d.veil.gateway.v1.PingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/gateway/v1/gateway.proto\x12\x0fveil.gateway.v1\x1a\x1eveil/enclave/v1/envelope.proto\",\n\x15GetAttestationRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x92\x02\n\x16GetAttestationResponse\x12\r\n\x05quote\x18\x01 \x01(\x0c\x12\x14\n\x0cruntime_data\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x19\n\x11\x61ttestation_token\x18\x04 \x01(\t\x12\x30\n\x04keys\x18\x05 \x01(\x0b\x32\".veil.enclave.v1.EnclavePublicKeys\x12\x11\n\tjwks_json\x18\x06 \x01(\t\x12+\n\x08instance\x18\x07 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\x12\x37\n\ndescriptor\x18\x08 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"j\n\x0e\x45xecuteRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"C\n\x0f\x45xecuteResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"H\n\x13\x45xecuteBatchRequest\x12\x31\n\x08\x63ommands\x18\x01 \x03(\x0b\x32\x1f.veil.gateway.v1.ExecuteRequest\"w\n\x14\x45xecuteBatchResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x34\n\x08response\x18\x02 \x01(\x0b\x32 .veil.gateway.v1.ExecuteResponseH\x00\x12\x10\n\x06status\x18\x03 \x01(\x0cH\x00\x42\x08\n\x06result\"T\n\x0cQueryRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x1e.veil.enclave.v1.SealedCommand\"A\n\rQueryResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"q\n\x15\x43reateInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"~\n\x16\x43reateInstanceResponse\x12+\n\x08instance\x18\x01 \x01(\x0b\x32\x19.veil.gateway.v1.Instance\x12\x37\n\ndescriptor\x18\x02 \x01(\x0b\x32#.veil.enclave.v1.InstanceDescriptor\"\x16\n\x14ListInstancesRequest\"E\n\x15ListInstancesResponse\x12,\n\tinstances\x18\x01 \x03(\x0b\x32\x19.veil.gateway.v1.Instance\"q\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\r\n\x05shard\x18\x04 \x01(\t\"]\n\x14WatchReceiptsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x19\n\x11request_id_prefix\x18\x02 \x01(\t\x12\x15\n\rreplay_recent\x18\x03 \x01(\x08\"]\n\x15WatchReceiptsResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x07outcome\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.CommandOutcome\"\x12\n\x10GetStatusRequest\"b\n\x11GetStatusResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12,\n\x06shards\x18\x03 \x03(\x0b\x32\x1c.veil.gateway.v1.ShardStatus\"b\n\x0bShardStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x12\x0e\n\x06\x65\x63\x61lls\x18\x03 \x01(\x04\x12\x10\n\x08\x63ommands\x18\x04 \x01(\x04\x12\x0f\n\x07\x63ommits\x18\x05 \x01(\x04\"3\n\x0bPingRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"\x1f\n\x0cPingResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xa6\x06\n\x0eGatewayService\x12\x61\n\x0eGetAttestation\x12&.veil.gateway.v1.GetAttestationRequest\x1a\'.veil.gateway.v1.GetAttestationResponse\x12L\n\x07\x45xecute\x12\x1f.veil.gateway.v1.ExecuteRequest\x1a .veil.gateway.v1.ExecuteResponse\x12\x46\n\x05Query\x12\x1d.veil.gateway.v1.QueryRequest\x1a\x1e.veil.gateway.v1.QueryResponse\x12\x61\n\x0e\x43reateInstance\x12&.veil.gateway.v1.CreateInstanceRequest\x1a\'.veil.gateway.v1.CreateInstanceResponse\x12^\n\rListInstances\x12%.veil.gateway.v1.ListInstancesRequest\x1a&.veil.gateway.v1.ListInstancesResponse\x12`\n\rWatchReceipts\x12%.veil.gateway.v1.WatchReceiptsRequest\x1a&.veil.gateway.v1.WatchReceiptsResponse0\x01\x12R\n\tGetStatus\x12!.veil.gateway.v1.GetStatusRequest\x1a\".veil.gateway.v1.GetStatusResponse\x12\x43\n\x04Ping\x12\x1c.veil.gateway.v1.PingRequest\x1a\x1d.veil.gateway.v1.PingResponse\x12]\n\x0c\x45xecuteBatch\x12$.veil.gateway.v1.ExecuteBatchRequest\x1a%.veil.gateway.v1.ExecuteBatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,34 +40,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTEREQUEST']._serialized_end=511
   _globals['_EXECUTERESPONSE']._serialized_start=513
   _globals['_EXECUTERESPONSE']._serialized_end=580
-  _globals['_QUERYREQUEST']._serialized_start=582
-  _globals['_QUERYREQUEST']._serialized_end=666
-  _globals['_QUERYRESPONSE']._serialized_start=668
-  _globals['_QUERYRESPONSE']._serialized_end=733
-  _globals['_CREATEINSTANCEREQUEST']._serialized_start=735
-  _globals['_CREATEINSTANCEREQUEST']._serialized_end=848
-  _globals['_CREATEINSTANCERESPONSE']._serialized_start=850
-  _globals['_CREATEINSTANCERESPONSE']._serialized_end=976
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=978
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=1000
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1002
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1071
-  _globals['_INSTANCE']._serialized_start=1073
-  _globals['_INSTANCE']._serialized_end=1186
-  _globals['_WATCHRECEIPTSREQUEST']._serialized_start=1188
-  _globals['_WATCHRECEIPTSREQUEST']._serialized_end=1281
-  _globals['_WATCHRECEIPTSRESPONSE']._serialized_start=1283
-  _globals['_WATCHRECEIPTSRESPONSE']._serialized_end=1376
-  _globals['_GETSTATUSREQUEST']._serialized_start=1378
-  _globals['_GETSTATUSREQUEST']._serialized_end=1396
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1398
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1496
-  _globals['_SHARDSTATUS']._serialized_start=1498
-  _globals['_SHARDSTATUS']._serialized_end=1596
-  _globals['_PINGREQUEST']._serialized_start=1598
-  _globals['_PINGREQUEST']._serialized_end=1649
-  _globals['_PINGRESPONSE']._serialized_start=1651
-  _globals['_PINGRESPONSE']._serialized_end=1682
-  _globals['_GATEWAYSERVICE']._serialized_start=1685
-  _globals['_GATEWAYSERVICE']._serialized_end=2396
+  _globals['_EXECUTEBATCHREQUEST']._serialized_start=582
+  _globals['_EXECUTEBATCHREQUEST']._serialized_end=654
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_start=656
+  _globals['_EXECUTEBATCHRESPONSE']._serialized_end=775
+  _globals['_QUERYREQUEST']._serialized_start=777
+  _globals['_QUERYREQUEST']._serialized_end=861
+  _globals['_QUERYRESPONSE']._serialized_start=863
+  _globals['_QUERYRESPONSE']._serialized_end=928
+  _globals['_CREATEINSTANCEREQUEST']._serialized_start=930
+  _globals['_CREATEINSTANCEREQUEST']._serialized_end=1043
+  _globals['_CREATEINSTANCERESPONSE']._serialized_start=1045
+  _globals['_CREATEINSTANCERESPONSE']._serialized_end=1171
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=1173
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=1195
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=1197
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=1266
+  _globals['_INSTANCE']._serialized_start=1268
+  _globals['_INSTANCE']._serialized_end=1381
+  _globals['_WATCHRECEIPTSREQUEST']._serialized_start=1383
+  _globals['_WATCHRECEIPTSREQUEST']._serialized_end=1476
+  _globals['_WATCHRECEIPTSRESPONSE']._serialized_start=1478
+  _globals['_WATCHRECEIPTSRESPONSE']._serialized_end=1571
+  _globals['_GETSTATUSREQUEST']._serialized_start=1573
+  _globals['_GETSTATUSREQUEST']._serialized_end=1591
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1593
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1691
+  _globals['_SHARDSTATUS']._serialized_start=1693
+  _globals['_SHARDSTATUS']._serialized_end=1791
+  _globals['_PINGREQUEST']._serialized_start=1793
+  _globals['_PINGREQUEST']._serialized_end=1844
+  _globals['_PINGRESPONSE']._serialized_start=1846
+  _globals['_PINGRESPONSE']._serialized_end=1877
+  _globals['_GATEWAYSERVICE']._serialized_start=1880
+  _globals['_GATEWAYSERVICE']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

@@ -77,6 +77,11 @@ class GatewayServiceStub:
                 request_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.SerializeToString,
                 response_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.ExecuteBatch = channel.unary_stream(
+                '/veil.gateway.v1.GatewayService/ExecuteBatch',
+                request_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchRequest.SerializeToString,
+                response_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServiceServicer:
@@ -145,6 +150,18 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecuteBatch(self, request, context):
+        """ExecuteBatch runs many sealed commands in one call (at most 256), each exactly as its own
+        Execute would run it: the instance's authentication plugin and one rate-limit token per
+        command, idempotency by request_id, routing, the answer after its durable commit. The
+        commands are handed to their state replicas in the order given (one account's consecutive
+        counters stay in order on an honest host). Each answer is streamed back as soon as it is
+        ready, tagged with its command's index; one command's failure fails only that command.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +204,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.FromString,
                     response_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.SerializeToString,
+            ),
+            'ExecuteBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExecuteBatch,
+                    request_deserializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchRequest.FromString,
+                    response_serializer=veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +430,33 @@ class GatewayService:
             '/veil.gateway.v1.GatewayService/Ping',
             veil_dot_gateway_dot_v1_dot_gateway__pb2.PingRequest.SerializeToString,
             veil_dot_gateway_dot_v1_dot_gateway__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecuteBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/veil.gateway.v1.GatewayService/ExecuteBatch',
+            veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchRequest.SerializeToString,
+            veil_dot_gateway_dot_v1_dot_gateway__pb2.ExecuteBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

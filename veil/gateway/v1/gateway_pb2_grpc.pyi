@@ -58,6 +58,14 @@ class GatewayServiceStub:
     rate limit, routing to the instance's state replica, deadline) but the state host
     acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
     """
+    ExecuteBatch: _grpc.UnaryStreamMultiCallable[_gateway_pb2.ExecuteBatchRequest, _gateway_pb2.ExecuteBatchResponse]
+    """ExecuteBatch runs many sealed commands in one call (at most 256), each exactly as its own
+    Execute would run it: the instance's authentication plugin and one rate-limit token per
+    command, idempotency by request_id, routing, the answer after its durable commit. The
+    commands are handed to their state replicas in the order given (one account's consecutive
+    counters stay in order on an honest host). Each answer is streamed back as soon as it is
+    ready, tagged with its command's index; one command's failure fails only that command.
+    """
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
@@ -88,6 +96,14 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
     rate limit, routing to the instance's state replica, deadline) but the state host
     acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+    """
+    ExecuteBatch: _aio.UnaryStreamMultiCallable[_gateway_pb2.ExecuteBatchRequest, _gateway_pb2.ExecuteBatchResponse]  # type: ignore[assignment]
+    """ExecuteBatch runs many sealed commands in one call (at most 256), each exactly as its own
+    Execute would run it: the instance's authentication plugin and one rate-limit token per
+    command, idempotency by request_id, routing, the answer after its durable commit. The
+    commands are handed to their state replicas in the order given (one account's consecutive
+    counters stay in order on an honest host). Each answer is streamed back as soon as it is
+    ready, tagged with its command's index; one command's failure fails only that command.
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -164,6 +180,20 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         """Ping is the transport baseline: it takes the same path as Execute (authentication plugin,
         rate limit, routing to the instance's state replica, deadline) but the state host
         acknowledges it without the enclave or storage. `veil bench` compares Execute against it.
+        """
+
+    @_abc_1.abstractmethod
+    def ExecuteBatch(
+        self,
+        request: _gateway_pb2.ExecuteBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.ExecuteBatchResponse], _abc.AsyncIterator[_gateway_pb2.ExecuteBatchResponse]]:
+        """ExecuteBatch runs many sealed commands in one call (at most 256), each exactly as its own
+        Execute would run it: the instance's authentication plugin and one rate-limit token per
+        command, idempotency by request_id, routing, the answer after its durable commit. The
+        commands are handed to their state replicas in the order given (one account's consecutive
+        counters stay in order on an honest host). Each answer is streamed back as soon as it is
+        ready, tagged with its command's index; one command's failure fails only that command.
         """
 
 def add_GatewayServiceServicer_to_server(servicer: GatewayServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
