@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from tests.cli.support import Veil
+from veil.cli.token import BULK_CHUNK
 
 
 def _balances(veil: Veil, *names: str) -> dict[str, int]:
@@ -112,3 +113,27 @@ def test_a_row_answered_too_late_is_resumed_not_repaid(veil: Veil, tmp_path: Pat
     assert status == 0, out + err
     assert "1 transfers committed (10 tokens)" in out
     assert _balances(veil, "alice", "bob") == {"alice": 90, "bob": 10}
+
+
+def test_a_long_file_goes_in_batches_and_a_rerun_sends_nothing(veil: Veil, tmp_path: Path) -> None:
+    """Issue 13: the rows go to the mesh BULK_CHUNK at a time, one ExecuteBatch each, in file
+    order; a rerun of the finished file skips every row and sends nothing."""
+    veil.identities("treasury", "alice", "bob", "carol")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "treasury")
+    veil.ok("token", "mint", "coins", "alice", "1000", "--as", "treasury")
+    rows = BULK_CHUNK * 2 + 44
+    payroll = tmp_path / "payroll.csv"
+    payroll.write_text("".join(f"{'bob' if n % 2 else 'carol'},{1 + n % 3}\n" for n in range(rows)))
+    state = veil.mesh.states[0]
+    batches, executed = state.calls["ExecuteBatch"], veil.executed()
+    document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    sent = sum(1 + n % 3 for n in range(rows))
+    assert (document["applied"], document["sent"]) == (rows, sent)
+    assert state.calls["ExecuteBatch"] - batches == 3  # one call per chunk, not one per row
+    assert veil.executed() - executed == rows  # each row once
+    sequences = [t["sequence"] for t in document["transfers"]]
+    assert sequences == sorted(sequences)  # run in file order
+    assert _balances(veil, "alice")["alice"] == 1000 - sent
+    document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert (document["applied"], document["skipped"]) == (0, rows)
+    assert veil.executed() - executed == rows

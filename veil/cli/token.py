@@ -1,4 +1,8 @@
-"""`veil token`: confidential balances: mint, transfer (one, or a resumable CSV), balance, supply."""
+"""`veil token`: confidential balances: mint, transfer (one, or a resumable CSV), balance, supply.
+
+A CSV transfer sends its rows in chunks of BULK_CHUNK, one ExecuteBatch each
+(`TokenClient.transfer_many`): a chunk's rows run in file order under the sender's consecutive
+counters, each verified and settled exactly as a single transfer is."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from veil.cli.common import (
     report,
     report_receipt,
 )
+from veil.sdk.apps import BatchResult
 from veil.sdk.contacts import canonical_account
 from veil.sdk.errors import (
     CommandRefused,
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 
 #: Where bulk transfers remember, per file, which rows were applied (DATA_DIR/bulk/...).
 BULK_DIR = "bulk"
+#: Rows per ExecuteBatch of a bulk transfer (the gateway takes up to 256 commands per call).
+BULK_CHUNK = 128
 
 
 def register(commands: Subcommands) -> None:
@@ -172,7 +179,7 @@ def _read_transfers(args: argparse.Namespace, path: Path, content: bytes) -> lis
 
 
 class Journal:
-    """What earlier runs of one file did, row by row (written after every row, atomically).
+    """What earlier runs of one file did, row by row (written after every chunk of rows, atomically).
 
     Each row's request id is derived from the file's hash, the sender and the row number, so
     the mesh (which keeps every committed request id's answer) also knows a row that ran in a
@@ -199,6 +206,8 @@ class Journal:
 
     def record(self, row: Row, **fields: Any) -> None:
         self.rows[str(row.number)] = {**self.entry(row), **fields}
+
+    def save(self) -> None:
         write_json(self.path, {"rows": self.rows})
 
 
@@ -217,11 +226,12 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
             identity.account,
         )
         progress = output.Progress(len(rows), "transfers")
-        for row in rows:
-            result = _bulk_row(token, journal, row)
-            results.append(result)
-            progress.advance()
-            if result["status"] == "stopped":
+        for start in range(0, len(rows), BULK_CHUNK):
+            chunk = _bulk_chunk(token, journal, rows[start : start + BULK_CHUNK])
+            journal.save()
+            results.extend(chunk)
+            progress.advance(len(chunk))
+            if any(result["status"] == "stopped" for result in chunk):
                 break
         progress.finish()
     by_status = {s: [r for r in results if r["status"] == s] for s in _STATUSES}
@@ -269,49 +279,70 @@ _NO_ANSWER = (
 )
 
 
-def _transfer_resuming(token: TokenClient, row: Row, request_id: str) -> int:
-    """The row's transfer; after a failure without an answer, the same call again (same request
-    id, same sealed bytes first), so an attempt that ran is answered, not run twice."""
-    for pause in _RESUME_PAUSES_S:
+def _transfers_resuming(token: TokenClient, rows: list[Row], request_ids: list[str]) -> list[BatchResult]:
+    """The rows' transfers in one batch; rows left without an answer go again (same request
+    ids: the same calls, same sealed bytes first), so an attempt that ran is answered, not run
+    twice."""
+    results: dict[int, BatchResult] = {}
+    todo = list(range(len(rows)))
+    for pause in (*_RESUME_PAUSES_S, None):
         try:
-            return token.transfer(row.to, row.amount, request_id=request_id)
-        except GatewayError:
-            time.sleep(pause)
-    return token.transfer(row.to, row.amount, request_id=request_id)
+            answers = token.transfer_many(
+                [(rows[i].to, rows[i].amount) for i in todo], request_ids=[request_ids[i] for i in todo]
+            )
+        except GatewayError as failure:  # nothing was sent (e.g. the attestation failed)
+            answers = [BatchResult(error=failure)] * len(todo)
+        results.update(zip(todo, answers, strict=True))
+        todo = [i for i in todo if isinstance(results[i].error, GatewayError)]
+        if not todo or pause is None:
+            break
+        time.sleep(pause)
+    return [results[i] for i in range(len(rows))]
 
 
-def _bulk_row(token: TokenClient, journal: Journal, row: Row) -> dict[str, Any]:
-    """Send one row unless an earlier run settled it; what happened (`detail` for people)."""
-    result: dict[str, Any] = {"row": row.number, "to": row.to, "amount": row.amount, "detail": ""}
-    earlier = journal.entry(row).get("state")
-    if earlier in _EARLIER:  # settled by an earlier run: never sent again
-        return {
-            **result,
-            "status": "skipped" if earlier == "applied" else "unknown",
-            "detail": _EARLIER[earlier],
-        }
-    try:
-        result["balance"] = _transfer_resuming(token, row, journal.request_id(row))
-        receipt = receipt_json(token.last)
-        result.update(status="applied", sequence=receipt and receipt["sequence"])
-    except CommandRefused as refusal:
+def _bulk_chunk(token: TokenClient, journal: Journal, rows: list[Row]) -> list[dict[str, Any]]:
+    """Send the rows no earlier run settled, in one batch; what happened to each (`detail` for
+    people), in file order."""
+    results: dict[int, dict[str, Any]] = {}
+    todo: list[Row] = []
+    for row in rows:
+        earlier = journal.entry(row).get("state")
+        result: dict[str, Any] = {"row": row.number, "to": row.to, "amount": row.amount, "detail": ""}
+        results[row.number] = result
+        if earlier in _EARLIER:  # settled by an earlier run: never sent again
+            result.update(status="skipped" if earlier == "applied" else "unknown", detail=_EARLIER[earlier])
+        else:
+            todo.append(row)
+    if todo:
+        answers = _transfers_resuming(token, todo, [journal.request_id(row) for row in todo])
+        for row, answer in zip(todo, answers, strict=True):
+            _settle_row(journal, row, answer, results[row.number])
+    return [results[row.number] for row in rows]
+
+
+def _settle_row(journal: Journal, row: Row, answer: BatchResult, result: dict[str, Any]) -> None:
+    """Record one sent row's outcome, as a single transfer's would be."""
+    error = answer.error
+    if error is None:
+        receipt = receipt_json(answer.opened)
+        result.update(status="applied", balance=answer.value, sequence=receipt and receipt["sequence"])
+    elif isinstance(error, CommandRefused):
         # A refusal moved nothing: the next run tries again, under the next request id.
         journal.record(row, state="refused", attempt=int(journal.entry(row).get("attempt", 0)) + 1)
-        result.update(status="refused", detail=str(refusal))
-    except ResultLost as lost:
-        result.update(status="applied", sequence=lost.sequence, detail=str(lost))
-    except (IntegrityError, OutcomeUnknown) as unknown:
+        result.update(status="refused", detail=str(error))
+    elif isinstance(error, ResultLost):
+        result.update(status="applied", sequence=error.sequence, detail=str(error))
+    elif isinstance(error, IntegrityError | OutcomeUnknown):
         journal.record(row, state="unknown")
         result.update(
-            status="unknown", detail=_NO_ANSWER if isinstance(unknown, IntegrityError) else str(unknown)
+            status="unknown", detail=_NO_ANSWER if isinstance(error, IntegrityError) else str(error)
         )
-    except VeilClientError as failure:
+    else:
         # No answer at all (the mesh went away): the row may have run. The next run sends it
         # under the same request id, which the mesh answers once, never twice.
-        result.update(status="stopped", detail=f"stopped here: {failure}")
+        result.update(status="stopped", detail=f"stopped here: {error}")
     if result["status"] == "applied":
         journal.record(row, state="applied", sequence=result["sequence"])
-    return result
 
 
 # --- reads ----------------------------------------------------------------------------------
