@@ -1214,6 +1214,9 @@ const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDE
 const UNOPENABLE = "COMMAND_UNOPENABLE";
 
 const MAX_REMEMBERED_CALLS = 1024;
+export const MAX_BATCH = 256; // commands per ExecuteBatch (the gateway's cap)
+// A batched call whose counter another command used: sealed again after the rest of its batch.
+class Restart extends Error {}
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export class VeilNodeClient {
@@ -1405,11 +1408,19 @@ export class VeilNodeClient {
     }
   }
 
-  async run(state, call, identity) {
+  // For a batched call (executeMany): `first` is the batch's verified answer to its first
+  // sealing (judged without sending anything; null: none, resend), `siblings` the hex hashes of
+  // the batch's other sealings, and `batched` throws Restart instead of taking another counter.
+  async run(state, call, identity, { first, siblings = new Set(), batched = false } = {}) {
     const { instanceId, account } = state;
     for (let round = 0; round < MAX_ROUNDS; round += 1) {
       let sealed;
-      if (round === 0 && state.attempts.length) {
+      let fresh = false;
+      let opened;
+      if (round === 0 && first) {
+        sealed = state.attempts[0];
+        opened = first;
+      } else if (round === 0 && state.attempts.length) {
         // Resuming: the very same bytes first (the mesh may hold their answer), and the call
         // counts as possibly run.
         sealed = state.attempts[0];
@@ -1420,27 +1431,43 @@ export class VeilNodeClient {
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
         state.attempts.push(sealed);
         this.calls.put(state); // kept before it is sent: a process that dies now can still resume it
+        fresh = true;
       }
-      const opened = await this.send(sealed, state.requestId);
+      if (opened === undefined) opened = await this.send(sealed, state.requestId);
       if (opened === null) {
         state.ambiguous = true; // the host may say so of a command that ran: same counter only
         continue;
       }
       if (opened.accepted) {
-        this.counters.record(instanceId, account, state.counter);
+        this.record(instanceId, account, state.counter);
         return opened;
       }
       const error = opened.message.error;
       if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
-      const counterState = this.counterState(instanceId, account, opened, state);
+      const counterState = this.counterState(instanceId, account, opened, state, { siblings, batched });
+      if (counterState.tooEarly) {
+        // The counter before this call's is not used yet (an earlier command of its batch was
+        // refused before running, or is held): this sealing stays valid under its counter and
+        // may still run, so the call never takes another counter.
+        state.ambiguous = true;
+        if (fresh) {
+          throw new OutcomeUnknown(
+            `${instanceId}: not run so far: the enclave waits for counter ${counterState.nextCounter} before this command's ` +
+              `${state.counter}, which an earlier command of its batch did not use; it may still run if that counter is used, ` +
+              "so the client does not send it again",
+          );
+        }
+        continue; // an answer from before the counter moved (reordered, or cached)
+      }
       if (counterState.ran) {
         // An earlier sealing of this call used the counter: it ran. Never again.
-        this.counters.record(instanceId, account, state.counter);
+        this.record(instanceId, account, state.counter);
         return this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
       }
       // The counter is used by another command: this call can never run under it, so it is
       // sealed again under the enclave's next counter.
-      this.counters.record(instanceId, account, counterState.nextCounter - 1);
+      this.record(instanceId, account, counterState.nextCounter - 1);
+      if (batched) throw new Restart();
       state.counter = counterState.nextCounter;
       state.attempts = [];
       state.ambiguous = false;
@@ -1458,7 +1485,7 @@ export class VeilNodeClient {
 
   // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
-  counterState(instanceId, account, opened, { counter, attempts, ambiguous }) {
+  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), batched = false } = {}) {
     const state = opened.message.counter;
     const next = state ? Number(state.nextCounter.toString()) : 0;
     if (!state || !Number.isSafeInteger(next) || next < 1) throw new IntegrityError(`${instanceId}: the enclave refused the counter without its state`);
@@ -1474,18 +1501,162 @@ export class VeilNodeClient {
         `${instanceId}: the enclave asks for counter ${next}, but counter ${last} was already accepted: its log was rolled back`,
       );
     }
+    if (used > counter && siblings.has(lastCommandHash.toString("hex"))) {
+      // Moved on by this client's own later commands of the batch, which could run only after
+      // this call's counter was used: perhaps by this call (the enclave names only the last).
+      throw new OutcomeUnknown(
+        `${instanceId}: the account's counter moved from ${counter} to ${used} by later commands of the same batch; ` +
+          "the client cannot prove whether this one ran and does not send it again",
+      );
+    }
     if (ambiguous && used > counter) {
       throw new OutcomeUnknown(
         `${instanceId}: an attempt of this command may have run; the account's counter moved from ${counter} to ${used} ` +
           "since, so the client cannot prove whether it did and does not send it again",
       );
     }
+    if (used < counter && batched) return { tooEarly: true, nextCounter: next, lastSequence };
     if (used < counter) {
       // It refuses our counter while asking for it (or one below): an earlier sealing under
       // `counter` could still run later, so nothing is sealed under a lower one.
       throw new IntegrityError(`${instanceId}: the enclave refused counter ${counter} but asks for ${next}`);
     }
     return { ran: false, nextCounter: next, lastSequence };
+  }
+
+  // Remember `counter` as used, never moving the cache back (a batch settles out of order).
+  record(instanceId, account, counter) {
+    if (counter > this.counters.last(instanceId, account)) this.counters.record(instanceId, account, counter);
+  }
+
+  // Run up to MAX_BATCH commands (AppCall objects) of `identity` on one instance in one
+  // ExecuteBatch call (veil/sdk/client.py `execute_many`). Resolves to one entry per call, in
+  // order: `{ answer }` (what `execute` resolves to) or `{ error }` (what it throws; an error
+  // with a `requestId` resumes that call through `execute` or here). The commands take the
+  // account's next counters in the order given and run in it; what the batch did not settle is
+  // settled one call at a time, in counter order, through `execute`'s recovery (`run`): each
+  // call runs at most once. `requestIds` names the calls as `execute`'s `requestId` does.
+  async executeMany(instanceId, calls, identity, { requestIds } = {}) {
+    if (!Array.isArray(calls) || calls.length < 1 || calls.length > MAX_BATCH) throw new InputError(`a batch holds 1 to ${MAX_BATCH} calls`);
+    const ids = requestIds ?? calls.map(() => undefined);
+    const named = ids.filter(Boolean);
+    if (ids.length !== calls.length || new Set(named).size !== named.length) throw new InputError("requestIds must name each call once");
+    named.forEach(checkRequestId);
+    const account = identity.account;
+    const results = new Array(calls.length).fill(null);
+    const states = new Map(); // index -> call state (execute's)
+    const callBytes = calls.map((call) => Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish()));
+    calls.forEach((_, index) => {
+      const earlier = ids[index] ? this.calls.get(ids[index]) : undefined;
+      if (earlier === undefined) return;
+      if (earlier.instanceId !== instanceId || earlier.account !== account || !earlier.callBytes.equals(callBytes[index])) {
+        throw new InputError(`request id ${JSON.stringify(ids[index])} already names another call; nothing was sent`);
+      }
+      if (earlier.answer !== null) results[index] = { answer: earlier.answer };
+      else {
+        earlier.explicit = true;
+        earlier.ambiguous = true; // resumed: its earlier attempt may have run, same counter only
+        states.set(index, earlier);
+      }
+    });
+    let counter = Math.max(this.counters.last(instanceId, account), ...[...states.values()].map((s) => s.counter));
+    calls.forEach((_, index) => {
+      if (results[index] !== null || states.has(index)) return;
+      counter += 1;
+      states.set(index, {
+        requestId: ids[index] || this.newRequestId(),
+        explicit: Boolean(ids[index]),
+        instanceId,
+        account,
+        callBytes: callBytes[index],
+        counter,
+        attempts: [],
+        ambiguous: false,
+        answer: null,
+      });
+    });
+    const order = [...states.keys()].sort((a, b) => states.get(a).counter - states.get(b).counter);
+    const firsts = await this.sendBatch(instanceId, order.map((i) => [states.get(i), calls[i]]), identity);
+    const siblingsOf = (index) => new Set([...states].filter(([i]) => i !== index).flatMap(([, s]) => s.attempts.map((a) => a.commandHash.toString("hex"))));
+    let stopped = null;
+    const restarts = [];
+    const settle = async (index, first, batched) => {
+      const state = states.get(index);
+      try {
+        if (stopped !== null && !(first && !(first instanceof Error) && first.accepted)) {
+          // An earlier call has no definitive answer: this one waits for it (resume both).
+          throw new NoAnswer(`${instanceId}: not settled: an earlier command of the batch has no definitive answer (${stopped.message})`);
+        }
+        if (first instanceof Error) throw first;
+        const opened = await this.run(state, calls[index], identity, { first, siblings: siblingsOf(index), batched });
+        state.answer = opened;
+        if (state.explicit) this.calls.put(state);
+        else this.calls.delete(state.requestId);
+        results[index] = { answer: opened };
+      } catch (error) {
+        if (error instanceof Restart) {
+          restarts.push(index);
+          return;
+        }
+        if (state.attempts.length) {
+          this.calls.put(state); // something was sent without a definitive answer: resumable
+          if (error instanceof VeilError) error.requestId = state.requestId;
+        }
+        if (error instanceof GatewayError || error instanceof NoAnswer) stopped ??= error;
+        if (!(error instanceof VeilError)) throw error;
+        results[index] = { error };
+      }
+    };
+    for (const [position, index] of order.entries()) await settle(index, firsts[position], true);
+    for (const index of restarts) {
+      const state = states.get(index);
+      state.counter = Math.max(this.counters.last(instanceId, account), ...[...states.values()].map((s) => s.counter)) + 1;
+      state.attempts = [];
+      state.ambiguous = false;
+      await settle(index, null, false);
+    }
+    return results;
+  }
+
+  // Seal what is new and send everything in one ExecuteBatch, in counter order; one judged
+  // answer per call: the verified answer, null when there is none to judge (lost, transient,
+  // or the host's unsealed word: `run` resends it), or the error `execute` would throw.
+  async sendBatch(instanceId, items, identity) {
+    const attestation = await this.attest(instanceId);
+    for (const [state, call] of items) {
+      if (state.attempts.length) continue;
+      state.attempts.push(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
+      this.calls.put(state); // kept before it is sent: a process that dies now can still resume it
+    }
+    const commands = items.map(([state]) => ({ instance_id: instanceId, request_id: state.attempts[0].requestId, command: state.attempts[0].command }));
+    const answers = new Map();
+    await new Promise((resolve) => {
+      const stream = this.stub.ExecuteBatch({ commands }, new grpc.Metadata(), { deadline: new Date(Date.now() + this.timeoutMs) });
+      stream.on("data", (item) => {
+        if (!answers.has(item.index)) answers.set(item.index, item);
+      });
+      stream.on("error", () => resolve()); // what it did not answer is resent one by one
+      stream.on("end", () => resolve());
+    });
+    return items.map(([state], position) => {
+      const item = answers.get(position);
+      if (!item) return null;
+      if (item.result === "response") {
+        try {
+          return openOutcome(item.response.outcome, state.attempts[0]);
+        } catch (error) {
+          if (error instanceof CommandRefused) return null; // the host's word: ambiguous
+          return error;
+        }
+      }
+      const status = rpc.lookupType("google.rpc.Status").decode(Buffer.from(item.status));
+      const metadata = new grpc.Metadata();
+      metadata.set("grpc-status-details-bin", Buffer.from(item.status));
+      const failure = new GatewayError({ code: status.code, details: status.message, metadata });
+      const hint = failure.code === grpc.status.RESOURCE_EXHAUSTED ? failure.retryDelayMs : null;
+      if (RETRYABLE.has(failure.code) || hint !== null || failure.reason === UNOPENABLE) return null; // `run` retries it
+      return failure;
+    });
   }
 
   // The answer of the attempt that ran, from the mesh's idempotency records if it kept it:
@@ -1545,6 +1716,29 @@ export class TokenClient {
     return this.run("transfer", to, amount, requestId);
   }
 
+  // Many transfers ([{ to, amount }]) in one ExecuteBatch (at most MAX_BATCH), run in order:
+  // resolves to one `{ balance, opened }` or `{ error }` each (what `transfer` would resolve to
+  // or throw). Every recipient and amount is checked before anything is sent.
+  async transferMany(transfers, { requestIds } = {}) {
+    const attestation = await this.client.attest(this.instanceId);
+    if (!attestation.descriptor) throw new AttestationError(`the enclave did not describe instance ${JSON.stringify(this.instanceId)}`);
+    const calls = transfers.map(({ to, amount }) => {
+      const value = checkAmount(amount);
+      checkRecipient(attestation.descriptor.config.authScheme, to);
+      return { token: { transfer: { to, amount: value } } };
+    });
+    const results = await this.client.executeMany(this.instanceId, calls, this.identity, { requestIds });
+    return results.map(({ answer, error }) => {
+      if (error) return { error };
+      try {
+        return { balance: this.read("transfer", answer), opened: answer };
+      } catch (refused) {
+        if (!(refused instanceof VeilError)) throw refused;
+        return { error: refused, opened: answer };
+      }
+    });
+  }
+
   async run(method, to, amount, requestId) {
     const value = checkAmount(amount);
     const attestation = await this.client.attest(this.instanceId);
@@ -1552,6 +1746,11 @@ export class TokenClient {
     checkRecipient(attestation.descriptor.config.authScheme, to);
     if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
     const opened = await this.client.execute(this.instanceId, { token: { [method]: { to, amount: value } } }, this.identity, { requestId });
+    return this.read(method, opened);
+  }
+
+  // The app's answer to a verified `opened` (kept in `last`): the amount, or what it throws.
+  read(method, opened) {
     this.last = opened;
     if (opened.resultLost) throw new ResultLost(this.instanceId, opened.sequence);
     const { error, result } = opened.message;

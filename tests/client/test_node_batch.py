@@ -1,0 +1,96 @@
+"""Issue 13: the Node.js client's batch call (`TokenClient.transferMany` over ExecuteBatch).
+
+The same in-process mesh and public port as tests/client/test_node_client.py: the transfers
+leave in one ExecuteBatch, every answer is verified as `transfer` verifies its own, and an
+answer the host loses is recovered under its request id without running twice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.client.test_node_client import funded, node_eval
+from tests.gateway.support import InProcessMesh
+from veil.sdk.identity import SigningIdentity
+from veil.services.common.errors import DeadlineExceeded, abort
+from veil.state.v1 import state_pb2
+
+__all__ = ["funded"]  # the fixture, shared with the single-transfer tests
+
+
+def _node_transfer_many(
+    mesh: InProcessMesh, to: str, amounts: list[int], request_ids: str = "undefined"
+) -> Any:
+    data_dir = json.dumps(str(mesh.data_dir))
+    transfers = json.dumps([{"to": to, "amount": amount} for amount in amounts])
+    return node_eval(
+        f"""
+        const fs = await import("node:fs");
+        const dir = {data_dir};
+        const ca = fs.readFileSync(dir + "/pki/ca.pem");
+        const client = new veil.VeilNodeClient({json.dumps(mesh.public_address)}, ca, {{
+          serverName: "localhost",
+          policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json"),
+        }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const tokens = client.token("coins", alice);
+        const results = await tokens.transferMany({transfers}, {{ requestIds: {request_ids} }});
+        client.close();
+        console.log(JSON.stringify(results.map((r) => r.error
+          ? {{ error: `${{r.error.constructor.name}}: ${{r.error.message}}` }}
+          : {{ balance: r.balance.toString(), counter: r.opened.counter, sequence: r.opened.sequence }})));
+        """
+    )
+
+
+def test_node_transfers_many_in_one_batch(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    alice, bob = funded
+    state = mesh.states[0]
+    batches, executed, head = state.calls["ExecuteBatch"], state.calls["Execute"], state.head("coins")
+    results = _node_transfer_many(mesh, bob.account, [1, 2, 3, 4, 5])
+    assert [r.get("balance") for r in results] == ["99", "97", "94", "90", "85"], results
+    assert [r["counter"] for r in results] == [2, 3, 4, 5, 6]  # after the mint's counter 1
+    assert state.calls["ExecuteBatch"] - batches == 1
+    assert state.calls["Execute"] - executed == 5
+    assert state.head("coins") == head + 5
+    assert json.loads((mesh.data_dir / "counters.json").read_text())["coins"][alice.account] == 6
+    with mesh.connect() as client:
+        assert client.token("coins", bob).balance() == 15
+
+
+def test_node_recovers_a_lost_answer_of_a_batch_without_paying_twice(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host runs all three transfers but loses the second one's answer: the client sends it
+    again under its request id and gets the recorded answer; the enclave ran it once."""
+    _, bob = funded
+    state = mesh.states[0]
+    honest = state.Execute
+    lost: list[str] = []
+
+    def losing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        answer = honest(request, context)
+        if request.request_id == "batch-row-2" and not lost:
+            lost.append(request.request_id)
+            abort(context, DeadlineExceeded("lost on the way", reason="DEADLINE_EXCEEDED"))
+        return answer
+
+    monkeypatch.setattr(state, "Execute", losing)
+    head = state.head("coins")
+    results = _node_transfer_many(
+        mesh, bob.account, [10, 10, 10], '["batch-row-1", "batch-row-2", "batch-row-3"]'
+    )
+    assert lost == ["batch-row-2"]
+    assert [r.get("balance") for r in results] == ["90", "80", "70"], results
+    assert state.head("coins") == head + 3
+    with mesh.connect() as client:
+        assert client.token("coins", bob).balance() == 30
