@@ -246,3 +246,20 @@ def test_a_command_refused_before_running_leaves_the_later_ones_unknown_never_re
     assert all(isinstance(b, OutcomeUnknown) for b in blocked)
     assert mesh.states[0].head(coins) == head + 1
     assert admin.token(coins, alice).balance() == 995
+
+
+def test_the_public_port_serves_batches_and_each_command_is_published_to_its_owner(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Without a client certificate, as Execute: answered, and each accepted command reaches the
+    sender's receipt stream like an Execute's."""
+    with mesh.connect(admin=False) as client:
+        stream = client.watch_receipts(coins, identity=alice)
+        results = client.token(coins, alice).transfer_many([(BOB, 5), (BOB, 6)])
+        assert [r.value for r in results] == [995, 989]
+        seen = []
+        for opened in stream:
+            seen.append(opened.request_id)
+            if len(seen) == 2:
+                stream.cancel()
+    assert sorted(seen) == sorted(r.opened.request_id for r in results if r.opened)
