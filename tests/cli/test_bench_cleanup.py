@@ -27,3 +27,14 @@ def test_two_bench_runs_leave_one_instance(veil: Veil) -> None:
     assert second["ratio_to_relay"] is not None
     assert _instances(veil) == ["bench-strict"]
     assert (veil.mesh.data_dir / "identities" / "bench-issuer.key").stat().st_mode & 0o077 == 0
+
+
+def test_bench_batch_sends_each_clients_transfers_in_batches(veil: Veil) -> None:
+    """`--batch N` (issue 13): a client's next N transfers in one ExecuteBatch; all verified."""
+    state = veil.mesh.states[0]
+    batches = state.calls["ExecuteBatch"]
+    report = json.loads(veil.ok("bench", *TINY, "--batch", "8", "--json"))
+    assert report["batch"] == 8
+    assert report["errors"] == {}
+    assert report["confidential_tps"] > 0
+    assert state.calls["ExecuteBatch"] > batches

@@ -56,8 +56,10 @@ from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from google.rpc import status_pb2
 
 from veil.cli.common import client_files, open_client, positive, seconds
+from veil.dev.loadclient import token_config_for
 from veil.dev.relay import METHOD as RELAY_METHOD
 from veil.dev.relay import running_relay
 from veil.enclave.v1 import apps_pb2, envelope_pb2
@@ -67,6 +69,7 @@ from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import VeilClientError
 from veil.sdk.identity import SigningIdentity, identity_paths, load_identity, new_identity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
+from veil.status import StatusError
 
 INITIAL_BALANCE = 10**12
 BENCH_ISSUER = "bench-issuer"
@@ -122,6 +125,7 @@ class WorkerSpec:
     keys: bytes  # serialized EnclavePublicKeys of the attested enclave
     payload_size: int
     clients: tuple[ClientSpec, ...]
+    batch: int = 1  # commands per call: 1 is Execute, more is one ExecuteBatch
 
 
 @dataclass
@@ -157,6 +161,14 @@ def _transfer(to: str) -> apps_pb2.AppCall:
     return apps_pb2.AppCall(token=apps_pb2.TokenCall(transfer=apps_pb2.TokenTransfer(to=to, amount=1)))
 
 
+class _CallFailed(Exception):
+    """A call (or one command of a batch) failed with this status name."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class _Client:
     """One account's closed loop; its commands carry consecutive counters."""
 
@@ -167,6 +179,7 @@ class _Client:
         self.scheme = worker.scheme
         self.keys = keys
         self.call = _transfer(spec.to)
+        self.batch = worker.batch
         self.counter = 0  # the last counter sealed
         self.pool: collections.deque[SealedRequest] = collections.deque()
         self.answered: list[tuple[SealedRequest, envelope_pb2.CommandOutcome]] = []
@@ -210,34 +223,59 @@ class _Client:
         last_sent = self.counter - len(self.pool)
         while not self.broken and time.time() < end:
             began = time.perf_counter()
-            if self.pool and not inline:
-                sealed = self.pool.popleft()
-            else:
-                sealed = self.seal_next()
-                result.sealed_in_window += not inline
-            request = gateway_pb2.ExecuteRequest(
-                instance_id=self.instance_id, command=sealed.command, request_id=sealed.request_id
-            )
+            sealed = [self._next(inline, result) for _ in range(self.batch)]
             try:
-                reply = stub.Execute(request, timeout=_CALL_TIMEOUT_S)
-            except grpc.RpcError as error:
-                result.errors[error.code().name] = result.errors.get(error.code().name, 0) + 1
+                outcomes = self._send(stub, sealed)
+            except _CallFailed as failed:
+                result.errors[failed.code] = result.errors.get(failed.code, 0) + 1
                 self.broken = True
                 break
-            last_sent = sealed.counter
+            last_sent = sealed[-1].counter
             if inline:
-                if not self.verified(sealed, reply.outcome):
+                if not all(self.verified(s, o) for s, o in zip(sealed, outcomes, strict=True)):
                     result.errors["NOT_VERIFIED"] = result.errors.get("NOT_VERIFIED", 0) + 1
                     self.broken = True
                     break
             else:
-                self.answered.append((sealed, reply.outcome))
-            if time.time() <= end:  # only answers inside the window count
-                result.latencies.append(time.perf_counter() - began)
+                self.answered.extend(zip(sealed, outcomes, strict=True))
+            if time.time() <= end:  # only answers inside the window count, one per command
+                result.latencies.extend([time.perf_counter() - began] * len(sealed))
         # Unsent pre-sealed commands are dropped; the next command continues the counters.
         self.pool.clear()
         self.counter = last_sent
         return result
+
+    def _next(self, inline: bool, result: RunResult) -> SealedRequest:
+        if self.pool and not inline:
+            return self.pool.popleft()
+        result.sealed_in_window += not inline
+        return self.seal_next()
+
+    def _send(
+        self, stub: gateway_pb2_grpc.GatewayServiceStub, sealed: list[SealedRequest]
+    ) -> list[envelope_pb2.CommandOutcome]:
+        """One Execute, or (`--batch`) one ExecuteBatch carrying them all; their outcomes in order."""
+        requests = [
+            gateway_pb2.ExecuteRequest(
+                instance_id=self.instance_id, command=s.command, request_id=s.request_id
+            )
+            for s in sealed
+        ]
+        try:
+            if len(requests) == 1:
+                return [stub.Execute(requests[0], timeout=_CALL_TIMEOUT_S).outcome]
+            outcomes: dict[int, envelope_pb2.CommandOutcome] = {}
+            for item in stub.ExecuteBatch(
+                gateway_pb2.ExecuteBatchRequest(commands=requests), timeout=_CALL_TIMEOUT_S
+            ):
+                if item.WhichOneof("result") != "response":
+                    raise _CallFailed(StatusError(status_pb2.Status.FromString(item.status)).code().name)
+                outcomes[item.index] = item.response.outcome
+        except grpc.RpcError as error:
+            raise _CallFailed(error.code().name) from None
+        if len(outcomes) != len(requests):
+            raise _CallFailed("MISSING_ANSWER")
+        return [outcomes[i] for i in range(len(requests))]
 
     def run_ping(
         self, stub: gateway_pb2_grpc.GatewayServiceStub, start: float, end: float, payload: bytes
@@ -487,18 +525,16 @@ class BenchOptions:
     cpu_pids: dict[str, list[int]] = field(default_factory=dict)
     ack: str = "strict"
     data_dir: Path | None = None  # keeps the bench issuer, so its instance is reused
+    batch: int = 1  # transfers per call (ExecuteBatch when more than 1)
 
 
 ACK_MODES = {"strict": envelope_pb2.ACKNOWLEDGMENT_STRICT, "fast": envelope_pb2.ACKNOWLEDGMENT_FAST}
 
 
 def _token_config(issuer: SigningIdentity, ack: str) -> envelope_pb2.InstanceConfig:
-    return envelope_pb2.InstanceConfig(
-        app=envelope_pb2.APP_KIND_TOKEN,
-        auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key,
-        acknowledgment=ACK_MODES[ack],
-    )
+    config = token_config_for(issuer.public_key)
+    config.acknowledgment = ACK_MODES[ack]
+    return config
 
 
 def _log(message: str) -> None:
@@ -575,6 +611,7 @@ def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) ->
                 keys.SerializeToString(),
                 payload_size,
                 tuple(s for s in specs if s.index % processes == p),
+                options.batch,
             )
             for p in range(processes)
         ]
@@ -599,6 +636,7 @@ def run(client: VeilClient, connection: GatewayTarget, options: BenchOptions) ->
             "seconds": options.seconds,
             "warmup_seconds": options.warmup,
             "processes": processes,
+            "batch": options.batch,
             "instance": instance_id,
             "payload_bytes": payload_size,
             "machine": machine(),
@@ -731,6 +769,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "keyvault's head) or fast (answers once durable)",
     )
     parser.add_argument(
+        "--batch",
+        type=positive(256),
+        default=1,
+        help="transfers per call: 1 (the default) sends each as its own Execute; N sends a "
+        "client's next N (consecutive counters) as one ExecuteBatch",
+    )
+    parser.add_argument(
         "--seal-inline",
         action="store_true",
         help="seal and verify inside the timed window (SDK-like client cost) instead of pre-sealing",
@@ -776,6 +821,7 @@ def bench_command(args: argparse.Namespace) -> int:
         cpu_pids=cpu_pids,
         ack=args.ack,
         data_dir=data_dir,
+        batch=args.batch,
     )
     with client:
         report = run(client, connection, options)
