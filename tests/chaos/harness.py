@@ -43,6 +43,7 @@ from psycopg import sql
 
 from tests.admin_client import admin_client
 from tests.workers import Workers
+from veil.dev.loadclient import token_config_for
 from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_policy
 from veil.dev.supervisor import Mesh, Supervised, free_port_offset, keyvault_pins
@@ -411,11 +412,7 @@ def _setup(admin: VeilClient, holders: int) -> tuple[SigningIdentity, list[Holde
     issuer = SigningIdentity(ed25519.Ed25519PrivateKey.generate(), "issuer")
     admin.create_instance(
         TOKENS,
-        envelope_pb2.InstanceConfig(
-            app=envelope_pb2.APP_KIND_TOKEN,
-            auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-            token_issuer_public_key=issuer.public_key,
-        ),
+        token_config_for(issuer.public_key),
     )
     admin.create_instance(
         BALLOTS,

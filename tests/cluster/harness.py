@@ -18,8 +18,9 @@ from psycopg import sql
 from tests.admin_client import admin_client
 from tests.workers import Workers
 from veil.dev.cluster import Cluster, Member
+from veil.dev.loadclient import token_config_for
 from veil.dev.pki import admin_tls, init_pki
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.sdk.client import VeilClient
 from veil.sdk.identity import SigningIdentity
@@ -155,11 +156,7 @@ def create_ledgers(admin: VeilClient, count: int) -> list[Ledger]:
         instance_id = f"ledger-{number}"
         admin.create_instance(
             instance_id,
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_TOKEN,
-                auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-                token_issuer_public_key=issuer.public_key,
-            ),
+            token_config_for(issuer.public_key),
         )
         holders = (
             SigningIdentity(ed25519.Ed25519PrivateKey.generate()),

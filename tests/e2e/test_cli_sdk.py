@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.conftest import Mesh
 from veil import AttestationError, CommandRefused, ExpectedMeasurement, VeilClient, connect, load_policy
+from veil.dev.loadclient import token_config_for
 from veil.dev.pki import admin_tls
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
@@ -53,11 +54,7 @@ def _sequence(client: VeilClient, instance_id: str) -> int:
 
 def test_token(mesh: Mesh, client: VeilClient) -> None:
     issuer, alice = _person(mesh, "issuer"), _person(mesh, "alice")
-    config = envelope_pb2.InstanceConfig(
-        app=envelope_pb2.APP_KIND_TOKEN,
-        auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key,
-    )
+    config = token_config_for(issuer.public_key)
     client.create_instance("sdk-coins", config)
     assert client.token("sdk-coins", issuer).mint(alice.account, 50) == 50
     assert client.token("sdk-coins", alice).transfer(issuer.account, 20) == 30
@@ -104,11 +101,7 @@ def test_ballot(mesh: Mesh, client: VeilClient) -> None:
 
 def test_replayed_request_id_executes_once(mesh: Mesh, client: VeilClient) -> None:
     issuer = _person(mesh, "replayer")
-    config = envelope_pb2.InstanceConfig(
-        app=envelope_pb2.APP_KIND_TOKEN,
-        auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key,
-    )
+    config = token_config_for(issuer.public_key)
     client.create_instance("sdk-replay", config)
     attestation = client.attest("sdk-replay")
     call = apps_pb2.AppCall(token=apps_pb2.TokenCall(mint=apps_pb2.TokenMint(to=issuer.account, amount=5)))

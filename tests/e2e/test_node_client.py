@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 from tests.e2e.conftest import Mesh
 from veil import connect, load_policy
-from veil.enclave.v1 import envelope_pb2
+from veil.dev.loadclient import token_config_for
 from veil.sdk.identity import new_identity
 
 pytestmark = pytest.mark.e2e
@@ -68,11 +68,7 @@ def funded(mesh: Mesh) -> dict[str, Any]:
     ) as client:
         _, descriptor = client.create_instance(
             "node-coins",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_TOKEN,
-                auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-                token_issuer_public_key=issuer.public_key,
-            ),
+            token_config_for(issuer.public_key),
         )
         client.token("node-coins", issuer).mint(issuer.account, 100)
     return {

@@ -98,10 +98,16 @@ class Account:
 
 def token_config(issuer: ed25519.Ed25519PrivateKey) -> envelope_pb2.InstanceConfig:
     """A token instance whose mints are signed by `issuer`."""
+    return token_config_for(issuer.public_key().public_bytes_raw())
+
+
+def token_config_for(issuer_public_key: bytes) -> envelope_pb2.InstanceConfig:
+    """A token instance whose mints are signed by the holder of `issuer_public_key` (raw Ed25519):
+    an SDK identity's ``public_key``."""
     return envelope_pb2.InstanceConfig(
         app=envelope_pb2.APP_KIND_TOKEN,
         auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
-        token_issuer_public_key=issuer.public_key().public_bytes_raw(),
+        token_issuer_public_key=issuer_public_key,
     )
 
 
