@@ -71,14 +71,16 @@ class HeadAdvancer:
         on_refused: Callable[[str, str], None],
         on_confirmed: Callable[[envelope_pb2.HeadConfirmation], object],
         read_fence: Callable[[str], int] | None = None,
-        on_lost: Callable[[str, str], None] | None = None,
+        on_lost: Callable[[str, int, str], None] | None = None,
+        fencing: Callable[[str], int] = lambda _instance_id: 0,
         backoff: Backoff | None = None,
         pace_s: float = ADVANCE_PACE_S,
     ) -> None:
         """`token(fresh)` returns an attestation token (a new one when `fresh`); `read_fence(id)`
         runs one read fence for an instance and returns the read rounds still waiting;
-        `on_lost(id, why)` is told when the keyvault refused an advance because another host
-        owns the instance now (LEASE_LOST: this host stops serving that instance only)."""
+        `on_lost(id, token, why)` is told when the keyvault refused an advance under fencing
+        token `token` (`fencing(id)` just before the call) because another host owns the
+        instance now (LEASE_LOST: this host stops serving that instance only)."""
         self._keyvault = keyvault
         self._pace_s = pace_s
         self._token = token
@@ -87,6 +89,7 @@ class HeadAdvancer:
         self._on_confirmed = on_confirmed
         self._read_fence = read_fence
         self._on_lost = on_lost
+        self._fencing = fencing
         # Instances whose queries wait for a read fence; True: worth a fence now (asked for, or
         # a head was just confirmed), False: waiting for their heads' confirmation.
         self._reads: dict[str, bool] = {}
@@ -256,6 +259,7 @@ class HeadAdvancer:
     def _advance(self, instance_id: str, links: list[envelope_pb2.CommitLink]) -> str:
         sequence = links[-1].head.sequence
         for fresh in (False, True):
+            fencing = self._fencing(instance_id)  # what the client sends (unless taken anew since)
             try:
                 confirmation = self._keyvault.advance_commit_head(links, self._token(fresh))
             except KeyvaultUnavailable as exc:
@@ -272,7 +276,7 @@ class HeadAdvancer:
                     with self._cond:
                         self._paths.pop(instance_id, None)
                         self._reads.pop(instance_id, None)
-                    self._on_lost(instance_id, exc.message)
+                    self._on_lost(instance_id, fencing, exc.message)
                     return "lost"
                 if not fresh:
                     continue  # maybe an expired token: once more with a fresh attestation

@@ -32,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +48,7 @@ from veil.services.common.errors import (
     NotFound,
     Unavailable,
 )
+from veil.services.common.instance_ids import INSTANCE_ID_RULE, is_instance_id
 from veil.services.state import lifecycle
 from veil.services.state.attestation import Attestation
 from veil.services.state.batcher import Batcher, BatchLimits
@@ -75,8 +75,6 @@ _log = logging.getLogger(__name__)
 
 EnclaveFactory = Callable[[], EnclaveHost]
 
-INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")  # \Z: "$" also matches before a final "\n"
-INSTANCE_ID_RULE = "instance_id: lowercase letters, digits and dashes, at most 63 characters"
 MAX_REQUEST_ID = 128
 RESPONSE_TTL_S = 24 * 3600  # how long a request id keeps its first answer
 PRUNE_EVERY_S = 3600.0
@@ -294,7 +292,7 @@ class StateHost:
         return runtime
 
     def _instance(self, runtime: Runtime, instance_id: str) -> InstanceState:
-        if not INSTANCE_ID.match(instance_id):
+        if not is_instance_id(instance_id):
             # Checked before echoing it: an unbounded id in the message and ErrorInfo overflowed
             # gRPC's 16 KiB metadata limit, so the caller saw RESOURCE_EXHAUSTED without ErrorInfo.
             raise InvalidArgument(INSTANCE_ID_RULE)
@@ -618,7 +616,7 @@ class StateHost:
         id again), with the descriptor the enclave signed.
         """
         runtime = self._serving()
-        if not INSTANCE_ID.match(instance_id):
+        if not is_instance_id(instance_id):
             raise InvalidArgument(INSTANCE_ID_RULE)
         config_bytes = config.SerializeToString(deterministic=True)
         with runtime.create_lock:
@@ -627,7 +625,7 @@ class StateHost:
                 if existing.config != config_bytes:
                     raise AlreadyExists(f"instance {instance_id!r} exists with another configuration")
             else:
-                self._create(runtime, instance_id, config, config_bytes)
+                self._create_leased(runtime, instance_id, config, config_bytes)
         state = self._instance(runtime, instance_id)
         if state.descriptor is None:  # the genesis is held until the keyvault registers it
             try:
@@ -638,6 +636,21 @@ class StateHost:
                     f"({runtime.advancer.problem() or 'advancing'}); retry the same request"
                 ) from None
         return self._instance_proto(runtime, instance_id), self.descriptor(instance_id)
+
+    def _create_leased(
+        self, runtime: Runtime, instance_id: str, config: envelope_pb2.InstanceConfig, config_bytes: bytes
+    ) -> None:
+        """`_create`; the lease it takes (with the key release) is not kept when it fails: kept,
+        it was renewed forever and the id answered INSTANCE_TAKING_OVER, never NOT_FOUND."""
+        ownership = self._startup.ownership
+        held = ownership.token(instance_id)
+        try:
+            self._create(runtime, instance_id, config, config_bytes)
+        except BaseException:
+            taken = ownership.token(instance_id)
+            if taken and not held:
+                ownership.forget(instance_id, taken)  # nothing serves it; it expires at the keyvault
+            raise
 
     def _create(
         self, runtime: Runtime, instance_id: str, config: envelope_pb2.InstanceConfig, config_bytes: bytes

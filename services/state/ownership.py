@@ -6,8 +6,13 @@ requires on that instance's commit-head advances and key releases
 
 * acquires the lease of an instance before it obtains the instance's key, recovers it or
   creates it (start-up skips instances another live host owns: they are served there);
-* renews every lease it holds every ``ttl / 4``; a renewal the keyvault refuses (another host
-  took over while this one was paused or cut off) loses the instance at once (`on_lost`);
+* renews every lease it holds every ``ttl / 4``, up to `RENEWERS` calls at once (a round must
+  finish well within a ttl: with 800 instances one call after another at 5 ms a round took the
+  whole ttl, and the host let its own leases lapse); a renewal the keyvault refuses (another
+  host took over while this one was paused or cut off) loses the instance at once (`on_lost`);
+* loses only the token that was refused: a renewal of an old token refused after this host took
+  a new one (a re-boot racing the renewal round) does not drop the new lease; a new enclave boot
+  keeps the leases the host holds (`keep`) rather than taking new ones;
 * gives up serving an instance whose lease it could not renew for a whole ttl (the keyvault
   unreachable): whoever took it meanwhile serves it, and this host's late advances would be
   refused anyway;
@@ -26,9 +31,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from veil.services.common.config import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_NAME
+from veil.services.common.errors import Unavailable
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
 
 _log = logging.getLogger(__name__)
@@ -37,6 +44,9 @@ DEFAULT_LEASE_TTL_MS = 4_000
 MIN_LEASE_TTL_MS, MAX_LEASE_TTL_MS = 1_000, 60_000
 LEASE_HELD = "LEASE_HELD"
 LEASE_LOST = "LEASE_LOST"
+#: Renewal calls in flight at once: a round over n instances at RTT r takes about
+#: n * r / RENEWERS, which must stay well under the ttl (README "Losing a machine").
+RENEWERS = 32
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,11 @@ class OwnershipConfig:
         return cls(node_name=name, ttl_ms=ttl)
 
 
-class LeaseHeld(Exception):
-    """Another live host owns the instance."""
+class LeaseHeld(Unavailable):
+    """Another live host owns the instance (UNAVAILABLE ``LEASE_HELD``: it is served, or being
+    created, there; the gateway finds the holder in the keyvault's leases)."""
+
+    default_reason = LEASE_HELD
 
 
 @dataclass
@@ -125,13 +138,57 @@ class Ownership:
         with self._lock:
             return set(self._held)
 
-    def lose(self, instance_id: str, why: str) -> None:
-        """Forget the instance's lease (the keyvault refused its token) and tell `on_lost`, once."""
+    def keep(self, instance_id: str) -> int:
+        """The lease this host holds, renewed under its token (a new enclave boot of this host
+        keeps serving under it), else a new one (`acquire`). Taking a new token while the
+        renewal round still renews the old one made the keyvault refuse that renewal."""
+        held = self.token(instance_id)
+        if held:
+            sent = self._clock()
+            try:
+                self._keyvault.acquire_lease(instance_id, self.holder, self.config.ttl_ms, held)
+            except KeyvaultRefused as exc:  # (nothing of the new boot serves it yet)
+                _log.warning("lost instance %r (fencing token %d): %s", instance_id, held, exc.message)
+                self.forget(instance_id, held)
+            else:
+                self._renewed(instance_id, held, sent)
+                return held
+        return self.acquire(instance_id)
+
+    def lose(self, instance_id: str, token: int, why: str) -> None:
+        """The keyvault refused `token` (a renewal, an advance): forget the lease if that is the
+        one held, and tell `on_lost`. A refusal of an older token than the one held now (taken
+        since) changes nothing; with no lease held `on_lost` is told again (an instance must not
+        be served without one)."""
         with self._lock:
-            held = self._held.pop(instance_id, None)
+            held = self._held.get(instance_id)
+            if held is not None and held.token != token:
+                _log.info(
+                    "instance %r: fencing token %d refused, but %d is held now: kept",
+                    instance_id,
+                    token,
+                    held.token,
+                )
+                return
+            self._held.pop(instance_id, None)
         if held is not None:
             _log.warning("lost instance %r (fencing token %d): %s", instance_id, held.token, why)
-            self.on_lost(instance_id, why)
+        self.on_lost(instance_id, why)
+
+    def forget(self, instance_id: str, token: int) -> None:
+        """Stop holding (and renewing) the lease taken under `token`, without `on_lost`: nothing
+        is served under it (e.g. a creation the enclave refused). It expires at the keyvault."""
+        with self._lock:
+            held = self._held.get(instance_id)
+            if held is not None and held.token == token:
+                del self._held[instance_id]
+
+    def forget_all_but(self, instance_ids: set[str]) -> None:
+        """Stop holding the leases of instances other than `instance_ids` (a new boot serves
+        only stored instances: a lease left by a creation that never reached the database)."""
+        with self._lock:
+            for instance_id in set(self._held) - instance_ids:
+                del self._held[instance_id]
 
     # -- renewing -------------------------------------------------------------------------
     def start(self) -> None:
@@ -146,31 +203,49 @@ class Ownership:
             self._thread.join(5)
 
     def renew_all(self) -> None:
-        """One renewal round (the thread runs it every ttl/4)."""
+        """One renewal round (the thread runs it every ttl/4), `RENEWERS` calls at a time."""
         with self._lock:
-            held = dict(self._held)
+            held = [(instance_id, lease.token) for instance_id, lease in self._held.items()]
+        if len(held) <= 1:
+            for lease in held:
+                self._renew(*lease)
+            return
+        with ThreadPoolExecutor(min(RENEWERS, len(held)), thread_name_prefix="lease-renewal") as pool:
+            for done in [pool.submit(self._renew, *lease) for lease in held]:
+                done.result()
+
+    def _renew(self, instance_id: str, token: int) -> None:
+        """Renew one lease; its age counts from when its last granted renewal was sent."""
         ttl_s = self.config.ttl_ms / 1000
-        for instance_id, lease in held.items():
-            sent = self._clock()
-            if sent - lease.renewed_at >= ttl_s:  # e.g. the previous calls hung (a partition)
-                self.lose(instance_id, "the lease was not renewed for a whole ttl")
-                continue
-            try:
-                # A short deadline: a host cut off notices within about a ttl, not a call timeout.
-                self._keyvault.acquire_lease(
-                    instance_id, self.holder, self.config.ttl_ms, lease.token, timeout=ttl_s / 4
-                )
-            except KeyvaultRefused as exc:
-                self.lose(instance_id, f"the keyvault refused the lease renewal: {exc.message}")
-                continue
-            except KeyvaultUnavailable as exc:
-                if self._clock() - lease.renewed_at >= ttl_s:
-                    self.lose(instance_id, f"the lease could not be renewed for a whole ttl ({exc.message})")
-                continue
-            with self._lock:
-                current = self._held.get(instance_id)
-                if current is not None and current.token == lease.token:
-                    current.renewed_at = sent
+        with self._lock:
+            current = self._held.get(instance_id)
+            if current is None or current.token != token:
+                return  # lost or taken anew since the round began
+            renewed_at = current.renewed_at
+        sent = self._clock()
+        if sent - renewed_at >= ttl_s:  # e.g. the previous calls hung (a partition)
+            self.lose(instance_id, token, "the lease was not renewed for a whole ttl")
+            return
+        try:
+            # A short deadline: a host cut off notices within about a ttl, not a call timeout.
+            self._keyvault.acquire_lease(
+                instance_id, self.holder, self.config.ttl_ms, token, timeout=ttl_s / 4
+            )
+        except KeyvaultRefused as exc:
+            self.lose(instance_id, token, f"the keyvault refused the lease renewal: {exc.message}")
+            return
+        except KeyvaultUnavailable as exc:
+            if self._clock() - renewed_at >= ttl_s:
+                why = f"the lease could not be renewed for a whole ttl ({exc.message})"
+                self.lose(instance_id, token, why)
+            return
+        self._renewed(instance_id, token, sent)
+
+    def _renewed(self, instance_id: str, token: int, sent: float) -> None:
+        with self._lock:
+            current = self._held.get(instance_id)
+            if current is not None and current.token == token:
+                current.renewed_at = max(current.renewed_at, sent)
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.config.ttl_ms / 4000):

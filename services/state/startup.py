@@ -14,6 +14,7 @@ instance whose lease is lost is dropped from this runtime at once; its held answ
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -215,6 +216,7 @@ class Startup:
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
                 on_lost=self.ownership.lose,
+                fencing=self.ownership.token,
                 backoff=self._backoff,
             ),
         )
@@ -248,7 +250,11 @@ class Startup:
         return runtime
 
     def _owned(self, records: list[InstanceRecord]) -> list[InstanceRecord]:
-        """The instances whose lease this host obtains (others are served by their owners)."""
+        """The instances whose lease this host obtains (others are served by their owners). A
+        lease this host holds already (a re-boot) is kept and renewed, not taken anew: a new
+        token while the renewal thread renews the old one got that renewal refused, which
+        dropped the new lease (re-boot loops, instances served without a lease)."""
+        self.ownership.forget_all_but({record.instance_id for record in records})
         owned = []
         for record in records:
             iid = record.instance_id
@@ -256,7 +262,7 @@ class Startup:
                 self._with_keyvault(
                     lifecycle.OBTAINING_KEYS,
                     f"taking the lease of {iid!r}",
-                    functools.partial(self.ownership.acquire, iid),
+                    functools.partial(self.ownership.keep, iid),
                 )
             except LeaseHeld as exc:
                 _log.info("not serving instance %r: %s", iid, exc)
@@ -295,14 +301,14 @@ class Startup:
                 )
                 return adopted
             try:
-                self.ownership.acquire(record.instance_id)
+                token = self.ownership.acquire(record.instance_id)
             except LeaseHeld:
                 continue
-            if self._adopt(runtime, record):
+            if self._adopt(runtime, record, token):
                 adopted.append(record.instance_id)
         return adopted
 
-    def _adopt(self, runtime: Runtime, record: InstanceRecord) -> bool:
+    def _adopt(self, runtime: Runtime, record: InstanceRecord, token: int) -> bool:
         """Release the key under our token, verify and replay the log, serve the instance."""
         iid = record.instance_id
         started = time.monotonic()
@@ -312,10 +318,12 @@ class Startup:
                     return False
                 runtime.provisioner.release(iid)
                 self._recover(runtime, record, 0, 0, quiet=True)
+                if iid not in runtime.instances:  # its lease was lost meanwhile
+                    return False
         except RecoveryRefused as exc:
             _log.error("instance %r cannot be taken over: %s", iid, exc.message)
             runtime.unadoptable.add(iid)
-            self.ownership.lose(iid, exc.message)
+            self.ownership.lose(iid, token, exc.message)
             return False
         except LeaseHeld:
             return False
@@ -323,7 +331,7 @@ class Startup:
             # e.g. the keyvault refused the release (the lease moved again): give it back.
             _log.warning("taking over instance %r failed: %s", iid, exc)
             runtime.instances.pop(iid, None)
-            self.ownership.lose(iid, f"take-over failed: {exc}")
+            self.ownership.lose(iid, token, f"take-over failed: {exc}")
             return False
         runtime.reseal()
         _log.info("took over instance %r in %.2fs", iid, time.monotonic() - started)
@@ -398,12 +406,21 @@ class Startup:
                 remote.sequence,
             )
         self.metrics.record_recovery(len(log.entries), time.monotonic() - started)
-        runtime.instances[iid] = InstanceState(
+        state = InstanceState(
             config=envelope_pb2.InstanceConfig.FromString(record.config),
             head=head,
             snapshot_sequence=log.snapshot_sequence,
             descriptor=restored.descriptor if restored.HasField("descriptor") else None,
         )
+        # Served only under a lease held: checked and set under the apply lock, which a loss
+        # (`Runtime.drop`, after the token is forgotten) takes too, so none slips in between.
+        # A take-over (`quiet`) holds that lock already.
+        with contextlib.nullcontext() if quiet else runtime.apply_lock:
+            if not self.ownership.token(iid):
+                runtime.stale.add(iid)  # the enclave restored it: this boot cannot take it back
+                _log.warning("not serving instance %r: its lease was lost during recovery", iid)
+                return released
+            runtime.instances[iid] = state
         runtime.advancer.confirm(iid, remote.sequence)
         runtime.advancer.note_durable(iid, head.sequence)
         if restored.HasField("link"):  # entries the keyvault has not seen: its head catches up now
