@@ -58,7 +58,6 @@ from veil.services.keyvault.tokens import TokenVerifier
 
 HASH_SIZE = wire.HASH_SIZE
 MAX_SEQUENCE = 2**63 - 1
-MAX_INSTANCE_ID_BYTES = 256
 MAX_LINKS = 1024  # per advance; a host that fell further behind sends several
 CHALLENGE_SIZE = 32
 ED25519_KEY_SIZE = 32
@@ -103,7 +102,7 @@ class CommitHeads:
 
     def get(self, instance_id: str) -> CommitHead | None:
         """The instance's head, or None if it was never registered."""
-        _check_instance_id(instance_id)
+        leases.check_instance_id(instance_id)
         with self._store.transaction() as tx:
             record = tx.get_head(instance_id)
         return None if record is None else CommitHead.from_record(record)
@@ -161,7 +160,7 @@ class CommitHeads:
         """
         detail: dict[str, DetailValue] = {"instance_id": instance_id, "links": len(links)}
         try:
-            _check_instance_id(instance_id)
+            leases.check_instance_id(instance_id)
             _check_path(instance_id, links)
             detail.update(
                 {
@@ -302,8 +301,3 @@ def _check_extends(current: CommitHeadRecord, links: Sequence[envelope_pb2.Commi
     raise HeadRefusedError(
         f"fork: no link extends the stored head {current.sequence}", reason="COMMIT_HEAD_FORK"
     )
-
-
-def _check_instance_id(instance_id: str) -> None:
-    if not isinstance(instance_id, str) or not 0 < len(instance_id.encode("utf-8")) <= MAX_INSTANCE_ID_BYTES:
-        raise InvalidArgumentError(f"instance_id must be 1..{MAX_INSTANCE_ID_BYTES} bytes of UTF-8")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from veil.services.common.instance_ids import INSTANCE_ID_RULE, is_instance_id
 from veil.services.keyvault.audit import (
     OUTCOME_ALLOWED,
     OUTCOME_REFUSED,
@@ -47,7 +48,6 @@ ACTION_ACQUIRE_LEASE = "acquire_lease"
 MIN_TTL_MS = 1_000
 MAX_TTL_MS = 60_000
 MAX_HOLDER_BYTES = 128
-MAX_INSTANCE_ID_BYTES = 256
 _CAS_ATTEMPTS = 8
 
 
@@ -171,9 +171,15 @@ def _grant(current: LeaseRecord | None, instance_id: str, holder: str, token: in
     return current.token + 1
 
 
+def check_instance_id(instance_id: str) -> None:
+    """The instance id grammar of every service (`veil.services.common.instance_ids`): the
+    enclave creates no other id, and a NUL or control character never reaches the store."""
+    if not is_instance_id(instance_id):
+        raise InvalidArgumentError(INSTANCE_ID_RULE)
+
+
 def _check(instance_id: str, holder: str, ttl_ms: int) -> None:
-    if not 0 < len(instance_id.encode("utf-8")) <= MAX_INSTANCE_ID_BYTES:
-        raise InvalidArgumentError(f"instance_id must be 1..{MAX_INSTANCE_ID_BYTES} bytes of UTF-8")
+    check_instance_id(instance_id)
     if not 0 < len(holder.encode("utf-8")) <= MAX_HOLDER_BYTES or not holder.isprintable():
         raise InvalidArgumentError(f"holder must be 1..{MAX_HOLDER_BYTES} bytes of printable text")
     if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.errors import InvalidArgumentError
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.leases import Lease, LeaseError, Leases
@@ -139,3 +140,22 @@ def test_concurrent_takeovers_across_replicas_grant_one_owner(
     acquisitions = [e for e in audit.list_events(page_size=1000).events if e.action == "acquire_lease"]
     assert [json.loads(e.detail_json)["fencing_token"] for e in acquisitions] == [1, 2]
     audit.verify_chain()
+
+
+@pytest.mark.parametrize(
+    "instance", ["co\x00ins", "coins\n", "co\tins", "Coins", "co/ins", "\u00e9", "x" * 64]
+)
+def test_instance_ids_outside_the_grammar_are_invalid_and_never_stored(
+    leases: Leases, heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, instance: str
+) -> None:
+    """The instance grammar of every service (the enclave creates no other id): a NUL reached
+    the database (PostgreSQL refused it: "storage unavailable"; SQLite stored it)."""
+    with pytest.raises(InvalidArgumentError):
+        take(leases, "node-a", instance=instance)
+    with pytest.raises(InvalidArgumentError):
+        heads.get(instance)
+    links = [enclave.link(instance, ZERO, at(1))]
+    with pytest.raises(InvalidArgumentError):
+        heads.advance(instance, links, enclave.token(issuer).token, caller=CALLER, fencing_token=0)
+    assert leases.list() == []
+    assert take(leases, "node-a", instance="co-ins-7").token == 1  # the grammar: a-z, 0-9, "-"

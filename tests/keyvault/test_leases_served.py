@@ -64,6 +64,9 @@ def test_refusals_carry_their_reason(stub: Stubs) -> None:
     [
         ("", "node-a", 5000),
         ("x" * 300, "node-a", 5000),
+        ("co\x00ins", "node-a", 5000),  # PostgreSQL refuses a NUL in text: it was UNAVAILABLE
+        ("coins\n", "node-a", 5000),
+        ("Coins", "node-a", 5000),
         ("coins", "", 5000),
         ("coins", "a\nb", 5000),
         ("coins", "h" * 200, 5000),
