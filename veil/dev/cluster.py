@@ -33,27 +33,23 @@ from types import FrameType
 import psycopg
 from psycopg import sql
 
-from veil.dev.pki import collateral_dir, ensure_sim_collateral
+from veil.dev.pki import ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
-from veil.dev.supervisor import DEV_GATEWAY_BURST, DEV_GATEWAY_RATE, MESH_UP, Supervised, _free, keyvault_pins
+from veil.dev.supervisor import MESH_UP, Supervised, _free, keyvault_pins, sim_mesh_env
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     ADMIN_LISTEN,
     DATA_DIR,
     DEFAULT_PORTS,
-    ENV_GATEWAY_BURST,
     ENV_GATEWAY_KEYVAULT_ADDR,
     ENV_GATEWAY_PUBLIC_LISTEN,
-    ENV_GATEWAY_RATE,
     ENV_GATEWAY_STATE_ADDRS,
     ENV_GATEWAY_TIMEOUT_SECONDS,
-    ENV_KEYVAULT_ATTESTATION_ROOT,
     ENV_KEYVAULT_DB,
     ENV_KEYVAULT_ENCLAVE_POLICY_FILE,
     ENV_KEYVAULT_KEK_FILE,
     ENV_STATE_DB,
     ENV_STATE_DB_SCHEMA,
-    ENV_STATE_ENCLAVE_MODE,
     ENV_STATE_KEYVAULT_ADDR,
     ENV_STATE_LEASE_TTL_MS,
     ENV_STATE_NODE_NAME,
@@ -64,7 +60,7 @@ from veil.services.common.config import (
     server_env,
 )
 from veil.services.gateway.config import DEFAULT_PUBLIC_PORT
-from veil.services.keyvault.config import ENV_KEYVAULT_COLLATERAL_DIR, ENV_KEYVAULT_DB_SCHEMA
+from veil.services.keyvault.config import ENV_KEYVAULT_DB_SCHEMA
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: A short lease: a host gone for good is taken over within about this long (plus the replay).
@@ -146,12 +142,8 @@ class Cluster:
         logs.mkdir(parents=True, exist_ok=True)
         ensure_sim_collateral(self.data_dir / "pki")
         common = {
-            ENV_STATE_ENCLAVE_MODE: "sim",
-            ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
-            ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(self.data_dir / "pki")),
+            **sim_mesh_env(self.data_dir),
             ENV_KEYVAULT_ENCLAVE_POLICY_FILE: str(write_dev_enclave_policy(self.data_dir)),
-            ENV_GATEWAY_RATE: DEV_GATEWAY_RATE,
-            ENV_GATEWAY_BURST: DEV_GATEWAY_BURST,
         }
         roles = (("keyvault", self.keyvaults), ("state", self.nodes), ("gateway", self.gateways))
         for role, count in roles:

@@ -58,6 +58,20 @@ MESH_UP = "veil mesh is up"
 _log = logging.getLogger("veil.up")
 
 
+def sim_mesh_env(data_dir: Path) -> dict[str, str]:
+    """What the services of a local mesh run with: the simulated enclave, whose quotes chain to
+    the dev SGX root and whose TCB the keyvault evaluates against the dev PKI's collateral for
+    the sim platform, and the dev gateway rate. Explicit here: the services themselves default to
+    failing closed."""
+    return {
+        ENV_STATE_ENCLAVE_MODE: "sim",
+        ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
+        ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(data_dir / "pki")),
+        ENV_GATEWAY_RATE: DEV_GATEWAY_RATE,
+        ENV_GATEWAY_BURST: DEV_GATEWAY_BURST,
+    }
+
+
 @dataclass
 class Supervised:
     """One service process and its restart bookkeeping."""
@@ -124,15 +138,8 @@ class Mesh:
         self._stopping = threading.Event()
         log_dir = data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        # A local mesh runs the simulated enclave, whose quotes chain to the dev SGX root and
-        # whose TCB the keyvault evaluates against the dev PKI's collateral for the sim platform.
-        # These settings are explicit here: the services themselves default to failing closed.
         env = {
-            ENV_STATE_ENCLAVE_MODE: "sim",
-            ENV_KEYVAULT_ATTESTATION_ROOT: "dev",
-            ENV_KEYVAULT_COLLATERAL_DIR: str(collateral_dir(data_dir / "pki")),
-            ENV_GATEWAY_RATE: DEV_GATEWAY_RATE,
-            ENV_GATEWAY_BURST: DEV_GATEWAY_BURST,
+            **sim_mesh_env(data_dir),
             **os.environ,
             # The keyvault releases instance keys (and accepts commit heads) only for the sim
             # enclave built from this checkout: the operator policy a production keyvault reads
