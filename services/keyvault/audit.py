@@ -35,7 +35,6 @@ on first use.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -47,6 +46,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from veil.services.keyvault import page_tokens
 from veil.services.keyvault.clock import Clock, to_micros
 from veil.services.keyvault.errors import AuditChainError, InvalidArgumentError, KeyvaultError
 from veil.services.keyvault.store import GENESIS_HASH, AuditRecord, Store, StoreTx
@@ -444,19 +444,13 @@ def page_token_after(sequence: int) -> str:
 
 
 def _encode_page_token(sequence: int) -> str:
-    raw = f"{_PAGE_TOKEN_PREFIX}{sequence}".encode("ascii")
-    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+    return page_tokens.encode(_PAGE_TOKEN_PREFIX, str(sequence))
 
 
 def _decode_page_token(token: str) -> int:
+    number = page_tokens.decode(_PAGE_TOKEN_PREFIX, token)
     if not token:
         return 0
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        text = base64.urlsafe_b64decode(padded.encode("ascii")).decode("ascii")
-    except (ValueError, UnicodeError):
-        raise InvalidArgumentError("invalid page_token") from None
-    number = text.removeprefix(_PAGE_TOKEN_PREFIX)
-    if number == text or not number.isdigit() or len(number) > 19:
+    if not (number.isascii() and number.isdigit()) or len(number) > 19:
         raise InvalidArgumentError("invalid page_token")
     return int(number)

@@ -5,6 +5,11 @@ when (``expires``), and a **fencing token** that grows by one with every acquisi
 never reused (the row is never deleted). It lives in the keyvault's store, so every replica
 over one PostgreSQL database sees the same lease.
 
+Listing is bounded: a page holds at most `MAX_PAGE_SIZE` leases (each at most about 230 bytes
+with the instance id grammar and `MAX_HOLDER_BYTES`, so a page stays well under gRPC's 4 MiB),
+and a caller that wants one instance's lease asks for its id (`MAX_LISTED_IDS` per call), not
+the table: rows are never deleted, so the table grows with every instance ever leased.
+
 * **Acquire** (token 0): granted when the instance has no lease, when its lease expired, or
   when the holder asks again for its own (a restarted host); each grant is a new token, so a
   paused earlier incarnation of the same node is fenced off too. A live lease of another holder
@@ -29,9 +34,11 @@ Acquisitions (new tokens) are audited; renewals, which happen every few seconds,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from veil.services.common.instance_ids import INSTANCE_ID_RULE, is_instance_id
+from veil.services.keyvault import page_tokens
 from veil.services.keyvault.audit import (
     OUTCOME_ALLOWED,
     OUTCOME_REFUSED,
@@ -48,6 +55,9 @@ ACTION_ACQUIRE_LEASE = "acquire_lease"
 MIN_TTL_MS = 1_000
 MAX_TTL_MS = 60_000
 MAX_HOLDER_BYTES = 128
+MAX_PAGE_SIZE = 10_000
+MAX_LISTED_IDS = 1_000
+_PAGE_TOKEN_PREFIX = "leases-v1:"  # noqa: S105 - a format tag, not a secret
 _CAS_ATTEMPTS = 8
 
 
@@ -126,8 +136,52 @@ class Leases:
         )
 
     def list(self) -> list[Lease]:
+        """Every lease (tests, tools); the service answers by `page`."""
         with self._store.transaction() as tx:
             return [Lease.from_record(record) for record in tx.list_leases()]
+
+    def page(
+        self, *, instance_ids: Sequence[str] = (), page_size: int = 0, page_token: str = ""
+    ) -> LeasePage:
+        """One page of leases in instance id order (`page_size` 0: `MAX_PAGE_SIZE`), or the
+        leases of `instance_ids` only (then in one page)."""
+        if instance_ids:
+            if len(instance_ids) > MAX_LISTED_IDS:
+                raise InvalidArgumentError(f"instance_ids: at most {MAX_LISTED_IDS} per call")
+            for instance_id in instance_ids:
+                check_instance_id(instance_id)
+            with self._store.transaction() as tx:
+                records = tx.list_leases(instance_ids=sorted(set(instance_ids)))
+            return LeasePage(tuple(Lease.from_record(record) for record in records), "")
+        if page_size < 0:
+            raise InvalidArgumentError("page_size must not be negative")
+        size = min(page_size or MAX_PAGE_SIZE, MAX_PAGE_SIZE)
+        with self._store.transaction() as tx:
+            records = tx.list_leases(after=_decode_page_token(page_token), limit=size + 1)
+        leases = tuple(Lease.from_record(record) for record in records[:size])
+        token = _encode_page_token(leases[-1].instance_id) if len(records) > size else ""
+        return LeasePage(leases, token)
+
+
+@dataclass(frozen=True)
+class LeasePage:
+    """Leases in instance id order, and the token of the next page ("" at the end)."""
+
+    leases: tuple[Lease, ...]
+    next_page_token: str
+
+
+def _encode_page_token(instance_id: str) -> str:
+    return page_tokens.encode(_PAGE_TOKEN_PREFIX, instance_id)
+
+
+def _decode_page_token(token: str) -> str:
+    """The instance id a page starts after ("" for the first page)."""
+    after = page_tokens.decode(_PAGE_TOKEN_PREFIX, token)
+    # (Rows stored before the id grammar may hold other ids: any short one continues a listing.)
+    if len(after.encode()) > 256:
+        raise InvalidArgumentError("invalid page_token")
+    return after
 
 
 def check(tx: StoreTx, instance_id: str, token: int) -> None:

@@ -265,8 +265,14 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
         self, request: keyvault_pb2.ListLeasesRequest, context: grpc.ServicerContext
     ) -> keyvault_pb2.ListLeasesResponse:
         with _domain_errors():
-            leases = self._kv.leases.list()
-        return keyvault_pb2.ListLeasesResponse(leases=[lease_message(lease) for lease in leases])
+            page = self._kv.leases.page(
+                instance_ids=list(request.instance_ids),
+                page_size=request.page_size,
+                page_token=request.page_token,
+            )
+        return keyvault_pb2.ListLeasesResponse(
+            leases=[lease_message(lease) for lease in page.leases], next_page_token=page.next_page_token
+        )
 
     def GetStatus(
         self, request: keyvault_pb2.GetStatusRequest, context: grpc.ServicerContext

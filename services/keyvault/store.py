@@ -29,6 +29,7 @@ All times are integer microseconds since the epoch (see :mod:`veil.services.keyv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -219,8 +220,11 @@ class StoreTx(Protocol):
         """An instance's lease; ``lock`` holds its row until commit (PostgreSQL ``FOR UPDATE``)."""
         ...
 
-    def list_leases(self) -> list[LeaseRecord]:
-        """Every lease, ordered by instance id."""
+    def list_leases(
+        self, *, after: str = "", limit: int | None = None, instance_ids: Sequence[str] | None = None
+    ) -> list[LeaseRecord]:
+        """Leases ordered by instance id: those after ``after``, at most ``limit`` (None: all);
+        with ``instance_ids``, only those instances' (``after`` and ``limit`` still apply)."""
         ...
 
     def put_lease(self, lease: LeaseRecord, *, expected_token: int) -> bool:

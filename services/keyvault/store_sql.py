@@ -233,8 +233,21 @@ class SqlTx:
         row = self._run(query, (instance_id,)).fetchone()
         return None if row is None else _lease(row)
 
-    def list_leases(self) -> list[LeaseRecord]:
-        return [_lease(row) for row in self._run(_SELECT_LEASE + " ORDER BY instance_id").fetchall()]
+    def list_leases(
+        self, *, after: str = "", limit: int | None = None, instance_ids: Sequence[str] | None = None
+    ) -> list[LeaseRecord]:
+        query = _SELECT_LEASE + " WHERE instance_id > ?"
+        params: list[Any] = [after]
+        if instance_ids is not None:
+            if not instance_ids:
+                return []
+            query += f" AND instance_id IN ({', '.join('?' * len(instance_ids))})"
+            params += instance_ids
+        query += " ORDER BY instance_id"
+        if limit is not None:
+            query += " LIMIT ?"
+            params.append(limit)
+        return [_lease(row) for row in self._run(query, params).fetchall()]
 
     def put_lease(self, lease: LeaseRecord, *, expected_token: int) -> bool:
         values = (lease.holder, lease.token, lease.expires_us, lease.updated_us)

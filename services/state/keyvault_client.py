@@ -28,6 +28,7 @@ from veil.status import error_info
 Resp = TypeVar("Resp")
 
 INSTANCE_KEY_PREFIX = wire.instance_key_name("")  # "instance.": instance keys are fenced
+LEASES_PER_CALL = 1000  # the keyvault's bound on ListLeasesRequest.instance_ids
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -207,6 +208,12 @@ class KeyvaultClient:
         )
         return self._call("AcquireLease", self._stub.AcquireLease, request, timeout).lease
 
-    def list_leases(self) -> list[keyvault_pb2.Lease]:
-        """Every instance's lease (who serves what)."""
-        return list(self._call("ListLeases", self._stub.ListLeases, keyvault_pb2.ListLeasesRequest()).leases)
+    def list_leases(self, instance_ids: Sequence[str]) -> list[keyvault_pb2.Lease]:
+        """The leases of `instance_ids` (those that have one; who serves them, until when),
+        `LEASES_PER_CALL` ids a call: never the whole table, which only grows."""
+        ids = sorted(set(instance_ids))
+        leases: list[keyvault_pb2.Lease] = []
+        for start in range(0, len(ids), LEASES_PER_CALL):
+            request = keyvault_pb2.ListLeasesRequest(instance_ids=ids[start : start + LEASES_PER_CALL])
+            leases += self._call("ListLeases", self._stub.ListLeases, request).leases
+        return leases

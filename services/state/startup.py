@@ -287,7 +287,8 @@ class Startup:
         if not candidates:
             return []
         now = time.time()
-        leases = {lease.instance_id: lease for lease in self.keyvault.list_leases()}
+        ids = [record.instance_id for record in candidates]
+        leases = {lease.instance_id: lease for lease in self.keyvault.list_leases(ids)}
         adopted: list[str] = []
         for record in candidates:
             lease = leases.get(record.instance_id)

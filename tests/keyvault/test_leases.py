@@ -11,7 +11,7 @@ from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.errors import InvalidArgumentError
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.keys import KeyManager
-from veil.services.keyvault.leases import Lease, LeaseError, Leases
+from veil.services.keyvault.leases import MAX_LISTED_IDS, Lease, LeaseError, Leases
 from veil.services.keyvault.store import Store
 from veil.services.keyvault.tokens import TokenIssuer
 
@@ -159,3 +159,29 @@ def test_instance_ids_outside_the_grammar_are_invalid_and_never_stored(
         heads.advance(instance, links, enclave.token(issuer).token, caller=CALLER, fencing_token=0)
     assert leases.list() == []
     assert take(leases, "node-a", instance="co-ins-7").token == 1  # the grammar: a-z, 0-9, "-"
+
+
+def test_leases_are_listed_a_bounded_page_at_a_time_or_by_instance(leases: Leases) -> None:
+    """Rows are never deleted: the whole table in one answer outgrew gRPC's 4 MiB (11k rows),
+    and every take-over round and gateway look-up failed with RESOURCE_EXHAUSTED."""
+    for index in range(5):
+        take(leases, "node-a", instance=f"i-{index}")
+    pages, token = [], ""
+    while True:
+        page = leases.page(page_size=2, page_token=token)
+        pages.append([lease.instance_id for lease in page.leases])
+        if not (token := page.next_page_token):
+            break
+    assert pages == [["i-0", "i-1"], ["i-2", "i-3"], ["i-4"]]
+    assert [lease.instance_id for lease in leases.page().leases] == [f"i-{i}" for i in range(5)]
+    asked = leases.page(instance_ids=["i-3", "i-1", "never", "i-3"])
+    assert ([lease.instance_id for lease in asked.leases], asked.next_page_token) == (["i-1", "i-3"], "")
+    for bad in (
+        {"instance_ids": ["co\x00ins"]},
+        {"instance_ids": ["i-1"] * (MAX_LISTED_IDS + 1)},
+        {"page_size": -1},
+        {"page_token": "not a token"},
+        {"page_token": "bGVhc2VzLXYxOg" + "A" * 400},
+    ):
+        with pytest.raises(InvalidArgumentError):
+            leases.page(**bad)

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import refused
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from veil.services.keyvault.leases import MAX_HOLDER_BYTES, MAX_PAGE_SIZE, Lease
+from veil.services.keyvault.service import lease_message
 
 from .support import Stubs
 
@@ -79,3 +81,29 @@ def test_hostile_arguments_are_invalid_not_internal(
 ) -> None:
     call = functools.partial(_acquire, stub("state"), holder, instance=instance, ttl=ttl)
     assert refused(call)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_one_answer_is_bounded_and_one_instance_is_asked_for_by_id(stub: Stubs) -> None:
+    state, gateway = stub("state"), stub("gateway")
+    for instance in ("a-1", "b-2", "c-3"):
+        _acquire(state, "node-a", instance=instance)
+    asked = gateway.ListLeases(keyvault_pb2.ListLeasesRequest(instance_ids=["b-2", "z-9"]), timeout=10)
+    assert [lease.instance_id for lease in asked.leases] == ["b-2"]
+    first = gateway.ListLeases(keyvault_pb2.ListLeasesRequest(page_size=2), timeout=10)
+    rest = gateway.ListLeases(keyvault_pb2.ListLeasesRequest(page_token=first.next_page_token), timeout=10)
+    assert [lease.instance_id for lease in [*first.leases, *rest.leases]] == ["a-1", "b-2", "c-3"]
+    assert rest.next_page_token == ""
+    bad = keyvault_pb2.ListLeasesRequest(instance_ids=["co\x00ins"])
+    assert (
+        refused(functools.partial(gateway.ListLeases, bad, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # A full page of the largest leases the grammar and the holder bound allow fits in 4 MiB.
+    largest = Lease(
+        instance_id="x" * 63,
+        holder="h" * MAX_HOLDER_BYTES,
+        token=2**63 - 1,
+        expires_us=253402300799 * 10**6,
+        updated_us=0,
+    )
+    page = keyvault_pb2.ListLeasesResponse(leases=[lease_message(largest)] * MAX_PAGE_SIZE)
+    assert page.ByteSize() < 4 * 1024 * 1024 * 0.75
