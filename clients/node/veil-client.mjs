@@ -1444,7 +1444,7 @@ export class VeilNodeClient {
       }
       const error = opened.message.error;
       if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
-      const counterState = this.counterState(instanceId, account, opened, state, { siblings, batched });
+      const counterState = this.counterState(instanceId, account, opened, state, { siblings, batched, fresh });
       if (counterState.tooEarly) {
         // The counter before this call's is not used yet (an earlier command of its batch was
         // refused before running, or is held): this sealing stays valid under its counter and
@@ -1485,7 +1485,7 @@ export class VeilNodeClient {
 
   // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
-  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), batched = false } = {}) {
+  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), batched = false, fresh = true } = {}) {
     const state = opened.message.counter;
     const next = state ? Number(state.nextCounter.toString()) : 0;
     if (!state || !Number.isSafeInteger(next) || next < 1) throw new IntegrityError(`${instanceId}: the enclave refused the counter without its state`);
@@ -1493,6 +1493,9 @@ export class VeilNodeClient {
     const lastCommandHash = Buffer.from(state.lastCommandHash ?? []);
     const lastSequence = state.lastSequence.toString();
     if (used === counter && attempts.some((a) => same(a.commandHash, lastCommandHash))) return { ran: true, nextCounter: next, lastSequence };
+    // Too early, in a batch's answer that may predate counters accepted since: it proves no
+    // rollback; `run` seals again under the same counter and judges that answer.
+    if (batched && !fresh && used < counter) return { tooEarly: true, nextCounter: next, lastSequence };
     const last = this.counters.last(instanceId, account);
     if (used < last) {
       // The enclave forgot commands it acknowledged to us: its log was rolled back (a host

@@ -146,11 +146,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._refresh_lock = threading.Lock()
         self._jwks: tuple[float, str] | None = None
         self._fanout = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="gateway-fanout")
+        # Batched commands whose first attempt failed finish here, as Execute would (routing's
+        # fall-backs may list every shard on _fanout: a pool of their own never waits on itself).
+        self._retries = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="gateway-batch-retry")
 
     def close(self) -> None:
         """Release the fan-out pool and end receipt streams."""
         self.hub.close()
         self._fanout.shutdown(wait=False, cancel_futures=True)
+        self._retries.shutdown(wait=False, cancel_futures=True)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -416,7 +420,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 for batched in group:
                     self._retry_batched(shard, batched, None, deadline)
 
-            self._fanout.submit(one_by_one)
+            self._retries.submit(one_by_one)
             return
         sent = submit([b.forwarded for b in group], timeout=max(deadline - time.monotonic(), 0.001))
         for batched, future in zip(group, sent, strict=True):
@@ -433,7 +437,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if error is None:
             self._settle(batched, future.result())
         else:  # routing's fall-backs may wait (lease look-up, another replica): not on this thread
-            self._fanout.submit(self._retry_batched, shard, batched, error, deadline)
+            self._retries.submit(self._retry_batched, shard, batched, error, deadline)
 
     def _retry_batched(
         self, shard: str, batched: _Batched, error: BaseException | None, deadline: float

@@ -16,7 +16,7 @@ import pytest
 from tests.client.test_node_client import funded, node_eval
 from tests.gateway.support import InProcessMesh
 from veil.sdk.identity import SigningIdentity
-from veil.services.common.errors import DeadlineExceeded, abort
+from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.state.v1 import state_pb2
 
 __all__ = ["funded"]  # the fixture, shared with the single-transfer tests
@@ -94,3 +94,30 @@ def test_node_recovers_a_lost_answer_of_a_batch_without_paying_twice(
     assert state.head("coins") == head + 3
     with mesh.connect() as client:
         assert client.token("coins", bob).balance() == 30
+
+
+def test_node_settles_a_command_that_came_too_early_under_its_own_counter(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica turns the second transfer away once (UNAVAILABLE, nothing ran; the gateway
+    sends it again), so the third meets its counter too early: the client seals the third again
+    under the same counter after the second ran; each runs once, in order."""
+    _, bob = funded
+    state = mesh.states[0]
+    honest = state.Execute
+    refused: list[str] = []
+
+    def busy_once(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        if request.request_id == "busy-row-2" and not refused:
+            refused.append(request.request_id)
+            abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
+        return honest(request, context)
+
+    monkeypatch.setattr(state, "Execute", busy_once)
+    head = state.head("coins")
+    results = _node_transfer_many(mesh, bob.account, [1, 2, 3], '["busy-row-1", "busy-row-2", "busy-row-3"]')
+    assert refused == ["busy-row-2"]
+    assert [(r.get("balance"), r.get("counter")) for r in results] == [("99", 2), ("97", 3), ("94", 4)], (
+        results
+    )
+    assert state.head("coins") == head + 3

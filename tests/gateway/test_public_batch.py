@@ -27,7 +27,7 @@ from veil.sdk.errors import OutcomeUnknown
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 from veil.services.common.channels import secure_channel
-from veil.services.common.errors import DeadlineExceeded, abort
+from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.state.v1 import state_pb2
 
 BOB = "b0" * 32
@@ -263,3 +263,37 @@ def test_the_public_port_serves_batches_and_each_command_is_published_to_its_own
             if len(seen) == 2:
                 stream.cancel()
     assert sorted(seen) == sorted(r.opened.request_id for r in results if r.opened)
+
+
+def test_a_command_the_replica_could_not_take_is_sent_again_by_the_gateway_as_execute_would_be(
+    mesh: InProcessMesh,
+    admin: VeilClient,
+    coins: str,
+    alice: SigningIdentity,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """UNAVAILABLE for one command of the group (before it ran): the gateway sends that command
+    again as a plain call, as it retries a unary Execute. The next command of the account found
+    its counter too early meanwhile: the SDK's answer to that (a stale "wrong counter" that asks
+    for a counter already accepted since) is no rollback; each runs once, in order."""
+    state = mesh.states[0]
+    honest = state.Execute
+    refused: list[str] = []
+    request_ids = [admin.new_request_id() for _ in range(3)]
+
+    def busy_once(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        if request.request_id == request_ids[1] and not refused:
+            refused.append(request.request_id)
+            abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
+        return honest(request, context)
+
+    monkeypatch.setattr(state, "Execute", busy_once)
+    executed, head = state.calls["Execute"], state.head(coins)
+    results = admin.token(coins, alice).transfer_many([(BOB, 1)] * 3, request_ids=request_ids)
+    assert refused
+    assert [r.value for r in results] == [999, 998, 997], [r.error for r in results]
+    assert state.head(coins) == head + 3
+    # The third came before the second's counter was used ("too early", nothing ran): the SDK
+    # sealed it again under the same counter, once the second had run.
+    assert state.calls["Execute"] - executed == 4
+    assert admin.counters.last(coins, alice.account) == 4

@@ -738,7 +738,7 @@ class VeilClient:
             error = opened.result.error if opened.result.HasField("error") else None
             if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
                 return opened
-            counter_state = self._counter_state(instance_id, account, opened, state, siblings)
+            counter_state = self._counter_state(instance_id, account, opened, state, siblings, fresh=fresh)
             if counter_state.last_command_hash:
                 # A sealing of this call used the counter: it ran. Never again; its answer is
                 # the one the enclave kept with the counter (or, failing that, the mesh's record).
@@ -801,6 +801,8 @@ class VeilClient:
         opened: Opened,
         state: _Call,
         siblings: frozenset[bytes] = frozenset(),
+        *,
+        fresh: bool = True,
     ) -> command_pb2.CounterState:
         """Judge a "wrong counter" answer: whether this call ran, may have, or never can.
 
@@ -817,6 +819,11 @@ class VeilClient:
             return counter_state
         by_sibling = counter_state.last_command_hash in siblings
         counter_state.ClearField("last_command_hash")
+        if not fresh and counter_state.next_counter <= state.counter:
+            # Too early, in an answer that may predate counters accepted since (a batch's
+            # answers come concurrently; a resent sealing may be answered from a cache): it
+            # proves no rollback; the caller seals again under the same counter and judges that.
+            return counter_state
         last = self.counters.last(instance_id, account)
         if used < last:
             # The enclave forgot commands it acknowledged to us: its log was rolled back
