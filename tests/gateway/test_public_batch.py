@@ -297,3 +297,27 @@ def test_a_command_the_replica_could_not_take_is_sent_again_by_the_gateway_as_ex
     # sealed it again under the same counter, once the second had run.
     assert state.calls["Execute"] - executed == 4
     assert admin.counters.last(coins, alice.account) == 4
+
+
+def test_a_batch_over_the_message_limit_falls_back_to_one_execute_per_command(
+    mesh: InProcessMesh, admin: VeilClient, alice: SigningIdentity
+) -> None:
+    """Four 300 KB records exceed the gateway's 1 MiB request limit as one ExecuteBatch: the
+    call is refused whole (nothing ran), and the SDK sends each command as its own Execute."""
+    admin.create_instance(
+        "records",
+        envelope_pb2.InstanceConfig(
+            app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
+        ),
+    )
+    calls = [
+        apps_pb2.AppCall(
+            vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id=f"r{i}", data=b"x" * 300_000))
+        )
+        for i in range(4)
+    ]
+    batches = mesh.states[0].calls["ExecuteBatch"]
+    results = admin.execute_many("records", calls, alice)
+    assert all(not isinstance(r, Exception) and r.accepted for r in results), results
+    assert mesh.states[0].calls["ExecuteBatch"] == batches  # the batch never reached the replica
+    assert admin.vault("records", alice).get("r3").data == b"x" * 300_000
