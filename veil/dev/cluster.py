@@ -28,14 +28,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import psycopg
 from psycopg import sql
 
 from veil.dev.pki import ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
-from veil.dev.supervisor import MESH_UP, Supervised, _free, keyvault_pins, sim_mesh_env
+from veil.dev.supervisor import MESH_UP, Supervised, _free, keyvault_pins, sim_mesh_env, stop_on_signals
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     ADMIN_LISTEN,
@@ -357,12 +356,7 @@ def up_cluster(data_dir: Path, nodes: int, base: int = 0) -> int:
     """Run a cluster in the foreground until SIGINT/SIGTERM; its schemas are dropped at the end."""
     cluster = Cluster(data_dir, nodes=nodes, base=base)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        _log.info("received %s; stopping the cluster", signal.Signals(signum).name)
-        cluster._stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_signals(cluster._stopping, "the cluster", _log)
     try:
         try:
             started = time.monotonic()

@@ -58,6 +58,17 @@ MESH_UP = "veil mesh is up"
 _log = logging.getLogger("veil.up")
 
 
+def stop_on_signals(stopping: threading.Event, what: str, log: logging.Logger) -> None:
+    """SIGINT and SIGTERM set `stopping`, so that a foreground `veil up` or cluster stops `what`."""
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping %s", signal.Signals(signum).name, what)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 def sim_mesh_env(data_dir: Path) -> dict[str, str]:
     """What the services of a local mesh run with: the simulated enclave, whose quotes chain to
     the dev SGX root and whose TCB the keyvault evaluates against the dev PKI's collateral for
@@ -314,12 +325,7 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
         _log.info("the dev PKI had no sim collateral: wrote a new sim SGX chain with its collateral")
     mesh = Mesh(data_dir, port_offset=port_offset)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        _log.info("received %s; stopping the mesh", signal.Signals(signum).name)
-        mesh._stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop_on_signals(mesh._stopping, "the mesh", _log)
     try:
         mesh.start()
     except TimeoutError as exc:
