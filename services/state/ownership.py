@@ -206,16 +206,19 @@ class Ownership:
         """One renewal round (the thread runs it every ttl/4), `RENEWERS` calls at a time."""
         with self._lock:
             held = [(instance_id, lease.token) for instance_id, lease in self._held.items()]
+        unreachable = threading.Event()  # set, the round's other leases only have their age judged
         if len(held) <= 1:
-            for lease in held:
-                self._renew(*lease)
+            for instance_id, token in held:
+                self._renew(instance_id, token, unreachable)
             return
         with ThreadPoolExecutor(min(RENEWERS, len(held)), thread_name_prefix="lease-renewal") as pool:
-            for done in [pool.submit(self._renew, *lease) for lease in held]:
+            for done in [pool.submit(self._renew, *lease, unreachable) for lease in held]:
                 done.result()
 
-    def _renew(self, instance_id: str, token: int) -> None:
-        """Renew one lease; its age counts from when its last granted renewal was sent."""
+    def _renew(self, instance_id: str, token: int, unreachable: threading.Event) -> None:
+        """Renew one lease; its age counts from when its last granted renewal was sent. Once a
+        call of the round found the keyvault unreachable, the rest are not sent (a cut-off host
+        with many instances would wait a call timeout per `RENEWERS` of them, ttl/4 each)."""
         ttl_s = self.config.ttl_ms / 1000
         with self._lock:
             current = self._held.get(instance_id)
@@ -226,6 +229,8 @@ class Ownership:
         if sent - renewed_at >= ttl_s:  # e.g. the previous calls hung (a partition)
             self.lose(instance_id, token, "the lease was not renewed for a whole ttl")
             return
+        if unreachable.is_set():
+            return
         try:
             # A short deadline: a host cut off notices within about a ttl, not a call timeout.
             self._keyvault.acquire_lease(
@@ -235,6 +240,7 @@ class Ownership:
             self.lose(instance_id, token, f"the keyvault refused the lease renewal: {exc.message}")
             return
         except KeyvaultUnavailable as exc:
+            unreachable.set()
             if self._clock() - renewed_at >= ttl_s:
                 why = f"the lease could not be renewed for a whole ttl ({exc.message})"
                 self.lose(instance_id, token, why)

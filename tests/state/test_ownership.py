@@ -6,6 +6,7 @@ not kept for a creation that failed."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -21,8 +22,8 @@ from veil.services.common.errors import InvalidArgument, NotFound
 from veil.services.state import lifecycle
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
-from veil.services.state.keyvault_client import KeyvaultRefused
-from veil.services.state.ownership import LeaseHeld, Ownership, OwnershipConfig
+from veil.services.state.keyvault_client import KeyvaultRefused, KeyvaultUnavailable
+from veil.services.state.ownership import RENEWERS, LeaseHeld, Ownership, OwnershipConfig
 
 TTL_MS = 1000
 
@@ -113,68 +114,83 @@ def test_the_fenced_off_owner_acknowledges_nothing_and_the_new_owner_takes_over(
     assert read(old, bob, balance()) == 6
 
 
-class _RebootingKeyvault:
-    """Grants new leases; refuses the renewal of token 1 (LEASE_LOST) after a re-boot of the
-    host took token 2 for the same instance while that renewal was on its way."""
+class _Leases:
+    """A keyvault's AcquireLease: a new lease at once; a renewal runs `renewal(instance_id,
+    token)` first, which may wait (a slow keyvault) or raise (a refusal, an outage)."""
 
-    def __init__(self) -> None:
+    def __init__(self, renewal: Callable[[str, int], None]) -> None:
         self.token = 0
-        self.ownership: Ownership | None = None
+        self.renewal = renewal
 
     def acquire_lease(
         self, instance_id: str, holder: str, ttl_ms: int, token: int, timeout: float | None = None
     ) -> keyvault_pb2.Lease:
         if token == 0:
             self.token += 1
-            return keyvault_pb2.Lease(instance_id=instance_id, holder=holder, fencing_token=self.token)
-        assert self.ownership is not None
-        self.ownership.acquire(instance_id)  # the re-boot's start-up, meanwhile: token 2
-        raise KeyvaultRefused("lease lost", status=grpc.StatusCode.FAILED_PRECONDITION, reason="LEASE_LOST")
+            token = self.token
+        else:
+            self.renewal(instance_id, token)
+        return keyvault_pb2.Lease(instance_id=instance_id, holder=holder, fencing_token=token)
+
+
+def _owning(keyvault: _Leases, instances: int, **kwargs: Any) -> tuple[Ownership, list[str]]:
+    """node-a holding the leases of `instances` instances (ttl 4 s), and the ones it lost."""
+    ownership = Ownership(keyvault, OwnershipConfig("node-a", 4000), **kwargs)  # type: ignore[arg-type]
+    lost: list[str] = []
+    ownership.on_lost = lambda instance_id, why: lost.append(instance_id)
+    for index in range(instances):
+        ownership.acquire(f"i-{index}")
+    return ownership, lost
 
 
 def test_a_refused_renewal_of_an_old_token_does_not_drop_the_new_one() -> None:
-    keyvault = _RebootingKeyvault()
-    ownership = Ownership(keyvault, OwnershipConfig(node_name="node-a", ttl_ms=4000))  # type: ignore[arg-type]
-    keyvault.ownership = ownership
-    lost: list[str] = []
-    ownership.on_lost = lambda instance_id, why: lost.append(instance_id)
-    ownership.acquire("coins")
-    ownership.renew_all()
-    assert ownership.token("coins") == 2
+    def re_boot_meanwhile(instance_id: str, token: int) -> None:
+        ownership.acquire(instance_id)  # the re-boot's start-up took token 2 meanwhile
+        raise KeyvaultRefused("lease lost", status=grpc.StatusCode.FAILED_PRECONDITION, reason="LEASE_LOST")
+
+    ownership, lost = _owning(_Leases(re_boot_meanwhile), 1)
+    ownership.renew_all()  # token 1 is refused
+    assert ownership.token("i-0") == 2
     assert lost == []
-    ownership.lose("coins", 1, "an advance under token 1, refused late")
-    assert (ownership.token("coins"), lost) == (2, [])
-    ownership.lose("coins", 2, "the token held is refused")
-    assert (ownership.token("coins"), lost) == (0, ["coins"])
+    ownership.lose("i-0", 1, "an advance under token 1, refused late")
+    assert (ownership.token("i-0"), lost) == (2, [])
+    ownership.lose("i-0", 2, "the token held is refused")
+    assert (ownership.token("i-0"), lost) == (0, ["i-0"])
 
 
 def test_a_host_with_many_instances_keeps_its_leases() -> None:
     """800 instances, 5 ms a renewal: one after another a round took the whole ttl (4 s) and
     the host let its own leases lapse; renewed concurrently a round takes a fraction of it."""
-
-    class SlowKeyvault:
-        token = 0
-
-        def acquire_lease(
-            self, instance_id: str, holder: str, ttl_ms: int, token: int, timeout: float | None = None
-        ) -> keyvault_pb2.Lease:
-            if token == 0:
-                self.token += 1
-                token = self.token
-            else:
-                time.sleep(0.005)
-            return keyvault_pb2.Lease(instance_id=instance_id, holder=holder, fencing_token=token)
-
-    ownership = Ownership(SlowKeyvault(), OwnershipConfig("node-a", 4000))  # type: ignore[arg-type]
-    lost: list[str] = []
-    ownership.on_lost = lambda instance_id, why: lost.append(why)
-    for index in range(800):
-        ownership.acquire(f"i-{index}")
+    ownership, lost = _owning(_Leases(lambda _instance_id, _token: time.sleep(0.005)), 800)
     started = time.monotonic()
     for _ in range(3):
         ownership.renew_all()
     assert lost == []
     assert time.monotonic() - started < 3 * 4.0 * 0.75
+
+
+def test_a_cut_off_host_sends_one_batch_of_renewals_a_round_and_stands_down_after_a_ttl() -> None:
+    """Unreachable, every call waits out its deadline (ttl/4): 800 instances one call each made
+    a round last minutes, so the host noticed a whole ttl without renewal long after it."""
+    now = [0.0]
+    calls: list[str] = []
+
+    def away(instance_id: str, token: int) -> None:
+        calls.append(instance_id)
+        time.sleep(0.01)  # the call's deadline, shortened
+        raise KeyvaultUnavailable("keyvault at kv:1 unreachable (DEADLINE_EXCEEDED)")
+
+    ownership, lost = _owning(_Leases(away), 800, clock=lambda: now[0])
+    for second in (1.0, 2.0, 3.0):
+        now[0] = second
+        calls.clear()
+        ownership.renew_all()
+        assert 1 <= len(calls) <= RENEWERS
+        assert lost == []
+    now[0] = 4.0
+    ownership.renew_all()
+    assert len(lost) == 800
+    assert ownership.owned() == set()
 
 
 def test_a_re_boot_keeps_its_leases_while_renewals_are_slow(
