@@ -35,6 +35,7 @@ from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavaila
 from veil.services.state.runner import in_process_enclave
 from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
 from veil.services.state.store_sqlite import SqliteStore
+from veil.state.v1 import state_pb2, state_pb2_grpc
 
 READY = {lifecycle.SERVING, lifecycle.FAILED}
 
@@ -219,6 +220,17 @@ def token_instance(
         Account(keys, instance_id, signer=ed25519.Ed25519PrivateKey.generate()) for _ in range(accounts)
     ]
     return TokenSetup(instance_id, issuer, holders)
+
+
+def token_issuer_served(stub: state_pb2_grpc.StateServiceStub, instance_id: str) -> Account:
+    """Create a token instance through the served StateService; its issuer, with a fresh key."""
+    keys = stub.GetAttestation(state_pb2.GetAttestationRequest(), timeout=5).bundle.keys
+    issuer_key = ed25519.Ed25519PrivateKey.generate()
+    request = state_pb2.CreateInstanceRequest(
+        instance_id=instance_id, config=token_config(issuer_key), request_id=f"create-{instance_id}"
+    )
+    stub.CreateInstance(request, timeout=10)
+    return Account(keys, instance_id, signer=issuer_key)
 
 
 def rebind(account: Account, keys: envelope_pb2.EnclavePublicKeys) -> Account:

@@ -9,12 +9,11 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.rpc import status_pb2
 
-from tests.state.support import Node
+from tests.state.support import Node, token_issuer_served
 from tests.state.test_server import Running
-from veil.dev.loadclient import Account, mint, token_config
+from veil.dev.loadclient import mint
 from veil.services.state.server import MAX_BATCH_COMMANDS
 from veil.state.v1 import state_pb2
 
@@ -37,15 +36,7 @@ def _by_index(replies: Iterator[state_pb2.ExecuteBatchResponse]) -> dict[int, st
 def test_a_batch_answers_each_command_alone(running: Running) -> None:
     running.wait_serving()
     stub = running.stub()
-    keys = stub.GetAttestation(state_pb2.GetAttestationRequest(), timeout=5).bundle.keys
-    issuer_key = ed25519.Ed25519PrivateKey.generate()
-    stub.CreateInstance(
-        state_pb2.CreateInstanceRequest(
-            instance_id="tokens", config=token_config(issuer_key), request_id="c"
-        ),
-        timeout=10,
-    )
-    issuer = Account(keys, "tokens", signer=issuer_key)
+    issuer = token_issuer_served(stub, "tokens")
     sealed = [issuer.seal(mint(f"account-{i}", i + 1)) for i in range(5)]
     commands = [
         state_pb2.ExecuteRequest(instance_id="tokens", command=s.command, request_id=s.request_id)

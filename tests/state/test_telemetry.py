@@ -12,13 +12,12 @@ import time
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from tests.common.test_telemetry import metric_points
 from tests.conftest import tls_for
-from tests.state.support import Node
-from veil.dev.loadclient import Account, mint, token_config
+from tests.state.support import Node, token_issuer_served
+from veil.dev.loadclient import mint
 from veil.services.common.call_metrics import CALL_DURATION
 from veil.services.common.channels import secure_channel
 from veil.services.common.telemetry import make_meter_provider
@@ -47,15 +46,7 @@ def test_a_state_host_exports_its_metrics(node: Node) -> None:
                 if stub.GetStatus(state_pb2.GetStatusRequest(), timeout=5).step == lifecycle.SERVING:
                     break
                 time.sleep(0.05)
-            keys = stub.GetAttestation(state_pb2.GetAttestationRequest(), timeout=5).bundle.keys
-            issuer_key = ed25519.Ed25519PrivateKey.generate()
-            stub.CreateInstance(
-                state_pb2.CreateInstanceRequest(
-                    instance_id="coins", config=token_config(issuer_key), request_id="c1"
-                ),
-                timeout=10,
-            )
-            issuer = Account(keys, "coins", signer=issuer_key)
+            issuer = token_issuer_served(stub, "coins")
             for _ in range(COMMANDS):
                 sealed = issuer.seal(mint("someone", 1))
                 stub.Execute(
