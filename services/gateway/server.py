@@ -367,7 +367,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def ExecuteBatch(
         self, request: gateway_pb2.ExecuteBatchRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.ExecuteBatchResponse]:
-        # Refused as a whole before the stream starts (as WatchReceipts refuses).
+        # Admission and hand-over happen here, before the stream starts (a refusal of the whole
+        # call is its status at once, as for WatchReceipts); the answers stream from _batch_stream.
         if not 0 < len(request.commands) <= MAX_BATCH_COMMANDS:
             raise InvalidArgument(
                 f"a batch carries 1 to {MAX_BATCH_COMMANDS} commands", metadata={"field": "commands"}
@@ -397,18 +398,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 upstream.setdefault(self._router.route(instance_id), []).append(batched)
         for shard, group in upstream.items():
             self._send_group(shard, group, deadline)
-        yield from refused
-        try:
-            for done in futures.as_completed(list(answers), max(deadline - time.monotonic(), 0.0)):
-                for index in answers.pop(done):
-                    yield _batch_answer(index, done, context)
-        except futures.TimeoutError:
-            late = DeadlineExceeded(
-                "the command was not committed within the deadline; retry with the same request_id",
-                reason="DEADLINE_EXCEEDED",
-            )
-            for indexes in answers.values():  # they may still commit: a retry finds out
-                yield from (_batch_failure(index, late, context) for index in indexes)
+        return _batch_stream(refused, answers, deadline, context)
 
     def _send_group(self, shard: str, group: list[_Batched], deadline: float) -> None:
         """Hand a replica's commands of one batch to its coalescer as one ordered group; each
@@ -612,6 +602,27 @@ def _once(dedupe: Deduplicator[_Reply], key: Key, work: Callable[[], _Reply], ti
         raise DeadlineExceeded(
             "an identical request is still in flight", reason="REQUEST_IN_FLIGHT"
         ) from None
+
+
+def _batch_stream(
+    refused: list[gateway_pb2.ExecuteBatchResponse],
+    answers: dict[futures.Future[gateway_pb2.ExecuteResponse], list[int]],
+    deadline: float,
+    context: grpc.ServicerContext,
+) -> Iterator[gateway_pb2.ExecuteBatchResponse]:
+    """The batch's answers: the refused commands', then each as soon as it is ready."""
+    yield from refused
+    try:
+        for done in futures.as_completed(list(answers), max(deadline - time.monotonic(), 0.0)):
+            for index in answers.pop(done):
+                yield _batch_answer(index, done, context)
+    except futures.TimeoutError:
+        late = DeadlineExceeded(
+            "the command was not committed within the deadline; retry with the same request_id",
+            reason="DEADLINE_EXCEEDED",
+        )
+        for indexes in answers.values():  # they may still commit: a retry finds out
+            yield from (_batch_failure(index, late, context) for index in indexes)
 
 
 def _batch_answer(

@@ -120,7 +120,7 @@ def test_the_rate_limit_is_charged_per_command(throttled: InProcessMesh) -> None
     assert len(limited) >= 10
     assert len(ran) >= 20
     assert all(_code(answers[i]) == grpc.StatusCode.RESOURCE_EXHAUSTED for i in limited)
-    assert ran == list(range(len(ran)))  # in order: the bucket ran dry once
+    assert sorted(ran) == list(range(len(ran)))  # the bucket ran dry once, at one point of the batch
     assert throttled.states[0].head("coins") == head + len(ran)
 
 
@@ -293,9 +293,10 @@ def test_a_command_the_replica_could_not_take_is_sent_again_by_the_gateway_as_ex
     assert refused
     assert [r.value for r in results] == [999, 998, 997], [r.error for r in results]
     assert state.head(coins) == head + 3
-    # The third came before the second's counter was used ("too early", nothing ran): the SDK
-    # sealed it again under the same counter, once the second had run.
-    assert state.calls["Execute"] - executed == 4
+    # When the third came before the second's counter was used ("too early", nothing ran), the
+    # SDK sealed it again under the same counter once the second had run; the gateway's second
+    # attempt may also overtake it (it leaves in a message of its own).
+    assert state.calls["Execute"] - executed in {3, 4}
     assert admin.counters.last(coins, alice.account) == 4
 
 
