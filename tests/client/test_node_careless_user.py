@@ -445,5 +445,6 @@ def test_every_command_of_the_node_readme_runs_as_written(
                 _one_line_refusal(result, expected[2].strip(), status=int(expected[1]))
         ran += 1
     assert ran == len(blocks) >= 7
-    # The transfers by name, by account, under a request id (run twice: once), the library's.
-    assert _balance(mesh, funded[1]) == 5 + 1 + 2 + 5
+    # The transfers by name, by account, under a request id (run twice: once), the library's,
+    # the library's batch.
+    assert _balance(mesh, funded[1]) == 5 + 1 + 2 + 5 + 5 + 2
