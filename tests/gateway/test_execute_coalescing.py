@@ -164,3 +164,29 @@ def test_a_hostile_replica_answers_each_command_once_and_never_hangs_the_rest() 
     assert replica.messages == [["lone"], ["a", "b", "c"]]
     assert rest == [b"first", "UPSTREAM_ERROR", "UPSTREAM_ERROR"]  # the first answer stands
     assert time.monotonic() - began < 5.0  # failed when the stream ended, not at the deadline
+
+
+def test_a_group_leaves_whole_and_in_order_never_interleaved() -> None:
+    """A public ExecuteBatch's commands (one account's consecutive counters) go as one ordered
+    group: never split across messages, never mixed with calls that queued around them."""
+    replica = FakeReplica(delay=0.2)
+    coalescer = _coalescer(replica, max_batch=8, max_in_flight=1)
+    group = [state_pb2.ExecuteRequest(instance_id="i", request_id=f"g{i}") for i in range(6)]
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(_call, coalescer, "busy")  # holds the slot: what follows queues
+        time.sleep(0.05)
+        before = pool.submit(_call, coalescer, "before")
+        time.sleep(0.05)
+        answers = coalescer.submit_group(group, timeout=5.0)
+        after = [pool.submit(_call, coalescer, f"after{i}") for i in range(3)]
+        assert [a.result(5).outcome.sealed_response for a in answers] == [f"g{i}".encode() for i in range(6)]
+        assert (busy.result(), before.result()) == (b"busy", b"before")
+        assert [a.result() for a in after] == [f"after{i}".encode() for i in range(3)]
+    grouped = [m for m in replica.messages if "g0" in m]
+    assert len(grouped) == 1  # whole
+    message = grouped[0]
+    start = message.index("g0")
+    assert message[start : start + 6] == [f"g{i}" for i in range(6)]  # contiguous, in order
+    assert message[:start] in ([], ["before"])  # what queued before it may share the message
+    with pytest.raises(ValueError, match="1 to 8"):
+        coalescer.submit_group(group + group, timeout=1.0)
