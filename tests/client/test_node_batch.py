@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import grpc
 import pytest
 
 from tests.client.test_node_client import funded, node_eval
-from tests.gateway.support import InProcessMesh
+from tests.gateway.support import InProcessMesh, fail_once
 from veil.sdk.identity import SigningIdentity
-from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
-from veil.state.v1 import state_pb2
 
 __all__ = ["funded"]  # the fixture, shared with the single-transfer tests
 
@@ -74,17 +71,7 @@ def test_node_recovers_a_lost_answer_of_a_batch_without_paying_twice(
     again under its request id and gets the recorded answer; the enclave ran it once."""
     _, bob = funded
     state = mesh.states[0]
-    honest = state.Execute
-    lost: list[str] = []
-
-    def losing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        answer = honest(request, context)
-        if request.request_id == "batch-row-2" and not lost:
-            lost.append(request.request_id)
-            abort(context, DeadlineExceeded("lost on the way", reason="DEADLINE_EXCEEDED"))
-        return answer
-
-    monkeypatch.setattr(state, "Execute", losing)
+    lost = fail_once(state, "batch-row-2", monkeypatch, lose_answer=True)
     head = state.head("coins")
     results = _node_transfer_many(
         mesh, bob.account, [10, 10, 10], '["batch-row-1", "batch-row-2", "batch-row-3"]'
@@ -104,16 +91,7 @@ def test_node_settles_a_command_that_came_too_early_under_its_own_counter(
     under the same counter after the second ran; each runs once, in order."""
     _, bob = funded
     state = mesh.states[0]
-    honest = state.Execute
-    refused: list[str] = []
-
-    def busy_once(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        if request.request_id == "busy-row-2" and not refused:
-            refused.append(request.request_id)
-            abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
-        return honest(request, context)
-
-    monkeypatch.setattr(state, "Execute", busy_once)
+    refused = fail_once(state, "busy-row-2", monkeypatch, lose_answer=False)
     head = state.head("coins")
     results = _node_transfer_many(mesh, bob.account, [1, 2, 3], '["busy-row-1", "busy-row-2", "busy-row-3"]')
     assert refused == ["busy-row-2"]

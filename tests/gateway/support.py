@@ -35,7 +35,7 @@ from veil.gateway.v1 import gateway_pb2
 from veil.sdk.client import VeilClient, connect
 from veil.sdk.trust_policy import ANY_TCB_STATUS, POLICY_FILE, ExpectedMeasurement, save_policy
 from veil.services.common.config import ServiceConfig
-from veil.services.common.errors import abort
+from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.services.common.server import VeilServer
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.server import create_server as create_gateway
@@ -416,3 +416,30 @@ def token_config(issuer_public_key: bytes) -> envelope_pb2.InstanceConfig:
         auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE,
         token_issuer_public_key=issuer_public_key,
     )
+
+
+def fail_once(
+    state: EnclaveState,
+    request_id: str,
+    monkeypatch: Any,
+    *,
+    lose_answer: bool,
+) -> list[str]:
+    """Make the replica fail the command `request_id` once: after running it, its answer lost
+    on the way (`lose_answer`, DEADLINE_EXCEEDED), or before running it (UNAVAILABLE
+    NOT_SERVING). Returns the list the request id is put in when that happened."""
+    honest = state.Execute
+    failed: list[str] = []
+
+    def failing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
+        if request.request_id != request_id or failed:
+            return honest(request, context)
+        failed.append(request.request_id)
+        if not lose_answer:
+            abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
+        honest(request, context)
+        abort(context, DeadlineExceeded("lost on the way", reason="DEADLINE_EXCEEDED"))
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(state, "Execute", failing)
+    return failed

@@ -19,7 +19,7 @@ from google.rpc import status_pb2
 
 from tests.conftest import tls_for
 from tests.gateway import support
-from tests.gateway.support import InProcessMesh, mesh_fixture, token_config
+from tests.gateway.support import InProcessMesh, fail_once, mesh_fixture, token_config
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.client import MAX_BATCH, VeilClient
@@ -27,7 +27,6 @@ from veil.sdk.errors import OutcomeUnknown
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_command
 from veil.services.common.channels import secure_channel
-from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.state.v1 import state_pb2
 
 BOB = "b0" * 32
@@ -149,18 +148,8 @@ def test_a_lost_answer_in_a_batch_is_recovered_without_running_twice(
     """The host runs every command but loses the third one's answer: the SDK sends that command
     again under its request id and gets the recorded answer; it runs once."""
     state = mesh.states[0]
-    honest = state.Execute
-    lost: list[str] = []
     request_ids = [admin.new_request_id() for _ in range(5)]
-
-    def losing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        answer = honest(request, context)
-        if request.request_id == request_ids[2] and not lost:
-            lost.append(request.request_id)
-            abort(context, DeadlineExceeded("lost on the way", reason="DEADLINE_EXCEEDED"))
-        return answer
-
-    monkeypatch.setattr(state, "Execute", losing)
+    lost = fail_once(state, request_ids[2], monkeypatch, lose_answer=True)
     head = state.head(coins)
     results = admin.token(coins, alice).transfer_many([(BOB, 10)] * 5, request_ids=request_ids)
     assert lost
@@ -277,17 +266,8 @@ def test_a_command_the_replica_could_not_take_is_sent_again_by_the_gateway_as_ex
     its counter too early meanwhile: the SDK's answer to that (a stale "wrong counter" that asks
     for a counter already accepted since) is no rollback; each runs once, in order."""
     state = mesh.states[0]
-    honest = state.Execute
-    refused: list[str] = []
     request_ids = [admin.new_request_id() for _ in range(3)]
-
-    def busy_once(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        if request.request_id == request_ids[1] and not refused:
-            refused.append(request.request_id)
-            abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
-        return honest(request, context)
-
-    monkeypatch.setattr(state, "Execute", busy_once)
+    refused = fail_once(state, request_ids[1], monkeypatch, lose_answer=False)
     executed, head = state.calls["Execute"], state.head(coins)
     results = admin.token(coins, alice).transfer_many([(BOB, 1)] * 3, request_ids=request_ids)
     assert refused
