@@ -267,7 +267,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             return None
         try:
             reply = forward(
-                "keyvault", self._keyvault.ListLeases, keyvault_pb2.ListLeasesRequest(), timeout=timeout
+                "keyvault",
+                self._keyvault.ListLeases,
+                keyvault_pb2.ListLeasesRequest(instance_ids=[instance_id]),  # that lease only, not the table
+                timeout=timeout,
             )
         except VeilError:
             return None
