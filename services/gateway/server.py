@@ -158,19 +158,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     # --- admission ---------------------------------------------------------------------------
 
-    def _admit(self, instance_id: str, context: grpc.ServicerContext) -> Principal:
-        """Authenticate with the instance's plugin and take a rate-limit token; returns the principal."""
-        credentials = Credentials(certificate_identity(context), _metadata(context))
-        principal: Principal | None = None
-        try:
-            principal = self._authenticators.authenticate(instance_id, credentials)
-            return principal
-        finally:
-            # Every attempt is charged, whatever the plugin raised: a failed one to the address.
-            client = f"peer:{_peer_host(context)}"
-            if principal is not None and principal != ANONYMOUS:
-                client = principal.key
-            self._limiter.acquire(client)
+    def _admit(
+        self,
+        instance_id: str,
+        context: grpc.ServicerContext,
+        verdicts: dict[str, Principal | VeilError] | None = None,
+    ) -> Principal:
+        """Authenticate with the instance's plugin and take a rate-limit token; returns the principal.
+
+        `verdicts` (one ExecuteBatch call, whose credentials are the same for every command)
+        keeps the plugin's verdict per instance id: the plugin runs once per instance per call,
+        however many commands name it, while every command still takes its own token. An empty
+        bucket therefore costs a batch one plugin run at most, never one per command.
+        """
+        verdict = verdicts.get(instance_id) if verdicts is not None else None
+        if verdict is None:
+            credentials = Credentials(certificate_identity(context), _metadata(context))
+            try:
+                verdict = self._authenticators.authenticate(instance_id, credentials)
+            except VeilError as exc:
+                verdict = exc
+            except BaseException:
+                self._limiter.acquire(f"peer:{_peer_host(context)}")  # charged whatever it raised
+                raise
+            if verdicts is not None:
+                verdicts[instance_id] = verdict
+        # Every attempt is charged, whatever the plugin said: a refused one to the address.
+        client = f"peer:{_peer_host(context)}"
+        if isinstance(verdict, Principal) and verdict != ANONYMOUS:
+            client = verdict.key
+        self._limiter.acquire(client)
+        if isinstance(verdict, VeilError):
+            raise verdict
+        return verdict
 
     # --- routing -----------------------------------------------------------------------------
 
@@ -381,10 +401,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         refused: list[gateway_pb2.ExecuteBatchResponse] = []
         answers: dict[futures.Future[gateway_pb2.ExecuteResponse], list[int]] = {}
         upstream: dict[str, list[_Batched]] = {}  # per replica, in the batch's order
+        verdicts: dict[str, Principal | VeilError] = {}  # the plugin's, once per instance id
         for index, command in enumerate(request.commands):
             try:  # Execute's admission, one command at a time: each is authenticated and charged
                 instance_id = validation.instance_id(command.instance_id)
-                principal = self._admit(instance_id, context)
+                principal = self._admit(instance_id, context, verdicts)
                 request_id = validation.request_id(command.request_id)
                 sealed = validation.sealed_command(command.command)
             except VeilError as exc:
