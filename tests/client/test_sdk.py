@@ -18,7 +18,7 @@ from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.client import VeilClient
 from veil.sdk.counters import FileCounters, MemoryCounters
-from veil.sdk.errors import CommandRefused, IdentityError, IntegrityError, PolicyError
+from veil.sdk.errors import CommandRefused, IdentityError, IntegrityError, OutcomeUnknown, PolicyError
 from veil.sdk.identity import AnonymousIdentity, SigningIdentity, load_identity, new_identity, resolve_account
 from veil.sdk.trust_policy import ExpectedMeasurement
 
@@ -131,14 +131,34 @@ def test_signature_scheme_refuses_an_anonymous_identity(mesh: InProcessMesh, adm
 
 
 def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh) -> None:
+    """Another device used counters 1..3. The enclave's answer to this device's call under
+    counter 1 names the command that used counter 3 only: it cannot prove this call did not use
+    counter 1 before those (a host can hold sealings and replay), so the call is OutcomeUnknown,
+    never sealed again (docs/protocol.md, section 6, step 4). The counter is learnt: the next call
+    runs."""
     alice, bob, _ = _people(mesh)
     with mesh.connect(counters=MemoryCounters()) as first:
         first.create_instance("coins", token_config(alice.public_key))
         for _ in range(3):
             first.token("coins", alice).mint(bob.account, 1)
     with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
+        with pytest.raises(OutcomeUnknown):
+            second.token("coins", alice).mint(bob.account, 1)
+        assert second.counters.last("coins", alice.account) == 3
         assert second.token("coins", alice).mint(bob.account, 1) == 4
         assert second.counters.last("coins", alice.account) == 4
+
+
+def test_a_counter_used_by_exactly_one_other_command_is_sealed_again(mesh: InProcessMesh) -> None:
+    """The one case a counter refusal proves this call never ran: next_counter - 1 is its own
+    counter and the enclave names another command there. Then it is sealed again under the next."""
+    alice, bob, _ = _people(mesh)
+    with mesh.connect(counters=MemoryCounters()) as first:
+        first.create_instance("coins", token_config(alice.public_key))
+        first.token("coins", alice).mint(bob.account, 1)
+    with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
+        assert second.token("coins", alice).mint(bob.account, 1) == 2
+        assert second.counters.last("coins", alice.account) == 2
 
 
 def test_an_enclave_that_forgot_accepted_counters_is_a_rollback(mesh: InProcessMesh) -> None:

@@ -64,6 +64,7 @@ from veil.dev.relay import METHOD as RELAY_METHOD
 from veil.dev.relay import running_relay
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from veil.sdk.calls import MemoryCalls
 from veil.sdk.client import MAX_MESSAGE_BYTES, VeilClient
 from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import VeilClientError
@@ -804,6 +805,7 @@ def bench_command(args: argparse.Namespace) -> int:
     cpu_pids = _cpu_pids(args.cpu_pid)
     client = open_client(args)
     client.counters = MemoryCounters()  # ephemeral accounts: keep them out of counters.json
+    client.calls = MemoryCalls()  # and their calls out of calls/
     data_dir = Path(args.data_dir)
     ca, cert, key = client_files(args)
     connection = GatewayTarget(

@@ -48,7 +48,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,8 +61,17 @@ from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.apps import BallotClient, TokenClient, VaultClient
+from veil.sdk.calls import CALLS_DIR, CallStore, FileCalls, MemoryCalls
+from veil.sdk.calls import PendingCall as _Call
 from veil.sdk.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
-from veil.sdk.errors import CommandRefused, GatewayError, IntegrityError, OutcomeUnknown, VeilClientError
+from veil.sdk.errors import (
+    CommandRefused,
+    CounterGap,
+    GatewayError,
+    IntegrityError,
+    OutcomeUnknown,
+    VeilClientError,
+)
 from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
@@ -138,10 +147,10 @@ def _batch_answer(
     if item.WhichOneof("result") == "response":
         try:
             return open_outcome(sealed, item.response.outcome, signing_key, query=False)
-        except CommandRefused:
-            return None  # the host's word: ambiguous
-        except IntegrityError as error:
-            return error
+        except (CommandRefused, IntegrityError):
+            # The host's word, or an answer that does not open under this command's response
+            # key (another command's answer at this index): ambiguous, the same bytes again.
+            return None
     failed = StatusError(status_pb2.Status.FromString(item.status))
     hint = _retry_hint(failed) if failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
     if failed.code() in _RETRYABLE or (hint is not None and hint <= _MAX_RETRY_HINT_S):
@@ -150,17 +159,27 @@ def _batch_answer(
     return None if _unopenable(refused) else refused
 
 
-def _too_early(state: _Call, next_counter: int, *, fresh: bool) -> None:
+def _too_early(state: _Call, next_counter: int, *, fresh: bool, waiting: list[_Call]) -> None:
     """The enclave asks for a lower counter: the one before this call's is not used yet (an
-    earlier command of its batch was refused before running, or is held). The sealing stays
-    valid under its counter and may still run, so the call never takes another counter; a
-    fresh sealing sent in order that is still early waits for a counter nothing will fill."""
+    earlier sealing of this client is not settled: a batch or a call that ended without a
+    definitive answer, or an earlier command of its batch refused before running). The sealing
+    stays valid under its counter and may still run, so the call never takes another counter;
+    a fresh sealing sent in order that is still early waits for those counters to be used."""
     state.ambiguous = True
     if fresh:
-        raise OutcomeUnknown(
+        ids = [c.request_id for c in waiting]
+        resume = (
+            f"resume the unsettled calls first (request ids {', '.join(ids)}), then this one"
+            if ids
+            else "an earlier sealing of this account (refused before running, or no longer kept) "
+            "must be settled first"
+        )
+        raise CounterGap(
             f"{state.instance_id}: not run so far: the enclave waits for counter {next_counter} "
-            f"before this command's {state.counter}, which an earlier command of its batch did not "
-            "use; it may still run if that counter is used, so the SDK does not send it again"
+            f"before this command's {state.counter}; {resume} (request id {state.request_id}). "
+            "Its sealing stays valid and runs once the counters before it are used, so the SDK "
+            "never seals it under another counter",
+            ids,
         )
 
 
@@ -239,25 +258,6 @@ class ReceiptStream:
         self._call.cancel()
 
 
-@dataclass
-class _Call:
-    """One `execute` call: its sealings under one counter, and whether any may have run unseen."""
-
-    instance_id: str
-    request_id: str
-    counter: int
-    call: bytes = b""  # the AppCall, serialized: a request id names one call only
-    sealings: list[tuple[SealedRequest, bytes]] = field(default_factory=list)
-    ambiguous: bool = False
-
-    def hashes(self) -> set[bytes]:
-        return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
-
-    def restart(self, counter: int) -> None:
-        """The counter was used by another command: none of the sealings can ever run."""
-        self.counter, self.sealings, self.ambiguous = counter, [], False
-
-
 class VeilClient:
     """A verified connection to a Veil gateway. Thread-safe; one account's commands run in order."""
 
@@ -273,6 +273,7 @@ class VeilClient:
         pins: InstancePins | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
+        calls: CallStore | None = None,
     ) -> None:
         self._channel = channel
         self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -281,6 +282,8 @@ class VeilClient:
         self._api_key = api_key
         self._bearer = bearer
         self.counters = counters or MemoryCounters()
+        #: Every sealed call without a definitive answer, kept before it is sent (resumable by id).
+        self.calls: CallStore = calls or MemoryCalls()
         self.pins = pins or InstancePins()
         self.timeout = timeout
         self._clock = clock
@@ -289,7 +292,6 @@ class VeilClient:
         self._attestations: dict[str, VerifiedAttestation] = {}
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
-        self._unresolved: OrderedDict[str, _Call] = OrderedDict()  # calls without a definitive answer
         self._answered: OrderedDict[str, tuple[_Call, Opened]] = OrderedDict()  # by request id
         self._heads: dict[str, int] = {}  # per instance: the newest head this client saw acknowledged
 
@@ -450,60 +452,83 @@ class VeilClient:
         account = identity.account
         call_bytes = call.SerializeToString(deterministic=True)
         with self._account_lock(instance_id, account):
-            answered, resumed = self._claim(instance_id, [(call_bytes, request_id)])[0]
+            answered, resumed = self._claim(instance_id, account, [(call_bytes, request_id)])[0]
             if answered is not None:
                 return answered  # the call ran: its answer again, nothing sent
             state = resumed or _Call(
                 instance_id,
                 request_id or self.new_request_id(),
-                self.counters.last(instance_id, account) + 1,
+                self._next_counter(instance_id, account),
                 call_bytes,
+                account=account,
             )
             try:
                 opened = self._run(state, call, identity, suite)
-            except GatewayError as failure:
+            except BaseException as failure:  # an AttestationError too: what was sent stays resumable
                 self._keep_unresolved(state, failure)
                 raise
-            self._keep_answered(state, opened)
+            self._settled(state, opened)
             return opened
 
+    def _next_counter(self, instance_id: str, account: str) -> int:
+        """A new call's counter: above the last accepted one and above every counter this client
+        sealed (the high-water mark), whose sealing may still be held by the host."""
+        return max(self.counters.last(instance_id, account), self.counters.sealed(instance_id, account)) + 1
+
+    def _sealed(self, states: Sequence[_Call]) -> None:
+        """Before anything is sent: raise the high-water mark and keep each call resumable."""
+        if not states:
+            return
+        first = states[0]
+        self.counters.seal(first.instance_id, first.account, max(s.counter for s in states))
+        for state in states:
+            self.calls.put(state)
+
     def _claim(
-        self, instance_id: str, calls: Sequence[tuple[bytes, str | None]]
+        self, instance_id: str, account: str, calls: Sequence[tuple[bytes, str | None]]
     ) -> list[tuple[Opened | None, _Call | None]]:
-        """For each (call, request id): its earlier answer, or the unresolved call it resumes.
+        """For each (call, request id): its earlier answer, or the kept call it resumes (from the
+        calls store: this process's, or an earlier process's on the same data dir).
 
         Refuses (ValueError, nothing sent, nothing taken) a request id that names another call.
+        A resumed call stays in the store until it is settled.
         """
-        with self._lock:
-            found = []
-            for call_bytes, request_id in calls:
+        found = []
+        for call_bytes, request_id in calls:
+            with self._lock:
                 answered = self._answered.get(request_id) if request_id else None
-                resumed = self._unresolved.get(request_id) if request_id else None
-                earlier = answered[0] if answered else resumed
-                if earlier is not None and (earlier.instance_id, earlier.call) != (instance_id, call_bytes):
-                    raise ValueError(
-                        f"request id {request_id!r} already names another call; nothing was sent"
-                    )
-                found.append((answered[1] if answered else None, resumed))
-            for _, resumed in found:
-                if resumed is not None:
-                    self._unresolved.pop(resumed.request_id, None)
+            resumed = self.calls.get(request_id) if request_id and answered is None else None
+            earlier = answered[0] if answered else resumed
+            if earlier is not None and (
+                (earlier.instance_id, earlier.call) != (instance_id, call_bytes)
+                or earlier.account not in ("", account)
+            ):
+                raise ValueError(f"request id {request_id!r} already names another call; nothing was sent")
+            found.append((answered[1] if answered else None, resumed))
         return found
 
-    def _keep_unresolved(self, state: _Call, failure: GatewayError) -> None:
-        """No definitive answer: the command may or may not have run. Keep the call so a retry
-        under its request id resumes it rather than sealing a second command."""
-        with self._lock:
-            self._unresolved[state.request_id] = state
-            while len(self._unresolved) > _PENDING_LIMIT:
-                self._unresolved.popitem(last=False)
-        failure.request_id = state.request_id
+    def _keep_unresolved(self, state: _Call, failure: BaseException) -> None:
+        """No definitive answer: the command may or may not have run. Once anything was sent,
+        keep the call (whatever the error) so a retry under its request id resumes it rather
+        than sealing a second command; a call with nothing sealed is forgotten."""
+        if state.sealings:
+            self.calls.put(state)
+            if isinstance(failure, VeilClientError):
+                failure.request_id = state.request_id
+        else:
+            self.calls.delete(state.request_id)
 
-    def _keep_answered(self, state: _Call, opened: Opened) -> None:
+    def _settled(self, state: _Call, opened: Opened) -> None:
+        """A definitive answer: the call leaves the calls store; the same id gets this answer."""
         with self._lock:
             self._answered[state.request_id] = (state, opened)
             while len(self._answered) > _PENDING_LIMIT:
                 self._answered.popitem(last=False)
+        if not opened.accepted:
+            # Refused before running: its counter is unused and none of its sealings will run,
+            # so when nothing was sealed above it the next call may take that counter.
+            self.counters.unseal(state.instance_id, state.account, state.counter)
+        self.calls.delete(state.request_id)
 
     def execute_many(
         self,
@@ -535,7 +560,7 @@ class VeilClient:
         ]
         results: list[Opened | VeilClientError | None] = [None] * len(calls)
         with self._account_lock(instance_id, account):
-            claimed = self._claim(instance_id, wanted)
+            claimed = self._claim(instance_id, account, wanted)
             states: dict[int, _Call] = {}
             for index, (answered, resumed) in enumerate(claimed):
                 if answered is not None:
@@ -543,13 +568,13 @@ class VeilClient:
                 elif resumed is not None:
                     resumed.ambiguous = True  # its earlier attempt may have run: same counter only
                     states[index] = resumed
-            counter = (
-                max([self.counters.last(instance_id, account), *(s.counter for s in states.values())]) + 1
+            counter = max(
+                [self._next_counter(instance_id, account), *(s.counter + 1 for s in states.values())]
             )
             for index, (call_bytes, request_id) in enumerate(wanted):
                 if results[index] is None and index not in states:
                     states[index] = _Call(
-                        instance_id, request_id or self.new_request_id(), counter, call_bytes
+                        instance_id, request_id or self.new_request_id(), counter, call_bytes, account=account
                     )
                     counter += 1
             order = sorted(states, key=lambda i: states[i].counter)
@@ -571,8 +596,10 @@ class VeilClient:
             return []
         attestation = self.attest(instance_id)
         scheme = self._scheme(attestation, instance_id)
+        fresh: list[_Call] = []
         for state, call in zip(states, calls, strict=True):
             if not state.sealings:
+                fresh.append(state)
                 sealed = seal_command(
                     attestation.keys,
                     instance_id=instance_id,
@@ -585,6 +612,7 @@ class VeilClient:
                 )
                 self._remember(sealed, attestation.keys.signing_public_key)
                 state.sealings.append((sealed, attestation.keys.signing_public_key))
+        self._sealed(fresh)  # kept durably before anything is sent
         answers: list[Opened | VeilClientError | None] = [None] * len(states)
         todo = list(range(len(states)))
         deadline = time.monotonic() + self.timeout
@@ -669,16 +697,20 @@ class VeilClient:
                 results[index] = failure
                 stopped = stopped or failure
             except VeilClientError as failure:
+                self._keep_unresolved(state, failure)
                 results[index] = failure
+            except BaseException as failure:  # an AttestationError: what was sent stays resumable
+                self._keep_unresolved(state, failure)
+                raise
             else:
-                self._keep_answered(state, opened)
+                self._settled(state, opened)
                 results[index] = opened
 
         for position, index in enumerate(order):
             settle(index, firsts[position], batched=True)
         account = identity.account
         for index in restarts:
-            past = max([self.counters.last(instance_id, account), *(s.counter for s in states.values())])
+            past = max([self._next_counter(instance_id, account) - 1, *(s.counter for s in states.values())])
             states[index].restart(past + 1)
             settle(index, None, batched=False)
 
@@ -725,6 +757,7 @@ class VeilClient:
                 signing_key = attestation.keys.signing_public_key
                 self._remember(sealed, signing_key)
                 state.sealings.append((sealed, signing_key))
+                self._sealed([state])  # kept durably before it is sent
                 fresh = True
             if not (first is not None and round_ == 0):
                 opened = self._send(instance_id, sealed, signing_key, identity)
@@ -751,7 +784,7 @@ class VeilClient:
                 self._saw(instance_id, answer.sequence)
                 return answer
             if counter_state.next_counter <= state.counter:
-                _too_early(state, counter_state.next_counter, fresh=fresh)
+                _too_early(state, counter_state.next_counter, fresh=fresh, waiting=self._waiting(state))
                 continue  # an answer from before the counter moved (reordered, or cached)
             # The counter is used by another command (or was never ours to use): this call can
             # never run under it, so it is sealed again under the enclave's next counter.
@@ -788,6 +821,15 @@ class VeilClient:
             # authenticated: the host can say so of a command that ran. Ambiguous, like a lost
             # answer: only the same counter again, where the enclave names the sealing that used it.
             return None
+
+    def _waiting(self, state: _Call) -> list[_Call]:
+        """The kept calls this one waits for: this account's, under lower counters."""
+        used = self.counters.last(state.instance_id, state.account)
+        return [
+            c
+            for c in self.calls.pending(state.instance_id, state.account)
+            if used < c.counter < state.counter and c.request_id != state.request_id
+        ]
 
     def _record(self, instance_id: str, account: str, counter: int) -> None:
         """Remember `counter` as used, never moving the cache back (a batch settles out of order)."""
@@ -840,11 +882,16 @@ class VeilClient:
                 "commands of the same batch; the SDK cannot prove whether this one ran and does not "
                 "send it again"
             )
-        if state.ambiguous and used > state.counter:
+        if used > state.counter:
+            # A genuine refusal proves only that *this delivery* did not run. The enclave names
+            # the last command only: this call may have used its own counter before the later
+            # ones (a host that ran it, then a sealing it held, then replayed it). Only
+            # `used == state.counter` with another command's hash proves it never ran.
+            self._record(instance_id, account, used)  # the account's counter, for the next call
             raise OutcomeUnknown(
-                f"{instance_id}: an attempt of this command may have run; the account's counter moved "
-                f"from {state.counter} to {used} since, so the SDK cannot prove whether it did and does "
-                "not send it again"
+                f"{instance_id}: the account's counter moved from {state.counter} to {used}, and the "
+                "enclave names only the command that used the last one; the SDK cannot prove whether "
+                "this one ran under its own counter before them and does not send it again"
             )
         return counter_state
 
@@ -983,13 +1030,16 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     server_name: str | None = None,
     clock: Callable[[], float] = time.time,
+    calls: CallStore | None = None,
 ) -> VeilClient:
     """Connect over TLS and verify the default shard's enclave; AttestationError if it does not pass.
 
     `ca` verifies the gateway's certificate (None: the system roots); `cert`/`key` present a
     client certificate (the admin's, for CreateInstance/ListInstances). `data_dir` resolves a
-    "dev" root in the policy and keeps counters in `<data_dir>/counters.json` and instance pins
-    in `<data_dir>/instances.json`.
+    "dev" root in the policy and keeps counters in `<data_dir>/counters.json` (the sealed
+    high-water mark in `<data_dir>/sealed.json`), sealed calls until settled in
+    `<data_dir>/calls/` (so another process resumes them by request id) and instance pins in
+    `<data_dir>/instances.json`.
     """
     if (cert is None) != (key is None):
         raise VeilClientError("a client certificate needs both cert and key")
@@ -1012,6 +1062,8 @@ def connect(
         counters = FileCounters(data_dir / COUNTERS_FILE)
     if pins is None and data_dir is not None:
         pins = InstancePins(data_dir / PINS_FILE)
+    if calls is None and data_dir is not None:
+        calls = FileCalls(data_dir / CALLS_DIR)
     client = VeilClient(
         channel,
         policy=policy,
@@ -1022,6 +1074,7 @@ def connect(
         pins=pins,
         timeout=timeout,
         clock=clock,
+        calls=calls,
     )
     try:
         client.attest()

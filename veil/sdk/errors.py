@@ -13,6 +13,10 @@ from veil.status import error_info
 class VeilClientError(Exception):
     """Base of every SDK error."""
 
+    #: For a command that was sent: the call's request id. Passing it again (to `execute` or
+    #: `execute_many`) resumes the call with the same sealed bytes instead of sealing it anew.
+    request_id: str | None = None
+
 
 class PolicyError(VeilClientError):
     """The expected-measurement policy itself is missing or malformed."""
@@ -54,6 +58,20 @@ class OutcomeUnknown(VeilClientError):
     command, and the command that used the counter was not this one's last. Sending it again
     could run it twice; check the state (e.g. the balance) before deciding.
     """
+
+
+class CounterGap(OutcomeUnknown):
+    """The enclave waits for a lower counter: earlier calls of this client were sealed and are
+    not settled (a batch or a call that ended without a definitive answer).
+
+    This call's sealing stays valid and would run once those counters are used, so it is never
+    sealed again under another counter. Resume the calls named in `waiting_for` (their request
+    ids, with `execute`/`execute_many`), then this one (`request_id`).
+    """
+
+    def __init__(self, message: str, waiting_for: list[str]) -> None:
+        super().__init__(message)
+        self.waiting_for = waiting_for
 
 
 class ResultLost(VeilClientError):

@@ -1,0 +1,290 @@
+"""An outside review: a hostile host made the Python SDK pay a transfer twice, four ways.
+
+1. A batch that did not finish left sealings in the host's hands under counters the SDK still
+   handed to the next new call; the host ran the new call, a held sealing after it, and replayed
+   the new call for a genuine "counter used by another command" refusal: the SDK sealed it again.
+   Now every sealing raises the high-water mark before it is sent (the new call is sealed above
+   the held ones and is `CounterGap` until they are resumed), and a refusal naming a command
+   past this call's counter is `OutcomeUnknown`, never a re-seal.
+2. A CSV transfer killed mid-batch and run again sealed its rows anew. Now every sealed call is
+   kept in `<data_dir>/calls/` before it is sent, and a new process resumes it by request id.
+3. A failed attestation while resuming forgot the resumed calls.
+4. An answer at another command's index was an IntegrityError that dropped the call: now it is
+   ambiguous, and the same bytes are sent again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.gateway.support import InProcessMesh, token_config
+from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.sdk.calls import FileCalls
+from veil.sdk.client import VeilClient
+from veil.sdk.counters import MemoryCounters
+from veil.sdk.errors import CounterGap, GatewayError, OutcomeUnknown
+from veil.sdk.identity import SigningIdentity, new_identity
+from veil.verify.errors import AttestationError
+
+BOB = "b0" * 32
+
+
+@pytest.fixture
+def alice(mesh: InProcessMesh) -> SigningIdentity:
+    return new_identity(mesh.data_dir, "alice")
+
+
+@pytest.fixture
+def coins(mesh: InProcessMesh, alice: SigningIdentity) -> str:
+    """A token instance whose issuer alice holds 1000 (counter 1 used by the mint)."""
+    with mesh.connect() as admin:
+        admin.create_instance("coins", token_config(alice.public_key))
+        admin.token("coins", alice).mint(alice.account, 1000)
+    return "coins"
+
+
+class Down(grpc.RpcError, grpc.Call):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection reset"
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+    def initial_metadata(self) -> Any:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float:
+        return 0.0
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: Any) -> bool:
+        return False
+
+
+class HostileStub:
+    """The gateway stub, as a hostile host would answer: `blackhole` (keeps the first batch's
+    sealings, answers nothing), `gap` (the first Execute runs, then a held sealing, then the
+    Execute replayed under another request id), `no-dedupe` (outer request ids rewritten)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real, self.mode, self.executes = real, "blackhole", 0
+        self.held: list[gateway_pb2.ExecuteRequest] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def ExecuteBatch(self, request: Any, **kw: Any) -> Any:
+        if self.mode == "blackhole":
+            if not self.held:
+                self.held = list(request.commands)
+            raise Down()
+        return self.real.ExecuteBatch(request, **kw)
+
+    def Execute(self, request: Any, **kw: Any) -> Any:
+        if self.mode == "blackhole":
+            raise Down()
+        self.executes += 1
+        if self.mode == "gap" and self.executes == 1:
+            self.real.Execute(request, **kw)  # X under its counter
+            self.real.Execute(self.held[1], **kw)  # the old batch's held sealing
+            replay = gateway_pb2.ExecuteRequest()
+            replay.CopyFrom(request)
+            replay.request_id = "host-replay"
+            return self.real.Execute(replay, **kw)  # a genuine sealed ABORTED
+        if self.mode in ("gap", "no-dedupe"):  # the host ignores request-id dedupe
+            forwarded = gateway_pb2.ExecuteRequest()
+            forwarded.CopyFrom(request)
+            forwarded.request_id = f"host-{self.executes}"
+            return self.real.Execute(forwarded, **kw)
+        return self.real.Execute(request, **kw)
+
+
+class LoseAllStub(HostileStub):
+    """`run-and-lose`: the batch runs, every answer is lost, then nothing gets through;
+    `no-dedupe`: batches run under rewritten outer request ids."""
+
+    def ExecuteBatch(self, request: Any, **kw: Any) -> Any:
+        if self.mode == "run-and-lose":
+            list(self.real.ExecuteBatch(request, **kw))
+            self.mode = "blackhole"
+            raise Down()
+        if self.mode == "blackhole":
+            raise Down()
+        forwarded = gateway_pb2.ExecuteBatchRequest()
+        forwarded.CopyFrom(request)
+        for n, command in enumerate(forwarded.commands):
+            command.request_id = f"host-b{self.executes}-{n}"
+        self.executes += 1
+        return self.real.ExecuteBatch(forwarded, **kw)
+
+
+def _pay(amount: int) -> apps_pb2.AppCall:
+    return apps_pb2.AppCall(token=apps_pb2.TokenCall(transfer=apps_pb2.TokenTransfer(to=BOB, amount=amount)))
+
+
+def _hostile(client: VeilClient, stub_type: type[HostileStub] = HostileStub) -> Any:
+    stub = stub_type(client._stub)
+    client._stub = stub  # type: ignore[assignment]
+    return stub
+
+
+def _balance(mesh: InProcessMesh, alice: SigningIdentity) -> int:
+    with mesh.connect() as honest:
+        return honest.token("coins", alice).balance()
+
+
+def test_a_new_call_after_an_unsettled_batch_is_sealed_above_it_and_never_runs_twice(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 1a: the new call takes a counter above the batch's held sealings, so the host's
+    gap attack only gets "too early" for it: CounterGap naming the calls to resume. Resumed in
+    order (same request ids, the host still rewriting outer ids), each runs exactly once."""
+    head = mesh.states[0].head(coins)
+    with mesh.connect(timeout=1.5) as client:
+        stub = _hostile(client)
+        results = client.execute_many(coins, [_pay(1), _pay(2)], alice)
+        assert all(isinstance(r, GatewayError) for r in results), results
+        batch_ids = [r.request_id for r in results if isinstance(r, GatewayError)]
+        assert client.counters.sealed(coins, alice.account) == 3  # marked before anything was sent
+        stub.mode = "gap"
+        with pytest.raises(CounterGap) as gap:
+            client.execute(coins, _pay(100), alice)
+        assert gap.value.waiting_for == batch_ids
+        assert gap.value.request_id is not None
+        assert _balance(mesh, alice) == 1000  # nothing ran: every sealing was too early
+        # Resume the batch, then the new call, by their request ids: the same bytes each time.
+        resumed = client.execute_many(coins, [_pay(1), _pay(2)], alice, request_ids=batch_ids)
+        assert all(not isinstance(r, Exception) and r.accepted for r in resumed), resumed
+        again = client.execute(coins, _pay(100), alice, request_id=gap.value.request_id)
+        assert again.accepted
+        assert client.execute(coins, _pay(100), alice, request_id=gap.value.request_id) is again
+    assert _balance(mesh, alice) == 897  # 1 + 2 + 100, each once
+    assert mesh.states[0].head(coins) == head + 3
+
+
+def test_a_refusal_naming_a_later_command_is_outcome_unknown_not_a_reseal(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 1b: without the high-water mark (another device, a lost sealed.json) the new call
+    takes the held batch's first counter. The host runs it, then a held sealing, then replays it:
+    the enclave's genuine refusal names the held sealing under the counter past this call's. That
+    proves only that the replay did not run: OutcomeUnknown, never a re-seal (it paid twice)."""
+    with mesh.connect(timeout=1.5) as client:
+        stub = _hostile(client)
+        results = client.execute_many(coins, [_pay(1), _pay(2)], alice)
+        assert all(isinstance(r, GatewayError) for r in results), results
+        client.counters = MemoryCounters()  # knows counter 1 only: the high-water mark is lost
+        client.counters.record(coins, alice.account, 1)
+        stub.mode = "gap"
+        with pytest.raises(OutcomeUnknown) as unknown:
+            client.execute(coins, _pay(100), alice)
+        assert not isinstance(unknown.value, CounterGap)
+        with pytest.raises(OutcomeUnknown):  # resuming it proves nothing more, and re-seals nothing
+            client.execute(coins, _pay(100), alice, request_id=unknown.value.request_id)
+    assert _balance(mesh, alice) == 898, "the 100-coin transfer ran twice"
+
+
+def test_a_rerun_in_a_new_process_with_the_same_request_ids_resumes_and_pays_once(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 2: the first process's batch ran and every answer was lost; the process ends. A new
+    one on the same data dir finds the calls in <data_dir>/calls/ and resends the same bytes,
+    which the enclave refuses as used (even under rewritten outer request ids)."""
+    ids = ["csv-row-1", "csv-row-2", "csv-row-3"]
+    with mesh.connect(timeout=1.5) as first_run:
+        stub = _hostile(first_run, LoseAllStub)
+        stub.mode = "run-and-lose"
+        results = first_run.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+        assert all(isinstance(r, GatewayError) for r in results), results
+    assert _balance(mesh, alice) == 970
+    assert all(FileCalls(mesh.data_dir / "calls").get(i) is not None for i in ids)
+    with mesh.connect(timeout=3) as second_run:  # the killed process, run again (same data dir)
+        stub = _hostile(second_run, LoseAllStub)
+        stub.mode = "no-dedupe"
+        second_run.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+    assert _balance(mesh, alice) == 970, "the rows were paid again on the rerun"
+
+
+def test_a_failed_attestation_while_resuming_keeps_the_calls(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 3: GetAttestation failing while a batch resumes its calls must not forget them."""
+    ids = ["row-1", "row-2", "row-3"]
+    with mesh.connect(timeout=1.5) as client:
+        stub = _hostile(client, LoseAllStub)
+        stub.mode = "run-and-lose"
+        results = client.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+        assert all(isinstance(r, GatewayError) for r in results)
+        client._attestations.clear()  # the token expired
+        stub.GetAttestation = lambda *a, **k: (_ for _ in ()).throw(Down())
+        with pytest.raises(GatewayError):
+            client.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+        del stub.GetAttestation
+        stub.mode = "no-dedupe"
+        client.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+    assert _balance(mesh, alice) == 970, "rows paid again after the resumed calls were forgotten"
+
+
+def test_an_attestation_error_after_an_ambiguous_attempt_keeps_the_call(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 3, `execute`: the command runs, the host answers with an unsealed refusal (its
+    word: ambiguous), and the re-attestation before the next sealing fails. The call stays
+    resumable: the same request id later sends the same bytes and gets the first answer."""
+    with mesh.connect(timeout=1.5) as client:
+        stub = _hostile(client)
+        stub.mode = "honest"
+
+        def ran_but_denied(request: Any, **kw: Any) -> Any:
+            stub.real.Execute(request, **kw)
+            return gateway_pb2.ExecuteResponse(
+                outcome=envelope_pb2.CommandOutcome(
+                    error=error_pb2.EcallError(code=error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT)
+                )
+            )
+
+        stub.Execute = ran_but_denied
+        stub.GetAttestation = lambda *a, **k: gateway_pb2.GetAttestationResponse()  # refused evidence
+        with pytest.raises(AttestationError):
+            client.execute(coins, _pay(10), alice, request_id="pay-once")
+        del stub.Execute, stub.GetAttestation
+        opened = client.execute(coins, _pay(10), alice, request_id="pay-once")
+        assert opened.accepted
+    assert _balance(mesh, alice) == 990, "the call was forgotten and paid twice"
+
+
+def test_an_answer_at_another_commands_index_is_ambiguous_and_resent(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """Review 4: the host swaps two answers' indexes. Neither opens under its command's response
+    key: ambiguous, so each command's same bytes go again under its request id (answered from
+    the record), never an IntegrityError that drops the call."""
+    head = mesh.states[0].head(coins)
+    with mesh.connect() as client:
+        stub = _hostile(client)
+        stub.mode = "honest"
+
+        def swapped(request: Any, **kw: Any) -> Any:
+            items = list(stub.real.ExecuteBatch(request, **kw))
+            for item in items:
+                if item.index in (0, 1):
+                    item.index = 1 - item.index
+            return iter(items)
+
+        stub.ExecuteBatch = swapped
+        results = client.execute_many(coins, [_pay(1), _pay(2), _pay(3)], alice)
+    assert all(not isinstance(r, Exception) and r.accepted for r in results), results
+    assert _balance(mesh, alice) == 994
+    assert mesh.states[0].head(coins) == head + 3

@@ -1,0 +1,196 @@
+"""Calls a request id may resume: every sealed call, kept *before* it is sent, until settled.
+
+A call sealed and sent without a definitive answer may have run, and its sealing stays valid in
+the host's hands. Passing its request id again (to `execute` or `execute_many`, in this process
+or another one on the same data dir) must resume it with the very same bytes, never seal it
+anew: a host that rewrites outer request ids would run a fresh sealing a second time.
+
+`FileCalls` keeps one JSON file per call in `<data_dir>/calls/` (mode 0600: a call keeps its
+response key), named by the SHA-256 of its request id, in the Node client's format
+(clients/node/veil-client.mjs `FileCalls`, `<data_dir>/node-calls/`); `MemoryCalls` keeps them
+for one client object (tests, or an explicit choice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+from veil.sdk.errors import VeilClientError
+from veil.sdk.files import remove_file, write_json
+from veil.sdk.sealing import SealedRequest
+
+CALLS_DIR = "calls"
+_MEMORY_LIMIT = 10_000
+
+
+@dataclass
+class PendingCall:
+    """One call: its sealings under one counter, and whether any may have run unseen."""
+
+    instance_id: str
+    request_id: str
+    counter: int
+    call: bytes = b""  # the AppCall, serialized: a request id names one call only
+    sealings: list[tuple[SealedRequest, bytes]] = field(default_factory=list)
+    ambiguous: bool = False
+    account: str = ""
+
+    def hashes(self) -> set[bytes]:
+        return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
+
+    def restart(self, counter: int) -> None:
+        """The counter was used by another command: none of the sealings can ever run."""
+        self.counter, self.sealings, self.ambiguous = counter, [], False
+
+
+class CallStore(Protocol):
+    """Where sealed calls without a definitive answer are kept, by request id."""
+
+    def get(self, request_id: str) -> PendingCall | None: ...
+
+    def put(self, state: PendingCall) -> None:
+        """Keep `state` (durably, for a file store) before any of its sealings is sent."""
+        ...
+
+    def delete(self, request_id: str) -> None: ...
+
+    def pending(self, instance_id: str, account: str) -> list[PendingCall]:
+        """The kept calls of one account, lowest counter first."""
+        ...
+
+
+class MemoryCalls:
+    """Calls kept by one client object (the newest 10,000)."""
+
+    def __init__(self) -> None:
+        self._calls: OrderedDict[str, PendingCall] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, request_id: str) -> PendingCall | None:
+        with self._lock:
+            return self._calls.get(request_id)
+
+    def put(self, state: PendingCall) -> None:
+        with self._lock:
+            self._calls.pop(state.request_id, None)
+            self._calls[state.request_id] = state
+            while len(self._calls) > _MEMORY_LIMIT:
+                self._calls.popitem(last=False)
+
+    def delete(self, request_id: str) -> None:
+        with self._lock:
+            self._calls.pop(request_id, None)
+
+    def pending(self, instance_id: str, account: str) -> list[PendingCall]:
+        with self._lock:
+            found = [c for c in self._calls.values() if (c.instance_id, c.account) == (instance_id, account)]
+        return sorted(found, key=lambda c: c.counter)
+
+
+def render(state: PendingCall) -> dict[str, Any]:
+    """A call as JSON (the Node client's `FileCalls.render` fields)."""
+    return {
+        "request_id": state.request_id,
+        "instance_id": state.instance_id,
+        "account": state.account,
+        "call": state.call.hex(),
+        "counter": state.counter,
+        "ambiguous": state.ambiguous,
+        "attempts": [
+            {
+                "request_id": sealed.request_id,
+                "counter": sealed.counter,
+                "response_key": sealed.response_key.hex(),
+                "signing_key": signing_key.hex(),
+                "suite": sealed.command.suite,
+                "encapsulated_key": sealed.command.encapsulated_key.hex(),
+                "ciphertext": sealed.command.ciphertext.hex(),
+            }
+            for sealed, signing_key in state.sealings
+        ],
+    }
+
+
+def parse(document: Any, request_id: str | None = None) -> PendingCall:
+    """The call a `render` document describes (ValueError/KeyError/TypeError when malformed)."""
+    if not isinstance(document, dict) or (request_id is not None and document["request_id"] != request_id):
+        raise ValueError("another call")
+    instance_id, account = str(document["instance_id"]), str(document["account"])
+    sealings = [
+        (
+            SealedRequest(
+                instance_id=instance_id,
+                request_id=str(a["request_id"]),
+                counter=int(a["counter"]),
+                account=account,
+                response_key=bytes.fromhex(a["response_key"]),
+                command=envelope_pb2.SealedCommand(
+                    suite=envelope_pb2.HpkeSuite.ValueType(int(a["suite"])),
+                    encapsulated_key=bytes.fromhex(a["encapsulated_key"]),
+                    ciphertext=bytes.fromhex(a["ciphertext"]),
+                ),
+            ),
+            bytes.fromhex(a["signing_key"]),
+        )
+        for a in document["attempts"]
+    ]
+    return PendingCall(
+        instance_id=instance_id,
+        request_id=str(document["request_id"]),
+        counter=int(document["counter"]),
+        call=bytes.fromhex(document["call"]),
+        sealings=sealings,
+        ambiguous=document.get("ambiguous") is True,
+        account=account,
+    )
+
+
+class FileCalls:
+    """One file per call in `directory`, written atomically (and flushed) before it is sent."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def file(self, request_id: str) -> Path:
+        return self.directory / f"{hashlib.sha256(request_id.encode()).hexdigest()}.json"
+
+    def get(self, request_id: str) -> PendingCall | None:
+        path = self.file(request_id)
+        try:
+            document = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            raise VeilClientError(
+                f"the call journal {path} is unreadable ({error}); nothing was sent"
+            ) from None
+        try:
+            return parse(document, request_id)
+        except (ValueError, KeyError, TypeError):
+            raise VeilClientError(f"the call journal {path} is malformed; nothing was sent") from None
+
+    def put(self, state: PendingCall) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json(self.file(state.request_id), render(state), durable=True, mode=0o600)
+
+    def delete(self, request_id: str) -> None:
+        remove_file(self.file(request_id))
+
+    def pending(self, instance_id: str, account: str) -> list[PendingCall]:
+        found = []
+        for path in self.directory.glob("*.json") if self.directory.is_dir() else []:
+            try:
+                state = parse(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if (state.instance_id, state.account) == (instance_id, account):
+                found.append(state)
+        return sorted(found, key=lambda c: c.counter)
