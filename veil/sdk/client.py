@@ -23,9 +23,16 @@ so it is sealed again under N. After an *ambiguous* attempt (the answer was lost
 gateway claimed the enclave could not open it, which the host could forge) the SDK re-seals
 only under the same counter, and when the enclave says that counter is used it compares the
 hash of the command that used it (typed, in the sealed answer) with every sealing of this
-call: equal means the command ran (its recorded answer is fetched, or `ResultLost`); the
-counter used by another command means this one never will (it is sent again under the next);
-anything it cannot prove raises `OutcomeUnknown` instead of guessing.
+call: equal means the command ran (its recorded answer is fetched, or `ResultLost`); its own
+counter, and only it, used by another command means this one never will (it is sent again under
+the next); a counter used *and more after it* proves only that this delivery did not run (the
+enclave names the last command only), so it and anything else it cannot prove raise
+`OutcomeUnknown` instead of guessing.
+
+Before anything is sent, the account's sealed high-water mark is raised (`counters.seal`) and
+the call is kept in `calls` (a file per call under `<data_dir>/calls/` with `connect`): a new
+call is sealed above every counter sealed before it (a host may hold those sealings), and the
+same request id resumes the call with the same bytes in this process or another one.
 
 Batches (`execute_many`): one ExecuteBatch RPC carries up to MAX_BATCH commands of one
 identity on one instance, sealed under the account's consecutive counters; the gateway hands
