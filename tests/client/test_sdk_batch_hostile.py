@@ -163,15 +163,23 @@ def test_a_new_call_after_an_unsettled_batch_is_sealed_above_it_and_never_runs_t
             client.execute(coins, _pay(100), alice)
         assert gap.value.waiting_for == batch_ids
         assert gap.value.request_id is not None
+        # A new batch meanwhile: sealed above both, every command waits too (sent once, kept).
+        blocked = client.execute_many(coins, [_pay(5), _pay(6)], alice)
+        assert all(isinstance(b, CounterGap) for b in blocked), blocked
+        waiting = [*batch_ids, gap.value.request_id]
+        assert all(isinstance(b, CounterGap) and b.waiting_for == waiting for b in blocked)
+        blocked_ids = [b.request_id for b in blocked if isinstance(b, CounterGap)]
         assert _balance(mesh, alice) == 1000  # nothing ran: every sealing was too early
-        # Resume the batch, then the new call, by their request ids: the same bytes each time.
+        # Resume the batch, then the new calls, by their request ids: the same bytes each time.
         resumed = client.execute_many(coins, [_pay(1), _pay(2)], alice, request_ids=batch_ids)
         assert all(not isinstance(r, Exception) and r.accepted for r in resumed), resumed
         again = client.execute(coins, _pay(100), alice, request_id=gap.value.request_id)
         assert again.accepted
         assert client.execute(coins, _pay(100), alice, request_id=gap.value.request_id) is again
-    assert _balance(mesh, alice) == 897  # 1 + 2 + 100, each once
-    assert mesh.states[0].head(coins) == head + 3
+        later = client.execute_many(coins, [_pay(5), _pay(6)], alice, request_ids=blocked_ids)
+        assert all(not isinstance(r, Exception) and r.accepted for r in later), later
+    assert _balance(mesh, alice) == 886  # 1 + 2 + 100 + 5 + 6, each once
+    assert mesh.states[0].head(coins) == head + 5
 
 
 def test_a_refusal_naming_a_later_command_is_outcome_unknown_not_a_reseal(

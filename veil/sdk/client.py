@@ -674,15 +674,24 @@ class VeilClient:
         command used are sealed again afterwards, under counters past the batch's."""
         instance_id, identity, states = batch.instance_id, batch.identity, batch.states
         stopped: GatewayError | None = None
+        gap: CounterGap | None = None
         restarts: list[int] = []
 
         def siblings(index: int) -> frozenset[bytes]:
             return frozenset().union(*(s.hashes() for i, s in states.items() if i != index))
 
         def settle(index: int, first: Opened | VeilClientError | None, *, batched: bool) -> None:
-            nonlocal stopped
+            nonlocal stopped, gap
             state = states[index]
             try:
+                if gap is not None and not (isinstance(first, Opened) and first.accepted):
+                    # An earlier call of the batch waits for unsettled calls before it: so does
+                    # this one (its sealing stays valid: never sealed again, not even resent now).
+                    raise CounterGap(
+                        f"{instance_id}: not run so far: an earlier command of the batch waits for "
+                        f"unsettled calls ({gap})",
+                        gap.waiting_for,
+                    )
                 if stopped is not None and not (isinstance(first, Opened) and first.accepted):
                     # An earlier call has no definitive answer: this one waits for it (resume both).
                     raise GatewayError(StatusError(_unsettled_status(stopped)))
@@ -703,6 +712,10 @@ class VeilClient:
                 self._keep_unresolved(state, failure)
                 results[index] = failure
                 stopped = stopped or failure
+            except CounterGap as failure:
+                self._keep_unresolved(state, failure)
+                results[index] = failure
+                gap = gap or failure
             except VeilClientError as failure:
                 self._keep_unresolved(state, failure)
                 results[index] = failure
