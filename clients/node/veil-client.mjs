@@ -29,7 +29,11 @@
 //   4. open the AES-256-GCM response and verify the enclave's receipt whenever there is one,
 //      whatever the host's unauthenticated `accepted` flag says;
 //   5. counters: the enclave's typed CounterState decides whether a call ran; after an
-//      ambiguous attempt the call is only ever sealed again under the same counter.
+//      ambiguous attempt the call is only ever sealed again under the same counter; a refusal
+//      naming a later counter than the call's proves only that that delivery did not run
+//      (OutcomeUnknown); a new call is sealed above the high-water mark (sealed.json, raised
+//      before sending), never at or below a sealing the host may still hold (CounterGap until
+//      the unsettled calls are resumed).
 //
 //   6. recipients: a transfer names a local identity, a contact (the Python SDK's files) or a
 //      canonical account, never a free-form string the enclave would take as a new account.
@@ -49,7 +53,7 @@ import {
   verify,
   X509Certificate,
 } from "node:crypto";
-import { mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
 import path from "node:path";
 import { connect } from "node:net";
 import { fileURLToPath } from "node:url";
@@ -133,6 +137,17 @@ export class CommandRefused extends VeilError {
 
 // A command may or may not have run, and the client cannot prove which: it stopped.
 export class OutcomeUnknown extends VeilError {}
+
+// The enclave waits for a lower counter: earlier sealings of this client (a batch, or a call that
+// ended without a definitive answer) are not settled. This call's sealing stays valid and runs
+// once those counters are used, so it is never sealed under another counter: resume the calls
+// named in `waitingFor` (their request ids), then this one (`requestId`).
+export class CounterGap extends OutcomeUnknown {
+  constructor(message, waitingFor = []) {
+    super(message);
+    this.waitingFor = waitingFor;
+  }
+}
 
 // No answer came before the deadline (UNAVAILABLE, DEADLINE_EXCEEDED): the command may have run.
 // Calling again with the error's `requestId` resumes the same call, so it runs at most once.
@@ -824,10 +839,40 @@ export async function verifyBundle(bundle, policy, rootPem, { now = new Date(), 
 
 // --- local state: counters and instance pins (the Python SDK's files) ------------------------------
 
-// The last accepted counter of each (instance, account), in memory.
+// Replace `file` with `text` atomically; `durable` flushes it (and the directory entry) to disk
+// before returning: what must survive a power loss before a command is sent.
+function replaceFile(file, text, { durable = false, mode = 0o666 } = {}) {
+  const temporary = `${file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
+  if (!durable) {
+    writeFileSync(temporary, text, { mode });
+    renameSync(temporary, file);
+    return;
+  }
+  const descriptor = openSync(temporary, "w", mode);
+  try {
+    writeSync(descriptor, text);
+    fsyncSync(descriptor);
+  } finally {
+    closeSync(descriptor);
+  }
+  renameSync(temporary, file);
+  const directory = openSync(path.dirname(file), "r");
+  try {
+    fsyncSync(directory);
+  } finally {
+    closeSync(directory);
+  }
+}
+
+// Per (instance, account): the last accepted counter (`last`, a cache) and the high-water mark
+// (`sealed`: the highest counter this client sealed, raised before the sealing is sent). A
+// sealing sent without a definitive answer stays valid in the host's hands, so a new call is
+// sealed above both, never at or below a counter whose sealing may still run
+// (docs/protocol.md, section 6). In memory:
 export class MemoryCounters {
   constructor() {
     this.values = new Map();
+    this.marks = new Map();
   }
 
   last(instanceId, account) {
@@ -837,36 +882,72 @@ export class MemoryCounters {
   record(instanceId, account, counter) {
     this.values.set(`${instanceId}\u0000${account}`, counter);
   }
-}
 
-// The same, in the Python SDK's JSON file (<data_dir>/counters.json: {instance: {account: last}}),
-// so both clients continue where the other stopped. A missing or broken file only costs a resync.
-export class FileCounters {
-  constructor(file) {
-    this.file = file;
+  sealed(instanceId, account) {
+    return this.marks.get(`${instanceId}\u0000${account}`) ?? 0;
   }
 
-  read() {
+  // Raise the mark to `counter` (never lowers it).
+  seal(instanceId, account, counter) {
+    if (counter > this.sealed(instanceId, account)) this.marks.set(`${instanceId}\u0000${account}`, counter);
+  }
+
+  // The sealing under `counter` can never run and nothing above it was sealed: lower the mark
+  // to `counter - 1`, only if it is still exactly `counter`.
+  unseal(instanceId, account, counter) {
+    if (this.sealed(instanceId, account) === counter) this.marks.set(`${instanceId}\u0000${account}`, counter - 1);
+  }
+}
+
+// The same in the Python SDK's JSON files, so both clients continue where the other stopped:
+// <data_dir>/counters.json ({instance: {account: last}}; a missing or broken file only costs a
+// resync) and <data_dir>/sealed.json (same shape: the high-water mark, flushed to disk before
+// a command is sent).
+export class FileCounters {
+  constructor(file, sealedFile = path.join(path.dirname(file), "sealed.json")) {
+    this.file = file;
+    this.sealedFile = sealedFile;
+  }
+
+  read(file = this.file) {
     try {
-      const document = JSON.parse(readFileSync(this.file, "utf8"));
+      const document = JSON.parse(readFileSync(file, "utf8"));
       return document !== null && typeof document === "object" && !Array.isArray(document) ? document : {};
     } catch {
       return {};
     }
   }
 
-  last(instanceId, account) {
-    const value = this.read()[instanceId]?.[account];
+  value(file, instanceId, account) {
+    const value = this.read(file)[instanceId]?.[account];
     return Number.isSafeInteger(value) && value > 0 ? value : 0;
   }
 
-  record(instanceId, account, counter) {
-    const document = this.read();
+  write(file, instanceId, account, counter) {
+    const document = this.read(file);
     const accounts = document[instanceId] !== null && typeof document[instanceId] === "object" ? document[instanceId] : {};
     document[instanceId] = { ...accounts, [account]: counter };
-    const temporary = `${this.file}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
-    writeFileSync(temporary, JSON.stringify(document, null, 1));
-    renameSync(temporary, this.file);
+    replaceFile(file, `${JSON.stringify(document, null, 1)}\n`, { durable: file === this.sealedFile });
+  }
+
+  last(instanceId, account) {
+    return this.value(this.file, instanceId, account);
+  }
+
+  record(instanceId, account, counter) {
+    this.write(this.file, instanceId, account, counter);
+  }
+
+  sealed(instanceId, account) {
+    return this.value(this.sealedFile, instanceId, account);
+  }
+
+  seal(instanceId, account, counter) {
+    if (counter > this.sealed(instanceId, account)) this.write(this.sealedFile, instanceId, account, counter);
+  }
+
+  unseal(instanceId, account, counter) {
+    if (this.sealed(instanceId, account) === counter) this.write(this.sealedFile, instanceId, account, counter - 1);
   }
 }
 
@@ -1087,6 +1168,13 @@ export class MemoryCalls {
   delete(requestId) {
     this.states.delete(requestId);
   }
+
+  // The kept calls of one account that were sent without a definitive answer, lowest counter first.
+  pending(instanceId, account) {
+    return [...this.states.values()]
+      .filter((s) => s.instanceId === instanceId && s.account === account && s.answer === null && s.attempts.length)
+      .sort((a, b) => a.counter - b.counter);
+  }
 }
 
 const hexOf = (bytes) => Buffer.from(bytes ?? []).toString("hex");
@@ -1120,13 +1208,33 @@ export class FileCalls {
 
   put(state) {
     mkdirSync(this.directory, { recursive: true, mode: 0o700 });
-    const temporary = `${this.file(state.requestId)}.${process.pid}.${randomBytes(4).toString("hex")}.tmp`;
-    writeFileSync(temporary, JSON.stringify(FileCalls.render(state)), { mode: 0o600 });
-    renameSync(temporary, this.file(state.requestId));
+    replaceFile(this.file(state.requestId), JSON.stringify(FileCalls.render(state)), { durable: true, mode: 0o600 });
   }
 
   delete(requestId) {
     rmSync(this.file(requestId), { force: true });
+  }
+
+  // The kept calls of one account that were sent without a definitive answer, lowest counter
+  // first (an unreadable file is skipped: this only names calls to resume).
+  pending(instanceId, account) {
+    let names;
+    try {
+      names = readdirSync(this.directory).filter((name) => /^[0-9a-f]{64}\.json$/.test(name));
+    } catch {
+      return [];
+    }
+    const found = [];
+    for (const name of names) {
+      try {
+        const document = JSON.parse(readFileSync(path.join(this.directory, name), "utf8"));
+        const state = FileCalls.parse(document, String(document.request_id));
+        if (state.instanceId === instanceId && state.account === account && state.answer === null && state.attempts.length) found.push(state);
+      } catch {
+        // not a call this client can read
+      }
+    }
+    return found.sort((a, b) => a.counter - b.counter);
   }
 
   static render(state) {
@@ -1384,7 +1492,7 @@ export class VeilNodeClient {
         instanceId,
         account,
         callBytes,
-        counter: this.counters.last(instanceId, account) + 1,
+        counter: this.nextCounter(instanceId, account),
         attempts: [], // sealings of this call under `counter`
         ambiguous: false,
         answer: null,
@@ -1392,9 +1500,7 @@ export class VeilNodeClient {
     }
     try {
       const opened = await this.run(state, call, identity);
-      state.answer = opened;
-      if (state.explicit) this.calls.put(state); // the same id gets the same answer
-      else this.calls.delete(state.requestId);
+      this.settled(state, opened);
       return opened;
     } catch (error) {
       if (state.attempts.length) {
@@ -1430,7 +1536,7 @@ export class VeilNodeClient {
         const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
         state.attempts.push(sealed);
-        this.calls.put(state); // kept before it is sent: a process that dies now can still resume it
+        this.kept([state]); // the mark raised and the call kept before it is sent
         fresh = true;
       }
       if (opened === undefined) opened = await this.send(sealed, state.requestId);
@@ -1444,19 +1550,14 @@ export class VeilNodeClient {
       }
       const error = opened.message.error;
       if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
-      const counterState = this.counterState(instanceId, account, opened, state, { siblings, batched, fresh });
+      const counterState = this.counterState(instanceId, account, opened, state, { siblings, fresh });
       if (counterState.tooEarly) {
-        // The counter before this call's is not used yet (an earlier command of its batch was
-        // refused before running, or is held): this sealing stays valid under its counter and
-        // may still run, so the call never takes another counter.
+        // The counter before this call's is not used yet (an earlier sealing of this client is
+        // not settled: a batch or a call that ended without a definitive answer, or an earlier
+        // command of its batch refused before running): this sealing stays valid under its
+        // counter and may still run, so the call never takes another counter.
         state.ambiguous = true;
-        if (fresh) {
-          throw new OutcomeUnknown(
-            `${instanceId}: not run so far: the enclave waits for counter ${counterState.nextCounter} before this command's ` +
-              `${state.counter}, which an earlier command of its batch did not use; it may still run if that counter is used, ` +
-              "so the client does not send it again",
-          );
-        }
+        if (fresh) throw this.counterGap(state, counterState.nextCounter);
         continue; // an answer from before the counter moved (reordered, or cached)
       }
       if (counterState.ran) {
@@ -1464,11 +1565,12 @@ export class VeilNodeClient {
         this.record(instanceId, account, state.counter);
         return this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
       }
-      // The counter is used by another command: this call can never run under it, so it is
-      // sealed again under the enclave's next counter.
+      // The counter is used by another command and none of this call's sealings used it: it can
+      // never run under it, so it is sealed again under the next counter, above every counter
+      // this client has sealed (the high-water mark).
       this.record(instanceId, account, counterState.nextCounter - 1);
       if (batched) throw new Restart();
-      state.counter = counterState.nextCounter;
+      state.counter = this.nextCounter(instanceId, account);
       state.attempts = [];
       state.ambiguous = false;
     }
@@ -1485,7 +1587,7 @@ export class VeilNodeClient {
 
   // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
-  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), batched = false, fresh = true } = {}) {
+  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), fresh = true } = {}) {
     const state = opened.message.counter;
     const next = state ? Number(state.nextCounter.toString()) : 0;
     if (!state || !Number.isSafeInteger(next) || next < 1) throw new IntegrityError(`${instanceId}: the enclave refused the counter without its state`);
@@ -1493,9 +1595,10 @@ export class VeilNodeClient {
     const lastCommandHash = Buffer.from(state.lastCommandHash ?? []);
     const lastSequence = state.lastSequence.toString();
     if (used === counter && attempts.some((a) => same(a.commandHash, lastCommandHash))) return { ran: true, nextCounter: next, lastSequence };
-    // Too early, in a batch's answer that may predate counters accepted since: it proves no
-    // rollback; `run` seals again under the same counter and judges that answer.
-    if (batched && !fresh && used < counter) return { tooEarly: true, nextCounter: next, lastSequence };
+    // Too early, in an answer that may predate counters accepted since (a batch's, or a resent
+    // sealing's answered from a cache): it proves no rollback; `run` seals again under the same
+    // counter and judges that answer.
+    if (!fresh && used < counter) return { tooEarly: true, nextCounter: next, lastSequence };
     const last = this.counters.last(instanceId, account);
     if (used < last) {
       // The enclave forgot commands it acknowledged to us: its log was rolled back (a host
@@ -1512,24 +1615,67 @@ export class VeilNodeClient {
           "the client cannot prove whether this one ran and does not send it again",
       );
     }
-    if (ambiguous && used > counter) {
+    if (used > counter) {
+      // A genuine refusal proves only that *this delivery* did not run. The enclave names the
+      // last command only: this call may have used its own counter before the later ones (a
+      // host that ran it, then a sealing it held, then replayed it to get this refusal). Only
+      // `used === counter` with another command's hash proves it never ran.
+      this.record(instanceId, account, used); // the account's counter, for the next call
       throw new OutcomeUnknown(
-        `${instanceId}: an attempt of this command may have run; the account's counter moved from ${counter} to ${used} ` +
-          "since, so the client cannot prove whether it did and does not send it again",
+        `${instanceId}: the account's counter moved from ${counter} to ${used}${ambiguous ? " after an ambiguous attempt" : ""}, ` +
+          "and the enclave names only the command that used the last one: this command may have run under its own counter " +
+          "before them, so the client does not send it again (check the state)",
       );
     }
-    if (used < counter && batched) return { tooEarly: true, nextCounter: next, lastSequence };
-    if (used < counter) {
-      // It refuses our counter while asking for it (or one below): an earlier sealing under
-      // `counter` could still run later, so nothing is sealed under a lower one.
-      throw new IntegrityError(`${instanceId}: the enclave refused counter ${counter} but asks for ${next}`);
-    }
+    // The counter before this call's is not used yet: an earlier sealing (this client's, not
+    // settled) may still run, and so may this one; nothing is sealed under another counter.
+    if (used < counter) return { tooEarly: true, nextCounter: next, lastSequence };
     return { ran: false, nextCounter: next, lastSequence };
   }
 
   // Remember `counter` as used, never moving the cache back (a batch settles out of order).
   record(instanceId, account, counter) {
     if (counter > this.counters.last(instanceId, account)) this.counters.record(instanceId, account, counter);
+  }
+
+  // A new call's counter: above the last accepted one and above every counter this client sealed
+  // (the high-water mark), whose sealing the host may still hold and run.
+  nextCounter(instanceId, account) {
+    return Math.max(this.counters.last(instanceId, account), this.counters.sealed(instanceId, account)) + 1;
+  }
+
+  // Before anything is sent: raise the high-water mark (durably), then keep each call resumable.
+  kept(states) {
+    if (!states.length) return;
+    const { instanceId, account } = states[0];
+    this.counters.seal(instanceId, account, Math.max(...states.map((s) => s.counter)));
+    for (const state of states) this.calls.put(state);
+  }
+
+  // A definitive answer: the call leaves the calls store (kept with its answer when the caller
+  // named it, so the same id gets the same answer). Refused before running, its counter is
+  // unused and none of its sealings can run: when nothing was sealed above it, the next call
+  // may take that counter.
+  settled(state, opened) {
+    state.answer = opened;
+    if (!opened.accepted) this.counters.unseal(state.instanceId, state.account, state.counter);
+    if (state.explicit) this.calls.put(state);
+    else this.calls.delete(state.requestId);
+  }
+
+  // The error for a fresh sealing the enclave finds too early: the calls it waits for.
+  counterGap(state, nextCounter) {
+    const waiting = this.calls.pending(state.instanceId, state.account).filter((c) => c.counter < state.counter && c.requestId !== state.requestId);
+    const ids = waiting.map((c) => c.requestId);
+    const resume = ids.length
+      ? `resume the unsettled calls first (request ids ${ids.join(", ")}), then this one`
+      : "an earlier sealing of this account (refused before running, or kept by another process or data dir) must be settled first, then resume this one";
+    return new CounterGap(
+      `${state.instanceId}: not run so far: the enclave waits for counter ${nextCounter} before this command's ${state.counter}; ` +
+        `${resume} (request id ${state.requestId}). Its sealing stays valid and runs once the counters before it are used, ` +
+        "so the client never seals it under another counter",
+      ids,
+    );
   }
 
   // Run up to MAX_BATCH commands (AppCall objects) of `identity` on one instance in one
@@ -1562,7 +1708,7 @@ export class VeilNodeClient {
         states.set(index, earlier);
       }
     });
-    let counter = Math.max(this.counters.last(instanceId, account), ...[...states.values()].map((s) => s.counter));
+    let counter = Math.max(this.nextCounter(instanceId, account) - 1, ...[...states.values()].map((s) => s.counter));
     calls.forEach((_, index) => {
       if (results[index] !== null || states.has(index)) return;
       counter += 1;
@@ -1592,9 +1738,7 @@ export class VeilNodeClient {
         }
         if (first instanceof Error) throw first;
         const opened = await this.run(state, calls[index], identity, { first, siblings: siblingsOf(index), batched });
-        state.answer = opened;
-        if (state.explicit) this.calls.put(state);
-        else this.calls.delete(state.requestId);
+        this.settled(state, opened);
         results[index] = { answer: opened };
       } catch (error) {
         if (error instanceof Restart) {
@@ -1613,7 +1757,7 @@ export class VeilNodeClient {
     for (const [position, index] of order.entries()) await settle(index, firsts[position], true);
     for (const index of restarts) {
       const state = states.get(index);
-      state.counter = Math.max(this.counters.last(instanceId, account), ...[...states.values()].map((s) => s.counter)) + 1;
+      state.counter = Math.max(this.nextCounter(instanceId, account), ...[...states.values()].map((s) => s.counter + 1));
       state.attempts = [];
       state.ambiguous = false;
       await settle(index, null, false);
@@ -1626,11 +1770,13 @@ export class VeilNodeClient {
   // or the host's unsealed word: `run` resends it), or the error `execute` would throw.
   async sendBatch(instanceId, items, identity) {
     const attestation = await this.attest(instanceId);
+    const fresh = [];
     for (const [state, call] of items) {
       if (state.attempts.length) continue;
       state.attempts.push(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
-      this.calls.put(state); // kept before it is sent: a process that dies now can still resume it
+      fresh.push(state);
     }
+    this.kept(fresh); // the mark raised and every call kept before anything is sent
     const commands = items.map(([state]) => ({ instance_id: instanceId, request_id: state.attempts[0].requestId, command: state.attempts[0].command }));
     const answers = new Map();
     await new Promise((resolve) => {
