@@ -296,3 +296,19 @@ def test_an_answer_at_another_commands_index_is_ambiguous_and_resent(
     assert all(not isinstance(r, Exception) and r.accepted for r in results), results
     assert _balance(mesh, alice) == 994
     assert mesh.states[0].head(coins) == head + 3
+
+
+def test_a_call_refused_before_running_gives_its_counter_back_to_the_next_call(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """The high-water mark comes back down only for the highest sealing, refused by the enclave
+    before running (its counter unused, nothing sealed above it): the next call takes it."""
+    wrong_app = apps_pb2.AppCall(vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id="r", data=b"x")))
+    with mesh.connect() as client:
+        refused = client.execute(coins, wrong_app, alice)
+        assert not refused.accepted
+        assert client.counters.sealed(coins, alice.account) == 1
+        assert client.execute(coins, _pay(5), alice).accepted
+        assert client.counters.last(coins, alice.account) == 2
+        assert not any((mesh.data_dir / "calls").glob("*.json"))  # settled calls leave the store
+    assert _balance(mesh, alice) == 995
