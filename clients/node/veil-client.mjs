@@ -1728,10 +1728,19 @@ export class VeilNodeClient {
     const firsts = await this.sendBatch(instanceId, order.map((i) => [states.get(i), calls[i]]), identity);
     const siblingsOf = (index) => new Set([...states].filter(([i]) => i !== index).flatMap(([, s]) => s.attempts.map((a) => a.commandHash.toString("hex"))));
     let stopped = null;
+    let gap = null;
     const restarts = [];
     const settle = async (index, first, batched) => {
       const state = states.get(index);
       try {
+        if (gap !== null && !(first && !(first instanceof Error) && first.accepted)) {
+          // An earlier call of the batch waits for unsettled calls before it: so does this one
+          // (its sealing stays valid: never sealed again, not even resent now).
+          throw new CounterGap(`${instanceId}: not run so far: an earlier command of the batch waits for unsettled calls (${gap.message})`, [
+            ...gap.waitingFor,
+            gap.requestId,
+          ]);
+        }
         if (stopped !== null && !(first && !(first instanceof Error) && first.accepted)) {
           // An earlier call has no definitive answer: this one waits for it (resume both).
           throw new NoAnswer(`${instanceId}: not settled: an earlier command of the batch has no definitive answer (${stopped.message})`);
@@ -1749,7 +1758,8 @@ export class VeilNodeClient {
           this.calls.put(state); // something was sent without a definitive answer: resumable
           if (error instanceof VeilError) error.requestId = state.requestId;
         }
-        if (error instanceof GatewayError || error instanceof NoAnswer) stopped ??= error;
+        if (error instanceof CounterGap) gap ??= error;
+        else if (error instanceof GatewayError || error instanceof NoAnswer) stopped ??= error;
         if (!(error instanceof VeilError)) throw error;
         results[index] = { error };
       }

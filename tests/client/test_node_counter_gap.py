@@ -182,3 +182,40 @@ def test_the_unsettled_calls_resume_by_request_id_then_the_waiting_one_runs_once
     kept = [json.loads(f.read_text()) for f in (mesh.data_dir / "node-calls").glob("*.json")]
     assert sorted(k["request_id"] for k in kept) == sorted(["gap-1", "gap-2", waiting])
     assert all(k["answer"] is not None for k in kept)  # every call settled (named: kept with its answer)
+
+
+def test_a_new_batch_behind_an_unsettled_one_waits_whole_then_runs_once_each(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new batch behind the unsettled one is sealed above it: its first command is CounterGap
+    naming the unsettled calls, the later ones wait with it (kept, neither resent nor sealed
+    again); resumed in order, every transfer runs once."""
+    alice, bob = funded
+    calls = 'new veil.FileCalls(dir + "/node-calls")'
+    host = _Host(mesh, monkeypatch)
+    _unsettled_batch(mesh, bob, host, calls)
+    host.phase = "honest"
+    executed = host.state.calls["Execute"]
+    to = json.dumps(bob.account)
+    batch = f"""const rs = await tokens.transferMany([{{ to: {to}, amount: 5 }}, {{ to: {to}, amount: 6 }}],
+        {{ requestIds: ["next-1", "next-2"] }});
+        out = rs.map((r) => r.error ? [r.error.constructor.name, r.error.waitingFor, r.error.requestId]
+          : [r.balance.toString(), r.opened.counter]);"""
+    waiting = _node(mesh, batch, calls=calls)
+    assert waiting == [
+        ["CounterGap", ["gap-1", "gap-2"], "next-1"],
+        ["CounterGap", ["gap-1", "gap-2", "next-1"], "next-2"],
+    ]
+    # The batch's two commands, then only the first one sealed again under its own counter.
+    assert host.state.calls["Execute"] - executed == 3
+    resumed = _node(
+        mesh,
+        f"""const rs = await tokens.transferMany([{{ to: {to}, amount: 1 }}, {{ to: {to}, amount: 2 }}],
+            {{ requestIds: ["gap-1", "gap-2"] }});
+            out = rs.map((r) => r.error ? r.error.constructor.name
+              : [r.balance.toString(), r.opened.counter]);""",
+        calls=calls,
+    )
+    assert resumed == [["99", 2], ["97", 3]]
+    assert _node(mesh, batch, calls=calls) == [["92", 4], ["86", 5]]
+    assert _balance(mesh, alice) == 86
