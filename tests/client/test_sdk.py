@@ -149,6 +149,20 @@ def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh)
         assert second.counters.last("coins", alice.account) == 4
 
 
+def test_a_query_teaches_a_new_device_the_counter_so_its_first_call_runs(mesh: InProcessMesh) -> None:
+    """Every query answer carries the account's counter state, sealed to that query: a device
+    that knows no counter learns it from a read and seals its first call at the right counter."""
+    alice, bob, _ = _people(mesh)
+    with mesh.connect(counters=MemoryCounters()) as first:
+        first.create_instance("coins", token_config(alice.public_key))
+        for _ in range(3):
+            first.token("coins", alice).mint(bob.account, 1)
+    with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
+        second.token("coins", alice).balance()
+        assert second.counters.last("coins", alice.account) == 3
+        assert second.token("coins", alice).mint(bob.account, 1) == 4
+
+
 def test_a_counter_used_by_exactly_one_other_command_is_sealed_again(mesh: InProcessMesh) -> None:
     """The one case a counter refusal proves this call never ran: next_counter - 1 is its own
     counter and the enclave names another command there. Then it is sealed again under the next."""

@@ -988,6 +988,11 @@ class VeilClient:
                         f"already saw head {floor} acknowledged: a stale or rolled-back enclave"
                     )
                 self._saw(instance_id, opened.receipt.sequence)
+            if opened.result.counter.next_counter > 0:
+                # The enclave's word on the account's counter, fresh for this call: a client with
+                # no record of it (a new data dir) seals its next call there, not at 1 (which,
+                # refused with the counter moved past, could only be OutcomeUnknown).
+                self._record(instance_id, identity.account, opened.result.counter.next_counter - 1)
             return opened
         raise AssertionError("unreachable")
 
