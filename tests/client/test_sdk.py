@@ -130,17 +130,23 @@ def test_signature_scheme_refuses_an_anonymous_identity(mesh: InProcessMesh, adm
     assert mesh.states[0].calls["Execute"] == 0
 
 
+def _another_device_minted(mesh: InProcessMesh, times: int) -> tuple[SigningIdentity, SigningIdentity]:
+    """Alice's coins instance, where another device (its own counters) minted `times` times."""
+    alice, bob, _ = _people(mesh)
+    with mesh.connect(counters=MemoryCounters()) as first:
+        first.create_instance("coins", token_config(alice.public_key))
+        for _ in range(times):
+            first.token("coins", alice).mint(bob.account, 1)
+    return alice, bob
+
+
 def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh) -> None:
     """Another device used counters 1..3. The enclave's answer to this device's call under
     counter 1 names the command that used counter 3 only: it cannot prove this call did not use
     counter 1 before those (a host can hold sealings and replay), so the call is OutcomeUnknown,
     never sealed again (docs/protocol.md, section 6, step 4). The counter is learnt: the next call
     runs."""
-    alice, bob, _ = _people(mesh)
-    with mesh.connect(counters=MemoryCounters()) as first:
-        first.create_instance("coins", token_config(alice.public_key))
-        for _ in range(3):
-            first.token("coins", alice).mint(bob.account, 1)
+    alice, bob = _another_device_minted(mesh, 3)
     with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
         with pytest.raises(OutcomeUnknown):
             second.token("coins", alice).mint(bob.account, 1)
@@ -152,11 +158,7 @@ def test_a_stale_counter_is_resynchronised_from_the_enclave(mesh: InProcessMesh)
 def test_a_query_teaches_a_new_device_the_counter_so_its_first_call_runs(mesh: InProcessMesh) -> None:
     """Every query answer carries the account's counter state, sealed to that query: a device
     that knows no counter learns it from a read and seals its first call at the right counter."""
-    alice, bob, _ = _people(mesh)
-    with mesh.connect(counters=MemoryCounters()) as first:
-        first.create_instance("coins", token_config(alice.public_key))
-        for _ in range(3):
-            first.token("coins", alice).mint(bob.account, 1)
+    alice, bob = _another_device_minted(mesh, 3)
     with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
         second.token("coins", alice).balance()
         assert second.counters.last("coins", alice.account) == 3
@@ -166,10 +168,7 @@ def test_a_query_teaches_a_new_device_the_counter_so_its_first_call_runs(mesh: I
 def test_a_counter_used_by_exactly_one_other_command_is_sealed_again(mesh: InProcessMesh) -> None:
     """The one case a counter refusal proves this call never ran: next_counter - 1 is its own
     counter and the enclave names another command there. Then it is sealed again under the next."""
-    alice, bob, _ = _people(mesh)
-    with mesh.connect(counters=MemoryCounters()) as first:
-        first.create_instance("coins", token_config(alice.public_key))
-        first.token("coins", alice).mint(bob.account, 1)
+    alice, bob = _another_device_minted(mesh, 1)
     with mesh.connect(counters=MemoryCounters()) as second:  # another device: knows no counter
         assert second.token("coins", alice).mint(bob.account, 1) == 2
         assert second.counters.last("coins", alice.account) == 2
