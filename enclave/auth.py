@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from veil.enclave import wire
 from veil.enclave.errors import INVALID_ARGUMENT, UNAUTHENTICATED, EnclaveError
-from veil.enclave.jwt import JwksVerifier, JwtError
+from veil.enclave.jwt import JwksVerifier, JwtError, JwtTimeError
 from veil.enclave.v1 import command_pb2, envelope_pb2
 
 MAX_ACCOUNT_SIZE = 256
@@ -41,8 +41,8 @@ class Authorizer(Protocol):
         ...
 
 
-def _unauthenticated(reason: str) -> EnclaveError:
-    return EnclaveError(UNAUTHENTICATED, reason)
+def _unauthenticated(reason: str, *, may_run_later: bool = False) -> EnclaveError:
+    return EnclaveError(UNAUTHENTICATED, reason, may_run_later=may_run_later)
 
 
 def _proof(command: command_pb2.Command, kind: str) -> None:
@@ -84,8 +84,8 @@ class _OAuth2Auth:
         _proof(command, "oauth2")
         try:
             sub = self._verifier.verify(command.auth.oauth2.jwt, now_ms)
-        except JwtError as error:
-            raise _unauthenticated(str(error)) from None
+        except JwtError as error:  # the host's clock decides expiry: a later time may accept it
+            raise _unauthenticated(str(error), may_run_later=isinstance(error, JwtTimeError)) from None
         if len(sub.encode("utf-8")) > MAX_ACCOUNT_SIZE:
             raise _unauthenticated("token subject too long")
         return Caller(account=sub)

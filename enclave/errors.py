@@ -25,12 +25,19 @@ INTERNAL = error_pb2.ECALL_ERROR_CODE_INTERNAL
 
 
 class EnclaveError(Exception):
-    """A refused call or command: `code` classifies it, `message` explains it without secrets."""
+    """A refused call or command: `code` classifies it, `message` explains it without secrets.
 
-    def __init__(self, code: error_pb2.EcallErrorCode.ValueType, message: str) -> None:
+    `may_run_later` marks a refusal the command's bytes do not decide alone (the host's budget
+    or clock): the same sealing may still be accepted, so its client must not take it as final.
+    """
+
+    def __init__(
+        self, code: error_pb2.EcallErrorCode.ValueType, message: str, *, may_run_later: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.may_run_later = may_run_later
 
     def to_proto(self) -> error_pb2.EcallError:
         """The wire form of this error."""

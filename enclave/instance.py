@@ -35,8 +35,10 @@ def _counter_key(account: str) -> tuple[str, ...]:
 class CounterMismatch(EnclaveError):
     """A command's counter is not the account's next one; carries the account's counter state."""
 
-    def __init__(self, state: command_pb2.CounterState) -> None:
-        super().__init__(ABORTED, f"counter must be {state.next_counter}")
+    def __init__(self, state: command_pb2.CounterState, counter: int) -> None:
+        # Above the next counter, the command may still run once the counters before it are used.
+        ahead = counter > state.next_counter
+        super().__init__(ABORTED, f"counter must be {state.next_counter}", may_run_later=ahead)
         self.state = state
 
 
@@ -148,7 +150,7 @@ class Instance:
         try:
             state = self.counter_state(caller.account, with_result=True)
             if counter != state.next_counter:
-                raise CounterMismatch(state)
+                raise CounterMismatch(state, counter)
             result = self._run(caller, call)
             # Kept with the counter, so a client whose answer was lost can be given it again.
             consumed = storage_pb2.AccountCounter(
@@ -158,8 +160,8 @@ class Instance:
                 result=result.SerializeToString(deterministic=True),
             )
             store.put(_counter_key(caller.account), consumed.SerializeToString(deterministic=True))
-            if store.size > limit:
-                raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
+            if store.size > limit:  # the host sets the budget: a larger one may accept it
+                raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted", may_run_later=True)
         except BaseException:
             store.rollback()
             raise

@@ -30,6 +30,10 @@ class JwtError(Exception):
     """The token or the JWKS is unusable; the message says why."""
 
 
+class JwtTimeError(JwtError):
+    """The token is not valid at the time given (expired, or not yet valid): it may be at another."""
+
+
 def _b64url(segment: str) -> bytes:
     if not _B64URL.fullmatch(segment) or len(segment) % 4 == 1:
         raise JwtError("malformed base64url")
@@ -132,9 +136,9 @@ class JwksVerifier:
         if self._audience not in audiences:
             raise JwtError("token audience not accepted")
         if now_ms >= _seconds(claims, "exp", None) * 1000:
-            raise JwtError("token expired")
+            raise JwtTimeError("token expired")
         if now_ms < _seconds(claims, "nbf", 0) * 1000:
-            raise JwtError("token not yet valid")
+            raise JwtTimeError("token not yet valid")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise JwtError("token has no subject")

@@ -428,7 +428,7 @@ class Enclave:
                 caller, command.counter, call, limit, command_hash=command_hash, sequence=sequence
             )
         except EnclaveError as refusal:
-            refused = command_pb2.CommandResult(error=refusal.to_proto())
+            refused = command_pb2.CommandResult(error=refusal.to_proto(), may_run_later=refusal.may_run_later)
             if isinstance(refusal, CounterMismatch):
                 refused.counter.CopyFrom(refusal.state)
                 if refusal.state.last_command_hash:  # the receipt of the command that used it

@@ -33,13 +33,16 @@
 //      naming a later counter than the call's proves only that that delivery did not run
 //      (OutcomeUnknown); a new call is sealed above the high-water mark (sealed.json, raised
 //      before sending), never at or below a sealing the host may still hold (CounterGap until
-//      the unsettled calls are resumed).
+//      the unsettled calls are resumed); a refusal before running is final only when the
+//      sealed bytes decide it (a malformed call, an invalid proof) and no other sealing of the
+//      call may still run: one the host controls (its budget, its clock: `mayRunLater`) keeps
+//      the call unsettled (NotRunYet).
 //
 //   6. recipients: a transfer names a local identity, a contact (the Python SDK's files) or a
 //      canonical account, never a free-form string the enclave would take as a new account.
 //
 // Failures throw PolicyError / AttestationError / IdentityError / InputError (nothing sent),
-// IntegrityError, CommandRefused, OutcomeUnknown (NoAnswer: retry under the same request id),
+// IntegrityError, CommandRefused, OutcomeUnknown (NoAnswer, NotRunYet: retry under the same request id),
 // ResultLost, GatewayError or GatewayUnreachable.
 
 import {
@@ -146,6 +149,25 @@ export class CounterGap extends OutcomeUnknown {
   constructor(message, waitingFor = []) {
     super(message);
     this.waitingFor = waitingFor;
+  }
+}
+
+// The enclave refused the command *for now*, for a reason the host controls: its memory budget
+// (RESOURCE_EXHAUSTED) or its clock outside the token's validity (UNAUTHENTICATED). The very
+// same sealing stays valid in the host's hands and may still run later, so the call is kept:
+// calling again with `requestId` resumes it (its sealed bytes first, then one fresh sealing under
+// the same counter, with a renewed token); never send it as a new call. `code`, `reason`: the
+// enclave's sealed refusal.
+export class NotRunYet extends OutcomeUnknown {
+  constructor(instanceId, requestId, code, reason) {
+    super(
+      `${instanceId}: not run so far: the enclave refused it for now (${code.replace("ECALL_ERROR_CODE_", "")}: ${reason}), and the same sealed command ` +
+        `may still run later (the host sets the memory budget and the clock); the call is kept: resume it with request id ${requestId}, never as a new call`,
+    );
+    this.requestId = requestId;
+    this.code = code;
+    this.reason = reason;
+    this.waitingFor = [];
   }
 }
 
@@ -1106,6 +1128,11 @@ export function openOutcome(outcome, request, { query = false } = {}) {
   } else if (accepted || (query && result.error == null)) {
     throw new IntegrityError("the enclave's answer lacks its signed receipt, yet the host says it was accepted");
   }
+  return answerOf(request, result, receipt, accepted);
+}
+
+// An opened answer as `execute` returns it.
+function answerOf(request, result, receipt, accepted) {
   return {
     requestId: request.requestId,
     counter: request.counter,
@@ -1121,6 +1148,21 @@ export function openOutcome(outcome, request, { query = false } = {}) {
     },
     resultLost: false,
   };
+}
+
+// The answer the enclave kept with the counter for `ran`, the sealing that used it
+// (veil/sdk/client.py `_kept_answer`): when its receipt verifies under the key that signed
+// `sealed`'s answer (the enclave re-signs it), else null.
+function keptAnswer(state, ran, sealed) {
+  if (!state.lastReceipt || !state.lastResult?.length) return null;
+  const resultBytes = Buffer.from(state.lastResult);
+  try {
+    const outcome = { accepted: true, sequence: state.lastSequence.toString() };
+    checkReceipt(state.lastReceipt, { ...ran, signingKey: sealed.signingKey }, resultBytes, outcome, { query: false });
+    return answerOf(ran, messages.CommandResult.decode(resultBytes), state.lastReceipt, true);
+  } catch {
+    return null; // unverifiable or undecodable: the mesh's records, or ResultLost
+  }
 }
 
 function checkReceipt(receipt, request, resultBytes, outcome, { query }) {
@@ -1320,6 +1362,9 @@ const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDE
 // The state service's reason for a command its enclave could not open (sealed to keys it no
 // longer has). The host can claim it of a command that ran, so it makes an attempt ambiguous.
 const UNOPENABLE = "COMMAND_UNOPENABLE";
+// Refusals before running that the command's own bytes decide (the app's call, the proof), when
+// the enclave does not say the sealing may run later: that sealing can never run.
+const FINAL_REFUSALS = new Set(["ECALL_ERROR_CODE_INVALID_ARGUMENT", "ECALL_ERROR_CODE_UNIMPLEMENTED", "ECALL_ERROR_CODE_UNAUTHENTICATED"]);
 
 const MAX_REMEMBERED_CALLS = 1024;
 export const MAX_BATCH = 256; // commands per ExecuteBatch (the gateway's cap)
@@ -1548,8 +1593,10 @@ export class VeilNodeClient {
         this.record(instanceId, account, state.counter);
         return opened;
       }
-      const error = opened.message.error;
-      if (!error || codeName(error.code) !== "ECALL_ERROR_CODE_ABORTED") return opened;
+      if (codeName(opened.message.error?.code ?? 0) !== "ECALL_ERROR_CODE_ABORTED") {
+        if (this.refused(state, sealed, opened, { fresh: fresh || (round === 0 && Boolean(first)) })) return opened;
+        continue;
+      }
       const counterState = this.counterState(instanceId, account, opened, state, { siblings, fresh });
       if (counterState.tooEarly) {
         // The counter before this call's is not used yet (an earlier sealing of this client is
@@ -1563,7 +1610,8 @@ export class VeilNodeClient {
       if (counterState.ran) {
         // An earlier sealing of this call used the counter: it ran. Never again.
         this.record(instanceId, account, state.counter);
-        return this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
+        // Its answer is the one the enclave kept with the counter (or, failing that, the mesh's record).
+        return keptAnswer(counterState.kept, counterState.ran, sealed) ?? this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
       }
       // The counter is used by another command and none of this call's sealings used it: it can
       // never run under it, so it is sealed again under the next counter, above every counter
@@ -1585,6 +1633,31 @@ export class VeilNodeClient {
     throw new CommandRefused("ECALL_ERROR_CODE_ABORTED", "could not agree on a counter with the enclave");
   }
 
+  // Judge a sealed refusal before running, not a counter refusal (veil/sdk/client.py `_refused`):
+  // true when the call is refused for good; false to seal it again under the same counter;
+  // throws to leave it unsettled. `fresh`: `sealed` was sealed for this attempt.
+  refused(state, sealed, opened, { fresh }) {
+    const refusal = opened.message.error ?? { code: 0, message: "" };
+    const code = codeName(refusal.code);
+    if (opened.message.mayRunLater || !FINAL_REFUSALS.has(code)) {
+      // Refused for now by what the host controls (its budget, its clock): this sealing stays
+      // valid in its hands and may run later, so the call is never taken as refused. A kept
+      // sealing resent earns one fresh sealing under the same counter (a renewed token).
+      state.ambiguous = true;
+      if (fresh) throw new NotRunYet(state.instanceId, state.requestId, code, refusal.message);
+      return false;
+    }
+    // Refused for good: this sealing can never run. So is the call once none of its sealings
+    // can (an earlier one, sent without a definitive answer, still may).
+    state.attempts = state.attempts.filter((a) => !same(a.commandHash, sealed.commandHash));
+    if (!state.attempts.length) return true;
+    this.calls.put(state);
+    throw new OutcomeUnknown(
+      `${state.instanceId}: the enclave refused this call's latest sealing (${code}: ${refusal.message}), but an earlier ` +
+        "sealing of it, sent without a definitive answer, may still run; resume it with its request id to settle that one",
+    );
+  }
+
   // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
   counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), fresh = true } = {}) {
@@ -1594,7 +1667,8 @@ export class VeilNodeClient {
     const used = next - 1;
     const lastCommandHash = Buffer.from(state.lastCommandHash ?? []);
     const lastSequence = state.lastSequence.toString();
-    if (used === counter && attempts.some((a) => same(a.commandHash, lastCommandHash))) return { ran: true, nextCounter: next, lastSequence };
+    const ran = used === counter ? attempts.find((a) => same(a.commandHash, lastCommandHash)) : undefined;
+    if (ran) return { ran, kept: state, nextCounter: next, lastSequence };
     // Too early, in an answer that may predate counters accepted since (a batch's, or a resent
     // sealing's answered from a cache): it proves no rollback; `run` seals again under the same
     // counter and judges that answer.
@@ -1758,7 +1832,7 @@ export class VeilNodeClient {
           this.calls.put(state); // something was sent without a definitive answer: resumable
           if (error instanceof VeilError) error.requestId = state.requestId;
         }
-        if (error instanceof CounterGap) gap ??= error;
+        if (error instanceof CounterGap || error instanceof NotRunYet) gap ??= error; // later calls wait for it
         else if (error instanceof GatewayError || error instanceof NoAnswer) stopped ??= error;
         if (!(error instanceof VeilError)) throw error;
         results[index] = { error };

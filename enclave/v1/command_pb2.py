@@ -27,7 +27,7 @@ from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope
 from veil.enclave.v1 import error_pb2 as veil_dot_enclave_dot_v1_dot_error__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/enclave/v1/command.proto\x12\x0fveil.enclave.v1\x1a\x1aveil/enclave/v1/apps.proto\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1bveil/enclave/v1/error.proto\"\x91\x01\n\x07\x43ommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cresponse_key\x18\x04 \x01(\x0c\x12\x0c\n\x04\x63\x61ll\x18\x05 \x01(\x0c\x12(\n\x04\x61uth\x18\x06 \x01(\x0b\x32\x1a.veil.enclave.v1.AuthProof\"\xb0\x01\n\tAuthProof\x12\x34\n\tanonymous\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.AnonymousProofH\x00\x12\x34\n\tsignature\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.SignatureProofH\x00\x12.\n\x06oauth2\x18\x03 \x01(\x0b\x32\x1c.veil.enclave.v1.OAuth2ProofH\x00\x42\x07\n\x05proof\"!\n\x0e\x41nonymousProof\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"7\n\x0eSignatureProof\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x1a\n\x0bOAuth2Proof\x12\x0b\n\x03jwt\x18\x01 \x01(\t\"\x97\x01\n\rCommandResult\x12*\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x1a.veil.enclave.v1.AppResult\x12.\n\x07\x63ounter\x18\x03 \x01(\x0b\x32\x1d.veil.enclave.v1.CounterState\"\x9b\x01\n\x0c\x43ounterState\x12\x14\n\x0cnext_counter\x18\x01 \x01(\x04\x12\x19\n\x11last_command_hash\x18\x02 \x01(\x0c\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x13\n\x0blast_result\x18\x04 \x01(\x0c\x12.\n\x0clast_receipt\x18\x05 \x01(\x0b\x32\x18.veil.enclave.v1.Receipt\"`\n\x0f\x43ommandResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.veil.enclave.v1.Receiptb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/enclave/v1/command.proto\x12\x0fveil.enclave.v1\x1a\x1aveil/enclave/v1/apps.proto\x1a\x1eveil/enclave/v1/envelope.proto\x1a\x1bveil/enclave/v1/error.proto\"\x91\x01\n\x07\x43ommand\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x02 \x01(\x04\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cresponse_key\x18\x04 \x01(\x0c\x12\x0c\n\x04\x63\x61ll\x18\x05 \x01(\x0c\x12(\n\x04\x61uth\x18\x06 \x01(\x0b\x32\x1a.veil.enclave.v1.AuthProof\"\xb0\x01\n\tAuthProof\x12\x34\n\tanonymous\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.AnonymousProofH\x00\x12\x34\n\tsignature\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.SignatureProofH\x00\x12.\n\x06oauth2\x18\x03 \x01(\x0b\x32\x1c.veil.enclave.v1.OAuth2ProofH\x00\x42\x07\n\x05proof\"!\n\x0e\x41nonymousProof\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\"7\n\x0eSignatureProof\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\x1a\n\x0bOAuth2Proof\x12\x0b\n\x03jwt\x18\x01 \x01(\t\"\xae\x01\n\rCommandResult\x12*\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x1b.veil.enclave.v1.EcallError\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x1a.veil.enclave.v1.AppResult\x12.\n\x07\x63ounter\x18\x03 \x01(\x0b\x32\x1d.veil.enclave.v1.CounterState\x12\x15\n\rmay_run_later\x18\x04 \x01(\x08\"\x9b\x01\n\x0c\x43ounterState\x12\x14\n\x0cnext_counter\x18\x01 \x01(\x04\x12\x19\n\x11last_command_hash\x18\x02 \x01(\x0c\x12\x15\n\rlast_sequence\x18\x03 \x01(\x04\x12\x13\n\x0blast_result\x18\x04 \x01(\x0c\x12.\n\x0clast_receipt\x18\x05 \x01(\x0b\x32\x18.veil.enclave.v1.Receipt\"`\n\x0f\x43ommandResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06result\x18\x02 \x01(\x0c\x12)\n\x07receipt\x18\x03 \x01(\x0b\x32\x18.veil.enclave.v1.Receiptb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OAUTH2PROOF']._serialized_start=558
   _globals['_OAUTH2PROOF']._serialized_end=584
   _globals['_COMMANDRESULT']._serialized_start=587
-  _globals['_COMMANDRESULT']._serialized_end=738
-  _globals['_COUNTERSTATE']._serialized_start=741
-  _globals['_COUNTERSTATE']._serialized_end=896
-  _globals['_COMMANDRESPONSE']._serialized_start=898
-  _globals['_COMMANDRESPONSE']._serialized_end=994
+  _globals['_COMMANDRESULT']._serialized_end=761
+  _globals['_COUNTERSTATE']._serialized_start=764
+  _globals['_COUNTERSTATE']._serialized_end=919
+  _globals['_COMMANDRESPONSE']._serialized_start=921
+  _globals['_COMMANDRESPONSE']._serialized_end=1017
 # @@protoc_insertion_point(module_scope)

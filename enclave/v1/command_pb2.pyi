@@ -187,6 +187,15 @@ class CommandResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     COUNTER_FIELD_NUMBER: _builtins.int
+    MAY_RUN_LATER_FIELD_NUMBER: _builtins.int
+    may_run_later: _builtins.bool
+    """may_run_later is set on a command refused before running for a reason the sealed bytes do
+    not decide alone: the enclave's memory budget (set by the host), the host's clock outside
+    the token's validity window, or a counter above the account's next one. That sealing stays
+    valid and may still be accepted later, so a client keeps the call unsettled and resumes it
+    under the same counter. Unset on a refusal the sealed bytes decide (a malformed call, an
+    invalid proof): that sealing can never run (docs/protocol.md, section 6).
+    """
     @_builtins.property
     def error(self) -> _error_pb2.EcallError:
         """error is set when the command was refused or the app rejected it."""
@@ -207,10 +216,11 @@ class CommandResult(_message.Message):
         error: _error_pb2.EcallError | None = ...,
         result: _apps_pb2.AppResult | None = ...,
         counter: Global___CounterState | None = ...,
+        may_run_later: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "error", b"error", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "error", b"error", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counter", b"counter", "error", b"error", "may_run_later", b"may_run_later", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -113,8 +113,23 @@ def test_oauth2_bad_tokens_are_refused_and_change_nothing(
     result = client.read(sealed, outcome)
     assert error_code(result) == "UNAUTHENTICATED"
     assert reason in result.error.message
+    # Only the host's clock decides expiry: that refusal says the same sealing may run later.
+    assert result.may_run_later == (reason in ("expired", "not yet valid"))
     assert not outcome.accepted
     assert oauth.enclave.state_digest() == before
+
+
+def test_a_token_refused_at_the_hosts_time_runs_at_another(
+    oauth: Harness, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    """Why a clock refusal is not final: a host that moves its clock past a token's expiry gets a
+    genuine refusal, then runs the same sealing with its clock back (issue 11, row 104)."""
+    client = oauth.client("o", jwt=_token(rsa_key))
+    sealed = client.seal(PUT)
+    (refused,) = oauth.execute("o", [sealed.command], now_ms=NOW_MS + 3_600_000).outcomes
+    assert client.read(sealed, refused).may_run_later
+    (ran,) = oauth.execute("o", [sealed.command]).outcomes
+    assert ran.accepted
 
 
 def test_oauth2_instance_refuses_a_bad_jwks(harness: Harness) -> None:

@@ -47,6 +47,24 @@ def test_a_used_counter_names_its_command_and_keeps_its_answer(harness: Harness)
     )
 
 
+def test_only_refusals_the_sealed_bytes_decide_are_final(harness: Harness) -> None:
+    """`may_run_later` is unset where that very sealing can never run (its counter used, its call
+    malformed for the app) and set on a counter above the next one, which runs once it is next."""
+    harness.create("v", config())
+    alice = harness.client("v")
+    ahead = alice.seal(PUT, counter=2)
+    early = command_pb2.CommandResult.FromString(_response(harness, ahead).result)
+    assert (error_code(early), early.may_run_later) == ("ABORTED", True)
+    wrong_app = alice.seal(apps_pb2.AppCall(token=apps_pb2.TokenCall()), counter=1)
+    malformed = command_pb2.CommandResult.FromString(_response(harness, wrong_app).result)
+    assert error_code(malformed) != "OK"
+    assert not malformed.may_run_later
+    harness.call(alice, PUT)  # counter 1
+    used = command_pb2.CommandResult.FromString(_response(harness, alice.seal(PUT, counter=1)).result)
+    assert (error_code(used), used.may_run_later) == ("ABORTED", False)
+    assert harness.run("v", ahead)[0].accepted  # the early one, now next
+
+
 def test_queries_carry_the_next_counter_without_the_last_answer(harness: Harness) -> None:
     harness.create("v", config())
     alice = harness.client("v")

@@ -46,6 +46,10 @@ class PendingCall:
     def hashes(self) -> set[bytes]:
         return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
 
+    def drop(self, sealed: SealedRequest) -> None:
+        """The enclave refused `sealed` for good (its own bytes decide it): it can never run."""
+        self.sealings = [(s, key) for s, key in self.sealings if s.command != sealed.command]
+
     def restart(self, counter: int) -> None:
         """The counter was used by another command: none of the sealings can ever run."""
         self.counter, self.sealings, self.ambiguous = counter, [], False

@@ -29,6 +29,12 @@ the next); a counter used *and more after it* proves only that this delivery did
 enclave names the last command only), so it and anything else it cannot prove raise
 `OutcomeUnknown` instead of guessing.
 
+A refusal before running is the call's answer only when the sealed bytes decide it (a
+malformed call, an invalid proof) and no other sealing of the call may still run. One the host
+controls (its memory budget, its clock against a token's expiry: the enclave's sealed
+`may_run_later`) leaves that sealing valid in the host's hands, so the call is kept and
+`NotRunYet` is raised: resume it by request id, never as a new call.
+
 Before anything is sent, the account's sealed high-water mark is raised (`counters.seal`) and
 the call is kept in `calls` (a file per call under `<data_dir>/calls/` with `connect`): a new
 call is sealed above every counter sealed before it (a host may hold those sealings), and the
@@ -76,6 +82,7 @@ from veil.sdk.errors import (
     CounterGap,
     GatewayError,
     IntegrityError,
+    NotRunYet,
     OutcomeUnknown,
     VeilClientError,
 )
@@ -95,6 +102,15 @@ _MAX_ROUNDS = 6  # sealings of one call: re-attestations and counter resynchroni
 _PENDING_LIMIT = 10_000
 _MAX_RETRY_HINT_S = 5.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Refusals before running that the command's own bytes decide (the app's call, the proof), when
+# the enclave does not say the sealing may run later: that sealing can never run.
+_FINAL_REFUSALS = frozenset(
+    {
+        error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT,
+        error_pb2.ECALL_ERROR_CODE_UNIMPLEMENTED,
+        error_pb2.ECALL_ERROR_CODE_UNAUTHENTICATED,
+    }
+)
 # The state service's reason for a command sealed to keys its enclave no longer has (it
 # restarted): such a command was never executed, so it is sealed again to the new keys.
 _UNOPENABLE = "COMMAND_UNOPENABLE"
@@ -113,6 +129,13 @@ def _read(value: Path | bytes | None) -> bytes | None:
 
 def _unopenable(error: GatewayError) -> bool:
     return error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == _UNOPENABLE
+
+
+def _may_run_later(result: command_pb2.CommandResult) -> bool:
+    """Whether a sealed refusal before running leaves that sealing able to run later: the
+    enclave says so (budget, clock), or (failing closed) it is not one of the refusals the sealed
+    bytes alone decide (a malformed call, an invalid proof)."""
+    return result.may_run_later or result.error.code not in _FINAL_REFUSALS
 
 
 def _retry_hint(error: grpc.RpcError) -> float | None:
@@ -716,6 +739,10 @@ class VeilClient:
                 self._keep_unresolved(state, failure)
                 results[index] = failure
                 gap = gap or failure
+            except NotRunYet as failure:  # it may still run: the later calls wait for it
+                self._keep_unresolved(state, failure)
+                results[index] = failure
+                gap = gap or CounterGap(str(failure), [state.request_id])
             except VeilClientError as failure:
                 self._keep_unresolved(state, failure)
                 results[index] = failure
@@ -762,6 +789,7 @@ class VeilClient:
                 # call counts as possibly run.
                 sealed, signing_key = state.sealings[0]
                 state.ambiguous = True
+                opened = self._send(instance_id, sealed, signing_key, identity)
             else:
                 attestation = self.attest(instance_id, refresh=state.ambiguous and round_ > 0)
                 sealed = seal_command(
@@ -779,7 +807,6 @@ class VeilClient:
                 state.sealings.append((sealed, signing_key))
                 self._sealed([state])  # kept durably before it is sent
                 fresh = True
-            if not (first is not None and round_ == 0):
                 opened = self._send(instance_id, sealed, signing_key, identity)
             if opened is None:
                 state.ambiguous = True  # the host may say so of a command that ran: same counter only
@@ -788,9 +815,10 @@ class VeilClient:
                 self._record(instance_id, account, state.counter)
                 self._saw(instance_id, opened.sequence)
                 return opened
-            error = opened.result.error if opened.result.HasField("error") else None
-            if error is None or error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
-                return opened
+            if opened.result.error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
+                if self._refused(state, sealed, opened, fresh=fresh or (first is not None and round_ == 0)):
+                    return opened
+                continue
             counter_state = self._counter_state(instance_id, account, opened, state, siblings, fresh=fresh)
             if counter_state.last_command_hash:
                 # A sealing of this call used the counter: it ran. Never again; its answer is
@@ -819,6 +847,33 @@ class VeilClient:
             )
         raise CommandRefused(
             error_pb2.ECALL_ERROR_CODE_ABORTED, "could not agree on a counter with the enclave"
+        )
+
+    def _refused(self, state: _Call, sealed: SealedRequest, opened: Opened, *, fresh: bool) -> bool:
+        """Judge a sealed refusal before running (not a counter refusal): True when the call is
+        refused for good; False to seal it again under the same counter; raises to leave it
+        unsettled. `fresh`: `sealed` was sealed for this attempt (not a kept sealing resent)."""
+        refusal = opened.result.error
+        if _may_run_later(opened.result):
+            # Refused for now by what the host controls (its budget, its clock): this sealing
+            # stays valid in its hands and may run later, so the call is never taken as refused.
+            # A kept sealing resent earns one fresh sealing under the same counter (a renewed
+            # token); a fresh one leaves the call unsettled.
+            state.ambiguous = True
+            if fresh:
+                raise NotRunYet(state.instance_id, state.request_id, refusal.code, refusal.message)
+            return False
+        # Refused for good: this sealing can never run. So is the call once none of its
+        # sealings can (an earlier one, sent without a definitive answer, still may).
+        state.drop(sealed)
+        if not state.sealings:
+            return True
+        self.calls.put(state)
+        raise OutcomeUnknown(
+            f"{state.instance_id}: the enclave refused this call's latest sealing "
+            f"({error_pb2.EcallErrorCode.Name(refusal.code)}: {refusal.message}), but an earlier sealing "
+            "of it, sent without a definitive answer, may still run; resume it with its request id "
+            "to settle that one"
         )
 
     def _send(

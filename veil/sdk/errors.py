@@ -74,6 +74,31 @@ class CounterGap(OutcomeUnknown):
         self.waiting_for = waiting_for
 
 
+class NotRunYet(OutcomeUnknown):
+    """The enclave refused the command *for now*, for a reason the host controls: its memory
+    budget (RESOURCE_EXHAUSTED) or its clock outside the token's validity (UNAUTHENTICATED).
+
+    The very same sealing stays valid in the host's hands and may still run later, so the call
+    is not refused: it is kept under `request_id`. Pass that id again to resume it (the same
+    sealed bytes first, then one fresh sealing under the same counter, which carries a renewed
+    token); never send the command as a new call, or it may run twice. `code` and `reason` are
+    the enclave's sealed refusal.
+    """
+
+    def __init__(
+        self, instance_id: str, request_id: str, code: error_pb2.EcallErrorCode.ValueType, reason: str
+    ) -> None:
+        self.code = code
+        self.code_name = error_pb2.EcallErrorCode.Name(code).removeprefix("ECALL_ERROR_CODE_")
+        self.reason = reason
+        super().__init__(
+            f"{instance_id}: not run so far: the enclave refused it for now ({self.code_name}: {reason}), "
+            "and the same sealed command may still run later (the host sets the memory budget and the "
+            f"clock); the call is kept: resume it with request id {request_id}, never as a new call"
+        )
+        self.request_id = request_id
+
+
 class ResultLost(VeilClientError):
     """The command ran, exactly once (the enclave says so), but its answer was lost.
 

@@ -1,0 +1,214 @@
+"""An outside review: a hostile host made a genuine *temporary* refusal look final (row 104).
+
+The host squeezed the enclave's memory budget for one command (or, on an OAuth2 instance, moved
+its clock past the token's expiry), so the enclave sealed "refused before running" to the client:
+RESOURCE_EXHAUSTED. The SDK took that as the call's final answer, lowered its high-water mark and
+forgot the call, while the host kept the sealing and ran it once the budget was back: the call
+was reported refused though it ran, and an app that retried paid twice (990 instead of 995).
+
+Now the enclave says in the sealed refusal whether that very sealing may still run
+(`CommandResult.may_run_later`: budget, clock, a counter ahead), and the SDK takes a refusal as
+final only when the sealed bytes decide it and no other sealing of the call may still run. A
+temporary one is `NotRunYet`: the call is kept under its request id and resumed, never re-run
+as a new call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.client.test_sdk_batch_hostile import Down, _balance, _pay, alice, coins
+from tests.gateway.support import InProcessMesh
+from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2
+from veil.sdk.client import VeilClient
+from veil.sdk.errors import CounterGap, NotRunYet, OutcomeUnknown
+from veil.sdk.identity import SigningIdentity
+
+__all__ = ["alice", "coins"]  # the fixtures, shared with the batch attacks
+
+
+class SqueezedEnclave:
+    """The state host: while `squeeze` is set, each command reaches the enclave with a 1-byte
+    memory budget and the unsealed copy of the refusal is removed, so the client sees only the
+    genuine sealed RESOURCE_EXHAUSTED. `run` runs a sealing it kept, budget restored."""
+
+    def __init__(self, mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.harness = mesh.states[0].harness
+        self.honest = self.harness.execute
+        self.squeeze = True
+        monkeypatch.setattr(self.harness, "execute", self._execute)
+
+    def _execute(self, instance_id: str, commands: list[Any]) -> Any:
+        if not self.squeeze:
+            return self.honest(instance_id, commands)
+        budget, self.harness.enclave._budget = self.harness.enclave._budget, 1
+        try:
+            response = self.honest(instance_id, commands)
+        finally:
+            self.harness.enclave._budget = budget
+        for outcome in response.outcomes:
+            if outcome.sealed_response:
+                outcome.ClearField("error")  # the host's unsealed copy: the client sees the sealed one
+        return response
+
+    def run(self, instance_id: str, command: envelope_pb2.SealedCommand) -> None:
+        self.squeeze = False
+        self.honest(instance_id, [command])
+
+
+class SqueezingHost(SqueezedEnclave):
+    """The state host and the gateway as one adversary: the squeezed enclave, and a gateway that
+    keeps every request it is given (`held`), can lose the first one (`drop_first`) and answer the
+    next with the host's unsealed "could not open it" (`forge_unopenable`)."""
+
+    def __init__(self, mesh: InProcessMesh, client: VeilClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(mesh, monkeypatch)
+        self.real = client._stub
+        self.drop_first = False
+        self.forge_unopenable = False
+        self.held: list[gateway_pb2.ExecuteRequest] = []
+        client._stub = self  # type: ignore[assignment]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def Execute(self, request: gateway_pb2.ExecuteRequest, **kw: Any) -> Any:
+        kept = gateway_pb2.ExecuteRequest()
+        kept.CopyFrom(request)
+        self.held.append(kept)
+        if self.drop_first:
+            self.drop_first = False
+            raise Down()  # lost on the way: the client resends the same bytes
+        if self.forge_unopenable:
+            self.forge_unopenable = False
+            return self.real.Execute(_unopenable(request), **kw)
+        return self.real.Execute(request, **kw)
+
+    def replay(self, index: int) -> None:
+        """Run a held sealing in the enclave, the budget back."""
+        self.run(self.held[index].instance_id, self.held[index].command)
+
+
+def _unopenable(request: gateway_pb2.ExecuteRequest) -> gateway_pb2.ExecuteRequest:
+    """The request with its ciphertext spoiled: the genuine path to an unsealed COMMAND_UNOPENABLE."""
+    spoiled = gateway_pb2.ExecuteRequest()
+    spoiled.CopyFrom(request)
+    spoiled.command.ciphertext = bytes(len(spoiled.command.ciphertext))
+    spoiled.request_id = request.request_id + "-spoiled"
+    return spoiled
+
+
+def test_a_budget_refusal_is_not_final_and_the_held_sealing_runs_once(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's attack: the sealed RESOURCE_EXHAUSTED is NotRunYet (the call kept, the mark
+    kept), the host runs the held sealing, and resuming the call gets that run's answer."""
+    with mesh.connect() as client:
+        host = SqueezingHost(mesh, client, monkeypatch)
+        with pytest.raises(NotRunYet) as refused:
+            client.execute(coins, _pay(5), alice)
+        assert refused.value.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED
+        assert refused.value.request_id
+        assert client.counters.sealed(coins, alice.account) == 2  # the mark is not lowered
+        assert client.calls.get(refused.value.request_id) is not None  # nor the call forgotten
+        assert _balance(mesh, alice) == 1000
+
+        host.replay(0)  # the budget back, the kept sealing runs
+        assert _balance(mesh, alice) == 995
+        # The app resumes as the error says: the call ran once, and this is its answer.
+        answer = client.execute(coins, _pay(5), alice, request_id=refused.value.request_id)
+        assert answer.accepted
+        assert answer.result.result.token.transfer.amount == 995
+        assert client.calls.get(refused.value.request_id) is None
+    assert _balance(mesh, alice) == 995  # not 990
+
+
+def test_a_new_call_behind_a_call_not_run_yet_waits_for_it(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app that sends the command again as a new call, while the first is not run yet, gets
+    a CounterGap naming it (the new sealing is above the kept one's counter), not a second run."""
+    with mesh.connect() as client:
+        SqueezingHost(mesh, client, monkeypatch).squeeze = True
+        with pytest.raises(NotRunYet) as refused:
+            client.execute(coins, _pay(5), alice)
+        monkeypatch.undo()  # an honest host from here on
+        with pytest.raises(CounterGap) as gap:
+            client.execute(coins, _pay(5), alice)
+        assert gap.value.waiting_for == [refused.value.request_id]
+        assert client.execute(coins, _pay(5), alice, request_id=refused.value.request_id).accepted
+        assert client.execute(coins, _pay(5), alice, request_id=gap.value.request_id).accepted
+    assert _balance(mesh, alice) == 990  # two calls, each once
+
+
+def test_a_budget_refusal_of_a_second_sealing_never_settles_the_call(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's second variant: the first send is lost, its resend is answered with the
+    host's unsealed "could not open", so the SDK seals the call again under the same counter;
+    that sealing gets the squeezed budget's refusal. The call stays unsettled (NotRunYet); the
+    host runs the first sealing, and resuming the call gets its answer: one transfer of 5."""
+    with mesh.connect() as client:
+        host = SqueezingHost(mesh, client, monkeypatch)
+        host.drop_first = True
+        host.forge_unopenable = True
+        with pytest.raises(NotRunYet) as refused:
+            client.execute(coins, _pay(5), alice)
+        kept = client.calls.get(str(refused.value.request_id))
+        assert kept is not None
+        assert len(kept.sealings) == 2
+        assert _balance(mesh, alice) == 1000
+        host.replay(0)  # the first sealing, which the client never saw answered
+        assert _balance(mesh, alice) == 995
+        answer = client.execute(coins, _pay(5), alice, request_id=refused.value.request_id)
+        assert answer.accepted
+        assert answer.sequence > 0
+    assert _balance(mesh, alice) == 995
+
+
+def test_a_temporary_refusal_resumed_with_the_budget_back_runs_once(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an honest host whose budget was only short for a while, resuming the kept call sends
+    its very sealing again first (the mesh may answer it from its records: the same refusal), then
+    one fresh sealing under the same counter, and the call runs once."""
+    with mesh.connect() as client:
+        host = SqueezingHost(mesh, client, monkeypatch)
+        with pytest.raises(NotRunYet) as refused:
+            client.execute(coins, _pay(5), alice)
+        host.squeeze = False
+        answer = client.execute(coins, _pay(5), alice, request_id=refused.value.request_id)
+        assert answer.accepted
+        assert host.held[1].command == host.held[0].command  # the same bytes first
+        assert len({r.command.ciphertext for r in host.held}) <= 2
+    assert _balance(mesh, alice) == 995
+
+
+def test_a_final_refusal_of_a_second_sealing_leaves_the_first_to_settle(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal the sealed bytes decide proves only that *that* sealing never runs. With an
+    earlier sealing of the call still in the host's hands (its send lost, its resend answered
+    with the host's "could not open"), the call is OutcomeUnknown, kept with the earlier sealing
+    only; resuming it settles that one."""
+    wrong_app = _pay(5)
+    wrong_app.ClearField("token")
+    wrong_app.vault.get.record_id = "r"  # a vault call, on a token instance: INVALID_ARGUMENT
+    with mesh.connect() as client:
+        host = SqueezingHost(mesh, client, monkeypatch)
+        host.squeeze = False
+        host.drop_first = True
+        host.forge_unopenable = True
+        with pytest.raises(OutcomeUnknown) as unknown:
+            client.execute(coins, wrong_app, alice)
+        assert not isinstance(unknown.value, NotRunYet)
+        kept = client.calls.get(str(unknown.value.request_id))
+        assert kept is not None
+        assert [s.command for s, _ in kept.sealings] == [host.held[0].command]
+        refused = client.execute(coins, wrong_app, alice, request_id=unknown.value.request_id)
+        assert not refused.accepted  # every sealing refused for good: now the call is
+        assert client.calls.get(str(unknown.value.request_id)) is None
+        assert client.counters.sealed(coins, alice.account) == 1  # its counter given back
