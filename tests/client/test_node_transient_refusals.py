@@ -12,7 +12,6 @@ answer (tests/client/test_sdk_transient_refusals.py: the same for the Python SDK
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
@@ -26,23 +25,11 @@ __all__ = ["funded"]
 _CALLS = 'new veil.FileCalls(dir + "/node-calls")'
 
 
-class _Keeping(SqueezedEnclave):
-    """The squeezed enclave, keeping every sealing it is given."""
-
-    def __init__(self, mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> None:
-        super().__init__(mesh, monkeypatch)
-        self.held: list[Any] = []
-
-    def _execute(self, instance_id: str, commands: list[Any]) -> Any:
-        self.held.extend(commands)
-        return super()._execute(instance_id, commands)
-
-
 def test_a_budget_refusal_is_not_final_and_the_held_sealing_runs_once(
     mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alice, bob = funded
-    host = _Keeping(mesh, monkeypatch)
+    host = SqueezedEnclave(mesh, monkeypatch)
     out = _node(mesh, _transfer_30(bob.account), calls=_CALLS)
     assert out["error"] == "NotRunYet", out
     assert "RESOURCE_EXHAUSTED" in out["message"]
@@ -51,7 +38,7 @@ def test_a_budget_refusal_is_not_final_and_the_held_sealing_runs_once(
     assert len(list((mesh.data_dir / "node-calls").glob("*.json"))) == 1  # nor the call forgotten
     assert _balance(mesh, alice) == 100
 
-    host.run("coins", host.held[0])  # the budget back, the kept sealing runs
+    host.run("coins", host.seen[0])  # the budget back, the kept sealing runs
     assert _balance(mesh, alice) == 70
     resume = f", {{ requestId: {json.dumps(out['requestId'])} }}"
     resumed = _node(mesh, _transfer_30(bob.account, resume), calls=_CALLS)
@@ -64,7 +51,7 @@ def test_a_new_transfer_behind_one_not_run_yet_waits_for_it(
 ) -> None:
     """Sent again as a new call, the transfer is sealed above the kept one: CounterGap naming it."""
     alice, bob = funded
-    _Keeping(mesh, monkeypatch)
+    SqueezedEnclave(mesh, monkeypatch)
     out = _node(mesh, _transfer_30(bob.account), calls=_CALLS)
     assert out["error"] == "NotRunYet", out
     monkeypatch.undo()  # an honest host from here on

@@ -33,15 +33,18 @@ __all__ = ["alice", "coins"]  # the fixtures, shared with the batch attacks
 class SqueezedEnclave:
     """The state host: while `squeeze` is set, each command reaches the enclave with a 1-byte
     memory budget and the unsealed copy of the refusal is removed, so the client sees only the
-    genuine sealed RESOURCE_EXHAUSTED. `run` runs a sealing it kept, budget restored."""
+    genuine sealed RESOURCE_EXHAUSTED. It keeps every sealing it is given (`seen`); `run` runs
+    one, budget restored."""
 
     def __init__(self, mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> None:
         self.harness = mesh.states[0].harness
         self.honest = self.harness.execute
         self.squeeze = True
+        self.seen: list[envelope_pb2.SealedCommand] = []
         monkeypatch.setattr(self.harness, "execute", self._execute)
 
     def _execute(self, instance_id: str, commands: list[Any]) -> Any:
+        self.seen.extend(commands)
         if not self.squeeze:
             return self.honest(instance_id, commands)
         budget, self.harness.enclave._budget = self.harness.enclave._budget, 1

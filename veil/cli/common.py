@@ -113,6 +113,13 @@ def amount(text: str) -> int:
     return int(text)
 
 
+def request_id(text: str) -> str:
+    """A request id naming one call: 1 to 64 printable ASCII characters (the gateway's rule)."""
+    if not 0 < len(text) <= 64 or not (text.isascii() and text.isprintable()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request id (1 to 64 printable ASCII characters)")
+    return text
+
+
 def count(limit: int) -> Callable[[str], int]:
     """A whole number from 0 to `limit`."""
 
@@ -210,7 +217,13 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
 
 
 def _hint(exc: Exception, args: argparse.Namespace) -> str:
-    """What to do about a mesh that answered but is not serving."""
+    """What to do about a call kept unsettled, or a mesh that answered but is not serving."""
+    if isinstance(exc, VeilClientError) and exc.request_id and hasattr(args, "request_id"):
+        # Sent without a definitive answer: the call is kept in the data dir; only its request
+        # id resumes it (a new call could run it twice).
+        return (
+            f" (run the same command with --request-id {exc.request_id} to resume it: it runs at most once)"
+        )
     if isinstance(exc, GatewayError) and exc.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -29,6 +29,7 @@ from veil.cli.common import (
     recipient,
     report,
     report_receipt,
+    request_id,
 )
 from veil.sdk.apps import BatchResult
 from veil.sdk.contacts import canonical_account
@@ -37,6 +38,7 @@ from veil.sdk.errors import (
     CounterGap,
     GatewayError,
     IntegrityError,
+    NotRunYet,
     OutcomeUnknown,
     ResultLost,
     VeilClientError,
@@ -87,10 +89,16 @@ def register(commands: Subcommands) -> None:
 
 
 def _recipient_arguments(parser: argparse.ArgumentParser) -> None:
-    """`TO AMOUNT` or `AMOUNT --to-account HEX` (see `_single`)."""
+    """`TO AMOUNT` or `AMOUNT --to-account HEX` (see `_single`), and the call's request id."""
     parser.add_argument("to", nargs="?", help="identity or contact name")
     parser.add_argument("amount", nargs="?", type=amount)
     parser.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
+    parser.add_argument(
+        "--request-id",
+        type=request_id,
+        help="name the call (an error that leaves it unsettled prints its id): the same id resumes "
+        "it rather than sending it again",
+    )
 
 
 def _single(args: argparse.Namespace) -> tuple[str, int]:
@@ -128,7 +136,12 @@ def _to_one(args: argparse.Namespace, verb: str) -> int:
     to, count = _single(args)
     with acting_client(args) as (veil, identity):
         token = veil.token(args.instance, identity)
-        after = token.mint(to, count) if verb == "mint" else token.transfer(to, count)
+        resume = args.request_id
+        after = (
+            token.mint(to, count, request_id=resume)
+            if verb == "mint"
+            else token.transfer(to, count, request_id=resume)
+        )
     name = namer(args)(to)
     if verb == "mint":
         key, done = "total_supply", f"minted {count} to {name}; total supply {after}"
@@ -333,9 +346,10 @@ def _settle_row(journal: Journal, row: Row, answer: BatchResult, result: dict[st
         result.update(status="refused", detail=str(error))
     elif isinstance(error, ResultLost):
         result.update(status="applied", sequence=error.sequence, detail=str(error))
-    elif isinstance(error, CounterGap):
-        # Not run so far: it waits for earlier calls of this account that have no answer yet.
-        # Its sealing is kept in the data dir's calls store: the next run resumes it, same bytes.
+    elif isinstance(error, CounterGap | NotRunYet):
+        # Not run so far: it waits for earlier calls of this account that have no answer yet, or
+        # the enclave refused it for now (its budget, its clock). Its sealing is kept in the data
+        # dir's calls store and may still run: the next run resumes it, same bytes.
         result.update(status="stopped", detail=f"stopped here: {error}")
     elif isinstance(error, IntegrityError | OutcomeUnknown):
         journal.record(row, state="unknown")
