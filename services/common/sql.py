@@ -88,6 +88,19 @@ class _PerThread(Generic[_C]):
             self._connections.append(conn)
         return conn
 
+    @contextmanager
+    def _closed_on_failure(self, driver_error: type[Exception], what: str) -> Iterator[None]:
+        """Schema creation: any failure closes every connection (none is left mid-transaction
+        for a later call); a driver error becomes ``error(f"{what}: ...")``."""
+        try:
+            yield
+        except driver_error as exc:
+            self.close()
+            raise self._error(f"{what}: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
     def _translate(self, exc: Exception, engine: str, *, constraint: bool) -> Exception:
         if constraint and self._conflict is not None:
             return self._conflict(f"{engine} constraint: {exc}")
@@ -143,19 +156,13 @@ class SqliteDatabase(_PerThread[sqlite3.Connection]):
         Switches the file to WAL journaling first. Any failure closes every connection; a
         driver error becomes ``error("cannot open SQLite database ...")``.
         """
-        try:
+        with self._closed_on_failure(sqlite3.Error, f"cannot open SQLite database {self.path}"):
             conn = self.connection()
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise self._error(f"SQLite database {self.path} cannot use WAL journaling (got {mode})")
             with _explicit(conn, "BEGIN IMMEDIATE"):
                 yield conn
-        except sqlite3.Error as exc:
-            self.close()
-            raise self._error(f"cannot open SQLite database {self.path}: {exc}") from exc
-        except BaseException:
-            self.close()
-            raise
 
     @contextmanager
     def transaction(self, begin: str) -> Iterator[sqlite3.Connection]:
@@ -234,18 +241,12 @@ class PostgresDatabase(_PerThread[PgConnection]):
         The transaction-scoped advisory lock ``lock_id`` serialises replicas starting together.
         Any failure closes every connection; a driver error becomes ``error``.
         """
-        try:
+        with self._closed_on_failure(psycopg.Error, f"cannot create the PostgreSQL schema {self.schema!r}"):
             conn = self.connection()
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
                 yield conn
-        except psycopg.Error as exc:
-            self.close()
-            raise self._error(f"cannot create the PostgreSQL schema {self.schema!r}: {exc}") from exc
-        except BaseException:
-            self.close()
-            raise
 
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
