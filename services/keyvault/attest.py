@@ -32,10 +32,8 @@ from veil.enclave import wire
 from veil.services.keyvault.audit import (
     ACTION_ATTEST,
     OUTCOME_ALLOWED,
-    OUTCOME_REFUSED,
     AuditLog,
     DetailValue,
-    refusal_detail,
 )
 from veil.services.keyvault.clock import Clock
 from veil.services.keyvault.enclave_keys import ED25519_KEY_SIZE, check_report_data, parse_runtime_data
@@ -119,12 +117,7 @@ class Attestor:
             self._audit.record(action=ACTION_ATTEST, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail)
             return issued
         except Exception as exc:
-            self._audit.record(
-                action=ACTION_ATTEST,
-                outcome=OUTCOME_REFUSED,
-                caller=caller,
-                detail={**detail, **refusal_detail(exc)},
-            )
+            self._audit.record_refusal(action=ACTION_ATTEST, caller=caller, detail=detail, refusal=exc)
             raise
 
 

@@ -243,6 +243,14 @@ class AuditLog:
         with self._store.transaction() as tx:
             return self.append(tx, action=action, outcome=outcome, caller=caller, detail=detail)
 
+    def record_refusal(
+        self, *, action: str, caller: str, detail: Mapping[str, DetailValue], refusal: Exception
+    ) -> AuditRecord:
+        """Record ``action`` as refused: ``detail`` plus the refusal's reason and message
+        (:func:`refusal_detail`), the same shape for every kind of refusal."""
+        detail = {**detail, **refusal_detail(refusal)}
+        return self.record(action=action, outcome=OUTCOME_REFUSED, caller=caller, detail=detail)
+
     def list_events(self, *, page_size: int = 0, page_token: str = "") -> AuditPage:
         """Events in log order; ``page_size`` 0 means the default, at most ``MAX_PAGE_SIZE``.
 

@@ -43,10 +43,8 @@ from veil.services.keyvault import leases
 from veil.services.keyvault.audit import (
     ACTION_ADVANCE_HEAD,
     OUTCOME_ALLOWED,
-    OUTCOME_REFUSED,
     AuditLog,
     DetailValue,
-    refusal_detail,
 )
 from veil.services.keyvault.clock import Clock, to_micros
 from veil.services.keyvault.enclave_keys import bound_enclave_keys
@@ -203,11 +201,8 @@ class CommitHeads:
             return head, enclave.signing_public_bytes
         except BaseException as exc:
             if isinstance(exc, Exception):
-                self._audit.record(
-                    action=ACTION_ADVANCE_HEAD,
-                    outcome=OUTCOME_REFUSED,
-                    caller=caller,
-                    detail={**detail, **refusal_detail(exc)},
+                self._audit.record_refusal(
+                    action=ACTION_ADVANCE_HEAD, caller=caller, detail=detail, refusal=exc
                 )
             raise
 

@@ -73,11 +73,9 @@ from veil.services.keyvault.audit import (
     ACTION_RELEASE,
     ACTION_ROTATE,
     OUTCOME_ALLOWED,
-    OUTCOME_REFUSED,
     AuditLog,
     DetailValue,
     canonical_json,
-    refusal_detail,
 )
 from veil.services.keyvault.clock import Clock, to_micros
 from veil.services.keyvault.enclave_keys import bound_enclave_keys
@@ -437,6 +435,4 @@ class KeyManager:
     ) -> None:
         if not isinstance(exc, Exception):
             return  # KeyboardInterrupt and friends are not refusals
-        self._audit.record(
-            action=action, outcome=OUTCOME_REFUSED, caller=caller, detail={**detail, **refusal_detail(exc)}
-        )
+        self._audit.record_refusal(action=action, caller=caller, detail=detail, refusal=exc)

@@ -41,10 +41,8 @@ from veil.services.common.instance_ids import INSTANCE_ID_RULE, is_instance_id
 from veil.services.keyvault import page_tokens
 from veil.services.keyvault.audit import (
     OUTCOME_ALLOWED,
-    OUTCOME_REFUSED,
     AuditLog,
     DetailValue,
-    refusal_detail,
 )
 from veil.services.keyvault.clock import Clock, from_micros, to_micros
 from veil.services.keyvault.enclave_policy import INSTANCE_KEY_PREFIX
@@ -128,11 +126,11 @@ class Leases:
 
     def _refused(self, instance_id: str, holder: str, exc: Exception, *, caller: str) -> None:
         """Audit a refused renewal: an owner that lost its lease (paused, partitioned) came back."""
-        self._audit.record(
+        self._audit.record_refusal(
             action=ACTION_ACQUIRE_LEASE,
-            outcome=OUTCOME_REFUSED,
             caller=caller,
-            detail={"instance_id": instance_id, "holder": holder, **refusal_detail(exc)},
+            detail={"instance_id": instance_id, "holder": holder},
+            refusal=exc,
         )
 
     def list(self) -> list[Lease]:
