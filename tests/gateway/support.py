@@ -443,3 +443,21 @@ def fail_once(
 
     monkeypatch.setattr(state, "Execute", failing)
     return failed
+
+
+class FailedCall(grpc.RpcError):
+    """A replica call that failed with `code` and `details` and no `google.rpc.Status` attached
+    (a dropped connection, or an upstream that sent no details): what the gateway's `translate`
+    must turn into a public error. Shared by the translation and coalescing tests."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()

@@ -14,20 +14,10 @@ import grpc
 import pytest
 from google.rpc import status_pb2
 
+from tests.gateway.support import FailedCall
 from veil.services.common.errors import NotFound
 from veil.services.gateway.upstream import BatchedCallError, ExecuteCoalescer, translate
 from veil.state.v1 import state_pb2
-
-
-class _Failed(grpc.RpcError):
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
-
-    def details(self) -> str:
-        return "connection reset"
-
-    def trailing_metadata(self) -> Any:
-        return ()
 
 
 class FakeReplica:
@@ -45,7 +35,7 @@ class FakeReplica:
         time.sleep(self.delay)
         for index, command in reversed(list(enumerate(request.commands))):  # any order
             if self.fail_after is not None and len(request.commands) - index > self.fail_after:
-                raise _Failed()
+                raise FailedCall(grpc.StatusCode.UNAVAILABLE, "connection reset")
             if command.request_id.startswith("missing"):
                 status = NotFound(f"instance {command.instance_id!r} not found").to_status()
                 yield state_pb2.ExecuteBatchResponse(index=index, status=status.SerializeToString())

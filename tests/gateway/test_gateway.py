@@ -22,7 +22,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from tests.conftest import tls_for
-from tests.gateway.support import InProcessMesh, TokenAuthority, mesh_fixture, start_mesh, token_config
+from tests.gateway.support import (
+    FailedCall,
+    InProcessMesh,
+    TokenAuthority,
+    mesh_fixture,
+    start_mesh,
+    token_config,
+)
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -487,26 +494,12 @@ def test_jwks_comes_from_the_keyvault_when_the_bundle_lacks_it(
         authority.close()
 
 
-class _Failed(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple[()]:
-        return ()
-
-
 @pytest.mark.parametrize(
     "code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED]
 )
 def test_upstream_internals_do_not_leak(code: grpc.StatusCode) -> None:
     error = translate(
-        _Failed(code, "Traceback: secret path /srv/state/db and key 0xdeadbeef"), "10.0.0.7:50053"
+        FailedCall(code, "Traceback: secret path /srv/state/db and key 0xdeadbeef"), "10.0.0.7:50053"
     )
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert "secret" not in error.message
@@ -514,7 +507,7 @@ def test_upstream_internals_do_not_leak(code: grpc.StatusCode) -> None:
 
 
 def test_upstream_request_errors_are_passed_on() -> None:
-    error = translate(_Failed(grpc.StatusCode.NOT_FOUND, "unknown instance"), "10.0.0.7:50053")
+    error = translate(FailedCall(grpc.StatusCode.NOT_FOUND, "unknown instance"), "10.0.0.7:50053")
     assert (error.code, error.message) == (grpc.StatusCode.NOT_FOUND, "unknown instance")
 
 
