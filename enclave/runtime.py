@@ -476,6 +476,8 @@ class Enclave:
         sealed = request.command
         try:
             command = commands.open_command(hpke, instance.instance_id, sealed)
+            if command.counter:  # a command: refused unsealed, or its client would take it as final
+                raise EnclaveError(INVALID_ARGUMENT, "a query carries counter 0; send commands with Execute")
         except EnclaveError as refusal:
             return ecall_pb2.QueryResponse(outcome=envelope_pb2.CommandOutcome(error=refusal.to_proto()))
         receipt = None
@@ -485,7 +487,7 @@ class Enclave:
             result = instance.query(caller, call)
             result.counter.CopyFrom(instance.counter_state(caller.account))
         except EnclaveError as refusal:
-            result = command_pb2.CommandResult(error=refusal.to_proto())
+            result = command_pb2.CommandResult(error=refusal.to_proto(), may_run_later=refusal.may_run_later)
         else:
             command_hash = wire.command_hash(sealed.encapsulated_key, sealed.ciphertext)
             receipt = self._receipt(

@@ -15,17 +15,21 @@ as a new call.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.client.test_sdk_batch_hostile import Down, _balance, _pay, alice, coins
 from tests.gateway.support import InProcessMesh
-from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.enclave.v1 import command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
+from veil.sdk.calls import PendingCall
 from veil.sdk.client import VeilClient
 from veil.sdk.errors import CounterGap, NotRunYet, OutcomeUnknown
 from veil.sdk.identity import SigningIdentity
+from veil.sdk.sealing import SealedRequest, seal_command
 
 __all__ = ["alice", "coins"]  # the fixtures, shared with the batch attacks
 
@@ -215,3 +219,54 @@ def test_a_final_refusal_of_a_second_sealing_leaves_the_first_to_settle(
         assert not refused.accepted  # every sealing refused for good: now the call is
         assert client.calls.get(str(unknown.value.request_id)) is None
         assert client.counters.sealed(coins, alice.account) == 1  # its counter given back
+
+
+def test_a_batch_judges_the_sealing_it_sent_and_drops_only_that_one(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """An outside review: resuming a call with two sealings through `execute_many`, the batch
+    sent and judged the first, but the SDK took the answer as the last one's: a final refusal of
+    the first dropped the second, which could still run. Here the first sealing carries a proof
+    the enclave refuses for good (a signature by another key) and the second a good one: the
+    call keeps the second, and resuming it runs it once."""
+    call = _pay(5)
+    with mesh.connect() as client:
+        attestation = client.attest(coins)
+        keys, scheme = attestation.keys, client._scheme(attestation, coins)
+        other = ed25519.Ed25519PrivateKey.generate()
+
+        def sealing(identity: Any, request_id: str) -> SealedRequest:
+            return seal_command(
+                keys, instance_id=coins, scheme=scheme, identity=identity, call=call, counter=2,
+                request_id=request_id,
+            )  # fmt: skip
+
+        forged = SimpleNamespace(
+            account=alice.account,
+            bearer=lambda: None,
+            proof=lambda scheme, signed: _signed_by(alice.proof(scheme, signed), other, signed),
+        )
+        refused, good = sealing(forged, "two-sealings"), sealing(alice, "two-sealings-2")
+        client.counters.seal(coins, alice.account, 2)
+        client.calls.put(
+            PendingCall(
+                coins, "two-sealings", 2, call.SerializeToString(deterministic=True),
+                [(refused, keys.signing_public_key), (good, keys.signing_public_key)],
+                ambiguous=True, account=alice.account,
+            )
+        )  # fmt: skip
+        (result,) = client.execute_many(coins, [call], alice, request_ids=["two-sealings"])
+        assert isinstance(result, OutcomeUnknown), result
+        assert not isinstance(result, NotRunYet)
+        kept = client.calls.get("two-sealings")
+        assert kept is not None
+        assert [s.command for s, _ in kept.sealings] == [good.command]
+        assert client.execute(coins, call, alice, request_id="two-sealings").accepted
+    assert _balance(mesh, alice) == 995
+
+
+def _signed_by(
+    proof: command_pb2.AuthProof, key: ed25519.Ed25519PrivateKey, signed: bytes
+) -> command_pb2.AuthProof:
+    proof.signature.signature = key.sign(signed)
+    return proof

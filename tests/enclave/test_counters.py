@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-from tests.enclave.support import Harness, Sealed, config, error_code, vault
+from tests.enclave.support import NOW_MS, Harness, Sealed, config, error_code, vault
 from veil.enclave import commands, wire
 from veil.enclave.v1 import apps_pb2, command_pb2
 
@@ -63,6 +63,18 @@ def test_only_refusals_the_sealed_bytes_decide_are_final(harness: Harness) -> No
     used = command_pb2.CommandResult.FromString(_response(harness, alice.seal(PUT, counter=1)).result)
     assert (error_code(used), used.may_run_later) == ("ABORTED", False)
     assert harness.run("v", ahead)[0].accepted  # the early one, now next
+
+
+def test_a_command_sealing_is_never_answered_sealed_by_the_query_path(harness: Harness) -> None:
+    """A host that sends a command (counter above 0) to Query gets an unsealed refusal only:
+    nothing its client could take as the enclave's final word; the command still runs once."""
+    harness.create("v", config())
+    alice = harness.client("v")
+    command = alice.seal(PUT)
+    response = harness.host.query("v", command.command, NOW_MS)
+    assert not response.outcome.sealed_response
+    assert "counter 0" in response.outcome.error.message
+    assert harness.run("v", command)[0].accepted
 
 
 def test_queries_carry_the_next_counter_without_the_last_answer(harness: Harness) -> None:

@@ -782,7 +782,7 @@ class VeilClient:
         for round_ in range(_MAX_ROUNDS):
             fresh = False
             if first is not None and round_ == 0:
-                sealed, signing_key = state.sealings[-1]
+                sealed, signing_key = state.sealings[0]  # the one the batch sent and judged
                 opened: Opened | None = first
             elif state.sealings and round_ == 0:
                 # Resuming: the very same bytes first (the mesh may hold their answer), and the
