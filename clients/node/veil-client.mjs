@@ -247,6 +247,7 @@ function loadMessages() {
     EnclavePublicKeys: type("EnclavePublicKeys"),
     InstanceConfig: type("InstanceConfig"),
     AuthScheme: root.lookupEnum("veil.enclave.v1.AuthScheme"),
+    AppKind: root.lookupEnum("veil.enclave.v1.AppKind"),
     ReceiptKind: root.lookupEnum("veil.enclave.v1.ReceiptKind"),
     EcallErrorCode: root.lookupEnum("veil.enclave.v1.EcallErrorCode"),
   };
@@ -1364,6 +1365,13 @@ const RETRYABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.DEADLINE_EXCEEDE
 const UNOPENABLE = "COMMAND_UNOPENABLE";
 // Refusals before running that the command's own bytes decide (the app's call, the proof), when
 // the enclave does not say the sealing may run later: that sealing can never run.
+// A read-only method of each app, sent as a *command* only to use up a counter that a call refused
+// for good left unused below later sealings (any answer uses it, an app refusal included).
+const GAP_FILLERS = {
+  APP_KIND_TOKEN: { token: { balance: {} } },
+  APP_KIND_VAULT: { vault: { get: {} } },
+  APP_KIND_BALLOT: { ballot: { info: {} } },
+};
 const FINAL_REFUSALS = new Set(["ECALL_ERROR_CODE_INVALID_ARGUMENT", "ECALL_ERROR_CODE_UNIMPLEMENTED", "ECALL_ERROR_CODE_UNAUTHENTICATED"]);
 
 const MAX_REMEMBERED_CALLS = 1024;
@@ -1546,6 +1554,7 @@ export class VeilNodeClient {
     try {
       const opened = await this.run(state, call, identity);
       this.settled(state, opened);
+      if (!opened.accepted) await this.fillGap(state, identity);
       return opened;
     } catch (error) {
       if (state.attempts.length) {
@@ -1631,6 +1640,32 @@ export class VeilNodeClient {
       );
     }
     throw new CommandRefused("ECALL_ERROR_CODE_ABORTED", "could not agree on a counter with the enclave");
+  }
+
+  // A call refused for good left its counter unused, and this client sealed above it (the later
+  // calls of a batch, or unsettled ones), whose sealings would wait for that counter forever: use
+  // it up with a read-only call sent as a command (veil/sdk/client.py `_fill_gap`). Safe: no
+  // sealing of the refused call can ever run. A filler without an answer is kept like any call.
+  async fillGap(state, identity) {
+    if (this.counters.sealed(state.instanceId, state.account) <= state.counter) return;
+    let call;
+    try {
+      call = GAP_FILLERS[messages.AppKind.valuesById[(await this.attest(state.instanceId)).descriptor?.config?.app]];
+    } catch (error) {
+      if (error instanceof VeilError) return; // nothing is sent to an enclave that does not verify
+      throw error;
+    }
+    if (!call) return;
+    const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
+    const { instanceId, account, counter } = state;
+    const fill = { requestId: this.newRequestId(), explicit: false, instanceId, account, callBytes, counter, attempts: [], ambiguous: false, answer: null };
+    try {
+      this.settled(fill, await this.run(fill, call, identity, { batched: true }));
+    } catch (error) {
+      if (error instanceof Restart) this.calls.delete(fill.requestId); // another command used it: filled all the same
+      else if (!(error instanceof VeilError)) throw error;
+      else if (fill.attempts.length) this.calls.put(fill);
+    }
   }
 
   // Judge a sealed refusal before running, not a counter refusal (veil/sdk/client.py `_refused`):
@@ -1823,6 +1858,7 @@ export class VeilNodeClient {
         const opened = await this.run(state, calls[index], identity, { first, siblings: siblingsOf(index), batched });
         this.settled(state, opened);
         results[index] = { answer: opened };
+        if (!opened.accepted) await this.fillGap(state, identity); // the later calls wait for its counter
       } catch (error) {
         if (error instanceof Restart) {
           restarts.push(index);

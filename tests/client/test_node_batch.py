@@ -99,3 +99,38 @@ def test_node_settles_a_command_that_came_too_early_under_its_own_counter(
         results
     )
     assert state.head("coins") == head + 3
+
+
+def test_node_fills_the_counter_of_a_call_refused_for_good_so_the_later_ones_run_once(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    """A vault call on a token instance is refused for good before running: its counter stays
+    unused below the batch's later sealings. The client uses it up with a balance read sent as a
+    command (as the Python SDK does), and the later transfers run under their own counters."""
+    _, bob = funded
+    head = mesh.states[0].head("coins")
+    d = json.dumps(str(mesh.data_dir))
+    transfer = {"token": {"transfer": {"to": bob.account, "amount": 5}}}
+    calls = json.dumps([transfer, {"vault": {"put": {"recordId": "r", "data": "eA=="}}}, transfer, transfer])
+    results = node_eval(f"""
+        const fs = await import("node:fs"); const dir = {d};
+        const client = new veil.VeilNodeClient({json.dumps(mesh.public_address)},
+          fs.readFileSync(dir + "/pki/ca.pem"), {{
+          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json") }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const results = await client.executeMany("coins", {calls}, alice);
+        client.close();
+        console.log(JSON.stringify(results.map((r) => r.error ? {{ error: r.error.constructor.name }}
+          : {{ accepted: r.answer.accepted, counter: r.answer.counter }})));""")  # fmt: skip
+    assert results == [
+        {"accepted": True, "counter": 2},
+        {"accepted": False, "counter": 3},
+        {"accepted": True, "counter": 4},
+        {"accepted": True, "counter": 5},
+    ], results
+    assert mesh.states[0].head("coins") == head + 4  # three transfers and the filler under 3
+    with mesh.connect() as client:
+        assert client.token("coins", bob).balance() == 15

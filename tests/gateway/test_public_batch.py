@@ -216,25 +216,30 @@ def test_a_replayed_refusal_naming_a_later_command_is_outcome_unknown_not_a_seco
     assert admin.token(coins, alice).balance() == 700
 
 
-def test_a_command_refused_before_running_leaves_the_later_ones_unknown_never_resealed(
+def test_a_command_refused_before_running_has_its_counter_filled_and_the_later_ones_run_once(
     mesh: InProcessMesh, admin: VeilClient, coins: str, alice: SigningIdentity
 ) -> None:
-    """A call the enclave refuses before running (a vault call on a token instance) does not use
-    its counter, so the later calls of the batch cannot run under theirs: their sealings stay
-    valid, so the SDK reports them unknown rather than sealing them under other counters."""
+    """A call the enclave refuses for good before running (a vault call on a token instance)
+    does not use its counter, so the later calls of the batch cannot run under theirs. Their
+    sealings stay valid, so they are never sealed under other counters: the SDK uses the gap up
+    with a read-only call sent as a command (a balance read), and the later calls run, once."""
     transfer = apps_pb2.AppCall(token=apps_pb2.TokenCall(transfer=apps_pb2.TokenTransfer(to=BOB, amount=5)))
     wrong_app = apps_pb2.AppCall(vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id="r", data=b"x")))
     head = mesh.states[0].head(coins)
     results = admin.execute_many(coins, [transfer, wrong_app, transfer, transfer], alice)
-    first, refused, *blocked = results
+    first, refused, *later = results
     assert not isinstance(first, Exception)
     assert first.accepted
     assert not isinstance(refused, Exception)
     assert not refused.accepted
     assert refused.result.error.code == 1  # INVALID_ARGUMENT, an answer the enclave sealed
-    assert all(isinstance(b, OutcomeUnknown) for b in blocked)
-    assert mesh.states[0].head(coins) == head + 1
-    assert admin.token(coins, alice).balance() == 995
+    assert [r.result.result.token.transfer.amount for r in later if not isinstance(r, Exception)] == [
+        990,
+        985,
+    ]
+    assert mesh.states[0].head(coins) == head + 4  # three transfers and the filler
+    assert admin.token(coins, alice).balance() == 985
+    assert not admin.calls.pending(coins, alice.account)  # every call settled
 
 
 def test_the_public_port_serves_batches_and_each_command_is_published_to_its_owner(

@@ -131,6 +131,15 @@ def _unopenable(error: GatewayError) -> bool:
     return error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == _UNOPENABLE
 
 
+# A read-only method of each app, sent as a *command* only to use up a counter that a call refused
+# for good left unused below later sealings (any answer uses it, an app refusal included).
+_GAP_FILLERS = {
+    envelope_pb2.APP_KIND_TOKEN: apps_pb2.AppCall(token=apps_pb2.TokenCall(balance=apps_pb2.TokenBalance())),
+    envelope_pb2.APP_KIND_VAULT: apps_pb2.AppCall(vault=apps_pb2.VaultCall(get=apps_pb2.VaultGet())),
+    envelope_pb2.APP_KIND_BALLOT: apps_pb2.AppCall(ballot=apps_pb2.BallotCall(info=apps_pb2.BallotInfo())),
+}
+
+
 def _may_run_later(result: command_pb2.CommandResult) -> bool:
     """Whether a sealed refusal before running leaves that sealing able to run later: the
     enclave says so (budget, clock), or (failing closed) it is not one of the refusals the sealed
@@ -498,7 +507,35 @@ class VeilClient:
                 self._keep_unresolved(state, failure)
                 raise
             self._settled(state, opened)
+            if not opened.accepted:
+                self._fill_gap(state, identity, suite)
             return opened
+
+    def _fill_gap(self, state: _Call, identity: Identity, suite: int) -> None:
+        """A call refused for good left its counter unused, and this client sealed above it (the
+        later calls of a batch, or unsettled ones): their sealings would wait for that counter
+        forever. Use it up with a read-only call sent as a command, so they can run. Safe: no
+        sealing of the refused call can ever run. A filler without an answer is kept like any
+        call (the later calls' CounterGap names it)."""
+        if self.counters.sealed(state.instance_id, state.account) <= state.counter:
+            return  # nothing waits: the next call takes the counter
+        try:
+            descriptor = self.attest(state.instance_id).descriptor
+        except AttestationError:
+            return  # nothing is sent to an enclave that does not verify (the later calls say so)
+        filler = _GAP_FILLERS.get(descriptor.config.app) if descriptor is not None else None
+        if filler is None:
+            return
+        call = filler.SerializeToString(deterministic=True)
+        fill = _Call(state.instance_id, self.new_request_id(), state.counter, call, account=state.account)
+        try:
+            opened = self._run(fill, filler, identity, suite, batched=True)
+        except _Restart:  # another command used the counter: filled all the same
+            self.calls.delete(fill.request_id)
+        except (VeilClientError, AttestationError) as failure:
+            self._keep_unresolved(fill, failure)
+        else:
+            self._settled(fill, opened)
 
     def _next_counter(self, instance_id: str, account: str) -> int:
         """A new call's counter: above the last accepted one and above every counter this client
@@ -752,6 +789,8 @@ class VeilClient:
             else:
                 self._settled(state, opened)
                 results[index] = opened
+                if not opened.accepted:
+                    self._fill_gap(state, identity, batch.suite)  # the later calls wait for its counter
 
         for position, index in enumerate(order):
             settle(index, firsts[position], batched=True)
