@@ -7,9 +7,14 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.cli.support import Veil
 from veil.cli.token import BULK_CHUNK
+from veil.enclave.v1 import envelope_pb2, error_pb2
+from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
 def _balances(veil: Veil, *names: str) -> dict[str, int]:
@@ -137,3 +142,73 @@ def test_a_long_file_goes_in_batches_and_a_rerun_sends_nothing(veil: Veil, tmp_p
     document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert (document["applied"], document["skipped"]) == (0, rows)
     assert veil.executed() - executed == rows
+
+
+class _InterruptingGateway:
+    """An outside review's hostile gateway. `interrupt`: the batch runs, the second row's answer
+    is replaced by the host's word, and while the SDK resends that row the user presses Ctrl-C
+    (before the chunk's journal is saved). `no-dedupe`: outer request ids rewritten, so the state
+    service never deduplicates a resent row."""
+
+    mode = "interrupt"
+    count = 0
+
+    def __init__(self, channel: Any) -> None:
+        self.real = _REAL_STUB(channel)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def ExecuteBatch(self, request: Any, **kw: Any) -> Any:
+        if _InterruptingGateway.mode == "interrupt":
+            items = list(self.real.ExecuteBatch(request, **kw))
+            for item in items:
+                if item.index == 1:
+                    item.response.outcome.CopyFrom(
+                        envelope_pb2.CommandOutcome(
+                            error=error_pb2.EcallError(code=error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT)
+                        )
+                    )
+            return iter(items)
+        forwarded = gateway_pb2.ExecuteBatchRequest()
+        forwarded.CopyFrom(request)
+        for command in forwarded.commands:
+            _InterruptingGateway.count += 1
+            command.request_id = f"host-{_InterruptingGateway.count}"
+        return self.real.ExecuteBatch(forwarded, **kw)
+
+    def Execute(self, request: Any, **kw: Any) -> Any:
+        if _InterruptingGateway.mode == "interrupt":
+            raise KeyboardInterrupt
+        forwarded = gateway_pb2.ExecuteRequest()
+        forwarded.CopyFrom(request)
+        _InterruptingGateway.count += 1
+        forwarded.request_id = f"host-{_InterruptingGateway.count}"
+        return self.real.Execute(forwarded, **kw)
+
+
+_REAL_STUB = gateway_pb2_grpc.GatewayServiceStub
+
+
+def test_a_run_interrupted_before_its_journal_pays_no_settled_row_twice(
+    veil: Veil, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside review: a row settled by the SDK but not yet in the journal (saved once per
+    chunk) was forgotten by both (the SDK deleted settled calls), so a rerun behind a host that
+    rewrites request ids paid it again. The SDK now keeps a named call with its answer until the
+    journal has it: the rerun gets that answer and sends nothing for the row."""
+    veil.identities("treasury", "alice", "bob", "carol")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "treasury")
+    veil.ok("token", "mint", "coins", "alice", "100", "--as", "treasury")
+    payroll = tmp_path / "payroll.csv"
+    payroll.write_text("bob,10\ncarol,20\n")
+    monkeypatch.setattr(gateway_pb2_grpc, "GatewayServiceStub", _InterruptingGateway)
+    status, _, err = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    assert status == 130
+    assert "interrupted" in err
+    _InterruptingGateway.mode = "no-dedupe"
+    status, out, err = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
+    monkeypatch.undo()
+    assert status == 0, (out, err)
+    assert _balances(veil, "alice", "bob", "carol") == {"alice": 70, "bob": 10, "carol": 20}
+    assert not list((veil.mesh.data_dir / "calls").glob("*.json"))  # in the journal now: forgotten

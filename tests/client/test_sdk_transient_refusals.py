@@ -129,7 +129,9 @@ def test_a_budget_refusal_is_not_final_and_the_held_sealing_runs_once(
         answer = client.execute(coins, _pay(5), alice, request_id=refused.value.request_id)
         assert answer.accepted
         assert answer.result.result.token.transfer.amount == 995
-        assert client.calls.get(refused.value.request_id) is None
+        kept = client.calls.get(refused.value.request_id)
+        assert kept is not None
+        assert kept.answer == answer  # settled: kept with its answer, as its caller named it
     assert _balance(mesh, alice) == 995  # not 990
 
 
@@ -217,7 +219,7 @@ def test_a_final_refusal_of_a_second_sealing_leaves_the_first_to_settle(
         assert [s.command for s, _ in kept.sealings] == [host.held[0].command]
         refused = client.execute(coins, wrong_app, alice, request_id=unknown.value.request_id)
         assert not refused.accepted  # every sealing refused for good: now the call is
-        assert client.calls.get(str(unknown.value.request_id)) is None
+        assert not client.calls.pending(coins, alice.account)
         assert client.counters.sealed(coins, alice.account) == 1  # its counter given back
 
 
@@ -270,3 +272,35 @@ def _signed_by(
 ) -> command_pb2.AuthProof:
     proof.signature.signature = key.sign(signed)
     return proof
+
+
+def test_the_receipt_stream_yields_commits_only_and_never_hides_a_later_commit(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside review: WatchReceipts yielded any outcome that opened under the call's key, a
+    sealed "not run yet" too, and each request id once: a gateway that published the refusal
+    first hid the commit of the same sealing. The stream yields commits only."""
+    with mesh.connect() as client:
+        host = SqueezingHost(mesh, client, monkeypatch)
+        answers: dict[str, Any] = {}
+        execute = host.real.Execute
+
+        def recording(request: gateway_pb2.ExecuteRequest, **kw: Any) -> Any:
+            reply = execute(request, **kw)
+            answers[request.request_id] = reply.outcome
+            return reply
+
+        monkeypatch.setattr(host.real, "Execute", recording)
+        with pytest.raises(NotRunYet) as refused:
+            client.execute(coins, _pay(5), alice)
+        request_id = str(refused.value.request_id)
+        host.squeeze = False
+        (commit,) = host.honest(coins, [host.held[0].command]).outcomes  # the kept sealing runs
+        assert commit.accepted
+        published = [
+            gateway_pb2.WatchReceiptsResponse(request_id=request_id, outcome=answers[request_id]),
+            gateway_pb2.WatchReceiptsResponse(request_id=request_id, outcome=commit),
+        ]
+        host.WatchReceipts = lambda request, **kw: iter(published)  # type: ignore[attr-defined]  # the fan-out
+        seen = list(client.watch_receipts(coins, identity=alice))
+    assert [(o.request_id, o.accepted) for o in seen] == [(request_id, True)]

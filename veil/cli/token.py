@@ -241,8 +241,17 @@ def _bulk_transfer(args: argparse.Namespace) -> int:
         )
         progress = output.Progress(len(rows), "transfers")
         for start in range(0, len(rows), BULK_CHUNK):
-            chunk = _bulk_chunk(token, journal, rows[start : start + BULK_CHUNK])
+            chunk_rows = rows[start : start + BULK_CHUNK]
+            sent_as = [journal.request_id(row) for row in chunk_rows]  # a refusal moves a row's id on
+            chunk = _bulk_chunk(token, journal, chunk_rows)
             journal.save()
+            # Their outcomes are in the journal now: the SDK's kept calls of the settled rows
+            # (named by their request ids, kept with their answers until here) can go.
+            veil.forget(
+                request_id
+                for request_id, result in zip(sent_as, chunk, strict=True)
+                if result["status"] in ("applied", "refused", "skipped")
+            )
             results.extend(chunk)
             progress.advance(len(chunk))
             if any(result["status"] == "stopped" for result in chunk):

@@ -1,4 +1,6 @@
-"""Calls a request id may resume: every sealed call, kept *before* it is sent, until settled.
+"""Calls a request id may resume: every sealed call, kept *before* it is sent, until settled;
+a call its caller named (a request id given to `execute`/`execute_many`) is kept after that
+too, with its answer, so the same id gets that answer in any process and is never sealed anew.
 
 A call sealed and sent without a definitive answer may have run, and its sealing stays valid in
 the host's hands. Passing its request id again (to `execute` or `execute_many`, in this process
@@ -21,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from google.protobuf.message import DecodeError
+
 from veil.enclave import wire
-from veil.enclave.v1 import envelope_pb2
+from veil.enclave.v1 import command_pb2, envelope_pb2
 from veil.sdk.errors import VeilClientError
 from veil.sdk.files import remove_file, write_json
-from veil.sdk.sealing import SealedRequest
+from veil.sdk.sealing import Opened, SealedRequest
 
 CALLS_DIR = "calls"
 _MEMORY_LIMIT = 10_000
@@ -42,6 +46,8 @@ class PendingCall:
     sealings: list[tuple[SealedRequest, bytes]] = field(default_factory=list)
     ambiguous: bool = False
     account: str = ""
+    explicit: bool = False  # named by its caller: kept with its answer once settled
+    answer: Opened | None = None  # its definitive answer, once settled
 
     def hashes(self) -> set[bytes]:
         return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
@@ -67,7 +73,7 @@ class CallStore(Protocol):
     def delete(self, request_id: str) -> None: ...
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
-        """The kept calls of one account, lowest counter first."""
+        """The kept calls of one account not settled yet, lowest counter first."""
         ...
 
 
@@ -95,7 +101,11 @@ class MemoryCalls:
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         with self._lock:
-            found = [c for c in self._calls.values() if (c.instance_id, c.account) == (instance_id, account)]
+            found = [
+                c
+                for c in self._calls.values()
+                if (c.instance_id, c.account) == (instance_id, account) and c.answer is None
+            ]
         return sorted(found, key=lambda c: c.counter)
 
 
@@ -108,6 +118,8 @@ def render(state: PendingCall) -> dict[str, Any]:
         "call": state.call.hex(),
         "counter": state.counter,
         "ambiguous": state.ambiguous,
+        "explicit": state.explicit,
+        "answer": _render_answer(state.answer),
         "attempts": [
             {
                 "request_id": sealed.request_id,
@@ -121,6 +133,33 @@ def render(state: PendingCall) -> dict[str, Any]:
             for sealed, signing_key in state.sealings
         ],
     }
+
+
+def _render_answer(answer: Opened | None) -> dict[str, Any] | None:
+    if answer is None:
+        return None
+    return {
+        "request_id": answer.request_id,
+        "accepted": answer.accepted,
+        "sequence": answer.sequence,
+        "result": answer.result.SerializeToString(deterministic=True).hex(),
+        "receipt": answer.receipt.SerializeToString(deterministic=True).hex() if answer.receipt else None,
+        "result_lost": answer.result_lost,
+    }
+
+
+def _parse_answer(document: Any) -> Opened | None:
+    if document is None:
+        return None
+    receipt = document["receipt"]
+    return Opened(
+        request_id=str(document["request_id"]),
+        result=command_pb2.CommandResult.FromString(bytes.fromhex(document["result"])),
+        receipt=envelope_pb2.Receipt.FromString(bytes.fromhex(receipt)) if receipt is not None else None,
+        accepted=document["accepted"] is True,
+        sequence=int(document["sequence"]),
+        result_lost=document["result_lost"] is True,
+    )
 
 
 def parse(document: Any, request_id: str | None = None) -> PendingCall:
@@ -154,6 +193,8 @@ def parse(document: Any, request_id: str | None = None) -> PendingCall:
         sealings=sealings,
         ambiguous=document.get("ambiguous") is True,
         account=account,
+        explicit=document.get("explicit") is True,
+        answer=_parse_answer(document.get("answer")),
     )
 
 
@@ -178,7 +219,7 @@ class FileCalls:
             ) from None
         try:
             return parse(document, request_id)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, DecodeError):
             raise VeilClientError(f"the call journal {path} is malformed; nothing was sent") from None
 
     def put(self, state: PendingCall) -> None:
@@ -193,8 +234,8 @@ class FileCalls:
         for path in self.directory.glob("*.json") if self.directory.is_dir() else []:
             try:
                 state = parse(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, DecodeError):
                 continue
-            if (state.instance_id, state.account) == (instance_id, account):
+            if (state.instance_id, state.account) == (instance_id, account) and state.answer is None:
                 found.append(state)
         return sorted(found, key=lambda c: c.counter)

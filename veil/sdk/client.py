@@ -60,7 +60,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -500,6 +500,7 @@ class VeilClient:
                 self._next_counter(instance_id, account),
                 call_bytes,
                 account=account,
+                explicit=request_id is not None,
             )
             try:
                 opened = self._run(state, call, identity, suite)
@@ -571,7 +572,11 @@ class VeilClient:
                 or earlier.account not in ("", account)
             ):
                 raise ValueError(f"request id {request_id!r} already names another call; nothing was sent")
-            found.append((answered[1] if answered else None, resumed))
+            # Settled before (in this process, or kept with its answer by any process): that answer.
+            kept = answered[1] if answered else resumed.answer if resumed else None
+            if resumed is not None:
+                resumed.explicit = True  # named by its caller: kept with its answer once settled
+            found.append((kept, resumed if kept is None else None))
         return found
 
     def _keep_unresolved(self, state: _Call, failure: BaseException) -> None:
@@ -586,7 +591,8 @@ class VeilClient:
             self.calls.delete(state.request_id)
 
     def _settled(self, state: _Call, opened: Opened) -> None:
-        """A definitive answer: the call leaves the calls store; the same id gets this answer."""
+        """A definitive answer: the same id gets this answer. A call its caller named stays in the
+        calls store with it (another process, or a rerun, must not seal it anew); the others leave."""
         with self._lock:
             self._answered[state.request_id] = (state, opened)
             while len(self._answered) > _PENDING_LIMIT:
@@ -595,7 +601,19 @@ class VeilClient:
             # Refused before running: its counter is unused and none of its sealings will run,
             # so when nothing was sealed above it the next call may take that counter.
             self.counters.unseal(state.instance_id, state.account, state.counter)
-        self.calls.delete(state.request_id)
+        if state.explicit:
+            state.answer = opened
+            self.calls.put(state)
+        else:
+            self.calls.delete(state.request_id)
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop settled calls from the calls store, once the caller keeps their outcome durably
+        itself (the CSV transfer's journal); a call not settled yet is never dropped."""
+        for request_id in request_ids:
+            kept = self.calls.get(request_id)
+            if kept is not None and kept.answer is not None:
+                self.calls.delete(request_id)
 
     def execute_many(
         self,
@@ -641,7 +659,12 @@ class VeilClient:
             for index, (call_bytes, request_id) in enumerate(wanted):
                 if results[index] is None and index not in states:
                     states[index] = _Call(
-                        instance_id, request_id or self.new_request_id(), counter, call_bytes, account=account
+                        instance_id,
+                        request_id or self.new_request_id(),
+                        counter,
+                        call_bytes,
+                        account=account,
+                        explicit=request_id is not None,
                     )
                     counter += 1
             order = sorted(states, key=lambda i: states[i].counter)
@@ -1113,8 +1136,12 @@ class VeilClient:
                 return None  # another session of the same principal
             sealed, signing_key = pending
             opened = open_outcome(sealed, item.outcome, signing_key, query=False)
-            if opened.accepted:  # a head this client saw acknowledged: later reads must not be older
-                self._saw(instance_id, opened.sequence)
+            if not opened.accepted:
+                # Commits only: a refusal here is the gateway's choice to publish it (the honest
+                # one publishes none), and one the host controls may still be followed by the
+                # commit of the same sealing, which must not be hidden as a repeat.
+                return None
+            self._saw(instance_id, opened.sequence)  # acknowledged: later reads must not be older
             return opened
 
         return ReceiptStream(subscribe, opener, replay_recent=replay_recent)
