@@ -216,6 +216,16 @@ export class GatewayUnreachable extends VeilError {
   }
 }
 
+// Whether a process with this pid exists (EPERM: it does, under another user).
+function processAlive(pid) {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return error.code === "EPERM";
+  }
+}
+
 // Whether a TCP connection to host:port opens within `timeoutMs`: null, or the error code.
 function tcpProbe(host, port, timeoutMs) {
   return new Promise((resolve) => {
@@ -1212,6 +1222,11 @@ export class MemoryCalls {
     this.states.delete(requestId);
   }
 
+  // One client object: its own per-account turns suffice.
+  async lock() {
+    return () => {};
+  }
+
   // The kept calls of one account that were sent without a definitive answer, lowest counter first.
   pending(instanceId, account) {
     return [...this.states.values()]
@@ -1256,6 +1271,36 @@ export class FileCalls {
 
   delete(requestId) {
     rmSync(this.file(requestId), { force: true });
+  }
+
+  // Hold one account's calls against other processes: a lock file created exclusively, holding
+  // the owner's pid; one whose owner died is taken over. Waits up to `waitMs`, then InputError.
+  async lock(instanceId, account, waitMs) {
+    mkdirSync(this.directory, { recursive: true, mode: 0o700 });
+    const file = path.join(this.directory, `${sha256(Buffer.from(`${instanceId}\0${account}`, "utf8")).toString("hex")}.lock`);
+    const deadline = Date.now() + waitMs;
+    for (;;) {
+      try {
+        writeFileSync(file, String(process.pid), { flag: "wx", mode: 0o600 });
+        return () => rmSync(file, { force: true });
+      } catch (error) {
+        if (error.code !== "EEXIST") throw error;
+      }
+      let owner = Number.NaN;
+      try {
+        owner = Number.parseInt(readFileSync(file, "utf8"), 10);
+      } catch {
+        continue; // released meanwhile
+      }
+      if (Number.isSafeInteger(owner) && owner > 0 && owner !== process.pid && !processAlive(owner)) {
+        rmSync(file, { force: true }); // its owner died holding it
+        continue;
+      }
+      if (Date.now() > deadline) {
+        throw new InputError(`another process holds this account's calls (${file}) for over ${waitMs / 1000} s; nothing was sent`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
   }
 
   // The kept calls of one account that were sent without a definitive answer, lowest counter
@@ -1402,6 +1447,7 @@ export class VeilNodeClient {
     this.pins = pins;
     this.timeoutMs = timeoutMs;
     this.clock = clock;
+    this.accountTurns = new Map(); // instance NUL account -> the promise the next call of it waits for
     this.prefix = randomBytes(12).toString("hex");
     this.attestations = new Map();
     this.described = new Map();
@@ -1528,6 +1574,33 @@ export class VeilNodeClient {
   // of sealing a second one, so a retry can never pay twice. Called again after an answer, the same id gets
   // the same answer without sending anything. Calls are remembered by this client object.
   async execute(instanceId, call, identity, { requestId } = {}) {
+    return this.exclusive(instanceId, identity.account, () => this.executeAlone(instanceId, call, identity, requestId));
+  }
+
+  // One call (or batch) of an account at a time: in this process (a promise chain per account)
+  // and, with FileCalls, against other processes on the same data dir (a lock file): two
+  // resumptions of one call must each see the other's sealings (veil/sdk/calls.py `locked`).
+  async exclusive(instanceId, account, work) {
+    const key = `${instanceId}\0${account}`;
+    const before = this.accountTurns.get(key) ?? Promise.resolve();
+    let done;
+    const turn = before.then(() => new Promise((resolve) => (done = resolve)));
+    this.accountTurns.set(key, turn);
+    await before;
+    try {
+      const unlock = await this.calls.lock(instanceId, account, 4 * this.timeoutMs);
+      try {
+        return await work();
+      } finally {
+        unlock();
+      }
+    } finally {
+      done();
+      if (this.accountTurns.get(key) === turn) this.accountTurns.delete(key);
+    }
+  }
+
+  async executeAlone(instanceId, call, identity, requestId) {
     const account = identity.account;
     if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
     const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
@@ -1795,6 +1868,10 @@ export class VeilNodeClient {
   // settled one call at a time, in counter order, through `execute`'s recovery (`run`): each
   // call runs at most once. `requestIds` names the calls as `execute`'s `requestId` does.
   async executeMany(instanceId, calls, identity, { requestIds } = {}) {
+    return this.exclusive(instanceId, identity.account, () => this.executeManyAlone(instanceId, calls, identity, requestIds));
+  }
+
+  async executeManyAlone(instanceId, calls, identity, requestIds) {
     if (!Array.isArray(calls) || calls.length < 1 || calls.length > MAX_BATCH) throw new InputError(`a batch holds 1 to ${MAX_BATCH} calls`);
     const ids = requestIds ?? calls.map(() => undefined);
     const named = ids.filter(Boolean);

@@ -18,7 +18,10 @@ Two rules close it (docs/protocol.md, section 6), both tested here behind an hon
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -219,3 +222,22 @@ def test_a_new_batch_behind_an_unsettled_one_waits_whole_then_runs_once_each(
     assert resumed == [["99", 2], ["97", 3]]
     assert _node(mesh, batch, calls=calls) == [["92", 4], ["86", 5]]
     assert _balance(mesh, alice) == 86
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_released(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    """The Node client holds an account's calls against other processes with a lock file next to
+    them (two resumptions of one call must see each other's sealings, outside review 2); a file
+    whose owner died is taken over, and the client removes its own when the call ends."""
+    alice, bob = funded
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    name = hashlib.sha256(("coins\0" + alice.account).encode()).hexdigest()
+    lock = mesh.data_dir / "node-calls" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(dead.stdout.strip())
+    out = _node(mesh, _transfer_30(bob.account), calls='new veil.FileCalls(dir + "/node-calls")')
+    assert out == {"balance": "70"}, out
+    assert not lock.exists()

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import grpc
@@ -312,3 +314,66 @@ def test_a_call_refused_before_running_gives_its_counter_back_to_the_next_call(
         assert client.counters.last(coins, alice.account) == 2
         assert not any((mesh.data_dir / "calls").glob("*.json"))  # settled calls leave the store
     assert _balance(mesh, alice) == 995
+
+
+def test_two_processes_resuming_one_call_take_turns_and_pay_once(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """An outside review: two processes on one data dir resumed the same call at once; each
+    rewrote the call's file with only its own sealings, so one never learned of a sealing the
+    other made and ran, took the enclave's "counter used by <that sealing>" for another
+    command's, and sealed the call under the next counter: paid twice (940). The calls store
+    now holds an account's calls for a whole call against other processes (flock), and the
+    second process finds the call settled, with its answer."""
+    with mesh.connect(timeout=1.0) as first:  # the first sealing is lost: the call is kept
+        first._stub = _Scripted(first._stub, lambda real, request, **kw: (_ for _ in ()).throw(Down()))  # type: ignore[assignment]
+        with pytest.raises(GatewayError):
+            first.execute(coins, _pay(30), alice, request_id="pay-30")
+    p2_resending = threading.Event()
+
+    def p2_execute(real: Any, request: Any, **kw: Any) -> Any:
+        if request.request_id == "pay-30":  # its resend of the kept bytes, held a while
+            p2_resending.set()
+            time.sleep(1.0)
+            return _hosts_word()
+        return real.Execute(request, **kw)
+
+    def p1_execute(real: Any, request: Any, **kw: Any) -> Any:
+        if request.request_id == "pay-30":
+            return _hosts_word()
+        real.Execute(request, **kw)  # a fresh sealing: it runs, its answer is the host's word
+        return _hosts_word()
+
+    answers: list[Any] = []
+    with mesh.connect(timeout=3) as p1, mesh.connect(timeout=3) as p2:  # two processes, one data dir
+        p1._stub = _Scripted(p1._stub, p1_execute)  # type: ignore[assignment]
+        p2._stub = _Scripted(p2._stub, p2_execute)  # type: ignore[assignment]
+        worker = threading.Thread(
+            target=lambda: answers.append(p2.execute(coins, _pay(30), alice, request_id="pay-30"))
+        )
+        worker.start()
+        assert p2_resending.wait(10)
+        from_p1 = p1.execute(coins, _pay(30), alice, request_id="pay-30")  # waits for p2's turn to end
+        worker.join(20)
+    assert [a.accepted for a in answers] == [True]
+    assert from_p1 == answers[0]  # the answer p2 kept, nothing sent
+    assert _balance(mesh, alice) == 970
+
+
+class _Scripted:
+    """A gateway stub whose Execute is `execute(real, request, **kw)`."""
+
+    def __init__(self, real: Any, execute: Any) -> None:
+        self.real, self._execute = real, execute
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def Execute(self, request: Any, **kw: Any) -> Any:
+        return self._execute(self.real, request, **kw)
+
+
+def _hosts_word() -> gateway_pb2.ExecuteResponse:
+    """An unsealed refusal: the host's word, ambiguous to the client."""
+    error = error_pb2.EcallError(code=error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT, message="x")
+    return gateway_pb2.ExecuteResponse(outcome=envelope_pb2.CommandOutcome(error=error))

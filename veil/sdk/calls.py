@@ -15,10 +15,13 @@ for one client object (tests, or an explicit choice).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,6 +79,11 @@ class CallStore(Protocol):
         """The kept calls of one account not settled yet, lowest counter first."""
         ...
 
+    def locked(self, instance_id: str, account: str) -> contextlib.AbstractContextManager[None]:
+        """Hold one account's calls for a whole `execute` (or batch) against every other process
+        on the same store: two resumptions of one call must each see the other's sealings."""
+        ...
+
 
 class MemoryCalls:
     """Calls kept by one client object (the newest 10,000)."""
@@ -98,6 +106,9 @@ class MemoryCalls:
     def delete(self, request_id: str) -> None:
         with self._lock:
             self._calls.pop(request_id, None)
+
+    def locked(self, instance_id: str, account: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # one client object: its own per-account lock suffices
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         with self._lock:
@@ -228,6 +239,18 @@ class FileCalls:
 
     def delete(self, request_id: str) -> None:
         remove_file(self.file(request_id))
+
+    @contextlib.contextmanager
+    def locked(self, instance_id: str, account: str) -> Iterator[None]:
+        # flock: released by the kernel if the process dies, so a crash never wedges an account.
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        name = hashlib.sha256(f"{instance_id}\0{account}".encode()).hexdigest()
+        with open(self.directory / f"{name}.lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         found = []

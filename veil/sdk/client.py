@@ -490,7 +490,7 @@ class VeilClient:
         """
         account = identity.account
         call_bytes = call.SerializeToString(deterministic=True)
-        with self._account_lock(instance_id, account):
+        with self._account_lock(instance_id, account), self.calls.locked(instance_id, account):
             answered, resumed = self._claim(instance_id, account, [(call_bytes, request_id)])[0]
             if answered is not None:
                 return answered  # the call ran: its answer again, nothing sent
@@ -644,7 +644,7 @@ class VeilClient:
             (call.SerializeToString(deterministic=True), rid) for call, rid in zip(calls, ids, strict=True)
         ]
         results: list[Opened | VeilClientError | None] = [None] * len(calls)
-        with self._account_lock(instance_id, account):
+        with self._account_lock(instance_id, account), self.calls.locked(instance_id, account):
             claimed = self._claim(instance_id, account, wanted)
             states: dict[int, _Call] = {}
             for index, (answered, resumed) in enumerate(claimed):
