@@ -9,7 +9,7 @@ call's error. Imports only grpc and the `google.rpc` messages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -19,17 +19,31 @@ from grpc_status import rpc_status
 ERROR_DOMAIN = "veil.dev"
 
 
-def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo a Veil server attached to a failed call, if any."""
+Detail = TypeVar("Detail", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
+
+
+def _detail(error: grpc.RpcError, kind: type[Detail]) -> Detail | None:
+    """The first `kind` detail of a failed call's google.rpc.Status, if any."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]  # RpcError raised by a call is also a Call
     if status is None:
         return None
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
     return None
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo a Veil server attached to a failed call, if any."""
+    return _detail(error, error_details_pb2.ErrorInfo)
+
+
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The server's RetryInfo delay in seconds, if it sent one."""
+    info = _detail(error, error_details_pb2.RetryInfo)
+    return None if info is None else float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}

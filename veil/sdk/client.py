@@ -67,8 +67,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.rpc import status_pb2
 
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
@@ -90,7 +89,7 @@ from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
 from veil.sdk.trust_policy import ExpectedMeasurement
-from veil.status import StatusError, error_info
+from veil.status import StatusError, error_info, retry_delay
 from veil.verify.bundle import VerifiedAttestation, VerifiedDescriptor, verify_bundle, verify_descriptor
 from veil.verify.errors import AttestationError
 
@@ -147,19 +146,6 @@ def _may_run_later(result: command_pb2.CommandResult) -> bool:
     return result.may_run_later or result.error.code not in _FINAL_REFUSALS
 
 
-def _retry_hint(error: grpc.RpcError) -> float | None:
-    """The server's RetryInfo delay, if it sent one."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # a call's RpcError is also a Call
-    if status is None:
-        return None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
-
-
 @dataclass(frozen=True)
 class _Batch:
     """One `execute_many` call: whose, where, and its calls' states by index."""
@@ -191,7 +177,7 @@ def _batch_answer(
             # key (another command's answer at this index): ambiguous, the same bytes again.
             return None
     failed = StatusError(status_pb2.Status.FromString(item.status))
-    hint = _retry_hint(failed) if failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    hint = retry_delay(failed) if failed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
     if failed.code() in _RETRYABLE or (hint is not None and hint <= _MAX_RETRY_HINT_S):
         return hint or 0.0
     refused = GatewayError(failed)
@@ -370,7 +356,7 @@ class VeilClient:
             try:
                 return method(request, timeout=max(remaining, 0.01), metadata=tuple(metadata))
             except grpc.RpcError as error:
-                hint = _retry_hint(error) if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                hint = retry_delay(error) if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else None
                 retryable = error.code() in _RETRYABLE or (hint is not None and hint <= _MAX_RETRY_HINT_S)
                 delay = hint if hint is not None else min(_MAX_BACKOFF_S, 0.1 * 2**attempt)
                 # No attempt without a fair slice of time left: the caller learns the real
