@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -28,7 +30,7 @@ from veil.gateway.v1 import gateway_pb2
 from veil.sdk.calls import FileCalls
 from veil.sdk.client import VeilClient
 from veil.sdk.counters import MemoryCounters
-from veil.sdk.errors import CounterGap, GatewayError, OutcomeUnknown
+from veil.sdk.errors import CounterGap, GatewayError, OutcomeUnknown, VeilClientError
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.verify.errors import AttestationError
 
@@ -377,3 +379,41 @@ def _hosts_word() -> gateway_pb2.ExecuteResponse:
     """An unsealed refusal: the host's word, ambiguous to the client."""
     error = error_pb2.EcallError(code=error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT, message="x")
     return gateway_pb2.ExecuteResponse(outcome=envelope_pb2.CommandOutcome(error=error))
+
+
+_STOPPED_HOLDER = """
+import os, signal, sys
+from pathlib import Path
+from veil.sdk.calls import FileCalls
+with FileCalls(Path(sys.argv[1])).locked(sys.argv[2], sys.argv[3], 1.0):
+    print("held", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_a_call_waits_a_bounded_time_for_another_process_then_says_so(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """An outside review: a stopped process holding the account's calls (Ctrl-Z on a transfer)
+    made every other call on the account hang silently. It now waits four client timeouts, then
+    says which lock and that nothing was sent."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_HOLDER, str(mesh.data_dir / "calls"), coins, alice.account],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            mesh.connect(timeout=0.5) as client,
+            pytest.raises(VeilClientError, match="nothing was sent") as held,
+        ):
+            client.execute(coins, _pay(1), alice)
+        assert "another process has held this account's calls" in str(held.value)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert _balance(mesh, alice) == 1000

@@ -21,15 +21,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.client.test_sdk_batch_hostile import Down, _balance, _pay, alice, coins
+import veil.sdk.calls as calls_module
+from tests.client.test_sdk_batch_hostile import Down, _balance, _hostile, _pay, _Scripted, alice, coins
 from tests.gateway.support import InProcessMesh
-from veil.enclave.v1 import command_pb2, envelope_pb2, error_pb2
+from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
-from veil.sdk.calls import PendingCall
+from veil.sdk.calls import MemoryCalls, PendingCall
 from veil.sdk.client import VeilClient
-from veil.sdk.errors import CounterGap, NotRunYet, OutcomeUnknown
+from veil.sdk.errors import CounterGap, GatewayError, NotRunYet, OutcomeUnknown
 from veil.sdk.identity import SigningIdentity
-from veil.sdk.sealing import SealedRequest, seal_command
+from veil.sdk.sealing import Opened, SealedRequest, seal_command
 
 __all__ = ["alice", "coins"]  # the fixtures, shared with the batch attacks
 
@@ -304,3 +305,88 @@ def test_the_receipt_stream_yields_commits_only_and_never_hides_a_later_commit(
         host.WatchReceipts = lambda request, **kw: iter(published)  # type: ignore[attr-defined]  # the fan-out
         seen = list(client.watch_receipts(coins, identity=alice))
     assert [(o.request_id, o.accepted) for o in seen] == [(request_id, True)]
+
+
+_WRONG_APP = apps_pb2.AppCall(vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id="r", data=b"x")))
+
+
+def test_a_crash_before_the_gap_filler_is_healed_by_the_next_call(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outside review: a batch call refused for good leaves its counter unused below the
+    batch's later sealings; the filler that uses it up ran once, in memory, so a crash before
+    it wedged the account (every later call too early, naming nothing that could fix it). Now
+    any fresh sealing answered "too early" for a counter no kept call may use fills it."""
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the process dies here
+
+    with mesh.connect() as first:
+        monkeypatch.setattr(VeilClient, "_fill_gap", crash)
+        with pytest.raises(KeyboardInterrupt):
+            first.execute_many(coins, [_pay(5), _WRONG_APP, _pay(7)], alice)
+        monkeypatch.undo()
+    with mesh.connect() as later:
+        (kept,) = later.calls.pending(coins, alice.account)  # the 7, under counter 4
+        assert kept.counter == 4
+        assert later.execute(coins, _pay(7), alice, request_id=kept.request_id).accepted
+        assert later.execute(coins, _pay(1), alice).accepted
+        assert not later.calls.pending(coins, alice.account)
+    assert _balance(mesh, alice) == 987
+
+
+def test_an_attestation_failure_at_fill_time_loses_no_answer(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """The same review: the host held a batch's answers until the attestation expired, then
+    failed GetAttestation, so the filler's attestation raised out of the batch: the accepted
+    transfer's answer and the refusal were never returned. Now the filler just does not run: the
+    answers are returned, the later call names its request id, and resuming it fills the gap."""
+    with mesh.connect(timeout=1.0) as client:
+        stub = _hostile(client)
+        stub.mode = "honest"
+        real_batch = stub.real.ExecuteBatch
+
+        def held_until_expiry(request: Any, **kw: Any) -> Any:
+            items = list(real_batch(request, **kw))
+            client._attestations.clear()  # the attestation token expired meanwhile
+            stub.GetAttestation = lambda *a, **k: (_ for _ in ()).throw(Down())
+            return iter(items)
+
+        stub.ExecuteBatch = held_until_expiry
+        paid, refused, later = client.execute_many(coins, [_pay(5), _WRONG_APP, _pay(7)], alice)
+        assert isinstance(paid, Opened)
+        assert paid.accepted
+        assert isinstance(refused, Opened)
+        assert not refused.accepted
+        assert isinstance(later, GatewayError)
+        assert later.request_id
+        del stub.GetAttestation, stub.ExecuteBatch
+        assert client.execute(coins, _pay(7), alice, request_id=later.request_id).accepted
+    assert _balance(mesh, alice) == 988
+
+
+def test_settled_calls_never_push_an_unsettled_one_out_of_memory(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same review: with named calls kept after they settle, 10,000 of them pushed an older
+    unsettled call out of `MemoryCalls`; resuming its id then sealed it anew under another
+    counter while the old sealing had run. Only settled calls are ever dropped."""
+    monkeypatch.setattr(calls_module, "_MEMORY_LIMIT", 3)
+    with mesh.connect(timeout=1.0, calls=MemoryCalls()) as client:
+        real = client._stub
+
+        def run_and_lose(stub: Any, request: Any, **kw: Any) -> Any:
+            if request.request_id == "pay-30":
+                stub.Execute(request, **kw)  # it runs; the answer is lost
+            raise Down()
+
+        client._stub = _Scripted(real, run_and_lose)  # type: ignore[assignment]
+        with pytest.raises(GatewayError):
+            client.execute(coins, _pay(30), alice, request_id="pay-30")
+        client._stub = real
+        for n in range(4):
+            assert client.execute(coins, _pay(1), alice, request_id=f"named-{n}").accepted
+        assert client.calls.get("pay-30") is not None
+        assert client.execute(coins, _pay(30), alice, request_id="pay-30").accepted  # its one run
+    assert _balance(mesh, alice) == 1000 - 30 - 4

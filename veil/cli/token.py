@@ -222,7 +222,9 @@ class Journal:
         self.rows[str(row.number)] = {**self.entry(row), **fields}
 
     def save(self) -> None:
-        write_json(self.path, {"rows": self.rows})
+        # Durable: the SDK forgets the rows' kept calls once this returns (a power loss must not
+        # lose both).
+        write_json(self.path, {"rows": self.rows}, durable=True)
 
 
 def _bulk_transfer(args: argparse.Namespace) -> int:

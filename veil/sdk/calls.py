@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,14 +80,18 @@ class CallStore(Protocol):
         """The kept calls of one account not settled yet, lowest counter first."""
         ...
 
-    def locked(self, instance_id: str, account: str) -> contextlib.AbstractContextManager[None]:
+    def locked(
+        self, instance_id: str, account: str, wait_s: float
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold one account's calls for a whole `execute` (or batch) against every other process
-        on the same store: two resumptions of one call must each see the other's sealings."""
+        on the same store: two resumptions of one call must each see the other's sealings.
+        VeilClientError (nothing sent) when another holds them for over `wait_s`."""
         ...
 
 
 class MemoryCalls:
-    """Calls kept by one client object (the newest 10,000)."""
+    """Calls kept by one client object: every unsettled one, and the newest settled ones up to
+    10,000 calls in all (an unsettled call is never dropped: its sealing may still run)."""
 
     def __init__(self) -> None:
         self._calls: OrderedDict[str, PendingCall] = OrderedDict()
@@ -100,14 +105,19 @@ class MemoryCalls:
         with self._lock:
             self._calls.pop(state.request_id, None)
             self._calls[state.request_id] = state
-            while len(self._calls) > _MEMORY_LIMIT:
-                self._calls.popitem(last=False)
+            excess = len(self._calls) - _MEMORY_LIMIT
+            if excess > 0:
+                settled = [rid for rid, c in self._calls.items() if c.answer is not None][:excess]
+                for request_id in settled:
+                    del self._calls[request_id]
 
     def delete(self, request_id: str) -> None:
         with self._lock:
             self._calls.pop(request_id, None)
 
-    def locked(self, instance_id: str, account: str) -> contextlib.AbstractContextManager[None]:
+    def locked(
+        self, instance_id: str, account: str, wait_s: float
+    ) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # one client object: its own per-account lock suffices
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
@@ -241,12 +251,24 @@ class FileCalls:
         remove_file(self.file(request_id))
 
     @contextlib.contextmanager
-    def locked(self, instance_id: str, account: str) -> Iterator[None]:
+    def locked(self, instance_id: str, account: str, wait_s: float) -> Iterator[None]:
         # flock: released by the kernel if the process dies, so a crash never wedges an account.
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = hashlib.sha256(f"{instance_id}\0{account}".encode()).hexdigest()
-        with open(self.directory / f"{name}.lock", "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
+        path = self.directory / f"{name}.lock"
+        with open(path, "a") as lock_file:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise VeilClientError(
+                            f"another process has held this account's calls ({path}) for over "
+                            f"{wait_s:g} s (a call in progress, or a stopped process); nothing was sent"
+                        ) from None
+                    time.sleep(0.02)
             try:
                 yield
             finally:

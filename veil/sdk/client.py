@@ -101,6 +101,8 @@ _MAX_ROUNDS = 6  # sealings of one call: re-attestations and counter resynchroni
 _PENDING_LIMIT = 10_000
 _MAX_RETRY_HINT_S = 5.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# How long a call waits for another process working on the same account (in client timeouts).
+_LOCK_WAIT_TIMEOUTS = 4
 # Refusals before running that the command's own bytes decide (the app's call, the proof), when
 # the enclave does not say the sealing may run later: that sealing can never run.
 _FINAL_REFUSALS = frozenset(
@@ -137,6 +139,7 @@ _GAP_FILLERS = {
     envelope_pb2.APP_KIND_VAULT: apps_pb2.AppCall(vault=apps_pb2.VaultCall(get=apps_pb2.VaultGet())),
     envelope_pb2.APP_KIND_BALLOT: apps_pb2.AppCall(ballot=apps_pb2.BallotCall(info=apps_pb2.BallotInfo())),
 }
+_FILLERS = frozenset(call.SerializeToString(deterministic=True) for call in _GAP_FILLERS.values())
 
 
 def _may_run_later(result: command_pb2.CommandResult) -> bool:
@@ -476,10 +479,15 @@ class VeilClient:
         """
         account = identity.account
         call_bytes = call.SerializeToString(deterministic=True)
-        with self._account_lock(instance_id, account), self.calls.locked(instance_id, account):
+        with (
+            self._account_lock(instance_id, account),
+            self.calls.locked(instance_id, account, _LOCK_WAIT_TIMEOUTS * self.timeout),
+        ):
             answered, resumed = self._claim(instance_id, account, [(call_bytes, request_id)])[0]
             if answered is not None:
-                return answered  # the call ran: its answer again, nothing sent
+                if answered.accepted:  # a head this client has seen acknowledged
+                    self._saw(instance_id, answered.sequence)
+                return answered  # settled: its answer again, nothing sent
             state = resumed or _Call(
                 instance_id,
                 request_id or self.new_request_id(),
@@ -500,29 +508,34 @@ class VeilClient:
 
     def _fill_gap(self, state: _Call, identity: Identity, suite: int) -> None:
         """A call refused for good left its counter unused, and this client sealed above it (the
-        later calls of a batch, or unsettled ones): their sealings would wait for that counter
-        forever. Use it up with a read-only call sent as a command, so they can run. Safe: no
-        sealing of the refused call can ever run. A filler without an answer is kept like any
-        call (the later calls' CounterGap names it)."""
-        if self.counters.sealed(state.instance_id, state.account) <= state.counter:
-            return  # nothing waits: the next call takes the counter
+        later calls of a batch, or unsettled ones): their sealings wait for that counter. Use it
+        up now (`_fill`); if that fails, the next call answered "too early" fills it."""
+        if self.counters.sealed(state.instance_id, state.account) > state.counter:
+            self._fill(state.instance_id, state.account, state.counter, identity, suite)
+
+    def _fill(self, instance_id: str, account: str, counter: int, identity: Identity, suite: int) -> bool:
+        """Use `counter` up with the app's read-only call sent as a command; whether it is used.
+
+        Only for a counter no kept call of this client may still use: then no sealing can run
+        twice for it (another device's sealing under it is refused naming the filler, which
+        proves it never ran). A filler is never kept: run later, it only uses its counter."""
         try:
-            descriptor = self.attest(state.instance_id).descriptor
-        except AttestationError:
-            return  # nothing is sent to an enclave that does not verify (the later calls say so)
+            descriptor = self.attest(instance_id).descriptor
+        except (VeilClientError, AttestationError):
+            return False  # nothing is sent now; the calls waiting for the counter say so
         filler = _GAP_FILLERS.get(descriptor.config.app) if descriptor is not None else None
         if filler is None:
-            return
+            return False
         call = filler.SerializeToString(deterministic=True)
-        fill = _Call(state.instance_id, self.new_request_id(), state.counter, call, account=state.account)
+        fill = _Call(instance_id, self.new_request_id(), counter, call, account=account)
         try:
-            opened = self._run(fill, filler, identity, suite, batched=True)
-        except _Restart:  # another command used the counter: filled all the same
+            return self._run(fill, filler, identity, suite, batched=True).accepted
+        except _Restart:  # another command used the counter: used all the same
+            return True
+        except (VeilClientError, AttestationError):
+            return False
+        finally:
             self.calls.delete(fill.request_id)
-        except (VeilClientError, AttestationError) as failure:
-            self._keep_unresolved(fill, failure)
-        else:
-            self._settled(fill, opened)
 
     def _next_counter(self, instance_id: str, account: str) -> int:
         """A new call's counter: above the last accepted one and above every counter this client
@@ -630,12 +643,17 @@ class VeilClient:
             (call.SerializeToString(deterministic=True), rid) for call, rid in zip(calls, ids, strict=True)
         ]
         results: list[Opened | VeilClientError | None] = [None] * len(calls)
-        with self._account_lock(instance_id, account), self.calls.locked(instance_id, account):
+        with (
+            self._account_lock(instance_id, account),
+            self.calls.locked(instance_id, account, _LOCK_WAIT_TIMEOUTS * self.timeout),
+        ):
             claimed = self._claim(instance_id, account, wanted)
             states: dict[int, _Call] = {}
             for index, (answered, resumed) in enumerate(claimed):
                 if answered is not None:
                     results[index] = answered
+                    if answered.accepted:
+                        self._saw(instance_id, answered.sequence)
                 elif resumed is not None:
                     resumed.ambiguous = True  # its earlier attempt may have run: same counter only
                     states[index] = resumed
@@ -880,8 +898,8 @@ class VeilClient:
                 self._saw(instance_id, answer.sequence)
                 return answer
             if counter_state.next_counter <= state.counter:
-                _too_early(state, counter_state.next_counter, fresh=fresh, waiting=self._waiting(state))
-                continue  # an answer from before the counter moved (reordered, or cached)
+                self._too_early(state, counter_state.next_counter, identity, suite, fresh=fresh)
+                continue  # the same counter again (a filled gap, or an answer from before it moved)
             # The counter is used by another command (or was never ours to use): this call can
             # never run under it, so it is sealed again under the enclave's next counter.
             self._record(instance_id, account, counter_state.next_counter - 1)
@@ -945,13 +963,30 @@ class VeilClient:
             # answer: only the same counter again, where the enclave names the sealing that used it.
             return None
 
+    def _too_early(self, state: _Call, gap: int, identity: Identity, suite: int, *, fresh: bool) -> None:
+        """The enclave waits for counter `gap`, below this call's. When no kept call of this
+        client may use it (one refused for good, a filler that did not run, a crash before one),
+        use it up and go on; otherwise this call waits (`_too_early`: CounterGap when fresh)."""
+        waiting = self._waiting(state)
+        if (
+            fresh
+            and state.call not in _FILLERS
+            and not any(c.counter == gap for c in waiting)
+            and self._fill(state.instance_id, state.account, gap, identity, suite)
+        ):
+            return
+        _too_early(state, gap, fresh=fresh, waiting=waiting)
+
     def _waiting(self, state: _Call) -> list[_Call]:
-        """The kept calls this one waits for: this account's, under lower counters."""
+        """The kept calls this one waits for: this account's, under lower counters (a filler a
+        crashed process left behind is none: it only uses its counter)."""
         used = self.counters.last(state.instance_id, state.account)
         return [
             c
             for c in self.calls.pending(state.instance_id, state.account)
-            if used < c.counter < state.counter and c.request_id != state.request_id
+            if used < c.counter < state.counter
+            and c.request_id != state.request_id
+            and c.call not in _FILLERS
         ]
 
     def _record(self, instance_id: str, account: str, counter: int) -> None:
