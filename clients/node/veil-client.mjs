@@ -67,6 +67,7 @@ import { Aes128Gcm, CipherSuite, HkdfSha256 } from "@hpke/core";
 import { DhkemX25519HkdfSha256 } from "@hpke/dhkem-x25519";
 import { decodeProtectedHeader, importJWK, jwtVerify } from "jose";
 import protobuf from "protobufjs";
+import lockfile from "proper-lockfile";
 
 import {
   ACCOUNT_HEX_CHARS,
@@ -213,16 +214,6 @@ export class GatewayUnreachable extends VeilError {
     this.address = address;
     this.reason = reason;
     this.listening = listening;
-  }
-}
-
-// Whether a process with this pid exists (EPERM: it does, under another user).
-function processAlive(pid) {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return error.code === "EPERM";
   }
 }
 
@@ -1212,10 +1203,18 @@ export class MemoryCalls {
     return this.states.get(requestId);
   }
 
+  // Past MAX_REMEMBERED_CALLS the oldest *settled* calls go; an unsettled one never does (its
+  // sealing may still run).
   put(state) {
     this.states.delete(state.requestId);
     this.states.set(state.requestId, state);
-    while (this.states.size > MAX_REMEMBERED_CALLS) this.states.delete(this.states.keys().next().value);
+    let excess = this.states.size - MAX_REMEMBERED_CALLS;
+    for (const [requestId, kept] of this.states) {
+      if (excess <= 0) break;
+      if (kept.answer === null) continue;
+      this.states.delete(requestId);
+      excess -= 1;
+    }
   }
 
   delete(requestId) {
@@ -1273,33 +1272,24 @@ export class FileCalls {
     rmSync(this.file(requestId), { force: true });
   }
 
-  // Hold one account's calls against other processes: a lock file created exclusively, holding
-  // the owner's pid; one whose owner died is taken over. Waits up to `waitMs`, then InputError.
+  // Hold one account's calls against other processes (proper-lockfile: a lock directory whose
+  // mtime its holder refreshes; one not refreshed for LOCK_STALE_MS, its holder dead or stopped,
+  // is taken over). Waits up to `waitMs`, then InputError (nothing sent).
   async lock(instanceId, account, waitMs) {
     mkdirSync(this.directory, { recursive: true, mode: 0o700 });
-    const file = path.join(this.directory, `${sha256(Buffer.from(`${instanceId}\0${account}`, "utf8")).toString("hex")}.lock`);
-    const deadline = Date.now() + waitMs;
-    for (;;) {
-      try {
-        writeFileSync(file, String(process.pid), { flag: "wx", mode: 0o600 });
-        return () => rmSync(file, { force: true });
-      } catch (error) {
-        if (error.code !== "EEXIST") throw error;
-      }
-      let owner = Number.NaN;
-      try {
-        owner = Number.parseInt(readFileSync(file, "utf8"), 10);
-      } catch {
-        continue; // released meanwhile
-      }
-      if (Number.isSafeInteger(owner) && owner > 0 && owner !== process.pid && !processAlive(owner)) {
-        rmSync(file, { force: true }); // its owner died holding it
-        continue;
-      }
-      if (Date.now() > deadline) {
-        throw new InputError(`another process holds this account's calls (${file}) for over ${waitMs / 1000} s; nothing was sent`);
-      }
-      await new Promise((resolve) => setTimeout(resolve, 20));
+    const name = path.join(this.directory, sha256(Buffer.from(`${instanceId}\0${account}`, "utf8")).toString("hex"));
+    const tries = Math.max(1, Math.ceil(waitMs / LOCK_POLL_MS));
+    try {
+      return await lockfile.lock(name, {
+        realpath: false,
+        lockfilePath: `${name}.lock`,
+        stale: LOCK_STALE_MS,
+        retries: { retries: tries, factor: 1, minTimeout: LOCK_POLL_MS, maxTimeout: LOCK_POLL_MS },
+        onCompromised: () => {}, // taken over after a stall: the calls it kept on disk still hold
+      });
+    } catch (error) {
+      if (error.code !== "ELOCKED") throw error;
+      throw new InputError(`another process has held this account's calls (${name}.lock) for over ${waitMs / 1000} s; nothing was sent`);
     }
   }
 
@@ -1417,9 +1407,12 @@ const GAP_FILLERS = {
   APP_KIND_VAULT: { vault: { get: {} } },
   APP_KIND_BALLOT: { ballot: { info: {} } },
 };
+const FILLER_BYTES = new Set(Object.values(GAP_FILLERS).map((call) => hexOf(Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish()))));
 const FINAL_REFUSALS = new Set(["ECALL_ERROR_CODE_INVALID_ARGUMENT", "ECALL_ERROR_CODE_UNIMPLEMENTED", "ECALL_ERROR_CODE_UNAUTHENTICATED"]);
 
 const MAX_REMEMBERED_CALLS = 1024;
+const LOCK_POLL_MS = 50;
+const LOCK_STALE_MS = 10000; // proper-lockfile's holder refreshes its lock every half of this
 export const MAX_BATCH = 256; // commands per ExecuteBatch (the gateway's cap)
 // A batched call whose counter another command used: sealed again after the rest of its batch.
 class Restart extends Error {}
@@ -1686,8 +1679,13 @@ export class VeilNodeClient {
         // command of its batch refused before running): this sealing stays valid under its
         // counter and may still run, so the call never takes another counter.
         state.ambiguous = true;
-        if (fresh) throw this.counterGap(state, counterState.nextCounter);
-        continue; // an answer from before the counter moved (reordered, or cached)
+        if (!fresh) continue; // an answer from before the counter moved (reordered, or cached)
+        // No kept call may use the counter it waits for (one refused for good, a filler that did
+        // not run, a crash before one): use it up, then this call again under its own counter.
+        const gap = counterState.nextCounter;
+        const open = !FILLER_BYTES.has(hexOf(state.callBytes)) && !this.waiting(state).some((c) => c.counter === gap);
+        if (open && (await this.fill(instanceId, account, gap, identity))) continue;
+        throw this.counterGap(state, gap);
       }
       if (counterState.ran) {
         // An earlier sealing of this call used the counter: it ran. Never again.
@@ -1716,28 +1714,36 @@ export class VeilNodeClient {
   }
 
   // A call refused for good left its counter unused, and this client sealed above it (the later
-  // calls of a batch, or unsettled ones), whose sealings would wait for that counter forever: use
-  // it up with a read-only call sent as a command (veil/sdk/client.py `_fill_gap`). Safe: no
-  // sealing of the refused call can ever run. A filler without an answer is kept like any call.
+  // calls of a batch, or unsettled ones), whose sealings wait for that counter: use it up now
+  // (`fill`); if that fails, the next call answered "too early" fills it.
   async fillGap(state, identity) {
-    if (this.counters.sealed(state.instanceId, state.account) <= state.counter) return;
+    if (this.counters.sealed(state.instanceId, state.account) > state.counter) await this.fill(state.instanceId, state.account, state.counter, identity);
+  }
+
+  // Use `counter` up with the app's read-only call sent as a command (veil/sdk/client.py
+  // `_fill`); whether it is used. Only for a counter no kept call of this client may still use:
+  // then no sealing can run twice for it (another device's sealing under it is refused naming
+  // the filler, which proves it never ran). A filler is never kept: run later, it only uses its
+  // counter.
+  async fill(instanceId, account, counter, identity) {
     let call;
     try {
-      call = GAP_FILLERS[messages.AppKind.valuesById[(await this.attest(state.instanceId)).descriptor?.config?.app]];
+      call = GAP_FILLERS[messages.AppKind.valuesById[(await this.attest(instanceId)).descriptor?.config?.app]];
     } catch (error) {
-      if (error instanceof VeilError) return; // nothing is sent to an enclave that does not verify
+      if (error instanceof VeilError) return false; // nothing is sent now; the waiting calls say so
       throw error;
     }
-    if (!call) return;
+    if (!call) return false;
     const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
-    const { instanceId, account, counter } = state;
     const fill = { requestId: this.newRequestId(), explicit: false, instanceId, account, callBytes, counter, attempts: [], ambiguous: false, answer: null };
     try {
-      this.settled(fill, await this.run(fill, call, identity, { batched: true }));
+      return (await this.run(fill, call, identity, { batched: true })).accepted;
     } catch (error) {
-      if (error instanceof Restart) this.calls.delete(fill.requestId); // another command used it: filled all the same
-      else if (!(error instanceof VeilError)) throw error;
-      else if (fill.attempts.length) this.calls.put(fill);
+      if (error instanceof Restart) return true; // another command used it: used all the same
+      if (error instanceof VeilError) return false;
+      throw error;
+    } finally {
+      this.calls.delete(fill.requestId);
     }
   }
 
@@ -1846,9 +1852,16 @@ export class VeilNodeClient {
   }
 
   // The error for a fresh sealing the enclave finds too early: the calls it waits for.
+  // The kept calls `state` waits for: this account's, under lower counters (a filler a crashed
+  // process left behind is none: it only uses its counter).
+  waiting(state) {
+    return this.calls
+      .pending(state.instanceId, state.account)
+      .filter((c) => c.counter < state.counter && c.requestId !== state.requestId && !FILLER_BYTES.has(hexOf(c.callBytes)));
+  }
+
   counterGap(state, nextCounter) {
-    const waiting = this.calls.pending(state.instanceId, state.account).filter((c) => c.counter < state.counter && c.requestId !== state.requestId);
-    const ids = waiting.map((c) => c.requestId);
+    const ids = this.waiting(state).map((c) => c.requestId);
     const resume = ids.length
       ? `resume the unsettled calls first (request ids ${ids.join(", ")}), then this one`
       : "an earlier sealing of this account (refused before running, or kept by another process or data dir) must be settled first, then resume this one";
