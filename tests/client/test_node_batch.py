@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.client.test_node_client import funded, node_eval
+from tests.client.test_node_counter_gap import _node
 from tests.gateway.support import InProcessMesh, fail_once
 from veil.sdk.identity import SigningIdentity
 
@@ -109,22 +110,14 @@ def test_node_fills_the_counter_of_a_call_refused_for_good_so_the_later_ones_run
     command (as the Python SDK does), and the later transfers run under their own counters."""
     _, bob = funded
     head = mesh.states[0].head("coins")
-    d = json.dumps(str(mesh.data_dir))
     transfer = {"token": {"transfer": {"to": bob.account, "amount": 5}}}
     calls = json.dumps([transfer, {"vault": {"put": {"recordId": "r", "data": "eA=="}}}, transfer, transfer])
-    results = node_eval(f"""
-        const fs = await import("node:fs"); const dir = {d};
-        const client = new veil.VeilNodeClient({json.dumps(mesh.public_address)},
-          fs.readFileSync(dir + "/pki/ca.pem"), {{
-          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-          counters: new veil.FileCounters(dir + "/counters.json"),
-          pins: new veil.InstancePins(dir + "/instances.json") }});
-        const alice = veil.loadIdentity(dir + "/identities/alice.key");
-        const results = await client.executeMany("coins", {calls}, alice);
-        client.close();
-        console.log(JSON.stringify(results.map((r) => r.error ? {{ error: r.error.constructor.name }}
-          : {{ accepted: r.answer.accepted, counter: r.answer.counter }})));""")  # fmt: skip
+    results = _node(
+        mesh,
+        f"""out = (await client.executeMany("coins", {calls}, alice)).map((r) => r.error
+          ? {{ error: r.error.constructor.name }}
+          : {{ accepted: r.answer.accepted, counter: r.answer.counter }});""",
+    )
     assert results == [
         {"accepted": True, "counter": 2},
         {"accepted": False, "counter": 3},
