@@ -1240,8 +1240,11 @@ const bytesOf = (text) => Buffer.from(String(text ?? ""), "hex");
 // One file per call in `directory` (mode 0600: a call keeps its response key, which opens the
 // enclave's answer), so another process can resume it: `transfer.mjs --request-id`.
 export class FileCalls {
-  constructor(directory) {
+  // `alsoPending`: other clients' stores on the same data dir (the Python SDK's `calls/` next to
+  // this one by default, same format): their unsettled calls hold counters too.
+  constructor(directory, { alsoPending } = {}) {
     this.directory = directory;
+    this.alsoPending = alsoPending ?? [path.join(path.dirname(directory), "calls")];
   }
 
   file(requestId) {
@@ -1296,16 +1299,18 @@ export class FileCalls {
   // The kept calls of one account that were sent without a definitive answer, lowest counter
   // first (an unreadable file is skipped: this only names calls to resume).
   pending(instanceId, account) {
-    let names;
-    try {
-      names = readdirSync(this.directory).filter((name) => /^[0-9a-f]{64}\.json$/.test(name));
-    } catch {
-      return [];
+    const files = [];
+    for (const directory of [this.directory, ...this.alsoPending]) {
+      try {
+        for (const name of readdirSync(directory)) if (/^[0-9a-f]{64}\.json$/.test(name)) files.push(path.join(directory, name));
+      } catch {
+        // no such store
+      }
     }
     const found = [];
-    for (const name of names) {
+    for (const file of files) {
       try {
-        const document = JSON.parse(readFileSync(path.join(this.directory, name), "utf8"));
+        const document = JSON.parse(readFileSync(file, "utf8"));
         const state = FileCalls.parse(document, String(document.request_id));
         if (state.instanceId === instanceId && state.account === account && state.answer === null && state.attempts.length) found.push(state);
       } catch {
@@ -1585,7 +1590,10 @@ export class VeilNodeClient {
       try {
         return await work();
       } finally {
-        unlock();
+        // A lock taken over after a stall rejects its release: the work is done either way.
+        await Promise.resolve()
+          .then(() => unlock()) // no argument: proper-lockfile's release takes an optional callback
+          .catch(() => {});
       }
     } finally {
       done();
@@ -1774,13 +1782,15 @@ export class VeilNodeClient {
 
   // Judge a "wrong counter" answer (veil/sdk/client.py `_counter_state`): whether this call ran,
   // may have, or never can; throws when following it could roll back or run the call twice.
-  counterState(instanceId, account, opened, { counter, attempts, ambiguous }, { siblings = new Set(), fresh = true } = {}) {
+  counterState(instanceId, account, opened, call, { siblings = new Set(), fresh = true } = {}) {
+    const { counter, attempts, ambiguous } = call;
     const state = opened.message.counter;
     const next = state ? Number(state.nextCounter.toString()) : 0;
     if (!state || !Number.isSafeInteger(next) || next < 1) throw new IntegrityError(`${instanceId}: the enclave refused the counter without its state`);
     const used = next - 1;
     const lastCommandHash = Buffer.from(state.lastCommandHash ?? []);
     const lastSequence = state.lastSequence.toString();
+    if (used === counter && !attempts.some((a) => same(a.commandHash, lastCommandHash))) this.mergeKept(call);
     const ran = used === counter ? attempts.find((a) => same(a.commandHash, lastCommandHash)) : undefined;
     if (ran) return { ran, kept: state, nextCounter: next, lastSequence };
     // Too early, in an answer that may predate counters accepted since (a batch's, or a resent
@@ -1852,6 +1862,22 @@ export class VeilNodeClient {
   }
 
   // The error for a fresh sealing the enclave finds too early: the calls it waits for.
+  // Add the sealings the calls store holds for this call under its counter (another process may
+  // have resumed it meanwhile, e.g. after taking over a stalled holder's lock), so "used by another
+  // command" is never said of them (veil/sdk/client.py `_merge_kept`).
+  mergeKept(state) {
+    let stored;
+    try {
+      stored = this.calls.get(state.requestId);
+    } catch {
+      return;
+    }
+    if (!stored || stored === state || stored.counter !== state.counter) return;
+    for (const attempt of stored.attempts) {
+      if (!state.attempts.some((a) => same(a.commandHash, attempt.commandHash))) state.attempts.push(attempt);
+    }
+  }
+
   // The kept calls `state` waits for: this account's, under lower counters (a filler a crashed
   // process left behind is none: it only uses its counter).
   waiting(state) {

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +36,8 @@ from veil.sdk.files import remove_file, write_json
 from veil.sdk.sealing import Opened, SealedRequest
 
 CALLS_DIR = "calls"
+#: The Node client's calls in the same data dir (same format): calls the other client kept.
+NODE_CALLS_DIR = "node-calls"
 _MEMORY_LIMIT = 10_000
 
 
@@ -222,8 +224,10 @@ def parse(document: Any, request_id: str | None = None) -> PendingCall:
 class FileCalls:
     """One file per call in `directory`, written atomically (and flushed) before it is sent."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, also_pending: Sequence[Path] = ()) -> None:
         self.directory = directory
+        # Other clients' stores on the same data dir: their unsettled calls hold counters too.
+        self.also_pending = list(also_pending)
 
     def file(self, request_id: str) -> Path:
         return self.directory / f"{hashlib.sha256(request_id.encode()).hexdigest()}.json"
@@ -276,7 +280,8 @@ class FileCalls:
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         found = []
-        for path in self.directory.glob("*.json") if self.directory.is_dir() else []:
+        paths = [p for d in (self.directory, *self.also_pending) if d.is_dir() for p in d.glob("*.json")]
+        for path in paths:
             try:
                 state = parse(json.loads(path.read_text()))
             except (OSError, ValueError, KeyError, TypeError, DecodeError):

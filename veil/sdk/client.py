@@ -73,7 +73,7 @@ from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.apps import BallotClient, TokenClient, VaultClient
-from veil.sdk.calls import CALLS_DIR, CallStore, FileCalls, MemoryCalls
+from veil.sdk.calls import CALLS_DIR, NODE_CALLS_DIR, CallStore, FileCalls, MemoryCalls
 from veil.sdk.calls import PendingCall as _Call
 from veil.sdk.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryCounters
 from veil.sdk.errors import (
@@ -1015,6 +1015,8 @@ class VeilClient:
         counter_state = command_pb2.CounterState()
         counter_state.CopyFrom(opened.result.counter)
         used = counter_state.next_counter - 1
+        if used == state.counter and counter_state.last_command_hash not in state.hashes():
+            self._merge_kept(state)  # a sealing another process made of this call, kept before sent
         if used == state.counter and counter_state.last_command_hash in state.hashes():
             return counter_state
         by_sibling = counter_state.last_command_hash in siblings
@@ -1052,6 +1054,18 @@ class VeilClient:
                 "this one ran under its own counter before them and does not send it again"
             )
         return counter_state
+
+    def _merge_kept(self, state: _Call) -> None:
+        """Add the sealings the calls store holds for this call under its counter (another process
+        may have resumed it meanwhile), so "used by another command" is never said of them."""
+        try:
+            stored = self.calls.get(state.request_id)
+        except VeilClientError:
+            return
+        if stored is None or stored is state or stored.counter != state.counter:
+            return
+        known = {sealed.command.SerializeToString() for sealed, _ in state.sealings}
+        state.sealings.extend(s for s in stored.sealings if s[0].command.SerializeToString() not in known)
 
     def _recorded_answer(
         self,
@@ -1230,7 +1244,7 @@ def connect(
     if pins is None and data_dir is not None:
         pins = InstancePins(data_dir / PINS_FILE)
     if calls is None and data_dir is not None:
-        calls = FileCalls(data_dir / CALLS_DIR)
+        calls = FileCalls(data_dir / CALLS_DIR, also_pending=[data_dir / NODE_CALLS_DIR])
     client = VeilClient(
         channel,
         policy=policy,

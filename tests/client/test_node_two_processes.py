@@ -1,0 +1,113 @@
+"""Outside review 4: two clients on one data dir, and a Node process that stalled.
+
+1. A Node process paused for over 10 s loses its calls lock (proper-lockfile takes a lock over
+   once its holder stops refreshing it); another process resumed the same call and ran a fresh
+   sealing; the paused one, answered "counter used by <that sealing>", took it for another
+   command's and sealed the call under the next counter: paid twice. Now a client re-reads the
+   call's kept sealings before it ever seals a call under a new counter.
+2. The Python SDK's gap filler did not see the Node client's kept calls (`node-calls/`), so it
+   used up the counter of a transfer the Node client held, which could then never run and was
+   reported as possibly run. Both clients now count each other's kept calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.client.test_node_client import _balance, _unopenable_status, evil, funded, node_eval
+from tests.client.test_node_counter_gap import _Host, _node, _transfer_30
+from tests.gateway.support import InProcessMesh
+from veil.sdk.errors import CounterGap
+from veil.sdk.identity import SigningIdentity
+
+__all__ = ["evil", "funded"]
+
+
+def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: Any
+) -> None:
+    _, bob = funded
+    servicer, address = evil
+    seen: list[str] = []
+    release_first = threading.Event()
+
+    def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        seen.append(request.request_id)
+        n = len(seen)
+        if n in (1, 3):  # each process's resend of the first sealing: the host's "unopenable"
+            return _unopenable_status(context)
+        if n == 2:  # process 1's second sealing, same counter: held while process 1 "stalls"
+            release_first.wait(30)
+            return forward()
+        if n == 4:  # process 2's fresh sealing under the same counter: it runs
+            reply = forward()
+            release_first.set()
+            return reply
+        return forward()
+
+    servicer.execute_hook = hook
+    d = json.dumps(str(mesh.data_dir))
+    out = node_eval(f"""
+        const fs = await import("node:fs"); const path = await import("node:path");
+        const crypto = await import("node:crypto"); const dir = {d};
+        const rejections = [];
+        process.on("unhandledRejection", (e) => rejections.push(String(e && e.code || e)));
+        const make = () => new veil.VeilNodeClient({json.dumps(address)},
+          fs.readFileSync(dir + "/pki/ca.pem"), {{
+          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json"),
+          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const p1 = make(), p2 = make();
+        const file = path.join(dir, "node-calls",
+          crypto.createHash("sha256").update("pay-1").digest("hex") + ".json");
+        const pay = (client) => client.token("coins", alice)
+          .transfer({json.dumps(bob.account)}, 10, {{ requestId: "pay-1" }})
+          .then((b) => "ok " + b, (e) => e.constructor.name + ": " + e.message);
+        const first = pay(p1);
+        while (!(fs.existsSync(file) && JSON.parse(fs.readFileSync(file, "utf8")).attempts.length === 2)) {{
+          await new Promise((r) => setTimeout(r, 20));
+        }}
+        // Process 1 stalls past proper-lockfile's 10 s: its lock is stale to everyone else.
+        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
+        const old = new Date(Date.now() - 20000);
+        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);
+        const second = await pay(p2);
+        const firstOut = await first;
+        await new Promise((r) => setTimeout(r, 200));
+        p1.close(); p2.close();
+        console.log(JSON.stringify({{ first: firstOut, second, rejections }}));
+    """)  # fmt: skip
+    assert out == {"first": "ok 90", "second": "ok 90", "rejections": []}, out
+    assert len(seen) == 4  # process 1 never sealed the call under another counter
+    assert _balance(mesh, bob) == 10  # once
+
+
+def test_the_python_sdk_never_fills_a_counter_the_node_client_holds(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, bob = funded
+    host = _Host(mesh, monkeypatch)  # holds what it is given, answers "busy"
+    calls = 'new veil.FileCalls(dir + "/node-calls")'
+    first = _node(mesh, _transfer_30(bob.account, ', { requestId: "node-pay" }'), calls=calls)
+    assert first["error"] in ("GatewayError", "NoAnswer"), first
+    host.phase = "honest"
+    with mesh.connect() as python_client:
+        with pytest.raises(CounterGap) as gap:  # sealed above the Node call, which it waits for
+            python_client.token("coins", alice).transfer(bob.account, 5)
+        assert gap.value.waiting_for == ["node-pay"]
+        again = _node(mesh, _transfer_30(bob.account, ', { requestId: "node-pay" }'), calls=calls)
+        assert again == {"balance": "70"}, again  # the Node call, resumed: it runs
+        assert (
+            python_client.token("coins", alice).transfer(bob.account, 5, request_id=gap.value.request_id)
+            == 65
+        )
+    assert _balance(mesh, bob) == 35
