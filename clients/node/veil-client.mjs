@@ -56,7 +56,7 @@ import {
   verify,
   X509Certificate,
 } from "node:crypto";
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync } from "node:fs";
 import path from "node:path";
 import { connect } from "node:net";
 import { fileURLToPath } from "node:url";
@@ -1275,6 +1275,12 @@ export class FileCalls {
     rmSync(this.file(requestId), { force: true });
   }
 
+  // Whether another client's store on the same data dir keeps a call by this id.
+  keptElsewhere(requestId) {
+    const name = path.basename(this.file(requestId));
+    return this.alsoPending.some((directory) => existsSync(path.join(directory, name)));
+  }
+
   // Hold one account's calls against other processes (proper-lockfile: a lock directory whose
   // mtime its holder refreshes; one not refreshed for LOCK_STALE_MS, its holder dead or stopped,
   // is taken over). Waits up to `waitMs`, then InputError (nothing sent).
@@ -1606,6 +1612,7 @@ export class VeilNodeClient {
     if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
     const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
     let state = requestId ? this.calls.get(requestId) : undefined;
+    if (state === undefined && requestId) this.notKeptElsewhere(requestId);
     if (state !== undefined) {
       if (state.instanceId !== instanceId || state.account !== account || !state.callBytes.equals(callBytes)) {
         throw new InputError(`request id ${JSON.stringify(requestId)} already names another call; nothing was sent`);
@@ -1661,6 +1668,7 @@ export class VeilNodeClient {
         state.ambiguous = true;
       } else {
         const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
+        if (state.attempts.length) this.assertCurrent(state);
         const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
         state.attempts.push(sealed);
@@ -1705,6 +1713,7 @@ export class VeilNodeClient {
       // never run under it, so it is sealed again under the next counter, above every counter
       // this client has sealed (the high-water mark).
       this.record(instanceId, account, counterState.nextCounter - 1);
+      this.assertCurrent(state);
       if (batched) throw new Restart();
       state.counter = this.nextCounter(instanceId, account);
       state.attempts = [];
@@ -1878,6 +1887,34 @@ export class VeilNodeClient {
     }
   }
 
+  // A request id the other client keeps on this data dir (the Python SDK's calls/) names its call:
+  // resumed here it would be a new call, and could use up the counter that one holds.
+  notKeptElsewhere(requestId) {
+    if (this.calls.keptElsewhere?.(requestId)) {
+      throw new InputError(`request id ${JSON.stringify(requestId)} names a call the Python SDK keeps on this data dir (calls/): resume it there; nothing was sent`);
+    }
+  }
+
+  // Before this process seals a call it already sent again: the store must still hold the call as
+  // this process knows it. Another process can take a call over only after this one stalled past
+  // its lock (proper-lockfile's 10 s); it may have moved the call to another counter, settled it or
+  // sealed it anew, so sealing it from this stale copy could run it twice (outside review 5).
+  assertCurrent(state) {
+    let stored;
+    try {
+      stored = this.calls.get(state.requestId);
+    } catch {
+      stored = undefined;
+    }
+    if (stored === state) return;
+    const known = new Set(state.attempts.map((a) => a.commandHash.toString("hex")));
+    if (stored && stored.answer === null && stored.counter === state.counter && stored.attempts.every((a) => known.has(a.commandHash.toString("hex")))) return;
+    throw new OutcomeUnknown(
+      `${state.instanceId}: another process took this call over (request id ${state.requestId}) while this one stalled; ` +
+        "this one stops: resume the call with its request id",
+    );
+  }
+
   // The kept calls `state` waits for: this account's, under lower counters (a filler a crashed
   // process left behind is none: it only uses its counter).
   waiting(state) {
@@ -1922,6 +1959,7 @@ export class VeilNodeClient {
     const callBytes = calls.map((call) => Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish()));
     calls.forEach((_, index) => {
       const earlier = ids[index] ? this.calls.get(ids[index]) : undefined;
+      if (earlier === undefined && ids[index]) this.notKeptElsewhere(ids[index]);
       if (earlier === undefined) return;
       if (earlier.instanceId !== instanceId || earlier.account !== account || !earlier.callBytes.equals(callBytes[index])) {
         throw new InputError(`request id ${JSON.stringify(ids[index])} already names another call; nothing was sent`);

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,10 +25,14 @@ import pytest
 from tests.client.test_node_client import _balance, _unopenable_status, evil, funded, node_eval
 from tests.client.test_node_counter_gap import _Host, _node, _transfer_30
 from tests.gateway.support import InProcessMesh
+from veil.sdk.calls import FileCalls, MemoryCalls
+from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import CounterGap
 from veil.sdk.identity import SigningIdentity
 
 __all__ = ["evil", "funded"]
+
+_CALLS = 'new veil.FileCalls(dir + "/node-calls")'
 
 
 def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
@@ -111,3 +117,105 @@ def test_the_python_sdk_never_fills_a_counter_the_node_client_holds(
             == 65
         )
     assert _balance(mesh, bob) == 35
+
+
+def test_a_stalled_process_never_seals_a_call_another_process_moved_on(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: Any
+) -> None:
+    """Outside review 5: the stalled process 1 got "counter 2 used by another command" (another
+    device's) while process 2, which took its lock over, had already moved the call to counter 3
+    and sent sealings the host held; process 1 sealed the call under counter 4 from its stale copy
+    and the host ran both: paid twice. A process now checks that the store still holds the call as
+    it knows it before sealing it again, and stops (OutcomeUnknown) when another took it over."""
+    alice, bob = funded
+    servicer, address = evil
+    marker_a, marker_b = mesh.data_dir / "a-arrived", mesh.data_dir / "b-done"
+    first: dict[str, Any] = {}
+    held: list[Callable[[], Any]] = []
+    guard = threading.Lock()
+
+    def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        with guard:
+            is_first = not first
+            if is_first:
+                first["command"] = request.command.SerializeToString()
+        if is_first:  # process 1's sealing under counter 2: another device uses 2 meanwhile
+            with mesh.connect(counters=MemoryCounters(), calls=MemoryCalls()) as device:
+                tokens = device.token("coins", alice)
+                tokens.balance()
+                tokens.transfer(bob.account, 1)
+            reply = forward()  # genuine: "counter 2 used by another command"
+            marker_a.write_text("1")
+            for _ in range(600):  # held while process 1 "stalls"
+                if marker_b.exists():
+                    break
+                time.sleep(0.05)
+            return reply
+        if request.command.SerializeToString() == first["command"]:
+            return forward()  # process 2's resend of the same bytes
+        request.request_id = f"rewritten-{len(held)}"  # the host ignores request-id dedupe
+        held.append(forward)  # every later sealing: kept by the host, "unopenable" to the client
+        return _unopenable_status(context)
+
+    servicer.execute_hook = hook
+    d = json.dumps(str(mesh.data_dir))
+    out = node_eval(f"""
+        const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
+        const make = () => new veil.VeilNodeClient({json.dumps(address)},
+          fs.readFileSync(dir + "/pki/ca.pem"), {{
+          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json"),
+          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const p1 = make(), p2 = make();
+        const pay = (client) => client.token("coins", alice)
+          .transfer({json.dumps(bob.account)}, 10, {{ requestId: "pay-1" }})
+          .then((b) => "ok " + b, (e) => e.constructor.name + ": " + e.message);
+        const first = pay(p1);
+        while (!fs.existsSync(dir + "/a-arrived")) await new Promise((r) => setTimeout(r, 20));
+        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
+        const old = new Date(Date.now() - 20000);
+        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);  // process 1 stalled past 10 s
+        const second = await pay(p2);
+        fs.writeFileSync(dir + "/b-done", "1");
+        const firstOut = await first;
+        p1.close(); p2.close();
+        console.log(JSON.stringify({{ first: firstOut, second }}));
+    """)  # fmt: skip
+    assert out["first"].startswith("OutcomeUnknown"), out
+    assert "took this call over" in out["first"]
+    assert out["second"].startswith("OutcomeUnknown"), out
+    for run in held:  # the host runs every sealing it kept: pay-1 runs once at most
+        run()
+    assert _balance(mesh, bob) == 11  # the device's 1 and pay-1's 10, once
+
+
+def test_a_request_id_the_other_client_keeps_is_refused_not_a_new_call(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside review 5: the Python SDK took a request id of a call the Node client keeps for a
+    new call of its own, and its gap filler then used up the counter the Node call held."""
+    alice, bob = funded
+    host = _Host(mesh, monkeypatch)
+    first = _node(mesh, _transfer_30(bob.account, ', { requestId: "node-pay" }'), calls=_CALLS)
+    assert first["error"] in ("GatewayError", "NoAnswer"), first
+    host.phase = "honest"
+    with mesh.connect() as python_client, pytest.raises(ValueError, match="the Node client keeps"):
+        python_client.token("coins", alice).transfer(bob.account, 30, request_id="node-pay")
+    assert _node(mesh, _transfer_30(bob.account, ', { requestId: "node-pay" }'), calls=_CALLS) == {
+        "balance": "70"
+    }
+
+
+def test_an_unreadable_file_in_the_other_store_names_no_call(tmp_path: Path) -> None:
+    """Outside review 5: a corrupt file in node-calls/ (a number that overflows, nesting past the
+    recursion limit) made every Python "too early" answer fail."""
+    node = tmp_path / "node-calls"
+    node.mkdir()
+    (node / ("0" * 64 + ".json")).write_text(
+        '{"request_id":"x","instance_id":"coins","account":"a","call":"","counter":1e999,"attempts":[]}'
+    )
+    (node / ("1" * 64 + ".json")).write_text("[" * 100_000 + "]" * 100_000)
+    assert FileCalls(tmp_path / "calls", also_pending=[node]).pending("coins", "a") == []

@@ -78,6 +78,10 @@ class CallStore(Protocol):
 
     def delete(self, request_id: str) -> None: ...
 
+    def kept_elsewhere(self, request_id: str) -> bool:
+        """Whether another client's store on the same data dir keeps a call by this id."""
+        ...
+
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         """The kept calls of one account not settled yet, lowest counter first."""
         ...
@@ -121,6 +125,9 @@ class MemoryCalls:
         self, instance_id: str, account: str, wait_s: float
     ) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()  # one client object: its own per-account lock suffices
+
+    def kept_elsewhere(self, request_id: str) -> bool:
+        return False
 
     def pending(self, instance_id: str, account: str) -> list[PendingCall]:
         with self._lock:
@@ -244,7 +251,7 @@ class FileCalls:
             ) from None
         try:
             return parse(document, request_id)
-        except (ValueError, KeyError, TypeError, DecodeError):
+        except (ValueError, KeyError, TypeError, DecodeError, ArithmeticError, RecursionError):
             raise VeilClientError(f"the call journal {path} is malformed; nothing was sent") from None
 
     def put(self, state: PendingCall) -> None:
@@ -253,6 +260,10 @@ class FileCalls:
 
     def delete(self, request_id: str) -> None:
         remove_file(self.file(request_id))
+
+    def kept_elsewhere(self, request_id: str) -> bool:
+        name = self.file(request_id).name
+        return any((directory / name).exists() for directory in self.also_pending)
 
     @contextlib.contextmanager
     def locked(self, instance_id: str, account: str, wait_s: float) -> Iterator[None]:
@@ -284,8 +295,8 @@ class FileCalls:
         for path in paths:
             try:
                 state = parse(json.loads(path.read_text()))
-            except (OSError, ValueError, KeyError, TypeError, DecodeError):
-                continue
+            except (OSError, ValueError, KeyError, TypeError, DecodeError, ArithmeticError, RecursionError):
+                continue  # not a call this client can read: it names none to resume
             if (state.instance_id, state.account) == (instance_id, account) and state.answer is None:
                 found.append(state)
         return sorted(found, key=lambda c: c.counter)

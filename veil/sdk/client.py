@@ -565,6 +565,11 @@ class VeilClient:
             with self._lock:
                 answered = self._answered.get(request_id) if request_id else None
             resumed = self.calls.get(request_id) if request_id and answered is None else None
+            if request_id and answered is None and resumed is None and self.calls.kept_elsewhere(request_id):
+                raise ValueError(
+                    f"request id {request_id!r} names a call the Node client keeps on this data dir "
+                    "(node-calls/): resume it there; nothing was sent"
+                )
             earlier = answered[0] if answered else resumed
             if earlier is not None and (
                 (earlier.instance_id, earlier.call) != (instance_id, call_bytes)
