@@ -1418,6 +1418,10 @@ const GAP_FILLERS = {
   APP_KIND_VAULT: { vault: { get: {} } },
   APP_KIND_BALLOT: { ballot: { info: {} } },
 };
+// What a kept call is, for comparing the store's copy with this process's: its counter, whether
+// it is settled, and its sealings.
+const fingerprintOf = (state) =>
+  `${state.counter}/${state.answer ? "settled" : ""}/${state.attempts.map((a) => a.commandHash.toString("hex")).sort().join(",")}`;
 const FILLER_BYTES = new Set(Object.values(GAP_FILLERS).map((call) => hexOf(Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish()))));
 const FINAL_REFUSALS = new Set(["ECALL_ERROR_CODE_INVALID_ARGUMENT", "ECALL_ERROR_CODE_UNIMPLEMENTED", "ECALL_ERROR_CODE_UNAUTHENTICATED"]);
 
@@ -1612,6 +1616,7 @@ export class VeilNodeClient {
     if (requestId !== undefined && requestId !== null) checkRequestId(requestId);
     const callBytes = Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish());
     let state = requestId ? this.calls.get(requestId) : undefined;
+    if (state !== undefined) state.stored = fingerprintOf(state);
     if (state === undefined && requestId) this.notKeptElsewhere(requestId);
     if (state !== undefined) {
       if (state.instanceId !== instanceId || state.account !== account || !state.callBytes.equals(callBytes)) {
@@ -1640,7 +1645,7 @@ export class VeilNodeClient {
     } catch (error) {
       if (state.attempts.length) {
         // Something was sent without a definitive answer: a retry under this id resumes it.
-        this.calls.put(state);
+        this.store(state);
         if (error instanceof VeilError) error.requestId = state.requestId;
       } else {
         this.calls.delete(state.requestId); // nothing sent: a retry starts afresh
@@ -1782,7 +1787,7 @@ export class VeilNodeClient {
     // can (an earlier one, sent without a definitive answer, still may).
     state.attempts = state.attempts.filter((a) => !same(a.commandHash, sealed.commandHash));
     if (!state.attempts.length) return true;
-    this.calls.put(state);
+    this.store(state);
     throw new OutcomeUnknown(
       `${state.instanceId}: the enclave refused this call's latest sealing (${code}: ${refusal.message}), but an earlier ` +
         "sealing of it, sent without a definitive answer, may still run; resume it with its request id to settle that one",
@@ -1854,9 +1859,35 @@ export class VeilNodeClient {
   // Before anything is sent: raise the high-water mark (durably), then keep each call resumable.
   kept(states) {
     if (!states.length) return;
+    for (const state of states) this.assertUnchanged(state);
     const { instanceId, account } = states[0];
     this.counters.seal(instanceId, account, Math.max(...states.map((s) => s.counter)));
-    for (const state of states) this.calls.put(state);
+    for (const state of states) this.store(state);
+  }
+
+  // Keep a call in the store, remembering what this process wrote (see `assertUnchanged`).
+  store(state) {
+    this.calls.put(state);
+    state.stored = fingerprintOf(state);
+  }
+
+  // Before a new sealing of a call is kept (and so sent): the store must hold the call exactly as
+  // this process last read or wrote it. Another process can change it only after taking this
+  // one's lock over (a stall past proper-lockfile's 10 s); sealing from a stale copy could run the
+  // call twice and would overwrite the other's sealings (outside reviews 5 and 6).
+  assertUnchanged(state) {
+    let current;
+    try {
+      current = this.calls.get(state.requestId);
+    } catch {
+      current = undefined;
+    }
+    if (current === state) return; // MemoryCalls: this very object
+    if ((current ? fingerprintOf(current) : null) === (state.stored ?? null)) return;
+    throw new OutcomeUnknown(
+      `${state.instanceId}: another process took this call over (request id ${state.requestId}) while this one stalled; ` +
+        "this one stops: resume the call with its request id",
+    );
   }
 
   // A definitive answer: the call leaves the calls store (kept with its answer when the caller
@@ -1866,7 +1897,7 @@ export class VeilNodeClient {
   settled(state, opened) {
     state.answer = opened;
     if (!opened.accepted) this.counters.unseal(state.instanceId, state.account, state.counter);
-    if (state.explicit) this.calls.put(state);
+    if (state.explicit) this.store(state);
     else this.calls.delete(state.requestId);
   }
 
@@ -1959,6 +1990,7 @@ export class VeilNodeClient {
     const callBytes = calls.map((call) => Buffer.from(messages.AppCall.encode(messages.AppCall.fromObject(call)).finish()));
     calls.forEach((_, index) => {
       const earlier = ids[index] ? this.calls.get(ids[index]) : undefined;
+      if (earlier !== undefined) earlier.stored = fingerprintOf(earlier);
       if (earlier === undefined && ids[index]) this.notKeptElsewhere(ids[index]);
       if (earlier === undefined) return;
       if (earlier.instanceId !== instanceId || earlier.account !== account || !earlier.callBytes.equals(callBytes[index])) {
@@ -2019,7 +2051,7 @@ export class VeilNodeClient {
           return;
         }
         if (state.attempts.length) {
-          this.calls.put(state); // something was sent without a definitive answer: resumable
+          this.store(state); // something was sent without a definitive answer: resumable
           if (error instanceof VeilError) error.requestId = state.requestId;
         }
         if (error instanceof CounterGap || error instanceof NotRunYet) gap ??= error; // later calls wait for it

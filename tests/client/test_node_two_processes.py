@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -219,3 +220,81 @@ def test_an_unreadable_file_in_the_other_store_names_no_call(tmp_path: Path) -> 
     )
     (node / ("1" * 64 + ".json")).write_text("[" * 100_000 + "]" * 100_000)
     assert FileCalls(tmp_path / "calls", also_pending=[node]).pending("coins", "a") == []
+
+
+def test_a_stalled_batch_never_reseals_a_call_another_process_took_over(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: Any
+) -> None:
+    """Outside review 6: process 1's batch [pay-1 (10), pay-2 (5)]; another device uses pay-1's
+    counter, so pay-1 is to be sealed again after the batch; process 1 stalls on pay-2's resend,
+    process 2 takes the lock over, resumes pay-1 and moves it on (sealings the host keeps); then
+    process 1 sealed pay-1 from its stale copy and the host ran both. Every new sealing is now kept
+    only if the store still holds the call as this process last read or wrote it."""
+    alice, bob = funded
+    servicer, address = evil
+    marker_a, marker_b = mesh.data_dir / "a-arrived", mesh.data_dir / "b-done"
+    seen: list[bytes] = []
+    held: list[Callable[[], Any]] = []
+    guard = threading.Lock()
+    device_used: list[bool] = []
+
+    def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        command = request.command.SerializeToString()
+        with guard:
+            if command not in seen:
+                seen.append(command)
+            index = seen.index(command)
+        if index == 0 and not device_used:
+            device_used.append(True)
+            with mesh.connect(counters=MemoryCounters(), calls=MemoryCalls()) as device:
+                tokens = device.token("coins", alice)
+                tokens.balance()
+                tokens.transfer(bob.account, 1)  # uses counter 2, pay-1's
+            return forward()  # genuine: "counter 2 used by another command"
+        if index == 0:
+            return forward()  # process 2's resend of pay-1's first sealing
+        if index == 1:  # pay-2's resend: held while process 1 "stalls"
+            marker_a.write_text("1")
+            for _ in range(600):
+                if marker_b.exists():
+                    break
+                time.sleep(0.05)
+            return forward()
+        request.request_id = f"rewritten-{len(held)}"  # the host ignores request-id dedupe
+        held.append(forward)
+        return _unopenable_status(context)
+
+    servicer.execute_hook = hook
+    d = json.dumps(str(mesh.data_dir))
+    out = node_eval(f"""
+        const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
+        const make = () => new veil.VeilNodeClient({json.dumps(address)},
+          fs.readFileSync(dir + "/pki/ca.pem"), {{
+          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json"),
+          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const p1 = make(), p2 = make();
+        const name = (e) => e.constructor.name + ": " + e.message;
+        const to = {json.dumps(bob.account)};
+        const first = p1.token("coins", alice)
+          .transferMany([{{ to, amount: 10 }}, {{ to, amount: 5 }}], {{ requestIds: ["pay-1", "pay-2"] }})
+          .then((rs) => rs.map((r) => r.error ? name(r.error) : "ok " + r.balance), name);
+        while (!fs.existsSync(dir + "/a-arrived")) await new Promise((r) => setTimeout(r, 20));
+        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
+        const old = new Date(Date.now() - 20000);
+        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);  // process 1 stalled past 10 s
+        const second = await p2.token("coins", alice).transfer(to, 10, {{ requestId: "pay-1" }})
+          .then((b) => "ok " + b, name);
+        fs.writeFileSync(dir + "/b-done", "1");
+        const firstOut = await first;
+        p1.close(); p2.close();
+        console.log(JSON.stringify({{ first: firstOut, second }}));
+    """)  # fmt: skip
+    assert "took this call over" in out["first"][0], out
+    for run in held:  # the host runs every sealing it kept
+        with contextlib.suppress(grpc.RpcError):
+            run()
+    assert _balance(mesh, bob) == 16  # the device's 1, pay-2's 5 and pay-1's 10, each once
