@@ -120,7 +120,10 @@ class Service:
         assert self.process is not None
         found: list[int] = []
         for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            found += [int(pid) for pid in (task / "children").read_text().split()]
+            try:
+                found += [int(pid) for pid in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue  # a thread that ended since the listing (seen in CI): it has no children
         return found
 
     def kill9(self) -> None:
