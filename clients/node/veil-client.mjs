@@ -1673,7 +1673,6 @@ export class VeilNodeClient {
         state.ambiguous = true;
       } else {
         const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
-        if (state.attempts.length) this.assertCurrent(state);
         const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
         state.attempts.push(sealed);
@@ -1718,7 +1717,6 @@ export class VeilNodeClient {
       // never run under it, so it is sealed again under the next counter, above every counter
       // this client has sealed (the high-water mark).
       this.record(instanceId, account, counterState.nextCounter - 1);
-      this.assertCurrent(state);
       if (batched) throw new Restart();
       state.counter = this.nextCounter(instanceId, account);
       state.attempts = [];
@@ -1924,26 +1922,6 @@ export class VeilNodeClient {
     if (this.calls.keptElsewhere?.(requestId)) {
       throw new InputError(`request id ${JSON.stringify(requestId)} names a call the Python SDK keeps on this data dir (calls/): resume it there; nothing was sent`);
     }
-  }
-
-  // Before this process seals a call it already sent again: the store must still hold the call as
-  // this process knows it. Another process can take a call over only after this one stalled past
-  // its lock (proper-lockfile's 10 s); it may have moved the call to another counter, settled it or
-  // sealed it anew, so sealing it from this stale copy could run it twice (outside review 5).
-  assertCurrent(state) {
-    let stored;
-    try {
-      stored = this.calls.get(state.requestId);
-    } catch {
-      stored = undefined;
-    }
-    if (stored === state) return;
-    const known = new Set(state.attempts.map((a) => a.commandHash.toString("hex")));
-    if (stored && stored.answer === null && stored.counter === state.counter && stored.attempts.every((a) => known.has(a.commandHash.toString("hex")))) return;
-    throw new OutcomeUnknown(
-      `${state.instanceId}: another process took this call over (request id ${state.requestId}) while this one stalled; ` +
-        "this one stops: resume the call with its request id",
-    );
   }
 
   // The kept calls `state` waits for: this account's, under lower counters (a filler a crashed
