@@ -36,6 +36,20 @@ __all__ = ["evil", "funded"]
 _CALLS = 'new veil.FileCalls(dir + "/node-calls")'
 
 
+def _two_processes(address: str) -> str:
+    """Node source: `p1` and `p2`, two clients on the data dir `dir` (as two processes would be,
+    sharing its files), and `alice`."""
+    return f"""const make = () => new veil.VeilNodeClient({json.dumps(address)},
+          fs.readFileSync(dir + "/pki/ca.pem"), {{
+          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+          counters: new veil.FileCounters(dir + "/counters.json"),
+          pins: new veil.InstancePins(dir + "/instances.json"),
+          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const p1 = make(), p2 = make();"""
+
+
 def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
     mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: Any
 ) -> None:
@@ -65,15 +79,7 @@ def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
         const crypto = await import("node:crypto"); const dir = {d};
         const rejections = [];
         process.on("unhandledRejection", (e) => rejections.push(String(e && e.code || e)));
-        const make = () => new veil.VeilNodeClient({json.dumps(address)},
-          fs.readFileSync(dir + "/pki/ca.pem"), {{
-          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-          counters: new veil.FileCounters(dir + "/counters.json"),
-          pins: new veil.InstancePins(dir + "/instances.json"),
-          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
-        const alice = veil.loadIdentity(dir + "/identities/alice.key");
-        const p1 = make(), p2 = make();
+        {_two_processes(address)}
         const file = path.join(dir, "node-calls",
           crypto.createHash("sha256").update("pay-1").digest("hex") + ".json");
         const pay = (client) => client.token("coins", alice)
@@ -162,15 +168,7 @@ def test_a_stalled_process_never_seals_a_call_another_process_moved_on(
     d = json.dumps(str(mesh.data_dir))
     out = node_eval(f"""
         const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
-        const make = () => new veil.VeilNodeClient({json.dumps(address)},
-          fs.readFileSync(dir + "/pki/ca.pem"), {{
-          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-          counters: new veil.FileCounters(dir + "/counters.json"),
-          pins: new veil.InstancePins(dir + "/instances.json"),
-          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
-        const alice = veil.loadIdentity(dir + "/identities/alice.key");
-        const p1 = make(), p2 = make();
+        {_two_processes(address)}
         const pay = (client) => client.token("coins", alice)
           .transfer({json.dumps(bob.account)}, 10, {{ requestId: "pay-1" }})
           .then((b) => "ok " + b, (e) => e.constructor.name + ": " + e.message);
@@ -268,15 +266,7 @@ def test_a_stalled_batch_never_reseals_a_call_another_process_took_over(
     d = json.dumps(str(mesh.data_dir))
     out = node_eval(f"""
         const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
-        const make = () => new veil.VeilNodeClient({json.dumps(address)},
-          fs.readFileSync(dir + "/pki/ca.pem"), {{
-          serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-          counters: new veil.FileCounters(dir + "/counters.json"),
-          pins: new veil.InstancePins(dir + "/instances.json"),
-          calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
-        const alice = veil.loadIdentity(dir + "/identities/alice.key");
-        const p1 = make(), p2 = make();
+        {_two_processes(address)}
         const name = (e) => e.constructor.name + ": " + e.message;
         const to = {json.dumps(bob.account)};
         const first = p1.token("coins", alice)
