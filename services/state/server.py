@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -24,9 +22,9 @@ from veil.services.common import identity
 from veil.services.common.channels import remaining_timeout
 from veil.services.common.config import ServiceConfig
 from veil.services.common.errors import (
-    CORRELATION_ID,
     InvalidArgument,
     VeilError,
+    internal_status,
     new_correlation_id,
 )
 from veil.services.common.main import serve
@@ -39,7 +37,6 @@ from veil.services.state.keyvault_client import KeyvaultClient
 from veil.services.state.runner import spawn_enclave
 from veil.services.state.store import StateStore, open_store
 from veil.state.v1 import state_pb2, state_pb2_grpc
-from veil.status import ERROR_DOMAIN
 
 SERVICE_NAME = state_pb2.DESCRIPTOR.services_by_name["StateService"].full_name
 EXECUTE_CEILING_S = 30.0
@@ -73,8 +70,7 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         self, request: state_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> state_pb2.ExecuteResponse:
         host = self._require_host()
-        if not request.instance_id or not request.HasField("command"):
-            raise InvalidArgument("instance_id and command are required")
+        _require_command(request)
         timeout = remaining_timeout(context, EXECUTE_CEILING_S)
         return host.execute(request.instance_id, request.command, request.request_id, timeout)
 
@@ -82,8 +78,7 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         self, request: state_pb2.QueryRequest, context: grpc.ServicerContext
     ) -> state_pb2.QueryResponse:
         host = self._require_host()
-        if not request.instance_id or not request.HasField("command"):
-            raise InvalidArgument("instance_id and command are required")
+        _require_command(request)
         return host.query(request.instance_id, request.command, remaining_timeout(context, EXECUTE_CEILING_S))
 
     def CreateInstance(
@@ -147,9 +142,14 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         return state_pb2.PingResponse(payload=request.payload)
 
 
-def _enqueue(host: StateHost, request: state_pb2.ExecuteRequest) -> Answer:
+def _require_command(request: state_pb2.ExecuteRequest | state_pb2.QueryRequest) -> None:
+    """Execute, Query and every command of an ExecuteBatch name an instance and carry a command."""
     if not request.instance_id or not request.HasField("command"):
         raise InvalidArgument("instance_id and command are required")
+
+
+def _enqueue(host: StateHost, request: state_pb2.ExecuteRequest) -> Answer:
+    _require_command(request)
     return host.enqueue(request.instance_id, request.command, request.request_id)
 
 
@@ -166,7 +166,7 @@ def _attempt(
         correlation_id = new_correlation_id()
         _log.exception("a batched command failed (correlation id %s)", correlation_id)
         return state_pb2.ExecuteBatchResponse(
-            index=index, status=_internal(correlation_id).SerializeToString()
+            index=index, status=internal_status(correlation_id).SerializeToString()
         )
     if isinstance(answer, state_pb2.ExecuteResponse):
         return state_pb2.ExecuteBatchResponse(index=index, response=answer)
@@ -175,16 +175,6 @@ def _attempt(
 
 def _result(index: int, error: VeilError) -> state_pb2.ExecuteBatchResponse:
     return state_pb2.ExecuteBatchResponse(index=index, status=error.to_status().SerializeToString())
-
-
-def _internal(correlation_id: str) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(
-        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={CORRELATION_ID: correlation_id}
-    )
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    message = f"internal error (correlation id {correlation_id})"
-    return status_pb2.Status(code=code_pb2.INTERNAL, message=message, details=[detail])
 
 
 def build_state_server(
