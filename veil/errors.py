@@ -9,52 +9,15 @@ an enclave that raised one. Catch both to catch every failure:
         ...
     except (veil.errors.VeilClientError, veil.errors.AttestationError) as error:
         ...
+
+Its names are those of `veil.sdk.errors` and `veil.verify.errors` (each module's `__all__`).
 """
 
 from __future__ import annotations
 
-from veil.sdk.errors import (
-    CommandRefused,
-    GatewayError,
-    IdentityError,
-    IntegrityError,
-    OutcomeUnknown,
-    PolicyError,
-    ResultLost,
-    VeilClientError,
-)
-from veil.verify.errors import (
-    AttestationError,
-    BindingError,
-    CertificateChainError,
-    CollateralError,
-    CollateralExpiredError,
-    QeIdentityError,
-    QuoteError,
-    QuoteFormatError,
-    QuoteSignatureError,
-    RevokedError,
-    TokenError,
-)
+from veil.sdk import errors as _sdk_errors
+from veil.sdk.errors import *  # noqa: F403
+from veil.verify import errors as _verify_errors
+from veil.verify.errors import *  # noqa: F403
 
-__all__ = [
-    "AttestationError",
-    "BindingError",
-    "CertificateChainError",
-    "CollateralError",
-    "CollateralExpiredError",
-    "CommandRefused",
-    "GatewayError",
-    "IdentityError",
-    "IntegrityError",
-    "OutcomeUnknown",
-    "PolicyError",
-    "QeIdentityError",
-    "QuoteError",
-    "QuoteFormatError",
-    "QuoteSignatureError",
-    "ResultLost",
-    "RevokedError",
-    "TokenError",
-    "VeilClientError",
-]
+__all__ = _sdk_errors.__all__ + _verify_errors.__all__

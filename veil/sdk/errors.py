@@ -9,6 +9,19 @@ import grpc
 from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.status import error_info
 
+__all__ = [
+    "CommandRefused",
+    "CounterGap",
+    "GatewayError",
+    "IdentityError",
+    "IntegrityError",
+    "NotRunYet",
+    "OutcomeUnknown",
+    "PolicyError",
+    "ResultLost",
+    "VeilClientError",
+]
+
 
 class VeilClientError(Exception):
     """Base of every SDK error."""

@@ -12,38 +12,16 @@ attestation bundle against a client's trust policy. Every refusal is an
 
 from __future__ import annotations
 
+from veil.verify import errors
 from veil.verify.bundle import TrustPolicy, VerifiedAttestation, VerifiedDescriptor, verify_bundle
-from veil.verify.errors import (
-    AttestationError,
-    BindingError,
-    CertificateChainError,
-    CollateralError,
-    CollateralExpiredError,
-    QeIdentityError,
-    QuoteError,
-    QuoteFormatError,
-    QuoteSignatureError,
-    RevokedError,
-    TokenError,
-)
+from veil.verify.errors import *  # noqa: F403
 from veil.verify.quote import Quote, ReportBody, parse_quote
 from veil.verify.tokens import VerifiedToken, verify_token
 from veil.verify.verifier import VerifiedQuote, verify_quote
 
 __all__ = [
-    "AttestationError",
-    "BindingError",
-    "CertificateChainError",
-    "CollateralError",
-    "CollateralExpiredError",
-    "QeIdentityError",
     "Quote",
-    "QuoteError",
-    "QuoteFormatError",
-    "QuoteSignatureError",
     "ReportBody",
-    "RevokedError",
-    "TokenError",
     "TrustPolicy",
     "VerifiedAttestation",
     "VerifiedDescriptor",
@@ -54,3 +32,4 @@ __all__ = [
     "verify_quote",
     "verify_token",
 ]
+__all__ += errors.__all__  # the AttestationError family

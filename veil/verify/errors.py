@@ -8,6 +8,20 @@ and translate it once.
 
 from __future__ import annotations
 
+__all__ = [
+    "AttestationError",
+    "BindingError",
+    "CertificateChainError",
+    "CollateralError",
+    "CollateralExpiredError",
+    "QeIdentityError",
+    "QuoteError",
+    "QuoteFormatError",
+    "QuoteSignatureError",
+    "RevokedError",
+    "TokenError",
+]
+
 
 class AttestationError(Exception):
     """Evidence was refused (a quote, its collateral, a token, a binding or a whole bundle)."""
