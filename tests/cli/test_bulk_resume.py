@@ -17,8 +17,10 @@ from veil.enclave.v1 import envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
-def _balances(veil: Veil, *names: str) -> dict[str, int]:
-    return {n: veil.json("token", "balance", "coins", "--as", n)["balance"] for n in names}
+def _assert_balances(veil: Veil, **expected: int) -> None:
+    """Each named identity's balance on `coins` is the one given."""
+    balances = {name: veil.json("token", "balance", "coins", "--as", name)["balance"] for name in expected}
+    assert balances == expected
 
 
 def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
@@ -32,25 +34,20 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     assert status == 1
     assert "2 transfers committed (30 tokens), 1 refused, 0 skipped" in out
     assert "refused row 4: 500 to dave" in out
-    assert _balances(veil, "alice", "bob", "carol", "dave") == {
-        "alice": 70,
-        "bob": 10,
-        "carol": 20,
-        "dave": 0,
-    }
+    _assert_balances(veil, alice=70, bob=10, carol=20, dave=0)
 
     # Running the same file again: the applied rows are skipped, the refused one tried again.
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert status == 1
     assert "0 transfers committed (0 tokens), 1 refused, 2 skipped, 0 outcome unknown" in out
     assert "skipped row 2: 10 to bob: applied by an earlier run" in out
-    assert _balances(veil, "alice", "bob", "carol") == {"alice": 70, "bob": 10, "carol": 20}
+    _assert_balances(veil, alice=70, bob=10, carol=20)
 
     # Dave's row is fixed by funding alice; the rerun applies only it.
     veil.ok("token", "mint", "coins", "alice", "500", "--as", "treasury")
     document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert (document["applied"], document["refused"], document["skipped"]) == (1, 0, 2)
-    assert _balances(veil, "alice", "dave") == {"alice": 70, "dave": 500}
+    _assert_balances(veil, alice=70, dave=500)
 
     # A run that died before writing its journal: the mesh holds the rows' answers under their
     # request ids, so none of them is sent to the enclave again.
@@ -62,12 +59,7 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     assert "0 transfers committed (0 tokens), 0 refused, 0 skipped, 3 outcome unknown" in out
     assert "unknown row 2: 10 to bob: the mesh's answer did not authenticate" in out
     assert "check the balance of the rows whose outcome is unknown" in out
-    assert _balances(veil, "alice", "bob", "carol", "dave") == {
-        "alice": 70,
-        "bob": 10,
-        "carol": 20,
-        "dave": 500,
-    }
+    _assert_balances(veil, alice=70, bob=10, carol=20, dave=500)
     assert json.loads(journal.read_text())["rows"]["2"]["state"] == "unknown"
     assert veil.executed() - executed == 3  # one attempt per row, answered from the mesh's record
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
@@ -117,7 +109,7 @@ def test_a_row_answered_too_late_is_resumed_not_repaid(veil: Veil, tmp_path: Pat
     )
     assert status == 0, out + err
     assert "1 transfers committed (10 tokens)" in out
-    assert _balances(veil, "alice", "bob") == {"alice": 90, "bob": 10}
+    _assert_balances(veil, alice=90, bob=10)
 
 
 def test_a_long_file_goes_in_batches_and_a_rerun_sends_nothing(veil: Veil, tmp_path: Path) -> None:
@@ -138,7 +130,7 @@ def test_a_long_file_goes_in_batches_and_a_rerun_sends_nothing(veil: Veil, tmp_p
     assert veil.executed() - executed == rows  # each row once
     sequences = [t["sequence"] for t in document["transfers"]]
     assert sequences == sorted(sequences)  # run in file order
-    assert _balances(veil, "alice")["alice"] == 1000 - sent
+    _assert_balances(veil, alice=1000 - sent)
     document = veil.json("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert (document["applied"], document["skipped"]) == (0, rows)
     assert veil.executed() - executed == rows
@@ -210,5 +202,5 @@ def test_a_run_interrupted_before_its_journal_pays_no_settled_row_twice(
     status, out, err = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     monkeypatch.undo()
     assert status == 0, (out, err)
-    assert _balances(veil, "alice", "bob", "carol") == {"alice": 70, "bob": 10, "carol": 20}
+    _assert_balances(veil, alice=70, bob=10, carol=20)
     assert not list((veil.mesh.data_dir / "calls").glob("*.json"))  # in the journal now: forgotten
