@@ -1,7 +1,8 @@
 """The server factory every Veil service uses, and graceful shutdown.
 
-A service's `create_server(config)` calls `build_server` with its servicers and its
-authorization table and gets back a `VeilServer`: the mTLS main server (health,
+A service's `create_server(config)` builds its server with `build_server` (through its
+`HostedService`: the service's name, authorization table and generated registration, with
+its servicer) and gets back a `VeilServer`: the mTLS main server (health,
 reflection, tracing, authorization, error mapping) plus a plaintext admin server
 with only health and reflection, for Kubernetes gRPC probes and local debugging.
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Generic, TypedDict, TypeVar, Unpack
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +34,8 @@ from veil.services.common.tls import server_credentials
 from veil.services.common.tracing import server_tracing_interceptor
 
 _log = logging.getLogger(__name__)
+
+S = TypeVar("S")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 # Kubernetes liveness asks for this health name: SERVING for as long as the process runs,
@@ -176,6 +180,40 @@ def build_server(
     bundle.set_serving(False)
     health_servicer.set(LIVENESS_SERVICE, SERVING)
     return bundle
+
+
+class ServerOptions(TypedDict, total=False):
+    """The optional settings of `build_server`, for callers that pass them through."""
+
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+    max_workers: int
+    max_request_bytes: int
+    public_listen: str | None
+    maximum_concurrent_rpcs: int | None
+    present_error: Presenter | None
+
+
+@dataclass(frozen=True)
+class HostedService(Generic[S]):
+    """One generated gRPC service as a Veil server hosts it: its full name (health and
+    reflection), who may call each method, and the generated `add_*Servicer_to_server`."""
+
+    name: str
+    authorization: AuthorizationTable
+    add_servicer: Callable[[S, grpc.Server], None]
+
+    def build_server(
+        self, config: ServiceConfig, servicer: S, **options: Unpack[ServerOptions]
+    ) -> VeilServer:
+        """`build_server` for this service alone, served by `servicer`."""
+        return build_server(
+            config,
+            register=lambda server: self.add_servicer(servicer, server),
+            service_names=[self.name],
+            authorization=self.authorization,
+            **options,
+        )
 
 
 def run_until_signalled(server: VeilServer, grace: float) -> None:

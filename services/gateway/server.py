@@ -47,7 +47,7 @@ from veil.services.common.errors import (
 )
 from veil.services.common.identity import AUTHENTICATED, PUBLIC, certificate_identity
 from veil.services.common.main import serve
-from veil.services.common.server import VeilServer, build_server
+from veil.services.common.server import HostedService, VeilServer
 from veil.services.gateway import public_errors, validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GATEWAY_WORKERS, GatewayConfig
@@ -80,6 +80,9 @@ AUTHORIZATION = identity.method_names(
         "Ping": PUBLIC,
         "ExecuteBatch": PUBLIC,
     },
+)
+HOSTED_SERVICE = HostedService(
+    SERVICE_NAME, AUTHORIZATION, gateway_pb2_grpc.add_GatewayServiceServicer_to_server
 )
 #: Commands one public ExecuteBatch may carry: one coalesced message to a replica at most.
 MAX_BATCH_COMMANDS = MAX_BATCH
@@ -698,11 +701,9 @@ def create_server(
         upstream_timeout=gateway.upstream_timeout,
         stream_limits=gateway.stream_limits,
     )
-    server = build_server(
+    server = HOSTED_SERVICE.build_server(
         config,
-        register=lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
+        servicer,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         max_request_bytes=gateway.max_message_bytes,

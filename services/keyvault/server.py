@@ -23,7 +23,7 @@ from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common import identity
 from veil.services.common.config import ServiceConfig
 from veil.services.common.main import serve
-from veil.services.common.server import VeilServer, build_server
+from veil.services.common.server import HostedService, VeilServer
 from veil.services.keyvault.app import Keyvault, open_keyvault
 from veil.services.keyvault.clock import Clock, system_clock
 from veil.services.keyvault.config import KeyvaultConfig
@@ -52,6 +52,9 @@ AUTHORIZATION = identity.method_names(
         "GetStatus": frozenset({identity.ADMIN, identity.STATE, identity.GATEWAY}),
     },
 )
+HOSTED_SERVICE = HostedService(
+    SERVICE_NAME, AUTHORIZATION, keyvault_pb2_grpc.add_KeyvaultServiceServicer_to_server
+)
 
 
 def create_server(
@@ -72,13 +75,8 @@ def create_server(
     keyvault: Keyvault = open_keyvault(kv_config, clock=clock)
     try:
         servicer = KeyvaultServicer(keyvault)
-        server = build_server(
-            config,
-            register=lambda s: keyvault_pb2_grpc.add_KeyvaultServiceServicer_to_server(servicer, s),
-            service_names=[SERVICE_NAME],
-            authorization=AUTHORIZATION,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
+        server = HOSTED_SERVICE.build_server(
+            config, servicer, tracer_provider=tracer_provider, meter_provider=meter_provider
         )
     except BaseException:
         keyvault.close()

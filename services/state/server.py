@@ -28,7 +28,7 @@ from veil.services.common.errors import (
     new_correlation_id,
 )
 from veil.services.common.main import serve
-from veil.services.common.server import VeilServer, build_server
+from veil.services.common.server import HostedService, VeilServer
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveHost
 from veil.services.state.errors import NotServing
@@ -53,6 +53,7 @@ AUTHORIZATION = identity.method_names(
         for name in state_pb2.DESCRIPTOR.services_by_name["StateService"].methods_by_name
     },
 )
+HOSTED_SERVICE = HostedService(SERVICE_NAME, AUTHORIZATION, state_pb2_grpc.add_StateServiceServicer_to_server)
 
 
 class StateServicer(state_pb2_grpc.StateServiceServicer):
@@ -187,11 +188,9 @@ def build_state_server(
 ) -> VeilServer:
     """The StateService's server (not started) around `servicer`: the state's authorization
     table, health and reflection for its service name."""
-    return build_server(
+    return HOSTED_SERVICE.build_server(
         config,
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(servicer, s),
-        service_names=[SERVICE_NAME],
-        authorization=AUTHORIZATION,
+        servicer,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         max_workers=max_workers,

@@ -24,13 +24,12 @@ from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import ServiceConfig
-from veil.services.common.server import VeilServer, build_server
+from veil.services.common.server import VeilServer
 from veil.services.gateway import idempotency, receipts
 from veil.services.gateway.config import GatewayConfig
 from veil.services.gateway.server import GatewayServicer
 from veil.services.gateway.server import create_server as create_gateway
-from veil.services.state.server import AUTHORIZATION as STATE_AUTHORIZATION
-from veil.services.state.server import SERVICE_NAME as STATE_SERVICE
+from veil.services.state.server import build_state_server
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 ANSWER_BYTES = 1000 * 1024
@@ -59,14 +58,9 @@ def _config(pki_dir: Path, tmp_path: Path, service: str) -> ServiceConfig:
 
 @pytest.fixture
 def gateway(pki_dir: Path, tmp_path: Path) -> Iterator[VeilServer]:
-    state = build_server(
+    state = build_state_server(
         _config(pki_dir, tmp_path, "state"),
-        register=lambda s: state_pb2_grpc.add_StateServiceServicer_to_server(
-            BigAnswers(),  # type: ignore[abstract]  # only Execute is called
-            s,
-        ),
-        service_names=[STATE_SERVICE],
-        authorization=STATE_AUTHORIZATION,
+        BigAnswers(),  # type: ignore[abstract]  # only Execute is called
     )
     state.start()
     state.set_serving(True)
