@@ -159,10 +159,7 @@ class Enclave:
         if not instance.holds:
             return 0
         hold = instance.holds[-1]
-        aad = wire.held_response_aad(instance.instance_id, hold.sequence)
-        for outcome in outcomes:
-            if outcome.sealed_response:
-                outcome.sealed_response = crypto.seal_blob(hold.key, outcome.sealed_response, aad)
+        Enclave._seal_answers(outcomes, hold.key, wire.held_response_aad(instance.instance_id, hold.sequence))
         return hold.sequence
 
     @staticmethod
@@ -177,11 +174,15 @@ class Enclave:
             instance.reads.append(ReadRound(instance.read_rounds, 0, secrets.token_bytes(crypto.KEY_SIZE)))
         read = instance.reads[-1]
         read.sequence = max(read.sequence, instance.sequence)
-        aad = wire.held_read_aad(instance.instance_id, read.number)
+        Enclave._seal_answers(outcomes, read.key, wire.held_read_aad(instance.instance_id, read.number))
+        return read.number
+
+    @staticmethod
+    def _seal_answers(outcomes: list[envelope_pb2.CommandOutcome], key: bytes, aad: bytes) -> None:
+        """Seal each answer again under a key the enclave gives out only once the keyvault has confirmed."""
         for outcome in outcomes:
             if outcome.sealed_response:
-                outcome.sealed_response = crypto.seal_blob(read.key, outcome.sealed_response, aad)
-        return read.number
+                outcome.sealed_response = crypto.seal_blob(key, outcome.sealed_response, aad)
 
     @staticmethod
     def _check_shape(statement: envelope_pb2.HeadStatement) -> None:
