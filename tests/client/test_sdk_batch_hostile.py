@@ -149,6 +149,16 @@ def _balance(mesh: InProcessMesh, alice: SigningIdentity) -> int:
         return honest.token("coins", alice).balance()
 
 
+def _run_and_lose(client: VeilClient, coins: str, alice: SigningIdentity, ids: list[str]) -> Any:
+    """Three 10-coin rows as one batch under `ids`: it runs, every answer is lost (GatewayError),
+    then nothing gets through this client's LoseAllStub (returned) until a test sets its mode."""
+    stub = _hostile(client, LoseAllStub)
+    stub.mode = "run-and-lose"
+    results = client.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
+    assert all(isinstance(r, GatewayError) for r in results), results
+    return stub
+
+
 def test_a_new_call_after_an_unsettled_batch_is_sealed_above_it_and_never_runs_twice(
     mesh: InProcessMesh, coins: str, alice: SigningIdentity
 ) -> None:
@@ -216,10 +226,7 @@ def test_a_rerun_in_a_new_process_with_the_same_request_ids_resumes_and_pays_onc
     which the enclave refuses as used (even under rewritten outer request ids)."""
     ids = ["csv-row-1", "csv-row-2", "csv-row-3"]
     with mesh.connect(timeout=1.5) as first_run:
-        stub = _hostile(first_run, LoseAllStub)
-        stub.mode = "run-and-lose"
-        results = first_run.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
-        assert all(isinstance(r, GatewayError) for r in results), results
+        _run_and_lose(first_run, coins, alice, ids)
     assert _balance(mesh, alice) == 970
     assert all(FileCalls(mesh.data_dir / "calls").get(i) is not None for i in ids)
     with mesh.connect(timeout=3) as second_run:  # the killed process, run again (same data dir)
@@ -235,10 +242,7 @@ def test_a_failed_attestation_while_resuming_keeps_the_calls(
     """Review 3: GetAttestation failing while a batch resumes its calls must not forget them."""
     ids = ["row-1", "row-2", "row-3"]
     with mesh.connect(timeout=1.5) as client:
-        stub = _hostile(client, LoseAllStub)
-        stub.mode = "run-and-lose"
-        results = client.execute_many(coins, [_pay(10)] * 3, alice, request_ids=ids)
-        assert all(isinstance(r, GatewayError) for r in results)
+        stub = _run_and_lose(client, coins, alice, ids)
         client._attestations.clear()  # the token expired
         stub.GetAttestation = lambda *a, **k: (_ for _ in ()).throw(Down())
         with pytest.raises(GatewayError):

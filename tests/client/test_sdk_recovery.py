@@ -12,7 +12,7 @@ import pytest
 
 from tests.client.evil_gateway import EvilGateway, evil_gateway
 from tests.gateway.support import InProcessMesh, fake_mesh_policy, token_config
-from veil.sdk.client import VeilClient, connect
+from veil.sdk.client import connect
 from veil.sdk.identity import new_identity
 from veil.services.common.errors import InvalidArgument, Unavailable, VeilError, abort
 
@@ -39,49 +39,43 @@ def flaky(mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     yield from evil_gateway(mesh)  # type: ignore[misc]  # yields our subclass
 
 
-def _client(mesh: InProcessMesh, address: str) -> VeilClient:
-    return connect(address, policy=fake_mesh_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir)
+Minting = tuple[FlakyGateway, Callable[[], int]]
 
 
-def _setup(mesh: InProcessMesh) -> Callable[[VeilClient], int]:
+@pytest.fixture
+def minting(mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]) -> Iterator[Minting]:
+    """The flaky gateway, and alice minting 5 coins on "coins" through it (one client)."""
+    gateway, address = flaky
     alice = new_identity(mesh.data_dir, "alice")
     with mesh.connect() as admin:
         admin.create_instance("coins", token_config(alice.public_key))
-    return lambda client: client.token("coins", alice).mint(alice.account, 5)
+    with connect(
+        address, policy=fake_mesh_policy(), ca=mesh.pki_dir / "ca.pem", data_dir=mesh.data_dir
+    ) as client:
+        yield gateway, lambda: client.token("coins", alice).mint(alice.account, 5)
 
 
-def test_transient_failures_are_retried_past_a_few_attempts(
-    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
-) -> None:
-    gateway, address = flaky
-    mint = _setup(mesh)
+def test_transient_failures_are_retried_past_a_few_attempts(mesh: InProcessMesh, minting: Minting) -> None:
+    gateway, mint = minting
     gateway.failures = [Unavailable("the state replica is restarting")] * 5
-    with _client(mesh, address) as client:
-        assert mint(client) == 5
+    assert mint() == 5
     assert len(set(gateway.request_ids)) == 1  # the same request every time
     assert mesh.states[0].calls["Execute"] == 1
 
 
-def test_unopenable_status_is_sealed_again_to_fresh_keys(
-    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
-) -> None:
-    gateway, address = flaky
-    mint = _setup(mesh)
+def test_unopenable_status_is_sealed_again_to_fresh_keys(mesh: InProcessMesh, minting: Minting) -> None:
+    gateway, mint = minting
     gateway.failures = [InvalidArgument("sealed to old keys", reason="COMMAND_UNOPENABLE")]
-    with _client(mesh, address) as client:
-        before = gateway.calls["GetAttestation"]
-        assert mint(client) == 5
-        assert gateway.calls["GetAttestation"] == before + 2  # the instance's first use, then again
+    before = gateway.calls["GetAttestation"]
+    assert mint() == 5
+    assert gateway.calls["GetAttestation"] == before + 2  # the instance's first use, then again
     assert len(set(gateway.request_ids)) == 2  # sealed again: a new request
     assert mesh.states[0].calls["Execute"] == 1
 
 
-def test_other_invalid_arguments_are_not_retried(
-    mesh: InProcessMesh, flaky: tuple[FlakyGateway, str]
-) -> None:
-    gateway, address = flaky
-    mint = _setup(mesh)
+def test_other_invalid_arguments_are_not_retried(mesh: InProcessMesh, minting: Minting) -> None:
+    gateway, mint = minting
     gateway.failures = [InvalidArgument("bad request")]
-    with _client(mesh, address) as client, pytest.raises(Exception, match="bad request"):
-        mint(client)
+    with pytest.raises(Exception, match="bad request"):
+        mint()
     assert mesh.states[0].calls["Execute"] == 0
