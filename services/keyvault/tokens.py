@@ -41,7 +41,7 @@ import json
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Protocol
 
 import jwt
@@ -97,32 +97,25 @@ def _signing_key_aad(kid: str) -> bytes:
     return SIGNING_KEY_AAD_LABEL + kid.encode("ascii")
 
 
+@dataclass(frozen=True, eq=False)
 class SigningKeyRing:
-    """P-256 token-signing keys persisted in the store, private halves KEK-wrapped."""
+    """P-256 token-signing keys persisted in the store, private halves KEK-wrapped (and cached
+    here once unwrapped, behind a lock)."""
 
-    def __init__(
-        self,
-        store: Store,
-        kek: Kek,
-        clock: Clock,
-        audit: AuditLog,
-        *,
-        token_ttl_s: int = DEFAULT_TOKEN_TTL_S,
-        leeway_s: int = DEFAULT_LEEWAY_S,
-    ) -> None:
-        self._store = store
-        self._kek = kek
-        self._clock = clock
-        self._audit = audit
-        self._token_ttl_s = token_ttl_s
-        self._leeway_s = leeway_s
-        self._cache: dict[str, ec.EllipticCurvePrivateKey] = {}
-        self._lock = threading.Lock()
+    store: Store
+    kek: Kek
+    clock: Clock
+    audit: AuditLog
+    _: KW_ONLY
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
+    leeway_s: int = DEFAULT_LEEWAY_S
+    _cache: dict[str, ec.EllipticCurvePrivateKey] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def retention_s(self) -> int:
         """How long a retired key stays published: the longest a token it signed can live."""
-        return self._token_ttl_s + self._leeway_s
+        return self.token_ttl_s + self.leeway_s
 
     def _new_record(self) -> tuple[SigningKeyRecord, ec.EllipticCurvePrivateKey]:
         private_key = ec.generate_private_key(ec.SECP256R1())
@@ -132,16 +125,16 @@ class SigningKeyRing:
         )
         record = SigningKeyRecord(
             kid=jwk["kid"],
-            wrapped_private=self._kek.wrap(der, _signing_key_aad(jwk["kid"])),
+            wrapped_private=self.kek.wrap(der, _signing_key_aad(jwk["kid"])),
             public_jwk_json=json.dumps(jwk, sort_keys=True, separators=(",", ":")),
-            created_us=to_micros(self._clock()),
+            created_us=to_micros(self.clock()),
             retired_us=None,
         )
         return record, private_key
 
     def current(self) -> tuple[str, ec.EllipticCurvePrivateKey]:
         """The newest active key (kid, private key); the first call on an empty store creates one."""
-        with self._store.transaction() as tx:
+        with self.store.transaction() as tx:
             active = [key for key in tx.list_signing_keys() if key.retired_us is None]
             if not active:
                 record, private_key = self._new_record()
@@ -159,7 +152,7 @@ class SigningKeyRing:
         if cached is not None:
             return cached
         try:
-            der = self._kek.unwrap(record.wrapped_private, _signing_key_aad(record.kid))
+            der = self.kek.unwrap(record.wrapped_private, _signing_key_aad(record.kid))
         except DecryptionError:
             raise StoreError(f"signing key {record.kid} does not unwrap under the configured KEK") from None
         private_key = serialization.load_der_private_key(der, password=None)
@@ -172,10 +165,10 @@ class SigningKeyRing:
     def rotate(self, *, caller: str = "system") -> str:
         """Add a new signing key and retire the others (they stay in the JWKS while tokens live)."""
         record, private_key = self._new_record()
-        with self._store.transaction() as tx:
+        with self.store.transaction() as tx:
             tx.insert_signing_key(record)
             retired = tx.retire_signing_keys(except_kid=record.kid, retired_us=record.created_us)
-            self._audit.append(
+            self.audit.append(
                 tx,
                 action=ACTION_ROTATE_SIGNING_KEY,
                 outcome=OUTCOME_ALLOWED,
@@ -188,8 +181,8 @@ class SigningKeyRing:
 
     def jwks(self) -> dict[str, Any]:
         """The public keys that may verify a live token: active keys and recently retired ones."""
-        cutoff = to_micros(self._clock() - self.retention_s)
-        with self._store.transaction() as tx:
+        cutoff = to_micros(self.clock() - self.retention_s)
+        with self.store.transaction() as tx:
             records = tx.list_signing_keys()
         keys = [
             json.loads(record.public_jwk_json)
@@ -200,8 +193,8 @@ class SigningKeyRing:
 
     def purge(self) -> int:
         """Delete keys retired longer ago than any token they signed can live."""
-        cutoff = to_micros(self._clock() - self.retention_s)
-        with self._store.transaction() as tx:
+        cutoff = to_micros(self.clock() - self.retention_s)
+        with self.store.transaction() as tx:
             removed = tx.delete_signing_keys_retired_before(cutoff)
         return removed
 
@@ -221,34 +214,31 @@ class IssuedToken:
     claims: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
 class TokenIssuer:
     """Signs attestation tokens for verified quotes."""
 
-    def __init__(
-        self, ring: SigningKeyRing, *, issuer: str, clock: Clock, token_ttl_s: int = DEFAULT_TOKEN_TTL_S
-    ) -> None:
-        if not 0 < token_ttl_s <= MAX_TOKEN_LIFETIME_S:
-            raise ValueError("token TTL must be positive and at most a day")
-        self._ring = ring
-        self._issuer = issuer
-        self._clock = clock
-        self._ttl = token_ttl_s
+    ring: SigningKeyRing
+    _: KW_ONLY
+    issuer: str
+    clock: Clock
+    token_ttl_s: int = DEFAULT_TOKEN_TTL_S
 
-    @property
-    def issuer(self) -> str:
-        return self._issuer
+    def __post_init__(self) -> None:
+        if not 0 < self.token_ttl_s <= MAX_TOKEN_LIFETIME_S:
+            raise ValueError("token TTL must be positive and at most a day")
 
     def issue(
         self, quote: AttestedQuote, *, runtime_data: bytes, nonce: bytes, quote_hash: bytes
     ) -> IssuedToken:
         """Sign a token for ``quote``; the caller has checked the report-data binding."""
-        now = int(self._clock())
+        now = int(self.clock())
         jti = b64url_encode(secrets.token_bytes(16))
         claims: dict[str, Any] = {
-            "iss": self._issuer,
+            "iss": self.issuer,
             "iat": now,
             "nbf": now,
-            "exp": now + self._ttl,
+            "exp": now + self.token_ttl_s,
             "jti": jti,
             "nonce": b64url_encode(nonce),
             "x-ms-ver": "1.0",
@@ -264,33 +254,28 @@ class TokenIssuer:
             "x-ms-sgx-advisory-ids": list(quote.advisory_ids),
             "x-ms-sgx-collateral": {"quotehash": quote_hash.hex()},
         }
-        kid, private_key = self._ring.current()
+        kid, private_key = self.ring.current()
         token = jwt.encode(claims, private_key, algorithm=ALGORITHM, headers={"kid": kid, "typ": "JWT"})
         return IssuedToken(
-            token=token, jti=jti, kid=kid, issued_at=now, expires_at=now + self._ttl, claims=claims
+            token=token, jti=jti, kid=kid, issued_at=now, expires_at=now + self.token_ttl_s, claims=claims
         )
 
 
+@dataclass(frozen=True)
 class TokenVerifier:
     """:func:`verify_token` bound to the ring's current JWKS, the issuer and the clock."""
 
-    def __init__(
-        self, ring: SigningKeyRing, *, issuer: str, clock: Clock, leeway_s: int = DEFAULT_LEEWAY_S
-    ) -> None:
-        self._ring = ring
-        self._issuer = issuer
-        self._clock = clock
-        self._leeway_s = leeway_s
-
-    @property
-    def leeway_s(self) -> int:
-        return self._leeway_s
+    ring: SigningKeyRing
+    _: KW_ONLY
+    issuer: str
+    clock: Clock
+    leeway_s: int = DEFAULT_LEEWAY_S
 
     def verify(self, token: str) -> VerifiedToken:
         """Verify against the keys in the store now (so keys rotated by another replica count)."""
         try:
             return verify_token(
-                token, self._ring.jwks(), issuer=self._issuer, now=self._clock(), leeway_s=self._leeway_s
+                token, self.ring.jwks(), issuer=self.issuer, now=self.clock(), leeway_s=self.leeway_s
             )
         except verification.TokenError as exc:
             raise TokenRefusedError(exc.reason) from None
