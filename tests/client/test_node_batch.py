@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.client.test_node_client import funded, node_eval
+from tests.client.node_support import node_eval
+from tests.client.test_node_client import funded
 from tests.client.test_node_counter_gap import _node
 from tests.gateway.support import InProcessMesh, fail_once
 from veil.sdk.identity import SigningIdentity

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import grpc
 import pytest
 
 from tests.client import test_node_client as node_tests
-from tests.client.test_node_client import NODE_CLIENT, _node, node_eval, node_transfer
+from tests.client.node_support import NODE_CLIENT, node_eval, run_node
+from tests.client.test_node_client import node_transfer
 from tests.conftest import REPO_ROOT
 from tests.gateway.support import InProcessMesh
 from veil.sdk.contacts import add_contact
@@ -157,22 +159,18 @@ MODULES = sorted(NODE_CLIENT.glob("*.mjs"))
 SCRIPTS = [m for m in MODULES if m.read_text().startswith("#!")]  # the commands (a shebang)
 
 
-def _run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_node(), *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd)
-
-
 @pytest.mark.parametrize("script", [m.name for m in SCRIPTS])
 def test_every_node_command_answers_help_and_refuses_nonsense_in_one_line(script: str) -> None:
     for flag in ("--help", "-h"):
-        result = _run(str(NODE_CLIENT / script), flag)
+        result = run_node(str(NODE_CLIENT / script), flag)
         assert (result.returncode, result.stderr) == (0, ""), (script, result.stderr)
         assert result.stdout.startswith("usage: "), script
-    _one_line_refusal(_run(str(NODE_CLIENT / script), "--no-such-option"), status=2)
+    _one_line_refusal(run_node(str(NODE_CLIENT / script), "--no-such-option"), status=2)
 
 
 @pytest.mark.parametrize("module", [m.name for m in MODULES if m not in SCRIPTS])
 def test_a_library_module_run_as_a_command_says_so_without_a_trace(module: str) -> None:
-    result = _run(str(NODE_CLIENT / module), "--help")
+    result = run_node(str(NODE_CLIENT / module), "--help")
     assert result.returncode == 0
     assert "    at " not in result.stderr
     assert "Error" not in result.stderr
@@ -270,7 +268,7 @@ def test_hostile_arguments_get_one_line_and_a_nonzero_exit_and_send_nothing(
 
     def attempt(case: tuple[dict[str, str | None], int, str]) -> str | None:
         changes, status, reason = case
-        result = _run(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, changes))
+        result = run_node(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, changes))
         try:
             _one_line_refusal(result, reason, status=status)
         except AssertionError as failure:
@@ -289,7 +287,7 @@ def test_a_mesh_that_is_down_fails_in_seconds_naming_the_address(
 ) -> None:
     address = f"127.0.0.1:{_free_port()}"  # nothing listens there
     started = time.monotonic()
-    result = _run(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, {"--gateway": address}))
+    result = run_node(str(NODE_CLIENT / "transfer.mjs"), *_arguments(mesh, {"--gateway": address}))
     elapsed = time.monotonic() - started
     _one_line_refusal(result, f"cannot reach the gateway at {address} within 3 s", "ECONNREFUSED", "make run")
     assert elapsed < 8, elapsed  # 3 s to connect, and Node's start-up
@@ -300,26 +298,48 @@ def test_a_mesh_that_is_down_fails_in_seconds_naming_the_address(
 evil = node_tests.evil  # a gateway in front of the mesh whose Execute a test decides
 
 
-def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_once(
-    mesh: InProcessMesh,
-    funded: tuple[SigningIdentity, SigningIdentity],
-    evil: tuple[node_tests.HostileGateway, str],
-    tmp_path: Path,
-) -> None:
+@dataclass(frozen=True)
+class Sent:
+    """One Execute that reached the mesh through the losing gateway."""
+
+    request_id: str
+    ciphertext: bytes
+    accepted: bool
+    answered: bool  # False: it ran, but the client got UNAVAILABLE
+
+
+@dataclass
+class LosingGateway:
+    """A gateway in front of the mesh: every command runs, but its answer is lost until the file
+    `answering` exists."""
+
+    address: str
+    answering: Path
+    sent: list[Sent] = field(default_factory=list)
+
+
+@pytest.fixture
+def losing(evil: tuple[node_tests.HostileGateway, str], tmp_path: Path) -> LosingGateway:
     servicer, address = evil
-    retrying = tmp_path / "retrying"  # the application's retry begins when it exists
-    seen: list[tuple[str, bytes, bool]] = []  # request id, ciphertext, accepted
-    after_retry = []
+    gateway = LosingGateway(address, tmp_path / "answering")
 
     def lose_answers(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
-        reply = forward()  # the command runs; until the retry its answer is lost
-        seen.append((request.request_id, request.command.ciphertext, reply.outcome.accepted))
-        if not retrying.exists():
+        reply = forward()  # the command runs
+        answered = gateway.answering.exists()
+        gateway.sent.append(
+            Sent(request.request_id, request.command.ciphertext, reply.outcome.accepted, answered)
+        )
+        if not answered:
             abort(context, Unavailable("connection reset by peer"))
-        after_retry.append(request.request_id)
         return reply
 
     servicer.execute_hook = lose_answers
+    return gateway
+
+
+def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_once(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], losing: LosingGateway
+) -> None:
     body = f"""
   const tokens = client.token("coins", alice);
   const bob = readFileSync(path.join(dir, "identities", "bob.pub"), "utf8").trim();
@@ -330,7 +350,7 @@ def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_o
   }} catch (error) {{
     out.first = `${{error.name}} ${{error.requestId}}`;
   }}
-  (await import("node:fs")).writeFileSync({json.dumps(str(retrying))}, "");
+  (await import("node:fs")).writeFileSync({json.dumps(str(losing.answering))}, "");  // answers get through
   out.balance = String(await tokens.transfer(bob, 10, {{ requestId }}));  // the retry
   out.counter = tokens.last.counter;
   out.again = String(await tokens.transfer(bob, 10, {{ requestId }}));  // answered, nothing sent
@@ -345,42 +365,29 @@ def test_a_transfer_retried_with_its_request_id_after_a_lost_answer_is_applied_o
     }}
   }}
 """
-    out = node_eval(_client_script(mesh, address, body, timeout_ms=1500))
+    out = node_eval(_client_script(mesh, losing.address, body, timeout_ms=1500))
     assert out["first"] == "NoAnswer order-1234"  # UNAVAILABLE for 1.5 s: no answer
     assert (out["balance"], out["again"], out["counter"]) == ("90", "90", 2)
     assert _balance(mesh, funded[1]) == 10  # once
     # Every attempt, the client's own and the application's retry, sent the same sealed bytes
     # under the same request id; the mesh ran the first and answered the others from its record.
-    assert len(seen) >= 2
-    assert {(request_id, ciphertext) for request_id, ciphertext, _ in seen} == {("order-1234", seen[0][1])}
-    assert all(accepted for *_, accepted in seen)
+    assert len(losing.sent) >= 2
+    assert {(s.request_id, s.ciphertext) for s in losing.sent} == {("order-1234", losing.sent[0].ciphertext)}
+    assert all(s.accepted for s in losing.sent)
     assert out["another call"] == (
         'InputError: request id "order-1234" already names another call; nothing was sent'
     )
     assert (
         out["a bad id"] == "InputError: a request id is 1 to 64 printable ASCII characters; nothing was sent"
     )
-    assert after_retry == ["order-1234"]  # one send for the retry; the repeats sent nothing
+    answered = [s.request_id for s in losing.sent if s.answered]
+    assert answered == ["order-1234"]  # one send for the retry; the repeats sent nothing
 
 
 def test_the_command_resumes_a_transfer_by_its_request_id_in_another_process(
-    mesh: InProcessMesh,
-    funded: tuple[SigningIdentity, SigningIdentity],
-    evil: tuple[node_tests.HostileGateway, str],
-    tmp_path: Path,
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], losing: LosingGateway
 ) -> None:
-    servicer, address = evil
-    answering = tmp_path / "answering"
-    sent: list[str] = []
-
-    def lose_answers(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
-        reply = forward()  # it runs; the answer is lost until `answering` exists
-        sent.append(request.request_id)
-        if not answering.exists():
-            abort(context, Unavailable("connection reset by peer"))
-        return reply
-
-    servicer.execute_hook = lose_answers
+    address = losing.address
     lost = node_transfer(mesh, address, "bob", "--timeout", "1")  # alice sends bob 10
     assert lost.returncode == 3, lost.stderr
     resume = re.search(
@@ -391,20 +398,20 @@ def test_the_command_resumes_a_transfer_by_its_request_id_in_another_process(
     journal = list((mesh.data_dir / "node-calls").iterdir())
     assert len(journal) == 1
     assert journal[0].stat().st_mode & 0o777 == 0o600  # it holds the call's response key
-    answering.touch()
+    losing.answering.touch()
 
     resumed = node_transfer(mesh, address, "bob", "--request-id", request_id)
     assert resumed.returncode == 0, resumed.stderr
     answer = json.loads(resumed.stdout)
     assert (answer["balance"], answer["counter"]) == ("90", 2)
-    count = len(sent)
+    count = len(losing.sent)
     again = node_transfer(mesh, address, "bob", "--request-id", request_id)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["receipt"] == answer["receipt"]  # its answer, kept
-    assert len(sent) == count  # and nothing sent
+    assert len(losing.sent) == count  # and nothing sent
     other = node_transfer(mesh, address, "bob", "--request-id", request_id, amount=11)
     _one_line_refusal(other, f'request id "{request_id}" already names another call')
-    assert set(sent) == {request_id}  # one sealing, sent again byte for byte, never a second
+    assert {s.request_id for s in losing.sent} == {request_id}  # one sealing, sent again byte for byte
     assert _balance(mesh, funded[1]) == 10  # once
 
 
@@ -429,7 +436,7 @@ def test_every_command_of_the_node_readme_runs_as_written(
     for language, text in blocks:
         source = text.replace("127.0.0.1:50050", mesh.public_address)
         if language == "js":
-            result = _run("--input-type=module", "-e", source, cwd=work)
+            result = run_node("--input-type=module", "-e", source, cwd=work)
             assert result.returncode == 0, (text, result.stderr)
             assert "sent 5 to bob under " in result.stdout
         else:

@@ -4,8 +4,8 @@ The same in-process mesh as the SDK tests, reached over the gateway's public por
 certificate) directly or through a hostile gateway: a proxy that forwards to the real gateway
 and lies the way a host can (forged instance descriptions, flipped `accepted` flags, quotes of
 its own making under the dev PCK key, tokens signed by its own key, lost answers). The byte
-formats are checked against veil.enclave.wire with known answers. clients/node/node_modules comes
-from `make setup` (npm ci); the tests fail, not skip, without it.
+formats are checked against veil.enclave.wire with known answers. The client runs as node_support
+runs it (`make setup` installs its node_modules).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.client.evil_gateway import EvilGateway, evil_gateway
-from tests.conftest import REPO_ROOT
+from tests.client.node_support import NODE_CLIENT, node_eval, run_node
 from tests.gateway.support import InProcessMesh, token_config, write_fake_mesh_policy
 from tests.verify import fakes
 from veil.enclave import wire
@@ -36,7 +35,6 @@ from veil.gateway.v1 import gateway_pb2
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.services.common.errors import InvalidArgument, abort
 
-NODE_CLIENT = REPO_ROOT / "clients" / "node"
 OTHER_SIGNER = b"\xaa" * 32
 
 # --- harness ------------------------------------------------------------------------------------
@@ -72,36 +70,14 @@ def evil(mesh: InProcessMesh, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     yield from evil_gateway(mesh)  # type: ignore[misc]  # yields our subclass
 
 
-def _node() -> str:
-    node = shutil.which("node")
-    assert node, "Node.js is required"
-    assert (NODE_CLIENT / "node_modules" / "jose").is_dir(), "run `make setup` (npm ci --prefix clients/node)"
-    return node
-
-
 def node_transfer(
     mesh: InProcessMesh, gateway: str, to: str, *extra: str, instance: str = "coins", amount: int = 10
 ) -> subprocess.CompletedProcess[str]:
-    command = [
-        _node(), str(NODE_CLIENT / "transfer.mjs"), "--gateway", gateway, "--server-name", "localhost",
+    return run_node(
+        str(NODE_CLIENT / "transfer.mjs"), "--gateway", gateway, "--server-name", "localhost",
         "--data-dir", str(mesh.data_dir), "--key", str(mesh.data_dir / "identities" / "alice.key"),
         "--instance", instance, "--to", to, "--amount", str(amount), *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-
-
-def node_eval(script: str) -> Any:
-    """Run an ES module script with `veil` = the client library; returns its JSON output."""
-    source = f"import * as veil from {json.dumps((NODE_CLIENT / 'veil-client.mjs').as_uri())};\n{script}"
-    result = subprocess.run(
-        [_node(), "--input-type=module", "-e", source],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    )  # fmt: skip
 
 
 REMOVE = object()  # a policy change that deletes the key
@@ -172,22 +148,10 @@ def test_node_client_resynchronises_its_counter_from_the_enclaves_typed_state(
 
 
 def test_node_client_prints_its_usage() -> None:
-    result = subprocess.run(
-        [_node(), str(NODE_CLIENT / "transfer.mjs"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_node(str(NODE_CLIENT / "transfer.mjs"), "--help")
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.startswith("usage: node transfer.mjs")
-    wrong = subprocess.run(
-        [_node(), str(NODE_CLIENT / "transfer.mjs"), "--no-such-option"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    wrong = run_node(str(NODE_CLIENT / "transfer.mjs"), "--no-such-option")
     assert wrong.returncode == 2
     assert "usage:" in wrong.stderr
     assert "    at " not in wrong.stderr

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.client.test_node_client import funded, node_eval
+from tests.client.node_support import node_eval
+from tests.client.test_node_client import funded
 from tests.gateway.support import InProcessMesh
 from veil.enclave.v1 import error_pb2
 from veil.sdk.identity import SigningIdentity

@@ -23,7 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.client.test_node_client import _balance, _unopenable_status, evil, funded, node_eval
+from tests.client.node_support import node_eval
+from tests.client.test_node_client import _balance, _unopenable_status, evil, funded
 from tests.client.test_node_counter_gap import _Host, _node, _transfer_30
 from tests.gateway.support import InProcessMesh
 from veil.sdk.calls import FileCalls, MemoryCalls
@@ -36,10 +37,18 @@ __all__ = ["evil", "funded"]
 _CALLS = 'new veil.FileCalls(dir + "/node-calls")'
 
 
-def _two_processes(address: str) -> str:
+ARRIVED, RELEASED = "a-arrived", "b-done"  # files in the data dir: the host holds process 1, lets go
+
+
+def _two_processes(mesh: InProcessMesh, address: str) -> str:
     """Node source: `p1` and `p2`, two clients on the data dir `dir` (as two processes would be,
-    sharing its files), and `alice`."""
-    return f"""const make = () => new veil.VeilNodeClient({json.dumps(address)},
+    sharing its files), `alice`, `fs` and `path`; `until(ready)` waits for a condition; `stall()`
+    stalls process 1 past proper-lockfile's 10 s (its calls lock is stale to everyone else);
+    `heldByHost()` waits until the host holds process 1's call and `release()` lets it go on (see
+    _hold_process_1)."""
+    return f"""const fs = await import("node:fs"); const path = await import("node:path");
+        const dir = {json.dumps(str(mesh.data_dir))};
+        const make = () => new veil.VeilNodeClient({json.dumps(address)},
           fs.readFileSync(dir + "/pki/ca.pem"), {{
           serverName: "localhost", policy: veil.loadPolicy(dir + "/expected-measurement.json"),
           rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
@@ -47,7 +56,34 @@ def _two_processes(address: str) -> str:
           pins: new veil.InstancePins(dir + "/instances.json"),
           calls: new veil.FileCalls(dir + "/node-calls"), timeoutMs: 20000 }});
         const alice = veil.loadIdentity(dir + "/identities/alice.key");
-        const p1 = make(), p2 = make();"""
+        const p1 = make(), p2 = make();
+        const until = async (ready) => {{ while (!ready()) await new Promise((r) => setTimeout(r, 20)); }};
+        const stall = () => {{
+          const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
+          const old = new Date(Date.now() - 20000);
+          fs.utimesSync(path.join(dir, "node-calls", lock), old, old);
+        }};
+        const heldByHost = () => until(() => fs.existsSync(dir + "/{ARRIVED}"));
+        const release = () => fs.writeFileSync(dir + "/{RELEASED}", "1");"""
+
+
+def _hold_process_1(mesh: InProcessMesh) -> None:
+    """The host holds process 1's call while process 1 "stalls": it says so (`heldByHost()` in the
+    script) and waits, 30 s at most, until process 2 is done (`release()`)."""
+    (mesh.data_dir / ARRIVED).write_text("1")
+    for _ in range(600):
+        if (mesh.data_dir / RELEASED).exists():
+            return
+        time.sleep(0.05)
+
+
+def _another_device_pays_bob_1(mesh: InProcessMesh, alice: SigningIdentity, bob: SigningIdentity) -> None:
+    """Alice's other device (its own counters and calls, nothing shared) pays bob 1: it uses the
+    next counter, the one the two processes' call holds."""
+    with mesh.connect(counters=MemoryCounters(), calls=MemoryCalls()) as device:
+        tokens = device.token("coins", alice)
+        tokens.balance()
+        tokens.transfer(bob.account, 1)
 
 
 def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
@@ -73,26 +109,20 @@ def test_a_stalled_lock_holder_never_runs_the_call_a_second_time(
         return forward()
 
     servicer.execute_hook = hook
-    d = json.dumps(str(mesh.data_dir))
     out = node_eval(f"""
-        const fs = await import("node:fs"); const path = await import("node:path");
-        const crypto = await import("node:crypto"); const dir = {d};
         const rejections = [];
         process.on("unhandledRejection", (e) => rejections.push(String(e && e.code || e)));
-        {_two_processes(address)}
+        {_two_processes(mesh, address)}
+        const crypto = await import("node:crypto");
         const file = path.join(dir, "node-calls",
           crypto.createHash("sha256").update("pay-1").digest("hex") + ".json");
         const pay = (client) => client.token("coins", alice)
           .transfer({json.dumps(bob.account)}, 10, {{ requestId: "pay-1" }})
           .then((b) => "ok " + b, (e) => e.constructor.name + ": " + e.message);
         const first = pay(p1);
-        while (!(fs.existsSync(file) && JSON.parse(fs.readFileSync(file, "utf8")).attempts.length === 2)) {{
-          await new Promise((r) => setTimeout(r, 20));
-        }}
-        // Process 1 stalls past proper-lockfile's 10 s: its lock is stale to everyone else.
-        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
-        const old = new Date(Date.now() - 20000);
-        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);
+        await until(() => fs.existsSync(file)
+          && JSON.parse(fs.readFileSync(file, "utf8")).attempts.length === 2);  // its second sealing
+        stall();
         const second = await pay(p2);
         const firstOut = await first;
         await new Promise((r) => setTimeout(r, 200));
@@ -136,7 +166,6 @@ def test_a_stalled_process_never_seals_a_call_another_process_moved_on(
     it knows it before sealing it again, and stops (OutcomeUnknown) when another took it over."""
     alice, bob = funded
     servicer, address = evil
-    marker_a, marker_b = mesh.data_dir / "a-arrived", mesh.data_dir / "b-done"
     first: dict[str, Any] = {}
     held: list[Callable[[], Any]] = []
     guard = threading.Lock()
@@ -147,16 +176,9 @@ def test_a_stalled_process_never_seals_a_call_another_process_moved_on(
             if is_first:
                 first["command"] = request.command.SerializeToString()
         if is_first:  # process 1's sealing under counter 2: another device uses 2 meanwhile
-            with mesh.connect(counters=MemoryCounters(), calls=MemoryCalls()) as device:
-                tokens = device.token("coins", alice)
-                tokens.balance()
-                tokens.transfer(bob.account, 1)
+            _another_device_pays_bob_1(mesh, alice, bob)
             reply = forward()  # genuine: "counter 2 used by another command"
-            marker_a.write_text("1")
-            for _ in range(600):  # held while process 1 "stalls"
-                if marker_b.exists():
-                    break
-                time.sleep(0.05)
+            _hold_process_1(mesh)
             return reply
         if request.command.SerializeToString() == first["command"]:
             return forward()  # process 2's resend of the same bytes
@@ -165,20 +187,16 @@ def test_a_stalled_process_never_seals_a_call_another_process_moved_on(
         return _unopenable_status(context)
 
     servicer.execute_hook = hook
-    d = json.dumps(str(mesh.data_dir))
     out = node_eval(f"""
-        const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
-        {_two_processes(address)}
+        {_two_processes(mesh, address)}
         const pay = (client) => client.token("coins", alice)
           .transfer({json.dumps(bob.account)}, 10, {{ requestId: "pay-1" }})
           .then((b) => "ok " + b, (e) => e.constructor.name + ": " + e.message);
         const first = pay(p1);
-        while (!fs.existsSync(dir + "/a-arrived")) await new Promise((r) => setTimeout(r, 20));
-        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
-        const old = new Date(Date.now() - 20000);
-        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);  // process 1 stalled past 10 s
+        await heldByHost();
+        stall();
         const second = await pay(p2);
-        fs.writeFileSync(dir + "/b-done", "1");
+        release();
         const firstOut = await first;
         p1.close(); p2.close();
         console.log(JSON.stringify({{ first: firstOut, second }}));
@@ -230,7 +248,6 @@ def test_a_stalled_batch_never_reseals_a_call_another_process_took_over(
     only if the store still holds the call as this process last read or wrote it."""
     alice, bob = funded
     servicer, address = evil
-    marker_a, marker_b = mesh.data_dir / "a-arrived", mesh.data_dir / "b-done"
     seen: list[bytes] = []
     held: list[Callable[[], Any]] = []
     guard = threading.Lock()
@@ -244,41 +261,30 @@ def test_a_stalled_batch_never_reseals_a_call_another_process_took_over(
             index = seen.index(command)
         if index == 0 and not device_used:
             device_used.append(True)
-            with mesh.connect(counters=MemoryCounters(), calls=MemoryCalls()) as device:
-                tokens = device.token("coins", alice)
-                tokens.balance()
-                tokens.transfer(bob.account, 1)  # uses counter 2, pay-1's
+            _another_device_pays_bob_1(mesh, alice, bob)  # uses counter 2, pay-1's
             return forward()  # genuine: "counter 2 used by another command"
         if index == 0:
             return forward()  # process 2's resend of pay-1's first sealing
         if index == 1:  # pay-2's resend: held while process 1 "stalls"
-            marker_a.write_text("1")
-            for _ in range(600):
-                if marker_b.exists():
-                    break
-                time.sleep(0.05)
+            _hold_process_1(mesh)
             return forward()
         request.request_id = f"rewritten-{len(held)}"  # the host ignores request-id dedupe
         held.append(forward)
         return _unopenable_status(context)
 
     servicer.execute_hook = hook
-    d = json.dumps(str(mesh.data_dir))
     out = node_eval(f"""
-        const fs = await import("node:fs"); const path = await import("node:path"); const dir = {d};
-        {_two_processes(address)}
+        {_two_processes(mesh, address)}
         const name = (e) => e.constructor.name + ": " + e.message;
         const to = {json.dumps(bob.account)};
         const first = p1.token("coins", alice)
           .transferMany([{{ to, amount: 10 }}, {{ to, amount: 5 }}], {{ requestIds: ["pay-1", "pay-2"] }})
           .then((rs) => rs.map((r) => r.error ? name(r.error) : "ok " + r.balance), name);
-        while (!fs.existsSync(dir + "/a-arrived")) await new Promise((r) => setTimeout(r, 20));
-        const lock = fs.readdirSync(dir + "/node-calls").find((n) => n.endsWith(".lock"));
-        const old = new Date(Date.now() - 20000);
-        fs.utimesSync(path.join(dir, "node-calls", lock), old, old);  // process 1 stalled past 10 s
+        await heldByHost();
+        stall();
         const second = await p2.token("coins", alice).transfer(to, 10, {{ requestId: "pay-1" }})
           .then((b) => "ok " + b, name);
-        fs.writeFileSync(dir + "/b-done", "1");
+        release();
         const firstOut = await first;
         p1.close(); p2.close();
         console.log(JSON.stringify({{ first: firstOut, second }}));

@@ -3,42 +3,25 @@
 The runner loads the client library (verifyBundle, openOutcome, the receipt and command byte
 helpers, the policy schema and Policy) and reports a verdict per vector; here every vector must
 be present and get its expected verdict, a refusal of the expected class (AttestationError,
-IntegrityError, PolicyError). clients/node/node_modules comes from `make setup` (npm ci); the
-tests fail, not skip, without it.
+IntegrityError, PolicyError). The runner runs as tests/client/node_support runs the client (its
+node_modules from `make setup`; the tests fail, not skip, without it).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.client.node_support import NODE_CLIENT, node_eval, run_node
 from tests.conformance.vectors import FILES, VECTORS, by_id, vectors
-from tests.conftest import REPO_ROOT
-
-NODE_CLIENT = REPO_ROOT / "clients" / "node"
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    assert node, "Node.js is required"
-    assert (NODE_CLIENT / "node_modules" / "ajv").is_dir(), "run `make setup` (npm ci --prefix clients/node)"
-    return node
 
 
 @pytest.fixture(scope="module")
 def node_results() -> dict[tuple[str, str], dict[str, Any]]:
-    result = subprocess.run(
-        [_node(), str(NODE_CLIENT / "conformance.mjs"), str(VECTORS)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_node(str(NODE_CLIENT / "conformance.mjs"), str(VECTORS), timeout=120)
     assert result.stdout, result.stderr
     document = json.loads(result.stdout)
     return {(row["file"], row["id"]): row for row in document["results"]}
@@ -77,26 +60,16 @@ def test_the_node_client_loads_a_policy_file_through_the_schema(tmp_path: Path) 
     twice.write_text(by_id("policies.json", "policy-duplicate-key")["text"])
     good = tmp_path / "good.json"
     good.write_text(json.dumps(vectors("policies.json")[0]["document"]))
-    script = (
-        f"import {{ loadPolicy }} from {json.dumps((NODE_CLIENT / 'veil-client.mjs').as_uri())};\n"
-        f"const policy = loadPolicy({json.dumps(str(good))});\n"
+    answer = node_eval(
+        f"const policy = veil.loadPolicy({json.dumps(str(good))});\n"
         f"let refused = null;\n"
-        f"try {{ loadPolicy({json.dumps(str(bad))}); }}\n"
+        f"try {{ veil.loadPolicy({json.dumps(str(bad))}); }}\n"
         "catch (error) { refused = `${error.name}: ${error.message}`; }\n"
         f"let twice = null;\n"
-        f"try {{ loadPolicy({json.dumps(str(twice))}); }}\n"
+        f"try {{ veil.loadPolicy({json.dumps(str(twice))}); }}\n"
         "catch (error) { twice = `${error.name}: ${error.message}`; }\n"
         "console.log(JSON.stringify({ jwksPinned: policy.jwks !== null, refused, twice }));\n"
     )
-    result = subprocess.run(
-        [_node(), "--input-type=module", "-e", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout)
     assert answer["jwksPinned"] is True
     assert answer["refused"].startswith("PolicyError: policy refused: ")
     assert "root: must NOT have fewer than 1 characters: the pinned SGX root" in answer["refused"]

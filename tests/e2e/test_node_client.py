@@ -11,7 +11,6 @@ under the descriptor's auth scheme, and checks the receipt. Its npm packages are
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.client.node_support import NODE_CLIENT, run_node
 from tests.e2e.conftest import Mesh
 from veil import connect, load_policy
 from veil.dev.loadclient import token_config_for
@@ -27,29 +26,18 @@ from veil.sdk.identity import new_identity
 
 pytestmark = pytest.mark.e2e
 
-NODE_CLIENT = REPO_ROOT / "clients" / "node"
 PUBLIC_GATEWAY = "127.0.0.1:50050"
-
-
-def _node() -> str:
-    node = shutil.which("node")
-    assert node, "Node.js is required (the project's set-up installs Node 20)"
-    assert (NODE_CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
-        "clients/node/node_modules is missing: run `make setup` (npm ci --prefix clients/node)"
-    )
-    return node
 
 
 def _transfer(
     mesh: Mesh, *extra: str, to: str, key: Path, amount: int = 7
 ) -> subprocess.CompletedProcess[str]:
-    command = [
-        _node(), str(NODE_CLIENT / "transfer.mjs"),
+    return run_node(
+        str(NODE_CLIENT / "transfer.mjs"),
         "--gateway", PUBLIC_GATEWAY, "--server-name", "localhost",
         "--data-dir", str(mesh.data_dir), "--key", str(key),
         "--instance", "node-coins", "--to", to, "--amount", str(amount), *extra,
-    ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
