@@ -20,6 +20,7 @@ from veil.services.keyvault.audit import AuditLog, AuditVerifier
 from veil.services.keyvault.clock import Clock, system_clock
 from veil.services.keyvault.collateral_files import CollateralFiles
 from veil.services.keyvault.config import KeyvaultConfig
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.kek import FileKek, Kek, Pkcs11Kek
@@ -133,6 +134,7 @@ def open_keyvault(
         ring.current()  # a signing key exists (and unwraps under this KEK) before we serve
         issuer = TokenIssuer(ring, issuer=config.issuer, clock=clock, token_ttl_s=config.token_ttl_s)
         verifier = TokenVerifier(ring, issuer=config.issuer, clock=clock)
+        deps = Deps(store, kek, audit, clock, verifier, release_signer, enclave_policy)
         keyvault = Keyvault(
             store=store,
             kek=kek,
@@ -142,18 +144,8 @@ def open_keyvault(
             issuer=issuer,
             verifier=verifier,
             enclave_policy=enclave_policy,
-            keys=KeyManager(
-                store,
-                kek,
-                audit,
-                verifier,
-                clock,
-                release_signer=release_signer,
-                enclave_policy=enclave_policy,
-            ),
-            heads=CommitHeads(
-                store, audit, verifier, clock, enclave_policy=enclave_policy, release_signer=release_signer
-            ),
+            keys=KeyManager(deps),
+            heads=CommitHeads(deps),
             attestor=Attestor(
                 issuer,
                 audit,

@@ -40,19 +40,13 @@ from dataclasses import dataclass
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault import leases
-from veil.services.keyvault.audit import (
-    ACTION_ADVANCE_HEAD,
-    OUTCOME_ALLOWED,
-    AuditLog,
-    DetailValue,
-)
-from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.audit import ACTION_ADVANCE_HEAD, OUTCOME_ALLOWED, DetailValue
+from veil.services.keyvault.clock import to_micros
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_keys import bound_enclave_keys
-from veil.services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED, EnclavePolicy
+from veil.services.keyvault.enclave_policy import REASON_ENCLAVE_NOT_ALLOWED
 from veil.services.keyvault.errors import HeadRefusedError, InvalidArgumentError, StoreError
-from veil.services.keyvault.release_key import ReleaseSigner
-from veil.services.keyvault.store import CommitHeadRecord, Store
-from veil.services.keyvault.tokens import TokenVerifier
+from veil.services.keyvault.store import CommitHeadRecord
 
 HASH_SIZE = wire.HASH_SIZE
 MAX_SEQUENCE = 2**63 - 1
@@ -79,29 +73,14 @@ class CommitHead(CommitHeadRecord):
 class CommitHeads:
     """Reads, states and advances commit heads."""
 
-    def __init__(
-        self,
-        store: Store,
-        audit: AuditLog,
-        verifier: TokenVerifier,
-        clock: Clock,
-        *,
-        enclave_policy: EnclavePolicy,
-        release_signer: ReleaseSigner,
-        statement_ttl_s: float = STATEMENT_TTL_S,
-    ) -> None:
-        self._store = store
-        self._audit = audit
-        self._verifier = verifier
-        self._clock = clock
-        self._enclave_policy = enclave_policy
-        self._signer = release_signer
+    def __init__(self, deps: Deps, *, statement_ttl_s: float = STATEMENT_TTL_S) -> None:
+        self._deps = deps
         self._ttl_s = statement_ttl_s
 
     def get(self, instance_id: str) -> CommitHead | None:
         """The instance's head, or None if it was never registered."""
         leases.check_instance_id(instance_id)
-        with self._store.transaction() as tx:
+        with self._deps.store.transaction() as tx:
             record = tx.get_head(instance_id)
         return None if record is None else CommitHead.from_record(record)
 
@@ -118,12 +97,12 @@ class CommitHeads:
             instance_id=instance_id,
             challenge=challenge,
             enclave_signing_public_key=enclave_signing_public_key,
-            not_after_unix_ms=int((self._clock() + self._ttl_s) * 1000),
+            not_after_unix_ms=int((self._deps.clock() + self._ttl_s) * 1000),
         )
         if head is not None:
             statement.head.CopyFrom(head.proto())
             statement.genesis_hash, statement.config_hash = head.genesis_hash, head.config_hash
-        statement.signature = self._signer.sign(wire.head_statement_bytes(statement))
+        statement.signature = self._deps.release_signer.sign(wire.head_statement_bytes(statement))
         return statement
 
     def confirmation(
@@ -137,7 +116,7 @@ class CommitHeads:
         return envelope_pb2.HeadConfirmation(
             instance_id=head.instance_id,
             head=head.proto(),
-            signature=self._signer.sign(message),
+            signature=self._deps.release_signer.sign(message),
             enclave_signing_public_key=enclave_signing_public_key,
         )
 
@@ -168,7 +147,7 @@ class CommitHeads:
                     "genesis_hash": links[0].genesis_hash.hex(),
                 }
             )
-            verified = self._verifier.verify(token)
+            verified = self._deps.verifier.verify(token)
             detail.update(
                 {
                     "jti": verified.jti,
@@ -181,7 +160,7 @@ class CommitHeads:
             )
             enclave = bound_enclave_keys(verified)
             detail["signing_public_key"] = enclave.signing_public_bytes.hex()
-            refusal = self._enclave_policy.refusal(verified.claims)
+            refusal = self._deps.enclave_policy.refusal(verified.claims)
             if refusal is not None:
                 reason = refusal.reason
                 if reason == REASON_ENCLAVE_NOT_ALLOWED:
@@ -201,7 +180,7 @@ class CommitHeads:
             return head, enclave.signing_public_bytes
         except BaseException as exc:
             if isinstance(exc, Exception):
-                self._audit.record_refusal(
+                self._deps.audit.record_refusal(
                     action=ACTION_ADVANCE_HEAD, caller=caller, detail=detail, refusal=exc
                 )
             raise
@@ -216,7 +195,7 @@ class CommitHeads:
     ) -> CommitHead:
         first, last = links[0], links[-1]
         for _ in range(_CAS_ATTEMPTS):
-            with self._store.transaction() as tx:
+            with self._deps.store.transaction() as tx:
                 # The fence commits with the move: a lease taken meanwhile waits for, or refuses, it.
                 leases.check(tx, first.instance_id, fencing_token)
                 current = tx.get_head(first.instance_id)
@@ -227,7 +206,7 @@ class CommitHeads:
                     genesis_hash=first.genesis_hash,
                     config_hash=first.config_hash,
                     signing_public_key=signing_key,
-                    updated_us=to_micros(self._clock()),
+                    updated_us=to_micros(self._deps.clock()),
                 )
                 if current is None:
                     if first.base.sequence != 0:
@@ -246,7 +225,7 @@ class CommitHeads:
                     )
                 if moved:
                     detail["previous_sequence"] = 0 if current is None else current.sequence
-                    self._audit.append(
+                    self._deps.audit.append(
                         tx, action=ACTION_ADVANCE_HEAD, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail
                     )
                     return CommitHead.from_record(candidate)

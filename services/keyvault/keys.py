@@ -73,13 +73,13 @@ from veil.services.keyvault.audit import (
     ACTION_RELEASE,
     ACTION_ROTATE,
     OUTCOME_ALLOWED,
-    AuditLog,
     DetailValue,
     canonical_json,
 )
-from veil.services.keyvault.clock import Clock, to_micros
+from veil.services.keyvault.clock import to_micros
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_keys import bound_enclave_keys
-from veil.services.keyvault.enclave_policy import INSTANCE_KEY_PREFIX, EnclavePolicy, is_instance_key
+from veil.services.keyvault.enclave_policy import INSTANCE_KEY_PREFIX, is_instance_key
 from veil.services.keyvault.errors import (
     CallerNotAllowedError,
     IdempotencyConflictError,
@@ -90,11 +90,9 @@ from veil.services.keyvault.errors import (
     ReleaseRefusedError,
     TokenReplayError,
 )
-from veil.services.keyvault.kek import Kek
-from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.release_policy import parse_release_policy
-from veil.services.keyvault.store import KeyRecord, KeyVersionRecord, Store, StoreTx
-from veil.services.keyvault.tokens import TokenVerifier, replay_horizon_us
+from veil.services.keyvault.store import KeyRecord, KeyVersionRecord, StoreTx
+from veil.services.keyvault.tokens import replay_horizon_us
 from veil.verify.tokens import VerifiedToken
 
 DATA_KEY_SIZE = 32
@@ -193,30 +191,14 @@ def _token_facts(token: VerifiedToken) -> dict[str, DetailValue]:
 class KeyManager:
     """Creates, rotates, lists, destroys and releases data keys; audits every outcome."""
 
-    def __init__(
-        self,
-        store: Store,
-        kek: Kek,
-        audit: AuditLog,
-        verifier: TokenVerifier,
-        clock: Clock,
-        *,
-        release_signer: ReleaseSigner,
-        enclave_policy: EnclavePolicy,
-    ) -> None:
-        self._store = store
-        self._enclave_policy = enclave_policy
-        self._kek = kek
-        self._audit = audit
-        self._verifier = verifier
-        self._clock = clock
-        self._signer = release_signer
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, name: str) -> KeyMetadata:
         """One key's metadata."""
         check_key_name(name)
-        with self._store.transaction() as tx:
+        with self._deps.store.transaction() as tx:
             record = tx.get_key(name)
         if record is None:
             raise KeyNotFoundError(f"no key named {name!r}")
@@ -224,7 +206,7 @@ class KeyManager:
 
     def list_keys(self) -> list[KeyMetadata]:
         """Every key's metadata (destroyed keys included), by name."""
-        with self._store.transaction() as tx:
+        with self._deps.store.transaction() as tx:
             records = tx.list_keys()
         return [KeyMetadata.from_record(record) for record in records]
 
@@ -302,7 +284,7 @@ class KeyManager:
 
         def effect(tx: StoreTx, now_us: int) -> KeyMetadata:
             record, detail = change(tx, now_us)
-            self._audit.append(
+            self._deps.audit.append(
                 tx,
                 action=action,
                 outcome=OUTCOME_ALLOWED,
@@ -331,15 +313,15 @@ class KeyManager:
             check_key_name(name)
             if not 0 <= version <= MAX_VERSION:
                 raise InvalidArgumentError("version out of range")
-            verified = self._verifier.verify(token)
+            verified = self._deps.verifier.verify(token)
             detail.update(_token_facts(verified))
             enclave = bound_enclave_keys(verified)
-            if enclave.keyvault_release_public_bytes != self._signer.public_key:
+            if enclave.keyvault_release_public_bytes != self._deps.release_signer.public_key:
                 # Attest issues no such token; refuse anyway rather than sign for such an enclave.
                 raise ReleaseRefusedError(
                     "the token's enclave pins another keyvault release key", reason="RELEASE_KEY_MISMATCH"
                 )
-            with self._store.transaction() as tx:
+            with self._deps.store.transaction() as tx:
                 key = self._live_key(tx, name, lock=False)
                 chosen = version or key.latest_version
                 wrapped = tx.get_key_version(name, chosen) if chosen <= key.latest_version else None
@@ -353,28 +335,28 @@ class KeyManager:
                 # The key's policy was written by its creator (possibly the state host); the
                 # operator's enclave policy bounds every instance-key release regardless.
                 detail["enclave_policy_checked"] = True
-                refusal = self._enclave_policy.refusal(verified.claims)
+                refusal = self._deps.enclave_policy.refusal(verified.claims)
                 if refusal is not None:
                     raise ReleaseRefusedError(refusal.message, reason=refusal.reason)
-            data_key = self._kek.unwrap(wrapped.wrapped, data_key_aad(name, chosen))
+            data_key = self._deps.kek.unwrap(wrapped.wrapped, data_key_aad(name, chosen))
             sealed = HPKE_SUITE.encrypt(data_key, enclave.hpke_public_key, info=release_info(name, chosen))
             enc, ciphertext = sealed[:HPKE_ENC_SIZE], sealed[HPKE_ENC_SIZE:]
             # The signature is what lets the enclave tell our release from a host-made one.
-            signature = self._signer.sign(
+            signature = self._deps.release_signer.sign(
                 wire.wrapped_key_signing_bytes(name, chosen, enclave.hpke_public_bytes, enc, ciphertext)
             )
-            with self._store.transaction() as tx:
+            with self._deps.store.transaction() as tx:
                 # Housekeeping in its own short transaction, so releases never contend on it.
-                tx.purge_jtis(to_micros(self._clock()))
-            with self._store.transaction() as tx:
+                tx.purge_jtis(to_micros(self._deps.clock()))
+            with self._deps.store.transaction() as tx:
                 # Re-read under lock: a destroy that committed meanwhile wins.
                 self._live_key(tx, name, lock=True)
                 instance_id = leases.instance_of_key(name)
                 if instance_id is not None:  # a host that lost the instance gets its key no more
                     leases.check(tx, instance_id, fencing_token)
-                if not tx.use_jti(verified.jti, replay_horizon_us(verified, self._verifier.leeway_s)):
+                if not tx.use_jti(verified.jti, replay_horizon_us(verified, self._deps.verifier.leeway_s)):
                     raise TokenReplayError("token was already used for a key release")
-                self._audit.append(
+                self._deps.audit.append(
                     tx, action=ACTION_RELEASE, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail
                 )
             return ReleasedKey(
@@ -395,10 +377,10 @@ class KeyManager:
 
     def _insert_version(self, tx: StoreTx, name: str, version: int, now_us: int) -> None:
         data_key = secrets.token_bytes(DATA_KEY_SIZE)
-        wrapped = self._kek.wrap(data_key, data_key_aad(name, version))
+        wrapped = self._deps.kek.wrap(data_key, data_key_aad(name, version))
         inserted = tx.insert_key_version(
             KeyVersionRecord(
-                name=name, version=version, kek_id=self._kek.key_id, wrapped=wrapped, created_us=now_us
+                name=name, version=version, kek_id=self._deps.kek.key_id, wrapped=wrapped, created_us=now_us
             )
         )
         if not inserted:
@@ -416,9 +398,9 @@ class KeyManager:
         fingerprint = hashlib.sha256(
             canonical_json({"operation": operation, **params}).encode("ascii")
         ).hexdigest()
-        now_us = to_micros(self._clock())
+        now_us = to_micros(self._deps.clock())
         scoped_id = f"{caller}#{request_id}"  # a SPIFFE ID has no '#': callers never share an id
-        with self._store.transaction() as tx:
+        with self._deps.store.transaction() as tx:
             if request_id:
                 prior = tx.claim_request(scoped_id, operation, fingerprint, now_us)
                 if prior is not None:
@@ -435,4 +417,4 @@ class KeyManager:
     ) -> None:
         if not isinstance(exc, Exception):
             return  # KeyboardInterrupt and friends are not refusals
-        self._audit.record_refusal(action=action, caller=caller, detail=detail, refusal=exc)
+        self._deps.audit.record_refusal(action=action, caller=caller, detail=detail, refusal=exc)

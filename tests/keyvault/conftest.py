@@ -31,6 +31,7 @@ from veil.services.common.config import ServiceConfig
 from veil.services.common.server import VeilServer
 from veil.services.common.tls import channel_credentials
 from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_policy import EnclavePolicy
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.kek import FileKek
@@ -138,36 +139,27 @@ def enclave_policy() -> EnclavePolicy:
 
 
 @pytest.fixture
-def make_keys(
+def deps(
     store: Store,
     kek: FileKek,
     audit: AuditLog,
-    verifier: TokenVerifier,
     clock: FakeClock,
+    verifier: TokenVerifier,
     release_signer: ReleaseSigner,
-) -> Callable[[EnclavePolicy], KeyManager]:
-    """A key manager under the given operator enclave policy."""
-
-    def make(enclave_policy: EnclavePolicy) -> KeyManager:
-        return KeyManager(
-            store, kek, audit, verifier, clock, release_signer=release_signer, enclave_policy=enclave_policy
-        )
-
-    return make
+    enclave_policy: EnclavePolicy,
+) -> Deps:
+    """What the key manager and the commit heads share (vary one with ``dataclasses.replace``)."""
+    return Deps(store, kek, audit, clock, verifier, release_signer, enclave_policy)
 
 
 @pytest.fixture
-def keys(make_keys: Callable[[EnclavePolicy], KeyManager], enclave_policy: EnclavePolicy) -> KeyManager:
-    return make_keys(enclave_policy)
+def keys(deps: Deps) -> KeyManager:
+    return KeyManager(deps)
 
 
 @pytest.fixture
-def heads(
-    store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, enclave_policy: EnclavePolicy
-) -> CommitHeads:
-    return CommitHeads(
-        store, audit, verifier, clock, enclave_policy=enclave_policy, release_signer=fixed_release_signer()
-    )
+def heads(deps: Deps) -> CommitHeads:
+    return CommitHeads(deps)
 
 
 @pytest.fixture

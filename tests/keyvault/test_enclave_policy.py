@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sim_quote import DEV_MRSIGNER
 from veil.services.common.config import ConfigError
 from veil.services.keyvault.audit import AuditLog
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_policy import (
     INSTANCE_KEY_PREFIX,
     EnclavePolicy,
@@ -31,10 +32,10 @@ from veil.services.keyvault.errors import HeadRefusedError, ReleaseRefusedError
 from veil.services.keyvault.heads import CommitHeads
 from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.release_policy import parse_release_policy
-from veil.services.keyvault.store import AuditRecord, Store
-from veil.services.keyvault.tokens import TokenIssuer, TokenVerifier
+from veil.services.keyvault.store import AuditRecord
+from veil.services.keyvault.tokens import TokenIssuer
 
-from .support import ADMIN, CALLER, ISSUER, FakeClock, FakeEnclave, fixed_release_signer, policy_json
+from .support import ADMIN, CALLER, ISSUER, FakeEnclave, policy_json
 
 STATE = CALLER
 INSTANCE_KEY = "instance.vault-7"
@@ -66,9 +67,14 @@ def advance(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, seque
 
 
 @pytest.fixture
-def unguarded_keys(make_keys: Callable[[EnclavePolicy], KeyManager]) -> KeyManager:
-    """A key manager of a dev keyvault started without VEIL_KEYVAULT_ENCLAVE_POLICY_FILE."""
-    return make_keys(EnclavePolicy.not_configured())
+def unguarded_deps(deps: Deps) -> Deps:
+    """The collaborators of a dev keyvault started without VEIL_KEYVAULT_ENCLAVE_POLICY_FILE."""
+    return replace(deps, enclave_policy=EnclavePolicy.not_configured())
+
+
+@pytest.fixture
+def unguarded_keys(unguarded_deps: Deps) -> KeyManager:
+    return KeyManager(unguarded_deps)
 
 
 # --- releases of instance keys ------------------------------------------------------------------
@@ -182,16 +188,9 @@ def test_only_enclaves_in_the_operator_policy_advance_heads(
 
 
 def test_an_unconfigured_operator_policy_refuses_every_head_advance(
-    store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, issuer: TokenIssuer
+    unguarded_deps: Deps, audit: AuditLog, issuer: TokenIssuer
 ) -> None:
-    unguarded = CommitHeads(
-        store,
-        audit,
-        verifier,
-        clock,
-        enclave_policy=EnclavePolicy.not_configured(),
-        release_signer=fixed_release_signer(),
-    )
+    unguarded = CommitHeads(unguarded_deps)
     with pytest.raises(HeadRefusedError, match="VEIL_KEYVAULT_ENCLAVE_POLICY_FILE") as caught:
         advance(unguarded, issuer, FakeEnclave(), 1)
     assert caught.value.reason == "ENCLAVE_POLICY_NOT_CONFIGURED"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
 from veil.services.keyvault.audit import AuditLog
-from veil.services.keyvault.enclave_policy import EnclavePolicy
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.errors import (
     AttestationRefusedError,
     HeadRefusedError,
@@ -22,7 +23,7 @@ from veil.services.keyvault.errors import (
 from veil.services.keyvault.heads import CommitHead, CommitHeads
 from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.store import Store
-from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer
 from veil.verify.tokens import DEFAULT_LEEWAY_S
 
 from .support import (
@@ -32,7 +33,6 @@ from .support import (
     RELEASE_PUBLIC_KEY,
     FakeClock,
     FakeEnclave,
-    fixed_release_signer,
     measurement_policy,
     operator_policy,
     run_concurrently,
@@ -240,19 +240,10 @@ def test_confirmations_are_signed_by_the_release_key_for_the_asking_boot(
     assert (repeat.sequence, later_key) == (3, later.signing_public_bytes)
 
 
-def test_operator_policy_restricts_who_may_advance(
-    store: Store, audit: AuditLog, verifier: TokenVerifier, clock: FakeClock, issuer: TokenIssuer
-) -> None:
+def test_operator_policy_restricts_who_may_advance(deps: Deps, audit: AuditLog, issuer: TokenIssuer) -> None:
     # More in test_enclave_policy.py; here: a policy other than the fixture's, and its debug gate.
     other_build = FakeEnclave(mrenclave=b"\x99" * 32)
-    guarded = CommitHeads(
-        store,
-        audit,
-        verifier,
-        clock,
-        enclave_policy=operator_policy(other_build),
-        release_signer=fixed_release_signer(),
-    )
+    guarded = CommitHeads(replace(deps, enclave_policy=operator_policy(other_build)))
     advance(guarded, issuer, other_build, ZERO, at(1))
     with pytest.raises(HeadRefusedError) as other:
         advance(guarded, issuer, FakeEnclave(), at(1), at(2))
@@ -269,22 +260,14 @@ def test_sequence_bounds(heads: CommitHeads, issuer: TokenIssuer, enclave: FakeE
 
 def test_concurrent_advances_from_two_replicas(
     heads: CommitHeads,
+    deps: Deps,
     replica: Store,
-    verifier: TokenVerifier,
     clock: FakeClock,
     issuer: TokenIssuer,
     enclave: FakeEnclave,
     audit: AuditLog,
-    enclave_policy: EnclavePolicy,
 ) -> None:
-    other = CommitHeads(
-        replica,
-        AuditLog(replica, clock),
-        verifier,
-        clock,
-        enclave_policy=enclave_policy,
-        release_signer=fixed_release_signer(),
-    )
+    other = CommitHeads(replace(deps, store=replica, audit=AuditLog(replica, clock)))
     advance(heads, issuer, enclave, ZERO, at(2))
     replicas = [heads, other]
     tokens = [enclave.token(issuer).token for _ in range(8)]

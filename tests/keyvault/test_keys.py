@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.hpke import AEAD, KDF, KEM, Suite
 
 from veil.services.keyvault.audit import AuditLog
-from veil.services.keyvault.enclave_policy import EnclavePolicy
+from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.errors import (
     AttestationRefusedError,
     DecryptionError,
@@ -37,7 +37,7 @@ from veil.services.keyvault.keys import (
 )
 from veil.services.keyvault.release_key import ReleaseSigner
 from veil.services.keyvault.store import AuditRecord, Store
-from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer, TokenVerifier
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, TokenIssuer
 from veil.verify.tokens import DEFAULT_LEEWAY_S
 
 from .support import (
@@ -184,24 +184,10 @@ def test_request_ids_make_mutations_idempotent(keys: KeyManager, audit: AuditLog
 
 
 def test_concurrent_duplicate_requests_from_two_replicas(
-    keys: KeyManager,
-    replica: Store,
-    kek: FileKek,
-    clock: FakeClock,
-    verifier: TokenVerifier,
-    release_signer: ReleaseSigner,
-    enclave_policy: EnclavePolicy,
+    keys: KeyManager, deps: Deps, replica: Store, clock: FakeClock
 ) -> None:
     keys.create("orders", measurement_policy(), caller=ADMIN)
-    other = KeyManager(
-        replica,
-        kek,
-        AuditLog(replica, clock),
-        verifier,
-        clock,
-        release_signer=release_signer,
-        enclave_policy=enclave_policy,
-    )
+    other = KeyManager(dataclasses.replace(deps, store=replica, audit=AuditLog(replica, clock)))
     managers = [keys, other]
 
     def rotate(index: int) -> int:
