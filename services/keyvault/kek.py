@@ -278,12 +278,16 @@ class Pkcs11Kek(_GcmKek):
             raise KekError(f"AES key {label!r} is not 256 bits")
         return key
 
+    def _in_token(self, operation: Callable[..., object], data: bytes, nonce: bytes, aad: bytes) -> object:
+        """Run one AES-GCM ``operation`` in the token (a PKCS#11 session takes one thread at a time)."""
+        with self._lock:
+            return operation(
+                data, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, TAG_SIZE * 8)
+            )
+
     def _seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
         try:
-            with self._lock:
-                out = self._encryptor.encrypt(
-                    plaintext, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128)
-                )
+            out = self._in_token(self._encryptor.encrypt, plaintext, nonce, aad)
         except p11err.PKCS11Error as exc:
             raise KekError(f"PKCS#11 wrap failed: {type(exc).__name__}") from None
         if not isinstance(out, bytes):  # the one-shot call returns bytes; streams are not used
@@ -292,10 +296,7 @@ class Pkcs11Kek(_GcmKek):
 
     def _open(self, nonce: bytes, sealed: bytes, aad: bytes) -> bytes:
         try:
-            with self._lock:
-                out = self._decryptor.decrypt(
-                    sealed, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128)
-                )
+            out = self._in_token(self._decryptor.decrypt, sealed, nonce, aad)
         except p11err.PKCS11Error:
             # Tokens report a bad tag variously (GeneralError, EncryptedDataInvalid, ...).
             raise DecryptionError from None
