@@ -67,7 +67,7 @@ from veil.services.state.holds import unwrap, unwrap_read
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
 from veil.services.state.snapshots import take_snapshot
-from veil.services.state.startup import InstanceState, Runtime, Startup, Stopping
+from veil.services.state.startup import HostParts, InstanceState, Runtime, Startup, Stopping
 from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
 from veil.state.v1 import state_pb2
 
@@ -125,24 +125,20 @@ class StateHost:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
-        self.store = store
-        self.keyvault = keyvault
-        self.metrics = metrics or StateMetrics()
-        self.lifecycle = lifecycle.Lifecycle(on_serving)
-        self._backoff = backoff or Backoff(initial_s=0.2, max_s=5.0)
-        self._clock = clock
-        self._stop = threading.Event()
-        self._startup = Startup(
+        self.parts = HostParts(
             config,
-            store=store,
-            keyvault=keyvault,
-            enclave_factory=enclave_factory,
-            steps=self.lifecycle,
-            metrics=self.metrics,
-            backoff=self._backoff,
-            stop=self._stop,
+            store,
+            keyvault,
+            lifecycle=lifecycle.Lifecycle(on_serving),
+            metrics=metrics or StateMetrics(),
+            backoff=backoff or Backoff(initial_s=0.2, max_s=5.0),
+            stop=threading.Event(),
         )
+        # What callers watch: the start-up steps (as GetStatus reports them) and the counters.
+        self.lifecycle = self.parts.lifecycle
+        self.metrics = self.parts.metrics
+        self._clock = clock
+        self._startup = Startup(self.parts, enclave_factory)
         self._runtime: Runtime | None = None
         self._wake = threading.Event()
         self._reboot_reason: str | None = None
@@ -162,7 +158,7 @@ class StateHost:
     def stop(self) -> None:
         """Drain queued commands, stop the background threads and the enclave runner."""
         self.lifecycle.set(lifecycle.DRAINING, "shutting down")
-        self._stop.set()
+        self.parts.stop.set()
         self._wake.set()
         self._thread.join(30)
 
@@ -183,7 +179,7 @@ class StateHost:
 
     def _supervise(self) -> None:
         attempt = 0
-        while not self._stop.is_set():
+        while not self.parts.stop.is_set():
             started = time.monotonic()
             try:
                 runtime = self._boot()
@@ -193,12 +189,12 @@ class StateHost:
                 # The database is away (e.g. PostgreSQL restarting): start over after a pause.
                 self._retire_booting()
                 attempt += 1
-                delay = self._backoff.delay(attempt)
+                delay = self.parts.backoff.delay(attempt)
                 step = self.lifecycle.step
                 self.lifecycle.set(
                     step, f"the database is unavailable ({exc.message}); retry {attempt} in {delay:.1f}s"
                 )
-                if self._stop.wait(delay):
+                if self.parts.stop.wait(delay):
                     break
                 continue
             except RecoveryRefused as exc:
@@ -220,7 +216,7 @@ class StateHost:
                 self._runtime = None
                 reason, failure = self._reboot_reason, self._failure
             self._retire(runtime)
-            if failure is not None or self._stop.is_set():
+            if failure is not None or self.parts.stop.is_set():
                 break
             self.lifecycle.set(lifecycle.RECOVERING, f"recovering again: {reason}")
         self._shutdown()
@@ -230,7 +226,7 @@ class StateHost:
         runtime.batcher = Batcher(
             lambda batch: self._process(runtime, batch),
             limits=BatchLimits(
-                max_batch=self.config.batch_max, max_linger_s=self.config.batch_linger_ms / 1000
+                max_batch=self.parts.config.batch_max, max_linger_s=self.parts.config.batch_linger_ms / 1000
             ),
             metrics=self.metrics,
             name="state-batcher",
@@ -340,7 +336,7 @@ class StateHost:
         self._instance(runtime, instance_id)
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidArgument(f"request_id is at most {MAX_REQUEST_ID} characters")
-        lag_bound = self.config.max_head_lag
+        lag_bound = self.parts.config.max_head_lag
         if lag_bound and runtime.advancer.lag(instance_id) >= lag_bound:
             raise Unavailable(
                 f"instance {instance_id!r}: the keyvault commit head lags by {lag_bound} entries or more "
@@ -362,7 +358,7 @@ class StateHost:
             future = self._inflight.get(key)
         if future is not None:
             return future
-        stored = self.store.get_response(item.instance_id, item.request_id)
+        stored = self.parts.store.get_response(item.instance_id, item.request_id)
         if stored is not None:
             return state_pb2.ExecuteResponse.FromString(stored)
         with self._inflight_lock:
@@ -489,7 +485,7 @@ class StateHost:
                 )
             else:
                 try:  # a retry with the same request id gets this answer from now on
-                    self.store.append_batch([], records)
+                    self.parts.store.append_batch([], records)
                 except StoreError as exc:
                     _log.warning("idempotency records of %s@%d not stored: %s", instance_id, number, exc)
         for future, _, answer in held:
@@ -503,7 +499,7 @@ class StateHost:
         started = time.monotonic()
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
-                self.store.append_batch(entries, records)
+                self.parts.store.append_batch(entries, records)
                 break
             except SequenceConflict as exc:
                 # After a lost commit acknowledgement the retry conflicts with itself: check.
@@ -515,13 +511,15 @@ class StateHost:
                 if attempt == _COMMIT_ATTEMPTS:
                     self._request_recovery(runtime, f"a commit failed: {exc.message}")
                     raise NotServing(_NOT_DURABLE) from exc
-                time.sleep(self._backoff.delay(attempt))
+                time.sleep(self.parts.backoff.delay(attempt))
         self.metrics.record_commit(time.monotonic() - started, len(entries))
 
     def _already_stored(self, entries: list[StoredEntry]) -> bool:
         last = {entry.instance_id: entry for entry in entries}  # each instance's newest entry
         for entry in last.values():
-            stored = self.store.entries(entry.instance_id, after=entry.sequence - 1, through=entry.sequence)
+            stored = self.parts.store.entries(
+                entry.instance_id, after=entry.sequence - 1, through=entry.sequence
+            )
             if not stored or stored[0].entry_hash != entry.entry_hash:
                 return False
         return True
@@ -534,10 +532,10 @@ class StateHost:
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
             try:
-                self.store.prune_responses(int((now - RESPONSE_TTL_S) * 1e6))
+                self.parts.store.prune_responses(int((now - RESPONSE_TTL_S) * 1e6))
             except StoreError as exc:
                 _log.warning("pruning old idempotency records failed (retried later): %s", exc)
-        every = self.config.snapshot_every
+        every = self.parts.config.snapshot_every
         for instance_id, state in list(runtime.instances.items()):
             if every <= 0 or state.head.sequence - state.snapshot_sequence < every:
                 continue
@@ -545,7 +543,7 @@ class StateHost:
                 with runtime.apply_lock:
                     result = take_snapshot(
                         runtime.enclave,
-                        self.store,
+                        self.parts.store,
                         instance_id,
                         confirmed=runtime.advancer.confirmed(instance_id),
                     )
@@ -620,7 +618,7 @@ class StateHost:
             raise InvalidArgument(INSTANCE_ID_RULE)
         config_bytes = config.SerializeToString(deterministic=True)
         with runtime.create_lock:
-            existing = self.store.get_instance(instance_id)
+            existing = self.parts.store.get_instance(instance_id)
             if existing is not None:
                 if existing.config != config_bytes:
                     raise AlreadyExists(f"instance {instance_id!r} exists with another configuration")
@@ -655,10 +653,12 @@ class StateHost:
     def _create(
         self, runtime: Runtime, instance_id: str, config: envelope_pb2.InstanceConfig, config_bytes: bytes
     ) -> None:
-        runtime.provisioner.create_key(instance_id, runtime.mrenclave, sim=self.config.enclave_mode == "sim")
+        runtime.provisioner.create_key(
+            instance_id, runtime.mrenclave, sim=self.parts.config.enclave_mode == "sim"
+        )
         runtime.provisioner.release(instance_id)
         # The keyvault states, for this enclave and its challenge, that no such instance exists.
-        remote = self.keyvault.get_commit_head(
+        remote = self.parts.keyvault.get_commit_head(
             instance_id, runtime.keys.signing_public_key, runtime.enclave.issue_challenge(instance_id)
         )
         if remote.sequence or remote.statement is None:
@@ -679,7 +679,7 @@ class StateHost:
             genesis.SerializeToString(deterministic=True),
         )
         try:
-            created_here = self.store.create_instance(
+            created_here = self.parts.store.create_instance(
                 InstanceRecord(instance_id, config_bytes, int(self._clock() * 1e6)), stored
             )
         except StoreError:
@@ -700,7 +700,7 @@ class StateHost:
         attestation: Attestation
         try:
             attestation = runtime.attestor.current()
-            runtime.jwks = self.keyvault.get_jwks().jwks_json
+            runtime.jwks = self.parts.keyvault.get_jwks().jwks_json
         except KeyvaultUnavailable:
             if not runtime.jwks:
                 raise

@@ -131,36 +131,32 @@ class Runtime:
             _log.warning("could not write the sealed key cache: %s", exc)
 
 
+@dataclass(frozen=True)
+class HostParts:
+    """The collaborators a state host and its start-up share, wired once by `StateHost`."""
+
+    config: StateConfig
+    store: StateStore
+    keyvault: KeyvaultClient
+    lifecycle: lifecycle.Lifecycle
+    metrics: StateMetrics
+    backoff: Backoff
+    stop: threading.Event
+
+
 class Startup:
     """Runs the start-up steps for one incarnation."""
 
-    def __init__(
-        self,
-        config: StateConfig,
-        *,
-        store: StateStore,
-        keyvault: KeyvaultClient,
-        enclave_factory: Callable[[], EnclaveHost],
-        steps: lifecycle.Lifecycle,
-        metrics: StateMetrics,
-        backoff: Backoff,
-        stop: threading.Event,
-    ) -> None:
-        self.config = config
-        self.store = store
-        self.keyvault = keyvault
+    def __init__(self, parts: HostParts, enclave_factory: Callable[[], EnclaveHost]) -> None:
+        self.parts = parts
         self._enclave_factory = enclave_factory
-        self.lifecycle = steps
-        self.metrics = metrics
-        self._backoff = backoff
-        self._stop = stop
-        self._cache = SealedCache(config.sealed_cache)
+        self._cache = SealedCache(parts.config.sealed_cache)
         self.booting: Runtime | None = None  # the incarnation being built (to retire it on failure)
-        self.ownership = Ownership(keyvault, OwnershipConfig.from_env(), stop=stop)
+        self.ownership = Ownership(parts.keyvault, OwnershipConfig.from_env(), stop=parts.stop)
         # Every advance and instance-key release carries this host's fencing token; a release
         # for an instance without one (a creation) takes the lease first.
-        keyvault.fencing = self.ownership.token
-        keyvault.fencing_for_release = self.ownership.token_or_acquire
+        parts.keyvault.fencing = self.ownership.token
+        parts.keyvault.fencing_for_release = self.ownership.token_or_acquire
         self.adopt_every_s = ADOPT_EVERY_S
 
     def _with_keyvault(self, step: lifecycle.Step, what: str, action: Callable[[], T]) -> T:
@@ -171,41 +167,43 @@ class Startup:
                 return action()
             except KeyvaultUnavailable as exc:
                 attempt += 1
-                delay = self._backoff.delay(attempt)
-                self.lifecycle.set(step, f"{what}: {exc.message}; retry {attempt} in {delay:.1f}s")
-                if self._stop.wait(delay):
+                delay = self.parts.backoff.delay(attempt)
+                self.parts.lifecycle.set(step, f"{what}: {exc.message}; retry {attempt} in {delay:.1f}s")
+                if self.parts.stop.wait(delay):
                     raise Stopping from None
 
     def run(
         self, on_refused: Callable[[Runtime, str], None], on_broken: Callable[[Runtime, str], None]
     ) -> Runtime:
         """Build a serving incarnation (its batcher is the host's to add); raises on failure."""
-        config = self.config
-        self.lifecycle.set(lifecycle.STARTING, f"starting the enclave runner ({config.enclave_mode})")
+        config = self.parts.config
+        self.parts.lifecycle.set(lifecycle.STARTING, f"starting the enclave runner ({config.enclave_mode})")
         enclave = self._enclave_factory()
         try:
             # The enclave pins the keyvault's release-signing key: it accepts keys from no other.
-            self.lifecycle.set(
-                lifecycle.ATTESTING, f"asking the keyvault at {self.keyvault.address} for its keys"
+            self.parts.lifecycle.set(
+                lifecycle.ATTESTING, f"asking the keyvault at {self.parts.keyvault.address} for its keys"
             )
-            jwks = self._with_keyvault(lifecycle.ATTESTING, "reaching the keyvault", self.keyvault.get_jwks)
+            jwks = self._with_keyvault(
+                lifecycle.ATTESTING, "reaching the keyvault", self.parts.keyvault.get_jwks
+            )
             init = enclave.initialize(
                 config.enclave_memory_mb * 1024 * 1024, keyvault_release_public_key=jwks.release_public_key
             )
         except BaseException:
             enclave.close()
             raise
-        attestor = Attestor(enclave, self.keyvault, init.keys)
+        attestor = Attestor(enclave, self.parts.keyvault, init.keys)
         runtime = Runtime(
             enclave=enclave,
             keys=init.keys,
             mrenclave=init.mrenclave,
             attestor=attestor,
-            provisioner=KeyProvisioner(enclave, self.keyvault, attestor, self._cache),
+            provisioner=KeyProvisioner(enclave, self.parts.keyvault, attestor, self._cache),
             advancer=HeadAdvancer(
-                self.keyvault,
+                self.parts.keyvault,
                 lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
-                metrics=self.metrics,
+                metrics=self.parts.metrics,
                 on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
                 on_confirmed=lambda confirmation: _take(
                     runtime,
@@ -217,17 +215,21 @@ class Startup:
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
                 on_lost=self.ownership.lose,
                 fencing=self.ownership.token,
-                backoff=self._backoff,
+                backoff=self.parts.backoff,
             ),
         )
         self.ownership.on_lost = runtime.drop
         runtime.recover_again = functools.partial(on_broken, runtime)
         runtime.jwks = jwks.jwks_json
         self.booting = runtime
-        self.lifecycle.set(lifecycle.ATTESTING, f"attesting at the keyvault at {self.keyvault.address}")
+        self.parts.lifecycle.set(
+            lifecycle.ATTESTING, f"attesting at the keyvault at {self.parts.keyvault.address}"
+        )
         self._with_keyvault(lifecycle.ATTESTING, "attesting at the keyvault", attestor.fresh)
-        records = self._owned(self.store.list_instances())
-        self.lifecycle.set(lifecycle.OBTAINING_KEYS, f"obtaining the data keys of {len(records)} instance(s)")
+        records = self._owned(self.parts.store.list_instances())
+        self.parts.lifecycle.set(
+            lifecycle.OBTAINING_KEYS, f"obtaining the data keys of {len(records)} instance(s)"
+        )
         released = False
         unsealed = runtime.provisioner.unseal_cache() if records else set()
         for record in records:
@@ -272,7 +274,7 @@ class Startup:
 
     # -- taking over instances of hosts that are gone ---------------------------------------
     def _adopt_loop(self, runtime: Runtime) -> None:
-        while not runtime.closing.wait(self.adopt_every_s) and not self._stop.is_set():
+        while not runtime.closing.wait(self.adopt_every_s) and not self.parts.stop.is_set():
             if runtime.broken is not None:
                 return
             try:
@@ -283,12 +285,12 @@ class Startup:
     def adopt_orphans(self, runtime: Runtime) -> list[str]:
         """One round: take over every stored instance whose lease expired; returns their ids."""
         served = set(runtime.instances) | runtime.unadoptable
-        candidates = [r for r in self.store.list_instances() if r.instance_id not in served]
+        candidates = [r for r in self.parts.store.list_instances() if r.instance_id not in served]
         if not candidates:
             return []
         now = time.time()
         ids = [record.instance_id for record in candidates]
-        leases = {lease.instance_id: lease for lease in self.keyvault.list_leases(ids)}
+        leases = {lease.instance_id: lease for lease in self.parts.keyvault.list_leases(ids)}
         adopted: list[str] = []
         for record in candidates:
             lease = leases.get(record.instance_id)
@@ -352,7 +354,7 @@ class Startup:
         except EnclaveUnavailableError as exc:
             on_broken(runtime, f"the enclave runner failed: {exc}")
             return -1
-        remote = self.keyvault.get_commit_head(instance_id, runtime.keys.signing_public_key, challenge)
+        remote = self.parts.keyvault.get_commit_head(instance_id, runtime.keys.signing_public_key, challenge)
         return _take(
             runtime,
             instance_id=instance_id,
@@ -368,24 +370,24 @@ class Startup:
         while serving (no lifecycle step, no keyvault retries: the adopter's next round retries)."""
         iid = record.instance_id
         if not quiet:
-            self.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
+            self.parts.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
-        log = recovery.verify_chain(iid, self.store.load(iid))
+        log = recovery.verify_chain(iid, self.parts.store.load(iid))
         released = False
         for attempt in (1, 2):
             remote = retrying(
                 lifecycle.RECOVERING,
                 f"reading the commit head of {iid!r}",
                 # For this enclave and a challenge it just issued: Restore takes nothing older.
-                lambda: self.keyvault.get_commit_head(
+                lambda: self.parts.keyvault.get_commit_head(
                     iid, runtime.keys.signing_public_key, runtime.enclave.issue_challenge(iid)
                 ),
             )
-            recovery.check_freshness(log, remote, self.store)
+            recovery.check_freshness(log, remote, self.parts.store)
             try:
                 restored = recovery.restore(
-                    runtime.enclave, log, remote, self.store, now_ms=int(time.time() * 1000)
+                    runtime.enclave, log, remote, self.parts.store, now_ms=int(time.time() * 1000)
                 )
                 break
             except recovery.MissingKey:
@@ -406,7 +408,7 @@ class Startup:
                 head.sequence,
                 remote.sequence,
             )
-        self.metrics.record_recovery(len(log.entries), time.monotonic() - started)
+        self.parts.metrics.record_recovery(len(log.entries), time.monotonic() - started)
         state = InstanceState(
             config=envelope_pb2.InstanceConfig.FromString(record.config),
             head=head,

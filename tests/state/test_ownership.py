@@ -202,7 +202,7 @@ def test_a_re_boot_keeps_its_leases_while_renewals_are_slow(
     monkeypatch.setenv(ENV_STATE_LEASE_TTL_MS, "4000")
     host = node.serving()
     setups = [token_instance(host, f"tokens-{index}", accounts=1) for index in range(6)]
-    keyvault = host._startup.keyvault
+    keyvault = host.parts.keyvault
     acquire = keyvault.acquire_lease
 
     def slow_renewal(instance_id: str, holder: str, ttl_ms: int, token: int, **kwargs: Any) -> Any:

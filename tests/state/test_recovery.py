@@ -380,7 +380,7 @@ def test_a_graceful_stop_delivers_strict_answers_the_keyvault_confirms_during_it
     caller.start()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # until the command's batch is committed
-        head = host.store.head(setup.instance_id)
+        head = host.parts.store.head(setup.instance_id)
         if head is not None and head.sequence >= 2:
             break
         time.sleep(0.01)
