@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jwt
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
 from veil.services.keyvault.store import Store
-from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, SigningKeyRing, TokenIssuer
+from veil.services.keyvault.tokens import DEFAULT_TOKEN_TTL_S, IssuedToken, SigningKeyRing, TokenIssuer
 from veil.verify.binding import check_report_data, expected_report_data
 from veil.verify.errors import AttestationError, TokenError
 from veil.verify.tokens import DEFAULT_LEEWAY_S, b64url_decode, b64url_encode, public_jwk, verify_token
@@ -32,10 +33,32 @@ def claims_of(token: str) -> dict[str, Any]:
     return payload
 
 
+def resign(
+    issued: IssuedToken,
+    key: Any,
+    *,
+    claims: Mapping[str, Any] | None = None,
+    alg: str = "ES256",
+    **header: Any,
+) -> str:
+    """``issued``'s claims (or ``claims``) signed by ``key`` under its header, ``header`` on top."""
+    return jwt.encode(
+        dict(issued.claims if claims is None else claims),
+        key,
+        algorithm=alg,
+        headers={"kid": issued.kid, "typ": "JWT", **header},
+    )
+
+
+@pytest.fixture
+def issued(enclave: FakeEnclave, issuer: TokenIssuer) -> IssuedToken:
+    """A token the issuer signed for the default enclave."""
+    return enclave.token(issuer)
+
+
 def test_issued_token_has_maa_style_claims(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
 ) -> None:
-    issued = enclave.token(issuer)
     header = jwt.get_unverified_header(issued.token)
     assert header == {"alg": "ES256", "kid": issued.kid, "typ": "JWT"}
     claims = claims_of(issued.token)
@@ -69,9 +92,9 @@ def test_unevaluated_tcb_status_without_collateral(issuer: TokenIssuer) -> None:
 
 
 def test_lifetime_is_checked_with_the_injected_clock(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock
 ) -> None:
-    token = enclave.token(issuer).token
+    token = issued.token
     clock.advance(DEFAULT_TOKEN_TTL_S + DEFAULT_LEEWAY_S - 1)
     verify(token, ring, clock)  # within the skew allowance
     clock.advance(1)
@@ -81,37 +104,28 @@ def test_lifetime_is_checked_with_the_injected_clock(
         verify_token(token, ring.jwks(), issuer=ISSUER, now=clock() - 10_000)
 
 
-def test_wrong_issuer(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
-) -> None:
+def test_wrong_issuer(issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock) -> None:
     with pytest.raises(TokenError, match="issuer"):
-        verify(enclave.token(issuer).token, ring, clock, issuer="https://evil.example")
-
-
-def sign_with(claims: dict[str, Any], key: Any, *, alg: str = "ES256", headers: dict[str, Any]) -> str:
-    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+        verify(issued.token, ring, clock, issuer="https://evil.example")
 
 
 def test_forged_signature_and_unknown_kid(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock
 ) -> None:
-    issued = enclave.token(issuer)
     attacker = ec.generate_private_key(ec.SECP256R1())
-    forged = sign_with(dict(issued.claims), attacker, headers={"kid": issued.kid, "typ": "JWT"})
     with pytest.raises(TokenError, match="signature does not verify"):
-        verify(forged, ring, clock)
-    unknown = sign_with(dict(issued.claims), attacker, headers={"kid": "attacker-kid", "typ": "JWT"})
+        verify(resign(issued, attacker), ring, clock)
+    unknown = resign(issued, attacker, kid="attacker-kid")
     with pytest.raises(TokenError, match="not a known signing key"):
         verify(unknown, ring, clock)
 
 
 def test_a_verified_token_is_remembered_only_with_its_exact_key(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock
 ) -> None:
     """The signature check is memoized by token and exact JWK: a JWKS that later maps the kid to
     another key (a rotation gone wrong, an attacker's JWKS) does not inherit the earlier verdict,
     and a caller changing the claims it got changes nothing for the next verification."""
-    issued = enclave.token(issuer)
     first = verify(issued.token, ring, clock)
     first.claims["x-ms-sgx-is-debuggable"] = True  # a careless caller
     assert verify(issued.token, ring, clock).claims["x-ms-sgx-is-debuggable"] is False
@@ -120,10 +134,8 @@ def test_a_verified_token_is_remembered_only_with_its_exact_key(
         verify_token(issued.token, {"keys": [other]}, issuer=ISSUER, now=clock())
 
 
-def test_tampered_payload(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
-) -> None:
-    header, payload, signature = enclave.token(issuer).token.split(".")
+def test_tampered_payload(issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock) -> None:
+    header, payload, signature = issued.token.split(".")
     claims = json.loads(b64url_decode(payload))
     claims["x-ms-sgx-is-debuggable"] = False
     claims["x-ms-sgx-mrenclave"] = "33" * 32
@@ -132,10 +144,7 @@ def test_tampered_payload(
         verify(tampered, ring, clock)
 
 
-def test_algorithm_confusion_is_refused(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
-) -> None:
-    issued = enclave.token(issuer)
+def test_algorithm_confusion_is_refused(issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock) -> None:
     claims = dict(issued.claims)
     header = {"kid": issued.kid, "typ": "JWT"}
     # 'none': an unsigned token.
@@ -152,22 +161,20 @@ def test_algorithm_confusion_is_refused(
     hmac_token = f"{signing_input}.{b64url_encode(mac)}"
     with pytest.raises(TokenError, match="'HS256' is not ES256"):
         verify(hmac_token, ring, clock)
-    es384 = sign_with(claims, ec.generate_private_key(ec.SECP384R1()), alg="ES384", headers=header)
+    es384 = resign(issued, ec.generate_private_key(ec.SECP384R1()), alg="ES384")
     with pytest.raises(TokenError, match="'ES384' is not ES256"):
         verify(es384, ring, clock)
 
 
+@pytest.mark.parametrize(
+    "extra", [{"jku": "https://evil.example/jwks"}, {"crit": ["exp"]}, {"typ": "at+jwt"}]
+)
 def test_unexpected_header_fields_are_refused(
-    issuer: TokenIssuer, ring: SigningKeyRing, clock: FakeClock, enclave: FakeEnclave
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock, extra: dict[str, Any]
 ) -> None:
-    issued = enclave.token(issuer)
     _, private_key = ring.current()
-    for extra in ({"jku": "https://evil.example/jwks"}, {"crit": ["exp"]}, {"typ": "at+jwt"}):
-        token = sign_with(
-            dict(issued.claims), private_key, headers={"kid": issued.kid, "typ": "JWT", **extra}
-        )
-        with pytest.raises(TokenError):
-            verify(token, ring, clock)
+    with pytest.raises(TokenError):
+        verify(resign(issued, private_key, **extra), ring, clock)
 
 
 @pytest.mark.parametrize(
@@ -185,20 +192,12 @@ def test_unexpected_header_fields_are_refused(
     ],
 )
 def test_claims_are_checked(
-    issuer: TokenIssuer,
-    ring: SigningKeyRing,
-    clock: FakeClock,
-    enclave: FakeEnclave,
-    change: dict[str, Any],
-    message: str,
+    issued: IssuedToken, ring: SigningKeyRing, clock: FakeClock, change: dict[str, Any], message: str
 ) -> None:
-    issued = enclave.token(issuer)
-    claims = {**issued.claims, **change}
-    claims = {name: value for name, value in claims.items() if value is not None}
+    claims = {name: value for name, value in {**issued.claims, **change}.items() if value is not None}
     _, private_key = ring.current()
-    token = sign_with(claims, private_key, headers={"kid": issued.kid, "typ": "JWT"})
     with pytest.raises(TokenError, match=message):
-        verify(token, ring, clock)
+        verify(resign(issued, private_key, claims=claims), ring, clock)
 
 
 def test_garbage_tokens(ring: SigningKeyRing, clock: FakeClock) -> None:
