@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,40 +51,34 @@ NONCE_BYTES = wire.REPORT_NONCE_SIZE
 CollateralProvider = Callable[[bytes], Collateral | None]
 
 
+@dataclass(frozen=True)
 class Attestor:
     """Turns verified evidence into attestation tokens."""
 
-    def __init__(
-        self,
-        issuer: TokenIssuer,
-        audit: AuditLog,
-        clock: Clock,
-        *,
-        root_public_key: ec.EllipticCurvePublicKey,
-        release_public_key: bytes,
-        collateral: CollateralProvider | None = None,
-    ) -> None:
-        if len(release_public_key) != ED25519_KEY_SIZE:
+    issuer: TokenIssuer
+    audit: AuditLog
+    clock: Clock
+    _: KW_ONLY
+    root_public_key: ec.EllipticCurvePublicKey
+    release_public_key: bytes
+    collateral: CollateralProvider | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.release_public_key) != ED25519_KEY_SIZE:
             raise ValueError("release_public_key must be a 32-byte Ed25519 public key")
-        self._issuer = issuer
-        self._release_public_key = release_public_key
-        self._audit = audit
-        self._clock = clock
-        self._root = root_public_key
-        self._collateral = collateral
 
     def attest(self, quote: bytes, runtime_data: bytes, nonce: bytes, *, caller: str) -> IssuedToken:
         """Verify the evidence and return a token; every outcome is audited."""
         detail: dict[str, DetailValue] = {"quote_hash": hashlib.sha256(quote).hexdigest()}
         try:
             _check_sizes(quote, runtime_data, nonce)
-            collateral = self._collateral(quote) if self._collateral is not None else None
+            collateral = self.collateral(quote) if self.collateral is not None else None
             try:
                 verified = verify_quote(
                     quote,
-                    root_public_key=self._root,
+                    root_public_key=self.root_public_key,
                     collateral=collateral,
-                    now=datetime.fromtimestamp(self._clock(), UTC),
+                    now=datetime.fromtimestamp(self.clock(), UTC),
                 )
             except QuoteError as exc:
                 raise AttestationRefusedError(
@@ -104,20 +99,20 @@ class Attestor:
             enclave = parse_runtime_data(runtime_data)
             pinned = enclave.keyvault_release_public_bytes
             detail["keyvault_release_public_key"] = pinned.hex()
-            if pinned != self._release_public_key:
+            if pinned != self.release_public_key:
                 raise AttestationRefusedError(
                     "enclave pins another keyvault release key, so it would accept keys this "
                     "keyvault did not release",
                     reason="RELEASE_KEY_MISMATCH",
                 )
-            issued = self._issuer.issue(
+            issued = self.issuer.issue(
                 verified, runtime_data=runtime_data, nonce=nonce, quote_hash=hashlib.sha256(quote).digest()
             )
             detail.update({"jti": issued.jti, "kid": issued.kid, "expires_at": issued.expires_at})
-            self._audit.record(action=ACTION_ATTEST, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail)
+            self.audit.record(action=ACTION_ATTEST, outcome=OUTCOME_ALLOWED, caller=caller, detail=detail)
             return issued
         except Exception as exc:
-            self._audit.record_refusal(action=ACTION_ATTEST, caller=caller, detail=detail, refusal=exc)
+            self.audit.record_refusal(action=ACTION_ATTEST, caller=caller, detail=detail, refusal=exc)
             raise
 
 
