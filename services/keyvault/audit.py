@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from veil.services.keyvault import page_tokens
 from veil.services.keyvault.clock import Clock, to_micros
 from veil.services.keyvault.errors import AuditChainError, InvalidArgumentError, KeyvaultError
-from veil.services.keyvault.store import GENESIS_HASH, AuditRecord, Store, StoreTx
+from veil.services.keyvault.store import GENESIS_HASH, AuditEvent, AuditRecord, Store, StoreTx
 
 _log = logging.getLogger(__name__)
 
@@ -82,25 +82,16 @@ def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
-def event_hash(
-    previous_hash: bytes,
-    *,
-    sequence: int,
-    time_us: int,
-    action: str,
-    outcome: str,
-    caller: str,
-    detail_json: str,
-) -> bytes:
+def event_hash(previous_hash: bytes, event: AuditEvent) -> bytes:
     """SHA-256(previous hash || canonical event JSON)."""
     body = canonical_json(
         {
-            "action": action,
-            "caller": caller,
-            "detail_json": detail_json,
-            "outcome": outcome,
-            "sequence": sequence,
-            "time_us": time_us,
+            "action": event.action,
+            "caller": event.caller,
+            "detail_json": event.detail_json,
+            "outcome": event.outcome,
+            "sequence": event.sequence,
+            "time_us": event.time_us,
         }
     )
     return hashlib.sha256(previous_hash + body.encode("ascii")).digest()
@@ -211,28 +202,17 @@ class AuditLog:
         detail_json = canonical_json(dict(detail))
         tip_sequence, tip_hash = tx.audit_tip()
         sequence = tip_sequence + 1
-        time_us = to_micros(self._clock())
-        digest = event_hash(
-            tip_hash,
+        event = AuditEvent(
             sequence=sequence,
-            time_us=time_us,
+            time_us=to_micros(self._clock()),
             action=action,
             outcome=outcome,
             caller=caller,
             detail_json=detail_json,
         )
+        digest = event_hash(tip_hash, event)
         signature = b"" if self._signer is None else self._signer.sign(tip_signing_bytes(sequence, digest))
-        record = AuditRecord(
-            sequence=sequence,
-            time_us=time_us,
-            action=action,
-            outcome=outcome,
-            caller=caller,
-            detail_json=detail_json,
-            previous_hash=tip_hash,
-            hash=digest,
-            tip_signature=signature,
-        )
+        record = AuditRecord(**vars(event), previous_hash=tip_hash, hash=digest, tip_signature=signature)
         tx.insert_audit(record)
         return record
 
@@ -433,16 +413,7 @@ def _check_event(row: AuditRecord, expected_sequence: int, previous: bytes) -> N
         raise AuditChainError(f"event {expected_sequence} is missing", sequence=expected_sequence)
     if row.previous_hash != previous:
         raise AuditChainError(f"event {row.sequence} does not link to its predecessor", sequence=row.sequence)
-    recomputed = event_hash(
-        previous,
-        sequence=row.sequence,
-        time_us=row.time_us,
-        action=row.action,
-        outcome=row.outcome,
-        caller=row.caller,
-        detail_json=row.detail_json,
-    )
-    if recomputed != row.hash:
+    if event_hash(previous, row) != row.hash:
         raise AuditChainError(f"event {row.sequence} was altered", sequence=row.sequence)
 
 

@@ -109,9 +109,8 @@ class LeaseRecord:
 
 
 @dataclass(frozen=True)
-class AuditRecord:
-    """One hash-chained audit event as stored, with the release key's signature of the tip it made
-    (empty for events appended before the signer was loaded; a later signed tip covers them)."""
+class AuditEvent:
+    """What one audit event says: the fields its chain hash covers (``audit.event_hash``)."""
 
     sequence: int
     time_us: int
@@ -119,6 +118,13 @@ class AuditRecord:
     outcome: str
     caller: str
     detail_json: str
+
+
+@dataclass(frozen=True)
+class AuditRecord(AuditEvent):
+    """One hash-chained audit event as stored, with the release key's signature of the tip it made
+    (empty for events appended before the signer was loaded; a later signed tip covers them)."""
+
     previous_hash: bytes
     hash: bytes
     tip_signature: bytes = b""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 
@@ -89,15 +90,7 @@ def test_rewriting_an_event_with_a_fresh_hash_breaks_the_link(store: Store, audi
     fill(audit, 4)
     drop_guards(store)
     events = audit.list_events().events
-    forged = event_hash(
-        events[1].previous_hash,
-        sequence=2,
-        time_us=events[1].time_us,
-        action="release",
-        outcome="allowed",
-        caller=events[1].caller,
-        detail_json=events[1].detail_json,
-    )
+    forged = event_hash(events[1].previous_hash, replace(events[1], outcome="allowed"))  # event 2
     literal = f"X'{forged.hex()}'" if store.backend == "sqlite" else f"decode('{forged.hex()}', 'hex')"
     raw(store, f"UPDATE kv_audit_events SET outcome = 'allowed', hash = {literal} WHERE sequence = 2")
     with pytest.raises(AuditChainError, match="event 3 does not link"):

@@ -6,6 +6,8 @@ the tip) but does not hold the KEK, so cannot use the release key that signs eve
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from veil.services.keyvault.audit import AuditLog, AuditVerifier, _encode_page_token, event_hash, verify_tip
@@ -62,15 +64,7 @@ def delete_and_recompute(store: Store, victim: int, *, keep_signatures: bool) ->
     previous = kept[victim - 2].hash if victim > 1 else GENESIS_HASH
     sequence = victim
     for event in kept[victim - 1 :]:
-        digest = event_hash(
-            previous,
-            sequence=sequence,
-            time_us=event.time_us,
-            action=event.action,
-            outcome=event.outcome,
-            caller=event.caller,
-            detail_json=event.detail_json,
-        )
+        digest = event_hash(previous, replace(event, sequence=sequence))
         run(
             store,
             "INSERT INTO kv_audit_events "
