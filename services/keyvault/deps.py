@@ -1,9 +1,10 @@
 """The collaborators the key manager and the commit heads share, wired once by ``open_keyvault``.
 
-Both check an enclave's attestation token (:class:`TokenVerifier`) against the operator's
-enclave policy, sign what they hand out with the keyvault release key, and write their
-effects and audit events in one store transaction; the key manager also wraps data keys
-under the KEK. Tests and replicas vary one collaborator with :func:`dataclasses.replace`.
+Both verify an enclave's attestation token, hold it to the operator's enclave policy (key
+release: for instance keys), sign what they hand out with the release key, and write each
+effect with its audit event in one store transaction; the key manager also wraps and unwraps
+data keys under the KEK. Tests vary one collaborator (another replica's store, another
+policy) with :func:`dataclasses.replace`.
 """
 
 from __future__ import annotations
