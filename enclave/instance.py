@@ -1,10 +1,11 @@
 """One app instance inside the enclave: configuration, state, head, and command execution.
 
-`apply` is the whole state transition of one authorized command, shared by live execution
-and log replay so both produce the same state: check and advance the caller's counter (noting
-which command consumed it, so a client can tell its own command from another), run the app in
-a nested transaction (an app refusal keeps only the counter advance, so a refused command can
-never be replayed later), then check the memory budget before committing.
+`apply` is the whole state transition of one authorized command: check and advance the
+caller's counter (noting which command consumed it, so a client can tell its own command from
+another), run the app in a nested transaction (an app refusal keeps only the counter advance,
+so a refused command can never be replayed later), then check the memory budget before
+committing. It returns the writes it made; restore applies them again (`apply_writes`), or
+runs `apply` again for an entry that logged its call instead.
 
 Besides its state an instance knows its genesis (which the keyvault registers), the newest
 head the keyvault confirmed, whether the keyvault has vouched for it to this boot at all
@@ -15,6 +16,7 @@ head the keyvault confirmed, whether the keyvault has vouched for it to this boo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
@@ -143,8 +145,9 @@ class Instance:
         *,
         command_hash: bytes,
         sequence: int,
-    ) -> command_pb2.CommandResult:
-        """Run one authorized command; raises EnclaveError (nothing changed) to refuse it."""
+    ) -> tuple[command_pb2.CommandResult, list[storage_pb2.StoreEntry]]:
+        """Run one authorized command: its result and the writes it made (for its log entry).
+        Raises EnclaveError (nothing changed) to refuse it."""
         store = self.store
         store.begin()
         try:
@@ -162,11 +165,21 @@ class Instance:
             store.put(_counter_key(caller.account), consumed.SerializeToString(deterministic=True))
             if store.size > limit:  # the host sets the budget: a larger one may accept it
                 raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted", may_run_later=True)
+            writes = [
+                storage_pb2.StoreEntry(key=key, value=value or b"", erased=value is None)
+                for key, value in store.pending()
+            ]
         except BaseException:
             store.rollback()
             raise
         store.commit()
-        return result
+        return result, writes
+
+    def apply_writes(self, writes: Iterable[storage_pb2.StoreEntry], limit: int) -> None:
+        """Apply a logged command's writes again (restore, which drops the instance on a refusal)."""
+        self.store.apply((tuple(write.key), None if write.erased else write.value) for write in writes)
+        if self.store.size > limit:
+            raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
 
     def query(self, caller: Caller, call: apps_pb2.AppCall) -> command_pb2.CommandResult:
         """Run a read-only call; every write is discarded."""

@@ -47,6 +47,9 @@ _X25519_ENC_SIZE = 32
 MAX_CHALLENGES = 1024  # outstanding challenges; the oldest is dropped beyond this
 MAX_HOLDS = 4096  # per instance: heads awaiting keyvault confirmation
 MAX_READ_ROUNDS = 256  # per instance: query rounds awaiting a read fence
+# A command's entry records its writes (restore applies them, fast) up to this size, else its
+# call (restore runs it again): a ballot's close rewrites O(voters) keys.
+MAX_LOGGED_WRITES = 64 * 1024
 
 
 def _data_loss(what: str) -> EnclaveError:
@@ -425,7 +428,7 @@ class Enclave:
         try:
             call = instance.parse_call(command.call, read_only=False)
             caller = instance.authorizer.authorize(command, now_ms)
-            result = instance.apply(
+            result, writes = instance.apply(
                 caller, command.counter, call, limit, command_hash=command_hash, sequence=sequence
             )
         except EnclaveError as refusal:
@@ -452,10 +455,13 @@ class Enclave:
             account=caller.account,
             signer_public_key=caller.signer_public_key,
             counter=command.counter,
-            call=command.call,
             command_hash=command_hash,
             request_id=command.request_id,
+            writes=writes,
         )
+        if executed.ByteSize() > MAX_LOGGED_WRITES:
+            del executed.writes[:]
+            executed.call = command.call
         entry = self._encrypt_entry(
             instance.instance_id, sequence, previous, storage_pb2.EntryBody(command=executed)
         )
@@ -725,7 +731,9 @@ class Enclave:
         kind = body.WhichOneof("body")
         if kind == "genesis" and instance is None:
             instance = Instance.create(instance_id, body.genesis.config)
-        elif kind == "command" and instance is not None:
+        elif kind == "command" and instance is not None and body.command.writes:
+            instance.apply_writes(body.command.writes, limit)  # what the command wrote, not a re-run
+        elif kind == "command" and instance is not None:  # an entry that logged its call, not its writes
             executed = body.command
             caller = Caller(account=executed.account, signer_public_key=executed.signer_public_key)
             try:

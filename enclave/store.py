@@ -17,7 +17,7 @@ Key = tuple[str, ...]
 def _entry_size(key: Key, value: bytes | None) -> int:
     if value is None:
         return 0
-    return sum(len(part.encode("utf-8")) for part in key) + len(value)
+    return len("".join(key).encode("utf-8")) + len(value)
 
 
 class Store:
@@ -59,6 +59,10 @@ class Store:
             raise RuntimeError("snapshot inside a transaction")
         return sorted(self._base.items())
 
+    def pending(self) -> list[tuple[Key, bytes | None]]:
+        """The innermost transaction's writes, sorted by key (None marks a deletion)."""
+        return sorted(self._layers[-1].items())
+
     # --- writes --------------------------------------------------------------------------
 
     def put(self, key: Key, value: bytes) -> None:
@@ -74,6 +78,16 @@ class Store:
             raise RuntimeError("write outside a transaction")
         self._deltas[-1] += _entry_size(key, value) - _entry_size(key, self.get(key))
         self._layers[-1][key] = value
+
+    def apply(self, writes: Iterable[tuple[Key, bytes | None]]) -> None:
+        """Write straight into the committed state (restore applying logged writes)."""
+        if self._layers:
+            raise RuntimeError("apply inside a transaction")
+        for key, value in writes:
+            old = self._base.pop(key, None)
+            self._size += _entry_size(key, value) - _entry_size(key, old)
+            if value is not None:
+                self._base[key] = value
 
     # --- transactions --------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from veil.enclave.v1 import envelope_pb2 as veil_dot_enclave_dot_v1_dot_envelope__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/enclave/v1/storage.proto\x12\x0fveil.enclave.v1\x1a\x1eveil/enclave/v1/envelope.proto\"u\n\tEntryBody\x12+\n\x07genesis\x18\x01 \x01(\x0b\x32\x18.veil.enclave.v1.GenesisH\x00\x12\x33\n\x07\x63ommand\x18\x02 \x01(\x0b\x32 .veil.enclave.v1.ExecutedCommandH\x00\x42\x06\n\x04\x62ody\":\n\x07Genesis\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\"\x86\x01\n\x0f\x45xecutedCommand\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ounter\x18\x03 \x01(\x04\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ommand_hash\x18\x05 \x01(\x0c\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x9c\x01\n\x10InstanceSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12,\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1b.veil.enclave.v1.StoreEntry\x12\x14\n\x0cgenesis_hash\x18\x04 \x01(\x0c\"Y\n\x0e\x41\x63\x63ountCounter\x12\x0f\n\x07\x63ounter\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommand_hash\x18\x02 \x01(\x0c\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06result\x18\x04 \x01(\x0c\"(\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x03(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"6\n\nSealedKeys\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.veil.enclave.v1.SealedKey\"B\n\tSealedKey\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dveil/enclave/v1/storage.proto\x12\x0fveil.enclave.v1\x1a\x1eveil/enclave/v1/envelope.proto\"u\n\tEntryBody\x12+\n\x07genesis\x18\x01 \x01(\x0b\x32\x18.veil.enclave.v1.GenesisH\x00\x12\x33\n\x07\x63ommand\x18\x02 \x01(\x0b\x32 .veil.enclave.v1.ExecutedCommandH\x00\x42\x06\n\x04\x62ody\":\n\x07Genesis\x12/\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\"\xb3\x01\n\x0f\x45xecutedCommand\x12\x0f\n\x07\x61\x63\x63ount\x18\x01 \x01(\t\x12\x19\n\x11signer_public_key\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63ounter\x18\x03 \x01(\x04\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63ommand_hash\x18\x05 \x01(\x0c\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12+\n\x06writes\x18\x07 \x03(\x0b\x32\x1b.veil.enclave.v1.StoreEntry\"\x9c\x01\n\x10InstanceSnapshot\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12/\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1f.veil.enclave.v1.InstanceConfig\x12,\n\x07\x65ntries\x18\x03 \x03(\x0b\x32\x1b.veil.enclave.v1.StoreEntry\x12\x14\n\x0cgenesis_hash\x18\x04 \x01(\x0c\"Y\n\x0e\x41\x63\x63ountCounter\x12\x0f\n\x07\x63ounter\x18\x01 \x01(\x04\x12\x14\n\x0c\x63ommand_hash\x18\x02 \x01(\x0c\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x0e\n\x06result\x18\x04 \x01(\x0c\"8\n\nStoreEntry\x12\x0b\n\x03key\x18\x01 \x03(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0e\n\x06\x65rased\x18\x03 \x01(\x08\"6\n\nSealedKeys\x12(\n\x04keys\x18\x01 \x03(\x0b\x32\x1a.veil.enclave.v1.SealedKey\"B\n\tSealedKey\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bkey_version\x18\x02 \x01(\r\x12\x0b\n\x03key\x18\x03 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENESIS']._serialized_start=201
   _globals['_GENESIS']._serialized_end=259
   _globals['_EXECUTEDCOMMAND']._serialized_start=262
-  _globals['_EXECUTEDCOMMAND']._serialized_end=396
-  _globals['_INSTANCESNAPSHOT']._serialized_start=399
-  _globals['_INSTANCESNAPSHOT']._serialized_end=555
-  _globals['_ACCOUNTCOUNTER']._serialized_start=557
-  _globals['_ACCOUNTCOUNTER']._serialized_end=646
-  _globals['_STOREENTRY']._serialized_start=648
-  _globals['_STOREENTRY']._serialized_end=688
-  _globals['_SEALEDKEYS']._serialized_start=690
-  _globals['_SEALEDKEYS']._serialized_end=744
-  _globals['_SEALEDKEY']._serialized_start=746
-  _globals['_SEALEDKEY']._serialized_end=812
+  _globals['_EXECUTEDCOMMAND']._serialized_end=441
+  _globals['_INSTANCESNAPSHOT']._serialized_start=444
+  _globals['_INSTANCESNAPSHOT']._serialized_end=600
+  _globals['_ACCOUNTCOUNTER']._serialized_start=602
+  _globals['_ACCOUNTCOUNTER']._serialized_end=691
+  _globals['_STOREENTRY']._serialized_start=693
+  _globals['_STOREENTRY']._serialized_end=749
+  _globals['_SEALEDKEYS']._serialized_start=751
+  _globals['_SEALEDKEYS']._serialized_end=805
+  _globals['_SEALEDKEY']._serialized_start=807
+  _globals['_SEALEDKEY']._serialized_end=873
 # @@protoc_insertion_point(module_scope)

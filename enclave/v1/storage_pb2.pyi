@@ -38,7 +38,7 @@ class EntryBody(_message.Message):
 
     @_builtins.property
     def command(self) -> Global___ExecutedCommand:
-        """command is one authorized command, replayed deterministically on restore."""
+        """command is one authorized command and the state it wrote, applied again on restore."""
 
     def __init__(
         self,
@@ -92,6 +92,7 @@ class ExecutedCommand(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     COMMAND_HASH_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WRITES_FIELD_NUMBER: _builtins.int
     account: _builtins.str
     """account is the authenticated caller."""
     signer_public_key: _builtins.bytes
@@ -99,11 +100,19 @@ class ExecutedCommand(_message.Message):
     counter: _builtins.int
     """counter is the account counter the command consumed."""
     call: _builtins.bytes
-    """call is the serialized AppCall."""
+    """call is the serialized AppCall, set when writes are not recorded (they would be large,
+    or an older enclave wrote the entry): restore runs it again. Empty when writes are set.
+    """
     command_hash: _builtins.bytes
     """command_hash is the SealedCommand's hash (see Receipt.command_hash)."""
     request_id: _builtins.str
     """request_id is the client's request id."""
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoreEntry]:
+        """writes are the state changes the command made (its counter record included), sorted by
+        key: restore applies them instead of running the command again.
+        """
+
     def __init__(
         self,
         *,
@@ -113,10 +122,11 @@ class ExecutedCommand(_message.Message):
         call: _builtins.bytes = ...,
         command_hash: _builtins.bytes = ...,
         request_id: _builtins.str = ...,
+        writes: _abc.Iterable[Global___StoreEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "call", b"call", "command_hash", b"command_hash", "counter", b"counter", "request_id", b"request_id", "signer_public_key", b"signer_public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "call", b"call", "command_hash", b"command_hash", "counter", b"counter", "request_id", b"request_id", "signer_public_key", b"signer_public_key", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -202,8 +212,11 @@ class StoreEntry(_message.Message):
 
     KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     value: _builtins.bytes
     """value is the stored value."""
+    erased: _builtins.bool
+    """erased marks a write that removes the key (log entries only; value is then empty)."""
     @_builtins.property
     def key(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """key is the key's parts (e.g. ["token", "balance", account])."""
@@ -213,10 +226,11 @@ class StoreEntry(_message.Message):
         *,
         key: _abc.Iterable[_builtins.str] | None = ...,
         value: _builtins.bytes = ...,
+        erased: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased", b"erased", "key", b"key", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
