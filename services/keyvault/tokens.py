@@ -40,9 +40,9 @@ from __future__ import annotations
 import json
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -64,30 +64,10 @@ from veil.verify.tokens import (
     public_jwk,
     verify_token,
 )
+from veil.verify.verifier import QuoteFacts
 
 DEFAULT_TOKEN_TTL_S = 600
 SIGNING_KEY_AAD_LABEL = b"veil/token-signing-key/v1"
-
-
-class AttestedQuote(Protocol):
-    """What a verified quote tells (``attestation.VerifiedQuote`` satisfies this)."""
-
-    @property
-    def mrenclave(self) -> bytes: ...
-    @property
-    def mrsigner(self) -> bytes: ...
-    @property
-    def isv_prod_id(self) -> int: ...
-    @property
-    def isv_svn(self) -> int: ...
-    @property
-    def debug(self) -> bool: ...
-    @property
-    def report_data(self) -> bytes: ...
-    @property
-    def tcb_status(self) -> str | None: ...
-    @property
-    def advisory_ids(self) -> Sequence[str]: ...
 
 
 # --- signing keys ------------------------------------------------------------------------------------
@@ -229,9 +209,9 @@ class TokenIssuer:
             raise ValueError("token TTL must be positive and at most a day")
 
     def issue(
-        self, quote: AttestedQuote, *, runtime_data: bytes, nonce: bytes, quote_hash: bytes
+        self, quote: QuoteFacts, *, runtime_data: bytes, nonce: bytes, quote_hash: bytes
     ) -> IssuedToken:
-        """Sign a token for ``quote``; the caller has checked the report-data binding."""
+        """Sign a token for a verified quote's facts; the caller has checked the report-data binding."""
         now = int(self.clock())
         jti = b64url_encode(secrets.token_bytes(16))
         claims: dict[str, Any] = {

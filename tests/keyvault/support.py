@@ -2,10 +2,11 @@
 
 A :class:`FakeEnclave` holds real X25519/Ed25519 key pairs and produces what the real
 enclave would: runtime data (serialized ``EnclavePublicKeys``, pinning the test keyvault's
-release key :data:`RELEASE_PUBLIC_KEY` unless told otherwise), a quote-like record whose
-report data binds that runtime data and a nonce, signed commit heads, and HPKE opening of
-released keys. Tokens are issued by the real :class:`TokenIssuer`, so only the quote
-verification step is faked here (it has its own tests under ``attestation/``).
+release key :data:`RELEASE_PUBLIC_KEY` unless told otherwise), the facts a verified quote
+would give (:class:`QuoteFacts`, its report data binding that runtime data and a nonce),
+signed commit heads, and HPKE opening of released keys. Tokens are issued by the real
+:class:`TokenIssuer`, so only the quote verification step is faked here (it has its own
+tests under ``tests/verify/``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from veil.services.keyvault.release_policy import parse_release_policy
 from veil.services.keyvault.server import create_server
 from veil.services.keyvault.tokens import IssuedToken, TokenIssuer
 from veil.verify.binding import expected_report_data
+from veil.verify.verifier import QuoteFacts
 
 T = TypeVar("T")
 
@@ -121,20 +123,6 @@ class FakeClock:
         self.now += seconds
 
 
-@dataclass(frozen=True)
-class FakeQuote:
-    """The fields of a verified quote (the shape of ``attestation.VerifiedQuote``)."""
-
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    report_data: bytes
-    tcb_status: str | None
-    advisory_ids: Sequence[str] = ()
-
-
 @dataclass
 class FakeEnclave:
     """An enclave's key pairs and the evidence it would present."""
@@ -171,9 +159,9 @@ class FakeEnclave:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
 
-    def quote(self, nonce: bytes, *, runtime_data: bytes | None = None) -> FakeQuote:
+    def quote(self, nonce: bytes, *, runtime_data: bytes | None = None) -> QuoteFacts:
         data = self.runtime_data if runtime_data is None else runtime_data
-        return FakeQuote(
+        return QuoteFacts(
             mrenclave=self.mrenclave,
             mrsigner=self.mrsigner,
             isv_prod_id=self.product_id,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,8 +37,10 @@ INTEL_QE_ISV_PROD_ID = 1
 
 
 @dataclass(frozen=True)
-class VerifiedQuote:
-    """The facts a verified quote proves. TCB fields are set only when collateral was given."""
+class QuoteFacts:
+    """What a quote says the enclave is: the report body's identity and, with collateral, the
+    platform's TCB status and advisories (``None`` and empty without it). Attestation tokens
+    carry exactly these facts (the keyvault's token issuer takes them)."""
 
     mrenclave: bytes
     mrsigner: bytes
@@ -47,10 +49,7 @@ class VerifiedQuote:
     debug: bool
     report_data: bytes
     tcb_status: str | None
-    advisory_ids: tuple[str, ...]
-    quote: Quote = field(repr=False, compare=False)
-    pck: PckChain = field(repr=False, compare=False)
-    tcb: TcbResult | None = field(default=None, repr=False, compare=False)
+    advisory_ids: tuple[str, ...] = ()
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``veil attest verify`` output object (byte fields as lowercase hex)."""
@@ -66,6 +65,17 @@ class VerifiedQuote:
             result["tcb_status"] = self.tcb_status
             result["advisory_ids"] = list(self.advisory_ids)
         return result
+
+
+@dataclass(frozen=True)
+class VerifiedQuote(QuoteFacts):
+    """The facts a verified quote proves, with the evidence behind them. TCB fields are set
+    only when collateral was given."""
+
+    _: KW_ONLY
+    quote: Quote = field(repr=False, compare=False)
+    pck: PckChain = field(repr=False, compare=False)
+    tcb: TcbResult | None = field(default=None, repr=False, compare=False)
 
 
 def check_intel_qe(qe_report: ReportBody) -> None:
