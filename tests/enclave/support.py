@@ -1,4 +1,4 @@
-"""Test support: an enclave harness and a minimal client that seals commands like the SDK."""
+"""Test support: an enclave harness and a minimal client that seals commands with the SDK's sealer."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.runner import RunnerOptions
 from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, Scheme, SigningIdentity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_plaintext, signing_bytes
 from veil.services.state.enclave_host import EnclaveHost
 
@@ -118,7 +119,9 @@ Sealed = SealedRequest
 
 @dataclass
 class Client:
-    """Seals commands to an enclave and opens its answers, checking receipts."""
+    """Seals commands to an enclave and opens its answers, checking receipts, with the SDK's
+    proofs, sealing and receipt checks (`veil.dev.loadclient.Account` is the state host's
+    equivalent); it builds the command itself so a test can name another instance in it."""
 
     keys: envelope_pb2.EnclavePublicKeys
     instance_id: str
@@ -135,15 +138,20 @@ class Client:
             return self.signer.public_key().public_bytes_raw().hex()
         return self.account
 
-    def prove(self, command: command_pb2.Command) -> None:
-        """Attach this client's identity proof (signature, JWT or anonymous account) to `command`."""
+    @property
+    def credential(self) -> tuple[Scheme, Identity]:
+        """How this client proves who it is, as an SDK identity: its signer, else its JWT, else
+        its anonymous account name."""
         if self.signer is not None:
-            command.auth.signature.public_key = self.signer.public_key().public_bytes_raw()
-            command.auth.signature.signature = self.signer.sign(signing_bytes(command))
-        elif self.jwt is not None:
-            command.auth.oauth2.jwt = self.jwt
-        else:
-            command.auth.anonymous.account = self.account
+            return envelope_pb2.AUTH_SCHEME_SIGNATURE, SigningIdentity(self.signer)
+        if self.jwt is not None:
+            return envelope_pb2.AUTH_SCHEME_OAUTH2, OAuth2Identity(self.jwt)
+        return envelope_pb2.AUTH_SCHEME_NONE, AnonymousIdentity(self.account)
+
+    def prove(self, command: command_pb2.Command) -> None:
+        """Attach this client's identity proof (the SDK's: signature, JWT or anonymous account)."""
+        scheme, identity = self.credential
+        command.auth.CopyFrom(identity.proof(scheme, signing_bytes(command)))
 
     def seal(
         self,
