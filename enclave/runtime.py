@@ -47,9 +47,10 @@ _X25519_ENC_SIZE = 32
 MAX_CHALLENGES = 1024  # outstanding challenges; the oldest is dropped beyond this
 MAX_HOLDS = 4096  # per instance: heads awaiting keyvault confirmation
 MAX_READ_ROUNDS = 256  # per instance: query rounds awaiting a read fence
-# A command's entry records its writes (restore applies them, fast) up to this size, else its
-# call (restore runs it again): a ballot's close rewrites O(voters) keys.
-MAX_LOGGED_WRITES = 64 * 1024
+# A command's entry records its writes (restore applies them, fast) while that keeps the entry
+# within this many bytes over the call, else the call (restore runs it again): a tiny command
+# can rewrite a whole record or, a ballot's close, O(voters) keys, and must not bloat the log.
+LOGGED_WRITES_OVER_CALL = 1024
 
 
 def _data_loss(what: str) -> EnclaveError:
@@ -459,7 +460,7 @@ class Enclave:
             request_id=command.request_id,
             writes=writes,
         )
-        if executed.ByteSize() > MAX_LOGGED_WRITES:
+        if executed.ByteSize() > len(command.call) + LOGGED_WRITES_OVER_CALL:
             del executed.writes[:]
             executed.call = command.call
         entry = self._encrypt_entry(

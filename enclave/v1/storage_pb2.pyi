@@ -100,8 +100,9 @@ class ExecutedCommand(_message.Message):
     counter: _builtins.int
     """counter is the account counter the command consumed."""
     call: _builtins.bytes
-    """call is the serialized AppCall, set when writes are not recorded (they would be large,
-    or an older enclave wrote the entry): restore runs it again. Empty when writes are set.
+    """call is the serialized AppCall, set when writes are not recorded (they would make the
+    entry more than 1 KiB larger than the call, or an older enclave wrote the entry): restore
+    runs it again. Empty when writes are set.
     """
     command_hash: _builtins.bytes
     """command_hash is the SealedCommand's hash (see Receipt.command_hash)."""

@@ -1,7 +1,8 @@
 """Log entries record what a command wrote, and restore applies it instead of running it again.
 
-A command's entry carries its writes (its counter record included) up to MAX_LOGGED_WRITES,
-else its call, which restore runs again (as for an entry an older enclave wrote). Either way a
+A command's entry carries its writes (its counter record included) while they keep it within
+LOGGED_WRITES_OVER_CALL bytes of the call, else its call, which restore runs again (as for an
+entry an older enclave wrote). Either way a
 restored instance holds exactly the state the live one did.
 """
 
@@ -82,11 +83,13 @@ def test_an_entry_records_the_commands_writes_and_not_its_call(harness: Harness)
     assert [tuple(write.key) for write in executed.writes] == sorted(writes)  # sorted by key
 
 
-@pytest.mark.parametrize("logged_writes", [runtime.MAX_LOGGED_WRITES, 0], ids=["writes", "calls"])
+@pytest.mark.parametrize(
+    "logged_writes", [runtime.LOGGED_WRITES_OVER_CALL, -(2**20)], ids=["writes", "calls"]
+)
 def test_restore_gives_exactly_the_live_state(
     make_enclave: MakeEnclave, monkeypatch: pytest.MonkeyPatch, logged_writes: int
 ) -> None:
-    monkeypatch.setattr(runtime, "MAX_LOGGED_WRITES", logged_writes)
+    monkeypatch.setattr(runtime, "LOGGED_WRITES_OVER_CALL", logged_writes)
     harness = Harness.start(make_enclave())
     harness.factory = make_enclave
     issuer, alice, bob = _token_instance(harness)
@@ -96,7 +99,7 @@ def test_restore_gives_exactly_the_live_state(
     assert error_code(harness.call(alice, _transfer(bob, MINT))) == "FAILED_PRECONDITION"
     harness.call(bob, _transfer(alice, 30))
     bodies = [_body(harness, "t", entry).command for entry in harness.log["t"][1:]]
-    assert all(bool(body.call) == (logged_writes == 0) != bool(body.writes) for body in bodies)
+    assert all(bool(body.call) == (logged_writes < 0) != bool(body.writes) for body in bodies)
 
     restored = harness.restarted()
     assert restored.restore("t", harness.log["t"]).sequence == len(harness.log["t"])
@@ -106,18 +109,20 @@ def test_restore_gives_exactly_the_live_state(
     assert restored.call(again, _transfer(bob, 5)).result.token.transfer.amount == MINT - 5
 
 
-def test_a_large_write_set_logs_the_call_and_restores_by_running_it(harness: Harness) -> None:
+def test_writes_far_larger_than_the_call_log_the_call_and_restore_by_running_it(harness: Harness) -> None:
     harness.create("v", config())
     alice = harness.client("v")
-    data = bytes(range(256)) * (runtime.MAX_LOGGED_WRITES // 256 + 1)
-    harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="big", data=data)))
-    harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="small", data=b"x")))
+    record = bytes(range(256)) * 16  # 4 KiB: a put logs about as many bytes as its call
+    harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="big", data=record)))
+    # A share names one reader but rewrites the whole 4 KiB record: logged as its call.
+    harness.call(alice, vault(share=apps_pb2.VaultShare(record_id="big", reader="bob")))
 
-    big, small = (_body(harness, "v", entry).command for entry in harness.log["v"][1:])
-    assert big.call
-    assert not big.writes
-    assert small.writes
-    assert not small.call
+    put, share = (_body(harness, "v", entry).command for entry in harness.log["v"][1:])
+    assert put.writes
+    assert not put.call
+    assert share.call
+    assert not share.writes
+    assert all(len(entry.ciphertext) <= 2 * len(record) for entry in harness.log["v"])
     restored = harness.restarted()
     restored.restore("v", harness.log["v"])
     assert _state(restored, "v") == _state(harness, "v")
