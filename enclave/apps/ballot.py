@@ -126,6 +126,8 @@ class BallotApp(App):
             raise EnclaveError(FAILED_PRECONDITION, "ballot is closed")
         if not record.open_to_all and context.store.get(_key(ballot_id, "eligible", voter)) is None:
             raise EnclaveError(PERMISSION_DENIED, "not an eligible voter")
+        if not request.HasField("option"):  # see BallotVote.option: every vote the same size
+            raise EnclaveError(INVALID_ARGUMENT, "option must be set explicitly, 0 included")
         if request.option >= len(record.options):
             raise EnclaveError(INVALID_ARGUMENT, "no such option")
         if not MIN_SALT <= len(request.salt) <= MAX_SALT:

@@ -770,21 +770,26 @@ class BallotVote(_message.Message):
     ballot_id: _builtins.str
     """ballot_id names the ballot."""
     option: _builtins.int
-    """option is the index of the chosen option."""
+    """option is the index of the chosen option. Explicit presence (optional) so that option 0
+    is encoded too: every vote then seals to the same size, and the enclave refuses a vote
+    without it (an implicit 0 would make option-0 votes 2 bytes shorter, visible to the host).
+    """
     salt: _builtins.bytes
     """salt is 16 to 64 random bytes chosen by the voter; it hides the vote inside its commitment."""
     def __init__(
         self,
         *,
         ballot_id: _builtins.str = ...,
-        option: _builtins.int = ...,
+        option: _builtins.int | None = ...,
         salt: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_option", b"_option", "option", b"option"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ballot_id", b"ballot_id", "option", b"option", "salt", b"salt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_option", b"_option", "ballot_id", b"ballot_id", "option", b"option", "salt", b"salt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__option: _TypeAlias = _typing.Literal["option"]  # noqa: Y015
+    _WhichOneofArgType__option: _TypeAlias = _typing.Literal["_option", b"_option"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__option) -> _WhichOneofReturnType__option | None: ...
 
 Global___BallotVote: _TypeAlias = BallotVote  # noqa: Y015
 
@@ -1174,7 +1179,9 @@ class BallotStoredVote(_message.Message):
     COMMITMENT_FIELD_NUMBER: _builtins.int
     LEAF_INDEX_FIELD_NUMBER: _builtins.int
     option: _builtins.int
-    """option is the chosen option (cleared at close)."""
+    """option is the chosen option (cleared at close); explicit presence, so every stored vote
+    has the same size whatever the option (the host sees the state size).
+    """
     salt: _builtins.bytes
     """salt is the voter's salt (cleared at close)."""
     commitment: _builtins.bytes
@@ -1184,15 +1191,17 @@ class BallotStoredVote(_message.Message):
     def __init__(
         self,
         *,
-        option: _builtins.int = ...,
+        option: _builtins.int | None = ...,
         salt: _builtins.bytes = ...,
         commitment: _builtins.bytes = ...,
         leaf_index: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_option", b"_option", "option", b"option"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "leaf_index", b"leaf_index", "option", b"option", "salt", b"salt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_option", b"_option", "commitment", b"commitment", "leaf_index", b"leaf_index", "option", b"option", "salt", b"salt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__option: _TypeAlias = _typing.Literal["option"]  # noqa: Y015
+    _WhichOneofArgType__option: _TypeAlias = _typing.Literal["_option", b"_option"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__option) -> _WhichOneofReturnType__option | None: ...
 
 Global___BallotStoredVote: _TypeAlias = BallotStoredVote  # noqa: Y015

@@ -266,6 +266,31 @@ def test_ballot_info_and_validation(harness: Harness) -> None:
     assert error_code(bad) == "INVALID_ARGUMENT"
     short_salt = harness.call(chair, ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=0, salt=b"s")))
     assert error_code(short_salt) == "INVALID_ARGUMENT"
+    no_option = harness.call(chair, ballot(vote=apps_pb2.BallotVote(ballot_id="q1", salt=b"s" * 16)))
+    assert error_code(no_option) == "INVALID_ARGUMENT"  # an implicit 0 would seal 2 bytes shorter
+
+
+def test_every_option_looks_the_same_to_the_host(harness: Harness) -> None:
+    """Sealed command, log entry, answer and state growth: one size whatever the option (option 0
+    once sealed and stored 2 bytes shorter, and told a host that saw who sent it the vote)."""
+    _create_ballot(harness, [])
+    first = harness.client("b", account="voter-f")  # the first vote also starts the voter count
+    harness.call(first, ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=1, salt=b"s" * 32)))
+    seen = set()
+    for option in (0, 1, 2):
+        voter = harness.client("b", account=f"voter-{option}")
+        used = harness.host.get_status().memory_used_bytes
+        sealed = voter.seal(ballot(vote=apps_pb2.BallotVote(ballot_id="q1", option=option, salt=b"s" * 32)))
+        (outcome,) = harness.run("b", sealed)
+        assert error_code(voter.read(sealed, outcome)) == "OK"
+        grown = harness.host.get_status().memory_used_bytes - used
+        sizes = (
+            len(sealed.command.ciphertext),
+            len(harness.log["b"][-1].ciphertext),
+            len(outcome.sealed_response),
+        )
+        seen.add((sizes, grown))
+    assert len(seen) == 1, seen
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 8, 13])
