@@ -10,12 +10,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from tenacity import (
+    RetryCallState,
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from veil.services.common.config import TlsFiles
 from veil.services.common.server import MAX_MESSAGE_BYTES
@@ -38,10 +39,29 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def secure_channel(target: str, tls: TlsFiles, tracer_provider: TracerProvider | None = None) -> grpc.Channel:
+#: gRPC's (experimental) reading of a server-streaming call on the thread that iterates it:
+#: `grpc.experimental.ChannelOptions.SingleThreadedUnaryStream` (not in grpc's type stubs).
+_SINGLE_THREADED_STREAMS = ("SingleThreadedUnaryStream", 1)
+
+
+def secure_channel(
+    target: str,
+    tls: TlsFiles,
+    tracer_provider: TracerProvider | None = None,
+    *,
+    single_threaded_streams: bool = False,
+) -> grpc.Channel:
     """An mTLS channel to another Veil service; with a `tracer_provider`, calls on it open client
-    spans and carry W3C trace context (without one, no interceptor and no trace context)."""
-    channel = grpc.secure_channel(target, channel_credentials(tls), options=_CHANNEL_OPTIONS)
+    spans and carry W3C trace context (without one, no interceptor and no trace context).
+
+    `single_threaded_streams`: a server-streaming call's messages are read on the thread that
+    iterates it, instead of each being received on the channel's spin thread and handed over
+    (one thread wake-up per message). Such a call's status, code and details exist only once
+    it has ended, and only one thread may iterate it: for callers that read each stream to its
+    end on one thread (the gateway's ExecuteBatch readers).
+    """
+    options = [*_CHANNEL_OPTIONS, _SINGLE_THREADED_STREAMS] if single_threaded_streams else _CHANNEL_OPTIONS
+    channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
     return channel if tracer_provider is None else traced_channel(channel, tracer_provider)
 
 
@@ -63,16 +83,42 @@ def call(
     status may mean the server acted, so it is the caller's to decide.
     """
     deadline = time.monotonic() + timeout
+    # The first attempt runs without tenacity's bookkeeping (a Retrying, its strategies and
+    # statistics built per call were most of this function's cost, and most calls need no
+    # retry); an UNAVAILABLE one becomes the retry loop's first attempt, so attempts, waits and
+    # the overall deadline are what they were.
+    try:
+        return method(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=metadata)
+    except grpc.RpcError as exc:
+        if not _unavailable(exc):
+            raise
+        first: grpc.RpcError | None = exc
     for attempt in Retrying(
         retry=retry_if_exception(_unavailable),
         wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
-        stop=stop_after_attempt(attempts) | stop_after_delay(timeout),
+        stop=stop_after_attempt(attempts) | _Past(deadline),
         reraise=True,
     ):
         with attempt:
+            if first is not None:
+                failed, first = first, None
+                raise failed
             remaining = max(deadline - time.monotonic(), 0.001)
             return method(request, timeout=remaining, metadata=metadata)
     raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+class _Past(stop_base):
+    """Stop once `deadline` (time.monotonic) has passed when an attempt ends: tenacity's
+    `stop_after_delay(timeout)` counted from the call's start rather than from the retry loop's,
+    which begins after the first attempt."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        ended = retry_state.outcome_timestamp
+        return (ended if ended is not None else time.monotonic()) >= self.deadline
 
 
 def remaining_timeout(context: grpc.ServicerContext, ceiling: float = DEFAULT_TIMEOUT) -> float:

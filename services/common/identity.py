@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -69,8 +70,18 @@ def spiffe_id_from_pem(pem: bytes) -> str:
     return uris[0]
 
 
+# The call the authorization interceptor is running on this thread, and the identity it found:
+# a handler asking again for the same call's identity reuses it instead of rebuilding gRPC's
+# auth context and looking its certificate up again. Keyed by the context object itself, which
+# the entry keeps alive while it is set, so it never answers for another call.
+_checked = threading.local()
+
+
 def certificate_identity(context: grpc.ServicerContext) -> str | None:
     """The caller's SPIFFE ID, or None for a caller without a certificate (public port)."""
+    known = getattr(_checked, "call", None)
+    if known is not None and known[0] is context:
+        return cast(str | None, known[1])
     # The stub says Mapping[str, bytes]; gRPC really maps each property to a list of values.
     pems = cast(Mapping[str, list[bytes]], context.auth_context()).get("x509_pem_cert")
     return spiffe_id_from_pem(pems[0]) if pems else None
@@ -156,7 +167,12 @@ class AuthorizationInterceptor(HandlerInterceptor):
                     _authorize(caller, allowed, method)
             except VeilError as exc:
                 abort(context, exc)
-            return behavior(request, context)
+            outer = getattr(_checked, "call", None)
+            _checked.call = (context, caller)
+            try:
+                return behavior(request, context)
+            finally:
+                _checked.call = outer
 
         return checked
 

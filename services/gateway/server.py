@@ -187,9 +187,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             if verdicts is not None:
                 verdicts[instance_id] = verdict
         # Every attempt is charged, whatever the plugin said: a refused one to the address.
-        client = f"peer:{_peer_host(context)}"
+        # (The address is asked of gRPC only when it is the key: a named principal's is its own.)
         if isinstance(verdict, Principal) and verdict != ANONYMOUS:
             client = verdict.key
+        else:
+            client = f"peer:{_peer_host(context)}"
         self._limiter.acquire(client)
         if isinstance(verdict, VeilError):
             raise verdict
@@ -684,8 +686,11 @@ def create_server(
     """Build the gateway server (not started); returns it and its bound port."""
     gateway = gateway or GatewayConfig.from_env()
     authenticators = load_authenticators(gateway.auth_file)
+    # Each ExecuteBatch answer stream is read to its end by one coalescer thread: read there,
+    # not handed over from the channel's spin thread message by message (one command each).
     channels = {
-        address: secure_channel(address, config.tls, tracer_provider) for address in gateway.state_addresses
+        address: secure_channel(address, config.tls, tracer_provider, single_threaded_streams=True)
+        for address in gateway.state_addresses
     }
     keyvault_channel = secure_channel(gateway.keyvault_address, config.tls, tracer_provider)
     servicer = GatewayServicer(

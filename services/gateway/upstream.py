@@ -32,9 +32,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -123,11 +123,53 @@ def _deadline_exceeded() -> BatchedCallError:
     return BatchedCallError(status)
 
 
+class _Slot:
+    """The answer to one plain Execute queued in the coalescer: what of a Future the coalescer
+    uses (done, set_result, set_exception, result with a timeout), on one lock the reader
+    releases. A Future builds a Condition per call and wakes its waiter through it; this hand-off
+    happens once per command."""
+
+    __slots__ = ("_error", "_ready", "_set", "_value")
+
+    def __init__(self) -> None:
+        self._ready = threading.Lock()
+        self._ready.acquire()
+        self._set = False
+        self._value: state_pb2.ExecuteResponse | None = None
+        self._error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self._set
+
+    def set_result(self, value: state_pb2.ExecuteResponse) -> None:
+        self._settle(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, value: state_pb2.ExecuteResponse | None, error: BaseException | None) -> None:
+        if self._set:  # as a Future refuses a second answer
+            raise InvalidStateError("the answer is set already")
+        self._value, self._error = value, error
+        self._set = True
+        self._ready.release()
+
+    def result(self, timeout: float) -> state_pb2.ExecuteResponse:
+        """The answer, or raise its error; FutureTimeout after `timeout` seconds."""
+        if not self._ready.acquire(timeout=max(timeout, 0.0)):
+            raise FutureTimeout
+        self._ready.release()  # it stays answered
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
 @dataclass
 class _Waiting:
     request: state_pb2.ExecuteRequest
     deadline: float
-    answer: Future[state_pb2.ExecuteResponse] = field(default_factory=Future)
+    answer: Future[state_pb2.ExecuteResponse] | _Slot
 
 
 class ExecuteCoalescer:
@@ -159,7 +201,7 @@ class ExecuteCoalescer:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> state_pb2.ExecuteResponse:
         """Execute `request` within `timeout` seconds; raises grpc.RpcError as a unary call would."""
-        waiting = _Waiting(request, time.monotonic() + timeout)
+        waiting = _Waiting(request, time.monotonic() + timeout, _Slot())
         with self._lock:
             free = self._in_flight < self._max_in_flight
             alone = self._in_flight == 0  # idle: nothing to wait for or coalesce with
@@ -187,7 +229,10 @@ class ExecuteCoalescer:
         if not 0 < len(requests) <= self._max_batch:
             raise ValueError(f"a group holds 1 to {self._max_batch} commands")
         deadline = time.monotonic() + timeout
-        group = [_Waiting(request, deadline) for request in requests]
+        answers: list[Future[state_pb2.ExecuteResponse]] = [Future() for _ in requests]
+        group = [
+            _Waiting(request, deadline, answer) for request, answer in zip(requests, answers, strict=True)
+        ]
         with self._lock:
             free = self._in_flight < self._max_in_flight
             if free:
@@ -195,7 +240,7 @@ class ExecuteCoalescer:
             self._queue.append(group)
         if free:
             self._readers.submit(self._carry)
-        return [waiting.answer for waiting in group]
+        return answers
 
     def _release(self) -> None:
         """A plain Execute ended: its slot carries what queued meanwhile, or is freed."""
