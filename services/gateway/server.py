@@ -56,7 +56,7 @@ from veil.services.gateway.ratelimit import RateLimiter, refusal_counter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
 from veil.services.gateway.streams import StreamLimits, StreamSlots
-from veil.services.gateway.upstream import MAX_BATCH, coalescing_stub, forward, translate
+from veil.services.gateway.upstream import MAX_BATCH, Answer, coalescing_stub, forward, translate
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 _log = logging.getLogger(__name__)
@@ -442,19 +442,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             self._retries.submit(one_by_one)
             return
         sent = submit([b.forwarded for b in group], timeout=max(deadline - time.monotonic(), 0.001))
-        for batched, future in zip(group, sent, strict=True):
-            future.add_done_callback(functools.partial(self._landed, shard, batched, deadline))
+        for batched, answer in zip(group, sent, strict=True):
+            answer.add_done_callback(functools.partial(self._landed, shard, batched, deadline))
 
     def _landed(
         self,
         shard: str,
         batched: _Batched,
         deadline: float,
-        future: futures.Future[state_pb2.ExecuteResponse],
+        answer: Answer,
     ) -> None:
-        error = future.exception()
+        error = answer.exception()
         if error is None:
-            self._settle(batched, future.result())
+            self._settle(batched, answer.result())
         else:  # routing's fall-backs may wait (lease look-up, another replica): not on this thread
             self._retries.submit(self._retry_batched, shard, batched, error, deadline)
 

@@ -32,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TypeVar
@@ -123,20 +123,22 @@ def _deadline_exceeded() -> BatchedCallError:
     return BatchedCallError(status)
 
 
-class _Slot:
-    """The answer to one plain Execute queued in the coalescer: what of a Future the coalescer
-    uses (done, set_result, set_exception, result with a timeout), on one lock the reader
-    releases. A Future builds a Condition per call and wakes its waiter through it; this hand-off
-    happens once per command."""
+class Answer:
+    """One queued command's answer: the part of a Future the coalescer and its callers use
+    (done, set_result, set_exception, result and exception with a timeout, add_done_callback),
+    on two plain locks. A Future builds a Condition (an RLock and Python-level bookkeeping) per
+    command and wakes its waiter through it; this is made and handed over once per command."""
 
-    __slots__ = ("_error", "_ready", "_set", "_value")
+    __slots__ = ("_callbacks", "_error", "_guard", "_ready", "_set", "_value")
 
     def __init__(self) -> None:
-        self._ready = threading.Lock()
+        self._ready = threading.Lock()  # held until the answer is set
         self._ready.acquire()
+        self._guard = threading.Lock()  # the answer against callbacks being added
         self._set = False
         self._value: state_pb2.ExecuteResponse | None = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Answer], object]] = []
 
     def done(self) -> bool:
         return self._set
@@ -148,28 +150,54 @@ class _Slot:
         self._settle(None, error)
 
     def _settle(self, value: state_pb2.ExecuteResponse | None, error: BaseException | None) -> None:
-        if self._set:  # as a Future refuses a second answer
-            raise InvalidStateError("the answer is set already")
-        self._value, self._error = value, error
-        self._set = True
+        with self._guard:
+            if self._set:  # as a Future refuses a second answer
+                raise InvalidStateError("the answer is set already")
+            self._value, self._error = value, error
+            self._set = True
+            callbacks, self._callbacks = self._callbacks, []
         self._ready.release()
+        for callback in callbacks:
+            self._run(callback)
 
-    def result(self, timeout: float) -> state_pb2.ExecuteResponse:
-        """The answer, or raise its error; FutureTimeout after `timeout` seconds."""
-        if not self._ready.acquire(timeout=max(timeout, 0.0)):
+    def add_done_callback(self, callback: Callable[[Answer], object]) -> None:
+        """Call `callback(self)` once answered: on the thread that answers, or now if answered."""
+        with self._guard:
+            if not self._set:
+                self._callbacks.append(callback)
+                return
+        self._run(callback)
+
+    def _run(self, callback: Callable[[Answer], object]) -> None:
+        try:
+            callback(self)
+        except Exception:  # as a Future: logged, never raised into whoever set the answer
+            _log.exception("exception calling callback for %r", self)
+
+    def _wait(self, timeout: float | None) -> None:
+        if not self._ready.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise FutureTimeout
         self._ready.release()  # it stays answered
+
+    def result(self, timeout: float | None = None) -> state_pb2.ExecuteResponse:
+        """The answer, or raise its error; FutureTimeout after `timeout` seconds."""
+        self._wait(timeout)
         if self._error is not None:
             raise self._error
         assert self._value is not None
         return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The answer's error, None for a response; FutureTimeout after `timeout` seconds."""
+        self._wait(timeout)
+        return self._error
 
 
 @dataclass
 class _Waiting:
     request: state_pb2.ExecuteRequest
     deadline: float
-    answer: Future[state_pb2.ExecuteResponse] | _Slot
+    answer: Answer
 
 
 class ExecuteCoalescer:
@@ -201,7 +229,7 @@ class ExecuteCoalescer:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> state_pb2.ExecuteResponse:
         """Execute `request` within `timeout` seconds; raises grpc.RpcError as a unary call would."""
-        waiting = _Waiting(request, time.monotonic() + timeout, _Slot())
+        waiting = _Waiting(request, time.monotonic() + timeout, Answer())
         with self._lock:
             free = self._in_flight < self._max_in_flight
             alone = self._in_flight == 0  # idle: nothing to wait for or coalesce with
@@ -221,18 +249,13 @@ class ExecuteCoalescer:
         except FutureTimeout:
             raise _deadline_exceeded() from None
 
-    def submit_group(
-        self, requests: list[state_pb2.ExecuteRequest], *, timeout: float
-    ) -> list[Future[state_pb2.ExecuteResponse]]:
+    def submit_group(self, requests: list[state_pb2.ExecuteRequest], *, timeout: float) -> list[Answer]:
         """Queue `requests` to leave together, in order, in one ExecuteBatch message; one future
         each (its failure is a grpc.RpcError, as `__call__` raises)."""
         if not 0 < len(requests) <= self._max_batch:
             raise ValueError(f"a group holds 1 to {self._max_batch} commands")
         deadline = time.monotonic() + timeout
-        answers: list[Future[state_pb2.ExecuteResponse]] = [Future() for _ in requests]
-        group = [
-            _Waiting(request, deadline, answer) for request, answer in zip(requests, answers, strict=True)
-        ]
+        group = [_Waiting(request, deadline, Answer()) for request in requests]
         with self._lock:
             free = self._in_flight < self._max_in_flight
             if free:
@@ -240,7 +263,7 @@ class ExecuteCoalescer:
             self._queue.append(group)
         if free:
             self._readers.submit(self._carry)
-        return answers
+        return [waiting.answer for waiting in group]
 
     def _release(self) -> None:
         """A plain Execute ended: its slot carries what queued meanwhile, or is freed."""
