@@ -60,6 +60,11 @@ class NotServing(Unavailable):
 
     default_reason = "NOT_SERVING"
 
+    @classmethod
+    def moved(cls, instance_id: str) -> NotServing:
+        """For a command of an instance this host no longer serves (its lease was lost)."""
+        return cls(f"instance {instance_id!r} moved to another replica; retry with the same request_id")
+
 
 _ECALL_ERRORS: Mapping[int, type[VeilError]] = {
     error_pb2.ECALL_ERROR_CODE_INVALID_ARGUMENT: InvalidArgument,

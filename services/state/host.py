@@ -390,9 +390,12 @@ class StateHost:
         now_ms = self._now_ms()
         with runtime.apply_lock:
             for instance_id, indexes in groups.items():
-                answers = self._execute_group(
-                    runtime, instance_id, [batch[i] for i in indexes], now_ms, batch_out
-                )
+                if instance_id not in runtime.instances:  # dropped (lease lost) since it was queued
+                    answers: list[Answer] = [NotServing.moved(instance_id)] * len(indexes)
+                else:
+                    answers = self._execute_group(
+                        runtime, instance_id, [batch[i] for i in indexes], now_ms, batch_out
+                    )
                 for i, answer in zip(indexes, answers, strict=True):
                     results[i] = answer
             if batch_out.entries or batch_out.records:

@@ -105,10 +105,7 @@ class Runtime:
             self.stale.add(instance_id)
         if dropped is not None:
             _log.warning("no longer serving instance %r: %s", instance_id, why)
-        self.holds.fail_instance(
-            instance_id,
-            NotServing(f"instance {instance_id!r} moved to another replica; retry with the same request_id"),
-        )
+        self.holds.fail_instance(instance_id, NotServing.moved(instance_id))
 
     def close(self) -> None:
         self.closing.set()

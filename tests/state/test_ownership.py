@@ -21,7 +21,7 @@ from veil.services.common.config import ENV_STATE_LEASE_TTL_MS, ENV_STATE_NODE_N
 from veil.services.common.errors import InvalidArgument, NotFound
 from veil.services.state import lifecycle
 from veil.services.state.errors import NotServing
-from veil.services.state.host import StateHost
+from veil.services.state.host import Command, StateHost
 from veil.services.state.keyvault_client import KeyvaultRefused, KeyvaultUnavailable
 from veil.services.state.ownership import RENEWERS, LeaseHeld, Ownership, OwnershipConfig
 
@@ -261,3 +261,26 @@ def test_a_creation_the_enclave_refuses_keeps_no_lease(node: Node, monkeypatch: 
     # (node-b's lease on it expires unrenewed; creating it properly later works at once here.)
     created, _ = b.create_instance("refused", vault_config(), request_id="good", timeout=10)
     assert created.head.sequence == 1
+
+
+def test_a_command_queued_before_its_instance_was_dropped_is_moved_not_run(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease was lost (the instance dropped) after a command passed the serving check but
+    before its batch ran: the command is answered "moved to another replica" and reaches neither
+    the enclave nor the database (before, the batch ran and was written, then failed on a
+    KeyError: an internal error instead of a retry elsewhere)."""
+    host = start(node, monkeypatch, "node-a")
+    setup = token_instance(host)
+    alice, _ = setup.accounts
+    runtime = host._runtime
+    assert runtime is not None
+    stored = len(host.parts.store.load("tokens").entries)
+    sealed = setup.issuer.seal(mint(alice.account, 5))
+    runtime.drop("tokens", "the lease was not renewed for a whole ttl (test)")
+
+    (answer,) = host._process(runtime, [Command("tokens", sealed.request_id, sealed.command)])
+
+    assert isinstance(answer, NotServing)
+    assert "moved to another replica" in str(answer)
+    assert len(host.parts.store.load("tokens").entries) == stored
