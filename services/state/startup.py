@@ -224,6 +224,9 @@ class Startup:
         )
         self._with_keyvault(lifecycle.ATTESTING, "attesting at the keyvault", attestor.fresh)
         records = self._owned(self.parts.store.list_instances())
+        # Renew from the moment the leases are taken: releasing keys and replaying long logs can
+        # outlast a ttl, and a lease lapsed meanwhile drops its instance right after serving.
+        self.ownership.start()
         self.parts.lifecycle.set(
             lifecycle.OBTAINING_KEYS, f"obtaining the data keys of {len(records)} instance(s)"
         )
@@ -241,7 +244,6 @@ class Startup:
             released |= self._recover(runtime, record, number, len(records))
         if released:
             runtime.reseal()
-        self.ownership.start()
         runtime.adopter = threading.Thread(
             target=self._adopt_loop, args=(runtime,), name="adopter", daemon=True
         )
