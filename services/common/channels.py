@@ -39,29 +39,13 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-#: gRPC's (experimental) reading of a server-streaming call on the thread that iterates it:
-#: `grpc.experimental.ChannelOptions.SingleThreadedUnaryStream` (not in grpc's type stubs).
-_SINGLE_THREADED_STREAMS = ("SingleThreadedUnaryStream", 1)
-
-
-def secure_channel(
-    target: str,
-    tls: TlsFiles,
-    tracer_provider: TracerProvider | None = None,
-    *,
-    single_threaded_streams: bool = False,
-) -> grpc.Channel:
+def secure_channel(target: str, tls: TlsFiles, tracer_provider: TracerProvider | None = None) -> grpc.Channel:
     """An mTLS channel to another Veil service; with a `tracer_provider`, calls on it open client
-    spans and carry W3C trace context (without one, no interceptor and no trace context).
-
-    `single_threaded_streams`: a server-streaming call's messages are read on the thread that
-    iterates it, instead of each being received on the channel's spin thread and handed over
-    (one thread wake-up per message). Such a call's status, code and details exist only once
-    it has ended, and only one thread may iterate it: for callers that read each stream to its
-    end on one thread (the gateway's ExecuteBatch readers).
-    """
-    options = [*_CHANNEL_OPTIONS, _SINGLE_THREADED_STREAMS] if single_threaded_streams else _CHANNEL_OPTIONS
-    channel = grpc.secure_channel(target, channel_credentials(tls), options=options)
+    spans and carry W3C trace context (without one, no interceptor and no trace context)."""
+    # Not gRPC's experimental SingleThreadedUnaryStream (measured ~5% less gateway CPU): a stream
+    # left before its end keeps its call's memory for good, and a hostile state replica can make
+    # the gateway leave its streams early (an outside review: +52 MB per 3,000 batches).
+    channel = grpc.secure_channel(target, channel_credentials(tls), options=_CHANNEL_OPTIONS)
     return channel if tracer_provider is None else traced_channel(channel, tracer_provider)
 
 

@@ -686,11 +686,8 @@ def create_server(
     """Build the gateway server (not started); returns it and its bound port."""
     gateway = gateway or GatewayConfig.from_env()
     authenticators = load_authenticators(gateway.auth_file)
-    # Each ExecuteBatch answer stream is read to its end by one coalescer thread: read there,
-    # not handed over from the channel's spin thread message by message (one command each).
     channels = {
-        address: secure_channel(address, config.tls, tracer_provider, single_threaded_streams=True)
-        for address in gateway.state_addresses
+        address: secure_channel(address, config.tls, tracer_provider) for address in gateway.state_addresses
     }
     keyvault_channel = secure_channel(gateway.keyvault_address, config.tls, tracer_provider)
     servicer = GatewayServicer(

@@ -175,6 +175,8 @@ class Answer:
             _log.exception("exception calling callback for %r", self)
 
     def _wait(self, timeout: float | None) -> None:
+        if self._set:  # answered (set after the value, under the guard): no wait, as a Future
+            return
         if not self._ready.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise FutureTimeout
         self._ready.release()  # it stays answered

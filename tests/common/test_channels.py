@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 import pytest
 
-from veil.services.common.channels import _SINGLE_THREADED_STREAMS, call
+from veil.services.common.channels import call
 
 
 class _Failure(grpc.RpcError):
@@ -59,9 +59,3 @@ def test_retries_stop_at_the_overall_deadline_however_many_attempts_are_left() -
     # Backing off from 50 ms, doubling: the deadline ends the retries long before the budget.
     assert 1 < len(method.timeouts) < 100
     assert all(0 < t <= 0.2 for t in method.timeouts)
-
-
-def test_single_threaded_streams_is_grpcs_option() -> None:
-    # Spelt out because grpc's type stubs lack grpc.experimental; a renamed option would be
-    # passed to the core as an unknown argument and silently ignored.
-    assert _SINGLE_THREADED_STREAMS[0] == grpc.experimental.ChannelOptions.SingleThreadedUnaryStream  # type: ignore[attr-defined]

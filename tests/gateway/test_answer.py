@@ -61,3 +61,26 @@ def test_one_answer_only_and_waiters_time_out_or_wake() -> None:
     assert answer.result(timeout=0).outcome.sequence == 3  # it stays answered
     with pytest.raises(InvalidStateError):
         answer.set_exception(RuntimeError("late"))
+
+
+def test_an_answered_answer_never_times_out_while_others_read_it() -> None:
+    """Readers take and give back the ready lock; a reader that found it held by another one
+    timed out although the answer was there (a Future answers at once once it is done)."""
+    answer = Answer()
+    response = state_pb2.ExecuteResponse()
+    answer.set_result(response)
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            answer.result()
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        assert all(answer.result(timeout=0) is response for _ in range(20_000))
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
