@@ -7,6 +7,8 @@ answers the admin's GetJwks, as it does for `veil up`; no enclave is needed.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import pytest
 from tests.conftest import tls_for
 from veil.dev.pki import collateral_dir
 from veil.dev.policies import write_dev_policy
-from veil.dev.supervisor import Mesh, free_port_offset, keyvault_pins, keyvault_release_key
+from veil.dev.supervisor import Mesh, await_mesh_up, free_port_offset, keyvault_pins, keyvault_release_key
 from veil.sdk.trust_policy import POLICY_FILE, load_policy
 from veil.services.common.config import DEFAULT_PORTS, ServiceConfig
 from veil.services.common.server import VeilServer
@@ -69,3 +71,17 @@ def test_veil_up_pins_the_keyvaults_jwks_in_the_dev_policy(
     assert "Unevaluated" not in written["accepted_tcb_statuses"]
     policy = load_policy(path)
     assert (policy.jwks, policy.keyvault_release_key) == (pins.jwks, pins.release_key)
+
+
+def test_a_mesh_that_never_comes_up_says_why() -> None:
+    """`veil up` exiting early: the error carries its last lines (which service, which log), not
+    only the exit status (a port already in use showed up in CI as a bare "exited with 1")."""
+    said = "print('starting gateway'); print('gateway did not become SERVING: see logs/gateway.log')"
+    with (
+        subprocess.Popen(
+            [sys.executable, "-c", f"{said}; raise SystemExit(1)"], stdout=subprocess.PIPE, text=True
+        ) as process,
+        pytest.raises(RuntimeError, match="exited with 1") as failed,
+    ):
+        await_mesh_up(process)
+    assert "gateway did not become SERVING: see logs/gateway.log" in str(failed.value)

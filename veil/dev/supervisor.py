@@ -361,10 +361,14 @@ def await_mesh_up(process: subprocess.Popen[str], port_offset: int = 0, timeout:
     """Block until a `veil up` started with stdout piped says the mesh is up and its gateway
     reports SERVING; RuntimeError when it exits before."""
     assert process.stdout is not None
+    said: list[str] = []
     for line in process.stdout:
         if line.startswith(MESH_UP):
             break
+        said.append(line)
     else:
-        raise RuntimeError(f"veil up exited with {process.wait()} before the mesh came up")
+        # Its last lines name the service that failed and its log (a port in use, say).
+        last = "".join(said[-5:])
+        raise RuntimeError(f"veil up exited with {process.wait()} before the mesh came up:\n{last}")
     admin = f"127.0.0.1:{DEFAULT_PORTS['gateway'][1] + port_offset}"
     wait_until_serving(admin, label="gateway", timeout=timeout)
