@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -199,7 +199,7 @@ class Answer:
 class _Waiting:
     request: state_pb2.ExecuteRequest
     deadline: float
-    answer: Answer
+    answer: Answer = field(default_factory=Answer)
 
 
 class ExecuteCoalescer:
@@ -231,7 +231,7 @@ class ExecuteCoalescer:
         metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> state_pb2.ExecuteResponse:
         """Execute `request` within `timeout` seconds; raises grpc.RpcError as a unary call would."""
-        waiting = _Waiting(request, time.monotonic() + timeout, Answer())
+        waiting = _Waiting(request, time.monotonic() + timeout)
         with self._lock:
             free = self._in_flight < self._max_in_flight
             alone = self._in_flight == 0  # idle: nothing to wait for or coalesce with
@@ -257,7 +257,7 @@ class ExecuteCoalescer:
         if not 0 < len(requests) <= self._max_batch:
             raise ValueError(f"a group holds 1 to {self._max_batch} commands")
         deadline = time.monotonic() + timeout
-        group = [_Waiting(request, deadline, Answer()) for request in requests]
+        group = [_Waiting(request, deadline) for request in requests]
         with self._lock:
             free = self._in_flight < self._max_in_flight
             if free:

@@ -2,8 +2,8 @@
 
 A command's entry carries its writes (its counter record included) while they keep it within
 LOGGED_WRITES_OVER_CALL bytes of the call, else its call, which restore runs again (as for an
-entry an older enclave wrote). Either way a
-restored instance holds exactly the state the live one did.
+entry an older enclave wrote). Either way a restored instance holds exactly the state the live
+one did.
 """
 
 from __future__ import annotations
