@@ -7,11 +7,12 @@ import secrets
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
-from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from veil.dev import keyvault_standin
 from veil.enclave import commands, wire
 from veil.enclave.dispatcher import Dispatcher
 from veil.enclave.runner import RunnerOptions
@@ -31,61 +32,13 @@ KEYVAULT_RELEASE_KEY = ed25519.Ed25519PrivateKey.from_private_bytes(
 KEYVAULT_RELEASE_PUBLIC_KEY = KEYVAULT_RELEASE_KEY.public_key().public_bytes_raw()
 
 
-def wrap_key(
-    keys: envelope_pb2.EnclavePublicKeys,
-    instance_id: str,
-    version: int,
-    key: bytes,
-    signer: ed25519.Ed25519PrivateKey | None = KEYVAULT_RELEASE_KEY,
-) -> envelope_pb2.WrappedKey:
-    """Wrap and sign a data key exactly as the keyvault does (`signer` None: unsigned)."""
-    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_128_GCM)
-    public = x25519.X25519PublicKey.from_public_bytes(keys.hpke_x25519_public_key)
-    key_name = wire.instance_key_name(instance_id)
-    sealed = suite.encrypt(key, public, info=wire.key_release_info(key_name, version))
-    wrapped = envelope_pb2.WrappedKey(suite=X25519, encapsulated_key=sealed[:32], ciphertext=sealed[32:])
-    if signer is not None:
-        wrapped.signature = release_signature(wrapped, key_name, version, keys.hpke_x25519_public_key, signer)
-    return wrapped
-
-
-def release_signature(
-    wrapped: envelope_pb2.WrappedKey,
-    key_name: str,
-    version: int,
-    recipient_hpke_public_key: bytes,
-    signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
-) -> bytes:
-    """A keyvault release signature over `wrapped` for any (name, version, recipient)."""
-    message = wire.wrapped_key_signing_bytes(
-        key_name, version, recipient_hpke_public_key, wrapped.encapsulated_key, wrapped.ciphertext
-    )
-    return signer.sign(message)
-
-
-def head_statement(
-    keys: envelope_pb2.EnclavePublicKeys,
-    instance_id: str,
-    challenge: bytes,
-    head: envelope_pb2.CommitHead | None = None,
-    *,
-    genesis_hash: bytes = b"",
-    config_hash: bytes = b"",
-    not_after_unix_ms: int = NOW_MS + 60_000,
-    signer: ed25519.Ed25519PrivateKey = KEYVAULT_RELEASE_KEY,
-) -> envelope_pb2.HeadStatement:
-    """The keyvault's GetCommitHead statement of `head` for the enclave of `keys` and `challenge`."""
-    statement = envelope_pb2.HeadStatement(
-        instance_id=instance_id,
-        challenge=challenge,
-        enclave_signing_public_key=keys.signing_public_key,
-        head=head or envelope_pb2.CommitHead(),
-        genesis_hash=genesis_hash,
-        config_hash=config_hash,
-        not_after_unix_ms=not_after_unix_ms,
-    )
-    statement.signature = signer.sign(wire.head_statement_bytes(statement))
-    return statement
+#: The test keyvault's signatures (`veil.dev.keyvault_standin`), by KEYVAULT_RELEASE_KEY unless
+#: a test names another signer, and its head statements valid for a minute past NOW_MS.
+wrap_key = partial(keyvault_standin.wrap_key, signer=KEYVAULT_RELEASE_KEY)
+release_signature = partial(keyvault_standin.release_signature, signer=KEYVAULT_RELEASE_KEY)
+head_statement = partial(
+    keyvault_standin.head_statement, signer=KEYVAULT_RELEASE_KEY, not_after_unix_ms=NOW_MS + 60_000
+)
 
 
 def head_confirmation(
