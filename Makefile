@@ -71,7 +71,8 @@ test: setup gen-check lint typecheck
 image:
 	scripts/image.sh build
 
-# The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate.
+# The state host's own benchmark (no gateway): ECALLs per command, commits, recovery rate,
+# enclave memory at 10k/100k/1M token accounts.
 bench-state: setup
 	$(PY) -m veil.dev.state_bench
 

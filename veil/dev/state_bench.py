@@ -11,8 +11,12 @@ Clients act as the gateway identity and send signed token transfers.
    replay rate = entries / (chain verification + Restore) time; also the whole start-up time.
 4. Recovery, snapshots on (every 1000): the same database with a snapshot at its head and then
    999 more entries (the worst case a host that snapshots every 1000 entries replays).
+5. Memory (`veil.dev.state_memory`): a token instance with 10k, 100k and 1M accounts restored
+   from a snapshot by a fresh enclave runner: the bytes the enclave accounts against its
+   memory budget (GetStatus) and the runner's resident memory (VmRSS), per account.
 
     python -m veil.dev.state_bench [--entries 100000] [--seconds 5] [--clients 1,16,64]
+        [--accounts 10000,100000,1000000] [--memory-mb 96] [--memory-only]
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from veil.dev.loadclient import Account, mint, token_config, transfer
 from veil.dev.pki import init_pki
 from veil.dev.policies import write_dev_enclave_policy
+from veil.dev.state_memory import DEFAULT_LEVELS
+from veil.dev.state_memory import measure as measure_memory
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import (
     ENV_STATE_ENCLAVE_MODE,
@@ -48,7 +54,7 @@ from veil.services.common.config import (
 from veil.services.keyvault.config import KekConfig, KeyvaultConfig
 from veil.services.keyvault.server import create_server as create_keyvault
 from veil.services.state import lifecycle
-from veil.services.state.config import StateConfig
+from veil.services.state.config import DEFAULT_MEMORY_MB, StateConfig
 from veil.services.state.host import StateHost
 from veil.services.state.keyvault_client import KeyvaultClient
 from veil.services.state.runner import spawn_enclave
@@ -242,6 +248,15 @@ def _snapshot_then_tail(config: StateConfig, keyvault: KeyvaultClient, account: 
     return len(loaded.entries)
 
 
+def _memory(workdir: Path, accounts: Sequence[int], memory_mb: int) -> dict[str, Any]:
+    pki = workdir / "pki"
+    if not (pki / "ca.pem").exists():
+        init_pki(pki, now=dt.datetime.now(dt.UTC))
+    return measure_memory(
+        accounts, pki_dir=pki, platform_secret=workdir / "memory-platform-secret", memory_mb=memory_mb
+    )
+
+
 def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, processes: int) -> dict[str, Any]:
     pki = workdir / "pki"
     init_pki(pki, now=dt.datetime.now(dt.UTC))
@@ -329,10 +344,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each batching level")
     parser.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated")
     parser.add_argument("--processes", type=int, default=4, help="client processes the clients run in")
+    parser.add_argument(
+        "--accounts",
+        default=",".join(str(n) for n in DEFAULT_LEVELS),
+        help="token accounts of the memory runs, comma-separated (empty: no memory runs)",
+    )
+    parser.add_argument(
+        "--memory-mb",
+        type=int,
+        default=DEFAULT_MEMORY_MB,
+        help="the enclave memory budget of the memory runs (default: the state host's)",
+    )
+    parser.add_argument("--memory-only", action="store_true", help="only the memory runs")
     args = parser.parse_args(argv)
     levels = [int(level) for level in args.clients.split(",")]
+    accounts = [int(n) for n in args.accounts.split(",") if n.strip()]
     with tempfile.TemporaryDirectory(prefix="veil-bench-state-") as workdir:
-        report = run(args.entries, args.seconds, levels, Path(workdir), args.processes)
+        report = (
+            {} if args.memory_only else run(args.entries, args.seconds, levels, Path(workdir), args.processes)
+        )
+        if accounts:
+            report["memory"] = _memory(Path(workdir), accounts, args.memory_mb)
     print(json.dumps(report, indent=2))
     return 0
 
