@@ -47,12 +47,25 @@ def aead_seal(key: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
 
 def aead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     """Decrypt and authenticate, or raise DecryptionError."""
-    if len(key) != KEY_SIZE or len(nonce) != NONCE_SIZE:
-        raise DecryptionError
-    try:
-        return AESGCM(key).decrypt(nonce, ciphertext, aad)
-    except InvalidTag:
-        raise DecryptionError from None
+    return AeadKey(key).open(nonce, ciphertext, aad)
+
+
+class AeadKey:
+    """AES-256-GCM set up once for many messages under one key (restore opens a whole log)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise DecryptionError
+        self._aead = AESGCM(key)
+
+    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """Decrypt and authenticate, or raise DecryptionError."""
+        if len(nonce) != NONCE_SIZE:
+            raise DecryptionError
+        try:
+            return self._aead.decrypt(nonce, ciphertext, aad)
+        except InvalidTag:
+            raise DecryptionError from None
 
 
 def seal_blob(key: bytes, plaintext: bytes, aad: bytes) -> bytes:

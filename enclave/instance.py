@@ -177,7 +177,10 @@ class Instance:
 
     def apply_writes(self, writes: Iterable[storage_pb2.StoreEntry], limit: int) -> None:
         """Apply a logged command's writes again (restore, which drops the instance on a refusal)."""
-        self.store.apply((tuple(write.key), None if write.erased else write.value) for write in writes)
+        # An erased write has an empty value: `erased` is read only then (each field read costs).
+        self.store.apply(
+            (tuple(write.key[:]), write.value or (None if write.erased else b"")) for write in writes
+        )
         if self.store.size > limit:
             raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
 

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
@@ -59,6 +60,17 @@ def _data_loss(what: str) -> EnclaveError:
 
 def _stale(what: str) -> EnclaveError:
     return EnclaveError(FAILED_PRECONDITION, f"rollback refused: {what}")
+
+
+def _parse_entries(blobs: Iterable[bytes]) -> list[envelope_pb2.LogEntry]:
+    """Restore's entries, sent as stored (the host does not parse them)."""
+    entries = []
+    for position, blob in enumerate(blobs):
+        try:
+            entries.append(envelope_pb2.LogEntry.FromString(blob))
+        except DecodeError:
+            raise EnclaveError(DATA_LOSS, f"entry {position} of the restore request is unreadable") from None
+    return entries
 
 
 class Enclave:
@@ -545,15 +557,16 @@ class Enclave:
         self._check_statement(instance_id, request.statement, request.host_time_unix_ms)
         kv_head = request.statement.head
         instance = None
-        entries = list(request.entries)
+        entries = _parse_entries(request.entries)
         if request.HasField("snapshot"):
             if request.snapshot.instance_id != instance_id:
                 raise EnclaveError(INVALID_ARGUMENT, "snapshot is for another instance")
             instance = self._load_snapshot(request.snapshot)
             entries = self._bridge(instance, kv_head, entries)
         limit = self._limit_for(instance_id)
+        chain, ciphers = wire.EntryChain(instance_id), dict[int, crypto.AeadKey]()  # set up once per restore
         for entry in entries:
-            instance = self._replay(instance_id, instance, entry, limit)
+            instance = self._replay(instance_id, chain, ciphers, instance, entry, limit=limit)
             if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
                 raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
         if instance is None:
@@ -715,25 +728,37 @@ class Enclave:
         return instance
 
     def _replay(
-        self, instance_id: str, instance: Instance | None, entry: envelope_pb2.LogEntry, limit: int
+        self,
+        instance_id: str,
+        chain: wire.EntryChain,
+        ciphers: dict[int, crypto.AeadKey],
+        instance: Instance | None,
+        entry: envelope_pb2.LogEntry,
+        *,
+        limit: int,
     ) -> Instance:
-        sequence = instance.sequence + 1 if instance else 1
-        previous = instance.head_hash if instance else wire.ZERO_HASH
-        if entry.instance_id != instance_id or entry.sequence != sequence or entry.previous_hash != previous:
-            raise EnclaveError(
-                DATA_LOSS, f"log entry {entry.sequence} does not continue the chain at {sequence}"
-            )
-        key = self._key(instance_id, entry.key_version)
-        aad = wire.entry_aad(instance_id, entry.sequence, entry.key_version, entry.previous_hash)
+        sequence, key_version, previous = entry.sequence, entry.key_version, entry.previous_hash
+        expected = instance.sequence + 1 if instance else 1
+        if (
+            entry.instance_id != instance_id
+            or sequence != expected
+            or previous != (instance.head_hash if instance else wire.ZERO_HASH)
+        ):
+            raise EnclaveError(DATA_LOSS, f"log entry {sequence} does not continue the chain at {expected}")
+        nonce, ciphertext = entry.nonce, entry.ciphertext
         try:
-            body = storage_pb2.EntryBody.FromString(crypto.aead_open(key, entry.nonce, entry.ciphertext, aad))
+            aad = chain.aad(sequence, key_version, previous)
+            if key_version not in ciphers:
+                ciphers[key_version] = crypto.AeadKey(self._key(instance_id, key_version))
+            plain = ciphers[key_version].open(nonce, ciphertext, aad)
+            body = storage_pb2.EntryBody.FromString(plain)
         except (DecryptionError, DecodeError):
-            raise _data_loss(f"log entry {entry.sequence}") from None
+            raise _data_loss(f"log entry {sequence}") from None
         kind = body.WhichOneof("body")
         if kind == "genesis" and instance is None:
             instance = Instance.create(instance_id, body.genesis.config)
-        elif kind == "command" and instance is not None and body.command.writes:
-            instance.apply_writes(body.command.writes, limit)  # what the command wrote, not a re-run
+        elif kind == "command" and instance is not None and (writes := body.command.writes):
+            instance.apply_writes(writes, limit)  # what the command wrote, not a re-run
         elif kind == "command" and instance is not None:  # an entry that logged its call, not its writes
             executed = body.command
             caller = Caller(account=executed.account, signer_public_key=executed.signer_public_key)
@@ -745,15 +770,16 @@ class Enclave:
                     call,
                     limit,
                     command_hash=executed.command_hash,
-                    sequence=entry.sequence,
+                    sequence=sequence,
                 )
             except EnclaveError as refusal:
                 if refusal.code == RESOURCE_EXHAUSTED:
                     raise
-                raise EnclaveError(DATA_LOSS, f"log entry {entry.sequence} does not replay") from None
+                raise EnclaveError(DATA_LOSS, f"log entry {sequence} does not replay") from None
         else:
-            raise EnclaveError(DATA_LOSS, f"log entry {entry.sequence} is out of place")
-        instance.sequence, instance.head_hash = entry.sequence, wire.entry_hash(entry)
+            raise EnclaveError(DATA_LOSS, f"log entry {sequence} is out of place")
+        instance.sequence = sequence
+        instance.head_hash = chain.hash(sequence, key_version, previous, nonce, ciphertext)
         if kind == "genesis":
             instance.genesis_hash = instance.head_hash
         return instance

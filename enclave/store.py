@@ -14,10 +14,12 @@ from collections.abc import Iterable, Iterator
 Key = tuple[str, ...]
 
 
+def _key_size(key: Key) -> int:
+    return len("".join(key).encode("utf-8"))
+
+
 def _entry_size(key: Key, value: bytes | None) -> int:
-    if value is None:
-        return 0
-    return len("".join(key).encode("utf-8")) + len(value)
+    return 0 if value is None else _key_size(key) + len(value)
 
 
 class Store:
@@ -83,11 +85,19 @@ class Store:
         """Write straight into the committed state (restore applying logged writes)."""
         if self._layers:
             raise RuntimeError("apply inside a transaction")
+        base, size = self._base, self._size
         for key, value in writes:
-            old = self._base.pop(key, None)
-            self._size += _entry_size(key, value) - _entry_size(key, old)
-            if value is not None:
-                self._base[key] = value
+            old = base.get(key)
+            if old is not None and value is not None:  # an update (most writes): same key size
+                size += len(value) - len(old)
+                base[key] = value
+            elif value is not None:
+                size += _key_size(key) + len(value)
+                base[key] = value
+            elif old is not None:
+                size -= _key_size(key) + len(old)
+                del base[key]
+        self._size = size
 
     # --- transactions --------------------------------------------------------------------
 

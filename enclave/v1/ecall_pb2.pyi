@@ -575,10 +575,12 @@ class RestoreRequest(_message.Message):
         """snapshot is the latest snapshot, if any."""
 
     @_builtins.property
-    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.LogEntry]:
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """entries are the log entries after the snapshot, in sequence order. When the snapshot is
         beyond the statement's head, they start instead at that head's sequence: the entries up to
         the snapshot are only hash-chained (to prove the snapshot extends the head), not replayed.
+        Each is a serialized LogEntry as the database stores it: the host passes them through
+        unparsed (the same bytes on the wire as before, when this field was a LogEntry).
         """
 
     @_builtins.property
@@ -593,7 +595,7 @@ class RestoreRequest(_message.Message):
         *,
         instance_id: _builtins.str = ...,
         snapshot: _envelope_pb2.EncryptedSnapshot | None = ...,
-        entries: _abc.Iterable[_envelope_pb2.LogEntry] | None = ...,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
         statement: _envelope_pb2.HeadStatement | None = ...,
         host_time_unix_ms: _builtins.int = ...,
     ) -> None: ...

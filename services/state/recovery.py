@@ -2,10 +2,9 @@
 
 Checks, in order; any failure refuses to serve with an error naming the instance and sequence:
 
-1. **Chain** (host side, before the enclave sees anything): every stored entry parses, sits at
-   its own position, hashes to the stored entry hash (a flipped byte shows here), continues
-   the previous entry's hash (a removed, reordered or substituted entry shows here), and the
-   first entry continues the snapshot's head (or is the genesis entry).
+1. **Shape** (host side, before the enclave sees anything): the stored entries have no gap
+   and the first continues the snapshot (or is the genesis entry); the head is the last
+   stored entry's (sequence, hash).
 2. **Freshness** against the keyvault's commit head K (the database head is D):
    * D < K: the database is older than the committed log (a rollback): refused;
    * D = K: the hashes must be equal (else a fork): refused otherwise;
@@ -22,12 +21,16 @@ Checks, in order; any failure refuses to serve with an error naming the instance
    starts from another genesis. A snapshot beyond K is sent with the stored entries
    K..snapshot, which the enclave only hash-chains. Step 2 here is the host's early,
    better-worded check.
+4. **Diagnosis**, only when the enclave refuses: the host checks the chain entry by entry
+   (every entry parses, sits at its own position, hashes to its stored hash, continues the
+   previous hash) and names the first bad entry. The enclave checks all of that anyway, so the
+   host hands it the entries as stored, unparsed, and a good log is checked once, not twice.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
@@ -44,21 +47,28 @@ _ENTRY_IN_MESSAGE = re.compile(r"log entry (\d+)")
 class MissingKey(Exception):
     """The enclave lacks a key version the stored data was encrypted under."""
 
+    def __init__(self, message: str, versions: set[int]) -> None:
+        super().__init__(message)
+        self.versions = versions  # every key version the snapshot and entries name
+
 
 @dataclass(frozen=True)
-class VerifiedLog:
-    """A log whose chain checked out on the host: what to hand to Restore, and where it ends."""
+class StoredLog:
+    """A log read from the database and checked for shape: what to hand to Restore, where it ends."""
 
     instance_id: str
     snapshot: envelope_pb2.EncryptedSnapshot | None
-    entries: list[envelope_pb2.LogEntry]
+    entries: list[StoredEntry]
     head_sequence: int
     head_hash: bytes
-    key_versions: set[int] = field(default_factory=set)
 
     @property
     def snapshot_sequence(self) -> int:
         return 0 if self.snapshot is None else self.snapshot.head.sequence
+
+    @property
+    def snapshot_hash(self) -> bytes:
+        return wire.ZERO_HASH if self.snapshot is None else self.snapshot.head.hash
 
 
 def _parse_entry(instance_id: str, stored: StoredEntry) -> envelope_pb2.LogEntry:
@@ -100,11 +110,9 @@ def _chain(
     return entries, sequence, head_hash
 
 
-def verify_chain(instance_id: str, loaded: LoadedLog) -> VerifiedLog:
-    """Step 1: the stored snapshot and entries form one unbroken chain."""
+def read_log(instance_id: str, loaded: LoadedLog) -> StoredLog:
+    """Step 1: the stored snapshot and entries have the shape of one chain (no gap)."""
     snapshot = None
-    sequence, head_hash = 0, wire.ZERO_HASH
-    versions: set[int] = set()
     if loaded.snapshot is not None:
         try:
             snapshot = envelope_pb2.EncryptedSnapshot.FromString(loaded.snapshot.blob)
@@ -118,25 +126,35 @@ def verify_chain(instance_id: str, loaded: LoadedLog) -> VerifiedLog:
             raise RecoveryRefused(
                 instance_id, loaded.snapshot.sequence, "snapshot does not match its position"
             )
-        sequence, head_hash = snapshot.head.sequence, snapshot.head.hash
-        versions.add(snapshot.key_version)
-    entries, sequence, head_hash = _chain(instance_id, loaded.entries, sequence, head_hash)
+    sequence = 0 if snapshot is None else snapshot.head.sequence
+    head_hash = wire.ZERO_HASH if snapshot is None else snapshot.head.hash
+    for stored in loaded.entries:
+        if stored.sequence != sequence + 1:
+            raise RecoveryRefused(instance_id, sequence + 1, "log entry is missing (the chain has a gap)")
+        sequence, head_hash = stored.sequence, stored.entry_hash
     if sequence == 0:
         raise RecoveryRefused(
             instance_id, 1, "the catalogue lists the instance but its genesis entry is missing"
         )
-    versions.update(entry.key_version for entry in entries)
-    return VerifiedLog(instance_id, snapshot, entries, sequence, head_hash, versions)
+    return StoredLog(instance_id, snapshot, loaded.entries, sequence, head_hash)
 
 
-def _hash_at(log: VerifiedLog, store: StateStore, sequence: int) -> bytes:
-    """The chain's hash at `sequence` (<= the head), reading compacted-behind entries if needed."""
+def verify_chain(log: StoredLog) -> set[int]:
+    """Step 4: every entry parses and chains; returns the key versions the log names."""
+    entries, _, _ = _chain(log.instance_id, log.entries, log.snapshot_sequence, log.snapshot_hash)
+    versions = {entry.key_version for entry in entries}
+    return versions if log.snapshot is None else versions | {log.snapshot.key_version}
+
+
+def _hash_at(log: StoredLog, store: StateStore, sequence: int) -> bytes:
+    """The chain's hash at `sequence` (<= the head), reading compacted-behind entries if needed.
+    After the snapshot it is the stored hash: the enclave checks it against the entry (step 3)."""
     if sequence == log.head_sequence:
         return log.head_hash
     if sequence == log.snapshot_sequence:
-        return log.snapshot.head.hash if log.snapshot is not None else wire.ZERO_HASH
+        return log.snapshot_hash
     if sequence > log.snapshot_sequence:
-        return wire.entry_hash(log.entries[sequence - log.snapshot_sequence - 1])
+        return log.entries[sequence - log.snapshot_sequence - 1].entry_hash
     # Before the snapshot: the entries from `sequence` up to the snapshot must still be stored
     # (compaction keeps them until the keyvault head passes the snapshot) and chain into it.
     behind = store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
@@ -154,7 +172,7 @@ def _hash_at(log: VerifiedLog, store: StateStore, sequence: int) -> bytes:
     return first_hash
 
 
-def check_freshness(log: VerifiedLog, remote: RemoteHead, store: StateStore) -> None:
+def check_freshness(log: StoredLog, remote: RemoteHead, store: StateStore) -> None:
     """Step 2: the database is not older than, and does not fork from, the keyvault's head."""
     if remote.sequence == 0:
         return
@@ -173,16 +191,15 @@ def check_freshness(log: VerifiedLog, remote: RemoteHead, store: StateStore) -> 
         )
 
 
-def _bridge(log: VerifiedLog, store: StateStore, sequence: int) -> list[envelope_pb2.LogEntry]:
+def _bridge(log: StoredLog, store: StateStore, sequence: int) -> list[StoredEntry]:
     """The stored entries from `sequence` through a snapshot beyond it (checked by _hash_at)."""
     if log.snapshot is None or not 0 < sequence < log.snapshot_sequence:
         return []
-    stored = store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
-    return [_parse_entry(log.instance_id, entry) for entry in stored]
+    return store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
 
 
 def restore(
-    enclave: EnclaveHost, log: VerifiedLog, remote: RemoteHead, store: StateStore, *, now_ms: int
+    enclave: EnclaveHost, log: StoredLog, remote: RemoteHead, store: StateStore, *, now_ms: int
 ) -> ecall_pb2.RestoreResponse:
     """Step 3: replay in the enclave; MissingKey when a key version must be released first.
 
@@ -191,14 +208,15 @@ def restore(
     """
     if remote.statement is None:
         raise ValueError("restore needs the keyvault's head statement for this enclave")
-    entries = _bridge(log, store, remote.sequence) + log.entries
+    entries = [stored.blob for stored in _bridge(log, store, remote.sequence) + log.entries]
     try:
         restored = enclave.restore(
             log.instance_id, entries, log.snapshot, statement=remote.statement, host_time_unix_ms=now_ms
         )
     except EnclaveCallError as exc:
+        versions = verify_chain(log)  # a broken chain is refused here, naming its first bad entry
         if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
-            raise MissingKey(exc.message) from None
+            raise MissingKey(exc.message, versions) from None
         if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
             raise RecoveryRefused(
                 log.instance_id, log.head_sequence, "the enclave memory budget is too small to restore it"

@@ -372,7 +372,7 @@ class Startup:
             self.parts.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
-        log = recovery.verify_chain(iid, self.parts.store.load(iid))
+        log = recovery.read_log(iid, self.parts.store.load(iid))
         released = False
         for attempt in (1, 2):
             remote = retrying(
@@ -389,14 +389,14 @@ class Startup:
                     runtime.enclave, log, remote, self.parts.store, now_ms=int(time.time() * 1000)
                 )
                 break
-            except recovery.MissingKey:
+            except recovery.MissingKey as missing:
                 if attempt == 2:
                     raise
                 # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
                 retrying(
                     lifecycle.RECOVERING,
                     f"releasing older key versions of {iid!r}",
-                    lambda: runtime.provisioner.release_versions(iid, log.key_versions),
+                    functools.partial(runtime.provisioner.release_versions, iid, missing.versions),
                 )
                 released = True
         head = restored.head

@@ -93,7 +93,7 @@ _ENTRY_COLUMNS = "SELECT instance_id, sequence, entry_hash, entry FROM st_entrie
 
 
 def _entry(row: Sequence[Any]) -> StoredEntry:
-    return StoredEntry(instance_id=row[0], sequence=int(row[1]), entry_hash=bytes(row[2]), blob=bytes(row[3]))
+    return StoredEntry(row[0], int(row[1]), bytes(row[2]), bytes(row[3]))
 
 
 def _entry_row(entry: StoredEntry) -> tuple[Any, ...]:

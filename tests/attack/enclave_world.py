@@ -220,7 +220,7 @@ def _seeds(world: World, executed: envelope_pb2.SealedCommand) -> dict[str, list
         "Restore": [
             ecall_pb2.RestoreRequest(
                 instance_id="v",
-                entries=harness.log["v"],
+                entries=[entry.SerializeToString() for entry in harness.log["v"]],
                 statement=harness.statement("v", v_head),
                 host_time_unix_ms=NOW_MS,
             ),

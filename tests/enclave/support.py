@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -209,7 +209,7 @@ class Harness:
     def restore(
         self,
         instance_id: str,
-        entries: list[envelope_pb2.LogEntry],
+        entries: Sequence[bytes | envelope_pb2.LogEntry],
         snapshot: envelope_pb2.EncryptedSnapshot | None = None,
         keyvault_head: envelope_pb2.CommitHead | None = None,
     ) -> envelope_pb2.CommitHead:

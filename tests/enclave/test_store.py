@@ -56,3 +56,22 @@ def test_size_always_matches_the_visible_contents(
             depth -= 1
         visible = list(store.scan(()))
         assert store.size == sum(len("".join(k).encode()) + len(v) for k, v in visible)
+
+
+@given(
+    st.lists(st.tuples(keys, st.binary(max_size=8))),
+    st.lists(st.tuples(keys, st.none() | st.binary(max_size=8))),
+)
+def test_applied_writes_match_a_dict_and_keep_the_size_exact(
+    initial: list[tuple[tuple[str, str], bytes]], writes: list[tuple[tuple[str, str], bytes | None]]
+) -> None:
+    store = Store(initial)
+    model = dict(initial)
+    store.apply(writes)  # restore applying logged writes: updates, inserts and erasures
+    for key, value in writes:
+        if value is None:
+            model.pop(key, None)
+        else:
+            model[key] = value
+    assert store.items() == sorted(model.items())
+    assert store.size == sum(len("".join(k).encode()) + len(v) for k, v in model.items())

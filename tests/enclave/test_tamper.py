@@ -173,6 +173,22 @@ def test_broken_chain_and_reordered_entries_are_refused(vault_harness: tuple[Har
     assert fresh.restore("v", entries).sequence == 3  # the untouched log restores
 
 
+@pytest.mark.parametrize("garbage", [b"\xff", b"\x0a\x05ab", b"\x00" * 3])
+def test_an_unreadable_entry_is_refused_and_named(
+    vault_harness: tuple[Harness, Client], garbage: bytes
+) -> None:
+    # Restore takes the entries as stored bytes; bytes that are no LogEntry at all are refused.
+    harness, client = vault_harness
+    harness.call(client, PUT)
+    stored = [entry.SerializeToString() for entry in harness.log["v"]]
+    fresh = harness.restarted()
+    before = fresh.enclave.state_digest()
+    with pytest.raises(EnclaveCallError, match=r"DATA_LOSS.*entry 1 of the restore request is unreadable"):
+        fresh.restore("v", [stored[0], garbage, *stored[2:]])
+    assert fresh.enclave.state_digest() == before
+    assert fresh.restore("v", stored).sequence == len(stored)
+
+
 def test_entry_under_an_unprovisioned_key_version_is_refused(vault_harness: tuple[Harness, Client]) -> None:
     harness, _ = vault_harness
     entry = envelope_pb2.LogEntry.FromString(harness.log["v"][0].SerializeToString())

@@ -3,6 +3,7 @@ a host factory over a persistent data dir, and a store wrapper that can hold com
 
 from __future__ import annotations
 
+import secrets
 import socket
 import sqlite3
 import threading
@@ -289,3 +290,28 @@ def flip_byte(database: Path, instance_id: str, sequence: int, *, fix_hash: bool
             "WHERE instance_id = ? AND sequence = ?",
             (entry.SerializeToString(), digest, instance_id, sequence),
         )
+
+
+def make_entries(
+    instance_id: str,
+    first: int,
+    count: int,
+    previous: bytes = wire.ZERO_HASH,
+    *,
+    key_versions: Sequence[int] = (),
+) -> list[StoredEntry]:
+    """`count` chained entries shaped like the enclave's (random ciphertext; key version 1
+    unless `key_versions` gives one per entry)."""
+    entries = []
+    for offset, sequence in enumerate(range(first, first + count)):
+        entry = envelope_pb2.LogEntry(
+            instance_id=instance_id,
+            sequence=sequence,
+            key_version=key_versions[offset] if key_versions else 1,
+            previous_hash=previous,
+            nonce=secrets.token_bytes(12),
+            ciphertext=secrets.token_bytes(48),
+        )
+        previous = wire.entry_hash(entry)
+        entries.append(StoredEntry(instance_id, sequence, previous, entry.SerializeToString()))
+    return entries

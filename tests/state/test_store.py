@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.state.conftest import POSTGRES_URL, StoreFactory
-from veil.enclave import wire
+from tests.state.support import make_entries
 from veil.enclave.v1 import envelope_pb2
 from veil.services.state.errors import SequenceConflict, StoreError
 from veil.services.state.store import (
@@ -26,25 +26,6 @@ from veil.services.state.store_sqlite import SqliteStore
 CONFIG = envelope_pb2.InstanceConfig(
     app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_NONE
 )
-
-
-def make_entries(
-    instance_id: str, first: int, count: int, previous: bytes = wire.ZERO_HASH
-) -> list[StoredEntry]:
-    """`count` chained entries shaped like the enclave's (random ciphertext)."""
-    entries = []
-    for sequence in range(first, first + count):
-        entry = envelope_pb2.LogEntry(
-            instance_id=instance_id,
-            sequence=sequence,
-            key_version=1,
-            previous_hash=previous,
-            nonce=os.urandom(12),
-            ciphertext=os.urandom(48),
-        )
-        previous = wire.entry_hash(entry)
-        entries.append(StoredEntry(instance_id, sequence, previous, entry.SerializeToString()))
-    return entries
 
 
 def create(store: StateStore, instance_id: str) -> StoredEntry:

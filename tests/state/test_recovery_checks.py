@@ -1,0 +1,103 @@
+"""The host's recovery checks without an enclave: shape before Restore, diagnosis after a refusal.
+
+Restore gets the entries as stored; the host parses and chains them only when the enclave
+refuses, to name the first bad entry (the enclave checks all of it anyway).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+
+from tests.state.support import make_entries
+from veil.enclave import wire
+from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
+from veil.services.state import recovery
+from veil.services.state.enclave_host import EnclaveCallError
+from veil.services.state.errors import RecoveryRefused
+from veil.services.state.keyvault_client import RemoteHead
+from veil.services.state.store import LoadedLog, StoredEntry
+
+INSTANCE = "tokens"
+
+
+def _log(versions: list[int]) -> list[StoredEntry]:
+    return make_entries(INSTANCE, 1, len(versions), key_versions=versions)
+
+
+class _Enclave:
+    """Records what Restore was sent; answers with `head` or refuses with `refusal`."""
+
+    def __init__(self, refusal: tuple[error_pb2.EcallErrorCode.ValueType, str] | None = None) -> None:
+        self.refusal = refusal
+        self.sent: list[Any] = []
+
+    def restore(
+        self, instance_id: str, entries: list[Any], snapshot: Any, **_: Any
+    ) -> ecall_pb2.RestoreResponse:
+        self.sent = entries
+        if self.refusal is not None:
+            code, message = self.refusal
+            raise EnclaveCallError("Restore", error_pb2.EcallError(code=code, message=message))
+        last = envelope_pb2.LogEntry.FromString(entries[-1])
+        return ecall_pb2.RestoreResponse(
+            head=envelope_pb2.CommitHead(sequence=last.sequence, hash=wire.entry_hash(last))
+        )
+
+
+def _restore(enclave: _Enclave, stored: list[StoredEntry]) -> ecall_pb2.RestoreResponse:
+    log = recovery.read_log(INSTANCE, LoadedLog(snapshot=None, entries=stored))
+    remote = RemoteHead(0, wire.ZERO_HASH, envelope_pb2.HeadStatement())
+    return recovery.restore(enclave, log, remote, store=None, now_ms=0)  # type: ignore[arg-type]
+
+
+def test_restore_gets_the_stored_bytes_unparsed() -> None:
+    stored = _log([1, 1, 1])
+    enclave = _Enclave()
+    assert _restore(enclave, stored).head.sequence == 3
+    assert enclave.sent == [entry.blob for entry in stored]
+
+
+def test_a_gap_is_refused_before_the_enclave_sees_anything() -> None:
+    stored = _log([1, 1, 1])
+    with pytest.raises(RecoveryRefused, match="at sequence 2: log entry is missing"):
+        recovery.read_log(INSTANCE, LoadedLog(snapshot=None, entries=[stored[0], stored[2]]))
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        (lambda e: e._replace(blob=b"\xff" + e.blob), "at sequence 2: log entry is unreadable"),
+        (lambda e: e._replace(entry_hash=secrets.token_bytes(32)), "at sequence 2: log entry was altered"),
+        (lambda e: e._replace(sequence=3), "at sequence 2: log entry is missing"),
+    ],
+)
+def test_after_a_refusal_the_host_names_the_first_bad_entry(damage: Any, says: str) -> None:
+    stored = _log([1, 1, 1])
+    stored[1] = damage(stored[1])
+    enclave = _Enclave((error_pb2.ECALL_ERROR_CODE_DATA_LOSS, "log entry 2: decryption failed"))
+    with pytest.raises(RecoveryRefused, match=says):
+        _restore(enclave, stored)
+
+
+def test_a_refusal_on_a_sound_chain_says_what_the_enclave_said() -> None:
+    enclave = _Enclave((error_pb2.ECALL_ERROR_CODE_DATA_LOSS, "log entry 3: decryption failed"))
+    with pytest.raises(RecoveryRefused, match=r"at sequence 3: the enclave refused .*DATA_LOSS"):
+        _restore(enclave, _log([1, 1, 1]))
+
+
+def test_a_missing_key_names_every_version_the_log_uses() -> None:
+    message = "key version 1 of 'tokens' not provisioned"
+    enclave = _Enclave((error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION, message))
+    with pytest.raises(recovery.MissingKey) as missing:
+        _restore(enclave, _log([1, 1, 2, 3]))
+    assert missing.value.versions == {1, 2, 3}
+
+
+def test_an_enclave_head_other_than_the_stored_one_is_refused() -> None:
+    stored = _log([1, 1])
+    stored[1] = stored[1]._replace(entry_hash=secrets.token_bytes(32))  # the stored head lies
+    with pytest.raises(RecoveryRefused, match="restored a different head"):
+        _restore(_Enclave(), stored)
