@@ -177,7 +177,8 @@ class Instance:
 
     def apply_writes(self, writes: Iterable[storage_pb2.StoreEntry], limit: int) -> None:
         """Apply a logged command's writes again (restore, which drops the instance on a refusal)."""
-        # An erased write has an empty value: `erased` is read only then (each field read costs).
+        # Entries this enclave wrote: an erasure has an empty value (never a value and `erased`),
+        # so `erased` is read only for an empty value (each field read costs).
         self.store.apply(
             (tuple(write.key[:]), write.value or (None if write.erased else b"")) for write in writes
         )

@@ -7,7 +7,7 @@ Start-up (a background thread, so GetStatus and health answer throughout):
                     pinned (and the memory budget); quote over SHA-256(public keys || nonce);
                     Attest at the keyvault -> token
     OBTAINING_KEYS  unseal the sealed key cache; release from the keyvault what it lacks
-    RECOVERING      per instance: verify the chain, check the keyvault's commit head, Restore
+    RECOVERING      per instance: read the log, check the keyvault's commit head, Restore
     SERVING         health SERVING; commands flow
     FAILED          refused to serve (rollback, broken chain, tampering, refused head...);
                     the detail names the instance and the sequence. No crash loop: the

@@ -8,10 +8,10 @@ Checks, in order; any failure refuses to serve with an error naming the instance
 2. **Freshness** against the keyvault's commit head K (the database head is D):
    * D < K: the database is older than the committed log (a rollback): refused;
    * D = K: the hashes must be equal (else a fork): refused otherwise;
-   * D > K: accepted only if the entry at K is on the verified chain with K's hash; the
-     entries after it have chained in step 1 and authenticate in step 3 (AES-GCM under the
-     instance key, which only an attested enclave holds, with the position and the previous
-     hash in the AAD). That is the window of a crash between commit and head advance;
+   * D > K: accepted only if the entry stored at K has K's hash; the entries after it chain
+     and authenticate in step 3 (AES-GCM under the instance key, which only an attested
+     enclave holds, with the position and the previous hash in the AAD). That is the window
+     of a crash between commit and head advance;
    * K = 0: the keyvault never saw a head (a crash before the genesis head advanced): accepted.
 3. **Replay** in the enclave (Restore): it decrypts and authenticates the snapshot and every
    entry and re-executes them; a DATA_LOSS there is refused too. The enclave checks step 2
@@ -21,10 +21,13 @@ Checks, in order; any failure refuses to serve with an error naming the instance
    starts from another genesis. A snapshot beyond K is sent with the stored entries
    K..snapshot, which the enclave only hash-chains. Step 2 here is the host's early,
    better-worded check.
-4. **Diagnosis**, only when the enclave refuses: the host checks the chain entry by entry
+4. **Diagnosis**, only when a check above refuses: the host checks the chain entry by entry
    (every entry parses, sits at its own position, hashes to its stored hash, continues the
-   previous hash) and names the first bad entry. The enclave checks all of that anyway, so the
-   host hands it the entries as stored, unparsed, and a good log is checked once, not twice.
+   previous hash) and names the first bad entry, quoting the enclave's reason when it has one.
+   The enclave checks all of that anyway, so the host hands it the entries as stored,
+   unparsed, and a good log is checked once, not twice. (So a stored hash that disagrees with
+   an intact entry is found only where that hash is used: at the head, at K, behind a
+   snapshot.)
 """
 
 from __future__ import annotations
@@ -98,7 +101,10 @@ def _chain(
                 stored.sequence,
                 f"log entry does not chain to entry {sequence} (broken chain: an entry was replaced)",
             )
-        digest = wire.entry_hash(entry)
+        try:
+            digest = wire.entry_hash(entry)
+        except (ValueError, OverflowError):  # a nonce or ciphertext too long for the encoding
+            raise RecoveryRefused(instance_id, stored.sequence, "log entry is malformed") from None
         if digest != stored.entry_hash:
             raise RecoveryRefused(
                 instance_id,
@@ -146,6 +152,17 @@ def verify_chain(log: StoredLog) -> set[int]:
     return versions if log.snapshot is None else versions | {log.snapshot.key_version}
 
 
+def _refuse(log: StoredLog, sequence: int, why: str, *, enclave_said: str = "") -> RecoveryRefused:
+    """The refusal to raise: the first bad entry if the stored chain is broken, else `why`."""
+    try:
+        verify_chain(log)
+    except RecoveryRefused as broken:
+        if not enclave_said:
+            return broken
+        return RecoveryRefused(log.instance_id, broken.sequence, f"{broken.why}; the enclave: {enclave_said}")
+    return RecoveryRefused(log.instance_id, sequence, why)
+
+
 def _hash_at(log: StoredLog, store: StateStore, sequence: int) -> bytes:
     """The chain's hash at `sequence` (<= the head), reading compacted-behind entries if needed.
     After the snapshot it is the stored hash: the enclave checks it against the entry (step 3)."""
@@ -184,8 +201,8 @@ def check_freshness(log: StoredLog, remote: RemoteHead, store: StateStore) -> No
             f"{remote.sequence}: the database is older than the committed log (rollback)",
         )
     if _hash_at(log, store, remote.sequence) != remote.hash:
-        raise RecoveryRefused(
-            log.instance_id,
+        raise _refuse(
+            log,
             remote.sequence,
             "the stored entry differs from the keyvault's commit head (a fork or a tampered log)",
         )
@@ -214,21 +231,22 @@ def restore(
             log.instance_id, entries, log.snapshot, statement=remote.statement, host_time_unix_ms=now_ms
         )
     except EnclaveCallError as exc:
-        versions = verify_chain(log)  # a broken chain is refused here, naming its first bad entry
+        said = f"{exc.code_name}: {exc.message}"
         if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
+            try:
+                versions = verify_chain(log)
+            except RecoveryRefused as broken:  # a broken chain names no key worth releasing
+                raise _refuse(log, broken.sequence, broken.why, enclave_said=said) from None
             raise MissingKey(exc.message, versions) from None
         if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
-            raise RecoveryRefused(
-                log.instance_id, log.head_sequence, "the enclave memory budget is too small to restore it"
-            ) from None
+            why = "the enclave memory budget is too small to restore it"
+            raise _refuse(log, log.head_sequence, why, enclave_said=said) from None
         match = _ENTRY_IN_MESSAGE.search(exc.message)
         sequence = int(match.group(1)) if match else log.snapshot_sequence
-        raise RecoveryRefused(
-            log.instance_id, sequence, f"the enclave refused the stored data ({exc.code_name}: {exc.message})"
-        ) from None
+        why = f"the enclave refused the stored data ({said})"
+        raise _refuse(log, sequence, why, enclave_said=said) from None
     head = restored.head
     if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
-        raise RecoveryRefused(
-            log.instance_id, head.sequence, "the enclave restored a different head than the stored chain"
-        )
+        # The enclave now holds the instance; the host refuses to serve it (and says why).
+        raise _refuse(log, head.sequence, "the enclave restored a different head than the stored chain")
     return restored

@@ -232,3 +232,22 @@ def test_post_quantum_sealed_commands_execute(harness: Harness) -> None:
     (outcome,) = harness.run("v", sealed)
     assert outcome.accepted
     assert error_code(client.read(sealed, outcome)) == "OK"
+
+
+def test_entry_hash_and_aad_known_answer_at_the_field_limits() -> None:
+    previous = b"\xab" * 32
+    entry = envelope_pb2.LogEntry(
+        instance_id="\u00e9",
+        sequence=2**64 - 1,
+        key_version=2**32 - 1,
+        previous_hash=previous,
+        nonce=b"",
+        ciphertext=b"",
+    )
+    place = (2**64 - 1).to_bytes(8, "big") + (2**32 - 1).to_bytes(4, "big")
+    encoded = b"veil/log-entry-hash/v1\x00\x02\xc3\xa9" + place + previous + b"\x00\x00" + b"\x00\x00\x00\x00"
+    assert wire.entry_hash(entry) == hashlib.sha256(encoded).digest()
+    aad = b"veil/log-entry/v1\x00\x02\xc3\xa9" + place + previous
+    assert wire.entry_aad("\u00e9", 2**64 - 1, 2**32 - 1, previous) == aad
+    with pytest.raises(OverflowError):  # a nonce whose length does not fit its 2-byte prefix
+        wire.entry_hash(envelope_pb2.LogEntry(instance_id="v", previous_hash=previous, nonce=b"\0" * 65536))

@@ -33,6 +33,7 @@ class _Enclave:
     def __init__(self, refusal: tuple[error_pb2.EcallErrorCode.ValueType, str] | None = None) -> None:
         self.refusal = refusal
         self.sent: list[Any] = []
+        self.head_hash: bytes | None = None  # else the hash of the last entry sent
 
     def restore(
         self, instance_id: str, entries: list[Any], snapshot: Any, **_: Any
@@ -42,9 +43,8 @@ class _Enclave:
             code, message = self.refusal
             raise EnclaveCallError("Restore", error_pb2.EcallError(code=code, message=message))
         last = envelope_pb2.LogEntry.FromString(entries[-1])
-        return ecall_pb2.RestoreResponse(
-            head=envelope_pb2.CommitHead(sequence=last.sequence, hash=wire.entry_hash(last))
-        )
+        head = envelope_pb2.CommitHead(sequence=last.sequence, hash=self.head_hash or wire.entry_hash(last))
+        return ecall_pb2.RestoreResponse(head=head)
 
 
 def _restore(enclave: _Enclave, stored: list[StoredEntry]) -> ecall_pb2.RestoreResponse:
@@ -96,8 +96,12 @@ def test_a_missing_key_names_every_version_the_log_uses() -> None:
     assert missing.value.versions == {1, 2, 3}
 
 
-def test_an_enclave_head_other_than_the_stored_one_is_refused() -> None:
+def test_a_head_that_disagrees_with_the_stored_one_is_refused() -> None:
     stored = _log([1, 1])
-    stored[1] = stored[1]._replace(entry_hash=secrets.token_bytes(32))  # the stored head lies
-    with pytest.raises(RecoveryRefused, match="restored a different head"):
-        _restore(_Enclave(), stored)
+    lying = [stored[0], stored[1]._replace(entry_hash=secrets.token_bytes(32))]  # the column lies
+    with pytest.raises(RecoveryRefused, match="at sequence 2: log entry was altered"):
+        _restore(_Enclave(), lying)
+    enclave = _Enclave()
+    enclave.head_hash = secrets.token_bytes(32)  # the chain is sound; the enclave's head is not
+    with pytest.raises(RecoveryRefused, match="at sequence 2: the enclave restored a different head"):
+        _restore(enclave, stored)
