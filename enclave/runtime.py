@@ -18,7 +18,8 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import islice
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
@@ -62,15 +63,14 @@ def _stale(what: str) -> EnclaveError:
     return EnclaveError(FAILED_PRECONDITION, f"rollback refused: {what}")
 
 
-def _parse_entries(blobs: Iterable[bytes]) -> list[envelope_pb2.LogEntry]:
-    """Restore's entries, sent as stored (the host does not parse them)."""
-    entries = []
+def _parse_entries(blobs: Iterable[bytes]) -> Iterator[envelope_pb2.LogEntry]:
+    """Restore's entries, sent as stored (the host does not parse them), parsed one at a time
+    as the replay reaches them (a whole parsed log at once costs memory and cache)."""
     for position, blob in enumerate(blobs):
         try:
-            entries.append(envelope_pb2.LogEntry.FromString(blob))
+            yield envelope_pb2.LogEntry.FromString(blob)
         except DecodeError:
             raise EnclaveError(DATA_LOSS, f"entry {position} of the restore request is unreadable") from None
-    return entries
 
 
 class Enclave:
@@ -676,8 +676,8 @@ class Enclave:
 
     @staticmethod
     def _bridge(
-        instance: Instance, kv_head: envelope_pb2.CommitHead, entries: list[envelope_pb2.LogEntry]
-    ) -> list[envelope_pb2.LogEntry]:
+        instance: Instance, kv_head: envelope_pb2.CommitHead, entries: Iterator[envelope_pb2.LogEntry]
+    ) -> Iterator[envelope_pb2.LogEntry]:
         """Check the snapshot against K; entries from K up to a snapshot beyond K must hash-chain."""
         if kv_head.sequence == 0 or kv_head.sequence > instance.sequence:
             return entries  # replay checks K
@@ -686,7 +686,7 @@ class Enclave:
                 raise _stale(f"the snapshot at {instance.sequence} differs from the keyvault head (a fork)")
             return entries
         count = instance.sequence - kv_head.sequence + 1  # entries K..S, only hashed
-        bridge, rest = entries[:count], entries[count:]
+        bridge = list(islice(entries, count))  # the rest of `entries` is what follows them
         digest = kv_head.hash
         for offset, entry in enumerate(bridge):
             sequence = kv_head.sequence + offset
@@ -701,7 +701,7 @@ class Enclave:
                 break
         else:
             if len(bridge) == count and digest == instance.head_hash:
-                return rest
+                return entries
         raise _stale(f"the snapshot at {instance.sequence} does not chain to the keyvault head")
 
     def _load_snapshot(self, snapshot: envelope_pb2.EncryptedSnapshot) -> Instance:
