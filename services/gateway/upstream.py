@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from veil.services.common.channels import call
@@ -312,8 +313,13 @@ class ExecuteCoalescer:
                 answer = batch[result.index].answer
                 if result.HasField("response"):
                     answer.set_result(result.response)
-                else:
-                    answer.set_exception(BatchedCallError(status_pb2.Status.FromString(result.status)))
+                    continue
+                try:
+                    status = status_pb2.Status.FromString(result.status)
+                except DecodeError:  # fails that command alone; the stream is read to its end
+                    _log.error("ExecuteBatch answered index %d with an unreadable status", result.index)
+                    status = _missing().to_status()
+                answer.set_exception(BatchedCallError(status))
         except grpc.RpcError as error:  # the message failed: its unanswered commands fail with it
             for waiting in batch:
                 if not waiting.answer.done():

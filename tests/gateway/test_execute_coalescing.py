@@ -141,17 +141,23 @@ class HostileReplica(FakeReplica):
         return response
 
 
-def test_a_hostile_replica_answers_each_command_once_and_never_hangs_the_rest() -> None:
-    replica = HostileReplica(delay=0.2)
+def _one_message_behind_a_lone_call(replica: FakeReplica) -> list[bytes | str]:
+    """A lone call leaves first (a plain Execute); a, b and c queue behind it and leave as one
+    ExecuteBatch message to `replica`: their answers."""
     coalescer = _coalescer(replica, max_in_flight=1)
-    names = ["lone", "a", "b", "c"]
-    with ThreadPoolExecutor(len(names)) as pool:
+    with ThreadPoolExecutor(4) as pool:
         lone = pool.submit(_call, coalescer, "lone")
-        time.sleep(0.05)  # a, b and c queue behind it and leave as one message
-        began = time.monotonic()
-        rest = list(pool.map(lambda n: _call(coalescer, n, timeout=10.0), names[1:]))
+        time.sleep(0.05)
+        rest = list(pool.map(lambda n: _call(coalescer, n, timeout=10.0), ["a", "b", "c"]))
     assert lone.result() == b"lone"
     assert replica.messages == [["lone"], ["a", "b", "c"]]
+    return rest
+
+
+def test_a_hostile_replica_answers_each_command_once_and_never_hangs_the_rest() -> None:
+    replica = HostileReplica(delay=0.2)
+    began = time.monotonic()
+    rest = _one_message_behind_a_lone_call(replica)
     assert rest == [b"first", "UPSTREAM_ERROR", "UPSTREAM_ERROR"]  # the first answer stands
     assert time.monotonic() - began < 5.0  # failed when the stream ended, not at the deadline
 
@@ -180,3 +186,26 @@ def test_a_group_leaves_whole_and_in_order_never_interleaved() -> None:
     assert message[:start] in ([], ["before"])  # what queued before it may share the message
     with pytest.raises(ValueError, match="1 to 8"):
         coalescer.submit_group(group + group, timeout=1.0)
+
+
+class GarblingReplica(HostileReplica):
+    """A replica (the host) whose answer for the first command of a message is a status that does
+    not parse (its plain Execute answers honestly)."""
+
+    read_after_garbage = False
+
+    def __call__(self, request: state_pb2.ExecuteBatchRequest, *, timeout: float) -> Iterator[Any]:
+        self.messages.append([c.request_id for c in request.commands])
+        time.sleep(self.delay)
+        yield state_pb2.ExecuteBatchResponse(index=0, status=b"\xff\xff")
+        self.read_after_garbage = True
+        for index, command in enumerate(request.commands[1:], start=1):
+            response = state_pb2.ExecuteResponse()
+            response.outcome.sealed_response = command.request_id.encode()
+            yield state_pb2.ExecuteBatchResponse(index=index, response=response)
+
+
+def test_an_unreadable_status_fails_its_command_alone_and_the_stream_is_read_on() -> None:
+    replica = GarblingReplica(delay=0.2)
+    assert _one_message_behind_a_lone_call(replica) == ["UPSTREAM_ERROR", b"b", b"c"]
+    assert replica.read_after_garbage
