@@ -19,7 +19,6 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable, Iterator
-from itertools import islice
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
@@ -686,7 +685,9 @@ class Enclave:
                 raise _stale(f"the snapshot at {instance.sequence} differs from the keyvault head (a fork)")
             return entries
         count = instance.sequence - kv_head.sequence + 1  # entries K..S, only hashed
-        bridge = list(islice(entries, count))  # the rest of `entries` is what follows them
+        # At most `count` (zip asks the range first, so no entry is taken past them): the rest
+        # of `entries` is what follows the bridge.
+        bridge = [entry for _, entry in zip(range(count), entries, strict=False)]
         digest = kv_head.hash
         for offset, entry in enumerate(bridge):
             sequence = kv_head.sequence + offset
