@@ -152,14 +152,12 @@ def verify_chain(log: StoredLog) -> set[int]:
     return versions if log.snapshot is None else versions | {log.snapshot.key_version}
 
 
-def _refuse(log: StoredLog, sequence: int, why: str, *, enclave_said: str = "") -> RecoveryRefused:
+def _refuse(log: StoredLog, sequence: int, why: str) -> RecoveryRefused:
     """The refusal to raise: the first bad entry if the stored chain is broken, else `why`."""
     try:
         verify_chain(log)
     except RecoveryRefused as broken:
-        if not enclave_said:
-            return broken
-        return RecoveryRefused(log.instance_id, broken.sequence, f"{broken.why}; the enclave: {enclave_said}")
+        return broken
     return RecoveryRefused(log.instance_id, sequence, why)
 
 
@@ -232,19 +230,20 @@ def restore(
         )
     except EnclaveCallError as exc:
         said = f"{exc.code_name}: {exc.message}"
+        try:
+            versions = verify_chain(log)  # names the first bad entry, if any (no key worth releasing)
+        except RecoveryRefused as broken:
+            why = f"{broken.why}; the enclave: {said}"
+            raise RecoveryRefused(log.instance_id, broken.sequence, why) from None
         if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
-            try:
-                versions = verify_chain(log)
-            except RecoveryRefused as broken:  # a broken chain names no key worth releasing
-                raise _refuse(log, broken.sequence, broken.why, enclave_said=said) from None
             raise MissingKey(exc.message, versions) from None
         if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
             why = "the enclave memory budget is too small to restore it"
-            raise _refuse(log, log.head_sequence, why, enclave_said=said) from None
+            raise RecoveryRefused(log.instance_id, log.head_sequence, why) from None
         match = _ENTRY_IN_MESSAGE.search(exc.message)
         sequence = int(match.group(1)) if match else log.snapshot_sequence
         why = f"the enclave refused the stored data ({said})"
-        raise _refuse(log, sequence, why, enclave_said=said) from None
+        raise RecoveryRefused(log.instance_id, sequence, why) from None
     head = restored.head
     if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
         # The enclave now holds the instance; the host refuses to serve it (and says why).
