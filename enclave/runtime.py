@@ -748,7 +748,8 @@ class Enclave:
             raise EnclaveError(DATA_LOSS, f"log entry {sequence} does not continue the chain at {expected}")
         nonce, ciphertext = entry.nonce, entry.ciphertext
         try:
-            aad = chain.aad(sequence, key_version, previous)
+            place = wire.entry_place(sequence, key_version, previous)  # for its aad and its hash
+            aad = chain.aad(place)
             if key_version not in ciphers:
                 ciphers[key_version] = crypto.AeadKey(self._key(instance_id, key_version))
             plain = ciphers[key_version].open(nonce, ciphertext, aad)
@@ -780,7 +781,7 @@ class Enclave:
         else:
             raise EnclaveError(DATA_LOSS, f"log entry {sequence} is out of place")
         instance.sequence = sequence
-        instance.head_hash = chain.hash(sequence, key_version, previous, nonce, ciphertext)
+        instance.head_hash = chain.hash(place, nonce, ciphertext)
         if kind == "genesis":
             instance.genesis_hash = instance.head_hash
         return instance

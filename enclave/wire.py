@@ -334,47 +334,40 @@ def verify_instance_descriptor(
     return verify_ed25519(signing_public_key, descriptor.signature, message)
 
 
+def entry_place(sequence: int, key_version: int, previous_hash: bytes) -> bytes:
+    """A log entry's place in its chain, as its aad and its hash both encode it."""
+    return _u(sequence, 8) + _u(key_version, 4) + _hash32(previous_hash, "previous hash")
+
+
 class EntryChain:
     """The AES-GCM aad and the chain hash of one instance's log entries, its name encoded once
-    (restore computes both for every entry of a log)."""
+    (restore computes both for every entry of a log, from one `entry_place`)."""
 
     def __init__(self, instance_id: str) -> None:
         name = _str16(instance_id)
         self._aad_prefix = _LOG_ENTRY + name
         self._hash_prefix = _LOG_ENTRY_HASH + name
 
-    def aad(self, sequence: int, key_version: int, previous_hash: bytes) -> bytes:
+    def aad(self, place: bytes) -> bytes:
         """AES-GCM aad of a log entry: binds its place in the hash chain and its key version."""
-        return (
-            self._aad_prefix + _u(sequence, 8) + _u(key_version, 4) + _hash32(previous_hash, "previous hash")
-        )
+        return self._aad_prefix + place
 
-    def hash(
-        self, sequence: int, key_version: int, previous_hash: bytes, nonce: bytes, ciphertext: bytes
-    ) -> bytes:
+    def hash(self, place: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
         """The hash chaining a log entry to the next one (and naming the commit head)."""
-        digest = hashlib.sha256(
-            self._hash_prefix
-            + _u(sequence, 8)
-            + _u(key_version, 4)
-            + _hash32(previous_hash, "previous hash")
-            + _prefixed(nonce, 2)
-            + _u(len(ciphertext), 4)
-        )
+        digest = hashlib.sha256(self._hash_prefix + place + _prefixed(nonce, 2) + _u(len(ciphertext), 4))
         digest.update(ciphertext)  # hashed in place: the ciphertext is most of the entry
         return digest.digest()
 
 
 def entry_aad(instance_id: str, sequence: int, key_version: int, previous_hash: bytes) -> bytes:
     """AES-GCM aad of a log entry: binds its place in the hash chain and its key version."""
-    return EntryChain(instance_id).aad(sequence, key_version, previous_hash)
+    return EntryChain(instance_id).aad(entry_place(sequence, key_version, previous_hash))
 
 
 def entry_hash(entry: envelope_pb2.LogEntry) -> bytes:
     """The hash chaining a log entry to the next one (and naming the commit head)."""
-    return EntryChain(entry.instance_id).hash(
-        entry.sequence, entry.key_version, entry.previous_hash, entry.nonce, entry.ciphertext
-    )
+    place = entry_place(entry.sequence, entry.key_version, entry.previous_hash)
+    return EntryChain(entry.instance_id).hash(place, entry.nonce, entry.ciphertext)
 
 
 def snapshot_aad(instance_id: str, head_sequence: int, head_hash: bytes, key_version: int) -> bytes:
