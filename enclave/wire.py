@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -334,9 +335,17 @@ def verify_instance_descriptor(
     return verify_ed25519(signing_public_key, descriptor.signature, message)
 
 
+_PLACE = struct.Struct(">QI")  # sequence, key version: restore encodes them for every entry
+_AEAD_NONCED = struct.Struct(">H12sI")  # a 12-byte nonce (every entry's) with its length, then a length
+
+
 def entry_place(sequence: int, key_version: int, previous_hash: bytes) -> bytes:
     """A log entry's place in its chain, as its aad and its hash both encode it."""
-    return _u(sequence, 8) + _u(key_version, 4) + _hash32(previous_hash, "previous hash")
+    try:
+        numbers = _PLACE.pack(sequence, key_version)
+    except struct.error:
+        raise OverflowError("sequence or key version out of range") from None
+    return numbers + _hash32(previous_hash, "previous hash")
 
 
 class EntryChain:
@@ -354,7 +363,11 @@ class EntryChain:
 
     def hash(self, place: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
         """The hash chaining a log entry to the next one (and naming the commit head)."""
-        digest = hashlib.sha256(self._hash_prefix + place + _prefixed(nonce, 2) + _u(len(ciphertext), 4))
+        if len(nonce) == 12:  # AES-GCM's, as every entry has: one pack instead of two encodings
+            sizes = _AEAD_NONCED.pack(12, nonce, len(ciphertext))
+        else:
+            sizes = _prefixed(nonce, 2) + _u(len(ciphertext), 4)
+        digest = hashlib.sha256(self._hash_prefix + place + sizes)
         digest.update(ciphertext)  # hashed in place: the ciphertext is most of the entry
         return digest.digest()
 
