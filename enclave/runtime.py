@@ -19,6 +19,7 @@ import hmac
 import re
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from google.protobuf.message import DecodeError
@@ -62,6 +63,10 @@ def _stale(what: str) -> EnclaveError:
     return EnclaveError(FAILED_PRECONDITION, f"rollback refused: {what}")
 
 
+def _loaded_already() -> EnclaveError:
+    return EnclaveError(ALREADY_EXISTS, "instance is loaded; within one enclave boot it only moves forward")
+
+
 def _parse_entries(blobs: Iterable[bytes]) -> Iterator[envelope_pb2.LogEntry]:
     """Restore's entries, sent as stored (the host does not parse them), parsed one at a time
     as the replay reaches them (a whole parsed log at once costs memory and cache)."""
@@ -70,6 +75,17 @@ def _parse_entries(blobs: Iterable[bytes]) -> Iterator[envelope_pb2.LogEntry]:
             yield envelope_pb2.LogEntry.FromString(blob)
         except DecodeError:
             raise EnclaveError(DATA_LOSS, f"entry {position} of the restore request is unreadable") from None
+
+
+@dataclass
+class _OpenRestore:
+    """A restore sent in parts: what its first part set up, kept for the parts that continue it."""
+
+    instance_id: str
+    statement: envelope_pb2.HeadStatement
+    chain: wire.EntryChain
+    ciphers: dict[int, crypto.AeadKey]
+    instance: Instance | None
 
 
 class Enclave:
@@ -94,6 +110,7 @@ class Enclave:
         self._instances: dict[str, Instance] = {}
         self._data_keys: dict[str, dict[int, bytes]] = {}
         self._challenges: dict[str, bytes] = {}  # instance id -> its one outstanding challenge
+        self._restoring: _OpenRestore | None = None  # a restore whose next part is awaited
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -124,14 +141,19 @@ class Enclave:
         version = max(versions)
         return version, versions[version]
 
+    def _sizes(self) -> Iterator[tuple[str, int]]:
+        """(instance id, state bytes) of every instance held, one being restored included."""
+        yield from ((iid, instance.store.size) for iid, instance in self._instances.items())
+        if self._restoring is not None and self._restoring.instance is not None:
+            yield self._restoring.instance_id, self._restoring.instance.store.size
+
     def memory_used(self) -> int:
         """Bytes of state held for all instances."""
-        return sum(instance.store.size for instance in self._instances.values())
+        return sum(size for _, size in self._sizes())
 
     def _limit_for(self, instance_id: str) -> int:
         """The size `instance_id`'s state may reach within the budget."""
-        others = sum(i.store.size for iid, i in self._instances.items() if iid != instance_id)
-        return self._budget - others
+        return self._budget - sum(size for iid, size in self._sizes() if iid != instance_id)
 
     def _link(self, instance: Instance, base: envelope_pb2.CommitHead) -> envelope_pb2.CommitLink:
         """A signed link from `base` to the instance's head, for the keyvault's compare and set."""
@@ -546,35 +568,64 @@ class Enclave:
         contain K (sequence and hash) and the genesis the keyvault registered, else
         FAILED_PRECONDITION and nothing changes. K = 0: the keyvault never registered it. A
         loaded instance is never replaced: within one boot an instance only moves forward.
+        A long log comes in parts (`more`, then `continues`): the instance being rebuilt is
+        out of reach of every other call until the last part has passed the checks at the end.
         """
         self._ready()
+        opened, self._restoring = self._restoring, None  # a refused part leaves nothing open
+        instance_id = request.instance_id
+        if request.continues:
+            if opened is None or opened.instance_id != instance_id:
+                raise EnclaveError(FAILED_PRECONDITION, "no restore of this instance is open to continue")
+            if request.HasField("snapshot") or request.HasField("statement"):
+                raise EnclaveError(INVALID_ARGUMENT, "a restore's later parts carry entries only")
+            restore, entries = opened, _parse_entries(request.entries)
+        else:
+            restore, entries = self._open_restore(request)
+        limit = self._limit_for(instance_id)
+        kv_head = restore.statement.head
+        instance = restore.instance
+        for entry in entries:
+            instance = self._replay(instance_id, restore.chain, restore.ciphers, instance, entry, limit=limit)
+            if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
+                raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
+        restore.instance = instance
+        if request.more:
+            self._restoring = restore
+            return ecall_pb2.RestoreResponse(head=instance.head() if instance else None)
+        return self._finish_restore(restore, limit)
+
+    def _open_restore(
+        self, request: ecall_pb2.RestoreRequest
+    ) -> tuple[_OpenRestore, Iterator[envelope_pb2.LogEntry]]:
+        """A restore's first part: the statement checked, the snapshot loaded and bridged."""
         instance_id = request.instance_id
         if instance_id in self._instances:
-            raise EnclaveError(
-                ALREADY_EXISTS, "instance is loaded; within one enclave boot it only moves forward"
-            )
+            raise _loaded_already()
         self._check_statement(instance_id, request.statement, request.host_time_unix_ms)
-        kv_head = request.statement.head
         instance = None
         entries = _parse_entries(request.entries)
         if request.HasField("snapshot"):
             if request.snapshot.instance_id != instance_id:
                 raise EnclaveError(INVALID_ARGUMENT, "snapshot is for another instance")
             instance = self._load_snapshot(request.snapshot)
-            entries = self._bridge(instance, kv_head, entries)
-        limit = self._limit_for(instance_id)
-        chain, ciphers = wire.EntryChain(instance_id), dict[int, crypto.AeadKey]()  # set up once per restore
-        for entry in entries:
-            instance = self._replay(instance_id, chain, ciphers, instance, entry, limit=limit)
-            if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
-                raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
+            entries = self._bridge(instance, request.statement.head, entries)
+        # The instance's encodings and each key's cipher are set up once per restore.
+        restore = _OpenRestore(instance_id, request.statement, wire.EntryChain(instance_id), {}, instance)
+        return restore, entries
+
+    def _finish_restore(self, restore: _OpenRestore, limit: int) -> ecall_pb2.RestoreResponse:
+        """The checks at the end of a restore; the instance loads only if all of them pass."""
+        instance_id, instance, statement = restore.instance_id, restore.instance, restore.statement
+        kv_head = statement.head
         if instance is None:
             raise EnclaveError(INVALID_ARGUMENT, "nothing to restore: no snapshot and no genesis entry")
+        if instance_id in self._instances:  # created while the restore was open
+            raise _loaded_already()
         if instance.sequence < kv_head.sequence:
             raise _stale(f"the log ends at {instance.sequence}, before the keyvault head {kv_head.sequence}")
         if instance.store.size > limit:
             raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
-        statement = request.statement
         if kv_head.sequence and (
             instance.genesis_hash != statement.genesis_hash
             or wire.config_hash(instance.config_bytes) != statement.config_hash
@@ -756,11 +807,13 @@ class Enclave:
             body = storage_pb2.EntryBody.FromString(plain)
         except (DecryptionError, DecodeError):
             raise _data_loss(f"log entry {sequence}") from None
-        kind = body.WhichOneof("body")
-        if kind == "genesis" and instance is None:
-            instance = Instance.create(instance_id, body.genesis.config)
-        elif kind == "command" and instance is not None and (writes := body.command.writes):
+        genesis = instance is None  # only a genesis entry starts a log
+        # Logged writes first (most entries): an unset oneof member reads as empty, so writes
+        # are there only in a command body, and WhichOneof is asked only of the rest.
+        if (writes := body.command.writes) and instance is not None:
             instance.apply_writes(writes, limit)  # what the command wrote, not a re-run
+        elif (kind := body.WhichOneof("body")) == "genesis" and instance is None:
+            instance = Instance.create(instance_id, body.genesis.config)
         elif kind == "command" and instance is not None:  # an entry that logged its call, not its writes
             executed = body.command
             caller = Caller(account=executed.account, signer_public_key=executed.signer_public_key)
@@ -782,7 +835,7 @@ class Enclave:
             raise EnclaveError(DATA_LOSS, f"log entry {sequence} is out of place")
         instance.sequence = sequence
         instance.head_hash = chain.hash(place, nonce, ciphertext)
-        if kind == "genesis":
+        if genesis:
             instance.genesis_hash = instance.head_hash
         return instance
 

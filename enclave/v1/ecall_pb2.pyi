@@ -566,10 +566,25 @@ class RestoreRequest(_message.Message):
     ENTRIES_FIELD_NUMBER: _builtins.int
     STATEMENT_FIELD_NUMBER: _builtins.int
     HOST_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    CONTINUES_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     host_time_unix_ms: _builtins.int
     """host_time_unix_ms is the host's clock (the statement must not have expired)."""
+    more: _builtins.bool
+    """more says that further parts of this restore follow: a long log is sent in parts, so the
+    host reads the next part while the enclave replays this one, and no frame grows with the
+    log. The enclave keeps the instance it is rebuilding out of reach of every other call
+    until a part without `more`; then the checks at the end run (the keyvault head contained,
+    the genesis registered) and the instance loads. A refused part ends the restore.
+    """
+    continues: _builtins.bool
+    """continues says that this part continues the restore of instance_id left open by a part with
+    `more`; it carries entries only (the snapshot and the statement come with the first part,
+    and so do all the entries a snapshot bridge needs). One restore is open at a time: a first
+    part drops any restore left open.
+    """
     @_builtins.property
     def snapshot(self) -> _envelope_pb2.EncryptedSnapshot:
         """snapshot is the latest snapshot, if any."""
@@ -598,10 +613,12 @@ class RestoreRequest(_message.Message):
         entries: _abc.Iterable[_builtins.bytes] | None = ...,
         statement: _envelope_pb2.HeadStatement | None = ...,
         host_time_unix_ms: _builtins.int = ...,
+        more: _builtins.bool = ...,
+        continues: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continues", b"continues", "entries", b"entries", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "more", b"more", "snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,7 +626,7 @@ Global___RestoreRequest: _TypeAlias = RestoreRequest  # noqa: Y015
 
 @_typing.final
 class RestoreResponse(_message.Message):
-    """RestoreResponse reports the restored head."""
+    """RestoreResponse reports the restored head (of a part with `more`: the head replayed so far)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
