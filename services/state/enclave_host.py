@@ -35,6 +35,10 @@ ResponseT = TypeVar("ResponseT", bound=Message)
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _serialized(entries: Sequence[bytes | envelope_pb2.LogEntry]) -> list[bytes]:
+    return [e if isinstance(e, bytes) else e.SerializeToString() for e in entries]
+
+
 class EnclaveCallError(Exception):
     """The enclave refused a call; nothing changed inside it."""
 
@@ -264,19 +268,31 @@ class EnclaveHost:
         *,
         statement: envelope_pb2.HeadStatement,
         host_time_unix_ms: int,
+        more: bool = False,
     ) -> ecall_pb2.RestoreResponse:
         """Load an instance from a snapshot (optional) and the entries after it.
 
         `statement` is GetCommitHead's answer for this enclave's key and its current challenge:
         the enclave refuses to restore without it, or a log that does not contain its head.
         `entries` are serialized LogEntry messages as stored (or messages, serialized here).
+        `more`: the rest of the entries follow in `continue_restore` calls.
         """
         request = ecall_pb2.RestoreRequest(
             instance_id=instance_id,
             snapshot=snapshot,
-            entries=[e if isinstance(e, bytes) else e.SerializeToString() for e in entries],
+            entries=_serialized(entries),
             statement=statement,
             host_time_unix_ms=host_time_unix_ms,
+            more=more,
+        )
+        return self.call("Restore", request, ecall_pb2.RestoreResponse)
+
+    def continue_restore(
+        self, instance_id: str, entries: Sequence[bytes | envelope_pb2.LogEntry], *, more: bool = False
+    ) -> ecall_pb2.RestoreResponse:
+        """The next part of a restore begun with `more`; the last part (`more` False) loads it."""
+        request = ecall_pb2.RestoreRequest(
+            instance_id=instance_id, entries=_serialized(entries), more=more, continues=True
         )
         return self.call("Restore", request, ecall_pb2.RestoreResponse)
 

@@ -2,9 +2,10 @@
 
 Checks, in order; any failure refuses to serve with an error naming the instance and sequence:
 
-1. **Shape** (host side, before the enclave sees anything): the stored entries have no gap
-   and the first continues the snapshot (or is the genesis entry); the head is the last
-   stored entry's (sequence, hash).
+1. **Shape** (host side): the snapshot names its own position; the entries after it are read a
+   part at a time (PART_ENTRIES, at most PART_BYTES) as Restore takes them, and each part is
+   checked before it is sent: no gap, the first continues the snapshot (or is the genesis
+   entry), the last ends at the stored head (its sequence and hash, read first).
 2. **Freshness** against the keyvault's commit head K (the database head is D):
    * D < K: the database is older than the committed log (a rollback): refused;
    * D = K: the hashes must be equal (else a fork): refused otherwise;
@@ -13,26 +14,30 @@ Checks, in order; any failure refuses to serve with an error naming the instance
      enclave holds, with the position and the previous hash in the AAD). That is the window
      of a crash between commit and head advance;
    * K = 0: the keyvault never saw a head (a crash before the genesis head advanced): accepted.
-3. **Replay** in the enclave (Restore): it decrypts and authenticates the snapshot and every
-   entry and re-executes them; a DATA_LOSS there is refused too. The enclave checks step 2
-   itself: Restore carries the keyvault's statement of head K and the registered genesis, made
-   for this enclave's signing key and a challenge it issued just before (GetCommitHead), and the
-   enclave refuses (FAILED_PRECONDITION "rollback refused") a log that does not contain K or
-   starts from another genesis. A snapshot beyond K is sent with the stored entries
-   K..snapshot, which the enclave only hash-chains. Step 2 here is the host's early,
-   better-worded check.
-4. **Diagnosis**, only when a check above refuses: the host checks the chain entry by entry
-   (every entry parses, sits at its own position, hashes to its stored hash, continues the
-   previous hash) and names the first bad entry, quoting the enclave's reason when it has one.
-   The enclave checks all of that anyway, so the host hands it the entries as stored,
-   unparsed, and a good log is checked once, not twice. (So a stored hash that disagrees with
-   an intact entry is found only where that hash is used: at the head, at K, behind a
-   snapshot.)
+3. **Replay** in the enclave (Restore, in parts: the host reads the next part from the database
+   while the enclave replays this one, and no frame grows with the log): it decrypts and
+   authenticates the snapshot and every entry and re-executes them; a DATA_LOSS there is
+   refused too. The enclave checks step 2 itself: Restore carries the keyvault's statement of
+   head K and the registered genesis, made for this enclave's signing key and a challenge it
+   issued just before (GetCommitHead), and the enclave refuses (FAILED_PRECONDITION "rollback
+   refused") a log that does not contain K or starts from another genesis. A snapshot beyond
+   K is sent with the stored entries K..snapshot, which the enclave only hash-chains (all in
+   the first part). Step 2 here is the host's early, better-worded check.
+4. **Diagnosis**, only when a check above refuses: the host reads the whole log again and checks
+   the chain entry by entry (every entry parses, sits at its own position, hashes to its stored
+   hash, continues the previous hash) and names the first bad entry, quoting the enclave's
+   reason when it has one. The enclave checks all of that anyway, so the host hands it the
+   entries as stored, unparsed, and a good log is checked once, not twice. (So a stored hash
+   that disagrees with an intact entry is found only where that hash is used: at the head, at
+   K, behind a snapshot.)
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -42,9 +47,12 @@ from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
-from veil.services.state.store import LoadedLog, StateStore, StoredEntry
+from veil.services.state.store import StateStore, StoredEntry
 
 _ENTRY_IN_MESSAGE = re.compile(r"log entry (\d+)")
+# A Restore part: the entries read from the database in one query, fewer when they are large.
+PART_ENTRIES = 4096
+PART_BYTES = 16 * 1024 * 1024
 
 
 class MissingKey(Exception):
@@ -57,11 +65,12 @@ class MissingKey(Exception):
 
 @dataclass(frozen=True)
 class StoredLog:
-    """A log read from the database and checked for shape: what to hand to Restore, where it ends."""
+    """An instance's stored log as recovery reads it: the snapshot and where the entries after it
+    end (read first); the entries themselves are read from `store` as Restore takes them."""
 
     instance_id: str
+    store: StateStore
     snapshot: envelope_pb2.EncryptedSnapshot | None
-    entries: list[StoredEntry]
     head_sequence: int
     head_hash: bytes
 
@@ -72,6 +81,19 @@ class StoredLog:
     @property
     def snapshot_hash(self) -> bytes:
         return wire.ZERO_HASH if self.snapshot is None else self.snapshot.head.hash
+
+    @property
+    def entry_count(self) -> int:
+        """The entries after the snapshot: what a restore replays."""
+        return self.head_sequence - self.snapshot_sequence
+
+    def entries(self) -> list[StoredEntry]:
+        """Every stored entry after the snapshot, up to the head (for the diagnosis)."""
+        return self.store.entries(self.instance_id, after=self.snapshot_sequence, through=self.head_sequence)
+
+
+def _gap(instance_id: str, sequence: int) -> RecoveryRefused:
+    return RecoveryRefused(instance_id, sequence, "log entry is missing (the chain has a gap)")
 
 
 def _parse_entry(instance_id: str, stored: StoredEntry) -> envelope_pb2.LogEntry:
@@ -93,7 +115,7 @@ def _chain(
     entries = []
     for stored in stored_entries:
         if stored.sequence != sequence + 1:
-            raise RecoveryRefused(instance_id, sequence + 1, "log entry is missing (the chain has a gap)")
+            raise _gap(instance_id, sequence + 1)
         entry = _parse_entry(instance_id, stored)
         if len(entry.previous_hash) != wire.HASH_SIZE or entry.previous_hash != head_hash:
             raise RecoveryRefused(
@@ -116,38 +138,80 @@ def _chain(
     return entries, sequence, head_hash
 
 
-def read_log(instance_id: str, loaded: LoadedLog) -> StoredLog:
-    """Step 1: the stored snapshot and entries have the shape of one chain (no gap)."""
+def read_log(instance_id: str, store: StateStore) -> StoredLog:
+    """Step 1, its start: the stored snapshot names its own position; where the entries end."""
     snapshot = None
-    if loaded.snapshot is not None:
+    stored_snapshot = store.snapshot(instance_id)
+    if stored_snapshot is not None:
         try:
-            snapshot = envelope_pb2.EncryptedSnapshot.FromString(loaded.snapshot.blob)
+            snapshot = envelope_pb2.EncryptedSnapshot.FromString(stored_snapshot.blob)
         except DecodeError:
-            raise RecoveryRefused(instance_id, loaded.snapshot.sequence, "snapshot is unreadable") from None
+            raise RecoveryRefused(instance_id, stored_snapshot.sequence, "snapshot is unreadable") from None
         if (
             snapshot.instance_id != instance_id
-            or snapshot.head.sequence != loaded.snapshot.sequence
+            or snapshot.head.sequence != stored_snapshot.sequence
             or len(snapshot.head.hash) != wire.HASH_SIZE
         ):
-            raise RecoveryRefused(
-                instance_id, loaded.snapshot.sequence, "snapshot does not match its position"
-            )
-    sequence = 0 if snapshot is None else snapshot.head.sequence
-    head_hash = wire.ZERO_HASH if snapshot is None else snapshot.head.hash
-    for stored in loaded.entries:
-        if stored.sequence != sequence + 1:
-            raise RecoveryRefused(instance_id, sequence + 1, "log entry is missing (the chain has a gap)")
-        sequence, head_hash = stored.sequence, stored.entry_hash
-    if sequence == 0:
+            why = "snapshot does not match its position"
+            raise RecoveryRefused(instance_id, stored_snapshot.sequence, why)
+    head = store.head(instance_id)
+    if head is None or head.sequence == 0:
         raise RecoveryRefused(
             instance_id, 1, "the catalogue lists the instance but its genesis entry is missing"
         )
-    return StoredLog(instance_id, snapshot, loaded.entries, sequence, head_hash)
+    if snapshot is not None and head.sequence == snapshot.head.sequence:
+        return StoredLog(instance_id, store, snapshot, head.sequence, snapshot.head.hash)
+    if head.entry_hash is None:
+        raise _gap(instance_id, head.sequence)
+    return StoredLog(instance_id, store, snapshot, head.sequence, head.entry_hash)
+
+
+def _parts(log: StoredLog) -> Generator[tuple[list[StoredEntry], bool]]:
+    """Step 1, the rest: the entries after the snapshot in Restore parts, each checked for shape
+    before it is given out, with whether it is the last; the next is read meanwhile."""
+    sequence, last = log.snapshot_sequence, log.head_sequence
+
+    def read(after: int) -> list[StoredEntry]:
+        return log.store.entries(log.instance_id, after=after, through=min(after + PART_ENTRIES, last))
+
+    with ThreadPoolExecutor(1, thread_name_prefix=f"recovery-{log.instance_id}") as reader:
+        page = reader.submit(read, sequence)
+        while True:
+            entries = page.result()
+            end = min(sequence + PART_ENTRIES, last)
+            if end < last:
+                page = reader.submit(read, end)  # read while this part replays
+            for stored in entries:
+                if stored.sequence != sequence + 1:
+                    raise _gap(log.instance_id, sequence + 1)
+                sequence = stored.sequence
+            if sequence != end:
+                raise _gap(log.instance_id, sequence + 1)
+            if sequence == last and entries and entries[-1].entry_hash != log.head_hash:
+                raise _refuse(log, sequence, "the stored head moved while recovery read it")
+            yield from _by_size(entries, final=end == last)
+            if end == last:
+                return
+
+
+def _by_size(entries: list[StoredEntry], *, final: bool) -> Iterator[tuple[list[StoredEntry], bool]]:
+    """`entries` as parts of at most PART_BYTES (or of one larger entry); `final`: the last ones."""
+    part: list[StoredEntry] = []
+    size = 0
+    for stored in entries:
+        if part and size + len(stored.blob) > PART_BYTES:
+            yield part, False
+            part, size = [], 0
+        part.append(stored)
+        size += len(stored.blob)
+    yield part, final
 
 
 def verify_chain(log: StoredLog) -> set[int]:
-    """Step 4: every entry parses and chains; returns the key versions the log names."""
-    entries, _, _ = _chain(log.instance_id, log.entries, log.snapshot_sequence, log.snapshot_hash)
+    """Step 4: every entry parses and chains up to the head; returns the key versions the log names."""
+    entries, end, _ = _chain(log.instance_id, log.entries(), log.snapshot_sequence, log.snapshot_hash)
+    if end != log.head_sequence:
+        raise _gap(log.instance_id, end + 1)
     versions = {entry.key_version for entry in entries}
     return versions if log.snapshot is None else versions | {log.snapshot.key_version}
 
@@ -161,7 +225,7 @@ def _refuse(log: StoredLog, sequence: int, why: str) -> RecoveryRefused:
     return RecoveryRefused(log.instance_id, sequence, why)
 
 
-def _hash_at(log: StoredLog, store: StateStore, sequence: int) -> bytes:
+def _hash_at(log: StoredLog, sequence: int) -> bytes:
     """The chain's hash at `sequence` (<= the head), reading compacted-behind entries if needed.
     After the snapshot it is the stored hash: the enclave checks it against the entry (step 3)."""
     if sequence == log.head_sequence:
@@ -169,10 +233,13 @@ def _hash_at(log: StoredLog, store: StateStore, sequence: int) -> bytes:
     if sequence == log.snapshot_sequence:
         return log.snapshot_hash
     if sequence > log.snapshot_sequence:
-        return log.entries[sequence - log.snapshot_sequence - 1].entry_hash
+        stored = log.store.entries(log.instance_id, after=sequence - 1, through=sequence)
+        if not stored:
+            raise _gap(log.instance_id, sequence)
+        return stored[0].entry_hash
     # Before the snapshot: the entries from `sequence` up to the snapshot must still be stored
     # (compaction keeps them until the keyvault head passes the snapshot) and chain into it.
-    behind = store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
+    behind = log.store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
     if not behind or behind[0].sequence != sequence:
         raise RecoveryRefused(
             log.instance_id, sequence, "the entry at the keyvault's commit head is missing from the database"
@@ -187,7 +254,7 @@ def _hash_at(log: StoredLog, store: StateStore, sequence: int) -> bytes:
     return first_hash
 
 
-def check_freshness(log: StoredLog, remote: RemoteHead, store: StateStore) -> None:
+def check_freshness(log: StoredLog, remote: RemoteHead) -> None:
     """Step 2: the database is not older than, and does not fork from, the keyvault's head."""
     if remote.sequence == 0:
         return
@@ -198,7 +265,7 @@ def check_freshness(log: StoredLog, remote: RemoteHead, store: StateStore) -> No
             f"the database ends at sequence {log.head_sequence} but the keyvault's commit head is "
             f"{remote.sequence}: the database is older than the committed log (rollback)",
         )
-    if _hash_at(log, store, remote.sequence) != remote.hash:
+    if _hash_at(log, remote.sequence) != remote.hash:
         raise _refuse(
             log,
             remote.sequence,
@@ -206,28 +273,40 @@ def check_freshness(log: StoredLog, remote: RemoteHead, store: StateStore) -> No
         )
 
 
-def _bridge(log: StoredLog, store: StateStore, sequence: int) -> list[StoredEntry]:
+def _bridge(log: StoredLog, sequence: int) -> list[StoredEntry]:
     """The stored entries from `sequence` through a snapshot beyond it (checked by _hash_at)."""
     if log.snapshot is None or not 0 < sequence < log.snapshot_sequence:
         return []
-    return store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
+    return log.store.entries(log.instance_id, after=sequence - 1, through=log.snapshot_sequence)
 
 
 def restore(
-    enclave: EnclaveHost, log: StoredLog, remote: RemoteHead, store: StateStore, *, now_ms: int
+    enclave: EnclaveHost, log: StoredLog, remote: RemoteHead, *, now_ms: int
 ) -> ecall_pb2.RestoreResponse:
-    """Step 3: replay in the enclave; MissingKey when a key version must be released first.
+    """Step 3: replay in the enclave, in parts; MissingKey when a key version must be released first.
 
     `remote` carries the keyvault's statement for this enclave and its current challenge (after
     check_freshness passed); the challenge is used up whatever the outcome.
     """
     if remote.statement is None:
         raise ValueError("restore needs the keyvault's head statement for this enclave")
-    entries = [stored.blob for stored in _bridge(log, store, remote.sequence) + log.entries]
+    bridge = [stored.blob for stored in _bridge(log, remote.sequence)]
+    restored = None
     try:
-        restored = enclave.restore(
-            log.instance_id, entries, log.snapshot, statement=remote.statement, host_time_unix_ms=now_ms
-        )
+        with closing(_parts(log)) as parts:  # its reader thread ends with it
+            for part, last in parts:
+                blobs = [stored.blob for stored in part]
+                if restored is None:
+                    restored = enclave.restore(
+                        log.instance_id,
+                        bridge + blobs,
+                        log.snapshot,
+                        statement=remote.statement,
+                        host_time_unix_ms=now_ms,
+                        more=not last,
+                    )
+                else:
+                    restored = enclave.continue_restore(log.instance_id, blobs, more=not last)
     except EnclaveCallError as exc:
         said = f"{exc.code_name}: {exc.message}"
         try:
@@ -244,6 +323,7 @@ def restore(
         sequence = int(match.group(1)) if match else log.snapshot_sequence
         why = f"the enclave refused the stored data ({said})"
         raise RecoveryRefused(log.instance_id, sequence, why) from None
+    assert restored is not None  # _parts gives at least one part
     head = restored.head
     if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
         # The enclave now holds the instance; the host refuses to serve it (and says why).

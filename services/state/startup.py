@@ -372,7 +372,7 @@ class Startup:
             self.parts.lifecycle.set(lifecycle.RECOVERING, f"recovering instance {iid!r} ({number}/{total})")
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
-        log = recovery.read_log(iid, self.parts.store.load(iid))
+        log = recovery.read_log(iid, self.parts.store)
         released = False
         for attempt in (1, 2):
             remote = retrying(
@@ -383,11 +383,9 @@ class Startup:
                     iid, runtime.keys.signing_public_key, runtime.enclave.issue_challenge(iid)
                 ),
             )
-            recovery.check_freshness(log, remote, self.parts.store)
+            recovery.check_freshness(log, remote)
             try:
-                restored = recovery.restore(
-                    runtime.enclave, log, remote, self.parts.store, now_ms=int(time.time() * 1000)
-                )
+                restored = recovery.restore(runtime.enclave, log, remote, now_ms=int(time.time() * 1000))
                 break
             except recovery.MissingKey as missing:
                 if attempt == 2:
@@ -407,7 +405,7 @@ class Startup:
                 head.sequence,
                 remote.sequence,
             )
-        self.parts.metrics.record_recovery(len(log.entries), time.monotonic() - started)
+        self.parts.metrics.record_recovery(log.entry_count, time.monotonic() - started)
         state = InstanceState(
             config=envelope_pb2.InstanceConfig.FromString(record.config),
             head=head,

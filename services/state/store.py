@@ -106,6 +106,10 @@ class StateStore(Protocol):
         """The latest snapshot and the entries after it."""
         ...
 
+    def snapshot(self, instance_id: str) -> StoredSnapshot | None:
+        """The latest snapshot, or None."""
+        ...
+
     def entries(self, instance_id: str, *, after: int, through: int | None = None) -> list[StoredEntry]:
         """Stored entries with `after` < sequence <= `through` (or to the end), in order."""
         ...

@@ -100,6 +100,13 @@ def _entry_row(entry: StoredEntry) -> tuple[Any, ...]:
     return (entry.instance_id, entry.sequence, entry.entry_hash, entry.blob)
 
 
+def _snapshot(tx: Tx, instance_id: str) -> StoredSnapshot | None:
+    row = tx.run(
+        "SELECT instance_id, sequence, snapshot FROM st_snapshots WHERE instance_id = ?", (instance_id,)
+    ).fetchone()
+    return None if row is None else StoredSnapshot(row[0], int(row[1]), bytes(row[2]))
+
+
 def _group_contiguous(entries: Sequence[StoredEntry]) -> dict[str, list[StoredEntry]]:
     groups: dict[str, list[StoredEntry]] = {}
     for entry in entries:
@@ -182,16 +189,16 @@ class SqlStateStore(ABC):
 
     def load(self, instance_id: str) -> LoadedLog:
         with self._read() as tx:
-            row = tx.run(
-                "SELECT instance_id, sequence, snapshot FROM st_snapshots WHERE instance_id = ?",
-                (instance_id,),
-            ).fetchone()
-            snapshot = None if row is None else StoredSnapshot(row[0], int(row[1]), bytes(row[2]))
+            snapshot = _snapshot(tx, instance_id)
             rows = tx.run(
                 f"{_ENTRY_COLUMNS} WHERE instance_id = ? AND sequence > ? ORDER BY sequence",
                 (instance_id, 0 if snapshot is None else snapshot.sequence),
             ).fetchall()
         return LoadedLog(snapshot=snapshot, entries=[_entry(r) for r in rows])
+
+    def snapshot(self, instance_id: str) -> StoredSnapshot | None:
+        with self._read() as tx:
+            return _snapshot(tx, instance_id)
 
     def entries(self, instance_id: str, *, after: int, through: int | None = None) -> list[StoredEntry]:
         upper = 2**63 - 1 if through is None else through

@@ -10,27 +10,23 @@ named as an altered entry.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from typing import cast
 
 import pytest
 
 from tests.enclave.support import NOW_MS, Harness, config, vault
+from tests.state.support import MemoryLog
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.services.state import recovery
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
-from veil.services.state.store import LoadedLog, StateStore, StoredEntry
+from veil.services.state.store import StoredEntry
 
 
-@dataclass
-class MemoryStore:
-    rows: list[StoredEntry]
-
-    def entries(self, instance_id: str, *, after: int, through: int | None = None) -> list[StoredEntry]:
-        top = through if through is not None else 2**63
-        return [r for r in self.rows if r.instance_id == instance_id and after < r.sequence <= top]
+@pytest.fixture(autouse=True, params=[recovery.PART_ENTRIES, 2], ids=["one-part", "parts-of-2"])
+def parts(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every case here runs with the log sent in one Restore part and in parts of two entries."""
+    monkeypatch.setattr(recovery, "PART_ENTRIES", request.param)
 
 
 def _stored(entry: envelope_pb2.LogEntry) -> StoredEntry:
@@ -55,13 +51,11 @@ def _recover(harness: Harness, rows: list[StoredEntry], kv: int) -> str:
     # the keyvault's true hash at kv (the stored column may be the corrupted thing)
     if kv:
         head.hash = wire.entry_hash(envelope_pb2.LogEntry.FromString(rows[kv - 1].blob))
-    store = cast("StateStore", MemoryStore(rows))
-    loaded = LoadedLog(snapshot=None, entries=rows)
-    log = recovery.read_log("v", loaded)
     remote = RemoteHead(kv, head.hash, statement=fresh.statement("v", head))
     try:
-        recovery.check_freshness(log, remote, store)
-        recovery.restore(fresh.host, log, remote, store, now_ms=NOW_MS)
+        log = recovery.read_log("v", MemoryLog(rows).store())
+        recovery.check_freshness(log, remote)
+        recovery.restore(fresh.host, log, remote, now_ms=NOW_MS)
     except RecoveryRefused as exc:
         return f"refused: {exc.message}"
     return "served"
@@ -127,10 +121,10 @@ def test_missing_keys_are_every_version_of_a_sound_chain_and_none_of_a_broken_on
     def attempt(stored: list[StoredEntry]) -> object:
         boot = harness.restarted()
         boot.enclave._data_keys["v"].pop(2)  # the sealed cache lacked version 2 (after a rotation)
-        log = recovery.read_log("v", LoadedLog(snapshot=None, entries=stored))
+        log = recovery.read_log("v", MemoryLog(stored).store())
         remote = RemoteHead(kv.sequence, kv.hash, statement=boot.statement("v", kv))
         try:
-            recovery.restore(boot.host, log, remote, cast("StateStore", MemoryStore(stored)), now_ms=NOW_MS)
+            recovery.restore(boot.host, log, remote, now_ms=NOW_MS)
         except recovery.MissingKey as missing:
             return missing.versions
         except RecoveryRefused as refused:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -34,7 +35,14 @@ from veil.services.state.heads import Backoff
 from veil.services.state.host import StateHost
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from veil.services.state.runner import in_process_enclave
-from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
+from veil.services.state.store import (
+    IdempotencyRecord,
+    InstanceRecord,
+    StateStore,
+    StoredEntry,
+    StoredHead,
+    StoredSnapshot,
+)
 from veil.services.state.store_sqlite import SqliteStore
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
@@ -315,3 +323,27 @@ def make_entries(
         previous = wire.entry_hash(entry)
         entries.append(StoredEntry(instance_id, sequence, previous, entry.SerializeToString()))
     return entries
+
+
+@dataclass
+class MemoryLog:
+    """The read side of a StateStore over rows in memory (a log the tests may damage freely)."""
+
+    rows: list[StoredEntry]
+    stored_snapshot: StoredSnapshot | None = None
+
+    def snapshot(self, instance_id: str) -> StoredSnapshot | None:
+        return self.stored_snapshot
+
+    def entries(self, instance_id: str, *, after: int, through: int | None = None) -> list[StoredEntry]:
+        top = through if through is not None else 2**63
+        return [r for r in self.rows if r.instance_id == instance_id and after < r.sequence <= top]
+
+    def head(self, instance_id: str) -> StoredHead | None:
+        snapshot = self.stored_snapshot.sequence if self.stored_snapshot else 0
+        last = max([snapshot, *(r.sequence for r in self.rows if r.instance_id == instance_id)])
+        at = [r.entry_hash for r in self.rows if r.instance_id == instance_id and r.sequence == last]
+        return StoredHead(last, at[-1] if at else None)
+
+    def store(self) -> StateStore:
+        return cast("StateStore", self)

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from tests.state.support import make_entries
+from tests.state.support import MemoryLog, make_entries
 from veil.enclave import wire
 from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 from veil.services.state import recovery
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
-from veil.services.state.store import LoadedLog, StoredEntry
+from veil.services.state.store import StoredEntry
 
 INSTANCE = "tokens"
 
@@ -33,12 +33,23 @@ class _Enclave:
     def __init__(self, refusal: tuple[error_pb2.EcallErrorCode.ValueType, str] | None = None) -> None:
         self.refusal = refusal
         self.sent: list[Any] = []
+        self.parts: list[tuple[int, bool]] = []  # (entries, more) of each Restore call
         self.head_hash: bytes | None = None  # else the hash of the last entry sent
 
     def restore(
-        self, instance_id: str, entries: list[Any], snapshot: Any, **_: Any
+        self, instance_id: str, entries: list[Any], snapshot: Any, *, more: bool, **_: Any
     ) -> ecall_pb2.RestoreResponse:
-        self.sent = entries
+        self.sent, self.parts = list(entries), [(len(entries), more)]
+        return self._answer(self.sent)
+
+    def continue_restore(
+        self, instance_id: str, entries: list[Any], *, more: bool
+    ) -> ecall_pb2.RestoreResponse:
+        self.sent += entries
+        self.parts.append((len(entries), more))
+        return self._answer(self.sent)
+
+    def _answer(self, entries: list[Any]) -> ecall_pb2.RestoreResponse:
         if self.refusal is not None:
             code, message = self.refusal
             raise EnclaveCallError("Restore", error_pb2.EcallError(code=code, message=message))
@@ -48,9 +59,9 @@ class _Enclave:
 
 
 def _restore(enclave: _Enclave, stored: list[StoredEntry]) -> ecall_pb2.RestoreResponse:
-    log = recovery.read_log(INSTANCE, LoadedLog(snapshot=None, entries=stored))
+    log = recovery.read_log(INSTANCE, MemoryLog(stored).store())
     remote = RemoteHead(0, wire.ZERO_HASH, envelope_pb2.HeadStatement())
-    return recovery.restore(enclave, log, remote, store=None, now_ms=0)  # type: ignore[arg-type]
+    return recovery.restore(enclave, log, remote, now_ms=0)  # type: ignore[arg-type]
 
 
 def test_restore_gets_the_stored_bytes_unparsed() -> None:
@@ -60,10 +71,38 @@ def test_restore_gets_the_stored_bytes_unparsed() -> None:
     assert enclave.sent == [entry.blob for entry in stored]
 
 
-def test_a_gap_is_refused_before_the_enclave_sees_anything() -> None:
-    stored = _log([1, 1, 1])
+def test_a_gap_is_refused_before_the_enclave_sees_the_part_it_is_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    stored = _log([1] * 7)
+    enclave = _Enclave()
     with pytest.raises(RecoveryRefused, match="at sequence 2: log entry is missing"):
-        recovery.read_log(INSTANCE, LoadedLog(snapshot=None, entries=[stored[0], stored[2]]))
+        _restore(enclave, [stored[0], *stored[2:]])
+    assert enclave.sent == []
+    monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    for gone in (4, 5):  # both in the second part
+        with pytest.raises(RecoveryRefused, match=f"at sequence {gone + 1}: log entry is missing"):
+            _restore(enclave, stored[:gone] + stored[gone + 1 :])
+        assert enclave.sent == [e.blob for e in stored[:3]]
+
+
+@pytest.mark.parametrize(
+    ("entries", "part_bytes", "parts"),
+    [
+        (3, 2**20, [(3, False)]),  # one part, the last
+        (7, 2**20, [(3, True), (3, True), (1, False)]),
+        (6, 2**20, [(3, True), (3, False)]),
+        (3, 1, [(1, True), (1, True), (1, False)]),  # each entry over the byte bound: one a part
+    ],
+)
+def test_parts_are_bounded_in_entries_and_bytes(
+    monkeypatch: pytest.MonkeyPatch, entries: int, part_bytes: int, parts: list[tuple[int, bool]]
+) -> None:
+    monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    monkeypatch.setattr(recovery, "PART_BYTES", part_bytes)
+    stored = _log([1] * entries)
+    enclave = _Enclave()
+    assert _restore(enclave, stored).head.sequence == entries
+    assert enclave.sent == [e.blob for e in stored]
+    assert enclave.parts == [(n, more) for n, more in parts]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ Clients act as the gateway identity and send signed token transfers.
    command and commands per commit (from GetStatus counters).
 2. History: the 64-client load continues until the log holds `--entries` entries (no snapshots).
 3. Recovery, snapshots off: a new host over that database replays every entry;
-   replay rate = entries / (chain verification + Restore) time; also the whole start-up time.
+   replay rate = entries / the time from the first database read to the instance restored
+   (the keyvault's head, the reads, and Restore in parts); also the whole start-up time.
 4. Recovery, snapshots on (every 1000): the same database with a snapshot at its head and then
    999 more entries (the worst case a host that snapshots every 1000 entries replays).
 5. Memory (`veil.dev.state_memory`): a token instance with 10k, 100k and 1M accounts restored
