@@ -141,19 +141,16 @@ class Enclave:
         version = max(versions)
         return version, versions[version]
 
-    def _sizes(self) -> Iterator[tuple[str, int]]:
-        """(instance id, state bytes) of every instance held, one being restored included."""
-        yield from ((iid, instance.store.size) for iid, instance in self._instances.items())
-        if self._restoring is not None and self._restoring.instance is not None:
-            yield self._restoring.instance_id, self._restoring.instance.store.size
-
     def memory_used(self) -> int:
-        """Bytes of state held for all instances."""
-        return sum(size for _, size in self._sizes())
+        """Bytes of state held for all instances, one being restored included."""
+        used = sum(instance.store.size for instance in self._instances.values())
+        if self._restoring is not None and self._restoring.instance is not None:
+            used += self._restoring.instance.store.size
+        return used
 
-    def _limit_for(self, instance_id: str) -> int:
-        """The size `instance_id`'s state may reach within the budget."""
-        return self._budget - sum(size for iid, size in self._sizes() if iid != instance_id)
+    def _limit_for(self, instance: Instance | None) -> int:
+        """The size `instance`'s state may reach within the budget (None: one not held yet)."""
+        return self._budget - self.memory_used() + (instance.store.size if instance is not None else 0)
 
     def _link(self, instance: Instance, base: envelope_pb2.CommitHead) -> envelope_pb2.CommitLink:
         """A signed link from `base` to the instance's head, for the keyvault's compare and set."""
@@ -384,6 +381,8 @@ class Enclave:
             )
         if instance_id in self._instances:
             raise EnclaveError(ALREADY_EXISTS, "instance exists")
+        if self._restoring is not None and self._restoring.instance_id == instance_id:
+            raise EnclaveError(FAILED_PRECONDITION, "a restore of this instance is open")
         self._check_statement(instance_id, request.statement, request.host_time_unix_ms)
         if request.statement.head.sequence:
             # Creating it again here would fork the registered log (and its configuration).
@@ -409,7 +408,7 @@ class Enclave:
             raise EnclaveError(FAILED_PRECONDITION, "too many heads await keyvault confirmation")
         response = ecall_pb2.ExecuteBatchResponse()
         sequence, previous = instance.sequence, instance.head_hash
-        limit = self._limit_for(instance.instance_id)
+        limit = self._limit_for(instance)
         instance.store.begin()
         try:
             for sealed in request.commands:
@@ -573,6 +572,8 @@ class Enclave:
         """
         self._ready()
         opened, self._restoring = self._restoring, None  # a refused part leaves nothing open
+        if request.abandon:  # the host cannot send the rest: drop what the open restore holds
+            return ecall_pb2.RestoreResponse()
         instance_id = request.instance_id
         if request.continues:
             if opened is None or opened.instance_id != instance_id:
@@ -582,18 +583,20 @@ class Enclave:
             restore, entries = opened, _parse_entries(request.entries)
         else:
             restore, entries = self._open_restore(request)
-        limit = self._limit_for(instance_id)
+        limit = self._limit_for(None)  # whatever else is held (the restore is not, meanwhile)
         kv_head = restore.statement.head
         instance = restore.instance
         for entry in entries:
             instance = self._replay(instance_id, restore.chain, restore.ciphers, instance, entry, limit=limit)
             if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
                 raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
+        if instance is not None and instance.store.size > limit:  # a snapshot too, kept open or not
+            raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
         restore.instance = instance
         if request.more:
             self._restoring = restore
             return ecall_pb2.RestoreResponse(head=instance.head() if instance else None)
-        return self._finish_restore(restore, limit)
+        return self._finish_restore(restore)
 
     def _open_restore(
         self, request: ecall_pb2.RestoreRequest
@@ -614,18 +617,14 @@ class Enclave:
         restore = _OpenRestore(instance_id, request.statement, wire.EntryChain(instance_id), {}, instance)
         return restore, entries
 
-    def _finish_restore(self, restore: _OpenRestore, limit: int) -> ecall_pb2.RestoreResponse:
+    def _finish_restore(self, restore: _OpenRestore) -> ecall_pb2.RestoreResponse:
         """The checks at the end of a restore; the instance loads only if all of them pass."""
         instance_id, instance, statement = restore.instance_id, restore.instance, restore.statement
         kv_head = statement.head
         if instance is None:
             raise EnclaveError(INVALID_ARGUMENT, "nothing to restore: no snapshot and no genesis entry")
-        if instance_id in self._instances:  # created while the restore was open
-            raise _loaded_already()
         if instance.sequence < kv_head.sequence:
             raise _stale(f"the log ends at {instance.sequence}, before the keyvault head {kv_head.sequence}")
-        if instance.store.size > limit:
-            raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
         if kv_head.sequence and (
             instance.genesis_hash != statement.genesis_hash
             or wire.config_hash(instance.config_bytes) != statement.config_hash

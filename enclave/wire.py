@@ -363,10 +363,10 @@ class EntryChain:
 
     def hash(self, place: bytes, nonce: bytes, ciphertext: bytes) -> bytes:
         """The hash chaining a log entry to the next one (and naming the commit head)."""
-        if len(nonce) == 12:  # AES-GCM's, as every entry has: one pack instead of two encodings
+        if len(nonce) == 12 and len(ciphertext) < 2**32:  # every entry's: packed at once
             sizes = _AEAD_NONCED.pack(12, nonce, len(ciphertext))
         else:
-            sizes = _prefixed(nonce, 2) + _u(len(ciphertext), 4)
+            sizes = _prefixed(nonce, 2) + _u(len(ciphertext), 4)  # OverflowError if they do not fit
         digest = hashlib.sha256(self._hash_prefix + place + sizes)
         digest.update(ciphertext)  # hashed in place: the ciphertext is most of the entry
         return digest.digest()

@@ -568,6 +568,7 @@ class RestoreRequest(_message.Message):
     HOST_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     CONTINUES_FIELD_NUMBER: _builtins.int
+    ABANDON_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     host_time_unix_ms: _builtins.int
@@ -584,6 +585,10 @@ class RestoreRequest(_message.Message):
     `more`; it carries entries only (the snapshot and the statement come with the first part,
     and so do all the entries a snapshot bridge needs). One restore is open at a time: a first
     part drops any restore left open.
+    """
+    abandon: _builtins.bool
+    """abandon drops the open restore, if any, and does nothing else: the host could not send the
+    rest (say, its database failed between parts), and the instance half rebuilt holds memory.
     """
     @_builtins.property
     def snapshot(self) -> _envelope_pb2.EncryptedSnapshot:
@@ -615,10 +620,11 @@ class RestoreRequest(_message.Message):
         host_time_unix_ms: _builtins.int = ...,
         more: _builtins.bool = ...,
         continues: _builtins.bool = ...,
+        abandon: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["continues", b"continues", "entries", b"entries", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "more", b"more", "snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandon", b"abandon", "continues", b"continues", "entries", b"entries", "host_time_unix_ms", b"host_time_unix_ms", "instance_id", b"instance_id", "more", b"more", "snapshot", b"snapshot", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -287,6 +287,10 @@ class EnclaveHost:
         )
         return self.call("Restore", request, ecall_pb2.RestoreResponse)
 
+    def abandon_restore(self) -> None:
+        """Drop the restore left open by a part with `more` (the rest could not be read)."""
+        self.call("Restore", ecall_pb2.RestoreRequest(abandon=True), ecall_pb2.RestoreResponse)
+
     def continue_restore(
         self, instance_id: str, entries: Sequence[bytes | envelope_pb2.LogEntry], *, more: bool = False
     ) -> ecall_pb2.RestoreResponse:

@@ -34,6 +34,7 @@ Checks, in order; any failure refuses to serve with an error naming the instance
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,7 @@ from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
 from veil.services.state.store import StateStore, StoredEntry
 
+_log = logging.getLogger(__name__)
 _ENTRY_IN_MESSAGE = re.compile(r"log entry (\d+)")
 # A Restore part: the entries read from the database in one query, fewer when they are large.
 PART_ENTRIES = 4096
@@ -108,6 +110,13 @@ def _parse_entry(instance_id: str, stored: StoredEntry) -> envelope_pb2.LogEntry
     return entry
 
 
+def _entry_hash(instance_id: str, sequence: int, entry: envelope_pb2.LogEntry) -> bytes:
+    try:
+        return wire.entry_hash(entry)
+    except (ValueError, OverflowError):  # a previous hash, nonce or ciphertext the encoding refuses
+        raise RecoveryRefused(instance_id, sequence, "log entry is malformed") from None
+
+
 def _chain(
     instance_id: str, stored_entries: list[StoredEntry], sequence: int, head_hash: bytes
 ) -> tuple[list[envelope_pb2.LogEntry], int, bytes]:
@@ -123,10 +132,7 @@ def _chain(
                 stored.sequence,
                 f"log entry does not chain to entry {sequence} (broken chain: an entry was replaced)",
             )
-        try:
-            digest = wire.entry_hash(entry)
-        except (ValueError, OverflowError):  # a nonce or ciphertext too long for the encoding
-            raise RecoveryRefused(instance_id, stored.sequence, "log entry is malformed") from None
+        digest = _entry_hash(instance_id, stored.sequence, entry)
         if digest != stored.entry_hash:
             raise RecoveryRefused(
                 instance_id,
@@ -244,8 +250,7 @@ def _hash_at(log: StoredLog, sequence: int) -> bytes:
         raise RecoveryRefused(
             log.instance_id, sequence, "the entry at the keyvault's commit head is missing from the database"
         )
-    first = _parse_entry(log.instance_id, behind[0])
-    first_hash = wire.entry_hash(first)
+    first_hash = _entry_hash(log.instance_id, sequence, _parse_entry(log.instance_id, behind[0]))
     if first_hash != behind[0].entry_hash:
         raise RecoveryRefused(log.instance_id, sequence, "log entry was altered (its hash does not match)")
     _, end, end_hash = _chain(log.instance_id, behind[1:], sequence, first_hash)
@@ -307,25 +312,40 @@ def restore(
                     )
                 else:
                     restored = enclave.continue_restore(log.instance_id, blobs, more=not last)
-    except EnclaveCallError as exc:
-        said = f"{exc.code_name}: {exc.message}"
-        try:
-            versions = verify_chain(log)  # names the first bad entry, if any (no key worth releasing)
-        except RecoveryRefused as broken:
-            why = f"{broken.why}; the enclave: {said}"
-            raise RecoveryRefused(log.instance_id, broken.sequence, why) from None
-        if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
-            raise MissingKey(exc.message, versions) from None
-        if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
-            why = "the enclave memory budget is too small to restore it"
-            raise RecoveryRefused(log.instance_id, log.head_sequence, why) from None
-        match = _ENTRY_IN_MESSAGE.search(exc.message)
-        sequence = int(match.group(1)) if match else log.snapshot_sequence
-        why = f"the enclave refused the stored data ({said})"
-        raise RecoveryRefused(log.instance_id, sequence, why) from None
+    except EnclaveCallError as exc:  # the enclave ended the restore itself
+        raise _refusal(log, exc) from None
+    except BaseException:
+        if restored is not None:  # a part went in with `more`, and the rest will not come
+            _abandon(enclave, log.instance_id)
+        raise
     assert restored is not None  # _parts gives at least one part
     head = restored.head
     if (head.sequence, head.hash) != (log.head_sequence, log.head_hash):
         # The enclave now holds the instance; the host refuses to serve it (and says why).
         raise _refuse(log, head.sequence, "the enclave restored a different head than the stored chain")
     return restored
+
+
+def _abandon(enclave: EnclaveHost, instance_id: str) -> None:
+    """Drop the enclave's open restore, so the memory it holds is free for what the host serves."""
+    try:
+        enclave.abandon_restore()
+    except Exception as exc:  # the error being raised says more; a dead runner is found anyway
+        _log.warning("instance %r: abandoning its open restore failed: %s", instance_id, exc)
+
+
+def _refusal(log: StoredLog, exc: EnclaveCallError) -> Exception:
+    """What a Restore refusal means: the first bad entry, a key to release, or the enclave's words."""
+    said = f"{exc.code_name}: {exc.message}"
+    try:
+        versions = verify_chain(log)  # names the first bad entry, if any (no key worth releasing)
+    except RecoveryRefused as broken:
+        return RecoveryRefused(log.instance_id, broken.sequence, f"{broken.why}; the enclave: {said}")
+    if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
+        return MissingKey(exc.message, versions)
+    if exc.code == error_pb2.ECALL_ERROR_CODE_RESOURCE_EXHAUSTED:
+        why = "the enclave memory budget is too small to restore it"
+        return RecoveryRefused(log.instance_id, log.head_sequence, why)
+    match = _ENTRY_IN_MESSAGE.search(exc.message)
+    sequence = int(match.group(1)) if match else log.snapshot_sequence
+    return RecoveryRefused(log.instance_id, sequence, f"the enclave refused the stored data ({said})")

@@ -157,12 +157,25 @@ def test_the_snapshot_bridge_must_be_whole_in_the_first_part(old: Harness) -> No
     assert _in_parts(new, [log[5:9], []], behind, snapshot) == _head(log[-1])
 
 
-def test_a_restore_never_replaces_an_instance_created_while_it_was_open(harness: Harness) -> None:
-    """The keyvault never registered "n" (K = 0), so a create may succeed while its restore is open."""
+def test_an_instance_being_restored_cannot_be_created_meanwhile(harness: Harness) -> None:
+    """The keyvault never registered "n" (K = 0), so a create would pass its statement check."""
     harness.create("n", config())
     genesis = harness.log["n"]
     new = harness.restarted()
     never = envelope_pb2.CommitHead()  # the statement of a keyvault that never saw "n"
     new.host.restore("n", genesis, statement=new.statement("n", never), host_time_unix_ms=NOW_MS, more=True)
-    new.host.create_instance("n", config(), new.statement("n", never), NOW_MS)
-    assert "ALREADY_EXISTS: instance is loaded" in _code(lambda: new.host.continue_restore("n", []))
+    said = _code(lambda: new.host.create_instance("n", config(), new.statement("n", never), NOW_MS))
+    assert "FAILED_PRECONDITION: a restore of this instance is open" in said
+    assert new.host.continue_restore("n", []).head.sequence == 1
+
+
+def test_abandon_drops_the_open_restore_and_the_memory_it_held(old: Harness) -> None:
+    log = old.log["v"]
+    new = old.restarted()
+    new.host.restore("v", log[:5], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
+    assert new.host.get_status().memory_used_bytes > 0
+    new.host.abandon_restore()
+    assert new.host.get_status().memory_used_bytes == 0
+    assert "no restore of this instance is open" in _code(lambda: new.host.continue_restore("v", log[5:]))
+    new.host.abandon_restore()  # nothing open: nothing to do
+    assert new.restore("v", log).sequence == ENTRIES
