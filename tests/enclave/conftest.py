@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.enclave.support import Harness
+from tests.enclave.support import Harness, config, vault
 from veil.enclave.measurement import measure_source_tree
 from veil.enclave.providers.sealing import SimSealingProvider
 from veil.enclave.providers.sim_quote import SimQuoteProvider
 from veil.enclave.runner import PCK_FILES, PCK_KEY_FILE
 from veil.enclave.runtime import Enclave
+from veil.enclave.v1 import apps_pb2
 
 MakeEnclave = Callable[..., Enclave]
 
@@ -57,4 +58,15 @@ def harness(make_enclave: MakeEnclave) -> Harness:
     """An initialized enclave behind the in-process host client."""
     harness = Harness.start(make_enclave())
     harness.factory = make_enclave
+    return harness
+
+
+@pytest.fixture
+def logged(harness: Harness) -> Harness:
+    """An enclave with a 9-entry log of "v" (its genesis, then 8 puts of 40 bytes), all of it
+    confirmed by the test keyvault: what the restore-in-parts tests cut into parts."""
+    harness.create("v", config())
+    alice = harness.client("v")
+    for i in range(8):
+        harness.call(alice, vault(put=apps_pb2.VaultPut(record_id=f"r{i}", data=bytes([i]) * 40)))
     return harness

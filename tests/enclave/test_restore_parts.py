@@ -21,16 +21,6 @@ from veil.services.state.enclave_host import EnclaveCallError
 ENTRIES = 9
 
 
-@pytest.fixture
-def old(harness: Harness) -> Harness:
-    """An enclave with a 9-entry log of "v", all of it confirmed by the test keyvault."""
-    harness.create("v", config())
-    alice = harness.client("v")
-    for i in range(ENTRIES - 1):
-        harness.call(alice, vault(put=apps_pb2.VaultPut(record_id=f"r{i}", data=bytes([i]) * 40)))
-    return harness
-
-
 def _head(entry: envelope_pb2.LogEntry) -> envelope_pb2.CommitHead:
     return envelope_pb2.CommitHead(sequence=entry.sequence, hash=wire.entry_hash(entry))
 
@@ -58,21 +48,21 @@ def _code(call: object) -> str:
 
 
 @pytest.mark.parametrize("cuts", [(1,), (4,), (1, 2, 8), (0, 5, 5, 9)], ids=str)
-def test_parts_restore_exactly_what_one_restore_does(old: Harness, cuts: tuple[int, ...]) -> None:
-    log = old.log["v"]
-    whole = old.restarted()
+def test_parts_restore_exactly_what_one_restore_does(logged: Harness, cuts: tuple[int, ...]) -> None:
+    log = logged.log["v"]
+    whole = logged.restarted()
     whole.restore("v", log)
     bounds = [0, *cuts, ENTRIES]
     parts = [log[a:b] for a, b in itertools.pairwise(bounds)]  # empty parts included
-    new = old.restarted()
+    new = logged.restarted()
     assert _in_parts(new, parts) == _head(log[-1])
     assert new.enclave.state_digest() == whole.enclave.state_digest()
     assert [i.head for i in new.host.get_status().instances] == [_head(log[-1])]
 
 
-def test_until_the_last_part_the_instance_is_out_of_reach(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_until_the_last_part_the_instance_is_out_of_reach(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     new.host.restore("v", log[:4], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
     assert not new.host.get_status().instances
     assert new.host.get_status().memory_used_bytes > 0  # the budget counts it all the same
@@ -83,9 +73,9 @@ def test_until_the_last_part_the_instance_is_out_of_reach(old: Harness) -> None:
     assert [i.instance_id for i in new.host.get_status().instances] == ["v"]
 
 
-def test_a_continuation_needs_the_open_restore_of_its_instance(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_a_continuation_needs_the_open_restore_of_its_instance(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     before = new.enclave.state_digest()
     assert "no restore of this instance is open" in _code(lambda: new.host.continue_restore("v", log))
     new.host.restore("v", log[:3], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
@@ -95,10 +85,10 @@ def test_a_continuation_needs_the_open_restore_of_its_instance(old: Harness) -> 
     assert new.enclave.state_digest() == before
 
 
-def test_a_later_part_carries_entries_only(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
-    snapshot = old.host.snapshot("v")
+def test_a_later_part_carries_entries_only(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
+    snapshot = logged.host.snapshot("v")
     for extra in ({"statement": new.statement("v")}, {"snapshot": snapshot}):
         new.host.restore("v", log[:3], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
         request = ecall_pb2.RestoreRequest(
@@ -110,9 +100,9 @@ def test_a_later_part_carries_entries_only(old: Harness) -> None:
     assert not new.host.get_status().instances
 
 
-def test_a_refused_part_ends_the_restore_and_changes_nothing(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_a_refused_part_ends_the_restore_and_changes_nothing(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     before = new.enclave.state_digest()
     tampered = envelope_pb2.LogEntry()
     tampered.CopyFrom(log[5])
@@ -127,17 +117,17 @@ def test_a_refused_part_ends_the_restore_and_changes_nothing(old: Harness) -> No
     assert new.restore("v", log).sequence == ENTRIES  # a new restore, with a new challenge, works
 
 
-def test_a_first_part_drops_a_restore_left_open(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_a_first_part_drops_a_restore_left_open(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     new.host.restore("v", log[:6], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
     assert _in_parts(new, [log[:2], log[2:]]) == _head(log[-1])
     assert "no restore of this instance is open" in _code(lambda: new.host.continue_restore("v", log[6:]))
 
 
-def test_the_checks_at_the_end_hold_across_parts(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_the_checks_at_the_end_hold_across_parts(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     before = new.enclave.state_digest()
     # The keyvault head (9) is not in the log the parts end with.
     assert "before the keyvault head 9" in _code(lambda: _in_parts(new, [log[:3], log[3:6]]))
@@ -147,11 +137,11 @@ def test_the_checks_at_the_end_hold_across_parts(old: Harness) -> None:
     assert new.enclave.state_digest() == before
 
 
-def test_the_snapshot_bridge_must_be_whole_in_the_first_part(old: Harness) -> None:
-    log = old.log["v"]
-    snapshot = old.host.snapshot("v")  # at 9
+def test_the_snapshot_bridge_must_be_whole_in_the_first_part(logged: Harness) -> None:
+    log = logged.log["v"]
+    snapshot = logged.host.snapshot("v")  # at 9
     behind = _head(log[5])  # the keyvault head at 6: entries 6..9 bridge to the snapshot
-    new = old.restarted()
+    new = logged.restarted()
     said = _code(lambda: _in_parts(new, [log[5:7], log[7:9]], behind, snapshot))
     assert "does not chain to the keyvault head" in said
     assert _in_parts(new, [log[5:9], []], behind, snapshot) == _head(log[-1])
@@ -169,9 +159,9 @@ def test_an_instance_being_restored_cannot_be_created_meanwhile(harness: Harness
     assert new.host.continue_restore("n", []).head.sequence == 1
 
 
-def test_abandon_drops_the_open_restore_and_the_memory_it_held(old: Harness) -> None:
-    log = old.log["v"]
-    new = old.restarted()
+def test_abandon_drops_the_open_restore_and_the_memory_it_held(logged: Harness) -> None:
+    log = logged.log["v"]
+    new = logged.restarted()
     new.host.restore("v", log[:5], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
     assert new.host.get_status().memory_used_bytes > 0
     new.host.abandon_restore()

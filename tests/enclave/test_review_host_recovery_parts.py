@@ -57,19 +57,10 @@ def _recover(fresh: Harness, store: MemoryLog, instance_id: str = "v") -> str:
     return f"served at {restored.head.sequence}"
 
 
-@pytest.fixture
-def old(harness: Harness) -> Harness:
-    harness.create("v", config())
-    alice = harness.client("v")
-    for i in range(ENTRIES - 1):
-        harness.call(alice, _put(f"r{i}", 40))
-    return harness
-
-
-def _fork(old: Harness, account: str) -> list[envelope_pb2.LogEntry]:
+def _fork(logged: Harness, account: str) -> list[envelope_pb2.LogEntry]:
     """Entries 10, 11 of "v" by another boot from the keyvault head 9, never registered."""
-    boot = old.restarted()
-    boot.restore("v", old.log["v"])
+    boot = logged.restarted()
+    boot.restore("v", logged.log["v"])
     client = boot.client("v", account=account)
     entries: list[envelope_pb2.LogEntry] = []
     for i in range(2):
@@ -80,15 +71,15 @@ def _fork(old: Harness, account: str) -> list[envelope_pb2.LogEntry]:
 
 
 def test_pages_read_from_two_forks_are_refused_and_load_nothing(
-    old: Harness, monkeypatch: pytest.MonkeyPatch
+    logged: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held: the rows move from fork x to fork y between the paged reads (the head row read
     first is y's): the host's shape checks pass, the enclave refuses the mix, nothing loads."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [_stored(e) for e in old.log["v"]]
-    x, y = [_stored(e) for e in _fork(old, "bob")], [_stored(e) for e in _fork(old, "carol")]
+    log = [_stored(e) for e in logged.log["v"]]
+    x, y = [_stored(e) for e in _fork(logged, "bob")], [_stored(e) for e in _fork(logged, "carol")]
     fork_x, fork_y = log + x, log + y
-    fresh = old.restarted()
+    fresh = logged.restarted()
     # head() reads `rows` (y); the freshness read of 9 and the pages 1..2 .. 9..10 come from x
     # (six reads), the page 11 from y: each part has its shape, the last ends at the head row.
     store = _Changing(fork_y, pages=[fork_x] * 6)
@@ -100,12 +91,12 @@ def test_pages_read_from_two_forks_are_refused_and_load_nothing(
     assert status.memory_used_bytes == 0
 
 
-def test_the_same_database_read_consistently_serves(old: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_same_database_read_consistently_serves(logged: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for the test above: fork y alone restores (as a head still to be confirmed)."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [_stored(e) for e in old.log["v"]]
-    y = [_stored(e) for e in _fork(old, "carol")]
-    assert _recover(old.restarted(), MemoryLog(log + y)) == f"served at {ENTRIES + 2}"
+    log = [_stored(e) for e in logged.log["v"]]
+    y = [_stored(e) for e in _fork(logged, "carol")]
+    assert _recover(logged.restarted(), MemoryLog(log + y)) == f"served at {ENTRIES + 2}"
 
 
 def test_a_host_side_refusal_between_parts_leaves_no_restore_open_in_the_enclave(

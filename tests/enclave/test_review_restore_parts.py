@@ -52,11 +52,11 @@ def _observed(harness: Harness) -> tuple[bytes, bytes]:
     return harness.enclave.state_digest(), status
 
 
-def _boot(old: Harness, make_enclave: MakeEnclave, budget: int) -> Harness:
-    """The next boot of `old`'s host with another memory budget (same keyvault, log and keys)."""
+def _boot(logged: Harness, make_enclave: MakeEnclave, budget: int) -> Harness:
+    """The next boot of `logged`'s host with another memory budget (same keyvault, log and keys)."""
     new = Harness.start(make_enclave(), memory_budget_bytes=budget)
-    new.factory, new.keyvault, new.log = old.factory, old.keyvault, old.log
-    for (instance_id, version), key in old.data_keys.items():
+    new.factory, new.keyvault, new.log = logged.factory, logged.keyvault, logged.log
+    for (instance_id, version), key in logged.data_keys.items():
         new.provision(instance_id, version, key)
     return new
 
@@ -73,26 +73,16 @@ def _open(new: Harness, instance_id: str, entries: list[envelope_pb2.LogEntry], 
     )
 
 
-@pytest.fixture
-def old(harness: Harness) -> Harness:
-    """A boot with a 9-entry log of "v", all of it confirmed by the test keyvault."""
-    harness.create("v", config())
-    alice = harness.client("v")
-    for i in range(ENTRIES - 1):
-        harness.call(alice, _put(f"r{i}", 40))
-    return harness
-
-
 # --- the instance being restored is out of reach ------------------------------------------------
 
 
-def test_every_call_on_an_instance_being_restored_is_refused_and_changes_nothing(old: Harness) -> None:
+def test_every_call_on_an_instance_being_restored_is_refused_and_changes_nothing(logged: Harness) -> None:
     """Held: Execute, Query, Snapshot, read challenge, both ConfirmHead forms and CreateInstance
     of the id being restored are refused, change nothing, and do not disturb the open restore."""
-    log = old.log["v"]
-    whole = old.restarted()
+    log = logged.log["v"]
+    whole = logged.restarted()
     whole.restore("v", log)
-    new = old.restarted()
+    new = logged.restarted()
     _open(new, "v", log[:4])
     before = _observed(new)
     bob = new.client("v", account="bob")
@@ -124,10 +114,10 @@ def test_every_call_on_an_instance_being_restored_is_refused_and_changes_nothing
     assert new.enclave.state_digest() == whole.enclave.state_digest()
 
 
-def test_calls_on_other_ids_and_key_calls_do_not_disturb_an_open_restore(old: Harness) -> None:
+def test_calls_on_other_ids_and_key_calls_do_not_disturb_an_open_restore(logged: Harness) -> None:
     """Held: IssueChallenge for the id (a new statement), ProvisionKey, Seal/Unseal in between."""
-    log = old.log["v"]
-    new = old.restarted()
+    log = logged.log["v"]
+    new = logged.restarted()
     _open(new, "v", log[:3])
     new.host.issue_challenge("v")  # a challenge for a later restore; the open one has its statement
     new.provision("x")
@@ -137,11 +127,11 @@ def test_calls_on_other_ids_and_key_calls_do_not_disturb_an_open_restore(old: Ha
     assert [i.instance_id for i in new.host.get_status().instances] == ["v"]
 
 
-def test_a_statement_serves_one_restore_only(old: Harness) -> None:
+def test_a_statement_serves_one_restore_only(logged: Harness) -> None:
     """Held: the first part's statement cannot open a second restore, before or after the first
     one ends; the refusal drops the open restore (as documented) and loads nothing."""
-    log = old.log["v"]
-    new = old.restarted()
+    log = logged.log["v"]
+    new = logged.restarted()
     statement = new.statement("v")
     new.host.restore("v", log[:3], statement=statement, host_time_unix_ms=NOW_MS, more=True)
     replay = lambda: new.host.restore("v", log, statement=statement, host_time_unix_ms=NOW_MS)  # noqa: E731
@@ -165,11 +155,11 @@ def test_a_statement_serves_one_restore_only(old: Harness) -> None:
 # --- forks and the keyvault head ----------------------------------------------------------------
 
 
-def _fork(old: Harness, account: str) -> list[envelope_pb2.LogEntry]:
+def _fork(logged: Harness, account: str) -> list[envelope_pb2.LogEntry]:
     """Entries 10 and 11 of "v" written by another boot from the keyvault head 9, never
     registered (the host keeps them; the keyvault stays at 9)."""
-    boot = old.restarted()
-    boot.restore("v", old.log["v"])
+    boot = logged.restarted()
+    boot.restore("v", logged.log["v"])
     client = boot.client("v", account=account)
     entries: list[envelope_pb2.LogEntry] = []
     for i in range(2):
@@ -179,11 +169,11 @@ def _fork(old: Harness, account: str) -> list[envelope_pb2.LogEntry]:
     return entries
 
 
-def test_two_forks_never_mix_across_parts(old: Harness) -> None:
+def test_two_forks_never_mix_across_parts(logged: Harness) -> None:
     """Held: a part of one fork after a part of another is refused at the first entry that does
     not chain, wherever the parts are cut; nothing loads."""
-    log, x, y = old.log["v"], _fork(old, "bob"), _fork(old, "carol")
-    new = old.restarted()
+    log, x, y = logged.log["v"], _fork(logged, "bob"), _fork(logged, "carol")
+    new = logged.restarted()
     before = _observed(new)
     for first, later in [
         (log + x[:1], y[1:]),  # fork x's 10, fork y's 11
@@ -204,12 +194,12 @@ def test_two_forks_never_mix_across_parts(old: Harness) -> None:
     assert restored.link.base.sequence == ENTRIES
 
 
-def test_a_fork_before_the_keyvault_head_is_refused_in_any_part(old: Harness) -> None:
+def test_a_fork_before_the_keyvault_head_is_refused_in_any_part(logged: Harness) -> None:
     """Held: the keyvault holds fork y's 11; fork x's 11 is refused wherever it is sent."""
-    log, x, y = old.log["v"], _fork(old, "bob"), _fork(old, "carol")
-    view = old.keyvault["v"]
+    log, x, y = logged.log["v"], _fork(logged, "bob"), _fork(logged, "carol")
+    view = logged.keyvault["v"]
     view.head = envelope_pb2.CommitHead(sequence=ENTRIES + 2, hash=wire.entry_hash(y[1]))
-    new = old.restarted()
+    new = logged.restarted()
     before = _observed(new)
     whole = log + x
 
@@ -307,13 +297,13 @@ def test_a_snapshot_beyond_the_budget_is_not_held_by_an_open_restore(
 # --- hostile bytes in later parts and the snapshot bridge -----------------------------------------
 
 
-def test_the_bridge_cut_anywhere_is_refused_and_whole_restores(old: Harness) -> None:
+def test_the_bridge_cut_anywhere_is_refused_and_whole_restores(logged: Harness) -> None:
     """Held: with the keyvault head K = 4 behind a snapshot at 9, entries 4..9 must all be in the
     first part; every other cut is refused and changes nothing."""
-    log = old.log["v"]
-    snapshot = old.host.snapshot("v")
+    log = logged.log["v"]
+    snapshot = logged.host.snapshot("v")
     behind = envelope_pb2.CommitHead(sequence=4, hash=wire.entry_hash(log[3]))
-    new = old.restarted()
+    new = logged.restarted()
     before = _observed(new)
     bridge = log[3:9]
 
@@ -339,15 +329,15 @@ def test_the_bridge_cut_anywhere_is_refused_and_whole_restores(old: Harness) -> 
     assert _observed(new) == before
 
 
-def test_mutated_later_parts_are_refused_cleanly(old: Harness) -> None:
+def test_mutated_later_parts_are_refused_cleanly(logged: Harness) -> None:
     """Held: random mutations of entries in a continuation are refused (never INTERNAL), change
     nothing, or restore exactly the honest state (a mutation the parser undoes)."""
-    log = old.log["v"]
-    honest = old.restarted()
+    log = logged.log["v"]
+    honest = logged.restarted()
     honest.restore("v", log)
     blobs = [e.SerializeToString() for e in log]
     rng = random.Random(20261204)
-    new = old.restarted()
+    new = logged.restarted()
     for _ in range(60):
         position = rng.randrange(3, len(blobs))
         damaged = list(blobs)
@@ -361,7 +351,7 @@ def test_mutated_later_parts_are_refused_cleanly(old: Harness) -> None:
             assert _observed(new) == before
             continue
         assert new.enclave.state_digest() == honest.enclave.state_digest()
-        new = old.restarted()
+        new = logged.restarted()
 
 
 # --- the struct encodings --------------------------------------------------------------------------
