@@ -190,8 +190,9 @@ def _batching(
                 "clients": level,
                 "commands": commands,
                 "commands_per_second": round(commands / elapsed, 1),
-                "ecalls_per_command": round(ecalls / commands, 4),
-                "commands_per_commit": round(commands / commits, 2),
+                # None where nothing was done to divide by (a window too short to finish a command)
+                "ecalls_per_command": round(ecalls / commands, 4) if commands else None,
+                "commands_per_commit": round(commands / commits, 2) if commits else None,
                 "p50_ms": round(1000 * _percentile(latencies, 0.5), 2),
                 "p99_ms": round(1000 * _percentile(latencies, 0.99), 2),
             }
