@@ -139,6 +139,8 @@ def test_load_returns_the_latest_snapshot_and_the_entries_after_it(store: StateS
     loaded = store.load("a")
     assert loaded.snapshot == StoredSnapshot("a", 7, b"snap-7")
     assert [e.sequence for e in loaded.entries] == [8, 9, 10]
+    assert store.snapshot("a") == loaded.snapshot  # what recovery reads before the entries
+    assert store.snapshot("b") is None
 
 
 def test_a_snapshot_past_the_head_is_refused(store: StateStore) -> None:
