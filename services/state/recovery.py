@@ -5,7 +5,9 @@ Checks, in order; any failure refuses to serve with an error naming the instance
 1. **Shape** (host side): the snapshot names its own position; the entries after it are read a
    part at a time (PART_ENTRIES, at most PART_BYTES) as Restore takes them, and each part is
    checked before it is sent: no gap, the first continues the snapshot (or is the genesis
-   entry), the last ends at the stored head (its sequence and hash, read first).
+   entry), the last ends at the stored head (its sequence and hash, read first). A gap that a
+   newer snapshot explains (an owner that lost the instance compacted behind it between the
+   reads) is LogMoved: start-up reads the log again, from that snapshot.
 2. **Freshness** against the keyvault's commit head K (the database head is D):
    * D < K: the database is older than the committed log (a rollback): refused;
    * D = K: the hashes must be equal (else a fork): refused otherwise;
@@ -92,6 +94,11 @@ class StoredLog:
     def entries(self) -> list[StoredEntry]:
         """Every stored entry after the snapshot, up to the head (for the diagnosis)."""
         return self.store.entries(self.instance_id, after=self.snapshot_sequence, through=self.head_sequence)
+
+
+class LogMoved(RecoveryRefused):
+    """The stored log changed under recovery's reads (a snapshot taken, the entries behind it
+    compacted, by an owner that lost the instance): read it again."""
 
 
 def _gap(instance_id: str, sequence: int) -> RecoveryRefused:
@@ -189,15 +196,24 @@ def _parts(log: StoredLog) -> Generator[tuple[list[StoredEntry], bool]]:
                 page = reader.submit(read, end)  # read while this part replays
             for stored in entries:
                 if stored.sequence != sequence + 1:
-                    raise _gap(log.instance_id, sequence + 1)
+                    raise _missing(log, sequence + 1)
                 sequence = stored.sequence
             if sequence != end:
-                raise _gap(log.instance_id, sequence + 1)
+                raise _missing(log, sequence + 1)
             if sequence == last and entries and entries[-1].entry_hash != log.head_hash:
                 raise _refuse(log, sequence, "the stored head moved while recovery read it")
             yield from _by_size(entries, final=end == last)
             if end == last:
                 return
+
+
+def _missing(log: StoredLog, sequence: int) -> RecoveryRefused:
+    """A gap in the entries read: the log moved if a newer snapshot was stored meanwhile."""
+    stored = log.store.snapshot(log.instance_id)
+    if stored is not None and stored.sequence > log.snapshot_sequence:
+        why = f"the log moved while recovery read it (a snapshot at {stored.sequence} was stored)"
+        return LogMoved(log.instance_id, sequence, why)
+    return _gap(log.instance_id, sequence)
 
 
 def _by_size(entries: list[StoredEntry], *, final: bool) -> Iterator[tuple[list[StoredEntry], bool]]:

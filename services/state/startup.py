@@ -374,7 +374,7 @@ class Startup:
         started = time.monotonic()
         log = recovery.read_log(iid, self.parts.store)
         released = False
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             remote = retrying(
                 lifecycle.RECOVERING,
                 f"reading the commit head of {iid!r}",
@@ -387,8 +387,12 @@ class Startup:
             try:
                 restored = recovery.restore(runtime.enclave, log, remote, now_ms=int(time.time() * 1000))
                 break
+            except recovery.LogMoved:
+                if attempt == 3:
+                    raise
+                log = recovery.read_log(iid, self.parts.store)  # from the newer snapshot
             except recovery.MissingKey as missing:
-                if attempt == 2:
+                if attempt == 3 or released:
                     raise
                 # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
                 retrying(

@@ -18,7 +18,7 @@ from veil.services.state import recovery
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
-from veil.services.state.store import StoredEntry
+from veil.services.state.store import StoredEntry, StoredSnapshot
 
 INSTANCE = "tokens"
 
@@ -82,6 +82,28 @@ def test_a_gap_is_refused_before_the_enclave_sees_the_part_it_is_in(monkeypatch:
         with pytest.raises(RecoveryRefused, match=f"at sequence {gone + 1}: log entry is missing"):
             _restore(enclave, stored[:gone] + stored[gone + 1 :])
         assert enclave.sent == [e.blob for e in stored[:3]]
+
+
+def test_a_log_compacted_behind_a_new_snapshot_while_it_is_read_is_to_be_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An owner that lost the instance (and does not know yet) snapshots and compacts between two
+    of recovery's reads: LogMoved (start-up reads the log again from the newer snapshot), not a gap."""
+    monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    memory = MemoryLog(_log([1] * 7))
+    read = memory.entries
+
+    def entries(instance_id: str, *, after: int, through: int | None = None) -> list[StoredEntry]:
+        if after == 3:  # the second part's read
+            memory.stored_snapshot = StoredSnapshot(INSTANCE, 5, b"a snapshot at 5")
+            memory.rows = [row for row in memory.rows if row.sequence > 5]
+        return read(instance_id, after=after, through=through)
+
+    memory.entries = entries  # type: ignore[method-assign]
+    log = recovery.read_log(INSTANCE, memory.store())
+    remote = RemoteHead(0, wire.ZERO_HASH, envelope_pb2.HeadStatement())
+    with pytest.raises(recovery.LogMoved, match=r"at sequence 4: the log moved .*snapshot at 5"):
+        recovery.restore(_Enclave(), log, remote, now_ms=0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
