@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.state import support
-from tests.state.conftest import POSTGRES_URL
+from tests.state.conftest import POSTGRES_URL, StoreFactory
 from tests.state.support import (
     READY,
     Node,
@@ -26,9 +26,10 @@ from tests.state.support import (
 from veil.dev.loadclient import Account, balance, mint, total_supply, transfer
 from veil.enclave.v1 import apps_pb2
 from veil.services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from veil.services.state import lifecycle
+from veil.services.state import lifecycle, recovery
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
+from veil.services.state.runner import spawn_enclave
 from veil.services.state.store_postgres import PostgresStore
 from veil.services.state.store_sqlite import SqliteStore
 from veil.state.v1 import state_pb2
@@ -324,6 +325,24 @@ def test_a_restart_recovers_from_postgresql(node: Node) -> None:
         stores[1].drop_schema()
         for store in stores:
             store.close()
+
+
+def test_a_log_is_restored_in_parts_through_the_runner_process(
+    node: Node, open_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts of three entries through the real pipe to a runner process, on SQLite and PostgreSQL:
+    the restart serves exactly what was acknowledged, and the log goes on from there."""
+    monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    first = node.serving(store=open_store(), enclave_factory=spawn_enclave)
+    setup = token_instance(first)
+    head = traffic(first, setup, transfers=9)  # alice sends 5, bob 4
+    first.stop()
+    second = node.serving(store=open_store(), enclave_factory=spawn_enclave)
+    assert second.list_instances()[0].head.sequence == head
+    assert second.metrics.snapshot()["recovered_entries"] == head
+    assert amount(second, setup.accounts[0], balance()) == 999
+    assert amount(second, setup.accounts[0], total_supply()) == 1000
+    assert traffic(second, setup, transfers=1) == head + 2
 
 
 def test_a_bounded_head_lag_stops_acknowledging_until_the_keyvault_is_back(node: Node) -> None:
