@@ -580,23 +580,23 @@ class Enclave:
                 raise EnclaveError(FAILED_PRECONDITION, "no restore of this instance is open to continue")
             if request.HasField("snapshot") or request.HasField("statement"):
                 raise EnclaveError(INVALID_ARGUMENT, "a restore's later parts carry entries only")
-            restore, entries = opened, _parse_entries(request.entries)
+            rebuild, entries = opened, _parse_entries(request.entries)
         else:
-            restore, entries = self._open_restore(request)
+            rebuild, entries = self._open_restore(request)
         limit = self._limit_for(None)  # whatever else is held (the restore is not, meanwhile)
-        kv_head = restore.statement.head
-        instance = restore.instance
+        kv_head = rebuild.statement.head
+        instance = rebuild.instance
         for entry in entries:
-            instance = self._replay(instance_id, restore.chain, restore.ciphers, instance, entry, limit=limit)
+            instance = self._replay(instance_id, rebuild.chain, rebuild.ciphers, instance, entry, limit=limit)
             if instance.sequence == kv_head.sequence and instance.head_hash != kv_head.hash:
                 raise _stale(f"log entry {entry.sequence} differs from the keyvault head (a fork)")
         if instance is not None and instance.store.size > limit:  # a snapshot too, kept open or not
             raise EnclaveError(RESOURCE_EXHAUSTED, "enclave memory budget exhausted")
-        restore.instance = instance
+        rebuild.instance = instance
         if request.more:
-            self._restoring = restore
+            self._restoring = rebuild
             return ecall_pb2.RestoreResponse(head=instance.head() if instance else None)
-        return self._finish_restore(restore)
+        return self._finish_restore(rebuild)
 
     def _open_restore(
         self, request: ecall_pb2.RestoreRequest
@@ -614,12 +614,12 @@ class Enclave:
             instance = self._load_snapshot(request.snapshot)
             entries = self._bridge(instance, request.statement.head, entries)
         # The instance's encodings and each key's cipher are set up once per restore.
-        restore = _OpenRestore(instance_id, request.statement, wire.EntryChain(instance_id), {}, instance)
-        return restore, entries
+        rebuild = _OpenRestore(instance_id, request.statement, wire.EntryChain(instance_id), {}, instance)
+        return rebuild, entries
 
-    def _finish_restore(self, restore: _OpenRestore) -> ecall_pb2.RestoreResponse:
+    def _finish_restore(self, rebuild: _OpenRestore) -> ecall_pb2.RestoreResponse:
         """The checks at the end of a restore; the instance loads only if all of them pass."""
-        instance_id, instance, statement = restore.instance_id, restore.instance, restore.statement
+        instance_id, instance, statement = rebuild.instance_id, rebuild.instance, rebuild.statement
         kv_head = statement.head
         if instance is None:
             raise EnclaveError(INVALID_ARGUMENT, "nothing to restore: no snapshot and no genesis entry")

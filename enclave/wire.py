@@ -336,7 +336,7 @@ def verify_instance_descriptor(
 
 
 _PLACE = struct.Struct(">QI")  # sequence, key version: restore encodes them for every entry
-_AEAD_NONCED = struct.Struct(">H12sI")  # a 12-byte nonce (every entry's) with its length, then a length
+_AEAD_NONCED = struct.Struct(">H12sI")  # nonce length, AES-GCM's 12-byte nonce, ciphertext length
 
 
 def entry_place(sequence: int, key_version: int, previous_hash: bytes) -> bytes:
