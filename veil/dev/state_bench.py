@@ -1,7 +1,8 @@
 """State-service benchmark (by hand or `make bench-state`; not a timed test). Prints one JSON object.
 
 Everything is real and local: a dev PKI, the keyvault and the state server in this process
-over mTLS gRPC, the enclave runner as its own process (pipe), SQLite under a temp dir.
+over mTLS gRPC, the enclave runner as its own process (pipe), SQLite under a temp dir (or, with
+`--db URL`, PostgreSQL in a schema of the run's own, dropped after it).
 Clients act as the gateway identity and send signed token transfers.
 
 1. Batching: for 1, 16 and 64 concurrent clients (closed loop), commands/s, latency, ECALLs per
@@ -16,7 +17,7 @@ Clients act as the gateway identity and send signed token transfers.
    from a snapshot by a fresh enclave runner: the bytes the enclave accounts against its
    memory budget (GetStatus) and the runner's resident memory (VmRSS), per account.
 
-    python -m veil.dev.state_bench [--entries 100000] [--seconds 5] [--clients 1,16,64]
+    python -m veil.dev.state_bench [--entries 100000] [--seconds 5] [--clients 1,16,64] [--db URL]
         [--accounts 10000,100000,1000000] [--memory-mb 96] [--memory-only]
 """
 
@@ -26,6 +27,7 @@ import argparse
 import datetime as dt
 import json
 import multiprocessing
+import secrets
 import sys
 import tempfile
 import threading
@@ -46,6 +48,8 @@ from veil.dev.state_memory import DEFAULT_LEVELS
 from veil.dev.state_memory import measure as measure_memory
 from veil.services.common.channels import secure_channel
 from veil.services.common.config import (
+    ENV_STATE_DB,
+    ENV_STATE_DB_SCHEMA,
     ENV_STATE_ENCLAVE_MODE,
     ENV_STATE_KEYVAULT_ADDR,
     ENV_STATE_SNAPSHOT_EVERY,
@@ -60,7 +64,8 @@ from veil.services.state.host import StateHost
 from veil.services.state.keyvault_client import KeyvaultClient
 from veil.services.state.runner import spawn_enclave
 from veil.services.state.server import create_server
-from veil.services.state.store_sqlite import SqliteStore
+from veil.services.state.store import open_store
+from veil.services.state.store_postgres import PostgresStore
 from veil.state.v1 import state_pb2, state_pb2_grpc
 
 INSTANCE = "bench"
@@ -203,7 +208,7 @@ def _batching(
 
 def _recover(config: StateConfig, keyvault: KeyvaultClient) -> dict[str, Any]:
     """Start a host over the database and time it to SERVING; stops it again."""
-    store = SqliteStore(Path(config.database))
+    store = open_store(config.database, schema=config.database_schema)
     host = StateHost(config, store=store, keyvault=keyvault, enclave_factory=lambda: spawn_enclave(config))
     started = time.monotonic()
     host.start()
@@ -226,7 +231,7 @@ def _recover(config: StateConfig, keyvault: KeyvaultClient) -> dict[str, Any]:
 def _snapshot_then_tail(config: StateConfig, keyvault: KeyvaultClient, account: Account) -> int:
     """Snapshot the database at its head, then add `snapshot_every - 1` entries after it (the most
     a host that snapshots every N entries ever replays on top of its snapshot)."""
-    store = SqliteStore(Path(config.database))
+    store = open_store(config.database, schema=config.database_schema)
     host = StateHost(config, store=store, keyvault=keyvault, enclave_factory=lambda: spawn_enclave(config))
     host.start()
     host.wait_until({lifecycle.SERVING}, 600)
@@ -259,7 +264,15 @@ def _memory(workdir: Path, accounts: Sequence[int], memory_mb: int) -> dict[str,
     )
 
 
-def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, processes: int) -> dict[str, Any]:
+def run(
+    entries: int,
+    seconds: float,
+    levels: Sequence[int],
+    workdir: Path,
+    processes: int,
+    *,
+    database: str | None = None,
+) -> dict[str, Any]:
     pki = workdir / "pki"
     init_pki(pki, now=dt.datetime.now(dt.UTC))
     kv_dir = workdir / "keyvault"
@@ -281,6 +294,8 @@ def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, proc
         ENV_STATE_KEYVAULT_ADDR: f"127.0.0.1:{kv_port}",
         ENV_STATE_SNAPSHOT_EVERY: "0",
     }
+    if database:  # a PostgreSQL URL: the run's own schema, dropped after it
+        env |= {ENV_STATE_DB: database, ENV_STATE_DB_SCHEMA: f"veil_bench_{secrets.token_hex(6)}"}
     config = StateConfig.from_env(service, env)
     server, port = create_server(service, state_config=config)
     server.start()
@@ -335,6 +350,11 @@ def run(entries: int, seconds: float, levels: Sequence[int], workdir: Path, proc
     }
     keyvault.close()
     kv_server.stop(1)
+    if database:
+        cleaner = PostgresStore(config.database, schema=config.database_schema)
+        cleaner.drop_schema()
+        cleaner.close()
+    report["database"] = "postgresql" if database else "sqlite"
     return report
 
 
@@ -343,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m veil.dev.state_bench", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--entries", type=int, default=100_000, help="log size for the recovery runs")
+    parser.add_argument(
+        "--db", metavar="URL", help="a PostgreSQL URL for the state store (default: SQLite under a temp dir)"
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each batching level")
     parser.add_argument("--clients", default="1,16,64", help="concurrency levels, comma-separated")
     parser.add_argument("--processes", type=int, default=4, help="client processes the clients run in")
@@ -363,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     accounts = [int(n) for n in args.accounts.split(",") if n.strip()]
     with tempfile.TemporaryDirectory(prefix="veil-bench-state-") as workdir:
         report = (
-            {} if args.memory_only else run(args.entries, args.seconds, levels, Path(workdir), args.processes)
+            {}
+            if args.memory_only
+            else run(args.entries, args.seconds, levels, Path(workdir), args.processes, database=args.db)
         )
         if accounts:
             report["memory"] = _memory(Path(workdir), accounts, args.memory_mb)
