@@ -573,6 +573,8 @@ class Enclave:
         self._ready()
         opened, self._restoring = self._restoring, None  # a refused part leaves nothing open
         if request.abandon:  # the host cannot send the rest: drop what the open restore holds
+            if opened is not None and opened.instance_id != request.instance_id:
+                self._restoring = opened  # another instance's: not this call's to drop
             return ecall_pb2.RestoreResponse()
         instance_id = request.instance_id
         if request.continues:

@@ -587,8 +587,9 @@ class RestoreRequest(_message.Message):
     part drops any restore left open.
     """
     abandon: _builtins.bool
-    """abandon drops the open restore, if any, and does nothing else: the host could not send the
-    rest (say, its database failed between parts), and the instance half rebuilt holds memory.
+    """abandon drops the open restore of instance_id, if any, and does nothing else: the host could
+    not send the rest (say, its database failed between parts), and the instance half rebuilt
+    holds memory.
     """
     @_builtins.property
     def snapshot(self) -> _envelope_pb2.EncryptedSnapshot:

@@ -287,9 +287,11 @@ class EnclaveHost:
         )
         return self.call("Restore", request, ecall_pb2.RestoreResponse)
 
-    def abandon_restore(self) -> None:
-        """Drop the restore left open by a part with `more` (the rest could not be read)."""
-        self.call("Restore", ecall_pb2.RestoreRequest(abandon=True), ecall_pb2.RestoreResponse)
+    def abandon_restore(self, instance_id: str) -> None:
+        """Drop the restore of `instance_id` left open by a part with `more` (the rest could not
+        be read); nothing when none is open."""
+        request = ecall_pb2.RestoreRequest(instance_id=instance_id, abandon=True)
+        self.call("Restore", request, ecall_pb2.RestoreResponse)
 
     def continue_restore(
         self, instance_id: str, entries: Sequence[bytes | envelope_pb2.LogEntry], *, more: bool = False

@@ -101,8 +101,11 @@ class LogMoved(RecoveryRefused):
     compacted, by an owner that lost the instance): read it again."""
 
 
+_GAP = "log entry is missing (the chain has a gap)"
+
+
 def _gap(instance_id: str, sequence: int) -> RecoveryRefused:
-    return RecoveryRefused(instance_id, sequence, "log entry is missing (the chain has a gap)")
+    return RecoveryRefused(instance_id, sequence, _GAP)
 
 
 def _parse_entry(instance_id: str, stored: StoredEntry) -> envelope_pb2.LogEntry:
@@ -207,6 +210,11 @@ def _parts(log: StoredLog) -> Generator[tuple[list[StoredEntry], bool]]:
                 return
 
 
+def _moved_or(log: StoredLog, broken: RecoveryRefused) -> RecoveryRefused:
+    """What the diagnosis found, unless it is a gap that a newer snapshot explains (LogMoved)."""
+    return _missing(log, broken.sequence) if broken.why == _GAP else broken
+
+
 def _missing(log: StoredLog, sequence: int) -> RecoveryRefused:
     """A gap in the entries read: the log moved if a newer snapshot was stored meanwhile."""
     stored = log.store.snapshot(log.instance_id)
@@ -243,7 +251,7 @@ def _refuse(log: StoredLog, sequence: int, why: str) -> RecoveryRefused:
     try:
         verify_chain(log)
     except RecoveryRefused as broken:
-        return broken
+        return _moved_or(log, broken)
     return RecoveryRefused(log.instance_id, sequence, why)
 
 
@@ -330,9 +338,8 @@ def restore(
                     restored = enclave.continue_restore(log.instance_id, blobs, more=not last)
     except EnclaveCallError as exc:  # the enclave ended the restore itself
         raise _refusal(log, exc) from None
-    except BaseException:
-        if restored is not None:  # a part went in with `more`, and the rest will not come
-            _abandon(enclave, log.instance_id)
+    except Exception:  # a part may have gone in with `more` (its answer lost, even): the rest will not
+        _abandon(enclave, log.instance_id)
         raise
     assert restored is not None  # _parts gives at least one part
     head = restored.head
@@ -345,7 +352,7 @@ def restore(
 def _abandon(enclave: EnclaveHost, instance_id: str) -> None:
     """Drop the enclave's open restore, so the memory it holds is free for what the host serves."""
     try:
-        enclave.abandon_restore()
+        enclave.abandon_restore(instance_id)
     except Exception as exc:  # the error being raised says more; a dead runner is found anyway
         _log.warning("instance %r: abandoning its open restore failed: %s", instance_id, exc)
 
@@ -355,7 +362,10 @@ def _refusal(log: StoredLog, exc: EnclaveCallError) -> Exception:
     said = f"{exc.code_name}: {exc.message}"
     try:
         versions = verify_chain(log)  # names the first bad entry, if any (no key worth releasing)
-    except RecoveryRefused as broken:
+    except RecoveryRefused as found:
+        broken = _moved_or(log, found)
+        if isinstance(broken, LogMoved):
+            return broken
         return RecoveryRefused(log.instance_id, broken.sequence, f"{broken.why}; the enclave: {said}")
     if exc.code == error_pb2.ECALL_ERROR_CODE_FAILED_PRECONDITION and "not provisioned" in exc.message:
         return MissingKey(exc.message, versions)

@@ -373,8 +373,8 @@ class Startup:
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
         log = recovery.read_log(iid, self.parts.store)
-        released = False
-        for attempt in (1, 2, 3):
+        released, moves = False, 0
+        while True:  # again after a key release (once) or a log that moved (twice at most)
             remote = retrying(
                 lifecycle.RECOVERING,
                 f"reading the commit head of {iid!r}",
@@ -388,11 +388,12 @@ class Startup:
                 restored = recovery.restore(runtime.enclave, log, remote, now_ms=int(time.time() * 1000))
                 break
             except recovery.LogMoved:
-                if attempt == 3:
+                moves += 1
+                if moves > 2:
                     raise
                 log = recovery.read_log(iid, self.parts.store)  # from the newer snapshot
             except recovery.MissingKey as missing:
-                if attempt == 3 or released:
+                if released:
                     raise
                 # Data encrypted under a key version the sealed cache did not hold (e.g. after rotation).
                 retrying(

@@ -164,8 +164,10 @@ def test_abandon_drops_the_open_restore_and_the_memory_it_held(logged: Harness) 
     new = logged.restarted()
     new.host.restore("v", log[:5], statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
     assert new.host.get_status().memory_used_bytes > 0
-    new.host.abandon_restore()
+    new.host.abandon_restore("w")  # another instance's abandon: not this one's to drop
+    assert new.host.get_status().memory_used_bytes > 0
+    new.host.abandon_restore("v")
     assert new.host.get_status().memory_used_bytes == 0
     assert "no restore of this instance is open" in _code(lambda: new.host.continue_restore("v", log[5:]))
-    new.host.abandon_restore()  # nothing open: nothing to do
+    new.host.abandon_restore("v")  # nothing open: nothing to do
     assert new.restore("v", log).sequence == ENTRIES
