@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from veil.dev import keyvault_standin
@@ -20,7 +21,7 @@ from veil.enclave.runtime import Enclave
 from veil.enclave.v1 import apps_pb2, command_pb2, ecall_pb2, envelope_pb2, error_pb2
 from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, Scheme, SigningIdentity
 from veil.sdk.sealing import SealedRequest, open_outcome, seal_plaintext, signing_bytes
-from veil.services.state.enclave_host import EnclaveHost
+from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost
 
 X25519 = envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM
 PQ = envelope_pb2.HPKE_SUITE_MLKEM768X25519_SHA256_AES128GCM
@@ -385,3 +386,59 @@ def sim_runner(pki_dir: Path, platform_secret: Path, *, memory_mb: int | None = 
         quote_provider="sim", seal_provider="sim", pck_dir=pki_dir, platform_secret=platform_secret
     )
     return options if memory_mb is None else replace(options, memory_mb=memory_mb)
+
+
+# --- restore in parts, against a hostile host --------------------------------------------------
+
+
+def vault_put(record_id: str, size: int) -> apps_pb2.AppCall:
+    """A vault put of `size` bytes."""
+    return vault(put=apps_pb2.VaultPut(record_id=record_id, data=b"x" * size))
+
+
+def refused(call: Callable[[], object]) -> str:
+    """The refusal of `call` as "CODE: message" (without the ECALL_ERROR_CODE_ prefix); never INTERNAL."""
+    with pytest.raises(EnclaveCallError) as refusal:
+        call()
+    assert refusal.value.code != error_pb2.ECALL_ERROR_CODE_INTERNAL, refusal.value
+    return f"{refusal.value.code_name.removeprefix('ECALL_ERROR_CODE_')}: {refusal.value.message}"
+
+
+def observed(harness: Harness) -> tuple[bytes, bytes]:
+    """Everything a refused call must leave as it was: instances, keys, heads and memory."""
+    status = harness.host.get_status().SerializeToString(deterministic=True)
+    return harness.enclave.state_digest(), status
+
+
+def memory_used(harness: Harness) -> int:
+    """The enclave's memory use as GetStatus reports it."""
+    return harness.host.get_status().memory_used_bytes
+
+
+def open_part(
+    harness: Harness, instance_id: str, entries: Sequence[envelope_pb2.LogEntry], **kwargs: object
+) -> ecall_pb2.RestoreResponse:
+    """A restore's first part with `more`, under a fresh statement of what the test keyvault holds."""
+    return harness.host.restore(
+        instance_id,
+        entries,
+        statement=harness.statement(instance_id),
+        host_time_unix_ms=NOW_MS,
+        more=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def fork(logged: Harness, account: str) -> list[envelope_pb2.LogEntry]:
+    """Two entries after the head of "v", written by another boot and never registered (the host
+    keeps them; the keyvault stays where it was)."""
+    boot = logged.restarted()
+    boot.restore("v", logged.log["v"])
+    client = boot.client("v", account=account)
+    entries: list[envelope_pb2.LogEntry] = []
+    for i in range(2):
+        response = boot.host.execute_batch("v", [client.seal(vault_put(f"{account}{i}", 8)).command], NOW_MS)
+        entries.extend(response.entries)
+    head = len(logged.log["v"])
+    assert [e.sequence for e in entries] == [head + 1, head + 2]
+    return entries

@@ -17,10 +17,20 @@ from unittest import mock
 import pytest
 
 from tests.enclave.conftest import MakeEnclave
-from tests.enclave.support import NOW_MS, Harness, config, head_statement, vault
-from tests.state.support import MemoryLog
+from tests.enclave.support import (
+    NOW_MS,
+    Harness,
+    config,
+    head_statement,
+    memory_used,
+    observed,
+    open_part,
+    refused,
+    vault_put,
+)
+from tests.state.support import MemoryLog, stored
 from veil.enclave import wire
-from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
+from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 from veil.services.state import recovery
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from veil.services.state.errors import RecoveryRefused
@@ -31,33 +41,6 @@ from veil.services.state.store import InstanceRecord, StoredEntry, StoredSnapsho
 ENTRIES = 9
 BUDGET = 8192
 INTERNAL = error_pb2.ECALL_ERROR_CODE_INTERNAL
-
-
-def _put(record_id: str, size: int) -> apps_pb2.AppCall:
-    return vault(put=apps_pb2.VaultPut(record_id=record_id, data=b"x" * size))
-
-
-def _refused(call: Callable[[], object]) -> str:
-    """The refusal of `call` as "CODE: message"; never INTERNAL."""
-    with pytest.raises(EnclaveCallError) as refused:
-        call()
-    assert refused.value.code != INTERNAL, refused.value
-    return f"{refused.value.code_name.removeprefix('ECALL_ERROR_CODE_')}: {refused.value.message}"
-
-
-def _observed(harness: Harness) -> tuple[bytes, bytes]:
-    status = harness.host.get_status().SerializeToString(deterministic=True)
-    return harness.enclave.state_digest(), status
-
-
-def _open(new: Harness, instance_id: str, entries: list[envelope_pb2.LogEntry]) -> ecall_pb2.RestoreResponse:
-    return new.host.restore(
-        instance_id, entries, statement=new.statement(instance_id), host_time_unix_ms=NOW_MS, more=True
-    )
-
-
-def _used(harness: Harness) -> int:
-    return harness.host.get_status().memory_used_bytes
 
 
 # --- 1. abandon ------------------------------------------------------------------------------------
@@ -75,13 +58,13 @@ def test_abandon_with_every_other_field_set_drops_the_open_restore_and_does_noth
     whole = logged.restarted()
     whole.restore("v", log)
     new = logged.restarted()
-    before = _observed(new)
-    _open(new, "v", log[:4])
-    assert _used(new) > 0
+    before = observed(new)
+    open_part(new, "v", log[:4])
+    assert memory_used(new) > 0
     statement = new.statement("v")
     other = ecall_pb2.RestoreRequest(abandon=True, instance_id="other")
     assert new.host.call("Restore", other, ecall_pb2.RestoreResponse) == ecall_pb2.RestoreResponse()
-    assert _used(new) > 0
+    assert memory_used(new) > 0
     abandon = ecall_pb2.RestoreRequest(
         abandon=True,
         instance_id="v",
@@ -93,10 +76,10 @@ def test_abandon_with_every_other_field_set_drops_the_open_restore_and_does_noth
         more=True,
     )
     assert new.host.call("Restore", abandon, ecall_pb2.RestoreResponse) == ecall_pb2.RestoreResponse()
-    assert _observed(new) == before
-    said = _refused(lambda: new.host.continue_restore("v", log[4:]))
+    assert observed(new) == before
+    said = refused(lambda: new.host.continue_restore("v", log[4:]))
     assert said == "FAILED_PRECONDITION: no restore of this instance is open to continue"
-    assert _observed(new) == before
+    assert observed(new) == before
     # The challenge the abandon carried a statement for is still the current one.
     new.host.restore("v", log, statement=statement, host_time_unix_ms=NOW_MS)
     assert new.enclave.state_digest() == whole.enclave.state_digest()
@@ -107,14 +90,14 @@ def test_abandon_never_touches_a_loaded_instance_or_keys(logged: Harness) -> Non
     the loaded instance still executes."""
     new = logged.restarted()
     new.restore("v", logged.log["v"])
-    before = _observed(new)
+    before = observed(new)
     new.host.abandon_restore("v")
     new.host.call(
         "Restore", ecall_pb2.RestoreRequest(abandon=True, instance_id="v"), ecall_pb2.RestoreResponse
     )
-    assert _observed(new) == before
+    assert observed(new) == before
     response = new.host.execute_batch(
-        "v", [new.client("v", account="bob").seal(_put("z", 4)).command], NOW_MS
+        "v", [new.client("v", account="bob").seal(vault_put("z", 4)).command], NOW_MS
     )
     assert response.outcomes[0].accepted
 
@@ -124,7 +107,7 @@ def test_abandon_before_initialize_is_refused(make_enclave: MakeEnclave) -> None
     from veil.enclave.dispatcher import Dispatcher
 
     host = EnclaveHost.from_dispatcher(Dispatcher(make_enclave()))
-    said = _refused(lambda: host.abandon_restore("v"))
+    said = refused(lambda: host.abandon_restore("v"))
     assert said.startswith("FAILED_PRECONDITION: enclave not initialized")
 
 
@@ -132,11 +115,11 @@ def test_abandon_then_create_of_a_registered_id_is_still_refused(logged: Harness
     """Held: abandon lifts the "a restore of this instance is open" refusal of a create, but the
     keyvault's statement for a registered id still refuses it (as without any restore)."""
     new = logged.restarted()
-    _open(new, "v", logged.log["v"][:4])
-    said = _refused(lambda: new.create_raw("v", config()))
+    open_part(new, "v", logged.log["v"][:4])
+    said = refused(lambda: new.create_raw("v", config()))
     assert said.startswith("FAILED_PRECONDITION: a restore of this instance is open")
     new.host.abandon_restore("v")
-    said = _refused(lambda: new.create_raw("v", config()))
+    said = refused(lambda: new.create_raw("v", config()))
     assert said.startswith("ALREADY_EXISTS: the keyvault holds this instance")
     assert not new.host.get_status().instances
 
@@ -151,15 +134,15 @@ def test_a_whole_restore_sent_while_one_is_open_replaces_it_and_the_old_one_cann
     whole = logged.restarted()
     whole.restore("v", log)
     new = logged.restarted()
-    _open(new, "v", log[:4])
+    open_part(new, "v", log[:4])
     new.restore("v", log)
-    loaded = _observed(new)
+    loaded = observed(new)
     for later in (log[4:], []):
-        said = _refused(partial_continue(new, later))
+        said = refused(partial_continue(new, later))
         assert said.startswith("FAILED_PRECONDITION: no restore of this instance is open")
-    _open_again = lambda: _open(new, "v", log[:4])  # noqa: E731
-    assert _refused(_open_again).startswith("ALREADY_EXISTS")
-    assert _observed(new) == loaded
+    _open_again = lambda: open_part(new, "v", log[:4])  # noqa: E731
+    assert refused(_open_again).startswith("ALREADY_EXISTS")
+    assert observed(new) == loaded
     assert new.enclave.state_digest() == whole.enclave.state_digest()
 
 
@@ -176,7 +159,9 @@ def _unregistered_log(harness: Harness, instance_id: str, sizes: list[int]) -> l
     log = [harness.create_raw(instance_id, config()).entry]
     client = harness.client(instance_id, account="writer")
     for i, size in enumerate(sizes):
-        response = harness.host.execute_batch(instance_id, [client.seal(_put(f"r{i}", size)).command], NOW_MS)
+        response = harness.host.execute_batch(
+            instance_id, [client.seal(vault_put(f"r{i}", size)).command], NOW_MS
+        )
         assert response.outcomes[0].accepted
         log.extend(response.entries)
     return log
@@ -205,21 +190,21 @@ def _reference(
     source: Harness, make_enclave: MakeEnclave, log: list[envelope_pb2.LogEntry], d: int, e: int
 ) -> _Sizes:
     ref = _boot(source, make_enclave, 1 << 30)
-    _open(ref, "n", log[:2])
-    n_part = _used(ref)
+    open_part(ref, "n", log[:2])
+    n_part = memory_used(ref)
     ref.host.abandon_restore("n")
     ref.restore("n", log)
-    n_whole = _used(ref)
+    n_whole = memory_used(ref)
     ref = _boot(source, make_enclave, 1 << 30)
     ref.create("m", config())
     assert ref.host.execute_batch(
-        "m", [ref.client("m", account="a").seal(_put("p", d)).command], NOW_MS
+        "m", [ref.client("m", account="a").seal(vault_put("p", d)).command], NOW_MS
     ).entries
-    m_first = _used(ref)
+    m_first = memory_used(ref)
     assert ref.host.execute_batch(
-        "m", [ref.client("m", account="b").seal(_put("q", e)).command], NOW_MS
+        "m", [ref.client("m", account="b").seal(vault_put("q", e)).command], NOW_MS
     ).entries
-    return _Sizes(n_part, n_whole, m_first, _used(ref))
+    return _Sizes(n_part, n_whole, m_first, memory_used(ref))
 
 
 def _fits(call: Callable[[], object]) -> bool:
@@ -245,29 +230,33 @@ def test_the_limit_is_exact_for_execute_and_every_restore_part_in_any_interleavi
     sizes = _reference(harness, make_enclave, log, d, e)
     new = _boot(harness, make_enclave, BUDGET)
     new.create("m", config())
-    first = new.host.execute_batch("m", [new.client("m", account="a").seal(_put("p", d)).command], NOW_MS)
+    first = new.host.execute_batch(
+        "m", [new.client("m", account="a").seal(vault_put("p", d)).command], NOW_MS
+    )
     assert bool(first.entries) == (sizes.m_first <= BUDGET)
-    m = _used(new)
+    m = memory_used(new)
     assert m == (sizes.m_first if first.entries else 0)
     # The first part of "n".
-    opened = _fits(lambda: _open(new, "n", log[:2]))
+    opened = _fits(lambda: open_part(new, "n", log[:2]))
     assert opened == (m + sizes.n_part <= BUDGET)
-    assert _used(new) == m + (sizes.n_part if opened else 0) <= BUDGET
+    assert memory_used(new) == m + (sizes.n_part if opened else 0) <= BUDGET
     # "m" executes while the restore is open: the open restore counts.
-    used = _used(new)
-    second = new.host.execute_batch("m", [new.client("m", account="b").seal(_put("q", e)).command], NOW_MS)
+    used = memory_used(new)
+    second = new.host.execute_batch(
+        "m", [new.client("m", account="b").seal(vault_put("q", e)).command], NOW_MS
+    )
     grown = sizes.m_second - sizes.m_first if first.entries else None
     if grown is not None:
         assert bool(second.entries) == (used + grown <= BUDGET)
         if second.entries:
             m += grown
-    assert _used(new) <= BUDGET
+    assert memory_used(new) <= BUDGET
     if not opened:
         return
     # The last part of "n": "m", as it is now, counts.
     restored = _fits(lambda: new.host.continue_restore("n", log[2:]))
     assert restored == (m + sizes.n_whole <= BUDGET)
-    assert _used(new) == m + (sizes.n_whole if restored else 0) <= BUDGET
+    assert memory_used(new) == m + (sizes.n_whole if restored else 0) <= BUDGET
 
 
 # --- 5. the host's abandon after a failure that is not a refusal ---------------------------------------
@@ -304,10 +293,6 @@ def _remote(fresh: Harness) -> RemoteHead:
     return RemoteHead(view.head.sequence, view.head.hash, statement=fresh.statement("v"))
 
 
-def _stored(entry: envelope_pb2.LogEntry) -> StoredEntry:
-    return StoredEntry(entry.instance_id, entry.sequence, wire.entry_hash(entry), entry.SerializeToString())
-
-
 @pytest.mark.parametrize("fail_on", [2, 3])
 def test_a_dead_runner_mid_restore_is_raised_as_it_is_and_the_open_restore_is_dropped(
     logged: Harness, monkeypatch: pytest.MonkeyPatch, fail_on: int
@@ -315,7 +300,7 @@ def test_a_dead_runner_mid_restore_is_raised_as_it_is_and_the_open_restore_is_dr
     """Held: a later part failing with EnclaveUnavailableError: the host abandons (the enclave
     holds nothing afterwards) and the original error comes out, also when the abandon fails."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [_stored(e) for e in logged.log["v"]]
+    rows = [stored(e) for e in logged.log["v"]]
     for abandon_fails in (False, True):
         fresh = logged.restarted()
         died = EnclaveUnavailableError("enclave runner exited (code -9)")
@@ -328,7 +313,7 @@ def test_a_dead_runner_mid_restore_is_raised_as_it_is_and_the_open_restore_is_dr
         assert raised.value is died
         assert host.abandons == 1
         if not abandon_fails:
-            assert _used(fresh) == 0
+            assert memory_used(fresh) == 0
             assert not fresh.host.get_status().instances
 
 
@@ -417,7 +402,7 @@ def test_a_log_compacted_during_recovery_is_read_again_and_served(
     enclave: LogMoved, the open restore is abandoned, attempt 2 reads the log from the snapshot,
     issues a new challenge, and serves 9."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [_stored(e) for e in logged.log["v"]]
+    rows = [stored(e) for e in logged.log["v"]]
     fresh = logged.restarted()
     store = _Compacting(rows, compact_to=_snapshot_at(logged, 5))
     releases: list[set[int]] = []
@@ -436,7 +421,7 @@ def test_a_database_that_always_moves_is_refused_after_three_reads(
     that is garbage, or that moves each time) makes start-up refuse after three attempts; the
     enclave holds nothing, and it never serves."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [_stored(e) for e in logged.log["v"]]
+    rows = [stored(e) for e in logged.log["v"]]
     fresh = logged.restarted()
     moves = iter(range(4, 100))
 
@@ -468,5 +453,5 @@ def test_a_database_that_always_moves_is_refused_after_three_reads(
     assert issued.call_count == 3
     assert store.snapshot_reads == 6
     assert "v" not in runtime.instances
-    assert _used(fresh) == 0
+    assert memory_used(fresh) == 0
     assert not fresh.host.get_status().instances

@@ -12,24 +12,14 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.enclave.conftest import MakeEnclave
-from tests.enclave.support import NOW_MS, Harness, config, vault
-from tests.state.support import MemoryLog
-from veil.enclave import wire
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from tests.enclave.support import NOW_MS, Harness, config, fork, vault_put
+from tests.state.support import MemoryLog, stored
 from veil.services.state import recovery
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
 from veil.services.state.store import StoredEntry
 
 ENTRIES = 9
-
-
-def _stored(entry: envelope_pb2.LogEntry) -> StoredEntry:
-    return StoredEntry(entry.instance_id, entry.sequence, wire.entry_hash(entry), entry.SerializeToString())
-
-
-def _put(record_id: str, size: int) -> apps_pb2.AppCall:
-    return vault(put=apps_pb2.VaultPut(record_id=record_id, data=b"x" * size))
 
 
 @dataclass
@@ -57,27 +47,14 @@ def _recover(fresh: Harness, store: MemoryLog, instance_id: str = "v") -> str:
     return f"served at {restored.head.sequence}"
 
 
-def _fork(logged: Harness, account: str) -> list[envelope_pb2.LogEntry]:
-    """Entries 10, 11 of "v" by another boot from the keyvault head 9, never registered."""
-    boot = logged.restarted()
-    boot.restore("v", logged.log["v"])
-    client = boot.client("v", account=account)
-    entries: list[envelope_pb2.LogEntry] = []
-    for i in range(2):
-        entries.extend(
-            boot.host.execute_batch("v", [client.seal(_put(f"{account}{i}", 8)).command], NOW_MS).entries
-        )
-    return entries
-
-
 def test_pages_read_from_two_forks_are_refused_and_load_nothing(
     logged: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held: the rows move from fork x to fork y between the paged reads (the head row read
     first is y's): the host's shape checks pass, the enclave refuses the mix, nothing loads."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [_stored(e) for e in logged.log["v"]]
-    x, y = [_stored(e) for e in _fork(logged, "bob")], [_stored(e) for e in _fork(logged, "carol")]
+    log = [stored(e) for e in logged.log["v"]]
+    x, y = [stored(e) for e in fork(logged, "bob")], [stored(e) for e in fork(logged, "carol")]
     fork_x, fork_y = log + x, log + y
     fresh = logged.restarted()
     # head() reads `rows` (y); the freshness read of 9 and the pages 1..2 .. 9..10 come from x
@@ -94,8 +71,8 @@ def test_pages_read_from_two_forks_are_refused_and_load_nothing(
 def test_the_same_database_read_consistently_serves(logged: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for the test above: fork y alone restores (as a head still to be confirmed)."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [_stored(e) for e in logged.log["v"]]
-    y = [_stored(e) for e in _fork(logged, "carol")]
+    log = [stored(e) for e in logged.log["v"]]
+    y = [stored(e) for e in fork(logged, "carol")]
     assert _recover(logged.restarted(), MemoryLog(log + y)) == f"served at {ENTRIES + 2}"
 
 
@@ -112,8 +89,8 @@ def test_a_host_side_refusal_between_parts_leaves_no_restore_open_in_the_enclave
     harness.create("w", config())
     writer = harness.client("b")
     for i in range(5):
-        harness.call(writer, _put(f"r{i}", 2000 if i < 2 else 10))  # entries 2, 3 are large
-    rows = [_stored(e) for e in harness.log["b"]]
+        harness.call(writer, vault_put(f"r{i}", 2000 if i < 2 else 10))  # entries 2, 3 are large
+    rows = [stored(e) for e in harness.log["b"]]
     damaged = [r for r in rows if r.sequence != 5]  # page 1 (1..3) sound; page 2 lost entry 5
     fresh = Harness.start(make_enclave(), memory_budget_bytes=8192)
     fresh.factory, fresh.keyvault, fresh.log = harness.factory, harness.keyvault, harness.log
@@ -125,6 +102,6 @@ def test_a_host_side_refusal_between_parts_leaves_no_restore_open_in_the_enclave
     assert "at sequence 5: log entry is missing" in said
     held = fresh.host.get_status().memory_used_bytes - serving
     user = fresh.client("w")
-    sealed = user.seal(_put("big", 5000))  # fits the budget with "w" alone
+    sealed = user.seal(vault_put("big", 5000))  # fits the budget with "w" alone
     accepted = fresh.host.execute_batch("w", [sealed.command], NOW_MS).outcomes[0].accepted
     assert (held, accepted) == (0, True), f"the abandoned restore holds {held} bytes"

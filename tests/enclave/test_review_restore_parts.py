@@ -21,9 +21,14 @@ from tests.enclave.support import (
     NOW_MS,
     Harness,
     config,
+    fork,
     head_confirmation,
     head_statement,
+    observed,
+    open_part,
+    refused,
     vault,
+    vault_put,
 )
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2, error_pb2
@@ -34,24 +39,6 @@ BUDGET = 8192
 INTERNAL = error_pb2.ECALL_ERROR_CODE_INTERNAL
 
 
-def _put(record_id: str, size: int) -> apps_pb2.AppCall:
-    return vault(put=apps_pb2.VaultPut(record_id=record_id, data=b"x" * size))
-
-
-def _refused(call: Callable[[], object]) -> str:
-    """The refusal of `call` as "CODE: message"; never INTERNAL."""
-    with pytest.raises(EnclaveCallError) as refused:
-        call()
-    assert refused.value.code != INTERNAL, refused.value
-    return f"{refused.value.code_name.removeprefix('ECALL_ERROR_CODE_')}: {refused.value.message}"
-
-
-def _observed(harness: Harness) -> tuple[bytes, bytes]:
-    """Everything a refused call must leave as it was: instances, keys, heads and memory."""
-    status = harness.host.get_status().SerializeToString(deterministic=True)
-    return harness.enclave.state_digest(), status
-
-
 def _boot(logged: Harness, make_enclave: MakeEnclave, budget: int) -> Harness:
     """The next boot of `logged`'s host with another memory budget (same keyvault, log and keys)."""
     new = Harness.start(make_enclave(), memory_budget_bytes=budget)
@@ -59,18 +46,6 @@ def _boot(logged: Harness, make_enclave: MakeEnclave, budget: int) -> Harness:
     for (instance_id, version), key in logged.data_keys.items():
         new.provision(instance_id, version, key)
     return new
-
-
-def _open(new: Harness, instance_id: str, entries: list[envelope_pb2.LogEntry], **kwargs: object) -> None:
-    """A first part with `more`, under a fresh statement of what the test keyvault holds."""
-    new.host.restore(
-        instance_id,
-        entries,
-        statement=new.statement(instance_id),
-        host_time_unix_ms=NOW_MS,
-        more=True,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 # --- the instance being restored is out of reach ------------------------------------------------
@@ -83,10 +58,13 @@ def test_every_call_on_an_instance_being_restored_is_refused_and_changes_nothing
     whole = logged.restarted()
     whole.restore("v", log)
     new = logged.restarted()
-    _open(new, "v", log[:4])
-    before = _observed(new)
+    open_part(new, "v", log[:4])
+    before = observed(new)
     bob = new.client("v", account="bob")
-    write, read = bob.seal(_put("x", 10)), bob.seal(vault(get=apps_pb2.VaultGet(record_id="r0")), counter=0)
+    write, read = (
+        bob.seal(vault_put("x", 10)),
+        bob.seal(vault(get=apps_pb2.VaultGet(record_id="r0")), counter=0),
+    )
     head = envelope_pb2.CommitHead(sequence=ENTRIES, hash=wire.entry_hash(log[-1]))
     view = new.keyvault["v"]
     fence = head_statement(
@@ -103,13 +81,13 @@ def test_every_call_on_an_instance_being_restored_is_refused_and_changes_nothing
         "read fence": lambda: new.host.confirm_head(statement=fence),
     }
     for name, attempt in attempts.items():
-        said = _refused(attempt)
+        said = refused(attempt)
         assert said.startswith("NOT_FOUND"), (name, said)
-        assert _observed(new) == before, name
+        assert observed(new) == before, name
     # A create of the id being restored is refused before its statement is even looked at.
-    said = _refused(lambda: new.create_raw("v", config()))
+    said = refused(lambda: new.create_raw("v", config()))
     assert said.startswith("FAILED_PRECONDITION: a restore of this instance is open")
-    assert _observed(new) == before
+    assert observed(new) == before
     new.host.continue_restore("v", log[4:])
     assert new.enclave.state_digest() == whole.enclave.state_digest()
 
@@ -118,7 +96,7 @@ def test_calls_on_other_ids_and_key_calls_do_not_disturb_an_open_restore(logged:
     """Held: IssueChallenge for the id (a new statement), ProvisionKey, Seal/Unseal in between."""
     log = logged.log["v"]
     new = logged.restarted()
-    _open(new, "v", log[:3])
+    open_part(new, "v", log[:3])
     new.host.issue_challenge("v")  # a challenge for a later restore; the open one has its statement
     new.provision("x")
     new.host.unseal(new.host.seal())
@@ -135,19 +113,19 @@ def test_a_statement_serves_one_restore_only(logged: Harness) -> None:
     statement = new.statement("v")
     new.host.restore("v", log[:3], statement=statement, host_time_unix_ms=NOW_MS, more=True)
     replay = lambda: new.host.restore("v", log, statement=statement, host_time_unix_ms=NOW_MS)  # noqa: E731
-    assert "does not answer this enclave's current challenge" in _refused(replay)
-    assert "no restore of this instance is open" in _refused(lambda: new.host.continue_restore("v", log[3:]))
+    assert "does not answer this enclave's current challenge" in refused(replay)
+    assert "no restore of this instance is open" in refused(lambda: new.host.continue_restore("v", log[3:]))
     assert not new.host.get_status().instances
     assert new.host.get_status().memory_used_bytes == 0
     # A statement for a later challenge cannot be spliced into a continuation either.
-    _open(new, "v", log[:3])
+    open_part(new, "v", log[:3])
     request = ecall_pb2.RestoreRequest(
         instance_id="v",
         entries=[e.SerializeToString() for e in log[3:]],
         statement=new.statement("v"),
         continues=True,
     )
-    said = _refused(lambda: new.host.call("Restore", request, ecall_pb2.RestoreResponse))
+    said = refused(lambda: new.host.call("Restore", request, ecall_pb2.RestoreResponse))
     assert "later parts carry entries only" in said
     assert not new.host.get_status().instances
 
@@ -155,38 +133,24 @@ def test_a_statement_serves_one_restore_only(logged: Harness) -> None:
 # --- forks and the keyvault head ----------------------------------------------------------------
 
 
-def _fork(logged: Harness, account: str) -> list[envelope_pb2.LogEntry]:
-    """Entries 10 and 11 of "v" written by another boot from the keyvault head 9, never
-    registered (the host keeps them; the keyvault stays at 9)."""
-    boot = logged.restarted()
-    boot.restore("v", logged.log["v"])
-    client = boot.client("v", account=account)
-    entries: list[envelope_pb2.LogEntry] = []
-    for i in range(2):
-        response = boot.host.execute_batch("v", [client.seal(_put(f"{account}{i}", 8)).command], NOW_MS)
-        entries.extend(response.entries)
-    assert [e.sequence for e in entries] == [ENTRIES + 1, ENTRIES + 2]
-    return entries
-
-
 def test_two_forks_never_mix_across_parts(logged: Harness) -> None:
     """Held: a part of one fork after a part of another is refused at the first entry that does
     not chain, wherever the parts are cut; nothing loads."""
-    log, x, y = logged.log["v"], _fork(logged, "bob"), _fork(logged, "carol")
+    log, x, y = logged.log["v"], fork(logged, "bob"), fork(logged, "carol")
     new = logged.restarted()
-    before = _observed(new)
+    before = observed(new)
     for first, later in [
         (log + x[:1], y[1:]),  # fork x's 10, fork y's 11
         (log, y[:1] + x[1:]),
         (log + x, y),  # fork y's 10 and 11 after fork x's
     ]:
-        _open(new, "v", first)
-        said = _refused(partial(new.host.continue_restore, "v", later))
+        open_part(new, "v", first)
+        said = refused(partial(new.host.continue_restore, "v", later))
         assert said.startswith("DATA_LOSS: log entry"), said
         assert "does not continue the chain" in said
-        assert _observed(new) == before
+        assert observed(new) == before
     # Each fork alone restores, but only as a head the keyvault must still confirm.
-    _open(new, "v", log)
+    open_part(new, "v", log)
     restored = new.host.continue_restore("v", x)
     assert restored.head.sequence == ENTRIES + 2
     assert restored.HasField("link")
@@ -196,21 +160,21 @@ def test_two_forks_never_mix_across_parts(logged: Harness) -> None:
 
 def test_a_fork_before_the_keyvault_head_is_refused_in_any_part(logged: Harness) -> None:
     """Held: the keyvault holds fork y's 11; fork x's 11 is refused wherever it is sent."""
-    log, x, y = logged.log["v"], _fork(logged, "bob"), _fork(logged, "carol")
+    log, x, y = logged.log["v"], fork(logged, "bob"), fork(logged, "carol")
     view = logged.keyvault["v"]
     view.head = envelope_pb2.CommitHead(sequence=ENTRIES + 2, hash=wire.entry_hash(y[1]))
     new = logged.restarted()
-    before = _observed(new)
+    before = observed(new)
     whole = log + x
 
     def in_two_parts(cut: int) -> None:
-        _open(new, "v", whole[:cut])  # refused here when the cut is past 11
+        open_part(new, "v", whole[:cut])  # refused here when the cut is past 11
         new.host.continue_restore("v", whole[cut:])
 
     for cut in range(len(whole) + 1):
-        said = _refused(partial(in_two_parts, cut))
+        said = refused(partial(in_two_parts, cut))
         assert "differs from the keyvault head" in said
-        assert _observed(new) == before
+        assert observed(new) == before
 
 
 # --- the memory budget ---------------------------------------------------------------------------
@@ -222,7 +186,9 @@ def _unregistered(harness: Harness, instance_id: str, puts: int, size: int) -> l
     log = [harness.create_raw(instance_id, config()).entry]
     client = harness.client(instance_id, account="writer")
     for i in range(puts):
-        response = harness.host.execute_batch(instance_id, [client.seal(_put(f"r{i}", size)).command], NOW_MS)
+        response = harness.host.execute_batch(
+            instance_id, [client.seal(vault_put(f"r{i}", size)).command], NOW_MS
+        )
         assert response.outcomes[0].accepted
         log.extend(response.entries)
     harness.log[instance_id] = log
@@ -232,7 +198,7 @@ def _unregistered(harness: Harness, instance_id: str, puts: int, size: int) -> l
 def _fill(harness: Harness, instance_id: str, puts: int, size: int) -> list[bool]:
     client = harness.client(instance_id, account="filler")
     return [
-        harness.host.execute_batch(instance_id, [client.seal(_put(f"f{i}", size)).command], NOW_MS)
+        harness.host.execute_batch(instance_id, [client.seal(vault_put(f"f{i}", size)).command], NOW_MS)
         .outcomes[0]
         .accepted
         for i in range(puts)
@@ -246,7 +212,7 @@ def test_another_instance_is_held_to_the_budget_an_open_restore_leaves(
     leaves of the budget."""
     _unregistered(harness, "n", puts=3, size=2000)
     new = _boot(harness, make_enclave, BUDGET)
-    _open(new, "n", harness.log["n"])
+    open_part(new, "n", harness.log["n"])
     assert new.host.get_status().memory_used_bytes > 6000
     new.provision("m")
     new.create_raw("m", config())
@@ -264,8 +230,8 @@ def test_an_instance_created_under_the_id_being_restored_is_held_to_the_budget(
     Now the create is refused while the restore is open, and each limit is per instance."""
     _unregistered(harness, "n", puts=3, size=2000)
     new = _boot(harness, make_enclave, BUDGET)
-    _open(new, "n", harness.log["n"])  # ~6 KB held by the open restore
-    said = _refused(lambda: new.create_raw("n", config()))
+    open_part(new, "n", harness.log["n"])  # ~6 KB held by the open restore
+    said = refused(lambda: new.create_raw("n", config()))
     assert said.startswith("FAILED_PRECONDITION: a restore of this instance is open")
     status = new.host.get_status()
     assert status.memory_used_bytes <= status.memory_budget_bytes
@@ -278,7 +244,9 @@ def test_a_snapshot_beyond_the_budget_is_not_held_by_an_open_restore(
     budget (in one part the same snapshot was refused; in parts it was held, over the budget, for
     as long as the host liked). Every part, the snapshot included, is now held to the budget."""
     harness.create("v", config())
-    assert harness.run("v", *[harness.client("v", account=f"a{i}").seal(_put("r", 2000)) for i in range(3)])
+    assert harness.run(
+        "v", *[harness.client("v", account=f"a{i}").seal(vault_put("r", 2000)) for i in range(3)]
+    )
     snapshot = harness.host.snapshot("v")  # ~6 KB of state, at the keyvault head
     new = _boot(harness, make_enclave, BUDGET)
     new.create("w", config())
@@ -286,7 +254,7 @@ def test_a_snapshot_beyond_the_budget_is_not_held_by_an_open_restore(
     one_part = lambda: new.host.restore(  # noqa: E731
         "v", [], snapshot, statement=new.statement("v"), host_time_unix_ms=NOW_MS
     )
-    assert _refused(one_part).startswith("RESOURCE_EXHAUSTED")  # held in one part
+    assert refused(one_part).startswith("RESOURCE_EXHAUSTED")  # held in one part
     before = new.host.get_status().memory_used_bytes
     with pytest.raises(EnclaveCallError, match="RESOURCE_EXHAUSTED"):
         new.host.restore("v", [], snapshot, statement=new.statement("v"), host_time_unix_ms=NOW_MS, more=True)
@@ -304,7 +272,7 @@ def test_the_bridge_cut_anywhere_is_refused_and_whole_restores(logged: Harness) 
     snapshot = logged.host.snapshot("v")
     behind = envelope_pb2.CommitHead(sequence=4, hash=wire.entry_hash(log[3]))
     new = logged.restarted()
-    before = _observed(new)
+    before = observed(new)
     bridge = log[3:9]
 
     def first_part(cut: int) -> object:
@@ -319,14 +287,14 @@ def test_the_bridge_cut_anywhere_is_refused_and_whole_restores(logged: Harness) 
 
     for cut in range(len(bridge)):
         restore = partial(first_part, cut)
-        assert "does not chain to the keyvault head" in _refused(restore)
-        assert _observed(new) == before
+        assert "does not chain to the keyvault head" in refused(restore)
+        assert observed(new) == before
     new.host.restore(
         "v", bridge, snapshot, statement=new.statement("v", behind), host_time_unix_ms=NOW_MS, more=True
     )
     # The bridge is only hashed: sending its entries again in a later part is a replay, refused.
-    assert "does not continue the chain" in _refused(lambda: new.host.continue_restore("v", bridge[-1:]))
-    assert _observed(new) == before
+    assert "does not continue the chain" in refused(lambda: new.host.continue_restore("v", bridge[-1:]))
+    assert observed(new) == before
 
 
 def test_mutated_later_parts_are_refused_cleanly(logged: Harness) -> None:
@@ -342,13 +310,13 @@ def test_mutated_later_parts_are_refused_cleanly(logged: Harness) -> None:
         position = rng.randrange(3, len(blobs))
         damaged = list(blobs)
         damaged[position] = mutate(rng, blobs[position], blobs)
-        before = _observed(new)
-        _open(new, "v", log[:3])
+        before = observed(new)
+        open_part(new, "v", log[:3])
         try:
             new.host.continue_restore("v", damaged[3:])
         except EnclaveCallError as exc:
             assert exc.code != INTERNAL, exc  # noqa: PT017
-            assert _observed(new) == before
+            assert observed(new) == before
             continue
         assert new.enclave.state_digest() == honest.enclave.state_digest()
         new = logged.restarted()

@@ -325,6 +325,13 @@ def make_entries(
     return entries
 
 
+def stored(entry: envelope_pb2.LogEntry) -> StoredEntry:
+    """`entry` as the state host stores it."""
+    return StoredEntry(
+        entry.instance_id, entry.sequence, wire.entry_hash(entry), entry.SerializeToString(deterministic=True)
+    )
+
+
 @dataclass
 class MemoryLog:
     """The read side of a StateStore over rows in memory (a log the tests may damage freely)."""
