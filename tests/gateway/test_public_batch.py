@@ -167,13 +167,12 @@ def test_reordered_commands_are_settled_in_counter_order_exactly_once(
 ) -> None:
     """A host that runs a batch backwards: every command but the first finds its counter too
     early; the SDK seals those again under the same counters only, and each runs once."""
+    original = support.execute_batch_over  # the patched name would call `backwards` itself
 
     def backwards(execute: Any, request: Any, context: Any) -> Iterator[state_pb2.ExecuteBatchResponse]:
         indexed = list(enumerate(request.commands))
         for index, command in reversed(indexed):
-            (item,) = support.execute_batch_over(
-                execute, state_pb2.ExecuteBatchRequest(commands=[command]), context
-            )
+            (item,) = original(execute, state_pb2.ExecuteBatchRequest(commands=[command]), context)
             item.index = index
             yield item
 
