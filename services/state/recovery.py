@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -310,17 +310,23 @@ def _bridge(log: StoredLog, sequence: int) -> list[StoredEntry]:
 
 
 def restore(
-    enclave: EnclaveHost, log: StoredLog, remote: RemoteHead, *, now_ms: int
+    enclave: EnclaveHost,
+    log: StoredLog,
+    remote: RemoteHead,
+    *,
+    now_ms: int,
+    progress: Callable[[int], None] = lambda replayed: None,
 ) -> ecall_pb2.RestoreResponse:
     """Step 3: replay in the enclave, in parts; MissingKey when a key version must be released first.
 
     `remote` carries the keyvault's statement for this enclave and its current challenge (after
-    check_freshness passed); the challenge is used up whatever the outcome.
+    check_freshness passed); the challenge is used up whatever the outcome. `progress` hears
+    how many of the log's entries are replayed after each part.
     """
     if remote.statement is None:
         raise ValueError("restore needs the keyvault's head statement for this enclave")
     bridge = [stored.blob for stored in _bridge(log, remote.sequence)]
-    restored = None
+    restored, replayed = None, 0
     try:
         with closing(_parts(log)) as parts:  # its reader thread ends with it
             for part, last in parts:
@@ -336,6 +342,8 @@ def restore(
                     )
                 else:
                     restored = enclave.continue_restore(log.instance_id, blobs, more=not last)
+                replayed += len(part)
+                progress(replayed)
     except EnclaveCallError as exc:  # the enclave ended the restore itself
         raise _refusal(log, exc) from None
     except Exception:  # a part may have gone in with `more` (its answer lost, even): the rest will not

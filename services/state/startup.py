@@ -48,6 +48,7 @@ T = TypeVar("T")
 
 #: How often a serving host looks for instances whose owner stopped renewing its lease.
 ADOPT_EVERY_S = 0.5
+PROGRESS_EVERY_S = 2.0  # how often a long replay says how far it got (GetStatus, the log)
 
 
 class Stopping(Exception):
@@ -373,6 +374,17 @@ class Startup:
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
         log = recovery.read_log(iid, self.parts.store)
+        said = [started]  # when progress was last said
+
+        def progress(replayed: int) -> None:
+            if not quiet and time.monotonic() - said[0] >= PROGRESS_EVERY_S:
+                said[0] = time.monotonic()
+                self.parts.lifecycle.set(
+                    lifecycle.RECOVERING,
+                    f"recovering instance {iid!r} ({number}/{total}): "
+                    f"{replayed:,} of {log.entry_count:,} entries replayed",
+                )
+
         released, moves = False, 0
         while True:  # again after a key release (once) or a log that moved (twice at most)
             remote = retrying(
@@ -385,7 +397,9 @@ class Startup:
             )
             recovery.check_freshness(log, remote)
             try:
-                restored = recovery.restore(runtime.enclave, log, remote, now_ms=int(time.time() * 1000))
+                restored = recovery.restore(
+                    runtime.enclave, log, remote, now_ms=int(time.time() * 1000), progress=progress
+                )
                 break
             except recovery.LogMoved:
                 moves += 1

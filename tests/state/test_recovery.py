@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from tests.state.support import (
 from veil.dev.loadclient import Account, balance, mint, total_supply, transfer
 from veil.enclave.v1 import apps_pb2
 from veil.services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from veil.services.state import lifecycle, recovery
+from veil.services.state import lifecycle, recovery, startup
 from veil.services.state.errors import NotServing
 from veil.services.state.host import StateHost
 from veil.services.state.runner import spawn_enclave
@@ -328,18 +329,23 @@ def test_a_restart_recovers_from_postgresql(node: Node) -> None:
 
 
 def test_a_log_is_restored_in_parts_through_the_runner_process(
-    node: Node, open_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+    node: Node, open_store: StoreFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Parts of three entries through the real pipe to a runner process, on SQLite and PostgreSQL:
-    the restart serves exactly what was acknowledged, and the log goes on from there."""
+    the restart serves exactly what was acknowledged, says how far the replay got, and the log
+    goes on from there."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    monkeypatch.setattr(startup, "PROGRESS_EVERY_S", 0.0)
     first = node.serving(store=open_store(), enclave_factory=spawn_enclave)
     setup = token_instance(first)
     head = traffic(first, setup, transfers=9)  # alice sends 5, bob 4
     first.stop()
+    caplog.set_level(logging.INFO, logger=lifecycle.__name__)
     second = node.serving(store=open_store(), enclave_factory=spawn_enclave)
     assert second.list_instances()[0].head.sequence == head
     assert second.metrics.snapshot()["recovered_entries"] == head
+    said = [r.getMessage() for r in caplog.records if "entries replayed" in r.getMessage()]
+    assert said[-1].endswith(f"(1/1): {head} of {head} entries replayed"), said
     assert amount(second, setup.accounts[0], balance()) == 999
     assert amount(second, setup.accounts[0], total_supply()) == 1000
     assert traffic(second, setup, transfers=1) == head + 2

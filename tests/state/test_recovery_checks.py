@@ -106,6 +106,15 @@ def test_a_log_compacted_behind_a_new_snapshot_while_it_is_read_is_to_be_read_ag
         recovery.restore(_Enclave(), log, remote, now_ms=0)  # type: ignore[arg-type]
 
 
+def test_progress_is_told_after_every_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
+    told: list[int] = []
+    log = recovery.read_log(INSTANCE, MemoryLog(_log([1] * 7)).store())
+    remote = RemoteHead(0, wire.ZERO_HASH, envelope_pb2.HeadStatement())
+    recovery.restore(_Enclave(), log, remote, now_ms=0, progress=told.append)  # type: ignore[arg-type]
+    assert told == [3, 6, 7]
+
+
 @pytest.mark.parametrize(
     ("entries", "part_bytes", "parts"),
     [

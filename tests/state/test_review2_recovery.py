@@ -51,7 +51,7 @@ class _Script:
     def check_freshness(self, log: Any, remote: RemoteHead) -> None:
         self.calls.append(("fresh", log, remote))
 
-    def restore(self, enclave: object, log: Any, remote: RemoteHead, *, now_ms: int) -> Any:
+    def restore(self, enclave: object, log: Any, remote: RemoteHead, *, now_ms: int, **_: Any) -> Any:
         self.calls.append(("restore", log, remote))
         outcome = self.outcomes[sum(1 for c in self.calls if c[0] == "restore") - 1]
         if outcome == "moved":
