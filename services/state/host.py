@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from veil.enclave import wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
@@ -442,9 +441,7 @@ class StateHost:
             answers.append(answer)
             if outcome.accepted and item.request_id:
                 out.records.append(_record(instance_id, item, answer, now_ms))
-        for entry in response.entries:
-            serialized = entry.SerializeToString(deterministic=True)
-            out.entries.append(StoredEntry(instance_id, entry.sequence, wire.entry_hash(entry), serialized))
+        out.entries.extend(StoredEntry.of(entry) for entry in response.entries)
         if response.entries:
             out.links.append(response.link)
         if held:
@@ -674,13 +671,7 @@ class StateHost:
             created = runtime.enclave.create_instance(instance_id, config, remote.statement, self._now_ms())
         except EnclaveCallError as exc:
             raise from_ecall(exc.code, exc.message, method="CreateInstance") from None
-        genesis = created.entry
-        stored = StoredEntry(
-            instance_id,
-            genesis.sequence,
-            wire.entry_hash(genesis),
-            genesis.SerializeToString(deterministic=True),
-        )
+        stored = StoredEntry.of(created.entry)
         try:
             created_here = self.parts.store.create_instance(
                 InstanceRecord(instance_id, config_bytes, int(self._clock() * 1e6)), stored

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from veil.enclave import wire
+from veil.enclave.v1 import envelope_pb2
+
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -30,6 +33,16 @@ class StoredEntry(NamedTuple):
     sequence: int
     entry_hash: bytes
     blob: bytes
+
+    @classmethod
+    def of(cls, entry: envelope_pb2.LogEntry) -> StoredEntry:
+        """`entry` as the store keeps it: its place, its chain hash and its bytes."""
+        return cls(
+            entry.instance_id,
+            entry.sequence,
+            wire.entry_hash(entry),
+            entry.SerializeToString(deterministic=True),
+        )
 
 
 @dataclass(frozen=True)

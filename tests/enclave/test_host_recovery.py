@@ -14,7 +14,7 @@ import secrets
 import pytest
 
 from tests.enclave.support import NOW_MS, Harness, config, vault
-from tests.state.support import MemoryLog, stored
+from tests.state.support import MemoryLog
 from veil.enclave import wire
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.services.state import recovery
@@ -35,7 +35,7 @@ def logged(harness: Harness) -> tuple[Harness, list[StoredEntry]]:
     alice = harness.client("v")
     for i in range(5):
         harness.call(alice, vault(put=apps_pb2.VaultPut(record_id=f"r{i}", data=b"x" * 20)))
-    return harness, [stored(e) for e in harness.log["v"]]
+    return harness, [StoredEntry.of(e) for e in harness.log["v"]]
 
 
 def _recover(harness: Harness, rows: list[StoredEntry], kv: int) -> str:
@@ -97,7 +97,7 @@ def test_the_refusal_names_the_first_bad_entry_and_quotes_the_enclave(
     entry = envelope_pb2.LogEntry.FromString(rows[2].blob)
     entry.ciphertext = bytes([entry.ciphertext[0] ^ 1]) + entry.ciphertext[1:]
     bad = list(rows)
-    bad[2] = stored(entry)
+    bad[2] = StoredEntry.of(entry)
     said = _recover(harness, bad, 2)
     assert "at sequence 4: log entry does not chain to entry 3" in said
     assert "the enclave: ECALL_ERROR_CODE_DATA_LOSS: log entry 3: decryption failed" in said
@@ -109,7 +109,7 @@ def test_missing_keys_are_every_version_of_a_sound_chain_and_none_of_a_broken_on
     harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="a", data=b"1")))
     harness.provision("v", 2)
     harness.call(alice, vault(put=apps_pb2.VaultPut(record_id="b", data=b"2")))
-    rows = [stored(e) for e in harness.log["v"]]
+    rows = [StoredEntry.of(e) for e in harness.log["v"]]
     kv = envelope_pb2.CommitHead(sequence=len(rows), hash=rows[-1].entry_hash)
 
     def attempt(stored: list[StoredEntry]) -> object:

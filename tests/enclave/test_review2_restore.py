@@ -28,7 +28,7 @@ from tests.enclave.support import (
     refused,
     vault_put,
 )
-from tests.state.support import MemoryLog, stored
+from tests.state.support import MemoryLog
 from veil.enclave import wire
 from veil.enclave.v1 import ecall_pb2, envelope_pb2, error_pb2
 from veil.services.state import recovery
@@ -300,7 +300,7 @@ def test_a_dead_runner_mid_restore_is_raised_as_it_is_and_the_open_restore_is_dr
     """Held: a later part failing with EnclaveUnavailableError: the host abandons (the enclave
     holds nothing afterwards) and the original error comes out, also when the abandon fails."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [stored(e) for e in logged.log["v"]]
+    rows = [StoredEntry.of(e) for e in logged.log["v"]]
     for abandon_fails in (False, True):
         fresh = logged.restarted()
         died = EnclaveUnavailableError("enclave runner exited (code -9)")
@@ -402,7 +402,7 @@ def test_a_log_compacted_during_recovery_is_read_again_and_served(
     enclave: LogMoved, the open restore is abandoned, attempt 2 reads the log from the snapshot,
     issues a new challenge, and serves 9."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [stored(e) for e in logged.log["v"]]
+    rows = [StoredEntry.of(e) for e in logged.log["v"]]
     fresh = logged.restarted()
     store = _Compacting(rows, compact_to=_snapshot_at(logged, 5))
     releases: list[set[int]] = []
@@ -421,7 +421,7 @@ def test_a_database_that_always_moves_is_refused_after_three_reads(
     that is garbage, or that moves each time) makes start-up refuse after three attempts; the
     enclave holds nothing, and it never serves."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 3)
-    rows = [stored(e) for e in logged.log["v"]]
+    rows = [StoredEntry.of(e) for e in logged.log["v"]]
     fresh = logged.restarted()
     moves = iter(range(4, 100))
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.enclave.conftest import MakeEnclave
 from tests.enclave.support import NOW_MS, Harness, config, fork, vault_put
-from tests.state.support import MemoryLog, stored
+from tests.state.support import MemoryLog
 from veil.services.state import recovery
 from veil.services.state.errors import RecoveryRefused
 from veil.services.state.keyvault_client import RemoteHead
@@ -53,8 +53,9 @@ def test_pages_read_from_two_forks_are_refused_and_load_nothing(
     """Held: the rows move from fork x to fork y between the paged reads (the head row read
     first is y's): the host's shape checks pass, the enclave refuses the mix, nothing loads."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [stored(e) for e in logged.log["v"]]
-    x, y = [stored(e) for e in fork(logged, "bob")], [stored(e) for e in fork(logged, "carol")]
+    log = [StoredEntry.of(e) for e in logged.log["v"]]
+    x = [StoredEntry.of(e) for e in fork(logged, "bob")]
+    y = [StoredEntry.of(e) for e in fork(logged, "carol")]
     fork_x, fork_y = log + x, log + y
     fresh = logged.restarted()
     # head() reads `rows` (y); the freshness read of 9 and the pages 1..2 .. 9..10 come from x
@@ -71,8 +72,8 @@ def test_pages_read_from_two_forks_are_refused_and_load_nothing(
 def test_the_same_database_read_consistently_serves(logged: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The control for the test above: fork y alone restores (as a head still to be confirmed)."""
     monkeypatch.setattr(recovery, "PART_ENTRIES", 2)
-    log = [stored(e) for e in logged.log["v"]]
-    y = [stored(e) for e in fork(logged, "carol")]
+    log = [StoredEntry.of(e) for e in logged.log["v"]]
+    y = [StoredEntry.of(e) for e in fork(logged, "carol")]
     assert _recover(logged.restarted(), MemoryLog(log + y)) == f"served at {ENTRIES + 2}"
 
 
@@ -90,7 +91,7 @@ def test_a_host_side_refusal_between_parts_leaves_no_restore_open_in_the_enclave
     writer = harness.client("b")
     for i in range(5):
         harness.call(writer, vault_put(f"r{i}", 2000 if i < 2 else 10))  # entries 2, 3 are large
-    rows = [stored(e) for e in harness.log["b"]]
+    rows = [StoredEntry.of(e) for e in harness.log["b"]]
     damaged = [r for r in rows if r.sequence != 5]  # page 1 (1..3) sound; page 2 lost entry 5
     fresh = Harness.start(make_enclave(), memory_budget_bytes=8192)
     fresh.factory, fresh.keyvault, fresh.log = harness.factory, harness.keyvault, harness.log

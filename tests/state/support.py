@@ -320,16 +320,9 @@ def make_entries(
             nonce=secrets.token_bytes(12),
             ciphertext=secrets.token_bytes(48),
         )
-        previous = wire.entry_hash(entry)
-        entries.append(StoredEntry(instance_id, sequence, previous, entry.SerializeToString()))
+        entries.append(StoredEntry.of(entry))
+        previous = entries[-1].entry_hash
     return entries
-
-
-def stored(entry: envelope_pb2.LogEntry) -> StoredEntry:
-    """`entry` as the state host stores it."""
-    return StoredEntry(
-        entry.instance_id, entry.sequence, wire.entry_hash(entry), entry.SerializeToString(deterministic=True)
-    )
 
 
 @dataclass
