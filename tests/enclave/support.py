@@ -192,7 +192,12 @@ class Harness:
         self, instance_id: str, keyvault_head: envelope_pb2.CommitHead | None = None
     ) -> envelope_pb2.HeadStatement:
         """The test keyvault's statement for a fresh challenge: `keyvault_head`, else what it holds."""
-        challenge = self.host.issue_challenge(instance_id)
+        return self.statement_for(instance_id, self.host.issue_challenge(instance_id), keyvault_head)
+
+    def statement_for(
+        self, instance_id: str, challenge: bytes, keyvault_head: envelope_pb2.CommitHead | None = None
+    ) -> envelope_pb2.HeadStatement:
+        """The test keyvault's statement for `challenge`: `keyvault_head`, else what it holds."""
         view = self.keyvault.get(instance_id)
         head = keyvault_head if keyvault_head is not None else (view.head if view else None)
         if head is None or head.sequence == 0:
@@ -253,16 +258,7 @@ class Harness:
 
     def read_fence(self, instance_id: str) -> ecall_pb2.ConfirmHeadResponse:
         """Play the keyvault for a read fence: its statement for the instance's read challenge."""
-        challenge = self.host.issue_challenge(instance_id, reads=True)
-        view = self.keyvault[instance_id]
-        statement = head_statement(
-            self.keys,
-            instance_id,
-            challenge,
-            view.head,
-            genesis_hash=view.genesis_hash,
-            config_hash=view.config_hash,
-        )
+        statement = self.statement_for(instance_id, self.host.issue_challenge(instance_id, reads=True))
         response = self.host.confirm_head(statement=statement)
         self._took(instance_id, response)
         return response

@@ -21,7 +21,6 @@ from tests.enclave.support import (
     NOW_MS,
     Harness,
     config,
-    head_statement,
     memory_used,
     observed,
     open_part,
@@ -350,16 +349,8 @@ def _startup(fresh: Harness, store: MemoryLog, releases: list[set[int]]) -> tupl
     lock = threading.Lock()
 
     def get_commit_head(iid: str, _key: bytes, challenge: bytes) -> RemoteHead:
-        view = fresh.keyvault[iid]
-        statement = head_statement(
-            fresh.keys,
-            iid,
-            challenge,
-            view.head,
-            genesis_hash=view.genesis_hash,
-            config_hash=view.config_hash,
-        )
-        return RemoteHead(view.head.sequence, view.head.hash, statement)
+        head = fresh.keyvault[iid].head
+        return RemoteHead(head.sequence, head.hash, fresh.statement_for(iid, challenge))
 
     startup: Any = object.__new__(Startup)
     startup.parts = SimpleNamespace(
