@@ -374,11 +374,13 @@ class Startup:
         retrying = self._with_keyvault if not quiet else _at_once
         started = time.monotonic()
         log = recovery.read_log(iid, self.parts.store)
-        said = [started]  # when progress was last said
+        said = started  # when progress was last said
 
         def progress(replayed: int) -> None:
-            if not quiet and time.monotonic() - said[0] >= PROGRESS_EVERY_S:
-                said[0] = time.monotonic()
+            nonlocal said
+            now = time.monotonic()
+            if not quiet and now - said >= PROGRESS_EVERY_S:
+                said = now
                 self.parts.lifecycle.set(
                     lifecycle.RECOVERING,
                     f"recovering instance {iid!r} ({number}/{total}): "
