@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -36,6 +37,10 @@ def serve(service: str, create_server: ServerFactory) -> int:
         _log.error("%s cannot start: %s", service, exc)
         return 1
     server.start()
+    # What start-up built (modules, servers, stubs, providers) lives as long as the process: out
+    # of every full collection, which then walks only what serving allocates (the gateway's
+    # full collections paused it 20-40 ms under load with start-up's 55,000 objects in them).
+    gc.freeze()
     _log.info("%s listening on %s (mTLS) and %s (admin)", service, port, server.admin_port)
     run_until_signalled(server, config.grace_seconds)
     telemetry.shutdown()
