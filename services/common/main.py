@@ -29,6 +29,12 @@ def serve(service: str, create_server: ServerFactory) -> int:
         _log.error("%s cannot start: %s", service, exc)
         return 1
     telemetry.install_globally()
+    # What the imports built (modules, classes, functions: 55,000 objects) lives as long as the
+    # process: out of every full collection, which then walks only what serving allocates (the
+    # gateway's full collections paused it 20-40 ms under load with them in). Frozen before the
+    # server is built: the state service starts its first incarnation in there, and a frozen
+    # cycle (an incarnation refers to itself) would never be freed once recovery retires it.
+    gc.freeze()
     try:
         server, port = create_server(
             config, tracer_provider=telemetry.tracer_provider, meter_provider=telemetry.meter_provider
@@ -37,10 +43,6 @@ def serve(service: str, create_server: ServerFactory) -> int:
         _log.error("%s cannot start: %s", service, exc)
         return 1
     server.start()
-    # What start-up built (modules, servers, stubs, providers) lives as long as the process: out
-    # of every full collection, which then walks only what serving allocates (the gateway's
-    # full collections paused it 20-40 ms under load with start-up's 55,000 objects in them).
-    gc.freeze()
     _log.info("%s listening on %s (mTLS) and %s (admin)", service, port, server.admin_port)
     run_until_signalled(server, config.grace_seconds)
     telemetry.shutdown()
