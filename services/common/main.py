@@ -29,10 +29,10 @@ def serve(service: str, create_server: ServerFactory) -> int:
         _log.error("%s cannot start: %s", service, exc)
         return 1
     telemetry.install_globally()
-    # What the imports built (modules, classes, functions: 55,000 objects) lives as long as the
-    # process: out of every full collection, which then walks only what serving allocates (the
-    # gateway's full collections paused it 20-40 ms under load with them in). Frozen before the
-    # server is built: the state service starts its first incarnation in there, and a frozen
+    # What the imports built (modules, classes, functions: 48,000-65,000 objects) lives as long
+    # as the process: out of every full collection, which then walks only what serving allocates
+    # (the gateway's full collections paused it 20-40 ms under load with them in). Frozen before
+    # the server is built: the state service starts its first incarnation in there, and a frozen
     # cycle (an incarnation refers to itself) would never be freed once recovery retires it.
     gc.freeze()
     try:

@@ -8,8 +8,9 @@ read). The host keeps one future per (instance, head) or (instance, read round):
 queries wait on it, the confirmation path sets it with the key, and a failed incarnation fails
 them all. Keys released a moment before anyone asked are kept briefly, so a late waiter does not
 wait for a confirmation that already came: the key bytes only, never the future that waited for
-them (a done future keeps its callbacks, and with them every answer of the batch it released;
-4,096 of those made a heap of millions of objects whose full GC pauses were the p99 tail).
+them (a done future keeps its callbacks, and with them every answer of the batch it released:
+the heap grew by 90,000 objects a second until 4,096 batches were kept, and its full
+collections, 50-150 ms each, were the p99 tail at 64 clients).
 """
 
 from __future__ import annotations
