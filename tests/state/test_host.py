@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +93,32 @@ def test_concurrent_commands_share_few_ecalls_and_commits(node: Node) -> None:
     assert commits <= 16, f"{commits} commits for 64 concurrent commands"
     assert ecalls == commits  # one instance: one ExecuteBatch per committed batch
     assert len(SqliteStore(node.database).load("vault").entries) == 65
+
+
+def _live_futures() -> int:
+    gc.collect()
+    return sum(isinstance(o, concurrent.futures.Future) for o in gc.get_objects())
+
+
+def test_answers_once_delivered_are_not_kept_alive(node: Node) -> None:
+    """A strict instance's answers wait on hold keys; once delivered, nothing of them may stay
+    (the released keys' futures kept every answer of their batch: the heap grew without end
+    under load, and its full collections were the p99 tail)."""
+    host = node.serving()
+    accounts = vault(host, users=16)
+
+    def round_of_puts(number: int) -> None:
+        with ThreadPoolExecutor(len(accounts)) as pool:
+            answers = list(pool.map(lambda a: run(host, a, vault_put(f"n{number}", b"x"))[0], accounts))
+        assert all(answer.outcome.accepted for answer in answers)
+
+    round_of_puts(0)
+    after_one = _live_futures()
+    for number in range(1, 8):
+        round_of_puts(number)
+    # The batch worker's locals hold its last batch (two futures a command) until the next one;
+    # keeping delivered answers would add two a command of every round (7 x 32 here).
+    assert _live_futures() - after_one <= 2 * len(accounts), "futures of delivered answers are kept"
 
 
 def _gated_vault(node: Node) -> tuple[StateHost, GatedStore, SqliteStore, Account]:
