@@ -5,10 +5,24 @@ one instance."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 from tests.cli.support import Veil
+from tests.gateway.support import InProcessMesh, mesh_fixture
+from veil.dev.supervisor import DEV_GATEWAY_BURST, DEV_GATEWAY_RATE
 
 TINY = ("--clients", "1", "--processes", "1", "--seconds", "0.3", "--warmup", "0.2")
+
+
+@pytest.fixture
+def mesh(pki_dir: Path, tmp_path: Path) -> Iterator[InProcessMesh]:
+    """The gateway's limits of the mesh `veil up` starts, which a bench is meant for (with the
+    production default, 400 calls of burst, a fast machine's batched window ran into it)."""
+    limits = {"rate_per_second": float(DEV_GATEWAY_RATE), "burst": float(DEV_GATEWAY_BURST)}
+    yield from mesh_fixture(pki_dir, tmp_path, gateway_options=limits)
 
 
 def _instances(veil: Veil) -> list[str]:
