@@ -46,6 +46,11 @@ ADVANCE_PACE_S = 0.0
 #: The keyvault's refusals that mean another host owns the instance now (leases, ownership.py).
 LEASE_REFUSALS = frozenset({"LEASE_LOST", "LEASE_UNKNOWN"})
 MAX_LINKS = 1024  # per AdvanceCommitHead (the keyvault's bound); a longer path takes more rounds
+# Rounds failed in a row before the log says so, and then every how many (5 min at the longest
+# backoff): a keyvault away holds every strict answer and nothing else would say so; a few
+# failures are the retries doing their job.
+WARN_AFTER_FAILURES = 3
+WARN_EVERY_FAILURES = 60
 
 
 @dataclass(frozen=True)
@@ -229,6 +234,12 @@ class HeadAdvancer:
                         self._cond.wait_for(lambda: self._stopping, self._pace_s)
                 continue
             failures += 1
+            if failures == WARN_AFTER_FAILURES or failures % WARN_EVERY_FAILURES == 0:
+                _log.warning(
+                    "commit heads and read fences have failed %d rounds in a row (retrying): %s",
+                    failures,
+                    self.problem() or "the keyvault is unreachable",
+                )
             with self._cond:
                 # Sleep, but wake for stop(); new links just join their paths meanwhile.
                 self._cond.wait_for(lambda: self._stopping, self._backoff.delay(failures))

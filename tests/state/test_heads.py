@@ -5,14 +5,18 @@ path is a refusal, and stop() still flushes what is pending."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
-from veil.services.state.heads import HeadAdvancer
+from veil.services.state.heads import WARN_AFTER_FAILURES, Backoff, HeadAdvancer
+from veil.services.state.keyvault_client import KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
 
 
@@ -103,3 +107,36 @@ def test_stop_flushes_pending_links() -> None:
     advancer.stop(flush_s=5.0)  # a clean stop sends what is pending first
     assert confirmed == [2]
     assert keyvault.rounds == [[1, 2]]
+
+
+class AwayKeyvault:
+    """A keyvault that never answers: every advance fails as unreachable."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def advance_commit_head(
+        self, links: Sequence[envelope_pb2.CommitLink], token: str
+    ) -> envelope_pb2.HeadConfirmation:
+        self.attempts += 1
+        raise KeyvaultUnavailable("keyvault at kv:1 unreachable (DEADLINE_EXCEEDED)")
+
+
+def test_rounds_that_keep_failing_are_logged_once_retries_stop_looking_transient(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keyvault = AwayKeyvault()
+    advancer, confirmed, refused = _advancer(keyvault, backoff=Backoff(initial_s=0.01, max_s=0.01))
+    advancer.push(_link(0, 1))
+    with caplog.at_level(logging.WARNING, logger="veil.services.state.heads"):
+        advancer.start()
+        deadline = time.monotonic() + 10
+        while keyvault.attempts < WARN_AFTER_FAILURES + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        advancer.stop()
+    warnings = [r.getMessage() for r in caplog.records if "rounds in a row" in r.getMessage()]
+    assert warnings == [
+        f"commit heads and read fences have failed {WARN_AFTER_FAILURES} rounds in a row (retrying): "
+        "keyvault at kv:1 unreachable (DEADLINE_EXCEEDED); commit heads lag by 1 entries"
+    ]
+    assert (confirmed, refused) == ([], [])
