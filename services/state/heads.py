@@ -238,7 +238,7 @@ class HeadAdvancer:
                 _log.warning(
                     "commit heads and read fences have failed %d rounds in a row (retrying): %s",
                     failures,
-                    self.problem() or "the keyvault is unreachable",
+                    self.problem() or "see the warnings above",  # not the keyvault: an error logged there
                 )
             with self._cond:
                 # Sleep, but wake for stop(); new links just join their paths meanwhile.
