@@ -65,10 +65,12 @@ class InstanceRecord:
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
-    """The first answer to a request id: `response` is a serialized ExecuteResponse."""
+    """The answer to a request id's sealed command (named by its hash): `response` is a
+    serialized ExecuteResponse."""
 
     instance_id: str
     request_id: str
+    command_hash: bytes
     response: bytes
     created_us: int
 
@@ -131,8 +133,9 @@ class StateStore(Protocol):
         """The last persisted sequence (entry or snapshot), or None for an unknown instance."""
         ...
 
-    def get_response(self, instance_id: str, request_id: str) -> bytes | None:
-        """The recorded response of a request id, or None."""
+    def get_response(self, instance_id: str, request_id: str, command_hash: bytes) -> bytes | None:
+        """The recorded response to a request id's sealed command, or None (never the answer to
+        another command sent under the same id)."""
         ...
 
     def put_snapshot(self, snapshot: StoredSnapshot) -> bool:
