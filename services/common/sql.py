@@ -192,7 +192,7 @@ def _explicit(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")  # \Z: "$" passes a final newline
 
 
 class PostgresDatabase(_PerThread[PgConnection]):

@@ -8,14 +8,12 @@ them, request ids of 1 to 64 characters).
 
 from __future__ import annotations
 
-import re
-
 from cryptography.hazmat.primitives import hpke
 
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.errors import InvalidArgument
+from veil.services.common.instance_ids import is_instance_id
 
-INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_REQUEST_ID = 64
 _AEAD_TAG = 16
 _ENC_LENGTHS = {
@@ -28,7 +26,9 @@ def instance_id(value: str, *, required: bool = True) -> str:
     """A valid instance id (or "" when not required and absent)."""
     if not value and not required:
         return value
-    if not INSTANCE_ID.match(value):
+    # The grammar every service shares: a copy here anchored with "$" let "coins\n" through,
+    # past the instance's authentication plugin (looked up by the id) to the default one.
+    if not is_instance_id(value):
         raise InvalidArgument(
             "instance_id must be lowercase letters, digits and dashes (1 to 63 characters)",
             metadata={"field": "instance_id"},

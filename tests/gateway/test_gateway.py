@@ -176,6 +176,9 @@ def _mutations() -> list[tuple[str, Any]]:
     def instance(r: gateway_pb2.ExecuteRequest) -> None:
         r.instance_id = "Not_An_Id!"
 
+    def instance_with_a_final_newline(r: gateway_pb2.ExecuteRequest) -> None:
+        r.instance_id += "\n"
+
     def suite(r: gateway_pb2.ExecuteRequest) -> None:
         r.command.suite = envelope_pb2.HPKE_SUITE_UNSPECIFIED
 
@@ -191,7 +194,18 @@ def _mutations() -> list[tuple[str, Any]]:
     def long_request_id(r: gateway_pb2.ExecuteRequest) -> None:
         r.request_id = "r" * 65
 
-    return [(f.__name__, f) for f in (instance, suite, enc, ciphertext, request_id, long_request_id)]
+    return [
+        (f.__name__, f)
+        for f in (
+            instance,
+            instance_with_a_final_newline,
+            suite,
+            enc,
+            ciphertext,
+            request_id,
+            long_request_id,
+        )
+    ]
 
 
 @pytest.mark.parametrize(("what", "mutate"), _mutations())

@@ -109,6 +109,17 @@ def test_ping_is_subject_to_the_instance_plugin(guarded_mesh: InProcessMesh) -> 
     assert guarded_mesh.states[0].calls["Ping"] == 1
 
 
+def test_a_final_newline_does_not_slip_past_the_instance_plugin(guarded_mesh: InProcessMesh) -> None:
+    """ "coins\n" once matched the gateway's instance-id pattern ("$" matches before a final
+    newline) and, being another key, was judged by the default plugin (none) instead of the
+    key-protected instance's: it is malformed, refused before any plugin or replica."""
+    channel, stub = _stub(guarded_mesh)
+    with channel, pytest.raises(grpc.RpcError) as refused:
+        stub.Ping(gateway_pb2.PingRequest(instance_id="coins\n"), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert guarded_mesh.states[0].calls["Ping"] == 0
+
+
 @pytest.fixture
 def throttled_mesh(monkeypatch: pytest.MonkeyPatch, pki_dir: Path, tmp_path: Path) -> Iterator[InProcessMesh]:
     options = {"rate_per_second": 0.5, "burst": 2}
