@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,7 @@ class OAuth2Auth:
         if not token:
             raise Unauthenticated("this instance requires a bearer token", reason="BEARER_MISSING")
         try:
+            _one_reading(token)
             header = jwt.get_unverified_header(token)
             key = self._key(header.get("kid"))
             algorithm = header.get("alg")
@@ -178,14 +180,31 @@ class OAuth2Auth:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise Unauthenticated("bearer token has no subject", reason="BEARER_INVALID")
-        # Subjects are unique only per issuer: scope them so two issuers' "alice" stay apart.
-        return Principal("oauth2", f"{self._issuer}:{subject}")
+        # Subjects are unique only per issuer: scope them so two issuers' "alice" stay apart, in
+        # an encoding with one reading ("https://idp:8443" + "alice" and "https://idp" +
+        # "8443:alice" joined with ":" were one principal: one rate bucket, one stream owner).
+        return Principal("oauth2", json.dumps([self._issuer, subject], ensure_ascii=True))
 
     def _key(self, kid: object) -> Any:
         candidates = [k for k in self._keys.keys if kid is None or k.key_id == kid]
         if len(candidates) != 1:
             raise jwt.InvalidTokenError("signing key not found in the JWKS")
         return candidates[0].key
+
+
+def _one_reading(token: str) -> None:
+    """Refuse a token whose header or claims are JSON with duplicate members (or not JSON
+    objects): PyJWT keeps the last of two "sub"s, the enclave refuses the token, and the gateway
+    must not name a caller by a reading the enclave would not share."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise jwt.DecodeError("not a compact JWS")
+    for what, segment in (("header", parts[0]), ("claims", parts[1])):
+        try:
+            decoded = jwt.utils.base64url_decode(segment)
+        except (ValueError, TypeError):
+            raise jwt.DecodeError(f"{what}: not base64url") from None
+        wire.strict_json_object(decoded, what, jwt.DecodeError)
 
 
 def _key_algorithms(key: object) -> frozenset[str]:

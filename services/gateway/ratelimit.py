@@ -8,7 +8,7 @@ recently seen buckets are dropped first (a dropped bucket is full again, which o
 the side of serving).
 
 Keys are scoped so tenants never share a bucket: `api-key:<instance>:<name>` and
-`oauth2:<issuer>:<sub>` (built by veil.services.gateway.auth), `peer:<address>` for anonymous
+`oauth2:["<issuer>","<sub>"]` (built by veil.services.gateway.auth), `peer:<address>` for anonymous
 callers. An IPv6 peer is bucketed by its /64: one host is routinely given a whole /64, so a
 bucket per /128 would let it mint fresh buckets at will.
 

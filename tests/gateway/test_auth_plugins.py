@@ -86,8 +86,42 @@ def test_api_key_plugin() -> None:
 def test_oauth2_plugin_accepts_a_good_token_and_names_its_subject() -> None:
     key, jwks = _rsa_jwks()
     assert _policy(jwks).authenticate("ballots", _bearer(_token(key))) == Principal(
-        "oauth2", f"{ISSUER}:alice"
+        "oauth2", json.dumps([ISSUER, "alice"])
     )
+
+
+def test_oauth2_principals_of_two_issuers_never_meet() -> None:
+    """Issuer "https://idp.example:8443" with subject "alice" and issuer "https://idp.example"
+    with subject "8443:alice" were one principal (joined with ":"): one rate bucket, one owner
+    of receipt streams."""
+    key, jwks = _rsa_jwks()
+    other = parse_authenticators(
+        {
+            "default": {"type": "none"},
+            "instances": {
+                "ballots": {"type": "oauth2", "issuer": f"{ISSUER}:8443", "audience": AUDIENCE, "jwks": jwks}
+            },
+        }
+    )
+    plain = _policy(jwks).authenticate("ballots", _bearer(_token(key, sub="8443:alice")))
+    ported = other.authenticate("ballots", _bearer(_token(key, iss=f"{ISSUER}:8443")))
+    assert plain.key != ported.key
+
+
+def test_oauth2_plugin_refuses_a_token_with_two_readings() -> None:
+    """Duplicate claims: PyJWT keeps the last "sub", the enclave refuses the token; the gateway
+    must not name the caller by a reading the enclave does not share."""
+    key, jwks = _rsa_jwks()
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "RS256", "kid": "rsa-1", "typ": "JWT"}).encode())
+    now = int(time.time())
+    claims = f'{{"iss": "{ISSUER}", "aud": "{AUDIENCE}", "sub": "u1", "sub": "u2", "exp": {now + 300}}}'
+    signing_input = header + b"." + jwt.utils.base64url_encode(claims.encode())
+    signature = jwt.algorithms.RSAAlgorithm(jwt.algorithms.RSAAlgorithm.SHA256).sign(signing_input, key)
+    token = (signing_input + b"." + jwt.utils.base64url_encode(signature)).decode()
+    with pytest.raises(Unauthenticated) as refused:
+        _policy(jwks).authenticate("ballots", _bearer(token))
+    assert refused.value.reason == "BEARER_INVALID"
+    assert "duplicate" in str(refused.value)
 
 
 def test_oauth2_plugin_accepts_es256() -> None:
@@ -95,10 +129,9 @@ def test_oauth2_plugin_accepts_es256() -> None:
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
     jwk["kid"] = "ec-1"
     policy = _policy({"keys": [jwk]})
-    assert (
-        policy.authenticate("ballots", _bearer(_token(key, kid="ec-1", algorithm="ES256"))).name
-        == f"{ISSUER}:alice"
-    )
+    assert policy.authenticate(
+        "ballots", _bearer(_token(key, kid="ec-1", algorithm="ES256"))
+    ).name == json.dumps([ISSUER, "alice"])
 
 
 @pytest.mark.parametrize(
@@ -160,7 +193,9 @@ def test_yaml_file_with_a_relative_jwks_file(tmp_path: Path) -> None:
         "default:\n  type: none\ninstances:\n  ballots:\n    type: oauth2\n"
         f"    issuer: {ISSUER}\n    audience: {AUDIENCE}\n    jwks_file: idp.json\n"
     )
-    assert load_authenticators(path).authenticate("ballots", _bearer(_token(key))).name == f"{ISSUER}:alice"
+    assert load_authenticators(path).authenticate("ballots", _bearer(_token(key))).name == json.dumps(
+        [ISSUER, "alice"]
+    )
 
 
 @pytest.mark.parametrize(
