@@ -190,7 +190,8 @@ class Enclave:
     @staticmethod
     def _wrap_held(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
         """Seal answers under the newest unconfirmed head's hold key; the head sequence, or 0."""
-        if not instance.holds:
+        # A fast instance answers at once once live; its holds from before keep their own answers.
+        if not instance.holding or not instance.holds:
             return 0
         hold = instance.holds[-1]
         Enclave._seal_answers(outcomes, hold.key, wire.held_response_aad(instance.instance_id, hold.sequence))
@@ -710,7 +711,7 @@ class Enclave:
             (head.sequence, head.hash) == (instance.sequence, instance.head_hash)
             or (head.sequence, head.hash) == (instance.confirmed.sequence, instance.confirmed.hash)
             or any((h.sequence, h.hash) == (head.sequence, head.hash) for h in instance.holds)
-            # A fast instance keeps no holds once live: its older heads cannot be told apart.
+            # A fast instance takes no holds once live: the heads it made since cannot be told apart.
             or (not instance.holding and head.sequence < instance.sequence)
         )
         if not on_chain:

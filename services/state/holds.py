@@ -58,6 +58,12 @@ class HeldAnswers:
                 self._waiting[slot] = future
             return future
 
+    def commands_waiting(self, instance_id: str) -> bool:
+        """Whether some command answers of the instance wait for a head's confirmation (a fast
+        instance's from before the keyvault registered it: they wait although it is live now)."""
+        with self._lock:
+            return any(iid == instance_id and number > 0 for iid, number in self._waiting)
+
     def release(self, instance_id: str, released: list[ecall_pb2.ReleasedHold]) -> None:
         """Hand out the keys the enclave released (waiters run in this thread)."""
         ready = []

@@ -465,8 +465,15 @@ def _take(
     """Hand the keyvault's word on a head to the enclave and release what it frees; returns the
     read rounds still waiting (-1 when the enclave refused it: this incarnation stops)."""
     state = runtime.instances.get(instance_id)
-    if confirmation is not None and state is not None and not state.strict and state.descriptor is not None:
-        return 0  # a fast instance registered for this boot holds nothing: no ECALL to spend
+    if (
+        confirmation is not None
+        and state is not None
+        and not state.strict
+        and state.descriptor is not None
+        # Batches it ran before the keyvault registered it wait for their heads' confirmation.
+        and not runtime.holds.commands_waiting(instance_id)
+    ):
+        return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
     try:
         response = runtime.enclave.confirm_head(confirmation, statement=statement)
     except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
