@@ -24,7 +24,9 @@ What an acknowledgement means:
 A refusal by the keyvault (after one retry with a fresh attestation) means it considers our
 log a fork or a rollback, or this enclave not allowed: the host stops serving (FAILED). A
 LEASE_LOST refusal means another host took the instance over (this one was paused or cut off):
-the host stops serving that instance only, and its held answers are never released.
+the host stops serving that instance only, and its held answers are never released. A read
+fence the enclave refuses (the keyvault's head not on its chain) is the same loss when another
+host holds the instance's lease now, and otherwise a refusal (startup.py, `_taken_over`).
 """
 
 from __future__ import annotations

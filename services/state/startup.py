@@ -32,7 +32,7 @@ from veil.services.state.errors import NotServing, RecoveryRefused
 from veil.services.state.heads import Backoff, HeadAdvancer
 from veil.services.state.holds import HeldAnswers
 from veil.services.state.keys import KeyProvisioner, SealedCache
-from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
+from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
 from veil.services.state.ownership import LeaseHeld, Ownership, OwnershipConfig
 from veil.services.state.store import InstanceRecord, StateStore
@@ -209,6 +209,7 @@ class Startup:
                     on_refused=on_refused,
                     on_broken=on_broken,
                     confirmation=confirmation,
+                    taken_over=self._taken_over,
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
                 on_lost=self.ownership.lose,
@@ -361,7 +362,27 @@ class Startup:
             on_refused=on_refused,
             on_broken=on_broken,
             statement=remote.statement,
+            taken_over=self._taken_over,
         )
+
+    def _taken_over(self, instance_id: str, why: str) -> bool:
+        """The enclave refused the keyvault's head of an instance: True when another host holds
+        its lease now (it took the instance over while this one was paused or cut off, and moved
+        its head on), after dropping that instance only, as an advance refused LEASE_LOST does.
+        False while the lease is still this host's token, or the instance has none: a fork, or
+        this boot left behind, and the caller stops serving. KeyvaultUnavailable: asked again
+        (the next read fence or confirmation is refused the same way)."""
+        token = self.ownership.token(instance_id)
+        try:
+            leases = self.parts.keyvault.list_leases([instance_id])
+        except KeyvaultRefused as exc:
+            _log.warning("instance %r: its lease could not be read: %s", instance_id, exc.message)
+            return False
+        # Fencing tokens grow with every acquisition: a newer one is another owner's.
+        if not any(lease.instance_id == instance_id and lease.fencing_token > token for lease in leases):
+            return False
+        self.ownership.lose(instance_id, token, f"another host owns it now; {why}")
+        return True
 
     def _recover(
         self, runtime: Runtime, record: InstanceRecord, number: int, total: int, *, quiet: bool = False
@@ -461,9 +482,11 @@ def _take(
     on_broken: Callable[[Runtime, str], None],
     confirmation: envelope_pb2.HeadConfirmation | None = None,
     statement: envelope_pb2.HeadStatement | None = None,
+    taken_over: Callable[[str, str], bool] = lambda _instance_id, _why: False,
 ) -> int:
     """Hand the keyvault's word on a head to the enclave and release what it frees; returns the
-    read rounds still waiting (-1 when the enclave refused it: this incarnation stops)."""
+    read rounds still waiting (-1 when the enclave refused it: this incarnation stops, unless
+    `taken_over(instance_id, why)` finds another host owns the instance now and drops it)."""
     state = runtime.instances.get(instance_id)
     if (
         confirmation is not None
@@ -477,9 +500,9 @@ def _take(
     try:
         response = runtime.enclave.confirm_head(confirmation, statement=statement)
     except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
-        on_refused(
-            runtime, f"instance {instance_id!r}: the enclave refused the keyvault's head: {exc.message}"
-        )
+        why = f"instance {instance_id!r}: the enclave refused the keyvault's head: {exc.message}"
+        if not taken_over(instance_id, why):
+            on_refused(runtime, why)
         return -1
     except EnclaveUnavailableError as exc:
         on_broken(runtime, f"the enclave runner failed: {exc}")
