@@ -85,6 +85,7 @@ from veil.sdk.errors import (
     OutcomeUnknown,
     VeilClientError,
 )
+from veil.sdk.gateway_auth import check_bearer
 from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
@@ -322,6 +323,8 @@ class VeilClient:
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
         self._answered: OrderedDict[str, tuple[_Call, Opened]] = OrderedDict()  # by request id
         self._heads: dict[str, int] = {}  # per instance: the newest head this client saw acknowledged
+        # The audiences attested OAuth2 enclaves accept proofs for: the gateway bearer has none.
+        self._enclave_audiences: set[str] = set()
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -334,13 +337,22 @@ class VeilClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _check_bearer(self, identity: Identity | None = None) -> None:
+        """GatewayCredentialError when the gateway bearer is a token the enclave could accept."""
+        with self._lock:
+            known = frozenset(self._enclave_audiences)
+        check_bearer(self._bearer, identity=identity, enclave_audiences=known)
+
     def _metadata(self, identity: Identity | None = None) -> tuple[tuple[str, str], ...]:
+        """The gateway's credentials: only those given for it, never the identity's proof (an
+        OAuth2 JWT is the enclave's, and the host runs the gateway). `identity`, the one the RPC
+        acts for, is only checked against the bearer."""
+        self._check_bearer(identity)
         metadata: list[tuple[str, str]] = []
         if self._api_key:
             metadata.append(("x-api-key", self._api_key))
-        bearer = (identity.bearer if identity is not None else None) or self._bearer
-        if bearer:
-            metadata.append(("authorization", f"Bearer {bearer}"))
+        if self._bearer:
+            metadata.append(("authorization", f"Bearer {self._bearer}"))
         return tuple(metadata)
 
     def _call(
@@ -391,6 +403,12 @@ class VeilClient:
             bundle, self.policy, root_public_key=self._root, now=self._clock(), instance_id=instance_id
         )
         if verified.descriptor is not None:
+            config = verified.descriptor.config
+            if config.auth_scheme == envelope_pb2.AUTH_SCHEME_OAUTH2 and config.oauth2_audience:
+                # Known from now on: nothing more goes with a bearer for this audience.
+                with self._lock:
+                    self._enclave_audiences.add(config.oauth2_audience)
+                self._check_bearer()
             # Trust on first use: an id names the instance first seen under it (the enclave gives
             # out a descriptor only once the keyvault registered it), and no other after.
             self.pins.check(verified.descriptor)
@@ -477,6 +495,7 @@ class VeilClient:
         enclave asks for a counter at or below one it already accepted (a rolled-back log),
         OutcomeUnknown when it cannot prove whether an earlier attempt ran.
         """
+        self._check_bearer(identity)  # before anything of the call is sent, its attestation included
         account = identity.account
         call_bytes = call.SerializeToString(deterministic=True)
         with (
@@ -643,6 +662,7 @@ class VeilClient:
         named = [i for i in ids if i]
         if len(ids) != len(calls) or len(set(named)) != len(named):
             raise ValueError("request_ids must name each call once")
+        self._check_bearer(identity)  # before anything of the batch is sent, its attestation included
         account = identity.account
         wanted = [
             (call.SerializeToString(deterministic=True), rid) for call, rid in zip(calls, ids, strict=True)
@@ -1108,6 +1128,7 @@ class VeilClient:
         The answer must read a head at or after every head this client saw acknowledged before
         the call (monotonic reads): an older one is a host serving a stale or rolled-back boot.
         """
+        self._check_bearer(identity)  # before anything of the call is sent, its attestation included
         with self._lock:
             floor = self._heads.get(instance_id, 0)
         for attempt in range(2):
@@ -1160,7 +1181,11 @@ class VeilClient:
     def watch_receipts(
         self, instance_id: str, *, identity: Identity | None = None, replay_recent: bool = True
     ) -> ReceiptStream:
-        """Stream the verified outcomes of this client's commands on `instance_id` as they commit."""
+        """Stream the verified outcomes of this client's commands on `instance_id` as they commit.
+
+        The gateway keys the stream to the caller its credentials name; `identity` (whose calls
+        are awaited) is only checked against the gateway bearer, never sent."""
+        self._check_bearer(identity)
         request = gateway_pb2.WatchReceiptsRequest(
             instance_id=instance_id, request_id_prefix=self.session_prefix, replay_recent=replay_recent
         )
@@ -1226,6 +1251,12 @@ def connect(
     high-water mark in `<data_dir>/sealed.json`), sealed calls until settled in
     `<data_dir>/calls/` (so another process resumes them by request id) and instance pins in
     `<data_dir>/instances.json`.
+
+    `api_key` and `bearer` authenticate to the gateway (its `api_key` and `oauth2` plugins) and
+    go in metadata, which the host reads: `bearer` is a token for the gateway's audience, never
+    an OAuth2 identity's JWT nor one for an instance's enclave audience, which the enclave would
+    accept as an account's proof (refused before it is sent: `GatewayCredentialError`; see
+    `veil.sdk.gateway_auth`). An `OAuth2Identity`'s JWT only ever travels sealed.
     """
     if (cert is None) != (key is None):
         raise VeilClientError("a client certificate needs both cert and key")

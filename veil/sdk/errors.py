@@ -12,6 +12,7 @@ from veil.status import error_info
 __all__ = [
     "CommandRefused",
     "CounterGap",
+    "GatewayCredentialError",
     "GatewayError",
     "IdentityError",
     "IntegrityError",
@@ -37,6 +38,11 @@ class PolicyError(VeilClientError):
 
 class IdentityError(VeilClientError):
     """An identity key file is missing, unreadable or malformed."""
+
+
+class GatewayCredentialError(VeilClientError):
+    """A gateway credential the enclave could accept as an account's proof: never sent, since
+    the host runs the gateway (veil.sdk.gateway_auth)."""
 
 
 class IntegrityError(VeilClientError):

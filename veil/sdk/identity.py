@@ -8,7 +8,7 @@ Proofs by instance scheme:
     NONE       anonymous proof naming the account (AnonymousIdentity only: an Ed25519 identity
                refuses, since on such an instance anyone can act as its account)
     SIGNATURE  Ed25519 signature over veil.enclave.wire.command_signing_bytes
-    OAUTH2     the bearer JWT itself (the same one the gateway's oauth2 plugin checks)
+    OAUTH2     the JWT itself: only ever sealed, never a gateway credential (veil.sdk.gateway_auth)
 """
 
 from __future__ import annotations
@@ -51,10 +51,6 @@ class SigningIdentity:
     def account(self) -> str:
         return self.public_key.hex()
 
-    @property
-    def bearer(self) -> str | None:
-        return None
-
     def proof(self, scheme: Scheme, signing_bytes: bytes) -> command_pb2.AuthProof:
         if scheme == envelope_pb2.AUTH_SCHEME_SIGNATURE:
             return command_pb2.AuthProof(
@@ -77,10 +73,6 @@ class AnonymousIdentity:
 
     account: str
 
-    @property
-    def bearer(self) -> str | None:
-        return None
-
     def proof(self, scheme: Scheme, signing_bytes: bytes) -> command_pb2.AuthProof:
         if scheme != envelope_pb2.AUTH_SCHEME_NONE:
             raise IdentityError(f"an anonymous identity cannot prove a {_scheme_name(scheme)} identity")
@@ -89,7 +81,10 @@ class AnonymousIdentity:
 
 @dataclass(frozen=True)
 class OAuth2Identity:
-    """A bearer JWT from the instance's issuer; the account is its `sub`."""
+    """A JWT from the instance's issuer for its enclave audience; the account is its `sub`.
+
+    The JWT is the account's proof inside sealed commands only: the SDK never sends it to the
+    gateway, and refuses a gateway bearer equal to it or sharing its audience."""
 
     jwt: str
 
@@ -102,10 +97,6 @@ class OAuth2Identity:
         if not isinstance(subject, str):
             raise IdentityError("the bearer token has no subject")
         return subject
-
-    @property
-    def bearer(self) -> str | None:
-        return self.jwt
 
     def proof(self, scheme: Scheme, signing_bytes: bytes) -> command_pb2.AuthProof:
         if scheme != envelope_pb2.AUTH_SCHEME_OAUTH2:
