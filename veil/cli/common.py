@@ -32,6 +32,7 @@ from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
 from veil.sdk.contacts import names_by_account, resolve_recipient
 from veil.sdk.errors import GatewayError, VeilClientError
+from veil.sdk.gateway_auth import check_bearer
 from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, load_identity
 from veil.sdk.sealing import Opened
 from veil.sdk.trust_policy import (
@@ -55,7 +56,6 @@ Handler = Callable[[argparse.Namespace], int]
 DEFAULT_DATA_DIR = roots.DEFAULT_DATA_DIR
 ENV_GATEWAY = "VEIL_GATEWAY"
 ENV_API_KEY = "VEIL_API_KEY"
-ENV_BEARER = "VEIL_BEARER_TOKEN"
 ENV_DEBUG = "VEIL_DEBUG"
 DEFAULT_IDENTITY = "default"
 _HANDLER = "handler"
@@ -242,6 +242,15 @@ def fail(message: str, status: int = 1) -> int:
 # --- connection ---------------------------------------------------------------------------
 
 
+#: The gateway's own bearer token (its oauth2 plugin), for the gateway's audience.
+ENV_GATEWAY_BEARER = "VEIL_GATEWAY_BEARER"
+#: The token an OAuth2 identity acts with: the enclave's proof, sealed in commands only.
+ENV_OAUTH2_TOKEN = "VEIL_OAUTH2_TOKEN"  # noqa: S105 (a variable name)
+#: The old name of one token for both the gateway and the enclave: refused, since a token the
+#: enclave accepts must never reach the gateway (the host runs it; veil.sdk.gateway_auth).
+_ENV_BEARER_RETIRED = "VEIL_BEARER_TOKEN"
+
+
 def connection_options(parser: argparse.ArgumentParser) -> None:
     """The options every mesh-facing command shares."""
     group = parser.add_argument_group("connection")
@@ -273,7 +282,17 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--key", type=Path, help="client key (default DATA_DIR/pki/admin-key.pem)")
     group.add_argument("--no-client-cert", action="store_true", help="connect without a client certificate")
     group.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help="gateway API key")
-    group.add_argument("--bearer", default=os.environ.get(ENV_BEARER), help="OAuth2 bearer JWT")
+    group.add_argument(
+        "--gateway-bearer",
+        metavar="JWT",
+        default=os.environ.get(ENV_GATEWAY_BEARER),
+        help=f"bearer JWT for the gateway's oauth2 plugin (default ${ENV_GATEWAY_BEARER}): a token for "
+        "the gateway's audience, never one the enclave accepts (--oauth2-token's, or any for an "
+        "instance's enclave audience), which is refused: the host runs the gateway",
+    )
+    # Retired: it was both the gateway's token and the acting identity's, so the identity's
+    # proof went to the gateway in clear metadata. Kept only to refuse it with the way out.
+    group.add_argument("--bearer", default=None, help=argparse.SUPPRESS)
     group.add_argument("--timeout", type=seconds, default=15.0, help="seconds per call")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -284,6 +303,14 @@ def identity_option(parser: argparse.ArgumentParser) -> None:
         "--as", dest="identity", help=f"identity name or key file (default {DEFAULT_IDENTITY!r})"
     )
     parser.add_argument("--anonymous", metavar="ACCOUNT", help="act as a self-declared account (auth none)")
+    parser.add_argument(
+        "--oauth2-token",
+        metavar="JWT",
+        default=os.environ.get(ENV_OAUTH2_TOKEN),
+        help=f"act as this JWT's subject on an instance with auth oauth2 (default ${ENV_OAUTH2_TOKEN}; "
+        "--as takes precedence): the enclave's proof, sealed in each command and never sent to the "
+        "gateway; the gateway takes its own token (--gateway-bearer)",
+    )
 
 
 def trust_policy(args: argparse.Namespace) -> ExpectedMeasurement:
@@ -351,7 +378,7 @@ def open_client(args: argparse.Namespace) -> VeilClient:
         key=key,
         data_dir=data_dir,
         api_key=args.api_key,
-        bearer=args.bearer,
+        bearer=gateway_bearer(args),
         timeout=args.timeout,
     )
 
@@ -389,11 +416,30 @@ def wait_for_gateway(
         channel.close()
 
 
+def gateway_bearer(args: argparse.Namespace) -> str | None:
+    """The gateway's bearer token; the retired one-token-for-both option or variable is refused
+    before anything is sent (it may hold the token the enclave accepts)."""
+    if getattr(args, "bearer", None) or os.environ.get(_ENV_BEARER_RETIRED):
+        raise VeilClientError(
+            f"--bearer and ${_ENV_BEARER_RETIRED} are retired: they sent the token the enclave accepts "
+            "to the gateway, which the host runs. Pass the OAuth2 identity's token as --oauth2-token "
+            f"(${ENV_OAUTH2_TOKEN}) and the gateway's own token, for the gateway's audience, as "
+            f"--gateway-bearer (${ENV_GATEWAY_BEARER})"
+        )
+    return getattr(args, "gateway_bearer", None)
+
+
 def acting_identity(args: argparse.Namespace) -> Identity:
+    """Who the command acts as; an OAuth2 token that would also be the gateway's bearer (the same
+    JWT, or one sharing its audience) is refused before connecting."""
+    bearer = gateway_bearer(args)
     if getattr(args, "anonymous", None):
         return AnonymousIdentity(args.anonymous)
-    if args.bearer and not args.identity:
-        return OAuth2Identity(args.bearer)
+    token = getattr(args, "oauth2_token", None)
+    if token and not args.identity:
+        identity = OAuth2Identity(token)
+        check_bearer(bearer, identity=identity)
+        return identity
     return load_identity(Path(args.data_dir), args.identity or DEFAULT_IDENTITY)
 
 

@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from veil.cli import output
-from veil.cli.common import acting_identity, bind_sdk, example, instance_id, open_client, recipient, report
+from veil.cli.common import (
+    acting_identity,
+    bind_sdk,
+    example,
+    gateway_bearer,
+    instance_id,
+    open_client,
+    recipient,
+    report,
+)
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.sdk.errors import VeilClientError
+from veil.sdk.gateway_auth import check_bearer
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
@@ -40,7 +50,11 @@ def register(commands: Subcommands) -> None:
     create.add_argument("--auth", default="signature", choices=sorted(SCHEMES))
     create.add_argument("--token-issuer", help="token app: the minting identity or account (default: --as)")
     create.add_argument("--oauth2-issuer")
-    create.add_argument("--oauth2-audience")
+    create.add_argument(
+        "--oauth2-audience",
+        help="the audience the enclave accepts OAuth2 tokens for; the gateway's token (--gateway-bearer) "
+        "must be for another one",
+    )
     create.add_argument("--oauth2-jwks", help="JWKS file of the OAuth2 issuer")
     bind_sdk(create, instance_create, identity=True)
     bind_sdk(
@@ -78,6 +92,9 @@ def instance_create(args: argparse.Namespace) -> int:
         config.oauth2_issuer = args.oauth2_issuer
         config.oauth2_audience = args.oauth2_audience
         config.oauth2_jwks_json = Path(args.oauth2_jwks).read_text()
+        # The gateway's token must not be one this instance's enclave accepts (the host runs the
+        # gateway): refused here, before connecting, rather than after the first attestation.
+        check_bearer(gateway_bearer(args), enclave_audiences=[args.oauth2_audience])
     if args.app == "token":
         issuer = recipient(args, args.token_issuer) if args.token_issuer else acting_identity(args).account
         try:
