@@ -39,7 +39,10 @@
 //      the call unsettled (NotRunYet).
 //
 //   6. recipients: a transfer names a local identity, a contact (the Python SDK's files) or a
-//      canonical account, never a free-form string the enclave would take as a new account.
+//      canonical account, never a free-form string the enclave would take as a new account;
+//   7. credentials: the gateway (run by the host) gets none, so never an identity's proof. This
+//      client has no OAuth2 identity; one added must seal its JWT only and refuse a gateway
+//      bearer the enclave would accept (docs/protocol.md section 8, `gateway-credential`).
 //
 // Failures throw PolicyError / AttestationError / IdentityError / InputError (nothing sent),
 // IntegrityError, CommandRefused, OutcomeUnknown (NoAnswer, NotRunYet: retry under the same request id),
@@ -1502,6 +1505,7 @@ export class VeilNodeClient {
 
   unaryOnce(method, request, timeoutMs) {
     return new Promise((resolve, reject) => {
+      // Empty metadata: nothing the host could replay to the enclave (rule 7 above).
       this.stub[method](request, new grpc.Metadata(), { deadline: new Date(Date.now() + timeoutMs) }, (error, reply) => (error ? reject(error) : resolve(reply)));
     });
   }
