@@ -1,9 +1,11 @@
 """Coarse, per-instance client authentication at the gateway (plugins: none, API key, OAuth2).
 
 The gateway only decides whether a request may reach the instance at all. The real,
-fine-grained decision stays in the enclave: under AUTH_SCHEME_OAUTH2 the same bearer JWT
-also travels inside the sealed command, so a compromised gateway can drop requests but
-never impersonate anyone.
+fine-grained decision stays in the enclave: under AUTH_SCHEME_OAUTH2 the caller's JWT travels
+inside the sealed command only. The bearer token this plugin checks must be a different token,
+for a different audience ("audience" here is the gateway's, never the instance's), because a
+host running the gateway could otherwise seal its own commands with the token it saw and act as
+the caller; the clients refuse to send the enclave's token here (docs/threat-model.md item 4).
 
 Configuration (`VEIL_GATEWAY_AUTH`, JSON, or YAML when the file ends in .yaml/.yml)::
 
@@ -11,7 +13,7 @@ Configuration (`VEIL_GATEWAY_AUTH`, JSON, or YAML when the file ends in .yaml/.y
       "default": {"type": "none"},
       "instances": {
         "payroll": {"type": "api_key", "keys": {"hr-bot": "sha256:<hex of SHA-256(key)>"}},
-        "ballots": {"type": "oauth2", "issuer": "https://idp.example", "audience": "veil",
+        "ballots": {"type": "oauth2", "issuer": "https://idp.example", "audience": "veil-gateway",
                     "jwks_file": "/etc/veil/idp-jwks.json", "algorithms": ["RS256", "ES256"]}
       }
     }
