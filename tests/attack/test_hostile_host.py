@@ -420,7 +420,7 @@ def test_a_lost_answer_then_a_replay_by_the_host_runs_the_transfer_once(
         assert coins.last is not None
         assert coins.last.receipt is not None
         # The kept answer's head counts as seen: later reads must not be older (monotonic reads).
-        assert client._heads["coins"] == coins.last.receipt.sequence
+        assert client.head_floor("coins") == coins.last.receipt.sequence
     assert _balance(mesh, bob) == 10  # once, not twice or four times
     assert _balance(mesh, alice) == 90
 
@@ -832,7 +832,7 @@ def test_an_outcome_seen_on_the_receipt_stream_raises_the_read_floor(
         (opened,) = received
         assert opened.accepted
         assert opened.receipt is not None
-        assert client._heads["coins"] == opened.receipt.sequence
+        assert client.head_floor("coins") == opened.receipt.sequence
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,7 @@ it is `OutcomeUnknown` when the counter before it cannot be filled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 import threading
@@ -87,6 +88,7 @@ from veil.sdk.errors import (
     VeilClientError,
 )
 from veil.sdk.gateway_auth import check_bearer
+from veil.sdk.heads import HEADS_FILE, HeadFloors
 from veil.sdk.identity import Identity
 from veil.sdk.pins import PINS_FILE, InstancePins
 from veil.sdk.sealing import X25519_SUITE, Opened, SealedRequest, open_outcome, seal_command
@@ -164,6 +166,12 @@ class _Batch:
 
 class _Restart(Exception):
     """A batched call's counter was used by another command: sealed again after the batch."""
+
+
+def _genesis(attestation: VerifiedAttestation) -> bytes:
+    """The genesis of the instance an attestation's descriptor names (b"" for none): a head
+    floor holds for that instance only, not for another created under the same id."""
+    return attestation.descriptor.genesis_hash if attestation.descriptor is not None else b""
 
 
 def _batch_answer(
@@ -304,6 +312,7 @@ class VeilClient:
         timeout: float = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         calls: CallStore | None = None,
+        heads: HeadFloors | None = None,
     ) -> None:
         self._channel = channel
         self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -323,7 +332,8 @@ class VeilClient:
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
         self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
         self._answered: OrderedDict[str, tuple[_Call, Opened]] = OrderedDict()  # by request id
-        self._heads: dict[str, int] = {}  # per instance: the newest head this client saw acknowledged
+        #: Per instance: the newest head this client saw acknowledged (kept in the data dir).
+        self.heads = heads or HeadFloors()
         # The audiences attested OAuth2 enclaves accept proofs for: the gateway bearer has none.
         self._enclave_audiences: set[str] = set()
 
@@ -331,6 +341,8 @@ class VeilClient:
 
     def close(self) -> None:
         self._channel.close()
+        with contextlib.suppress(OSError):  # a cache: an unwritable data dir only loses the floor
+            self.heads.save()
 
     def __enter__(self) -> VeilClient:
         return self
@@ -1137,10 +1149,9 @@ class VeilClient:
         the call (monotonic reads): an older one is a host serving a stale or rolled-back boot.
         """
         self._check_bearer(identity)  # before anything of the call is sent, its attestation included
-        with self._lock:
-            floor = self._heads.get(instance_id, 0)
         for attempt in range(2):
             attestation = self.attest(instance_id, refresh=attempt > 0)
+            floor = self.heads.floor(instance_id, _genesis(attestation))
             sealed = seal_command(
                 attestation.keys,
                 instance_id=instance_id,
@@ -1182,9 +1193,18 @@ class VeilClient:
             return opened
         raise AssertionError("unreachable")
 
+    def head_floor(self, instance_id: str) -> int:
+        """The newest head of the instance (as attested) this client, or an earlier one on the
+        same data dir, saw acknowledged: reads older than it are refused (0 before any)."""
+        with self._lock:
+            attestation = self._attestations.get(instance_id)
+        return self.heads.floor(instance_id, _genesis(attestation)) if attestation is not None else 0
+
     def _saw(self, instance_id: str, sequence: int) -> None:
         with self._lock:
-            self._heads[instance_id] = max(self._heads.get(instance_id, 0), sequence)
+            attestation = self._attestations.get(instance_id)
+        if attestation is not None:  # every answer this client judged came after its attestation
+            self.heads.saw(instance_id, _genesis(attestation), sequence)
 
     def watch_receipts(
         self, instance_id: str, *, identity: Identity | None = None, replay_recent: bool = True
@@ -1289,6 +1309,7 @@ def connect(
         pins = InstancePins(data_dir / PINS_FILE)
     if calls is None and data_dir is not None:
         calls = FileCalls(data_dir / CALLS_DIR, also_pending=[data_dir / NODE_CALLS_DIR])
+    heads = HeadFloors(data_dir / HEADS_FILE) if data_dir is not None else None
     client = VeilClient(
         channel,
         policy=policy,
@@ -1300,6 +1321,7 @@ def connect(
         timeout=timeout,
         clock=clock,
         calls=calls,
+        heads=heads,
     )
     try:
         client.attest()

@@ -23,14 +23,13 @@ sealing may still run (docs/protocol.md, section 6).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from veil.sdk.files import write_json
+from veil.sdk.files import locked, write_json
 
 COUNTERS_FILE = "counters.json"
 SEALED_FILE = "sealed.json"
@@ -102,13 +101,8 @@ class FileCounters:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(self._path.with_suffix(".lock"), "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+        with self._lock, locked(self._path.with_suffix(".lock")):
+            yield
 
     def _read(self, path: Path | None = None) -> dict[str, dict[str, int]]:
         try:
