@@ -131,9 +131,6 @@ export class AttestationError extends VeilError {
 
 // An answer or receipt does not authenticate: the host or the gateway tampered.
 export class IntegrityError extends VeilError {}
-// The answer does not open under the request's response key (or carries none): not the
-// enclave's answer to this sealing (another command's, replayed or swapped), so no answer at all.
-export class NotThisAnswer extends IntegrityError {}
 
 // The enclave refused the command; `code` is the EcallErrorCode name.
 export class CommandRefused extends VeilError {
@@ -1112,7 +1109,7 @@ function toResult(message) {
 export function openOutcome(outcome, request, { query = false } = {}) {
   if (!outcome || !outcome.sealed_response || outcome.sealed_response.length === 0) {
     if (outcome?.error) throw new CommandRefused(codeName(outcome.error.code), outcome.error.message ?? "");
-    throw new NotThisAnswer("the outcome carries no sealed response");
+    throw new IntegrityError("the outcome carries no sealed response");
   }
   const blob = Buffer.from(outcome.sealed_response);
   let response;
@@ -1126,7 +1123,7 @@ export function openOutcome(outcome, request, { query = false } = {}) {
     response = messages.CommandResponse.decode(plaintext);
     result = messages.CommandResult.decode(response.result);
   } catch {
-    throw new NotThisAnswer("the response does not authenticate under this request's key");
+    throw new IntegrityError("the response does not authenticate under this request's key");
   }
   if (response.requestId !== request.requestId) throw new IntegrityError("the response answers another request");
   const receipt = response.receipt ?? null;
@@ -1572,11 +1569,7 @@ export class VeilNodeClient {
     } catch (error) {
       // An unsealed refusal ("could not open it", "over the memory budget") is the host's word,
       // which it can give for a command that ran: ambiguous, so only the same counter again.
-      // So is an answer that does not open under this sealing's response key (another
-      // command's, replayed or swapped by the host): thrown, it left the call kept and every
-      // resume met the same answer, the account stuck (as the Python SDK's `_send`). An answer
-      // that opens is the enclave's: fields the host altered around it stay an IntegrityError.
-      if (error instanceof CommandRefused || error instanceof NotThisAnswer) return null;
+      if (error instanceof CommandRefused) return null;
       throw error;
     }
   }
@@ -1737,9 +1730,8 @@ export class VeilNodeClient {
       // Every answer since the last definitive one was ambiguous: any of those sealings (all
       // under `counter`) may have run, or may still run if the host holds one.
       throw new OutcomeUnknown(
-        `${instanceId}: ${state.attempts.length} attempts under counter ${state.counter} got no definitive answer (the gateway ` +
-          "said the enclave could not open them, or answered with what does not open as their answer); one may have run: " +
-          "check the state before sending it again",
+        `${instanceId}: ${state.attempts.length} attempts under counter ${state.counter} got no definitive answer (the gateway says ` +
+          "the enclave could not open them); one may have run: check the state before sending it again",
       );
     }
     throw new CommandRefused("ECALL_ERROR_CODE_ABORTED", "could not agree on a counter with the enclave");
@@ -2090,8 +2082,7 @@ export class VeilNodeClient {
         try {
           return openOutcome(item.response.outcome, state.attempts[0]);
         } catch (error) {
-          // The host's word, or an answer that does not open as this command's: ambiguous.
-          if (error instanceof CommandRefused || error instanceof NotThisAnswer) return null;
+          if (error instanceof CommandRefused) return null; // the host's word: ambiguous
           return error;
         }
       }

@@ -83,7 +83,6 @@ from veil.sdk.errors import (
     GatewayError,
     IntegrityError,
     NotRunYet,
-    NotThisAnswer,
     OutcomeUnknown,
     VeilClientError,
 )
@@ -999,13 +998,6 @@ class VeilClient:
             # An unsealed refusal ("could not open it", "over the memory budget") is not
             # authenticated: the host can say so of a command that ran. Ambiguous, like a lost
             # answer: only the same counter again, where the enclave names the sealing that used it.
-            return None
-        except NotThisAnswer:
-            # Not this sealing's answer (another command's, replayed or swapped by the host): it
-            # proves nothing about this one, so ambiguous, as in a batch (`_batch_answer`).
-            # Raised, it left the call kept and unsettled, and every resume met the same answer:
-            # the account stuck for good behind a host that kept it up. (An answer that opens
-            # is the enclave's: fields the host altered around it stay an IntegrityError.)
             return None
 
     def _too_early(self, state: _Call, gap: int, identity: Identity, suite: int, *, fresh: bool) -> None:

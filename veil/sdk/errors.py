@@ -17,7 +17,6 @@ __all__ = [
     "IdentityError",
     "IntegrityError",
     "NotRunYet",
-    "NotThisAnswer",
     "OutcomeUnknown",
     "PolicyError",
     "ResultLost",
@@ -48,12 +47,6 @@ class GatewayCredentialError(VeilClientError):
 
 class IntegrityError(VeilClientError):
     """A response or receipt from the enclave does not authenticate: the host or gateway tampered."""
-
-
-class NotThisAnswer(IntegrityError):
-    """The answer does not open under the request's response key (or carries none): not the
-    enclave's answer to this sealing, so it proves nothing about it (another command's answer,
-    replayed or swapped). A client takes it as no answer: ambiguous, never as the call's."""
 
 
 class CommandRefused(VeilClientError):

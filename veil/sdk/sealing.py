@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from veil.enclave import commands, crypto, wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
-from veil.sdk.errors import CommandRefused, IntegrityError, NotThisAnswer
+from veil.sdk.errors import CommandRefused, IntegrityError
 from veil.sdk.identity import Identity
 
 X25519_SUITE = crypto.X25519_SUITE
@@ -118,14 +118,14 @@ def open_outcome(
     if not outcome.sealed_response:
         if outcome.HasField("error"):
             raise CommandRefused(outcome.error.code, outcome.error.message)
-        raise NotThisAnswer("the outcome carries no sealed response")
+        raise IntegrityError("the outcome carries no sealed response")
     try:
         response = commands.open_response(
             request.response_key, outcome.sealed_response, request.instance_id, request.request_id
         )
         result = command_pb2.CommandResult.FromString(response.result)
     except (DecryptionError, DecodeError):
-        raise NotThisAnswer("the response does not authenticate under this request's key") from None
+        raise IntegrityError("the response does not authenticate under this request's key") from None
     if response.request_id != request.request_id:
         raise IntegrityError("the response answers another request")
     receipt = response.receipt if response.HasField("receipt") else None
