@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from veil.enclave import wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
@@ -89,11 +88,6 @@ class Command:
     instance_id: str
     request_id: str
     command: envelope_pb2.SealedCommand
-
-    @functools.cached_property
-    def command_hash(self) -> bytes:
-        """What names the sealed bytes: with the request id, the key a retry is answered by."""
-        return wire.command_hash(self.command.encapsulated_key, self.command.ciphertext)
 
 
 @dataclass
@@ -149,9 +143,7 @@ class StateHost:
         self._reboot_reason: str | None = None
         self._failure: str | None = None
         self._state_lock = threading.Lock()
-        # By (instance, request id, command hash): see `_submit`.
-        self._inflight: dict[tuple[str, str, bytes], concurrent.futures.Future[state_pb2.ExecuteResponse]]
-        self._inflight = {}
+        self._inflight: dict[tuple[str, str], concurrent.futures.Future[state_pb2.ExecuteResponse]] = {}
         self._inflight_lock = threading.Lock()
         self._ecalls_before = 0
         self._pruned_at = clock()
@@ -358,18 +350,14 @@ class StateHost:
         assert runtime.batcher is not None
         if not item.request_id:
             return runtime.batcher.submit(item)
-        # A retry is the same request id with the same sealed bytes. Another command under a
-        # known id (another tenant who learnt or guessed it) is a request of its own: answering
-        # it with the first one's answer would show that answer to its sender and leave the
-        # first sender's own command unanswerable.
-        key = (item.instance_id, item.request_id, item.command_hash)
+        key = (item.instance_id, item.request_id)
         # In flight here? Committed before? (A future leaves `_inflight` only after its commit,
         # so checking in this order cannot miss a first attempt.) Otherwise submit it once.
         with self._inflight_lock:
             future = self._inflight.get(key)
         if future is not None:
             return future
-        stored = self.parts.store.get_response(item.instance_id, item.request_id, item.command_hash)
+        stored = self.parts.store.get_response(item.instance_id, item.request_id)
         if stored is not None:
             return state_pb2.ExecuteResponse.FromString(stored)
         with self._inflight_lock:
@@ -383,7 +371,7 @@ class StateHost:
         return future
 
     def _forget(
-        self, key: tuple[str, str, bytes], future: concurrent.futures.Future[state_pb2.ExecuteResponse]
+        self, key: tuple[str, str], future: concurrent.futures.Future[state_pb2.ExecuteResponse]
     ) -> None:
         with self._inflight_lock:
             if self._inflight.get(key) is future:
@@ -753,11 +741,7 @@ class StateHost:
 def _record(
     instance_id: str, item: Command, answer: state_pb2.ExecuteResponse, now_ms: int
 ) -> IdempotencyRecord:
-    """The idempotency record that gives a retry (same request id, same bytes) its answer."""
+    """The idempotency record that gives a retried request id its first answer."""
     return IdempotencyRecord(
-        instance_id,
-        item.request_id,
-        item.command_hash,
-        answer.SerializeToString(deterministic=True),
-        now_ms * 1000,
+        instance_id, item.request_id, answer.SerializeToString(deterministic=True), now_ms * 1000
     )

@@ -65,12 +65,10 @@ class InstanceRecord:
 
 @dataclass(frozen=True)
 class IdempotencyRecord:
-    """The answer to a request id's sealed command (named by its hash): `response` is a
-    serialized ExecuteResponse."""
+    """The first answer to a request id: `response` is a serialized ExecuteResponse."""
 
     instance_id: str
     request_id: str
-    command_hash: bytes
     response: bytes
     created_us: int
 
@@ -133,9 +131,8 @@ class StateStore(Protocol):
         """The last persisted sequence (entry or snapshot), or None for an unknown instance."""
         ...
 
-    def get_response(self, instance_id: str, request_id: str, command_hash: bytes) -> bytes | None:
-        """The recorded response to a request id's sealed command, or None (never the answer to
-        another command sent under the same id)."""
+    def get_response(self, instance_id: str, request_id: str) -> bytes | None:
+        """The recorded response of a request id, or None."""
         ...
 
     def put_snapshot(self, snapshot: StoredSnapshot) -> bool:

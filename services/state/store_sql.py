@@ -49,19 +49,14 @@ def schema_statements(dialect: Dialect) -> list[str]:
             sequence {integer} NOT NULL,
             snapshot {blob} NOT NULL
         )""",
-        # Answers kept for retries, by request id AND the sealed command's hash. (They were kept
-        # by request id alone, in st_responses: a different command under a known id got the
-        # first one's answer. That table is no longer read or written; an older replica still
-        # running during an upgrade may write it, so it is left for a later release to drop.)
-        f"""CREATE TABLE IF NOT EXISTS st_answers (
+        f"""CREATE TABLE IF NOT EXISTS st_responses (
             instance_id TEXT NOT NULL,
             request_id TEXT NOT NULL,
-            command_hash {blob} NOT NULL,
             response {blob} NOT NULL,
             created_us {integer} NOT NULL,
-            PRIMARY KEY (instance_id, request_id, command_hash)
+            PRIMARY KEY (instance_id, request_id)
         )""",
-        "CREATE INDEX IF NOT EXISTS st_answers_created ON st_answers (created_us)",
+        "CREATE INDEX IF NOT EXISTS st_responses_created ON st_responses (created_us)",
     ]
 
 
@@ -185,11 +180,11 @@ class SqlStateStore(ABC):
                         f"instance {instance_id!r}: entry {group[0].sequence} does not follow head {head}"
                     )
             tx.many(_INSERT_ENTRY, [_entry_row(entry) for entry in entries])
-            # A command already answered under this request id keeps its first answer.
+            # A request id already answered keeps its first answer.
             tx.many(
-                "INSERT INTO st_answers (instance_id, request_id, command_hash, response, created_us) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id, request_id, command_hash) DO NOTHING",
-                [(r.instance_id, r.request_id, r.command_hash, r.response, r.created_us) for r in responses],
+                "INSERT INTO st_responses (instance_id, request_id, response, created_us) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (instance_id, request_id) DO NOTHING",
+                [(r.instance_id, r.request_id, r.response, r.created_us) for r in responses],
             )
 
     def load(self, instance_id: str) -> LoadedLog:
@@ -226,12 +221,11 @@ class SqlStateStore(ABC):
             ).fetchone()
         return StoredHead(sequence=sequence, entry_hash=None if row is None else bytes(row[0]))
 
-    def get_response(self, instance_id: str, request_id: str, command_hash: bytes) -> bytes | None:
+    def get_response(self, instance_id: str, request_id: str) -> bytes | None:
         with self._read() as tx:
             row = tx.run(
-                "SELECT response FROM st_answers "
-                "WHERE instance_id = ? AND request_id = ? AND command_hash = ?",
-                (instance_id, request_id, command_hash),
+                "SELECT response FROM st_responses WHERE instance_id = ? AND request_id = ?",
+                (instance_id, request_id),
             ).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -268,4 +262,4 @@ class SqlStateStore(ABC):
 
     def prune_responses(self, created_before_us: int) -> int:
         with self._write() as tx:
-            return tx.run("DELETE FROM st_answers WHERE created_us < ?", (created_before_us,)).rowcount
+            return tx.run("DELETE FROM st_responses WHERE created_us < ?", (created_before_us,)).rowcount

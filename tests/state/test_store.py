@@ -34,15 +34,8 @@ def create(store: StateStore, instance_id: str) -> StoredEntry:
     return genesis
 
 
-#: The hash of the sealed command the records below answer (any 32 bytes: the store compares).
-HASH = bytes(range(32))
-
-
-def response(
-    instance_id: str, request_id: str, payload: bytes = b"first", command_hash: bytes = HASH
-) -> IdempotencyRecord:
-    now_us = int(time.time() * 1e6)
-    return IdempotencyRecord(instance_id, request_id, command_hash, payload, created_us=now_us)
+def response(instance_id: str, request_id: str, payload: bytes = b"first") -> IdempotencyRecord:
+    return IdempotencyRecord(instance_id, request_id, payload, created_us=int(time.time() * 1e6))
 
 
 def test_the_catalogue_lists_instances_with_their_config(store: StateStore) -> None:
@@ -79,8 +72,8 @@ def test_a_batch_over_several_instances_is_appended_in_order(store: StateStore) 
     head = store.head("a")
     assert head is not None
     assert (head.sequence, head.entry_hash) == (4, batch_a[-1].entry_hash)
-    assert store.get_response("a", "r1", HASH) == b"first"
-    assert store.get_response("b", "r1", HASH) == b"other"  # request ids are scoped by instance
+    assert store.get_response("a", "r1") == b"first"
+    assert store.get_response("b", "r1") == b"other"  # request ids are scoped by instance
     assert store.entries("a", after=2, through=3) == batch_a[1:2]
 
 
@@ -100,7 +93,7 @@ def test_an_append_that_does_not_continue_the_log_changes_nothing(
     # All or nothing: the good instance's entries and the responses were not written either.
     assert [e.sequence for e in store.load("a").entries] == [1, 2], why
     assert [e.sequence for e in store.load("b").entries] == [1]
-    assert store.get_response("b", "r1", HASH) is None
+    assert store.get_response("b", "r1") is None
 
 
 def test_entries_of_one_instance_must_be_contiguous_within_a_batch(store: StateStore) -> None:
@@ -122,35 +115,18 @@ def test_a_request_id_keeps_its_first_response(store: StateStore) -> None:
     entries = make_entries("a", 2, 2, genesis.entry_hash)
     store.append_batch(entries[:1], [response("a", "req", b"first")])
     store.append_batch(entries[1:], [response("a", "req", b"second")])
-    assert store.get_response("a", "req", HASH) == b"first"
-    assert store.get_response("a", "other", HASH) is None
-
-
-def test_an_answer_is_kept_for_its_own_command_only(store: StateStore) -> None:
-    """Another sealed command under a known request id (a tenant who learnt or guessed it)
-    neither reads the first command's answer nor displaces it: each keeps its own."""
-    genesis = create(store, "a")
-    entries = make_entries("a", 2, 2, genesis.entry_hash)
-    other = bytes(32)
-    store.append_batch(entries[:1], [response("a", "req", b"first")])
-    assert store.get_response("a", "req", other) is None
-    store.append_batch(entries[1:], [response("a", "req", b"squatter", command_hash=other)])
-    assert store.get_response("a", "req", HASH) == b"first"
-    assert store.get_response("a", "req", other) == b"squatter"
+    assert store.get_response("a", "req") == b"first"
+    assert store.get_response("a", "other") is None
 
 
 def test_old_responses_are_pruned(store: StateStore) -> None:
     create(store, "a")
     store.append_batch(
-        [],
-        [
-            IdempotencyRecord("a", "old", HASH, b"x", created_us=10),
-            IdempotencyRecord("a", "new", HASH, b"y", 30),
-        ],
+        [], [IdempotencyRecord("a", "old", b"x", created_us=10), IdempotencyRecord("a", "new", b"y", 30)]
     )
     assert store.prune_responses(created_before_us=20) == 1
-    assert store.get_response("a", "old", HASH) is None
-    assert store.get_response("a", "new", HASH) == b"y"
+    assert store.get_response("a", "old") is None
+    assert store.get_response("a", "new") == b"y"
 
 
 def test_load_returns_the_latest_snapshot_and_the_entries_after_it(store: StateStore) -> None:
@@ -215,7 +191,7 @@ def test_everything_survives_reopening(open_store: StoreFactory) -> None:
     loaded = reopened.load("a")
     assert loaded.snapshot == StoredSnapshot("a", 2, b"snap")
     assert loaded.entries == entries[1:]
-    assert reopened.get_response("a", "r", HASH) == b"first"
+    assert reopened.get_response("a", "r") == b"first"
 
 
 def test_concurrent_writers_to_one_instance_cannot_fork_its_log(open_store: StoreFactory) -> None:
