@@ -12,6 +12,16 @@ shard, and adds two things in front:
 
 Failures are never cached: a retry after an error reaches the state service again.
 
+Request ids are **scoped by the caller** the gateway authenticated: the id forwarded to the
+state service is `<request id>@<scope>`, the scope naming the principal (API key, OAuth2 issuer
+and subject, client certificate; anonymous callers share one). The state service answers a
+repeated id with the first command's answer whatever command comes with it, which is what keeps
+an application-named id (a CSV row's) from running twice after its client lost its records:
+the new sealing gets an answer it cannot open, "outcome unknown". Unscoped, that let another
+tenant who knew or guessed an id (`invoice-42`) take it first (the owner's command then got an
+answer it could not open: its account stuck on an unsettled call) or read the owner's outcome
+(accepted, sequence, size) under it.
+
 The cache is bounded by bytes as well as entries, since a caller chooses how big an answer is
 (a vault `get` answers ~1 MiB): at most `max_bytes` in all (default 32 MiB, sized so the
 gateway's caches stay well inside its 512 MiB pod limit) and no answer over `max_entry_bytes`
@@ -21,6 +31,9 @@ service still answers a repeated request_id from its durable record.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import sys
 import threading
 import time
@@ -38,6 +51,22 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
 #: What an entry costs besides its answer: the key, the timestamp, the dict slot (an estimate).
 ENTRY_OVERHEAD = 256
+
+
+#: Characters of the scope after the "@" (96 bits of SHA-256, base64url).
+SCOPE_CHARS = 16
+
+
+def scoped_request_id(principal_key: str, request_id: str) -> str:
+    """The id the state service keys `request_id` of this caller by: `<request_id>@<scope>`,
+    unambiguous because the scope is the last SCOPE_CHARS characters (the id may hold "@")."""
+    digest = hashlib.sha256(json.dumps(["veil/request-scope/v1", principal_key]).encode()).digest()
+    return f"{request_id}@{base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]}"
+
+
+def unscoped_request_id(forwarded: str) -> str:
+    """The caller's own request id in a scoped one (for logs and tests)."""
+    return forwarded[: -(SCOPE_CHARS + 1)]
 
 
 def answer_size(value: object) -> int:

@@ -51,7 +51,7 @@ from veil.services.common.server import HostedService, VeilServer
 from veil.services.gateway import public_errors, validation
 from veil.services.gateway.auth import ANONYMOUS, Authenticators, Credentials, Principal, load_authenticators
 from veil.services.gateway.config import GATEWAY_WORKERS, GatewayConfig
-from veil.services.gateway.idempotency import Deduplicator, Key
+from veil.services.gateway.idempotency import Deduplicator, Key, scoped_request_id
 from veil.services.gateway.ratelimit import RateLimiter, refusal_counter
 from veil.services.gateway.receipts import MAX_PREFIX, MIN_PREFIX, Committed, ReceiptHub, TooManySubscribers
 from veil.services.gateway.routing import Placement, ShardRouter
@@ -381,8 +381,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_id = validation.request_id(request.request_id)
         command = validation.sealed_command(request.command)
         timeout = remaining_timeout(context, self._timeout)
-        key = (instance_id, request_id, wire.command_hash(command.encapsulated_key, command.ciphertext))
-        forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=request_id)
+        scoped = scoped_request_id(principal.key, request_id)  # another caller's id is not this one's
+        key = (instance_id, scoped, wire.command_hash(command.encapsulated_key, command.ciphertext))
+        forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=scoped)
 
         def execute() -> gateway_pb2.ExecuteResponse:
             reply = self._send(instance_id, timeout, lambda stub: stub.Execute, forwarded)
@@ -416,12 +417,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             except VeilError as exc:
                 refused.append(_batch_failure(index, exc, context))
                 continue
-            key = (instance_id, request_id, wire.command_hash(sealed.encapsulated_key, sealed.ciphertext))
+            scoped = scoped_request_id(principal.key, request_id)
+            key = (instance_id, scoped, wire.command_hash(sealed.encapsulated_key, sealed.ciphertext))
             answer, leader = self._executions.begin(key)
             answers.setdefault(answer, []).append(index)  # a repeated request shares its answer
             if leader:
                 forwarded = state_pb2.ExecuteRequest(
-                    instance_id=instance_id, command=sealed, request_id=request_id
+                    instance_id=instance_id, command=sealed, request_id=scoped
                 )
                 batched = _Batched(instance_id, request_id, principal, key, forwarded, answer)
                 upstream.setdefault(self._router.route(instance_id), []).append(batched)

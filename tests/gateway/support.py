@@ -38,6 +38,7 @@ from veil.services.common.config import ServiceConfig
 from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.services.common.server import VeilServer
 from veil.services.gateway.config import GatewayConfig
+from veil.services.gateway.idempotency import unscoped_request_id
 from veil.services.gateway.server import create_server as create_gateway
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
@@ -427,12 +428,13 @@ def fail_once(
 ) -> list[str]:
     """Make the replica fail the command `request_id` once: after running it, its answer lost
     on the way (`lose_answer`, DEADLINE_EXCEEDED), or before running it (UNAVAILABLE
-    NOT_SERVING). Returns the list the request id is put in when that happened."""
+    NOT_SERVING). Returns the list the request id is put in when that happened. (The replica
+    sees the id scoped by the gateway to its caller.)"""
     honest = state.Execute
     failed: list[str] = []
 
     def failing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        if request.request_id != request_id or failed:
+        if unscoped_request_id(request.request_id) != request_id or failed:
             return honest(request, context)
         failed.append(request.request_id)
         if not lose_answer:

@@ -1,0 +1,109 @@
+"""Request ids are scoped by the caller the gateway authenticated (an outside review).
+
+The state service answers a repeated request id with the first command's answer whatever
+command comes with it: a new sealing under an application-named id that already ran (a CSV row
+rerun after its journal was lost) gets an answer it cannot open, "outcome unknown", and never
+runs twice. Unscoped, another tenant who knew or guessed an id could take it first (the owner's
+command then got the squatter's answer, unopenable: its account stuck on an unsettled call) or
+read the owner's outcome (accepted, sequence, sealed size) under it. The gateway now forwards
+`<request id>@<scope of the caller>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway.support import InProcessMesh, mesh_fixture, token_config
+from veil.sdk.calls import MemoryCalls
+from veil.sdk.client import VeilClient
+from veil.sdk.counters import MemoryCounters
+from veil.sdk.errors import IntegrityError
+from veil.sdk.identity import SigningIdentity, new_identity
+from veil.services.gateway.idempotency import SCOPE_CHARS, scoped_request_id, unscoped_request_id
+
+KEYS = {"tenant-a": "key-of-a", "tenant-b": "key-of-b"}
+
+
+@pytest.fixture
+def mesh(pki_dir: Path, tmp_path: Path) -> Iterator[InProcessMesh]:
+    auth = tmp_path / "gateway-auth.json"
+    hashed = {name: "sha256:" + hashlib.sha256(key.encode()).hexdigest() for name, key in KEYS.items()}
+    auth.write_text(
+        json.dumps({"default": {"type": "none"}, "instances": {"coins": {"type": "api_key", "keys": hashed}}})
+    )
+    yield from mesh_fixture(pki_dir, tmp_path, gateway_options={"auth_file": auth})
+
+
+def _tenant(mesh: InProcessMesh, name: str, **options: object) -> VeilClient:
+    """A tenant's client; its own calls store (the tenants are two machines: the test shares
+    one data dir, whose store would refuse an id that names another call)."""
+    options.setdefault("calls", MemoryCalls())
+    return mesh.connect(api_key=KEYS[name], **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def funded(mesh: InProcessMesh) -> tuple[SigningIdentity, SigningIdentity, SigningIdentity]:
+    """Treasury, and alice (tenant a) and bob (tenant b) with 100 each."""
+    treasury, alice, bob = (new_identity(mesh.data_dir, name) for name in ("treasury", "alice", "bob"))
+    with _tenant(mesh, "tenant-a") as client:
+        client.create_instance("coins", token_config(treasury.public_key))
+        for who in (alice, bob):
+            client.token("coins", treasury).mint(who.account, 100)
+    return treasury, alice, bob
+
+
+def test_another_tenant_cannot_take_an_id_first(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity, SigningIdentity]
+) -> None:
+    treasury, alice, bob = funded
+    with _tenant(mesh, "tenant-b") as squatter:
+        assert squatter.token("coins", bob).transfer(treasury.account, 1, request_id="invoice-42") == 99
+    with _tenant(mesh, "tenant-a") as owner:  # its own command under the id: runs, its own answer
+        assert owner.token("coins", alice).transfer(treasury.account, 2, request_id="invoice-42") == 98
+
+
+def test_another_tenant_never_gets_an_owners_answer(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity, SigningIdentity]
+) -> None:
+    treasury, alice, bob = funded
+    with _tenant(mesh, "tenant-a") as owner:
+        owner.token("coins", alice).transfer(treasury.account, 5, request_id="order-1")
+        head = mesh.states[0].head("coins")
+    with _tenant(mesh, "tenant-b") as other:  # the same id: its own command, run as itself
+        assert other.token("coins", bob).transfer(treasury.account, 3, request_id="order-1") == 97
+    assert mesh.states[0].head("coins") == head + 1
+
+
+def test_within_one_tenant_a_reused_id_still_never_runs_twice(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity, SigningIdentity]
+) -> None:
+    """What the id's first-answer rule is for: the same caller, its records lost (a new
+    process, no calls or counters kept), seals the call again under its id: not run again."""
+    treasury, alice, _ = funded
+    with _tenant(mesh, "tenant-a") as first:
+        assert first.token("coins", alice).transfer(treasury.account, 10, request_id="row-7") == 90
+    head = mesh.states[0].head("coins")
+    with _tenant(mesh, "tenant-a", counters=MemoryCounters()) as rerun:
+        with pytest.raises(IntegrityError):
+            rerun.token("coins", alice).transfer(treasury.account, 10, request_id="row-7")
+        assert rerun.token("coins", alice).balance() == 90
+    assert mesh.states[0].head("coins") == head
+
+
+def test_a_scope_is_one_readable_suffix_per_caller() -> None:
+    a, b = (
+        scoped_request_id("api-key:coins:tenant-a", "x@y"),
+        scoped_request_id("api-key:coins:tenant-b", "x@y"),
+    )
+    assert a != b
+    assert a.startswith("x@y@")
+    assert len(a) == len("x@y") + 1 + SCOPE_CHARS
+    assert unscoped_request_id(a) == "x@y"
+    assert scoped_request_id("api-key:coins:tenant-a", "x@y") == a  # stable: a retry finds its record
+    # The scope is the fixed-length tail, so an id that looks scoped stays another caller's id.
+    assert scoped_request_id("api-key:coins:tenant-b", unscoped_request_id(a) + a[-SCOPE_CHARS - 1 :]) != a
