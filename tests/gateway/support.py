@@ -436,7 +436,7 @@ def fail_once(
     def failing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
         if unscoped_request_id(request.request_id) != request_id or failed:
             return honest(request, context)
-        failed.append(request.request_id)
+        failed.append(unscoped_request_id(request.request_id))
         if not lose_answer:
             abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
         honest(request, context)
