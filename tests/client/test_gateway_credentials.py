@@ -8,10 +8,12 @@ is refused before it is sent."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import jwt.utils
 import pytest
 
 from tests.client.oauth2_support import (
@@ -24,6 +26,7 @@ from tests.client.oauth2_support import (
 from veil.enclave.v1 import apps_pb2
 from veil.sdk.client import VeilClient
 from veil.sdk.errors import GatewayCredentialError, GatewayError, IdentityError
+from veil.sdk.gateway_auth import audiences, check_bearer
 from veil.sdk.identity import OAuth2Identity, new_identity
 
 
@@ -158,3 +161,31 @@ def test_identities_carry_no_gateway_credential() -> None:
     assert not hasattr(OAuth2Identity("x.y.z"), "bearer")
     with pytest.raises(IdentityError):
         _ = OAuth2Identity("not a jwt").account
+
+
+def test_creating_an_instance_whose_enclave_takes_the_bearers_audience_sends_nothing(
+    world: OAuth2Mesh,
+) -> None:
+    """The new instance's enclave will accept its configured audience: a gateway bearer for it
+    is refused before CreateInstance (it went with CreateInstance and the attestation that
+    followed, refused only then, the instance left created and unpinned: a second review)."""
+    leaked = world.idp.token("operator", ENCLAVE_AUDIENCE)
+    with _unconnected(world, leaked) as admin:
+        world.seen.clear()
+        before = world.states_called("CreateInstance", "GetAttestation")
+        with pytest.raises(GatewayCredentialError, match=ENCLAVE_AUDIENCE):
+            admin.create_instance("fresh-ids", world.idp.config())
+    assert world.seen == []
+    assert world.states_called("CreateInstance", "GetAttestation") == before
+
+
+def test_the_audience_is_read_as_the_enclave_reads_it() -> None:
+    """A `"b64": false` header made PyJWT see no claims, so no audience to refuse, while the
+    enclave's reader takes the claims segment as base64url JSON whatever the header says."""
+    header = jwt.utils.base64url_encode(json.dumps({"alg": "ES256", "b64": False, "crit": ["b64"]}).encode())
+    claims = jwt.utils.base64url_encode(json.dumps({"aud": ENCLAVE_AUDIENCE, "sub": "x"}).encode())
+    token = b".".join((header, claims, b"c2ln")).decode()
+    assert audiences(token) == {ENCLAVE_AUDIENCE}
+    with pytest.raises(GatewayCredentialError):
+        check_bearer(token, enclave_audiences=[ENCLAVE_AUDIENCE])
+    assert audiences("opaque") == audiences("a.!!.c") == frozenset()

@@ -453,6 +453,8 @@ class VeilClient:
         The answer's descriptor must be signed by the attested enclave of the instance and carry
         exactly the configuration asked for; the instance is then pinned (genesis and config).
         """
+        if config.oauth2_audience:  # its enclave will accept that audience: never the gateway's
+            check_bearer(self._bearer, enclave_audiences=[config.oauth2_audience])
         request = gateway_pb2.CreateInstanceRequest(
             instance_id=instance_id, config=config, request_id=request_id or self.new_request_id()
         )

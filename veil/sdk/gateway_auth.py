@@ -27,20 +27,28 @@ enclave's (docs/threat-model.md).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import jwt
+import jwt.utils
 
 from veil.sdk.errors import GatewayCredentialError
 from veil.sdk.identity import Identity, OAuth2Identity
 
 
 def audiences(token: str) -> frozenset[str]:
-    """The `aud` of a JWT, read without verifying it (a string or a list); empty otherwise."""
-    try:
-        aud = jwt.decode(token, options={"verify_signature": False}).get("aud")
-    except jwt.InvalidTokenError:
+    """The `aud` of a JWT, read without verifying it (a string or a list); empty otherwise.
+    Read from the claims segment as the enclave reads it (base64url JSON, whatever the header
+    says: a `"b64": false` header made PyJWT see no claims, where the enclave's reader sees them)."""
+    parts = token.split(".")
+    if len(parts) != 3:
         return frozenset()
+    try:
+        claims = json.loads(jwt.utils.base64url_decode(parts[1]))
+    except (ValueError, TypeError, RecursionError):  # not base64url JSON: not a token the enclave reads
+        return frozenset()
+    aud = claims.get("aud") if isinstance(claims, dict) else None
     if isinstance(aud, str):
         return frozenset({aud})
     if isinstance(aud, list):
