@@ -12,21 +12,19 @@ shard, and adds two things in front:
 
 Failures are never cached: a retry after an error reaches the state service again.
 
-Request ids are **scoped by the caller** the gateway authenticated: the id forwarded to the
-state service is `<request id>@<scope>`, the scope naming the principal (API key, OAuth2 issuer
-and subject, client certificate; anonymous callers share one). The state service answers a
-repeated id with the first command's answer whatever command comes with it, which is what keeps
-an application-named id (a CSV row's) from running twice after its client lost its records:
-the new sealing gets an answer it cannot open, "outcome unknown". Unscoped, that let another
-tenant who knew or guessed an id (`invoice-42`) take it first (the owner's command then got an
-answer it could not open: its account stuck on an unsettled call) or read the owner's outcome
-(accepted, sequence, size) under it.
-
-The cache is bounded by bytes as well as entries, since a caller chooses how big an answer is
-(a vault `get` answers ~1 MiB): at most `max_bytes` in all (default 32 MiB, sized so the
-gateway's caches stay well inside its 512 MiB pod limit) and no answer over `max_entry_bytes`
-(256 KiB) is kept at all. An answer not kept costs only a round trip on retry: the state
-service still answers a repeated request_id from its durable record.
+Request ids are **scoped by the tenant** the instance's plugin verified: for an instance
+behind an API key or OAuth2 plugin, the id forwarded to the state service is
+`<request id>@<scope>`, the scope naming the key or the token's issuer and subject. The state
+service answers a repeated id with the first command's answer whatever command comes with it,
+which is what keeps an application-named id (a CSV row's) from running twice after its client
+lost its records: the new sealing gets an answer it cannot open, "outcome unknown". Unscoped,
+another tenant who knew or guessed an id (`invoice-42`) could take it first (the owner's command
+then got an answer it could not open: its account stuck on an unsettled call) or read the
+owner's outcome (accepted, sequence, size) under it. An instance without gateway authentication
+(plugin "none") has no tenants to tell apart and keeps one scope: a caller's client certificate,
+or none, must not change what an id names (a rerun without the certificate, or from the Node
+client, would run the row again). So the scope is per gateway credential: a rerun under another
+API key, or after the instance's plugin changed, is a new scope.
 """
 
 from __future__ import annotations
@@ -57,16 +55,24 @@ ENTRY_OVERHEAD = 256
 SCOPE_CHARS = 16
 
 
-def scoped_request_id(principal_key: str, request_id: str) -> str:
-    """The id the state service keys `request_id` of this caller by: `<request_id>@<scope>`,
-    unambiguous because the scope is the last SCOPE_CHARS characters (the id may hold "@")."""
+#: The principals a plugin verified, which scope request ids (see the module docstring).
+SCOPED_KINDS = frozenset({"api-key", "oauth2"})
+
+
+def scoped_request_id(principal_kind: str, principal_key: str, request_id: str) -> str:
+    """The id the state service keys `request_id` of this caller by: `<request_id>@<scope>` for
+    a tenant a plugin verified, unambiguous because the scope is the last SCOPE_CHARS characters
+    (the id may hold "@"); the id itself on an instance without gateway authentication (whose
+    callers are all of that one kind: an instance has one plugin)."""
+    if principal_kind not in SCOPED_KINDS:
+        return request_id
     digest = hashlib.sha256(json.dumps(["veil/request-scope/v1", principal_key]).encode()).digest()
     return f"{request_id}@{base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]}"
 
 
-def unscoped_request_id(forwarded: str) -> str:
-    """The caller's own request id in a scoped one (for logs and tests)."""
-    return forwarded[: -(SCOPE_CHARS + 1)]
+def unscoped_request_id(principal_kind: str, forwarded: str) -> str:
+    """The caller's own request id in a forwarded one (for logs and tests)."""
+    return forwarded[: -(SCOPE_CHARS + 1)] if principal_kind in SCOPED_KINDS else forwarded
 
 
 def answer_size(value: object) -> int:

@@ -381,7 +381,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         request_id = validation.request_id(request.request_id)
         command = validation.sealed_command(request.command)
         timeout = remaining_timeout(context, self._timeout)
-        scoped = scoped_request_id(principal.key, request_id)  # another caller's id is not this one's
+        scoped = scoped_request_id(principal.kind, principal.key, request_id)  # not another tenant's
         key = (instance_id, scoped, wire.command_hash(command.encapsulated_key, command.ciphertext))
         forwarded = state_pb2.ExecuteRequest(instance_id=instance_id, command=command, request_id=scoped)
 
@@ -417,7 +417,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             except VeilError as exc:
                 refused.append(_batch_failure(index, exc, context))
                 continue
-            scoped = scoped_request_id(principal.key, request_id)
+            scoped = scoped_request_id(principal.kind, principal.key, request_id)
             key = (instance_id, scoped, wire.command_hash(sealed.encapsulated_key, sealed.ciphertext))
             answer, leader = self._executions.begin(key)
             answers.setdefault(answer, []).append(index)  # a repeated request shares its answer

@@ -38,7 +38,6 @@ from veil.services.common.config import ServiceConfig
 from veil.services.common.errors import DeadlineExceeded, Unavailable, abort
 from veil.services.common.server import VeilServer
 from veil.services.gateway.config import GatewayConfig
-from veil.services.gateway.idempotency import unscoped_request_id
 from veil.services.gateway.server import create_server as create_gateway
 from veil.services.keyvault.audit import AuditLog
 from veil.services.keyvault.kek import FileKek
@@ -428,15 +427,15 @@ def fail_once(
 ) -> list[str]:
     """Make the replica fail the command `request_id` once: after running it, its answer lost
     on the way (`lose_answer`, DEADLINE_EXCEEDED), or before running it (UNAVAILABLE
-    NOT_SERVING). Returns the list the request id is put in when that happened. (The replica
-    sees the id scoped by the gateway to its caller.)"""
+    NOT_SERVING). Returns the list the request id is put in when that happened. (On a mesh
+    without gateway authentication the replica sees the caller's id as it is.)"""
     honest = state.Execute
     failed: list[str] = []
 
     def failing(request: state_pb2.ExecuteRequest, context: grpc.ServicerContext) -> Any:
-        if unscoped_request_id(request.request_id) != request_id or failed:
+        if request.request_id != request_id or failed:
             return honest(request, context)
-        failed.append(unscoped_request_id(request.request_id))
+        failed.append(request.request_id)
         if not lose_answer:
             abort(context, Unavailable("not serving yet", reason="NOT_SERVING"))
         honest(request, context)

@@ -95,15 +95,37 @@ def test_within_one_tenant_a_reused_id_still_never_runs_twice(
     assert mesh.states[0].head("coins") == head
 
 
-def test_a_scope_is_one_readable_suffix_per_caller() -> None:
-    a, b = (
-        scoped_request_id("api-key:coins:tenant-a", "x@y"),
-        scoped_request_id("api-key:coins:tenant-b", "x@y"),
-    )
+def test_a_scope_is_one_readable_suffix_per_tenant() -> None:
+    a = scoped_request_id("api-key", "api-key:coins:tenant-a", "x@y")
+    b = scoped_request_id("api-key", "api-key:coins:tenant-b", "x@y")
     assert a != b
     assert a.startswith("x@y@")
     assert len(a) == len("x@y") + 1 + SCOPE_CHARS
-    assert unscoped_request_id(a) == "x@y"
-    assert scoped_request_id("api-key:coins:tenant-a", "x@y") == a  # stable: a retry finds its record
-    # The scope is the fixed-length tail, so an id that looks scoped stays another caller's id.
-    assert scoped_request_id("api-key:coins:tenant-b", unscoped_request_id(a) + a[-SCOPE_CHARS - 1 :]) != a
+    assert unscoped_request_id("api-key", a) == "x@y"
+    assert scoped_request_id("api-key", "api-key:coins:tenant-a", "x@y") == a  # a retry finds its record
+    # The scope is the fixed-length tail, so an id that looks scoped stays another tenant's id.
+    assert scoped_request_id("api-key", "api-key:coins:tenant-b", "x@y" + a[-SCOPE_CHARS - 1 :]) != a
+    # Without gateway authentication there are no tenants: the id as it is, whoever calls.
+    for kind, key in (("anonymous", "anonymous:"), ("certificate", "certificate:spiffe://veil/admin")):
+        assert scoped_request_id(kind, key, "x@y") == "x@y"
+
+
+def test_without_gateway_authentication_a_rerun_with_or_without_a_certificate_never_runs_twice(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    """A third review: scoped by whatever principal the gateway saw, an instance without gateway
+    authentication gave the admin certificate one scope and the public port (no certificate:
+    the Node client, `--no-client-cert`) another, so a CSV row rerun without the certificate
+    after its records were lost ran again. Such an instance keeps one scope."""
+    for mesh in mesh_fixture(pki_dir, tmp_path):
+        treasury, alice = new_identity(mesh.data_dir, "treasury"), new_identity(mesh.data_dir, "alice")
+        with mesh.connect(calls=MemoryCalls()) as admin:
+            admin.create_instance("coins", token_config(treasury.public_key))
+            admin.token("coins", treasury).mint(alice.account, 100)
+            assert admin.token("coins", alice).transfer(treasury.account, 10, request_id="csv-row-2") == 90
+        head = mesh.states[0].head("coins")
+        with mesh.connect(admin=False, counters=MemoryCounters(), calls=MemoryCalls()) as public:
+            with pytest.raises(IntegrityError):
+                public.token("coins", alice).transfer(treasury.account, 10, request_id="csv-row-2")
+            assert public.token("coins", alice).balance() == 90
+        assert mesh.states[0].head("coins") == head
