@@ -85,3 +85,26 @@ def test_an_unreadable_file_or_entry_is_no_floor(tmp_path: Path, text: str) -> N
     floors.saw("coins", GENESIS, 4)
     floors.save()  # and a save replaces it with what is known
     assert json.loads(path.read_text()) == {"coins": {"genesis_hash": GENESIS.hex(), "head": 4}}
+
+
+def test_a_save_leaves_floors_it_only_loaded_as_the_file_has_them(tmp_path: Path) -> None:
+    """A third review: `save` merged every floor it knew, so a process started before the
+    instance was re-pinned wrote its old genesis's floor over the new one another process saved."""
+    path = tmp_path / HEADS_FILE
+    first = HeadFloors(path)
+    first.saw("coins", OTHER, 100)
+    first.save()
+    long_running = HeadFloors(path)  # loads (OTHER, 100), raises nothing of coins
+    long_running.saw("votes", GENESIS, 1)
+    repinned = HeadFloors(path)
+    repinned.saw("coins", GENESIS, 40)
+    repinned.save()
+    long_running.save()
+    assert HeadFloors(path).floor("coins", GENESIS) == 40
+    assert HeadFloors(path).floor("votes", GENESIS) == 1
+
+
+def test_nothing_seen_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "not-yet" / HEADS_FILE
+    HeadFloors(path).save()
+    assert not path.parent.exists()

@@ -167,6 +167,19 @@ class _Restart(Exception):
     """A batched call's counter was used by another command: sealed again after the batch."""
 
 
+#: The gateway's rule for a request id (`veil.services.gateway.validation.request_id`).
+MAX_REQUEST_ID = 64
+
+
+def _check_request_id(request_id: str) -> None:
+    """ValueError (nothing sealed, nothing kept) for an id the gateway refuses: kept, such a
+    call could never be sent, and every later call of the account would wait for it."""
+    if not 0 < len(request_id) <= MAX_REQUEST_ID or not request_id.isprintable():
+        raise ValueError(
+            f"request id {request_id!r}: 1 to {MAX_REQUEST_ID} printable characters; nothing was sent"
+        )
+
+
 def _genesis(attestation: VerifiedAttestation) -> bytes:
     """The genesis of the instance an attestation's descriptor names (b"" for none): a head
     floor holds for that instance only, not for another created under the same id."""
@@ -518,9 +531,9 @@ class VeilClient:
         ):
             answered, resumed = self._claim(instance_id, account, [(call_bytes, request_id)])[0]
             if answered is not None:
-                if answered.accepted:  # a head this client has seen acknowledged
-                    self._saw(instance_id, answered.sequence)
-                return answered  # settled: its answer again, nothing sent
+                # Settled: its answer again, nothing sent. (Its head raised the floor when it came;
+                # a kept answer may be of an instance since created anew under the id.)
+                return answered
             state = resumed or _Call(
                 instance_id,
                 request_id or self.new_request_id(),
@@ -595,6 +608,8 @@ class VeilClient:
         """
         found = []
         for call_bytes, request_id in calls:
+            if request_id is not None:
+                _check_request_id(request_id)
             with self._lock:
                 answered = self._answered.get(request_id) if request_id else None
             resumed = self.calls.get(request_id) if request_id and answered is None else None
@@ -690,9 +705,7 @@ class VeilClient:
             states: dict[int, _Call] = {}
             for index, (answered, resumed) in enumerate(claimed):
                 if answered is not None:
-                    results[index] = answered
-                    if answered.accepted:
-                        self._saw(instance_id, answered.sequence)
+                    results[index] = answered  # settled before (its head raised the floor then)
                 elif resumed is not None:
                     resumed.ambiguous = True  # its earlier attempt may have run: same counter only
                     states[index] = resumed

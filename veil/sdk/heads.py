@@ -5,9 +5,11 @@ saw acknowledged is a host serving a stale or rolled-back enclave (docs/protocol
 In memory the floor lasts one process. With a data dir it is also kept in
 `<data_dir>/heads.json`, so the CLI (a process per command) and any later client on the same data
 dir keep it: loaded when the client starts, merged (the higher head wins) and saved when it
-closes. A floor is kept with the genesis of the instance it was seen on: an instance created
-anew under the same id (which pins then refuse, or which the user re-pinned on purpose) starts
-from nothing instead of refusing every read.
+closes. A process that crashes, or a client never closed, keeps its floors to itself, and one
+running long does not see the floors another process saved meanwhile. A floor is kept with the
+genesis of the instance it was seen on: an instance created anew under the same id (which pins
+then refuse, or which the user re-pinned on purpose) starts from nothing instead of refusing
+every read.
 
 File format::
 
@@ -38,6 +40,7 @@ class HeadFloors:
         self.path = path
         self._lock = threading.Lock()
         self._floors: Floors = _read(path) if path is not None else {}
+        self._raised: set[str] = set()  # what this client saw: all that `save` writes
 
     def floor(self, instance_id: str, genesis_hash: bytes) -> int:
         """The newest head seen acknowledged on this instance (0 for none, or another genesis)."""
@@ -51,14 +54,17 @@ class HeadFloors:
             kept = self._floors.get(instance_id)
             if kept is None or kept[0] != genesis_hash or kept[1] < sequence:
                 self._floors[instance_id] = (genesis_hash, sequence)
+                self._raised.add(instance_id)
 
     def save(self) -> None:
-        """Merge into the file what this client saw (the higher head of one genesis wins; this
-        client's genesis replaces another), under a lock against other processes."""
-        if self.path is None:
-            return
+        """Merge into the file the floors this client raised (the higher head of one genesis
+        wins; the genesis this client saw replaces another), under a lock against other
+        processes. Floors it only loaded are left as the file has them now: another process
+        may have moved them to a new genesis since. Nothing raised: nothing written."""
         with self._lock:
-            mine = dict(self._floors)
+            mine = {iid: self._floors[iid] for iid in self._raised}
+        if self.path is None or not mine:
+            return
         with locked(self.path.with_suffix(".lock")):
             floors = _read(self.path)
             for instance_id, (genesis, head) in mine.items():
