@@ -282,11 +282,11 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--key", type=Path, help="client key (default DATA_DIR/pki/admin-key.pem)")
     group.add_argument("--no-client-cert", action="store_true", help="connect without a client certificate")
     group.add_argument("--api-key", default=os.environ.get(ENV_API_KEY), help="gateway API key")
-    group.add_argument(
+    _token_option(
+        group,
         "--gateway-bearer",
-        metavar="JWT",
-        default=os.environ.get(ENV_GATEWAY_BEARER),
-        help=f"bearer JWT for the gateway's oauth2 plugin (default ${ENV_GATEWAY_BEARER}): a token for "
+        ENV_GATEWAY_BEARER,
+        f"bearer JWT for the gateway's oauth2 plugin (default ${ENV_GATEWAY_BEARER}): a token for "
         "the gateway's audience, never one the enclave accepts (--oauth2-token's, or any for an "
         "instance's enclave audience), which is refused: the host runs the gateway",
     )
@@ -303,14 +303,21 @@ def identity_option(parser: argparse.ArgumentParser) -> None:
         "--as", dest="identity", help=f"identity name or key file (default {DEFAULT_IDENTITY!r})"
     )
     parser.add_argument("--anonymous", metavar="ACCOUNT", help="act as a self-declared account (auth none)")
-    parser.add_argument(
+    _token_option(
+        parser,
         "--oauth2-token",
-        metavar="JWT",
-        default=os.environ.get(ENV_OAUTH2_TOKEN),
-        help=f"act as this JWT's subject on an instance with auth oauth2 (default ${ENV_OAUTH2_TOKEN}; "
+        ENV_OAUTH2_TOKEN,
+        f"act as this JWT's subject on an instance with auth oauth2 (default ${ENV_OAUTH2_TOKEN}; "
         "--as takes precedence): the enclave's proof, sealed in each command and never sent to the "
         "gateway; the gateway takes its own token (--gateway-bearer)",
     )
+
+
+def _token_option(
+    options: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, env: str, help: str
+) -> None:
+    """A JWT option that defaults to an environment variable (one of the two tokens kept apart)."""
+    options.add_argument(flag, metavar="JWT", default=os.environ.get(env), help=help)
 
 
 def trust_policy(args: argparse.Namespace) -> ExpectedMeasurement:
