@@ -13,18 +13,20 @@ shard, and adds two things in front:
 Failures are never cached: a retry after an error reaches the state service again.
 
 Request ids are **scoped by the tenant** the instance's plugin verified: for an instance
-behind an API key or OAuth2 plugin, the id forwarded to the state service is
-`<request id>@<scope>`, the scope naming the key or the token's issuer and subject. The state
-service answers a repeated id with the first command's answer whatever command comes with it,
-which is what keeps an application-named id (a CSV row's) from running twice after its client
-lost its records: the new sealing gets an answer it cannot open, "outcome unknown". Unscoped,
-another tenant who knew or guessed an id (`invoice-42`) could take it first (the owner's command
-then got an answer it could not open: its account stuck on an unsettled call) or read the
-owner's outcome (accepted, sequence, size) under it. An instance without gateway authentication
-(plugin "none") has no tenants to tell apart and keeps one scope: a caller's client certificate,
-or none, must not change what an id names (a rerun without the certificate, or from the Node
-client, would run the row again). So the scope is per gateway credential: a rerun under another
-API key, or after the instance's plugin changed, is a new scope.
+behind an API key or OAuth2 plugin, the id forwarded to the state service is `<request id>`,
+U+001F (a separator no client id holds) and `<scope>`, the scope naming the key or the token's
+issuer and subject. The state service answers a repeated id with the first command's answer
+whatever command comes with it, which is what keeps an application-named id (a CSV row's) from
+running twice after its client lost its records: the new sealing gets an answer it cannot open,
+"outcome unknown". Unscoped, another tenant who knew or guessed an id (`invoice-42`) could take
+it first (the owner's command then got an answer it could not open: its account stuck on an
+unsettled call) or read the owner's outcome (accepted, sequence, size) under it. An instance
+without gateway authentication (plugin "none") has no tenants to tell apart and keeps one scope:
+a caller's client certificate, or none, must not change what an id names (a rerun without the
+certificate, or from the Node client, would run the row again). So the scope is per gateway
+credential as the plugin names it: a rerun under another API key, after the instance moved
+from the "default" plugin to one of its own, or after the OAuth2 issuer string changed, is a
+new scope.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
 ENTRY_OVERHEAD = 256
 
 
-#: Characters of the scope after the "@" (96 bits of SHA-256, base64url).
+#: Characters of the scope after the separator (96 bits of SHA-256, base64url).
 SCOPE_CHARS = 16
 
 
@@ -59,15 +61,20 @@ SCOPE_CHARS = 16
 SCOPED_KINDS = frozenset({"api-key", "oauth2"})
 
 
+#: Joins an id and its scope: not printable, so no id a client sends (validation.request_id)
+#: can be a scoped one (sent while the instance had no plugin, it would wait for its tenant).
+SCOPE_SEPARATOR = "\x1f"
+
+
 def scoped_request_id(principal_kind: str, principal_key: str, request_id: str) -> str:
-    """The id the state service keys `request_id` of this caller by: `<request_id>@<scope>` for
-    a tenant a plugin verified, unambiguous because the scope is the last SCOPE_CHARS characters
-    (the id may hold "@"); the id itself on an instance without gateway authentication (whose
-    callers are all of that one kind: an instance has one plugin)."""
+    """The id the state service keys `request_id` of this caller by: `<request_id>␟<scope>` for
+    a tenant a plugin verified (the scope the last SCOPE_CHARS characters); the id itself on an
+    instance without gateway authentication (whose callers are all of that one kind: an
+    instance has one plugin)."""
     if principal_kind not in SCOPED_KINDS:
         return request_id
     digest = hashlib.sha256(json.dumps(["veil/request-scope/v1", principal_key]).encode()).digest()
-    return f"{request_id}@{base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]}"
+    return f"{request_id}{SCOPE_SEPARATOR}{base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]}"
 
 
 def unscoped_request_id(principal_kind: str, forwarded: str) -> str:

@@ -37,10 +37,13 @@ def instance_id(value: str, *, required: bool = True) -> str:
 
 
 def request_id(value: str) -> str:
-    """A valid request id: 1 to 64 characters."""
-    if not 0 < len(value) <= MAX_REQUEST_ID or not value.isprintable():
+    """A valid request id: printable, 1 to 64 bytes of UTF-8 (the enclave's limit on the id it
+    seals: a longer one was forwarded, refused unsealed as "could not be opened", and re-sealed
+    by the client under another id, which a rerun of the same id then did not find)."""
+    if not 0 < len(value.encode("utf-8")) <= MAX_REQUEST_ID or not value.isprintable():
         raise InvalidArgument(
-            f"request_id must be 1 to {MAX_REQUEST_ID} printable characters", metadata={"field": "request_id"}
+            f"request_id must be printable and 1 to {MAX_REQUEST_ID} bytes of UTF-8",
+            metadata={"field": "request_id"},
         )
     return value
 

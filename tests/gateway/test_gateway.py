@@ -194,6 +194,9 @@ def _mutations() -> list[tuple[str, Any]]:
     def long_request_id(r: gateway_pb2.ExecuteRequest) -> None:
         r.request_id = "r" * 65
 
+    def request_id_over_64_bytes(r: gateway_pb2.ExecuteRequest) -> None:
+        r.request_id = "\u00e9" * 33  # 33 characters, 66 bytes: over the enclave's limit
+
     return [
         (f.__name__, f)
         for f in (

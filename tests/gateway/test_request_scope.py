@@ -24,7 +24,14 @@ from veil.sdk.client import VeilClient
 from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import IntegrityError
 from veil.sdk.identity import SigningIdentity, new_identity
-from veil.services.gateway.idempotency import SCOPE_CHARS, scoped_request_id, unscoped_request_id
+from veil.services.common.errors import InvalidArgument
+from veil.services.gateway import validation
+from veil.services.gateway.idempotency import (
+    SCOPE_CHARS,
+    SCOPE_SEPARATOR,
+    scoped_request_id,
+    unscoped_request_id,
+)
 
 KEYS = {"tenant-a": "key-of-a", "tenant-b": "key-of-b"}
 
@@ -99,12 +106,16 @@ def test_a_scope_is_one_readable_suffix_per_tenant() -> None:
     a = scoped_request_id("api-key", "api-key:coins:tenant-a", "x@y")
     b = scoped_request_id("api-key", "api-key:coins:tenant-b", "x@y")
     assert a != b
-    assert a.startswith("x@y@")
+    assert a.startswith("x@y" + SCOPE_SEPARATOR)
     assert len(a) == len("x@y") + 1 + SCOPE_CHARS
     assert unscoped_request_id("api-key", a) == "x@y"
     assert scoped_request_id("api-key", "api-key:coins:tenant-a", "x@y") == a  # a retry finds its record
-    # The scope is the fixed-length tail, so an id that looks scoped stays another tenant's id.
+    # The scope is the fixed-length tail, so an id that looks scoped stays another tenant's id;
+    # and no client can send one that looks scoped (a fourth review: on an instance without a
+    # plugin yet, "invoice-42" + "@" + <tenant-a's scope> was planted for tenant a's "invoice-42").
     assert scoped_request_id("api-key", "api-key:coins:tenant-b", "x@y" + a[-SCOPE_CHARS - 1 :]) != a
+    with pytest.raises(InvalidArgument):
+        validation.request_id(a)
     # Without gateway authentication there are no tenants: the id as it is, whoever calls.
     for kind, key in (("anonymous", "anonymous:"), ("certificate", "certificate:spiffe://veil/admin")):
         assert scoped_request_id(kind, key, "x@y") == "x@y"

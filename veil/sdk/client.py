@@ -167,16 +167,17 @@ class _Restart(Exception):
     """A batched call's counter was used by another command: sealed again after the batch."""
 
 
-#: The gateway's rule for a request id (`veil.services.gateway.validation.request_id`).
+#: The gateway's and the enclave's rule for a request id (`veil.services.gateway.validation`).
 MAX_REQUEST_ID = 64
 
 
 def _check_request_id(request_id: str) -> None:
-    """ValueError (nothing sealed, nothing kept) for an id the gateway refuses: kept, such a
-    call could never be sent, and every later call of the account would wait for it."""
-    if not 0 < len(request_id) <= MAX_REQUEST_ID or not request_id.isprintable():
+    """ValueError (nothing sealed, nothing kept) for an id the gateway or the enclave refuses:
+    kept, such a call could never be sent, and every later call of the account waited for it;
+    over 64 bytes the enclave refused it unsealed, and the call ran under another id."""
+    if not 0 < len(request_id.encode("utf-8")) <= MAX_REQUEST_ID or not request_id.isprintable():
         raise ValueError(
-            f"request id {request_id!r}: 1 to {MAX_REQUEST_ID} printable characters; nothing was sent"
+            f"request id {request_id!r}: printable, 1 to {MAX_REQUEST_ID} bytes of UTF-8; nothing was sent"
         )
 
 
