@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from veil.dev.supervisor import await_mesh_up, mesh_ports
+from veil.dev.supervisor import await_mesh_up, mesh_ports, port_free
 from veil.services.common.config import DEFAULT_PORTS
 
 
@@ -91,15 +90,5 @@ def _await_ports_free(ports: list[int], timeout: float) -> None:
     start to report."""
     deadline = time.monotonic() + timeout
     for port in ports:
-        while not _bindable(port) and time.monotonic() < deadline:
+        while not port_free(port, as_servers_bind=True) and time.monotonic() < deadline:
             time.sleep(0.2)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -34,7 +34,7 @@ from psycopg import sql
 
 from veil.dev.pki import ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
-from veil.dev.supervisor import MESH_UP, Supervised, _free, keyvault_pins, sim_mesh_env, stop_on_signals
+from veil.dev.supervisor import MESH_UP, Supervised, keyvault_pins, port_free, sim_mesh_env, stop_on_signals
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     ADMIN_LISTEN,
@@ -334,7 +334,7 @@ def free_cluster_base(
             for i in range(count)
             for admin in (0, 1)
         ] + [DEFAULT_PUBLIC_PORT + base + _ROLE_STEP * i for i in range(gateways)]
-        if all(_free(port) for port in ports):
+        if all(port_free(port) for port in ports):
             return base
     raise OSError("no free port base for a cluster")
 

@@ -278,13 +278,18 @@ def free_port_offset(candidates: range = range(100, 1000, 100)) -> int:
     """An offset whose ports are all free now. Multiples of 100 below 1000 never overlap the
     default ports (5005x, 5105x) or each other."""
     for offset in candidates:
-        if all(_free(port) for port in mesh_ports(offset)):
+        if all(port_free(port) for port in mesh_ports(offset)):
             return offset
     raise OSError("no free port offset for a second mesh")
 
 
-def _free(port: int) -> bool:
+def port_free(port: int, *, as_servers_bind: bool = False) -> bool:
+    """Whether 127.0.0.1:`port` can be bound now. `as_servers_bind`: with SO_REUSEADDR, as the
+    services bind (a closed connection's TIME_WAIT then does not count); without it the probe
+    is stricter, for picking ports that must stay free a while."""
     with socket.socket() as probe:
+        if as_servers_bind:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
