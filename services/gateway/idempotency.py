@@ -32,6 +32,7 @@ new scope.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import sys
@@ -73,13 +74,13 @@ def scoped_request_id(principal_kind: str, principal_key: str, request_id: str) 
     instance has one plugin)."""
     if principal_kind not in SCOPED_KINDS:
         return request_id
+    return f"{request_id}{SCOPE_SEPARATOR}{_scope(principal_key)}"
+
+
+@functools.lru_cache(maxsize=4096)  # a tenant's scope, not one hash per command
+def _scope(principal_key: str) -> str:
     digest = hashlib.sha256(json.dumps(["veil/request-scope/v1", principal_key]).encode()).digest()
-    return f"{request_id}{SCOPE_SEPARATOR}{base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]}"
-
-
-def unscoped_request_id(principal_kind: str, forwarded: str) -> str:
-    """The caller's own request id in a forwarded one (for logs and tests)."""
-    return forwarded[: -(SCOPE_CHARS + 1)] if principal_kind in SCOPED_KINDS else forwarded
+    return base64.urlsafe_b64encode(digest).decode()[:SCOPE_CHARS]
 
 
 def answer_size(value: object) -> int:

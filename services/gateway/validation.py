@@ -3,18 +3,19 @@
 The gateway cannot read a sealed command, but it can refuse what could never open: an
 unknown HPKE suite, an encapsulated key of the wrong length, a ciphertext shorter than an
 AEAD tag. Identifiers follow the state service's rules (instance ids as the enclave accepts
-them, request ids of 1 to 64 characters).
+them, request ids of 1 to 64 bytes as the enclave takes them).
 """
 
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import hpke
 
+from veil.enclave.commands import MAX_REQUEST_ID_SIZE
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.errors import InvalidArgument
 from veil.services.common.instance_ids import is_instance_id
 
-MAX_REQUEST_ID = 64
+MAX_REQUEST_ID = MAX_REQUEST_ID_SIZE  # the enclave's limit on the id it seals
 _AEAD_TAG = 16
 _ENC_LENGTHS = {
     envelope_pb2.HPKE_SUITE_X25519_SHA256_AES128GCM: hpke.KEM.X25519.enc_length(),

@@ -70,7 +70,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
 
-from veil.enclave import wire
+from veil.enclave import commands, wire
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from veil.sdk.apps import BallotClient, TokenClient, VaultClient
@@ -167,8 +167,8 @@ class _Restart(Exception):
     """A batched call's counter was used by another command: sealed again after the batch."""
 
 
-#: The gateway's and the enclave's rule for a request id (`veil.services.gateway.validation`).
-MAX_REQUEST_ID = 64
+#: The enclave's limit on a request id, which the gateway applies too (its `validation`).
+MAX_REQUEST_ID = commands.MAX_REQUEST_ID_SIZE
 
 
 def _check_request_id(request_id: str) -> None:
