@@ -57,6 +57,20 @@ def _stub(mesh: InProcessMesh) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewaySe
     return channel, gateway_pb2_grpc.GatewayServiceStub(channel)
 
 
+def _refused_before_the_replica(
+    mesh: InProcessMesh,
+    request: gateway_pb2.PingRequest,
+    code: grpc.StatusCode,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """The gateway refuses `request` with `code`, and the replica's Ping never ran."""
+    channel, stub = _stub(mesh)
+    with channel, pytest.raises(grpc.RpcError) as refused:
+        stub.Ping(request, timeout=5, metadata=metadata)
+    assert refused.value.code() == code
+    assert mesh.states[0].calls["Ping"] == 0
+
+
 def test_ping_reaches_the_state_replica_without_the_enclave(mesh: InProcessMesh) -> None:
     alice = new_identity(mesh.data_dir, "alice")
     with mesh.connect() as admin:
@@ -78,11 +92,8 @@ def test_ping_reaches_the_state_replica_without_the_enclave(mesh: InProcessMesh)
 
 
 def test_ping_validates_the_instance_id(mesh: InProcessMesh) -> None:
-    channel, stub = _stub(mesh)
-    with channel, pytest.raises(grpc.RpcError) as refused:
-        stub.Ping(gateway_pb2.PingRequest(instance_id="Not An Id"), timeout=5)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert mesh.states[0].calls["Ping"] == 0
+    request = gateway_pb2.PingRequest(instance_id="Not An Id")
+    _refused_before_the_replica(mesh, request, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @pytest.fixture
@@ -98,13 +109,11 @@ def guarded_mesh(monkeypatch: pytest.MonkeyPatch, pki_dir: Path, tmp_path: Path)
 
 
 def test_ping_is_subject_to_the_instance_plugin(guarded_mesh: InProcessMesh) -> None:
-    channel, stub = _stub(guarded_mesh)
     request = gateway_pb2.PingRequest(instance_id="coins")
+    wrong_key = (("x-api-key", "wrong"),)
+    _refused_before_the_replica(guarded_mesh, request, grpc.StatusCode.UNAUTHENTICATED, wrong_key)
+    channel, stub = _stub(guarded_mesh)
     with channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            stub.Ping(request, timeout=5, metadata=(("x-api-key", "wrong"),))
-        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert guarded_mesh.states[0].calls["Ping"] == 0
         stub.Ping(request, timeout=5, metadata=(("x-api-key", "letmein"),))
     assert guarded_mesh.states[0].calls["Ping"] == 1
 
@@ -113,11 +122,8 @@ def test_a_final_newline_does_not_slip_past_the_instance_plugin(guarded_mesh: In
     """ "coins\n" once matched the gateway's instance-id pattern ("$" matches before a final
     newline) and, being another key, was judged by the default plugin (none) instead of the
     key-protected instance's: it is malformed, refused before any plugin or replica."""
-    channel, stub = _stub(guarded_mesh)
-    with channel, pytest.raises(grpc.RpcError) as refused:
-        stub.Ping(gateway_pb2.PingRequest(instance_id="coins\n"), timeout=5)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert guarded_mesh.states[0].calls["Ping"] == 0
+    request = gateway_pb2.PingRequest(instance_id="coins\n")
+    _refused_before_the_replica(guarded_mesh, request, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @pytest.fixture
