@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from veil.dev import collateral as dev_collateral
+from veil.dev import pki as dev_pki
 from veil.verify.errors import QuoteError
 from veil.verify.quote import INTEL_QE_VENDOR_ID
 from veil.verify.verifier import INTEL_QE_ISV_PROD_ID, INTEL_QE_MRSIGNER, VerifiedQuote
@@ -41,41 +42,12 @@ QE_ATTRIBUTES = bytes.fromhex("15000000000000000700000000000000")
 SGX_OID = "1.2.840.113741.1.13.1"
 
 
-# --- minimal DER writer (the SGX extension) ----------------------------------------------
+# --- DER (the SGX extension): the dev PKI's writer ---------------------------------------
 
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    length = len(content)
-    if length < 0x80:
-        return bytes([tag, length]) + content
-    size = (length.bit_length() + 7) // 8
-    return bytes([tag, 0x80 | size]) + length.to_bytes(size, "big") + content
-
-
-def der_oid(dotted: str) -> bytes:
-    arcs = [int(part) for part in dotted.split(".")]
-    body = bytearray([arcs[0] * 40 + arcs[1]])
-    for arc in arcs[2:]:
-        chunk = [arc & 0x7F]
-        rest = arc >> 7
-        while rest:
-            chunk.append(0x80 | (rest & 0x7F))
-            rest >>= 7
-        body.extend(reversed(chunk))
-    return _tlv(0x06, bytes(body))
-
-
-def der_int(value: int, tag: int = 0x02) -> bytes:
-    size = max(1, (value.bit_length() + 8) // 8)  # room for the sign bit
-    return _tlv(tag, value.to_bytes(size, "big", signed=True))
-
-
-def der_octets(value: bytes) -> bytes:
-    return _tlv(0x04, value)
-
-
-def der_seq(*items: bytes) -> bytes:
-    return _tlv(0x30, b"".join(items))
+der_oid = dev_pki.der_oid
+der_int = dev_pki.der_int
+der_octets = dev_pki.der_octets
+der_seq = dev_pki.der_seq
 
 
 def sgx_extension_der(
@@ -86,20 +58,17 @@ def sgx_extension_der(
     pce_id: bytes = PCE_ID,
     ppid: bytes = b"\x42" * 16,
 ) -> bytes:
-    """The SGX extension value as Intel encodes it for a processor-CA PCK certificate."""
-    tcb_items = [
-        der_seq(der_oid(f"{SGX_OID}.2.{n}"), der_int(svn)) for n, svn in enumerate(component_svns, start=1)
-    ]
-    tcb_items.append(der_seq(der_oid(f"{SGX_OID}.2.17"), der_int(pce_svn)))
-    cpu_svn = bytes(svn & 0xFF for svn in component_svns)
-    tcb_items.append(der_seq(der_oid(f"{SGX_OID}.2.18"), der_octets(cpu_svn)))
-    return der_seq(
-        der_seq(der_oid(f"{SGX_OID}.1"), der_octets(ppid)),
-        der_seq(der_oid(f"{SGX_OID}.2"), der_seq(*tcb_items)),
-        der_seq(der_oid(f"{SGX_OID}.3"), der_octets(pce_id)),
-        der_seq(der_oid(f"{SGX_OID}.4"), der_octets(fmspc)),
-        der_seq(der_oid(f"{SGX_OID}.5"), der_int(0, tag=0x0A)),
+    """The SGX extension value as Intel encodes it for a processor-CA PCK certificate (CPUSVN
+    the component SVNs' low bytes)."""
+    extension = dev_pki.sgx_pck_extension(
+        fmspc=fmspc,
+        pceid=pce_id,
+        pcesvn=pce_svn,
+        cpusvn=bytes(svn & 0xFF for svn in component_svns),
+        component_svns=component_svns,
+        ppid=ppid,
     )
+    return extension.value
 
 
 # --- keys and certificates ---------------------------------------------------------------

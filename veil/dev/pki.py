@@ -150,15 +150,17 @@ def service_certificate(ca: Issued, spiffe_id: str, now: dt.datetime, dns: Itera
     )
 
 
-# Minimal DER for the SGX PCK extension (Intel PCK certificate profile, OID 1.2.840.113741.1.13.1).
-def _der(tag: int, body: bytes) -> bytes:
+# Minimal DER for the SGX PCK extension (Intel PCK certificate profile, OID 1.2.840.113741.1.13.1);
+# the verifier's tests forge malformed extensions from the same writer (tests/verify/fakes.py).
+def der(tag: int, body: bytes) -> bytes:
+    """One DER element: tag, definite minimal length, body."""
     if len(body) < 0x80:
         return bytes([tag, len(body)]) + body
     size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
     return bytes([tag, 0x80 | len(size)]) + size + body
 
 
-def _oid(dotted: str) -> bytes:
+def der_oid(dotted: str) -> bytes:
     parts = [int(p) for p in dotted.split(".")]
     body = bytes([40 * parts[0] + parts[1]])
     for part in parts[2:]:
@@ -168,15 +170,24 @@ def _oid(dotted: str) -> bytes:
             chunk.append(0x80 | (rest & 0x7F))
             rest >>= 7
         body += bytes(reversed(chunk))
-    return _der(0x06, body)
+    return der(0x06, body)
 
 
-def _int(value: int) -> bytes:
-    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+def der_int(value: int, tag: int = 0x02) -> bytes:
+    """An INTEGER (or, by `tag`, an ENUMERATED) in two's complement, with room for the sign bit."""
+    return der(tag, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def der_octets(value: bytes) -> bytes:
+    return der(0x04, value)
+
+
+def der_seq(*items: bytes) -> bytes:
+    return der(0x30, b"".join(items))
 
 
 def _entry(suffix: str, value: bytes) -> bytes:
-    return _der(0x30, _oid(f"{SGX_EXTENSION_OID.dotted_string}.{suffix}") + value)
+    return der_seq(der_oid(f"{SGX_EXTENSION_OID.dotted_string}.{suffix}"), value)
 
 
 def sgx_pck_extension(
@@ -189,16 +200,16 @@ def sgx_pck_extension(
     ppid: bytes = bytes(16),
 ) -> x509.UnrecognizedExtension:
     """The SGX extension a PCK leaf carries: PPID, TCB (16 component SVNs, PCESVN, CPUSVN), PCEID, FMSPC."""
-    tcb = b"".join(_entry(f"2.{i + 1}", _int(svn)) for i, svn in enumerate(component_svns))
-    tcb += _entry("2.17", _int(pcesvn)) + _entry("2.18", _der(0x04, cpusvn))
-    body = (
-        _entry("1", _der(0x04, ppid))
-        + _entry("2", _der(0x30, tcb))
-        + _entry("3", _der(0x04, pceid))
-        + _entry("4", _der(0x04, fmspc))
-        + _entry("5", _der(0x0A, b"\x00"))
+    tcb = [_entry(f"2.{i + 1}", der_int(svn)) for i, svn in enumerate(component_svns)]
+    tcb += [_entry("2.17", der_int(pcesvn)), _entry("2.18", der_octets(cpusvn))]
+    body = der_seq(
+        _entry("1", der_octets(ppid)),
+        _entry("2", der_seq(*tcb)),
+        _entry("3", der_octets(pceid)),
+        _entry("4", der_octets(fmspc)),
+        _entry("5", der_int(0, tag=0x0A)),
     )
-    return x509.UnrecognizedExtension(SGX_EXTENSION_OID, _der(0x30, body))
+    return x509.UnrecognizedExtension(SGX_EXTENSION_OID, body)
 
 
 @dataclass(frozen=True)
