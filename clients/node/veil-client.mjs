@@ -1136,6 +1136,32 @@ export function openOutcome(outcome, request, { query = false } = {}) {
   return answerOf(request, result, receipt, accepted);
 }
 
+// The enclave's answer to `sent`, one of a call's `attempts` (veil/sdk/client.py
+// `_open_call_answer`). Every sealing of a call goes out under the call's request id, so the mesh
+// may answer with what it recorded for an earlier sealing (the one that ran), or join `sent` to
+// one still in flight. Accepted, an earlier sealing's answer is the call's (its signed receipt
+// names that sealing's command); anything else it says of an earlier sealing says nothing of
+// `sent`: null (ambiguous). IntegrityError when no sealing opens it.
+export function openCallAnswer(outcome, sent, attempts) {
+  try {
+    return openOutcome(outcome, sent);
+  } catch (error) {
+    if (!(error instanceof IntegrityError)) throw error;
+    for (const other of attempts) {
+      if (other === sent) continue;
+      let opened;
+      try {
+        opened = openOutcome(outcome, other);
+      } catch (again) {
+        if (again instanceof IntegrityError) continue;
+        throw again;
+      }
+      return opened.accepted ? opened : null;
+    }
+    throw error;
+  }
+}
+
 // An opened answer as `execute` returns it.
 function answerOf(request, result, receipt, accepted) {
   return {
@@ -1548,9 +1574,11 @@ export class VeilNodeClient {
     return verified;
   }
 
-  // The enclave's verified answer to one sealing; null when the attempt is ambiguous (the host
-  // says the enclave could not open it, which it could say of a command that ran).
-  async send(sealed, callId = sealed.requestId) {
+  // The enclave's verified answer to one sealing of a call (or the call's answer the mesh
+  // recorded for another of its `attempts`); null when the attempt is ambiguous (the host says
+  // the enclave could not open it, which it could say of a command that ran).
+  async send(sealed, state) {
+    const callId = state.requestId;
     let reply;
     try {
       reply = await this.call("Execute", { instance_id: sealed.instanceId, request_id: sealed.requestId, command: sealed.command });
@@ -1565,7 +1593,15 @@ export class VeilNodeClient {
       throw error;
     }
     try {
-      return openOutcome(reply.outcome, sealed);
+      try {
+        return openCallAnswer(reply.outcome, sealed, state.attempts);
+      } catch (error) {
+        if (!(error instanceof IntegrityError)) throw error;
+        // Perhaps the answer of a sealing another process made of this call (after taking a
+        // stalled lock over): its sealings from the calls store, then the answer once more.
+        this.mergeKept(state);
+        return openCallAnswer(reply.outcome, sealed, state.attempts);
+      }
     } catch (error) {
       // An unsealed refusal ("could not open it", "over the memory budget") is the host's word,
       // which it can give for a command that ran: ambiguous, so only the same counter again.
@@ -1677,13 +1713,13 @@ export class VeilNodeClient {
         state.ambiguous = true;
       } else {
         const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
-        const sealingId = state.attempts.length ? this.newRequestId() : state.requestId;
-        sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: sealingId });
+        // Every sealing under the call's request id: the mesh records the one that ran.
+        sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId });
         state.attempts.push(sealed);
         this.kept([state]); // the mark raised and the call kept before it is sent
         fresh = true;
       }
-      if (opened === undefined) opened = await this.send(sealed, state.requestId);
+      if (opened === undefined) opened = await this.send(sealed, state);
       if (opened === null) {
         state.ambiguous = true; // the host may say so of a command that ran: same counter only
         continue;
@@ -2080,7 +2116,7 @@ export class VeilNodeClient {
       if (!item) return null;
       if (item.result === "response") {
         try {
-          return openOutcome(item.response.outcome, state.attempts[0]);
+          return openCallAnswer(item.response.outcome, state.attempts[0], state.attempts);
         } catch (error) {
           if (error instanceof CommandRefused) return null; // the host's word: ambiguous
           return error;
@@ -2097,18 +2133,22 @@ export class VeilNodeClient {
   }
 
   // The answer of the attempt that ran, from the mesh's idempotency records if it kept it:
-  // the earlier sealings are sent again, byte for byte, under their request ids.
+  // a sealing is sent again, byte for byte, once per request id (a call's sealings share one,
+  // except those kept from before they did).
   async recordedAnswer(instanceId, attempts, sequence) {
-    for (const sealed of attempts.slice(0, -1).reverse()) {
+    const asked = new Set();
+    for (const sealed of attempts.slice().reverse()) {
+      if (asked.has(sealed.requestId)) continue;
+      asked.add(sealed.requestId);
       let opened;
       try {
         const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
-        opened = openOutcome(reply.outcome, sealed);
+        opened = openCallAnswer(reply.outcome, sealed, attempts);
       } catch (error) {
         if (error instanceof VeilError) continue;
         throw error;
       }
-      if (opened.accepted && opened.sequence === String(sequence)) return opened;
+      if (opened?.accepted && opened.sequence === String(sequence)) return opened;
     }
     return {
       requestId: attempts[0].requestId,

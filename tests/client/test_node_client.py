@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -569,21 +570,23 @@ def test_a_command_that_ran_behind_an_unopenable_claim_gets_its_kept_answer(
     lie: Callable[[grpc.ServicerContext], Any],
 ) -> None:
     servicer, address = evil
-    request_ids: list[str] = []
+    sent: list[tuple[str, bytes]] = []
 
     def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
-        request_ids.append(request.request_id)
+        sent.append((request.request_id, request.command.SerializeToString()))
         reply = forward()
-        return lie(context) if len(request_ids) == 1 else reply  # it ran; the host says otherwise
+        return lie(context) if len(sent) == 1 else reply  # it ran; the host says otherwise
 
     servicer.execute_hook = hook
     result = node_transfer(mesh, address, funded[1].account)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["balance"] == "90"
-    # Sealed again under the same counter: ABORTED, naming the first sealing's hash, with the
-    # answer the enclave kept with the counter (its receipt verified): nothing more is sent.
-    assert len(request_ids) == 2
-    assert request_ids[0] != request_ids[1]
+    # Sealed again under the same counter and the call's request id: the mesh answers with what
+    # it recorded for the first sealing, which opens under that sealing's key (its receipt
+    # verified): nothing more is sent.
+    assert len(sent) == 2
+    assert sent[0][0] == sent[1][0]
+    assert sent[0][1] != sent[1][1]
     assert _balance(mesh, funded[1]) == 10  # once
 
 
@@ -593,21 +596,48 @@ def test_a_command_that_ran_and_whose_answer_stays_lost_is_never_sent_again(
     """Every answer to the first sealing is lost: the one under the same counter names it, with
     the answer the enclave kept with the counter, so the transfer reports its one run."""
     servicer, address = evil
-    request_ids: list[str] = []
+    commands: list[bytes] = []
 
     def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
-        request_ids.append(request.request_id)
+        commands.append(request.command.SerializeToString())
         reply = forward()
-        return _unopenable_status(context) if request.request_id == request_ids[0] else reply
+        return _unopenable_status(context) if commands[-1] == commands[0] else reply
 
     servicer.execute_hook = hook
     result = node_transfer(mesh, address, funded[1].account)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["balance"] == "90"
-    assert len(request_ids) == 2  # the first sealing is never sent again
+    assert len(commands) == 2  # the first sealing is never sent again
     assert _balance(mesh, funded[1]) == 10
     counters = json.loads((mesh.data_dir / "counters.json").read_text())
     assert counters["coins"][funded[0].account] == 2  # the counter it ran under
+
+
+def test_a_rerun_after_a_resealing_ran_never_runs_twice(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: tuple[HostileGateway, str]
+) -> None:
+    """The fourth review of stop 25, in the Node client: the first sealing of "row-7" never ran
+    and its re-sealing, under a fresh wire id, did; a rerun under "row-7" after the calls journal
+    was lost paid again. Every sealing now goes under the call's id, so the rerun gets the mesh's
+    record of the one that ran (which it cannot open) and nothing runs."""
+    servicer, address = evil
+    dropped: list[bytes] = []
+
+    def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
+        if not dropped:  # never forwarded: the first sealing does not run
+            dropped.append(request.command.SerializeToString())
+            return _unopenable_status(context)
+        return forward()
+
+    servicer.execute_hook = hook
+    result = node_transfer(mesh, address, funded[1].account, "--request-id", "row-7")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counter"] == 2  # the re-sealing, under the first sealing's counter
+    shutil.rmtree(mesh.data_dir / "node-calls")  # the journal is lost; the counters are not
+    rerun = node_transfer(mesh, address, funded[1].account, "--request-id", "row-7")
+    assert rerun.returncode == 1, rerun.stdout
+    assert "does not authenticate" in rerun.stderr
+    assert _balance(mesh, funded[1]) == 10  # once
 
 
 def test_an_ambiguous_attempt_then_another_command_is_outcome_unknown(
@@ -619,6 +649,10 @@ def test_an_ambiguous_attempt_then_another_command_is_outcome_unknown(
 
     def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
         calls.append(request.request_id)
+        if len(calls) > 1:
+            # The host drops the mesh's record (an honest one answers the re-sealing, under the
+            # call's request id, with the first sealing's recorded answer): the enclave decides.
+            request.request_id = "host-rewritten"
         reply = forward()
         if len(calls) == 1:  # it ran under counter 2; another command of alice's takes 3
             with mesh.connect() as other_device:
@@ -640,17 +674,19 @@ def test_a_gateway_that_never_answers_definitively_gets_outcome_unknown(
     mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity], evil: tuple[HostileGateway, str]
 ) -> None:
     servicer, address = evil
-    request_ids: list[str] = []
+    sent: list[tuple[str, bytes]] = []
 
     def hook(request: Any, context: grpc.ServicerContext, forward: Callable[[], Any]) -> Any:
-        request_ids.append(request.request_id)
+        sent.append((request.request_id, request.command.SerializeToString()))
         return _unopenable_status(context)  # never forwarded, but the client cannot know that
 
     servicer.execute_hook = hook
     result = node_transfer(mesh, address, funded[1].account)
     assert result.returncode == 3, result.stderr
     assert "6 attempts under counter 2 got no definitive answer" in result.stderr
-    assert len(set(request_ids)) == 6  # each sealed again under the same counter, never a new one
+    # Each sealed again under the same counter, never a new one, and under the call's request id.
+    assert len({command for _, command in sent}) == 6
+    assert len({rid for rid, _ in sent}) == 1
     assert servicer.calls["GetAttestation"] == 6  # attested again after each ambiguous answer
 
 

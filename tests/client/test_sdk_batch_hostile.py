@@ -27,10 +27,10 @@ import pytest
 from tests.gateway.support import InProcessMesh, token_config
 from veil.enclave.v1 import apps_pb2, envelope_pb2, error_pb2
 from veil.gateway.v1 import gateway_pb2
-from veil.sdk.calls import FileCalls
+from veil.sdk.calls import FileCalls, MemoryCalls
 from veil.sdk.client import VeilClient
 from veil.sdk.counters import MemoryCounters
-from veil.sdk.errors import CounterGap, GatewayError, OutcomeUnknown, VeilClientError
+from veil.sdk.errors import CounterGap, GatewayError, IntegrityError, OutcomeUnknown, VeilClientError
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.verify.errors import AttestationError
 
@@ -331,21 +331,27 @@ def test_two_processes_resuming_one_call_take_turns_and_pay_once(
     command's, and sealed the call under the next counter: paid twice (940). The calls store
     now holds an account's calls for a whole call against other processes (flock), and the
     second process finds the call settled, with its answer."""
+    kept: list[Any] = []  # the first sealing's command (every sealing goes under "pay-30")
+
+    def lost(real: Any, request: Any, **kw: Any) -> Any:
+        kept.append(request.command)
+        raise Down()
+
     with mesh.connect(timeout=1.0) as first:  # the first sealing is lost: the call is kept
-        first._stub = _Scripted(first._stub, lambda real, request, **kw: (_ for _ in ()).throw(Down()))  # type: ignore[assignment]
+        first._stub = _Scripted(first._stub, lost)  # type: ignore[assignment]
         with pytest.raises(GatewayError):
             first.execute(coins, _pay(30), alice, request_id="pay-30")
     p2_resending = threading.Event()
 
     def p2_execute(real: Any, request: Any, **kw: Any) -> Any:
-        if request.request_id == "pay-30":  # its resend of the kept bytes, held a while
+        if request.command == kept[0]:  # its resend of the kept bytes, held a while
             p2_resending.set()
             time.sleep(1.0)
             return _hosts_word()
         return real.Execute(request, **kw)
 
     def p1_execute(real: Any, request: Any, **kw: Any) -> Any:
-        if request.request_id == "pay-30":
+        if request.command == kept[0]:
             return _hosts_word()
         real.Execute(request, **kw)  # a fresh sealing: it runs, its answer is the host's word
         return _hosts_word()
@@ -421,3 +427,34 @@ def test_a_call_waits_a_bounded_time_for_another_process_then_says_so(
         if holder.stdout is not None:
             holder.stdout.close()
     assert _balance(mesh, alice) == 1000
+
+
+def test_a_rerun_after_a_resealing_ran_never_runs_twice(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """The fourth review of stop 25: a re-sealing went out under a fresh wire id, so when the
+    first sealing of "row-7" never ran and its re-sealing did, the mesh kept that answer under an
+    id the application never named, and a rerun under "row-7" by a client that lost its records
+    paid again (940) once it knew the account's counter. Every sealing now goes under the call's
+    id: the rerun gets the mesh's record of the sealing that ran, which it cannot open, and
+    nothing runs."""
+    dropped: list[Any] = []
+
+    def drop_first(real: Any, request: Any, **kw: Any) -> Any:
+        if not dropped:  # never forwarded: the first sealing does not run
+            dropped.append(request.command)
+            return _hosts_word()
+        return real.Execute(request, **kw)
+
+    with mesh.connect(timeout=2.0) as client:  # its counters know the mint's: sealed under 2
+        client._stub = _Scripted(client._stub, drop_first)  # type: ignore[assignment]
+        assert client.execute(coins, _pay(30), alice, request_id="row-7").accepted
+        assert client.counters.last(coins, alice.account) == 2  # the re-sealing ran, under 2
+    assert len(dropped) == 1
+    with mesh.connect(timeout=2.0, calls=MemoryCalls(), counters=MemoryCounters()) as lost_records:
+        assert lost_records.token(coins, alice).balance() == 970  # the enclave's word: counter 3 next
+        executed = mesh.states[0].calls["Execute"]
+        with pytest.raises(IntegrityError, match="does not authenticate"):
+            lost_records.execute(coins, _pay(30), alice, request_id="row-7")
+    assert mesh.states[0].calls["Execute"] == executed + 1  # answered from the record
+    assert _balance(mesh, alice) == 970

@@ -23,9 +23,11 @@ class FlakyGateway(EvilGateway):
 
     failures: list[VeilError] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    commands: list[bytes] = field(default_factory=list)
 
     def Execute(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.request_ids.append(request.request_id)
+        self.commands.append(request.command.SerializeToString())
         if self.failures:
             self.calls["Execute"] += 1
             abort(context, self.failures.pop(0))
@@ -59,7 +61,8 @@ def test_transient_failures_are_retried_past_a_few_attempts(mesh: InProcessMesh,
     gateway, mint = minting
     gateway.failures = [Unavailable("the state replica is restarting")] * 5
     assert mint() == 5
-    assert len(set(gateway.request_ids)) == 1  # the same request every time
+    assert len(set(gateway.request_ids)) == 1
+    assert len(set(gateway.commands)) == 1
     assert mesh.states[0].calls["Execute"] == 1
 
 
@@ -69,7 +72,8 @@ def test_unopenable_status_is_sealed_again_to_fresh_keys(mesh: InProcessMesh, mi
     before = gateway.calls["GetAttestation"]
     assert mint() == 5
     assert gateway.calls["GetAttestation"] == before + 2  # the instance's first use, then again
-    assert len(set(gateway.request_ids)) == 2  # sealed again: a new request
+    assert len(set(gateway.commands)) == 2  # sealed again: new bytes...
+    assert len(set(gateway.request_ids)) == 1  # ...under the call's request id
     assert mesh.states[0].calls["Execute"] == 1
 
 

@@ -13,7 +13,11 @@ keys; an attestation is reused until its token expires.
 
 Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED with a RetryInfo hint)
 are retried with the *same* request (same request_id, same sealed bytes), which the gateway
-and the state service deduplicate, so a retried command executes once.
+and the state service deduplicate, so a retried command executes once. Every sealing of a call,
+re-seals included, goes out under the call's request id: the mesh's record under it is the
+answer of whichever sealing ran (so a rerun under an application's id after lost records gets
+an answer it cannot open, never a second run), and an answer to one sealing may be the record
+of an earlier one: it is opened with each sealing's key and taken only when accepted.
 
 Counters, and never running a command twice: a command carries the account's next counter,
 and the enclave runs at most one command per counter. A *definitive* answer (one sealed to
@@ -187,17 +191,46 @@ def _genesis(attestation: VerifiedAttestation) -> bytes:
     return attestation.descriptor.genesis_hash if attestation.descriptor is not None else b""
 
 
+def _open_call_answer(
+    outcome: envelope_pb2.CommandOutcome,
+    sent: SealedRequest,
+    signing_key: bytes,
+    sealings: Sequence[tuple[SealedRequest, bytes]],
+) -> Opened | None:
+    """The enclave's answer to `sent`, one of a call's `sealings`.
+
+    Every sealing of a call goes out under the call's own request id, so the mesh may answer
+    with what it recorded for an earlier sealing (the one that ran), or join `sent` to one still
+    in flight. Accepted, an earlier sealing's answer is the call's (its signed receipt names that
+    sealing's command). Anything else it says of an earlier sealing says nothing of `sent`: None
+    (ambiguous). CommandRefused for an unsealed refusal; IntegrityError when no sealing opens it.
+    """
+    try:
+        return open_outcome(sent, outcome, signing_key, query=False)
+    except IntegrityError as failure:
+        for other, key in sealings:
+            if other.command == sent.command:
+                continue
+            try:
+                opened = open_outcome(other, outcome, key, query=False)
+            except IntegrityError:
+                continue
+            return opened if opened.accepted else None
+        raise failure from None
+
+
 def _batch_answer(
-    item: gateway_pb2.ExecuteBatchResponse | None, sealed: SealedRequest, signing_key: bytes
+    item: gateway_pb2.ExecuteBatchResponse | None, state: _Call
 ) -> Opened | VeilClientError | float | None:
-    """One ExecuteBatch answer judged as `execute` judges its own: the verified answer; None
-    when it proves nothing (an unsealed refusal, or COMMAND_UNOPENABLE: ambiguous); the error
-    `execute` would raise; or, for a missing or transient one, the delay before sending it again."""
+    """One ExecuteBatch answer to the first sealing of `state`, judged as `execute` judges its
+    own: the verified answer; None when it proves nothing (an unsealed refusal, or
+    COMMAND_UNOPENABLE: ambiguous); the error `execute` would raise; or, for a missing or
+    transient one, the delay before sending it again."""
     if item is None:
         return 0.0
     if item.WhichOneof("result") == "response":
         try:
-            return open_outcome(sealed, item.response.outcome, signing_key, query=False)
+            return _open_call_answer(item.response.outcome, *state.sealings[0], state.sealings)
         except (CommandRefused, IntegrityError):
             # The host's word, or an answer that does not open under this command's response
             # key (another command's answer at this index): ambiguous, the same bytes again.
@@ -343,7 +376,7 @@ class VeilClient:
         self._lock = threading.Lock()
         self._attestations: dict[str, VerifiedAttestation] = {}
         self._account_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._pending: OrderedDict[str, tuple[SealedRequest, bytes]] = OrderedDict()
+        self._pending: OrderedDict[str, list[tuple[SealedRequest, bytes]]] = OrderedDict()
         self._answered: OrderedDict[str, tuple[_Call, Opened]] = OrderedDict()  # by request id
         #: Per instance: the newest head this client saw acknowledged (kept in the data dir).
         self.heads = heads or HeadFloors()
@@ -501,7 +534,8 @@ class VeilClient:
 
     def _remember(self, sealed: SealedRequest, signing_key: bytes) -> None:
         with self._lock:
-            self._pending[sealed.request_id] = (sealed, signing_key)
+            self._pending.setdefault(sealed.request_id, []).append((sealed, signing_key))
+            self._pending.move_to_end(sealed.request_id)
             while len(self._pending) > _PENDING_LIMIT:
                 self._pending.popitem(last=False)
 
@@ -788,7 +822,7 @@ class VeilClient:
             again: list[int] = []
             delay = min(_MAX_BACKOFF_S, 0.1 * 2**attempt)
             for position, k in enumerate(todo):
-                judged = _batch_answer(got.get(position), *states[k].sealings[0])
+                judged = _batch_answer(got.get(position), states[k])
                 if isinstance(judged, float):  # transient: sent again (after its RetryInfo delay)
                     again.append(k)
                     delay = max(delay, judged)
@@ -908,7 +942,7 @@ class VeilClient:
                 # call counts as possibly run.
                 sealed, signing_key = state.sealings[0]
                 state.ambiguous = True
-                opened = self._send(instance_id, sealed, signing_key, identity)
+                opened = self._send(instance_id, sealed, signing_key, identity, state)
             else:
                 attestation = self.attest(instance_id, refresh=state.ambiguous and round_ > 0)
                 sealed = seal_command(
@@ -918,7 +952,7 @@ class VeilClient:
                     identity=identity,
                     call=call,
                     counter=state.counter,
-                    request_id=self.new_request_id() if state.sealings else state.request_id,
+                    request_id=state.request_id,  # every sealing: the mesh records the one that ran
                     suite=suite,
                 )
                 signing_key = attestation.keys.signing_public_key
@@ -926,7 +960,7 @@ class VeilClient:
                 state.sealings.append((sealed, signing_key))
                 self._sealed([state])  # kept durably before it is sent
                 fresh = True
-                opened = self._send(instance_id, sealed, signing_key, identity)
+                opened = self._send(instance_id, sealed, signing_key, identity, state)
             if opened is None:
                 state.ambiguous = True  # the host may say so of a command that ran: same counter only
                 continue
@@ -996,16 +1030,28 @@ class VeilClient:
         )
 
     def _send(
-        self, instance_id: str, sealed: SealedRequest, signing_key: bytes, identity: Identity
+        self,
+        instance_id: str,
+        sealed: SealedRequest,
+        signing_key: bytes,
+        identity: Identity,
+        state: _Call,
     ) -> Opened | None:
-        """The enclave's verified answer to one sealing; None when the answer is the host's word
-        (an unsealed refusal), which proves nothing either way."""
+        """The enclave's verified answer to one sealing of a call (or the call's answer the mesh
+        recorded for another of its sealings); None when the answer is the host's word (an
+        unsealed refusal), which proves nothing either way."""
         request = gateway_pb2.ExecuteRequest(
             instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
         )
         try:
             reply = self._call(self._stub.Execute, request, self._metadata(identity))
-            return open_outcome(sealed, reply.outcome, signing_key, query=False)
+            try:
+                return _open_call_answer(reply.outcome, sealed, signing_key, state.sealings)
+            except IntegrityError:
+                # Perhaps the answer of a sealing another process made of this call: its
+                # sealings from the calls store, then the answer once more.
+                self._merge_kept(state)
+                return _open_call_answer(reply.outcome, sealed, signing_key, state.sealings)
         except GatewayError as failure:
             if _unopenable(failure):
                 return None
@@ -1127,17 +1173,23 @@ class VeilClient:
         sequence: int,
         identity: Identity,
     ) -> Opened:
-        """The answer of the attempt that ran, from the mesh's idempotency records if it kept it."""
+        """The answer of the attempt that ran, from the mesh's idempotency records if it kept it
+        (one request per request id: a call's sealings share one, except those kept from before
+        they did)."""
+        asked: set[str] = set()
         for sealed, signing_key in reversed(attempts):
+            if sealed.request_id in asked:
+                continue
+            asked.add(sealed.request_id)
             request = gateway_pb2.ExecuteRequest(
                 instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
             )
             try:
                 reply = self._call(self._stub.Execute, request, self._metadata(identity))
-                opened = open_outcome(sealed, reply.outcome, signing_key, query=False)
+                opened = _open_call_answer(reply.outcome, sealed, signing_key, attempts)
             except VeilClientError:
                 continue
-            if opened.accepted and opened.sequence == sequence:
+            if opened is not None and opened.accepted and opened.sequence == sequence:
                 return opened
         return Opened(
             request_id=attempts[0][0].request_id,
@@ -1232,12 +1284,12 @@ class VeilClient:
 
         def opener(item: gateway_pb2.WatchReceiptsResponse) -> Opened | None:
             with self._lock:
-                pending = self._pending.get(item.request_id)
-            if pending is None:
+                pending = list(self._pending.get(item.request_id, ()))
+            if not pending:
                 return None  # another session of the same principal
-            sealed, signing_key = pending
-            opened = open_outcome(sealed, item.outcome, signing_key, query=False)
-            if not opened.accepted:
+            # The outcome of one of the call's sealings (all share its request id).
+            opened = _open_call_answer(item.outcome, *pending[-1], pending)
+            if opened is None or not opened.accepted:
                 # Commits only: a refusal here is the gateway's choice to publish it (the honest
                 # one publishes none), and one the host controls may still be followed by the
                 # commit of the same sealing, which must not be hidden as a repeat.
