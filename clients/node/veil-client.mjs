@@ -131,6 +131,12 @@ export class AttestationError extends VeilError {
 
 // An answer or receipt does not authenticate: the host or the gateway tampered.
 export class IntegrityError extends VeilError {}
+// The answer under a call's request id opens under none of the call's sealings (veil/sdk/errors.py
+// `ForeignAnswer`): the mesh's record of a sealing this client does not hold (the call ran before,
+// from a client that lost its records, or another call used the id), or the host's forgery.
+// Nothing of this attempt ran through that request; the client uses the call's counter up so
+// none of its sealings can run later either (the call is kept when that cannot be done now).
+export class ForeignAnswer extends IntegrityError {}
 
 // The enclave refused the command; `code` is the EcallErrorCode name.
 export class CommandRefused extends VeilError {
@@ -1123,7 +1129,7 @@ export function openOutcome(outcome, request, { query = false } = {}) {
     response = messages.CommandResponse.decode(plaintext);
     result = messages.CommandResult.decode(response.result);
   } catch {
-    throw new IntegrityError("the response does not authenticate under this request's key");
+    throw new ForeignAnswer("the response does not authenticate under this request's key");
   }
   if (response.requestId !== request.requestId) throw new IntegrityError("the response answers another request");
   const receipt = response.receipt ?? null;
@@ -1141,19 +1147,19 @@ export function openOutcome(outcome, request, { query = false } = {}) {
 // may answer with what it recorded for an earlier sealing (the one that ran), or join `sent` to
 // one still in flight. Accepted, an earlier sealing's answer is the call's (its signed receipt
 // names that sealing's command); anything else it says of an earlier sealing says nothing of
-// `sent`: null (ambiguous). IntegrityError when no sealing opens it.
+// `sent`: null (ambiguous). ForeignAnswer when no sealing opens it.
 export function openCallAnswer(outcome, sent, attempts) {
   try {
     return openOutcome(outcome, sent);
   } catch (error) {
-    if (!(error instanceof IntegrityError)) throw error;
+    if (!(error instanceof ForeignAnswer)) throw error;
     for (const other of attempts) {
       if (other === sent) continue;
       let opened;
       try {
         opened = openOutcome(outcome, other);
       } catch (again) {
-        if (again instanceof IntegrityError) continue;
+        if (again instanceof ForeignAnswer) continue;
         throw again;
       }
       return opened.accepted ? opened : null;
@@ -1596,7 +1602,7 @@ export class VeilNodeClient {
       try {
         return openCallAnswer(reply.outcome, sealed, state.attempts);
       } catch (error) {
-        if (!(error instanceof IntegrityError)) throw error;
+        if (!(error instanceof ForeignAnswer)) throw error;
         // Perhaps the answer of a sealing another process made of this call (after taking a
         // stalled lock over): its sealings from the calls store, then the answer once more.
         this.mergeKept(state);
@@ -1719,7 +1725,14 @@ export class VeilNodeClient {
         this.kept([state]); // the mark raised and the call kept before it is sent
         fresh = true;
       }
-      if (opened === undefined) opened = await this.send(sealed, state);
+      if (opened === undefined) {
+        try {
+          opened = await this.send(sealed, state);
+        } catch (error) {
+          if (error instanceof ForeignAnswer) return this.foreignAnswer(state, identity, error);
+          throw error;
+        }
+      }
       if (opened === null) {
         state.ambiguous = true; // the host may say so of a command that ran: same counter only
         continue;
@@ -1805,6 +1818,46 @@ export class VeilNodeClient {
     } finally {
       this.calls.delete(fill.requestId);
     }
+  }
+
+  // The mesh answered the call's request id with what none of its sealings opens (its record of
+  // a sealing this client does not hold; veil/sdk/client.py `_foreign_answer`). No sealing of the
+  // call ran through that request, but each stays valid in the host's hands under the call's
+  // counter, and later calls would wait for it: use the counter up with the app's read-only
+  // filler. Returns the call's answer when the enclave says one of its sealings used the counter
+  // after all (a host that ran it under another id); otherwise throws `failure`, with the call's
+  // sealings dropped once the counter is used, or with the call kept when it cannot be settled now.
+  async foreignAnswer(state, identity, failure) {
+    const { instanceId, account } = state;
+    let sealed;
+    let filled;
+    try {
+      const attestation = await this.attest(instanceId);
+      const call = GAP_FILLERS[messages.AppKind.valuesById[attestation.descriptor?.config?.app]];
+      if (!call) throw failure;
+      sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: this.newRequestId() });
+      const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
+      filled = openOutcome(reply.outcome, sealed);
+    } catch (error) {
+      if (error instanceof VeilError) throw failure; // not settled now: the call is kept
+      throw error;
+    }
+    if (filled.accepted) {
+      this.record(instanceId, account, state.counter);
+    } else if (codeName(filled.message.error?.code ?? 0) !== "ECALL_ERROR_CODE_ABORTED") {
+      throw failure; // refused for now (a budget, a clock): the counter stays open, the call kept
+    } else {
+      const judged = this.counterState(instanceId, account, filled, state);
+      if (judged.ran) {
+        // A sealing of this call used the counter after all: it ran, and this is its answer.
+        this.record(instanceId, account, state.counter);
+        return keptAnswer(judged.kept, judged.ran, sealed) ?? this.recordedAnswer(instanceId, state.attempts, judged.lastSequence);
+      }
+      if (judged.tooEarly) throw failure; // an earlier counter is still open: the call is kept, and waits
+      this.record(instanceId, account, judged.nextCounter - 1);
+    }
+    state.attempts = []; // none of them can run any more: nothing later waits for the call
+    throw failure;
   }
 
   // Judge a sealed refusal before running, not a counter refusal (veil/sdk/client.py `_refused`):
@@ -1951,6 +2004,8 @@ export class VeilNodeClient {
       return;
     }
     if (!stored || stored === state || stored.counter !== state.counter) return;
+    // Another call under the same id (the store is keyed by id) is never this one's.
+    if (stored.instanceId !== state.instanceId || stored.account !== state.account || !same(stored.callBytes, state.callBytes)) return;
     for (const attempt of stored.attempts) {
       if (!state.attempts.some((a) => same(a.commandHash, attempt.commandHash))) state.attempts.push(attempt);
     }

@@ -61,11 +61,15 @@ def test_a_rerun_pays_nobody_twice(veil: Veil, tmp_path: Path) -> None:
     assert "check the balance of the rows whose outcome is unknown" in out
     _assert_balances(veil, alice=70, bob=10, carol=20, dave=500)
     assert json.loads(journal.read_text())["rows"]["2"]["state"] == "unknown"
-    assert veil.executed() - executed == 3  # one attempt per row, answered from the mesh's record
+    # One attempt per row, answered from the mesh's record; then each row's new sealing has its
+    # counter used up by a read-only call, so it can never run later and nothing waits for it.
+    assert veil.executed() - executed == 6
     status, out, _ = veil("token", "transfer", "coins", "--from-csv", str(payroll), "--as", "alice")
     assert status == 1
     assert "unknown row 2: 10 to bob: its outcome was unknown in an earlier run; never sent again" in out
-    assert veil.executed() - executed == 3  # not even tried again
+    assert veil.executed() - executed == 6  # not even tried again
+    veil.ok("token", "transfer", "coins", "bob", "1", "--as", "alice")  # the account goes on
+    _assert_balances(veil, alice=69, bob=11, carol=20, dave=500)
 
 
 def test_a_bad_row_stops_the_file_before_anything_is_sent(veil: Veil, tmp_path: Path) -> None:

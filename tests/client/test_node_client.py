@@ -619,7 +619,8 @@ def test_a_rerun_after_a_resealing_ran_never_runs_twice(
     """The fourth review of stop 25, in the Node client: the first sealing of "row-7" never ran
     and its re-sealing, under a fresh wire id, did; a rerun under "row-7" after the calls journal
     was lost paid again. Every sealing now goes under the call's id, so the rerun gets the mesh's
-    record of the one that ran (which it cannot open) and nothing runs."""
+    record of the one that ran (which it cannot open) and nothing runs; the rerun's own sealing
+    then has its counter used up, so it can never run later and no later call waits for it."""
     servicer, address = evil
     dropped: list[bytes] = []
 
@@ -638,6 +639,12 @@ def test_a_rerun_after_a_resealing_ran_never_runs_twice(
     assert rerun.returncode == 1, rerun.stdout
     assert "does not authenticate" in rerun.stderr
     assert _balance(mesh, funded[1]) == 10  # once
+    # The rerun's sealing had its counter used up by a filler: the next transfer is not stuck
+    # behind it (it runs under counter 4).
+    following = node_transfer(mesh, address, funded[1].account)
+    assert following.returncode == 0, following.stderr
+    assert json.loads(following.stdout)["counter"] == 4
+    assert _balance(mesh, funded[1]) == 20
 
 
 def test_an_ambiguous_attempt_then_another_command_is_outcome_unknown(

@@ -30,7 +30,7 @@ from veil.gateway.v1 import gateway_pb2
 from veil.sdk.calls import FileCalls, MemoryCalls
 from veil.sdk.client import VeilClient
 from veil.sdk.counters import MemoryCounters
-from veil.sdk.errors import CounterGap, GatewayError, IntegrityError, OutcomeUnknown, VeilClientError
+from veil.sdk.errors import CounterGap, ForeignAnswer, GatewayError, OutcomeUnknown, VeilClientError
 from veil.sdk.identity import SigningIdentity, new_identity
 from veil.verify.errors import AttestationError
 
@@ -451,10 +451,28 @@ def test_a_rerun_after_a_resealing_ran_never_runs_twice(
         assert client.execute(coins, _pay(30), alice, request_id="row-7").accepted
         assert client.counters.last(coins, alice.account) == 2  # the re-sealing ran, under 2
     assert len(dropped) == 1
+    sent: list[Any] = []
+
+    def record(real: Any, request: Any, **kw: Any) -> Any:
+        sent.append(request)
+        return real.Execute(request, **kw)
+
     with mesh.connect(timeout=2.0, calls=MemoryCalls(), counters=MemoryCounters()) as lost_records:
         assert lost_records.token(coins, alice).balance() == 970  # the enclave's word: counter 3 next
+        recording = _Scripted(lost_records._stub, record)
+        lost_records._stub = recording  # type: ignore[assignment]
         executed = mesh.states[0].calls["Execute"]
-        with pytest.raises(IntegrityError, match="does not authenticate"):
+        with pytest.raises(ForeignAnswer, match="does not authenticate"):
             lost_records.execute(coins, _pay(30), alice, request_id="row-7")
-    assert mesh.states[0].calls["Execute"] == executed + 1  # answered from the record
-    assert _balance(mesh, alice) == 970
+        # Answered from the record; then the app's read-only filler used counter 3 up.
+        assert mesh.states[0].calls["Execute"] == executed + 2
+        assert [r.request_id for r in sent].count("row-7") == 1
+        assert lost_records.calls.get("row-7") is None  # nothing of it can run: nothing waits for it
+        # The rerun's sealing, replayed by a host under another id, can never run.
+        replay = gateway_pb2.ExecuteRequest()
+        replay.CopyFrom(sent[0])
+        replay.request_id = "host-replay"
+        assert not recording.real.Execute(replay, timeout=5).outcome.accepted
+        # And the account goes on: the next call is not stuck behind it.
+        assert lost_records.execute(coins, _pay(1), alice).accepted
+    assert _balance(mesh, alice) == 969

@@ -84,6 +84,7 @@ from veil.sdk.counters import COUNTERS_FILE, CounterStore, FileCounters, MemoryC
 from veil.sdk.errors import (
     CommandRefused,
     CounterGap,
+    ForeignAnswer,
     GatewayError,
     IntegrityError,
     NotRunYet,
@@ -203,17 +204,17 @@ def _open_call_answer(
     with what it recorded for an earlier sealing (the one that ran), or join `sent` to one still
     in flight. Accepted, an earlier sealing's answer is the call's (its signed receipt names that
     sealing's command). Anything else it says of an earlier sealing says nothing of `sent`: None
-    (ambiguous). CommandRefused for an unsealed refusal; IntegrityError when no sealing opens it.
+    (ambiguous). CommandRefused for an unsealed refusal; ForeignAnswer when no sealing opens it.
     """
     try:
         return open_outcome(sent, outcome, signing_key, query=False)
-    except IntegrityError as failure:
+    except ForeignAnswer as failure:
         for other, key in sealings:
             if other.command == sent.command:
                 continue
             try:
                 opened = open_outcome(other, outcome, key, query=False)
-            except IntegrityError:
+            except ForeignAnswer:
                 continue
             return opened if opened.accepted else None
         raise failure from None
@@ -933,34 +934,12 @@ class VeilClient:
         """
         instance_id, account = state.instance_id, identity.account
         for round_ in range(_MAX_ROUNDS):
-            fresh = False
-            if first is not None and round_ == 0:
-                sealed, signing_key = state.sealings[0]  # the one the batch sent and judged
-                opened: Opened | None = first
-            elif state.sealings and round_ == 0:
-                # Resuming: the very same bytes first (the mesh may hold their answer), and the
-                # call counts as possibly run.
-                sealed, signing_key = state.sealings[0]
-                state.ambiguous = True
-                opened = self._send(instance_id, sealed, signing_key, identity, state)
-            else:
-                attestation = self.attest(instance_id, refresh=state.ambiguous and round_ > 0)
-                sealed = seal_command(
-                    attestation.keys,
-                    instance_id=instance_id,
-                    scheme=self._scheme(attestation, instance_id),
-                    identity=identity,
-                    call=call,
-                    counter=state.counter,
-                    request_id=state.request_id,  # every sealing: the mesh records the one that ran
-                    suite=suite,
+            try:
+                sealed, signing_key, opened, fresh = self._attempt(
+                    state, call, identity, suite, first=first if round_ == 0 else None, resume=round_ == 0
                 )
-                signing_key = attestation.keys.signing_public_key
-                self._remember(sealed, signing_key)
-                state.sealings.append((sealed, signing_key))
-                self._sealed([state])  # kept durably before it is sent
-                fresh = True
-                opened = self._send(instance_id, sealed, signing_key, identity, state)
+            except ForeignAnswer as failure:
+                return self._foreign_answer(state, identity, suite, failure)
             if opened is None:
                 state.ambiguous = True  # the host may say so of a command that ran: same counter only
                 continue
@@ -974,16 +953,8 @@ class VeilClient:
                 continue
             counter_state = self._counter_state(instance_id, account, opened, state, siblings, fresh=fresh)
             if counter_state.last_command_hash:
-                # A sealing of this call used the counter: it ran. Never again; its answer is
-                # the one the enclave kept with the counter (or, failing that, the mesh's record).
-                self._record(instance_id, account, state.counter)
-                kept = _kept_answer(instance_id, counter_state, signing_key, sealed.request_id)
-                answer = kept or self._recorded_answer(
-                    instance_id, state.sealings, counter_state.last_sequence, identity
-                )
-                # Its head is one this client has now seen acknowledged: later reads must not be older.
-                self._saw(instance_id, answer.sequence)
-                return answer
+                # A sealing of this call used the counter: it ran. Never again.
+                return self._ran(state, counter_state, signing_key, identity)
             if counter_state.next_counter <= state.counter:
                 self._too_early(state, counter_state.next_counter, identity, suite, fresh=fresh)
                 continue  # the same counter again (a filled gap, or an answer from before it moved)
@@ -1001,6 +972,112 @@ class VeilClient:
         raise CommandRefused(
             error_pb2.ECALL_ERROR_CODE_ABORTED, "could not agree on a counter with the enclave"
         )
+
+    def _ran(
+        self, state: _Call, counter_state: command_pb2.CounterState, signing_key: bytes, identity: Identity
+    ) -> Opened:
+        """The answer of a call one of whose sealings used its counter (the enclave says so): the
+        one the enclave kept with the counter, or, failing that, the mesh's record."""
+        self._record(state.instance_id, identity.account, state.counter)
+        answer = _kept_answer(state.instance_id, counter_state, signing_key, state.request_id)
+        answer = answer or self._recorded_answer(
+            state.instance_id, state.sealings, counter_state.last_sequence, identity
+        )
+        # Its head is one this client has now seen acknowledged: later reads must not be older.
+        self._saw(state.instance_id, answer.sequence)
+        return answer
+
+    def _attempt(
+        self,
+        state: _Call,
+        call: apps_pb2.AppCall,
+        identity: Identity,
+        suite: int,
+        *,
+        first: Opened | None,
+        resume: bool,
+    ) -> tuple[SealedRequest, bytes, Opened | None, bool]:
+        """One attempt of `_run`: the sealing it judges, its signing key, the verified answer
+        (None: ambiguous) and whether the sealing was made for this attempt. `first`: the
+        batch's answer to the first sealing (nothing sent); `resume`: a kept sealing goes first."""
+        instance_id = state.instance_id
+        if first is not None:
+            sealed, signing_key = state.sealings[0]  # the one the batch sent and judged
+            return sealed, signing_key, first, False
+        if state.sealings and resume:
+            # Resuming: the very same bytes first (the mesh may hold their answer), and the call
+            # counts as possibly run.
+            sealed, signing_key = state.sealings[0]
+            state.ambiguous = True
+            return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), False
+        attestation = self.attest(instance_id, refresh=state.ambiguous and not resume)
+        sealed = seal_command(
+            attestation.keys,
+            instance_id=instance_id,
+            scheme=self._scheme(attestation, instance_id),
+            identity=identity,
+            call=call,
+            counter=state.counter,
+            request_id=state.request_id,  # every sealing: the mesh records the one that ran
+            suite=suite,
+        )
+        signing_key = attestation.keys.signing_public_key
+        self._remember(sealed, signing_key)
+        state.sealings.append((sealed, signing_key))
+        self._sealed([state])  # kept durably before it is sent
+        return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), True
+
+    def _foreign_answer(self, state: _Call, identity: Identity, suite: int, failure: ForeignAnswer) -> Opened:
+        """The mesh answered the call's request id with what none of its sealings opens (its record
+        of a sealing this client does not hold: the call ran before, from a client that lost its
+        records, or another call took the id). No sealing of this call ran through that request,
+        but each stays valid in the host's hands under the call's counter, and later calls would
+        wait for it: use the counter up with the app's read-only filler, so none ever can.
+
+        Returns the call's answer when the enclave says one of its sealings used the counter after
+        all (a host that ran it under another id). Otherwise raises `failure`: with the call's
+        sealings dropped (it leaves the calls store) once the counter is used by the filler or
+        another command, or with the call kept when the counter cannot be settled now.
+        """
+        instance_id, account = state.instance_id, identity.account
+        try:
+            attestation = self.attest(instance_id)
+            descriptor = attestation.descriptor
+            filler = _GAP_FILLERS.get(descriptor.config.app) if descriptor is not None else None
+            if filler is None:
+                raise failure
+            sealed = seal_command(
+                attestation.keys,
+                instance_id=instance_id,
+                scheme=self._scheme(attestation, instance_id),
+                identity=identity,
+                call=filler,
+                counter=state.counter,
+                request_id=self.new_request_id(),
+                suite=suite,
+            )
+            request = gateway_pb2.ExecuteRequest(
+                instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
+            )
+            reply = self._call(self._stub.Execute, request, self._metadata(identity))
+            signing_key = attestation.keys.signing_public_key
+            filled = open_outcome(sealed, reply.outcome, signing_key, query=False)
+        except (VeilClientError, AttestationError):
+            raise failure from None  # not settled now: the call is kept
+        if filled.accepted:
+            self._record(instance_id, account, state.counter)
+        elif filled.result.error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
+            raise failure  # refused for now (a budget, a clock): the counter stays open, the call kept
+        else:
+            counter_state = self._counter_state(instance_id, account, filled, state)
+            if counter_state.last_command_hash:
+                # A sealing of this call used the counter after all: it ran.
+                return self._ran(state, counter_state, signing_key, identity)
+            if counter_state.next_counter <= state.counter:
+                raise failure  # an earlier counter is still open: the call is kept, and waits
+            self._record(instance_id, account, counter_state.next_counter - 1)
+        state.sealings.clear()  # none of them can run any more: nothing later waits for the call
+        raise failure
 
     def _refused(self, state: _Call, sealed: SealedRequest, opened: Opened, *, fresh: bool) -> bool:
         """Judge a sealed refusal before running (not a counter refusal): True when the call is
@@ -1047,7 +1124,7 @@ class VeilClient:
             reply = self._call(self._stub.Execute, request, self._metadata(identity))
             try:
                 return _open_call_answer(reply.outcome, sealed, signing_key, state.sealings)
-            except IntegrityError:
+            except ForeignAnswer:
                 # Perhaps the answer of a sealing another process made of this call: its
                 # sealings from the calls store, then the answer once more.
                 self._merge_kept(state)
@@ -1163,6 +1240,12 @@ class VeilClient:
             return
         if stored is None or stored is state or stored.counter != state.counter:
             return
+        if (stored.instance_id, stored.account, stored.call) != (
+            state.instance_id,
+            state.account,
+            state.call,
+        ):
+            return  # another call under the same id (the store is keyed by id): never this one's
         known = {sealed.command.SerializeToString() for sealed, _ in state.sealings}
         state.sealings.extend(s for s in stored.sealings if s[0].command.SerializeToString() not in known)
 

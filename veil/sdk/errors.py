@@ -49,6 +49,18 @@ class IntegrityError(VeilClientError):
     """A response or receipt from the enclave does not authenticate: the host or gateway tampered."""
 
 
+class ForeignAnswer(IntegrityError):
+    """The answer under a call's request id opens under none of the call's sealings: the mesh's
+    record of a sealing this client does not hold (the call ran before, from a client that lost
+    its records, or another call used the same id), or the host's forgery.
+
+    Nothing of this attempt ran through that request. The SDK then uses the call's counter up
+    (the app's read-only call, sent as a command), so none of its sealings can run later either,
+    and the call leaves the calls store; when that cannot be done now, the call is kept. Check
+    the state (e.g. the balance) before sending the command again under another id.
+    """
+
+
 class CommandRefused(VeilClientError):
     """The enclave refused the command (authorization, counter, app rule) or could not open it.
 

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from veil.enclave import commands, crypto, wire
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import apps_pb2, command_pb2, envelope_pb2
-from veil.sdk.errors import CommandRefused, IntegrityError
+from veil.sdk.errors import CommandRefused, ForeignAnswer, IntegrityError
 from veil.sdk.identity import Identity
 
 X25519_SUITE = crypto.X25519_SUITE
@@ -125,7 +125,7 @@ def open_outcome(
         )
         result = command_pb2.CommandResult.FromString(response.result)
     except (DecryptionError, DecodeError):
-        raise IntegrityError("the response does not authenticate under this request's key") from None
+        raise ForeignAnswer("the response does not authenticate under this request's key") from None
     if response.request_id != request.request_id:
         raise IntegrityError("the response answers another request")
     receipt = response.receipt if response.HasField("receipt") else None
