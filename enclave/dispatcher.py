@@ -4,8 +4,6 @@
 The method name selects a handler from an explicit table; an unknown method is UNIMPLEMENTED,
 an undecodable frame or payload is INVALID_ARGUMENT, and a bug is INTERNAL with no detail.
 Handlers change state only after all their checks pass, so every refused call changes nothing.
-A frame may carry a list of calls instead, run in order and each answered exactly as if it had
-crossed alone (the host gains nothing); a call that carries calls itself is refused.
 """
 
 from __future__ import annotations
@@ -44,9 +42,9 @@ def ecall_table(enclave: Enclave) -> Mapping[str, Handler]:
     }
 
 
-def error_reply(code: error_pb2.EcallErrorCode.ValueType, message: str) -> ecall_pb2.EcallReply:
-    """An EcallReply carrying an error."""
-    return ecall_pb2.EcallReply(error=error_pb2.EcallError(code=code, message=message))
+def error_reply(code: error_pb2.EcallErrorCode.ValueType, message: str) -> bytes:
+    """A serialized EcallReply carrying an error."""
+    return ecall_pb2.EcallReply(error=error_pb2.EcallError(code=code, message=message)).SerializeToString()
 
 
 class Dispatcher:
@@ -61,15 +59,7 @@ class Dispatcher:
         try:
             frame = ecall_pb2.EcallFrame.FromString(frame_bytes)
         except DecodeError:
-            return error_reply(INVALID_ARGUMENT, "frame is not an EcallFrame").SerializeToString()
-        if frame.calls and not (frame.method or frame.payload):
-            replies = [self._call(call) for call in frame.calls]
-            return ecall_pb2.EcallReply(replies=replies).SerializeToString()
-        return self._call(frame).SerializeToString()
-
-    def _call(self, frame: ecall_pb2.EcallFrame) -> ecall_pb2.EcallReply:
-        if frame.calls:
-            return error_reply(INVALID_ARGUMENT, "a call carries no list of calls")
+            return error_reply(INVALID_ARGUMENT, "frame is not an EcallFrame")
         entry = self._table.get(frame.method)
         if entry is None:
             return error_reply(UNIMPLEMENTED, f"unknown ECALL {frame.method[:64]!r}")
@@ -81,8 +71,10 @@ class Dispatcher:
         try:
             response = handler(request)
         except EnclaveError as refusal:
-            return ecall_pb2.EcallReply(error=refusal.to_proto())
+            return ecall_pb2.EcallReply(error=refusal.to_proto()).SerializeToString()
         except Exception as bug:  # a bug: report it without leaking its detail
             _log.error("internal error in %s: %s", frame.method, type(bug).__name__)
             return error_reply(INTERNAL, "internal error")
-        return ecall_pb2.EcallReply(payload=response.SerializeToString(deterministic=True))
+        return ecall_pb2.EcallReply(
+            payload=response.SerializeToString(deterministic=True)
+        ).SerializeToString()

@@ -37,7 +37,6 @@ _log = logging.getLogger("veil.enclave.runner")
 PCK_FILES = ("sgx-pck-leaf.pem", "sgx-pck-ca.pem", "sgx-root.pem")
 PCK_KEY_FILE = "sgx-pck-leaf-key.pem"
 PROVIDERS = ("sim", "gramine")
-_TOO_LARGE = error_reply(RESOURCE_EXHAUSTED, "frame too large").SerializeToString()
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def serve(
         try:
             frame = framing.read_frame(stdin, max_frame_size)
         except framing.FrameTooLarge:
-            framing.write_frame(stdout, _TOO_LARGE)
+            framing.write_frame(stdout, error_reply(RESOURCE_EXHAUSTED, "frame too large"))
             continue
         if frame is None:
             return

@@ -22,37 +22,25 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class EcallFrame(_message.Message):
-    """EcallFrame is one crossing of the enclave boundary: one call (method and payload), or a list
-    of calls (calls, with method and payload empty).
-    """
+    """EcallFrame is one call crossing the enclave boundary."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     METHOD_FIELD_NUMBER: _builtins.int
     PAYLOAD_FIELD_NUMBER: _builtins.int
-    CALLS_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """method is the EnclaveService method name, e.g. "ExecuteBatch"."""
     payload: _builtins.bytes
     """payload is the serialized request message of that method."""
-    @_builtins.property
-    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___EcallFrame]:
-        """calls, when set, are run strictly in order, each answered exactly as if it had crossed
-        alone (a refused or malformed call changes nothing and stops none of the others), so one
-        crossing carries what would otherwise take several (say, a ConfirmHead and the next
-        ExecuteBatch). Each is a single call: one that carries calls itself is refused.
-        """
-
     def __init__(
         self,
         *,
         method: _builtins.str = ...,
         payload: _builtins.bytes = ...,
-        calls: _abc.Iterable[Global___EcallFrame] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "method", b"method", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -66,27 +54,21 @@ class EcallReply(_message.Message):
 
     PAYLOAD_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
-    REPLIES_FIELD_NUMBER: _builtins.int
     payload: _builtins.bytes
     """payload is the serialized response message, empty when error is set."""
     @_builtins.property
     def error(self) -> _error_pb2.EcallError:
         """error is set when the call was refused; the enclave state is then unchanged."""
 
-    @_builtins.property
-    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___EcallReply]:
-        """replies answer a frame's calls, one each, in their order (error is then unset)."""
-
     def __init__(
         self,
         *,
         payload: _builtins.bytes = ...,
         error: _error_pb2.EcallError | None = ...,
-        replies: _abc.Iterable[Global___EcallReply] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "payload", b"payload", "replies", b"replies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "payload", b"payload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

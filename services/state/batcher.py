@@ -20,10 +20,6 @@ Batching (adaptive, bounded by BatchLimits):
   enclave or being committed are simply taken together next time, so batches grow with load
   even without lingering.
 
-`join_next` lets the host attach work to the next batch (a keyvault confirmation that rides
-into the enclave in the same crossing as the batch's commands) while one is being processed or
-commands are queued, and start that batch without lingering.
-
 A submitter's future completes only when the process function returns, which for the host
 is after the batch's durable commit: nothing is acknowledged before it is on disk. A result
 may be deferred (a future): a strict instance's answers wait for the keyvault's confirmation.
@@ -104,15 +100,11 @@ class Batcher(Generic[T, R]):
         name: str = "batcher",
         clock: Callable[[], float] = time.monotonic,
         after_batch: Callable[[], None] | None = None,
-        on_idle: Callable[[], None] | None = None,
     ) -> None:
         """`after_batch` runs on the worker once a batch's futures are completed (housekeeping
-        such as snapshots, kept off the acknowledgement path); `on_idle` runs on it whenever it
-        finds no command queued, before it waits for one (what `join_next` left for a batch
-        that is not coming goes then)."""
+        such as snapshots, kept off the acknowledgement path)."""
         self._process = process
         self._after_batch = after_batch
-        self._on_idle = on_idle
         self.limits = limits or BatchLimits()
         self.metrics = metrics or StateMetrics()
         self._clock = clock
@@ -121,8 +113,6 @@ class Batcher(Generic[T, R]):
         self._accepting = False
         self._stopping = False
         self._target = 1
-        self._busy = False  # a batch is being processed
-        self._now = False  # the next batch starts without lingering (join_next)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -166,30 +156,9 @@ class Batcher(Generic[T, R]):
             self._cond.notify()
         return future
 
-    def join_next(self, add: Callable[[], None]) -> bool:
-        """When a batch is being processed or commands are queued: run `add()` under the queue's
-        lock (so the next batch is processed after it and can carry what it left) and let that
-        batch start without lingering; True. False when the worker is idle (or stopping); if
-        no command comes, the worker runs `on_idle` before it waits."""
-        with self._cond:
-            if not self._accepting or not (self._busy or self._queue):
-                return False
-            add()
-            self._now = True
-            self._cond.notify()
-            return True
-
     # -- the worker ----------------------------------------------------------------------------
     def _next_batch(self) -> list[_Pending[T, R]] | None:
         limits = self.limits
-        with self._cond:
-            self._busy = False
-            idle = not self._queue
-        if idle and self._on_idle is not None:
-            try:
-                self._on_idle()
-            except Exception:
-                _log.exception("on-idle work failed")
         with self._cond:
             waited_from = self._clock()
             while not self._queue and not self._stopping:
@@ -201,18 +170,15 @@ class Batcher(Generic[T, R]):
                 self._target = 1  # idle: the first command goes in alone, without linger
             target = min(self._target, limits.max_batch)
             deadline = now + limits.max_linger_s
-            while len(self._queue) < target and not self._stopping and not self._now:
+            while len(self._queue) < target and not self._stopping:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     break  # linger over: go with what arrived
                 self._cond.wait(remaining)
             size = min(len(self._queue), limits.max_batch)
             # Next target: the clients answered together now will likely return together
-            # (it grows with a fuller queue, and shrinks to what arrived after a timeout; a batch
-            # started early by `join_next` says nothing about who returns together).
-            if not self._now or size > self._target:
-                self._target = size
-            self._busy, self._now = True, False
+            # (it grows with a fuller queue, and shrinks to what arrived after a timeout).
+            self._target = size
             return [self._queue.popleft() for _ in range(size)]
 
     def _run(self) -> None:

@@ -10,8 +10,6 @@ Two transports carry the same serialized EcallFrame/EcallReply bytes:
 
 Calls are serialized by a lock (one ECALL at a time). A refused call raises `EnclaveCallError`
 with the enclave's code and message; a dead runner raises `EnclaveUnavailableError`.
-`call_all` makes several calls in one crossing (one frame with a list of calls, which the
-enclave runs in order and answers each as if alone): `ecalls` counts crossings, not calls.
 """
 
 from __future__ import annotations
@@ -187,34 +185,6 @@ class EnclaveHost:
             return response_type.FromString(reply.payload)
         except DecodeError as error:
             raise EnclaveUnavailableError(f"{method}: malformed reply from the enclave") from error
-
-    def call_all(
-        self, calls: Sequence[tuple[str, Message, type[Message]]]
-    ) -> list[Message | EnclaveCallError]:
-        """Make `calls` (method, request, response type) in one crossing, in order; per call its
-        response, or the EnclaveCallError of its refusal (returned, not raised: the others ran).
-        Raises EnclaveUnavailableError when the crossing failed or its reply does not fit."""
-        frame = ecall_pb2.EcallFrame(
-            calls=[
-                ecall_pb2.EcallFrame(method=method, payload=request.SerializeToString(deterministic=True))
-                for method, request, _ in calls
-            ]
-        )
-        with self._lock:
-            self.ecalls += 1
-            raw = self._transport.roundtrip(frame.SerializeToString())
-        try:
-            reply = ecall_pb2.EcallReply.FromString(raw)
-            if reply.HasField("error") or len(reply.replies) != len(calls):
-                raise EnclaveUnavailableError("malformed reply from the enclave to a list of calls")
-            return [
-                EnclaveCallError(method, answer.error)
-                if answer.HasField("error")
-                else response_type.FromString(answer.payload)
-                for (method, _, response_type), answer in zip(calls, reply.replies, strict=True)
-            ]
-        except DecodeError as error:
-            raise EnclaveUnavailableError("malformed reply from the enclave to a list of calls") from error
 
     # --- one method per ECALL ------------------------------------------------------------
 

@@ -11,19 +11,12 @@ wait for a confirmation that already came: the key bytes only, never the future 
 them (a done future keeps its callbacks, and with them every answer of the batch it released:
 the heap grew by 90,000 objects a second until 4,096 batches were kept, and its full
 collections, 50-150 ms each, were the p99 tail at 64 clients).
-
-A keyvault confirmation goes into the enclave in the crossing of the next batch when commands
-are queued (one crossing instead of two), else alone at once. `PendingConfirmations` keeps them
-in order on the way: the enclave refuses a confirmation (or read fence) older than one it took.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from veil.enclave import commands, wire
@@ -104,57 +97,6 @@ class HeldAnswers:
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
-
-
-class PendingConfirmations:
-    """Keyvault confirmations waiting to ride into the enclave with the next batch, in order."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: list[envelope_pb2.HeadConfirmation] = []
-        self._carrying = False  # some are crossing now: nothing may overtake them
-        self._closed = False
-
-    def add(
-        self, confirmation: envelope_pb2.HeadConfirmation, join_batch: Callable[[Callable[[], None]], bool]
-    ) -> bool:
-        """Leave `confirmation` for the next batch's crossing: True when it rides, after those
-        that wait already, or when `join_batch(add)` finds a batch coming (and adds it). False:
-        the caller sends it alone now; nothing older waits or is crossing then."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._carrying)
-            if self._closed:
-                return False
-            if self._pending:
-                self._pending.append(confirmation)
-                return True
-            return join_batch(functools.partial(self._pending.append, confirmation))
-
-    @contextlib.contextmanager
-    def taking(self) -> Iterator[list[envelope_pb2.HeadConfirmation]]:
-        """Take what waits, for one crossing; `add` and other takers wait until it is over."""
-        with self._cond:
-            self._cond.wait_for(lambda: not self._carrying)
-            taken, self._pending = self._pending, []
-            self._carrying = bool(taken)
-        try:
-            yield taken
-        finally:
-            if taken:
-                with self._cond:
-                    self._carrying = False
-                    self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        """How many wait for a batch to carry them."""
-        with self._cond:
-            return len(self._pending)
-
-    def close(self) -> None:
-        """No batch carries any more: `add` answers False from now on (take what waits first)."""
-        with self._cond:
-            self._closed = True
 
 
 def unwrap(key: bytes, instance_id: str, held_until: int, outcome: envelope_pb2.CommandOutcome) -> None:

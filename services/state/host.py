@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from veil.enclave.errors import DecryptionError
-from veil.enclave.v1 import ecall_pb2, envelope_pb2
+from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.services.common.errors import (
     AlreadyExists,
@@ -66,15 +66,7 @@ from veil.services.state.holds import unwrap, unwrap_read
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
 from veil.services.state.snapshots import take_snapshot
-from veil.services.state.startup import (
-    ConfirmAnswer,
-    HostParts,
-    InstanceState,
-    Runtime,
-    Startup,
-    Stopping,
-    confirm_call,
-)
+from veil.services.state.startup import HostParts, InstanceState, Runtime, Startup, Stopping
 from veil.services.state.store import IdempotencyRecord, InstanceRecord, StateStore, StoredEntry
 from veil.state.v1 import state_pb2
 
@@ -105,9 +97,6 @@ class _BatchOutput:
     entries: list[StoredEntry] = field(default_factory=list)
     records: list[IdempotencyRecord] = field(default_factory=list)
     links: list[envelope_pb2.CommitLink] = field(default_factory=list)
-    # The enclave's answers to the keyvault confirmations that rode with the batch, by instance:
-    # handled once the apply lock is let go (a refusal may drop an instance, which takes it).
-    confirmed: list[tuple[str, ConfirmAnswer]] = field(default_factory=list)
 
 
 Answer = state_pb2.ExecuteResponse | BaseException | concurrent.futures.Future[state_pb2.ExecuteResponse]
@@ -241,8 +230,6 @@ class StateHost:
             metrics=self.metrics,
             name="state-batcher",
             after_batch=lambda: self._housekeeping(runtime),
-            # Confirmations left for a next batch that is not coming (no command queued) go now.
-            on_idle=runtime.confirm_pending,
         )
         runtime.advancer.start()
         runtime.batcher.start()
@@ -400,27 +387,23 @@ class StateHost:
         results: list[Answer] = [Unavailable("not executed")] * len(batch)
         batch_out = _BatchOutput()
         now_ms = self._now_ms()
-        try:
-            with runtime.apply_lock:
-                for instance_id, indexes in groups.items():
-                    if instance_id not in runtime.instances:  # dropped (lease lost) since it was queued
-                        answers: list[Answer] = [NotServing.moved(instance_id)] * len(indexes)
-                    else:
-                        answers = self._execute_group(
-                            runtime, instance_id, [batch[i] for i in indexes], now_ms, batch_out
-                        )
-                    for i, answer in zip(indexes, answers, strict=True):
-                        results[i] = answer
-                if batch_out.entries or batch_out.records:
-                    self._commit(runtime, batch_out.entries, batch_out.records)
-                for link in batch_out.links:
-                    runtime.instances[link.instance_id].head = link.head
-            # Durable now: the keyvault may learn of it (held answers wait for its confirmation).
+        with runtime.apply_lock:
+            for instance_id, indexes in groups.items():
+                if instance_id not in runtime.instances:  # dropped (lease lost) since it was queued
+                    answers: list[Answer] = [NotServing.moved(instance_id)] * len(indexes)
+                else:
+                    answers = self._execute_group(
+                        runtime, instance_id, [batch[i] for i in indexes], now_ms, batch_out
+                    )
+                for i, answer in zip(indexes, answers, strict=True):
+                    results[i] = answer
+            if batch_out.entries or batch_out.records:
+                self._commit(runtime, batch_out.entries, batch_out.records)
             for link in batch_out.links:
-                runtime.advancer.push(link)
-        finally:  # what the confirmations that rode along released is released, come what may
-            for instance_id, confirmed in batch_out.confirmed:
-                runtime.settle(instance_id, confirmed)
+                runtime.instances[link.instance_id].head = link.head
+        # Durable now: the keyvault may learn of it (held answers wait for its confirmation).
+        for link in batch_out.links:
+            runtime.advancer.push(link)
         return results
 
     def _execute_group(
@@ -429,7 +412,7 @@ class StateHost:
         """One ExecuteBatch ECALL for one instance's commands; collects what must be committed."""
         started = time.monotonic()
         try:
-            response = self._execute_crossing(runtime, instance_id, items, now_ms, out)
+            response = runtime.enclave.execute_batch(instance_id, [item.command for item in items], now_ms)
         except EnclaveCallError as exc:
             return [from_ecall(exc.code, exc.message, method="ExecuteBatch")] * len(items)
         except EnclaveUnavailableError as exc:
@@ -474,31 +457,6 @@ class StateHost:
                 functools.partial(self._release_held, instance_id, opener, held, now_ms, number=number)
             )
         return answers
-
-    def _execute_crossing(
-        self, runtime: Runtime, instance_id: str, items: list[Command], now_ms: int, out: _BatchOutput
-    ) -> ecall_pb2.ExecuteBatchResponse:
-        """The ExecuteBatch ECALL, in one crossing with the keyvault confirmations that wait for a
-        batch (first: they free holds), each answered as if alone; their answers go to `out`."""
-        commands = [item.command for item in items]
-        with runtime.confirmations.taking() as riders:
-            if not riders:
-                return runtime.enclave.execute_batch(instance_id, commands, now_ms)
-            request = ecall_pb2.ExecuteBatchRequest(
-                instance_id=instance_id, commands=commands, host_time_unix_ms=now_ms
-            )
-            calls = [confirm_call(c) for c in riders] + [
-                ("ExecuteBatch", request, ecall_pb2.ExecuteBatchResponse)
-            ]
-            *confirmed, executed = runtime.enclave.call_all(calls)
-        for rider, answer in zip(riders, confirmed, strict=True):
-            assert isinstance(answer, ecall_pb2.ConfirmHeadResponse | EnclaveCallError)
-            out.confirmed.append((rider.instance_id, answer))
-        self.metrics.record_carried_confirmations(len(riders))
-        if isinstance(executed, EnclaveCallError):
-            raise executed
-        assert isinstance(executed, ecall_pb2.ExecuteBatchResponse)
-        return executed
 
     def _release_held(
         self,

@@ -46,11 +46,7 @@ class _Instruments:
                 name, unit="s", description=description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS
             )
             for name, description in (
-                (
-                    "veil.state.ecall.duration",
-                    "Duration of one ExecuteBatch ECALL (one instance's batch, with the keyvault "
-                    "confirmations that crossed with it)",
-                ),
+                ("veil.state.ecall.duration", "Duration of one ExecuteBatch ECALL (one instance's batch)"),
                 ("veil.state.commit.duration", "Duration of one batch's durable commit of its log entries"),
             )
         )
@@ -94,7 +90,6 @@ class StateMetrics:
     batches: int = 0
     commands: int = 0
     execute_ecalls: int = 0
-    carried_confirmations: int = 0  # ConfirmHead calls that crossed with an ExecuteBatch
     commits: int = 0
     entries: int = 0
     head_advances: int = 0
@@ -136,12 +131,6 @@ class StateMetrics:
             self.ecall_seconds_total += seconds
         if self._otel is not None:
             self._otel.ecall_duration.record(seconds)
-
-    def record_carried_confirmations(self, count: int) -> None:
-        """`count` keyvault confirmations crossed into the enclave with an ExecuteBatch (its
-        crossing, timed by `record_execute_ecall`, includes them)."""
-        with self._lock:
-            self.carried_confirmations += count
 
     def record_commit(self, seconds: float, entries: int) -> None:
         """One durable transaction of `entries` log entries took `seconds`."""
@@ -189,7 +178,6 @@ class StateMetrics:
                 "batches": self.batches,
                 "commands": self.commands,
                 "execute_ecalls": self.execute_ecalls,
-                "carried_confirmations": self.carried_confirmations,
                 "commits": self.commits,
                 "entries": self.entries,
                 "head_advances": self.head_advances,

@@ -23,16 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from google.protobuf.message import Message
-
-from veil.enclave.v1 import ecall_pb2, envelope_pb2
+from veil.enclave.v1 import envelope_pb2
 from veil.services.state import lifecycle, recovery
 from veil.services.state.attestation import Attestor
 from veil.services.state.config import StateConfig
 from veil.services.state.enclave_host import EnclaveCallError, EnclaveHost, EnclaveUnavailableError
 from veil.services.state.errors import NotServing, RecoveryRefused
 from veil.services.state.heads import Backoff, HeadAdvancer
-from veil.services.state.holds import HeldAnswers, PendingConfirmations
+from veil.services.state.holds import HeldAnswers
 from veil.services.state.keys import KeyProvisioner, SealedCache
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
@@ -100,10 +98,6 @@ class Runtime:
     # replaces, so taking such an instance back needs a new enclave boot (recover_again).
     stale: set[str] = field(default_factory=set)
     recover_again: Callable[[str], None] = lambda _why: None
-    # Keyvault confirmations on their way into the enclave, and what takes the enclave's answer
-    # to one (`_settled`: releases its answers, or handles its refusal; set by Startup.run).
-    confirmations: PendingConfirmations = field(default_factory=PendingConfirmations)
-    settle: Callable[[str, ConfirmAnswer], int] = lambda _instance_id, _answer: -1
 
     def drop(self, instance_id: str, why: str) -> None:
         """Stop serving an instance another host owns now; answers still held never release."""
@@ -120,30 +114,12 @@ class Runtime:
             self.adopter.join(10)
         if self.batcher is not None:
             self.batcher.stop(drain=False, timeout=10)
-        # No batch carries confirmations any more: those waiting for one go now, later ones alone.
-        self.confirmations.close()
-        self.confirm_pending(quiet=True)
         # A clean stop pushes the last committed heads to the keyvault (briefly: it may be away);
         # their confirmations still release held answers while the enclave is open.
         self.advancer.stop(flush_s=0 if self.broken else 2.0)
         # Answers still held were never released by the enclave: they will not be now.
         self.holds.fail(NotServing("the state service is recovering; retry with the same request_id"))
         self.enclave.close()
-
-    def confirm_pending(self, *, quiet: bool = False) -> None:
-        """Send the keyvault confirmations that wait for a batch in one crossing of their own
-        (none came to carry them). `quiet`: the runtime is closing; a failed runner is not news."""
-        with self.confirmations.taking() as waiting:
-            if not waiting:
-                return
-            try:
-                answers = self.enclave.call_all([confirm_call(c) for c in waiting])
-            except EnclaveUnavailableError as exc:
-                if not quiet:
-                    self.recover_again(f"the enclave runner failed: {exc}")
-                return
-        for confirmation, answer in zip(waiting, answers, strict=True):
-            self.settle(confirmation.instance_id, _confirm_answer(answer))
 
     def reseal(self) -> None:
         """Refresh the sealed key cache; failing is not fatal (the keyvault releases them again)."""
@@ -227,11 +203,12 @@ class Startup:
                 lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
                 metrics=self.parts.metrics,
                 on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
-                on_confirmed=lambda confirmation: _hand_over(
+                on_confirmed=lambda confirmation: _take(
                     runtime,
-                    confirmation,
+                    instance_id=confirmation.instance_id,
                     on_refused=on_refused,
                     on_broken=on_broken,
+                    confirmation=confirmation,
                     taken_over=self._taken_over,
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
@@ -242,9 +219,6 @@ class Startup:
         )
         self.ownership.on_lost = runtime.drop
         runtime.recover_again = functools.partial(on_broken, runtime)
-        runtime.settle = functools.partial(
-            _settled, runtime, on_refused=functools.partial(on_refused, runtime), taken_over=self._taken_over
-        )
         runtime.jwks = jwks.jwks_json
         self.booting = runtime
         self.parts.lifecycle.set(
@@ -500,63 +474,6 @@ def _at_once(_step: lifecycle.Step, _what: str, action: Callable[[], T]) -> T:
     return action()
 
 
-ConfirmAnswer = ecall_pb2.ConfirmHeadResponse | EnclaveCallError
-"""The enclave's answer to one ConfirmHead: what it released, or its refusal."""
-
-
-def confirm_call(
-    confirmation: envelope_pb2.HeadConfirmation | None = None,
-    *,
-    statement: envelope_pb2.HeadStatement | None = None,
-) -> tuple[str, Message, type[Message]]:
-    """One ConfirmHead for `EnclaveHost.call_all` (a crossing that carries several calls)."""
-    request = ecall_pb2.ConfirmHeadRequest(confirmation=confirmation, statement=statement)
-    return "ConfirmHead", request, ecall_pb2.ConfirmHeadResponse
-
-
-def _confirm_answer(answer: Message | EnclaveCallError) -> ConfirmAnswer:
-    assert isinstance(answer, ecall_pb2.ConfirmHeadResponse | EnclaveCallError)
-    return answer
-
-
-def _holds_nothing(runtime: Runtime, instance_id: str) -> bool:
-    """A fast instance registered for this boot holds nothing more: no ECALL to spend on it."""
-    state = runtime.instances.get(instance_id)
-    return (
-        state is not None
-        and not state.strict
-        and state.descriptor is not None
-        # Batches it ran before the keyvault registered it wait for their heads' confirmation.
-        and not runtime.holds.commands_waiting(instance_id)
-    )
-
-
-def _hand_over(
-    runtime: Runtime,
-    confirmation: envelope_pb2.HeadConfirmation,
-    *,
-    on_refused: Callable[[Runtime, str], None],
-    on_broken: Callable[[Runtime, str], None],
-    taken_over: Callable[[str, str], bool],
-) -> None:
-    """The keyvault confirmed a head (the advancer's `on_confirmed`): it rides into the enclave
-    with the next batch while one is being processed or commands are queued (that batch then
-    starts without lingering, or, if no command comes, the batcher sends it alone before it
-    waits: `Runtime.confirm_pending`), else it goes alone at once."""
-    if _holds_nothing(runtime, confirmation.instance_id):
-        return
-    batcher = runtime.batcher
-    if not runtime.confirmations.add(confirmation, batcher.join_next if batcher else lambda _add: False):
-        _take(
-            runtime,
-            instance_id=confirmation.instance_id,
-            on_refused=on_refused,
-            on_broken=on_broken,
-            confirmation=confirmation,
-            taken_over=taken_over,
-        )
-
-
 def _take(
     runtime: Runtime,
     *,
@@ -567,61 +484,30 @@ def _take(
     statement: envelope_pb2.HeadStatement | None = None,
     taken_over: Callable[[str, str], bool] = lambda _instance_id, _why: False,
 ) -> int:
-    """Hand the keyvault's word on a head to the enclave now, after the confirmations that wait
-    for a batch (in the same crossing: none may overtake them), and release what it frees;
-    returns the read rounds still waiting (-1 when the enclave refused it: this incarnation
-    stops, unless `taken_over(instance_id, why)` finds another host owns the instance now and
-    drops it)."""
-    if confirmation is not None and _holds_nothing(runtime, instance_id):
-        return 0
-    settle = functools.partial(
-        _settled, runtime, on_refused=functools.partial(on_refused, runtime), taken_over=taken_over
-    )
-    with runtime.confirmations.taking() as waiting:
-        try:
-            if waiting:
-                calls = [confirm_call(c) for c in waiting] + [confirm_call(confirmation, statement=statement)]
-                *earlier, last = [_confirm_answer(answer) for answer in runtime.enclave.call_all(calls)]
-            else:
-                earlier, last = [], _confirm_head(runtime, confirmation, statement)
-        except EnclaveUnavailableError as exc:
-            on_broken(runtime, f"the enclave runner failed: {exc}")
-            return -1
-    for earlier_confirmation, answer in zip(waiting, earlier, strict=True):
-        settle(earlier_confirmation.instance_id, answer)
-    return settle(instance_id, last)
-
-
-def _confirm_head(
-    runtime: Runtime,
-    confirmation: envelope_pb2.HeadConfirmation | None,
-    statement: envelope_pb2.HeadStatement | None,
-) -> ConfirmAnswer:
-    try:
-        return runtime.enclave.confirm_head(confirmation, statement=statement)
-    except EnclaveCallError as exc:
-        return exc
-
-
-def _settled(
-    runtime: Runtime,
-    instance_id: str,
-    answer: ConfirmAnswer,
-    *,
-    on_refused: Callable[[str], None],
-    taken_over: Callable[[str, str], bool],
-) -> int:
-    """The enclave's answer to the keyvault's word on a head of `instance_id`: release what it
-    freed and return the read rounds still waiting; or, refused (the keyvault holds another
-    chain, or this boot was left behind), -1 after dropping the instance when `taken_over`
-    finds another host owns it now, else after `on_refused` (this incarnation stops)."""
-    if isinstance(answer, EnclaveCallError):
-        why = f"instance {instance_id!r}: the enclave refused the keyvault's head: {answer.message}"
-        if not taken_over(instance_id, why):
-            on_refused(why)
-        return -1
+    """Hand the keyvault's word on a head to the enclave and release what it frees; returns the
+    read rounds still waiting (-1 when the enclave refused it: this incarnation stops, unless
+    `taken_over(instance_id, why)` finds another host owns the instance now and drops it)."""
     state = runtime.instances.get(instance_id)
-    if answer.HasField("descriptor") and state is not None:
-        state.descriptor = answer.descriptor  # registered for this boot: before any waiter wakes
-    runtime.holds.release(instance_id, list(answer.released))
-    return answer.reads_waiting
+    if (
+        confirmation is not None
+        and state is not None
+        and not state.strict
+        and state.descriptor is not None
+        # Batches it ran before the keyvault registered it wait for their heads' confirmation.
+        and not runtime.holds.commands_waiting(instance_id)
+    ):
+        return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
+    try:
+        response = runtime.enclave.confirm_head(confirmation, statement=statement)
+    except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
+        why = f"instance {instance_id!r}: the enclave refused the keyvault's head: {exc.message}"
+        if not taken_over(instance_id, why):
+            on_refused(runtime, why)
+        return -1
+    except EnclaveUnavailableError as exc:
+        on_broken(runtime, f"the enclave runner failed: {exc}")
+        return -1
+    if response.HasField("descriptor") and state is not None:
+        state.descriptor = response.descriptor  # registered for this boot: before any waiter wakes
+    runtime.holds.release(instance_id, list(response.released))
+    return response.reads_waiting

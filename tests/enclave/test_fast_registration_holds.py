@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tests.enclave.support import NOW_MS, Client, Harness, Sealed, config, head_confirmation, vault
 from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2
 from veil.services.state.enclave_host import EnclaveCallError
-from veil.services.state.holds import HeldAnswers, PendingConfirmations, unwrap
+from veil.services.state.holds import HeldAnswers, unwrap
 from veil.services.state.startup import InstanceState, _take
 
 FAST = envelope_pb2.ACKNOWLEDGMENT_FAST
@@ -36,7 +36,6 @@ class _Host:
     h: Harness
     instances: dict[str, InstanceState] = field(default_factory=dict)
     holds: HeldAnswers = field(default_factory=HeldAnswers)
-    confirmations: PendingConfirmations = field(default_factory=PendingConfirmations)
     refused: list[str] = field(default_factory=list)
 
     @property
