@@ -2173,7 +2173,9 @@ export class VeilNodeClient {
         try {
           return openCallAnswer(item.response.outcome, state.attempts[0], state.attempts);
         } catch (error) {
-          if (error instanceof CommandRefused) return null; // the host's word: ambiguous
+          // The host's word, or an answer no sealing of the call opens: ambiguous here; `run`
+          // resends the call alone and settles a foreign answer there (`foreignAnswer`).
+          if (error instanceof CommandRefused || error instanceof ForeignAnswer) return null;
           return error;
         }
       }

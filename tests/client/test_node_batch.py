@@ -128,3 +128,21 @@ def test_node_fills_the_counter_of_a_call_refused_for_good_so_the_later_ones_run
     assert mesh.states[0].head("coins") == head + 4  # three transfers and the filler under 3
     with mesh.connect() as client:
         assert client.token("coins", bob).balance() == 15
+
+
+def test_a_rerun_of_a_batch_after_its_calls_were_lost_runs_nothing_and_blocks_nothing(
+    mesh: InProcessMesh, funded: tuple[SigningIdentity, SigningIdentity]
+) -> None:
+    """A batch under named ids runs; a new process that kept no calls (this helper's client keeps
+    them in memory) sends it again: the mesh answers each id with its record, which this client
+    cannot open (ForeignAnswer), and each new sealing has its counter used up by a read-only
+    call, so none can run later and the account's next transfer is not stuck behind them."""
+    _, bob = funded
+    ids = '["pay-row-1", "pay-row-2"]'
+    assert [r.get("balance") for r in _node_transfer_many(mesh, bob.account, [10, 10], ids)] == ["90", "80"]
+    rerun = _node_transfer_many(mesh, bob.account, [10, 10], ids)
+    assert [r.get("error", "").split(":")[0] for r in rerun] == ["ForeignAnswer", "ForeignAnswer"], rerun
+    following = _node_transfer_many(mesh, bob.account, [1])
+    assert [r.get("balance") for r in following] == ["79"], following
+    with mesh.connect() as client:
+        assert client.token("coins", bob).balance() == 21
