@@ -491,6 +491,29 @@ class VeilClient:
             raise VeilClientError(f"the enclave did not describe instance {instance_id!r}")
         return descriptor.config.auth_scheme
 
+    def _seal(
+        self,
+        attestation: VerifiedAttestation,
+        instance_id: str,
+        identity: Identity,
+        call: apps_pb2.AppCall,
+        *,
+        counter: int,
+        request_id: str,
+        suite: int,
+    ) -> SealedRequest:
+        """`call` sealed to the attested enclave, under the auth scheme it signed for the instance."""
+        return seal_command(
+            attestation.keys,
+            instance_id=instance_id,
+            scheme=self._scheme(attestation, instance_id),
+            identity=identity,
+            call=call,
+            counter=counter,
+            request_id=request_id,
+            suite=suite,
+        )
+
     # --- administration (admin certificate) --------------------------------------------------
 
     def create_instance(
@@ -777,17 +800,15 @@ class VeilClient:
         if not states:
             return []
         attestation = self.attest(instance_id)
-        scheme = self._scheme(attestation, instance_id)
         fresh: list[_Call] = []
         for state, call in zip(states, calls, strict=True):
             if not state.sealings:
                 fresh.append(state)
-                sealed = seal_command(
-                    attestation.keys,
-                    instance_id=instance_id,
-                    scheme=scheme,
-                    identity=identity,
-                    call=call,
+                sealed = self._seal(
+                    attestation,
+                    instance_id,
+                    identity,
+                    call,
                     counter=state.counter,
                     request_id=state.request_id,
                     suite=batch.suite,
@@ -1011,14 +1032,14 @@ class VeilClient:
             state.ambiguous = True
             return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), False
         attestation = self.attest(instance_id, refresh=state.ambiguous and not resume)
-        sealed = seal_command(
-            attestation.keys,
-            instance_id=instance_id,
-            scheme=self._scheme(attestation, instance_id),
-            identity=identity,
-            call=call,
+        # Every sealing under the call's request id: the mesh records the one that ran.
+        sealed = self._seal(
+            attestation,
+            instance_id,
+            identity,
+            call,
             counter=state.counter,
-            request_id=state.request_id,  # every sealing: the mesh records the one that ran
+            request_id=state.request_id,
             suite=suite,
         )
         signing_key = attestation.keys.signing_public_key
@@ -1046,12 +1067,11 @@ class VeilClient:
             filler = _GAP_FILLERS.get(descriptor.config.app) if descriptor is not None else None
             if filler is None:
                 raise failure
-            sealed = seal_command(
-                attestation.keys,
-                instance_id=instance_id,
-                scheme=self._scheme(attestation, instance_id),
-                identity=identity,
-                call=filler,
+            sealed = self._seal(
+                attestation,
+                instance_id,
+                identity,
+                filler,
                 counter=state.counter,
                 request_id=self.new_request_id(),
                 suite=suite,
@@ -1295,12 +1315,11 @@ class VeilClient:
         for attempt in range(2):
             attestation = self.attest(instance_id, refresh=attempt > 0)
             floor = self.heads.floor(instance_id, _genesis(attestation))
-            sealed = seal_command(
-                attestation.keys,
-                instance_id=instance_id,
-                scheme=self._scheme(attestation, instance_id),
-                identity=identity,
-                call=call,
+            sealed = self._seal(
+                attestation,
+                instance_id,
+                identity,
+                call,
                 counter=0,
                 request_id=self.new_request_id(),
                 suite=suite,
