@@ -162,6 +162,21 @@ export class CounterGap extends OutcomeUnknown {
   }
 }
 
+// The mesh answered the call's request id with what none of its sealings opens (ForeignAnswer),
+// and the call's counter could not be used up now (no answer, refused for now, or an earlier
+// counter still open): its sealing may still run, so the call is kept. Calling again with
+// `requestId` resumes it; never send it as a new call (veil/sdk/errors.py `NotSettledYet`).
+export class NotSettledYet extends OutcomeUnknown {
+  constructor(instanceId, requestId, cause) {
+    super(
+      `${instanceId}: the mesh answered request id ${requestId} with an answer this client cannot open (${cause}), and the call's counter ` +
+        `could not be used up now, so its sealing may still run; the call is kept: resume it with request id ${requestId}, never as a new call`,
+    );
+    this.requestId = requestId;
+    this.waitingFor = [];
+  }
+}
+
 // The enclave refused the command *for now*, for a reason the host controls: its memory budget
 // (RESOURCE_EXHAUSTED) or its clock outside the token's validity (UNAUTHENTICATED). The very
 // same sealing stays valid in the host's hands and may still run later, so the call is kept:
@@ -1693,8 +1708,8 @@ export class VeilNodeClient {
         // Something was sent without a definitive answer: a retry under this id resumes it.
         this.store(state);
         if (error instanceof VeilError) error.requestId = state.requestId;
-      } else {
-        this.calls.delete(state.requestId); // nothing sent: a retry starts afresh
+      } else if (this.ownsId(state)) {
+        this.calls.delete(state.requestId); // nothing sent, or nothing that can run: a retry starts afresh
       }
       throw error;
     }
@@ -1812,7 +1827,8 @@ export class VeilNodeClient {
     try {
       return (await this.run(fill, call, identity, { batched: true })).accepted;
     } catch (error) {
-      if (error instanceof Restart) return true; // another command used it: used all the same
+      // Another command used it (or, after a foreign answer, a second filler): used all the same.
+      if (error instanceof Restart || error instanceof ForeignAnswer) return true;
       if (error instanceof VeilError) return false;
       throw error;
     } finally {
@@ -1825,8 +1841,8 @@ export class VeilNodeClient {
   // call ran through that request, but each stays valid in the host's hands under the call's
   // counter, and later calls would wait for it: use the counter up with the app's read-only
   // filler. Returns the call's answer when the enclave says one of its sealings used the counter
-  // after all (a host that ran it under another id); otherwise throws `failure`, with the call's
-  // sealings dropped once the counter is used, or with the call kept when it cannot be settled now.
+  // after all (a host that ran it under another id); throws `failure` with the call's sealings
+  // dropped once the counter is used, or NotSettledYet (the call kept) when it cannot be used now.
   async foreignAnswer(state, identity, failure) {
     const { instanceId, account } = state;
     let sealed;
@@ -1839,13 +1855,13 @@ export class VeilNodeClient {
       const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
       filled = openOutcome(reply.outcome, sealed);
     } catch (error) {
-      if (error instanceof VeilError) throw failure; // not settled now: the call is kept
+      if (error instanceof VeilError) throw new NotSettledYet(instanceId, state.requestId, failure.message); // the call is kept
       throw error;
     }
     if (filled.accepted) {
       this.record(instanceId, account, state.counter);
     } else if (codeName(filled.message.error?.code ?? 0) !== "ECALL_ERROR_CODE_ABORTED") {
-      throw failure; // refused for now (a budget, a clock): the counter stays open, the call kept
+      throw new NotSettledYet(instanceId, state.requestId, failure.message); // refused for now (a budget, a clock): the call is kept
     } else {
       const judged = this.counterState(instanceId, account, filled, state);
       if (judged.ran) {
@@ -1853,7 +1869,7 @@ export class VeilNodeClient {
         this.record(instanceId, account, state.counter);
         return keptAnswer(judged.kept, judged.ran, sealed) ?? this.recordedAnswer(instanceId, state.attempts, judged.lastSequence);
       }
-      if (judged.tooEarly) throw failure; // an earlier counter is still open: the call is kept, and waits
+      if (judged.tooEarly) throw new NotSettledYet(instanceId, state.requestId, failure.message); // an earlier counter is still open: kept, it waits
       this.record(instanceId, account, judged.nextCounter - 1);
     }
     state.attempts = []; // none of them can run any more: nothing later waits for the call
@@ -1988,11 +2004,24 @@ export class VeilNodeClient {
   settled(state, opened) {
     state.answer = opened;
     if (!opened.accepted) this.counters.unseal(state.instanceId, state.account, state.counter);
+    if (!this.ownsId(state)) return; // another call holds the id: never overwritten, never deleted
     if (state.explicit) this.store(state);
     else this.calls.delete(state.requestId);
   }
 
   // The error for a fresh sealing the enclave finds too early: the calls it waits for.
+  // Whether the calls store holds no other call under `state`'s request id (two calls that took
+  // one id at once: the other is never deleted from under its owner).
+  ownsId(state) {
+    let stored;
+    try {
+      stored = this.calls.get(state.requestId);
+    } catch {
+      return false;
+    }
+    return !stored || stored === state || (stored.instanceId === state.instanceId && stored.account === state.account && same(stored.callBytes, state.callBytes));
+  }
+
   // Add the sealings the calls store holds for this call under its counter (another process may
   // have resumed it meanwhile, e.g. after taking over a stalled holder's lock), so "used by another
   // command" is never said of them (veil/sdk/client.py `_merge_kept`).
@@ -2126,6 +2155,8 @@ export class VeilNodeClient {
         if (state.attempts.length) {
           this.store(state); // something was sent without a definitive answer: resumable
           if (error instanceof VeilError) error.requestId = state.requestId;
+        } else if (this.ownsId(state)) {
+          this.calls.delete(state.requestId); // none of its sealings can run (a foreign answer)
         }
         if (error instanceof CounterGap || error instanceof NotRunYet) gap ??= error; // later calls wait for it
         else if (error instanceof GatewayError || error instanceof NoAnswer) stopped ??= error;

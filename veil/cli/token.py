@@ -39,6 +39,7 @@ from veil.sdk.errors import (
     GatewayError,
     IntegrityError,
     NotRunYet,
+    NotSettledYet,
     OutcomeUnknown,
     ResultLost,
     VeilClientError,
@@ -357,10 +358,11 @@ def _settle_row(journal: Journal, row: Row, answer: BatchResult, result: dict[st
         result.update(status="refused", detail=str(error))
     elif isinstance(error, ResultLost):
         result.update(status="applied", sequence=error.sequence, detail=str(error))
-    elif isinstance(error, CounterGap | NotRunYet):
-        # Not run so far: it waits for earlier calls of this account that have no answer yet, or
-        # the enclave refused it for now (its budget, its clock). Its sealing is kept in the data
-        # dir's calls store and may still run: the next run resumes it, same bytes.
+    elif isinstance(error, CounterGap | NotRunYet | NotSettledYet):
+        # Not run so far: it waits for earlier calls of this account that have no answer yet, the
+        # enclave refused it for now (its budget, its clock), or its counter could not be used up
+        # after an answer it cannot open. Its sealing is kept in the data dir's calls store and
+        # may still run: the next run resumes it, same bytes.
         result.update(status="stopped", detail=f"stopped here: {error}")
     elif isinstance(error, IntegrityError | OutcomeUnknown):
         journal.record(row, state="unknown")

@@ -55,6 +55,11 @@ class PendingCall:
     explicit: bool = False  # named by its caller: kept with its answer once settled
     answer: Opened | None = None  # its definitive answer, once settled
 
+    def same_call(self, other: PendingCall) -> bool:
+        """Whether `other` is this call (kept by another process, perhaps under another counter),
+        not another call that took the same request id."""
+        return (self.instance_id, self.account, self.call) == (other.instance_id, other.account, other.call)
+
     def hashes(self) -> set[bytes]:
         return {wire.command_hash(s.command.encapsulated_key, s.command.ciphertext) for s, _ in self.sealings}
 
@@ -77,6 +82,16 @@ class CallStore(Protocol):
         ...
 
     def delete(self, request_id: str) -> None: ...
+
+    def keep(self, state: PendingCall) -> bool:
+        """Keep `state` unless the store holds another call under its request id (two calls that
+        took one id at once: the first kept owns it); checked and written in one step against
+        every other process and thread. Whether it was kept."""
+        ...
+
+    def forget_call(self, state: PendingCall) -> None:
+        """Drop `state`'s entry, unless it is another call's (the same one step)."""
+        ...
 
     def kept_elsewhere(self, request_id: str) -> bool:
         """Whether another client's store on the same data dir keeps a call by this id."""
@@ -109,17 +124,34 @@ class MemoryCalls:
 
     def put(self, state: PendingCall) -> None:
         with self._lock:
-            self._calls.pop(state.request_id, None)
-            self._calls[state.request_id] = state
-            excess = len(self._calls) - _MEMORY_LIMIT
-            if excess > 0:
-                settled = [rid for rid, c in self._calls.items() if c.answer is not None][:excess]
-                for request_id in settled:
-                    del self._calls[request_id]
+            self._put(state)
+
+    def _put(self, state: PendingCall) -> None:
+        self._calls.pop(state.request_id, None)
+        self._calls[state.request_id] = state
+        excess = len(self._calls) - _MEMORY_LIMIT
+        if excess > 0:
+            settled = [rid for rid, c in self._calls.items() if c.answer is not None][:excess]
+            for request_id in settled:
+                del self._calls[request_id]
 
     def delete(self, request_id: str) -> None:
         with self._lock:
             self._calls.pop(request_id, None)
+
+    def keep(self, state: PendingCall) -> bool:
+        with self._lock:
+            stored = self._calls.get(state.request_id)
+            if stored is not None and stored is not state and not stored.same_call(state):
+                return False
+            self._put(state)
+        return True
+
+    def forget_call(self, state: PendingCall) -> None:
+        with self._lock:
+            stored = self._calls.get(state.request_id)
+            if stored is not None and (stored is state or stored.same_call(state)):
+                del self._calls[state.request_id]
 
     def locked(
         self, instance_id: str, account: str, wait_s: float
@@ -260,6 +292,35 @@ class FileCalls:
 
     def delete(self, request_id: str) -> None:
         remove_file(self.file(request_id))
+
+    def keep(self, state: PendingCall) -> bool:
+        with self._ids_locked():
+            stored = self.get(state.request_id)
+            if stored is not None and not stored.same_call(state):
+                return False
+            self.put(state)
+        return True
+
+    def forget_call(self, state: PendingCall) -> None:
+        with self._ids_locked():
+            try:
+                stored = self.get(state.request_id)
+            except VeilClientError:
+                return  # unreadable: not known to be this call's
+            if stored is not None and stored.same_call(state):
+                self.delete(state.request_id)
+
+    @contextlib.contextmanager
+    def _ids_locked(self) -> Iterator[None]:
+        """Every process's check-then-write of a request id's entry, one at a time (flock: released
+        by the kernel if the process dies)."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.directory / "ids.lock", "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def kept_elsewhere(self, request_id: str) -> bool:
         name = self.file(request_id).name

@@ -88,6 +88,7 @@ from veil.sdk.errors import (
     GatewayError,
     IntegrityError,
     NotRunYet,
+    NotSettledYet,
     OutcomeUnknown,
     VeilClientError,
 )
@@ -514,6 +515,26 @@ class VeilClient:
             suite=suite,
         )
 
+    def _seal_call(
+        self,
+        attestation: VerifiedAttestation,
+        state: _Call,
+        identity: Identity,
+        call: apps_pb2.AppCall,
+        suite: int,
+    ) -> SealedRequest:
+        """A sealing of `state`'s call: under its counter and, every sealing of it, under its
+        request id (the mesh records the one that ran)."""
+        return self._seal(
+            attestation,
+            state.instance_id,
+            identity,
+            call,
+            counter=state.counter,
+            request_id=state.request_id,
+            suite=suite,
+        )
+
     # --- administration (admin certificate) --------------------------------------------------
 
     def create_instance(
@@ -635,7 +656,7 @@ class VeilClient:
         fill = _Call(instance_id, self.new_request_id(), counter, call, account=account)
         try:
             return self._run(fill, filler, identity, suite, batched=True).accepted
-        except _Restart:  # another command used the counter: used all the same
+        except (_Restart, ForeignAnswer):  # another command (a second filler) used it: used all the same
             return True
         except (VeilClientError, AttestationError):
             return False
@@ -654,7 +675,11 @@ class VeilClient:
         first = states[0]
         self.counters.seal(first.instance_id, first.account, max(s.counter for s in states))
         for state in states:
-            self.calls.put(state)
+            if not self.calls.keep(state):
+                raise VeilClientError(
+                    f"request id {state.request_id!r} names another call (kept meanwhile by another "
+                    "process or thread); this one was not sent"
+                )
 
     def _claim(
         self, instance_id: str, account: str, calls: Sequence[tuple[bytes, str | None]]
@@ -694,12 +719,10 @@ class VeilClient:
         """No definitive answer: the command may or may not have run. Once anything was sent,
         keep the call (whatever the error) so a retry under its request id resumes it rather
         than sealing a second command; a call with nothing sealed is forgotten."""
-        if state.sealings:
-            self.calls.put(state)
-            if isinstance(failure, VeilClientError):
-                failure.request_id = state.request_id
-        else:
-            self.calls.delete(state.request_id)
+        if not state.sealings:
+            self.calls.forget_call(state)
+        elif self.calls.keep(state) and isinstance(failure, VeilClientError):  # never another call's
+            failure.request_id = state.request_id
 
     def _settled(self, state: _Call, opened: Opened) -> None:
         """A definitive answer: the same id gets this answer. A call its caller named stays in the
@@ -714,9 +737,9 @@ class VeilClient:
             self.counters.unseal(state.instance_id, state.account, state.counter)
         if state.explicit:
             state.answer = opened
-            self.calls.put(state)
+            self.calls.keep(state)  # never over another call's entry
         else:
-            self.calls.delete(state.request_id)
+            self.calls.forget_call(state)
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Drop settled calls from the calls store, once the caller keeps their outcome durably
@@ -804,15 +827,7 @@ class VeilClient:
         for state, call in zip(states, calls, strict=True):
             if not state.sealings:
                 fresh.append(state)
-                sealed = self._seal(
-                    attestation,
-                    instance_id,
-                    identity,
-                    call,
-                    counter=state.counter,
-                    request_id=state.request_id,
-                    suite=batch.suite,
-                )
+                sealed = self._seal_call(attestation, state, identity, call, batch.suite)
                 self._remember(sealed, attestation.keys.signing_public_key)
                 state.sealings.append((sealed, attestation.keys.signing_public_key))
         self._sealed(fresh)  # kept durably before anything is sent
@@ -1032,20 +1047,15 @@ class VeilClient:
             state.ambiguous = True
             return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), False
         attestation = self.attest(instance_id, refresh=state.ambiguous and not resume)
-        # Every sealing under the call's request id: the mesh records the one that ran.
-        sealed = self._seal(
-            attestation,
-            instance_id,
-            identity,
-            call,
-            counter=state.counter,
-            request_id=state.request_id,
-            suite=suite,
-        )
+        sealed = self._seal_call(attestation, state, identity, call, suite)
         signing_key = attestation.keys.signing_public_key
         self._remember(sealed, signing_key)
         state.sealings.append((sealed, signing_key))
-        self._sealed([state])  # kept durably before it is sent
+        try:
+            self._sealed([state])  # kept durably before it is sent
+        except BaseException:
+            state.sealings.pop()  # never sent
+            raise
         return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), True
 
     def _foreign_answer(self, state: _Call, identity: Identity, suite: int, failure: ForeignAnswer) -> Opened:
@@ -1056,9 +1066,9 @@ class VeilClient:
         wait for it: use the counter up with the app's read-only filler, so none ever can.
 
         Returns the call's answer when the enclave says one of its sealings used the counter after
-        all (a host that ran it under another id). Otherwise raises `failure`: with the call's
-        sealings dropped (it leaves the calls store) once the counter is used by the filler or
-        another command, or with the call kept when the counter cannot be settled now.
+        all (a host that ran it under another id). Raises `failure` with the call's sealings
+        dropped (it leaves the calls store) once the counter is used by the filler or another
+        command; NotSettledYet, the call kept, when the counter cannot be used up now.
         """
         instance_id, account = state.instance_id, identity.account
         try:
@@ -1083,18 +1093,20 @@ class VeilClient:
             signing_key = attestation.keys.signing_public_key
             filled = open_outcome(sealed, reply.outcome, signing_key, query=False)
         except (VeilClientError, AttestationError):
-            raise failure from None  # not settled now: the call is kept
+            raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure  # the call is kept
         if filled.accepted:
             self._record(instance_id, account, state.counter)
         elif filled.result.error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
-            raise failure  # refused for now (a budget, a clock): the counter stays open, the call kept
+            # Refused for now (a budget, a clock): the counter stays open, the call is kept.
+            raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure
         else:
             counter_state = self._counter_state(instance_id, account, filled, state)
             if counter_state.last_command_hash:
                 # A sealing of this call used the counter after all: it ran.
                 return self._ran(state, counter_state, signing_key, identity)
             if counter_state.next_counter <= state.counter:
-                raise failure  # an earlier counter is still open: the call is kept, and waits
+                # An earlier counter is still open: the call is kept, and waits.
+                raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure
             self._record(instance_id, account, counter_state.next_counter - 1)
         state.sealings.clear()  # none of them can run any more: nothing later waits for the call
         raise failure
@@ -1118,7 +1130,7 @@ class VeilClient:
         state.drop(sealed)
         if not state.sealings:
             return True
-        self.calls.put(state)
+        self.calls.keep(state)  # never over another call's entry
         raise OutcomeUnknown(
             f"{state.instance_id}: the enclave refused this call's latest sealing "
             f"({error_pb2.EcallErrorCode.Name(refusal.code)}: {refusal.message}), but an earlier sealing "
@@ -1260,11 +1272,7 @@ class VeilClient:
             return
         if stored is None or stored is state or stored.counter != state.counter:
             return
-        if (stored.instance_id, stored.account, stored.call) != (
-            state.instance_id,
-            state.account,
-            state.call,
-        ):
+        if not stored.same_call(state):
             return  # another call under the same id (the store is keyed by id): never this one's
         known = {sealed.command.SerializeToString() for sealed, _ in state.sealings}
         state.sealings.extend(s for s in stored.sealings if s[0].command.SerializeToString() not in known)

@@ -54,10 +54,11 @@ class ForeignAnswer(IntegrityError):
     record of a sealing this client does not hold (the call ran before, from a client that lost
     its records, or another call used the same id), or the host's forgery.
 
-    Nothing of this attempt ran through that request. The SDK then uses the call's counter up
-    (the app's read-only call, sent as a command), so none of its sealings can run later either,
-    and the call leaves the calls store; when that cannot be done now, the call is kept. Check
-    the state (e.g. the balance) before sending the command again under another id.
+    Nothing of this attempt ran through that request, and the SDK has used the call's counter up
+    (the app's read-only call, sent as a command), so none of its sealings can run later either:
+    the call left the calls store. (When the counter cannot be used up now, `NotSettledYet` is
+    raised instead and the call is kept.) Check the state (e.g. the balance) before sending the
+    command again under another id.
     """
 
 
@@ -103,6 +104,23 @@ class CounterGap(OutcomeUnknown):
     def __init__(self, message: str, waiting_for: list[str]) -> None:
         super().__init__(message)
         self.waiting_for = waiting_for
+
+
+class NotSettledYet(OutcomeUnknown):
+    """The mesh answered the call's request id with what none of its sealings opens (see
+    `ForeignAnswer`), and the call's counter could not be used up now (no answer, refused for
+    now, or an earlier counter still open). Its sealing stays valid in the host's hands and may
+    still run, so the call is kept under `request_id`: pass that id again to resume it (the SDK
+    then tries again to use the counter up); never send the command as a new call.
+    """
+
+    def __init__(self, instance_id: str, request_id: str, cause: str) -> None:
+        super().__init__(
+            f"{instance_id}: the mesh answered request id {request_id} with an answer this client "
+            f"cannot open ({cause}), and the call's counter could not be used up now, so its sealing "
+            f"may still run; the call is kept: resume it with request id {request_id}, never as a new call"
+        )
+        self.request_id = request_id
 
 
 class NotRunYet(OutcomeUnknown):
