@@ -1706,8 +1706,7 @@ export class VeilNodeClient {
     } catch (error) {
       if (state.attempts.length) {
         // Something was sent without a definitive answer: a retry under this id resumes it.
-        this.store(state);
-        if (error instanceof VeilError) error.requestId = state.requestId;
+        if (this.store(state) && error instanceof VeilError) error.requestId = state.requestId;
       } else if (this.ownsId(state)) {
         this.calls.delete(state.requestId); // nothing sent, or nothing that can run: a retry starts afresh
       }
@@ -1737,7 +1736,13 @@ export class VeilNodeClient {
         // Every sealing under the call's request id: the mesh records the one that ran.
         sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId });
         state.attempts.push(sealed);
-        this.kept([state]); // the mark raised and the call kept before it is sent
+        try {
+          this.kept([state]); // the mark raised and the call kept before it is sent
+        } catch (error) {
+          state.attempts.pop(); // never sent
+          if (!state.attempts.length) this.unsent([state]);
+          throw error;
+        }
         fresh = true;
       }
       if (opened === undefined) {
@@ -1966,16 +1971,31 @@ export class VeilNodeClient {
   // Before anything is sent: raise the high-water mark (durably), then keep each call resumable.
   kept(states) {
     if (!states.length) return;
-    for (const state of states) this.assertUnchanged(state);
     const { instanceId, account } = states[0];
     this.counters.seal(instanceId, account, Math.max(...states.map((s) => s.counter)));
-    for (const state of states) this.store(state);
+    for (const state of states) {
+      this.assertUnchanged(state); // then written at once: nothing else runs in between here
+      this.store(state);
+    }
   }
 
-  // Keep a call in the store, remembering what this process wrote (see `assertUnchanged`).
+  // Calls whose only sealings were never sent (keeping one was refused): out of the store (their
+  // own entries only) and below the high-water mark again (veil/sdk/client.py `_unsent`).
+  unsent(states) {
+    for (const state of states) {
+      state.attempts = [];
+      if (this.ownsId(state)) this.calls.delete(state.requestId);
+    }
+    for (const state of [...states].sort((a, b) => b.counter - a.counter)) this.counters.unseal(state.instanceId, state.account, state.counter);
+  }
+
+  // Keep a call in the store, remembering what this process wrote (see `assertUnchanged`);
+  // whether it was kept (never over another call's entry under the same id).
   store(state) {
+    if (!this.ownsId(state)) return false;
     this.calls.put(state);
     state.stored = fingerprintOf(state);
+    return true;
   }
 
   // Before a new sealing of a call is kept (and so sent): the store must hold the call exactly as
@@ -1991,6 +2011,9 @@ export class VeilNodeClient {
     }
     if (current === state) return; // MemoryCalls: this very object
     if ((current ? fingerprintOf(current) : null) === (state.stored ?? null)) return;
+    if (current && !(current.instanceId === state.instanceId && current.account === state.account && same(current.callBytes, state.callBytes))) {
+      throw new InputError(`request id ${JSON.stringify(state.requestId)} names another call (kept meanwhile by another process); this one was not sent`);
+    }
     throw new OutcomeUnknown(
       `${state.instanceId}: another process took this call over (request id ${state.requestId}) while this one stalled; ` +
         "this one stops: resume the call with its request id",
@@ -2153,8 +2176,8 @@ export class VeilNodeClient {
           return;
         }
         if (state.attempts.length) {
-          this.store(state); // something was sent without a definitive answer: resumable
-          if (error instanceof VeilError) error.requestId = state.requestId;
+          // Something was sent without a definitive answer: resumable.
+          if (this.store(state) && error instanceof VeilError) error.requestId = state.requestId;
         } else if (this.ownsId(state)) {
           this.calls.delete(state.requestId); // none of its sealings can run (a foreign answer)
         }
@@ -2186,7 +2209,12 @@ export class VeilNodeClient {
       state.attempts.push(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
       fresh.push(state);
     }
-    this.kept(fresh); // the mark raised and every call kept before anything is sent
+    try {
+      this.kept(fresh); // the mark raised and every call kept before anything is sent
+    } catch (error) {
+      this.unsent(fresh);
+      throw error;
+    }
     const commands = items.map(([state]) => ({ instance_id: instanceId, request_id: state.attempts[0].requestId, command: state.attempts[0].command }));
     const answers = new Map();
     await new Promise((resolve) => {

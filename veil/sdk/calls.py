@@ -39,6 +39,9 @@ CALLS_DIR = "calls"
 #: The Node client's calls in the same data dir (same format): calls the other client kept.
 NODE_CALLS_DIR = "node-calls"
 _MEMORY_LIMIT = 10_000
+#: How long keeping or dropping a call waits for another process's check-then-write of an id
+#: (a few file operations; longer means a stopped process).
+IDS_LOCK_WAIT_S = 5.0
 
 
 @dataclass
@@ -310,28 +313,24 @@ class FileCalls:
             if stored is not None and stored.same_call(state):
                 self.delete(state.request_id)
 
-    @contextlib.contextmanager
-    def _ids_locked(self) -> Iterator[None]:
-        """Every process's check-then-write of a request id's entry, one at a time (flock: released
-        by the kernel if the process dies)."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.directory / "ids.lock", "a") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock_file, fcntl.LOCK_UN)
+    def _ids_locked(self) -> contextlib.AbstractContextManager[None]:
+        """Every process's check-then-write of a request id's entry, one at a time."""
+        return self._flocked(self.directory / "ids.lock", IDS_LOCK_WAIT_S, "the calls' request ids")
 
     def kept_elsewhere(self, request_id: str) -> bool:
         name = self.file(request_id).name
         return any((directory / name).exists() for directory in self.also_pending)
 
+    def locked(
+        self, instance_id: str, account: str, wait_s: float
+    ) -> contextlib.AbstractContextManager[None]:
+        name = hashlib.sha256(f"{instance_id}\0{account}".encode()).hexdigest()
+        return self._flocked(self.directory / f"{name}.lock", wait_s, "this account's calls")
+
     @contextlib.contextmanager
-    def locked(self, instance_id: str, account: str, wait_s: float) -> Iterator[None]:
+    def _flocked(self, path: Path, wait_s: float, what: str) -> Iterator[None]:
         # flock: released by the kernel if the process dies, so a crash never wedges an account.
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        name = hashlib.sha256(f"{instance_id}\0{account}".encode()).hexdigest()
-        path = self.directory / f"{name}.lock"
         with open(path, "a") as lock_file:
             deadline = time.monotonic() + wait_s
             while True:
@@ -341,8 +340,8 @@ class FileCalls:
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         raise VeilClientError(
-                            f"another process has held this account's calls ({path}) for over "
-                            f"{wait_s:g} s (a call in progress, or a stopped process); nothing was sent"
+                            f"another process has held {what} ({path}) for over {wait_s:g} s "
+                            "(a call in progress, or a stopped process); nothing was sent"
                         ) from None
                     time.sleep(0.02)
             try:

@@ -674,12 +674,28 @@ class VeilClient:
             return
         first = states[0]
         self.counters.seal(first.instance_id, first.account, max(s.counter for s in states))
+        kept: list[_Call] = []
+        try:
+            for state in states:
+                if not self.calls.keep(state):
+                    raise VeilClientError(
+                        f"request id {state.request_id!r} names another call (kept meanwhile by "
+                        "another process or thread); this one was not sent"
+                    )
+                kept.append(state)
+        except BaseException:
+            for state in kept:  # nothing is sent: none of them stays kept
+                with contextlib.suppress(VeilClientError):
+                    self.calls.forget_call(state)
+            raise
+
+    def _unsent(self, states: Sequence[_Call]) -> None:
+        """Calls whose only sealings were never sent (keeping one failed, and `_sealed` took back
+        what it kept): below the high-water mark again, so no later call waits for them."""
         for state in states:
-            if not self.calls.keep(state):
-                raise VeilClientError(
-                    f"request id {state.request_id!r} names another call (kept meanwhile by another "
-                    "process or thread); this one was not sent"
-                )
+            state.sealings.clear()
+        for state in sorted(states, key=lambda s: -s.counter):
+            self.counters.unseal(state.instance_id, state.account, state.counter)
 
     def _claim(
         self, instance_id: str, account: str, calls: Sequence[tuple[bytes, str | None]]
@@ -719,10 +735,15 @@ class VeilClient:
         """No definitive answer: the command may or may not have run. Once anything was sent,
         keep the call (whatever the error) so a retry under its request id resumes it rather
         than sealing a second command; a call with nothing sealed is forgotten."""
-        if not state.sealings:
-            self.calls.forget_call(state)
-        elif self.calls.keep(state) and isinstance(failure, VeilClientError):  # never another call's
-            failure.request_id = state.request_id
+        try:
+            if not state.sealings:
+                stored = self.calls.get(state.request_id)  # a read: most such calls were never kept
+                if stored is not None and stored.same_call(state):
+                    self.calls.forget_call(state)
+            elif self.calls.keep(state) and isinstance(failure, VeilClientError):  # never another's
+                failure.request_id = state.request_id
+        except VeilClientError:
+            pass  # the store is out of reach: the entry kept before sending stands, the failure goes on
 
     def _settled(self, state: _Call, opened: Opened) -> None:
         """A definitive answer: the same id gets this answer. A call its caller named stays in the
@@ -830,7 +851,11 @@ class VeilClient:
                 sealed = self._seal_call(attestation, state, identity, call, batch.suite)
                 self._remember(sealed, attestation.keys.signing_public_key)
                 state.sealings.append((sealed, attestation.keys.signing_public_key))
-        self._sealed(fresh)  # kept durably before anything is sent
+        try:
+            self._sealed(fresh)  # kept durably before anything is sent
+        except BaseException:
+            self._unsent(fresh)
+            raise
         answers: list[Opened | VeilClientError | None] = [None] * len(states)
         todo = list(range(len(states)))
         deadline = time.monotonic() + self.timeout
@@ -1055,6 +1080,8 @@ class VeilClient:
             self._sealed([state])  # kept durably before it is sent
         except BaseException:
             state.sealings.pop()  # never sent
+            if not state.sealings:
+                self._unsent([state])
             raise
         return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), True
 
