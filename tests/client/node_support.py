@@ -43,3 +43,19 @@ def node_eval(script: str) -> Any:
     result = run_node("--input-type=module", "-e", source)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def node_clients(data_dir: Path, address: str, *, timeout_ms: int) -> str:
+    """Node source defining `fs`, `dir` (the data dir) and `make()`: a new client on the data dir's
+    counters, pins and calls (node-calls/), as a process on that data dir builds one."""
+    return f"""const fs = await import("node:fs");
+const dir = {json.dumps(str(data_dir))};
+const make = () => new veil.VeilNodeClient({json.dumps(address)}, fs.readFileSync(dir + "/pki/ca.pem"), {{
+  serverName: "localhost", timeoutMs: {timeout_ms},
+  policy: veil.loadPolicy(dir + "/expected-measurement.json"),
+  rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
+  counters: new veil.FileCounters(dir + "/counters.json"),
+  pins: new veil.InstancePins(dir + "/instances.json"),
+  calls: new veil.FileCalls(dir + "/node-calls"),
+}});
+"""

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from tests.client.node_support import node_eval
+from tests.client.node_support import node_clients, node_eval
 from tests.client.test_node_client import HostileGateway, evil, funded
 from tests.gateway.support import InProcessMesh
 from veil.enclave.v1 import envelope_pb2
@@ -24,20 +24,11 @@ def _forged() -> gateway_pb2.ExecuteResponse:
 
 
 def _many(mesh: InProcessMesh, address: str, to: str, ids: list[str]) -> Any:
-    data_dir = json.dumps(str(mesh.data_dir))
     transfers = json.dumps([{"to": to, "amount": 10} for _ in ids])
     return node_eval(
-        f"""
-        const fs = await import("node:fs");
-        const dir = {data_dir};
-        const client = new veil.VeilNodeClient({json.dumps(address)}, fs.readFileSync(dir + "/pki/ca.pem"), {{
-          serverName: "localhost", timeoutMs: 3000,
-          policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-          rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-          counters: new veil.FileCounters(dir + "/counters.json"),
-          pins: new veil.InstancePins(dir + "/instances.json"),
-          calls: new veil.FileCalls(dir + "/node-calls"),
-        }});
+        node_clients(mesh.data_dir, address, timeout_ms=3000)
+        + f"""
+        const client = make();
         const alice = veil.loadIdentity(dir + "/identities/alice.key");
         const tokens = client.token("coins", alice);
         const results = await tokens.transferMany({transfers}, {{ requestIds: {json.dumps(ids)} }});

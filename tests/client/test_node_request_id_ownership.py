@@ -11,31 +11,21 @@ from typing import Any
 
 import grpc
 
-from tests.client.node_support import node_eval
+from tests.client.node_support import node_clients, node_eval
 from tests.client.test_node_client import HostileGateway, _balance, evil, funded
 from tests.gateway.support import InProcessMesh
 from veil.sdk.identity import SigningIdentity
 
 __all__ = ["evil", "funded"]
 
-_CLIENT = """
-const fs = await import("node:fs");
-const dir = {dir};
-const make = () => new veil.VeilNodeClient({address}, fs.readFileSync(dir + "/pki/ca.pem"), {{
-  serverName: "localhost", timeoutMs: 1500,
-  policy: veil.loadPolicy(dir + "/expected-measurement.json"),
-  rootPem: fs.readFileSync(dir + "/pki/sgx-root.pem"),
-  counters: new veil.FileCounters(dir + "/counters.json"),
-  pins: new veil.InstancePins(dir + "/instances.json"),
-  calls: new veil.FileCalls(dir + "/node-calls"),
-}});
+_HELPERS = """
 const alice = veil.loadIdentity(dir + "/identities/alice.key");
 const bob = veil.loadIdentity(dir + "/identities/bob.key");
 const outcome = (p) => p.then(
-  (r) => ({{ ok: String(r.accepted) }}),
-  (e) => ({{ error: e.constructor.name, message: e.message, requestId: e.requestId ?? null }}),
+  (r) => ({ ok: String(r.accepted) }),
+  (e) => ({ error: e.constructor.name, message: e.message, requestId: e.requestId ?? null }),
 );
-const pay = (to, amount) => ({{ token: {{ transfer: {{ to: to.account, amount }} }} }});
+const pay = (to, amount) => ({ token: { transfer: { to: to.account, amount } } });
 """
 
 
@@ -53,7 +43,7 @@ def test_node_refused_call_never_overwrites_the_owners_entry(
         return forward()
 
     servicer.execute_hook = hook
-    prelude = _CLIENT.format(dir=json.dumps(str(mesh.data_dir)), address=json.dumps(address))
+    prelude = node_clients(mesh.data_dir, address, timeout_ms=1500) + _HELPERS
     result = node_eval(
         prelude
         + """
