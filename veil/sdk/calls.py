@@ -39,9 +39,6 @@ CALLS_DIR = "calls"
 #: The Node client's calls in the same data dir (same format): calls the other client kept.
 NODE_CALLS_DIR = "node-calls"
 _MEMORY_LIMIT = 10_000
-#: How long keeping or dropping a call waits for another process's check-then-write of an id
-#: (a few file operations; longer means a stopped process).
-IDS_LOCK_WAIT_S = 5.0
 
 
 @dataclass
@@ -314,8 +311,11 @@ class FileCalls:
                 self.delete(state.request_id)
 
     def _ids_locked(self) -> contextlib.AbstractContextManager[None]:
-        """Every process's check-then-write of a request id's entry, one at a time."""
-        return self._flocked(self.directory / "ids.lock", IDS_LOCK_WAIT_S, "the calls' request ids")
+        """Every process's check-then-write of a request id's entry, one at a time. Waited for
+        without a limit: it is held for one read and one write, and it is also taken after a call
+        was sent, where giving up could only say something untrue ("nothing was sent") or drop
+        what must be kept."""
+        return self._flocked(self.directory / "ids.lock", None, "the calls' request ids")
 
     def kept_elsewhere(self, request_id: str) -> bool:
         name = self.file(request_id).name
@@ -328,22 +328,15 @@ class FileCalls:
         return self._flocked(self.directory / f"{name}.lock", wait_s, "this account's calls")
 
     @contextlib.contextmanager
-    def _flocked(self, path: Path, wait_s: float, what: str) -> Iterator[None]:
-        # flock: released by the kernel if the process dies, so a crash never wedges an account.
+    def _flocked(self, path: Path, wait_s: float | None, what: str) -> Iterator[None]:
+        """flock on `path` (released by the kernel if the process dies, so a crash never wedges
+        anything), waited for `wait_s` at most (None: without a limit)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(path, "a") as lock_file:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise VeilClientError(
-                            f"another process has held {what} ({path}) for over {wait_s:g} s "
-                            "(a call in progress, or a stopped process); nothing was sent"
-                        ) from None
-                    time.sleep(0.02)
+            if wait_s is None:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+            else:
+                _flock_within(lock_file, wait_s, f"{what} ({path})")
             try:
                 yield
             finally:
@@ -360,3 +353,18 @@ class FileCalls:
             if (state.instance_id, state.account) == (instance_id, account) and state.answer is None:
                 found.append(state)
         return sorted(found, key=lambda c: c.counter)
+
+
+def _flock_within(lock_file: Any, wait_s: float, what: str) -> None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise VeilClientError(
+                    f"another process has held {what} for over {wait_s:g} s "
+                    "(a call in progress, or a stopped process); nothing was sent"
+                ) from None
+            time.sleep(0.02)
