@@ -1157,6 +1157,10 @@ export function openOutcome(outcome, request, { query = false } = {}) {
   return answerOf(request, result, receipt, accepted);
 }
 
+// Whether two kept calls are the same call (veil/sdk/calls.py `PendingCall.same_call`): another
+// call that took the same request id is never this one, whatever its counter.
+const sameCall = (a, b) => a === b || (a.instanceId === b.instanceId && a.account === b.account && same(a.callBytes, b.callBytes));
+
 // The enclave's answer to `sent`, one of a call's `attempts` (veil/sdk/client.py
 // `_open_call_answer`). Every sealing of a call goes out under the call's request id, so the mesh
 // may answer with what it recorded for an earlier sealing (the one that ran), or join `sent` to
@@ -1595,6 +1599,11 @@ export class VeilNodeClient {
     return verified;
   }
 
+  // One Execute of a sealing, byte for byte under its own request id (retried as `call` retries).
+  executeSealed(sealed) {
+    return this.call("Execute", { instance_id: sealed.instanceId, request_id: sealed.requestId, command: sealed.command });
+  }
+
   // The enclave's verified answer to one sealing of a call (or the call's answer the mesh
   // recorded for another of its `attempts`); null when the attempt is ambiguous (the host says
   // the enclave could not open it, which it could say of a command that ran).
@@ -1602,7 +1611,7 @@ export class VeilNodeClient {
     const callId = state.requestId;
     let reply;
     try {
-      reply = await this.call("Execute", { instance_id: sealed.instanceId, request_id: sealed.requestId, command: sealed.command });
+      reply = await this.executeSealed(sealed);
     } catch (error) {
       if (error instanceof GatewayError && error.code === grpc.status.INVALID_ARGUMENT && error.reason === UNOPENABLE) return null;
       if (error instanceof GatewayError && RETRYABLE.has(error.code)) {
@@ -1780,12 +1789,7 @@ export class VeilNodeClient {
         if (open && (await this.fill(instanceId, account, gap, identity))) continue;
         throw this.counterGap(state, gap);
       }
-      if (counterState.ran) {
-        // An earlier sealing of this call used the counter: it ran. Never again.
-        this.record(instanceId, account, state.counter);
-        // Its answer is the one the enclave kept with the counter (or, failing that, the mesh's record).
-        return keptAnswer(counterState.kept, counterState.ran, sealed) ?? this.recordedAnswer(instanceId, state.attempts, counterState.lastSequence);
-      }
+      if (counterState.ran) return this.ran(state, counterState, sealed); // a sealing of this call used the counter: never again
       // The counter is used by another command and none of this call's sealings used it: it can
       // never run under it, so it is sealed again under the next counter, above every counter
       // this client has sealed (the high-water mark).
@@ -1841,6 +1845,14 @@ export class VeilNodeClient {
     }
   }
 
+  // The answer of a call one of whose sealings used its counter (the enclave's `judged` counter
+  // state says so; veil/sdk/client.py `_ran`): the one the enclave kept with the counter, checked
+  // under `sealed`'s attested key, or, failing that, the mesh's record.
+  ran(state, judged, sealed) {
+    this.record(state.instanceId, state.account, state.counter);
+    return keptAnswer(judged.kept, judged.ran, sealed) ?? this.recordedAnswer(state.attempts, judged.lastSequence);
+  }
+
   // The mesh answered the call's request id with what none of its sealings opens (its record of
   // a sealing this client does not hold; veil/sdk/client.py `_foreign_answer`). No sealing of the
   // call ran through that request, but each stays valid in the host's hands under the call's
@@ -1857,8 +1869,7 @@ export class VeilNodeClient {
       const call = GAP_FILLERS[messages.AppKind.valuesById[attestation.descriptor?.config?.app]];
       if (!call) throw failure;
       sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: this.newRequestId() });
-      const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
-      filled = openOutcome(reply.outcome, sealed);
+      filled = openOutcome((await this.executeSealed(sealed)).outcome, sealed);
     } catch (error) {
       if (error instanceof VeilError) throw new NotSettledYet(instanceId, state.requestId, failure.message); // the call is kept
       throw error;
@@ -1869,11 +1880,7 @@ export class VeilNodeClient {
       throw new NotSettledYet(instanceId, state.requestId, failure.message); // refused for now (a budget, a clock): the call is kept
     } else {
       const judged = this.counterState(instanceId, account, filled, state);
-      if (judged.ran) {
-        // A sealing of this call used the counter after all: it ran, and this is its answer.
-        this.record(instanceId, account, state.counter);
-        return keptAnswer(judged.kept, judged.ran, sealed) ?? this.recordedAnswer(instanceId, state.attempts, judged.lastSequence);
-      }
+      if (judged.ran) return this.ran(state, judged, sealed); // a sealing of this call used the counter after all
       if (judged.tooEarly) throw new NotSettledYet(instanceId, state.requestId, failure.message); // an earlier counter is still open: kept, it waits
       this.record(instanceId, account, judged.nextCounter - 1);
     }
@@ -2011,7 +2018,7 @@ export class VeilNodeClient {
     }
     if (current === state) return; // MemoryCalls: this very object
     if ((current ? fingerprintOf(current) : null) === (state.stored ?? null)) return;
-    if (current && !(current.instanceId === state.instanceId && current.account === state.account && same(current.callBytes, state.callBytes))) {
+    if (current && !sameCall(current, state)) {
       throw new InputError(`request id ${JSON.stringify(state.requestId)} names another call (kept meanwhile by another process); this one was not sent`);
     }
     throw new OutcomeUnknown(
@@ -2032,7 +2039,6 @@ export class VeilNodeClient {
     else this.calls.delete(state.requestId);
   }
 
-  // The error for a fresh sealing the enclave finds too early: the calls it waits for.
   // Whether the calls store holds no other call under `state`'s request id (two calls that took
   // one id at once: the other is never deleted from under its owner).
   ownsId(state) {
@@ -2042,7 +2048,7 @@ export class VeilNodeClient {
     } catch {
       return false;
     }
-    return !stored || stored === state || (stored.instanceId === state.instanceId && stored.account === state.account && same(stored.callBytes, state.callBytes));
+    return !stored || sameCall(stored, state);
   }
 
   // Add the sealings the calls store holds for this call under its counter (another process may
@@ -2056,8 +2062,7 @@ export class VeilNodeClient {
       return;
     }
     if (!stored || stored === state || stored.counter !== state.counter) return;
-    // Another call under the same id (the store is keyed by id) is never this one's.
-    if (stored.instanceId !== state.instanceId || stored.account !== state.account || !same(stored.callBytes, state.callBytes)) return;
+    if (!sameCall(stored, state)) return; // another call under the same id (the store is keyed by id)
     for (const attempt of stored.attempts) {
       if (!state.attempts.some((a) => same(a.commandHash, attempt.commandHash))) state.attempts.push(attempt);
     }
@@ -2079,6 +2084,7 @@ export class VeilNodeClient {
       .filter((c) => c.counter < state.counter && c.requestId !== state.requestId && !FILLER_BYTES.has(hexOf(c.callBytes)));
   }
 
+  // The error for a fresh sealing the enclave finds too early: the calls it waits for.
   counterGap(state, nextCounter) {
     const ids = this.waiting(state).map((c) => c.requestId);
     const resume = ids.length
@@ -2251,15 +2257,14 @@ export class VeilNodeClient {
   // The answer of the attempt that ran, from the mesh's idempotency records if it kept it:
   // a sealing is sent again, byte for byte, once per request id (a call's sealings share one,
   // except those kept from before they did).
-  async recordedAnswer(instanceId, attempts, sequence) {
+  async recordedAnswer(attempts, sequence) {
     const asked = new Set();
     for (const sealed of attempts.slice().reverse()) {
       if (asked.has(sealed.requestId)) continue;
       asked.add(sealed.requestId);
       let opened;
       try {
-        const reply = await this.call("Execute", { instance_id: instanceId, request_id: sealed.requestId, command: sealed.command });
-        opened = openCallAnswer(reply.outcome, sealed, attempts);
+        opened = openCallAnswer((await this.executeSealed(sealed)).outcome, sealed, attempts);
       } catch (error) {
         if (error instanceof VeilError) continue;
         throw error;

@@ -142,7 +142,7 @@ class MemoryCalls:
     def keep(self, state: PendingCall) -> bool:
         with self._lock:
             stored = self._calls.get(state.request_id)
-            if stored is not None and stored is not state and not stored.same_call(state):
+            if stored is not None and not stored.same_call(state):
                 return False
             self._put(state)
         return True
@@ -150,7 +150,7 @@ class MemoryCalls:
     def forget_call(self, state: PendingCall) -> None:
         with self._lock:
             stored = self._calls.get(state.request_id)
-            if stored is not None and (stored is state or stored.same_call(state)):
+            if stored is not None and stored.same_call(state):
                 del self._calls[state.request_id]
 
     def locked(

@@ -737,9 +737,7 @@ class VeilClient:
         than sealing a second command; a call with nothing sealed is forgotten."""
         try:
             if not state.sealings:
-                stored = self.calls.get(state.request_id)  # a read: most such calls were never kept
-                if stored is not None and stored.same_call(state):
-                    self.calls.forget_call(state)
+                self.calls.forget_call(state)
             elif self.calls.keep(state) and isinstance(failure, VeilClientError):  # never another's
                 failure.request_id = state.request_id
         except VeilClientError:
@@ -1041,9 +1039,7 @@ class VeilClient:
         one the enclave kept with the counter, or, failing that, the mesh's record."""
         self._record(state.instance_id, identity.account, state.counter)
         answer = _kept_answer(state.instance_id, counter_state, signing_key, state.request_id)
-        answer = answer or self._recorded_answer(
-            state.instance_id, state.sealings, counter_state.last_sequence, identity
-        )
+        answer = answer or self._recorded_answer(state.sealings, counter_state.last_sequence, identity)
         # Its head is one this client has now seen acknowledged: later reads must not be older.
         self._saw(state.instance_id, answer.sequence)
         return answer
@@ -1070,7 +1066,7 @@ class VeilClient:
             # counts as possibly run.
             sealed, signing_key = state.sealings[0]
             state.ambiguous = True
-            return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), False
+            return sealed, signing_key, self._send(sealed, signing_key, identity, state), False
         attestation = self.attest(instance_id, refresh=state.ambiguous and not resume)
         sealed = self._seal_call(attestation, state, identity, call, suite)
         signing_key = attestation.keys.signing_public_key
@@ -1083,7 +1079,7 @@ class VeilClient:
             if not state.sealings:
                 self._unsent([state])
             raise
-        return sealed, signing_key, self._send(instance_id, sealed, signing_key, identity, state), True
+        return sealed, signing_key, self._send(sealed, signing_key, identity, state), True
 
     def _foreign_answer(self, state: _Call, identity: Identity, suite: int, failure: ForeignAnswer) -> Opened:
         """The mesh answered the call's request id with what none of its sealings opens (its record
@@ -1113,12 +1109,8 @@ class VeilClient:
                 request_id=self.new_request_id(),
                 suite=suite,
             )
-            request = gateway_pb2.ExecuteRequest(
-                instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
-            )
-            reply = self._call(self._stub.Execute, request, self._metadata(identity))
             signing_key = attestation.keys.signing_public_key
-            filled = open_outcome(sealed, reply.outcome, signing_key, query=False)
+            filled = open_outcome(sealed, self._execute(sealed, identity).outcome, signing_key, query=False)
         except (VeilClientError, AttestationError):
             raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure  # the call is kept
         if filled.accepted:
@@ -1165,9 +1157,16 @@ class VeilClient:
             "to settle that one"
         )
 
+    def _execute(self, sealed: SealedRequest, identity: Identity) -> gateway_pb2.ExecuteResponse:
+        """One Execute of a sealing, byte for byte under its own request id (retried as `_call`
+        retries)."""
+        request = gateway_pb2.ExecuteRequest(
+            instance_id=sealed.instance_id, command=sealed.command, request_id=sealed.request_id
+        )
+        return self._call(self._stub.Execute, request, self._metadata(identity))
+
     def _send(
         self,
-        instance_id: str,
         sealed: SealedRequest,
         signing_key: bytes,
         identity: Identity,
@@ -1176,11 +1175,8 @@ class VeilClient:
         """The enclave's verified answer to one sealing of a call (or the call's answer the mesh
         recorded for another of its sealings); None when the answer is the host's word (an
         unsealed refusal), which proves nothing either way."""
-        request = gateway_pb2.ExecuteRequest(
-            instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
-        )
         try:
-            reply = self._call(self._stub.Execute, request, self._metadata(identity))
+            reply = self._execute(sealed, identity)
             try:
                 return _open_call_answer(reply.outcome, sealed, signing_key, state.sealings)
             except ForeignAnswer:
@@ -1306,7 +1302,6 @@ class VeilClient:
 
     def _recorded_answer(
         self,
-        instance_id: str,
         attempts: list[tuple[SealedRequest, bytes]],
         sequence: int,
         identity: Identity,
@@ -1319,11 +1314,8 @@ class VeilClient:
             if sealed.request_id in asked:
                 continue
             asked.add(sealed.request_id)
-            request = gateway_pb2.ExecuteRequest(
-                instance_id=instance_id, command=sealed.command, request_id=sealed.request_id
-            )
             try:
-                reply = self._call(self._stub.Execute, request, self._metadata(identity))
+                reply = self._execute(sealed, identity)
                 opened = _open_call_answer(reply.outcome, sealed, signing_key, attempts)
             except VeilClientError:
                 continue
