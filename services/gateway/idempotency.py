@@ -12,6 +12,12 @@ shard, and adds two things in front:
 
 Failures are never cached: a retry after an error reaches the state service again.
 
+The cache is bounded by bytes as well as entries, since a caller chooses how big an answer is
+(a vault `get` answers ~1 MiB): at most `max_bytes` in all (default 32 MiB, sized so the
+gateway's caches stay well inside its 512 MiB pod limit) and no answer over `max_entry_bytes`
+(256 KiB) is kept at all. An answer not kept costs only a round trip on retry: the state
+service still answers a repeated request_id from its durable record.
+
 Request ids are **scoped by the tenant** the instance's plugin verified: for an instance
 behind an API key or OAuth2 plugin, the id forwarded to the state service is `<request id>`,
 U+001F (a separator no client id holds) and `<scope>`, the scope naming the key or the token's
