@@ -120,26 +120,26 @@ def request_id(text: str) -> str:
     return text
 
 
-def count(limit: int) -> Callable[[str], int]:
-    """A whole number from 0 to `limit`."""
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """A whole number from `low` to `high` (a negative one only where `low` allows it)."""
 
     def parse(text: str) -> int:
-        if not text.strip().isdigit() or int(text) > limit:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to {limit}")
+        digits = text.strip().removeprefix("-") if low < 0 else text.strip()
+        if not digits.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
         return int(text)
 
     return parse
+
+
+def count(limit: int) -> Callable[[str], int]:
+    """A whole number from 0 to `limit`."""
+    return whole_number(0, limit)
 
 
 def positive(limit: int) -> Callable[[str], int]:
     """A whole number from 1 to `limit`."""
-
-    def parse(text: str) -> int:
-        if not text.strip().isdigit() or not 0 < int(text) <= limit:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {limit}")
-        return int(text)
-
-    return parse
+    return whole_number(1, limit)
 
 
 def seconds(text: str) -> float:

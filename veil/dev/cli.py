@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count, example
+from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count, example, whole_number
 from veil.dev import bench
 
 if TYPE_CHECKING:
@@ -97,9 +97,11 @@ def register(commands: Subcommands) -> None:
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     up.add_argument(
         "--port-offset",
-        type=count(10000),
+        type=whole_number(-49000, 10000),
         default=0,
-        help="shift every port by N (default 0: gateway 50051) to run beside another mesh",
+        help="shift every port by N (default 0: gateway 50051) to run beside another mesh; "
+        "a negative N (e.g. -20000: gateway 30051) moves the ports below the kernel's ephemeral "
+        "range, where an outgoing connection cannot take one",
     )
     up.add_argument(
         "--nodes",

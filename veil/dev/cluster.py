@@ -34,7 +34,15 @@ from psycopg import sql
 
 from veil.dev.pki import ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
-from veil.dev.supervisor import MESH_UP, Supervised, keyvault_pins, port_free, sim_mesh_env, stop_on_signals
+from veil.dev.supervisor import (
+    MESH_UP,
+    Supervised,
+    keyvault_pins,
+    port_free,
+    quiet_offsets,
+    sim_mesh_env,
+    stop_on_signals,
+)
 from veil.services.common.channels import wait_until_serving
 from veil.services.common.config import (
     ADMIN_LISTEN,
@@ -323,18 +331,19 @@ def partitions_unavailable() -> str | None:
     return None
 
 
-def free_cluster_base(
-    nodes: int, keyvaults: int, gateways: int, candidates: range = range(200, 5000, 100)
-) -> int:
-    """A base whose every cluster port is free now."""
-    for base in candidates:
-        ports = [
+def free_cluster_base(nodes: int, keyvaults: int, gateways: int) -> int:
+    """A base whose every cluster port is free now, below the ephemeral range (`quiet_offsets`)."""
+
+    def ports(base: int) -> list[int]:
+        return [
             _port(role, base, i, admin)
             for role, count in (("keyvault", keyvaults), ("state", nodes), ("gateway", gateways))
             for i in range(count)
             for admin in (0, 1)
         ] + [DEFAULT_PUBLIC_PORT + base + _ROLE_STEP * i for i in range(gateways)]
-        if all(port_free(port) for port in ports):
+
+    for base in quiet_offsets(max(ports(0)), lowest_port=min(ports(0))):
+        if all(port_free(port) for port in ports(base)):
             return base
     raise OSError("no free port base for a cluster")
 

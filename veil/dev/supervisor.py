@@ -114,7 +114,19 @@ class Supervised:
         """Why the process is gone, or None while it runs."""
         if self.process is None or self.process.poll() is None:
             return None
-        return f"process exited with status {self.process.returncode}"
+        reason = f"process exited with status {self.process.returncode}"
+        last = self.last_log_line()
+        return f"{reason} (its log's last line: {last})" if last else reason
+
+    def last_log_line(self) -> str:
+        """The log's last non-empty line (a failed start's error), so a report needs no log access."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+                lines = log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
     def stop(self, grace: float) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -274,13 +286,33 @@ def mesh_ports(offset: int) -> list[int]:
     return [port + offset for port in ports]
 
 
-def free_port_offset(candidates: range = range(100, 1000, 100)) -> int:
-    """An offset whose ports are all free now. Multiples of 100 below 1000 never overlap the
-    default ports (5005x, 5105x) or each other."""
-    for offset in candidates:
+def free_port_offset() -> int:
+    """An offset whose ports are all free now, below the ephemeral range (`quiet_offsets`).
+    Multiples of 100 never overlap each other: a mesh's ports differ only in their last digits."""
+    for offset in quiet_offsets(max(mesh_ports(0))):
         if all(port_free(port) for port in mesh_ports(offset)):
             return offset
     raise OSError("no free port offset for a second mesh")
+
+
+#: Linux's default first ephemeral port, where /proc does not say.
+_EPHEMERAL_FLOOR_DEFAULT = 32768
+_LOWEST_PORT = 1024
+
+
+def quiet_offsets(highest_port: int, *, lowest_port: int = min(mesh_ports(0)), count: int = 40) -> list[int]:
+    """Port shifts (multiples of 100) that move the ports `lowest_port`..`highest_port` below the
+    kernel's ephemeral range. The default ports sit inside it, so any outgoing connection (even
+    the mesh's own, to PostgreSQL or a peer) can take one between a free-port check and the bind:
+    a CI run failed that way. Below the range only a listener can hold a port, and the check
+    sees listeners."""
+    try:
+        floor = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        floor = _EPHEMERAL_FLOOR_DEFAULT
+    top = (floor - 1 - highest_port) // 100 * 100
+    below = [top - 100 * k for k in range(count) if lowest_port + top - 100 * k > _LOWEST_PORT]
+    return below or list(range(100, 100 * (count + 1), 100))  # (a range from ~1024: shift up)
 
 
 def port_free(port: int, *, as_servers_bind: bool = False) -> bool:
