@@ -64,7 +64,7 @@ HOSTILE: dict[str, list[str]] = {
     "processes": ["-1", HUGE],
     "seconds": ["-1", "0"],
     "warmup": ["-1"],
-    "port_offset": ["-1", HUGE],
+    "port_offset": ["-49001", "10001", HUGE, "x"],  # (a negative shift down to -49000 is allowed)
     "policy": [MISSING],
     "ca": [MISSING],
     "cert": [MISSING],
