@@ -179,13 +179,17 @@ class Enclave:
             signature=signing_key.sign(message),
         )
 
-    @staticmethod
-    def _hold(instance: Instance) -> None:
-        """A new head of a holding instance: answers that depend on it wait for its confirmation."""
+    def _hold(self, instance: Instance) -> None:
+        """A new head of a holding instance: answers that depend on it wait for its confirmation.
+        Its key is the one the keyvault derives from the newest data key once it holds the head
+        (wire.hold_key), so the host can get it from there without a ConfirmHead ECALL."""
         if instance.holding:
-            instance.holds.append(
-                Hold(instance.sequence, instance.head_hash, secrets.token_bytes(crypto.KEY_SIZE))
+            own_key = self._ready()[1].public_key().public_bytes_raw()
+            data_key = self._current_key(instance.instance_id)[1]
+            key = wire.hold_key(
+                data_key, instance.instance_id, instance.sequence, instance.head_hash, own_key
             )
+            instance.holds.append(Hold(instance.sequence, instance.head_hash, key))
 
     @staticmethod
     def _wrap_held(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
@@ -436,6 +440,8 @@ class Enclave:
             self._hold(instance)
         if response.entries:
             response.held_until = self._wrap_held(instance, list(response.outcomes))
+            if response.held_until:
+                response.held_key_check = wire.hold_key_check(instance.holds[-1].key)
         else:
             # Refusals only: they carry the account's counter state (its last answer), which a
             # boot left behind must not show. A hold's confirmation may predate this read, so

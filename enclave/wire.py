@@ -45,6 +45,12 @@ AES-256-GCM additional data:
     response:     "veil/response/v1" || str16(instance_id) || str16(request_id)
     held answer:  "veil/held-response/v1" || str16(instance_id) || u64(held_until)
     held read:    "veil/held-read/v1" || str16(instance_id) || u64(read_round)
+Derived by the enclave and by the keyvault, which both hold the instance's data key:
+    hold key:     HKDF-SHA256(ikm = the instance's newest data key, no salt, length 32,
+                  info = "veil/hold-key/v1" || str16(instance_id) || u64(sequence) || hash(32)
+                  || bytes16(enclave_signing_public_key)): opens the answers held until head
+                  (sequence, hash) of that boot; the keyvault gives it out once it holds the head
+    hold key check: SHA-256("veil/hold-key-check/v1" || hold key), so the host can tell it
     sealed keys:  "veil/sealed-keys/v2" || bytes16(keyvault_release_public_key)
 Hashes (SHA-256):
     command hash: SHA-256(encapsulated_key || ciphertext) of the SealedCommand
@@ -67,7 +73,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.enclave.v1 import command_pb2, envelope_pb2
 
@@ -88,6 +96,8 @@ _COMMIT_LINK = b"veil/commit-link/v1"
 _INSTANCE = b"veil/instance/v1"
 _HELD_RESPONSE = b"veil/held-response/v1"
 _HELD_READ = b"veil/held-read/v1"
+_HOLD_KEY = b"veil/hold-key/v1"
+_HOLD_KEY_CHECK = b"veil/hold-key-check/v1"
 _RECEIPT = b"veil/receipt/v1"
 _COMMAND_SIGNATURE = b"veil/command-signature/v1"
 _LOG_ENTRY = b"veil/log-entry/v1"
@@ -226,6 +236,20 @@ def instance_descriptor_bytes(instance_id: str, config_hash: bytes, genesis_hash
 def config_hash(config_bytes: bytes) -> bytes:
     """The hash naming an instance configuration: SHA-256 of its serialized bytes."""
     return hashlib.sha256(config_bytes).digest()
+
+
+def hold_key(data_key: bytes, instance_id: str, sequence: int, head_hash: bytes, enclave_key: bytes) -> bytes:
+    """The key of the answers held until head (sequence, head_hash) of the boot signing with
+    `enclave_key`. The keyvault derives it too and gives it to the host once it holds that head:
+    a release without an ECALL, and only on the keyvault's word (the host has no data key)."""
+    info = _HOLD_KEY + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
+    info += _prefixed(enclave_key, 2)
+    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=info).derive(data_key)
+
+
+def hold_key_check(key: bytes) -> bytes:
+    """What the host compares a hold key from the keyvault with before it opens anything with it."""
+    return hashlib.sha256(_HOLD_KEY_CHECK + key).digest()
 
 
 def held_response_aad(instance_id: str, held_until: int) -> bytes:

@@ -366,6 +366,18 @@ class KeyManager:
             self._refused(ACTION_RELEASE, caller, detail, exc)
             raise
 
+    def newest_data_key(self, name: str) -> bytes | None:
+        """The newest version of a live data key, unwrapped, for derivations the keyvault makes
+        itself (hold keys, heads.hold_keys); None when there is no such key or it was destroyed."""
+        with self._deps.store.transaction() as tx:
+            record = tx.get_key(name, lock=False)
+            if record is None or record.destroyed:
+                return None
+            wrapped = tx.get_key_version(name, record.latest_version)
+        if wrapped is None:
+            return None
+        return self._deps.kek.unwrap(wrapped.wrapped, data_key_aad(name, record.latest_version))
+
     # -- helpers -------------------------------------------------------------------------------
     def _live_key(self, tx: StoreTx, name: str, *, lock: bool) -> KeyRecord:
         record = tx.get_key(name, lock=lock)

@@ -17,12 +17,14 @@ from contextlib import contextmanager
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from veil.enclave.wire import instance_key_name
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common import errors as common
 from veil.services.common.identity import peer_identity
 from veil.services.keyvault import errors as kv
 from veil.services.keyvault.app import Keyvault
 from veil.services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
+from veil.services.keyvault.heads import CommitHead, hold_keys
 from veil.services.keyvault.keys import KeyMetadata
 from veil.services.keyvault.store import AuditRecord, LeaseRecord
 
@@ -235,7 +237,27 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
                 fencing_token=request.fencing_token,
             )
             confirmation = self._kv.heads.confirmation(head, enclave_key)
-        return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence, confirmation=confirmation)
+        return keyvault_pb2.AdvanceCommitHeadResponse(
+            sequence=head.sequence,
+            confirmation=confirmation,
+            hold_keys=self._hold_keys(request, head, enclave_key),
+        )
+
+    def _hold_keys(
+        self, request: keyvault_pb2.AdvanceCommitHeadRequest, head: CommitHead, enclave_key: bytes
+    ) -> list[keyvault_pb2.HoldKey]:
+        """The hold keys of an advance that reached the request's last head. None when the data
+        key cannot be had now (a KEK away): the head moved all the same, and the host then has
+        the enclave release the answers (ConfirmHead), so this never fails the advance."""
+        last = request.links[-1].head
+        if (head.sequence, head.hash) != (last.sequence, last.hash):
+            return []
+        try:
+            data_key = self._kv.keys.newest_data_key(instance_key_name(head.instance_id))
+        except Exception as exc:
+            _log.warning("no hold keys for %s@%d: %s", head.instance_id, head.sequence, exc)
+            return []
+        return hold_keys(request.links, enclave_key, data_key)
 
     def ListAuditEvents(
         self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext

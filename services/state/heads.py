@@ -4,8 +4,9 @@ What the keyvault is sent: the enclave signs a `CommitLink` per batch, from the 
 to the new one. This thread keeps each instance's links since the last head the keyvault
 confirmed and sends them as one path (coalesced: a keyvault that was away is caught up with
 one call per instance). The keyvault compares and sets: one link must start at its stored
-head. It answers with a signed `HeadConfirmation`, which goes to `on_confirmed` (the host
-hands it to the enclave, which then releases the answers of a strict instance).
+head. It answers with a signed `HeadConfirmation` and the hold keys of the path's heads, which
+go to `on_confirmed` (the host opens a strict instance's held answers with the hold keys, and
+hands the confirmation to the enclave when they do not suffice or its holds pile up).
 
 What an acknowledgement means:
 
@@ -37,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
 from veil.services.state.keyvault_client import KeyvaultClient, KeyvaultRefused, KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
 
@@ -76,7 +78,7 @@ class HeadAdvancer:
         *,
         metrics: StateMetrics,
         on_refused: Callable[[str, str], None],
-        on_confirmed: Callable[[envelope_pb2.HeadConfirmation], object],
+        on_confirmed: Callable[[keyvault_pb2.AdvanceCommitHeadResponse], object],
         read_fence: Callable[[str], int] | None = None,
         on_lost: Callable[[str, int, str], None] | None = None,
         fencing: Callable[[str], int] = lambda _instance_id: 0,
@@ -274,7 +276,7 @@ class HeadAdvancer:
         for fresh in (False, True):
             fencing = self._fencing(instance_id)  # what the client sends (unless taken anew since)
             try:
-                confirmation = self._keyvault.advance_commit_head(links, self._token(fresh))
+                advanced = self._keyvault.advance_commit_head(links, self._token(fresh))
             except KeyvaultUnavailable as exc:
                 self._metrics.record_head_advance(ok=False)
                 with self._cond:
@@ -299,8 +301,8 @@ class HeadAdvancer:
                     self._paths.pop(instance_id, None)
                 return "refused"
             self._metrics.record_head_advance(ok=True)
-            self._settle(instance_id, confirmation.head.sequence)
-            self._on_confirmed(confirmation)
+            self._settle(instance_id, advanced.confirmation.head.sequence)
+            self._on_confirmed(advanced)
             return "ok"
         return "refused"
 

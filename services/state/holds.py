@@ -2,9 +2,11 @@
 
 The enclave seals every answer of a strict instance (and of any instance not yet registered
 for this boot) under a hold key: a command's under the key of the newest head it depends on,
-released (ConfirmHead) once the keyvault confirms that head to this boot; a query's under the
-key of its read round, released by a read fence (the keyvault's statement, asked for after the
-read). The host keeps one future per (instance, head) or (instance, read round): batches and
+released once the keyvault confirms that head to this boot: by the keyvault itself, which
+derives the same key (wire.hold_key) and sends it with its confirmation, or by the enclave
+(ConfirmHead) when that key does not match the check the enclave gave with the batch; a query's
+under the key of its read round, released by a read fence (the keyvault's statement, asked for
+after the read). The host keeps one future per (instance, head) or (instance, read round): batches and
 queries wait on it, the confirmation path sets it with the key, and a failed incarnation fails
 them all. Keys released a moment before anyone asked are kept briefly, so a late waiter does not
 wait for a confirmation that already came: the key bytes only, never the future that waited for
@@ -15,12 +17,14 @@ collections, 50-150 ms each, were the p99 tail at 64 clients).
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
 
 from veil.enclave import commands, wire
 from veil.enclave.v1 import ecall_pb2, envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
 
 RECENT_RELEASES = 4096
 
@@ -32,6 +36,7 @@ class HeldAnswers:
         self._lock = threading.Lock()
         self._waiting: dict[tuple[str, int], Future[bytes]] = {}
         self._released: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._checks: dict[tuple[str, int], bytes] = {}  # of held command answers' keys
         self._recent = recent
         self._failure: BaseException | None = None
 
@@ -64,13 +69,46 @@ class HeldAnswers:
         with self._lock:
             return any(iid == instance_id and number > 0 for iid, number in self._waiting)
 
+    def expect(self, instance_id: str, held_until: int, check: bytes) -> None:
+        """The enclave's check of the key it held a batch's answers under (wire.hold_key_check):
+        a hold key from the keyvault is handed out only if it matches."""
+        with self._lock:
+            if (instance_id, held_until) not in self._released:
+                self._checks[(instance_id, held_until)] = check
+
     def release(self, instance_id: str, released: list[ecall_pb2.ReleasedHold]) -> None:
         """Hand out the keys the enclave released (waiters run in this thread)."""
+        self._hand_out(
+            [
+                ((instance_id, -hold.read_round if hold.read_round else hold.held_until), bytes(hold.key))
+                for hold in released
+            ]
+        )
+
+    def release_vouched(self, instance_id: str, hold_keys: list[keyvault_pb2.HoldKey], sequence: int) -> bool:
+        """Hand out the keyvault's hold keys that match the enclave's checks; True when none of
+        the instance's answers held until heads up to `sequence`, and none of its queries,
+        waits any more: the enclave's own release (ConfirmHead) would then free nothing new."""
+        with self._lock:
+            matching = [
+                ((instance_id, hold.sequence), bytes(hold.key))
+                for hold in hold_keys
+                if hmac.compare_digest(
+                    self._checks.get((instance_id, hold.sequence), b""), wire.hold_key_check(hold.key)
+                )
+            ]
+        self._hand_out(matching)
+        with self._lock:
+            return not any(
+                iid == instance_id and (number < 0 or number <= sequence) for iid, number in self._waiting
+            )
+
+    def _hand_out(self, keys: list[tuple[tuple[str, int], bytes]]) -> None:
         ready = []
         with self._lock:
-            for hold in released:
-                slot = (instance_id, -hold.read_round if hold.read_round else hold.held_until)
-                key = self._released[slot] = bytes(hold.key)
+            for slot, key in keys:
+                self._released[slot] = key
+                self._checks.pop(slot, None)
                 waiting = self._waiting.pop(slot, None)
                 if waiting is not None:
                     ready.append((waiting, key))
@@ -85,6 +123,8 @@ class HeldAnswers:
         with self._lock:
             slots = [slot for slot in self._waiting if slot[0] == instance_id]
             waiting = [self._waiting.pop(slot) for slot in slots]
+            for slot in [slot for slot in self._checks if slot[0] == instance_id]:
+                del self._checks[slot]
         for future in waiting:
             if not future.done():
                 future.set_exception(error)
@@ -94,6 +134,7 @@ class HeldAnswers:
         with self._lock:
             self._failure = error
             waiting, self._waiting = list(self._waiting.values()), {}
+            self._checks.clear()
         for future in waiting:
             if not future.done():
                 future.set_exception(error)

@@ -447,6 +447,7 @@ class StateHost:
         if held:
             opener: Callable[[bytes, str, int, envelope_pb2.CommandOutcome], None]
             if response.held_until:
+                runtime.holds.expect(instance_id, response.held_until, response.held_key_check)
                 key = runtime.holds.key(instance_id, response.held_until)
                 opener, number = unwrap, response.held_until
             else:  # refusals that read the account's counter state wait for a read fence

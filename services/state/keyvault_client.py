@@ -190,13 +190,14 @@ class KeyvaultClient:
 
     def advance_commit_head(
         self, links: Sequence[envelope_pb2.CommitLink], token: str
-    ) -> envelope_pb2.HeadConfirmation:
-        """Move the instance's head along enclave-signed links; returns the keyvault's confirmation."""
+    ) -> keyvault_pb2.AdvanceCommitHeadResponse:
+        """Move the instance's head along enclave-signed links; returns the keyvault's confirmation
+        and the hold keys of the links' heads."""
         instance_id = links[0].instance_id
         request = keyvault_pb2.AdvanceCommitHeadRequest(
             instance_id=instance_id, links=links, token=token, fencing_token=self.fencing(instance_id)
         )
-        return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request).confirmation
+        return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request)
 
     def acquire_lease(
         self, instance_id: str, holder: str, ttl_ms: int, token: int, *, timeout: float | None = None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
 from veil.services.state import lifecycle, recovery
 from veil.services.state.attestation import Attestor
 from veil.services.state.config import StateConfig
@@ -49,6 +50,10 @@ T = TypeVar("T")
 #: How often a serving host looks for instances whose owner stopped renewing its lease.
 ADOPT_EVERY_S = 0.5
 PROGRESS_EVERY_S = 2.0  # how often a long replay says how far it got (GetStatus, the log)
+#: Entries a strict instance's enclave may go without a ConfirmHead while the keyvault's hold
+#: keys release its answers: each batch leaves a hold in the enclave until then, and it refuses
+#: batches at MAX_HOLDS (4,096) of them; a batch is at least one entry.
+ENCLAVE_CONFIRM_EVERY = 1024
 
 
 class Stopping(Exception):
@@ -65,6 +70,8 @@ class InstanceState:
     head: envelope_pb2.CommitHead
     snapshot_sequence: int
     descriptor: envelope_pb2.InstanceDescriptor | None = None
+    #: The newest head this boot's enclave was handed the keyvault's confirmation of (ConfirmHead).
+    enclave_confirmed: int = 0
 
     @property
     def strict(self) -> bool:
@@ -203,12 +210,13 @@ class Startup:
                 lambda fresh: (attestor.fresh() if fresh else attestor.current()).token,
                 metrics=self.parts.metrics,
                 on_refused=lambda iid, why: on_refused(runtime, f"instance {iid!r}: {why}"),
-                on_confirmed=lambda confirmation: _take(
+                on_confirmed=lambda advanced: _take(
                     runtime,
-                    instance_id=confirmation.instance_id,
+                    instance_id=advanced.confirmation.instance_id,
                     on_refused=on_refused,
                     on_broken=on_broken,
-                    confirmation=confirmation,
+                    confirmation=advanced.confirmation,
+                    hold_keys=list(advanced.hold_keys),
                     taken_over=self._taken_over,
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
@@ -481,22 +489,29 @@ def _take(
     on_refused: Callable[[Runtime, str], None],
     on_broken: Callable[[Runtime, str], None],
     confirmation: envelope_pb2.HeadConfirmation | None = None,
+    hold_keys: list[keyvault_pb2.HoldKey] | None = None,
     statement: envelope_pb2.HeadStatement | None = None,
     taken_over: Callable[[str, str], bool] = lambda _instance_id, _why: False,
 ) -> int:
     """Hand the keyvault's word on a head to the enclave and release what it frees; returns the
     read rounds still waiting (-1 when the enclave refused it: this incarnation stops, unless
-    `taken_over(instance_id, why)` finds another host owns the instance now and drops it)."""
+    `taken_over(instance_id, why)` finds another host owns the instance now and drops it).
+
+    A confirmation comes with the hold keys of its heads: when they release every answer it
+    covers, the enclave is told only every `ENCLAVE_CONFIRM_EVERY` entries (so its holds stay
+    few), not once per batch."""
     state = runtime.instances.get(instance_id)
-    if (
-        confirmation is not None
-        and state is not None
-        and not state.strict
-        and state.descriptor is not None
-        # Batches it ran before the keyvault registered it wait for their heads' confirmation.
-        and not runtime.holds.commands_waiting(instance_id)
-    ):
-        return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
+    if confirmation is not None and state is not None and state.descriptor is not None:
+        settled = runtime.holds.release_vouched(instance_id, hold_keys or [], confirmation.head.sequence)
+        if not state.strict and not runtime.holds.commands_waiting(instance_id):
+            # Batches it ran before the keyvault registered it wait for their heads' confirmation.
+            return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
+        if (
+            state.strict
+            and settled
+            and confirmation.head.sequence - state.enclave_confirmed < ENCLAVE_CONFIRM_EVERY
+        ):
+            return 0
     try:
         response = runtime.enclave.confirm_head(confirmation, statement=statement)
     except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
@@ -509,5 +524,7 @@ def _take(
         return -1
     if response.HasField("descriptor") and state is not None:
         state.descriptor = response.descriptor  # registered for this boot: before any waiter wakes
+    if confirmation is not None and state is not None:
+        state.enclave_confirmed = max(state.enclave_confirmed, confirmation.head.sequence)
     runtime.holds.release(instance_id, list(response.released))
     return response.reads_waiting

@@ -351,6 +351,14 @@ def test_a_release_provisions_into_a_real_enclave_pinned_to_this_keyvault(stub: 
     )
     confirmed = host.confirm_head(advanced.confirmation)
     assert [hold.held_until for hold in confirmed.released] == [1]
+    # The keyvault derives the very key the enclave held the genesis's answers under, so the
+    # host needs no ConfirmHead ECALL to open them.
+    [vouched] = advanced.hold_keys
+    assert (vouched.sequence, vouched.hash, vouched.key) == (
+        1,
+        created.link.head.hash,
+        confirmed.released[0].key,
+    )
     assert confirmed.descriptor.instance_id == INSTANCE  # registered: the descriptor is given out
     # A second creation of the id, by this or any enclave, now needs a statement the keyvault
     # will never give: it holds the instance.

@@ -15,6 +15,7 @@ import pytest
 
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
+from veil.keyvault.v1 import keyvault_pb2
 from veil.services.state.heads import WARN_AFTER_FAILURES, Backoff, HeadAdvancer
 from veil.services.state.keyvault_client import KeyvaultUnavailable
 from veil.services.state.metrics import StateMetrics
@@ -31,7 +32,7 @@ class PathKeyvault:
 
     def advance_commit_head(
         self, links: Sequence[envelope_pb2.CommitLink], token: str
-    ) -> envelope_pb2.HeadConfirmation:
+    ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         time.sleep(self.delay_s)
         with self.lock:
             self.rounds.append([link.head.sequence for link in links])
@@ -39,7 +40,8 @@ class PathKeyvault:
             assert self.head in bases or (links[-1].head.sequence, links[-1].head.hash) == self.head
             self.head = (links[-1].head.sequence, links[-1].head.hash)
             head = envelope_pb2.CommitHead(sequence=self.head[0], hash=self.head[1])
-        return envelope_pb2.HeadConfirmation(instance_id="coins", head=head)
+        confirmation = envelope_pb2.HeadConfirmation(instance_id="coins", head=head)
+        return keyvault_pb2.AdvanceCommitHeadResponse(sequence=head.sequence, confirmation=confirmation)
 
 
 def _hash(sequence: int) -> bytes:
@@ -62,7 +64,7 @@ def _advancer(keyvault: Any, **kwargs: Any) -> tuple[HeadAdvancer, list[int], li
         lambda fresh: "token",
         metrics=StateMetrics(),
         on_refused=lambda instance_id, why: refused.append(why),
-        on_confirmed=lambda confirmation: confirmed.append(confirmation.head.sequence),
+        on_confirmed=lambda advanced: confirmed.append(advanced.confirmation.head.sequence),
         **kwargs,
     )
     return advancer, confirmed, refused
@@ -117,7 +119,7 @@ class AwayKeyvault:
 
     def advance_commit_head(
         self, links: Sequence[envelope_pb2.CommitLink], token: str
-    ) -> envelope_pb2.HeadConfirmation:
+    ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         self.attempts += 1
         raise KeyvaultUnavailable("keyvault at kv:1 unreachable (DEADLINE_EXCEEDED)")
 

@@ -8,7 +8,9 @@ from concurrent.futures import Future
 
 import pytest
 
+from veil.enclave import wire
 from veil.enclave.v1 import ecall_pb2
+from veil.keyvault.v1 import keyvault_pb2
 from veil.services.state.holds import HeldAnswers
 
 
@@ -77,3 +79,40 @@ def test_failing_an_instance_fails_its_waiters_only_and_failing_all_fails_later_
     for future in (other, later):
         with pytest.raises(RuntimeError, match="ended"):
             future.result(0)
+
+
+def _vouched(sequence: int, key: bytes) -> keyvault_pb2.HoldKey:
+    return keyvault_pb2.HoldKey(sequence=sequence, key=key)
+
+
+def test_a_keyvault_hold_key_is_handed_out_only_when_it_matches_the_enclaves_check() -> None:
+    holds = HeldAnswers()
+    good, forged = b"g" * 32, b"f" * 32
+    first, second, later = holds.key("i", 3), holds.key("i", 4), holds.key("i", 9)
+    holds.expect("i", 3, wire.hold_key_check(good))
+    holds.expect("i", 4, wire.hold_key_check(good))
+    # A forged key for 4, and a key for a head no batch gave a check for (9): neither opens.
+    settled = holds.release_vouched("i", [_vouched(3, good), _vouched(4, forged), _vouched(9, good)], 4)
+    assert first.result(0) == good
+    assert not second.done()
+    assert not later.done()
+    assert not settled  # 4 still waits: the enclave must release it
+    assert holds.release_vouched("i", [_vouched(4, good)], 4)  # settled up to 4; 9 is later
+    assert second.result(0) == good
+    assert holds.release_vouched("j", [], 1)  # another instance: nothing of it waits
+
+
+def test_a_waiting_query_keeps_the_enclaves_release_needed() -> None:
+    holds = HeldAnswers()
+    holds.read_key("i", 1)
+    assert not holds.release_vouched("i", [], 10)
+
+
+def test_a_released_slot_takes_no_check_and_failures_drop_the_checks() -> None:
+    holds = HeldAnswers()
+    holds.release("i", [_hold(held_until=2, key=b"e" * 32)])
+    holds.expect("i", 2, wire.hold_key_check(b"x" * 32))  # already released by the enclave
+    assert holds._checks == {}
+    holds.expect("i", 3, b"c" * 32)
+    holds.fail_instance("i", RuntimeError("moved"))
+    assert holds._checks == {}

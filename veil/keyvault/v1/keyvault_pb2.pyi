@@ -633,25 +633,65 @@ class AdvanceCommitHeadResponse(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     CONFIRMATION_FIELD_NUMBER: _builtins.int
+    HOLD_KEYS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """sequence is the stored head sequence."""
     @_builtins.property
     def confirmation(self) -> _envelope_pb2.HeadConfirmation:
         """confirmation is the keyvault's signed confirmation of the stored head."""
 
+    @_builtins.property
+    def hold_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___HoldKey]:
+        """hold_keys open the answers the enclave holds until each head of the request's links (all
+        on the chain to the stored head), derived from the instance's newest data key for the
+        boot that signed them; empty when that key is gone. The host releases a strict instance's
+        answers with them, without a ConfirmHead ECALL.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         confirmation: _envelope_pb2.HeadConfirmation | None = ...,
+        hold_keys: _abc.Iterable[Global___HoldKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmation", b"confirmation", "hold_keys", b"hold_keys", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdvanceCommitHeadResponse: _TypeAlias = AdvanceCommitHeadResponse  # noqa: Y015
+
+@_typing.final
+class HoldKey(_message.Message):
+    """HoldKey is the key of the answers an enclave boot holds until one head."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """sequence is the head's sequence."""
+    hash: _builtins.bytes
+    """hash is the head's hash (32 bytes)."""
+    key: _builtins.bytes
+    """key is HKDF-SHA256 of the data key over the head and the boot's signing key (32 bytes)."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        hash: _builtins.bytes = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "key", b"key", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldKey: _TypeAlias = HoldKey  # noqa: Y015
 
 @_typing.final
 class ListAuditEventsRequest(_message.Message):
