@@ -51,6 +51,7 @@ class Hold:
     sequence: int
     hash: bytes
     key: bytes
+    key_version: int = 0  # of the data key its key derives from (wire.hold_root)
 
 
 @dataclass

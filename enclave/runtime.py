@@ -185,11 +185,10 @@ class Enclave:
         (wire.hold_key), so the host can get it from there without a ConfirmHead ECALL."""
         if instance.holding:
             own_key = self._ready()[1].public_key().public_bytes_raw()
-            data_key = self._current_key(instance.instance_id)[1]
-            key = wire.hold_key(
-                data_key, instance.instance_id, instance.sequence, instance.head_hash, own_key
-            )
-            instance.holds.append(Hold(instance.sequence, instance.head_hash, key))
+            version, data_key = self._current_key(instance.instance_id)
+            root = wire.hold_root(data_key)
+            key = wire.hold_key(root, instance.instance_id, instance.sequence, instance.head_hash, own_key)
+            instance.holds.append(Hold(instance.sequence, instance.head_hash, key, version))
 
     @staticmethod
     def _wrap_held(instance: Instance, outcomes: list[envelope_pb2.CommandOutcome]) -> int:
@@ -441,7 +440,11 @@ class Enclave:
         if response.entries:
             response.held_until = self._wrap_held(instance, list(response.outcomes))
             if response.held_until:
-                response.held_key_check = wire.hold_key_check(instance.holds[-1].key)
+                hold = instance.holds[-1]
+                response.held_key_check, response.held_key_version = (
+                    wire.hold_key_check(hold.key),
+                    hold.key_version,
+                )
         else:
             # Refusals only: they carry the account's counter state (its last answer), which a
             # boot left behind must not show. A hold's confirmation may predate this read, so

@@ -46,8 +46,9 @@ AES-256-GCM additional data:
     held answer:  "veil/held-response/v1" || str16(instance_id) || u64(held_until)
     held read:    "veil/held-read/v1" || str16(instance_id) || u64(read_round)
 Derived by the enclave and by the keyvault, which both hold the instance's data key:
-    hold key:     HKDF-SHA256(ikm = the instance's newest data key, no salt, length 32,
-                  info = "veil/hold-key/v1" || str16(instance_id) || u64(sequence) || hash(32)
+    hold root:    HKDF-SHA256(ikm = a data key version, no salt, length 32, info = "veil/hold-root/v1")
+    hold key:     HKDF-SHA256(ikm = hold root, no salt, length 32, info = "veil/hold-key/v1"
+                  || str16(instance_id) || u64(sequence) || hash(32)
                   || bytes16(enclave_signing_public_key)): opens the answers held until head
                   (sequence, hash) of that boot; the keyvault gives it out once it holds the head
     hold key check: SHA-256("veil/hold-key-check/v1" || hold key), so the host can tell it
@@ -96,6 +97,7 @@ _COMMIT_LINK = b"veil/commit-link/v1"
 _INSTANCE = b"veil/instance/v1"
 _HELD_RESPONSE = b"veil/held-response/v1"
 _HELD_READ = b"veil/held-read/v1"
+_HOLD_ROOT = b"veil/hold-root/v1"
 _HOLD_KEY = b"veil/hold-key/v1"
 _HOLD_KEY_CHECK = b"veil/hold-key-check/v1"
 _RECEIPT = b"veil/receipt/v1"
@@ -238,13 +240,19 @@ def config_hash(config_bytes: bytes) -> bytes:
     return hashlib.sha256(config_bytes).digest()
 
 
-def hold_key(data_key: bytes, instance_id: str, sequence: int, head_hash: bytes, enclave_key: bytes) -> bytes:
+def hold_root(data_key: bytes) -> bytes:
+    """What hold keys are derived from: one per data key version, so the keyvault can keep it at
+    hand (never the data key) and the data key serves one derivation besides its AES-GCM use."""
+    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=_HOLD_ROOT).derive(data_key)
+
+
+def hold_key(root: bytes, instance_id: str, sequence: int, head_hash: bytes, enclave_key: bytes) -> bytes:
     """The key of the answers held until head (sequence, head_hash) of the boot signing with
     `enclave_key`. The keyvault derives it too and gives it to the host once it holds that head:
     a release without an ECALL, and only on the keyvault's word (the host has no data key)."""
     info = _HOLD_KEY + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
     info += _prefixed(enclave_key, 2)
-    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=info).derive(data_key)
+    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=info).derive(root)
 
 
 def hold_key_check(key: bytes) -> bytes:

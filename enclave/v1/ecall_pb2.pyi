@@ -404,6 +404,7 @@ class ExecuteBatchResponse(_message.Message):
     HELD_UNTIL_FIELD_NUMBER: _builtins.int
     READ_ROUND_FIELD_NUMBER: _builtins.int
     HELD_KEY_CHECK_FIELD_NUMBER: _builtins.int
+    HELD_KEY_VERSION_FIELD_NUMBER: _builtins.int
     held_until: _builtins.int
     """held_until is the head sequence whose confirmation releases the outcomes; 0: not held."""
     read_round: _builtins.int
@@ -415,6 +416,10 @@ class ExecuteBatchResponse(_message.Message):
     """held_key_check, with held_until, is SHA-256("veil/hold-key-check/v1" || hold key): the host
     opens the held outcomes with a hold key from the keyvault (AdvanceCommitHead's hold_keys)
     only when it matches; otherwise it waits for the enclave's release (ConfirmHead).
+    """
+    held_key_version: _builtins.int
+    """held_key_version, with held_until, is the data key version the hold key derives from (the
+    host asks the keyvault for hold keys of that version).
     """
     @_builtins.property
     def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommandOutcome]:
@@ -443,10 +448,11 @@ class ExecuteBatchResponse(_message.Message):
         held_until: _builtins.int = ...,
         read_round: _builtins.int = ...,
         held_key_check: _builtins.bytes = ...,
+        held_key_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["link", b"link"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "held_key_check", b"held_key_check", "held_until", b"held_until", "link", b"link", "outcomes", b"outcomes", "read_round", b"read_round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "held_key_check", b"held_key_check", "held_key_version", b"held_key_version", "held_until", b"held_until", "link", b"link", "outcomes", b"outcomes", "read_round", b"read_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

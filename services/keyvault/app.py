@@ -23,6 +23,7 @@ from veil.services.keyvault.config import KeyvaultConfig
 from veil.services.keyvault.deps import Deps
 from veil.services.keyvault.enclave_policy import EnclavePolicy, load_enclave_policy
 from veil.services.keyvault.heads import CommitHeads
+from veil.services.keyvault.hold_keys import HoldRoots
 from veil.services.keyvault.kek import FileKek, Kek, Pkcs11Kek
 from veil.services.keyvault.keys import KeyManager
 from veil.services.keyvault.leases import Leases
@@ -50,6 +51,7 @@ class Keyvault:
     enclave_policy: EnclavePolicy
     keys: KeyManager
     heads: CommitHeads
+    hold_roots: HoldRoots
     attestor: Attestor
     leases: Leases
     #: Where quote collateral comes from (``GetStatus.collateral_source``): ``files:DIR``, ``none``.
@@ -60,6 +62,7 @@ class Keyvault:
     def close(self) -> None:
         if self.audit_verifier is not None:
             self.audit_verifier.stop()
+        self.hold_roots.close()
         self.kek.close()
         self.store.close()
 
@@ -135,6 +138,7 @@ def open_keyvault(
         issuer = TokenIssuer(ring, issuer=config.issuer, clock=clock, token_ttl_s=config.token_ttl_s)
         verifier = TokenVerifier(ring, issuer=config.issuer, clock=clock)
         deps = Deps(store, kek, audit, clock, verifier, release_signer, enclave_policy)
+        keys = KeyManager(deps)
         keyvault = Keyvault(
             store=store,
             kek=kek,
@@ -144,8 +148,9 @@ def open_keyvault(
             issuer=issuer,
             verifier=verifier,
             enclave_policy=enclave_policy,
-            keys=KeyManager(deps),
+            keys=keys,
             heads=CommitHeads(deps),
+            hold_roots=HoldRoots(keys.data_key),
             attestor=Attestor(
                 issuer,
                 audit,

@@ -21,11 +21,8 @@ Two operations, both against a hostile state host:
   a path that does not extend the stored head (a fork, a rollback), another genesis, a bad
   signature -- is refused. The answer is a ``HeadConfirmation`` signed by the release key,
   made to that enclave boot (its signing key), which lets it release the answers it held.
-  With it go the *hold keys* of the path's heads (``hold_keys``): the keys that boot sealed
-  those answers under, derived from the instance's newest data key (``wire.hold_key``), so
-  the host opens them without handing the confirmation back to the enclave (an ECALL per
-  batch). Only the keyvault and the enclave hold the data key: the host gets a hold key only
-  for a head the keyvault holds, as it gets a confirmation only for one.
+  With it go the *hold keys* of the path's heads (hold_keys.py), which open those answers
+  without handing the confirmation back to the enclave (an ECALL per batch).
 Once an instance has a lease (leases.py), only its current fencing token moves its head
 (``LEASE_LOST`` otherwise), checked in the compare-and-set's own transaction.
 
@@ -44,7 +41,6 @@ from dataclasses import dataclass
 
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
-from veil.keyvault.v1 import keyvault_pb2
 from veil.services.keyvault import leases
 from veil.services.keyvault.audit import ACTION_ADVANCE_HEAD, OUTCOME_ALLOWED, DetailValue
 from veil.services.keyvault.clock import to_micros
@@ -237,27 +233,6 @@ class CommitHeads:
                     return CommitHead.from_record(candidate)
             # Another replica moved the head between our read and write: re-evaluate.
         raise StoreError("commit head is contended; retry")
-
-
-def hold_keys(
-    links: Sequence[envelope_pb2.CommitLink], enclave_signing_public_key: bytes, data_key: bytes | None
-) -> list[keyvault_pb2.HoldKey]:
-    """The keys of the answers the enclave boot holds until each head of an advance's `links`.
-    Only for an advance that succeeded: its links are consecutive, signed by that boot, and end
-    at the stored head, so each of their heads is on the chain the keyvault holds."""
-    if data_key is None:
-        return []
-    heads = {(link.head.sequence, link.head.hash) for link in links}
-    return [
-        keyvault_pb2.HoldKey(
-            sequence=sequence,
-            hash=head_hash,
-            key=wire.hold_key(
-                data_key, links[0].instance_id, sequence, head_hash, enclave_signing_public_key
-            ),
-        )
-        for sequence, head_hash in sorted(heads)
-    ]
 
 
 def _check_path(instance_id: str, links: Sequence[envelope_pb2.CommitLink]) -> None:

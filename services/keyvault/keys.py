@@ -366,17 +366,21 @@ class KeyManager:
             self._refused(ACTION_RELEASE, caller, detail, exc)
             raise
 
-    def newest_data_key(self, name: str) -> bytes | None:
-        """The newest version of a live data key, unwrapped, for derivations the keyvault makes
-        itself (hold keys, heads.hold_keys); None when there is no such key or it was destroyed."""
+    def has_live_version(self, name: str, version: int) -> bool:
+        """Whether the key exists, is not destroyed and has `version`."""
         with self._deps.store.transaction() as tx:
             record = tx.get_key(name, lock=False)
-            if record is None or record.destroyed:
-                return None
-            wrapped = tx.get_key_version(name, record.latest_version)
+        return record is not None and not record.destroyed and 1 <= version <= record.latest_version
+
+    def data_key(self, name: str, version: int) -> bytes:
+        """A data key version, unwrapped, for what the keyvault derives from it itself (hold
+        roots, hold_keys.py); KeyNotFoundError when there is none, KeyDestroyedError."""
+        with self._deps.store.transaction() as tx:
+            self._live_key(tx, name, lock=False)
+            wrapped = tx.get_key_version(name, version)
         if wrapped is None:
-            return None
-        return self._deps.kek.unwrap(wrapped.wrapped, data_key_aad(name, record.latest_version))
+            raise KeyNotFoundError(f"key {name!r} has no version {version}")
+        return self._deps.kek.unwrap(wrapped.wrapped, data_key_aad(name, version))
 
     # -- helpers -------------------------------------------------------------------------------
     def _live_key(self, tx: StoreTx, name: str, *, lock: bool) -> KeyRecord:

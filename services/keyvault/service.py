@@ -24,7 +24,8 @@ from veil.services.common.identity import peer_identity
 from veil.services.keyvault import errors as kv
 from veil.services.keyvault.app import Keyvault
 from veil.services.keyvault.enclave_policy import REASON_NOT_CONFIGURED
-from veil.services.keyvault.heads import CommitHead, hold_keys
+from veil.services.keyvault.heads import CommitHead
+from veil.services.keyvault.hold_keys import hold_keys
 from veil.services.keyvault.keys import KeyMetadata
 from veil.services.keyvault.store import AuditRecord, LeaseRecord
 
@@ -246,18 +247,24 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def _hold_keys(
         self, request: keyvault_pb2.AdvanceCommitHeadRequest, head: CommitHead, enclave_key: bytes
     ) -> list[keyvault_pb2.HoldKey]:
-        """The hold keys of an advance that reached the request's last head. None when the data
-        key cannot be had now (a KEK away): the head moved all the same, and the host then has
-        the enclave release the answers (ConfirmHead), so this never fails the advance."""
-        last = request.links[-1].head
-        if (head.sequence, head.hash) != (last.sequence, last.hash):
+        """The hold keys of an advance that reached the request's last head (hold_keys.py). None
+        when the version is not at hand yet, or the key cannot be read now: the head moved all
+        the same, and the host has the enclave release those answers, so this never fails or
+        holds up an advance."""
+        last, version = request.links[-1].head, request.hold_key_version
+        if not version or (head.sequence, head.hash) != (last.sequence, last.hash):
             return []
+        name = instance_key_name(head.instance_id)
         try:
-            data_key = self._kv.keys.newest_data_key(instance_key_name(head.instance_id))
+            live = self._kv.keys.has_live_version(name, version)
         except Exception as exc:
             _log.warning("no hold keys for %s@%d: %s", head.instance_id, head.sequence, exc)
             return []
-        return hold_keys(request.links, enclave_key, data_key)
+        if not live:
+            self._kv.hold_roots.forget(name)  # destroyed: keep nothing derived from it
+            return []
+        root = self._kv.hold_roots.get(name, version)
+        return [] if root is None else hold_keys(request.links, enclave_key, root)
 
     def ListAuditEvents(
         self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext

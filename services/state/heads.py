@@ -105,6 +105,7 @@ class HeadAdvancer:
         self._backoff = backoff or Backoff()
         self._cond = threading.Condition()
         self._paths: dict[str, list[envelope_pb2.CommitLink]] = {}
+        self._hold_key_versions: dict[str, int] = {}
         self._confirmed: dict[str, int] = {}
         self._committed: dict[str, int] = {}
         self._problem: str | None = None
@@ -132,10 +133,14 @@ class HeadAdvancer:
             self._confirmed[instance_id] = max(self._confirmed.get(instance_id, 0), sequence)
             self._committed[instance_id] = max(self._committed.get(instance_id, 0), sequence)
 
-    def push(self, link: envelope_pb2.CommitLink) -> None:
-        """A link whose entries are durably committed; it extends the instance's path."""
+    def push(self, link: envelope_pb2.CommitLink, hold_key_version: int = 0) -> None:
+        """A link whose entries are durably committed; it extends the instance's path.
+        `hold_key_version`: the data key version the enclave held its answers under (the
+        keyvault's hold keys are asked for in the newest one pushed)."""
         with self._cond:
             instance_id, sequence = link.instance_id, link.head.sequence
+            if hold_key_version:
+                self._hold_key_versions[instance_id] = hold_key_version
             self._committed[instance_id] = max(self._committed.get(instance_id, 0), sequence)
             path = self._paths.setdefault(instance_id, [])
             if path and path[-1].head != link.base:
@@ -276,7 +281,8 @@ class HeadAdvancer:
         for fresh in (False, True):
             fencing = self._fencing(instance_id)  # what the client sends (unless taken anew since)
             try:
-                advanced = self._keyvault.advance_commit_head(links, self._token(fresh))
+                version = self._hold_key_versions.get(instance_id, 0)
+                advanced = self._keyvault.advance_commit_head(links, self._token(fresh), version)
             except KeyvaultUnavailable as exc:
                 self._metrics.record_head_advance(ok=False)
                 with self._cond:

@@ -87,8 +87,9 @@ class HeldAnswers:
 
     def release_vouched(self, instance_id: str, hold_keys: list[keyvault_pb2.HoldKey], sequence: int) -> bool:
         """Hand out the keyvault's hold keys that match the enclave's checks; True when none of
-        the instance's answers held until heads up to `sequence`, and none of its queries,
-        waits any more: the enclave's own release (ConfirmHead) would then free nothing new."""
+        the instance's answers held until heads up to `sequence` waits any more: the enclave's
+        release for that confirmation (ConfirmHead) would then free nothing new (it never frees
+        a query's read round: a read fence does)."""
         with self._lock:
             matching = [
                 ((instance_id, hold.sequence), bytes(hold.key))
@@ -99,9 +100,7 @@ class HeldAnswers:
             ]
         self._hand_out(matching)
         with self._lock:
-            return not any(
-                iid == instance_id and (number < 0 or number <= sequence) for iid, number in self._waiting
-            )
+            return not any(iid == instance_id and 0 < number <= sequence for iid, number in self._waiting)
 
     def _hand_out(self, keys: list[tuple[tuple[str, int], bytes]]) -> None:
         ready = []

@@ -97,6 +97,7 @@ class _BatchOutput:
     entries: list[StoredEntry] = field(default_factory=list)
     records: list[IdempotencyRecord] = field(default_factory=list)
     links: list[envelope_pb2.CommitLink] = field(default_factory=list)
+    hold_key_versions: dict[str, int] = field(default_factory=dict)  # by instance
 
 
 Answer = state_pb2.ExecuteResponse | BaseException | concurrent.futures.Future[state_pb2.ExecuteResponse]
@@ -403,7 +404,7 @@ class StateHost:
                 runtime.instances[link.instance_id].head = link.head
         # Durable now: the keyvault may learn of it (held answers wait for its confirmation).
         for link in batch_out.links:
-            runtime.advancer.push(link)
+            runtime.advancer.push(link, batch_out.hold_key_versions.get(link.instance_id, 0))
         return results
 
     def _execute_group(
@@ -448,6 +449,7 @@ class StateHost:
             opener: Callable[[bytes, str, int, envelope_pb2.CommandOutcome], None]
             if response.held_until:
                 runtime.holds.expect(instance_id, response.held_until, response.held_key_check)
+                out.hold_key_versions[instance_id] = response.held_key_version
                 key = runtime.holds.key(instance_id, response.held_until)
                 opener, number = unwrap, response.held_until
             else:  # refusals that read the account's counter state wait for a read fence
@@ -684,7 +686,9 @@ class StateHost:
             self._request_recovery(runtime, f"instance {instance_id!r} was created elsewhere")
             raise AlreadyExists(f"instance {instance_id!r} was created by another replica")
         runtime.instances[instance_id] = InstanceState(config, created.link.head, 0)
-        runtime.advancer.push(created.link)
+        runtime.advancer.push(
+            created.link, created.entry.key_version
+        )  # (the keyvault prepares its hold root)
         runtime.reseal()
         _log.info("created instance %r (app %s)", instance_id, envelope_pb2.AppKind.Name(config.app))
 

@@ -189,13 +189,17 @@ class KeyvaultClient:
         return RemoteHead(sequence=response.sequence, hash=response.hash, statement=statement)
 
     def advance_commit_head(
-        self, links: Sequence[envelope_pb2.CommitLink], token: str
+        self, links: Sequence[envelope_pb2.CommitLink], token: str, hold_key_version: int = 0
     ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         """Move the instance's head along enclave-signed links; returns the keyvault's confirmation
-        and the hold keys of the links' heads."""
+        and the hold keys of the links' heads in `hold_key_version` (0: none)."""
         instance_id = links[0].instance_id
         request = keyvault_pb2.AdvanceCommitHeadRequest(
-            instance_id=instance_id, links=links, token=token, fencing_token=self.fencing(instance_id)
+            instance_id=instance_id,
+            links=links,
+            token=token,
+            fencing_token=self.fencing(instance_id),
+            hold_key_version=hold_key_version,
         )
         return self._call("AdvanceCommitHead", self._stub.AdvanceCommitHead, request)
 

@@ -502,13 +502,13 @@ def _take(
     few), not once per batch."""
     state = runtime.instances.get(instance_id)
     if confirmation is not None and state is not None and state.descriptor is not None:
-        settled = runtime.holds.release_vouched(instance_id, hold_keys or [], confirmation.head.sequence)
         if not state.strict and not runtime.holds.commands_waiting(instance_id):
-            # Batches it ran before the keyvault registered it wait for their heads' confirmation.
+            # Batches it ran before the keyvault registered it wait for their heads' confirmation
+            # (from the enclave, which then forgets those holds).
             return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
         if (
             state.strict
-            and settled
+            and runtime.holds.release_vouched(instance_id, hold_keys or [], confirmation.head.sequence)
             and confirmation.head.sequence - state.enclave_confirmed < ENCLAVE_CONFIRM_EVERY
         ):
             return 0

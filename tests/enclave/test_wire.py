@@ -264,22 +264,24 @@ def _hkdf_sha256(ikm: bytes, info: bytes, length: int) -> bytes:
     return okm[:length]
 
 
-def test_hold_key_is_hkdf_of_the_data_key_over_the_head_and_the_boot() -> None:
+def test_hold_key_is_hkdf_of_the_data_keys_hold_root_over_the_head_and_the_boot() -> None:
     data_key, head_hash, signer = bytes(range(32)), bytes([7]) * 32, bytes([9]) * 32
+    root = wire.hold_root(data_key)
+    assert root == _hkdf_sha256(data_key, b"veil/hold-root/v1", 32)
     info = b"veil/hold-key/v1" + b"\x00\x03abc" + (5).to_bytes(8, "big") + head_hash + b"\x00\x20" + signer
-    key = wire.hold_key(data_key, "abc", 5, head_hash, signer)
-    assert key == _hkdf_sha256(data_key, info, 32)
-    assert key.hex() == "c30aee3d392aa3000f51e73b9787bd2860447de2798d91ca4de580d038a8b04c"
+    key = wire.hold_key(root, "abc", 5, head_hash, signer)
+    assert key == _hkdf_sha256(root, info, 32)
+    assert key.hex() == "1bbf1ef9b4a700d876d75ba1f5bb6f372f70503d520d086869243c4c0a0c94f4"
     assert wire.hold_key_check(key) == hashlib.sha256(b"veil/hold-key-check/v1" + key).digest()
     # Every input changes the key: another head, another boot, another instance, another data key.
     others = {
-        wire.hold_key(data_key, "abc", 6, head_hash, signer),
-        wire.hold_key(data_key, "abc", 5, bytes(32), signer),
-        wire.hold_key(data_key, "abc", 5, head_hash, bytes(32)),
-        wire.hold_key(data_key, "abd", 5, head_hash, signer),
-        wire.hold_key(bytes(32), "abc", 5, head_hash, signer),
+        wire.hold_key(root, "abc", 6, head_hash, signer),
+        wire.hold_key(root, "abc", 5, bytes(32), signer),
+        wire.hold_key(root, "abc", 5, head_hash, bytes(32)),
+        wire.hold_key(root, "abd", 5, head_hash, signer),
+        wire.hold_key(wire.hold_root(bytes(32)), "abc", 5, head_hash, signer),
     }
     assert key not in others
     assert len(others) == 5
     with pytest.raises(ValueError, match="head hash"):
-        wire.hold_key(data_key, "abc", 5, b"short", signer)
+        wire.hold_key(root, "abc", 5, b"short", signer)

@@ -31,7 +31,7 @@ class PathKeyvault:
         self.lock = threading.Lock()
 
     def advance_commit_head(
-        self, links: Sequence[envelope_pb2.CommitLink], token: str
+        self, links: Sequence[envelope_pb2.CommitLink], token: str, hold_key_version: int = 0
     ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         time.sleep(self.delay_s)
         with self.lock:
@@ -118,7 +118,7 @@ class AwayKeyvault:
         self.attempts = 0
 
     def advance_commit_head(
-        self, links: Sequence[envelope_pb2.CommitLink], token: str
+        self, links: Sequence[envelope_pb2.CommitLink], token: str, hold_key_version: int = 0
     ) -> keyvault_pb2.AdvanceCommitHeadResponse:
         self.attempts += 1
         raise KeyvaultUnavailable("keyvault at kv:1 unreachable (DEADLINE_EXCEEDED)")

@@ -383,10 +383,10 @@ def test_a_graceful_stop_delivers_strict_answers_the_keyvault_confirms_during_it
     slow = threading.Event()
 
     class SlowKeyvault(support.CountingKeyvault):
-        def advance_commit_head(self, links: Any, token: str) -> Any:
+        def advance_commit_head(self, links: Any, token: str, hold_key_version: int = 0) -> Any:
             if slow.is_set():
                 time.sleep(0.8)  # a keyvault round trip slower than the drain, within the 2 s flush
-            return super().advance_commit_head(links, token)
+            return super().advance_commit_head(links, token, hold_key_version)
 
     monkeypatch.setattr(support, "CountingKeyvault", SlowKeyvault)
     host = node.serving()

@@ -585,6 +585,7 @@ class AdvanceCommitHeadRequest(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     LINKS_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    HOLD_KEY_VERSION_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     """instance_id names the instance."""
     sequence: _builtins.int
@@ -598,6 +599,10 @@ class AdvanceCommitHeadRequest(_message.Message):
     fencing_token: _builtins.int
     """fencing_token is the caller's lease on the instance (AcquireLease); once the instance has
     a lease, any other token is refused with FAILED_PRECONDITION LEASE_LOST.
+    """
+    hold_key_version: _builtins.int
+    """hold_key_version is the instance key version the enclave derived its hold keys from
+    (ExecuteBatchResponse.held_key_version); 0 asks for no hold keys.
     """
     @_builtins.property
     def links(self) -> _containers.RepeatedCompositeFieldContainer[_envelope_pb2.CommitLink]:
@@ -616,10 +621,11 @@ class AdvanceCommitHeadRequest(_message.Message):
         token: _builtins.str = ...,
         links: _abc.Iterable[_envelope_pb2.CommitLink] | None = ...,
         fencing_token: _builtins.int = ...,
+        hold_key_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "hash", b"hash", "instance_id", b"instance_id", "links", b"links", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "hash", b"hash", "hold_key_version", b"hold_key_version", "instance_id", b"instance_id", "links", b"links", "sequence", b"sequence", "signature", b"signature", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -643,9 +649,11 @@ class AdvanceCommitHeadResponse(_message.Message):
     @_builtins.property
     def hold_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___HoldKey]:
         """hold_keys open the answers the enclave holds until each head of the request's links (all
-        on the chain to the stored head), derived from the instance's newest data key for the
-        boot that signed them; empty when that key is gone. The host releases a strict instance's
-        answers with them, without a ConfirmHead ECALL.
+        on the chain to the stored head), derived from the request's hold_key_version of the
+        instance key for the boot that signed them. Empty when that version is not at hand yet
+        (the keyvault then prepares it for the next advance, off this call's path), the key was
+        destroyed, or none was asked for. The host releases a strict instance's answers with them,
+        without a ConfirmHead ECALL.
         """
 
     def __init__(
@@ -677,7 +685,9 @@ class HoldKey(_message.Message):
     hash: _builtins.bytes
     """hash is the head's hash (32 bytes)."""
     key: _builtins.bytes
-    """key is HKDF-SHA256 of the data key over the head and the boot's signing key (32 bytes)."""
+    """key is HKDF-SHA256 over the head and the boot's signing key, from the hold root of the data
+    key version (32 bytes; veil.enclave.wire.hold_key).
+    """
     def __init__(
         self,
         *,
