@@ -76,7 +76,7 @@ image:
 bench-state: setup
 	$(PY) -m veil.dev.state_bench
 
-# `veil bench` at 1, 4, 16, 64 and 256 clients, strict and fast, on a fresh mesh: table, JSON and plot in bench/results/.
+# `veil bench` at 1, 4, 16, 64 and 256 clients and 16 clients x 32 per call, strict and fast, on a fresh mesh: table, JSON and plot in bench/results/.
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench.run

@@ -1,6 +1,9 @@
-"""`make bench`: `veil bench` at 1, 4, 16, 64 and 256 clients, strict and fast, on a fresh local mesh.
+"""`make bench`: `veil bench` at 1-256 clients and with client batches, strict and fast, on a fresh mesh.
 
-    python -m bench.run [--clients 1,4,16,64,256] [--ack strict,fast] [--seconds 10] [--warmup 3]
+The curve sends one transfer per call at 1, 4, 16, 64 and 256 clients; the batched rows (default
+16 clients, 32 transfers per call) send each client's transfers as one ExecuteBatch.
+
+    python -m bench.run [--clients 1,4,16,64,256] [--ack strict,fast] [--batched 16x32] [--seconds 10]
     python -m bench.run --reuse --gateway 127.0.0.1:50051 --data-dir .veil   # a running mesh
 
 By default a fresh mesh is started with `veil up` in a temporary data dir (sim enclave,
@@ -123,9 +126,10 @@ def bench_once(
     pids: dict[str, list[int]],
     *,
     ack: str = "strict",
+    batch: int = 1,
 ) -> tuple[dict[str, Any], list[str]]:
-    """One `veil bench --json` run (`timing`: window and warm-up seconds); its JSON object and the
-    command line (without the pid options)."""
+    """One `veil bench --json` run (`timing`: window and warm-up seconds; `batch`: transfers per
+    call); its JSON object and the command line (without the pid options)."""
     seconds, warmup = timing
     argv = [
         _veil(),
@@ -143,9 +147,10 @@ def bench_once(
         str(warmup),
         "--ack",
         ack,
+        *(["--batch", str(batch)] if batch > 1 else []),
     ]
     cpu = [f"--cpu-pid={name}={','.join(map(str, p))}" for name, p in sorted(pids.items()) if p]
-    print(f"bench.run: {clients} client(s), {ack}", file=sys.stderr, flush=True)
+    print(f"bench.run: {clients} client(s), {ack}, {batch} per call", file=sys.stderr, flush=True)
     done = subprocess.run(  # noqa: S603 - our own CLI
         [*argv, *cpu], cwd=REPO, capture_output=True, text=True, check=False
     )
@@ -160,23 +165,26 @@ def markdown(runs: Sequence[dict[str, Any]], command: str, machine: dict[str, An
     lines = [
         "# `veil bench` results",
         "",
-        f"Command: `{command}` (one `veil bench --json --clients N` per row; see results.json).",
+        f"Command: `{command}` (one `veil bench --json --clients N [--batch B]` per row; see "
+        "results.json). `per call` is B: the transfers each client sends in one call (1: `Execute`, "
+        "more: one `ExecuteBatch`; its p50 and p99 are then a whole call's).",
         f"Machine: {machine.get('cpu_count')} CPU ({machine.get('cpu_model')}), "
         f"{machine.get('memory_gib')} GiB, {machine.get('platform')}, Python {machine.get('python')}; "
         "sim enclave, SQLite (WAL, synchronous=FULL).",
         "Commands are pre-sealed before each timed window (client-side cryptography is timed "
         "separately: `seal`, `open` columns) and every answer is opened and its receipt verified.",
         "",
-        "| ack | clients | confidential tx/s | baseline (Ping) /s | relay /s | ratio | ratio to relay | "
-        "p50 ms | p99 ms | baseline p99 ms | relay p99 ms | ECALLs/command | commands/commit | seal ms | "
-        "open ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| ack | clients | per call | confidential tx/s | baseline (Ping) /s | relay /s | ratio | "
+        "ratio to relay | p50 ms | p99 ms | baseline p99 ms | relay p99 ms | ECALLs/command | "
+        "commands/commit | seal ms | open ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in runs:
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "0"
         cells = [
             r["acknowledgment"],
             r["clients"],
+            r.get("batch", 1),
             *(f"{r[k]:.0f}" for k in ("confidential_tps", "baseline_tps", "relay_tps")),
             *("n/a" if r[k] is None else f"{r[k]:.2f}" for k in ("ratio", "ratio_to_relay")),
             *(f"{r[k]:.1f}" for k in ("p50_ms", "p99_ms", "baseline_p99_ms", "relay_p99_ms")),
@@ -187,20 +195,22 @@ def markdown(runs: Sequence[dict[str, Any]], command: str, machine: dict[str, An
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "CPU (cores busy) per window, by process:", ""]
     names = sorted({n for r in runs for n in r["cpu_cores"]["confidential"]})
-    lines.append("| ack | clients | window | " + " | ".join(names) + " | total |")
-    lines.append("|---|---:|---|" + "---:|" * (len(names) + 1))
+    lines.append("| ack | clients | per call | window | " + " | ".join(names) + " | total |")
+    lines.append("|---|---:|---:|---|" + "---:|" * (len(names) + 1))
     for r in runs:
         for window in ("confidential", "baseline", "relay"):
             cores = r["cpu_cores"][window]
             used = " | ".join(f"{cores.get(n, 0):.2f}" for n in names)
             lines.append(
-                f"| {r['acknowledgment']} | {r['clients']} | {window} | {used} | {sum(cores.values()):.2f} |"
+                f"| {r['acknowledgment']} | {r['clients']} | {r.get('batch', 1)} | {window} | {used} "
+                f"| {sum(cores.values()):.2f} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot(runs: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Throughput and p99 latency against clients, confidential vs baseline."""
+    """Throughput and p99 latency against clients, confidential (one transfer per call) vs baseline."""
+    runs = [r for r in runs if r.get("batch", 1) == 1]
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -237,6 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,4,16,64,256", help="comma-separated client counts")
     parser.add_argument("--ack", default="strict,fast", help="comma-separated acknowledgment modes")
+    parser.add_argument(
+        "--batched",
+        default="16x32",
+        help="comma-separated CLIENTSxPER_CALL rows after the curve, each client sending PER_CALL "
+        "transfers per ExecuteBatch ('' for none)",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="each timed window")
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up before each level")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
@@ -244,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gateway", default=f"127.0.0.1:{DEFAULT_PORTS['gateway'][0]}")
     parser.add_argument("--data-dir", type=Path, default=Path(".veil"))
     args = parser.parse_args(argv)
-    levels = [int(c) for c in args.clients.split(",")]
+    levels = [(int(c), 1) for c in args.clients.split(",")]
+    levels += [(int(c), int(b)) for c, b in (spec.split("x") for spec in args.batched.split(",") if spec)]
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     runs: list[dict[str, Any]] = []
     commands: list[str] = []
@@ -257,11 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             mesh = stack.enter_context(fresh_mesh(workdir))
             gateway, data_dir = mesh.gateway, mesh.data_dir
             mesh_note = "a fresh `veil up` (sim enclave, SQLite) in a temporary data dir"
-        for ack, level in ((a, c) for a in args.ack.split(",") for c in levels):
+        for ack, (level, batch) in ((a, c) for a in args.ack.split(",") for c in levels):
             if not args.reuse:
                 pids = mesh.pids()  # again: a restarted service has a new pid
             timing = (args.seconds, args.warmup)
-            report, bench_argv = bench_once(gateway, data_dir, level, timing, pids, ack=ack)
+            report, bench_argv = bench_once(gateway, data_dir, level, timing, pids, ack=ack, batch=batch)
             runs.append(report)
             commands.append(shlex.join(["veil", *bench_argv[1:]]))
             print(json.dumps(report, sort_keys=True), flush=True)
