@@ -15,15 +15,18 @@ The hold root of a key version is made from the unwrapped data key once, in the 
 (``HoldRoots``), and kept in memory (never the data key): an advance never waits for the KEK,
 which may be an HSM that is slow or away. Until a root is ready an advance answers without
 hold keys, and the host has the enclave release those answers (ConfirmHead) as it did before.
+A destroyed key's roots are dropped (``forget``), by DestroyKey on this replica and by the first
+advance that finds the key destroyed on the others.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from veil.enclave import wire
 from veil.enclave.v1 import envelope_pb2
@@ -33,19 +36,34 @@ _log = logging.getLogger(__name__)
 
 #: Hold roots kept (one per instance key version in use; 32 bytes each).
 MAX_ROOTS = 4096
+#: How long a version whose root could not be made is left alone (an HSM away is not asked on
+#: every advance).
+RETRY_AFTER_S = 30.0
 
 
 class HoldRoots:
-    """Hold roots by (key name, version), made off the callers' path; thread-safe."""
+    """Hold roots by (key name, version), made by one daemon thread off the callers' path (a KEK
+    call that hangs holds up neither an advance nor the process's exit); thread-safe."""
 
-    def __init__(self, data_key: Callable[[str, int], bytes], *, size: int = MAX_ROOTS) -> None:
+    def __init__(
+        self,
+        data_key: Callable[[str, int], bytes],
+        *,
+        size: int = MAX_ROOTS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`data_key(name, version)` unwraps a data key version (it may block on the KEK)."""
         self._data_key = data_key
         self._size = size
+        self._clock = clock
         self._lock = threading.Lock()
         self._roots: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._making: set[tuple[str, int]] = set()
-        self._maker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hold-roots")
+        self._failed: dict[tuple[str, int], float] = {}  # slot -> when to try again
+        self._generations: dict[str, int] = {}  # bumped by forget: a make begun before is dropped
+        self._queue: queue.SimpleQueue[tuple[tuple[str, int], int] | None] = queue.SimpleQueue()
+        self._closed = False
+        threading.Thread(target=self._run, name="hold-roots", daemon=True).start()
 
     def get(self, name: str, version: int) -> bytes | None:
         """The root if at hand; otherwise None, and it is made for a later call."""
@@ -55,32 +73,41 @@ class HoldRoots:
             if root is not None:
                 self._roots.move_to_end(slot)
                 return root
-            if slot not in self._making:
-                self._making.add(slot)
-                self._maker.submit(self._make, slot)
+            if self._closed or slot in self._making or self._failed.get(slot, 0.0) > self._clock():
+                return None
+            self._making.add(slot)
+            self._queue.put((slot, self._generations.get(name, 0)))
         return None
 
     def forget(self, name: str) -> None:
-        """Drop every root of a key (it was destroyed)."""
+        """Drop every root of a key (it was destroyed), and any being made."""
         with self._lock:
+            self._generations[name] = self._generations.get(name, 0) + 1
             for slot in [slot for slot in self._roots if slot[0] == name]:
                 del self._roots[slot]
 
     def close(self) -> None:
-        self._maker.shutdown(wait=False, cancel_futures=True)
-
-    def _make(self, slot: tuple[str, int]) -> None:
-        try:
-            root = wire.hold_root(self._data_key(*slot))
-        except Exception as exc:  # (the next advance asks again)
-            _log.warning("hold root of %s v%d not made: %s", slot[0], slot[1], exc)
-            root = None
         with self._lock:
-            self._making.discard(slot)
-            if root is not None:
-                self._roots[slot] = root
-                while len(self._roots) > self._size:
-                    self._roots.popitem(last=False)
+            self._closed = True
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            slot, generation = job
+            try:
+                root: bytes | None = wire.hold_root(self._data_key(*slot))
+            except Exception as exc:
+                _log.warning("hold root of %s v%d not made (retried in %.0fs): %s", *slot, RETRY_AFTER_S, exc)
+                root = None
+            with self._lock:
+                self._making.discard(slot)
+                if root is None:
+                    self._failed[slot] = self._clock() + RETRY_AFTER_S
+                elif generation == self._generations.get(slot[0], 0):
+                    self._failed.pop(slot, None)
+                    self._roots[slot] = root
+                    while len(self._roots) > self._size:
+                        self._roots.popitem(last=False)
 
 
 def hold_keys(

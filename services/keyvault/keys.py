@@ -366,11 +366,14 @@ class KeyManager:
             self._refused(ACTION_RELEASE, caller, detail, exc)
             raise
 
-    def has_live_version(self, name: str, version: int) -> bool:
-        """Whether the key exists, is not destroyed and has `version`."""
+    def version_state(self, name: str, version: int) -> str:
+        """ "live" (the key exists, is not destroyed, and has `version`), "destroyed", or
+        "missing" (no such key or version)."""
         with self._deps.store.transaction() as tx:
             record = tx.get_key(name, lock=False)
-        return record is not None and not record.destroyed and 1 <= version <= record.latest_version
+        if record is None or not 1 <= version <= record.latest_version:
+            return "missing"
+        return "destroyed" if record.destroyed else "live"
 
     def data_key(self, name: str, version: int) -> bytes:
         """A data key version, unwrapped, for what the keyvault derives from it itself (hold

@@ -203,6 +203,7 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
         caller = peer_identity(context)
         with _domain_errors():
             meta = self._kv.keys.destroy(request.key_name, request_id=request.request_id, caller=caller)
+        self._kv.hold_roots.forget(request.key_name)  # (other replicas: at their next advance)
         return keyvault_pb2.DestroyKeyResponse(key=key_message(meta))
 
     def GetCommitHead(
@@ -256,15 +257,14 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
             return []
         name = instance_key_name(head.instance_id)
         try:
-            live = self._kv.keys.has_live_version(name, version)
+            state = self._kv.keys.version_state(name, version)
+            if state == "destroyed":
+                self._kv.hold_roots.forget(name)  # keep nothing derived from it
+            root = self._kv.hold_roots.get(name, version) if state == "live" else None
+            return [] if root is None else hold_keys(request.links, enclave_key, root)
         except Exception as exc:
             _log.warning("no hold keys for %s@%d: %s", head.instance_id, head.sequence, exc)
             return []
-        if not live:
-            self._kv.hold_roots.forget(name)  # destroyed: keep nothing derived from it
-            return []
-        root = self._kv.hold_roots.get(name, version)
-        return [] if root is None else hold_keys(request.links, enclave_key, root)
 
     def ListAuditEvents(
         self, request: keyvault_pb2.ListAuditEventsRequest, context: grpc.ServicerContext

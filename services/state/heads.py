@@ -47,6 +47,9 @@ _log = logging.getLogger(__name__)
 # Rounds coalesce by themselves (one is in flight while the next links gather); a pause between
 # rounds trades head lag (and strict answers' latency) for keyvault CPU. Off by default.
 ADVANCE_PACE_S = 0.0
+#: How long the advancer waits without work after a confirmation before `on_idle` (the host then
+#: hands the enclave the confirmations it skipped, so an idle instance keeps no holds there).
+IDLE_AFTER_S = 0.5
 #: The keyvault's refusals that mean another host owns the instance now (leases, ownership.py).
 LEASE_REFUSALS = frozenset({"LEASE_LOST", "LEASE_UNKNOWN"})
 MAX_LINKS = 1024  # per AdvanceCommitHead (the keyvault's bound); a longer path takes more rounds
@@ -84,6 +87,7 @@ class HeadAdvancer:
         fencing: Callable[[str], int] = lambda _instance_id: 0,
         backoff: Backoff | None = None,
         pace_s: float = ADVANCE_PACE_S,
+        on_idle: Callable[[], object] | None = None,
     ) -> None:
         """`token(fresh)` returns an attestation token (a new one when `fresh`); `read_fence(id)`
         runs one read fence for an instance and returns the read rounds still waiting;
@@ -92,6 +96,8 @@ class HeadAdvancer:
         instance now (LEASE_LOST: this host stops serving that instance only)."""
         self._keyvault = keyvault
         self._pace_s = pace_s
+        self._on_idle = on_idle
+        self._idle_due = False  # a head was confirmed since on_idle last ran
         self._token = token
         self._metrics = metrics
         self._on_refused = on_refused
@@ -214,9 +220,22 @@ class HeadAdvancer:
             self._problem = None
             self._cond.notify_all()
 
+    def _idle(self) -> bool:
+        """Whether no work came for IDLE_AFTER_S (and the advancer is not stopping)."""
+        with self._cond:
+            return not self._cond.wait_for(
+                lambda: self._stopping or bool(self._paths) or any(self._reads.values()), IDLE_AFTER_S
+            )
+
     def _run(self) -> None:
         failures = 0
         while True:
+            if self._idle_due and self._on_idle is not None and self._idle():
+                self._idle_due = False
+                try:
+                    self._on_idle()
+                except Exception as exc:
+                    _log.warning("idle confirmations not handed over: %s", exc)
             work = self._next()
             if work is None:
                 return
@@ -233,6 +252,7 @@ class HeadAdvancer:
                     )
                     outcome = "unreachable"
                 unreachable |= outcome == "unreachable"
+                self._idle_due |= outcome == "ok"
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
@@ -297,6 +317,7 @@ class HeadAdvancer:
                     with self._cond:
                         self._paths.pop(instance_id, None)
                         self._reads.pop(instance_id, None)
+                        self._hold_key_versions.pop(instance_id, None)
                     self._on_lost(instance_id, fencing, exc.message)
                     return "lost"
                 if not fresh:

@@ -72,6 +72,9 @@ class InstanceState:
     descriptor: envelope_pb2.InstanceDescriptor | None = None
     #: The newest head this boot's enclave was handed the keyvault's confirmation of (ConfirmHead).
     enclave_confirmed: int = 0
+    #: The newest confirmation not handed to the enclave (the keyvault's hold keys released what
+    #: it covers); handed over once the advancer is idle, so the enclave forgets those holds.
+    skipped: envelope_pb2.HeadConfirmation | None = None
 
     @property
     def strict(self) -> bool:
@@ -220,6 +223,9 @@ class Startup:
                     taken_over=self._taken_over,
                 ),
                 read_fence=lambda iid: self._read_fence(runtime, iid, on_refused, on_broken),
+                on_idle=lambda: _hand_over_skipped(
+                    runtime, on_refused=on_refused, on_broken=on_broken, taken_over=self._taken_over
+                ),
                 on_lost=self.ownership.lose,
                 fencing=self.ownership.token,
                 backoff=self.parts.backoff,
@@ -482,6 +488,27 @@ def _at_once(_step: lifecycle.Step, _what: str, action: Callable[[], T]) -> T:
     return action()
 
 
+def _hand_over_skipped(
+    runtime: Runtime,
+    *,
+    on_refused: Callable[[Runtime, str], None],
+    on_broken: Callable[[Runtime, str], None],
+    taken_over: Callable[[str, str], bool],
+) -> None:
+    """Hand the enclave each instance's newest skipped confirmation (the advancer is idle):
+    the holds it covers were released by the keyvault's hold keys, and the enclave forgets them."""
+    for instance_id, state in list(runtime.instances.items()):
+        if state.skipped is not None:
+            _take(
+                runtime,
+                instance_id=instance_id,
+                on_refused=on_refused,
+                on_broken=on_broken,
+                confirmation=state.skipped,
+                taken_over=taken_over,
+            )
+
+
 def _take(
     runtime: Runtime,
     *,
@@ -499,7 +526,8 @@ def _take(
 
     A confirmation comes with the hold keys of its heads: when they release every answer it
     covers, the enclave is told only every `ENCLAVE_CONFIRM_EVERY` entries (so its holds stay
-    few), not once per batch."""
+    few), not once per batch, and once the advancer is idle (`_hand_over_skipped`, which passes
+    no `hold_keys`: the enclave is told then)."""
     state = runtime.instances.get(instance_id)
     if confirmation is not None and state is not None and state.descriptor is not None:
         if not state.strict and not runtime.holds.commands_waiting(instance_id):
@@ -508,9 +536,11 @@ def _take(
             return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
         if (
             state.strict
-            and runtime.holds.release_vouched(instance_id, hold_keys or [], confirmation.head.sequence)
+            and hold_keys is not None
+            and runtime.holds.release_vouched(instance_id, hold_keys, confirmation.head.sequence)
             and confirmation.head.sequence - state.enclave_confirmed < ENCLAVE_CONFIRM_EVERY
         ):
+            state.skipped = confirmation
             return 0
     try:
         response = runtime.enclave.confirm_head(confirmation, statement=statement)
@@ -526,5 +556,7 @@ def _take(
         state.descriptor = response.descriptor  # registered for this boot: before any waiter wakes
     if confirmation is not None and state is not None:
         state.enclave_confirmed = max(state.enclave_confirmed, confirmation.head.sequence)
+        if state.skipped is not None and state.skipped.head.sequence <= state.enclave_confirmed:
+            state.skipped = None
     runtime.holds.release(instance_id, list(response.released))
     return response.reads_waiting
