@@ -21,12 +21,21 @@ import hmac
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
+from typing import NamedTuple
 
 from veil.enclave import commands, wire
 from veil.enclave.v1 import ecall_pb2, envelope_pb2
 from veil.keyvault.v1 import keyvault_pb2
 
 RECENT_RELEASES = 4096
+
+
+class Vouched(NamedTuple):
+    """What the keyvault's hold keys did: how many holds they released, and whether nothing up
+    to the confirmed head waits any more."""
+
+    released: int
+    settled: bool
 
 
 class HeldAnswers:
@@ -76,18 +85,21 @@ class HeldAnswers:
             if (instance_id, held_until) not in self._released:
                 self._checks[(instance_id, held_until)] = check
 
-    def release(self, instance_id: str, released: list[ecall_pb2.ReleasedHold]) -> None:
-        """Hand out the keys the enclave released (waiters run in this thread)."""
-        self._hand_out(
+    def release(self, instance_id: str, released: list[ecall_pb2.ReleasedHold]) -> int:
+        """Hand out the keys the enclave released (waiters run in this thread); how many command
+        holds were not released before."""
+        return self._hand_out(
             [
                 ((instance_id, -hold.read_round if hold.read_round else hold.held_until), bytes(hold.key))
                 for hold in released
             ]
         )
 
-    def release_vouched(self, instance_id: str, hold_keys: list[keyvault_pb2.HoldKey], sequence: int) -> bool:
-        """Hand out the keyvault's hold keys that match the enclave's checks; True when none of
-        the instance's answers held until heads up to `sequence` waits any more: the enclave's
+    def release_vouched(
+        self, instance_id: str, hold_keys: list[keyvault_pb2.HoldKey], sequence: int
+    ) -> Vouched:
+        """Hand out the keyvault's hold keys that match the enclave's checks. `settled` when none
+        of the instance's answers held until heads up to `sequence` waits any more: the enclave's
         release for that confirmation (ConfirmHead) would then free nothing new (it never frees
         a query's read round: a read fence does)."""
         with self._lock:
@@ -98,14 +110,17 @@ class HeldAnswers:
                     self._checks.get((instance_id, hold.sequence), b""), wire.hold_key_check(hold.key)
                 )
             ]
-        self._hand_out(matching)
+        released = self._hand_out(matching)
         with self._lock:
-            return not any(iid == instance_id and 0 < number <= sequence for iid, number in self._waiting)
+            waiting = any(iid == instance_id and 0 < number <= sequence for iid, number in self._waiting)
+        return Vouched(released=released, settled=not waiting)
 
-    def _hand_out(self, keys: list[tuple[tuple[str, int], bytes]]) -> None:
-        ready = []
+    def _hand_out(self, keys: list[tuple[tuple[str, int], bytes]]) -> int:
+        """Release `keys` by slot; how many command holds were not released before."""
+        ready, new = [], 0
         with self._lock:
             for slot, key in keys:
+                new += slot[1] > 0 and slot not in self._released
                 self._released[slot] = key
                 self._checks.pop(slot, None)
                 waiting = self._waiting.pop(slot, None)
@@ -116,6 +131,7 @@ class HeldAnswers:
         for future, key in ready:
             if not future.done():
                 future.set_result(key)
+        return new
 
     def fail_instance(self, instance_id: str, error: BaseException) -> None:
         """The instance is no longer served here (another host owns it): its waiters fail."""

@@ -6,7 +6,8 @@ commit-head advances); `snapshot()` is what GetStatus and the benchmark report.
 `export_to(meter_provider, ...)` (only when metrics are exported, veil.services.common.telemetry)
 makes the same `record_*` calls feed OpenTelemetry instruments too: `veil.state.batch.size`,
 `veil.state.ecall.duration`, `veil.state.commit.duration` (histograms), `veil.state.head.advances`
-(a counter by outcome), and the gauges `veil.state.head.lag` and `veil.state.batcher.queue_depth`.
+(a counter by outcome), `veil.state.holds.released` (a counter by source: the keyvault's hold
+keys or a ConfirmHead), and the gauges `veil.state.head.lag` and `veil.state.batcher.queue_depth`.
 Without it, a `record_*` call pays one `None` check for them.
 """
 
@@ -55,6 +56,12 @@ class _Instruments:
             unit="{call}",
             description="AdvanceCommitHead calls to the keyvault, by outcome (ok, failed)",
         )
+        self.holds_released = meter.create_counter(
+            "veil.state.holds.released",
+            unit="{hold}",
+            description="Strict answers' holds released, by source: keyvault (its hold keys) or "
+            "enclave (a ConfirmHead ECALL)",
+        )
         meter.create_observable_gauge(
             "veil.state.head.lag",
             callbacks=[_observe(head_lag)],
@@ -94,6 +101,8 @@ class StateMetrics:
     entries: int = 0
     head_advances: int = 0
     head_advance_failures: int = 0
+    holds_released_by_keyvault: int = 0
+    holds_released_by_enclave: int = 0
     snapshots: int = 0
     compacted_entries: int = 0
     batch_sizes: dict[int, int] = field(default_factory=lambda: dict.fromkeys(BATCH_BUCKETS, 0))
@@ -153,6 +162,19 @@ class StateMetrics:
         if self._otel is not None:
             self._otel.head_advances.add(1, {"outcome": "ok" if ok else "failed"})
 
+    def record_holds_released(self, count: int, *, by_keyvault: bool) -> None:
+        """`count` holds of command answers released: by the keyvault's hold keys, or by the
+        enclave (ConfirmHead). Mostly the enclave's means the keyvault's keys do not match."""
+        if not count:
+            return
+        with self._lock:
+            if by_keyvault:
+                self.holds_released_by_keyvault += count
+            else:
+                self.holds_released_by_enclave += count
+        if self._otel is not None:
+            self._otel.holds_released.add(count, {"source": "keyvault" if by_keyvault else "enclave"})
+
     def record_snapshot(self, compacted: int) -> None:
         """A snapshot was stored and `compacted` entries deleted behind it."""
         with self._lock:
@@ -182,6 +204,8 @@ class StateMetrics:
                 "entries": self.entries,
                 "head_advances": self.head_advances,
                 "head_advance_failures": self.head_advance_failures,
+                "holds_released_by_keyvault": self.holds_released_by_keyvault,
+                "holds_released_by_enclave": self.holds_released_by_enclave,
                 "snapshots": self.snapshots,
                 "compacted_entries": self.compacted_entries,
                 "batch_sizes": {str(k): v for k, v in self.batch_sizes.items() if v},

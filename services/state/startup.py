@@ -101,6 +101,7 @@ class Runtime:
     broken: str | None = None  # set when the enclave got ahead of the database, or must not serve
     jwks: str = ""
     holds: HeldAnswers = field(default_factory=HeldAnswers)
+    metrics: StateMetrics = field(default_factory=StateMetrics)
     closing: threading.Event = field(default_factory=threading.Event)
     adopter: threading.Thread | None = None
     unadoptable: set[str] = field(default_factory=set)  # refused at recovery: an operator's to see
@@ -203,6 +204,7 @@ class Startup:
             raise
         attestor = Attestor(enclave, self.parts.keyvault, init.keys)
         runtime = Runtime(
+            metrics=self.parts.metrics,
             enclave=enclave,
             keys=init.keys,
             mrenclave=init.mrenclave,
@@ -534,14 +536,15 @@ def _take(
             # Batches it ran before the keyvault registered it wait for their heads' confirmation
             # (from the enclave, which then forgets those holds).
             return 0  # a fast instance registered for this boot holds nothing more: no ECALL to spend
-        if (
-            state.strict
-            and hold_keys is not None
-            and runtime.holds.release_vouched(instance_id, hold_keys, confirmation.head.sequence)
-            and confirmation.head.sequence - state.enclave_confirmed < ENCLAVE_CONFIRM_EVERY
-        ):
-            state.skipped = confirmation
-            return 0
+        if state.strict and hold_keys is not None:
+            vouched = runtime.holds.release_vouched(instance_id, hold_keys, confirmation.head.sequence)
+            runtime.metrics.record_holds_released(vouched.released, by_keyvault=True)
+            if (
+                vouched.settled
+                and confirmation.head.sequence - state.enclave_confirmed < ENCLAVE_CONFIRM_EVERY
+            ):
+                state.skipped = confirmation
+                return 0
     try:
         response = runtime.enclave.confirm_head(confirmation, statement=statement)
     except EnclaveCallError as exc:  # the keyvault holds another chain, or this boot was left behind
@@ -558,5 +561,6 @@ def _take(
         state.enclave_confirmed = max(state.enclave_confirmed, confirmation.head.sequence)
         if state.skipped is not None and state.skipped.head.sequence <= state.enclave_confirmed:
             state.skipped = None
-    runtime.holds.release(instance_id, list(response.released))
+    released = runtime.holds.release(instance_id, list(response.released))
+    runtime.metrics.record_holds_released(released, by_keyvault=False)
     return response.reads_waiting

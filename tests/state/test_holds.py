@@ -92,20 +92,20 @@ def test_a_keyvault_hold_key_is_handed_out_only_when_it_matches_the_enclaves_che
     holds.expect("i", 3, wire.hold_key_check(good))
     holds.expect("i", 4, wire.hold_key_check(good))
     # A forged key for 4, and a key for a head no batch gave a check for (9): neither opens.
-    settled = holds.release_vouched("i", [_vouched(3, good), _vouched(4, forged), _vouched(9, good)], 4)
+    vouched = holds.release_vouched("i", [_vouched(3, good), _vouched(4, forged), _vouched(9, good)], 4)
     assert first.result(0) == good
     assert not second.done()
     assert not later.done()
-    assert not settled  # 4 still waits: the enclave must release it
-    assert holds.release_vouched("i", [_vouched(4, good)], 4)  # settled up to 4; 9 is later
+    assert vouched == (1, False)  # 3 released; 4 still waits: the enclave must release it
+    assert holds.release_vouched("i", [_vouched(4, good)], 4) == (1, True)  # settled up to 4; 9 is later
     assert second.result(0) == good
-    assert holds.release_vouched("j", [], 1)  # another instance: nothing of it waits
+    assert holds.release_vouched("j", [], 1).settled  # another instance: nothing of it waits
 
 
 def test_a_waiting_query_does_not_make_a_confirmation_worth_an_ecall() -> None:
     holds = HeldAnswers()
     holds.read_key("i", 1)  # a read fence releases it, never the enclave's confirmation
-    assert holds.release_vouched("i", [], 10)
+    assert holds.release_vouched("i", [], 10).settled
 
 
 def test_a_released_slot_takes_no_check_and_failures_drop_the_checks() -> None:

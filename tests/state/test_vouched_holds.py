@@ -71,8 +71,10 @@ def test_the_keyvaults_hold_keys_release_strict_answers_without_a_confirm_head(
     host, setup = _warmed_up(node, confirm_heads)
     assert confirm_heads[0] == 1  # the creation's head: it registers the instance for this boot
     before, supply = list(confirm_heads), _mint(host, setup)
+    released = host.metrics.snapshot()["holds_released_by_keyvault"]
     assert [_mint(host, setup) for _ in range(COMMANDS)] == list(range(supply + 1, supply + COMMANDS + 1))
     assert confirm_heads == before
+    assert host.metrics.snapshot()["holds_released_by_keyvault"] == released + COMMANDS  # one hold a batch
 
 
 def test_a_hold_key_that_does_not_match_opens_nothing_and_the_enclave_releases_instead(
@@ -98,6 +100,9 @@ def test_a_hold_key_that_does_not_match_opens_nothing_and_the_enclave_releases_i
     assert [_mint(host, setup) for _ in range(COMMANDS)] == list(range(1, COMMANDS + 1))  # none lost
     assert confirm_heads == list(range(1, COMMANDS + 2))  # each batch's answers released by the enclave
     assert forged  # (the keyvault did send hold keys: they were forged, not missing)
+    metrics = host.metrics.snapshot()
+    assert metrics["holds_released_by_keyvault"] == 0
+    assert metrics["holds_released_by_enclave"] == COMMANDS + 1  # the genesis's hold and each batch's
 
 
 def test_the_enclave_is_still_told_every_so_many_entries(
