@@ -91,9 +91,10 @@ def test_hold_keys_only_for_heads_the_keyvault_recorded_for_that_boot(
     statement kept from before creation) restores the prefix up to 2 and forks at 3'; boot C is
     restored honestly at 3 and moves to 4, leaving A behind (A then runs 4''). Every path the
     host can build -- R's fork, its rollback, A's links under R's token, R's restore link
-    spliced onto A's link, a link before the stored head, A's stale 4'' -- is refused and carries
-    no hold key; the successes (A's own path, an idempotent repeat, C's advance) carry keys that
-    match only the checks of the boot and heads the keyvault recorded."""
+    spliced onto A's link, a link before the stored head, A's stale 4'' -- is refused with its
+    reason (a refusal carries no answer, so no hold key); the successes (A's own path, an
+    idempotent repeat, C's advance) carry keys that match only the checks of the boot and heads
+    the keyvault recorded."""
     instance_id = f"coins-{os.urandom(4).hex()}"
     issuer = ed25519.Ed25519PrivateKey.generate()
     honest, rogue, early, created = _kept_statement_setup(
