@@ -19,6 +19,7 @@ from tests.enclave.support import NOW_MS, Client, Harness, Sealed, config, head_
 from veil.enclave.v1 import apps_pb2, ecall_pb2, envelope_pb2
 from veil.services.state.enclave_host import EnclaveCallError
 from veil.services.state.holds import HeldAnswers, unwrap
+from veil.services.state.metrics import StateMetrics
 from veil.services.state.startup import InstanceState, _take
 
 FAST = envelope_pb2.ACKNOWLEDGMENT_FAST
@@ -36,6 +37,7 @@ class _Host:
     h: Harness
     instances: dict[str, InstanceState] = field(default_factory=dict)
     holds: HeldAnswers = field(default_factory=HeldAnswers)
+    metrics: StateMetrics = field(default_factory=StateMetrics)
     refused: list[str] = field(default_factory=list)
 
     @property
