@@ -37,10 +37,16 @@ def open_command(
     if (
         len(command.response_key) != crypto.KEY_SIZE
         or command.instance_id != instance_id
-        or not 0 < len(command.request_id.encode("utf-8")) <= MAX_REQUEST_ID_SIZE
+        or not valid_request_id(command.request_id)
     ):
         raise EnclaveError(INVALID_ARGUMENT, _UNOPENABLE)
     return command
+
+
+def valid_request_id(request_id: str) -> bool:
+    """The one rule for a request id, which the gateway and the clients apply before anything is
+    sent: printable, 1 to MAX_REQUEST_ID_SIZE bytes of UTF-8."""
+    return 0 < len(request_id.encode("utf-8")) <= MAX_REQUEST_ID_SIZE and request_id.isprintable()
 
 
 def seal_response(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives import hpke
 
-from veil.enclave.commands import MAX_REQUEST_ID_SIZE
+from veil.enclave.commands import MAX_REQUEST_ID_SIZE, valid_request_id
 from veil.enclave.v1 import envelope_pb2
 from veil.services.common.errors import InvalidArgument
 from veil.services.common.instance_ids import is_instance_id
@@ -41,7 +41,7 @@ def request_id(value: str) -> str:
     """A valid request id: printable, 1 to 64 bytes of UTF-8 (the enclave's limit on the id it
     seals: a longer one was forwarded, refused unsealed as "could not be opened", and re-sealed
     by the client under another id, which a rerun of the same id then did not find)."""
-    if not 0 < len(value.encode("utf-8")) <= MAX_REQUEST_ID or not value.isprintable():
+    if not valid_request_id(value):
         raise InvalidArgument(
             f"request_id must be printable and 1 to {MAX_REQUEST_ID} bytes of UTF-8",
             metadata={"field": "request_id"},

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 import grpc
 
 from veil.cli import output
-from veil.enclave import wire
+from veil.enclave import commands, wire
 from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
 from veil.sdk.contacts import names_by_account, resolve_recipient
@@ -114,9 +114,11 @@ def amount(text: str) -> int:
 
 
 def request_id(text: str) -> str:
-    """A request id naming one call: 1 to 64 printable ASCII characters (the gateway's rule)."""
-    if not 0 < len(text) <= 64 or not (text.isascii() and text.isprintable()):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a request id (1 to 64 printable ASCII characters)")
+    """A request id naming one call (the mesh's one rule, `commands.valid_request_id`)."""
+    if not commands.valid_request_id(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a request id (printable, 1 to {commands.MAX_REQUEST_ID_SIZE} bytes of UTF-8)"
+        )
     return text
 
 

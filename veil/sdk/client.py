@@ -181,7 +181,7 @@ def _check_request_id(request_id: str) -> None:
     """ValueError (nothing sealed, nothing kept) for an id the gateway or the enclave refuses:
     kept, such a call could never be sent, and every later call of the account waited for it;
     over 64 bytes the enclave refused it unsealed, and the call ran under another id."""
-    if not 0 < len(request_id.encode("utf-8")) <= MAX_REQUEST_ID or not request_id.isprintable():
+    if not commands.valid_request_id(request_id):
         raise ValueError(
             f"request id {request_id!r}: printable, 1 to {MAX_REQUEST_ID} bytes of UTF-8; nothing was sent"
         )
