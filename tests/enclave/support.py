@@ -115,15 +115,16 @@ class Client:
         suite: int = X25519,
         aad_instance: str | None = None,
         command_instance: str | None = None,
+        request_id: str | None = None,
     ) -> Sealed:
-        """Seal `call`; by default with the next counter."""
+        """Seal `call`; by default with the next counter and a fresh request id."""
         if counter is None:
             self.counter += 1
             counter = self.counter
         command = command_pb2.Command(
             instance_id=command_instance or self.instance_id,
             counter=counter,
-            request_id=str(uuid.uuid4()),
+            request_id=str(uuid.uuid4()) if request_id is None else request_id,
             response_key=secrets.token_bytes(32),
             call=call.SerializeToString(),
         )

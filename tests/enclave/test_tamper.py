@@ -78,6 +78,27 @@ def test_command_for_another_instance_is_refused(vault_harness: tuple[Harness, C
     assert _refused_unchanged(harness, sealed).error.message == "command could not be opened"
 
 
+@pytest.mark.parametrize("request_id", ["", "x" * 65, "é" * 33, "row\n7", "tab\there", "\x00"])
+def test_a_request_id_outside_the_one_rule_is_refused_unopened(
+    vault_harness: tuple[Harness, Client], request_id: str
+) -> None:
+    """The enclave opens only what the gateway and the clients accept (commands.valid_request_id):
+    an id it cannot answer under the same rule is refused as unopenable, unsealed."""
+    harness, client = vault_harness
+    assert not commands.valid_request_id(request_id)
+    outcome = _refused_unchanged(harness, client.seal(PUT, request_id=request_id))
+    assert outcome.error.message == "command could not be opened"
+    assert not outcome.sealed_response
+
+
+@pytest.mark.parametrize("request_id", ["r", "x" * 64, "é" * 32, "row 7", "ключ-1"])
+def test_a_request_id_within_the_rule_runs(vault_harness: tuple[Harness, Client], request_id: str) -> None:
+    harness, client = vault_harness
+    assert commands.valid_request_id(request_id)
+    (outcome,) = harness.run("v", client.seal(PUT, request_id=request_id))
+    assert outcome.accepted
+
+
 def test_replayed_command_is_refused_in_a_later_batch_and_in_the_same_batch(
     vault_harness: tuple[Harness, Client],
 ) -> None:
