@@ -130,9 +130,11 @@ class CommitHeads:
         *,
         caller: str,
         fencing_token: int = 0,
+        hold_key_version: int = 0,
     ) -> tuple[CommitHead, bytes]:
         """Move the head along `links` if the attested enclave signed them; see the module rules.
         Once the instance has a lease, only its current `fencing_token` moves it (leases.py).
+        `hold_key_version` (audit only): the key version whose hold keys the answer may carry.
 
         Returns the stored head and the signing key of the enclave that asked (whose links reach
         that head), which its confirmation is made for.
@@ -178,6 +180,8 @@ class CommitHeads:
                     )
             if fencing_token:
                 detail["fencing_token"] = fencing_token
+            if hold_key_version:  # the answer may carry these heads' hold keys (hold_keys.py)
+                detail["hold_key_version"] = hold_key_version
             head = self._compare_and_set(links, enclave.signing_public_bytes, caller, detail, fencing_token)
             return head, enclave.signing_public_bytes
         except BaseException as exc:

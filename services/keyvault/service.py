@@ -237,6 +237,7 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
                 request.token,
                 caller=caller,
                 fencing_token=request.fencing_token,
+                hold_key_version=request.hold_key_version,
             )
             confirmation = self._kv.heads.confirmation(head, enclave_key)
         return keyvault_pb2.AdvanceCommitHeadResponse(

@@ -288,3 +288,17 @@ def test_concurrent_advances_from_two_replicas(
     assert final is not None
     assert final.sequence in (3, 4)
     assert audit.verify_chain() == 9
+
+
+def test_an_advance_that_asks_for_hold_keys_says_so_in_its_audit_event(
+    heads: CommitHeads, issuer: TokenIssuer, enclave: FakeEnclave, audit: AuditLog
+) -> None:
+    """Hold keys go out with the advance's answer (hold_keys.py): its audit event names the key
+    version they are derived from, so an auditor knows which heads' keys the host may hold."""
+    advance(heads, issuer, enclave, ZERO, at(1))
+    links = [enclave.link(INSTANCE, at(1), at(2))]
+    heads.advance(INSTANCE, links, enclave.token(issuer).token, caller=CALLER, hold_key_version=3)
+    events = audit.list_events(page_size=1000).events
+    details = [json.loads(e.detail_json) for e in events if e.action == "advance_commit_head"]
+    assert "hold_key_version" not in details[0]  # the registration asked for none
+    assert (details[-1]["sequence"], details[-1]["hold_key_version"]) == (2, 3)
