@@ -605,6 +605,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                     ecalls=reply.ecalls,
                     commands=reply.commands,
                     commits=reply.commits,
+                    holds_released_by_keyvault=reply.holds_released_by_keyvault,
+                    holds_released_by_enclave=reply.holds_released_by_enclave,
                 )
             )
         all_serving = all(s.serving for s in statuses)

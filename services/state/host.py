@@ -723,6 +723,8 @@ class StateHost:
             commands=self.metrics.commands,
             commits=self.metrics.commits,
             ecalls=self._ecalls_before,
+            holds_released_by_keyvault=self.metrics.holds_released_by_keyvault,
+            holds_released_by_enclave=self.metrics.holds_released_by_enclave,
         )
         if runtime is None:
             return response

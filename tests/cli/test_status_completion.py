@@ -11,6 +11,8 @@ import pytest
 from tests.cli.support import Veil
 from veil.cli.completion import words_by_path
 from veil.cli.main import build_parser, main
+from veil.cli.status import _shard_detail
+from veil.gateway.v1 import gateway_pb2
 
 
 def _closed() -> str:
@@ -36,6 +38,17 @@ def test_status_shows_every_service_in_one_table(veil: Veil) -> None:
     (coins,) = [r for r in document["services"] if r["service"] == "instance coins"]
     assert coins["head"] >= 1
     assert coins["head_lag"] == "n/a"  # not exposed by the gateway or keyvault APIs: said, not guessed
+
+
+def test_a_replicas_row_says_who_released_its_strict_answers() -> None:
+    quiet = gateway_pb2.ShardStatus(commands=5, commits=2, ecalls=3)
+    assert _shard_detail(quiet) == "5 commands, 2 commits, 3 ECALLs"  # nothing held: nothing said
+    strict = gateway_pb2.ShardStatus(
+        commands=50, commits=9, ecalls=11, holds_released_by_keyvault=8, holds_released_by_enclave=1
+    )
+    assert _shard_detail(strict) == (
+        "50 commands, 9 commits, 11 ECALLs; strict answers released by the keyvault 8, by the enclave 1"
+    )
 
 
 def test_completion_covers_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,13 @@ def _status_with_counters(
     self: EnclaveState, request: state_pb2.GetStatusRequest, context: grpc.ServicerContext
 ) -> Any:
     return state_pb2.GetStatusResponse(
-        step=state_pb2.LIFECYCLE_STEP_SERVING, detail="serving", ecalls=7, commands=60, commits=3
+        step=state_pb2.LIFECYCLE_STEP_SERVING,
+        detail="serving",
+        ecalls=7,
+        commands=60,
+        commits=3,
+        holds_released_by_keyvault=2,
+        holds_released_by_enclave=1,
     )
 
 
@@ -149,3 +155,4 @@ def test_status_carries_the_state_counters(mesh: InProcessMesh) -> None:
         status = admin.status()
     [shard] = status.shards
     assert (shard.serving, shard.ecalls, shard.commands, shard.commits) == (True, 7, 60, 3)
+    assert (shard.holds_released_by_keyvault, shard.holds_released_by_enclave) == (2, 1)

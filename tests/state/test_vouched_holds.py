@@ -75,6 +75,12 @@ def test_the_keyvaults_hold_keys_release_strict_answers_without_a_confirm_head(
     assert [_mint(host, setup) for _ in range(COMMANDS)] == list(range(supply + 1, supply + COMMANDS + 1))
     assert confirm_heads == before
     assert host.metrics.snapshot()["holds_released_by_keyvault"] == released + COMMANDS  # one hold a batch
+    status = host.status()  # what the gateway's GetStatus and `veil status` show of it
+    assert (status.holds_released_by_keyvault, status.holds_released_by_enclave) == (
+        released + COMMANDS,
+        host.metrics.snapshot()["holds_released_by_enclave"],
+    )
+    assert status.holds_released_by_enclave >= 1  # the creation's, released at registration
 
 
 def test_a_hold_key_that_does_not_match_opens_nothing_and_the_enclave_releases_instead(

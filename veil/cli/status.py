@@ -17,6 +17,7 @@ import grpc
 
 from veil.cli import output
 from veil.cli.common import address, bind_sdk, example, open_client, report
+from veil.gateway.v1 import gateway_pb2
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.sdk.client import VeilClient
 from veil.sdk.errors import VeilClientError
@@ -49,6 +50,18 @@ def _keyvault_address(args: argparse.Namespace) -> str:
         return str(args.keyvault)
     host, _, port = str(args.gateway).rpartition(":")
     return f"{host}:{int(port) + 1}" if int(port) < 65535 else DEFAULT_KEYVAULT
+
+
+def _shard_detail(shard: gateway_pb2.ShardStatus) -> str:
+    """A state replica's counters; with strict answers, who released their holds (mostly the
+    enclave means the keyvault's hold keys do not match or do not come: one ECALL more a batch)."""
+    detail = f"{shard.commands} commands, {shard.commits} commits, {shard.ecalls} ECALLs"
+    if shard.holds_released_by_keyvault or shard.holds_released_by_enclave:
+        detail += (
+            f"; strict answers released by the keyvault {shard.holds_released_by_keyvault}, "
+            f"by the enclave {shard.holds_released_by_enclave}"
+        )
+    return detail
 
 
 def _keyvault_row(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +122,7 @@ def mesh_status(args: argparse.Namespace) -> int:
                     "address": shard.address,
                     "measurement": measurement,
                     "tcb": tcb,
-                    "detail": f"{shard.commands} commands, {shard.commits} commits, {shard.ecalls} ECALLs",
+                    "detail": _shard_detail(shard),
                 }
             )
         rows.append(_keyvault_row(args))

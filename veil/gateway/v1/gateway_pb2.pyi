@@ -534,6 +534,8 @@ class ShardStatus(_message.Message):
     ECALLS_FIELD_NUMBER: _builtins.int
     COMMANDS_FIELD_NUMBER: _builtins.int
     COMMITS_FIELD_NUMBER: _builtins.int
+    HOLDS_RELEASED_BY_KEYVAULT_FIELD_NUMBER: _builtins.int
+    HOLDS_RELEASED_BY_ENCLAVE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """address is the replica's address."""
     serving: _builtins.bool
@@ -544,6 +546,11 @@ class ShardStatus(_message.Message):
     """commands is the number of commands the replica executed since it started."""
     commits: _builtins.int
     """commits is the number of durable transactions the replica committed since it started."""
+    holds_released_by_keyvault: _builtins.int
+    """holds_released_by_keyvault and holds_released_by_enclave: batches of strict answers released
+    by the keyvault's hold keys and by the enclave (ConfirmHead) since the replica started.
+    """
+    holds_released_by_enclave: _builtins.int
     def __init__(
         self,
         *,
@@ -552,10 +559,12 @@ class ShardStatus(_message.Message):
         ecalls: _builtins.int = ...,
         commands: _builtins.int = ...,
         commits: _builtins.int = ...,
+        holds_released_by_keyvault: _builtins.int = ...,
+        holds_released_by_enclave: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commands", b"commands", "commits", b"commits", "ecalls", b"ecalls", "serving", b"serving"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commands", b"commands", "commits", b"commits", "ecalls", b"ecalls", "holds_released_by_enclave", b"holds_released_by_enclave", "holds_released_by_keyvault", b"holds_released_by_keyvault", "serving", b"serving"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -467,6 +467,8 @@ class GetStatusResponse(_message.Message):
     ECALLS_FIELD_NUMBER: _builtins.int
     COMMANDS_FIELD_NUMBER: _builtins.int
     COMMITS_FIELD_NUMBER: _builtins.int
+    HOLDS_RELEASED_BY_KEYVAULT_FIELD_NUMBER: _builtins.int
+    HOLDS_RELEASED_BY_ENCLAVE_FIELD_NUMBER: _builtins.int
     step: Global___LifecycleStep.ValueType
     """step is the lifecycle step."""
     detail: _builtins.str
@@ -481,6 +483,14 @@ class GetStatusResponse(_message.Message):
     """commands is the number of commands executed since start."""
     commits: _builtins.int
     """commits is the number of durable commits since start."""
+    holds_released_by_keyvault: _builtins.int
+    """holds_released_by_keyvault is how many batches of strict answers the keyvault's hold keys
+    released since start (no ConfirmHead ECALL).
+    """
+    holds_released_by_enclave: _builtins.int
+    """holds_released_by_enclave is how many the enclave released (ConfirmHead): a registration,
+    a hold key that did not match, or a keyvault without hold keys.
+    """
     def __init__(
         self,
         *,
@@ -491,10 +501,12 @@ class GetStatusResponse(_message.Message):
         ecalls: _builtins.int = ...,
         commands: _builtins.int = ...,
         commits: _builtins.int = ...,
+        holds_released_by_keyvault: _builtins.int = ...,
+        holds_released_by_enclave: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "commits", b"commits", "detail", b"detail", "ecalls", b"ecalls", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "commits", b"commits", "detail", b"detail", "ecalls", b"ecalls", "holds_released_by_enclave", b"holds_released_by_enclave", "holds_released_by_keyvault", b"holds_released_by_keyvault", "memory_budget_bytes", b"memory_budget_bytes", "memory_used_bytes", b"memory_used_bytes", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
