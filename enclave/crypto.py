@@ -10,9 +10,10 @@ import secrets
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
-from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from veil.enclave.errors import DecryptionError
 from veil.enclave.v1 import envelope_pb2
@@ -34,6 +35,15 @@ _SUITES: dict[int, hpke.Suite] = {
 # and tests/enclave/test_crypto.py checks them against the RFC 9180 test vector).
 _encrypt_with_aad = _rust_openssl.hpke._encrypt_with_aad
 _decrypt_with_aad = _rust_openssl.hpke._decrypt_with_aad
+
+
+# --- HKDF -----------------------------------------------------------------------------------
+
+
+def hkdf_sha256(ikm: bytes, info: bytes) -> bytes:
+    """A 32-byte key from `ikm` under `info` (HKDF-SHA256, no salt): sealing keys, hold roots
+    and hold keys."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=info).derive(ikm)
 
 
 # --- AES-256-GCM --------------------------------------------------------------------------

@@ -74,10 +74,9 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from veil.enclave import crypto
 from veil.enclave.v1 import command_pb2, envelope_pb2
 
 COMMAND_INFO = b"veil/command/v1"
@@ -243,7 +242,7 @@ def config_hash(config_bytes: bytes) -> bytes:
 def hold_root(data_key: bytes) -> bytes:
     """What hold keys are derived from: one per data key version, so the keyvault can keep it at
     hand (never the data key) and the data key serves one derivation besides its AES-GCM use."""
-    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=_HOLD_ROOT).derive(data_key)
+    return crypto.hkdf_sha256(data_key, _HOLD_ROOT)
 
 
 def hold_key(root: bytes, instance_id: str, sequence: int, head_hash: bytes, enclave_key: bytes) -> bytes:
@@ -252,7 +251,7 @@ def hold_key(root: bytes, instance_id: str, sequence: int, head_hash: bytes, enc
     a release without an ECALL, and only on the keyvault's word (the host has no data key)."""
     info = _HOLD_KEY + _str16(instance_id) + _u(sequence, 8) + _hash32(head_hash, "head hash")
     info += _prefixed(enclave_key, 2)
-    return HKDF(algorithm=hashes.SHA256(), length=HASH_SIZE, salt=None, info=info).derive(root)
+    return crypto.hkdf_sha256(root, info)
 
 
 def hold_key_check(key: bytes) -> bytes:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from veil.enclave.providers.sealing import KeySealer, derive_key
+from veil.enclave import crypto
+from veil.enclave.providers.sealing import KeySealer
 from veil.enclave.wire import REPORT_DATA_SIZE
 
 DEFAULT_ROOT = Path("/dev/attestation")
@@ -50,4 +51,4 @@ class GramineSealingProvider(KeySealer):
         sgx_key = (root / "keys" / "_sgx_mrenclave").read_bytes()
         if len(sgx_key) != 16:
             raise RuntimeError("the SGX sealing key must be 16 bytes")
-        super().__init__(derive_key(sgx_key, _SEAL_INFO))
+        super().__init__(crypto.hkdf_sha256(sgx_key, _SEAL_INFO))

@@ -9,19 +9,11 @@ no other.
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from veil.enclave import crypto
 from veil.enclave.errors import DecryptionError
 
 _VERSION = b"\x01"
 SEAL_INFO = b"veil/seal/v1"
-
-
-def derive_key(secret: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 a 32-byte sealing key from a platform secret."""
-    return HKDF(algorithm=hashes.SHA256(), length=crypto.KEY_SIZE, salt=None, info=info).derive(secret)
 
 
 class KeySealer:
@@ -47,4 +39,4 @@ class SimSealingProvider(KeySealer):
     def __init__(self, platform_secret: bytes, mrenclave: bytes) -> None:
         if len(platform_secret) < 32:
             raise ValueError("platform secret must be at least 32 bytes")
-        super().__init__(derive_key(platform_secret, SEAL_INFO + mrenclave))
+        super().__init__(crypto.hkdf_sha256(platform_secret, SEAL_INFO + mrenclave))
