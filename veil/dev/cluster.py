@@ -342,7 +342,7 @@ def free_cluster_base(nodes: int, keyvaults: int, gateways: int) -> int:
             for admin in (0, 1)
         ] + [DEFAULT_PUBLIC_PORT + base + _ROLE_STEP * i for i in range(gateways)]
 
-    for base in quiet_offsets(max(ports(0)), lowest_port=min(ports(0))):
+    for base in quiet_offsets(ports(0)):
         if all(port_free(port) for port in ports(base)):
             return base
     raise OSError("no free port base for a cluster")

@@ -289,7 +289,7 @@ def mesh_ports(offset: int) -> list[int]:
 def free_port_offset() -> int:
     """An offset whose ports are all free now, below the ephemeral range (`quiet_offsets`).
     Multiples of 100 never overlap each other: a mesh's ports differ only in their last digits."""
-    for offset in quiet_offsets(max(mesh_ports(0))):
+    for offset in quiet_offsets(mesh_ports(0)):
         if all(port_free(port) for port in mesh_ports(offset)):
             return offset
     raise OSError("no free port offset for a second mesh")
@@ -300,9 +300,9 @@ _EPHEMERAL_FLOOR_DEFAULT = 32768
 _LOWEST_PORT = 1024
 
 
-def quiet_offsets(highest_port: int, *, lowest_port: int = min(mesh_ports(0)), count: int = 40) -> list[int]:
-    """Port shifts (multiples of 100) that move the ports `lowest_port`..`highest_port` below the
-    kernel's ephemeral range. The default ports sit inside it, so any outgoing connection (even
+def quiet_offsets(ports: list[int], *, count: int = 40) -> list[int]:
+    """Port shifts (multiples of 100) that move every one of `ports` below the kernel's
+    ephemeral range. The default ports sit inside it, so any outgoing connection (even
     the mesh's own, to PostgreSQL or a peer) can take one between a free-port check and the bind:
     a CI run failed that way. Below the range only a listener can hold a port, and the check
     sees listeners."""
@@ -310,8 +310,8 @@ def quiet_offsets(highest_port: int, *, lowest_port: int = min(mesh_ports(0)), c
         floor = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         floor = _EPHEMERAL_FLOOR_DEFAULT
-    top = (floor - 1 - highest_port) // 100 * 100
-    below = [top - 100 * k for k in range(count) if lowest_port + top - 100 * k > _LOWEST_PORT]
+    top = (floor - 1 - max(ports)) // 100 * 100
+    below = [top - 100 * k for k in range(count) if min(ports) + top - 100 * k > _LOWEST_PORT]
     return below or list(range(100, 100 * (count + 1), 100))  # (a range from ~1024: shift up)
 
 
