@@ -60,6 +60,7 @@ import secrets
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -366,7 +367,7 @@ class KeyManager:
             self._refused(ACTION_RELEASE, caller, detail, exc)
             raise
 
-    def version_state(self, name: str, version: int) -> str:
+    def version_state(self, name: str, version: int) -> Literal["live", "destroyed", "missing"]:
         """ "live" (the key exists, is not destroyed, and has `version`), "destroyed", or
         "missing" (no such key or version)."""
         with self._deps.store.transaction() as tx:

@@ -686,9 +686,8 @@ class StateHost:
             self._request_recovery(runtime, f"instance {instance_id!r} was created elsewhere")
             raise AlreadyExists(f"instance {instance_id!r} was created by another replica")
         runtime.instances[instance_id] = InstanceState(config, created.link.head, 0)
-        runtime.advancer.push(
-            created.link, created.entry.key_version
-        )  # (the keyvault prepares its hold root)
+        # With the key version, the keyvault prepares its hold root before the first batch asks.
+        runtime.advancer.push(created.link, created.entry.key_version)
         runtime.reseal()
         _log.info("created instance %r (app %s)", instance_id, envelope_pb2.AppKind.Name(config.app))
 
