@@ -258,22 +258,15 @@ class Enclave:
         result: bytes,
     ) -> envelope_pb2.Receipt:
         _, signing_key = self._ready()
-        result_hash = hashlib.sha256(result).digest()
-        message = wire.receipt_signing_bytes(
+        receipt = envelope_pb2.Receipt(
             kind=kind,
             instance_id=instance_id,
             sequence=sequence,
             command_hash=command_hash,
-            result_hash=result_hash,
+            result_hash=hashlib.sha256(result).digest(),
         )
-        return envelope_pb2.Receipt(
-            kind=kind,
-            instance_id=instance_id,
-            sequence=sequence,
-            command_hash=command_hash,
-            result_hash=result_hash,
-            signature=signing_key.sign(message),
-        )
+        receipt.signature = signing_key.sign(wire.receipt_proof_bytes(receipt))
+        return receipt
 
     def _encrypt_entry(
         self, instance_id: str, sequence: int, previous_hash: bytes, body: storage_pb2.EntryBody

@@ -318,6 +318,17 @@ def receipt_signing_bytes(
     )
 
 
+def receipt_proof_bytes(receipt: envelope_pb2.Receipt) -> bytes:
+    """`receipt_signing_bytes` of a Receipt: what its signature covers (enclave and client)."""
+    return receipt_signing_bytes(
+        kind=receipt.kind,
+        instance_id=receipt.instance_id,
+        sequence=receipt.sequence,
+        command_hash=receipt.command_hash,
+        result_hash=receipt.result_hash,
+    )
+
+
 def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
     """True when `signature` by the raw Ed25519 `public_key` verifies over `message`."""
     try:
@@ -330,13 +341,7 @@ def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
 def verify_receipt(receipt: envelope_pb2.Receipt, signing_public_key: bytes) -> bool:
     """True when `receipt` carries a valid enclave signature (for the SDK and tests)."""
     try:
-        message = receipt_signing_bytes(
-            kind=receipt.kind,
-            instance_id=receipt.instance_id,
-            sequence=receipt.sequence,
-            command_hash=receipt.command_hash,
-            result_hash=receipt.result_hash,
-        )
+        message = receipt_proof_bytes(receipt)
     except (ValueError, OverflowError):
         return False
     return verify_ed25519(signing_public_key, receipt.signature, message)

@@ -224,13 +224,7 @@ def test_receipt_vector(vector_id: str) -> None:
     valid = verify_receipt(receipt, _b(vector["signing_public_key"]))
     assert valid is (vector["expect"]["verdict"] == "valid")
     if vector["signing_bytes"] is not None:
-        assert wire.receipt_signing_bytes(
-            kind=receipt.kind,
-            instance_id=receipt.instance_id,
-            sequence=receipt.sequence,
-            command_hash=receipt.command_hash,
-            result_hash=receipt.result_hash,
-        ) == _b(vector["signing_bytes"])
+        assert wire.receipt_proof_bytes(receipt) == _b(vector["signing_bytes"])
 
 
 def _open_hpke(vector: dict[str, Any]) -> bytes:

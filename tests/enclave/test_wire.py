@@ -188,6 +188,9 @@ def test_receipt_and_command_signing_bytes() -> None:
     assert wire.command_proof_bytes(command) == wire.command_signing_bytes(
         instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
     )
+    receipt = envelope_pb2.Receipt(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r)
+    receipt.signature = b"not covered"  # the signature never signs itself
+    assert wire.receipt_proof_bytes(receipt) == b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
     with pytest.raises(ValueError, match="32 bytes"):
         wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=b"short", result_hash=r)
 
