@@ -28,8 +28,8 @@ import psycopg
 
 from veil.services.common.sql import POSTGRES, PostgresDatabase
 from veil.services.keyvault.errors import StoreError
-from veil.services.keyvault.store import GENESIS_HASH, StoreTx
-from veil.services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
+from veil.services.keyvault.store import StoreTx
+from veil.services.keyvault.store_sql import SqlTx, finish_schema
 
 DEFAULT_SCHEMA = "veil_keyvault"
 # Arbitrary constant: the advisory lock that serialises schema creation across replicas.
@@ -230,14 +230,7 @@ class PostgresStore:
             if owns_audit is not None and owns_audit[0]:
                 for statement in AUDIT_DDL:
                     conn.execute(statement.encode("utf-8"))
-            conn.execute(
-                "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, %s) ON CONFLICT (id) DO NOTHING",
-                (GENESIS_HASH,),
-            )
-            try:
-                conn.execute(SCHEMA_PROBE)
-            except psycopg.errors.UndefinedColumn:
-                raise StoreError(OUTDATED_SCHEMA) from None
+            finish_schema(conn, POSTGRES, missing_column=psycopg.errors.UndefinedColumn)
 
     @property
     def schema(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from veil.services.common.sql import Connection, Cursor, Dialect
 from veil.services.keyvault.errors import StoreError
 from veil.services.keyvault.store import (
+    GENESIS_HASH,
     AuditRecord,
     CommitHeadRecord,
     IdempotencyRecord,
@@ -35,11 +36,27 @@ _SELECT_AUDIT = (
 
 # Stores made before commit heads registered their genesis lack its columns: refuse them
 # plainly rather than fail on the first head (no deployment predates it; recreate dev stores).
-SCHEMA_PROBE = "SELECT genesis_hash, config_hash FROM kv_commit_heads WHERE 1 = 0"
-OUTDATED_SCHEMA = (
+_SCHEMA_PROBE = "SELECT genesis_hash, config_hash FROM kv_commit_heads WHERE 1 = 0"
+_OUTDATED_SCHEMA = (
     "the keyvault store predates genesis registration of commit heads (kv_commit_heads has no "
     "genesis_hash column); recreate it"
 )
+
+
+def finish_schema(conn: Connection, dialect: Dialect, *, missing_column: type[Exception]) -> None:
+    """The last step of creating the tables, the same on both engines: the audit tip starts at
+    genesis (once), and a store that predates genesis registration is refused (``missing_column``
+    is the engine's error for an unknown column)."""
+    conn.execute(
+        dialect.sql(
+            "INSERT INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?) ON CONFLICT (id) DO NOTHING"
+        ),
+        (GENESIS_HASH,),
+    )
+    try:
+        conn.execute(_SCHEMA_PROBE)
+    except missing_column:
+        raise StoreError(_OUTDATED_SCHEMA) from None
 
 
 class SqlTx:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from veil.services.common.sql import SQLITE, SqliteDatabase
 from veil.services.keyvault.errors import StoreError
-from veil.services.keyvault.store import GENESIS_HASH, StoreTx
-from veil.services.keyvault.store_sql import OUTDATED_SCHEMA, SCHEMA_PROBE, SqlTx
+from veil.services.keyvault.store import StoreTx
+from veil.services.keyvault.store_sql import SqlTx, finish_schema
 
 _SCHEMA = (
     """
@@ -168,14 +168,7 @@ class SqliteStore:
         with self._db.create_schema() as conn:
             for statement in _SCHEMA:
                 conn.execute(statement)
-            conn.execute(
-                "INSERT OR IGNORE INTO kv_audit_tip (id, sequence, hash) VALUES (1, 0, ?)",
-                (GENESIS_HASH,),
-            )
-            try:
-                conn.execute(SCHEMA_PROBE)
-            except sqlite3.OperationalError:
-                raise StoreError(OUTDATED_SCHEMA) from None
+            finish_schema(conn, SQLITE, missing_column=sqlite3.OperationalError)
 
     @property
     def path(self) -> Path:
