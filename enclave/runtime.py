@@ -265,7 +265,7 @@ class Enclave:
             command_hash=command_hash,
             result_hash=hashlib.sha256(result).digest(),
         )
-        receipt.signature = signing_key.sign(wire.receipt_proof_bytes(receipt))
+        receipt.signature = signing_key.sign(wire.receipt_signing_bytes(receipt))
         return receipt
 
     def _encrypt_entry(

@@ -304,28 +304,16 @@ def command_proof_bytes(command: command_pb2.Command) -> bytes:
     )
 
 
-def receipt_signing_bytes(
-    *, kind: int, instance_id: str, sequence: int, command_hash: bytes, result_hash: bytes
-) -> bytes:
-    """What the enclave signs for a receipt over (kind, instance, sequence, command, result)."""
+def receipt_signing_bytes(receipt: envelope_pb2.Receipt) -> bytes:
+    """What the enclave signs for a receipt: its kind, instance, sequence, command and result
+    (everything but the signature)."""
     return (
         _RECEIPT
-        + _u(kind, 1)
-        + _str16(instance_id)
-        + _u(sequence, 8)
-        + _hash32(command_hash, "command hash")
-        + _hash32(result_hash, "result hash")
-    )
-
-
-def receipt_proof_bytes(receipt: envelope_pb2.Receipt) -> bytes:
-    """`receipt_signing_bytes` of a Receipt: what its signature covers (enclave and client)."""
-    return receipt_signing_bytes(
-        kind=receipt.kind,
-        instance_id=receipt.instance_id,
-        sequence=receipt.sequence,
-        command_hash=receipt.command_hash,
-        result_hash=receipt.result_hash,
+        + _u(receipt.kind, 1)
+        + _str16(receipt.instance_id)
+        + _u(receipt.sequence, 8)
+        + _hash32(receipt.command_hash, "command hash")
+        + _hash32(receipt.result_hash, "result hash")
     )
 
 
@@ -341,7 +329,7 @@ def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
 def verify_receipt(receipt: envelope_pb2.Receipt, signing_public_key: bytes) -> bool:
     """True when `receipt` carries a valid enclave signature (for the SDK and tests)."""
     try:
-        message = receipt_proof_bytes(receipt)
+        message = receipt_signing_bytes(receipt)
     except (ValueError, OverflowError):
         return False
     return verify_ed25519(signing_public_key, receipt.signature, message)

@@ -224,7 +224,7 @@ def test_receipt_vector(vector_id: str) -> None:
     valid = verify_receipt(receipt, _b(vector["signing_public_key"]))
     assert valid is (vector["expect"]["verdict"] == "valid")
     if vector["signing_bytes"] is not None:
-        assert wire.receipt_proof_bytes(receipt) == _b(vector["signing_bytes"])
+        assert wire.receipt_signing_bytes(receipt) == _b(vector["signing_bytes"])
 
 
 def _open_hpke(vector: dict[str, Any]) -> bytes:

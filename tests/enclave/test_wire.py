@@ -171,8 +171,10 @@ def test_commit_link_descriptor_and_held_answer_bytes() -> None:
 
 def test_receipt_and_command_signing_bytes() -> None:
     c, r = b"c" * 32, b"r" * 32
-    assert wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r) == (
-        b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
+    receipt = envelope_pb2.Receipt(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r)
+    receipt.signature = b"not covered"  # the signature never signs itself
+    assert (
+        wire.receipt_signing_bytes(receipt) == b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
     )
     assert wire.command_signing_bytes(
         instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
@@ -188,11 +190,9 @@ def test_receipt_and_command_signing_bytes() -> None:
     assert wire.command_proof_bytes(command) == wire.command_signing_bytes(
         instance_id="v", counter=3, request_id="id", response_key=b"K", call=b"CALL"
     )
-    receipt = envelope_pb2.Receipt(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r)
-    receipt.signature = b"not covered"  # the signature never signs itself
-    assert wire.receipt_proof_bytes(receipt) == b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
+    receipt.command_hash = b"short"
     with pytest.raises(ValueError, match="32 bytes"):
-        wire.receipt_signing_bytes(kind=1, instance_id="v", sequence=5, command_hash=b"short", result_hash=r)
+        wire.receipt_signing_bytes(receipt)
 
 
 def test_entry_hash_and_aads() -> None:

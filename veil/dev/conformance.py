@@ -891,7 +891,7 @@ def answer_vectors(world: World) -> tuple[list[dict[str, Any]], list[dict[str, A
             "result_hash": _hex(receipt.result_hash),
             "signature": _hex(receipt.signature),
         }
-        signed = wire.receipt_proof_bytes(receipt)
+        signed = wire.receipt_signing_bytes(receipt)
         receipts.append({
             "id": f"receipt-{label}", "description": f"the enclave's receipt of the {label}",
             "signing_public_key": signing, "receipt": fields, "signing_bytes": _hex(signed),
