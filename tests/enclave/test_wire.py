@@ -171,7 +171,9 @@ def test_commit_link_descriptor_and_held_answer_bytes() -> None:
 
 def test_receipt_and_command_signing_bytes() -> None:
     c, r = b"c" * 32, b"r" * 32
-    receipt = envelope_pb2.Receipt(kind=1, instance_id="v", sequence=5, command_hash=c, result_hash=r)
+    receipt = envelope_pb2.Receipt(
+        kind=envelope_pb2.RECEIPT_KIND_COMMAND, instance_id="v", sequence=5, command_hash=c, result_hash=r
+    )
     receipt.signature = b"not covered"  # the signature never signs itself
     assert (
         wire.receipt_signing_bytes(receipt) == b"veil/receipt/v1\x01\x00\x01v" + struct.pack(">Q", 5) + c + r
