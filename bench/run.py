@@ -195,15 +195,17 @@ def markdown(runs: Sequence[dict[str, Any]], command: str, machine: dict[str, An
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "CPU (cores busy) per window, by process:", ""]
     names = sorted({n for r in runs for n in r["cpu_cores"]["confidential"]})
-    lines.append("| ack | clients | per call | window | " + " | ".join(names) + " | total |")
-    lines.append("|---|---:|---:|---|" + "---:|" * (len(names) + 1))
+    header = " | ".join([*names, "total", "CPU ms per command or call"])
+    lines.append(f"| ack | clients | per call | window | {header} |")
+    lines.append("|---|---:|---:|---|" + "---:|" * (len(names) + 2))
     for r in runs:
         for window in ("confidential", "baseline", "relay"):
             cores = r["cpu_cores"][window]
             used = " | ".join(f"{cores.get(n, 0):.2f}" for n in names)
+            per_call = r.get("cpu_ms_per_call", {}).get(window)
             lines.append(
                 f"| {r['acknowledgment']} | {r['clients']} | {r.get('batch', 1)} | {window} | {used} "
-                f"| {sum(cores.values()):.2f} |"
+                f"| {sum(cores.values()):.2f} | {'n/a' if per_call is None else f'{per_call:.2f}'} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -39,6 +39,9 @@ def test_two_bench_runs_leave_one_instance(veil: Veil) -> None:
     assert second["errors"] == {}
     assert second["relay_tps"] > 0
     assert second["ratio_to_relay"] is not None
+    # The bench client is always measured, so every window cost it some CPU per call.
+    assert set(second["cpu_ms_per_call"]) == {"confidential", "baseline", "relay"}
+    assert all(ms > 0 for ms in second["cpu_ms_per_call"].values())
     assert _instances(veil) == ["bench-strict"]
     assert (veil.mesh.data_dir / "identities" / "bench-issuer.key").stat().st_mode & 0o077 == 0
 

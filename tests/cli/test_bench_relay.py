@@ -1,11 +1,11 @@
-"""Issue 13: the bench's bare two-hop relay answers byte for byte, and a window with errors
-yields no ratio."""
+"""Issue 13: the bench's bare two-hop relay answers byte for byte, a window with errors yields
+no ratio, and CPU per call sums every measured process."""
 
 from __future__ import annotations
 
 import grpc
 
-from veil.dev.bench import RunResult, _ratio
+from veil.dev.bench import CpuMeter, RunResult, _ratio
 from veil.dev.relay import METHOD, running_relay
 
 
@@ -23,3 +23,10 @@ def test_no_ratio_over_a_window_with_errors() -> None:
     assert _ratio(refused, clean) is None
     assert _ratio(clean, refused) is None
     assert _ratio(clean, RunResult()) is None
+
+
+def test_cpu_per_call_is_every_measured_process_over_the_calls() -> None:
+    before = {"gateway": 10.0, "enclave": 4.0, "bench": 1.0}
+    after = {"gateway": 10.5, "enclave": 4.25, "bench": 1.25}  # 1 CPU second in all
+    assert CpuMeter.ms_per_call(before, after, 500) == 2.0
+    assert CpuMeter.ms_per_call(before, after, 0) is None  # a window without calls

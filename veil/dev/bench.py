@@ -493,6 +493,13 @@ class CpuMeter:
     def cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
         return {name: round((after[name] - before[name]) / seconds, 3) for name in before}
 
+    @staticmethod
+    def ms_per_call(before: dict[str, float], after: dict[str, float], calls: int) -> float | None:
+        """CPU milliseconds all the measured processes spent per call of a window: the budget a
+        path costs, which bounds its throughput on this machine's cores whatever the latency."""
+        spent = sum(after[name] - before[name] for name in before)
+        return round(1000 * spent / calls, 3) if calls else None
+
 
 def machine() -> dict[str, Any]:
     """What the numbers ran on."""
@@ -685,6 +692,7 @@ def _measure(
     cpu_after = meter.sample()
     after = Counters.read(client)
     cpu_confidential = CpuMeter.cores(cpu_before, cpu_after, time.time() - start)
+    cpu_ms = {"confidential": CpuMeter.ms_per_call(cpu_before, cpu_after, len(confidential.latencies))}
     verified = workers.crypto(("verify",))
 
     _log(f"baseline window {seconds:.0f}s (Ping), {options.clients} clients")
@@ -692,14 +700,18 @@ def _measure(
     cpu_before = meter.sample()
     baseline_started = time.time()
     baseline = workers.ping(seconds)
-    cpu_baseline = CpuMeter.cores(cpu_before, meter.sample(), time.time() - baseline_started)
+    cpu_after = meter.sample()
+    cpu_baseline = CpuMeter.cores(cpu_before, cpu_after, time.time() - baseline_started)
+    cpu_ms["baseline"] = CpuMeter.ms_per_call(cpu_before, cpu_after, len(baseline.latencies))
 
     _log(f"relay window {seconds:.0f}s (bare two-hop gRPC relay), {options.clients} clients")
     workers.relay(relay_target, min(options.warmup, 2.0))
     cpu_before = meter.sample()
     relay_started = time.time()
     relay = workers.relay(relay_target, seconds)
-    cpu_relay = CpuMeter.cores(cpu_before, meter.sample(), time.time() - relay_started)
+    cpu_after = meter.sample()
+    cpu_relay = CpuMeter.cores(cpu_before, cpu_after, time.time() - relay_started)
+    cpu_ms["relay"] = CpuMeter.ms_per_call(cpu_before, cpu_after, len(relay.latencies))
 
     # The first GetStatus costs one ECALL (the enclave's memory figures); the second's own
     # ECALL is counted after its reply is built.
@@ -742,6 +754,9 @@ def _measure(
         "verified": len(confidential.latencies) if options.inline else verified.count - verified.failures,
         "errors": errors,
         "cpu_cores": {"confidential": cpu_confidential, "baseline": cpu_baseline, "relay": cpu_relay},
+        # Per command (confidential) or call: complete only when every mesh process is named
+        # with --cpu-pid (make bench names them); the bench client and the relay always count.
+        "cpu_ms_per_call": cpu_ms,
         "instance_id": instance_id,
     }
 
@@ -859,8 +874,14 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"ECALLs/command {report['ecalls_per_command']}   commands/commit {report['commands_per_commit']}",
         f"client crypto: seal {report['client_seal_ms']} ms, open+verify {report['client_open_ms']} ms "
         "per command",
+        "CPU per call, the processes measured: "
+        + ", ".join(f"{window} {_ms(ms)}" for window, ms in report["cpu_ms_per_call"].items()),
     ]
     print("\n".join(lines))
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} ms"
 
 
 def _shown(ratio: float | None) -> str:
