@@ -201,6 +201,35 @@ export class NotRunYet extends OutcomeUnknown {
 export class NoAnswer extends OutcomeUnknown {}
 
 // The command ran, exactly once (the enclave says so), but its answer was lost.
+// A sealed command is larger than the gateway accepts (veil/sdk/errors.py `RequestTooLarge`):
+// refused before it is kept or sent, since the gateway refuses it unread and every resend
+// carries the same bytes (kept, it would hold the account's later calls up for good).
+export class RequestTooLarge extends VeilError {
+  constructor(size, limit) {
+    super(`the sealed command is ${size} bytes, over the gateway's request limit of ${limit} bytes (maxRequestBytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent`);
+    this.size = size;
+    this.limit = limit;
+  }
+}
+
+// The largest request the gateway accepts by default (its VEIL_GATEWAY_MAX_MESSAGE_BYTES).
+export const MAX_REQUEST_BYTES = 1024 * 1024;
+
+// The encoded size of ExecuteRequest{instance_id, command, request_id} carrying `sealed`
+// (protobuf: a tag byte, the length as a varint, the bytes; the suite is a varint field).
+export function executeRequestBytes(sealed) {
+  const field = (length) => (length ? 1 + varintBytes(length) + length : 0); // tag, length, bytes
+  const { suite, encapsulated_key: enc, ciphertext } = sealed.command; // SealedCommand, fields 1-3
+  const command = (suite ? 1 + varintBytes(suite) : 0) + field(enc.length) + field(ciphertext.length);
+  return field(Buffer.byteLength(sealed.instanceId, "utf8")) + field(command) + field(Buffer.byteLength(sealed.requestId, "utf8"));
+}
+
+function varintBytes(value) {
+  let bytes = 1;
+  for (let rest = value; rest >= 0x80; rest = Math.floor(rest / 0x80)) bytes += 1;
+  return bytes;
+}
+
 export class ResultLost extends VeilError {
   constructor(instanceId, sequence) {
     super(`${instanceId}: the command ran (log sequence ${sequence}) but its answer was lost; it must not be sent again`);
@@ -1496,7 +1525,7 @@ export class VeilNodeClient {
   constructor(
     address,
     caPem,
-    { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), calls = new MemoryCalls(), timeoutMs = 15000, clock = () => new Date() } = {},
+    { serverName, policy, rootPem, counters = new MemoryCounters(), pins = new InstancePins(), calls = new MemoryCalls(), timeoutMs = 15000, clock = () => new Date(), maxRequestBytes = MAX_REQUEST_BYTES } = {},
   ) {
     const GatewayService = gatewayService();
     const options = serverName ? { "grpc.ssl_target_name_override": serverName, "grpc.default_authority": serverName } : {};
@@ -1508,6 +1537,7 @@ export class VeilNodeClient {
     this.counters = counters;
     this.pins = pins;
     this.timeoutMs = timeoutMs;
+    this.maxRequestBytes = maxRequestBytes; // a larger sealed command is refused unsent (RequestTooLarge)
     this.clock = clock;
     this.accountTurns = new Map(); // instance NUL account -> the promise the next call of it waits for
     this.prefix = randomBytes(12).toString("hex");
@@ -1552,6 +1582,13 @@ export class VeilNodeClient {
 
   newRequestId() {
     return `${this.prefix}-${randomBytes(12).toString("hex")}`;
+  }
+
+  // `sealed`, or RequestTooLarge when the gateway would refuse it unread (nothing kept or sent).
+  sendable(sealed) {
+    const size = executeRequestBytes(sealed);
+    if (size > this.maxRequestBytes) throw new RequestTooLarge(size, this.maxRequestBytes);
+    return sealed;
   }
 
   unaryOnce(method, request, timeoutMs) {
@@ -1743,7 +1780,7 @@ export class VeilNodeClient {
       } else {
         const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
         // Every sealing under the call's request id: the mesh records the one that ran.
-        sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId });
+        sealed = this.sendable(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
         state.attempts.push(sealed);
         try {
           this.kept([state]); // the mark raised and the call kept before it is sent
@@ -2210,10 +2247,15 @@ export class VeilNodeClient {
   async sendBatch(instanceId, items, identity) {
     const attestation = await this.attest(instanceId);
     const fresh = [];
-    for (const [state, call] of items) {
-      if (state.attempts.length) continue;
-      state.attempts.push(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
-      fresh.push(state);
+    try {
+      for (const [state, call] of items) {
+        if (state.attempts.length) continue;
+        state.attempts.push(this.sendable(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId })));
+        fresh.push(state);
+      }
+    } catch (error) {
+      for (const state of fresh) state.attempts = []; // none of the batch was kept or sent
+      throw error;
     }
     try {
       this.kept(fresh); // the mark raised and every call kept before anything is sent

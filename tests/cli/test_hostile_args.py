@@ -50,6 +50,7 @@ GOOD = {
 HOSTILE: dict[str, list[str]] = {
     "gateway": ["127.0.0.1:99999", "127.0.0.1:0", ":50051", "nohost", "a b:1", "127.0.0.1:-1"],
     "timeout": ["-1", "0", "nan", "1e999", "x"],
+    "max_request_bytes": ["-1", "0", "4194305", HUGE, "1.5", "x"],  # (1 to the transport's 4 MiB)
     "amount": ["-5", "0", HUGE, "1.5", "x"],
     "to": ["nobody", SHORT_HEX, "AB" * 33],
     "reader": ["nobody", SHORT_HEX],

@@ -29,7 +29,7 @@ import grpc
 from veil.cli import output
 from veil.enclave import commands, wire
 from veil.enclave.v1 import envelope_pb2
-from veil.sdk.client import DEFAULT_GATEWAY, VeilClient, connect
+from veil.sdk.client import DEFAULT_GATEWAY, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, VeilClient, connect
 from veil.sdk.contacts import names_by_account, resolve_recipient
 from veil.sdk.errors import GatewayError, VeilClientError
 from veil.sdk.gateway_auth import check_bearer
@@ -55,6 +55,7 @@ Handler = Callable[[argparse.Namespace], int]
 #: PKI, identities, counters, pins and policies (`veil up` writes the local mesh's here).
 DEFAULT_DATA_DIR = roots.DEFAULT_DATA_DIR
 ENV_GATEWAY = "VEIL_GATEWAY"
+ENV_MAX_REQUEST_BYTES = "VEIL_MAX_REQUEST_BYTES"
 ENV_API_KEY = "VEIL_API_KEY"
 ENV_DEBUG = "VEIL_DEBUG"
 DEFAULT_IDENTITY = "default"
@@ -296,6 +297,14 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
     # proof went to the gateway in clear metadata. Kept only to refuse it with the way out.
     group.add_argument("--bearer", default=None, help=argparse.SUPPRESS)
     group.add_argument("--timeout", type=seconds, default=15.0, help="seconds per call")
+    group.add_argument(
+        "--max-request-bytes",
+        type=positive(MAX_MESSAGE_BYTES),
+        default=os.environ.get(ENV_MAX_REQUEST_BYTES, str(MAX_REQUEST_BYTES)),
+        metavar="N",
+        help=f"the gateway's request limit (default ${ENV_MAX_REQUEST_BYTES}, else {MAX_REQUEST_BYTES}, "
+        "the gateway's default): a larger sealed command is refused before anything is sent",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
@@ -389,6 +398,7 @@ def open_client(args: argparse.Namespace) -> VeilClient:
         api_key=args.api_key,
         bearer=gateway_bearer(args),
         timeout=args.timeout,
+        max_request_bytes=args.max_request_bytes,
     )
 
 

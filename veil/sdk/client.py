@@ -90,6 +90,7 @@ from veil.sdk.errors import (
     NotRunYet,
     NotSettledYet,
     OutcomeUnknown,
+    RequestTooLarge,
     VeilClientError,
 )
 from veil.sdk.gateway_auth import check_bearer
@@ -105,6 +106,8 @@ from veil.verify.errors import AttestationError
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 15.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: The largest request the gateway accepts by default (its VEIL_GATEWAY_MAX_MESSAGE_BYTES).
+MAX_REQUEST_BYTES = 1024 * 1024
 _MAX_BACKOFF_S = 1.0
 _MAX_ROUNDS = 6  # sealings of one call: re-attestations and counter resynchronisations
 _PENDING_LIMIT = 10_000
@@ -361,6 +364,7 @@ class VeilClient:
         clock: Callable[[], float] = time.time,
         calls: CallStore | None = None,
         heads: HeadFloors | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self._channel = channel
         self._stub = gateway_pb2_grpc.GatewayServiceStub(channel)
@@ -373,6 +377,8 @@ class VeilClient:
         self.calls: CallStore = calls or MemoryCalls()
         self.pins = pins or InstancePins()
         self.timeout = timeout
+        #: A sealed command larger than this is refused before it is kept or sent (RequestTooLarge).
+        self.max_request_bytes = max_request_bytes
         self._clock = clock
         self.session_prefix = secrets.token_hex(12)
         self._lock = threading.Lock()
@@ -524,8 +530,9 @@ class VeilClient:
         suite: int,
     ) -> SealedRequest:
         """A sealing of `state`'s call: under its counter and, every sealing of it, under its
-        request id (the mesh records the one that ran)."""
-        return self._seal(
+        request id (the mesh records the one that ran). RequestTooLarge, before anything is kept
+        or sent, when the gateway would refuse it unread (every resend would be refused too)."""
+        sealed = self._seal(
             attestation,
             state.instance_id,
             identity,
@@ -534,6 +541,12 @@ class VeilClient:
             request_id=state.request_id,
             suite=suite,
         )
+        size = gateway_pb2.ExecuteRequest(
+            instance_id=state.instance_id, command=sealed.command, request_id=sealed.request_id
+        ).ByteSize()
+        if size > self.max_request_bytes:
+            raise RequestTooLarge(size, self.max_request_bytes)
+        return sealed
 
     # --- administration (admin certificate) --------------------------------------------------
 
@@ -829,6 +842,25 @@ class VeilClient:
             self._settle_batch(batch, order, self._send_batch(batch, order), results)
         return [r if r is not None else VeilClientError("a call was not settled") for r in results]
 
+    def _seal_new(self, batch: _Batch, states: list[_Call], calls: list[apps_pb2.AppCall]) -> list[_Call]:
+        """Seal the batch's calls that have no sealing yet (returned); none stays sealed when one
+        is too large to send, since nothing of the batch is then kept or sent."""
+        attestation = self.attest(batch.instance_id)
+        signing_key = attestation.keys.signing_public_key
+        fresh: list[_Call] = []
+        try:
+            for state, call in zip(states, calls, strict=True):
+                if not state.sealings:
+                    sealed = self._seal_call(attestation, state, batch.identity, call, batch.suite)
+                    fresh.append(state)
+                    self._remember(sealed, signing_key)
+                    state.sealings.append((sealed, signing_key))
+        except RequestTooLarge:
+            for state in fresh:
+                state.sealings.clear()
+            raise
+        return fresh
+
     def _send_batch(self, batch: _Batch, order: list[int]) -> list[Opened | VeilClientError | None]:
         """Seal what is new, send everything in one ExecuteBatch in counter order (its unanswered
         part again on transient failures, same bytes, as `_call` retries), judge each answer.
@@ -841,14 +873,7 @@ class VeilClient:
         calls = [batch.calls[i] for i in order]
         if not states:
             return []
-        attestation = self.attest(instance_id)
-        fresh: list[_Call] = []
-        for state, call in zip(states, calls, strict=True):
-            if not state.sealings:
-                fresh.append(state)
-                sealed = self._seal_call(attestation, state, identity, call, batch.suite)
-                self._remember(sealed, attestation.keys.signing_public_key)
-                state.sealings.append((sealed, attestation.keys.signing_public_key))
+        fresh = self._seal_new(batch, states, calls)
         try:
             self._sealed(fresh)  # kept durably before anything is sent
         except BaseException:
@@ -1459,6 +1484,7 @@ def connect(
     server_name: str | None = None,
     clock: Callable[[], float] = time.time,
     calls: CallStore | None = None,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
 ) -> VeilClient:
     """Connect over TLS and verify the default shard's enclave; AttestationError if it does not pass.
 
@@ -1474,6 +1500,9 @@ def connect(
     an OAuth2 identity's JWT nor one for an instance's enclave audience, which the enclave would
     accept as an account's proof (refused before it is sent: `GatewayCredentialError`; see
     `veil.sdk.gateway_auth`). An `OAuth2Identity`'s JWT only ever travels sealed.
+
+    `max_request_bytes` is the gateway's request limit (its VEIL_GATEWAY_MAX_MESSAGE_BYTES, 1 MiB
+    by default): a larger sealed command is refused before it is kept or sent (RequestTooLarge).
     """
     if (cert is None) != (key is None):
         raise VeilClientError("a client certificate needs both cert and key")
@@ -1511,6 +1540,7 @@ def connect(
         clock=clock,
         calls=calls,
         heads=heads,
+        max_request_bytes=max_request_bytes,
     )
     try:
         client.attest()

@@ -19,6 +19,7 @@ __all__ = [
     "NotRunYet",
     "OutcomeUnknown",
     "PolicyError",
+    "RequestTooLarge",
     "ResultLost",
     "VeilClientError",
 ]
@@ -178,3 +179,22 @@ class GatewayError(VeilClientError):
         # The reason adds to the message only when it says something the code and text do not.
         extra = self.reason and self.reason != self.code.name and self.reason not in self.details
         super().__init__(f"{self.code.name}: {self.details}" + (f" ({self.reason})" if extra else ""))
+
+
+class RequestTooLarge(VeilClientError):
+    """A sealed command is larger than the gateway accepts, so it was not sent (nor kept).
+
+    The gateway refuses a request over its limit (`VEIL_GATEWAY_MAX_MESSAGE_BYTES`, 1 MiB by
+    default) before reading it, and a resend carries the same bytes: a call sent that way could
+    never be answered, and the account's later calls would wait for its counter. The SDK
+    checks the sealed size against `max_request_bytes` (the gateway's default unless the client
+    names another) before it keeps or sends anything. Send less (e.g. split a record).
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the sealed command is {size} bytes, over the gateway's request limit of {limit} bytes "
+            "(max_request_bytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent"
+        )
+        self.size = size
+        self.limit = limit

@@ -1,0 +1,71 @@
+"""The Node client refuses a sealed command over the gateway's request limit before it keeps or
+sends it (as the Python SDK does: tests/client/test_request_too_large.py), alone or in a batch,
+and the account's next calls run: kept, such a call could never be answered and held them up."""
+
+from __future__ import annotations
+
+from tests.client.node_support import node_clients, node_eval
+from tests.gateway.support import InProcessMesh, write_fake_mesh_policy
+from veil.enclave.v1 import envelope_pb2
+from veil.sdk.client import MAX_REQUEST_BYTES
+from veil.sdk.identity import new_identity
+
+
+def _sent(mesh: InProcessMesh) -> int:
+    return sum(state.calls["Execute"] + state.calls["ExecuteBatch"] for state in mesh.states)
+
+
+def test_node_refuses_an_oversized_command_unsent_and_the_next_calls_run(mesh: InProcessMesh) -> None:
+    new_identity(mesh.data_dir, "alice")
+    write_fake_mesh_policy(mesh.data_dir)
+    with mesh.connect() as admin:
+        admin.create_instance(
+            "records",
+            envelope_pb2.InstanceConfig(
+                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
+            ),
+        )
+    prelude = (
+        node_clients(mesh.data_dir, mesh.public_address, timeout_ms=5000)
+        + f"""
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const put = (recordId, size) => ({{ vault: {{ put: {{ recordId, data: Buffer.alloc(size, 7) }} }} }});
+        const outcome = (p) => p.then(
+          (r) => (Array.isArray(r) ? r.map((one) => String(one.answer?.accepted)) : String(r.accepted)),
+          (e) => ({{ error: e.constructor.name, message: e.message, requestId: e.requestId ?? null }}),
+        );
+        const big = {MAX_REQUEST_BYTES} + 1;
+        const client = make();
+        """
+    )
+    sent = _sent(mesh)
+    refused = node_eval(
+        prelude
+        + """
+        const alone = await outcome(
+          client.execute("records", put("big", big), alice, { requestId: "row-1" }),
+        );
+        const batch = await outcome(
+          client.executeMany("records", [put("a", 1), put("big", big), put("c", 1)], alice),
+        );
+        client.close();
+        console.log(JSON.stringify({ alone, batch }));
+        """
+    )
+    for failure in refused.values():
+        assert failure["error"] == "RequestTooLarge", refused
+        assert "nothing was sent" in failure["message"]
+        assert failure["requestId"] is None  # nothing to resume
+    assert _sent(mesh) == sent
+    # Another process on the same data dir: nothing kept, and the account's next calls run.
+    after = node_eval(
+        prelude
+        + """
+        const kept = client.calls.pending("records", alice.account).length;
+        const next = await outcome(client.execute("records", put("small", 2), alice));
+        const nextBatch = await outcome(client.executeMany("records", [put("a", 1), put("c", 1)], alice));
+        client.close();
+        console.log(JSON.stringify({ kept, next, nextBatch }));
+        """
+    )
+    assert after == {"kept": 0, "next": "true", "nextBatch": ["true", "true"]}
