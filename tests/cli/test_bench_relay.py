@@ -3,9 +3,13 @@ no ratio, and CPU per call sums every measured process."""
 
 from __future__ import annotations
 
-import grpc
+import argparse
+import os
 
-from veil.dev.bench import CpuMeter, RunResult, _ratio
+import grpc
+import pytest
+
+from veil.dev.bench import CpuMeter, RunResult, _ratio, cpu_line, cpu_pid
 from veil.dev.relay import METHOD, running_relay
 
 
@@ -30,3 +34,19 @@ def test_cpu_per_call_is_every_measured_process_over_the_calls() -> None:
     after = {"gateway": 10.5, "enclave": 4.25, "bench": 1.25}  # 1 CPU second in all
     assert CpuMeter.ms_per_call(before, after, 500) == 2.0
     assert CpuMeter.ms_per_call(before, after, 0) is None  # a window without calls
+
+
+def test_the_cpu_line_says_when_the_mesh_was_not_measured() -> None:
+    windows = {"confidential": 0.5, "baseline": 0.35, "relay": 1.32}
+    alone = cpu_line({"cpu_measured": ["bench", "relay"], "cpu_ms_per_call": windows})
+    assert alone.startswith("CPU per call over bench, relay: confidential 0.50 ms")
+    assert "not counted: name them with --cpu-pid" in alone
+    whole = cpu_line({"cpu_measured": ["bench", "gateway", "relay"], "cpu_ms_per_call": windows})
+    assert "not counted" not in whole
+
+
+def test_a_cpu_pid_names_live_local_processes() -> None:
+    assert cpu_pid(f"me={os.getpid()}") == ("me", [os.getpid()])
+    for bad in ("gateway", "=1", "x=abc", f"gw={os.getpid()},999999999"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_pid(bad)

@@ -757,6 +757,7 @@ def _measure(
         # Per command (confidential) or call: complete only when every mesh process is named
         # with --cpu-pid (make bench names them); the bench client and the relay always count.
         "cpu_ms_per_call": cpu_ms,
+        "cpu_measured": sorted(meter.pids),
         "instance_id": instance_id,
     }
 
@@ -804,25 +805,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-pid",
         action="append",
+        type=cpu_pid,
         default=[],
         metavar="NAME=PID[,PID]",
-        help="report the CPU use of these local processes per window (repeatable)",
+        help="report the CPU use of these local processes per window (repeatable); CPU per call "
+        "covers the whole path only when every mesh process is named (make bench names them)",
     )
 
 
-def _cpu_pids(values: Sequence[str]) -> dict[str, list[int]]:
-    pids: dict[str, list[int]] = {}
-    for value in values:
-        name, _, numbers = value.partition("=")
-        if not name or not all(n.isdigit() for n in numbers.split(",")):
-            raise VeilClientError(f"--cpu-pid {value!r} is not NAME=PID[,PID]")
-        pids[name] = [int(n) for n in numbers.split(",")]
-    return pids
+def cpu_pid(text: str) -> tuple[str, list[int]]:
+    """NAME=PID[,PID]: local processes whose CPU the bench reports, each one readable now (a
+    wrong pid would count as an idle process)."""
+    name, _, numbers = text.partition("=")
+    if not name or not all(n.isdigit() for n in numbers.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PID[,PID]")
+    pids = [int(n) for n in numbers.split(",")]
+    for pid in pids:
+        if _cpu_seconds(pid) is None:
+            raise argparse.ArgumentTypeError(f"{text!r}: no local process {pid} whose CPU can be read")
+    return name, pids
 
 
 def bench_command(args: argparse.Namespace) -> int:
     """`veil bench`: prints a summary, or with --json one JSON object on stdout."""
-    cpu_pids = _cpu_pids(args.cpu_pid)
+    cpu_pids = dict(args.cpu_pid)
     client = open_client(args)
     client.counters = MemoryCounters()  # ephemeral accounts: keep them out of counters.json
     client.calls = MemoryCalls()  # and their calls out of calls/
@@ -874,10 +880,24 @@ def _print_summary(report: dict[str, Any]) -> None:
         f"ECALLs/command {report['ecalls_per_command']}   commands/commit {report['commands_per_commit']}",
         f"client crypto: seal {report['client_seal_ms']} ms, open+verify {report['client_open_ms']} ms "
         "per command",
-        "CPU per call, the processes measured: "
-        + ", ".join(f"{window} {_ms(ms)}" for window, ms in report["cpu_ms_per_call"].items()),
+        cpu_line(report),
     ]
     print("\n".join(lines))
+
+
+#: What the bench measures without --cpu-pid: its own processes and the relay's.
+_ALWAYS_MEASURED = {"bench", "relay"}
+_MESH_UNMEASURED = (
+    " (the mesh's processes are not counted: name them with --cpu-pid NAME=PID for the whole path)"
+)
+
+
+def cpu_line(report: dict[str, Any]) -> str:
+    """CPU per call of each window, naming what was measured (and what was not)."""
+    measured = report["cpu_measured"]
+    windows = ", ".join(f"{window} {_ms(ms)}" for window, ms in report["cpu_ms_per_call"].items())
+    missing = "" if set(measured) - _ALWAYS_MEASURED else _MESH_UNMEASURED
+    return f"CPU per call over {', '.join(measured)}: {windows}{missing}"
 
 
 def _ms(value: float | None) -> str:
