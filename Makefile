@@ -96,7 +96,8 @@ chaos-cluster: setup
 fuzz: setup
 	$(PY) -m tests.attack.fuzz --seconds $(or $(FUZZ_SECONDS),300)
 
-run: setup
+# The mesh itself needs no SoftHSM2 (only the PKCS#11 KEK tests do): not system-packages.
+run: $(STAMP_PY) $(STAMP_NPM) $(STAMP_NODE)
 	$(BIN)/veil up
 
 # A local multi-node mesh: 2 keyvault replicas on the PostgreSQL at 127.0.0.1:5432, NODES state

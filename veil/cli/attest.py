@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import VeilParser, bind_sdk, example, open_client, report
+from veil.cli.common import VeilParser, bind_sdk, data_dir_option, example, open_client, report
 from veil.verify.bundle import VerifiedAttestation
 from veil.verify.collateral import Collateral
 from veil.verify.errors import QuoteError
-from veil.verify.roots import DEFAULT_DATA_DIR, RootError, dev_root_path, resolve_root
+from veil.verify.roots import RootError, dev_root_path, resolve_root
 from veil.verify.verifier import verify_quote
 
 if TYPE_CHECKING:
@@ -59,12 +59,7 @@ def build_parser(prog: str = "veil attest verify") -> argparse.ArgumentParser:
     parser.add_argument("--collateral", type=Path, help="collateral JSON (dcap-qvl format)")
     parser.add_argument("--now", help="verification time, ISO 8601 (default: now; naive = UTC)")
     parser.add_argument("--root", default="intel", help="trusted root: intel (default), dev, or a PEM file")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=DEFAULT_DATA_DIR,
-        help="data dir holding the dev PKI (default: .veil)",
-    )
+    data_dir_option(parser, "holds the dev PKI")
     return parser
 
 

@@ -55,6 +55,7 @@ Handler = Callable[[argparse.Namespace], int]
 #: PKI, identities, counters, pins and policies (`veil up` writes the local mesh's here).
 DEFAULT_DATA_DIR = roots.DEFAULT_DATA_DIR
 ENV_GATEWAY = "VEIL_GATEWAY"
+ENV_DATA_DIR = "VEIL_DATA_DIR"
 ENV_MAX_REQUEST_BYTES = "VEIL_MAX_REQUEST_BYTES"
 ENV_API_KEY = "VEIL_API_KEY"
 ENV_DEBUG = "VEIL_DEBUG"
@@ -254,6 +255,17 @@ ENV_OAUTH2_TOKEN = "VEIL_OAUTH2_TOKEN"  # noqa: S105 (a variable name)
 _ENV_BEARER_RETIRED = "VEIL_BEARER_TOKEN"
 
 
+def data_dir_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, holds: str) -> None:
+    """--data-dir, with one default for every command: $VEIL_DATA_DIR, else .veil (so a mesh
+    started with another data dir is used by exporting one variable, as for its gateway)."""
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get(ENV_DATA_DIR, str(DEFAULT_DATA_DIR)),
+        help=f"{holds} (default ${ENV_DATA_DIR}, else {DEFAULT_DATA_DIR})",
+    )
+
+
 def connection_options(parser: argparse.ArgumentParser) -> None:
     """The options every mesh-facing command shares."""
     group = parser.add_argument_group("connection")
@@ -263,7 +275,7 @@ def connection_options(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(ENV_GATEWAY, DEFAULT_GATEWAY),
         help=f"HOST:PORT of the gateway (default: ${ENV_GATEWAY}, else {DEFAULT_GATEWAY})",
     )
-    group.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="PKI, identities, counters (.veil)")
+    data_dir_option(group, "PKI, identities, counters, calls")
     group.add_argument("--mrenclave", action="append", default=[], metavar="HEX", help="expected MRENCLAVE")
     group.add_argument("--root", default=None, help="SGX root for --mrenclave: intel (default), dev or a PEM")
     group.add_argument(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import DEFAULT_DATA_DIR, bind, example, report
+from veil.cli.common import bind, data_dir_option, example, report
 from veil.sdk.contacts import add_contact, load_contacts, remove_contact
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def register(commands: Subcommands) -> None:
     )
     remove.add_argument("name")
     for sub, handler in ((add, contact_add), (listing, contact_list), (remove, contact_remove)):
-        sub.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+        data_dir_option(sub, "holds identities/contacts.json")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         bind(sub, handler)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import DEFAULT_DATA_DIR, bind, example, report
+from veil.cli.common import bind, data_dir_option, example, report
 from veil.sdk.identity import identity_paths, load_identity, new_identity
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def register(commands: Subcommands) -> None:
         "list", help="list local identities", epilog=example("veil identity list")
     )
     for sub, handler in ((new, identity_new), (show, identity_show), (listing, identity_list)):
-        sub.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+        data_dir_option(sub, "holds identities/")
         sub.add_argument("--json", action="store_true", help="print one JSON document")
         bind(sub, handler)
 

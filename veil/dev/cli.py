@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from veil.cli.common import DEFAULT_DATA_DIR, Handler, bind, bind_sdk, count, example, whole_number
+from veil.cli.common import Handler, bind, bind_sdk, count, data_dir_option, example, whole_number
 from veil.dev import bench
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def register(commands: Subcommands) -> None:
         help="write a CA, service and admin certificates, and the sim SGX PCK chain",
         epilog=example("veil pki init --if-missing"),
     )
-    init.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    data_dir_option(init, "where pki/ is written")
     init.add_argument("--force", action="store_true", help="replace an existing PKI")
     init.add_argument("--if-missing", action="store_true", help="succeed without change if one exists")
     bind(init, needs_server("pki init", _pki_init))
@@ -90,11 +90,11 @@ def register(commands: Subcommands) -> None:
         help="start keyvault → state → gateway locally and supervise them",
         epilog=example(
             "veil up",
-            "veil up --port-offset 100   # beside another mesh",
+            "veil up --port-offset -20000 --data-dir mesh2   # beside another mesh",
             "veil up --nodes 3           # 2 keyvaults on PostgreSQL, 3 state hosts, 2 gateways",
         ),
     )
-    up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    data_dir_option(up, "the mesh's PKI, logs and stores")
     up.add_argument(
         "--port-offset",
         type=whole_number(-49000, 10000),
@@ -108,7 +108,8 @@ def register(commands: Subcommands) -> None:
         type=count(16),
         default=0,
         help="a local multi-node mesh instead: N state hosts (each its own machine), 2 keyvault "
-        "replicas on the PostgreSQL at 127.0.0.1:5432 (database test, new schemas), 2 gateways",
+        "replicas on the PostgreSQL at 127.0.0.1:5432 (database test, new schemas), 2 gateways "
+        "(default 0: the single-machine mesh)",
     )
     bind(up, needs_server("up", _up))
 

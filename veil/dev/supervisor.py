@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 
 import grpc
 
+from veil.cli.common import DEFAULT_DATA_DIR, ENV_DATA_DIR, ENV_GATEWAY
 from veil.dev.pki import admin_tls, collateral_dir, ensure_admin_ca, ensure_sim_collateral
 from veil.dev.policies import write_dev_enclave_policy, write_dev_policy
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
@@ -353,6 +355,17 @@ def keyvault_release_key(data_dir: Path, port_offset: int = 0) -> bytes:
     return keyvault_pins(data_dir, port_offset).release_key
 
 
+def client_exports(data_dir: Path, port_offset: int) -> str:
+    """What a shell exports for `veil` commands to reach this mesh ("" for the defaults): its
+    gateway when the ports moved, its data dir (pinned measurement, PKI) when it is not .veil."""
+    exports = []
+    if port_offset:
+        exports.append(f"{ENV_GATEWAY}=127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}")
+    if data_dir.resolve() != DEFAULT_DATA_DIR.resolve():
+        exports.append(f"{ENV_DATA_DIR}={shlex.quote(str(data_dir))}")
+    return " ".join(exports)
+
+
 def up(data_dir: Path, port_offset: int = 0) -> int:
     """Run the mesh in the foreground until SIGINT/SIGTERM."""
     if ensure_admin_ca(data_dir / "pki"):
@@ -376,12 +389,9 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     write_dev_policy(data_dir, pins.release_key, pins.jwks)
     print(f"{MESH_UP}: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
-    if port_offset:
-        gateway = f"127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}"
-        print(
-            f"  point the veil command at it: export VEIL_GATEWAY={gateway} (or --gateway {gateway})",
-            flush=True,
-        )
+    exports = client_exports(data_dir, port_offset)
+    if exports:
+        print(f"  point the veil command at it: export {exports}", flush=True)
     # Say it where people look: a sim mesh is a development tool, not a confidential one.
     print(
         "  the enclave is SIMULATED: this machine holds its platform secret and the dev SGX root's "
