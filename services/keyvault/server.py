@@ -3,8 +3,9 @@
 Authorization (by the caller's SPIFFE identity; a method missing here is denied):
 
 =====================================================  ==============================
-Attest, ReleaseKey, GetCommitHead, AdvanceCommitHead,
-AcquireLease                                            state
+Attest, ReleaseKey, AdvanceCommitHead, AcquireLease     state
+GetCommitHead                                           state; admin reads a head, never a
+                                                        signed statement (`veil status`)
 ListLeases                                              gateway, state, admin
 GetJwks                                                 gateway, state, admin
 CreateKey                                               admin, state
@@ -38,7 +39,7 @@ AUTHORIZATION = identity.method_names(
     {
         "Attest": _STATE,
         "ReleaseKey": _STATE,
-        "GetCommitHead": _STATE,
+        "GetCommitHead": frozenset({identity.STATE, identity.ADMIN}),
         "AdvanceCommitHead": _STATE,
         "AcquireLease": _STATE,
         "ListLeases": frozenset({identity.GATEWAY, identity.STATE, identity.ADMIN}),

@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from veil.enclave.wire import instance_key_name
 from veil.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from veil.services.common import errors as common
+from veil.services.common import identity
 from veil.services.common.identity import peer_identity
 from veil.services.keyvault import errors as kv
 from veil.services.keyvault.app import Keyvault
@@ -209,6 +210,10 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
     def GetCommitHead(
         self, request: keyvault_pb2.GetCommitHeadRequest, context: grpc.ServicerContext
     ) -> keyvault_pb2.GetCommitHeadResponse:
+        wants_statement = bool(request.enclave_signing_public_key or request.challenge)
+        if wants_statement and peer_identity(context) != identity.STATE:
+            # The operator reads heads (veil status: the head lag); statements are an enclave's.
+            raise common.PermissionDenied("only a state host may ask for a signed head statement")
         with _domain_errors():
             head = self._kv.heads.get(request.instance_id)
             statement = (
@@ -216,7 +221,7 @@ class KeyvaultServicer(keyvault_pb2_grpc.KeyvaultServiceServicer):
                 self._kv.heads.statement(
                     request.instance_id, request.enclave_signing_public_key, request.challenge
                 )
-                if request.enclave_signing_public_key or request.challenge
+                if wants_statement
                 else None
             )
         response = keyvault_pb2.GetCommitHeadResponse(statement=statement)

@@ -213,3 +213,24 @@ def test_walkthrough_grpcurl_commands_run(mesh: Mesh) -> None:
             fields = set(json.loads(result.stdout))
             assert "quote" in fields
             assert fields & {"attestation_token", "attestationToken"}
+
+
+def test_status_shows_each_instances_head_lag_from_the_keyvault(mesh: Mesh) -> None:
+    """The keyvault confirms each committed head (a strict instance answers only then), so once
+    the CLI has its answer the lag is 0; the JSON holds values, not the table's text."""
+    identity(mesh, "treasury")
+    veil(mesh, "instance", "create", "cli-status", "--app", "token", "--as", "treasury")
+    veil(mesh, "token", "mint", "cli-status", "treasury", "5", "--as", "treasury")
+    rows = {row["service"]: row for row in veil_json(mesh, "status")["services"]}
+    status = rows["instance cli-status"]
+    assert status["head"] >= 2  # genesis and the mint
+    assert status["head_lag"] == 0
+    assert status["health"] is None  # "-" in the table
+    assert status["measurement"] is None
+    state = rows["state"]  # veil up runs one state replica
+    policy = json.loads((mesh.data_dir / "expected-measurement.json").read_text())
+    assert state["measurement"] == policy["mrenclave"][0]  # whole, not the table's 16 characters
+    assert rows["keyvault"]["health"] == "SERVING"
+    table = veil(mesh, "status").stdout
+    (line,) = [row for row in table.splitlines() if row.startswith("instance cli-status")]
+    assert line.split()[-2:] == [str(status["head"]), "0"]  # HEAD, HEAD LAG (no detail)

@@ -121,6 +121,8 @@ def test_enclave_flow_end_to_end(stub: Stubs, pki_dir: Path) -> None:
     )
     head = state.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10)
     assert (head.sequence, head.hash, head.signing_public_key) == (3, head_hash, enclave.signing_public_bytes)
+    # The operator reads the same head (veil status: the head lag), never a statement.
+    assert admin.GetCommitHead(keyvault_pb2.GetCommitHeadRequest(instance_id=INSTANCE), timeout=10) == head
     assert (head.genesis_hash, head.config_hash) == (link.genesis_hash, link.config_hash)
     assert not head.HasField("statement")  # no enclave key and challenge asked: no statement
     # The statement Create/Restore require: the head, for the asking enclave key and challenge only.
@@ -264,6 +266,15 @@ def test_release_refusals_over_grpc(stub: Stubs, pki_dir: Path) -> None:
         ("gateway", "CreateKey", keyvault_pb2.CreateKeyRequest()),
         ("keyvault", "GetJwks", keyvault_pb2.GetJwksRequest()),
         ("keyvault", "GetStatus", keyvault_pb2.GetStatusRequest()),
+        ("gateway", "GetCommitHead", keyvault_pb2.GetCommitHeadRequest(instance_id="coins")),
+        # The operator reads heads (veil status); a signed statement is a state host's to ask for.
+        (
+            "admin",
+            "GetCommitHead",
+            keyvault_pb2.GetCommitHeadRequest(
+                instance_id="coins", enclave_signing_public_key=bytes(32), challenge=bytes(32)
+            ),
+        ),
     ],
 )
 def test_authorization(stub: Stubs, identity: str, method: str, request_message: object) -> None:

@@ -2,9 +2,12 @@
 
 Rows: the gateway (GetStatus), each state replica it routes to (health and counters from the
 gateway; enclave measurement and TCB status from the verified attestation of an instance it
-hosts), the keyvault (its own GetStatus, admin certificate), and each instance (its shard and
-committed head). The head lag between an instance's head and the keyvault's confirmed head is
-not exposed by either API yet, so that column says so rather than guessing.
+hosts), the keyvault (its own GetStatus, admin certificate), and each instance (its shard, its
+committed head, and the head lag: how many entries of it the keyvault has not confirmed yet,
+from the keyvault's GetCommitHead; a strict instance's answers wait for those).
+
+`--json` prints the same rows as values: the whole measurement, numbers as numbers, and null
+where the table shows "-" (nothing to show) or "n/a" (not known: the keyvault unreachable).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ if TYPE_CHECKING:
     from veil.cli.common import Subcommands
 
 DEFAULT_KEYVAULT = "127.0.0.1:50052"
-_NOT_EXPOSED = "n/a"
+#: A column that does not apply to the row, and one whose value could not be learned.
+_NONE, _UNKNOWN = "-", "n/a"
+#: Instance heads asked of the keyvault per `veil status` (one small call each).
+MAX_HEADS_ASKED = 256
 
 
 def register(commands: Subcommands) -> None:
@@ -64,9 +70,10 @@ def _shard_detail(shard: gateway_pb2.ShardStatus) -> str:
     return detail
 
 
-def _keyvault_row(args: argparse.Namespace) -> dict[str, Any]:
+def _keyvault(args: argparse.Namespace, instance_ids: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """The keyvault's row, and the confirmed head sequence of each instance it answered for."""
     target = _keyvault_address(args)
-    row: dict[str, Any] = {"service": "keyvault", "address": target, "measurement": "-", "tcb": "-"}
+    row: dict[str, Any] = {"service": "keyvault", "address": target, "measurement": None, "tcb": None}
     pki = Path(args.data_dir) / "pki"
     ca, cert, key = (
         args.ca or pki / "ca.pem",
@@ -74,26 +81,46 @@ def _keyvault_row(args: argparse.Namespace) -> dict[str, Any]:
         args.key or pki / "admin-key.pem",
     )
     if not (ca.is_file() and cert.is_file() and key.is_file()):
-        return {**row, "health": "UNKNOWN", "detail": "needs the admin certificate (--cert/--key)"}
+        return {**row, "health": "UNKNOWN", "detail": "needs the admin certificate (--cert/--key)"}, {}
     credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes(), cert.read_bytes())
     with grpc.secure_channel(target, credentials) as channel:
+        stub = keyvault_pb2_grpc.KeyvaultServiceStub(channel)
         try:
-            answer = keyvault_pb2_grpc.KeyvaultServiceStub(channel).GetStatus(
-                keyvault_pb2.GetStatusRequest(), timeout=3
-            )
+            answer = stub.GetStatus(keyvault_pb2.GetStatusRequest(), timeout=3)
         except grpc.RpcError as error:
-            return {**row, "health": "UNREACHABLE", "detail": error.code().name}
+            return {**row, "health": "UNREACHABLE", "detail": error.code().name}, {}
+        heads = _confirmed_heads(stub, instance_ids[:MAX_HEADS_ASKED])
     detail = f"{answer.detail}; KEK {answer.kek_provider}; collateral {answer.collateral_source}"
-    return {**row, "health": "SERVING" if answer.serving else "NOT_SERVING", "detail": detail}
+    return {**row, "health": "SERVING" if answer.serving else "NOT_SERVING", "detail": detail}, heads
+
+
+def _confirmed_heads(stub: keyvault_pb2_grpc.KeyvaultServiceStub, instance_ids: list[str]) -> dict[str, int]:
+    """The keyvault's head sequence of each instance, up to the first it did not answer for."""
+    heads: dict[str, int] = {}
+    for instance_id in instance_ids:
+        request = keyvault_pb2.GetCommitHeadRequest(instance_id=instance_id)
+        try:
+            heads[instance_id] = stub.GetCommitHead(request, timeout=3).sequence
+        except grpc.RpcError:
+            break  # the rest show their lag as not known
+    return heads
 
 
 def _enclave(veil: VeilClient, instance_id: str) -> tuple[str, str]:
-    """(MRENCLAVE, TCB status) of the enclave hosting `instance_id`, verified."""
+    """(MRENCLAVE hex, TCB status) of the enclave hosting `instance_id`, verified."""
     try:
         attestation = veil.attest(instance_id)
     except (VeilClientError, AttestationError) as exc:
-        return "refused", str(exc)[:40]
-    return attestation.mrenclave.hex()[:16] + "…", attestation.tcb_status
+        return "refused", str(exc)
+    return attestation.mrenclave.hex(), attestation.tcb_status
+
+
+def _cell(value: Any, width: int | None = None) -> str:
+    """A value as the table shows it: "-" for none, shortened to `width` characters."""
+    if value is None:
+        return _NONE
+    text = str(value)
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def mesh_status(args: argparse.Namespace) -> int:
@@ -105,8 +132,8 @@ def mesh_status(args: argparse.Namespace) -> int:
                 "service": "gateway",
                 "health": "SERVING" if gateway.serving else "NOT_SERVING",
                 "address": args.gateway,
-                "measurement": "-",
-                "tcb": "-",
+                "measurement": None,
+                "tcb": None,
                 "detail": gateway.detail,
             }
         )
@@ -125,17 +152,20 @@ def mesh_status(args: argparse.Namespace) -> int:
                     "detail": _shard_detail(shard),
                 }
             )
-        rows.append(_keyvault_row(args))
+        keyvault, confirmed = _keyvault(args, [i.instance_id for i in instances])
+        rows.append(keyvault)
         for instance in instances:
+            known = confirmed.get(instance.instance_id)
             rows.append(
                 {
                     "service": f"instance {instance.instance_id}",
-                    "health": "-",
+                    "health": None,
                     "address": instance.shard,
-                    "measurement": "-",
-                    "tcb": "-",
+                    "measurement": None,
+                    "tcb": None,
                     "head": instance.sequence,
-                    "head_lag": _NOT_EXPOSED,
+                    # The listing came first: a head the keyvault confirmed since is no lag.
+                    "head_lag": None if known is None else max(instance.sequence - known, 0),
                     "detail": "",
                 }
             )
@@ -143,12 +173,12 @@ def mesh_status(args: argparse.Namespace) -> int:
     table = [
         [
             r["service"],
-            r["health"],
+            _cell(r["health"]),
             r["address"],
-            r["measurement"],
-            r["tcb"],
-            r.get("head", "-"),
-            r.get("head_lag", "-"),
+            _cell(r["measurement"], 17),
+            _cell(r["tcb"], 40),
+            _cell(r.get("head")),
+            _UNKNOWN if "head" in r and r["head_lag"] is None else _cell(r.get("head_lag")),
             r["detail"],
         ]
         for r in rows
