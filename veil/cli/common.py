@@ -14,6 +14,7 @@ exit status 2 for bad arguments, 1 for everything else, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import socket
@@ -31,9 +32,9 @@ from veil.enclave import commands, wire
 from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import DEFAULT_GATEWAY, MAX_MESSAGE_BYTES, MAX_REQUEST_BYTES, VeilClient, connect
 from veil.sdk.contacts import names_by_account, resolve_recipient
-from veil.sdk.errors import GatewayError, VeilClientError
+from veil.sdk.errors import GatewayError, IdentityError, VeilClientError
 from veil.sdk.gateway_auth import check_bearer
-from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, load_identity
+from veil.sdk.identity import AnonymousIdentity, Identity, OAuth2Identity, check_name, load_identity
 from veil.sdk.sealing import Opened
 from veil.sdk.trust_policy import (
     ANY_TCB_STATUS,
@@ -106,6 +107,14 @@ def instance_id(text: str) -> str:
             f"{text!r} is not an instance id (lowercase letters, digits and dashes, 1 to 63)"
         )
     return text
+
+
+def identity_name(text: str) -> str:
+    """A name for a new identity (the SDK's rule, `check_name`)."""
+    try:
+        return check_name(text)
+    except IdentityError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def amount(text: str) -> int:
@@ -196,8 +205,15 @@ def handler_of(args: argparse.Namespace) -> Handler:
     return handler
 
 
+class UsageError(VeilClientError):
+    """The command line itself is wrong in a way its parser cannot see (arguments that exclude
+    each other, one missing): exit 2, as for the parser's own refusals; nothing was sent."""
+
+
 def run(handler: Handler, args: argparse.Namespace) -> int:
-    """Run a handler; whatever goes wrong becomes one `error: ...` line on stderr and exit 1.
+    """Run a handler; whatever goes wrong becomes one `error: ...` line on stderr and exit 1 (2
+    for a UsageError), and with --json also one document, {"error": ..., "request_id": ...}, on
+    stdout, so a script reads one JSON document whatever happened.
 
     No input may produce a traceback: SDK errors and refused evidence say what failed, files and
     values name the bad one, and anything unexpected is one line too (`VEIL_DEBUG=1` shows the
@@ -205,19 +221,29 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     """
     try:
         return handler(args)
-    except (VeilClientError, AttestationError) as exc:
-        return fail(f"{exc}{_hint(exc, args)}")
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        return fail(f"{exc.strerror or exc}{':' if where else ''}{where}")
-    except (ValueError, KeyError, grpc.RpcError) as exc:
-        return fail(f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt:
-        return fail("interrupted", status=130)
-    except Exception as exc:  # the last line of defence: still one line
-        if os.environ.get(ENV_DEBUG):
-            traceback.print_exc()
-        return fail(f"unexpected {type(exc).__name__}: {exc} (run with {ENV_DEBUG}=1 for details)")
+        return fail("interrupted", status=130, args=args)
+    except Exception as exc:
+        message, status, request_id = _failure(exc, args)
+        return fail(message, status, args=args, request_id=request_id)
+
+
+def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int, str | None]:
+    """An error's one line, the exit status, and the request id of a call kept unsettled."""
+    if isinstance(exc, UsageError):
+        return str(exc), 2, None
+    if isinstance(exc, (VeilClientError, AttestationError)):
+        request_id = exc.request_id if isinstance(exc, VeilClientError) else None
+        return f"{exc}{_hint(exc, args)}", 1, request_id
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{':' if where else ''}{where}", 1, None
+    if isinstance(exc, (ValueError, KeyError, grpc.RpcError)):
+        return f"{type(exc).__name__}: {exc}", 1, None
+    # The last line of defence: still one line.
+    if os.environ.get(ENV_DEBUG):
+        traceback.print_exception(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (run with {ENV_DEBUG}=1 for details)", 1, None
 
 
 def _hint(exc: Exception, args: argparse.Namespace) -> str:
@@ -237,9 +263,15 @@ def _hint(exc: Exception, args: argparse.Namespace) -> str:
     return ""
 
 
-def fail(message: str, status: int = 1) -> int:
-    """Print one `error:` line (newlines folded) and return the exit status."""
-    print("error: " + " ".join(message.split()), file=sys.stderr)
+def fail(
+    message: str, status: int = 1, *, args: argparse.Namespace | None = None, request_id: str | None = None
+) -> int:
+    """Print one `error:` line (newlines folded), and the error as the JSON document when the
+    command was asked for --json; return the exit status."""
+    line = " ".join(message.split())
+    print("error: " + line, file=sys.stderr)
+    if args is not None and getattr(args, "json", False):
+        print(json.dumps({"error": line, "exit_status": status, "request_id": request_id}))
     return status
 
 

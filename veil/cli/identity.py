@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from veil.cli import output
-from veil.cli.common import bind, data_dir_option, example, report
+from veil.cli.common import bind, data_dir_option, example, identity_name, report
 from veil.sdk.identity import identity_paths, load_identity, new_identity
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ def register(commands: Subcommands) -> None:
     new = identity_commands.add_parser(
         "new", help="create an identity key pair", epilog=example("veil identity new alice")
     )
-    new.add_argument("name")
+    new.add_argument("name", type=identity_name)
     new.add_argument("--force", action="store_true", help="replace an existing identity")
     show = identity_commands.add_parser(
         "show", help="print an identity's account", epilog=example("veil identity show alice")

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from veil.cli import output
 from veil.cli.common import (
+    DEFAULT_IDENTITY,
+    UsageError,
     acting_identity,
     bind_sdk,
     example,
@@ -21,6 +23,7 @@ from veil.enclave.v1 import envelope_pb2
 from veil.gateway.v1 import gateway_pb2
 from veil.sdk.errors import VeilClientError
 from veil.sdk.gateway_auth import check_bearer
+from veil.sdk.identity import identity_paths
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
@@ -88,7 +91,7 @@ def instance_create(args: argparse.Namespace) -> int:
     config = envelope_pb2.InstanceConfig(app=APPS[args.app], auth_scheme=SCHEMES[args.auth])
     if args.auth == "oauth2":
         if not (args.oauth2_issuer and args.oauth2_audience and args.oauth2_jwks):
-            raise VeilClientError("--auth oauth2 needs --oauth2-issuer, --oauth2-audience and --oauth2-jwks")
+            raise UsageError("--auth oauth2 needs --oauth2-issuer, --oauth2-audience and --oauth2-jwks")
         config.oauth2_issuer = args.oauth2_issuer
         config.oauth2_audience = args.oauth2_audience
         config.oauth2_jwks_json = Path(args.oauth2_jwks).read_text()
@@ -96,6 +99,12 @@ def instance_create(args: argparse.Namespace) -> int:
         # gateway): refused here, before connecting, rather than after the first attestation.
         check_bearer(gateway_bearer(args), enclave_audiences=[args.oauth2_audience])
     if args.app == "token":
+        unnamed = not (args.token_issuer or args.identity)
+        if unnamed and not identity_paths(Path(args.data_dir), DEFAULT_IDENTITY)[0].exists():
+            raise UsageError(
+                "a token instance needs its issuer, the identity that may mint: --as NAME (or "
+                "--token-issuer NAME|ACCOUNT); `veil identity new NAME` makes one"
+            )
         issuer = recipient(args, args.token_issuer) if args.token_issuer else acting_identity(args).account
         try:
             config.token_issuer_public_key = bytes.fromhex(issuer)

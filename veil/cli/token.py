@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from veil.cli import output
 from veil.cli.common import (
     MAX_AMOUNT,
+    UsageError,
     acting_client,
     amount,
     app_commands,
@@ -109,14 +110,14 @@ def _single(args: argparse.Namespace) -> tuple[str, int]:
             # `transfer coins 25 --to-account HEX`: the one positional is the amount.
             args.amount, args.to = amount(args.to), None
         if args.to is not None:
-            raise VeilClientError("give a recipient name or --to-account, not both")
+            raise UsageError("give a recipient name or --to-account, not both")
         to = canonical_account(args.to_account)
     elif args.to is None:
-        raise VeilClientError("give TO AMOUNT (TO: an identity or contact name) or AMOUNT --to-account HEX")
+        raise UsageError("give TO AMOUNT (TO: an identity or contact name) or AMOUNT --to-account HEX")
     else:
         to = recipient(args, args.to)
     if args.amount is None:
-        raise VeilClientError("give the AMOUNT")
+        raise UsageError("give the AMOUNT")
     return to, args.amount
 
 
@@ -127,7 +128,7 @@ def token_mint(args: argparse.Namespace) -> int:
 def token_transfer(args: argparse.Namespace) -> int:
     if args.from_csv is not None:
         if args.to is not None or args.amount is not None or args.to_account is not None:
-            raise VeilClientError("--from-csv takes its recipients from the file: give no TO or AMOUNT")
+            raise UsageError("--from-csv takes its recipients from the file: give no TO or AMOUNT")
         return _bulk_transfer(args)
     return _to_one(args, "transfer")
 

@@ -27,7 +27,7 @@ from veil.enclave.v1 import command_pb2, envelope_pb2
 from veil.sdk.errors import IdentityError
 
 IDENTITIES_DIR = "identities"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # the whole name (fullmatch: no newline after it)
 
 Scheme: TypeAlias = envelope_pb2.AuthScheme.ValueType
 
@@ -109,7 +109,7 @@ Identity = SigningIdentity | AnonymousIdentity | OAuth2Identity
 
 def check_name(name: str) -> str:
     """`name` when it is a valid identity or contact name; IdentityError otherwise."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise IdentityError("identity names are 1 to 64 letters, digits, dots, dashes or underscores")
     return name
 
