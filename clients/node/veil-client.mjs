@@ -204,11 +204,22 @@ export class NoAnswer extends OutcomeUnknown {}
 // A sealed command is larger than the gateway accepts (veil/sdk/errors.py `RequestTooLarge`):
 // refused before it is kept or sent, since the gateway refuses it unread and every resend
 // carries the same bytes (kept, it would hold the account's later calls up for good).
+// When the gateway refuses one anyway (a maxRequestBytes above the gateway's limit), the
+// client uses the call's counter up with the app's read-only command, so that no sealing of it
+// the host may hold can ever run, and drops the call (`sent`: nothing ran).
 export class RequestTooLarge extends VeilError {
-  constructor(size, limit) {
-    super(`the sealed command is ${size} bytes, over the gateway's request limit of ${limit} bytes (maxRequestBytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent`);
+  constructor(size, limit, { sent = false, earlierSent = false } = {}) {
+    super(
+      earlierSent
+        ? `a new sealing of this call is ${size} bytes, over the gateway's request limit of ${limit} bytes, so it was not sent; an earlier sealing of the call was sent and may still run: resume the call by its request id, never send it as a new call`
+        : sent
+        ? `the gateway refused the sealed command of ${size} bytes unread, over its request limit; its counter was used up by a read-only command, so it never runs: nothing ran (send less, or raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)`
+        : `the sealed command is ${size} bytes, over the gateway's request limit of ${limit} bytes (maxRequestBytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent`,
+    );
     this.size = size;
     this.limit = limit;
+    this.sent = sent;
+    this.earlierSent = earlierSent;
   }
 }
 
@@ -1584,10 +1595,11 @@ export class VeilNodeClient {
     return `${this.prefix}-${randomBytes(12).toString("hex")}`;
   }
 
-  // `sealed`, or RequestTooLarge when the gateway would refuse it unread (nothing kept or sent).
-  sendable(sealed) {
+  // `sealed`, or RequestTooLarge when the gateway would refuse it unread (nothing of it kept or
+  // sent; a call whose earlier sealing went stays kept, to be resumed by its request id).
+  sendable(sealed, state = null) {
     const size = executeRequestBytes(sealed);
-    if (size > this.maxRequestBytes) throw new RequestTooLarge(size, this.maxRequestBytes);
+    if (size > this.maxRequestBytes) throw new RequestTooLarge(size, this.maxRequestBytes, { earlierSent: Boolean(state?.attempts.length) });
     return sealed;
   }
 
@@ -1780,7 +1792,7 @@ export class VeilNodeClient {
       } else {
         const attestation = await this.attest(instanceId, { refresh: round > 0 && state.ambiguous });
         // Every sealing under the call's request id: the mesh records the one that ran.
-        sealed = this.sendable(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }));
+        sealed = this.sendable(await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: state.requestId }), state);
         state.attempts.push(sealed);
         try {
           this.kept([state]); // the mark raised and the call kept before it is sent
@@ -1796,6 +1808,11 @@ export class VeilNodeClient {
           opened = await this.send(sealed, state);
         } catch (error) {
           if (error instanceof ForeignAnswer) return this.foreignAnswer(state, identity, error);
+          if (error instanceof GatewayError && error.code === grpc.status.RESOURCE_EXHAUSTED && error.reason === "MESSAGE_TOO_LARGE") {
+            // Refused unread, and every resend is the same bytes: use the counter up, so no
+            // sealing of the call the host may hold can run, and drop the call.
+            return this.foreignAnswer(state, identity, new RequestTooLarge(executeRequestBytes(sealed), null, { sent: true }));
+          }
           throw error;
         }
       }

@@ -69,3 +69,48 @@ def test_node_refuses_an_oversized_command_unsent_and_the_next_calls_run(mesh: I
         """
     )
     assert after == {"kept": 0, "next": "true", "nextBatch": ["true", "true"]}
+
+
+def test_node_uses_the_counter_up_when_the_gateway_refuses_a_command_as_too_large(
+    mesh: InProcessMesh,
+) -> None:
+    """A maxRequestBytes above the gateway's limit: the gateway refuses the command unread; the
+    client uses its counter up with the read-only filler (a sealing the host holds can never
+    run), drops the call, and the account's next call runs."""
+    new_identity(mesh.data_dir, "alice")
+    write_fake_mesh_policy(mesh.data_dir)
+    with mesh.connect() as admin:
+        admin.create_instance(
+            "records",
+            envelope_pb2.InstanceConfig(
+                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
+            ),
+        )
+    result = node_eval(
+        node_clients(mesh.data_dir, mesh.public_address, timeout_ms=5000)
+        + f"""
+        const alice = veil.loadIdentity(dir + "/identities/alice.key");
+        const put = (recordId, size) => ({{ vault: {{ put: {{ recordId, data: Buffer.alloc(size, 7) }} }} }});
+        const client = make();
+        client.maxRequestBytes = 4 * {MAX_REQUEST_BYTES};
+        let refused;
+        try {{
+          const big = put("big", {MAX_REQUEST_BYTES} + 1);
+          await client.execute("records", big, alice, {{ requestId: "row-1" }});
+        }} catch (e) {{
+          const {{ message, sent }} = e;
+          refused = {{ error: e.constructor.name, message, sent, requestId: e.requestId ?? null }};
+        }}
+        const kept = client.calls.pending("records", alice.account).length;
+        const next = (await client.execute("records", put("small", 2), alice)).accepted;
+        client.close();
+        console.log(JSON.stringify({{ refused, kept, next }}));
+        """
+    )
+    refused = result["refused"]
+    assert refused["error"] == "RequestTooLarge", result
+    assert refused["sent"] is True
+    assert "nothing ran" in refused["message"]
+    assert refused["requestId"] is None
+    assert result["kept"] == 0
+    assert result["next"] is True

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from tests.gateway.support import InProcessMesh
 from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.sdk.client import MAX_REQUEST_BYTES, VeilClient
-from veil.sdk.errors import GatewayError, RequestTooLarge
+from veil.sdk.errors import CommandRefused, RequestTooLarge
 from veil.sdk.identity import SigningIdentity, new_identity
 
 BIG = b"x" * (MAX_REQUEST_BYTES + 1)
@@ -74,13 +73,13 @@ def test_an_oversized_command_in_a_batch_sends_none_of_it(mesh: InProcessMesh, a
     assert all(result.accepted for result in admin.execute_many("records", puts[::2], alice))  # type: ignore[union-attr]
 
 
-def test_a_limit_raised_past_the_gateways_meets_its_refusal_and_the_call_is_kept(
+def test_a_limit_raised_past_the_gateways_has_the_counter_used_up_and_the_call_dropped(
     mesh: InProcessMesh,
 ) -> None:
     """The client's limit stands in for the gateway's. Raised past it, the command goes and the
-    gateway refuses it unread; the SDK cannot tell that refusal from a host's lie (the sealing
-    may be held and run later), so the call is kept under its request id, as for any refusal
-    without a definitive answer."""
+    gateway refuses it unread. The SDK cannot tell that refusal from a host's lie (the sealing
+    may be held and run later), and a resend is the same bytes: so it uses the call's counter
+    up with the app's read-only command, drops the call, and the account's next call runs."""
     alice = new_identity(mesh.data_dir, "alice")
     with mesh.connect(max_request_bytes=2 * MAX_REQUEST_BYTES) as client:
         client.create_instance(
@@ -89,8 +88,14 @@ def test_a_limit_raised_past_the_gateways_meets_its_refusal_and_the_call_is_kept
                 app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
             ),
         )
-        with pytest.raises(GatewayError) as refused:
-            client.vault("records", alice).put("big", BIG, request_id="row-1")
-        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.request_id == "row-1"
-        assert [call.request_id for call in client.calls.pending("records", alice.account)] == ["row-1"]
+        records = client.vault("records", alice)
+        with pytest.raises(RequestTooLarge, match="nothing ran") as refused:
+            records.put("big", BIG, request_id="row-1")
+        assert refused.value.sent
+        assert refused.value.limit == MAX_REQUEST_BYTES  # the gateway's, from its ErrorInfo
+        assert refused.value.request_id is None  # nothing to resume
+        _nothing_kept(client, alice)
+        assert client.counters.last("records", alice.account) == 1  # the filler used counter 1
+        assert records.put("after", b"runs") is True
+        with pytest.raises(CommandRefused):
+            records.get("big")  # the big put never ran

@@ -128,6 +128,7 @@ _FINAL_REFUSALS = frozenset(
 # restarted): such a command was never executed, so it is sealed again to the new keys.
 _UNOPENABLE = "COMMAND_UNOPENABLE"
 _STREAM_LIFETIME_REACHED = "STREAM_LIFETIME_REACHED"
+_TOO_LARGE = "MESSAGE_TOO_LARGE"
 #: Commands per ExecuteBatch (the gateway's cap).
 MAX_BATCH = 256
 
@@ -142,6 +143,18 @@ def _read(value: Path | bytes | None) -> bytes | None:
 
 def _unopenable(error: GatewayError) -> bool:
     return error.code == grpc.StatusCode.INVALID_ARGUMENT and error.reason == _UNOPENABLE
+
+
+def _too_large(error: GatewayError) -> bool:
+    """The gateway refused the request unread for its size (every resend would be refused too)."""
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == _TOO_LARGE
+
+
+def _request_bytes(sealed: SealedRequest) -> int:
+    """The encoded size of the ExecuteRequest that carries `sealed`."""
+    return gateway_pb2.ExecuteRequest(
+        instance_id=sealed.instance_id, command=sealed.command, request_id=sealed.request_id
+    ).ByteSize()
 
 
 # A read-only method of each app, sent as a *command* only to use up a counter that a call refused
@@ -541,11 +554,9 @@ class VeilClient:
             request_id=state.request_id,
             suite=suite,
         )
-        size = gateway_pb2.ExecuteRequest(
-            instance_id=state.instance_id, command=sealed.command, request_id=sealed.request_id
-        ).ByteSize()
+        size = _request_bytes(sealed)
         if size > self.max_request_bytes:
-            raise RequestTooLarge(size, self.max_request_bytes)
+            raise RequestTooLarge(size, self.max_request_bytes, earlier_sent=bool(state.sealings))
         return sealed
 
     # --- administration (admin certificate) --------------------------------------------------
@@ -1024,6 +1035,16 @@ class VeilClient:
                 )
             except ForeignAnswer as failure:
                 return self._foreign_answer(state, identity, suite, failure)
+            except GatewayError as failure:
+                if not _too_large(failure) or not state.sealings:
+                    raise
+                # Refused unread, and every resend is the same bytes: use the counter up, so no
+                # sealing of the call the host may hold can run, and drop the call.
+                limit = failure.metadata.get("limit_bytes", "")
+                too_large = RequestTooLarge(
+                    _request_bytes(state.sealings[-1][0]), int(limit) if limit.isdigit() else None, sent=True
+                )
+                return self._foreign_answer(state, identity, suite, too_large)
             if opened is None:
                 state.ambiguous = True  # the host may say so of a command that ran: same counter only
                 continue
@@ -1106,12 +1127,15 @@ class VeilClient:
             raise
         return sealed, signing_key, self._send(sealed, signing_key, identity, state), True
 
-    def _foreign_answer(self, state: _Call, identity: Identity, suite: int, failure: ForeignAnswer) -> Opened:
+    def _foreign_answer(
+        self, state: _Call, identity: Identity, suite: int, failure: ForeignAnswer | RequestTooLarge
+    ) -> Opened:
         """The mesh answered the call's request id with what none of its sealings opens (its record
         of a sealing this client does not hold: the call ran before, from a client that lost its
-        records, or another call took the id). No sealing of this call ran through that request,
-        but each stays valid in the host's hands under the call's counter, and later calls would
-        wait for it: use the counter up with the app's read-only filler, so none ever can.
+        records, or another call took the id), or refused it unread as too large. No sealing of
+        this call ran through that request, but each stays valid in the host's hands under the
+        call's counter, and later calls would wait for it: use the counter up with the app's
+        read-only filler, so none ever can.
 
         Returns the call's answer when the enclave says one of its sealings used the counter after
         all (a host that ran it under another id). Raises `failure` with the call's sealings

@@ -173,6 +173,8 @@ class GatewayError(VeilClientError):
         self.code: grpc.StatusCode = error.code()
         info = error_info(error)
         self.reason = info.reason if info is not None else ""
+        #: The ErrorInfo's metadata (e.g. `limit_bytes` of MESSAGE_TOO_LARGE), empty without one.
+        self.metadata: dict[str, str] = dict(info.metadata) if info is not None else {}
         self.details = error.details() or ""
         #: For `VeilClient.execute`: the call's request id; pass it again to resume the call.
         self.request_id: str | None = None
@@ -182,19 +184,45 @@ class GatewayError(VeilClientError):
 
 
 class RequestTooLarge(VeilClientError):
-    """A sealed command is larger than the gateway accepts, so it was not sent (nor kept).
+    """A sealed command is larger than the gateway accepts: it never runs.
 
     The gateway refuses a request over its limit (`VEIL_GATEWAY_MAX_MESSAGE_BYTES`, 1 MiB by
-    default) before reading it, and a resend carries the same bytes: a call sent that way could
-    never be answered, and the account's later calls would wait for its counter. The SDK
+    default) before reading it, and a resend carries the same bytes: kept, such a call could
+    never be answered, and the account's later calls would wait for its counter. So the SDK
     checks the sealed size against `max_request_bytes` (the gateway's default unless the client
-    names another) before it keeps or sends anything. Send less (e.g. split a record).
+    names another) before it keeps or sends anything (`sent` False: nothing was sent). When the
+    gateway refuses one anyway (a client limit set above the gateway's), the SDK uses the
+    call's counter up with the app's read-only command, so that no sealing of it the host may
+    hold can ever run, and drops the call (`sent` True: nothing ran). Send less (e.g. split a
+    record), or raise the gateway's limit. A re-sealing over the limit of a call whose earlier
+    sealing was sent (`earlier_sent`) leaves the call kept: resume it by its request id.
     """
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(
-            f"the sealed command is {size} bytes, over the gateway's request limit of {limit} bytes "
-            "(max_request_bytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent"
-        )
+    def __init__(
+        self, size: int, limit: int | None, *, sent: bool = False, earlier_sent: bool = False
+    ) -> None:
+        if earlier_sent:
+            # A re-sealing (another suite, a renewed token) of a call whose earlier sealing went.
+            text = (
+                f"a new sealing of this call is {size} bytes, over the gateway's request limit of "
+                f"{limit} bytes, so it was not sent; an earlier sealing of the call was sent and may "
+                "still run: resume the call by its request id, never send it as a new call"
+            )
+        elif sent:
+            over = f"over its request limit of {limit} bytes" if limit else "over its request limit"
+            text = (
+                f"the gateway refused the sealed command of {size} bytes unread, {over}; its counter "
+                "was used up by a read-only command, so it never runs: nothing ran (send less, or "
+                "raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)"
+            )
+        else:
+            text = (
+                f"the sealed command is {size} bytes, over the gateway's request limit of {limit} bytes "
+                "(the client's max_request_bytes, `veil --max-request-bytes`; the gateway's "
+                "VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent"
+            )
+        super().__init__(text)
         self.size = size
         self.limit = limit
+        self.sent = sent
+        self.earlier_sent = earlier_sent
