@@ -38,6 +38,9 @@ def test_arguments_the_parser_cannot_judge_exit_2_and_send_nothing(veil: Veil, t
         "alice",
     )
     assert "give no TO or AMOUNT" in _usage(veil, *csv_and_recipient)
+    account = "cd" * 32
+    assert "not an amount" in _usage(veil, "token", "transfer", "coins", "abc", "--to-account", account)
+    assert "not an account" in _usage(veil, "token", "transfer", "coins", "5", "--to-account", "zz")
     assert veil.executed() == sent
 
 
@@ -67,3 +70,16 @@ def test_with_json_a_failure_is_one_json_document_too(veil: Veil) -> None:
     document = json.loads(out)
     assert document["exit_status"] == 1
     assert "nope" in document["error"]
+
+
+def test_with_json_a_refusal_of_the_parser_is_one_json_document_too(veil: Veil) -> None:
+    for argv in (
+        ("identity", "new", "../x"),
+        ("token", "mint", "coins", "alice", "abc"),
+        ("token", "transfer"),
+    ):
+        status, out, err = veil(*argv, "--json", connect=False)
+        assert status == 2
+        document = json.loads(out)
+        assert document["exit_status"] == 2
+        assert document["error"] == err.strip().removeprefix("error: ")

@@ -69,6 +69,14 @@ _INSTANCE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 _HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))$")
 
 
+class ArgumentsRefused(SystemExit):
+    """The parser refused the command line (exit 2); `line` is the error it printed."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(2)
+        self.line = line
+
+
 class VeilParser(argparse.ArgumentParser):
     """argparse with one-line errors (and `--help` epilogs kept as written)."""
 
@@ -77,7 +85,9 @@ class VeilParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        line = f"{self.prog}: {message} (see {self.prog} --help)"
+        print(f"error: {line}", file=sys.stderr)
+        raise ArgumentsRefused(line)
 
 
 def example(*lines: str) -> str:
@@ -271,8 +281,13 @@ def fail(
     line = " ".join(message.split())
     print("error: " + line, file=sys.stderr)
     if args is not None and getattr(args, "json", False):
-        print(json.dumps({"error": line, "exit_status": status, "request_id": request_id}))
+        json_error(line, status, request_id)
     return status
+
+
+def json_error(line: str, status: int, request_id: str | None = None) -> None:
+    """A failure as the one JSON document a --json command prints."""
+    print(json.dumps({"error": line, "exit_status": status, "request_id": request_id}))
 
 
 # --- connection ---------------------------------------------------------------------------

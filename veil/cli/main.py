@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from veil.cli import attest, ballot, completion, contact, identity, instance, status, token, vault
-from veil.cli.common import VeilParser, handler_of, run
+from veil.cli.common import ArgumentsRefused, VeilParser, handler_of, json_error, run
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return attest.verify_main(arguments[2:])
     try:
         args = build_parser().parse_args(arguments)
-    except SystemExit as exit_:  # argparse printed the help, or one line about the arguments
+    except ArgumentsRefused as refused:  # one line about the arguments, printed
+        if "--json" in arguments:
+            json_error(refused.line, 2)
+        return 2
+    except SystemExit as exit_:  # argparse printed the help
         return exit_.code if isinstance(exit_.code, int) else 2
     return run(handler_of(args), args)
 

@@ -38,6 +38,7 @@ from veil.sdk.errors import (
     CommandRefused,
     CounterGap,
     GatewayError,
+    IdentityError,
     IntegrityError,
     NotRunYet,
     NotSettledYet,
@@ -106,12 +107,15 @@ def _recipient_arguments(parser: argparse.ArgumentParser) -> None:
 def _single(args: argparse.Namespace) -> tuple[str, int]:
     """(account, amount) of a one-recipient command: `TO AMOUNT` or `AMOUNT --to-account HEX`."""
     if args.to_account is not None:
-        if args.amount is None and args.to is not None:
-            # `transfer coins 25 --to-account HEX`: the one positional is the amount.
-            args.amount, args.to = amount(args.to), None
-        if args.to is not None:
-            raise UsageError("give a recipient name or --to-account, not both")
-        to = canonical_account(args.to_account)
+        try:
+            if args.amount is None and args.to is not None:
+                # `transfer coins 25 --to-account HEX`: the one positional is the amount.
+                args.amount, args.to = amount(args.to), None
+            if args.to is not None:
+                raise UsageError("give a recipient name or --to-account, not both")
+            to = canonical_account(args.to_account)
+        except (argparse.ArgumentTypeError, IdentityError) as exc:  # judged here, not by the parser
+            raise UsageError(str(exc)) from None
     elif args.to is None:
         raise UsageError("give TO AMOUNT (TO: an identity or contact name) or AMOUNT --to-account HEX")
     else:

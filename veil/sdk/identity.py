@@ -110,7 +110,10 @@ Identity = SigningIdentity | AnonymousIdentity | OAuth2Identity
 def check_name(name: str) -> str:
     """`name` when it is a valid identity or contact name; IdentityError otherwise."""
     if not _NAME.fullmatch(name):
-        raise IdentityError("identity names are 1 to 64 letters, digits, dots, dashes or underscores")
+        raise IdentityError(
+            "identity names are 1 to 64 letters, digits, dots, dashes or underscores, "
+            "the first a letter or digit"
+        )
     return name
 
 
