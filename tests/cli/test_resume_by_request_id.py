@@ -37,3 +37,36 @@ def test_a_malformed_request_id_is_refused_before_anything_is_sent(veil: Veil) -
     status, _, err = veil("token", "transfer", "coins", "bob", "5", "--as", "alice", "--request-id", "x" * 65)
     assert status == 2
     assert "is not a request id" in err
+
+
+@pytest.mark.parametrize(
+    ("verb", "arguments"),
+    [("put", ("--data", "P1234567")), ("share", ("bob",)), ("delete", ())],
+)
+def test_a_vault_change_not_run_yet_is_resumed_by_its_request_id(
+    veil: Veil, monkeypatch: pytest.MonkeyPatch, verb: str, arguments: tuple[str, ...]
+) -> None:
+    """The vault's verbs name their calls too (a new-user review: a put left unsettled could not
+    be resumed from the CLI, and every later write of the identity waited for it)."""
+    accounts = veil.identities("alice", "bob")
+    veil.ok("instance", "create", "records", "--app", "vault")
+    if verb != "put":
+        veil.ok("vault", "put", "records", "passport", "--data", "P1234567", "--as", "alice")
+    host = SqueezedEnclave(veil.mesh, monkeypatch)
+    command = ("vault", verb, "records", "passport", *arguments, "--as", "alice")
+    status, _, err = veil(*command)
+    assert status == 1
+    found = re.search(r"--request-id (\S+) to resume it", err)
+    assert found, err
+    host.run("records", host.seen[0])  # the host runs the kept sealing later
+    resumed = veil.json(*command, "--request-id", found[1])  # that run's answer, not a second run
+    assert resumed["record_id"] == "passport"
+    read = ("vault", "get", "records", "passport", "--as", "alice")
+    if verb == "delete":
+        assert veil(*read)[0] == 1  # gone
+    else:
+        record = veil.json(*read)
+        assert record["readers"] == ([accounts["bob"]] if verb == "share" else [])
+    if verb == "put":
+        assert resumed["created"] is True  # the first run's answer
+    veil.ok("vault", "put", "records", "after", "--data", "x", "--as", "alice")  # nothing waits

@@ -24,6 +24,7 @@ from veil.cli.common import (
     recipient,
     report,
     report_receipt,
+    request_id_option,
 )
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
@@ -65,6 +66,7 @@ def register(commands: Subcommands) -> None:
             default=0,
             help="votes needed to close; raises, never lowers, the instance's minimum (default 3)",
         )
+        request_id_option(open_ballot)
     with app_verb(
         ballot,
         "vote",
@@ -80,6 +82,8 @@ def register(commands: Subcommands) -> None:
     ):
         with app_verb(ballot, verb, handler, text, f"veil ballot {verb} ballots chair --as clerk") as sub:
             sub.add_argument("ballot")
+            if verb == "close":  # changes state (a tally only reads)
+                request_id_option(sub)
     with app_verb(
         ballot,
         "verify-receipt",
@@ -141,7 +145,14 @@ def ballot_create(args: argparse.Namespace) -> int:
         raise VeilClientError("a voter is named twice (two names for one account?)")
     with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
-        ballot.create(args.ballot, args.question, args.option, voters, min_votes=args.min_votes)
+        ballot.create(
+            args.ballot,
+            args.question,
+            args.option,
+            voters,
+            min_votes=args.min_votes,
+            request_id=args.request_id,
+        )
     document = {"ballot_id": args.ballot, "options": args.option, "voters": voters}
     who = f"{len(voters)} eligible voters" if voters else "open to everyone"
     return report_receipt(args, document, ballot.last, f"ballot {args.ballot!r} is open ({who})")
@@ -194,7 +205,7 @@ def _tally_table(options: list[str], counts: tuple[int, ...]) -> None:
 def _tally(args: argparse.Namespace, close: bool) -> int:
     with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
-        tally = ballot.close(args.ballot) if close else ballot.tally(args.ballot)
+        tally = ballot.close(args.ballot, request_id=args.request_id) if close else ballot.tally(args.ballot)
         info = ballot.info(args.ballot)
     options = list(info.options)
     document = {

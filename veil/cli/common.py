@@ -127,6 +127,17 @@ def identity_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
+def request_id_option(parser: argparse.ArgumentParser) -> None:
+    """--request-id for a command that changes state: the same id resumes a call an error left
+    unsettled (its error line names the id) instead of sending it again."""
+    parser.add_argument(
+        "--request-id",
+        type=request_id,
+        help="name the call (an error that leaves it unsettled prints its id): the same id resumes "
+        "it rather than sending it again",
+    )
+
+
 def amount(text: str) -> int:
     """A positive whole number of tokens that fits the apps' uint64."""
     if not text.strip().isdigit() or not 0 < int(text) <= MAX_AMOUNT:

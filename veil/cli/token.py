@@ -30,7 +30,7 @@ from veil.cli.common import (
     recipient,
     report,
     report_receipt,
-    request_id,
+    request_id_option,
 )
 from veil.sdk.apps import BatchResult
 from veil.sdk.contacts import canonical_account
@@ -96,12 +96,7 @@ def _recipient_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("to", nargs="?", help="identity or contact name")
     parser.add_argument("amount", nargs="?", type=amount)
     parser.add_argument("--to-account", metavar="HEX", help="an explicit account (64 hex characters)")
-    parser.add_argument(
-        "--request-id",
-        type=request_id,
-        help="name the call (an error that leaves it unsettled prints its id): the same id resumes "
-        "it rather than sending it again",
-    )
+    request_id_option(parser)
 
 
 def _single(args: argparse.Namespace) -> tuple[str, int]:

@@ -17,6 +17,7 @@ from veil.cli.common import (
     recipient,
     report,
     report_receipt,
+    request_id_option,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def register(commands: Subcommands) -> None:
         source = put.add_mutually_exclusive_group()
         source.add_argument("--data", help="the content as text (default: stdin)")
         source.add_argument("--file", help="read the content from a file")
+        request_id_option(put)
     with app_verb(
         vault,
         "get",
@@ -56,6 +58,7 @@ def register(commands: Subcommands) -> None:
         ) as change:
             change.add_argument("record")
             change.add_argument("reader", help="identity or contact name, or a 64-hex account")
+            request_id_option(change)
     with app_verb(
         vault,
         "delete",
@@ -64,6 +67,7 @@ def register(commands: Subcommands) -> None:
         "veil vault delete records passport --as alice",
     ) as delete:
         delete.add_argument("record")
+        request_id_option(delete)
 
 
 def vault_put(args: argparse.Namespace) -> int:
@@ -75,7 +79,7 @@ def vault_put(args: argparse.Namespace) -> int:
         data = sys.stdin.buffer.read()
     with acting_client(args) as (veil, identity):
         vault = veil.vault(args.instance, identity)
-        created = vault.put(args.record, data)
+        created = vault.put(args.record, data, request_id=args.request_id)
     document = {"record_id": args.record, "created": created, "bytes": len(data)}
     verb = "created" if created else "replaced"
     return report_receipt(args, document, vault.last, f"{verb} record {args.record!r} ({len(data)} bytes)")
@@ -113,10 +117,10 @@ def _vault_change(args: argparse.Namespace, verb: str) -> int:
     with acting_client(args) as (veil, identity):
         vault = veil.vault(args.instance, identity)
         if verb == "delete":
-            vault.delete(args.record)
+            vault.delete(args.record, request_id=args.request_id)
             done = f"deleted record {args.record!r}"
         else:
-            getattr(vault, verb)(args.record, reader)
+            getattr(vault, verb)(args.record, reader, request_id=args.request_id)
             who = namer(args)(reader)
             done = f"{verb}d record {args.record!r} {'with' if verb == 'share' else 'from'} {who}"
     document = {"record_id": args.record, "action": verb, **({"reader": reader} if reader else {})}
