@@ -70,3 +70,24 @@ def test_a_vault_change_not_run_yet_is_resumed_by_its_request_id(
     if verb == "put":
         assert resumed["created"] is True  # the first run's answer
     veil.ok("vault", "put", "records", "after", "--data", "x", "--as", "alice")  # nothing waits
+
+
+def test_a_vote_not_run_yet_is_resumed_by_its_request_id_with_its_own_salt(
+    veil: Veil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vote is sealed with a fresh secret salt; resumed by its id, the CLI takes the kept call's
+    salt, so the very same vote goes (the SDK checks the enclave's commitment against it)."""
+    veil.identities("clerk", "alice")
+    veil.ok("instance", "create", "polls", "--app", "ballot")
+    options = ("--option", "a", "--option", "b")
+    veil.ok("ballot", "create", "polls", "chair", "--question", "q", *options, "--as", "clerk")
+    host = SqueezedEnclave(veil.mesh, monkeypatch)
+    status, _, err = veil("ballot", "vote", "polls", "chair", "b", "--as", "alice")
+    assert status == 1
+    found = re.search(r"--request-id (\S+) to resume it", err)
+    assert found, err
+    host.run("polls", host.seen[0])
+    resumed = veil.json("ballot", "vote", "polls", "chair", "b", "--as", "alice", "--request-id", found[1])
+    assert resumed["replaced"] is False  # the one vote, answered again, not a second one
+    again = veil.json("ballot", "vote", "polls", "chair", "a", "--as", "alice")
+    assert again["replaced"] is True  # the account goes on: a new vote replaces it

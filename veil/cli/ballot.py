@@ -26,6 +26,7 @@ from veil.cli.common import (
     report_receipt,
     request_id_option,
 )
+from veil.enclave.v1 import apps_pb2
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
 from veil.sdk.files import write_json
@@ -34,6 +35,7 @@ from veil.verify.bundle import VerifiedAttestation
 
 if TYPE_CHECKING:
     from veil.cli.common import Subcommands
+    from veil.sdk.client import VeilClient
 
 #: The receipt keys this client proved by attestation when voting (DATA_DIR/attested-keys.json).
 ATTESTED_KEYS_FILE = "attested-keys.json"
@@ -76,6 +78,7 @@ def register(commands: Subcommands) -> None:
     ) as vote:
         vote.add_argument("ballot")
         vote.add_argument("option", help="option index or label")
+        request_id_option(vote)
     for verb, handler, text in (
         ("close", ballot_close, "end voting (creator) and print the tally"),
         ("tally", ballot_tally, "print a closed ballot's tally"),
@@ -158,6 +161,16 @@ def ballot_create(args: argparse.Namespace) -> int:
     return report_receipt(args, document, ballot.last, f"ballot {args.ballot!r} is open ({who})")
 
 
+def _kept_salt(veil: VeilClient, request_id: str | None) -> bytes | None:
+    """The secret salt of the vote kept unsettled under `request_id` (the data dir's calls), so
+    resuming it seals the very same vote; None for a new vote (a fresh salt)."""
+    kept = veil.calls.get(request_id) if request_id else None
+    if kept is None:
+        return None
+    call = apps_pb2.AppCall.FromString(kept.call)
+    return call.ballot.vote.salt if call.ballot.HasField("vote") else None
+
+
 def ballot_vote(args: argparse.Namespace) -> int:
     with acting_client(args) as (veil, identity):
         ballot = veil.ballot(args.instance, identity)
@@ -169,7 +182,8 @@ def ballot_vote(args: argparse.Namespace) -> int:
         else:
             choices = ", ".join(f"{i}: {o}" for i, o in enumerate(options))
             raise VeilClientError(f"no option {args.option!r}; the options are {choices}")
-        vote = ballot.vote(args.ballot, option)
+        salt = _kept_salt(veil, args.request_id)
+        vote = ballot.vote(args.ballot, option, salt=salt, request_id=args.request_id)
         _remember_key(args, args.instance, veil.attest(args.instance))  # the attestation it was sealed to
     path = _vote_path(args, args.ballot, vote.voter)
     path.parent.mkdir(parents=True, exist_ok=True)
