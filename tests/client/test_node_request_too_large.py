@@ -5,26 +5,17 @@ and the account's next calls run: kept, such a call could never be answered and 
 from __future__ import annotations
 
 from tests.client.node_support import node_clients, node_eval
+from tests.client.test_request_too_large import create_records, sent_to_state
 from tests.gateway.support import InProcessMesh, write_fake_mesh_policy
-from veil.enclave.v1 import envelope_pb2
 from veil.sdk.client import MAX_REQUEST_BYTES
 from veil.sdk.identity import new_identity
-
-
-def _sent(mesh: InProcessMesh) -> int:
-    return sum(state.calls["Execute"] + state.calls["ExecuteBatch"] for state in mesh.states)
 
 
 def test_node_refuses_an_oversized_command_unsent_and_the_next_calls_run(mesh: InProcessMesh) -> None:
     new_identity(mesh.data_dir, "alice")
     write_fake_mesh_policy(mesh.data_dir)
     with mesh.connect() as admin:
-        admin.create_instance(
-            "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
-        )
+        create_records(admin)
     prelude = (
         node_clients(mesh.data_dir, mesh.public_address, timeout_ms=5000)
         + f"""
@@ -38,7 +29,7 @@ def test_node_refuses_an_oversized_command_unsent_and_the_next_calls_run(mesh: I
         const client = make();
         """
     )
-    sent = _sent(mesh)
+    sent = sent_to_state(mesh)
     refused = node_eval(
         prelude
         + """
@@ -56,7 +47,7 @@ def test_node_refuses_an_oversized_command_unsent_and_the_next_calls_run(mesh: I
         assert failure["error"] == "RequestTooLarge", refused
         assert "nothing was sent" in failure["message"]
         assert failure["requestId"] is None  # nothing to resume
-    assert _sent(mesh) == sent
+    assert sent_to_state(mesh) == sent
     # Another process on the same data dir: nothing kept, and the account's next calls run.
     after = node_eval(
         prelude
@@ -80,12 +71,7 @@ def test_node_uses_the_counter_up_when_the_gateway_refuses_a_command_as_too_larg
     new_identity(mesh.data_dir, "alice")
     write_fake_mesh_policy(mesh.data_dir)
     with mesh.connect() as admin:
-        admin.create_instance(
-            "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
-        )
+        create_records(admin)
     result = node_eval(
         node_clients(mesh.data_dir, mesh.public_address, timeout_ms=5000)
         + f"""

@@ -20,20 +20,24 @@ from veil.sdk.identity import SigningIdentity, new_identity
 BIG = b"x" * (MAX_REQUEST_BYTES + 1)
 
 
+def create_records(client: VeilClient) -> None:
+    """The vault instance "records", signature accounts (the admin's call)."""
+    config = envelope_pb2.InstanceConfig(
+        app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
+    )
+    client.create_instance("records", config)
+
+
+def sent_to_state(mesh: InProcessMesh) -> int:
+    """Execute and ExecuteBatch calls the state replicas were given."""
+    return sum(state.calls["Execute"] + state.calls["ExecuteBatch"] for state in mesh.states)
+
+
 @pytest.fixture
 def admin(mesh: InProcessMesh) -> Iterator[VeilClient]:
     with mesh.connect() as client:
-        client.create_instance(
-            "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
-        )
+        create_records(client)
         yield client
-
-
-def _sent(mesh: InProcessMesh) -> int:
-    return sum(state.calls["Execute"] + state.calls["ExecuteBatch"] for state in mesh.states)
 
 
 def _nothing_kept(client: VeilClient, alice: SigningIdentity) -> None:
@@ -47,13 +51,13 @@ def test_an_oversized_put_is_refused_unsent_and_the_next_put_runs(
     alice = new_identity(mesh.data_dir, "alice")
     records = admin.vault("records", alice)
     assert records.put("small", b"before") is True
-    sent = _sent(mesh)
+    sent = sent_to_state(mesh)
     with pytest.raises(RequestTooLarge, match="nothing was sent") as refused:
         records.put("big", BIG, request_id="row-1")
     assert refused.value.limit == MAX_REQUEST_BYTES
     assert refused.value.size > MAX_REQUEST_BYTES
     assert refused.value.request_id is None  # nothing to resume
-    assert _sent(mesh) == sent
+    assert sent_to_state(mesh) == sent
     _nothing_kept(admin, alice)
     assert records.put("after", b"runs") is True  # not waiting for the refused call's counter
     assert records.get("after").data == b"runs"
@@ -65,10 +69,10 @@ def test_an_oversized_command_in_a_batch_sends_none_of_it(mesh: InProcessMesh, a
         apps_pb2.AppCall(vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id=name, data=data)))
         for name, data in (("a", b"1"), ("big", BIG), ("c", b"3"))
     ]
-    sent = _sent(mesh)
+    sent = sent_to_state(mesh)
     with pytest.raises(RequestTooLarge):
         admin.execute_many("records", puts, alice)
-    assert _sent(mesh) == sent
+    assert sent_to_state(mesh) == sent
     _nothing_kept(admin, alice)
     assert all(result.accepted for result in admin.execute_many("records", puts[::2], alice))  # type: ignore[union-attr]
 
@@ -82,12 +86,7 @@ def test_a_limit_raised_past_the_gateways_has_the_counter_used_up_and_the_call_d
     up with the app's read-only command, drops the call, and the account's next call runs."""
     alice = new_identity(mesh.data_dir, "alice")
     with mesh.connect(max_request_bytes=2 * MAX_REQUEST_BYTES) as client:
-        client.create_instance(
-            "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
-        )
+        create_records(client)
         records = client.vault("records", alice)
         with pytest.raises(RequestTooLarge, match="nothing ran") as refused:
             records.put("big", BIG, request_id="row-1")

@@ -12,16 +12,19 @@ review tests of the RequestTooLarge change (fresh-context reviews, adopted).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from tests.client.test_request_too_large import create_records, sent_to_state
 from tests.gateway.support import InProcessMesh, mesh_fixture
-from veil.enclave.v1 import apps_pb2, envelope_pb2
+from veil.enclave.v1 import apps_pb2
+from veil.sdk.client import VeilClient
 from veil.sdk.errors import CommandRefused, GatewayError, OutcomeUnknown, RequestTooLarge
-from veil.sdk.identity import new_identity
+from veil.sdk.identity import SigningIdentity, new_identity
 from veil.sdk.sealing import MLKEM768X25519_SUITE, X25519_SUITE
 
 GATEWAY_LIMIT = 64 * 1024
@@ -33,22 +36,13 @@ def small_gateway(pki_dir: Path, tmp_path: Path) -> Iterator[InProcessMesh]:
     yield from mesh_fixture(pki_dir, tmp_path, gateway_options={"max_message_bytes": GATEWAY_LIMIT})
 
 
-def _vault(client: Any) -> None:
-    client.create_instance(
-        "records",
-        envelope_pb2.InstanceConfig(
-            app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-        ),
-    )
-
-
 def test_a_call_the_gateway_refuses_as_too_large_is_settled_and_the_account_goes_on(
     small_gateway: InProcessMesh, monkeypatch: Any
 ) -> None:
     mesh = small_gateway
     alice = new_identity(mesh.data_dir, "alice")
     with mesh.connect(timeout=3) as client:  # the default max_request_bytes: 1 MiB
-        _vault(client)
+        create_records(client)
         honest = client._execute
         sent: list[Any] = []
 
@@ -87,124 +81,122 @@ def _unopenable() -> GatewayError:
     return error
 
 
+def _holding_r1(client: VeilClient, monkeypatch: Any) -> tuple[Any, list[Any]]:
+    """The host keeps every sealing of "r1" and claims the enclave could not open it (its
+    unauthenticated word: ambiguous, so the SDK re-seals under the same counter); the honest
+    send and the sealings held."""
+    honest = client._execute
+    held: list[Any] = []
+
+    def hostile(sealed: Any, identity: Any) -> Any:
+        if sealed.request_id == "r1":
+            held.append(sealed)
+            raise _unopenable()
+        return honest(sealed, identity)
+
+    monkeypatch.setattr(client, "_execute", hostile)
+    return honest, held
+
+
+@dataclass
+class HeldR1:
+    """A client on a mesh whose host holds every sealing of "r1" (`_holding_r1`)."""
+
+    client: VeilClient
+    alice: SigningIdentity
+    honest: Any
+    held: list[Any]
+
+
+@pytest.fixture
+def r1(mesh: InProcessMesh, monkeypatch: Any) -> Iterator[HeldR1]:
+    alice = new_identity(mesh.data_dir, "alice")
+    with mesh.connect(max_request_bytes=LIMIT) as client:
+        create_records(client)
+        honest, held = _holding_r1(client, monkeypatch)
+        yield HeldR1(client, alice, honest, held)
+
+
 def _put(record: str, size: int) -> apps_pb2.AppCall:
     return apps_pb2.AppCall(
         vault=apps_pb2.VaultCall(put=apps_pb2.VaultPut(record_id=record, data=b"x" * size))
     )
 
 
-def test_a_resumed_call_whose_resealing_is_too_large_stays_kept(
-    mesh: InProcessMesh, monkeypatch: Any
-) -> None:
-    alice = new_identity(mesh.data_dir, "alice")
-    with mesh.connect(max_request_bytes=LIMIT) as client:
-        honest = client._execute
-        held: list[Any] = []
-
-        def hostile(sealed: Any, identity: Any) -> Any:
-            # The host keeps every sealing of "r1" and claims the enclave could not open it
-            # (its unauthenticated word: ambiguous, so the SDK re-seals under the same counter).
-            if sealed.request_id == "r1":
-                held.append(sealed)
-                raise _unopenable()
-            return honest(sealed, identity)
-
-        monkeypatch.setattr(client, "_execute", hostile)
-        client.create_instance(
-            "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
-        )
-        call = _put("rec", 3000)  # about 3.3 kB sealed with X25519, 4.4 kB with ML-KEM-768+X25519
-        with pytest.raises(OutcomeUnknown) as first:
-            client.execute("records", call, alice, request_id="r1", suite=X25519_SUITE)
-        assert first.value.request_id == "r1"
-        kept = client.calls.get("r1")
-        assert kept is not None
-        assert kept.sealings
-        counter = kept.counter
-        mark = client.counters.sealed("records", alice.account)
-        assert mark >= counter
-        # Resumed under the post-quantum suite: the kept bytes go first (not size-checked: they
-        # were sent), the host says "unopenable" again, and the re-sealing is too large.
-        with pytest.raises(RequestTooLarge) as resumed:
-            client.execute("records", call, alice, request_id="r1", suite=MLKEM768X25519_SUITE)
-        assert resumed.value.request_id == "r1"  # the CLI prints the resume hint
-        assert resumed.value.earlier_sent
-        assert "an earlier sealing of the call was sent and may still run" in str(resumed.value)
-        still = client.calls.get("r1")
-        assert still is not None
-        assert len(still.sealings) == len(kept.sealings)
-        assert client.counters.sealed("records", alice.account) == mark  # the mark stands
-        # A new call never takes r1's counter: it waits for it (the host holds r1's sealings).
-        assert client._next_counter("records", alice.account) > counter
-        sent = len(held)
-        monkeypatch.setattr(client, "_execute", honest)
-        # The host now runs a held sealing of r1 (the first); resuming gets that answer.
-        assert sent >= 7
-        honest(held[0], alice)
-        opened = client.execute("records", call, alice, request_id="r1")
-        assert opened.accepted
-        assert client.vault("records", alice).put("after", b"1") is True
+def test_a_resumed_call_whose_resealing_is_too_large_stays_kept(r1: HeldR1, monkeypatch: Any) -> None:
+    client, alice, honest, held = r1.client, r1.alice, r1.honest, r1.held
+    call = _put("rec", 3000)  # about 3.3 kB sealed with X25519, 4.4 kB with ML-KEM-768+X25519
+    with pytest.raises(OutcomeUnknown) as first:
+        client.execute("records", call, alice, request_id="r1", suite=X25519_SUITE)
+    assert first.value.request_id == "r1"
+    kept = client.calls.get("r1")
+    assert kept is not None
+    assert kept.sealings
+    counter = kept.counter
+    mark = client.counters.sealed("records", alice.account)
+    assert mark >= counter
+    # Resumed under the post-quantum suite: the kept bytes go first (not size-checked: they
+    # were sent), the host says "unopenable" again, and the re-sealing is too large.
+    with pytest.raises(RequestTooLarge) as resumed:
+        client.execute("records", call, alice, request_id="r1", suite=MLKEM768X25519_SUITE)
+    assert resumed.value.request_id == "r1"  # the CLI prints the resume hint
+    assert resumed.value.earlier_sent
+    assert "an earlier sealing of the call was sent and may still run" in str(resumed.value)
+    still = client.calls.get("r1")
+    assert still is not None
+    assert len(still.sealings) == len(kept.sealings)
+    assert client.counters.sealed("records", alice.account) == mark  # the mark stands
+    # A new call never takes r1's counter: it waits for it (the host holds r1's sealings).
+    assert client._next_counter("records", alice.account) > counter
+    sent = len(held)
+    monkeypatch.setattr(client, "_execute", honest)
+    # The host now runs a held sealing of r1 (the first); resuming gets that answer.
+    assert sent >= 7
+    honest(held[0], alice)
+    opened = client.execute("records", call, alice, request_id="r1")
+    assert opened.accepted
+    assert client.vault("records", alice).put("after", b"1") is True
 
 
 def test_a_batch_mixing_a_resumed_call_and_an_oversized_one_sends_nothing_and_keeps_the_resumed(
-    mesh: InProcessMesh, monkeypatch: Any
+    mesh: InProcessMesh, r1: HeldR1, monkeypatch: Any
 ) -> None:
-    alice = new_identity(mesh.data_dir, "alice")
-    with mesh.connect(max_request_bytes=LIMIT) as client:
-        honest = client._execute
-        held: list[Any] = []
-
-        def hostile(sealed: Any, identity: Any) -> Any:
-            if sealed.request_id == "r1":
-                held.append(sealed)
-                raise _unopenable()
-            return honest(sealed, identity)
-
-        monkeypatch.setattr(client, "_execute", hostile)
-        client.create_instance(
+    client, alice, honest, _held = r1.client, r1.alice, r1.honest, r1.held
+    small = _put("rec", 10)
+    with pytest.raises(OutcomeUnknown):
+        client.execute("records", small, alice, request_id="r1")
+    kept = client.calls.get("r1")
+    assert kept is not None
+    mark, last = (
+        client.counters.sealed("records", alice.account),
+        client.counters.last("records", alice.account),
+    )
+    sent = sent_to_state(mesh)
+    with pytest.raises(RequestTooLarge):
+        client.execute_many(
             "records",
-            envelope_pb2.InstanceConfig(
-                app=envelope_pb2.APP_KIND_VAULT, auth_scheme=envelope_pb2.AUTH_SCHEME_SIGNATURE
-            ),
+            [small, _put("a", 1), _put("big", LIMIT), _put("c", 1)],
+            alice,
+            request_ids=["r1", None, "r-big", "r-c"],
         )
-        small = _put("rec", 10)
-        with pytest.raises(OutcomeUnknown):
-            client.execute("records", small, alice, request_id="r1")
-        kept = client.calls.get("r1")
-        assert kept is not None
-        mark, last = (
-            client.counters.sealed("records", alice.account),
-            client.counters.last("records", alice.account),
-        )
-        sent = sum(s.calls["ExecuteBatch"] + s.calls["Execute"] for s in mesh.states)
-        with pytest.raises(RequestTooLarge):
-            client.execute_many(
-                "records",
-                [small, _put("a", 1), _put("big", LIMIT), _put("c", 1)],
-                alice,
-                request_ids=["r1", None, "r-big", "r-c"],
-            )
-        assert sum(s.calls["ExecuteBatch"] + s.calls["Execute"] for s in mesh.states) == sent
-        assert (
-            client.counters.sealed("records", alice.account),
-            client.counters.last("records", alice.account),
-        ) == (
-            mark,
-            last,
-        )
-        still = client.calls.get("r1")
-        assert still is not None
-        assert (still.counter, len(still.sealings)) == (
-            kept.counter,
-            len(kept.sealings),
-        )
-        assert client.calls.get("r-big") is None
-        assert client.calls.get("r-c") is None
-        assert [c.request_id for c in client.calls.pending("records", alice.account)] == ["r1"]
-        # The ids of the refused batch start afresh (nothing of them was kept); r1 resumes.
-        monkeypatch.setattr(client, "_execute", honest)
-        results = client.execute_many("records", [small, _put("c", 1)], alice, request_ids=["r1", "r-c"])
-        assert all(getattr(r, "accepted", False) for r in results), results
+    assert sent_to_state(mesh) == sent
+    assert (
+        client.counters.sealed("records", alice.account),
+        client.counters.last("records", alice.account),
+    ) == (
+        mark,
+        last,
+    )
+    still = client.calls.get("r1")
+    assert still is not None
+    assert (still.counter, len(still.sealings)) == (
+        kept.counter,
+        len(kept.sealings),
+    )
+    assert client.calls.get("r-big") is None
+    assert client.calls.get("r-c") is None
+    assert [c.request_id for c in client.calls.pending("records", alice.account)] == ["r1"]
+    # The ids of the refused batch start afresh (nothing of them was kept); r1 resumes.
+    monkeypatch.setattr(client, "_execute", honest)
+    results = client.execute_many("records", [small, _put("c", 1)], alice, request_ids=["r1", "r-c"])
+    assert all(getattr(r, "accepted", False) for r in results), results
