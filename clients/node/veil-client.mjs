@@ -1892,6 +1892,7 @@ export class VeilNodeClient {
     } catch (error) {
       // Another command used it (or, after a foreign answer, a second filler): used all the same.
       if (error instanceof Restart || error instanceof ForeignAnswer) return true;
+      if (error instanceof RequestTooLarge && error.sent) return true; // "too large" (a lie: a filler is small), then used up
       if (error instanceof VeilError) return false;
       throw error;
     } finally {

@@ -26,7 +26,7 @@ from veil.cli.common import (
     report_receipt,
     request_id_option,
 )
-from veil.enclave.v1 import apps_pb2
+from veil.enclave.v1 import apps_pb2, envelope_pb2
 from veil.sdk.apps import VoteReceipt
 from veil.sdk.errors import VeilClientError
 from veil.sdk.files import write_json
@@ -186,21 +186,23 @@ def ballot_vote(args: argparse.Namespace) -> int:
         vote = ballot.vote(args.ballot, option, salt=salt, request_id=args.request_id)
         _remember_key(args, args.instance, veil.attest(args.instance))  # the attestation it was sealed to
     path = _vote_path(args, args.ballot, vote.voter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the salt reveals the vote
-    with os.fdopen(fd, "w") as file:
-        json.dump(vote.to_json(), file, indent=2)
+    superseded = _save_unless_superseded(path, vote)
     document = {
         "ballot_id": args.ballot,
         "commitment": vote.commitment.hex(),
         "replaced": vote.replaced,
+        "superseded": superseded,
         "saved": str(path),
         "receipt": receipt_json(ballot.last),
     }
-    return report(
-        args,
-        document,
-        lambda: print(
+    if superseded:
+        said = (
+            f"this is the answer of an earlier vote for {options[option]!r} (request id "
+            f"{args.request_id}), which a later vote replaced: it no longer counts; "
+            f"{receipt_line(ballot.last)}\nthe receipt of your current vote stays in {path}"
+        )
+    else:
+        said = (
             (
                 f"this vote replaced your earlier vote (which no longer counts): now {options[option]!r}; "
                 if vote.replaced
@@ -208,8 +210,25 @@ def ballot_vote(args: argparse.Namespace) -> int:
             )
             + f"commitment {vote.commitment.hex()}; {receipt_line(ballot.last)}\n"
             f"vote receipt saved to {path} (keep it: it proves your vote later)"
-        ),
-    )
+        )
+    return report(args, document, lambda: print(said))
+
+
+def _save_unless_superseded(path: Path, vote: VoteReceipt) -> bool:
+    """Save `vote`'s receipt (its salt proves the vote later), unless the one saved is of a
+    later vote: an earlier vote's answer again (a rerun by request id) must not overwrite the
+    only copy of the counted vote's salt. True when it was not saved for that reason."""
+    try:
+        kept = envelope_pb2.Receipt.FromString(bytes.fromhex(json.loads(path.read_text())["receipt"]))
+    except (OSError, ValueError, KeyError, TypeError, DecodeError):
+        kept = None  # none yet, or unreadable: this one is saved
+    if kept is not None and kept.sequence > vote.receipt.sequence:
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the salt reveals the vote
+    with os.fdopen(fd, "w") as file:
+        json.dump(vote.to_json(), file, indent=2)
+    return False
 
 
 def _tally_table(options: list[str], counts: tuple[int, ...]) -> None:

@@ -254,8 +254,7 @@ def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int, str | 
     if isinstance(exc, UsageError):
         return str(exc), 2, None
     if isinstance(exc, (VeilClientError, AttestationError)):
-        request_id = exc.request_id if isinstance(exc, VeilClientError) else None
-        return f"{exc}{_hint(exc, args)}", 1, request_id
+        return f"{exc}{_hint(exc, args)}", 1, exc.request_id
     if isinstance(exc, OSError):
         where = f" {exc.filename}" if exc.filename else ""
         return f"{exc.strerror or exc}{':' if where else ''}{where}", 1, None
@@ -269,12 +268,11 @@ def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int, str | 
 
 def _hint(exc: Exception, args: argparse.Namespace) -> str:
     """What to do about a call kept unsettled, or a mesh that answered but is not serving."""
-    if isinstance(exc, VeilClientError) and exc.request_id and hasattr(args, "request_id"):
+    kept = exc.request_id if isinstance(exc, (VeilClientError, AttestationError)) else None
+    if kept and hasattr(args, "request_id"):
         # Sent without a definitive answer: the call is kept in the data dir; only its request
         # id resumes it (a new call could run it twice).
-        return (
-            f" (run the same command with --request-id {exc.request_id} to resume it: it runs at most once)"
-        )
+        return f" (run the same command with --request-id {kept} to resume it: it runs at most once)"
     if isinstance(exc, GatewayError) and exc.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,

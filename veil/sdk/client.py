@@ -682,6 +682,8 @@ class VeilClient:
             return self._run(fill, filler, identity, suite, batched=True).accepted
         except (_Restart, ForeignAnswer):  # another command (a second filler) used it: used all the same
             return True
+        except RequestTooLarge as refused:  # "too large" (a lie: a filler is small), then used up
+            return refused.sent
         except (VeilClientError, AttestationError):
             return False
         finally:
@@ -762,8 +764,8 @@ class VeilClient:
         try:
             if not state.sealings:
                 self.calls.forget_call(state)
-            elif self.calls.keep(state) and isinstance(failure, VeilClientError):  # never another's
-                failure.request_id = state.request_id
+            elif self.calls.keep(state) and isinstance(failure, (VeilClientError, AttestationError)):
+                failure.request_id = state.request_id  # (never another call's: keep refused it)
         except VeilClientError:
             pass  # the store is out of reach: the entry kept before sending stands, the failure goes on
 

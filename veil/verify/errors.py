@@ -26,6 +26,10 @@ __all__ = [
 class AttestationError(Exception):
     """Evidence was refused (a quote, its collateral, a token, a binding or a whole bundle)."""
 
+    #: Set by a client when the refusal came after a command of a call was sent (a re-attestation
+    #: while resuming it): that call's request id, which resumes it (the SDK keeps the call).
+    request_id: str | None = None
+
     def __init__(self, reason: str) -> None:
         super().__init__(f"attestation refused: {reason}")
         self.reason = reason
