@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from tests.client.test_sdk_batch_hostile import BOB, Down, _hosts_word, _pay, alice, coins
 from tests.client.test_shared_request_id import _balance, bob
@@ -26,8 +28,18 @@ from veil.sdk.calls import FileCalls, MemoryCalls, PendingCall
 from veil.sdk.counters import MemoryCounters
 from veil.sdk.errors import CounterGap
 from veil.sdk.identity import SigningIdentity
+from veil.status import StatusError
 
 __all__ = ["alice", "bob", "coins"]  # the fixtures, shared with the tests they came from
+
+
+def too_large() -> StatusError:
+    """The gateway's "refused unread, too large" (RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE), as a
+    hostile host may say it of any request."""
+    info = error_details_pb2.ErrorInfo(reason="MESSAGE_TOO_LARGE", metadata={"limit_bytes": "1048576"})
+    status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="too large")
+    status.details.add().Pack(info)
+    return StatusError(status)
 
 
 def _forged() -> gateway_pb2.ExecuteResponse:
@@ -105,17 +117,21 @@ def test_a_foreign_answer_whose_filler_gets_no_answer_does_not_wedge_a_csv(
     assert next_call == "ran", next_call
 
 
-def test_a_forged_answer_to_a_filler_does_not_fail_a_call_whose_gap_was_filled(
-    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+@pytest.mark.parametrize("lie", ["forged answer", "too large"])
+def test_a_lie_to_a_filler_does_not_fail_a_call_whose_gap_was_filled(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity, lie: str
 ) -> None:
     """A call sealed above an unused counter with nothing kept for it (a crash after the mark
-    was raised) fills the gap with the read-only filler. The host forges the filler's answer; a
-    second filler uses the gap up, and the call runs (it was CounterGap though nothing blocked it)."""
-    forged: list[str] = []
+    was raised) fills the gap with the read-only filler. The host forges the filler's answer, or
+    says it was too large (RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE); a second filler uses the gap
+    up, and the call runs (it was CounterGap though nothing blocked it)."""
+    lied: list[str] = []
 
     def execute(real: Any, request: Any, **kw: Any) -> Any:
-        if not forged and request.request_id != "pay-1":
-            forged.append(request.request_id)
+        if not lied and request.request_id != "pay-1":
+            lied.append(request.request_id)
+            if lie == "too large":
+                raise too_large()
             return _forged()  # the first filler's answer
         return real.Execute(request, **kw)
 
@@ -127,7 +143,7 @@ def test_a_forged_answer_to_a_filler_does_not_fail_a_call_whose_gap_was_filled(
             outcome: Any = client.execute(coins, _pay(5), alice, request_id="pay-1")
         except CounterGap as gap:
             outcome = gap
-    assert forged, "no filler was sent"
+    assert lied, "no filler was sent"
     assert not isinstance(outcome, CounterGap), f"spurious CounterGap after the gap was used: {outcome}"
     assert _balance(mesh, alice) == 995
 

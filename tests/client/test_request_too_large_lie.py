@@ -8,43 +8,40 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
-from tests.client.test_foreign_answer import _Stub
+from tests.client.test_foreign_answer import _Stub, too_large
 from tests.client.test_sdk_batch_hostile import _pay, alice, coins
 from tests.client.test_shared_request_id import _balance
 from tests.gateway.support import InProcessMesh
 from veil.sdk.errors import CounterGap, OutcomeUnknown, RequestTooLarge, VeilClientError
 from veil.sdk.identity import SigningIdentity
-from veil.status import StatusError
 
 __all__ = ["alice", "coins"]
 
 
-def _too_large() -> StatusError:
-    """The gateway's 'refused unread, too large' (here the host's lie)."""
-    info = error_details_pb2.ErrorInfo(reason="MESSAGE_TOO_LARGE", metadata={"limit_bytes": "1048576"})
-    status = status_pb2.Status(code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="too large")
-    status.details.add().Pack(info)
-    return StatusError(status)
+def _lying_about_p1(held: list[Any], *, run_held_first: bool = False) -> Any:
+    """The host's Execute: it keeps every sealing of "p1" and says it is too large; with
+    `run_held_first`, it runs the first held sealing before the next command it passes on."""
+    ran: list[bool] = []
+
+    def execute(real: Any, request: Any, **kw: Any) -> Any:
+        if request.request_id == "p1":
+            held.append(request)
+            raise too_large()
+        if run_held_first and held and not ran:
+            ran.append(True)
+            real.Execute(held[0], **kw)  # the host runs the held sealing first
+        return real.Execute(request, **kw)
+
+    return execute
 
 
 def test_held_sealing_run_before_the_filler_is_reported_as_run_once(
     mesh: InProcessMesh, coins: str, alice: SigningIdentity
 ) -> None:
     held: list[Any] = []
-
-    def execute(real: Any, request: Any, **kw: Any) -> Any:
-        if request.request_id == "p1":
-            held.append(request)
-            raise _too_large()
-        if held and not getattr(execute, "ran", False):
-            execute.ran = True  # type: ignore[attr-defined]
-            real.Execute(held[0], **kw)  # the host runs the held sealing first
-        return real.Execute(request, **kw)
-
+    execute = _lying_about_p1(held, run_held_first=True)
     with mesh.connect(timeout=2.0) as client:
         hostile = _Stub(client._stub, execute)
         client._stub = hostile  # type: ignore[assignment]
@@ -61,13 +58,7 @@ def test_held_sealing_run_after_the_filler_never_runs(
     mesh: InProcessMesh, coins: str, alice: SigningIdentity
 ) -> None:
     held: list[Any] = []
-
-    def execute(real: Any, request: Any, **kw: Any) -> Any:
-        if request.request_id == "p1":
-            held.append(request)
-            raise _too_large()
-        return real.Execute(request, **kw)
-
+    execute = _lying_about_p1(held)
     with mesh.connect(timeout=2.0) as client:
         hostile = _Stub(client._stub, execute)
         client._stub = hostile  # type: ignore[assignment]
@@ -96,11 +87,11 @@ def test_batch_lied_too_large_then_host_runs_two_held_sealings_before_the_filler
 
     def batch(real: Any, request: Any, **kw: Any) -> Any:
         batch_held.extend(request.commands)
-        raise _too_large()
+        raise too_large()
 
     def execute(real: Any, request: Any, **kw: Any) -> Any:
         if request.request_id == "b1":
-            raise _too_large()
+            raise too_large()
         if request.request_id not in ("b1", "b2", "b3") and not state["filler_seen"]:  # the filler
             state["filler_seen"] = True
             for held in batch_held[:2]:  # b1 then b2, under their counters
@@ -122,34 +113,3 @@ def test_batch_lied_too_large_then_host_runs_two_held_sealings_before_the_filler
             with contextlib.suppress(OutcomeUnknown, CounterGap):
                 client.execute(coins, _pay(amount), alice, request_id=rid)
     assert _balance(mesh, alice) == 1000 - 60
-
-
-def test_a_gap_filler_lied_too_large_is_a_filled_gap_not_counter_gap(
-    mesh: InProcessMesh, coins: str, alice: SigningIdentity
-) -> None:
-    """A call sealed above an unused counter nothing keeps (a crash after the mark was raised):
-    the SDK fills the gap. The host answers the filler 'too large' (a lie); the SDK uses the
-    counter up with a second filler, which runs. The gap is then filled: the call should run
-    (row 120 made a forged filler answer count as filled; a 'too large' filler answer is the same)."""
-    from veil.sdk.calls import MemoryCalls
-    from veil.sdk.counters import MemoryCounters
-
-    lied: list[str] = []
-
-    def execute(real: Any, request: Any, **kw: Any) -> Any:
-        if not lied and request.request_id != "pay-1":
-            lied.append(request.request_id)
-            raise _too_large()
-        return real.Execute(request, **kw)
-
-    with mesh.connect(timeout=2.0, calls=MemoryCalls(), counters=MemoryCounters()) as client:
-        client.counters.record(coins, alice.account, 1)
-        client.counters.seal(coins, alice.account, 2)  # counter 2 sealed, its call lost in a crash
-        client._stub = _Stub(client._stub, execute)  # type: ignore[assignment]
-        try:
-            outcome: Any = client.execute(coins, _pay(5), alice, request_id="pay-1")
-        except CounterGap as gap:
-            outcome = gap
-    assert lied, "no filler was sent"
-    assert not isinstance(outcome, CounterGap), f"spurious CounterGap after the gap was used: {outcome}"
-    assert _balance(mesh, alice) == 995
