@@ -23,7 +23,7 @@ enclave and its answer and signed receipt are verified.
 
   --gateway HOST:PORT   gateway address (default 127.0.0.1:50050, TLS without client certificate);
                         a gateway that does not answer within 3 s fails the command
-  --data-dir DIR        Veil data directory (default .veil): pki/ca.pem, pki/sgx-root.pem for the
+  --data-dir DIR        Veil data directory (default $VEIL_DATA_DIR, else .veil): pki/ca.pem, pki/sgx-root.pem for the
                         "dev" root, expected-measurement.json, counters.json, instances.json
   --policy FILE         expected-measurement policy (default DIR/expected-measurement.json); a
                         policy restricting accepted_tcb_statuses must pin jwks
@@ -70,7 +70,7 @@ try {
   ({ values } = parseArgs({
     options: {
       gateway: { type: "string", default: "127.0.0.1:50050" },
-      "data-dir": { type: "string", default: ".veil" },
+      "data-dir": { type: "string", default: process.env.VEIL_DATA_DIR || ".veil" },
       policy: { type: "string" },
       key: { type: "string" },
       as: { type: "string" },

@@ -271,8 +271,8 @@ export class GatewayUnreachable extends VeilError {
     super(
       `cannot reach the gateway at ${address} within ${timeoutMs / 1000} s` +
         (listening
-          ? `: it accepts connections, but no TLS session came up${why}; is it the gateway's public port (the admin ` +
-            "port wants a client certificate), and do --server-name and the mesh's CA match it?"
+          ? `: it accepts connections, but no TLS session came up${why}; is it the gateway's public port (its ` +
+            "mutual-TLS port, one above, wants a client certificate), and do --server-name and the mesh's CA match it?"
           : `${why}; is the mesh running? Start it with \`make run\`, or pass the right --gateway`),
     );
     this.address = address;

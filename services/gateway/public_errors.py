@@ -33,8 +33,8 @@ MESSAGES: Mapping[str, str] = {
     "ENCLAVE_ERROR": "the enclave could not serve the call" + _RETRY,
     "RECOVERY_REFUSED": "the instance's stored state failed its integrity checks; it is not served "
     "until an operator acts",
-    "COMMAND_UNOPENABLE": "the enclave could not open the command; if the enclave restarted, seal it "
-    "again to the keys of GetAttestation",
+    "COMMAND_UNOPENABLE": "the enclave refused the command unopened: if the enclave restarted, seal it "
+    "again to the keys of GetAttestation; a query must carry counter 0",
     "INVALID_ARGUMENT": "the enclave refused the command as malformed",
     "FAILED_PRECONDITION": "the enclave cannot serve this call in its present state",
     "NOT_FOUND": "the instance was not found",

@@ -387,7 +387,12 @@ def up(data_dir: Path, port_offset: int = 0) -> int:
     # trustworthy: without it the gateway would deliver the key that verifies the token.
     pins = keyvault_pins(data_dir, port_offset)
     write_dev_policy(data_dir, pins.release_key, pins.jwks)
-    print(f"{MESH_UP}: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset}", flush=True)
+    public = f"127.0.0.1:{DEFAULT_PUBLIC_PORT + port_offset}"
+    print(
+        f"{MESH_UP}: gateway at 127.0.0.1:{DEFAULT_PORTS['gateway'][0] + port_offset} (mutual TLS; "
+        f"clients without a certificate, e.g. the Node client: {public})",
+        flush=True,
+    )
     print(f"  pki: {data_dir / 'pki'}  logs: {data_dir / 'logs'}", flush=True)
     exports = client_exports(data_dir, port_offset)
     if exports:

@@ -12,11 +12,13 @@ from veil.status import error_info
 __all__ = [
     "CommandRefused",
     "CounterGap",
+    "ForeignAnswer",
     "GatewayCredentialError",
     "GatewayError",
     "IdentityError",
     "IntegrityError",
     "NotRunYet",
+    "NotSettledYet",
     "OutcomeUnknown",
     "PolicyError",
     "RequestTooLarge",
