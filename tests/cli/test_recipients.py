@@ -123,3 +123,11 @@ def test_attest_verify_of_a_local_quote_hints_at_the_dev_root(veil: Veil, tmp_pa
     status, out, _ = veil("attest", "verify", str(quote), "--root", "dev", connect=False)
     assert status == 0
     assert "mrenclave" in out
+
+
+def test_an_account_in_capitals_is_refused_with_its_lowercase_form(veil: Veil) -> None:
+    veil.identities("alice")
+    upper = "AB" * 32
+    status, _, err = veil("token", "transfer", "coins", upper, "1", "--as", "alice")
+    assert status == 1
+    assert f"an account is written in lowercase: {upper.lower()}" in err

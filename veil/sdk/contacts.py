@@ -119,9 +119,13 @@ def resolve_recipient(data_dir: Path, value: str) -> str:
             return contacts[value]
     if is_canonical_account(value):
         return value
+    if is_canonical_account(value.lower()):  # never taken as is: an account is written one way
+        hint = f"an account is written in lowercase: {value.lower()}"
+    else:
+        hint = f"add it with `veil contact add {value} ACCOUNT`"
     raise UnknownRecipient(
-        f"{value!r} is not a known identity or contact, nor an account ({ACCOUNT_HEX_CHARS} hex "
-        f"characters); nothing was sent (add it with `veil contact add {value} ACCOUNT`)"
+        f"{value!r} is not a known identity or contact, nor an account ({ACCOUNT_HEX_CHARS} lowercase "
+        f"hex characters); nothing was sent ({hint})"
     )
 
 
