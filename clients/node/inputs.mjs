@@ -135,3 +135,9 @@ export function checkRequestId(requestId) {
   }
   return requestId;
 }
+
+// Why a file could not be read, in words ("no such file"), for the one-line errors.
+export function whyUnreadable(error) {
+  const words = { ENOENT: "no such file", EACCES: "permission denied", EISDIR: "a directory, not a file" };
+  return words[error?.code] ?? error?.code ?? error?.message ?? String(error);
+}

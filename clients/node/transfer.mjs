@@ -6,7 +6,7 @@ import path from "node:path";
 import { parseArgs } from "node:util";
 
 // Only the argument checks load at start: a usage error never waits for gRPC and the protos.
-import { IDENTITIES_DIR, IDENTITY_NAME, INSTANCE_ID, InputError, checkAmount, checkRequestId, parseAddress, resolveRecipient } from "./inputs.mjs";
+import { IDENTITIES_DIR, IDENTITY_NAME, INSTANCE_ID, InputError, checkAmount, checkRequestId, parseAddress, resolveRecipient, whyUnreadable } from "./inputs.mjs";
 
 const CALLS_DIR = "node-calls"; // calls without a definitive answer, and those named by --request-id
 
@@ -50,6 +50,14 @@ unknown): do not send it again as a new transfer; when the message names a reque
 same command with --request-id ID resumes it safely.
 `;
 
+// Node warns (DEP0123) when a TLS name is an IP address, as 127.0.0.1 is without --server-name;
+// the certificate is still checked against the address. One line on stderr is the contract.
+const emitWarning = process.emitWarning.bind(process);
+process.emitWarning = (warning, ...rest) => {
+  const code = typeof rest[0] === "object" ? rest[0]?.code : rest[1];
+  if (code !== "DEP0123") emitWarning(warning, ...rest);
+};
+
 function fail(message, status = 1) {
   const line = String(message).replace(/\s*\n\s*/g, " "); // one line, whatever the reason
   process.stderr.write(`error: ${line}${status === 2 ? " (usage: node transfer.mjs --help)" : ""}\n`);
@@ -61,7 +69,7 @@ function readNeeded(file, what) {
   try {
     return readFileSync(file);
   } catch (error) {
-    throw new InputError(`cannot read ${what} ${file} (${error.code ?? error.message})`);
+    throw new InputError(`cannot read ${what} ${file} (${whyUnreadable(error)})`);
   }
 }
 
@@ -85,6 +93,8 @@ try {
     },
   }));
 } catch (error) {
+  // "--amount -3": Node's parser asks for "--amount=-3"; say what an amount is instead.
+  if (/'--amount/.test(error.message)) fail("--amount must be a whole number from 1 to 18446744073709551615", 2);
   fail(error.message, 2);
 }
 if (values.help) {

@@ -83,6 +83,7 @@ import {
   parseAddress,
   UnknownRecipient,
   VeilError,
+  whyUnreadable,
 } from "./inputs.mjs";
 
 export {
@@ -140,8 +141,9 @@ export class ForeignAnswer extends IntegrityError {}
 
 // The enclave refused the command; `code` is the EcallErrorCode name.
 export class CommandRefused extends VeilError {
+  // `code` is the EcallErrorCode's full name; the message shows it as the Python CLI does.
   constructor(code, message, receipt = null) {
-    super(`${code}: ${message}`);
+    super(`${code.replace(/^ECALL_ERROR_CODE_/, "")}: ${message}`);
     this.code = code;
     this.reason = message;
     this.receipt = receipt;
@@ -272,7 +274,7 @@ export class GatewayUnreachable extends VeilError {
       `cannot reach the gateway at ${address} within ${timeoutMs / 1000} s` +
         (listening
           ? `: it accepts connections, but no TLS session came up${why}; is it the gateway's public port (its ` +
-            "mutual-TLS port, one above, wants a client certificate), and do --server-name and the mesh's CA match it?"
+            "mutual-TLS port wants a client certificate), and do --server-name and the mesh's CA match it?"
           : `${why}; is the mesh running? Start it with \`make run\`, or pass the right --gateway`),
     );
     this.address = address;
@@ -577,7 +579,7 @@ export function loadPolicy(file) {
   try {
     text = readFileSync(file, "utf8");
   } catch (error) {
-    throw new PolicyError(`cannot read ${file}: ${error.code ?? error.message}`);
+    throw new PolicyError(`cannot read ${file}: ${whyUnreadable(error)}`);
   }
   let document;
   try {
@@ -1050,7 +1052,7 @@ export class InstancePins {
       text = readFileSync(file, "utf8");
     } catch (error) {
       if (error.code === "ENOENT") return;
-      throw new PolicyError(`cannot read instance pins ${file}: ${error.code ?? error.message}`);
+      throw new PolicyError(`cannot read instance pins ${file}: ${whyUnreadable(error)}`);
     }
     try {
       const document = JSON.parse(text);
@@ -1081,7 +1083,7 @@ export function loadIdentity(keyFile) {
   try {
     ({ mode } = statSync(keyFile));
   } catch (error) {
-    throw new IdentityError(`cannot read identity ${keyFile}: ${error.code ?? error.message}`);
+    throw new IdentityError(`cannot read identity ${keyFile}: ${whyUnreadable(error)}`);
   }
   if (mode & 0o077) throw new IdentityError(`${keyFile} is readable by others; chmod 600 it`);
   let privateKey;
