@@ -125,7 +125,7 @@ let client;
 let status = 1;
 try {
   if (!statSync(dataDir, { throwIfNoEntry: false })?.isDirectory()) {
-    throw new InputError(`no Veil data directory at ${dataDir}: \`make run\` creates .veil, or pass --data-dir`);
+    throw new InputError(`no Veil data directory at ${dataDir}: \`veil up\` (\`make run\` in a checkout) creates .veil, or pass --data-dir or set VEIL_DATA_DIR`);
   }
   const recipient = resolveRecipient(dataDir, values.to); // a mistyped name never becomes an account
   const countersFile = values.counters ?? path.join(dataDir, "counters.json");

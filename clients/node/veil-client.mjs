@@ -275,7 +275,7 @@ export class GatewayUnreachable extends VeilError {
         (listening
           ? `: it accepts connections, but no TLS session came up${why}; is it the gateway's public port (its ` +
             "mutual-TLS port wants a client certificate), and do --server-name and the mesh's CA match it?"
-          : `${why}; is the mesh running? Start it with \`make run\`, or pass the right --gateway`),
+          : `${why}; is the mesh running? Start one with \`veil up\` (\`make run\` in a checkout), or pass the right --gateway`),
     );
     this.address = address;
     this.reason = reason;

@@ -481,7 +481,8 @@ def wait_for_gateway(
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise VeilClientError(
-            f"cannot reach the gateway at {gateway} ({reason}); is the mesh running? start it with `make run`"
+            f"cannot reach the gateway at {gateway} ({reason}); is the mesh running? start one with "
+            "`veil up` (`make run` in a checkout), or name its gateway with --gateway or $VEIL_GATEWAY"
         ) from None
     if (cert is None) != (key is None):
         raise VeilClientError("a client certificate needs both --cert and --key")
@@ -497,7 +498,7 @@ def wait_for_gateway(
         raise VeilClientError(
             f"{gateway} accepts connections but completed no TLS handshake with this CA in "
             f"{wait_s:.0f} s: is it a gateway port? (the local mesh's gateway is {DEFAULT_GATEWAY}; "
-            "start it with `make run`)"
+            "`veil up`, or `make run` in a checkout, starts it)"
         ) from None
     finally:
         channel.close()
