@@ -8,11 +8,13 @@ line names its request id, and the same command with `--request-id` resumes that
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
 from tests.cli.support import Veil
 from tests.client.test_sdk_transient_refusals import SqueezedEnclave
+from veil.sdk.client import VeilClient
 
 
 def test_a_transfer_not_run_yet_is_resumed_by_its_request_id_and_runs_once(
@@ -91,3 +93,27 @@ def test_a_vote_not_run_yet_is_resumed_by_its_request_id_with_its_own_salt(
     assert resumed["replaced"] is False  # the one vote, answered again, not a second one
     again = veil.json("ballot", "vote", "polls", "chair", "a", "--as", "alice")
     assert again["replaced"] is True  # the account goes on: a new vote replaces it
+
+
+def test_ctrl_c_after_the_call_was_sent_names_it_and_the_same_id_resumes_it(
+    veil: Veil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt while waiting for the answer (the command was sent) leaves the call kept; the
+    CLI says which request id resumes it (it said only "interrupted")."""
+    veil.identities("alice", "bob")
+    veil.ok("instance", "create", "coins", "--app", "token", "--as", "alice")
+    veil.ok("token", "mint", "coins", "alice", "100", "--as", "alice")
+    honest = VeilClient._execute
+
+    def interrupted(self: VeilClient, sealed: Any, identity: Any) -> Any:
+        honest(self, sealed, identity)  # it ran; the answer never reached the user
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VeilClient, "_execute", interrupted)
+    status, _, err = veil("token", "transfer", "coins", "bob", "5", "--as", "alice")
+    assert status == 130
+    found = re.search(r"interrupted \(run the same command with --request-id (\S+) to resume it", err)
+    assert found, err
+    monkeypatch.setattr(VeilClient, "_execute", honest)
+    resumed = veil.json("token", "transfer", "coins", "bob", "5", "--as", "alice", "--request-id", found[1])
+    assert resumed["balance"] == 95  # the one run's answer, not a second transfer

@@ -242,8 +242,9 @@ def run(handler: Handler, args: argparse.Namespace) -> int:
     """
     try:
         return handler(args)
-    except KeyboardInterrupt:
-        return fail("interrupted", status=130, args=args)
+    except KeyboardInterrupt as interrupt:
+        kept = getattr(interrupt, "request_id", None)  # set by the SDK once the call was sent
+        return fail(f"interrupted{_resume_hint(kept, args)}", status=130, args=args, request_id=kept)
     except Exception as exc:
         message, status, request_id = _failure(exc, args)
         return fail(message, status, args=args, request_id=request_id)
@@ -266,13 +267,19 @@ def _failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int, str | 
     return f"unexpected {type(exc).__name__}: {exc} (run with {ENV_DEBUG}=1 for details)", 1, None
 
 
+def _resume_hint(request_id: str | None, args: argparse.Namespace) -> str:
+    """Sent without a definitive answer: the call is kept in the data dir, and only its request
+    id resumes it (a new call could run it twice)."""
+    if not request_id or not hasattr(args, "request_id"):
+        return ""
+    return f" (run the same command with --request-id {request_id} to resume it: it runs at most once)"
+
+
 def _hint(exc: Exception, args: argparse.Namespace) -> str:
     """What to do about a call kept unsettled, or a mesh that answered but is not serving."""
     kept = exc.request_id if isinstance(exc, (VeilClientError, AttestationError)) else None
     if kept and hasattr(args, "request_id"):
-        # Sent without a definitive answer: the call is kept in the data dir; only its request
-        # id resumes it (a new call could run it twice).
-        return f" (run the same command with --request-id {kept} to resume it: it runs at most once)"
+        return _resume_hint(kept, args)
     if isinstance(exc, GatewayError) and exc.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -764,8 +764,12 @@ class VeilClient:
         try:
             if not state.sealings:
                 self.calls.forget_call(state)
-            elif self.calls.keep(state) and isinstance(failure, (VeilClientError, AttestationError)):
-                failure.request_id = state.request_id  # (never another call's: keep refused it)
+            elif self.calls.keep(state) and isinstance(
+                failure, (VeilClientError, AttestationError, KeyboardInterrupt)
+            ):
+                # The call to resume (never another call's: keep refused it); an interrupt too,
+                # so the CLI can say which call a Ctrl-C left kept.
+                failure.request_id = state.request_id  # type: ignore[union-attr]
         except VeilClientError:
             pass  # the store is out of reach: the entry kept before sending stands, the failure goes on
 
