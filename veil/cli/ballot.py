@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -224,10 +223,8 @@ def _save_unless_superseded(path: Path, vote: VoteReceipt) -> bool:
         kept = None  # none yet, or unreadable: this one is saved
     if kept is not None and kept.sequence > vote.receipt.sequence:
         return True
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the salt reveals the vote
-    with os.fdopen(fd, "w") as file:
-        json.dump(vote.to_json(), file, indent=2)
+    # Atomic and flushed: it replaces what may be the only copy of a salt (which reveals the vote).
+    write_json(path, vote.to_json(), durable=True, mode=0o600)
     return False
 
 
