@@ -278,8 +278,9 @@ def _resume_hint(request_id: str | None, args: argparse.Namespace) -> str:
 def _hint(exc: Exception, args: argparse.Namespace) -> str:
     """What to do about a call kept unsettled, or a mesh that answered but is not serving."""
     kept = exc.request_id if isinstance(exc, (VeilClientError, AttestationError)) else None
-    if kept and hasattr(args, "request_id"):
-        return _resume_hint(kept, args)
+    resume = _resume_hint(kept, args)
+    if resume:
+        return resume
     if isinstance(exc, GatewayError) and exc.code in (
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -493,6 +493,14 @@ class CpuMeter:
     def cores(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
         return {name: round((after[name] - before[name]) / seconds, 3) for name in before}
 
+    def during(self, run: Callable[[], RunResult]) -> tuple[RunResult, dict[str, float], float | None]:
+        """Run one window: its result, the cores each process kept busy, CPU ms per call."""
+        before, started = self.sample(), time.time()
+        result = run()
+        after = self.sample()
+        cores = self.cores(before, after, time.time() - started)
+        return result, cores, self.ms_per_call(before, after, len(result.latencies))
+
     @staticmethod
     def ms_per_call(before: dict[str, float], after: dict[str, float], calls: int) -> float | None:
         """CPU milliseconds all the measured processes spent per call of a window: the budget a
@@ -697,21 +705,11 @@ def _measure(
 
     _log(f"baseline window {seconds:.0f}s (Ping), {options.clients} clients")
     workers.ping(min(options.warmup, 2.0))  # warm the Ping path too
-    cpu_before = meter.sample()
-    baseline_started = time.time()
-    baseline = workers.ping(seconds)
-    cpu_after = meter.sample()
-    cpu_baseline = CpuMeter.cores(cpu_before, cpu_after, time.time() - baseline_started)
-    cpu_ms["baseline"] = CpuMeter.ms_per_call(cpu_before, cpu_after, len(baseline.latencies))
+    baseline, cpu_baseline, cpu_ms["baseline"] = meter.during(lambda: workers.ping(seconds))
 
     _log(f"relay window {seconds:.0f}s (bare two-hop gRPC relay), {options.clients} clients")
     workers.relay(relay_target, min(options.warmup, 2.0))
-    cpu_before = meter.sample()
-    relay_started = time.time()
-    relay = workers.relay(relay_target, seconds)
-    cpu_after = meter.sample()
-    cpu_relay = CpuMeter.cores(cpu_before, cpu_after, time.time() - relay_started)
-    cpu_ms["relay"] = CpuMeter.ms_per_call(cpu_before, cpu_after, len(relay.latencies))
+    relay, cpu_relay, cpu_ms["relay"] = meter.during(lambda: workers.relay(relay_target, seconds))
 
     # The first GetStatus costs one ECALL (the enclave's memory figures); the second's own
     # ECALL is counted after its reply is built.
