@@ -209,19 +209,24 @@ export class NoAnswer extends OutcomeUnknown {}
 // When the gateway refuses one anyway (a maxRequestBytes above the gateway's limit), the
 // client uses the call's counter up with the app's read-only command, so that no sealing of it
 // the host may hold can ever run, and drops the call (`sent`: nothing ran).
+const TOO_LARGE_REFUSAL = (size) => `the gateway refused the sealed command of ${size} bytes unread, over its request limit`;
+
 export class RequestTooLarge extends VeilError {
   constructor(size, limit, { sent = false, earlierSent = false } = {}) {
     super(
       earlierSent
         ? `a new sealing of this call is ${size} bytes, over the gateway's request limit of ${limit} bytes, so it was not sent; an earlier sealing of the call was sent and may still run: resume the call by its request id, never send it as a new call`
         : sent
-        ? `the gateway refused the sealed command of ${size} bytes unread, over its request limit; its counter was used up by a read-only command, so it never runs: nothing ran (send less, or raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)`
+        ? `${TOO_LARGE_REFUSAL(size)}; its counter was used up by a read-only command, so it never runs: nothing ran (send less, or raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)`
         : `the sealed command is ${size} bytes, over the gateway's request limit of ${limit} bytes (maxRequestBytes; the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent`,
     );
     this.size = size;
     this.limit = limit;
     this.sent = sent;
     this.earlierSent = earlierSent;
+    // What the gateway did, without what the client did about it: the cause of a NotSettledYet
+    // when the counter could not be used up.
+    this.refusal = sent ? TOO_LARGE_REFUSAL(size) : this.message;
   }
 }
 
@@ -1919,6 +1924,7 @@ export class VeilNodeClient {
   // dropped once the counter is used, or NotSettledYet (the call kept) when it cannot be used now.
   async foreignAnswer(state, identity, failure) {
     const { instanceId, account } = state;
+    const cause = failure.refusal ?? failure.message; // why it is kept if the counter cannot be used up
     let sealed;
     let filled;
     try {
@@ -1928,17 +1934,17 @@ export class VeilNodeClient {
       sealed = await sealCommand(attestation, { instanceId, identity, call, counter: state.counter, requestId: this.newRequestId() });
       filled = openOutcome((await this.executeSealed(sealed)).outcome, sealed);
     } catch (error) {
-      if (error instanceof VeilError) throw new NotSettledYet(instanceId, state.requestId, failure.message); // the call is kept
+      if (error instanceof VeilError) throw new NotSettledYet(instanceId, state.requestId, cause); // the call is kept
       throw error;
     }
     if (filled.accepted) {
       this.record(instanceId, account, state.counter);
     } else if (codeName(filled.message.error?.code ?? 0) !== "ECALL_ERROR_CODE_ABORTED") {
-      throw new NotSettledYet(instanceId, state.requestId, failure.message); // refused for now (a budget, a clock): the call is kept
+      throw new NotSettledYet(instanceId, state.requestId, cause); // refused for now (a budget, a clock): the call is kept
     } else {
       const judged = this.counterState(instanceId, account, filled, state);
       if (judged.ran) return this.ran(state, judged, sealed); // a sealing of this call used the counter after all
-      if (judged.tooEarly) throw new NotSettledYet(instanceId, state.requestId, failure.message); // an earlier counter is still open: kept, it waits
+      if (judged.tooEarly) throw new NotSettledYet(instanceId, state.requestId, cause); // an earlier counter is still open: kept, it waits
       this.record(instanceId, account, judged.nextCounter - 1);
     }
     state.attempts = []; // none of them can run any more: nothing later waits for the call

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from tests.client.test_foreign_answer import _Stub, too_large
-from tests.client.test_sdk_batch_hostile import _pay, alice, coins
+from tests.client.test_sdk_batch_hostile import Down, _pay, alice, coins
 from tests.client.test_shared_request_id import _balance
 from tests.gateway.support import InProcessMesh
-from veil.sdk.errors import CounterGap, OutcomeUnknown, RequestTooLarge, VeilClientError
+from veil.sdk.errors import CounterGap, NotSettledYet, OutcomeUnknown, RequestTooLarge, VeilClientError
 from veil.sdk.identity import SigningIdentity
 
 __all__ = ["alice", "coins"]
@@ -113,3 +113,26 @@ def test_batch_lied_too_large_then_host_runs_two_held_sealings_before_the_filler
             with contextlib.suppress(OutcomeUnknown, CounterGap):
                 client.execute(coins, _pay(amount), alice, request_id=rid)
     assert _balance(mesh, alice) == 1000 - 60
+
+
+def test_a_too_large_call_whose_counter_cannot_be_used_up_is_kept_and_never_said_to_be_over(
+    mesh: InProcessMesh, coins: str, alice: SigningIdentity
+) -> None:
+    """The host says "too large" and answers the filler with nothing: the call stays kept
+    (NotSettledYet), and its cause is the gateway's refusal, not "nothing ran"."""
+    held: list[Any] = []
+    lying = _lying_about_p1(held)
+
+    def execute(real: Any, request: Any, **kw: Any) -> Any:
+        if request.request_id != "p1":  # the filler: no answer
+            raise Down()
+        return lying(real, request, **kw)
+
+    with mesh.connect(timeout=2.0) as client:
+        client._stub = _Stub(client._stub, execute)  # type: ignore[assignment]
+        with pytest.raises(NotSettledYet) as kept:
+            client.execute(coins, _pay(10), alice, request_id="p1")
+        assert "refused the sealed command" in str(kept.value)
+        assert "nothing ran" not in str(kept.value)
+        assert kept.value.request_id == "p1"
+        assert client.calls.get("p1") is not None

@@ -1149,6 +1149,8 @@ class VeilClient:
         command; NotSettledYet, the call kept, when the counter cannot be used up now.
         """
         instance_id, account = state.instance_id, identity.account
+        # Why the call is kept when its counter cannot be used up (never "nothing ran").
+        cause = failure.refusal if isinstance(failure, RequestTooLarge) else str(failure)
         try:
             attestation = self.attest(instance_id)
             descriptor = attestation.descriptor
@@ -1167,12 +1169,12 @@ class VeilClient:
             signing_key = attestation.keys.signing_public_key
             filled = open_outcome(sealed, self._execute(sealed, identity).outcome, signing_key, query=False)
         except (VeilClientError, AttestationError):
-            raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure  # the call is kept
+            raise NotSettledYet(instance_id, state.request_id, cause) from failure  # the call is kept
         if filled.accepted:
             self._record(instance_id, account, state.counter)
         elif filled.result.error.code != error_pb2.ECALL_ERROR_CODE_ABORTED:
             # Refused for now (a budget, a clock): the counter stays open, the call is kept.
-            raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure
+            raise NotSettledYet(instance_id, state.request_id, cause) from failure
         else:
             counter_state = self._counter_state(instance_id, account, filled, state)
             if counter_state.last_command_hash:
@@ -1180,7 +1182,7 @@ class VeilClient:
                 return self._ran(state, counter_state, signing_key, identity)
             if counter_state.next_counter <= state.counter:
                 # An earlier counter is still open: the call is kept, and waits.
-                raise NotSettledYet(instance_id, state.request_id, str(failure)) from failure
+                raise NotSettledYet(instance_id, state.request_id, cause) from failure
             self._record(instance_id, account, counter_state.next_counter - 1)
         state.sealings.clear()  # none of them can run any more: nothing later waits for the call
         raise failure

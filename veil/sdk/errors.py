@@ -203,6 +203,7 @@ class RequestTooLarge(VeilClientError):
     def __init__(
         self, size: int, limit: int | None, *, sent: bool = False, earlier_sent: bool = False
     ) -> None:
+        refusal = None
         if earlier_sent:
             # A re-sealing (another suite, a renewed token) of a call whose earlier sealing went.
             text = (
@@ -212,10 +213,10 @@ class RequestTooLarge(VeilClientError):
             )
         elif sent:
             over = f"over its request limit of {limit} bytes" if limit else "over its request limit"
+            refusal = f"the gateway refused the sealed command of {size} bytes unread, {over}"
             text = (
-                f"the gateway refused the sealed command of {size} bytes unread, {over}; its counter "
-                "was used up by a read-only command, so it never runs: nothing ran (send less, or "
-                "raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)"
+                f"{refusal}; its counter was used up by a read-only command, so it never runs: "
+                "nothing ran (send less, or raise the gateway's VEIL_GATEWAY_MAX_MESSAGE_BYTES)"
             )
         else:
             text = (
@@ -224,6 +225,9 @@ class RequestTooLarge(VeilClientError):
                 "VEIL_GATEWAY_MAX_MESSAGE_BYTES): nothing was sent"
             )
         super().__init__(text)
+        #: What the gateway did, without what the client did about it (a call kept because its
+        #: counter could not be used up is NotSettledYet with this as its cause).
+        self.refusal = refusal or text
         self.size = size
         self.limit = limit
         self.sent = sent
